@@ -1,0 +1,49 @@
+# The verbs people type. `make serve` and `make test` work on a fresh clone:
+# they create .venv, install the package with its extras, build the Cython
+# extensions, then run.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# onnxruntime-gpu where an NVIDIA driver answers, the CPU wheel elsewhere.
+RUNTIME_EXTRA := $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
+STAMP := $(VENV)/.installed-$(RUNTIME_EXTRA)
+MODELS := examples/claims/models
+
+.PHONY: serve test build demo bench bench-micro protos models clean
+
+$(STAMP): pyproject.toml setup.py ext/*.pyx ext/*.pxd ext/*.pxi
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
+	$(PY) -m pip install --quiet -e ".[$(RUNTIME_EXTRA),test,bench]"
+	$(PY) setup.py --quiet build_ext --inplace
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+build: $(STAMP)
+
+$(MODELS)/claims_triage/1/model.onnx: $(STAMP) examples/claims/*.py
+	$(PY) examples/claims/build_models.py --out $(MODELS)
+
+models: $(MODELS)/claims_triage/1/model.onnx
+
+serve: models
+	$(PY) -m kernel serve --models $(MODELS)
+
+demo: models
+	$(PY) -m kernel demo --models $(MODELS)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench-micro: $(STAMP)
+	$(PY) -m pytest -q tests/bench --benchmark-enable --benchmark-only
+
+bench: $(STAMP)
+	$(PY) -m bench.frontends
+
+protos: $(STAMP)
+	$(PY) scripts/gen_protos.py
+
+clean:
+	rm -rf build dist *.egg-info kernel/_ext/*.so ext/*.c ext/*.html .pytest_cache

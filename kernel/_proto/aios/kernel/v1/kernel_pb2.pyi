@@ -1,0 +1,340 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Outcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    OUTCOME_UNSPECIFIED: _ClassVar[Outcome]
+    AUTOMATED: _ClassVar[Outcome]
+    ESCALATED: _ClassVar[Outcome]
+    FALLBACK: _ClassVar[Outcome]
+
+class TaskState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TASK_STATE_UNSPECIFIED: _ClassVar[TaskState]
+    QUEUED: _ClassVar[TaskState]
+    RUNNING: _ClassVar[TaskState]
+    WAITING_FOR_REVIEW: _ClassVar[TaskState]
+    SUCCEEDED: _ClassVar[TaskState]
+    FAILED: _ClassVar[TaskState]
+    CANCELLED: _ClassVar[TaskState]
+OUTCOME_UNSPECIFIED: Outcome
+AUTOMATED: Outcome
+ESCALATED: Outcome
+FALLBACK: Outcome
+TASK_STATE_UNSPECIFIED: TaskState
+QUEUED: TaskState
+RUNNING: TaskState
+WAITING_FOR_REVIEW: TaskState
+SUCCEEDED: TaskState
+FAILED: TaskState
+CANCELLED: TaskState
+
+class Value(_message.Message):
+    __slots__ = ("string_value", "number_value", "int_value", "bool_value")
+    STRING_VALUE_FIELD_NUMBER: _ClassVar[int]
+    NUMBER_VALUE_FIELD_NUMBER: _ClassVar[int]
+    INT_VALUE_FIELD_NUMBER: _ClassVar[int]
+    BOOL_VALUE_FIELD_NUMBER: _ClassVar[int]
+    string_value: str
+    number_value: float
+    int_value: int
+    bool_value: bool
+    def __init__(self, string_value: _Optional[str] = ..., number_value: _Optional[float] = ..., int_value: _Optional[int] = ..., bool_value: _Optional[bool] = ...) -> None: ...
+
+class DecisionRequest(_message.Message):
+    __slots__ = ("pipeline", "tenant", "request_id", "idempotency_key", "fields", "text_fields", "priority", "timeout_ms")
+    class FieldsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: Value
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Value, _Mapping]] = ...) -> None: ...
+    class TextFieldsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    PIPELINE_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    FIELDS_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELDS_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    pipeline: str
+    tenant: str
+    request_id: str
+    idempotency_key: str
+    fields: _containers.MessageMap[str, Value]
+    text_fields: _containers.ScalarMap[str, str]
+    priority: int
+    timeout_ms: int
+    def __init__(self, pipeline: _Optional[str] = ..., tenant: _Optional[str] = ..., request_id: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., fields: _Optional[_Mapping[str, Value]] = ..., text_fields: _Optional[_Mapping[str, str]] = ..., priority: _Optional[int] = ..., timeout_ms: _Optional[int] = ...) -> None: ...
+
+class Reason(_message.Message):
+    __slots__ = ("rule_id", "description")
+    RULE_ID_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    rule_id: str
+    description: str
+    def __init__(self, rule_id: _Optional[str] = ..., description: _Optional[str] = ...) -> None: ...
+
+class ModelProvenance(_message.Message):
+    __slots__ = ("model_name", "model_version", "route_arm", "confidence", "class_scores")
+    class ClassScoresEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ROUTE_ARM_FIELD_NUMBER: _ClassVar[int]
+    CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
+    CLASS_SCORES_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    model_version: str
+    route_arm: str
+    confidence: float
+    class_scores: _containers.ScalarMap[str, float]
+    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., route_arm: _Optional[str] = ..., confidence: _Optional[float] = ..., class_scores: _Optional[_Mapping[str, float]] = ...) -> None: ...
+
+class Decision(_message.Message):
+    __slots__ = ("request_id", "action", "reasons", "outcome", "model", "input_hash", "policy_name", "policy_hash", "review_id", "phase_timings_ns", "audit_sequence", "audit_hash")
+    class PhaseTimingsNsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    REASONS_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    INPUT_HASH_FIELD_NUMBER: _ClassVar[int]
+    POLICY_NAME_FIELD_NUMBER: _ClassVar[int]
+    POLICY_HASH_FIELD_NUMBER: _ClassVar[int]
+    REVIEW_ID_FIELD_NUMBER: _ClassVar[int]
+    PHASE_TIMINGS_NS_FIELD_NUMBER: _ClassVar[int]
+    AUDIT_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    AUDIT_HASH_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    action: str
+    reasons: _containers.RepeatedCompositeFieldContainer[Reason]
+    outcome: Outcome
+    model: ModelProvenance
+    input_hash: str
+    policy_name: str
+    policy_hash: str
+    review_id: str
+    phase_timings_ns: _containers.ScalarMap[str, int]
+    audit_sequence: int
+    audit_hash: str
+    def __init__(self, request_id: _Optional[str] = ..., action: _Optional[str] = ..., reasons: _Optional[_Iterable[_Union[Reason, _Mapping]]] = ..., outcome: _Optional[_Union[Outcome, str]] = ..., model: _Optional[_Union[ModelProvenance, _Mapping]] = ..., input_hash: _Optional[str] = ..., policy_name: _Optional[str] = ..., policy_hash: _Optional[str] = ..., review_id: _Optional[str] = ..., phase_timings_ns: _Optional[_Mapping[str, int]] = ..., audit_sequence: _Optional[int] = ..., audit_hash: _Optional[str] = ...) -> None: ...
+
+class Task(_message.Message):
+    __slots__ = ("task_id", "state", "request", "decision", "error", "created_unix_ns", "updated_unix_ns")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    DECISION_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    CREATED_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    state: TaskState
+    request: DecisionRequest
+    decision: Decision
+    error: str
+    created_unix_ns: int
+    updated_unix_ns: int
+    def __init__(self, task_id: _Optional[str] = ..., state: _Optional[_Union[TaskState, str]] = ..., request: _Optional[_Union[DecisionRequest, _Mapping]] = ..., decision: _Optional[_Union[Decision, _Mapping]] = ..., error: _Optional[str] = ..., created_unix_ns: _Optional[int] = ..., updated_unix_ns: _Optional[int] = ...) -> None: ...
+
+class StartTaskRequest(_message.Message):
+    __slots__ = ("request",)
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    request: DecisionRequest
+    def __init__(self, request: _Optional[_Union[DecisionRequest, _Mapping]] = ...) -> None: ...
+
+class TaskRef(_message.Message):
+    __slots__ = ("task_id",)
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    def __init__(self, task_id: _Optional[str] = ...) -> None: ...
+
+class Review(_message.Message):
+    __slots__ = ("review_id", "request_id", "pipeline", "tenant", "state", "proposed", "claimed_by", "lease_expires_unix_ns", "sla_deadline_unix_ns")
+    REVIEW_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    PIPELINE_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    PROPOSED_FIELD_NUMBER: _ClassVar[int]
+    CLAIMED_BY_FIELD_NUMBER: _ClassVar[int]
+    LEASE_EXPIRES_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
+    SLA_DEADLINE_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
+    review_id: str
+    request_id: str
+    pipeline: str
+    tenant: str
+    state: str
+    proposed: Decision
+    claimed_by: str
+    lease_expires_unix_ns: int
+    sla_deadline_unix_ns: int
+    def __init__(self, review_id: _Optional[str] = ..., request_id: _Optional[str] = ..., pipeline: _Optional[str] = ..., tenant: _Optional[str] = ..., state: _Optional[str] = ..., proposed: _Optional[_Union[Decision, _Mapping]] = ..., claimed_by: _Optional[str] = ..., lease_expires_unix_ns: _Optional[int] = ..., sla_deadline_unix_ns: _Optional[int] = ...) -> None: ...
+
+class ListReviewsRequest(_message.Message):
+    __slots__ = ("pipeline", "tenant", "state", "page_size", "page_token")
+    PIPELINE_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    pipeline: str
+    tenant: str
+    state: str
+    page_size: int
+    page_token: str
+    def __init__(self, pipeline: _Optional[str] = ..., tenant: _Optional[str] = ..., state: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class ListReviewsResponse(_message.Message):
+    __slots__ = ("reviews", "next_page_token")
+    REVIEWS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    reviews: _containers.RepeatedCompositeFieldContainer[Review]
+    next_page_token: str
+    def __init__(self, reviews: _Optional[_Iterable[_Union[Review, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class ClaimReviewRequest(_message.Message):
+    __slots__ = ("review_id", "reviewer", "lease_seconds")
+    REVIEW_ID_FIELD_NUMBER: _ClassVar[int]
+    REVIEWER_FIELD_NUMBER: _ClassVar[int]
+    LEASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    review_id: str
+    reviewer: str
+    lease_seconds: int
+    def __init__(self, review_id: _Optional[str] = ..., reviewer: _Optional[str] = ..., lease_seconds: _Optional[int] = ...) -> None: ...
+
+class ResolveReviewRequest(_message.Message):
+    __slots__ = ("review_id", "reviewer", "action", "comment")
+    REVIEW_ID_FIELD_NUMBER: _ClassVar[int]
+    REVIEWER_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    COMMENT_FIELD_NUMBER: _ClassVar[int]
+    review_id: str
+    reviewer: str
+    action: str
+    comment: str
+    def __init__(self, review_id: _Optional[str] = ..., reviewer: _Optional[str] = ..., action: _Optional[str] = ..., comment: _Optional[str] = ...) -> None: ...
+
+class WatchReviewsRequest(_message.Message):
+    __slots__ = ("pipeline", "tenant")
+    PIPELINE_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    pipeline: str
+    tenant: str
+    def __init__(self, pipeline: _Optional[str] = ..., tenant: _Optional[str] = ...) -> None: ...
+
+class AuditRecord(_message.Message):
+    __slots__ = ("sequence", "kind", "prev_hash", "hash", "payload", "time_unix_ns")
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    PREV_HASH_FIELD_NUMBER: _ClassVar[int]
+    HASH_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    TIME_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
+    sequence: int
+    kind: str
+    prev_hash: bytes
+    hash: bytes
+    payload: bytes
+    time_unix_ns: int
+    def __init__(self, sequence: _Optional[int] = ..., kind: _Optional[str] = ..., prev_hash: _Optional[bytes] = ..., hash: _Optional[bytes] = ..., payload: _Optional[bytes] = ..., time_unix_ns: _Optional[int] = ...) -> None: ...
+
+class StreamAuditRequest(_message.Message):
+    __slots__ = ("from_sequence", "follow", "tenant", "pipeline", "kind")
+    FROM_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    FOLLOW_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    PIPELINE_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    from_sequence: int
+    follow: bool
+    tenant: str
+    pipeline: str
+    kind: str
+    def __init__(self, from_sequence: _Optional[int] = ..., follow: _Optional[bool] = ..., tenant: _Optional[str] = ..., pipeline: _Optional[str] = ..., kind: _Optional[str] = ...) -> None: ...
+
+class InclusionProofRequest(_message.Message):
+    __slots__ = ("sequence", "tree_size")
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    TREE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    sequence: int
+    tree_size: int
+    def __init__(self, sequence: _Optional[int] = ..., tree_size: _Optional[int] = ...) -> None: ...
+
+class ConsistencyProofRequest(_message.Message):
+    __slots__ = ("old_size", "new_size")
+    OLD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    NEW_SIZE_FIELD_NUMBER: _ClassVar[int]
+    old_size: int
+    new_size: int
+    def __init__(self, old_size: _Optional[int] = ..., new_size: _Optional[int] = ...) -> None: ...
+
+class Proof(_message.Message):
+    __slots__ = ("tree_size", "hashes", "root")
+    TREE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    HASHES_FIELD_NUMBER: _ClassVar[int]
+    ROOT_FIELD_NUMBER: _ClassVar[int]
+    tree_size: int
+    hashes: _containers.RepeatedScalarFieldContainer[bytes]
+    root: bytes
+    def __init__(self, tree_size: _Optional[int] = ..., hashes: _Optional[_Iterable[bytes]] = ..., root: _Optional[bytes] = ...) -> None: ...
+
+class PublicKeyRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class PublicKey(_message.Message):
+    __slots__ = ("algorithm", "key")
+    ALGORITHM_FIELD_NUMBER: _ClassVar[int]
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    algorithm: str
+    key: bytes
+    def __init__(self, algorithm: _Optional[str] = ..., key: _Optional[bytes] = ...) -> None: ...
+
+class ListModelsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ModelSummary(_message.Message):
+    __slots__ = ("name", "versions", "state", "provider")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    PROVIDER_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    versions: _containers.RepeatedScalarFieldContainer[str]
+    state: str
+    provider: str
+    def __init__(self, name: _Optional[str] = ..., versions: _Optional[_Iterable[str]] = ..., state: _Optional[str] = ..., provider: _Optional[str] = ...) -> None: ...
+
+class ListModelsResponse(_message.Message):
+    __slots__ = ("models",)
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedCompositeFieldContainer[ModelSummary]
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelSummary, _Mapping]]] = ...) -> None: ...

@@ -1,0 +1,89 @@
+"""Internal model descriptions → Open Inference Protocol / Triton messages."""
+
+from __future__ import annotations
+
+from .._proto.inference import grpc_service_pb2 as pb
+from .._proto.inference import model_config_pb2 as mc
+from ..models import ModelVersion
+from ..models.stats import Duration
+
+PLATFORM = "onnxruntime_onnx"
+BACKEND = "onnxruntime"
+
+
+def model_metadata(name: str, versions: list[str], mv: ModelVersion) -> pb.ModelMetadataResponse:
+    config = mv.config
+    response = pb.ModelMetadataResponse(name=name, versions=versions, platform=PLATFORM)
+    for spec in config.inputs:
+        response.inputs.add(name=spec.name, datatype=spec.datatype.name, shape=config.full_shape(spec))
+    for spec in config.outputs:
+        response.outputs.add(name=spec.name, datatype=spec.datatype.name, shape=config.full_shape(spec))
+    return response
+
+
+def model_config(mv: ModelVersion) -> pb.ModelConfigResponse:
+    """Triton's ModelConfig: perf_analyzer reads max_batch_size, inputs and outputs from it."""
+    config = mv.config
+    out = mc.ModelConfig(
+        name=mv.name,
+        platform=PLATFORM,
+        backend=BACKEND,
+        max_batch_size=config.max_batch_size,
+        default_model_filename="model.onnx",
+    )
+    out.version_policy.all.SetInParent()
+    for spec in config.inputs:
+        out.input.add(name=spec.name, data_type=mc.DataType.Value(spec.datatype.triton), dims=list(spec.dims))
+    for spec in config.outputs:
+        out.output.add(name=spec.name, data_type=mc.DataType.Value(spec.datatype.triton), dims=list(spec.dims))
+    on_gpu = mv.runtime.provider.startswith("CUDA")
+    group = out.instance_group.add(
+        name=f"{mv.name}_0",
+        count=config.instances,
+        kind=mc.ModelInstanceGroup.KIND_GPU if on_gpu else mc.ModelInstanceGroup.KIND_CPU,
+    )
+    if on_gpu:
+        group.gpus.append(0)
+    if config.batching:
+        batching = out.dynamic_batching
+        batching.max_queue_delay_microseconds = config.max_queue_delay_us
+        batching.preferred_batch_size.extend(config.preferred_batch_sizes)
+    out.parameters["execution_provider"].string_value = mv.runtime.provider
+    out.parameters["model_version"].string_value = mv.version
+    card = config.card
+    for key, value in (("owner", card.owner), ("intended_use", card.intended_use),
+                       ("training_data", card.training_data), ("limitations", card.limitations)):
+        if value:
+            out.parameters[f"card.{key}"].string_value = value
+    for key, value in card.metrics.items():
+        out.parameters[f"card.metrics.{key}"].string_value = repr(value)
+    for i, spec in enumerate(config.outputs):
+        if spec.labels:
+            out.parameters[f"labels.{spec.name}"].string_value = ",".join(spec.labels)
+    return pb.ModelConfigResponse(config=out)
+
+
+def _duration(target: pb.StatisticDuration, source: Duration) -> None:
+    target.count = source.count
+    target.ns = source.ns
+
+
+def model_statistics(mv: ModelVersion) -> pb.ModelStatistics:
+    stats = mv.stats
+    with stats.lock:
+        out = pb.ModelStatistics(
+            name=mv.name,
+            version=mv.version,
+            last_inference=stats.last_inference_ms,
+            inference_count=stats.inference_count,
+            execution_count=stats.execution_count,
+        )
+        infer = out.inference_stats
+        _duration(infer.success, stats.success)
+        _duration(infer.fail, stats.fail)
+        _duration(infer.queue, stats.queue)
+        _duration(infer.compute_infer, stats.compute_infer)
+        for size in sorted(stats.batches):
+            batch = out.batch_stats.add(batch_size=size)
+            _duration(batch.compute_infer, stats.batches[size].compute_infer)
+    return out

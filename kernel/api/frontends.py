@@ -1,0 +1,236 @@
+"""The two gRPC front ends over one ``InferenceService``: threaded sync and grpc.aio.
+
+Which one serves is chosen by measurement (bench/RESULTS.md); both stay so
+the choice can be re-measured. Everything here only adapts calling
+conventions and maps ``KernelError`` to gRPC status codes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+
+import grpc
+
+from .._proto.inference import grpc_service_pb2 as pb
+from .._proto.inference import grpc_service_pb2_grpc as pb_grpc
+from ..errors import KernelError
+from .inference import InferenceService, new_request_id
+
+log = logging.getLogger("aios.api")
+
+# RPC name -> InferenceService method, for the plain request/response calls.
+UNARY = {
+    "ServerLive": "server_live",
+    "ServerReady": "server_ready",
+    "ServerMetadata": "server_metadata",
+    "ModelReady": "model_ready",
+    "ModelMetadata": "model_metadata",
+    "ModelConfig": "model_config",
+    "ModelStatistics": "model_statistics",
+    "RepositoryIndex": "repository_index",
+    "RepositoryModelLoad": "repository_model_load",
+    "RepositoryModelUnload": "repository_model_unload",
+}
+
+
+def status_of(exc: KernelError) -> grpc.StatusCode:
+    return grpc.StatusCode[exc.code]
+
+
+def internal_message(rpc: str) -> str:
+    """Log the active exception with a fresh request id; the caller gets the id, not the trace."""
+    request_id = new_request_id()
+    log.exception("internal error in %s (request id %s)", rpc, request_id)
+    return f"internal error (request id {request_id}); the kernel keeps serving"
+
+
+def stream_error(request, exc: BaseException) -> pb.ModelStreamInferResponse:
+    """A failed request inside ModelStreamInfer: the stream stays open, the error names the request."""
+    if isinstance(exc, KernelError):
+        message = f"{exc.code}: {exc.message}"
+    else:
+        message = internal_message("ModelStreamInfer")
+    response = pb.ModelStreamInferResponse(error_message=message)
+    response.infer_response.id = request.id
+    response.infer_response.model_name = request.model_name
+    return response
+
+
+# --------------------------------------------------------------------------- sync
+def _sync_unary(rpc: str, method):
+    def handler(self, request, context):
+        try:
+            return method(request)
+        except KernelError as exc:
+            if exc.trailers:
+                context.set_trailing_metadata(exc.trailers)
+            context.abort(status_of(exc), exc.message)
+        except Exception:
+            context.abort(grpc.StatusCode.INTERNAL, internal_message(rpc))
+
+    handler.__name__ = rpc
+    return handler
+
+
+class _SyncStream:
+    """ModelStreamInfer on the threaded server: a reader thread submits, this thread writes.
+
+    Requests are pipelined: the reader never waits for a response, so many
+    requests of one stream share batches. Responses come back in completion
+    order, each carrying its request id (as Triton's streams do).
+    """
+
+    _END = object()
+
+    def __init__(self, service: InferenceService, requests, context):
+        self.service = service
+        self.requests = requests
+        self.context = context
+        self.out: queue.SimpleQueue = queue.SimpleQueue()
+
+    def _read(self) -> None:
+        count = 0
+        try:
+            for request in self.requests:
+                count += 1
+                try:
+                    item = self.service.prepare(request, self.context.time_remaining())
+                    item.on_done = lambda it, req=request: self.out.put((req, it))
+                    self.service.lane.submit(item)
+                except Exception as exc:  # one bad request must not end the stream
+                    self.out.put((request, exc))
+        except Exception:  # the client went away mid-stream
+            log.debug("ModelStreamInfer reader ended early", exc_info=True)
+        self.out.put((self._END, count))
+
+    def __iter__(self):
+        threading.Thread(target=self._read, name="aios-stream-reader", daemon=True).start()
+        sent, total = 0, None
+        while total is None or sent < total:
+            request, result = self.out.get()
+            if request is self._END:
+                total = result
+                continue
+            sent += 1
+            if isinstance(result, BaseException):
+                yield stream_error(request, result)
+                continue
+            try:
+                yield pb.ModelStreamInferResponse(infer_response=self.service.respond(request, result))
+            except Exception as exc:
+                yield stream_error(request, exc)
+
+
+def sync_servicer(service: InferenceService):
+    """A servicer for ``grpc.server`` (thread pool): handlers block on the lane."""
+    methods = {rpc: _sync_unary(rpc, getattr(service, name)) for rpc, name in UNARY.items()}
+    lane = service.lane
+
+    def ModelInfer(self, request, context):
+        try:
+            return service.infer_blocking(
+                request,
+                context.time_remaining(),
+                on_item=lambda item: context.add_callback(lambda: lane.cancel(item)),
+            )
+        except KernelError as exc:
+            if exc.trailers:
+                context.set_trailing_metadata(exc.trailers)
+            context.abort(status_of(exc), exc.message)
+        except Exception:
+            context.abort(grpc.StatusCode.INTERNAL, internal_message("ModelInfer"))
+
+    def ModelStreamInfer(self, request_iterator, context):
+        yield from _SyncStream(service, request_iterator, context)
+
+    methods["ModelInfer"] = ModelInfer
+    methods["ModelStreamInfer"] = ModelStreamInfer
+    return type("SyncInferenceServicer", (pb_grpc.GRPCInferenceServiceServicer,), methods)()
+
+
+# --------------------------------------------------------------------------- aio
+def _aio_unary(rpc: str, method):
+    async def handler(self, request, context):
+        try:
+            return method(request)
+        except KernelError as exc:
+            await context.abort(status_of(exc), exc.message, trailing_metadata=exc.trailers or None)
+        except Exception:
+            await context.abort(grpc.StatusCode.INTERNAL, internal_message(rpc))
+
+    handler.__name__ = rpc
+    return handler
+
+
+def aio_servicer(service: InferenceService):
+    """A servicer for ``grpc.aio.server``: the loop never blocks; lane threads run batches."""
+    methods = {rpc: _aio_unary(rpc, getattr(service, name)) for rpc, name in UNARY.items()}
+    lane = service.lane
+
+    async def ModelInfer(self, request, context):
+        try:
+            item = service.prepare(request, context.time_remaining())
+            loop = asyncio.get_running_loop()
+            done = loop.create_future()
+            item.on_done = lambda it: loop.call_soon_threadsafe(_resolve, done, it)
+            lane.submit(item)
+            try:
+                await done
+            except asyncio.CancelledError:
+                lane.cancel(item)
+                raise
+            return service.respond(request, item)
+        except KernelError as exc:
+            await context.abort(status_of(exc), exc.message, trailing_metadata=exc.trailers or None)
+        except Exception:
+            await context.abort(grpc.StatusCode.INTERNAL, internal_message("ModelInfer"))
+
+    async def ModelStreamInfer(self, request_iterator, context):
+        loop = asyncio.get_running_loop()
+        results: asyncio.Queue = asyncio.Queue()
+        end = object()
+
+        async def read() -> None:
+            count = 0
+            try:
+                async for request in request_iterator:
+                    count += 1
+                    try:
+                        item = service.prepare(request, context.time_remaining())
+                        item.on_done = lambda it, req=request: loop.call_soon_threadsafe(results.put_nowait, (req, it))
+                        lane.submit(item)
+                    except Exception as exc:
+                        results.put_nowait((request, exc))
+            finally:
+                results.put_nowait((end, count))
+
+        reader = asyncio.ensure_future(read())
+        sent, total = 0, None
+        try:
+            while total is None or sent < total:
+                request, result = await results.get()
+                if request is end:
+                    total = result
+                    continue
+                sent += 1
+                if isinstance(result, BaseException):
+                    yield stream_error(request, result)
+                    continue
+                try:
+                    yield pb.ModelStreamInferResponse(infer_response=service.respond(request, result))
+                except Exception as exc:
+                    yield stream_error(request, exc)
+        finally:
+            reader.cancel()
+
+    methods["ModelInfer"] = ModelInfer
+    methods["ModelStreamInfer"] = ModelStreamInfer
+    return type("AioInferenceServicer", (pb_grpc.GRPCInferenceServiceServicer,), methods)()
+
+
+def _resolve(future: asyncio.Future, item) -> None:
+    if not future.done():
+        future.set_result(item)

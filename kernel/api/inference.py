@@ -1,0 +1,178 @@
+"""The Open Inference Protocol service, independent of the gRPC front end.
+
+Each method takes a request message and returns a response message or raises
+a ``KernelError``; the front ends (``frontends.py``) only adapt calling
+conventions, so the sync and asyncio servers run exactly this code.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+from .. import __version__
+from .._proto.inference import grpc_service_pb2 as pb
+from ..errors import InvalidArgument, NotFound, Unavailable
+from ..models import ModelConfigError, ModelHub, ModelVersion
+from ..scheduling import Lane, WorkItem
+from ..scheduling.types import NO_DEADLINE
+from . import converters, tensors
+
+log = logging.getLogger("aios.api")
+
+SERVER_NAME = "aios-kernel"
+# Triton's extension names, so clients that probe for them find what we do support.
+EXTENSIONS = ["classification", "model_repository", "model_configuration", "statistics", "schedule_policy"]
+
+
+def new_request_id() -> str:
+    return os.urandom(8).hex()
+
+
+def deadline_from(time_remaining: float | None, timeout_us: int = 0) -> int:
+    """Absolute monotonic deadline (ns) from a gRPC time-remaining and a request timeout."""
+    now = time.monotonic_ns()
+    deadline = NO_DEADLINE
+    if time_remaining is not None:
+        deadline = now + int(time_remaining * 1e9)
+    if timeout_us > 0:
+        by_param = now + timeout_us * 1000
+        deadline = by_param if deadline == NO_DEADLINE else min(deadline, by_param)
+    return deadline
+
+
+class InferenceService:
+    __slots__ = ("hub", "lane")
+
+    def __init__(self, hub: ModelHub, lane: Lane):
+        self.hub = hub
+        self.lane = lane
+
+    # -- lookup -------------------------------------------------------------
+    def resolve(self, name: str, version: str) -> ModelVersion:
+        if not name:
+            raise InvalidArgument("model_name is empty")
+        mv = self.hub.get(name, version)
+        if mv is not None:
+            return mv
+        versions = self.hub.versions(name)
+        if versions:
+            raise NotFound(f"model '{name}' has no loaded version '{version}'; loaded versions: {', '.join(versions)}")
+        loaded = sorted({m.name for m in self.hub.loaded()})
+        raise NotFound(f"model '{name}' is not loaded; loaded models: {', '.join(loaded) or '(none)'}")
+
+    # -- health and metadata ---------------------------------------------------
+    def server_live(self, request) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    def server_ready(self, request) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=bool(self.hub.loaded()))
+
+    def server_metadata(self, request) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=__version__, extensions=EXTENSIONS)
+
+    def model_ready(self, request) -> pb.ModelReadyResponse:
+        return pb.ModelReadyResponse(ready=self.hub.get(request.name, request.version) is not None)
+
+    def model_metadata(self, request) -> pb.ModelMetadataResponse:
+        mv = self.resolve(request.name, request.version)
+        return converters.model_metadata(mv.name, self.hub.versions(mv.name), mv)
+
+    def model_config(self, request) -> pb.ModelConfigResponse:
+        return converters.model_config(self.resolve(request.name, request.version))
+
+    def model_statistics(self, request) -> pb.ModelStatisticsResponse:
+        if request.name:
+            chosen = [self.resolve(request.name, request.version)]
+        else:
+            chosen = self.hub.loaded()
+        response = pb.ModelStatisticsResponse()
+        for mv in chosen:
+            response.model_stats.append(converters.model_statistics(mv))
+        return response
+
+    # -- repository ---------------------------------------------------------------
+    def repository_index(self, request) -> pb.RepositoryIndexResponse:
+        response = pb.RepositoryIndexResponse()
+        for entry in self.hub.index():
+            if request.ready and entry.state != "READY":
+                continue
+            response.models.add(name=entry.name, version=entry.version, state=entry.state, reason=entry.reason)
+        return response
+
+    def repository_model_load(self, request) -> pb.RepositoryModelLoadResponse:
+        name = request.model_name
+        if not name:
+            raise InvalidArgument("model_name is empty")
+        if name not in self.hub.available():
+            raise NotFound(f"model '{name}' is not in the repository {self.hub.root}")
+        try:
+            self.hub.load(name)
+        except ModelConfigError as exc:
+            # The previous versions (if any) stay live; the caller learns why.
+            raise InvalidArgument(f"model '{name}' was not loaded: {exc}") from None
+        return pb.RepositoryModelLoadResponse()
+
+    def repository_model_unload(self, request) -> pb.RepositoryModelUnloadResponse:
+        name = request.model_name
+        if not name:
+            raise InvalidArgument("model_name is empty")
+        if not self.hub.unload(name):
+            raise NotFound(f"model '{name}' is not loaded")
+        return pb.RepositoryModelUnloadResponse()
+
+    # -- inference ------------------------------------------------------------------
+    def prepare(self, request, time_remaining: float | None) -> WorkItem:
+        """Validate ``request`` and turn it into a work item for the lane."""
+        mv = self.resolve(request.model_name, request.model_version)
+        inputs, rows, shape_key = tensors.decode_inputs(mv.config, request)
+        priority, timeout_us = mv.config.priority, 0
+        if request.parameters:
+            priority, timeout_us = _schedule_params(request.parameters, priority)
+        item = WorkItem(
+            mv, rows, shape_key, inputs,
+            request_id=request.id or new_request_id(),
+            priority=priority,
+            deadline_ns=deadline_from(time_remaining, timeout_us),
+        )
+        if request.outputs:
+            item.selected = tensors.requested_outputs(mv.config, request)
+        return item
+
+    def respond(self, request, item: WorkItem) -> pb.ModelInferResponse:
+        """The response for a finished item, or its error raised."""
+        if item.error is not None:
+            raise item.error
+        mv = item.model
+        response = pb.ModelInferResponse(model_name=mv.name, model_version=mv.version, id=request.id)
+        tensors.encode_outputs(mv.config, item.outputs, item.selected, response)
+        return response
+
+    def infer_blocking(self, request, time_remaining: float | None, on_item=None) -> pb.ModelInferResponse:
+        item = self.prepare(request, time_remaining)
+        if on_item is not None:
+            on_item(item)
+        self.lane.run_blocking(item)
+        return self.respond(request, item)
+
+
+def _schedule_params(parameters, priority: int) -> tuple[int, int]:
+    """Triton's schedule-policy parameters: ``priority`` (1 = highest) and ``timeout`` (µs)."""
+    timeout_us = 0
+    if "priority" in parameters:
+        value = parameters["priority"]
+        kind = value.WhichOneof("parameter_choice")
+        if kind not in ("int64_param", "uint64_param") or getattr(value, kind) < 0:
+            raise InvalidArgument("parameter 'priority' must be a non-negative integer (1 = most urgent, 0 = model default)")
+        priority = getattr(value, kind) or priority
+    if "timeout" in parameters:
+        value = parameters["timeout"]
+        kind = value.WhichOneof("parameter_choice")
+        if kind not in ("int64_param", "uint64_param") or getattr(value, kind) < 0:
+            raise InvalidArgument("parameter 'timeout' must be a non-negative integer number of microseconds")
+        timeout_us = getattr(value, kind)
+    return priority, timeout_us
+
+
+__all__ = ["InferenceService", "Unavailable", "deadline_from", "new_request_id"]

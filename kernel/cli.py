@@ -1,0 +1,198 @@
+"""``aios-kernel``: serve, demo, models, infer.
+
+Later issues add ``decide``, ``audit`` and ``policy`` here; each subcommand
+is a small function taking the parsed arguments and returning an exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from . import __version__
+from .config import SettingsError, load_settings
+from .observability import setup_logging
+
+log = logging.getLogger("aios.cli")
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEMO_DIR = REPO_ROOT / "examples" / "claims"
+DEFAULT_ADDRESS = "127.0.0.1:8001"
+
+
+def _server_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="kernel.toml with settings (flags and AIOS_* variables override it)")
+    parser.add_argument("--models", help="model repository folder (default: ./models)")
+    parser.add_argument("--host", help="listen address (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="gRPC port (default 8001; 0 = any free port)")
+    parser.add_argument("--front-end", dest="front_end", choices=("sync", "aio"), help="gRPC front end")
+    parser.add_argument("--workers", type=int, help="handler threads of the sync front end")
+    parser.add_argument("--log-level", dest="log_level", help="DEBUG, INFO, WARNING or ERROR")
+
+
+def _settings(args, **extra):
+    overrides = {key: getattr(args, key, None) for key in ("models", "host", "port", "front_end", "workers", "log_level")}
+    overrides.update(extra)
+    return load_settings(args.config, overrides)
+
+
+def _wait_for_signal(server) -> int:
+    """Block until SIGTERM/SIGINT, then drain in-flight calls and stop; exit code 0."""
+    stop = threading.Event()
+    received = []
+
+    def handler(signum, frame):
+        received.append(signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    stop.wait()
+    log.info("%s received: draining in-flight calls (up to %.0f s), then stopping", received[0], server.settings.grace_seconds)
+    server.stop()
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from .server import KernelServer
+
+    settings = _settings(args)
+    setup_logging(settings.log_level)
+    if not Path(settings.models).is_dir():
+        log.error("model repository %s does not exist (set --models, AIOS_MODELS or models in kernel.toml)", settings.models)
+        return 2
+    server = KernelServer(settings)
+    try:
+        server.start()
+    except OSError as exc:
+        log.error("%s", exc)
+        return 2
+    # A line for scripts and tests to wait on, printed once the port accepts calls.
+    print(f"AIOS kernel ready on {settings.host}:{server.port}", flush=True)
+    return _wait_for_signal(server)
+
+
+def cmd_models_list(args) -> int:
+    if args.address:
+        from .oip_client import OipClient
+
+        with OipClient(args.address) as client:
+            for entry in client.repository_index().models:
+                print(f"{entry.name:28} {entry.version or '-':8} {entry.state:12} {entry.reason}")
+        return 0
+    from .models import ModelConfigError
+    from .models import config as model_config
+    from .models.hub import ModelHub
+
+    hub = ModelHub(args.models)
+    found = hub.available()
+    if not found:
+        print(f"no models under {args.models} (expected <name>/<version>/model.onnx)")
+        return 1
+    print(f"{'model':28} {'version':8} {'max_batch':>9}  inputs -> outputs")
+    status = 0
+    for name, versions in found.items():
+        for version in versions:
+            toml = Path(args.models) / name / version / "model.toml"
+            if not toml.is_file():
+                print(f"{name:28} {version:8} {'?':>9}  (no model.toml: derived from the graph at load)")
+                continue
+            try:
+                config = model_config.load(toml, name, version)
+            except ModelConfigError as exc:
+                print(f"{name:28} {version:8} {'!':>9}  invalid: {exc}")
+                status = 1
+                continue
+            ins = ", ".join(f"{s.name}:{s.datatype.name}{list(config.full_shape(s))}" for s in config.inputs)
+            outs = ", ".join(f"{s.name}:{s.datatype.name}{list(config.full_shape(s))}" for s in config.outputs)
+            print(f"{name:28} {version:8} {config.max_batch_size:>9}  {ins} -> {outs}")
+    return status
+
+
+def cmd_infer(args) -> int:
+    import grpc
+    import numpy as np
+
+    from .models import datatypes
+    from .oip_client import OipClient
+
+    try:
+        payload = json.loads(args.input)
+    except json.JSONDecodeError as exc:
+        print(f"--input is not JSON: {exc}", file=sys.stderr)
+        return 2
+    with OipClient(args.address, timeout=args.timeout) as client:
+        try:
+            meta = client.metadata(args.model, args.version)
+            if not isinstance(payload, dict):  # a bare array feeds the only input
+                if len(meta.inputs) != 1:
+                    print(f"model {args.model} has {len(meta.inputs)} inputs: pass an object {{name: array}}", file=sys.stderr)
+                    return 2
+                payload = {meta.inputs[0].name: payload}
+            types = {t.name: datatypes.from_name(t.datatype) for t in meta.inputs}
+            arrays = {}
+            for name, value in payload.items():
+                if name not in types:
+                    print(f"model {args.model} has no input {name!r}; inputs: {sorted(types)}", file=sys.stderr)
+                    return 2
+                arrays[name] = np.array(value, dtype=types[name].numpy)
+            outputs = client.infer(args.model, arrays, args.version)
+        except grpc.RpcError as exc:
+            print(f"{exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    print(json.dumps({name: value.tolist() for name, value in outputs.items()}))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    settings = _settings(args, models=args.models or str(DEMO_DIR / "models"), port=args.port if args.port is not None else 0)
+    setup_logging(settings.log_level)
+    return run_demo(settings, requests=args.requests, concurrency=args.concurrency)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="aios-kernel", description="AIOS Kernel: gRPC inference and decisions")
+    parser.add_argument("--version", action="version", version=f"aios-kernel {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="serve the model repository over gRPC until SIGTERM")
+    _server_flags(serve)
+    serve.set_defaults(func=cmd_serve)
+
+    demo = sub.add_parser("demo", help="serve the bundled claims demo and send it a burst of traffic")
+    _server_flags(demo)
+    demo.add_argument("--requests", type=int, default=2000, help="requests in the burst (default 2000)")
+    demo.add_argument("--concurrency", type=int, default=8, help="requests in flight (default 8)")
+    demo.set_defaults(func=cmd_demo)
+
+    models = sub.add_parser("models", help="inspect a model repository")
+    models_sub = models.add_subparsers(dest="models_command", required=True)
+    listing = models_sub.add_parser("list", help="list models, versions and tensors")
+    listing.add_argument("--models", default="models", help="repository folder (default ./models)")
+    listing.add_argument("--address", help="ask a running kernel at HOST:PORT instead of reading the folder")
+    listing.set_defaults(func=cmd_models_list)
+
+    infer = sub.add_parser("infer", help="send one inference request to a running kernel")
+    infer.add_argument("model")
+    infer.add_argument("--input", required=True, help='JSON: {"INPUT": [[...]]}, or a bare array for a one-input model')
+    infer.add_argument("--version", default="", help="model version (default: latest)")
+    infer.add_argument("--address", default=DEFAULT_ADDRESS, help=f"kernel address (default {DEFAULT_ADDRESS})")
+    infer.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
+    infer.set_defaults(func=cmd_infer)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except SettingsError as exc:
+        print(f"aios-kernel: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,134 @@
+"""One settings object: embedded defaults < kernel.toml < AIOS_* environment < command-line flags.
+
+Every value is validated once, here; an error names the setting and where
+it came from (file, environment variable or flag).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+FRONT_ENDS = ("sync", "aio")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+class SettingsError(ValueError):
+    """A bad setting; the message names it and its source."""
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    host: str = "127.0.0.1"  # listen address; "0.0.0.0" to accept other machines (containers)
+    port: int = 8001  # Triton's gRPC port, so perf_analyzer and tritonclient defaults just work
+    models: str = "models"  # model repository folder
+    front_end: str = "sync"  # "sync" (thread pool) or "aio" (grpc.aio on uvloop); see bench/RESULTS.md
+    workers: int = 64  # gRPC handler threads of the sync front end (concurrent unary calls)
+    lane_slots: int = 0  # batches run at once on the CPU lane; 0 = one per usable core
+    scheduler: str = "reference"
+    max_message_bytes: int = 64 * 1024 * 1024  # larger requests get RESOURCE_EXHAUSTED
+    grace_seconds: float = 10.0  # SIGTERM: how long in-flight calls may take to finish
+    log_level: str = "INFO"
+    data_dir: str = "var"
+
+    def usable_cores(self) -> int:
+        try:
+            return len(os.sched_getaffinity(0))
+        except AttributeError:  # not on Linux
+            return os.cpu_count() or 1
+
+    @property
+    def slots(self) -> int:
+        return self.lane_slots or self.usable_cores()
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+_FIELDS = {f.name: f for f in fields(Settings)}
+
+
+def _coerce(name: str, value: Any, source: str) -> Any:
+    kind = _FIELDS[name].type
+    try:
+        if kind == "int":
+            if isinstance(value, bool):
+                raise ValueError
+            value = int(value)
+        elif kind == "float":
+            if isinstance(value, bool):
+                raise ValueError
+            value = float(value)
+        elif kind == "str":
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+                raise ValueError
+            value = str(value)
+    except (TypeError, ValueError):
+        raise SettingsError(f"{name} (from {source}) must be {kind}, got {value!r}") from None
+    return value
+
+
+def _validate(settings: Settings, sources: dict[str, str]) -> None:
+    def bad(name: str, why: str) -> SettingsError:
+        return SettingsError(f"{name} (from {sources.get(name, 'defaults')}) {why}")
+
+    if not 0 <= settings.port <= 65535:
+        raise bad("port", f"must be 0..65535 (0 = any free port), got {settings.port}")
+    if settings.front_end not in FRONT_ENDS:
+        raise bad("front_end", f"must be one of {', '.join(FRONT_ENDS)}, got {settings.front_end!r}")
+    if settings.workers < 1:
+        raise bad("workers", f"must be >= 1, got {settings.workers}")
+    if settings.lane_slots < 0:
+        raise bad("lane_slots", f"must be >= 0 (0 = one per core), got {settings.lane_slots}")
+    if settings.max_message_bytes < 1024:
+        raise bad("max_message_bytes", f"must be >= 1024, got {settings.max_message_bytes}")
+    if settings.grace_seconds < 0:
+        raise bad("grace_seconds", f"must be >= 0, got {settings.grace_seconds}")
+    if settings.log_level.upper() not in LOG_LEVELS:
+        raise bad("log_level", f"must be one of {', '.join(LOG_LEVELS)}, got {settings.log_level!r}")
+    if settings.scheduler != "reference":
+        raise bad("scheduler", f"must be 'reference', got {settings.scheduler!r}")
+
+
+def load_settings(
+    config_file: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    environ: dict[str, str] | None = None,
+) -> Settings:
+    """Merge the layers; ``overrides`` are command-line flags (None values are ignored)."""
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    if config_file is not None:
+        path = Path(config_file)
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise SettingsError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise SettingsError(f"config file {path} is not valid TOML: {exc}") from None
+        table = raw.get("kernel", raw)  # accept a [kernel] table or top-level keys
+        for key, value in table.items():
+            if key not in _FIELDS:
+                raise SettingsError(f"{path}: unknown setting {key!r}; known: {', '.join(_FIELDS)}")
+            values[key] = _coerce(key, value, str(path))
+            sources[key] = str(path)
+    env = os.environ if environ is None else environ
+    for key in _FIELDS:
+        var = f"AIOS_{key.upper()}"
+        if var in env:
+            values[key] = _coerce(key, env[var], f"${var}")
+            sources[key] = f"${var}"
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            values[key] = _coerce(key, value, f"--{key.replace('_', '-')}")
+            sources[key] = f"--{key.replace('_', '-')}"
+    settings = Settings(**values)
+    if settings.log_level != settings.log_level.upper():
+        settings = dataclasses.replace(settings, log_level=settings.log_level.upper())
+    _validate(settings, sources)
+    return settings

@@ -1,0 +1,50 @@
+"""Errors the kernel answers callers with, each tied to one gRPC status code.
+
+Inner layers raise these without importing grpc; the API layer maps
+``code`` to ``grpc.StatusCode`` and adds ``trailers`` (such as retry hints).
+Anything else that escapes a handler is a bug: it becomes INTERNAL with a
+request id that is also in the log.
+"""
+
+from __future__ import annotations
+
+
+class KernelError(Exception):
+    code = "INTERNAL"
+
+    def __init__(self, message: str, trailers: tuple[tuple[str, str], ...] = ()):
+        super().__init__(message)
+        self.message = message
+        self.trailers = trailers
+
+
+class InvalidArgument(KernelError):
+    code = "INVALID_ARGUMENT"
+
+
+class NotFound(KernelError):
+    code = "NOT_FOUND"
+
+
+class ResourceExhausted(KernelError):
+    code = "RESOURCE_EXHAUSTED"
+
+
+class DeadlineExceeded(KernelError):
+    code = "DEADLINE_EXCEEDED"
+
+
+class Cancelled(KernelError):
+    code = "CANCELLED"
+
+
+class Unavailable(KernelError):
+    code = "UNAVAILABLE"
+
+
+class FailedPrecondition(KernelError):
+    code = "FAILED_PRECONDITION"
+
+
+class Internal(KernelError):
+    code = "INTERNAL"

@@ -1,0 +1,228 @@
+"""``model.toml``: what a model version declares about itself.
+
+Layout of a repository::
+
+    models/<name>/<version>/model.onnx
+    models/<name>/<version>/model.toml   # optional: derived from the graph when absent
+
+Schema (every key optional unless marked)::
+
+    platform = "onnxruntime_onnx"
+    max_batch_size = 64        # rows per batch; 0 = the model has no batch dimension
+    instances = 1              # onnxruntime sessions for this version
+    provider = "auto"          # auto | cpu | cuda
+    intra_op_threads = 1
+    inter_op_threads = 1
+    priority = 1               # default request priority (1 = most urgent)
+    weight = 1.0               # fair share of its lane against other models
+    max_queue_delay_us = 0     # Triton-like static batching window (0 = adaptive/none)
+    preferred_batch_sizes = []
+
+    [[input]]                  # required when model.toml exists
+    name = "features"
+    datatype = "FP32"          # KServe v2 datatype names
+    dims = [12]                # per row (batch dim implied when max_batch_size > 0); -1 = dynamic
+
+    [[output]]
+    name = "probabilities"
+    datatype = "FP32"
+    dims = [3]
+    labels = ["approve", "review", "deny"]
+
+    [card]                     # the model card: free text plus metrics
+    owner = "..."
+    intended_use = "..."
+    training_data = "..."
+    limitations = "..."
+    [card.metrics]
+    accuracy = 0.91
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import datatypes
+from .errors import ModelConfigError
+
+PLATFORM = "onnxruntime_onnx"
+PROVIDERS = ("auto", "cpu", "cuda")
+DEFAULT_MAX_BATCH_SIZE = 64  # rows; used when the config is derived from a graph with a dynamic batch dim
+
+_TOP_KEYS = {
+    "platform", "max_batch_size", "instances", "provider", "intra_op_threads",
+    "inter_op_threads", "priority", "weight", "max_queue_delay_us",
+    "preferred_batch_sizes", "input", "output", "card", "name",
+}
+_TENSOR_KEYS = {"name", "datatype", "dims", "labels", "optional"}
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSpec:
+    name: str
+    datatype: datatypes.DataType
+    dims: tuple[int, ...]  # per row, without the batch dim when the model batches
+    labels: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ModelCard:
+    owner: str = ""
+    intended_use: str = ""
+    training_data: str = ""
+    limitations: str = ""
+    metrics: dict[str, float] = field(default_factory=dict)
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    name: str
+    version: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
+    instances: int = 1
+    provider: str = "auto"
+    intra_op_threads: int = 1
+    inter_op_threads: int = 1
+    priority: int = 1
+    weight: float = 1.0
+    max_queue_delay_us: int = 0
+    preferred_batch_sizes: tuple[int, ...] = ()
+    card: ModelCard = field(default_factory=ModelCard)
+    derived: bool = False  # True when no model.toml existed and the graph told us
+
+    @property
+    def batching(self) -> bool:
+        return self.max_batch_size > 0
+
+    def full_shape(self, spec: TensorSpec) -> list[int]:
+        """The tensor's shape as a client sees it: -1 for the batch dim when batching."""
+        return ([-1] if self.batching else []) + list(spec.dims)
+
+
+def _expect(path: Path, key: str, value: Any, kind: type | tuple, what: str) -> Any:
+    # bool is an int subclass in Python; a TOML `true` must not pass as a number.
+    if isinstance(value, bool) and kind is not bool:
+        raise ModelConfigError(path, key, f"must be {what}, got {value!r}")
+    if not isinstance(value, kind):
+        raise ModelConfigError(path, key, f"must be {what}, got {value!r}")
+    return value
+
+
+def _int(path: Path, table: dict, key: str, default: int, minimum: int) -> int:
+    value = _expect(path, key, table.get(key, default), int, "an integer")
+    if value < minimum:
+        raise ModelConfigError(path, key, f"must be >= {minimum}, got {value}")
+    return value
+
+
+def _tensor(path: Path, where: str, raw: Any) -> TensorSpec:
+    _expect(path, where, raw, dict, "a table")
+    unknown = set(raw) - _TENSOR_KEYS
+    if unknown:
+        raise ModelConfigError(path, f"{where}.{sorted(unknown)[0]}", "unknown key")
+    name = _expect(path, f"{where}.name", raw.get("name"), str, "a tensor name (string)")
+    dt_name = _expect(path, f"{where}.datatype", raw.get("datatype"), str, "a datatype name")
+    try:
+        dt = datatypes.from_name(dt_name)
+    except KeyError:
+        raise ModelConfigError(
+            path, f"{where}.datatype", f"unknown datatype {dt_name!r}; one of {', '.join(datatypes.NAMES)}"
+        ) from None
+    dims = _expect(path, f"{where}.dims", raw.get("dims", []), list, "a list of integers")
+    for d in dims:
+        _expect(path, f"{where}.dims", d, int, "a list of integers")
+        if d < -1 or d == 0:
+            raise ModelConfigError(path, f"{where}.dims", f"each dim must be > 0 or -1 (dynamic), got {d}")
+    labels = _expect(path, f"{where}.labels", raw.get("labels", []), list, "a list of strings")
+    for label in labels:
+        _expect(path, f"{where}.labels", label, str, "a list of strings")
+    return TensorSpec(name=name, datatype=dt, dims=tuple(dims), labels=tuple(labels))
+
+
+def _card(path: Path, raw: Any) -> ModelCard:
+    _expect(path, "card", raw, dict, "a table")
+    metrics = _expect(path, "card.metrics", raw.get("metrics", {}), dict, "a table of numbers")
+    for key, value in metrics.items():
+        _expect(path, f"card.metrics.{key}", value, (int, float), "a number")
+    known = {"owner", "intended_use", "training_data", "limitations", "metrics"}
+    text = {}
+    for key, value in raw.items():
+        if key != "metrics":
+            text[key] = str(_expect(path, f"card.{key}", value, str, "a string"))
+    return ModelCard(
+        owner=text.get("owner", ""),
+        intended_use=text.get("intended_use", ""),
+        training_data=text.get("training_data", ""),
+        limitations=text.get("limitations", ""),
+        metrics={k: float(v) for k, v in metrics.items()},
+        extra={k: v for k, v in text.items() if k not in known},
+    )
+
+
+def parse(path: Path, name: str, version: str, raw: dict) -> ModelConfig:
+    """Validate a parsed ``model.toml`` table; errors name the file and the field."""
+    unknown = set(raw) - _TOP_KEYS
+    if unknown:
+        raise ModelConfigError(path, sorted(unknown)[0], f"unknown key; known keys: {', '.join(sorted(_TOP_KEYS))}")
+    platform = raw.get("platform", PLATFORM)
+    if platform != PLATFORM:
+        raise ModelConfigError(path, "platform", f"only {PLATFORM!r} is supported, got {platform!r}")
+    provider = _expect(path, "provider", raw.get("provider", "auto"), str, "a string")
+    if provider not in PROVIDERS:
+        raise ModelConfigError(path, "provider", f"must be one of {', '.join(PROVIDERS)}, got {provider!r}")
+    inputs = _expect(path, "input", raw.get("input"), list, "a list of [[input]] tables (at least one)")
+    outputs = _expect(path, "output", raw.get("output"), list, "a list of [[output]] tables (at least one)")
+    if not inputs:
+        raise ModelConfigError(path, "input", "at least one [[input]] is required")
+    if not outputs:
+        raise ModelConfigError(path, "output", "at least one [[output]] is required")
+    in_specs = tuple(_tensor(path, f"input[{i}]", t) for i, t in enumerate(inputs))
+    out_specs = tuple(_tensor(path, f"output[{i}]", t) for i, t in enumerate(outputs))
+    for label, specs in (("input", in_specs), ("output", out_specs)):
+        seen = set()
+        for index, spec in enumerate(specs):
+            if spec.name in seen:
+                raise ModelConfigError(path, f"{label}[{index}].name", f"duplicate tensor name {spec.name!r}")
+            seen.add(spec.name)
+    weight = _expect(path, "weight", raw.get("weight", 1.0), (int, float), "a number")
+    if weight <= 0:
+        raise ModelConfigError(path, "weight", f"must be > 0, got {weight}")
+    preferred = _expect(path, "preferred_batch_sizes", raw.get("preferred_batch_sizes", []), list, "a list of integers")
+    max_batch = _int(path, raw, "max_batch_size", DEFAULT_MAX_BATCH_SIZE, 0)
+    for size in preferred:
+        _expect(path, "preferred_batch_sizes", size, int, "a list of integers")
+        if not 0 < size <= max(max_batch, 1):
+            raise ModelConfigError(path, "preferred_batch_sizes", f"{size} is outside 1..max_batch_size ({max_batch})")
+    return ModelConfig(
+        name=name,
+        version=version,
+        inputs=in_specs,
+        outputs=out_specs,
+        max_batch_size=max_batch,
+        instances=_int(path, raw, "instances", 1, 1),
+        provider=provider,
+        intra_op_threads=_int(path, raw, "intra_op_threads", 1, 0),
+        inter_op_threads=_int(path, raw, "inter_op_threads", 1, 0),
+        priority=_int(path, raw, "priority", 1, 1),
+        weight=float(weight),
+        max_queue_delay_us=_int(path, raw, "max_queue_delay_us", 0, 0),
+        preferred_batch_sizes=tuple(sorted(preferred)),
+        card=_card(path, raw.get("card", {})),
+    )
+
+
+def load(path: Path, name: str, version: str) -> ModelConfig:
+    """Read and validate ``model.toml`` at ``path``."""
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ModelConfigError(path, "", f"not valid TOML: {exc}") from None
+    except UnicodeDecodeError:
+        raise ModelConfigError(path, "", "not UTF-8 text") from None
+    return parse(path, name, version, raw)

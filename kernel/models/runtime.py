@@ -1,0 +1,171 @@
+"""onnxruntime sessions for one model version: provider choice, graph checks, execution.
+
+A version owns ``instances`` sessions. The scheduler never runs more batches
+of one version at once than it has instances, so each batch takes a free
+session from a small pool without waiting.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from . import datatypes
+from .config import DEFAULT_MAX_BATCH_SIZE, ModelConfig, TensorSpec
+from .errors import ModelConfigError
+
+log = logging.getLogger("aios.models")
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+
+
+def choose_providers(preference: str, path: Path) -> list[str]:
+    """onnxruntime providers for a ``provider`` preference, CUDA first when asked and present."""
+    available = ort.get_available_providers()
+    if preference == "cpu":
+        return [CPU]
+    if preference == "cuda":
+        if CUDA not in available:
+            raise ModelConfigError(
+                path, "provider", f"'cuda' requested but onnxruntime offers only {', '.join(available)} "
+                "(install the `gpu` extra on a machine with an NVIDIA GPU, or set provider = \"auto\")"
+            )
+        return [CUDA, CPU]
+    return [CUDA, CPU] if CUDA in available else [CPU]
+
+
+def _session_options(config: ModelConfig) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    # Explicit thread counts: onnxruntime's default (one thread per core) fights
+    # the gRPC threads and other models for the same cores.
+    options.intra_op_num_threads = config.intra_op_threads
+    options.inter_op_num_threads = config.inter_op_threads
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3  # errors only: onnxruntime's warnings flood the kernel log
+    return options
+
+
+def _graph_dims(shape: list) -> list[int]:
+    """onnxruntime reports symbolic dims as strings or None: those are dynamic (-1)."""
+    return [d if isinstance(d, int) and d > 0 else -1 for d in shape]
+
+
+def derive_config(session: ort.InferenceSession, name: str, version: str) -> ModelConfig:
+    """A config read off the graph, for a version directory without ``model.toml``."""
+    args = list(session.get_inputs()) + list(session.get_outputs())
+    batching = all(len(a.shape) >= 1 and _graph_dims(a.shape)[0] == -1 for a in args)
+
+    def spec(arg) -> TensorSpec:
+        dims = _graph_dims(arg.shape)
+        return TensorSpec(arg.name, datatypes.BY_ONNX[arg.type], tuple(dims[1:] if batching else dims))
+
+    return ModelConfig(
+        name=name,
+        version=version,
+        inputs=tuple(spec(a) for a in session.get_inputs()),
+        outputs=tuple(spec(a) for a in session.get_outputs()),
+        max_batch_size=DEFAULT_MAX_BATCH_SIZE if batching else 0,
+        derived=True,
+    )
+
+
+def _check_tensor(path: Path, where: str, spec: TensorSpec, arg, batching: bool) -> None:
+    graph_type = datatypes.BY_ONNX.get(arg.type)
+    if graph_type is None:
+        raise ModelConfigError(path, f"{where}.datatype", f"graph type {arg.type} is not supported")
+    if graph_type is not spec.datatype:
+        raise ModelConfigError(
+            path, f"{where}.datatype", f"{spec.name!r} is {graph_type.name} in the graph, config says {spec.datatype.name}"
+        )
+    graph = _graph_dims(arg.shape)
+    if batching:
+        if not graph or graph[0] != -1:
+            raise ModelConfigError(
+                path, "max_batch_size",
+                f"{spec.name!r} has no dynamic first (batch) dim in the graph (shape {arg.shape}); set max_batch_size = 0",
+            )
+        graph = graph[1:]
+    if len(graph) != len(spec.dims):
+        raise ModelConfigError(
+            path, f"{where}.dims", f"{spec.name!r} has {len(graph)} per-row dims in the graph {arg.shape}, config says {list(spec.dims)}"
+        )
+    for want, have in zip(spec.dims, graph):
+        if have != -1 and want != have:
+            raise ModelConfigError(
+                path, f"{where}.dims", f"{spec.name!r} is {arg.shape} in the graph, config says {list(spec.dims)}"
+            )
+
+
+def check_against_graph(config: ModelConfig, session: ort.InferenceSession, path: Path) -> None:
+    """Refuse a config whose tensors disagree with the ONNX graph's real inputs/outputs."""
+    for label, specs, args in (
+        ("input", config.inputs, session.get_inputs()),
+        ("output", config.outputs, session.get_outputs()),
+    ):
+        by_name = {a.name: a for a in args}
+        for index, spec in enumerate(specs):
+            if spec.name not in by_name:
+                raise ModelConfigError(
+                    path, f"{label}[{index}].name", f"{spec.name!r} is not a graph {label}; the graph has {sorted(by_name)}"
+                )
+            _check_tensor(path, f"{label}[{index}]", spec, by_name[spec.name], config.batching)
+        if label == "input":
+            missing = set(by_name) - {s.name for s in specs}
+            if missing:
+                raise ModelConfigError(path, "input", f"graph input {sorted(missing)[0]!r} is not declared")
+
+
+class OnnxModel:
+    """The executable part of a loaded version: its sessions and output order."""
+
+    __slots__ = ("config", "path", "provider", "output_names", "_free", "_lock")
+
+    def __init__(self, config: ModelConfig, path: Path, sessions: list[ort.InferenceSession]):
+        self.config = config
+        self.path = path
+        self.provider = sessions[0].get_providers()[0]
+        self.output_names = [spec.name for spec in config.outputs]
+        self._free = list(sessions)
+        self._lock = threading.Lock()
+
+    @classmethod
+    def load(cls, onnx_path: Path, config: ModelConfig | None, name: str, version: str) -> "OnnxModel":
+        """Create the sessions; with ``config=None`` the config is derived from the graph."""
+        preference = config.provider if config else "auto"
+        providers = choose_providers(preference, onnx_path.with_name("model.toml"))
+        try:
+            first = ort.InferenceSession(str(onnx_path), _session_options(config or _defaults(name, version)), providers=providers)
+        except Exception as exc:  # onnxruntime raises several exception types for a bad file
+            raise ModelConfigError(onnx_path, "", f"onnxruntime cannot load it: {exc}") from None
+        if config is None:
+            config = derive_config(first, name, version)
+        else:
+            check_against_graph(config, first, onnx_path.with_name("model.toml"))
+        sessions = [first] + [
+            ort.InferenceSession(str(onnx_path), _session_options(config), providers=providers)
+            for _ in range(config.instances - 1)
+        ]
+        model = cls(config, onnx_path, sessions)
+        if CUDA in providers and model.provider != CUDA:
+            log.warning("%s/%s: CUDA was available but onnxruntime placed the model on %s", name, version, model.provider)
+        return model
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """Run one batch; the caller guarantees no more concurrent runs than instances."""
+        with self._lock:
+            session = self._free.pop()
+        try:
+            return session.run(self.output_names, feeds)
+        finally:
+            with self._lock:
+                self._free.append(session)
+
+
+def _defaults(name: str, version: str) -> ModelConfig:
+    return ModelConfig(name=name, version=version, inputs=(), outputs=())

@@ -1,0 +1,212 @@
+"""A lane: the threads that run one device's batches, driving a step-API scheduler.
+
+Two ways in:
+
+- ``run_blocking(item)`` for callers that may block (the threaded gRPC front
+  end). The caller's own thread runs batches while its item is unfinished
+  (leader/follower): with nothing queued, a request runs inline with no
+  thread hop at all; under load, whichever waiting thread finds a free slot
+  runs the next batch, which holds the requests of several callers.
+- ``submit(item)`` for callers that must not block (asyncio, streams): a
+  parked helper thread runs the batch and calls ``item.on_done``.
+
+Either way the scheduler decides what runs; the lane only supplies threads,
+the lock and the clock. ``slots`` bounds how many batches run at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from ..errors import Cancelled, DeadlineExceeded, Unavailable
+from .types import ITEM_CANCELLED, ITEM_DONE, ITEM_EXPIRED, ITEM_QUEUED, NO_DEADLINE, Batch, WorkItem
+
+log = logging.getLogger("aios.scheduling")
+
+_FINISHED = (ITEM_DONE, ITEM_CANCELLED, ITEM_EXPIRED)
+_IDLE_POLL_S = 1.0  # helpers re-check closing at this period when nothing wakes them
+
+
+class Lane:
+    def __init__(
+        self,
+        scheduler,
+        execute: Callable[[Batch], int],
+        slots: int = 1,
+        name: str = "cpu",
+        on_batch: Callable[[Batch, int], None] | None = None,
+        on_item: Callable[[WorkItem], None] | None = None,
+    ):
+        self.name = name
+        self.scheduler = scheduler
+        self.slots = slots
+        self._execute = execute
+        self._on_batch = on_batch  # stats hook: (batch, compute_ns), called under the lock
+        self._on_item = on_item  # stats hook: each finished item, called under the lock
+        self._lock = threading.Lock()
+        self._done = threading.Condition(self._lock)  # blocking callers wait here
+        self._work = threading.Condition(self._lock)  # helpers wait here
+        self._free_slots = slots
+        self._blocked = 0  # blocking callers waiting on _done
+        self._async_queued = 0  # queued items whose callers will not run batches themselves
+        self._running = 0
+        self._closed = False
+        self._helpers = [
+            threading.Thread(target=self._helper, name=f"aios-lane-{name}-{i}", daemon=True) for i in range(slots)
+        ]
+        for thread in self._helpers:
+            thread.start()
+
+    # -- models -------------------------------------------------------------
+    def add_model(self, model, max_batch_size: int, instances: int) -> None:
+        with self._lock:
+            self.scheduler.add_model(model, max_batch_size, instances)
+
+    def remove_model(self, model) -> None:
+        """Stop queueing for ``model``; its queued items fail with UNAVAILABLE."""
+        with self._lock:
+            left = self.scheduler.remove_model(model)
+            for item in left:
+                item.error = Unavailable(f"model {model.name}/{model.version} was unloaded before the request ran")
+                item.state = ITEM_CANCELLED
+                self._finish_locked(item)
+        self._callbacks(left)
+
+    # -- entry points ---------------------------------------------------------
+    def run_blocking(self, item: WorkItem) -> WorkItem:
+        """Queue ``item`` and return once it is finished; may run batches on this thread."""
+        with self._lock:
+            self._submit_locked(item, blocking=True)
+            while item.state not in _FINISHED:
+                if self._free_slots > 0:
+                    batch = self._next_batch_locked()
+                    if batch is not None:
+                        self._run_locked(batch)
+                        continue
+                timeout = None
+                if item.deadline_ns != NO_DEADLINE:
+                    timeout = (item.deadline_ns - time.monotonic_ns()) / 1e9
+                    if timeout <= 0:
+                        self._expire_locked(item)
+                        break
+                self._blocked += 1
+                self._done.wait(timeout)
+                self._blocked -= 1
+        return item
+
+    def submit(self, item: WorkItem) -> None:
+        """Queue ``item``; ``item.on_done(item)`` is called from a lane thread when it finishes."""
+        with self._lock:
+            self._submit_locked(item, blocking=False)
+            self._work.notify()
+
+    def cancel(self, item: WorkItem, reason: str = "the client cancelled the request") -> bool:
+        """Remove a queued item; False if it already runs or finished."""
+        with self._lock:
+            if item.state != ITEM_QUEUED or not self.scheduler.cancel(item):
+                return False
+            item.error = Cancelled(reason)
+            self._finish_locked(item)
+            self._done.notify_all()
+        self._callbacks([item])
+        return True
+
+    def close(self) -> None:
+        """Stop the helpers once the queue is empty (call after the front end drained)."""
+        with self._lock:
+            self._closed = True
+            self._work.notify_all()
+        for thread in self._helpers:
+            thread.join(timeout=5)
+
+    # -- internals (all *_locked run with self._lock held) ----------------------
+    def _submit_locked(self, item: WorkItem, blocking: bool) -> None:
+        if self._closed:
+            raise Unavailable("the kernel is shutting down")
+        item.enqueued_ns = time.monotonic_ns()
+        item.blocking = blocking
+        self.scheduler.submit(item)
+        if not blocking:
+            self._async_queued += 1
+
+    def _next_batch_locked(self) -> Batch | None:
+        batches = self.scheduler.next_batches(time.monotonic_ns(), 1)
+        expired = self.scheduler.pop_expired()
+        if expired:
+            for item in expired:
+                self._expire_locked(item, already_removed=True)
+            self._done.notify_all()
+            self._callbacks_locked(expired)
+        return batches[0] if batches else None
+
+    def _expire_locked(self, item: WorkItem, already_removed: bool = False) -> None:
+        if not already_removed:
+            if item.state != ITEM_QUEUED or not self.scheduler.cancel(item):
+                return
+        item.state = ITEM_EXPIRED
+        item.error = DeadlineExceeded(
+            f"deadline passed after {(time.monotonic_ns() - item.enqueued_ns) / 1e6:.1f} ms in the queue; "
+            "the model never ran this request"
+        )
+        self._finish_locked(item)
+
+    def _run_locked(self, batch: Batch) -> None:
+        """Run ``batch`` with the lock released; re-acquires it before returning."""
+        self._free_slots -= 1
+        self._running += 1
+        now = time.monotonic_ns()
+        for item in batch.items:
+            item.started_ns = now
+        self._lock.release()
+        try:
+            compute_ns = self._execute(batch)
+        finally:
+            self._lock.acquire()
+        self._running -= 1
+        self._free_slots += 1
+        self.scheduler.complete(batch, compute_ns)
+        if self._on_batch is not None:
+            self._on_batch(batch, compute_ns)
+        for item in batch.items:
+            item.state = ITEM_DONE
+            self._finish_locked(item)
+        if self._blocked:
+            self._done.notify_all()
+        if self._async_queued and self.scheduler.has_work():
+            self._work.notify()
+        self._callbacks_locked(batch.items)
+
+    def _finish_locked(self, item: WorkItem) -> None:
+        if not item.blocking:
+            self._async_queued -= 1
+        if self._on_item is not None:
+            self._on_item(item)
+
+    def _callbacks_locked(self, items) -> None:
+        # on_done hands results to another thread (an event loop): cheap and
+        # non-blocking by contract, so it is safe to call with the lock held.
+        for item in items:
+            if item.on_done is not None:
+                item.on_done(item)
+
+    def _callbacks(self, items) -> None:
+        for item in items:
+            if item.on_done is not None:
+                item.on_done(item)
+
+    def _helper(self) -> None:
+        with self._lock:
+            while True:
+                if self._free_slots > 0 and self.scheduler.has_work():
+                    batch = self._next_batch_locked()
+                    if batch is not None:
+                        self._run_locked(batch)
+                        continue
+                if self._closed and not self.scheduler.has_work():
+                    return
+                wakeup = self.scheduler.next_wakeup(time.monotonic_ns())
+                timeout = _IDLE_POLL_S if wakeup is None else max(0.0, (wakeup - time.monotonic_ns()) / 1e9)
+                self._work.wait(timeout)

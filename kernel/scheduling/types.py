@@ -1,0 +1,66 @@
+"""What the scheduler queues and hands out: work items and batches.
+
+The scheduler reads only the routing fields of an item (model, rows,
+shape_key, priority, deadline); the tensors ride along for the executor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+# Item states. An item leaves QUEUED exactly once.
+ITEM_QUEUED = 0
+ITEM_BATCHED = 1
+ITEM_DONE = 2
+ITEM_CANCELLED = 3
+ITEM_EXPIRED = 4
+
+NO_DEADLINE = 0  # deadline_ns value meaning "none"
+
+
+class WorkItem:
+    """One request's rows for one model version."""
+
+    __slots__ = (
+        "model", "rows", "shape_key", "priority", "deadline_ns", "enqueued_ns",
+        "inputs", "request_id", "state", "outputs", "error", "on_done", "started_ns", "blocking", "selected",
+    )
+
+    def __init__(
+        self,
+        model: Any,
+        rows: int,
+        shape_key: Any,
+        inputs: dict,
+        request_id: str,
+        priority: int = 1,
+        deadline_ns: int = NO_DEADLINE,
+        on_done: Callable[["WorkItem"], None] | None = None,
+    ):
+        self.model = model  # scheduler key: a ModelVersion, compared by identity
+        self.rows = rows  # rows in the batch dim (1 for models without one)
+        self.shape_key = shape_key  # items batch together only with equal keys
+        self.priority = priority  # 1 = most urgent
+        self.deadline_ns = deadline_ns  # absolute time.monotonic_ns(), or NO_DEADLINE
+        self.enqueued_ns = 0
+        self.started_ns = 0
+        self.inputs = inputs
+        self.request_id = request_id
+        self.state = ITEM_QUEUED
+        self.outputs = None  # list of numpy arrays, this item's slice of the batch output
+        self.error: BaseException | None = None
+        self.on_done = on_done  # called once, from the lane, when the item leaves the kernel
+        self.selected = None  # indices of the outputs the caller asked for; None = all
+        self.blocking = False  # the submitting thread waits and may run batches itself
+
+
+class Batch:
+    """Items of one model version that run in one model call."""
+
+    __slots__ = ("model", "items", "rows")
+
+    def __init__(self, model: Any, items: list[WorkItem], rows: int):
+        self.model = model
+        self.items = items  # never empty; all share the model and the shape_key
+        self.rows = rows  # sum of item rows; <= the model's max_batch_size when it batches

@@ -1,0 +1,185 @@
+"""Assemble the kernel: settings → model hub → lane → gRPC server with health and reflection.
+
+``KernelServer`` gives both front ends one interface: ``start()`` returns the
+bound port once the server accepts calls, ``stop(grace)`` drains in-flight
+calls and then stops the lane. The asyncio front end runs its loop on a
+thread of its own so callers never deal with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from concurrent import futures
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection, reflection_pb2
+
+from . import accel
+from ._proto import POOL
+from ._proto.inference import grpc_service_pb2
+from .api import InferenceService, aio_servicer, kernel_services, sync_servicer
+from .config import Settings
+from .models import ModelHub
+from .scheduling import Lane, make_scheduler, run_batch
+
+log = logging.getLogger("aios.server")
+
+INFERENCE_SERVICE = grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+HEALTH_SERVICE = health.SERVICE_NAME
+REFLECTION_SERVICE = reflection.SERVICE_NAME
+
+
+def _register_standard_descriptors() -> None:
+    """Put health and reflection in our pool so one reflection service describes everything."""
+    for module in (health_pb2, reflection_pb2):
+        try:
+            POOL.FindFileByName(module.DESCRIPTOR.name)
+        except KeyError:
+            POOL.AddSerializedFile(module.DESCRIPTOR.serialized_pb)
+
+
+def _on_batch(batch, compute_ns: int) -> None:
+    batch.model.stats.record_batch(batch.rows, compute_ns)
+
+
+def _on_item(item) -> None:
+    now = time.monotonic_ns()
+    queued = (item.started_ns or now) - item.enqueued_ns
+    item.model.stats.record_request(item.error is None, item.rows, queued, now - item.enqueued_ns)
+
+
+class KernelServer:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.hub = ModelHub(settings.models)
+        self.scheduler = make_scheduler(settings.scheduler)
+        self.lane = Lane(self.scheduler, run_batch, slots=settings.slots, name="cpu", on_batch=_on_batch, on_item=_on_item)
+        self.hub.add_listener(self._models_changed)
+        self.service = InferenceService(self.hub, self.lane)
+        self.port: int | None = None
+        self.failed_models: dict[str, str] = {}
+        self._server = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: threading.Thread | None = None
+        self._health = None
+
+    # -- model changes --------------------------------------------------------
+    def _models_changed(self, added, removed) -> None:
+        for mv in added:
+            self.lane.add_model(mv, mv.config.max_batch_size, mv.config.instances)
+        for mv in removed:
+            self.lane.remove_model(mv)
+        self._update_health()
+
+    def _update_health(self) -> None:
+        if self._health is None:
+            return
+        status = health_pb2.HealthCheckResponse.SERVING if self.hub.loaded() else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", INFERENCE_SERVICE):
+            if self._loop is not None:
+                asyncio.run_coroutine_threadsafe(self._health.set(name, status), self._loop)
+            else:
+                self._health.set(name, status)
+
+    # -- lifecycle ---------------------------------------------------------------
+    def _options(self) -> list[tuple[str, int]]:
+        size = self.settings.max_message_bytes
+        return [
+            ("grpc.max_receive_message_length", size),
+            ("grpc.max_send_message_length", size),
+            ("grpc.so_reuseport", 0),  # a second kernel on the same port must fail, not share it
+        ]
+
+    def _add_services(self, server, asynchronous: bool) -> None:
+        servicer = aio_servicer(self.service) if asynchronous else sync_servicer(self.service)
+        from ._proto.inference import grpc_service_pb2_grpc
+
+        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+        server.add_generic_rpc_handlers(kernel_services.generic_handlers(self.hub, asynchronous))
+        self._health = health.aio.HealthServicer() if asynchronous else health.HealthServicer(experimental_non_blocking=True)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        _register_standard_descriptors()
+        names = [INFERENCE_SERVICE, *kernel_services.SERVICE_NAMES, HEALTH_SERVICE, REFLECTION_SERVICE]
+        reflection.enable_server_reflection(names, server, pool=POOL)
+
+    def start(self) -> int:
+        """Load the repository, start serving; returns the bound port."""
+        loaded, self.failed_models = self.hub.load_all()
+        if self.settings.front_end == "aio":
+            self._start_aio()
+        else:
+            server = grpc.server(
+                futures.ThreadPoolExecutor(max_workers=self.settings.workers, thread_name_prefix="aios-grpc"),
+                options=self._options(),
+            )
+            self._add_services(server, asynchronous=False)
+            self.port = self._bind(server)
+            server.start()
+            self._server = server
+        self._update_health()
+        log.info(
+            "AIOS kernel listening on %s:%d (front end %s, scheduler %s, lane slots %d, extensions: %s); "
+            "%d model versions ready%s",
+            self.settings.host, self.port, self.settings.front_end, self.scheduler.name, self.lane.slots,
+            ", ".join(f"{k}={v}" for k, v in sorted(accel.CHOSEN.items())) or "none",
+            len(loaded), f", {len(self.failed_models)} failed: {', '.join(self.failed_models)}" if self.failed_models else "",
+        )
+        return self.port
+
+    def _bind(self, server) -> int:
+        address = f"{self.settings.host}:{self.settings.port}"
+        try:
+            port = server.add_insecure_port(address)
+        except RuntimeError as exc:
+            raise OSError(f"cannot listen on {address}: {exc}") from None
+        if port == 0:
+            raise OSError(f"cannot listen on {address} (in use, or not an address of this machine)")
+        return port
+
+    def _start_aio(self) -> None:
+        try:
+            import uvloop
+
+            self._loop = uvloop.new_event_loop()
+        except ImportError:
+            self._loop = asyncio.new_event_loop()
+        ready: futures.Future = futures.Future()
+
+        async def serve() -> None:
+            server = grpc.aio.server(options=self._options())
+            self._add_services(server, asynchronous=True)
+            try:
+                self.port = self._bind(server)
+                await server.start()
+            except BaseException as exc:
+                ready.set_exception(exc)
+                return
+            self._server = server
+            ready.set_result(None)
+            await server.wait_for_termination()
+
+        def run() -> None:
+            asyncio.set_event_loop(self._loop)
+            self._loop.run_until_complete(serve())
+
+        self._loop_thread = threading.Thread(target=run, name="aios-aio-loop", daemon=True)
+        self._loop_thread.start()
+        ready.result()
+
+    def stop(self, grace: float | None = None) -> None:
+        """Refuse new calls, let in-flight ones finish (up to ``grace`` s), then stop the lane."""
+        grace = self.settings.grace_seconds if grace is None else grace
+        if self._server is None:
+            return
+        if self._loop is not None:
+            asyncio.run_coroutine_threadsafe(self._server.stop(grace), self._loop).result()
+            self._loop_thread.join(timeout=grace + 5)
+        else:
+            self._server.stop(grace).wait()
+        self._server = None
+        self.lane.close()
+        log.info("AIOS kernel stopped")

@@ -1,0 +1,93 @@
+"""Build small ONNX models deterministically with ``onnx.helper``.
+
+The repository ships no model binaries: tests, benchmarks and the demo build
+the models they need with these functions, in milliseconds, from a seed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = 17
+# onnxruntime releases support IR versions with a lag; 8 is accepted by every
+# onnxruntime >= 1.14, which keeps the built files loadable on older installs.
+IR_VERSION = 8
+
+
+def _finish(graph: onnx.GraphProto) -> onnx.ModelProto:
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = IR_VERSION
+    onnx.checker.check_model(model)
+    return model
+
+
+def dense_layers(
+    layer_widths: Sequence[int], seed: int = 0
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Random (He-initialised) weights for an MLP with the given widths, input first."""
+    rng = np.random.default_rng(seed)
+    layers = []
+    for fan_in, fan_out in zip(layer_widths[:-1], layer_widths[1:]):
+        weight = rng.normal(0.0, np.sqrt(2.0 / fan_in), size=(fan_in, fan_out)).astype(np.float32)
+        bias = rng.normal(0.0, 0.01, size=(fan_out,)).astype(np.float32)
+        layers.append((weight, bias))
+    return layers
+
+
+def mlp_from_weights(
+    layers: Sequence[tuple[np.ndarray, np.ndarray]],
+    input_name: str = "INPUT0",
+    output_name: str = "OUTPUT0",
+    softmax: bool = True,
+    graph_name: str = "mlp",
+) -> onnx.ModelProto:
+    """An MLP (Gemm + Relu between layers, optional Softmax at the end) with a dynamic batch dim."""
+    in_dim = layers[0][0].shape[0]
+    out_dim = layers[-1][0].shape[1]
+    nodes, inits = [], []
+    current = input_name
+    for index, (weight, bias) in enumerate(layers):
+        w_name, b_name, y_name = f"W{index}", f"B{index}", f"gemm{index}"
+        inits.append(numpy_helper.from_array(np.ascontiguousarray(weight, np.float32), w_name))
+        inits.append(numpy_helper.from_array(np.ascontiguousarray(bias, np.float32), b_name))
+        nodes.append(helper.make_node("Gemm", [current, w_name, b_name], [y_name]))
+        current = y_name
+        if index < len(layers) - 1:
+            nodes.append(helper.make_node("Relu", [current], [f"relu{index}"]))
+            current = f"relu{index}"
+    if softmax:
+        nodes.append(helper.make_node("Softmax", [current], [output_name], axis=-1))
+    else:
+        nodes.append(helper.make_node("Identity", [current], [output_name]))
+    graph = helper.make_graph(
+        nodes,
+        graph_name,
+        [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, ["batch", in_dim])],
+        [helper.make_tensor_value_info(output_name, TensorProto.FLOAT, ["batch", out_dim])],
+        initializer=inits,
+    )
+    return _finish(graph)
+
+
+def mlp(
+    layer_widths: Sequence[int],
+    seed: int = 0,
+    input_name: str = "INPUT0",
+    output_name: str = "OUTPUT0",
+    softmax: bool = True,
+) -> onnx.ModelProto:
+    """A random MLP, e.g. ``mlp([16, 64, 4])`` (the tiny model of PEERS.md)."""
+    return mlp_from_weights(dense_layers(layer_widths, seed), input_name, output_name, softmax)
+
+
+def save(model: onnx.ModelProto, path) -> None:
+    """Write ``model`` to ``path`` (parents created)."""
+    from pathlib import Path
+
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(target))

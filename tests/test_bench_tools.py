@@ -1,0 +1,172 @@
+"""Tests of the benchmark tools: the naive baseline server, the models, perf_analyzer.
+
+The whole file runs in about 10 s (server start ~1 s, perf_analyzer ~3 s); every
+subprocess has a hard timeout so a hang fails the test instead of stalling CI.
+perf_analyzer tests are skipped (with the reason) only when the binary cannot be
+made to start on this machine (see bench/perf_analyzer.py for how it is set up).
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+tritonclient_grpc = pytest.importorskip("tritonclient.grpc")
+from tritonclient.grpc import service_pb2 as pb  # noqa: E402
+from tritonclient.grpc import service_pb2_grpc as pb_grpc  # noqa: E402
+from tritonclient.utils import InferenceServerException  # noqa: E402
+
+from bench import tiny_models  # noqa: E402
+from bench.perf_analyzer import PerfAnalyzerUnavailable, ensure_perf_analyzer, run_perf_analyzer  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+MODEL_NAME = "tiny_mlp"
+START_TIMEOUT_S = 30
+
+
+@pytest.fixture(scope="module")
+def tiny_model_path(tmp_path_factory) -> Path:
+    return tiny_models.write_tiny_mlp(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="module")
+def naive_server(tiny_model_path):
+    """The naive server on a free localhost port (``--port 0``); yields ``host:port``."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bench.naive_server", "--model", str(tiny_model_path), "--name", MODEL_NAME,
+         "--port", "0"],
+        cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
+    address = None
+    deadline = time.monotonic() + START_TIMEOUT_S
+    try:
+        while address is None and time.monotonic() < deadline:
+            try:
+                line = lines.get(timeout=0.2)
+            except queue.Empty:
+                if proc.poll() is not None:
+                    break
+                continue
+            if line.startswith("listening on "):
+                address = line.split()[-1]
+        if address is None:
+            proc.kill()
+            _, err = proc.communicate(timeout=10)
+            pytest.fail(f"naive server did not start within {START_TIMEOUT_S} s: {err[-2000:]}")
+        yield address
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+                pytest.fail("naive server did not stop within 15 s of SIGTERM")
+    assert proc.returncode == 0, f"naive server exited with {proc.returncode} on SIGTERM"
+
+
+@pytest.fixture(scope="module")
+def reference_session(tiny_model_path):
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    return ort.InferenceSession(str(tiny_model_path), sess_options=options, providers=["CPUExecutionProvider"])
+
+
+def test_tiny_models_written(tmp_path):
+    paths = tiny_models.write_models(tmp_path)
+    assert set(paths) == {"tiny_mlp", "large_mlp"}
+    for name, (in_dim, out_dim) in {"tiny_mlp": (16, 4), "large_mlp": (64, 8)}.items():
+        session = ort.InferenceSession(str(paths[name]), providers=["CPUExecutionProvider"])
+        (inp,), (out,) = session.get_inputs(), session.get_outputs()
+        assert (inp.name, inp.shape[1], out.name, out.shape[1]) == ("INPUT0", in_dim, "OUTPUT0", out_dim)
+    before = paths["tiny_mlp"].read_bytes()
+    assert tiny_models.write_tiny_mlp(tmp_path, overwrite=True).read_bytes() == before  # deterministic
+
+
+def test_health_metadata_and_config(naive_server):
+    client = tritonclient_grpc.InferenceServerClient(naive_server)
+    assert client.is_server_live() and client.is_server_ready()
+    assert client.is_model_ready(MODEL_NAME)
+    assert not client.is_model_ready("no_such_model")
+    assert client.get_server_metadata().name
+    meta = client.get_model_metadata(MODEL_NAME)
+    assert [(t.name, t.datatype, list(t.shape)) for t in meta.inputs] == [("INPUT0", "FP32", [-1, 16])]
+    assert [(t.name, t.datatype, list(t.shape)) for t in meta.outputs] == [("OUTPUT0", "FP32", [-1, 4])]
+    config = client.get_model_config(MODEL_NAME).config
+    assert config.max_batch_size == 64
+    assert [(i.name, list(i.dims)) for i in config.input] == [("INPUT0", [16])]
+    assert [(o.name, list(o.dims)) for o in config.output] == [("OUTPUT0", [4])]
+    stats = client.get_inference_statistics(MODEL_NAME).model_stats
+    assert stats and stats[0].name == MODEL_NAME
+    with pytest.raises(InferenceServerException):
+        client.get_model_config("no_such_model")
+
+
+@pytest.mark.parametrize("batch", [1, 7])
+def test_infer_matches_onnxruntime(naive_server, reference_session, batch):
+    client = tritonclient_grpc.InferenceServerClient(naive_server)
+    x = np.random.default_rng(batch).standard_normal((batch, 16)).astype(np.float32)
+    inp = tritonclient_grpc.InferInput("INPUT0", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)  # raw_input_contents
+    result = client.infer(MODEL_NAME, [inp], outputs=[tritonclient_grpc.InferRequestedOutput("OUTPUT0")])
+    got = result.as_numpy("OUTPUT0")
+    (want,) = reference_session.run(["OUTPUT0"], {"INPUT0": x})
+    assert got.shape == (batch, 4)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    stats = client.get_inference_statistics(MODEL_NAME).model_stats[0]
+    assert stats.inference_stats.success.count >= 1
+
+
+def test_infer_typed_contents_and_errors(naive_server, reference_session):
+    x = np.random.default_rng(3).standard_normal((2, 16)).astype(np.float32)
+    with grpc.insecure_channel(naive_server) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        request = pb.ModelInferRequest(model_name=MODEL_NAME, id="typed")
+        tensor = request.inputs.add(name="INPUT0", datatype="FP32", shape=[2, 16])
+        tensor.contents.fp32_contents.extend(x.ravel().tolist())
+        response = stub.ModelInfer(request, timeout=10)
+        assert response.id == "typed" and response.outputs[0].name == "OUTPUT0"
+        got = np.frombuffer(response.raw_output_contents[0], np.float32).reshape(list(response.outputs[0].shape))
+        (want,) = reference_session.run(["OUTPUT0"], {"INPUT0": x})
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+        bad_shape = pb.ModelInferRequest(model_name=MODEL_NAME)
+        bad_shape.inputs.add(name="INPUT0", datatype="FP32", shape=[1, 16])
+        bad_shape.raw_input_contents.append(b"\0" * 8)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.ModelInfer(bad_shape, timeout=10)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        with pytest.raises(grpc.RpcError) as err:
+            stub.ModelInfer(pb.ModelInferRequest(model_name="no_such_model"), timeout=10)
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_perf_analyzer_against_naive_server(naive_server):
+    try:
+        ensure_perf_analyzer()
+    except PerfAnalyzerUnavailable as exc:
+        pytest.skip(f"perf_analyzer cannot start here: {exc.reason}")
+    # 3 windows of 700 ms (stability needs 3) ~ 2.3 s; max 6 trials bounds a noisy run to ~5 s.
+    result = run_perf_analyzer(naive_server, MODEL_NAME, concurrency=1, measurement_ms=700,
+                               max_trials=6, timeout_s=60)
+    assert result["concurrency"] == 1
+    assert result["throughput"] > 0
+    assert 0 < result["p50_us"] <= result["p90_us"] <= result["p95_us"] <= result["p99_us"]
+    assert result["request_count"] and result["request_count"] > 0
+    assert "Inferences/Second" in result["csv_row"]
