@@ -176,7 +176,10 @@ class KernelServer:
         if self._server is None:
             return
         if self._loop is not None:
-            asyncio.run_coroutine_threadsafe(self._server.stop(grace), self._loop).result()
+            # The loop thread ends once serve() sees the server terminate; waiting
+            # on the stop() future instead can hang, as the loop may exit before
+            # it delivers that result.
+            asyncio.run_coroutine_threadsafe(self._server.stop(grace), self._loop)
             self._loop_thread.join(timeout=grace + 5)
         else:
             self._server.stop(grace).wait()

@@ -157,7 +157,7 @@ def _aio_unary(rpc: str, method):
         try:
             return method(request)
         except KernelError as exc:
-            await context.abort(status_of(exc), exc.message, trailing_metadata=exc.trailers or None)
+            await context.abort(status_of(exc), exc.message, trailing_metadata=exc.trailers)
         except Exception:
             await context.abort(grpc.StatusCode.INTERNAL, internal_message(rpc))
 
@@ -184,7 +184,7 @@ def aio_servicer(service: InferenceService):
                 raise
             return service.respond(request, item)
         except KernelError as exc:
-            await context.abort(status_of(exc), exc.message, trailing_metadata=exc.trailers or None)
+            await context.abort(status_of(exc), exc.message, trailing_metadata=exc.trailers)
         except Exception:
             await context.abort(grpc.StatusCode.INTERNAL, internal_message("ModelInfer"))
 

@@ -91,3 +91,43 @@ def save(model: onnx.ModelProto, path) -> None:
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(target))
+
+
+_ONNX_TYPES = {
+    "BOOL": TensorProto.BOOL, "UINT8": TensorProto.UINT8, "INT8": TensorProto.INT8,
+    "INT32": TensorProto.INT32, "INT64": TensorProto.INT64, "FP16": TensorProto.FLOAT16,
+    "FP32": TensorProto.FLOAT, "FP64": TensorProto.DOUBLE, "BYTES": TensorProto.STRING,
+}
+
+
+def identity(tensors: Sequence[tuple[str, str, int]]) -> onnx.ModelProto:
+    """One Identity per ``(name, oip_datatype, width)``: input ``name`` [batch, width] → output ``name_out``.
+
+    Exercises every datatype end to end without numeric noise.
+    """
+    nodes, inputs, outputs = [], [], []
+    for name, datatype, width in tensors:
+        kind = _ONNX_TYPES[datatype]
+        inputs.append(helper.make_tensor_value_info(name, kind, ["batch", width]))
+        outputs.append(helper.make_tensor_value_info(f"{name}_out", kind, ["batch", width]))
+        nodes.append(helper.make_node("Identity", [name], [f"{name}_out"]))
+    return _finish(helper.make_graph(nodes, "identity", inputs, outputs))
+
+
+def reshape() -> onnx.ModelProto:
+    """``Reshape(data, shape)`` with no batch dim: a shape that does not fit makes onnxruntime raise at run time.
+
+    The deliberate fault model: its failures come from the runtime, not from
+    request validation, so tests can check that a model fault is INTERNAL and
+    that the kernel keeps serving.
+    """
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["data", "shape"], ["reshaped"])],
+        "reshape",
+        [
+            helper.make_tensor_value_info("data", TensorProto.FLOAT, [6]),
+            helper.make_tensor_value_info("shape", TensorProto.INT64, [2]),
+        ],
+        [helper.make_tensor_value_info("reshaped", TensorProto.FLOAT, [None, None])],
+    )
+    return _finish(graph)

@@ -1,0 +1,122 @@
+"""Shared fixtures: a model repository built in-process and a real kernel on a free port.
+
+Every server here is the real gRPC server listening on localhost; clients are
+real gRPC clients (tritonclient, our stubs, reflection). Front-end tests run
+against both the threaded and the asyncio front end.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from pathlib import Path
+
+import grpc
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # `bench` and `examples` are importable from a checkout
+    sys.path.insert(0, str(ROOT))
+
+from kernel.config import load_settings  # noqa: E402
+from kernel.server import KernelServer  # noqa: E402
+from kernel.testing import onnx_models  # noqa: E402
+
+IDENTITY_TENSORS = [
+    ("f32", "FP32", 3), ("f16", "FP16", 2), ("f64", "FP64", 2), ("i32", "INT32", 2),
+    ("i64", "INT64", 2), ("i8", "INT8", 2), ("u8", "UINT8", 2), ("flag", "BOOL", 2), ("text", "BYTES", 1),
+]
+
+TINY_TOML = """
+max_batch_size = 8
+instances = 1
+
+[[input]]
+name = "INPUT0"
+datatype = "FP32"
+dims = [16]
+
+[[output]]
+name = "OUTPUT0"
+datatype = "FP32"
+dims = [4]
+labels = ["a", "b", "c", "d"]
+
+[card]
+owner = "tests"
+intended_use = "exercise the serving path"
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def build_repository(root: Path) -> Path:
+    """The test repository: tiny MLP (with model.toml), an all-datatypes identity model, a fault model."""
+    onnx_models.save(onnx_models.mlp([16, 64, 4], seed=3), root / "tiny" / "1" / "model.onnx")
+    (root / "tiny" / "1" / "model.toml").write_text(TINY_TOML)
+    onnx_models.save(onnx_models.mlp([16, 8, 4], seed=4), root / "tiny" / "2" / "model.onnx")
+    onnx_models.save(onnx_models.identity(IDENTITY_TENSORS), root / "identity" / "1" / "model.onnx")
+    onnx_models.save(onnx_models.reshape(), root / "reshape" / "1" / "model.onnx")
+    return root
+
+
+@pytest.fixture(scope="session")
+def model_repo(tmp_path_factory) -> Path:
+    return build_repository(tmp_path_factory.mktemp("models"))
+
+
+def start_kernel(models: Path, front_end: str = "sync", **overrides) -> KernelServer:
+    settings = load_settings(
+        None,
+        {"models": str(models), "port": 0, "front_end": front_end, "log_level": "WARNING", **overrides},
+        environ={},
+    )
+    server = KernelServer(settings)
+    server.start()
+    return server
+
+
+@pytest.fixture(scope="module", params=["sync", "aio"])
+def kernel(request, model_repo):
+    """A running kernel (module-scoped), once per front end."""
+    server = start_kernel(model_repo, request.param)
+    yield server
+    server.stop(grace=1)
+
+
+@pytest.fixture
+def address(kernel) -> str:
+    return f"127.0.0.1:{kernel.port}"
+
+
+@pytest.fixture
+def triton(address):
+    import tritonclient.grpc as tc
+
+    client = tc.InferenceServerClient(address)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def channel(address):
+    with grpc.insecure_channel(address) as ch:
+        yield ch
+
+
+@pytest.fixture
+def stub(channel):
+    from kernel._proto.inference import grpc_service_pb2_grpc
+
+    return grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
+
+
+def pytest_report_header(config):
+    from kernel import accel
+
+    return f"aios: compiled extensions {accel.CHOSEN or 'none'}; AIOS_PURE_PYTHON={os.environ.get('AIOS_PURE_PYTHON', '')}"
