@@ -1,0 +1,140 @@
+"""model.toml validation and config-vs-graph checks: every error names the file and the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kernel.models import ModelConfigError, ModelHub
+from kernel.testing import onnx_models
+
+GOOD = """
+max_batch_size = 4
+[[input]]
+name = "INPUT0"
+datatype = "FP32"
+dims = [16]
+[[output]]
+name = "OUTPUT0"
+datatype = "FP32"
+dims = [4]
+"""
+
+
+def make_repo(root: Path, toml: str | None, model=None) -> Path:
+    folder = root / "m" / "1"
+    onnx_models.save(model or onnx_models.mlp([16, 8, 4]), folder / "model.onnx")
+    if toml is not None:
+        (folder / "model.toml").write_text(toml)
+    return root
+
+
+def load_error(tmp_path, toml: str, model=None) -> ModelConfigError:
+    hub = ModelHub(make_repo(tmp_path, toml, model))
+    with pytest.raises(ModelConfigError) as info:
+        hub.load("m")
+    return info.value
+
+
+def test_good_config_loads(tmp_path):
+    hub = ModelHub(make_repo(tmp_path, GOOD))
+    (mv,) = hub.load("m")
+    assert mv.config.max_batch_size == 4 and not mv.config.derived
+    assert mv.runtime.provider == "CPUExecutionProvider"
+
+
+def test_config_derived_from_graph_without_toml(tmp_path):
+    (mv,) = ModelHub(make_repo(tmp_path, None)).load("m")
+    assert mv.config.derived and mv.config.max_batch_size == 64
+    assert [(s.name, s.datatype.name, s.dims) for s in mv.config.inputs] == [("INPUT0", "FP32", (16,))]
+
+
+@pytest.mark.parametrize(
+    "toml,field,fragment",
+    [
+        (GOOD.replace('datatype = "FP32"\ndims = [16]', 'datatype = "INT32"\ndims = [16]'), "input[0].datatype", "is FP32 in the graph"),
+        (GOOD.replace("dims = [16]", "dims = [15]"), "input[0].dims", "config says [15]"),
+        (GOOD.replace("dims = [16]", "dims = [16, 1]"), "input[0].dims", "per-row dims"),
+        (GOOD.replace('name = "INPUT0"', 'name = "X"'), "input[0].name", "'X' is not a graph input"),
+        (GOOD.replace('name = "OUTPUT0"', 'name = "Y"'), "output[0].name", "'Y' is not a graph output"),
+        (GOOD.replace('datatype = "FP32"\ndims = [16]', 'datatype = "FLOAT"\ndims = [16]'), "input[0].datatype", "unknown datatype 'FLOAT'"),
+        (GOOD.replace("max_batch_size = 4", "max_batch_size = -1"), "max_batch_size", "must be >= 0"),
+        (GOOD.replace("max_batch_size = 4", "max_batch_size = true"), "max_batch_size", "must be an integer"),
+        (GOOD.replace("max_batch_size = 4", 'provider = "tpu"'), "provider", "auto, cpu, cuda"),
+        (GOOD.replace("max_batch_size = 4", "instances = 0"), "instances", "must be >= 1"),
+        (GOOD.replace("max_batch_size = 4", "colour = 1"), "colour", "unknown key"),
+        (GOOD.replace("max_batch_size = 4", 'platform = "tensorflow"'), "platform", "only 'onnxruntime_onnx'"),
+        (GOOD + "\n[[input]]\nname = \"INPUT0\"\ndatatype = \"FP32\"\ndims = [16]\n", "input[1].name", "duplicate tensor name"),
+        (GOOD.replace("dims = [4]", "dims = [4]\nshape = [4]"), "output[0].shape", "unknown key"),
+        (GOOD.replace("max_batch_size = 4", "max_batch_size = 4\npreferred_batch_sizes = [8]"), "preferred_batch_sizes", "outside 1..max_batch_size"),
+    ],
+)
+def test_invalid_config_names_file_and_field(tmp_path, toml, field, fragment):
+    error = load_error(tmp_path, toml)
+    assert error.path.endswith("m/1/model.toml")
+    assert error.field == field
+    assert fragment in str(error)
+    assert f"model.toml: {field}: " in str(error)
+
+
+def test_batching_needs_dynamic_first_dim(tmp_path):
+    toml = (
+        'max_batch_size = 4\n'
+        '[[input]]\nname = "data"\ndatatype = "FP32"\ndims = []\n'
+        '[[input]]\nname = "shape"\ndatatype = "INT64"\ndims = []\n'
+        '[[output]]\nname = "reshaped"\ndatatype = "FP32"\ndims = [-1]\n'
+    )
+    error = load_error(tmp_path, toml, onnx_models.reshape())
+    assert error.field == "max_batch_size"
+    assert "no dynamic first (batch) dim" in str(error) and "set max_batch_size = 0" in str(error)
+
+
+def test_not_toml(tmp_path):
+    error = load_error(tmp_path, "max_batch_size = = 3")
+    assert "not valid TOML" in str(error)
+
+
+def test_broken_onnx_file(tmp_path):
+    folder = tmp_path / "m" / "1"
+    folder.mkdir(parents=True)
+    (folder / "model.onnx").write_bytes(b"not a model")
+    with pytest.raises(ModelConfigError) as info:
+        ModelHub(tmp_path).load("m")
+    assert "model.onnx" in info.value.path and "onnxruntime cannot load it" in str(info.value)
+
+
+def test_failed_reload_keeps_previous_version_live(tmp_path):
+    hub = ModelHub(make_repo(tmp_path, GOOD))
+    (first,) = hub.load("m")
+    (tmp_path / "m" / "1" / "model.toml").write_text(GOOD.replace("dims = [16]", "dims = [3]"))
+    with pytest.raises(ModelConfigError):
+        hub.load("m")
+    assert hub.get("m") is first
+    assert hub.index()[0].state == "READY"
+
+
+def test_index_reports_failure_reason(tmp_path):
+    hub = ModelHub(make_repo(tmp_path, GOOD.replace("dims = [16]", "dims = [3]")))
+    loaded, failed = hub.load_all()
+    assert not loaded and "m" in failed
+    (entry,) = hub.index()
+    assert entry.state == "UNAVAILABLE" and "config says [3]" in entry.reason
+
+
+def test_cuda_requested_without_gpu_is_a_clear_error(tmp_path):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this machine has CUDA")
+    error = load_error(tmp_path, 'provider = "cuda"\n' + GOOD)
+    assert error.field == "provider" and "'cuda' requested" in str(error)
+
+
+def test_numeric_versions_sort_numerically(tmp_path):
+    for version in ("2", "10", "9"):
+        onnx_models.save(onnx_models.mlp([16, 8, 4]), tmp_path / "m" / version / "model.onnx")
+    hub = ModelHub(tmp_path)
+    hub.load("m")
+    assert hub.versions("m") == ["2", "9", "10"]
+    assert hub.get("m").version == "10"

@@ -1,0 +1,55 @@
+"""Settings layers (defaults < kernel.toml < AIOS_* < flags) and their errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from kernel.config import Settings, SettingsError, load_settings
+
+
+def test_defaults():
+    settings = load_settings(environ={})
+    assert settings == Settings()
+    assert settings.port == 8001 and settings.front_end == "sync"
+    assert settings.slots >= 1
+
+
+def test_layers_override_in_order(tmp_path):
+    config = tmp_path / "kernel.toml"
+    config.write_text('[kernel]\nport = 9000\nworkers = 8\nfront_end = "aio"\n')
+    settings = load_settings(config, {"workers": 3, "port": None}, environ={"AIOS_PORT": "9100", "AIOS_LOG_LEVEL": "debug"})
+    assert settings.port == 9100  # env beats file
+    assert settings.workers == 3  # flag beats file
+    assert settings.front_end == "aio"  # file beats default
+    assert settings.log_level == "DEBUG"
+
+
+@pytest.mark.parametrize(
+    "kwargs,fragment",
+    [
+        ({"environ": {"AIOS_PORT": "http"}}, "port (from $AIOS_PORT) must be int"),
+        ({"overrides": {"front_end": "gevent"}}, "front_end (from --front-end) must be one of sync, aio"),
+        ({"overrides": {"port": 70000}}, "port (from --port) must be 0..65535"),
+        ({"overrides": {"workers": 0}}, "workers (from --workers) must be >= 1"),
+        ({"environ": {"AIOS_LOG_LEVEL": "LOUD"}}, "log_level (from $AIOS_LOG_LEVEL)"),
+    ],
+)
+def test_bad_values_name_setting_and_source(kwargs, fragment):
+    kwargs.setdefault("environ", {})
+    with pytest.raises(SettingsError) as info:
+        load_settings(**kwargs)
+    assert fragment in str(info.value)
+
+
+def test_unknown_key_in_file(tmp_path):
+    config = tmp_path / "kernel.toml"
+    config.write_text("prot = 1\n")
+    with pytest.raises(SettingsError) as info:
+        load_settings(config, environ={})
+    assert "unknown setting 'prot'" in str(info.value)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(SettingsError) as info:
+        load_settings(tmp_path / "nope.toml", environ={})
+    assert "does not exist" in str(info.value)
