@@ -127,19 +127,26 @@ class ReferenceScheduler:
         return Batch(head.model, chosen, rows)
 
     def next_batches(self, now_ns: int, limit: int = 1) -> list[Batch]:
+        # Round-robin over models, one batch per model per turn, until
+        # ``limit`` batches or no model can start another (empty queue, or
+        # all its instances busy).
         batches: list[Batch] = []
         count = len(self._order)
-        for step in range(count):
-            if len(batches) >= limit or not self._queued:
-                break
-            model = self._order[(self._next + step) % count]
-            queue = self._queues[model]
-            if queue.in_flight >= queue.instances or not queue.items:
-                continue
-            batch = self._take_batch(queue, now_ns)
-            if batch is not None:
-                batches.append(batch)
-                self._next = (self._next + step + 1) % count
+        progressed = True
+        while progressed and len(batches) < limit and self._queued:
+            progressed = False
+            for step in range(count):
+                if len(batches) >= limit:
+                    break
+                position = (self._next + step) % count
+                queue = self._queues[self._order[position]]
+                if queue.in_flight >= queue.instances or not queue.items:
+                    continue
+                batch = self._take_batch(queue, now_ns)
+                if batch is not None:
+                    batches.append(batch)
+                    progressed = True
+            self._next = (self._next + 1) % count if count else 0
         return batches
 
     def complete(self, batch: Batch, duration_ns: int) -> None:
