@@ -66,6 +66,7 @@ class KernelServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: threading.Thread | None = None
         self._health = None
+        self._stopped: asyncio.Event | None = None
 
     # -- model changes --------------------------------------------------------
     def _models_changed(self, added, removed) -> None:
@@ -75,10 +76,11 @@ class KernelServer:
             self.lane.remove_model(mv)
         self._update_health()
 
-    def _update_health(self) -> None:
+    def _update_health(self, draining: bool = False) -> None:
         if self._health is None:
             return
-        status = health_pb2.HealthCheckResponse.SERVING if self.hub.loaded() else health_pb2.HealthCheckResponse.NOT_SERVING
+        serving = self.hub.loaded() and not draining
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ("", INFERENCE_SERVICE):
             if self._loop is not None:
                 asyncio.run_coroutine_threadsafe(self._health.set(name, status), self._loop)
@@ -159,8 +161,12 @@ class KernelServer:
                 ready.set_exception(exc)
                 return
             self._server = server
+            self._stopped = asyncio.Event()
             ready.set_result(None)
-            await server.wait_for_termination()
+            # Not server.wait_for_termination(): it can return as soon as
+            # shutdown begins, and ending the loop then would cancel the calls
+            # still draining. _shutdown() sets this after the grace period.
+            await self._stopped.wait()
 
         def run() -> None:
             asyncio.set_event_loop(self._loop)
@@ -170,16 +176,25 @@ class KernelServer:
         self._loop_thread.start()
         ready.result()
 
+    async def _shutdown(self, grace: float) -> None:
+        try:
+            await self._server.stop(grace)
+        finally:
+            self._stopped.set()
+
     def stop(self, grace: float | None = None) -> None:
         """Refuse new calls, let in-flight ones finish (up to ``grace`` s), then stop the lane."""
         grace = self.settings.grace_seconds if grace is None else grace
         if self._server is None:
             return
+        # Load balancers watching health stop sending first; then gRPC refuses
+        # new calls and waits for the in-flight ones.
+        self._update_health(draining=True)
         if self._loop is not None:
             # The loop thread ends once serve() sees the server terminate; waiting
             # on the stop() future instead can hang, as the loop may exit before
             # it delivers that result.
-            asyncio.run_coroutine_threadsafe(self._server.stop(grace), self._loop)
+            asyncio.run_coroutine_threadsafe(self._shutdown(grace), self._loop)
             self._loop_thread.join(timeout=grace + 5)
         else:
             self._server.stop(grace).wait()

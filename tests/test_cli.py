@@ -1,0 +1,197 @@
+"""The `aios-kernel` command: serve (with graceful SIGTERM), models list, infer, demo."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from kernel._proto.inference import grpc_service_pb2 as pb
+from kernel._proto.inference import grpc_service_pb2_grpc as pb_grpc
+from kernel.testing import onnx_models
+
+ROOT = Path(__file__).resolve().parent.parent
+CLI = [sys.executable, "-m", "kernel"]
+
+
+def run_cli(*args, timeout=120, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT, **kwargs)
+
+
+class ServeProcess:
+    """`aios-kernel serve` as a child process; waits for its ready line."""
+
+    def __init__(self, models: Path, *extra: str):
+        self.proc = subprocess.Popen(
+            [*CLI, "serve", "--models", str(models), "--port", "0", *extra],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+        )
+        line = self.proc.stdout.readline()
+        if "ready on" not in line:
+            self.proc.kill()
+            raise AssertionError(f"kernel did not start: {line!r} {self.proc.stderr.read()}")
+        self.address = line.strip().rsplit(" ", 1)[-1]
+
+    def stop(self, timeout=30) -> tuple[int, str]:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            _, err = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise
+        return self.proc.returncode, err
+
+
+@pytest.fixture(scope="module")
+def slow_repo(tmp_path_factory) -> Path:
+    """A model that takes around a millisecond per call, so requests are in flight at SIGTERM."""
+    root = tmp_path_factory.mktemp("slow")
+    onnx_models.save(onnx_models.mlp([64, 1024, 1024, 8], seed=5), root / "slow" / "1" / "model.onnx")
+    return root
+
+
+@pytest.mark.parametrize("front_end", ["sync", "aio"])
+def test_serve_drains_in_flight_calls_on_sigterm(slow_repo, front_end):
+    server = ServeProcess(slow_repo, "--front-end", front_end)
+    outcomes: list[str] = []
+    started = threading.Barrier(5)
+
+    def client():
+        with grpc.insecure_channel(server.address) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            request = pb.ModelInferRequest(model_name="slow")
+            request.inputs.add(name="INPUT0", datatype="FP32", shape=[8, 64])
+            request.raw_input_contents.append(np.ones((8, 64), np.float32).tobytes())
+            started.wait()
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                try:
+                    stub.ModelInfer(request, timeout=10)
+                    outcomes.append("OK")
+                except grpc.RpcError as exc:
+                    outcomes.append(exc.code().name)
+                    return
+
+    threads = [threading.Thread(target=client) for _ in range(4)]
+    for t in threads:
+        t.start()
+    started.wait()
+    while outcomes.count("OK") < 20:  # traffic is flowing
+        time.sleep(0.01)
+    code, err = server.stop()
+    for t in threads:
+        t.join(30)
+    assert code == 0, err
+    assert "SIGTERM received: draining" in err and "AIOS kernel stopped" in err
+    # Calls racing the shutdown are refused (gRPC cancels calls it received but
+    # had not handed to a handler yet: CANCELLED); nothing fails otherwise.
+    refusals = {o for o in outcomes if o != "OK"}
+    assert refusals <= {"UNAVAILABLE", "CANCELLED"}, outcomes[-10:]
+
+
+@pytest.fixture(scope="module")
+def very_slow_repo(tmp_path_factory) -> Path:
+    """A model that takes tens of milliseconds per 64-row call."""
+    root = tmp_path_factory.mktemp("veryslow")
+    onnx_models.save(onnx_models.mlp([64, 2048, 2048, 2048, 8], seed=6), root / "slow" / "1" / "model.onnx")
+    return root
+
+
+@pytest.mark.parametrize("front_end", ["sync", "aio"])
+def test_calls_accepted_before_sigterm_all_complete(very_slow_repo, front_end):
+    """Calls the server is already working on when SIGTERM arrives are answered, not dropped."""
+    server = ServeProcess(very_slow_repo, "--front-end", front_end)
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        request = pb.ModelInferRequest(model_name="slow")
+        request.inputs.add(name="INPUT0", datatype="FP32", shape=[64, 64])
+        request.raw_input_contents.append(np.ones((64, 64), np.float32).tobytes())
+        stub.ModelInfer(request, timeout=30)  # warm: the connection is up
+        calls = [stub.ModelInfer.future(request, timeout=60) for _ in range(6)]
+        # Wait until the kernel has started executing (statistics count a finished
+        # batch), so the remaining calls are accepted and queued or running.
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            stats = stub.ModelStatistics(pb.ModelStatisticsRequest(name="slow")).model_stats[0]
+            if stats.execution_count >= 2:
+                break
+        code, err = server.stop()
+        results = [call.exception() for call in calls]
+    assert code == 0, err
+    assert results == [None] * 6, [r.code() if r else None for r in results]
+
+
+def test_serve_refuses_missing_repository(tmp_path):
+    result = run_cli("serve", "--models", str(tmp_path / "nope"), "--port", "0", timeout=60)
+    assert result.returncode == 2
+    assert "model repository" in result.stderr and "does not exist" in result.stderr
+
+
+def test_serve_reports_bad_setting(tmp_path):
+    result = run_cli("serve", "--models", str(tmp_path), "--port", "99999", timeout=60)
+    assert result.returncode == 2
+    assert "port (from --port) must be 0..65535" in result.stderr
+
+
+def test_port_in_use_is_a_clear_error(slow_repo):
+    first = ServeProcess(slow_repo)
+    try:
+        port = first.address.rsplit(":", 1)[1]
+        result = run_cli("serve", "--models", str(slow_repo), "--port", port, timeout=60)
+        assert result.returncode == 2
+        assert "cannot listen on" in result.stderr
+    finally:
+        first.stop()
+
+
+def test_models_list_reads_the_repository(model_repo):
+    result = run_cli("models", "list", "--models", str(model_repo), timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "tiny" in result.stdout and "INPUT0:FP32[-1, 16] -> OUTPUT0:FP32[-1, 4]" in result.stdout
+    assert "identity" in result.stdout and "derived from the graph" in result.stdout
+
+
+def test_models_list_and_infer_against_a_running_kernel(model_repo):
+    server = ServeProcess(model_repo)
+    try:
+        listing = run_cli("models", "list", "--address", server.address, timeout=60)
+        assert listing.returncode == 0, listing.stderr
+        assert "tiny" in listing.stdout and "READY" in listing.stdout
+        x = (np.arange(16, dtype=np.float32) / 16).reshape(1, 16)
+        result = run_cli("infer", "tiny", "--version", "1", "--address", server.address, "--input", json.dumps(x.tolist()), timeout=60)
+        assert result.returncode == 0, result.stderr
+        got = np.array(json.loads(result.stdout)["OUTPUT0"], np.float32)
+        session = ort.InferenceSession(str(model_repo / "tiny" / "1" / "model.onnx"))
+        np.testing.assert_allclose(got, session.run(None, {"INPUT0": x})[0], rtol=1e-6)
+        bad = run_cli("infer", "tiny", "--address", server.address, "--input", "[[1, 2]]", timeout=60)
+        assert bad.returncode == 1 and "INVALID_ARGUMENT" in bad.stderr and "'INPUT0'" in bad.stderr
+    finally:
+        code, err = server.stop()
+    assert code == 0, err
+
+
+def test_demo_prints_a_summary(tmp_path):
+    result = run_cli("demo", "--models", str(tmp_path / "demo-models"), "--requests", "200", "--concurrency", "4", timeout=240)
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert "sent 200, answered 200, errors 0" in out
+    assert "claims_triage " in out and "claims_triage_large" in out and "accuracy" in out
+
+
+def test_console_script_is_installed():
+    script = shutil.which("aios-kernel", path=os.path.dirname(sys.executable))
+    assert script, "the aios-kernel console script is not installed in this environment"
+    result = subprocess.run([script, "--version"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "aios-kernel 0.1.0" in result.stdout
