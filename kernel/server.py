@@ -43,13 +43,15 @@ def _register_standard_descriptors() -> None:
 
 
 def _on_batch(batch, compute_ns: int) -> None:
-    batch.model.stats.record_batch(batch.rows, compute_ns)
+    batch.model.stats.record_batch(batch.rows, batch.timings)
+    for item in batch.items:
+        item.timings = batch.timings
 
 
 def _on_item(item) -> None:
     now = time.monotonic_ns()
     queued = (item.started_ns or now) - item.enqueued_ns
-    item.model.stats.record_request(item.error is None, item.rows, queued, now - item.enqueued_ns)
+    item.model.stats.record_request(item.error is None, item.rows, queued, now - item.enqueued_ns, item.timings)
 
 
 class KernelServer:

@@ -82,8 +82,13 @@ def model_statistics(mv: ModelVersion) -> pb.ModelStatistics:
         _duration(infer.success, stats.success)
         _duration(infer.fail, stats.fail)
         _duration(infer.queue, stats.queue)
-        _duration(infer.compute_infer, stats.compute_infer)
+        _duration(infer.compute_input, stats.compute.compute_input)
+        _duration(infer.compute_infer, stats.compute.compute_infer)
+        _duration(infer.compute_output, stats.compute.compute_output)
         for size in sorted(stats.batches):
             batch = out.batch_stats.add(batch_size=size)
-            _duration(batch.compute_infer, stats.batches[size].compute_infer)
+            phases = stats.batches[size]
+            _duration(batch.compute_input, phases.compute_input)
+            _duration(batch.compute_infer, phases.compute_infer)
+            _duration(batch.compute_output, phases.compute_output)
     return out

@@ -30,13 +30,18 @@ def new_request_id() -> str:
     return os.urandom(8).hex()
 
 
+# Clients such as perf_analyzer send "infinite" deadlines (years away); beyond
+# this horizon a deadline means "none" rather than a number to overflow on.
+MAX_DEADLINE_S = 86_400.0
+
+
 def deadline_from(time_remaining: float | None, timeout_us: int = 0) -> int:
     """Absolute monotonic deadline (ns) from a gRPC time-remaining and a request timeout."""
     now = time.monotonic_ns()
     deadline = NO_DEADLINE
-    if time_remaining is not None:
+    if time_remaining is not None and time_remaining < MAX_DEADLINE_S:
         deadline = now + int(time_remaining * 1e9)
-    if timeout_us > 0:
+    if 0 < timeout_us < MAX_DEADLINE_S * 1e6:
         by_param = now + timeout_us * 1000
         deadline = by_param if deadline == NO_DEADLINE else min(deadline, by_param)
     return deadline

@@ -22,8 +22,17 @@ class Duration:
 
 
 @dataclass(slots=True)
-class BatchSizeStats:
+class ComputeStats:
+    """Triton's three compute phases; perf_analyzer requires their counts to agree."""
+
+    compute_input: Duration = field(default_factory=Duration)
     compute_infer: Duration = field(default_factory=Duration)
+    compute_output: Duration = field(default_factory=Duration)
+
+    def add(self, timings: tuple[int, int, int]) -> None:
+        self.compute_input.add(timings[0])
+        self.compute_infer.add(timings[1])
+        self.compute_output.add(timings[2])
 
 
 @dataclass(slots=True)
@@ -34,25 +43,26 @@ class ModelStats:
     success: Duration = field(default_factory=Duration)  # requests, queue + compute
     fail: Duration = field(default_factory=Duration)
     queue: Duration = field(default_factory=Duration)
-    compute_infer: Duration = field(default_factory=Duration)
-    batches: dict[int, BatchSizeStats] = field(default_factory=dict)
+    compute: ComputeStats = field(default_factory=ComputeStats)  # per request, as Triton counts
+    batches: dict[int, ComputeStats] = field(default_factory=dict)  # per batch, by rows
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def record_batch(self, rows: int, compute_ns: int) -> None:
+    def record_batch(self, rows: int, timings: tuple[int, int, int]) -> None:
         with self.lock:
             self.execution_count += 1
             self.last_inference_ms = time.time_ns() // 1_000_000
-            self.compute_infer.add(compute_ns)
             per_size = self.batches.get(rows)
             if per_size is None:
-                per_size = self.batches[rows] = BatchSizeStats()
-            per_size.compute_infer.add(compute_ns)
+                per_size = self.batches[rows] = ComputeStats()
+            per_size.add(timings)
 
-    def record_request(self, ok: bool, rows: int, queue_ns: int, total_ns: int) -> None:
+    def record_request(self, ok: bool, rows: int, queue_ns: int, total_ns: int, timings: tuple[int, int, int]) -> None:
+        """A finished request; ``timings`` are its batch's compute phases (each request is charged the whole batch)."""
         with self.lock:
             if ok:
                 self.inference_count += rows
                 self.success.add(total_ns)
                 self.queue.add(queue_ns)
+                self.compute.add(timings)
             else:
                 self.fail.add(total_ns)

@@ -21,7 +21,7 @@ def run_batch(batch: Batch) -> int:
     """
     items = batch.items
     model = batch.model
-    started = time.monotonic_ns()
+    started = gathered = time.monotonic_ns()
     try:
         if len(items) == 1:
             feeds = items[0].inputs
@@ -29,9 +29,11 @@ def run_batch(batch: Batch) -> int:
             # One contiguous array per input: onnxruntime wants it, and the copy
             # is a few µs against a model call that the batch amortises.
             feeds = {name: np.concatenate([item.inputs[name] for item in items]) for name in items[0].inputs}
+        gathered = time.monotonic_ns()
         outputs = model.runtime.run(feeds)
     except Exception as exc:  # onnxruntime raises its own exception types for run-time faults
         elapsed = time.monotonic_ns() - started
+        batch.timings = (gathered - started, elapsed - (gathered - started), 0)
         ids = ", ".join(item.request_id for item in items)
         log.error("model %s/%s failed on a batch of %d rows (request ids %s): %s",
                   model.name, model.version, batch.rows, ids, exc)
@@ -39,10 +41,11 @@ def run_batch(batch: Batch) -> int:
             error = Internal(f"model {model.name}/{model.version} failed at run time: {exc} (request id {item.request_id})")
             item.error = error
         return elapsed
-    elapsed = time.monotonic_ns() - started
+    ran = time.monotonic_ns()
     if len(items) == 1:
         items[0].outputs = outputs
-        return elapsed
+        batch.timings = (gathered - started, ran - gathered, 0)
+        return ran - started
     for out in outputs:
         if out.ndim == 0 or out.shape[0] != batch.rows:
             for item in items:
@@ -50,10 +53,13 @@ def run_batch(batch: Batch) -> int:
                     f"model {model.name}/{model.version} returned {out.shape} for a batch of {batch.rows} rows "
                     f"(request id {item.request_id})"
                 )
-            return elapsed
+            batch.timings = (gathered - started, ran - gathered, 0)
+            return ran - started
     offset = 0
     for item in items:
         end = offset + item.rows
         item.outputs = [out[offset:end] for out in outputs]
         offset = end
-    return elapsed
+    done = time.monotonic_ns()
+    batch.timings = (gathered - started, ran - gathered, done - ran)
+    return done - started

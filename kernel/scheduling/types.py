@@ -24,7 +24,7 @@ class WorkItem:
 
     __slots__ = (
         "model", "rows", "shape_key", "priority", "deadline_ns", "enqueued_ns",
-        "inputs", "request_id", "state", "outputs", "error", "on_done", "started_ns", "blocking", "selected",
+        "inputs", "request_id", "state", "outputs", "error", "on_done", "started_ns", "blocking", "selected", "timings",
     )
 
     def __init__(
@@ -51,6 +51,7 @@ class WorkItem:
         self.outputs = None  # list of numpy arrays, this item's slice of the batch output
         self.error: BaseException | None = None
         self.on_done = on_done  # called once, from the lane, when the item leaves the kernel
+        self.timings = (0, 0, 0)  # its batch's compute phases, ns (for statistics)
         self.selected = None  # indices of the outputs the caller asked for; None = all
         self.blocking = False  # the submitting thread waits and may run batches itself
 
@@ -58,9 +59,10 @@ class WorkItem:
 class Batch:
     """Items of one model version that run in one model call."""
 
-    __slots__ = ("model", "items", "rows")
+    __slots__ = ("model", "items", "rows", "timings")
 
     def __init__(self, model: Any, items: list[WorkItem], rows: int):
         self.model = model
         self.items = items  # never empty; all share the model and the shape_key
         self.rows = rows  # sum of item rows; <= the model's max_batch_size when it batches
+        self.timings = (0, 0, 0)  # ns spent gathering inputs, in the model, slicing outputs
