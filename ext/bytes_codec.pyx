@@ -1,7 +1,7 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
 #
 # BYTES tensors travel as <uint32 little-endian length><bytes> per element.
-# The reference (kernel/api/bytes_codec.py) pays a struct call and a slice per
+# The reference (kernel/bytes_codec.py) pays a struct call and a slice per
 # element; here the length is read straight from the buffer and each element
 # becomes a str in one PyUnicode_DecodeUTF8 call.
 

@@ -39,4 +39,4 @@ def load(component: str, compiled: str, reference: str) -> ModuleType:
     return importlib.import_module(reference)
 
 
-bytes_codec = load("bytes_codec", "kernel._ext.bytes_codec", "kernel.api.bytes_codec")
+bytes_codec = load("bytes_codec", "kernel._ext.bytes_codec", "kernel.bytes_codec")

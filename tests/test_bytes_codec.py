@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kernel.api import bytes_codec as reference
+from kernel import bytes_codec as reference
 
 
 def _compiled():
