@@ -59,17 +59,32 @@ def stream_error(request, exc: BaseException) -> pb.ModelStreamInferResponse:
     return response
 
 
+def stream_response(service: InferenceService, request, result) -> pb.ModelStreamInferResponse:
+    """One ModelStreamInfer answer: the finished item's outputs, or its error."""
+    if isinstance(result, BaseException):
+        return stream_error(request, result)
+    try:
+        return pb.ModelStreamInferResponse(infer_response=service.respond(request, result))
+    except Exception as exc:
+        return stream_error(request, exc)
+
+
 # --------------------------------------------------------------------------- sync
+def _sync_call(rpc: str, call, context):
+    """Run ``call()``; a KernelError becomes its status, anything else INTERNAL with a request id."""
+    try:
+        return call()
+    except KernelError as exc:
+        if exc.trailers:
+            context.set_trailing_metadata(exc.trailers)
+        context.abort(status_of(exc), exc.message)
+    except Exception:
+        context.abort(grpc.StatusCode.INTERNAL, internal_message(rpc))
+
+
 def _sync_unary(rpc: str, method):
     def handler(self, request, context):
-        try:
-            return method(request)
-        except KernelError as exc:
-            if exc.trailers:
-                context.set_trailing_metadata(exc.trailers)
-            context.abort(status_of(exc), exc.message)
-        except Exception:
-            context.abort(grpc.StatusCode.INTERNAL, internal_message(rpc))
+        return _sync_call(rpc, lambda: method(request), context)
 
     handler.__name__ = rpc
     return handler
@@ -115,13 +130,7 @@ class _SyncStream:
                 total = result
                 continue
             sent += 1
-            if isinstance(result, BaseException):
-                yield stream_error(request, result)
-                continue
-            try:
-                yield pb.ModelStreamInferResponse(infer_response=self.service.respond(request, result))
-            except Exception as exc:
-                yield stream_error(request, exc)
+            yield stream_response(self.service, request, result)
 
 
 def sync_servicer(service: InferenceService):
@@ -130,18 +139,17 @@ def sync_servicer(service: InferenceService):
     lane = service.lane
 
     def ModelInfer(self, request, context):
-        try:
-            return service.infer_blocking(
+        # Client cancellation reaches the queue: the RPC's end cancels the item
+        # if it is still waiting (a no-op once it ran).
+        return _sync_call(
+            "ModelInfer",
+            lambda: service.infer_blocking(
                 request,
                 context.time_remaining(),
                 on_item=lambda item: context.add_callback(lambda: lane.cancel(item)),
-            )
-        except KernelError as exc:
-            if exc.trailers:
-                context.set_trailing_metadata(exc.trailers)
-            context.abort(status_of(exc), exc.message)
-        except Exception:
-            context.abort(grpc.StatusCode.INTERNAL, internal_message("ModelInfer"))
+            ),
+            context,
+        )
 
     def ModelStreamInfer(self, request_iterator, context):
         yield from _SyncStream(service, request_iterator, context)
@@ -152,14 +160,18 @@ def sync_servicer(service: InferenceService):
 
 
 # --------------------------------------------------------------------------- aio
+async def _aio_abort(rpc: str, exc: BaseException, context) -> None:
+    if isinstance(exc, KernelError):
+        await context.abort(status_of(exc), exc.message, trailing_metadata=exc.trailers)
+    await context.abort(grpc.StatusCode.INTERNAL, internal_message(rpc))
+
+
 def _aio_unary(rpc: str, method):
     async def handler(self, request, context):
         try:
             return method(request)
-        except KernelError as exc:
-            await context.abort(status_of(exc), exc.message, trailing_metadata=exc.trailers)
-        except Exception:
-            await context.abort(grpc.StatusCode.INTERNAL, internal_message(rpc))
+        except Exception as exc:
+            await _aio_abort(rpc, exc, context)
 
     handler.__name__ = rpc
     return handler
@@ -183,10 +195,8 @@ def aio_servicer(service: InferenceService):
                 lane.cancel(item)
                 raise
             return service.respond(request, item)
-        except KernelError as exc:
-            await context.abort(status_of(exc), exc.message, trailing_metadata=exc.trailers)
-        except Exception:
-            await context.abort(grpc.StatusCode.INTERNAL, internal_message("ModelInfer"))
+        except Exception as exc:
+            await _aio_abort("ModelInfer", exc, context)
 
     async def ModelStreamInfer(self, request_iterator, context):
         loop = asyncio.get_running_loop()
@@ -216,13 +226,7 @@ def aio_servicer(service: InferenceService):
                     total = result
                     continue
                 sent += 1
-                if isinstance(result, BaseException):
-                    yield stream_error(request, result)
-                    continue
-                try:
-                    yield pb.ModelStreamInferResponse(infer_response=service.respond(request, result))
-                except Exception as exc:
-                    yield stream_error(request, exc)
+                yield stream_response(service, request, result)
         finally:
             reader.cancel()
 
