@@ -15,8 +15,9 @@ MODELS := examples/claims/models
 $(STAMP): pyproject.toml setup.py ext/*.pyx ext/*.pxd ext/*.pxi
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
+	# The editable install compiles ext/*.pyx into kernel/_ext/ (setup.py).
 	$(PY) -m pip install --quiet -e ".[$(RUNTIME_EXTRA),test,bench]"
-	$(PY) setup.py --quiet build_ext --inplace
+	$(PY) -c "import kernel._ext.bytes_codec" || { echo "Cython extensions did not build"; exit 1; }
 	rm -f $(VENV)/.installed-*
 	touch $@
 

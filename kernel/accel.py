@@ -33,7 +33,7 @@ def load(component: str, compiled: str, reference: str) -> ModuleType:
                 _missing_reported = True
                 log.warning(
                     "compiled extensions are not built (%s); running the pure-Python references, slower. "
-                    "Build them with `make build` (or `python setup.py build_ext --inplace`).", exc,
+                    "Build them with `make build` (or `pip install -e .`).", exc,
                 )
     CHOSEN[component] = "python"
     return importlib.import_module(reference)
