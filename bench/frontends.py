@@ -9,8 +9,13 @@ SIGTERM. The systems:
 
 * ``kernel-sync``: ``python -m kernel serve --front-end sync``
 * ``kernel-aio``:  ``python -m kernel serve --front-end aio``
-  (both started as ``python -m bench.kernel_compat serve ...`` unless ``--no-kernel-compat``: two
-  shims for kernel bugs that break perf_analyzer, logged when they fire; see bench/kernel_compat.py)
+  (``--kernel-compat`` starts them as ``python -m bench.kernel_compat serve ...``: shims for two kernel
+  bugs, fixed in 179804e, that broke perf_analyzer; logged when they fire; see bench/kernel_compat.py)
+
+Other engineers commit to kernel/ while a run goes on, so by default the code under test is
+frozen first: ``kernel/`` and the server modules of ``bench/`` are copied to
+``OUT/snapshots/<stamp>/`` and every server runs from there (cwd and PYTHONPATH), so all rounds
+measure the same code (``--no-snapshot`` runs the live tree).
 * ``naive``:       ``python -m bench.naive_server`` (grpc.aio on uvloop, onnxruntime inline)
 
 Every server serves one model (the kernel gets a one-model repository under ``OUT/repos/``;
@@ -39,6 +44,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -126,6 +132,36 @@ def build_repos(out: Path, models: list[str]) -> dict[str, Path]:
     return views
 
 
+def snapshot_code(out: Path, stamp: str) -> Path:
+    """Copy ``kernel/`` and the bench server modules to ``out/snapshots/<stamp>/``; return that folder."""
+    root = out / "snapshots" / stamp
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.c", "*.html")
+    shutil.copytree(REPO_ROOT / "kernel", root / "kernel", ignore=ignore)
+    (root / "bench").mkdir(parents=True)
+    for name in ("__init__.py", "naive_server.py", "kernel_compat.py"):
+        shutil.copy2(REPO_ROOT / "bench" / name, root / "bench" / name)
+    return root
+
+
+def server_env(code_root: Path | None) -> dict | None:
+    if code_root is None:
+        return None
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(code_root)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    return env
+
+
+def check_imports(code_root: Path) -> str:
+    """Make sure a server started from ``code_root`` imports the snapshot, not the live tree."""
+    proc = subprocess.run([procs.python(), "-c", "import kernel, bench.kernel_compat; print(kernel.__file__)"],
+                          capture_output=True, text=True, cwd=code_root, env=server_env(code_root), timeout=60)
+    where = proc.stdout.strip()
+    if proc.returncode != 0 or not where.startswith(str(code_root)):
+        raise SystemExit(f"frontends: the snapshot in {code_root} does not import as expected: "
+                         f"{where or proc.stderr.strip()[-500:]}")
+    return where
+
+
 def server_argv(system: str, model: str, views: dict[str, Path], onnx_dir: Path, workers: int | None,
                 compat: bool = True) -> tuple[list, object]:
     py = procs.python()
@@ -141,22 +177,50 @@ def server_argv(system: str, model: str, views: dict[str, Path], onnx_dir: Path,
 
 
 # --------------------------------------------------------------------------- measuring
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def busy_seconds() -> float:
+    """CPU seconds all cores spent busy since boot (user+nice+system+irq+softirq+steal), from /proc/stat."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / _CLK_TCK
+
+
+def wait_idle(max_wait_s: float, below_cores: float = 0.3, sample_s: float = 1.0) -> tuple[float, float]:
+    """Wait (up to ``max_wait_s``) until the machine used < ``below_cores`` over ``sample_s``.
+
+    Nothing of ours runs then, so what is busy belongs to other users of the box.
+    Returns (seconds waited, cores busy in the last sample)."""
+    start = time.perf_counter()
+    while True:
+        b0, t0 = busy_seconds(), time.perf_counter()
+        time.sleep(sample_s)
+        cores = (busy_seconds() - b0) / (time.perf_counter() - t0)
+        waited = time.perf_counter() - start
+        if cores < below_cores or waited >= max_wait_s:
+            return round(waited, 1), round(cores, 2)
+
+
 def measure_point(server: procs.ServerProc, model: str, conc: int, args) -> dict:
-    cpu0, t0 = server.cpu_seconds(), time.perf_counter()
+    cpu0, busy0, t0 = server.cpu_seconds(), busy_seconds(), time.perf_counter()
     try:
         res = run_perf_analyzer(server.url, model, conc, args.window_ms, cpu=args.client_cpu, quiet=True)
     except PerfAnalyzerError as exc:
         return {"error": str(exc), "server_alive": server.alive()}
-    cpu1, t1 = server.cpu_seconds(), time.perf_counter()
+    cpu1, busy1, t1 = server.cpu_seconds(), busy_seconds(), time.perf_counter()
     res.pop("command", None)
     if cpu0 is not None and cpu1 is not None and t1 > t0:
         cores = (cpu1 - cpu0) / (t1 - t0)
         res["server_cpu_cores"] = round(cores, 3)
         res["server_cpu_us_per_inf"] = round(cores / res["throughput"] * 1e6, 1) if res["throughput"] else None
+        # what the whole machine did minus the server and perf_analyzer: other users' load (noise)
+        client = res["client_cpu"] * res["wall_s"] / (t1 - t0)
+        res["other_cpu_cores"] = round(max(0.0, (busy1 - busy0) / (t1 - t0) - cores - client), 3)
     return res
 
 
-def run_benchmark(args, views: dict[str, Path], out: Path, stamp: str) -> tuple[list, list]:
+def run_benchmark(args, views: dict[str, Path], out: Path, stamp: str, code_root: Path | None) -> tuple[list, list]:
     runs, servers = [], []
     logs = out / "logs" / f"frontends-{stamp}"
     total = args.pairs * sum(len(args.systems) * len(args.conc[m]) for m in args.models)
@@ -168,8 +232,14 @@ def run_benchmark(args, views: dict[str, Path], out: Path, stamp: str) -> tuple[
                 log_path = logs / f"r{rnd}-{model}-{system}.log"
                 entry = {"round": rnd, "model": model, "system": system, "log": str(log_path)}
                 servers.append(entry)
+                if args.wait_idle > 0:
+                    entry["idle_wait_s"], entry["busy_before_start"] = wait_idle(args.wait_idle)
+                    if entry["busy_before_start"] >= 0.3:
+                        print(f"   note: machine still busy ({entry['busy_before_start']:.2f} cores used by others) "
+                              f"after {entry['idle_wait_s']:.0f} s; starting {system} anyway", flush=True)
                 try:
-                    server = procs.start_server(system, argv, ready, log_path, cpu=args.server_cpu, cwd=REPO_ROOT)
+                    server = procs.start_server(system, argv, ready, log_path, cpu=args.server_cpu,
+                                                cwd=code_root or REPO_ROOT, env=server_env(code_root))
                 except procs.ServerStartError as exc:
                     entry["start_error"] = str(exc)
                     print(f"!! round {rnd} {model} {system}: server did not start: {exc}", flush=True)
@@ -222,6 +292,8 @@ def progress_line(done: int, total: int, r: dict) -> str:
             f"  n={int(r['request_count'] or 0)}  client {r['client_cpu']:.2f} cores")
     if r.get("server_cpu_us_per_inf") is not None:
         line += f"  server {r['server_cpu_cores']:.2f} cores, {r['server_cpu_us_per_inf']:.0f} us/inf"
+    if r.get("other_cpu_cores") is not None:
+        line += f"  others {r['other_cpu_cores']:.2f} cores"
     if r.get("client_saturated"):
         line += "  WARNING: client saturated (>90% of its core): this measures the client"
     return line
@@ -244,6 +316,9 @@ def summarise(runs: list[dict], models: list[str], conc: dict, systems: list[str
                              and r["system"] == system and "error" in r)
                 point = {"model": model, "concurrency": c, "system": system, "failed_runs": failed,
                          "saturated_runs": sum(1 for r in rs if r.get("client_saturated"))}
+                other = [r["other_cpu_cores"] for r in rs if r.get("other_cpu_cores") is not None]
+                if other:
+                    point["other_cpu_cores"] = _spread(other)
                 if rs:
                     point["throughput"] = _spread([r["throughput"] for r in rs])
                     point["p50_ms"] = _spread([r["p50_us"] / 1000 for r in rs])
@@ -276,9 +351,14 @@ def _fmt(s: dict | None, digits: int = 0, scale: float = 1.0) -> str:
     return f"{f.format(s['median'] * scale)} ({f.format(s['min'] * scale)}–{f.format(s['max'] * scale)})"
 
 
+def _other(s: dict | None) -> str:
+    return f"{s['median']:.2f} ({s['max']:.2f})" if s else "—"
+
+
 def markdown_tables(summary: dict) -> str:
-    lines = ["| model | conc | system | infer/s median (min–max) | p50 ms | p99 ms | server CPU µs/inf | notes |",
-             "|---|---:|---|---|---|---|---|---|"]
+    lines = ["| model | conc | system | infer/s median (min–max) | p50 ms | p99 ms | server CPU µs/inf "
+             "| others' CPU, cores (max) | notes |",
+             "|---|---:|---|---|---|---|---|---|---|"]
     for p in summary["points"]:
         notes = []
         if p["failed_runs"]:
@@ -288,6 +368,7 @@ def markdown_tables(summary: dict) -> str:
         n = p.get("throughput", {}).get("n", 0)
         lines.append(f"| {p['model']} | {p['concurrency']} | {p['system']} | {_fmt(p.get('throughput'))} | "
                      f"{_fmt(p.get('p50_ms'), 3)} | {_fmt(p.get('p99_ms'), 3)} | {_fmt(p.get('server_cpu_us_per_inf'))} | "
+                     f"{_other(p.get('other_cpu_cores'))} | "
                      f"n={n}{'; ' + ', '.join(notes) if notes else ''} |")
     lines += ["", "| model | conc | ratio | throughput, ratio of medians | per-round ratios (min–max) | p99, ratio of medians |",
               "|---|---:|---|---:|---|---:|"]
@@ -314,15 +395,23 @@ def parse_args(argv=None):
     parser.add_argument("--concurrency", help="comma list overriding the per-model levels (tiny 1,16; large 1,16,64)")
     parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma list of {', '.join(SYSTEMS)}")
     parser.add_argument("--workers", type=int, help="--workers for the kernel's sync front end (default: the kernel's)")
+    parser.add_argument("--wait-idle", type=float, default=None,
+                        help="before each server start wait up to S s for the machine to be idle (< 0.3 cores busy); "
+                             "default 20, 0 with --quick")
     parser.add_argument("--server-cpu", default="0", help="taskset -c for the servers (default 0)")
     parser.add_argument("--client-cpu", default="1", help="taskset -c for perf_analyzer (default 1)")
-    parser.add_argument("--kernel-compat", action=argparse.BooleanOptionalAction, default=True,
+    parser.add_argument("--kernel-compat", action=argparse.BooleanOptionalAction, default=False,
                         help="start the kernel through bench/kernel_compat.py, which works around two kernel bugs "
-                             "that break perf_analyzer (see that file; default on, no-op once they are fixed)")
+                             "that broke perf_analyzer before commit 179804e (default off)")
+    parser.add_argument("--snapshot", action=argparse.BooleanOptionalAction, default=True,
+                        help="copy kernel/ and the bench server modules to OUT/snapshots/<stamp>/ and run the "
+                             "servers from there, so commits made during the run do not change the code measured "
+                             "(default on)")
     parser.add_argument("--out", default=str(REPO_ROOT / "bench" / "out"), help="output folder (default bench/out)")
     args = parser.parse_args(argv)
     args.pairs = args.pairs or (1 if args.quick else 3)
     args.window_ms = args.window_ms or (500 if args.quick else 2000)
+    args.wait_idle = args.wait_idle if args.wait_idle is not None else (0 if args.quick else 20)
     args.warmup_ms = args.warmup_ms if args.warmup_ms is not None else max(250, args.window_ms // 4)
     try:
         args.models = [SHORT_NAMES.get(m.strip(), m.strip()) for m in args.models.split(",") if m.strip()]
@@ -340,8 +429,15 @@ def parse_args(argv=None):
     return args
 
 
+def _terminate(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")  # unwinds through the finally blocks that stop servers
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    # nohup/& start us with SIGINT ignored: make SIGINT and SIGTERM stop the run cleanly.
+    signal.signal(signal.SIGINT, _terminate)
+    signal.signal(signal.SIGTERM, _terminate)
     command = shlex.join([sys.executable, "-m", "bench.frontends", *(sys.argv[1:] if argv is None else argv)])
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -355,6 +451,7 @@ def main(argv=None) -> int:
                               "window_ms": args.window_ms, "warmup_ms": args.warmup_ms, "stability_pct": 100,
                               "max_trials": 10}
     facts["kernel_compat"] = args.kernel_compat
+    facts["wait_idle_s"] = args.wait_idle
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
     print(f"frontends: {facts['cpu_model']}, {facts['cpus_online']} CPUs, Python {facts['python']}, "
           f"grpcio {facts['versions']['grpcio']}, onnxruntime {facts['versions']['onnxruntime']}, "
@@ -365,14 +462,21 @@ def main(argv=None) -> int:
         print(f"frontends: note: kernel/ has uncommitted changes ({len(facts['git_dirty_kernel'])} paths); "
               "the working tree is what is measured", flush=True)
     views = build_repos(out, args.models)
+    code_root = None
+    if args.snapshot:
+        code_root = snapshot_code(out, stamp)
+        facts["code_snapshot"] = {"path": str(code_root), "kernel_imported_from": check_imports(code_root)}
+        print(f"frontends: servers run a snapshot of kernel/ at {facts['git_commit']}"
+              f"{' + uncommitted changes' if facts['git_dirty_kernel'] else ''}: {code_root}", flush=True)
     started = time.perf_counter()
-    runs, servers = run_benchmark(args, views, out, stamp)
+    runs, servers = run_benchmark(args, views, out, stamp, code_root)
     facts["loadavg_end"] = Path("/proc/loadavg").read_text().split()[:3]
     end = machine_facts(command)
     facts["git_commit_end"], facts["git_dirty_kernel_end"] = end["git_commit"], end["git_dirty_kernel"]
     if (facts["git_commit_end"], facts["git_dirty_kernel_end"]) != (facts["git_commit"], facts["git_dirty_kernel"]):
         print(f"frontends: note: kernel/ changed during the run (HEAD {facts['git_commit']} -> "
-              f"{facts['git_commit_end']}); servers started later ran the newer code", flush=True)
+              f"{facts['git_commit_end']}); " + ("the servers ran the snapshot taken at the start" if code_root
+                                                 else "servers started later ran the newer code"), flush=True)
     facts["duration_s"] = round(time.perf_counter() - started, 1)
     summary = summarise(runs, args.models, args.conc, args.systems)
     tables = markdown_tables(summary)
@@ -399,5 +503,13 @@ def main(argv=None) -> int:
     return 1 if failures or bad_servers else 0
 
 
+def _main() -> int:
+    try:
+        return main()
+    except KeyboardInterrupt as exc:
+        print(f"frontends: interrupted ({exc or 'SIGINT'}); servers stopped, no results written", file=sys.stderr)
+        return 130
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(_main())

@@ -9,12 +9,14 @@ fix in kernel/, after which these shims do nothing:
    handler thread has to wait (``Lane.run_blocking`` -> ``Condition.wait(timeout)``, i.e. at
    concurrency > 1) ``threading`` raises ``OverflowError: timestamp out of range for platform
    time_t``; the call fails with ``internal error (request id ...)``. perf_analyzer sets no
-   deadline. Shim: a ``time_remaining`` above 1e9 s counts as "no deadline".
+   deadline. Shim: when the kernel turns a ``time_remaining`` above 1e9 s into a deadline, it
+   counts as "no deadline" instead (fixed in kernel commit 179804e: the shim no longer fires).
 2. **ModelStatistics that perf_analyzer rejects.** ``inference_stats.compute_input`` and
    ``compute_output`` are left at 0 and ``compute_infer.count`` counts batches, so perf_analyzer
    2.60 aborts with ``Server side statistics compute counts must be the same.`` (Triton counts
    these per *request*; ``batch_stats`` are per batch.) Shim: when the three counts differ, set
    all three to ``success.count`` (``ns`` untouched). The statistics RPC is off the hot path.
+   (Fixed in kernel commit 179804e: the counts now agree and the shim no longer fires.)
 
 Each shim prints one ``bench.kernel_compat: ... applied`` line to stderr the first time it changes
 anything, so the benchmark can record whether it fired. Usage: ``python -m bench.kernel_compat
@@ -24,6 +26,7 @@ serve ...`` (same arguments as ``python -m kernel``).
 from __future__ import annotations
 
 import sys
+import time
 
 NO_DEADLINE_ABOVE_S = 1e9  # a time_remaining beyond ~31 years means "no deadline"
 _fired: set[str] = set()
@@ -41,10 +44,12 @@ def install() -> None:
     original_deadline_from = inference.deadline_from
 
     def deadline_from(time_remaining, timeout_us=0):
-        if time_remaining is not None and time_remaining > NO_DEADLINE_ABOVE_S:
+        deadline = original_deadline_from(time_remaining, timeout_us)
+        if (time_remaining is not None and time_remaining > NO_DEADLINE_ABOVE_S
+                and deadline - time.monotonic_ns() > NO_DEADLINE_ABOVE_S * 1e9):  # the kernel kept it
             _note("deadline-shim", f"time_remaining={time_remaining:.3g} s treated as no deadline")
-            time_remaining = None
-        return original_deadline_from(time_remaining, timeout_us)
+            deadline = original_deadline_from(None, timeout_us)
+        return deadline
 
     inference.deadline_from = deadline_from
 

@@ -112,20 +112,24 @@ def start_server(
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 env=env, cwd=cwd)
     deadline = time.monotonic() + timeout
-    while True:
-        text = log_path.read_text(errors="replace")
-        match = ready.search(text)
-        if match:
-            return ServerProc(name, proc, log_path, match.group(1), int(match.group(2)), command)
-        if proc.poll() is not None:
-            tail = "\n".join(text.strip().splitlines()[-15:])
-            raise ServerStartError(f"{name} exited with status {proc.returncode} before it was ready:\n{tail}")
-        if time.monotonic() > deadline:
+    try:
+        while True:
+            text = log_path.read_text(errors="replace")
+            match = ready.search(text)
+            if match:
+                return ServerProc(name, proc, log_path, match.group(1), int(match.group(2)), command)
+            if proc.poll() is not None:
+                tail = "\n".join(text.strip().splitlines()[-15:])
+                raise ServerStartError(f"{name} exited with status {proc.returncode} before it was ready:\n{tail}")
+            if time.monotonic() > deadline:
+                tail = "\n".join(text.strip().splitlines()[-15:])
+                raise ServerStartError(f"{name} not ready after {timeout:.0f} s:\n{tail}")
+            time.sleep(0.05)
+    except BaseException:  # not ready, or we are interrupted: leave no server behind
+        if proc.poll() is None:
             proc.kill()
             proc.wait()
-            tail = "\n".join(text.strip().splitlines()[-15:])
-            raise ServerStartError(f"{name} not ready after {timeout:.0f} s:\n{tail}")
-        time.sleep(0.05)
+        raise
 
 
 def python() -> str:

@@ -99,11 +99,8 @@ class KernelServer:
         ]
 
     def _add_services(self, server, asynchronous: bool) -> None:
-        servicer = aio_servicer(self.service) if asynchronous else sync_servicer(self.service)
-        from ._proto.inference import grpc_service_pb2_grpc
-
-        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
-        server.add_generic_rpc_handlers(kernel_services.generic_handlers(self.hub, asynchronous))
+        inference = aio_servicer(self.service) if asynchronous else sync_servicer(self.service)
+        server.add_generic_rpc_handlers([inference, *kernel_services.generic_handlers(self.hub, self.lane, asynchronous)])
         self._health = health.aio.HealthServicer() if asynchronous else health.HealthServicer(experimental_non_blocking=True)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         _register_standard_descriptors()

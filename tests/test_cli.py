@@ -17,6 +17,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from kernel._proto.aios.kernel.v1 import kernel_pb2, kernel_pb2_grpc
 from kernel._proto.inference import grpc_service_pb2 as pb
 from kernel._proto.inference import grpc_service_pb2_grpc as pb_grpc
 from kernel.testing import onnx_models
@@ -120,12 +121,13 @@ def test_calls_accepted_before_sigterm_all_complete(very_slow_repo, front_end):
         request.raw_input_contents.append(np.ones((64, 64), np.float32).tobytes())
         stub.ModelInfer(request, timeout=30)  # warm: the connection is up
         calls = [stub.ModelInfer.future(request, timeout=60) for _ in range(6)]
-        # Wait until the kernel has started executing (statistics count a finished
-        # batch), so the remaining calls are accepted and queued or running.
+        # Wait until the kernel holds all six: finished, queued or running.
+        admin = kernel_pb2_grpc.AdminServiceStub(channel)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            stats = stub.ModelStatistics(pb.ModelStatisticsRequest(name="slow")).model_stats[0]
-            if stats.execution_count >= 2:
+            (summary,) = admin.ListModels(kernel_pb2.ListModelsRequest()).models
+            finished = sum(call.done() for call in calls)
+            if finished + summary.queued_requests + summary.running_batches >= 6:  # one request per batch here
                 break
         code, err = server.stop()
         results = [call.exception() for call in calls]

@@ -15,11 +15,13 @@ import threading
 import grpc
 
 from .._proto.inference import grpc_service_pb2 as pb
-from .._proto.inference import grpc_service_pb2_grpc as pb_grpc
 from ..errors import KernelError
 from .inference import InferenceService, new_request_id
+from .registration import ensure_parsed, generic_handler
 
 log = logging.getLogger("aios.api")
+
+SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
 
 # RPC name -> InferenceService method, for the plain request/response calls.
 UNARY = {
@@ -82,8 +84,18 @@ def _sync_call(rpc: str, call, context):
         context.abort(grpc.StatusCode.INTERNAL, internal_message(rpc))
 
 
+def _checked(method):
+    def call(request):
+        ensure_parsed(request)
+        return method(request)
+
+    return call
+
+
 def _sync_unary(rpc: str, method):
-    def handler(self, request, context):
+    method = _checked(method)
+
+    def handler(request, context):
         return _sync_call(rpc, lambda: method(request), context)
 
     handler.__name__ = rpc
@@ -133,12 +145,12 @@ class _SyncStream:
             yield stream_response(self.service, request, result)
 
 
-def sync_servicer(service: InferenceService):
-    """A servicer for ``grpc.server`` (thread pool): handlers block on the lane."""
+def sync_servicer(service: InferenceService) -> grpc.GenericRpcHandler:
+    """Handlers for ``grpc.server`` (thread pool): they block on the lane."""
     methods = {rpc: _sync_unary(rpc, getattr(service, name)) for rpc, name in UNARY.items()}
     lane = service.lane
 
-    def ModelInfer(self, request, context):
+    def ModelInfer(request, context):
         # Client cancellation reaches the queue: the RPC's end cancels the item
         # if it is still waiting (a no-op once it ran).
         return _sync_call(
@@ -151,12 +163,12 @@ def sync_servicer(service: InferenceService):
             context,
         )
 
-    def ModelStreamInfer(self, request_iterator, context):
+    def ModelStreamInfer(request_iterator, context):
         yield from _SyncStream(service, request_iterator, context)
 
     methods["ModelInfer"] = ModelInfer
     methods["ModelStreamInfer"] = ModelStreamInfer
-    return type("SyncInferenceServicer", (pb_grpc.GRPCInferenceServiceServicer,), methods)()
+    return generic_handler(SERVICE, pb, methods)
 
 
 # --------------------------------------------------------------------------- aio
@@ -167,7 +179,9 @@ async def _aio_abort(rpc: str, exc: BaseException, context) -> None:
 
 
 def _aio_unary(rpc: str, method):
-    async def handler(self, request, context):
+    method = _checked(method)
+
+    async def handler(request, context):
         try:
             return method(request)
         except Exception as exc:
@@ -177,12 +191,12 @@ def _aio_unary(rpc: str, method):
     return handler
 
 
-def aio_servicer(service: InferenceService):
-    """A servicer for ``grpc.aio.server``: the loop never blocks; lane threads run batches."""
+def aio_servicer(service: InferenceService) -> grpc.GenericRpcHandler:
+    """Handlers for ``grpc.aio.server``: the loop never blocks; lane threads run batches."""
     methods = {rpc: _aio_unary(rpc, getattr(service, name)) for rpc, name in UNARY.items()}
     lane = service.lane
 
-    async def ModelInfer(self, request, context):
+    async def ModelInfer(request, context):
         try:
             item = service.prepare(request, context.time_remaining())
             loop = asyncio.get_running_loop()
@@ -198,7 +212,7 @@ def aio_servicer(service: InferenceService):
         except Exception as exc:
             await _aio_abort("ModelInfer", exc, context)
 
-    async def ModelStreamInfer(self, request_iterator, context):
+    async def ModelStreamInfer(request_iterator, context):
         loop = asyncio.get_running_loop()
         results: asyncio.Queue = asyncio.Queue()
         end = object()
@@ -232,7 +246,7 @@ def aio_servicer(service: InferenceService):
 
     methods["ModelInfer"] = ModelInfer
     methods["ModelStreamInfer"] = ModelStreamInfer
-    return type("AioInferenceServicer", (pb_grpc.GRPCInferenceServiceServicer,), methods)()
+    return generic_handler(SERVICE, pb, methods)
 
 
 def _resolve(future: asyncio.Future, item) -> None:

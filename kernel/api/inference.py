@@ -18,6 +18,7 @@ from ..models import ModelConfigError, ModelHub, ModelVersion
 from ..scheduling import Lane, WorkItem
 from ..scheduling.types import NO_DEADLINE
 from . import converters, tensors
+from .registration import ensure_parsed
 
 log = logging.getLogger("aios.api")
 
@@ -130,6 +131,7 @@ class InferenceService:
     # -- inference ------------------------------------------------------------------
     def prepare(self, request, time_remaining: float | None) -> WorkItem:
         """Validate ``request`` and turn it into a work item for the lane."""
+        ensure_parsed(request)
         mv = self.resolve(request.model_name, request.model_version)
         inputs, rows, shape_key = tensors.decode_inputs(mv.config, request)
         priority, timeout_us = mv.config.priority, 0

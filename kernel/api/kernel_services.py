@@ -12,12 +12,13 @@ import grpc
 
 from .._proto.aios.kernel.v1 import kernel_pb2
 from ..models import ModelHub
+from . import registration
 
 PACKAGE = "aios.kernel.v1"
 SERVICE_NAMES = [f"{PACKAGE}.{name}" for name in kernel_pb2.DESCRIPTOR.services_by_name]
 
 
-def _list_models(hub: ModelHub):
+def _list_models(hub: ModelHub, lane):
     def list_models(request):
         response = kernel_pb2.ListModelsResponse()
         by_name: dict[str, list] = {}
@@ -25,11 +26,14 @@ def _list_models(hub: ModelHub):
             by_name.setdefault(mv.name, []).append(mv)
         for name in sorted(by_name):
             versions = by_name[name]
+            loads = [lane.load(mv) for mv in versions]
             response.models.add(
                 name=name,
                 versions=hub.versions(name),
                 state="READY",
                 provider=versions[0].runtime.provider,
+                queued_requests=sum(q for q, _ in loads),
+                running_batches=sum(r for _, r in loads),
             )
         return response
 
@@ -40,29 +44,18 @@ def _unimplemented_message(service: str, method: str) -> str:
     return f"{service}.{method} is not implemented yet in this kernel version"
 
 
-def generic_handlers(hub: ModelHub, asynchronous: bool) -> list[grpc.GenericRpcHandler]:
-    implemented = {("AdminService", "ListModels"): _list_models(hub)}
+def generic_handlers(hub: ModelHub, lane, asynchronous: bool) -> list[grpc.GenericRpcHandler]:
+    implemented = {("AdminService", "ListModels"): _list_models(hub, lane)}
     handlers = []
     for service in kernel_pb2.DESCRIPTOR.services_by_name.values():
-        methods = {}
-        for method in service.methods:
-            request_cls = getattr(kernel_pb2, method.input_type.name)
-            response_cls = getattr(kernel_pb2, method.output_type.name)
-            func = implemented.get((service.name, method.name))
-            behaviour = _make(func, service.name, method.name, asynchronous, method.server_streaming)
-            kind = (method.client_streaming, method.server_streaming)
-            factory = {
-                (False, False): grpc.unary_unary_rpc_method_handler,
-                (False, True): grpc.unary_stream_rpc_method_handler,
-                (True, False): grpc.stream_unary_rpc_method_handler,
-                (True, True): grpc.stream_stream_rpc_method_handler,
-            }[kind]
-            methods[method.name] = factory(
-                behaviour,
-                request_deserializer=request_cls.FromString,
-                response_serializer=response_cls.SerializeToString,
+        behaviours = {
+            method.name: _make(
+                implemented.get((service.name, method.name)), service.name, method.name,
+                asynchronous, method.server_streaming,
             )
-        handlers.append(grpc.method_handlers_generic_handler(f"{PACKAGE}.{service.name}", methods))
+            for method in service.methods
+        }
+        handlers.append(registration.generic_handler(service, kernel_pb2, behaviours))
     return handlers
 
 
@@ -71,6 +64,8 @@ def _make(func, service: str, method: str, asynchronous: bool, streaming_out: bo
     if asynchronous:
         if func is not None:
             async def call(request, context):
+                if type(request) is registration.Unparsable:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"not a valid {request.type_name}")
                 return func(request)
         elif streaming_out:
             async def call(request, context):
@@ -81,7 +76,12 @@ def _make(func, service: str, method: str, asynchronous: bool, streaming_out: bo
                 await context.abort(grpc.StatusCode.UNIMPLEMENTED, message)
         return call
     if func is not None:
-        return lambda request, context: func(request)
+        def call(request, context):
+            if type(request) is registration.Unparsable:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"not a valid {request.type_name}")
+            return func(request)
+
+        return call
 
     def call(request, context):
         context.abort(grpc.StatusCode.UNIMPLEMENTED, message)

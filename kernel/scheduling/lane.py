@@ -75,6 +75,11 @@ class Lane:
                 self._finish_locked(item)
         self._callbacks(left)
 
+    def load(self, model) -> tuple[int, int]:
+        """(queued requests, running batches) of ``model``."""
+        with self._lock:
+            return self.scheduler.load(model)
+
     # -- entry points ---------------------------------------------------------
     def run_blocking(self, item: WorkItem) -> WorkItem:
         """Queue ``item`` and return once it is finished; may run batches on this thread."""

@@ -81,6 +81,13 @@ class ReferenceScheduler:
         self._queued -= 1
         return True
 
+    def load(self, model: object) -> tuple[int, int]:
+        """(queued items, running batches) of one model."""
+        queue = self._queues.get(model)
+        if queue is None:
+            return 0, 0
+        return sum(1 for item in queue.items if item.state == ITEM_QUEUED), queue.in_flight
+
     def has_work(self) -> bool:
         return self._queued > 0
 
