@@ -73,7 +73,11 @@ class KernelServer:
     # -- model changes --------------------------------------------------------
     def _models_changed(self, added, removed) -> None:
         for mv in added:
-            self.lane.add_model(mv, mv.config.max_batch_size, mv.config.instances)
+            profile = mv.runtime.profile()
+            self.lane.add_model(mv, mv.config.schedule(), profile)
+            if profile:
+                log.info("%s/%s profiled: %s", mv.name, mv.version,
+                         ", ".join(f"{rows}:{ns / 1e3:.0f}µs" for rows, ns in profile))
         for mv in removed:
             self.lane.remove_model(mv)
         self._update_health()

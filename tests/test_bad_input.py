@@ -183,13 +183,16 @@ def test_message_over_limit_is_resource_exhausted(model_repo):
         server.stop(grace=1)
 
 
-def test_deadline_already_expired_never_runs(stub, kernel):
-    """A request whose deadline passes while queued is DEADLINE_EXCEEDED (gRPC's or ours), never executed."""
-    before = kernel.hub.get("tiny", "1").stats.inference_count
+def test_unmeetable_deadline_is_refused_at_submit(stub, kernel):
+    """A deadline the queue cannot meet is refused up front with a retry hint; the model never runs it."""
+    before = kernel.hub.get("tiny", "1").stats.execution_count
     request = tiny_request()
-    request.parameters["timeout"].int64_param = 1  # 1 µs: expires before the lane can run it
+    request.parameters["timeout"].int64_param = 1  # 1 µs: no batch is that fast
     with pytest.raises(grpc.RpcError) as info:
         stub.ModelInfer(request, timeout=10)
-    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert "never ran" in info.value.details()
-    assert kernel.hub.get("tiny", "1").stats.inference_count == before
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, info.value.details()
+    assert "cannot finish this request before its deadline" in info.value.details()
+    trailers = dict(info.value.trailing_metadata())
+    assert int(trailers["retry-after-ms"]) >= 1
+    assert kernel.hub.get("tiny", "1").stats.execution_count == before
+    assert stub.ModelInfer(tiny_request(), timeout=10).raw_output_contents

@@ -1,22 +1,21 @@
-"""The step-API scheduler (reference) and the lane that drives it, without gRPC.
+"""The step-API scheduler, run against every implementation (reference and Cython core).
 
 Schedulers are driven step by step through their public API with an explicit
-clock; items are built by a factory helper. The Cython core (issue 4) will
-join IMPLEMENTATIONS and run the same tests.
+clock; models and items come from factory helpers. ``test_scheduler_differential``
+drives both implementations with random traces and compares their plans.
 """
 
 from __future__ import annotations
 
-import threading
-import time
-
 import pytest
 
-from kernel.errors import Cancelled, DeadlineExceeded, Unavailable
-from kernel.scheduling import Lane, ReferenceScheduler, WorkItem
-from kernel.scheduling.types import ITEM_BATCHED, ITEM_CANCELLED, ITEM_DONE, ITEM_EXPIRED, NO_DEADLINE
+from kernel.scheduling import implementations
+from kernel.scheduling.policy import (
+    ADMITTED, REJECT_DEADLINE, REJECT_QUEUE_FULL, REJECT_TENANT_FULL, ModelSchedule,
+)
+from kernel.scheduling.types import ITEM_BATCHED, ITEM_CANCELLED, ITEM_EXPIRED, ITEM_QUEUED, NO_DEADLINE, WorkItem
 
-IMPLEMENTATIONS = [pytest.param(ReferenceScheduler, id="reference")]
+MS = 1_000_000
 
 
 class Model:
@@ -25,194 +24,251 @@ class Model:
     def __init__(self, name: str):
         self.name, self.version = name, "1"
 
+    def __repr__(self) -> str:
+        return self.name
 
-def item(model, rows=1, shape=(), deadline=NO_DEADLINE, request_id="r") -> WorkItem:
-    return WorkItem(model, rows, shape, {}, request_id=request_id, deadline_ns=deadline)
+
+def item(model, rows=1, shape=(), deadline=NO_DEADLINE, priority=1, tenant="", rid="r") -> WorkItem:
+    return WorkItem(model, rows, shape, {}, request_id=rid, priority=priority, deadline_ns=deadline, tenant=tenant)
 
 
-@pytest.fixture(params=IMPLEMENTATIONS)
+@pytest.fixture(params=implementations(), ids=lambda cls: cls.name)
 def sched(request):
     return request.param()
 
 
-def test_fifo_batches_up_to_max_rows_without_splitting(sched):
-    m = Model("m")
-    sched.add_model(m, max_batch_size=8, instances=1)
-    items = [sched.submit(item(m, rows=r, request_id=str(i))) for i, r in enumerate([3, 4, 2, 7])]
+def add(sched, name="m", max_batch_size=8, **kwargs):
+    model = Model(name)
+    sched.add_model(model, ModelSchedule(max_batch_size=max_batch_size, **kwargs))
+    return model
+
+
+def submit(sched, model, now=0, **kwargs) -> WorkItem:
+    it = item(model, **kwargs)
+    it.enqueued_ns = now
+    assert sched.submit(it, now) == ADMITTED
+    return it
+
+
+def ids(batch) -> list[str]:
+    return [i.request_id for i in batch.items]
+
+
+def test_batches_up_to_max_rows_without_splitting(sched):
+    m = add(sched, max_batch_size=8)
+    items = [submit(sched, m, rows=r, rid=str(i)) for i, r in enumerate([3, 4, 2, 7])]
     (batch,) = sched.next_batches(0, limit=4)
-    assert batch.items == items[:2] and batch.rows == 7  # 3+4; the 2-row item would make 9
+    assert ids(batch) == ["0", "1"] and batch.rows == 7  # 3+4; the 2-row item would make 9
     assert all(i.state == ITEM_BATCHED for i in batch.items)
     assert sched.next_batches(0) == []  # one instance: nothing more until complete
-    sched.complete(batch, 1000)
+    sched.complete(batch, MS)
     (batch,) = sched.next_batches(0)
-    assert batch.items == items[2:3]  # 2 + 7 > 8
-    sched.complete(batch, 1000)
+    assert ids(batch) == ["2"]  # 2 + 7 > 8
+    sched.complete(batch, MS)
     (batch,) = sched.next_batches(0)
-    assert batch.items == items[3:] and batch.rows == 7
-    assert not sched.has_work()
+    assert ids(batch) == ["3"] and batch.rows == 7
+    assert not sched.has_work() and items[3].state == ITEM_BATCHED
+
+
+def test_strict_priority_then_earliest_deadline(sched):
+    m = add(sched, max_batch_size=2)
+    submit(sched, m, priority=2, deadline=50 * MS, rid="low-early")
+    submit(sched, m, priority=1, deadline=90 * MS, rid="high-late")
+    submit(sched, m, priority=1, deadline=80 * MS, rid="high-early")
+    submit(sched, m, priority=1, rid="high-none")
+    (batch,) = sched.next_batches(0)
+    assert ids(batch) == ["high-early", "high-late"]
+    sched.complete(batch, MS)
+    assert ids(sched.next_batches(0)[0]) == ["high-none", "low-early"]
+
+
+def test_priority_is_clamped_to_levels(sched):
+    m = add(sched, max_batch_size=1, priority_levels=2)
+    submit(sched, m, priority=9, rid="nine")
+    submit(sched, m, priority=0, rid="zero")  # below 1 counts as most urgent
+    assert ids(sched.next_batches(0)[0]) == ["zero"]
 
 
 def test_different_shapes_never_share_a_batch(sched):
-    m = Model("m")
-    sched.add_model(m, 64, 1)
-    a, b, c = (sched.submit(item(m, shape=s)) for s in [((4,),), ((5,),), ((4,),)])
+    m = add(sched, max_batch_size=64)
+    submit(sched, m, shape=((4,),), rid="a")
+    submit(sched, m, shape=((5,),), rid="b")
+    submit(sched, m, shape=((4,),), rid="c")
     (batch,) = sched.next_batches(0)
-    assert batch.items == [a]  # FIFO holds: c waits behind b
+    assert ids(batch) == ["a"]  # order holds: c waits behind b
     sched.complete(batch, 1)
-    assert sched.next_batches(0)[0].items == [b]
+    assert ids(sched.next_batches(0)[0]) == ["b"]
 
 
-def test_unbatched_model_runs_one_item_per_batch(sched):
-    m = Model("m")
-    sched.add_model(m, 0, 2)
-    sched.submit(item(m))
-    sched.submit(item(m))
+def test_unbatched_model_one_item_per_batch_and_instances_run_together(sched):
+    m = add(sched, max_batch_size=0, instances=2)
+    for i in range(3):
+        submit(sched, m, rid=str(i))
     batches = sched.next_batches(0, limit=5)
-    assert [len(b.items) for b in batches] == [1, 1]  # two instances: both run at once
+    assert [ids(b) for b in batches] == [["0"], ["1"]]
+    assert sched.load(m) == (1, 2)
 
 
 def test_cancel_removes_queued_item(sched):
-    m = Model("m")
-    sched.add_model(m, 64, 1)
-    a, b = sched.submit(item(m)), sched.submit(item(m))
-    assert sched.cancel(a)
-    assert a.state == ITEM_CANCELLED
+    m = add(sched)
+    a, b = submit(sched, m, rid="a"), submit(sched, m, rid="b")
+    assert sched.cancel(a) and a.state == ITEM_CANCELLED
     assert not sched.cancel(a)
-    (batch,) = sched.next_batches(0)
-    assert batch.items == [b]
+    assert ids(sched.next_batches(0)[0]) == ["b"]
     assert not sched.cancel(b)  # already batched
+    assert sched.stats()["models"][m]["cancelled"] == 1
 
 
 def test_expired_items_are_never_batched(sched):
-    m = Model("m")
-    sched.add_model(m, 64, 1)
-    late = sched.submit(item(m, deadline=100))
-    ok = sched.submit(item(m, deadline=10_000))
-    (batch,) = sched.next_batches(now_ns=500)
+    m = add(sched)
+    late = submit(sched, m, deadline=100, rid="late")
+    ok = submit(sched, m, deadline=10 * MS, rid="ok")
+    (batch,) = sched.next_batches(500)
     assert batch.items == [ok]
     assert late.state == ITEM_EXPIRED and sched.pop_expired() == [late]
     assert sched.pop_expired() == []
+    assert sched.stats()["models"][m]["expired"] == 1
 
 
-def test_models_take_turns(sched):
-    a, b = Model("a"), Model("b")
-    sched.add_model(a, 1, 1)
-    sched.add_model(b, 1, 1)
-    for _ in range(2):
-        sched.submit(item(a))
-        sched.submit(item(b))
-    batches = sched.next_batches(0, limit=4)
-    assert [bt.model for bt in batches] == [a, b]
+def test_cancel_as_expired_counts_expiry(sched):
+    m = add(sched)
+    a = submit(sched, m)
+    assert sched.cancel(a, True) and a.state == ITEM_EXPIRED
+    assert sched.stats()["models"][m]["expired"] == 1
 
 
-def test_remove_model_returns_queued_items(sched):
-    m = Model("m")
-    sched.add_model(m, 64, 1)
-    queued = [sched.submit(item(m)) for _ in range(3)]
+def test_queue_and_tenant_bounds(sched):
+    m = add(sched, max_queue=3, max_tenant_queue=2)
+    submit(sched, m, tenant="t1")
+    submit(sched, m, tenant="t1")
+    refused = item(m, tenant="t1")
+    assert sched.submit(refused, 0) == REJECT_TENANT_FULL
+    submit(sched, m, tenant="t2")
+    refused = item(m, tenant="t3")
+    assert sched.submit(refused, 0) == REJECT_QUEUE_FULL
+    stats = sched.stats()["models"][m]
+    assert stats["rejected_tenant_full"] == 1 and stats["rejected_queue_full"] == 1 and stats["queued"] == 3
+
+
+def test_admission_refuses_unmeetable_deadline_with_retry_hint(sched):
+    m = add(sched, max_batch_size=4)
+    for rows, ns in [(1, 2 * MS), (4, 5 * MS)]:  # fit: 1 ms per row + 1 ms per batch
+        sched.observe(m, rows, ns)
+    assert sched.predict(m, 4) == 5 * MS
+    for _ in range(8):
+        submit(sched, m, rows=1)  # two full batches queued: 10 ms of work
+    tight = item(m, deadline=8 * MS)
+    assert sched.submit(tight, 0) == REJECT_DEADLINE
+    assert tight.retry_after_ns == 12 * MS  # 2 full batches + its own 2 ms batch
+    loose = item(m, deadline=13 * MS)
+    assert sched.submit(loose, 0) == ADMITTED
+    urgent = item(m, priority=1, deadline=3 * MS)  # nothing more urgent ahead of level... all are level 1
+    assert sched.submit(urgent, 0) == REJECT_DEADLINE
+    low_ahead = add(sched, "n", max_batch_size=4)
+    sched.observe(low_ahead, 1, 2 * MS)
+    sched.observe(low_ahead, 4, 5 * MS)
+    for _ in range(8):
+        submit(sched, low_ahead, priority=3)
+    jumper = item(low_ahead, priority=1, deadline=3 * MS)  # lower levels do not count against it
+    assert sched.submit(jumper, 0) == ADMITTED
+
+
+def test_no_admission_without_a_latency_model(sched):
+    m = add(sched)
+    assert sched.submit(item(m, deadline=1), 0) == ADMITTED
+
+
+def test_latency_fit(sched):
+    m = add(sched, max_batch_size=32)
+    assert sched.predict(m, 8) == 0
+    sched.observe(m, 1, 100_000)
+    assert sched.predict(m, 8) == 100_000  # one sample: the mean, no slope
+    for rows in (2, 4, 8, 16, 32):
+        sched.observe(m, rows, 100_000 + 10_000 * rows - 10_000)  # exactly 10 µs/row + 90 µs
+    assert sched.predict(m, 8) == 170_000
+    assert abs(sched.stats()["models"][m]["fit_ns_per_row"] - 10_000) < 1e-6
+
+
+def test_static_window_waits_for_the_delay(sched):
+    m = add(sched, max_batch_size=8, max_queue_delay_ns=2 * MS)
+    submit(sched, m, now=0)
+    assert sched.next_batches(0) == []
+    assert sched.next_wakeup(0) == 2 * MS
+    (batch,) = sched.next_batches(2 * MS)
+    assert batch.rows == 1
+
+
+def test_static_window_dispatches_at_preferred_size(sched):
+    m = add(sched, max_batch_size=8, max_queue_delay_ns=50 * MS, preferred_batch_sizes=(4,))
+    for _ in range(3):
+        submit(sched, m)
+    assert sched.next_batches(MS) == []
+    submit(sched, m)
+    (batch,) = sched.next_batches(MS)
+    assert batch.rows == 4
+
+
+def test_adaptive_waits_only_when_requests_come_faster_than_the_fixed_cost(sched):
+    m = add(sched, max_batch_size=16)
+    sched.observe(m, 1, 1 * MS)  # fixed cost ~0.9 ms, 0.1 ms per row
+    sched.observe(m, 16, int(2.5 * MS))
+    # Slow arrivals (5 ms apart, above the fixed cost): dispatch at once.
+    submit(sched, m, now=0)
+    (batch,) = sched.next_batches(0)
+    sched.complete(batch, MS)
+    submit(sched, m, now=5 * MS)
+    (batch,) = sched.next_batches(5 * MS)
+    sched.complete(batch, MS)
+    # A burst 0.05 ms apart: the scheduler holds the head for more rows ...
+    t = 6 * MS
+    for k in range(12):
+        submit(sched, m, now=t + k * 50_000)
+    now = t + 11 * 50_000
+    assert sched.next_batches(now) == []
+    wake = sched.next_wakeup(now)
+    assert now < wake <= t + 900_000
+    # ... but never past one fixed cost after the head arrived.
+    (batch,) = sched.next_batches(t + 900_000)
+    assert batch.rows == 12
+
+
+def test_adaptive_never_waits_past_the_head_deadline(sched):
+    m = add(sched, max_batch_size=16)
+    sched.observe(m, 1, 1 * MS)
+    sched.observe(m, 16, int(2.5 * MS))
+    for k in range(4):
+        submit(sched, m, now=k * 10_000)
+    submit(sched, m, now=40_000, deadline=40_000 + int(1.5 * MS))  # 5 rows fit: 1.4 ms predicted
+    # Waiting one more gap would leave too little time to run the batch before the deadline.
+    assert sched.next_batches(50_000)[0].rows == 5
+
+
+def test_models_take_turns_by_weight(sched):
+    a = add(sched, "a", max_batch_size=1, weight=1.0)
+    b = add(sched, "b", max_batch_size=1, weight=3.0)
+    for _ in range(8):
+        submit(sched, a)
+        submit(sched, b)
+    order = []
+    for _ in range(8):
+        (batch,) = sched.next_batches(0)
+        order.append(batch.model.name)
+        sched.complete(batch, MS)
+    assert order.count("b") == 6 and order.count("a") == 2  # 3:1 share of lane time
+
+
+def test_urgent_head_beats_fair_share(sched):
+    a = add(sched, "a", max_batch_size=1)
+    b = add(sched, "b", max_batch_size=1)
+    submit(sched, a, priority=2)
+    submit(sched, b, priority=1)
+    assert sched.next_batches(0)[0].model is b
+
+
+def test_remove_model_returns_queued_items_in_order(sched):
+    m = add(sched)
+    queued = [submit(sched, m, rid=str(i)) for i in range(3)]
     assert sched.remove_model(m) == queued
     assert not sched.has_work()
     with pytest.raises(KeyError):
-        sched.submit(item(m))
-
-
-# --------------------------------------------------------------------------- lane
-def recording_execute(delay_s: float = 0.0, log=None):
-    def execute(batch):
-        if log is not None:
-            log.append((threading.get_ident(), [i.request_id for i in batch.items]))
-        if delay_s:
-            time.sleep(delay_s)
-        for it in batch.items:
-            it.outputs = [it.request_id]
-        return 1000
-
-    return execute
-
-
-@pytest.fixture
-def lane_factory():
-    lanes = []
-
-    def make(execute, slots=1, max_batch_size=64, instances=1):
-        lane = Lane(ReferenceScheduler(), execute, slots=slots)
-        model = Model("m")
-        lane.add_model(model, max_batch_size, instances)
-        lanes.append(lane)
-        return lane, model
-
-    yield make
-    for lane in lanes:
-        lane.close()
-
-
-def test_idle_lane_runs_inline_on_the_callers_thread(lane_factory):
-    log = []
-    lane, model = lane_factory(recording_execute(log=log))
-    done = lane.run_blocking(item(model, request_id="x"))
-    assert done.state == ITEM_DONE and done.outputs == ["x"]
-    assert log == [(threading.get_ident(), ["x"])]  # no thread hop when nothing is queued
-
-
-def test_async_submit_completes_on_a_lane_thread(lane_factory):
-    log = []
-    lane, model = lane_factory(recording_execute(log=log))
-    finished = threading.Event()
-    it = item(model, request_id="a")
-    it.on_done = lambda _: finished.set()
-    lane.submit(it)
-    assert finished.wait(5)
-    assert it.state == ITEM_DONE and log[0][0] != threading.get_ident()
-
-
-def test_concurrent_callers_share_batches(lane_factory):
-    log = []
-    lane, model = lane_factory(recording_execute(delay_s=0.02, log=log))
-    results = {}
-
-    def call(i):
-        results[i] = lane.run_blocking(item(model, request_id=str(i))).outputs
-
-    threads = [threading.Thread(target=call, args=(i,)) for i in range(12)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(10)
-    assert results == {i: [str(i)] for i in range(12)}
-    assert max(len(ids) for _, ids in log) > 1  # requests queued behind a running batch ran together
-    assert sorted(r for _, ids in log for r in ids) == sorted(str(i) for i in range(12))
-
-
-def test_queued_deadline_expires_while_lane_is_busy(lane_factory):
-    gate = threading.Event()
-
-    def execute(batch):
-        gate.wait(5)
-        return 1
-
-    lane, model = lane_factory(execute)
-    blocker = item(model, request_id="blocker")
-    lane.submit(blocker)
-    time.sleep(0)  # let the helper pick it up; correctness does not depend on it
-    late = item(model, request_id="late", deadline=time.monotonic_ns() + 20_000_000)
-    try:
-        lane.run_blocking(late)
-    finally:
-        gate.set()
-    assert late.state == ITEM_EXPIRED
-    assert isinstance(late.error, DeadlineExceeded) and "never ran" in late.error.message
-
-
-def test_cancel_and_unload_fail_queued_items(lane_factory):
-    gate = threading.Event()
-    lane, model = lane_factory(lambda batch: gate.wait(5) and 1)
-    running = item(model, request_id="running")
-    lane.submit(running)
-    queued = [item(model, request_id=f"q{i}", shape=((i,),)) for i in range(3)]
-    for it in queued:
-        lane.submit(it)
-    assert lane.cancel(queued[0])
-    assert isinstance(queued[0].error, Cancelled)
-    lane.remove_model(model)
-    gate.set()
-    for it in queued[1:]:
-        assert isinstance(it.error, Unavailable)
+        sched.submit(item(m), 0)

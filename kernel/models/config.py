@@ -15,8 +15,11 @@ Schema (every key optional unless marked)::
     inter_op_threads = 1
     priority = 1               # default request priority (1 = most urgent)
     weight = 1.0               # fair share of its lane against other models
-    max_queue_delay_us = 0     # Triton-like static batching window (0 = adaptive/none)
-    preferred_batch_sizes = []
+    max_queue_delay_us = 0     # Triton-like static batching window (0 = adaptive)
+    preferred_batch_sizes = [] # with a static window: dispatch as soon as one of these is queued
+    priority_levels = 3        # request priorities 1..N (1 = most urgent)
+    max_queue = 4096           # queued requests before RESOURCE_EXHAUSTED
+    max_tenant_queue = 1024    # queued requests per tenant
 
     [[input]]                  # required when model.toml exists
     name = "features"
@@ -55,7 +58,8 @@ DEFAULT_MAX_BATCH_SIZE = 64  # rows; used when the config is derived from a grap
 _TOP_KEYS = {
     "platform", "max_batch_size", "instances", "provider", "intra_op_threads",
     "inter_op_threads", "priority", "weight", "max_queue_delay_us",
-    "preferred_batch_sizes", "input", "output", "card", "name",
+    "preferred_batch_sizes", "input", "output", "card", "name", "priority_levels", "max_queue",
+    "max_tenant_queue",
 }
 _TENSOR_KEYS = {"name", "datatype", "dims", "labels", "optional"}
 
@@ -93,12 +97,30 @@ class ModelConfig:
     weight: float = 1.0
     max_queue_delay_us: int = 0
     preferred_batch_sizes: tuple[int, ...] = ()
+    priority_levels: int = 3
+    max_queue: int = 4096
+    max_tenant_queue: int = 1024
     card: ModelCard = field(default_factory=ModelCard)
     derived: bool = False  # True when no model.toml existed and the graph told us
 
     @property
     def batching(self) -> bool:
         return self.max_batch_size > 0
+
+    def schedule(self):
+        """How the scheduler treats this version."""
+        from ..scheduling.policy import ModelSchedule
+
+        return ModelSchedule(
+            max_batch_size=self.max_batch_size,
+            instances=self.instances,
+            weight=self.weight,
+            priority_levels=self.priority_levels,
+            max_queue=self.max_queue,
+            max_tenant_queue=self.max_tenant_queue,
+            max_queue_delay_ns=self.max_queue_delay_us * 1000,
+            preferred_batch_sizes=self.preferred_batch_sizes,
+        )
 
     def full_shape(self, spec: TensorSpec) -> list[int]:
         """The tensor's shape as a client sees it: -1 for the batch dim when batching."""
@@ -213,6 +235,9 @@ def parse(path: Path, name: str, version: str, raw: dict) -> ModelConfig:
         weight=float(weight),
         max_queue_delay_us=_int(path, raw, "max_queue_delay_us", 0, 0),
         preferred_batch_sizes=tuple(sorted(preferred)),
+        priority_levels=_int(path, raw, "priority_levels", 3, 1),
+        max_queue=_int(path, raw, "max_queue", 4096, 1),
+        max_tenant_queue=_int(path, raw, "max_tenant_queue", 1024, 1),
         card=_card(path, raw.get("card", {})),
     )
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -155,6 +156,41 @@ class OnnxModel:
         if CUDA in providers and model.provider != CUDA:
             log.warning("%s/%s: CUDA was available but onnxruntime placed the model on %s", name, version, model.provider)
         return model
+
+    def profile(self, repeats: int = 3) -> list[tuple[int, int]]:
+        """Time batches of 1, 2, 4, ... max rows on zeros: the latency model's warm start.
+
+        Returns [(rows, ns)] (best of ``repeats`` per size); empty when the
+        model cannot run on zeros (data-dependent shapes) or has dynamic
+        per-row dims the profile cannot guess.
+        """
+        config = self.config
+        if any(-1 in spec.dims for spec in config.inputs):
+            return []
+        sizes = [1]
+        while config.batching and sizes[-1] * 2 <= config.max_batch_size:
+            sizes.append(sizes[-1] * 2)
+        if config.batching and sizes[-1] != config.max_batch_size:
+            sizes.append(config.max_batch_size)
+        samples = []
+        try:
+            for rows in sizes:
+                feeds = {
+                    spec.name: np.full(([rows] if config.batching else []) + list(spec.dims),
+                                       "" if spec.datatype.name == "BYTES" else 0, dtype=spec.datatype.numpy)
+                    for spec in config.inputs
+                }
+                best = None
+                for _ in range(repeats):
+                    started = time.monotonic_ns()
+                    self.run(feeds)
+                    elapsed = time.monotonic_ns() - started
+                    best = elapsed if best is None else min(best, elapsed)
+                samples.append((rows, best))
+        except Exception as exc:  # a model may reject zeros; the fit then learns from live traffic
+            log.debug("%s/%s: no load-time profile (%s)", config.name, config.version, exc)
+            return []
+        return samples
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         """Run one batch; the caller guarantees no more concurrent runs than instances."""

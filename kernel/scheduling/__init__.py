@@ -13,3 +13,15 @@ def make_scheduler(kind: str = "reference"):
     if kind != "reference":
         raise ValueError(f"unknown scheduler {kind!r}; available: reference")
     return ReferenceScheduler()
+
+
+def implementations() -> list:
+    """Every scheduler class available here: the reference, and the Cython core when built."""
+    found = [ReferenceScheduler]
+    try:
+        from .._ext.scheduler import CythonScheduler
+
+        found.append(CythonScheduler)
+    except ImportError:
+        pass
+    return found

@@ -21,7 +21,8 @@ import threading
 import time
 from collections.abc import Callable
 
-from ..errors import Cancelled, DeadlineExceeded, Unavailable
+from ..errors import Cancelled, DeadlineExceeded, ResourceExhausted, Unavailable
+from .policy import ADMITTED, REJECT_DEADLINE, REJECT_QUEUE_FULL, ModelSchedule
 from .types import ITEM_CANCELLED, ITEM_DONE, ITEM_EXPIRED, ITEM_QUEUED, NO_DEADLINE, Batch, WorkItem
 
 log = logging.getLogger("aios.scheduling")
@@ -61,9 +62,12 @@ class Lane:
             thread.start()
 
     # -- models -------------------------------------------------------------
-    def add_model(self, model, max_batch_size: int, instances: int) -> None:
+    def add_model(self, model, schedule: ModelSchedule, profile=()) -> None:
+        """Register ``model``; ``profile`` is [(rows, ns)] measured at load to warm the latency fit."""
         with self._lock:
-            self.scheduler.add_model(model, max_batch_size, instances)
+            self.scheduler.add_model(model, schedule)
+            for rows, duration_ns in profile:
+                self.scheduler.observe(model, rows, duration_ns)
 
     def remove_model(self, model) -> None:
         """Stop queueing for ``model``; its queued items fail with UNAVAILABLE."""
@@ -131,9 +135,11 @@ class Lane:
     def _submit_locked(self, item: WorkItem, blocking: bool) -> None:
         if self._closed:
             raise Unavailable("the kernel is shutting down")
-        item.enqueued_ns = time.monotonic_ns()
+        now = item.enqueued_ns = time.monotonic_ns()
         item.blocking = blocking
-        self.scheduler.submit(item)
+        verdict = self.scheduler.submit(item, now)
+        if verdict != ADMITTED:
+            raise _rejection(item, verdict)
         if not blocking:
             self._async_queued += 1
 
@@ -149,7 +155,7 @@ class Lane:
 
     def _expire_locked(self, item: WorkItem, already_removed: bool = False) -> None:
         if not already_removed:
-            if item.state != ITEM_QUEUED or not self.scheduler.cancel(item):
+            if item.state != ITEM_QUEUED or not self.scheduler.cancel(item, True):
                 return
         item.state = ITEM_EXPIRED
         item.error = DeadlineExceeded(
@@ -175,8 +181,15 @@ class Lane:
         self.scheduler.complete(batch, compute_ns)
         if self._on_batch is not None:
             self._on_batch(batch, compute_ns)
+        now = time.monotonic_ns()
         for item in batch.items:
             item.state = ITEM_DONE
+            if item.deadline_ns != NO_DEADLINE and now > item.deadline_ns and item.error is None:
+                # Never answer after the deadline: the caller has given up on this result.
+                item.outputs = None
+                item.error = DeadlineExceeded(
+                    f"the model finished {(now - item.deadline_ns) / 1e6:.1f} ms after the request's deadline"
+                )
             self._finish_locked(item)
         if self._blocked:
             self._done.notify_all()
@@ -202,6 +215,10 @@ class Lane:
             if item.on_done is not None:
                 item.on_done(item)
 
+    def stats(self) -> dict:
+        with self._lock:
+            return self.scheduler.stats()
+
     def _helper(self) -> None:
         with self._lock:
             while True:
@@ -215,3 +232,16 @@ class Lane:
                 wakeup = self.scheduler.next_wakeup(time.monotonic_ns())
                 timeout = _IDLE_POLL_S if wakeup is None else max(0.0, (wakeup - time.monotonic_ns()) / 1e9)
                 self._work.wait(timeout)
+
+
+def _rejection(item: WorkItem, verdict: int) -> ResourceExhausted:
+    """The admission refusal as an error with gRPC's retry hint trailer."""
+    retry_ms = max(1, -(-item.retry_after_ns // 1_000_000))
+    model = f"{item.model.name}/{item.model.version}"
+    if verdict == REJECT_DEADLINE:
+        why = f"model {model} cannot finish this request before its deadline: predicted wait {retry_ms} ms"
+    elif verdict == REJECT_QUEUE_FULL:
+        why = f"model {model}'s queue is full"
+    else:
+        why = f"tenant {item.tenant or '(default)'} has too many requests queued for model {model}"
+    return ResourceExhausted(f"{why}; retry after {retry_ms} ms", trailers=(("retry-after-ms", str(retry_ms)),))

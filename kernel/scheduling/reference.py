@@ -1,179 +1,335 @@
-"""The reference scheduler: plain Python, first-come-first-served per model.
+"""The reference scheduler: plain Python, the specification the Cython core must match.
 
-It implements the step API every scheduler implements (ARCHITECTURE.md §3):
+Step API (ARCHITECTURE.md §3), no I/O, no threads, no clock reads (time comes
+in as ``now_ns``); callers serialise calls (the lane holds a lock):
 
-- ``add_model(model, max_batch_size, instances)`` / ``remove_model(model)``
-- ``submit(item)``: queue an item (the item is its own ticket)
-- ``cancel(item) -> bool``: drop a queued item; False if already batched or done
-- ``next_batches(now_ns, limit)``: batches ready to run now
-- ``complete(batch, duration_ns)``: a batch finished; its instance is free
-- ``next_wakeup(now_ns)``: when to call ``next_batches`` again with no new event
-- ``pop_expired()``: items whose deadline passed while queued
-- ``has_work()`` and ``stats()``
+- ``add_model(model, schedule)`` / ``remove_model(model) -> queued items``
+- ``observe(model, rows, duration_ns)``: a latency sample (the load-time profile)
+- ``submit(item, now_ns) -> ADMITTED | REJECT_*`` (sets ``item.retry_after_ns`` on rejection)
+- ``cancel(item) -> bool``: drop a queued item
+- ``next_batches(now_ns, limit) -> [Batch]``, ``complete(batch, duration_ns)``
+- ``next_wakeup(now_ns) -> ns | None``, ``pop_expired()``, ``has_work()``, ``load(model)``, ``stats()``
 
-No I/O, no threads, no clock reads: time comes in as ``now_ns``. Callers
-serialise calls (the lane holds a lock).
+NOTE: the algorithm.
+- Each model keeps one heap ordered by (priority level, deadline, arrival):
+  strict priority across levels, earliest deadline first within a level,
+  arrival order among items without a deadline.
+- A batch is the heap head plus the following items in heap order while
+  they have the head's shape and fit in ``max_batch_size`` rows; a request is
+  never split. Cancelled and expired items are dropped when reached.
+- A model with a free instance is *ready* when a full batch is queued, or
+  (static window) a preferred size is reached or the head waited
+  ``max_queue_delay``, or (adaptive) waiting is not predicted to pay: the
+  fit ``d(n) = a·n + b`` says a batch costs ``b`` regardless of its rows, so
+  the scheduler waits for one more request only while requests arrive faster
+  than ``b`` apart, never holds the head longer than ``b``, and never waits
+  past the point where the head's deadline would be missed.
+- Among ready models: the most urgent head level first, then the smallest
+  virtual time (batch time divided by the model's weight: weighted fair share).
+- Admission: a request whose deadline cannot be met given the rows queued
+  ahead of it (same or more urgent levels) and the running batch is refused
+  at submit, with the predicted wait as its retry hint; so are requests over
+  the model's or tenant's queue bound.
 """
 
 from __future__ import annotations
 
-from collections import deque
+import heapq
 
-from .types import ITEM_BATCHED, ITEM_CANCELLED, ITEM_EXPIRED, ITEM_QUEUED, NO_DEADLINE, Batch, WorkItem
+from .latency import LatencyFit
+from .policy import (
+    ADMITTED, ARRIVAL_EWMA_SHIFT, DEADLINE_NEVER, NO_DEADLINE, REJECT_DEADLINE, REJECT_QUEUE_FULL,
+    REJECT_TENANT_FULL, ModelSchedule,
+)
+from .types import ITEM_BATCHED, ITEM_CANCELLED, ITEM_EXPIRED, ITEM_QUEUED, Batch, WorkItem
 
 
-class _ModelQueue:
-    __slots__ = ("max_batch_size", "instances", "in_flight", "items")
+class _Model:
+    __slots__ = (
+        "key", "index", "schedule", "heap", "queued", "rows_by_level", "tenants", "in_flight",
+        "busy_until", "vtime", "fit", "last_arrival", "gap", "counters",
+    )
 
-    def __init__(self, max_batch_size: int, instances: int):
-        self.max_batch_size = max_batch_size  # rows; 0 = one item per batch
-        self.instances = instances  # batches of this model that may run at once
+    def __init__(self, key: object, index: int, schedule: ModelSchedule):
+        self.key = key
+        self.index = index  # registration order: the last tie-breaker
+        self.schedule = schedule
+        self.heap: list[tuple[int, int, int, WorkItem]] = []
+        self.queued = 0
+        self.rows_by_level = [0] * schedule.priority_levels
+        self.tenants: dict[str, int] = {}
         self.in_flight = 0
-        self.items: deque[WorkItem] = deque()
+        self.busy_until = 0  # predicted end of the latest dispatched batch
+        self.vtime = 0.0
+        self.fit = LatencyFit()
+        self.last_arrival = 0
+        self.gap = 0  # EWMA of ns between submits
+        self.counters = {
+            "submitted": 0, "rejected_queue_full": 0, "rejected_tenant_full": 0, "rejected_deadline": 0,
+            "expired": 0, "cancelled": 0, "batches": 0, "rows": 0,
+        }
 
 
 class ReferenceScheduler:
-    """FIFO per model; batches the queue head with followers of the same shape."""
-
     name = "reference"
 
     def __init__(self) -> None:
-        self._queues: dict[object, _ModelQueue] = {}
-        self._order: list[object] = []  # round-robin order over models
-        self._next = 0
+        self._models: dict[object, _Model] = {}
+        self._order: list[_Model] = []
         self._expired: list[WorkItem] = []
         self._queued = 0
-        self._submitted = 0
-        self._batches = 0
+        self._seq = 0
+        self._vclock = 0.0  # virtual time of the last dispatch
 
-    def add_model(self, model: object, max_batch_size: int, instances: int) -> None:
-        if model not in self._queues:
-            self._queues[model] = _ModelQueue(max_batch_size, instances)
-            self._order.append(model)
+    # -- models ---------------------------------------------------------------
+    def add_model(self, model: object, schedule: ModelSchedule) -> None:
+        if model not in self._models:
+            state = _Model(model, len(self._order), schedule)
+            self._models[model] = state
+            self._order.append(state)
 
     def remove_model(self, model: object) -> list[WorkItem]:
-        """Forget a model; returns its still-queued items for the caller to fail."""
-        queue = self._queues.pop(model, None)
-        if queue is None:
+        state = self._models.pop(model, None)
+        if state is None:
             return []
-        self._order.remove(model)
-        left = [item for item in queue.items if item.state == ITEM_QUEUED]
-        for item in left:
+        self._order.remove(state)
+        left = sorted((entry for entry in state.heap if entry[3].state == ITEM_QUEUED), key=lambda e: e[:3])
+        for *_, item in left:
             item.state = ITEM_CANCELLED
-        self._queued -= len(left)
-        return left
+        self._queued -= state.queued
+        return [entry[3] for entry in left]
 
-    def submit(self, item: WorkItem) -> WorkItem:
-        queue = self._queues.get(item.model)
-        if queue is None:
-            raise KeyError("model is not registered with the scheduler")
+    def observe(self, model: object, rows: int, duration_ns: int) -> None:
+        self._models[model].fit.add(rows, duration_ns)
+
+    def predict(self, model: object, rows: int) -> int:
+        return self._models[model].fit.predict(rows)
+
+    # -- queueing --------------------------------------------------------------
+    def _level(self, state: _Model, item: WorkItem) -> int:
+        return min(max(item.priority, 1), state.schedule.priority_levels)
+
+    def submit(self, item: WorkItem, now_ns: int) -> int:
+        state = self._models[item.model]  # KeyError: the caller resolved a model it never added
+        schedule = state.schedule
+        level = self._level(state, item)
+        state.counters["submitted"] += 1
+        if state.queued >= schedule.max_queue:
+            return self._reject(state, item, REJECT_QUEUE_FULL, state.fit.predict(schedule.capacity))
+        if state.tenants.get(item.tenant, 0) >= schedule.max_tenant_queue:
+            return self._reject(state, item, REJECT_TENANT_FULL, state.fit.predict(schedule.capacity))
+        if item.deadline_ns != NO_DEADLINE and state.fit.known:
+            finish = now_ns + self._wait_ahead(state, level, item.rows, now_ns)
+            if finish > item.deadline_ns:
+                return self._reject(state, item, REJECT_DEADLINE, finish - now_ns)
+        # Arrival-rate estimate for the adaptive wait.
+        if state.last_arrival:
+            gap = now_ns - state.last_arrival
+            state.gap = gap if state.gap == 0 else state.gap + ((gap - state.gap) >> ARRIVAL_EWMA_SHIFT)
+        state.last_arrival = now_ns
+        if state.queued == 0 and state.in_flight == 0 and state.vtime < self._vclock:
+            state.vtime = self._vclock  # an idle model does not bank credit
+        self._seq += 1
+        deadline_key = item.deadline_ns if item.deadline_ns != NO_DEADLINE else DEADLINE_NEVER
+        heapq.heappush(state.heap, (level, deadline_key, self._seq, item))
         item.state = ITEM_QUEUED
-        queue.items.append(item)
+        item.level = level
+        state.queued += 1
+        state.rows_by_level[level - 1] += item.rows
+        state.tenants[item.tenant] = state.tenants.get(item.tenant, 0) + 1
         self._queued += 1
-        self._submitted += 1
-        return item
+        return ADMITTED
 
-    def cancel(self, item: WorkItem) -> bool:
-        # Lazy removal: the item stays in the deque and is skipped when reached.
+    def _reject(self, state: _Model, item: WorkItem, reason: int, retry_after_ns: int) -> int:
+        key = {REJECT_QUEUE_FULL: "rejected_queue_full", REJECT_TENANT_FULL: "rejected_tenant_full",
+               REJECT_DEADLINE: "rejected_deadline"}[reason]
+        state.counters[key] += 1
+        item.retry_after_ns = retry_after_ns
+        return reason
+
+    def _wait_ahead(self, state: _Model, level: int, rows: int, now_ns: int) -> int:
+        """Predicted ns until a new item at ``level`` with ``rows`` finishes."""
+        schedule = state.schedule
+        cap = schedule.capacity
+        total = rows
+        for index in range(level):
+            total += state.rows_by_level[index]
+        full, rest = divmod(total, cap)
+        work = full * state.fit.predict(cap)
+        if rest:
+            work += state.fit.predict(rest)
+        busy = 0
+        if state.in_flight >= schedule.instances and state.busy_until > now_ns:
+            busy = state.busy_until - now_ns
+        return busy + work // schedule.instances
+
+    def _unqueue(self, state: _Model, item: WorkItem) -> None:
+        state.queued -= 1
+        state.rows_by_level[item.level - 1] -= item.rows
+        left = state.tenants[item.tenant] - 1
+        if left:
+            state.tenants[item.tenant] = left
+        else:
+            del state.tenants[item.tenant]
+        self._queued -= 1
+
+    def cancel(self, item: WorkItem, expired: bool = False) -> bool:
+        """Drop a queued item (``expired``: its deadline passed, counted as such)."""
+        # Lazy removal: the heap entry stays and is skipped when reached.
         if item.state != ITEM_QUEUED:
             return False
-        item.state = ITEM_CANCELLED
-        self._queued -= 1
+        state = self._models.get(item.model)
+        if state is None:
+            return False
+        item.state = ITEM_EXPIRED if expired else ITEM_CANCELLED
+        state.counters["expired" if expired else "cancelled"] += 1
+        self._unqueue(state, item)
         return True
-
-    def load(self, model: object) -> tuple[int, int]:
-        """(queued items, running batches) of one model."""
-        queue = self._queues.get(model)
-        if queue is None:
-            return 0, 0
-        return sum(1 for item in queue.items if item.state == ITEM_QUEUED), queue.in_flight
 
     def has_work(self) -> bool:
         return self._queued > 0
 
-    def _take_batch(self, queue: _ModelQueue, now_ns: int) -> Batch | None:
-        items = queue.items
-        head = None
-        while items:
-            candidate = items.popleft()
-            if candidate.state != ITEM_QUEUED:
+    def load(self, model: object) -> tuple[int, int]:
+        state = self._models.get(model)
+        return (state.queued, state.in_flight) if state is not None else (0, 0)
+
+    # -- dispatch ----------------------------------------------------------------
+    def _clean_head(self, state: _Model, now_ns: int) -> WorkItem | None:
+        """The valid head item, dropping cancelled and expired ones on the way."""
+        heap = state.heap
+        while heap:
+            item = heap[0][3]
+            if item.state != ITEM_QUEUED:
+                heapq.heappop(heap)
                 continue
-            if candidate.deadline_ns != NO_DEADLINE and candidate.deadline_ns <= now_ns:
-                candidate.state = ITEM_EXPIRED
-                self._queued -= 1
-                self._expired.append(candidate)
+            if item.deadline_ns != NO_DEADLINE and item.deadline_ns <= now_ns:
+                heapq.heappop(heap)
+                self._expire(state, item)
                 continue
-            head = candidate
-            break
-        if head is None:
-            return None
-        chosen, rows = [head], head.rows
-        if queue.max_batch_size > 0:
-            # Take followers in arrival order while they fit; stop at the first
-            # item of another shape or one that does not fit, so FIFO holds.
-            while items:
-                follower = items[0]
-                if follower.state != ITEM_QUEUED:
-                    items.popleft()
+            return item
+        return None
+
+    def _expire(self, state: _Model, item: WorkItem) -> None:
+        item.state = ITEM_EXPIRED
+        state.counters["expired"] += 1
+        self._unqueue(state, item)
+        self._expired.append(item)
+
+    def _ready_at(self, state: _Model, head: WorkItem, now_ns: int) -> int:
+        """``now_ns`` when the model should dispatch now, else when to look again."""
+        schedule = state.schedule
+        cap = schedule.capacity
+        rows = 0
+        for count in state.rows_by_level:
+            rows += count
+        if rows >= cap:
+            return now_ns
+        if schedule.max_queue_delay_ns > 0:  # static, Triton-like window
+            if rows in schedule.preferred_batch_sizes:
+                return now_ns
+            limit = head.enqueued_ns + schedule.max_queue_delay_ns
+            return now_ns if now_ns >= limit else limit
+        fit = state.fit
+        if not fit.known or state.gap == 0:
+            return now_ns
+        fixed = int(fit.b)
+        if state.gap >= fixed:
+            return now_ns  # the next request is not expected before a batch's fixed cost
+        limit = head.enqueued_ns + fixed
+        if now_ns >= limit:
+            return now_ns
+        wake = now_ns + state.gap
+        if wake > limit:
+            wake = limit
+        if head.deadline_ns != NO_DEADLINE and wake + fit.predict(rows + 1) > head.deadline_ns:
+            return now_ns
+        return wake
+
+    def _take(self, state: _Model, head: WorkItem, now_ns: int) -> Batch:
+        heap = state.heap
+        heapq.heappop(heap)
+        chosen = [head]
+        rows = head.rows
+        if state.schedule.max_batch_size > 0:
+            limit = state.schedule.max_batch_size
+            while heap:
+                item = heap[0][3]
+                if item.state != ITEM_QUEUED:
+                    heapq.heappop(heap)
                     continue
-                if follower.shape_key != head.shape_key or rows + follower.rows > queue.max_batch_size:
+                if item.deadline_ns != NO_DEADLINE and item.deadline_ns <= now_ns:
+                    heapq.heappop(heap)
+                    self._expire(state, item)
+                    continue
+                if item.shape_key != head.shape_key or rows + item.rows > limit:
                     break
-                if follower.deadline_ns != NO_DEADLINE and follower.deadline_ns <= now_ns:
-                    items.popleft()
-                    follower.state = ITEM_EXPIRED
-                    self._queued -= 1
-                    self._expired.append(follower)
-                    continue
-                chosen.append(items.popleft())
-                rows += follower.rows
+                heapq.heappop(heap)
+                chosen.append(item)
+                rows += item.rows
         for item in chosen:
             item.state = ITEM_BATCHED
-        self._queued -= len(chosen)
-        queue.in_flight += 1
-        self._batches += 1
-        return Batch(head.model, chosen, rows)
+            self._unqueue(state, item)
+        state.in_flight += 1
+        state.counters["batches"] += 1
+        state.counters["rows"] += rows
+        end = now_ns + state.fit.predict(rows)
+        if end > state.busy_until:
+            state.busy_until = end
+        self._vclock = state.vtime
+        return Batch(state.key, chosen, rows)
 
     def next_batches(self, now_ns: int, limit: int = 1) -> list[Batch]:
-        # Round-robin over models, one batch per model per turn, until
-        # ``limit`` batches or no model can start another (empty queue, or
-        # all its instances busy).
         batches: list[Batch] = []
-        count = len(self._order)
-        progressed = True
-        while progressed and len(batches) < limit and self._queued:
-            progressed = False
-            for step in range(count):
-                if len(batches) >= limit:
-                    break
-                position = (self._next + step) % count
-                queue = self._queues[self._order[position]]
-                if queue.in_flight >= queue.instances or not queue.items:
+        while len(batches) < limit and self._queued:
+            best = best_head = None
+            best_key = None
+            for state in self._order:
+                if state.queued == 0 or state.in_flight >= state.schedule.instances:
                     continue
-                batch = self._take_batch(queue, now_ns)
-                if batch is not None:
-                    batches.append(batch)
-                    progressed = True
-            self._next = (self._next + 1) % count if count else 0
+                head = self._clean_head(state, now_ns)
+                if head is None or self._ready_at(state, head, now_ns) > now_ns:
+                    continue
+                key = (head.level, state.vtime, state.index)
+                if best_key is None or key < best_key:
+                    best, best_head, best_key = state, head, key
+            if best is None:
+                break
+            batches.append(self._take(best, best_head, now_ns))
         return batches
 
     def complete(self, batch: Batch, duration_ns: int) -> None:
-        queue = self._queues.get(batch.model)
-        if queue is not None:
-            queue.in_flight -= 1
+        state = self._models.get(batch.model)
+        if state is None:
+            return
+        state.in_flight -= 1
+        state.fit.add(batch.rows, duration_ns)
+        state.vtime += duration_ns / state.schedule.weight
 
     def next_wakeup(self, now_ns: int) -> int | None:
-        # FIFO without batching windows: anything runnable is handed out at once.
-        return None
+        wake = None
+        for state in self._order:
+            if state.queued == 0 or state.in_flight >= state.schedule.instances:
+                continue
+            head = self._clean_head(state, now_ns)
+            if head is None:
+                continue
+            at = self._ready_at(state, head, now_ns)
+            if wake is None or at < wake:
+                wake = at
+        return wake
 
     def pop_expired(self) -> list[WorkItem]:
         expired, self._expired = self._expired, []
         return expired
 
     def stats(self) -> dict:
-        return {
-            "scheduler": self.name,
-            "queued": self._queued,
-            "submitted": self._submitted,
-            "batches": self._batches,
-            "models": len(self._queues),
-        }
+        models = {}
+        for state in self._order:
+            models[state.key] = {
+                **state.counters,
+                "queued": state.queued,
+                "in_flight": state.in_flight,
+                "fit_ns_per_row": state.fit.a,
+                "fit_ns_fixed": state.fit.b,
+            }
+        return {"scheduler": self.name, "queued": self._queued, "models": models}

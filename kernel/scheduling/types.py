@@ -15,6 +15,7 @@ ITEM_BATCHED = 1
 ITEM_DONE = 2
 ITEM_CANCELLED = 3
 ITEM_EXPIRED = 4
+ITEM_NEW = 5  # built, not (yet) admitted: a refused item stays NEW
 
 NO_DEADLINE = 0  # deadline_ns value meaning "none"
 
@@ -24,7 +25,7 @@ class WorkItem:
 
     __slots__ = (
         "model", "rows", "shape_key", "priority", "deadline_ns", "enqueued_ns",
-        "inputs", "request_id", "state", "outputs", "error", "on_done", "started_ns", "blocking", "selected", "timings",
+        "inputs", "request_id", "state", "outputs", "error", "on_done", "started_ns", "blocking", "selected", "timings", "tenant", "level", "retry_after_ns",
     )
 
     def __init__(
@@ -37,17 +38,21 @@ class WorkItem:
         priority: int = 1,
         deadline_ns: int = NO_DEADLINE,
         on_done: Callable[["WorkItem"], None] | None = None,
+        tenant: str = "",
     ):
         self.model = model  # scheduler key: a ModelVersion, compared by identity
         self.rows = rows  # rows in the batch dim (1 for models without one)
         self.shape_key = shape_key  # items batch together only with equal keys
         self.priority = priority  # 1 = most urgent
         self.deadline_ns = deadline_ns  # absolute time.monotonic_ns(), or NO_DEADLINE
+        self.tenant = tenant  # queue bounds are kept per tenant
+        self.level = 0  # priority level the scheduler filed it under
+        self.retry_after_ns = 0  # set when admission refuses it
         self.enqueued_ns = 0
         self.started_ns = 0
         self.inputs = inputs
         self.request_id = request_id
-        self.state = ITEM_QUEUED
+        self.state = ITEM_NEW
         self.outputs = None  # list of numpy arrays, this item's slice of the batch output
         self.error: BaseException | None = None
         self.on_done = on_done  # called once, from the lane, when the item leaves the kernel
