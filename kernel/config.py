@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 FRONT_ENDS = ("sync", "aio")
+SCHEDULERS = ("auto", "cython", "reference")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
@@ -29,7 +30,7 @@ class Settings:
     front_end: str = "sync"  # "sync" (thread pool) or "aio" (grpc.aio on uvloop); see bench/RESULTS.md
     workers: int = 64  # gRPC handler threads of the sync front end (concurrent unary calls)
     lane_slots: int = 0  # batches run at once on the CPU lane; 0 = one per usable core
-    scheduler: str = "reference"
+    scheduler: str = "auto"  # "auto" (Cython core when built), "cython" or "reference"
     max_message_bytes: int = 64 * 1024 * 1024  # larger requests get RESOURCE_EXHAUSTED
     grace_seconds: float = 10.0  # SIGTERM: how long in-flight calls may take to finish
     log_level: str = "INFO"
@@ -91,8 +92,8 @@ def _validate(settings: Settings, sources: dict[str, str]) -> None:
         raise bad("grace_seconds", f"must be >= 0, got {settings.grace_seconds}")
     if settings.log_level.upper() not in LOG_LEVELS:
         raise bad("log_level", f"must be one of {', '.join(LOG_LEVELS)}, got {settings.log_level!r}")
-    if settings.scheduler != "reference":
-        raise bad("scheduler", f"must be 'reference', got {settings.scheduler!r}")
+    if settings.scheduler not in SCHEDULERS:
+        raise bad("scheduler", f"must be one of {', '.join(SCHEDULERS)}, got {settings.scheduler!r}")
 
 
 def load_settings(

@@ -53,6 +53,7 @@ from .errors import ModelConfigError
 
 PLATFORM = "onnxruntime_onnx"
 PROVIDERS = ("auto", "cpu", "cuda")
+MAX_PRIORITY_LEVELS = 16  # the compiled scheduler keeps per-level counters in a fixed array
 DEFAULT_MAX_BATCH_SIZE = 64  # rows; used when the config is derived from a graph with a dynamic batch dim
 
 _TOP_KEYS = {
@@ -187,6 +188,13 @@ def _card(path: Path, raw: Any) -> ModelCard:
     )
 
 
+def _levels(path: Path, raw: dict) -> int:
+    levels = _int(path, raw, "priority_levels", 3, 1)
+    if levels > MAX_PRIORITY_LEVELS:
+        raise ModelConfigError(path, "priority_levels", f"must be at most {MAX_PRIORITY_LEVELS}, got {levels}")
+    return levels
+
+
 def parse(path: Path, name: str, version: str, raw: dict) -> ModelConfig:
     """Validate a parsed ``model.toml`` table; errors name the file and the field."""
     unknown = set(raw) - _TOP_KEYS
@@ -235,7 +243,7 @@ def parse(path: Path, name: str, version: str, raw: dict) -> ModelConfig:
         weight=float(weight),
         max_queue_delay_us=_int(path, raw, "max_queue_delay_us", 0, 0),
         preferred_batch_sizes=tuple(sorted(preferred)),
-        priority_levels=_int(path, raw, "priority_levels", 3, 1),
+        priority_levels=_levels(path, raw),
         max_queue=_int(path, raw, "max_queue", 4096, 1),
         max_tenant_queue=_int(path, raw, "max_tenant_queue", 1024, 1),
         card=_card(path, raw.get("card", {})),

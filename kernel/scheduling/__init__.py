@@ -8,10 +8,17 @@ from .types import Batch, WorkItem
 __all__ = ["Batch", "Lane", "ReferenceScheduler", "WorkItem", "run_batch", "make_scheduler"]
 
 
-def make_scheduler(kind: str = "reference"):
-    """The scheduler named by the config; only the reference exists until the Cython core lands."""
-    if kind != "reference":
-        raise ValueError(f"unknown scheduler {kind!r}; available: reference")
+def make_scheduler(kind: str = "auto"):
+    """The scheduler named by the config: ``auto`` (the Cython core when built), ``cython`` or ``reference``."""
+    if kind == "reference":
+        return ReferenceScheduler()
+    from .. import accel
+
+    core = accel.load("scheduler", "kernel._ext.scheduler", "kernel.scheduling.reference")
+    if hasattr(core, "CythonScheduler"):
+        return core.CythonScheduler()
+    if kind == "cython":
+        raise ValueError("scheduler = 'cython' but the extension is not built (run `make build`)")
     return ReferenceScheduler()
 
 

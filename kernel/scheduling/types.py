@@ -25,7 +25,7 @@ class WorkItem:
 
     __slots__ = (
         "model", "rows", "shape_key", "priority", "deadline_ns", "enqueued_ns",
-        "inputs", "request_id", "state", "outputs", "error", "on_done", "started_ns", "blocking", "selected", "timings", "tenant", "level", "retry_after_ns",
+        "inputs", "request_id", "state", "outputs", "error", "on_done", "started_ns", "blocking", "selected", "timings", "tenant", "level", "retry_after_ns", "ticket",
     )
 
     def __init__(
@@ -48,6 +48,7 @@ class WorkItem:
         self.tenant = tenant  # queue bounds are kept per tenant
         self.level = 0  # priority level the scheduler filed it under
         self.retry_after_ns = 0  # set when admission refuses it
+        self.ticket = None  # the compiled scheduler's queue entry for this item
         self.enqueued_ns = 0
         self.started_ns = 0
         self.inputs = inputs

@@ -1,0 +1,119 @@
+"""The Cython core and the Python reference make the same plans on random traces.
+
+Hypothesis generates a trace of model registrations, latency samples, submits
+(random rows, priorities, deadlines, tenants, shapes), cancels, clock
+advances, dispatch steps and completions; both schedulers replay it and every
+observable result must match: admission verdicts and retry hints, batches
+(model, items, rows), expiries, wake-up times and stats.
+"""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kernel.scheduling import implementations
+from kernel.scheduling.policy import ModelSchedule
+from kernel.scheduling.reference import ReferenceScheduler
+from kernel.scheduling.types import WorkItem
+
+IMPLS = implementations()
+pytestmark = pytest.mark.skipif(len(IMPLS) < 2, reason="Cython core not built (run `make build`)")
+
+
+class Model:
+    def __init__(self, index: int):
+        self.name, self.version, self.index = f"m{index}", "1", index
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+schedules = st.builds(
+    ModelSchedule,
+    max_batch_size=st.sampled_from([0, 1, 4, 8, 32]),
+    instances=st.integers(1, 2),
+    weight=st.sampled_from([0.5, 1.0, 3.0]),
+    priority_levels=st.integers(1, 4),
+    max_queue=st.integers(1, 40),
+    max_tenant_queue=st.integers(1, 20),
+    max_queue_delay_ns=st.sampled_from([0, 0, 200_000, 2_000_000]),
+    preferred_batch_sizes=st.sampled_from([(), (2,), (4, 8)]),
+)
+
+ops = st.one_of(
+    st.tuples(st.just("submit"), st.integers(0, 2), st.integers(1, 8), st.integers(0, 5),
+              st.one_of(st.none(), st.integers(-1_000_000, 20_000_000)), st.sampled_from(["", "a", "b"]),
+              st.integers(0, 2)),
+    st.tuples(st.just("cancel"), st.integers(0, 200), st.booleans()),
+    st.tuples(st.just("advance"), st.integers(0, 3_000_000)),
+    st.tuples(st.just("dispatch"), st.integers(1, 4)),
+    st.tuples(st.just("complete"), st.integers(0, 10), st.integers(1_000, 5_000_000)),
+    st.tuples(st.just("observe"), st.integers(0, 2), st.integers(1, 32), st.integers(1_000, 5_000_000)),
+    st.tuples(st.just("wakeup")),
+)
+
+
+def replay(cls, model_schedules, trace) -> list:
+    sched = cls()
+    models = [Model(i) for i in range(len(model_schedules))]
+    for model, schedule in zip(models, model_schedules):
+        sched.add_model(model, schedule)
+    now = 1_000_000_000
+    items: list[WorkItem] = []
+    running = []
+    log = []
+    for op in trace:
+        kind = op[0]
+        if kind == "submit":
+            _, m, rows, priority, deadline, tenant, shape = op
+            model = models[m % len(models)]
+            item = WorkItem(model, rows, ((shape,),), {}, request_id=str(len(items)), priority=priority,
+                            deadline_ns=0 if deadline is None else max(1, now + deadline), tenant=tenant)
+            item.enqueued_ns = now
+            items.append(item)
+            verdict = sched.submit(item, now)
+            log.append(("submit", verdict, item.retry_after_ns if verdict else 0))
+        elif kind == "cancel" and items:
+            item = items[op[1] % len(items)]
+            log.append(("cancel", sched.cancel(item, op[2]), item.state))
+        elif kind == "advance":
+            now += op[1]
+        elif kind == "dispatch":
+            batches = sched.next_batches(now, op[1])
+            running += batches
+            log.append(("dispatch", [(b.model.index, [i.request_id for i in b.items], b.rows) for b in batches]))
+            log.append(("expired", [i.request_id for i in sched.pop_expired()]))
+        elif kind == "complete" and running:
+            batch = running.pop(op[1] % len(running))
+            sched.complete(batch, op[2])
+        elif kind == "observe":
+            sched.observe(models[op[1] % len(models)], op[2], op[3])
+        elif kind == "wakeup":
+            log.append(("wakeup", sched.next_wakeup(now)))
+            log.append(("expired", [i.request_id for i in sched.pop_expired()]))
+    stats = sched.stats()
+    log.append(("stats", stats["queued"], [(k.index, v) for k, v in stats["models"].items()]))
+    log.append(("load", [sched.load(m) for m in models]))
+    log.append(("remove", [[i.request_id for i in sched.remove_model(m)] for m in models]))
+    return log
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(schedules, min_size=1, max_size=3), st.lists(ops, min_size=30, max_size=150))
+def test_same_plans_on_random_traces(model_schedules, trace):
+    reference = replay(ReferenceScheduler, model_schedules, trace)
+    for cls in IMPLS[1:]:
+        assert replay(cls, model_schedules, trace) == reference
+
+
+def test_constants_agree():
+    from kernel._ext import scheduler as core
+    from kernel.scheduling import policy, types
+
+    for name, value in core.CONSTANTS.items():
+        source = policy if hasattr(policy, name) else types
+        if name == "MAX_PRIORITY_LEVELS":
+            continue
+        assert getattr(source, name) == value, name
