@@ -38,7 +38,8 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 bench-micro: $(STAMP)
-	$(PY) -m pytest -q tests/bench --benchmark-enable --benchmark-only
+	$(PY) -m pytest -q tests/bench -o addopts="" --benchmark-only
+	$(PY) -m bench.scheduler_micro
 
 bench: $(STAMP)
 	$(PY) -m bench.frontends

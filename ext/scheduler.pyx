@@ -4,10 +4,9 @@
 # kernel/scheduling/reference.py, whose module docstring describes the
 # algorithm; read that first. What differs here is only representation:
 #
-# - each queued item gets an _Entry holding the fields the scheduler reads
-#   (copied once at submit), so heap comparisons and scans are C
-#   comparisons instead of Python attribute lookups;
-# - the heap is a list of _Entry with heapq's algorithm on typed entries;
+# - WorkItem and Batch are extension types here, so the fields the
+#   scheduler reads are C struct members, not Python attribute lookups;
+# - the heap is a list of WorkItem with heapq's algorithm on typed items;
 # - the latency fit keeps its window in C arrays.
 #
 # Integer arithmetic uses Python semantics (cdivision=False) and the float
@@ -18,8 +17,6 @@
 cimport cython
 
 include "consts.pxi"
-
-from kernel.scheduling.types import Batch as _Batch
 
 # Exposed so a test can check these agree with kernel/scheduling/policy.py.
 CONSTANTS = {
@@ -36,31 +33,56 @@ CONSTANTS = {
     "ITEM_BATCHED": ITEM_BATCHED,
     "ITEM_CANCELLED": ITEM_CANCELLED,
     "ITEM_EXPIRED": ITEM_EXPIRED,
+    "ITEM_NEW": ITEM_NEW,
     "MAX_PRIORITY_LEVELS": MAX_PRIORITY_LEVELS,
 }
 
 
 @cython.freelist(256)
-cdef class _Entry:
-    pass
+cdef class WorkItem:
+    def __init__(self, model, long long rows, shape_key, inputs, request_id, long long priority=1,
+                 long long deadline_ns=NO_DEADLINE, on_done=None, tenant=""):
+        self.model = model
+        self.rows = rows
+        self.shape_key = shape_key
+        self.priority = priority
+        self.deadline_ns = deadline_ns
+        self.tenant = tenant
+        self.inputs = inputs
+        self.request_id = request_id
+        self.state = ITEM_NEW
+        self.on_done = on_done
+        self.timings = _ZERO_TIMINGS
 
 
-cdef inline bint _lt(_Entry x, _Entry y) noexcept:
+@cython.freelist(64)
+cdef class Batch:
+    def __init__(self, model, list items, long long rows):
+        self.model = model
+        self.items = items
+        self.rows = rows
+        self.timings = _ZERO_TIMINGS
+
+
+cdef tuple _ZERO_TIMINGS = (0, 0, 0)
+
+
+cdef inline bint _lt(WorkItem x, WorkItem y) noexcept:
     if x.level != y.level:
         return x.level < y.level
-    if x.key != y.key:
-        return x.key < y.key
-    return x.seq < y.seq
+    if x.sched_key != y.sched_key:
+        return x.sched_key < y.sched_key
+    return x.sched_seq < y.sched_seq
 
 
 cdef void _sift_down(list heap, Py_ssize_t start, Py_ssize_t pos) except *:
     # heapq._siftdown: move heap[pos] up towards start.
-    cdef _Entry new = <_Entry>heap[pos]
-    cdef _Entry parent
+    cdef WorkItem new = <WorkItem>heap[pos]
+    cdef WorkItem parent
     cdef Py_ssize_t parentpos
     while pos > start:
         parentpos = (pos - 1) >> 1
-        parent = <_Entry>heap[parentpos]
+        parent = <WorkItem>heap[parentpos]
         if _lt(new, parent):
             heap[pos] = parent
             pos = parentpos
@@ -73,12 +95,12 @@ cdef void _sift_up(list heap, Py_ssize_t pos) except *:
     # heapq._siftup: bubble the smaller child up, then place heap[pos].
     cdef Py_ssize_t endpos = len(heap)
     cdef Py_ssize_t startpos = pos
-    cdef _Entry new = <_Entry>heap[pos]
+    cdef WorkItem new = <WorkItem>heap[pos]
     cdef Py_ssize_t childpos = 2 * pos + 1
     cdef Py_ssize_t rightpos
     while childpos < endpos:
         rightpos = childpos + 1
-        if rightpos < endpos and not _lt(<_Entry>heap[childpos], <_Entry>heap[rightpos]):
+        if rightpos < endpos and not _lt(<WorkItem>heap[childpos], <WorkItem>heap[rightpos]):
             childpos = rightpos
         heap[pos] = heap[childpos]
         pos = childpos
@@ -87,16 +109,16 @@ cdef void _sift_up(list heap, Py_ssize_t pos) except *:
     _sift_down(heap, startpos, pos)
 
 
-cdef inline void _push(list heap, _Entry e) except *:
+cdef inline void _push(list heap, WorkItem e) except *:
     heap.append(e)
     _sift_down(heap, 0, len(heap) - 1)
 
 
-cdef _Entry _pop(list heap):
-    cdef _Entry last = <_Entry>heap.pop()
-    cdef _Entry top
+cdef WorkItem _pop(list heap):
+    cdef WorkItem last = <WorkItem>heap.pop()
+    cdef WorkItem top
     if heap:
-        top = <_Entry>heap[0]
+        top = <WorkItem>heap[0]
         heap[0] = last
         _sift_up(heap, 0)
         return top
@@ -120,6 +142,7 @@ cdef class _ModelQ:
         self.max_queue_delay_ns = schedule.max_queue_delay_ns
         self.preferred = tuple(schedule.preferred_batch_sizes)
         self.weight = schedule.weight
+        self.track_tenants = self.max_tenant_queue < self.max_queue
         self.heap = []
         self.tenants = {}
         for level in range(MAX_PRIORITY_LEVELS):
@@ -179,6 +202,7 @@ cdef class _ModelQ:
 
 cdef class CythonScheduler:
     name = "cython"
+    item_class = WorkItem  # the core reads its own WorkItem's fields directly
 
     def __cinit__(self):
         self._models = {}
@@ -197,17 +221,16 @@ cdef class CythonScheduler:
 
     def remove_model(self, model):
         cdef _ModelQ m = self._models.pop(model, None)
-        cdef _Entry e
+        cdef WorkItem item
         if m is None:
             return []
         self._order.remove(m)
-        left = [e for e in m.heap if e.state == ITEM_QUEUED]
+        left = [item for item in m.heap if item.state == ITEM_QUEUED]
         left.sort(key=_sort_key)
-        for e in left:
-            e.state = ITEM_CANCELLED
-            e.item.state = ITEM_CANCELLED
+        for item in left:
+            item.state = ITEM_CANCELLED
         self._queued -= m.queued
-        return [e.item for e in left]
+        return left
 
     def observe(self, model, long long rows, long long duration_ns):
         (<_ModelQ>self._models[model]).fit_add(rows, duration_ns)
@@ -216,22 +239,19 @@ cdef class CythonScheduler:
         return (<_ModelQ>self._models[model]).predict(rows)
 
     # -- queueing ------------------------------------------------------------
-    def submit(self, item, long long now_ns):
+    def submit(self, WorkItem item, long long now_ns):
         cdef _ModelQ m = <_ModelQ>self._models[item.model]
         cdef long long priority = item.priority
         cdef int level = <int>(1 if priority < 1 else (m.levels if priority > m.levels else priority))
-        cdef long long rows = item.rows
         cdef long long deadline = item.deadline_ns
         cdef long long gap, finish
-        cdef object tenant = item.tenant
-        cdef _Entry e
         m.submitted += 1
         if m.queued >= m.max_queue:
             return self._reject(m, item, REJECT_QUEUE_FULL, m.predict(m.capacity))
-        if m.tenants.get(tenant, 0) >= m.max_tenant_queue:
+        if m.track_tenants and item.tenant and m.tenants.get(item.tenant, 0) >= m.max_tenant_queue:
             return self._reject(m, item, REJECT_TENANT_FULL, m.predict(m.capacity))
         if deadline != NO_DEADLINE and m.win_count >= 2:
-            finish = now_ns + self._wait_ahead(m, level, rows, now_ns)
+            finish = now_ns + self._wait_ahead(m, level, item.rows, now_ns)
             if finish > deadline:
                 return self._reject(m, item, REJECT_DEADLINE, finish - now_ns)
         if m.last_arrival:
@@ -241,29 +261,19 @@ cdef class CythonScheduler:
         if m.queued == 0 and m.in_flight == 0 and m.vtime < self._vclock:
             m.vtime = self._vclock
         self._seq += 1
-        e = _Entry.__new__(_Entry)
-        e.item = item
-        e.model = m
-        e.level = level
-        e.key = deadline if deadline != NO_DEADLINE else DEADLINE_NEVER
-        e.seq = self._seq
-        e.deadline = deadline
-        e.enqueued = item.enqueued_ns
-        e.rows = rows
-        e.shape_key = item.shape_key
-        e.tenant = tenant
-        e.state = ITEM_QUEUED
-        _push(m.heap, e)
-        item.state = ITEM_QUEUED
         item.level = level
-        item.ticket = e
+        item.sched_key = deadline if deadline != NO_DEADLINE else DEADLINE_NEVER
+        item.sched_seq = self._seq
+        item.state = ITEM_QUEUED
+        _push(m.heap, item)
         m.queued += 1
-        m.rows_by_level[level - 1] += rows
-        m.tenants[tenant] = m.tenants.get(tenant, 0) + 1
+        m.rows_by_level[level - 1] += item.rows
+        if m.track_tenants and item.tenant:
+            m.tenants[item.tenant] = m.tenants.get(item.tenant, 0) + 1
         self._queued += 1
         return ADMITTED
 
-    cdef int _reject(self, _ModelQ m, object item, int reason, long long retry_after_ns) except -1:
+    cdef int _reject(self, _ModelQ m, WorkItem item, int reason, long long retry_after_ns) except -1:
         if reason == REJECT_QUEUE_FULL:
             m.rejected_queue_full += 1
         elif reason == REJECT_TENANT_FULL:
@@ -289,33 +299,30 @@ cdef class CythonScheduler:
             busy = m.busy_until - now_ns
         return busy + work // m.instances
 
-    cdef void _unqueue(self, _ModelQ m, _Entry e) except *:
+    cdef void _unqueue(self, _ModelQ m, WorkItem item) except *:
         m.queued -= 1
-        m.rows_by_level[e.level - 1] -= e.rows
-        left = m.tenants[e.tenant] - 1
-        if left:
-            m.tenants[e.tenant] = left
-        else:
-            del m.tenants[e.tenant]
+        m.rows_by_level[item.level - 1] -= item.rows
+        if m.track_tenants and item.tenant:
+            left = m.tenants[item.tenant] - 1
+            if left:
+                m.tenants[item.tenant] = left
+            else:
+                del m.tenants[item.tenant]
         self._queued -= 1
 
-    def cancel(self, item, bint expired=False):
-        cdef _Entry e
+    def cancel(self, WorkItem item, bint expired=False):
+        cdef _ModelQ m
         if item.state != ITEM_QUEUED:
             return False
-        ticket = getattr(item, "ticket", None)
-        if ticket is None or not isinstance(ticket, _Entry):
+        m = self._models.get(item.model)
+        if m is None:
             return False
-        e = <_Entry>ticket
-        if e.state != ITEM_QUEUED or e.model is None or e.model.key not in self._models:
-            return False
-        e.state = ITEM_EXPIRED if expired else ITEM_CANCELLED
-        item.state = e.state
+        item.state = ITEM_EXPIRED if expired else ITEM_CANCELLED
         if expired:
-            e.model.expired += 1
+            m.expired += 1
         else:
-            e.model.cancelled += 1
-        self._unqueue(e.model, e)
+            m.cancelled += 1
+        self._unqueue(m, item)
         return True
 
     def has_work(self):
@@ -328,29 +335,28 @@ cdef class CythonScheduler:
         return (m.queued, m.in_flight)
 
     # -- dispatch ------------------------------------------------------------
-    cdef _Entry _clean_head(self, _ModelQ m, long long now_ns):
+    cdef WorkItem _clean_head(self, _ModelQ m, long long now_ns):
         cdef list heap = m.heap
-        cdef _Entry e
+        cdef WorkItem item
         while heap:
-            e = <_Entry>heap[0]
-            if e.state != ITEM_QUEUED:
+            item = <WorkItem>heap[0]
+            if item.state != ITEM_QUEUED:
                 _pop(heap)
                 continue
-            if e.deadline != NO_DEADLINE and e.deadline <= now_ns:
+            if item.deadline_ns != NO_DEADLINE and item.deadline_ns <= now_ns:
                 _pop(heap)
-                self._expire(m, e)
+                self._expire(m, item)
                 continue
-            return e
+            return item
         return None
 
-    cdef void _expire(self, _ModelQ m, _Entry e) except *:
-        e.state = ITEM_EXPIRED
-        e.item.state = ITEM_EXPIRED
+    cdef void _expire(self, _ModelQ m, WorkItem item) except *:
+        item.state = ITEM_EXPIRED
         m.expired += 1
-        self._unqueue(m, e)
-        self._expired.append(e.item)
+        self._unqueue(m, item)
+        self._expired.append(item)
 
-    cdef long long _ready_at(self, _ModelQ m, _Entry head, long long now_ns):
+    cdef long long _ready_at(self, _ModelQ m, WorkItem head, long long now_ns):
         cdef long long rows = m.total_rows()
         cdef long long limit, fixed, wake
         if rows >= m.capacity:
@@ -358,51 +364,49 @@ cdef class CythonScheduler:
         if m.max_queue_delay_ns > 0:
             if rows in m.preferred:
                 return now_ns
-            limit = head.enqueued + m.max_queue_delay_ns
+            limit = head.enqueued_ns + m.max_queue_delay_ns
             return now_ns if now_ns >= limit else limit
         if m.win_count < 2 or m.gap == 0:
             return now_ns
         fixed = <long long>m.b
         if m.gap >= fixed:
             return now_ns
-        limit = head.enqueued + fixed
+        limit = head.enqueued_ns + fixed
         if now_ns >= limit:
             return now_ns
         wake = now_ns + m.gap
         if wake > limit:
             wake = limit
-        if head.deadline != NO_DEADLINE and wake + m.predict(rows + 1) > head.deadline:
+        if head.deadline_ns != NO_DEADLINE and wake + m.predict(rows + 1) > head.deadline_ns:
             return now_ns
         return wake
 
-    cdef object _take(self, _ModelQ m, _Entry head, long long now_ns):
+    cdef Batch _take(self, _ModelQ m, WorkItem head, long long now_ns):
         cdef list heap = m.heap
-        cdef _Entry e
+        cdef WorkItem item
         cdef long long rows = head.rows
         cdef long long end
+        cdef Batch batch
         _pop(heap)
         chosen = [head]
         if m.max_batch_size > 0:
             while heap:
-                e = <_Entry>heap[0]
-                if e.state != ITEM_QUEUED:
+                item = <WorkItem>heap[0]
+                if item.state != ITEM_QUEUED:
                     _pop(heap)
                     continue
-                if e.deadline != NO_DEADLINE and e.deadline <= now_ns:
+                if item.deadline_ns != NO_DEADLINE and item.deadline_ns <= now_ns:
                     _pop(heap)
-                    self._expire(m, e)
+                    self._expire(m, item)
                     continue
-                if rows + e.rows > m.max_batch_size or e.shape_key != head.shape_key:
+                if rows + item.rows > m.max_batch_size or item.shape_key != head.shape_key:
                     break
                 _pop(heap)
-                chosen.append(e)
-                rows += e.rows
-        items = []
-        for e in chosen:
-            e.state = ITEM_BATCHED
-            e.item.state = ITEM_BATCHED
-            self._unqueue(m, e)
-            items.append(e.item)
+                chosen.append(item)
+                rows += item.rows
+        for item in chosen:
+            item.state = ITEM_BATCHED
+            self._unqueue(m, item)
         m.in_flight += 1
         m.batches += 1
         m.rows += rows
@@ -410,12 +414,17 @@ cdef class CythonScheduler:
         if end > m.busy_until:
             m.busy_until = end
         self._vclock = m.vtime
-        return _Batch(m.key, items, rows)
+        batch = Batch.__new__(Batch)
+        batch.model = m.key
+        batch.items = chosen
+        batch.rows = rows
+        batch.timings = _ZERO_TIMINGS
+        return batch
 
     def next_batches(self, long long now_ns, Py_ssize_t limit=1):
         cdef list batches = []
         cdef _ModelQ m, best
-        cdef _Entry head, best_head
+        cdef WorkItem head, best_head
         while len(batches) < limit and self._queued:
             best = None
             best_head = None
@@ -447,7 +456,7 @@ cdef class CythonScheduler:
 
     def next_wakeup(self, long long now_ns):
         cdef _ModelQ m
-        cdef _Entry head
+        cdef WorkItem head
         cdef long long at
         wake = None
         for m in self._order:
@@ -487,5 +496,5 @@ cdef class CythonScheduler:
         return {"scheduler": self.name, "queued": self._queued, "models": models}
 
 
-def _sort_key(_Entry e):
-    return (e.level, e.key, e.seq)
+def _sort_key(WorkItem item):
+    return (item.level, item.sched_key, item.sched_seq)

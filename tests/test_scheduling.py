@@ -13,7 +13,7 @@ from kernel.scheduling import implementations
 from kernel.scheduling.policy import (
     ADMITTED, REJECT_DEADLINE, REJECT_QUEUE_FULL, REJECT_TENANT_FULL, ModelSchedule,
 )
-from kernel.scheduling.types import ITEM_BATCHED, ITEM_CANCELLED, ITEM_EXPIRED, ITEM_QUEUED, NO_DEADLINE, WorkItem
+from kernel.scheduling.types import ITEM_BATCHED, ITEM_CANCELLED, ITEM_EXPIRED, ITEM_QUEUED, NO_DEADLINE
 
 MS = 1_000_000
 
@@ -28,8 +28,11 @@ class Model:
         return self.name
 
 
-def item(model, rows=1, shape=(), deadline=NO_DEADLINE, priority=1, tenant="", rid="r") -> WorkItem:
-    return WorkItem(model, rows, shape, {}, request_id=rid, priority=priority, deadline_ns=deadline, tenant=tenant)
+ITEM_CLASS = {}  # model -> the WorkItem class of the scheduler it was added to
+
+
+def item(model, rows=1, shape=(), deadline=NO_DEADLINE, priority=1, tenant="", rid="r"):
+    return ITEM_CLASS[model](model, rows, shape, {}, request_id=rid, priority=priority, deadline_ns=deadline, tenant=tenant)
 
 
 @pytest.fixture(params=implementations(), ids=lambda cls: cls.name)
@@ -40,10 +43,11 @@ def sched(request):
 def add(sched, name="m", max_batch_size=8, **kwargs):
     model = Model(name)
     sched.add_model(model, ModelSchedule(max_batch_size=max_batch_size, **kwargs))
+    ITEM_CLASS[model] = sched.item_class
     return model
 
 
-def submit(sched, model, now=0, **kwargs) -> WorkItem:
+def submit(sched, model, now=0, **kwargs):
     it = item(model, **kwargs)
     it.enqueued_ns = now
     assert sched.submit(it, now) == ADMITTED

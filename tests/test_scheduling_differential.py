@@ -16,7 +16,6 @@ from hypothesis import strategies as st
 from kernel.scheduling import implementations
 from kernel.scheduling.policy import ModelSchedule
 from kernel.scheduling.reference import ReferenceScheduler
-from kernel.scheduling.types import WorkItem
 
 IMPLS = implementations()
 pytestmark = pytest.mark.skipif(len(IMPLS) < 2, reason="Cython core not built (run `make build`)")
@@ -61,7 +60,7 @@ def replay(cls, model_schedules, trace) -> list:
     for model, schedule in zip(models, model_schedules):
         sched.add_model(model, schedule)
     now = 1_000_000_000
-    items: list[WorkItem] = []
+    items = []
     running = []
     log = []
     for op in trace:
@@ -69,7 +68,7 @@ def replay(cls, model_schedules, trace) -> list:
         if kind == "submit":
             _, m, rows, priority, deadline, tenant, shape = op
             model = models[m % len(models)]
-            item = WorkItem(model, rows, ((shape,),), {}, request_id=str(len(items)), priority=priority,
+            item = cls.item_class(model, rows, ((shape,),), {}, request_id=str(len(items)), priority=priority,
                             deadline_ns=0 if deadline is None else max(1, now + deadline), tenant=tenant)
             item.enqueued_ns = now
             items.append(item)

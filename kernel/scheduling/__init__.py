@@ -23,12 +23,19 @@ def make_scheduler(kind: str = "auto"):
 
 
 def implementations() -> list:
-    """Every scheduler class available here: the reference, and the Cython core when built."""
-    found = [ReferenceScheduler]
-    try:
-        from .._ext.scheduler import CythonScheduler
+    """Every scheduler class available here: the reference, and the Cython core when built.
 
-        found.append(CythonScheduler)
-    except ImportError:
-        pass
+    Each has ``item_class``: the WorkItem class it is tested with (the
+    reference runs on the pure-Python items, the core on its own).
+    """
+    from .. import accel
+
+    found = [ReferenceScheduler]
+    if not accel.FORCE_PURE:
+        try:
+            from .._ext.scheduler import CythonScheduler
+        except ImportError:
+            pass
+        else:
+            found.append(CythonScheduler)
     return found

@@ -26,6 +26,8 @@ NOTE: the algorithm.
   past the point where the head's deadline would be missed.
 - Among ready models: the most urgent head level first, then the smallest
   virtual time (batch time divided by the model's weight: weighted fair share).
+- Queue bounds: ``max_queue`` requests per model, ``max_tenant_queue`` per
+  named tenant (requests without a tenant count only against the model).
 - Admission: a request whose deadline cannot be met given the rows queued
   ahead of it (same or more urgent levels) and the running batch is refused
   at submit, with the predicted wait as its retry hint; so are requests over
@@ -41,12 +43,12 @@ from .policy import (
     ADMITTED, ARRIVAL_EWMA_SHIFT, DEADLINE_NEVER, NO_DEADLINE, REJECT_DEADLINE, REJECT_QUEUE_FULL,
     REJECT_TENANT_FULL, ModelSchedule,
 )
-from .types import ITEM_BATCHED, ITEM_CANCELLED, ITEM_EXPIRED, ITEM_QUEUED, Batch, WorkItem
+from .types import ITEM_BATCHED, ITEM_CANCELLED, ITEM_EXPIRED, ITEM_QUEUED, Batch, PyWorkItem, WorkItem
 
 
 class _Model:
     __slots__ = (
-        "key", "index", "schedule", "heap", "queued", "rows_by_level", "tenants", "in_flight",
+        "key", "index", "schedule", "heap", "queued", "rows_by_level", "tenants", "track_tenants", "in_flight",
         "busy_until", "vtime", "fit", "last_arrival", "gap", "counters",
     )
 
@@ -58,6 +60,8 @@ class _Model:
         self.queued = 0
         self.rows_by_level = [0] * schedule.priority_levels
         self.tenants: dict[str, int] = {}
+        # Per-tenant counts only matter when that bound is tighter than the model's.
+        self.track_tenants = schedule.max_tenant_queue < schedule.max_queue
         self.in_flight = 0
         self.busy_until = 0  # predicted end of the latest dispatched batch
         self.vtime = 0.0
@@ -72,6 +76,7 @@ class _Model:
 
 class ReferenceScheduler:
     name = "reference"
+    item_class = PyWorkItem  # works with the compiled WorkItem too (it reads attributes only)
 
     def __init__(self) -> None:
         self._models: dict[object, _Model] = {}
@@ -116,7 +121,7 @@ class ReferenceScheduler:
         state.counters["submitted"] += 1
         if state.queued >= schedule.max_queue:
             return self._reject(state, item, REJECT_QUEUE_FULL, state.fit.predict(schedule.capacity))
-        if state.tenants.get(item.tenant, 0) >= schedule.max_tenant_queue:
+        if state.track_tenants and item.tenant and state.tenants.get(item.tenant, 0) >= schedule.max_tenant_queue:
             return self._reject(state, item, REJECT_TENANT_FULL, state.fit.predict(schedule.capacity))
         if item.deadline_ns != NO_DEADLINE and state.fit.known:
             finish = now_ns + self._wait_ahead(state, level, item.rows, now_ns)
@@ -136,7 +141,8 @@ class ReferenceScheduler:
         item.level = level
         state.queued += 1
         state.rows_by_level[level - 1] += item.rows
-        state.tenants[item.tenant] = state.tenants.get(item.tenant, 0) + 1
+        if state.track_tenants and item.tenant:
+            state.tenants[item.tenant] = state.tenants.get(item.tenant, 0) + 1
         self._queued += 1
         return ADMITTED
 
@@ -166,11 +172,12 @@ class ReferenceScheduler:
     def _unqueue(self, state: _Model, item: WorkItem) -> None:
         state.queued -= 1
         state.rows_by_level[item.level - 1] -= item.rows
-        left = state.tenants[item.tenant] - 1
-        if left:
-            state.tenants[item.tenant] = left
-        else:
-            del state.tenants[item.tenant]
+        if state.track_tenants and item.tenant:
+            left = state.tenants[item.tenant] - 1
+            if left:
+                state.tenants[item.tenant] = left
+            else:
+                del state.tenants[item.tenant]
         self._queued -= 1
 
     def cancel(self, item: WorkItem, expired: bool = False) -> bool:

@@ -1,7 +1,11 @@
 """What the scheduler queues and hands out: work items and batches.
 
 The scheduler reads only the routing fields of an item (model, rows,
-shape_key, priority, deadline); the tensors ride along for the executor.
+shape_key, priority, deadline, tenant); the tensors ride along for the
+executor. ``WorkItem`` and ``Batch`` are the compiled classes of
+``ext/scheduler.pyx`` when built (the core then reads their fields as C
+struct members); ``PyWorkItem``/``PyBatch`` here are their pure-Python
+references with the same attributes.
 """
 
 from __future__ import annotations
@@ -20,12 +24,13 @@ ITEM_NEW = 5  # built, not (yet) admitted: a refused item stays NEW
 NO_DEADLINE = 0  # deadline_ns value meaning "none"
 
 
-class WorkItem:
+class PyWorkItem:
     """One request's rows for one model version."""
 
     __slots__ = (
-        "model", "rows", "shape_key", "priority", "deadline_ns", "enqueued_ns",
-        "inputs", "request_id", "state", "outputs", "error", "on_done", "started_ns", "blocking", "selected", "timings", "tenant", "level", "retry_after_ns", "ticket",
+        "model", "rows", "shape_key", "priority", "deadline_ns", "enqueued_ns", "started_ns", "inputs",
+        "request_id", "state", "outputs", "error", "on_done", "blocking", "selected", "timings", "tenant",
+        "level", "retry_after_ns", "sched_key", "sched_seq",
     )
 
     def __init__(
@@ -33,11 +38,11 @@ class WorkItem:
         model: Any,
         rows: int,
         shape_key: Any,
-        inputs: dict,
+        inputs: Any,
         request_id: str,
         priority: int = 1,
         deadline_ns: int = NO_DEADLINE,
-        on_done: Callable[["WorkItem"], None] | None = None,
+        on_done: Callable[[Any], None] | None = None,
         tenant: str = "",
     ):
         self.model = model  # scheduler key: a ModelVersion, compared by identity
@@ -46,9 +51,6 @@ class WorkItem:
         self.priority = priority  # 1 = most urgent
         self.deadline_ns = deadline_ns  # absolute time.monotonic_ns(), or NO_DEADLINE
         self.tenant = tenant  # queue bounds are kept per tenant
-        self.level = 0  # priority level the scheduler filed it under
-        self.retry_after_ns = 0  # set when admission refuses it
-        self.ticket = None  # the compiled scheduler's queue entry for this item
         self.enqueued_ns = 0
         self.started_ns = 0
         self.inputs = inputs
@@ -57,18 +59,37 @@ class WorkItem:
         self.outputs = None  # list of numpy arrays, this item's slice of the batch output
         self.error: BaseException | None = None
         self.on_done = on_done  # called once, from the lane, when the item leaves the kernel
-        self.timings = (0, 0, 0)  # its batch's compute phases, ns (for statistics)
-        self.selected = None  # indices of the outputs the caller asked for; None = all
         self.blocking = False  # the submitting thread waits and may run batches itself
+        self.selected = None  # indices of the outputs the caller asked for; None = all
+        self.timings = (0, 0, 0)  # its batch's compute phases, ns (for statistics)
+        self.level = 0  # priority level the scheduler filed it under
+        self.retry_after_ns = 0  # set when admission refuses it
+        self.sched_key = 0  # the scheduler's ordering key (deadline or "never")
+        self.sched_seq = 0  # the scheduler's arrival number
 
 
-class Batch:
+class PyBatch:
     """Items of one model version that run in one model call."""
 
     __slots__ = ("model", "items", "rows", "timings")
 
-    def __init__(self, model: Any, items: list[WorkItem], rows: int):
+    def __init__(self, model: Any, items: list, rows: int):
         self.model = model
         self.items = items  # never empty; all share the model and the shape_key
         self.rows = rows  # sum of item rows; <= the model's max_batch_size when it batches
         self.timings = (0, 0, 0)  # ns spent gathering inputs, in the model, slicing outputs
+
+
+def _compiled():
+    from .. import accel
+
+    if accel.FORCE_PURE:
+        return PyWorkItem, PyBatch
+    try:
+        from .._ext.scheduler import Batch, WorkItem
+    except ImportError:  # kernel.accel reports missing extensions once, when it loads one
+        return PyWorkItem, PyBatch
+    return WorkItem, Batch
+
+
+WorkItem, Batch = _compiled()
