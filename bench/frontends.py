@@ -140,6 +140,8 @@ def snapshot_code(out: Path, stamp: str) -> Path:
     (root / "bench").mkdir(parents=True)
     for name in ("__init__.py", "naive_server.py", "kernel_compat.py"):
         shutil.copy2(REPO_ROOT / "bench" / name, root / "bench" / name)
+    diff = subprocess.run(["git", "diff", "HEAD", "--", "kernel"], capture_output=True, text=True, cwd=REPO_ROOT)
+    (root / "kernel-uncommitted.diff").write_text(diff.stdout)  # what the snapshot adds to the commit
     return root
 
 
@@ -202,7 +204,23 @@ def wait_idle(max_wait_s: float, below_cores: float = 0.3, sample_s: float = 1.0
             return round(waited, 1), round(cores, 2)
 
 
+def model_counts(url: str, model: str) -> tuple[int, int] | None:
+    """(inference_count, execution_count) from the server's ModelStatistics, or None."""
+    try:
+        import tritonclient.grpc as grpcclient
+
+        client = grpcclient.InferenceServerClient(url)
+        try:
+            stats = client.get_inference_statistics(model).model_stats[0]
+        finally:
+            client.close()
+        return int(stats.inference_count), int(stats.execution_count)
+    except Exception:  # noqa: BLE001 - a diagnostic, never a reason to fail a run
+        return None
+
+
 def measure_point(server: procs.ServerProc, model: str, conc: int, args) -> dict:
+    counts0 = model_counts(server.url, model)
     cpu0, busy0, t0 = server.cpu_seconds(), busy_seconds(), time.perf_counter()
     try:
         res = run_perf_analyzer(server.url, model, conc, args.window_ms, cpu=args.client_cpu, quiet=True)
@@ -217,6 +235,10 @@ def measure_point(server: procs.ServerProc, model: str, conc: int, args) -> dict
         # what the whole machine did minus the server and perf_analyzer: other users' load (noise)
         client = res["client_cpu"] * res["wall_s"] / (t1 - t0)
         res["other_cpu_cores"] = round(max(0.0, (busy1 - busy0) / (t1 - t0) - cores - client), 3)
+    counts1 = model_counts(server.url, model)
+    if counts0 and counts1 and counts1[1] > counts0[1]:
+        # rows per model execution over the whole perf_analyzer run (1.0 = no batching)
+        res["rows_per_batch"] = round((counts1[0] - counts0[0]) / (counts1[1] - counts0[1]), 2)
     return res
 
 
@@ -292,6 +314,8 @@ def progress_line(done: int, total: int, r: dict) -> str:
             f"  n={int(r['request_count'] or 0)}  client {r['client_cpu']:.2f} cores")
     if r.get("server_cpu_us_per_inf") is not None:
         line += f"  server {r['server_cpu_cores']:.2f} cores, {r['server_cpu_us_per_inf']:.0f} us/inf"
+    if r.get("rows_per_batch") is not None:
+        line += f"  {r['rows_per_batch']:.1f} rows/batch"
     if r.get("other_cpu_cores") is not None:
         line += f"  others {r['other_cpu_cores']:.2f} cores"
     if r.get("client_saturated"):
@@ -316,6 +340,9 @@ def summarise(runs: list[dict], models: list[str], conc: dict, systems: list[str
                              and r["system"] == system and "error" in r)
                 point = {"model": model, "concurrency": c, "system": system, "failed_runs": failed,
                          "saturated_runs": sum(1 for r in rs if r.get("client_saturated"))}
+                rows = [r["rows_per_batch"] for r in rs if r.get("rows_per_batch") is not None]
+                if rows:
+                    point["rows_per_batch"] = _spread(rows)
                 other = [r["other_cpu_cores"] for r in rs if r.get("other_cpu_cores") is not None]
                 if other:
                     point["other_cpu_cores"] = _spread(other)
@@ -357,8 +384,8 @@ def _other(s: dict | None) -> str:
 
 def markdown_tables(summary: dict) -> str:
     lines = ["| model | conc | system | infer/s median (min–max) | p50 ms | p99 ms | server CPU µs/inf "
-             "| others' CPU, cores (max) | notes |",
-             "|---|---:|---|---|---|---|---|---|---|"]
+             "| rows/batch | others' CPU, cores (max) | notes |",
+             "|---|---:|---|---|---|---|---|---|---|---|"]
     for p in summary["points"]:
         notes = []
         if p["failed_runs"]:
@@ -368,7 +395,7 @@ def markdown_tables(summary: dict) -> str:
         n = p.get("throughput", {}).get("n", 0)
         lines.append(f"| {p['model']} | {p['concurrency']} | {p['system']} | {_fmt(p.get('throughput'))} | "
                      f"{_fmt(p.get('p50_ms'), 3)} | {_fmt(p.get('p99_ms'), 3)} | {_fmt(p.get('server_cpu_us_per_inf'))} | "
-                     f"{_other(p.get('other_cpu_cores'))} | "
+                     f"{_fmt(p.get('rows_per_batch'), 1)} | {_other(p.get('other_cpu_cores'))} | "
                      f"n={n}{'; ' + ', '.join(notes) if notes else ''} |")
     lines += ["", "| model | conc | ratio | throughput, ratio of medians | per-round ratios (min–max) | p99, ratio of medians |",
               "|---|---:|---|---:|---|---:|"]

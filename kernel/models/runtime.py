@@ -48,7 +48,9 @@ def _session_options(config: ModelConfig) -> ort.SessionOptions:
     options.inter_op_num_threads = config.inter_op_threads
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3  # errors only: onnxruntime's warnings flood the kernel log
+    # Fatal only: run-time faults are raised to us and logged once, with request ids,
+    # by the executor; onnxruntime's own copy on stderr would only duplicate them.
+    options.log_severity_level = 4
     return options
 
 

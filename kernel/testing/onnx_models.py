@@ -131,3 +131,25 @@ def reshape() -> onnx.ModelProto:
         [helper.make_tensor_value_info("reshaped", TensorProto.FLOAT, [None, None])],
     )
     return _finish(graph)
+
+
+def lookup(table_rows: int = 4) -> onnx.ModelProto:
+    """``Gather(table, Cast<int64>(x))``: FP32 ``x`` [batch, 1] picks rows of a fixed table.
+
+    The deliberate poison model: an index outside the table (say 100, or a
+    NaN, which casts to INT64_MIN) makes onnxruntime raise for the whole
+    batch, as a NaN-producing input makes a real model fail.
+    """
+    table = numpy_helper.from_array(np.arange(table_rows * 2, dtype=np.float32).reshape(table_rows, 2), "table")
+    graph = helper.make_graph(
+        [
+            helper.make_node("Cast", ["x"], ["index"], to=TensorProto.INT64),
+            helper.make_node("Squeeze", ["index", "axes"], ["flat"]),
+            helper.make_node("Gather", ["table", "flat"], ["y"], axis=0),
+        ],
+        "lookup",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 2])],
+        initializer=[table, numpy_helper.from_array(np.array([1], np.int64), "axes")],
+    )
+    return _finish(graph)

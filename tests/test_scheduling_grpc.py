@@ -1,0 +1,195 @@
+"""Scheduling seen through real gRPC clients: deadlines, cancellation, priorities, splitting, poison.
+
+The kernel runs with one lane slot. A train of long priority-1 batches of the
+`slow` model holds the lane while a test queues priority-2 (or lower)
+requests for other models behind it; strict priority keeps them queued until
+the train has passed.
+"""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from kernel._proto.aios.kernel.v1 import kernel_pb2, kernel_pb2_grpc
+from kernel._proto.inference import grpc_service_pb2 as pb
+from kernel._proto.inference import grpc_service_pb2_grpc as pb_grpc
+from kernel.testing import onnx_models
+from conftest import start_kernel
+
+SLOW_ROWS = 512  # ~0.1-0.3 s of one core: long enough to queue behind
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sched")
+    onnx_models.save(onnx_models.mlp([64, 2048, 2048, 2048, 8], seed=1), root / "slow" / "1" / "model.onnx")
+    (root / "slow" / "1" / "model.toml").write_text(
+        f'max_batch_size = {SLOW_ROWS}\n[[input]]\nname = "INPUT0"\ndatatype = "FP32"\ndims = [64]\n'
+        '[[output]]\nname = "OUTPUT0"\ndatatype = "FP32"\ndims = [8]\n'
+    )
+    onnx_models.save(onnx_models.mlp([16, 64, 4], seed=2), root / "tiny" / "1" / "model.onnx")
+    (root / "tiny" / "1" / "model.toml").write_text(
+        'max_batch_size = 8\n[[input]]\nname = "INPUT0"\ndatatype = "FP32"\ndims = [16]\n'
+        '[[output]]\nname = "OUTPUT0"\ndatatype = "FP32"\ndims = [4]\n'
+    )
+    # About a millisecond per single-row call: responses overtake each other far less than that.
+    onnx_models.save(onnx_models.mlp([64, 2048, 2048, 8], seed=3), root / "one" / "1" / "model.onnx")
+    (root / "one" / "1" / "model.toml").write_text(
+        'max_batch_size = 1\n[[input]]\nname = "INPUT0"\ndatatype = "FP32"\ndims = [64]\n'
+        '[[output]]\nname = "OUTPUT0"\ndatatype = "FP32"\ndims = [8]\n'
+    )
+    onnx_models.save(onnx_models.lookup(), root / "lookup" / "1" / "model.onnx")
+    return root
+
+
+@pytest.fixture(scope="module", params=["sync", "aio"])
+def kernel(request, repo):
+    server = start_kernel(repo, request.param, lane_slots=1)
+    yield server
+    server.stop(grace=2)
+
+
+@pytest.fixture
+def channel(kernel):
+    with grpc.insecure_channel(f"127.0.0.1:{kernel.port}") as ch:
+        yield ch
+
+
+@pytest.fixture
+def stub(channel):
+    return pb_grpc.GRPCInferenceServiceStub(channel)
+
+
+def request_for(model: str, array: np.ndarray, input_name: str = "INPUT0", **params) -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name=model)
+    request.inputs.add(name=input_name, datatype="FP32", shape=list(array.shape))
+    request.raw_input_contents.append(np.ascontiguousarray(array, np.float32).tobytes())
+    for key, value in params.items():
+        request.parameters[key].int64_param = value
+    return request
+
+
+def output(response) -> np.ndarray:
+    return np.frombuffer(response.raw_output_contents[0], np.float32).reshape(tuple(response.outputs[0].shape))
+
+
+def summaries(channel) -> dict:
+    stub = kernel_pb2_grpc.AdminServiceStub(channel)
+    return {m.name: m for m in stub.ListModels(kernel_pb2.ListModelsRequest()).models}
+
+
+def wait_until(predicate, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+    raise AssertionError("condition not reached in time")
+
+
+class LaneTrain:
+    """Several long `slow` batches at priority 1, one after another on the lane's only slot."""
+
+    def __init__(self, stub, channel, batches: int = 8):
+        self.calls = [
+            stub.ModelInfer.future(request_for("slow", np.ones((SLOW_ROWS, 64)), priority=1), timeout=120)
+            for _ in range(batches)
+        ]
+        wait_until(lambda: summaries(channel)["slow"].running_batches == 1 or self.done())
+        assert not self.done(), "the slow batches finished before the test could queue behind them"
+
+    def done(self) -> bool:
+        return all(call.done() for call in self.calls)
+
+    def result(self) -> None:
+        for call in self.calls:
+            call.result()
+
+
+def occupy_lane(stub, channel) -> LaneTrain:
+    return LaneTrain(stub, channel)
+
+
+def executions(kernel, model: str) -> int:
+    return kernel.hub.get(model).stats.execution_count
+
+
+def test_deadline_passing_in_queue_is_deadline_exceeded_and_never_runs(kernel, stub, channel):
+    before = executions(kernel, "tiny")
+    expired_before = kernel.lane.stats()["models"][kernel.hub.get("tiny")]["expired"]
+    blocker = occupy_lane(stub, channel)
+    # Admission sees tiny's own queue empty, so it admits; the lane is busy far longer than 20 ms.
+    late = request_for("tiny", np.ones((1, 16)), timeout=20_000, priority=2)
+    with pytest.raises(grpc.RpcError) as info:
+        stub.ModelInfer(late, timeout=60)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "never ran" in info.value.details()
+    blocker.result()
+    assert executions(kernel, "tiny") == before  # the model never ran it
+    assert kernel.lane.stats()["models"][kernel.hub.get("tiny")]["expired"] == expired_before + 1
+
+
+def test_client_cancellation_removes_the_queued_item(kernel, stub, channel):
+    before = executions(kernel, "tiny")
+    cancelled_before = kernel.lane.stats()["models"][kernel.hub.get("tiny")]["cancelled"]
+    blocker = occupy_lane(stub, channel)
+    call = stub.ModelInfer.future(request_for("tiny", np.ones((1, 16)), priority=2), timeout=60)
+    wait_until(lambda: summaries(channel)["tiny"].queued_requests == 1)
+    call.cancel()
+    wait_until(lambda: kernel.lane.stats()["models"][kernel.hub.get("tiny")]["cancelled"] == cancelled_before + 1)
+    assert summaries(channel)["tiny"].queued_requests == 0
+    blocker.result()
+    assert executions(kernel, "tiny") == before
+
+
+def test_priority_one_overtakes_a_full_low_priority_queue(kernel, stub, channel):
+    blocker = occupy_lane(stub, channel)
+    low = [stub.ModelInfer.future(request_for("one", np.full((1, 64), i), priority=3), timeout=60) for i in range(20)]
+    wait_until(lambda: summaries(channel)["one"].queued_requests == 20)
+    urgent = stub.ModelInfer.future(request_for("one", np.zeros((1, 64)), priority=2), timeout=60)
+    wait_until(lambda: summaries(channel)["one"].queued_requests == 21)
+    blocker.result()
+    urgent.result()
+    finished_low = sum(call.done() for call in low)
+    for call in low:
+        call.result()
+    # One request per batch, one lane slot: the urgent one (level 2) runs before the 20 (level 3) queued earlier
+    # (first-come-first-served would finish all 20 first; a few may answer while its reply travels).
+    assert finished_low <= 5, f"{finished_low} low-priority requests finished before the urgent one"
+
+
+def test_random_row_counts_come_back_exactly_split(kernel, stub, channel, repo):
+    """48 requests of 1-8 rows queue behind a long batch, then share batches of up to 8 rows.
+
+    (48: below the sync front end's 64 handler threads, so all of them are held at once.)"""
+    session = ort.InferenceSession(str(repo / "tiny" / "1" / "model.onnx"))
+    before = executions(kernel, "tiny")
+    rng = np.random.default_rng(11)
+    inputs = [rng.normal(size=(int(rng.integers(1, 9)), 16)).astype(np.float32) for _ in range(48)]
+    blocker = occupy_lane(stub, channel)
+    calls = [stub.ModelInfer.future(request_for("tiny", x, priority=2), timeout=60) for x in inputs]
+    wait_until(lambda: summaries(channel)["tiny"].queued_requests == 48)
+    blocker.result()
+    for x, call in zip(inputs, calls):
+        np.testing.assert_allclose(output(call.result()), session.run(None, {"INPUT0": x})[0], rtol=1e-5, atol=1e-6)
+    assert executions(kernel, "tiny") - before < 48  # requests shared batches, and each got its own rows
+
+
+def test_a_poisoned_request_fails_alone(kernel, stub, channel):
+    blocker = occupy_lane(stub, channel)
+    good = [
+        stub.ModelInfer.future(request_for("lookup", np.array([[i % 4]]), input_name="x", priority=2), timeout=60)
+        for i in range(5)
+    ]
+    poisoned = stub.ModelInfer.future(request_for("lookup", np.array([[np.nan]]), input_name="x", priority=2), timeout=60)
+    wait_until(lambda: summaries(channel)["lookup"].queued_requests == 6)
+    blocker.result()
+    for i, call in enumerate(good):
+        np.testing.assert_array_equal(output(call.result()), [[2 * (i % 4), 2 * (i % 4) + 1]])
+    with pytest.raises(grpc.RpcError) as info:
+        poisoned.result()
+    assert info.value.code() == grpc.StatusCode.INTERNAL and "request id" in info.value.details()
