@@ -5,13 +5,19 @@ Two ways in:
 - ``run_blocking(item)`` for callers that may block (the threaded gRPC front
   end). The caller's own thread runs batches while its item is unfinished
   (leader/follower): with nothing queued, a request runs inline with no
-  thread hop at all; under load, whichever waiting thread finds a free slot
-  runs the next batch, which holds the requests of several callers.
+  thread hop at all; under load, whichever waiting thread is handed a free
+  slot runs the next batch, which holds the requests of several callers.
 - ``submit(item)`` for callers that must not block (asyncio, streams): a
   parked helper thread runs the batch and calls ``item.on_done``.
 
 Either way the scheduler decides what runs; the lane only supplies threads,
 the lock and the clock. ``slots`` bounds how many batches run at once.
+
+Waking is targeted, never a broadcast: a blocked caller sleeps on a lock of
+its own and is woken when its item finishes, or when it is chosen to run
+the next batch (one sleeper per freed slot). A broadcast would wake every
+waiting handler thread after every batch, which costs more CPU than the
+batch saves at high concurrency.
 """
 
 from __future__ import annotations
@@ -48,12 +54,10 @@ class Lane:
         self._on_batch = on_batch  # stats hook: (batch, compute_ns), called under the lock
         self._on_item = on_item  # stats hook: each finished item, called under the lock
         self._lock = threading.Lock()
-        self._done = threading.Condition(self._lock)  # blocking callers wait here
         self._work = threading.Condition(self._lock)  # helpers wait here
+        self._sleepers: dict = {}  # blocked item -> its thread's wake-up lock (insertion ordered)
         self._free_slots = slots
-        self._blocked = 0  # blocking callers waiting on _done
         self._async_queued = 0  # queued items whose callers will not run batches themselves
-        self._running = 0
         self._closed = False
         self._helpers = [
             threading.Thread(target=self._helper, name=f"aios-lane-{name}-{i}", daemon=True) for i in range(slots)
@@ -72,38 +76,54 @@ class Lane:
     def remove_model(self, model) -> None:
         """Stop queueing for ``model``; its queued items fail with UNAVAILABLE."""
         with self._lock:
-            left = self.scheduler.remove_model(model)
-            for item in left:
+            for item in self.scheduler.remove_model(model):
                 item.error = Unavailable(f"model {model.name}/{model.version} was unloaded before the request ran")
                 item.state = ITEM_CANCELLED
                 self._finish_locked(item)
-        self._callbacks(left)
 
     def load(self, model) -> tuple[int, int]:
         """(queued requests, running batches) of ``model``."""
         with self._lock:
             return self.scheduler.load(model)
 
+    def stats(self) -> dict:
+        with self._lock:
+            return self.scheduler.stats()
+
     # -- entry points ---------------------------------------------------------
     def run_blocking(self, item: WorkItem) -> WorkItem:
         """Queue ``item`` and return once it is finished; may run batches on this thread."""
-        with self._lock:
+        lock = self._lock
+        with lock:
             self._submit_locked(item, blocking=True)
             while item.state not in _FINISHED:
+                now = time.monotonic_ns()
+                wake_at = None
                 if self._free_slots > 0:
-                    batch = self._next_batch_locked()
+                    batch = self._next_batch_locked(now)
                     if batch is not None:
                         self._run_locked(batch)
                         continue
-                timeout = None
+                    if item.state in _FINISHED:  # expired while looking for a batch
+                        break
+                    wake_at = self.scheduler.next_wakeup(now)  # a batching window may be open
                 if item.deadline_ns != NO_DEADLINE:
-                    timeout = (item.deadline_ns - time.monotonic_ns()) / 1e9
-                    if timeout <= 0:
+                    if item.deadline_ns <= now:
                         self._expire_locked(item)
                         break
-                self._blocked += 1
-                self._done.wait(timeout)
-                self._blocked -= 1
+                    wake_at = item.deadline_ns if wake_at is None else min(wake_at, item.deadline_ns)
+                waiter = threading.Lock()
+                waiter.acquire()
+                self._sleepers[item] = waiter
+                lock.release()
+                try:
+                    if wake_at is None:
+                        waiter.acquire()
+                    else:
+                        waiter.acquire(timeout=max(0.0, (wake_at - time.monotonic_ns()) / 1e9))
+                finally:
+                    lock.acquire()
+                    self._sleepers.pop(item, None)
         return item
 
     def submit(self, item: WorkItem) -> None:
@@ -119,9 +139,7 @@ class Lane:
                 return False
             item.error = Cancelled(reason)
             self._finish_locked(item)
-            self._done.notify_all()
-        self._callbacks([item])
-        return True
+            return True
 
     def close(self) -> None:
         """Stop the helpers once the queue is empty (call after the front end drained)."""
@@ -143,14 +161,10 @@ class Lane:
         if not blocking:
             self._async_queued += 1
 
-    def _next_batch_locked(self) -> Batch | None:
-        batches = self.scheduler.next_batches(time.monotonic_ns(), 1)
-        expired = self.scheduler.pop_expired()
-        if expired:
-            for item in expired:
-                self._expire_locked(item, already_removed=True)
-            self._done.notify_all()
-            self._callbacks_locked(expired)
+    def _next_batch_locked(self, now: int) -> Batch | None:
+        batches = self.scheduler.next_batches(now, 1)
+        for item in self.scheduler.pop_expired():
+            self._expire_locked(item, already_removed=True)
         return batches[0] if batches else None
 
     def _expire_locked(self, item: WorkItem, already_removed: bool = False) -> None:
@@ -167,7 +181,6 @@ class Lane:
     def _run_locked(self, batch: Batch) -> None:
         """Run ``batch`` with the lock released; re-acquires it before returning."""
         self._free_slots -= 1
-        self._running += 1
         now = time.monotonic_ns()
         for item in batch.items:
             item.started_ns = now
@@ -176,7 +189,6 @@ class Lane:
             compute_ns = self._execute(batch)
         finally:
             self._lock.acquire()
-        self._running -= 1
         self._free_slots += 1
         self.scheduler.complete(batch, compute_ns)
         if self._on_batch is not None:
@@ -191,45 +203,43 @@ class Lane:
                     f"the model finished {(now - item.deadline_ns) / 1e6:.1f} ms after the request's deadline"
                 )
             self._finish_locked(item)
-        if self._blocked:
-            self._done.notify_all()
-        if self._async_queued and self.scheduler.has_work():
+        if self.scheduler.has_work():
+            self._hand_over_slot_locked()
+
+    def _hand_over_slot_locked(self) -> None:
+        """A slot is free and work is queued: wake one thread to run the next batch."""
+        if self._sleepers:
+            self._sleepers.pop(next(iter(self._sleepers))).release()
+        elif self._async_queued:
             self._work.notify()
-        self._callbacks_locked(batch.items)
 
     def _finish_locked(self, item: WorkItem) -> None:
-        if not item.blocking:
+        """``item`` left the kernel: wake its caller, count it, call its callback."""
+        if item.blocking:
+            waiter = self._sleepers.pop(item, None)
+            if waiter is not None:
+                waiter.release()
+        else:
             self._async_queued -= 1
         if self._on_item is not None:
             self._on_item(item)
-
-    def _callbacks_locked(self, items) -> None:
-        # on_done hands results to another thread (an event loop): cheap and
+        # on_done hands the result to another thread (an event loop): cheap and
         # non-blocking by contract, so it is safe to call with the lock held.
-        for item in items:
-            if item.on_done is not None:
-                item.on_done(item)
-
-    def _callbacks(self, items) -> None:
-        for item in items:
-            if item.on_done is not None:
-                item.on_done(item)
-
-    def stats(self) -> dict:
-        with self._lock:
-            return self.scheduler.stats()
+        if item.on_done is not None:
+            item.on_done(item)
 
     def _helper(self) -> None:
         with self._lock:
             while True:
+                now = time.monotonic_ns()
                 if self._free_slots > 0 and self.scheduler.has_work():
-                    batch = self._next_batch_locked()
+                    batch = self._next_batch_locked(now)
                     if batch is not None:
                         self._run_locked(batch)
                         continue
                 if self._closed and not self.scheduler.has_work():
                     return
-                wakeup = self.scheduler.next_wakeup(time.monotonic_ns())
+                wakeup = self.scheduler.next_wakeup(now)
                 timeout = _IDLE_POLL_S if wakeup is None else max(0.0, (wakeup - time.monotonic_ns()) / 1e9)
                 self._work.wait(timeout)
 
