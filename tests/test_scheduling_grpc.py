@@ -120,7 +120,7 @@ def executions(kernel, model: str) -> int:
 
 def test_deadline_passing_in_queue_is_deadline_exceeded_and_never_runs(kernel, stub, channel):
     before = executions(kernel, "tiny")
-    expired_before = kernel.lane.stats()["models"][kernel.hub.get("tiny")]["expired"]
+    expired_before = summaries(channel)["tiny"].scheduler.expired
     blocker = occupy_lane(stub, channel)
     # Admission sees tiny's own queue empty, so it admits; the lane is busy far longer than 20 ms.
     late = request_for("tiny", np.ones((1, 16)), timeout=20_000, priority=2)
@@ -130,17 +130,17 @@ def test_deadline_passing_in_queue_is_deadline_exceeded_and_never_runs(kernel, s
     assert "never ran" in info.value.details()
     blocker.result()
     assert executions(kernel, "tiny") == before  # the model never ran it
-    assert kernel.lane.stats()["models"][kernel.hub.get("tiny")]["expired"] == expired_before + 1
+    assert summaries(channel)["tiny"].scheduler.expired == expired_before + 1
 
 
 def test_client_cancellation_removes_the_queued_item(kernel, stub, channel):
     before = executions(kernel, "tiny")
-    cancelled_before = kernel.lane.stats()["models"][kernel.hub.get("tiny")]["cancelled"]
+    cancelled_before = summaries(channel)["tiny"].scheduler.cancelled
     blocker = occupy_lane(stub, channel)
     call = stub.ModelInfer.future(request_for("tiny", np.ones((1, 16)), priority=2), timeout=60)
     wait_until(lambda: summaries(channel)["tiny"].queued_requests == 1)
     call.cancel()
-    wait_until(lambda: kernel.lane.stats()["models"][kernel.hub.get("tiny")]["cancelled"] == cancelled_before + 1)
+    wait_until(lambda: summaries(channel)["tiny"].scheduler.cancelled == cancelled_before + 1)
     assert summaries(channel)["tiny"].queued_requests == 0
     blocker.result()
     assert executions(kernel, "tiny") == before

@@ -18,16 +18,23 @@ PACKAGE = "aios.kernel.v1"
 SERVICE_NAMES = [f"{PACKAGE}.{name}" for name in kernel_pb2.DESCRIPTOR.services_by_name]
 
 
+_COUNTERS = (
+    "submitted", "rejected_queue_full", "rejected_tenant_full", "rejected_deadline",
+    "expired", "cancelled", "batches", "rows",
+)
+
+
 def _list_models(hub: ModelHub, lane):
     def list_models(request):
         response = kernel_pb2.ListModelsResponse()
         by_name: dict[str, list] = {}
         for mv in hub.loaded():
             by_name.setdefault(mv.name, []).append(mv)
+        stats = lane.stats()["models"]
         for name in sorted(by_name):
             versions = by_name[name]
             loads = [lane.load(mv) for mv in versions]
-            response.models.add(
+            summary = response.models.add(
                 name=name,
                 versions=hub.versions(name),
                 state="READY",
@@ -35,6 +42,14 @@ def _list_models(hub: ModelHub, lane):
                 queued_requests=sum(q for q, _ in loads),
                 running_batches=sum(r for _, r in loads),
             )
+            counters = summary.scheduler
+            for mv in versions:
+                for key, value in stats.get(mv, {}).items():
+                    if key in _COUNTERS:
+                        setattr(counters, key, getattr(counters, key) + value)
+            latest = stats.get(hub.get(name), {})
+            counters.fit_ns_per_row = latest.get("fit_ns_per_row", 0.0)
+            counters.fit_ns_fixed = latest.get("fit_ns_fixed", 0.0)
         return response
 
     return list_models

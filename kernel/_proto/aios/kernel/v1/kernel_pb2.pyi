@@ -322,20 +322,46 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelSummary(_message.Message):
-    __slots__ = ("name", "versions", "state", "provider", "queued_requests", "running_batches")
+    __slots__ = ("name", "versions", "state", "provider", "queued_requests", "running_batches", "scheduler")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSIONS_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     PROVIDER_FIELD_NUMBER: _ClassVar[int]
     QUEUED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     RUNNING_BATCHES_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULER_FIELD_NUMBER: _ClassVar[int]
     name: str
     versions: _containers.RepeatedScalarFieldContainer[str]
     state: str
     provider: str
     queued_requests: int
     running_batches: int
-    def __init__(self, name: _Optional[str] = ..., versions: _Optional[_Iterable[str]] = ..., state: _Optional[str] = ..., provider: _Optional[str] = ..., queued_requests: _Optional[int] = ..., running_batches: _Optional[int] = ...) -> None: ...
+    scheduler: SchedulerCounters
+    def __init__(self, name: _Optional[str] = ..., versions: _Optional[_Iterable[str]] = ..., state: _Optional[str] = ..., provider: _Optional[str] = ..., queued_requests: _Optional[int] = ..., running_batches: _Optional[int] = ..., scheduler: _Optional[_Union[SchedulerCounters, _Mapping]] = ...) -> None: ...
+
+class SchedulerCounters(_message.Message):
+    __slots__ = ("submitted", "rejected_queue_full", "rejected_tenant_full", "rejected_deadline", "expired", "cancelled", "batches", "rows", "fit_ns_per_row", "fit_ns_fixed")
+    SUBMITTED_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_QUEUE_FULL_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_TENANT_FULL_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_DEADLINE_FIELD_NUMBER: _ClassVar[int]
+    EXPIRED_FIELD_NUMBER: _ClassVar[int]
+    CANCELLED_FIELD_NUMBER: _ClassVar[int]
+    BATCHES_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    FIT_NS_PER_ROW_FIELD_NUMBER: _ClassVar[int]
+    FIT_NS_FIXED_FIELD_NUMBER: _ClassVar[int]
+    submitted: int
+    rejected_queue_full: int
+    rejected_tenant_full: int
+    rejected_deadline: int
+    expired: int
+    cancelled: int
+    batches: int
+    rows: int
+    fit_ns_per_row: float
+    fit_ns_fixed: float
+    def __init__(self, submitted: _Optional[int] = ..., rejected_queue_full: _Optional[int] = ..., rejected_tenant_full: _Optional[int] = ..., rejected_deadline: _Optional[int] = ..., expired: _Optional[int] = ..., cancelled: _Optional[int] = ..., batches: _Optional[int] = ..., rows: _Optional[int] = ..., fit_ns_per_row: _Optional[float] = ..., fit_ns_fixed: _Optional[float] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models",)
