@@ -196,3 +196,10 @@ def test_unmeetable_deadline_is_refused_at_submit(stub, kernel):
     assert int(trailers["retry-after-ms"]) >= 1
     assert kernel.hub.get("tiny", "1").stats.execution_count == before
     assert stub.ModelInfer(tiny_request(), timeout=10).raw_output_contents
+
+
+
+def test_tenant_must_be_a_string(stub):
+    request = tiny_request()
+    request.parameters["tenant"].int64_param = 3
+    assert_status(stub, request, grpc.StatusCode.INVALID_ARGUMENT, "parameter 'tenant' must be a string")

@@ -34,7 +34,7 @@ def repo(tmp_path_factory):
     )
     onnx_models.save(onnx_models.mlp([16, 64, 4], seed=2), root / "tiny" / "1" / "model.onnx")
     (root / "tiny" / "1" / "model.toml").write_text(
-        'max_batch_size = 8\n[[input]]\nname = "INPUT0"\ndatatype = "FP32"\ndims = [16]\n'
+        'max_batch_size = 8\nmax_tenant_queue = 50\n[[input]]\nname = "INPUT0"\ndatatype = "FP32"\ndims = [16]\n'
         '[[output]]\nname = "OUTPUT0"\ndatatype = "FP32"\ndims = [4]\n'
     )
     # About a millisecond per single-row call: responses overtake each other far less than that.
@@ -193,3 +193,27 @@ def test_a_poisoned_request_fails_alone(kernel, stub, channel):
     with pytest.raises(grpc.RpcError) as info:
         poisoned.result()
     assert info.value.code() == grpc.StatusCode.INTERNAL and "request id" in info.value.details()
+
+
+def test_tenant_over_its_queue_bound_is_refused(kernel, stub, channel):
+    """tiny allows 50 queued requests per named tenant: the 51st of tenant t1 is refused, t2 still gets in."""
+    blocker = occupy_lane(stub, channel)
+    queued = []
+    for _ in range(50):
+        request = request_for("tiny", np.ones((1, 16)), priority=2)
+        request.parameters["tenant"].string_param = "t1"
+        queued.append(stub.ModelInfer.future(request, timeout=60))
+    wait_until(lambda: summaries(channel)["tiny"].queued_requests == 50)
+    over = request_for("tiny", np.ones((1, 16)), priority=2)
+    over.parameters["tenant"].string_param = "t1"
+    with pytest.raises(grpc.RpcError) as info:
+        stub.ModelInfer(over, timeout=60)
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "tenant t1 has too many requests queued" in info.value.details()
+    assert "retry-after-ms" in dict(info.value.trailing_metadata())
+    over.parameters["tenant"].string_param = "t2"
+    other = stub.ModelInfer.future(over, timeout=60)
+    blocker.result()
+    assert other.result().raw_output_contents
+    assert all(call.result().raw_output_contents for call in queued)
+    assert summaries(channel)["tiny"].scheduler.rejected_tenant_full >= 1

@@ -134,14 +134,15 @@ class InferenceService:
         ensure_parsed(request)
         mv = self.resolve(request.model_name, request.model_version)
         inputs, rows, shape_key = tensors.decode_inputs(mv.config, request)
-        priority, timeout_us = mv.config.priority, 0
+        priority, timeout_us, tenant = mv.config.priority, 0, ""
         if request.parameters:
-            priority, timeout_us = _schedule_params(request.parameters, priority)
+            priority, timeout_us, tenant = _schedule_params(request.parameters, priority)
         item = WorkItem(
             mv, rows, shape_key, inputs,
             request_id=request.id or new_request_id(),
             priority=priority,
             deadline_ns=deadline_from(time_remaining, timeout_us),
+            tenant=tenant,
         )
         if request.outputs:
             item.selected = tensors.requested_outputs(mv.config, request)
@@ -164,9 +165,9 @@ class InferenceService:
         return self.respond(request, item)
 
 
-def _schedule_params(parameters, priority: int) -> tuple[int, int]:
-    """Triton's schedule-policy parameters: ``priority`` (1 = highest) and ``timeout`` (µs)."""
-    timeout_us = 0
+def _schedule_params(parameters, priority: int) -> tuple[int, int, str]:
+    """Triton's schedule-policy parameters ``priority`` (1 = highest) and ``timeout`` (µs), and our ``tenant``."""
+    timeout_us, tenant = 0, ""
     if "priority" in parameters:
         value = parameters["priority"]
         kind = value.WhichOneof("parameter_choice")
@@ -179,7 +180,12 @@ def _schedule_params(parameters, priority: int) -> tuple[int, int]:
         if kind not in ("int64_param", "uint64_param") or getattr(value, kind) < 0:
             raise InvalidArgument("parameter 'timeout' must be a non-negative integer number of microseconds")
         timeout_us = getattr(value, kind)
-    return priority, timeout_us
+    if "tenant" in parameters:
+        value = parameters["tenant"]
+        if value.WhichOneof("parameter_choice") != "string_param":
+            raise InvalidArgument("parameter 'tenant' must be a string")
+        tenant = value.string_param
+    return priority, timeout_us, tenant
 
 
 __all__ = ["InferenceService", "Unavailable", "deadline_from", "new_request_id"]
