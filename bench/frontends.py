@@ -11,19 +11,22 @@ SIGTERM. The systems:
 * ``kernel-aio``:  ``python -m kernel serve --front-end aio``
   (``--kernel-compat`` starts them as ``python -m bench.kernel_compat serve ...``: shims for two kernel
   bugs, fixed in 179804e, that broke perf_analyzer; logged when they fire; see bench/kernel_compat.py)
+* ``naive``:       ``python -m bench.naive_server`` (grpc.aio on uvloop, onnxruntime inline)
 
 Other engineers commit to kernel/ while a run goes on, so by default the code under test is
 frozen first: ``kernel/`` and the server modules of ``bench/`` are copied to
-``OUT/snapshots/<stamp>/`` and every server runs from there (cwd and PYTHONPATH), so all rounds
-measure the same code (``--no-snapshot`` runs the live tree).
-* ``naive``:       ``python -m bench.naive_server`` (grpc.aio on uvloop, onnxruntime inline)
+``OUT/snapshots/<stamp>/`` (with ``kernel-uncommitted.diff``) and every server runs from there
+(cwd and PYTHONPATH), so all rounds measure the same code (``--no-snapshot`` runs the live tree).
+On this shared box the script waits (``--wait-idle``, default 20 s) for the machine to go idle
+before each server start, and records per run the CPU that *other* processes used.
 
 Every server serves one model (the kernel gets a one-model repository under ``OUT/repos/``;
 the full repository with all models is ``OUT/repo/``). Reported per (system, model,
 concurrency): the median over rounds of throughput, p50 and p99 with the min-max spread, and
 the ratios of medians against the naive server measured in the same run (kernel-sync/naive,
 kernel-aio/naive, sync/aio) with the spread of the per-round ratios. Server CPU per inference
-is estimated from /proc (CPU seconds over the perf_analyzer run / its throughput).
+is estimated from /proc (CPU seconds over the perf_analyzer run / its throughput); rows per
+batch from the server's ModelStatistics (inference_count / execution_count over the run).
 
 A run whose client core was > 90 % busy is flagged (it measures the client). A perf_analyzer
 failure, a server that dies or a server log with error lines is recorded and shown, and the
@@ -487,7 +490,7 @@ def main(argv=None) -> int:
           f"{' '.join(args.systems)}; models {', '.join(args.models)}; {args.window_ms} ms windows", flush=True)
     if facts["git_dirty_kernel"]:
         print(f"frontends: note: kernel/ has uncommitted changes ({len(facts['git_dirty_kernel'])} paths); "
-              "the working tree is what is measured", flush=True)
+              "they are part of what is measured", flush=True)
     views = build_repos(out, args.models)
     code_root = None
     if args.snapshot:
