@@ -151,17 +151,13 @@ def sync_servicer(service: InferenceService) -> grpc.GenericRpcHandler:
     lane = service.lane
 
     def ModelInfer(request, context):
-        # Client cancellation reaches the queue: the RPC's end cancels the item
-        # if it is still waiting (a no-op once it ran).
-        return _sync_call(
-            "ModelInfer",
-            lambda: service.infer_blocking(
-                request,
-                context.time_remaining(),
-                on_item=lambda item: context.add_callback(lambda: lane.cancel(item)),
-            ),
-            context,
-        )
+        def on_wait(item) -> None:
+            # Client cancellation reaches the queue, hooked up only for requests
+            # that wait (a request run inline at once has nothing to cancel).
+            if not context.add_callback(lambda: lane.cancel(item)):
+                lane.cancel(item)  # the RPC already ended
+
+        return _sync_call("ModelInfer", lambda: service.infer_blocking(request, context.time_remaining(), on_wait), context)
 
     def ModelStreamInfer(request_iterator, context):
         yield from _SyncStream(service, request_iterator, context)

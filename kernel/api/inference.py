@@ -157,11 +157,9 @@ class InferenceService:
         tensors.encode_outputs(mv.config, item.outputs, item.selected, response)
         return response
 
-    def infer_blocking(self, request, time_remaining: float | None, on_item=None) -> pb.ModelInferResponse:
+    def infer_blocking(self, request, time_remaining: float | None, on_wait=None) -> pb.ModelInferResponse:
         item = self.prepare(request, time_remaining)
-        if on_item is not None:
-            on_item(item)
-        self.lane.run_blocking(item)
+        self.lane.run_blocking(item, on_wait)
         return self.respond(request, item)
 
 

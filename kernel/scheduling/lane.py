@@ -91,8 +91,13 @@ class Lane:
             return self.scheduler.stats()
 
     # -- entry points ---------------------------------------------------------
-    def run_blocking(self, item: WorkItem) -> WorkItem:
-        """Queue ``item`` and return once it is finished; may run batches on this thread."""
+    def run_blocking(self, item: WorkItem, on_wait: Callable[[WorkItem], None] | None = None) -> WorkItem:
+        """Queue ``item`` and return once it is finished; may run batches on this thread.
+
+        ``on_wait(item)`` is called once, without the lock, if the caller has
+        to sleep: the place to hook up client cancellation, which a request
+        that runs inline at once never needs.
+        """
         lock = self._lock
         with lock:
             self._submit_locked(item, blocking=True)
@@ -117,6 +122,9 @@ class Lane:
                 self._sleepers[item] = waiter
                 lock.release()
                 try:
+                    if on_wait is not None:
+                        on_wait(item)
+                        on_wait = None
                     if wake_at is None:
                         waiter.acquire()
                     else:
