@@ -1,8 +1,8 @@
-"""Assemble the kernel: settings → model hub → lane → gRPC server with health and reflection.
+"""Assemble the kernel: settings → model hub → device lanes → gRPC server with health and reflection.
 
 ``KernelServer`` gives both front ends one interface: ``start()`` returns the
 bound port once the server accepts calls, ``stop(grace)`` drains in-flight
-calls and then stops the lane. The asyncio front end runs its loop on a
+calls and then stops the lanes. The asyncio front end runs its loop on a
 thread of its own so callers never deal with it.
 """
 
@@ -24,7 +24,7 @@ from ._proto.inference import grpc_service_pb2
 from .api import InferenceService, aio_servicer, kernel_services, sync_servicer
 from .config import Settings
 from .models import ModelHub
-from .scheduling import Lane, make_scheduler, run_batch
+from .scheduling import Lanes, device_of, make_scheduler, run_batch
 
 log = logging.getLogger("aios.server")
 
@@ -58,10 +58,10 @@ class KernelServer:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.hub = ModelHub(settings.models)
-        self.scheduler = make_scheduler(settings.scheduler)
-        self.lane = Lane(self.scheduler, run_batch, slots=settings.slots, name="cpu", on_batch=_on_batch, on_item=_on_item)
+        self.lanes = Lanes(lambda: make_scheduler(settings.scheduler), run_batch, settings.slots,
+                           on_batch=_on_batch, on_item=_on_item)
         self.hub.add_listener(self._models_changed)
-        self.service = InferenceService(self.hub, self.lane)
+        self.service = InferenceService(self.hub, self.lanes)
         self.port: int | None = None
         self.failed_models: dict[str, str] = {}
         self._server = None
@@ -74,12 +74,11 @@ class KernelServer:
     def _models_changed(self, added, removed) -> None:
         for mv in added:
             profile = mv.runtime.profile()
-            self.lane.add_model(mv, mv.config.schedule(), profile)
-            if profile:
-                log.info("%s/%s profiled: %s", mv.name, mv.version,
-                         ", ".join(f"{rows}:{ns / 1e3:.0f}µs" for rows, ns in profile))
+            lane = self.lanes.add_model(mv, device_of(mv.runtime.provider), mv.config.schedule(), profile)
+            log.info("%s/%s on lane %s; profile (rows:µs) %s", mv.name, mv.version, lane.name,
+                     ", ".join(f"{rows}:{ns / 1e3:.0f}" for rows, ns in profile) or "none")
         for mv in removed:
-            self.lane.remove_model(mv)
+            self.lanes.remove_model(mv)
         self._update_health()
 
     def _update_health(self, draining: bool = False) -> None:
@@ -104,7 +103,7 @@ class KernelServer:
 
     def _add_services(self, server, asynchronous: bool) -> None:
         inference = aio_servicer(self.service) if asynchronous else sync_servicer(self.service)
-        server.add_generic_rpc_handlers([inference, *kernel_services.generic_handlers(self.hub, self.lane, asynchronous)])
+        server.add_generic_rpc_handlers([inference, *kernel_services.generic_handlers(self.hub, self.lanes, asynchronous)])
         self._health = health.aio.HealthServicer() if asynchronous else health.HealthServicer(experimental_non_blocking=True)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         _register_standard_descriptors()
@@ -127,9 +126,10 @@ class KernelServer:
             self._server = server
         self._update_health()
         log.info(
-            "AIOS kernel listening on %s:%d (front end %s, scheduler %s, lane slots %d, extensions: %s); "
+            "AIOS kernel listening on %s:%d (front end %s, scheduler %s, lanes %s, extensions: %s); "
             "%d model versions ready%s",
-            self.settings.host, self.port, self.settings.front_end, self.scheduler.name, self.lane.slots,
+            self.settings.host, self.port, self.settings.front_end, self.lanes.cpu.scheduler.name,
+            ", ".join(f"{lane.name}×{lane.slots}" for lane in self.lanes.all()),
             ", ".join(f"{k}={v}" for k, v in sorted(accel.CHOSEN.items())) or "none",
             len(loaded), f", {len(self.failed_models)} failed: {', '.join(self.failed_models)}" if self.failed_models else "",
         )
@@ -202,5 +202,5 @@ class KernelServer:
         else:
             self._server.stop(grace).wait()
         self._server = None
-        self.lane.close()
+        self.lanes.close()
         log.info("AIOS kernel stopped")

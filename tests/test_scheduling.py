@@ -276,3 +276,39 @@ def test_remove_model_returns_queued_items_in_order(sched):
     assert not sched.has_work()
     with pytest.raises(KeyError):
         sched.submit(item(m), 0)
+
+
+def test_device_lanes_are_independent():
+    """A model runs on its device's lane; lanes have their own schedulers and threads."""
+    import threading
+
+    from kernel.scheduling import Lanes, ReferenceScheduler, device_of
+
+    assert device_of("CUDAExecutionProvider") == "cuda:0" and device_of("CPUExecutionProvider") == "cpu"
+    ran = []
+
+    def execute(batch):
+        ran.append((threading.current_thread().name, batch.model.name))
+        for it in batch.items:
+            it.outputs = []
+        return 1000
+
+    lanes = Lanes(ReferenceScheduler, execute, cpu_slots=2)
+    try:
+        cpu_model, gpu_model = Model("cpu-model"), Model("gpu-model")
+        cpu_lane = lanes.add_model(cpu_model, "cpu", ModelSchedule(max_batch_size=4))
+        gpu_lane = lanes.add_model(gpu_model, "cuda:0", ModelSchedule(max_batch_size=4))
+        assert cpu_lane is lanes.cpu and gpu_lane.name == "cuda:0" and gpu_lane.slots == 1
+        assert lanes.for_model(gpu_model) is gpu_lane and gpu_lane.scheduler is not cpu_lane.scheduler
+        for model in (cpu_model, gpu_model):
+            done = lanes.for_model(model).run_blocking(
+                ReferenceScheduler.item_class(model, 1, (), {}, request_id=model.name)
+            )
+            assert done.state == 2  # ITEM_DONE
+        assert {name for _, name in ran} == {"cpu-model", "gpu-model"}
+        assert set(lanes.stats()["lanes"]) == {"cpu", "cuda:0"}
+        lanes.remove_model(gpu_model)
+        with pytest.raises(KeyError):
+            lanes.for_model(gpu_model)
+    finally:
+        lanes.close()

@@ -126,7 +126,7 @@ class _SyncStream:
                 try:
                     item = self.service.prepare(request, self.context.time_remaining())
                     item.on_done = lambda it, req=request: self.out.put((req, it))
-                    self.service.lane.submit(item)
+                    self.service.submit(item)
                 except Exception as exc:  # one bad request must not end the stream
                     self.out.put((request, exc))
         except Exception:  # the client went away mid-stream
@@ -148,14 +148,13 @@ class _SyncStream:
 def sync_servicer(service: InferenceService) -> grpc.GenericRpcHandler:
     """Handlers for ``grpc.server`` (thread pool): they block on the lane."""
     methods = {rpc: _sync_unary(rpc, getattr(service, name)) for rpc, name in UNARY.items()}
-    lane = service.lane
 
     def ModelInfer(request, context):
         def on_wait(item) -> None:
             # Client cancellation reaches the queue, hooked up only for requests
             # that wait (a request run inline at once has nothing to cancel).
-            if not context.add_callback(lambda: lane.cancel(item)):
-                lane.cancel(item)  # the RPC already ended
+            if not context.add_callback(lambda: service.cancel(item)):
+                service.cancel(item)  # the RPC already ended
 
         return _sync_call("ModelInfer", lambda: service.infer_blocking(request, context.time_remaining(), on_wait), context)
 
@@ -190,7 +189,6 @@ def _aio_unary(rpc: str, method):
 def aio_servicer(service: InferenceService) -> grpc.GenericRpcHandler:
     """Handlers for ``grpc.aio.server``: the loop never blocks; lane threads run batches."""
     methods = {rpc: _aio_unary(rpc, getattr(service, name)) for rpc, name in UNARY.items()}
-    lane = service.lane
 
     async def ModelInfer(request, context):
         try:
@@ -198,11 +196,11 @@ def aio_servicer(service: InferenceService) -> grpc.GenericRpcHandler:
             loop = asyncio.get_running_loop()
             done = loop.create_future()
             item.on_done = lambda it: loop.call_soon_threadsafe(_resolve, done, it)
-            lane.submit(item)
+            service.submit(item)
             try:
                 await done
             except asyncio.CancelledError:
-                lane.cancel(item)
+                service.cancel(item)
                 raise
             return service.respond(request, item)
         except Exception as exc:
@@ -221,7 +219,7 @@ def aio_servicer(service: InferenceService) -> grpc.GenericRpcHandler:
                     try:
                         item = service.prepare(request, context.time_remaining())
                         item.on_done = lambda it, req=request: loop.call_soon_threadsafe(results.put_nowait, (req, it))
-                        lane.submit(item)
+                        service.submit(item)
                     except Exception as exc:
                         results.put_nowait((request, exc))
             finally:

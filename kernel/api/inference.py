@@ -15,7 +15,7 @@ from .. import __version__
 from .._proto.inference import grpc_service_pb2 as pb
 from ..errors import InvalidArgument, NotFound, Unavailable
 from ..models import ModelConfigError, ModelHub, ModelVersion
-from ..scheduling import Lane, WorkItem
+from ..scheduling import Lanes, WorkItem
 from ..scheduling.types import NO_DEADLINE
 from . import converters, tensors
 from .registration import ensure_parsed
@@ -49,11 +49,11 @@ def deadline_from(time_remaining: float | None, timeout_us: int = 0) -> int:
 
 
 class InferenceService:
-    __slots__ = ("hub", "lane")
+    __slots__ = ("hub", "lanes")
 
-    def __init__(self, hub: ModelHub, lane: Lane):
+    def __init__(self, hub: ModelHub, lanes: Lanes):
         self.hub = hub
-        self.lane = lane
+        self.lanes = lanes
 
     # -- lookup -------------------------------------------------------------
     def resolve(self, name: str, version: str) -> ModelVersion:
@@ -157,9 +157,25 @@ class InferenceService:
         tensors.encode_outputs(mv.config, item.outputs, item.selected, response)
         return response
 
+    def _lane(self, item: WorkItem):
+        try:
+            return self.lanes.for_model(item.model)
+        except KeyError:  # unloaded between lookup and queueing
+            raise Unavailable(f"model {item.model.name}/{item.model.version} is being unloaded") from None
+
+    def submit(self, item: WorkItem) -> None:
+        """Queue ``item`` on its model's lane; ``item.on_done`` reports the outcome."""
+        self._lane(item).submit(item)
+
+    def cancel(self, item: WorkItem) -> bool:
+        try:
+            return self.lanes.for_model(item.model).cancel(item)
+        except KeyError:
+            return False
+
     def infer_blocking(self, request, time_remaining: float | None, on_wait=None) -> pb.ModelInferResponse:
         item = self.prepare(request, time_remaining)
-        self.lane.run_blocking(item, on_wait)
+        self._lane(item).run_blocking(item, on_wait)
         return self.respond(request, item)
 
 

@@ -24,16 +24,16 @@ _COUNTERS = (
 )
 
 
-def _list_models(hub: ModelHub, lane):
+def _list_models(hub: ModelHub, lanes):
     def list_models(request):
         response = kernel_pb2.ListModelsResponse()
         by_name: dict[str, list] = {}
         for mv in hub.loaded():
             by_name.setdefault(mv.name, []).append(mv)
-        stats = lane.stats()["models"]
+        stats = lanes.stats()["models"]
         for name in sorted(by_name):
             versions = by_name[name]
-            loads = [lane.load(mv) for mv in versions]
+            loads = [lanes.load(mv) for mv in versions]
             summary = response.models.add(
                 name=name,
                 versions=hub.versions(name),
@@ -59,8 +59,8 @@ def _unimplemented_message(service: str, method: str) -> str:
     return f"{service}.{method} is not implemented yet in this kernel version"
 
 
-def generic_handlers(hub: ModelHub, lane, asynchronous: bool) -> list[grpc.GenericRpcHandler]:
-    implemented = {("AdminService", "ListModels"): _list_models(hub, lane)}
+def generic_handlers(hub: ModelHub, lanes, asynchronous: bool) -> list[grpc.GenericRpcHandler]:
+    implemented = {("AdminService", "ListModels"): _list_models(hub, lanes)}
     handlers = []
     for service in kernel_pb2.DESCRIPTOR.services_by_name.values():
         behaviours = {

@@ -2,10 +2,11 @@
 
 from .execute import run_batch
 from .lane import Lane
+from .lanes import Lanes, device_of
 from .reference import ReferenceScheduler
 from .types import Batch, WorkItem
 
-__all__ = ["Batch", "Lane", "ReferenceScheduler", "WorkItem", "run_batch", "make_scheduler"]
+__all__ = ["Batch", "Lane", "Lanes", "ReferenceScheduler", "WorkItem", "device_of", "run_batch", "make_scheduler"]
 
 
 def make_scheduler(kind: str = "auto"):

@@ -1,0 +1,81 @@
+"""One lane per device: the CPU lane (slots = usable cores) and one per GPU.
+
+A model version runs on the lane of the device onnxruntime placed it on; each
+lane has its own scheduler, so models compete for a device only with the
+models on that device.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+from .lane import Lane
+from .policy import ModelSchedule
+
+GPU_LANE_SLOTS = 1  # batches at once per GPU: one stream keeps the device busy without thrashing it
+
+
+def device_of(provider: str, device_id: int = 0) -> str:
+    """The lane name for an onnxruntime provider: ``cpu`` or ``cuda:N``."""
+    return f"cuda:{device_id}" if provider.startswith("CUDA") else "cpu"
+
+
+class Lanes:
+    def __init__(self, make_scheduler: Callable[[], object], execute, cpu_slots: int, on_batch=None, on_item=None):
+        self._make_scheduler = make_scheduler
+        self._execute = execute
+        self._cpu_slots = cpu_slots
+        self._hooks = (on_batch, on_item)
+        self._lanes: dict[str, Lane] = {}
+        self._by_model: dict[object, Lane] = {}
+        self._lock = threading.Lock()
+        self.lane("cpu")
+
+    def lane(self, device: str) -> Lane:
+        """The lane of ``device``, created on first use."""
+        with self._lock:
+            lane = self._lanes.get(device)
+            if lane is None:
+                slots = self._cpu_slots if device == "cpu" else GPU_LANE_SLOTS
+                lane = Lane(self._make_scheduler(), self._execute, slots=slots, name=device,
+                            on_batch=self._hooks[0], on_item=self._hooks[1])
+                self._lanes[device] = lane
+            return lane
+
+    @property
+    def cpu(self) -> Lane:
+        return self._lanes["cpu"]
+
+    def all(self) -> list[Lane]:
+        return list(self._lanes.values())
+
+    def add_model(self, model, device: str, schedule: ModelSchedule, profile=()) -> Lane:
+        lane = self.lane(device)
+        lane.add_model(model, schedule, profile)
+        self._by_model[model] = lane
+        return lane
+
+    def remove_model(self, model) -> None:
+        lane = self._by_model.pop(model, None)
+        if lane is not None:
+            lane.remove_model(model)
+
+    def for_model(self, model) -> Lane:
+        """The lane running ``model``; KeyError once it is unloaded."""
+        return self._by_model[model]
+
+    def load(self, model) -> tuple[int, int]:
+        lane = self._by_model.get(model)
+        return lane.load(model) if lane is not None else (0, 0)
+
+    def stats(self) -> dict:
+        """Scheduler counters of every model on every lane."""
+        models = {}
+        for lane in self.all():
+            models.update(lane.stats()["models"])
+        return {"models": models, "lanes": {lane.name: lane.slots for lane in self.all()}}
+
+    def close(self) -> None:
+        for lane in self.all():
+            lane.close()
