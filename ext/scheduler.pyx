@@ -390,16 +390,9 @@ cdef class CythonScheduler:
         _pop(heap)
         chosen = [head]
         if m.max_batch_size > 0:
-            while heap:
-                item = <WorkItem>heap[0]
-                if item.state != ITEM_QUEUED:
-                    _pop(heap)
-                    continue
-                if item.deadline_ns != NO_DEADLINE and item.deadline_ns <= now_ns:
-                    _pop(heap)
-                    self._expire(m, item)
-                    continue
-                if rows + item.rows > m.max_batch_size or item.shape_key != head.shape_key:
+            while True:
+                item = self._clean_head(m, now_ns)
+                if item is None or rows + item.rows > m.max_batch_size or item.shape_key != head.shape_key:
                     break
                 _pop(heap)
                 chosen.append(item)

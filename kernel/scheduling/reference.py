@@ -259,16 +259,9 @@ class ReferenceScheduler:
         rows = head.rows
         if state.schedule.max_batch_size > 0:
             limit = state.schedule.max_batch_size
-            while heap:
-                item = heap[0][3]
-                if item.state != ITEM_QUEUED:
-                    heapq.heappop(heap)
-                    continue
-                if item.deadline_ns != NO_DEADLINE and item.deadline_ns <= now_ns:
-                    heapq.heappop(heap)
-                    self._expire(state, item)
-                    continue
-                if item.shape_key != head.shape_key or rows + item.rows > limit:
+            while True:
+                item = self._clean_head(state, now_ns)
+                if item is None or item.shape_key != head.shape_key or rows + item.rows > limit:
                     break
                 heapq.heappop(heap)
                 chosen.append(item)
