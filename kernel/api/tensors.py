@@ -18,7 +18,7 @@ from ..models.config import ModelConfig, TensorSpec
 
 def _expected_shape(config: ModelConfig, spec: TensorSpec, shape: tuple[int, ...]) -> str | None:
     """None when ``shape`` fits the spec, else the reason."""
-    want = config.full_shape(spec)
+    want = config.full_shapes[spec.name]
     if len(shape) != len(want):
         return f"shape {list(shape)} has {len(shape)} dims, the model expects {len(want)} ({want})"
     for have, expect in zip(shape, want):
@@ -71,7 +71,7 @@ def _from_contents(spec: TensorSpec, name: str, shape: tuple[int, ...], contents
 
 def decode_inputs(config: ModelConfig, request) -> tuple[dict[str, np.ndarray], int, tuple]:
     """The request's inputs as arrays, its row count, and its batching shape key."""
-    specs = {spec.name: spec for spec in config.inputs}
+    specs = config.inputs_by_name
     raw = request.raw_input_contents
     tensors = request.inputs
     if raw and len(raw) != len(tensors):

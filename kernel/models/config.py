@@ -103,6 +103,16 @@ class ModelConfig:
     max_tenant_queue: int = 1024
     card: ModelCard = field(default_factory=ModelCard)
     derived: bool = False  # True when no model.toml existed and the graph told us
+    # Looked up on every request: computed once here.
+    inputs_by_name: dict = field(init=False, repr=False, compare=False)
+    full_shapes: dict = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "inputs_by_name", {spec.name: spec for spec in self.inputs})
+        object.__setattr__(self, "full_shapes", {
+            spec.name: (([-1] if self.max_batch_size > 0 else []) + list(spec.dims))
+            for spec in (*self.inputs, *self.outputs)
+        })
 
     @property
     def batching(self) -> bool:
@@ -125,7 +135,7 @@ class ModelConfig:
 
     def full_shape(self, spec: TensorSpec) -> list[int]:
         """The tensor's shape as a client sees it: -1 for the batch dim when batching."""
-        return ([-1] if self.batching else []) + list(spec.dims)
+        return list(self.full_shapes[spec.name])
 
 
 def _expect(path: Path, key: str, value: Any, kind: type | tuple, what: str) -> Any:
