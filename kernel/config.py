@@ -28,7 +28,10 @@ class Settings:
     port: int = 8001  # Triton's gRPC port, so perf_analyzer and tritonclient defaults just work
     models: str = "models"  # model repository folder
     front_end: str = "sync"  # "sync" (thread pool) or "aio" (grpc.aio on uvloop); see bench/RESULTS.md
-    workers: int = 64  # gRPC handler threads of the sync front end (concurrent unary calls)
+    # Handler threads of the sync front end, and its limit on calls in progress: a call
+    # beyond it is refused at once (RESOURCE_EXHAUSTED) instead of waiting, unseen by
+    # the scheduler's admission control, in gRPC's own queue. Blocked threads are cheap.
+    workers: int = 512
     lane_slots: int = 0  # batches run at once on the CPU lane; 0 = one per usable core
     scheduler: str = "auto"  # "auto" (Cython core when built), "cython" or "reference"
     max_message_bytes: int = 64 * 1024 * 1024  # larger requests get RESOURCE_EXHAUSTED

@@ -119,6 +119,7 @@ class KernelServer:
             server = grpc.server(
                 futures.ThreadPoolExecutor(max_workers=self.settings.workers, thread_name_prefix="aios-grpc"),
                 options=self._options(),
+                maximum_concurrent_rpcs=self.settings.workers,
             )
             self._add_services(server, asynchronous=False)
             self.port = self._bind(server)

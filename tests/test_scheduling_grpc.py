@@ -165,7 +165,7 @@ def test_priority_one_overtakes_a_full_low_priority_queue(kernel, stub, channel)
 def test_random_row_counts_come_back_exactly_split(kernel, stub, channel, repo):
     """48 requests of 1-8 rows queue behind a long batch, then share batches of up to 8 rows.
 
-    (48: below the sync front end's 64 handler threads, so all of them are held at once.)"""
+    (48 plus the train's 8 stay far below the sync front end's handler threads, so all are held at once.)"""
     session = ort.InferenceSession(str(repo / "tiny" / "1" / "model.onnx"))
     before = executions(kernel, "tiny")
     rng = np.random.default_rng(11)
@@ -217,3 +217,23 @@ def test_tenant_over_its_queue_bound_is_refused(kernel, stub, channel):
     assert other.result().raw_output_contents
     assert all(call.result().raw_output_contents for call in queued)
     assert summaries(channel)["tiny"].scheduler.rejected_tenant_full >= 1
+
+
+def test_sync_front_end_refuses_calls_beyond_its_workers_at_once(repo):
+    """Past `workers` calls in progress, a call is refused with RESOURCE_EXHAUSTED instead of
+    waiting in gRPC's own queue, where no deadline or priority would be looked at."""
+    server = start_kernel(repo, "sync", lane_slots=1, workers=3)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            slow = server.hub.get("slow")
+            calls = [stub.ModelInfer.future(request_for("slow", np.ones((SLOW_ROWS, 64))), timeout=120) for _ in range(3)]
+            wait_until(lambda: sum(server.lanes.load(slow)) == 3 or any(call.done() for call in calls))
+            assert not any(call.done() for call in calls), "the slow batches finished before the test could fill the workers"
+            with pytest.raises(grpc.RpcError) as info:
+                stub.ModelInfer(request_for("tiny", np.ones((1, 16))), timeout=60)
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            for call in calls:
+                assert call.result().raw_output_contents
+    finally:
+        server.stop(grace=2)
