@@ -414,7 +414,7 @@ cdef class CythonScheduler:
         batch.timings = _ZERO_TIMINGS
         return batch
 
-    def next_batches(self, long long now_ns, Py_ssize_t limit=1):
+    def next_batches(self, long long now_ns, Py_ssize_t limit=1, int max_level=0):
         cdef list batches = []
         cdef _ModelQ m, best
         cdef WorkItem head, best_head
@@ -425,7 +425,9 @@ cdef class CythonScheduler:
                 if m.queued == 0 or m.in_flight >= m.instances:
                     continue
                 head = self._clean_head(m, now_ns)
-                if head is None or self._ready_at(m, head, now_ns) > now_ns:
+                if head is None or (max_level and head.level > max_level):
+                    continue
+                if self._ready_at(m, head, now_ns) > now_ns:
                     continue
                 if best is None or head.level < best_head.level or (
                     head.level == best_head.level and (

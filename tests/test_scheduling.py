@@ -86,6 +86,17 @@ def test_strict_priority_then_earliest_deadline(sched):
     assert ids(sched.next_batches(0)[0]) == ["high-none", "low-early"]
 
 
+def test_max_level_keeps_to_urgent_heads(sched):
+    low = add(sched, "low", max_batch_size=1)
+    high = add(sched, "high", max_batch_size=1)
+    submit(sched, low, priority=2)
+    assert sched.next_batches(0, max_level=1) == []
+    submit(sched, high, priority=1)
+    (batch,) = sched.next_batches(0, limit=2, max_level=1)
+    assert batch.model is high
+    assert sched.next_batches(0, max_level=2)[0].model is low
+
+
 def test_priority_is_clamped_to_levels(sched):
     m = add(sched, max_batch_size=1, priority_levels=2)
     submit(sched, m, priority=9, rid="nine")
@@ -312,3 +323,39 @@ def test_device_lanes_are_independent():
             lanes.for_model(gpu_model)
     finally:
         lanes.close()
+
+
+def test_urgent_slot_lets_priority_one_past_a_running_batch():
+    """With the only normal slot busy, a priority-1 request runs on the urgent slot; priority 2 waits."""
+    import threading
+
+    from kernel.scheduling import Lane, ReferenceScheduler
+
+    gate = threading.Event()
+    ran = []
+
+    def execute(batch):
+        ran.append(batch.items[0].request_id)
+        if batch.items[0].request_id == "long":
+            gate.wait(10)
+        for it in batch.items:
+            it.outputs = []
+        return 1000
+
+    lane = Lane(ReferenceScheduler(), execute, slots=1, urgent_slots=1)
+    model = Model("m")
+    lane.add_model(model, ModelSchedule(max_batch_size=0, instances=3))
+    try:
+        cls = ReferenceScheduler.item_class
+        long_item = cls(model, 1, (), {}, request_id="long", priority=2)
+        lane.submit(long_item)
+        while "long" not in ran:  # the helper picked it up
+            threading.Event().wait(0.001)
+        normal = cls(model, 1, (), {}, request_id="normal", priority=2)
+        lane.submit(normal)
+        urgent = lane.run_blocking(cls(model, 1, (), {}, request_id="urgent", priority=1))
+        assert urgent.state == 2 and "normal" not in ran  # ran past both, on the urgent slot
+    finally:
+        gate.set()
+        lane.close()
+    assert ran == ["long", "urgent", "normal"]

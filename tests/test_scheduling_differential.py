@@ -47,7 +47,7 @@ ops = st.one_of(
               st.integers(0, 2)),
     st.tuples(st.just("cancel"), st.integers(0, 200), st.booleans()),
     st.tuples(st.just("advance"), st.integers(0, 3_000_000)),
-    st.tuples(st.just("dispatch"), st.integers(1, 4)),
+    st.tuples(st.just("dispatch"), st.integers(1, 4), st.sampled_from([0, 0, 1, 2])),
     st.tuples(st.just("complete"), st.integers(0, 10), st.integers(1_000, 5_000_000)),
     st.tuples(st.just("observe"), st.integers(0, 2), st.integers(1, 32), st.integers(1_000, 5_000_000)),
     st.tuples(st.just("wakeup")),
@@ -80,7 +80,7 @@ def replay(cls, model_schedules, trace) -> list:
         elif kind == "advance":
             now += op[1]
         elif kind == "dispatch":
-            batches = sched.next_batches(now, op[1])
+            batches = sched.next_batches(now, op[1], op[2])
             running += batches
             log.append(("dispatch", [(b.model.index, [i.request_id for i in b.items], b.rows) for b in batches]))
             log.append(("expired", [i.request_id for i in sched.pop_expired()]))

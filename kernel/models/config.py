@@ -13,7 +13,7 @@ Schema (every key optional unless marked)::
     provider = "auto"          # auto | cpu | cuda
     intra_op_threads = 1
     inter_op_threads = 1
-    priority = 1               # default request priority (1 = most urgent)
+    priority = 2               # default request priority: 1 = urgent (may use the lane's urgent slot), higher = later
     weight = 1.0               # fair share of its lane against other models
     max_queue_delay_us = 0     # Triton-like static batching window (0 = adaptive)
     preferred_batch_sizes = [] # with a static window: dispatch as soon as one of these is queued
@@ -94,7 +94,7 @@ class ModelConfig:
     provider: str = "auto"
     intra_op_threads: int = 1
     inter_op_threads: int = 1
-    priority: int = 1
+    priority: int = 2
     weight: float = 1.0
     max_queue_delay_us: int = 0
     preferred_batch_sizes: tuple[int, ...] = ()
@@ -249,7 +249,7 @@ def parse(path: Path, name: str, version: str, raw: dict) -> ModelConfig:
         provider=provider,
         intra_op_threads=_int(path, raw, "intra_op_threads", 1, 0),
         inter_op_threads=_int(path, raw, "inter_op_threads", 1, 0),
-        priority=_int(path, raw, "priority", 1, 1),
+        priority=_int(path, raw, "priority", 2, 1),
         weight=float(weight),
         max_queue_delay_us=_int(path, raw, "max_queue_delay_us", 0, 0),
         preferred_batch_sizes=tuple(sorted(preferred)),

@@ -11,7 +11,11 @@ Two ways in:
   parked helper thread runs the batch and calls ``item.on_done``.
 
 Either way the scheduler decides what runs; the lane only supplies threads,
-the lock and the clock. ``slots`` bounds how many batches run at once.
+the lock and the clock. ``slots`` bounds how many batches run at once, plus
+``urgent_slots`` kept for batches led by a priority-1 request: batches run to
+completion, so without a spare slot an urgent request would wait behind a
+long batch of a lower priority (on a CPU the spare slot time-shares the
+cores, and the OS lets the short urgent batch through quickly).
 
 Waking is targeted, never a broadcast: a blocked caller sleeps on a lock of
 its own and is woken when its item finishes, or when it is chosen to run
@@ -34,6 +38,7 @@ from .types import ITEM_CANCELLED, ITEM_DONE, ITEM_EXPIRED, ITEM_QUEUED, NO_DEAD
 log = logging.getLogger("aios.scheduling")
 
 _FINISHED = (ITEM_DONE, ITEM_CANCELLED, ITEM_EXPIRED)
+URGENT_LEVEL = 1  # batches led by requests of this priority level may use the urgent slots
 _IDLE_POLL_S = 1.0  # helpers re-check closing at this period when nothing wakes them
 
 
@@ -44,6 +49,7 @@ class Lane:
         execute: Callable[[Batch], int],
         slots: int = 1,
         name: str = "cpu",
+        urgent_slots: int = 1,
         on_batch: Callable[[Batch, int], None] | None = None,
         on_item: Callable[[WorkItem], None] | None = None,
     ):
@@ -57,10 +63,12 @@ class Lane:
         self._work = threading.Condition(self._lock)  # helpers wait here
         self._sleepers: dict = {}  # blocked item -> its thread's wake-up lock (insertion ordered)
         self._free_slots = slots
+        self._free_urgent = urgent_slots
         self._async_queued = 0  # queued items whose callers will not run batches themselves
         self._closed = False
         self._helpers = [
-            threading.Thread(target=self._helper, name=f"aios-lane-{name}-{i}", daemon=True) for i in range(slots)
+            threading.Thread(target=self._helper, name=f"aios-lane-{name}-{i}", daemon=True)
+            for i in range(slots + urgent_slots)
         ]
         for thread in self._helpers:
             thread.start()
@@ -104,10 +112,10 @@ class Lane:
             while item.state not in _FINISHED:
                 now = time.monotonic_ns()
                 wake_at = None
-                if self._free_slots > 0:
-                    batch = self._next_batch_locked(now)
+                if self._free_slots > 0 or self._free_urgent > 0:
+                    batch, urgent = self._next_batch_locked(now)
                     if batch is not None:
-                        self._run_locked(batch)
+                        self._run_locked(batch, urgent)
                         continue
                     if item.state in _FINISHED:  # expired while looking for a batch
                         break
@@ -169,11 +177,13 @@ class Lane:
         if not blocking:
             self._async_queued += 1
 
-    def _next_batch_locked(self, now: int) -> Batch | None:
-        batches = self.scheduler.next_batches(now, 1)
+    def _next_batch_locked(self, now: int) -> tuple[Batch | None, bool]:
+        """The next batch to run and whether it takes an urgent slot."""
+        urgent = self._free_slots == 0
+        batches = self.scheduler.next_batches(now, 1, URGENT_LEVEL if urgent else 0)
         for item in self.scheduler.pop_expired():
             self._expire_locked(item, already_removed=True)
-        return batches[0] if batches else None
+        return (batches[0] if batches else None), urgent
 
     def _expire_locked(self, item: WorkItem, already_removed: bool = False) -> None:
         if not already_removed:
@@ -186,9 +196,12 @@ class Lane:
         )
         self._finish_locked(item)
 
-    def _run_locked(self, batch: Batch) -> None:
+    def _run_locked(self, batch: Batch, urgent: bool) -> None:
         """Run ``batch`` with the lock released; re-acquires it before returning."""
-        self._free_slots -= 1
+        if urgent:
+            self._free_urgent -= 1
+        else:
+            self._free_slots -= 1
         now = time.monotonic_ns()
         for item in batch.items:
             item.started_ns = now
@@ -197,7 +210,10 @@ class Lane:
             compute_ns = self._execute(batch)
         finally:
             self._lock.acquire()
-        self._free_slots += 1
+        if urgent:
+            self._free_urgent += 1
+        else:
+            self._free_slots += 1
         self.scheduler.complete(batch, compute_ns)
         if self._on_batch is not None:
             self._on_batch(batch, compute_ns)
@@ -240,10 +256,10 @@ class Lane:
         with self._lock:
             while True:
                 now = time.monotonic_ns()
-                if self._free_slots > 0 and self.scheduler.has_work():
-                    batch = self._next_batch_locked(now)
+                if (self._free_slots > 0 or self._free_urgent > 0) and self.scheduler.has_work():
+                    batch, urgent = self._next_batch_locked(now)
                     if batch is not None:
-                        self._run_locked(batch)
+                        self._run_locked(batch, urgent)
                         continue
                 if self._closed and not self.scheduler.has_work():
                     return

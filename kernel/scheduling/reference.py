@@ -278,7 +278,8 @@ class ReferenceScheduler:
         self._vclock = state.vtime
         return Batch(state.key, chosen, rows)
 
-    def next_batches(self, now_ns: int, limit: int = 1) -> list[Batch]:
+    def next_batches(self, now_ns: int, limit: int = 1, max_level: int = 0) -> list[Batch]:
+        """Up to ``limit`` batches ready now; ``max_level`` > 0 keeps to heads at that level or more urgent."""
         batches: list[Batch] = []
         while len(batches) < limit and self._queued:
             best = best_head = None
@@ -287,7 +288,9 @@ class ReferenceScheduler:
                 if state.queued == 0 or state.in_flight >= state.schedule.instances:
                     continue
                 head = self._clean_head(state, now_ns)
-                if head is None or self._ready_at(state, head, now_ns) > now_ns:
+                if head is None or (max_level and head.level > max_level):
+                    continue
+                if self._ready_at(state, head, now_ns) > now_ns:
                     continue
                 key = (head.level, state.vtime, state.index)
                 if best_key is None or key < best_key:
