@@ -128,6 +128,7 @@ def test_deadline_passing_in_queue_is_deadline_exceeded_and_never_runs(kernel, s
         stub.ModelInfer(late, timeout=60)
     assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert "never ran" in info.value.details()
+    assert not blocker.done()  # answered at its deadline, not when the lane came free
     blocker.result()
     assert executions(kernel, "tiny") == before  # the model never ran it
     assert summaries(channel)["tiny"].scheduler.expired == expired_before + 1

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 
 import grpc
 
@@ -197,11 +198,20 @@ def aio_servicer(service: InferenceService) -> grpc.GenericRpcHandler:
             done = loop.create_future()
             item.on_done = lambda it: loop.call_soon_threadsafe(_resolve, done, it)
             service.submit(item)
+            # Lane threads only look at deadlines when they pick the next batch;
+            # a timer answers DEADLINE_EXCEEDED on time while the lane is busy.
+            timer = None
+            if item.deadline_ns:
+                delay = (item.deadline_ns - time.monotonic_ns()) / 1e9
+                timer = loop.call_later(max(0.0, delay), service.expire, item)
             try:
                 await done
             except asyncio.CancelledError:
                 service.cancel(item)
                 raise
+            finally:
+                if timer is not None:
+                    timer.cancel()
             return service.respond(request, item)
         except Exception as exc:
             await _aio_abort("ModelInfer", exc, context)

@@ -173,6 +173,12 @@ class InferenceService:
         except KeyError:
             return False
 
+    def expire(self, item: WorkItem) -> bool:
+        try:
+            return self.lanes.for_model(item.model).expire(item)
+        except KeyError:
+            return False
+
     def infer_blocking(self, request, time_remaining: float | None, on_wait=None) -> pb.ModelInferResponse:
         item = self.prepare(request, time_remaining)
         self._lane(item).run_blocking(item, on_wait)

@@ -157,6 +157,14 @@ class Lane:
             self._finish_locked(item)
             return True
 
+    def expire(self, item: WorkItem) -> bool:
+        """Drop a queued item whose deadline passed (DEADLINE_EXCEEDED); False if it already left the queue."""
+        with self._lock:
+            if item.state != ITEM_QUEUED:
+                return False
+            self._expire_locked(item)
+            return item.state == ITEM_EXPIRED
+
     def close(self) -> None:
         """Stop the helpers once the queue is empty (call after the front end drained)."""
         with self._lock:
