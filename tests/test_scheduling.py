@@ -359,3 +359,62 @@ def test_urgent_slot_lets_priority_one_past_a_running_batch():
         gate.set()
         lane.close()
     assert ran == ["long", "urgent", "normal"]
+
+
+def test_deadline_passing_while_in_another_threads_batch_waits_for_that_batch():
+    """A caller whose item is already running in a batch led by another thread must not return
+    half-done at its deadline: it waits, and the late result becomes DEADLINE_EXCEEDED."""
+    import threading
+    import time
+
+    from kernel.errors import DeadlineExceeded
+    from kernel.scheduling import Lane, ReferenceScheduler
+
+    first_gate, batch_gate = threading.Event(), threading.Event()
+    batches = []
+
+    def execute(batch):
+        ids = [it.request_id for it in batch.items]
+        batches.append(ids)
+        (first_gate if ids == ["first"] else batch_gate).wait(10)
+        for it in batch.items:
+            it.outputs = [it.request_id]
+        return 1000
+
+    lane = Lane(ReferenceScheduler(), execute, slots=1, urgent_slots=0)
+    model = Model("m")
+    lane.add_model(model, ModelSchedule(max_batch_size=8))
+    cls = ReferenceScheduler.item_class
+    first = cls(model, 1, (), {}, request_id="first")
+    leader = cls(model, 1, (), {}, request_id="leader")
+    late = cls(model, 1, (), {}, request_id="late")
+    try:
+        threads = [threading.Thread(target=lane.run_blocking, args=(first,))]
+        threads[0].start()
+        while batches != [["first"]]:
+            time.sleep(0.001)
+        threads.append(threading.Thread(target=lane.run_blocking, args=(leader,)))
+        threads[1].start()
+        while lane.load(model)[0] != 1:  # leader queued (and asleep) before late
+            time.sleep(0.001)
+        late.deadline_ns = time.monotonic_ns() + 200_000_000
+        runner = threading.Thread(target=lane.run_blocking, args=(late,))
+        runner.start()
+        while lane.load(model)[0] != 2:
+            time.sleep(0.001)
+        first_gate.set()  # the slot goes to the oldest sleeper: leader's thread runs [leader, late]
+        while len(batches) < 2:
+            time.sleep(0.001)
+        assert sorted(batches[1]) == ["late", "leader"]  # EDF puts late first; leader's thread runs it
+        runner.join(timeout=0.5)  # late's deadline passes while its batch still runs ...
+        assert runner.is_alive(), "the caller returned while its item was still running"
+        batch_gate.set()
+        runner.join(10)
+        for thread in threads:
+            thread.join(10)
+    finally:
+        first_gate.set()
+        batch_gate.set()
+        lane.close()
+    assert leader.outputs == ["leader"] and leader.error is None
+    assert late.outputs is None and isinstance(late.error, DeadlineExceeded)  # ... and it is answered as late

@@ -121,10 +121,13 @@ class Lane:
                         break
                     wake_at = self.scheduler.next_wakeup(now)  # a batching window may be open
                 if item.deadline_ns != NO_DEADLINE:
-                    if item.deadline_ns <= now:
+                    if item.deadline_ns > now:
+                        wake_at = item.deadline_ns if wake_at is None else min(wake_at, item.deadline_ns)
+                    elif item.state == ITEM_QUEUED:
                         self._expire_locked(item)
                         break
-                    wake_at = item.deadline_ns if wake_at is None else min(wake_at, item.deadline_ns)
+                    # else: it runs in another thread's batch; wait for that batch, which
+                    # answers DEADLINE_EXCEEDED for it if it finishes too late.
                 waiter = threading.Lock()
                 waiter.acquire()
                 self._sleepers[item] = waiter
