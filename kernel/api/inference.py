@@ -13,7 +13,7 @@ import time
 
 from .. import __version__
 from .._proto.inference import grpc_service_pb2 as pb
-from ..errors import InvalidArgument, NotFound, Unavailable
+from ..errors import Internal, InvalidArgument, NotFound, Unavailable
 from ..models import ModelConfigError, ModelHub, ModelVersion
 from ..scheduling import Lanes, WorkItem
 from ..scheduling.types import NO_DEADLINE
@@ -152,6 +152,8 @@ class InferenceService:
         """The response for a finished item, or its error raised."""
         if item.error is not None:
             raise item.error
+        if item.outputs is None:  # a lane bug, not the caller's: say so instead of failing to encode
+            raise Internal(f"request {item.request_id} finished without a result")
         mv = item.model
         response = pb.ModelInferResponse(model_name=mv.name, model_version=mv.version, id=request.id)
         tensors.encode_outputs(mv.config, item.outputs, item.selected, response)
