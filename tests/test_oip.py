@@ -96,14 +96,18 @@ def identity_arrays(rows: int) -> dict[str, np.ndarray]:
     return arrays
 
 
-def test_every_datatype_round_trips_raw(triton):
-    arrays = identity_arrays(3)
+def identity_inputs(arrays: dict[str, np.ndarray]) -> list[tc.InferInput]:
     inputs = []
     for name, datatype, width in IDENTITY_TENSORS:
-        tensor = tc.InferInput(name, [3, width], datatype)
+        tensor = tc.InferInput(name, [len(arrays[name]), width], datatype)
         tensor.set_data_from_numpy(arrays[name])
         inputs.append(tensor)
-    result = triton.infer("identity", inputs)
+    return inputs
+
+
+def test_every_datatype_round_trips_raw(triton):
+    arrays = identity_arrays(3)
+    result = triton.infer("identity", identity_inputs(arrays))
     for name, datatype, _ in IDENTITY_TENSORS:
         got = result.as_numpy(f"{name}_out")
         if datatype == "BYTES":
@@ -145,12 +149,7 @@ def test_typed_contents_tiny(stub, model_repo):
 
 def test_requested_output_subset(triton):
     arrays = identity_arrays(1)
-    inputs = []
-    for name, datatype, width in IDENTITY_TENSORS:
-        tensor = tc.InferInput(name, [1, width], datatype)
-        tensor.set_data_from_numpy(arrays[name])
-        inputs.append(tensor)
-    result = triton.infer("identity", inputs, outputs=[tc.InferRequestedOutput("i64_out")])
+    result = triton.infer("identity", identity_inputs(arrays), outputs=[tc.InferRequestedOutput("i64_out")])
     names = [o.name for o in result.get_response().outputs]
     assert names == ["i64_out"]
     np.testing.assert_array_equal(result.as_numpy("i64_out"), arrays["i64"])
