@@ -34,8 +34,14 @@ serve: models
 demo: models
 	$(PY) -m kernel demo --models $(MODELS)
 
+# The whole suite on the compiled core, then the serving and scheduling suites
+# again on the pure-Python references (AIOS_PURE_PYTHON=1): both must pass.
+PURE_SUITES := tests/test_oip.py tests/test_bad_input.py tests/test_scheduling.py \
+	tests/test_scheduling_grpc.py tests/test_fuzz_oip.py tests/test_cli.py
+
 test: $(STAMP)
 	$(PY) -m pytest -q
+	AIOS_PURE_PYTHON=1 $(PY) -m pytest -q $(PURE_SUITES)
 
 bench-micro: $(STAMP)
 	$(PY) -m pytest -q tests/bench -o addopts="" --benchmark-only
