@@ -9,8 +9,6 @@ SIGTERM. The systems:
 
 * ``kernel-sync``: ``python -m kernel serve --front-end sync``
 * ``kernel-aio``:  ``python -m kernel serve --front-end aio``
-  (``--kernel-compat`` starts them as ``python -m bench.kernel_compat serve ...``: shims for two kernel
-  bugs, fixed in 179804e, that broke perf_analyzer; logged when they fire; see bench/kernel_compat.py)
 * ``naive``:       ``python -m bench.naive_server`` (grpc.aio on uvloop, onnxruntime inline)
 
 Other engineers commit to kernel/ while a run goes on, so by default the code under test is
@@ -141,7 +139,7 @@ def snapshot_code(out: Path, stamp: str) -> Path:
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.c", "*.html")
     shutil.copytree(REPO_ROOT / "kernel", root / "kernel", ignore=ignore)
     (root / "bench").mkdir(parents=True)
-    for name in ("__init__.py", "naive_server.py", "kernel_compat.py"):
+    for name in ("__init__.py", "naive_server.py"):
         shutil.copy2(REPO_ROOT / "bench" / name, root / "bench" / name)
     diff = subprocess.run(["git", "diff", "HEAD", "--", "kernel"], capture_output=True, text=True, cwd=REPO_ROOT)
     (root / "kernel-uncommitted.diff").write_text(diff.stdout)  # what the snapshot adds to the commit
@@ -158,7 +156,7 @@ def server_env(code_root: Path | None) -> dict | None:
 
 def check_imports(code_root: Path) -> str:
     """Make sure a server started from ``code_root`` imports the snapshot, not the live tree."""
-    proc = subprocess.run([procs.python(), "-c", "import kernel, bench.kernel_compat; print(kernel.__file__)"],
+    proc = subprocess.run([procs.python(), "-c", "import kernel, bench.naive_server; print(kernel.__file__)"],
                           capture_output=True, text=True, cwd=code_root, env=server_env(code_root), timeout=60)
     where = proc.stdout.strip()
     if proc.returncode != 0 or not where.startswith(str(code_root)):
@@ -167,14 +165,14 @@ def check_imports(code_root: Path) -> str:
     return where
 
 
-def server_argv(system: str, model: str, views: dict[str, Path], onnx_dir: Path, workers: int | None,
-                compat: bool = True) -> tuple[list, object]:
+def server_argv(system: str, model: str, views: dict[str, Path], onnx_dir: Path,
+                workers: int | None) -> tuple[list, object]:
     py = procs.python()
     if system == "naive":
         return ([py, "-m", "bench.naive_server", "--model", onnx_dir / f"{model}.onnx", "--name", model,
                  "--port", "0"], procs.READY_NAIVE)
     front_end = system.split("-", 1)[1]
-    argv = [py, "-m", "bench.kernel_compat" if compat else "kernel", "serve", "--models", views[model], "--port", "0", "--front-end", front_end,
+    argv = [py, "-m", "kernel", "serve", "--models", views[model], "--port", "0", "--front-end", front_end,
             "--log-level", "WARNING"]
     if workers and front_end == "sync":
         argv += ["--workers", str(workers)]
@@ -253,7 +251,7 @@ def run_benchmark(args, views: dict[str, Path], out: Path, stamp: str, code_root
     for rnd in range(1, args.pairs + 1):
         for model in args.models:
             for system in args.systems:
-                argv, ready = server_argv(system, model, views, out / "onnx", args.workers, args.kernel_compat)
+                argv, ready = server_argv(system, model, views, out / "onnx", args.workers)
                 log_path = logs / f"r{rnd}-{model}-{system}.log"
                 entry = {"round": rnd, "model": model, "system": system, "log": str(log_path)}
                 servers.append(entry)
@@ -295,10 +293,6 @@ def run_benchmark(args, views: dict[str, Path], out: Path, stamp: str, code_root
                     entry["died_during_run"] = not server.alive()
                     entry["exit_status"] = server.stop()
                     entry["log_errors"] = server.error_lines()
-                    entry["compat_applied"] = [line for line in server.log_text().splitlines()
-                                               if line.startswith("bench.kernel_compat:")]
-                    for line in entry["compat_applied"]:
-                        print(f"   {system}: {line}", flush=True)
                     if entry["died_during_run"] or entry["exit_status"] != 0:
                         how = "died during the run" if entry["died_during_run"] else "did not stop cleanly"
                         print(f"!! {system} ({model}, round {rnd}) {how}: exit status {entry['exit_status']}", flush=True)
@@ -430,9 +424,6 @@ def parse_args(argv=None):
                              "default 20, 0 with --quick")
     parser.add_argument("--server-cpu", default="0", help="taskset -c for the servers (default 0)")
     parser.add_argument("--client-cpu", default="1", help="taskset -c for perf_analyzer (default 1)")
-    parser.add_argument("--kernel-compat", action=argparse.BooleanOptionalAction, default=False,
-                        help="start the kernel through bench/kernel_compat.py, which works around two kernel bugs "
-                             "that broke perf_analyzer before commit 179804e (default off)")
     parser.add_argument("--snapshot", action=argparse.BooleanOptionalAction, default=True,
                         help="copy kernel/ and the bench server modules to OUT/snapshots/<stamp>/ and run the "
                              "servers from there, so commits made during the run do not change the code measured "
@@ -480,7 +471,6 @@ def main(argv=None) -> int:
     facts["perf_analyzer"] = {"prefix": prefix, "client_cpu": args.client_cpu, "server_cpu": args.server_cpu,
                               "window_ms": args.window_ms, "warmup_ms": args.warmup_ms, "stability_pct": 100,
                               "max_trials": 10}
-    facts["kernel_compat"] = args.kernel_compat
     facts["wait_idle_s"] = args.wait_idle
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
     print(f"frontends: {facts['cpu_model']}, {facts['cpus_online']} CPUs, Python {facts['python']}, "
