@@ -523,13 +523,5 @@ def main(argv=None) -> int:
     return 1 if failures or bad_servers else 0
 
 
-def _main() -> int:
-    try:
-        return main()
-    except KeyboardInterrupt as exc:
-        print(f"frontends: interrupted ({exc or 'SIGINT'}); servers stopped, no results written", file=sys.stderr)
-        return 130
-
-
 if __name__ == "__main__":
-    raise SystemExit(_main())
+    raise SystemExit(procs.run_main("frontends", main))

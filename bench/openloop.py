@@ -1129,13 +1129,5 @@ def _git(*cmd: str) -> str:
         return ""
 
 
-def _main() -> int:
-    try:
-        return main()
-    except KeyboardInterrupt as exc:
-        print(f"openloop: interrupted ({exc or 'SIGINT'}); servers stopped, no results written", file=sys.stderr)
-        return 130
-
-
 if __name__ == "__main__":
-    raise SystemExit(_main())
+    raise SystemExit(procs.run_main("openloop", main))

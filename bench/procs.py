@@ -135,3 +135,12 @@ def start_server(
 def python() -> str:
     """The interpreter running this script (the project's virtualenv when started from it)."""
     return sys.executable
+
+
+def run_main(name: str, main) -> int:
+    """Run a benchmark's ``main()``; Ctrl-C/SIGINT exits 130 with one line (servers are stopped by ``main``)."""
+    try:
+        return main()
+    except KeyboardInterrupt as exc:
+        print(f"{name}: interrupted ({exc or 'SIGINT'}); servers stopped, no results written", file=sys.stderr)
+        return 130

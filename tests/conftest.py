@@ -28,25 +28,11 @@ IDENTITY_TENSORS = [
     ("i64", "INT64", 2), ("i8", "INT8", 2), ("u8", "UINT8", 2), ("flag", "BOOL", 2), ("text", "BYTES", 1),
 ]
 
-TINY_TOML = """
-max_batch_size = 8
-instances = 1
-
-[[input]]
-name = "INPUT0"
-datatype = "FP32"
-dims = [16]
-
-[[output]]
-name = "OUTPUT0"
-datatype = "FP32"
-dims = [4]
-labels = ["a", "b", "c", "d"]
-
-[card]
-owner = "tests"
-intended_use = "exercise the serving path"
-"""
+TINY_TOML = onnx_models.mlp_toml(
+    16, 4,
+    extra='labels = ["a", "b", "c", "d"]\n\n[card]\nowner = "tests"\nintended_use = "exercise the serving path"\n',
+    max_batch_size=8, instances=1,
+)
 
 
 def free_port() -> int:

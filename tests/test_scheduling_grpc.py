@@ -27,22 +27,10 @@ SLOW_ROWS = 512  # ~0.1-0.3 s of one core: long enough to queue behind
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
     root = tmp_path_factory.mktemp("sched")
-    onnx_models.save(onnx_models.mlp([64, 2048, 2048, 2048, 8], seed=1), root / "slow" / "1" / "model.onnx")
-    (root / "slow" / "1" / "model.toml").write_text(
-        f'max_batch_size = {SLOW_ROWS}\n[[input]]\nname = "INPUT0"\ndatatype = "FP32"\ndims = [64]\n'
-        '[[output]]\nname = "OUTPUT0"\ndatatype = "FP32"\ndims = [8]\n'
-    )
-    onnx_models.save(onnx_models.mlp([16, 64, 4], seed=2), root / "tiny" / "1" / "model.onnx")
-    (root / "tiny" / "1" / "model.toml").write_text(
-        'max_batch_size = 8\nmax_tenant_queue = 50\n[[input]]\nname = "INPUT0"\ndatatype = "FP32"\ndims = [16]\n'
-        '[[output]]\nname = "OUTPUT0"\ndatatype = "FP32"\ndims = [4]\n'
-    )
+    onnx_models.save_mlp_version(root, "slow", [64, 2048, 2048, 2048, 8], seed=1, max_batch_size=SLOW_ROWS)
+    onnx_models.save_mlp_version(root, "tiny", [16, 64, 4], seed=2, max_batch_size=8, max_tenant_queue=50)
     # About a millisecond per single-row call: responses overtake each other far less than that.
-    onnx_models.save(onnx_models.mlp([64, 2048, 2048, 8], seed=3), root / "one" / "1" / "model.onnx")
-    (root / "one" / "1" / "model.toml").write_text(
-        'max_batch_size = 1\n[[input]]\nname = "INPUT0"\ndatatype = "FP32"\ndims = [64]\n'
-        '[[output]]\nname = "OUTPUT0"\ndatatype = "FP32"\ndims = [8]\n'
-    )
+    onnx_models.save_mlp_version(root, "one", [64, 2048, 2048, 8], seed=3, max_batch_size=1)
     onnx_models.save(onnx_models.lookup(), root / "lookup" / "1" / "model.onnx")
     return root
 

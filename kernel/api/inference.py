@@ -209,5 +209,3 @@ def _schedule_params(parameters, priority: int) -> tuple[int, int, str]:
         tenant = value.string_param
     return priority, timeout_us, tenant
 
-
-__all__ = ["InferenceService", "Unavailable", "deadline_from", "new_request_id"]

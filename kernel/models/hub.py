@@ -23,7 +23,6 @@ log = logging.getLogger("aios.models")
 
 READY = "READY"
 UNAVAILABLE = "UNAVAILABLE"
-LOADING = "LOADING"
 
 
 @dataclass(eq=False, slots=True)

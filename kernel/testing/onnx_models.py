@@ -153,3 +153,23 @@ def lookup(table_rows: int = 4) -> onnx.ModelProto:
         initializer=[table, numpy_helper.from_array(np.array([1], np.int64), "axes")],
     )
     return _finish(graph)
+
+
+def mlp_toml(in_dim: int, out_dim: int, extra: str = "", **settings) -> str:
+    """``model.toml`` text for an :func:`mlp` (INPUT0 → OUTPUT0); ``settings`` become top-level keys
+    (``max_batch_size=8``), ``extra`` is appended TOML (labels, a ``[card]`` table)."""
+    top = "".join(f"{key} = {value!r}\n" for key, value in settings.items())
+    return (
+        f'{top}[[input]]\nname = "INPUT0"\ndatatype = "FP32"\ndims = [{in_dim}]\n'
+        f'[[output]]\nname = "OUTPUT0"\ndatatype = "FP32"\ndims = [{out_dim}]\n{extra}'
+    )
+
+
+def save_mlp_version(root, name: str, widths: Sequence[int], seed: int = 0, version: str = "1", **settings) -> None:
+    """Write ``root/name/version/model.onnx`` (an :func:`mlp`) and, with ``settings``, its ``model.toml``."""
+    from pathlib import Path
+
+    folder = Path(root) / name / version
+    save(mlp(widths, seed=seed), folder / "model.onnx")
+    if settings:
+        (folder / "model.toml").write_text(mlp_toml(widths[0], widths[-1], **settings))
