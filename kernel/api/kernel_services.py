@@ -1,9 +1,9 @@
 """Our own API (``aios.kernel.v1``): handlers built from the service descriptors.
 
-Services whose issue has not landed answer every RPC with UNIMPLEMENTED and
-say so; implemented RPCs are registered in ``IMPLEMENTED``. Handlers are
-built generically from the descriptors so the same table serves the sync
-and the asyncio front ends.
+RPCs nobody implements answer UNIMPLEMENTED and say so. Implemented RPCs are
+plain blocking handlers (see ``rpc.py``) passed in as a table keyed by
+``(service, method)``; the same table serves the sync and the asyncio front
+ends.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import grpc
 
 from .._proto.aios.kernel.v1 import kernel_pb2
 from ..models import ModelHub
-from . import registration
+from . import registration, rpc
 
 PACKAGE = "aios.kernel.v1"
 SERVICE_NAMES = [f"{PACKAGE}.{name}" for name in kernel_pb2.DESCRIPTOR.services_by_name]
@@ -25,7 +25,7 @@ _COUNTERS = (
 
 
 def _list_models(hub: ModelHub, lanes):
-    def list_models(request):
+    def list_models(request, ctx):
         response = kernel_pb2.ListModelsResponse()
         by_name: dict[str, list] = {}
         for mv in hub.loaded():
@@ -59,14 +59,17 @@ def _unimplemented_message(service: str, method: str) -> str:
     return f"{service}.{method} is not implemented yet in this kernel version"
 
 
-def generic_handlers(hub: ModelHub, lanes, asynchronous: bool) -> list[grpc.GenericRpcHandler]:
-    implemented = {("AdminService", "ListModels"): _list_models(hub, lanes)}
+def generic_handlers(
+    hub: ModelHub, lanes, asynchronous: bool, implemented: dict | None = None,
+) -> list[grpc.GenericRpcHandler]:
+    """Handlers for every service of kernel.proto; ``implemented`` maps (service, method) to a handler."""
+    implemented = {("AdminService", "ListModels"): _list_models(hub, lanes), **(implemented or {})}
     handlers = []
     for service in kernel_pb2.DESCRIPTOR.services_by_name.values():
         behaviours = {
             method.name: _make(
                 implemented.get((service.name, method.name)), service.name, method.name,
-                asynchronous, method.server_streaming,
+                asynchronous, method.client_streaming, method.server_streaming,
             )
             for method in service.methods
         }
@@ -74,28 +77,19 @@ def generic_handlers(hub: ModelHub, lanes, asynchronous: bool) -> list[grpc.Gene
     return handlers
 
 
-def _make(func, service: str, method: str, asynchronous: bool, streaming_out: bool):
+def _make(func, service: str, method: str, asynchronous: bool, streaming_in: bool, streaming_out: bool):
+    if func is not None:
+        wrap = rpc.aio_handler if asynchronous else rpc.sync_handler
+        return wrap(f"{service}.{method}", func, streaming_in, streaming_out)
     message = _unimplemented_message(service, method)
     if asynchronous:
-        if func is not None:
-            async def call(request, context):
-                if type(request) is registration.Unparsable:
-                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"not a valid {request.type_name}")
-                return func(request)
-        elif streaming_out:
+        if streaming_out:
             async def call(request, context):
                 await context.abort(grpc.StatusCode.UNIMPLEMENTED, message)
                 yield  # an async generator, as grpc.aio expects for streaming responses
         else:
             async def call(request, context):
                 await context.abort(grpc.StatusCode.UNIMPLEMENTED, message)
-        return call
-    if func is not None:
-        def call(request, context):
-            if type(request) is registration.Unparsable:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"not a valid {request.type_name}")
-            return func(request)
-
         return call
 
     def call(request, context):

@@ -23,6 +23,18 @@ class TaskState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SUCCEEDED: _ClassVar[TaskState]
     FAILED: _ClassVar[TaskState]
     CANCELLED: _ClassVar[TaskState]
+
+class AuditKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    AUDIT_KIND_UNSPECIFIED: _ClassVar[AuditKind]
+    DECISION: _ClassVar[AuditKind]
+    REVIEW_RESOLUTION: _ClassVar[AuditKind]
+    MODEL_DEPLOY: _ClassVar[AuditKind]
+    MODEL_UNDEPLOY: _ClassVar[AuditKind]
+    ROUTE_CHANGE: _ClassVar[AuditKind]
+    POLICY_CHANGE: _ClassVar[AuditKind]
+    PERMISSION_DENIED: _ClassVar[AuditKind]
+    CONFIG_CHANGE: _ClassVar[AuditKind]
 OUTCOME_UNSPECIFIED: Outcome
 AUTOMATED: Outcome
 ESCALATED: Outcome
@@ -34,6 +46,15 @@ WAITING_FOR_REVIEW: TaskState
 SUCCEEDED: TaskState
 FAILED: TaskState
 CANCELLED: TaskState
+AUDIT_KIND_UNSPECIFIED: AuditKind
+DECISION: AuditKind
+REVIEW_RESOLUTION: AuditKind
+MODEL_DEPLOY: AuditKind
+MODEL_UNDEPLOY: AuditKind
+ROUTE_CHANGE: AuditKind
+POLICY_CHANGE: AuditKind
+PERMISSION_DENIED: AuditKind
+CONFIG_CHANGE: AuditKind
 
 class Value(_message.Message):
     __slots__ = ("string_value", "number_value", "int_value", "bool_value")
@@ -111,7 +132,7 @@ class ModelProvenance(_message.Message):
     def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., route_arm: _Optional[str] = ..., confidence: _Optional[float] = ..., class_scores: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class Decision(_message.Message):
-    __slots__ = ("request_id", "action", "reasons", "outcome", "model", "input_hash", "policy_name", "policy_hash", "review_id", "phase_timings_ns", "audit_sequence", "audit_hash")
+    __slots__ = ("request_id", "action", "reasons", "outcome", "model", "input_hash", "policy_name", "policy_hash", "review_id", "phase_timings_ns", "audit_sequence", "audit_hash", "pipeline", "pipeline_version", "tenant", "idempotency_key", "replayed", "policy_version", "escalation_reasons")
     class PhaseTimingsNsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -131,6 +152,13 @@ class Decision(_message.Message):
     PHASE_TIMINGS_NS_FIELD_NUMBER: _ClassVar[int]
     AUDIT_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     AUDIT_HASH_FIELD_NUMBER: _ClassVar[int]
+    PIPELINE_FIELD_NUMBER: _ClassVar[int]
+    PIPELINE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    REPLAYED_FIELD_NUMBER: _ClassVar[int]
+    POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ESCALATION_REASONS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     action: str
     reasons: _containers.RepeatedCompositeFieldContainer[Reason]
@@ -143,10 +171,17 @@ class Decision(_message.Message):
     phase_timings_ns: _containers.ScalarMap[str, int]
     audit_sequence: int
     audit_hash: str
-    def __init__(self, request_id: _Optional[str] = ..., action: _Optional[str] = ..., reasons: _Optional[_Iterable[_Union[Reason, _Mapping]]] = ..., outcome: _Optional[_Union[Outcome, str]] = ..., model: _Optional[_Union[ModelProvenance, _Mapping]] = ..., input_hash: _Optional[str] = ..., policy_name: _Optional[str] = ..., policy_hash: _Optional[str] = ..., review_id: _Optional[str] = ..., phase_timings_ns: _Optional[_Mapping[str, int]] = ..., audit_sequence: _Optional[int] = ..., audit_hash: _Optional[str] = ...) -> None: ...
+    pipeline: str
+    pipeline_version: str
+    tenant: str
+    idempotency_key: str
+    replayed: bool
+    policy_version: str
+    escalation_reasons: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, request_id: _Optional[str] = ..., action: _Optional[str] = ..., reasons: _Optional[_Iterable[_Union[Reason, _Mapping]]] = ..., outcome: _Optional[_Union[Outcome, str]] = ..., model: _Optional[_Union[ModelProvenance, _Mapping]] = ..., input_hash: _Optional[str] = ..., policy_name: _Optional[str] = ..., policy_hash: _Optional[str] = ..., review_id: _Optional[str] = ..., phase_timings_ns: _Optional[_Mapping[str, int]] = ..., audit_sequence: _Optional[int] = ..., audit_hash: _Optional[str] = ..., pipeline: _Optional[str] = ..., pipeline_version: _Optional[str] = ..., tenant: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., replayed: _Optional[bool] = ..., policy_version: _Optional[str] = ..., escalation_reasons: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("task_id", "state", "request", "decision", "error", "created_unix_ns", "updated_unix_ns")
+    __slots__ = ("task_id", "state", "request", "decision", "error", "created_unix_ns", "updated_unix_ns", "attempts", "review_id")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     REQUEST_FIELD_NUMBER: _ClassVar[int]
@@ -154,6 +189,8 @@ class Task(_message.Message):
     ERROR_FIELD_NUMBER: _ClassVar[int]
     CREATED_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
     UPDATED_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    REVIEW_ID_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     state: TaskState
     request: DecisionRequest
@@ -161,7 +198,9 @@ class Task(_message.Message):
     error: str
     created_unix_ns: int
     updated_unix_ns: int
-    def __init__(self, task_id: _Optional[str] = ..., state: _Optional[_Union[TaskState, str]] = ..., request: _Optional[_Union[DecisionRequest, _Mapping]] = ..., decision: _Optional[_Union[Decision, _Mapping]] = ..., error: _Optional[str] = ..., created_unix_ns: _Optional[int] = ..., updated_unix_ns: _Optional[int] = ...) -> None: ...
+    attempts: int
+    review_id: str
+    def __init__(self, task_id: _Optional[str] = ..., state: _Optional[_Union[TaskState, str]] = ..., request: _Optional[_Union[DecisionRequest, _Mapping]] = ..., decision: _Optional[_Union[Decision, _Mapping]] = ..., error: _Optional[str] = ..., created_unix_ns: _Optional[int] = ..., updated_unix_ns: _Optional[int] = ..., attempts: _Optional[int] = ..., review_id: _Optional[str] = ...) -> None: ...
 
 class StartTaskRequest(_message.Message):
     __slots__ = ("request",)
@@ -176,7 +215,7 @@ class TaskRef(_message.Message):
     def __init__(self, task_id: _Optional[str] = ...) -> None: ...
 
 class Review(_message.Message):
-    __slots__ = ("review_id", "request_id", "pipeline", "tenant", "state", "proposed", "claimed_by", "lease_expires_unix_ns", "sla_deadline_unix_ns")
+    __slots__ = ("review_id", "request_id", "pipeline", "tenant", "state", "proposed", "claimed_by", "lease_expires_unix_ns", "sla_deadline_unix_ns", "created_unix_ns", "sla_missed", "resolved_action", "resolved_by", "comment", "resolved_unix_ns", "resolution", "task_id")
     REVIEW_ID_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PIPELINE_FIELD_NUMBER: _ClassVar[int]
@@ -186,6 +225,14 @@ class Review(_message.Message):
     CLAIMED_BY_FIELD_NUMBER: _ClassVar[int]
     LEASE_EXPIRES_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
     SLA_DEADLINE_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
+    CREATED_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
+    SLA_MISSED_FIELD_NUMBER: _ClassVar[int]
+    RESOLVED_ACTION_FIELD_NUMBER: _ClassVar[int]
+    RESOLVED_BY_FIELD_NUMBER: _ClassVar[int]
+    COMMENT_FIELD_NUMBER: _ClassVar[int]
+    RESOLVED_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
+    RESOLUTION_FIELD_NUMBER: _ClassVar[int]
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
     review_id: str
     request_id: str
     pipeline: str
@@ -195,7 +242,15 @@ class Review(_message.Message):
     claimed_by: str
     lease_expires_unix_ns: int
     sla_deadline_unix_ns: int
-    def __init__(self, review_id: _Optional[str] = ..., request_id: _Optional[str] = ..., pipeline: _Optional[str] = ..., tenant: _Optional[str] = ..., state: _Optional[str] = ..., proposed: _Optional[_Union[Decision, _Mapping]] = ..., claimed_by: _Optional[str] = ..., lease_expires_unix_ns: _Optional[int] = ..., sla_deadline_unix_ns: _Optional[int] = ...) -> None: ...
+    created_unix_ns: int
+    sla_missed: bool
+    resolved_action: str
+    resolved_by: str
+    comment: str
+    resolved_unix_ns: int
+    resolution: Decision
+    task_id: str
+    def __init__(self, review_id: _Optional[str] = ..., request_id: _Optional[str] = ..., pipeline: _Optional[str] = ..., tenant: _Optional[str] = ..., state: _Optional[str] = ..., proposed: _Optional[_Union[Decision, _Mapping]] = ..., claimed_by: _Optional[str] = ..., lease_expires_unix_ns: _Optional[int] = ..., sla_deadline_unix_ns: _Optional[int] = ..., created_unix_ns: _Optional[int] = ..., sla_missed: _Optional[bool] = ..., resolved_action: _Optional[str] = ..., resolved_by: _Optional[str] = ..., comment: _Optional[str] = ..., resolved_unix_ns: _Optional[int] = ..., resolution: _Optional[_Union[Decision, _Mapping]] = ..., task_id: _Optional[str] = ...) -> None: ...
 
 class ListReviewsRequest(_message.Message):
     __slots__ = ("pipeline", "tenant", "state", "page_size", "page_token")
@@ -212,12 +267,14 @@ class ListReviewsRequest(_message.Message):
     def __init__(self, pipeline: _Optional[str] = ..., tenant: _Optional[str] = ..., state: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class ListReviewsResponse(_message.Message):
-    __slots__ = ("reviews", "next_page_token")
+    __slots__ = ("reviews", "next_page_token", "sla_missed")
     REVIEWS_FIELD_NUMBER: _ClassVar[int]
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    SLA_MISSED_FIELD_NUMBER: _ClassVar[int]
     reviews: _containers.RepeatedCompositeFieldContainer[Review]
     next_page_token: str
-    def __init__(self, reviews: _Optional[_Iterable[_Union[Review, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+    sla_missed: int
+    def __init__(self, reviews: _Optional[_Iterable[_Union[Review, _Mapping]]] = ..., next_page_token: _Optional[str] = ..., sla_missed: _Optional[int] = ...) -> None: ...
 
 class ClaimReviewRequest(_message.Message):
     __slots__ = ("review_id", "reviewer", "lease_seconds")
@@ -250,34 +307,92 @@ class WatchReviewsRequest(_message.Message):
     def __init__(self, pipeline: _Optional[str] = ..., tenant: _Optional[str] = ...) -> None: ...
 
 class AuditRecord(_message.Message):
-    __slots__ = ("sequence", "kind", "prev_hash", "hash", "payload", "time_unix_ns")
+    __slots__ = ("sequence", "kind", "prev_hash", "hash", "payload", "time_unix_ns", "principal", "tenant", "request_id", "idempotency_key", "pipeline", "pipeline_version", "decision", "inputs", "model_outputs", "links_to", "has_link")
+    class InputsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: Value
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Value, _Mapping]] = ...) -> None: ...
+    class ModelOutputsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     PREV_HASH_FIELD_NUMBER: _ClassVar[int]
     HASH_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_FIELD_NUMBER: _ClassVar[int]
     TIME_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
+    PRINCIPAL_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    PIPELINE_FIELD_NUMBER: _ClassVar[int]
+    PIPELINE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    DECISION_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    LINKS_TO_FIELD_NUMBER: _ClassVar[int]
+    HAS_LINK_FIELD_NUMBER: _ClassVar[int]
     sequence: int
-    kind: str
+    kind: AuditKind
     prev_hash: bytes
     hash: bytes
     payload: bytes
     time_unix_ns: int
-    def __init__(self, sequence: _Optional[int] = ..., kind: _Optional[str] = ..., prev_hash: _Optional[bytes] = ..., hash: _Optional[bytes] = ..., payload: _Optional[bytes] = ..., time_unix_ns: _Optional[int] = ...) -> None: ...
+    principal: str
+    tenant: str
+    request_id: str
+    idempotency_key: str
+    pipeline: str
+    pipeline_version: str
+    decision: Decision
+    inputs: _containers.MessageMap[str, Value]
+    model_outputs: _containers.ScalarMap[str, float]
+    links_to: int
+    has_link: bool
+    def __init__(self, sequence: _Optional[int] = ..., kind: _Optional[_Union[AuditKind, str]] = ..., prev_hash: _Optional[bytes] = ..., hash: _Optional[bytes] = ..., payload: _Optional[bytes] = ..., time_unix_ns: _Optional[int] = ..., principal: _Optional[str] = ..., tenant: _Optional[str] = ..., request_id: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., pipeline: _Optional[str] = ..., pipeline_version: _Optional[str] = ..., decision: _Optional[_Union[Decision, _Mapping]] = ..., inputs: _Optional[_Mapping[str, Value]] = ..., model_outputs: _Optional[_Mapping[str, float]] = ..., links_to: _Optional[int] = ..., has_link: _Optional[bool] = ...) -> None: ...
+
+class Checkpoint(_message.Message):
+    __slots__ = ("tree_size", "root_hash", "time_unix_ns", "signature", "key_id")
+    TREE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    ROOT_HASH_FIELD_NUMBER: _ClassVar[int]
+    TIME_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    tree_size: int
+    root_hash: bytes
+    time_unix_ns: int
+    signature: bytes
+    key_id: str
+    def __init__(self, tree_size: _Optional[int] = ..., root_hash: _Optional[bytes] = ..., time_unix_ns: _Optional[int] = ..., signature: _Optional[bytes] = ..., key_id: _Optional[str] = ...) -> None: ...
+
+class CheckpointRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class StreamAuditRequest(_message.Message):
-    __slots__ = ("from_sequence", "follow", "tenant", "pipeline", "kind")
+    __slots__ = ("from_sequence", "follow", "tenant", "pipeline", "kind", "since_unix_ns", "until_unix_ns")
     FROM_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     FOLLOW_FIELD_NUMBER: _ClassVar[int]
     TENANT_FIELD_NUMBER: _ClassVar[int]
     PIPELINE_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
+    SINCE_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
+    UNTIL_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
     from_sequence: int
     follow: bool
     tenant: str
     pipeline: str
-    kind: str
-    def __init__(self, from_sequence: _Optional[int] = ..., follow: _Optional[bool] = ..., tenant: _Optional[str] = ..., pipeline: _Optional[str] = ..., kind: _Optional[str] = ...) -> None: ...
+    kind: AuditKind
+    since_unix_ns: int
+    until_unix_ns: int
+    def __init__(self, from_sequence: _Optional[int] = ..., follow: _Optional[bool] = ..., tenant: _Optional[str] = ..., pipeline: _Optional[str] = ..., kind: _Optional[_Union[AuditKind, str]] = ..., since_unix_ns: _Optional[int] = ..., until_unix_ns: _Optional[int] = ...) -> None: ...
 
 class InclusionProofRequest(_message.Message):
     __slots__ = ("sequence", "tree_size")
@@ -296,14 +411,22 @@ class ConsistencyProofRequest(_message.Message):
     def __init__(self, old_size: _Optional[int] = ..., new_size: _Optional[int] = ...) -> None: ...
 
 class Proof(_message.Message):
-    __slots__ = ("tree_size", "hashes", "root")
+    __slots__ = ("tree_size", "hashes", "root", "leaf_index", "leaf_hash", "old_size", "old_root")
     TREE_SIZE_FIELD_NUMBER: _ClassVar[int]
     HASHES_FIELD_NUMBER: _ClassVar[int]
     ROOT_FIELD_NUMBER: _ClassVar[int]
+    LEAF_INDEX_FIELD_NUMBER: _ClassVar[int]
+    LEAF_HASH_FIELD_NUMBER: _ClassVar[int]
+    OLD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    OLD_ROOT_FIELD_NUMBER: _ClassVar[int]
     tree_size: int
     hashes: _containers.RepeatedScalarFieldContainer[bytes]
     root: bytes
-    def __init__(self, tree_size: _Optional[int] = ..., hashes: _Optional[_Iterable[bytes]] = ..., root: _Optional[bytes] = ...) -> None: ...
+    leaf_index: int
+    leaf_hash: bytes
+    old_size: int
+    old_root: bytes
+    def __init__(self, tree_size: _Optional[int] = ..., hashes: _Optional[_Iterable[bytes]] = ..., root: _Optional[bytes] = ..., leaf_index: _Optional[int] = ..., leaf_hash: _Optional[bytes] = ..., old_size: _Optional[int] = ..., old_root: _Optional[bytes] = ...) -> None: ...
 
 class PublicKeyRequest(_message.Message):
     __slots__ = ()

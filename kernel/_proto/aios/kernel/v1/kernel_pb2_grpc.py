@@ -571,6 +571,11 @@ class AuditServiceStub:
                 request_serializer=aios_dot_kernel_dot_v1_dot_kernel__pb2.PublicKeyRequest.SerializeToString,
                 response_deserializer=aios_dot_kernel_dot_v1_dot_kernel__pb2.PublicKey.FromString,
                 _registered_method=True)
+        self.GetCheckpoint = channel.unary_unary(
+                '/aios.kernel.v1.AuditService/GetCheckpoint',
+                request_serializer=aios_dot_kernel_dot_v1_dot_kernel__pb2.CheckpointRequest.SerializeToString,
+                response_deserializer=aios_dot_kernel_dot_v1_dot_kernel__pb2.Checkpoint.FromString,
+                _registered_method=True)
 
 
 class AuditServiceServicer:
@@ -600,6 +605,12 @@ class AuditServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetCheckpoint(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AuditServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -622,6 +633,11 @@ def add_AuditServiceServicer_to_server(servicer, server):
                     servicer.GetPublicKey,
                     request_deserializer=aios_dot_kernel_dot_v1_dot_kernel__pb2.PublicKeyRequest.FromString,
                     response_serializer=aios_dot_kernel_dot_v1_dot_kernel__pb2.PublicKey.SerializeToString,
+            ),
+            'GetCheckpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetCheckpoint,
+                    request_deserializer=aios_dot_kernel_dot_v1_dot_kernel__pb2.CheckpointRequest.FromString,
+                    response_serializer=aios_dot_kernel_dot_v1_dot_kernel__pb2.Checkpoint.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -732,6 +748,33 @@ class AuditService:
             '/aios.kernel.v1.AuditService/GetPublicKey',
             aios_dot_kernel_dot_v1_dot_kernel__pb2.PublicKeyRequest.SerializeToString,
             aios_dot_kernel_dot_v1_dot_kernel__pb2.PublicKey.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetCheckpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aios.kernel.v1.AuditService/GetCheckpoint',
+            aios_dot_kernel_dot_v1_dot_kernel__pb2.CheckpointRequest.SerializeToString,
+            aios_dot_kernel_dot_v1_dot_kernel__pb2.Checkpoint.FromString,
             options,
             channel_credentials,
             insecure,

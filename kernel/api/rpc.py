@@ -1,0 +1,215 @@
+"""Run the kernel's own service handlers (``aios.kernel.v1``) on either front end.
+
+Handlers are written once, as plain blocking Python, against ``CallContext``:
+
+- unary:          ``handler(request, ctx) -> response``
+- server stream:  ``handler(request, ctx) -> Iterator[response]``
+- bidi stream:    ``handler(requests: Iterator[request], ctx) -> Iterator[response]``
+
+They raise ``kernel.errors.KernelError`` subclasses for every non-OK answer;
+this module turns those into gRPC statuses (with trailers) and anything else
+into INTERNAL with a request id that is also in the log. A request whose
+bytes do not parse is refused with INVALID_ARGUMENT before the handler runs
+(per message on streams).
+
+On the sync front end the handler runs on gRPC's handler thread. On the
+asyncio front end it runs on a worker thread, because these handlers wait
+(on the scheduler, the audit writer, SQLite) and must never block the loop;
+stream messages cross between the loop and that thread one at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import grpc
+
+from ..errors import KernelError
+from .frontends import internal_message, status_of
+from .registration import ensure_parsed
+
+log = logging.getLogger("aios.api")
+
+_END = object()
+
+
+class CallContext:
+    """What a handler may know about its call, independent of the front end."""
+
+    __slots__ = ("deadline_ns", "metadata", "peer", "_done", "_callbacks", "_lock")
+
+    def __init__(self, deadline_ns: int | None, metadata: dict[str, str], peer: str = ""):
+        self.deadline_ns = deadline_ns  # absolute time.monotonic_ns(), or None without a gRPC deadline
+        self.metadata = metadata  # invocation metadata, last value per key
+        self.peer = peer
+        self._done = False
+        self._callbacks: list[Callable[[], None]] = []
+        self._lock = threading.Lock()
+
+    def is_active(self) -> bool:
+        """False once the client has gone away, the deadline passed or the call ended."""
+        return not self._done
+
+    def on_done(self, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` (once, from any thread) when the call ends for any reason."""
+        with self._lock:
+            if not self._done:
+                self._callbacks.append(callback)
+                return
+        callback()
+
+    def _finish(self) -> None:
+        with self._lock:
+            if self._done:
+                return
+            self._done = True
+            callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            try:
+                callback()
+            except Exception:
+                log.exception("call-done callback failed")
+
+
+def _deadline_ns(remaining_s: float | None) -> int | None:
+    if remaining_s is None:
+        return None
+    return time.monotonic_ns() + int(max(remaining_s, 0.0) * 1e9)
+
+
+def _context_from(grpc_context) -> CallContext:
+    metadata = {key: value for key, value in (grpc_context.invocation_metadata() or ())}
+    try:
+        peer = grpc_context.peer()
+    except Exception:  # not every context knows its peer
+        peer = ""
+    return CallContext(_deadline_ns(grpc_context.time_remaining()), metadata, peer)
+
+
+def _parsed(requests: Iterator) -> Iterator:
+    for request in requests:
+        ensure_parsed(request)
+        yield request
+
+
+# --------------------------------------------------------------------------- sync
+def _sync_fail(rpc: str, exc: BaseException, context) -> None:
+    if isinstance(exc, KernelError):
+        if exc.trailers:
+            context.set_trailing_metadata(exc.trailers)
+        context.abort(status_of(exc), exc.message)
+    context.abort(grpc.StatusCode.INTERNAL, internal_message(rpc))
+
+
+def sync_handler(rpc: str, handler: Callable, client_streaming: bool, server_streaming: bool) -> Callable:
+    def prepare(request_or_iterator, context):
+        ctx = _context_from(context)
+        context.add_callback(ctx._finish)
+        if client_streaming:
+            return _parsed(request_or_iterator), ctx
+        ensure_parsed(request_or_iterator)
+        return request_or_iterator, ctx
+
+    if server_streaming:
+        def call(request_or_iterator, context):
+            try:
+                request, ctx = prepare(request_or_iterator, context)
+                yield from handler(request, ctx)
+            except Exception as exc:
+                _sync_fail(rpc, exc, context)
+
+        return call
+
+    def call(request_or_iterator, context):
+        try:
+            request, ctx = prepare(request_or_iterator, context)
+            return handler(request, ctx)
+        except Exception as exc:
+            _sync_fail(rpc, exc, context)
+
+    return call
+
+
+# --------------------------------------------------------------------------- asyncio
+async def _aio_fail(rpc: str, exc: BaseException, context) -> None:
+    if isinstance(exc, KernelError):
+        await context.abort(status_of(exc), exc.message, trailing_metadata=exc.trailers)
+    await context.abort(grpc.StatusCode.INTERNAL, internal_message(rpc))
+
+
+def _bridge_requests(requests, loop: asyncio.AbstractEventLoop) -> Iterator:
+    """A blocking iterator over an async request iterator, for use on a worker thread."""
+    iterator = requests.__aiter__()
+
+    async def next_or_end():
+        try:
+            return await iterator.__anext__()
+        except StopAsyncIteration:
+            return _END
+
+    while True:
+        request = asyncio.run_coroutine_threadsafe(next_or_end(), loop).result()
+        if request is _END:
+            return
+        ensure_parsed(request)
+        yield request
+
+
+def aio_handler(rpc: str, handler: Callable, client_streaming: bool, server_streaming: bool) -> Callable:
+    def start(request_or_iterator, context, loop):
+        ctx = _context_from(context)
+        context.add_done_callback(lambda _call: ctx._finish())
+        if client_streaming:
+            return _bridge_requests(request_or_iterator, loop), ctx
+        ensure_parsed(request_or_iterator)
+        return request_or_iterator, ctx
+
+    if not server_streaming:
+        async def call(request_or_iterator, context):
+            loop = asyncio.get_running_loop()
+            try:
+                request, ctx = start(request_or_iterator, context, loop)
+                return await asyncio.to_thread(handler, request, ctx)
+            except Exception as exc:
+                await _aio_fail(rpc, exc, context)
+
+        return call
+
+    async def call(request_or_iterator, context):
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+
+        def produce(request, ctx) -> None:
+            try:
+                for response in handler(request, ctx):
+                    loop.call_soon_threadsafe(queue.put_nowait, (response, None))
+                    if not ctx.is_active():
+                        return
+            except BaseException as exc:  # handed to the loop, which answers with a status
+                loop.call_soon_threadsafe(queue.put_nowait, (_END, exc))
+                return
+            loop.call_soon_threadsafe(queue.put_nowait, (_END, None))
+
+        try:
+            request, ctx = start(request_or_iterator, context, loop)
+        except Exception as exc:
+            await _aio_fail(rpc, exc, context)
+            return
+        worker = threading.Thread(target=produce, args=(request, ctx), name=f"aio-{rpc}", daemon=True)
+        worker.start()
+        try:
+            while True:
+                response, error = await queue.get()
+                if error is not None:
+                    await _aio_fail(rpc, error, context)
+                if response is _END:
+                    return
+                yield response
+        finally:
+            ctx._finish()
+
+    return call
