@@ -28,6 +28,8 @@ DEFAULT_ADDRESS = "127.0.0.1:8001"
 def _server_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="kernel.toml with settings (flags and AIOS_* variables override it)")
     parser.add_argument("--models", help="model repository folder (default: ./models)")
+    parser.add_argument("--pipelines", help="pipeline folder (default: ./pipelines)")
+    parser.add_argument("--data-dir", dest="data_dir", help="audit log, keys and the task/review store (default: ./var)")
     parser.add_argument("--host", help="listen address (default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="gRPC port (default 8001; 0 = any free port)")
     parser.add_argument("--front-end", dest="front_end", choices=("sync", "aio"), help="gRPC front end")
@@ -36,7 +38,8 @@ def _server_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _settings(args, **extra):
-    overrides = {key: getattr(args, key, None) for key in ("models", "host", "port", "front_end", "workers", "log_level")}
+    keys = ("models", "pipelines", "data_dir", "host", "port", "front_end", "workers", "log_level")
+    overrides = {key: getattr(args, key, None) for key in keys}
     overrides.update(extra)
     return load_settings(args.config, overrides)
 
@@ -149,6 +152,44 @@ def cmd_infer(args) -> int:
     return 0
 
 
+def cmd_decide(args) -> int:
+    import grpc
+    from google.protobuf import json_format
+
+    from .decision_client import DecisionClient, parse_cli_value
+
+    fields, text = {}, {}
+    for target, pairs, flag in ((fields, args.field, "--field"), (text, args.text, "--text")):
+        for pair in pairs:
+            name, sep, value = pair.partition("=")
+            if not sep or not name:
+                print(f"{flag} {pair!r}: expected NAME=VALUE", file=sys.stderr)
+                return 2
+            target[name] = parse_cli_value(value) if target is fields else value
+    options = {"tenant": args.tenant, "idempotency_key": args.idempotency_key, "request_id": args.request_id}
+    with DecisionClient(args.address, timeout=args.timeout) as client:
+        try:
+            decision = client.decide(args.pipeline, fields, text, **{k: v for k, v in options.items() if v})
+        except grpc.RpcError as exc:
+            print(f"{exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    if args.json:
+        print(json_format.MessageToJson(decision, preserving_proto_field_name=True))
+        return 0
+    outcome = decision.DESCRIPTOR.fields_by_name["outcome"].enum_type.values_by_number[decision.outcome].name
+    model = decision.model
+    print(f"{decision.action}  ({outcome}; model {model.model_name}/{model.model_version} confidence {model.confidence:.3f})")
+    for reason in decision.reasons:
+        print(f"  rule {reason.rule_id}: {reason.description}")
+    for why in decision.escalation_reasons:
+        print(f"  escalated: {why}")
+    if decision.review_id:
+        print(f"  review {decision.review_id}")
+    print(f"  request {decision.request_id}, policy {decision.policy_name} {decision.policy_version} "
+          f"({decision.policy_hash[:12]}), audit #{decision.audit_sequence}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -186,6 +227,19 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--address", default=DEFAULT_ADDRESS, help=f"kernel address (default {DEFAULT_ADDRESS})")
     infer.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
     infer.set_defaults(func=cmd_infer)
+
+    decide = sub.add_parser("decide", help="ask a running kernel for one decision")
+    decide.add_argument("pipeline")
+    decide.add_argument("--field", action="append", default=[], metavar="NAME=VALUE",
+                        help="a request field; VALUE is read as JSON when it is a JSON scalar (12, 0.5, true, \"12\")")
+    decide.add_argument("--text", action="append", default=[], metavar="NAME=TEXT", help="a free-text field")
+    decide.add_argument("--tenant", default="")
+    decide.add_argument("--idempotency-key", dest="idempotency_key", default="")
+    decide.add_argument("--request-id", dest="request_id", default="")
+    decide.add_argument("--json", action="store_true", help="print the whole Decision as JSON")
+    decide.add_argument("--address", default=DEFAULT_ADDRESS, help=f"kernel address (default {DEFAULT_ADDRESS})")
+    decide.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
+    decide.set_defaults(func=cmd_decide)
     return parser
 
 

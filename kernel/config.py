@@ -37,7 +37,9 @@ class Settings:
     max_message_bytes: int = 64 * 1024 * 1024  # larger requests get RESOURCE_EXHAUSTED
     grace_seconds: float = 10.0  # SIGTERM: how long in-flight calls may take to finish
     log_level: str = "INFO"
-    data_dir: str = "var"
+    data_dir: str = "var"  # audit segments, keys, and the SQLite store of tasks, reviews, idempotency keys
+    pipelines: str = "pipelines"  # folder of pipeline files (*.toml with a [pipeline] table) and their policies
+    pipeline_poll_s: float = 1.0  # how often changed pipeline files are looked for; 0 = only at start
 
     def usable_cores(self) -> int:
         try:
@@ -95,6 +97,8 @@ def _validate(settings: Settings, sources: dict[str, str]) -> None:
         raise bad("grace_seconds", f"must be >= 0, got {settings.grace_seconds}")
     if settings.log_level.upper() not in LOG_LEVELS:
         raise bad("log_level", f"must be one of {', '.join(LOG_LEVELS)}, got {settings.log_level!r}")
+    if settings.pipeline_poll_s < 0:
+        raise bad("pipeline_poll_s", f"must be >= 0 (0 = load at start only), got {settings.pipeline_poll_s}")
     if settings.scheduler not in SCHEDULERS:
         raise bad("scheduler", f"must be one of {', '.join(SCHEDULERS)}, got {settings.scheduler!r}")
 

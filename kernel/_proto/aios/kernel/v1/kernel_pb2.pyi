@@ -13,6 +13,7 @@ class Outcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     AUTOMATED: _ClassVar[Outcome]
     ESCALATED: _ClassVar[Outcome]
     FALLBACK: _ClassVar[Outcome]
+    REVIEWED: _ClassVar[Outcome]
 
 class TaskState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -39,6 +40,7 @@ OUTCOME_UNSPECIFIED: Outcome
 AUTOMATED: Outcome
 ESCALATED: Outcome
 FALLBACK: Outcome
+REVIEWED: Outcome
 TASK_STATE_UNSPECIFIED: TaskState
 QUEUED: TaskState
 RUNNING: TaskState
@@ -132,7 +134,7 @@ class ModelProvenance(_message.Message):
     def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., route_arm: _Optional[str] = ..., confidence: _Optional[float] = ..., class_scores: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class Decision(_message.Message):
-    __slots__ = ("request_id", "action", "reasons", "outcome", "model", "input_hash", "policy_name", "policy_hash", "review_id", "phase_timings_ns", "audit_sequence", "audit_hash", "pipeline", "pipeline_version", "tenant", "idempotency_key", "replayed", "policy_version", "escalation_reasons")
+    __slots__ = ("request_id", "action", "reasons", "outcome", "model", "input_hash", "policy_name", "policy_hash", "review_id", "phase_timings_ns", "audit_sequence", "audit_hash", "pipeline", "pipeline_version", "tenant", "idempotency_key", "replayed", "policy_version", "escalation_reasons", "error_code", "error_message", "links_to_audit_sequence")
     class PhaseTimingsNsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -159,6 +161,9 @@ class Decision(_message.Message):
     REPLAYED_FIELD_NUMBER: _ClassVar[int]
     POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
     ESCALATION_REASONS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    LINKS_TO_AUDIT_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     action: str
     reasons: _containers.RepeatedCompositeFieldContainer[Reason]
@@ -178,10 +183,13 @@ class Decision(_message.Message):
     replayed: bool
     policy_version: str
     escalation_reasons: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, request_id: _Optional[str] = ..., action: _Optional[str] = ..., reasons: _Optional[_Iterable[_Union[Reason, _Mapping]]] = ..., outcome: _Optional[_Union[Outcome, str]] = ..., model: _Optional[_Union[ModelProvenance, _Mapping]] = ..., input_hash: _Optional[str] = ..., policy_name: _Optional[str] = ..., policy_hash: _Optional[str] = ..., review_id: _Optional[str] = ..., phase_timings_ns: _Optional[_Mapping[str, int]] = ..., audit_sequence: _Optional[int] = ..., audit_hash: _Optional[str] = ..., pipeline: _Optional[str] = ..., pipeline_version: _Optional[str] = ..., tenant: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., replayed: _Optional[bool] = ..., policy_version: _Optional[str] = ..., escalation_reasons: _Optional[_Iterable[str]] = ...) -> None: ...
+    error_code: str
+    error_message: str
+    links_to_audit_sequence: int
+    def __init__(self, request_id: _Optional[str] = ..., action: _Optional[str] = ..., reasons: _Optional[_Iterable[_Union[Reason, _Mapping]]] = ..., outcome: _Optional[_Union[Outcome, str]] = ..., model: _Optional[_Union[ModelProvenance, _Mapping]] = ..., input_hash: _Optional[str] = ..., policy_name: _Optional[str] = ..., policy_hash: _Optional[str] = ..., review_id: _Optional[str] = ..., phase_timings_ns: _Optional[_Mapping[str, int]] = ..., audit_sequence: _Optional[int] = ..., audit_hash: _Optional[str] = ..., pipeline: _Optional[str] = ..., pipeline_version: _Optional[str] = ..., tenant: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., replayed: _Optional[bool] = ..., policy_version: _Optional[str] = ..., escalation_reasons: _Optional[_Iterable[str]] = ..., error_code: _Optional[str] = ..., error_message: _Optional[str] = ..., links_to_audit_sequence: _Optional[int] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("task_id", "state", "request", "decision", "error", "created_unix_ns", "updated_unix_ns", "attempts", "review_id")
+    __slots__ = ("task_id", "state", "request", "decision", "error", "created_unix_ns", "updated_unix_ns", "attempts", "review_id", "history")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     REQUEST_FIELD_NUMBER: _ClassVar[int]
@@ -191,6 +199,7 @@ class Task(_message.Message):
     UPDATED_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
     ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
     REVIEW_ID_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     state: TaskState
     request: DecisionRequest
@@ -200,7 +209,20 @@ class Task(_message.Message):
     updated_unix_ns: int
     attempts: int
     review_id: str
-    def __init__(self, task_id: _Optional[str] = ..., state: _Optional[_Union[TaskState, str]] = ..., request: _Optional[_Union[DecisionRequest, _Mapping]] = ..., decision: _Optional[_Union[Decision, _Mapping]] = ..., error: _Optional[str] = ..., created_unix_ns: _Optional[int] = ..., updated_unix_ns: _Optional[int] = ..., attempts: _Optional[int] = ..., review_id: _Optional[str] = ...) -> None: ...
+    history: _containers.RepeatedCompositeFieldContainer[TaskTransition]
+    def __init__(self, task_id: _Optional[str] = ..., state: _Optional[_Union[TaskState, str]] = ..., request: _Optional[_Union[DecisionRequest, _Mapping]] = ..., decision: _Optional[_Union[Decision, _Mapping]] = ..., error: _Optional[str] = ..., created_unix_ns: _Optional[int] = ..., updated_unix_ns: _Optional[int] = ..., attempts: _Optional[int] = ..., review_id: _Optional[str] = ..., history: _Optional[_Iterable[_Union[TaskTransition, _Mapping]]] = ...) -> None: ...
+
+class TaskTransition(_message.Message):
+    __slots__ = ("state", "at_unix_ns", "attempt", "detail")
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    AT_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    state: TaskState
+    at_unix_ns: int
+    attempt: int
+    detail: str
+    def __init__(self, state: _Optional[_Union[TaskState, str]] = ..., at_unix_ns: _Optional[int] = ..., attempt: _Optional[int] = ..., detail: _Optional[str] = ...) -> None: ...
 
 class StartTaskRequest(_message.Message):
     __slots__ = ("request",)
@@ -215,7 +237,7 @@ class TaskRef(_message.Message):
     def __init__(self, task_id: _Optional[str] = ...) -> None: ...
 
 class Review(_message.Message):
-    __slots__ = ("review_id", "request_id", "pipeline", "tenant", "state", "proposed", "claimed_by", "lease_expires_unix_ns", "sla_deadline_unix_ns", "created_unix_ns", "sla_missed", "resolved_action", "resolved_by", "comment", "resolved_unix_ns", "resolution", "task_id")
+    __slots__ = ("review_id", "request_id", "pipeline", "tenant", "state", "proposed", "claimed_by", "lease_expires_unix_ns", "sla_deadline_unix_ns", "created_unix_ns", "sla_missed", "resolved_action", "resolved_by", "comment", "resolved_unix_ns", "resolution", "task_id", "request", "actions")
     REVIEW_ID_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PIPELINE_FIELD_NUMBER: _ClassVar[int]
@@ -233,6 +255,8 @@ class Review(_message.Message):
     RESOLVED_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
     RESOLUTION_FIELD_NUMBER: _ClassVar[int]
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    ACTIONS_FIELD_NUMBER: _ClassVar[int]
     review_id: str
     request_id: str
     pipeline: str
@@ -250,7 +274,9 @@ class Review(_message.Message):
     resolved_unix_ns: int
     resolution: Decision
     task_id: str
-    def __init__(self, review_id: _Optional[str] = ..., request_id: _Optional[str] = ..., pipeline: _Optional[str] = ..., tenant: _Optional[str] = ..., state: _Optional[str] = ..., proposed: _Optional[_Union[Decision, _Mapping]] = ..., claimed_by: _Optional[str] = ..., lease_expires_unix_ns: _Optional[int] = ..., sla_deadline_unix_ns: _Optional[int] = ..., created_unix_ns: _Optional[int] = ..., sla_missed: _Optional[bool] = ..., resolved_action: _Optional[str] = ..., resolved_by: _Optional[str] = ..., comment: _Optional[str] = ..., resolved_unix_ns: _Optional[int] = ..., resolution: _Optional[_Union[Decision, _Mapping]] = ..., task_id: _Optional[str] = ...) -> None: ...
+    request: DecisionRequest
+    actions: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, review_id: _Optional[str] = ..., request_id: _Optional[str] = ..., pipeline: _Optional[str] = ..., tenant: _Optional[str] = ..., state: _Optional[str] = ..., proposed: _Optional[_Union[Decision, _Mapping]] = ..., claimed_by: _Optional[str] = ..., lease_expires_unix_ns: _Optional[int] = ..., sla_deadline_unix_ns: _Optional[int] = ..., created_unix_ns: _Optional[int] = ..., sla_missed: _Optional[bool] = ..., resolved_action: _Optional[str] = ..., resolved_by: _Optional[str] = ..., comment: _Optional[str] = ..., resolved_unix_ns: _Optional[int] = ..., resolution: _Optional[_Union[Decision, _Mapping]] = ..., task_id: _Optional[str] = ..., request: _Optional[_Union[DecisionRequest, _Mapping]] = ..., actions: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ListReviewsRequest(_message.Message):
     __slots__ = ("pipeline", "tenant", "state", "page_size", "page_token")
@@ -299,12 +325,16 @@ class ResolveReviewRequest(_message.Message):
     def __init__(self, review_id: _Optional[str] = ..., reviewer: _Optional[str] = ..., action: _Optional[str] = ..., comment: _Optional[str] = ...) -> None: ...
 
 class WatchReviewsRequest(_message.Message):
-    __slots__ = ("pipeline", "tenant")
+    __slots__ = ("pipeline", "tenant", "include_open", "updates")
     PIPELINE_FIELD_NUMBER: _ClassVar[int]
     TENANT_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_OPEN_FIELD_NUMBER: _ClassVar[int]
+    UPDATES_FIELD_NUMBER: _ClassVar[int]
     pipeline: str
     tenant: str
-    def __init__(self, pipeline: _Optional[str] = ..., tenant: _Optional[str] = ...) -> None: ...
+    include_open: bool
+    updates: bool
+    def __init__(self, pipeline: _Optional[str] = ..., tenant: _Optional[str] = ..., include_open: _Optional[bool] = ..., updates: _Optional[bool] = ...) -> None: ...
 
 class AuditRecord(_message.Message):
     __slots__ = ("sequence", "kind", "prev_hash", "hash", "payload", "time_unix_ns", "principal", "tenant", "request_id", "idempotency_key", "pipeline", "pipeline_version", "decision", "inputs", "model_outputs", "links_to", "has_link")
@@ -491,3 +521,50 @@ class ListModelsResponse(_message.Message):
     MODELS_FIELD_NUMBER: _ClassVar[int]
     models: _containers.RepeatedCompositeFieldContainer[ModelSummary]
     def __init__(self, models: _Optional[_Iterable[_Union[ModelSummary, _Mapping]]] = ...) -> None: ...
+
+class UploadPipelineRequest(_message.Message):
+    __slots__ = ("pipeline_toml", "policy_toml")
+    PIPELINE_TOML_FIELD_NUMBER: _ClassVar[int]
+    POLICY_TOML_FIELD_NUMBER: _ClassVar[int]
+    pipeline_toml: bytes
+    policy_toml: bytes
+    def __init__(self, pipeline_toml: _Optional[bytes] = ..., policy_toml: _Optional[bytes] = ...) -> None: ...
+
+class PipelineInfo(_message.Message):
+    __slots__ = ("name", "version", "hash", "model", "policy_name", "policy_version", "policy_hash", "fields")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    HASH_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    POLICY_NAME_FIELD_NUMBER: _ClassVar[int]
+    POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    POLICY_HASH_FIELD_NUMBER: _ClassVar[int]
+    FIELDS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: str
+    hash: str
+    model: str
+    policy_name: str
+    policy_version: str
+    policy_hash: str
+    fields: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., hash: _Optional[str] = ..., model: _Optional[str] = ..., policy_name: _Optional[str] = ..., policy_version: _Optional[str] = ..., policy_hash: _Optional[str] = ..., fields: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ListPipelinesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListPipelinesResponse(_message.Message):
+    __slots__ = ("pipelines", "refused")
+    class RefusedEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    PIPELINES_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_FIELD_NUMBER: _ClassVar[int]
+    pipelines: _containers.RepeatedCompositeFieldContainer[PipelineInfo]
+    refused: _containers.ScalarMap[str, str]
+    def __init__(self, pipelines: _Optional[_Iterable[_Union[PipelineInfo, _Mapping]]] = ..., refused: _Optional[_Mapping[str, str]] = ...) -> None: ...

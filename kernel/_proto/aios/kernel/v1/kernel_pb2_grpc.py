@@ -800,12 +800,34 @@ class AdminServiceStub:
                 request_serializer=aios_dot_kernel_dot_v1_dot_kernel__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=aios_dot_kernel_dot_v1_dot_kernel__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.UploadPipeline = channel.unary_unary(
+                '/aios.kernel.v1.AdminService/UploadPipeline',
+                request_serializer=aios_dot_kernel_dot_v1_dot_kernel__pb2.UploadPipelineRequest.SerializeToString,
+                response_deserializer=aios_dot_kernel_dot_v1_dot_kernel__pb2.PipelineInfo.FromString,
+                _registered_method=True)
+        self.ListPipelines = channel.unary_unary(
+                '/aios.kernel.v1.AdminService/ListPipelines',
+                request_serializer=aios_dot_kernel_dot_v1_dot_kernel__pb2.ListPipelinesRequest.SerializeToString,
+                response_deserializer=aios_dot_kernel_dot_v1_dot_kernel__pb2.ListPipelinesResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
     """Missing associated documentation comment in .proto file."""
 
     def ListModels(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UploadPipeline(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListPipelines(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -818,6 +840,16 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=aios_dot_kernel_dot_v1_dot_kernel__pb2.ListModelsRequest.FromString,
                     response_serializer=aios_dot_kernel_dot_v1_dot_kernel__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'UploadPipeline': grpc.unary_unary_rpc_method_handler(
+                    servicer.UploadPipeline,
+                    request_deserializer=aios_dot_kernel_dot_v1_dot_kernel__pb2.UploadPipelineRequest.FromString,
+                    response_serializer=aios_dot_kernel_dot_v1_dot_kernel__pb2.PipelineInfo.SerializeToString,
+            ),
+            'ListPipelines': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListPipelines,
+                    request_deserializer=aios_dot_kernel_dot_v1_dot_kernel__pb2.ListPipelinesRequest.FromString,
+                    response_serializer=aios_dot_kernel_dot_v1_dot_kernel__pb2.ListPipelinesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -847,6 +879,60 @@ class AdminService:
             '/aios.kernel.v1.AdminService/ListModels',
             aios_dot_kernel_dot_v1_dot_kernel__pb2.ListModelsRequest.SerializeToString,
             aios_dot_kernel_dot_v1_dot_kernel__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UploadPipeline(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aios.kernel.v1.AdminService/UploadPipeline',
+            aios_dot_kernel_dot_v1_dot_kernel__pb2.UploadPipelineRequest.SerializeToString,
+            aios_dot_kernel_dot_v1_dot_kernel__pb2.PipelineInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListPipelines(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aios.kernel.v1.AdminService/ListPipelines',
+            aios_dot_kernel_dot_v1_dot_kernel__pb2.ListPipelinesRequest.SerializeToString,
+            aios_dot_kernel_dot_v1_dot_kernel__pb2.ListPipelinesResponse.FromString,
             options,
             channel_credentials,
             insecure,

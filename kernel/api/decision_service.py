@@ -1,0 +1,42 @@
+"""DecisionService (Decide, DecideStream) and the pipeline admin RPCs over the decision engine."""
+
+from __future__ import annotations
+
+from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
+from ..pipelines import DecisionEngine, PipelineRegistry
+from ..pipelines.stream import decide_stream
+
+
+def pipeline_info(pipeline) -> kpb.PipelineInfo:
+    policy = pipeline.policy
+    return kpb.PipelineInfo(
+        name=pipeline.name, version=pipeline.label, hash=pipeline.hash, model=pipeline.model,
+        policy_name=policy.name, policy_version=str(policy.version), policy_hash=policy.hash,
+        fields=[f.name for f in pipeline.fields],
+    )
+
+
+def decision_handlers(engine: DecisionEngine, registry: PipelineRegistry) -> dict:
+    def decide(request, ctx):
+        def on_wait(item) -> None:
+            # Only a request that has to wait needs to hear about a client that leaves.
+            ctx.on_done(lambda: engine.inference.cancel(item))
+
+        return engine.decide(request, ctx.deadline_ns, on_wait=on_wait)
+
+    def stream(requests, ctx):
+        return decide_stream(engine, requests, ctx)
+
+    def upload(request, ctx):
+        policy = request.policy_toml or None
+        return pipeline_info(registry.put(request.pipeline_toml, policy))
+
+    def list_pipelines(request, ctx):
+        return kpb.ListPipelinesResponse(pipelines=[pipeline_info(p) for p in registry.all()], refused=registry.errors)
+
+    return {
+        ("DecisionService", "Decide"): decide,
+        ("DecisionService", "DecideStream"): stream,
+        ("AdminService", "UploadPipeline"): upload,
+        ("AdminService", "ListPipelines"): list_pipelines,
+    }

@@ -1,0 +1,121 @@
+"""Request fields: declared types, validation, defaults, and encoding into a model input.
+
+A pipeline declares every field a caller may send (``[[field]]`` tables).
+``FieldSpec.read`` turns one protobuf ``Value`` into a plain Python value
+(or raises ``InvalidArgument`` naming the field); ``encode_rows`` turns many
+cases' values into the float32 input tensor the model was trained on.
+
+Encodings (one or more columns per field, in declaration order):
+
+* ``standardize``: ``(transform(x) - mean) / std``, transform ``none`` or ``log1p``;
+* ``onehot``: one column per entry of ``values``; a missing value is all zeros;
+* ``bool``: 1.0 / 0.0;
+* ``raw``: the number as it is;
+* ``none``: the field is not fed to the model (the policy may still read it).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import InvalidArgument
+
+FIELD_TYPES = ("number", "integer", "string", "bool")
+ENCODINGS = ("standardize", "onehot", "bool", "raw", "none")
+TRANSFORMS = ("none", "log1p")
+
+# Which proto Value kinds each declared type accepts. Integers are numbers too;
+# an integral double is accepted as an integer because JSON clients cannot tell.
+_ACCEPTS = {
+    "number": ("number_value", "int_value"),
+    "integer": ("int_value", "number_value"),
+    "string": ("string_value",),
+    "bool": ("bool_value",),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class FieldSpec:
+    name: str
+    type: str  # one of FIELD_TYPES
+    required: bool = False
+    default: object = None  # used when the field is absent and not required
+    min: float | None = None
+    max: float | None = None
+    values: tuple[str, ...] = ()  # allowed strings (and one-hot categories); empty = any
+    encode: str = "none"
+    transform: str = "none"
+    mean: float = 0.0
+    std: float = 1.0
+
+    @property
+    def width(self) -> int:
+        if self.encode == "none":
+            return 0
+        return len(self.values) if self.encode == "onehot" else 1
+
+    def read(self, value) -> object:
+        """The field's Python value from a protobuf ``Value``; raises InvalidArgument naming the field."""
+        kind = value.WhichOneof("kind")
+        if kind not in _ACCEPTS[self.type]:
+            got = kind.removesuffix("_value") if kind else "an empty Value"
+            raise InvalidArgument(f"field '{self.name}' must be {self.type}, got {got}")
+        raw = getattr(value, kind)
+        if self.type == "number":
+            if not math.isfinite(raw):
+                raise InvalidArgument(f"field '{self.name}' must be a finite number, got {raw}")
+            return self._in_range(float(raw))
+        if self.type == "integer":
+            if kind == "number_value" and not (math.isfinite(raw) and raw == int(raw)):
+                raise InvalidArgument(f"field '{self.name}' must be an integer, got {raw}")
+            return self._in_range(int(raw))
+        if self.type == "string" and self.values and raw not in self.values:
+            allowed = ", ".join(self.values)
+            raise InvalidArgument(f"field '{self.name}' must be one of {allowed}; got {raw!r}")
+        return raw
+
+    def _in_range(self, number):
+        if self.min is not None and number < self.min:
+            raise InvalidArgument(f"field '{self.name}' must be >= {self.min:g}, got {number:g}")
+        if self.max is not None and number > self.max:
+            raise InvalidArgument(f"field '{self.name}' must be <= {self.max:g}, got {number:g}")
+        return number
+
+
+def encode_rows(fields: tuple[FieldSpec, ...], cases: list[dict], width: int) -> np.ndarray:
+    """The float32 ``(len(cases), width)`` model input for already-validated field values."""
+    out = np.zeros((len(cases), width), dtype=np.float32)
+    col = 0
+    for spec in fields:
+        if spec.encode == "none":
+            continue
+        values = [case[spec.name] for case in cases]
+        if spec.encode == "onehot":
+            for j, category in enumerate(spec.values):
+                out[:, col + j] = [v == category for v in values]
+        elif spec.encode == "standardize":
+            x = np.array(values, dtype=np.float64)
+            if spec.transform == "log1p":
+                x = np.log1p(x)
+            out[:, col] = (x - spec.mean) / spec.std
+        else:  # bool and raw: the value as a number
+            out[:, col] = np.array(values, dtype=np.float64)
+        col += spec.width
+    return out
+
+
+def policy_columns(fields: tuple[FieldSpec, ...], cases: list[dict]) -> dict[str, np.ndarray]:
+    """Per-field numpy columns of the raw (not encoded) values, for vectorized policy evaluation."""
+    columns = {}
+    for spec in fields:
+        values = [case[spec.name] for case in cases]
+        if spec.type == "string":
+            columns[spec.name] = np.array(values, dtype=object)
+        elif spec.type == "bool":
+            columns[spec.name] = np.array(values, dtype=bool)
+        else:
+            columns[spec.name] = np.array(values, dtype=np.float64)
+    return columns

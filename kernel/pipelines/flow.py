@@ -1,0 +1,271 @@
+"""The decision flow: validate → (idempotency) → features → scheduler/model → policy → escalation → audit.
+
+``prepare`` does the per-request work (validation, encoding, a work item
+for the scheduler); the model runs through the same lanes as ModelInfer;
+``finish`` does the per-batch work for a group of finished requests at once
+(policy evaluated vectorized over the group, audit records appended
+together and waited for together, so one group-commit fsync covers them).
+A decision is returned only once its audit record is durable.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
+from ..errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, KernelError
+from ..scheduling import WorkItem
+from ..scheduling.types import NO_DEADLINE
+from . import provenance
+from .fields import encode_rows, policy_columns
+from .spec import Pipeline
+
+log = logging.getLogger("aios.decisions")
+
+# Caller deadlines further out than this mean "none" (clients send "infinite" ones).
+MAX_DEADLINE_NS = 86_400 * 10**9
+ANONYMOUS = "anonymous"  # the principal until authentication lands
+
+
+class Pending:
+    """One decision between ``prepare`` and ``finish``."""
+
+    __slots__ = ("request", "pipeline", "values", "digests", "item", "started_ns", "prepared_ns",
+                 "request_id", "principal", "task_id", "request_hash")
+
+    def __init__(self, request, pipeline: Pipeline, values: dict, digests: dict, item, started_ns: int,
+                 request_id: str, principal: str, request_hash: str):
+        self.request = request
+        self.pipeline = pipeline
+        self.values = values
+        self.digests = digests
+        self.item = item
+        self.started_ns = started_ns
+        self.prepared_ns = time.monotonic_ns()
+        self.request_id = request_id
+        self.principal = principal
+        self.task_id = ""
+        self.request_hash = request_hash
+
+
+@dataclass(slots=True)
+class Services:
+    """The optional parts a decision touches; each may be None (then that step is skipped)."""
+
+    audit: object = None  # kernel.audit.AuditLog
+    reviews: object = None  # kernel.review.ReviewQueue
+    idempotency: object = None  # kernel.tasks.IdempotencyStore
+    audit_timeout_s: float = 10.0
+
+
+class DecisionEngine:
+    def __init__(self, registry, inference, services: Services | None = None):
+        self.registry = registry
+        self.inference = inference
+        self.services = services or Services()
+
+    # -- per request -------------------------------------------------------------
+    def prepare(self, request, deadline_ns: int | None, principal: str = ANONYMOUS) -> Pending | kpb.Decision:
+        """Validate and encode ``request``; a Decision when the idempotency store already has the answer."""
+        started = time.monotonic_ns()
+        pipeline = self.registry.get(request.pipeline)
+        request_hash = ""
+        if request.idempotency_key:
+            request_hash = provenance.request_hash(request)
+            replay = self._replayed(request, request_hash)
+            if replay is not None:
+                return replay
+        values = self._read_fields(pipeline, request)
+        digests = provenance.text_digests(request.text_fields) if request.text_fields else {}
+        mv = self.inference.resolve(pipeline.model, pipeline.model_version)
+        row = encode_rows(pipeline.fields, [values], pipeline.width)
+        request_id = request.request_id or os.urandom(8).hex()
+        priority = request.priority or pipeline.priority or mv.config.priority
+        item = WorkItem(mv, 1, ((pipeline.width,),), {pipeline.input: row}, request_id=request_id,
+                        priority=priority, deadline_ns=_deadline(started, deadline_ns, request.timeout_ms or pipeline.timeout_ms),
+                        tenant=request.tenant)
+        return Pending(request, pipeline, values, digests, item, started, request_id, principal, request_hash)
+
+    def _read_fields(self, pipeline: Pipeline, request) -> dict:
+        given = request.fields
+        by_name = pipeline.fields_by_name
+        for name in given:
+            if name not in by_name:
+                raise InvalidArgument(
+                    f"field '{name}' is not a field of pipeline '{pipeline.name}' (fields: {', '.join(by_name)})"
+                )
+        values = {}
+        for spec in pipeline.fields:
+            if spec.name in given:
+                values[spec.name] = spec.read(given[spec.name])
+            elif spec.required:
+                raise InvalidArgument(f"field '{spec.name}' is required by pipeline '{pipeline.name}'")
+            else:
+                values[spec.name] = spec.default
+        return values
+
+    def _replayed(self, request, request_hash: str) -> kpb.Decision | None:
+        store = self.services.idempotency
+        if store is None:
+            return None
+        found = store.get(request.tenant, request.idempotency_key)
+        if found is None:
+            return None
+        stored_hash, response = found
+        if stored_hash != request_hash:
+            raise FailedPrecondition(
+                f"idempotency_key '{request.idempotency_key}' was used before with a different request; "
+                "use a new key for a new request"
+            )
+        decision = kpb.Decision.FromString(response)
+        decision.replayed = True
+        return decision
+
+    def run_blocking(self, pending: Pending, on_wait=None) -> None:
+        self.inference._lane(pending.item).run_blocking(pending.item, on_wait)
+
+    # -- per group -------------------------------------------------------------------
+    def finish(self, group: list[Pending]) -> list[kpb.Decision | KernelError]:
+        """Decide every finished request of ``group``: policy per pipeline at once, audit together."""
+        results: list = [None] * len(group)
+        by_pipeline: dict[int, list[int]] = {}
+        for index, pending in enumerate(group):
+            error = pending.item.error
+            if error is not None:
+                results[index] = error if isinstance(error, KernelError) else KernelError(str(error))
+                continue
+            by_pipeline.setdefault(id(pending.pipeline), []).append(index)
+        for indices in by_pipeline.values():
+            decided = self._decide([group[i] for i in indices])
+            for i, decision in zip(indices, decided):
+                results[i] = decision
+        self._escalate_and_audit(group, results)
+        return results
+
+    def _decide(self, group: list[Pending]) -> list[kpb.Decision]:
+        pipeline = group[0].pipeline
+        policy_started = time.monotonic_ns()
+        mv = group[0].item.model
+        labels = _labels(mv, pipeline.output)
+        out_index = [spec.name for spec in mv.config.outputs].index(pipeline.output)
+        scores = np.concatenate([np.asarray(p.item.outputs[out_index], dtype=np.float64).reshape(1, -1) for p in group])
+        best = scores.argmax(axis=1)
+        confidence = scores[np.arange(len(group)), best]
+        label = np.array([labels[i] for i in best], dtype=object)
+        columns = policy_columns(pipeline.fields, [p.values for p in group])
+        columns["label"] = label
+        columns["confidence"] = confidence
+        for j, name in enumerate(labels):
+            columns["score." + name] = scores[:, j]
+        result = pipeline.policy.evaluate(columns, len(group))
+        policy_ns = time.monotonic_ns() - policy_started
+        rules = {rule.id: rule for rule in pipeline.policy.rules}
+        minimum = pipeline.escalation.min_confidence
+        decisions = []
+        for k, pending in enumerate(group):
+            conf = float(confidence[k])
+            decision = kpb.Decision(
+                request_id=pending.request_id,
+                action=str(result.action[k]),
+                outcome=kpb.AUTOMATED,
+                input_hash=provenance.input_hash(pipeline.name, pending.values, pending.digests),
+                policy_name=pipeline.policy.name,
+                policy_hash=pipeline.policy.hash,
+                policy_version=str(pipeline.policy.version),
+                pipeline=pipeline.name,
+                pipeline_version=pipeline.hash,
+                tenant=pending.request.tenant,
+                idempotency_key=pending.request.idempotency_key,
+            )
+            for rule_id in result.fired[k]:
+                decision.reasons.add(rule_id=rule_id, description=rules[rule_id].description)
+            model = decision.model
+            model.model_name, model.model_version, model.route_arm = mv.name, mv.version, "primary"
+            model.confidence = conf
+            for j, name in enumerate(labels):
+                model.class_scores[name] = float(scores[k, j])
+            if bool(result.escalate[k]):
+                decision.escalation_reasons.append("a policy rule asked for review: " + ", ".join(result.fired[k]))
+            if conf < minimum:
+                decision.escalation_reasons.append(f"model confidence {conf:.3f} is below the pipeline's {minimum:g}")
+            if decision.escalation_reasons:
+                decision.outcome = kpb.ESCALATED
+            item = pending.item
+            timings = decision.phase_timings_ns
+            timings["validate"] = pending.prepared_ns - pending.started_ns
+            timings["queue"] = max(0, (item.started_ns or item.enqueued_ns) - item.enqueued_ns)
+            timings["model"] = int(sum(item.timings))
+            timings["policy"] = policy_ns // len(group)
+            decisions.append(decision)
+        return decisions
+
+    def _escalate_and_audit(self, group: list[Pending], results: list) -> None:
+        reviews, audit, store = self.services.reviews, self.services.audit, self.services.idempotency
+        tickets = []
+        for pending, decision in zip(group, results):
+            if not isinstance(decision, kpb.Decision):
+                continue
+            if decision.outcome == kpb.ESCALATED and reviews is not None:
+                review = reviews.create(decision, pending.request, list(pending.pipeline.escalation.review_actions),
+                                        pending.pipeline.escalation.review_sla_s, task_id=pending.task_id)
+                decision.review_id = review.review_id
+            if audit is not None:
+                record = provenance.decision_record(decision, pending.values, pending.digests,
+                                                    dict(decision.model.class_scores), pending.principal)
+                tickets.append((pending, decision, audit.append(record)))
+        audit_started = time.monotonic_ns()
+        for pending, decision, ticket in tickets:
+            sequence, digest = ticket.wait(self.services.audit_timeout_s)
+            decision.audit_sequence = sequence
+            decision.audit_hash = digest.hex() if isinstance(digest, bytes) else str(digest)
+        audit_ns = (time.monotonic_ns() - audit_started) // max(1, len(tickets))
+        now = time.monotonic_ns()
+        for index, (pending, decision) in enumerate(zip(group, results)):
+            if not isinstance(decision, kpb.Decision):
+                continue
+            decision.phase_timings_ns["audit"] = audit_ns
+            decision.phase_timings_ns["total"] = now - pending.started_ns
+            deadline = pending.item.deadline_ns
+            if deadline != NO_DEADLINE and now > deadline:
+                # Recorded (the decision was made) but too late to be acted on: never answered.
+                results[index] = DeadlineExceeded(
+                    f"decision {decision.request_id} was made {(now - deadline) / 1e6:.1f} ms after its deadline"
+                )
+                continue
+            if store is not None and pending.request.idempotency_key:
+                store.put(pending.request.tenant, pending.request.idempotency_key, pending.request_hash,
+                          decision.SerializeToString())
+
+    # -- entry points ---------------------------------------------------------------
+    def decide(self, request, deadline_ns: int | None, principal: str = ANONYMOUS, on_wait=None) -> kpb.Decision:
+        """One decision, blocking: what the unary Decide RPC calls."""
+        pending = self.prepare(request, deadline_ns, principal)
+        if isinstance(pending, kpb.Decision):
+            return pending
+        self.run_blocking(pending, on_wait)
+        (result,) = self.finish([pending])
+        if isinstance(result, KernelError):
+            raise result
+        return result
+
+
+def _deadline(now: int, call_deadline_ns: int | None, timeout_ms: int) -> int:
+    deadline = NO_DEADLINE
+    if call_deadline_ns is not None and call_deadline_ns - now < MAX_DEADLINE_NS:
+        deadline = call_deadline_ns
+    if 0 < timeout_ms and timeout_ms * 10**6 < MAX_DEADLINE_NS:
+        by_request = now + timeout_ms * 10**6
+        deadline = by_request if deadline == NO_DEADLINE else min(deadline, by_request)
+    return deadline
+
+
+def _labels(mv, output: str) -> tuple[str, ...]:
+    for spec in mv.config.outputs:
+        if spec.name == output:
+            return spec.labels
+    raise FailedPrecondition(f"model {mv.name}/{mv.version} has no output '{output}'")

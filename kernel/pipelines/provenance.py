@@ -1,0 +1,81 @@
+"""What a decision carries so it can be defended later: input hash, audit record, request hash.
+
+Free-text fields never leave the request in clear: until the PII tokenizer
+lands, the audit record keeps only a SHA-256 digest of each text field (so
+replay can tell whether two cases had the same text, and nobody can read
+it back), and no model sees text at all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
+
+
+def text_digests(text_fields) -> dict[str, str]:
+    return {name: "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest() for name, text in text_fields.items()}
+
+
+def input_hash(pipeline: str, values: dict, digests: dict[str, str]) -> str:
+    """SHA-256 over a canonical JSON of the validated (tokenized) inputs."""
+    canonical = json.dumps([pipeline, values, digests], sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def request_hash(request: kpb.DecisionRequest) -> str:
+    """What makes two requests "the same" for an idempotency key: content, not the caller's ids or timeouts."""
+    copy = kpb.DecisionRequest()
+    copy.CopyFrom(request)
+    copy.request_id = ""
+    copy.timeout_ms = 0
+    return hashlib.sha256(copy.SerializeToString(deterministic=True)).hexdigest()
+
+
+def value_of(python_value) -> kpb.Value:
+    if isinstance(python_value, bool):
+        return kpb.Value(bool_value=python_value)
+    if isinstance(python_value, int):
+        return kpb.Value(int_value=python_value)
+    if isinstance(python_value, float):
+        return kpb.Value(number_value=python_value)
+    return kpb.Value(string_value=str(python_value))
+
+
+def decision_record(decision: kpb.Decision, values: dict, digests: dict[str, str], scores: dict[str, float],
+                    principal: str) -> kpb.AuditRecord:
+    """The audit record of one decision: the answer as sent plus what replay needs."""
+    record = kpb.AuditRecord(
+        kind=kpb.DECISION,
+        principal=principal,
+        tenant=decision.tenant,
+        request_id=decision.request_id,
+        idempotency_key=decision.idempotency_key,
+        pipeline=decision.pipeline,
+        pipeline_version=decision.pipeline_version,
+        model_outputs=scores,
+    )
+    record.decision.CopyFrom(decision)
+    inputs = record.inputs
+    for name, value in values.items():
+        inputs[name].CopyFrom(value_of(value))
+    for name, digest in digests.items():
+        inputs["text:" + name].string_value = digest
+    return record
+
+
+def resolution_record(resolution: kpb.Decision, principal: str, links_to: int | None) -> kpb.AuditRecord:
+    record = kpb.AuditRecord(
+        kind=kpb.REVIEW_RESOLUTION,
+        principal=principal,
+        tenant=resolution.tenant,
+        request_id=resolution.request_id,
+        pipeline=resolution.pipeline,
+        pipeline_version=resolution.pipeline_version,
+    )
+    record.decision.CopyFrom(resolution)
+    if links_to is not None:
+        record.links_to = links_to
+        record.has_link = True
+    return record

@@ -1,0 +1,310 @@
+"""A pipeline file: fields → model input, the model, the policy, the escalation rules.
+
+One TOML file per pipeline, content-hashed (the hash is the pipeline's
+version in every decision's provenance); the policy it names is a file of
+its own with its own hash. Every error names file, line and field and
+nothing is half-loaded. Format (see ``examples/claims/pipeline.toml``)::
+
+    [pipeline]
+    name = "claims_triage"            # what DecisionRequest.pipeline names
+    version = "2026-11-25.1"          # the author's label; the content hash is the real version
+    description = "..."
+
+    [model]
+    name = "claims_triage"            # a model in the repository
+    version = ""                      # "" = the newest loaded version
+    input = "features"                # the input tensor the fields are encoded into
+    output = "probabilities"          # class scores; labels from the model's output `labels`
+    priority = 0                      # scheduler priority; 0 = the model's default
+    timeout_ms = 0                    # per-decision deadline when the caller gives none; 0 = none
+
+    [policy]
+    file = "policy.toml"              # relative to this file
+
+    [escalation]
+    min_confidence = 0.7              # below it, the case goes to a human
+    review_sla_s = 14400              # how long a review may stay open
+    review_actions = ["approve", "deny"]   # what a reviewer may decide; default: the policy's actions
+
+    [[field]]                         # one per request field, in model-column order
+    name = "claim_amount"
+    type = "number"                   # number | integer | string | bool
+    required = false                  # absent and not required -> `default` (mandatory then)
+    default = 3200.0
+    min = 0.0
+    max = 10000000.0
+    encode = "standardize"            # standardize | onehot | bool | raw | none
+    transform = "log1p"               # standardize only: none | log1p
+    mean = 8.1
+    std = 0.9
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from .fields import ENCODINGS, FIELD_TYPES, TRANSFORMS, FieldSpec
+from .tomlpos import line_of
+
+
+class PipelineError(ValueError):
+    """An invalid pipeline or policy file; the message starts with ``FILE:LINE:``."""
+
+
+@dataclass(frozen=True, slots=True)
+class Escalation:
+    min_confidence: float = 0.0
+    review_sla_s: float = 4 * 3600.0
+    review_actions: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Pipeline:
+    name: str
+    label: str  # the author's version label
+    hash: str  # sha256 of the pipeline file: the version in provenance
+    path: str
+    description: str
+    model: str
+    model_version: str
+    input: str
+    output: str
+    priority: int
+    timeout_ms: int
+    fields: tuple[FieldSpec, ...]
+    fields_by_name: dict
+    width: int  # columns of the encoded input
+    policy: object  # kernel.policy.Policy
+    escalation: Escalation
+
+    @property
+    def actions(self) -> tuple[str, ...]:
+        return self.escalation.review_actions
+
+
+_SECTIONS = {
+    "pipeline": {"name", "version", "description"},
+    "model": {"name", "version", "input", "output", "priority", "timeout_ms"},
+    "policy": {"file"},
+    "escalation": {"min_confidence", "review_sla_s", "review_actions"},
+    "field": {"name", "type", "required", "default", "min", "max", "values", "encode", "transform", "mean", "std"},
+}
+
+
+class _Reader:
+    """Typed access to the parsed document that raises PipelineError with file and line."""
+
+    def __init__(self, path: str, text: str):
+        self.path, self.text = path, text
+
+    def fail(self, table: str | None, key: str | None, message: str, index: int = 0) -> PipelineError:
+        where = f"[[{table}]] #{index + 1}" if table == "field" else f"[{table}]" if table else ""
+        line = line_of(self.text, table, index, key)
+        name = f"{where}.{key}" if key else where
+        return PipelineError(f"{self.path}:{line}: {name}: {message}")
+
+    def get(self, raw: dict, table: str, key: str, kind, default=None, index: int = 0, required=False):
+        if key not in raw:
+            if required:
+                raise self.fail(table, None, f"missing required key '{key}'", index)
+            return default
+        value = raw[key]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if isinstance(value, bool) and bool not in kinds:
+            raise self.fail(table, key, f"must be {_kind_name(kinds)}, got {value!r}", index)
+        if not isinstance(value, kinds):
+            raise self.fail(table, key, f"must be {_kind_name(kinds)}, got {value!r}", index)
+        return value
+
+    def check_keys(self, raw: dict, table: str, index: int = 0) -> None:
+        unknown = sorted(set(raw) - _SECTIONS[table])
+        if unknown:
+            raise self.fail(table, unknown[0], f"unknown key (allowed: {', '.join(sorted(_SECTIONS[table]))})", index)
+
+
+def _kind_name(kinds: tuple) -> str:
+    names = {str: "a string", int: "an integer", float: "a number", bool: "true or false", list: "a list"}
+    return " or ".join(names.get(k, k.__name__) for k in kinds)
+
+
+def load_pipeline(path: str | Path, load_policy) -> Pipeline:
+    """Read and validate one pipeline file and the policy it names (``load_policy(path)``)."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise PipelineError(f"{path}:0: cannot read: {exc.strerror}") from None
+    return parse_pipeline(data, str(path), lambda name: load_policy(path.parent / name))
+
+
+def parse_pipeline(data: bytes, path: str, load_policy) -> Pipeline:
+    text = data.decode("utf-8", errors="replace")
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        line = getattr(exc, "lineno", None) or _line_from_message(str(exc))
+        raise PipelineError(f"{path}:{line}: not valid TOML: {exc}") from None
+    r = _Reader(path, text)
+    unknown = sorted(set(doc) - set(_SECTIONS))
+    if unknown:
+        raise r.fail(unknown[0], None, f"unknown table (allowed: {', '.join(sorted(_SECTIONS))})")
+    for table in ("pipeline", "model", "policy"):
+        if not isinstance(doc.get(table), dict):
+            raise PipelineError(f"{path}:1: [{table}]: missing table")
+    head, model, policy_table = doc["pipeline"], doc["model"], doc["policy"]
+    escalation_raw = doc.get("escalation", {})
+    for table, raw in (("pipeline", head), ("model", model), ("policy", policy_table), ("escalation", escalation_raw)):
+        r.check_keys(raw, table)
+    name = r.get(head, "pipeline", "name", str, required=True)
+    if not name or not name.replace("_", "").replace("-", "").isalnum():
+        raise r.fail("pipeline", "name", "must be letters, digits, '_' or '-'")
+    fields = _fields(r, doc.get("field"))
+    policy_file = r.get(policy_table, "policy", "file", str, required=True)
+    try:
+        policy = load_policy(policy_file)
+    except Exception as exc:  # the policy's own error already names its file and line
+        raise PipelineError(f"{path}:{line_of(text, 'policy', 0, 'file')}: [policy].file: {exc}") from None
+    _check_policy_inputs(r, policy, fields)
+    escalation = _escalation(r, escalation_raw, policy)
+    priority = r.get(model, "model", "priority", int, 0)
+    timeout_ms = r.get(model, "model", "timeout_ms", int, 0)
+    if priority < 0:
+        raise r.fail("model", "priority", "must be >= 0 (1 = most urgent, 0 = the model's default)")
+    if timeout_ms < 0:
+        raise r.fail("model", "timeout_ms", "must be >= 0")
+    return Pipeline(
+        name=name,
+        label=str(r.get(head, "pipeline", "version", (str, int), "")),
+        hash=hashlib.sha256(data).hexdigest(),
+        path=path,
+        description=r.get(head, "pipeline", "description", str, ""),
+        model=r.get(model, "model", "name", str, required=True),
+        model_version=str(r.get(model, "model", "version", (str, int), "")),
+        input=r.get(model, "model", "input", str, required=True),
+        output=r.get(model, "model", "output", str, required=True),
+        priority=priority,
+        timeout_ms=timeout_ms,
+        fields=fields,
+        fields_by_name={f.name: f for f in fields},
+        width=sum(f.width for f in fields),
+        policy=policy,
+        escalation=escalation,
+    )
+
+
+def _line_from_message(message: str) -> int:
+    # tomllib's messages end with "(at line N, column M)".
+    marker = "at line "
+    if marker in message:
+        digits = message.split(marker, 1)[1].split(",", 1)[0].strip(" )")
+        if digits.isdigit():
+            return int(digits)
+    return 1
+
+
+def _fields(r: _Reader, raw_fields) -> tuple[FieldSpec, ...]:
+    if not isinstance(raw_fields, list) or not raw_fields:
+        raise PipelineError(f"{r.path}:1: [[field]]: a pipeline needs at least one field")
+    fields, seen = [], set()
+    for i, raw in enumerate(raw_fields):
+        r.check_keys(raw, "field", i)
+        name = r.get(raw, "field", "name", str, required=True, index=i)
+        if name in seen:
+            raise r.fail("field", "name", f"duplicate field '{name}'", i)
+        seen.add(name)
+        kind = r.get(raw, "field", "type", str, required=True, index=i)
+        if kind not in FIELD_TYPES:
+            raise r.fail("field", "type", f"must be one of {', '.join(FIELD_TYPES)}, got {kind!r}", i)
+        encode = r.get(raw, "field", "encode", str, "none", index=i)
+        if encode not in ENCODINGS:
+            raise r.fail("field", "encode", f"must be one of {', '.join(ENCODINGS)}, got {encode!r}", i)
+        transform = r.get(raw, "field", "transform", str, "none", index=i)
+        if transform not in TRANSFORMS:
+            raise r.fail("field", "transform", f"must be one of {', '.join(TRANSFORMS)}, got {transform!r}", i)
+        values = tuple(r.get(raw, "field", "values", list, [], index=i))
+        if any(not isinstance(v, str) for v in values):
+            raise r.fail("field", "values", "must be a list of strings", i)
+        if values and kind != "string":
+            raise r.fail("field", "values", f"only string fields list values; '{name}' is {kind}", i)
+        if encode == "onehot" and not values:
+            raise r.fail("field", "encode", "onehot needs `values` (the categories, in column order)", i)
+        if encode in ("standardize", "raw") and kind not in ("number", "integer"):
+            raise r.fail("field", "encode", f"{encode} needs a number or integer field; '{name}' is {kind}", i)
+        if encode == "bool" and kind != "bool":
+            raise r.fail("field", "encode", f"bool encoding needs a bool field; '{name}' is {kind}", i)
+        number = (int, float)
+        lo = r.get(raw, "field", "min", number, None, index=i)
+        hi = r.get(raw, "field", "max", number, None, index=i)
+        if (lo is not None or hi is not None) and kind not in ("number", "integer"):
+            raise r.fail("field", "min" if lo is not None else "max", f"only number fields have ranges; '{name}' is {kind}", i)
+        if lo is not None and hi is not None and lo > hi:
+            raise r.fail("field", "min", f"min {lo} is above max {hi}", i)
+        std = float(r.get(raw, "field", "std", number, 1.0, index=i))
+        if not (std > 0 and math.isfinite(std)):
+            raise r.fail("field", "std", "must be a positive finite number", i)
+        required = r.get(raw, "field", "required", bool, False, index=i)
+        spec = FieldSpec(
+            name=name, type=kind, required=required, default=None,
+            min=None if lo is None else float(lo), max=None if hi is None else float(hi),
+            values=values, encode=encode, transform=transform,
+            mean=float(r.get(raw, "field", "mean", number, 0.0, index=i)), std=std,
+        )
+        if not required:
+            spec = _with_default(r, raw, spec, i)
+        fields.append(spec)
+    return tuple(fields)
+
+
+_PYTHON_TYPES = {"number": (int, float), "integer": (int,), "string": (str,), "bool": (bool,)}
+
+
+def _with_default(r: _Reader, raw: dict, spec: FieldSpec, i: int) -> FieldSpec:
+    if "default" not in raw:
+        raise r.fail("field", None, f"'{spec.name}' is optional (required = false) so it needs a `default`", i)
+    default = raw["default"]
+    if isinstance(default, bool) != (spec.type == "bool") or not isinstance(default, _PYTHON_TYPES[spec.type]):
+        raise r.fail("field", "default", f"must be a {spec.type}, got {default!r}", i)
+    if spec.values and default not in spec.values and not (spec.encode == "onehot" and default == ""):
+        raise r.fail("field", "default", f"{default!r} is not one of the field's values", i)
+    if spec.type == "number":
+        default = float(default)
+    return FieldSpec(**{**{k: getattr(spec, k) for k in FieldSpec.__slots__}, "default": default})
+
+
+_POLICY_TYPES = {"number": ("number", "integer"), "integer": ("integer", "number"), "string": ("string",), "bool": ("bool",)}
+
+
+def _check_policy_inputs(r: _Reader, policy, fields: tuple[FieldSpec, ...]) -> None:
+    by_name = {f.name: f for f in fields}
+    for name, kind in getattr(policy, "inputs", {}).items():
+        spec = by_name.get(name)
+        if spec is None:
+            raise PipelineError(
+                f"{r.path}:{line_of(r.text, 'policy', 0, 'file')}: [policy].file: the policy reads input "
+                f"'{name}', which is not a field of this pipeline"
+            )
+        if spec.type not in _POLICY_TYPES.get(kind, (kind,)):
+            raise PipelineError(
+                f"{r.path}:{line_of(r.text, 'field', fields.index(spec), 'type')}: [[field]].type: the policy "
+                f"reads '{name}' as {kind} but the pipeline declares it {spec.type}"
+            )
+
+
+def _escalation(r: _Reader, raw: dict, policy) -> Escalation:
+    number = (int, float)
+    minimum = float(r.get(raw, "escalation", "min_confidence", number, 0.0))
+    if not 0.0 <= minimum <= 1.0:
+        raise r.fail("escalation", "min_confidence", "must be between 0 and 1")
+    sla = float(r.get(raw, "escalation", "review_sla_s", number, 4 * 3600.0))
+    if not sla > 0:
+        raise r.fail("escalation", "review_sla_s", "must be > 0 seconds")
+    actions = r.get(raw, "escalation", "review_actions", list, None)
+    if actions is None:
+        actions = list(getattr(policy, "actions", ()))
+    if not actions or any(not isinstance(a, str) or not a for a in actions):
+        raise r.fail("escalation", "review_actions", "must be a non-empty list of action names")
+    return Escalation(min_confidence=minimum, review_sla_s=sla, review_actions=tuple(actions))

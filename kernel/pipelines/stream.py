@@ -1,0 +1,117 @@
+"""DecideStream: many decisions in flight on one stream, each answer tagged with its request id.
+
+A reader thread validates each incoming request and queues its model work
+without waiting for it; the lanes batch them with everything else. The
+stream's own thread collects whatever has finished and finishes it as one
+group (policy vectorized over the group, one audit wait for all), so the
+per-decision cost falls as load rises. A bad request gets an answer with
+``error_code``/``error_message`` and the stream goes on. Answers come in
+completion order, not request order.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator
+
+from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
+from ..errors import Cancelled, KernelError
+from .flow import ANONYMOUS, DecisionEngine, Pending
+
+MAX_IN_FLIGHT = 1024  # per stream; the reader stops taking requests beyond it (back-pressure)
+
+_END = object()
+
+
+def error_decision(request, exc: BaseException) -> kpb.Decision:
+    code = exc.code if isinstance(exc, KernelError) else "INTERNAL"
+    message = exc.message if isinstance(exc, KernelError) else "internal error; the kernel keeps serving"
+    return kpb.Decision(request_id=request.request_id, pipeline=request.pipeline, tenant=request.tenant,
+                        error_code=code, error_message=message)
+
+
+def decide_stream(engine: DecisionEngine, requests: Iterator, ctx, principal: str = ANONYMOUS) -> Iterator[kpb.Decision]:
+    events: queue.SimpleQueue = queue.SimpleQueue()
+    slots = threading.BoundedSemaphore(MAX_IN_FLIGHT)
+    queued: dict[int, Pending] = {}  # id(item) -> pending, to cancel what is still queued when the call ends
+    lock = threading.Lock()
+    taken = [0]  # requests the reader took (each is answered exactly once)
+
+    def finished(pending: Pending) -> None:
+        with lock:
+            queued.pop(id(pending.item), None)
+        events.put(pending)
+
+    def read() -> None:
+        try:
+            for request in requests:
+                while not slots.acquire(timeout=0.5):
+                    if not ctx.is_active():
+                        return
+                with lock:
+                    taken[0] += 1
+                try:
+                    pending = engine.prepare(request, ctx.deadline_ns, principal)
+                except Exception as exc:
+                    events.put((request, exc))
+                    continue
+                if isinstance(pending, kpb.Decision):  # answered from the idempotency store
+                    events.put(pending)
+                    continue
+                pending.item.on_done = lambda _item, p=pending: finished(p)
+                with lock:
+                    queued[id(pending.item)] = pending
+                try:
+                    engine.inference.submit(pending.item)
+                except Exception as exc:  # refused at admission: RESOURCE_EXHAUSTED with its retry hint
+                    with lock:
+                        queued.pop(id(pending.item), None)
+                    events.put((request, exc))
+        except Exception as exc:  # the request stream itself broke (bad bytes are answered per message above)
+            events.put((None, exc))
+        finally:
+            events.put(_END)
+
+    def cancel_queued() -> None:
+        with lock:
+            pending = list(queued.values())
+        for p in pending:
+            engine.inference.cancel(p.item)
+
+    ctx.on_done(cancel_queued)
+    reader = threading.Thread(target=read, name="decide-stream-reader", daemon=True)
+    reader.start()
+    reading = True
+    answered = 0
+    while reading or answered < taken[0]:
+        batch = [events.get()]
+        while True:  # take whatever else is ready: one group, one policy pass, one audit wait
+            try:
+                batch.append(events.get_nowait())
+            except queue.Empty:
+                break
+        group: list[Pending] = []
+        for event in batch:
+            if event is _END:
+                reading = False
+            elif isinstance(event, Pending):
+                group.append(event)
+            elif isinstance(event, kpb.Decision):
+                slots.release()
+                answered += 1
+                yield event
+            else:
+                request, exc = event
+                if request is None:
+                    if isinstance(exc, KernelError):
+                        raise exc
+                    raise Cancelled("the request stream ended abnormally") from exc
+                slots.release()
+                answered += 1
+                yield error_decision(request, exc)
+        if group:
+            for pending, result in zip(group, engine.finish(group)):
+                slots.release()
+                answered += 1
+                yield result if isinstance(result, kpb.Decision) else error_decision(pending.request, result)
