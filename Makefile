@@ -9,6 +9,7 @@ PY := $(VENV)/bin/python
 RUNTIME_EXTRA := $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 STAMP := $(VENV)/.installed-$(RUNTIME_EXTRA)
 MODELS := examples/claims/models
+PIPELINES := examples/claims/pipelines
 
 .PHONY: serve test build demo bench bench-micro protos models clean
 
@@ -29,10 +30,10 @@ $(MODELS)/claims_triage/1/model.onnx: $(STAMP) examples/claims/*.py
 models: $(MODELS)/claims_triage/1/model.onnx
 
 serve: models
-	$(PY) -m kernel serve --models $(MODELS)
+	$(PY) -m kernel serve --models $(MODELS) --pipelines $(PIPELINES)
 
 demo: models
-	$(PY) -m kernel demo --models $(MODELS)
+	$(PY) -m kernel demo --models $(MODELS) --pipelines $(PIPELINES)
 
 # The whole suite on the compiled core, then the serving and scheduling suites
 # again on the pure-Python references (AIOS_PURE_PYTHON=1): both must pass.

@@ -240,7 +240,19 @@ def build_parser() -> argparse.ArgumentParser:
     decide.add_argument("--address", default=DEFAULT_ADDRESS, help=f"kernel address (default {DEFAULT_ADDRESS})")
     decide.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
     decide.set_defaults(func=cmd_decide)
+
+    # audit verify|export: every word after "audit" goes to kernel.audit.cli, imported only when used.
+    audit = sub.add_parser("audit", help="verify or export an audit log directory (audit --help for more)",
+                           add_help=False, prefix_chars="\0")
+    audit.add_argument("audit_args", nargs=argparse.REMAINDER)
+    audit.set_defaults(func=cmd_audit)
     return parser
+
+
+def cmd_audit(args) -> int:
+    from .audit.cli import main as audit_main
+
+    return audit_main(args.audit_args)
 
 
 def main(argv: list[str] | None = None) -> int:

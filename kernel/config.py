@@ -16,6 +16,9 @@ from typing import Any
 FRONT_ENDS = ("sync", "aio")
 SCHEDULERS = ("auto", "cython", "reference")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+AUDIT_MODES = ("fsync", "async")
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
 
 
 class SettingsError(ValueError):
@@ -40,6 +43,15 @@ class Settings:
     data_dir: str = "var"  # audit segments, keys, and the SQLite store of tasks, reviews, idempotency keys
     pipelines: str = "pipelines"  # folder of pipeline files (*.toml with a [pipeline] table) and their policies
     pipeline_poll_s: float = 1.0  # how often changed pipeline files are looked for; 0 = only at start
+    # The audit log lives in <data_dir>/audit (kernel/audit).
+    # "fsync": a decision is answered once its record is on disk. "async": once written to the OS;
+    # a power loss or OS crash can then lose the records of the last checkpoint interval.
+    audit_mode: str = "fsync"
+    audit_key: str = ""  # Ed25519 key signing checkpoints; "" = <data_dir>/audit/signing-key.pem, created if absent
+    audit_checkpoint_records: int = 1000  # sign a checkpoint every this many records...
+    audit_checkpoint_ms: float = 1000.0  # ...or this long after a record, whichever comes first
+    audit_segment_bytes: int = 64 * 1024 * 1024  # segment files rotate at this size
+    audit_stream_enabled: bool = False  # allow StreamAudit (until RBAC grants it to the auditor role)
 
     def usable_cores(self) -> int:
         try:
@@ -74,6 +86,11 @@ def _coerce(name: str, value: Any, source: str) -> Any:
             if not isinstance(value, (str, int, float)) or isinstance(value, bool):
                 raise ValueError
             value = str(value)
+        elif kind == "bool":
+            if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+                value = value.strip().lower() in _TRUE
+            elif not isinstance(value, bool):
+                raise ValueError
     except (TypeError, ValueError):
         raise SettingsError(f"{name} (from {source}) must be {kind}, got {value!r}") from None
     return value
@@ -101,6 +118,14 @@ def _validate(settings: Settings, sources: dict[str, str]) -> None:
         raise bad("pipeline_poll_s", f"must be >= 0 (0 = load at start only), got {settings.pipeline_poll_s}")
     if settings.scheduler not in SCHEDULERS:
         raise bad("scheduler", f"must be one of {', '.join(SCHEDULERS)}, got {settings.scheduler!r}")
+    if settings.audit_mode not in AUDIT_MODES:
+        raise bad("audit_mode", f"must be one of {', '.join(AUDIT_MODES)}, got {settings.audit_mode!r}")
+    if settings.audit_checkpoint_records < 1:
+        raise bad("audit_checkpoint_records", f"must be >= 1, got {settings.audit_checkpoint_records}")
+    if settings.audit_checkpoint_ms <= 0:
+        raise bad("audit_checkpoint_ms", f"must be > 0, got {settings.audit_checkpoint_ms}")
+    if settings.audit_segment_bytes < 4096:
+        raise bad("audit_segment_bytes", f"must be >= 4096, got {settings.audit_segment_bytes}")
 
 
 def load_settings(

@@ -48,3 +48,11 @@ class FailedPrecondition(KernelError):
 
 class Internal(KernelError):
     code = "INTERNAL"
+
+
+class TransientError(Unavailable):
+    """A step failed in a way that may pass if tried again (a busy dependency, a timeout).
+
+    Durable tasks retry such failures with exponential backoff; any other
+    exception fails the task at once.
+    """

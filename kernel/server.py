@@ -62,6 +62,9 @@ class KernelServer:
                            on_batch=_on_batch, on_item=_on_item)
         self.hub.add_listener(self._models_changed)
         self.service = InferenceService(self.hub, self.lanes)
+        from .decisions import DecisionSide  # the decision side pulls in SQLite, crypto, policy
+
+        self.decisions = DecisionSide(settings, self.hub, self.service)
         self.port: int | None = None
         self.failed_models: dict[str, str] = {}
         self._server = None
@@ -103,7 +106,8 @@ class KernelServer:
 
     def _add_services(self, server, asynchronous: bool) -> None:
         inference = aio_servicer(self.service) if asynchronous else sync_servicer(self.service)
-        server.add_generic_rpc_handlers([inference, *kernel_services.generic_handlers(self.hub, self.lanes, asynchronous)])
+        ours = kernel_services.generic_handlers(self.hub, self.lanes, asynchronous, self.decisions.handlers())
+        server.add_generic_rpc_handlers([inference, *ours])
         self._health = health.aio.HealthServicer() if asynchronous else health.HealthServicer(experimental_non_blocking=True)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         _register_standard_descriptors()
@@ -113,6 +117,7 @@ class KernelServer:
     def start(self) -> int:
         """Load the repository, start serving; returns the bound port."""
         loaded, self.failed_models = self.hub.load_all()
+        self.decisions.start()  # pipelines are checked against the models just loaded
         if self.settings.front_end == "aio":
             self._start_aio()
         else:
@@ -203,5 +208,6 @@ class KernelServer:
         else:
             self._server.stop(grace).wait()
         self._server = None
+        self.decisions.close()  # tasks stop using the lanes; the audit log flushes and checkpoints
         self.lanes.close()
         log.info("AIOS kernel stopped")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import tempfile
 from pathlib import Path
 
 import grpc
@@ -57,6 +58,8 @@ def model_repo(tmp_path_factory) -> Path:
 
 
 def start_kernel(models: Path, front_end: str = "sync", **overrides) -> KernelServer:
+    """A started kernel; its data dir (audit log, store) is a fresh temporary folder unless given."""
+    overrides.setdefault("data_dir", tempfile.mkdtemp(prefix="aios-data-"))
     settings = load_settings(
         None,
         {"models": str(models), "port": 0, "front_end": front_end, "log_level": "WARNING", **overrides},

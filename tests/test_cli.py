@@ -21,6 +21,7 @@ from kernel._proto.aios.kernel.v1 import kernel_pb2, kernel_pb2_grpc
 from kernel._proto.inference import grpc_service_pb2 as pb
 from kernel._proto.inference import grpc_service_pb2_grpc as pb_grpc
 from kernel.testing import onnx_models
+from kernel.testing.processes import ServeProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, "-m", "kernel"]
@@ -28,31 +29,6 @@ CLI = [sys.executable, "-m", "kernel"]
 
 def run_cli(*args, timeout=120, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT, **kwargs)
-
-
-class ServeProcess:
-    """`aios-kernel serve` as a child process; waits for its ready line."""
-
-    def __init__(self, models: Path, *extra: str):
-        self.proc = subprocess.Popen(
-            [*CLI, "serve", "--models", str(models), "--port", "0", *extra],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-        )
-        line = self.proc.stdout.readline()
-        if "ready on" not in line:
-            self.proc.kill()
-            raise AssertionError(f"kernel did not start: {line!r} {self.proc.stderr.read()}")
-        self.address = line.strip().rsplit(" ", 1)[-1]
-
-    def stop(self, timeout=30) -> tuple[int, str]:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            _, err = self.proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            raise
-        return self.proc.returncode, err
 
 
 @pytest.fixture(scope="module")
@@ -189,7 +165,8 @@ def test_demo_prints_a_summary(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
     assert "sent 200, answered 200, errors 0" in out
-    assert "claims_triage " in out and "claims_triage_large" in out and "accuracy" in out
+    assert "automated" in out and "escalated" in out and "rules that decided" in out
+    assert "review queue:" in out and "audit log" in out and "verified" in out.lower()
 
 
 def test_console_script_is_installed():

@@ -107,6 +107,28 @@ def encode_rows(fields: tuple[FieldSpec, ...], cases: list[dict], width: int) ->
     return out
 
 
+def encode_one(fields: tuple[FieldSpec, ...], case: dict, width: int) -> np.ndarray:
+    """``encode_rows`` for a single case without per-field numpy work (the unary Decide path).
+
+    Same arithmetic as ``encode_rows`` in float64 then one cast to float32, so
+    both give bit-identical rows.
+    """
+    row = []
+    for spec in fields:
+        encode = spec.encode
+        if encode == "none":
+            continue
+        value = case[spec.name]
+        if encode == "onehot":
+            row.extend(1.0 if value == category else 0.0 for category in spec.values)
+        elif encode == "standardize":
+            x = math.log1p(value) if spec.transform == "log1p" else float(value)
+            row.append((x - spec.mean) / spec.std)
+        else:
+            row.append(float(value))
+    return np.array(row, dtype=np.float32).reshape(1, width)
+
+
 def policy_columns(fields: tuple[FieldSpec, ...], cases: list[dict]) -> dict[str, np.ndarray]:
     """Per-field numpy columns of the raw (not encoded) values, for vectorized policy evaluation."""
     columns = {}

@@ -22,7 +22,7 @@ from ..errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, Kern
 from ..scheduling import WorkItem
 from ..scheduling.types import NO_DEADLINE
 from . import provenance
-from .fields import encode_rows, policy_columns
+from .fields import encode_one, policy_columns
 from .spec import Pipeline
 
 log = logging.getLogger("aios.decisions")
@@ -83,13 +83,17 @@ class DecisionEngine:
         values = self._read_fields(pipeline, request)
         digests = provenance.text_digests(request.text_fields) if request.text_fields else {}
         mv = self.inference.resolve(pipeline.model, pipeline.model_version)
-        row = encode_rows(pipeline.fields, [values], pipeline.width)
+        row = encode_one(pipeline.fields, values, pipeline.width)
         request_id = request.request_id or os.urandom(8).hex()
         priority = request.priority or pipeline.priority or mv.config.priority
         item = WorkItem(mv, 1, ((pipeline.width,),), {pipeline.input: row}, request_id=request_id,
                         priority=priority, deadline_ns=_deadline(started, deadline_ns, request.timeout_ms or pipeline.timeout_ms),
                         tenant=request.tenant)
         return Pending(request, pipeline, values, digests, item, started, request_id, principal, request_hash)
+
+    def validate(self, request) -> None:
+        """Refuse a request that could never be decided (unknown pipeline, bad fields) before it is queued."""
+        self._read_fields(self.registry.get(request.pipeline), request)
 
     def _read_fields(self, pipeline: Pipeline, request) -> dict:
         given = request.fields

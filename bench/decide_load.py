@@ -1,0 +1,135 @@
+"""Closed-loop load for the decision benchmark: ``Decide`` or ``ModelInfer`` on the claims model.
+
+Both send the same claims (``examples/claims`` synthetic cases): ``Decide``
+as request fields, ``ModelInfer`` as the already-encoded feature row (so
+the model call is identical and ``Decide``'s extra work — validation,
+encoding, policy, review, audit — is what the ratio shows). ``concurrency``
+coroutines on one grpc.aio channel each keep one call in flight.
+
+    python -m bench.decide_load --address HOST:PORT --mode decide --concurrency 16 --seconds 5
+
+Prints one JSON line: completed calls, errors by code, throughput, p50/p99 ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+FIELDS = ("claim_amount", "policy_age_months", "customer_tier", "claim_type", "prior_claims", "fraud_score",
+          "days_since_incident", "has_police_report")
+MODES = ("decide", "infer", "decide-stream")
+
+
+def _requests(mode: str, n: int = 1000) -> list:
+    from examples.claims import data, features
+    from kernel._proto.inference import grpc_service_pb2 as pb
+    from kernel.decision_client import make_request
+
+    cases = data.generate_cases(n, seed=17)
+    if mode.startswith("decide"):
+        return [make_request("claims_triage", {k: c[k] for k in FIELDS}, tenant="bench") for c in cases]
+    rows = features.encode(cases)
+    out = []
+    for i in range(n):
+        request = pb.ModelInferRequest(model_name="claims_triage")
+        request.inputs.add(name="features", datatype="FP32", shape=[1, rows.shape[1]])
+        request.raw_input_contents.append(rows[i:i + 1].tobytes())
+        out.append(request)
+    return out
+
+
+async def _run(address: str, mode: str, concurrency: int, seconds: float, warmup: float) -> dict:
+    import grpc
+
+    from kernel._proto.aios.kernel.v1 import kernel_pb2_grpc as kgrpc
+    from kernel._proto.inference import grpc_service_pb2_grpc as pb_grpc
+
+    requests = _requests(mode)
+    latencies: list[float] = []
+    errors: dict[str, int] = {}
+    state = {"measuring": False, "stop": False}
+    async with grpc.aio.insecure_channel(address) as channel:
+        if mode.startswith("decide"):
+            stub = kgrpc.DecisionServiceStub(channel)
+            call = stub.Decide
+        else:
+            call = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer
+
+        async def unary(k: int) -> None:
+            i = k
+            while not state["stop"]:
+                started = time.perf_counter()
+                try:
+                    await call(requests[i % len(requests)], timeout=30)
+                except grpc.aio.AioRpcError as exc:
+                    errors[exc.code().name] = errors.get(exc.code().name, 0) + 1
+                    continue
+                finally:
+                    i += concurrency
+                if state["measuring"]:
+                    latencies.append(time.perf_counter() - started)
+
+        async def streamed(k: int) -> None:
+            # One stream per coroutine, one decision in flight on it at a time: closed loop, like unary.
+            stream = stub.DecideStream()
+            i = k
+            while not state["stop"]:
+                started = time.perf_counter()
+                await stream.write(requests[i % len(requests)])
+                answer = await stream.read()
+                i += concurrency
+                if answer.error_code:
+                    errors[answer.error_code] = errors.get(answer.error_code, 0) + 1
+                elif state["measuring"]:
+                    latencies.append(time.perf_counter() - started)
+            await stream.done_writing()
+
+        worker = streamed if mode == "decide-stream" else unary
+        tasks = [asyncio.create_task(worker(k)) for k in range(concurrency)]
+        await asyncio.sleep(warmup)
+        state["measuring"] = True
+        started = time.perf_counter()
+        await asyncio.sleep(seconds)
+        state["measuring"] = False
+        elapsed = time.perf_counter() - started
+        state["stop"] = True
+        await asyncio.gather(*tasks, return_exceptions=True)
+    lat = np.array(latencies) * 1e3 if latencies else np.array([float("nan")])
+    return {
+        "mode": mode, "concurrency": concurrency, "seconds": round(elapsed, 3), "completed": len(latencies),
+        "throughput": len(latencies) / elapsed, "p50_ms": float(np.percentile(lat, 50)),
+        "p99_ms": float(np.percentile(lat, 99)), "errors": errors,
+    }
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.decide_load", description=__doc__.splitlines()[0])
+    parser.add_argument("--address", required=True)
+    parser.add_argument("--mode", choices=MODES, required=True)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--warmup", type=float, default=1.0)
+    args = parser.parse_args(argv)
+    try:
+        import uvloop
+
+        runner = uvloop.run
+    except ImportError:
+        runner = asyncio.run
+    print(json.dumps(runner(_run(args.address, args.mode, args.concurrency, args.seconds, args.warmup))), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""AuditService: stream the log, prove records and growth, publish the checkpoint key.
+
+Handlers are plain blocking functions (``rpc.py``) over an open ``AuditLog``.
+``tree_size``/``new_size`` 0 in a proof request means "the newest signed
+checkpoint", so a proof always matches a root the caller can fetch, signed,
+with GetCheckpoint. StreamAudit resumes without gap or duplicate: a client
+that saw sequence s asks again with ``from_sequence = s + 1``.
+
+Until RBAC exists, StreamAudit is allowed or refused as a whole by the
+``audit_stream_enabled`` setting (``allow_stream``); refused calls get
+PERMISSION_DENIED naming it.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from .._proto.aios.kernel.v1 import kernel_pb2
+from ..audit import AuditLog
+from ..errors import FailedPrecondition, InvalidArgument, KernelError, NotFound
+
+SERVICE = "AuditService"
+_KINDS = set(kernel_pb2.AuditKind.values())
+
+
+class PermissionDenied(KernelError):
+    code = "PERMISSION_DENIED"
+
+
+def _stream_audit(log: AuditLog, allow_stream: bool):
+    def stream_audit(request: kernel_pb2.StreamAuditRequest, ctx):
+        if not allow_stream:
+            raise PermissionDenied(
+                "StreamAudit is disabled on this kernel: set audit_stream_enabled = true "
+                "(kernel.toml, AIOS_AUDIT_STREAM_ENABLED) to allow it"
+            )
+        if request.kind not in _KINDS:
+            raise InvalidArgument(f"kind: {request.kind} is not an AuditKind")
+        if request.since_unix_ns < 0 or request.until_unix_ns < 0:
+            raise InvalidArgument("since_unix_ns and until_unix_ns must be >= 0 (0 = no bound)")
+        if request.since_unix_ns and request.until_unix_ns and request.until_unix_ns <= request.since_unix_ns:
+            raise InvalidArgument(
+                f"until_unix_ns ({request.until_unix_ns}) must be after since_unix_ns ({request.since_unix_ns})"
+            )
+        stop = threading.Event()
+        ctx.on_done(stop.set)
+        records = log.read(
+            request.from_sequence, tenant=request.tenant, pipeline=request.pipeline, kind=request.kind,
+            since_unix_ns=request.since_unix_ns, until_unix_ns=request.until_unix_ns,
+            follow=request.follow, stop=stop,
+        )
+        try:
+            for record in records:
+                yield record
+                if not ctx.is_active():
+                    return
+        finally:
+            records.close()
+
+    return stream_audit
+
+
+def _signed_size(log: AuditLog, requested: int, field: str) -> int:
+    """The tree size a proof is for: the requested one, or the newest checkpoint's for 0."""
+    if requested == 0:
+        return log.latest_checkpoint().tree_size
+    if requested > log.size:
+        raise InvalidArgument(f"{field}: {requested} is beyond the {log.size} records of the log")
+    return requested
+
+
+def _inclusion_proof(log: AuditLog):
+    def get_inclusion_proof(request: kernel_pb2.InclusionProofRequest, ctx) -> kernel_pb2.Proof:
+        size = _signed_size(log, request.tree_size, "tree_size")
+        if request.sequence >= log.size:
+            raise NotFound(f"sequence: record {request.sequence} is not in the log ({log.size} records)")
+        if request.sequence >= size:
+            raise InvalidArgument(
+                f"sequence: record {request.sequence} is not in a tree of size {size}"
+                + (" (the newest signed checkpoint); pass tree_size, or wait for the next checkpoint"
+                   if request.tree_size == 0 else "")
+            )
+        return kernel_pb2.Proof(
+            tree_size=size, hashes=log.inclusion_proof(request.sequence, size), root=log.root(size),
+            leaf_index=request.sequence, leaf_hash=log.leaf(request.sequence),
+        )
+
+    return get_inclusion_proof
+
+
+def _consistency_proof(log: AuditLog):
+    def get_consistency_proof(request: kernel_pb2.ConsistencyProofRequest, ctx) -> kernel_pb2.Proof:
+        new_size = _signed_size(log, request.new_size, "new_size")
+        if request.old_size == 0:
+            raise InvalidArgument("old_size: must be >= 1 (every tree extends the empty one)")
+        if request.old_size > new_size:
+            raise InvalidArgument(f"old_size: {request.old_size} is larger than new_size {new_size}")
+        return kernel_pb2.Proof(
+            tree_size=new_size, hashes=log.consistency_proof(request.old_size, new_size), root=log.root(new_size),
+            old_size=request.old_size, old_root=log.root(request.old_size),
+        )
+
+    return get_consistency_proof
+
+
+def _public_key(log: AuditLog):
+    def get_public_key(request, ctx) -> kernel_pb2.PublicKey:
+        return kernel_pb2.PublicKey(algorithm="Ed25519", key=log.public_key)
+
+    return get_public_key
+
+
+def _checkpoint(log: AuditLog):
+    def get_checkpoint(request, ctx) -> kernel_pb2.Checkpoint:
+        checkpoint = log.latest_checkpoint()
+        if checkpoint is None:  # the log signs one when it opens; kept for logs opened elsewhere
+            raise FailedPrecondition("the audit log has no signed checkpoint yet")
+        return checkpoint
+
+    return get_checkpoint
+
+
+def audit_handlers(log: AuditLog, allow_stream: bool = True) -> dict:
+    """``(service, method) -> handler`` for ``kernel_services.generic_handlers(implemented=...)``."""
+    return {
+        (SERVICE, "StreamAudit"): _stream_audit(log, allow_stream),
+        (SERVICE, "GetInclusionProof"): _inclusion_proof(log),
+        (SERVICE, "GetConsistencyProof"): _consistency_proof(log),
+        (SERVICE, "GetPublicKey"): _public_key(log),
+        (SERVICE, "GetCheckpoint"): _checkpoint(log),
+    }

@@ -1,0 +1,38 @@
+"""ReviewService: thin handlers over ``kernel.review.ReviewQueue`` (see ``rpc.py`` for the calling convention)."""
+
+from __future__ import annotations
+
+from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
+
+SERVICE = "ReviewService"
+
+
+def review_handlers(queue) -> dict:
+    """``{(service, method): handler}`` for ``kernel_services.generic_handlers(implemented=...)``."""
+
+    def list_reviews(request: kpb.ListReviewsRequest, ctx) -> kpb.ListReviewsResponse:
+        return queue.list(request.pipeline, request.tenant, request.state, request.page_size, request.page_token)
+
+    def claim_review(request: kpb.ClaimReviewRequest, ctx) -> kpb.Review:
+        return queue.claim(request.review_id, request.reviewer, request.lease_seconds)
+
+    def resolve_review(request: kpb.ResolveReviewRequest, ctx) -> kpb.Review:
+        return queue.resolve(request.review_id, request.reviewer, request.action, request.comment)
+
+    def watch_reviews(request: kpb.WatchReviewsRequest, ctx):
+        watch = queue.watch(request.pipeline, request.tenant, request.include_open, request.updates)
+        ctx.on_done(watch.close)  # the client left or the deadline passed: stop waiting at once
+        try:
+            for review in watch:
+                yield review
+                if not ctx.is_active():
+                    return
+        finally:
+            watch.close()
+
+    return {
+        (SERVICE, "ListReviews"): list_reviews,
+        (SERVICE, "ClaimReview"): claim_review,
+        (SERVICE, "ResolveReview"): resolve_review,
+        (SERVICE, "WatchReviews"): watch_reviews,
+    }

@@ -1,0 +1,41 @@
+"""TaskService: thin handlers over ``kernel.tasks.TaskRunner`` (see ``rpc.py`` for the calling convention)."""
+
+from __future__ import annotations
+
+from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
+from ..errors import InvalidArgument
+
+SERVICE = "TaskService"
+
+
+def task_handlers(runner) -> dict:
+    """``{(service, method): handler}`` for ``kernel_services.generic_handlers(implemented=...)``."""
+
+    def start_task(request: kpb.StartTaskRequest, ctx) -> kpb.Task:
+        if not request.HasField("request"):
+            raise InvalidArgument("request is required (the DecisionRequest the task runs)")
+        return runner.submit(request.request)
+
+    def get_task(request: kpb.TaskRef, ctx) -> kpb.Task:
+        return runner.get(request.task_id)
+
+    def cancel_task(request: kpb.TaskRef, ctx) -> kpb.Task:
+        return runner.cancel(request.task_id)
+
+    def watch_task(request: kpb.TaskRef, ctx):
+        watch = runner.watch(request.task_id)
+        ctx.on_done(watch.close)  # the client left or the deadline passed: stop waiting at once
+        try:
+            for task in watch:
+                yield task
+                if not ctx.is_active():
+                    return
+        finally:
+            watch.close()
+
+    return {
+        (SERVICE, "StartTask"): start_task,
+        (SERVICE, "GetTask"): get_task,
+        (SERVICE, "CancelTask"): cancel_task,
+        (SERVICE, "WatchTask"): watch_task,
+    }

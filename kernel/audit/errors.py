@@ -1,0 +1,31 @@
+"""What the audit log raises: its own errors, each tied to a gRPC status code."""
+
+from __future__ import annotations
+
+from ..errors import KernelError
+
+
+class AuditError(KernelError):
+    """The log cannot take or return records (writer failure, closed, corrupt files).
+
+    UNAVAILABLE: a decision whose record is not durable must not be answered,
+    and the caller may retry against a healthy replica.
+    """
+
+    code = "UNAVAILABLE"
+
+
+class AuditTimeout(AuditError):
+    """A record did not become durable within the time the caller gave."""
+
+    code = "DEADLINE_EXCEEDED"
+
+
+class AuditCorrupt(AuditError):
+    """The files on disk are not a log this kernel wrote (changed, removed or foreign bytes).
+
+    Raised on open when the damage is anywhere but a torn tail, which is
+    repaired; ``aios-kernel audit verify`` names the first bad record.
+    """
+
+    code = "FAILED_PRECONDITION"

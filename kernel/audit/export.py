@@ -1,0 +1,52 @@
+"""Export records as JSON Lines for tools outside the kernel.
+
+One JSON object per line, in sequence order: the record in the proto3 JSON
+mapping (field names as in the .proto), except that ``sequence``,
+``time_unix_ns`` and ``links_to`` are plain numbers, ``hash``/``prev_hash``
+are lowercase hex, and ``payload`` is the parsed JSON document when it is one
+(else its text, else ``payload_base64``).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Iterable
+from typing import TextIO
+
+from google.protobuf.json_format import MessageToDict
+
+from .record import AuditRecord
+
+
+def record_to_json(record: AuditRecord) -> dict:
+    document = MessageToDict(record, preserving_proto_field_name=True)
+    document["sequence"] = record.sequence
+    document["time_unix_ns"] = record.time_unix_ns
+    document["hash"] = record.hash.hex()
+    document["prev_hash"] = record.prev_hash.hex()
+    if record.has_link:
+        document["links_to"] = record.links_to
+    if record.payload:
+        del document["payload"]
+        try:
+            text = record.payload.decode("utf-8")
+        except UnicodeDecodeError:
+            document["payload_base64"] = base64.b64encode(record.payload).decode("ascii")
+        else:
+            try:
+                document["payload"] = json.loads(text)
+            except ValueError:
+                document["payload"] = text
+    return document
+
+
+def export_jsonl(records: Iterable[AuditRecord], out: TextIO) -> int:
+    """Write one line per record to ``out``; returns how many were written."""
+    count = 0
+    dumps = json.dumps
+    for record in records:
+        out.write(dumps(record_to_json(record), separators=(",", ":"), sort_keys=True))
+        out.write("\n")
+        count += 1
+    return count

@@ -1,0 +1,140 @@
+"""The Ed25519 key that signs checkpoints: load it, or create it on first start.
+
+The private key is a PKCS#8 PEM file created with mode 0600 (``O_EXCL``, so
+two processes starting at once cannot both write one); a key file others can
+read is used but logged as a warning. The public key is what
+``GetPublicKey`` publishes and what ``audit verify --from-key`` trusts; it is
+also written next to the log as ``public-key.pem`` for convenience (a copy in
+the same directory as the log proves nothing against someone who can rewrite
+the directory: an auditor should hold the key from elsewhere).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import logging
+import os
+import stat
+from pathlib import Path
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from .errors import AuditError
+from .segments import fsync_dir
+
+log = logging.getLogger("aios.audit")
+
+ALGORITHM = "Ed25519"
+PUBLIC_KEY_FILE = "public-key.pem"
+
+
+def key_id(public_raw: bytes) -> str:
+    """A short name for a public key: the first 16 hex digits of its SHA-256."""
+    return hashlib.sha256(public_raw).hexdigest()[:16]
+
+
+class SigningKey:
+    """An Ed25519 private key with its raw public key and key id."""
+
+    __slots__ = ("_private", "public_raw", "key_id", "path")
+
+    def __init__(self, private: Ed25519PrivateKey, path: Path | None = None):
+        self._private = private
+        self.public_raw = private.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        self.key_id = key_id(self.public_raw)
+        self.path = path
+
+    def sign(self, message: bytes) -> bytes:
+        return self._private.sign(message)
+
+    def public_pem(self) -> bytes:
+        return public_pem(self.public_raw)
+
+
+def public_pem(public_raw: bytes) -> bytes:
+    return Ed25519PublicKey.from_public_bytes(public_raw).public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo,
+    )
+
+
+def load_or_create(path: str | Path) -> SigningKey:
+    """The signing key at ``path``; a new one is generated and written (0600) if the file is absent."""
+    path = Path(path)
+    try:
+        return _load(path)
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    private = Ed25519PrivateKey.generate()
+    pem = private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:  # another process created it first: use theirs
+        return _load(path)
+    try:
+        os.write(fd, pem)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    fsync_dir(path.parent)
+    key = SigningKey(private, path)
+    log.info("audit: created signing key %s (key id %s)", path, key.key_id)
+    return key
+
+
+def _load(path: Path) -> SigningKey:
+    data = path.read_bytes()
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        log.warning("audit: signing key %s is readable by others (mode %04o); chmod 600 it", path, mode)
+    try:
+        private = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError) as exc:
+        raise AuditError(f"audit_key {path} is not an unencrypted PEM private key: {exc}") from None
+    if not isinstance(private, Ed25519PrivateKey):
+        raise AuditError(f"audit_key {path} holds a {type(private).__name__}, not an Ed25519 key")
+    return SigningKey(private, path)
+
+
+def parse_public_key(data: bytes, source: str = "public key") -> bytes:
+    """A raw 32-byte Ed25519 public key from PEM, raw bytes, hex or base64 text."""
+    if b"-----BEGIN" in data:
+        try:
+            key = serialization.load_pem_public_key(data)
+        except ValueError as exc:
+            raise AuditError(f"{source}: not a PEM public key: {exc}") from None
+        if not isinstance(key, Ed25519PublicKey):
+            raise AuditError(f"{source}: a {type(key).__name__}, not an Ed25519 public key")
+        return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    if len(data) == 32:
+        return data
+    text = data.strip()
+    for decode in (binascii.unhexlify, base64.b64decode):
+        try:
+            raw = decode(text)
+        except (binascii.Error, ValueError):
+            continue
+        if len(raw) == 32:
+            return raw
+    raise AuditError(f"{source}: expected an Ed25519 public key (PEM, 32 raw bytes, hex or base64)")
+
+
+def load_public_key(path: str | Path) -> bytes:
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise AuditError(f"cannot read public key {path}: {exc.strerror}") from None
+    return parse_public_key(data, str(path))
+
+
+def signature_valid(public_raw: bytes, signature: bytes, message: bytes) -> bool:
+    try:
+        Ed25519PublicKey.from_public_bytes(public_raw).verify(signature, message)
+    except InvalidSignature:
+        return False
+    return True

@@ -1,0 +1,258 @@
+"""RFC 9162 Merkle tree over the log: roots, inclusion and consistency proofs.
+
+``MerkleTree`` keeps every leaf hash (32 bytes per record) and caches the
+hashes of complete subtrees from height ``CACHE_LEVEL`` up (about 32/16 more
+bytes per record, all levels together); smaller subtrees are rehashed from
+their leaves on demand (at most 15 hashes). Any MTH the RFC's recursion asks
+for is then a right fold over O(log n) cached subtrees, so a root or a proof
+costs O(log n) hashes. The cache is filled lazily (``catch_up``), which keeps
+the append itself cheap: the writer appends a group's leaves, releases its
+waiters, then catches up.
+
+``CompactRange`` computes roots of a growing prefix with O(log n) memory; the
+verifier uses it. ``verify_inclusion``/``verify_consistency`` are the RFC's
+client-side algorithms, for callers of the kernel that want to check proofs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+
+_sha256 = hashlib.sha256
+
+EMPTY_ROOT = _sha256(b"").digest()
+CACHE_LEVEL = 4  # subtrees of 2**4 leaves and up are cached
+
+
+def node_hash(left: bytes, right: bytes) -> bytes:
+    return _sha256(b"\x01" + left + right).digest()
+
+
+def split_point(n: int) -> int:
+    """The largest power of two smaller than ``n`` (n >= 2): where RFC 9162 splits D[n]."""
+    return 1 << ((n - 1).bit_length() - 1)
+
+
+def _fold(peaks: list[bytes]) -> bytes:
+    """MTH of consecutive complete subtrees of decreasing size: hash them right to left."""
+    acc = peaks[-1]
+    for peak in reversed(peaks[:-1]):
+        acc = _sha256(b"\x01" + peak + acc).digest()
+    return acc
+
+
+def _reduce(level: bytes | bytearray) -> bytes:
+    """Root of a complete subtree given its 2**h leaf hashes, concatenated."""
+    while len(level) > 32:
+        level = b"".join([_sha256(b"\x01" + level[i:i + 64]).digest() for i in range(0, len(level), 64)])
+    return bytes(level)
+
+
+class MerkleTree:
+    """All leaves of the log plus cached subtree hashes; thread-safe."""
+
+    __slots__ = ("_leaves", "_levels", "_lock")
+
+    def __init__(self) -> None:
+        self._leaves = bytearray()
+        self._levels: list[bytearray] = []  # _levels[i]: subtrees of height CACHE_LEVEL + i
+        self._lock = threading.Lock()
+
+    @property
+    def size(self) -> int:
+        return len(self._leaves) >> 5
+
+    def append_leaves(self, hashes: bytes | bytearray) -> None:
+        """Add leaf hashes (concatenated 32-byte digests) at the end."""
+        with self._lock:
+            self._leaves += hashes
+
+    def leaf(self, index: int) -> bytes:
+        offset = index << 5
+        return bytes(self._leaves[offset:offset + 32])
+
+    def catch_up(self) -> None:
+        """Fill the subtree cache up to the current size."""
+        with self._lock:
+            self._catch_up()
+
+    def _catch_up(self) -> None:
+        leaves = self._leaves
+        n = len(leaves) >> 5
+        height = CACHE_LEVEL
+        index = 0
+        while n >> height:
+            if index == len(self._levels):
+                self._levels.append(bytearray())
+            level = self._levels[index]
+            have, want = len(level) >> 5, n >> height
+            if index == 0:
+                span = 32 << height
+                for j in range(have, want):
+                    level += _reduce(leaves[j * span:(j + 1) * span])
+            else:
+                below = self._levels[index - 1]
+                for j in range(have, want):
+                    level += _sha256(b"\x01" + below[j * 64:j * 64 + 64]).digest()
+            height += 1
+            index += 1
+
+    def _subtree(self, height: int, index: int) -> bytes:
+        """Hash of the complete subtree of 2**height leaves starting at leaf index << height."""
+        if height >= CACHE_LEVEL:
+            offset = index << 5
+            return bytes(self._levels[height - CACHE_LEVEL][offset:offset + 32])
+        start = (index << height) << 5
+        return _reduce(self._leaves[start:start + (32 << height)])
+
+    def _mth(self, start: int, end: int) -> bytes:
+        """MTH(D[start:end]) for a range of the RFC's recursion (start aligned to the range's split)."""
+        size = end - start
+        if size == 0:
+            return EMPTY_ROOT
+        peaks = []
+        position = start
+        for height in range(size.bit_length() - 1, -1, -1):
+            if size >> height & 1:
+                if position & ((1 << height) - 1):
+                    raise ValueError(f"range [{start}, {end}) is not a subtree of the log")
+                peaks.append(self._subtree(height, position >> height))
+                position += 1 << height
+        return _fold(peaks)
+
+    def _check_size(self, size: int) -> None:
+        if not 0 <= size <= self.size:
+            raise ValueError(f"tree size {size} is beyond the {self.size} leaves of the log")
+
+    def root(self, size: int | None = None) -> bytes:
+        """MTH of the first ``size`` leaves (all of them by default)."""
+        with self._lock:
+            size = self.size if size is None else size
+            self._check_size(size)
+            self._catch_up()
+            return self._mth(0, size)
+
+    def inclusion_proof(self, index: int, size: int) -> list[bytes]:
+        """RFC 9162 §2.1.3.1 PATH(index, D[size]), bottom-up."""
+        with self._lock:
+            self._check_size(size)
+            if not 0 <= index < size:
+                raise ValueError(f"leaf {index} is not in a tree of size {size}")
+            self._catch_up()
+            path = []
+            start, end = 0, size
+            while end - start > 1:
+                k = split_point(end - start)
+                if index < start + k:
+                    path.append(self._mth(start + k, end))
+                    end = start + k
+                else:
+                    path.append(self._mth(start, start + k))
+                    start += k
+            path.reverse()
+            return path
+
+    def consistency_proof(self, old_size: int, new_size: int) -> list[bytes]:
+        """RFC 9162 §2.1.4.1 PROOF(old_size, D[new_size]), for 0 < old_size <= new_size."""
+        with self._lock:
+            self._check_size(new_size)
+            if not 0 < old_size <= new_size:
+                raise ValueError(f"old size {old_size} must be in 1..{new_size}")
+            self._catch_up()
+            proof = []
+            start, end, m, complete = 0, new_size, old_size, True
+            while True:
+                if m == end - start:
+                    if not complete:
+                        proof.append(self._mth(start, end))
+                    break
+                k = split_point(end - start)
+                if m <= k:
+                    proof.append(self._mth(start + k, end))
+                    end = start + k
+                else:
+                    proof.append(self._mth(start, start + k))
+                    start += k
+                    m -= k
+                    complete = False
+            proof.reverse()
+            return proof
+
+
+class CompactRange:
+    """Root of a growing log with O(log n) memory: the peaks of its complete subtrees."""
+
+    __slots__ = ("size", "_peaks")
+
+    def __init__(self) -> None:
+        self.size = 0
+        self._peaks: list[tuple[int, bytes]] = []  # (height, hash), tallest first
+
+    def append(self, leaf: bytes) -> None:
+        peaks = self._peaks
+        height, node = 0, leaf
+        while peaks and peaks[-1][0] == height:
+            node = _sha256(b"\x01" + peaks.pop()[1] + node).digest()
+            height += 1
+        peaks.append((height, node))
+        self.size += 1
+
+    def root(self) -> bytes:
+        if not self._peaks:
+            return EMPTY_ROOT
+        return _fold([node for _, node in self._peaks])
+
+
+def verify_inclusion(leaf: bytes, index: int, size: int, proof: list[bytes], root: bytes) -> bool:
+    """RFC 9162 §2.1.3.2: does ``proof`` show leaf ``index`` with hash ``leaf`` in the tree ``root``?"""
+    if not 0 <= index < size:
+        return False
+    fn, sn, r = index, size - 1, leaf
+    for p in proof:
+        if sn == 0:
+            return False
+        if fn & 1 or fn == sn:
+            r = node_hash(p, r)
+            if not fn & 1:
+                while fn and not fn & 1:
+                    fn >>= 1
+                    sn >>= 1
+        else:
+            r = node_hash(r, p)
+        fn >>= 1
+        sn >>= 1
+    return sn == 0 and r == root
+
+
+def verify_consistency(old_size: int, new_size: int, old_root: bytes, new_root: bytes, proof: list[bytes]) -> bool:
+    """RFC 9162 §2.1.4.2: does ``proof`` show the tree ``old_root`` is a prefix of ``new_root``?"""
+    if not 0 < old_size <= new_size:
+        return False
+    if old_size == new_size:
+        return not proof and old_root == new_root
+    if not proof:
+        return False
+    path = list(proof)
+    if old_size & (old_size - 1) == 0:  # a power of two: the old root is itself a node of the path
+        path.insert(0, old_root)
+    fn, sn = old_size - 1, new_size - 1
+    while fn & 1:
+        fn >>= 1
+        sn >>= 1
+    fr = sr = path[0]
+    for c in path[1:]:
+        if sn == 0:
+            return False
+        if fn & 1 or fn == sn:
+            fr = node_hash(c, fr)
+            sr = node_hash(c, sr)
+            if not fn & 1:
+                while fn and not fn & 1:
+                    fn >>= 1
+                    sn >>= 1
+        else:
+            sr = node_hash(sr, c)
+        fn >>= 1
+        sn >>= 1
+    return sn == 0 and fr == old_root and sr == new_root

@@ -1,0 +1,196 @@
+"""Reading records back: from a sequence number, with filters, optionally following the live tail.
+
+``iter_log`` reads a live ``AuditLog`` (only durable records; with ``follow``
+it waits for more), ``iter_directory`` reads a log directory with no writer
+(a copy, an archive), stopping quietly at a torn tail. Both check each
+frame's checksum and yield parsed ``AuditRecord`` messages, hash included.
+Replay, export and StreamAudit are built on these.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from .._proto.aios.kernel.v1 import kernel_pb2
+from .errors import AuditCorrupt
+from .recovery import INDEX_EVERY
+from .segments import HEADER_BYTES, MAGIC, FrameScanner, crc32, frames_start, list_segments, unpack_header
+
+log = logging.getLogger("aios.audit")
+
+_parse = kernel_pb2.AuditRecord.FromString
+FOLLOW_POLL_S = 0.1  # how often a follower waiting for records looks at its stop signal
+STOP_CHECK_EVERY = 256  # records between looks at the stop signal while reading back
+
+
+class RecordFilter:
+    """Which records a reader wants; an unset criterion matches everything."""
+
+    __slots__ = ("tenant", "pipeline", "kind", "since_unix_ns", "until_unix_ns")
+
+    def __init__(self, tenant: str | None = None, pipeline: str | None = None, kind: int | None = None,
+                 since_unix_ns: int | None = None, until_unix_ns: int | None = None):
+        self.tenant = tenant or None
+        self.pipeline = pipeline or None
+        self.kind = kind or None
+        self.since_unix_ns = since_unix_ns or None  # inclusive
+        self.until_unix_ns = until_unix_ns or None  # exclusive
+
+    @classmethod
+    def of(cls, *criteria) -> "RecordFilter | None":
+        """A filter, or None when no criterion is set (the reader then skips matching)."""
+        wanted = cls(*criteria)
+        return wanted if any(getattr(wanted, name) is not None for name in cls.__slots__) else None
+
+    def matches(self, record: kernel_pb2.AuditRecord) -> bool:
+        if self.tenant is not None and record.tenant != self.tenant:
+            return False
+        if self.pipeline is not None and record.pipeline != self.pipeline:
+            return False
+        if self.kind is not None and record.kind != self.kind:
+            return False
+        if self.since_unix_ns is not None and record.time_unix_ns < self.since_unix_ns:
+            return False
+        if self.until_unix_ns is not None and record.time_unix_ns >= self.until_unix_ns:
+            return False
+        return True
+
+
+def _stop_signal(stop) -> Callable[[], bool]:
+    if stop is None:
+        return lambda: False
+    if isinstance(stop, threading.Event) or hasattr(stop, "is_set"):
+        return stop.is_set
+    return stop
+
+
+class _Cursor:
+    """Reads stored records of a live log in order, one segment file at a time."""
+
+    __slots__ = ("_log", "_number", "_file", "sequence")
+
+    def __init__(self, audit_log, sequence: int):
+        self._log = audit_log
+        segments = audit_log._segments
+        firsts = [first for first, _ in segments]
+        self._number = max(bisect.bisect_right(firsts, sequence) - 1, 0)
+        first, path = segments[self._number]
+        offset, at = len(MAGIC), first
+        index = audit_log._index
+        position = bisect.bisect_right(index, (sequence, 1 << 62)) - 1
+        if position >= 0 and index[position][1] == self._number:
+            at, _, offset = index[position]
+        self._file = open(path, "rb")
+        self._file.seek(offset)
+        self.sequence = at
+        while self.sequence < sequence:  # skip whole frames without reading their bodies
+            length, _ = unpack_header(self._read(HEADER_BYTES))
+            self._file.seek(length, 1)
+            self.sequence += 1
+
+    def _read(self, count: int) -> bytes:
+        data = self._file.read(count)
+        if len(data) != count:
+            raise AuditCorrupt(f"{self._file.name}: ends inside record {self.sequence}, which is durable")
+        return data
+
+    def next_payload(self) -> bytes:
+        header = self._file.read(HEADER_BYTES)
+        if not header:  # end of this segment: the record is first in the next one
+            self._file.close()
+            self._number += 1
+            first, path = self._log._segments[self._number]
+            if first != self.sequence:
+                raise AuditCorrupt(f"{path.name} starts at {first}, expected record {self.sequence}")
+            self._file = open(path, "rb")
+            self._file.seek(len(MAGIC))
+            header = self._file.read(HEADER_BYTES)
+        if len(header) != HEADER_BYTES:
+            raise AuditCorrupt(f"{self._file.name}: ends inside record {self.sequence}, which is durable")
+        length, checksum = unpack_header(header)
+        payload = self._read(length)
+        if crc32(payload) != checksum:
+            raise AuditCorrupt(f"{self._file.name}: record {self.sequence} fails its checksum")
+        self.sequence += 1
+        return payload
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def iter_log(audit_log, from_sequence: int, wanted: RecordFilter | None, follow: bool, stop) -> Iterator:
+    """Durable records of a live log from ``from_sequence`` (see ``AuditLog.read``)."""
+    stopped = _stop_signal(stop)
+    sequence = max(from_sequence, 0)
+    cursor = None
+    try:
+        while True:
+            limit = audit_log.size
+            if sequence >= limit:
+                if not follow:
+                    return
+                while not audit_log._await_record(sequence, FOLLOW_POLL_S):
+                    if stopped() or audit_log.closed:
+                        return
+                continue
+            if cursor is None:
+                cursor = _Cursor(audit_log, sequence)
+            while sequence < limit:
+                record = _parse(cursor.next_payload())
+                sequence += 1
+                if wanted is None or wanted.matches(record):
+                    yield record
+                if not sequence % STOP_CHECK_EVERY and stopped():
+                    return
+            if stopped():
+                return
+    finally:
+        if cursor is not None:
+            cursor.close()
+
+
+def iter_directory(directory: str | Path, from_sequence: int = 0, wanted: RecordFilter | None = None) -> Iterator:
+    """Records of a log directory nobody is writing, from ``from_sequence``; stops at a torn tail."""
+    directory = Path(directory)
+    segments = list_segments(directory)
+    for number, (first, path) in enumerate(segments):
+        following = segments[number + 1][0] if number + 1 < len(segments) else None
+        if following is not None and following <= from_sequence:
+            continue
+        data = path.read_bytes()
+        start = frames_start(path, data, MAGIC)
+        if start is None:
+            return
+        scanner = FrameScanner(memoryview(data), start)
+        sequence = first
+        if from_sequence - first >= INDEX_EVERY:
+            sequence, start = _skip(data, start, first, from_sequence)
+            scanner = FrameScanner(memoryview(data), start)
+        for _, payload in scanner:
+            if sequence >= from_sequence:
+                record = _parse(payload)
+                if wanted is None or wanted.matches(record):
+                    yield record
+            sequence += 1
+        if scanner.problem is not None:
+            if following is not None:
+                raise AuditCorrupt(f"{path.name}: {scanner.problem} (record {sequence})")
+            log.warning("audit: %s ends in a torn record after %d (%s); stopped there", path.name, sequence - 1,
+                        scanner.problem)
+            return
+
+
+def _skip(data: bytes, offset: int, sequence: int, target: int) -> tuple[int, int]:
+    """Walk frame headers (no checksums) from ``offset`` to the frame of record ``target``."""
+    limit = len(data)
+    while sequence < target and offset + HEADER_BYTES <= limit:
+        length, _ = unpack_header(data, offset)
+        if offset + HEADER_BYTES + length > limit:
+            break
+        offset += HEADER_BYTES + length
+        sequence += 1
+    return sequence, offset

@@ -1,0 +1,468 @@
+"""``AuditLog``: the chained, checkpointed, group-committed audit log of one kernel.
+
+Callers append records and wait on tickets; one writer thread does the rest::
+
+    caller:  append(record) -> Ticket      (sequence taken under a lock, record queued)
+    writer:  take a group from the queue   (up to group_max records or group_ms of work)
+             chain + serialize + hash each record, frame it, one write() per group
+             fsync (mode "fsync") -> publish the durable size -> release the group's waiters
+             every checkpoint_records records or checkpoint_ms: sign a checkpoint
+    caller:  ticket.wait() -> (sequence, hash)
+
+Modes: ``fsync`` (the default) acknowledges a record only once it is on disk.
+``async`` acknowledges once the record is written to the operating system:
+a crash of the kernel process loses nothing, but a power failure or an OS
+crash can lose the records acknowledged since the last checkpoint (the
+segment is fsynced before every checkpoint, so at most ``checkpoint_records``
+records or ``checkpoint_ms`` of them).
+
+After any write or fsync error the log stops taking records (fail-stop): every
+waiting and later caller gets ``AuditError``; reopening repairs the tail.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from hashlib import sha256
+from pathlib import Path
+
+from .._proto.aios.kernel.v1 import kernel_pb2
+from ..errors import InvalidArgument, ResourceExhausted
+from . import checkpoints as cps
+from .errors import AuditError, AuditTimeout
+from .keys import PUBLIC_KEY_FILE, load_or_create
+from .recovery import INDEX_MASK, check_against, recover
+from .record import HASH_TRAILER
+from .segments import MAGIC, AppendFile, crc32, fsync_dir, pack_header, segment_name
+
+log = logging.getLogger("aios.audit")
+
+MODES = ("fsync", "async")
+DEFAULT_KEY_FILE = "signing-key.pem"  # inside the log directory unless key_path says otherwise
+
+_AuditRecord = kernel_pb2.AuditRecord
+_monotonic_ns = time.monotonic_ns
+_time_ns = time.time_ns
+
+
+class Ticket:
+    """A record taken by the log; ``wait`` returns once it is durable."""
+
+    __slots__ = ("_log", "sequence")
+
+    def __init__(self, audit_log: "AuditLog", sequence: int):
+        self._log = audit_log
+        self.sequence = sequence
+
+    def wait(self, timeout_s: float | None = None) -> tuple[int, bytes]:
+        """(sequence, hash) once durable (fsync mode) or written (async mode).
+
+        Raises ``AuditTimeout`` after ``timeout_s`` seconds, ``AuditError`` if the writer failed.
+        """
+        return self._log._wait(self.sequence, timeout_s)
+
+
+class AuditLog:
+    """An open log directory: append, wait, read back, prove, checkpoint.
+
+    Use ``AuditLog.open(...)``; close it (or use ``with``) to flush, sign a final
+    checkpoint and stop the writer thread.
+    """
+
+    def __init__(self, directory: Path, mode: str, key, checkpoint_records: int, checkpoint_ms: float,
+                 segment_bytes: int, group_max: int, group_ms: float, max_pending: int):
+        self.directory = directory
+        self.mode = mode
+        self._key = key
+        self._checkpoint_records = checkpoint_records
+        self._checkpoint_ns = int(checkpoint_ms * 1e6)
+        self._segment_bytes = segment_bytes
+        self._group_max = group_max
+        self._group_ns = int(group_ms * 1e6)
+        self._max_pending = max_pending
+
+        state = recover(directory)
+        self._tree = state.tree
+        self._segments = state.segments  # appended by the writer; read by readers
+        self._index = state.index
+        self._last_hash = state.last_hash
+        self.dropped_bytes = state.dropped_bytes  # torn tail cut by this open
+        self._checkpoints, found = cps.CheckpointFile.open(directory)
+        check_against(state, found, directory)
+        if found and found[-1].key_id != key.key_id:
+            log.warning("audit: checkpoints up to tree size %d were signed by key %s; signing with %s from now on",
+                        found[-1].tree_size, found[-1].key_id, key.key_id)
+        self._publish_public_key()
+        if state.dropped_bytes and state.segments:
+            self._keep_torn_tail(state.segments[-1][1], state.tail_size)
+        if state.segments:
+            self._segment = AppendFile.reopen(state.segments[-1][1], state.tail_size)
+        else:
+            self._segment = self._new_segment(0)
+
+        size = self._tree.size
+        self._written = size  # next sequence the writer assigns
+        self._durable = size  # records durable (fsync) or written (async); readers see this many
+        self._next = size  # next sequence append() hands out
+        self._queue: deque = deque()
+        self._append_lock = threading.Lock()
+        self._state_lock = threading.Lock()
+        self._waiters: list[tuple[int, object]] = []  # (sequence, held lock released once it is durable)
+        self._work = threading.Event()
+        self._sleeping = False
+        self._closing = False
+        self._finished = False  # the writer thread has exited
+        self._failure: AuditError | None = None
+        self._groups = 0  # groups committed by this process (one write and, in fsync mode, one fsync each)
+        self._checkpoints_signed = 0
+        self._last_checkpoint_ns = _monotonic_ns()
+        if self._checkpoints.latest is None:  # a signed head from the start, so there is always one
+            self._write_checkpoint(self._last_checkpoint_ns)
+        self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ opening
+    @classmethod
+    def open(cls, directory: str | Path, mode: str = "fsync", key_path: str | Path | None = None,
+             checkpoint_records: int = 1000, checkpoint_ms: float = 1000, segment_bytes: int = 64 << 20,
+             group_max: int = 4096, group_ms: float = 1.0, max_pending: int = 1 << 20) -> "AuditLog":
+        """Open (or create) the log in ``directory``, repairing a torn tail, and start its writer.
+
+        ``key_path``: the Ed25519 signing key (created if absent; default ``directory/signing-key.pem``).
+        ``group_max``/``group_ms``: a group is fsynced once it holds ``group_max`` records or its
+        records took ``group_ms`` to prepare, whichever comes first (and at once when the queue is
+        empty: waiting for company never delays a lone record). ``max_pending``: records appended
+        but not yet durable beyond which ``append`` answers RESOURCE_EXHAUSTED.
+        """
+        if mode not in MODES:
+            raise InvalidArgument(f"audit mode must be one of {', '.join(MODES)}, got {mode!r}")
+        for name, value, low in (("checkpoint_records", checkpoint_records, 1), ("segment_bytes", segment_bytes, 4096),
+                                 ("group_max", group_max, 1), ("max_pending", max_pending, 1)):
+            if value < low:
+                raise InvalidArgument(f"audit {name} must be >= {low}, got {value}")
+        for name, value in (("checkpoint_ms", checkpoint_ms), ("group_ms", group_ms)):
+            if value < 0:
+                raise InvalidArgument(f"audit {name} must be >= 0, got {value}")
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        key = load_or_create(key_path if key_path is not None else directory / DEFAULT_KEY_FILE)
+        return cls(directory, mode, key, checkpoint_records, checkpoint_ms, segment_bytes, group_max, group_ms,
+                   max_pending)
+
+    def _keep_torn_tail(self, path: Path, intact: int) -> None:
+        """Copy the bytes a torn-tail repair is about to cut to ``<segment>.torn-<time>``, for inspection."""
+        with open(path, "rb") as source:
+            source.seek(intact)
+            tail = source.read()
+        kept = path.with_name(f"{path.name}.torn-{_time_ns()}")
+        kept.write_bytes(tail)
+        log.warning("audit: the %d bytes cut from %s are kept in %s", len(tail), path.name, kept.name)
+
+    def _publish_public_key(self) -> None:
+        path = self.directory / PUBLIC_KEY_FILE
+        pem = self._key.public_pem()
+        try:
+            if path.read_bytes() == pem:
+                return
+        except FileNotFoundError:
+            pass
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(pem)
+        tmp.replace(path)
+        fsync_dir(self.directory)
+
+    def __enter__(self) -> "AuditLog":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ appending
+    @property
+    def size(self) -> int:
+        """Records durable so far (written, in async mode); sequences 0..size-1."""
+        return self._durable
+
+    def append(self, record: _AuditRecord) -> Ticket:
+        """Queue ``record`` (everything set but sequence, prev_hash and hash) and return at once.
+
+        The log owns the record from here: the writer sets ``sequence``, ``prev_hash``,
+        ``hash`` and, when it is 0, ``time_unix_ns``. Do not change it before ``wait`` returns.
+        """
+        if type(record) is not _AuditRecord:
+            raise InvalidArgument(f"audit records are AuditRecord messages, not {type(record).__name__}")
+        if not record.kind:
+            raise InvalidArgument("record.kind must be set (DECISION, REVIEW_RESOLUTION, ...)")
+        with self._append_lock:
+            if self._failure is not None:
+                raise AuditError(f"the audit log failed and takes no more records: {self._failure.message}")
+            if self._closing:
+                raise AuditError("the audit log is closed")
+            sequence = self._next
+            if sequence - self._durable >= self._max_pending:
+                raise ResourceExhausted(
+                    f"the audit writer is behind: {sequence - self._durable} records wait to be written",
+                )
+            self._next = sequence + 1
+            self._queue.append(record)
+        if self._sleeping:
+            self._work.set()
+        return Ticket(self, sequence)
+
+    def append_and_wait(self, record: _AuditRecord, timeout_s: float | None = None) -> tuple[int, bytes]:
+        return self.append(record).wait(timeout_s)
+
+    def _wait(self, sequence: int, timeout_s: float | None) -> tuple[int, bytes]:
+        if sequence < self._durable:
+            return sequence, self._tree.leaf(sequence)
+        if not self._block_until(sequence, timeout_s):
+            if self._failure is not None:
+                raise AuditError(f"audit record {sequence} was not written: {self._failure.message}")
+            if self._finished:
+                raise AuditError(f"audit record {sequence} was not written: the log closed")
+            raise AuditTimeout(f"audit record {sequence} was not durable within {timeout_s} s")
+        return sequence, self._tree.leaf(sequence)
+
+    def _block_until(self, sequence: int, timeout_s: float | None) -> bool:
+        """Wait until record ``sequence`` is durable; False on timeout, failure or close."""
+        with self._state_lock:
+            if sequence < self._durable:
+                return True
+            if self._failure is not None or self._finished:
+                return False
+            waiter = threading.Lock()
+            waiter.acquire()
+            entry = (sequence, waiter)
+            self._waiters.append(entry)
+        if not waiter.acquire(timeout=-1 if timeout_s is None else max(timeout_s, 0.0)):
+            with self._state_lock:
+                try:
+                    self._waiters.remove(entry)
+                except ValueError:  # released at the same moment
+                    pass
+        return sequence < self._durable
+
+    def _publish(self, durable: int) -> None:
+        with self._state_lock:
+            self._durable = durable
+            if self._waiters:
+                keep = []
+                for entry in self._waiters:
+                    if entry[0] < durable:
+                        entry[1].release()
+                    else:
+                        keep.append(entry)
+                self._waiters = keep
+
+    def _release_all(self) -> None:
+        with self._state_lock:
+            waiters, self._waiters = self._waiters, []
+        for _, waiter in waiters:
+            waiter.release()
+
+    # ------------------------------------------------------------------ writer thread
+    def _run(self) -> None:
+        try:
+            self._loop()
+            self._finish()
+        except BaseException as exc:  # fail-stop: nobody may be told a record is durable now
+            log.exception("audit: the writer failed; the log takes no more records")
+            with self._append_lock:
+                self._failure = AuditError(f"{type(exc).__name__}: {exc}")
+            self._close_files(quietly=True)
+        finally:
+            with self._state_lock:
+                self._finished = True
+            self._release_all()
+
+    def _loop(self) -> None:
+        queue = self._queue
+        while True:
+            if not queue:
+                self._sleeping = True
+                if not queue and not self._closing:
+                    self._work.wait(self._idle_timeout())
+                self._sleeping = False
+                self._work.clear()
+                if not queue:
+                    if self._closing:
+                        return
+                    self._maybe_checkpoint()
+                    continue
+            self._commit_group()
+            self._maybe_checkpoint()
+
+    def _idle_timeout(self) -> float | None:
+        if self._checkpoints.latest.tree_size == self._written:
+            return None  # nothing to checkpoint: sleep until a record comes
+        due = self._last_checkpoint_ns + self._checkpoint_ns - _monotonic_ns()
+        return max(due, 0) / 1e9
+
+    def _commit_group(self) -> None:
+        queue = self._queue
+        popleft = queue.popleft
+        group_max = self._group_max
+        deadline = _monotonic_ns() + self._group_ns
+        segment_bytes = self._segment_bytes
+        index = self._index
+        segment = self._segment
+        buffer = bytearray()
+        leaves = bytearray()
+        sequence = self._written
+        previous = self._last_hash
+        count = 0
+        while queue and count < group_max:
+            record = popleft()
+            record.sequence = sequence
+            record.prev_hash = previous
+            record.hash = b""
+            if not record.time_unix_ns:
+                record.time_unix_ns = _time_ns()
+            canonical = record.SerializeToString(deterministic=True)
+            digest = sha256(b"\x00" + canonical).digest()
+            record.hash = digest
+            payload = canonical + HASH_TRAILER + digest
+            if segment.size + len(buffer) + len(payload) + 8 > segment_bytes and segment.size + len(buffer) > len(MAGIC):
+                segment.write(buffer)
+                buffer = bytearray()
+                segment = self._rotate(segment, sequence)
+            if not sequence & INDEX_MASK:
+                index.append((sequence, len(self._segments) - 1, segment.size + len(buffer)))
+            buffer += pack_header(len(payload), crc32(payload))
+            buffer += payload
+            leaves += digest
+            previous = digest
+            sequence += 1
+            count += 1
+            if not count & 63 and _monotonic_ns() >= deadline:
+                break
+        segment.write(buffer)
+        if self.mode == "fsync":
+            segment.sync()
+        self._tree.append_leaves(leaves)
+        self._last_hash = previous
+        self._written = sequence
+        self._groups += 1
+        self._publish(sequence)
+        self._tree.catch_up()  # after the waiters are released: proofs need it, callers do not
+
+    def _new_segment(self, first_sequence: int) -> AppendFile:
+        segment = AppendFile.create(self.directory / segment_name(first_sequence), MAGIC)
+        self._segments.append((first_sequence, segment.path))
+        return segment
+
+    def _rotate(self, full: AppendFile, first_sequence: int) -> AppendFile:
+        full.sync()  # whatever the mode: only the last segment may ever have a torn tail
+        full.close()
+        self._segment = self._new_segment(first_sequence)
+        return self._segment
+
+    def _maybe_checkpoint(self) -> None:
+        pending = self._written - self._checkpoints.latest.tree_size
+        if pending <= 0:
+            return
+        now = _monotonic_ns()
+        if pending >= self._checkpoint_records or now - self._last_checkpoint_ns >= self._checkpoint_ns:
+            self._write_checkpoint(now)
+
+    def _write_checkpoint(self, now_ns: int) -> None:
+        if self.mode != "fsync":
+            self._segment.sync()  # a checkpoint must never cover a record that could still be lost
+        size = self._written
+        checkpoint = cps.sign(self._key, size, self._tree.root(size))
+        self._checkpoints.append(checkpoint)
+        self._checkpoints.sync()
+        self._last_checkpoint_ns = now_ns
+        self._checkpoints_signed += 1
+
+    def _finish(self) -> None:
+        if self._checkpoints.latest.tree_size != self._written:
+            self._write_checkpoint(_monotonic_ns())
+        self._segment.sync()
+        self._close_files(quietly=False)
+
+    def _close_files(self, quietly: bool) -> None:
+        for closable in (self._segment, self._checkpoints):
+            try:
+                closable.close()
+            except OSError:
+                if not quietly:
+                    raise
+
+    def close(self, timeout_s: float | None = None) -> None:
+        """Write what is queued, sign a final checkpoint, stop the writer. Idempotent."""
+        with self._append_lock:
+            self._closing = True
+        self._work.set()
+        self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            raise AuditTimeout(f"the audit writer did not finish within {timeout_s} s")
+
+    def stats(self) -> dict[str, int]:
+        """Counters since this process opened the log (for metrics and benchmarks)."""
+        return {"size": self._durable, "groups": self._groups, "checkpoints": self._checkpoints_signed,
+                "pending": self._next - self._durable}
+
+    @property
+    def closed(self) -> bool:
+        return self._finished
+
+    @property
+    def failure(self) -> AuditError | None:
+        return self._failure
+
+    # ------------------------------------------------------------------ reading and proving
+    def read(self, from_sequence: int = 0, tenant: str | None = None, pipeline: str | None = None,
+             kind: int | None = None, since_unix_ns: int | None = None, until_unix_ns: int | None = None,
+             follow: bool = False, stop: threading.Event | Callable[[], bool] | None = None) -> Iterator[_AuditRecord]:
+        """Records from ``from_sequence`` on that match every given filter, in sequence order.
+
+        Only durable records are returned. With ``follow`` the iterator waits for new records
+        until ``stop`` is set (an Event, or a callable returning True) or the log closes.
+        """
+        from .reader import RecordFilter, iter_log
+
+        wanted = RecordFilter.of(tenant, pipeline, kind, since_unix_ns, until_unix_ns)
+        return iter_log(self, from_sequence, wanted, follow, stop)
+
+    @property
+    def key_id(self) -> str:
+        return self._key.key_id
+
+    @property
+    def public_key(self) -> bytes:
+        """The raw 32-byte Ed25519 public key that signs checkpoints."""
+        return self._key.public_raw
+
+    def latest_checkpoint(self) -> cps.Checkpoint | None:
+        return self._checkpoints.latest
+
+    def leaf(self, sequence: int) -> bytes:
+        """The hash of a durable record."""
+        if not 0 <= sequence < self._durable:
+            raise IndexError(f"record {sequence} is not in the log (size {self._durable})")
+        return self._tree.leaf(sequence)
+
+    def root(self, size: int) -> bytes:
+        self._check_size(size)
+        return self._tree.root(size)
+
+    def inclusion_proof(self, sequence: int, size: int) -> list[bytes]:
+        self._check_size(size)
+        return self._tree.inclusion_proof(sequence, size)
+
+    def consistency_proof(self, old_size: int, new_size: int) -> list[bytes]:
+        self._check_size(new_size)
+        return self._tree.consistency_proof(old_size, new_size)
+
+    def _check_size(self, size: int) -> None:
+        if not 0 <= size <= self._durable:
+            raise ValueError(f"tree size {size} is beyond the {self._durable} durable records")
+
+    # Used by the reader: wait for record ``sequence`` to become readable.
+    def _await_record(self, sequence: int, timeout_s: float) -> bool:
+        return self._block_until(sequence, timeout_s)

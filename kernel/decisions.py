@@ -1,0 +1,132 @@
+"""The decision side of the kernel, assembled: pipelines, policy, reviews, tasks, idempotency, audit.
+
+``KernelServer`` builds one ``DecisionSide`` next to its model hub and
+lanes. It owns the data directory (audit segments and keys, one SQLite
+database) and wires the parts together: an escalated decision opens a
+review; a task waits for it; a review's resolution is itself an audited
+decision (outcome ``REVIEWED``) linked to the escalated one, and finishes
+the waiting task with the reviewer's action.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from ._proto.aios.kernel.v1 import kernel_pb2 as kpb
+from .api.audit_service import audit_handlers
+from .api.decision_service import decision_handlers
+from .api.review_service import review_handlers
+from .api.task_service import task_handlers
+from .audit import AuditLog
+from .errors import KernelError
+from .pipelines import DecisionEngine, PipelineRegistry, Services
+from .pipelines.provenance import resolution_record
+from .policy import load_policy, parse_policy
+from .review import ReviewQueue
+from .store import open_database
+from .tasks import IdempotencyStore, TaskRunner, TaskStore, WaitingForReview
+
+log = logging.getLogger("aios.decisions")
+
+_RESOLUTIONS = "__review_resolutions__"  # idempotency-store tenant recording each review's audited resolution
+
+
+class DecisionSide:
+    def __init__(self, settings, hub, inference):
+        self.settings = settings
+        data = Path(settings.data_dir)
+        data.mkdir(parents=True, exist_ok=True)
+        self.db = open_database(data)
+        self.audit = AuditLog.open(
+            data / "audit", mode=settings.audit_mode, key_path=settings.audit_key or None,
+            checkpoint_records=settings.audit_checkpoint_records, checkpoint_ms=settings.audit_checkpoint_ms,
+            segment_bytes=settings.audit_segment_bytes,
+        )
+        self.reviews = ReviewQueue(self.db)
+        self.idempotency = IdempotencyStore(self.db)
+        self.registry = PipelineRegistry(settings.pipelines, hub, load_policy, parse_policy, settings.pipeline_poll_s)
+        self.engine = DecisionEngine(self.registry, inference, Services(self.audit, self.reviews, self.idempotency))
+        self.tasks = TaskRunner(TaskStore(self.db), self._run_task, validate=self.engine.validate)
+        self.reviews.on_resolved(self._resolved)
+
+    def start(self) -> None:
+        self.registry.start()
+        self.tasks.start()
+        self.reviews.redeliver()  # resolutions a crash or a failed hook cut off are finished now
+        names = ", ".join(f"{p.name} ({p.label}, policy {p.policy.version})" for p in self.registry.all())
+        log.info("decisions: pipelines %s; audit log %s (%s, %d records)", names or "(none)",
+                 Path(self.settings.data_dir) / "audit", self.settings.audit_mode, self.audit.size)
+
+    def handlers(self) -> dict:
+        return {
+            **decision_handlers(self.engine, self.registry),
+            **review_handlers(self.reviews),
+            **task_handlers(self.tasks),
+            **audit_handlers(self.audit, allow_stream=self.settings.audit_stream_enabled),
+        }
+
+    def close(self) -> None:
+        for step in (self.tasks.stop, self.registry.stop, self.audit.close, self.db.close):
+            try:
+                step()
+            except Exception:  # one part failing to stop must not keep the others open
+                log.exception("stopping %s failed", step)
+
+    # -- tasks and reviews -------------------------------------------------------------
+    def _run_task(self, task: kpb.Task):
+        """A task runs its pipeline like Decide, without a caller deadline; escalation makes it wait."""
+        pending = self.engine.prepare(task.request, None)
+        if isinstance(pending, kpb.Decision):  # answered before (idempotency key), maybe cut off before it waited
+            if pending.outcome == kpb.ESCALATED and pending.review_id:
+                return WaitingForReview(pending.review_id, pending)
+            return pending
+        pending.task_id = task.task_id
+        self.engine.run_blocking(pending)
+        (result,) = self.engine.finish([pending])
+        if isinstance(result, KernelError):
+            raise result
+        if result.outcome == kpb.ESCALATED and result.review_id:
+            return WaitingForReview(result.review_id, result)
+        return result
+
+    def _resolved(self, review: kpb.Review) -> kpb.Decision:
+        # Delivered at least once (again after a crash): the first resolution recorded is the one.
+        done_key = "review:" + review.review_id
+        stored = self.idempotency.get(_RESOLUTIONS, done_key)
+        if stored is not None:
+            resolution = kpb.Decision.FromString(stored[1])
+            if review.task_id:
+                self.tasks.complete_from_review(review.review_id, resolution, task_id=review.task_id)
+            return resolution
+        proposed = review.proposed
+        resolution = kpb.Decision(
+            request_id=review.request_id or proposed.request_id,
+            action=review.resolved_action,
+            outcome=kpb.REVIEWED,
+            pipeline=proposed.pipeline,
+            pipeline_version=proposed.pipeline_version,
+            tenant=review.tenant,
+            policy_name=proposed.policy_name,
+            policy_hash=proposed.policy_hash,
+            policy_version=proposed.policy_version,
+            input_hash=proposed.input_hash,
+            review_id=review.review_id,
+            links_to_audit_sequence=proposed.audit_sequence,
+        )
+        resolution.model.CopyFrom(proposed.model)
+        resolution.reasons.add(rule_id="REVIEW", description=f"decided by {review.resolved_by}: {review.comment}".rstrip(": "))
+        sequence, digest = self.audit.append_and_wait(
+            resolution_record(resolution, review.resolved_by, proposed.audit_sequence if proposed.audit_hash else None),
+            timeout_s=10.0,
+        )
+        resolution.audit_sequence, resolution.audit_hash = sequence, _hex(digest)
+        self.idempotency.put(_RESOLUTIONS, done_key, "", resolution.SerializeToString())
+        if review.task_id:
+            self.tasks.complete_from_review(review.review_id, resolution, task_id=review.task_id)
+        return resolution
+
+
+def _hex(digest) -> str:
+    return digest.hex() if isinstance(digest, bytes) else str(digest)
+

@@ -1,0 +1,70 @@
+"""Policies: decision tables over request fields and model outputs, checked at load, evaluated per batch.
+
+    policy = load_policy("examples/claims/policy.toml")      # or parse_policy(text, source=...)
+    result = policy.evaluate(columns, n)                     # compiled, whole batch (numpy)
+    result = policy.evaluate_rows(rows, outputs=None)        # same, from request dicts
+    result = policy.evaluate_reference(rows)                 # same outcome, row by row in plain Python
+    result.action, result.fired, result.escalate, result.adjust, result.error
+
+File format (TOML; ``examples/claims/policy.toml`` is a commented example)::
+
+    [policy]
+    name = "claims_triage"            # letters, digits, _ . -
+    version = "2026-11-25.1"          # free text, goes into provenance with the file's sha256
+    hit_policy = "FIRST"              # UNIQUE | FIRST | PRIORITY | COLLECT (DMN)
+    description = "..."               # optional
+
+    [inputs]                          # request fields the conditions read: number | integer | string | bool
+    claim_amount = "number"
+
+    [model]                           # optional: the model's classes; then `label` must be one of them
+    classes = ["approve", "review", "deny"]   # and score.<class> must name one
+
+    [outputs]
+    actions = ["review", "deny", "approve"]   # every action a rule may take, highest priority first
+
+    [[rule]]                          # rules in order; ids unique
+    id = "R1"
+    description = "Very high fraud score"     # optional, shown as the reason
+    when = "fraud_score >= 0.9 and claim_amount > 1000"
+    action = "deny"
+    escalate = false                  # optional: send the case to a human
+    adjust = 0.0                      # optional: added to the score adjustment when the rule fires
+
+    [[rule]]                          # exactly one default, last: applies when no other rule matches
+    id = "DEFAULT"
+    default = true
+    action = "review"
+
+Conditions (``parser.py`` has the grammar): comparisons ``== != < <= > >=``,
+intervals ``x in [1000, 5000)`` or ``1000 <= x < 5000``, sets ``x in {"a", "b"}``
+/ ``not in``, ``is null`` / ``is not null``, ``and`` ``or`` ``not``, parentheses;
+fields are the declared inputs plus the model outputs ``label``, ``confidence``
+and ``score.<class>`` (or ``score["class"]``).
+
+Hit policies (DMN): FIRST, the first matching rule in file order; UNIQUE, at
+most one rule may match (overlaps are refused at load; a row that still
+matches several, which only field-to-field comparisons allow, is an error
+row: default action, escalated, ``error`` says which rules); PRIORITY, the
+matching rule whose action comes first in ``outputs.actions``; COLLECT, all
+matching rules: the highest-priority action, escalate if any rule escalates,
+adjust summed. ``fired`` names the deciding rules (the default's id when
+none matched).
+
+Missing values: an input may be missing (None, or NaN in a float column).
+Logic is three-valued, as in DMN: a test on a missing value is unknown,
+``not unknown`` is unknown, and a rule fires only when its condition is
+true; ``x is null`` is the way to match a missing value. Model outputs are
+never missing.
+"""
+
+from .errors import Diagnostic, PolicyError, PolicyInputError
+from .loader import HIT_POLICIES, load_policy, parse_policy
+from .policy import Policy, Rule
+from .result import PolicyResult
+from .slot import PolicySlot
+
+__all__ = [
+    "Diagnostic", "HIT_POLICIES", "Policy", "PolicyError", "PolicyInputError", "PolicyResult", "PolicySlot", "Rule",
+    "load_policy", "parse_policy",
+]

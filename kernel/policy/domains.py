@@ -1,0 +1,221 @@
+"""Sets of values of one field, for the load-time analysis (overlap, reachability, witnesses).
+
+Each set knows whether it holds the *missing* value. Three kinds:
+
+* ``NumSet``: a union of disjoint intervals of reals (or of integers, for
+  ``integer`` inputs: bounds are then whole and closed, so ``x > 2`` and
+  ``x >= 3`` are the same set);
+* ``StrSet``: a finite set of strings, or all strings except a finite set;
+* ``TokenSet``: a subset of a small finite universe (bools; the outcome
+  ``<``/``==``/``>`` of a field-to-field comparison).
+
+All support ``&`` (intersection), ``-`` (difference), ``empty`` and
+``sample(rng)`` (a member, for witness rows; ``None`` is the missing value).
+"""
+
+from __future__ import annotations
+
+import math
+
+INF = math.inf
+MISSING = None
+
+
+class NumSet:
+    __slots__ = ("intervals", "missing", "integer")
+
+    def __init__(self, intervals, missing: bool = False, integer: bool = False):
+        self.integer = integer
+        self.missing = missing
+        self.intervals = _normalize(intervals, integer)  # ((lo, lo_closed, hi, hi_closed), ...)
+
+    @classmethod
+    def full(cls, integer: bool, missing: bool) -> NumSet:
+        return cls([(-INF, False, INF, False)], missing, integer)
+
+    @classmethod
+    def compare(cls, op: str, value: float, integer: bool) -> NumSet:
+        """The present values x with ``x op value``."""
+        spans = {
+            "==": [(value, True, value, True)],
+            "!=": [(-INF, False, value, False), (value, False, INF, False)],
+            "<": [(-INF, False, value, False)],
+            "<=": [(-INF, False, value, True)],
+            ">": [(value, False, INF, False)],
+            ">=": [(value, True, INF, False)],
+        }[op]
+        return cls(spans, False, integer)
+
+    @property
+    def empty(self) -> bool:
+        return not self.intervals and not self.missing
+
+    def complement_values(self) -> list:
+        out, lo, lo_closed = [], -INF, False
+        for a, a_closed, b, b_closed in self.intervals:
+            out.append((lo, lo_closed, a, not a_closed))
+            lo, lo_closed = b, not b_closed
+        out.append((lo, lo_closed, INF, False))
+        return out
+
+    def __and__(self, other: NumSet) -> NumSet:
+        spans = []
+        for a in self.intervals:
+            for b in other.intervals:
+                lo, lo_closed = max((a[0], not a[1]), (b[0], not b[1]))  # the larger lower bound; open wins ties
+                hi, hi_closed = min((a[2], a[3]), (b[2], b[3]))          # the smaller upper bound; open wins ties
+                spans.append((lo, not lo_closed, hi, hi_closed))
+        return NumSet(spans, self.missing and other.missing, self.integer)
+
+    def __sub__(self, other: NumSet) -> NumSet:
+        rest = NumSet(other.complement_values(), False, self.integer)
+        both = self & rest
+        return NumSet(both.intervals, self.missing and not other.missing, self.integer)
+
+    def sample(self, rng) -> float | None:
+        choices = list(self.intervals) + ([MISSING] if self.missing else [])
+        pick = choices[rng.randrange(len(choices))]
+        if pick is MISSING:
+            return None
+        lo, lo_closed, hi, hi_closed = pick
+        if self.integer:
+            lo_i = lo if lo != -INF else (hi - 1000 if hi != INF else -1000)
+            hi_i = hi if hi != INF else lo_i + 1000
+            return float(rng.randint(int(lo_i), int(hi_i)))
+        if lo == -INF and hi == INF:
+            return rng.choice([0.0, 1.0, -1.0, rng.uniform(-1e6, 1e6)])
+        if lo == -INF:
+            return hi if hi_closed and rng.random() < 0.5 else hi - rng.choice([1.0, 0.5, 1e-3, abs(hi) + 1])
+        if hi == INF:
+            return lo if lo_closed and rng.random() < 0.5 else lo + rng.choice([1.0, 0.5, 1e-3, abs(lo) + 1])
+        if lo == hi:
+            return lo
+        if lo_closed and rng.random() < 0.25:
+            return lo
+        if hi_closed and rng.random() < 0.25:
+            return hi
+        value = rng.uniform(lo, hi)
+        return value if lo < value < hi else (lo + hi) / 2
+
+    def describe(self) -> str:
+        parts = []
+        for lo, lo_closed, hi, hi_closed in self.intervals:
+            if lo == hi:
+                parts.append(f"== {_num(lo)}")
+            elif lo == -INF and hi == INF:
+                parts.append("any number")
+            elif lo == -INF:
+                parts.append(f"{'<=' if hi_closed else '<'} {_num(hi)}")
+            elif hi == INF:
+                parts.append(f"{'>=' if lo_closed else '>'} {_num(lo)}")
+            else:
+                parts.append(f"in {'[' if lo_closed else '('}{_num(lo)}, {_num(hi)}{']' if hi_closed else ')'}")
+        if self.missing:
+            parts.append("null")
+        return " or ".join(parts)
+
+
+def _normalize(spans, integer: bool) -> tuple:
+    out = []
+    for lo, lo_closed, hi, hi_closed in spans:
+        if lo == INF or hi == -INF:
+            continue
+        if integer:
+            if lo != -INF:
+                lo, lo_closed = float(math.ceil(lo) if lo_closed else math.floor(lo) + 1), True
+            if hi != INF:
+                hi, hi_closed = float(math.floor(hi) if hi_closed else math.ceil(hi) - 1), True
+        if lo == -INF:
+            lo_closed = False
+        if hi == INF:
+            hi_closed = False
+        if lo < hi or (lo == hi and lo_closed and hi_closed):
+            out.append((lo, lo_closed, hi, hi_closed))
+    out.sort(key=lambda s: (s[0], not s[1]))
+    return tuple(out)
+
+
+def _num(value: float) -> str:
+    value = float(value)
+    return str(int(value)) if value.is_integer() and abs(value) < 1e15 else repr(value)
+
+
+class StrSet:
+    __slots__ = ("finite", "values", "missing")
+
+    def __init__(self, finite: bool, values, missing: bool = False):
+        self.finite = finite          # True: exactly `values`; False: every string except `values`
+        self.values = frozenset(values)
+        self.missing = missing
+
+    @classmethod
+    def full(cls, universe, missing: bool) -> StrSet:
+        return cls(True, universe, missing) if universe is not None else cls(False, (), missing)
+
+    @property
+    def empty(self) -> bool:
+        return self.finite and not self.values and not self.missing
+
+    def __and__(self, other: StrSet) -> StrSet:
+        missing = self.missing and other.missing
+        if self.finite and other.finite:
+            return StrSet(True, self.values & other.values, missing)
+        if self.finite:
+            return StrSet(True, self.values - other.values, missing)
+        if other.finite:
+            return StrSet(True, other.values - self.values, missing)
+        return StrSet(False, self.values | other.values, missing)
+
+    def __sub__(self, other: StrSet) -> StrSet:
+        missing = self.missing and not other.missing
+        if self.finite and other.finite:
+            return StrSet(True, self.values - other.values, missing)
+        if self.finite:
+            return StrSet(True, self.values & other.values, missing)
+        if other.finite:
+            return StrSet(False, self.values | other.values, missing)
+        return StrSet(True, other.values - self.values, missing)
+
+    def sample(self, rng) -> str | None:
+        if self.missing and (rng.random() < 0.3 or (self.finite and not self.values)):
+            return None
+        if self.finite:
+            return sorted(self.values)[rng.randrange(len(self.values))]
+        candidate = "other"
+        while candidate in self.values:
+            candidate += "_"
+        return candidate
+
+    def describe(self) -> str:
+        listed = ", ".join(repr(v) for v in sorted(self.values))
+        text = (f"in {{{listed}}}" if self.finite else (f"not in {{{listed}}}" if self.values else "any string"))
+        if self.finite and not self.values:
+            text = ""
+        if self.missing:
+            text = f"{text} or null" if text else "null"
+        return text
+
+
+class TokenSet:
+    __slots__ = ("tokens",)
+
+    def __init__(self, tokens):
+        self.tokens = frozenset(tokens)
+
+    @property
+    def empty(self) -> bool:
+        return not self.tokens
+
+    def __and__(self, other: TokenSet) -> TokenSet:
+        return TokenSet(self.tokens & other.tokens)
+
+    def __sub__(self, other: TokenSet) -> TokenSet:
+        return TokenSet(self.tokens - other.tokens)
+
+    def sample(self, rng):
+        ordered = sorted(self.tokens, key=repr)
+        return ordered[rng.randrange(len(ordered))]
+
+    def describe(self) -> str:
+        return " or ".join("null" if t is MISSING else ("true" if t is True else "false" if t is False else str(t))
+                           for t in sorted(self.tokens, key=repr))

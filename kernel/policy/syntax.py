@@ -1,0 +1,122 @@
+"""The condition language's syntax tree, as the parser builds it.
+
+Nodes are plain immutable-by-convention objects with ``pos``: the character
+offset of the node's first token inside the condition text, for errors.
+Field names are canonical: ``score["deny"]`` and ``score.deny`` both become
+``Field("score.deny")``. Number literals are floats (the evaluators compare
+float64 values, so the literal must be one too).
+"""
+
+from __future__ import annotations
+
+NUMBER, STRING, BOOL = "number", "string", "bool"
+COMPARISONS = ("==", "!=", "<", "<=", ">", ">=")
+# a op b  <=>  b FLIPPED[op] a
+FLIPPED = {"==": "==", "!=": "!=", "<": ">", "<=": ">=", ">": "<", ">=": "<="}
+
+
+class Node:
+    __slots__ = ("pos",)
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={getattr(self, k)!r}" for k in self.__slots__)
+        return f"{type(self).__name__}({fields})"
+
+
+class Literal(Node):
+    __slots__ = ("value", "kind")
+
+    def __init__(self, value, kind: str, pos: int = 0):
+        self.value, self.kind, self.pos = value, kind, pos
+
+
+class Field(Node):
+    __slots__ = ("name",)
+
+    def __init__(self, name: str, pos: int = 0):
+        self.name, self.pos = name, pos
+
+
+class Compare(Node):
+    """``left op right``; the checker normalizes it so a field is on the left."""
+
+    __slots__ = ("op", "left", "right")
+
+    def __init__(self, op: str, left: Node, right: Node, pos: int = 0):
+        self.op, self.left, self.right, self.pos = op, left, right, pos
+
+
+class Range(Node):
+    """``field in [lo, hi)`` or ``lo <= field < hi``: lo and hi are number literals."""
+
+    __slots__ = ("field", "lo", "lo_closed", "hi", "hi_closed")
+
+    def __init__(self, field: Field, lo: Literal, lo_closed: bool, hi: Literal, hi_closed: bool, pos: int = 0):
+        self.field, self.lo, self.lo_closed, self.hi, self.hi_closed, self.pos = field, lo, lo_closed, hi, hi_closed, pos
+
+
+class Member(Node):
+    """``field in {a, b}`` (``negated``: ``not in``)."""
+
+    __slots__ = ("field", "values", "negated")
+
+    def __init__(self, field: Field, values: tuple, negated: bool, pos: int = 0):
+        self.field, self.values, self.negated, self.pos = field, values, negated, pos
+
+
+class IsNull(Node):
+    """``field is null`` (``negated``: ``is not null``): the only test that is true on a missing value."""
+
+    __slots__ = ("field", "negated")
+
+    def __init__(self, field: Field, negated: bool, pos: int = 0):
+        self.field, self.negated, self.pos = field, negated, pos
+
+
+class Truth(Node):
+    """A bare operand used as a condition: a bool field, or ``true``/``false``."""
+
+    __slots__ = ("operand",)
+
+    def __init__(self, operand: Node, pos: int = 0):
+        self.operand, self.pos = operand, pos
+
+
+class Not(Node):
+    __slots__ = ("operand",)
+
+    def __init__(self, operand: Node, pos: int = 0):
+        self.operand, self.pos = operand, pos
+
+
+class And(Node):
+    __slots__ = ("operands",)
+
+    def __init__(self, operands: tuple, pos: int = 0):
+        self.operands, self.pos = tuple(operands), pos
+
+
+class Or(Node):
+    __slots__ = ("operands",)
+
+    def __init__(self, operands: tuple, pos: int = 0):
+        self.operands, self.pos = tuple(operands), pos
+
+
+def fields_of(node: Node) -> list[Field]:
+    """Every field a condition reads, in order of appearance (with repeats)."""
+    out: list[Field] = []
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if isinstance(n, Field):
+            out.append(n)
+        elif isinstance(n, Compare):
+            stack += [n.right, n.left]
+        elif isinstance(n, (Range, Member, IsNull)):
+            out.append(n.field)
+        elif isinstance(n, (Truth, Not)):
+            stack.append(n.operand)
+        elif isinstance(n, (And, Or)):
+            stack += reversed(n.operands)
+    return out

@@ -1,0 +1,71 @@
+"""Field types and the schema a policy's conditions are checked against.
+
+Inputs are declared in the file (``[inputs] name = "number"``); the model's
+outputs are implicit: ``label`` (a string, one of ``[model] classes`` when
+declared), ``confidence`` (number) and ``score.<class>`` (number). Model
+outputs are never missing; an input may be (see the missing-value rules in
+``kernel/policy/__init__.py``).
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+
+from .parser import KEYWORDS
+
+NUMBER, INTEGER, STRING, BOOL = "number", "integer", "string", "bool"
+INPUT_TYPES = (NUMBER, INTEGER, STRING, BOOL)
+NUMERIC = (NUMBER, INTEGER)
+LABEL, CONFIDENCE, SCORE = "label", "confidence", "score"
+RESERVED = frozenset({LABEL, CONFIDENCE, SCORE}) | KEYWORDS
+NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+
+
+class Schema:
+    """What conditions may read: declared inputs plus the model outputs."""
+
+    __slots__ = ("inputs", "classes", "broken")
+
+    def __init__(self, inputs: dict[str, str], classes: tuple[str, ...] | None, broken=frozenset()):
+        self.inputs = inputs      # name -> one of INPUT_TYPES, in file order
+        self.classes = classes    # the model's classes when declared; None accepts any label / score.<class>
+        self.broken = broken      # inputs declared with an invalid type (already reported): no further errors
+
+    def type_of(self, name: str) -> str | None:
+        """The type of a field, or None when the policy cannot read it."""
+        if name in self.inputs:
+            return self.inputs[name]
+        if name == LABEL:
+            return STRING
+        if name == CONFIDENCE:
+            return NUMBER
+        if name.startswith(SCORE + "."):
+            cls = name[len(SCORE) + 1:]
+            if cls and (self.classes is None or cls in self.classes):
+                return NUMBER
+        return None
+
+    @staticmethod
+    def is_model_output(name: str) -> bool:
+        return name in (LABEL, CONFIDENCE) or name.startswith(SCORE + ".")
+
+    def is_integer(self, name: str) -> bool:
+        return self.inputs.get(name) == INTEGER
+
+    def unknown_field_message(self, name: str) -> str:
+        """Why ``name`` is not a field, with the closest known names."""
+        if name == SCORE:
+            example = self.classes[0] if self.classes else "deny"
+            return f"'score' needs a class, as in score.{example} or score[\"{example}\"]"
+        if name.startswith(SCORE + ".") and self.classes is not None:
+            return (f"'{name[len(SCORE) + 1:]}' is not one of the model's classes "
+                    f"({', '.join(self.classes)})")
+        known = list(self.inputs) + [LABEL, CONFIDENCE]
+        if self.classes:
+            known += [f"{SCORE}.{c}" for c in self.classes]
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        inputs = ", ".join(self.inputs) or "none"
+        return (f"unknown field '{name}'{hint} (declared inputs: {inputs}; "
+                f"model outputs: label, confidence, score.<class>)")

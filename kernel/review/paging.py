@@ -1,0 +1,43 @@
+"""Opaque page tokens for ListReviews: a position in the queue, bound to the filters it was issued for."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+
+from ..errors import InvalidArgument
+
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 1000  # larger requests get this many (AIP-158: clamp, do not refuse)
+
+
+def page_size(requested: int) -> int:
+    if requested < 0:
+        raise InvalidArgument(f"page_size must be >= 0, got {requested}")
+    return min(requested or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+
+
+def _filters_digest(filters: tuple) -> str:
+    return hashlib.sha256(json.dumps(filters).encode()).hexdigest()[:16]
+
+
+def encode(position: int, filters: tuple) -> str:
+    raw = json.dumps({"after": position, "filters": _filters_digest(filters)}, separators=(",", ":"))
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def decode(token: str, filters: tuple) -> int:
+    """The position after which the page starts (0 without a token)."""
+    if not token:
+        return 0
+    try:
+        raw = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+        position, digest = raw["after"], raw["filters"]
+        if not isinstance(position, int) or position < 0:
+            raise ValueError
+    except (ValueError, TypeError, KeyError):
+        raise InvalidArgument("page_token is not a token this kernel issued; pass next_page_token unchanged") from None
+    if digest != _filters_digest(filters):
+        raise InvalidArgument("page_token was issued for other filters; keep pipeline, tenant and state as before")
+    return position

@@ -1,0 +1,289 @@
+"""The human review queue: escalated decisions wait here for a reviewer.
+
+A review is OPEN until a reviewer claims it, CLAIMED while that reviewer's
+lease runs, OPEN again if the lease expires unresolved (anyone may claim it
+then), and RESOLVED once its lease holder gives the final action. Two
+reviewers never hold one review: a claim is one atomic read-modify-write of
+the stored record.
+
+Lease expiry and SLA deadlines are **wall-clock** times (``time.time_ns``):
+they are persisted and must mean the same after a restart or on another
+replica. A review misses its SLA when it is resolved after its deadline, or
+is still unresolved past it.
+
+``on_resolved(fn)`` hooks run after a resolution is stored: the decision
+layer writes the audited resolution decision there (a hook may return it, and
+it becomes ``Review.resolution``) and finishes the waiting task. A review is
+marked delivered once every hook has run; ``redeliver()`` runs the hooks
+again for resolutions a crash or a failing hook interrupted, so hooks must be
+idempotent.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+
+from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
+from ..errors import FailedPrecondition, Internal, InvalidArgument, NotFound
+from ..store import Feed
+from ..store.sqlite_reviews import STATE_FILTERS
+from . import paging
+from .watch import CREATED, UPDATED, ReviewWatch
+
+log = logging.getLogger("aios.review")
+
+OPEN, CLAIMED, RESOLVED = "OPEN", "CLAIMED", "RESOLVED"
+DEFAULT_LEASE_S = 300
+MAX_LEASE_S = 86_400
+NS = 1_000_000_000
+
+
+def _iso(unix_ns: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(unix_ns / NS))
+
+
+def _required(value: str, field: str) -> None:
+    if not value:
+        raise InvalidArgument(f"{field} is required")
+
+
+class ReviewQueue:
+    """Reviews in one backend (``db.reviews``)."""
+
+    def __init__(self, db, clock: Callable[[], int] = time.time_ns):
+        self._records = db.reviews
+        self._clock = clock  # wall clock, in ns: leases and SLAs are persisted
+        self._feed = Feed()
+        self._hooks: list[Callable[[kpb.Review], object]] = []
+        self._lock = threading.Lock()  # orders a write with its publication, so watchers see commit order
+
+    # -- views --------------------------------------------------------------------------------
+    def _present(self, review: kpb.Review, now: int | None = None) -> kpb.Review:
+        """The review as of ``now``: an expired lease reads as OPEN, the SLA flag is current."""
+        now = self._clock() if now is None else now
+        view = kpb.Review()
+        view.CopyFrom(review)
+        if view.state != RESOLVED:
+            if view.lease_expires_unix_ns > now:
+                view.state = CLAIMED
+            else:
+                view.state = OPEN
+                view.claimed_by = ""
+                view.lease_expires_unix_ns = 0
+        deadline = view.sla_deadline_unix_ns
+        finished = view.resolved_unix_ns if view.state == RESOLVED else now
+        view.sla_missed = bool(deadline) and finished > deadline
+        return view
+
+    def get(self, review_id: str) -> kpb.Review:
+        _required(review_id, "review_id")
+        review = self._records.get(review_id)
+        if review is None:
+            raise NotFound(f"review '{review_id}' does not exist")
+        return self._present(review)
+
+    def list(self, pipeline: str = "", tenant: str = "", state: str = "", page_size: int = 0,
+             page_token: str = "") -> kpb.ListReviewsResponse:
+        """One page of matching reviews, oldest first, with the filter's SLA-missed count."""
+        state = _state_filter(state)
+        limit = paging.page_size(page_size)
+        filters = (pipeline, tenant, state)
+        after = paging.decode(page_token, filters)
+        now = self._clock()
+        rows = self._records.page(pipeline, tenant, state, now, after, limit + 1)
+        response = kpb.ListReviewsResponse(sla_missed=self._records.count_sla_missed(pipeline, tenant, state, now))
+        for _position, review in rows[:limit]:
+            response.reviews.append(self._present(review, now))
+        if len(rows) > limit:
+            response.next_page_token = paging.encode(rows[limit - 1][0], filters)
+        return response
+
+    def sla_missed_count(self, pipeline: str = "", tenant: str = "", state: str = "") -> int:
+        return self._records.count_sla_missed(pipeline, tenant, _state_filter(state), self._clock())
+
+    def watch(self, pipeline: str = "", tenant: str = "", include_open: bool = False, updates: bool = False,
+              timeout_s: float | None = None) -> ReviewWatch:
+        """New reviews matching the filters as they are created (see ``ReviewWatch``)."""
+        def match(event) -> bool:
+            kind, review = event
+            return ((updates or kind == CREATED) and (not pipeline or review.pipeline == pipeline)
+                    and (not tenant or review.tenant == tenant))
+
+        sub = self._feed.subscribe(None, match, timeout_s)
+        backlog = self._unresolved_pages(pipeline, tenant) if include_open else iter(())
+        return ReviewWatch(sub, backlog, self._present)
+
+    def watcher_count(self) -> int:
+        """Open watches (each WatchReviews call holds one until it ends)."""
+        return self._feed.subscriber_count(None)
+
+    def _unresolved_pages(self, pipeline: str, tenant: str):
+        after = 0
+        while True:
+            rows = self._records.page(pipeline, tenant, "UNRESOLVED", self._clock(), after, 500)
+            for after, review in rows:
+                yield review
+            if len(rows) < 500:
+                return
+
+    # -- changes ------------------------------------------------------------------------------
+    def create(self, decision: kpb.Decision, request: kpb.DecisionRequest, actions: list[str],
+               sla_seconds: float, task_id: str = "") -> kpb.Review:
+        """Queue ``decision`` (escalated) for review; ``actions`` are what a reviewer may resolve it with.
+
+        ``sla_seconds`` > 0 sets the SLA deadline from now; 0 means none. A
+        task has one review: creating one again for the same ``task_id``
+        returns the existing review (in whatever state), so a task re-run
+        after a restart does not queue its case twice.
+        """
+        actions = list(actions)
+        if not actions or any(not isinstance(a, str) or not a for a in actions):
+            raise InvalidArgument(f"actions must be a non-empty list of action names, got {actions!r}")
+        if not sla_seconds >= 0:
+            raise InvalidArgument(f"sla_seconds must be >= 0 (0 = no SLA), got {sla_seconds}")
+        now = self._clock()
+        review = kpb.Review(
+            review_id=uuid.uuid4().hex,
+            request_id=decision.request_id or request.request_id,
+            pipeline=decision.pipeline or request.pipeline,
+            tenant=decision.tenant or request.tenant,
+            state=OPEN,
+            created_unix_ns=now,
+            sla_deadline_unix_ns=now + int(sla_seconds * NS) if sla_seconds else 0,
+            task_id=task_id,
+            actions=actions,
+        )
+        review.proposed.CopyFrom(decision)
+        review.proposed.review_id = review.review_id
+        review.request.CopyFrom(request)
+        with self._lock:
+            review, created = self._records.insert(review)
+            if created:
+                self._feed.publish((CREATED, review))
+        return self._present(review)
+
+    def claim(self, review_id: str, reviewer: str, lease_seconds: float = 0) -> kpb.Review:
+        """Give ``reviewer`` the review for ``lease_seconds`` (0 = 300 s); claiming again renews the lease."""
+        _required(reviewer, "reviewer")
+        if lease_seconds < 0 or lease_seconds > MAX_LEASE_S:
+            raise InvalidArgument(f"lease_seconds must be 0..{MAX_LEASE_S} (0 = {DEFAULT_LEASE_S}), got {lease_seconds}")
+        lease_ns = int((lease_seconds or DEFAULT_LEASE_S) * NS)
+
+        def mutate(review: kpb.Review) -> bool:
+            now = self._clock()
+            if review.state == RESOLVED:
+                raise FailedPrecondition(
+                    f"review '{review_id}' is already resolved ({review.resolved_action} by {review.resolved_by})"
+                )
+            if review.lease_expires_unix_ns > now and review.claimed_by != reviewer:
+                raise FailedPrecondition(
+                    f"review '{review_id}' is claimed by {review.claimed_by} until {_iso(review.lease_expires_unix_ns)}"
+                )
+            review.state = CLAIMED
+            review.claimed_by = reviewer
+            review.lease_expires_unix_ns = now + lease_ns
+            return True
+
+        return self._present(self._change(review_id, mutate)[0])
+
+    def resolve(self, review_id: str, reviewer: str, action: str, comment: str = "") -> kpb.Review:
+        """The lease holder's final ``action``; runs the on_resolved hooks.
+
+        Repeating a resolution (same reviewer and action) returns the stored
+        one, running any hooks that did not finish.
+        """
+        _required(reviewer, "reviewer")
+        _required(action, "action")
+
+        def mutate(review: kpb.Review) -> bool:
+            now = self._clock()
+            if review.state == RESOLVED:
+                if review.resolved_by == reviewer and review.resolved_action == action:
+                    return False  # a retry: nothing to write; deliver below if that did not finish
+                raise FailedPrecondition(
+                    f"review '{review_id}' is already resolved ({review.resolved_action} by {review.resolved_by})"
+                )
+            if action not in review.actions:
+                raise InvalidArgument(
+                    f"action '{action}' is not allowed for review '{review_id}'; allowed: {', '.join(review.actions)}"
+                )
+            if review.claimed_by != reviewer:
+                who = f"claimed by {review.claimed_by}" if review.lease_expires_unix_ns > now else "not claimed"
+                raise FailedPrecondition(f"review '{review_id}' is {who}; claim it (ClaimReview) before resolving it")
+            if review.lease_expires_unix_ns <= now:
+                raise FailedPrecondition(
+                    f"the lease of {reviewer} on review '{review_id}' expired at "
+                    f"{_iso(review.lease_expires_unix_ns)}; claim it again"
+                )
+            review.state = RESOLVED
+            review.resolved_action = action
+            review.resolved_by = reviewer
+            review.comment = comment
+            review.resolved_unix_ns = now
+            review.sla_missed = bool(review.sla_deadline_unix_ns) and now > review.sla_deadline_unix_ns
+            return True
+
+        review, _changed, delivered = self._change(review_id, mutate)
+        if not delivered:
+            review = self._deliver(review)
+        return self._present(review)
+
+    def on_resolved(self, fn: Callable[[kpb.Review], object]) -> None:
+        """Call ``fn(review)`` after each resolution; a Decision it returns becomes ``review.resolution``."""
+        self._hooks.append(fn)
+
+    def redeliver(self) -> int:
+        """Run the hooks for resolutions whose hooks did not all finish; returns how many were finished."""
+        done = 0
+        for review in self._records.undelivered():
+            try:
+                self._deliver(review)
+                done += 1
+            except Internal:
+                pass  # logged; stays undelivered for the next try
+        return done
+
+    def _change(self, review_id: str, mutate, delivered: bool | None = None) -> tuple[kpb.Review, bool, bool]:
+        _required(review_id, "review_id")
+        with self._lock:  # a change and its publication, in commit order
+            result = self._records.update(review_id, mutate, delivered)
+            if result is None:
+                raise NotFound(f"review '{review_id}' does not exist")
+            if result[1]:
+                self._feed.publish((UPDATED, result[0]))
+        return result
+
+    def _deliver(self, review: kpb.Review) -> kpb.Review:
+        failures, resolution = [], None
+        for hook in self._hooks:
+            try:
+                result = hook(self._present(review))
+            except Exception as exc:
+                log.exception("on_resolved hook %r failed for review %s", hook, review.review_id)
+                failures.append(f"{type(exc).__name__}: {exc}")
+                continue
+            if isinstance(result, kpb.Decision):
+                resolution = result
+        if failures:
+            raise Internal(
+                f"review '{review.review_id}' is resolved ({review.resolved_action}), but finishing it failed: "
+                f"{'; '.join(failures)}. Resolve it again with the same reviewer and action to retry"
+            )
+
+        def attach(stored: kpb.Review) -> bool:
+            if resolution is not None:
+                stored.resolution.CopyFrom(resolution)
+            return True
+
+        return self._change(review.review_id, attach, delivered=True)[0]
+
+
+def _state_filter(state: str) -> str:
+    state = state.upper()
+    if state and state not in STATE_FILTERS:
+        raise InvalidArgument(f"state must be one of {', '.join(STATE_FILTERS)} or empty, got '{state}'")
+    return state

@@ -1,0 +1,15 @@
+"""Storage backends. ``local`` (this package, the default): one SQLite file per data directory.
+
+The rest of the kernel sees a backend as a ``Database``-like object with two
+record sets, ``.tasks`` and ``.reviews`` (insert / get / compare-and-set
+replace / scans), an ``IdempotencyStore`` over it, and in-process change
+feeds. A clustered backend (NATS JetStream KV and streams) implements the
+same small interfaces.
+"""
+
+from .feed import Feed, Subscription
+from .idempotency import IdempotencyStore, request_hash
+from .schema import MIGRATIONS
+from .sqlite import Database, open_database
+
+__all__ = ["Database", "Feed", "IdempotencyStore", "MIGRATIONS", "Subscription", "open_database", "request_hash"]

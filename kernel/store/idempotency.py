@@ -1,0 +1,122 @@
+"""Idempotency keys: the answer stored per (tenant, key), kept for a retention period.
+
+``Decide`` looks a key up before deciding and stores the answer after:
+same key + same request gives the stored answer; same key + a different
+request is FAILED_PRECONDITION. "The same request" is ``request_hash``: the
+request's content without the caller's request id and timeout, which a
+retry may change.
+
+Expiry uses the wall clock, because it is persisted and must mean the same
+after a restart. Writes are not fsynced by default (``durable=False``): a
+process crash loses nothing (WAL), a power loss may lose the newest keys,
+and a retry then recomputes the same answer. Pass ``durable=True`` to fsync
+each put (about 5x slower per put here: "Local store" in bench/RESULTS.md).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable
+
+from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
+from ..errors import FailedPrecondition, InvalidArgument
+
+MAX_KEY_CHARS = 256
+PURGE_EVERY = 1000  # puts between sweeps of expired keys
+PURGE_BATCH = 1000  # rows deleted per sweep, so a sweep never holds the write lock long
+
+
+def request_hash(request: kpb.DecisionRequest) -> str:
+    """SHA-256 (hex) of what makes two requests "the same" for an idempotency key."""
+    copy = kpb.DecisionRequest()
+    copy.CopyFrom(request)
+    copy.request_id = ""
+    copy.timeout_ms = 0
+    return hashlib.sha256(copy.SerializeToString(deterministic=True)).hexdigest()
+
+
+def check_key(key: str, field: str = "idempotency_key") -> None:
+    if len(key) > MAX_KEY_CHARS:
+        raise InvalidArgument(f"{field} must be at most {MAX_KEY_CHARS} characters, got {len(key)}")
+
+
+class IdempotencyStore:
+    """Stored answers by (tenant, idempotency key), in the data directory's database."""
+
+    def __init__(self, db, retention_hours: float = 24.0, clock: Callable[[], int] = time.time_ns,
+                 durable: bool = False):
+        if not retention_hours > 0:
+            raise InvalidArgument(f"idempotency retention_hours must be > 0, got {retention_hours}")
+        self._db = db
+        self.retention_ns = int(retention_hours * 3600 * 1e9)
+        self._clock = clock  # wall clock: expiry is persisted
+        self._durable = durable
+        self._puts = 0
+
+    def get(self, tenant: str, key: str) -> tuple[str, bytes] | None:
+        """``(request_hash, response_bytes)`` stored under the key, or None (never stored, or expired)."""
+        check_key(key)
+        with self._db.read() as conn:
+            found = conn.execute(
+                "SELECT request_hash, response FROM idempotency WHERE tenant = ? AND key = ? AND expires_unix_ns > ?",
+                (tenant, key, self._clock()),
+            ).fetchone()
+        return None if found is None else (found[0], bytes(found[1]))
+
+    def check(self, tenant: str, key: str, request_hash: str) -> bytes | None:
+        """The stored answer for this request, None if there is none; FAILED_PRECONDITION if the key was
+        used with another request."""
+        found = self.get(tenant, key)
+        if found is None:
+            return None
+        if found[0] != request_hash:
+            raise _reused(key)
+        return found[1]
+
+    def put(self, tenant: str, key: str, request_hash: str, response: bytes) -> bytes:
+        """Store ``response`` under the key; returns the answer now stored.
+
+        The first answer stored wins: if another call stored one for the same
+        request meanwhile, that one is kept and returned. A live key stored
+        for a different request raises FAILED_PRECONDITION.
+        """
+        check_key(key)
+        now = self._clock()
+        with self._db.write(durable=self._durable) as conn:
+            found = conn.execute(
+                "SELECT request_hash, response FROM idempotency WHERE tenant = ? AND key = ? AND expires_unix_ns > ?",
+                (tenant, key, now),
+            ).fetchone()
+            if found is not None:
+                if found[0] != request_hash:
+                    raise _reused(key)
+                return bytes(found[1])
+            conn.execute(
+                "INSERT OR REPLACE INTO idempotency (tenant, key, request_hash, response, created_unix_ns,"
+                " expires_unix_ns) VALUES (?, ?, ?, ?, ?, ?)",
+                (tenant, key, request_hash, bytes(response), now, now + self.retention_ns),
+            )
+            self._puts += 1
+            if self._puts % PURGE_EVERY == 0:
+                self._purge(conn, now)
+        return bytes(response)
+
+    def purge_expired(self) -> int:
+        """Delete expired keys (at most PURGE_BATCH); returns how many went."""
+        with self._db.write(durable=self._durable) as conn:
+            return self._purge(conn, self._clock())
+
+    @staticmethod
+    def _purge(conn, now: int) -> int:
+        return conn.execute(
+            "DELETE FROM idempotency WHERE (tenant, key) IN"
+            " (SELECT tenant, key FROM idempotency WHERE expires_unix_ns <= ? LIMIT ?)",
+            (now, PURGE_BATCH),
+        ).rowcount
+
+
+def _reused(key: str) -> FailedPrecondition:
+    return FailedPrecondition(
+        f"idempotency_key '{key}' was used before with a different request; use a new key for a new request"
+    )

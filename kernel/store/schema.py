@@ -1,0 +1,103 @@
+"""The SQLite schema, as an append-only list of migrations keyed by ``PRAGMA user_version``.
+
+A fresh file runs every migration; an older one runs those above its
+version, each in its own transaction together with the version bump, so a
+crash mid-migration leaves the previous version intact. Never edit a
+migration that has shipped: add the next one.
+
+Rows keep the full record as protobuf bytes (``body``) plus the few columns
+that queries filter on; the records classes derive those columns from the
+body on every write, so the two cannot disagree.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+
+from ..errors import FailedPrecondition
+
+# (version, what it adds, statements)
+MIGRATIONS: list[tuple[int, str, tuple[str, ...]]] = [
+    (1, "durable tasks, review queue, idempotency keys", (
+        """CREATE TABLE tasks (
+            task_id TEXT PRIMARY KEY,
+            state INTEGER NOT NULL,            -- kernel_pb2.TaskState
+            tenant TEXT NOT NULL,
+            idempotency_key TEXT NOT NULL,     -- '' when none
+            request_hash TEXT NOT NULL,
+            review_id TEXT NOT NULL,
+            revision INTEGER NOT NULL,         -- +1 per write: compare-and-set
+            body BLOB NOT NULL                 -- kernel_pb2.Task
+        )""",
+        "CREATE UNIQUE INDEX tasks_by_key ON tasks (tenant, idempotency_key) WHERE idempotency_key != ''",
+        "CREATE INDEX tasks_by_state ON tasks (state)",
+        "CREATE INDEX tasks_by_review ON tasks (review_id) WHERE review_id != ''",
+        # A review resolved before its task recorded that it waits (or before a
+        # crash let the task hear of it): applied when the task gets there.
+        """CREATE TABLE review_completions (
+            review_id TEXT PRIMARY KEY,
+            decision BLOB NOT NULL,            -- kernel_pb2.Decision
+            created_unix_ns INTEGER NOT NULL
+        )""",
+        """CREATE TABLE reviews (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,  -- list order and page tokens
+            review_id TEXT NOT NULL UNIQUE,
+            pipeline TEXT NOT NULL,
+            tenant TEXT NOT NULL,
+            task_id TEXT NOT NULL,              -- '' when no task waits on it
+            resolved INTEGER NOT NULL,
+            lease_expires_unix_ns INTEGER NOT NULL,  -- 0 = never claimed
+            sla_deadline_unix_ns INTEGER NOT NULL,   -- 0 = no SLA
+            resolved_unix_ns INTEGER NOT NULL,
+            delivered INTEGER NOT NULL,         -- every on_resolved hook has run
+            revision INTEGER NOT NULL,
+            body BLOB NOT NULL                  -- kernel_pb2.Review
+        )""",
+        "CREATE INDEX reviews_by_filter ON reviews (resolved, pipeline, tenant)",
+        "CREATE UNIQUE INDEX reviews_by_task ON reviews (task_id) WHERE task_id != ''",
+        "CREATE INDEX reviews_undelivered ON reviews (seq) WHERE resolved = 1 AND delivered = 0",
+        """CREATE TABLE idempotency (
+            tenant TEXT NOT NULL,
+            key TEXT NOT NULL,
+            request_hash TEXT NOT NULL,
+            response BLOB NOT NULL,
+            created_unix_ns INTEGER NOT NULL,
+            expires_unix_ns INTEGER NOT NULL,
+            PRIMARY KEY (tenant, key)
+        ) WITHOUT ROWID""",
+        "CREATE INDEX idempotency_by_expiry ON idempotency (expires_unix_ns)",
+    )),
+]
+
+
+def latest_version(migrations=MIGRATIONS) -> int:
+    return migrations[-1][0] if migrations else 0
+
+
+def migrate(conn: sqlite3.Connection, migrations, where: str) -> int:
+    """Bring the database to the newest version; returns it."""
+    current = conn.execute("PRAGMA user_version").fetchone()[0]
+    newest = latest_version(migrations)
+    if current > newest:
+        raise FailedPrecondition(
+            f"{where} has schema version {current}, newer than this kernel's {newest}; "
+            "run a kernel at least as new as the one that wrote it"
+        )
+    for version, _what, statements in migrations:
+        if version <= current:
+            continue
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            if conn.execute("PRAGMA user_version").fetchone()[0] >= version:  # another process got here first
+                conn.execute("ROLLBACK")
+                current = version
+                continue
+            for statement in statements:
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {int(version)}")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+        current = version
+    return current

@@ -1,0 +1,130 @@
+"""Review records in SQLite: whole ``Review`` protos, changed by atomic read-modify-write.
+
+The storage interface ``kernel.review.ReviewQueue`` needs (a key-value store
+with revisions does ``update`` as a get and compare-and-set loop). A review's
+effective state depends on the time (a lease runs out), so the filters take
+``now_unix_ns``: CLAIMED means unresolved with a lease expiring after now,
+OPEN means unresolved without one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
+
+RESOLVED = "RESOLVED"
+
+# state filter -> (SQL condition, whether it uses now)
+_STATE_SQL = {
+    "": ("1", False),
+    "OPEN": ("resolved = 0 AND lease_expires_unix_ns <= ?", True),
+    "CLAIMED": ("resolved = 0 AND lease_expires_unix_ns > ?", True),
+    "UNRESOLVED": ("resolved = 0", False),
+    "RESOLVED": ("resolved = 1", False),
+}
+STATE_FILTERS = tuple(name for name in _STATE_SQL if name)
+
+_SLA_MISSED = (
+    "sla_deadline_unix_ns > 0 AND ((resolved = 1 AND resolved_unix_ns > sla_deadline_unix_ns)"
+    " OR (resolved = 0 AND ? > sla_deadline_unix_ns))"
+)
+
+
+def _where(pipeline: str, tenant: str, state: str, now_unix_ns: int) -> tuple[str, list]:
+    condition, uses_now = _STATE_SQL[state]
+    clauses, args = [condition], [now_unix_ns] if uses_now else []
+    if pipeline:
+        clauses.append("pipeline = ?")
+        args.append(pipeline)
+    if tenant:
+        clauses.append("tenant = ?")
+        args.append(tenant)
+    return " AND ".join(clauses), args
+
+
+def _columns(review: kpb.Review) -> tuple:
+    return (
+        review.pipeline, review.tenant, int(review.state == RESOLVED), review.lease_expires_unix_ns,
+        review.sla_deadline_unix_ns, review.resolved_unix_ns,
+    )
+
+
+class SqliteReviewRecords:
+    """Durable review records; every write is fsynced before it returns."""
+
+    def __init__(self, db):
+        self._db = db
+
+    def insert(self, review: kpb.Review) -> tuple[kpb.Review, bool]:
+        """Store a new review; ``(review, True)``, or ``(existing, False)`` if its task already has one."""
+        with self._db.write() as conn:
+            if review.task_id:
+                found = conn.execute("SELECT body FROM reviews WHERE task_id = ?", (review.task_id,)).fetchone()
+                if found is not None:
+                    return kpb.Review.FromString(found[0]), False
+            conn.execute(
+                "INSERT INTO reviews (review_id, pipeline, tenant, resolved, lease_expires_unix_ns,"
+                " sla_deadline_unix_ns, resolved_unix_ns, task_id, delivered, revision, body)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, 1, ?)",
+                (review.review_id, *_columns(review), review.task_id, review.SerializeToString()),
+            )
+        return review, True
+
+    def get(self, review_id: str) -> kpb.Review | None:
+        with self._db.read() as conn:
+            found = conn.execute("SELECT body FROM reviews WHERE review_id = ?", (review_id,)).fetchone()
+        return None if found is None else kpb.Review.FromString(found[0])
+
+    def update(self, review_id: str, mutate: Callable[[kpb.Review], bool],
+               delivered: bool | None = None) -> tuple[kpb.Review, bool, bool] | None:
+        """Read the review, let ``mutate`` change it in place, write it back, atomically.
+
+        ``mutate`` returns False to write nothing and may raise to abort;
+        ``delivered`` (if not None) sets whether its on_resolved hooks have
+        all run. Returns ``(review, changed, delivered)``, None if there is no
+        such review.
+        """
+        with self._db.write() as conn:
+            found = conn.execute(
+                "SELECT body, revision, delivered FROM reviews WHERE review_id = ?", (review_id,),
+            ).fetchone()
+            if found is None:
+                return None
+            review, revision, was_delivered = kpb.Review.FromString(found[0]), found[1], bool(found[2])
+            if not mutate(review):
+                return review, False, was_delivered
+            now_delivered = was_delivered if delivered is None else delivered
+            conn.execute(
+                "UPDATE reviews SET pipeline = ?, tenant = ?, resolved = ?, lease_expires_unix_ns = ?,"
+                " sla_deadline_unix_ns = ?, resolved_unix_ns = ?, delivered = ?, revision = ?, body = ?"
+                " WHERE review_id = ?",
+                (*_columns(review), int(now_delivered), revision + 1, review.SerializeToString(), review_id),
+            )
+        return review, True, now_delivered
+
+    def page(self, pipeline: str, tenant: str, state: str, now_unix_ns: int, after_seq: int,
+             limit: int) -> list[tuple[int, kpb.Review]]:
+        """Up to ``limit`` matching reviews after position ``after_seq``, oldest first, with their positions."""
+        where, args = _where(pipeline, tenant, state, now_unix_ns)
+        with self._db.read() as conn:
+            rows = conn.execute(
+                f"SELECT seq, body FROM reviews WHERE seq > ? AND {where} ORDER BY seq LIMIT ?",
+                (after_seq, *args, limit),
+            ).fetchall()
+        return [(seq, kpb.Review.FromString(body)) for seq, body in rows]
+
+    def count_sla_missed(self, pipeline: str, tenant: str, state: str, now_unix_ns: int) -> int:
+        where, args = _where(pipeline, tenant, state, now_unix_ns)
+        with self._db.read() as conn:
+            return conn.execute(
+                f"SELECT count(*) FROM reviews WHERE {where} AND {_SLA_MISSED}", (*args, now_unix_ns),
+            ).fetchone()[0]
+
+    def undelivered(self) -> list[kpb.Review]:
+        """Resolved reviews whose on_resolved hooks have not all finished (a crash or a failed hook)."""
+        with self._db.read() as conn:
+            rows = conn.execute(
+                "SELECT body FROM reviews WHERE resolved = 1 AND delivered = 0 ORDER BY seq",
+            ).fetchall()
+        return [kpb.Review.FromString(body) for (body,) in rows]

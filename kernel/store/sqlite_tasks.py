@@ -1,0 +1,114 @@
+"""Task records in SQLite: whole ``Task`` protos, written by compare-and-set on a revision.
+
+This is the storage interface ``kernel.tasks.TaskStore`` needs, kept to what
+a key-value store with revisions (NATS JetStream KV) can also offer:
+insert-if-absent, get, read-modify-write (here one transaction; there a
+get and compare-and-set loop), and a few scans.
+"""
+
+from __future__ import annotations
+
+import time
+
+from collections.abc import Callable
+
+from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
+
+
+def _row(task: kpb.Task) -> tuple:
+    return (task.state, task.request.tenant, task.request.idempotency_key, task.review_id)
+
+
+class SqliteTaskRecords:
+    """Durable task records; every write is fsynced before it returns."""
+
+    def __init__(self, db):
+        self._db = db
+
+    def insert(self, task: kpb.Task, request_hash: str) -> tuple[kpb.Task, int, str, bool]:
+        """Store a new task at revision 1.
+
+        Returns ``(task, revision, request_hash, created)``: when the tenant
+        already used the task's idempotency key, the task stored under it
+        (with its request hash) and ``created=False``.
+        """
+        state, tenant, key, review_id = _row(task)
+        with self._db.write() as conn:
+            if key:
+                found = conn.execute(
+                    "SELECT body, revision, request_hash FROM tasks WHERE tenant = ? AND idempotency_key = ?",
+                    (tenant, key),
+                ).fetchone()
+                if found is not None:
+                    return kpb.Task.FromString(found[0]), found[1], found[2], False
+            conn.execute(
+                "INSERT INTO tasks (task_id, state, tenant, idempotency_key, request_hash, review_id, revision, body)"
+                " VALUES (?, ?, ?, ?, ?, ?, 1, ?)",
+                (task.task_id, state, tenant, key, request_hash, review_id, task.SerializeToString()),
+            )
+        return task, 1, request_hash, True
+
+    def get(self, task_id: str) -> tuple[kpb.Task, int] | None:
+        with self._db.read() as conn:
+            found = conn.execute("SELECT body, revision FROM tasks WHERE task_id = ?", (task_id,)).fetchone()
+        if found is None:
+            return None
+        return kpb.Task.FromString(found[0]), found[1]
+
+    def update(self, task_id: str, mutate: Callable[[kpb.Task], bool]) -> tuple[kpb.Task, int, bool] | None:
+        """Read the task, let ``mutate`` change it in place, write it back, atomically.
+
+        ``mutate`` returns False to leave the record as it was (nothing is
+        written) and may raise to abort. Returns ``(task, revision, changed)``,
+        or None when there is no such task.
+        """
+        with self._db.write() as conn:
+            found = conn.execute("SELECT body, revision FROM tasks WHERE task_id = ?", (task_id,)).fetchone()
+            if found is None:
+                return None
+            task, revision = kpb.Task.FromString(found[0]), found[1]
+            if not mutate(task):
+                return task, revision, False
+            state, _tenant, _key, review_id = _row(task)
+            conn.execute(
+                "UPDATE tasks SET state = ?, review_id = ?, revision = ?, body = ? WHERE task_id = ?",
+                (state, review_id, revision + 1, task.SerializeToString(), task_id),
+            )
+        return task, revision + 1, True
+
+    def in_states(self, states: tuple[int, ...]) -> list[tuple[kpb.Task, int]]:
+        """Tasks in any of ``states``, oldest first."""
+        marks = ",".join("?" * len(states))
+        with self._db.read() as conn:
+            rows = conn.execute(
+                f"SELECT body, revision FROM tasks WHERE state IN ({marks}) ORDER BY rowid", states,
+            ).fetchall()
+        return [(kpb.Task.FromString(body), revision) for body, revision in rows]
+
+    def waiting_on(self, review_id: str) -> tuple[kpb.Task, int] | None:
+        with self._db.read() as conn:
+            found = conn.execute(
+                "SELECT body, revision FROM tasks WHERE review_id = ? AND state = ?",
+                (review_id, kpb.WAITING_FOR_REVIEW),
+            ).fetchone()
+        if found is None:
+            return None
+        return kpb.Task.FromString(found[0]), found[1]
+
+    # -- resolutions that arrived before (or without) the task waiting for them ------------
+    def put_completion(self, review_id: str, decision: kpb.Decision) -> None:
+        with self._db.write() as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO review_completions (review_id, decision, created_unix_ns) VALUES (?, ?, ?)",
+                (review_id, decision.SerializeToString(), time.time_ns()),
+            )
+
+    def completion(self, review_id: str) -> kpb.Decision | None:
+        with self._db.read() as conn:
+            found = conn.execute("SELECT decision FROM review_completions WHERE review_id = ?", (review_id,)).fetchone()
+        return None if found is None else kpb.Decision.FromString(found[0])
+
+    def drop_completion(self, review_id: str) -> None:
+        with self._db.write() as conn:
+            conn.execute("DELETE FROM review_completions WHERE review_id = ?", (review_id,))
+

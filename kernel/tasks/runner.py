@@ -1,0 +1,202 @@
+"""Run durable tasks on a small pool of worker threads, with retries and restart recovery.
+
+``run_fn(task)`` runs one attempt of a task's pipeline and returns the final
+``Decision`` (→ SUCCEEDED) or ``WaitingForReview`` (→ WAITING_FOR_REVIEW, to
+be finished by ``complete_from_review``). It may raise:
+
+- ``TransientError``: retried with exponential backoff
+  (``backoff_s · 2^(attempt-1)``, at most ``max_backoff_s``) until
+  ``max_attempts`` runs have been made, then FAILED;
+- anything else: FAILED at once, with the error as ``Task.error``.
+
+On ``start()``, tasks the previous process left RUNNING (it died mid-run)
+are queued again — the pipeline is deterministic and idempotent, so running
+it again is safe — unless that run was their last allowed attempt; QUEUED
+ones are queued; WAITING_FOR_REVIEW ones keep waiting (or finish, if their
+review was resolved while nobody could tell them). Backoff delays use the
+monotonic clock; a restart forgets them and retries at once.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
+from ..errors import KernelError, TransientError
+from .store import TaskStore, TaskWatch
+
+log = logging.getLogger("aios.tasks")
+
+
+class WaitingForReview:
+    """What ``run_fn`` returns when the case went to a human: the task waits for that review."""
+
+    __slots__ = ("review_id", "decision")
+
+    def __init__(self, review_id: str, decision: kpb.Decision):
+        self.review_id = review_id
+        self.decision = decision  # the proposed (escalated) decision, kept on the task meanwhile
+
+    def __repr__(self) -> str:
+        return f"WaitingForReview({self.review_id!r})"
+
+
+class TaskRunner:
+    """Workers that take QUEUED tasks, run them, and record the outcome."""
+
+    def __init__(self, store: TaskStore, run_fn: Callable[[kpb.Task], object], workers: int = 2,
+                 max_attempts: int = 3, backoff_s: float = 0.1, max_backoff_s: float = 30.0,
+                 validate: Callable[[kpb.DecisionRequest], None] | None = None):
+        if workers < 1 or max_attempts < 1 or backoff_s < 0 or max_backoff_s < 0:
+            raise ValueError("workers and max_attempts must be >= 1, backoffs >= 0")
+        self.store = store
+        self.run_fn = run_fn
+        self.workers = workers
+        self.max_attempts = max_attempts
+        self.backoff_s = backoff_s
+        self.max_backoff_s = max_backoff_s
+        self.validate = validate  # refuses bad requests at StartTask (e.g. unknown pipeline: NOT_FOUND)
+        self._cond = threading.Condition(threading.Lock())
+        self._ready: list[tuple[int, int, str]] = []  # heap of (monotonic ns when due, tie-breaker, task id)
+        self._queued: set[str] = set()  # task ids in the heap: each at most once
+        self._tie = itertools.count()
+        self._threads: list[threading.Thread] = []
+        self._stopping = False
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def start(self) -> TaskRunner:
+        """Recover what the last process left, then start the workers."""
+        self._recover()
+        with self._cond:
+            self._stopping = False
+        for n in range(self.workers):
+            thread = threading.Thread(target=self._work, name=f"aios-task-{n}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        return self
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Stop taking tasks and wait up to ``timeout_s`` for running attempts.
+
+        An attempt still running afterwards stays RUNNING in the store and is
+        re-run by the next ``start()`` on the same data.
+        """
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        deadline = time.monotonic() + timeout_s
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        self._threads = [t for t in self._threads if t.is_alive()]
+
+    def _recover(self) -> None:
+        for task in self.store.in_states((kpb.RUNNING,)):
+            attempt = task.attempts
+            if attempt >= self.max_attempts:
+                self.store.transition(task.task_id, kpb.FAILED, (kpb.RUNNING,), "the kernel stopped during the last attempt",
+                                      error=f"the kernel stopped while attempt {attempt} of {self.max_attempts} ran")
+            else:
+                self.store.transition(task.task_id, kpb.QUEUED, (kpb.RUNNING,),
+                                      f"re-queued: the kernel stopped while attempt {attempt} ran")
+        for task in self.store.in_states((kpb.QUEUED,)):
+            self._schedule(task.task_id, 0.0)
+        finished = self.store.apply_pending_reviews()
+        if finished:
+            log.info("finished %d waiting tasks from reviews resolved before the restart", finished)
+
+    # -- the API ------------------------------------------------------------------------------
+    def submit(self, request: kpb.DecisionRequest) -> kpb.Task:
+        """Start a task for ``request`` (or return the one its idempotency key already started)."""
+        if self.validate is not None:
+            self.validate(request)
+        task, created = self.store.create(request)
+        if created:
+            self._schedule(task.task_id, 0.0)
+        return task
+
+    def get(self, task_id: str) -> kpb.Task:
+        return self.store.get(task_id)
+
+    def cancel(self, task_id: str) -> kpb.Task:
+        """CANCELLED unless already final (FAILED_PRECONDITION). A running attempt's outcome is dropped."""
+        return self.store.cancel(task_id)
+
+    def watch(self, task_id: str, timeout_s: float | None = None) -> TaskWatch:
+        return self.store.watch(task_id, timeout_s)
+
+    def complete_from_review(self, review_id: str, decision: kpb.Decision, task_id: str = "") -> kpb.Task | None:
+        return self.store.complete_from_review(review_id, decision, task_id)
+
+    # -- the workers --------------------------------------------------------------------------
+    def _schedule(self, task_id: str, delay_s: float) -> None:
+        with self._cond:
+            if task_id in self._queued:
+                return
+            self._queued.add(task_id)
+            heapq.heappush(self._ready, (time.monotonic_ns() + int(delay_s * 1e9), next(self._tie), task_id))
+            self._cond.notify()
+
+    def _next_due(self) -> str | None:
+        with self._cond:
+            while not self._stopping:
+                now = time.monotonic_ns()
+                if self._ready and self._ready[0][0] <= now:
+                    task_id = heapq.heappop(self._ready)[2]
+                    self._queued.discard(task_id)
+                    return task_id
+                self._cond.wait((self._ready[0][0] - now) / 1e9 if self._ready else None)
+            return None
+
+    def _work(self) -> None:
+        while (task_id := self._next_due()) is not None:
+            try:
+                self._run(task_id)
+            except Exception:  # a store failure (e.g. closed at shutdown): the task stays as recorded
+                log.exception("task %s: recording its outcome failed", task_id)
+
+    def _run(self, task_id: str) -> None:
+        task = self.store.get(task_id)
+        attempt = task.attempts + 1
+        task = self.store.transition(task_id, kpb.RUNNING, (kpb.QUEUED,), f"attempt {attempt} of {self.max_attempts}",
+                                     attempts=attempt)
+        if task is None:  # cancelled while queued
+            return
+        try:
+            outcome = self.run_fn(task)
+        except TransientError as exc:
+            self._after_transient(task_id, attempt, exc)
+            return
+        except KernelError as exc:
+            self._fail(task_id, f"{exc.code}: {exc.message}")
+            return
+        except Exception as exc:
+            log.exception("task %s: attempt %d failed", task_id, attempt)
+            self._fail(task_id, f"{type(exc).__name__}: {exc}")
+            return
+        if isinstance(outcome, WaitingForReview):
+            if not outcome.review_id:
+                self._fail(task_id, "the pipeline asked for a review but gave no review id")
+                return
+            self.store.enter_waiting(task_id, outcome.review_id, outcome.decision)
+        elif isinstance(outcome, kpb.Decision):
+            self.store.transition(task_id, kpb.SUCCEEDED, (kpb.RUNNING,), "decided", decision=outcome)
+        else:
+            self._fail(task_id, f"the pipeline returned {type(outcome).__name__}, not a Decision or WaitingForReview")
+
+    def _after_transient(self, task_id: str, attempt: int, exc: TransientError) -> None:
+        if attempt >= self.max_attempts:
+            self._fail(task_id, f"gave up after {attempt} attempts; last error: {exc.message}")
+            return
+        delay = min(self.backoff_s * 2 ** (attempt - 1), self.max_backoff_s)
+        task = self.store.transition(task_id, kpb.QUEUED, (kpb.RUNNING,),
+                                     f"attempt {attempt} failed ({exc.message}); retry in {delay:.3g} s")
+        if task is not None:
+            self._schedule(task_id, delay)
+
+    def _fail(self, task_id: str, error: str) -> None:
+        self.store.transition(task_id, kpb.FAILED, (kpb.RUNNING,), "failed", error=error)

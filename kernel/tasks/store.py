@@ -1,0 +1,238 @@
+"""Durable task records: states, timestamped transitions, idempotent starts, watches.
+
+Every state change is one atomic read-modify-write of the whole ``Task``
+(with its ``history``), fsynced before it returns, then published to watchers.
+Changes are made under one lock per store, so watchers see them in commit
+order. Timestamps are wall-clock (``*_unix_ns``), for people; nothing here
+waits on them.
+
+    QUEUED → RUNNING → (WAITING_FOR_REVIEW) → SUCCEEDED | FAILED | CANCELLED
+       ↑________|  (a transient failure goes back to QUEUED for a retry)
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Callable
+
+from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
+from ..errors import FailedPrecondition, InvalidArgument, NotFound
+from ..store import Feed, request_hash
+from ..store.idempotency import check_key
+
+FINAL = (kpb.SUCCEEDED, kpb.FAILED, kpb.CANCELLED)
+ACTIVE = (kpb.QUEUED, kpb.RUNNING, kpb.WAITING_FOR_REVIEW)
+
+
+def state_name(state: int) -> str:
+    return kpb.TaskState.Name(state)
+
+
+class TaskWatch:
+    """A task's current state, then each change, ending after a final state (or ``close()``).
+
+    Iterating raises DeadlineExceeded when ``timeout_s`` passes without a change.
+    """
+
+    __slots__ = ("_sub", "_first", "_revision", "_done")
+
+    def __init__(self, sub, first: kpb.Task, revision: int):
+        self._sub = sub
+        self._first = first
+        self._revision = revision
+        self._done = False
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> kpb.Task:
+        if self._first is not None:
+            task, self._first = self._first, None
+            self._finish_if_final(task)
+            return task
+        if self._done:
+            raise StopIteration
+        while True:
+            revision, task = next(self._sub)  # StopIteration once closed
+            if revision <= self._revision:
+                continue
+            self._revision = revision
+            self._finish_if_final(task)
+            return task
+
+    def _finish_if_final(self, task: kpb.Task) -> None:
+        if task.state in FINAL:
+            self._done = True
+            self._sub.close()
+
+    def close(self) -> None:
+        self._done = True
+        self._sub.close()
+
+
+class TaskStore:
+    """Tasks of one backend (``db.tasks``), with the state machine's transitions."""
+
+    def __init__(self, db, clock: Callable[[], int] = time.time_ns):
+        self._records = db.tasks
+        self._clock = clock
+        self._lock = threading.RLock()
+        self._feed = Feed()
+
+    # -- reading ----------------------------------------------------------------------------
+    def get(self, task_id: str) -> kpb.Task:
+        return self._get(task_id)[0]
+
+    def _get(self, task_id: str) -> tuple[kpb.Task, int]:
+        if not task_id:
+            raise InvalidArgument("task_id is required")
+        found = self._records.get(task_id)
+        if found is None:
+            raise NotFound(f"task '{task_id}' does not exist")
+        return found
+
+    def in_states(self, states: tuple[int, ...]) -> list[kpb.Task]:
+        return [task for task, _ in self._records.in_states(tuple(states))]
+
+    def watch(self, task_id: str, timeout_s: float | None = None) -> TaskWatch:
+        with self._lock:  # no change can slip between subscribing and reading the current state
+            task, revision = self._get(task_id)
+            sub = self._feed.subscribe(task_id, timeout_s=timeout_s)
+        return TaskWatch(sub, task, revision)
+
+    def watcher_count(self, task_id: str) -> int:
+        """Open watches of one task (each WatchTask call holds one until it ends)."""
+        return self._feed.subscriber_count(task_id)
+
+    # -- writing ----------------------------------------------------------------------------
+    def create(self, request: kpb.DecisionRequest) -> tuple[kpb.Task, bool]:
+        """A new QUEUED task for ``request``; ``(task, created)``.
+
+        A request with an idempotency key the tenant already used returns
+        that task (``created=False``) if the request is the same, and raises
+        FAILED_PRECONDITION if it differs.
+        """
+        if not request.pipeline:
+            raise InvalidArgument("request.pipeline is required")
+        key = request.idempotency_key
+        check_key(key, "request.idempotency_key")
+        digest = request_hash(request) if key else ""
+        now = self._clock()
+        task = kpb.Task(task_id=uuid.uuid4().hex, state=kpb.QUEUED, created_unix_ns=now, updated_unix_ns=now)
+        task.request.CopyFrom(request)
+        if not task.request.request_id:  # made once, so every run of the task uses the same id
+            task.request.request_id = uuid.uuid4().hex
+        task.history.add(state=kpb.QUEUED, at_unix_ns=now, detail="started")
+        with self._lock:
+            stored, revision, stored_hash, created = self._records.insert(task, digest)
+            if not created:
+                if stored_hash != digest:
+                    raise FailedPrecondition(
+                        f"request.idempotency_key '{key}' already started task {stored.task_id} with a different "
+                        "request; use a new key for a new request"
+                    )
+                return stored, False
+            self._feed.publish((revision, stored), stored.task_id)
+        return stored, True
+
+    def transition(self, task_id: str, state: int, from_states: tuple[int, ...], detail: str = "", *,
+                   attempts: int | None = None, decision: kpb.Decision | None = None, error: str | None = None,
+                   review_id: str | None = None) -> kpb.Task | None:
+        """Move the task to ``state`` if it is in one of ``from_states``; None if it is not."""
+        def mutate(task: kpb.Task) -> bool:
+            if task.state not in from_states:
+                return False
+            now = self._clock()
+            task.state = state
+            task.updated_unix_ns = now
+            if attempts is not None:
+                task.attempts = attempts
+            if decision is not None:
+                task.decision.CopyFrom(decision)
+            if error is not None:
+                task.error = error
+            if review_id is not None:
+                task.review_id = review_id
+            task.history.add(state=state, at_unix_ns=now, attempt=task.attempts, detail=detail)
+            return True
+
+        return self._update(task_id, mutate)
+
+    def _update(self, task_id: str, mutate) -> kpb.Task | None:
+        if not task_id:
+            raise InvalidArgument("task_id is required")
+        with self._lock:  # a change and its publication, in commit order
+            result = self._records.update(task_id, mutate)
+            if result is None:
+                raise NotFound(f"task '{task_id}' does not exist")
+            task, revision, changed = result
+            if not changed:
+                return None
+            self._feed.publish((revision, task), task_id)
+            return task
+
+    def cancel(self, task_id: str) -> kpb.Task:
+        task = self.transition(task_id, kpb.CANCELLED, ACTIVE, "cancelled by a caller")
+        if task is not None:
+            return task
+        final = self.get(task_id)  # not active means final, and final states never change
+        raise FailedPrecondition(
+            f"task '{task_id}' is already {state_name(final.state)}; only QUEUED, RUNNING or "
+            "WAITING_FOR_REVIEW tasks can be cancelled"
+        )
+
+    # -- reviews ------------------------------------------------------------------------------
+    def enter_waiting(self, task_id: str, review_id: str, proposed: kpb.Decision) -> kpb.Task | None:
+        """RUNNING → WAITING_FOR_REVIEW; straight on to SUCCEEDED if the review was already resolved."""
+        with self._lock:
+            task = self.transition(task_id, kpb.WAITING_FOR_REVIEW, (kpb.RUNNING,), f"waiting for review {review_id}",
+                                   decision=proposed, review_id=review_id)
+            if task is None:
+                return None
+            # Stored first by complete_from_review, checked after we wait: one of us sees the other.
+            decision = self._records.completion(review_id)
+            if decision is None:
+                return task
+            return self._finish_review(task_id, review_id, decision)
+
+    def complete_from_review(self, review_id: str, decision: kpb.Decision, task_id: str = "") -> kpb.Task | None:
+        """The review's resolution finishes the task waiting on it (WAITING_FOR_REVIEW → SUCCEEDED).
+
+        Returns the task, or None when no task waits on ``review_id`` yet:
+        the resolution is kept and finishes the task when it gets there
+        (it may still be RUNNING, or the process may have died in between).
+        A task already final is returned unchanged, so repeating is harmless.
+        """
+        if not review_id:
+            raise InvalidArgument("review_id is required")
+        if not isinstance(decision, kpb.Decision):
+            raise InvalidArgument(f"decision must be a kernel_pb2.Decision, got {type(decision).__name__}")
+        with self._lock:
+            if task_id:
+                task = self.get(task_id)
+                if task.state in FINAL:
+                    return task
+            self._records.put_completion(review_id, decision)
+            found = self._records.waiting_on(review_id)
+            if found is None:
+                return self.get(task_id) if task_id else None
+            return self._finish_review(found[0].task_id, review_id, decision)
+
+    def _finish_review(self, task_id: str, review_id: str, decision: kpb.Decision) -> kpb.Task:
+        action = decision.action or "(no action)"
+        task = self.transition(task_id, kpb.SUCCEEDED, (kpb.WAITING_FOR_REVIEW,),
+                               f"review {review_id} resolved: {action}", decision=decision)
+        self._records.drop_completion(review_id)
+        return task if task is not None else self.get(task_id)
+
+    def apply_pending_reviews(self) -> int:
+        """Finish waiting tasks whose review was resolved while no one could (after a crash); how many."""
+        finished = 0
+        for task in self.in_states((kpb.WAITING_FOR_REVIEW,)):
+            decision = self._records.completion(task.review_id)
+            if decision is not None:
+                self._finish_review(task.task_id, task.review_id, decision)
+                finished += 1
+        return finished

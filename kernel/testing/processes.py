@@ -1,0 +1,48 @@
+"""``aios-kernel serve`` as a child process, for tests that signal, kill and restart a real kernel."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+CLI = [sys.executable, "-m", "kernel"]
+
+
+class ServeProcess:
+    """Starts ``aios-kernel serve`` on a free port and waits for its ready line.
+
+    The data directory (audit log, keys, task/review store) is a fresh
+    temporary folder unless ``data_dir`` is given, so a restart can reuse it.
+    """
+
+    def __init__(self, models: Path, *extra: str, data_dir: str | Path | None = None):
+        self.data_dir = Path(data_dir) if data_dir is not None else Path(tempfile.mkdtemp(prefix="aios-data-"))
+        self.proc = subprocess.Popen(
+            [*CLI, "serve", "--models", str(models), "--port", "0", "--data-dir", str(self.data_dir), *extra],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+        )
+        line = self.proc.stdout.readline()
+        if "ready on" not in line:
+            self.proc.kill()
+            raise AssertionError(f"kernel did not start: {line!r} {self.proc.stderr.read()}")
+        self.address = line.strip().rsplit(" ", 1)[-1]
+
+    def stop(self, timeout=30) -> tuple[int, str]:
+        """SIGTERM (graceful drain); returns (exit code, stderr)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            _, err = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise
+        return self.proc.returncode, err
+
+    def kill(self) -> None:
+        """SIGKILL: no drain, no flush, no final checkpoint — a crash."""
+        self.proc.kill()
+        self.proc.communicate(timeout=30)

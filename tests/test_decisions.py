@@ -1,0 +1,260 @@
+"""Decisions end to end over real gRPC: the claims pipeline on a running kernel.
+
+Each answer is checked against a direct recomputation (onnxruntime on the
+trainer's own feature encoding, then the policy's row-by-row reference
+evaluator), so the tests hold the pipeline to the truth, not to itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import threading
+from pathlib import Path
+
+import grpc
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from conftest import start_kernel
+from examples.claims import build_models, data, features
+from kernel._proto.aios.kernel.v1 import kernel_pb2 as kpb
+from kernel._proto.aios.kernel.v1 import kernel_pb2_grpc as kgrpc
+from kernel.audit import RecordFilter, iter_directory, verify_directory
+from kernel.decision_client import make_request
+from kernel.policy import load_policy
+
+ROOT = Path(__file__).resolve().parent.parent
+CLAIMS = ROOT / "examples" / "claims" / "pipelines"
+FIELDS = ("claim_amount", "policy_age_months", "customer_tier", "claim_type", "prior_claims", "fraud_score",
+          "days_since_incident", "has_police_report")
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("claims_models")
+    build_models.build(folder, models=build_models.MODELS[:1], log=lambda line: None)
+    return folder
+
+
+@pytest.fixture(scope="module", params=["sync", "aio"])
+def kernel(request, models, tmp_path_factory):
+    pipelines = tmp_path_factory.mktemp("pipelines")
+    for path in CLAIMS.glob("*.toml"):
+        shutil.copy(path, pipelines / path.name)
+    data_dir = tmp_path_factory.mktemp("data")
+    server = start_kernel(models, request.param, pipelines=str(pipelines), data_dir=str(data_dir),
+                          pipeline_poll_s=0, audit_stream_enabled=True)
+    server.pipelines_dir = pipelines
+    yield server
+    server.stop(grace=1)
+
+
+@pytest.fixture
+def channel(kernel):
+    with grpc.insecure_channel(f"127.0.0.1:{kernel.port}") as ch:
+        yield ch
+
+
+@pytest.fixture
+def decisions(channel):
+    return kgrpc.DecisionServiceStub(channel)
+
+
+@pytest.fixture(scope="module")
+def truth(models):
+    """Recompute a case's decision without the kernel: the trainer's encoding, onnxruntime, the reference policy."""
+    session = ort.InferenceSession(str(models / "claims_triage" / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+    policy = load_policy(CLAIMS / "policy.toml")
+
+    def decide(case: dict) -> tuple[str, tuple, np.ndarray]:
+        scores = session.run(None, {"features": features.encode([case])})[0][0].astype(np.float64)
+        best = int(scores.argmax())
+        row = {name: case[name] for name in policy.inputs}
+        row.update(label=data.LABELS[best], confidence=float(scores[best]))
+        row.update({f"score.{label}": float(s) for label, s in zip(data.LABELS, scores)})
+        result = policy.evaluate_reference([row])
+        return str(result.action[0]), tuple(result.fired[0]), scores
+
+    return decide
+
+
+def _fields(case: dict) -> dict:
+    return {name: case[name] for name in FIELDS}
+
+
+def _request(case: dict, **options) -> kpb.DecisionRequest:
+    return make_request("claims_triage", _fields(case), {"description": case["description"]}, tenant="acme", **options)
+
+
+def _case(**overrides) -> dict:
+    case = dict(data.generate_cases(1, seed=99)[0])
+    case.update(overrides)
+    return case
+
+
+def test_automated_decision_has_reasons_and_provenance(kernel, decisions, truth):
+    case = _case(claim_amount=800.0, customer_tier="bronze", fraud_score=0.05, prior_claims=0, policy_age_months=40,
+                 has_police_report=True, claim_type="auto", days_since_incident=3)
+    decision = decisions.Decide(_request(case, request_id="case-1"), timeout=10)
+    action, fired, scores = truth(case)
+    assert decision.action == action and tuple(r.rule_id for r in decision.reasons) == fired
+    assert decision.outcome == kpb.AUTOMATED and not decision.review_id
+    assert all(r.description for r in decision.reasons)
+    assert decision.request_id == "case-1" and decision.tenant == "acme"
+    assert decision.policy_hash == hashlib.sha256((kernel.pipelines_dir / "policy.toml").read_bytes()).hexdigest()
+    assert decision.pipeline_version == hashlib.sha256((kernel.pipelines_dir / "claims_triage.toml").read_bytes()).hexdigest()
+    assert (decision.model.model_name, decision.model.model_version) == ("claims_triage", "1")
+    assert decision.model.confidence == pytest.approx(scores.max(), abs=1e-6)
+    assert dict(decision.model.class_scores) == pytest.approx(dict(zip(data.LABELS, scores)), abs=1e-6)
+    assert len(decision.input_hash) == 64
+    assert {"validate", "queue", "model", "policy", "audit", "total"} <= set(decision.phase_timings_ns)
+    # The audit record is durable and says the same thing; the raw description is not in it.
+    audit_dir = Path(kernel.settings.data_dir) / "audit"
+    (record,) = [r for r in iter_directory(audit_dir, decision.audit_sequence, RecordFilter()) if r.sequence == decision.audit_sequence][:1]
+    assert record.decision.action == decision.action and record.request_id == "case-1"
+    assert record.hash.hex() == decision.audit_hash
+    assert record.inputs["text:description"].string_value.startswith("sha256:")
+    assert case["description"] not in str(record)
+
+
+def test_same_input_same_input_hash_and_answer(decisions):
+    case = _case()
+    first = decisions.Decide(_request(case), timeout=10)
+    second = decisions.Decide(_request(case), timeout=10)
+    assert first.input_hash == second.input_hash and first.action == second.action
+    assert first.audit_sequence != second.audit_sequence  # two decisions, two records
+
+
+def test_low_confidence_case_is_escalated_reviewed_and_its_task_completes(channel, truth):
+    tasks, reviews = kgrpc.TaskServiceStub(channel), kgrpc.ReviewServiceStub(channel)
+    case = _case(claim_amount=75000.0, fraud_score=0.2, prior_claims=0)  # R04: large claims go to a human
+    task = tasks.StartTask(kpb.StartTaskRequest(request=_request(case, request_id="big-1")), timeout=10)
+    states = []
+    for update in tasks.WatchTask(kpb.TaskRef(task_id=task.task_id), timeout=20):
+        states.append(update.state)
+        if update.state == kpb.WAITING_FOR_REVIEW:
+            break
+    assert states[-1] == kpb.WAITING_FOR_REVIEW
+    waiting = tasks.GetTask(kpb.TaskRef(task_id=task.task_id), timeout=5)
+    listed = reviews.ListReviews(kpb.ListReviewsRequest(pipeline="claims_triage", tenant="acme", state="OPEN"), timeout=5)
+    (review,) = [r for r in listed.reviews if r.review_id == waiting.review_id]
+    assert review.proposed.outcome == kpb.ESCALATED and review.proposed.request_id == "big-1"
+    assert any("R04" in why for why in review.proposed.escalation_reasons)
+    claimed = reviews.ClaimReview(kpb.ClaimReviewRequest(review_id=review.review_id, reviewer="alice", lease_seconds=60), timeout=5)
+    assert claimed.claimed_by == "alice"
+    with pytest.raises(grpc.RpcError) as other:
+        reviews.ClaimReview(kpb.ClaimReviewRequest(review_id=review.review_id, reviewer="bob", lease_seconds=60), timeout=5)
+    assert other.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    resolved = reviews.ResolveReview(kpb.ResolveReviewRequest(
+        review_id=review.review_id, reviewer="alice", action="deny", comment="invoice looks forged"), timeout=10)
+    assert resolved.resolved_action == "deny" and resolved.resolution.outcome == kpb.REVIEWED
+    final = None
+    for update in tasks.WatchTask(kpb.TaskRef(task_id=task.task_id), timeout=20):
+        final = update
+        if update.state in (kpb.SUCCEEDED, kpb.FAILED, kpb.CANCELLED):
+            break
+    assert final.state == kpb.SUCCEEDED
+    assert final.decision.action == "deny" and final.decision.outcome == kpb.REVIEWED
+    assert final.decision.links_to_audit_sequence == review.proposed.audit_sequence
+    # The resolution is itself in the audit log, linked to the escalated decision.
+    stream = kgrpc.AuditServiceStub(channel).StreamAudit(
+        kpb.StreamAuditRequest(from_sequence=review.proposed.audit_sequence, kind=kpb.REVIEW_RESOLUTION), timeout=10)
+    linked = [r for r in stream if r.has_link and r.links_to == review.proposed.audit_sequence]
+    assert len(linked) == 1 and linked[0].decision.action == "deny" and linked[0].principal == "alice"
+
+
+def test_decide_stream_returns_each_answer_to_its_request(decisions, truth):
+    cases = data.generate_cases(120, seed=21)
+    requests = [_request(case, request_id=f"s-{i}") for i, case in enumerate(cases)]
+    bad = make_request("claims_triage", {"claim_amount": "lots"}, request_id="bad-type")
+    unknown = make_request("no_such_pipeline", {}, request_id="bad-pipeline")
+    requests[10:10] = [bad]
+    requests[50:50] = [unknown]
+    answers = {d.request_id: d for d in decisions.DecideStream(iter(requests), timeout=60)}
+    assert len(answers) == len(requests)
+    assert answers["bad-type"].error_code == "INVALID_ARGUMENT" and "claim_amount" in answers["bad-type"].error_message
+    assert answers["bad-pipeline"].error_code == "NOT_FOUND"
+    for i, case in enumerate(cases):
+        decision = answers[f"s-{i}"]
+        action, fired, _ = truth(case)
+        assert not decision.error_code, decision.error_message
+        assert (decision.action, tuple(r.rule_id for r in decision.reasons)) == (action, fired), f"case {i}"
+
+
+@pytest.mark.parametrize(
+    "fields, code, needle",
+    [
+        ({"claim_amount": "lots"}, grpc.StatusCode.INVALID_ARGUMENT, "'claim_amount' must be number"),
+        ({"claim_amount": -5.0}, grpc.StatusCode.INVALID_ARGUMENT, "'claim_amount' must be >= 0"),
+        ({"prior_claims": 1.5}, grpc.StatusCode.INVALID_ARGUMENT, "'prior_claims' must be an integer"),
+        ({"customer_tier": "diamond"}, grpc.StatusCode.INVALID_ARGUMENT, "'customer_tier' must be one of"),
+        ({"shoe_size": 42}, grpc.StatusCode.INVALID_ARGUMENT, "field 'shoe_size' is not a field"),
+        ({"has_police_report": 1}, grpc.StatusCode.INVALID_ARGUMENT, "'has_police_report' must be bool"),
+    ],
+)
+def test_bad_fields_are_named(decisions, fields, code, needle):
+    with pytest.raises(grpc.RpcError) as info:
+        decisions.Decide(make_request("claims_triage", fields), timeout=10)
+    assert info.value.code() == code and needle in info.value.details()
+
+
+def test_unknown_pipeline_is_not_found(decisions):
+    with pytest.raises(grpc.RpcError) as info:
+        decisions.Decide(make_request("claims_tirage", {}), timeout=10)
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND and "claims_triage" in info.value.details()
+
+
+def test_idempotency_key_gives_the_same_answer_once(decisions):
+    case = _case(claim_amount=1234.0)
+    first = decisions.Decide(_request(case, idempotency_key="k-1", request_id="r-1"), timeout=10)
+    again = decisions.Decide(_request(case, idempotency_key="k-1", request_id="r-2"), timeout=10)
+    assert again.replayed and not first.replayed
+    assert (again.action, again.audit_sequence, again.audit_hash) == (first.action, first.audit_sequence, first.audit_hash)
+    with pytest.raises(grpc.RpcError) as info:
+        decisions.Decide(_request(_case(claim_amount=999.0), idempotency_key="k-1"), timeout=10)
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "k-1" in info.value.details()
+
+
+def test_invalid_policy_upload_is_refused_and_the_old_policy_keeps_serving(kernel, channel, decisions):
+    admin = kgrpc.AdminServiceStub(channel)
+    pipeline_text = (kernel.pipelines_dir / "claims_triage.toml").read_bytes()
+    policy_text = (kernel.pipelines_dir / "policy.toml").read_text()
+    before = decisions.Decide(_request(_case()), timeout=10).policy_hash
+    broken = policy_text.replace('hit_policy = "FIRST"', 'hit_policy = "SOMETIMES"')
+    with pytest.raises(grpc.RpcError) as info:
+        admin.UploadPipeline(kpb.UploadPipelineRequest(pipeline_toml=pipeline_text, policy_toml=broken.encode()), timeout=10)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "hit_policy" in info.value.details() and "running version keeps serving" in info.value.details()
+    assert decisions.Decide(_request(_case()), timeout=10).policy_hash == before
+    changed = policy_text.replace("claim_amount >= 50000", "claim_amount >= 40000")
+    info = admin.UploadPipeline(kpb.UploadPipelineRequest(pipeline_toml=pipeline_text, policy_toml=changed.encode()), timeout=10)
+    assert info.policy_hash == hashlib.sha256(changed.encode()).hexdigest() != before
+    after = decisions.Decide(_request(_case(claim_amount=45000.0, fraud_score=0.1)), timeout=10)
+    assert after.policy_hash == info.policy_hash and "R04" in [r.rule_id for r in after.reasons]
+    listed = admin.ListPipelines(kpb.ListPipelinesRequest(), timeout=5)
+    assert [p.policy_hash for p in listed.pipelines] == [info.policy_hash]
+
+
+def test_audit_log_verifies_after_all_of_the_above(kernel, decisions):
+    decisions.Decide(_request(_case()), timeout=10)
+    result = verify_directory(Path(kernel.settings.data_dir) / "audit")
+    assert result.ok, result
+
+
+def test_concurrent_unary_decisions_each_get_their_own_answer(decisions, truth):
+    cases = data.generate_cases(40, seed=3)
+    answers: dict[int, kpb.Decision] = {}
+
+    def worker(k: int) -> None:
+        for i in range(k, len(cases), 8):
+            answers[i] = decisions.Decide(_request(cases[i], request_id=f"c-{i}"), timeout=20)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, case in enumerate(cases):
+        assert answers[i].request_id == f"c-{i}" and answers[i].action == truth(case)[0]

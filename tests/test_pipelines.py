@@ -1,0 +1,150 @@
+"""Pipeline files: the claims pipeline agrees with its model, every error names file, line and field,
+and a refused change leaves the running version serving."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from examples.claims import build_models, data, features
+from kernel.models import ModelHub
+from kernel.pipelines import PipelineError, PipelineRegistry, load_pipeline, parse_pipeline
+from kernel.pipelines.fields import encode_one, encode_rows
+from kernel.policy import load_policy, parse_policy
+
+ROOT = Path(__file__).resolve().parent.parent
+CLAIMS = ROOT / "examples" / "claims" / "pipelines"
+PIPELINE = CLAIMS / "claims_triage.toml"
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("claims_models")
+    build_models.build(folder, models=build_models.MODELS[:1], log=lambda line: None)
+    hub = ModelHub(folder)
+    hub.load_all()
+    return hub
+
+
+@pytest.fixture
+def folder(tmp_path):
+    for path in CLAIMS.glob("*.toml"):
+        shutil.copy(path, tmp_path / path.name)
+    return tmp_path
+
+
+def test_claims_pipeline_encodes_exactly_like_the_trainer():
+    pipeline = load_pipeline(PIPELINE, load_policy)
+    cases = data.generate_cases(300, seed=5)
+    values = [{f.name: case[f.name] for f in pipeline.fields} for case in cases]
+    np.testing.assert_allclose(encode_rows(pipeline.fields, values, pipeline.width), features.encode(cases), rtol=0, atol=1e-6)
+    assert pipeline.width == features.width()
+
+
+def test_single_row_encoding_is_bit_identical_to_the_batch_encoding():
+    pipeline = load_pipeline(PIPELINE, load_policy)
+    values = [{f.name: case[f.name] for f in pipeline.fields} for case in data.generate_cases(3000, seed=6)]
+    one = np.concatenate([encode_one(pipeline.fields, v, pipeline.width) for v in values])
+    assert np.array_equal(one, encode_rows(pipeline.fields, values, pipeline.width))
+
+
+def test_claims_pipeline_binds_to_its_model(hub, folder):
+    registry = PipelineRegistry(folder, hub, load_policy, parse_policy, poll_s=0)
+    assert registry.reload() == ["claims_triage"]
+    pipeline = registry.get("claims_triage")
+    assert pipeline.policy.name == "claims_triage" and len(pipeline.hash) == 64
+    assert registry.errors == {}
+
+
+def _text() -> str:
+    return PIPELINE.read_text()
+
+
+def _line_of(text: str, needle: str) -> int:
+    return next(i for i, line in enumerate(text.splitlines(), 1) if needle in line)
+
+
+def _refused(text: str, folder: Path) -> str:
+    with pytest.raises(PipelineError) as info:
+        parse_pipeline(text.encode(), "p.toml", lambda name: load_policy(folder / name))
+    return str(info.value)
+
+
+@pytest.mark.parametrize(
+    "old, new, field",
+    [
+        ('type = "integer"', 'type = "decimal"', "[[field]] #2.type"),
+        ('encode = "onehot"', 'encode = "sparkle"', "[[field]] #6.encode"),
+        ('min_confidence = 0.6', 'min_confidence = 1.5', "[escalation].min_confidence"),
+        ('timeout_ms = 2000', 'timeout_ms = -1', "[model].timeout_ms"),
+        ('output = "probabilities"', 'output = 3', "[model].output"),
+        ('priority = 0', 'priorty = 0', "[model].priorty"),
+    ],
+)
+def test_each_error_names_file_line_and_field(folder, old, new, field):
+    text = _text()
+    assert old in text
+    bad = text.replace(old, new, 1)
+    message = _refused(bad, folder)
+    assert message.startswith(f"p.toml:{_line_of(bad, new)}: {field}"), message
+
+
+def test_optional_field_without_default_is_refused(folder):
+    text = _text()
+    start = text.index('name = "fraud_score"')
+    block_end = text.index("[[field]]", start)
+    block = text[start:block_end]
+    bad = text[:start] + "\n".join(line for line in block.splitlines() if not line.startswith("default")) + "\n\n" + text[block_end:]
+    message = _refused(bad, folder)
+    assert "'fraud_score' is optional" in message and "needs a `default`" in message
+    assert message.startswith("p.toml:")
+
+
+def test_invalid_toml_names_the_line(folder):
+    bad = _text().replace('name = "claim_amount"', 'name = "claim_amount', 1)
+    message = _refused(bad, folder)
+    line = _line_of(bad, 'name = "claim_amount')
+    assert message.startswith(f"p.toml:{line}: not valid TOML"), message
+
+
+def test_policy_reading_a_field_the_pipeline_lacks_is_refused(folder):
+    text = _text()
+    start = text.index('name = "has_police_report"')
+    bad = text[:text.rindex("[[field]]", 0, start)]  # drop the last field, which the policy reads
+    message = _refused(bad, folder)
+    assert "the policy reads input 'has_police_report'" in message
+    assert message.startswith(f"p.toml:{_line_of(bad, 'file = ')}: [policy].file"), message
+
+
+def test_policy_errors_are_passed_on_with_their_own_file_and_line(folder):
+    policy = folder / "policy.toml"
+    policy.write_text(policy.read_text().replace("fraud_score >= 0.8", "fraud_scor >= 0.8", 1))
+    message = _refused(_text(), folder)
+    assert "policy.toml:" in message and "fraud_scor" in message
+
+
+def test_a_refused_change_keeps_the_running_version(hub, folder):
+    registry = PipelineRegistry(folder, hub, load_policy, parse_policy, poll_s=0)
+    registry.reload()
+    running = registry.get("claims_triage")
+    target = folder / "claims_triage.toml"
+    target.write_text(target.read_text().replace('encode = "onehot"', 'encode = "sparkle"', 1))
+    assert registry.reload() == []
+    assert registry.get("claims_triage") is running
+    assert "sparkle" in registry.errors[str(target)]
+    target.write_text(target.read_text().replace('encode = "sparkle"', 'encode = "onehot"').replace(
+        "min_confidence = 0.6", "min_confidence = 0.7"))
+    assert registry.reload() == ["claims_triage"]
+    assert registry.get("claims_triage").hash != running.hash
+    assert registry.errors == {}
+
+
+def test_a_pipeline_for_a_model_that_is_not_loaded_is_refused(hub, folder):
+    target = folder / "claims_triage.toml"
+    target.write_text(target.read_text().replace('name = "claims_triage"\nversion = ""', 'name = "no_such_model"\nversion = ""'))
+    registry = PipelineRegistry(folder, hub, load_policy, parse_policy, poll_s=0)
+    assert registry.reload() == []
+    assert "model 'no_such_model'" in registry.errors[str(target)]

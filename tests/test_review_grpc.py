@@ -1,0 +1,148 @@
+"""ReviewService over real gRPC (sync and grpc.aio): leases, status codes, paging, SLA counts, watches.
+
+Reviews are created in-process on the server's own queue, as the decision
+layer does; everything else goes through gRPC stubs.
+"""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+import pytest
+
+from _task_server import AioServer, TaskKernel, serve_sync
+from kernel._proto.aios.kernel.v1 import kernel_pb2 as kpb
+from kernel._proto.aios.kernel.v1 import kernel_pb2_grpc as kgrpc
+
+TIMEOUT_S = 20
+
+
+@pytest.fixture(scope="module", params=["sync", "aio"])
+def kernel(request, tmp_path_factory):
+    k = TaskKernel(tmp_path_factory.mktemp(f"reviews-{request.param}"))
+    if request.param == "sync":
+        server, port = serve_sync(k)
+        stop = lambda: server.stop(1).wait()  # noqa: E731
+    else:
+        server = AioServer(k)
+        port, stop = server.port, server.stop
+    k.port = port
+    yield k
+    stop()
+    k.close()
+
+
+@pytest.fixture
+def reviews(kernel):
+    with grpc.insecure_channel(f"127.0.0.1:{kernel.port}") as channel:
+        yield kgrpc.ReviewServiceStub(channel)
+
+
+def escalate(kernel, pipeline: str, tenant: str = "acme", sla_seconds: float = 3600.0) -> kpb.Review:
+    request = kpb.DecisionRequest(pipeline=pipeline, tenant=tenant)
+    decision = kpb.Decision(action="approve", outcome=kpb.ESCALATED, pipeline=pipeline, tenant=tenant)
+    return kernel.queue.create(decision, request, ["approve", "deny"], sla_seconds)
+
+
+def failure(call, message) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as info:
+        call(message, timeout=TIMEOUT_S)
+    return info.value.code(), info.value.details()
+
+
+def wait_until(predicate, timeout_s: float = TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.01)
+
+
+def test_leases_and_resolutions_answer_with_named_status_codes(kernel, reviews):
+    rid = escalate(kernel, "leases").review_id
+    claim = lambda who, lease=60: kpb.ClaimReviewRequest(review_id=rid, reviewer=who, lease_seconds=lease)  # noqa: E731
+    resolve = lambda who, action: kpb.ResolveReviewRequest(review_id=rid, reviewer=who, action=action)  # noqa: E731
+    S = grpc.StatusCode
+    assert failure(reviews.ResolveReview, resolve("alice", "deny"))[0] == S.FAILED_PRECONDITION  # not claimed
+    assert reviews.ClaimReview(claim("alice"), timeout=TIMEOUT_S).claimed_by == "alice"
+    cases = [
+        (reviews.ClaimReview, claim("bob"), S.FAILED_PRECONDITION, "claimed by alice until"),
+        (reviews.ResolveReview, resolve("bob", "deny"), S.FAILED_PRECONDITION, "claimed by alice"),
+        (reviews.ResolveReview, resolve("alice", "shrug"), S.INVALID_ARGUMENT, "action 'shrug' is not allowed"),
+        (reviews.ResolveReview, resolve("alice", ""), S.INVALID_ARGUMENT, "action is required"),
+        (reviews.ClaimReview, claim(""), S.INVALID_ARGUMENT, "reviewer is required"),
+        (reviews.ClaimReview, claim("alice", 100_000), S.INVALID_ARGUMENT, "lease_seconds must be 0..86400"),
+        (reviews.ClaimReview, kpb.ClaimReviewRequest(review_id="nope", reviewer="a"), S.NOT_FOUND, "review 'nope'"),
+        (reviews.ResolveReview, kpb.ResolveReviewRequest(review_id="nope", reviewer="a", action="deny"), S.NOT_FOUND,
+         "review 'nope' does not exist"),
+        (reviews.ClaimReview, kpb.ClaimReviewRequest(reviewer="a"), S.INVALID_ARGUMENT, "review_id is required"),
+    ]
+    for call, message, code, text in cases:
+        got_code, details = failure(call, message)
+        assert (got_code, text in details) == (code, True), details
+    done = reviews.ResolveReview(resolve("alice", "approve"), timeout=TIMEOUT_S)
+    assert done.state == "RESOLVED" and done.resolution.action == "approve"
+    code, details = failure(reviews.ResolveReview, resolve("bob", "deny"))
+    assert code == S.FAILED_PRECONDITION and "already resolved (approve by alice)" in details
+
+
+def test_list_pages_filters_and_counts_missed_slas(kernel, reviews):
+    made = [escalate(kernel, "paging", tenant=("acme" if n % 2 else "globex")).review_id for n in range(7)]
+    late = escalate(kernel, "paging", tenant="acme", sla_seconds=1e-9).review_id  # due 1 ns after creation
+    acme = [rid for n, rid in enumerate(made) if n % 2] + [late]
+    got, token, pages = [], "", 0
+    while True:
+        page = reviews.ListReviews(kpb.ListReviewsRequest(pipeline="paging", tenant="acme", page_size=2,
+                                                          page_token=token), timeout=TIMEOUT_S)
+        got += [r.review_id for r in page.reviews]
+        pages += 1
+        assert page.sla_missed == 1
+        token = page.next_page_token
+        if not token:
+            break
+    assert got == acme and pages == 2
+    assert [r.sla_missed for r in reviews.ListReviews(kpb.ListReviewsRequest(pipeline="paging", tenant="acme"),
+                                                      timeout=TIMEOUT_S).reviews] == [False] * 3 + [True]
+    S = grpc.StatusCode
+    code, details = failure(reviews.ListReviews, kpb.ListReviewsRequest(page_token="not-a-token"))
+    assert code == S.INVALID_ARGUMENT and "page_token" in details
+    token = reviews.ListReviews(kpb.ListReviewsRequest(pipeline="paging", page_size=1), timeout=TIMEOUT_S).next_page_token
+    code, details = failure(reviews.ListReviews, kpb.ListReviewsRequest(pipeline="other", page_token=token))
+    assert code == S.INVALID_ARGUMENT and "other filters" in details
+    code, details = failure(reviews.ListReviews, kpb.ListReviewsRequest(state="LOST"))
+    assert code == S.INVALID_ARGUMENT and "state must be one of" in details
+
+
+def test_watch_streams_new_matching_reviews_and_updates(kernel, reviews):
+    stream = reviews.WatchReviews(kpb.WatchReviewsRequest(pipeline="watched", tenant="acme", include_open=True,
+                                                          updates=True), timeout=TIMEOUT_S)
+    first = escalate(kernel, "watched")
+    escalate(kernel, "watched", tenant="globex")  # filtered out
+    escalate(kernel, "unwatched")
+    assert next(stream).review_id == first.review_id
+    reviews.ClaimReview(kpb.ClaimReviewRequest(review_id=first.review_id, reviewer="alice"), timeout=TIMEOUT_S)
+    update = next(stream)
+    assert (update.review_id, update.state) == (first.review_id, "CLAIMED")
+    second = escalate(kernel, "watched")
+    assert next(stream).review_id == second.review_id
+    stream.cancel()
+
+
+def test_a_client_leaving_a_review_watch_releases_it(kernel, reviews):
+    wait_until(lambda: kernel.queue.watcher_count() == 0)  # earlier tests' watches have been released
+    stream = reviews.WatchReviews(kpb.WatchReviewsRequest(pipeline="leaving", include_open=True), timeout=TIMEOUT_S)
+    rid = escalate(kernel, "leaving").review_id
+    assert next(stream).review_id == rid
+    assert kernel.queue.watcher_count() == 1
+    stream.cancel()
+    wait_until(lambda: kernel.queue.watcher_count() == 0)
+
+
+def test_a_watch_ends_with_the_calls_deadline(kernel, reviews):
+    wait_until(lambda: kernel.queue.watcher_count() == 0)
+    stream = reviews.WatchReviews(kpb.WatchReviewsRequest(pipeline="deadline"), timeout=0.3)
+    with pytest.raises(grpc.RpcError) as info:
+        next(stream)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    wait_until(lambda: kernel.queue.watcher_count() == 0)

@@ -1,0 +1,333 @@
+"""ReviewQueue in-process: leases, resolutions, listing and paging, SLA counts, hooks, watches.
+
+Real SQLite in a temporary data directory. Leases and SLAs are wall-clock;
+the queue reads the time only through the clock it is given, so these tests
+move a settable clock instead of waiting.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from kernel._proto.aios.kernel.v1 import kernel_pb2 as kpb
+from kernel.errors import DeadlineExceeded, FailedPrecondition, Internal, InvalidArgument, NotFound
+from kernel.review import ReviewQueue
+from kernel.store import open_database
+
+S = 1_000_000_000
+
+
+class SettableClock:
+    """A wall clock the test moves by hand."""
+
+    def __init__(self, now_ns: int = 1_700_000_000 * S):
+        self.now_ns = now_ns
+
+    def __call__(self) -> int:
+        return self.now_ns
+
+    def advance(self, seconds: float) -> None:
+        self.now_ns += int(seconds * S)
+
+
+@pytest.fixture
+def clock():
+    return SettableClock()
+
+
+@pytest.fixture
+def db(tmp_path):
+    database = open_database(tmp_path / "var")
+    yield database
+    database.close()
+
+
+@pytest.fixture
+def queue(db, clock):
+    return ReviewQueue(db, clock=clock)
+
+
+def escalate(queue: ReviewQueue, pipeline="claims", tenant="acme", sla=60.0, task_id="", amount=10.0) -> kpb.Review:
+    request = kpb.DecisionRequest(pipeline=pipeline, tenant=tenant, request_id=f"req-{amount}")
+    request.fields["amount"].number_value = amount
+    decision = kpb.Decision(request_id=request.request_id, action="approve", outcome=kpb.ESCALATED,
+                            pipeline=pipeline, tenant=tenant)
+    decision.model.confidence = 0.3
+    return queue.create(decision, request, ["approve", "deny"], sla, task_id=task_id)
+
+
+def test_create_queues_an_open_review(queue, clock):
+    review = escalate(queue, task_id="t1")
+    assert review.state == "OPEN" and review.review_id and review.task_id == "t1"
+    assert review.proposed.review_id == review.review_id and review.proposed.action == "approve"
+    assert review.request.fields["amount"].number_value == 10.0 and list(review.actions) == ["approve", "deny"]
+    assert review.created_unix_ns == clock.now_ns and review.sla_deadline_unix_ns == clock.now_ns + 60 * S
+    assert (review.pipeline, review.tenant, review.request_id) == ("claims", "acme", "req-10.0")
+    assert queue.get(review.review_id) == review
+    with pytest.raises(InvalidArgument, match="actions must be a non-empty list"):
+        queue.create(kpb.Decision(), kpb.DecisionRequest(), [], 60)
+    with pytest.raises(InvalidArgument, match="sla_seconds must be >= 0"):
+        queue.create(kpb.Decision(), kpb.DecisionRequest(), ["a"], -1)
+
+
+def test_a_lease_keeps_other_reviewers_out_until_it_expires(queue, clock):
+    review = escalate(queue)
+    claimed = queue.claim(review.review_id, "alice", 30)
+    assert claimed.state == "CLAIMED" and claimed.claimed_by == "alice"
+    assert claimed.lease_expires_unix_ns == clock.now_ns + 30 * S
+    with pytest.raises(FailedPrecondition, match=f"review '{review.review_id}' is claimed by alice until"):
+        queue.claim(review.review_id, "bob", 30)
+    clock.advance(20)
+    renewed = queue.claim(review.review_id, "alice", 30)  # the holder renews
+    assert renewed.lease_expires_unix_ns == clock.now_ns + 30 * S
+    clock.advance(29)
+    with pytest.raises(FailedPrecondition, match="claimed by alice"):
+        queue.claim(review.review_id, "bob", 30)
+    clock.advance(1)  # alice's lease has run out: the review is open again
+    assert queue.get(review.review_id).state == "OPEN" and queue.get(review.review_id).claimed_by == ""
+    assert queue.claim(review.review_id, "bob", 0).lease_expires_unix_ns == clock.now_ns + 300 * S  # default lease
+
+
+def test_resolve_only_by_the_lease_holder_with_an_allowed_action(queue, clock):
+    review = escalate(queue)
+    rid = review.review_id
+    with pytest.raises(FailedPrecondition, match="is not claimed; claim it"):
+        queue.resolve(rid, "alice", "deny")
+    queue.claim(rid, "alice", 30)
+    with pytest.raises(FailedPrecondition, match="is claimed by alice"):
+        queue.resolve(rid, "bob", "deny")
+    with pytest.raises(InvalidArgument, match="action 'escalate' is not allowed .* allowed: approve, deny"):
+        queue.resolve(rid, "alice", "escalate")
+    clock.advance(31)
+    with pytest.raises(FailedPrecondition, match="the lease of alice .* expired at .*; claim it again"):
+        queue.resolve(rid, "alice", "deny")
+    queue.claim(rid, "alice", 30)
+    clock.advance(5)
+    resolved = queue.resolve(rid, "alice", "deny", "forged receipt")
+    assert (resolved.state, resolved.resolved_action, resolved.resolved_by, resolved.comment) == (
+        "RESOLVED", "deny", "alice", "forged receipt")
+    assert resolved.resolved_unix_ns == clock.now_ns and not resolved.sla_missed
+    assert queue.resolve(rid, "alice", "deny") == resolved  # a retry returns the stored resolution
+    with pytest.raises(FailedPrecondition, match=r"already resolved \(deny by alice\)"):
+        queue.resolve(rid, "alice", "approve")
+    with pytest.raises(FailedPrecondition, match="already resolved"):
+        queue.claim(rid, "bob", 30)
+
+
+def test_bad_ids_and_arguments_are_named(queue):
+    with pytest.raises(NotFound, match="review 'nope' does not exist"):
+        queue.claim("nope", "alice", 30)
+    with pytest.raises(NotFound, match="review 'nope' does not exist"):
+        queue.resolve("nope", "alice", "deny")
+    with pytest.raises(InvalidArgument, match="review_id is required"):
+        queue.get("")
+    rid = escalate(queue).review_id
+    with pytest.raises(InvalidArgument, match="reviewer is required"):
+        queue.claim(rid, "", 30)
+    with pytest.raises(InvalidArgument, match="lease_seconds must be 0..86400"):
+        queue.claim(rid, "alice", 86_401)
+    with pytest.raises(InvalidArgument, match="action is required"):
+        queue.resolve(rid, "alice", "")
+
+
+def test_two_reviewers_racing_for_one_review_get_one_lease(queue):
+    rid = escalate(queue).review_id
+    start = threading.Barrier(8)
+    winners, losers = [], []
+
+    def reviewer(name: str) -> None:
+        start.wait(timeout=10)
+        try:
+            winners.append(queue.claim(rid, name, 60).claimed_by)
+        except FailedPrecondition:
+            losers.append(name)
+
+    threads = [threading.Thread(target=reviewer, args=(f"r{n}",)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=10)
+    assert len(winners) == 1 and len(losers) == 7
+    assert queue.get(rid).claimed_by == winners[0]
+
+
+def test_list_filters_and_pages_with_opaque_tokens(queue, clock):
+    made = [escalate(queue, pipeline=p, tenant=t, amount=n)
+            for n, (p, t) in enumerate([("claims", "acme"), ("claims", "globex"), ("fraud", "acme")] * 5)]
+    queue.claim(made[0].review_id, "alice", 60)
+    queue.claim(made[3].review_id, "alice", 60)
+    queue.resolve(made[3].review_id, "alice", "deny")
+
+    everything = queue.list(page_size=1000)
+    assert [r.review_id for r in everything.reviews] == [r.review_id for r in made] and not everything.next_page_token
+    acme_claims = [r.review_id for r in made if (r.pipeline, r.tenant) == ("claims", "acme")]
+    assert [r.review_id for r in queue.list("claims", "acme").reviews] == acme_claims
+    assert [r.review_id for r in queue.list(state="claimed").reviews] == [made[0].review_id]
+    assert [r.review_id for r in queue.list(state="RESOLVED").reviews] == [made[3].review_id]
+    assert len(queue.list(state="OPEN").reviews) == 13 and len(queue.list(state="UNRESOLVED").reviews) == 14
+
+    pages, token = [], ""
+    while True:
+        page = queue.list(tenant="acme", page_size=3, page_token=token)
+        pages.append([r.review_id for r in page.reviews])
+        token = page.next_page_token
+        if not token:
+            break
+    assert [len(p) for p in pages] == [3, 3, 3, 1]
+    assert sum(pages, []) == [r.review_id for r in made if r.tenant == "acme"]
+
+    token = queue.list(tenant="acme", page_size=3).next_page_token
+    with pytest.raises(InvalidArgument, match="page_token was issued for other filters"):
+        queue.list(tenant="globex", page_size=3, page_token=token)
+    for bad in ("garbage!", "e30", "bm90IGpzb24"):
+        with pytest.raises(InvalidArgument, match="page_token is not a token this kernel issued"):
+            queue.list(page_token=bad)
+    with pytest.raises(InvalidArgument, match="state must be one of OPEN, CLAIMED, UNRESOLVED, RESOLVED"):
+        queue.list(state="DONE")
+    with pytest.raises(InvalidArgument, match="page_size must be >= 0"):
+        queue.list(page_size=-1)
+    assert len(queue.list(page_size=10**6).reviews) == 15  # clamped to 1000, not refused
+
+
+def test_sla_missed_counts_late_resolutions_and_overdue_open_reviews(queue, clock):
+    on_time = escalate(queue, sla=10)
+    late = escalate(queue, sla=10)
+    overdue = escalate(queue, sla=10)
+    no_sla = escalate(queue, sla=0)
+    queue.claim(on_time.review_id, "alice", 60)
+    clock.advance(5)
+    queue.resolve(on_time.review_id, "alice", "approve")
+    assert queue.sla_missed_count() == 0 and queue.list().sla_missed == 0
+    clock.advance(6)  # 11 s after creation: past every 10 s deadline
+    queue.claim(late.review_id, "bob", 60)
+    resolved_late = queue.resolve(late.review_id, "bob", "deny")
+    assert resolved_late.sla_missed
+    assert not queue.get(on_time.review_id).sla_missed
+    assert queue.get(overdue.review_id).sla_missed and not queue.get(no_sla.review_id).sla_missed
+    assert queue.sla_missed_count() == 2
+    response = queue.list(page_size=1)
+    assert response.sla_missed == 2 and len(response.reviews) == 1  # counted over the filter, not the page
+    assert queue.list(state="RESOLVED").sla_missed == 1 and queue.list(state="OPEN").sla_missed == 1
+    assert queue.sla_missed_count(tenant="nobody") == 0
+
+
+def test_hooks_get_the_resolution_and_their_decision_is_kept(queue):
+    seen = []
+
+    def hook(review):
+        seen.append((review.review_id, review.state, review.resolved_action))
+        return kpb.Decision(action=review.resolved_action, outcome=kpb.REVIEWED, review_id=review.review_id)
+
+    queue.on_resolved(hook)
+    rid = escalate(queue).review_id
+    queue.claim(rid, "alice", 60)
+    resolved = queue.resolve(rid, "alice", "deny")
+    assert seen == [(rid, "RESOLVED", "deny")]
+    assert resolved.resolution.action == "deny" and queue.get(rid).resolution.outcome == kpb.REVIEWED
+    queue.resolve(rid, "alice", "deny")  # delivered: a retry runs no hook again
+    assert len(seen) == 1
+
+
+def test_a_failing_hook_is_retried_by_resolving_again_or_by_redeliver(tmp_path, clock):
+    calls = []
+    failing = {"on": True}
+
+    def hook(review):
+        calls.append(review.review_id)
+        if failing["on"]:
+            raise ConnectionError("audit log unavailable")
+
+    with open_database(tmp_path) as db:
+        queue = ReviewQueue(db, clock=clock)
+        queue.on_resolved(hook)
+        first, second = escalate(queue).review_id, escalate(queue).review_id
+        for rid in (first, second):
+            queue.claim(rid, "alice", 60)
+            with pytest.raises(Internal, match=r"is resolved \(deny\), but finishing it failed: ConnectionError"):
+                queue.resolve(rid, "alice", "deny")
+            assert queue.get(rid).state == "RESOLVED"  # the human's answer is kept either way
+        failing["on"] = False
+        queue.resolve(first, "alice", "deny")  # the retry delivers
+        assert calls.count(first) == 2
+    with open_database(tmp_path) as db:  # as after a restart
+        queue = ReviewQueue(db, clock=clock)
+        queue.on_resolved(hook)
+        assert queue.redeliver() == 1 and calls.count(second) == 2
+        assert queue.redeliver() == 0
+
+
+def test_watch_sends_new_reviews_matching_its_filters(queue):
+    watch = queue.watch(pipeline="claims", timeout_s=10)
+    escalate(queue, pipeline="fraud")
+    made = escalate(queue, pipeline="claims")
+    got = next(watch)
+    assert got.review_id == made.review_id and got.state == "OPEN"
+    queue.claim(made.review_id, "alice", 60)  # not sent: updates were not asked for
+    other = escalate(queue, pipeline="claims")
+    assert next(watch).review_id == other.review_id
+    watch.close()
+    assert list(watch) == []
+
+
+def test_watch_with_backlog_and_updates(queue):
+    before = escalate(queue)
+    done = escalate(queue)
+    queue.claim(done.review_id, "alice", 60)
+    queue.resolve(done.review_id, "alice", "approve")
+    watch = queue.watch(include_open=True, updates=True, timeout_s=10)
+    assert next(watch).review_id == before.review_id  # the backlog: unresolved only
+    after = escalate(queue)
+    assert next(watch).review_id == after.review_id
+    queue.claim(after.review_id, "bob", 60)
+    update = next(watch)
+    assert (update.review_id, update.state, update.claimed_by) == (after.review_id, "CLAIMED", "bob")
+    queue.resolve(after.review_id, "bob", "deny")
+    assert [next(watch).state for _ in range(2)] == ["RESOLVED", "RESOLVED"]  # resolved, then delivered
+    with pytest.raises(DeadlineExceeded):
+        queue.watch(timeout_s=0.05).__next__()
+
+
+def test_a_review_created_while_the_backlog_is_read_is_sent_once(queue):
+    first = escalate(queue)
+    watch = queue.watch(include_open=True, timeout_s=10)  # subscribed; the backlog is read lazily
+    racing = escalate(queue)  # both in the backlog and published as new
+    later = escalate(queue)
+    ids = [next(watch).review_id for _ in range(3)]
+    assert ids == [first.review_id, racing.review_id, later.review_id]
+    fourth = escalate(queue)
+    assert next(watch).review_id == fourth.review_id  # not racing or later a second time
+
+
+def test_close_wakes_a_blocked_watcher(queue):
+    watch = queue.watch()
+    ended = threading.Event()
+    reader = threading.Thread(target=lambda: (list(watch), ended.set()))
+    reader.start()
+    watch.close()
+    assert ended.wait(10)
+
+
+def test_reviews_and_leases_survive_reopening(tmp_path, clock):
+    with open_database(tmp_path) as db:
+        queue = ReviewQueue(db, clock=clock)
+        rid = escalate(queue).review_id
+        queue.claim(rid, "alice", 60)
+    with open_database(tmp_path) as db:
+        queue = ReviewQueue(db, clock=clock)
+        with pytest.raises(FailedPrecondition, match="claimed by alice"):
+            queue.claim(rid, "bob", 60)
+        clock.advance(61)
+        assert queue.claim(rid, "bob", 60).claimed_by == "bob"
+
+
+def test_a_task_has_one_review_so_a_rerun_does_not_queue_its_case_twice(queue):
+    first = escalate(queue, task_id="task-1")
+    again = escalate(queue, task_id="task-1", amount=99.0)
+    assert again.review_id == first.review_id and again.request.fields["amount"].number_value == 10.0
+    assert len(queue.list().reviews) == 1
+    queue.claim(first.review_id, "alice", 60)
+    queue.resolve(first.review_id, "alice", "deny")
+    assert escalate(queue, task_id="task-1").state == "RESOLVED"  # the re-run finds the resolution
+    assert escalate(queue, task_id="task-2").review_id != first.review_id

@@ -1,0 +1,209 @@
+"""The data directory's SQLite database and the durable task records on it.
+
+Real files in a temporary data directory: schema migrations by user_version,
+the one-process lock, WAL, compare-and-set transitions with timestamped
+history, idempotent starts and watches.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from kernel._proto.aios.kernel.v1 import kernel_pb2 as kpb
+from kernel.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound
+from kernel.store import MIGRATIONS, open_database
+from kernel.store.schema import latest_version, migrate
+from kernel.tasks import TaskStore
+
+
+@pytest.fixture
+def db(tmp_path):
+    database = open_database(tmp_path / "var")
+    yield database
+    database.close()
+
+
+def decision_request(key: str = "", amount: float = 1.0, tenant: str = "acme") -> kpb.DecisionRequest:
+    req = kpb.DecisionRequest(pipeline="claims", tenant=tenant, idempotency_key=key)
+    req.fields["amount"].number_value = amount
+    return req
+
+
+# -- the database ---------------------------------------------------------------------------
+def test_fresh_database_is_migrated_and_in_wal_mode(tmp_path):
+    with open_database(tmp_path) as db:
+        assert db.schema_version == latest_version() >= 1
+        assert db.path == tmp_path / "kernel.sqlite3"
+    conn = sqlite3.connect(tmp_path / "kernel.sqlite3")
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == latest_version()
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert {"tasks", "reviews", "idempotency", "review_completions"} <= tables
+    conn.close()
+
+
+def test_migrations_run_once_and_in_order(tmp_path):
+    steps = [
+        (1, "a", ("CREATE TABLE a (x INTEGER)",)),
+        (2, "b", ("CREATE TABLE b (y INTEGER)", "INSERT INTO b VALUES (7)")),
+    ]
+    conn = sqlite3.connect(tmp_path / "m.sqlite3", isolation_level=None)
+    assert migrate(conn, steps[:1], "m") == 1
+    assert migrate(conn, steps, "m") == 2  # only step 2 runs: step 1 again would fail (table exists)
+    assert migrate(conn, steps, "m") == 2
+    assert conn.execute("SELECT y FROM b").fetchall() == [(7,)]
+
+
+def test_a_failing_migration_leaves_the_previous_version(tmp_path):
+    conn = sqlite3.connect(tmp_path / "m.sqlite3", isolation_level=None)
+    migrate(conn, [(1, "a", ("CREATE TABLE a (x INTEGER)",))], "m")
+    broken = [(1, "a", ()), (2, "bad", ("CREATE TABLE c (z INTEGER)", "NOT SQL"))]
+    with pytest.raises(sqlite3.OperationalError):
+        migrate(conn, broken, "m")
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+    assert conn.execute("SELECT count(*) FROM sqlite_master WHERE name = 'c'").fetchone()[0] == 0
+
+
+def test_a_database_newer_than_the_kernel_is_refused(tmp_path):
+    open_database(tmp_path).close()
+    conn = sqlite3.connect(tmp_path / "kernel.sqlite3")
+    conn.execute(f"PRAGMA user_version = {latest_version(MIGRATIONS) + 1}")
+    conn.close()
+    with pytest.raises(FailedPrecondition, match="newer than this kernel"):
+        open_database(tmp_path)
+
+
+def test_one_kernel_process_per_data_dir(tmp_path):
+    with open_database(tmp_path):
+        code = (
+            "import sys; from kernel.store import open_database\n"
+            "from kernel.errors import FailedPrecondition\n"
+            f"try:\n    open_database({str(tmp_path)!r})\nexcept FailedPrecondition as e:\n"
+            "    print(e); sys.exit(3)\n"
+        )
+        other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+        assert other.returncode == 3, other.stderr
+        assert "in use by another kernel process" in other.stdout
+        with open_database(tmp_path, exclusive=False) as reader:  # read-only tools skip the lock
+            assert reader.schema_version == latest_version()
+    open_database(tmp_path).close()  # released on close
+
+
+def test_closed_database_refuses_use(tmp_path):
+    db = open_database(tmp_path)
+    db.close()
+    with pytest.raises(FailedPrecondition, match="closed"):
+        with db.write():
+            pass
+
+
+# -- task records -----------------------------------------------------------------------------
+def test_create_queues_a_task_with_a_timestamped_history(db):
+    store = TaskStore(db)
+    task, created = store.create(decision_request())
+    assert created and task.state == kpb.QUEUED and task.task_id
+    assert task.request.request_id, "the kernel makes a request id once, for every run"
+    assert [h.state for h in task.history] == [kpb.QUEUED]
+    assert task.created_unix_ns == task.updated_unix_ns == task.history[0].at_unix_ns > 0
+    assert store.get(task.task_id) == task
+
+
+def test_transitions_are_compare_and_set_and_recorded(db):
+    store = TaskStore(db)
+    task, _ = store.create(decision_request())
+    running = store.transition(task.task_id, kpb.RUNNING, (kpb.QUEUED,), "attempt 1", attempts=1)
+    assert running.state == kpb.RUNNING and running.attempts == 1
+    assert store.transition(task.task_id, kpb.RUNNING, (kpb.QUEUED,)) is None  # not QUEUED any more
+    done = store.transition(task.task_id, kpb.SUCCEEDED, (kpb.RUNNING,), "decided",
+                            decision=kpb.Decision(action="approve"))
+    assert [(h.state, h.attempt, h.detail) for h in done.history] == [
+        (kpb.QUEUED, 0, "started"), (kpb.RUNNING, 1, "attempt 1"), (kpb.SUCCEEDED, 1, "decided"),
+    ]
+    stamps = [h.at_unix_ns for h in done.history]
+    assert stamps == sorted(stamps) and done.updated_unix_ns == stamps[-1]
+    assert store.get(task.task_id).decision.action == "approve"
+
+
+def test_idempotency_key_returns_the_same_task_and_refuses_a_different_request(db):
+    store = TaskStore(db)
+    first, created = store.create(decision_request(key="once"))
+    again = decision_request(key="once")
+    again.request_id, again.timeout_ms = "a-retry-may-change-this", 99
+    second, created_again = store.create(again)
+    assert created and not created_again and second.task_id == first.task_id
+    with pytest.raises(FailedPrecondition, match="request.idempotency_key 'once' already started task"):
+        store.create(decision_request(key="once", amount=2.0))
+    other_tenant, created_other = store.create(decision_request(key="once", tenant="globex"))
+    assert created_other and other_tenant.task_id != first.task_id
+
+
+def test_cancel_unless_final(db):
+    store = TaskStore(db)
+    task, _ = store.create(decision_request())
+    cancelled = store.cancel(task.task_id)
+    assert cancelled.state == kpb.CANCELLED and cancelled.history[-1].detail == "cancelled by a caller"
+    with pytest.raises(FailedPrecondition, match="already CANCELLED"):
+        store.cancel(task.task_id)
+
+
+def test_unknown_and_missing_ids_are_named(db):
+    store = TaskStore(db)
+    with pytest.raises(NotFound, match="task 'nope' does not exist"):
+        store.get("nope")
+    with pytest.raises(InvalidArgument, match="task_id is required"):
+        store.get("")
+    with pytest.raises(InvalidArgument, match="request.pipeline is required"):
+        store.create(kpb.DecisionRequest())
+    with pytest.raises(InvalidArgument, match="request.idempotency_key must be at most"):
+        store.create(decision_request(key="k" * 300))
+
+
+def test_tasks_survive_reopening(tmp_path):
+    with open_database(tmp_path) as db:
+        task, _ = TaskStore(db).create(decision_request())
+        TaskStore(db).transition(task.task_id, kpb.RUNNING, (kpb.QUEUED,), attempts=1)
+    with open_database(tmp_path) as db:
+        again = TaskStore(db).get(task.task_id)
+        assert again.state == kpb.RUNNING and len(again.history) == 2
+
+
+def test_watch_sends_the_current_state_then_each_change_until_final(db):
+    store = TaskStore(db)
+    task, _ = store.create(decision_request())
+    watch = store.watch(task.task_id, timeout_s=10)
+    assert next(watch).state == kpb.QUEUED
+    seen = []
+    reader = threading.Thread(target=lambda: seen.extend(t.state for t in watch))
+    reader.start()
+    store.transition(task.task_id, kpb.RUNNING, (kpb.QUEUED,), attempts=1)
+    store.transition(task.task_id, kpb.QUEUED, (kpb.RUNNING,), "retry")
+    store.transition(task.task_id, kpb.RUNNING, (kpb.QUEUED,), attempts=2)
+    store.transition(task.task_id, kpb.SUCCEEDED, (kpb.RUNNING,))
+    reader.join(timeout=10)
+    assert not reader.is_alive()
+    assert seen == [kpb.RUNNING, kpb.QUEUED, kpb.RUNNING, kpb.SUCCEEDED]
+    final = store.watch(task.task_id)
+    assert [t.state for t in final] == [kpb.SUCCEEDED]  # a final task: one message, then the end
+
+
+def test_watch_times_out_and_closes_from_another_thread(db):
+    store = TaskStore(db)
+    task, _ = store.create(decision_request())
+    watch = store.watch(task.task_id, timeout_s=0.05)
+    next(watch)
+    with pytest.raises(DeadlineExceeded):
+        next(watch)
+    blocked = store.watch(task.task_id)
+    next(blocked)
+    ended = threading.Event()
+    reader = threading.Thread(target=lambda: (list(blocked), ended.set()))
+    reader.start()
+    blocked.close()
+    assert ended.wait(10), "close() must wake a blocked watcher"
+    with pytest.raises(NotFound):
+        store.watch("nope")
