@@ -30,6 +30,9 @@ def _server_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", help="model repository folder (default: ./models)")
     parser.add_argument("--pipelines", help="pipeline folder (default: ./pipelines)")
     parser.add_argument("--data-dir", dest="data_dir", help="audit log, keys and the task/review store (default: ./var)")
+    parser.add_argument("--audit-mode", dest="audit_mode", choices=("fsync", "async", "off"),
+                        help="fsync: a decision is acknowledged once its record is on disk (default); async: "
+                             "written, not yet synced (a power cut can lose the newest); off: no audit (benchmarks only)")
     parser.add_argument("--host", help="listen address (default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="gRPC port (default 8001; 0 = any free port)")
     parser.add_argument("--front-end", dest="front_end", choices=("sync", "aio"), help="gRPC front end")
@@ -38,7 +41,7 @@ def _server_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _settings(args, **extra):
-    keys = ("models", "pipelines", "data_dir", "host", "port", "front_end", "workers", "log_level")
+    keys = ("models", "pipelines", "data_dir", "audit_mode", "host", "port", "front_end", "workers", "log_level")
     overrides = {key: getattr(args, key, None) for key in keys}
     overrides.update(extra)
     return load_settings(args.config, overrides)

@@ -16,7 +16,9 @@ from typing import Any
 FRONT_ENDS = ("sync", "aio")
 SCHEDULERS = ("auto", "cython", "reference")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-AUDIT_MODES = ("fsync", "async")
+# "off" runs decisions without an audit log: a benchmark baseline, never for production
+# (decisions then carry no audit sequence and nothing can be verified or replayed).
+AUDIT_MODES = ("fsync", "async", "off")
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
 

@@ -38,11 +38,15 @@ class DecisionSide:
         data = Path(settings.data_dir)
         data.mkdir(parents=True, exist_ok=True)
         self.db = open_database(data)
-        self.audit = AuditLog.open(
-            data / "audit", mode=settings.audit_mode, key_path=settings.audit_key or None,
-            checkpoint_records=settings.audit_checkpoint_records, checkpoint_ms=settings.audit_checkpoint_ms,
-            segment_bytes=settings.audit_segment_bytes,
-        )
+        self.audit = None
+        if settings.audit_mode != "off":
+            self.audit = AuditLog.open(
+                data / "audit", mode=settings.audit_mode, key_path=settings.audit_key or None,
+                checkpoint_records=settings.audit_checkpoint_records, checkpoint_ms=settings.audit_checkpoint_ms,
+                segment_bytes=settings.audit_segment_bytes,
+            )
+        else:
+            log.warning("audit_mode = off: decisions are NOT recorded (a benchmark baseline, not for production)")
         self.reviews = ReviewQueue(self.db)
         self.idempotency = IdempotencyStore(self.db)
         self.registry = PipelineRegistry(settings.pipelines, hub, load_policy, parse_policy, settings.pipeline_poll_s)
@@ -56,18 +60,19 @@ class DecisionSide:
         self.reviews.redeliver()  # resolutions a crash or a failed hook cut off are finished now
         names = ", ".join(f"{p.name} ({p.label}, policy {p.policy.version})" for p in self.registry.all())
         log.info("decisions: pipelines %s; audit log %s (%s, %d records)", names or "(none)",
-                 Path(self.settings.data_dir) / "audit", self.settings.audit_mode, self.audit.size)
+                 Path(self.settings.data_dir) / "audit", self.settings.audit_mode, self.audit.size if self.audit else 0)
 
     def handlers(self) -> dict:
         return {
             **decision_handlers(self.engine, self.registry),
             **review_handlers(self.reviews),
             **task_handlers(self.tasks),
-            **audit_handlers(self.audit, allow_stream=self.settings.audit_stream_enabled),
+            **(audit_handlers(self.audit, allow_stream=self.settings.audit_stream_enabled) if self.audit else {}),
         }
 
     def close(self) -> None:
-        for step in (self.tasks.stop, self.registry.stop, self.audit.close, self.db.close):
+        steps = (self.tasks.stop, self.registry.stop, *((self.audit.close,) if self.audit else ()), self.db.close)
+        for step in steps:
             try:
                 step()
             except Exception:  # one part failing to stop must not keep the others open
@@ -116,11 +121,12 @@ class DecisionSide:
         )
         resolution.model.CopyFrom(proposed.model)
         resolution.reasons.add(rule_id="REVIEW", description=f"decided by {review.resolved_by}: {review.comment}".rstrip(": "))
-        sequence, digest = self.audit.append_and_wait(
-            resolution_record(resolution, review.resolved_by, proposed.audit_sequence if proposed.audit_hash else None),
-            timeout_s=10.0,
-        )
-        resolution.audit_sequence, resolution.audit_hash = sequence, _hex(digest)
+        if self.audit is not None:
+            sequence, digest = self.audit.append_and_wait(
+                resolution_record(resolution, review.resolved_by, proposed.audit_sequence if proposed.audit_hash else None),
+                timeout_s=10.0,
+            )
+            resolution.audit_sequence, resolution.audit_hash = sequence, _hex(digest)
         self.idempotency.put(_RESOLUTIONS, done_key, "", resolution.SerializeToString())
         if review.task_id:
             self.tasks.complete_from_review(review.review_id, resolution, task_id=review.task_id)

@@ -384,3 +384,11 @@ def test_audit_settings_layers(tmp_path):
     assert settings.audit_checkpoint_ms == 250.0 and settings.audit_segment_bytes == 1 << 20
     assert settings.audit_key == "/k.pem"
     assert load_settings(config, environ={"AIOS_AUDIT_STREAM_ENABLED": "off"}).audit_stream_enabled is False
+
+
+def test_one_open_log_per_directory(tmp_path):
+    with AuditLog.open(tmp_path):
+        with pytest.raises(AuditError, match="already open"):
+            AuditLog.open(tmp_path)
+    with AuditLog.open(tmp_path) as log:  # free again once closed
+        assert log.size == 0

@@ -161,7 +161,8 @@ def test_low_confidence_case_is_escalated_reviewed_and_its_task_completes(channe
     # The resolution is itself in the audit log, linked to the escalated decision.
     stream = kgrpc.AuditServiceStub(channel).StreamAudit(
         kpb.StreamAuditRequest(from_sequence=review.proposed.audit_sequence, kind=kpb.REVIEW_RESOLUTION), timeout=10)
-    linked = [r for r in stream if r.has_link and r.links_to == review.proposed.audit_sequence]
+    records = list(stream)
+    linked = [r for r in records if r.has_link and r.links_to == review.proposed.audit_sequence]
     assert len(linked) == 1 and linked[0].decision.action == "deny" and linked[0].principal == "alice"
 
 

@@ -22,7 +22,9 @@ waiting and later caller gets ``AuditError``; reopening repairs the tail.
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -43,10 +45,22 @@ log = logging.getLogger("aios.audit")
 
 MODES = ("fsync", "async")
 DEFAULT_KEY_FILE = "signing-key.pem"  # inside the log directory unless key_path says otherwise
+LOCK_FILE = "LOCK"
 
 _AuditRecord = kernel_pb2.AuditRecord
 _monotonic_ns = time.monotonic_ns
 _time_ns = time.time_ns
+
+
+def _lock_directory(directory: Path) -> int:
+    """Hold an exclusive lock on ``directory/LOCK`` while the log is open: one writer per directory."""
+    fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise AuditError(f"the audit log {directory} is already open (another kernel process, or this one)") from None
+    return fd
 
 
 class Ticket:
@@ -85,24 +99,15 @@ class AuditLog:
         self._group_ns = int(group_ms * 1e6)
         self._max_pending = max_pending
 
-        state = recover(directory)
-        self._tree = state.tree
-        self._segments = state.segments  # appended by the writer; read by readers
-        self._index = state.index
-        self._last_hash = state.last_hash
-        self.dropped_bytes = state.dropped_bytes  # torn tail cut by this open
-        self._checkpoints, found = cps.CheckpointFile.open(directory)
-        check_against(state, found, directory)
-        if found and found[-1].key_id != key.key_id:
-            log.warning("audit: checkpoints up to tree size %d were signed by key %s; signing with %s from now on",
-                        found[-1].tree_size, found[-1].key_id, key.key_id)
-        self._publish_public_key()
-        if state.dropped_bytes and state.segments:
-            self._keep_torn_tail(state.segments[-1][1], state.tail_size)
-        if state.segments:
-            self._segment = AppendFile.reopen(state.segments[-1][1], state.tail_size)
-        else:
-            self._segment = self._new_segment(0)
+        self._lock_fd = _lock_directory(directory)
+        try:
+            self._open_files(directory, key)
+        except BaseException:
+            for closable in (getattr(self, "_checkpoints", None), getattr(self, "_segment", None)):
+                if closable is not None:
+                    closable.close()
+            os.close(self._lock_fd)
+            raise
 
         size = self._tree.size
         self._written = size  # next sequence the writer assigns
@@ -124,6 +129,27 @@ class AuditLog:
             self._write_checkpoint(self._last_checkpoint_ns)
         self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
         self._thread.start()
+
+    def _open_files(self, directory: Path, key) -> None:
+        """Recover the files' state, check it against the last checkpoint, open the files for appending."""
+        state = recover(directory)
+        self._tree = state.tree
+        self._segments = state.segments  # appended by the writer; read by readers
+        self._index = state.index
+        self._last_hash = state.last_hash
+        self.dropped_bytes = state.dropped_bytes  # torn tail cut by this open
+        self._checkpoints, found = cps.CheckpointFile.open(directory)
+        check_against(state, found, directory)
+        if found and found[-1].key_id != key.key_id:
+            log.warning("audit: checkpoints up to tree size %d were signed by key %s; signing with %s from now on",
+                        found[-1].tree_size, found[-1].key_id, key.key_id)
+        self._publish_public_key()
+        if state.dropped_bytes and state.segments:
+            self._keep_torn_tail(state.segments[-1][1], state.tail_size)
+        if state.segments:
+            self._segment = AppendFile.reopen(state.segments[-1][1], state.tail_size)
+        else:
+            self._segment = self._new_segment(0)
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -278,6 +304,7 @@ class AuditLog:
             with self._state_lock:
                 self._finished = True
             self._release_all()
+            os.close(self._lock_fd)  # another process may open the directory now
 
     def _loop(self) -> None:
         queue = self._queue

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import uuid
 from dataclasses import dataclass
 
 import numpy as np
@@ -68,6 +69,7 @@ class DecisionEngine:
         self.registry = registry
         self.inference = inference
         self.services = services or Services()
+        self._statics: dict = {}
 
     # -- per request -------------------------------------------------------------
     def prepare(self, request, deadline_ns: int | None, principal: str = ANONYMOUS) -> Pending | kpb.Decision:
@@ -151,83 +153,108 @@ class DecisionEngine:
         self._escalate_and_audit(group, results)
         return results
 
+    def _static(self, pipeline: Pipeline, mv) -> tuple:
+        """What every decision of (pipeline, model version) shares, computed once."""
+        key = (pipeline.hash, pipeline.policy.hash, id(mv))
+        found = self._statics.get(key)
+        if found is None:
+            labels = _labels(mv, pipeline.output)
+            out_index = [spec.name for spec in mv.config.outputs].index(pipeline.output)
+            descriptions = {rule.id: rule.description for rule in pipeline.policy.rules}
+            found = (labels, out_index, descriptions, tuple("score." + name for name in labels))
+            if len(self._statics) > 64:  # old pipeline versions; cheap to recompute
+                self._statics.clear()
+            self._statics[key] = found
+        return found
+
     def _decide(self, group: list[Pending]) -> list[kpb.Decision]:
         pipeline = group[0].pipeline
         policy_started = time.monotonic_ns()
         mv = group[0].item.model
-        labels = _labels(mv, pipeline.output)
-        out_index = [spec.name for spec in mv.config.outputs].index(pipeline.output)
+        labels, out_index, descriptions, score_names = self._static(pipeline, mv)
+        n = len(group)
         scores = np.concatenate([np.asarray(p.item.outputs[out_index], dtype=np.float64).reshape(1, -1) for p in group])
         best = scores.argmax(axis=1)
-        confidence = scores[np.arange(len(group)), best]
-        label = np.array([labels[i] for i in best], dtype=object)
+        confidence = scores[np.arange(n), best]
         columns = policy_columns(pipeline.fields, [p.values for p in group])
-        columns["label"] = label
+        columns["label"] = np.array([labels[i] for i in best], dtype=object)
         columns["confidence"] = confidence
-        for j, name in enumerate(labels):
-            columns["score." + name] = scores[:, j]
-        result = pipeline.policy.evaluate(columns, len(group))
-        policy_ns = time.monotonic_ns() - policy_started
-        rules = {rule.id: rule for rule in pipeline.policy.rules}
+        for j, name in enumerate(score_names):
+            columns[name] = scores[:, j]
+        result = pipeline.policy.evaluate(columns, n)
+        policy_ns = (time.monotonic_ns() - policy_started) // n
         minimum = pipeline.escalation.min_confidence
+        policy = pipeline.policy
+        common = dict(outcome=kpb.AUTOMATED, policy_name=policy.name, policy_hash=policy.hash,
+                      policy_version=str(policy.version), pipeline=pipeline.name, pipeline_version=pipeline.hash)
+        errors = getattr(result, "error", None)
         decisions = []
         for k, pending in enumerate(group):
             conf = float(confidence[k])
+            request = pending.request
+            fired = result.fired[k]
             decision = kpb.Decision(
-                request_id=pending.request_id,
-                action=str(result.action[k]),
-                outcome=kpb.AUTOMATED,
+                request_id=pending.request_id, action=str(result.action[k]),
                 input_hash=provenance.input_hash(pipeline.name, pending.values, pending.digests),
-                policy_name=pipeline.policy.name,
-                policy_hash=pipeline.policy.hash,
-                policy_version=str(pipeline.policy.version),
-                pipeline=pipeline.name,
-                pipeline_version=pipeline.hash,
-                tenant=pending.request.tenant,
-                idempotency_key=pending.request.idempotency_key,
+                tenant=request.tenant, idempotency_key=request.idempotency_key, **common,
             )
-            for rule_id in result.fired[k]:
-                decision.reasons.add(rule_id=rule_id, description=rules[rule_id].description)
+            for rule_id in fired:
+                decision.reasons.add(rule_id=rule_id, description=descriptions[rule_id])
             model = decision.model
-            model.model_name, model.model_version, model.route_arm = mv.name, mv.version, "primary"
-            model.confidence = conf
-            for j, name in enumerate(labels):
-                model.class_scores[name] = float(scores[k, j])
-            if bool(result.escalate[k]):
-                decision.escalation_reasons.append("a policy rule asked for review: " + ", ".join(result.fired[k]))
+            model.model_name, model.model_version, model.route_arm, model.confidence = mv.name, mv.version, "primary", conf
+            model.class_scores.update(zip(labels, scores[k].tolist()))
+            why = decision.escalation_reasons
+            if errors is not None and errors[k]:
+                why.append(f"the policy could not decide: {errors[k]}")
+            if result.escalate[k]:
+                why.append("a policy rule asked for review: " + ", ".join(fired))
             if conf < minimum:
-                decision.escalation_reasons.append(f"model confidence {conf:.3f} is below the pipeline's {minimum:g}")
-            if decision.escalation_reasons:
+                why.append(f"model confidence {conf:.3f} is below the pipeline's {minimum:g}")
+            if why:
                 decision.outcome = kpb.ESCALATED
             item = pending.item
-            timings = decision.phase_timings_ns
-            timings["validate"] = pending.prepared_ns - pending.started_ns
-            timings["queue"] = max(0, (item.started_ns or item.enqueued_ns) - item.enqueued_ns)
-            timings["model"] = int(sum(item.timings))
-            timings["policy"] = policy_ns // len(group)
+            decision.phase_timings_ns.update(
+                validate=pending.prepared_ns - pending.started_ns,
+                queue=max(0, (item.started_ns or item.enqueued_ns) - item.enqueued_ns),
+                model=int(sum(item.timings)),
+                policy=policy_ns,
+            )
             decisions.append(decision)
         return decisions
 
     def _escalate_and_audit(self, group: list[Pending], results: list) -> None:
+        """Audit every decision of the group (one wait covers all), then open the reviews.
+
+        An escalated decision gets its review id first, so its audit record
+        names the review; the review is opened once the record is durable
+        and points back at it (audit sequence and hash), which is what links
+        the reviewer's resolution to the decision it overrides. A crash in
+        between leaves a recorded, never acknowledged decision; the caller's
+        retry decides again.
+        """
         reviews, audit, store = self.services.reviews, self.services.audit, self.services.idempotency
         tickets = []
         for pending, decision in zip(group, results):
             if not isinstance(decision, kpb.Decision):
                 continue
             if decision.outcome == kpb.ESCALATED and reviews is not None:
-                review = reviews.create(decision, pending.request, list(pending.pipeline.escalation.review_actions),
-                                        pending.pipeline.escalation.review_sla_s, task_id=pending.task_id)
-                decision.review_id = review.review_id
+                decision.review_id = uuid.uuid4().hex
             if audit is not None:
                 record = provenance.decision_record(decision, pending.values, pending.digests,
                                                     dict(decision.model.class_scores), pending.principal)
-                tickets.append((pending, decision, audit.append(record)))
+                tickets.append((decision, audit.append(record)))
         audit_started = time.monotonic_ns()
-        for pending, decision, ticket in tickets:
+        for decision, ticket in tickets:
             sequence, digest = ticket.wait(self.services.audit_timeout_s)
             decision.audit_sequence = sequence
             decision.audit_hash = digest.hex() if isinstance(digest, bytes) else str(digest)
         audit_ns = (time.monotonic_ns() - audit_started) // max(1, len(tickets))
+        for pending, decision in zip(group, results):
+            if isinstance(decision, kpb.Decision) and decision.review_id:
+                escalation = pending.pipeline.escalation
+                review = reviews.create(decision, pending.request, list(escalation.review_actions),
+                                        escalation.review_sla_s, task_id=pending.task_id, review_id=decision.review_id)
+                decision.review_id = review.review_id  # a re-run task finds the review it opened before
         now = time.monotonic_ns()
         for index, (pending, decision) in enumerate(zip(group, results)):
             if not isinstance(decision, kpb.Decision):

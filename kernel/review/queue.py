@@ -132,7 +132,7 @@ class ReviewQueue:
 
     # -- changes ------------------------------------------------------------------------------
     def create(self, decision: kpb.Decision, request: kpb.DecisionRequest, actions: list[str],
-               sla_seconds: float, task_id: str = "") -> kpb.Review:
+               sla_seconds: float, task_id: str = "", review_id: str = "") -> kpb.Review:
         """Queue ``decision`` (escalated) for review; ``actions`` are what a reviewer may resolve it with.
 
         ``sla_seconds`` > 0 sets the SLA deadline from now; 0 means none. A
@@ -147,7 +147,7 @@ class ReviewQueue:
             raise InvalidArgument(f"sla_seconds must be >= 0 (0 = no SLA), got {sla_seconds}")
         now = self._clock()
         review = kpb.Review(
-            review_id=uuid.uuid4().hex,
+            review_id=review_id or uuid.uuid4().hex,  # the caller may name it first (to audit it before)
             request_id=decision.request_id or request.request_id,
             pipeline=decision.pipeline or request.pipeline,
             tenant=decision.tenant or request.tenant,

@@ -1,0 +1,164 @@
+"""Decide vs bare ModelInfer on the same model, and Decide with the audit log on vs off — one run.
+
+Protocol (BENCHMARKING.md): every configuration is a *fresh* kernel
+subprocess pinned to core 0 (``taskset -c 0``) with a fresh data directory;
+the load (``bench/decide_load.py``, grpc.aio, closed loop) is pinned to
+core 1. Configurations alternate A B C A B C ... for ``--rounds`` rounds;
+the code under test is frozen first (``bench.frontends.snapshot_code``).
+
+Configurations (all serve ``claims_triage`` from ``examples/claims``):
+
+* ``infer``           ModelInfer with the encoded feature row (the baseline)
+* ``decide``          Decide with the claims pipeline, audit ``fsync`` (the default)
+* ``decide-noaudit``  the same with ``--audit-mode off``
+* ``decide-stream``   DecideStream, one decision in flight per stream (``--stream``)
+
+Reported per configuration: median throughput and p50/p99 over rounds and
+server CPU µs per call; ratios of medians decide/infer and decide/decide-noaudit
+with the spread of per-round ratios. Results: ``OUT/decide-<stamp>.json`` and
+``.md``.
+
+    python -m bench.decide_bench [--rounds 3] [--seconds 5] [--concurrency 16] [--stream] [--out bench/out]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench import procs
+from bench.frontends import machine_facts, server_env, snapshot_code, wait_idle
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+READY = re.compile(r"AIOS kernel ready on ([\d.]+):(\d+)")
+CONFIGS = {
+    "infer": ("infer", ()),
+    "decide": ("decide", ()),
+    "decide-noaudit": ("decide", ("--audit-mode", "off")),
+    "decide-stream": ("decide-stream", ()),
+}
+RATIOS = (("decide", "infer"), ("decide", "decide-noaudit"), ("decide-stream", "infer"))
+
+
+def build_models(out: Path) -> Path:
+    sys.path.insert(0, str(REPO_ROOT))
+    from examples.claims import build_models as builder
+
+    folder = out / "decide-models"
+    builder.build(folder, models=builder.MODELS[:1], log=lambda line: None)
+    return folder
+
+
+def run_one(name: str, models: Path, args, code_root: Path, out: Path, stamp: str, round_no: int) -> dict:
+    mode, extra = CONFIGS[name]
+    data_dir = Path(tempfile.mkdtemp(prefix="aios-bench-data-", dir=args.data_parent))
+    argv = [procs.python(), "-m", "kernel", "serve", "--models", str(models), "--pipelines",
+            str(REPO_ROOT / "examples" / "claims" / "pipelines"), "--data-dir", str(data_dir), "--port", "0",
+            "--log-level", "WARNING", *extra]
+    wait_idle(args.wait_idle)
+    server = procs.start_server(name, argv, READY, out / "logs" / f"decide-{stamp}-{round_no}-{name}.log",
+                                cpu="0", env=server_env(code_root), cwd=code_root)
+    try:
+        load = [procs.python(), "-m", "bench.decide_load", "--address", server.url, "--mode", mode,
+                "--concurrency", str(args.concurrency), "--seconds", str(args.seconds), "--warmup", str(args.warmup)]
+        cpu0, t0 = server.cpu_seconds(), time.perf_counter()
+        proc = subprocess.run(procs.taskset_prefix("1") + load, capture_output=True, text=True, cwd=REPO_ROOT,
+                              timeout=args.seconds + args.warmup + 120)
+        cpu1, t1 = server.cpu_seconds(), time.perf_counter()
+        if proc.returncode != 0:
+            return {"config": name, "error": proc.stderr.strip()[-800:]}
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        # The server also worked during warm-up: charge CPU by the share of the load's wall time measured.
+        busy = (cpu1 - cpu0) / (t1 - t0)
+        result["server_cpu_us_per_call"] = round(busy / result["throughput"] * 1e6, 1) if result["throughput"] else None
+        result["config"] = name
+        result["server_errors"] = server.error_lines(5)
+        return result
+    finally:
+        server.stop()
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def summarise(runs: list[dict], configs: list[str]) -> dict:
+    table = {}
+    for name in configs:
+        ok = [r for r in runs if r.get("config") == name and "error" not in r]
+        if not ok:
+            continue
+        table[name] = {
+            "throughput": statistics.median(r["throughput"] for r in ok),
+            "p50_ms": statistics.median(r["p50_ms"] for r in ok),
+            "p99_ms": statistics.median(r["p99_ms"] for r in ok),
+            "cpu_us": statistics.median(r["server_cpu_us_per_call"] or 0 for r in ok),
+            "rounds": len(ok),
+        }
+    ratios = {}
+    for a, b in RATIOS:
+        if a in table and b in table:
+            per_round = [ra["throughput"] / rb["throughput"] for ra, rb in zip(
+                [r for r in runs if r.get("config") == a and "error" not in r],
+                [r for r in runs if r.get("config") == b and "error" not in r])]
+            ratios[f"{a}/{b}"] = {"median_of_medians": table[a]["throughput"] / table[b]["throughput"],
+                                  "min": min(per_round), "max": max(per_round)}
+    return {"table": table, "ratios": ratios}
+
+
+def markdown(summary: dict) -> str:
+    lines = ["| configuration | calls/s | p50 ms | p99 ms | server CPU µs/call | rounds |", "|---|---|---|---|---|---|"]
+    for name, row in summary["table"].items():
+        lines.append(f"| {name} | {row['throughput']:,.0f} | {row['p50_ms']:.2f} | {row['p99_ms']:.2f} | "
+                     f"{row['cpu_us']:.0f} | {row['rounds']} |")
+    lines += ["", "| ratio (throughput) | median | per-round min–max |", "|---|---|---|"]
+    for name, r in summary["ratios"].items():
+        lines.append(f"| {name} | **{r['median_of_medians']:.2f}×** | {r['min']:.2f}–{r['max']:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.decide_bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--warmup", type=float, default=1.0)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--stream", action="store_true", help="also measure DecideStream")
+    parser.add_argument("--configs", default="", help="comma list (default: infer,decide,decide-noaudit[,decide-stream])")
+    parser.add_argument("--wait-idle", dest="wait_idle", type=float, default=10.0)
+    parser.add_argument("--data-parent", dest="data_parent", default=None, help="where fresh data dirs go (disk for fsync)")
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "out")
+    args = parser.parse_args(argv)
+    configs = args.configs.split(",") if args.configs else ["infer", "decide", "decide-noaudit"] + (
+        ["decide-stream"] if args.stream else [])
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    args.out.mkdir(parents=True, exist_ok=True)
+    code_root = snapshot_code(args.out, stamp)
+    models = build_models(args.out)
+    command = "python -m bench.decide_bench " + " ".join(argv if argv is not None else sys.argv[1:])
+    runs = []
+    total = args.rounds * len(configs)
+    for round_no in range(args.rounds):
+        for name in configs:
+            result = run_one(name, models, args, code_root, args.out, stamp, round_no)
+            runs.append(result)
+            shown = (f"{result['throughput']:,.0f}/s p50 {result['p50_ms']:.2f} ms cpu {result['server_cpu_us_per_call']} µs"
+                     if "error" not in result else f"ERROR {result['error'][:200]}")
+            print(f"[{len(runs)}/{total}] round {round_no + 1} {name:15} {shown}", flush=True)
+    summary = summarise(runs, configs)
+    report = {"command": command, "machine": machine_facts(command), "runs": runs, "summary": summary}
+    (args.out / f"decide-{stamp}.json").write_text(json.dumps(report, indent=2))
+    text = markdown(summary)
+    (args.out / f"decide-{stamp}.md").write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(procs.run_main("decide_bench", main))
