@@ -127,9 +127,10 @@ def outcome(result):
 @given(policy=tables(), batch=st.lists(rows(), min_size=1, max_size=40))
 def test_compiled_evaluators_match_the_reference(policy, batch):
     expected = outcome(policy.evaluate_reference(batch))
+    table = [(policy.hit_policy, r.id, r.when) for r in policy.rules]  # shown when an assertion fails
     for backend in available():
         compiled = policy.using(backend)
-        assert outcome(compiled.evaluate_rows(batch)) == expected, backend
+        assert outcome(compiled.evaluate_rows(batch)) == expected, (backend, table)
         assert outcome(compiled.evaluate(compiled.columns(batch), len(batch))) == expected, backend
         # Model outputs handed over as columns, as a pipeline does with a model's batch output.
         outputs = {"label": np.array([r["label"] for r in batch], dtype=object),

@@ -94,7 +94,7 @@ def cmd_export(args) -> int:
 
 
 def build_parser(prog: str = "aios-kernel audit") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description="Verify or export an audit log directory.")
+    parser = argparse.ArgumentParser(prog=prog, description="Verify, export or replay an audit log directory.")
     commands = parser.add_subparsers(dest="audit_command", required=True)
 
     verify = commands.add_parser("verify", help="check every hash, link and signed checkpoint; exit 1 naming "
@@ -116,6 +116,14 @@ def build_parser(prog: str = "aios-kernel audit") -> argparse.ArgumentParser:
     export.add_argument("--pipeline")
     export.add_argument("--kind", type=_kind, help="DECISION, REVIEW_RESOLUTION, MODEL_DEPLOY, ...")
     export.set_defaults(func=cmd_export)
+
+    # Replay needs pipelines and policies; it lives with them and is imported only when used.
+    from ..pipelines import replay_cli
+
+    replay = commands.add_parser("replay", help="re-decide recorded decisions under a candidate policy "
+                                                "and report which would change")
+    replay_cli.add_arguments(replay, _time)
+    replay.set_defaults(func=replay_cli.run)
     return parser
 
 
