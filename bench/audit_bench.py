@@ -23,6 +23,9 @@ shaped like a decision's (provenance, inputs, class scores):
   append itself: the latency auditing adds to one decision.
 - ``verify``: ``verify_directory`` over the bulk ``group`` log of the round:
   records/s.
+- ``floor``: the ``threads`` hand-offs without the log: each of the threads
+  queues a held lock and blocks on it, one thread fdatasyncs per drained
+  group and releases them. The ceiling for ``threads`` on one core.
 
 Rounds alternate the contenders (group, single, group, single, ...) per
 workload; the report gives medians, min-max and the median of per-round
@@ -188,11 +191,64 @@ def run_paced(log, seconds: float, rate: float) -> dict:
             "max_send_lag_ms": max(entry[2] for entry in finished) / 1e6}
 
 
+def run_floor(directory: Path, seconds: float, threads: int) -> dict:
+    """The same thread hand-offs as ``threads`` with no record work: each caller queues a held lock and
+    blocks on it; one writer thread drains the queue, appends a byte and fdatasyncs, releases the locks.
+    What one core can do at all with that many Python threads waking per fsync group."""
+    directory.mkdir(parents=True)
+    fd = os.open(directory / "floor", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    queue: deque = deque()
+    work = threading.Event()
+    stop_at = time.perf_counter() + seconds
+    done = [0] * threads
+    running = [True]
+
+    def writer() -> None:
+        while running[0]:
+            work.wait(0.01)
+            work.clear()
+            group = []
+            while queue:
+                group.append(queue.popleft())
+            if group:
+                os.write(fd, b"x")
+                os.fdatasync(fd)
+                for waiter in group:
+                    waiter.release()
+
+    def caller(index: int) -> None:
+        count = 0
+        while time.perf_counter() < stop_at:
+            waiter = threading.Lock()
+            waiter.acquire()
+            queue.append(waiter)
+            work.set()
+            waiter.acquire()
+            count += 1
+        done[index] = count
+
+    background = threading.Thread(target=writer)
+    background.start()
+    callers = [threading.Thread(target=caller, args=(i,)) for i in range(threads)]
+    started = time.perf_counter()
+    for thread in callers:
+        thread.start()
+    for thread in callers:
+        thread.join()
+    elapsed = time.perf_counter() - started
+    running[0] = False
+    background.join()
+    os.close(fd)
+    return {"records": sum(done), "elapsed_s": elapsed, "records_per_s": sum(done) / elapsed}
+
+
 def one_run(args) -> dict:
     os.sched_setaffinity(0, {args.cpu})
     from kernel.audit import AuditLog, verify_directory
 
     directory = Path(args.dir)
+    if args.workload == "floor":
+        return run_floor(directory, args.seconds, args.threads)
     if args.workload == "verify":
         result = verify_directory(directory)
         if not result.ok:
@@ -259,7 +315,7 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=64, help="closed-loop appender threads")
     parser.add_argument("--paced", default="500,2000,10000",
                         help="open-loop rates (records/s), comma-separated; the baseline runs at the lowest only")
-    parser.add_argument("--run", choices=("bulk", "threads", "paced", "verify"), help=argparse.SUPPRESS)
+    parser.add_argument("--run", choices=("bulk", "threads", "paced", "verify", "floor"), help=argparse.SUPPRESS)
     parser.add_argument("--contender", choices=tuple(CONTENDERS), default="group", help=argparse.SUPPRESS)
     parser.add_argument("--dir", help=argparse.SUPPRESS)
     parser.add_argument("--rate", type=float, default=0.0, help=argparse.SUPPRESS)
@@ -291,6 +347,13 @@ def main(argv=None) -> int:
                     print(f"round {round_number} {workload:8} {contender:7} {result['records_per_s']:>10,.0f} rec/s "
                           f"({result['records_per_group']:.1f} rec/group)"
                           + (f" p99 {result['p99_ms']:.2f} ms" if "p99_ms" in result else ""), flush=True)
+                    if workload == "threads" and contender == "single":
+                        floor_dir = work / f"r{round_number}-floor"
+                        floor = spawn("floor", "group", floor_dir, args)
+                        runs.append({"round": round_number, "workload": "floor", "contender": "floor", **floor})
+                        print(f"round {round_number} floor    {args.threads} threads, lock hand-offs + fdatasync only: "
+                              f"{floor['records_per_s']:>10,.0f} /s", flush=True)
+                        shutil.rmtree(floor_dir)
                     if workload == "bulk" and contender == "group":
                         verified = spawn("verify", "group", directory, args)
                         runs.append({"round": round_number, "workload": "verify", "contender": "verify", **verified})
@@ -327,8 +390,9 @@ def report_tables(runs: list[dict], rates: list[float]) -> dict:
                 if r["workload"] == workload and r["contender"] == contender and key in r}
 
     summary = {}
-    print("\n| workload | contender | records/s median (min-max) | rec/group | p50 ms | p99 ms | p99.9 ms |")
-    print("|---|---|---|---:|---:|---:|---:|")
+    print("\n| workload | contender | records/s median (min-max) | rec/group | p50 ms | p99 ms | p99.9 ms "
+          "| from the append: p50 ms | p99 ms |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|")
     workloads = ["bulk", "threads"] + [f"paced{int(rate)}" for rate in rates]
     for workload in workloads:
         for contender in ("group", "single"):
@@ -337,8 +401,8 @@ def report_tables(runs: list[dict], rates: list[float]) -> dict:
                 continue
             entry = {"records_per_s": summarize(list(rate.values())),
                      "records_per_group": summarize(list(pick(workload, contender, "records_per_group").values()))}
-            cells = ["", "", ""]
-            for index, key in enumerate(("p50_ms", "p99_ms", "p999_ms")):
+            cells = ["", "", "", "", ""]
+            for index, key in enumerate(("p50_ms", "p99_ms", "p999_ms", "send_p50_ms", "send_p99_ms")):
                 values = pick(workload, contender, key)
                 if values:
                     entry[key] = summarize(list(values.values()))
@@ -355,6 +419,15 @@ def report_tables(runs: list[dict], rates: list[float]) -> dict:
         if ratios:
             summary[f"{workload}/ratio"] = summarize(ratios)
             print(f"| {workload} | {statistics.median(ratios):.1f}x ({min(ratios):.1f}-{max(ratios):.1f}) |")
+    floor = pick("floor", "floor", "records_per_s")
+    if floor:
+        summary["floor"] = summarize(list(floor.values()))
+        group = pick("threads", "group", "records_per_s")
+        shares = [group[r] / floor[r] for r in floor if r in group]
+        summary["threads/floor"] = summarize(shares)
+        print(f"\nfloor (thread hand-offs + fdatasync, no records): {summary['floor']['median']:,.0f}/s "
+              f"({summary['floor']['min']:,.0f}-{summary['floor']['max']:,.0f}); threads/group reaches "
+              f"{statistics.median(shares):.2f} of it ({min(shares):.2f}-{max(shares):.2f})")
     verify = pick("verify", "verify", "records_per_s")
     if verify:
         summary["verify"] = summarize(list(verify.values()))

@@ -249,6 +249,16 @@ def build_parser() -> argparse.ArgumentParser:
                            add_help=False, prefix_chars="\0")
     audit.add_argument("audit_args", nargs=argparse.REMAINDER)
     audit.set_defaults(func=cmd_audit)
+
+    policy = sub.add_parser("policy", help="check a policy file, or test it against sample cases")
+    policy_sub = policy.add_subparsers(dest="policy_command", required=True)
+    check = policy_sub.add_parser("check", help="validate a policy file (exit 1 with FILE:LINE errors)")
+    check.add_argument("file")
+    check.set_defaults(func=cmd_policy_check)
+    test = policy_sub.add_parser("test", help="run JSON-lines cases: mismatches and rule coverage")
+    test.add_argument("file")
+    test.add_argument("--cases", required=True, help="JSON lines: {\"row\": {...}, \"expect\": {\"action\": ...}}")
+    test.set_defaults(func=cmd_policy_test)
     return parser
 
 
@@ -256,6 +266,18 @@ def cmd_audit(args) -> int:
     from .audit.cli import main as audit_main
 
     return audit_main(args.audit_args)
+
+
+def cmd_policy_check(args) -> int:
+    from .policy.cli import check_command
+
+    return check_command(args.file)
+
+
+def cmd_policy_test(args) -> int:
+    from .policy.cli import test_command
+
+    return test_command(args.file, args.cases)
 
 
 def main(argv: list[str] | None = None) -> int:

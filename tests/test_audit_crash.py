@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 
-from kernel._proto.aios.kernel.v1 import kernel_pb2 as pb
 from kernel.audit import AuditLog, verify_directory
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -302,3 +302,21 @@ def test_cli_export_json_lines(log_dir, tmp_path_factory):
 
     done = run_cli("export", str(log_dir), "--kind", "nonsense")
     assert done.returncode == 2 and "unknown kind" in done.stderr
+
+
+def test_an_incomplete_last_record_of_a_live_log_is_not_a_failure(log_dir):
+    import fcntl
+    import os
+
+    path = segment(log_dir)
+    with open(path, "ab") as f:  # a group being written right now: its frame is not complete yet
+        f.write((300).to_bytes(4, "little") + b"\x00" * 4 + b"half a record")
+    fd = os.open(log_dir / "LOCK", os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # as the kernel's writer holds it while the log is open
+        result = verify_directory(log_dir)
+        assert result.ok and result.records == RECORDS
+        assert f"record {RECORDS} was still being written" in result.describe()
+    finally:
+        os.close(fd)
+    expect_failure(log_dir, RECORDS, "the file ends inside it")  # nobody writes: it was cut

@@ -14,6 +14,7 @@ analysis to its claims on the same rows.
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -29,8 +30,11 @@ CLASSES = ("a", "b", "c")
 ACTIONS = ("x1", "x2", "x3")
 NUMERIC = ("x", "y", "k", "confidence", "score.a", "score.b")
 INPUTS = {"x": "number", "y": "number", "k": "integer", "s": "string", "t": "string", "b": "bool"}
-pytestmark = pytest.mark.filterwarnings("ignore::hypothesis.errors.HypothesisWarning")  # repr of the strategies
-SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# Hypothesis warns that these recursive strategies have a long repr; that is all it is.
+pytestmark = pytest.mark.filterwarnings("ignore::hypothesis.errors.HypothesisWarning")
+# AIOS_POLICY_EXAMPLES=5000 for a deeper run than the suite's default.
+SETTINGS = settings(max_examples=int(os.environ.get("AIOS_POLICY_EXAMPLES", "150")), deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow])
 
 number = st.one_of(st.sampled_from(NUMBERS), st.floats(-5, 12, allow_nan=False).map(lambda v: round(v, 2)))
 op = st.sampled_from(["==", "!=", "<", "<=", ">", ">="])

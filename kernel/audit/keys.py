@@ -100,6 +100,21 @@ def _load(path: Path) -> SigningKey:
     return SigningKey(private, path)
 
 
+def publish_public_key(directory: Path, key: SigningKey) -> None:
+    """Write ``public-key.pem`` next to the log (atomically), unless it already holds this key."""
+    path = directory / PUBLIC_KEY_FILE
+    pem = key.public_pem()
+    try:
+        if path.read_bytes() == pem:
+            return
+    except FileNotFoundError:
+        pass
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(pem)
+    tmp.replace(path)
+    fsync_dir(directory)
+
+
 def parse_public_key(data: bytes, source: str = "public key") -> bytes:
     """A raw 32-byte Ed25519 public key from PEM, raw bytes, hex or base64 text."""
     if b"-----BEGIN" in data:

@@ -11,12 +11,15 @@ log that no longer matches its last signed checkpoint stops the open with
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .checkpoints import Checkpoint, check_sequence
-from .errors import AuditCorrupt
+from .errors import AuditCorrupt, AuditError
 from .merkle import MerkleTree
 from .record import GENESIS_PREV_HASH, split_stored
 from .segments import MAGIC, FrameScanner, frames_start, list_segments
@@ -25,6 +28,7 @@ log = logging.getLogger("aios.audit")
 
 INDEX_EVERY = 256  # records between entries of the sparse (sequence -> file offset) index
 INDEX_MASK = INDEX_EVERY - 1
+LOCK_FILE = "LOCK"
 
 
 @dataclass
@@ -103,3 +107,43 @@ def check_against(state: LogState, checkpoints: list[Checkpoint], directory: Pat
         raise AuditCorrupt(
             f"records before {latest.tree_size} no longer hash to the root of the checkpoint signed for them"
         )
+
+
+def lock_directory(directory: Path) -> int:
+    """Hold an exclusive lock on ``directory/LOCK`` while the log is open: one writer per directory.
+
+    The lock goes with the process (a killed kernel frees it); close the returned fd to release it.
+    """
+    fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise AuditError(f"the audit log {directory} is already open (another kernel process, or this one)") from None
+    return fd
+
+
+def writer_is_live(directory: Path) -> bool:
+    """Whether some process holds the directory's writer lock now (read from /proc/locks, taking no lock).
+
+    Taking even a shared lock to find out could make a kernel starting at that moment fail to open its log.
+    """
+    try:
+        info = os.stat(directory / LOCK_FILE)
+        with open("/proc/locks", encoding="ascii") as locks:
+            held = locks.read().splitlines()
+    except OSError:
+        return False
+    device = f"{os.major(info.st_dev):02x}:{os.minor(info.st_dev):02x}:{info.st_ino}"
+    return any(len(fields) > 5 and fields[1] == "FLOCK" and fields[5] == device
+               for fields in (line.split() for line in held))
+
+
+def keep_torn_tail(path: Path, intact: int) -> None:
+    """Copy the bytes a torn-tail repair is about to cut to ``<segment>.torn-<time>``, for inspection."""
+    with open(path, "rb") as source:
+        source.seek(intact)
+        tail = source.read()
+    kept = path.with_name(f"{path.name}.torn-{time.time_ns()}")
+    kept.write_bytes(tail)
+    log.warning("audit: the %d bytes cut from %s are kept in %s", len(tail), path.name, kept.name)

@@ -151,7 +151,9 @@ class AppendFile:
         try:
             if os.fstat(fd).st_size != size:
                 os.ftruncate(fd, size)
-                os.fsync(fd)
+            # Records an async-mode writer left in the page cache become durable before any
+            # checkpoint can cover them.
+            os.fsync(fd)
         except BaseException:
             os.close(fd)
             raise

@@ -15,6 +15,9 @@ first sequence number that is not what was written:
   record after the last checkpoint that matched (the change is in between);
 - a checkpoint for more records than the log holds: the first missing record.
 
+A log that is open for writing (its ``LOCK`` held, as /proc/locks shows) may
+end in a record still being written; that one is left out, not failed.
+
 Checkpoint signatures are checked with the given public key (an auditor's
 own copy); without one, with ``public-key.pem`` from the directory, which
 only shows the log is internally consistent.
@@ -32,6 +35,7 @@ from .checkpoints import read_all, signature_ok
 from .errors import AuditCorrupt, AuditError
 from .keys import PUBLIC_KEY_FILE, key_id, load_public_key
 from .merkle import CompactRange
+from .recovery import writer_is_live
 from .record import GENESIS_PREV_HASH, AuditRecord, split_stored
 from .segments import MAGIC, FrameScanner, frames_start, list_segments
 
@@ -43,7 +47,7 @@ class VerifyResult:
     checkpoints: int  # signed checkpoints that verified
     signed_size: int  # records covered by the newest verified checkpoint
     first_bad_sequence: int | None  # None when ok, or when the damage is not in a record
-    reason: str
+    reason: str  # why it failed; when ok, a note (such as a record still being written) or ""
     key_id: str = ""
     elapsed_s: float = 0.0
 
@@ -51,8 +55,9 @@ class VerifyResult:
         if self.ok:
             unsigned = self.records - self.signed_size
             tail = f"; the last {unsigned} are chained but not yet signed" if unsigned else ""
+            note = f" ({self.reason})" if self.reason else ""
             return (f"OK: {self.records} records and {self.checkpoints} signed checkpoints verified "
-                    f"(key {self.key_id}){tail}")
+                    f"(key {self.key_id}){tail}{note}")
         where = f"record {self.first_bad_sequence}" if self.first_bad_sequence is not None else "checkpoints"
         return f"FAILED at {where}: {self.reason}"
 
@@ -89,9 +94,10 @@ class _Walk:
         self.signed_size = 0
         self.count = 0
         self.key_id = ""
+        self.note = ""
 
     def result(self, ok: bool, sequence: int | None, reason: str, started: float) -> VerifyResult:
-        return VerifyResult(ok, self.count, self.verified_checkpoints, self.signed_size, sequence, reason,
+        return VerifyResult(ok, self.count, self.verified_checkpoints, self.signed_size, sequence, reason or self.note,
                             self.key_id, time.perf_counter() - started)
 
     def load_checkpoints(self, public_key: bytes | None) -> None:
@@ -193,6 +199,10 @@ class _Walk:
                 self._check_checkpoints(tree)
             if scanner.problem is not None:
                 last = number == len(segments) - 1
+                if last and scanner.torn and writer_is_live(self.directory):
+                    self.note = (f"the log is open for writing: record {sequence} was still being written and "
+                                 f"is not checked")
+                    return
                 what = "the file ends inside it (cut short, or a crash before it was acknowledged)" \
                     if scanner.torn and last else scanner.problem
                 raise _Failure(sequence, f"record {sequence} in {path.name}: {what}")

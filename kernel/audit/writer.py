@@ -22,7 +22,6 @@ waiting and later caller gets ``AuditError``; reopening repairs the tail.
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import threading
@@ -36,31 +35,21 @@ from .._proto.aios.kernel.v1 import kernel_pb2
 from ..errors import InvalidArgument, ResourceExhausted
 from . import checkpoints as cps
 from .errors import AuditError, AuditTimeout
-from .keys import PUBLIC_KEY_FILE, load_or_create
-from .recovery import INDEX_MASK, check_against, recover
+from .keys import load_or_create, publish_public_key
+from .reader import RecordFilter, iter_log
+from .recovery import INDEX_MASK, check_against, keep_torn_tail, lock_directory, recover
 from .record import HASH_TRAILER
-from .segments import MAGIC, AppendFile, crc32, fsync_dir, pack_header, segment_name
+from .segments import MAGIC, AppendFile, crc32, pack_header, segment_name
+from .watermark import Watermark
 
 log = logging.getLogger("aios.audit")
 
 MODES = ("fsync", "async")
 DEFAULT_KEY_FILE = "signing-key.pem"  # inside the log directory unless key_path says otherwise
-LOCK_FILE = "LOCK"
 
 _AuditRecord = kernel_pb2.AuditRecord
 _monotonic_ns = time.monotonic_ns
 _time_ns = time.time_ns
-
-
-def _lock_directory(directory: Path) -> int:
-    """Hold an exclusive lock on ``directory/LOCK`` while the log is open: one writer per directory."""
-    fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise AuditError(f"the audit log {directory} is already open (another kernel process, or this one)") from None
-    return fd
 
 
 class Ticket:
@@ -99,34 +88,30 @@ class AuditLog:
         self._group_ns = int(group_ms * 1e6)
         self._max_pending = max_pending
 
-        self._lock_fd = _lock_directory(directory)
+        self._lock_fd = lock_directory(directory)
         try:
             self._open_files(directory, key)
+            size = self._tree.size
+            self._written = size  # next sequence the writer assigns
+            self._watermark = Watermark(size)  # records durable (written, in async mode): what readers see
+            self._next = size  # next sequence append() hands out
+            self._queue: deque = deque()
+            self._append_lock = threading.Lock()
+            self._work = threading.Event()
+            self._sleeping = False  # the writer waits on _work: an append must set it
+            self._closing = False
+            self._failure: AuditError | None = None
+            self._groups = 0  # groups committed by this process (one write and, in fsync mode, one fsync each)
+            self._checkpoints_signed = 0
+            self._last_checkpoint_ns = _monotonic_ns()
+            if self._checkpoints.latest is None:  # a signed head from the start, so there always is one
+                self._write_checkpoint(self._last_checkpoint_ns)
         except BaseException:
             for closable in (getattr(self, "_checkpoints", None), getattr(self, "_segment", None)):
                 if closable is not None:
                     closable.close()
             os.close(self._lock_fd)
             raise
-
-        size = self._tree.size
-        self._written = size  # next sequence the writer assigns
-        self._durable = size  # records durable (fsync) or written (async); readers see this many
-        self._next = size  # next sequence append() hands out
-        self._queue: deque = deque()
-        self._append_lock = threading.Lock()
-        self._state_lock = threading.Lock()
-        self._waiters: list[tuple[int, object]] = []  # (sequence, held lock released once it is durable)
-        self._work = threading.Event()
-        self._sleeping = False
-        self._closing = False
-        self._finished = False  # the writer thread has exited
-        self._failure: AuditError | None = None
-        self._groups = 0  # groups committed by this process (one write and, in fsync mode, one fsync each)
-        self._checkpoints_signed = 0
-        self._last_checkpoint_ns = _monotonic_ns()
-        if self._checkpoints.latest is None:  # a signed head from the start, so there is always one
-            self._write_checkpoint(self._last_checkpoint_ns)
         self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
         self._thread.start()
 
@@ -143,9 +128,9 @@ class AuditLog:
         if found and found[-1].key_id != key.key_id:
             log.warning("audit: checkpoints up to tree size %d were signed by key %s; signing with %s from now on",
                         found[-1].tree_size, found[-1].key_id, key.key_id)
-        self._publish_public_key()
+        publish_public_key(directory, key)
         if state.dropped_bytes and state.segments:
-            self._keep_torn_tail(state.segments[-1][1], state.tail_size)
+            keep_torn_tail(state.segments[-1][1], state.tail_size)
         if state.segments:
             self._segment = AppendFile.reopen(state.segments[-1][1], state.tail_size)
         else:
@@ -179,28 +164,6 @@ class AuditLog:
         return cls(directory, mode, key, checkpoint_records, checkpoint_ms, segment_bytes, group_max, group_ms,
                    max_pending)
 
-    def _keep_torn_tail(self, path: Path, intact: int) -> None:
-        """Copy the bytes a torn-tail repair is about to cut to ``<segment>.torn-<time>``, for inspection."""
-        with open(path, "rb") as source:
-            source.seek(intact)
-            tail = source.read()
-        kept = path.with_name(f"{path.name}.torn-{_time_ns()}")
-        kept.write_bytes(tail)
-        log.warning("audit: the %d bytes cut from %s are kept in %s", len(tail), path.name, kept.name)
-
-    def _publish_public_key(self) -> None:
-        path = self.directory / PUBLIC_KEY_FILE
-        pem = self._key.public_pem()
-        try:
-            if path.read_bytes() == pem:
-                return
-        except FileNotFoundError:
-            pass
-        tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(pem)
-        tmp.replace(path)
-        fsync_dir(self.directory)
-
     def __enter__(self) -> "AuditLog":
         return self
 
@@ -211,7 +174,7 @@ class AuditLog:
     @property
     def size(self) -> int:
         """Records durable so far (written, in async mode); sequences 0..size-1."""
-        return self._durable
+        return self._watermark.value
 
     def append(self, record: _AuditRecord) -> Ticket:
         """Queue ``record`` (everything set but sequence, prev_hash and hash) and return at once.
@@ -229,9 +192,9 @@ class AuditLog:
             if self._closing:
                 raise AuditError("the audit log is closed")
             sequence = self._next
-            if sequence - self._durable >= self._max_pending:
+            if sequence - self._watermark.value >= self._max_pending:
                 raise ResourceExhausted(
-                    f"the audit writer is behind: {sequence - self._durable} records wait to be written",
+                    f"the audit writer is behind: {sequence - self._watermark.value} records wait to be written",
                 )
             self._next = sequence + 1
             self._queue.append(record)
@@ -243,52 +206,13 @@ class AuditLog:
         return self.append(record).wait(timeout_s)
 
     def _wait(self, sequence: int, timeout_s: float | None) -> tuple[int, bytes]:
-        if sequence < self._durable:
+        if sequence < self._watermark.value or self._watermark.wait_for(sequence, timeout_s):
             return sequence, self._tree.leaf(sequence)
-        if not self._block_until(sequence, timeout_s):
-            if self._failure is not None:
-                raise AuditError(f"audit record {sequence} was not written: {self._failure.message}")
-            if self._finished:
-                raise AuditError(f"audit record {sequence} was not written: the log closed")
-            raise AuditTimeout(f"audit record {sequence} was not durable within {timeout_s} s")
-        return sequence, self._tree.leaf(sequence)
-
-    def _block_until(self, sequence: int, timeout_s: float | None) -> bool:
-        """Wait until record ``sequence`` is durable; False on timeout, failure or close."""
-        with self._state_lock:
-            if sequence < self._durable:
-                return True
-            if self._failure is not None or self._finished:
-                return False
-            waiter = threading.Lock()
-            waiter.acquire()
-            entry = (sequence, waiter)
-            self._waiters.append(entry)
-        if not waiter.acquire(timeout=-1 if timeout_s is None else max(timeout_s, 0.0)):
-            with self._state_lock:
-                try:
-                    self._waiters.remove(entry)
-                except ValueError:  # released at the same moment
-                    pass
-        return sequence < self._durable
-
-    def _publish(self, durable: int) -> None:
-        with self._state_lock:
-            self._durable = durable
-            if self._waiters:
-                keep = []
-                for entry in self._waiters:
-                    if entry[0] < durable:
-                        entry[1].release()
-                    else:
-                        keep.append(entry)
-                self._waiters = keep
-
-    def _release_all(self) -> None:
-        with self._state_lock:
-            waiters, self._waiters = self._waiters, []
-        for _, waiter in waiters:
-            waiter.release()
+        if self._failure is not None:
+            raise AuditError(f"audit record {sequence} was not written: {self._failure.message}")
+        if self._watermark.stopped:
+            raise AuditError(f"audit record {sequence} was not written: the log closed")
+        raise AuditTimeout(f"audit record {sequence} was not durable within {timeout_s} s")
 
     # ------------------------------------------------------------------ writer thread
     def _run(self) -> None:
@@ -301,9 +225,7 @@ class AuditLog:
                 self._failure = AuditError(f"{type(exc).__name__}: {exc}")
             self._close_files(quietly=True)
         finally:
-            with self._state_lock:
-                self._finished = True
-            self._release_all()
+            self._watermark.stop()
             os.close(self._lock_fd)  # another process may open the directory now
 
     def _loop(self) -> None:
@@ -374,7 +296,7 @@ class AuditLog:
         self._last_hash = previous
         self._written = sequence
         self._groups += 1
-        self._publish(sequence)
+        self._watermark.publish(sequence)
         self._tree.catch_up()  # after the waiters are released: proofs need it, callers do not
 
     def _new_segment(self, first_sequence: int) -> AppendFile:
@@ -431,12 +353,13 @@ class AuditLog:
 
     def stats(self) -> dict[str, int]:
         """Counters since this process opened the log (for metrics and benchmarks)."""
-        return {"size": self._durable, "groups": self._groups, "checkpoints": self._checkpoints_signed,
-                "pending": self._next - self._durable}
+        size = self._watermark.value
+        return {"size": size, "groups": self._groups, "checkpoints": self._checkpoints_signed,
+                "pending": self._next - size}
 
     @property
     def closed(self) -> bool:
-        return self._finished
+        return self._watermark.stopped
 
     @property
     def failure(self) -> AuditError | None:
@@ -451,8 +374,6 @@ class AuditLog:
         Only durable records are returned. With ``follow`` the iterator waits for new records
         until ``stop`` is set (an Event, or a callable returning True) or the log closes.
         """
-        from .reader import RecordFilter, iter_log
-
         wanted = RecordFilter.of(tenant, pipeline, kind, since_unix_ns, until_unix_ns)
         return iter_log(self, from_sequence, wanted, follow, stop)
 
@@ -465,13 +386,14 @@ class AuditLog:
         """The raw 32-byte Ed25519 public key that signs checkpoints."""
         return self._key.public_raw
 
-    def latest_checkpoint(self) -> cps.Checkpoint | None:
+    def latest_checkpoint(self) -> cps.Checkpoint:
+        """The newest signed checkpoint (one is signed when a log is created, so there always is one)."""
         return self._checkpoints.latest
 
     def leaf(self, sequence: int) -> bytes:
         """The hash of a durable record."""
-        if not 0 <= sequence < self._durable:
-            raise IndexError(f"record {sequence} is not in the log (size {self._durable})")
+        if not 0 <= sequence < self._watermark.value:
+            raise IndexError(f"record {sequence} is not in the log (size {self._watermark.value})")
         return self._tree.leaf(sequence)
 
     def root(self, size: int) -> bytes:
@@ -487,9 +409,9 @@ class AuditLog:
         return self._tree.consistency_proof(old_size, new_size)
 
     def _check_size(self, size: int) -> None:
-        if not 0 <= size <= self._durable:
-            raise ValueError(f"tree size {size} is beyond the {self._durable} durable records")
+        if not 0 <= size <= self._watermark.value:
+            raise ValueError(f"tree size {size} is beyond the {self._watermark.value} durable records")
 
     # Used by the reader: wait for record ``sequence`` to become readable.
     def _await_record(self, sequence: int, timeout_s: float) -> bool:
-        return self._block_until(sequence, timeout_s)
+        return self._watermark.wait_for(sequence, timeout_s)

@@ -249,11 +249,15 @@ class DecisionEngine:
             decision.audit_sequence = sequence
             decision.audit_hash = digest.hex() if isinstance(digest, bytes) else str(digest)
         audit_ns = (time.monotonic_ns() - audit_started) // max(1, len(tickets))
-        for pending, decision in zip(group, results):
-            if isinstance(decision, kpb.Decision) and decision.review_id:
-                escalation = pending.pipeline.escalation
-                review = reviews.create(decision, pending.request, list(escalation.review_actions),
-                                        escalation.review_sla_s, task_id=pending.task_id, review_id=decision.review_id)
+        escalated = [(pending, decision) for pending, decision in zip(group, results)
+                     if isinstance(decision, kpb.Decision) and decision.review_id]
+        if escalated:  # one transaction (and one group-committed fsync) for the group's reviews
+            opened = reviews.create_many([
+                (decision, pending.request, list(pending.pipeline.escalation.review_actions),
+                 pending.pipeline.escalation.review_sla_s, pending.task_id, decision.review_id)
+                for pending, decision in escalated
+            ])
+            for (_, decision), review in zip(escalated, opened):
                 decision.review_id = review.review_id  # a re-run task finds the review it opened before
         now = time.monotonic_ns()
         for index, (pending, decision) in enumerate(zip(group, results)):

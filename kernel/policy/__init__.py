@@ -1,10 +1,19 @@
 """Policies: decision tables over request fields and model outputs, checked at load, evaluated per batch.
 
     policy = load_policy("examples/claims/policy.toml")      # or parse_policy(text, source=...)
-    result = policy.evaluate(columns, n)                     # compiled, whole batch (numpy)
-    result = policy.evaluate_rows(rows, outputs=None)        # same, from request dicts
+    policy.name, policy.version, policy.hash, policy.inputs, policy.rules, policy.warnings
+    result = policy.evaluate(columns, n)                     # compiled, the whole batch at once
+    result = policy.evaluate_rows(rows, outputs=None)        # same, from request dicts (+ model output columns)
     result = policy.evaluate_reference(rows)                 # same outcome, row by row in plain Python
     result.action, result.fired, result.escalate, result.adjust, result.error
+    slot = PolicySlot(policy); slot.replace_text(upload)     # hot reload: a refused upload changes nothing
+
+The compiled evaluator runs a flat instruction program (``program.py``)
+either in the Cython kernel ``ext/rules.pyx`` (default when built; it also
+reads request dicts in one pass) or with numpy (``vectorized.py``);
+``policy.using("numpy")`` picks one. Errors: ``PolicyError`` for a file
+(every problem as ``FILE:LINE: subject: reason``), ``PolicyInputError`` for a
+batch that does not fit the declared inputs; both are INVALID_ARGUMENT.
 
 File format (TOML; ``examples/claims/policy.toml`` is a commented example)::
 

@@ -39,6 +39,8 @@ from .types import BOOL, LABEL, NUMERIC, Schema
 
 MAX_TERMS = 256      # boxes per rule condition
 MAX_BOXES = 20_000   # boxes alive while subtracting one rule's boxes from another's
+WORK_LIMIT = 200_000  # box operations for a whole table (about a second here): an upload cannot stall a load
+MAX_ERRORS = 50      # findings of errors before the analysis stops listing them
 SAMPLES = 400        # rows tried when sampling for a witness
 SEED = 20261125
 LT, EQ, GT = "<", "==", ">"
@@ -46,7 +48,11 @@ _PAIR_SETS = {"<": {LT}, "<=": {LT, EQ}, "==": {EQ}, "!=": {LT, GT}, ">=": {EQ, 
 
 
 class Undecided(Exception):
-    """The analysis would exceed its limits."""
+    """The analysis would exceed its limits for one rule."""
+
+
+class Exhausted(Exception):
+    """The analysis used up its work limit (or listed enough errors) for the whole table."""
 
 
 class Universe:
@@ -89,8 +95,10 @@ class Universe:
             return name, (present & values) if term[3] else (present - values)
         if tag == "bool":
             return name, TokenSet({term[2]})
-        # null: missing only, or everything but missing
         only_missing = _only_missing(full)
+        if tag == "known":  # true on present values (or never)
+            return name, (full - only_missing) if term[2] else (full - full)
+        # null: missing only, or everything but missing
         return name, only_missing if term[2] else full - only_missing
 
 
@@ -152,10 +160,11 @@ def subtract(box: dict, other: dict, universe: Universe) -> list[dict]:
     return out
 
 
-def covered(boxes: list[dict], by: list[dict], universe: Universe) -> bool:
+def covered(boxes: list[dict], by: list[dict], universe: Universe, spend=lambda n: None) -> bool:
     """Whether the union of ``boxes`` lies inside the union of ``by``; raises Undecided past MAX_BOXES."""
     remaining = boxes
     for cover in by:
+        spend(len(remaining))
         remaining = [piece for b in remaining for piece in subtract(b, cover, universe)]
         if not remaining:
             return True
@@ -188,8 +197,23 @@ class Analyzer:
         self.findings: list[Finding] = []
         self.shapes: dict[str, list[dict] | None] = {}
         self.pool = _value_pool(rules, schema)
+        self.work = 0
+        self.current = None  # the rule being checked, for the message when the work limit stops us
+
+    def spend(self, operations: int) -> None:
+        self.work += operations
+        if self.work > WORK_LIMIT:
+            raise Exhausted(f"table analysis stopped at its work limit ({WORK_LIMIT:,} box operations) while "
+                            "checking this rule; it and the rules after it are not fully checked")
 
     def run(self) -> list[Finding]:
+        try:
+            self.check_all()
+        except Exhausted as stop:
+            self.findings.append(Finding(self.current, "warning", str(stop)))
+        return self.findings
+
+    def check_all(self) -> None:
         for rule in self.rules:
             try:
                 self.shapes[rule.id] = boxes_of(rule.term, self.universe)
@@ -214,16 +238,20 @@ class Analyzer:
                           if self.ranks[r.action] < rank or (self.ranks[r.action] == rank and j < index)]
                 self.check_reachable(rule, better, "warning", "never decides: every row it matches also "
                                                               "matches a rule that outranks it:")
+        self.current = None
         self.check_default(live)
-        return self.findings
 
     def note(self, rule, severity: str, message: str) -> None:
         self.findings.append(Finding(rule, severity, message))
+        if severity == "error" and sum(f.severity == "error" for f in self.findings) >= MAX_ERRORS:
+            raise Exhausted(f"table analysis stopped after {MAX_ERRORS} errors; fix these and check again")
 
     def check_overlaps(self, rules) -> None:
         for j, later in enumerate(rules):
+            self.current = later
             for earlier in rules[:j]:
                 a, b = self.shapes[earlier.id], self.shapes[later.id]
+                self.spend(len(a) * len(b) if a is not None and b is not None else SAMPLES)
                 if a is None or b is None:
                     witness = self.sample_witness([earlier, later], None)
                     if witness is not None:
@@ -249,28 +277,34 @@ class Analyzer:
                                   f"both match e.g. {_show_row(witness)}")
 
     def check_reachable(self, rule, before, severity: str, what: str) -> None:
+        self.current = rule
         boxes = self.shapes[rule.id]
         shapes = [self.shapes[r.id] for r in before]
         if boxes is None or any(s is None for s in shapes):
             return  # sampling can show a rule reachable, never unreachable: no verdict
+        cover = [box for s in shapes for box in s]
+        self.spend(len(boxes) * len(cover))
+        cover = [c for c in cover if any(meet(b, c, self.universe) is not None for b in boxes)]  # only these matter
         try:
-            hidden = covered(boxes, [box for s in shapes for box in s], self.universe)
+            hidden = covered(boxes, cover, self.universe, self.spend)
         except Undecided:
             self.note(rule, "warning", "reachability not decided (analysis limit reached)")
             return
         if hidden:
             culprits = [r for r in before
                         if any(meet(x, y, self.universe) is not None for x in boxes for y in self.shapes[r.id])]
-            self.note(rule, severity, f"{what} {', '.join(repr(r.id) for r in culprits)}")
+            shown = ", ".join(repr(r.id) for r in culprits[:8])
+            more = f" and {len(culprits) - 8} more" if len(culprits) > 8 else ""
+            self.note(rule, severity, f"{what} {shown}{more}")
 
     def check_default(self, rules) -> None:
         shapes = [self.shapes[r.id] for r in rules]
         if not rules or any(s is None for s in shapes):
             return
         try:
-            everything = covered([{}], [box for s in shapes for box in s], self.universe)
-        except Undecided:
-            return
+            everything = covered([{}], [box for s in shapes for box in s], self.universe, self.spend)
+        except (Undecided, Exhausted):
+            return  # a warning, when it can be had cheaply; nothing to report otherwise
         if everything:
             self.note(None, "warning", "the default rule never applies: the rules cover every possible row")
 

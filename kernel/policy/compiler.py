@@ -65,8 +65,8 @@ class CompiledTable:
         self.adjusting = tuple(k for k, r in enumerate(rules) if r.adjust != 0.0)
         self._row_encoder = getattr(backend, "encode_rows", None)
         slots = self.program.numeric + self.program.coded
-        self._specs = tuple((name, self.codecs[name].flags(backend.FLAGS) if backend.FLAGS else 0, self.codecs[name].codes)
-                            for name in slots)
+        self._specs = tuple((name, self.codecs[name].flags(backend.FLAGS) if backend.FLAGS else 0,
+                             self.codecs[name].codes) for name in slots)
         slot_codecs = [self.codecs[name] for name in slots]
         self._fallback = lambda j, value: slot_codecs[j].scalar(value)
 

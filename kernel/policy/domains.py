@@ -90,12 +90,13 @@ class NumSet:
             return lo if lo_closed and rng.random() < 0.5 else lo + rng.choice([1.0, 0.5, 1e-3, abs(lo) + 1])
         if lo == hi:
             return lo
-        if lo_closed and rng.random() < 0.25:
-            return lo
-        if hi_closed and rng.random() < 0.25:
-            return hi
+        # Round values make readable witnesses; random ones find the rest when sampling.
+        whole = math.floor(lo) + 1.0
+        nice = [v for v in (lo if lo_closed else None, whole if whole < hi else None, (lo + hi) / 2) if v is not None]
+        if rng.random() < 0.7:
+            return nice[0]
         value = rng.uniform(lo, hi)
-        return value if lo < value < hi else (lo + hi) / 2
+        return rng.choice(nice + ([hi] if hi_closed else []) + ([value] if lo < value < hi else []))
 
     def describe(self) -> str:
         parts = []

@@ -10,7 +10,10 @@ values (except ``null``), and its negation is again such a test:
     ("pair", f, op, g)               f op g, two numeric fields, f < g by name
     ("str", field, values, positive) field in values (positive) / present and not in values
     ("bool", field, value)           field is value
-    ("null", field, is_null)         field is missing / is present
+    ("null", field, is_null)         field is missing / is present (never unknown)
+    ("known", field, value)          value when field is present, unknown when missing (what
+                                     `b in {true, false}` or `x == x` reduce to; not a null test,
+                                     whose negation would be true on a missing value)
     ("const", bool)
     ("and", (terms...)), ("or", (terms...))
 
@@ -20,7 +23,7 @@ computes each distinct test once per batch.
 
 from __future__ import annotations
 
-from .syntax import BOOL, FLIPPED, NUMBER, STRING, And, Compare, Field, IsNull, Literal, Member, Node, Not, Or, Range, Truth
+from .syntax import BOOL, FLIPPED, STRING, And, Compare, Field, IsNull, Literal, Member, Node, Not, Or, Range, Truth
 
 TRUE = ("const", True)
 FALSE = ("const", False)
@@ -68,8 +71,8 @@ def _test(node: Node, kinds: dict[str, str]) -> tuple:
             if node.negated:
                 present = {True, False} - present
             if present == {True, False}:
-                return ("null", name, False)
-            return ("bool", name, present.pop()) if present else FALSE
+                return ("known", name, True)
+            return ("bool", name, present.pop()) if present else ("known", name, False)
         unique = sorted(set(values))
         if node.negated:
             return conjoin([("num", name, "!=", v) for v in unique])
@@ -79,8 +82,8 @@ def _test(node: Node, kinds: dict[str, str]) -> tuple:
         kind = kinds[left.name]
         if isinstance(right, Field):
             f, g = left.name, right.name
-            if f == g:  # x op x: true iff x is present and op admits equality
-                return ("null", f, False) if op in ("==", "<=", ">=") else FALSE
+            if f == g:  # x op x: true or false by op when x is present, unknown when missing
+                return ("known", f, op in ("==", "<=", ">="))
             if f > g:
                 f, g, op = g, f, FLIPPED[op]
             return ("pair", f, op, g)
@@ -100,7 +103,7 @@ def negated(term: tuple) -> tuple:
         return ("pair", term[1], COMPLEMENT[term[2]], term[3])
     if tag == "str":
         return ("str", term[1], term[2], not term[3])
-    if tag in ("bool", "null"):
+    if tag in ("bool", "null", "known"):
         return (tag, term[1], not term[2])
     if tag == "const":
         return FALSE if term[1] else TRUE

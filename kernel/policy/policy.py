@@ -94,7 +94,7 @@ class Policy:
         None (NaN in float columns). Extra columns are ignored.
         """
         if n is None:
-            n = _length(columns)
+            n = _length(columns, self.reads)
         return self._compiled.evaluate(self._compiled.encode(columns, n), n)
 
     def evaluate_rows(self, rows: list[dict], outputs: dict | None = None) -> PolicyResult:
@@ -122,7 +122,11 @@ class Policy:
                 f"{len(self.rules)} rules, sha256={self.hash[:12]})")
 
 
-def _length(columns: dict) -> int:
+def _length(columns: dict, reads: dict) -> int:
+    """Rows in a batch given as columns: the length of a column the policy reads (else of any column)."""
+    for name in reads:
+        if name in columns:
+            return len(columns[name])
     for value in columns.values():
         return len(value)
     return 0

@@ -71,8 +71,11 @@ class Program:
             register = self._string(term)
         elif tag == "bool":
             register = self._add(CODE_EQ, self.coded.index(term[1]), 0, 2.0 if term[2] else 1.0)
-        elif tag == "null":
+        elif tag == "known" and not term[2]:
+            register = self._add(CONST, 0, 0, 0.0)  # never true: unknown or false on every row
+        elif tag in ("null", "known"):
             name = term[1]
+            term = ("null", name, False) if tag == "known" else term  # true exactly where the field is present
             if name in self.coded:
                 register = self._add(CODE_EQ if term[2] else CODE_NE, self.coded.index(name), 0, float(MISSING_CODE))
             else:

@@ -17,7 +17,7 @@ import numpy as np
 from .errors import PolicyInputError
 from .result import PolicyResult
 from .syntax import And, Compare, Field, IsNull, Literal, Member, Node, Not, Or, Range, Truth
-from .types import BOOL, INTEGER, NUMBER, STRING, Schema
+from .types import BOOL, INTEGER, NUMBER, Schema
 
 _BOOLS = {True: True, False: False}
 
@@ -31,7 +31,10 @@ def coerce(name: str, ftype: str, value, classes=None, model_output: bool = Fals
     if value is not None:
         if ftype in (NUMBER, INTEGER):
             if isinstance(value, Real):
-                number = float(value)
+                try:
+                    number = float(value)
+                except OverflowError:
+                    raise PolicyInputError(name, f"is a {ftype} field, got a number too large for a float") from None
                 if math.isnan(number):
                     value = None
                 elif ftype == INTEGER and not number.is_integer():
@@ -137,6 +140,8 @@ class ReferenceEvaluator:
         self.reads = reads            # field -> type, every field a condition reads
 
     def values(self, row: dict) -> dict:
+        if not isinstance(row, dict):
+            raise PolicyInputError("rows", "every row must be a dict of field values")
         out = {}
         for name, ftype in self.reads.items():
             model = Schema.is_model_output(name)

@@ -52,7 +52,8 @@ class Range(Node):
     __slots__ = ("field", "lo", "lo_closed", "hi", "hi_closed")
 
     def __init__(self, field: Field, lo: Literal, lo_closed: bool, hi: Literal, hi_closed: bool, pos: int = 0):
-        self.field, self.lo, self.lo_closed, self.hi, self.hi_closed, self.pos = field, lo, lo_closed, hi, hi_closed, pos
+        self.field, self.lo, self.lo_closed, self.pos = field, lo, lo_closed, pos
+        self.hi, self.hi_closed = hi, hi_closed
 
 
 class Member(Node):

@@ -22,7 +22,6 @@ idempotent.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -59,7 +58,8 @@ class ReviewQueue:
         self._clock = clock  # wall clock, in ns: leases and SLAs are persisted
         self._feed = Feed()
         self._hooks: list[Callable[[kpb.Review], object]] = []
-        self._lock = threading.Lock()  # orders a write with its publication, so watchers see commit order
+        # Changes are published from the store's after-commit hooks: once durable, in commit
+        # order, and without a lock of ours around the write, so concurrent writes share a commit.
 
     # -- views --------------------------------------------------------------------------------
     def _present(self, review: kpb.Review, now: int | None = None) -> kpb.Review:
@@ -138,14 +138,49 @@ class ReviewQueue:
         ``sla_seconds`` > 0 sets the SLA deadline from now; 0 means none. A
         task has one review: creating one again for the same ``task_id``
         returns the existing review (in whatever state), so a task re-run
-        after a restart does not queue its case twice.
+        after a restart does not queue its case twice. ``review_id`` names
+        the review (the caller may name it first, to audit it before); empty
+        makes a new id. Durable when it returns; concurrent creates share one
+        commit (group commit).
         """
+        review = self._new_review(decision, request, actions, sla_seconds, task_id, review_id, now=self._clock())
+        stored, _created = self._records.insert(review, after_commit=self._publish_created)
+        return self._present(stored)
+
+    def create_many(self, items) -> list[kpb.Review]:
+        """``create`` for each item, ``(decision, request, actions, sla_seconds[, task_id[, review_id]])``.
+
+        All items are checked first (a bad one raises INVALID_ARGUMENT naming
+        ``items[i]``, and nothing is stored); then all reviews are stored in
+        one transaction (one commit, shared with concurrent writers), or none
+        if storing fails. Returns the reviews in item
+        order (an existing one where a ``task_id`` already had a review).
+        """
+        now = self._clock()
+        reviews = []
+        for index, item in enumerate(items):
+            if not isinstance(item, (tuple, list)) or not 4 <= len(item) <= 6:
+                raise InvalidArgument(
+                    f"items[{index}] must be a tuple (decision, request, actions, sla_seconds[, task_id[, review_id]]),"
+                    f" got {item!r}"
+                )
+            reviews.append(self._new_review(*item, now=now, where=f"items[{index}]."))
+        if not reviews:
+            return []
+
+        def publish(results) -> None:
+            for result in results:
+                self._publish_created(result)
+
+        return [self._present(stored, now) for stored, _created in self._records.insert_many(reviews, publish)]
+
+    def _new_review(self, decision: kpb.Decision, request: kpb.DecisionRequest, actions, sla_seconds: float,
+                    task_id: str = "", review_id: str = "", *, now: int, where: str = "") -> kpb.Review:
         actions = list(actions)
         if not actions or any(not isinstance(a, str) or not a for a in actions):
-            raise InvalidArgument(f"actions must be a non-empty list of action names, got {actions!r}")
+            raise InvalidArgument(f"{where}actions must be a non-empty list of action names, got {actions!r}")
         if not sla_seconds >= 0:
-            raise InvalidArgument(f"sla_seconds must be >= 0 (0 = no SLA), got {sla_seconds}")
-        now = self._clock()
+            raise InvalidArgument(f"{where}sla_seconds must be >= 0 (0 = no SLA), got {sla_seconds}")
         review = kpb.Review(
             review_id=review_id or uuid.uuid4().hex,  # the caller may name it first (to audit it before)
             request_id=decision.request_id or request.request_id,
@@ -160,11 +195,12 @@ class ReviewQueue:
         review.proposed.CopyFrom(decision)
         review.proposed.review_id = review.review_id
         review.request.CopyFrom(request)
-        with self._lock:
-            review, created = self._records.insert(review)
-            if created:
-                self._feed.publish((CREATED, review))
-        return self._present(review)
+        return review
+
+    def _publish_created(self, result: tuple[kpb.Review, bool]) -> None:
+        # Runs once the insert is durable, on the committing thread, in commit order.
+        if result[1]:
+            self._feed.publish((CREATED, result[0]))
 
     def claim(self, review_id: str, reviewer: str, lease_seconds: float = 0) -> kpb.Review:
         """Give ``reviewer`` the review for ``lease_seconds`` (0 = 300 s); claiming again renews the lease."""
@@ -249,13 +285,15 @@ class ReviewQueue:
 
     def _change(self, review_id: str, mutate, delivered: bool | None = None) -> tuple[kpb.Review, bool, bool]:
         _required(review_id, "review_id")
-        with self._lock:  # a change and its publication, in commit order
-            result = self._records.update(review_id, mutate, delivered)
-            if result is None:
-                raise NotFound(f"review '{review_id}' does not exist")
-            if result[1]:
-                self._feed.publish((UPDATED, result[0]))
+        result = self._records.update(review_id, mutate, delivered, after_commit=self._publish_updated)
+        if result is None:
+            raise NotFound(f"review '{review_id}' does not exist")
         return result
+
+    def _publish_updated(self, result) -> None:
+        # Runs once the change is durable, on the committing thread, in commit order.
+        if result is not None and result[1]:
+            self._feed.publish((UPDATED, result[0]))
 
     def _deliver(self, review: kpb.Review) -> kpb.Review:
         failures, resolution = [], None

@@ -3,7 +3,9 @@
 The rest of the kernel sees a backend as a ``Database``-like object with two
 record sets, ``.tasks`` and ``.reviews`` (insert / get / compare-and-set
 replace / scans), an ``IdempotencyStore`` over it, and in-process change
-feeds. A clustered backend (NATS JetStream KV and streams) implements the
+feeds. Writes are group-committed (``Database.transact``: concurrent writers
+share one transaction and one fsync, each keeps its own result or error;
+``after_commit`` hooks publish changes once durable). A clustered backend (NATS JetStream KV and streams) implements the
 same small interfaces.
 """
 

@@ -36,6 +36,7 @@ that is not durable yet.
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import threading
 import time
@@ -44,6 +45,7 @@ from collections.abc import Callable
 
 from ..errors import Internal
 
+log = logging.getLogger("aios.store")
 _monotonic_ns = time.monotonic_ns
 
 # What a follower is woken for.
@@ -73,9 +75,12 @@ class _Write:
 class GroupCommit:
     """Queues writes for one connection and commits them in groups (see the module docstring).
 
-    ``begin(durable)`` takes the connection's lock, sets its synchronous level
-    and returns it (raising if the database is closed); ``end()`` releases the
-    lock. Counters: ``commits`` (transactions committed), ``durable_commits``,
+    ``begin(durable)`` takes the connection's lock, sets its synchronous level,
+    opens a write transaction (BEGIN IMMEDIATE) and returns the connection; if
+    it raises (the database is closed, another process holds the write lock)
+    it has released the lock. ``end()`` releases the lock.
+
+    Counters: ``commits`` (transactions committed), ``durable_commits``,
     ``writes`` (writes committed in them), ``largest_group``.
     """
 
@@ -120,7 +125,6 @@ class GroupCommit:
         self._join(write)  # a block is never run by another leader: joining returns only to lead
         try:
             conn = self._begin(durable)
-            conn.execute("BEGIN IMMEDIATE")
         except BaseException:
             self._hand_off()
             raise
@@ -157,6 +161,7 @@ class GroupCommit:
         with self._lock:
             if self._pending:
                 nxt = self._pending.popleft()
+                self._leader = 0  # until the new leader is awake and sets its own
                 nxt.state = _LEAD
                 nxt.wake.release()
             else:
@@ -187,7 +192,6 @@ class GroupCommit:
                 durable = any(w.durable and w.work is not None for w in self._pending)
         try:
             conn = self._begin(durable)
-            conn.execute("BEGIN IMMEDIATE")
         except BaseException as exc:
             first.error = exc
             self._hand_off()
@@ -283,9 +287,7 @@ class GroupCommit:
                 try:
                     write.after_commit(write.result)
                 except Exception:  # a watcher's filter failing must not fail the writes
-                    import logging
-
-                    logging.getLogger("aios.store").exception("an after-commit hook failed")
+                    log.exception("an after-commit hook failed")
 
 
 class _GroupLost(Exception):

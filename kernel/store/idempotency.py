@@ -10,7 +10,8 @@ Expiry uses the wall clock, because it is persisted and must mean the same
 after a restart. Writes are not fsynced by default (``durable=False``): a
 process crash loses nothing (WAL), a power loss may lose the newest keys,
 and a retry then recomputes the same answer. Pass ``durable=True`` to fsync
-each put (about 5x slower per put here: "Local store" in bench/RESULTS.md).
+each put (about 5x slower per put here: "Local store" in bench/RESULTS.md;
+concurrent puts share a group commit either way).
 """
 
 from __future__ import annotations
@@ -83,7 +84,9 @@ class IdempotencyStore:
         """
         check_key(key)
         now = self._clock()
-        with self._db.write(durable=self._durable) as conn:
+        response = bytes(response)
+
+        def work(conn) -> bytes:
             found = conn.execute(
                 "SELECT request_hash, response FROM idempotency WHERE tenant = ? AND key = ? AND expires_unix_ns > ?",
                 (tenant, key, now),
@@ -95,17 +98,19 @@ class IdempotencyStore:
             conn.execute(
                 "INSERT OR REPLACE INTO idempotency (tenant, key, request_hash, response, created_unix_ns,"
                 " expires_unix_ns) VALUES (?, ?, ?, ?, ?, ?)",
-                (tenant, key, request_hash, bytes(response), now, now + self.retention_ns),
+                (tenant, key, request_hash, response, now, now + self.retention_ns),
             )
-            self._puts += 1
+            self._puts += 1  # works run one at a time (on the group's leader), so no lock
             if self._puts % PURGE_EVERY == 0:
                 self._purge(conn, now)
-        return bytes(response)
+            return response
+
+        return self._db.transact(work, durable=self._durable)
 
     def purge_expired(self) -> int:
         """Delete expired keys (at most PURGE_BATCH); returns how many went."""
-        with self._db.write(durable=self._durable) as conn:
-            return self._purge(conn, self._clock())
+        now = self._clock()
+        return self._db.transact(lambda conn: self._purge(conn, now), durable=self._durable)
 
     @staticmethod
     def _purge(conn, now: int) -> int:

@@ -5,10 +5,15 @@ Tasks, reviews and idempotency keys share ``<data_dir>/kernel.sqlite3``:
 - WAL journal, so readers never wait for a writer's fsync.
 - Writes go through one connection behind a lock (SQLite allows one writer
   at a time anyway; waiting on our lock instead of retrying on SQLITE_BUSY
-  keeps waits short). ``write(durable=True)`` commits with
-  ``synchronous=FULL``: the change is on disk when the block ends. Task and
-  review state changes use it; records that can be recomputed (idempotency
-  answers) may pass ``durable=False`` and skip the per-commit fsync.
+  keeps waits short), and are **group-committed** (``group_commit.py``):
+  writers that arrive while a commit waits for its fsync are run together,
+  each in its own savepoint, and committed in one transaction with one
+  fsync; each gets its own result or its own exception. ``transact(work)``
+  is the way in; ``write()`` (a block of statements run by its caller)
+  still works: it waits for its turn and leads a group, its block first. Durable writes (the default) commit with
+  ``synchronous=FULL``: the change is on disk when the call returns. Task and
+  review state changes use them; records that can be recomputed (idempotency
+  answers) may pass ``durable=False`` and skip the fsync.
 - Reads use a small pool of read-only connections, handed out in arrival
   order, so listing reviews does not queue behind a commit's fsync (see
   "Local store" in bench/RESULTS.md). Writes read what they change inside their
@@ -27,12 +32,13 @@ import queue
 import sqlite3
 import threading
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
 
 from ..errors import FailedPrecondition
+from .group_commit import GroupCommit
 from .schema import MIGRATIONS, migrate
 
 try:
@@ -43,6 +49,8 @@ except ImportError:  # not POSIX: no cross-process lock
 DATABASE_FILE = "kernel.sqlite3"
 LOCK_FILE = "kernel.lock"
 BUSY_TIMEOUT_MS = 10_000  # another process (a read-only tool) holding a write lock
+GROUP_MAX = 256  # writes per group commit
+GROUP_MS = 5.0  # ms of work after which a group stops taking newcomers and commits
 
 
 def _connect(path: Path, read_only: bool) -> sqlite3.Connection:
@@ -89,7 +97,9 @@ class _FairSlots:
 class Database:
     """A data directory's SQLite database; use ``open_database``."""
 
-    def __init__(self, data_dir: str | os.PathLike, *, exclusive: bool = True, read_connections: int = 2):
+    def __init__(self, data_dir: str | os.PathLike, *, exclusive: bool = True, read_connections: int = 2,
+                 group_max: int = GROUP_MAX, group_ms: float = GROUP_MS):
+        self._group = GroupCommit(self._begin_group, self._end_group, group_max, group_ms)
         self.data_dir = Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.data_dir / DATABASE_FILE
@@ -147,23 +157,75 @@ class Database:
             self._writer.execute(f"PRAGMA synchronous = {level}")
             self._synchronous = level
 
+    def transact(self, work: Callable[[sqlite3.Connection], object], durable: bool = True,
+                 after_commit: Callable[[object], None] | None = None):
+        """Run ``work(conn)`` in a write transaction; returns what it returns, once committed.
+
+        The transaction may be shared with other writers (group commit), each
+        in its own savepoint: if ``work`` raises, its own changes are rolled
+        back and its exception is raised here, and the others still commit.
+        With ``durable`` the commit is fsynced before this returns.
+        ``after_commit(result)``, if given, runs after the commit (on the
+        committing thread, in commit order, before this returns): publish
+        changes to in-process watchers there. ``work`` must only use the
+        connection it is given and must not start another write.
+        """
+        self._check_open()
+        return self._group.run(work, durable, after_commit)
+
     @contextmanager
     def write(self, durable: bool = True) -> Iterator[sqlite3.Connection]:
         """One write transaction (BEGIN IMMEDIATE … COMMIT); rolled back if the block raises.
 
-        With ``durable`` the commit is fsynced before the block returns.
+        With ``durable`` the commit is fsynced before the block returns. The
+        block runs on the caller's thread, so it cannot be queued for another
+        thread to run: it waits for its turn and leads a group, whose commit
+        also covers the ``transact`` writes queued meanwhile.
         """
-        with self._write_lock:
+        self._check_open()
+        write, conn = self._group.begin_block(durable)
+        try:
+            yield conn
+        except BaseException as exc:
+            self._group.end_block(write, conn, exc)
+            raise
+        self._group.end_block(write, conn, None)
+        write.outcome()  # the commit's own failure, if any
+
+    def _begin_group(self, durable: bool) -> sqlite3.Connection:
+        self._write_lock.acquire()
+        try:
             self._check_open()
             self._set_synchronous("FULL" if durable else "NORMAL")
-            conn = self._writer
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield conn
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
+            self._writer.execute("BEGIN IMMEDIATE")
+        except BaseException:
+            self._write_lock.release()
+            raise
+        return self._writer
+
+    def _end_group(self) -> None:
+        self._write_lock.release()
+
+    # -- group-commit counters (since open) ------------------------------------------------
+    @property
+    def commits(self) -> int:
+        """Write transactions committed (each group of writes is one; durable ones are one fsync each)."""
+        return self._group.commits
+
+    @property
+    def writes(self) -> int:
+        """Writes committed (``transact`` calls and ``write`` blocks that did not raise)."""
+        return self._group.writes
+
+    @property
+    def queued_writes(self) -> int:
+        """Writes waiting for the commit in progress to finish (they form the next group)."""
+        return self._group.queued
+
+    def stats(self) -> dict[str, int]:
+        group = self._group
+        return {"commits": group.commits, "durable_commits": group.durable_commits, "writes": group.writes,
+                "largest_group": group.largest_group, "queued_writes": group.queued}
 
     @contextmanager
     def read(self) -> Iterator[sqlite3.Connection]:
@@ -223,10 +285,14 @@ class Database:
         self.close()
 
 
-def open_database(data_dir: str | os.PathLike, *, exclusive: bool = True, read_connections: int = 2) -> Database:
+def open_database(data_dir: str | os.PathLike, *, exclusive: bool = True, read_connections: int = 2,
+                  group_max: int = GROUP_MAX, group_ms: float = GROUP_MS) -> Database:
     """Open (creating and migrating as needed) the database of ``data_dir``.
 
     ``exclusive=False`` skips the data-directory lock, for tools that only
-    read while a kernel runs.
+    read while a kernel runs. ``group_max``/``group_ms`` bound a group commit
+    (writes, and ms of work before it stops taking newcomers); ``group_max=1``
+    commits (and fsyncs) every write on its own.
     """
-    return Database(data_dir, exclusive=exclusive, read_connections=read_connections)
+    return Database(data_dir, exclusive=exclusive, read_connections=read_connections, group_max=group_max,
+                    group_ms=group_ms)

@@ -13,6 +13,8 @@ from collections.abc import Callable
 
 from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
 
+AfterCommit = Callable[[object], None] | None
+
 RESOLVED = "RESOLVED"
 
 # state filter -> (SQL condition, whether it uses now)
@@ -50,34 +52,48 @@ def _columns(review: kpb.Review) -> tuple:
     )
 
 
+def _insert(conn, review: kpb.Review) -> tuple[kpb.Review, bool]:
+    if review.task_id:
+        found = conn.execute("SELECT body FROM reviews WHERE task_id = ?", (review.task_id,)).fetchone()
+        if found is not None:
+            return kpb.Review.FromString(found[0]), False
+    conn.execute(
+        "INSERT INTO reviews (review_id, pipeline, tenant, resolved, lease_expires_unix_ns,"
+        " sla_deadline_unix_ns, resolved_unix_ns, task_id, delivered, revision, body)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, 1, ?)",
+        (review.review_id, *_columns(review), review.task_id, review.SerializeToString()),
+    )
+    return review, True
+
+
 class SqliteReviewRecords:
-    """Durable review records; every write is fsynced before it returns."""
+    """Durable review records; every write is fsynced before it returns.
+
+    Writes are group-committed with other writers (``Database.transact``);
+    ``after_commit(result)``, if given, runs once the write is durable, in
+    commit order, before the call returns: the review queue publishes its
+    change feed there.
+    """
 
     def __init__(self, db):
         self._db = db
 
-    def insert(self, review: kpb.Review) -> tuple[kpb.Review, bool]:
+    def insert(self, review: kpb.Review, after_commit: AfterCommit = None) -> tuple[kpb.Review, bool]:
         """Store a new review; ``(review, True)``, or ``(existing, False)`` if its task already has one."""
-        with self._db.write() as conn:
-            if review.task_id:
-                found = conn.execute("SELECT body FROM reviews WHERE task_id = ?", (review.task_id,)).fetchone()
-                if found is not None:
-                    return kpb.Review.FromString(found[0]), False
-            conn.execute(
-                "INSERT INTO reviews (review_id, pipeline, tenant, resolved, lease_expires_unix_ns,"
-                " sla_deadline_unix_ns, resolved_unix_ns, task_id, delivered, revision, body)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, 1, ?)",
-                (review.review_id, *_columns(review), review.task_id, review.SerializeToString()),
-            )
-        return review, True
+        return self._db.transact(lambda conn: _insert(conn, review), after_commit=after_commit)
+
+    def insert_many(self, reviews: list[kpb.Review],
+                    after_commit: AfterCommit = None) -> list[tuple[kpb.Review, bool]]:
+        """``insert`` for each review, all in one transaction: all are stored, or (on an error) none."""
+        return self._db.transact(lambda conn: [_insert(conn, review) for review in reviews], after_commit=after_commit)
 
     def get(self, review_id: str) -> kpb.Review | None:
         with self._db.read() as conn:
             found = conn.execute("SELECT body FROM reviews WHERE review_id = ?", (review_id,)).fetchone()
         return None if found is None else kpb.Review.FromString(found[0])
 
-    def update(self, review_id: str, mutate: Callable[[kpb.Review], bool],
-               delivered: bool | None = None) -> tuple[kpb.Review, bool, bool] | None:
+    def update(self, review_id: str, mutate: Callable[[kpb.Review], bool], delivered: bool | None = None,
+               after_commit: AfterCommit = None) -> tuple[kpb.Review, bool, bool] | None:
         """Read the review, let ``mutate`` change it in place, write it back, atomically.
 
         ``mutate`` returns False to write nothing and may raise to abort;
@@ -85,7 +101,7 @@ class SqliteReviewRecords:
         all run. Returns ``(review, changed, delivered)``, None if there is no
         such review.
         """
-        with self._db.write() as conn:
+        def work(conn):
             found = conn.execute(
                 "SELECT body, revision, delivered FROM reviews WHERE review_id = ?", (review_id,),
             ).fetchone()
@@ -101,7 +117,9 @@ class SqliteReviewRecords:
                 " WHERE review_id = ?",
                 (*_columns(review), int(now_delivered), revision + 1, review.SerializeToString(), review_id),
             )
-        return review, True, now_delivered
+            return review, True, now_delivered
+
+        return self._db.transact(work, after_commit=after_commit)
 
     def page(self, pipeline: str, tenant: str, state: str, now_unix_ns: int, after_seq: int,
              limit: int) -> list[tuple[int, kpb.Review]]:

@@ -9,10 +9,11 @@ get and compare-and-set loop), and a few scans.
 from __future__ import annotations
 
 import time
-
 from collections.abc import Callable
 
 from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
+
+AfterCommit = Callable[[object], None] | None
 
 
 def _row(task: kpb.Task) -> tuple:
@@ -20,12 +21,19 @@ def _row(task: kpb.Task) -> tuple:
 
 
 class SqliteTaskRecords:
-    """Durable task records; every write is fsynced before it returns."""
+    """Durable task records; every write is fsynced before it returns.
+
+    Writes are group-committed with other writers (``Database.transact``);
+    ``after_commit(result)``, if given, runs once the write is durable, in
+    commit order, before the call returns: the task store publishes its
+    change feed there.
+    """
 
     def __init__(self, db):
         self._db = db
 
-    def insert(self, task: kpb.Task, request_hash: str) -> tuple[kpb.Task, int, str, bool]:
+    def insert(self, task: kpb.Task, request_hash: str,
+               after_commit: AfterCommit = None) -> tuple[kpb.Task, int, str, bool]:
         """Store a new task at revision 1.
 
         Returns ``(task, revision, request_hash, created)``: when the tenant
@@ -33,7 +41,9 @@ class SqliteTaskRecords:
         (with its request hash) and ``created=False``.
         """
         state, tenant, key, review_id = _row(task)
-        with self._db.write() as conn:
+        body = task.SerializeToString()
+
+        def work(conn):
             if key:
                 found = conn.execute(
                     "SELECT body, revision, request_hash FROM tasks WHERE tenant = ? AND idempotency_key = ?",
@@ -44,9 +54,11 @@ class SqliteTaskRecords:
             conn.execute(
                 "INSERT INTO tasks (task_id, state, tenant, idempotency_key, request_hash, review_id, revision, body)"
                 " VALUES (?, ?, ?, ?, ?, ?, 1, ?)",
-                (task.task_id, state, tenant, key, request_hash, review_id, task.SerializeToString()),
+                (task.task_id, state, tenant, key, request_hash, review_id, body),
             )
-        return task, 1, request_hash, True
+            return task, 1, request_hash, True
+
+        return self._db.transact(work, after_commit=after_commit)
 
     def get(self, task_id: str) -> tuple[kpb.Task, int] | None:
         with self._db.read() as conn:
@@ -55,14 +67,15 @@ class SqliteTaskRecords:
             return None
         return kpb.Task.FromString(found[0]), found[1]
 
-    def update(self, task_id: str, mutate: Callable[[kpb.Task], bool]) -> tuple[kpb.Task, int, bool] | None:
+    def update(self, task_id: str, mutate: Callable[[kpb.Task], bool],
+               after_commit: AfterCommit = None) -> tuple[kpb.Task, int, bool] | None:
         """Read the task, let ``mutate`` change it in place, write it back, atomically.
 
         ``mutate`` returns False to leave the record as it was (nothing is
         written) and may raise to abort. Returns ``(task, revision, changed)``,
         or None when there is no such task.
         """
-        with self._db.write() as conn:
+        def work(conn):
             found = conn.execute("SELECT body, revision FROM tasks WHERE task_id = ?", (task_id,)).fetchone()
             if found is None:
                 return None
@@ -74,7 +87,9 @@ class SqliteTaskRecords:
                 "UPDATE tasks SET state = ?, review_id = ?, revision = ?, body = ? WHERE task_id = ?",
                 (state, review_id, revision + 1, task.SerializeToString(), task_id),
             )
-        return task, revision + 1, True
+            return task, revision + 1, True
+
+        return self._db.transact(work, after_commit=after_commit)
 
     def in_states(self, states: tuple[int, ...]) -> list[tuple[kpb.Task, int]]:
         """Tasks in any of ``states``, oldest first."""
@@ -97,11 +112,15 @@ class SqliteTaskRecords:
 
     # -- resolutions that arrived before (or without) the task waiting for them ------------
     def put_completion(self, review_id: str, decision: kpb.Decision) -> None:
-        with self._db.write() as conn:
+        row = (review_id, decision.SerializeToString(), time.time_ns())
+
+        def work(conn) -> None:
             conn.execute(
                 "INSERT OR REPLACE INTO review_completions (review_id, decision, created_unix_ns) VALUES (?, ?, ?)",
-                (review_id, decision.SerializeToString(), time.time_ns()),
+                row,
             )
+
+        self._db.transact(work)
 
     def completion(self, review_id: str) -> kpb.Decision | None:
         with self._db.read() as conn:
@@ -109,6 +128,7 @@ class SqliteTaskRecords:
         return None if found is None else kpb.Decision.FromString(found[0])
 
     def drop_completion(self, review_id: str) -> None:
-        with self._db.write() as conn:
+        def work(conn) -> None:
             conn.execute("DELETE FROM review_completions WHERE review_id = ?", (review_id,))
 
+        self._db.transact(work)

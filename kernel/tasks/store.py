@@ -1,10 +1,11 @@
 """Durable task records: states, timestamped transitions, idempotent starts, watches.
 
 Every state change is one atomic read-modify-write of the whole ``Task``
-(with its ``history``), fsynced before it returns, then published to watchers.
-Changes are made under one lock per store, so watchers see them in commit
-order. Timestamps are wall-clock (``*_unix_ns``), for people; nothing here
-waits on them.
+(with its ``history``), fsynced before it returns; concurrent changes share
+one commit (group commit, ``kernel.store``). Each change is published to
+watchers from the store's after-commit hook: once durable, in commit order.
+Timestamps are wall-clock (``*_unix_ns``), for people; nothing here waits on
+them.
 
     QUEUED → RUNNING → (WAITING_FOR_REVIEW) → SUCCEEDED | FAILED | CANCELLED
        ↑________|  (a transient failure goes back to QUEUED for a retry)
@@ -12,7 +13,6 @@ waits on them.
 
 from __future__ import annotations
 
-import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -78,7 +78,6 @@ class TaskStore:
     def __init__(self, db, clock: Callable[[], int] = time.time_ns):
         self._records = db.tasks
         self._clock = clock
-        self._lock = threading.RLock()
         self._feed = Feed()
 
     # -- reading ----------------------------------------------------------------------------
@@ -97,9 +96,14 @@ class TaskStore:
         return [task for task, _ in self._records.in_states(tuple(states))]
 
     def watch(self, task_id: str, timeout_s: float | None = None) -> TaskWatch:
-        with self._lock:  # no change can slip between subscribing and reading the current state
+        # Subscribe first, then read: a change published before the read is in what we read, one
+        # published after reaches the subscription, and TaskWatch drops revisions it already has.
+        sub = self._feed.subscribe(task_id, timeout_s=timeout_s)
+        try:
             task, revision = self._get(task_id)
-            sub = self._feed.subscribe(task_id, timeout_s=timeout_s)
+        except BaseException:
+            sub.close()
+            raise
         return TaskWatch(sub, task, revision)
 
     def watcher_count(self, task_id: str) -> int:
@@ -125,16 +129,14 @@ class TaskStore:
         if not task.request.request_id:  # made once, so every run of the task uses the same id
             task.request.request_id = uuid.uuid4().hex
         task.history.add(state=kpb.QUEUED, at_unix_ns=now, detail="started")
-        with self._lock:
-            stored, revision, stored_hash, created = self._records.insert(task, digest)
-            if not created:
-                if stored_hash != digest:
-                    raise FailedPrecondition(
-                        f"request.idempotency_key '{key}' already started task {stored.task_id} with a different "
-                        "request; use a new key for a new request"
-                    )
-                return stored, False
-            self._feed.publish((revision, stored), stored.task_id)
+        stored, _revision, stored_hash, created = self._records.insert(task, digest, after_commit=self._publish)
+        if not created:
+            if stored_hash != digest:
+                raise FailedPrecondition(
+                    f"request.idempotency_key '{key}' already started task {stored.task_id} with a different "
+                    "request; use a new key for a new request"
+                )
+            return stored, False
         return stored, True
 
     def transition(self, task_id: str, state: int, from_states: tuple[int, ...], detail: str = "", *,
@@ -163,15 +165,18 @@ class TaskStore:
     def _update(self, task_id: str, mutate) -> kpb.Task | None:
         if not task_id:
             raise InvalidArgument("task_id is required")
-        with self._lock:  # a change and its publication, in commit order
-            result = self._records.update(task_id, mutate)
-            if result is None:
-                raise NotFound(f"task '{task_id}' does not exist")
-            task, revision, changed = result
-            if not changed:
-                return None
-            self._feed.publish((revision, task), task_id)
-            return task
+        result = self._records.update(task_id, mutate, after_commit=self._publish)
+        if result is None:
+            raise NotFound(f"task '{task_id}' does not exist")
+        task, _revision, changed = result
+        return task if changed else None
+
+    def _publish(self, result) -> None:
+        # Runs once the write is durable, on the committing thread, in commit order. ``result`` is
+        # records.insert's (task, revision, hash, created) or records.update's (task, revision, changed).
+        if result is not None and result[-1]:
+            task, revision = result[0], result[1]
+            self._feed.publish((revision, task), task.task_id)
 
     def cancel(self, task_id: str) -> kpb.Task:
         task = self.transition(task_id, kpb.CANCELLED, ACTIVE, "cancelled by a caller")
@@ -186,16 +191,17 @@ class TaskStore:
     # -- reviews ------------------------------------------------------------------------------
     def enter_waiting(self, task_id: str, review_id: str, proposed: kpb.Decision) -> kpb.Task | None:
         """RUNNING → WAITING_FOR_REVIEW; straight on to SUCCEEDED if the review was already resolved."""
-        with self._lock:
-            task = self.transition(task_id, kpb.WAITING_FOR_REVIEW, (kpb.RUNNING,), f"waiting for review {review_id}",
-                                   decision=proposed, review_id=review_id)
-            if task is None:
-                return None
-            # Stored first by complete_from_review, checked after we wait: one of us sees the other.
-            decision = self._records.completion(review_id)
-            if decision is None:
-                return task
-            return self._finish_review(task_id, review_id, decision)
+        task = self.transition(task_id, kpb.WAITING_FOR_REVIEW, (kpb.RUNNING,), f"waiting for review {review_id}",
+                               decision=proposed, review_id=review_id)
+        if task is None:
+            return None
+        # No lock between this and complete_from_review: each side commits its write durably, then
+        # reads the other's, so at least one sees the other (both may; the WAITING → SUCCEEDED
+        # compare-and-set lets only one finish the task).
+        decision = self._records.completion(review_id)
+        if decision is None:
+            return task
+        return self._finish_review(task_id, review_id, decision)
 
     def complete_from_review(self, review_id: str, decision: kpb.Decision, task_id: str = "") -> kpb.Task | None:
         """The review's resolution finishes the task waiting on it (WAITING_FOR_REVIEW → SUCCEEDED).
@@ -209,16 +215,15 @@ class TaskStore:
             raise InvalidArgument("review_id is required")
         if not isinstance(decision, kpb.Decision):
             raise InvalidArgument(f"decision must be a kernel_pb2.Decision, got {type(decision).__name__}")
-        with self._lock:
-            if task_id:
-                task = self.get(task_id)
-                if task.state in FINAL:
-                    return task
-            self._records.put_completion(review_id, decision)
-            found = self._records.waiting_on(review_id)
-            if found is None:
-                return self.get(task_id) if task_id else None
-            return self._finish_review(found[0].task_id, review_id, decision)
+        if task_id:
+            task = self.get(task_id)
+            if task.state in FINAL:
+                return task
+        self._records.put_completion(review_id, decision)  # committed before we look (see enter_waiting)
+        found = self._records.waiting_on(review_id)
+        if found is None:
+            return self.get(task_id) if task_id else None
+        return self._finish_review(found[0].task_id, review_id, decision)
 
     def _finish_review(self, task_id: str, review_id: str, decision: kpb.Decision) -> kpb.Task:
         action = decision.action or "(no action)"
