@@ -38,6 +38,7 @@ demo: models
 # The whole suite on the compiled core, then the serving and scheduling suites
 # again on the pure-Python references (AIOS_PURE_PYTHON=1): both must pass.
 PURE_SUITES := tests/test_oip.py tests/test_bad_input.py tests/test_scheduling.py \
+	tests/test_policy_semantics.py tests/test_policy_backends.py tests/test_policy_differential.py \
 	tests/test_scheduling_grpc.py tests/test_fuzz_oip.py tests/test_cli.py
 
 test: $(STAMP)

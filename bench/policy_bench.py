@@ -2,7 +2,7 @@
 
     python -m bench.policy_bench [--rows 200000] [--peer-rows 10000] [--batch 1000] [--rounds 5] [--cpu 1]
 
-Workload: the claims-triage policy (examples/claims/policy.toml, 10 rules +
+Workload: the claims-triage policy (examples/claims/pipelines/policy.toml, 10 rules +
 default, hit policy FIRST) on synthetic claims (examples/claims/data.py) with
 synthetic model outputs (label, confidence, score.* drawn from a Dirichlet,
 rounded to 4 places so Cedar's decimals hold them exactly). Every contender
@@ -12,8 +12,9 @@ conversion is inside the timed region. Before timing, every contender's
 answers are checked against the reference evaluator on the peer rows.
 
 Contenders: the compiled policy from request dicts (Cython kernel, and numpy
-executor), the compiled policy from ready columns (conversion excluded, to
-show where the time goes), the pure-Python reference, zen-engine per row and
+executor); the compiled policy from ready columns, and from ready encoded
+columns (conversion excluded, to show where the time goes); the pure-Python
+reference; zen-engine per row and
 with evaluate_batch, cedarpy is_authorized_batch (adapters: policy_peers.py).
 The process is pinned to one core (``--cpu``). Rounds alternate the
 contenders (order rotated each round); the report gives the median rows/s and
@@ -43,7 +44,7 @@ from bench.policy_peers import Cedar, Zen, ZenBatch  # noqa: E402
 from bench.procs import run_main  # noqa: E402
 from kernel.policy import load_policy  # noqa: E402
 
-POLICY = ROOT / "examples" / "claims" / "policy.toml"
+POLICY = ROOT / "examples" / "claims" / "pipelines" / "policy.toml"
 OUT = ROOT / "bench" / "out"
 
 
@@ -87,6 +88,22 @@ class CompiledColumns:
 
     def run(self, rows):
         result = self.policy.evaluate(self.prepared[id(rows)], len(rows))
+        return result.action, result.fired
+
+
+class CompiledEncoded:
+    """Encoded columns prepared outside the timed region: the rule kernel, hit policy and outputs alone."""
+
+    def __init__(self, policy, backend: str):
+        self.compiled = policy.using(backend)._compiled
+        self.name = f"compiled, {backend}, encoded columns given"
+        self.prepared: dict[int, tuple] = {}
+
+    def prepare(self, batches):
+        self.prepared = {id(b): self.compiled.encode_rows(b, None, len(b)) for b in batches}
+
+    def run(self, rows):
+        result = self.compiled.evaluate(self.prepared[id(rows)], len(rows))
         return result.action, result.fired
 
 
@@ -162,10 +179,12 @@ def run(args, cpu: int) -> int:
     from kernel.policy.backends import available
 
     fast = [Compiled(policy, b) for b in reversed(available())]
-    columns = CompiledColumns(policy, available()[-1])
-    columns.prepare(batches)
+    prepared = [CompiledColumns(policy, available()[-1]), CompiledEncoded(policy, available()[-1])]
+    for contender in prepared:
+        contender.prepare(batches)
+    fast += prepared
     slow = [Reference(policy), Zen(), ZenBatch(), Cedar()]
-    contenders = fast + [columns] + slow
+    contenders = fast + slow
 
     truth = answers(Reference(policy), peer_batches)
     errors = slow[-1].errors(peer_batches[0])
@@ -183,8 +202,7 @@ def run(args, cpu: int) -> int:
     for round_index in range(args.rounds):
         order = contenders[round_index % len(contenders):] + contenders[:round_index % len(contenders)]
         for contender in order:
-            rates[contender.name].append(rows_per_second(contender, batches if contender in fast + [columns]
-                                                         else peer_batches))
+            rates[contender.name].append(rows_per_second(contender, batches if contender in fast else peer_batches))
         print(f"round {round_index + 1}/{args.rounds}: "
               + ", ".join(f"{name} {values[-1]:,.0f}" for name, values in rates.items()), flush=True)
     zen_best = [max(a, b) for a, b in zip(rates[Zen.name], rates[ZenBatch.name])]

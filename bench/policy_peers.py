@@ -1,4 +1,4 @@
-"""The claims-triage policy (examples/claims/policy.toml) written for the peer engines of bench/policy_bench.py.
+"""The claims-triage policy (examples/claims/pipelines/policy.toml) written for the peer engines of bench/policy_bench.py.
 
 * zen-engine (GoRules JDM): one decision table, hit policy "first", the same
   rules in the same order; R06 (an ``or`` across two fields) is two table rows

@@ -18,7 +18,7 @@ from kernel.policy import program as prog
 from kernel.policy.backends import available
 
 ROOT = Path(__file__).resolve().parent.parent
-CLAIMS = ROOT / "examples" / "claims"
+CLAIMS = ROOT / "examples" / "claims" / "pipelines"
 needs_cython = pytest.mark.skipif("cython" not in available(), reason="ext/rules.pyx not built (run `make build`)")
 
 

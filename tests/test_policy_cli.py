@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-POLICY = ROOT / "examples" / "claims" / "policy.toml"
-CASES = ROOT / "examples" / "claims" / "policy_cases.jsonl"
+POLICY = ROOT / "examples" / "claims" / "pipelines" / "policy.toml"
+CASES = ROOT / "examples" / "claims" / "pipelines" / "policy_cases.jsonl"
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:

@@ -17,7 +17,7 @@ from kernel.policy import PolicyInputError, load_policy, parse_policy
 from kernel.policy.backends import available
 
 ROOT = Path(__file__).resolve().parent.parent
-CLAIMS = ROOT / "examples" / "claims"
+CLAIMS = ROOT / "examples" / "claims" / "pipelines"
 EVALUATORS = ["reference"] + [f"compiled-{name}" for name in available()]
 
 

@@ -240,7 +240,7 @@ class DecisionEngine:
             if decision.outcome == kpb.ESCALATED and reviews is not None:
                 decision.review_id = uuid.uuid4().hex
             if audit is not None:
-                record = provenance.decision_record(decision, pending.values, pending.digests,
+                record = provenance.decision_record(decision, pending.request.fields, pending.values, pending.digests,
                                                     dict(decision.model.class_scores), pending.principal)
                 tickets.append((decision, audit.append(record)))
         audit_started = time.monotonic_ns()

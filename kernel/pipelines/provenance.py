@@ -43,9 +43,13 @@ def value_of(python_value) -> kpb.Value:
     return kpb.Value(string_value=str(python_value))
 
 
-def decision_record(decision: kpb.Decision, values: dict, digests: dict[str, str], scores: dict[str, float],
+def decision_record(decision: kpb.Decision, given, values: dict, digests: dict[str, str], scores: dict[str, float],
                     principal: str) -> kpb.AuditRecord:
-    """The audit record of one decision: the answer as sent plus what replay needs."""
+    """The audit record of one decision: the answer as sent plus what replay needs.
+
+    ``given`` is the request's (already validated) field map, copied as it
+    came; ``values`` adds the defaults the pipeline filled in.
+    """
     record = kpb.AuditRecord(
         kind=kpb.DECISION,
         principal=principal,
@@ -58,8 +62,11 @@ def decision_record(decision: kpb.Decision, values: dict, digests: dict[str, str
     )
     record.decision.CopyFrom(decision)
     inputs = record.inputs
-    for name, value in values.items():
-        inputs[name].CopyFrom(value_of(value))
+    inputs.MergeFrom(given)
+    if len(given) != len(values):
+        for name, value in values.items():
+            if name not in given:
+                inputs[name].CopyFrom(value_of(value))
     for name, digest in digests.items():
         inputs["text:" + name].string_value = digest
     return record

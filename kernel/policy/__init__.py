@@ -1,6 +1,6 @@
 """Policies: decision tables over request fields and model outputs, checked at load, evaluated per batch.
 
-    policy = load_policy("examples/claims/policy.toml")      # or parse_policy(text, source=...)
+    policy = load_policy("examples/claims/pipelines/policy.toml")      # or parse_policy(text, source=...)
     policy.name, policy.version, policy.hash, policy.inputs, policy.rules, policy.warnings
     result = policy.evaluate(columns, n)                     # compiled, the whole batch at once
     result = policy.evaluate_rows(rows, outputs=None)        # same, from request dicts (+ model output columns)
@@ -15,7 +15,7 @@ reads request dicts in one pass) or with numpy (``vectorized.py``);
 (every problem as ``FILE:LINE: subject: reason``), ``PolicyInputError`` for a
 batch that does not fit the declared inputs; both are INVALID_ARGUMENT.
 
-File format (TOML; ``examples/claims/policy.toml`` is a commented example)::
+File format (TOML; ``examples/claims/pipelines/policy.toml`` is a commented example)::
 
     [policy]
     name = "claims_triage"            # letters, digits, _ . -
@@ -53,11 +53,12 @@ and ``score.<class>`` (or ``score["class"]``).
 
 Hit policies (DMN): FIRST, the first matching rule in file order; UNIQUE, at
 most one rule may match (overlaps are refused at load; a row that still
-matches several, which only field-to-field comparisons allow, is an error
-row: default action, escalated, ``error`` says which rules); PRIORITY, the
-matching rule whose action comes first in ``outputs.actions``; COLLECT, all
-matching rules: the highest-priority action, escalate if any rule escalates,
-adjust summed. ``fired`` names the deciding rules (the default's id when
+matches several, possible only where the analysis cannot decide and says so
+in a warning, i.e. field-to-field comparisons or tables past its work limit,
+is an error row: default action, escalated, ``error`` says which rules);
+PRIORITY, the matching rule whose action comes first in ``outputs.actions``;
+COLLECT, all matching rules: the highest-priority action, escalate if any
+rule escalates, adjust summed. ``fired`` names the deciding rules (the default's id when
 none matched).
 
 Missing values: an input may be missing (None, or NaN in a float column).
