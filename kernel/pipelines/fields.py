@@ -127,17 +127,3 @@ def encode_one(fields: tuple[FieldSpec, ...], case: dict, width: int) -> np.ndar
         else:
             row.append(float(value))
     return np.array(row, dtype=np.float32).reshape(1, width)
-
-
-def policy_columns(fields: tuple[FieldSpec, ...], cases: list[dict]) -> dict[str, np.ndarray]:
-    """Per-field numpy columns of the raw (not encoded) values, for vectorized policy evaluation."""
-    columns = {}
-    for spec in fields:
-        values = [case[spec.name] for case in cases]
-        if spec.type == "string":
-            columns[spec.name] = np.array(values, dtype=object)
-        elif spec.type == "bool":
-            columns[spec.name] = np.array(values, dtype=bool)
-        else:
-            columns[spec.name] = np.array(values, dtype=np.float64)
-    return columns

@@ -23,7 +23,7 @@ from ..errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, Kern
 from ..scheduling import WorkItem
 from ..scheduling.types import NO_DEADLINE
 from . import provenance
-from .fields import encode_one, policy_columns
+from .fields import encode_one
 from .spec import Pipeline
 
 log = logging.getLogger("aios.decisions")
@@ -176,12 +176,11 @@ class DecisionEngine:
         scores = np.concatenate([np.asarray(p.item.outputs[out_index], dtype=np.float64).reshape(1, -1) for p in group])
         best = scores.argmax(axis=1)
         confidence = scores[np.arange(n), best]
-        columns = policy_columns(pipeline.fields, [p.values for p in group])
-        columns["label"] = np.array([labels[i] for i in best], dtype=object)
-        columns["confidence"] = confidence
+        outputs = {"label": np.array([labels[i] for i in best], dtype=object), "confidence": confidence}
         for j, name in enumerate(score_names):
-            columns[name] = scores[:, j]
-        result = pipeline.policy.evaluate(columns, n)
+            outputs[name] = scores[:, j]
+        # Field values straight from the validated dicts: the compiled reader is faster than building columns.
+        result = pipeline.policy.evaluate_rows([p.values for p in group], outputs)
         policy_ns = (time.monotonic_ns() - policy_started) // n
         minimum = pipeline.escalation.min_confidence
         policy = pipeline.policy

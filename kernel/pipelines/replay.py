@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
-from .fields import encode_rows, policy_columns
+from .fields import encode_rows
 from .spec import Pipeline
 
 CHUNK = 4096  # records evaluated per vectorized policy pass
@@ -129,12 +129,10 @@ def _evaluate(chunk: list[_Case], pipeline: Pipeline, model, report: ReplayRepor
         scores = np.array([[c.scores.get(name, 0.0) for name in labels] for c in chunk], dtype=np.float64)
     best = scores.argmax(axis=1)
     confidence = scores[np.arange(n), best]
-    columns = policy_columns(pipeline.fields, [c.values for c in chunk])
-    columns["label"] = np.array([labels[i] for i in best], dtype=object)
-    columns["confidence"] = confidence
+    outputs = {"label": np.array([labels[i] for i in best], dtype=object), "confidence": confidence}
     for j, name in enumerate(labels):
-        columns["score." + name] = scores[:, j]
-    result = pipeline.policy.evaluate(columns, n)
+        outputs["score." + name] = scores[:, j]
+    result = pipeline.policy.evaluate_rows([c.values for c in chunk], outputs)  # as the live engine does
     minimum = pipeline.escalation.min_confidence
     for k, case in enumerate(chunk):
         old = case.record.decision
