@@ -271,6 +271,7 @@ def one_run(args) -> dict:
     result["groups"] = stats["groups"]
     result["records_per_group"] = stats["size"] / max(stats["groups"], 1)
     result["checkpoints"] = stats["checkpoints"]
+    result["slowest_fsync_ms"] = stats["slowest_sync_ns"] / 1e6
     return result
 
 
@@ -345,7 +346,8 @@ def main(argv=None) -> int:
                     result = spawn(workload, contender, directory, args)
                     runs.append({"round": round_number, "workload": workload, "contender": contender, **result})
                     print(f"round {round_number} {workload:8} {contender:7} {result['records_per_s']:>10,.0f} rec/s "
-                          f"({result['records_per_group']:.1f} rec/group)"
+                          f"({result['records_per_group']:.1f} rec/group, slowest fsync "
+                          f"{result['slowest_fsync_ms']:.1f} ms)"
                           + (f" p99 {result['p99_ms']:.2f} ms" if "p99_ms" in result else ""), flush=True)
                     if workload == "threads" and contender == "single":
                         floor_dir = work / f"r{round_number}-floor"
@@ -370,7 +372,8 @@ def main(argv=None) -> int:
                     print(f"round {round_number} paced {int(rate):>6}/s {contender:7} {result['records_per_s']:>8,.0f} "
                           f"rec/s p50 {result['p50_ms']:.2f} p99 {result['p99_ms']:.2f} p99.9 {result['p999_ms']:.2f}"
                           f" ms; from the actual send p50 {result['send_p50_ms']:.2f} p99 {result['send_p99_ms']:.2f} ms"
-                          f" (send lag max {result['max_send_lag_ms']:.1f} ms)", flush=True)
+                          f" (send lag max {result['max_send_lag_ms']:.1f} ms, slowest fsync "
+                          f"{result['slowest_fsync_ms']:.1f} ms)", flush=True)
                     shutil.rmtree(directory)
     finally:
         facts["fsync_probe_end"] = fsync_probe(work)

@@ -103,6 +103,7 @@ class AuditLog:
             self._failure: AuditError | None = None
             self._groups = 0  # groups committed by this process (one write and, in fsync mode, one fsync each)
             self._checkpoints_signed = 0
+            self._slowest_sync_ns = 0  # the longest group fsync so far: disk stalls show here
             self._last_checkpoint_ns = _monotonic_ns()
             if self._checkpoints.latest is None:  # a signed head from the start, so there always is one
                 self._write_checkpoint(self._last_checkpoint_ns)
@@ -291,7 +292,9 @@ class AuditLog:
                 break
         segment.write(buffer)
         if self.mode == "fsync":
+            started = _monotonic_ns()
             segment.sync()
+            self._slowest_sync_ns = max(self._slowest_sync_ns, _monotonic_ns() - started)
         self._tree.append_leaves(leaves)
         self._last_hash = previous
         self._written = sequence
@@ -352,10 +355,14 @@ class AuditLog:
             raise AuditTimeout(f"the audit writer did not finish within {timeout_s} s")
 
     def stats(self) -> dict[str, int]:
-        """Counters since this process opened the log (for metrics and benchmarks)."""
+        """Counters since this process opened the log (for metrics and benchmarks).
+
+        ``groups``: groups committed (one write and, in fsync mode, one fsync each); ``pending``:
+        appended but not yet durable; ``slowest_sync_ns``: the longest group fsync.
+        """
         size = self._watermark.value
         return {"size": size, "groups": self._groups, "checkpoints": self._checkpoints_signed,
-                "pending": self._next - size}
+                "pending": self._next - size, "slowest_sync_ns": self._slowest_sync_ns}
 
     @property
     def closed(self) -> bool:
