@@ -8,7 +8,7 @@ Contenders (the same ``AuditLog`` code, fsync mode, default settings except):
 - ``single``: group_max 1: one fdatasync per record (the baseline).
 
 Workloads, each run in a fresh subprocess pinned to one core (``--cpu``), on a
-new log directory under ``bench/out/`` (the work disk), records of ~420 bytes
+new log directory under ``bench/out/`` (the work disk), records of ~700 bytes
 shaped like a decision's (provenance, inputs, class scores):
 
 - ``bulk``:  one thread appends chunks of 1,000 records without waiting per
