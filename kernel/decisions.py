@@ -10,6 +10,9 @@ the waiting task with the reviewer's action.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import logging
 from pathlib import Path
 
@@ -53,8 +56,12 @@ class DecisionSide:
         self.engine = DecisionEngine(self.registry, inference, Services(self.audit, self.reviews, self.idempotency))
         self.tasks = TaskRunner(TaskStore(self.db), self._run_task, validate=self.engine.validate)
         self.reviews.on_resolved(self._resolved)
+        # Governance events go on the record next to the decisions they affect.
+        hub.add_listener(self._models_changed)
+        self.registry.listeners.append(self._pipeline_changed)
 
     def start(self) -> None:
+        self._record(kpb.CONFIG_CHANGE, {"event": "kernel started", "settings": _public_settings(self.settings)})
         self.registry.start()
         self.tasks.start()
         self.reviews.redeliver()  # resolutions a crash or a failed hook cut off are finished now
@@ -77,6 +84,27 @@ class DecisionSide:
                 step()
             except Exception:  # one part failing to stop must not keep the others open
                 log.exception("stopping %s failed", step)
+
+    # -- governance events -----------------------------------------------------------------
+    def _record(self, kind: int, detail: dict, wait: bool = True) -> None:
+        if self.audit is None:
+            return
+        record = kpb.AuditRecord(kind=kind, principal="kernel", payload=json.dumps(detail, sort_keys=True).encode())
+        ticket = self.audit.append(record)
+        if wait:
+            ticket.wait(10.0)
+
+    def _models_changed(self, added, removed) -> None:
+        for mv, kind in [*((m, kpb.MODEL_DEPLOY) for m in added), *((m, kpb.MODEL_UNDEPLOY) for m in removed)]:
+            self._record(kind, {"model": mv.name, "version": mv.version, "provider": mv.runtime.provider,
+                                "onnx_sha256": _sha256_of(Path(mv.runtime.path))})
+
+    def _pipeline_changed(self, old, new) -> None:
+        self._record(kpb.POLICY_CHANGE, {
+            "pipeline": new.name, "pipeline_version": new.hash, "pipeline_label": new.label,
+            "policy": new.policy.name, "policy_version": str(new.policy.version), "policy_hash": new.policy.hash,
+            "previous_pipeline_version": old.hash if old else "", "previous_policy_hash": old.policy.hash if old else "",
+        })
 
     # -- tasks and reviews -------------------------------------------------------------
     def _run_task(self, task: kpb.Task):
@@ -131,6 +159,18 @@ class DecisionSide:
         if review.task_id:
             self.tasks.complete_from_review(review.review_id, resolution, task_id=review.task_id)
         return resolution
+
+
+def _public_settings(settings) -> dict:
+    return {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings)}
+
+
+def _sha256_of(path: Path) -> str:
+    try:
+        with open(path, "rb") as fh:
+            return hashlib.file_digest(fh, "sha256").hexdigest()
+    except OSError:
+        return ""
 
 
 def _hex(digest) -> str:

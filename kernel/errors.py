@@ -42,6 +42,10 @@ class Unavailable(KernelError):
     code = "UNAVAILABLE"
 
 
+class PermissionDenied(KernelError):
+    code = "PERMISSION_DENIED"
+
+
 class FailedPrecondition(KernelError):
     code = "FAILED_PRECONDITION"
 

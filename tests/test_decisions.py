@@ -259,3 +259,22 @@ def test_concurrent_unary_decisions_each_get_their_own_answer(decisions, truth):
         t.join()
     for i, case in enumerate(cases):
         assert answers[i].request_id == f"c-{i}" and answers[i].action == truth(case)[0]
+
+
+def test_governance_events_are_on_the_record(kernel, channel):
+    """Model deploys, pipeline/policy changes and the kernel's start are audited next to the decisions."""
+    import json
+
+    stream = kgrpc.AuditServiceStub(channel).StreamAudit(kpb.StreamAuditRequest(from_sequence=0), timeout=10)
+    records = list(stream)
+    by_kind = {}
+    for r in records:
+        by_kind.setdefault(r.kind, []).append(json.loads(r.payload) if r.payload else {})
+    (deploy,) = by_kind[kpb.MODEL_DEPLOY]
+    assert deploy["model"] == "claims_triage" and len(deploy["onnx_sha256"]) == 64
+    assert by_kind[kpb.CONFIG_CHANGE][0]["settings"]["audit_mode"] == "fsync"
+    policy_changes = by_kind[kpb.POLICY_CHANGE]
+    assert policy_changes[0]["pipeline"] == "claims_triage" and policy_changes[0]["previous_policy_hash"] == ""
+    # The upload test changed the policy: its change names the old and the new hash.
+    later = [c for c in policy_changes if c["previous_policy_hash"]]
+    assert later and later[-1]["previous_policy_hash"] != later[-1]["policy_hash"]

@@ -100,7 +100,9 @@ def test_every_kernel_api_rpc_is_implemented(channel):
                 assert exc.code() != grpc.StatusCode.INTERNAL, (path, exc.details())
 
 
-def test_stream_audit_is_refused_until_enabled(channel):
+def test_stream_audit_is_refused_until_enabled(kernel, channel):
+    import threading
+
     from kernel._proto.aios.kernel.v1 import kernel_pb2, kernel_pb2_grpc
 
     audit = kernel_pb2_grpc.AuditServiceStub(channel)
@@ -108,6 +110,13 @@ def test_stream_audit_is_refused_until_enabled(channel):
         list(audit.StreamAudit(kernel_pb2.StreamAuditRequest(), timeout=5))
     assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert "audit_stream_enabled" in info.value.details()
+    # The refusal itself is on the record.
+    gave_up = threading.Timer(10, lambda: None)
+    gave_up.start()
+    denied = next(kernel.decisions.audit.read(kind=kernel_pb2.PERMISSION_DENIED, follow=True,
+                                              stop=lambda: not gave_up.is_alive()), None)
+    gave_up.cancel()
+    assert denied is not None and b"StreamAudit" in denied.payload
 
 
 def test_admin_list_models(channel):

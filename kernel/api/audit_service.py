@@ -13,23 +13,25 @@ PERMISSION_DENIED naming it.
 
 from __future__ import annotations
 
+import json
 import threading
 
 from .._proto.aios.kernel.v1 import kernel_pb2
 from ..audit import AuditLog
-from ..errors import InvalidArgument, KernelError, NotFound
+from ..errors import InvalidArgument, NotFound, PermissionDenied
 
 SERVICE = "AuditService"
 _KINDS = set(kernel_pb2.AuditKind.values())
 
 
-class PermissionDenied(KernelError):
-    code = "PERMISSION_DENIED"
-
-
 def _stream_audit(log: AuditLog, allow_stream: bool):
     def stream_audit(request: kernel_pb2.StreamAuditRequest, ctx):
         if not allow_stream:
+            # The refusal is itself on the record (not waited for: the caller is told no either way).
+            log.append(kernel_pb2.AuditRecord(
+                kind=kernel_pb2.PERMISSION_DENIED, principal=ctx.peer or "anonymous",
+                payload=json.dumps({"rpc": "AuditService.StreamAudit", "reason": "audit_stream_enabled is false"}).encode(),
+            ))
             raise PermissionDenied(
                 "StreamAudit is disabled on this kernel: set audit_stream_enabled = true "
                 "(kernel.toml, AIOS_AUDIT_STREAM_ENABLED) to allow it"
