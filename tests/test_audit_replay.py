@@ -41,25 +41,29 @@ def recorded(tmp_path_factory):
     finally:
         server.stop(grace=1)
     assert len(answers) == 400 and not any(a.error_code for a in answers)
-    return data_dir / "audit", pipelines
+    return data_dir / "audit", pipelines, models
 
 
-def _replay(audit: Path, pipeline: Path, policy: Path, report: Path, capsys) -> dict:
+def _replay(audit: Path, pipeline: Path, policy: Path, report: Path, capsys, *extra: str) -> dict:
     code = cli_main(["audit", "replay", str(audit), "--pipeline", str(pipeline), "--policy", str(policy),
-                     "--report", str(report)])
+                     "--report", str(report), *extra])
     out = capsys.readouterr().out
     assert code == 0, out
     return json.loads(report.read_text())
 
 
 def test_replay_under_the_same_policy_changes_nothing(recorded, tmp_path, capsys):
-    audit, pipelines = recorded
+    audit, pipelines, models = recorded
     report = _replay(audit, pipelines / "claims_triage.toml", pipelines / "policy.toml", tmp_path / "r.json", capsys)
     assert report["examined"] == 400 and report["changed"] == 0 and report["skipped"] == 0
+    # Re-running the very model that decided them (re-encoding the recorded inputs) changes nothing either.
+    report = _replay(audit, pipelines / "claims_triage.toml", pipelines / "policy.toml", tmp_path / "m.json", capsys,
+                     "--model", str(models / "claims_triage" / "1"))
+    assert report["examined"] == 400 and report["changed"] == 0
 
 
 def test_changed_threshold_transitions_match_a_direct_recomputation(recorded, tmp_path, capsys):
-    audit, pipelines = recorded
+    audit, pipelines, _ = recorded
     text = (pipelines / "policy.toml").read_text()
     assert "claim_amount in [0, 5000)" in text
     candidate = tmp_path / "candidate.toml"

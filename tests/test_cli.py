@@ -174,3 +174,31 @@ def test_console_script_is_installed():
     assert script, "the aios-kernel console script is not installed in this environment"
     result = subprocess.run([script, "--version"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "aios-kernel 0.1.0" in result.stdout
+
+
+def test_decide_prints_the_decision_and_names_bad_fields(tmp_path):
+    from examples.claims import build_models
+
+    models = tmp_path / "models"
+    build_models.build(models, models=build_models.MODELS[:1], log=lambda line: None)
+    server = ServeProcess(models, "--pipelines", str(ROOT / "examples" / "claims" / "pipelines"))
+    try:
+        fields = ["--field", "claim_amount=800", "--field", "customer_tier=gold", "--field", "fraud_score=0.05",
+                  "--field", "has_police_report=true", "--field", "policy_age_months=40"]
+        result = run_cli("decide", "claims_triage", *fields, "--text", "description=hail on the roof",
+                         "--address", server.address, timeout=60)
+        assert result.returncode == 0, result.stderr
+        first = result.stdout.splitlines()[0]
+        assert "AUTOMATED" in first and "claims_triage/1" in first and "rule R" in result.stdout
+        assert "audit #" in result.stdout
+        as_json = run_cli("decide", "claims_triage", "--field", "claim_amount=90000", "--json",
+                          "--address", server.address, timeout=60)
+        decision = json.loads(as_json.stdout)
+        assert decision["outcome"] == "ESCALATED" and decision["review_id"]
+        bad = run_cli("decide", "claims_triage", "--field", "claim_amount=lots", "--address", server.address, timeout=60)
+        assert bad.returncode == 1 and "INVALID_ARGUMENT" in bad.stderr and "claim_amount" in bad.stderr
+        unknown = run_cli("decide", "nope", "--address", server.address, timeout=60)
+        assert unknown.returncode == 1 and "NOT_FOUND" in unknown.stderr
+    finally:
+        code, err = server.stop()
+    assert code == 0, err

@@ -278,3 +278,20 @@ def test_governance_events_are_on_the_record(kernel, channel):
     # The upload test changed the policy: its change names the old and the new hash.
     later = [c for c in policy_changes if c["previous_policy_hash"]]
     assert later and later[-1]["previous_policy_hash"] != later[-1]["policy_hash"]
+
+
+def test_a_required_field_that_is_missing_is_named(kernel, channel, decisions):
+    admin = kgrpc.AdminServiceStub(channel)
+    original = (kernel.pipelines_dir / "claims_triage.toml").read_bytes()
+    text = original.decode()
+    block = text.index('name = "fraud_score"')
+    strict = text[:block] + text[block:].replace("default = ", "required = true\n# default = ", 1)
+    admin.UploadPipeline(kpb.UploadPipelineRequest(pipeline_toml=strict.encode()), timeout=10)
+    try:
+        with pytest.raises(grpc.RpcError) as info:
+            decisions.Decide(make_request("claims_triage", {"claim_amount": 100.0}), timeout=10)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "field 'fraud_score' is required" in info.value.details()
+        assert decisions.Decide(_request(_case()), timeout=10).action
+    finally:
+        admin.UploadPipeline(kpb.UploadPipelineRequest(pipeline_toml=original), timeout=10)
