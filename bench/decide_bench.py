@@ -149,6 +149,8 @@ def main(argv=None) -> int:
             result = run_one(name, models, args, code_root, args.out, stamp, round_no)
             runs.append(result)
             shown = (f"{result['throughput']:,.0f}/s p50 {result['p50_ms']:.2f} ms cpu {result['server_cpu_us_per_call']} µs"
+                     f" client cpu {result['client_cpu']:.2f}"
+                     + ("  WARNING: client-bound" if result["client_cpu"] > 0.9 else "")
                      if "error" not in result else f"ERROR {result['error'][:200]}")
             print(f"[{len(runs)}/{total}] round {round_no + 1} {name:15} {shown}", flush=True)
     summary = summarise(runs, configs)
