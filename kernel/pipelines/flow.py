@@ -23,6 +23,7 @@ from ..errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, Kern
 from ..scheduling import WorkItem
 from ..scheduling.types import NO_DEADLINE
 from . import provenance
+from .coalesce import Coalescer
 from .fields import encode_one
 from .spec import Pipeline
 
@@ -70,6 +71,8 @@ class DecisionEngine:
         self.inference = inference
         self.services = services or Services()
         self._statics: dict = {}
+        # Unary decisions finishing at the same time are finished as one group (see coalesce.py).
+        self.coalescer = Coalescer(self.finish)
 
     # -- per request -------------------------------------------------------------
     def prepare(self, request, deadline_ns: int | None, principal: str = ANONYMOUS) -> Pending | kpb.Decision:
@@ -282,7 +285,7 @@ class DecisionEngine:
         if isinstance(pending, kpb.Decision):
             return pending
         self.run_blocking(pending, on_wait)
-        (result,) = self.finish([pending])
+        result = self.coalescer.finish(pending)
         if isinstance(result, KernelError):
             raise result
         return result
