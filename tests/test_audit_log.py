@@ -59,6 +59,20 @@ def test_records_are_chained_hashed_and_durable(tmp_path):
     assert verify_directory(tmp_path).ok
 
 
+def test_append_many_hands_a_group_to_the_writer_at_once(tmp_path):
+    with AuditLog.open(tmp_path) as log:
+        log.append(decision(0)).wait(10)
+        groups_before = log.stats()["groups"]
+        tickets = log.append_many([decision(i) for i in range(1, 41)])
+        assert [t.sequence for t in tickets] == list(range(1, 41))
+        assert tickets[-1].wait(10)[0] == 40 and all(t.wait(0)[0] == t.sequence for t in tickets)
+        assert log.stats()["groups"] - groups_before <= 2  # one fsync for the lot (two if the writer woke mid-append)
+        with pytest.raises(InvalidArgument):
+            log.append_many([decision(41), pb.AuditRecord()])  # a record without a kind: nothing is queued
+        assert log.append(decision(41)).wait(10)[0] == 41
+    assert verify_directory(tmp_path).ok
+
+
 def test_append_fills_the_callers_record_and_rejects_bad_ones(tmp_path):
     with AuditLog.open(tmp_path) as log:
         record = decision(0)

@@ -216,7 +216,9 @@ def decision_requests(draw) -> kpb.DecisionRequest:
             elif change == "field":
                 request.fields[draw(st.sampled_from(FIELDS))].CopyFrom(draw(values))
             elif change == "drop":
-                del request.fields[draw(st.sampled_from(FIELDS))]
+                name = draw(st.sampled_from(FIELDS))
+                if name in request.fields:
+                    del request.fields[name]
             elif change == "extra":
                 request.fields[draw(field_names)].CopyFrom(draw(values))
             elif change == "text":
@@ -294,14 +296,24 @@ def upload_requests(draw) -> kpb.UploadPipelineRequest:
             text = "\n".join(lines[: draw(st.integers(0, len(lines)))])
         return text
 
-    pipeline = draw(st.one_of(
-        st.just(PIPELINE_TEXT).map(str.encode), st.binary(max_size=64), st.text(max_size=64).map(str.encode),
-        st.just(None).map(lambda _: edited(PIPELINE_TEXT, PIPELINE_EDITS).encode("utf-8", "surrogatepass")),
-    ))
-    policy = draw(st.one_of(
-        st.just(b""), st.just(POLICY_TEXT.encode()), st.binary(max_size=64),
-        st.just(None).map(lambda _: edited(POLICY_TEXT, POLICY_EDITS).encode()),
-    ))
+    kind = draw(st.sampled_from(["example", "bytes", "text", "edited", "edited", "edited"]))
+    if kind == "example":
+        pipeline = PIPELINE_TEXT.encode()
+    elif kind == "bytes":
+        pipeline = draw(st.binary(max_size=64))
+    elif kind == "text":
+        pipeline = draw(st.text(max_size=64)).encode()
+    else:
+        pipeline = edited(PIPELINE_TEXT, PIPELINE_EDITS).encode()
+    kind = draw(st.sampled_from(["keep", "example", "bytes", "edited", "edited"]))
+    if kind == "keep":
+        policy = b""
+    elif kind == "example":
+        policy = POLICY_TEXT.encode()
+    elif kind == "bytes":
+        policy = draw(st.binary(max_size=64))
+    else:
+        policy = edited(POLICY_TEXT, POLICY_EDITS).encode()
     return kpb.UploadPipelineRequest(pipeline_toml=pipeline, policy_toml=policy)
 
 

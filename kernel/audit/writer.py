@@ -183,25 +183,30 @@ class AuditLog:
         The log owns the record from here: the writer sets ``sequence``, ``prev_hash``,
         ``hash`` and, when it is 0, ``time_unix_ns``. Do not change it before ``wait`` returns.
         """
-        if type(record) is not _AuditRecord:
-            raise InvalidArgument(f"audit records are AuditRecord messages, not {type(record).__name__}")
-        if not record.kind:
-            raise InvalidArgument("record.kind must be set (DECISION, REVIEW_RESOLUTION, ...)")
+        return self.append_many((record,))[0]
+
+    def append_many(self, records) -> list[Ticket]:
+        """``append`` for several records at once: they reach the writer together (one group, one fsync)."""
+        for record in records:
+            if type(record) is not _AuditRecord:
+                raise InvalidArgument(f"audit records are AuditRecord messages, not {type(record).__name__}")
+            if not record.kind:
+                raise InvalidArgument("record.kind must be set (DECISION, REVIEW_RESOLUTION, ...)")
         with self._append_lock:
             if self._failure is not None:
                 raise AuditError(f"the audit log failed and takes no more records: {self._failure.message}")
             if self._closing:
                 raise AuditError("the audit log is closed")
-            sequence = self._next
-            if sequence - self._watermark.value >= self._max_pending:
+            first = self._next
+            if first + len(records) - 1 - self._watermark.value >= self._max_pending:
                 raise ResourceExhausted(
-                    f"the audit writer is behind: {sequence - self._watermark.value} records wait to be written",
+                    f"the audit writer is behind: {first - self._watermark.value} records wait to be written",
                 )
-            self._next = sequence + 1
-            self._queue.append(record)
+            self._next = first + len(records)
+            self._queue.extend(records)
         if self._sleeping:
             self._work.set()
-        return Ticket(self, sequence)
+        return [Ticket(self, first + i) for i in range(len(records))]
 
     def append_and_wait(self, record: _AuditRecord, timeout_s: float | None = None) -> tuple[int, bytes]:
         return self.append(record).wait(timeout_s)

@@ -235,22 +235,24 @@ class DecisionEngine:
         retry decides again.
         """
         reviews, audit, store = self.services.reviews, self.services.audit, self.services.idempotency
-        tickets = []
+        decided, records = [], []
         for pending, decision in zip(group, results):
             if not isinstance(decision, kpb.Decision):
                 continue
             if decision.outcome == kpb.ESCALATED and reviews is not None:
                 decision.review_id = uuid.uuid4().hex
             if audit is not None:
-                record = provenance.decision_record(decision, pending.request.fields, pending.values, pending.digests,
-                                                    dict(decision.model.class_scores), pending.principal)
-                tickets.append((decision, audit.append(record)))
+                decided.append(decision)
+                records.append(provenance.decision_record(decision, pending.request.fields, pending.values,
+                                                          pending.digests, dict(decision.model.class_scores),
+                                                          pending.principal))
+        tickets = zip(decided, audit.append_many(records)) if records else ()
         audit_started = time.monotonic_ns()
         for decision, ticket in tickets:
             sequence, digest = ticket.wait(self.services.audit_timeout_s)
             decision.audit_sequence = sequence
             decision.audit_hash = digest.hex() if isinstance(digest, bytes) else str(digest)
-        audit_ns = (time.monotonic_ns() - audit_started) // max(1, len(tickets))
+        audit_ns = (time.monotonic_ns() - audit_started) // max(1, len(records))
         escalated = [(pending, decision) for pending, decision in zip(group, results)
                      if isinstance(decision, kpb.Decision) and decision.review_id]
         if escalated:  # one transaction (and one group-committed fsync) for the group's reviews
