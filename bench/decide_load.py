@@ -26,8 +26,6 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-FIELDS = ("claim_amount", "policy_age_months", "customer_tier", "claim_type", "prior_claims", "fraud_score",
-          "days_since_incident", "has_police_report")
 MODES = ("decide", "infer", "decide-stream")
 
 
@@ -38,7 +36,7 @@ def _requests(mode: str, n: int = 1000) -> list:
 
     cases = data.generate_cases(n, seed=17)
     if mode.startswith("decide"):
-        return [make_request("claims_triage", {k: c[k] for k in FIELDS}, tenant="bench") for c in cases]
+        return [make_request("claims_triage", {k: c[k] for k in data.REQUEST_FIELDS}, tenant="bench") for c in cases]
     rows = features.encode(cases)
     out = []
     for i in range(n):

@@ -24,8 +24,6 @@ from .config import Settings
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MODELS = ("claims_triage", "claims_triage_large")
 PIPELINES = REPO_ROOT / "examples" / "claims" / "pipelines"
-FIELDS = ("claim_amount", "policy_age_months", "customer_tier", "claim_type", "prior_claims", "fraud_score",
-          "days_since_incident", "has_police_report")
 
 
 def _claims_example():
@@ -75,7 +73,7 @@ def run_demo(settings: Settings, requests: int = 2000, concurrency: int = 8) -> 
                 for i in mine:
                     case = cases[i]
                     sent_at[str(i)] = time.perf_counter()
-                    yield make_request("claims_triage", {k: case[k] for k in FIELDS}, {"description": case["description"]},
+                    yield make_request("claims_triage", {k: case[k] for k in data.REQUEST_FIELDS}, {"description": case["description"]},
                                        tenant="demo", request_id=str(i))
 
             try:

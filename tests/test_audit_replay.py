@@ -3,39 +3,32 @@
 from __future__ import annotations
 
 import json
-import shutil
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
+from claims_support import build_small_model, claim_request, copy_pipelines
 from conftest import start_kernel
-from examples.claims import build_models, data
+from examples.claims import data
 from kernel._proto.aios.kernel.v1 import kernel_pb2 as kpb
 from kernel.audit import RecordFilter, iter_directory
 from kernel.cli import main as cli_main
-from kernel.decision_client import DecisionClient, make_request
+from kernel.decision_client import DecisionClient
 from kernel.policy import load_policy
 
-ROOT = Path(__file__).resolve().parent.parent
-CLAIMS = ROOT / "examples" / "claims" / "pipelines"
-FIELDS = ("claim_amount", "policy_age_months", "customer_tier", "claim_type", "prior_claims", "fraud_score",
-          "days_since_incident", "has_police_report")
 
 
 @pytest.fixture(scope="module")
 def recorded(tmp_path_factory):
     """An audit log of 400 real decisions of the claims pipeline (the kernel is stopped afterwards)."""
-    models = tmp_path_factory.mktemp("models")
-    build_models.build(models, models=build_models.MODELS[:1], log=lambda line: None)
-    pipelines = tmp_path_factory.mktemp("pipelines")
-    for path in CLAIMS.glob("*.toml"):
-        shutil.copy(path, pipelines / path.name)
+    models = build_small_model(tmp_path_factory.mktemp("models"))
+    pipelines = copy_pipelines(tmp_path_factory.mktemp("pipelines"))
     data_dir = tmp_path_factory.mktemp("data")
     server = start_kernel(models, pipelines=str(pipelines), data_dir=str(data_dir), pipeline_poll_s=0)
     try:
         cases = data.generate_cases(400, seed=31)
-        requests = [make_request("claims_triage", {k: c[k] for k in FIELDS}, request_id=f"q{i}") for i, c in enumerate(cases)]
+        requests = [claim_request(c, request_id=f"q{i}") for i, c in enumerate(cases)]
         with DecisionClient(f"127.0.0.1:{server.port}") as client:
             answers = list(client.decide_stream(requests, timeout=120))
     finally:

@@ -8,7 +8,6 @@ evaluator), so the tests hold the pipeline to the truth, not to itself.
 from __future__ import annotations
 
 import hashlib
-import shutil
 import threading
 from pathlib import Path
 
@@ -17,32 +16,23 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from claims_support import CLAIMS, build_small_model, claim_request, copy_pipelines
 from conftest import start_kernel
-from examples.claims import build_models, data, features
+from examples.claims import data, features
 from kernel._proto.aios.kernel.v1 import kernel_pb2 as kpb
 from kernel._proto.aios.kernel.v1 import kernel_pb2_grpc as kgrpc
 from kernel.audit import RecordFilter, iter_directory, verify_directory
 from kernel.decision_client import make_request
 from kernel.policy import load_policy
 
-ROOT = Path(__file__).resolve().parent.parent
-CLAIMS = ROOT / "examples" / "claims" / "pipelines"
-FIELDS = ("claim_amount", "policy_age_months", "customer_tier", "claim_type", "prior_claims", "fraud_score",
-          "days_since_incident", "has_police_report")
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("claims_models")
-    build_models.build(folder, models=build_models.MODELS[:1], log=lambda line: None)
-    return folder
+    return build_small_model(tmp_path_factory.mktemp("claims_models"))
 
 
 @pytest.fixture(scope="module", params=["sync", "aio"])
 def kernel(request, models, tmp_path_factory):
-    pipelines = tmp_path_factory.mktemp("pipelines")
-    for path in CLAIMS.glob("*.toml"):
-        shutil.copy(path, pipelines / path.name)
+    pipelines = copy_pipelines(tmp_path_factory.mktemp("pipelines"))
     data_dir = tmp_path_factory.mktemp("data")
     server = start_kernel(models, request.param, pipelines=str(pipelines), data_dir=str(data_dir),
                           pipeline_poll_s=0, audit_stream_enabled=True)
@@ -80,12 +70,10 @@ def truth(models):
     return decide
 
 
-def _fields(case: dict) -> dict:
-    return {name: case[name] for name in FIELDS}
-
-
 def _request(case: dict, **options) -> kpb.DecisionRequest:
-    return make_request("claims_triage", _fields(case), {"description": case["description"]}, tenant="acme", **options)
+    request = claim_request(case, **options)
+    request.text_fields["description"] = case["description"]
+    return request
 
 
 def _case(**overrides) -> dict:

@@ -2,45 +2,29 @@
 
 from __future__ import annotations
 
-import shutil
 import threading
-import time
-from pathlib import Path
 
 import grpc
 import pytest
 
-from examples.claims import build_models, data
+from claims_support import build_small_model, claim_request, copy_pipelines
+from examples.claims import data
 from kernel._proto.aios.kernel.v1 import kernel_pb2 as kpb
 from kernel._proto.aios.kernel.v1 import kernel_pb2_grpc as kgrpc
 from kernel.audit import RecordFilter, iter_directory, verify_directory
-from kernel.decision_client import make_request
 from kernel.testing.processes import ServeProcess
-
-ROOT = Path(__file__).resolve().parent.parent
-CLAIMS = ROOT / "examples" / "claims" / "pipelines"
-FIELDS = ("claim_amount", "policy_age_months", "customer_tier", "claim_type", "prior_claims", "fraud_score",
-          "days_since_incident", "has_police_report")
-
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("claims_models")
-    build_models.build(folder, models=build_models.MODELS[:1], log=lambda line: None)
-    return folder
+    return build_small_model(tmp_path_factory.mktemp("claims_models"))
 
 
 @pytest.fixture
 def pipelines(tmp_path):
-    folder = tmp_path / "pipelines"
-    folder.mkdir()
-    for path in CLAIMS.glob("*.toml"):
-        shutil.copy(path, folder / path.name)
-    return folder
+    return copy_pipelines(tmp_path / "pipelines")
 
 
-def _request(case: dict, **options) -> kpb.DecisionRequest:
-    return make_request("claims_triage", {k: case[k] for k in FIELDS}, tenant="acme", **options)
+_request = claim_request
 
 
 def _wait_for_state(tasks, task_id: str, wanted: int, timeout: float = 20.0) -> kpb.Task:

@@ -20,8 +20,10 @@ docstrings give the original reproduction and symptom).
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import math
+import os
 import shutil
 import time
 from pathlib import Path
@@ -55,6 +57,8 @@ ALLOWED = {
 ALLOWED_NAMES = {code.name for code in ALLOWED if code != Code.OK}
 GUARD_S = 30.0  # only a guard against hangs: a call that runs into it has hung
 SHORT_S = 0.3  # deadline of streams that would otherwise wait for ever (follow, watch)
+# AIOS_FUZZ_SCALE=10 runs ten times the examples (a longer bug hunt); the default keeps the file fast.
+SCALE = float(os.environ.get("AIOS_FUZZ_SCALE", "1"))
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
                                                       HealthCheck.data_too_large])
 UINT32 = st.integers(0, 2**32 - 1)
@@ -263,6 +267,8 @@ PIPELINE_EDITS = [
     ('name = "claims_triage"\nversion = "2026', 'name = "fuzzed_copy"\nversion = "2026'),
     ('name = "claims_triage"\nversion = "2026', 'name = "../x"\nversion = "2026'),
     ('name = "claims_triage"\nversion = "2026', 'name = "\\u00e9t\\u00e9"\nversion = "2026'),
+    ('name = "claims_triage"\nversion = "2026', 'name = "policy"\nversion = "2026'),
+    ('file = "policy.toml"', 'file = "claims_triage.toml"'), ('file = "policy.toml"', 'file = "fuzzed_copy.toml"'),
     ('version = "2026-11-25.1"\ndescription', "version = 1.5\ndescription"),
     ('values = ["bronze", "silver", "gold", "platinum"]', "values = []"),
     ('values = ["bronze", "silver", "gold", "platinum"]', 'values = ["a", 1]'),
@@ -317,6 +323,17 @@ def upload_requests(draw) -> kpb.UploadPipelineRequest:
     return kpb.UploadPipelineRequest(pipeline_toml=pipeline, policy_toml=policy)
 
 
+def assert_disk_matches_running(kernel) -> None:
+    """Nothing an upload wrote clobbered another file: each serving pipeline's file is still its text,
+    and each one's policy file still holds a policy (so a restart serves the same pipelines)."""
+    registry = kernel.decisions.registry
+    for pipeline in registry.all():
+        text = Path(pipeline.path).read_bytes()
+        assert hashlib.sha256(text).hexdigest() == pipeline.hash, f"{pipeline.path} no longer holds {pipeline.name}"
+        policy_path = registry.folder / pipeline.policy.source
+        assert "[pipeline]" not in policy_path.read_text().splitlines(), f"{policy_path} now holds a pipeline"
+
+
 def restore_example(stubs) -> None:
     code, details, _, _ = call(stubs.admin.UploadPipeline, kpb.UploadPipelineRequest(
         pipeline_toml=PIPELINE_TEXT.encode(), policy_toml=POLICY_TEXT.encode()))
@@ -324,7 +341,7 @@ def restore_example(stubs) -> None:
 
 
 # ----------------------------------------------------------------------------- DecisionService
-@settings(max_examples=60, **SETTINGS)
+@settings(max_examples=int(60 * SCALE), **SETTINGS)
 @given(request=decision_requests(), deadline=st.one_of(st.just(GUARD_S), st.sampled_from([0.001, 0.05])))
 def test_decide_answers_every_request_with_a_specific_status(stubs, request, deadline):
     code, details, decision, elapsed = call(stubs.decisions.Decide, request, deadline)
@@ -349,7 +366,7 @@ def stream_messages(draw) -> list[bytes]:
     return messages
 
 
-@settings(max_examples=25, **SETTINGS)
+@settings(max_examples=int(25 * SCALE), **SETTINGS)
 @given(messages=stream_messages(), deadline=st.one_of(st.just(GUARD_S), st.just(SHORT_S)))
 def test_decide_stream_answers_every_message_with_a_specific_code(channel, stubs, messages, deadline):
     rpc = channel.stream_stream("/aios.kernel.v1.DecisionService/DecideStream",
@@ -375,7 +392,7 @@ def test_decide_stream_answers_every_message_with_a_specific_code(channel, stubs
 
 
 # ----------------------------------------------------------------------------- TaskService
-@settings(max_examples=40, **SETTINGS)
+@settings(max_examples=int(40 * SCALE), **SETTINGS)
 @given(data=st.data(), rpc=st.sampled_from(["StartTask", "StartTask", "GetTask", "CancelTask", "WatchTask"]))
 def test_task_rpcs_answer_with_a_specific_status(stubs, known, data, rpc):
     if rpc == "StartTask":
@@ -409,11 +426,12 @@ def page_tokens(draw, filters: tuple) -> str:
                               st.sampled_from([True, 1.5, 1e400, None, "1", [1], {"a": 1}])))
     return draw(st.one_of(
         st.just(""), short_texts, st.just(paging.encode(position, filters)),
-        st.sampled_from(["AAAA", "!!!!", "e30", base64.urlsafe_b64encode(b'{"after": 1}').decode(), "é"]),
+        st.sampled_from(["AAAA", "!!!!", "e30", base64.urlsafe_b64encode(b'{"after": 1}').decode(), "é",
+                         base64.urlsafe_b64encode(b"[" * 100_000).decode(), "A" * 100_000]),
     ))
 
 
-@settings(max_examples=60, **SETTINGS)
+@settings(max_examples=int(60 * SCALE), **SETTINGS)
 @given(data=st.data(), rpc=st.sampled_from(["ListReviews", "ListReviews", "ClaimReview", "ResolveReview", "WatchReviews"]))
 def test_review_rpcs_answer_with_a_specific_status(stubs, known, data, rpc):
     review_ids = st.one_of(st.sampled_from(known["reviews"]), short_texts, HUGE, st.just(""))
@@ -448,7 +466,7 @@ def test_review_rpcs_answer_with_a_specific_status(stubs, known, data, rpc):
 
 
 # ----------------------------------------------------------------------------- AuditService
-@settings(max_examples=60, **SETTINGS)
+@settings(max_examples=int(60 * SCALE), **SETTINGS)
 @given(data=st.data(), rpc=st.sampled_from(["StreamAudit", "StreamAudit", "GetInclusionProof", "GetConsistencyProof",
                                            "GetCheckpoint", "GetPublicKey"]))
 def test_audit_rpcs_answer_with_a_specific_status(stubs, data, rpc):
@@ -486,14 +504,15 @@ def test_audit_rpcs_answer_with_a_specific_status(stubs, data, rpc):
 
 
 # ----------------------------------------------------------------------------- AdminService
-@settings(max_examples=60, **SETTINGS)
+@settings(max_examples=int(60 * SCALE), **SETTINGS)
 @given(request=upload_requests())
-def test_upload_pipeline_refuses_bad_text_with_a_specific_status(stubs, request):
+def test_upload_pipeline_refuses_bad_text_with_a_specific_status(kernel, stubs, request):
     code, details, info, elapsed = call(stubs.admin.UploadPipeline, request)
     check("UploadPipeline", code, details, elapsed)
     if code == Code.OK:
         note(f"accepted: {info}")
         try:
+            assert_disk_matches_running(kernel)
             # What an upload accepted must also be servable: one case through it.
             decide = good_request(request_id="after-upload")
             decide.pipeline = info.name
@@ -511,7 +530,7 @@ def test_upload_pipeline_refuses_bad_text_with_a_specific_status(stubs, request)
 METHODS = [(service, method) for service in kpb.DESCRIPTOR.services_by_name.values() for method in service.methods]
 
 
-@settings(max_examples=80, **SETTINGS)
+@settings(max_examples=int(80 * SCALE), **SETTINGS)
 @given(target=st.sampled_from(METHODS), raw=st.one_of(
     st.binary(max_size=48), st.sampled_from([b"\xff\xff\xff", b"\x0a", b"\x0a\xff\xff\xff\xff\x0f", b"\x08\x80\x80\x80"]),
 ))

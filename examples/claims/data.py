@@ -17,6 +17,9 @@ from __future__ import annotations
 import numpy as np
 
 LABELS = ("approve", "review", "deny")
+# The structured fields of a claim as a decision request carries them (the claims pipeline's fields).
+REQUEST_FIELDS = ("claim_amount", "policy_age_months", "customer_tier", "claim_type", "prior_claims",
+                  "fraud_score", "days_since_incident", "has_police_report")
 TIERS = ("bronze", "silver", "gold", "platinum")
 CLAIM_TYPES = ("auto", "home", "health", "travel")
 

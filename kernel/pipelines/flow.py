@@ -23,6 +23,7 @@ from ..errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, Kern
 from ..scheduling import WorkItem
 from ..scheduling.types import NO_DEADLINE
 from . import provenance
+from ..store import request_hash as store_request_hash
 from .coalesce import Coalescer
 from .fields import encode_one
 from .spec import Pipeline
@@ -81,7 +82,7 @@ class DecisionEngine:
         pipeline = self.registry.get(request.pipeline)
         request_hash = ""
         if request.idempotency_key:
-            request_hash = provenance.request_hash(request)
+            request_hash = store_request_hash(request)
             replay = self._replayed(request, request_hash)
             if replay is not None:
                 return replay

@@ -12,6 +12,7 @@ import hashlib
 import json
 
 from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
+from ..decision_client import to_value
 
 
 def text_digests(text_fields) -> dict[str, str]:
@@ -22,25 +23,6 @@ def input_hash(pipeline: str, values: dict, digests: dict[str, str]) -> str:
     """SHA-256 over a canonical JSON of the validated (tokenized) inputs."""
     canonical = json.dumps([pipeline, values, digests], sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
-
-
-def request_hash(request: kpb.DecisionRequest) -> str:
-    """What makes two requests "the same" for an idempotency key: content, not the caller's ids or timeouts."""
-    copy = kpb.DecisionRequest()
-    copy.CopyFrom(request)
-    copy.request_id = ""
-    copy.timeout_ms = 0
-    return hashlib.sha256(copy.SerializeToString(deterministic=True)).hexdigest()
-
-
-def value_of(python_value) -> kpb.Value:
-    if isinstance(python_value, bool):
-        return kpb.Value(bool_value=python_value)
-    if isinstance(python_value, int):
-        return kpb.Value(int_value=python_value)
-    if isinstance(python_value, float):
-        return kpb.Value(number_value=python_value)
-    return kpb.Value(string_value=str(python_value))
 
 
 def decision_record(decision: kpb.Decision, given, values: dict, digests: dict[str, str], scores: dict[str, float],
@@ -66,7 +48,7 @@ def decision_record(decision: kpb.Decision, given, values: dict, digests: dict[s
     if len(given) != len(values):
         for name, value in values.items():
             if name not in given:
-                inputs[name].CopyFrom(value_of(value))
+                inputs[name].CopyFrom(to_value(value))
     for name, digest in digests.items():
         inputs["text:" + name].string_value = digest
     return record

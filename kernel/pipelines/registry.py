@@ -85,9 +85,10 @@ class PipelineRegistry:
         pending_policy = {}
 
         def policy_for(name: str):
-            if "/" in name or "\\" in name or name.startswith("."):
-                raise PipelineError(f"[policy].file must be a plain file name for uploads, got {name!r}")
+            _check_file_name(name, "the name")
             if policy_text is not None:
+                if _looks_like_pipeline(self.folder / name):
+                    raise PipelineError(f"{name!r} is a pipeline file; a policy needs a file of its own")
                 policy = self._parse_policy(policy_text.decode("utf-8", errors="replace"), source=name)
                 pending_policy[name] = policy_text
                 return policy
@@ -95,12 +96,16 @@ class PipelineRegistry:
 
         try:
             pipeline = self._bind(parse_pipeline(pipeline_text, "<upload>", policy_for))
+            target = self.folder / f"{pipeline.name}.toml"
+            _check_file_name(target.name, f"{pipeline.path}: [pipeline].name: its file name")
+            if target.name in pending_policy or (target.exists() and not _looks_like_pipeline(target)):
+                raise PipelineError(f"{pipeline.path}: [pipeline].name: {target.name!r} in the pipeline folder is "
+                                    "another kind of file (a policy?); choose another name")
         except PipelineError as exc:
             raise InvalidArgument(f"refused, the running version keeps serving: {exc}") from None
         self.folder.mkdir(parents=True, exist_ok=True)
         for name, text in pending_policy.items():
             _write_atomically(self.folder / name, text)
-        target = self.folder / f"{pipeline.name}.toml"
         _write_atomically(target, pipeline_text)
         pipeline = _relocated(pipeline, str(target))
         stat = target.stat()
@@ -169,6 +174,18 @@ class PipelineRegistry:
             except Exception:  # a watcher that dies silently would freeze every pipeline
                 log.exception("pipeline reload failed")
                 time.sleep(self._poll_s)
+
+
+# Uploaded text becomes files named after it: keep each name (and its ".<name>.tmp" twin) a
+# plain name of the folder, under the file systems' 255-byte limit.
+MAX_FILE_NAME_BYTES = 240
+
+
+def _check_file_name(name: str, what: str) -> None:
+    if (not name or name.startswith(".") or any(c in name for c in "/\\\0")
+            or len(name.encode("utf-8", "surrogatepass")) > MAX_FILE_NAME_BYTES):
+        raise PipelineError(f"{what} must be a plain file name for uploads (no '/', '\\', NUL or leading '.', "
+                            f"at most {MAX_FILE_NAME_BYTES} bytes), got {name[:80]!r}")
 
 
 def _looks_like_pipeline(path: Path) -> bool:

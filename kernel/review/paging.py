@@ -10,6 +10,7 @@ from ..errors import InvalidArgument
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000  # larger requests get this many (AIP-158: clamp, do not refuse)
+MAX_TOKEN_CHARS = 512  # tokens this module issues are about 80 characters
 
 
 def page_size(requested: int) -> int:
@@ -31,12 +32,15 @@ def decode(token: str, filters: tuple) -> int:
     """The position after which the page starts (0 without a token)."""
     if not token:
         return 0
+    if len(token) > MAX_TOKEN_CHARS:  # ours are short; never decode megabytes of someone else's
+        raise InvalidArgument(f"page_token is not a token this kernel issued (it is {len(token)} characters long)")
     try:
         raw = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
         position, digest = raw["after"], raw["filters"]
-        if not isinstance(position, int) or position < 0:
+        # A position is a SQLite rowid: a 64-bit signed integer (and JSON's true is no position).
+        if type(position) is not int or not 0 <= position < 2**63:
             raise ValueError
-    except (ValueError, TypeError, KeyError):
+    except (ValueError, TypeError, KeyError, RecursionError):  # RecursionError: JSON nested too deep
         raise InvalidArgument("page_token is not a token this kernel issued; pass next_page_token unchanged") from None
     if digest != _filters_digest(filters):
         raise InvalidArgument("page_token was issued for other filters; keep pipeline, tenant and state as before")

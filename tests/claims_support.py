@@ -1,0 +1,34 @@
+"""The claims demo as test equipment: its small model, its pipeline folder, requests built from cases."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from examples.claims import build_models
+from examples.claims.data import REQUEST_FIELDS
+from kernel._proto.aios.kernel.v1 import kernel_pb2 as kpb
+from kernel.decision_client import make_request
+
+ROOT = Path(__file__).resolve().parent.parent
+CLAIMS = ROOT / "examples" / "claims" / "pipelines"
+
+
+def build_small_model(folder: Path) -> Path:
+    """``claims_triage`` (the logistic-regression model, built in well under a second) into ``folder``."""
+    build_models.build(folder, models=build_models.MODELS[:1], log=lambda line: None)
+    return folder
+
+
+def copy_pipelines(folder: Path) -> Path:
+    """A private copy of the claims pipeline and policy (tests upload and edit them)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for path in CLAIMS.glob("*.toml"):
+        shutil.copy(path, folder / path.name)
+    return folder
+
+
+def claim_request(case: dict, **options) -> kpb.DecisionRequest:
+    """A DecisionRequest for the claims pipeline from a synthetic case (tenant "acme" unless given)."""
+    options.setdefault("tenant", "acme")
+    return make_request("claims_triage", {name: case[name] for name in REQUEST_FIELDS}, **options)
