@@ -31,7 +31,8 @@ import platform
 import statistics
 import sys
 import time
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _installed_version
 from pathlib import Path
 
 import numpy as np
@@ -208,6 +209,13 @@ def run(args, cpu: int) -> int:
     zen_best = [max(a, b) for a, b in zip(rates[Zen.name], rates[ZenBatch.name])]
     cedar = rates[Cedar.name]
     small = small_batches(policy, list(reversed(available())), (1, 8, 64, 1000), args.small_seconds, rows)
+
+    def version(package: str) -> str:
+        # Cython is a build-time requirement: a fresh environment built the extension without keeping it.
+        try:
+            return _installed_version(package)
+        except PackageNotFoundError:
+            return "not installed"
 
     versions = {"python": platform.python_version(), "numpy": np.__version__, "zen-engine": version("zen-engine"),
                 "cedarpy": version("cedarpy"), "Cython": version("Cython")}

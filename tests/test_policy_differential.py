@@ -160,6 +160,36 @@ def test_the_analysis_never_claims_what_rows_contradict(policy, batch):
         assert not never & set(hits), (never, hits)
         assert not unreachable & set(fired), (unreachable, fired)
         if default_dead:
-            assert hits, "the analysis said the rules cover every row"
+            assert hits, ("the analysis said the rules cover every row", [(r.id, r.when) for r in policy.rules])
         if policy.hit_policy == "UNIQUE" and not overlapping:
             assert error is None, "the analysis proved the rules disjoint"
+
+
+def test_a_field_to_field_test_and_its_negation_do_not_cover_rows_with_a_missing_field():
+    """Found by the random tables above: with `y` missing, neither `y != confidence` nor its negation is true."""
+
+    policy = parse_policy('''
+[policy]
+name = "pair"
+version = "1"
+hit_policy = "UNIQUE"
+[inputs]
+y = "number"
+[outputs]
+actions = ["a", "b", "c"]
+[[rule]]
+id = "R1"
+when = "y != confidence"
+action = "a"
+[[rule]]
+id = "R2"
+when = "not (y != confidence)"
+action = "b"
+[[rule]]
+id = "D"
+default = true
+action = "c"
+''')
+    assert not any("default rule never applies" in w.message for w in policy.warnings)
+    result = policy.evaluate_reference([{"y": None, "label": "x", "confidence": 0.5}])
+    assert result.fired[0] == ("D",)

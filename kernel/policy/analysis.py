@@ -72,7 +72,11 @@ class Universe:
 
     def _make_full(self, key):
         if isinstance(key, tuple):
-            return TokenSet({LT, EQ, GT})
+            # A comparison of two fields is unknown (None) when either may be missing: `f != g` and
+            # `not (f != g)` then leave that row to the default, which a coverage claim must see.
+            _, f, g = key
+            missing = not (Schema.is_model_output(f) and Schema.is_model_output(g))
+            return TokenSet({LT, EQ, GT, None} if missing else {LT, EQ, GT})
         ftype = self.schema.type_of(key)
         missing = not Schema.is_model_output(key)
         if ftype in NUMERIC:
