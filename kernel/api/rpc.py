@@ -9,8 +9,11 @@ Handlers are written once, as plain blocking Python, against ``CallContext``:
 They raise ``kernel.errors.KernelError`` subclasses for every non-OK answer;
 this module turns those into gRPC statuses (with trailers) and anything else
 into INTERNAL with a request id that is also in the log. A request whose
-bytes do not parse is refused with INVALID_ARGUMENT before the handler runs
-(per message on streams).
+bytes do not parse is refused with INVALID_ARGUMENT before the handler runs.
+On a client stream one bad message must not end the call, so there it
+reaches the handler as a ``registration.Unparsable`` stand-in, in its place
+among the messages, for the handler to answer (DecideStream answers it with
+an error and goes on).
 
 On the sync front end the handler runs on gRPC's handler thread. On the
 asyncio front end it runs on a worker thread, because these handlers wait
@@ -90,12 +93,6 @@ def _context_from(grpc_context) -> CallContext:
     return CallContext(_deadline_ns(grpc_context.time_remaining()), metadata, peer)
 
 
-def _parsed(requests: Iterator) -> Iterator:
-    for request in requests:
-        ensure_parsed(request)
-        yield request
-
-
 # --------------------------------------------------------------------------- sync
 def _sync_fail(rpc: str, exc: BaseException, context) -> None:
     if isinstance(exc, KernelError):
@@ -110,7 +107,7 @@ def sync_handler(rpc: str, handler: Callable, client_streaming: bool, server_str
         ctx = _context_from(context)
         context.add_callback(ctx._finish)
         if client_streaming:
-            return _parsed(request_or_iterator), ctx
+            return request_or_iterator, ctx  # messages that did not parse come as Unparsable (see above)
         ensure_parsed(request_or_iterator)
         return request_or_iterator, ctx
 
@@ -155,8 +152,7 @@ def _bridge_requests(requests, loop: asyncio.AbstractEventLoop) -> Iterator:
         request = asyncio.run_coroutine_threadsafe(next_or_end(), loop).result()
         if request is _END:
             return
-        ensure_parsed(request)
-        yield request
+        yield request  # an Unparsable stand-in too: the handler answers it (see above)
 
 
 def aio_handler(rpc: str, handler: Callable, client_streaming: bool, server_streaming: bool) -> Callable:

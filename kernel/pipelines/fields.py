@@ -26,6 +26,7 @@ from ..errors import InvalidArgument
 FIELD_TYPES = ("number", "integer", "string", "bool")
 ENCODINGS = ("standardize", "onehot", "bool", "raw", "none")
 TRANSFORMS = ("none", "log1p")
+FLOAT32_MAX = float(np.finfo(np.float32).max)  # model inputs are float32
 
 # Which proto Value kinds each declared type accepts. Integers are numbers too;
 # an integral double is accepted as an integer because JSON clients cannot tell.
@@ -64,24 +65,32 @@ class FieldSpec:
             got = kind.removesuffix("_value") if kind else "an empty Value"
             raise InvalidArgument(f"field '{self.name}' must be {self.type}, got {got}")
         raw = getattr(value, kind)
-        if self.type == "number":
-            if not math.isfinite(raw):
-                raise InvalidArgument(f"field '{self.name}' must be a finite number, got {raw}")
-            return self._in_range(float(raw))
-        if self.type == "integer":
-            if kind == "number_value" and not (math.isfinite(raw) and raw == int(raw)):
-                raise InvalidArgument(f"field '{self.name}' must be an integer, got {raw}")
-            return self._in_range(int(raw))
+        if self.type == "integer" and kind == "number_value" and not (math.isfinite(raw) and raw == int(raw)):
+            raise InvalidArgument(f"field '{self.name}' must be an integer, got {raw}")
+        if self.type in ("number", "integer"):
+            return self.check_number(raw)
         if self.type == "string" and self.values and raw not in self.values:
             allowed = ", ".join(self.values)
             raise InvalidArgument(f"field '{self.name}' must be one of {allowed}; got {raw!r}")
         return raw
 
-    def _in_range(self, number):
+    def check_number(self, raw: int | float) -> int | float:
+        """``raw`` as this number or integer field's value, or InvalidArgument naming the field.
+
+        Also what a pipeline's ``default`` must pass: everything accepted here
+        can be encoded, audited (integers are int64 there) and decided.
+        """
+        if isinstance(raw, float) and not math.isfinite(raw):
+            raise InvalidArgument(f"field '{self.name}' must be a finite number, got {raw}")
+        number = float(raw) if self.type == "number" else int(raw)
+        if self.type == "integer" and not -(2**63) <= number < 2**63:
+            raise InvalidArgument(f"field '{self.name}' must be a 64-bit integer, got {raw}")
         if self.min is not None and number < self.min:
             raise InvalidArgument(f"field '{self.name}' must be >= {self.min:g}, got {number:g}")
         if self.max is not None and number > self.max:
             raise InvalidArgument(f"field '{self.name}' must be <= {self.max:g}, got {number:g}")
+        if self.transform == "log1p" and number <= -1:
+            raise InvalidArgument(f"field '{self.name}' must be > -1 (its encoding takes log1p), got {number:g}")
         return number
 
 
@@ -121,9 +130,15 @@ def encode_one(fields: tuple[FieldSpec, ...], case: dict, width: int) -> np.ndar
         value = case[spec.name]
         if encode == "onehot":
             row.extend(1.0 if value == category else 0.0 for category in spec.values)
-        elif encode == "standardize":
+            continue
+        if encode == "standardize":
             x = math.log1p(value) if spec.transform == "log1p" else float(value)
-            row.append((x - spec.mean) / spec.std)
+            x = (x - spec.mean) / spec.std
         else:
-            row.append(float(value))
+            x = float(value)
+        # A column beyond float32 becomes inf and the model's scores NaN, which would fail the
+        # policy pass of every decision grouped with this one: refuse it here, by name.
+        if not -FLOAT32_MAX <= x <= FLOAT32_MAX:
+            raise InvalidArgument(f"field '{spec.name}' = {value!r} is too large for the model's float32 input")
+        row.append(x)
     return np.array(row, dtype=np.float32).reshape(1, width)

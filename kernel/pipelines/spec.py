@@ -47,8 +47,12 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import InvalidArgument
 from .fields import ENCODINGS, FIELD_TYPES, TRANSFORMS, FieldSpec
 from .tomlpos import line_of
+
+MAX_PRIORITY = 2**32 - 1  # a DecisionRequest's priority is a uint32; the scheduler takes no more
+MAX_REVIEW_SLA_S = 100 * 365 * 86_400.0  # SLA deadlines are int64 wall-clock ns: keep them far from overflow
 
 
 class PipelineError(ValueError):
@@ -120,6 +124,19 @@ class _Reader:
             raise self.fail(table, key, f"must be {_kind_name(kinds)}, got {value!r}", index)
         return value
 
+    def number(self, raw: dict, table: str, key: str, default: float | None, index: int = 0) -> float | None:
+        """A finite float (TOML allows nan, inf and integers beyond any float), or ``default`` when absent."""
+        value = self.get(raw, table, key, (int, float), default, index)
+        if value is None:
+            return None
+        try:
+            value = float(value)
+        except OverflowError:
+            value = math.inf
+        if not math.isfinite(value):
+            raise self.fail(table, key, f"must be a finite number, got {raw[key]!r:.40}", index)
+        return value
+
     def check_keys(self, raw: dict, table: str, index: int = 0) -> None:
         unknown = sorted(set(raw) - _SECTIONS[table])
         if unknown:
@@ -172,8 +189,8 @@ def parse_pipeline(data: bytes, path: str, load_policy) -> Pipeline:
     escalation = _escalation(r, escalation_raw, policy)
     priority = r.get(model, "model", "priority", int, 0)
     timeout_ms = r.get(model, "model", "timeout_ms", int, 0)
-    if priority < 0:
-        raise r.fail("model", "priority", "must be >= 0 (1 = most urgent, 0 = the model's default)")
+    if not 0 <= priority <= MAX_PRIORITY:
+        raise r.fail("model", "priority", f"must be 0..{MAX_PRIORITY} (1 = most urgent, 0 = the model's default)")
     if timeout_ms < 0:
         raise r.fail("model", "timeout_ms", "must be >= 0")
     return Pipeline(
@@ -236,22 +253,20 @@ def _fields(r: _Reader, raw_fields) -> tuple[FieldSpec, ...]:
             raise r.fail("field", "encode", f"{encode} needs a number or integer field; '{name}' is {kind}", i)
         if encode == "bool" and kind != "bool":
             raise r.fail("field", "encode", f"bool encoding needs a bool field; '{name}' is {kind}", i)
-        number = (int, float)
-        lo = r.get(raw, "field", "min", number, None, index=i)
-        hi = r.get(raw, "field", "max", number, None, index=i)
+        lo = r.number(raw, "field", "min", None, index=i)
+        hi = r.number(raw, "field", "max", None, index=i)
         if (lo is not None or hi is not None) and kind not in ("number", "integer"):
             raise r.fail("field", "min" if lo is not None else "max", f"only number fields have ranges; '{name}' is {kind}", i)
         if lo is not None and hi is not None and lo > hi:
             raise r.fail("field", "min", f"min {lo} is above max {hi}", i)
-        std = float(r.get(raw, "field", "std", number, 1.0, index=i))
-        if not (std > 0 and math.isfinite(std)):
+        std = r.number(raw, "field", "std", 1.0, index=i)
+        if not std > 0:
             raise r.fail("field", "std", "must be a positive finite number", i)
         required = r.get(raw, "field", "required", bool, False, index=i)
         spec = FieldSpec(
             name=name, type=kind, required=required, default=None,
-            min=None if lo is None else float(lo), max=None if hi is None else float(hi),
-            values=values, encode=encode, transform=transform,
-            mean=float(r.get(raw, "field", "mean", number, 0.0, index=i)), std=std,
+            min=lo, max=hi, values=values, encode=encode, transform=transform,
+            mean=r.number(raw, "field", "mean", 0.0, index=i), std=std,
         )
         if not required:
             spec = _with_default(r, raw, spec, i)
@@ -270,8 +285,11 @@ def _with_default(r: _Reader, raw: dict, spec: FieldSpec, i: int) -> FieldSpec:
         raise r.fail("field", "default", f"must be a {spec.type}, got {default!r}", i)
     if spec.values and default not in spec.values and not (spec.encode == "onehot" and default == ""):
         raise r.fail("field", "default", f"{default!r} is not one of the field's values", i)
-    if spec.type == "number":
-        default = float(default)
+    if spec.type in ("number", "integer"):
+        try:
+            default = spec.check_number(default)  # what a request's value must pass, the default passes too
+        except InvalidArgument as exc:
+            raise r.fail("field", "default", exc.message, i) from None
     return FieldSpec(**{**{k: getattr(spec, k) for k in FieldSpec.__slots__}, "default": default})
 
 
@@ -295,13 +313,12 @@ def _check_policy_inputs(r: _Reader, policy, fields: tuple[FieldSpec, ...]) -> N
 
 
 def _escalation(r: _Reader, raw: dict, policy) -> Escalation:
-    number = (int, float)
-    minimum = float(r.get(raw, "escalation", "min_confidence", number, 0.0))
+    minimum = r.number(raw, "escalation", "min_confidence", 0.0)
     if not 0.0 <= minimum <= 1.0:
         raise r.fail("escalation", "min_confidence", "must be between 0 and 1")
-    sla = float(r.get(raw, "escalation", "review_sla_s", number, 4 * 3600.0))
-    if not sla > 0:
-        raise r.fail("escalation", "review_sla_s", "must be > 0 seconds")
+    sla = r.number(raw, "escalation", "review_sla_s", 4 * 3600.0)
+    if not 0 < sla <= MAX_REVIEW_SLA_S:
+        raise r.fail("escalation", "review_sla_s", f"must be > 0 and at most {MAX_REVIEW_SLA_S:g} seconds")
     actions = r.get(raw, "escalation", "review_actions", list, None)
     if actions is None:
         actions = list(getattr(policy, "actions", ()))

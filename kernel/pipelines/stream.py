@@ -16,7 +16,7 @@ import threading
 from collections.abc import Iterator
 
 from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
-from ..errors import Cancelled, KernelError
+from ..errors import Cancelled, InvalidArgument, KernelError
 from .flow import ANONYMOUS, DecisionEngine, Pending
 
 MAX_IN_FLIGHT = 1024  # per stream; the reader stops taking requests beyond it (back-pressure)
@@ -25,10 +25,19 @@ _END = object()
 
 
 def error_decision(request, exc: BaseException) -> kpb.Decision:
+    if not isinstance(request, kpb.DecisionRequest):  # it did not parse: nothing of it to echo
+        request = kpb.DecisionRequest()
     code = exc.code if isinstance(exc, KernelError) else "INTERNAL"
     message = exc.message if isinstance(exc, KernelError) else "internal error; the kernel keeps serving"
     return kpb.Decision(request_id=request.request_id, pipeline=request.pipeline, tenant=request.tenant,
                         error_code=code, error_message=message)
+
+
+def _unparsed(request) -> InvalidArgument:
+    # The API layer hands on a message whose bytes did not parse as a stand-in that says why
+    # (kernel.api.registration.Unparsable), so that it is answered in turn and the stream goes on.
+    reason = getattr(request, "reason", type(request).__name__)
+    return InvalidArgument(f"the request is not a valid aios.kernel.v1.DecisionRequest message: {reason}")
 
 
 def decide_stream(engine: DecisionEngine, requests: Iterator, ctx, principal: str = ANONYMOUS) -> Iterator[kpb.Decision]:
@@ -52,6 +61,8 @@ def decide_stream(engine: DecisionEngine, requests: Iterator, ctx, principal: st
                 with lock:
                     taken[0] += 1
                 try:
+                    if not isinstance(request, kpb.DecisionRequest):
+                        raise _unparsed(request)
                     pending = engine.prepare(request, ctx.deadline_ns, principal)
                 except Exception as exc:
                     events.put((request, exc))
