@@ -283,3 +283,16 @@ def test_a_required_field_that_is_missing_is_named(kernel, channel, decisions):
         assert decisions.Decide(_request(_case()), timeout=10).action
     finally:
         admin.UploadPipeline(kpb.UploadPipelineRequest(pipeline_toml=original), timeout=10)
+
+
+def test_a_model_fault_on_one_request_does_not_fail_its_group(kernel):
+    """Injected fault: one request's scores are overwritten with NaN after the model ran."""
+    engine = kernel.decisions.engine
+    cases = data.generate_cases(3, seed=12)
+    group = [engine.prepare(_request(case, request_id=f"g{i}"), None) for i, case in enumerate(cases)]
+    for pending in group:
+        engine.run_blocking(pending)
+    group[1].item.outputs = [np.full_like(out, np.nan) for out in group[1].item.outputs]  # the injected fault
+    results = engine.finish(group)
+    assert isinstance(results[0], kpb.Decision) and isinstance(results[2], kpb.Decision)
+    assert results[1].code == "INTERNAL" and "non-finite" in results[1].message and "g1" in results[1].message

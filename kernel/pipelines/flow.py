@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
-from ..errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, KernelError
+from ..errors import DeadlineExceeded, FailedPrecondition, Internal, InvalidArgument, KernelError
 from ..scheduling import WorkItem
 from ..scheduling.types import NO_DEADLINE
 from . import provenance
@@ -148,6 +148,14 @@ class DecisionEngine:
             error = pending.item.error
             if error is not None:
                 results[index] = error if isinstance(error, KernelError) else KernelError(str(error))
+                continue
+            if not all(np.isfinite(out).all() for out in pending.item.outputs if out.dtype.kind == "f"):
+                # A model fault for this request alone: its neighbours in the group are still decided.
+                mv = pending.item.model
+                results[index] = Internal(f"model {mv.name}/{mv.version} returned non-finite scores "
+                                          f"(request id {pending.request_id})")
+                log.error("model %s/%s returned non-finite scores for request %s", mv.name, mv.version,
+                          pending.request_id)
                 continue
             by_pipeline.setdefault(id(pending.pipeline), []).append(index)
         for indices in by_pipeline.values():

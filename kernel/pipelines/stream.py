@@ -11,6 +11,7 @@ completion order, not request order.
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 from collections.abc import Iterator
@@ -18,6 +19,8 @@ from collections.abc import Iterator
 from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
 from ..errors import Cancelled, InvalidArgument, KernelError
 from .flow import ANONYMOUS, DecisionEngine, Pending
+
+log = logging.getLogger("aios.decisions")
 
 MAX_IN_FLIGHT = 1024  # per stream; the reader stops taking requests beyond it (back-pressure)
 
@@ -122,7 +125,12 @@ def decide_stream(engine: DecisionEngine, requests: Iterator, ctx, principal: st
                 answered += 1
                 yield error_decision(request, exc)
         if group:
-            for pending, result in zip(group, engine.finish(group)):
+            try:
+                results = engine.finish(group)
+            except Exception as exc:  # one group's failure is answered per request; the stream goes on
+                log.exception("finishing %d streamed decisions failed", len(group))
+                results = [exc] * len(group)
+            for pending, result in zip(group, results):
                 slots.release()
                 answered += 1
                 yield result if isinstance(result, kpb.Decision) else error_decision(pending.request, result)
