@@ -213,7 +213,9 @@ class DecisionEngine:
                 decision.reasons.add(rule_id=rule_id, description=descriptions[rule_id])
             model = decision.model
             model.model_name, model.model_version, model.route_arm, model.confidence = mv.name, mv.version, "primary", conf
-            model.class_scores.update(zip(labels, scores[k].tolist()))
+            class_scores = model.class_scores  # item by item: Mapping.update is a slow Python loop on upb maps
+            for name, value in zip(labels, scores[k].tolist()):
+                class_scores[name] = value
             why = decision.escalation_reasons
             if errors is not None and errors[k]:
                 why.append(f"the policy could not decide: {errors[k]}")
@@ -224,12 +226,11 @@ class DecisionEngine:
             if why:
                 decision.outcome = kpb.ESCALATED
             item = pending.item
-            decision.phase_timings_ns.update(
-                validate=pending.prepared_ns - pending.started_ns,
-                queue=max(0, (item.started_ns or item.enqueued_ns) - item.enqueued_ns),
-                model=int(sum(item.timings)),
-                policy=policy_ns,
-            )
+            timings = decision.phase_timings_ns
+            timings["validate"] = pending.prepared_ns - pending.started_ns
+            timings["queue"] = max(0, (item.started_ns or item.enqueued_ns) - item.enqueued_ns)
+            timings["model"] = int(sum(item.timings))
+            timings["policy"] = policy_ns
             decisions.append(decision)
         return decisions
 
@@ -246,7 +247,7 @@ class DecisionEngine:
         reviews, audit, store = self.services.reviews, self.services.audit, self.services.idempotency
         decided, records = [], []
         for pending, decision in zip(group, results):
-            if not isinstance(decision, kpb.Decision):
+            if isinstance(decision, KernelError):  # (isinstance on a message class goes through ABCMeta: slow)
                 continue
             if decision.outcome == kpb.ESCALATED and reviews is not None:
                 decision.review_id = uuid.uuid4().hex
@@ -263,7 +264,7 @@ class DecisionEngine:
             decision.audit_hash = digest.hex() if isinstance(digest, bytes) else str(digest)
         audit_ns = (time.monotonic_ns() - audit_started) // max(1, len(records))
         escalated = [(pending, decision) for pending, decision in zip(group, results)
-                     if isinstance(decision, kpb.Decision) and decision.review_id]
+                     if not isinstance(decision, KernelError) and decision.review_id]
         if escalated:  # one transaction (and one group-committed fsync) for the group's reviews
             opened = reviews.create_many([
                 (decision, pending.request, list(pending.pipeline.escalation.review_actions),
@@ -274,7 +275,7 @@ class DecisionEngine:
                 decision.review_id = review.review_id  # a re-run task finds the review it opened before
         now = time.monotonic_ns()
         for index, (pending, decision) in enumerate(zip(group, results)):
-            if not isinstance(decision, kpb.Decision):
+            if isinstance(decision, KernelError):  # (isinstance on a message class goes through ABCMeta: slow)
                 continue
             decision.phase_timings_ns["audit"] = audit_ns
             decision.phase_timings_ns["total"] = now - pending.started_ns

@@ -9,7 +9,6 @@ it back), and no model sees text at all.
 from __future__ import annotations
 
 import hashlib
-import json
 
 from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
 from ..decision_client import to_value
@@ -20,9 +19,18 @@ def text_digests(text_fields) -> dict[str, str]:
 
 
 def input_hash(pipeline: str, values: dict, digests: dict[str, str]) -> str:
-    """SHA-256 over a canonical JSON of the validated (tokenized) inputs."""
-    canonical = json.dumps([pipeline, values, digests], sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+    """SHA-256 over a canonical text of the validated (tokenized) inputs.
+
+    The text is the pipeline name, then ``name=repr(value)`` per field and
+    ``text:name=digest`` per text field, each set sorted by name, joined by
+    U+001F. Python's ``repr`` of a float is its shortest round-trip form, so
+    equal inputs always give equal text (JSON with sorted keys gave the same
+    guarantee at several times the cost, on every decision).
+    """
+    parts = [pipeline]
+    parts += [f"{name}={values[name]!r}" for name in sorted(values)]
+    parts += [f"text:{name}={digests[name]}" for name in sorted(digests)]
+    return hashlib.sha256("\x1f".join(parts).encode("utf-8")).hexdigest()
 
 
 def decision_record(decision: kpb.Decision, given, values: dict, digests: dict[str, str], scores: dict[str, float],
