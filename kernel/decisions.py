@@ -111,7 +111,7 @@ class DecisionSide:
         """A task runs its pipeline like Decide, without a caller deadline; escalation makes it wait."""
         pending = self.engine.prepare(task.request, None)
         if isinstance(pending, kpb.Decision):  # answered before (idempotency key), maybe cut off before it waited
-            if pending.outcome == kpb.ESCALATED and pending.review_id:
+            if pending.outcome in (kpb.ESCALATED, kpb.FALLBACK) and pending.review_id:
                 return WaitingForReview(pending.review_id, pending)
             return pending
         pending.task_id = task.task_id
@@ -119,7 +119,7 @@ class DecisionSide:
         (result,) = self.engine.finish([pending])
         if isinstance(result, KernelError):
             raise result
-        if result.outcome == kpb.ESCALATED and result.review_id:
+        if result.outcome in (kpb.ESCALATED, kpb.FALLBACK) and result.review_id:
             return WaitingForReview(result.review_id, result)
         return result
 

@@ -294,5 +294,27 @@ def test_a_model_fault_on_one_request_does_not_fail_its_group(kernel):
         engine.run_blocking(pending)
     group[1].item.outputs = [np.full_like(out, np.nan) for out in group[1].item.outputs]  # the injected fault
     results = engine.finish(group)
-    assert isinstance(results[0], kpb.Decision) and isinstance(results[2], kpb.Decision)
-    assert results[1].code == "INTERNAL" and "non-finite" in results[1].message and "g1" in results[1].message
+    assert results[0].outcome != kpb.FALLBACK and results[2].outcome != kpb.FALLBACK
+    # The claims pipeline has a fallback action: the faulty request alone takes it, and says why.
+    assert results[1].outcome == kpb.FALLBACK and results[1].request_id == "g1"
+    assert "non-finite" in results[1].escalation_reasons[0]
+
+
+def test_a_model_fault_takes_the_pipeline_fallback_and_goes_to_a_human(kernel, channel):
+    """Injected fault: one request's model call is marked failed after it ran (as run_batch does on a raise)."""
+    from kernel.errors import Internal
+
+    engine = kernel.decisions.engine
+    cases = data.generate_cases(2, seed=13)
+    group = [engine.prepare(_request(case, request_id=f"f{i}"), None) for i, case in enumerate(cases)]
+    for pending in group:
+        engine.run_blocking(pending)
+    group[0].item.error = Internal("model claims_triage/1 failed at run time: injected (request id f0)")
+    fallback, normal = engine.finish(group)
+    assert fallback.outcome == kpb.FALLBACK and fallback.action == "review" and fallback.review_id
+    assert fallback.model.route_arm == "fallback" and "injected" in fallback.escalation_reasons[0]
+    assert normal.outcome in (kpb.AUTOMATED, kpb.ESCALATED) and normal.model.route_arm == "primary"
+    review = kgrpc.ReviewServiceStub(channel).ListReviews(kpb.ListReviewsRequest(state="OPEN", page_size=1000), timeout=5)
+    assert fallback.review_id in {r.review_id for r in review.reviews}
+    record = next(kernel.decisions.audit.read(from_sequence=fallback.audit_sequence))
+    assert record.decision.outcome == kpb.FALLBACK and record.request_id == "f0"

@@ -82,6 +82,7 @@ def _refused(text: str, folder: Path) -> str:
         ('timeout_ms = 2000', 'timeout_ms = -1', "[model].timeout_ms"),
         ('output = "probabilities"', 'output = 3', "[model].output"),
         ('priority = 0', 'priorty = 0', "[model].priorty"),
+        ('fallback_action = "review"', 'fallback_action = "explode"', "[model].fallback_action"),
     ],
 )
 def test_each_error_names_file_line_and_field(folder, old, new, field):

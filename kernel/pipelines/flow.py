@@ -146,16 +146,17 @@ class DecisionEngine:
         by_pipeline: dict[int, list[int]] = {}
         for index, pending in enumerate(group):
             error = pending.item.error
-            if error is not None:
-                results[index] = error if isinstance(error, KernelError) else KernelError(str(error))
-                continue
-            if not all(np.isfinite(out).all() for out in pending.item.outputs if out.dtype.kind == "f"):
+            if error is None and not all(np.isfinite(out).all() for out in pending.item.outputs if out.dtype.kind == "f"):
                 # A model fault for this request alone: its neighbours in the group are still decided.
                 mv = pending.item.model
-                results[index] = Internal(f"model {mv.name}/{mv.version} returned non-finite scores "
-                                          f"(request id {pending.request_id})")
-                log.error("model %s/%s returned non-finite scores for request %s", mv.name, mv.version,
-                          pending.request_id)
+                error = Internal(f"model {mv.name}/{mv.version} returned non-finite scores (request id {pending.request_id})")
+                log.error("model %s/%s returned non-finite scores for request %s", mv.name, mv.version, pending.request_id)
+            if error is not None:
+                if not isinstance(error, KernelError):
+                    error = KernelError(str(error))
+                fallback = pending.pipeline.fallback_action
+                # A model fault (not the caller's deadline or a full queue) takes the pipeline's fallback.
+                results[index] = self._fallback(pending, error) if fallback and error.code == "INTERNAL" else error
                 continue
             by_pipeline.setdefault(id(pending.pipeline), []).append(index)
         for indices in by_pipeline.values():
@@ -164,6 +165,24 @@ class DecisionEngine:
                 results[i] = decision
         self._escalate_and_audit(group, results)
         return results
+
+    def _fallback(self, pending: Pending, error: KernelError) -> kpb.Decision:
+        """The pipeline's fallback decision for a request whose model failed: FALLBACK, sent to a human."""
+        pipeline, mv, request = pending.pipeline, pending.item.model, pending.request
+        policy = pipeline.policy
+        decision = kpb.Decision(
+            request_id=pending.request_id, action=pipeline.fallback_action, outcome=kpb.FALLBACK,
+            input_hash=provenance.input_hash(pipeline.name, pending.values, pending.digests),
+            tenant=request.tenant, idempotency_key=request.idempotency_key, policy_name=policy.name,
+            policy_hash=policy.hash, policy_version=str(policy.version), pipeline=pipeline.name,
+            pipeline_version=pipeline.hash,
+        )
+        decision.reasons.add(rule_id="FALLBACK", description="the model failed; the pipeline's fallback action")
+        decision.escalation_reasons.append(f"model fault: {error.message}")
+        model = decision.model
+        model.model_name, model.model_version, model.route_arm = mv.name, mv.version, "fallback"
+        decision.phase_timings_ns["validate"] = pending.prepared_ns - pending.started_ns
+        return decision
 
     def _static(self, pipeline: Pipeline, mv) -> tuple:
         """What every decision of (pipeline, model version) shares, computed once."""
@@ -249,7 +268,7 @@ class DecisionEngine:
         for pending, decision in zip(group, results):
             if isinstance(decision, KernelError):  # (isinstance on a message class goes through ABCMeta: slow)
                 continue
-            if decision.outcome == kpb.ESCALATED and reviews is not None:
+            if decision.outcome in (kpb.ESCALATED, kpb.FALLBACK) and reviews is not None:
                 decision.review_id = uuid.uuid4().hex
             if audit is not None:
                 decided.append(decision)

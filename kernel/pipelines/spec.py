@@ -17,6 +17,8 @@ nothing is half-loaded. Format (see ``examples/claims/pipeline.toml``)::
     output = "probabilities"          # class scores; labels from the model's output `labels`
     priority = 0                      # scheduler priority; 0 = the model's default
     timeout_ms = 0                    # per-decision deadline when the caller gives none; 0 = none
+    fallback_action = "review"        # optional: when the model fails, decide this (outcome FALLBACK) and
+                                      # send the case to a human; without it a model fault is INTERNAL
 
     [policy]
     file = "policy.toml"              # relative to this file
@@ -79,6 +81,7 @@ class Pipeline:
     output: str
     priority: int
     timeout_ms: int
+    fallback_action: str  # "" = none: a model fault answers INTERNAL
     fields: tuple[FieldSpec, ...]
     fields_by_name: dict
     width: int  # columns of the encoded input
@@ -92,7 +95,7 @@ class Pipeline:
 
 _SECTIONS = {
     "pipeline": {"name", "version", "description"},
-    "model": {"name", "version", "input", "output", "priority", "timeout_ms"},
+    "model": {"name", "version", "input", "output", "priority", "timeout_ms", "fallback_action"},
     "policy": {"file"},
     "escalation": {"min_confidence", "review_sla_s", "review_actions"},
     "field": {"name", "type", "required", "default", "min", "max", "values", "encode", "transform", "mean", "std"},
@@ -193,6 +196,10 @@ def parse_pipeline(data: bytes, path: str, load_policy) -> Pipeline:
         raise r.fail("model", "priority", f"must be 0..{MAX_PRIORITY} (1 = most urgent, 0 = the model's default)")
     if timeout_ms < 0:
         raise r.fail("model", "timeout_ms", "must be >= 0")
+    fallback = r.get(model, "model", "fallback_action", str, "")
+    if fallback and fallback not in policy.actions:
+        raise r.fail("model", "fallback_action", f"{fallback!r} is not an action of the policy "
+                                                 f"({', '.join(policy.actions)})")
     return Pipeline(
         name=name,
         label=str(r.get(head, "pipeline", "version", (str, int), "")),
@@ -205,6 +212,7 @@ def parse_pipeline(data: bytes, path: str, load_policy) -> Pipeline:
         output=r.get(model, "model", "output", str, required=True),
         priority=priority,
         timeout_ms=timeout_ms,
+        fallback_action=fallback,
         fields=fields,
         fields_by_name={f.name: f for f in fields},
         width=sum(f.width for f in fields),
