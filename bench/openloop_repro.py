@@ -1,4 +1,4 @@
-"""Minimal reproductions of kernel misbehaviour found by ``bench/openloop.py`` (see bench/RESULTS.md).
+"""Minimal reproductions of kernel misbehaviour found by ``bench/openloop/`` (see bench/RESULTS.md).
 
 ``python -m bench.openloop_repro lane``
     ``Lane.run_blocking`` returns an item that another thread is still running in a batch once the item's
