@@ -178,6 +178,19 @@ class AioServer:
         self.loop.close()
 
 
+def serve_task_kernel(folder, front_end: str):
+    """A TaskKernel on ``folder`` served by the ``sync`` or ``aio`` front end; returns (kernel, stop)."""
+    kernel = TaskKernel(folder)
+    if front_end == "sync":
+        server, port = serve_sync(kernel)
+        stop = lambda: server.stop(1).wait()  # noqa: E731
+    else:
+        server = AioServer(kernel)
+        port, stop = server.port, server.stop
+    kernel.port = port
+    return kernel, stop
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("data_dir")

@@ -109,3 +109,24 @@ def pytest_report_header(config):
     from kernel import accel
 
     return f"aios: compiled extensions {accel.CHOSEN or 'none'}; AIOS_PURE_PYTHON={os.environ.get('AIOS_PURE_PYTHON', '')}"
+
+
+@pytest.fixture(scope="module")
+def claims_models(tmp_path_factory) -> Path:
+    """The claims demo's small model (built in well under a second)."""
+    from claims_support import build_small_model
+
+    return build_small_model(tmp_path_factory.mktemp("claims_models"))
+
+
+@pytest.fixture(scope="module", params=["sync", "aio"])
+def claims_kernel(request, claims_models, tmp_path_factory):
+    """A kernel serving the claims pipeline (a private copy, ``.pipelines_dir``), once per front end."""
+    from claims_support import copy_pipelines
+
+    pipelines = copy_pipelines(tmp_path_factory.mktemp("pipelines"))
+    server = start_kernel(claims_models, request.param, pipelines=str(pipelines),
+                          data_dir=str(tmp_path_factory.mktemp("data")), pipeline_poll_s=0, audit_stream_enabled=True)
+    server.pipelines_dir = pipelines
+    yield server
+    server.stop(grace=1)

@@ -16,8 +16,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from claims_support import CLAIMS, build_small_model, claim_request, copy_pipelines
-from conftest import start_kernel
+from claims_support import CLAIMS, claim_request
 from examples.claims import data, features
 from kernel._proto.aios.kernel.v1 import kernel_pb2 as kpb
 from kernel._proto.aios.kernel.v1 import kernel_pb2_grpc as kgrpc
@@ -26,19 +25,13 @@ from kernel.decision_client import make_request
 from kernel.policy import load_policy
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    return build_small_model(tmp_path_factory.mktemp("claims_models"))
+def models(claims_models):
+    return claims_models
 
 
-@pytest.fixture(scope="module", params=["sync", "aio"])
-def kernel(request, models, tmp_path_factory):
-    pipelines = copy_pipelines(tmp_path_factory.mktemp("pipelines"))
-    data_dir = tmp_path_factory.mktemp("data")
-    server = start_kernel(models, request.param, pipelines=str(pipelines), data_dir=str(data_dir),
-                          pipeline_poll_s=0, audit_stream_enabled=True)
-    server.pipelines_dir = pipelines
-    yield server
-    server.stop(grace=1)
+@pytest.fixture(scope="module")
+def kernel(claims_kernel):
+    return claims_kernel
 
 
 @pytest.fixture

@@ -31,8 +31,7 @@ import pytest
 from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 
-from claims_support import CLAIMS, build_small_model, claim_request, copy_pipelines
-from conftest import start_kernel
+from claims_support import CLAIMS, claim_request
 from examples.claims import data
 from examples.claims.data import REQUEST_FIELDS as FIELDS
 from kernel._proto.aios.kernel.v1 import kernel_pb2 as kpb
@@ -63,18 +62,13 @@ INT64 = st.integers(-(2**63), 2**63 - 1)
 
 # ----------------------------------------------------------------------------- the kernel
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    return build_small_model(tmp_path_factory.mktemp("claims_models"))
+def models(claims_models):
+    return claims_models
 
 
-@pytest.fixture(scope="module", params=["sync", "aio"])
-def kernel(request, models, tmp_path_factory):
-    pipelines = copy_pipelines(tmp_path_factory.mktemp("pipelines"))
-    data_dir = tmp_path_factory.mktemp("data")
-    server = start_kernel(models, request.param, pipelines=str(pipelines), data_dir=str(data_dir),
-                          pipeline_poll_s=0, audit_stream_enabled=True)
-    yield server
-    server.stop(grace=1)
+@pytest.fixture(scope="module")
+def kernel(claims_kernel):
+    return claims_kernel
 
 
 @pytest.fixture(scope="module")

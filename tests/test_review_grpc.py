@@ -11,7 +11,7 @@ import time
 import grpc
 import pytest
 
-from _task_server import AioServer, TaskKernel, serve_sync
+from _task_server import serve_task_kernel
 from kernel._proto.aios.kernel.v1 import kernel_pb2 as kpb
 from kernel._proto.aios.kernel.v1 import kernel_pb2_grpc as kgrpc
 
@@ -20,14 +20,7 @@ TIMEOUT_S = 20
 
 @pytest.fixture(scope="module", params=["sync", "aio"])
 def kernel(request, tmp_path_factory):
-    k = TaskKernel(tmp_path_factory.mktemp(f"reviews-{request.param}"))
-    if request.param == "sync":
-        server, port = serve_sync(k)
-        stop = lambda: server.stop(1).wait()  # noqa: E731
-    else:
-        server = AioServer(k)
-        port, stop = server.port, server.stop
-    k.port = port
+    k, stop = serve_task_kernel(tmp_path_factory.mktemp(f"reviews-{request.param}"), request.param)
     yield k
     stop()
     k.close()
