@@ -99,7 +99,14 @@ def run_demo(settings: Settings, requests: int = 2000, concurrency: int = 8) -> 
         thread.join()
     wall = time.perf_counter() - started
     with DecisionClient(address) as client:
-        open_reviews = client.reviews.ListReviews(kpb.ListReviewsRequest(pipeline="claims_triage", page_size=1000))
+        waiting, token = 0, ""
+        while True:  # page through: a page holds at most 1,000 reviews
+            page = client.reviews.ListReviews(kpb.ListReviewsRequest(
+                pipeline="claims_triage", state="OPEN", page_size=1000, page_token=token))
+            waiting += len(page.reviews)
+            token = page.next_page_token
+            if not token:
+                break
     server.stop(grace=2)
     audit_dir = Path(settings.data_dir) / "audit"
     verified = verify_directory(audit_dir)
@@ -127,7 +134,7 @@ def run_demo(settings: Settings, requests: int = 2000, concurrency: int = 8) -> 
     agree = sum(1 for i in automated if _agrees(answers[i].action, cases[i]["label"]))
     if automated:
         print(f"\n  automated decisions agreeing with the synthetic ground truth: {100 * agree / len(automated):.1f}%")
-    print(f"  review queue: {len(open_reviews.reviews)} cases waiting for a person "
+    print(f"  review queue: {waiting} cases waiting for a person "
           f"(aios-kernel decide / ReviewService to work them)")
     print(f"  audit log {audit_dir}: {verified.describe()}")
     return 0 if not errors and verified.ok else 1
