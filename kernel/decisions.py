@@ -56,6 +56,7 @@ class DecisionSide:
         self.engine = DecisionEngine(self.registry, inference, Services(self.audit, self.reviews, self.idempotency))
         self.tasks = TaskRunner(TaskStore(self.db), self._run_task, validate=self.engine.validate)
         self.reviews.on_resolved(self._resolved)
+        self.tasks.on_cancelled.append(self._task_cancelled)
         # Governance events go on the record next to the decisions they affect.
         hub.add_listener(self._models_changed)
         self.registry.listeners.append(self._pipeline_changed)
@@ -122,6 +123,10 @@ class DecisionSide:
         if result.outcome in (kpb.ESCALATED, kpb.FALLBACK) and result.review_id:
             return WaitingForReview(result.review_id, result)
         return result
+
+    def _task_cancelled(self, task: kpb.Task) -> None:
+        if task.review_id:  # nobody should work a case whose task is gone
+            self.reviews.withdraw(task.review_id, f"task {task.task_id} was cancelled")
 
     def _resolved(self, review: kpb.Review) -> kpb.Decision:
         # Delivered at least once (again after a crash): the first resolution recorded is the one.

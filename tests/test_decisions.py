@@ -311,3 +311,21 @@ def test_a_model_fault_takes_the_pipeline_fallback_and_goes_to_a_human(kernel, c
     assert fallback.review_id in {r.review_id for r in review.reviews}
     record = next(kernel.decisions.audit.read(from_sequence=fallback.audit_sequence))
     assert record.decision.outcome == kpb.FALLBACK and record.request_id == "f0"
+
+
+def test_cancelling_a_waiting_task_withdraws_its_review(channel):
+    tasks, reviews = kgrpc.TaskServiceStub(channel), kgrpc.ReviewServiceStub(channel)
+    case = _case(claim_amount=80000.0, fraud_score=0.2, prior_claims=0)  # R04: a human decides
+    task = tasks.StartTask(kpb.StartTaskRequest(request=_request(case, request_id="cancel-1")), timeout=10)
+    for update in tasks.WatchTask(kpb.TaskRef(task_id=task.task_id), timeout=20):
+        if update.state == kpb.WAITING_FOR_REVIEW:
+            break
+    waiting = tasks.GetTask(kpb.TaskRef(task_id=task.task_id), timeout=5)
+    assert tasks.CancelTask(kpb.TaskRef(task_id=task.task_id), timeout=5).state == kpb.CANCELLED
+    open_ids = {r.review_id for r in reviews.ListReviews(
+        kpb.ListReviewsRequest(state="OPEN", page_size=1000), timeout=5).reviews}
+    assert waiting.review_id and waiting.review_id not in open_ids
+    with pytest.raises(grpc.RpcError) as info:
+        reviews.ResolveReview(kpb.ResolveReviewRequest(review_id=waiting.review_id, reviewer="dan", action="approve"),
+                              timeout=5)
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION

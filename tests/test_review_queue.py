@@ -331,3 +331,16 @@ def test_a_task_has_one_review_so_a_rerun_does_not_queue_its_case_twice(queue):
     queue.resolve(first.review_id, "alice", "deny")
     assert escalate(queue, task_id="task-1").state == "RESOLVED"  # the re-run finds the resolution
     assert escalate(queue, task_id="task-2").review_id != first.review_id
+
+
+def test_withdraw_takes_a_review_off_the_queue_without_running_hooks(queue):
+    delivered = []
+    queue.on_resolved(delivered.append)
+    review = escalate(queue)
+    queue.claim(review.review_id, "alice", 60)
+    withdrawn = queue.withdraw(review.review_id, "its task was cancelled")
+    assert withdrawn.state == "RESOLVED" and withdrawn.resolved_action == "" and "cancelled" in withdrawn.comment
+    assert review.review_id not in {r.review_id for r in queue.list(state="OPEN").reviews}
+    with pytest.raises(FailedPrecondition):
+        queue.resolve(review.review_id, "alice", "approve")
+    assert delivered == [] and queue.withdraw(review.review_id, "again") == withdrawn

@@ -268,6 +268,28 @@ class ReviewQueue:
             review = self._deliver(review)
         return self._present(review)
 
+    def withdraw(self, review_id: str, reason: str) -> kpb.Review:
+        """Take an unresolved review off the queue (its task was cancelled): RESOLVED with no action.
+
+        No on_resolved hook runs (there is no decision to record or task to
+        finish); a review already resolved is returned as it is.
+        """
+        def mutate(review: kpb.Review) -> bool:
+            if review.state == RESOLVED:
+                return False
+            now = self._clock()
+            review.state = RESOLVED
+            review.resolved_action = ""
+            review.resolved_by = "kernel"
+            review.comment = f"withdrawn: {reason}"
+            review.resolved_unix_ns = now
+            review.claimed_by = ""
+            review.lease_expires_unix_ns = 0
+            return True
+
+        review, _changed, _delivered = self._change(review_id, mutate, delivered=True)
+        return self._present(review)
+
     def on_resolved(self, fn: Callable[[kpb.Review], object]) -> None:
         """Call ``fn(review)`` after each resolution; a Decision it returns becomes ``review.resolution``."""
         self._hooks.append(fn)

@@ -61,6 +61,7 @@ class TaskRunner:
         self.backoff_s = backoff_s
         self.max_backoff_s = max_backoff_s
         self.validate = validate  # refuses bad requests at StartTask (e.g. unknown pipeline: NOT_FOUND)
+        self.on_cancelled: list[Callable[[kpb.Task], None]] = []  # e.g. withdraw the review a task waited on
         self._cond = threading.Condition(threading.Lock())
         self._ready: list[tuple[int, int, str]] = []  # heap of (monotonic ns when due, tie-breaker, task id)
         self._queued: set[str] = set()  # task ids in the heap: each at most once
@@ -124,7 +125,13 @@ class TaskRunner:
 
     def cancel(self, task_id: str) -> kpb.Task:
         """CANCELLED unless already final (FAILED_PRECONDITION). A running attempt's outcome is dropped."""
-        return self.store.cancel(task_id)
+        task = self.store.cancel(task_id)
+        for hook in self.on_cancelled:
+            try:
+                hook(task)
+            except Exception:  # the task is cancelled either way; the hook's failure is logged
+                log.exception("a task-cancel hook failed for task %s", task_id)
+        return task
 
     def watch(self, task_id: str, timeout_s: float | None = None) -> TaskWatch:
         return self.store.watch(task_id, timeout_s)
