@@ -181,6 +181,10 @@ class InferenceService:
         except KeyError:
             return False
 
+    def run_blocking(self, item: WorkItem, on_wait=None) -> None:
+        """Queue ``item`` and return once it is finished (this thread may run batches itself)."""
+        self._lane(item).run_blocking(item, on_wait)
+
     def infer_blocking(self, request, time_remaining: float | None, on_wait=None) -> pb.ModelInferResponse:
         item = self.prepare(request, time_remaining)
         self._lane(item).run_blocking(item, on_wait)

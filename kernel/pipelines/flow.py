@@ -137,7 +137,7 @@ class DecisionEngine:
         return decision
 
     def run_blocking(self, pending: Pending, on_wait=None) -> None:
-        self.inference._lane(pending.item).run_blocking(pending.item, on_wait)
+        self.inference.run_blocking(pending.item, on_wait)
 
     # -- per group -------------------------------------------------------------------
     def finish(self, group: list[Pending]) -> list[kpb.Decision | KernelError]:
