@@ -22,7 +22,7 @@ from .api.decision_service import decision_handlers
 from .api.review_service import review_handlers
 from .api.task_service import task_handlers
 from .audit import AuditLog
-from .errors import KernelError
+from .errors import KernelError, ResourceExhausted, TransientError, Unavailable
 from .pipelines import DecisionEngine, PipelineRegistry, Services
 from .pipelines.provenance import resolution_record
 from .policy import load_policy, parse_policy
@@ -109,7 +109,20 @@ class DecisionSide:
 
     # -- tasks and reviews -------------------------------------------------------------
     def _run_task(self, task: kpb.Task):
-        """A task runs its pipeline like Decide, without a caller deadline; escalation makes it wait."""
+        """A task runs its pipeline like Decide, without a caller deadline; escalation makes it wait.
+
+        A full queue (RESOURCE_EXHAUSTED), a model being swapped or an audit log
+        that cannot take records right now (UNAVAILABLE) may pass: the runner
+        retries those with backoff. Anything else fails the task with its reason.
+        """
+        try:
+            return self._run_task_once(task)
+        except TransientError:
+            raise
+        except (ResourceExhausted, Unavailable) as exc:
+            raise TransientError(f"{exc.code}: {exc.message}") from exc
+
+    def _run_task_once(self, task: kpb.Task):
         pending = self.engine.prepare(task.request, None)
         if isinstance(pending, kpb.Decision):  # answered before (idempotency key), maybe cut off before it waited
             if pending.outcome in (kpb.ESCALATED, kpb.FALLBACK) and pending.review_id:

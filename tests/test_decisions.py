@@ -329,3 +329,28 @@ def test_cancelling_a_waiting_task_withdraws_its_review(channel):
         reviews.ResolveReview(kpb.ResolveReviewRequest(review_id=waiting.review_id, reviewer="dan", action="approve"),
                               timeout=5)
     assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_a_task_retries_a_transient_failure(kernel, channel, monkeypatch):
+    from kernel.errors import ResourceExhausted
+
+    engine, calls = kernel.decisions.engine, []
+    real_prepare = engine.prepare
+
+    def flaky_prepare(request, deadline_ns, principal="anonymous"):  # injected fault: the first try finds a full queue
+        calls.append(request.request_id)
+        if len(calls) == 1:
+            raise ResourceExhausted("model claims_triage queue is full (injected)")
+        return real_prepare(request, deadline_ns, principal)
+
+    monkeypatch.setattr(engine, "prepare", flaky_prepare)
+    tasks = kgrpc.TaskServiceStub(channel)
+    task = tasks.StartTask(kpb.StartTaskRequest(request=_request(_case(claim_amount=700.0), request_id="retry-1")),
+                           timeout=10)
+    final = None
+    for update in tasks.WatchTask(kpb.TaskRef(task_id=task.task_id), timeout=20):
+        final = update
+        if update.state in (kpb.SUCCEEDED, kpb.FAILED, kpb.CANCELLED, kpb.WAITING_FOR_REVIEW):
+            break
+    assert final.state in (kpb.SUCCEEDED, kpb.WAITING_FOR_REVIEW) and final.attempts == 2, final
+    assert calls == ["retry-1", "retry-1"]
