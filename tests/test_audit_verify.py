@@ -66,6 +66,14 @@ def write_frames(path: Path, magic: bytes, payloads: list[bytes]) -> None:
     path.write_bytes(magic + b"".join(frame(p) for p in payloads))
 
 
+def edit_records(directory: Path, edit) -> None:
+    """Rewrite the first segment with ``edit(payloads)`` applied to its list of record payloads."""
+    path = segment(directory)
+    magic, payloads = read_frames(path)
+    edit(payloads)
+    write_frames(path, magic, payloads)
+
+
 def frame_offset(path: Path, index: int) -> int:
     data = path.read_bytes()
     offset = MAGIC_BYTES
@@ -151,34 +159,28 @@ def test_fully_rechained_forgery_is_caught_by_the_signed_checkpoints(log_dir):
 
 
 def test_deleted_record(log_dir):
-    path = segment(log_dir)
-    magic, payloads = read_frames(path)
-    del payloads[17]
-    write_frames(path, magic, payloads)
+    edit_records(log_dir, lambda payloads: payloads.pop(17))
     expect_failure(log_dir, 17, "record 17 is missing: record 18 is in its place")
 
 
 def test_swapped_records(log_dir):
-    path = segment(log_dir)
-    magic, payloads = read_frames(path)
-    payloads[17], payloads[18] = payloads[18], payloads[17]
-    write_frames(path, magic, payloads)
+    def edit(payloads):
+        payloads[17], payloads[18] = payloads[18], payloads[17]
+
+    edit_records(log_dir, edit)
     expect_failure(log_dir, 17, "record 17 is missing: record 18 is in its place")
 
 
 def test_swapped_distant_records(log_dir):
-    path = segment(log_dir)
-    magic, payloads = read_frames(path)
-    payloads[12], payloads[40] = payloads[40], payloads[12]
-    write_frames(path, magic, payloads)
+    def edit(payloads):
+        payloads[12], payloads[40] = payloads[40], payloads[12]
+
+    edit_records(log_dir, edit)
     expect_failure(log_dir, 12, "record 12 is missing: record 40 is in its place")
 
 
 def test_inserted_copy_of_an_older_record(log_dir):
-    path = segment(log_dir)
-    magic, payloads = read_frames(path)
-    payloads.insert(20, payloads[5])
-    write_frames(path, magic, payloads)
+    edit_records(log_dir, lambda payloads: payloads.insert(20, payloads[5]))
     expect_failure(log_dir, 20, "the record at position 20 carries sequence 5")
 
 
@@ -265,10 +267,7 @@ def test_cli_verify_ok_and_failed(log_dir, tmp_path_factory):
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"OK: {RECORDS} records and 6 signed checkpoints verified" in done.stdout
 
-    path = segment(log_dir)
-    magic, payloads = read_frames(path)
-    del payloads[33]
-    write_frames(path, magic, payloads)
+    edit_records(log_dir, lambda payloads: payloads.pop(33))
     done = run_cli("verify", str(log_dir), "--from-key", str(pem))
     assert done.returncode == 1
     assert "FAILED at record 33: record 33 is missing" in done.stdout

@@ -33,6 +33,21 @@ def input_hash(pipeline: str, values: dict, digests: dict[str, str]) -> str:
     return hashlib.sha256("\x1f".join(parts).encode("utf-8")).hexdigest()
 
 
+def _record_of(kind: int, decision: kpb.Decision, principal: str) -> kpb.AuditRecord:
+    """An audit record carrying ``decision`` and the identifiers auditors filter on."""
+    record = kpb.AuditRecord(
+        kind=kind,
+        principal=principal,
+        tenant=decision.tenant,
+        request_id=decision.request_id,
+        idempotency_key=decision.idempotency_key,
+        pipeline=decision.pipeline,
+        pipeline_version=decision.pipeline_version,
+    )
+    record.decision.CopyFrom(decision)
+    return record
+
+
 def decision_record(decision: kpb.Decision, given, values: dict, digests: dict[str, str], scores: dict[str, float],
                     principal: str) -> kpb.AuditRecord:
     """The audit record of one decision: the answer as sent plus what replay needs.
@@ -40,17 +55,8 @@ def decision_record(decision: kpb.Decision, given, values: dict, digests: dict[s
     ``given`` is the request's (already validated) field map, copied as it
     came; ``values`` adds the defaults the pipeline filled in.
     """
-    record = kpb.AuditRecord(
-        kind=kpb.DECISION,
-        principal=principal,
-        tenant=decision.tenant,
-        request_id=decision.request_id,
-        idempotency_key=decision.idempotency_key,
-        pipeline=decision.pipeline,
-        pipeline_version=decision.pipeline_version,
-        model_outputs=scores,
-    )
-    record.decision.CopyFrom(decision)
+    record = _record_of(kpb.DECISION, decision, principal)
+    record.model_outputs.update(scores)
     inputs = record.inputs
     inputs.MergeFrom(given)
     if len(given) != len(values):
@@ -63,15 +69,7 @@ def decision_record(decision: kpb.Decision, given, values: dict, digests: dict[s
 
 
 def resolution_record(resolution: kpb.Decision, principal: str, links_to: int | None) -> kpb.AuditRecord:
-    record = kpb.AuditRecord(
-        kind=kpb.REVIEW_RESOLUTION,
-        principal=principal,
-        tenant=resolution.tenant,
-        request_id=resolution.request_id,
-        pipeline=resolution.pipeline,
-        pipeline_version=resolution.pipeline_version,
-    )
-    record.decision.CopyFrom(resolution)
+    record = _record_of(kpb.REVIEW_RESOLUTION, resolution, principal)
     if links_to is not None:
         record.links_to = links_to
         record.has_link = True
