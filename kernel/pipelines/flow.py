@@ -143,7 +143,7 @@ class DecisionEngine:
     def finish(self, group: list[Pending]) -> list[kpb.Decision | KernelError]:
         """Decide every finished request of ``group``: policy per pipeline at once, audit together."""
         results: list = [None] * len(group)
-        by_pipeline: dict[int, list[int]] = {}
+        by_pipeline: dict[tuple[int, int], list[int]] = {}
         for index, pending in enumerate(group):
             error = pending.item.error
             if error is None and not all(np.isfinite(out).all() for out in pending.item.outputs if out.dtype.kind == "f"):
@@ -158,7 +158,9 @@ class DecisionEngine:
                 # A model fault (not the caller's deadline or a full queue) takes the pipeline's fallback.
                 results[index] = self._fallback(pending, error) if fallback and error.code == "INTERNAL" else error
                 continue
-            by_pipeline.setdefault(id(pending.pipeline), []).append(index)
+            # One policy pass per pipeline version *and* model version: during a model swap a group can
+            # hold both, and each is read with its own output labels.
+            by_pipeline.setdefault((id(pending.pipeline), id(pending.item.model)), []).append(index)
         for indices in by_pipeline.values():
             decided = self._decide([group[i] for i in indices])
             for i, decision in zip(indices, decided):
