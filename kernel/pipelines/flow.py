@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
-import uuid
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,7 +25,6 @@ from ..scheduling.types import NO_DEADLINE
 from . import provenance
 from ..store import request_hash as store_request_hash
 from .coalesce import Coalescer
-from .fields import encode_one
 from .spec import Pipeline
 
 log = logging.getLogger("aios.decisions")
@@ -39,7 +38,7 @@ class Pending:
     """One decision between ``prepare`` and ``finish``."""
 
     __slots__ = ("request", "pipeline", "values", "digests", "item", "started_ns", "prepared_ns",
-                 "request_id", "principal", "task_id", "request_hash")
+                 "request_id", "principal", "task_id", "request_hash", "record")
 
     def __init__(self, request, pipeline: Pipeline, values: dict, digests: dict, item, started_ns: int,
                  request_id: str, principal: str, request_hash: str):
@@ -54,6 +53,7 @@ class Pending:
         self.principal = principal
         self.task_id = ""
         self.request_hash = request_hash
+        self.record = None  # its audit record, once decided with the audit log on
 
 
 @dataclass(slots=True)
@@ -72,8 +72,10 @@ class DecisionEngine:
         self.inference = inference
         self.services = services or Services()
         self._statics: dict = {}
-        # Unary decisions finishing at the same time are finished as one group (see coalesce.py).
-        self.coalescer = Coalescer(self.finish)
+        # Concurrent unary decisions meet in groups (see coalesce.py): the leader runs the group's
+        # model work as one batch and decides it; the waits for durable writes come after the lead
+        # is handed on, so the next group's work overlaps them.
+        self.coalescer = Coalescer(self.begin, complete_group=self.complete)
 
     # -- per request -------------------------------------------------------------
     def prepare(self, request, deadline_ns: int | None, principal: str = ANONYMOUS) -> Pending | kpb.Decision:
@@ -86,10 +88,10 @@ class DecisionEngine:
             replay = self._replayed(request, request_hash)
             if replay is not None:
                 return replay
-        values = self._read_fields(pipeline, request)
+        values = pipeline.codec.read(request.fields)
         digests = provenance.text_digests(request.text_fields) if request.text_fields else {}
         mv = self.inference.resolve(pipeline.model, pipeline.model_version)
-        row = encode_one(pipeline.fields, values, pipeline.width)
+        row = pipeline.codec.encode(values)
         request_id = request.request_id or os.urandom(8).hex()
         priority = request.priority or pipeline.priority or mv.config.priority
         item = WorkItem(mv, 1, ((pipeline.width,),), {pipeline.input: row}, request_id=request_id,
@@ -99,25 +101,7 @@ class DecisionEngine:
 
     def validate(self, request) -> None:
         """Refuse a request that could never be decided (unknown pipeline, bad fields) before it is queued."""
-        self._read_fields(self.registry.get(request.pipeline), request)
-
-    def _read_fields(self, pipeline: Pipeline, request) -> dict:
-        given = request.fields
-        by_name = pipeline.fields_by_name
-        for name in given:
-            if name not in by_name:
-                raise InvalidArgument(
-                    f"field '{name}' is not a field of pipeline '{pipeline.name}' (fields: {', '.join(by_name)})"
-                )
-        values = {}
-        for spec in pipeline.fields:
-            if spec.name in given:
-                values[spec.name] = spec.read(given[spec.name])
-            elif spec.required:
-                raise InvalidArgument(f"field '{spec.name}' is required by pipeline '{pipeline.name}'")
-            else:
-                values[spec.name] = spec.default
-        return values
+        self.registry.get(request.pipeline).codec.read(request.fields)
 
     def _replayed(self, request, request_hash: str) -> kpb.Decision | None:
         store = self.services.idempotency
@@ -140,23 +124,49 @@ class DecisionEngine:
         self.inference.run_blocking(pending.item, on_wait)
 
     # -- per group -------------------------------------------------------------------
+    def _start_unary_group(self, group: list[Pending]) -> "_Finishing":
+        self._run_models(group)
+        return self.begin(group)
+
+    def _run_models(self, group: list[Pending]) -> None:
+        """Run the group's model work and return once every item finished (each may carry an error).
+
+        A lone decision runs inline on this thread. A larger group is queued at
+        once, so the lane batches it together, and this thread sleeps once for
+        all of it instead of every caller sleeping for its own item.
+        """
+        if len(group) == 1:
+            item = group[0].item
+            try:
+                self.inference.run_blocking(item)
+            except KernelError as exc:  # refused at admission (RESOURCE_EXHAUSTED with its retry hint)
+                item.error = exc
+            return
+        latch = _Latch()
+        for pending in group:
+            item = pending.item
+            item.on_done = latch.done
+            latch.add()
+            try:
+                self.inference.submit(item)
+            except KernelError as exc:
+                item.on_done = None
+                item.error = exc
+                latch.done(item)
+        latch.wait()
+
     def finish(self, group: list[Pending]) -> list[kpb.Decision | KernelError]:
         """Decide every finished request of ``group``: policy per pipeline at once, audit together."""
+        return self.complete(self.begin(group))
+
+    def begin(self, group: list[Pending]) -> "_Finishing":
+        """The first half of ``finish``: decide the group and queue its audit records (no waiting)."""
         results: list = [None] * len(group)
         by_pipeline: dict[tuple[int, int], list[int]] = {}
         for index, pending in enumerate(group):
             error = pending.item.error
-            if error is None and not all(np.isfinite(out).all() for out in pending.item.outputs if out.dtype.kind == "f"):
-                # A model fault for this request alone: its neighbours in the group are still decided.
-                mv = pending.item.model
-                error = Internal(f"model {mv.name}/{mv.version} returned non-finite scores (request id {pending.request_id})")
-                log.error("model %s/%s returned non-finite scores for request %s", mv.name, mv.version, pending.request_id)
             if error is not None:
-                if not isinstance(error, KernelError):
-                    error = KernelError(str(error))
-                fallback = pending.pipeline.fallback_action
-                # A model fault (not the caller's deadline or a full queue) takes the pipeline's fallback.
-                results[index] = self._fallback(pending, error) if fallback and error.code == "INTERNAL" else error
+                results[index] = self._failed(pending, error)
                 continue
             # One policy pass per pipeline version *and* model version: during a model swap a group can
             # hold both, and each is read with its own output labels.
@@ -165,8 +175,14 @@ class DecisionEngine:
             decided = self._decide([group[i] for i in indices])
             for i, decision in zip(indices, decided):
                 results[i] = decision
-        self._escalate_and_audit(group, results)
-        return results
+        return self._audit(group, results)
+
+    def _failed(self, pending: Pending, error: BaseException) -> kpb.Decision | KernelError:
+        """A request whose model work failed: the error, or for a model fault the pipeline's fallback."""
+        if not isinstance(error, KernelError):
+            error = KernelError(str(error))
+        # A model fault (not the caller's deadline or a full queue) takes the pipeline's fallback.
+        return self._fallback(pending, error) if pending.pipeline.fallback_action and error.code == "INTERNAL" else error
 
     def _fallback(self, pending: Pending, error: KernelError) -> kpb.Decision:
         """The pipeline's fallback decision for a request whose model failed: FALLBACK, sent to a human."""
@@ -174,7 +190,7 @@ class DecisionEngine:
         policy = pipeline.policy
         decision = kpb.Decision(
             request_id=pending.request_id, action=pipeline.fallback_action, outcome=kpb.FALLBACK,
-            input_hash=provenance.input_hash(pipeline.name, pending.values, pending.digests),
+            input_hash=provenance.input_hash(pipeline.name, pending.values, pending.digests, pipeline.codec.sorted_names),
             tenant=request.tenant, idempotency_key=request.idempotency_key, policy_name=policy.name,
             policy_hash=policy.hash, policy_version=str(policy.version), pipeline=pipeline.name,
             pipeline_version=pipeline.hash,
@@ -194,19 +210,34 @@ class DecisionEngine:
             labels = _labels(mv, pipeline.output)
             out_index = [spec.name for spec in mv.config.outputs].index(pipeline.output)
             descriptions = {rule.id: rule.description for rule in pipeline.policy.rules}
-            found = (labels, out_index, descriptions, tuple("score." + name for name in labels))
+            policy = pipeline.policy
+            template = kpb.Decision(outcome=kpb.AUTOMATED, policy_name=policy.name, policy_hash=policy.hash,
+                                    policy_version=str(policy.version), pipeline=pipeline.name,
+                                    pipeline_version=pipeline.hash)
+            model = template.model
+            model.model_name, model.model_version, model.route_arm = mv.name, mv.version, "primary"
+            found = (labels, out_index, descriptions, tuple("score." + name for name in labels), template)
             if len(self._statics) > 64:  # old pipeline versions; cheap to recompute
                 self._statics.clear()
             self._statics[key] = found
         return found
 
-    def _decide(self, group: list[Pending]) -> list[kpb.Decision]:
+    def _decide(self, group: list[Pending]) -> list[kpb.Decision | KernelError]:
+        """Decide a group of one pipeline and model version: one policy pass, then each Decision.
+
+        With the audit log on, each Decision is built inside its audit record
+        (``pending.record``), which the answer then shares instead of copying.
+        """
         pipeline = group[0].pipeline
         policy_started = time.monotonic_ns()
         mv = group[0].item.model
-        labels, out_index, descriptions, score_names = self._static(pipeline, mv)
+        labels, out_index, descriptions, score_names, template = self._static(pipeline, mv)
         n = len(group)
         scores = np.concatenate([np.asarray(p.item.outputs[out_index], dtype=np.float64).reshape(1, -1) for p in group])
+        finite = np.isfinite(scores).all(axis=1)
+        faulty = not finite.all()
+        if faulty:  # a model fault for some requests alone: their neighbours are still decided
+            scores[~finite] = 0.0
         best = scores.argmax(axis=1)
         confidence = scores[np.arange(n), best]
         outputs = {"label": np.array([labels[i] for i in best], dtype=object), "confidence": confidence}
@@ -216,31 +247,51 @@ class DecisionEngine:
         result = pipeline.policy.evaluate_rows([p.values for p in group], outputs)
         policy_ns = (time.monotonic_ns() - policy_started) // n
         minimum = pipeline.escalation.min_confidence
-        policy = pipeline.policy
-        common = dict(outcome=kpb.AUTOMATED, policy_name=policy.name, policy_hash=policy.hash,
-                      policy_version=str(policy.version), pipeline=pipeline.name, pipeline_version=pipeline.hash)
         errors = getattr(result, "error", None)
-        decisions = []
+        actions, escalates = result.action.tolist(), result.escalate.tolist()
+        score_rows, confidences = scores.tolist(), confidence.tolist()
+        sorted_names = pipeline.codec.sorted_names
+        audited = self.services.audit is not None
+        decisions: list = []
         for k, pending in enumerate(group):
-            conf = float(confidence[k])
+            if faulty and not finite[k]:
+                log.error("model %s/%s returned non-finite scores for request %s", mv.name, mv.version, pending.request_id)
+                decisions.append(self._failed(pending, Internal(
+                    f"model {mv.name}/{mv.version} returned non-finite scores (request id {pending.request_id})")))
+                continue
             request = pending.request
+            if audited:
+                record = pending.record = provenance.new_record(kpb.DECISION, pending.principal, request.tenant,
+                                                                pending.request_id, request.idempotency_key,
+                                                                pipeline.name, pipeline.hash)
+                decision = record.decision
+                decision.MergeFrom(template)
+                model_outputs = record.model_outputs
+                for name, value in zip(labels, score_rows[k]):
+                    model_outputs[name] = value
+            else:
+                decision = kpb.Decision()
+                decision.CopyFrom(template)
+            conf = confidences[k]
             fired = result.fired[k]
-            decision = kpb.Decision(
-                request_id=pending.request_id, action=str(result.action[k]),
-                input_hash=provenance.input_hash(pipeline.name, pending.values, pending.digests),
-                tenant=request.tenant, idempotency_key=request.idempotency_key, **common,
-            )
+            decision.request_id = pending.request_id
+            decision.action = actions[k]
+            decision.input_hash = provenance.input_hash(pipeline.name, pending.values, pending.digests, sorted_names)
+            if request.tenant:
+                decision.tenant = request.tenant
+            if request.idempotency_key:
+                decision.idempotency_key = request.idempotency_key
             for rule_id in fired:
                 decision.reasons.add(rule_id=rule_id, description=descriptions[rule_id])
             model = decision.model
-            model.model_name, model.model_version, model.route_arm, model.confidence = mv.name, mv.version, "primary", conf
+            model.confidence = conf
             class_scores = model.class_scores  # item by item: Mapping.update is a slow Python loop on upb maps
-            for name, value in zip(labels, scores[k].tolist()):
+            for name, value in zip(labels, score_rows[k]):
                 class_scores[name] = value
             why = decision.escalation_reasons
             if errors is not None and errors[k]:
                 why.append(f"the policy could not decide: {errors[k]}")
-            if result.escalate[k]:
+            if escalates[k]:
                 why.append("a policy rule asked for review: " + ", ".join(fired))
             if conf < minimum:
                 why.append(f"model confidence {conf:.3f} is below the pipeline's {minimum:g}")
@@ -255,35 +306,43 @@ class DecisionEngine:
             decisions.append(decision)
         return decisions
 
-    def _escalate_and_audit(self, group: list[Pending], results: list) -> None:
-        """Audit every decision of the group (one wait covers all), then open the reviews.
+    def _audit(self, group: list[Pending], results: list) -> "_Finishing":
+        """Name each escalated decision's review and queue every decision's audit record.
 
         An escalated decision gets its review id first, so its audit record
-        names the review; the review is opened once the record is durable
-        and points back at it (audit sequence and hash), which is what links
-        the reviewer's resolution to the decision it overrides. A crash in
-        between leaves a recorded, never acknowledged decision; the caller's
-        retry decides again.
+        names the review; ``complete`` opens the review once the record is
+        durable and points it back at the record (audit sequence and hash),
+        which is what links the reviewer's resolution to the decision it
+        overrides. A crash in between leaves a recorded, never acknowledged
+        decision; the caller's retry decides again.
         """
-        reviews, audit, store = self.services.reviews, self.services.audit, self.services.idempotency
+        reviews, audit = self.services.reviews, self.services.audit
         decided, records = [], []
         for pending, decision in zip(group, results):
             if isinstance(decision, KernelError):  # (isinstance on a message class goes through ABCMeta: slow)
                 continue
-            if decision.outcome in (kpb.ESCALATED, kpb.FALLBACK) and reviews is not None:
-                decision.review_id = uuid.uuid4().hex
+            if reviews is not None and decision.outcome in (kpb.ESCALATED, kpb.FALLBACK):
+                decision.review_id = os.urandom(16).hex()
             if audit is not None:
+                record = pending.record
+                if record is None:  # a fallback decision, built on its own
+                    record = provenance.decision_record(decision, pending.principal)
+                provenance.add_inputs(record, pending.request.fields, pending.values, pending.digests)
                 decided.append(decision)
-                records.append(provenance.decision_record(decision, pending.request.fields, pending.values,
-                                                          pending.digests, dict(decision.model.class_scores),
-                                                          pending.principal))
-        tickets = zip(decided, audit.append_many(records)) if records else ()
+                records.append(record)
+        tickets = audit.append_many(records) if records else []
+        return _Finishing(group, results, decided, tickets)
+
+    def complete(self, finishing: "_Finishing") -> list[kpb.Decision | KernelError]:
+        """The second half of ``finish``: wait for the audit records, open the reviews, answer."""
+        group, results = finishing.group, finishing.results
+        reviews, store = self.services.reviews, self.services.idempotency
         audit_started = time.monotonic_ns()
-        for decision, ticket in tickets:
+        for decision, ticket in zip(finishing.decided, finishing.tickets):
             sequence, digest = ticket.wait(self.services.audit_timeout_s)
             decision.audit_sequence = sequence
             decision.audit_hash = digest.hex() if isinstance(digest, bytes) else str(digest)
-        audit_ns = (time.monotonic_ns() - audit_started) // max(1, len(records))
+        audit_ns = (time.monotonic_ns() - audit_started) // max(1, len(finishing.tickets))
         escalated = [(pending, decision) for pending, decision in zip(group, results)
                      if not isinstance(decision, KernelError) and decision.review_id]
         if escalated:  # one transaction (and one group-committed fsync) for the group's reviews
@@ -310,6 +369,7 @@ class DecisionEngine:
             if store is not None and pending.request.idempotency_key:
                 store.put(pending.request.tenant, pending.request.idempotency_key, pending.request_hash,
                           decision.SerializeToString())
+        return results
 
     # -- entry points ---------------------------------------------------------------
     def decide(self, request, deadline_ns: int | None, principal: str = ANONYMOUS, on_wait=None) -> kpb.Decision:
@@ -322,6 +382,40 @@ class DecisionEngine:
         if isinstance(result, KernelError):
             raise result
         return result
+
+
+class _Finishing:
+    """A group between ``begin`` and ``complete``: its results so far and its audit tickets."""
+
+    __slots__ = ("group", "results", "decided", "tickets")
+
+    def __init__(self, group: list, results: list, decided: list, tickets: list):
+        self.group, self.results, self.decided, self.tickets = group, results, decided, tickets
+
+
+class _Latch:
+    """Counts queued items down as the lane finishes them (``done`` runs under the lane's lock)."""
+
+    __slots__ = ("_cond", "_left")
+
+    def __init__(self):
+        self._cond = threading.Condition(threading.Lock())
+        self._left = 0
+
+    def add(self) -> None:
+        with self._cond:
+            self._left += 1
+
+    def done(self, _item=None) -> None:
+        with self._cond:
+            self._left -= 1
+            if self._left == 0:
+                self._cond.notify()
+
+    def wait(self) -> None:
+        with self._cond:
+            while self._left:
+                self._cond.wait()
 
 
 def _deadline(now: int, call_deadline_ns: int | None, timeout_ms: int) -> int:

@@ -51,6 +51,7 @@ from pathlib import Path
 
 from ..errors import InvalidArgument
 from .fields import ENCODINGS, FIELD_TYPES, TRANSFORMS, FieldSpec
+from .rowcodec import RowCodec
 from .tomlpos import line_of
 
 MAX_PRIORITY = 2**32 - 1  # a DecisionRequest's priority is a uint32; the scheduler takes no more
@@ -83,10 +84,10 @@ class Pipeline:
     timeout_ms: int
     fallback_action: str  # "" = none: a model fault answers INTERNAL
     fields: tuple[FieldSpec, ...]
-    fields_by_name: dict
     width: int  # columns of the encoded input
     policy: object  # kernel.policy.Policy
     escalation: Escalation
+    codec: RowCodec  # the fields compiled for the request path
 
     @property
     def actions(self) -> tuple[str, ...]:
@@ -214,10 +215,10 @@ def parse_pipeline(data: bytes, path: str, load_policy) -> Pipeline:
         timeout_ms=timeout_ms,
         fallback_action=fallback,
         fields=fields,
-        fields_by_name={f.name: f for f in fields},
         width=sum(f.width for f in fields),
         policy=policy,
         escalation=escalation,
+        codec=RowCodec(name, fields, sum(f.width for f in fields)),
     )
 
 
