@@ -10,12 +10,6 @@ When the leader is done it hands each follower its result and, if more
 decisions queued while it worked, wakes the oldest of them to lead the next
 group. Every caller sleeps at most once and there is no extra thread hop;
 a caller alone finishes its own decision at once.
-
-A group's work comes in two parts: ``start_group`` (run while leading) and
-``complete_group`` (run after the lead is handed on). The engine puts the
-waits for durable writes (the audit fsync, the review commit) in the second
-part, so the next group's model and policy work runs while this group's
-disk writes settle instead of the core idling.
 """
 
 from __future__ import annotations
@@ -40,15 +34,10 @@ class _Slot:
 
 
 class Coalescer:
-    """``finish(item)`` returns ``complete_group(start_group([items...]))[i]`` for this item's group.
+    """``finish(item)`` returns ``finish_group([items...])[i]`` for this item's group."""
 
-    Without ``complete_group`` the results are ``start_group``'s own.
-    """
-
-    def __init__(self, start_group: Callable[[list], object], max_group: int = 256,
-                 complete_group: Callable[[object], list] | None = None):
-        self._start_group = start_group
-        self._complete_group = complete_group
+    def __init__(self, finish_group: Callable[[list], list], max_group: int = 256):
+        self._finish_group = finish_group
         self._max_group = max_group
         self._lock = threading.Lock()
         self._queue: list[_Slot] = []
@@ -56,16 +45,13 @@ class Coalescer:
         self.groups = 0  # for tests and stats: how many groups were finished
         self.items = 0
 
-    def finish(self, item, on_wait: Callable[[object], None] | None = None):
-        """``item``'s result; ``on_wait(item)`` is called once before this caller sleeps as a follower."""
+    def finish(self, item):
         slot = _Slot(item)
         with self._lock:
             self._queue.append(slot)
             lead = not self._leading
             self._leading = True
         if not lead:
-            if on_wait is not None:
-                on_wait(item)
             slot.ready.acquire()
             if slot.result is not _LEAD:
                 if slot.error is not None:
@@ -79,31 +65,22 @@ class Coalescer:
     def _lead_one_group(self) -> None:
         with self._lock:
             group, self._queue = self._queue[:self._max_group], self._queue[self._max_group:]
-        failure: BaseException | None = None
         try:
-            state = self._start_group([s.item for s in group])
+            results = self._finish_group([s.item for s in group])
         except BaseException as exc:  # every decision of the group gets the failure, none is left waiting
-            failure, state = exc, None
-        # Hand the lead on before completing: the next group starts while this one's writes settle.
-        with self._lock:
-            self.groups += 1
-            self.items += len(group)
-            successor = self._queue[0] if self._queue else None
-            if successor is None:
-                self._leading = False
-        if successor is not None:
-            successor.result = _LEAD
-            successor.ready.release()
-        if failure is None:
-            try:
-                results = state if self._complete_group is None else self._complete_group(state)
-            except BaseException as exc:
-                failure = exc
-        if failure is not None:
             for s in group:
-                s.error, s.result = failure, None
+                s.error, s.result = exc, None
         else:
             for s, result in zip(group, results):
                 s.result = result
+        self.groups += 1
+        self.items += len(group)
+        with self._lock:
+            successor = self._queue[0] if self._queue else None
+            if successor is None:
+                self._leading = False
         for s in group[1:]:  # group[0] is the leader itself, which is awake
             s.ready.release()
+        if successor is not None:
+            successor.result = _LEAD
+            successor.ready.release()

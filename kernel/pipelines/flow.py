@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
 from dataclasses import dataclass
 
 import numpy as np
 
 from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
-from ..errors import DeadlineExceeded, FailedPrecondition, Internal, InvalidArgument, KernelError
+from ..errors import DeadlineExceeded, FailedPrecondition, Internal, KernelError
 from ..scheduling import WorkItem
 from ..scheduling.types import NO_DEADLINE
 from . import provenance
@@ -72,10 +71,10 @@ class DecisionEngine:
         self.inference = inference
         self.services = services or Services()
         self._statics: dict = {}
-        # Concurrent unary decisions meet in groups (see coalesce.py): the leader runs the group's
-        # model work as one batch and decides it; the waits for durable writes come after the lead
-        # is handed on, so the next group's work overlaps them.
-        self.coalescer = Coalescer(self.begin, complete_group=self.complete)
+        # Unary decisions finishing at the same time are finished as one group (see coalesce.py).
+        # (Measured: handing the lead on before the group's durable writes, or running the group's
+        # model work from the leader, made groups smaller and cost more CPU per decision.)
+        self.coalescer = Coalescer(self.finish)
 
     # -- per request -------------------------------------------------------------
     def prepare(self, request, deadline_ns: int | None, principal: str = ANONYMOUS) -> Pending | kpb.Decision:
@@ -124,42 +123,11 @@ class DecisionEngine:
         self.inference.run_blocking(pending.item, on_wait)
 
     # -- per group -------------------------------------------------------------------
-    def _start_unary_group(self, group: list[Pending]) -> "_Finishing":
-        self._run_models(group)
-        return self.begin(group)
-
-    def _run_models(self, group: list[Pending]) -> None:
-        """Run the group's model work and return once every item finished (each may carry an error).
-
-        A lone decision runs inline on this thread. A larger group is queued at
-        once, so the lane batches it together, and this thread sleeps once for
-        all of it instead of every caller sleeping for its own item.
-        """
-        if len(group) == 1:
-            item = group[0].item
-            try:
-                self.inference.run_blocking(item)
-            except KernelError as exc:  # refused at admission (RESOURCE_EXHAUSTED with its retry hint)
-                item.error = exc
-            return
-        latch = _Latch()
-        for pending in group:
-            item = pending.item
-            item.on_done = latch.done
-            latch.add()
-            try:
-                self.inference.submit(item)
-            except KernelError as exc:
-                item.on_done = None
-                item.error = exc
-                latch.done(item)
-        latch.wait()
-
     def finish(self, group: list[Pending]) -> list[kpb.Decision | KernelError]:
         """Decide every finished request of ``group``: policy per pipeline at once, audit together."""
-        return self.complete(self.begin(group))
+        return self._complete(self._begin(group))
 
-    def begin(self, group: list[Pending]) -> "_Finishing":
+    def _begin(self, group: list[Pending]) -> "_Finishing":
         """The first half of ``finish``: decide the group and queue its audit records (no waiting)."""
         results: list = [None] * len(group)
         by_pipeline: dict[tuple[int, int], list[int]] = {}
@@ -310,7 +278,7 @@ class DecisionEngine:
         """Name each escalated decision's review and queue every decision's audit record.
 
         An escalated decision gets its review id first, so its audit record
-        names the review; ``complete`` opens the review once the record is
+        names the review; ``_complete`` opens the review once the record is
         durable and points it back at the record (audit sequence and hash),
         which is what links the reviewer's resolution to the decision it
         overrides. A crash in between leaves a recorded, never acknowledged
@@ -333,7 +301,7 @@ class DecisionEngine:
         tickets = audit.append_many(records) if records else []
         return _Finishing(group, results, decided, tickets)
 
-    def complete(self, finishing: "_Finishing") -> list[kpb.Decision | KernelError]:
+    def _complete(self, finishing: "_Finishing") -> list[kpb.Decision | KernelError]:
         """The second half of ``finish``: wait for the audit records, open the reviews, answer."""
         group, results = finishing.group, finishing.results
         reviews, store = self.services.reviews, self.services.idempotency
@@ -385,37 +353,12 @@ class DecisionEngine:
 
 
 class _Finishing:
-    """A group between ``begin`` and ``complete``: its results so far and its audit tickets."""
+    """A group between ``_begin`` and ``_complete``: its results so far and its audit tickets."""
 
     __slots__ = ("group", "results", "decided", "tickets")
 
     def __init__(self, group: list, results: list, decided: list, tickets: list):
         self.group, self.results, self.decided, self.tickets = group, results, decided, tickets
-
-
-class _Latch:
-    """Counts queued items down as the lane finishes them (``done`` runs under the lane's lock)."""
-
-    __slots__ = ("_cond", "_left")
-
-    def __init__(self):
-        self._cond = threading.Condition(threading.Lock())
-        self._left = 0
-
-    def add(self) -> None:
-        with self._cond:
-            self._left += 1
-
-    def done(self, _item=None) -> None:
-        with self._cond:
-            self._left -= 1
-            if self._left == 0:
-                self._cond.notify()
-
-    def wait(self) -> None:
-        with self._cond:
-            while self._left:
-                self._cond.wait()
 
 
 def _deadline(now: int, call_deadline_ns: int | None, timeout_ms: int) -> int:
