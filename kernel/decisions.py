@@ -26,7 +26,7 @@ from .errors import KernelError, ResourceExhausted, TransientError, Unavailable
 from .pipelines import DecisionEngine, PipelineRegistry, Services
 from .pipelines.provenance import resolution_record
 from .policy import load_policy, parse_policy
-from .review import ReviewQueue
+from .review import ReviewQueue, reopen_reviews
 from .store import open_database
 from .tasks import IdempotencyStore, TaskRunner, TaskStore, WaitingForReview
 
@@ -64,6 +64,7 @@ class DecisionSide:
     def start(self) -> None:
         self._record(kpb.CONFIG_CHANGE, {"event": "kernel started", "settings": _public_settings(self.settings)})
         self.registry.start()
+        self._reopen_reviews()
         self.tasks.start()
         self.reviews.redeliver()  # resolutions a crash or a failed hook cut off are finished now
         names = ", ".join(f"{p.name} ({p.label}, policy {p.policy.version})" for p in self.registry.all())
@@ -79,12 +80,39 @@ class DecisionSide:
         }
 
     def close(self) -> None:
-        steps = (self.tasks.stop, self.registry.stop, *((self.audit.close,) if self.audit else ()), self.db.close)
+        steps = (self.tasks.stop, self.registry.stop, self._mark_reviews_recorded,
+                 *((self.audit.close,) if self.audit else ()), self.db.close)
         for step in steps:
             try:
                 step()
             except Exception:  # one part failing to stop must not keep the others open
                 log.exception("stopping %s failed", step)
+
+    # -- reviews the audit log holds -----------------------------------------------------------
+    def _reopen_reviews(self) -> None:
+        """Open the reviews a crash cut off (see kernel/review/reopen.py), then move the mark up."""
+        if self.audit is None:
+            return
+        since = self.reviews.recorded_before()
+        reopened = reopen_reviews(self.reviews, self.audit.read(from_sequence=since, kind=kpb.DECISION),
+                                  self._review_settings)
+        self.reviews.mark_recorded_before(self.audit.size)  # nothing is in flight yet
+        if reopened:
+            log.warning("reopened %d reviews from the audit log (records #%d to #%d): their rows were lost "
+                        "in a crash after the decisions were recorded", reopened, since, self.audit.size - 1)
+
+    def _review_settings(self, pipeline_name: str, decision: kpb.Decision) -> tuple[list[str], float]:
+        try:
+            escalation = self.registry.get(pipeline_name).escalation
+        except KernelError:
+            log.warning("pipeline %s is no longer loaded: its reopened review %s offers only the proposed action",
+                        pipeline_name, decision.review_id)
+            return [decision.action], 0.0
+        return list(escalation.review_actions), escalation.review_sla_s
+
+    def _mark_reviews_recorded(self) -> None:
+        if self.audit is not None:
+            self.reviews.mark_recorded_before(self.engine.recorded_before())
 
     # -- governance events -----------------------------------------------------------------
     def _record(self, kind: int, detail: dict, wait: bool = True) -> None:

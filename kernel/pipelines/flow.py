@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass
 
@@ -71,6 +72,8 @@ class DecisionEngine:
         self.inference = inference
         self.services = services or Services()
         self._statics: dict = {}
+        self._opening_lock = threading.Lock()
+        self._opening: dict[object, int] = {}  # group token -> its first audit sequence, until its reviews are stored
         # Unary decisions finishing at the same time are finished as one group (see coalesce.py).
         # (Measured: handing the lead on before the group's durable writes, or running the group's
         # model work from the leader, made groups smaller and cost more CPU per decision.)
@@ -97,6 +100,20 @@ class DecisionEngine:
                         priority=priority, deadline_ns=_deadline(started, deadline_ns, request.timeout_ms or pipeline.timeout_ms),
                         tenant=request.tenant)
         return Pending(request, pipeline, values, digests, item, started, request_id, principal, request_hash)
+
+    def recorded_before(self, exclude=None) -> int:
+        """The audit sequence below which every escalated decision has its review row stored.
+
+        ``exclude``: a group whose rows are being stored in the transaction
+        asking (they are committed with the answer). Without the audit log, 0.
+        """
+        audit = self.services.audit
+        if audit is None:
+            return 0
+        with self._opening_lock:
+            durable = audit.size  # records at or past it are not durable yet: their groups are registered
+            lows = [sequence for token, sequence in self._opening.items() if token is not exclude]
+        return min(durable, *lows) if lows else durable
 
     def validate(self, request) -> None:
         """Refuse a request that could never be decided (unknown pipeline, bad fields) before it is queued."""
@@ -232,6 +249,8 @@ class DecisionEngine:
                 record = pending.record = provenance.new_record(kpb.DECISION, pending.principal, request.tenant,
                                                                 pending.request_id, request.idempotency_key,
                                                                 pipeline.name, pipeline.hash)
+                if pending.task_id:
+                    record.task_id = pending.task_id
                 decision = record.decision
                 decision.MergeFrom(template)
                 model_outputs = record.model_outputs
@@ -295,11 +314,24 @@ class DecisionEngine:
                 record = pending.record
                 if record is None:  # a fallback decision, built on its own
                     record = provenance.decision_record(decision, pending.principal)
+                    if pending.task_id:
+                        record.task_id = pending.task_id
                 provenance.add_inputs(record, pending.request.fields, pending.values, pending.digests)
                 decided.append(decision)
                 records.append(record)
-        tickets = audit.append_many(records) if records else []
-        return _Finishing(group, results, decided, tickets)
+        opening = None
+        if not records:
+            tickets = []
+        elif reviews is None or not any(d.review_id for d in decided):
+            tickets = audit.append_many(records)
+        else:
+            # Registered together with the append (one lock): the mark that says "every escalation
+            # below this sequence has its review row" must never pass a group still opening its reviews.
+            opening = object()
+            with self._opening_lock:
+                tickets = audit.append_many(records)
+                self._opening[opening] = tickets[0].sequence
+        return _Finishing(group, results, decided, tickets, opening)
 
     def _complete(self, finishing: "_Finishing") -> list[kpb.Decision | KernelError]:
         """The second half of ``finish``: wait for the audit records, open the reviews, answer."""
@@ -313,12 +345,19 @@ class DecisionEngine:
         audit_ns = (time.monotonic_ns() - audit_started) // max(1, len(finishing.tickets))
         escalated = [(pending, decision) for pending, decision in zip(group, results)
                      if not isinstance(decision, KernelError) and decision.review_id]
-        if escalated:  # one transaction (and one group-committed fsync) for the group's reviews
+        if escalated:  # one transaction (and one group-committed commit) for the group's reviews
+            opening = finishing.opening
+            # With every record fsynced, a review row needs no fsync of its own: a lost row is
+            # reopened from its record at start (kernel/review/reopen.py). Tasks reopen their own.
+            durable = opening is None or self.services.audit.mode != "fsync" or any(p.task_id for p, _ in escalated)
             opened = reviews.create_many([
                 (decision, pending.request, list(pending.pipeline.escalation.review_actions),
                  pending.pipeline.escalation.review_sla_s, pending.task_id, decision.review_id)
                 for pending, decision in escalated
-            ])
+            ], durable=durable, recorded_before=None if opening is None else lambda: self.recorded_before(opening))
+            if opening is not None:  # (left registered if storing failed: reopened at the next start)
+                with self._opening_lock:
+                    del self._opening[opening]
             for (_, decision), review in zip(escalated, opened):
                 decision.review_id = review.review_id  # a re-run task finds the review it opened before
         now = time.monotonic_ns()
@@ -355,10 +394,11 @@ class DecisionEngine:
 class _Finishing:
     """A group between ``_begin`` and ``_complete``: its results so far and its audit tickets."""
 
-    __slots__ = ("group", "results", "decided", "tickets")
+    __slots__ = ("group", "results", "decided", "tickets", "opening")
 
-    def __init__(self, group: list, results: list, decided: list, tickets: list):
+    def __init__(self, group: list, results: list, decided: list, tickets: list, opening):
         self.group, self.results, self.decided, self.tickets = group, results, decided, tickets
+        self.opening = opening  # its token in DecisionEngine._opening while its reviews are being opened
 
 
 def _deadline(now: int, call_deadline_ns: int | None, timeout_ms: int) -> int:

@@ -147,7 +147,8 @@ class ReviewQueue:
         stored, _created = self._records.insert(review, after_commit=self._publish_created)
         return self._present(stored)
 
-    def create_many(self, items) -> list[kpb.Review]:
+    def create_many(self, items, durable: bool = True, recorded_before: Callable[[], int] | None = None,
+                    now: int | None = None) -> list[kpb.Review]:
         """``create`` for each item, ``(decision, request, actions, sla_seconds[, task_id[, review_id]])``.
 
         All items are checked first (a bad one raises INVALID_ARGUMENT naming
@@ -155,8 +156,14 @@ class ReviewQueue:
         one transaction (one commit, shared with concurrent writers), or none
         if storing fails. Returns the reviews in item
         order (an existing one where a ``task_id`` already had a review).
+
+        ``durable=False`` skips the commit's fsync: for reviews of decisions
+        whose durable audit records can open them again (``recorded_before``,
+        evaluated in the same transaction, says up to which audit sequence;
+        see ``kernel/review/reopen.py``). ``now`` (wall clock) backdates the
+        reviews, for those reopened from their records.
         """
-        now = self._clock()
+        now = self._clock() if now is None else now
         reviews = []
         for index, item in enumerate(items):
             if not isinstance(item, (tuple, list)) or not 4 <= len(item) <= 6:
@@ -172,7 +179,18 @@ class ReviewQueue:
             for result in results:
                 self._publish_created(result)
 
-        return [self._present(stored, now) for stored, _created in self._records.insert_many(reviews, publish)]
+        stored = self._records.insert_many(reviews, publish, durable=durable, recorded_before=recorded_before)
+        return [self._present(review, self._clock()) for review, _created in stored]
+
+    def recorded_before(self) -> int:
+        """The audit sequence below which every escalated decision's review row is stored."""
+        return self._records.recorded_before()
+
+    def mark_recorded_before(self, sequence: int) -> None:
+        self._records.mark_recorded_before(sequence)
+
+    def exists(self, review_id: str) -> bool:
+        return self._records.get(review_id) is not None
 
     def _new_review(self, decision: kpb.Decision, request: kpb.DecisionRequest, actions, sla_seconds: float,
                     task_id: str = "", review_id: str = "", *, now: int, where: str = "") -> kpb.Review:

@@ -67,6 +67,12 @@ MIGRATIONS: list[tuple[int, str, tuple[str, ...]]] = [
         ) WITHOUT ROWID""",
         "CREATE INDEX idempotency_by_expiry ON idempotency (expires_unix_ns)",
     )),
+    (2, "named counters (the audit sequence below which every escalation has its review row)", (
+        """CREATE TABLE meta (
+            key TEXT PRIMARY KEY,
+            value INTEGER NOT NULL
+        ) WITHOUT ROWID""",
+    )),
 ]
 
 

@@ -52,6 +52,14 @@ def _columns(review: kpb.Review) -> tuple:
     )
 
 
+RECORDED_BEFORE = "reviews.recorded_before_audit_sequence"
+
+
+def _raise_mark(conn, key: str, value: int) -> None:
+    conn.execute("INSERT INTO meta (key, value) VALUES (?, ?) "
+                 "ON CONFLICT (key) DO UPDATE SET value = max(value, excluded.value)", (key, int(value)))
+
+
 def _insert(conn, review: kpb.Review) -> tuple[kpb.Review, bool]:
     if review.task_id:
         found = conn.execute("SELECT body FROM reviews WHERE task_id = ?", (review.task_id,)).fetchone()
@@ -82,10 +90,34 @@ class SqliteReviewRecords:
         """Store a new review; ``(review, True)``, or ``(existing, False)`` if its task already has one."""
         return self._db.transact(lambda conn: _insert(conn, review), after_commit=after_commit)
 
-    def insert_many(self, reviews: list[kpb.Review],
-                    after_commit: AfterCommit = None) -> list[tuple[kpb.Review, bool]]:
-        """``insert`` for each review, all in one transaction: all are stored, or (on an error) none."""
-        return self._db.transact(lambda conn: [_insert(conn, review) for review in reviews], after_commit=after_commit)
+    def insert_many(self, reviews: list[kpb.Review], after_commit: AfterCommit = None, durable: bool = True,
+                    recorded_before: Callable[[], int] | None = None) -> list[tuple[kpb.Review, bool]]:
+        """``insert`` for each review, all in one transaction: all are stored, or (on an error) none.
+
+        ``recorded_before()``, if given, is evaluated inside the transaction and
+        raises the stored ``RECORDED_BEFORE`` mark to it (see ``recorded_before``).
+        """
+        def work(conn):
+            stored = [_insert(conn, review) for review in reviews]
+            if recorded_before is not None:
+                _raise_mark(conn, RECORDED_BEFORE, recorded_before())
+            return stored
+        return self._db.transact(work, durable=durable, after_commit=after_commit)
+
+    def recorded_before(self) -> int:
+        """The audit sequence below which every escalated decision's review row is stored (0 if never set).
+
+        Kept in the same transactions as the rows themselves: SQLite keeps a
+        prefix of its committed transactions after a crash, so the mark never
+        claims a row that was lost.
+        """
+        with self._db.read() as conn:
+            found = conn.execute("SELECT value FROM meta WHERE key = ?", (RECORDED_BEFORE,)).fetchone()
+        return 0 if found is None else int(found[0])
+
+    def mark_recorded_before(self, sequence: int) -> None:
+        """Raise the mark to ``sequence`` (durably); it never moves down."""
+        self._db.transact(lambda conn: _raise_mark(conn, RECORDED_BEFORE, sequence))
 
     def get(self, review_id: str) -> kpb.Review | None:
         with self._db.read() as conn:

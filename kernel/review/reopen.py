@@ -1,0 +1,57 @@
+"""Reopen reviews from the audit log: escalations whose durable record has no review row.
+
+When the audit log is fsynced, the decision engine stores review rows
+without an fsync of their own (the record already holds everything a review
+needs), and keeps in the same transactions a mark: the audit sequence below
+which every escalation's row is stored. SQLite keeps a prefix of its
+committed transactions after a crash, so the mark never claims a lost row.
+At start, the records from the mark on are read again and each missing
+review is opened with its original id, its original creation time (so its
+SLA deadline is unchanged) and the decision as recorded. This also covers a
+process killed between an escalation's durable record and its review row.
+
+Reviews of durable tasks are left to the tasks, which run again after a
+restart and open their review then. A reopened review's request carries the
+recorded inputs: free-text fields only as their SHA-256 digests, as in the
+record (raw text is never on the record).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+
+from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
+
+log = logging.getLogger("aios.review")
+
+_ESCALATED = (kpb.ESCALATED, kpb.FALLBACK)
+
+
+def reopen_reviews(queue, records: Iterable[kpb.AuditRecord],
+                   settings_of: Callable[[str, kpb.Decision], tuple[list[str], float]]) -> int:
+    """Open the review of every escalated decision in ``records`` that has none; returns how many.
+
+    ``settings_of(pipeline, decision)`` gives the review's actions and SLA seconds.
+    Rows are stored without an fsync each: the caller raises the mark afterwards
+    with one durable commit, which covers them.
+    """
+    reopened = 0
+    for record in records:
+        decision = record.decision
+        if (record.kind != kpb.DECISION or record.task_id or not decision.review_id
+                or decision.outcome not in _ESCALATED or queue.exists(decision.review_id)):
+            continue
+        actions, sla_seconds = settings_of(record.pipeline, decision)
+        proposed = kpb.Decision()
+        proposed.CopyFrom(decision)
+        proposed.audit_sequence, proposed.audit_hash = record.sequence, record.hash.hex()
+        request = kpb.DecisionRequest(pipeline=record.pipeline, tenant=record.tenant, request_id=record.request_id,
+                                      idempotency_key=record.idempotency_key)
+        for name, value in record.inputs.items():
+            if not name.startswith("text:"):
+                request.fields[name].CopyFrom(value)
+        queue.create_many([(proposed, request, actions, sla_seconds, "", decision.review_id)], durable=False,
+                          now=record.time_unix_ns or None)
+        reopened += 1
+    return reopened
