@@ -22,7 +22,7 @@ def decision_handlers(engine: DecisionEngine, registry: PipelineRegistry) -> dic
             # Only a request that has to wait needs to hear about a client that leaves.
             ctx.on_done(lambda: engine.inference.cancel(item))
 
-        return engine.decide(request, ctx.deadline_ns, on_wait=on_wait)
+        return engine.decide(request, ctx.deadline_ns, on_wait=on_wait, arrived_ns=ctx.arrived_ns)
 
     def stream(requests, ctx):
         return decide_stream(engine, requests, ctx)

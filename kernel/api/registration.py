@@ -4,10 +4,18 @@ grpc answers INTERNAL (sync) or UNKNOWN (asyncio) when a request deserializer
 raises, yet bytes that are not a valid message are the caller's mistake. Our
 deserializers hand such bytes on as ``Unparsable``; ``ensure_parsed`` turns
 them into INVALID_ARGUMENT inside the handler, per message on streams.
+
+A unary behaviour marked ``wants_arrival`` is called with ``arrived_ns``:
+the ``time.monotonic_ns()`` at which gRPC looked up its handler, on the
+server's polling thread (sync) or event loop (asyncio), as the call came
+in. A request-level timeout counts from there, so the time a call waits for
+a handler thread (or for the GIL) counts against it, as the client sees it.
 """
 
 from __future__ import annotations
 
+import functools
+import time
 from collections.abc import Callable
 
 import grpc
@@ -53,9 +61,25 @@ _FACTORIES = {
 }
 
 
+class _ArrivalStampingHandler(grpc.GenericRpcHandler):
+    """``grpc.method_handlers_generic_handler`` that also hands marked unary behaviours their arrival time."""
+
+    def __init__(self, service_name: str, methods: dict, stamped: dict):
+        self._methods = {f"/{service_name}/{name}": handler for name, handler in methods.items()}
+        self._stamped = {f"/{service_name}/{name}": behaviour for name, behaviour in stamped.items()}
+
+    def service(self, handler_call_details):
+        method = handler_call_details.method
+        behaviour = self._stamped.get(method)
+        if behaviour is None:
+            return self._methods.get(method)
+        return self._methods[method]._replace(
+            unary_unary=functools.partial(behaviour, arrived_ns=time.monotonic_ns()))
+
+
 def generic_handler(service, messages, behaviours: dict[str, Callable]) -> grpc.GenericRpcHandler:
     """A handler for every method of ``service`` (a ServiceDescriptor); ``messages`` is its _pb2 module."""
-    methods = {}
+    methods, stamped = {}, {}
     for method in service.methods:
         request_cls = getattr(messages, method.input_type.name)
         response_cls = getattr(messages, method.output_type.name)
@@ -65,4 +89,9 @@ def generic_handler(service, messages, behaviours: dict[str, Callable]) -> grpc.
             request_deserializer=_safe_parser(request_cls),
             response_serializer=response_cls.SerializeToString,
         )
+        behaviour = behaviours[method.name]
+        if getattr(behaviour, "wants_arrival", False) and not (method.client_streaming or method.server_streaming):
+            stamped[method.name] = behaviour
+    if stamped:
+        return _ArrivalStampingHandler(service.full_name, methods, stamped)
     return grpc.method_handlers_generic_handler(service.full_name, methods)

@@ -43,12 +43,13 @@ _END = object()
 class CallContext:
     """What a handler may know about its call, independent of the front end."""
 
-    __slots__ = ("deadline_ns", "metadata", "peer", "_done", "_callbacks", "_lock")
+    __slots__ = ("deadline_ns", "metadata", "peer", "arrived_ns", "_done", "_callbacks", "_lock")
 
-    def __init__(self, deadline_ns: int | None, metadata: dict[str, str], peer: str = ""):
+    def __init__(self, deadline_ns: int | None, metadata: dict[str, str], peer: str = "", arrived_ns: int | None = None):
         self.deadline_ns = deadline_ns  # absolute time.monotonic_ns(), or None without a gRPC deadline
         self.metadata = metadata  # invocation metadata, last value per key
         self.peer = peer
+        self.arrived_ns = arrived_ns  # when the call came in (unary calls; see registration.py), else None
         self._done = False
         self._callbacks: list[Callable[[], None]] = []
         self._lock = threading.Lock()
@@ -84,13 +85,13 @@ def _deadline_ns(remaining_s: float | None) -> int | None:
     return time.monotonic_ns() + int(max(remaining_s, 0.0) * 1e9)
 
 
-def _context_from(grpc_context) -> CallContext:
+def _context_from(grpc_context, arrived_ns: int | None = None) -> CallContext:
     metadata = {key: value for key, value in (grpc_context.invocation_metadata() or ())}
     try:
         peer = grpc_context.peer()
     except Exception:  # not every context knows its peer
         peer = ""
-    return CallContext(_deadline_ns(grpc_context.time_remaining()), metadata, peer)
+    return CallContext(_deadline_ns(grpc_context.time_remaining()), metadata, peer, arrived_ns)
 
 
 # --------------------------------------------------------------------------- sync
@@ -103,8 +104,8 @@ def _sync_fail(rpc: str, exc: BaseException, context) -> None:
 
 
 def sync_handler(rpc: str, handler: Callable, client_streaming: bool, server_streaming: bool) -> Callable:
-    def prepare(request_or_iterator, context):
-        ctx = _context_from(context)
+    def prepare(request_or_iterator, context, arrived_ns=None):
+        ctx = _context_from(context, arrived_ns)
         context.add_callback(ctx._finish)
         if client_streaming:
             return request_or_iterator, ctx  # messages that did not parse come as Unparsable (see above)
@@ -121,13 +122,14 @@ def sync_handler(rpc: str, handler: Callable, client_streaming: bool, server_str
 
         return call
 
-    def call(request_or_iterator, context):
+    def call(request_or_iterator, context, arrived_ns=None):
         try:
-            request, ctx = prepare(request_or_iterator, context)
+            request, ctx = prepare(request_or_iterator, context, arrived_ns)
             return handler(request, ctx)
         except Exception as exc:
             _sync_fail(rpc, exc, context)
 
+    call.wants_arrival = True
     return call
 
 
@@ -156,8 +158,8 @@ def _bridge_requests(requests, loop: asyncio.AbstractEventLoop) -> Iterator:
 
 
 def aio_handler(rpc: str, handler: Callable, client_streaming: bool, server_streaming: bool) -> Callable:
-    def start(request_or_iterator, context, loop):
-        ctx = _context_from(context)
+    def start(request_or_iterator, context, loop, arrived_ns=None):
+        ctx = _context_from(context, arrived_ns)
         context.add_done_callback(lambda _call: ctx._finish())
         if client_streaming:
             return _bridge_requests(request_or_iterator, loop), ctx
@@ -165,14 +167,15 @@ def aio_handler(rpc: str, handler: Callable, client_streaming: bool, server_stre
         return request_or_iterator, ctx
 
     if not server_streaming:
-        async def call(request_or_iterator, context):
+        async def call(request_or_iterator, context, arrived_ns=None):
             loop = asyncio.get_running_loop()
             try:
-                request, ctx = start(request_or_iterator, context, loop)
+                request, ctx = start(request_or_iterator, context, loop, arrived_ns)
                 return await asyncio.to_thread(handler, request, ctx)
             except Exception as exc:
                 await _aio_fail(rpc, exc, context)
 
+        call.wants_arrival = True
         return call
 
     async def call(request_or_iterator, context):

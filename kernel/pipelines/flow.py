@@ -80,9 +80,14 @@ class DecisionEngine:
         self.coalescer = Coalescer(self.finish)
 
     # -- per request -------------------------------------------------------------
-    def prepare(self, request, deadline_ns: int | None, principal: str = ANONYMOUS) -> Pending | kpb.Decision:
-        """Validate and encode ``request``; a Decision when the idempotency store already has the answer."""
-        started = time.monotonic_ns()
+    def prepare(self, request, deadline_ns: int | None, principal: str = ANONYMOUS,
+                arrived_ns: int | None = None) -> Pending | kpb.Decision:
+        """Validate and encode ``request``; a Decision when the idempotency store already has the answer.
+
+        ``arrived_ns``: when the call came in (the request's ``timeout_ms`` and the phase timings count
+        from there); now if not known.
+        """
+        started = arrived_ns or time.monotonic_ns()
         pipeline = self.registry.get(request.pipeline)
         request_hash = ""
         if request.idempotency_key:
@@ -96,9 +101,14 @@ class DecisionEngine:
         row = pipeline.codec.encode(values)
         request_id = request.request_id or os.urandom(8).hex()
         priority = request.priority or pipeline.priority or mv.config.priority
+        deadline = _deadline(started, deadline_ns, request.timeout_ms or pipeline.timeout_ms)
+        if deadline != NO_DEADLINE:
+            now = time.monotonic_ns()
+            if now >= deadline:  # e.g. it waited for a handler thread: too late, not a full queue
+                raise DeadlineExceeded(f"the request's deadline passed {(now - deadline) / 1e6:.1f} ms before the "
+                                       f"kernel could start it ({(now - started) / 1e6:.1f} ms after it arrived)")
         item = WorkItem(mv, 1, ((pipeline.width,),), {pipeline.input: row}, request_id=request_id,
-                        priority=priority, deadline_ns=_deadline(started, deadline_ns, request.timeout_ms or pipeline.timeout_ms),
-                        tenant=request.tenant)
+                        priority=priority, deadline_ns=deadline, tenant=request.tenant)
         return Pending(request, pipeline, values, digests, item, started, request_id, principal, request_hash)
 
     def recorded_before(self, exclude=None) -> int:
@@ -379,9 +389,10 @@ class DecisionEngine:
         return results
 
     # -- entry points ---------------------------------------------------------------
-    def decide(self, request, deadline_ns: int | None, principal: str = ANONYMOUS, on_wait=None) -> kpb.Decision:
+    def decide(self, request, deadline_ns: int | None, principal: str = ANONYMOUS, on_wait=None,
+               arrived_ns: int | None = None) -> kpb.Decision:
         """One decision, blocking: what the unary Decide RPC calls."""
-        pending = self.prepare(request, deadline_ns, principal)
+        pending = self.prepare(request, deadline_ns, principal, arrived_ns)
         if isinstance(pending, kpb.Decision):
             return pending
         self.run_blocking(pending, on_wait)
