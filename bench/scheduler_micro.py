@@ -1,12 +1,20 @@
 """Decision cost of the scheduler per request: the Cython core vs the Python reference.
 
-    python -m bench.scheduler_micro [--queued 1000] [--rounds 2000] [--pairs 5]
+    python -m bench.scheduler_micro [--queued 1000] [--rounds 2000] [--pairs 5] [--wait-idle 20]
 
 Workload (the same for both, in one process, alternating A B A B): one model,
 max_batch_size 8, three priority levels, a deadline on half the items; the
 queue is pre-filled to ``--queued`` items and held there: each round submits
 8 items, takes one batch of 8 and completes it. Cost per request = round time
 / 8, covering submit, the batch decision, batch assembly and completion.
+The loop is the least a caller does per request (kernel/scheduling/lane.py
+also reads the clock, takes a lock and checks the verdict), so the raw figure
+is what a caller sees; a do-nothing scheduler ("harness") times the loop.
+
+On this shared machine each pair waits for other processes to go quiet
+(``--wait-idle``), counts the CPU they used during the pair, and is rerun when
+that exceeds ``--max-others`` cores. The claim is the median of the per-pair
+ratios reference / cython, with their min–max.
 tests/bench/test_scheduler_micro.py runs the same workload under pytest-benchmark.
 """
 
@@ -17,6 +25,7 @@ import platform
 import statistics
 import time
 
+from bench.frontends import busy_seconds, wait_idle
 from kernel.scheduling import implementations
 from kernel.scheduling.policy import ModelSchedule
 from kernel.scheduling.types import PyWorkItem
@@ -52,7 +61,9 @@ def prepare(cls, queued: int, rounds: int = 200_000):
 
     for _ in range(queued):
         sched.submit(make_item(), clock[0])
-    pool = [make_item() for _ in range(ROWS_PER_BATCH * min(rounds, 20_000))]
+    # A pooled item must have left the queue before it is submitted again: the
+    # longest-waiting ones (level 3, no deadline) stay about 0.75 x queued rounds.
+    pool = [make_item() for _ in range(ROWS_PER_BATCH * max(min(rounds, 20_000), queued))]
     position = [0]
 
     def one_round() -> None:
@@ -104,30 +115,61 @@ def per_request_us(cls, queued: int, rounds: int) -> float:
     return (time.perf_counter_ns() - started) / rounds / ROWS_PER_BATCH / 1000
 
 
+def run_pair(impls, args) -> tuple[dict, float, int]:
+    """One A B (C) round; rerun while other processes disturbed it (up to --retries times).
+
+    Returns ({name: µs per request}, CPU cores other processes used during the
+    round, attempts). /proc/stat counts in 10 ms ticks, so the share of others
+    is taken over the whole round, not per implementation."""
+    for attempt in range(1, args.retries + 2):
+        if args.wait_idle > 0:
+            wait_idle(args.wait_idle)
+        busy0, cpu0, wall0 = busy_seconds(), time.process_time(), time.perf_counter()
+        values = {cls.name: per_request_us(cls, args.queued, args.rounds) for cls in impls}
+        wall = time.perf_counter() - wall0
+        others = max(0.0, (busy_seconds() - busy0 - (time.process_time() - cpu0)) / wall)
+        if others <= args.max_others:
+            break
+    return values, others, attempt
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--queued", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=2000)
     parser.add_argument("--pairs", type=int, default=5)
+    parser.add_argument("--wait-idle", type=float, default=20.0,
+                        help="before each pair, wait up to this many s for other processes to go quiet (0: don't)")
+    parser.add_argument("--max-others", type=float, default=0.3,
+                        help="a pair during which other processes used more CPU cores than this is rerun")
+    parser.add_argument("--retries", type=int, default=3, help="reruns of a disturbed pair (the last is kept)")
     args = parser.parse_args(argv)
     impls = implementations()
     if len(impls) < 2:
         raise SystemExit("the Cython core is not built: run `make build`")
     impls = [*impls, NullScheduler]
     results = {cls.name: [] for cls in impls}
+    ratios, others_max, reruns = [], 0.0, 0
     for pair in range(args.pairs):
-        for cls in impls:
-            results[cls.name].append(per_request_us(cls, args.queued, args.rounds))
-        print(f"pair {pair + 1}/{args.pairs}: " + ", ".join(f"{k} {v[-1]:.2f} µs" for k, v in results.items()), flush=True)
+        values, others, attempts = run_pair(impls, args)
+        for name, value in values.items():
+            results[name].append(value)
+        ratios.append(values["reference"] / values["cython"])
+        others_max, reruns = max(others_max, others), reruns + attempts - 1
+        flag = "  (still disturbed)" if others > args.max_others else ""
+        print(f"pair {pair + 1}/{args.pairs}: " + ", ".join(f"{k} {v:.3f} µs" for k, v in values.items())
+              + f"; ratio {ratios[-1]:.1f}x; others {others:.2f} cores, attempt {attempts}{flag}", flush=True)
     ref, core = statistics.median(results["reference"]), statistics.median(results["cython"])
     loop = statistics.median(results["harness"])
     print(f"\n{platform.processor() or platform.machine()}, Python {platform.python_version()}, "
-          f"{args.queued} queued, {args.rounds} rounds x {ROWS_PER_BATCH} requests, {args.pairs} pairs")
+          f"{args.queued} queued, {args.rounds} rounds x {ROWS_PER_BATCH} requests, {args.pairs} pairs; "
+          f"others' CPU max {others_max:.2f} cores, {reruns} disturbed pair(s) rerun")
     print("| implementation | µs per request, median (min–max) |\n|---|---|")
     for name, values in results.items():
-        print(f"| {name} | {statistics.median(values):.2f} ({min(values):.2f}–{max(values):.2f}) |")
-    print(f"\nreference / cython = {ref / core:.1f}x as measured; "
-          f"{(ref - loop) / (core - loop):.1f}x net of the benchmark loop's own {loop:.2f} µs")
+        print(f"| {name} | {statistics.median(values):.3f} ({min(values):.3f}–{max(values):.3f}) |")
+    print(f"\nreference / cython: {statistics.median(ratios):.1f}x median of per-pair ratios "
+          f"({min(ratios):.1f}–{max(ratios):.1f}); {ref / core:.1f}x on medians; "
+          f"{(ref - loop) / (core - loop):.1f}x net of the benchmark loop's own {loop:.3f} µs")
     return 0
 
 

@@ -10,6 +10,7 @@ DEF ARRIVAL_EWMA_SHIFT = 3          # inter-arrival EWMA weight 1/8, as a shift
 DEF NO_DEADLINE = 0                 # deadline_ns meaning "none"
 DEF DEADLINE_NEVER = 9223372036854775807  # ns: sort key of items without a deadline
 DEF MAX_PRIORITY_LEVELS = 16        # levels per model (model.toml priority_levels)
+DEF HEAP_INITIAL = 64               # entries: first size of a level's heap or FIFO array (doubles when full; a power of two)
 
 # Admission verdicts of submit()
 DEF ADMITTED = 0

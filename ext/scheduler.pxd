@@ -2,28 +2,63 @@
 # and the compiled WorkItem/Batch (twins of PyWorkItem/PyBatch in
 # kernel/scheduling/types.py). Every field is declared here with its type.
 
+cimport cython
+from cpython.ref cimport PyObject
+
+
+# One queued item's place in its level's heap. The ordering key is copied
+# in, so sifting compares and moves plain C structs: no reference counting
+# and no pointer chasing into the items.
+cdef struct QEntry:
+    long long key      # sched_key: the deadline, or DEADLINE_NEVER
+    long long seq      # sched_seq: arrival order, the last tie-breaker
+    PyObject* item     # borrowed: _ModelQ.slots[slot] holds the reference
+    Py_ssize_t slot
+
+
+# A binary min-heap on (key, seq): one priority level's items with a deadline.
+cdef struct QHeap:
+    QEntry* entries
+    Py_ssize_t len
+    Py_ssize_t cap
+
+
+# A FIFO ring: one priority level's items without a deadline. Their key is
+# DEADLINE_NEVER, after every deadline, and among themselves they go by seq,
+# which is arrival order: a queue gives their order with no sifting.
+cdef struct QRing:
+    QEntry* entries
+    Py_ssize_t front   # index of the oldest entry
+    Py_ssize_t len
+    Py_ssize_t cap     # a power of two (or 0)
+
+
 cdef class WorkItem:
-    cdef public object model           # scheduler key: a ModelVersion, compared by identity
+    # What the scheduler reads while it batches comes first, next to the
+    # object header: an item that waited in a long queue is cold in cache,
+    # and these few fields then share one or two cache lines instead of four.
+    cdef public int state              # ITEM_*
+    cdef public int level              # the priority level the scheduler filed it under
+    cdef public long long deadline_ns  # absolute monotonic ns, or NO_DEADLINE
     cdef public long long rows         # rows in the batch dim (1 without one)
     cdef public object shape_key       # items batch together only with equal keys
+    cdef bint tenant_counted           # submit counted it against its tenant's queue bound
+    cdef public object model           # scheduler key: a ModelVersion, compared by identity
     cdef public long long priority     # 1 = most urgent
-    cdef public long long deadline_ns  # absolute monotonic ns, or NO_DEADLINE
     cdef public object tenant
+    cdef public long long sched_key    # deadline, or DEADLINE_NEVER: EDF order within a level
+    cdef public long long sched_seq    # arrival order: the last tie-breaker
     cdef public long long enqueued_ns
     cdef public long long started_ns
     cdef public object inputs
     cdef public object request_id
-    cdef public int state              # ITEM_*
     cdef public object outputs
     cdef public object error
     cdef public object on_done
     cdef public bint blocking
     cdef public object selected
     cdef public object timings
-    cdef public int level              # the priority level the scheduler filed it under
     cdef public long long retry_after_ns
-    cdef public long long sched_key    # deadline, or DEADLINE_NEVER: EDF order within a level
-    cdef public long long sched_seq    # arrival order: the last tie-breaker
 
 
 cdef class Batch:
@@ -33,6 +68,8 @@ cdef class Batch:
     cdef public object timings
 
 
+# Final: calls to their cdef methods are direct C calls the compiler can inline.
+@cython.final
 cdef class _ModelQ:
     cdef object key           # the model object the caller schedules for
     cdef object schedule      # its ModelSchedule
@@ -47,8 +84,22 @@ cdef class _ModelQ:
     cdef long long max_queue_delay_ns
     cdef tuple preferred
     cdef double weight
-    cdef list heap            # of WorkItem, a binary min-heap on (level, sched_key, sched_seq)
+    # The queue: per priority level, a heap of the items with a deadline and
+    # a FIFO of those without. Levels are strict and a deadline sorts before
+    # "never", so the head of the first non-empty level (its heap's head,
+    # else its FIFO's front) is the head of the reference's single heap on
+    # (level, key, seq). The items themselves live in `slots`, which the
+    # garbage collector sees (and never empties: no_gc_clear in the .pyx);
+    # an entry names its item's slot, and a freed slot is reused by the next
+    # push.
+    cdef QHeap heaps[16]      # MAX_PRIORITY_LEVELS; levels 1..levels in use
+    cdef QRing rings[16]
+    cdef list slots
+    cdef Py_ssize_t* free_slots  # stack of unused indices into slots
+    cdef Py_ssize_t free_len
+    cdef Py_ssize_t free_cap
     cdef long long queued
+    cdef long long queued_rows  # the sum of rows_by_level
     cdef long long rows_by_level[16]
     cdef dict tenants         # tenant -> queued items
     cdef int in_flight
@@ -67,11 +118,14 @@ cdef class _ModelQ:
     cdef long long submitted, rejected_queue_full, rejected_tenant_full, rejected_deadline
     cdef long long expired, cancelled, batches, rows
 
-    cdef void fit_add(self, long long rows, long long duration_ns)
-    cdef long long predict(self, long long rows)
-    cdef long long total_rows(self)
+    cdef int push(self, WorkItem item) except -1
+    cdef QEntry* level_head(self, int level) noexcept
+    cdef void drop_head(self, int level) noexcept
+    cdef void fit_add(self, long long rows, long long duration_ns) noexcept
+    cdef long long predict(self, long long rows) noexcept
 
 
+@cython.final
 cdef class CythonScheduler:
     cdef dict _models
     cdef list _order
@@ -79,11 +133,17 @@ cdef class CythonScheduler:
     cdef long long _queued
     cdef long long _seq
     cdef double _vclock
+    # The model of the last submit/complete and its queue: callers mostly
+    # repeat one model, and this saves the dict lookup.
+    cdef object _last_key
+    cdef _ModelQ _last_q
+
+    cdef _ModelQ _queue_of(self, object model)
 
     cdef int _reject(self, _ModelQ m, WorkItem item, int reason, long long retry_after_ns) except -1
     cdef long long _wait_ahead(self, _ModelQ m, int level, long long rows, long long now_ns)
-    cdef void _unqueue(self, _ModelQ m, WorkItem item) except *
+    cdef int _unqueue(self, _ModelQ m, WorkItem item) except -1
     cdef WorkItem _clean_head(self, _ModelQ m, long long now_ns)
-    cdef void _expire(self, _ModelQ m, WorkItem item) except *
-    cdef long long _ready_at(self, _ModelQ m, WorkItem head, long long now_ns)
+    cdef int _expire(self, _ModelQ m, WorkItem item) except -1
+    cdef long long _ready_at(self, _ModelQ m, WorkItem head, long long now_ns) except? -1
     cdef Batch _take(self, _ModelQ m, WorkItem head, long long now_ns)

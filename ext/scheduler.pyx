@@ -6,7 +6,10 @@
 #
 # - WorkItem and Batch are extension types here, so the fields the
 #   scheduler reads are C struct members, not Python attribute lookups;
-# - the heap is a list of WorkItem with heapq's algorithm on typed items;
+# - the reference's one heap of (level, deadline, seq, item) tuples is, per
+#   level, a heap of C structs for the items with a deadline and a FIFO ring
+#   for those without (scheduler.pxd, _ModelQ): the same order, with no
+#   tuple per request and no reference counting while sifting;
 # - the latency fit keeps its window in C arrays.
 #
 # Integer arithmetic uses Python semantics (cdivision=False) and the float
@@ -15,8 +18,20 @@
 # differential hypothesis test holds them to it.
 
 cimport cython
+from cpython.list cimport PyList_GET_ITEM, PyList_SET_ITEM
+from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
+from cpython.ref cimport Py_INCREF, Py_XDECREF
 
 include "consts.pxi"
+
+cdef extern from *:
+    void _prefetch "__builtin_prefetch"(const void* address) noexcept nogil
+
+# A DEF beyond the C int range is a Python int inside Cython expressions
+# (every comparison with it would box a long long); the code uses these
+# typed copies instead.
+cdef long long NEVER_KEY = DEADLINE_NEVER
+cdef long long OBSERVED_CAP_NS = MAX_OBSERVED_NS
 
 # Exposed so a test can check these agree with kernel/scheduling/policy.py.
 CONSTANTS = {
@@ -67,40 +82,40 @@ cdef class Batch:
 cdef tuple _ZERO_TIMINGS = (0, 0, 0)
 
 
-cdef inline bint _lt(WorkItem x, WorkItem y) noexcept:
-    if x.level != y.level:
-        return x.level < y.level
-    if x.sched_key != y.sched_key:
-        return x.sched_key < y.sched_key
-    return x.sched_seq < y.sched_seq
+# -- the heap -----------------------------------------------------------------
+# heapq's algorithm on QEntry structs, one heap per level. Pop order is the
+# total order on (level, key, seq) -- seq is unique -- so it matches the
+# reference's single heapq of tuples whatever the arrays' layout.
+
+cdef inline bint _before(const QEntry* x, const QEntry* y) noexcept nogil:
+    if x.key != y.key:
+        return x.key < y.key
+    return x.seq < y.seq
 
 
-cdef void _sift_down(list heap, Py_ssize_t start, Py_ssize_t pos) except *:
+cdef inline void _sift_down(QEntry* heap, Py_ssize_t start, Py_ssize_t pos) noexcept nogil:
     # heapq._siftdown: move heap[pos] up towards start.
-    cdef WorkItem new = <WorkItem>heap[pos]
-    cdef WorkItem parent
+    cdef QEntry new = heap[pos]
     cdef Py_ssize_t parentpos
     while pos > start:
         parentpos = (pos - 1) >> 1
-        parent = <WorkItem>heap[parentpos]
-        if _lt(new, parent):
-            heap[pos] = parent
+        if _before(&new, &heap[parentpos]):
+            heap[pos] = heap[parentpos]
             pos = parentpos
             continue
         break
     heap[pos] = new
 
 
-cdef void _sift_up(list heap, Py_ssize_t pos) except *:
-    # heapq._siftup: bubble the smaller child up, then place heap[pos].
-    cdef Py_ssize_t endpos = len(heap)
+cdef inline void _sift_up(QEntry* heap, Py_ssize_t endpos, Py_ssize_t pos) noexcept nogil:
+    # heapq._siftup: bubble the smaller child up to the leaves, then place heap[pos].
     cdef Py_ssize_t startpos = pos
-    cdef WorkItem new = <WorkItem>heap[pos]
+    cdef QEntry new = heap[pos]
     cdef Py_ssize_t childpos = 2 * pos + 1
     cdef Py_ssize_t rightpos
     while childpos < endpos:
         rightpos = childpos + 1
-        if rightpos < endpos and not _lt(<WorkItem>heap[childpos], <WorkItem>heap[rightpos]):
+        if rightpos < endpos and not _before(&heap[childpos], &heap[rightpos]):
             childpos = rightpos
         heap[pos] = heap[childpos]
         pos = childpos
@@ -109,22 +124,37 @@ cdef void _sift_up(list heap, Py_ssize_t pos) except *:
     _sift_down(heap, startpos, pos)
 
 
-cdef inline void _push(list heap, WorkItem e) except *:
-    heap.append(e)
-    _sift_down(heap, 0, len(heap) - 1)
+cdef int _grow_ring(QRing* ring) except -1:
+    # Double the ring (or allocate HEAP_INITIAL entries), oldest entry first.
+    cdef Py_ssize_t new_cap = ring.cap * 2 if ring.cap else HEAP_INITIAL
+    cdef QEntry* entries = <QEntry*>PyMem_Malloc(new_cap * sizeof(QEntry))
+    cdef Py_ssize_t index
+    if entries == NULL:
+        raise MemoryError()
+    for index in range(ring.len):
+        entries[index] = ring.entries[(ring.front + index) & (ring.cap - 1)]
+    PyMem_Free(ring.entries)
+    ring.entries = entries
+    ring.front = 0
+    ring.cap = new_cap
+    return 0
 
 
-cdef WorkItem _pop(list heap):
-    cdef WorkItem last = <WorkItem>heap.pop()
-    cdef WorkItem top
-    if heap:
-        top = <WorkItem>heap[0]
-        heap[0] = last
-        _sift_up(heap, 0)
-        return top
-    return last
+cdef int _grow(void** array, Py_ssize_t* cap, size_t item_size) except -1:
+    # Double a PyMem array (or allocate HEAP_INITIAL items); *array is kept on failure.
+    cdef Py_ssize_t new_cap = cap[0] * 2 if cap[0] else HEAP_INITIAL
+    cdef void* grown = PyMem_Realloc(array[0], new_cap * item_size)
+    if grown == NULL:
+        raise MemoryError()
+    array[0] = grown
+    cap[0] = new_cap
+    return 0
 
 
+# The heaps and rings point at items that `slots` keeps alive, so the
+# collector must never empty `slots` (a cycle through a queue is broken at
+# its lists and dicts instead).
+@cython.no_gc_clear
 cdef class _ModelQ:
     def __cinit__(self, object key, int index, object schedule):
         cdef int level
@@ -143,18 +173,110 @@ cdef class _ModelQ:
         self.preferred = tuple(schedule.preferred_batch_sizes)
         self.weight = schedule.weight
         self.track_tenants = self.max_tenant_queue < self.max_queue
-        self.heap = []
+        self.slots = []
         self.tenants = {}
         for level in range(MAX_PRIORITY_LEVELS):
             self.rows_by_level[level] = 0
 
-    cdef void fit_add(self, long long rows, long long duration_ns):
+    def __dealloc__(self):
+        # The items' references are in self.slots, which Python frees itself.
+        cdef int level
+        for level in range(MAX_PRIORITY_LEVELS):
+            PyMem_Free(self.heaps[level].entries)
+            PyMem_Free(self.rings[level].entries)
+        PyMem_Free(self.free_slots)
+
+    cdef int push(self, WorkItem item) except -1:
+        # File item (its level, sched_key and sched_seq set) in its level's
+        # heap, or FIFO when it has no deadline.
+        cdef QHeap* heap = &self.heaps[item.level - 1]
+        cdef QRing* ring = &self.rings[item.level - 1]
+        cdef bint fifo = item.sched_key == NEVER_KEY
+        cdef Py_ssize_t slot
+        cdef PyObject* empty
+        cdef QEntry* entry
+        if fifo:
+            if ring.len == ring.cap:
+                _grow_ring(ring)
+            entry = &ring.entries[(ring.front + ring.len) & (ring.cap - 1)]
+        else:
+            if heap.len == heap.cap:
+                _grow(<void**>&heap.entries, &heap.cap, sizeof(QEntry))
+            entry = &heap.entries[heap.len]
+        if self.free_len:
+            self.free_len -= 1
+            slot = self.free_slots[self.free_len]
+            empty = PyList_GET_ITEM(self.slots, slot)  # None, released below
+            Py_INCREF(item)
+            PyList_SET_ITEM(self.slots, slot, item)
+            Py_XDECREF(empty)
+        else:
+            slot = len(self.slots)
+            if slot == self.free_cap:  # room to free every slot later, so drop_head cannot fail
+                _grow(<void**>&self.free_slots, &self.free_cap, sizeof(Py_ssize_t))
+            self.slots.append(item)
+        entry.key = item.sched_key
+        entry.seq = item.sched_seq
+        entry.item = <PyObject*>item
+        entry.slot = slot
+        if fifo:
+            ring.len += 1
+        else:
+            heap.len += 1
+            _sift_down(heap.entries, 0, heap.len - 1)
+        return 0
+
+    cdef inline QEntry* level_head(self, int level) noexcept:
+        # The first entry of `level` (1-based), or NULL when it is empty.
+        cdef QHeap* heap = &self.heaps[level - 1]
+        cdef QRing* ring
+        if heap.len:
+            return &heap.entries[0]
+        ring = &self.rings[level - 1]
+        if ring.len:
+            return &ring.entries[ring.front]
+        return NULL
+
+    cdef void drop_head(self, int level) noexcept:
+        # Remove level_head(level) and release its slot. The caller holds
+        # its own reference to the item if it still needs it.
+        cdef QHeap* heap = &self.heaps[level - 1]
+        cdef QRing* ring
+        cdef Py_ssize_t slot
+        cdef PyObject* item
+        if heap.len:
+            slot = heap.entries[0].slot
+            heap.len -= 1
+            if heap.len:
+                heap.entries[0] = heap.entries[heap.len]
+                _sift_up(heap.entries, heap.len, 0)
+        else:
+            ring = &self.rings[level - 1]
+            slot = ring.entries[ring.front].slot
+            ring.front = (ring.front + 1) & (ring.cap - 1)
+            ring.len -= 1
+            if ring.len:
+                # The new front has waited longest of all, so it is the item
+                # least likely to be in cache; the next look at this level
+                # reads its first fields (WorkItem puts the ones read there).
+                _prefetch(ring.entries[ring.front].item)
+        item = PyList_GET_ITEM(self.slots, slot)
+        self.free_slots[self.free_len] = slot
+        self.free_len += 1
+        Py_INCREF(None)
+        PyList_SET_ITEM(self.slots, slot, None)
+        Py_XDECREF(item)
+
+    # Divisors here are positive (den > 0, count >= 1) and the operands of %
+    # non-negative, where C and Python arithmetic agree; C's needs no checks.
+    @cython.cdivision(True)
+    cdef void fit_add(self, long long rows, long long duration_ns) noexcept:
         cdef int slot
         cdef long long count, den, old_n, old_d
         if duration_ns < 0:
             duration_ns = 0
-        if duration_ns > MAX_OBSERVED_NS:
-            duration_ns = MAX_OBSERVED_NS
+        if duration_ns > OBSERVED_CAP_NS:
+            duration_ns = OBSERVED_CAP_NS
         if self.win_count == LATENCY_WINDOW:
             old_n = self.win_n[self.win_start]
             old_d = self.win_d[self.win_start]
@@ -185,19 +307,12 @@ cdef class _ModelQ:
         if self.b < 0.0:
             self.b = 0.0
 
-    cdef long long predict(self, long long rows):
+    cdef long long predict(self, long long rows) noexcept:
         cdef double value
         if self.win_count == 0:
             return 0
         value = self.a * <double>rows + self.b
         return <long long>value if value > 0.0 else 0
-
-    cdef long long total_rows(self):
-        cdef long long total = 0
-        cdef int level
-        for level in range(self.levels):
-            total += self.rows_by_level[level]
-        return total
 
 
 cdef class CythonScheduler:
@@ -212,6 +327,18 @@ cdef class CythonScheduler:
         self._seq = 0
         self._vclock = 0.0
 
+    cdef _ModelQ _queue_of(self, object model):
+        # self._models[model], through a one-entry cache (identity implies the
+        # dict's equality). None for an unknown model.
+        cdef _ModelQ m
+        if model is self._last_key and self._last_q is not None:
+            return self._last_q
+        m = self._models.get(model)
+        if m is not None:
+            self._last_key = model
+            self._last_q = m
+        return m
+
     # -- models -------------------------------------------------------------
     def add_model(self, model, schedule):
         if model not in self._models:
@@ -224,8 +351,11 @@ cdef class CythonScheduler:
         cdef WorkItem item
         if m is None:
             return []
+        if m is self._last_q:
+            self._last_key = None
+            self._last_q = None
         self._order.remove(m)
-        left = [item for item in m.heap if item.state == ITEM_QUEUED]
+        left = [item for item in m.slots if item is not None and (<WorkItem>item).state == ITEM_QUEUED]
         left.sort(key=_sort_key)
         for item in left:
             item.state = ITEM_CANCELLED
@@ -240,15 +370,21 @@ cdef class CythonScheduler:
 
     # -- queueing ------------------------------------------------------------
     def submit(self, WorkItem item, long long now_ns):
-        cdef _ModelQ m = <_ModelQ>self._models[item.model]
+        cdef _ModelQ m = self._queue_of(item.model)
         cdef long long priority = item.priority
-        cdef int level = <int>(1 if priority < 1 else (m.levels if priority > m.levels else priority))
+        cdef int level
         cdef long long deadline = item.deadline_ns
         cdef long long gap, finish
+        cdef bint by_tenant
+        if m is None:
+            raise KeyError(item.model)  # the caller resolved a model it never added
+        level = <int>(1 if priority < 1 else (m.levels if priority > m.levels else priority))
         m.submitted += 1
         if m.queued >= m.max_queue:
             return self._reject(m, item, REJECT_QUEUE_FULL, m.predict(m.capacity))
-        if m.track_tenants and item.tenant and m.tenants.get(item.tenant, 0) >= m.max_tenant_queue:
+        # Requests without a tenant count only against the model.
+        by_tenant = m.track_tenants and _truthy(item.tenant)
+        if by_tenant and m.tenants.get(item.tenant, 0) >= m.max_tenant_queue:
             return self._reject(m, item, REJECT_TENANT_FULL, m.predict(m.capacity))
         if deadline != NO_DEADLINE and m.win_count >= 2:
             finish = now_ns + self._wait_ahead(m, level, item.rows, now_ns)
@@ -262,13 +398,15 @@ cdef class CythonScheduler:
             m.vtime = self._vclock
         self._seq += 1
         item.level = level
-        item.sched_key = deadline if deadline != NO_DEADLINE else DEADLINE_NEVER
+        item.sched_key = deadline if deadline != NO_DEADLINE else NEVER_KEY
         item.sched_seq = self._seq
         item.state = ITEM_QUEUED
-        _push(m.heap, item)
+        m.push(item)
         m.queued += 1
         m.rows_by_level[level - 1] += item.rows
-        if m.track_tenants and item.tenant:
+        m.queued_rows += item.rows
+        item.tenant_counted = by_tenant
+        if by_tenant:
             m.tenants[item.tenant] = m.tenants.get(item.tenant, 0) + 1
         self._queued += 1
         return ADMITTED
@@ -299,22 +437,24 @@ cdef class CythonScheduler:
             busy = m.busy_until - now_ns
         return busy + work // m.instances
 
-    cdef void _unqueue(self, _ModelQ m, WorkItem item) except *:
+    cdef inline int _unqueue(self, _ModelQ m, WorkItem item) except -1:
         m.queued -= 1
         m.rows_by_level[item.level - 1] -= item.rows
-        if m.track_tenants and item.tenant:
+        m.queued_rows -= item.rows
+        if item.tenant_counted:
             left = m.tenants[item.tenant] - 1
             if left:
                 m.tenants[item.tenant] = left
             else:
                 del m.tenants[item.tenant]
         self._queued -= 1
+        return 0
 
     def cancel(self, WorkItem item, bint expired=False):
         cdef _ModelQ m
         if item.state != ITEM_QUEUED:
             return False
-        m = self._models.get(item.model)
+        m = self._queue_of(item.model)
         if m is None:
             return False
         item.state = ITEM_EXPIRED if expired else ITEM_CANCELLED
@@ -336,28 +476,34 @@ cdef class CythonScheduler:
 
     # -- dispatch ------------------------------------------------------------
     cdef WorkItem _clean_head(self, _ModelQ m, long long now_ns):
-        cdef list heap = m.heap
         cdef WorkItem item
-        while heap:
-            item = <WorkItem>heap[0]
+        cdef QEntry* entry
+        cdef int level = 1
+        while level <= m.levels:
+            entry = m.level_head(level)
+            if entry == NULL:
+                level += 1
+                continue
+            item = <WorkItem>entry.item
             if item.state != ITEM_QUEUED:
-                _pop(heap)
+                m.drop_head(level)
                 continue
             if item.deadline_ns != NO_DEADLINE and item.deadline_ns <= now_ns:
-                _pop(heap)
+                m.drop_head(level)
                 self._expire(m, item)
                 continue
             return item
         return None
 
-    cdef void _expire(self, _ModelQ m, WorkItem item) except *:
+    cdef int _expire(self, _ModelQ m, WorkItem item) except -1:
         item.state = ITEM_EXPIRED
         m.expired += 1
         self._unqueue(m, item)
         self._expired.append(item)
+        return 0
 
-    cdef long long _ready_at(self, _ModelQ m, WorkItem head, long long now_ns):
-        cdef long long rows = m.total_rows()
+    cdef long long _ready_at(self, _ModelQ m, WorkItem head, long long now_ns) except? -1:
+        cdef long long rows = m.queued_rows
         cdef long long limit, fixed, wake
         if rows >= m.capacity:
             return now_ns
@@ -382,24 +528,25 @@ cdef class CythonScheduler:
         return wake
 
     cdef Batch _take(self, _ModelQ m, WorkItem head, long long now_ns):
-        cdef list heap = m.heap
         cdef WorkItem item
         cdef long long rows = head.rows
         cdef long long end
         cdef Batch batch
-        _pop(heap)
-        chosen = [head]
+        cdef list chosen = [head]
+        cdef object shape = head.shape_key
+        m.drop_head(head.level)
+        head.state = ITEM_BATCHED
+        self._unqueue(m, head)
         if m.max_batch_size > 0:
             while True:
                 item = self._clean_head(m, now_ns)
-                if item is None or rows + item.rows > m.max_batch_size or item.shape_key != head.shape_key:
+                if item is None or rows + item.rows > m.max_batch_size or not _same_shape(item.shape_key, shape):
                     break
-                _pop(heap)
+                m.drop_head(item.level)
+                item.state = ITEM_BATCHED
+                self._unqueue(m, item)
                 chosen.append(item)
                 rows += item.rows
-        for item in chosen:
-            item.state = ITEM_BATCHED
-            self._unqueue(m, item)
         m.in_flight += 1
         m.batches += 1
         m.rows += rows
@@ -442,11 +589,18 @@ cdef class CythonScheduler:
         return batches
 
     def complete(self, batch, long long duration_ns):
-        cdef _ModelQ m = self._models.get(batch.model)
+        cdef _ModelQ m
+        cdef long long rows
+        if type(batch) is Batch:  # ours: C fields, no attribute lookups
+            m = self._queue_of((<Batch>batch).model)
+            rows = (<Batch>batch).rows
+        else:
+            m = self._queue_of(batch.model)
+            rows = batch.rows
         if m is None:
             return
         m.in_flight -= 1
-        m.fit_add(batch.rows, duration_ns)
+        m.fit_add(rows, duration_ns)
         m.vtime += duration_ns / m.weight
 
     def next_wakeup(self, long long now_ns):
@@ -489,6 +643,23 @@ cdef class CythonScheduler:
                 "fit_ns_fixed": m.b,
             }
         return {"scheduler": self.name, "queued": self._queued, "models": models}
+
+
+cdef inline bint _same_shape(object key, object head_key) except -1:
+    # `not (key != head_key)`, the reference's test. Models with fixed shapes
+    # give every item the same tuple object, and a tuple is always equal to
+    # itself (its items compare by identity first), so that case skips the
+    # comparison.
+    if key is head_key and type(key) is tuple:
+        return True
+    return not (key != head_key)
+
+
+cdef inline bint _truthy(object value) except -1:
+    # bool(value), without the generic call for the usual str
+    if type(value) is str:
+        return len(<str>value) != 0
+    return bool(value)
 
 
 def _sort_key(WorkItem item):
