@@ -170,3 +170,14 @@ def test_perf_analyzer_against_naive_server(naive_server):
     assert 0 < result["p50_us"] <= result["p90_us"] <= result["p95_us"] <= result["p99_us"]
     assert result["request_count"] and result["request_count"] > 0
     assert "Inferences/Second" in result["csv_row"]
+
+
+def test_fluid_bound_serves_in_arrival_order_and_skips_what_cannot_finish_in_time():
+    from bench.openloop.bound import fluid_bound
+
+    # Capacity 10/s (0.1 s each), SLO 0.25 s: of four requests at t=0 only two can finish by 0.25 s;
+    # a fifth at t=1 is alone and finishes in time.
+    sched = np.array([0.0, 0.0, 0.0, 0.0, 1.0])
+    assert fluid_bound(sched, 10.0, 0.25, (0.0, 2.0)) == 3 / 2.0
+    # Ample capacity serves everything; the window counts only requests released inside it.
+    assert fluid_bound(sched, 1e6, 0.25, (0.5, 1.5)) == 1.0
