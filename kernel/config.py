@@ -37,6 +37,10 @@ class Settings:
     # beyond it is refused at once (RESOURCE_EXHAUSTED) instead of waiting, unseen by
     # the scheduler's admission control, in gRPC's own queue. Blocked threads are cheap.
     workers: int = 512
+    # How long a Python thread may hold the GIL while another waits for it (sys.setswitchinterval).
+    # Every request is a handler thread here: a short slice lets a high-priority request's thread
+    # in between a busy neighbour's threads. 0 = leave Python's default (5000 µs).
+    gil_switch_interval_us: int = 0
     lane_slots: int = 0  # batches run at once on the CPU lane; 0 = one per usable core
     scheduler: str = "auto"  # "auto" (Cython core when built), "cython" or "reference"
     max_message_bytes: int = 64 * 1024 * 1024  # larger requests get RESOURCE_EXHAUSTED
@@ -108,6 +112,8 @@ def _validate(settings: Settings, sources: dict[str, str]) -> None:
         raise bad("front_end", f"must be one of {', '.join(FRONT_ENDS)}, got {settings.front_end!r}")
     if settings.workers < 1:
         raise bad("workers", f"must be >= 1, got {settings.workers}")
+    if not 0 <= settings.gil_switch_interval_us <= 1_000_000:
+        raise bad("gil_switch_interval_us", f"must be 0..1000000 (0 = Python's default), got {settings.gil_switch_interval_us}")
     if settings.lane_slots < 0:
         raise bad("lane_slots", f"must be >= 0 (0 = one per core), got {settings.lane_slots}")
     if settings.max_message_bytes < 1024:

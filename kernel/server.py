@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import threading
 import time
 from concurrent import futures
@@ -116,6 +117,8 @@ class KernelServer:
 
     def start(self) -> int:
         """Load the repository, start serving; returns the bound port."""
+        if self.settings.gil_switch_interval_us:
+            sys.setswitchinterval(self.settings.gil_switch_interval_us / 1e6)  # process-wide: the kernel owns it
         loaded, self.failed_models = self.hub.load_all()
         self.decisions.start()  # pipelines are checked against the models just loaded
         if self.settings.front_end == "aio":
