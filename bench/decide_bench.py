@@ -6,7 +6,8 @@ the load (``bench/decide_load.py``, grpc.aio, closed loop) is pinned to
 core 1. Configurations alternate A B C A B C ... for ``--rounds`` rounds;
 the code under test is frozen first (``bench.frontends.snapshot_code``).
 
-Configurations (all serve ``claims_triage`` from ``examples/claims``):
+Configurations (all serve the claims pipeline from ``examples/claims``, on ``claims_triage`` or,
+with ``--model claims_triage_large``, on its MLP sibling):
 
 * ``infer``           ModelInfer with the encoded feature row (the baseline)
 * ``decide``          Decide with the claims pipeline, audit ``fsync`` (the default)
@@ -49,12 +50,29 @@ CONFIGS = {
 RATIOS = (("decide", "infer"), ("decide", "decide-noaudit"), ("decide-stream", "infer"))
 
 
-def build_models(out: Path) -> Path:
+def build_models(out: Path, model: str) -> Path:
     sys.path.insert(0, str(REPO_ROOT))
     from examples.claims import build_models as builder
 
-    folder = out / "decide-models"
-    builder.build(folder, models=builder.MODELS[:1], log=lambda line: None)
+    folder = out / f"decide-models-{model}"
+    builder.build(folder, models=[m for m in builder.MODELS if m.name == model], log=lambda line: None)
+    return folder
+
+
+def pipelines_for(model: str, out: Path) -> Path:
+    """The claims pipelines, pointed at ``model`` (the same features and classes; another network)."""
+    source = REPO_ROOT / "examples" / "claims" / "pipelines"
+    if model == "claims_triage":
+        return source
+    folder = out / f"decide-pipelines-{model}"
+    folder.mkdir(parents=True, exist_ok=True)
+    for path in source.glob("*.toml"):
+        text = path.read_text()
+        if path.name == "claims_triage.toml":
+            text = text.replace('name = "claims_triage"\nversion = ""', f'name = "{model}"\nversion = ""', 1)
+            if f'name = "{model}"' not in text:
+                raise SystemExit(f"could not point {path} at {model}")
+        (folder / path.name).write_text(text)
     return folder
 
 
@@ -62,13 +80,13 @@ def run_one(name: str, models: Path, args, code_root: Path, out: Path, stamp: st
     mode, extra = CONFIGS[name]
     data_dir = Path(tempfile.mkdtemp(prefix="aios-bench-data-", dir=args.data_parent))
     argv = [procs.python(), "-m", "kernel", "serve", "--models", str(models), "--pipelines",
-            str(REPO_ROOT / "examples" / "claims" / "pipelines"), "--data-dir", str(data_dir), "--port", "0",
+            str(pipelines_for(args.model, args.out)), "--data-dir", str(data_dir), "--port", "0",
             "--log-level", "WARNING", *extra]
     wait_idle(args.wait_idle)
     server = procs.start_server(name, argv, READY, out / "logs" / f"decide-{stamp}-{round_no}-{name}.log",
                                 cpu="0", env=server_env(code_root), cwd=code_root)
     try:
-        load = [procs.python(), "-m", "bench.decide_load", "--address", server.url, "--mode", mode,
+        load = [procs.python(), "-m", "bench.decide_load", "--address", server.url, "--mode", mode, "--model", args.model,
                 "--concurrency", str(args.concurrency), "--seconds", str(args.seconds), "--warmup", str(args.warmup)]
         cpu0, t0 = server.cpu_seconds(), time.perf_counter()
         proc = subprocess.run(procs.taskset_prefix("1") + load, capture_output=True, text=True, cwd=REPO_ROOT,
@@ -134,13 +152,15 @@ def main(argv=None) -> int:
     parser.add_argument("--wait-idle", dest="wait_idle", type=float, default=10.0)
     parser.add_argument("--data-parent", dest="data_parent", default=None, help="where fresh data dirs go (disk for fsync)")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "out")
+    parser.add_argument("--model", default="claims_triage", choices=("claims_triage", "claims_triage_large"),
+                        help="the claims model behind the pipeline (claims_triage_large: its 3x384 MLP sibling)")
     args = parser.parse_args(argv)
     configs = args.configs.split(",") if args.configs else ["infer", "decide", "decide-noaudit"] + (
         ["decide-stream"] if args.stream else [])
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
     args.out.mkdir(parents=True, exist_ok=True)
     code_root = snapshot_code(args.out, stamp)
-    models = build_models(args.out)
+    models = build_models(args.out, args.model)
     command = "python -m bench.decide_bench " + " ".join(argv if argv is not None else sys.argv[1:])
     runs = []
     total = args.rounds * len(configs)

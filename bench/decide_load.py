@@ -29,7 +29,7 @@ if str(ROOT) not in sys.path:
 MODES = ("decide", "infer", "decide-stream")
 
 
-def _requests(mode: str, n: int = 1000) -> list:
+def _requests(mode: str, n: int = 1000, model: str = "claims_triage") -> list:
     from examples.claims import data, features
     from kernel._proto.inference import grpc_service_pb2 as pb
     from kernel.decision_client import make_request
@@ -40,20 +40,21 @@ def _requests(mode: str, n: int = 1000) -> list:
     rows = features.encode(cases)
     out = []
     for i in range(n):
-        request = pb.ModelInferRequest(model_name="claims_triage")
+        request = pb.ModelInferRequest(model_name=model)
         request.inputs.add(name="features", datatype="FP32", shape=[1, rows.shape[1]])
         request.raw_input_contents.append(rows[i:i + 1].tobytes())
         out.append(request)
     return out
 
 
-async def _run(address: str, mode: str, concurrency: int, seconds: float, warmup: float) -> dict:
+async def _run(address: str, mode: str, concurrency: int, seconds: float, warmup: float,
+               model: str = "claims_triage") -> dict:
     import grpc
 
     from kernel._proto.aios.kernel.v1 import kernel_pb2_grpc as kgrpc
     from kernel._proto.inference import grpc_service_pb2_grpc as pb_grpc
 
-    requests = _requests(mode)
+    requests = _requests(mode, model=model)
     latencies: list[float] = []
     errors: dict[str, int] = {}
     state = {"measuring": False, "stop": False}
@@ -120,6 +121,7 @@ def main(argv=None) -> int:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--warmup", type=float, default=1.0)
+    parser.add_argument("--model", default="claims_triage", help="the model ModelInfer calls (Decide: the pipeline's)")
     args = parser.parse_args(argv)
     try:
         import uvloop
@@ -127,7 +129,8 @@ def main(argv=None) -> int:
         runner = uvloop.run
     except ImportError:
         runner = asyncio.run
-    print(json.dumps(runner(_run(args.address, args.mode, args.concurrency, args.seconds, args.warmup))), flush=True)
+    print(json.dumps(runner(_run(args.address, args.mode, args.concurrency, args.seconds, args.warmup, args.model))),
+          flush=True)
     return 0
 
 
