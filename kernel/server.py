@@ -23,6 +23,7 @@ from . import accel
 from ._proto import POOL
 from ._proto.inference import grpc_service_pb2
 from .api import InferenceService, aio_servicer, kernel_services, sync_servicer
+from .api.frontends import no_wakeup_preemption
 from .config import Settings
 from .models import ModelHub
 from .scheduling import Lanes, device_of, make_scheduler, run_batch
@@ -125,7 +126,8 @@ class KernelServer:
             self._start_aio()
         else:
             server = grpc.server(
-                futures.ThreadPoolExecutor(max_workers=self.settings.workers, thread_name_prefix="aios-grpc"),
+                futures.ThreadPoolExecutor(max_workers=self.settings.workers, thread_name_prefix="aios-grpc",
+                                           initializer=no_wakeup_preemption),
                 options=self._options(),
                 maximum_concurrent_rpcs=self.settings.workers,
             )

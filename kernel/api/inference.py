@@ -16,9 +16,10 @@ from .._proto.inference import grpc_service_pb2 as pb
 from ..errors import Internal, InvalidArgument, NotFound, Unavailable
 from ..models import ModelConfigError, ModelHub, ModelVersion
 from ..scheduling import Lanes, WorkItem
+from ..scheduling.execute import request_id_of
 from ..scheduling.types import NO_DEADLINE
 from . import converters, tensors
-from .registration import ensure_parsed
+from .registration import Unparsable, ensure_parsed
 
 log = logging.getLogger("aios.api")
 
@@ -131,32 +132,38 @@ class InferenceService:
     # -- inference ------------------------------------------------------------------
     def prepare(self, request, time_remaining: float | None) -> WorkItem:
         """Validate ``request`` and turn it into a work item for the lane."""
-        ensure_parsed(request)
-        mv = self.resolve(request.model_name, request.model_version)
-        inputs, rows, shape_key = tensors.decode_inputs(mv.config, request)
-        priority, timeout_us, tenant = mv.config.priority, 0, ""
+        if type(request) is Unparsable:
+            ensure_parsed(request)
+        # hub.get is the cheap lookup; resolve() only words the error when it misses.
+        mv = self.hub.get(request.model_name, request.model_version) or self.resolve(
+            request.model_name, request.model_version)
+        config = mv.config
+        inputs, rows, shape_key = tensors.decode_inputs(config, request)
+        priority, timeout_us, tenant = config.priority, 0, ""
         if request.parameters:
             priority, timeout_us, tenant = _schedule_params(request.parameters, priority)
-        item = WorkItem(
-            mv, rows, shape_key, inputs,
-            request_id=request.id or new_request_id(),
-            priority=priority,
-            deadline_ns=deadline_from(time_remaining, timeout_us),
-            tenant=tenant,
-        )
+        if timeout_us == 0 and (time_remaining is None or time_remaining >= MAX_DEADLINE_S):
+            deadline_ns = NO_DEADLINE  # the common case, without reading the clock
+        else:
+            deadline_ns = deadline_from(time_remaining, timeout_us)
+        # An empty request id stays empty: one is made only if an error needs it
+        # (kernel.scheduling.execute.request_id_of), not for every call.
+        item = WorkItem(mv, rows, shape_key, inputs, request_id=request.id, priority=priority,
+                        deadline_ns=deadline_ns, tenant=tenant)
         if request.outputs:
-            item.selected = tensors.requested_outputs(mv.config, request)
+            item.selected = tensors.requested_outputs(config, request)
         return item
 
     def respond(self, request, item: WorkItem) -> pb.ModelInferResponse:
         """The response for a finished item, or its error raised."""
         if item.error is not None:
             raise item.error
-        if item.outputs is None:  # a lane bug, not the caller's: say so instead of failing to encode
-            raise Internal(f"request {item.request_id} finished without a result")
+        outputs = item.outputs
+        if outputs is None:  # a lane bug, not the caller's: say so instead of failing to encode
+            raise Internal(f"request {request_id_of(item)} finished without a result")
         mv = item.model
         response = pb.ModelInferResponse(model_name=mv.name, model_version=mv.version, id=request.id)
-        tensors.encode_outputs(mv.config, item.outputs, item.selected, response)
+        tensors.encode_outputs(mv.config, outputs, item.selected, response)
         return response
 
     def _lane(self, item: WorkItem):

@@ -106,6 +106,12 @@ class ModelConfig:
     # Looked up on every request: computed once here.
     inputs_by_name: dict = field(init=False, repr=False, compare=False)
     full_shapes: dict = field(init=False, repr=False, compare=False)
+    # The fast path of request decoding (kernel/api/tensors.py): name -> (datatype
+    # name, numpy dtype, per-row dims as a list, bytes per row) for every input, or None
+    # when some input has a dynamic per-row dim or is BYTES (those take the
+    # general path); and the batching shape key all such requests share.
+    raw_inputs: dict | None = field(init=False, repr=False, compare=False)
+    fixed_shape_key: tuple = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "inputs_by_name", {spec.name: spec for spec in self.inputs})
@@ -113,6 +119,22 @@ class ModelConfig:
             spec.name: (([-1] if self.max_batch_size > 0 else []) + list(spec.dims))
             for spec in (*self.inputs, *self.outputs)
         })
+        fixed = bool(self.inputs) and all(
+            spec.datatype.name != "BYTES" and -1 not in spec.dims and min(spec.dims, default=1) >= 0
+            for spec in self.inputs
+        )
+        raw_inputs = None
+        if fixed:
+            raw_inputs = {}
+            for spec in self.inputs:
+                row_items = 1
+                for dim in spec.dims:
+                    row_items *= dim
+                raw_inputs[spec.name] = (spec.datatype.name, spec.datatype.numpy, list(spec.dims),
+                                         row_items * spec.datatype.itemsize)
+        object.__setattr__(self, "raw_inputs", raw_inputs)
+        object.__setattr__(self, "fixed_shape_key",
+                           tuple(spec.dims for spec in self.inputs) if fixed and self.max_batch_size > 0 else ())
 
     @property
     def batching(self) -> bool:

@@ -33,10 +33,11 @@ class ModelVersion:
     version: str
     runtime: OnnxModel
     stats: ModelStats = field(default_factory=ModelStats)
+    # The runtime's config, as a plain attribute: read several times per request.
+    config: model_config.ModelConfig = field(init=False, repr=False)
 
-    @property
-    def config(self) -> model_config.ModelConfig:
-        return self.runtime.config
+    def __post_init__(self) -> None:
+        self.config = self.runtime.config
 
 
 @dataclass(slots=True)
@@ -59,6 +60,9 @@ class ModelHub:
         self.root = Path(root)
         self._lock = threading.RLock()
         self._models: dict[str, dict[str, ModelVersion]] = {}
+        # name -> its newest loaded version: every request without a version looks
+        # it up, so it is chosen once per load/unload, not per call.
+        self._latest: dict[str, ModelVersion] = {}
         self._failures: dict[str, str] = {}  # name -> why its last load failed
         self._listeners: list[Callable[[list[ModelVersion], list[ModelVersion]], None]] = []
 
@@ -81,12 +85,10 @@ class ModelHub:
     # -- lookup -----------------------------------------------------------
     def get(self, name: str, version: str = "") -> ModelVersion | None:
         """A loaded version; ``version=""`` means the latest loaded one."""
-        versions = self._models.get(name)
-        if not versions:
-            return None
         if not version:
-            return versions[max(versions, key=_version_sort_key)]
-        return versions.get(version)
+            return self._latest.get(name)
+        versions = self._models.get(name)
+        return versions.get(version) if versions else None
 
     def versions(self, name: str) -> list[str]:
         return sorted(self._models.get(name, {}), key=_version_sort_key)
@@ -131,6 +133,7 @@ class ModelHub:
         with self._lock:
             old = list(self._models.get(name, {}).values())
             self._models[name] = fresh
+            self._latest[name] = fresh[max(fresh, key=_version_sort_key)]
             self._failures.pop(name, None)
         for mv in fresh.values():
             log.info(
@@ -146,6 +149,7 @@ class ModelHub:
         """Stop routing new requests to ``name``; in-flight batches finish on their own."""
         with self._lock:
             old = list(self._models.pop(name, {}).values())
+            self._latest.pop(name, None)
         if old:
             log.info("unloaded %s (%d versions)", name, len(old))
             self._notify([], old)

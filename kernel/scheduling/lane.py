@@ -108,14 +108,14 @@ class Lane:
         """
         lock = self._lock
         with lock:
-            self._submit_locked(item, blocking=True)
+            now = self._submit_locked(item, blocking=True)
             while item.state not in _FINISHED:
-                now = time.monotonic_ns()
                 wake_at = None
                 if self._free_slots > 0 or self._free_urgent > 0:
                     batch, urgent = self._next_batch_locked(now)
                     if batch is not None:
-                        self._run_locked(batch, urgent)
+                        self._run_locked(batch, urgent, now)
+                        now = time.monotonic_ns()
                         continue
                     if item.state in _FINISHED:  # expired while looking for a batch
                         break
@@ -143,6 +143,7 @@ class Lane:
                 finally:
                     lock.acquire()
                     self._sleepers.pop(item, None)
+                now = time.monotonic_ns()
         return item
 
     def submit(self, item: WorkItem) -> None:
@@ -177,7 +178,8 @@ class Lane:
             thread.join(timeout=5)
 
     # -- internals (all *_locked run with self._lock held) ----------------------
-    def _submit_locked(self, item: WorkItem, blocking: bool) -> None:
+    def _submit_locked(self, item: WorkItem, blocking: bool) -> int:
+        """Queue ``item``; returns the clock reading it was queued at (reused as "now")."""
         if self._closed:
             raise Unavailable("the kernel is shutting down")
         now = item.enqueued_ns = time.monotonic_ns()
@@ -187,6 +189,7 @@ class Lane:
             raise _rejection(item, verdict)
         if not blocking:
             self._async_queued += 1
+        return now
 
     def _next_batch_locked(self, now: int) -> tuple[Batch | None, bool]:
         """The next batch to run and whether it takes an urgent slot."""
@@ -207,14 +210,14 @@ class Lane:
         )
         self._finish_locked(item)
 
-    def _run_locked(self, batch: Batch, urgent: bool) -> None:
-        """Run ``batch`` with the lock released; re-acquires it before returning."""
+    def _run_locked(self, batch: Batch, urgent: bool, now: int) -> None:
+        """Run ``batch`` (taken at ``now``) with the lock released; re-acquires it before returning."""
         if urgent:
             self._free_urgent -= 1
         else:
             self._free_slots -= 1
-        now = time.monotonic_ns()
-        for item in batch.items:
+        items = batch.items
+        for item in items:
             item.started_ns = now
         self._lock.release()
         try:
@@ -225,11 +228,12 @@ class Lane:
             self._free_urgent += 1
         else:
             self._free_slots += 1
-        self.scheduler.complete(batch, compute_ns)
+        scheduler = self.scheduler
+        scheduler.complete(batch, compute_ns)
         if self._on_batch is not None:
             self._on_batch(batch, compute_ns)
         now = time.monotonic_ns()
-        for item in batch.items:
+        for item in items:
             item.state = ITEM_DONE
             if item.deadline_ns != NO_DEADLINE and now > item.deadline_ns and item.error is None:
                 # Never answer after the deadline: the caller has given up on this result.
@@ -238,7 +242,7 @@ class Lane:
                     f"the model finished {(now - item.deadline_ns) / 1e6:.1f} ms after the request's deadline"
                 )
             self._finish_locked(item)
-        if self.scheduler.has_work():
+        if scheduler.has_work():
             self._hand_over_slot_locked()
 
     def _hand_over_slot_locked(self) -> None:
@@ -270,7 +274,7 @@ class Lane:
                 if (self._free_slots > 0 or self._free_urgent > 0) and self.scheduler.has_work():
                     batch, urgent = self._next_batch_locked(now)
                     if batch is not None:
-                        self._run_locked(batch, urgent)
+                        self._run_locked(batch, urgent, now)
                         continue
                 if self._closed and not self.scheduler.has_work():
                     return
