@@ -61,3 +61,36 @@ def test_decide_timeout_counts_from_arrival(claims_kernel, slow_handlers):
     (arrived, _) = slow_handlers.arrivals
     assert arrived is not None and sent <= arrived <= sent + int(HELD_S * 1e9)
     assert stats.inference_count == before + 1
+
+
+def test_modelinfer_timeout_parameter_counts_from_arrival(kernel, monkeypatch):
+    """Triton's ``timeout`` parameter (µs) on ModelInfer, the same way, on both front ends."""
+    import numpy as np
+
+    from kernel._proto.inference import grpc_service_pb2 as pb
+    from kernel._proto.inference import grpc_service_pb2_grpc as pb_grpc
+    from kernel.api.inference import InferenceService
+
+    real_prepare = InferenceService.prepare
+    arrivals: list = []
+
+    def held_prepare(self, request, time_remaining, arrived_ns=None):  # _SlowHandlerThread's twin
+        arrivals.append(arrived_ns)
+        threading.Event().wait(HELD_S)
+        return real_prepare(self, request, time_remaining, arrived_ns)
+
+    monkeypatch.setattr(InferenceService, "prepare", held_prepare)
+    request = pb.ModelInferRequest(model_name="tiny")
+    request.inputs.add(name="INPUT0", datatype="FP32", shape=[1, 16])
+    request.raw_input_contents.append(np.ones((1, 16), np.float32).tobytes())
+    request.parameters["timeout"].int64_param = TIMEOUT_MS * 1000
+    before = kernel.hub.get("tiny", "").stats.inference_count
+    with grpc.insecure_channel(f"127.0.0.1:{kernel.port}") as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as failure:
+            stub.ModelInfer(request, timeout=10)
+        assert failure.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, failure.value.details()
+        assert kernel.hub.get("tiny", "").stats.inference_count == before
+        del request.parameters["timeout"]
+        assert stub.ModelInfer(request, timeout=10).raw_output_contents
+    assert arrivals[0] is not None

@@ -226,3 +226,18 @@ def test_sync_front_end_refuses_calls_beyond_its_workers_at_once(repo):
                 assert call.result().raw_output_contents
     finally:
         server.stop(grace=2)
+
+
+def test_a_deadline_the_queue_cannot_meet_is_refused_at_once_with_a_retry_hint(kernel, stub, channel):
+    """Eight long `slow` batches queued ahead: a `slow` request that must finish within 50 ms is refused
+    on arrival (RESOURCE_EXHAUSTED with retry-after-ms), not queued to expire."""
+    train = occupy_lane(stub, channel)
+    refused_before = summaries(channel)["slow"].scheduler.rejected_deadline
+    hurried = request_for("slow", np.ones((SLOW_ROWS, 64)), timeout=50_000, priority=1)
+    with pytest.raises(grpc.RpcError) as info:
+        stub.ModelInfer(hurried, timeout=60)
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, info.value.details()
+    assert "cannot finish this request before its deadline" in info.value.details()
+    assert int(dict(info.value.trailing_metadata())["retry-after-ms"]) > 50
+    assert summaries(channel)["slow"].scheduler.rejected_deadline == refused_before + 1
+    train.result()

@@ -176,7 +176,7 @@ def sync_servicer(service: InferenceService) -> grpc.GenericRpcHandler:
 
     infer_blocking = service.infer_blocking
 
-    def ModelInfer(request, context):
+    def ModelInfer(request, context, arrived_ns=None):
         def on_wait(item) -> None:
             # Client cancellation reaches the queue, hooked up only for requests
             # that wait (a request run inline at once has nothing to cancel).
@@ -185,7 +185,7 @@ def sync_servicer(service: InferenceService) -> grpc.GenericRpcHandler:
 
         # _sync_call written out: this is the one per-request handler worth the lines.
         try:
-            return infer_blocking(request, context.time_remaining(), on_wait)
+            return infer_blocking(request, context.time_remaining(), on_wait, arrived_ns)
         except KernelError as exc:
             if exc.trailers:
                 context.set_trailing_metadata(exc.trailers)
@@ -196,6 +196,7 @@ def sync_servicer(service: InferenceService) -> grpc.GenericRpcHandler:
     def ModelStreamInfer(request_iterator, context):
         yield from _SyncStream(service, request_iterator, context)
 
+    ModelInfer.wants_arrival = True  # Triton's ``timeout`` counts from the call's arrival (registration.py)
     methods["ModelInfer"] = ModelInfer
     methods["ModelStreamInfer"] = ModelStreamInfer
     return generic_handler(SERVICE, pb, methods)
@@ -225,9 +226,9 @@ def aio_servicer(service: InferenceService) -> grpc.GenericRpcHandler:
     """Handlers for ``grpc.aio.server``: the loop never blocks; lane threads run batches."""
     methods = {rpc: _aio_unary(rpc, getattr(service, name)) for rpc, name in UNARY.items()}
 
-    async def ModelInfer(request, context):
+    async def ModelInfer(request, context, arrived_ns=None):
         try:
-            item = service.prepare(request, context.time_remaining())
+            item = service.prepare(request, context.time_remaining(), arrived_ns)
             loop = asyncio.get_running_loop()
             done = loop.create_future()
             item.on_done = lambda it: loop.call_soon_threadsafe(_resolve, done, it)
@@ -282,6 +283,7 @@ def aio_servicer(service: InferenceService) -> grpc.GenericRpcHandler:
         finally:
             reader.cancel()
 
+    ModelInfer.wants_arrival = True  # Triton's ``timeout`` counts from the call's arrival (registration.py)
     methods["ModelInfer"] = ModelInfer
     methods["ModelStreamInfer"] = ModelStreamInfer
     return generic_handler(SERVICE, pb, methods)

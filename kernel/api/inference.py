@@ -13,7 +13,7 @@ import time
 
 from .. import __version__
 from .._proto.inference import grpc_service_pb2 as pb
-from ..errors import Internal, InvalidArgument, NotFound, Unavailable
+from ..errors import DeadlineExceeded, Internal, InvalidArgument, NotFound, Unavailable
 from ..models import ModelConfigError, ModelHub, ModelVersion
 from ..scheduling import Lanes, WorkItem
 from ..scheduling.execute import request_id_of
@@ -37,15 +37,25 @@ def new_request_id() -> str:
 MAX_DEADLINE_S = 86_400.0
 
 
-def deadline_from(time_remaining: float | None, timeout_us: int = 0) -> int:
-    """Absolute monotonic deadline (ns) from a gRPC time-remaining and a request timeout."""
+def deadline_from(time_remaining: float | None, timeout_us: int = 0, arrived_ns: int | None = None) -> int:
+    """Absolute monotonic deadline (ns) from a gRPC time-remaining and a request timeout.
+
+    The gRPC deadline is the client's, so it counts from now; the ``timeout``
+    parameter counts from ``arrived_ns`` (when the call reached the kernel,
+    before it waited for a handler thread), or from now if that is unknown.
+    A deadline already passed is DEADLINE_EXCEEDED here, before any work.
+    """
     now = time.monotonic_ns()
     deadline = NO_DEADLINE
     if time_remaining is not None and time_remaining < MAX_DEADLINE_S:
         deadline = now + int(time_remaining * 1e9)
     if 0 < timeout_us < MAX_DEADLINE_S * 1e6:
-        by_param = now + timeout_us * 1000
+        by_param = (arrived_ns or now) + timeout_us * 1000
         deadline = by_param if deadline == NO_DEADLINE else min(deadline, by_param)
+    if deadline != NO_DEADLINE and deadline <= now:
+        late_ms = (now - deadline) / 1e6
+        since = f", {(now - arrived_ns) / 1e6:.1f} ms after it arrived" if arrived_ns else ""
+        raise DeadlineExceeded(f"the request's deadline passed {late_ms:.1f} ms before the kernel could start it{since}")
     return deadline
 
 
@@ -130,8 +140,8 @@ class InferenceService:
         return pb.RepositoryModelUnloadResponse()
 
     # -- inference ------------------------------------------------------------------
-    def prepare(self, request, time_remaining: float | None) -> WorkItem:
-        """Validate ``request`` and turn it into a work item for the lane."""
+    def prepare(self, request, time_remaining: float | None, arrived_ns: int | None = None) -> WorkItem:
+        """Validate ``request`` and turn it into a work item for the lane (``arrived_ns``: see deadline_from)."""
         if type(request) is Unparsable:
             ensure_parsed(request)
         # hub.get is the cheap lookup; resolve() only words the error when it misses.
@@ -145,7 +155,7 @@ class InferenceService:
         if timeout_us == 0 and (time_remaining is None or time_remaining >= MAX_DEADLINE_S):
             deadline_ns = NO_DEADLINE  # the common case, without reading the clock
         else:
-            deadline_ns = deadline_from(time_remaining, timeout_us)
+            deadline_ns = deadline_from(time_remaining, timeout_us, arrived_ns)
         # An empty request id stays empty: one is made only if an error needs it
         # (kernel.scheduling.execute.request_id_of), not for every call.
         item = WorkItem(mv, rows, shape_key, inputs, request_id=request.id, priority=priority,
@@ -192,8 +202,9 @@ class InferenceService:
         """Queue ``item`` and return once it is finished (this thread may run batches itself)."""
         self._lane(item).run_blocking(item, on_wait)
 
-    def infer_blocking(self, request, time_remaining: float | None, on_wait=None) -> pb.ModelInferResponse:
-        item = self.prepare(request, time_remaining)
+    def infer_blocking(self, request, time_remaining: float | None, on_wait=None,
+                       arrived_ns: int | None = None) -> pb.ModelInferResponse:
+        item = self.prepare(request, time_remaining, arrived_ns)
         self._lane(item).run_blocking(item, on_wait)
         return self.respond(request, item)
 
