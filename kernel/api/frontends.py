@@ -247,7 +247,7 @@ def aio_servicer(service: InferenceService) -> grpc.GenericRpcHandler:
             finally:
                 if timer is not None:
                     timer.cancel()
-            return service.respond(request, item)
+            return service.answer(request, item)
         except Exception as exc:
             await _aio_abort("ModelInfer", exc, context)
 

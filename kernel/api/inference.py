@@ -206,11 +206,15 @@ class InferenceService:
                        arrived_ns: int | None = None) -> pb.ModelInferResponse:
         item = self.prepare(request, time_remaining, arrived_ns)
         self._lane(item).run_blocking(item, on_wait)
+        return self.answer(request, item)
+
+    def answer(self, request, item: WorkItem) -> pb.ModelInferResponse:
+        """``respond``, unless the deadline passed meanwhile: the lane checked it when the batch
+        finished, but under load the caller may wait a while for the GIL after that. Never hand
+        gRPC an answer that is already late."""
         response = self.respond(request, item)
         deadline = item.deadline_ns
         if deadline != NO_DEADLINE:
-            # The lane checked the deadline when the batch finished; under load this thread may
-            # wait a while for the GIL after that. Never hand gRPC an answer that is already late.
             now = time.monotonic_ns()
             if now > deadline:
                 raise DeadlineExceeded(f"the answer was ready {(now - deadline) / 1e6:.1f} ms after the request's deadline")
