@@ -21,6 +21,7 @@ from bench.openloop.streams import ClosedLoad, OpenLoad, Stream
 
 INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
 LIST_MODELS_METHOD = "/aios.kernel.v1.AdminService/ListModels"
+MODEL_STATISTICS_METHOD = "/inference.GRPCInferenceService/ModelStatistics"
 MAX_REQUESTS_PER_RUN = 250_000
 
 
@@ -85,6 +86,20 @@ async def _list_models(channel) -> dict:
         out[m.name] = {k: getattr(s, k) for k in ("submitted", "rejected_queue_full", "rejected_tenant_full",
                                                    "rejected_deadline", "expired", "cancelled", "batches", "rows",
                                                    "fit_ns_per_row", "fit_ns_fixed")}
+    # Time inside the kernel (queue + batch, from the scheduler's submit to the result) per model, from
+    # Triton's ModelStatistics: what the scheduler controls, apart from gRPC and the Python front end.
+    from kernel._proto.inference import grpc_service_pb2 as pb
+
+    stats_call = channel.unary_unary(MODEL_STATISTICS_METHOD, request_serializer=pb.ModelStatisticsRequest.SerializeToString,
+                                     response_deserializer=pb.ModelStatisticsResponse.FromString)
+    try:
+        stats = await stats_call(pb.ModelStatisticsRequest(), timeout=5)
+    except grpc.aio.AioRpcError:
+        return out
+    for m in stats.model_stats:
+        if m.name in out:
+            success = m.inference_stats.success
+            out[m.name].update(kernel_ok=success.count, kernel_ok_ns=success.ns, kernel_queue_ns=m.inference_stats.queue.ns)
     return out
 
 
@@ -94,6 +109,8 @@ def _counter_delta(before: dict, after: dict) -> dict:
         b = before.get(model, {})
         d = {k: (v - b.get(k, 0) if not k.startswith("fit_") else v) for k, v in a.items()}
         d["rows_per_batch"] = round(d["rows"] / d["batches"], 2) if d.get("batches") else None
+        d["kernel_ms_per_request"] = (round(d["kernel_ok_ns"] / d["kernel_ok"] / 1e6, 3)
+                                      if d.get("kernel_ok") else None)
         out[model] = d
     return out
 

@@ -193,6 +193,14 @@ def summarise(ctx: Ctx, info: dict) -> tuple[dict, str]:
                     res.setdefault(arm, {})["from_send"] = entry
         summary["priority"] = {"ratios": res, "target": 1.2}
         md.append("")
+        # Inside the kernel (scheduler queue + batch): what the scheduler's priorities control.
+        inside = {arm: [r["counters"].get("tiny_mlp", {}).get("kernel_ms_per_request") for r in runs
+                        if r["scenario"] == "priority" and r["arm"] == arm] for arm in arms}
+        if any(v for values in inside.values() for v in values if v is not None):
+            summary["priority"]["tiny_ms_inside_kernel"] = inside
+            md.append("- tiny's mean time inside the kernel (scheduler queue + batch, ModelStatistics), per round: "
+                      + "; ".join(f"{arm} " + ", ".join(f"{v:.3f}" for v in values if v is not None) + " ms"
+                                  for arm, values in inside.items()))
         for arm, r in res.items():
             if "per_round" not in r:
                 continue
