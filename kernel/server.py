@@ -23,6 +23,7 @@ from . import accel
 from ._proto import POOL
 from ._proto.inference import grpc_service_pb2
 from .api import InferenceService, aio_servicer, kernel_services, sync_servicer
+from .api.call_budget import CallBudget
 from .api.frontends import no_wakeup_preemption
 from .config import Settings
 from .models import ModelHub
@@ -107,7 +108,8 @@ class KernelServer:
         ]
 
     def _add_services(self, server, asynchronous: bool) -> None:
-        inference = aio_servicer(self.service) if asynchronous else sync_servicer(self.service)
+        inference = (aio_servicer(self.service) if asynchronous
+                     else sync_servicer(self.service, CallBudget(self.settings.workers)))
         ours = kernel_services.generic_handlers(self.hub, self.lanes, asynchronous, self.decisions.handlers())
         server.add_generic_rpc_handlers([inference, *ours])
         self._health = health.aio.HealthServicer() if asynchronous else health.HealthServicer(experimental_non_blocking=True)

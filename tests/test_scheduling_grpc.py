@@ -216,7 +216,9 @@ def test_sync_front_end_refuses_calls_beyond_its_workers_at_once(repo):
         with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             stub = pb_grpc.GRPCInferenceServiceStub(channel)
             slow = server.hub.get("slow")
-            calls = [stub.ModelInfer.future(request_for("slow", np.ones((SLOW_ROWS, 64))), timeout=120) for _ in range(3)]
+            # Priority 1, so they may take every thread (lower priorities leave the last one: call_budget.py).
+            calls = [stub.ModelInfer.future(request_for("slow", np.ones((SLOW_ROWS, 64)), priority=1), timeout=120)
+                     for _ in range(3)]
             wait_until(lambda: sum(server.lanes.load(slow)) == 3 or any(call.done() for call in calls))
             assert not any(call.done() for call in calls), "the slow batches finished before the test could fill the workers"
             with pytest.raises(grpc.RpcError) as info:

@@ -19,6 +19,7 @@ import grpc
 from .._proto.inference import grpc_service_pb2 as pb
 from ..errors import KernelError
 from .inference import InferenceService, new_request_id
+from .call_budget import CallBudget
 from .registration import ensure_parsed, generic_handler
 
 log = logging.getLogger("aios.api")
@@ -170,13 +171,26 @@ class _SyncStream:
             yield stream_response(self.service, request, result)
 
 
-def sync_servicer(service: InferenceService) -> grpc.GenericRpcHandler:
-    """Handlers for ``grpc.server`` (thread pool): they block on the lane."""
+def sync_servicer(service: InferenceService, budget: CallBudget | None = None) -> grpc.GenericRpcHandler:
+    """Handlers for ``grpc.server`` (thread pool): they block on the lane.
+
+    ``budget`` (the server's ``workers``): lower-priority ModelInfer calls are
+    refused before they take the threads kept for priority 1 (call_budget.py).
+    """
     methods = {rpc: _sync_unary(rpc, getattr(service, name)) for rpc, name in UNARY.items()}
 
     infer_blocking = service.infer_blocking
 
     def ModelInfer(request, context, arrived_ns=None):
+        if budget is None:
+            return _infer(request, context, arrived_ns, None)
+        in_flight = budget.enter()
+        try:
+            return _infer(request, context, arrived_ns, lambda item: budget.admit(item.priority, in_flight))
+        finally:
+            budget.leave()
+
+    def _infer(request, context, arrived_ns, admit):
         def on_wait(item) -> None:
             # Client cancellation reaches the queue, hooked up only for requests
             # that wait (a request run inline at once has nothing to cancel).
@@ -185,7 +199,7 @@ def sync_servicer(service: InferenceService) -> grpc.GenericRpcHandler:
 
         # _sync_call written out: this is the one per-request handler worth the lines.
         try:
-            return infer_blocking(request, context.time_remaining(), on_wait, arrived_ns)
+            return infer_blocking(request, context.time_remaining(), on_wait, arrived_ns, admit)
         except KernelError as exc:
             if exc.trailers:
                 context.set_trailing_metadata(exc.trailers)

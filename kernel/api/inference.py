@@ -203,8 +203,11 @@ class InferenceService:
         self._lane(item).run_blocking(item, on_wait)
 
     def infer_blocking(self, request, time_remaining: float | None, on_wait=None,
-                       arrived_ns: int | None = None) -> pb.ModelInferResponse:
+                       arrived_ns: int | None = None, admit=None) -> pb.ModelInferResponse:
+        """``admit(item)``, if given, may refuse the prepared item before it is queued."""
         item = self.prepare(request, time_remaining, arrived_ns)
+        if admit is not None:
+            admit(item)
         self._lane(item).run_blocking(item, on_wait)
         return self.answer(request, item)
 

@@ -1,0 +1,56 @@
+"""Calls in progress on the threaded front end, with room kept for the most urgent priority.
+
+The sync front end runs each call on one of ``workers`` handler threads,
+and gRPC refuses every call beyond that many at once ("Concurrent RPC limit
+exceeded!") before any of our code can read the call's priority. Under a
+flood of low-priority work that means priority-1 calls are refused as often
+as the flood's. ``CallBudget`` refuses lower-priority calls a little
+earlier, once ``workers - reserve`` are in progress, with RESOURCE_EXHAUSTED
+and a ``retry-after-ms`` hint, so the last ``reserve`` threads are there for
+priority-1 calls.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from ..errors import ResourceExhausted
+
+URGENT = 1  # the priority level the reserve is kept for
+RETRY_AFTER_MS = 20  # a hint: a handler thread frees up about as often as a batch finishes
+
+
+def default_reserve(workers: int) -> int:
+    return max(1, min(64, workers // 16))
+
+
+class CallBudget:
+    __slots__ = ("limit", "reserve", "_soft", "_in_flight", "_lock", "refused")
+
+    def __init__(self, limit: int, reserve: int | None = None):
+        self.limit = limit
+        self.reserve = default_reserve(limit) if reserve is None else reserve
+        self._soft = limit - self.reserve
+        self._in_flight = 0
+        self._lock = threading.Lock()
+        self.refused = 0  # lower-priority calls turned away to keep the reserve
+
+    def enter(self) -> int:
+        """Count a call in; returns how many are in progress, this one included."""
+        with self._lock:
+            self._in_flight += 1
+            return self._in_flight
+
+    def leave(self) -> None:
+        with self._lock:
+            self._in_flight -= 1
+
+    def admit(self, priority: int, in_flight: int) -> None:
+        """Refuse a call of ``priority`` that arrived with ``in_flight`` calls in progress if it would eat the reserve."""
+        if in_flight > self._soft and priority > URGENT:
+            self.refused += 1
+            raise ResourceExhausted(
+                f"{in_flight - 1} calls are in progress (limit {self.limit}, the last {self.reserve} kept for "
+                f"priority {URGENT}); retry after {RETRY_AFTER_MS} ms",
+                trailers=(("retry-after-ms", str(RETRY_AFTER_MS)),),
+            )

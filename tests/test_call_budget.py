@@ -1,0 +1,58 @@
+"""The threaded front end keeps its last handler threads for priority-1 calls (kernel/api/call_budget.py).
+
+A kernel with 8 handler threads (gRPC refuses a 9th call in progress outright)
+keeps 1 for priority 1: with 7 lower-priority calls in progress, the next
+lower-priority call is refused with RESOURCE_EXHAUSTED and a retry hint, and a
+priority-1 call still gets in.
+"""
+
+from __future__ import annotations
+
+import grpc
+import numpy as np
+import pytest
+
+from conftest import start_kernel
+from kernel.api.call_budget import CallBudget
+from kernel.errors import ResourceExhausted
+from kernel.testing import onnx_models
+from test_scheduling_grpc import SLOW_ROWS, request_for, summaries, wait_until
+
+from kernel._proto.inference import grpc_service_pb2_grpc as pb_grpc
+
+
+def test_budget_keeps_the_reserve_for_priority_one():
+    budget = CallBudget(8, reserve=2)
+    for in_flight in range(1, 7):
+        budget.admit(2, in_flight)
+    with pytest.raises(ResourceExhausted) as refused:
+        budget.admit(3, 7)
+    assert dict(refused.value.trailers)["retry-after-ms"] == "20" and budget.refused == 1
+    budget.admit(1, 8)  # the most urgent level may use every thread
+
+
+@pytest.fixture(scope="module")
+def small_kernel(tmp_path_factory):
+    root = tmp_path_factory.mktemp("budget")
+    onnx_models.save_mlp_version(root, "slow", [64, 2048, 2048, 2048, 8], seed=1, max_batch_size=SLOW_ROWS)
+    onnx_models.save_mlp_version(root, "tiny", [16, 64, 4], seed=2, max_batch_size=8)
+    server = start_kernel(root, "sync", lane_slots=1, workers=8)
+    yield server
+    server.stop(grace=5)
+
+
+def test_lower_priority_calls_are_refused_before_they_take_the_last_thread(small_kernel):
+    with grpc.insecure_channel(f"127.0.0.1:{small_kernel.port}") as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        held = [stub.ModelInfer.future(request_for("slow", np.ones((SLOW_ROWS, 64)), priority=2), timeout=120)
+                for _ in range(7)]
+        wait_until(lambda: summaries(channel)["slow"].queued_requests + summaries(channel)["slow"].running_batches == 7)
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.ModelInfer(request_for("tiny", np.ones((1, 16)), priority=2), timeout=30)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, refused.value.details()
+        assert "kept for priority 1" in refused.value.details()
+        assert "retry-after-ms" in dict(refused.value.trailing_metadata())
+        urgent = stub.ModelInfer(request_for("tiny", np.ones((1, 16)), priority=1), timeout=30)
+        assert urgent.raw_output_contents
+        for call in held:
+            assert call.result().raw_output_contents
