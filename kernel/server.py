@@ -25,6 +25,7 @@ from ._proto.inference import grpc_service_pb2
 from .api import InferenceService, aio_servicer, kernel_services, sync_servicer
 from .api.call_budget import CallBudget
 from .api.frontends import no_wakeup_preemption
+from .api.handler_pool import HandlerPool, poller_policy
 from .config import Settings
 from .models import ModelHub
 from .scheduling import Lanes, device_of, make_scheduler, run_batch
@@ -45,13 +46,14 @@ def _register_standard_descriptors() -> None:
             POOL.AddSerializedFile(module.DESCRIPTOR.serialized_pb)
 
 
-def _on_batch(batch, compute_ns: int) -> None:
-    batch.model.stats.record_batch(batch.rows, batch.timings)
-    for item in batch.items:
-        item.timings = batch.timings
+def _on_batch(batch, now_ns: int) -> None:
+    # One call and one statistics-lock round per batch, not one per request:
+    # at concurrency 64 a batch holds ~30 requests (bench/RESULTS.md).
+    batch.model.stats.record_batch(batch, now_ns)
 
 
 def _on_item(item) -> None:
+    """An item that left the lane without running (cancelled, expired, unloaded)."""
     now = time.monotonic_ns()
     queued = (item.started_ns or now) - item.enqueued_ns
     item.model.stats.record_request(item.error is None, item.rows, queued, now - item.enqueued_ns, item.timings)
@@ -75,6 +77,7 @@ class KernelServer:
         self._loop_thread: threading.Thread | None = None
         self._health = None
         self._stopped: asyncio.Event | None = None
+        self._pool: HandlerPool | None = None  # the sync front end's handler threads
 
     # -- model changes --------------------------------------------------------
     def _models_changed(self, added, removed) -> None:
@@ -127,9 +130,10 @@ class KernelServer:
         if self.settings.front_end == "aio":
             self._start_aio()
         else:
+            self._pool = HandlerPool(self.settings.workers, thread_name_prefix="aios-grpc",
+                                     initializer=no_wakeup_preemption, on_overlap=poller_policy)
             server = grpc.server(
-                futures.ThreadPoolExecutor(max_workers=self.settings.workers, thread_name_prefix="aios-grpc",
-                                           initializer=no_wakeup_preemption),
+                self._pool,
                 options=self._options(),
                 maximum_concurrent_rpcs=self.settings.workers,
             )
@@ -214,6 +218,7 @@ class KernelServer:
             self._loop_thread.join(timeout=grace + 5)
         else:
             self._server.stop(grace).wait()
+            self._pool.shutdown(wait=False)  # its threads end once grpc handed them the last call
         self._server = None
         self.decisions.close()  # tasks stop using the lanes; the audit log flushes and checkpoints
         self.lanes.close()

@@ -87,7 +87,8 @@ def no_wakeup_preemption() -> None:
     with the tiny model, server on one core, 3 alternating rounds: 1.12x
     ModelInfer/s at concurrency 1 and 1.17x at 16 (bench/RESULTS.md, "Front
     ends again, small model"). The sync server's thread pool runs this in each handler thread
-    as it starts (``KernelServer``), so every RPC's thread has it.
+    as it starts (``KernelServer``), so every RPC's thread has it. grpc's poller
+    thread gets SCHED_BATCH only while calls overlap (``handler_pool.poller_policy``).
     """
     policy = getattr(os, "SCHED_BATCH", None)
     if policy is None:  # not Linux: nothing to do

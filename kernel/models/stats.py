@@ -47,20 +47,51 @@ class ModelStats:
     batches: dict[int, ComputeStats] = field(default_factory=dict)  # per batch, by rows
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    # Both recorders run once per batch / request on the hot path: the Duration
-    # updates are written out inline instead of calling add() six times.
-    def record_batch(self, rows: int, timings: tuple[int, int, int]) -> None:
+    # Both recorders run on the hot path: the Duration updates are written out
+    # inline instead of calling add() many times.
+    def record_batch(self, batch, now_ns: int) -> None:
+        """A finished batch and every request in it, under one lock round.
+
+        ``now_ns`` is when the batch finished (``time.monotonic_ns()``). Each
+        successful request is charged its batch's compute phases (as Triton
+        counts them), its queue time (``started_ns - enqueued_ns``) and its
+        time in the kernel (``now_ns - enqueued_ns``).
+        """
+        timings = batch.timings
         last_ms = time.time_ns() // 1_000_000
+        ok = ok_rows = ok_ns = queued_ns = failed = failed_ns = 0
+        for item in batch.items:
+            if item.error is None:
+                ok += 1
+                ok_rows += item.rows
+                ok_ns += now_ns - item.enqueued_ns
+                queued_ns += item.started_ns - item.enqueued_ns
+            else:
+                failed += 1
+                failed_ns += now_ns - item.enqueued_ns
         with self.lock:
             self.execution_count += 1
             self.last_inference_ms = last_ms
-            per_size = self.batches.get(rows)
+            per_size = self.batches.get(batch.rows)
             if per_size is None:
-                per_size = self.batches[rows] = ComputeStats()
+                per_size = self.batches[batch.rows] = ComputeStats()
             _add_phases(per_size, timings)
+            if ok:
+                self.inference_count += ok_rows
+                success = self.success
+                success.count += ok
+                success.ns += ok_ns
+                queue = self.queue
+                queue.count += ok
+                queue.ns += queued_ns
+                _add_phases(self.compute, timings, ok)
+            if failed:
+                fail = self.fail
+                fail.count += failed
+                fail.ns += failed_ns
 
     def record_request(self, ok: bool, rows: int, queue_ns: int, total_ns: int, timings: tuple[int, int, int]) -> None:
-        """A finished request; ``timings`` are its batch's compute phases (each request is charged the whole batch)."""
+        """A request that finished outside a batch (cancelled, expired, unloaded: not ``ok``), or any one request."""
         with self.lock:
             if ok:
                 self.inference_count += rows
@@ -77,14 +108,14 @@ class ModelStats:
                 fail.ns += total_ns
 
 
-def _add_phases(stats: ComputeStats, timings: tuple[int, int, int]) -> None:
-    """One more count and its time for each of the three compute phases (called with the lock held)."""
+def _add_phases(stats: ComputeStats, timings: tuple[int, int, int], times: int = 1) -> None:
+    """``times`` more counts, each of ``timings``, for the three compute phases (called with the lock held)."""
     phase = stats.compute_input
-    phase.count += 1
-    phase.ns += timings[0]
+    phase.count += times
+    phase.ns += timings[0] * times
     phase = stats.compute_infer
-    phase.count += 1
-    phase.ns += timings[1]
+    phase.count += times
+    phase.ns += timings[1] * times
     phase = stats.compute_output
-    phase.count += 1
-    phase.ns += timings[2]
+    phase.count += times
+    phase.ns += timings[2] * times

@@ -57,8 +57,13 @@ class Lane:
         self.scheduler = scheduler
         self.slots = slots
         self._execute = execute
-        self._on_batch = on_batch  # stats hook: (batch, compute_ns), called under the lock
-        self._on_item = on_item  # stats hook: each finished item, called under the lock
+        # Statistics hooks, called under the lock before the callers concerned
+        # are woken (a caller that reads statistics after its answer finds
+        # itself counted): on_batch(batch, now_ns) once per finished batch, for
+        # the batch and all its items (one call, not one per item); on_item(item)
+        # for an item that left without running (cancelled, expired, unloaded).
+        self._on_batch = on_batch
+        self._on_item = on_item
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)  # helpers wait here
         self._sleepers: dict = {}  # blocked item -> its thread's wake-up lock (insertion ordered)
@@ -107,7 +112,9 @@ class Lane:
         that runs inline at once never needs.
         """
         lock = self._lock
-        with lock:
+        lock.acquire()
+        held = True
+        try:
             now = self._submit_locked(item, blocking=True)
             while item.state not in _FINISHED:
                 wake_at = None
@@ -131,19 +138,32 @@ class Lane:
                 waiter = threading.Lock()
                 waiter.acquire()
                 self._sleepers[item] = waiter
+                held = False
                 lock.release()
+                woken = False
                 try:
                     if on_wait is not None:
                         on_wait(item)
                         on_wait = None
                     if wake_at is None:
-                        waiter.acquire()
+                        woken = waiter.acquire()
                     else:
-                        waiter.acquire(timeout=max(0.0, (wake_at - time.monotonic_ns()) / 1e9))
+                        woken = waiter.acquire(timeout=max(0.0, (wake_at - time.monotonic_ns()) / 1e9))
                 finally:
-                    lock.acquire()
-                    self._sleepers.pop(item, None)
+                    if not (woken and item.state in _FINISHED):
+                        lock.acquire()
+                        held = True
+                        self._sleepers.pop(item, None)
+                # Woken with the item finished: _wake_locked set its final state and
+                # took the waiter out of _sleepers before releasing it, so nothing is
+                # left to do under the lane lock. Under load, not taking that busy
+                # lock again spares each answered caller a wait and a thread switch.
+                if not held:
+                    return item
                 now = time.monotonic_ns()
+        finally:
+            if held:
+                lock.release()
         return item
 
     def submit(self, item: WorkItem) -> None:
@@ -230,18 +250,21 @@ class Lane:
             self._free_slots += 1
         scheduler = self.scheduler
         scheduler.complete(batch, compute_ns)
-        if self._on_batch is not None:
-            self._on_batch(batch, compute_ns)
         now = time.monotonic_ns()
+        timings = batch.timings
         for item in items:
             item.state = ITEM_DONE
+            item.timings = timings
             if item.deadline_ns != NO_DEADLINE and now > item.deadline_ns and item.error is None:
                 # Never answer after the deadline: the caller has given up on this result.
                 item.outputs = None
                 item.error = DeadlineExceeded(
                     f"the model finished {(now - item.deadline_ns) / 1e6:.1f} ms after the request's deadline"
                 )
-            self._finish_locked(item)
+        if self._on_batch is not None:
+            self._on_batch(batch, now)
+        for item in items:
+            self._wake_locked(item)
         if scheduler.has_work():
             self._hand_over_slot_locked()
 
@@ -253,15 +276,19 @@ class Lane:
             self._work.notify()
 
     def _finish_locked(self, item: WorkItem) -> None:
-        """``item`` left the kernel: wake its caller, count it, call its callback."""
+        """``item`` left the kernel without running: count it, wake its caller or call its callback."""
+        if self._on_item is not None:
+            self._on_item(item)
+        self._wake_locked(item)
+
+    def _wake_locked(self, item: WorkItem) -> None:
+        """``item`` is finished (state and outputs/error final): wake its caller or call its callback."""
         if item.blocking:
             waiter = self._sleepers.pop(item, None)
             if waiter is not None:
                 waiter.release()
         else:
             self._async_queued -= 1
-        if self._on_item is not None:
-            self._on_item(item)
         # on_done hands the result to another thread (an event loop): cheap and
         # non-blocking by contract, so it is safe to call with the lock held.
         if item.on_done is not None:
