@@ -112,7 +112,7 @@ class KernelServer:
 
     def _add_services(self, server, asynchronous: bool) -> None:
         inference = (aio_servicer(self.service) if asynchronous
-                     else sync_servicer(self.service, CallBudget(self.settings.workers)))
+                     else sync_servicer(self.service, CallBudget(self.settings.workers, self._pool.in_progress)))
         ours = kernel_services.generic_handlers(self.hub, self.lanes, asynchronous, self.decisions.handlers())
         server.add_generic_rpc_handlers([inference, *ours])
         self._health = health.aio.HealthServicer() if asynchronous else health.HealthServicer(experimental_non_blocking=True)

@@ -8,6 +8,8 @@ priority-1 call still gets in.
 
 from __future__ import annotations
 
+import threading
+
 import grpc
 import numpy as np
 import pytest
@@ -16,19 +18,22 @@ from conftest import start_kernel
 from kernel.api.call_budget import CallBudget
 from kernel.errors import ResourceExhausted
 from kernel.testing import onnx_models
-from test_scheduling_grpc import SLOW_ROWS, request_for, summaries, wait_until
+from test_scheduling_grpc import SLOW_ROWS, request_for
 
 from kernel._proto.inference import grpc_service_pb2_grpc as pb_grpc
 
 
 def test_budget_keeps_the_reserve_for_priority_one():
-    budget = CallBudget(8, reserve=2)
-    for in_flight in range(1, 7):
-        budget.admit(2, in_flight)
+    in_progress = [0]
+    budget = CallBudget(8, lambda: in_progress[0], reserve=2)
+    for in_progress[0] in range(1, 7):
+        budget.admit(2)
+    in_progress[0] = 7
     with pytest.raises(ResourceExhausted) as refused:
-        budget.admit(3, 7)
+        budget.admit(3)
     assert dict(refused.value.trailers)["retry-after-ms"] == "20" and budget.refused == 1
-    budget.admit(1, 8)  # the most urgent level may use every thread
+    in_progress[0] = 8
+    budget.admit(1)  # the most urgent level may use every thread
 
 
 @pytest.fixture(scope="module")
@@ -41,12 +46,33 @@ def small_kernel(tmp_path_factory):
     server.stop(grace=5)
 
 
-def test_lower_priority_calls_are_refused_before_they_take_the_last_thread(small_kernel):
+class _HeldHandlers:
+    """The injected fault: ModelInfer calls for model ``slow`` wait in their handler thread until released."""
+
+    def __init__(self, prepare):
+        self._prepare = prepare
+        self.release = threading.Event()
+        self.waiting = threading.Semaphore(0)
+
+    def as_method(self):
+        def prepare(service, request, time_remaining, arrived_ns=None):
+            if request.model_name == "slow":
+                self.waiting.release()
+                assert self.release.wait(60)
+            return self._prepare(service, request, time_remaining, arrived_ns)
+        return prepare
+
+
+def test_lower_priority_calls_are_refused_before_they_take_the_last_thread(small_kernel, monkeypatch):
+    from kernel.api.inference import InferenceService
+
+    held = _HeldHandlers(InferenceService.prepare)
+    monkeypatch.setattr(InferenceService, "prepare", held.as_method())
     with grpc.insecure_channel(f"127.0.0.1:{small_kernel.port}") as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
-        held = [stub.ModelInfer.future(request_for("slow", np.ones((SLOW_ROWS, 64)), priority=2), timeout=120)
-                for _ in range(7)]
-        wait_until(lambda: summaries(channel)["slow"].queued_requests + summaries(channel)["slow"].running_batches == 7)
+        calls = [stub.ModelInfer.future(request_for("slow", np.ones((1, 64)), priority=2), timeout=60) for _ in range(7)]
+        for _ in calls:  # seven handler threads busy, deterministically
+            assert held.waiting.acquire(timeout=30)
         with pytest.raises(grpc.RpcError) as refused:
             stub.ModelInfer(request_for("tiny", np.ones((1, 16)), priority=2), timeout=30)
         assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, refused.value.details()
@@ -54,5 +80,6 @@ def test_lower_priority_calls_are_refused_before_they_take_the_last_thread(small
         assert "retry-after-ms" in dict(refused.value.trailing_metadata())
         urgent = stub.ModelInfer(request_for("tiny", np.ones((1, 16)), priority=1), timeout=30)
         assert urgent.raw_output_contents
-        for call in held:
+        held.release.set()
+        for call in calls:
             assert call.result().raw_output_contents

@@ -7,12 +7,14 @@ flood of low-priority work that means priority-1 calls are refused as often
 as the flood's. ``CallBudget`` refuses lower-priority calls a little
 earlier, once ``workers - reserve`` are in progress, with RESOURCE_EXHAUSTED
 and a ``retry-after-ms`` hint, so the last ``reserve`` threads are there for
-priority-1 calls.
+priority-1 calls. Calls in progress are counted as gRPC counts them: by the
+handler pool (submitted, not yet finished, so calls still waiting for a
+thread count too), read without a lock.
 """
 
 from __future__ import annotations
 
-import threading
+from collections.abc import Callable
 
 from ..errors import ResourceExhausted
 
@@ -25,29 +27,21 @@ def default_reserve(workers: int) -> int:
 
 
 class CallBudget:
-    __slots__ = ("limit", "reserve", "_soft", "_in_flight", "_lock", "refused")
+    __slots__ = ("limit", "reserve", "_soft", "_in_progress", "refused")
 
-    def __init__(self, limit: int, reserve: int | None = None):
+    def __init__(self, limit: int, in_progress: Callable[[], int], reserve: int | None = None):
         self.limit = limit
         self.reserve = default_reserve(limit) if reserve is None else reserve
         self._soft = limit - self.reserve
-        self._in_flight = 0
-        self._lock = threading.Lock()
+        self._in_progress = in_progress  # calls in progress, the asking one included
         self.refused = 0  # lower-priority calls turned away to keep the reserve
 
-    def enter(self) -> int:
-        """Count a call in; returns how many are in progress, this one included."""
-        with self._lock:
-            self._in_flight += 1
-            return self._in_flight
-
-    def leave(self) -> None:
-        with self._lock:
-            self._in_flight -= 1
-
-    def admit(self, priority: int, in_flight: int) -> None:
-        """Refuse a call of ``priority`` that arrived with ``in_flight`` calls in progress if it would eat the reserve."""
-        if in_flight > self._soft and priority > URGENT:
+    def admit(self, priority: int) -> None:
+        """Refuse a call of ``priority`` if it would eat the reserve."""
+        if priority <= URGENT:
+            return
+        in_flight = self._in_progress()
+        if in_flight > self._soft:
             self.refused += 1
             raise ResourceExhausted(
                 f"{in_flight - 1} calls are in progress (limit {self.limit}, the last {self.reserve} kept for "

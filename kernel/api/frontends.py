@@ -182,16 +182,9 @@ def sync_servicer(service: InferenceService, budget: CallBudget | None = None) -
 
     infer_blocking = service.infer_blocking
 
-    def ModelInfer(request, context, arrived_ns=None):
-        if budget is None:
-            return _infer(request, context, arrived_ns, None)
-        in_flight = budget.enter()
-        try:
-            return _infer(request, context, arrived_ns, lambda item: budget.admit(item.priority, in_flight))
-        finally:
-            budget.leave()
+    admit = None if budget is None else (lambda item: budget.admit(item.priority))
 
-    def _infer(request, context, arrived_ns, admit):
+    def ModelInfer(request, context, arrived_ns=None):
         def on_wait(item) -> None:
             # Client cancellation reaches the queue, hooked up only for requests
             # that wait (a request run inline at once has nothing to cancel).

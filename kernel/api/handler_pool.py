@@ -134,6 +134,10 @@ class HandlerPool:
                     _invoke(callback, call)
             del call  # drop the request and its context before waiting for the next
 
+    def in_progress(self) -> int:
+        """Calls submitted and not finished (waiting for a thread or running): what gRPC's limit counts."""
+        return self._busy
+
     def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
         """Let the threads finish what is queued, then end them (``cancel_futures`` is accepted and ignored)."""
         with self._lock:
