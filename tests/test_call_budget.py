@@ -1,9 +1,9 @@
 """The threaded front end keeps its last handler threads for priority-1 calls (kernel/api/call_budget.py).
 
-A kernel with 8 handler threads (gRPC refuses a 9th call in progress outright)
-keeps 1 for priority 1: with 7 lower-priority calls in progress, the next
-lower-priority call is refused with RESOURCE_EXHAUSTED and a retry hint, and a
-priority-1 call still gets in.
+A kernel with 16 handler threads (gRPC refuses a 17th call in progress
+outright) keeps 2 for priority 1: with 14 calls in progress, a lower-priority
+call is refused with RESOURCE_EXHAUSTED and a retry hint, and a priority-1
+call still gets in.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def small_kernel(tmp_path_factory):
     root = tmp_path_factory.mktemp("budget")
     onnx_models.save_mlp_version(root, "slow", [64, 2048, 2048, 2048, 8], seed=1, max_batch_size=SLOW_ROWS)
     onnx_models.save_mlp_version(root, "tiny", [16, 64, 4], seed=2, max_batch_size=8)
-    server = start_kernel(root, "sync", lane_slots=1, workers=8)
+    server = start_kernel(root, "sync", lane_slots=1, workers=16)
     yield server
     server.stop(grace=5)
 
@@ -70,8 +70,9 @@ def test_lower_priority_calls_are_refused_before_they_take_the_last_thread(small
     monkeypatch.setattr(InferenceService, "prepare", held.as_method())
     with grpc.insecure_channel(f"127.0.0.1:{small_kernel.port}") as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
-        calls = [stub.ModelInfer.future(request_for("slow", np.ones((1, 64)), priority=2), timeout=60) for _ in range(7)]
-        for _ in calls:  # seven handler threads busy, deterministically
+        # Priority 1, so that none of them is refused itself.
+        calls = [stub.ModelInfer.future(request_for("slow", np.ones((1, 64)), priority=1), timeout=60) for _ in range(14)]
+        for _ in calls:  # fourteen handler threads busy, deterministically
             assert held.waiting.acquire(timeout=30)
         with pytest.raises(grpc.RpcError) as refused:
             stub.ModelInfer(request_for("tiny", np.ones((1, 16)), priority=2), timeout=30)

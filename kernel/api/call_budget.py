@@ -23,7 +23,7 @@ RETRY_AFTER_MS = 20  # a hint: a handler thread frees up about as often as a bat
 
 
 def default_reserve(workers: int) -> int:
-    return max(1, min(64, workers // 16))
+    return max(1, min(128, workers // 8))
 
 
 class CallBudget:
