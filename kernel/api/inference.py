@@ -17,6 +17,7 @@ from ..errors import DeadlineExceeded, Internal, InvalidArgument, NotFound, Unav
 from ..models import ModelConfigError, ModelHub, ModelVersion
 from ..scheduling import Lanes, WorkItem
 from ..scheduling.execute import request_id_of
+from ..scheduling.deadlines import MAX_DEADLINE_NS, request_deadline
 from ..scheduling.types import NO_DEADLINE
 from . import converters, tensors
 from .registration import Unparsable, ensure_parsed
@@ -34,29 +35,14 @@ def new_request_id() -> str:
 
 # Clients such as perf_analyzer send "infinite" deadlines (years away); beyond
 # this horizon a deadline means "none" rather than a number to overflow on.
-MAX_DEADLINE_S = 86_400.0
+MAX_DEADLINE_S = MAX_DEADLINE_NS / 1e9
 
 
 def deadline_from(time_remaining: float | None, timeout_us: int = 0, arrived_ns: int | None = None) -> int:
-    """Absolute monotonic deadline (ns) from a gRPC time-remaining and a request timeout.
-
-    The gRPC deadline is the client's, so it counts from now; the ``timeout``
-    parameter counts from ``arrived_ns`` (when the call reached the kernel,
-    before it waited for a handler thread), or from now if that is unknown.
-    A deadline already passed is DEADLINE_EXCEEDED here, before any work.
-    """
+    """Absolute monotonic deadline (ns) from a gRPC time-remaining and Triton's ``timeout`` (µs): see deadlines.py."""
     now = time.monotonic_ns()
-    deadline = NO_DEADLINE
-    if time_remaining is not None and time_remaining < MAX_DEADLINE_S:
-        deadline = now + int(time_remaining * 1e9)
-    if 0 < timeout_us < MAX_DEADLINE_S * 1e6:
-        by_param = (arrived_ns or now) + timeout_us * 1000
-        deadline = by_param if deadline == NO_DEADLINE else min(deadline, by_param)
-    if deadline != NO_DEADLINE and deadline <= now:
-        late_ms = (now - deadline) / 1e6
-        since = f", {(now - arrived_ns) / 1e6:.1f} ms after it arrived" if arrived_ns else ""
-        raise DeadlineExceeded(f"the request's deadline passed {late_ms:.1f} ms before the kernel could start it{since}")
-    return deadline
+    call_deadline = None if time_remaining is None or time_remaining >= MAX_DEADLINE_S else now + int(time_remaining * 1e9)
+    return request_deadline(now, call_deadline, timeout_us * 1000, arrived_ns)
 
 
 class InferenceService:

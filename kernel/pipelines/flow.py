@@ -21,6 +21,7 @@ import numpy as np
 from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
 from ..errors import DeadlineExceeded, FailedPrecondition, Internal, KernelError
 from ..scheduling import WorkItem
+from ..scheduling.deadlines import request_deadline
 from ..scheduling.types import NO_DEADLINE
 from . import provenance
 from ..store import request_hash as store_request_hash
@@ -29,8 +30,6 @@ from .spec import Pipeline
 
 log = logging.getLogger("aios.decisions")
 
-# Caller deadlines further out than this mean "none" (clients send "infinite" ones).
-MAX_DEADLINE_NS = 86_400 * 10**9
 ANONYMOUS = "anonymous"  # the principal until authentication lands
 
 
@@ -101,12 +100,8 @@ class DecisionEngine:
         row = pipeline.codec.encode(values)
         request_id = request.request_id or os.urandom(8).hex()
         priority = request.priority or pipeline.priority or mv.config.priority
-        deadline = _deadline(started, deadline_ns, request.timeout_ms or pipeline.timeout_ms)
-        if deadline != NO_DEADLINE:
-            now = time.monotonic_ns()
-            if now >= deadline:  # e.g. it waited for a handler thread: too late, not a full queue
-                raise DeadlineExceeded(f"the request's deadline passed {(now - deadline) / 1e6:.1f} ms before the "
-                                       f"kernel could start it ({(now - started) / 1e6:.1f} ms after it arrived)")
+        deadline = request_deadline(time.monotonic_ns(), deadline_ns,
+                                    (request.timeout_ms or pipeline.timeout_ms) * 10**6, arrived_ns)
         item = WorkItem(mv, 1, ((pipeline.width,),), {pipeline.input: row}, request_id=request_id,
                         priority=priority, deadline_ns=deadline, tenant=request.tenant)
         return Pending(request, pipeline, values, digests, item, started, request_id, principal, request_hash)
@@ -410,16 +405,6 @@ class _Finishing:
     def __init__(self, group: list, results: list, decided: list, tickets: list, opening):
         self.group, self.results, self.decided, self.tickets = group, results, decided, tickets
         self.opening = opening  # its token in DecisionEngine._opening while its reviews are being opened
-
-
-def _deadline(now: int, call_deadline_ns: int | None, timeout_ms: int) -> int:
-    deadline = NO_DEADLINE
-    if call_deadline_ns is not None and call_deadline_ns - now < MAX_DEADLINE_NS:
-        deadline = call_deadline_ns
-    if 0 < timeout_ms and timeout_ms * 10**6 < MAX_DEADLINE_NS:
-        by_request = now + timeout_ms * 10**6
-        deadline = by_request if deadline == NO_DEADLINE else min(deadline, by_request)
-    return deadline
 
 
 def _labels(mv, output: str) -> tuple[str, ...]:
