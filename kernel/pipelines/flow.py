@@ -146,11 +146,11 @@ class DecisionEngine:
 
     # -- per group -------------------------------------------------------------------
     def finish(self, group: list[Pending]) -> list[kpb.Decision | KernelError]:
-        """Decide every finished request of ``group``: policy per pipeline at once, audit together."""
-        return self._complete(self._begin(group))
+        """Decide every finished request of ``group``: policy per pipeline at once, audit together.
 
-    def _begin(self, group: list[Pending]) -> "_Finishing":
-        """The first half of ``finish``: decide the group and queue its audit records (no waiting)."""
+        Decided, then audited (records queued together, waited for together),
+        then the reviews opened and the answers checked against their deadlines.
+        """
         results: list = [None] * len(group)
         by_pipeline: dict[tuple[int, int], list[int]] = {}
         for index, pending in enumerate(group):
@@ -165,7 +165,8 @@ class DecisionEngine:
             decided = self._decide([group[i] for i in indices])
             for i, decision in zip(indices, decided):
                 results[i] = decision
-        return self._audit(group, results)
+        decided, tickets, opening = self._audit(group, results)
+        return self._complete(group, results, decided, tickets, opening)
 
     def _failed(self, pending: Pending, error: BaseException) -> kpb.Decision | KernelError:
         """A request whose model work failed: the error, or for a model fault the pipeline's fallback."""
@@ -298,7 +299,7 @@ class DecisionEngine:
             decisions.append(decision)
         return decisions
 
-    def _audit(self, group: list[Pending], results: list) -> "_Finishing":
+    def _audit(self, group: list[Pending], results: list) -> tuple[list, list, object]:
         """Name each escalated decision's review and queue every decision's audit record.
 
         An escalated decision gets its review id first, so its audit record
@@ -336,22 +337,21 @@ class DecisionEngine:
             with self._opening_lock:
                 tickets = audit.append_many(records)
                 self._opening[opening] = tickets[0].sequence
-        return _Finishing(group, results, decided, tickets, opening)
+        return decided, tickets, opening  # opening: the group's token in _opening while its reviews are stored
 
-    def _complete(self, finishing: "_Finishing") -> list[kpb.Decision | KernelError]:
-        """The second half of ``finish``: wait for the audit records, open the reviews, answer."""
-        group, results = finishing.group, finishing.results
+    def _complete(self, group: list[Pending], results: list, decided: list, tickets: list,
+                  opening) -> list[kpb.Decision | KernelError]:
+        """Wait for the audit records, open the reviews, answer (the end of ``finish``)."""
         reviews, store = self.services.reviews, self.services.idempotency
         audit_started = time.monotonic_ns()
-        for decision, ticket in zip(finishing.decided, finishing.tickets):
+        for decision, ticket in zip(decided, tickets):
             sequence, digest = ticket.wait(self.services.audit_timeout_s)
             decision.audit_sequence = sequence
             decision.audit_hash = digest.hex() if isinstance(digest, bytes) else str(digest)
-        audit_ns = (time.monotonic_ns() - audit_started) // max(1, len(finishing.tickets))
+        audit_ns = (time.monotonic_ns() - audit_started) // max(1, len(tickets))
         escalated = [(pending, decision) for pending, decision in zip(group, results)
                      if not isinstance(decision, KernelError) and decision.review_id]
         if escalated:  # one transaction (and one group-committed commit) for the group's reviews
-            opening = finishing.opening
             # With every record fsynced, a review row needs no fsync of its own: a lost row is
             # reopened from its record at start (kernel/review/reopen.py). Tasks reopen their own.
             durable = opening is None or self.services.audit.mode != "fsync" or any(p.task_id for p, _ in escalated)
@@ -395,16 +395,6 @@ class DecisionEngine:
         if isinstance(result, KernelError):
             raise result
         return result
-
-
-class _Finishing:
-    """A group between ``_begin`` and ``_complete``: its results so far and its audit tickets."""
-
-    __slots__ = ("group", "results", "decided", "tickets", "opening")
-
-    def __init__(self, group: list, results: list, decided: list, tickets: list, opening):
-        self.group, self.results, self.decided, self.tickets = group, results, decided, tickets
-        self.opening = opening  # its token in DecisionEngine._opening while its reviews are being opened
 
 
 def _labels(mv, output: str) -> tuple[str, ...]:
