@@ -59,6 +59,8 @@ cdef class WorkItem:
     cdef public object selected
     cdef public object timings
     cdef public long long retry_after_ns
+    cdef public object finisher        # per-batch after-work run by the lane (see types.PyWorkItem)
+    cdef public object owner           # what the submitter needs back with the item
 
 
 cdef class Batch:

@@ -80,7 +80,7 @@ class DecisionSide:
         }
 
     def close(self) -> None:
-        steps = (self.tasks.stop, self.registry.stop, self._mark_reviews_recorded,
+        steps = (self.tasks.stop, self.registry.stop, self.engine.close, self._mark_reviews_recorded,
                  *((self.audit.close,) if self.audit else ()), self.db.close)
         for step in steps:
             try:

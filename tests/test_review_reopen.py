@@ -20,6 +20,7 @@ from examples.claims import data
 from kernel._proto.aios.kernel.v1 import kernel_pb2 as kpb
 from kernel._proto.aios.kernel.v1 import kernel_pb2_grpc as kgrpc
 from kernel.audit import RecordFilter, iter_directory
+from kernel.store.sqlite import DATABASE_FILE
 from kernel.store.sqlite_reviews import RECORDED_BEFORE
 from kernel.testing.processes import ServeProcess
 
@@ -105,51 +106,86 @@ def test_reviews_lost_with_the_database_tail_are_reopened_unchanged(models, tmp_
 
 
 class _ReviewStoreFault(Exception):
-    """The injected fault: the review store fails once."""
+    """The injected fault: the review store fails."""
 
 
-def test_a_review_that_failed_to_store_is_reopened_at_the_next_start(claims_models, tmp_path):
+def _decide_all(server, cases, prefix: str) -> list[kpb.Decision]:
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = kgrpc.DecisionServiceStub(channel)
+        return [stub.Decide(claim_request(case, request_id=f"{prefix}{i}"), timeout=10) for i, case in enumerate(cases)]
+
+
+def _failing(reviews, times: int | None):
+    """reviews.create_many failing its first ``times`` calls (None: every call); returns the calls' log."""
+    real = reviews.create_many
+    calls: list[tuple[bool, int]] = []  # (failed, first audit sequence)
+
+    def create_many(items, **kwargs):
+        fail = times is None or sum(failed for failed, _ in calls) < times
+        calls.append((fail, items[0][0].audit_sequence))
+        if fail:
+            raise _ReviewStoreFault("the review store failed (injected)")
+        return real(items, **kwargs)
+    reviews.create_many = create_many
+    return calls, real
+
+
+def test_a_review_row_that_failed_to_store_is_stored_by_a_retry(claims_models, tmp_path):
+    """Rows are stored after the answer (kernel/review/deferred.py): a failed store is retried, and a
+    read of the queue never misses a review whose decision was answered before it."""
+    from conftest import start_kernel
+
+    server = start_kernel(claims_models, pipelines=str(copy_pipelines(tmp_path / "pipelines")),
+                          data_dir=str(tmp_path / "data"), pipeline_poll_s=0)
+    engine, reviews = server.decisions.engine, server.decisions.reviews
+    calls, real = _failing(reviews, times=1)
+    try:
+        decisions = _decide_all(server, data.generate_cases(120, seed=23), "t")
+        escalated = [d.review_id for d in decisions if d.review_id]
+        assert escalated, "no case escalated"
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            listed = _all_reviews(channel)  # settles: queued rows (the failed ones included) are stored first
+        assert calls and calls[0][0], "the fault was not injected"
+        assert set(escalated) <= set(listed)
+        for review_id in escalated:
+            assert listed[review_id].proposed.review_id == review_id
+        # Every group is stored, so the mark has caught up with the whole log.
+        assert engine.recorded_before() == server.decisions.audit.size
+    finally:
+        reviews.create_many = real
+        server.stop(grace=1)
+
+
+def test_review_rows_that_never_stored_are_reopened_at_the_next_start(claims_models, tmp_path):
     from conftest import start_kernel
 
     pipelines = copy_pipelines(tmp_path / "pipelines")
     data_dir = tmp_path / "data"
     server = start_kernel(claims_models, pipelines=str(pipelines), data_dir=str(data_dir), pipeline_poll_s=0)
     engine, reviews = server.decisions.engine, server.decisions.reviews
-    cases = [c for c in data.generate_cases(200, seed=23)]
-    real_create_many = reviews.create_many
-    failed: list[int] = []
-
-    def failing_once(items, **kwargs):
-        if not failed:
-            failed.append(items[0][0].audit_sequence)
-            raise _ReviewStoreFault("the review store failed (injected)")
-        return real_create_many(items, **kwargs)
-
-    reviews.create_many = failing_once
+    calls, real = _failing(reviews, times=None)
     try:
-        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            stub = kgrpc.DecisionServiceStub(channel)
-            for i, case in enumerate(cases):
-                try:
-                    stub.Decide(claim_request(case, request_id=f"f{i}"), timeout=10)
-                except grpc.RpcError as exc:
-                    assert exc.code() == grpc.StatusCode.INTERNAL and failed
-            assert failed, "no case escalated"
-            # Later groups stored their rows, but the mark stays below the failed group's record.
-            assert engine.recorded_before() <= failed[0] < server.decisions.audit.size
-            assert reviews.recorded_before() <= failed[0]
-            lost = [r for r in iter_directory(data_dir / "audit", failed[0], RecordFilter(kind=kpb.DECISION))
-                    if r.decision.review_id and not reviews.exists(r.decision.review_id)]
-            assert lost and all(r.sequence >= failed[0] for r in lost)
+        decisions = _decide_all(server, data.generate_cases(120, seed=29), "n")
+        escalated = {d.review_id: d for d in decisions if d.review_id}
+        assert escalated, "no case escalated"
+        first_failed = min(sequence for _, sequence in calls) if calls else min(
+            d.audit_sequence for d in escalated.values())
+        # Answered, recorded, but not stored: the mark stays below the first unstored group.
+        assert engine.recorded_before() <= first_failed < server.decisions.audit.size
+        assert reviews.recorded_before() <= first_failed
+        server.stop(grace=1)  # closing tries once more, fails, and logs it: the rows are lost with the process
     finally:
-        reviews.create_many = real_create_many
-        server.stop(grace=1)
+        reviews.create_many = real
+    with sqlite3.connect(data_dir / DATABASE_FILE) as conn:
+        stored = {row[0] for row in conn.execute("SELECT review_id FROM reviews")}
+    assert not set(escalated) & stored
 
     restarted = start_kernel(claims_models, pipelines=str(pipelines), data_dir=str(data_dir), pipeline_poll_s=0)
     try:
-        for record in lost:
-            review = restarted.decisions.reviews.get(record.decision.review_id)
-            assert review.proposed.audit_sequence == record.sequence
+        for review_id, decision in escalated.items():
+            review = restarted.decisions.reviews.get(review_id)
+            assert review.proposed.audit_sequence == decision.audit_sequence
+            assert review.proposed.action == decision.action
         assert restarted.decisions.reviews.recorded_before() == restarted.decisions.audit.size
     finally:
         restarted.stop(grace=1)

@@ -24,8 +24,9 @@ from ..scheduling import WorkItem
 from ..scheduling.deadlines import request_deadline
 from ..scheduling.types import NO_DEADLINE
 from . import provenance
+from ..review.deferred import DeferredRows
+from .finisher import BatchFinisher
 from ..store import request_hash as store_request_hash
-from .coalesce import Coalescer
 from .spec import Pipeline
 
 log = logging.getLogger("aios.decisions")
@@ -37,7 +38,7 @@ class Pending:
     """One decision between ``prepare`` and ``finish``."""
 
     __slots__ = ("request", "pipeline", "values", "digests", "item", "started_ns", "prepared_ns",
-                 "request_id", "principal", "task_id", "request_hash", "record")
+                 "request_id", "principal", "task_id", "request_hash", "record", "result")
 
     def __init__(self, request, pipeline: Pipeline, values: dict, digests: dict, item, started_ns: int,
                  request_id: str, principal: str, request_hash: str):
@@ -53,6 +54,7 @@ class Pending:
         self.task_id = ""
         self.request_hash = request_hash
         self.record = None  # its audit record, once decided with the audit log on
+        self.result = None  # its Decision or KernelError, once finished by the lane (finish_batch)
 
 
 @dataclass(slots=True)
@@ -73,10 +75,19 @@ class DecisionEngine:
         self._statics: dict = {}
         self._opening_lock = threading.Lock()
         self._opening: dict[object, int] = {}  # group token -> its first audit sequence, until its reviews are stored
-        # Unary decisions finishing at the same time are finished as one group (see coalesce.py).
-        # (Measured: handing the lead on before the group's durable writes, or running the group's
-        # model work from the leader, made groups smaller and cost more CPU per decision.)
-        self.coalescer = Coalescer(self.finish)
+        self.finisher = BatchFinisher(self.finish)  # finishes unary decisions in groups (see finisher.py)
+        self._finish_later = self.finisher.submit
+        self._review_rows = None
+        if self.services.reviews is not None:
+            self._review_rows = DeferredRows(self._store_review_rows)
+            self.services.reviews.add_read_barrier(self._review_rows.settle)
+
+    def close(self) -> None:
+        """Finish the decisions handed to the finisher thread, store their review rows, stop both threads
+        (before the audit log and the store close)."""
+        self.finisher.close()
+        if self._review_rows is not None:
+            self._review_rows.close()
 
     # -- per request -------------------------------------------------------------
     def prepare(self, request, deadline_ns: int | None, principal: str = ANONYMOUS,
@@ -106,19 +117,26 @@ class DecisionEngine:
                         priority=priority, deadline_ns=deadline, tenant=request.tenant)
         return Pending(request, pipeline, values, digests, item, started, request_id, principal, request_hash)
 
-    def recorded_before(self, exclude=None) -> int:
+    def recorded_before(self, exclude=()) -> int:
         """The audit sequence below which every escalated decision has its review row stored.
 
-        ``exclude``: a group whose rows are being stored in the transaction
-        asking (they are committed with the answer). Without the audit log, 0.
+        ``exclude``: the groups whose rows are being stored in the transaction
+        asking (they are committed with the mark). Without the audit log, 0.
         """
         audit = self.services.audit
         if audit is None:
             return 0
         with self._opening_lock:
             durable = audit.size  # records at or past it are not durable yet: their groups are registered
-            lows = [sequence for token, sequence in self._opening.items() if token is not exclude]
+            lows = [sequence for token, sequence in self._opening.items() if token not in exclude]
         return min(durable, *lows) if lows else durable
+
+    def _store_review_rows(self, items: list, groups: list) -> None:
+        """DeferredRows' store: the review rows of ``groups`` (their tokens in ``_opening``), one transaction."""
+        self.services.reviews.create_many(items, durable=False, recorded_before=lambda: self.recorded_before(groups))
+        with self._opening_lock:
+            for group in groups:
+                del self._opening[group]
 
     def validate(self, request) -> None:
         """Refuse a request that could never be decided (unknown pipeline, bad fields) before it is queued."""
@@ -315,7 +333,9 @@ class DecisionEngine:
             if isinstance(decision, KernelError):  # (isinstance on a message class goes through ABCMeta: slow)
                 continue
             if reviews is not None and decision.outcome in (kpb.ESCALATED, kpb.FALLBACK):
-                decision.review_id = os.urandom(16).hex()
+                # Time first: new rows land at the right edge of the store's review_id index (a random
+                # id touched a random index page per insert), and ids sort by creation.
+                decision.review_id = f"{time.time_ns():016x}{os.urandom(8).hex()}"
             if audit is not None:
                 record = pending.record
                 if record is None:  # a fallback decision, built on its own
@@ -351,20 +371,23 @@ class DecisionEngine:
         audit_ns = (time.monotonic_ns() - audit_started) // max(1, len(tickets))
         escalated = [(pending, decision) for pending, decision in zip(group, results)
                      if not isinstance(decision, KernelError) and decision.review_id]
-        if escalated:  # one transaction (and one group-committed commit) for the group's reviews
-            # With every record fsynced, a review row needs no fsync of its own: a lost row is
-            # reopened from its record at start (kernel/review/reopen.py). Tasks reopen their own.
-            durable = opening is None or self.services.audit.mode != "fsync" or any(p.task_id for p, _ in escalated)
-            opened = reviews.create_many([
-                (decision, pending.request, list(pending.pipeline.escalation.review_actions),
-                 pending.pipeline.escalation.review_sla_s, pending.task_id, decision.review_id)
-                for pending, decision in escalated
-            ], durable=durable, recorded_before=None if opening is None else lambda: self.recorded_before(opening))
-            if opening is not None:  # (left registered if storing failed: reopened at the next start)
-                with self._opening_lock:
-                    del self._opening[opening]
-            for (_, decision), review in zip(escalated, opened):
-                decision.review_id = review.review_id  # a re-run task finds the review it opened before
+        if escalated:
+            rows = [(decision, pending.request, pending.pipeline.escalation.review_actions,
+                     pending.pipeline.escalation.review_sla_s, pending.task_id, decision.review_id)
+                    for pending, decision in escalated]
+            if opening is not None and self.services.audit.mode == "fsync" and not any(p.task_id for p, _ in escalated):
+                # Every record is fsynced, so its review row needs no fsync and need not even be stored
+                # before the answer: a lost row is reopened from its record at start
+                # (kernel/review/reopen.py), and every read of the queue waits for the rows queued
+                # before it (kernel/review/deferred.py). Its group stays in _opening until stored.
+                self._review_rows.add(rows, opening)
+            else:  # one transaction (one group-committed fsync) for the group's reviews; tasks reopen their own
+                opened = reviews.create_many(rows, durable=True)
+                if opening is not None:
+                    with self._opening_lock:
+                        del self._opening[opening]
+                for (_, decision), review in zip(escalated, opened):
+                    decision.review_id = review.review_id  # a re-run task finds the review it opened before
         now = time.monotonic_ns()
         for index, (pending, decision) in enumerate(zip(group, results)):
             if isinstance(decision, KernelError):  # (isinstance on a message class goes through ABCMeta: slow)
@@ -386,13 +409,27 @@ class DecisionEngine:
     # -- entry points ---------------------------------------------------------------
     def decide(self, request, deadline_ns: int | None, principal: str = ANONYMOUS, on_wait=None,
                arrived_ns: int | None = None) -> kpb.Decision:
-        """One decision, blocking: what the unary Decide RPC calls."""
+        """One decision, blocking: what the unary Decide RPC calls.
+
+        Once its model work has run, the lane hands it to the engine's
+        ``BatchFinisher``, which decides and audits it with every other decision
+        finished meanwhile and only then lets the lane wake this caller: one
+        sleep per call. A request that never ran (expired, cancelled) is
+        finished here, alone.
+        """
         pending = self.prepare(request, deadline_ns, principal, arrived_ns)
         if isinstance(pending, kpb.Decision):
             return pending
-        self.run_blocking(pending, on_wait)
-        result = self.coalescer.finish(pending)
-        if isinstance(result, KernelError):
+        item = pending.item
+        item.finisher, item.owner = self._finish_later, pending
+        try:
+            self.run_blocking(pending, on_wait)
+        finally:
+            item.owner = None  # (no reference cycle left for the garbage collector)
+        result = pending.result
+        if result is None:
+            result = self.finish([pending])[0]
+        if isinstance(result, BaseException):
             raise result
         return result
 

@@ -58,8 +58,18 @@ class ReviewQueue:
         self._clock = clock  # wall clock, in ns: leases and SLAs are persisted
         self._feed = Feed()
         self._hooks: list[Callable[[kpb.Review], object]] = []
+        self._barriers: list[Callable[[], None]] = []
         # Changes are published from the store's after-commit hooks: once durable, in commit
         # order, and without a lock of ours around the write, so concurrent writes share a commit.
+
+    def add_read_barrier(self, settle: Callable[[], None]) -> None:
+        """Call ``settle()`` before every read or change: rows stored in the background are there first
+        (see kernel/review/deferred.py), so a caller always finds the review its decision named."""
+        self._barriers.append(settle)
+
+    def _settle(self) -> None:
+        for settle in self._barriers:
+            settle()
 
     # -- views --------------------------------------------------------------------------------
     def _present(self, review: kpb.Review, now: int | None = None) -> kpb.Review:
@@ -81,6 +91,7 @@ class ReviewQueue:
 
     def get(self, review_id: str) -> kpb.Review:
         _required(review_id, "review_id")
+        self._settle()
         review = self._records.get(review_id)
         if review is None:
             raise NotFound(f"review '{review_id}' does not exist")
@@ -93,6 +104,7 @@ class ReviewQueue:
         limit = paging.page_size(page_size)
         filters = (pipeline, tenant, state)
         after = paging.decode(page_token, filters)
+        self._settle()
         now = self._clock()
         rows = self._records.page(pipeline, tenant, state, now, after, limit + 1)
         response = kpb.ListReviewsResponse(sla_missed=self._records.count_sla_missed(pipeline, tenant, state, now))
@@ -103,6 +115,7 @@ class ReviewQueue:
         return response
 
     def sla_missed_count(self, pipeline: str = "", tenant: str = "", state: str = "") -> int:
+        self._settle()
         return self._records.count_sla_missed(pipeline, tenant, _state_filter(state), self._clock())
 
     def watch(self, pipeline: str = "", tenant: str = "", include_open: bool = False, updates: bool = False,
@@ -113,6 +126,7 @@ class ReviewQueue:
             return ((updates or kind == CREATED) and (not pipeline or review.pipeline == pipeline)
                     and (not tenant or review.tenant == tenant))
 
+        self._settle()
         sub = self._feed.subscribe(None, match, timeout_s)
         backlog = self._unresolved_pages(pipeline, tenant) if include_open else iter(())
         return ReviewWatch(sub, backlog, self._present)
@@ -190,6 +204,7 @@ class ReviewQueue:
         self._records.mark_recorded_before(sequence)
 
     def exists(self, review_id: str) -> bool:
+        self._settle()
         return self._records.get(review_id) is not None
 
     def _new_review(self, decision: kpb.Decision, request: kpb.DecisionRequest, actions, sla_seconds: float,
@@ -325,6 +340,7 @@ class ReviewQueue:
 
     def _change(self, review_id: str, mutate, delivered: bool | None = None) -> tuple[kpb.Review, bool, bool]:
         _required(review_id, "review_id")
+        self._settle()
         result = self._records.update(review_id, mutate, delivered, after_commit=self._publish_updated)
         if result is None:
             raise NotFound(f"review '{review_id}' does not exist")

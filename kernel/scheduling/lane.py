@@ -11,7 +11,11 @@ Two ways in:
   parked helper thread runs the batch and calls ``item.on_done``.
 
 Either way the scheduler decides what runs; the lane only supplies threads,
-the lock and the clock. ``slots`` bounds how many batches run at once, plus
+the lock and the clock. An item may carry a ``finisher``: after its batch
+ran, the lane hands the batch's items to ``finisher(items, done)`` (under
+the lock; it must not block) instead of waking their callers, and wakes them
+when the finisher calls ``done(items)``. The Decide flow uses this to decide
+and audit whole groups on one thread while each caller sleeps just once. ``slots`` bounds how many batches run at once, plus
 ``urgent_slots`` kept for batches led by a priority-1 request: batches run to
 completion, so without a spare slot an urgent request would wait behind a
 long batch of a lower priority (on a CPU the spare slot time-shares the
@@ -252,8 +256,8 @@ class Lane:
         scheduler.complete(batch, compute_ns)
         now = time.monotonic_ns()
         timings = batch.timings
+        finishing = None
         for item in items:
-            item.state = ITEM_DONE
             item.timings = timings
             if item.deadline_ns != NO_DEADLINE and now > item.deadline_ns and item.error is None:
                 # Never answer after the deadline: the caller has given up on this result.
@@ -261,12 +265,35 @@ class Lane:
                 item.error = DeadlineExceeded(
                     f"the model finished {(now - item.deadline_ns) / 1e6:.1f} ms after the request's deadline"
                 )
+            if item.finisher is None:
+                item.state = ITEM_DONE
+            elif finishing is None:
+                finishing = [item]
+            else:
+                finishing.append(item)
         if self._on_batch is not None:
             self._on_batch(batch, now)
         for item in items:
-            self._wake_locked(item)
+            if item.state == ITEM_DONE:
+                self._wake_locked(item)
+        if finishing is not None:
+            groups: dict = {}
+            for item in finishing:
+                groups.setdefault(item.finisher, []).append(item)
+            for finisher, group in groups.items():
+                if not finisher(group, self._finished):  # refused (closing): the callers finish alone
+                    for item in group:
+                        item.state = ITEM_DONE
+                        self._wake_locked(item)
         if scheduler.has_work():
             self._hand_over_slot_locked()
+
+    def _finished(self, items: list) -> None:
+        """A finisher's items are finished (results set): wake their callers."""
+        with self._lock:
+            for item in items:
+                item.state = ITEM_DONE
+                self._wake_locked(item)
 
     def _hand_over_slot_locked(self) -> None:
         """A slot is free and work is queued: wake one thread to run the next batch."""

@@ -30,7 +30,7 @@ class PyWorkItem:
     __slots__ = (
         "model", "rows", "shape_key", "priority", "deadline_ns", "enqueued_ns", "started_ns", "inputs",
         "request_id", "state", "outputs", "error", "on_done", "blocking", "selected", "timings", "tenant",
-        "level", "retry_after_ns", "sched_key", "sched_seq",
+        "level", "retry_after_ns", "sched_key", "sched_seq", "finisher", "owner",
     )
 
     def __init__(
@@ -66,6 +66,10 @@ class PyWorkItem:
         self.retry_after_ns = 0  # set when admission refuses it
         self.sched_key = 0  # the scheduler's ordering key (deadline or "never")
         self.sched_seq = 0  # the scheduler's arrival number
+        # finisher(items): per-batch after-work (the Decide flow's policy and audit), run by the lane on
+        # the thread that ran the batch, without the lane lock and slot, before the callers are woken.
+        self.finisher = None
+        self.owner = None  # what the submitter needs back with the item (the Decide flow's Pending)
 
 
 class PyBatch:

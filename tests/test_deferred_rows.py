@@ -1,0 +1,66 @@
+"""Review rows stored in the background (kernel/review/deferred.py): nothing lost, reads see earlier rows."""
+
+from __future__ import annotations
+
+import threading
+
+from kernel.review.deferred import DeferredRows
+
+
+class StoreFault(Exception):
+    """The injected fault: the store fails."""
+
+
+def test_settle_stores_everything_queued_before_it_in_order_in_one_call():
+    calls: list = []
+    rows = DeferredRows(lambda r, c: calls.append((list(r), list(c))), window_s=60)  # the thread would wait a minute
+    try:
+        rows.add([1, 2], "g1")
+        rows.add([3], "g2")
+        rows.settle()
+        assert calls == [([1, 2, 3], ["g1", "g2"])]
+        rows.settle()  # nothing queued: no empty store call
+        assert len(calls) == 1
+    finally:
+        rows.close()
+
+
+def test_the_thread_stores_rows_without_a_reader():
+    stored = threading.Event()
+    got: list = []
+    rows = DeferredRows(lambda r, c: (got.extend(r), stored.set()), window_s=0.001)
+    try:
+        rows.add(["x"], None)
+        assert stored.wait(10)
+        assert got == ["x"] and rows.rows == 1
+    finally:
+        rows.close()
+
+
+def test_a_failed_store_keeps_the_rows_first_in_line_and_a_later_store_takes_them():
+    calls: list = []
+    fail = [True]
+
+    def store(r, c):
+        calls.append(list(r))
+        if fail[0]:
+            raise StoreFault("disk full (injected)")
+
+    rows = DeferredRows(store, window_s=60)
+    try:
+        rows.add([1], "a")
+        rows.settle()  # fails, returns (a reader is not blocked by a broken store)
+        rows.add([2], "b")
+        fail[0] = False
+        rows.settle()
+        assert calls == [[1], [1, 2]] and rows.failures >= 1 and rows.rows == 2
+    finally:
+        rows.close()
+
+
+def test_close_stores_what_is_queued():
+    got: list = []
+    rows = DeferredRows(lambda r, c: got.extend(r), window_s=60)
+    rows.add([1, 2, 3], None)
+    rows.close()
+    assert got == [1, 2, 3]
