@@ -73,6 +73,39 @@ def test_append_many_hands_a_group_to_the_writer_at_once(tmp_path):
     assert verify_directory(tmp_path).ok
 
 
+def test_write_here_commits_on_the_callers_thread_when_the_writer_is_idle(tmp_path):
+    with AuditLog.open(tmp_path, checkpoint_ms=60_000) as log:
+        idle = threading.Event()
+        while not log._sleeping:  # noqa: SLF001 - the writer thread has gone to sleep (nothing to do)
+            idle.wait(0.001)
+        tickets = log.append_many([decision(i) for i in range(5)], write_here=True)
+        assert log.size == 5  # durable on return: written and fsynced by this thread, no writer hand-off
+        assert [t.wait(0)[0] for t in tickets] == list(range(5))
+        assert log.stats()["groups"] == 1
+
+
+def test_write_here_and_the_writer_thread_share_one_gapless_chain(tmp_path):
+    with AuditLog.open(tmp_path, checkpoint_records=25) as log:
+        got: list[int] = []
+        lock = threading.Lock()
+
+        def work(k: int) -> None:
+            for i in range(40):
+                records = [decision(k * 1000 + i * 10 + j) for j in range(1 + i % 3)]
+                sequences = [t.wait(10)[0] for t in log.append_many(records, write_here=bool((k + i) % 2))]
+                with lock:
+                    got.extend(sequences)
+
+        threads = [threading.Thread(target=work, args=(k,)) for k in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert sorted(got) == list(range(len(got)))
+        assert log.latest_checkpoint().tree_size >= len(got) - 25
+    assert verify_directory(tmp_path).ok
+
+
 def test_append_fills_the_callers_record_and_rejects_bad_ones(tmp_path):
     with AuditLog.open(tmp_path) as log:
         record = decision(0)
@@ -210,10 +243,12 @@ def test_checkpoint_every_n_records(tmp_path):
     assert all(b - a <= 10 for a, b in zip(sizes, sizes[1:-1]))
 
 
-def test_checkpoint_after_t_ms_without_more_records(tmp_path):
+@pytest.mark.parametrize("write_here", [False, True], ids=["writer", "here"])
+def test_checkpoint_after_t_ms_without_more_records(tmp_path, write_here):
+    """Also for records a caller wrote itself: the writer thread still signs them on its timer."""
     with AuditLog.open(tmp_path, checkpoint_records=1_000_000, checkpoint_ms=50) as log:
-        log.append_and_wait(decision(0), 10)
-        log.append_and_wait(decision(1), 10)
+        log.append_many([decision(0)], write_here=write_here)[0].wait(10)
+        log.append_many([decision(1)], write_here=write_here)[0].wait(10)
         signed = threading.Event()
 
         def poll():  # the writer signs on its own timer; watch for it without sleeping blindly
@@ -337,10 +372,12 @@ WRITER_UNDER_FILE_LIMIT = textwrap.dedent("""
     log = AuditLog.open(sys.argv[1], checkpoint_records=10**9, checkpoint_ms=10**9)
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit then fail with EFBIG
     resource.setrlimit(resource.RLIMIT_FSIZE, (20000, resource.RLIM_INFINITY))
+    here = sys.argv[3] == "here"  # the caller writes its own records (append_many's write_here)
     acked = 0
     try:
         for i in range(100000):
-            seq, _ = log.append_and_wait(pb.AuditRecord(kind=pb.DECISION, request_id=f"r{i}", payload=b"x" * 200), 10)
+            record = pb.AuditRecord(kind=pb.DECISION, request_id=f"r{i}", payload=b"x" * 200)
+            seq, _ = log.append_many([record], write_here=here)[0].wait(10)
             acked = seq + 1
     except AuditError as exc:
         print("first error:", exc.message, flush=True)
@@ -353,13 +390,15 @@ WRITER_UNDER_FILE_LIMIT = textwrap.dedent("""
 """)
 
 
-def test_writer_failure_fails_waiters_and_later_appends(tmp_path):
-    """A real write error (EFBIG past RLIMIT_FSIZE, in a child process): fail-stop, nothing acknowledged falsely."""
+@pytest.mark.parametrize("who", ["writer", "here"])
+def test_writer_failure_fails_waiters_and_later_appends(tmp_path, who):
+    """A real write error (EFBIG past RLIMIT_FSIZE, in a child process): fail-stop, nothing acknowledged falsely,
+    whether the writer thread or the appending caller (write_here) hit it."""
     script = tmp_path / "writer.py"
     script.write_text(WRITER_UNDER_FILE_LIMIT)
     directory = tmp_path / "log"
-    done = subprocess.run([sys.executable, str(script), str(directory), str(ROOT)], capture_output=True, text=True,
-                          timeout=60)
+    done = subprocess.run([sys.executable, str(script), str(directory), str(ROOT), who], capture_output=True,
+                          text=True, timeout=60)
     lines = done.stdout.splitlines()
     assert any(line.startswith("first error:") and "File too large" in line for line in lines), done.stdout + done.stderr
     assert any(line.startswith("later append:") and "takes no more records" in line for line in lines)

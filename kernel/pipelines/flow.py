@@ -347,16 +347,22 @@ class DecisionEngine:
                 records.append(record)
         opening = None
         if not records:
-            tickets = []
-        elif reviews is None or not any(d.review_id for d in decided):
-            tickets = audit.append_many(records)
-        else:
-            # Registered together with the append (one lock): the mark that says "every escalation
-            # below this sequence has its review row" must never pass a group still opening its reviews.
+            return decided, [], None
+        if reviews is not None and any(d.review_id for d in decided):
+            # Registered before the append: the mark that says "every escalation below this sequence
+            # has its review row" must never pass a group still opening its reviews. The durable size
+            # now is a lower bound of the group's first sequence, which is all the mark needs.
             opening = object()
             with self._opening_lock:
-                tickets = audit.append_many(records)
-                self._opening[opening] = tickets[0].sequence
+                self._opening[opening] = audit.size
+        try:
+            # Written on this thread (the finisher waits for it anyway) unless another group is being written.
+            tickets = audit.append_many(records, write_here=True)
+        except BaseException:
+            if opening is not None:
+                with self._opening_lock:
+                    del self._opening[opening]
+            raise
         return decided, tickets, opening  # opening: the group's token in _opening while its reviews are stored
 
     def _complete(self, group: list[Pending], results: list, decided: list, tickets: list,
