@@ -377,6 +377,7 @@ class DecisionEngine:
         audit_ns = (time.monotonic_ns() - audit_started) // max(1, len(tickets))
         escalated = [(pending, decision) for pending, decision in zip(group, results)
                      if not isinstance(decision, KernelError) and decision.review_id]
+        deferred = None
         if escalated:
             rows = [(decision, pending.request, pending.pipeline.escalation.review_actions,
                      pending.pipeline.escalation.review_sla_s, pending.task_id, decision.review_id)
@@ -386,7 +387,7 @@ class DecisionEngine:
                 # before the answer: a lost row is reopened from its record at start
                 # (kernel/review/reopen.py), and every read of the queue waits for the rows queued
                 # before it (kernel/review/deferred.py). Its group stays in _opening until stored.
-                self._review_rows.add(rows, opening)
+                deferred = rows
             else:  # one transaction (one group-committed fsync) for the group's reviews; tasks reopen their own
                 opened = reviews.create_many(rows, durable=True)
                 if opening is not None:
@@ -410,6 +411,8 @@ class DecisionEngine:
             if store is not None and pending.request.idempotency_key:
                 store.put(pending.request.tenant, pending.request.idempotency_key, pending.request_hash,
                           decision.SerializeToString())
+        if deferred is not None:  # queued once every decision is final: the proposed decision is the answer as sent
+            self._review_rows.add(deferred, opening)
         return results
 
     # -- entry points ---------------------------------------------------------------
