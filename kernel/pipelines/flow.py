@@ -131,7 +131,8 @@ class DecisionEngine:
 
     def _store_review_rows(self, items: list, groups: list) -> None:
         """DeferredRows' store: the review rows of ``groups`` (their tokens in ``_opening``), one transaction."""
-        self.services.reviews.create_many(items, durable=False, recorded_before=lambda: self.recorded_before(groups))
+        self.services.reviews.create_many(items, durable=False, recorded_before=lambda: self.recorded_before(groups),
+                                          answer=False)
         with self._opening_lock:
             for group in groups:
                 del self._opening[group]

@@ -162,7 +162,7 @@ class ReviewQueue:
         return self._present(stored)
 
     def create_many(self, items, durable: bool = True, recorded_before: Callable[[], int] | None = None,
-                    now: int | None = None) -> list[kpb.Review]:
+                    now: int | None = None, answer: bool = True) -> list[kpb.Review] | None:
         """``create`` for each item, ``(decision, request, actions, sla_seconds[, task_id[, review_id]])``.
 
         All items are checked first (a bad one raises INVALID_ARGUMENT naming
@@ -175,7 +175,9 @@ class ReviewQueue:
         whose durable audit records can open them again (``recorded_before``,
         evaluated in the same transaction, says up to which audit sequence;
         see ``kernel/review/reopen.py``). ``now`` (wall clock) backdates the
-        reviews, for those reopened from their records.
+        reviews, for those reopened from their records. ``answer=False``:
+        return None instead of the stored reviews (a background writer has
+        nobody to show them to).
         """
         now = self._clock() if now is None else now
         reviews = []
@@ -194,6 +196,8 @@ class ReviewQueue:
                 self._publish_created(result)
 
         stored = self._records.insert_many(reviews, publish, durable=durable, recorded_before=recorded_before)
+        if not answer:
+            return None
         return [self._present(review, self._clock()) for review, _created in stored]
 
     def recorded_before(self) -> int:

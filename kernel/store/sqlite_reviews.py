@@ -60,17 +60,23 @@ def _raise_mark(conn, key: str, value: int) -> None:
                  "ON CONFLICT (key) DO UPDATE SET value = max(value, excluded.value)", (key, int(value)))
 
 
+_INSERT = (
+    "INSERT INTO reviews (review_id, pipeline, tenant, resolved, lease_expires_unix_ns,"
+    " sla_deadline_unix_ns, resolved_unix_ns, task_id, delivered, revision, body)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, 1, ?)"
+)
+
+
+def _row(review: kpb.Review) -> tuple:
+    return (review.review_id, *_columns(review), review.task_id, review.SerializeToString())
+
+
 def _insert(conn, review: kpb.Review) -> tuple[kpb.Review, bool]:
     if review.task_id:
         found = conn.execute("SELECT body FROM reviews WHERE task_id = ?", (review.task_id,)).fetchone()
         if found is not None:
             return kpb.Review.FromString(found[0]), False
-    conn.execute(
-        "INSERT INTO reviews (review_id, pipeline, tenant, resolved, lease_expires_unix_ns,"
-        " sla_deadline_unix_ns, resolved_unix_ns, task_id, delivered, revision, body)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, 1, ?)",
-        (review.review_id, *_columns(review), review.task_id, review.SerializeToString()),
-    )
+    conn.execute(_INSERT, _row(review))
     return review, True
 
 
@@ -98,7 +104,11 @@ class SqliteReviewRecords:
         raises the stored ``RECORDED_BEFORE`` mark to it (see ``recorded_before``).
         """
         def work(conn):
-            stored = [_insert(conn, review) for review in reviews]
+            if any(review.task_id for review in reviews):  # a task's review may exist already: one by one
+                stored = [_insert(conn, review) for review in reviews]
+            else:  # one statement for all (decisions' reviews, usually many per background transaction)
+                conn.executemany(_INSERT, [_row(review) for review in reviews])
+                stored = [(review, True) for review in reviews]
             if recorded_before is not None:
                 _raise_mark(conn, RECORDED_BEFORE, recorded_before())
             return stored
