@@ -224,7 +224,11 @@ class DecisionEngine:
                                     pipeline_version=pipeline.hash)
             model = template.model
             model.model_name, model.model_version, model.route_arm = mv.name, mv.version, "primary"
-            found = (labels, out_index, descriptions, tuple("score." + name for name in labels), template)
+            # The audit record's static part too, decision template inside: one C-level merge per decision.
+            record_template = kpb.AuditRecord(kind=kpb.DECISION, pipeline=pipeline.name, pipeline_version=pipeline.hash)
+            record_template.decision.CopyFrom(template)
+            found = (labels, out_index, descriptions, tuple("score." + name for name in labels), template,
+                     record_template)
             if len(self._statics) > 64:  # old pipeline versions; cheap to recompute
                 self._statics.clear()
             self._statics[key] = found
@@ -239,7 +243,7 @@ class DecisionEngine:
         pipeline = group[0].pipeline
         policy_started = time.monotonic_ns()
         mv = group[0].item.model
-        labels, out_index, descriptions, score_names, template = self._static(pipeline, mv)
+        labels, out_index, descriptions, score_names, template, record_template = self._static(pipeline, mv)
         n = len(group)
         # Per row in plain Python, the model's outputs joined to the row's fields: for the few rows of a
         # group this is cheaper than numpy columns, and it lets the policy take its compiled one-pass
@@ -276,14 +280,18 @@ class DecisionEngine:
                     f"model {mv.name}/{mv.version} returned non-finite scores (request id {pending.request_id})")))
                 continue
             request = pending.request
-            if audited:
-                record = pending.record = provenance.new_record(kpb.DECISION, pending.principal, request.tenant,
-                                                                pending.request_id, request.idempotency_key,
-                                                                pipeline.name, pipeline.hash)
+            if audited:  # (the fields provenance.new_record sets, from the static template)
+                record = pending.record = kpb.AuditRecord()
+                record.MergeFrom(record_template)
+                record.principal = pending.principal
+                if request.tenant:
+                    record.tenant = request.tenant
+                record.request_id = pending.request_id
+                if request.idempotency_key:
+                    record.idempotency_key = request.idempotency_key
                 if pending.task_id:
                     record.task_id = pending.task_id
                 decision = record.decision
-                decision.MergeFrom(template)
                 model_outputs = record.model_outputs
                 for name, value in zip(labels, score_rows[k]):
                     model_outputs[name] = value
