@@ -430,6 +430,13 @@ class DecisionEngine:
             self._review_rows.add(deferred, opening)
         return results
 
+    def finish_in_groups(self, pending: Pending):
+        """Mark ``pending``'s model work so the lane hands it to the finisher thread when it has run
+        (``pending.result`` is set before its caller hears of it); returns the work item."""
+        item = pending.item
+        item.finisher, item.owner = self._finish_later, pending
+        return item
+
     # -- entry points ---------------------------------------------------------------
     def decide(self, request, deadline_ns: int | None, principal: str = ANONYMOUS, on_wait=None,
                arrived_ns: int | None = None) -> kpb.Decision:
@@ -444,8 +451,7 @@ class DecisionEngine:
         pending = self.prepare(request, deadline_ns, principal, arrived_ns)
         if isinstance(pending, kpb.Decision):
             return pending
-        item = pending.item
-        item.finisher, item.owner = self._finish_later, pending
+        item = self.finish_in_groups(pending)
         try:
             self.run_blocking(pending, on_wait)
         finally:

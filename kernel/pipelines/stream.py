@@ -1,10 +1,11 @@
 """DecideStream: many decisions in flight on one stream, each answer tagged with its request id.
 
 A reader thread validates each incoming request and queues its model work
-without waiting for it; the lanes batch them with everything else. The
-stream's own thread collects whatever has finished and finishes it as one
-group (policy vectorized over the group, one audit wait for all), so the
-per-decision cost falls as load rises. A bad request gets an answer with
+without waiting for it; the lanes batch them with everything else and hand
+them to the decision engine's finisher thread, which decides and audits them
+in groups together with every other finished decision (unary ones too), so
+the per-decision cost falls as load rises. The stream's own thread only sends
+the answers (and finishes, as one group, the few that never ran). A bad request gets an answer with
 ``error_code``/``error_message`` and the stream goes on. Answers come in
 completion order, not request order.
 """
@@ -73,7 +74,9 @@ def decide_stream(engine: DecisionEngine, requests: Iterator, ctx, principal: st
                 if isinstance(pending, kpb.Decision):  # answered from the idempotency store
                     events.put(pending)
                     continue
-                pending.item.on_done = lambda _item, p=pending: finished(p)
+                # Decided with every other finished decision (unary ones too) on the finisher thread;
+                # on_done then only hands the answer to this stream.
+                engine.finish_in_groups(pending).on_done = lambda _item, p=pending: finished(p)
                 with lock:
                     queued[id(pending.item)] = pending
                 try:
@@ -110,7 +113,14 @@ def decide_stream(engine: DecisionEngine, requests: Iterator, ctx, principal: st
             if event is _END:
                 reading = False
             elif isinstance(event, Pending):
-                group.append(event)
+                event.item.owner = None  # (no reference cycle left for the garbage collector)
+                if event.result is None:  # it never ran (cancelled, expired) or the finisher was closing
+                    group.append(event)
+                else:
+                    slots.release()
+                    answered += 1
+                    result = event.result
+                    yield result if isinstance(result, kpb.Decision) else error_decision(event.request, result)
             elif isinstance(event, kpb.Decision):
                 slots.release()
                 answered += 1
