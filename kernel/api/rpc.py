@@ -41,30 +41,68 @@ _END = object()
 
 
 class CallContext:
-    """What a handler may know about its call, independent of the front end."""
+    """What a handler may know about its call, independent of the front end.
 
-    __slots__ = ("deadline_ns", "metadata", "peer", "arrived_ns", "_done", "_callbacks", "_lock")
+    Built on every call, so it does as little as it can up front: metadata
+    and peer are read from the gRPC context when first asked for, and the
+    call's end is hooked only once a handler registers ``on_done`` (most unary
+    calls never do, or only when they have to wait).
+    """
 
-    def __init__(self, deadline_ns: int | None, metadata: dict[str, str], peer: str = "", arrived_ns: int | None = None):
+    __slots__ = ("deadline_ns", "arrived_ns", "_source", "_metadata", "_peer", "_done", "_callbacks", "_lock",
+                 "_hooked")
+
+    def __init__(self, deadline_ns: int | None, metadata: dict[str, str] | None = None, peer: str = "",
+                 arrived_ns: int | None = None, source=None):
         self.deadline_ns = deadline_ns  # absolute time.monotonic_ns(), or None without a gRPC deadline
-        self.metadata = metadata  # invocation metadata, last value per key
-        self.peer = peer
         self.arrived_ns = arrived_ns  # when the call came in (unary calls; see registration.py), else None
+        # source: the gRPC context, when given: metadata, peer and the call's end come from it on demand.
+        self._source = source
+        self._metadata = metadata
+        self._peer = peer
         self._done = False
         self._callbacks: list[Callable[[], None]] = []
         self._lock = threading.Lock()
+        self._hooked = source is None  # without a source, the front end calls _finish itself
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        """Invocation metadata, last value per key."""
+        if self._metadata is None:
+            source = self._source
+            self._metadata = {key: value for key, value in ((source.invocation_metadata() if source else None) or ())}
+        return self._metadata
+
+    @property
+    def peer(self) -> str:
+        if not self._peer and self._source is not None:
+            try:
+                self._peer = self._source.peer()
+            except Exception:  # not every context knows its peer
+                self._peer = ""
+        return self._peer
 
     def is_active(self) -> bool:
         """False once the client has gone away, the deadline passed or the call ended."""
-        return not self._done
+        if self._done:
+            return False
+        if not self._hooked:  # nobody asked to hear of the end: ask gRPC directly
+            return self._source.is_active()
+        return True
 
     def on_done(self, callback: Callable[[], None]) -> None:
         """Call ``callback()`` (once, from any thread) when the call ends for any reason."""
         with self._lock:
             if not self._done:
                 self._callbacks.append(callback)
-                return
-        callback()
+                hook = not self._hooked
+                self._hooked = True
+            else:
+                hook = None
+        if hook is None:
+            callback()
+        elif hook and not self._source.add_callback(self._finish):
+            self._finish()  # the RPC already ended
 
     def _finish(self) -> None:
         with self._lock:
@@ -94,6 +132,11 @@ def _context_from(grpc_context, arrived_ns: int | None = None) -> CallContext:
     return CallContext(_deadline_ns(grpc_context.time_remaining()), metadata, peer, arrived_ns)
 
 
+def _lazy_context(grpc_context, arrived_ns: int | None = None) -> CallContext:
+    """The sync front end's context: reads the gRPC context only for what a handler asks."""
+    return CallContext(_deadline_ns(grpc_context.time_remaining()), arrived_ns=arrived_ns, source=grpc_context)
+
+
 # --------------------------------------------------------------------------- sync
 def _sync_fail(rpc: str, exc: BaseException, context) -> None:
     if isinstance(exc, KernelError):
@@ -105,8 +148,7 @@ def _sync_fail(rpc: str, exc: BaseException, context) -> None:
 
 def sync_handler(rpc: str, handler: Callable, client_streaming: bool, server_streaming: bool) -> Callable:
     def prepare(request_or_iterator, context, arrived_ns=None):
-        ctx = _context_from(context, arrived_ns)
-        context.add_callback(ctx._finish)
+        ctx = _lazy_context(context, arrived_ns)
         if client_streaming:
             return request_or_iterator, ctx  # messages that did not parse come as Unparsable (see above)
         ensure_parsed(request_or_iterator)
