@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
 from ..pipelines import DecisionEngine, PipelineRegistry
+from ..scheduling.types import ITEM_QUEUED
 from ..pipelines.stream import decide_stream
 
 
@@ -19,8 +20,10 @@ def pipeline_info(pipeline) -> kpb.PipelineInfo:
 def decision_handlers(engine: DecisionEngine, registry: PipelineRegistry) -> dict:
     def decide(request, ctx):
         def on_wait(item) -> None:
-            # Only a request that has to wait needs to hear about a client that leaves.
-            ctx.on_done(lambda: engine.inference.cancel(item))
+            # Only a request still queued when its caller has to wait can be taken back from the queue
+            # if the client leaves (one already run waits for its finisher: nothing to cancel there).
+            if item.state == ITEM_QUEUED:
+                ctx.on_done(lambda: engine.inference.cancel(item))
 
         return engine.decide(request, ctx.deadline_ns, on_wait=on_wait, arrived_ns=ctx.arrived_ns)
 

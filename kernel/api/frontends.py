@@ -19,6 +19,7 @@ import grpc
 from .._proto.inference import grpc_service_pb2 as pb
 from ..errors import KernelError
 from .inference import InferenceService, new_request_id
+from ..scheduling.types import ITEM_QUEUED
 from .call_budget import CallBudget
 from .registration import ensure_parsed, generic_handler
 
@@ -186,9 +187,9 @@ def sync_servicer(service: InferenceService, budget: CallBudget | None = None) -
 
     def ModelInfer(request, context, arrived_ns=None):
         def on_wait(item) -> None:
-            # Client cancellation reaches the queue, hooked up only for requests
-            # that wait (a request run inline at once has nothing to cancel).
-            if not context.add_callback(lambda: service.cancel(item)):
+            # Client cancellation reaches the queue, hooked up only for requests that wait while
+            # still queued (one run inline, or already in another thread's batch, has nothing to cancel).
+            if item.state == ITEM_QUEUED and not context.add_callback(lambda: service.cancel(item)):
                 service.cancel(item)  # the RPC already ended
 
         # _sync_call written out: this is the one per-request handler worth the lines.
