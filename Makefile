@@ -39,7 +39,7 @@ demo: models
 # again on the pure-Python references (AIOS_PURE_PYTHON=1): both must pass.
 PURE_SUITES := tests/test_oip.py tests/test_bad_input.py tests/test_scheduling.py \
 	tests/test_policy_semantics.py tests/test_policy_backends.py tests/test_policy_differential.py \
-	tests/test_pipelines.py tests/test_decisions.py \
+	tests/test_pipelines.py tests/test_pipeline_codec.py tests/test_decisions.py \
 	tests/test_scheduling_grpc.py tests/test_fuzz_oip.py tests/test_cli.py
 
 test: $(STAMP)
@@ -49,6 +49,7 @@ test: $(STAMP)
 bench-micro: $(STAMP)
 	$(PY) -m pytest -q tests/bench -o addopts="" --benchmark-only
 	$(PY) -m bench.scheduler_micro
+	$(PY) -m bench.prepare_micro
 
 bench: $(STAMP)
 	$(PY) -m bench.frontends

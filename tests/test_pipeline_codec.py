@@ -1,5 +1,7 @@
-"""The compiled request reader and one-row encoder (kernel/pipelines/rowcodec.py) against their
-definitions: ``FieldSpec.read`` per field, the unknown/required checks, and ``encode_one``."""
+"""The pipeline row codecs against their definitions: ``FieldSpec.read`` per field, the unknown/required
+checks, ``encode_one`` and ``provenance.input_hash``. Every test runs against the reference
+(kernel/pipelines/rowcodec.py) and the compiled twin (ext/rowcodec.pyx, skipped when not built or
+with ``AIOS_PURE_PYTHON=1``); tests/test_pipeline_codec_differential.py compares the two directly."""
 
 from __future__ import annotations
 
@@ -15,10 +17,16 @@ from examples.claims import data
 from kernel._proto.aios.kernel.v1 import kernel_pb2 as kpb
 from kernel.decision_client import to_value
 from kernel.errors import InvalidArgument
-from kernel.pipelines import load_pipeline
+from kernel import accel
+from kernel.pipelines import load_pipeline, provenance
 from kernel.pipelines.fields import FieldSpec, encode_one
-from kernel.pipelines.rowcodec import RowCodec
+from kernel.pipelines.rowcodec import RowCodec as ReferenceRowCodec
 from kernel.policy import load_policy
+
+try:
+    from kernel._ext.rowcodec import RowCodec as CompiledRowCodec
+except ImportError:  # not built: the compiled side is skipped
+    CompiledRowCodec = None
 
 PIPELINE = Path(__file__).resolve().parent.parent / "examples" / "claims" / "pipelines" / "claims_triage.toml"
 
@@ -34,6 +42,11 @@ SPECS = (
     FieldSpec("police", "bool", default=False, encode="bool"),
 )
 WIDTH = sum(spec.width for spec in SPECS)
+
+_NO_COMPILED = pytest.mark.skipif(CompiledRowCodec is None or accel.FORCE_PURE,
+                                  reason="compiled row codec not built or AIOS_PURE_PYTHON=1")
+CODECS = [pytest.param(ReferenceRowCodec, id="reference"),
+          pytest.param(CompiledRowCodec, id="compiled", marks=_NO_COMPILED)]
 
 
 def reference_read(fields: tuple[FieldSpec, ...], pipeline: str, given) -> dict:
@@ -97,36 +110,106 @@ requests_st = st.tuples(
 ).map(lambda t: {**t[0], t[1]: t[2]} if t[1] else t[0])
 
 
-@settings(max_examples=500, deadline=None)
-@given(requests_st)
-def test_compiled_reader_agrees_with_the_field_definitions(fields):
-    request = kpb.DecisionRequest()
+def request_of(fields: dict, text: dict | None = None) -> kpb.DecisionRequest:
+    request = kpb.DecisionRequest(pipeline="p")
     for name, value in fields.items():
         if value is None:
             request.fields[name]  # an empty Value: present, of no kind
         else:
             request.fields[name].CopyFrom(to_value(value))
-    codec = RowCodec("p", SPECS, WIDTH)
+    for name, value in (text or {}).items():
+        request.text_fields[name] = value
+    # As the server sees it: parsed from the wire.
+    return kpb.DecisionRequest.FromString(request.SerializeToString())
+
+
+def defined(fields: tuple[FieldSpec, ...], width: int, pipeline: str, request, digests: dict):
+    """What ``read_encode_hash`` must return, from the definitions alone."""
+    values = reference_read(fields, pipeline, request.fields)
+    return values, encode_one(fields, values, width), provenance.input_hash(pipeline, values, digests)
+
+
+@pytest.mark.parametrize("codec_class", CODECS)
+@settings(max_examples=500, deadline=None)
+@given(fields=requests_st, text=st.dictionaries(st.sampled_from(["note", "story", "ünï"]), st.text(max_size=8),
+                                                max_size=2))
+def test_codec_agrees_with_the_field_definitions(codec_class, fields, text):
+    request = request_of(fields, text)
+    digests = provenance.text_digests(request.text_fields)
+    codec = codec_class("p", SPECS, WIDTH)
     expected = outcome(lambda: reference_read(SPECS, "p", request.fields))
     got = outcome(lambda: codec.read(request.fields))
     assert same(got, expected), (got, expected)
     if expected[0] == "ok":
         assert outcome(lambda: codec.encode(got[1]).tobytes()) == outcome(
             lambda: encode_one(SPECS, expected[1], WIDTH).tobytes())
+        assert codec.input_hash(got[1], digests) == provenance.input_hash("p", expected[1], digests)
+    fused = outcome(lambda: codec.read_encode_hash(request, digests))
+    want = outcome(lambda: defined(SPECS, WIDTH, "p", request, digests))
+    assert fused[0] == want[0], (fused, want)
+    if want[0] == "ok":
+        (values, row, digest), (want_values, want_row, want_digest) = fused[1], want[1]
+        assert same(("ok", values), ("ok", want_values)) and list(values) == list(want_values)
+        assert row.tobytes() == want_row.tobytes() and row.shape == want_row.shape == (1, WIDTH)
+        assert digest == want_digest
+    else:
+        assert fused == want
 
 
-def test_claims_cases_read_and_encode_exactly_as_defined():
+@pytest.mark.parametrize("codec_class", CODECS)
+def test_claims_cases_read_encode_and_hash_exactly_as_defined(codec_class):
     pipeline = load_pipeline(PIPELINE, load_policy)
-    for case in data.generate_cases(500, seed=11):
-        request = kpb.DecisionRequest()
-        for name in data.REQUEST_FIELDS:
-            request.fields[name].CopyFrom(to_value(case[name]))
-        values = pipeline.codec.read(request.fields)
+    codec = codec_class(pipeline.name, pipeline.fields, pipeline.width)
+    for i, case in enumerate(data.generate_cases(500, seed=11)):
+        # Every fifth case leaves a field out (its default is used); some carry free text.
+        fields = {name: case[name] for j, name in enumerate(data.REQUEST_FIELDS) if i % 5 or j != i % 8}
+        request = request_of(fields, {"description": case["description"]} if i % 2 else None)
+        digests = provenance.text_digests(request.text_fields)
+        values = codec.read(request.fields)
         assert values == reference_read(pipeline.fields, pipeline.name, request.fields)
-        assert np.array_equal(pipeline.codec.encode(values), encode_one(pipeline.fields, values, pipeline.width))
+        assert np.array_equal(codec.encode(values), encode_one(pipeline.fields, values, pipeline.width))
+        fused_values, row, digest = codec.read_encode_hash(request, digests)
+        expected = defined(pipeline.fields, pipeline.width, pipeline.name, request, digests)
+        assert fused_values == expected[0] and list(fused_values) == list(expected[0])
+        assert row.tobytes() == expected[1].tobytes() and row.dtype == np.float32 and row.shape == (1, pipeline.width)
+        assert digest == expected[2] == codec.input_hash(values, digests)
 
 
-def test_a_value_beyond_float32_is_refused_by_name():
-    codec = RowCodec("p", SPECS, WIDTH)
+def test_the_pipeline_gets_the_compiled_codec_when_built():
+    codec = load_pipeline(PIPELINE, load_policy).codec
+    compiled = CompiledRowCodec is not None and not accel.FORCE_PURE
+    assert type(codec) is (CompiledRowCodec if compiled else ReferenceRowCodec)
+    assert accel.CHOSEN["row_codec"] == ("cython" if compiled else "python")
+
+
+@pytest.mark.parametrize("codec_class", CODECS)
+def test_a_value_beyond_float32_is_refused_by_name(codec_class):
+    codec = codec_class("p", SPECS, WIDTH)
     with pytest.raises(InvalidArgument, match="field 'free'"):
         codec.encode({**{s.name: s.default for s in SPECS}, "amount": 1.0, "free": 1e300})
+    with pytest.raises(InvalidArgument, match="field 'free'"):
+        codec.read_encode_hash(request_of({"amount": 1.0, "free": 1e300}), {})
+
+
+@pytest.mark.parametrize("codec_class", CODECS)
+def test_unknown_names_are_reported_before_other_mistakes(codec_class):
+    codec = codec_class("p", SPECS, WIDTH)
+    for fields in ({"zzz": 1.0}, {"amount": "gold", "zzz": 1.0}, {"amount": -5.0, "zzz": 1}, {"tier": 1, "zzz": 1}):
+        request = request_of(fields)
+        with pytest.raises(InvalidArgument, match="field 'zzz' is not a field of pipeline 'p'"):
+            codec.read(request.fields)
+        with pytest.raises(InvalidArgument, match="field 'zzz' is not a field of pipeline 'p'"):
+            codec.read_encode_hash(request, {})
+
+
+@pytest.mark.parametrize("codec_class", CODECS)
+def test_what_the_wire_reader_does_not_know_takes_the_object_path(codec_class):
+    # A Value with a member from a newer schema (field 9) keeps it as an unknown field; the kind the
+    # codec reads is still number_value, so the request is valid and decided as the definitions say.
+    value = kpb.Value(number_value=250.0).SerializeToString() + bytes([9 << 3, 1])
+    entry = b"\x0a\x06amount\x12" + bytes([len(value)]) + value
+    request = kpb.DecisionRequest.FromString(b"\x2a" + bytes([len(entry)]) + entry + b"\x7a\x03abc")
+    codec = codec_class("p", SPECS, WIDTH)
+    values, row, digest = codec.read_encode_hash(request, {})
+    expected = defined(SPECS, WIDTH, "p", request, {})
+    assert values == expected[0] and row.tobytes() == expected[1].tobytes() and digest == expected[2]

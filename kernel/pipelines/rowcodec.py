@@ -18,13 +18,17 @@ from collections.abc import Callable
 import numpy as np
 
 from ..errors import InvalidArgument
+from . import provenance
 from .fields import FLOAT32_MAX, FieldSpec, encode_one
 
 _MISSING = object()
 
 
 class RowCodec:
-    """``read(fields_map) -> dict`` and ``encode(values) -> (1, width) float32`` for one pipeline."""
+    """``read(fields_map) -> dict``, ``encode(values) -> (1, width) float32`` and ``input_hash`` for one pipeline.
+
+    The reference of ``ext/rowcodec.pyx`` (``AIOS_PURE_PYTHON=1`` or no extension built selects it).
+    """
 
     __slots__ = ("pipeline", "fields", "width", "sorted_names", "_plan", "_known", "_columns")
 
@@ -73,6 +77,17 @@ class RowCodec:
             if not column(values, row):
                 return encode_one(self.fields, values, self.width)  # out of float32 range: its error
         return np.array(row, dtype=np.float32).reshape(1, self.width)
+
+    def input_hash(self, values: dict, digests: dict[str, str]) -> str:
+        """``provenance.input_hash`` of this pipeline's values (the text audit records and replay compare)."""
+        return provenance.input_hash(self.pipeline, values, digests, self.sorted_names)
+
+    def read_encode_hash(self, request, digests: dict[str, str]) -> tuple[dict, np.ndarray, str]:
+        """``(values, row, input_hash)`` of a DecisionRequest: ``read(request.fields)``, ``encode``,
+        ``input_hash`` in that order (so the same error wins). The compiled codec does it in one pass
+        over the request's wire bytes."""
+        values = self.read(request.fields)
+        return values, self.encode(values), self.input_hash(values, digests)
 
 
 def _reader(spec: FieldSpec) -> Callable:

@@ -49,10 +49,15 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import accel
 from ..errors import InvalidArgument
 from .fields import ENCODINGS, FIELD_TYPES, TRANSFORMS, FieldSpec
 from .rowcodec import RowCodec
 from .tomlpos import line_of
+
+# ext/rowcodec.pyx when built, else the reference; read as `.RowCodec` when a pipeline is made (not here:
+# importing the extension first imports this module while the extension is still half-initialised).
+_row_codecs = accel.load("row_codec", "kernel._ext.rowcodec", "kernel.pipelines.rowcodec")
 
 MAX_PRIORITY = 2**32 - 1  # a DecisionRequest's priority is a uint32; the scheduler takes no more
 MAX_REVIEW_SLA_S = 100 * 365 * 86_400.0  # SLA deadlines are int64 wall-clock ns: keep them far from overflow
@@ -87,7 +92,7 @@ class Pipeline:
     width: int  # columns of the encoded input
     policy: object  # kernel.policy.Policy
     escalation: Escalation
-    codec: RowCodec  # the fields compiled for the request path
+    codec: RowCodec  # the fields compiled for the request path (or its compiled twin, kernel._ext.rowcodec)
 
     @property
     def actions(self) -> tuple[str, ...]:
@@ -218,7 +223,7 @@ def parse_pipeline(data: bytes, path: str, load_policy) -> Pipeline:
         width=sum(f.width for f in fields),
         policy=policy,
         escalation=escalation,
-        codec=RowCodec(name, fields, sum(f.width for f in fields)),
+        codec=_row_codecs.RowCodec(name, fields, sum(f.width for f in fields)),
     )
 
 
