@@ -35,15 +35,16 @@ ANONYMOUS = "anonymous"  # the principal until authentication lands
 class Pending:
     """One decision between ``prepare`` and ``finish``."""
 
-    __slots__ = ("request", "pipeline", "values", "digests", "item", "started_ns", "prepared_ns",
+    __slots__ = ("request", "pipeline", "values", "digests", "input_hash", "item", "started_ns", "prepared_ns",
                  "request_id", "principal", "task_id", "request_hash", "record", "result")
 
-    def __init__(self, request, pipeline: Pipeline, values: dict, digests: dict, item, started_ns: int,
-                 request_id: str, principal: str, request_hash: str):
+    def __init__(self, request, pipeline: Pipeline, values: dict, digests: dict, input_hash: str, item,
+                 started_ns: int, request_id: str, principal: str, request_hash: str):
         self.request = request
         self.pipeline = pipeline
         self.values = values
         self.digests = digests
+        self.input_hash = input_hash
         self.item = item
         self.started_ns = started_ns
         self.prepared_ns = time.monotonic_ns()
@@ -103,17 +104,18 @@ class DecisionEngine:
             replay = self._replayed(request, request_hash)
             if replay is not None:
                 return replay
-        values = pipeline.codec.read(request.fields)
         digests = provenance.text_digests(request.text_fields) if request.text_fields else {}
+        # Validated values, the model row and the input hash in one pass (compiled: over the wire bytes).
+        values, row, input_hash = pipeline.codec.read_encode_hash(request, digests)
         mv = self.inference.resolve(pipeline.model, pipeline.model_version)
-        row = pipeline.codec.encode(values)
         request_id = request.request_id or os.urandom(8).hex()
         priority = request.priority or pipeline.priority or mv.config.priority
         deadline = request_deadline(time.monotonic_ns(), deadline_ns,
                                     (request.timeout_ms or pipeline.timeout_ms) * 10**6, arrived_ns)
         item = WorkItem(mv, 1, ((pipeline.width,),), {pipeline.input: row}, request_id=request_id,
                         priority=priority, deadline_ns=deadline, tenant=request.tenant)
-        return Pending(request, pipeline, values, digests, item, started, request_id, principal, request_hash)
+        return Pending(request, pipeline, values, digests, input_hash, item, started, request_id, principal,
+                       request_hash)
 
     def recorded_before(self, exclude=()) -> int:
         """The audit sequence below which every escalated decision has its review row stored.
@@ -198,7 +200,7 @@ class DecisionEngine:
         policy = pipeline.policy
         decision = kpb.Decision(
             request_id=pending.request_id, action=pipeline.fallback_action, outcome=kpb.FALLBACK,
-            input_hash=provenance.input_hash(pipeline.name, pending.values, pending.digests, pipeline.codec.sorted_names),
+            input_hash=pending.input_hash,
             tenant=request.tenant, idempotency_key=request.idempotency_key, policy_name=policy.name,
             policy_hash=policy.hash, policy_version=str(policy.version), pipeline=pipeline.name,
             pipeline_version=pipeline.hash,
@@ -270,7 +272,6 @@ class DecisionEngine:
         minimum = pipeline.escalation.min_confidence
         errors = getattr(result, "error", None)
         actions, escalates = result.action.tolist(), result.escalate.tolist()
-        sorted_names = pipeline.codec.sorted_names
         audited = self.services.audit is not None
         decisions: list = []
         for k, pending in enumerate(group):
@@ -302,7 +303,7 @@ class DecisionEngine:
             fired = result.fired[k]
             decision.request_id = pending.request_id
             decision.action = actions[k]
-            decision.input_hash = provenance.input_hash(pipeline.name, pending.values, pending.digests, sorted_names)
+            decision.input_hash = pending.input_hash
             if request.tenant:
                 decision.tenant = request.tenant
             if request.idempotency_key:
