@@ -5,9 +5,9 @@ hashes of complete subtrees from height ``CACHE_LEVEL`` up (about 32/16 more
 bytes per record, all levels together); smaller subtrees are rehashed from
 their leaves on demand (at most 15 hashes). Any MTH the RFC's recursion asks
 for is then a right fold over O(log n) cached subtrees, so a root or a proof
-costs O(log n) hashes. The cache is filled lazily (``catch_up``), which keeps
-the append itself cheap: the writer appends a group's leaves, releases its
-waiters, then catches up.
+costs O(log n) hashes. The cache is filled lazily: a root or a proof first
+catches up with the leaves appended since (``catch_up``), which keeps the
+append itself cheap — the writer only appends each group's leaves.
 
 ``CompactRange`` computes roots of a growing prefix with O(log n) memory; the
 verifier uses it. ``verify_inclusion``/``verify_consistency`` are the RFC's

@@ -347,7 +347,8 @@ class AuditLog:
         self._written = sequence
         self._groups += 1
         self._watermark.publish(sequence)
-        self._tree.catch_up()  # after the waiters are released: proofs need it, callers do not
+        # (The Merkle tree's subtree cache fills when a root or proof is asked for — each checkpoint,
+        # or an auditor — not after every group: per group it cost ~3.6 µs per decision.)
 
     def _new_segment(self, first_sequence: int) -> AppendFile:
         segment = AppendFile.create(self.directory / segment_name(first_sequence), MAGIC)
