@@ -40,3 +40,4 @@ def load(component: str, compiled: str, reference: str) -> ModuleType:
 
 
 bytes_codec = load("bytes_codec", "kernel._ext.bytes_codec", "kernel.bytes_codec")
+wire = load("wire", "kernel._ext.wire", "kernel.wire")

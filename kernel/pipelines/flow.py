@@ -358,7 +358,7 @@ class DecisionEngine:
                     record = provenance.decision_record(decision, pending.principal)
                     if pending.task_id:
                         record.task_id = pending.task_id
-                provenance.add_inputs(record, pending.request.fields, pending.values, pending.digests)
+                provenance.add_inputs(record, pending.request, pending.values, pending.digests)
                 decided.append(decision)
                 records.append(record)
         opening = None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 
 from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
+from ..accel import wire
 from ..decision_client import to_value
 
 
@@ -59,11 +60,18 @@ def decision_record(decision: kpb.Decision, principal: str) -> kpb.AuditRecord:
     return record
 
 
-def add_inputs(record: kpb.AuditRecord, given, values: dict, digests: dict[str, str]) -> None:
+_FIELDS = kpb.DecisionRequest.DESCRIPTOR.fields_by_name["fields"].number
+_INPUTS = kpb.AuditRecord.DESCRIPTOR.fields_by_name["inputs"].number
+
+
+def add_inputs(record: kpb.AuditRecord, request: kpb.DecisionRequest, values: dict, digests: dict[str, str]) -> None:
     """What replay needs: the request's (validated) field map as it came, the defaults the pipeline
     filled in, and each free-text field's digest."""
+    given = request.fields
+    # The same map type under another field number: its entries' bytes, re-tagged, parse straight into
+    # the record (a third of what copying them through upb's Python map objects costs).
+    record.MergeFromString(wire.retag(request.SerializeToString(), _FIELDS, _INPUTS))
     inputs = record.inputs
-    inputs.MergeFrom(given)
     if len(given) != len(values):
         for name, value in values.items():
             if name not in given:
