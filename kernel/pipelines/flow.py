@@ -15,6 +15,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass
+from math import isfinite
 
 from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
 from ..errors import DeadlineExceeded, FailedPrecondition, Internal, KernelError
@@ -253,10 +254,10 @@ class DecisionEngine:
         rows, score_rows, confidences, finite = [], [], [], []
         for pending in group:
             scores = pending.item.outputs[out_index].ravel().tolist()
-            ok = all(x - x == 0.0 for x in scores)  # x - x is 0.0 only when x is finite
+            ok = all(map(isfinite, scores))
             if not ok:  # a model fault for this request alone: its neighbours are still decided
                 scores = [0.0] * len(scores)
-            best = max(range(len(scores)), key=scores.__getitem__)  # the first maximum, as numpy's argmax
+            best = scores.index(max(scores))  # the first maximum, as numpy's argmax
             row = dict(pending.values)  # (outputs win over a field of the same name, as before)
             row["label"] = labels[best]
             row["confidence"] = confidence = scores[best]
