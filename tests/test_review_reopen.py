@@ -83,6 +83,8 @@ def test_reviews_lost_with_the_database_tail_are_reopened_unchanged(models, tmp_
     assert set(after) == set(escalated), "every escalated decision has its review again"
     assert f"reopened {LOST} reviews from the audit log" in log
     records = {r.sequence: r for r in iter_directory(data_dir / "audit", 0, RecordFilter(kind=kpb.DECISION))}
+    for review_id, review in before.items():  # stored ones are dated by their record too, as reopened ones are
+        assert review.created_unix_ns == records[escalated[review_id].audit_sequence].time_unix_ns
     for review_id in lost:
         review, decision = after[review_id], escalated[review_id]
         original = before[review_id]

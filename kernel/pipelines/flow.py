@@ -356,7 +356,7 @@ class DecisionEngine:
             if audit is not None:
                 record = pending.record
                 if record is None:  # a fallback decision, built on its own
-                    record = provenance.decision_record(decision, pending.principal)
+                    record = pending.record = provenance.decision_record(decision, pending.principal)
                     if pending.task_id:
                         record.task_id = pending.task_id
                 provenance.add_inputs(record, pending.request, pending.values, pending.digests)
@@ -397,7 +397,8 @@ class DecisionEngine:
         deferred = None
         if escalated:
             rows = [(decision, pending.request, pending.pipeline.escalation.review_actions,
-                     pending.pipeline.escalation.review_sla_s, pending.task_id, decision.review_id)
+                     pending.pipeline.escalation.review_sla_s, pending.task_id, decision.review_id,
+                     pending.record.time_unix_ns if pending.record is not None else 0)  # dated by its record
                     for pending, decision in escalated]
             if opening is not None and self.services.audit.mode == "fsync" and not any(p.task_id for p, _ in escalated):
                 # Every record is fsynced, so its review row needs no fsync and need not even be stored

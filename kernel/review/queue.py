@@ -163,7 +163,7 @@ class ReviewQueue:
 
     def create_many(self, items, durable: bool = True, recorded_before: Callable[[], int] | None = None,
                     now: int | None = None, answer: bool = True) -> list[kpb.Review] | None:
-        """``create`` for each item, ``(decision, request, actions, sla_seconds[, task_id[, review_id]])``.
+        """``create`` for each item, ``(decision, request, actions, sla_seconds[, task_id[, review_id[, created]]])``.
 
         All items are checked first (a bad one raises INVALID_ARGUMENT naming
         ``items[i]``, and nothing is stored); then all reviews are stored in
@@ -175,17 +175,20 @@ class ReviewQueue:
         whose durable audit records can open them again (``recorded_before``,
         evaluated in the same transaction, says up to which audit sequence;
         see ``kernel/review/reopen.py``). ``now`` (wall clock) backdates the
-        reviews, for those reopened from their records. ``answer=False``:
+        reviews, for those reopened from their records; an item's own
+        ``created`` (wall-clock ns, 0 = ``now``) wins over it: reviews stored
+        in the background are dated by their decision's audit record, as a
+        reopened one would be. ``answer=False``:
         return None instead of the stored reviews (a background writer has
         nobody to show them to).
         """
         now = self._clock() if now is None else now
         reviews = []
         for index, item in enumerate(items):
-            if not isinstance(item, (tuple, list)) or not 4 <= len(item) <= 6:
+            if not isinstance(item, (tuple, list)) or not 4 <= len(item) <= 7:
                 raise InvalidArgument(
-                    f"items[{index}] must be a tuple (decision, request, actions, sla_seconds[, task_id[, review_id]]),"
-                    f" got {item!r}"
+                    f"items[{index}] must be a tuple (decision, request, actions, sla_seconds[, task_id[, review_id"
+                    f"[, created]]]), got {item!r}"
                 )
             reviews.append(self._new_review(*item, now=now, where=f"items[{index}]."))
         if not reviews:
@@ -212,7 +215,9 @@ class ReviewQueue:
         return self._records.get(review_id) is not None
 
     def _new_review(self, decision: kpb.Decision, request: kpb.DecisionRequest, actions, sla_seconds: float,
-                    task_id: str = "", review_id: str = "", *, now: int, where: str = "") -> kpb.Review:
+                    task_id: str = "", review_id: str = "", created: int = 0, *, now: int,
+                    where: str = "") -> kpb.Review:
+        now = created or now
         actions = list(actions)
         if not actions or any(not isinstance(a, str) or not a for a in actions):
             raise InvalidArgument(f"{where}actions must be a non-empty list of action names, got {actions!r}")
