@@ -205,6 +205,23 @@ def wait_idle(max_wait_s: float, below_cores: float = 0.3, sample_s: float = 1.0
             return round(waited, 1), round(cores, 2)
 
 
+def undisturbed(measure, wait_idle_s: float, max_others: float, retries: int):
+    """``measure()`` once the machine is idle, again while other processes used more than ``max_others``
+    cores during it (up to ``retries`` more times). Returns (its result, others' cores, attempts).
+
+    /proc/stat counts in 10 ms ticks, so the share of others is taken over the whole measurement."""
+    for attempt in range(1, retries + 2):
+        if wait_idle_s > 0:
+            wait_idle(wait_idle_s)
+        busy0, cpu0, wall0 = busy_seconds(), time.process_time(), time.perf_counter()
+        values = measure()
+        wall = time.perf_counter() - wall0
+        others = max(0.0, (busy_seconds() - busy0 - (time.process_time() - cpu0)) / wall)
+        if others <= max_others:
+            break
+    return values, others, attempt
+
+
 def model_counts(url: str, model: str) -> tuple[int, int] | None:
     """(inference_count, execution_count) from the server's ModelStatistics, or None."""
     try:

@@ -27,7 +27,7 @@ import statistics
 import time
 from pathlib import Path
 
-from bench.frontends import busy_seconds, wait_idle
+from bench.frontends import undisturbed
 
 ROOT = Path(__file__).resolve().parent.parent
 PIPELINE = ROOT / "examples" / "claims" / "pipelines" / "claims_triage.toml"
@@ -99,16 +99,8 @@ def per_request_us(work, cases, repeat: int) -> float:
 
 def run_pair(works: dict, cases, args) -> tuple[dict, float, int]:
     """One round of every contender; rerun while other processes disturbed it (up to --retries times)."""
-    for attempt in range(1, args.retries + 2):
-        if args.wait_idle > 0:
-            wait_idle(args.wait_idle)
-        busy0, cpu0, wall0 = busy_seconds(), time.process_time(), time.perf_counter()
-        values = {name: per_request_us(work, cases, args.repeat) for name, work in works.items()}
-        wall = time.perf_counter() - wall0
-        others = max(0.0, (busy_seconds() - busy0 - (time.process_time() - cpu0)) / wall)
-        if others <= args.max_others:
-            break
-    return values, others, attempt
+    return undisturbed(lambda: {name: per_request_us(work, cases, args.repeat) for name, work in works.items()},
+                       args.wait_idle, args.max_others, args.retries)
 
 
 def main(argv=None) -> int:

@@ -25,7 +25,7 @@ import platform
 import statistics
 import time
 
-from bench.frontends import busy_seconds, wait_idle
+from bench.frontends import undisturbed
 from kernel.scheduling import implementations
 from kernel.scheduling.policy import ModelSchedule
 from kernel.scheduling.types import PyWorkItem
@@ -121,16 +121,8 @@ def run_pair(impls, args) -> tuple[dict, float, int]:
     Returns ({name: µs per request}, CPU cores other processes used during the
     round, attempts). /proc/stat counts in 10 ms ticks, so the share of others
     is taken over the whole round, not per implementation."""
-    for attempt in range(1, args.retries + 2):
-        if args.wait_idle > 0:
-            wait_idle(args.wait_idle)
-        busy0, cpu0, wall0 = busy_seconds(), time.process_time(), time.perf_counter()
-        values = {cls.name: per_request_us(cls, args.queued, args.rounds) for cls in impls}
-        wall = time.perf_counter() - wall0
-        others = max(0.0, (busy_seconds() - busy0 - (time.process_time() - cpu0)) / wall)
-        if others <= args.max_others:
-            break
-    return values, others, attempt
+    return undisturbed(lambda: {cls.name: per_request_us(cls, args.queued, args.rounds) for cls in impls},
+                       args.wait_idle, args.max_others, args.retries)
 
 
 def main(argv=None) -> int:
