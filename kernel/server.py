@@ -24,11 +24,11 @@ from ._proto import POOL
 from ._proto.inference import grpc_service_pb2
 from .api import InferenceService, aio_servicer, kernel_services, sync_servicer
 from .api.call_budget import CallBudget
-from .api.frontends import no_wakeup_preemption
 from .api.handler_pool import HandlerPool, poller_policy
 from .config import Settings
 from .models import ModelHub
 from .scheduling import Lanes, device_of, make_scheduler, run_batch
+from .threads import no_wakeup_preemption
 
 log = logging.getLogger("aios.server")
 

@@ -10,7 +10,7 @@ record; measured alone, one submit → run → done-callback round costs ~3 µs
 less (bench/RESULTS.md, "Front ends: last two targets").
 
 Threads start on demand, up to ``max_workers``, and stay; each runs
-``initializer`` first (the kernel's ``no_wakeup_preemption``).
+``initializer`` first (the kernel's ``threads.no_wakeup_preemption``).
 
 ``on_overlap(overlapping)`` is called on the submitting thread (grpc's poller)
 when calls start to overlap (two or more already in progress as one more

@@ -22,6 +22,7 @@ import threading
 from collections.abc import Callable
 
 from ..errors import Internal, KernelError
+from ..threads import no_wakeup_preemption
 
 log = logging.getLogger("aios.decisions")
 
@@ -80,6 +81,9 @@ class BatchFinisher:
                      self.items / self.groups)
 
     def _run(self) -> None:
+        # Woken by a handler thread that holds the GIL: preempting it would only block on the GIL and
+        # switch back (see kernel/threads.py). The decisions wait anyway; let the waker run on.
+        no_wakeup_preemption()
         while True:
             with self._lock:
                 if not self._queue:
