@@ -1,11 +1,16 @@
-"""Audit log durability cost: group-commit fsync vs one fsync per record, in one run.
+"""Audit log durability cost: group-commit fsync vs one fsync per record, preallocated vs append-only segments.
 
     python -m bench.audit_bench [--rounds 5] [--seconds 2] [--cpu 0] [--threads 64] [--paced 2000,10000]
+                                [--wait-idle 10] [--max-others 0.5]
 
 Contenders (the same ``AuditLog`` code, fsync mode, default settings except):
 
-- ``group``:  group commit (group_max 4096, group_ms 1): one fdatasync per group.
-- ``single``: group_max 1: one fdatasync per record (the baseline).
+- ``group``:  group commit (group_max 4096, group_ms 1): one fdatasync per group, into
+  preallocated segments (the default: zeros written and synced ahead, so the fdatasync
+  overwrites allocated blocks and commits no file-size change).
+- ``append``: the same with ``preallocate_bytes=0``: every group appends (grows the file),
+  so every fdatasync also commits the new size through the journal (the baseline for preallocation).
+- ``single``: group_max 1: one fdatasync per record (the baseline for group commit).
 
 Workloads, each run in a fresh subprocess pinned to one core (``--cpu``), on a
 new log directory under ``bench/out/`` (the work disk), records of ~700 bytes
@@ -21,15 +26,23 @@ shaped like a decision's (provenance, inputs, class scores):
   record at its scheduled time, another waits on the tickets in order.
   Latency from the scheduled time (no coordinated omission) and from the
   append itself: the latency auditing adds to one decision.
+- ``small``: one thread appends groups of 8 records with ``append_many(...,
+  write_here=True)`` and waits for the last (how the Decide finisher audits a
+  batch of ~8 decisions): each group is one write and one fdatasync, so the
+  per-group cost shows here.
 - ``verify``: ``verify_directory`` over the bulk ``group`` log of the round:
   records/s.
 - ``floor``: the ``threads`` hand-offs without the log: each of the threads
   queues a held lock and blocks on it, one thread fdatasyncs per drained
   group and releases them. The ceiling for ``threads`` on one core.
 
-Rounds alternate the contenders (group, single, group, single, ...) per
+Rounds alternate the contenders (group, append, single, group, ...) per
 workload; the report gives medians, min-max and the median of per-round
-ratios. Results: ``bench/out/audit-<UTC stamp>.json``.
+ratios, with the process's CPU (user + system) per record and per group.
+Before each round the driver waits for the machine to go idle
+(``--wait-idle``); each run records the CPU other processes used meanwhile
+("others") and is rerun (twice at most) when that exceeds ``--max-others``
+cores. Results: ``bench/out/audit-<UTC stamp>.json``.
 """
 
 from __future__ import annotations
@@ -37,6 +50,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -48,8 +62,11 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 OUT = REPO_ROOT / "bench" / "out"
-CONTENDERS = {"group": {"group_max": 4096, "group_ms": 1.0}, "single": {"group_max": 1, "group_ms": 1.0}}
+CONTENDERS = {"group": {"group_max": 4096, "group_ms": 1.0},
+              "append": {"group_max": 4096, "group_ms": 1.0, "preallocate_bytes": 0},
+              "single": {"group_max": 1, "group_ms": 1.0}}
 CHUNK = 1000  # records per bulk chunk
+SMALL_GROUP = 8  # records per append_many in the small workload (a Decide batch)
 
 
 # --------------------------------------------------------------------------- one run (in a subprocess)
@@ -102,6 +119,28 @@ def run_bulk(log, seconds: float) -> dict:
         count += CHUNK
     elapsed = time.perf_counter() - started
     return {"records": count, "elapsed_s": elapsed, "records_per_s": count / elapsed}
+
+
+def run_small(log, seconds: float) -> dict:
+    pools = [[make_record() for _ in range(SMALL_GROUP)] for _ in range(2)]
+    count, turn = 0, 0
+    latencies = []
+    clock = time.perf_counter_ns
+    started = time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        pool = pools[turn & 1]
+        turn += 1
+        for record in pool:
+            record.time_unix_ns = 0
+        begun = clock()
+        log.append_many(pool, write_here=True)[-1].wait(60)
+        latencies.append(clock() - begun)
+        count += SMALL_GROUP
+    elapsed = time.perf_counter() - started
+    latencies.sort()
+    return {"records": count, "elapsed_s": elapsed, "records_per_s": count / elapsed,
+            "p50_ms": percentile(latencies, 0.5), "p99_ms": percentile(latencies, 0.99),
+            "p999_ms": percentile(latencies, 0.999), "max_ms": latencies[-1] / 1e6}
 
 
 def run_threads(log, seconds: float, threads: int) -> dict:
@@ -256,10 +295,12 @@ def one_run(args) -> dict:
         return {"records": result.records, "elapsed_s": result.elapsed_s,
                 "records_per_s": result.records / result.elapsed_s}
     log = AuditLog.open(directory, **CONTENDERS[args.contender])
-    cpu_started = time.process_time()
+    usage = resource.getrusage(resource.RUSAGE_SELF)
     try:
         if args.workload == "bulk":
             result = run_bulk(log, args.seconds)
+        elif args.workload == "small":
+            result = run_small(log, args.seconds)
         elif args.workload == "threads":
             result = run_threads(log, args.seconds, args.threads)
         else:
@@ -267,7 +308,14 @@ def one_run(args) -> dict:
         stats = log.stats()
     finally:
         log.close()
-    result["cpu_s"] = time.process_time() - cpu_started
+    ended = resource.getrusage(resource.RUSAGE_SELF)
+    user, system = ended.ru_utime - usage.ru_utime, ended.ru_stime - usage.ru_stime
+    result["cpu_s"], result["user_s"], result["system_s"] = user + system, user, system
+    written = stats["size"]  # this run's records (each run starts a fresh log), including any close flush
+    result["cpu_us_per_record"] = (user + system) / max(written, 1) * 1e6
+    result["system_us_per_record"] = system / max(written, 1) * 1e6
+    result["cpu_us_per_group"] = (user + system) / max(stats["groups"], 1) * 1e6
+    result["system_us_per_group"] = system / max(stats["groups"], 1) * 1e6
     result["groups"] = stats["groups"]
     result["records_per_group"] = stats["size"] / max(stats["groups"], 1)
     result["checkpoints"] = stats["checkpoints"]
@@ -277,13 +325,30 @@ def one_run(args) -> dict:
 
 # --------------------------------------------------------------------------- driver
 def spawn(workload: str, contender: str, directory: Path, args, rate: float = 0.0) -> dict:
+    """One run in a fresh subprocess; rerun (on a fresh directory) while other processes used more than
+    ``--max-others`` cores during it. The result carries ``others_cores`` and ``attempts``."""
     command = [sys.executable, "-m", "bench.audit_bench", "--run", workload, "--contender", contender,
                "--dir", str(directory), "--seconds", str(args.seconds), "--cpu", str(args.cpu),
                "--threads", str(args.threads), "--rate", str(rate)]
-    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT, timeout=600)
-    if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    from bench.frontends import busy_seconds
+
+    for attempt in range(1, args.retries + 2):
+        if directory.exists() and workload != "verify":
+            shutil.rmtree(directory)
+        children0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        busy0, wall0 = busy_seconds(), time.perf_counter()
+        done = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT, timeout=600)
+        wall = time.perf_counter() - wall0
+        children1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr}")
+        ours = (children1.ru_utime - children0.ru_utime) + (children1.ru_stime - children0.ru_stime)
+        others = max(0.0, (busy_seconds() - busy0 - ours) / wall)
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        result["others_cores"], result["attempts"] = round(others, 2), attempt
+        if others <= args.max_others:
+            break
+    return result
 
 
 def fsync_probe(directory: Path, count: int = 300) -> dict:
@@ -316,7 +381,13 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=64, help="closed-loop appender threads")
     parser.add_argument("--paced", default="500,2000,10000",
                         help="open-loop rates (records/s), comma-separated; the baseline runs at the lowest only")
-    parser.add_argument("--run", choices=("bulk", "threads", "paced", "verify", "floor"), help=argparse.SUPPRESS)
+    parser.add_argument("--wait-idle", type=float, default=10.0,
+                        help="before each round, wait up to this many seconds for the machine to go idle (0: don't)")
+    parser.add_argument("--max-others", type=float, default=0.5,
+                        help="rerun a run during which other processes used more than this many cores")
+    parser.add_argument("--retries", type=int, default=2, help="reruns of a disturbed run, at most")
+    parser.add_argument("--run", choices=("bulk", "small", "threads", "paced", "verify", "floor"),
+                        help=argparse.SUPPRESS)
     parser.add_argument("--contender", choices=tuple(CONTENDERS), default="group", help=argparse.SUPPRESS)
     parser.add_argument("--dir", help=argparse.SUPPRESS)
     parser.add_argument("--rate", type=float, default=0.0, help=argparse.SUPPRESS)
@@ -326,7 +397,7 @@ def main(argv=None) -> int:
         print(json.dumps(one_run(args)))
         return 0
 
-    from bench.frontends import machine_facts
+    from bench.frontends import machine_facts, wait_idle
 
     command = "python -m bench.audit_bench " + " ".join(argv if argv is not None else sys.argv[1:])
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
@@ -338,42 +409,46 @@ def main(argv=None) -> int:
     print(f"fdatasync probe (512 B appends): {facts['fsync_probe_start']}", flush=True)
     rates = [float(rate) for rate in args.paced.split(",") if rate]
     runs: list[dict] = []
+
+    def record(round_number: int, workload: str, contender: str, result: dict) -> None:
+        runs.append({"round": round_number, "workload": workload, "contender": contender, **result})
+        latency = f" p50 {result['p50_ms']:.2f} p99 {result['p99_ms']:.2f} p99.9 {result['p999_ms']:.2f} ms" \
+            if "p50_ms" in result else ""
+        print(f"round {round_number} {workload:10} {contender:7} {result['records_per_s']:>10,.0f} rec/s "
+              f"({result['records_per_group']:.1f} rec/group, CPU {result['cpu_us_per_record']:.1f} us/rec "
+              f"{result['cpu_us_per_group']:.0f} us/group (sys {result['system_us_per_group']:.0f}), slowest fsync "
+              f"{result['slowest_fsync_ms']:.1f} ms, others {result['others_cores']:.2f} cores"
+              f"{', attempt ' + str(result['attempts']) if result['attempts'] > 1 else ''}){latency}", flush=True)
+
     try:
         for round_number in range(args.rounds):
-            for workload in ("bulk", "threads"):
-                for contender in ("group", "single"):
+            if args.wait_idle > 0:
+                wait_idle(args.wait_idle)
+            for workload in ("bulk", "small", "threads"):
+                for contender in ("group", "append", "single") if workload != "small" else ("group", "append"):
                     directory = work / f"r{round_number}-{workload}-{contender}"
-                    result = spawn(workload, contender, directory, args)
-                    runs.append({"round": round_number, "workload": workload, "contender": contender, **result})
-                    print(f"round {round_number} {workload:8} {contender:7} {result['records_per_s']:>10,.0f} rec/s "
-                          f"({result['records_per_group']:.1f} rec/group, slowest fsync "
-                          f"{result['slowest_fsync_ms']:.1f} ms)"
-                          + (f" p99 {result['p99_ms']:.2f} ms" if "p99_ms" in result else ""), flush=True)
+                    record(round_number, workload, contender, spawn(workload, contender, directory, args))
                     if workload == "threads" and contender == "single":
                         floor_dir = work / f"r{round_number}-floor"
                         floor = spawn("floor", "group", floor_dir, args)
                         runs.append({"round": round_number, "workload": "floor", "contender": "floor", **floor})
-                        print(f"round {round_number} floor    {args.threads} threads, lock hand-offs + fdatasync only: "
-                              f"{floor['records_per_s']:>10,.0f} /s", flush=True)
+                        print(f"round {round_number} floor      {args.threads} threads, lock hand-offs + fdatasync "
+                              f"only: {floor['records_per_s']:>10,.0f} /s", flush=True)
                         shutil.rmtree(floor_dir)
                     if workload == "bulk" and contender == "group":
                         verified = spawn("verify", "group", directory, args)
                         runs.append({"round": round_number, "workload": "verify", "contender": "verify", **verified})
-                        print(f"round {round_number} verify   {verified['records']:>10,} records "
+                        print(f"round {round_number} verify     {verified['records']:>10,} records "
                               f"{verified['records_per_s']:>10,.0f} rec/s", flush=True)
                     shutil.rmtree(directory)
             for rate in rates:
                 # One fsync per record saturates near 2-4k records/s here: it is paced only at the lowest rate.
-                for contender in ("group", "single") if rate == min(rates) else ("group",):
+                for contender in ("group", "append", "single") if rate == min(rates) else ("group", "append"):
                     directory = work / f"r{round_number}-paced{int(rate)}-{contender}"
                     result = spawn("paced", contender, directory, args, rate)
-                    runs.append({"round": round_number, "workload": f"paced{int(rate)}", "contender": contender,
-                                 **result})
-                    print(f"round {round_number} paced {int(rate):>6}/s {contender:7} {result['records_per_s']:>8,.0f} "
-                          f"rec/s p50 {result['p50_ms']:.2f} p99 {result['p99_ms']:.2f} p99.9 {result['p999_ms']:.2f}"
-                          f" ms; from the actual send p50 {result['send_p50_ms']:.2f} p99 {result['send_p99_ms']:.2f} ms"
-                          f" (send lag max {result['max_send_lag_ms']:.1f} ms, slowest fsync "
-                          f"{result['slowest_fsync_ms']:.1f} ms)", flush=True)
+                    record(round_number, f"paced{int(rate)}", contender, result)
+                    print(f"    from the actual send p50 {result['send_p50_ms']:.2f} p99 {result['send_p99_ms']:.2f} ms"
+                          f" (send lag max {result['max_send_lag_ms']:.1f} ms)", flush=True)
                     shutil.rmtree(directory)
     finally:
         facts["fsync_probe_end"] = fsync_probe(work)
@@ -392,36 +467,52 @@ def report_tables(runs: list[dict], rates: list[float]) -> dict:
         return {r["round"]: r[key] for r in runs
                 if r["workload"] == workload and r["contender"] == contender and key in r}
 
+    def cell(entry: dict, digits: int = 2) -> str:
+        return f"{entry['median']:,.{digits}f} ({entry['min']:,.{digits}f}-{entry['max']:,.{digits}f})"
+
     summary = {}
-    print("\n| workload | contender | records/s median (min-max) | rec/group | p50 ms | p99 ms | p99.9 ms "
-          "| from the append: p50 ms | p99 ms |")
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|")
-    workloads = ["bulk", "threads"] + [f"paced{int(rate)}" for rate in rates]
+    print("\n| workload | contender | records/s median (min-max) | rec/group | CPU us/record | CPU us/group "
+          "| of it system | p50 ms | p99 ms | p99.9 ms | from the append: p50 ms | p99 ms |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    workloads = ["bulk", "small", "threads"] + [f"paced{int(rate)}" for rate in rates]
     for workload in workloads:
-        for contender in ("group", "single"):
+        for contender in ("group", "append", "single"):
             rate = pick(workload, contender, "records_per_s")
             if not rate:
                 continue
-            entry = {"records_per_s": summarize(list(rate.values())),
-                     "records_per_group": summarize(list(pick(workload, contender, "records_per_group").values()))}
-            cells = ["", "", "", "", ""]
-            for index, key in enumerate(("p50_ms", "p99_ms", "p999_ms", "send_p50_ms", "send_p99_ms")):
+            entry = {"records_per_s": summarize(list(rate.values()))}
+            for key in ("records_per_group", "cpu_us_per_record", "cpu_us_per_group", "system_us_per_group",
+                        "p50_ms", "p99_ms", "p999_ms", "send_p50_ms", "send_p99_ms"):
                 values = pick(workload, contender, key)
                 if values:
                     entry[key] = summarize(list(values.values()))
-                    cells[index] = f"{entry[key]['median']:.2f} ({entry[key]['min']:.2f}-{entry[key]['max']:.2f})"
             summary[f"{workload}/{contender}"] = entry
-            r = entry["records_per_s"]
-            print(f"| {workload} | {contender} | {r['median']:,.0f} ({r['min']:,.0f}-{r['max']:,.0f}) | "
-                  f"{entry['records_per_group']['median']:.1f} | {' | '.join(cells)} |")
-    print("\n| workload | group / single, median of per-round ratios (min-max) |")
-    print("|---|---|")
-    for workload in ("bulk", "threads"):
-        group, single = pick(workload, "group", "records_per_s"), pick(workload, "single", "records_per_s")
-        ratios = [group[r] / single[r] for r in group if r in single]
-        if ratios:
-            summary[f"{workload}/ratio"] = summarize(ratios)
-            print(f"| {workload} | {statistics.median(ratios):.1f}x ({min(ratios):.1f}-{max(ratios):.1f}) |")
+            cells = [cell(entry[key]) if key in entry else "" for key in
+                     ("p50_ms", "p99_ms", "p999_ms", "send_p50_ms", "send_p99_ms")]
+            print(f"| {workload} | {contender} | {cell(entry['records_per_s'], 0)} | "
+                  f"{entry['records_per_group']['median']:.1f} | {entry['cpu_us_per_record']['median']:.2f} | "
+                  f"{entry['cpu_us_per_group']['median']:.0f} | {entry['system_us_per_group']['median']:.0f} | "
+                  f"{' | '.join(cells)} |")
+
+    def ratios(workload: str, key: str, a: str, b: str) -> list[float]:
+        first, second = pick(workload, a, key), pick(workload, b, key)
+        return [first[r] / second[r] for r in first if r in second and second[r]]
+
+    print("\n| workload | group / single: records/s | group / append: records/s | group / append: CPU per record "
+          "| group / append: CPU per group | group / append: p99 latency |")
+    print("|---|---|---|---|---|---|")
+    for workload in workloads:
+        row = []
+        for key, a, b in (("records_per_s", "group", "single"), ("records_per_s", "group", "append"),
+                          ("cpu_us_per_record", "group", "append"), ("cpu_us_per_group", "group", "append"),
+                          ("p99_ms", "group", "append")):
+            values = ratios(workload, key, a, b)
+            if values:
+                summary[f"{workload}/{a}-over-{b}/{key}"] = summarize(values)
+                row.append(f"{statistics.median(values):.2f}x ({min(values):.2f}-{max(values):.2f})")
+            else:
+                row.append("")
+        print(f"| {workload} | {' | '.join(row)} |")
     floor = pick("floor", "floor", "records_per_s")
     if floor:
         summary["floor"] = summarize(list(floor.values()))
@@ -436,6 +527,11 @@ def report_tables(runs: list[dict], rates: list[float]) -> dict:
         summary["verify"] = summarize(list(verify.values()))
         print(f"\nverify: {summary['verify']['median']:,.0f} records/s "
               f"({summary['verify']['min']:,.0f}-{summary['verify']['max']:,.0f})")
+    others = [r["others_cores"] for r in runs if "others_cores" in r]
+    if others:
+        summary["others_cores"] = summarize(others)
+        print(f"\nothers' CPU during the runs: median {statistics.median(others):.2f} cores, max {max(others):.2f}; "
+              f"{sum(1 for r in runs if r.get('attempts', 1) > 1)} runs were rerun")
     return summary
 
 

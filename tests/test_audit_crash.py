@@ -9,6 +9,7 @@ hash, that the log verifies, and that the log keeps working.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from kernel._proto.aios.kernel.v1 import kernel_pb2 as pb
 from kernel.audit import AuditLog, verify_directory
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,7 +31,8 @@ WRITER = textwrap.dedent("""
     from kernel.audit import AuditLog
     from kernel._proto.aios.kernel.v1 import kernel_pb2 as pb
 
-    log = AuditLog.open(sys.argv[1], mode=sys.argv[2], checkpoint_records=200, segment_bytes=32 * 1024)
+    log = AuditLog.open(sys.argv[1], mode=sys.argv[2], checkpoint_records=200, segment_bytes=32 * 1024,
+                        preallocate_bytes=8192)  # zero-filled at creation and again part-way
     out = threading.Lock()
     print("ready", log.size, flush=True)
 
@@ -79,7 +82,7 @@ def run_and_kill(directory: Path, script: Path, mode: str, acks_before_kill: int
 
 
 @pytest.mark.parametrize("mode", ["fsync", "async"])
-def test_acknowledged_records_survive_kill_9(tmp_path, mode):
+def test_acknowledged_records_survive_kill_9(tmp_path, caplog, mode):
     script = tmp_path / "writer.py"
     script.write_text(WRITER)
     directory = tmp_path / "audit"
@@ -88,8 +91,11 @@ def test_acknowledged_records_survive_kill_9(tmp_path, mode):
         acked = run_and_kill(directory, script, mode, acks_before_kill=1500)
         assert not set(acked) & set(total_acked), "a sequence number was handed out twice"
         total_acked.update(acked)
-        with AuditLog.open(directory) as log:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="aios.audit"), AuditLog.open(directory) as log:
             assert log.size > max(total_acked)
+            if not log.dropped_bytes:  # killed between groups: the segment ends in its zero tail, nothing torn
+                assert "torn tail in" not in caplog.text and not list(directory.glob("*.torn-*"))
             by_sequence = {record.sequence: record for record in log.read(0)}
             for seq, (request_id, digest) in total_acked.items():
                 record = by_sequence[seq]
@@ -99,3 +105,51 @@ def test_acknowledged_records_survive_kill_9(tmp_path, mode):
         assert result.ok, result.reason
         assert result.records == log.size
     assert len(list(directory.glob("*.seg"))) > 3  # rotation happened under the kills too
+
+
+IDLE_WRITER = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, sys.argv[2])
+    from kernel.audit import AuditLog
+    from kernel._proto.aios.kernel.v1 import kernel_pb2 as pb
+
+    log = AuditLog.open(sys.argv[1], checkpoint_records=100, segment_bytes=64 * 1024, preallocate_bytes=16 * 1024)
+    for i in range(int(sys.argv[3])):
+        seq, digest = log.append_and_wait(pb.AuditRecord(kind=pb.DECISION, request_id=f"r{i}", payload=b"p" * 90), 30)
+        print(seq, digest.hex(), flush=True)
+    print("idle", flush=True)
+    sys.stdin.read()  # killed here, between groups, its segments ending in preallocated zeros
+""")
+
+
+def test_kill_9_between_groups_leaves_a_zero_tail_not_a_torn_one(tmp_path, caplog):
+    script = tmp_path / "writer.py"
+    script.write_text(IDLE_WRITER)
+    directory = tmp_path / "audit"
+    proc = subprocess.Popen([sys.executable, str(script), str(directory), str(ROOT), "700"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        while not lines or lines[-1] != "idle":
+            line = proc.stdout.readline()
+            assert line, "the writer stopped early: " + proc.stderr.read()
+            lines.append(line.strip())
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    acked = {int(seq): digest for seq, digest in (line.split() for line in lines[:-1])}
+    assert sorted(acked) == list(range(700))
+    last = sorted(directory.glob("*.seg"))[-1]
+    assert last.read_bytes().endswith(bytes(64))  # the zero tail is there
+    with caplog.at_level(logging.WARNING, logger="aios.audit"), AuditLog.open(directory) as log:
+        assert log.size == 700 and log.dropped_bytes == 0
+        assert {r.sequence: r.hash.hex() for r in log.read(0)} == acked
+        assert log.append_and_wait(pb.AuditRecord(kind=pb.DECISION, request_id="after"), 10)[0] == 700
+    assert not caplog.text  # no torn tail, no dropped bytes
+    assert not list(directory.glob("*.torn-*"))
+    assert len(list(directory.glob("*.seg"))) > 1
+    result = verify_directory(directory)
+    assert result.ok and result.records == 701

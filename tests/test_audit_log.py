@@ -301,17 +301,29 @@ def test_pending_records_are_bounded(tmp_path):
         assert log.append_and_wait(decision(0), 10)[0] == len(accepted)
 
 
-def test_torn_tail_is_cut_logged_and_kept(tmp_path, caplog):
-    with AuditLog.open(tmp_path) as log:
+def logical_end(segment: Path) -> int:
+    """Just past the last frame of a segment (its zero tail, if any, follows)."""
+    data = segment.read_bytes()
+    offset = 8  # past the file header
+    while offset + 8 <= len(data) and int.from_bytes(data[offset:offset + 4], "little"):
+        offset += 8 + int.from_bytes(data[offset:offset + 4], "little")
+    return offset
+
+
+@pytest.mark.parametrize("preallocate_bytes", [1 << 20, 0], ids=["preallocated", "append-only"])
+def test_torn_tail_is_cut_logged_and_kept(tmp_path, caplog, preallocate_bytes):
+    with AuditLog.open(tmp_path, preallocate_bytes=preallocate_bytes) as log:
         for i in range(20):
             log.append(decision(i))
         log.append_and_wait(decision(20), 10)
     segment = segments_of(tmp_path)[-1]
-    intact = segment.stat().st_size
-    with open(segment, "ab") as f:  # a crash mid-group: a frame header promising more than was written
+    intact = logical_end(segment)
+    assert (segment.stat().st_size > intact) == bool(preallocate_bytes)  # a zero tail only when preallocated
+    with open(segment, "r+b") as f:  # a crash mid-group: a frame header promising more than was written
+        f.seek(intact)
         f.write((500).to_bytes(4, "little") + b"\x00" * 4 + b"partial record bytes")
     with caplog.at_level(logging.WARNING, logger="aios.audit"):
-        log = AuditLog.open(tmp_path)
+        log = AuditLog.open(tmp_path, preallocate_bytes=preallocate_bytes)
     try:
         assert log.size == 21
         assert log.dropped_bytes == 28

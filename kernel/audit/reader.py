@@ -2,14 +2,17 @@
 
 ``iter_log`` reads a live ``AuditLog`` (only durable records; with ``follow``
 it waits for more), ``iter_directory`` reads a log directory with no writer
-(a copy, an archive), stopping quietly at a torn tail. Both check each
-frame's checksum and yield parsed ``AuditRecord`` messages, hash included.
+(a copy, an archive), stopping quietly at a torn tail. A segment's data ends
+at a zero frame header (its preallocated zero tail) or at the end of the
+file. Both check each frame's checksum and yield parsed ``AuditRecord``
+messages, hash included.
 Replay, export and StreamAudit are built on these.
 """
 
 from __future__ import annotations
 
 import bisect
+import io
 import logging
 import threading
 from collections.abc import Callable, Iterator
@@ -69,7 +72,12 @@ def _stop_signal(stop) -> Callable[[], bool]:
 
 
 class _Cursor:
-    """Reads stored records of a live log in order, one segment file at a time."""
+    """Reads stored records of a live log in order, one segment file at a time.
+
+    Its read-ahead buffer may hold bytes past the last durable record: in a
+    preallocated segment those are zeros the writer overwrites later, so the
+    buffer is dropped (``forget_read_ahead``) before records written since are read.
+    """
 
     __slots__ = ("_log", "_number", "_file", "sequence")
 
@@ -84,8 +92,7 @@ class _Cursor:
         position = bisect.bisect_right(index, (sequence, 1 << 62)) - 1
         if position >= 0 and index[position][1] == self._number:
             at, _, offset = index[position]
-        self._file = open(path, "rb")
-        self._file.seek(offset)
+        self._file = _open_at(path, offset)
         self.sequence = at
         while self.sequence < sequence:  # skip whole frames without reading their bodies
             length, _ = unpack_header(self._read(HEADER_BYTES))
@@ -100,14 +107,13 @@ class _Cursor:
 
     def next_payload(self) -> bytes:
         header = self._file.read(HEADER_BYTES)
-        if not header:  # end of this segment: the record is first in the next one
+        if not any(header):  # the end of this segment (or its zero tail): the record is first in the next one
             self._file.close()
             self._number += 1
             first, path = self._log._segments[self._number]
             if first != self.sequence:
                 raise AuditCorrupt(f"{path.name} starts at {first}, expected record {self.sequence}")
-            self._file = open(path, "rb")
-            self._file.seek(len(MAGIC))
+            self._file = _open_at(path, len(MAGIC))
             header = self._file.read(HEADER_BYTES)
         if len(header) != HEADER_BYTES:
             raise AuditCorrupt(f"{self._file.name}: ends inside record {self.sequence}, which is durable")
@@ -118,8 +124,20 @@ class _Cursor:
         self.sequence += 1
         return payload
 
+    def forget_read_ahead(self) -> None:
+        position = self._file.tell()
+        raw = self._file.detach()
+        raw.seek(position)
+        self._file = io.BufferedReader(raw)
+
     def close(self) -> None:
         self._file.close()
+
+
+def _open_at(path: Path, offset: int) -> io.BufferedReader:
+    raw = io.FileIO(path, "rb")
+    raw.seek(offset)
+    return io.BufferedReader(raw)
 
 
 def iter_log(audit_log, from_sequence: int, wanted: RecordFilter | None, follow: bool, stop) -> Iterator:
@@ -139,6 +157,8 @@ def iter_log(audit_log, from_sequence: int, wanted: RecordFilter | None, follow:
                 continue
             if cursor is None:
                 cursor = _Cursor(audit_log, sequence)
+            else:
+                cursor.forget_read_ahead()  # it may hold zeros where records were written since
             while sequence < limit:
                 record = _parse(cursor.next_payload())
                 sequence += 1
@@ -165,11 +185,11 @@ def iter_directory(directory: str | Path, from_sequence: int = 0, wanted: Record
         start = frames_start(path, data, MAGIC)
         if start is None:
             return
-        scanner = FrameScanner(memoryview(data), start)
+        scanner = FrameScanner(data, start)
         sequence = first
         if from_sequence - first >= INDEX_EVERY:
             sequence, start = _skip(data, start, first, from_sequence)
-            scanner = FrameScanner(memoryview(data), start)
+            scanner = FrameScanner(data, start)
         for _, payload in scanner:
             if sequence >= from_sequence:
                 record = _parse(payload)
@@ -189,7 +209,7 @@ def _skip(data: bytes, offset: int, sequence: int, target: int) -> tuple[int, in
     limit = len(data)
     while sequence < target and offset + HEADER_BYTES <= limit:
         length, _ = unpack_header(data, offset)
-        if offset + HEADER_BYTES + length > limit:
+        if not length or offset + HEADER_BYTES + length > limit:  # the zero tail, or damage the scanner reports
             break
         offset += HEADER_BYTES + length
         sequence += 1

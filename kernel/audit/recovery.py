@@ -1,9 +1,11 @@
 """Opening a log directory: rebuild the in-memory state from the files, repairing a torn tail.
 
 Every segment is scanned once (frame checksums, the hash at the end of each
-stored record); their hashes become the Merkle tree's leaves. Only the last
-segment may end in a torn frame: it is cut back to the last intact record and
-the bytes dropped are logged. Damage anywhere else, a missing segment, or a
+stored record); their hashes become the Merkle tree's leaves. A segment's
+zero tail (preallocated space after its last record) is unused space, neither
+dropped nor torn. Only the last segment may end in a torn frame (or in
+non-zero bytes inside its zero tail): it is cut back to the last intact
+record and the bytes dropped are logged. Damage anywhere else, a missing segment, or a
 log that no longer matches its last signed checkpoint stops the open with
 ``AuditCorrupt``: the kernel must not append to a log it cannot vouch for
 (``aios-kernel audit verify`` names the first bad record).
@@ -22,7 +24,7 @@ from .checkpoints import Checkpoint, check_sequence
 from .errors import AuditCorrupt, AuditError
 from .merkle import MerkleTree
 from .record import GENESIS_PREV_HASH, split_stored
-from .segments import MAGIC, FrameScanner, frames_start, list_segments
+from .segments import MAGIC, FrameScanner, frames_start, list_segments, nonzero_end
 
 log = logging.getLogger("aios.audit")
 
@@ -39,8 +41,9 @@ class LogState:
     segments: list[tuple[int, Path]] = field(default_factory=list)  # (first sequence, path), in order
     index: list[tuple[int, int, int]] = field(default_factory=list)  # (sequence, segment number, offset)
     last_hash: bytes = GENESIS_PREV_HASH
-    tail_size: int = 0  # intact bytes of the last segment
-    dropped_bytes: int = 0  # torn tail cut on this open
+    tail_size: int = 0  # intact bytes of the last segment (its logical end; zeros may follow)
+    dropped_bytes: int = 0  # torn tail cut on this open: from tail_size to its last non-zero byte
+    tail_torn: bool = False  # the last segment's bytes after tail_size are a torn tail (to keep, then cut)
 
 
 def recover(directory: Path) -> LogState:
@@ -65,7 +68,7 @@ def recover(directory: Path) -> LogState:
             log.warning("audit: %s was cut short while being created: removed it (%d bytes)", path.name, len(data))
             path.unlink()
             break
-        scanner = FrameScanner(memoryview(data), start)
+        scanner = FrameScanner(data, start)
         for offset, payload in scanner:
             try:
                 _, digest = split_stored(payload)
@@ -78,7 +81,8 @@ def recover(directory: Path) -> LogState:
         if scanner.problem is not None:
             if not last:
                 raise AuditCorrupt(f"{path.name}: {scanner.problem} (record {sequence}), yet it is not the last segment")
-            state.dropped_bytes = len(data) - scanner.end
+            state.dropped_bytes = nonzero_end(data, scanner.end) - scanner.end
+            state.tail_torn = True
             log.warning(
                 "audit: torn tail in %s: dropped %d bytes after record %d (%s); "
                 "records past it were never acknowledged", path.name, state.dropped_bytes, sequence - 1, scanner.problem,
@@ -139,11 +143,12 @@ def writer_is_live(directory: Path) -> bool:
                for fields in (line.split() for line in held))
 
 
-def keep_torn_tail(path: Path, intact: int) -> None:
-    """Copy the bytes a torn-tail repair is about to cut to ``<segment>.torn-<time>``, for inspection."""
+def keep_torn_tail(path: Path, intact: int, length: int) -> None:
+    """Copy the ``length`` bytes a torn-tail repair is about to cut to ``<segment>.torn-<time>``, for inspection
+    (the zeros after them are unused space: not kept)."""
     with open(path, "rb") as source:
         source.seek(intact)
-        tail = source.read()
+        tail = source.read(length)
     kept = path.with_name(f"{path.name}.torn-{time.time_ns()}")
     kept.write_bytes(tail)
     log.warning("audit: the %d bytes cut from %s are kept in %s", len(tail), path.name, kept.name)

@@ -15,8 +15,11 @@ first sequence number that is not what was written:
   record after the last checkpoint that matched (the change is in between);
 - a checkpoint for more records than the log holds: the first missing record.
 
-A log that is open for writing (its ``LOCK`` held, as /proc/locks shows) may
-end in a record still being written; that one is left out, not failed.
+A segment's zero tail (preallocated space after its last record) is unused
+space, not a problem; non-zero bytes inside it are a torn record. A log that
+is open for writing (its ``LOCK`` held, as /proc/locks shows) may end in a
+record still being written (written part-way over the zeros); that one is
+left out, not failed.
 
 Checkpoint signatures are checked with the given public key (an auditor's
 own copy); without one, with ``public-key.pem`` from the directory, which
@@ -160,7 +163,7 @@ class _Walk:
                 raise _Failure(sequence, str(exc)) from None
             if start is None:
                 raise _Failure(sequence, f"{path.name} ends inside its file header (cut short)")
-            scanner = FrameScanner(memoryview(data), start)
+            scanner = FrameScanner(data, start)
             for _, payload in scanner:
                 try:
                     canonical, stored = split_stored(payload)

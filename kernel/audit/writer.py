@@ -6,7 +6,9 @@ writes its group itself while no other group is being written)::
 
     caller:  append(record) -> Ticket      (sequence taken under a lock, record queued)
     writer:  take a group from the queue   (up to group_max records or group_ms of work)
-             chain + serialize + hash each record, frame it, one write() per group
+             chain + serialize + hash each record, frame it, one pwrite() per group
+             over the segment's preallocated zeros (zero-filling the next chunk when
+             less than half a chunk is left: see segments.SegmentFile)
              fsync (mode "fsync") -> publish the durable size -> release the group's waiters
              every checkpoint_records records or checkpoint_ms: sign a checkpoint
     caller:  ticket.wait() -> (sequence, hash)
@@ -41,7 +43,7 @@ from .keys import load_or_create, publish_public_key
 from .reader import RecordFilter, iter_log
 from .recovery import INDEX_MASK, check_against, keep_torn_tail, lock_directory, recover
 from .record import HASH_TRAILER
-from .segments import MAGIC, AppendFile, crc32, pack_header, segment_name
+from .segments import MAGIC, PREALLOCATE_BYTES, SegmentFile, crc32, pack_header, segment_name
 from .watermark import Watermark
 
 log = logging.getLogger("aios.audit")
@@ -79,13 +81,14 @@ class AuditLog:
     """
 
     def __init__(self, directory: Path, mode: str, key, checkpoint_records: int, checkpoint_ms: float,
-                 segment_bytes: int, group_max: int, group_ms: float, max_pending: int):
+                 segment_bytes: int, group_max: int, group_ms: float, max_pending: int, preallocate_bytes: int):
         self.directory = directory
         self.mode = mode
         self._key = key
         self._checkpoint_records = checkpoint_records
         self._checkpoint_ns = int(checkpoint_ms * 1e6)
         self._segment_bytes = segment_bytes
+        self._preallocate_bytes = preallocate_bytes
         self._group_max = group_max
         self._group_ns = int(group_ms * 1e6)
         self._max_pending = max_pending
@@ -133,10 +136,11 @@ class AuditLog:
             log.warning("audit: checkpoints up to tree size %d were signed by key %s; signing with %s from now on",
                         found[-1].tree_size, found[-1].key_id, key.key_id)
         publish_public_key(directory, key)
-        if state.dropped_bytes and state.segments:
-            keep_torn_tail(state.segments[-1][1], state.tail_size)
+        if state.tail_torn:
+            keep_torn_tail(state.segments[-1][1], state.tail_size, state.dropped_bytes)
         if state.segments:
-            self._segment = AppendFile.reopen(state.segments[-1][1], state.tail_size)
+            self._segment = SegmentFile.reopen(state.segments[-1][1], state.tail_size, state.tail_torn,
+                                               self._preallocate_bytes, self._segment_bytes)
         else:
             self._segment = self._new_segment(0)
 
@@ -144,7 +148,8 @@ class AuditLog:
     @classmethod
     def open(cls, directory: str | Path, mode: str = "fsync", key_path: str | Path | None = None,
              checkpoint_records: int = 1000, checkpoint_ms: float = 1000, segment_bytes: int = 64 << 20,
-             group_max: int = 4096, group_ms: float = 1.0, max_pending: int = 1 << 20) -> "AuditLog":
+             group_max: int = 4096, group_ms: float = 1.0, max_pending: int = 1 << 20,
+             preallocate_bytes: int = PREALLOCATE_BYTES) -> "AuditLog":
         """Open (or create) the log in ``directory``, repairing a torn tail, and start its writer.
 
         ``key_path``: the Ed25519 signing key (created if absent; default ``directory/signing-key.pem``).
@@ -152,11 +157,14 @@ class AuditLog:
         records took ``group_ms`` to prepare, whichever comes first (and at once when the queue is
         empty: waiting for company never delays a lone record). ``max_pending``: records appended
         but not yet durable beyond which ``append`` answers RESOURCE_EXHAUSTED.
+        ``preallocate_bytes``: zeros written (and synced) ahead of the records at a time, so a
+        group's fdatasync needs no file-size change (see ``segments``); 0 appends instead.
         """
         if mode not in MODES:
             raise InvalidArgument(f"audit mode must be one of {', '.join(MODES)}, got {mode!r}")
         for name, value, low in (("checkpoint_records", checkpoint_records, 1), ("segment_bytes", segment_bytes, 4096),
-                                 ("group_max", group_max, 1), ("max_pending", max_pending, 1)):
+                                 ("group_max", group_max, 1), ("max_pending", max_pending, 1),
+                                 ("preallocate_bytes", preallocate_bytes, 0)):
             if value < low:
                 raise InvalidArgument(f"audit {name} must be >= {low}, got {value}")
         for name, value in (("checkpoint_ms", checkpoint_ms), ("group_ms", group_ms)):
@@ -166,7 +174,7 @@ class AuditLog:
         directory.mkdir(parents=True, exist_ok=True)
         key = load_or_create(key_path if key_path is not None else directory / DEFAULT_KEY_FILE)
         return cls(directory, mode, key, checkpoint_records, checkpoint_ms, segment_bytes, group_max, group_ms,
-                   max_pending)
+                   max_pending, preallocate_bytes)
 
     def __enter__(self) -> "AuditLog":
         return self
@@ -350,12 +358,13 @@ class AuditLog:
         # (The Merkle tree's subtree cache fills when a root or proof is asked for — each checkpoint,
         # or an auditor — not after every group: per group it cost ~3.6 µs per decision.)
 
-    def _new_segment(self, first_sequence: int) -> AppendFile:
-        segment = AppendFile.create(self.directory / segment_name(first_sequence), MAGIC)
+    def _new_segment(self, first_sequence: int) -> SegmentFile:
+        segment = SegmentFile.create(self.directory / segment_name(first_sequence), MAGIC, self._preallocate_bytes,
+                                     self._segment_bytes)
         self._segments.append((first_sequence, segment.path))
         return segment
 
-    def _rotate(self, full: AppendFile, first_sequence: int) -> AppendFile:
+    def _rotate(self, full: SegmentFile, first_sequence: int) -> SegmentFile:
         full.sync()  # whatever the mode: only the last segment may ever have a torn tail
         full.close()
         self._segment = self._new_segment(first_sequence)
