@@ -18,7 +18,7 @@ import pytest
 
 from kernel._proto.aios.kernel.v1 import kernel_pb2 as pb
 from kernel.audit import AuditLog, export_jsonl, iter_directory, verify_directory
-from kernel.audit.segments import MAGIC, FrameScanner, frame, zeros_from
+from kernel.audit.segments import MAGIC, MAGIC_V1, FrameScanner, frame, zeros_from
 
 CHUNK = 8192  # small, so segments are zero-filled at creation and again part-way
 
@@ -155,6 +155,29 @@ def test_append_only_segments_open_verify_and_take_preallocation(tmp_path, caplo
         assert log.append_and_wait(decision(600), 10)[0] == 600
     result = verify_directory(tmp_path)
     assert result.ok and result.records == 601
+
+
+def test_version_1_segments_read_as_before_and_are_relabelled_before_zeros_go_in(tmp_path):
+    """A log written before preallocation (header version 1, append-only): every reader takes it;
+    the writer relabels the segment it continues as version 2 before writing zeros into it, so a
+    kernel that knows only version 1 refuses the file by its header rather than misreading it."""
+    write_log(tmp_path, 200, segment_bytes=8192, preallocate_bytes=0)
+    for path in segments_of(tmp_path):  # what the previous kernel version wrote: the same bytes, header 1
+        data = bytearray(path.read_bytes())
+        assert data[:len(MAGIC)] == MAGIC
+        data[:len(MAGIC_V1)] = MAGIC_V1
+        path.write_bytes(bytes(data))
+    result = verify_directory(tmp_path)
+    assert result.ok and result.records == 200
+    assert [r.sequence for r in iter_directory(tmp_path, 0)] == list(range(200))
+    *full, last = segments_of(tmp_path)
+    with AuditLog.open(tmp_path, segment_bytes=8192, preallocate_bytes=CHUNK) as log:
+        assert log.size == 200
+        assert log.append_and_wait(decision(200), 10)[0] == 200
+    assert last.read_bytes()[:len(MAGIC)] == MAGIC  # continued, so relabelled
+    assert all(path.read_bytes()[:len(MAGIC_V1)] == MAGIC_V1 for path in full)  # untouched
+    result = verify_directory(tmp_path)
+    assert result.ok and result.records == 201
 
 
 # --------------------------------------------------------------------------- readers

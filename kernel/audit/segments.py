@@ -36,7 +36,12 @@ from pathlib import Path
 
 from .errors import AuditCorrupt
 
-MAGIC = b"AIOSAUD\x01"  # segment file format, version 1
+# Segment format version 2: may end in unused zeros (preallocated). Version 1 (append-only, written
+# before 2026-11-26) reads the same way; a version-1 segment the writer reopens is relabelled 2 before
+# any zeros are written into it, so a kernel that knows only version 1 refuses it by its header
+# instead of misreading its zeros as a damaged record.
+MAGIC = b"AIOSAUD\x02"
+MAGIC_V1 = b"AIOSAUD\x01"
 CHECKPOINT_MAGIC = b"AIOSCKP\x01"  # the checkpoint file uses the same framing
 HEADER = struct.Struct("<II")  # payload length, crc32 of the payload
 HEADER_BYTES = HEADER.size
@@ -155,7 +160,7 @@ def frames_start(path: Path, data: bytes, magic: bytes = MAGIC) -> int | None:
     nothing): a crash while the file was being created (only allowed for the
     last file). No record is ever written before the header is on disk.
     """
-    if data[: len(magic)] == magic:
+    if data[: len(magic)] == magic or (magic == MAGIC and data[: len(MAGIC_V1)] == MAGIC_V1):
         return len(magic)
     written = nonzero_end(data, 0)
     if written <= len(magic) and magic.startswith(data[:written]):
@@ -280,8 +285,10 @@ class SegmentFile:
         ``size`` (the next write zero-fills again). Otherwise they are zeros
         (checked by recovery) and are kept: writing continues inside them.
         """
-        fd = os.open(path, os.O_WRONLY)
+        fd = os.open(path, os.O_RDWR)
         try:
+            if os.pread(fd, len(MAGIC_V1), 0) == MAGIC_V1:  # see MAGIC: zeros go only into version-2 files
+                _pwrite_all(fd, MAGIC, 0)
             length = os.fstat(fd).st_size
             if cut and length != size:
                 os.ftruncate(fd, size)
