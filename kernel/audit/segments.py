@@ -241,7 +241,7 @@ def _pwrite_all(fd: int, data, offset: int) -> None:
         offset += written
 
 
-class SegmentFile:
+class SegmentFile(AppendFile):
     """The segment the writer fills: frames go at the logical end (``size``) with ``pwrite``.
 
     With ``chunk`` > 0 the bytes from ``size`` up to ``zeroed`` are already
@@ -253,12 +253,10 @@ class SegmentFile:
     preallocation, kept as the benchmark's baseline.
     """
 
-    __slots__ = ("path", "fd", "size", "zeroed", "chunk", "limit")
+    __slots__ = ("zeroed", "chunk", "limit")  # (sync and close as AppendFile's)
 
     def __init__(self, path: Path, fd: int, size: int, zeroed: int, chunk: int, limit: int):
-        self.path = path
-        self.fd = fd
-        self.size = size  # logical end: just past the last frame
+        super().__init__(path, fd, size)  # size: the logical end, just past the last frame
         self.zeroed = zeroed  # the file's length: zeros from size to here
         self.chunk = chunk
         self.limit = limit
@@ -316,13 +314,6 @@ class SegmentFile:
         _pwrite_all(self.fd, _zeros(end - self.zeroed), self.zeroed)
         self.zeroed = end
 
-    def sync(self) -> None:
-        os.fdatasync(self.fd)
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
 
 
 _zero_chunks: dict[int, bytes] = {}
