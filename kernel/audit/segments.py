@@ -315,7 +315,6 @@ class SegmentFile(AppendFile):
         self.zeroed = end
 
 
-
 _zero_chunks: dict[int, bytes] = {}
 
 
