@@ -205,6 +205,15 @@ def wait_idle(max_wait_s: float, below_cores: float = 0.3, sample_s: float = 1.0
             return round(waited, 1), round(cores, 2)
 
 
+def add_undisturbed_options(parser, wait_idle_s: float = 20.0) -> None:
+    """The options ``undisturbed`` takes: --wait-idle, --max-others, --retries."""
+    parser.add_argument("--wait-idle", type=float, default=wait_idle_s,
+                        help="before each pair, wait up to this many s for other processes to go quiet (0: don't)")
+    parser.add_argument("--max-others", type=float, default=0.3,
+                        help="a pair during which other processes used more CPU cores than this is rerun")
+    parser.add_argument("--retries", type=int, default=3, help="reruns of a disturbed pair (the last is kept)")
+
+
 def undisturbed(measure, wait_idle_s: float, max_others: float, retries: int):
     """``measure()`` once the machine is idle, again while other processes used more than ``max_others``
     cores during it (up to ``retries`` more times). Returns (its result, others' cores, attempts).

@@ -27,7 +27,7 @@ import statistics
 import time
 from pathlib import Path
 
-from bench.frontends import undisturbed
+from bench.frontends import add_undisturbed_options, undisturbed
 
 ROOT = Path(__file__).resolve().parent.parent
 PIPELINE = ROOT / "examples" / "claims" / "pipelines" / "claims_triage.toml"
@@ -109,11 +109,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeat", type=int, default=10, help="passes over the requests per contender and pair")
     parser.add_argument("--pairs", type=int, default=5)
     parser.add_argument("--with-text", action="store_true", help="requests carry the claim's free-text description")
-    parser.add_argument("--wait-idle", type=float, default=20.0,
-                        help="before each pair, wait up to this many s for other processes to go quiet (0: don't)")
-    parser.add_argument("--max-others", type=float, default=0.3,
-                        help="a pair during which other processes used more CPU cores than this is rerun")
-    parser.add_argument("--retries", type=int, default=3, help="reruns of a disturbed pair (the last is kept)")
+    add_undisturbed_options(parser)
     args = parser.parse_args(argv)
     pipeline, cases = workload(args.requests, args.with_text)
     works = contenders(pipeline)

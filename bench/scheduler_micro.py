@@ -25,7 +25,7 @@ import platform
 import statistics
 import time
 
-from bench.frontends import undisturbed
+from bench.frontends import add_undisturbed_options, undisturbed
 from kernel.scheduling import implementations
 from kernel.scheduling.policy import ModelSchedule
 from kernel.scheduling.types import PyWorkItem
@@ -130,11 +130,7 @@ def main(argv=None) -> int:
     parser.add_argument("--queued", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=2000)
     parser.add_argument("--pairs", type=int, default=5)
-    parser.add_argument("--wait-idle", type=float, default=20.0,
-                        help="before each pair, wait up to this many s for other processes to go quiet (0: don't)")
-    parser.add_argument("--max-others", type=float, default=0.3,
-                        help="a pair during which other processes used more CPU cores than this is rerun")
-    parser.add_argument("--retries", type=int, default=3, help="reruns of a disturbed pair (the last is kept)")
+    add_undisturbed_options(parser)
     args = parser.parse_args(argv)
     impls = implementations()
     if len(impls) < 2:
