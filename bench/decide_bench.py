@@ -16,10 +16,12 @@ with ``--model claims_triage_large``, on its MLP sibling):
 
 Reported per configuration: median throughput and p50/p99 over rounds and
 server CPU µs per call; ratios of medians decide/infer and decide/decide-noaudit
-with the spread of per-round ratios. Results: ``OUT/decide-<stamp>.json`` and
-``.md``.
+with the spread of per-round ratios. ``--baseline REV`` also runs ``decide`` and
+``infer`` on the kernel as of git revision REV (its extensions built) in the
+same alternation, named ``decide@REV``/``infer@REV``: before/after in one run.
+Results: ``OUT/decide-<stamp>.json`` and ``.md``.
 
-    python -m bench.decide_bench [--rounds 3] [--seconds 5] [--concurrency 16] [--stream] [--out bench/out]
+    python -m bench.decide_bench [--rounds 3] [--seconds 5] [--concurrency 16] [--stream] [--baseline REV] [--out bench/out]
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ import time
 from pathlib import Path
 
 from bench import procs
-from bench.frontends import machine_facts, server_env, snapshot_code, wait_idle
+from bench.frontends import machine_facts, server_env, snapshot_code, snapshot_revision, wait_idle
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 READY = re.compile(r"AIOS kernel ready on ([\d.]+):(\d+)")
@@ -77,7 +79,7 @@ def pipelines_for(model: str, out: Path) -> Path:
 
 
 def run_one(name: str, models: Path, args, code_root: Path, out: Path, stamp: str, round_no: int) -> dict:
-    mode, extra = CONFIGS[name]
+    mode, extra = CONFIGS[name.split("@")[0]]  # "decide@3fb1190": the same configuration on the baseline code
     data_dir = Path(tempfile.mkdtemp(prefix="aios-bench-data-", dir=args.data_parent))
     argv = [procs.python(), "-m", "kernel", "serve", "--models", str(models), "--pipelines",
             str(pipelines_for(args.model, args.out)), "--data-dir", str(data_dir), "--port", "0",
@@ -120,7 +122,11 @@ def summarise(runs: list[dict], configs: list[str]) -> dict:
             "rounds": len(ok),
         }
     ratios = {}
-    for a, b in RATIOS:
+    pairs = list(RATIOS) + [(a, b) for a in table for b in table
+                            if "@" in b and a == b.split("@")[0]]  # after / before
+    pairs += [(a, b) for a in table for b in table if "@" in a and "@" in b and (a.split("@")[0], b.split("@")[0])
+              in RATIOS and a.split("@")[1] == b.split("@")[1]]  # the baseline's own decide/infer
+    for a, b in pairs:
         if a in table and b in table:
             per_round = [ra["throughput"] / rb["throughput"] for ra, rb in zip(
                 [r for r in runs if r.get("config") == a and "error" not in r],
@@ -154,19 +160,28 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "out")
     parser.add_argument("--model", default="claims_triage", choices=("claims_triage", "claims_triage_large"),
                         help="the claims model behind the pipeline (claims_triage_large: its 3x384 MLP sibling)")
+    parser.add_argument("--baseline", default="", metavar="REV",
+                        help="also run decide and infer on the kernel as of this git revision (before/after)")
     args = parser.parse_args(argv)
     configs = args.configs.split(",") if args.configs else ["infer", "decide", "decide-noaudit"] + (
         ["decide-stream"] if args.stream else [])
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
     args.out.mkdir(parents=True, exist_ok=True)
     code_root = snapshot_code(args.out, stamp)
+    roots = {name: code_root for name in configs}
+    if args.baseline:
+        baseline_root = snapshot_revision(args.out, stamp, args.baseline)
+        rev = baseline_root.name.rsplit("-", 1)[1]
+        for name in ("decide", "infer"):
+            roots[f"{name}@{rev}"] = baseline_root
+        configs = configs + [f"{name}@{rev}" for name in ("decide", "infer")]
     models = build_models(args.out, args.model)
     command = "python -m bench.decide_bench " + " ".join(argv if argv is not None else sys.argv[1:])
     runs = []
     total = args.rounds * len(configs)
     for round_no in range(args.rounds):
         for name in configs:
-            result = run_one(name, models, args, code_root, args.out, stamp, round_no)
+            result = run_one(name, models, args, roots[name], args.out, stamp, round_no)
             runs.append(result)
             shown = (f"{result['throughput']:,.0f}/s p50 {result['p50_ms']:.2f} ms cpu {result['server_cpu_us_per_call']} µs"
                      f" client cpu {result['client_cpu']:.2f}"

@@ -146,6 +146,25 @@ def snapshot_code(out: Path, stamp: str) -> Path:
     return root
 
 
+def snapshot_revision(out: Path, stamp: str, revision: str) -> Path:
+    """``kernel/`` (with its extensions built) as of git ``revision``, in ``out/snapshots/<stamp>-<rev>/``:
+    a baseline measured in the same run as the code under test."""
+    sha = subprocess.run(["git", "rev-parse", "--short", revision], capture_output=True, text=True, cwd=REPO_ROOT,
+                         check=True).stdout.strip()
+    root = out / "snapshots" / f"{stamp}-{sha}"
+    root.mkdir(parents=True)
+    paths = [p for p in ("kernel", "ext", "setup.py", "pyproject.toml", "bench/__init__.py", "bench/naive_server.py")
+             if subprocess.run(["git", "cat-file", "-e", f"{sha}:{p}"], cwd=REPO_ROOT).returncode == 0]
+    archive = subprocess.run(["git", "archive", sha, *paths], capture_output=True, cwd=REPO_ROOT, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(root)], input=archive, check=True)
+    if (root / "setup.py").exists():
+        build = subprocess.run([procs.python(), "setup.py", "build_ext", "--inplace"], capture_output=True, text=True,
+                               cwd=root)
+        if build.returncode != 0:
+            raise SystemExit(f"building the extensions of {sha} failed: {build.stderr.strip()[-800:]}")
+    return root
+
+
 def server_env(code_root: Path | None) -> dict | None:
     if code_root is None:
         return None
