@@ -71,9 +71,10 @@ class DecisionSide:
         log.info("decisions: pipelines %s; audit log %s (%s, %d records)", names or "(none)",
                  Path(self.settings.data_dir) / "audit", self.settings.audit_mode, self.audit.size if self.audit else 0)
 
-    def handlers(self) -> dict:
+    def handlers(self, budget=None) -> dict:
+        """The RPC handlers; ``budget`` (kernel.api.call_budget.CallBudget) may refuse a Decide by priority."""
         return {
-            **decision_handlers(self.engine, self.registry),
+            **decision_handlers(self.engine, self.registry, budget),
             **review_handlers(self.reviews),
             **task_handlers(self.tasks),
             **(audit_handlers(self.audit, allow_stream=self.settings.audit_stream_enabled) if self.audit else {}),

@@ -111,9 +111,10 @@ class KernelServer:
         ]
 
     def _add_services(self, server, asynchronous: bool) -> None:
-        inference = (aio_servicer(self.service) if asynchronous
-                     else sync_servicer(self.service, CallBudget(self.settings.workers, self._pool.in_progress)))
-        ours = kernel_services.generic_handlers(self.hub, self.lanes, asynchronous, self.decisions.handlers())
+        # One budget for the handler threads, shared by the RPCs that can be told apart by priority.
+        budget = None if asynchronous else CallBudget(self.settings.workers, self._pool.in_progress)
+        inference = aio_servicer(self.service) if asynchronous else sync_servicer(self.service, budget)
+        ours = kernel_services.generic_handlers(self.hub, self.lanes, asynchronous, self.decisions.handlers(budget))
         server.add_generic_rpc_handlers([inference, *ours])
         self._health = health.aio.HealthServicer() if asynchronous else health.HealthServicer(experimental_non_blocking=True)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)

@@ -84,3 +84,41 @@ def test_lower_priority_calls_are_refused_before_they_take_the_last_thread(small
         held.release.set()
         for call in calls:
             assert call.result().raw_output_contents
+
+
+def test_decide_calls_share_the_budget(tmp_path, monkeypatch):
+    """A Decide holds its handler thread until answered too: with 14 of 16 threads busy a priority-2
+    decision is refused with a retry hint, a priority-1 decision is answered."""
+    from claims_support import build_small_model, claim_request, copy_pipelines
+    from examples.claims import data
+    from kernel._proto.aios.kernel.v1 import kernel_pb2_grpc as kgrpc
+    from kernel.api.inference import InferenceService
+
+    models = build_small_model(tmp_path / "models")
+    onnx_models.save_mlp_version(models, "slow", [64, 2048, 2048, 2048, 8], seed=1, max_batch_size=SLOW_ROWS)
+    server = start_kernel(models, "sync", lane_slots=1, workers=16, pipelines=str(copy_pipelines(tmp_path / "p")),
+                          pipeline_poll_s=0)
+    held = _HeldHandlers(InferenceService.prepare)
+    monkeypatch.setattr(InferenceService, "prepare", held.as_method())
+    case = data.generate_cases(1, seed=5)[0]
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            decisions = kgrpc.DecisionServiceStub(channel)
+            calls = [stub.ModelInfer.future(request_for("slow", np.ones((1, 64)), priority=1), timeout=60)
+                     for _ in range(14)]
+            for _ in calls:
+                assert held.waiting.acquire(timeout=30)
+            with pytest.raises(grpc.RpcError) as refused:
+                decisions.Decide(claim_request(case, request_id="low", priority=2), timeout=30)
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, refused.value.details()
+            assert "kept for priority 1" in refused.value.details()
+            assert "retry-after-ms" in dict(refused.value.trailing_metadata())
+            urgent = decisions.Decide(claim_request(case, request_id="urgent", priority=1), timeout=30)
+            assert urgent.action and urgent.request_id == "urgent"
+            held.release.set()
+            for call in calls:
+                assert call.result().raw_output_contents
+    finally:
+        held.release.set()
+        server.stop(grace=5)

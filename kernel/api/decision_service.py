@@ -17,7 +17,11 @@ def pipeline_info(pipeline) -> kpb.PipelineInfo:
     )
 
 
-def decision_handlers(engine: DecisionEngine, registry: PipelineRegistry) -> dict:
+def decision_handlers(engine: DecisionEngine, registry: PipelineRegistry, budget=None) -> dict:
+    # A Decide holds its handler thread until answered, like ModelInfer: under a flood the same budget
+    # keeps the last threads for priority 1 (kernel/api/call_budget.py).
+    admit = None if budget is None else (lambda item: budget.admit(item.priority))
+
     def decide(request, ctx):
         def on_wait(item) -> None:
             # Only a request still queued when its caller has to wait can be taken back from the queue
@@ -25,7 +29,7 @@ def decision_handlers(engine: DecisionEngine, registry: PipelineRegistry) -> dic
             if item.state == ITEM_QUEUED:
                 ctx.on_done(lambda: engine.inference.cancel(item))
 
-        return engine.decide(request, ctx.deadline_ns, on_wait=on_wait, arrived_ns=ctx.arrived_ns)
+        return engine.decide(request, ctx.deadline_ns, on_wait=on_wait, arrived_ns=ctx.arrived_ns, admit=admit)
 
     def stream(requests, ctx):
         return decide_stream(engine, requests, ctx)

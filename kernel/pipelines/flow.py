@@ -442,18 +442,21 @@ class DecisionEngine:
 
     # -- entry points ---------------------------------------------------------------
     def decide(self, request, deadline_ns: int | None, principal: str = ANONYMOUS, on_wait=None,
-               arrived_ns: int | None = None) -> kpb.Decision:
+               arrived_ns: int | None = None, admit=None) -> kpb.Decision:
         """One decision, blocking: what the unary Decide RPC calls.
 
         Once its model work has run, the lane hands it to the engine's
         ``BatchFinisher``, which decides and audits it with every other decision
         finished meanwhile and only then lets the lane wake this caller: one
         sleep per call. A request that never ran (expired, cancelled) is
-        finished here, alone.
+        finished here, alone. ``admit(item)``, if given, may refuse the
+        prepared request before it is queued (the front end's call budget).
         """
         pending = self.prepare(request, deadline_ns, principal, arrived_ns)
         if isinstance(pending, kpb.Decision):
             return pending
+        if admit is not None:
+            admit(pending.item)
         item = self.finish_in_groups(pending)
         try:
             self.run_blocking(pending, on_wait)
