@@ -15,7 +15,9 @@ the lock and the clock. An item may carry a ``finisher``: after its batch
 ran, the lane hands the batch's items to ``finisher(items, done)`` (under
 the lock; it must not block) instead of waking their callers, and wakes them
 when the finisher calls ``done(items)``. The Decide flow uses this to decide
-and audit whole groups on one thread while each caller sleeps just once. ``slots`` bounds how many batches run at once, plus
+and audit whole groups on one thread while each caller sleeps just once.
+
+``slots`` bounds how many batches run at once, plus
 ``urgent_slots`` kept for batches led by a priority-1 request: batches run to
 completion, so without a spare slot an urgent request would wait behind a
 long batch of a lower priority (on a CPU the spare slot time-shares the
