@@ -149,3 +149,39 @@ def test_a_pipeline_for_a_model_that_is_not_loaded_is_refused(hub, folder):
     registry = PipelineRegistry(folder, hub, load_policy, parse_policy, poll_s=0)
     assert registry.reload() == []
     assert "model 'no_such_model'" in registry.errors[str(target)]
+
+
+def test_a_changed_policy_file_reaches_every_pipeline_that_uses_it(hub, folder):
+    """Loaded "at start and on change": editing the policy file on disk (or uploading it with another
+    pipeline) activates a new version of each pipeline bound to it; a bad edit is refused, the
+    running version keeps serving, and fixing it activates it."""
+    registry = PipelineRegistry(folder, hub, load_policy, parse_policy, poll_s=0)
+    registry.reload()
+    running = registry.get("claims_triage")
+    policy = folder / "policy.toml"
+    original = policy.read_text()
+    assert "fraud_score >= 0.8" in original
+    policy.write_text(original.replace("fraud_score >= 0.8", "fraud_scor >= 0.8", 1))
+    assert registry.reload() == []
+    assert registry.get("claims_triage") is running
+    assert "fraud_scor" in registry.errors[str(folder / "claims_triage.toml")]
+    policy.write_text(original.replace("fraud_score >= 0.8", "fraud_score >= 0.85", 1))
+    assert registry.reload() == ["claims_triage"]
+    changed = registry.get("claims_triage")
+    assert changed.policy.hash != running.policy.hash and "0.85" in policy.read_text()
+    assert registry.errors == {}
+    assert registry.reload() == []  # nothing changed since: nothing reloaded
+
+
+def test_a_policy_uploaded_with_one_pipeline_reaches_the_others_that_share_it(hub, folder):
+    registry = PipelineRegistry(folder, hub, load_policy, parse_policy, poll_s=0)
+    registry.reload()
+    running = registry.get("claims_triage")
+    twin = (folder / "claims_triage.toml").read_text().replace('name = "claims_triage"', 'name = "claims_twin"', 1)
+    assert 'name = "claims_twin"' in twin
+    policy = (folder / "policy.toml").read_text().replace("fraud_score >= 0.8", "fraud_score >= 0.9", 1)
+    uploaded = registry.put(twin.encode(), policy.encode())
+    assert uploaded.name == "claims_twin" and uploaded.policy.hash != running.policy.hash
+    assert registry.get("claims_triage") is running  # until the folder is looked at again
+    assert registry.reload() == ["claims_triage"]
+    assert registry.get("claims_triage").policy.hash == uploaded.policy.hash

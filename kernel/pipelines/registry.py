@@ -31,6 +31,7 @@ class PipelineRegistry:
         self._lock = threading.Lock()
         self._active: dict[str, Pipeline] = {}
         self._seen: dict[Path, tuple[int, int]] = {}  # file -> (mtime_ns, size) last looked at
+        self._reads: dict[Path, set[Path]] = {}  # pipeline file -> the files its last load read (its policy)
         self.errors: dict[str, str] = {}  # file -> why its latest content was refused
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
@@ -51,28 +52,46 @@ class PipelineRegistry:
 
     # -- loading ---------------------------------------------------------------
     def reload(self) -> list[str]:
-        """Look at every file once; returns the names (re)activated. Never raises for a bad file."""
+        """Look at every file once; returns the names (re)activated. Never raises for a bad file.
+
+        A pipeline is loaded again when its own file changed or a file it reads
+        (its policy) did: a policy edited on disk, or uploaded with another
+        pipeline, reaches every pipeline bound to it.
+        """
         if not self.folder.is_dir():
             return []
-        changed = []
+        touched = []
         for path in sorted(self.folder.glob("*.toml")):
             try:
                 stat = path.stat()
             except OSError:
                 continue
             key = (stat.st_mtime_ns, stat.st_size)
-            if self._seen.get(path) == key:
-                continue
-            self._seen[path] = key
-            if not _looks_like_pipeline(path):
-                continue  # policies and other TOML files live alongside pipelines
+            if self._seen.get(path) != key:
+                self._seen[path] = key
+                touched.append(path)
+        if not touched:
+            return []
+        touched_files = {path.resolve() for path in touched}
+        to_load = {path for path in touched if _looks_like_pipeline(path)}  # policies and other TOML live here too
+        to_load |= {path for path, reads in self._reads.items() if reads & touched_files and path.exists()}
+        changed = []
+        for path in sorted(to_load):
+            reads: set[Path] = set()
+
+            def load_policy(policy_path, reads=reads):
+                reads.add(Path(policy_path).resolve())
+                return self._load_policy(policy_path)
+
             try:
-                pipeline = self._bind(load_pipeline(path, self._load_policy))
+                pipeline = self._bind(load_pipeline(path, load_policy))
             except PipelineError as exc:
                 self.errors[str(path)] = str(exc)
                 running = "; the running version keeps serving" if self._owner(path) else ""
                 log.error("pipeline refused: %s%s", exc, running)
                 continue
+            finally:
+                self._reads[path] = reads  # (a refused pipeline too: fixing its policy loads it again)
             self.errors.pop(str(path), None)
             if self._activate(pipeline):
                 changed.append(pipeline.name)
