@@ -57,6 +57,9 @@ class Settings:
     audit_checkpoint_records: int = 1000  # sign a checkpoint every this many records...
     audit_checkpoint_ms: float = 1000.0  # ...or this long after a record, whichever comes first
     audit_segment_bytes: int = 64 * 1024 * 1024  # segment files rotate at this size
+    # Zeros written ahead of the records at a time, so a group's fsync commits no file-size change
+    # (bench/RESULTS.md, "preallocated segments"); 0 = append (copy-on-write file systems gain nothing).
+    audit_preallocate_bytes: int = 256 * 1024
     audit_stream_enabled: bool = False  # allow StreamAudit (until RBAC grants it to the auditor role)
 
     def usable_cores(self) -> int:
@@ -134,6 +137,8 @@ def _validate(settings: Settings, sources: dict[str, str]) -> None:
         raise bad("audit_checkpoint_ms", f"must be > 0, got {settings.audit_checkpoint_ms}")
     if settings.audit_segment_bytes < 4096:
         raise bad("audit_segment_bytes", f"must be >= 4096, got {settings.audit_segment_bytes}")
+    if settings.audit_preallocate_bytes < 0:
+        raise bad("audit_preallocate_bytes", f"must be >= 0 (0 = append), got {settings.audit_preallocate_bytes}")
 
 
 def load_settings(

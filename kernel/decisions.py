@@ -46,7 +46,7 @@ class DecisionSide:
             self.audit = AuditLog.open(
                 data / "audit", mode=settings.audit_mode, key_path=settings.audit_key or None,
                 checkpoint_records=settings.audit_checkpoint_records, checkpoint_ms=settings.audit_checkpoint_ms,
-                segment_bytes=settings.audit_segment_bytes,
+                segment_bytes=settings.audit_segment_bytes, preallocate_bytes=settings.audit_preallocate_bytes,
             )
         else:
             log.warning("audit_mode = off: decisions are NOT recorded (a benchmark baseline, not for production)")

@@ -429,6 +429,7 @@ def test_writer_failure_fails_waiters_and_later_appends(tmp_path, who):
         ({"audit_checkpoint_records": 0}, "audit_checkpoint_records (from --audit-checkpoint-records) must be >= 1"),
         ({"audit_checkpoint_ms": 0}, "audit_checkpoint_ms (from --audit-checkpoint-ms) must be > 0"),
         ({"audit_segment_bytes": 100}, "audit_segment_bytes (from --audit-segment-bytes) must be >= 4096"),
+        ({"audit_preallocate_bytes": -1}, "audit_preallocate_bytes (from --audit-preallocate-bytes) must be >= 0"),
         ({"audit_stream_enabled": "maybe"}, "audit_stream_enabled (from --audit-stream-enabled) must be bool"),
     ],
 )
@@ -448,6 +449,8 @@ def test_audit_settings_layers(tmp_path):
     assert settings.audit_checkpoint_ms == 250.0 and settings.audit_segment_bytes == 1 << 20
     assert settings.audit_key == "/k.pem"
     assert load_settings(config, environ={"AIOS_AUDIT_STREAM_ENABLED": "off"}).audit_stream_enabled is False
+    assert defaults.audit_preallocate_bytes == 256 << 10
+    assert load_settings(config, environ={"AIOS_AUDIT_PREALLOCATE_BYTES": "0"}).audit_preallocate_bytes == 0
 
 
 def test_one_open_log_per_directory(tmp_path):
