@@ -117,4 +117,7 @@ class BatchFinisher:
         self.groups += 1
         self.items += len(group)
         for items, done in taken:
-            done(items)
+            try:
+                done(items)
+            except Exception:  # never leave the other batches' callers asleep
+                log.exception("waking the callers of %d finished decisions failed", len(items))
