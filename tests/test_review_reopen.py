@@ -191,3 +191,33 @@ def test_review_rows_that_never_stored_are_reopened_at_the_next_start(claims_mod
         assert restarted.decisions.reviews.recorded_before() == restarted.decisions.audit.size
     finally:
         restarted.stop(grace=1)
+
+
+def test_a_review_store_that_keeps_failing_fails_decisions_once_the_backlog_is_full(claims_models, tmp_path,
+                                                                                     monkeypatch):
+    """Rows queue in memory only up to a bound: past it a group stores its own before answering, so a
+    broken review store shows as failed decisions instead of a backlog that only grows."""
+    from conftest import start_kernel
+    from kernel.pipelines import flow
+
+    monkeypatch.setattr(flow, "MAX_REVIEW_BACKLOG", 3)
+    server = start_kernel(claims_models, pipelines=str(copy_pipelines(tmp_path / "pipelines")),
+                          data_dir=str(tmp_path / "data"), pipeline_poll_s=0)
+    reviews = server.decisions.reviews
+    calls, real = _failing(reviews, times=None)
+    codes: list[str] = []
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = kgrpc.DecisionServiceStub(channel)
+            for i, case in enumerate(data.generate_cases(60, seed=31)):
+                try:
+                    stub.Decide(claim_request(case, request_id=f"b{i}"), timeout=10)
+                    codes.append("OK")
+                except grpc.RpcError as exc:
+                    codes.append(exc.code().name)
+        assert "INTERNAL" in codes, codes  # the store's fault, past the bound, reaches the caller
+        assert set(codes) <= {"OK", "INTERNAL"}
+        assert server.decisions.engine._review_rows.backlog <= 3 + 8  # (at most one more group past the bound)
+    finally:
+        reviews.create_many = real
+        server.stop(grace=1)

@@ -31,6 +31,9 @@ from .spec import Pipeline
 log = logging.getLogger("aios.decisions")
 
 ANONYMOUS = "anonymous"  # the principal until authentication lands
+# Review rows waiting in memory beyond which a group stores its own before answering (so a review store
+# that keeps failing fails the decisions, as it did before rows were stored in the background).
+MAX_REVIEW_BACKLOG = 50_000
 
 
 class Pending:
@@ -430,7 +433,12 @@ class DecisionEngine:
                 store.put(pending.request.tenant, pending.request.idempotency_key, pending.request_hash,
                           decision.SerializeToString())
         if deferred is not None:  # queued once every decision is final: the proposed decision is the answer as sent
-            self._review_rows.add(deferred, opening)
+            if self._review_rows.backlog < MAX_REVIEW_BACKLOG:
+                self._review_rows.add(deferred, opening)
+            else:  # the store has been failing for a while: no more answers whose reviews only memory holds
+                reviews.create_many(deferred, durable=True, answer=False)
+                with self._opening_lock:
+                    del self._opening[opening]
         return results
 
     def finish_in_groups(self, pending: Pending):

@@ -61,6 +61,11 @@ class DeferredRows:
         if wake:
             self._wakeup.set()
 
+    @property
+    def backlog(self) -> int:
+        """Rows queued and not stored yet (grows only while storing fails)."""
+        return len(self._rows)
+
     def settle(self) -> None:
         """Return once every row queued before this call is stored (or its storing failed)."""
         if self._rows or self._flushing.locked():
