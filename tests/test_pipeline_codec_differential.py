@@ -112,7 +112,6 @@ def both(fields: tuple[FieldSpec, ...]):
 @given(data=st.data(), fields=pipeline_st())
 def test_random_requests_read_encode_and_hash_the_same(data, fields):
     reference, codec = both(fields)
-    names = [spec.name for spec in fields]
     given_fields = data.draw(st.fixed_dictionaries(
         {}, optional={**{spec.name: plain_st(spec) for spec in fields}, "unknown": wire_value_st, "ünknown": wire_value_st}))
     text = data.draw(st.dictionaries(st.sampled_from(["note", "ñote"]), text_st, max_size=2))

@@ -13,7 +13,7 @@ from kernel.scheduling import implementations
 from kernel.scheduling.policy import (
     ADMITTED, REJECT_DEADLINE, REJECT_QUEUE_FULL, REJECT_TENANT_FULL, ModelSchedule,
 )
-from kernel.scheduling.types import ITEM_BATCHED, ITEM_CANCELLED, ITEM_EXPIRED, ITEM_QUEUED, NO_DEADLINE
+from kernel.scheduling.types import ITEM_BATCHED, ITEM_CANCELLED, ITEM_EXPIRED, NO_DEADLINE
 
 MS = 1_000_000
 
