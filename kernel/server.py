@@ -28,7 +28,7 @@ from .api.handler_pool import HandlerPool, poller_policy
 from .config import Settings
 from .models import ModelHub
 from .scheduling import Lanes, device_of, make_scheduler, run_batch
-from .threads import no_wakeup_preemption
+from .threads import start_handler_thread
 
 log = logging.getLogger("aios.server")
 
@@ -132,7 +132,7 @@ class KernelServer:
             self._start_aio()
         else:
             self._pool = HandlerPool(self.settings.workers, thread_name_prefix="aios-grpc",
-                                     initializer=no_wakeup_preemption, on_overlap=poller_policy)
+                                     initializer=start_handler_thread, on_overlap=poller_policy)
             server = grpc.server(
                 self._pool,
                 options=self._options(),

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
+import sys
+import threading
 
 log = logging.getLogger("aios.threads")
 
@@ -30,3 +33,32 @@ def no_wakeup_preemption() -> None:
         os.sched_setscheduler(0, policy, os.sched_param(0))
     except OSError:  # refused (a container policy, say): the kernel runs as before
         log.debug("SCHED_BATCH refused for a thread", exc_info=True)
+
+
+_PR_SET_NAME = 15  # linux/prctl.h
+_libc = None
+
+
+def name_native_thread() -> None:
+    """Give the calling thread its Python name in the OS too (first 15 bytes), where Linux allows.
+
+    ``top -H``, ``ps -L`` and ``/proc/<pid>/task/*/comm`` then show which
+    kernel thread uses the CPU (handler threads, the decision finisher, the
+    review-row writer, ...) instead of "python" for all of them;
+    ``bench/thread_cpu.py`` reads them to split a call's CPU by thread.
+    """
+    global _libc
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        if _libc is None:
+            _libc = ctypes.CDLL(None, use_errno=True)
+        _libc.prctl(_PR_SET_NAME, threading.current_thread().name.encode("utf-8", "replace")[:15], 0, 0, 0)
+    except (OSError, AttributeError):  # no prctl here: the names are a convenience
+        log.debug("could not name the thread", exc_info=True)
+
+
+def start_handler_thread() -> None:
+    """What each front-end handler thread runs first: its OS name, then ``no_wakeup_preemption``."""
+    name_native_thread()
+    no_wakeup_preemption()

@@ -37,6 +37,7 @@ from pathlib import Path
 
 from .._proto.aios.kernel.v1 import kernel_pb2
 from ..errors import InvalidArgument, ResourceExhausted
+from ..threads import name_native_thread
 from . import checkpoints as cps
 from .errors import AuditError, AuditTimeout
 from .keys import load_or_create, publish_public_key
@@ -258,6 +259,7 @@ class AuditLog:
 
     # ------------------------------------------------------------------ writer thread
     def _run(self) -> None:
+        name_native_thread()
         try:
             self._loop()
             if self._failure is None:

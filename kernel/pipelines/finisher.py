@@ -22,7 +22,7 @@ import threading
 from collections.abc import Callable
 
 from ..errors import Internal, KernelError
-from ..threads import no_wakeup_preemption
+from ..threads import name_native_thread, no_wakeup_preemption
 
 log = logging.getLogger("aios.decisions")
 
@@ -83,6 +83,7 @@ class BatchFinisher:
     def _run(self) -> None:
         # Woken by a handler thread that holds the GIL: preempting it would only block on the GIL and
         # switch back (see kernel/threads.py). The decisions wait anyway; let the waker run on.
+        name_native_thread()
         no_wakeup_preemption()
         while True:
             with self._lock:

@@ -18,6 +18,8 @@ import logging
 import threading
 from collections.abc import Callable
 
+from ..threads import name_native_thread
+
 log = logging.getLogger("aios.review")
 
 WINDOW_S = 0.02  # how long the thread lets rows gather before storing them
@@ -85,6 +87,7 @@ class DeferredRows:
                      self.rows, self.batches, self.rows / self.batches)
 
     def _run(self) -> None:
+        name_native_thread()
         backoff = 0.0
         while True:
             if backoff:

@@ -38,6 +38,7 @@ import time
 from collections.abc import Callable
 
 from ..errors import Cancelled, DeadlineExceeded, ResourceExhausted, Unavailable
+from ..threads import name_native_thread
 from .policy import ADMITTED, REJECT_DEADLINE, REJECT_QUEUE_FULL, ModelSchedule
 from .types import ITEM_CANCELLED, ITEM_DONE, ITEM_EXPIRED, ITEM_QUEUED, NO_DEADLINE, Batch, WorkItem
 
@@ -324,6 +325,7 @@ class Lane:
             item.on_done(item)
 
     def _helper(self) -> None:
+        name_native_thread()
         with self._lock:
             while True:
                 now = time.monotonic_ns()

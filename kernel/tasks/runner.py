@@ -28,6 +28,7 @@ from collections.abc import Callable
 
 from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
 from ..errors import KernelError, TransientError
+from ..threads import name_native_thread
 from .store import TaskStore, TaskWatch
 
 log = logging.getLogger("aios.tasks")
@@ -160,6 +161,7 @@ class TaskRunner:
             return None
 
     def _work(self) -> None:
+        name_native_thread()
         while (task_id := self._next_due()) is not None:
             try:
                 self._run(task_id)
