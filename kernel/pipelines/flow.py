@@ -139,6 +139,10 @@ class DecisionEngine:
         """DeferredRows' store: the review rows of ``groups`` (their tokens in ``_opening``), one transaction."""
         self.services.reviews.create_many(items, durable=False, recorded_before=lambda: self.recorded_before(groups),
                                           answer=False)
+        self._reviews_stored(*groups)
+
+    def _reviews_stored(self, *groups) -> None:
+        """These groups' review rows are stored (or, after a failed append, will never be): unregister them."""
         with self._opening_lock:
             for group in groups:
                 del self._opening[group]
@@ -270,7 +274,6 @@ class DecisionEngine:
             score_rows.append(scores)
             confidences.append(confidence)
             finite.append(ok)
-        faulty = not all(finite)
         result = pipeline.policy.evaluate_rows(rows)
         policy_ns = (time.monotonic_ns() - policy_started) // n
         minimum = pipeline.escalation.min_confidence
@@ -279,7 +282,7 @@ class DecisionEngine:
         audited = self.services.audit is not None
         decisions: list = []
         for k, pending in enumerate(group):
-            if faulty and not finite[k]:
+            if not finite[k]:
                 log.error("model %s/%s returned non-finite scores for request %s", mv.name, mv.version, pending.request_id)
                 decisions.append(self._failed(pending, Internal(
                     f"model {mv.name}/{mv.version} returned non-finite scores (request id {pending.request_id})")))
@@ -380,8 +383,7 @@ class DecisionEngine:
             tickets = audit.append_many(records, write_here=True)
         except BaseException:
             if opening is not None:
-                with self._opening_lock:
-                    del self._opening[opening]
+                self._reviews_stored(opening)
             raise
         return decided, tickets, opening  # opening: the group's token in _opening while its reviews are stored
 
@@ -412,8 +414,7 @@ class DecisionEngine:
             else:  # one transaction (one group-committed fsync) for the group's reviews; tasks reopen their own
                 opened = reviews.create_many(rows, durable=True)
                 if opening is not None:
-                    with self._opening_lock:
-                        del self._opening[opening]
+                    self._reviews_stored(opening)
                 for (_, decision), review in zip(escalated, opened):
                     decision.review_id = review.review_id  # a re-run task finds the review it opened before
         now = time.monotonic_ns()
@@ -437,8 +438,7 @@ class DecisionEngine:
                 self._review_rows.add(deferred, opening)
             else:  # the store has been failing for a while: no more answers whose reviews only memory holds
                 reviews.create_many(deferred, durable=True, answer=False)
-                with self._opening_lock:
-                    del self._opening[opening]
+                self._reviews_stored(opening)
         return results
 
     def finish_in_groups(self, pending: Pending):
