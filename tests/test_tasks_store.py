@@ -102,6 +102,23 @@ def test_closed_database_refuses_use(tmp_path):
             pass
 
 
+def test_closing_leaves_a_read_in_progress_its_connection(tmp_path):
+    # Closing an sqlite3 connection while another thread runs a statement on
+    # it can crash the process (it did, once, in CI): close() must leave the
+    # connections that are in use to their readers, who close them when done.
+    db = open_database(tmp_path)
+    db.tasks.put_completion("r1", kpb.Decision(action="deny"))
+    with db.read() as conn:
+        closer = threading.Thread(target=db.close)
+        closer.start()
+        closer.join()
+        assert conn.execute("SELECT count(*) FROM review_completions").fetchone() == (1,)
+    with pytest.raises(sqlite3.ProgrammingError):  # closed by the reader once it was done with it
+        conn.execute("SELECT 1")
+    with pytest.raises(FailedPrecondition, match="closed"):
+        db.tasks.completion("r1")
+
+
 # -- task records -----------------------------------------------------------------------------
 def test_create_queues_a_task_with_a_timestamped_history(db):
     store = TaskStore(db)

@@ -28,7 +28,6 @@ Tasks, reviews and idempotency keys share ``<data_dir>/kernel.sqlite3``:
 from __future__ import annotations
 
 import os
-import queue
 import sqlite3
 import threading
 from collections import deque
@@ -120,10 +119,16 @@ class Database:
                 self._writer.close()
             self._release_lock()
             raise
-        self._readers: queue.LifoQueue = queue.LifoQueue()
+        # Idle read connections, last returned first. A connection in use is
+        # never closed under its reader (sqlite3 may crash the process when a
+        # connection is closed while another thread runs a statement on it):
+        # close() closes the idle ones and a reader returning one after that
+        # closes it itself. ``_pool_lock`` is not the write lock, so taking a
+        # reader never waits for a commit's fsync.
+        self._idle_readers: list[sqlite3.Connection] = []
+        self._pool_lock = threading.Lock()
         self._reader_slots = _FairSlots(max(0, read_connections))
         self._read_pool = read_connections > 0
-        self._all_readers: list[sqlite3.Connection] = []
 
     # -- the data-directory lock ----------------------------------------------------------
     def _take_lock(self):
@@ -237,19 +242,33 @@ class Database:
             return
         self._reader_slots.acquire()
         try:
-            self._check_open()
-            try:
-                conn = self._readers.get_nowait()
-            except queue.Empty:
-                conn = _connect(self.path, read_only=True)
-                with self._write_lock:
-                    self._all_readers.append(conn)
+            conn = self._take_reader()
             try:
                 yield conn
             finally:
-                self._readers.put(conn)
+                self._return_reader(conn)
         finally:
             self._reader_slots.release()
+
+    def _take_reader(self) -> sqlite3.Connection:
+        with self._pool_lock:
+            self._check_open()
+            if self._idle_readers:
+                return self._idle_readers.pop()
+        conn = _connect(self.path, read_only=True)  # outside the lock: opening reads the schema
+        with self._pool_lock:
+            if not self._closed:
+                return conn
+        conn.close()
+        self._check_open()  # raises: closed while this one was being opened
+        raise AssertionError("unreachable")
+
+    def _return_reader(self, conn: sqlite3.Connection) -> None:
+        with self._pool_lock:
+            if not self._closed:
+                self._idle_readers.append(conn)
+                return
+        conn.close()  # the database was closed while this read ran
 
     def _check_open(self) -> None:
         if self._closed:
@@ -272,8 +291,10 @@ class Database:
         with self._write_lock:
             if self._closed:
                 return
-            self._closed = True
-            for conn in self._all_readers:
+            with self._pool_lock:
+                self._closed = True
+                idle, self._idle_readers = self._idle_readers, []
+            for conn in idle:
                 conn.close()
             self._writer.close()
         self._release_lock()
