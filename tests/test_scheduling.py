@@ -418,3 +418,122 @@ def test_deadline_passing_while_in_another_threads_batch_waits_for_that_batch():
         lane.close()
     assert leader.outputs == ["leader"] and leader.error is None
     assert late.outputs is None and isinstance(late.error, DeadlineExceeded)  # ... and it is answered as late
+
+
+# -- Lane.run_if_idle: the event loop's way to run a lone short request itself ---------------------
+@pytest.fixture(params=implementations(), ids=lambda cls: cls.name)
+def idle_lane(request):
+    """A one-slot lane on each scheduler implementation whose execute records the thread it ran on."""
+    import threading
+
+    from kernel.scheduling import Lane
+
+    gate = threading.Event()
+    gate.set()
+    ran = []
+
+    def execute(batch):
+        ran.append(([it.request_id for it in batch.items], threading.get_ident()))
+        assert gate.wait(10)
+        for it in batch.items:
+            it.outputs = [it.request_id]
+        return 50_000
+
+    scheduler = request.param()
+    lane = Lane(scheduler, execute, slots=1, urgent_slots=0)
+    model = Model("m")
+    lane.add_model(model, ModelSchedule(max_batch_size=8), profile=[(1, 50_000), (2, 60_000)])
+    ITEM_CLASS[model] = scheduler.item_class
+    yield lane, model, ran, gate
+    gate.set()
+    lane.close()
+
+
+def _with_callback(it):
+    import threading
+
+    called = threading.Event()
+    it.on_done = lambda done: called.set()
+    return called
+
+
+def test_a_lone_short_request_runs_on_the_callers_thread_without_its_callback(idle_lane):
+    import threading
+
+    lane, model, ran, _gate = idle_lane
+    it = item(model, rid="lone")
+    called = _with_callback(it)
+    assert lane.run_if_idle(it, max_ns=1_000_000) is True
+    assert ran == [(["lone"], threading.get_ident())]
+    assert it.state == 2 and it.outputs == ["lone"] and it.error is None  # ITEM_DONE
+    assert not called.is_set()  # finished here: the caller reads the item itself
+    assert lane.stats()["queued"] == 0
+
+
+def test_a_request_predicted_slower_than_the_bound_goes_to_the_lane_threads(idle_lane):
+    import threading
+
+    lane, model, ran, _gate = idle_lane
+    it = item(model, rid="slow")
+    called = _with_callback(it)
+    assert lane.run_if_idle(it, max_ns=10_000) is False  # predicted ~50 µs
+    assert called.wait(10) and it.outputs == ["slow"]
+    assert ran[0][0] == ["slow"] and ran[0][1] != threading.get_ident()
+
+
+def test_a_busy_lane_queues_the_request_and_batches_it_with_the_others(idle_lane):
+    import threading
+    import time
+
+    lane, model, ran, gate = idle_lane
+    gate.clear()
+    first = item(model, rid="first")
+    first_done = _with_callback(first)
+    lane.submit(first)
+    while not ran:  # a helper holds the only slot
+        time.sleep(0.001)
+    queued = [item(model, rid=f"q{i}") for i in range(3)]
+    callbacks = [_with_callback(it) for it in queued]
+    assert [lane.run_if_idle(it, max_ns=1_000_000) for it in queued] == [False, False, False]
+    gate.set()
+    assert first_done.wait(10) and all(c.wait(10) for c in callbacks)
+    assert sorted(ran[1][0]) == ["q0", "q1", "q2"] and ran[1][1] != threading.get_ident()
+
+
+def test_an_untimed_model_is_never_run_inline():
+    import threading
+
+    from kernel.scheduling import Lane, ReferenceScheduler
+
+    ran = []
+
+    def execute(batch):
+        ran.append(threading.get_ident())
+        for it in batch.items:
+            it.outputs = []
+        return 1000
+
+    lane = Lane(ReferenceScheduler(), execute, slots=1, urgent_slots=0)
+    model = Model("untimed")
+    lane.add_model(model, ModelSchedule(max_batch_size=8))  # no profile: no prediction yet
+    ITEM_CLASS[model] = ReferenceScheduler.item_class
+    try:
+        it = item(model, rid="u")
+        called = _with_callback(it)
+        assert lane.run_if_idle(it, max_ns=10**12) is False
+        assert called.wait(10) and ran and ran[0] != threading.get_ident()
+    finally:
+        lane.close()
+
+
+def test_a_request_that_cannot_meet_its_deadline_is_refused_as_by_submit(idle_lane):
+    import time
+
+    from kernel.errors import ResourceExhausted
+
+    lane, model, ran, _gate = idle_lane
+    it = item(model, rid="late", deadline=time.monotonic_ns() - 1)
+    called = _with_callback(it)
+    with pytest.raises(ResourceExhausted, match="before its deadline"):
+        lane.run_if_idle(it, max_ns=1_000_000)
+    assert not ran and not called.is_set() and lane.stats()["queued"] == 0

@@ -26,6 +26,13 @@ log = logging.getLogger("aios.api")
 
 SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
 
+# The event loop runs a lone request's batch itself, with no thread hop, when
+# its lane is idle and the batch is predicted to take at most this long: the
+# loop stalls that long, as a server that runs its model inline always does.
+# Longer batches go to the lane's threads, so that requests arriving
+# meanwhile are read and batched.
+INLINE_MAX_NS = 200_000
+
 # RPC name -> InferenceService method, for the plain request/response calls.
 UNARY = {
     "ServerLive": "server_live",
@@ -216,7 +223,8 @@ def aio_servicer(service: InferenceService) -> grpc.GenericRpcHandler:
             loop = asyncio.get_running_loop()
             done = loop.create_future()
             item.on_done = lambda it: loop.call_soon_threadsafe(_resolve, done, it)
-            service.submit(item)
+            if service.run_if_idle(item, INLINE_MAX_NS):
+                return service.answer(request, item)
             # Lane threads only look at deadlines when they pick the next batch;
             # a timer answers DEADLINE_EXCEEDED on time while the lane is busy.
             timer = None

@@ -172,6 +172,10 @@ class InferenceService:
         """Queue ``item`` on its model's lane; ``item.on_done`` reports the outcome."""
         self._lane(item).submit(item)
 
+    def run_if_idle(self, item: WorkItem, max_ns: int) -> bool:
+        """Run ``item`` on this thread if its lane is idle and the batch is short (``Lane.run_if_idle``)."""
+        return self._lane(item).run_if_idle(item, max_ns)
+
     def cancel(self, item: WorkItem) -> bool:
         try:
             return self.lanes.for_model(item.model).cancel(item)

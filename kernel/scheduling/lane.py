@@ -173,6 +173,36 @@ class Lane:
                 lock.release()
         return item
 
+    def run_if_idle(self, item: WorkItem, max_ns: int) -> bool:
+        """Run ``item`` on this thread if the lane is idle and its batch is predicted to take at most ``max_ns``.
+
+        For callers that must not block for long (an event loop): True means
+        the item finished here and ``item.on_done`` was *not* called; False
+        means it was queued as by ``submit`` and ``on_done`` reports it. A
+        model whose batches have not been timed yet (no prediction) is never
+        run here. A lone
+        request on an idle lane then costs no thread hop at all, as in a
+        server that runs its model inline; a slow model, or a lane with work
+        queued, still goes through the helpers so that requests batch.
+        """
+        on_done = item.on_done
+        with self._lock:
+            if (self._free_slots > 0 and not self.scheduler.has_work()
+                    and 0 < self.scheduler.predict(item.model, item.rows) <= max_ns):  # 0: not measured yet
+                item.on_done = None  # finished here: the caller reads the item itself
+                now = self._submit_locked(item, blocking=False)
+                batch, urgent = self._next_batch_locked(now)
+                if batch is not None:  # nothing else was queued: the batch is this item alone
+                    self._run_locked(batch, urgent, now)
+                    return True
+                if item.state in _FINISHED:  # expired at once
+                    return True
+                item.on_done = on_done  # held for a batching window: a helper runs it
+            else:
+                self._submit_locked(item, blocking=False)
+            self._work.notify()
+            return False
+
     def submit(self, item: WorkItem) -> None:
         """Queue ``item``; ``item.on_done(item)`` is called from a lane thread when it finishes."""
         with self._lock:
