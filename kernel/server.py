@@ -22,7 +22,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 from . import accel
 from ._proto import POOL
 from ._proto.inference import grpc_service_pb2
-from .api import InferenceService, aio_servicer, kernel_services, sync_servicer
+from .api import InferenceService, aio_servicer, kernel_services, registration, sync_servicer
 from .api.call_budget import CallBudget
 from .api.handler_pool import HandlerPool, poller_policy
 from .config import Settings
@@ -115,7 +115,7 @@ class KernelServer:
         budget = None if asynchronous else CallBudget(self.settings.workers, self._pool.in_progress)
         inference = aio_servicer(self.service) if asynchronous else sync_servicer(self.service, budget)
         ours = kernel_services.generic_handlers(self.hub, self.lanes, asynchronous, self.decisions.handlers(budget))
-        server.add_generic_rpc_handlers([inference, *ours])
+        registration.add_to_server(server, [inference, *ours])
         self._health = health.aio.HealthServicer() if asynchronous else health.HealthServicer(experimental_non_blocking=True)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         _register_standard_descriptors()
