@@ -42,6 +42,11 @@ class Settings:
     # in between a busy neighbour's threads. 0 = leave Python's default (5000 µs).
     gil_switch_interval_us: int = 0
     lane_slots: int = 0  # batches run at once on the CPU lane; 0 = one per usable core
+    # While priority-1 requests arrive, a batch led by a lower priority runs at this much lower OS
+    # priority (nice), so the urgent requests' front-end work is not queued behind its compute
+    # (kernel/scheduling/lane.py). Needs CAP_SYS_NICE (root has it); without, it is off and the
+    # start log says so. 0 = off.
+    batch_nice: int = 10
     scheduler: str = "auto"  # "auto" (Cython core when built), "cython" or "reference"
     max_message_bytes: int = 64 * 1024 * 1024  # larger requests get RESOURCE_EXHAUSTED
     grace_seconds: float = 10.0  # SIGTERM: how long in-flight calls may take to finish
@@ -119,6 +124,8 @@ def _validate(settings: Settings, sources: dict[str, str]) -> None:
         raise bad("gil_switch_interval_us", f"must be 0..1000000 (0 = Python's default), got {settings.gil_switch_interval_us}")
     if settings.lane_slots < 0:
         raise bad("lane_slots", f"must be >= 0 (0 = one per core), got {settings.lane_slots}")
+    if not 0 <= settings.batch_nice <= 19:
+        raise bad("batch_nice", f"must be 0..19 (0 = off), got {settings.batch_nice}")
     if settings.max_message_bytes < 1024:
         raise bad("max_message_bytes", f"must be >= 1024, got {settings.max_message_bytes}")
     if settings.grace_seconds < 0:

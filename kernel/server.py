@@ -28,7 +28,7 @@ from .api.handler_pool import HandlerPool, poller_policy
 from .config import Settings
 from .models import ModelHub
 from .scheduling import Lanes, device_of, make_scheduler, run_batch
-from .threads import start_handler_thread
+from .threads import can_lower_and_restore, start_handler_thread
 
 log = logging.getLogger("aios.server")
 
@@ -63,8 +63,9 @@ class KernelServer:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.hub = ModelHub(settings.models)
+        self.batch_nice = settings.batch_nice if settings.batch_nice and can_lower_and_restore(settings.batch_nice) else 0
         self.lanes = Lanes(lambda: make_scheduler(settings.scheduler), run_batch, settings.slots,
-                           on_batch=_on_batch, on_item=_on_item)
+                           on_batch=_on_batch, on_item=_on_item, batch_nice=self.batch_nice)
         self.hub.add_listener(self._models_changed)
         self.service = InferenceService(self.hub, self.lanes)
         from .decisions import DecisionSide  # the decision side pulls in SQLite, crypto, policy
@@ -144,10 +145,12 @@ class KernelServer:
             self._server = server
         self._update_health()
         log.info(
-            "AIOS kernel listening on %s:%d (front end %s, scheduler %s, lanes %s, extensions: %s); "
+            "AIOS kernel listening on %s:%d (front end %s, scheduler %s, lanes %s, batch nice %s, extensions: %s); "
             "%d model versions ready%s",
             self.settings.host, self.port, self.settings.front_end, self.lanes.cpu.scheduler.name,
             ", ".join(f"{lane.name}×{lane.slots}" for lane in self.lanes.all()),
+            self.batch_nice or ("off" if not self.settings.batch_nice else
+                                f"off ({self.settings.batch_nice} asked; needs CAP_SYS_NICE to restore a thread)"),
             ", ".join(f"{k}={v}" for k, v in sorted(accel.CHOSEN.items())) or "none",
             len(loaded), f", {len(self.failed_models)} failed: {', '.join(self.failed_models)}" if self.failed_models else "",
         )

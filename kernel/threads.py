@@ -62,3 +62,43 @@ def start_handler_thread() -> None:
     """What each front-end handler thread runs first: its OS name, then ``no_wakeup_preemption``."""
     name_native_thread()
     no_wakeup_preemption()
+
+
+def _thread_nice() -> int:
+    return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+
+def set_thread_nice(value: int) -> None:
+    """Set the calling thread's nice value (on Linux a thread's own attribute, not the process's)."""
+    os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), value)
+
+
+_renice_checked: dict[int, bool] = {}
+
+
+def can_lower_and_restore(nice: int) -> bool:
+    """Whether a thread of this process may go ``nice`` steps lower in priority and come back.
+
+    Lowering is always allowed; coming back needs CAP_SYS_NICE (root has it)
+    or a high enough RLIMIT_NICE, which most containers do not grant. Tried
+    once, on a throwaway thread, since a refused restore leaves that thread
+    lowered for good.
+    """
+    if nice in _renice_checked:
+        return _renice_checked[nice]
+    result = [False]
+
+    def probe() -> None:
+        try:
+            base = _thread_nice()
+            set_thread_nice(min(19, base + nice))
+            set_thread_nice(base)
+            result[0] = _thread_nice() == base
+        except (OSError, AttributeError):  # refused, or no per-thread priorities here
+            result[0] = False
+
+    thread = threading.Thread(target=probe, name="aios-nice-probe", daemon=True)
+    thread.start()
+    thread.join()
+    _renice_checked[nice] = result[0]
+    return result[0]

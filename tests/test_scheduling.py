@@ -537,3 +537,72 @@ def test_a_request_that_cannot_meet_its_deadline_is_refused_as_by_submit(idle_la
     with pytest.raises(ResourceExhausted, match="before its deadline"):
         lane.run_if_idle(it, max_ns=1_000_000)
     assert not ran and not called.is_set() and lane.stats()["queued"] == 0
+
+
+# -- batch_nice: a lower-priority batch runs at a lower OS priority while urgent requests arrive ---------
+def _nice_now() -> int:
+    import os
+    import threading
+
+    return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+
+@pytest.fixture(params=implementations(), ids=lambda cls: cls.name)
+def nice_lane(request):
+    from kernel.scheduling import Lane
+    from kernel.threads import can_lower_and_restore
+
+    if not can_lower_and_restore(7):
+        pytest.skip("this process may not restore a thread's priority (no CAP_SYS_NICE)")
+    seen = {}
+
+    def execute(batch):
+        seen[batch.items[0].request_id] = _nice_now()
+        for it in batch.items:
+            it.outputs = []
+        return 1000
+
+    scheduler = request.param()
+    lane = Lane(scheduler, execute, slots=1, urgent_slots=0, batch_nice=7)
+    model = Model("m")
+    lane.add_model(model, ModelSchedule(max_batch_size=0))
+    ITEM_CLASS[model] = scheduler.item_class
+    yield lane, model, seen
+    lane.close()
+
+
+def test_a_low_priority_batch_runs_niced_only_while_urgent_requests_arrive(nice_lane):
+    lane, model, seen = nice_lane
+    base = _nice_now()
+    lane.run_blocking(item(model, priority=2, rid="alone"))  # no urgent request yet: nothing to yield to
+    lane.run_blocking(item(model, priority=1, rid="urgent"))
+    lane.run_blocking(item(model, priority=2, rid="after"))
+    lane.run_blocking(item(model, priority=3, rid="lowest"))
+    assert seen == {"alone": base, "urgent": base, "after": base + 7, "lowest": base + 7}
+    assert _nice_now() == base  # the caller's thread, which ran the batches, is back to its priority
+
+
+def test_helper_threads_come_back_to_their_priority_too(nice_lane):
+    import threading
+
+    lane, model, seen = nice_lane
+    base = _nice_now()
+    lane.run_blocking(item(model, priority=1, rid="urgent"))
+    done = threading.Event()
+    later = item(model, priority=2, rid="helper-run")
+    later.on_done = lambda it: done.set()
+    lane.submit(later)
+    assert done.wait(10) and seen["helper-run"] == base + 7
+    after = item(model, priority=1, rid="helper-urgent")
+    done.clear()
+    after.on_done = lambda it: done.set()
+    lane.submit(after)
+    assert done.wait(10) and seen["helper-urgent"] == base
+
+
+def test_the_renice_probe_leaves_the_caller_alone():
+    from kernel.threads import can_lower_and_restore
+
+    before = _nice_now()
+    can_lower_and_restore(5)  # probes on a thread of its own
+    assert _nice_now() == before

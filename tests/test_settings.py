@@ -32,6 +32,7 @@ def test_layers_override_in_order(tmp_path):
         ({"overrides": {"port": 70000}}, "port (from --port) must be 0..65535"),
         ({"overrides": {"workers": 0}}, "workers (from --workers) must be >= 1"),
         ({"environ": {"AIOS_GIL_SWITCH_INTERVAL_US": "-5"}}, "gil_switch_interval_us (from $AIOS_GIL_SWITCH_INTERVAL_US) must be 0..1000000"),
+        ({"environ": {"AIOS_BATCH_NICE": "20"}}, "batch_nice (from $AIOS_BATCH_NICE) must be 0..19"),
         ({"environ": {"AIOS_LOG_LEVEL": "LOUD"}}, "log_level (from $AIOS_LOG_LEVEL)"),
     ],
 )

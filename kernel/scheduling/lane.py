@@ -23,6 +23,17 @@ completion, so without a spare slot an urgent request would wait behind a
 long batch of a lower priority (on a CPU the spare slot time-shares the
 cores, and the OS lets the short urgent batch through quickly).
 
+``batch_nice``: while requests of the urgent level have arrived recently, a
+thread running a batch led by a lower priority lowers its own OS priority
+(nice) for the batch. On a CPU the model's batch competes for the core with
+the front end's threads, and the OS shares the core fairly: an urgent
+request's handler then waits behind the neighbour's compute, which the
+scheduler's priorities cannot reach. Niced, the long low-priority batch gets
+what the front end leaves (bench/RESULTS.md, "Priority isolation: niced
+batches"). Callers' threads run batches here (leader/follower), so the
+thread must come back to its own priority afterwards, which the OS allows
+only with CAP_SYS_NICE; the server passes 0 (off) without it.
+
 Waking is targeted, never a broadcast: a blocked caller sleeps on a lock of
 its own and is woken when its item finishes, or when it is chosen to run
 the next batch (one sleeper per freed slot). A broadcast would wake every
@@ -33,12 +44,13 @@ batch saves at high concurrency.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
 
 from ..errors import Cancelled, DeadlineExceeded, ResourceExhausted, Unavailable
-from ..threads import name_native_thread
+from ..threads import name_native_thread, set_thread_nice
 from .policy import ADMITTED, REJECT_DEADLINE, REJECT_QUEUE_FULL, ModelSchedule
 from .types import ITEM_CANCELLED, ITEM_DONE, ITEM_EXPIRED, ITEM_QUEUED, NO_DEADLINE, Batch, WorkItem
 
@@ -46,6 +58,7 @@ log = logging.getLogger("aios.scheduling")
 
 _FINISHED = (ITEM_DONE, ITEM_CANCELLED, ITEM_EXPIRED)
 URGENT_LEVEL = 1  # batches led by requests of this priority level may use the urgent slots
+URGENT_RECENT_NS = 10_000_000_000  # batch_nice applies while an urgent request came this recently
 _IDLE_POLL_S = 1.0  # helpers re-check closing at this period when nothing wakes them
 
 
@@ -59,8 +72,12 @@ class Lane:
         urgent_slots: int = 1,
         on_batch: Callable[[Batch, int], None] | None = None,
         on_item: Callable[[WorkItem], None] | None = None,
+        batch_nice: int = 0,
     ):
         self.name = name
+        self._batch_nice = batch_nice
+        self._base_nice = os.getpriority(os.PRIO_PROCESS, 0) if batch_nice else 0
+        self._urgent_seen_ns = -URGENT_RECENT_NS  # when a request of the urgent level last arrived
         self.scheduler = scheduler
         self.slots = slots
         self._execute = execute
@@ -241,6 +258,8 @@ class Lane:
             raise Unavailable("the kernel is shutting down")
         now = item.enqueued_ns = time.monotonic_ns()
         item.blocking = blocking
+        if item.priority <= URGENT_LEVEL:
+            self._urgent_seen_ns = now
         verdict = self.scheduler.submit(item, now)
         if verdict != ADMITTED:
             raise _rejection(item, verdict)
@@ -276,10 +295,16 @@ class Lane:
         items = batch.items
         for item in items:
             item.started_ns = now
+        niced = (self._batch_nice and items[0].priority > URGENT_LEVEL  # items[0]: the batch's head
+                 and now - self._urgent_seen_ns < URGENT_RECENT_NS)
         self._lock.release()
+        if niced:
+            set_thread_nice(self._base_nice + self._batch_nice)
         try:
             compute_ns = self._execute(batch)
         finally:
+            if niced:
+                set_thread_nice(self._base_nice)
             self._lock.acquire()
         if urgent:
             self._free_urgent += 1

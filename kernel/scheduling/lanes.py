@@ -22,8 +22,10 @@ def device_of(provider: str, device_id: int = 0) -> str:
 
 
 class Lanes:
-    def __init__(self, make_scheduler: Callable[[], object], execute, cpu_slots: int, on_batch=None, on_item=None):
+    def __init__(self, make_scheduler: Callable[[], object], execute, cpu_slots: int, on_batch=None, on_item=None,
+                 batch_nice: int = 0):
         self._make_scheduler = make_scheduler
+        self._batch_nice = batch_nice
         self._execute = execute
         self._cpu_slots = cpu_slots
         self._hooks = (on_batch, on_item)
@@ -39,7 +41,7 @@ class Lanes:
             if lane is None:
                 slots = self._cpu_slots if device == "cpu" else GPU_LANE_SLOTS
                 lane = Lane(self._make_scheduler(), self._execute, slots=slots, name=device,
-                            on_batch=self._hooks[0], on_item=self._hooks[1])
+                            on_batch=self._hooks[0], on_item=self._hooks[1], batch_nice=self._batch_nice)
                 self._lanes[device] = lane
             return lane
 
