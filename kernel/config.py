@@ -44,7 +44,7 @@ class Settings:
     lane_slots: int = 0  # batches run at once on the CPU lane; 0 = one per usable core
     # While priority-1 requests arrive, a batch led by a lower priority runs at this much lower OS
     # priority (nice), so the urgent requests' front-end work is not queued behind its compute
-    # (kernel/scheduling/lane.py). Needs CAP_SYS_NICE (root has it); without, it is off and the
+    # (kernel/scheduling/lane.py). Needs CAP_SYS_NICE (root on a host; containers: --cap-add SYS_NICE); without, off, and the
     # start log says so. 0 = off.
     batch_nice: int = 10
     scheduler: str = "auto"  # "auto" (Cython core when built), "cython" or "reference"

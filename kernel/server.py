@@ -150,7 +150,7 @@ class KernelServer:
             self.settings.host, self.port, self.settings.front_end, self.lanes.cpu.scheduler.name,
             ", ".join(f"{lane.name}×{lane.slots}" for lane in self.lanes.all()),
             self.batch_nice or ("off" if not self.settings.batch_nice else
-                                f"off ({self.settings.batch_nice} asked; needs CAP_SYS_NICE to restore a thread)"),
+                                f"off ({self.settings.batch_nice} asked; needs CAP_SYS_NICE or RLIMIT_NICE 20 to restore a thread)"),
             ", ".join(f"{k}={v}" for k, v in sorted(accel.CHOSEN.items())) or "none",
             len(loaded), f", {len(self.failed_models)} failed: {', '.join(self.failed_models)}" if self.failed_models else "",
         )

@@ -32,7 +32,7 @@ scheduler's priorities cannot reach. Niced, the long low-priority batch gets
 what the front end leaves (bench/RESULTS.md, "Priority isolation: niced
 batches"). Callers' threads run batches here (leader/follower), so the
 thread must come back to its own priority afterwards, which the OS allows
-only with CAP_SYS_NICE; the server passes 0 (off) without it.
+only with CAP_SYS_NICE (or RLIMIT_NICE); the server passes 0 (off) without it.
 
 Waking is targeted, never a broadcast: a blocked caller sleeps on a lock of
 its own and is woken when its item finishes, or when it is chosen to run
