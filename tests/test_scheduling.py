@@ -606,3 +606,23 @@ def test_the_renice_probe_leaves_the_caller_alone():
     before = _nice_now()
     can_lower_and_restore(5)  # probes on a thread of its own
     assert _nice_now() == before
+
+
+def test_a_process_without_the_right_to_restore_priority_is_told_no():
+    """Run the probe as an unprivileged user (RLIMIT_NICE 0, no CAP_SYS_NICE): it must say no, not crash."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv to drop to an unprivileged user")
+    root = Path(__file__).resolve().parent.parent
+    code = (f"import sys; sys.path.insert(0, {str(root)!r}); "
+            "from kernel.threads import can_lower_and_restore; print(can_lower_and_restore(10))")
+    proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c", code],
+                          capture_output=True, text=True, timeout=60, cwd="/")
+    if proc.returncode != 0:
+        pytest.skip(f"the interpreter or the checkout is not readable by an unprivileged user: {proc.stderr[-200:]}")
+    assert proc.stdout.strip() == "False"
