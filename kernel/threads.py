@@ -73,6 +73,35 @@ def set_thread_nice(value: int) -> None:
     os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), value)
 
 
+class _ComputeNice(threading.local):
+    levels: tuple[int, int] | None = None  # (lowered, base) for this thread's next compute, or None
+
+
+_compute_nice = _ComputeNice()
+
+
+def lower_next_compute(lowered: int, base: int) -> None:
+    """Run this thread's next model computations (``computing()`` blocks) at nice ``lowered``, then ``base``."""
+    _compute_nice.levels = (lowered, base)
+
+
+def normal_compute() -> None:
+    _compute_nice.levels = None
+
+
+def compute_levels() -> tuple[int, int] | None:
+    """``(lowered, base)`` if this thread's model compute is to run lowered now, else None.
+
+    Only the part of a batch that runs without the GIL (the model's own
+    compute) may run lowered: a thread holding the GIL at a low OS priority
+    would keep every other Python thread waiting while the OS gives it little
+    of the core (priority inversion through the GIL; bench/RESULTS.md,
+    "Priority isolation: niced batches"). ``OnnxModel.run`` reads this around
+    its onnxruntime call.
+    """
+    return _compute_nice.levels
+
+
 _renice_checked: dict[int, bool] = {}
 
 

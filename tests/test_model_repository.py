@@ -138,3 +138,49 @@ def test_numeric_versions_sort_numerically(tmp_path):
     hub.load("m")
     assert hub.versions("m") == ["2", "9", "10"]
     assert hub.get("m").version == "10"
+
+
+def test_a_lowered_compute_runs_at_the_lowered_priority_and_comes_back(tmp_path):
+    """OnnxModel.run lowers the thread only around onnxruntime's compute (Lane batch_nice)."""
+    import os
+    import threading
+
+    import numpy as np
+
+    from kernel.threads import can_lower_and_restore, lower_next_compute, normal_compute
+
+    if not can_lower_and_restore(5):
+        pytest.skip("this process may not restore a thread's priority (no CAP_SYS_NICE)")
+    # Big enough that one run takes a while on any machine, so an observer sees it.
+    onnx_models.save(onnx_models.mlp([256, 2048, 2048, 2048, 8], seed=3), tmp_path / "big" / "1" / "model.onnx")
+    hub = ModelHub(tmp_path)
+    mv = hub.load("big")[0]
+    feeds = {mv.config.inputs[0].name: np.ones((256, 256), np.float32)}
+    tid = threading.get_native_id()
+    base = os.getpriority(os.PRIO_PROCESS, tid)
+    seen: set[int] = set()
+    running = threading.Event()
+    done = threading.Event()
+
+    def observe() -> None:
+        running.wait(30)
+        while not done.is_set():
+            seen.add(os.getpriority(os.PRIO_PROCESS, tid))
+
+    observer = threading.Thread(target=observe)
+    observer.start()
+    lower_next_compute(base + 5, base)
+    try:
+        running.set()
+        for _ in range(3):
+            mv.runtime.run(feeds)
+            if base + 5 in seen:
+                break
+    finally:
+        done.set()
+        normal_compute()
+        observer.join(30)
+    assert base + 5 in seen, seen  # lowered while onnxruntime computed (without the GIL) ...
+    assert os.getpriority(os.PRIO_PROCESS, tid) == base  # ... and back afterwards
+    mv.runtime.run(feeds)  # with nothing asked, nothing changes
+    assert os.getpriority(os.PRIO_PROCESS, tid) == base

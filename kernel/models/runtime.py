@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from ..threads import compute_levels, set_thread_nice
 from . import datatypes
 from .config import DEFAULT_MAX_BATCH_SIZE, ModelConfig, TensorSpec
 from .errors import ModelConfigError
@@ -210,6 +211,11 @@ class OnnxModel:
         free = self._free
         # list.pop/append are atomic under the GIL: no lock needed for the pool.
         session = free.pop()
+        # A lower-priority batch next to urgent traffic computes at a lower OS priority
+        # (Lane batch_nice); onnxruntime lets go of the GIL while it computes.
+        levels = compute_levels()
+        if levels is not None:
+            set_thread_nice(levels[0])
         try:
             inner = session._sess if self._direct else None
             if inner is None:
@@ -223,6 +229,8 @@ class OnnxModel:
                 # The public run falls back to the next provider (once), as it would have.
                 return session.run(self.output_names, feeds)
         finally:
+            if levels is not None:
+                set_thread_nice(levels[1])
             free.append(session)
 
 

@@ -25,7 +25,8 @@ cores, and the OS lets the short urgent batch through quickly).
 
 ``batch_nice``: while requests of the urgent level have arrived recently, a
 thread running a batch led by a lower priority lowers its own OS priority
-(nice) for the batch. On a CPU the model's batch competes for the core with
+(nice) for the model's compute in it (``threads.computing``: the part that
+runs without the GIL; a thread holding the GIL must not be lowered). On a CPU the model's batch competes for the core with
 the front end's threads, and the OS shares the core fairly: an urgent
 request's handler then waits behind the neighbour's compute, which the
 scheduler's priorities cannot reach. Niced, the long low-priority batch gets
@@ -50,7 +51,7 @@ import time
 from collections.abc import Callable
 
 from ..errors import Cancelled, DeadlineExceeded, ResourceExhausted, Unavailable
-from ..threads import name_native_thread, set_thread_nice
+from ..threads import lower_next_compute, name_native_thread, normal_compute
 from .policy import ADMITTED, REJECT_DEADLINE, REJECT_QUEUE_FULL, ModelSchedule
 from .types import ITEM_CANCELLED, ITEM_DONE, ITEM_EXPIRED, ITEM_QUEUED, NO_DEADLINE, Batch, WorkItem
 
@@ -298,13 +299,13 @@ class Lane:
         niced = (self._batch_nice and items[0].priority > URGENT_LEVEL  # items[0]: the batch's head
                  and now - self._urgent_seen_ns < URGENT_RECENT_NS)
         self._lock.release()
-        if niced:
-            set_thread_nice(self._base_nice + self._batch_nice)
+        if niced:  # the model's compute inside execute runs lowered (threads.computing), not its Python parts
+            lower_next_compute(self._base_nice + self._batch_nice, self._base_nice)
         try:
             compute_ns = self._execute(batch)
         finally:
             if niced:
-                set_thread_nice(self._base_nice)
+                normal_compute()
             self._lock.acquire()
         if urgent:
             self._free_urgent += 1
