@@ -42,7 +42,7 @@ class Settings:
     # in between a busy neighbour's threads. 0 = leave Python's default (5000 µs).
     gil_switch_interval_us: int = 0
     lane_slots: int = 0  # batches run at once on the CPU lane; 0 = one per usable core
-    # While priority-1 requests arrive, a batch led by a lower priority runs at this much lower OS
+    # While priority-1 requests arrive, the model compute of a batch led by a lower priority runs at this much lower OS
     # priority (nice), so the urgent requests' front-end work is not queued behind its compute
     # (kernel/scheduling/lane.py). Needs CAP_SYS_NICE (root on a host; containers: --cap-add SYS_NICE); without, off, and the
     # start log says so. 0 = off.
