@@ -628,3 +628,34 @@ def test_a_process_without_the_right_to_restore_priority_is_told_no():
     if proc.returncode != 0:
         pytest.skip(f"the interpreter or the checkout is not readable by an unprivileged user: {proc.stderr[-200:]}")
     assert proc.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("impl", implementations(), ids=lambda cls: cls.name)
+def test_a_batch_whose_execution_raises_fails_its_requests_and_the_lane_goes_on(impl):
+    """A fault outside the model (a bug in execute) must not strand callers or leak the slot."""
+    from kernel.errors import Internal
+    from kernel.scheduling import Lane
+
+    calls = []
+
+    def execute(batch):
+        calls.append(batch.items[0].request_id)
+        if batch.items[0].request_id == "boom":
+            raise RuntimeError("injected fault")
+        for it in batch.items:
+            it.outputs = [it.request_id]
+        return 1000
+
+    scheduler = impl()
+    lane = Lane(scheduler, execute, slots=1, urgent_slots=0)
+    model = Model("m")
+    lane.add_model(model, ModelSchedule(max_batch_size=0, instances=1))
+    ITEM_CLASS[model] = scheduler.item_class
+    try:
+        failed = lane.run_blocking(item(model, rid="boom"))
+        assert isinstance(failed.error, Internal) and "injected fault" in failed.error.message
+        after = lane.run_blocking(item(model, rid="after"))  # the slot and the model's instance are free again
+        assert after.error is None and after.outputs == ["after"]
+        assert lane.load(model) == (0, 0) and calls == ["boom", "after"]
+    finally:
+        lane.close()

@@ -50,7 +50,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from ..errors import Cancelled, DeadlineExceeded, ResourceExhausted, Unavailable
+from ..errors import Cancelled, DeadlineExceeded, Internal, ResourceExhausted, Unavailable
 from ..threads import lower_next_compute, name_native_thread, normal_compute
 from .policy import ADMITTED, REJECT_DEADLINE, REJECT_QUEUE_FULL, ModelSchedule
 from .types import ITEM_CANCELLED, ITEM_DONE, ITEM_EXPIRED, ITEM_QUEUED, NO_DEADLINE, Batch, WorkItem
@@ -299,10 +299,19 @@ class Lane:
         niced = (self._batch_nice and items[0].priority > URGENT_LEVEL  # items[0]: the batch's head
                  and now - self._urgent_seen_ns < URGENT_RECENT_NS)
         self._lock.release()
-        if niced:  # the model's compute inside execute runs lowered (threads.computing), not its Python parts
+        if niced:  # the model's compute inside execute runs lowered (OnnxModel.run), not its Python parts
             lower_next_compute(self._base_nice + self._batch_nice, self._base_nice)
+        escaped = None
         try:
             compute_ns = self._execute(batch)
+        except BaseException as exc:  # execute sets each item's error itself; this is a bug in it, or an interrupt
+            escaped = exc
+            compute_ns = time.monotonic_ns() - now
+            log.exception("running a batch of %s/%s failed outside the model", batch.model.name, batch.model.version)
+            for item in items:
+                if item.error is None:
+                    item.outputs = None
+                    item.error = Internal(f"the batch failed: {type(exc).__name__}: {exc}")
         finally:
             if niced:
                 normal_compute()
@@ -346,6 +355,8 @@ class Lane:
                         self._wake_locked(item)
         if scheduler.has_work():
             self._hand_over_slot_locked()
+        if escaped is not None and not isinstance(escaped, Exception):
+            raise escaped  # KeyboardInterrupt and the like, once the batch's callers are answered and its slot is back
 
     def _finished(self, items: list) -> None:
         """A finisher's items are finished (results set): wake their callers."""
