@@ -63,6 +63,9 @@ def parse_args(argv=None):
     # machinery
     p.add_argument("--wait-idle", type=float, help="before each server start wait up to S s for an idle machine "
                                                     "(default 10; 0 with --quick)")
+    p.add_argument("--channel-per-stream", action="store_true",
+                   help="a connection of its own per stream (tiny and its neighbour, say), as separate client "
+                        "services would have; default: every stream shares one channel")
     p.add_argument("--server-cpu", default="0")
     p.add_argument("--client-cpu", default="1")
     p.add_argument("--snapshot", action=argparse.BooleanOptionalAction, default=True,

@@ -1,6 +1,7 @@
 """The open-loop generator: sends each request of a precomputed schedule at its scheduled time over one
-grpc.aio channel (closed-loop workers share the loop), records per-request send/done/status, and measures
-its own core, the server's CPU and the kernel's scheduler counters over the run."""
+grpc.aio channel, or one per stream with ``--channel-per-stream`` (closed-loop workers share the loop),
+records per-request send/done/status, and measures its own core, the server's CPU and the kernel's
+scheduler counters over the run."""
 
 from __future__ import annotations
 
@@ -115,12 +116,32 @@ def _counter_delta(before: dict, after: dict) -> dict:
     return out
 
 
+def _channel(url: str, own_connection: bool = False):
+    options = [("grpc.max_receive_message_length", 64 << 20)]
+    if own_connection:  # channels to one target otherwise share one connection (the global subchannel pool)
+        options.append(("grpc.use_local_subchannel_pool", 1))
+    return grpc.aio.insecure_channel(url, options=options)
+
+
 async def _drive(url: str, opens: list[OpenLoad], closeds: list[ClosedLoad], warmup_s: float, window_s: float,
-                 server: procs.ServerProc | None) -> RunData:
+                 server: procs.ServerProc | None, channel_per_stream: bool = False) -> RunData:
     loop = asyncio.get_running_loop()
-    channel = grpc.aio.insecure_channel(url, options=[("grpc.max_receive_message_length", 64 << 20)])
+    channel = _channel(url)
     await asyncio.wait_for(channel.channel_ready(), 10)
     calls = {}
+    own_channels = []
+
+    async def open_channels() -> None:
+        # A connection of its own per stream, as separate client services would have.
+        for stream in [o.stream for o in opens] + [c.stream for c in closeds]:
+            if stream.name not in calls:
+                own = _channel(url, own_connection=True)
+                await asyncio.wait_for(own.channel_ready(), 10)
+                own_channels.append(own)
+                calls[stream.name] = own.unary_unary(INFER_METHOD, request_serializer=None, response_deserializer=None)
+
+    if channel_per_stream:
+        await open_channels()
 
     def multicallable(stream: Stream):
         if stream.name not in calls:
@@ -220,6 +241,8 @@ async def _drive(url: str, opens: list[OpenLoad], closeds: list[ClosedLoad], war
             await asyncio.gather(*still, return_exceptions=True)
     wall = perf() - t0
     counters1 = await _list_models(channel)
+    for own in own_channels:
+        await own.close()
     await channel.close()
 
     records = [Record(o.stream.name, np.asarray(o.times, float), r["sent"], r["done"], r["code"], r["retry"])
@@ -240,12 +263,15 @@ async def _drive(url: str, opens: list[OpenLoad], closeds: list[ClosedLoad], war
 
 
 def drive(url: str, opens: list[OpenLoad], closeds: list[ClosedLoad] = (), warmup_s: float = 2.0,
-          window_s: float = 10.0, server: procs.ServerProc | None = None) -> RunData:
-    """Run the loads against ``url`` on a fresh event loop (uvloop when installed)."""
+          window_s: float = 10.0, server: procs.ServerProc | None = None, channel_per_stream: bool = False) -> RunData:
+    """Run the loads against ``url`` on a fresh event loop (uvloop when installed).
+
+    ``channel_per_stream``: each stream gets a connection of its own (default: all share one).
+    """
     import gc
 
     ERROR_DETAILS.clear()
-    coro = _drive(url, list(opens), list(closeds), warmup_s, window_s, server)
+    coro = _drive(url, list(opens), list(closeds), warmup_s, window_s, server, channel_per_stream)
     # A collection of the older generations among tens of thousands of calls and tasks stalls the loop for
     # 10-25 ms (measured: the sends of a burst then fall that far behind); collect between runs instead.
     gc.collect()
