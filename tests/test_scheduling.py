@@ -659,3 +659,63 @@ def test_a_batch_whose_execution_raises_fails_its_requests_and_the_lane_goes_on(
         assert lane.load(model) == (0, 0) and calls == ["boom", "after"]
     finally:
         lane.close()
+
+
+@pytest.mark.parametrize("impl", implementations(), ids=lambda cls: cls.name)
+def test_callers_of_a_ready_model_sleep_while_only_the_urgent_slot_is_free(impl):
+    """An urgent batch holds the normal slot; a lower-priority model's batch is ready but may not take
+    the urgent slot. Its callers must sleep until the slot is handed over, not look again in a loop
+    (they used to spin on the lane lock and the GIL, starving the thread that had to finish the batch)."""
+    import threading
+    import time
+
+    from kernel.scheduling import Lane
+
+    gate = threading.Event()
+    urgent_running = threading.Event()
+
+    def execute(batch):
+        if batch.items[0].request_id == "urgent":
+            urgent_running.set()
+            assert gate.wait(10)
+        for it in batch.items:
+            it.outputs = [it.request_id]
+        return 1000
+
+    scheduler = impl()
+    looks = [0]
+    real_next_wakeup = scheduler.next_wakeup
+
+    class Counting:  # the real scheduler, with its next_wakeup calls counted
+        def __getattr__(self, name):
+            return getattr(scheduler, name)
+
+        def next_wakeup(self, now):
+            looks[0] += 1
+            return real_next_wakeup(now)
+
+    lane = Lane(Counting(), execute, slots=1, urgent_slots=1)
+    urgent_model, other = Model("urgent-model"), Model("other")
+    lane.add_model(urgent_model, ModelSchedule(max_batch_size=0))
+    lane.add_model(other, ModelSchedule(max_batch_size=0))
+    ITEM_CLASS[urgent_model] = ITEM_CLASS[other] = scheduler.item_class
+    try:
+        runner = threading.Thread(target=lane.run_blocking, args=(item(urgent_model, priority=1, rid="urgent"),))
+        runner.start()
+        assert urgent_running.wait(10)  # it took the normal slot (it was free)
+        waiting = [item(other, priority=2, rid=f"w{i}") for i in range(4)]
+        threads = [threading.Thread(target=lane.run_blocking, args=(it,)) for it in waiting]
+        for thread in threads:
+            thread.start()
+        while lane.load(other)[0] < 4:
+            time.sleep(0.001)
+        before = looks[0]
+        time.sleep(0.2)  # the urgent batch keeps the slot meanwhile; sleeping callers do not look
+        assert looks[0] - before <= 4, f"{looks[0] - before} looks for a batch in 200 ms"
+        gate.set()
+        for thread in [runner, *threads]:
+            thread.join(10)
+        assert all(it.outputs == [it.request_id] for it in waiting)
+    finally:
+        gate.set()
+        lane.close()

@@ -151,7 +151,7 @@ class Lane:
                         continue
                     if item.state in _FINISHED:  # expired while looking for a batch
                         break
-                    wake_at = self.scheduler.next_wakeup(now)  # a batching window may be open
+                    wake_at = self._wake_at_locked(now)  # a batching window may be open
                 if item.deadline_ns != NO_DEADLINE:
                     if item.deadline_ns > now:
                         wake_at = item.deadline_ns if wake_at is None else min(wake_at, item.deadline_ns)
@@ -365,6 +365,22 @@ class Lane:
                 item.state = ITEM_DONE
                 self._wake_locked(item)
 
+    def _wake_at_locked(self, now: int) -> int | None:
+        """When a thread that found no batch it may run should look again; None: when handed a slot.
+
+        ``next_wakeup`` says when the scheduler will have a batch ready, for
+        any slot. With only an urgent slot free, a batch that is ready now
+        but not urgent cannot run here (``next_batches`` just said so): the
+        end of a running batch hands its slot over. Looking again at once
+        would spin: every caller of that model retaking the lane lock and the
+        GIL in a loop, which starved the thread finishing the running batch
+        for 100-300 ms under load (bench/RESULTS.md, "Found: the lane lock").
+        """
+        at = self.scheduler.next_wakeup(now)
+        if at is not None and at <= now and self._free_slots == 0:
+            return None
+        return at
+
     def _hand_over_slot_locked(self) -> None:
         """A slot is free and work is queued: wake one thread to run the next batch."""
         if self._sleepers:
@@ -403,7 +419,7 @@ class Lane:
                         continue
                 if self._closed and not self.scheduler.has_work():
                     return
-                wakeup = self.scheduler.next_wakeup(now)
+                wakeup = self._wake_at_locked(now)
                 timeout = _IDLE_POLL_S if wakeup is None else max(0.0, (wakeup - time.monotonic_ns()) / 1e9)
                 self._work.wait(timeout)
 
