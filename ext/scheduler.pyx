@@ -603,7 +603,7 @@ cdef class CythonScheduler:
         m.fit_add(rows, duration_ns)
         m.vtime += duration_ns / m.weight
 
-    def next_wakeup(self, long long now_ns):
+    def next_wakeup(self, long long now_ns, int max_level=0):
         cdef _ModelQ m
         cdef WorkItem head
         cdef long long at
@@ -612,7 +612,7 @@ cdef class CythonScheduler:
             if m.queued == 0 or m.in_flight >= m.instances:
                 continue
             head = self._clean_head(m, now_ns)
-            if head is None:
+            if head is None or (max_level and head.level > max_level):
                 continue
             at = self._ready_at(m, head, now_ns)
             if wake is None or at < wake:

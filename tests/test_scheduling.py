@@ -98,6 +98,16 @@ def test_max_level_keeps_to_urgent_heads(sched):
     assert sched.next_batches(0, max_level=2)[0].model is low
 
 
+def test_next_wakeup_with_max_level_looks_at_urgent_heads_only(sched):
+    low = add(sched, "low", max_batch_size=1)  # one row fills its batch: ready at once
+    high = add(sched, "high", max_batch_size=8, max_queue_delay_ns=2 * MS)  # waits up to 2 ms for rows
+    submit(sched, low, priority=2)
+    assert sched.next_wakeup(0, max_level=1) is None  # nothing urgent queued
+    submit(sched, high, priority=1)
+    assert sched.next_wakeup(0) == 0  # the low batch is ready now ...
+    assert sched.next_wakeup(0, max_level=1) == 2 * MS  # ... the urgent one when its window closes
+
+
 def test_priority_is_clamped_to_levels(sched):
     m = add(sched, max_batch_size=1, priority_levels=2)
     submit(sched, m, priority=9, rid="nine")
@@ -690,9 +700,9 @@ def test_callers_of_a_ready_model_sleep_while_only_the_urgent_slot_is_free(impl)
         def __getattr__(self, name):
             return getattr(scheduler, name)
 
-        def next_wakeup(self, now):
+        def next_wakeup(self, now, max_level=0):
             looks[0] += 1
-            return real_next_wakeup(now)
+            return real_next_wakeup(now, max_level)
 
     lane = Lane(Counting(), execute, slots=1, urgent_slots=1)
     urgent_model, other = Model("urgent-model"), Model("other")
@@ -719,3 +729,59 @@ def test_callers_of_a_ready_model_sleep_while_only_the_urgent_slot_is_free(impl)
     finally:
         gate.set()
         lane.close()
+
+
+@pytest.mark.parametrize("impl", implementations(), ids=lambda cls: cls.name)
+def test_an_urgent_request_in_a_batching_window_runs_when_its_window_closes_not_when_the_slot_frees(impl):
+    """Only the urgent slot is free, a lower-priority batch is ready, and an urgent request waits in its
+    model's batching window: it runs on the urgent slot when the window closes, while the long batch
+    still holds the normal slot."""
+    import threading
+    import time
+
+    from kernel.scheduling import Lane
+
+    gate = threading.Event()
+    long_running, urgent_ran = threading.Event(), threading.Event()
+
+    def execute(batch):
+        rid = batch.items[0].request_id
+        if rid == "long":
+            long_running.set()
+            assert gate.wait(10)
+        if rid == "urgent":
+            urgent_ran.set()
+        for it in batch.items:
+            it.outputs = [it.request_id]
+        return 1000
+
+    scheduler = impl()
+    lane = Lane(scheduler, execute, slots=1, urgent_slots=1)
+    busy, ready, urgent_model = Model("busy"), Model("ready"), Model("windowed")
+    lane.add_model(busy, ModelSchedule(max_batch_size=0))
+    lane.add_model(ready, ModelSchedule(max_batch_size=0))
+    lane.add_model(urgent_model, ModelSchedule(max_batch_size=8, max_queue_delay_ns=20 * MS))
+    for m in (busy, ready, urgent_model):
+        ITEM_CLASS[m] = scheduler.item_class
+    threads = []
+    try:
+        threads.append(threading.Thread(target=lane.run_blocking, args=(item(busy, priority=2, rid="long"),)))
+        threads[-1].start()
+        assert long_running.wait(10)
+        threads.append(threading.Thread(target=lane.run_blocking, args=(item(ready, priority=2, rid="waiting"),)))
+        threads[-1].start()
+        while lane.load(ready)[0] < 1:
+            time.sleep(0.001)
+        urgent = item(urgent_model, priority=1, rid="urgent")
+        threads.append(threading.Thread(target=lane.run_blocking, args=(urgent,)))
+        threads[-1].start()
+        assert urgent_ran.wait(5), "the urgent request waited for the long batch instead of its window"
+        assert not gate.is_set()
+        # When its 20 ms window closed, not at the lane helpers' 1 s idle poll (a generous bound for a busy machine).
+        assert urgent.started_ns - urgent.enqueued_ns < 500 * MS, (urgent.started_ns - urgent.enqueued_ns) / MS
+    finally:
+        gate.set()
+        for thread in threads:
+            thread.join(10)
+        lane.close()
+    assert urgent.outputs == ["urgent"]

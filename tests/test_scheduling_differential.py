@@ -50,7 +50,7 @@ ops = st.one_of(
     st.tuples(st.just("dispatch"), st.integers(1, 4), st.sampled_from([0, 0, 1, 2])),
     st.tuples(st.just("complete"), st.integers(0, 10), st.integers(1_000, 5_000_000)),
     st.tuples(st.just("observe"), st.integers(0, 2), st.integers(1, 32), st.integers(1_000, 5_000_000)),
-    st.tuples(st.just("wakeup")),
+    st.tuples(st.just("wakeup"), st.integers(0, 3)),
 )
 
 
@@ -90,7 +90,7 @@ def replay(cls, model_schedules, trace) -> list:
         elif kind == "observe":
             sched.observe(models[op[1] % len(models)], op[2], op[3])
         elif kind == "wakeup":
-            log.append(("wakeup", sched.next_wakeup(now)))
+            log.append(("wakeup", sched.next_wakeup(now, op[1])))
             log.append(("expired", [i.request_id for i in sched.pop_expired()]))
     stats = sched.stats()
     log.append(("stats", stats["queued"], [(k.index, v) for k, v in stats["models"].items()]))

@@ -368,18 +368,21 @@ class Lane:
     def _wake_at_locked(self, now: int) -> int | None:
         """When a thread that found no batch it may run should look again; None: when handed a slot.
 
-        ``next_wakeup`` says when the scheduler will have a batch ready, for
-        any slot. With only an urgent slot free, a batch that is ready now
-        but not urgent cannot run here (``next_batches`` just said so): the
-        end of a running batch hands its slot over. Looking again at once
-        would spin: every caller of that model retaking the lane lock and the
-        GIL in a loop, which starved the thread finishing the running batch
-        for 100-300 ms under load (bench/RESULTS.md, "Found: the lane lock").
+        With a normal slot free, when any batch will be ready. With only an
+        urgent slot free, when an *urgent* batch will be ready: a batch of a
+        lower priority that is ready now cannot run here (``next_batches``
+        just said so), and asking "when is anything ready" would answer "now"
+        and send the caller round again at once. Such a spin (every caller of
+        that model retaking the lane lock and the GIL in a loop) starved the
+        thread finishing the running batch for 100-300 ms under load
+        (bench/RESULTS.md, "And its cause: a spin, fixed"). With no slot free,
+        the end of a running batch hands a slot over.
         """
-        at = self.scheduler.next_wakeup(now)
-        if at is not None and at <= now and self._free_slots == 0:
-            return None
-        return at
+        if self._free_slots > 0:
+            return self.scheduler.next_wakeup(now)
+        if self._free_urgent > 0:
+            return self.scheduler.next_wakeup(now, URGENT_LEVEL)
+        return None
 
     def _hand_over_slot_locked(self) -> None:
         """A slot is free and work is queued: wake one thread to run the next batch."""

@@ -308,13 +308,14 @@ class ReferenceScheduler:
         state.fit.add(batch.rows, duration_ns)
         state.vtime += duration_ns / state.schedule.weight
 
-    def next_wakeup(self, now_ns: int) -> int | None:
+    def next_wakeup(self, now_ns: int, max_level: int = 0) -> int | None:
+        """When the next batch will be ready (ns); ``max_level`` > 0: of heads at that level or more urgent."""
         wake = None
         for state in self._order:
             if state.queued == 0 or state.in_flight >= state.schedule.instances:
                 continue
             head = self._clean_head(state, now_ns)
-            if head is None:
+            if head is None or (max_level and head.level > max_level):
                 continue
             at = self._ready_at(state, head, now_ns)
             if wake is None or at < wake:
