@@ -25,15 +25,17 @@ cores, and the OS lets the short urgent batch through quickly).
 
 ``batch_nice``: while requests of the urgent level have arrived recently, a
 thread running a batch led by a lower priority lowers its own OS priority
-(nice) for the model's compute in it (``threads.computing``: the part that
-runs without the GIL; a thread holding the GIL must not be lowered). On a CPU the model's batch competes for the core with
-the front end's threads, and the OS shares the core fairly: an urgent
-request's handler then waits behind the neighbour's compute, which the
-scheduler's priorities cannot reach. Niced, the long low-priority batch gets
-what the front end leaves (bench/RESULTS.md, "Priority isolation: niced
-batches"). Callers' threads run batches here (leader/follower), so the
-thread must come back to its own priority afterwards, which the OS allows
-only with CAP_SYS_NICE (or RLIMIT_NICE); the server passes 0 (off) without it.
+(nice) for the model's compute in it: only the part that runs without the
+GIL (``OnnxModel.run`` reads ``threads.compute_levels()``), since a thread
+holding the GIL must not be lowered. On a CPU the model's batch competes
+for the core with the front end's threads, and the OS shares the core
+fairly: an urgent request's handler then waits behind the neighbour's
+compute, which the scheduler's priorities cannot reach. Lowered, the long
+low-priority compute gets what the front end leaves (bench/RESULTS.md,
+"Priority isolation: niced batches and a lane spin fixed"). Callers' threads
+run batches here (leader/follower), so the thread must come back to its own
+priority afterwards, which the OS allows only with CAP_SYS_NICE (or
+RLIMIT_NICE); the server passes 0 (off) without it.
 
 Waking is targeted, never a broadcast: a blocked caller sleeps on a lock of
 its own and is woken when its item finishes, or when it is chosen to run
@@ -197,11 +199,10 @@ class Lane:
         For callers that must not block for long (an event loop): True means
         the item finished here and ``item.on_done`` was *not* called; False
         means it was queued as by ``submit`` and ``on_done`` reports it. A
-        model whose batches have not been timed yet (no prediction) is never
-        run here. A lone
-        request on an idle lane then costs no thread hop at all, as in a
-        server that runs its model inline; a slow model, or a lane with work
-        queued, still goes through the helpers so that requests batch.
+        lone request on an idle lane then costs no thread hop at all, as in a
+        server that runs its model inline; a slow model, a model whose batches
+        have not been timed yet (no prediction), or a lane with work queued
+        still goes through the helpers, so that requests batch.
         """
         on_done = item.on_done
         with self._lock:
