@@ -64,7 +64,8 @@ def start_handler_thread() -> None:
     no_wakeup_preemption()
 
 
-def _thread_nice() -> int:
+def thread_nice() -> int:
+    """The calling thread's nice value."""
     return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
 
 
@@ -81,7 +82,7 @@ _compute_nice = _ComputeNice()
 
 
 def lower_next_compute(lowered: int, base: int) -> None:
-    """Run this thread's next model computations (``computing()`` blocks) at nice ``lowered``, then ``base``."""
+    """Run this thread's model computations (``compute_levels``) at nice ``lowered``, then back at ``base``, until ``normal_compute``."""
     _compute_nice.levels = (lowered, base)
 
 
@@ -119,10 +120,10 @@ def can_lower_and_restore(nice: int) -> bool:
 
     def probe() -> None:
         try:
-            base = _thread_nice()
+            base = thread_nice()
             set_thread_nice(min(19, base + nice))
             set_thread_nice(base)
-            result[0] = _thread_nice() == base
+            result[0] = thread_nice() == base
         except (OSError, AttributeError):  # refused, or no per-thread priorities here
             result[0] = False
 

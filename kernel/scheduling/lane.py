@@ -47,13 +47,12 @@ batch saves at high concurrency.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
 
 from ..errors import Cancelled, DeadlineExceeded, Internal, ResourceExhausted, Unavailable
-from ..threads import lower_next_compute, name_native_thread, normal_compute
+from ..threads import lower_next_compute, name_native_thread, normal_compute, thread_nice
 from .policy import ADMITTED, REJECT_DEADLINE, REJECT_QUEUE_FULL, ModelSchedule
 from .types import ITEM_CANCELLED, ITEM_DONE, ITEM_EXPIRED, ITEM_QUEUED, NO_DEADLINE, Batch, WorkItem
 
@@ -79,7 +78,7 @@ class Lane:
     ):
         self.name = name
         self._batch_nice = batch_nice
-        self._base_nice = os.getpriority(os.PRIO_PROCESS, 0) if batch_nice else 0
+        self._base_nice = thread_nice() if batch_nice else 0  # threads started later inherit it
         self._urgent_seen_ns = -URGENT_RECENT_NS  # when a request of the urgent level last arrived
         self.scheduler = scheduler
         self.slots = slots
