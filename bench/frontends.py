@@ -99,14 +99,23 @@ def machine_facts(command: str) -> dict:
         "linux": os.uname().release,
         "glibc": os.confstr("CS_GNU_LIBC_VERSION"),
         "python": sys.version.split()[0],
-        "versions": {pkg: version(pkg) for pkg in ("aios-kernel", "grpcio", "onnxruntime", "numpy", "protobuf",
-                                                   "uvloop", "tritonclient")},
+        "versions": {pkg: version(pkg) for pkg in ("aios-kernel", "grpcio", "onnxruntime", "onnxruntime-gpu", "numpy",
+                                                   "protobuf", "uvloop", "tritonclient")},
+        # the module that imports can differ from the distributions installed (a GPU build on PYTHONPATH)
+        "onnxruntime_imported": _onnxruntime_facts(),
+        "gpus": sh(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"]).splitlines(),
         "openblas_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("OPENBLAS")},
         "thread_env": {k: v for k, v in sorted(os.environ.items()) if k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")},
         "git_commit": sh(["git", "rev-parse", "--short", "HEAD"]),
         "git_dirty_kernel": sh(["git", "status", "--porcelain", "--", "kernel"]).splitlines(),
         "loadavg_start": Path("/proc/loadavg").read_text().split()[:3],
     }
+
+
+def _onnxruntime_facts() -> dict:
+    import onnxruntime as ort
+
+    return {"version": ort.__version__, "providers": ort.get_available_providers(), "file": ort.__file__}
 
 
 def build_repos(out: Path, models: list[str]) -> dict[str, Path]:

@@ -13,12 +13,14 @@ ModelStatistics (success count and time; the other fields zero) and
 ModelInfer with ``raw_input_contents`` or typed contents. Outputs are always
 returned as ``raw_output_contents``.
 
-onnxruntime runs with intra_op_num_threads=1 and inter_op_num_threads=1.
+onnxruntime runs with intra_op_num_threads=1 and inter_op_num_threads=1, on
+``--provider`` (default ``auto``: CUDA where onnxruntime offers it, as the
+kernel's ``provider = "auto"`` does, so on a GPU machine both run on the GPU).
 
 CLI::
 
     python -m bench.naive_server --model tiny_mlp.onnx --name tiny_mlp --port 8001 \
-        [--max-batch-size 64] [--host 127.0.0.1] [--no-uvloop]
+        [--max-batch-size 64] [--host 127.0.0.1] [--no-uvloop] [--provider auto|cpu|cuda]
 
 Prints ``listening on HOST:PORT`` (flushed) once it accepts calls (``--port 0``
 picks a free port and prints it) and stops cleanly on SIGTERM / SIGINT.
@@ -94,14 +96,29 @@ def _tensor_specs(args) -> list[TensorSpec]:
     return specs
 
 
+CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
+PROVIDERS = ("auto", "cpu", "cuda")
+
+
+def providers_for(preference: str) -> list[str]:
+    """onnxruntime providers for ``auto`` (CUDA first where offered), ``cpu`` or ``cuda``."""
+    available = ort.get_available_providers()
+    if preference == "cuda" and CUDA not in available:
+        raise SystemExit(f"naive_server: --provider cuda, but onnxruntime offers only {', '.join(available)}")
+    if preference == "cpu" or CUDA not in available:
+        return [CPU]
+    return [CUDA, CPU]
+
+
 class NaiveModel:
     """One onnxruntime session plus the metadata Triton clients ask for."""
 
-    def __init__(self, path: str, name: str, max_batch_size: int = 64):
+    def __init__(self, path: str, name: str, max_batch_size: int = 64, provider: str = "auto"):
         options = ort.SessionOptions()
         options.intra_op_num_threads = 1
         options.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(path, sess_options=options, providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(path, sess_options=options, providers=providers_for(provider))
+        self.provider = self.session.get_providers()[0]
         self.name = name
         self.inputs = _tensor_specs(self.session.get_inputs())
         self.outputs = _tensor_specs(self.session.get_outputs())
@@ -264,8 +281,10 @@ class NaiveServicer(pb_grpc.GRPCInferenceServiceServicer):
         return response
 
 
-async def serve(model_path: str, name: str, host: str, port: int, max_batch_size: int, ready_file=None) -> None:
-    model = NaiveModel(model_path, name, max_batch_size)
+async def serve(model_path: str, name: str, host: str, port: int, max_batch_size: int, ready_file=None,
+                provider: str = "auto") -> None:
+    model = NaiveModel(model_path, name, max_batch_size, provider)
+    print(f"naive_server: {name} on {model.provider}", file=sys.stderr, flush=True)
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", -1),
@@ -296,8 +315,10 @@ def main(argv=None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--max-batch-size", type=int, default=64)
     parser.add_argument("--uvloop", action=argparse.BooleanOptionalAction, default=True, help="run on uvloop (default on)")
+    parser.add_argument("--provider", choices=PROVIDERS, default="auto",
+                        help="onnxruntime provider (default auto: CUDA where offered, like the kernel)")
     args = parser.parse_args(argv)
-    coro = serve(args.model, args.name, args.host, args.port, args.max_batch_size)
+    coro = serve(args.model, args.name, args.host, args.port, args.max_batch_size, provider=args.provider)
     if args.uvloop:
         import uvloop
 
