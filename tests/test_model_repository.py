@@ -62,6 +62,7 @@ def test_config_derived_from_graph_without_toml(tmp_path):
         (GOOD.replace("max_batch_size = 4", "max_batch_size = -1"), "max_batch_size", "must be >= 0"),
         (GOOD.replace("max_batch_size = 4", "max_batch_size = true"), "max_batch_size", "must be an integer"),
         (GOOD.replace("max_batch_size = 4", 'provider = "tpu"'), "provider", "auto, cpu, cuda"),
+        (GOOD.replace("max_batch_size = 4", 'cuda_tf32 = "yes"'), "cuda_tf32", "must be true or false"),
         (GOOD.replace("max_batch_size = 4", "instances = 0"), "instances", "must be >= 1"),
         (GOOD.replace("max_batch_size = 4", "colour = 1"), "colour", "unknown key"),
         (GOOD.replace("max_batch_size = 4", 'platform = "tensorflow"'), "platform", "only 'onnxruntime_onnx'"),

@@ -50,8 +50,10 @@ def test_model_metadata_reports_batch_dim_and_versions(triton):
     assert [(t.name, t.datatype, list(t.shape)) for t in meta.outputs] == [("OUTPUT0", "FP32", [-1, 4])]
 
 
-def test_model_config_is_triton_shaped(triton):
+def test_model_config_is_triton_shaped(triton, kernel):
     config = triton.get_model_config("tiny", "1").config
+    provider = kernel.hub.get("tiny", "1").runtime.provider  # provider = "auto": the GPU where there is one
+    group = tc.model_config_pb2.ModelInstanceGroup
     assert config.name == "tiny"
     assert config.platform == "onnxruntime_onnx" and config.backend == "onnxruntime"
     assert config.max_batch_size == 8
@@ -59,9 +61,9 @@ def test_model_config_is_triton_shaped(triton):
     assert config.input[0].data_type == tc.model_config_pb2.TYPE_FP32
     assert [(o.name, list(o.dims)) for o in config.output] == [("OUTPUT0", [4])]
     assert config.instance_group[0].count == 1
-    assert config.instance_group[0].kind == tc.model_config_pb2.ModelInstanceGroup.KIND_CPU
+    assert config.instance_group[0].kind == (group.KIND_GPU if provider == "CUDAExecutionProvider" else group.KIND_CPU)
     assert config.HasField("dynamic_batching")
-    assert config.parameters["execution_provider"].string_value == "CPUExecutionProvider"
+    assert config.parameters["execution_provider"].string_value == provider
     assert config.parameters["card.owner"].string_value == "tests"
     assert config.parameters["labels.OUTPUT0"].string_value == "a,b,c,d"
 

@@ -27,11 +27,18 @@ SLOW_ROWS = 512  # ~0.1-0.3 s of one core: long enough to queue behind
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
     root = tmp_path_factory.mktemp("sched")
-    onnx_models.save_mlp_version(root, "slow", [64, 2048, 2048, 2048, 8], seed=1, max_batch_size=SLOW_ROWS)
-    onnx_models.save_mlp_version(root, "tiny", [16, 64, 4], seed=2, max_batch_size=8, max_tenant_queue=50)
+    # provider = "cpu" throughout: these tests time the CPU lane (a GPU would finish `slow` before
+    # anything queues behind it); tests/test_gpu.py covers the GPU lane.
+    onnx_models.save_mlp_version(root, "slow", [64, 2048, 2048, 2048, 8], seed=1, max_batch_size=SLOW_ROWS,
+                                 provider="cpu")
+    onnx_models.save_mlp_version(root, "tiny", [16, 64, 4], seed=2, max_batch_size=8, max_tenant_queue=50,
+                                 provider="cpu")
     # About a millisecond per single-row call: responses overtake each other far less than that.
-    onnx_models.save_mlp_version(root, "one", [64, 2048, 2048, 8], seed=3, max_batch_size=1)
+    onnx_models.save_mlp_version(root, "one", [64, 2048, 2048, 8], seed=3, max_batch_size=1, provider="cpu")
     onnx_models.save(onnx_models.lookup(), root / "lookup" / "1" / "model.onnx")
+    (root / "lookup" / "1" / "model.toml").write_text(
+        'provider = "cpu"\n[[input]]\nname = "x"\ndatatype = "FP32"\ndims = [1]\n'
+        '[[output]]\nname = "y"\ndatatype = "FP32"\ndims = [2]\n')
     return root
 
 

@@ -11,6 +11,7 @@ Schema (every key optional unless marked)::
     max_batch_size = 64        # rows per batch; 0 = the model has no batch dimension
     instances = 1              # onnxruntime sessions for this version
     provider = "auto"          # auto | cpu | cuda
+    cuda_tf32 = false          # let CUDA use TF32 matmuls: faster, but results differ from the CPU's in the 4th digit
     intra_op_threads = 1
     inter_op_threads = 1
     priority = 2               # default request priority: 1 = urgent (may use the lane's urgent slot), higher = later
@@ -60,7 +61,7 @@ _TOP_KEYS = {
     "platform", "max_batch_size", "instances", "provider", "intra_op_threads",
     "inter_op_threads", "priority", "weight", "max_queue_delay_us",
     "preferred_batch_sizes", "input", "output", "card", "name", "priority_levels", "max_queue",
-    "max_tenant_queue",
+    "max_tenant_queue", "cuda_tf32",
 }
 _TENSOR_KEYS = {"name", "datatype", "dims", "labels", "optional"}
 
@@ -92,6 +93,9 @@ class ModelConfig:
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
     instances: int = 1
     provider: str = "auto"
+    # Off by default: a decision must replay to the same outputs on any device, and
+    # TF32's 10-bit mantissa moves scores by ~1e-3 (enough to flip a threshold).
+    cuda_tf32: bool = False
     intra_op_threads: int = 1
     inter_op_threads: int = 1
     priority: int = 2
@@ -269,6 +273,7 @@ def parse(path: Path, name: str, version: str, raw: dict) -> ModelConfig:
         max_batch_size=max_batch,
         instances=_int(path, raw, "instances", 1, 1),
         provider=provider,
+        cuda_tf32=_expect(path, "cuda_tf32", raw.get("cuda_tf32", False), bool, "true or false"),
         intra_op_threads=_int(path, raw, "intra_op_threads", 1, 0),
         inter_op_threads=_int(path, raw, "inter_op_threads", 1, 0),
         priority=_int(path, raw, "priority", 2, 1),

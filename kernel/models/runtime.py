@@ -45,6 +45,12 @@ def choose_providers(preference: str, path: Path) -> list[str]:
     return [CUDA, CPU] if CUDA in available else [CPU]
 
 
+def provider_options(providers: list[str], config: ModelConfig) -> list:
+    """``providers`` as onnxruntime takes them, with CUDA's options: TF32 only where the config allows it
+    (onnxruntime's CUDA provider turns it on by default, so outputs would differ from the CPU's)."""
+    return [(CUDA, {"use_tf32": "1" if config.cuda_tf32 else "0"}) if p == CUDA else p for p in providers]
+
+
 def _session_options(config: ModelConfig) -> ort.SessionOptions:
     options = ort.SessionOptions()
     # Explicit thread counts: onnxruntime's default (one thread per core) fights
@@ -150,8 +156,10 @@ class OnnxModel:
         """Create the sessions; with ``config=None`` the config is derived from the graph."""
         preference = config.provider if config else "auto"
         providers = choose_providers(preference, onnx_path.with_name("model.toml"))
+        first_config = config or _defaults(name, version)
         try:
-            first = ort.InferenceSession(str(onnx_path), _session_options(config or _defaults(name, version)), providers=providers)
+            first = ort.InferenceSession(str(onnx_path), _session_options(first_config),
+                                         providers=provider_options(providers, first_config))
         except Exception as exc:  # onnxruntime raises several exception types for a bad file
             raise ModelConfigError(onnx_path, "", f"onnxruntime cannot load it: {exc}") from None
         if config is None:
@@ -159,7 +167,7 @@ class OnnxModel:
         else:
             check_against_graph(config, first, onnx_path.with_name("model.toml"))
         sessions = [first] + [
-            ort.InferenceSession(str(onnx_path), _session_options(config), providers=providers)
+            ort.InferenceSession(str(onnx_path), _session_options(config), providers=provider_options(providers, config))
             for _ in range(config.instances - 1)
         ]
         model = cls(config, onnx_path, sessions)
