@@ -39,7 +39,8 @@ def test_budget_keeps_the_reserve_for_priority_one():
 @pytest.fixture(scope="module")
 def small_kernel(tmp_path_factory):
     root = tmp_path_factory.mktemp("budget")
-    onnx_models.save_mlp_version(root, "slow", [64, 2048, 2048, 2048, 8], seed=1, max_batch_size=SLOW_ROWS)
+    onnx_models.save_mlp_version(root, "slow", [64, 2048, 2048, 2048, 8], seed=1, max_batch_size=SLOW_ROWS,
+                                 provider="cpu")
     onnx_models.save_mlp_version(root, "tiny", [16, 64, 4], seed=2, max_batch_size=8)
     server = start_kernel(root, "sync", lane_slots=1, workers=16)
     yield server
@@ -95,7 +96,8 @@ def test_decide_calls_share_the_budget(tmp_path, monkeypatch):
     from kernel.api.inference import InferenceService
 
     models = build_small_model(tmp_path / "models")
-    onnx_models.save_mlp_version(models, "slow", [64, 2048, 2048, 2048, 8], seed=1, max_batch_size=SLOW_ROWS)
+    onnx_models.save_mlp_version(models, "slow", [64, 2048, 2048, 2048, 8], seed=1, max_batch_size=SLOW_ROWS,
+                                 provider="cpu")
     server = start_kernel(models, "sync", lane_slots=1, workers=16, pipelines=str(copy_pipelines(tmp_path / "p")),
                           pipeline_poll_s=0)
     held = _HeldHandlers(InferenceService.prepare)

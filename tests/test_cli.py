@@ -34,7 +34,8 @@ def run_cli(*args, timeout=120, **kwargs) -> subprocess.CompletedProcess:
 def slow_repo(tmp_path_factory) -> Path:
     """A model that takes around a millisecond per call, so requests are in flight at SIGTERM."""
     root = tmp_path_factory.mktemp("slow")
-    onnx_models.save(onnx_models.mlp([64, 1024, 1024, 8], seed=5), root / "slow" / "1" / "model.onnx")
+    # provider = "cpu": these tests need calls still running at SIGTERM, which a GPU would finish first.
+    onnx_models.save_mlp_version(root, "slow", [64, 1024, 1024, 8], seed=5, provider="cpu")
     return root
 
 
@@ -81,7 +82,7 @@ def test_serve_drains_in_flight_calls_on_sigterm(slow_repo, front_end):
 def very_slow_repo(tmp_path_factory) -> Path:
     """A model that takes tens of milliseconds per 64-row call."""
     root = tmp_path_factory.mktemp("veryslow")
-    onnx_models.save(onnx_models.mlp([64, 2048, 2048, 2048, 8], seed=6), root / "slow" / "1" / "model.onnx")
+    onnx_models.save_mlp_version(root, "slow", [64, 2048, 2048, 2048, 8], seed=6, provider="cpu")
     return root
 
 
