@@ -118,10 +118,11 @@ class KernelServer:
         ours = kernel_services.generic_handlers(self.hub, self.lanes, asynchronous, self.decisions.handlers(budget))
         registration.add_to_server(server, [inference, *ours])
         self._health = health.aio.HealthServicer() if asynchronous else health.HealthServicer(experimental_non_blocking=True)
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        generated = registration.generic_only(server)  # (no method registrations on grpc.aio: registration.py)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, generated)
         _register_standard_descriptors()
         names = [INFERENCE_SERVICE, *kernel_services.SERVICE_NAMES, HEALTH_SERVICE, REFLECTION_SERVICE]
-        reflection.enable_server_reflection(names, server, pool=POOL)
+        reflection.enable_server_reflection(names, generated, pool=POOL)
 
     def start(self) -> int:
         """Load the repository, start serving; returns the bound port."""

@@ -11,13 +11,17 @@ polling thread (sync) or event loop (asyncio), as the call came in. A
 request-level timeout counts from there, so the time a call waits for a
 handler thread (or for the GIL) counts against it, as the client sees it.
 
-Handlers are *registered* with the server (``add_to_server``), as gRPC's
-generated ``add_*_to_server`` functions do, not only offered as a generic
-handler: gRPC then matches a call's method itself instead of asking each
-generic handler in turn, and the arrival stamp needs no per-call copy of the
-handler. That is ~1-2 µs of Python per call; over gRPC it is within the
-noise (bench/RESULTS.md, "aio front end: inline"). The same handlers stay a
-``grpc.GenericRpcHandler`` too, for servers built without ``add_to_server``.
+On the threaded server, handlers are also *registered* (``add_to_server``),
+as gRPC's generated ``add_*_to_server`` functions do: gRPC then matches a
+call's method itself instead of asking each generic handler in turn (~1-2 µs
+of Python per call). On ``grpc.aio`` they are not, and neither are the
+health and reflection services (``generic_only``): the asyncio server keeps
+one outstanding "request a call" task per registered method and, for every
+call, awaits ``asyncio.wait`` over all of them — with the kernel's ~17 methods that
+was 35 done-callbacks added and removed per call, ~14 µs of the event loop's
+time (bench/RESULTS.md, "aio front end: registered methods cost the loop").
+A generic handler is one dict lookup. The same handlers stay a
+``grpc.GenericRpcHandler`` for every server.
 """
 
 from __future__ import annotations
@@ -102,11 +106,48 @@ class ServiceHandlers(grpc.GenericRpcHandler):
 
 
 def add_to_server(server, handlers) -> None:
-    """Register each ``ServiceHandlers``' methods with ``server`` (sync or asyncio) and add all as generic."""
-    for handler in handlers:
-        if isinstance(handler, ServiceHandlers):
-            server.add_registered_method_handlers(handler.service_name, handler.methods)
+    """Add ``handlers`` to ``server`` as generic handlers; on a threaded server also register each
+    ``ServiceHandlers``' methods (never on ``grpc.aio``: see the module docstring)."""
+    if not isinstance(server, grpc.aio.Server):
+        for handler in handlers:
+            if isinstance(handler, ServiceHandlers):
+                server.add_registered_method_handlers(handler.service_name, handler.methods)
     server.add_generic_rpc_handlers(list(handlers))
+
+
+def generic_only(server):
+    """``server`` as gRPC's generated ``add_*_to_server`` functions should see it: on ``grpc.aio`` a view
+    that keeps their generic handlers and drops their method registrations (module docstring)."""
+    return _GenericOnlyAio(server) if isinstance(server, grpc.aio.Server) else server
+
+
+class _GenericOnlyAio(grpc.aio.Server):
+    """A ``grpc.aio.Server`` (so code that checks for one still picks its asyncio servicers) that
+    forwards everything but ``add_registered_method_handlers``."""
+
+    def __init__(self, server: grpc.aio.Server):
+        self._server = server
+
+    def add_registered_method_handlers(self, service_name, method_handlers) -> None:
+        pass  # the generated code adds the same handlers as a generic handler too
+
+    def add_generic_rpc_handlers(self, generic_rpc_handlers) -> None:
+        self._server.add_generic_rpc_handlers(generic_rpc_handlers)
+
+    def add_insecure_port(self, address):
+        return self._server.add_insecure_port(address)
+
+    def add_secure_port(self, address, server_credentials):
+        return self._server.add_secure_port(address, server_credentials)
+
+    async def start(self) -> None:
+        await self._server.start()
+
+    async def stop(self, grace):
+        await self._server.stop(grace)
+
+    async def wait_for_termination(self, timeout=None):
+        return await self._server.wait_for_termination(timeout)
 
 
 def generic_handler(service, messages, behaviours: dict[str, Callable]) -> ServiceHandlers:
