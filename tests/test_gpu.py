@@ -31,6 +31,7 @@ def test_auto_provider_places_models_on_the_gpu_lane(tmp_path):
         config = client.get_model_config("tiny").config
         assert config.instance_group[0].kind == tc.model_config_pb2.ModelInstanceGroup.KIND_GPU
         assert config.parameters["execution_provider"].string_value == "CUDAExecutionProvider"
+        assert config.parameters["cuda_tf32"].string_value == "false"
         x = np.random.default_rng(0).normal(size=(8, 16)).astype(np.float32)
         tensor = tc.InferInput("INPUT0", [8, 16], "FP32")
         tensor.set_data_from_numpy(x)

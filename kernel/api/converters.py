@@ -49,6 +49,8 @@ def model_config(mv: ModelVersion) -> pb.ModelConfigResponse:
         batching.max_queue_delay_microseconds = config.max_queue_delay_us
         batching.preferred_batch_size.extend(config.preferred_batch_sizes)
     out.parameters["execution_provider"].string_value = mv.runtime.provider
+    if on_gpu:  # whether outputs can differ from the CPU's in the 4th digit (model.toml ``cuda_tf32``)
+        out.parameters["cuda_tf32"].string_value = "true" if config.cuda_tf32 else "false"
     out.parameters["model_version"].string_value = mv.version
     card = config.card
     for key, value in (("owner", card.owner), ("intended_use", card.intended_use),
