@@ -108,11 +108,11 @@ class ServiceHandlers(grpc.GenericRpcHandler):
 def add_to_server(server, handlers) -> None:
     """Add ``handlers`` to ``server`` as generic handlers; on a threaded server also register each
     ``ServiceHandlers``' methods (never on ``grpc.aio``: see the module docstring)."""
-    if not isinstance(server, grpc.aio.Server):
-        for handler in handlers:
-            if isinstance(handler, ServiceHandlers):
-                server.add_registered_method_handlers(handler.service_name, handler.methods)
-    server.add_generic_rpc_handlers(list(handlers))
+    target = generic_only(server)
+    for handler in handlers:
+        if isinstance(handler, ServiceHandlers):
+            target.add_registered_method_handlers(handler.service_name, handler.methods)
+    target.add_generic_rpc_handlers(list(handlers))
 
 
 def generic_only(server):
