@@ -142,20 +142,31 @@ def test_client_cancellation_removes_the_queued_item(kernel, stub, channel):
     assert executions(kernel, "tiny") == before
 
 
-def test_priority_one_overtakes_a_full_low_priority_queue(kernel, stub, channel):
+def test_priority_one_overtakes_a_full_low_priority_queue(kernel, stub, channel, monkeypatch):
+    from kernel.models.runtime import OnnxModel
+
+    ran: list[float] = []  # the first value of each batch `one` runs: the order the lane ran them in
+    run = OnnxModel.run
+
+    def recording_run(self, feeds):
+        if self.config.name == "one":
+            ran.append(float(next(iter(feeds.values())).flat[0]))
+        return run(self, feeds)
+
+    monkeypatch.setattr(OnnxModel, "run", recording_run)
     blocker = occupy_lane(stub, channel)
-    low = [stub.ModelInfer.future(request_for("one", np.full((1, 64), i), priority=3), timeout=60) for i in range(20)]
+    low = [stub.ModelInfer.future(request_for("one", np.full((1, 64), i + 1), priority=3), timeout=60) for i in range(20)]
     wait_until(lambda: summaries(channel)["one"].queued_requests == 20)
     urgent = stub.ModelInfer.future(request_for("one", np.zeros((1, 64)), priority=2), timeout=60)
     wait_until(lambda: summaries(channel)["one"].queued_requests == 21)
     blocker.result()
     urgent.result()
-    finished_low = sum(call.done() for call in low)
     for call in low:
         call.result()
-    # One request per batch, one lane slot: the urgent one (level 2) runs before the 20 (level 3) queued earlier
-    # (first-come-first-served would finish all 20 first; a few may answer while its reply travels).
-    assert finished_low <= 5, f"{finished_low} low-priority requests finished before the urgent one"
+    # One request per batch, one lane slot: the urgent one (level 2) runs before the 20 (level 3) queued
+    # earlier; first-come-first-served would run all 20 first. (Judged by the lane's order, not by when
+    # answers reach the client: handler threads wake in no particular order under load.)
+    assert ran.index(0.0) == 0, f"the lane ran {ran.index(0.0)} low-priority requests before the urgent one: {ran}"
 
 
 def test_random_row_counts_come_back_exactly_split(kernel, stub, channel, repo):
