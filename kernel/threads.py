@@ -33,37 +33,6 @@ def no_wakeup_preemption() -> None:
         os.sched_setscheduler(0, policy, os.sched_param(0))
     except OSError:  # refused (a container policy, say): the kernel runs as before
         log.debug("SCHED_BATCH refused for a thread", exc_info=True)
-        return
-    _policy.batch = True
-
-
-_policy = threading.local()  # .batch: this thread runs SCHED_BATCH (no_wakeup_preemption)
-
-
-def preempt_on_wakeup():
-    """While the calling thread waits for an *urgent* result: back to the normal policy, so that the
-    moment its result is ready it takes a core from a thread computing a lower-priority batch
-    (onnxruntime computes without the GIL, so nothing blocks it then). Returns the function that
-    puts SCHED_BATCH back, or None when the thread was not on SCHED_BATCH (or Linux refused).
-
-    Under SCHED_BATCH a woken urgent caller waited for the computing thread's time slice to end:
-    with one core free, 19 lower-priority answers reached the client before an urgent one whose
-    batch had run first (tests/test_scheduling_grpc.py, bench/RESULTS.md "Urgent callers preempt").
-    """
-    if not getattr(_policy, "batch", False):
-        return None
-    try:
-        os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
-    except OSError:
-        return None
-    return _back_to_batch
-
-
-def _back_to_batch() -> None:
-    try:
-        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
-    except OSError:  # (cannot happen for a thread that had it a moment ago; if it does, it stays normal)
-        _policy.batch = False
 
 
 _PR_SET_NAME = 15  # linux/prctl.h

@@ -7,8 +7,6 @@ drives both implementations with random traces and compares their plans.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
 from kernel.scheduling import implementations
@@ -787,54 +785,3 @@ def test_an_urgent_request_in_a_batching_window_runs_when_its_window_closes_not_
             thread.join(10)
         lane.close()
     assert urgent.outputs == ["urgent"]
-
-
-@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="Linux scheduling policies")
-@pytest.mark.parametrize("priority", [1, 2])
-def test_an_urgent_caller_waits_with_wakeup_preemption_and_gets_its_batch_policy_back(priority):
-    """A SCHED_BATCH handler thread waiting for a priority-1 result waits on the normal policy (so it can take
-    a core from a thread computing another batch the moment its result is ready); others keep SCHED_BATCH."""
-    import threading
-
-    from kernel.scheduling import Lane, ReferenceScheduler
-    from kernel.threads import no_wakeup_preemption
-
-    gate = threading.Event()
-    running = threading.Event()
-
-    def execute(batch):
-        if batch.items[0].request_id == "long":
-            running.set()
-            gate.wait(10)
-        for it in batch.items:
-            it.outputs = []
-        return 1000
-
-    lane = Lane(ReferenceScheduler(), execute, slots=1, urgent_slots=0)
-    model = Model("m")
-    lane.add_model(model, ModelSchedule(max_batch_size=0, instances=2))
-    cls = ReferenceScheduler.item_class
-    policies = {}
-
-    def caller():
-        no_wakeup_preemption()
-        policies["before"] = os.sched_getscheduler(0)
-        # on_wait: called as the caller goes to sleep, once its policy for the wait is set
-        lane.run_blocking(cls(model, 1, (), {}, request_id="waiting", priority=priority),
-                          on_wait=lambda it: policies.setdefault("waiting", os.sched_getscheduler(0)))
-        policies["after"] = os.sched_getscheduler(0)
-
-    try:
-        lane.submit(cls(model, 1, (), {}, request_id="long", priority=2))
-        assert running.wait(10)
-        thread = threading.Thread(target=caller)
-        thread.start()
-        while "waiting" not in policies and thread.is_alive():
-            threading.Event().wait(0.001)
-        gate.set()
-        thread.join(10)
-    finally:
-        gate.set()
-        lane.close()
-    expected = os.SCHED_OTHER if priority == 1 else os.SCHED_BATCH
-    assert policies == {"before": os.SCHED_BATCH, "waiting": expected, "after": os.SCHED_BATCH}

@@ -52,7 +52,7 @@ import time
 from collections.abc import Callable
 
 from ..errors import Cancelled, DeadlineExceeded, Internal, ResourceExhausted, Unavailable
-from ..threads import lower_next_compute, name_native_thread, normal_compute, preempt_on_wakeup, thread_nice
+from ..threads import lower_next_compute, name_native_thread, normal_compute, thread_nice
 from .policy import ADMITTED, REJECT_DEADLINE, REJECT_QUEUE_FULL, ModelSchedule
 from .types import ITEM_CANCELLED, ITEM_DONE, ITEM_EXPIRED, ITEM_QUEUED, NO_DEADLINE, Batch, WorkItem
 
@@ -140,8 +140,6 @@ class Lane:
         lock = self._lock
         lock.acquire()
         held = True
-        restore_policy = None
-        urgent_wait = item.priority <= URGENT_LEVEL
         try:
             now = self._submit_locked(item, blocking=True)
             while item.state not in _FINISHED:
@@ -170,9 +168,6 @@ class Lane:
                 lock.release()
                 woken = False
                 try:
-                    if urgent_wait:  # once, at the first sleep (threads.preempt_on_wakeup says why)
-                        urgent_wait = False
-                        restore_policy = preempt_on_wakeup()
                     if on_wait is not None:
                         on_wait(item)
                         on_wait = None
@@ -195,8 +190,6 @@ class Lane:
         finally:
             if held:
                 lock.release()
-            if restore_policy is not None:
-                restore_policy()
         return item
 
     def run_if_idle(self, item: WorkItem, max_ns: int) -> bool:
