@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 
 import grpc
+import pytest
 
 from claims_support import claim_request
 from examples.claims import data
@@ -81,3 +82,43 @@ def test_concurrent_unary_and_streamed_decisions_each_find_their_review(claims_k
     assert escalated <= ids
     assert engine.recorded_before() == claims_kernel.decisions.audit.size >= audit_before + len(answered)
     assert verify_directory(claims_kernel.decisions.audit.directory).ok
+
+
+def test_on_grpc_aio_every_decide_in_flight_reaches_the_lane(claims_kernel, monkeypatch):
+    """More Decides than any worker-thread pool holds (asyncio's default has at most 32) are all queued in the
+    lane at once: on grpc.aio a Decide waits on the event loop, not on a thread (kernel/api/decision_service.py)."""
+    from kernel.models.runtime import OnnxModel
+
+    if claims_kernel.settings.front_end != "aio":
+        pytest.skip("the threaded front end holds a handler thread per call by design (its call budget counts them)")
+    release = threading.Event()
+    run = OnnxModel.run
+    held_rows: list[int] = []
+
+    def held_run(self, feeds):  # the injected fault: the claims model waits until released
+        held_rows.append(len(next(iter(feeds.values()))))
+        release.wait(30)
+        return run(self, feeds)
+
+    monkeypatch.setattr(OnnxModel, "run", held_run)
+    calls = 40
+    cases = data.generate_cases(calls, seed=43)
+    mv = claims_kernel.hub.get("claims_triage")
+    lane = claims_kernel.lanes.for_model(mv)
+    with grpc.insecure_channel(f"127.0.0.1:{claims_kernel.port}") as channel:
+        decide = kgrpc.DecisionServiceStub(channel).Decide
+        try:
+            futures = [decide.future(claim_request(case, request_id=f"held-{i}"), timeout=60)
+                       for i, case in enumerate(cases)]
+            seen = 0
+            for _ in range(3000):  # up to ~30 s: every call prepared and queued or running
+                queued, _ = lane.load(mv)
+                seen = max(seen, queued + sum(held_rows))
+                if seen >= calls:
+                    break
+                threading.Event().wait(0.01)
+        finally:
+            release.set()
+        answers = [f.result() for f in futures]
+    assert seen >= calls, f"only {seen} of {calls} decisions reached the lane at once"
+    assert sorted(a.request_id for a in answers) == sorted(f"held-{i}" for i in range(calls))

@@ -11,7 +11,6 @@ import asyncio
 import logging
 import queue
 import threading
-import time
 
 import grpc
 
@@ -19,6 +18,7 @@ from .._proto.inference import grpc_service_pb2 as pb
 from ..errors import KernelError
 from .inference import InferenceService, new_request_id
 from ..scheduling.types import ITEM_QUEUED
+from .aio_wait import attach, wait_finished
 from .call_budget import CallBudget
 from .registration import ensure_parsed, generic_handler
 
@@ -220,25 +220,10 @@ def aio_servicer(service: InferenceService) -> grpc.GenericRpcHandler:
     async def ModelInfer(request, context, arrived_ns=None):
         try:
             item = service.prepare(request, context.time_remaining(), arrived_ns)
-            loop = asyncio.get_running_loop()
-            done = loop.create_future()
-            item.on_done = lambda it: loop.call_soon_threadsafe(_resolve, done, it)
+            done = attach(item)
             if service.run_if_idle(item, INLINE_MAX_NS):
                 return service.answer(request, item)
-            # Lane threads only look at deadlines when they pick the next batch;
-            # a timer answers DEADLINE_EXCEEDED on time while the lane is busy.
-            timer = None
-            if item.deadline_ns:
-                delay = (item.deadline_ns - time.monotonic_ns()) / 1e9
-                timer = loop.call_later(max(0.0, delay), service.expire, item)
-            try:
-                await done
-            except asyncio.CancelledError:
-                service.cancel(item)
-                raise
-            finally:
-                if timer is not None:
-                    timer.cancel()
+            await wait_finished(service, item, done)
             return service.answer(request, item)
         except Exception as exc:
             await _aio_abort("ModelInfer", exc, context)
@@ -279,8 +264,3 @@ def aio_servicer(service: InferenceService) -> grpc.GenericRpcHandler:
     methods["ModelInfer"] = ModelInfer
     methods["ModelStreamInfer"] = ModelStreamInfer
     return generic_handler(SERVICE, pb, methods)
-
-
-def _resolve(future: asyncio.Future, item) -> None:
-    if not future.done():
-        future.set_result(item)

@@ -209,10 +209,14 @@ def aio_handler(rpc: str, handler: Callable, client_streaming: bool, server_stre
         return request_or_iterator, ctx
 
     if not server_streaming:
+        on_loop = getattr(handler, "on_loop", None)  # a coroutine version that never blocks the loop
+
         async def call(request_or_iterator, context, arrived_ns=None):
             loop = asyncio.get_running_loop()
             try:
                 request, ctx = start(request_or_iterator, context, loop, arrived_ns)
+                if on_loop is not None:
+                    return await on_loop(request, ctx)
                 return await asyncio.to_thread(handler, request, ctx)
             except Exception as exc:
                 await _aio_fail(rpc, exc, context)
