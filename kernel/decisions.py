@@ -159,9 +159,7 @@ class DecisionSide:
             return pending
         pending.task_id = task.task_id
         self.engine.run_blocking(pending)
-        (result,) = self.engine.finish([pending])
-        if isinstance(result, KernelError):
-            raise result
+        result = self.engine.outcome(pending)  # decided on this thread (a task's item has no finisher)
         if result.outcome in (kpb.ESCALATED, kpb.FALLBACK) and result.review_id:
             return WaitingForReview(result.review_id, result)
         return result

@@ -46,12 +46,9 @@ def decision_handlers(engine: DecisionEngine, registry: PipelineRegistry, budget
         engine.inference.submit(item)
         await wait_finished(engine.inference, item, done)
         item.owner = None  # finished: no reference cycle left (a cancelled call leaves it to the finisher)
-        result = pending.result
-        if result is None:  # it never ran (expired in the queue): finished here, off the loop (it may audit)
-            result = await asyncio.to_thread(lambda: engine.finish([pending])[0])
-        if isinstance(result, BaseException):
-            raise result
-        return result
+        if pending.result is None:  # it never ran (expired in the queue): decided alone, off the loop
+            return await asyncio.to_thread(engine.outcome, pending)
+        return engine.outcome(pending)
 
     decide.on_loop = decide_on_loop  # rpc.aio_handler awaits this instead of running ``decide`` on a thread
 

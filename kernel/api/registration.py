@@ -81,9 +81,10 @@ class _ArrivalStamped(_RpcMethodHandler):
     """A unary handler whose behaviour is handed the time gRPC took up the call.
 
     gRPC reads ``unary_unary`` once it has the call, on its polling thread or
-    event loop, before the call waits for anything else; registered handlers
-    are never looked up per call, so the stamp is taken here, where gRPC reads
-    the behaviour.
+    event loop, before the call waits for anything else; a registered handler
+    (threaded server) is not looked up per call, so the stamp is taken here,
+    where gRPC reads the behaviour, whether it found the handler registered or
+    through ``ServiceHandlers.service`` (grpc.aio).
     """
 
     __slots__ = ()

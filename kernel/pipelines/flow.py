@@ -470,6 +470,12 @@ class DecisionEngine:
             self.run_blocking(pending, on_wait)
         finally:
             item.owner = None  # (no reference cycle left for the garbage collector)
+        return self.outcome(pending)
+
+    def outcome(self, pending: Pending) -> kpb.Decision:
+        """The answer for ``pending`` once its model work is over: the finisher's result, or, for a
+        request that never ran (expired, cancelled), one decided here alone (it may audit: blocking).
+        A failure is raised."""
         result = pending.result
         if result is None:
             result = self.finish([pending])[0]
