@@ -37,6 +37,9 @@ class Settings:
     # beyond it is refused at once (RESOURCE_EXHAUSTED) instead of waiting, unseen by
     # the scheduler's admission control, in gRPC's own queue. Blocked threads are cheap.
     workers: int = 512
+    # Threaded front end: a unary call takes a handler thread only once its request is in
+    # (kernel/api/eager_receive.py); false = grpc's standard path, a thread per call from its start.
+    eager_receive: bool = True
     # How long a Python thread may hold the GIL while another waits for it (sys.setswitchinterval).
     # Every request is a handler thread here: a short slice lets a high-priority request's thread
     # in between a busy neighbour's threads. 0 = leave Python's default (5000 µs).

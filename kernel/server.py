@@ -22,7 +22,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 from . import accel
 from ._proto import POOL
 from ._proto.inference import grpc_service_pb2
-from .api import InferenceService, aio_servicer, kernel_services, registration, sync_servicer
+from .api import InferenceService, aio_servicer, eager_receive, kernel_services, registration, sync_servicer
 from .api.call_budget import CallBudget
 from .api.handler_pool import HandlerPool, poller_policy
 from .config import Settings
@@ -74,6 +74,7 @@ class KernelServer:
         self.port: int | None = None
         self.failed_models: dict[str, str] = {}
         self._server = None
+        self._eager = None  # the threaded front end's EagerReceive, when on (tests count its calls)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: threading.Thread | None = None
         self._health = None
@@ -117,6 +118,8 @@ class KernelServer:
         inference = aio_servicer(self.service) if asynchronous else sync_servicer(self.service, budget)
         ours = kernel_services.generic_handlers(self.hub, self.lanes, asynchronous, self.decisions.handlers(budget))
         registration.add_to_server(server, [inference, *ours])
+        if not asynchronous and self.settings.eager_receive:
+            self._eager = eager_receive.attach([inference, *ours], self._pool)
         self._health = health.aio.HealthServicer() if asynchronous else health.HealthServicer(experimental_non_blocking=True)
         generated = registration.generic_only(server)  # (no method registrations on grpc.aio: registration.py)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, generated)

@@ -91,7 +91,12 @@ class _ArrivalStamped(_RpcMethodHandler):
 
     @property
     def unary_unary(self):
-        return functools.partial(tuple.__getitem__(self, _UNARY_UNARY), arrived_ns=time.monotonic_ns())
+        behaviour = tuple.__getitem__(self, _UNARY_UNARY)
+        stamped = functools.partial(behaviour, arrived_ns=time.monotonic_ns())
+        pool = getattr(behaviour, "experimental_thread_pool", None)  # grpc reads it here (eager_receive.py)
+        if pool is not None:
+            stamped.experimental_thread_pool = pool
+        return stamped
 
 
 class ServiceHandlers(grpc.GenericRpcHandler):
