@@ -10,6 +10,8 @@ SIGTERM. The systems:
 * ``kernel-sync``: ``python -m kernel serve --front-end sync``
 * ``kernel-aio``:  ``python -m kernel serve --front-end aio``
 * ``naive``:       ``python -m bench.naive_server`` (grpc.aio on uvloop, onnxruntime inline)
+* ``kernel-sync-std`` (only when asked for): ``kernel-sync`` with ``eager_receive = false``, grpc's
+  standard unary path (a handler thread per call from its start): the before/after of that setting
 
 Other engineers commit to kernel/ while a run goes on, so by default the code under test is
 frozen first: ``kernel/`` and the server modules of ``bench/`` are copied to
@@ -62,8 +64,10 @@ SHORT_NAMES = {"tiny": "tiny_mlp", "medium": "medium_mlp", "large": "large_mlp"}
 #: concurrency levels per model (64 only where batching can pay)
 CONCURRENCY = {"tiny_mlp": [1, 16], "medium_mlp": [1, 16, 64], "large_mlp": [1, 16, 64]}
 SYSTEMS = ("kernel-sync", "kernel-aio", "naive")
+OPTIONAL_SYSTEMS = ("kernel-sync-std",)
 BASELINE = "naive"
-RATIOS = (("kernel-sync", "naive"), ("kernel-aio", "naive"), ("kernel-sync", "kernel-aio"))
+RATIOS = (("kernel-sync", "naive"), ("kernel-aio", "naive"), ("kernel-sync", "kernel-aio"),
+          ("kernel-sync-std", "naive"), ("kernel-sync", "kernel-sync-std"))
 
 
 # --------------------------------------------------------------------------- setup
@@ -199,8 +203,10 @@ def server_argv(system: str, model: str, views: dict[str, Path], onnx_dir: Path,
     if system == "naive":
         return ([py, "-m", "bench.naive_server", "--model", onnx_dir / f"{model}.onnx", "--name", model,
                  "--port", "0"], procs.READY_NAIVE)
-    front_end = system.split("-", 1)[1]
-    argv = [py, "-m", "kernel", "serve", "--models", views[model], "--port", "0", "--front-end", front_end,
+    front_end = system.split("-")[1]
+    # (kernel-sync-std: the setting through its AIOS_* variable, the way a deployment would set it)
+    prefix = ["env", "AIOS_EAGER_RECEIVE=false"] if system == "kernel-sync-std" else []
+    argv = [*prefix, py, "-m", "kernel", "serve", "--models", views[model], "--port", "0", "--front-end", front_end,
             "--log-level", "WARNING"]
     if workers and front_end == "sync":
         argv += ["--workers", str(workers)]
@@ -497,8 +503,8 @@ def parse_args(argv=None):
             parser.error(f"unknown model {m!r}; known: {', '.join(SHORT_NAMES)}")
     args.systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     for s in args.systems:
-        if s not in SYSTEMS:
-            parser.error(f"unknown system {s!r}; known: {', '.join(SYSTEMS)}")
+        if s not in SYSTEMS + OPTIONAL_SYSTEMS:
+            parser.error(f"unknown system {s!r}; known: {', '.join(SYSTEMS + OPTIONAL_SYSTEMS)}")
     levels = [int(c) for c in args.concurrency.split(",")] if args.concurrency else None
     args.conc = {m: levels or CONCURRENCY[m] for m in args.models}
     return args
