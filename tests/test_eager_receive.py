@@ -133,3 +133,64 @@ def test_a_call_shape_grpc_did_not_hand_over_before_takes_the_standard_path():
     eager = EagerReceive(pool)
     assert eager.submit(print, "only", "two") == "future"  # not grpc's unary-unary call: passed on as it came
     assert pool.submitted == [((print, "only", "two"), {})] and eager.calls == 0
+
+
+def _stub(server):
+    from kernel._proto.inference import grpc_service_pb2_grpc as pb_grpc
+
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    return channel, pb_grpc.GRPCInferenceServiceStub(channel)
+
+
+def test_a_lone_short_call_runs_on_the_poller_thread(model_repo):
+    server = start_kernel(model_repo, "sync")
+    channel, stub = _stub(server)
+    try:
+        stub.ModelInfer(_request(), timeout=10)  # (the first call may find the lane's fit still empty)
+        before = server._eager.inline
+        for _ in range(20):
+            response = stub.ModelInfer(_request(), timeout=10)
+            assert response.outputs[0].shape == [1, 4]
+        # One call at a time, each after the last was answered: the server is idle whenever one comes.
+        # (At least half, not all: a loaded CI machine may time a batch over the 200 µs bound.)
+        assert server._eager.inline - before >= 10
+    finally:
+        channel.close()
+        server.stop(grace=1)
+
+
+def test_a_call_arriving_while_another_is_in_flight_goes_to_a_handler_thread(model_repo):
+    server = start_kernel(model_repo, "sync")
+    release = threading.Event()
+    channel, held = _held_call(server, release)
+    other, stub = _stub(server)
+    try:
+        _until(lambda: server._eager.calls >= 1, "the held call to reach the kernel")
+        before = server._eager.inline
+        stub.ModelInfer(_request(), timeout=10)
+        assert server._eager.inline == before
+        release.set()
+        held.result()
+    finally:
+        release.set()
+        channel.close()
+        other.close()
+        server.stop(grace=1)
+
+
+def test_a_slow_model_never_runs_on_the_poller_thread(tmp_path):
+    from kernel.testing import onnx_models
+
+    onnx_models.save(onnx_models.mlp([16, 2048, 2048, 2048, 4], seed=5), tmp_path / "slow" / "1" / "model.onnx")
+    server = start_kernel(tmp_path, "sync")
+    channel, stub = _stub(server)
+    try:
+        request = _request()
+        request.model_name = "slow"
+        for _ in range(5):
+            assert stub.ModelInfer(request, timeout=20).outputs[0].shape == [1, 4]
+        assert server.lanes.cpu.scheduler.predict(server.hub.get("slow", ""), 1) > 200_000  # what keeps it off (~0.7 ms here)
+        assert server._eager.inline == 0
+    finally:
+        channel.close()
+        server.stop(grace=1)
