@@ -7,12 +7,9 @@ thread two wake-ups, and under load calls sit in handler threads waiting for
 bytes while other calls, whose bytes are in, wait for the core. Here the
 poller asks for the message as the call arrives and hands the call to a
 handler thread only once the message is in: one wake-up, and a thread only
-for work that can run. And a lone call whose handler says it would be short
-(``inline_when(request)``: ModelInfer on an idle lane) runs on the poller
-thread at once, with no hand-off at all, as a server that runs its model
-inline would. Measured (bench/RESULTS.md, "Unary calls receive their request
-first"): ModelInfer ~20 % more calls/s at 16 in flight, the large model's
-batches at 64 in flight steadily full, and ~5 % more at one in flight.
+for work that can run. Measured (bench/RESULTS.md, "Unary calls receive
+their request first"): ModelInfer ~20 % more calls/s at 16 in flight, the
+large model's batches at 64 in flight steadily full.
 
 The hook is the one grpc offers for choosing a thread pool per method
 (``experimental_thread_pool`` on a unary behaviour, read by
@@ -26,8 +23,6 @@ grpcio), calls take grpc's standard path and the log says so once.
 from __future__ import annotations
 
 import logging
-import threading
-import time
 from concurrent import futures
 
 log = logging.getLogger("aios.api")
@@ -44,11 +39,6 @@ except ImportError:  # pragma: no cover - grpc without its private modules
 
 _warned = False
 
-# A lone short call runs on the poller thread itself when the server was idle: no other call in flight,
-# and the poller had found nothing to do for this long since it last ran one (a call that reaches the
-# poller sooner after such a run was waiting behind it, i.e. calls are queueing: those go to threads).
-IDLE_BEFORE_NS = 100_000
-
 
 def _fallback(reason: str) -> None:
     global _warned
@@ -59,17 +49,17 @@ def _fallback(reason: str) -> None:
 
 class _Finished:
     """The future grpc's server waits on for a call's end (its count of calls in progress):
-    done once the handler is done, or at once for a call that never reached one."""
+    done once the handler thread is done, or at once for a call that never reached one."""
 
-    __slots__ = ("_done", "_callbacks", "_owner")
+    __slots__ = ("_done", "_callbacks")
 
-    def __init__(self, owner: "EagerReceive"):
+    def __init__(self):
         self._done = False
         self._callbacks = []
-        self._owner = owner
 
     def add_done_callback(self, callback) -> None:
-        # grpc adds its callback on the poller thread right after submit, before the message can be in.
+        # grpc adds its callback on the poller thread right after submit; set_done runs on the poller
+        # thread too (no message) or on the handler thread: the list swap below is atomic under the GIL.
         if self._done:
             callback(self)
         else:
@@ -78,7 +68,6 @@ class _Finished:
                 self._run(callback)
 
     def set_done(self, _unused=None) -> None:
-        self._owner._ended()
         self._done = True
         callbacks, self._callbacks = self._callbacks, []
         for callback in callbacks:
@@ -100,15 +89,7 @@ class EagerReceive(futures.ThreadPoolExecutor):
 
     def __init__(self, pool):  # (no super().__init__: nothing of ThreadPoolExecutor is used)
         self._pool = pool
-        self.calls = 0  # calls that took this path, and of them run on the poller (tests, stats)
-        self.inline = 0
-        self._finished = 0
-        self._lock = threading.Lock()
-        self._poller_free_since = 0  # when the poller last ended a call it ran itself
-
-    def _ended(self) -> None:
-        with self._lock:
-            self._finished += 1
+        self.calls = 0  # calls that took this path (tests)
 
     def submit(self, *args, **kwargs):
         # grpc calls submit(context.run, _unary_response_in_pool, rpc_event, state, behaviour,
@@ -117,9 +98,8 @@ class EagerReceive(futures.ThreadPoolExecutor):
             _fallback("grpc handed over an unexpected call shape")
             return self._pool.submit(*args, **kwargs)
         run, respond, rpc_event, state, behaviour, _receive, deserializer, serializer = args
-        finished = _Finished(self)
-        self.calls += 1  # (only ever on the poller thread)
-        idle_before = time.monotonic_ns() - self._poller_free_since > IDLE_BEFORE_NS
+        finished = _Finished()
+        self.calls += 1
 
         def on_message(event):  # on the poller thread, like grpc's own receive callback
             serialized = event.batch_operations[0].message()
@@ -134,55 +114,32 @@ class EagerReceive(futures.ThreadPoolExecutor):
                     finished.set_done()
                     return outcome
                 outcome = _gs._possibly_finish_call(state, _gs._RECEIVE_MESSAGE_TOKEN)
-            if idle_before and self.calls - self._finished == 1:
-                inline_when = getattr(getattr(behaviour, "func", behaviour), "inline_when", None)
-                if inline_when is not None:
-                    parsed = _gs._common.deserialize(serialized, deserializer)
-                    if parsed is not None and inline_when(parsed):
-                        self._run_here(run, respond, rpc_event, state, behaviour, parsed, deserializer,
-                                       serializer, finished)
-                        return outcome
-            self._hand_over(run, respond, rpc_event, state, behaviour, serialized, deserializer, serializer,
-                            finished)
+
+            def request():  # on the handler thread: what grpc's unary_request returns
+                with state.condition:
+                    if not _gs._is_rpc_state_active(state):  # cancelled meanwhile
+                        return None
+                parsed = _gs._common.deserialize(serialized, deserializer)
+                if parsed is None:
+                    with state.condition:
+                        _gs._abort(state, rpc_event.call, _cygrpc.StatusCode.internal,
+                                   b"Exception deserializing request!")
+                return parsed
+
+            try:
+                call = self._pool.submit(run, respond, rpc_event, state, behaviour, request, deserializer, serializer)
+            except RuntimeError:  # the pool is shut down: the server is stopping
+                with state.condition:
+                    _gs._abort(state, rpc_event.call, _cygrpc.StatusCode.unavailable, b"the kernel is shutting down")
+                finished.set_done()
+            else:
+                call.add_done_callback(finished.set_done)
             return outcome
 
         # grpc calls submit with the call's state condition held (_handle_with_method_handler).
         rpc_event.call.start_server_batch((_cygrpc.ReceiveMessageOperation(_gs._EMPTY_FLAGS),), on_message)
         state.due.add(_gs._RECEIVE_MESSAGE_TOKEN)
         return finished
-
-    def _run_here(self, run, respond, rpc_event, state, behaviour, parsed, deserializer, serializer,
-                  finished) -> None:
-        """Run the call on the poller thread (see IDLE_BEFORE_NS): nothing else was waiting for it."""
-        self.inline += 1
-        try:
-            run(respond, rpc_event, state, behaviour, lambda: parsed, deserializer, serializer)
-        finally:
-            finished.set_done()
-            self._poller_free_since = time.monotonic_ns()
-
-    def _hand_over(self, run, respond, rpc_event, state, behaviour, serialized, deserializer, serializer,
-                   finished) -> None:
-        """Run the call on a handler thread, which parses the request there."""
-
-        def request():  # on the handler thread: what grpc's unary_request returns
-            with state.condition:
-                if not _gs._is_rpc_state_active(state):  # cancelled meanwhile
-                    return None
-            parsed = _gs._common.deserialize(serialized, deserializer)
-            if parsed is None:
-                with state.condition:
-                    _gs._abort(state, rpc_event.call, _cygrpc.StatusCode.internal, b"Exception deserializing request!")
-            return parsed
-
-        try:
-            call = self._pool.submit(run, respond, rpc_event, state, behaviour, request, deserializer, serializer)
-        except RuntimeError:  # the pool is shut down: the server is stopping
-            with state.condition:
-                _gs._abort(state, rpc_event.call, _cygrpc.StatusCode.unavailable, b"the kernel is shutting down")
-            finished.set_done()
-        else:
-            call.add_done_callback(finished.set_done)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         pass  # the HandlerPool is the server's; grpc shuts that one down

@@ -188,8 +188,6 @@ def sync_servicer(service: InferenceService, budget: CallBudget | None = None) -
         yield from _SyncStream(service, request_iterator, context)
 
     ModelInfer.wants_arrival = True  # Triton's ``timeout`` counts from the call's arrival (registration.py)
-    # A lone call may run on grpc's poller thread when its model would run it at once, briefly (eager_receive.py).
-    ModelInfer.inline_when = lambda request: service.idle_for(request, INLINE_MAX_NS)
     methods["ModelInfer"] = ModelInfer
     methods["ModelStreamInfer"] = ModelStreamInfer
     return generic_handler(SERVICE, pb, methods)

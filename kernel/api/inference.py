@@ -172,23 +172,6 @@ class InferenceService:
         """Queue ``item`` on its model's lane; ``item.on_done`` reports the outcome."""
         self._lane(item).submit(item)
 
-    def idle_for(self, request, max_ns: int) -> bool:
-        """Whether ``request``'s model would run it at once, in at most ``max_ns`` (a cheap guess, no validation)."""
-        if type(request) is Unparsable:
-            return False
-        mv = self.hub.get(request.model_name, request.model_version)
-        if mv is None:
-            return False
-        try:
-            lane = self.lanes.for_model(mv)
-        except KeyError:
-            return False
-        rows = 1
-        if mv.config.max_batch_size > 0 and request.inputs:
-            shape = request.inputs[0].shape
-            rows = shape[0] if shape else 1
-        return lane.idle_for(mv, rows, max_ns)
-
     def run_if_idle(self, item: WorkItem, max_ns: int) -> bool:
         """Run ``item`` on this thread if its lane is idle and the batch is short (``Lane.run_if_idle``)."""
         return self._lane(item).run_if_idle(item, max_ns)

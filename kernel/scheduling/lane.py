@@ -192,12 +192,6 @@ class Lane:
                 lock.release()
         return item
 
-    def idle_for(self, model, rows: int, max_ns: int) -> bool:
-        """Whether a batch of ``rows`` of ``model`` would run at once and is predicted to take at most ``max_ns``."""
-        with self._lock:
-            return (self._free_slots > 0 and not self.scheduler.has_work()
-                    and 0 < self.scheduler.predict(model, rows) <= max_ns)
-
     def run_if_idle(self, item: WorkItem, max_ns: int) -> bool:
         """Run ``item`` on this thread if the lane is idle and its batch is predicted to take at most ``max_ns``.
 
