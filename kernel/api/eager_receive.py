@@ -8,8 +8,12 @@ bytes while other calls, whose bytes are in, wait for the core. Here the
 poller asks for the message as the call arrives and hands the call to a
 handler thread only once the message is in: one wake-up, and a thread only
 for work that can run. Measured (bench/RESULTS.md, "Unary calls receive
-their request first"): ModelInfer ~20 % more calls/s at 16 in flight, the
-large model's batches at 64 in flight steadily full.
+their request first"): tiny-model ModelInfer 1.12-1.20x the calls/s at 16 in
+flight with ~10 % less server CPU a call, 1.05x at one in flight, and the
+large model's batches at 64 in flight steadily full (p99 halved there). The
+price: at 16 in flight on the tiny model p99 doubles (5 -> 10 ms; p50 3.2 ->
+2.7 ms), since every call in is runnable at once and they meet in the lane.
+``eager_receive = false`` restores grpc's own path.
 
 The hook is the one grpc offers for choosing a thread pool per method
 (``experimental_thread_pool`` on a unary behaviour, read by
