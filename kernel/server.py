@@ -75,6 +75,7 @@ class KernelServer:
         self.failed_models: dict[str, str] = {}
         self._server = None
         self._eager = None  # the threaded front end's EagerReceive, when on (tests count its calls)
+        self._budget = None  # the threaded front end's CallBudget
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: threading.Thread | None = None
         self._health = None
@@ -114,7 +115,8 @@ class KernelServer:
 
     def _add_services(self, server, asynchronous: bool) -> None:
         # One budget for the handler threads, shared by the RPCs that can be told apart by priority.
-        budget = None if asynchronous else CallBudget(self.settings.workers, self._pool.in_progress)
+        budget = None if asynchronous else CallBudget(self.settings.workers, self._calls_in_progress)
+        self._budget = budget
         inference = aio_servicer(self.service) if asynchronous else sync_servicer(self.service, budget)
         ours = kernel_services.generic_handlers(self.hub, self.lanes, asynchronous, self.decisions.handlers(budget))
         registration.add_to_server(server, [inference, *ours])
@@ -126,6 +128,12 @@ class KernelServer:
         _register_standard_descriptors()
         names = [INFERENCE_SERVICE, *kernel_services.SERVICE_NAMES, HEALTH_SERVICE, REFLECTION_SERVICE]
         reflection.enable_server_reflection(names, generated, pool=POOL)
+
+    def _calls_in_progress(self) -> int:
+        """Calls in progress on the threaded front end as gRPC's limit counts them: those in the handler
+        pool, and those whose request has not arrived yet (eager_receive)."""
+        eager = self._eager
+        return self._pool.in_progress() + (eager.waiting if eager is not None else 0)
 
     def start(self) -> int:
         """Load the repository, start serving; returns the bound port."""

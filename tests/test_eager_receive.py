@@ -61,12 +61,14 @@ def test_a_call_waiting_for_its_request_holds_no_handler_thread(sync_kernel):
         if eager:
             _until(lambda: server._eager.calls >= 1, "the call to reach the kernel")
             assert server._pool.in_progress() == 0  # the call is in, its bytes are not: no thread taken
+            assert server._budget._in_progress() == 1  # yet it counts as in progress, as gRPC's limit counts it
         else:  # grpc's standard path: a thread per call from its start, waiting for the bytes
             assert server._eager is None
             _until(lambda: server._pool.in_progress() == 1, "a handler thread to take the call")
         release.set()
         response = future.result()
         assert response.id == "held" and response.outputs[0].shape == [1, 4]
+        _until(lambda: server._budget._in_progress() == 0, "the call to be counted out")
     finally:
         release.set()
         channel.close()

@@ -7,9 +7,11 @@ flood of low-priority work that means priority-1 calls are refused as often
 as the flood's. ``CallBudget`` refuses lower-priority calls a little
 earlier, once ``workers - reserve`` are in progress, with RESOURCE_EXHAUSTED
 and a ``retry-after-ms`` hint, so the last ``reserve`` threads are there for
-priority-1 calls. Calls in progress are counted as gRPC counts them: by the
-handler pool (submitted, not yet finished, so calls still waiting for a
-thread count too), read without a lock.
+priority-1 calls. Calls in progress are counted as gRPC counts them, from
+their arrival: those in the handler pool (submitted, not yet finished, so
+calls still waiting for a thread count too) and those whose request has not
+arrived yet (``eager_receive``: such a call holds no thread yet), read
+without a lock.
 """
 
 from __future__ import annotations

@@ -94,6 +94,9 @@ class EagerReceive(futures.ThreadPoolExecutor):
     def __init__(self, pool):  # (no super().__init__: nothing of ThreadPoolExecutor is used)
         self._pool = pool
         self.calls = 0  # calls that took this path (tests)
+        # Calls in, whose request is not yet: in progress for gRPC's limit, not yet in the pool
+        # (the server's CallBudget adds them). Changed only on the poller thread.
+        self.waiting = 0
 
     def submit(self, *args, **kwargs):
         # grpc calls submit(context.run, _unary_response_in_pool, rpc_event, state, behaviour,
@@ -106,6 +109,7 @@ class EagerReceive(futures.ThreadPoolExecutor):
         self.calls += 1
 
         def on_message(event):  # on the poller thread, like grpc's own receive callback
+            self.waiting -= 1
             serialized = event.batch_operations[0].message()
             with state.condition:
                 if serialized is None:  # the client closed (or cancelled) without sending its request
@@ -143,6 +147,7 @@ class EagerReceive(futures.ThreadPoolExecutor):
         # grpc calls submit with the call's state condition held (_handle_with_method_handler).
         rpc_event.call.start_server_batch((_cygrpc.ReceiveMessageOperation(_gs._EMPTY_FLAGS),), on_message)
         state.due.add(_gs._RECEIVE_MESSAGE_TOKEN)
+        self.waiting += 1
         return finished
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
