@@ -11,7 +11,10 @@ import numpy as np
 import pytest
 
 from conftest import start_kernel
+from kernel._proto.aios.kernel.v1 import kernel_pb2 as kpb
+from kernel._proto.aios.kernel.v1 import kernel_pb2_grpc as kgrpc
 from kernel._proto.inference import grpc_service_pb2 as pb
+from kernel._proto.inference import grpc_service_pb2_grpc as pb_grpc
 from kernel.api.eager_receive import EagerReceive
 
 INFER = "/inference.GRPCInferenceService/ModelInfer"
@@ -102,20 +105,15 @@ def test_bytes_that_are_not_a_request_get_invalid_argument_on_both_paths(sync_ke
 
 
 def test_every_unary_kernel_rpc_takes_the_eager_path(model_repo):
-    from kernel._proto.aios.kernel.v1 import kernel_pb2 as kpb
-    from kernel._proto.aios.kernel.v1 import kernel_pb2_grpc as kgrpc
-
     server = start_kernel(model_repo, "sync")
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
     try:
-        channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
-        from kernel._proto.inference import grpc_service_pb2_grpc as pb_grpc
-
         before = server._eager.calls
         pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(_request(), timeout=10)
         kgrpc.AdminServiceStub(channel).ListModels(kpb.ListModelsRequest(), timeout=10)
         assert server._eager.calls == before + 2
-        channel.close()
     finally:
+        channel.close()
         server.stop(grace=1)
 
 

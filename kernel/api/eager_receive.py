@@ -29,6 +29,8 @@ from __future__ import annotations
 import logging
 from concurrent import futures
 
+from .registration import unary_behaviour
+
 log = logging.getLogger("aios.api")
 
 try:
@@ -62,14 +64,12 @@ class _Finished:
         self._callbacks = []
 
     def add_done_callback(self, callback) -> None:
-        # grpc adds its callback on the poller thread right after submit; set_done runs on the poller
-        # thread too (no message) or on the handler thread: the list swap below is atomic under the GIL.
+        # grpc adds its callback on the poller thread right after submit, before the message (and so
+        # set_done, on the poller or a handler thread) can come: no race between the two.
         if self._done:
             callback(self)
         else:
             self._callbacks.append(callback)
-            if self._done:  # finished between the check and the append
-                self._run(callback)
 
     def set_done(self, _unused=None) -> None:
         self._done = True
@@ -165,7 +165,7 @@ def attach(handlers, pool) -> EagerReceive | None:
         for handler in getattr(service, "methods", {}).values():
             if handler.request_streaming or handler.response_streaming:
                 continue
-            behaviour = tuple.__getitem__(handler, handler._fields.index("unary_unary"))
+            behaviour = unary_behaviour(handler)
             try:
                 behaviour.experimental_thread_pool = eager  # read per call (registration._ArrivalStamped passes it on)
             except AttributeError:  # not a plain function (a bound method): that method keeps grpc's path

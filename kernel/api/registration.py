@@ -77,6 +77,11 @@ _RpcMethodHandler = type(grpc.unary_unary_rpc_method_handler(lambda request, con
 _UNARY_UNARY = _RpcMethodHandler._fields.index("unary_unary")
 
 
+def unary_behaviour(handler: grpc.RpcMethodHandler):
+    """The function a unary-unary handler was made from (``_ArrivalStamped`` wraps it per call)."""
+    return tuple.__getitem__(handler, _UNARY_UNARY)
+
+
 class _ArrivalStamped(_RpcMethodHandler):
     """A unary handler whose behaviour is handed the time gRPC took up the call.
 
@@ -91,7 +96,7 @@ class _ArrivalStamped(_RpcMethodHandler):
 
     @property
     def unary_unary(self):
-        behaviour = tuple.__getitem__(self, _UNARY_UNARY)
+        behaviour = unary_behaviour(self)
         stamped = functools.partial(behaviour, arrived_ns=time.monotonic_ns())
         pool = getattr(behaviour, "experimental_thread_pool", None)  # grpc reads it here (eager_receive.py)
         if pool is not None:
