@@ -12,6 +12,8 @@ SIGTERM. The systems:
 * ``naive``:       ``python -m bench.naive_server`` (grpc.aio on uvloop, onnxruntime inline)
 * ``kernel-sync-std`` (only when asked for): ``kernel-sync`` with ``eager_receive = false``, grpc's
   standard unary path (a handler thread per call from its start): the before/after of that setting
+* ``kernel-sync-block`` (only when asked for): ``kernel-sync`` with ``answer_later = false``: each
+  ModelInfer's handler thread sleeps until its answer is ready instead of handing the call on
 
 Other engineers commit to kernel/ while a run goes on, so by default the code under test is
 frozen first: ``kernel/`` and the server modules of ``bench/`` are copied to
@@ -64,10 +66,11 @@ SHORT_NAMES = {"tiny": "tiny_mlp", "medium": "medium_mlp", "large": "large_mlp"}
 #: concurrency levels per model (64 only where batching can pay)
 CONCURRENCY = {"tiny_mlp": [1, 16], "medium_mlp": [1, 16, 64], "large_mlp": [1, 16, 64]}
 SYSTEMS = ("kernel-sync", "kernel-aio", "naive")
-OPTIONAL_SYSTEMS = ("kernel-sync-std",)
+OPTIONAL_SYSTEMS = ("kernel-sync-std", "kernel-sync-block")
 BASELINE = "naive"
 RATIOS = (("kernel-sync", "naive"), ("kernel-aio", "naive"), ("kernel-sync", "kernel-aio"),
-          ("kernel-sync-std", "naive"), ("kernel-sync", "kernel-sync-std"))
+          ("kernel-sync-std", "naive"), ("kernel-sync", "kernel-sync-std"),
+          ("kernel-sync-block", "naive"), ("kernel-sync", "kernel-sync-block"))
 
 
 # --------------------------------------------------------------------------- setup
@@ -205,7 +208,8 @@ def server_argv(system: str, model: str, views: dict[str, Path], onnx_dir: Path,
                  "--port", "0"], procs.READY_NAIVE)
     front_end = system.split("-")[1]
     # (kernel-sync-std: the setting through its AIOS_* variable, the way a deployment would set it)
-    prefix = ["env", "AIOS_EAGER_RECEIVE=false"] if system == "kernel-sync-std" else []
+    prefix = {"kernel-sync-std": ["env", "AIOS_EAGER_RECEIVE=false"],
+              "kernel-sync-block": ["env", "AIOS_ANSWER_LATER=false"]}.get(system, [])
     argv = [*prefix, py, "-m", "kernel", "serve", "--models", views[model], "--port", "0", "--front-end", front_end,
             "--log-level", "WARNING"]
     if workers and front_end == "sync":

@@ -24,6 +24,7 @@ from ._proto import POOL
 from ._proto.inference import grpc_service_pb2
 from .api import InferenceService, aio_servicer, eager_receive, kernel_services, registration, sync_servicer
 from .api.call_budget import CallBudget
+from .api.expiry_timer import ExpiryTimer
 from .api.handler_pool import HandlerPool, poller_policy
 from .config import Settings
 from .models import ModelHub
@@ -81,6 +82,7 @@ class KernelServer:
         self._health = None
         self._stopped: asyncio.Event | None = None
         self._pool: HandlerPool | None = None  # the sync front end's handler threads
+        self._expiry: ExpiryTimer | None = None
 
     # -- model changes --------------------------------------------------------
     def _models_changed(self, added, removed) -> None:
@@ -117,11 +119,13 @@ class KernelServer:
         # One budget for the handler threads, shared by the RPCs that can be told apart by priority.
         budget = None if asynchronous else CallBudget(self.settings.workers, self._calls_in_progress)
         self._budget = budget
-        inference = aio_servicer(self.service) if asynchronous else sync_servicer(self.service, budget)
+        if not asynchronous:
+            self._expiry = ExpiryTimer(self.service.expire)  # deadlines of calls answered later
+        inference = aio_servicer(self.service) if asynchronous else sync_servicer(self.service, budget, self._expiry)
         ours = kernel_services.generic_handlers(self.hub, self.lanes, asynchronous, self.decisions.handlers(budget))
         registration.add_to_server(server, [inference, *ours])
         if not asynchronous and self.settings.eager_receive:
-            self._eager = eager_receive.attach([inference, *ours], self._pool)
+            self._eager = eager_receive.attach([inference, *ours], self._pool, self.settings.answer_later)
         self._health = health.aio.HealthServicer() if asynchronous else health.HealthServicer(experimental_non_blocking=True)
         generated = registration.generic_only(server)  # (no method registrations on grpc.aio: registration.py)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, generated)
@@ -131,9 +135,12 @@ class KernelServer:
 
     def _calls_in_progress(self) -> int:
         """Calls in progress on the threaded front end as gRPC's limit counts them: those in the handler
-        pool, and those whose request has not arrived yet (eager_receive)."""
+        pool, those whose request has not arrived yet (eager_receive), and those handed on to be answered
+        later (answer_later)."""
         eager = self._eager
-        return self._pool.in_progress() + (eager.waiting if eager is not None else 0)
+        if eager is None:
+            return self._pool.in_progress()
+        return self._pool.in_progress() + eager.waiting + eager.outstanding.count
 
     def start(self) -> int:
         """Load the repository, start serving; returns the bound port."""
@@ -239,4 +246,6 @@ class KernelServer:
         self._server = None
         self.decisions.close()  # tasks stop using the lanes; the audit log flushes and checkpoints
         self.lanes.close()
+        if self._expiry is not None:
+            self._expiry.close()
         log.info("AIOS kernel stopped")

@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 from concurrent import futures
 
+from .answer_later import DEFERRED, LaterAnswer, Outstanding, _local
 from .registration import unary_behaviour
 
 log = logging.getLogger("aios.api")
@@ -38,6 +39,7 @@ try:
     from grpc._cython import cygrpc as _cygrpc
 
     _NEEDED = ("_unary_response_in_pool", "_possibly_finish_call", "_abort", "_is_rpc_state_active", "_common",
+               "_call_behavior", "_serialize_response", "_status",
                "_select_thread_pool_for_behavior", "_RECEIVE_MESSAGE_TOKEN", "_OPEN", "_CLOSED", "_EMPTY_FLAGS")
     AVAILABLE = all(hasattr(_gs, name) for name in _NEEDED) and hasattr(_cygrpc, "ReceiveMessageOperation")
 except ImportError:  # pragma: no cover - grpc without its private modules
@@ -72,6 +74,8 @@ class _Finished:
             self._callbacks.append(callback)
 
     def set_done(self, _unused=None) -> None:
+        if self._done:  # once only: grpc counts the call's end by it
+            return
         self._done = True
         callbacks, self._callbacks = self._callbacks, []
         for callback in callbacks:
@@ -91,12 +95,14 @@ class EagerReceive(futures.ThreadPoolExecutor):
     threads of its own (``pool``, the server's ``HandlerPool``, runs them).
     """
 
-    def __init__(self, pool):  # (no super().__init__: nothing of ThreadPoolExecutor is used)
+    def __init__(self, pool, answer_later: bool = True):  # (no super().__init__: nothing of ThreadPoolExecutor is used)
         self._pool = pool
+        self._answer_later = answer_later  # handlers may take their call's LaterAnswer (answer_later.py)
         self.calls = 0  # calls that took this path (tests)
         # Calls in, whose request is not yet: in progress for gRPC's limit, not yet in the pool
         # (the server's CallBudget adds them). Changed only on the poller thread.
         self.waiting = 0
+        self.outstanding = Outstanding()  # calls whose handler returned DEFERRED, not yet answered
 
     def submit(self, *args, **kwargs):
         # grpc calls submit(context.run, _unary_response_in_pool, rpc_event, state, behaviour,
@@ -104,7 +110,7 @@ class EagerReceive(futures.ThreadPoolExecutor):
         if kwargs or len(args) != 8 or args[1] is not _gs._unary_response_in_pool:
             _fallback("grpc handed over an unexpected call shape")
             return self._pool.submit(*args, **kwargs)
-        run, respond, rpc_event, state, behaviour, _receive, deserializer, serializer = args
+        run, _respond, rpc_event, state, behaviour, _receive, deserializer, serializer = args
         finished = _Finished()
         self.calls += 1
 
@@ -135,13 +141,12 @@ class EagerReceive(futures.ThreadPoolExecutor):
                 return parsed
 
             try:
-                call = self._pool.submit(run, respond, rpc_event, state, behaviour, request, deserializer, serializer)
+                self._pool.submit(run, self._respond, rpc_event, state, behaviour, request, deserializer, serializer,
+                                  finished)
             except RuntimeError:  # the pool is shut down: the server is stopping
                 with state.condition:
                     _gs._abort(state, rpc_event.call, _cygrpc.StatusCode.unavailable, b"the kernel is shutting down")
                 finished.set_done()
-            else:
-                call.add_done_callback(finished.set_done)
             return outcome
 
         # grpc calls submit with the call's state condition held (_handle_with_method_handler).
@@ -150,17 +155,47 @@ class EagerReceive(futures.ThreadPoolExecutor):
         self.waiting += 1
         return finished
 
+    def _respond(self, rpc_event, state, behaviour, request, deserializer, serializer, finished) -> None:
+        """grpc's ``_unary_response_in_pool``, on a handler thread, with one addition: the behaviour may take
+        the call's ``LaterAnswer`` and return ``DEFERRED``; the call is then answered from another thread."""
+        _cygrpc.install_context_from_request_call_event(rpc_event)
+        deferred = False
+        try:
+            argument = request()
+            if argument is not None:
+                later = None
+                if self._answer_later:
+                    _local.later = later = LaterAnswer(rpc_event, state, serializer, finished, self.outstanding)
+                try:
+                    response, proceed = _gs._call_behavior(rpc_event, state, behaviour, argument, deserializer)
+                finally:
+                    _local.later = None
+                if response is DEFERRED:
+                    deferred = True
+                elif later is not None and not later.settle():  # a ``send`` after this is dropped
+                    log.error("a unary call was answered through its LaterAnswer without DEFERRED")
+                elif proceed:
+                    serialized = _gs._serialize_response(rpc_event, state, response, serializer)
+                    if serialized is not None:
+                        _gs._status(rpc_event, state, serialized)
+        except Exception:  # as grpc's own: never let a call's fault end the handler thread
+            log.exception("answering a unary call failed")
+        finally:
+            _cygrpc.uninstall_context()
+            if not deferred:
+                finished.set_done()
+
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         pass  # the HandlerPool is the server's; grpc shuts that one down
 
 
-def attach(handlers, pool) -> EagerReceive | None:
+def attach(handlers, pool, answer_later: bool = True) -> EagerReceive | None:
     """Route the unary-unary methods of ``handlers`` (``registration.ServiceHandlers``) through an
     ``EagerReceive`` on ``pool``; None (and a warning) where this grpcio does not allow it."""
     if not AVAILABLE:
         _fallback("this grpcio lacks the internals it follows")
         return None
-    eager = EagerReceive(pool)
+    eager = EagerReceive(pool, answer_later)
     for service in handlers:
         for handler in getattr(service, "methods", {}).values():
             if handler.request_streaming or handler.response_streaming:

@@ -176,6 +176,14 @@ class InferenceService:
         """Run ``item`` on this thread if its lane is idle and the batch is short (``Lane.run_if_idle``)."""
         return self._lane(item).run_if_idle(item, max_ns)
 
+    def predicted_ns(self, item: WorkItem) -> int:
+        """How long a batch of just ``item`` is predicted to run (0: not measured yet)."""
+        return self._lane(item).predict(item.model, item.rows)
+
+    def run_or_queue(self, item: WorkItem) -> bool:
+        """Queue ``item``; run the next batch on this thread if a slot is free (``Lane.run_or_queue``)."""
+        return self._lane(item).run_or_queue(item)
+
     def cancel(self, item: WorkItem) -> bool:
         try:
             return self.lanes.for_model(item.model).cancel(item)

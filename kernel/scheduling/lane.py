@@ -129,6 +129,11 @@ class Lane:
         with self._lock:
             return self.scheduler.stats()
 
+    def predict(self, model, rows: int) -> int:
+        """The latency fit's ns for a batch of ``rows`` of ``model`` (0: not measured yet)."""
+        with self._lock:
+            return self.scheduler.predict(model, rows)
+
     # -- entry points ---------------------------------------------------------
     def run_blocking(self, item: WorkItem, on_wait: Callable[[WorkItem], None] | None = None) -> WorkItem:
         """Queue ``item`` and return once it is finished; may run batches on this thread.
@@ -218,13 +223,39 @@ class Lane:
                 item.on_done = on_done  # held for a batching window: a helper runs it
             else:
                 self._submit_locked(item, blocking=False)
-            self._work.notify()
+            self._notify_helper_locked(item)
+            return False
+
+    def run_or_queue(self, item: WorkItem) -> bool:
+        """Queue ``item`` and, if a slot is free, run the next batch on this thread; never waits.
+
+        For callers whose items carry a ``finisher`` that answers them (the
+        threaded front end's calls answered later): the batch run here may
+        hold other callers' items and may not hold this one (a more urgent
+        batch goes first); whatever stays queued runs when a slot frees up,
+        on the thread that frees it or a helper. True if a batch ran here.
+        """
+        with self._lock:
+            now = self._submit_locked(item, blocking=False)
+            if self._free_slots > 0 or self._free_urgent > 0:
+                batch, urgent = self._next_batch_locked(now)
+                if batch is not None:
+                    self._run_locked(batch, urgent, now)
+                    return True
+            self._notify_helper_locked(item)
             return False
 
     def submit(self, item: WorkItem) -> None:
         """Queue ``item``; ``item.on_done(item)`` is called from a lane thread when it finishes."""
         with self._lock:
             self._submit_locked(item, blocking=False)
+            self._notify_helper_locked(item)
+
+    def _notify_helper_locked(self, item: WorkItem) -> None:
+        """Wake a helper for ``item`` if one could run a batch now. With every slot taken none could:
+        the running batch's end hands its slot on (``_hand_over_slot_locked``), and a helper woken
+        here would only look and sleep again, a thread switch per queued request under load."""
+        if self._free_slots > 0 or (self._free_urgent > 0 and item.priority <= URGENT_LEVEL):
             self._work.notify()
 
     def cancel(self, item: WorkItem, reason: str = "the client cancelled the request") -> bool:
@@ -344,19 +375,36 @@ class Lane:
         for item in items:
             if item.state == ITEM_DONE:
                 self._wake_locked(item)
-        if finishing is not None:
-            groups: dict = {}
-            for item in finishing:
-                groups.setdefault(item.finisher, []).append(item)
-            for finisher, group in groups.items():
-                if not finisher(group, self._finished):  # refused (closing): the callers finish alone
-                    for item in group:
-                        item.state = ITEM_DONE
-                        self._wake_locked(item)
         if scheduler.has_work():
             self._hand_over_slot_locked()
+        if finishing is not None:
+            self._finish_outside_lock(finishing)
         if escaped is not None and not isinstance(escaped, Exception):
             raise escaped  # KeyboardInterrupt and the like, once the batch's callers are answered and its slot is back
+
+    def _finish_outside_lock(self, finishing: list) -> None:
+        """Hand finished items to their finishers, grouped, without the lane lock (a finisher may answer
+        its callers itself, which must not hold up threads queueing work); re-acquires it after."""
+        groups: dict = {}
+        for item in finishing:
+            groups.setdefault(item.finisher, []).append(item)
+        refused = []
+        self._lock.release()
+        try:
+            for finisher, group in groups.items():
+                try:
+                    taken = finisher(group, self._finished)
+                except Exception:  # a finisher's bug must not leave its callers asleep
+                    log.exception("a finisher of %d items failed", len(group))
+                    taken = False
+                if not taken:  # refused (closing): the callers finish alone
+                    refused.extend(group)
+        finally:
+            self._lock.acquire()
+        for item in refused:
+            if item.state not in _FINISHED:
+                item.state = ITEM_DONE
+                self._wake_locked(item)
 
     def _finished(self, items: list) -> None:
         """A finisher's items are finished (results set): wake their callers."""

@@ -1,0 +1,181 @@
+"""Calls answered later (kernel/api/answer_later.py): a ModelInfer whose work waits in the queue holds no
+handler thread; the thread that runs its batch answers it. Counted in progress all the same, expired at its
+deadline, answered on shutdown."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import grpc
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from conftest import start_kernel
+from kernel._proto.inference import grpc_service_pb2 as pb
+from kernel._proto.inference import grpc_service_pb2_grpc as pb_grpc
+from kernel.api.expiry_timer import ExpiryTimer
+from kernel.testing import onnx_models
+
+SLOW_ROWS = 512  # one batch of `slow` holds the lane's only slot for ~0.1-0.3 s
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("later")
+    onnx_models.save_mlp_version(root, "slow", [64, 2048, 2048, 2048, 8], seed=1, max_batch_size=SLOW_ROWS,
+                                 provider="cpu")
+    # ~1 ms a row: long enough that its calls are answered later (frontends.ANSWER_LATER_MIN_NS)
+    onnx_models.save_mlp_version(root, "mid", [64, 2048, 2048, 8], seed=2, max_batch_size=8, provider="cpu")
+    onnx_models.save_mlp_version(root, "tiny", [16, 64, 4], seed=3, max_batch_size=8, provider="cpu")
+    return root
+
+
+def _request(model: str, array: np.ndarray, **params) -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name=model)
+    request.inputs.add(name="INPUT0", datatype="FP32", shape=list(array.shape))
+    request.raw_input_contents.append(np.ascontiguousarray(array, np.float32).tobytes())
+    for key, value in params.items():
+        request.parameters[key].int64_param = value
+    return request
+
+
+def _output(response) -> np.ndarray:
+    return np.frombuffer(response.raw_output_contents[0], np.float32).reshape(tuple(response.outputs[0].shape))
+
+
+def _until(predicate, what: str, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.002)
+
+
+def _occupy(server, stub, batches: int = 4) -> list:
+    """Long `slow` batches at priority 1 holding the lane's one slot."""
+    calls = [stub.ModelInfer.future(_request("slow", np.ones((SLOW_ROWS, 64)), priority=1), timeout=120)
+             for _ in range(batches)]
+    slow = server.hub.get("slow")
+    _until(lambda: server.lanes.load(slow)[1] == 1 or all(c.done() for c in calls), "a slow batch to run")
+    assert not all(c.done() for c in calls), "the slow batches finished before the test could queue behind them"
+    return calls
+
+
+@pytest.mark.parametrize("model, answer_later", [("mid", True), ("mid", False), ("tiny", True)],
+                         ids=["later", "blocking-by-setting", "blocking-short-batches"])
+def test_a_queued_call_holds_no_handler_thread_and_is_answered_by_the_batch(repo, model, answer_later):
+    server = start_kernel(repo, "sync", lane_slots=1, answer_later=answer_later)
+    session = ort.InferenceSession(str(repo / model / "1" / "model.onnx"))
+    width = session.get_inputs()[0].shape[1]
+    rng = np.random.default_rng(5)
+    inputs = [rng.normal(size=(int(rng.integers(1, 5)), width)).astype(np.float32) for _ in range(20)]
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            train = _occupy(server, stub)
+            calls = [stub.ModelInfer.future(_request(model, x, priority=2), timeout=120) for x in inputs]
+            queued = server.hub.get(model)
+            _until(lambda: server.lanes.load(queued)[0] == 20, "the calls to queue")
+            in_pool, counted = server._pool.in_progress(), server._budget._in_progress()
+            if answer_later and model == "mid":
+                # The running slow batch holds the one thread that runs it; the queued calls hold none...
+                assert in_pool <= 2, f"{in_pool} handler threads busy while the calls wait in the queue"
+                assert server._eager.outstanding.count >= 20
+            else:  # ...where a blocking handler holds one thread per waiting call (the setting off, or a
+                # model whose batches are too short to be worth handing the call on: ANSWER_LATER_MIN_NS)
+                assert in_pool >= 21  # (20 waiting, and the one running the slow batch)
+            assert counted >= 23  # ...yet all count as in progress, as gRPC's limit counts them
+            for call in train:
+                call.result()
+            for x, call in zip(inputs, calls):
+                np.testing.assert_allclose(_output(call.result()), session.run(None, {"INPUT0": x})[0],
+                                           rtol=1e-5, atol=1e-6)
+            _until(lambda: server._budget._in_progress() == 0, "every call to be counted out")
+            assert server._eager.outstanding.count == 0
+    finally:
+        server.stop(grace=2)
+
+
+def test_a_queued_call_answered_later_expires_at_its_deadline_not_when_the_lane_frees(repo):
+    server = start_kernel(repo, "sync", lane_slots=1)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            train = _occupy(server, stub, batches=8)
+            executed = server.hub.get("mid").stats.execution_count
+            with pytest.raises(grpc.RpcError) as info:
+                stub.ModelInfer(_request("mid", np.ones((1, 64)), timeout=30_000, priority=2), timeout=60)
+            assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and "never ran" in info.value.details()
+            assert not all(call.done() for call in train)  # answered at its deadline, the lane still busy
+            assert server._expiry.expired >= 1
+            for call in train:
+                call.result()
+            assert server.hub.get("mid").stats.execution_count == executed
+            assert server._eager.outstanding.count == 0
+    finally:
+        server.stop(grace=2)
+
+
+def test_calls_answered_later_are_answered_when_the_kernel_stops(repo):
+    server = start_kernel(repo, "sync", lane_slots=1)
+    stopped = False
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            train = _occupy(server, stub, batches=2)
+            calls = [stub.ModelInfer.future(_request("mid", np.ones((1, 64)), priority=2), timeout=60)
+                     for _ in range(10)]
+            _until(lambda: server.lanes.load(server.hub.get("mid"))[0] == 10, "the calls to queue")
+            stopper = threading.Thread(target=server.stop, kwargs={"grace": 30})
+            stopper.start()
+            for call in [*train, *calls]:  # drained within the grace: every queued call gets its answer
+                assert call.result().raw_output_contents
+            stopper.join(60)
+            stopped = True
+    finally:
+        if not stopped:
+            server.stop(grace=1)
+
+
+# --------------------------------------------------------------------------- the expiry timer alone
+class _Expired:
+    def __init__(self):
+        self.items = []
+        self.event = threading.Event()
+
+    def __call__(self, item) -> bool:
+        self.items.append(item)
+        if len(self.items) >= 2:
+            self.event.set()
+        return True
+
+
+def test_the_expiry_timer_expires_in_deadline_order_and_skips_forgotten_items():
+    expired = _Expired()
+    timer = ExpiryTimer(expired)
+    try:
+        now = time.monotonic_ns()
+        timer.watch("late", now + 60_000_000)
+        forgotten = timer.watch("forgotten", now + 10_000_000)
+        timer.watch("early", now + 20_000_000)  # earlier than one already waited for: the thread re-plans
+        timer.forget(forgotten)
+        assert expired.event.wait(10)
+        assert expired.items == ["early", "late"]
+        assert time.monotonic_ns() >= now + 60_000_000
+    finally:
+        timer.close()
+
+
+def test_the_expiry_timer_drops_forgotten_cells_once_they_outnumber_the_live_ones():
+    timer = ExpiryTimer(lambda item: True)
+    try:
+        far = time.monotonic_ns() + 3600 * 10**9
+        keep = [timer.watch(i, far) for i in range(300)]
+        for cell in [timer.watch(i, far) for i in range(2000)]:
+            timer.forget(cell)
+        assert len(timer._heap) < 1300  # rebuilt without the forgotten ones along the way
+        assert all(cell[0] is not None for cell in keep)
+    finally:
+        timer.close()
