@@ -40,9 +40,10 @@ class Settings:
     # Threaded front end: a unary call takes a handler thread only once its request is in
     # (kernel/api/eager_receive.py); false = grpc's standard path, a thread per call from its start.
     eager_receive: bool = True
-    # With eager_receive: a ModelInfer call whose work is queued frees its handler thread, and the
-    # thread that runs its batch answers it (kernel/api/answer_later.py); false = the handler
-    # thread sleeps until its answer is ready.
+    # With eager_receive: a ModelInfer call (on a model with batches of >= 0.2 ms) or a Decide call
+    # frees its handler thread once its work is queued, and the thread that runs its batch (Decide:
+    # the decision finisher) answers it (kernel/api/answer_later.py); false = the handler thread
+    # sleeps until its answer is ready.
     answer_later: bool = True
     # How long a Python thread may hold the GIL while another waits for it (sys.setswitchinterval).
     # Every request is a handler thread here: a short slice lets a high-priority request's thread

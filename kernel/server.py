@@ -24,7 +24,6 @@ from ._proto import POOL
 from ._proto.inference import grpc_service_pb2
 from .api import InferenceService, aio_servicer, eager_receive, kernel_services, registration, sync_servicer
 from .api.call_budget import CallBudget
-from .api.expiry_timer import ExpiryTimer
 from .api.handler_pool import HandlerPool, poller_policy
 from .config import Settings
 from .models import ModelHub
@@ -82,7 +81,6 @@ class KernelServer:
         self._health = None
         self._stopped: asyncio.Event | None = None
         self._pool: HandlerPool | None = None  # the sync front end's handler threads
-        self._expiry: ExpiryTimer | None = None
 
     # -- model changes --------------------------------------------------------
     def _models_changed(self, added, removed) -> None:
@@ -119,9 +117,7 @@ class KernelServer:
         # One budget for the handler threads, shared by the RPCs that can be told apart by priority.
         budget = None if asynchronous else CallBudget(self.settings.workers, self._calls_in_progress)
         self._budget = budget
-        if not asynchronous:
-            self._expiry = ExpiryTimer(self.service.expire)  # deadlines of calls answered later
-        inference = aio_servicer(self.service) if asynchronous else sync_servicer(self.service, budget, self._expiry)
+        inference = aio_servicer(self.service) if asynchronous else sync_servicer(self.service, budget)
         ours = kernel_services.generic_handlers(self.hub, self.lanes, asynchronous, self.decisions.handlers(budget))
         registration.add_to_server(server, [inference, *ours])
         if not asynchronous and self.settings.eager_receive:
@@ -246,6 +242,5 @@ class KernelServer:
         self._server = None
         self.decisions.close()  # tasks stop using the lanes; the audit log flushes and checkpoints
         self.lanes.close()
-        if self._expiry is not None:
-            self._expiry.close()
+        self.service.expiry.close()
         log.info("AIOS kernel stopped")

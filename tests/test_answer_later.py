@@ -109,7 +109,7 @@ def test_a_queued_call_answered_later_expires_at_its_deadline_not_when_the_lane_
                 stub.ModelInfer(_request("mid", np.ones((1, 64)), timeout=30_000, priority=2), timeout=60)
             assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and "never ran" in info.value.details()
             assert not all(call.done() for call in train)  # answered at its deadline, the lane still busy
-            assert server._expiry.expired >= 1
+            assert server.service.expiry.expired >= 1
             for call in train:
                 call.result()
             assert server.hub.get("mid").stats.execution_count == executed

@@ -8,6 +8,7 @@ from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
 from ..pipelines import DecisionEngine, PipelineRegistry
 from ..scheduling.types import ITEM_QUEUED
 from ..pipelines.stream import decide_stream
+from . import answer_later
 from .aio_wait import attach, wait_finished
 
 
@@ -32,6 +33,10 @@ def decision_handlers(engine: DecisionEngine, registry: PipelineRegistry, budget
             if item.state == ITEM_QUEUED:
                 ctx.on_done(lambda: engine.inference.cancel(item))
 
+        later = answer_later.take()
+        if later is not None:  # the finisher thread answers; this thread goes on to the next call
+            return engine.decide_later(request, ctx.deadline_ns, later, arrived_ns=ctx.arrived_ns, admit=admit,
+                                       on_queued=on_wait)
         return engine.decide(request, ctx.deadline_ns, on_wait=on_wait, arrived_ns=ctx.arrived_ns, admit=admit)
 
     async def decide_on_loop(request, ctx):

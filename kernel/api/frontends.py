@@ -21,7 +21,6 @@ from ..scheduling.types import ITEM_QUEUED, NO_DEADLINE
 from . import answer_later
 from .aio_wait import attach, wait_finished
 from .call_budget import CallBudget
-from .expiry_timer import ExpiryTimer
 from .registration import ensure_parsed, generic_handler
 
 log = logging.getLogger("aios.api")
@@ -163,16 +162,13 @@ class _SyncStream:
             yield stream_response(self.service, request, result)
 
 
-def sync_servicer(service: InferenceService, budget: CallBudget | None = None,
-                  timer: ExpiryTimer | None = None) -> grpc.GenericRpcHandler:
+def sync_servicer(service: InferenceService, budget: CallBudget | None = None) -> grpc.GenericRpcHandler:
     """Handlers for ``grpc.server`` (thread pool): they block on the lane.
 
     ``budget`` (the server's ``workers``): lower-priority ModelInfer calls are
     refused before they take the threads kept for priority 1 (call_budget.py).
-    ``timer`` expires the queued items of calls answered later at their deadline (one is made if
-    not given; the server passes its own to close it at shutdown).
     """
-    timer = timer or ExpiryTimer(service.expire)
+    timer = service.expiry
     methods = {rpc: _sync_unary(rpc, getattr(service, name)) for rpc, name in UNARY.items()}
 
     infer_blocking = service.infer_blocking

@@ -20,6 +20,7 @@ from ..scheduling.execute import request_id_of
 from ..scheduling.deadlines import MAX_DEADLINE_NS, request_deadline
 from ..scheduling.types import NO_DEADLINE
 from . import converters, tensors
+from .expiry_timer import ExpiryTimer
 from .registration import Unparsable, ensure_parsed
 
 log = logging.getLogger("aios.api")
@@ -46,11 +47,14 @@ def deadline_from(time_remaining: float | None, timeout_us: int = 0, arrived_ns:
 
 
 class InferenceService:
-    __slots__ = ("hub", "lanes")
+    __slots__ = ("hub", "lanes", "expiry")
 
     def __init__(self, hub: ModelHub, lanes: Lanes):
         self.hub = hub
         self.lanes = lanes
+        # Expires queued items at their deadline for callers that do not wait on them (calls answered
+        # later); its thread starts with the first deadline. The server closes it.
+        self.expiry = ExpiryTimer(self.expire)
 
     # -- lookup -------------------------------------------------------------
     def resolve(self, name: str, version: str) -> ModelVersion:

@@ -35,8 +35,11 @@ class BatchFinisher:
     lane's "these items are finished" call, made once per submitted list.
     """
 
-    def __init__(self, finish_group: Callable[[list], list], name: str = "aios-decide", max_group: int = 256):
+    def __init__(self, finish_group: Callable[[list], list], answer: Callable[[list], None] | None = None,
+                 name: str = "aios-decide", max_group: int = 256):
         self._finish_group = finish_group
+        # answer(pendings): after ``done``, send the answers of callers that did not wait (answer_later)
+        self._answer = answer
         self._max_group = max_group
         self._lock = threading.Lock()
         self._queue: list[tuple[list, Callable[[list], None]]] = []
@@ -53,7 +56,8 @@ class BatchFinisher:
         self._thread.start()
 
     def submit(self, items: list, done: Callable[[list], None]) -> bool:
-        """Queue a batch's finished model work; never blocks (the lane calls this under its lock).
+        """Queue a batch's finished model work; never blocks (the lane calls it from the thread that ran the
+        batch, and ``DecisionEngine._never_ran`` under the lane's lock).
 
         False once closing: the lane then wakes the callers at once and each
         finishes its own decision.
@@ -122,3 +126,8 @@ class BatchFinisher:
                 done(items)
             except Exception:  # never leave the other batches' callers asleep
                 log.exception("waking the callers of %d finished decisions failed", len(items))
+        if self._answer is not None:
+            try:
+                self._answer(group)
+            except Exception:
+                log.exception("answering %d finished decisions failed", len(group))

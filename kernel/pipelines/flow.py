@@ -21,7 +21,7 @@ from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
 from ..errors import DeadlineExceeded, FailedPrecondition, Internal, KernelError
 from ..scheduling import WorkItem
 from ..scheduling.deadlines import request_deadline
-from ..scheduling.types import NO_DEADLINE
+from ..scheduling.types import ITEM_QUEUED, NO_DEADLINE
 from . import provenance
 from ..review.deferred import DeferredRows
 from .finisher import BatchFinisher
@@ -40,7 +40,7 @@ class Pending:
     """One decision between ``prepare`` and ``finish``."""
 
     __slots__ = ("request", "pipeline", "values", "digests", "input_hash", "item", "started_ns", "prepared_ns",
-                 "request_id", "principal", "task_id", "request_hash", "record", "result")
+                 "request_id", "principal", "task_id", "request_hash", "record", "result", "later", "watch")
 
     def __init__(self, request, pipeline: Pipeline, values: dict, digests: dict, input_hash: str, item,
                  started_ns: int, request_id: str, principal: str, request_hash: str):
@@ -58,6 +58,8 @@ class Pending:
         self.request_hash = request_hash
         self.record = None  # its audit record, once decided with the audit log on
         self.result = None  # its Decision or KernelError, once finished by the lane (finish_batch)
+        self.later = None  # the call's LaterAnswer when the finisher answers it (kernel/api/answer_later.py)
+        self.watch = None  # its entry in the inference service's expiry timer, while answered later
 
 
 @dataclass(slots=True)
@@ -78,7 +80,8 @@ class DecisionEngine:
         self._statics: dict = {}
         self._opening_lock = threading.Lock()
         self._opening: dict[object, int] = {}  # group token -> its first audit sequence, until its reviews are stored
-        self.finisher = BatchFinisher(self.finish)  # finishes unary decisions in groups (see finisher.py)
+        # Finishes unary decisions in groups (see finisher.py), and answers those whose callers left (answer_later)
+        self.finisher = BatchFinisher(self.finish, self._answer_later)
         self._finish_later = self.finisher.submit
         self._review_rows = None
         if self.services.reviews is not None:
@@ -472,6 +475,63 @@ class DecisionEngine:
             item.owner = None  # (no reference cycle left for the garbage collector)
         return self.outcome(pending)
 
+    def decide_later(self, request, deadline_ns: int | None, later, principal: str = ANONYMOUS,
+                     arrived_ns: int | None = None, admit=None, on_queued=None):
+        """``decide`` for a call answered later (kernel/api/answer_later.py): queue the decision and return
+        ``later.defer()``; the finisher thread answers it with the rest of its group, so the caller's thread
+        goes on at once instead of sleeping until then. ``on_queued(item)`` is called if the model work
+        waits in the queue (the place to hook client cancellation). A replayed decision is returned."""
+        pending = self.prepare(request, deadline_ns, principal, arrived_ns)
+        if isinstance(pending, kpb.Decision):
+            return pending
+        item = pending.item
+        if admit is not None:
+            admit(item)
+        self.finish_in_groups(pending)
+        pending.later = later
+        item.on_done = self._never_ran
+        if item.deadline_ns != NO_DEADLINE:  # a queued item has no caller waking at its deadline: the timer does
+            pending.watch = self.inference.expiry.watch(item, item.deadline_ns)
+        self.inference.run_or_queue(item)
+        if on_queued is not None and item.state == ITEM_QUEUED:  # (without the lane's lock: at worst a no-op)
+            on_queued(item)
+        return later.defer()
+
+    def _never_ran(self, item) -> None:
+        """``on_done`` of a decision answered later: called by the lane (under its lock) when the item
+        leaves it. One whose model ran was finished by the finisher already (``result`` set) and is
+        answered there; one that never ran (expired, cancelled, unloaded) is handed to the finisher
+        alone, where it may audit, as ``outcome`` would on the caller's thread."""
+        pending = item.owner
+        if pending is None or pending.result is not None:
+            return
+        if not self.finisher.submit([item], _no_lane_done):  # closing: its error, without the finisher
+            pending.result = item.error if isinstance(item.error, KernelError) else Internal(
+                "the request left the queue unanswered")
+            self._answer_later([pending])
+
+    def _answer_later(self, group: list[Pending]) -> None:
+        """Send the answers of the group's decisions whose callers did not wait (the finisher calls this
+        once their results are set and the lane has finished their items)."""
+        for pending in group:
+            later = pending.later
+            if later is None:
+                continue
+            pending.later = None
+            if pending.watch is not None:
+                self.inference.expiry.forget(pending.watch)
+            pending.item.owner = None  # (no reference cycle left for the garbage collector)
+            result = pending.result
+            try:
+                if isinstance(result, KernelError):
+                    later.fail(result)
+                elif isinstance(result, BaseException) or result is None:
+                    later.fail(Internal(f"decision {pending.request_id} could not be finished: {result}"))
+                else:
+                    later.send(result)
+            except Exception:  # one call's fault must not leave the rest of the group unanswered
+                log.exception("answering decision %s failed", pending.request_id)
+
     def outcome(self, pending: Pending) -> kpb.Decision:
         """The answer for ``pending`` once its model work is over: the finisher's result, or, for a
         request that never ran (expired, cancelled), one decided here alone (it may audit: blocking).
@@ -482,6 +542,10 @@ class DecisionEngine:
         if isinstance(result, BaseException):
             raise result
         return result
+
+
+def _no_lane_done(items: list) -> None:
+    """The finisher's ``done`` for an item the lane has already finished (it never ran)."""
 
 
 def _labels(mv, output: str) -> tuple[str, ...]:

@@ -12,10 +12,12 @@ Two ways in:
 
 Either way the scheduler decides what runs; the lane only supplies threads,
 the lock and the clock. An item may carry a ``finisher``: after its batch
-ran, the lane hands the batch's items to ``finisher(items, done)`` (under
-the lock; it must not block) instead of waking their callers, and wakes them
-when the finisher calls ``done(items)``. The Decide flow uses this to decide
-and audit whole groups on one thread while each caller sleeps just once.
+ran, the lane hands the batch's items to ``finisher(items, done)`` (on the
+thread that ran the batch, without the lock, once the slot is handed on)
+instead of waking their callers, and wakes them when the finisher calls
+``done(items)``. The Decide flow uses this to decide and audit whole groups
+on one thread while each caller sleeps just once; calls answered later
+(``kernel/api/answer_later.py``) to answer a batch's callers from that thread.
 
 ``slots`` bounds how many batches run at once, plus
 ``urgent_slots`` kept for batches led by a priority-1 request: batches run to
