@@ -110,6 +110,14 @@ def test_a_queued_call_answered_later_expires_at_its_deadline_not_when_the_lane_
             assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and "never ran" in info.value.details()
             assert not all(call.done() for call in train)  # answered at its deadline, the lane still busy
             assert server.service.expiry.expired >= 1
+            # One the queue cannot serve in time is refused at once, and leaves nothing for the timer to watch.
+            refused = _request("slow", np.ones((SLOW_ROWS, 64)), timeout=500_000, priority=1)
+            refused.id = "refused"
+            with pytest.raises(grpc.RpcError) as info:
+                stub.ModelInfer(refused, timeout=60)
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, info.value.details()
+            watched = [cell[0].request_id for _, _, cell in list(server.service.expiry._heap) if cell[0] is not None]
+            assert "refused" not in watched and len(watched) >= 1  # (the train's queued calls are watched)
             for call in train:
                 call.result()
             assert server.hub.get("mid").stats.execution_count == executed

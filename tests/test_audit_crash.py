@@ -69,7 +69,11 @@ def run_and_kill(directory: Path, script: Path, mode: str, acks_before_kill: int
             seq, request_id, digest = line.split()
             acked[int(seq)] = (request_id, digest)
         os.kill(proc.pid, signal.SIGKILL)
-        rest, _ = proc.communicate(timeout=30)
+        proc.wait(timeout=30)
+        # Read the rest through proc.stdout, not communicate(): communicate reads the pipe's file
+        # descriptor and misses what readline() above already pulled into proc.stdout's buffer, which
+        # then showed up as a line cut at its start.
+        rest = proc.stdout.read()
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -48,6 +48,9 @@ def parse_args(argv=None):
     p.add_argument("--finalists", type=int, default=2, help="best static points re-run against adaptive")
     # overload
     p.add_argument("--overload-factor", type=float, default=2.0)
+    p.add_argument("--overload-rps", type=float, default=0.0,
+                   help="offer this many requests/s instead of --overload-factor x the measured saturation "
+                        "(to compare two builds at one load)")
     p.add_argument("--deadline-ms", type=float, default=100.0)
     p.add_argument("--overload-rows", type=int, default=4,
                    help="rows per request in the overload scenario (default 4: 2x saturation at 1 row is ~4k "

@@ -84,10 +84,11 @@ def scenario_overload(ctx: Ctx) -> dict:
         finally:
             stop(server)
         if rate is None:
-            rate = args.overload_factor * cap
+            # --overload-rps: the same offered load for two builds whose saturation differs (an A/B)
+            rate = args.overload_rps or args.overload_factor * cap
             times = poisson(np.random.default_rng(args.seed + 1), rate, 0.0, args.warmup + args.seconds)
             print(f"overload: saturation {cap:.0f} requests/s ({rows} rows each) -> offered {rate:.0f}/s "
-                  f"({args.overload_factor:g}x) with {args.deadline_ms:.0f} ms deadlines, {len(times)} requests per run",
+                  f"({rate / cap:.2g}x) with {args.deadline_ms:.0f} ms deadlines, {len(times)} requests per run",
                   flush=True)
         for via in ("timeout", "grpc"):
             server = start(ctx, f"overload-{via}-r{rnd}", repo)

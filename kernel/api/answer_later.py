@@ -46,6 +46,12 @@ def take():
     return getattr(_local, "later", None)
 
 
+def offer(later) -> None:
+    """Make ``later`` (a ``LaterAnswer``, or None) what ``take()`` returns on this thread: set by the
+    code that runs a unary call's handler, for the length of the handler."""
+    _local.later = later
+
+
 class Outstanding:
     """Calls handed on and not yet answered (read by the server's CallBudget without a lock).
 

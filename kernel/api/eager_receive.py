@@ -13,7 +13,9 @@ flight with ~10 % less server CPU a call, 1.05x at one in flight, and the
 large model's batches at 64 in flight steadily full (p99 halved there). The
 price: at 16 in flight on the tiny model p99 doubles (5 -> 10 ms; p50 3.2 ->
 2.7 ms), since every call in is runnable at once and they meet in the lane.
-``eager_receive = false`` restores grpc's own path.
+``eager_receive = false`` restores grpc's own path. Running the handler
+itself also lets a handler hand its call on to be answered from another
+thread (``answer_later.py``).
 
 The hook is the one grpc offers for choosing a thread pool per method
 (``experimental_thread_pool`` on a unary behaviour, read by
@@ -29,7 +31,7 @@ from __future__ import annotations
 import logging
 from concurrent import futures
 
-from .answer_later import DEFERRED, LaterAnswer, Outstanding, _local
+from .answer_later import DEFERRED, LaterAnswer, Outstanding, offer
 from .registration import unary_behaviour
 
 log = logging.getLogger("aios.api")
@@ -165,11 +167,12 @@ class EagerReceive(futures.ThreadPoolExecutor):
             if argument is not None:
                 later = None
                 if self._answer_later:
-                    _local.later = later = LaterAnswer(rpc_event, state, serializer, finished, self.outstanding)
+                    later = LaterAnswer(rpc_event, state, serializer, finished, self.outstanding)
+                    offer(later)
                 try:
                     response, proceed = _gs._call_behavior(rpc_event, state, behaviour, argument, deserializer)
                 finally:
-                    _local.later = None
+                    offer(None)
                 if response is DEFERRED:
                     deferred = True
                 elif later is not None and not later.settle():  # a ``send`` after this is dropped

@@ -86,6 +86,8 @@ class ExpiryTimer:
         with self._lock:
             while not self._closed:
                 heap = self._heap
+                while heap and heap[0][2][0] is None:  # forgotten (answered) at the top: no reason to wake
+                    heapq.heappop(heap)
                 if not heap:
                     self._wake.wait()
                     continue

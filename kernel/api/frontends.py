@@ -211,8 +211,14 @@ def sync_servicer(service: InferenceService, budget: CallBudget | None = None) -
             return service.answer(request, item)
         item.finisher = answer_batch
         item.on_done = answer_unrun
-        item.owner = (request, later, None if item.deadline_ns == NO_DEADLINE else timer.watch(item, item.deadline_ns))
-        service.run_or_queue(item)
+        watch = None if item.deadline_ns == NO_DEADLINE else timer.watch(item, item.deadline_ns)
+        item.owner = (request, later, watch)
+        try:
+            service.run_or_queue(item)
+        except BaseException:  # refused at admission (a full queue, a deadline it cannot meet): no answer to expire
+            if watch is not None:
+                timer.forget(watch)
+            raise
         if item.state == ITEM_QUEUED:  # (read without the lane's lock: at worst a cancel that finds nothing)
             # Client cancellation reaches the queue (an item that ran or runs has nothing to cancel).
             if not context.add_callback(lambda: service.cancel(item)):

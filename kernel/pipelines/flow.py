@@ -492,7 +492,12 @@ class DecisionEngine:
         item.on_done = self._never_ran
         if item.deadline_ns != NO_DEADLINE:  # a queued item has no caller waking at its deadline: the timer does
             pending.watch = self.inference.expiry.watch(item, item.deadline_ns)
-        self.inference.run_or_queue(item)
+        try:
+            self.inference.run_or_queue(item)
+        except BaseException:  # refused at admission: nothing left to expire
+            if pending.watch is not None:
+                self.inference.expiry.forget(pending.watch)
+            raise
         if on_queued is not None and item.state == ITEM_QUEUED:  # (without the lane's lock: at worst a no-op)
             on_queued(item)
         return later.defer()
