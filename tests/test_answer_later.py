@@ -13,54 +13,25 @@ import onnxruntime as ort
 import pytest
 
 from conftest import start_kernel
-from kernel._proto.inference import grpc_service_pb2 as pb
 from kernel._proto.inference import grpc_service_pb2_grpc as pb_grpc
 from kernel.api.expiry_timer import ExpiryTimer
 from kernel.testing import onnx_models
+from lane_support import SLOW_ROWS, occupy, request_for, save_slow_model, until
 
-SLOW_ROWS = 512  # one batch of `slow` holds the lane's only slot for ~0.1-0.3 s
 
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
     root = tmp_path_factory.mktemp("later")
-    onnx_models.save_mlp_version(root, "slow", [64, 2048, 2048, 2048, 8], seed=1, max_batch_size=SLOW_ROWS,
-                                 provider="cpu")
+    save_slow_model(root)
     # ~1 ms a row: long enough that its calls are answered later (frontends.ANSWER_LATER_MIN_NS)
     onnx_models.save_mlp_version(root, "mid", [64, 2048, 2048, 8], seed=2, max_batch_size=8, provider="cpu")
     onnx_models.save_mlp_version(root, "tiny", [16, 64, 4], seed=3, max_batch_size=8, provider="cpu")
     return root
 
 
-def _request(model: str, array: np.ndarray, **params) -> pb.ModelInferRequest:
-    request = pb.ModelInferRequest(model_name=model)
-    request.inputs.add(name="INPUT0", datatype="FP32", shape=list(array.shape))
-    request.raw_input_contents.append(np.ascontiguousarray(array, np.float32).tobytes())
-    for key, value in params.items():
-        request.parameters[key].int64_param = value
-    return request
-
-
 def _output(response) -> np.ndarray:
     return np.frombuffer(response.raw_output_contents[0], np.float32).reshape(tuple(response.outputs[0].shape))
-
-
-def _until(predicate, what: str, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.002)
-
-
-def _occupy(server, stub, batches: int = 4) -> list:
-    """Long `slow` batches at priority 1 holding the lane's one slot."""
-    calls = [stub.ModelInfer.future(_request("slow", np.ones((SLOW_ROWS, 64)), priority=1), timeout=120)
-             for _ in range(batches)]
-    slow = server.hub.get("slow")
-    _until(lambda: server.lanes.load(slow)[1] == 1 or all(c.done() for c in calls), "a slow batch to run")
-    assert not all(c.done() for c in calls), "the slow batches finished before the test could queue behind them"
-    return calls
 
 
 @pytest.mark.parametrize("model, answer_later", [("mid", True), ("mid", False), ("tiny", True)],
@@ -74,10 +45,10 @@ def test_a_queued_call_holds_no_handler_thread_and_is_answered_by_the_batch(repo
     try:
         with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             stub = pb_grpc.GRPCInferenceServiceStub(channel)
-            train = _occupy(server, stub)
-            calls = [stub.ModelInfer.future(_request(model, x, priority=2), timeout=120) for x in inputs]
+            train = occupy(server, channel)
+            calls = [stub.ModelInfer.future(request_for(model, x, priority=2), timeout=120) for x in inputs]
             queued = server.hub.get(model)
-            _until(lambda: server.lanes.load(queued)[0] == 20, "the calls to queue")
+            until(lambda: server.lanes.load(queued)[0] == 20, "the calls to queue")
             in_pool, counted = server._pool.in_progress(), server._budget._in_progress()
             if answer_later and model == "mid":
                 # The running slow batch holds the one thread that runs it; the queued calls hold none...
@@ -92,7 +63,7 @@ def test_a_queued_call_holds_no_handler_thread_and_is_answered_by_the_batch(repo
             for x, call in zip(inputs, calls):
                 np.testing.assert_allclose(_output(call.result()), session.run(None, {"INPUT0": x})[0],
                                            rtol=1e-5, atol=1e-6)
-            _until(lambda: server._budget._in_progress() == 0, "every call to be counted out")
+            until(lambda: server._budget._in_progress() == 0, "every call to be counted out")
             assert server._eager.outstanding.count == 0
     finally:
         server.stop(grace=2)
@@ -103,15 +74,15 @@ def test_a_queued_call_answered_later_expires_at_its_deadline_not_when_the_lane_
     try:
         with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             stub = pb_grpc.GRPCInferenceServiceStub(channel)
-            train = _occupy(server, stub, batches=8)
+            train = occupy(server, channel, batches=8)
             executed = server.hub.get("mid").stats.execution_count
             with pytest.raises(grpc.RpcError) as info:
-                stub.ModelInfer(_request("mid", np.ones((1, 64)), timeout=30_000, priority=2), timeout=60)
+                stub.ModelInfer(request_for("mid", np.ones((1, 64)), timeout=30_000, priority=2), timeout=60)
             assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and "never ran" in info.value.details()
             assert not all(call.done() for call in train)  # answered at its deadline, the lane still busy
             assert server.service.expiry.expired >= 1
             # One the queue cannot serve in time is refused at once, and leaves nothing for the timer to watch.
-            refused = _request("slow", np.ones((SLOW_ROWS, 64)), timeout=500_000, priority=1)
+            refused = request_for("slow", np.ones((SLOW_ROWS, 64)), timeout=500_000, priority=1)
             refused.id = "refused"
             with pytest.raises(grpc.RpcError) as info:
                 stub.ModelInfer(refused, timeout=60)
@@ -132,10 +103,10 @@ def test_calls_answered_later_are_answered_when_the_kernel_stops(repo):
     try:
         with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             stub = pb_grpc.GRPCInferenceServiceStub(channel)
-            train = _occupy(server, stub, batches=2)
-            calls = [stub.ModelInfer.future(_request("mid", np.ones((1, 64)), priority=2), timeout=60)
+            train = occupy(server, channel, batches=2)
+            calls = [stub.ModelInfer.future(request_for("mid", np.ones((1, 64)), priority=2), timeout=60)
                      for _ in range(10)]
-            _until(lambda: server.lanes.load(server.hub.get("mid"))[0] == 10, "the calls to queue")
+            until(lambda: server.lanes.load(server.hub.get("mid"))[0] == 10, "the calls to queue")
             stopper = threading.Thread(target=server.stop, kwargs={"grace": 30})
             stopper.start()
             for call in [*train, *calls]:  # drained within the grace: every queued call gets its answer

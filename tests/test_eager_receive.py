@@ -4,13 +4,13 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import grpc
 import numpy as np
 import pytest
 
 from conftest import start_kernel
+from lane_support import until
 from kernel._proto.aios.kernel.v1 import kernel_pb2 as kpb
 from kernel._proto.aios.kernel.v1 import kernel_pb2_grpc as kgrpc
 from kernel._proto.inference import grpc_service_pb2 as pb
@@ -25,14 +25,6 @@ def _request() -> pb.ModelInferRequest:
     request.inputs.add(name="INPUT0", datatype="FP32", shape=[1, 16])
     request.raw_input_contents.append(np.ones((1, 16), np.float32).tobytes())
     return request
-
-
-def _until(predicate, what: str, timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.005)
 
 
 @pytest.fixture(params=[True, False], ids=["eager", "standard"])
@@ -62,16 +54,16 @@ def test_a_call_waiting_for_its_request_holds_no_handler_thread(sync_kernel):
     channel, future = _held_call(server, release)
     try:
         if eager:
-            _until(lambda: server._eager.calls >= 1, "the call to reach the kernel")
+            until(lambda: server._eager.calls >= 1, "the call to reach the kernel")
             assert server._pool.in_progress() == 0  # the call is in, its bytes are not: no thread taken
             assert server._budget._in_progress() == 1  # yet it counts as in progress, as gRPC's limit counts it
         else:  # grpc's standard path: a thread per call from its start, waiting for the bytes
             assert server._eager is None
-            _until(lambda: server._pool.in_progress() == 1, "a handler thread to take the call")
+            until(lambda: server._pool.in_progress() == 1, "a handler thread to take the call")
         release.set()
         response = future.result()
         assert response.id == "held" and response.outputs[0].shape == [1, 4]
-        _until(lambda: server._budget._in_progress() == 0, "the call to be counted out")
+        until(lambda: server._budget._in_progress() == 0, "the call to be counted out")
     finally:
         release.set()
         channel.close()
@@ -87,7 +79,7 @@ def test_a_unary_call_without_a_request_is_refused_as_grpc_refuses_it(sync_kerne
             future.result()
         assert raised.value.code() == grpc.StatusCode.UNIMPLEMENTED
         assert "requires exactly one request message" in raised.value.details()
-        _until(lambda: server._pool.in_progress() == 0, "the call to end")
+        until(lambda: server._pool.in_progress() == 0, "the call to end")
     finally:
         channel.close()
 

@@ -16,21 +16,18 @@ import onnxruntime as ort
 import pytest
 
 from kernel._proto.aios.kernel.v1 import kernel_pb2, kernel_pb2_grpc
-from kernel._proto.inference import grpc_service_pb2 as pb
 from kernel._proto.inference import grpc_service_pb2_grpc as pb_grpc
 from kernel.testing import onnx_models
 from conftest import start_kernel
+from lane_support import SLOW_ROWS, request_for, save_slow_model
 
-SLOW_ROWS = 512  # ~0.1-0.3 s of one core: long enough to queue behind
 
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
     root = tmp_path_factory.mktemp("sched")
-    # provider = "cpu" throughout: these tests time the CPU lane (a GPU would finish `slow` before
-    # anything queues behind it); tests/test_gpu.py covers the GPU lane.
-    onnx_models.save_mlp_version(root, "slow", [64, 2048, 2048, 2048, 8], seed=1, max_batch_size=SLOW_ROWS,
-                                 provider="cpu")
+    # provider = "cpu" throughout: these tests time the CPU lane; tests/test_gpu.py covers the GPU lane.
+    save_slow_model(root)
     onnx_models.save_mlp_version(root, "tiny", [16, 64, 4], seed=2, max_batch_size=8, max_tenant_queue=50,
                                  provider="cpu")
     # About a millisecond per single-row call: responses overtake each other far less than that.
@@ -50,23 +47,8 @@ def kernel(request, repo):
 
 
 @pytest.fixture
-def channel(kernel):
-    with grpc.insecure_channel(f"127.0.0.1:{kernel.port}") as ch:
-        yield ch
-
-
-@pytest.fixture
 def stub(channel):
     return pb_grpc.GRPCInferenceServiceStub(channel)
-
-
-def request_for(model: str, array: np.ndarray, input_name: str = "INPUT0", **params) -> pb.ModelInferRequest:
-    request = pb.ModelInferRequest(model_name=model)
-    request.inputs.add(name=input_name, datatype="FP32", shape=list(array.shape))
-    request.raw_input_contents.append(np.ascontiguousarray(array, np.float32).tobytes())
-    for key, value in params.items():
-        request.parameters[key].int64_param = value
-    return request
 
 
 def output(response) -> np.ndarray:
