@@ -163,7 +163,9 @@ class KernelServer:
             "AIOS kernel listening on %s:%d (front end %s, scheduler %s, lanes %s, batch nice %s, extensions: %s); "
             "%d model versions ready%s",
             self.settings.host, self.port,
-            self.settings.front_end + (", eager receive" if self._eager is not None else ""), self.lanes.cpu.scheduler.name,
+            self.settings.front_end + (", eager receive" if self._eager is not None else "")
+            + (", answer later" if self._eager is not None and self.settings.answer_later else ""),
+            self.lanes.cpu.scheduler.name,
             ", ".join(f"{lane.name}×{lane.slots}" for lane in self.lanes.all()),
             self.batch_nice or ("off" if not self.settings.batch_nice else
                                 f"off ({self.settings.batch_nice} asked; needs CAP_SYS_NICE or RLIMIT_NICE 20 to restore a thread)"),
