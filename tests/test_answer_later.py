@@ -13,6 +13,7 @@ import onnxruntime as ort
 import pytest
 
 from conftest import start_kernel
+from kernel._proto.inference import grpc_service_pb2 as pb
 from kernel._proto.inference import grpc_service_pb2_grpc as pb_grpc
 from kernel.api.expiry_timer import ExpiryTimer
 from kernel.testing import onnx_models
@@ -116,6 +117,28 @@ def test_calls_answered_later_are_answered_when_the_kernel_stops(repo):
     finally:
         if not stopped:
             server.stop(grace=1)
+
+
+def test_queued_calls_answered_later_get_unavailable_when_their_model_is_unloaded(repo):
+    server = start_kernel(repo, "sync", lane_slots=1)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            train = occupy(server, channel)
+            calls = [stub.ModelInfer.future(request_for("mid", np.ones((1, 64)), priority=2), timeout=60)
+                     for _ in range(5)]
+            until(lambda: server.lanes.load(server.hub.get("mid"))[0] == 5, "the calls to queue")
+            stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name="mid"), timeout=30)
+            for call in calls:  # answered at once, not left waiting for a lane that no longer has the model
+                with pytest.raises(grpc.RpcError) as info:
+                    call.result(timeout=5)
+                assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "unloaded" in info.value.details()
+            assert not all(call.done() for call in train)
+            for call in train:
+                call.result()
+            until(lambda: server._eager.outstanding.count == 0, "every call to be counted out")
+    finally:
+        server.stop(grace=2)
 
 
 # --------------------------------------------------------------------------- the expiry timer alone
