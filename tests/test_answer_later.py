@@ -35,110 +35,94 @@ def _output(response) -> np.ndarray:
     return np.frombuffer(response.raw_output_contents[0], np.float32).reshape(tuple(response.outputs[0].shape))
 
 
-@pytest.mark.parametrize("model, answer_later", [("mid", True), ("mid", False), ("tiny", True)],
+@pytest.fixture
+def kernel(request, repo):
+    """A kernel with one lane slot (so a `slow` batch holds the lane); ``answer_later`` from indirect params."""
+    server = start_kernel(repo, "sync", lane_slots=1, answer_later=getattr(request, "param", True))
+    yield server
+    server.stop(grace=2)  # (a no-op for a test that stopped it)
+
+
+def _queue_behind(kernel, channel, model: str, inputs: list, batches: int = 4, **params) -> tuple[list, list]:
+    """A train of `slow` batches on the lane, then one ``model`` call per input queued behind it:
+    (train futures, queued call futures), once all the calls are in the queue."""
+    stub = pb_grpc.GRPCInferenceServiceStub(channel)
+    train = occupy(kernel, channel, batches)
+    calls = [stub.ModelInfer.future(request_for(model, x, priority=2, **params), timeout=120) for x in inputs]
+    queued = kernel.hub.get(model)
+    until(lambda: kernel.lanes.load(queued)[0] == len(inputs), "the calls to queue")
+    return train, calls
+
+
+@pytest.mark.parametrize("kernel, model", [(True, "mid"), (False, "mid"), (True, "tiny")], indirect=["kernel"],
                          ids=["later", "blocking-by-setting", "blocking-short-batches"])
-def test_a_queued_call_holds_no_handler_thread_and_is_answered_by_the_batch(repo, model, answer_later):
-    server = start_kernel(repo, "sync", lane_slots=1, answer_later=answer_later)
+def test_a_queued_call_holds_no_handler_thread_and_is_answered_by_the_batch(kernel, channel, repo, model):
     session = ort.InferenceSession(str(repo / model / "1" / "model.onnx"))
     width = session.get_inputs()[0].shape[1]
     rng = np.random.default_rng(5)
     inputs = [rng.normal(size=(int(rng.integers(1, 5)), width)).astype(np.float32) for _ in range(20)]
-    try:
-        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            stub = pb_grpc.GRPCInferenceServiceStub(channel)
-            train = occupy(server, channel)
-            calls = [stub.ModelInfer.future(request_for(model, x, priority=2), timeout=120) for x in inputs]
-            queued = server.hub.get(model)
-            until(lambda: server.lanes.load(queued)[0] == 20, "the calls to queue")
-            in_pool, counted = server._pool.in_progress(), server._budget._in_progress()
-            if answer_later and model == "mid":
-                # The running slow batch holds the one thread that runs it; the queued calls hold none...
-                assert in_pool <= 2, f"{in_pool} handler threads busy while the calls wait in the queue"
-                assert server._eager.outstanding.count >= 20
-            else:  # ...where a blocking handler holds one thread per waiting call (the setting off, or a
-                # model whose batches are too short to be worth handing the call on: ANSWER_LATER_MIN_NS)
-                assert in_pool >= 21  # (20 waiting, and the one running the slow batch)
-            assert counted >= 23  # ...yet all count as in progress, as gRPC's limit counts them
-            for call in train:
-                call.result()
-            for x, call in zip(inputs, calls):
-                np.testing.assert_allclose(_output(call.result()), session.run(None, {"INPUT0": x})[0],
-                                           rtol=1e-5, atol=1e-6)
-            until(lambda: server._budget._in_progress() == 0, "every call to be counted out")
-            assert server._eager.outstanding.count == 0
-    finally:
-        server.stop(grace=2)
+    train, calls = _queue_behind(kernel, channel, model, inputs)
+    in_pool, counted = kernel._pool.in_progress(), kernel._budget._in_progress()
+    if kernel.settings.answer_later and model == "mid":
+        # The running slow batch holds the one thread that runs it; the queued calls hold none...
+        assert in_pool <= 2, f"{in_pool} handler threads busy while the calls wait in the queue"
+        assert kernel._eager.outstanding.count >= 20
+    else:  # ...where a blocking handler holds one thread per waiting call (the setting off, or a
+        # model whose batches are too short to be worth handing the call on: ANSWER_LATER_MIN_NS)
+        assert in_pool >= 21  # (20 waiting, and the one running the slow batch)
+    assert counted >= 23  # ...yet all count as in progress, as gRPC's limit counts them
+    for call in train:
+        call.result()
+    for x, call in zip(inputs, calls):
+        np.testing.assert_allclose(_output(call.result()), session.run(None, {"INPUT0": x})[0], rtol=1e-5, atol=1e-6)
+    until(lambda: kernel._budget._in_progress() == 0, "every call to be counted out")
+    assert kernel._eager.outstanding.count == 0
 
 
-def test_a_queued_call_answered_later_expires_at_its_deadline_not_when_the_lane_frees(repo):
-    server = start_kernel(repo, "sync", lane_slots=1)
-    try:
-        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            stub = pb_grpc.GRPCInferenceServiceStub(channel)
-            train = occupy(server, channel, batches=8)
-            executed = server.hub.get("mid").stats.execution_count
-            with pytest.raises(grpc.RpcError) as info:
-                stub.ModelInfer(request_for("mid", np.ones((1, 64)), timeout=30_000, priority=2), timeout=60)
-            assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and "never ran" in info.value.details()
-            assert not all(call.done() for call in train)  # answered at its deadline, the lane still busy
-            assert server.service.expiry.expired >= 1
-            # One the queue cannot serve in time is refused at once, and leaves nothing for the timer to watch.
-            refused = request_for("slow", np.ones((SLOW_ROWS, 64)), timeout=500_000, priority=1)
-            refused.id = "refused"
-            with pytest.raises(grpc.RpcError) as info:
-                stub.ModelInfer(refused, timeout=60)
-            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, info.value.details()
-            watched = [cell[0].request_id for _, _, cell in list(server.service.expiry._heap) if cell[0] is not None]
-            assert "refused" not in watched and len(watched) >= 1  # (the train's queued calls are watched)
-            for call in train:
-                call.result()
-            assert server.hub.get("mid").stats.execution_count == executed
-            assert server._eager.outstanding.count == 0
-    finally:
-        server.stop(grace=2)
+def test_a_queued_call_answered_later_expires_at_its_deadline_not_when_the_lane_frees(kernel, channel):
+    stub = pb_grpc.GRPCInferenceServiceStub(channel)
+    train = occupy(kernel, channel, batches=8)
+    executed = kernel.hub.get("mid").stats.execution_count
+    with pytest.raises(grpc.RpcError) as info:
+        stub.ModelInfer(request_for("mid", np.ones((1, 64)), timeout=30_000, priority=2), timeout=60)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and "never ran" in info.value.details()
+    assert not all(call.done() for call in train)  # answered at its deadline, the lane still busy
+    assert kernel.service.expiry.expired >= 1
+    # One the queue cannot serve in time is refused at once, and leaves nothing for the timer to watch.
+    refused = request_for("slow", np.ones((SLOW_ROWS, 64)), timeout=500_000, priority=1)
+    refused.id = "refused"
+    with pytest.raises(grpc.RpcError) as info:
+        stub.ModelInfer(refused, timeout=60)
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, info.value.details()
+    watched = [cell[0].request_id for _, _, cell in list(kernel.service.expiry._heap) if cell[0] is not None]
+    assert "refused" not in watched and len(watched) >= 1  # (the train's queued calls are watched)
+    for call in train:
+        call.result()
+    assert kernel.hub.get("mid").stats.execution_count == executed
+    assert kernel._eager.outstanding.count == 0
 
 
-def test_calls_answered_later_are_answered_when_the_kernel_stops(repo):
-    server = start_kernel(repo, "sync", lane_slots=1)
-    stopped = False
-    try:
-        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            stub = pb_grpc.GRPCInferenceServiceStub(channel)
-            train = occupy(server, channel, batches=2)
-            calls = [stub.ModelInfer.future(request_for("mid", np.ones((1, 64)), priority=2), timeout=60)
-                     for _ in range(10)]
-            until(lambda: server.lanes.load(server.hub.get("mid"))[0] == 10, "the calls to queue")
-            stopper = threading.Thread(target=server.stop, kwargs={"grace": 30})
-            stopper.start()
-            for call in [*train, *calls]:  # drained within the grace: every queued call gets its answer
-                assert call.result().raw_output_contents
-            stopper.join(60)
-            stopped = True
-    finally:
-        if not stopped:
-            server.stop(grace=1)
+def test_calls_answered_later_are_answered_when_the_kernel_stops(kernel, channel):
+    train, calls = _queue_behind(kernel, channel, "mid", [np.ones((1, 64))] * 10, batches=2)
+    stopper = threading.Thread(target=kernel.stop, kwargs={"grace": 30})
+    stopper.start()
+    for call in [*train, *calls]:  # drained within the grace: every queued call gets its answer
+        assert call.result().raw_output_contents
+    stopper.join(60)
 
 
-def test_queued_calls_answered_later_get_unavailable_when_their_model_is_unloaded(repo):
-    server = start_kernel(repo, "sync", lane_slots=1)
-    try:
-        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            stub = pb_grpc.GRPCInferenceServiceStub(channel)
-            train = occupy(server, channel)
-            calls = [stub.ModelInfer.future(request_for("mid", np.ones((1, 64)), priority=2), timeout=60)
-                     for _ in range(5)]
-            until(lambda: server.lanes.load(server.hub.get("mid"))[0] == 5, "the calls to queue")
-            stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name="mid"), timeout=30)
-            for call in calls:  # answered at once, not left waiting for a lane that no longer has the model
-                with pytest.raises(grpc.RpcError) as info:
-                    call.result(timeout=5)
-                assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "unloaded" in info.value.details()
-            assert not all(call.done() for call in train)
-            for call in train:
-                call.result()
-            until(lambda: server._eager.outstanding.count == 0, "every call to be counted out")
-    finally:
-        server.stop(grace=2)
+def test_queued_calls_answered_later_get_unavailable_when_their_model_is_unloaded(kernel, channel):
+    train, calls = _queue_behind(kernel, channel, "mid", [np.ones((1, 64))] * 5)
+    stub = pb_grpc.GRPCInferenceServiceStub(channel)
+    stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name="mid"), timeout=30)
+    for call in calls:  # answered at once, not left waiting for a lane that no longer has the model
+        with pytest.raises(grpc.RpcError) as info:
+            call.result(timeout=5)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "unloaded" in info.value.details()
+    assert not all(call.done() for call in train)
+    for call in train:
+        call.result()
+    until(lambda: kernel._eager.outstanding.count == 0, "every call to be counted out")
 
 
 # --------------------------------------------------------------------------- the expiry timer alone
