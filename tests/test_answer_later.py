@@ -125,6 +125,49 @@ def test_queued_calls_answered_later_get_unavailable_when_their_model_is_unloade
     until(lambda: kernel._eager.outstanding.count == 0, "every call to be counted out")
 
 
+def test_under_mixed_deadlines_and_cancellations_every_call_ends_once_and_nothing_is_left_counted(kernel, channel):
+    """120 calls answered later, in flight together behind a busy lane: some with deadlines that pass in the queue,
+    some with Triton's ``timeout``, some cancelled by their client, the rest plain. Each ends exactly once with
+    its own answer or a clear status, and afterwards nothing is left counted in progress or watched."""
+    stub = pb_grpc.GRPCInferenceServiceStub(channel)
+    rng = np.random.default_rng(17)
+    train = occupy(kernel, channel, batches=3)
+    calls = []
+    for i in range(120):
+        kind = ("plain", "grpc-deadline", "timeout", "cancel")[i % 4]
+        x = rng.normal(size=(1, 64)).astype(np.float32)
+        request = request_for("mid", x, priority=2, **({"timeout": int(rng.integers(5_000, 400_000))}
+                                                       if kind == "timeout" else {}))
+        request.id = f"c{i}"
+        timeout = float(rng.uniform(0.02, 0.6)) if kind == "grpc-deadline" else 60
+        calls.append((kind, request.id, stub.ModelInfer.future(request, timeout=timeout)))
+    for kind, _, call in calls:
+        if kind == "cancel":
+            call.cancel()
+    seen = {}
+    for kind, request_id, call in calls:
+        try:
+            response = call.result(timeout=120)
+            seen[request_id] = "OK"
+            assert response.id == request_id  # its own answer
+        except grpc.FutureCancelledError:
+            seen[request_id] = "CANCELLED"
+        except grpc.RpcError as exc:
+            seen[request_id] = exc.code().name
+            assert exc.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                  grpc.StatusCode.CANCELLED), (request_id, exc.code(), exc.details())
+    for call in train:
+        call.result()
+    assert len(seen) == 120
+    assert all(seen[request_id] == "OK" for kind, request_id, _ in calls if kind == "plain")
+    assert {"DEADLINE_EXCEEDED", "CANCELLED"} <= set(seen.values())  # (both kinds of early end did happen)
+    until(lambda: kernel._calls_in_progress() == 0, "every call to be counted out")
+    assert kernel._eager.outstanding.count == 0
+    until(lambda: kernel.service.expiry._live == 0, "every deadline watch to go")  # answered, or its deadline passed
+    mid = kernel.hub.get("mid")
+    assert kernel.lanes.load(mid) == (0, 0)
+
+
 # --------------------------------------------------------------------------- the expiry timer alone
 class _Expired:
     def __init__(self):
