@@ -168,6 +168,24 @@ def test_under_mixed_deadlines_and_cancellations_every_call_ends_once_and_nothin
     assert kernel.lanes.load(mid) == (0, 0)
 
 
+def test_a_call_whose_answer_cannot_be_sent_is_cancelled_not_left_waiting(kernel, channel, monkeypatch, caplog):
+    """The injected fault: grpc's private ``_status`` raises (as it might in another grpcio). The call answered
+    later must end (CANCELLED) instead of leaving its client waiting for a deadline it may not have set."""
+    import grpc._server as grpc_server
+
+    def broken_status(*args, **kwargs):
+        raise RuntimeError("injected: grpc internals changed")
+
+    train, calls = _queue_behind(kernel, channel, "mid", [np.ones((1, 64))] * 3, batches=1)
+    monkeypatch.setattr(grpc_server, "_status", broken_status)
+    for call in [*train, *calls]:
+        with pytest.raises(grpc.RpcError) as info:
+            call.result(timeout=60)
+        assert info.value.code() == grpc.StatusCode.CANCELLED
+    assert "the call is cancelled instead" in caplog.text
+    until(lambda: kernel._calls_in_progress() == 0, "every call to be counted out")
+
+
 # --------------------------------------------------------------------------- the expiry timer alone
 class _Expired:
     def __init__(self):

@@ -134,5 +134,11 @@ class LaterAnswer:
                     _gs._status(self._rpc_event, state, serialized)
                 else:
                     _gs._abort(state, self._rpc_event.call, code, details)
+        except Exception:  # grpc's internals moved under us: end the call rather than leave the client waiting
+            log.exception("sending an answer from another thread failed; the call is cancelled instead")
+            try:
+                self._rpc_event.call.cancel()
+            except Exception:
+                log.exception("cancelling the call failed too")
         finally:
             self._finished.set_done()
