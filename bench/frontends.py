@@ -207,7 +207,7 @@ def server_argv(system: str, model: str, views: dict[str, Path], onnx_dir: Path,
         return ([py, "-m", "bench.naive_server", "--model", onnx_dir / f"{model}.onnx", "--name", model,
                  "--port", "0"], procs.READY_NAIVE)
     front_end = system.split("-")[1]
-    # (kernel-sync-std: the setting through its AIOS_* variable, the way a deployment would set it)
+    # (the optional systems: the setting through its AIOS_* variable, the way a deployment would set it)
     prefix = {"kernel-sync-std": ["env", "AIOS_EAGER_RECEIVE=false"],
               "kernel-sync-block": ["env", "AIOS_ANSWER_LATER=false"]}.get(system, [])
     argv = [*prefix, py, "-m", "kernel", "serve", "--models", views[model], "--port", "0", "--front-end", front_end,

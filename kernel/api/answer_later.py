@@ -25,7 +25,7 @@ import threading
 
 import grpc
 
-from ..errors import KernelError
+from ..errors import Internal, KernelError
 
 log = logging.getLogger("aios.api")
 
@@ -117,7 +117,10 @@ class LaterAnswer:
         else:
             self._status(None, None, serialized)
 
-    def fail(self, error: KernelError) -> None:
+    def fail(self, error) -> None:
+        """Answer with ``error``'s status: a ``KernelError`` as it says, anything else (or None) INTERNAL."""
+        if not isinstance(error, KernelError):
+            error = Internal(f"the request could not be finished{f': {error}' if error else ''}")
         code = _gs._common.STATUS_CODE_TO_CYGRPC_STATUS_CODE[grpc.StatusCode[error.code]]
         self._status(code, error.message.encode(), None, error.trailers)
 

@@ -10,8 +10,9 @@ and a ``retry-after-ms`` hint, so the last ``reserve`` threads are there for
 priority-1 calls. Calls in progress are counted as gRPC counts them, from
 their arrival: those in the handler pool (submitted, not yet finished, so
 calls still waiting for a thread count too) and those whose request has not
-arrived yet (``eager_receive``: such a call holds no thread yet), read
-without a lock.
+arrived yet (``eager_receive``: such a call holds no thread yet) or that
+were handed on to be answered later (``answer_later``: they hold none any
+more), read without a lock.
 """
 
 from __future__ import annotations

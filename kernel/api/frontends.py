@@ -17,7 +17,7 @@ import grpc
 from .._proto.inference import grpc_service_pb2 as pb
 from ..errors import Internal, KernelError
 from .inference import InferenceService, new_request_id
-from ..scheduling.types import ITEM_QUEUED, NO_DEADLINE
+from ..scheduling.types import ITEM_QUEUED
 from . import answer_later
 from .aio_wait import attach, wait_finished
 from .call_budget import CallBudget
@@ -198,7 +198,7 @@ def sync_servicer(service: InferenceService, budget: CallBudget | None = None) -
         _, later, watch = item.owner
         if watch is not None:
             timer.forget(watch)
-        later.fail(item.error if isinstance(item.error, KernelError) else Internal("the request left the queue unanswered"))
+        later.fail(item.error)
 
     def infer_later(request, context, arrived_ns, later):
         """Queue the call's work and return DEFERRED: the batch's thread answers it (answer_later.py).
@@ -211,18 +211,10 @@ def sync_servicer(service: InferenceService, budget: CallBudget | None = None) -
             return service.answer(request, item)
         item.finisher = answer_batch
         item.on_done = answer_unrun
-        watch = None if item.deadline_ns == NO_DEADLINE else timer.watch(item, item.deadline_ns)
-        item.owner = (request, later, watch)
-        try:
-            service.run_or_queue(item)
-        except BaseException:  # refused at admission (a full queue, a deadline it cannot meet): no answer to expire
-            if watch is not None:
-                timer.forget(watch)
-            raise
-        if item.state == ITEM_QUEUED:  # (read without the lane's lock: at worst a cancel that finds nothing)
-            # Client cancellation reaches the queue (an item that ran or runs has nothing to cancel).
-            if not context.add_callback(lambda: service.cancel(item)):
-                service.cancel(item)  # the RPC already ended
+        watch = service.watch_deadline(item)
+        item.owner = (request, later, watch)  # (before queueing: the batch may run, and answer it, right here)
+        service.run_or_queue(item, watch)
+        on_wait(context, item)  # (state read without the lane's lock: at worst a cancel that finds nothing)
         return later.defer()
 
     def on_wait(context, item) -> None:

@@ -184,9 +184,20 @@ class InferenceService:
         """How long a batch of just ``item`` is predicted to run (0: not measured yet)."""
         return self._lane(item).predict(item.model, item.rows)
 
-    def run_or_queue(self, item: WorkItem) -> bool:
-        """Queue ``item``; run the next batch on this thread if a slot is free (``Lane.run_or_queue``)."""
-        return self._lane(item).run_or_queue(item)
+    def watch_deadline(self, item: WorkItem):
+        """Have the expiry timer expire ``item`` at its deadline (for callers that do not wait on it);
+        the watch to ``expiry.forget`` once answered, or None without a deadline."""
+        return None if item.deadline_ns == NO_DEADLINE else self.expiry.watch(item, item.deadline_ns)
+
+    def run_or_queue(self, item: WorkItem, watch=None) -> bool:
+        """Queue ``item``; run the next batch on this thread if a slot is free (``Lane.run_or_queue``).
+        If it is refused at admission, its ``watch`` (from ``watch_deadline``) goes: nothing to expire."""
+        try:
+            return self._lane(item).run_or_queue(item)
+        except BaseException:
+            if watch is not None:
+                self.expiry.forget(watch)
+            raise
 
     def cancel(self, item: WorkItem) -> bool:
         try:

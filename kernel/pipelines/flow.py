@@ -490,14 +490,8 @@ class DecisionEngine:
         self.finish_in_groups(pending)
         pending.later = later
         item.on_done = self._never_ran
-        if item.deadline_ns != NO_DEADLINE:  # a queued item has no caller waking at its deadline: the timer does
-            pending.watch = self.inference.expiry.watch(item, item.deadline_ns)
-        try:
-            self.inference.run_or_queue(item)
-        except BaseException:  # refused at admission: nothing left to expire
-            if pending.watch is not None:
-                self.inference.expiry.forget(pending.watch)
-            raise
+        pending.watch = self.inference.watch_deadline(item)  # no caller wakes at its deadline: the timer does
+        self.inference.run_or_queue(item, pending.watch)
         if on_queued is not None and item.state == ITEM_QUEUED:  # (without the lane's lock: at worst a no-op)
             on_queued(item)
         return later.defer()
@@ -511,8 +505,7 @@ class DecisionEngine:
         if pending is None or pending.result is not None:
             return
         if not self.finisher.submit([item], _no_lane_done):  # closing: its error, without the finisher
-            pending.result = item.error if isinstance(item.error, KernelError) else Internal(
-                "the request left the queue unanswered")
+            pending.result = item.error
             self._answer_later([pending])
 
     def _answer_later(self, group: list[Pending]) -> None:
@@ -528,10 +521,8 @@ class DecisionEngine:
             pending.item.owner = None  # (no reference cycle left for the garbage collector)
             result = pending.result
             try:
-                if isinstance(result, KernelError):
+                if result is None or isinstance(result, BaseException):
                     later.fail(result)
-                elif isinstance(result, BaseException) or result is None:
-                    later.fail(Internal(f"decision {pending.request_id} could not be finished: {result}"))
                 else:
                     later.send(result)
             except Exception:  # one call's fault must not leave the rest of the group unanswered
