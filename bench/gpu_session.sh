@@ -12,7 +12,8 @@
 # (~4-5 min); `bench` runs the front-end benchmark (~2.5 min). One 10-minute device call fits either.
 #
 # Knobs (environment): PYTHON (python3), SERVER_CPU (0-3), CLIENT_CPU (4-7), PAIRS (2),
-# WINDOW_MS (1000). OUT_DIR gets the logs and the benchmark's JSON and tables (a handful of files).
+# WINDOW_MS (1000), TESTS_LIMIT_S (420), BENCH_LIMIT_S (300): both parts in one 10-minute call need
+# limits that add up to less, e.g. 320 and 240. OUT_DIR gets the logs and the benchmark's JSON and tables (a handful of files).
 set -u
 out=${1:?usage: bench/gpu_session.sh OUT_DIR [tests|bench|all]}
 what=${2:-all}
@@ -41,7 +42,7 @@ else echo "build failed, the pure-Python references run (tail of $out/build.log)
 if [ "$what" != bench ]; then
     echo "== tests (whole suite; log in $out/tests.log)"
     # SIGINT, not SIGTERM, at the limit: pytest then still prints its summary of failures.
-    timeout -s INT 420 "$py" -m pytest -q -p no:cacheprovider --tb=short tests >"$out/tests.log" 2>&1
+    timeout -s INT "${TESTS_LIMIT_S:-420}" "$py" -m pytest -q -p no:cacheprovider --tb=short tests >"$out/tests.log" 2>&1
     echo "pytest exit status $?"
     grep -E "^(FAILED|ERROR)|[0-9]+ (passed|failed)" "$out/tests.log" | tail -40
 fi
@@ -49,7 +50,7 @@ fi
 if [ "$what" != tests ]; then
     echo "== bench.frontends on the GPU"
     work=$(mktemp -d)
-    timeout 300 "$py" -m bench.frontends --pairs "${PAIRS:-2}" --window-ms "${WINDOW_MS:-1000}" --models tiny,large \
+    timeout "${BENCH_LIMIT_S:-300}" "$py" -m bench.frontends --pairs "${PAIRS:-2}" --window-ms "${WINDOW_MS:-1000}" --models tiny,large \
         --wait-idle 0 --server-cpu "${SERVER_CPU:-0-3}" --client-cpu "${CLIENT_CPU:-4-7}" --no-snapshot \
         --out "$work" >"$out/bench.log" 2>&1
     echo "bench exit status $?"
