@@ -100,14 +100,18 @@ CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
 PROVIDERS = ("auto", "cpu", "cuda")
 
 
-def providers_for(preference: str) -> list[str]:
-    """onnxruntime providers for ``auto`` (CUDA first where offered), ``cpu`` or ``cuda``."""
+def providers_for(preference: str) -> list:
+    """onnxruntime providers for ``auto`` (CUDA first where offered), ``cpu`` or ``cuda``.
+
+    CUDA with TF32 matrix products off, as the kernel runs it by default (``cuda_tf32 = false``): the
+    same numerics on both sides of a comparison (TF32 differs from the CPU by up to ~2e-3 relative,
+    ``python -m bench.gpu_probe``), and the same work."""
     available = ort.get_available_providers()
     if preference == "cuda" and CUDA not in available:
         raise SystemExit(f"naive_server: --provider cuda, but onnxruntime offers only {', '.join(available)}")
     if preference == "cpu" or CUDA not in available:
         return [CPU]
-    return [CUDA, CPU]
+    return [(CUDA, {"use_tf32": "0"}), CPU]
 
 
 class NaiveModel:

@@ -14,9 +14,16 @@ ROOT = Path(__file__).resolve().parent.parent
 CLAIMS = ROOT / "examples" / "claims" / "pipelines"
 
 
-def build_small_model(folder: Path) -> Path:
-    """``claims_triage`` (the logistic-regression model, built in well under a second) into ``folder``."""
+def build_small_model(folder: Path, provider: str = "auto") -> Path:
+    """``claims_triage`` (the logistic-regression model, built in well under a second) into ``folder``;
+    ``provider = "cpu"`` pins it to the CPU lane (tests that queue it behind a busy CPU lane: on a GPU
+    machine ``auto`` would put it on the GPU lane, which nothing occupies)."""
     build_models.build(folder, models=build_models.MODELS[:1], log=lambda line: None)
+    if provider != "auto":
+        toml = folder / build_models.MODELS[0].name / "1" / "model.toml"
+        text = toml.read_text(encoding="utf-8")
+        assert 'provider = "auto"' in text, "build_models no longer writes the provider line this replaces"
+        toml.write_text(text.replace('provider = "auto"', f'provider = "{provider}"'), encoding="utf-8")
     return folder
 
 

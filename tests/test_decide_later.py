@@ -16,7 +16,7 @@ from lane_support import occupy, save_slow_model, until
 
 @pytest.fixture(scope="module")
 def kernel(tmp_path_factory):
-    models = build_small_model(tmp_path_factory.mktemp("models"))
+    models = build_small_model(tmp_path_factory.mktemp("models"), provider="cpu")  # queued behind `slow`
     save_slow_model(models)
     pipelines = copy_pipelines(tmp_path_factory.mktemp("pipelines"))
     server = start_kernel(models, "sync", lane_slots=1, pipelines=str(pipelines), pipeline_poll_s=0,

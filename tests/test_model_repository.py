@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import onnxruntime as ort
 import pytest
 
 from kernel.models import ModelConfigError, ModelHub
@@ -41,7 +42,9 @@ def test_good_config_loads(tmp_path):
     hub = ModelHub(make_repo(tmp_path, GOOD))
     (mv,) = hub.load("m")
     assert mv.config.max_batch_size == 4 and not mv.config.derived
-    assert mv.runtime.provider == "CPUExecutionProvider"
+    # no `provider` line: "auto", i.e. CUDA where onnxruntime offers it (a GPU machine), else the CPU
+    auto = "CUDAExecutionProvider" if "CUDAExecutionProvider" in ort.get_available_providers() else "CPUExecutionProvider"
+    assert mv.runtime.provider == auto
 
 
 def test_config_derived_from_graph_without_toml(tmp_path):
