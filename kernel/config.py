@@ -45,6 +45,10 @@ class Settings:
     # the decision finisher) answers it (kernel/api/answer_later.py); false = the handler thread
     # sleeps until its answer is ready.
     answer_later: bool = True
+    # With answer_later: a ModelInfer that arrives while no other call is in progress runs on gRPC's
+    # poller thread, with no hand-off to a handler thread; a batch predicted to take over 0.2 ms goes
+    # to the lane's threads instead, so the poller never waits on a model (kernel/api/eager_receive.py).
+    poller_inline: bool = True
     # How long a Python thread may hold the GIL while another waits for it (sys.setswitchinterval).
     # Every request is a handler thread here: a short slice lets a high-priority request's thread
     # in between a busy neighbour's threads. 0 = leave Python's default (5000 µs).

@@ -121,7 +121,8 @@ class KernelServer:
         ours = kernel_services.generic_handlers(self.hub, self.lanes, asynchronous, self.decisions.handlers(budget))
         registration.add_to_server(server, [inference, *ours])
         if not asynchronous and self.settings.eager_receive:
-            self._eager = eager_receive.attach([inference, *ours], self._pool, self.settings.answer_later)
+            self._eager = eager_receive.attach([inference, *ours], self._pool, self.settings.answer_later,
+                                               self.settings.poller_inline)
         self._health = health.aio.HealthServicer() if asynchronous else health.HealthServicer(experimental_non_blocking=True)
         generated = registration.generic_only(server)  # (no method registrations on grpc.aio: registration.py)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, generated)
@@ -132,11 +133,11 @@ class KernelServer:
     def _calls_in_progress(self) -> int:
         """Calls in progress on the threaded front end as gRPC's limit counts them: those in the handler
         pool, those whose request has not arrived yet (eager_receive), and those handed on to be answered
-        later (answer_later)."""
+        later (answer_later), and one running on the poller thread (poller_inline)."""
         eager = self._eager
         if eager is None:
             return self._pool.in_progress()
-        return self._pool.in_progress() + eager.waiting + eager.outstanding.count
+        return self._pool.in_progress() + eager.waiting + eager.outstanding.count + eager.on_poller
 
     def start(self) -> int:
         """Load the repository, start serving; returns the bound port."""
@@ -164,7 +165,9 @@ class KernelServer:
             "%d model versions ready%s",
             self.settings.host, self.port,
             self.settings.front_end + (", eager receive" if self._eager is not None else "")
-            + (", answer later" if self._eager is not None and self.settings.answer_later else ""),
+            + (", answer later" if self._eager is not None and self.settings.answer_later else "")
+            + (", lone calls on the poller" if self._eager is not None and self.settings.answer_later
+               and self.settings.poller_inline else ""),
             self.lanes.cpu.scheduler.name,
             ", ".join(f"{lane.name}×{lane.slots}" for lane in self.lanes.all()),
             self.batch_nice or ("off" if not self.settings.batch_nice else

@@ -42,7 +42,9 @@ def small_kernel(tmp_path_factory):
     onnx_models.save_mlp_version(root, "slow", [64, 2048, 2048, 2048, 8], seed=1, max_batch_size=SLOW_ROWS,
                                  provider="cpu")
     onnx_models.save_mlp_version(root, "tiny", [16, 64, 4], seed=2, max_batch_size=8)
-    server = start_kernel(root, "sync", lane_slots=1, workers=16)
+    # poller_inline off: the injected fault blocks inside the handler, which a call run on the poller thread
+    # must never do (it would stop the poller reading the next calls); here every call holds a handler thread.
+    server = start_kernel(root, "sync", lane_slots=1, workers=16, poller_inline=False)
     yield server
     server.stop(grace=5)
 
@@ -99,7 +101,7 @@ def test_decide_calls_share_the_budget(tmp_path, monkeypatch):
     onnx_models.save_mlp_version(models, "slow", [64, 2048, 2048, 2048, 8], seed=1, max_batch_size=SLOW_ROWS,
                                  provider="cpu")
     server = start_kernel(models, "sync", lane_slots=1, workers=16, pipelines=str(copy_pipelines(tmp_path / "p")),
-                          pipeline_poll_s=0)
+                          pipeline_poll_s=0, poller_inline=False)  # (see small_kernel)
     held = _HeldHandlers(InferenceService.prepare)
     monkeypatch.setattr(InferenceService, "prepare", held.as_method())
     case = data.generate_cases(1, seed=5)[0]

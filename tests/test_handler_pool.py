@@ -141,3 +141,30 @@ def test_on_overlap_flips_only_when_calls_start_to_overlap_and_when_the_pool_goe
     assert done.wait(10)
     assert flips == [True, False]
     pool.shutdown()
+
+
+def test_a_call_run_by_its_submitter_on_an_idle_pool_also_ends_the_overlap():
+    # eager_receive runs a lone call on the poller (poller_inline) without submitting it: the poller must
+    # still get its own scheduling policy back, as a submit to the idle pool would give it.
+    flips: list[bool] = []
+    pool = HandlerPool(8, on_overlap=flips.append)
+    gate = threading.Event()
+    started = threading.Semaphore(0)
+    finished = threading.Semaphore(0)
+
+    def blocked():
+        started.release()
+        gate.wait(10)
+
+    for _ in range(3):
+        pool.submit(blocked).add_done_callback(lambda call: finished.release())
+    for _ in range(3):
+        assert started.acquire(timeout=10)
+    assert flips == [True]
+    gate.set()
+    for _ in range(3):
+        assert finished.acquire(timeout=10)
+    assert pool.arrival_while_idle() and flips == [True, False]
+    assert pool.arrival_while_idle() and flips == [True, False]  # told once
+    pool.shutdown()
+    assert not pool.arrival_while_idle()  # closed: the caller takes submit, which refuses

@@ -84,9 +84,9 @@ class Outstanding:
 class LaterAnswer:
     """One call's answer, sent from any thread, once: a response message, or a ``KernelError``'s status."""
 
-    __slots__ = ("_rpc_event", "_state", "_serialize", "_finished", "_outstanding", "_sent", "_deferred")
+    __slots__ = ("_rpc_event", "_state", "_serialize", "_finished", "_outstanding", "_sent", "_deferred", "on_poller")
 
-    def __init__(self, rpc_event, state, serialize, finished, outstanding: Outstanding):
+    def __init__(self, rpc_event, state, serialize, finished, outstanding: Outstanding, on_poller: bool = False):
         self._rpc_event = rpc_event
         self._state = state
         self._serialize = serialize
@@ -94,6 +94,9 @@ class LaterAnswer:
         self._outstanding = outstanding
         self._sent = False
         self._deferred = False
+        # The handler runs on gRPC's poller thread (eager_receive): it must not wait for anything;
+        # work that would take long is handed on and the call answered later.
+        self.on_poller = on_poller
 
     def defer(self):
         """Mark the call as answered later (call it once its work is handed on: the answer may already be

@@ -100,7 +100,13 @@ class EagerReceive(futures.ThreadPoolExecutor):
     def __init__(self, pool, answer_later: bool = True):  # (no super().__init__: nothing of ThreadPoolExecutor is used)
         self._pool = pool
         self._answer_later = answer_later  # handlers may take their call's LaterAnswer (answer_later.py)
+        # Behaviours (handler functions) that run on the poller thread itself when their call arrives with no
+        # other call in progress (``poller_inline``): handlers that never wait there (``LaterAnswer.on_poller``).
+        # grpc hands each call's behaviour over wrapped (registration._ArrivalStamped: a partial), hence ``func``.
+        self._poller_handlers: frozenset = frozenset()
         self.calls = 0  # calls that took this path (tests)
+        self.on_poller = 0  # a call running on the poller thread now (0 or 1: the call budget counts it)
+        self.ran_on_poller = 0  # calls run there in all (tests)
         # Calls in, whose request is not yet: in progress for gRPC's limit, not yet in the pool
         # (the server's CallBudget adds them). Changed only on the poller thread.
         self.waiting = 0
@@ -131,7 +137,7 @@ class EagerReceive(futures.ThreadPoolExecutor):
                     return outcome
                 outcome = _gs._possibly_finish_call(state, _gs._RECEIVE_MESSAGE_TOKEN)
 
-            def request():  # on the handler thread: what grpc's unary_request returns
+            def request():  # on the thread that runs the handler: what grpc's unary_request returns
                 with state.condition:
                     if not _gs._is_rpc_state_active(state):  # cancelled meanwhile
                         return None
@@ -142,6 +148,18 @@ class EagerReceive(futures.ThreadPoolExecutor):
                                    b"Exception deserializing request!")
                 return parsed
 
+            if (getattr(behaviour, "func", behaviour) in self._poller_handlers and self.waiting == 0 and self.outstanding.count == 0
+                    and self._pool.in_progress() == 0 and self._pool.arrival_while_idle()):
+                # Nothing else in progress: a hand-off to a handler thread would be the call's largest
+                # cost (on one core ~50 µs of server CPU a tiny ModelInfer, bench/RESULTS.md "A lone call
+                # runs on the poller"), and no other call waits for this thread meanwhile.
+                self.on_poller = 1
+                self.ran_on_poller += 1
+                try:
+                    run(self._respond, rpc_event, state, behaviour, request, deserializer, serializer, finished, True)
+                finally:
+                    self.on_poller = 0
+                return outcome
             try:
                 self._pool.submit(run, self._respond, rpc_event, state, behaviour, request, deserializer, serializer,
                                   finished)
@@ -157,9 +175,16 @@ class EagerReceive(futures.ThreadPoolExecutor):
         self.waiting += 1
         return finished
 
-    def _respond(self, rpc_event, state, behaviour, request, deserializer, serializer, finished) -> None:
-        """grpc's ``_unary_response_in_pool``, on a handler thread, with one addition: the behaviour may take
-        the call's ``LaterAnswer`` and return ``DEFERRED``; the call is then answered from another thread."""
+    def run_on_poller(self, behaviours: frozenset) -> None:
+        """Let ``behaviours`` run on the poller thread when their call arrives to an idle server (their
+        LaterAnswer says ``on_poller``, and they hand on whatever would wait); only with ``answer_later``."""
+        self._poller_handlers = behaviours if self._answer_later else frozenset()
+
+    def _respond(self, rpc_event, state, behaviour, request, deserializer, serializer, finished,
+                 on_poller: bool = False) -> None:
+        """grpc's ``_unary_response_in_pool``, on a handler thread (or the poller, ``on_poller``), with one
+        addition: the behaviour may take the call's ``LaterAnswer`` and return ``DEFERRED``; the call is then
+        answered from another thread."""
         _cygrpc.install_context_from_request_call_event(rpc_event)
         deferred = False
         try:
@@ -167,7 +192,7 @@ class EagerReceive(futures.ThreadPoolExecutor):
             if argument is not None:
                 later = None
                 if self._answer_later:
-                    later = LaterAnswer(rpc_event, state, serializer, finished, self.outstanding)
+                    later = LaterAnswer(rpc_event, state, serializer, finished, self.outstanding, on_poller)
                     offer(later)
                 try:
                     response, proceed = _gs._call_behavior(rpc_event, state, behaviour, argument, deserializer)
@@ -192,13 +217,16 @@ class EagerReceive(futures.ThreadPoolExecutor):
         pass  # the HandlerPool is the server's; grpc shuts that one down
 
 
-def attach(handlers, pool, answer_later: bool = True) -> EagerReceive | None:
+def attach(handlers, pool, answer_later: bool = True, poller_inline: bool = False) -> EagerReceive | None:
     """Route the unary-unary methods of ``handlers`` (``registration.ServiceHandlers``) through an
-    ``EagerReceive`` on ``pool``; None (and a warning) where this grpcio does not allow it."""
+    ``EagerReceive`` on ``pool``; None (and a warning) where this grpcio does not allow it. With
+    ``poller_inline`` (and ``answer_later``), behaviours marked ``runs_on_poller`` run on the poller
+    thread when they arrive to an idle server."""
     if not AVAILABLE:
         _fallback("this grpcio lacks the internals it follows")
         return None
     eager = EagerReceive(pool, answer_later)
+    on_poller = set()
     for service in handlers:
         for handler in getattr(service, "methods", {}).values():
             if handler.request_streaming or handler.response_streaming:
@@ -208,4 +236,7 @@ def attach(handlers, pool, answer_later: bool = True) -> EagerReceive | None:
                 behaviour.experimental_thread_pool = eager  # read per call (registration._ArrivalStamped passes it on)
             except AttributeError:  # not a plain function (a bound method): that method keeps grpc's path
                 continue
+            if poller_inline and getattr(behaviour, "runs_on_poller", False):
+                on_poller.add(behaviour)
+    eager.run_on_poller(frozenset(on_poller))
     return eager

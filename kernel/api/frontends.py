@@ -17,7 +17,7 @@ import grpc
 from .._proto.inference import grpc_service_pb2 as pb
 from ..errors import Internal, KernelError
 from .inference import InferenceService, new_request_id
-from ..scheduling.types import ITEM_QUEUED
+from ..scheduling.types import ITEM_EXPIRED, ITEM_QUEUED
 from . import answer_later
 from .aio_wait import attach, wait_finished
 from .call_budget import CallBudget
@@ -202,18 +202,25 @@ def sync_servicer(service: InferenceService, budget: CallBudget | None = None) -
 
     def infer_later(request, context, arrived_ns, later):
         """Queue the call's work and return DEFERRED: the batch's thread answers it (answer_later.py).
-        A model whose batches are short is run as ``infer_blocking`` does (see ANSWER_LATER_MIN_NS)."""
+        A model whose batches are short is run as ``infer_blocking`` does (see ANSWER_LATER_MIN_NS).
+        On the poller thread (``later.on_poller``: a call that arrived to an idle server) a short batch on
+        an idle lane runs right here, anything else goes to the lane's threads: the poller never waits."""
         item = service.prepare(request, context.time_remaining(), arrived_ns)
         if admit is not None:
             admit(item)
-        if service.predicted_ns(item) < ANSWER_LATER_MIN_NS:
+        if not later.on_poller and service.predicted_ns(item) < ANSWER_LATER_MIN_NS:
             service.run_blocking(item, lambda it: on_wait(context, it))
             return service.answer(request, item)
         item.finisher = answer_batch
         item.on_done = answer_unrun
         watch = service.watch_deadline(item)
         item.owner = (request, later, watch)  # (before queueing: the batch may run, and answer it, right here)
-        service.run_or_queue(item, watch)
+        if not later.on_poller:
+            service.run_or_queue(item, watch)
+        elif service.run_if_idle(item, INLINE_MAX_NS, watch) and item.state == ITEM_EXPIRED:
+            if watch is not None:  # expired before it could run: nothing answered it
+                timer.forget(watch)
+            raise item.error
         on_wait(context, item)  # (state read without the lane's lock: at worst a cancel that finds nothing)
         return later.defer()
 
@@ -242,6 +249,7 @@ def sync_servicer(service: InferenceService, budget: CallBudget | None = None) -
         yield from _SyncStream(service, request_iterator, context)
 
     ModelInfer.wants_arrival = True  # Triton's ``timeout`` counts from the call's arrival (registration.py)
+    ModelInfer.runs_on_poller = True  # never waits when its LaterAnswer is on_poller (eager_receive.attach)
     methods["ModelInfer"] = ModelInfer
     methods["ModelStreamInfer"] = ModelStreamInfer
     return generic_handler(SERVICE, pb, methods)

@@ -112,6 +112,20 @@ class HandlerPool:
             thread.start()
         return call
 
+    def arrival_while_idle(self) -> bool:
+        """A call arrived to an idle pool and runs on the submitting thread instead (eager_receive's poller
+        inline): tell ``on_overlap`` that calls no longer overlap, as ``submit`` would. False if the pool
+        is closed (the call takes ``submit``, which refuses it)."""
+        flip = False
+        with self._lock:
+            if self._closed:
+                return False
+            if self._on_overlap is not None and self._busy == 0 and self._overlapping:
+                flip, self._overlapping = True, False
+        if flip:
+            self._on_overlap(False)
+        return True
+
     def _work(self) -> None:
         if self._initializer is not None:
             self._initializer()

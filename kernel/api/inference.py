@@ -176,9 +176,10 @@ class InferenceService:
         """Queue ``item`` on its model's lane; ``item.on_done`` reports the outcome."""
         self._lane(item).submit(item)
 
-    def run_if_idle(self, item: WorkItem, max_ns: int) -> bool:
-        """Run ``item`` on this thread if its lane is idle and the batch is short (``Lane.run_if_idle``)."""
-        return self._lane(item).run_if_idle(item, max_ns)
+    def run_if_idle(self, item: WorkItem, max_ns: int, watch=None) -> bool:
+        """Run ``item`` on this thread if its lane is idle and the batch is short (``Lane.run_if_idle``).
+        If it is refused at admission, its ``watch`` (from ``watch_deadline``) goes: nothing to expire."""
+        return self._forget_if_refused(watch, self._lane(item).run_if_idle, item, max_ns)
 
     def predicted_ns(self, item: WorkItem) -> int:
         """How long a batch of just ``item`` is predicted to run (0: not measured yet)."""
@@ -192,8 +193,11 @@ class InferenceService:
     def run_or_queue(self, item: WorkItem, watch=None) -> bool:
         """Queue ``item``; run the next batch on this thread if a slot is free (``Lane.run_or_queue``).
         If it is refused at admission, its ``watch`` (from ``watch_deadline``) goes: nothing to expire."""
+        return self._forget_if_refused(watch, self._lane(item).run_or_queue, item)
+
+    def _forget_if_refused(self, watch, queue, *args) -> bool:
         try:
-            return self._lane(item).run_or_queue(item)
+            return queue(*args)
         except BaseException:
             if watch is not None:
                 self.expiry.forget(watch)

@@ -1,0 +1,112 @@
+"""A call that arrives while no other call is in progress runs on gRPC's poller thread (``poller_inline``,
+kernel/api/eager_receive.py): no hand-off to a handler thread. The poller never waits on a model: a batch
+predicted to be long, or a lane already busy, goes to the lane's threads and the call is answered later."""
+
+from __future__ import annotations
+
+import grpc
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from conftest import start_kernel
+from kernel._proto.inference import grpc_service_pb2 as pb
+from kernel._proto.inference import grpc_service_pb2_grpc as pb_grpc
+from kernel.testing import onnx_models
+from lane_support import SLOW_ROWS, request_for, save_slow_model, until
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("poller")
+    save_slow_model(root)
+    onnx_models.save_mlp_version(root, "tiny", [16, 64, 4], seed=3, max_batch_size=8, provider="cpu")
+    return root
+
+
+@pytest.fixture
+def kernel(request, repo):
+    server = start_kernel(repo, "sync", lane_slots=1, poller_inline=getattr(request, "param", True))
+    yield server
+    server.stop(grace=2)
+
+
+def _output(response) -> np.ndarray:
+    return np.frombuffer(response.raw_output_contents[0], np.float32).reshape(tuple(response.outputs[0].shape))
+
+
+def _settled(kernel) -> None:
+    until(lambda: kernel._budget._in_progress() == 0, "every call to be counted out")
+
+
+def test_lone_calls_run_on_the_poller_and_come_back_exactly(kernel, channel, repo):
+    stub = pb_grpc.GRPCInferenceServiceStub(channel)
+    session = ort.InferenceSession(str(repo / "tiny" / "1" / "model.onnx"))
+    rng = np.random.default_rng(11)
+    stub.ModelInfer(request_for("tiny", np.ones((1, 16))), timeout=10)  # the lane has timed a batch now
+    _settled(kernel)
+    eager = kernel._eager
+    ran, threads = eager.ran_on_poller, len(kernel._pool._threads)
+    for _ in range(10):
+        x = rng.normal(size=(int(rng.integers(1, 5)), 16)).astype(np.float32)
+        got = _output(stub.ModelInfer(request_for("tiny", x), timeout=10))
+        np.testing.assert_allclose(got, session.run(None, {"INPUT0": x})[0], rtol=1e-5, atol=1e-6)
+        _settled(kernel)  # (the next call then arrives to an idle server)
+    assert eager.ran_on_poller - ran == 10
+    assert len(kernel._pool._threads) == threads, "a lone call started a handler thread"
+    assert eager.outstanding.count == 0 and eager.on_poller == 0
+
+
+def test_a_long_batch_that_arrives_alone_leaves_the_poller_free(kernel, channel):
+    stub = pb_grpc.GRPCInferenceServiceStub(channel)
+    slow = kernel.hub.get("slow")
+    stub.ModelInfer(request_for("slow", np.ones((1, 64))), timeout=60)  # timed: its batches are long
+    _settled(kernel)
+    ran = kernel._eager.ran_on_poller
+    call = stub.ModelInfer.future(request_for("slow", np.ones((SLOW_ROWS, 64))), timeout=120)
+    until(lambda: kernel.lanes.load(slow)[1] == 1 or call.done(), "the slow batch to run")
+    assert kernel._eager.ran_on_poller == ran + 1  # it arrived to an idle server: its handler ran on the poller
+    # Had the poller run the batch itself, nothing more would be read until it ended.
+    assert stub.ServerLive(pb.ServerLiveRequest(), timeout=10).live
+    assert kernel.lanes.load(slow)[1] == 1, "the batch ended before another call was read: it ran on the poller"
+    assert _output(call.result()).shape == (SLOW_ROWS, 8)
+    _settled(kernel)
+
+
+def test_a_lone_call_the_lane_cannot_take_now_is_answered_later(kernel, channel, repo):
+    stub = pb_grpc.GRPCInferenceServiceStub(channel)
+    session = ort.InferenceSession(str(repo / "tiny" / "1" / "model.onnx"))
+    stub.ModelInfer(request_for("tiny", np.ones((1, 16))), timeout=10)
+    _settled(kernel)
+    # A task, a stream or another front end's work can hold the lane with no call in progress here: a
+    # ModelInfer stream's batch is what holds it in this test (streams take handler threads, not the poller).
+    stream = stub.ModelStreamInfer(iter([request_for("slow", np.ones((SLOW_ROWS, 64)))]), timeout=120)
+    slow = kernel.hub.get("slow")
+    until(lambda: kernel.lanes.load(slow)[1] == 1, "the stream's slow batch to run")
+    x = np.random.default_rng(3).normal(size=(2, 16)).astype(np.float32)
+    got = _output(stub.ModelInfer(request_for("tiny", x), timeout=60))
+    np.testing.assert_allclose(got, session.run(None, {"INPUT0": x})[0], rtol=1e-5, atol=1e-6)
+    assert next(stream).error_message == ""
+    stream.cancel()
+    _settled(kernel)
+
+
+def test_a_lone_call_whose_deadline_cannot_be_met_gets_a_clear_status(kernel, channel):
+    stub = pb_grpc.GRPCInferenceServiceStub(channel)
+    stub.ModelInfer(request_for("slow", np.ones((1, 64))), timeout=60)
+    _settled(kernel)
+    ran = kernel._eager.ran_on_poller
+    with pytest.raises(grpc.RpcError) as info:  # Triton's timeout: 1 µs from arrival
+        stub.ModelInfer(request_for("slow", np.ones((SLOW_ROWS, 64)), timeout=1), timeout=30)
+    assert info.value.code() in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED)
+    assert kernel._eager.ran_on_poller == ran + 1
+    _settled(kernel)
+    assert not [cell for _, _, cell in list(kernel.service.expiry._heap) if cell[0] is not None]
+
+
+@pytest.mark.parametrize("kernel", [False], indirect=True)
+def test_setting_off_runs_lone_calls_on_handler_threads(kernel, channel):
+    stub = pb_grpc.GRPCInferenceServiceStub(channel)
+    for _ in range(3):
+        stub.ModelInfer(request_for("tiny", np.ones((1, 16))), timeout=10)
+    assert kernel._eager.ran_on_poller == 0 and kernel._eager.calls >= 3
