@@ -69,7 +69,9 @@ def test_a_queued_call_holds_no_handler_thread_and_is_answered_by_the_batch(kern
         assert kernel._eager.outstanding.count >= 20
     else:  # ...where a blocking handler holds one thread per waiting call (the setting off, or a
         # model whose batches are too short to be worth handing the call on: ANSWER_LATER_MIN_NS)
-        assert in_pool >= 21  # (20 waiting, and the one running the slow batch)
+        # (20 waiting; the thread running the slow batch may be a lane thread, not a handler thread:
+        # the first slow call arrived to an idle server and ran on the poller, poller_inline)
+        assert in_pool >= 20
     assert counted >= 23  # ...yet all count as in progress, as gRPC's limit counts them
     for call in train:
         call.result()
