@@ -4,6 +4,8 @@ predicted to be long, or a lane already busy, goes to the lane's threads and the
 
 from __future__ import annotations
 
+import time
+
 import grpc
 import numpy as np
 import onnxruntime as ort
@@ -110,3 +112,22 @@ def test_setting_off_runs_lone_calls_on_handler_threads(kernel, channel):
     for _ in range(3):
         stub.ModelInfer(request_for("tiny", np.ones((1, 16))), timeout=10)
     assert kernel._eager.ran_on_poller == 0 and kernel._eager.calls >= 3
+
+
+def test_a_call_that_reached_the_poller_right_after_its_last_call_ended_takes_a_handler_thread(
+        kernel, channel, monkeypatch):
+    # A call that queued inside grpc while the poller ran another comes right after it: a stream, not a
+    # lone caller; were it run on the poller too, the poller would take a whole stream one by one (no
+    # batching). "Right after" is LONE_GAP_NS; stretched here so that sequential calls count as a stream.
+    from kernel.api import eager_receive
+
+    stub = pb_grpc.GRPCInferenceServiceStub(channel)
+    stub.ModelInfer(request_for("tiny", np.ones((1, 16))), timeout=10)
+    _settled(kernel)
+    monkeypatch.setattr(eager_receive, "LONE_GAP_NS", 60 * 10**9)
+    kernel._eager._poller_free_ns = time.monotonic_ns() - 61 * 10**9  # (as if its last call were long ago)
+    ran = kernel._eager.ran_on_poller
+    for _ in range(5):
+        assert stub.ModelInfer(request_for("tiny", np.ones((1, 16))), timeout=10).raw_output_contents
+        _settled(kernel)
+    assert kernel._eager.ran_on_poller == ran + 1  # the first; the rest came "right after" it

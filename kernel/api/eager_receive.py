@@ -17,6 +17,15 @@ price: at 16 in flight on the tiny model p99 doubles (5 -> 10 ms; p50 3.2 ->
 itself also lets a handler hand its call on to be answered from another
 thread (``answer_later.py``).
 
+A call that arrives while no other call is in progress (``poller_inline``)
+is not handed to a handler thread at all: its handler runs on the poller
+thread, which has nothing else to do meanwhile. Only handlers marked
+``runs_on_poller`` do this, and they must never wait there (ModelInfer runs
+a short batch on an idle lane itself and hands anything else to the lane's
+threads, answering later). On one core the hand-off is the largest single
+cost of a lone tiny-model call (bench/RESULTS.md, "A lone call runs on the
+poller").
+
 The hook is the one grpc offers for choosing a thread pool per method
 (``experimental_thread_pool`` on a unary behaviour, read by
 ``grpc._server._select_thread_pool_for_behavior``): ``EagerReceive``
@@ -29,6 +38,7 @@ grpcio), calls take grpc's standard path and the log says so once.
 from __future__ import annotations
 
 import logging
+import time
 from concurrent import futures
 
 from .answer_later import DEFERRED, LaterAnswer, Outstanding, offer
@@ -48,6 +58,14 @@ except ImportError:  # pragma: no cover - grpc without its private modules
     AVAILABLE = False
 
 _warned = False
+
+# A call runs on the poller only if it reached the poller at least this long after the poller's last
+# such call ended. A lone caller's next call comes a round trip later (here 120-210 µs, p1-p90, at one in
+# flight); one that queued inside grpc while the poller ran a call comes ~20-26 µs after it. Without this
+# the poller would take every call of a steady stream one by one as soon as it found the server idle
+# once, and stop the batching: tiny model at 16 in flight 0.73x (bench/RESULTS.md, "A lone call runs on
+# the poller").
+LONE_GAP_NS = 60_000
 
 
 def _fallback(reason: str) -> None:
@@ -107,6 +125,7 @@ class EagerReceive(futures.ThreadPoolExecutor):
         self.calls = 0  # calls that took this path (tests)
         self.on_poller = 0  # a call running on the poller thread now (0 or 1: the call budget counts it)
         self.ran_on_poller = 0  # calls run there in all (tests)
+        self._poller_free_ns = 0  # when the last call run on the poller ended (LONE_GAP_NS)
         # Calls in, whose request is not yet: in progress for gRPC's limit, not yet in the pool
         # (the server's CallBudget adds them). Changed only on the poller thread.
         self.waiting = 0
@@ -119,6 +138,7 @@ class EagerReceive(futures.ThreadPoolExecutor):
             _fallback("grpc handed over an unexpected call shape")
             return self._pool.submit(*args, **kwargs)
         run, _respond, rpc_event, state, behaviour, _receive, deserializer, serializer = args
+        arrived_ns = time.monotonic_ns()
         finished = _Finished()
         self.calls += 1
 
@@ -148,8 +168,10 @@ class EagerReceive(futures.ThreadPoolExecutor):
                                    b"Exception deserializing request!")
                 return parsed
 
-            if (getattr(behaviour, "func", behaviour) in self._poller_handlers and self.waiting == 0 and self.outstanding.count == 0
-                    and self._pool.in_progress() == 0 and self._pool.arrival_while_idle()):
+            if (getattr(behaviour, "func", behaviour) in self._poller_handlers
+                    and arrived_ns - self._poller_free_ns >= LONE_GAP_NS and self.waiting == 0
+                    and self.outstanding.count == 0 and self._pool.in_progress() == 0
+                    and self._pool.arrival_while_idle()):
                 # Nothing else in progress: a hand-off to a handler thread would be the call's largest
                 # cost (on one core ~50 µs of server CPU a tiny ModelInfer, bench/RESULTS.md "A lone call
                 # runs on the poller"), and no other call waits for this thread meanwhile.
@@ -159,6 +181,7 @@ class EagerReceive(futures.ThreadPoolExecutor):
                     run(self._respond, rpc_event, state, behaviour, request, deserializer, serializer, finished, True)
                 finally:
                     self.on_poller = 0
+                    self._poller_free_ns = time.monotonic_ns()
                 return outcome
             try:
                 self._pool.submit(run, self._respond, rpc_event, state, behaviour, request, deserializer, serializer,
