@@ -114,18 +114,17 @@ def test_setting_off_runs_lone_calls_on_handler_threads(kernel, channel):
     assert kernel._eager.ran_on_poller == 0 and kernel._eager.calls >= 3
 
 
-def test_a_call_that_reached_the_poller_right_after_its_last_call_ended_takes_a_handler_thread(
-        kernel, channel, monkeypatch):
-    # A call that queued inside grpc while the poller ran another comes right after it: a stream, not a
-    # lone caller; were it run on the poller too, the poller would take a whole stream one by one (no
-    # batching). "Right after" is LONE_GAP_NS; stretched here so that sequential calls count as a stream.
+def test_a_call_that_arrives_right_after_the_last_call_ended_takes_a_handler_thread(kernel, channel, monkeypatch):
+    # Under load the next call is already inside grpc when the server is idle for a moment: a stream, not
+    # a lone caller; were it run on the poller, the poller would take a stream one by one (no batching).
+    # "Right after" is LONE_GAP_NS; stretched here so that sequential calls count as a stream.
     from kernel.api import eager_receive
 
     stub = pb_grpc.GRPCInferenceServiceStub(channel)
     stub.ModelInfer(request_for("tiny", np.ones((1, 16))), timeout=10)
     _settled(kernel)
     monkeypatch.setattr(eager_receive, "LONE_GAP_NS", 60 * 10**9)
-    kernel._eager._poller_free_ns = time.monotonic_ns() - 61 * 10**9  # (as if its last call were long ago)
+    kernel._eager.last_done_ns = time.monotonic_ns() - 61 * 10**9  # (as if the last call ended long ago)
     ran = kernel._eager.ran_on_poller
     for _ in range(5):
         assert stub.ModelInfer(request_for("tiny", np.ones((1, 16))), timeout=10).raw_output_contents

@@ -59,12 +59,12 @@ except ImportError:  # pragma: no cover - grpc without its private modules
 
 _warned = False
 
-# A call runs on the poller only if it reached the poller at least this long after the poller's last
-# such call ended. A lone caller's next call comes a round trip later (here 120-210 µs, p1-p90, at one in
-# flight); one that queued inside grpc while the poller ran a call comes ~20-26 µs after it. Without this
-# the poller would take every call of a steady stream one by one as soon as it found the server idle
-# once, and stop the batching: tiny model at 16 in flight 0.73x (bench/RESULTS.md, "A lone call runs on
-# the poller").
+# A call runs on the poller only if it reached the poller at least this long after the last call ended.
+# A lone caller's next call comes a round trip after its answer (here 120-210 µs, p1-p90, at one in
+# flight); under load, when the server is idle for a moment, the next call is already inside grpc and
+# comes within ~20-26 µs. Without this the poller takes calls of a steady stream one by one whenever it
+# finds the server idle, and they stop batching: tiny model at 16 in flight 0.73x (bench/RESULTS.md,
+# "A lone call runs on the poller").
 LONE_GAP_NS = 60_000
 
 
@@ -79,11 +79,12 @@ class _Finished:
     """The future grpc's server waits on for a call's end (its count of calls in progress):
     done once the handler thread is done, or at once for a call that never reached one."""
 
-    __slots__ = ("_done", "_callbacks")
+    __slots__ = ("_done", "_callbacks", "_receiver")
 
-    def __init__(self):
+    def __init__(self, receiver: EagerReceive):
         self._done = False
         self._callbacks = []
+        self._receiver = receiver  # told when the call ended (EagerReceive.last_done_ns)
 
     def add_done_callback(self, callback) -> None:
         # grpc adds its callback on the poller thread right after submit, before the message (and so
@@ -97,6 +98,7 @@ class _Finished:
         if self._done:  # once only: grpc counts the call's end by it
             return
         self._done = True
+        self._receiver.last_done_ns = time.monotonic_ns()
         callbacks, self._callbacks = self._callbacks, []
         for callback in callbacks:
             self._run(callback)
@@ -125,7 +127,7 @@ class EagerReceive(futures.ThreadPoolExecutor):
         self.calls = 0  # calls that took this path (tests)
         self.on_poller = 0  # a call running on the poller thread now (0 or 1: the call budget counts it)
         self.ran_on_poller = 0  # calls run there in all (tests)
-        self._poller_free_ns = 0  # when the last call run on the poller ended (LONE_GAP_NS)
+        self.last_done_ns = 0  # when the last call ended, on any thread (LONE_GAP_NS)
         # Calls in, whose request is not yet: in progress for gRPC's limit, not yet in the pool
         # (the server's CallBudget adds them). Changed only on the poller thread.
         self.waiting = 0
@@ -139,7 +141,7 @@ class EagerReceive(futures.ThreadPoolExecutor):
             return self._pool.submit(*args, **kwargs)
         run, _respond, rpc_event, state, behaviour, _receive, deserializer, serializer = args
         arrived_ns = time.monotonic_ns()
-        finished = _Finished()
+        finished = _Finished(self)
         self.calls += 1
 
         def on_message(event):  # on the poller thread, like grpc's own receive callback
@@ -169,7 +171,7 @@ class EagerReceive(futures.ThreadPoolExecutor):
                 return parsed
 
             if (getattr(behaviour, "func", behaviour) in self._poller_handlers
-                    and arrived_ns - self._poller_free_ns >= LONE_GAP_NS and self.waiting == 0
+                    and arrived_ns - self.last_done_ns >= LONE_GAP_NS and self.waiting == 0
                     and self.outstanding.count == 0 and self._pool.in_progress() == 0
                     and self._pool.arrival_while_idle()):
                 # Nothing else in progress: a hand-off to a handler thread would be the call's largest
@@ -181,7 +183,6 @@ class EagerReceive(futures.ThreadPoolExecutor):
                     run(self._respond, rpc_event, state, behaviour, request, deserializer, serializer, finished, True)
                 finally:
                     self.on_poller = 0
-                    self._poller_free_ns = time.monotonic_ns()
                 return outcome
             try:
                 self._pool.submit(run, self._respond, rpc_event, state, behaviour, request, deserializer, serializer,
