@@ -41,12 +41,20 @@ def _settled(kernel) -> None:
     until(lambda: kernel._budget._in_progress() == 0, "every call to be counted out")
 
 
+def _alone(kernel, stub, model: str = "tiny") -> None:
+    """Calls one at a time until the kernel sees a lone caller (eager_receive.LONE_IDLE_SHARE), the model's
+    batches timed."""
+    width = kernel.hub.get(model).config.inputs[0].dims[0]
+    for _ in range(16):
+        stub.ModelInfer(request_for(model, np.ones((1, width))), timeout=60)
+        _settled(kernel)
+
+
 def test_lone_calls_run_on_the_poller_and_come_back_exactly(kernel, channel, repo):
     stub = pb_grpc.GRPCInferenceServiceStub(channel)
     session = ort.InferenceSession(str(repo / "tiny" / "1" / "model.onnx"))
     rng = np.random.default_rng(11)
-    stub.ModelInfer(request_for("tiny", np.ones((1, 16))), timeout=10)  # the lane has timed a batch now
-    _settled(kernel)
+    _alone(kernel, stub)
     eager = kernel._eager
     ran, threads = eager.ran_on_poller, len(kernel._pool._threads)
     for _ in range(10):
@@ -62,8 +70,7 @@ def test_lone_calls_run_on_the_poller_and_come_back_exactly(kernel, channel, rep
 def test_a_long_batch_that_arrives_alone_leaves_the_poller_free(kernel, channel):
     stub = pb_grpc.GRPCInferenceServiceStub(channel)
     slow = kernel.hub.get("slow")
-    stub.ModelInfer(request_for("slow", np.ones((1, 64))), timeout=60)  # timed: its batches are long
-    _settled(kernel)
+    _alone(kernel, stub, "slow")  # timed: its batches are long
     ran = kernel._eager.ran_on_poller
     call = stub.ModelInfer.future(request_for("slow", np.ones((SLOW_ROWS, 64))), timeout=120)
     until(lambda: kernel.lanes.load(slow)[1] == 1 or call.done(), "the slow batch to run")
@@ -78,8 +85,7 @@ def test_a_long_batch_that_arrives_alone_leaves_the_poller_free(kernel, channel)
 def test_a_lone_call_the_lane_cannot_take_now_is_answered_later(kernel, channel, repo):
     stub = pb_grpc.GRPCInferenceServiceStub(channel)
     session = ort.InferenceSession(str(repo / "tiny" / "1" / "model.onnx"))
-    stub.ModelInfer(request_for("tiny", np.ones((1, 16))), timeout=10)
-    _settled(kernel)
+    _alone(kernel, stub)
     # A task, a stream or another front end's work can hold the lane with no call in progress here: a
     # ModelInfer stream's batch is what holds it in this test (streams take handler threads, not the poller).
     stream = stub.ModelStreamInfer(iter([request_for("slow", np.ones((SLOW_ROWS, 64)))]), timeout=120)
@@ -95,8 +101,7 @@ def test_a_lone_call_the_lane_cannot_take_now_is_answered_later(kernel, channel,
 
 def test_a_lone_call_whose_deadline_cannot_be_met_gets_a_clear_status(kernel, channel):
     stub = pb_grpc.GRPCInferenceServiceStub(channel)
-    stub.ModelInfer(request_for("slow", np.ones((1, 64))), timeout=60)
-    _settled(kernel)
+    _alone(kernel, stub, "slow")
     ran = kernel._eager.ran_on_poller
     with pytest.raises(grpc.RpcError) as info:  # Triton's timeout: 1 µs from arrival
         stub.ModelInfer(request_for("slow", np.ones((SLOW_ROWS, 64)), timeout=1), timeout=30)
@@ -121,8 +126,7 @@ def test_a_call_that_arrives_right_after_the_last_call_ended_takes_a_handler_thr
     from kernel.api import eager_receive
 
     stub = pb_grpc.GRPCInferenceServiceStub(channel)
-    stub.ModelInfer(request_for("tiny", np.ones((1, 16))), timeout=10)
-    _settled(kernel)
+    _alone(kernel, stub)
     monkeypatch.setattr(eager_receive, "LONE_GAP_NS", 60 * 10**9)
     kernel._eager.last_done_ns = time.monotonic_ns() - 61 * 10**9  # (as if the last call ended long ago)
     ran = kernel._eager.ran_on_poller
@@ -130,3 +134,23 @@ def test_a_call_that_arrives_right_after_the_last_call_ended_takes_a_handler_thr
         assert stub.ModelInfer(request_for("tiny", np.ones((1, 16))), timeout=10).raw_output_contents
         _settled(kernel)
     assert kernel._eager.ran_on_poller == ran + 1  # the first; the rest came "right after" it
+
+
+def test_after_a_busy_spell_calls_take_handler_threads_until_most_calls_arrive_alone_again(kernel, channel):
+    # A moment of idleness in a busy stream is not a lone caller: the share of recent calls that found the
+    # server idle must be back above LONE_IDLE_SHARE first.
+    from kernel.api import eager_receive
+
+    stub = pb_grpc.GRPCInferenceServiceStub(channel)
+    _alone(kernel, stub)
+    kernel._eager.idle_share = 0.0  # (as after a spell of calls that found others in progress)
+    ran = kernel._eager.ran_on_poller
+    calls = 0
+    while kernel._eager.ran_on_poller == ran and calls < 40:
+        stub.ModelInfer(request_for("tiny", np.ones((1, 16))), timeout=10)
+        _settled(kernel)
+        calls += 1
+    # the first call to run there is the one that brings the share (1 - (1 - w)^n) back to the threshold
+    expected = next(n for n in range(1, 40)
+                    if 1 - (1 - eager_receive.IDLE_SHARE_WEIGHT) ** n >= eager_receive.LONE_IDLE_SHARE)
+    assert calls == expected and kernel._eager.ran_on_poller == ran + 1
