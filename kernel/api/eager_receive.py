@@ -182,7 +182,7 @@ class EagerReceive(futures.ThreadPoolExecutor):
                     and getattr(behaviour, "func", behaviour) in self._poller_handlers
                     and self._pool.arrival_while_idle()):
                 # Nothing else in progress: a hand-off to a handler thread would be the call's largest
-                # cost (on one core ~50 µs of server CPU a tiny ModelInfer, bench/RESULTS.md "A lone call
+                # cost (on one core 30-50 µs of server CPU a tiny ModelInfer, bench/RESULTS.md "A lone call
                 # runs on the poller"), and no other call waits for this thread meanwhile.
                 self.on_poller = 1
                 self.ran_on_poller += 1
