@@ -139,6 +139,17 @@ class KernelServer:
             return self._pool.in_progress()
         return self._pool.in_progress() + eager.waiting + eager.outstanding.count + eager.on_poller
 
+    def _front_end_words(self) -> str:
+        """The start line's front end: its name and which of its unary-call paths are on."""
+        words = [self.settings.front_end]
+        if self._eager is not None:
+            words.append("eager receive")
+            if self.settings.answer_later:
+                words.append("answer later")
+                if self.settings.poller_inline:
+                    words.append("lone calls on the poller")
+        return ", ".join(words)
+
     def start(self) -> int:
         """Load the repository, start serving; returns the bound port."""
         if self.settings.gil_switch_interval_us:
@@ -164,10 +175,7 @@ class KernelServer:
             "AIOS kernel listening on %s:%d (front end %s, scheduler %s, lanes %s, batch nice %s, extensions: %s); "
             "%d model versions ready%s",
             self.settings.host, self.port,
-            self.settings.front_end + (", eager receive" if self._eager is not None else "")
-            + (", answer later" if self._eager is not None and self.settings.answer_later else "")
-            + (", lone calls on the poller" if self._eager is not None and self.settings.answer_later
-               and self.settings.poller_inline else ""),
+            self._front_end_words(),
             self.lanes.cpu.scheduler.name,
             ", ".join(f"{lane.name}×{lane.slots}" for lane in self.lanes.all()),
             self.batch_nice or ("off" if not self.settings.batch_nice else

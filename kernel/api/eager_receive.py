@@ -176,11 +176,7 @@ class EagerReceive(futures.ThreadPoolExecutor):
                                    b"Exception deserializing request!")
                 return parsed
 
-            idle = self.waiting == 0 and self.outstanding.count == 0 and self._pool.in_progress() == 0
-            self.idle_share += ((1.0 if idle else 0.0) - self.idle_share) * IDLE_SHARE_WEIGHT
-            if (idle and self.idle_share >= LONE_IDLE_SHARE and arrived_ns - self.last_done_ns >= LONE_GAP_NS
-                    and getattr(behaviour, "func", behaviour) in self._poller_handlers
-                    and self._pool.arrival_while_idle()):
+            if self._poller_handlers and self._lone(arrived_ns, behaviour):
                 # Nothing else in progress: a hand-off to a handler thread would be the call's largest
                 # cost (on one core 30-50 µs of server CPU a tiny ModelInfer, bench/RESULTS.md "A lone call
                 # runs on the poller"), and no other call waits for this thread meanwhile.
@@ -205,6 +201,15 @@ class EagerReceive(futures.ThreadPoolExecutor):
         state.due.add(_gs._RECEIVE_MESSAGE_TOKEN)
         self.waiting += 1
         return finished
+
+    def _lone(self, arrived_ns: int, behaviour) -> bool:
+        """Whether a call (its request in) runs on the poller: it arrived to an idle server, as most recent
+        calls did, well after the last call ended, and its handler may run there (on the poller thread)."""
+        idle = self.waiting == 0 and self.outstanding.count == 0 and self._pool.in_progress() == 0
+        self.idle_share += ((1.0 if idle else 0.0) - self.idle_share) * IDLE_SHARE_WEIGHT
+        return (idle and self.idle_share >= LONE_IDLE_SHARE and arrived_ns - self.last_done_ns >= LONE_GAP_NS
+                and getattr(behaviour, "func", behaviour) in self._poller_handlers
+                and self._pool.arrival_while_idle())
 
     def run_on_poller(self, behaviours: frozenset) -> None:
         """Let ``behaviours`` run on the poller thread when their call arrives to an idle server (their
