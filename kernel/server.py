@@ -59,6 +59,15 @@ def _on_item(item) -> None:
     item.model.stats.record_request(item.error is None, item.rows, queued, now - item.enqueued_ns, item.timings)
 
 
+def front_end_hint(front_end: str, lane_names: list[str]) -> str | None:
+    """A line for the log when the front end chosen is not the one measured to serve GPU models best."""
+    gpus = [name for name in lane_names if name.startswith("cuda")]
+    if front_end != "sync" or not gpus:
+        return None
+    return (f"models on {', '.join(gpus)} with the threaded front end: on an H100 the asyncio front end "
+            "(--front-end aio) served 6-28 % more ModelInfer calls at 16-64 in flight (bench/RESULTS.md, 'GPU again')")
+
+
 class KernelServer:
     def __init__(self, settings: Settings):
         self.settings = settings
@@ -183,6 +192,9 @@ class KernelServer:
             ", ".join(f"{k}={v}" for k, v in sorted(accel.CHOSEN.items())) or "none",
             len(loaded), f", {len(self.failed_models)} failed: {', '.join(self.failed_models)}" if self.failed_models else "",
         )
+        hint = front_end_hint(self.settings.front_end, [lane.name for lane in self.lanes.all()])
+        if hint:
+            log.info("%s", hint)
         return self.port
 
     def _bind(self, server) -> int:

@@ -55,3 +55,12 @@ def test_missing_file(tmp_path):
     with pytest.raises(SettingsError) as info:
         load_settings(tmp_path / "nope.toml", environ={})
     assert "does not exist" in str(info.value)
+
+
+def test_gpu_models_on_the_threaded_front_end_get_a_hint_in_the_log():
+    from kernel.server import front_end_hint
+
+    hint = front_end_hint("sync", ["cpu", "cuda:0"])
+    assert hint and "cuda:0" in hint and "--front-end aio" in hint
+    assert front_end_hint("aio", ["cpu", "cuda:0"]) is None
+    assert front_end_hint("sync", ["cpu"]) is None
