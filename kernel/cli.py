@@ -14,7 +14,7 @@ import sys
 import threading
 from pathlib import Path
 
-from . import __version__
+from . import __version__, grpc_io
 from .config import SettingsError, load_settings
 from .observability import setup_logging
 
@@ -65,9 +65,10 @@ def _wait_for_signal(server) -> int:
 
 
 def cmd_serve(args) -> int:
+    settings = _settings(args)
+    grpc_io.choose(settings.front_end, settings.grpc_iomgr)  # before grpc is imported (by .server)
     from .server import KernelServer
 
-    settings = _settings(args)
     setup_logging(settings.log_level)
     if not Path(settings.models).is_dir():
         log.error("model repository %s does not exist (set --models, AIOS_MODELS or models in kernel.toml)", settings.models)

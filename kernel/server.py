@@ -19,7 +19,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
-from . import accel
+from . import accel, grpc_io
 from ._proto import POOL
 from ._proto.inference import grpc_service_pb2
 from .api import InferenceService, aio_servicer, eager_receive, kernel_services, registration, sync_servicer
@@ -150,7 +150,7 @@ class KernelServer:
 
     def _front_end_words(self) -> str:
         """The start line's front end: its name and which of its unary-call paths are on."""
-        words = [self.settings.front_end]
+        words = [self.settings.front_end, f"grpc I/O {grpc_io.describe()}"]
         if self._eager is not None:
             words.append("eager receive")
             if self.settings.answer_later:

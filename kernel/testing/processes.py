@@ -19,11 +19,11 @@ class ServeProcess:
     temporary folder unless ``data_dir`` is given, so a restart can reuse it.
     """
 
-    def __init__(self, models: Path, *extra: str, data_dir: str | Path | None = None):
+    def __init__(self, models: Path, *extra: str, data_dir: str | Path | None = None, env: dict | None = None):
         self.data_dir = Path(data_dir) if data_dir is not None else Path(tempfile.mkdtemp(prefix="aios-data-"))
         self.proc = subprocess.Popen(
             [*CLI, "serve", "--models", str(models), "--port", "0", "--data-dir", str(self.data_dir), *extra],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env,
         )
         line = self.proc.stdout.readline()
         if "ready on" not in line:

@@ -1,0 +1,49 @@
+"""Which of gRPC core's two I/O paths a kernel process uses, chosen before grpc is imported.
+
+grpcio 1.85 reads and writes sockets on its EventEngine's own threads by
+default, and wakes the Python thread polling the completion queue for each
+event: on the threaded front end every message crosses one more thread than
+with the older iomgr path, where the polling thread does the socket work
+itself. With iomgr (two of grpc's experiments turned off through
+``GRPC_EXPERIMENTS``) the threaded front end served a lone tiny-model call
+1.08-1.14x faster with ~35 µs less server CPU, and 1.09-1.10x at 16 and 64 in
+flight; the large model at 16 in flight served 0.89x in one run
+(bench/RESULTS.md, "gRPC's iomgr path"). grpc calls these switches
+experiments; a grpcio that drops them ignores the variable, and the kernel
+then runs on the EventEngine as before. Only the serve command chooses (grpc
+reads the variable once, when it starts), only for the threaded front end,
+and never over a ``GRPC_EXPERIMENTS`` the operator set.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+ENV = "GRPC_EXPERIMENTS"
+IOMGR = "-event_engine_listener,-event_engine_for_all_other_endpoints"
+
+_chosen: str | None = None
+
+
+def choose(front_end: str, iomgr: bool) -> str:
+    """Set grpc's I/O path for this process (call before anything imports grpc); returns ``describe()``."""
+    global _chosen
+    if os.environ.get(ENV):
+        _chosen = None  # the operator's choice: described from the variable
+    elif not iomgr or front_end != "sync":
+        _chosen = "event engine"
+    elif "grpc" in sys.modules:
+        _chosen = "event engine (grpc was imported before the kernel could choose iomgr)"
+    else:
+        os.environ[ENV] = IOMGR
+        _chosen = "iomgr"
+    return describe()
+
+
+def describe() -> str:
+    """The I/O path for the start line."""
+    if _chosen is not None:
+        return _chosen
+    value = os.environ.get(ENV)
+    return f"{ENV}={value} from the environment" if value else "event engine"
