@@ -16,8 +16,8 @@ SIGTERM. The systems:
   ModelInfer's handler thread sleeps until its answer is ready instead of handing the call on
 * ``kernel-sync-handoff`` (only when asked for): ``kernel-sync`` with ``poller_inline = false``: a call
   that arrives to an idle server is handed to a handler thread instead of running on gRPC's poller
-* ``kernel-sync-ee`` (only when asked for): ``kernel-sync`` with ``grpc_iomgr = false``: gRPC core's
-  EventEngine I/O threads instead of its iomgr path (kernel/grpc_io.py)
+* ``kernel-sync-iomgr`` (only when asked for): ``kernel-sync`` with ``grpc_iomgr = true``: gRPC core's
+  iomgr I/O path instead of its EventEngine threads (kernel/grpc_io.py)
 
 Other engineers commit to kernel/ while a run goes on, so by default the code under test is
 frozen first: ``kernel/`` and the server modules of ``bench/`` are copied to
@@ -70,13 +70,13 @@ SHORT_NAMES = {"tiny": "tiny_mlp", "medium": "medium_mlp", "large": "large_mlp"}
 #: concurrency levels per model (64 only where batching can pay)
 CONCURRENCY = {"tiny_mlp": [1, 16], "medium_mlp": [1, 16, 64], "large_mlp": [1, 16, 64]}
 SYSTEMS = ("kernel-sync", "kernel-aio", "naive")
-OPTIONAL_SYSTEMS = ("kernel-sync-std", "kernel-sync-block", "kernel-sync-handoff", "kernel-sync-ee")
+OPTIONAL_SYSTEMS = ("kernel-sync-std", "kernel-sync-block", "kernel-sync-handoff", "kernel-sync-iomgr")
 BASELINE = "naive"
 RATIOS = (("kernel-sync", "naive"), ("kernel-aio", "naive"), ("kernel-sync", "kernel-aio"),
           ("kernel-sync-std", "naive"), ("kernel-sync", "kernel-sync-std"),
           ("kernel-sync-block", "naive"), ("kernel-sync", "kernel-sync-block"),
           ("kernel-sync-handoff", "naive"), ("kernel-sync", "kernel-sync-handoff"),
-          ("kernel-sync-ee", "naive"), ("kernel-sync", "kernel-sync-ee"))
+          ("kernel-sync-iomgr", "naive"), ("kernel-sync-iomgr", "kernel-sync"))
 
 
 # --------------------------------------------------------------------------- setup
@@ -217,7 +217,7 @@ def server_argv(system: str, model: str, views: dict[str, Path], onnx_dir: Path,
     prefix = {"kernel-sync-std": ["env", "AIOS_EAGER_RECEIVE=false"],
               "kernel-sync-block": ["env", "AIOS_ANSWER_LATER=false"],
               "kernel-sync-handoff": ["env", "AIOS_POLLER_INLINE=false"],
-              "kernel-sync-ee": ["env", "AIOS_GRPC_IOMGR=false"]}.get(system, [])
+              "kernel-sync-iomgr": ["env", "AIOS_GRPC_IOMGR=true"]}.get(system, [])
     argv = [*prefix, py, "-m", "kernel", "serve", "--models", views[model], "--port", "0", "--front-end", front_end,
             "--log-level", "WARNING"]
     if workers and front_end == "sync":

@@ -6,9 +6,12 @@ event: on the threaded front end every message crosses one more thread than
 with the older iomgr path, where the polling thread does the socket work
 itself. With iomgr (two of grpc's experiments turned off through
 ``GRPC_EXPERIMENTS``) the threaded front end served a lone tiny-model call
-1.08-1.14x faster with ~35 µs less server CPU, and 1.09-1.10x at 16 and 64 in
-flight; the large model at 16 in flight served 0.89x in one run
-(bench/RESULTS.md, "gRPC's iomgr path"). grpc calls these switches
+1.08-1.18x faster with ~35 µs less server CPU, and 1.09-1.13x at 16 and 64 in
+flight; but all socket work then waits for that one thread, which under load
+waits for the GIL: a priority-1 call next to a saturating neighbour had a
+1.4-1.8x higher p99, and more answers with Triton's ``timeout`` arrived late.
+So it is off by default (``grpc_iomgr = true`` for throughput-bound serving
+without urgent traffic; bench/RESULTS.md, "gRPC's iomgr path"). grpc calls these switches
 experiments; a grpcio that drops them ignores the variable, and the kernel
 then runs on the EventEngine as before. Only the serve command chooses (grpc
 reads the variable once, when it starts), only for the threaded front end,

@@ -1,5 +1,5 @@
-"""`serve` runs the threaded front end on gRPC core's iomgr I/O path (kernel/grpc_io.py), chosen before grpc
-starts; never over the operator's own GRPC_EXPERIMENTS, and not for the asyncio front end."""
+"""With ``grpc_iomgr``, `serve` runs the threaded front end on gRPC core's iomgr I/O path (kernel/grpc_io.py),
+chosen before grpc starts; never over the operator's own GRPC_EXPERIMENTS, and not for the asyncio front end."""
 
 from __future__ import annotations
 
@@ -40,20 +40,22 @@ def _serve_and_call(repo, *extra, env=None) -> str:
     return log
 
 
-def test_the_threaded_front_end_serves_on_iomgr(repo):
-    env = {k: v for k, v in os.environ.items() if k != grpc_io.ENV}
-    assert "grpc I/O iomgr" in _serve_and_call(repo, env=env)
+def _env(**extra) -> dict:
+    return {**{k: v for k, v in os.environ.items() if k not in (grpc_io.ENV, "AIOS_GRPC_IOMGR")}, **extra}
+
+
+def test_the_threaded_front_end_serves_on_iomgr_when_asked(repo):
+    assert "grpc I/O iomgr" in _serve_and_call(repo, env=_env(AIOS_GRPC_IOMGR="true"))
 
 
 def test_the_operators_grpc_experiments_are_kept(repo):
-    env = {**os.environ, grpc_io.ENV: "-event_engine_listener"}
+    env = _env(AIOS_GRPC_IOMGR="true", **{grpc_io.ENV: "-event_engine_listener"})
     assert f"grpc I/O {grpc_io.ENV}=-event_engine_listener from the environment" in _serve_and_call(repo, env=env)
 
 
-def test_the_setting_off_and_the_asyncio_front_end_keep_the_event_engine(repo):
-    env = {k: v for k, v in os.environ.items() if k != grpc_io.ENV}
-    assert "grpc I/O event engine" in _serve_and_call(repo, env={**env, "AIOS_GRPC_IOMGR": "false"})
-    assert "grpc I/O event engine" in _serve_and_call(repo, "--front-end", "aio", env=env)
+def test_by_default_and_on_the_asyncio_front_end_the_event_engine_stays(repo):
+    assert "grpc I/O event engine" in _serve_and_call(repo, env=_env())
+    assert "grpc I/O event engine" in _serve_and_call(repo, "--front-end", "aio", env=_env(AIOS_GRPC_IOMGR="true"))
 
 
 def test_too_late_to_choose_once_grpc_is_imported(monkeypatch):
