@@ -11,9 +11,9 @@ flight; but all socket work then waits for that one thread, which under load
 waits for the GIL: a priority-1 call next to a saturating neighbour had a
 1.4-1.8x higher p99, and more answers with Triton's ``timeout`` arrived late.
 So it is off by default (``grpc_iomgr = true`` for throughput-bound serving
-without urgent traffic; bench/RESULTS.md, "gRPC's iomgr path"). grpc calls these switches
-experiments; a grpcio that drops them ignores the variable, and the kernel
-then runs on the EventEngine as before. Only the serve command chooses (grpc
+without urgent traffic; bench/RESULTS.md, "gRPC's iomgr path"). grpc calls
+these switches experiments; a grpcio that drops them ignores the variable,
+and the kernel then runs on the EventEngine as before. Only the serve command chooses (grpc
 reads the variable once, when it starts), only for the threaded front end,
 and never over a ``GRPC_EXPERIMENTS`` the operator set.
 """
