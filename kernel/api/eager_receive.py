@@ -146,7 +146,6 @@ class EagerReceive(futures.ThreadPoolExecutor):
             _fallback("grpc handed over an unexpected call shape")
             return self._pool.submit(*args, **kwargs)
         run, _respond, rpc_event, state, behaviour, _receive, deserializer, serializer = args
-        arrived_ns = time.monotonic_ns()
         finished = _Finished(self)
         self.calls += 1
 
@@ -176,7 +175,7 @@ class EagerReceive(futures.ThreadPoolExecutor):
                                    b"Exception deserializing request!")
                 return parsed
 
-            if self._poller_handlers and self._lone(arrived_ns, behaviour):
+            if self._poller_handlers and self._lone(behaviour):
                 # Nothing else in progress: a hand-off to a handler thread would be the call's largest
                 # cost (on one core 30-50 µs of server CPU a tiny ModelInfer, bench/RESULTS.md "A lone call
                 # runs on the poller"), and no other call waits for this thread meanwhile.
@@ -202,19 +201,18 @@ class EagerReceive(futures.ThreadPoolExecutor):
         self.waiting += 1
         return finished
 
-    def _lone(self, arrived_ns: int, behaviour) -> bool:
+    def _lone(self, behaviour) -> bool:
         """Whether a call (its request in) runs on the poller: it arrived to an idle server, as most recent
         calls did, well after the last call ended, and its handler may run there (on the poller thread)."""
         idle = self.waiting == 0 and self.outstanding.count == 0 and self._pool.in_progress() == 0
         self.idle_share += ((1.0 if idle else 0.0) - self.idle_share) * IDLE_SHARE_WEIGHT
-        return (idle and self.idle_share >= LONE_IDLE_SHARE and arrived_ns - self.last_done_ns >= LONE_GAP_NS
+        if not idle or self.idle_share < LONE_IDLE_SHARE:
+            return False
+        # The time grpc took up the call, stamped once for the handler (registration._ArrivalStamped).
+        arrived_ns = getattr(behaviour, "keywords", {}).get("arrived_ns") or time.monotonic_ns()
+        return (arrived_ns - self.last_done_ns >= LONE_GAP_NS
                 and getattr(behaviour, "func", behaviour) in self._poller_handlers
                 and self._pool.arrival_while_idle())
-
-    def run_on_poller(self, behaviours: frozenset) -> None:
-        """Let ``behaviours`` run on the poller thread when their call arrives to an idle server (their
-        LaterAnswer says ``on_poller``, and they hand on whatever would wait); only with ``answer_later``."""
-        self._poller_handlers = behaviours if self._answer_later else frozenset()
 
     def _respond(self, rpc_event, state, behaviour, request, deserializer, serializer, finished,
                  on_poller: bool = False) -> None:
@@ -274,5 +272,6 @@ def attach(handlers, pool, answer_later: bool = True, poller_inline: bool = Fals
                 continue
             if poller_inline and getattr(behaviour, "runs_on_poller", False):
                 on_poller.add(behaviour)
-    eager.run_on_poller(frozenset(on_poller))
+    if answer_later:  # (a handler on the poller hands on what would wait through its LaterAnswer)
+        eager._poller_handlers = frozenset(on_poller)
     return eager

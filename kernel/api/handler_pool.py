@@ -89,17 +89,12 @@ class HandlerPool:
         """Run ``fn(*args)`` on a handler thread; a new thread starts only when none is idle."""
         call = PoolCall(self, fn, args)
         thread = None
-        flip = None
         with self._lock:
             if self._closed:
                 raise RuntimeError("cannot schedule new calls after shutdown")
             busy = self._busy
             self._busy = busy + 1
-            if self._on_overlap is not None:
-                if busy >= 2 and not self._overlapping:
-                    flip = self._overlapping = True
-                elif busy == 0 and self._overlapping:
-                    flip = self._overlapping = False
+            flip = self._overlap_change_locked(busy)
             if self._idle:
                 self._idle -= 1
             elif len(self._threads) < self.max_workers:
@@ -116,15 +111,25 @@ class HandlerPool:
         """A call arrived to an idle pool and runs on the submitting thread instead (eager_receive's poller
         inline): tell ``on_overlap`` that calls no longer overlap, as ``submit`` would. False if the pool
         is closed (the call takes ``submit``, which refuses it)."""
-        flip = False
         with self._lock:
             if self._closed:
                 return False
-            if self._on_overlap is not None and self._busy == 0 and self._overlapping:
-                flip, self._overlapping = True, False
-        if flip:
-            self._on_overlap(False)
+            flip = self._overlap_change_locked(self._busy)
+        if flip is not None:
+            self._on_overlap(flip)
         return True
+
+    def _overlap_change_locked(self, busy: int) -> bool | None:
+        """What ``on_overlap`` is to be told as a call arrives with ``busy`` others in progress, if anything."""
+        if self._on_overlap is None:
+            return None
+        if busy >= 2 and not self._overlapping:
+            self._overlapping = True
+            return True
+        if busy == 0 and self._overlapping:
+            self._overlapping = False
+            return False
+        return None
 
     def _work(self) -> None:
         if self._initializer is not None:
