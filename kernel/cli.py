@@ -35,7 +35,8 @@ def _server_flags(parser: argparse.ArgumentParser) -> None:
                              "written, not yet synced (a power cut can lose the newest); off: no audit (benchmarks only)")
     parser.add_argument("--host", help="listen address (default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="gRPC port (default 8001; 0 = any free port)")
-    parser.add_argument("--front-end", dest="front_end", choices=("sync", "aio"), help="gRPC front end")
+    parser.add_argument("--front-end", dest="front_end", choices=("auto", "sync", "aio"),
+                        help="gRPC front end (default auto: aio when a model runs on a GPU, else sync)")
     parser.add_argument("--workers", type=int, help="handler threads of the sync front end")
     parser.add_argument("--log-level", dest="log_level", help="DEBUG, INFO, WARNING or ERROR")
 

@@ -34,7 +34,7 @@ def choose(front_end: str, iomgr: bool) -> str:
     global _chosen
     if os.environ.get(ENV):
         _chosen = None  # the operator's choice: described from the variable
-    elif not iomgr or front_end != "sync":
+    elif not iomgr or front_end == "aio":  # ("auto" stays on the threaded front end when iomgr is asked)
         _chosen = "event engine"
     elif "grpc" in sys.modules:
         _chosen = "event engine (grpc was imported before the kernel could choose iomgr)"

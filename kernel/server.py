@@ -59,18 +59,37 @@ def _on_item(item) -> None:
     item.model.stats.record_request(item.error is None, item.rows, queued, now - item.enqueued_ns, item.timings)
 
 
+def choose_front_end(asked: str, devices_in_use: list[str], io_path: str) -> tuple[str, str]:
+    """The front end to serve on, and why when ``asked`` was "auto" ("" otherwise).
+
+    Decided once the models are placed: the asyncio front end served GPU
+    models 6-28 % faster than the threaded one on an H100, the threaded one is
+    ahead on CPUs (bench/RESULTS.md). gRPC's iomgr path exists only for the
+    threaded front end, so asking for it keeps "auto" there.
+    """
+    if asked != "auto":
+        return asked, ""
+    gpus = [device for device in devices_in_use if device.startswith("cuda")]
+    if not gpus:
+        return "sync", "auto: no model on a GPU"
+    if io_path == "iomgr":
+        return "sync", f"auto: models on {', '.join(gpus)}, but grpc_iomgr needs the threaded front end"
+    return "aio", f"auto: models on {', '.join(gpus)}"
+
+
 def front_end_hint(front_end: str, lane_names: list[str]) -> str | None:
     """A line for the log when the front end chosen is not the one measured to serve GPU models best."""
     gpus = [name for name in lane_names if name.startswith("cuda")]
     if front_end != "sync" or not gpus:
         return None
     return (f"models on {', '.join(gpus)} with the threaded front end: on an H100 the asyncio front end "
-            "(--front-end aio) served 6-28 % more ModelInfer calls at 16-64 in flight (bench/RESULTS.md, 'GPU again')")
+            "(--front-end aio, or auto) served 6-28 % more ModelInfer calls at 16-64 in flight (bench/RESULTS.md, 'GPU again')")
 
 
 class KernelServer:
     def __init__(self, settings: Settings):
         self.settings = settings
+        self.front_end, self._front_end_why = settings.front_end, ""  # "auto" is settled in start()
         self.hub = ModelHub(settings.models)
         self.batch_nice = settings.batch_nice if settings.batch_nice and can_lower_and_restore(settings.batch_nice) else 0
         self.lanes = Lanes(lambda: make_scheduler(settings.scheduler), run_batch, settings.slots,
@@ -150,7 +169,8 @@ class KernelServer:
 
     def _front_end_words(self) -> str:
         """The start line's front end: its name and which of its unary-call paths are on."""
-        words = [self.settings.front_end, f"grpc I/O {grpc_io.describe()}"]
+        words = [f"{self.front_end} ({self._front_end_why})" if self._front_end_why else self.front_end,
+                 f"grpc I/O {grpc_io.describe()}"]
         if self._eager is not None:
             words.append("eager receive")
             if self.settings.answer_later:
@@ -165,7 +185,9 @@ class KernelServer:
             sys.setswitchinterval(self.settings.gil_switch_interval_us / 1e6)  # process-wide: the kernel owns it
         loaded, self.failed_models = self.hub.load_all()
         self.decisions.start()  # pipelines are checked against the models just loaded
-        if self.settings.front_end == "aio":
+        self.front_end, self._front_end_why = choose_front_end(self.settings.front_end, self.lanes.devices_in_use(),
+                                                               grpc_io.describe())
+        if self.front_end == "aio":
             self._start_aio()
         else:
             self._pool = HandlerPool(self.settings.workers, thread_name_prefix="aios-grpc",

@@ -89,3 +89,19 @@ def test_gpu_batches_split_back_exactly_and_match_the_cpu(tmp_path):
             np.testing.assert_allclose(got, cpu.run(None, {"INPUT0": x})[0], rtol=1e-4, atol=1e-5)
     finally:
         server.stop(grace=1)
+
+
+def test_auto_front_end_serves_gpu_models_on_asyncio(tmp_path):
+    import tritonclient.grpc as tc
+
+    onnx_models.save(onnx_models.mlp([16, 64, 4], seed=3), tmp_path / "tiny" / "1" / "model.onnx")
+    server = start_kernel(tmp_path, "auto")
+    try:
+        assert server.front_end == "aio" and server.lanes.devices_in_use() == ["cuda:0"]
+        client = tc.InferenceServerClient(f"127.0.0.1:{server.port}")
+        x = np.ones((2, 16), np.float32)
+        tensor = tc.InferInput("INPUT0", [2, 16], "FP32")
+        tensor.set_data_from_numpy(x)
+        assert client.infer("tiny", [tensor]).as_numpy("OUTPUT0").shape == (2, 4)
+    finally:
+        server.stop(grace=1)

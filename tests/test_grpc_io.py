@@ -45,7 +45,9 @@ def _env(**extra) -> dict:
 
 
 def test_the_threaded_front_end_serves_on_iomgr_when_asked(repo):
-    assert "grpc I/O iomgr" in _serve_and_call(repo, env=_env(AIOS_GRPC_IOMGR="true"))
+    # The default front end is "auto", settled after the models load (sync here: the model is on the CPU).
+    assert "front end sync (auto: no model on a GPU), grpc I/O iomgr" in _serve_and_call(repo, env=_env(AIOS_GRPC_IOMGR="true"))
+    assert "front end sync, grpc I/O iomgr" in _serve_and_call(repo, "--front-end", "sync", env=_env(AIOS_GRPC_IOMGR="true"))
 
 
 def test_the_operators_grpc_experiments_are_kept(repo):

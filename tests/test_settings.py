@@ -10,7 +10,7 @@ from kernel.config import Settings, SettingsError, load_settings
 def test_defaults():
     settings = load_settings(environ={})
     assert settings == Settings()
-    assert settings.port == 8001 and settings.front_end == "sync"
+    assert settings.port == 8001 and settings.front_end == "auto"
     assert settings.slots >= 1
 
 
@@ -28,7 +28,7 @@ def test_layers_override_in_order(tmp_path):
     "kwargs,fragment",
     [
         ({"environ": {"AIOS_PORT": "http"}}, "port (from $AIOS_PORT) must be int"),
-        ({"overrides": {"front_end": "gevent"}}, "front_end (from --front-end) must be one of sync, aio"),
+        ({"overrides": {"front_end": "gevent"}}, "front_end (from --front-end) must be one of auto, sync, aio"),
         ({"overrides": {"port": 70000}}, "port (from --port) must be 0..65535"),
         ({"overrides": {"workers": 0}}, "workers (from --workers) must be >= 1"),
         ({"environ": {"AIOS_GIL_SWITCH_INTERVAL_US": "-5"}}, "gil_switch_interval_us (from $AIOS_GIL_SWITCH_INTERVAL_US) must be 0..1000000"),
@@ -64,3 +64,15 @@ def test_gpu_models_on_the_threaded_front_end_get_a_hint_in_the_log():
     assert hint and "cuda:0" in hint and "--front-end aio" in hint
     assert front_end_hint("aio", ["cpu", "cuda:0"]) is None
     assert front_end_hint("sync", ["cpu"]) is None
+
+
+def test_auto_front_end_is_asyncio_only_when_a_model_runs_on_a_gpu():
+    from kernel.server import choose_front_end
+
+    assert choose_front_end("auto", ["cpu"], "event engine") == ("sync", "auto: no model on a GPU")
+    assert choose_front_end("auto", [], "event engine")[0] == "sync"  # nothing loaded yet: models may come later
+    assert choose_front_end("auto", ["cpu", "cuda:0", "cuda:1"], "event engine") == ("aio", "auto: models on cuda:0, cuda:1")
+    front_end, why = choose_front_end("auto", ["cuda:0"], "iomgr")  # the operator asked for the threaded-only I/O path
+    assert front_end == "sync" and "grpc_iomgr" in why
+    for asked in ("sync", "aio"):  # an explicit choice is kept, with nothing to explain
+        assert choose_front_end(asked, ["cuda:0"], "event engine") == (asked, "")

@@ -52,6 +52,10 @@ class Lanes:
     def all(self) -> list[Lane]:
         return list(self._lanes.values())
 
+    def devices_in_use(self) -> list[str]:
+        """The devices that run at least one model version now."""
+        return sorted({lane.name for lane in self._by_model.values()})
+
     def add_model(self, model, device: str, schedule: ModelSchedule, profile=()) -> Lane:
         lane = self.lane(device)
         lane.add_model(model, schedule, profile)
