@@ -33,9 +33,8 @@ class Settings:
     port: int = 8001  # Triton's gRPC port, so perf_analyzer and tritonclient defaults just work
     models: str = "models"  # model repository folder
     # "sync" (thread pool), "aio" (grpc.aio on uvloop), or "auto": chosen at start, once the models are
-    # placed — aio when a model runs on a GPU (6-28 % more calls/s than sync there on an H100), else
-    # sync (ahead on CPUs);
-    # see bench/RESULTS.md, "GPU again" and "Front ends".
+    # placed — aio when a model runs on a GPU (sync served 0.72-0.94x its calls/s at 16-64 in flight in
+    # three H100 runs), else sync (ahead on CPUs); bench/RESULTS.md, "GPU, third time" and "Front ends".
     front_end: str = "auto"
     # Handler threads of the sync front end, and its limit on calls in progress: a call
     # beyond it is refused at once (RESOURCE_EXHAUSTED) instead of waiting, unseen by

@@ -63,9 +63,10 @@ def choose_front_end(asked: str, devices_in_use: list[str], io_path: str) -> tup
     """The front end to serve on, and why when ``asked`` was "auto" ("" otherwise).
 
     Decided once the models are placed: the asyncio front end served GPU
-    models 6-28 % faster than the threaded one on an H100, the threaded one is
-    ahead on CPUs (bench/RESULTS.md). gRPC's iomgr path exists only for the
-    threaded front end, so asking for it keeps "auto" there.
+    models at 16-64 in flight 1.06-1.39x the threaded one's calls/s in three
+    H100 runs, the threaded one is ahead on CPUs (bench/RESULTS.md). gRPC's
+    iomgr path exists only for the threaded front end, so asking for it keeps
+    "auto" there.
     """
     if asked != "auto":
         return asked, ""
@@ -83,7 +84,7 @@ def front_end_hint(front_end: str, lane_names: list[str]) -> str | None:
     if front_end != "sync" or not gpus:
         return None
     return (f"models on {', '.join(gpus)} with the threaded front end: on an H100 the asyncio front end "
-            "(--front-end aio, or auto) served 6-28 % more ModelInfer calls at 16-64 in flight (bench/RESULTS.md, 'GPU again')")
+            "(--front-end aio, or auto) served 1.06-1.39x the threaded front end's ModelInfer calls at 16-64 in flight (bench/RESULTS.md, 'GPU again', 'GPU, third time')")
 
 
 class KernelServer:
