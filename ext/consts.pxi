@@ -7,6 +7,9 @@ DEF LEN_PREFIX_BYTES = 4            # bytes: length prefix of one BYTES tensor e
 DEF LATENCY_WINDOW = 50             # batches in the latency model's sliding window
 DEF MAX_OBSERVED_NS = 100000000000  # ns (100 s): longer batch times are clamped
 DEF ARRIVAL_EWMA_SHIFT = 3          # inter-arrival EWMA weight 1/8, as a shift
+DEF STRETCH_ONE = 1024              # admission's service stretch, fixed point: 1024 = 1.0
+DEF STRETCH_MAX = 8192              # its cap (8.0)
+DEF STRETCH_EWMA_SHIFT = 3          # its EWMA weight 1/8, as a shift
 DEF NO_DEADLINE = 0                 # deadline_ns meaning "none"
 DEF DEADLINE_NEVER = 9223372036854775807  # ns: sort key of items without a deadline
 DEF MAX_PRIORITY_LEVELS = 16        # levels per model (model.toml priority_levels)

@@ -116,6 +116,11 @@ cdef class _ModelQ:
     cdef double a, b
     cdef long long last_arrival
     cdef long long gap
+    # admission's service stretch (kernel/scheduling/policy.py), fixed point, and the latest dispatch
+    cdef long long stretch
+    cdef long long last_start
+    cdef long long last_predicted
+    cdef bint last_backlogged
     # counters for stats()
     cdef long long submitted, rejected_queue_full, rejected_tenant_full, rejected_deadline
     cdef long long expired, cancelled, batches, rows
@@ -144,6 +149,7 @@ cdef class CythonScheduler:
 
     cdef int _reject(self, _ModelQ m, WorkItem item, int reason, long long retry_after_ns) except -1
     cdef long long _wait_ahead(self, _ModelQ m, int level, long long rows, long long now_ns)
+    cdef void _stretch_sample(self, _ModelQ m, long long now_ns, long long predicted) noexcept
     cdef int _unqueue(self, _ModelQ m, WorkItem item) except -1
     cdef WorkItem _clean_head(self, _ModelQ m, long long now_ns)
     cdef int _expire(self, _ModelQ m, WorkItem item) except -1

@@ -38,6 +38,9 @@ CONSTANTS = {
     "LATENCY_WINDOW": LATENCY_WINDOW,
     "MAX_OBSERVED_NS": MAX_OBSERVED_NS,
     "ARRIVAL_EWMA_SHIFT": ARRIVAL_EWMA_SHIFT,
+    "STRETCH_ONE": STRETCH_ONE,
+    "STRETCH_MAX": STRETCH_MAX,
+    "STRETCH_EWMA_SHIFT": STRETCH_EWMA_SHIFT,
     "NO_DEADLINE": NO_DEADLINE,
     "DEADLINE_NEVER": DEADLINE_NEVER,
     "ADMITTED": ADMITTED,
@@ -175,6 +178,7 @@ cdef class _ModelQ:
         self.track_tenants = self.max_tenant_queue < self.max_queue
         self.slots = []
         self.tenants = {}
+        self.stretch = STRETCH_ONE
         for level in range(MAX_PRIORITY_LEVELS):
             self.rows_by_level[level] = 0
 
@@ -435,7 +439,19 @@ cdef class CythonScheduler:
         busy = 0
         if m.in_flight >= m.instances and m.busy_until > now_ns:
             busy = m.busy_until - now_ns
-        return busy + work // m.instances
+        return ((busy + work // m.instances) * m.stretch) >> 10
+
+    cdef void _stretch_sample(self, _ModelQ m, long long now_ns, long long predicted) noexcept:
+        cdef long long sample, stretch
+        if m.last_backlogged and m.last_predicted > 0:
+            sample = ((now_ns - m.last_start) * m.instances << 10) // m.last_predicted
+            if sample > STRETCH_MAX:
+                sample = STRETCH_MAX
+            stretch = m.stretch + ((sample - m.stretch) >> STRETCH_EWMA_SHIFT)
+            m.stretch = STRETCH_ONE if stretch < STRETCH_ONE else stretch
+        m.last_start = now_ns
+        m.last_predicted = predicted
+        m.last_backlogged = m.queued_rows >= m.capacity
 
     cdef inline int _unqueue(self, _ModelQ m, WorkItem item) except -1:
         m.queued -= 1
@@ -530,7 +546,7 @@ cdef class CythonScheduler:
     cdef Batch _take(self, _ModelQ m, WorkItem head, long long now_ns):
         cdef WorkItem item
         cdef long long rows = head.rows
-        cdef long long end
+        cdef long long end, predicted
         cdef Batch batch
         cdef list chosen = [head]
         cdef object shape = head.shape_key
@@ -550,7 +566,9 @@ cdef class CythonScheduler:
         m.in_flight += 1
         m.batches += 1
         m.rows += rows
-        end = now_ns + m.predict(rows)
+        predicted = m.predict(rows)
+        self._stretch_sample(m, now_ns, predicted)
+        end = now_ns + predicted
         if end > m.busy_until:
             m.busy_until = end
         self._vclock = m.vtime
@@ -641,6 +659,7 @@ cdef class CythonScheduler:
                 "in_flight": m.in_flight,
                 "fit_ns_per_row": m.a,
                 "fit_ns_fixed": m.b,
+                "service_stretch": m.stretch / <double>STRETCH_ONE,
             }
         return {"scheduler": self.name, "queued": self._queued, "models": models}
 

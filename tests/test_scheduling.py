@@ -199,6 +199,41 @@ def test_admission_refuses_unmeetable_deadline_with_retry_hint(sched):
     assert sched.submit(jumper, 0) == ADMITTED
 
 
+def test_admission_scales_its_wait_by_how_slowly_a_backlogged_model_is_served(sched):
+    m = add(sched, max_batch_size=4)
+    for rows, ns in [(1, 2 * MS), (4, 5 * MS)]:  # fit: 1 ms per row + 1 ms per batch; a full batch 5 ms
+        sched.observe(m, rows, ns)
+    for _ in range(40):
+        submit(sched, m, rows=1)  # ten full batches: the model stays backlogged
+    now = 0
+    for _ in range(10):  # each batch takes its 5 ms, but the next starts only 10 ms later (the lane's other work)
+        (batch,) = sched.next_batches(now)
+        sched.complete(batch, 5 * MS)
+        now += 10 * MS
+    stretch = sched.stats()["models"][m]["service_stretch"]
+    assert 1.6 < stretch < 2.0  # nine samples of 2.0, each weighted 1/8, from 1.0
+    for _ in range(8):
+        submit(sched, m, now=now, rows=1)  # two full batches: 10 ms by the fit
+    tight = item(m, deadline=now + 15 * MS)  # 12 ms by the fit alone: admitted before the stretch
+    assert sched.submit(tight, now) == REJECT_DEADLINE
+    assert tight.retry_after_ns == (12 * MS * round(stretch * 1024)) >> 10
+    assert sched.submit(item(m, deadline=now + 25 * MS), now) == ADMITTED
+
+
+def test_a_model_that_drains_its_queue_keeps_the_fit_as_it_is(sched):
+    m = add(sched, max_batch_size=4)
+    for rows, ns in [(1, 2 * MS), (4, 5 * MS)]:
+        sched.observe(m, rows, ns)
+    now = 0
+    for _ in range(10):  # a full batch at a time, far apart: the gaps are the callers', not the lane's
+        for _ in range(4):
+            submit(sched, m, now=now, rows=1)
+        (batch,) = sched.next_batches(now)
+        sched.complete(batch, 5 * MS)
+        now += 50 * MS
+    assert sched.stats()["models"][m]["service_stretch"] == 1.0
+
+
 def test_no_admission_without_a_latency_model(sched):
     m = add(sched)
     assert sched.submit(item(m, deadline=1), 0) == ADMITTED

@@ -18,6 +18,13 @@ REJECT_REASONS = {REJECT_QUEUE_FULL: "queue_full", REJECT_TENANT_FULL: "tenant_f
 LATENCY_WINDOW = 50  # batches in the latency model's sliding window
 MAX_OBSERVED_NS = 100_000_000_000  # 100 s: longer batch times are clamped (a stalled machine, not the model)
 ARRIVAL_EWMA_SHIFT = 3  # inter-arrival gap EWMA weight 1/8 (as a shift: identical in both implementations)
+# Admission's service stretch (fixed point, ONE = 1.0): wall time between a backlogged model's batch
+# starts over the fit's predicted batch time, as an EWMA of weight 1/8, clamped to [1, 8]. The fit
+# times a batch alone; a queue also waits for what the lane does between batches (the other models'
+# batches, the front end sharing the cores), so admission scales its predicted wait by it.
+STRETCH_ONE = 1024
+STRETCH_MAX = 8 * STRETCH_ONE
+STRETCH_EWMA_SHIFT = 3
 NO_DEADLINE = 0
 DEADLINE_NEVER = (1 << 63) - 1  # sort key of items without a deadline: after every real one
 

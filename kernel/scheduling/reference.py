@@ -31,7 +31,11 @@ NOTE: the algorithm.
 - Admission: a request whose deadline cannot be met given the rows queued
   ahead of it (same or more urgent levels) and the running batch is refused
   at submit, with the predicted wait as its retry hint; so are requests over
-  the model's or tenant's queue bound.
+  the model's or tenant's queue bound. The predicted wait is scaled by the
+  model's service stretch: how much longer than the fit's batch times its
+  batches took to follow each other while a full batch was always waiting
+  (the lane's other work and the front end share the cores). Without it an
+  overloaded one-core server admitted work that then finished late.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ import heapq
 from .latency import LatencyFit
 from .policy import (
     ADMITTED, ARRIVAL_EWMA_SHIFT, DEADLINE_NEVER, NO_DEADLINE, REJECT_DEADLINE, REJECT_QUEUE_FULL,
-    REJECT_TENANT_FULL, ModelSchedule,
+    REJECT_TENANT_FULL, STRETCH_EWMA_SHIFT, STRETCH_MAX, STRETCH_ONE, ModelSchedule,
 )
 from .types import ITEM_BATCHED, ITEM_CANCELLED, ITEM_EXPIRED, ITEM_QUEUED, Batch, PyWorkItem, WorkItem
 
@@ -49,7 +53,8 @@ from .types import ITEM_BATCHED, ITEM_CANCELLED, ITEM_EXPIRED, ITEM_QUEUED, Batc
 class _Model:
     __slots__ = (
         "key", "index", "schedule", "heap", "queued", "rows_by_level", "tenants", "track_tenants", "in_flight",
-        "busy_until", "vtime", "fit", "last_arrival", "gap", "counters",
+        "busy_until", "vtime", "fit", "last_arrival", "gap", "stretch", "last_start", "last_predicted",
+        "last_backlogged", "counters",
     )
 
     def __init__(self, key: object, index: int, schedule: ModelSchedule):
@@ -68,6 +73,10 @@ class _Model:
         self.fit = LatencyFit()
         self.last_arrival = 0
         self.gap = 0  # EWMA of ns between submits
+        self.stretch = STRETCH_ONE  # service stretch (policy.py): admission's predicted wait is scaled by it
+        self.last_start = 0  # the latest dispatch: when, its predicted ns, and whether a full batch was left
+        self.last_predicted = 0
+        self.last_backlogged = False
         self.counters = {
             "submitted": 0, "rejected_queue_full": 0, "rejected_tenant_full": 0, "rejected_deadline": 0,
             "expired": 0, "cancelled": 0, "batches": 0, "rows": 0,
@@ -167,7 +176,7 @@ class ReferenceScheduler:
         busy = 0
         if state.in_flight >= schedule.instances and state.busy_until > now_ns:
             busy = state.busy_until - now_ns
-        return busy + work // schedule.instances
+        return ((busy + work // schedule.instances) * state.stretch) >> 10  # stretch: fixed point, 1024 = 1.0
 
     def _unqueue(self, state: _Model, item: WorkItem) -> None:
         state.queued -= 1
@@ -272,11 +281,29 @@ class ReferenceScheduler:
         state.in_flight += 1
         state.counters["batches"] += 1
         state.counters["rows"] += rows
-        end = now_ns + state.fit.predict(rows)
+        predicted = state.fit.predict(rows)
+        self._stretch_sample(state, now_ns, predicted)
+        end = now_ns + predicted
         if end > state.busy_until:
             state.busy_until = end
         self._vclock = state.vtime
         return Batch(state.key, chosen, rows)
+
+    def _stretch_sample(self, state: _Model, now_ns: int, predicted: int) -> None:
+        """At a dispatch: the time since the model's previous one, if a full batch was left waiting then,
+        against that batch's predicted time (per instance) updates the service stretch."""
+        if state.last_backlogged and state.last_predicted > 0:
+            sample = ((now_ns - state.last_start) * state.schedule.instances << 10) // state.last_predicted
+            if sample > STRETCH_MAX:
+                sample = STRETCH_MAX  # one stall moves the estimate by at most an eighth of the cap
+            stretch = state.stretch + ((sample - state.stretch) >> STRETCH_EWMA_SHIFT)
+            state.stretch = STRETCH_ONE if stretch < STRETCH_ONE else stretch
+        left = 0
+        for count in state.rows_by_level:
+            left += count
+        state.last_start = now_ns
+        state.last_predicted = predicted
+        state.last_backlogged = left >= state.schedule.capacity
 
     def next_batches(self, now_ns: int, limit: int = 1, max_level: int = 0) -> list[Batch]:
         """Up to ``limit`` batches ready now; ``max_level`` > 0 keeps to heads at that level or more urgent."""
@@ -335,5 +362,6 @@ class ReferenceScheduler:
                 "in_flight": state.in_flight,
                 "fit_ns_per_row": state.fit.a,
                 "fit_ns_fixed": state.fit.b,
+                "service_stretch": state.stretch / STRETCH_ONE,
             }
         return {"scheduler": self.name, "queued": self._queued, "models": models}
