@@ -563,10 +563,30 @@ cdef class CythonScheduler:
                 self._unqueue(m, item)
                 chosen.append(item)
                 rows += item.rows
+        predicted = m.predict(rows)
+        end = now_ns + predicted
+        for item in chosen:
+            if item.deadline_ns != NO_DEADLINE and item.deadline_ns < end:
+                break
+        else:
+            item = None
+        if item is not None:  # some are predicted to finish after their deadlines: expired, not run
+            kept = []
+            for item in chosen:
+                if item.deadline_ns != NO_DEADLINE and item.deadline_ns < end:
+                    item.state = ITEM_EXPIRED
+                    m.expired += 1
+                    self._expired.append(item)
+                    rows -= item.rows
+                else:
+                    kept.append(item)
+            if not kept:
+                return None
+            chosen = kept
+            predicted = m.predict(rows)
         m.in_flight += 1
         m.batches += 1
         m.rows += rows
-        predicted = m.predict(rows)
         self._stretch_sample(m, now_ns, predicted)
         end = now_ns + predicted
         if end > m.busy_until:
@@ -603,7 +623,9 @@ cdef class CythonScheduler:
                     best_head = head
             if best is None:
                 break
-            batches.append(self._take(best, best_head, now_ns))
+            batch = self._take(best, best_head, now_ns)
+            if batch is not None:  # None: every item of it was predicted late and expired; look again
+                batches.append(batch)
         return batches
 
     def complete(self, batch, long long duration_ns):

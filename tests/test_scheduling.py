@@ -234,6 +234,24 @@ def test_a_model_that_drains_its_queue_keeps_the_fit_as_it_is(sched):
     assert sched.stats()["models"][m]["service_stretch"] == 1.0
 
 
+def test_an_item_predicted_to_end_after_its_deadline_is_expired_not_run(sched):
+    m = add(sched, max_batch_size=4)
+    for rows, ns in [(1, 2 * MS), (4, 5 * MS)]:  # fit: 1 ms per row + 1 ms per batch
+        sched.observe(m, rows, ns)
+    submit(sched, m, rows=1, deadline=3 * MS, rid="tight")  # alone: 2 ms, admitted
+    for rid in "abc":
+        submit(sched, m, rows=1, deadline=50 * MS, rid=rid)
+    (batch,) = sched.next_batches(0)  # all four: 5 ms, past "tight"'s deadline
+    assert ids(batch) == ["a", "b", "c"] and batch.rows == 3
+    (late,) = sched.pop_expired()
+    assert late.request_id == "tight" and late.state == ITEM_EXPIRED
+    assert sched.stats()["models"][m]["expired"] == 1
+    sched.complete(batch, 4 * MS)
+    alone = submit(sched, m, now=10 * MS, rows=1, deadline=13 * MS, rid="alone")  # 2 ms from now: admitted
+    assert sched.next_batches(11_500_000) == []  # at 11.5 ms its 2 ms batch would end past 13 ms
+    assert sched.pop_expired() == [alone] and sched.load(m) == (0, 0)
+
+
 def test_no_admission_without_a_latency_model(sched):
     m = add(sched)
     assert sched.submit(item(m, deadline=1), 0) == ADMITTED

@@ -314,10 +314,14 @@ class Lane:
             if item.state != ITEM_QUEUED or not self.scheduler.cancel(item, True):
                 return
         item.state = ITEM_EXPIRED
-        item.error = DeadlineExceeded(
-            f"deadline passed after {(time.monotonic_ns() - item.enqueued_ns) / 1e6:.1f} ms in the queue; "
-            "the model never ran this request"
-        )
+        now = time.monotonic_ns()
+        waited = f"{(now - item.enqueued_ns) / 1e6:.1f} ms in the queue"
+        if item.deadline_ns != NO_DEADLINE and item.deadline_ns > now:  # the scheduler's prediction (reference.py)
+            why = (f"the batch it was to run in was predicted to end after its deadline, "
+                   f"{(item.deadline_ns - now) / 1e6:.1f} ms away, after {waited}")
+        else:
+            why = f"deadline passed after {waited}"
+        item.error = DeadlineExceeded(f"{why}; the model never ran this request")
         self._finish_locked(item)
 
     def _run_locked(self, batch: Batch, urgent: bool, now: int) -> None:

@@ -16,7 +16,9 @@ NOTE: the algorithm.
   arrival order among items without a deadline.
 - A batch is the heap head plus the following items in heap order while
   they have the head's shape and fit in ``max_batch_size`` rows; a request is
-  never split. Cancelled and expired items are dropped when reached.
+  never split. Cancelled and expired items are dropped when reached, and an
+  item of the batch whose deadline comes before the batch's predicted end is
+  expired there, not run (the rest of the batch runs without it).
 - A model with a free instance is *ready* when a full batch is queued, or
   (static window) a preferred size is reached or the head waited
   ``max_queue_delay``, or (adaptive) waiting is not predicted to pay: the
@@ -261,7 +263,7 @@ class ReferenceScheduler:
             return now_ns
         return wake
 
-    def _take(self, state: _Model, head: WorkItem, now_ns: int) -> Batch:
+    def _take(self, state: _Model, head: WorkItem, now_ns: int) -> Batch | None:
         heap = state.heap
         heapq.heappop(heap)
         chosen = [head]
@@ -278,10 +280,27 @@ class ReferenceScheduler:
         for item in chosen:
             item.state = ITEM_BATCHED
             self._unqueue(state, item)
+        predicted = state.fit.predict(rows)
+        end = now_ns + predicted
+        if any(item.deadline_ns != NO_DEADLINE and item.deadline_ns < end for item in chosen):
+            # Predicted to finish after their deadlines: expired now, never run (their compute would be
+            # answered DEADLINE_EXCEEDED anyway, and under overload it is the others' time).
+            kept = []
+            for item in chosen:
+                if item.deadline_ns != NO_DEADLINE and item.deadline_ns < end:
+                    item.state = ITEM_EXPIRED
+                    state.counters["expired"] += 1
+                    self._expired.append(item)
+                    rows -= item.rows
+                else:
+                    kept.append(item)
+            if not kept:
+                return None
+            chosen = kept
+            predicted = state.fit.predict(rows)
         state.in_flight += 1
         state.counters["batches"] += 1
         state.counters["rows"] += rows
-        predicted = state.fit.predict(rows)
         self._stretch_sample(state, now_ns, predicted)
         end = now_ns + predicted
         if end > state.busy_until:
@@ -324,7 +343,9 @@ class ReferenceScheduler:
                     best, best_head, best_key = state, head, key
             if best is None:
                 break
-            batches.append(self._take(best, best_head, now_ns))
+            batch = self._take(best, best_head, now_ns)
+            if batch is not None:  # None: every item of it was predicted late and expired; look again
+                batches.append(batch)
         return batches
 
     def complete(self, batch: Batch, duration_ns: int) -> None:
