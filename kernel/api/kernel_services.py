@@ -50,6 +50,7 @@ def _list_models(hub: ModelHub, lanes):
             latest = stats.get(hub.get(name), {})
             counters.fit_ns_per_row = latest.get("fit_ns_per_row", 0.0)
             counters.fit_ns_fixed = latest.get("fit_ns_fixed", 0.0)
+            counters.service_stretch = latest.get("service_stretch", 0.0)
         return response
 
     return list_models

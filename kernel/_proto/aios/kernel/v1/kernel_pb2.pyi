@@ -495,7 +495,7 @@ class ModelSummary(_message.Message):
     def __init__(self, name: _Optional[str] = ..., versions: _Optional[_Iterable[str]] = ..., state: _Optional[str] = ..., provider: _Optional[str] = ..., queued_requests: _Optional[int] = ..., running_batches: _Optional[int] = ..., scheduler: _Optional[_Union[SchedulerCounters, _Mapping]] = ...) -> None: ...
 
 class SchedulerCounters(_message.Message):
-    __slots__ = ("submitted", "rejected_queue_full", "rejected_tenant_full", "rejected_deadline", "expired", "cancelled", "batches", "rows", "fit_ns_per_row", "fit_ns_fixed")
+    __slots__ = ("submitted", "rejected_queue_full", "rejected_tenant_full", "rejected_deadline", "expired", "cancelled", "batches", "rows", "fit_ns_per_row", "fit_ns_fixed", "service_stretch")
     SUBMITTED_FIELD_NUMBER: _ClassVar[int]
     REJECTED_QUEUE_FULL_FIELD_NUMBER: _ClassVar[int]
     REJECTED_TENANT_FULL_FIELD_NUMBER: _ClassVar[int]
@@ -506,6 +506,7 @@ class SchedulerCounters(_message.Message):
     ROWS_FIELD_NUMBER: _ClassVar[int]
     FIT_NS_PER_ROW_FIELD_NUMBER: _ClassVar[int]
     FIT_NS_FIXED_FIELD_NUMBER: _ClassVar[int]
+    SERVICE_STRETCH_FIELD_NUMBER: _ClassVar[int]
     submitted: int
     rejected_queue_full: int
     rejected_tenant_full: int
@@ -516,7 +517,8 @@ class SchedulerCounters(_message.Message):
     rows: int
     fit_ns_per_row: float
     fit_ns_fixed: float
-    def __init__(self, submitted: _Optional[int] = ..., rejected_queue_full: _Optional[int] = ..., rejected_tenant_full: _Optional[int] = ..., rejected_deadline: _Optional[int] = ..., expired: _Optional[int] = ..., cancelled: _Optional[int] = ..., batches: _Optional[int] = ..., rows: _Optional[int] = ..., fit_ns_per_row: _Optional[float] = ..., fit_ns_fixed: _Optional[float] = ...) -> None: ...
+    service_stretch: float
+    def __init__(self, submitted: _Optional[int] = ..., rejected_queue_full: _Optional[int] = ..., rejected_tenant_full: _Optional[int] = ..., rejected_deadline: _Optional[int] = ..., expired: _Optional[int] = ..., cancelled: _Optional[int] = ..., batches: _Optional[int] = ..., rows: _Optional[int] = ..., fit_ns_per_row: _Optional[float] = ..., fit_ns_fixed: _Optional[float] = ..., service_stretch: _Optional[float] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models",)
