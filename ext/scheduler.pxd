@@ -153,5 +153,6 @@ cdef class CythonScheduler:
     cdef int _unqueue(self, _ModelQ m, WorkItem item) except -1
     cdef WorkItem _clean_head(self, _ModelQ m, long long now_ns)
     cdef int _expire(self, _ModelQ m, WorkItem item) except -1
+    cdef int _mark_expired(self, _ModelQ m, WorkItem item) except -1
     cdef long long _ready_at(self, _ModelQ m, WorkItem head, long long now_ns) except? -1
     cdef Batch _take(self, _ModelQ m, WorkItem head, long long now_ns)

@@ -512,9 +512,13 @@ cdef class CythonScheduler:
         return None
 
     cdef int _expire(self, _ModelQ m, WorkItem item) except -1:
+        self._unqueue(m, item)
+        return self._mark_expired(m, item)
+
+    cdef int _mark_expired(self, _ModelQ m, WorkItem item) except -1:
+        # An item already out of the queue expires: counted, and handed back by pop_expired().
         item.state = ITEM_EXPIRED
         m.expired += 1
-        self._unqueue(m, item)
         self._expired.append(item)
         return 0
 
@@ -574,9 +578,7 @@ cdef class CythonScheduler:
             kept = []
             for item in chosen:
                 if item.deadline_ns != NO_DEADLINE and item.deadline_ns < end:
-                    item.state = ITEM_EXPIRED
-                    m.expired += 1
-                    self._expired.append(item)
+                    self._mark_expired(m, item)
                     rows -= item.rows
                 else:
                     kept.append(item)

@@ -59,6 +59,10 @@ def _on_item(item) -> None:
     item.model.stats.record_request(item.error is None, item.rows, queued, now - item.enqueued_ns, item.timings)
 
 
+def _gpus(devices: list[str]) -> list[str]:
+    return [device for device in devices if device.startswith("cuda")]
+
+
 def choose_front_end(asked: str, devices_in_use: list[str], io_path: str) -> tuple[str, str]:
     """The front end to serve on, and why when ``asked`` was "auto" ("" otherwise).
 
@@ -70,7 +74,7 @@ def choose_front_end(asked: str, devices_in_use: list[str], io_path: str) -> tup
     """
     if asked != "auto":
         return asked, ""
-    gpus = [device for device in devices_in_use if device.startswith("cuda")]
+    gpus = _gpus(devices_in_use)
     if not gpus:
         return "sync", "auto: no model on a GPU"
     if io_path == "iomgr":
@@ -80,7 +84,7 @@ def choose_front_end(asked: str, devices_in_use: list[str], io_path: str) -> tup
 
 def front_end_hint(front_end: str, lane_names: list[str]) -> str | None:
     """A line for the log when the front end chosen is not the one measured to serve GPU models best."""
-    gpus = [name for name in lane_names if name.startswith("cuda")]
+    gpus = _gpus(lane_names)
     if front_end != "sync" or not gpus:
         return None
     return (f"models on {', '.join(gpus)} with the threaded front end: on an H100 the asyncio front end "

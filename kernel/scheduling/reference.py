@@ -228,18 +228,20 @@ class ReferenceScheduler:
         return None
 
     def _expire(self, state: _Model, item: WorkItem) -> None:
+        self._unqueue(state, item)
+        self._mark_expired(state, item)
+
+    def _mark_expired(self, state: _Model, item: WorkItem) -> None:
+        """An item already out of the queue expires: counted, and handed back by ``pop_expired``."""
         item.state = ITEM_EXPIRED
         state.counters["expired"] += 1
-        self._unqueue(state, item)
         self._expired.append(item)
 
     def _ready_at(self, state: _Model, head: WorkItem, now_ns: int) -> int:
         """``now_ns`` when the model should dispatch now, else when to look again."""
         schedule = state.schedule
         cap = schedule.capacity
-        rows = 0
-        for count in state.rows_by_level:
-            rows += count
+        rows = sum(state.rows_by_level)
         if rows >= cap:
             return now_ns
         if schedule.max_queue_delay_ns > 0:  # static, Triton-like window
@@ -282,21 +284,16 @@ class ReferenceScheduler:
             self._unqueue(state, item)
         predicted = state.fit.predict(rows)
         end = now_ns + predicted
-        if any(item.deadline_ns != NO_DEADLINE and item.deadline_ns < end for item in chosen):
+        late = [item for item in chosen if item.deadline_ns != NO_DEADLINE and item.deadline_ns < end]
+        if late:
             # Predicted to finish after their deadlines: expired now, never run (their compute would be
             # answered DEADLINE_EXCEEDED anyway, and under overload it is the others' time).
-            kept = []
-            for item in chosen:
-                if item.deadline_ns != NO_DEADLINE and item.deadline_ns < end:
-                    item.state = ITEM_EXPIRED
-                    state.counters["expired"] += 1
-                    self._expired.append(item)
-                    rows -= item.rows
-                else:
-                    kept.append(item)
-            if not kept:
+            for item in late:
+                self._mark_expired(state, item)
+                rows -= item.rows
+            chosen = [item for item in chosen if item.state != ITEM_EXPIRED]
+            if not chosen:
                 return None
-            chosen = kept
             predicted = state.fit.predict(rows)
         state.in_flight += 1
         state.counters["batches"] += 1
@@ -317,12 +314,9 @@ class ReferenceScheduler:
                 sample = STRETCH_MAX  # one stall moves the estimate by at most an eighth of the cap
             stretch = state.stretch + ((sample - state.stretch) >> STRETCH_EWMA_SHIFT)
             state.stretch = STRETCH_ONE if stretch < STRETCH_ONE else stretch
-        left = 0
-        for count in state.rows_by_level:
-            left += count
         state.last_start = now_ns
         state.last_predicted = predicted
-        state.last_backlogged = left >= state.schedule.capacity
+        state.last_backlogged = sum(state.rows_by_level) >= state.schedule.capacity
 
     def next_batches(self, now_ns: int, limit: int = 1, max_level: int = 0) -> list[Batch]:
         """Up to ``limit`` batches ready now; ``max_level`` > 0 keeps to heads at that level or more urgent."""
