@@ -121,6 +121,6 @@ def test_every_decide_in_flight_reaches_the_lane_without_a_thread_each(claims_ke
             release.set()
         answers = [f.result() for f in futures]
     assert seen >= calls, f"only {seen} of {calls} decisions reached the lane at once"
-    if claims_kernel.settings.front_end == "sync":
+    if claims_kernel.front_end == "sync":
         assert busy_threads <= 1, f"{busy_threads} handler threads held by decisions waiting in the lane"
     assert sorted(a.request_id for a in answers) == sorted(f"held-{i}" for i in range(calls))
