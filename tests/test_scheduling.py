@@ -484,6 +484,55 @@ def test_deadline_passing_while_in_another_threads_batch_waits_for_that_batch():
     assert late.outputs is None and isinstance(late.error, DeadlineExceeded)  # ... and it is answered as late
 
 
+@pytest.mark.parametrize("impl", implementations(), ids=lambda cls: cls.name)
+def test_the_lane_answers_a_request_predicted_late_in_its_batch_without_running_it(impl):
+    """Admitted alone (its own batch fits its deadline), a request is later joined by seven others; the batch of
+    eight is predicted to end after its deadline, so it is answered DEADLINE_EXCEEDED and never runs."""
+    import threading
+    import time
+
+    from kernel.errors import DeadlineExceeded
+    from kernel.scheduling import Lane
+
+    gate = threading.Event()
+    ran = []
+
+    def execute(batch):  # durations as the fit says (6 ms a row + 4 ms), so the fit stays as profiled
+        ran.extend(it.request_id for it in batch.items)
+        assert gate.wait(10)
+        for it in batch.items:
+            it.outputs = [it.request_id]
+        return 4 * MS + 6 * MS * batch.rows
+
+    scheduler = impl()
+    lane = Lane(scheduler, execute, slots=1, urgent_slots=0)
+    model = Model("m")
+    lane.add_model(model, ModelSchedule(max_batch_size=8), profile=[(1, 10 * MS), (8, 52 * MS)])
+    ITEM_CLASS[model] = scheduler.item_class
+    try:
+        holder = item(model, rid="holder")
+        holder_done = _with_callback(holder)
+        lane.submit(holder)
+        while not ran:  # a helper holds the only slot, blocked on the gate
+            time.sleep(0.001)
+        tight = item(model, rid="tight", deadline=time.monotonic_ns() + 20 * MS)  # alone: <= 10 + 10 ms
+        tight_done = _with_callback(tight)
+        lane.submit(tight)
+        others = [item(model, rid=f"o{i}", deadline=time.monotonic_ns() + 10_000 * MS) for i in range(7)]
+        others_done = [_with_callback(it) for it in others]
+        for it in others:
+            lane.submit(it)
+        gate.set()  # the holder ends; the next batch would be all eight: 52 ms, past "tight"'s deadline
+        assert tight_done.wait(10) and holder_done.wait(10) and all(done.wait(10) for done in others_done)
+    finally:
+        gate.set()
+        lane.close()
+    assert isinstance(tight.error, DeadlineExceeded) and tight.outputs is None
+    assert "predicted to end after its deadline" in tight.error.message
+    assert "tight" not in ran and sorted(ran) == ["holder"] + [f"o{i}" for i in range(7)]
+    assert all(it.outputs == [it.request_id] for it in others)
+
+
 # -- Lane.run_if_idle: the event loop's way to run a lone short request itself ---------------------
 @pytest.fixture(params=implementations(), ids=lambda cls: cls.name)
 def idle_lane(request):
