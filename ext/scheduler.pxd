@@ -123,7 +123,7 @@ cdef class _ModelQ:
     cdef bint last_backlogged
     # counters for stats()
     cdef long long submitted, rejected_queue_full, rejected_tenant_full, rejected_deadline
-    cdef long long expired, cancelled, batches, rows
+    cdef long long expired, expired_predicted, cancelled, batches, rows
 
     cdef int push(self, WorkItem item) except -1
     cdef QEntry* level_head(self, int level) noexcept

@@ -579,6 +579,7 @@ cdef class CythonScheduler:
             for item in chosen:
                 if item.deadline_ns != NO_DEADLINE and item.deadline_ns < end:
                     self._mark_expired(m, item)
+                    m.expired_predicted += 1
                     rows -= item.rows
                 else:
                     kept.append(item)
@@ -676,6 +677,7 @@ cdef class CythonScheduler:
                 "rejected_tenant_full": m.rejected_tenant_full,
                 "rejected_deadline": m.rejected_deadline,
                 "expired": m.expired,
+                "expired_predicted": m.expired_predicted,
                 "cancelled": m.cancelled,
                 "batches": m.batches,
                 "rows": m.rows,

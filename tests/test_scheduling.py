@@ -153,7 +153,8 @@ def test_expired_items_are_never_batched(sched):
     assert batch.items == [ok]
     assert late.state == ITEM_EXPIRED and sched.pop_expired() == [late]
     assert sched.pop_expired() == []
-    assert sched.stats()["models"][m]["expired"] == 1
+    counters = sched.stats()["models"][m]
+    assert counters["expired"] == 1 and counters["expired_predicted"] == 0  # its deadline had passed
 
 
 def test_cancel_as_expired_counts_expiry(sched):
@@ -245,11 +246,13 @@ def test_an_item_predicted_to_end_after_its_deadline_is_expired_not_run(sched):
     assert ids(batch) == ["a", "b", "c"] and batch.rows == 3
     (late,) = sched.pop_expired()
     assert late.request_id == "tight" and late.state == ITEM_EXPIRED
-    assert sched.stats()["models"][m]["expired"] == 1
+    counters = sched.stats()["models"][m]
+    assert counters["expired"] == 1 and counters["expired_predicted"] == 1  # expiries by reason
     sched.complete(batch, 4 * MS)
     alone = submit(sched, m, now=10 * MS, rows=1, deadline=13 * MS, rid="alone")  # 2 ms from now: admitted
     assert sched.next_batches(11_500_000) == []  # at 11.5 ms its 2 ms batch would end past 13 ms
     assert sched.pop_expired() == [alone] and sched.load(m) == (0, 0)
+    assert sched.stats()["models"][m]["expired_predicted"] == 2
 
 
 def test_no_admission_without_a_latency_model(sched):

@@ -20,7 +20,7 @@ SERVICE_NAMES = [f"{PACKAGE}.{name}" for name in kernel_pb2.DESCRIPTOR.services_
 
 _COUNTERS = (
     "submitted", "rejected_queue_full", "rejected_tenant_full", "rejected_deadline",
-    "expired", "cancelled", "batches", "rows",
+    "expired", "expired_predicted", "cancelled", "batches", "rows",
 )
 
 

@@ -81,7 +81,7 @@ class _Model:
         self.last_backlogged = False
         self.counters = {
             "submitted": 0, "rejected_queue_full": 0, "rejected_tenant_full": 0, "rejected_deadline": 0,
-            "expired": 0, "cancelled": 0, "batches": 0, "rows": 0,
+            "expired": 0, "expired_predicted": 0, "cancelled": 0, "batches": 0, "rows": 0,
         }
 
 
@@ -291,6 +291,7 @@ class ReferenceScheduler:
             for item in late:
                 self._mark_expired(state, item)
                 rows -= item.rows
+            state.counters["expired_predicted"] += len(late)  # (of "expired": these never reached their deadline)
             chosen = [item for item in chosen if item.state != ITEM_EXPIRED]
             if not chosen:
                 return None
