@@ -85,8 +85,9 @@ async def _list_models(channel) -> dict:
     for m in response.models:
         s = m.scheduler
         out[m.name] = {k: getattr(s, k) for k in ("submitted", "rejected_queue_full", "rejected_tenant_full",
-                                                   "rejected_deadline", "expired", "cancelled", "batches", "rows",
-                                                   "fit_ns_per_row", "fit_ns_fixed")}
+                                                   "rejected_deadline", "expired", "expired_predicted", "cancelled",
+                                                   "batches", "rows", "fit_ns_per_row", "fit_ns_fixed",
+                                                   "service_stretch")}
     # Time inside the kernel (queue + batch, from the scheduler's submit to the result) per model, from
     # Triton's ModelStatistics: what the scheduler controls, apart from gRPC and the Python front end.
     from kernel._proto.inference import grpc_service_pb2 as pb
@@ -104,11 +105,14 @@ async def _list_models(channel) -> dict:
     return out
 
 
+_LEVELS = ("fit_ns_per_row", "fit_ns_fixed", "service_stretch")  # read as they are at the end, not as deltas
+
+
 def _counter_delta(before: dict, after: dict) -> dict:
     out = {}
     for model, a in after.items():
         b = before.get(model, {})
-        d = {k: (v - b.get(k, 0) if not k.startswith("fit_") else v) for k, v in a.items()}
+        d = {k: (v - b.get(k, 0) if k not in _LEVELS else v) for k, v in a.items()}
         d["rows_per_batch"] = round(d["rows"] / d["batches"], 2) if d.get("batches") else None
         d["kernel_ms_per_request"] = (round(d["kernel_ok_ns"] / d["kernel_ok"] / 1e6, 3)
                                       if d.get("kernel_ok") else None)
