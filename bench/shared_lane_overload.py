@@ -33,18 +33,10 @@ import numpy as np
 from bench.openloop.cli import parse_args as openloop_args
 from bench.openloop.repos import build_repo, model_toml
 from bench.openloop.runs import REPO_ROOT, Ctx, measure, start, stop, stream_stats
-from bench.openloop.streams import ClosedLoad, OpenLoad, Stream, make_stream
+from bench.openloop.streams import ClosedLoad, OpenLoad, make_stream
 from bench.openloop.traces import poisson
 
 MODELS = ("large_mlp", "large_b")
-
-
-def _renamed(stream: Stream, name: str, model: str) -> Stream:
-    from kernel._proto.inference import grpc_service_pb2 as pb
-
-    request = pb.ModelInferRequest.FromString(stream.data)
-    request.model_name = model
-    return Stream(name, model, request.SerializeToString(), stream.deadline_s, stream.deadline_via)
 
 
 def main(argv=None) -> int:
@@ -67,10 +59,9 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     repo = build_repo(args.out, "shared-lane", {"large_mlp": model_toml("large_mlp", 64)})
     shutil.copytree(repo / "large_mlp", repo / "large_b", dirs_exist_ok=True)
-    sat = [make_stream("a-sat", "large_mlp", rows=4)]
-    sat.append(_renamed(sat[0], "b-sat", "large_b"))
-    over = [make_stream("a", "large_mlp", deadline_ms=100, deadline_via="timeout", rows=4)]
-    over.append(_renamed(over[0], "b", "large_b"))
+    sat = [make_stream(f"{tag}-sat", "large_mlp", rows=4, served_as=model) for tag, model in zip("ab", MODELS)]
+    over = [make_stream(tag, "large_mlp", deadline_ms=100, deadline_via="timeout", rows=4, served_as=model)
+            for tag, model in zip("ab", MODELS)]
     length = run_args.warmup + run_args.seconds
     times = [poisson(np.random.default_rng(7 + i), args.rate_per_model, 0.0, length) for i in range(2)]
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")

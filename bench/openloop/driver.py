@@ -84,10 +84,7 @@ async def _list_models(channel) -> dict:
     out = {}
     for m in response.models:
         s = m.scheduler
-        out[m.name] = {k: getattr(s, k) for k in ("submitted", "rejected_queue_full", "rejected_tenant_full",
-                                                   "rejected_deadline", "expired", "expired_predicted", "cancelled",
-                                                   "batches", "rows", "fit_ns_per_row", "fit_ns_fixed",
-                                                   "service_stretch")}
+        out[m.name] = {field.name: getattr(s, field.name) for field in s.DESCRIPTOR.fields}  # every counter
     # Time inside the kernel (queue + batch, from the scheduler's submit to the result) per model, from
     # Triton's ModelStatistics: what the scheduler controls, apart from gRPC and the Python front end.
     from kernel._proto.inference import grpc_service_pb2 as pb

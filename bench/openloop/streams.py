@@ -15,12 +15,13 @@ NO_DEADLINE_TIMEOUT_S = 30.0  # gRPC deadline of requests without a deadline
 
 
 def payload(model: str, rows: int = 1, priority: int | None = None, timeout_us: int | None = None,
-            seed: int = 0) -> bytes:
-    """A serialised ModelInferRequest for ``model`` (FP32 INPUT0 [rows, width])."""
+            seed: int = 0, served_as: str | None = None) -> bytes:
+    """A serialised ModelInferRequest for ``model`` (FP32 INPUT0 [rows, width]); ``served_as``: the name the
+    server knows a copy of the model by (default ``model``)."""
     from kernel._proto.inference import grpc_service_pb2 as pb
 
     width = MODELS[model][0]
-    request = pb.ModelInferRequest(model_name=model)
+    request = pb.ModelInferRequest(model_name=served_as or model)
     tensor = request.inputs.add()
     tensor.name, tensor.datatype = "INPUT0", "FP32"
     tensor.shape.extend([rows, width])
@@ -51,10 +52,11 @@ class Stream:
 
 
 def make_stream(name: str, model: str, *, priority: int | None = None, deadline_ms: float | None = None,
-                deadline_via: str = "timeout", rows: int = 1) -> Stream:
+                deadline_via: str = "timeout", rows: int = 1, served_as: str | None = None) -> Stream:
     deadline_s = deadline_ms / 1000 if deadline_ms else None
     timeout_us = int(deadline_ms * 1000) if deadline_ms and deadline_via == "timeout" else None
-    return Stream(name, model, payload(model, rows, priority, timeout_us), deadline_s, deadline_via)
+    return Stream(name, served_as or model, payload(model, rows, priority, timeout_us, served_as=served_as),
+                  deadline_s, deadline_via)
 
 
 @dataclass

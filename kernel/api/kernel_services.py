@@ -22,6 +22,7 @@ _COUNTERS = (
     "submitted", "rejected_queue_full", "rejected_tenant_full", "rejected_deadline",
     "expired", "expired_predicted", "cancelled", "batches", "rows",
 )
+_LATEST = ("fit_ns_per_row", "fit_ns_fixed", "service_stretch")  # the latest version's, not summed
 
 
 def _list_models(hub: ModelHub, lanes):
@@ -48,9 +49,8 @@ def _list_models(hub: ModelHub, lanes):
                     if key in _COUNTERS:
                         setattr(counters, key, getattr(counters, key) + value)
             latest = stats.get(hub.get(name), {})
-            counters.fit_ns_per_row = latest.get("fit_ns_per_row", 0.0)
-            counters.fit_ns_fixed = latest.get("fit_ns_fixed", 0.0)
-            counters.service_stretch = latest.get("service_stretch", 0.0)
+            for key in _LATEST:
+                setattr(counters, key, latest.get(key, 0.0))
         return response
 
     return list_models
