@@ -8,12 +8,12 @@ conventions, so the sync and asyncio servers run exactly this code.
 from __future__ import annotations
 
 import logging
-import os
 import time
 
 from .. import __version__
 from .._proto.inference import grpc_service_pb2 as pb
 from ..errors import DeadlineExceeded, Internal, InvalidArgument, NotFound, Unavailable
+from ..ids import random_hex
 from ..models import ModelConfigError, ModelHub, ModelVersion
 from ..scheduling import Lanes, WorkItem
 from ..scheduling.execute import request_id_of
@@ -31,7 +31,7 @@ EXTENSIONS = ["classification", "model_repository", "model_configuration", "stat
 
 
 def new_request_id() -> str:
-    return os.urandom(8).hex()
+    return random_hex()
 
 
 # Clients such as perf_analyzer send "infinite" deadlines (years away); beyond

@@ -11,7 +11,6 @@ A decision is returned only once its audit record is durable.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from math import isfinite
 
 from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
 from ..errors import DeadlineExceeded, FailedPrecondition, Internal, KernelError
+from ..ids import random_hex
 from ..scheduling import WorkItem
 from ..scheduling.deadlines import request_deadline
 from ..scheduling.types import ITEM_QUEUED, NO_DEADLINE
@@ -115,7 +115,7 @@ class DecisionEngine:
         # Validated values, the model row and the input hash in one pass (compiled: over the wire bytes).
         values, row, input_hash = pipeline.codec.read_encode_hash(request, digests)
         mv = self.inference.resolve(pipeline.model, pipeline.model_version)
-        request_id = request.request_id or os.urandom(8).hex()
+        request_id = request.request_id or random_hex()
         priority = request.priority or pipeline.priority or mv.config.priority
         deadline = request_deadline(time.monotonic_ns(), deadline_ns,
                                     (request.timeout_ms or pipeline.timeout_ms) * 10**6, arrived_ns)
@@ -361,7 +361,7 @@ class DecisionEngine:
             if reviews is not None and decision.outcome in (kpb.ESCALATED, kpb.FALLBACK):
                 # Time first: new rows land at the right edge of the store's review_id index (a random
                 # id touched a random index page per insert), and ids sort by creation.
-                decision.review_id = f"{time.time_ns():016x}{os.urandom(8).hex()}"
+                decision.review_id = f"{time.time_ns():016x}{random_hex()}"
             if audit is not None:
                 record = pending.record
                 if record is None:  # a fallback decision, built on its own

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import logging
-import os
 import time
 
 import numpy as np
 
 from ..errors import Internal
+from ..ids import random_hex
 
 log = logging.getLogger("aios.scheduling")
 
@@ -22,7 +22,7 @@ def request_id_of(item) -> str:
     per request up front.
     """
     if not item.request_id:
-        item.request_id = os.urandom(8).hex()
+        item.request_id = random_hex()
     return item.request_id
 
 
