@@ -27,6 +27,10 @@ cdef enum:
 
 cdef enum:
     BLOCK_ROWS = 256        # rows per block: every register of a block stays in L1 (instructions x 256 bytes)
+    # Batches at least this long run without the GIL. A smaller one is done in microseconds, and letting go
+    # of the GIL for it cost a hand-off under load (the finisher waited to get it back behind the poller and
+    # the handler threads: 11 % of its busy samples in a Decide run, bench/RESULTS.md).
+    NOGIL_ROWS = 1024
 
 # encode_rows field flags
 cdef enum:
@@ -55,5 +59,7 @@ cdef class Kernel:
     cdef public int n_numeric
     cdef public int n_coded
 
+    cdef void _rows(self, const double** xs, const int** ks, unsigned char* regs, Py_ssize_t* winner,
+                    unsigned char* masks, Py_ssize_t n) noexcept nogil
     cdef void _block(self, const double** xs, const int** ks, unsigned char* regs, Py_ssize_t start,
                      Py_ssize_t m) noexcept nogil

@@ -7,7 +7,8 @@
 #
 # * Kernel.run executes the program block by block (BLOCK_ROWS rows): each
 #   instruction is a tight C loop over the block into a register that stays in
-#   L1, then the winner of each row is picked; no GIL is held while it runs.
+#   L1, then the winner of each row is picked; no GIL is held while a large
+#   batch runs (NOGIL_ROWS).
 # * encode_rows reads every field of a row while the row is hot, straight
 #   into typed buffers; anything unusual (a non-float number, an unknown code,
 #   a value to refuse) goes to the Python fallback, so the value rules live in
@@ -78,8 +79,7 @@ cdef class Kernel:
     def run(self, list numeric, list coded, Py_ssize_t n, bint want_masks):
         """(winner, masks): the deciding rule per row (n_rules = none matched), and every rule's
         mask as an (n_rules, n) bool array when ``want_masks``."""
-        cdef Py_ssize_t i, start, m, j
-        cdef int k, t
+        cdef Py_ssize_t j
         cdef const double** xs = <const double**>malloc((len(numeric) + 1) * sizeof(double*))
         cdef const int** ks = <const int**>malloc((len(coded) + 1) * sizeof(int*))
         cdef unsigned char* regs = <unsigned char*>malloc((self.n_instrs + 1) * BLOCK_ROWS)
@@ -105,27 +105,36 @@ cdef class Kernel:
                 if iview.shape[0] != n:
                     raise ValueError(f"code column {j} has {iview.shape[0]} rows, expected {n}")
                 ks[j] = &iview[0] if n else NULL
-            with nogil:
-                start = 0
-                while start < n:
-                    m = min(<Py_ssize_t>BLOCK_ROWS, n - start)
-                    self._block(xs, ks, regs, start, m)
-                    for i in range(m):
-                        k = self.n_rules
-                        for t in range(self.n_rules):
-                            if regs[self.rule_regs[self.order[t]] * BLOCK_ROWS + i]:
-                                k = self.order[t]
-                                break
-                        w[start + i] = k
-                    if want_masks:
-                        for t in range(self.n_rules):
-                            memcpy(&mm[t, start], regs + self.rule_regs[t] * BLOCK_ROWS, m)
-                    start += m
+            if n >= NOGIL_ROWS:
+                with nogil:
+                    self._rows(xs, ks, regs, &w[0], &mm[0, 0] if want_masks else NULL, n)
+            elif n:
+                self._rows(xs, ks, regs, &w[0], &mm[0, 0] if want_masks else NULL, n)
         finally:
             free(xs)
             free(ks)
             free(regs)
         return winner, masks
+
+    cdef void _rows(self, const double** xs, const int** ks, unsigned char* regs, Py_ssize_t* winner,
+                    unsigned char* masks, Py_ssize_t n) noexcept nogil:
+        """Every row's winner into ``winner``; with ``masks`` (n_rules x n, row-major) each rule's matches too."""
+        cdef Py_ssize_t i, m, start = 0
+        cdef int k, t
+        while start < n:
+            m = min(<Py_ssize_t>BLOCK_ROWS, n - start)
+            self._block(xs, ks, regs, start, m)
+            for i in range(m):
+                k = self.n_rules
+                for t in range(self.n_rules):
+                    if regs[self.rule_regs[self.order[t]] * BLOCK_ROWS + i]:
+                        k = self.order[t]
+                        break
+                winner[start + i] = k
+            if masks != NULL:
+                for t in range(self.n_rules):
+                    memcpy(masks + t * n + start, regs + self.rule_regs[t] * BLOCK_ROWS, m)
+            start += m
 
     cdef void _block(self, const double** xs, const int** ks, unsigned char* regs, Py_ssize_t start,
                      Py_ssize_t m) noexcept nogil:
