@@ -20,6 +20,17 @@ _counter = itertools.count()  # next() on it is atomic under the GIL: every id g
 _pool: tuple[int, str] = (-1, "")  # (epoch, hex of BATCH * 8 random bytes), replaced as a whole
 
 
+def _forget_pool() -> None:
+    """A forked child must not hand out the ids its parent still holds: it fetches its own bytes."""
+    global _counter, _pool
+    _counter = itertools.count()
+    _pool = (-1, "")
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
+
+
 def random_hex() -> str:
     """16 hex digits (64 random bits), never the same digits twice from one pool."""
     global _pool

@@ -35,3 +35,26 @@ def test_a_caller_behind_the_current_pool_takes_fresh_bytes_and_leaves_the_pool_
     made = ids.random_hex()
     assert ids._pool == (epoch + 5, digits)
     assert made not in digits
+
+
+def test_a_forked_child_makes_ids_of_its_own():
+    import os
+
+    import pytest
+
+    if not hasattr(os, "fork"):
+        pytest.skip("no fork here")
+    ids.random_hex()  # the parent holds a pool
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next ids, to the parent, then out without running the test session's teardown
+        os.close(read)
+        os.write(write, "".join(ids.random_hex() for _ in range(8)).encode())
+        os._exit(0)
+    os.close(write)
+    child = os.read(read, 1024).decode()
+    os.close(read)
+    os.waitpid(pid, 0)
+    parents = [ids.random_hex() for _ in range(8)]
+    assert len(child) == 8 * 16
+    assert not {child[i:i + 16] for i in range(0, len(child), 16)} & set(parents)
