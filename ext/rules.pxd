@@ -28,8 +28,9 @@ cdef enum:
 cdef enum:
     BLOCK_ROWS = 256        # rows per block: every register of a block stays in L1 (instructions x 256 bytes)
     # Batches at least this long run without the GIL. A smaller one is done in microseconds, and letting go
-    # of the GIL for it cost a hand-off under load (the finisher waited to get it back behind the poller and
-    # the handler threads: 11 % of its busy samples in a Decide run, bench/RESULTS.md).
+    # of the GIL for it could cost a hand-off under load (the finisher waited to get it back behind the
+    # poller and the handler threads: 11 % of its busy samples in a Decide run; bench/RESULTS.md, "Decide:
+    # two GIL hand-offs per decision removed").
     NOGIL_ROWS = 1024
 
 # encode_rows field flags

@@ -2,11 +2,13 @@
 
 Request ids the caller did not send and review ids are made once per call.
 ``os.urandom(8)`` per id is a ``getrandom`` system call that also lets go of
-the GIL, so under load each id cost its thread a GIL hand-off: in a Decide
-run on one core, py-spy found the finisher thread's review-id line at 17 % of
-its busy time (bench/RESULTS.md, "Random ids without a system call each").
-Here one ``os.urandom`` call serves ``BATCH`` ids; each id is still 64 bits
-from the OS's cryptographic source, used once.
+the GIL, so under load each id could cost its thread a GIL hand-off: in a
+Decide run on one core, py-spy found the finisher thread's review-id line at
+17 % of its busy time; Decide calls/s rose 1.11-1.24x without it while other
+load shared the host, and stayed the same on a quiet one (bench/RESULTS.md,
+"Decide: two GIL hand-offs per decision removed"). Here one ``os.urandom``
+call serves ``BATCH`` ids; each id is still 64 bits from the OS's
+cryptographic source, used once.
 """
 
 from __future__ import annotations

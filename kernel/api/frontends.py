@@ -16,7 +16,8 @@ import grpc
 
 from .._proto.inference import grpc_service_pb2 as pb
 from ..errors import Internal, KernelError
-from .inference import InferenceService, new_request_id
+from ..ids import random_hex
+from .inference import InferenceService
 from ..scheduling.types import ITEM_EXPIRED, ITEM_QUEUED
 from . import answer_later
 from .aio_wait import attach, wait_finished
@@ -61,7 +62,7 @@ def status_of(exc: KernelError) -> grpc.StatusCode:
 
 def internal_message(rpc: str) -> str:
     """Log the active exception with a fresh request id; the caller gets the id, not the trace."""
-    request_id = new_request_id()
+    request_id = random_hex()
     log.exception("internal error in %s (request id %s)", rpc, request_id)
     return f"internal error (request id {request_id}); the kernel keeps serving"
 

@@ -13,7 +13,6 @@ import time
 from .. import __version__
 from .._proto.inference import grpc_service_pb2 as pb
 from ..errors import DeadlineExceeded, Internal, InvalidArgument, NotFound, Unavailable
-from ..ids import random_hex
 from ..models import ModelConfigError, ModelHub, ModelVersion
 from ..scheduling import Lanes, WorkItem
 from ..scheduling.execute import request_id_of
@@ -28,10 +27,6 @@ log = logging.getLogger("aios.api")
 SERVER_NAME = "aios-kernel"
 # Triton's extension names, so clients that probe for them find what we do support.
 EXTENSIONS = ["classification", "model_repository", "model_configuration", "statistics", "schedule_policy"]
-
-
-def new_request_id() -> str:
-    return random_hex()
 
 
 # Clients such as perf_analyzer send "infinite" deadlines (years away); beyond
