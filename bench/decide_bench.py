@@ -19,9 +19,15 @@ server CPU µs per call; ratios of medians decide/infer and decide/decide-noaudi
 with the spread of per-round ratios. ``--baseline REV`` also runs ``decide`` and
 ``infer`` on the kernel as of git revision REV (its extensions built) in the
 same alternation, named ``decide@REV``/``infer@REV``: before/after in one run.
+``--concurrency 16,64,128`` sweeps the calls in flight: every configuration
+runs at every level (named ``decide c64`` ...), ratios are reported per level,
+and ``peak`` ratios compare each configuration's best level with the other's
+(per round: the best of that round's levels), since both amortize more per
+call as more calls are in flight (decisions finish in larger groups, batches
+fill) and each reaches its own peak at its own level.
 Results: ``OUT/decide-<stamp>.json`` and ``.md``.
 
-    python -m bench.decide_bench [--rounds 3] [--seconds 5] [--concurrency 16] [--stream] [--baseline REV] [--out bench/out]
+    python -m bench.decide_bench [--rounds 3] [--seconds 5] [--concurrency 16[,64,...]] [--stream] [--baseline REV] [--out bench/out]
 """
 
 from __future__ import annotations
@@ -50,6 +56,12 @@ CONFIGS = {
     "decide-stream": ("decide-stream", ()),
 }
 RATIOS = (("decide", "infer"), ("decide", "decide-noaudit"), ("decide-stream", "infer"))
+_LEVEL = re.compile(r" c(\d+)$")  # "decide c64": the configuration at 64 calls in flight (a sweep)
+
+
+def _split_level(name: str, default: int) -> tuple[str, int]:
+    found = _LEVEL.search(name)
+    return (name[:found.start()], int(found.group(1))) if found else (name, default)
 
 
 def build_models(out: Path, model: str) -> Path:
@@ -79,7 +91,8 @@ def pipelines_for(model: str, out: Path) -> Path:
 
 
 def run_one(name: str, models: Path, args, code_root: Path, out: Path, stamp: str, round_no: int) -> dict:
-    mode, extra = CONFIGS[name.split("@")[0]]  # "decide@3fb1190": the same configuration on the baseline code
+    config, concurrency = _split_level(name, args.concurrency[0])
+    mode, extra = CONFIGS[config.split("@")[0]]  # "decide@3fb1190": the same configuration on the baseline code
     data_dir = Path(tempfile.mkdtemp(prefix="aios-bench-data-", dir=args.data_parent))
     argv = [procs.python(), "-m", "kernel", "serve", "--models", str(models), "--pipelines",
             str(pipelines_for(args.model, args.out)), "--data-dir", str(data_dir), "--port", "0",
@@ -89,7 +102,7 @@ def run_one(name: str, models: Path, args, code_root: Path, out: Path, stamp: st
                                 cpu="0", env=server_env(code_root), cwd=code_root)
     try:
         load = [procs.python(), "-m", "bench.decide_load", "--address", server.url, "--mode", mode, "--model", args.model,
-                "--concurrency", str(args.concurrency), "--seconds", str(args.seconds), "--warmup", str(args.warmup)]
+                "--concurrency", str(concurrency), "--seconds", str(args.seconds), "--warmup", str(args.warmup)]
         cpu0, t0 = server.cpu_seconds(), time.perf_counter()
         proc = subprocess.run(procs.taskset_prefix("1") + load, capture_output=True, text=True, cwd=REPO_ROOT,
                               timeout=args.seconds + args.warmup + 120)
@@ -122,8 +135,10 @@ def summarise(runs: list[dict], configs: list[str]) -> dict:
             "rounds": len(ok),
         }
     ratios = {}
-    pairs = list(RATIOS) + [(a, b) for a in table for b in table
-                            if "@" in b and a == b.split("@")[0]]  # after / before
+    levels = sorted({_split_level(name, 0)[1] for name in table} - {0})
+    suffixes = [f" c{level}" for level in levels] or [""]
+    pairs = [(a + s, b + s) for a, b in RATIOS for s in suffixes]
+    pairs += [(a, b) for a in table for b in table if "@" in b and a == b.split("@")[0]]  # after / before
     pairs += [(a, b) for a in table for b in table if "@" in a and "@" in b and (a.split("@")[0], b.split("@")[0])
               in RATIOS and a.split("@")[1] == b.split("@")[1]]  # the baseline's own decide/infer
     for a, b in pairs:
@@ -133,7 +148,30 @@ def summarise(runs: list[dict], configs: list[str]) -> dict:
                 [r for r in runs if r.get("config") == b and "error" not in r])]
             ratios[f"{a}/{b}"] = {"median_of_medians": table[a]["throughput"] / table[b]["throughput"],
                                   "min": min(per_round), "max": max(per_round)}
+    if len(levels) > 1:  # each configuration at its best level against the other at its own
+        for a, b in RATIOS:
+            if all(a + s in table and b + s in table for s in suffixes):
+                ratios[f"{a}/{b} peak"] = _peak_ratio(runs, table, a, b, suffixes)
     return {"table": table, "ratios": ratios}
+
+
+def _peak_ratio(runs: list[dict], table: dict, a: str, b: str, suffixes: list[str]) -> dict:
+    best_a = max(table[a + s]["throughput"] for s in suffixes)
+    best_b = max(table[b + s]["throughput"] for s in suffixes)
+
+    def best_per_round(config: str) -> dict[int, float]:
+        best: dict[int, float] = {}
+        for r in runs:
+            if "error" not in r and _split_level(r["config"], 0)[0] == config:
+                best[r["round"]] = max(best.get(r["round"], 0.0), r["throughput"])
+        return best
+
+    rounds_a, rounds_b = best_per_round(a), best_per_round(b)
+    per_round = [rounds_a[k] / rounds_b[k] for k in rounds_a if k in rounds_b]
+    level_a = next(s for s in suffixes if table[a + s]["throughput"] == best_a).strip()
+    level_b = next(s for s in suffixes if table[b + s]["throughput"] == best_b).strip()
+    return {"median_of_medians": best_a / best_b, "min": min(per_round), "max": max(per_round),
+            "levels": f"{level_a} vs {level_b}"}
 
 
 def markdown(summary: dict) -> str:
@@ -143,7 +181,8 @@ def markdown(summary: dict) -> str:
                      f"{row['cpu_us']:.0f} | {row['rounds']} |")
     lines += ["", "| ratio (throughput) | median | per-round min–max |", "|---|---|---|"]
     for name, r in summary["ratios"].items():
-        lines.append(f"| {name} | **{r['median_of_medians']:.2f}×** | {r['min']:.2f}–{r['max']:.2f} |")
+        levels = f" ({r['levels']})" if "levels" in r else ""
+        lines.append(f"| {name}{levels} | **{r['median_of_medians']:.2f}×** | {r['min']:.2f}–{r['max']:.2f} |")
     return "\n".join(lines)
 
 
@@ -152,7 +191,7 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--warmup", type=float, default=1.0)
-    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--concurrency", default="16", help="calls in flight: one level, or a comma list to sweep")
     parser.add_argument("--stream", action="store_true", help="also measure DecideStream")
     parser.add_argument("--configs", default="", help="comma list (default: infer,decide,decide-noaudit[,decide-stream])")
     parser.add_argument("--wait-idle", dest="wait_idle", type=float, default=10.0)
@@ -165,9 +204,19 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     configs = args.configs.split(",") if args.configs else ["infer", "decide", "decide-noaudit"] + (
         ["decide-stream"] if args.stream else [])
+    try:
+        args.concurrency = [int(level) for level in str(args.concurrency).split(",")]
+    except ValueError:
+        parser.error(f"--concurrency takes calls in flight, one level or a comma list, got {args.concurrency!r}")
+    if min(args.concurrency) < 1:
+        parser.error("--concurrency levels must be >= 1")
+    if len(args.concurrency) > 1 and args.baseline:
+        parser.error("--baseline compares two code trees at one --concurrency level; sweep levels without it")
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
     args.out.mkdir(parents=True, exist_ok=True)
     code_root = snapshot_code(args.out, stamp)
+    if len(args.concurrency) > 1:
+        configs = [f"{name} c{level}" for level in args.concurrency for name in configs]
     roots = {name: code_root for name in configs}
     if args.baseline:
         baseline_root = snapshot_revision(args.out, stamp, args.baseline)
@@ -182,12 +231,13 @@ def main(argv=None) -> int:
     for round_no in range(args.rounds):
         for name in configs:
             result = run_one(name, models, args, roots[name], args.out, stamp, round_no)
+            result["round"] = round_no
             runs.append(result)
             shown = (f"{result['throughput']:,.0f}/s p50 {result['p50_ms']:.2f} ms cpu {result['server_cpu_us_per_call']} µs"
                      f" client cpu {result['client_cpu']:.2f}"
                      + ("  WARNING: client-bound" if result["client_cpu"] > 0.9 else "")
                      if "error" not in result else f"ERROR {result['error'][:200]}")
-            print(f"[{len(runs)}/{total}] round {round_no + 1} {name:15} {shown}", flush=True)
+            print(f"[{len(runs)}/{total}] round {round_no + 1} {name:20} {shown}", flush=True)
     summary = summarise(runs, configs)
     report = {"command": command, "machine": machine_facts(command), "runs": runs, "summary": summary}
     (args.out / f"decide-{stamp}.json").write_text(json.dumps(report, indent=2))
