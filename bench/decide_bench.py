@@ -13,6 +13,7 @@ with ``--model claims_triage_large``, on its MLP sibling):
 * ``decide``          Decide with the claims pipeline, audit ``fsync`` (the default)
 * ``decide-noaudit``  the same with ``--audit-mode off``
 * ``decide-stream``   DecideStream, one decision in flight per stream (``--stream``)
+* ``decide-pipelined`` one DecideStream with ``--concurrency`` decisions in flight on it
 
 Reported per configuration: median throughput and p50/p99 over rounds and
 server CPU µs per call; ratios of medians decide/infer and decide/decide-noaudit
@@ -54,8 +55,9 @@ CONFIGS = {
     "decide": ("decide", ()),
     "decide-noaudit": ("decide", ("--audit-mode", "off")),
     "decide-stream": ("decide-stream", ()),
+    "decide-pipelined": ("decide-pipelined", ()),
 }
-RATIOS = (("decide", "infer"), ("decide", "decide-noaudit"), ("decide-stream", "infer"))
+RATIOS = (("decide", "infer"), ("decide", "decide-noaudit"), ("decide-stream", "infer"), ("decide-pipelined", "infer"))
 _LEVEL = re.compile(r" c(\d+)$")  # "decide c64": the configuration at 64 calls in flight (a sweep)
 
 

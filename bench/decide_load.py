@@ -4,7 +4,9 @@ Both send the same claims (``examples/claims`` synthetic cases): ``Decide``
 as request fields, ``ModelInfer`` as the already-encoded feature row (so
 the model call is identical and ``Decide``'s extra work — validation,
 encoding, policy, review, audit — is what the ratio shows). ``concurrency``
-coroutines on one grpc.aio channel each keep one call in flight.
+coroutines on one grpc.aio channel each keep one call in flight
+(``decide-stream``: each on a DecideStream of its own); ``decide-pipelined``
+keeps ``concurrency`` decisions in flight on one DecideStream.
 
     python -m bench.decide_load --address HOST:PORT --mode decide --concurrency 16 --seconds 5
 
@@ -26,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-MODES = ("decide", "infer", "decide-stream")
+MODES = ("decide", "infer", "decide-stream", "decide-pipelined")
 
 
 def _requests(mode: str, n: int = 1000, model: str = "claims_triage") -> list:
@@ -94,8 +96,42 @@ async def _run(address: str, mode: str, concurrency: int, seconds: float, warmup
                     latencies.append(time.perf_counter() - started)
             await stream.done_writing()
 
-        worker = streamed if mode == "decide-stream" else unary
-        tasks = [asyncio.create_task(worker(k)) for k in range(concurrency)]
+        async def pipelined() -> None:
+            # One stream with `concurrency` decisions in flight on it: how a high-throughput caller uses
+            # DecideStream (answers come in completion order, matched by request id).
+            stream = stub.DecideStream()
+            window = asyncio.Semaphore(concurrency)
+            sent: dict[str, float] = {}
+
+            async def write() -> None:
+                seq = 0
+                while not state["stop"]:
+                    await window.acquire()
+                    request = requests[seq % len(requests)]
+                    request.request_id = f"p{seq}"  # (serialized by the write before the next one changes it)
+                    sent[request.request_id] = time.perf_counter()
+                    await stream.write(request)
+                    seq += 1
+                await stream.done_writing()
+
+            writer = asyncio.create_task(write())
+            while True:
+                answer = await stream.read()
+                if answer is grpc.aio.EOF:
+                    break
+                started = sent.pop(answer.request_id, None)
+                window.release()
+                if answer.error_code:
+                    errors[answer.error_code] = errors.get(answer.error_code, 0) + 1
+                elif state["measuring"] and started is not None:
+                    latencies.append(time.perf_counter() - started)
+            await writer
+
+        if mode == "decide-pipelined":
+            tasks = [asyncio.create_task(pipelined())]
+        else:
+            worker = streamed if mode == "decide-stream" else unary
+            tasks = [asyncio.create_task(worker(k)) for k in range(concurrency)]
         await asyncio.sleep(warmup)
         state["measuring"] = True
         started, cpu_started = time.perf_counter(), time.process_time()
