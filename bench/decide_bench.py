@@ -195,7 +195,8 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=float, default=1.0)
     parser.add_argument("--concurrency", default="16", help="calls in flight: one level, or a comma list to sweep")
     parser.add_argument("--stream", action="store_true", help="also measure DecideStream")
-    parser.add_argument("--configs", default="", help="comma list (default: infer,decide,decide-noaudit[,decide-stream])")
+    parser.add_argument("--configs", default="", help=f"comma list of {', '.join(CONFIGS)} "
+                        "(default: infer,decide,decide-noaudit[,decide-stream])")
     parser.add_argument("--wait-idle", dest="wait_idle", type=float, default=10.0)
     parser.add_argument("--data-parent", dest="data_parent", default=None, help="where fresh data dirs go (disk for fsync)")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "out")
