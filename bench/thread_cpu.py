@@ -12,7 +12,8 @@ switches per call are counted the same way.
     python -m bench.thread_cpu [--modes infer,decide] [--seconds 4] [--rounds 3] [--out bench/out]
 
 Prints one table per mode (median over rounds of µs of CPU per call per thread
-group) and writes ``OUT/thread-cpu-<stamp>.json``.
+group, and how much of it ran in the OS kernel: system calls, fdatasync, page
+faults) and writes ``OUT/thread-cpu-<stamp>.json``.
 """
 
 from __future__ import annotations
@@ -37,8 +38,8 @@ from bench.frontends import machine_facts, wait_idle
 _TICK = os.sysconf("SC_CLK_TCK")
 
 
-def _threads(pid: int) -> dict[str, tuple[str, int, int]]:
-    """tid -> (OS name, CPU ticks, voluntary switches)."""
+def _threads(pid: int) -> dict[str, tuple[str, int, int, int]]:
+    """tid -> (OS name, CPU ticks, voluntary switches, system-mode ticks)."""
     out = {}
     for tid in os.listdir(f"/proc/{pid}/task"):
         try:
@@ -48,7 +49,7 @@ def _threads(pid: int) -> dict[str, tuple[str, int, int]]:
         except FileNotFoundError:  # the thread ended
             continue
         switches = int(re.search(r"^voluntary_ctxt_switches:\s+(\d+)", status, re.M).group(1))
-        out[tid] = (name, int(fields[11]) + int(fields[12]), switches)
+        out[tid] = (name, int(fields[11]) + int(fields[12]), switches, int(fields[12]))
     return out
 
 
@@ -79,11 +80,12 @@ def measure(mode: str, args, models: Path, stamp: str, round_no: int) -> dict:
         shutil.rmtree(data_dir, ignore_errors=True)
     calls = result["throughput"] * (t1 - t0)
     groups: dict[str, list[float]] = {}
-    for tid, (name, ticks, switches) in after.items():
-        base = before.get(tid, (name, 0, 0))
-        entry = groups.setdefault(_group(name), [0.0, 0.0])
+    for tid, (name, ticks, switches, system) in after.items():
+        base = before.get(tid, (name, 0, 0, 0))
+        entry = groups.setdefault(_group(name), [0.0, 0.0, 0.0])  # CPU µs, switches, of the CPU: system µs
         entry[0] += (ticks - base[1]) / _TICK / calls * 1e6
         entry[1] += (switches - base[2]) / calls
+        entry[2] += (system - base[3]) / _TICK / calls * 1e6
     return {"mode": mode, "throughput": result["throughput"], "groups": groups}
 
 
@@ -108,23 +110,26 @@ def main(argv=None) -> int:
         for mode in modes:
             run = measure(mode, args, models, stamp, round_no)
             runs.append(run)
-            total = sum(cpu for cpu, _ in run["groups"].values())
+            total = sum(entry[0] for entry in run["groups"].values())
             print(f"round {round_no + 1} {mode:8} {run['throughput']:,.0f}/s  {total:.0f} µs/call", flush=True)
     lines = []
     for mode in modes:
         mine = [r for r in runs if r["mode"] == mode]
         names = sorted({g for r in mine for g in r["groups"]},
-                       key=lambda g: -statistics.median(r["groups"].get(g, [0, 0])[0] for r in mine))
+                       key=lambda g: -statistics.median(r["groups"].get(g, [0, 0, 0])[0] for r in mine))
         lines += [f"\n{mode}: {statistics.median(r['throughput'] for r in mine):,.0f} calls/s (median of {len(mine)})",
-                  "| thread (OS name) | CPU µs/call | voluntary switches/call |", "|---|---|---|"]
+                  "| thread (OS name) | CPU µs/call | of it in the OS kernel | voluntary switches/call |",
+                  "|---|---|---|---|"]
+
+        def median_of(column: int, group: str | None = None) -> float:
+            return statistics.median(r["groups"].get(group, [0, 0, 0])[column] if group is not None
+                                     else sum(entry[column] for entry in r["groups"].values()) for r in mine)
+
         for g in names:
-            cpu = statistics.median(r["groups"].get(g, [0, 0])[0] for r in mine)
-            if cpu < 0.05:
+            if median_of(0, g) < 0.05:
                 continue
-            switches = statistics.median(r["groups"].get(g, [0, 0])[1] for r in mine)
-            lines.append(f"| {g} | {cpu:.1f} | {switches:.2f} |")
-        lines.append(f"| total | {statistics.median(sum(c for c, _ in r['groups'].values()) for r in mine):.0f} | "
-                     f"{statistics.median(sum(s for _, s in r['groups'].values()) for r in mine):.2f} |")
+            lines.append(f"| {g} | {median_of(0, g):.1f} | {median_of(2, g):.1f} | {median_of(1, g):.2f} |")
+        lines.append(f"| total | {median_of(0):.0f} | {median_of(2):.0f} | {median_of(1):.2f} |")
     text = "\n".join(lines)
     print(text)
     (args.out / f"thread-cpu-{stamp}.json").write_text(json.dumps(
