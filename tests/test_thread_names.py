@@ -28,7 +28,7 @@ def test_a_thread_names_itself_and_the_benchmark_groups_it():
     worker.start()
     try:
         assert named.wait(10)
-        names = {name for name, _, _ in _threads(os.getpid()).values()}
+        names = {name for name, *_ in _threads(os.getpid()).values()}
         assert "aios-grpc_12" in names
         assert _group("aios-grpc_12") == "aios-grpc" and _group("aios-lane-cpu-0") == "aios-lane-cpu"
     finally:
@@ -40,7 +40,7 @@ def test_the_decision_finisher_is_named_in_the_os():
     finisher = BatchFinisher(lambda group: [], name="aios-decide")
     try:
         for _ in range(1000):  # the thread names itself as it starts
-            if "aios-decide" in {name for name, _, _ in _threads(os.getpid()).values()}:
+            if "aios-decide" in {name for name, *_ in _threads(os.getpid()).values()}:
                 break
             threading.Event().wait(0.005)
         else:
