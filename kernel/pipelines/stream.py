@@ -19,6 +19,7 @@ from collections.abc import Iterator
 
 from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
 from ..errors import Cancelled, InvalidArgument, KernelError
+from ..threads import name_native_thread
 from .flow import ANONYMOUS, DecisionEngine, Pending
 
 log = logging.getLogger("aios.decisions")
@@ -57,6 +58,7 @@ def decide_stream(engine: DecisionEngine, requests: Iterator, ctx, principal: st
         events.put(pending)
 
     def read() -> None:
+        name_native_thread()  # (so per-thread CPU tells the stream's reader from the handler threads)
         try:
             for request in requests:
                 while not slots.acquire(timeout=0.5):
