@@ -46,7 +46,8 @@ class Settings:
     # With eager_receive: a ModelInfer call (on a model with batches of >= 0.2 ms) or a Decide call
     # frees its handler thread once its work is queued, and the thread that runs its batch (Decide:
     # the decision finisher) answers it (kernel/api/answer_later.py); false = the handler thread
-    # sleeps until its answer is ready.
+    # sleeps until its answer is ready. Also DecideStream: driven from the poller, answered by the decision
+    # finisher, with no thread of its own (kernel/api/stream_pump.py).
     answer_later: bool = True
     # With answer_later: a ModelInfer that arrives while no other call is in progress runs on gRPC's
     # poller thread, with no hand-off to a handler thread; a batch predicted to take over 0.2 ms goes

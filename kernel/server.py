@@ -22,7 +22,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 from . import accel, grpc_io
 from ._proto import POOL
 from ._proto.inference import grpc_service_pb2
-from .api import InferenceService, aio_servicer, eager_receive, kernel_services, registration, sync_servicer
+from .api import InferenceService, aio_servicer, eager_receive, kernel_services, registration, stream_pump, sync_servicer
 from .api.call_budget import CallBudget
 from .api.handler_pool import HandlerPool, poller_policy
 from .config import Settings
@@ -108,6 +108,7 @@ class KernelServer:
         self.failed_models: dict[str, str] = {}
         self._server = None
         self._eager = None  # the threaded front end's EagerReceive, when on (tests count its calls)
+        self._pump = None  # the threaded front end's StreamPump (DecideStream), when on
         self._budget = None  # the threaded front end's CallBudget
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: threading.Thread | None = None
@@ -156,6 +157,8 @@ class KernelServer:
         if not asynchronous and self.settings.eager_receive:
             self._eager = eager_receive.attach([inference, *ours], self._pool, self.settings.answer_later,
                                                self.settings.poller_inline)
+            if self.settings.answer_later:
+                self._pump = stream_pump.attach(ours, self.decisions.engine, self._pool)
         self._health = health.aio.HealthServicer() if asynchronous else health.HealthServicer(experimental_non_blocking=True)
         generated = registration.generic_only(server)  # (no method registrations on grpc.aio: registration.py)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, generated)
@@ -166,11 +169,13 @@ class KernelServer:
     def _calls_in_progress(self) -> int:
         """Calls in progress on the threaded front end as gRPC's limit counts them: those in the handler
         pool, those whose request has not arrived yet (eager_receive), and those handed on to be answered
-        later (answer_later), and one running on the poller thread (poller_inline)."""
-        eager = self._eager
+        later (answer_later), one running on the poller thread (poller_inline), and open DecideStreams
+        driven by the stream pump (they hold no thread)."""
+        eager, pump = self._eager, self._pump
+        streams = 0 if pump is None else pump.open
         if eager is None:
-            return self._pool.in_progress()
-        return self._pool.in_progress() + eager.waiting + eager.outstanding.count + eager.on_poller
+            return self._pool.in_progress() + streams
+        return self._pool.in_progress() + eager.waiting + eager.outstanding.count + eager.on_poller + streams
 
     def _front_end_words(self) -> str:
         """The start line's front end: its name and which of its unary-call paths are on."""
@@ -182,6 +187,8 @@ class KernelServer:
                 words.append("answer later")
                 if self.settings.poller_inline:
                     words.append("lone calls on the poller")
+        if self._pump is not None:
+            words.append("streams pumped")
         return ", ".join(words)
 
     def start(self) -> int:

@@ -86,10 +86,10 @@ class _Finished:
 
     __slots__ = ("_done", "_callbacks", "_receiver")
 
-    def __init__(self, receiver: EagerReceive):
+    def __init__(self, receiver: EagerReceive | None = None):
         self._done = False
         self._callbacks = []
-        self._receiver = receiver  # told when the call ended (EagerReceive.last_done_ns)
+        self._receiver = receiver  # told when the call ended (EagerReceive.last_done_ns), if any
 
     def add_done_callback(self, callback) -> None:
         # grpc adds its callback on the poller thread right after submit, before the message (and so
@@ -103,7 +103,8 @@ class _Finished:
         if self._done:  # once only: grpc counts the call's end by it
             return
         self._done = True
-        self._receiver.last_done_ns = time.monotonic_ns()
+        if self._receiver is not None:
+            self._receiver.last_done_ns = time.monotonic_ns()
         callbacks, self._callbacks = self._callbacks, []
         for callback in callbacks:
             self._run(callback)

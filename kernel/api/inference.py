@@ -171,6 +171,11 @@ class InferenceService:
         """Queue ``item`` on its model's lane; ``item.on_done`` reports the outcome."""
         self._lane(item).submit(item)
 
+    def queue(self, item: WorkItem, watch=None) -> None:
+        """``submit`` for work watched by the expiry timer: if it is refused at admission, its ``watch``
+        (from ``watch_deadline``) goes too."""
+        self._forget_if_refused(watch, self._lane(item).submit, item)
+
     def run_if_idle(self, item: WorkItem, max_ns: int, watch=None) -> bool:
         """Run ``item`` on this thread if its lane is idle and the batch is short (``Lane.run_if_idle``).
         If it is refused at admission, its ``watch`` (from ``watch_deadline``) goes: nothing to expire."""

@@ -487,14 +487,26 @@ class DecisionEngine:
         item = pending.item
         if admit is not None:
             admit(item)
+        self.answer_later(pending, later)
+        if on_queued is not None and item.state == ITEM_QUEUED:  # (without the lane's lock: at worst a no-op)
+            on_queued(item)
+        return later.defer()
+
+    def answer_later(self, pending: Pending, later, inline: bool = True) -> None:
+        """Queue ``pending``'s model work; the finisher decides it with its group and answers through
+        ``later``: ``later.send(decision)``, or ``later.fail(error)`` (also for work that never ran).
+        ``inline``: run the next batch on this thread if a lane slot is free (a unary call's handler);
+        otherwise the lane's threads do (a stream's prepare task, which has more requests to take).
+        Raises if admission refuses the work (nothing is queued then)."""
+        item = pending.item
         self.finish_in_groups(pending)
         pending.later = later
         item.on_done = self._never_ran
         pending.watch = self.inference.watch_deadline(item)  # no caller wakes at its deadline: the timer does
-        self.inference.run_or_queue(item, pending.watch)
-        if on_queued is not None and item.state == ITEM_QUEUED:  # (without the lane's lock: at worst a no-op)
-            on_queued(item)
-        return later.defer()
+        if inline:
+            self.inference.run_or_queue(item, pending.watch)
+        else:
+            self.inference.queue(item, pending.watch)
 
     def _never_ran(self, item) -> None:
         """``on_done`` of a decision answered later: called by the lane (under its lock) when the item

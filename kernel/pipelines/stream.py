@@ -38,7 +38,7 @@ def error_decision(request, exc: BaseException) -> kpb.Decision:
                         error_code=code, error_message=message)
 
 
-def _unparsed(request) -> InvalidArgument:
+def unparsed(request) -> InvalidArgument:
     # The API layer hands on a message whose bytes did not parse as a stand-in that says why
     # (kernel.api.registration.Unparsable), so that it is answered in turn and the stream goes on.
     reason = getattr(request, "reason", type(request).__name__)
@@ -68,7 +68,7 @@ def decide_stream(engine: DecisionEngine, requests: Iterator, ctx, principal: st
                     taken[0] += 1
                 try:
                     if not isinstance(request, kpb.DecisionRequest):
-                        raise _unparsed(request)
+                        raise unparsed(request)
                     pending = engine.prepare(request, ctx.deadline_ns, principal)
                 except Exception as exc:
                     events.put((request, exc))

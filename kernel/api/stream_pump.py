@@ -1,0 +1,320 @@
+"""DecideStream on the threaded front end, driven by gRPC's poller and the decision finisher instead of two threads.
+
+grpc's synchronous server gives a bidirectional stream a thread that sends
+each answer and sleeps until gRPC has sent it, and the kernel's handler
+(``pipelines/stream.py``) a second thread that reads each request the same
+way: start a receive, sleep, be woken by the poller. One stream with many
+decisions in flight paid ~9 thread switches a decision and ran at 0.55x
+ModelInfer's calls/s, below unary Decide (bench/RESULTS.md, "DecideStream
+with many decisions in flight on one stream").
+
+Here the stream has no thread of its own:
+
+- receives are started from gRPC's poller thread, each from the previous
+  one's completion, while fewer than ``MAX_IN_FLIGHT`` decisions are open
+  (an answer resumes a paused stream);
+- what arrived is prepared and queued by one task on the handler pool at a
+  time, which takes the stream's whole backlog each round;
+- the finisher answers each decision with its group (``DecisionEngine.
+  answer_later``, as for unary calls answered later), and the answers go out
+  one send at a time (gRPC allows one in flight per call), each next one
+  started from the previous one's completion; the OK status follows the last
+  answer once the client has half-closed.
+
+A call that ends early (client cancel, deadline) takes back what is still
+queued. It follows grpc's own stream path step for step with the private
+helpers ``eager_receive.py`` already relies on; they are checked at import,
+and where anything differs the stream takes grpc's standard path.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from concurrent import futures
+
+from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
+from ..pipelines.flow import ANONYMOUS
+from ..pipelines.stream import MAX_IN_FLIGHT, error_decision, unparsed
+from .eager_receive import AVAILABLE as _EAGER_AVAILABLE
+from .eager_receive import _Finished
+from .rpc import _deadline_ns
+
+log = logging.getLogger("aios.api")
+
+try:
+    import grpc._server as _gs
+    from grpc._cython import cygrpc as _cygrpc
+
+    _NEEDED = ("_stream_response_in_pool", "_get_initial_metadata_operation", "_get_send_message_op_flags_from_state",
+               "_reset_per_message_state", "_possibly_finish_call", "_is_rpc_state_active", "_status", "_common",
+               "_SEND_MESSAGE_TOKEN", "_SEND_INITIAL_METADATA_AND_SEND_MESSAGE_TOKEN", "_RECEIVE_MESSAGE_TOKEN",
+               "_OPEN", "_CLOSED", "_EMPTY_FLAGS")
+    AVAILABLE = _EAGER_AVAILABLE and all(hasattr(_gs, name) for name in _NEEDED)
+except ImportError:  # pragma: no cover - grpc without its private modules
+    AVAILABLE = False
+
+STREAM_SERVICE, STREAM_METHOD = "aios.kernel.v1.DecisionService", "DecideStream"
+
+
+class StreamPump(futures.ThreadPoolExecutor):
+    """The "thread pool" grpc picks for DecideStream: it starts the stream's state machine and returns the
+    future grpc counts the call by. A ``ThreadPoolExecutor`` only because grpc checks for one."""
+
+    def __init__(self, engine, pool):  # (no super().__init__: nothing of ThreadPoolExecutor is used)
+        self._engine = engine
+        self._pool = pool  # the server's HandlerPool: runs each stream's prepare task
+        self.streams = 0  # streams that took this path (changed on gRPC's poller thread only)
+        self._ended = 0  # of them, those over (changed from any thread: under the lock)
+        self._lock = threading.Lock()
+        self._warned = False
+
+    @property
+    def open(self) -> int:
+        """Streams in progress (read without the lock: the call budget's estimate)."""
+        return self.streams - self._ended
+
+    def _stream_over(self, _finished) -> None:
+        with self._lock:
+            self._ended += 1
+
+    def submit(self, *args, **kwargs):
+        # grpc calls submit(context.run, _stream_response_in_pool, rpc_event, state, behaviour,
+        # request_iterator_thunk, request_deserializer, response_serializer), with the call's condition held.
+        if kwargs or len(args) != 8 or args[1] is not _gs._stream_response_in_pool:
+            if not self._warned:
+                self._warned = True
+                log.warning("DecideStream takes grpc's standard path: grpc handed over an unexpected call shape")
+            return self._pool.submit(*args, **kwargs)
+        _run, _respond, rpc_event, state, _behaviour, _iterator, deserializer, serializer = args
+        self.streams += 1
+        stream = _Stream(self._engine, self._pool, rpc_event, state, deserializer, serializer)
+        stream.finished.add_done_callback(self._stream_over)
+        stream.start()
+        return stream.finished
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        pass  # owns no threads
+
+
+class _Answer:
+    """A decision's ``later`` (what ``DecisionEngine.answer_later`` answers through): back onto its stream."""
+
+    __slots__ = ("_stream", "_request", "item")
+
+    def __init__(self, stream: _Stream, request):
+        self._stream = stream
+        self._request = request
+        self.item = None
+
+    def send(self, decision) -> None:
+        self._stream.answer(decision, self.item)
+
+    def fail(self, error) -> None:
+        self._stream.answer(error_decision(self._request, error), self.item)
+
+
+class _Stream:
+    """One DecideStream call. Every field is guarded by the call's ``state.condition``."""
+
+    def __init__(self, engine, pool, rpc_event, state, deserializer, serializer):
+        self._engine = engine
+        self._pool = pool
+        self._rpc_event = rpc_event
+        self._call = rpc_event.call
+        self._state = state
+        self._deserializer = deserializer
+        self._serializer = serializer
+        self.finished = _Finished()
+        self._deadline_ns = _deadline_ns(rpc_event.call_details.deadline - time.time())
+        self._backlog: list[bytes] = []  # received, not yet prepared
+        self._working = False  # a prepare task is on the pool
+        self._sends: deque[bytes] = deque()  # answers waiting for the send in flight
+        self._sending = False
+        self._receiving = False
+        self._reading = True  # until the client half-closes
+        self._taken = 0  # requests received (each is answered exactly once)
+        self._answered = 0
+        self._queued: dict[int, object] = {}  # id(item) -> item: model work to take back if the call ends
+        self._done = False  # the status is out or the call ended: ``finished`` is set
+
+    # -- receiving (gRPC's poller thread) ---------------------------------------------------
+    def start(self) -> None:
+        state = self._state
+        with state.condition:
+            if state.callbacks is None:  # the call is over already: nothing to pump, and count it as ended
+                self._done = True
+                self.finished.set_done()
+                return
+            state.callbacks.append(self._call_ended)  # run by grpc when the call is over, however it ended
+            self._receive_locked()
+
+    def _receive_locked(self) -> None:
+        if (self._receiving or not self._reading or self._taken - self._answered >= MAX_IN_FLIGHT
+                or not _gs._is_rpc_state_active(self._state)):
+            return  # (an answer resumes a stream paused at MAX_IN_FLIGHT)
+        self._call.start_server_batch((_cygrpc.ReceiveMessageOperation(_gs._EMPTY_FLAGS),), self._on_message)
+        self._state.due.add(_gs._RECEIVE_MESSAGE_TOKEN)
+        self._receiving = True
+
+    def _on_message(self, event):
+        data = event.batch_operations[0].message()
+        state = self._state
+        start_task = False
+        with state.condition:
+            self._receiving = False
+            outcome = _gs._possibly_finish_call(state, _gs._RECEIVE_MESSAGE_TOKEN)
+            if data is None:  # the client half-closed (or the call ended)
+                self._reading = False
+                if state.client is _gs._OPEN:
+                    state.client = _gs._CLOSED
+                self._end_if_answered_locked()
+                return outcome
+            self._taken += 1
+            self._backlog.append(data)
+            if not self._working:
+                self._working = start_task = True
+            self._receive_locked()
+        if start_task:
+            try:
+                self._pool.submit(self._prepare_backlog)
+            except RuntimeError:  # the pool is shut down: the server is stopping
+                with state.condition:
+                    self._working = False
+                    _gs._abort(state, self._call, _cygrpc.StatusCode.unavailable, b"the kernel is shutting down")
+        return outcome
+
+    # -- preparing (a handler-pool thread) ---------------------------------------------------
+    def _prepare_backlog(self) -> None:
+        state = self._state
+        while True:
+            with state.condition:
+                taken, self._backlog = self._backlog, []
+                if not taken:
+                    self._working = False
+                    return
+            for data in taken:
+                try:
+                    self._take(data)
+                except Exception:  # never leave a request unanswered, nor the task stuck
+                    log.exception("queueing a streamed decision failed")
+                    self.answer(error_decision(None, None), None)
+
+    def _take(self, data: bytes) -> None:
+        engine = self._engine
+        request = _gs._common.deserialize(data, self._deserializer)  # (a safe parser: Unparsable, never raises)
+        try:
+            if not isinstance(request, kpb.DecisionRequest):
+                raise unparsed(request)
+            pending = engine.prepare(request, self._deadline_ns, ANONYMOUS)
+        except Exception as exc:
+            self.answer(error_decision(request, exc), None)
+            return
+        if isinstance(pending, kpb.Decision):  # answered from the idempotency store
+            self.answer(pending, None)
+            return
+        later = _Answer(self, request)
+        later.item = item = pending.item
+        with self._state.condition:
+            if not _gs._is_rpc_state_active(self._state):  # the call ended: nothing to queue for
+                self._answered += 1
+                return
+            self._queued[id(item)] = item
+        try:
+            engine.answer_later(pending, later, inline=False)
+        except Exception as exc:  # refused at admission: RESOURCE_EXHAUSTED with its retry hint
+            self.answer(error_decision(request, exc), item)
+
+    # -- answering (the finisher, or the prepare task) ----------------------------------------
+    def answer(self, decision, item) -> None:
+        """Send ``decision`` (``item``: its model work, no longer to take back) after those before it."""
+        try:
+            data = self._serializer(decision)
+        except Exception:  # the kernel's bug; the request still gets an answer, and the stream its end
+            log.exception("serializing a streamed decision failed")
+            data = self._serializer(error_decision(None, None))
+        state = self._state
+        with state.condition:
+            if item is not None:
+                self._queued.pop(id(item), None)
+            self._answered += 1
+            if not _gs._is_rpc_state_active(state):
+                return  # the call ended: nobody to tell
+            if self._sending:
+                self._sends.append(data)
+            else:
+                self._send_locked(data)
+            self._receive_locked()
+
+    def _send_locked(self, data: bytes) -> None:
+        state = self._state
+        flags = _gs._get_send_message_op_flags_from_state(state)
+        if state.initial_metadata_allowed:
+            operations = (_gs._get_initial_metadata_operation(state, None), _cygrpc.SendMessageOperation(data, flags))
+            state.initial_metadata_allowed = False
+            token, sent = _gs._SEND_INITIAL_METADATA_AND_SEND_MESSAGE_TOKEN, self._sent_first
+        else:
+            operations = (_cygrpc.SendMessageOperation(data, flags),)
+            token, sent = _gs._SEND_MESSAGE_TOKEN, self._sent
+        self._call.start_server_batch(operations, sent)
+        state.due.add(token)
+        _gs._reset_per_message_state(state)
+        self._sending = True
+
+    def _sent_first(self, _event):
+        return self._after_send(_gs._SEND_INITIAL_METADATA_AND_SEND_MESSAGE_TOKEN)
+
+    def _sent(self, _event):
+        return self._after_send(_gs._SEND_MESSAGE_TOKEN)
+
+    def _after_send(self, token: str):
+        state = self._state
+        with state.condition:
+            self._sending = False
+            outcome = _gs._possibly_finish_call(state, token)
+            if self._sends and _gs._is_rpc_state_active(state):
+                self._send_locked(self._sends.popleft())
+            else:
+                self._end_if_answered_locked()
+            return outcome
+
+    # -- the end --------------------------------------------------------------------------------
+    def _end_if_answered_locked(self) -> None:
+        """The OK status, once the client has half-closed and every request is answered and sent."""
+        if (self._done or self._reading or self._receiving or self._sending or self._sends
+                or self._answered < self._taken or not _gs._is_rpc_state_active(self._state)):
+            return
+        self._done = True
+        _gs._status(self._rpc_event, self._state, None)
+        self.finished.set_done()
+
+    def _call_ended(self) -> None:
+        """grpc's end-of-call callback: take back what is still queued; count the call as over."""
+        state = self._state
+        with state.condition:
+            queued, self._queued = list(self._queued.values()), {}
+            first, self._done = not self._done, True
+        for item in queued:
+            self._engine.inference.cancel(item)  # (each then leaves the lane unrun and is answered to nobody)
+        if first:
+            self.finished.set_done()
+
+
+def attach(handlers, engine, pool) -> StreamPump | None:
+    """Route DecideStream (found among ``handlers``, ``registration.ServiceHandlers``) through a
+    ``StreamPump``; None (and the log says so) where this grpcio lacks the internals it follows."""
+    if not AVAILABLE:
+        log.warning("DecideStream takes grpc's standard path: this grpcio lacks the internals stream_pump.py follows")
+        return None
+    for service in handlers:
+        if getattr(service, "service_name", None) != STREAM_SERVICE:
+            continue
+        handler = service.methods.get(STREAM_METHOD)
+        if handler is None:
+            return None
+        pump = StreamPump(engine, pool)
+        handler.stream_stream.experimental_thread_pool = pump
+        return pump
+    return None

@@ -1,0 +1,132 @@
+"""DecideStream on the threaded front end, driven by the stream pump (kernel/api/stream_pump.py).
+
+Real kernel, real gRPC clients. The pump receives from gRPC's poller, queues
+through the decision finisher and sends one answer at a time: each answer
+must reach its request, a bad message must be answered and the stream go
+on, no more than MAX_IN_FLIGHT requests may be taken before answers flow,
+and a call that ends early must take back what is still queued.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import grpc
+import pytest
+
+from claims_support import claim_request
+from examples.claims import data
+from kernel._proto.aios.kernel.v1 import kernel_pb2 as kpb
+from kernel._proto.aios.kernel.v1 import kernel_pb2_grpc as kgrpc
+from kernel.api import stream_pump
+
+METHOD = "/aios.kernel.v1.DecisionService/DecideStream"
+
+
+@pytest.fixture
+def pumped(claims_kernel):
+    if claims_kernel.front_end != "sync":
+        pytest.skip("the stream pump serves the threaded front end; grpc.aio streams run on the event loop")
+    assert claims_kernel._pump is not None, "the stream pump is on by default on the threaded front end"
+    return claims_kernel
+
+
+@pytest.fixture
+def held_model(monkeypatch):
+    """The injected fault: the claims model waits for ``release``; ``rows`` lists each held batch's rows."""
+    from kernel.models.runtime import OnnxModel
+
+    release = threading.Event()
+    rows: list[int] = []
+    run = OnnxModel.run
+
+    def held_run(self, feeds):
+        rows.append(len(next(iter(feeds.values()))))
+        release.wait(30)
+        return run(self, feeds)
+
+    monkeypatch.setattr(OnnxModel, "run", held_run)
+    yield release, rows
+    release.set()
+
+
+def _wait_until(condition, seconds: float = 10.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        threading.Event().wait(0.01)
+    return condition()
+
+
+def test_one_stream_with_many_in_flight_answers_each_request_and_goes_on_past_bad_ones(pumped):
+    pump = pumped._pump
+    before = pump.streams
+    cases = data.generate_cases(200, seed=51)
+    requests = [claim_request(case, request_id=f"p{i}").SerializeToString() for i, case in enumerate(cases)]
+    requests.insert(50, kpb.DecisionRequest(pipeline="no_such_pipeline", request_id="unknown").SerializeToString())
+    requests.insert(120, b"\xff\xff\xff")  # not a DecisionRequest at all
+    with grpc.insecure_channel(f"127.0.0.1:{pumped.port}") as channel:
+        call = channel.stream_stream(METHOD, request_serializer=lambda raw: raw,
+                                     response_deserializer=kpb.Decision.FromString)
+        answers = list(call(iter(requests), timeout=60))
+    assert pump.streams == before + 1
+    assert len(answers) == len(requests)
+    by_id = {answer.request_id: answer for answer in answers if answer.request_id}
+    assert set(by_id) == {f"p{i}" for i in range(200)} | {"unknown"}
+    assert by_id["unknown"].error_code == "NOT_FOUND"
+    unparsable = [answer for answer in answers if not answer.request_id]
+    assert len(unparsable) == 1 and unparsable[0].error_code == "INVALID_ARGUMENT"
+    decided = [by_id[f"p{i}"] for i in range(200)]
+    assert all(not d.error_code and d.action and d.audit_hash for d in decided)
+    assert len({d.audit_sequence for d in decided}) == 200  # one audit record each
+    assert _wait_until(lambda: pump.open == 0)  # the call's end is counted (the call budget reads it)
+
+
+def test_no_more_than_max_in_flight_requests_are_taken_before_answers_flow(pumped, held_model, monkeypatch):
+    monkeypatch.setattr(stream_pump, "MAX_IN_FLIGHT", 3)
+    release, rows = held_model
+    mv = pumped.hub.get("claims_triage")
+    lane = pumped.lanes.for_model(mv)
+    cases = data.generate_cases(20, seed=52)
+    requests = [claim_request(case, request_id=f"b{i}") for i, case in enumerate(cases)]
+    answers: list[kpb.Decision] = []
+    with grpc.insecure_channel(f"127.0.0.1:{pumped.port}") as channel:
+        stream = kgrpc.DecisionServiceStub(channel).DecideStream(iter(requests), timeout=60)
+        reader = threading.Thread(target=lambda: answers.extend(stream))
+        reader.start()
+        assert _wait_until(lambda: rows and sum(rows) + lane.load(mv)[0] >= 3)
+        threading.Event().wait(0.3)  # room for a fourth request to be taken, were the limit not kept
+        taken = sum(rows) + lane.load(mv)[0]
+        release.set()
+        reader.join(60)
+    assert taken == 3
+    assert sorted(answer.request_id for answer in answers) == sorted(f"b{i}" for i in range(20))
+    assert all(not answer.error_code for answer in answers)
+
+
+def test_a_stream_that_ends_early_takes_back_what_is_still_queued(pumped, held_model):
+    release, rows = held_model
+    pump = pumped._pump
+    mv = pumped.hub.get("claims_triage")
+    lane = pumped.lanes.for_model(mv)
+    cases = data.generate_cases(12, seed=53)
+    gate = threading.Event()
+
+    def requests():  # everything at once, then the stream stays open until the test lets it go
+        for i, case in enumerate(cases):
+            yield claim_request(case, request_id=f"c{i}")
+        gate.wait(30)
+
+    with grpc.insecure_channel(f"127.0.0.1:{pumped.port}") as channel:
+        stream = kgrpc.DecisionServiceStub(channel).DecideStream(requests(), timeout=60)
+        assert _wait_until(lambda: rows and sum(rows) + lane.load(mv)[0] >= len(cases))
+        running = sum(rows)  # the held batch; the rest waits in the queue
+        stream.cancel()
+        assert _wait_until(lambda: lane.load(mv)[0] == 0)  # taken back from the queue at once, model still held
+        release.set()
+        gate.set()
+        assert _wait_until(lambda: pump.open == 0)
+    assert running < len(cases)
+    assert sum(rows) == running  # the model never ran the requests that were still queued
