@@ -130,3 +130,24 @@ def test_a_stream_that_ends_early_takes_back_what_is_still_queued(pumped, held_m
         assert _wait_until(lambda: pump.open == 0)
     assert running < len(cases)
     assert sum(rows) == running  # the model never ran the requests that were still queued
+
+
+@pytest.mark.parametrize("reason", ["answer_later off", "grpc internals differ"])
+def test_without_the_pump_decide_stream_takes_grpcs_standard_path(claims_models, tmp_path, monkeypatch, reason):
+    from claims_support import copy_pipelines
+    from conftest import start_kernel
+
+    if reason == "grpc internals differ":
+        monkeypatch.setattr(stream_pump, "AVAILABLE", False)
+    server = start_kernel(claims_models, pipelines=str(copy_pipelines(tmp_path / "pipelines")),
+                          answer_later=(reason != "answer_later off"))
+    try:
+        assert server._pump is None and "streams pumped" not in server._front_end_words()
+        cases = data.generate_cases(30, seed=54)
+        requests = [claim_request(case, request_id=f"s{i}") for i, case in enumerate(cases)]
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            answers = list(kgrpc.DecisionServiceStub(channel).DecideStream(iter(requests), timeout=60))
+        assert sorted(a.request_id for a in answers) == sorted(f"s{i}" for i in range(30))
+        assert all(not a.error_code for a in answers)
+    finally:
+        server.stop(grace=1)
