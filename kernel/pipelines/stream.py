@@ -8,6 +8,11 @@ the per-decision cost falls as load rises. The stream's own thread only sends
 the answers (and finishes, as one group, the few that never ran). A bad request gets an answer with
 ``error_code``/``error_message`` and the stream goes on. Answers come in
 completion order, not request order.
+
+This is the path on grpc.aio and wherever the stream pump is off; on the
+threaded front end ``kernel/api/stream_pump.py`` runs DecideStream without
+the reader and the sending thread, with the same answers (it shares
+``error_decision``, ``unparsed`` and ``MAX_IN_FLIGHT`` with this module).
 """
 
 from __future__ import annotations
