@@ -114,15 +114,19 @@ def test_a_stream_that_ends_early_takes_back_what_is_still_queued(pumped, held_m
     cases = data.generate_cases(12, seed=53)
     gate = threading.Event()
 
-    def requests():  # everything at once, then the stream stays open until the test lets it go
-        for i, case in enumerate(cases):
+    def requests():
+        # One request first, until the model holds its batch; then the rest, which can only queue behind it
+        # (sent together they could all land in the first batch, leaving nothing queued to take back).
+        yield claim_request(cases[0], request_id="c0")
+        _wait_until(lambda: bool(rows))
+        for i, case in enumerate(cases[1:], 1):
             yield claim_request(case, request_id=f"c{i}")
-        gate.wait(30)
+        gate.wait(30)  # the stream stays open until the test lets it go
 
     with grpc.insecure_channel(f"127.0.0.1:{pumped.port}") as channel:
         stream = kgrpc.DecisionServiceStub(channel).DecideStream(requests(), timeout=60)
-        assert _wait_until(lambda: rows and sum(rows) + lane.load(mv)[0] >= len(cases))
-        running = sum(rows)  # the held batch; the rest waits in the queue
+        assert _wait_until(lambda: rows and lane.load(mv)[0] > 0 and sum(rows) + lane.load(mv)[0] >= len(cases))
+        running = sum(rows)  # the held batches; the rest waits in the queue
         stream.cancel()
         assert _wait_until(lambda: lane.load(mv)[0] == 0)  # taken back from the queue at once, model still held
         release.set()
