@@ -167,13 +167,9 @@ class InferenceService:
         except KeyError:  # unloaded between lookup and queueing
             raise Unavailable(f"model {item.model.name}/{item.model.version} is being unloaded") from None
 
-    def submit(self, item: WorkItem) -> None:
-        """Queue ``item`` on its model's lane; ``item.on_done`` reports the outcome."""
-        self._lane(item).submit(item)
-
-    def queue(self, item: WorkItem, watch=None) -> None:
-        """``submit`` for work watched by the expiry timer: if it is refused at admission, its ``watch``
-        (from ``watch_deadline``) goes too."""
+    def submit(self, item: WorkItem, watch=None) -> None:
+        """Queue ``item`` on its model's lane; ``item.on_done`` reports the outcome. If it is refused at
+        admission, its ``watch`` (from ``watch_deadline``) goes: nothing to expire."""
         self._forget_if_refused(watch, self._lane(item).submit, item)
 
     def run_if_idle(self, item: WorkItem, max_ns: int, watch=None) -> bool:

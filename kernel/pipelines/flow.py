@@ -506,7 +506,7 @@ class DecisionEngine:
         if inline:
             self.inference.run_or_queue(item, pending.watch)
         else:
-            self.inference.queue(item, pending.watch)
+            self.inference.submit(item, pending.watch)
 
     def _never_ran(self, item) -> None:
         """``on_done`` of a decision answered later: called by the lane (under its lock) when the item
