@@ -39,7 +39,7 @@ from concurrent import futures
 
 from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
 from ..pipelines.flow import ANONYMOUS
-from ..pipelines.stream import MAX_IN_FLIGHT, error_decision, unparsed
+from ..pipelines.stream import MAX_IN_FLIGHT, error_decision, prepare_streamed
 from .eager_receive import AVAILABLE as _EAGER_AVAILABLE
 from .eager_receive import _Finished
 from .rpc import _deadline_ns
@@ -50,10 +50,9 @@ try:
     import grpc._server as _gs
     from grpc._cython import cygrpc as _cygrpc
 
+    # What this module uses beyond what eager_receive.py already checks for.
     _NEEDED = ("_stream_response_in_pool", "_get_initial_metadata_operation", "_get_send_message_op_flags_from_state",
-               "_reset_per_message_state", "_possibly_finish_call", "_is_rpc_state_active", "_status", "_common",
-               "_SEND_MESSAGE_TOKEN", "_SEND_INITIAL_METADATA_AND_SEND_MESSAGE_TOKEN", "_RECEIVE_MESSAGE_TOKEN",
-               "_OPEN", "_CLOSED", "_EMPTY_FLAGS")
+               "_reset_per_message_state", "_SEND_MESSAGE_TOKEN", "_SEND_INITIAL_METADATA_AND_SEND_MESSAGE_TOKEN")
     AVAILABLE = _EAGER_AVAILABLE and all(hasattr(_gs, name) for name in _NEEDED)
 except ImportError:  # pragma: no cover - grpc without its private modules
     AVAILABLE = False
@@ -106,10 +105,10 @@ class _Answer:
 
     __slots__ = ("_stream", "_request", "item")
 
-    def __init__(self, stream: _Stream, request):
+    def __init__(self, stream: _Stream, request, item):
         self._stream = stream
         self._request = request
-        self.item = None
+        self.item = item  # its model work: no longer to take back once answered
 
     def send(self, decision) -> None:
         self._stream.answer(decision, self.item)
@@ -205,27 +204,19 @@ class _Stream:
                     self.answer(error_decision(None, None), None)
 
     def _take(self, data: bytes) -> None:
-        engine = self._engine
         request = _gs._common.deserialize(data, self._deserializer)  # (a safe parser: Unparsable, never raises)
-        try:
-            if not isinstance(request, kpb.DecisionRequest):
-                raise unparsed(request)
-            pending = engine.prepare(request, self._deadline_ns, ANONYMOUS)
-        except Exception as exc:
-            self.answer(error_decision(request, exc), None)
-            return
-        if isinstance(pending, kpb.Decision):  # answered from the idempotency store
+        pending = prepare_streamed(self._engine, request, self._deadline_ns, ANONYMOUS)
+        if isinstance(pending, kpb.Decision):  # a replay or an error: answered as it is
             self.answer(pending, None)
             return
-        later = _Answer(self, request)
-        later.item = item = pending.item
+        item = pending.item
         with self._state.condition:
             if not _gs._is_rpc_state_active(self._state):  # the call ended: nothing to queue for
                 self._answered += 1
                 return
             self._queued[id(item)] = item
         try:
-            engine.answer_later(pending, later, inline=False)
+            self._engine.answer_later(pending, _Answer(self, request, item), inline=False)
         except Exception as exc:  # refused at admission: RESOURCE_EXHAUSTED with its retry hint
             self.answer(error_decision(request, exc), item)
 

@@ -12,7 +12,7 @@ completion order, not request order.
 This is the path on grpc.aio and wherever the stream pump is off; on the
 threaded front end ``kernel/api/stream_pump.py`` runs DecideStream without
 the reader and the sending thread, with the same answers (it shares
-``error_decision``, ``unparsed`` and ``MAX_IN_FLIGHT`` with this module).
+``prepare_streamed``, ``error_decision`` and ``MAX_IN_FLIGHT`` with this module).
 """
 
 from __future__ import annotations
@@ -43,7 +43,19 @@ def error_decision(request, exc: BaseException) -> kpb.Decision:
                         error_code=code, error_message=message)
 
 
-def unparsed(request) -> InvalidArgument:
+def prepare_streamed(engine: DecisionEngine, request, deadline_ns: int | None, principal: str) -> Pending | kpb.Decision:
+    """One streamed message's first step, shared by both stream paths: its ``Pending``, or the Decision
+    to answer it with at once (a replay from the idempotency store, or ``error_decision`` for a message
+    that did not parse or could not be prepared)."""
+    try:
+        if not isinstance(request, kpb.DecisionRequest):
+            raise _unparsed(request)
+        return engine.prepare(request, deadline_ns, principal)
+    except Exception as exc:
+        return error_decision(request, exc)
+
+
+def _unparsed(request) -> InvalidArgument:
     # The API layer hands on a message whose bytes did not parse as a stand-in that says why
     # (kernel.api.registration.Unparsable), so that it is answered in turn and the stream goes on.
     reason = getattr(request, "reason", type(request).__name__)
@@ -71,14 +83,8 @@ def decide_stream(engine: DecisionEngine, requests: Iterator, ctx, principal: st
                         return
                 with lock:
                     taken[0] += 1
-                try:
-                    if not isinstance(request, kpb.DecisionRequest):
-                        raise unparsed(request)
-                    pending = engine.prepare(request, ctx.deadline_ns, principal)
-                except Exception as exc:
-                    events.put((request, exc))
-                    continue
-                if isinstance(pending, kpb.Decision):  # answered from the idempotency store
+                pending = prepare_streamed(engine, request, ctx.deadline_ns, principal)
+                if isinstance(pending, kpb.Decision):  # a replay or an error: answered as it is
                     events.put(pending)
                     continue
                 # Decided with every other finished decision (unary ones too) on the finisher thread;
