@@ -12,6 +12,8 @@ with ``--model claims_triage_large``, on its MLP sibling):
 * ``infer``           ModelInfer with the encoded feature row (the baseline)
 * ``decide``          Decide with the claims pipeline, audit ``fsync`` (the default)
 * ``decide-noaudit``  the same with ``--audit-mode off``
+* ``decide-async``    the same with ``--audit-mode async`` (each record written to the OS before its
+  answer, fsynced before every checkpoint: no fsync per group)
 * ``decide-stream``   DecideStream, one decision in flight per stream (``--stream``)
 * ``decide-pipelined`` one DecideStream with ``--concurrency`` decisions in flight on it
 
@@ -54,10 +56,12 @@ CONFIGS = {
     "infer": ("infer", ()),
     "decide": ("decide", ()),
     "decide-noaudit": ("decide", ("--audit-mode", "off")),
+    "decide-async": ("decide", ("--audit-mode", "async")),  # records written before each answer, fsynced per checkpoint
     "decide-stream": ("decide-stream", ()),
     "decide-pipelined": ("decide-pipelined", ()),
 }
-RATIOS = (("decide", "infer"), ("decide", "decide-noaudit"), ("decide-stream", "infer"), ("decide-pipelined", "infer"))
+RATIOS = (("decide", "infer"), ("decide-async", "infer"), ("decide", "decide-noaudit"), ("decide-stream", "infer"),
+          ("decide-pipelined", "infer"))
 _LEVEL = re.compile(r" c(\d+)$")  # "decide c64": the configuration at 64 calls in flight (a sweep)
 
 

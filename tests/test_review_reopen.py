@@ -1,11 +1,12 @@
 """Reviews reopened from the audit log after a crash (kernel/review/reopen.py).
 
-Review rows of fsync-audited decisions are stored without an fsync of their
-own; the database keeps, in the same transactions, the audit sequence below
-which every escalation has its row. Here a real kernel is killed with
-SIGKILL and the database then loses the tail of its review rows, as an
-operating-system crash would lose an unsynced write-ahead log; the restarted
-kernel must open every lost review again, unchanged.
+Review rows of audited decisions are stored without an fsync of their own
+(in either audit mode: the record is written before the answer, and fsynced
+too in the default mode); the database keeps, in the same transactions, the
+audit sequence below which every escalation has its row. Here a real kernel
+is killed with SIGKILL and the database then loses the tail of its review
+rows, as an operating-system crash would lose an unsynced write-ahead log;
+the restarted kernel must open every lost review again, unchanged.
 """
 
 from __future__ import annotations
@@ -55,10 +56,14 @@ def _lose_the_database_tail(path, count: int) -> list[str]:
     return [review_id for _, review_id, _ in rows]
 
 
-def test_reviews_lost_with_the_database_tail_are_reopened_unchanged(models, tmp_path):
+@pytest.mark.parametrize("audit_mode", ["fsync", "async"])
+def test_reviews_lost_with_the_database_tail_are_reopened_unchanged(models, tmp_path, audit_mode):
+    """(In "async" mode the records were only written to the OS: a killed process keeps them, so its
+    lost rows come back the same way.)"""
     pipelines = copy_pipelines(tmp_path / "pipelines")
     data_dir = tmp_path / "data"
-    server = ServeProcess(models, "--pipelines", str(pipelines), "--log-level", "WARNING", data_dir=data_dir)
+    serve = ("--pipelines", str(pipelines), "--log-level", "WARNING", "--audit-mode", audit_mode)
+    server = ServeProcess(models, *serve, data_dir=data_dir)
     escalated: dict[str, kpb.Decision] = {}
     with grpc.insecure_channel(server.address) as channel:
         stub = kgrpc.DecisionServiceStub(channel)
@@ -73,7 +78,7 @@ def test_reviews_lost_with_the_database_tail_are_reopened_unchanged(models, tmp_
     lost = _lose_the_database_tail(data_dir / "kernel.sqlite3", LOST)
     assert len(lost) == LOST
 
-    restarted = ServeProcess(models, "--pipelines", str(pipelines), "--log-level", "WARNING", data_dir=data_dir)
+    restarted = ServeProcess(models, *serve, data_dir=data_dir)
     try:
         with grpc.insecure_channel(restarted.address) as channel:
             after = _all_reviews(channel)
@@ -98,7 +103,7 @@ def test_reviews_lost_with_the_database_tail_are_reopened_unchanged(models, tmp_
         assert review.request.request_id == original.request.request_id and review.tenant == original.tenant
 
     # A clean stop leaves the mark at the end of the log: the next start reopens nothing.
-    again = ServeProcess(models, "--pipelines", str(pipelines), "--log-level", "WARNING", data_dir=data_dir)
+    again = ServeProcess(models, *serve, data_dir=data_dir)
     try:
         with grpc.insecure_channel(again.address) as channel:
             assert set(_all_reviews(channel)) == set(escalated)
@@ -158,12 +163,14 @@ def test_a_review_row_that_failed_to_store_is_stored_by_a_retry(claims_models, t
         server.stop(grace=1)
 
 
-def test_review_rows_that_never_stored_are_reopened_at_the_next_start(claims_models, tmp_path):
+@pytest.mark.parametrize("audit_mode", ["fsync", "async"])
+def test_review_rows_that_never_stored_are_reopened_at_the_next_start(claims_models, tmp_path, audit_mode):
     from conftest import start_kernel
 
     pipelines = copy_pipelines(tmp_path / "pipelines")
     data_dir = tmp_path / "data"
-    server = start_kernel(claims_models, pipelines=str(pipelines), data_dir=str(data_dir), pipeline_poll_s=0)
+    server = start_kernel(claims_models, pipelines=str(pipelines), data_dir=str(data_dir), pipeline_poll_s=0,
+                          audit_mode=audit_mode)
     engine, reviews = server.decisions.engine, server.decisions.reviews
     calls, real = _failing(reviews, times=None)
     try:
@@ -182,7 +189,8 @@ def test_review_rows_that_never_stored_are_reopened_at_the_next_start(claims_mod
         stored = {row[0] for row in conn.execute("SELECT review_id FROM reviews")}
     assert not set(escalated) & stored
 
-    restarted = start_kernel(claims_models, pipelines=str(pipelines), data_dir=str(data_dir), pipeline_poll_s=0)
+    restarted = start_kernel(claims_models, pipelines=str(pipelines), data_dir=str(data_dir), pipeline_poll_s=0,
+                             audit_mode=audit_mode)
     try:
         for review_id, decision in escalated.items():
             review = restarted.decisions.reviews.get(review_id)

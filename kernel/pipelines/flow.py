@@ -408,11 +408,15 @@ class DecisionEngine:
                      pending.pipeline.escalation.review_sla_s, pending.task_id, decision.review_id,
                      pending.record.time_unix_ns if pending.record is not None else 0)  # dated by its record
                     for pending, decision in escalated]
-            if opening is not None and self.services.audit.mode == "fsync" and not any(p.task_id for p, _ in escalated):
-                # Every record is fsynced, so its review row needs no fsync and need not even be stored
-                # before the answer: a lost row is reopened from its record at start
-                # (kernel/review/reopen.py), and every read of the queue waits for the rows queued
-                # before it (kernel/review/deferred.py). Its group stays in _opening until stored.
+            if opening is not None and not any(p.task_id for p, _ in escalated):
+                # Every record is written before its answer (and fsynced, in the default mode), so its
+                # review row needs no fsync and need not even be stored before the answer: a lost row
+                # is reopened from its record at start (kernel/review/reopen.py), and every read of the
+                # queue waits for the rows queued before it (kernel/review/deferred.py). Its group stays
+                # in _opening until stored. In "async" mode the same holds for a crash of the kernel
+                # process (the written record survives it); a power cut that takes the newest records
+                # takes their decisions' rows with them, as that mode allows. (An fsync of the rows
+                # there was the one fsync per group that mode otherwise saves: bench/RESULTS.md.)
                 deferred = rows
             else:  # one transaction (one group-committed fsync) for the group's reviews; tasks reopen their own
                 opened = reviews.create_many(rows, durable=True)
