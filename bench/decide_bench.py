@@ -19,9 +19,9 @@ with ``--model claims_triage_large``, on its MLP sibling):
 
 Reported per configuration: median throughput and p50/p99 over rounds and
 server CPU µs per call; ratios of medians decide/infer and decide/decide-noaudit
-with the spread of per-round ratios. ``--baseline REV`` also runs ``decide`` and
-``infer`` on the kernel as of git revision REV (its extensions built) in the
-same alternation, named ``decide@REV``/``infer@REV``: before/after in one run.
+with the spread of per-round ratios. ``--baseline REV`` also runs every chosen
+configuration on the kernel as of git revision REV (its extensions built) in the
+same alternation, named e.g. ``decide@REV``/``infer@REV``: before/after in one run.
 ``--concurrency 16,64,128`` sweeps the calls in flight: every configuration
 runs at every level (named ``decide c64`` ...), ratios are reported per level,
 and ``peak`` ratios compare each configuration's best level with the other's
@@ -207,7 +207,7 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default="claims_triage", choices=("claims_triage", "claims_triage_large"),
                         help="the claims model behind the pipeline (claims_triage_large: its 3x384 MLP sibling)")
     parser.add_argument("--baseline", default="", metavar="REV",
-                        help="also run decide and infer on the kernel as of this git revision (before/after)")
+                        help="also run every chosen configuration on the kernel as of this git revision (before/after)")
     args = parser.parse_args(argv)
     configs = args.configs.split(",") if args.configs else ["infer", "decide", "decide-noaudit"] + (
         ["decide-stream"] if args.stream else [])
@@ -228,9 +228,9 @@ def main(argv=None) -> int:
     if args.baseline:
         baseline_root = snapshot_revision(args.out, stamp, args.baseline)
         rev = baseline_root.name.rsplit("-", 1)[1]
-        for name in ("decide", "infer"):
+        for name in configs:  # every chosen configuration, on the baseline code too
             roots[f"{name}@{rev}"] = baseline_root
-        configs = configs + [f"{name}@{rev}" for name in ("decide", "infer")]
+        configs = configs + [f"{name}@{rev}" for name in configs]
     models = build_models(args.out, args.model)
     command = "python -m bench.decide_bench " + " ".join(argv if argv is not None else sys.argv[1:])
     runs = []

@@ -17,12 +17,13 @@ from .errors import AuditCorrupt, AuditError, AuditTimeout
 from .export import export_jsonl, record_to_json
 from .merkle import verify_consistency, verify_inclusion
 from .reader import RecordFilter, iter_directory
-from .record import GENESIS_PREV_HASH, canonical_bytes, leaf_hash
+from .record import GENESIS_PREV_HASH, RecordWithTail, canonical_bytes, leaf_hash
 from .verify import VerifyResult, verify_directory
 from .writer import MODES, AuditLog, Ticket
 
 __all__ = [
     "GENESIS_PREV_HASH", "MODES", "AuditCorrupt", "AuditError", "AuditLog", "AuditTimeout", "RecordFilter",
+    "RecordWithTail",
     "Ticket", "VerifyResult", "canonical_bytes", "checkpoint_signed_bytes", "export_jsonl", "iter_directory",
     "leaf_hash", "record_to_json", "verify_consistency", "verify_directory", "verify_inclusion",
 ]

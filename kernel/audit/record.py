@@ -57,6 +57,30 @@ def split_stored(stored: bytes) -> tuple[bytes, bytes]:
     return stored[:-TRAILER_BYTES], stored[-HASH_BYTES:]
 
 
+class RecordWithTail:
+    """An ``AuditRecord`` whose last fields come already encoded: stored as the record's deterministic
+    bytes followed by ``tail``.
+
+    Every field in ``tail`` has a higher number than any field set on
+    ``record``, and is encoded as a deterministic serialization encodes it
+    (map entries sorted by key), so the stored bytes are exactly the
+    deterministic serialization of the whole record. The decision flow uses
+    it for a record's inputs and model outputs, which it has as bytes already
+    (kernel/pipelines/provenance.py): parsing them into the record only for
+    the writer to serialize them again cost more than the rest of the record.
+    """
+
+    __slots__ = ("record", "tail")
+
+    def __init__(self, record: AuditRecord, tail: bytes):
+        self.record = record
+        self.tail = tail
+
+    @property
+    def kind(self) -> int:
+        return self.record.kind
+
+
 def parse_stored(stored: bytes) -> AuditRecord:
     """The complete record (hash included) from its stored bytes."""
     return AuditRecord.FromString(stored)

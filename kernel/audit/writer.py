@@ -43,7 +43,7 @@ from .errors import AuditError, AuditTimeout
 from .keys import load_or_create, publish_public_key
 from .reader import RecordFilter, iter_log
 from .recovery import INDEX_MASK, check_against, keep_torn_tail, lock_directory, recover
-from .record import HASH_TRAILER
+from .record import HASH_TRAILER, RecordWithTail
 from .segments import MAGIC, PREALLOCATE_BYTES, SegmentFile, crc32, pack_header, segment_name
 from .watermark import Watermark
 
@@ -204,9 +204,11 @@ class AuditLog:
         writes (and fsyncs) them on its own thread when no other group is
         being written, instead of waking the writer thread and being woken by
         it: two thread switches less per group. Otherwise, as without it.
+        A record may come as a ``RecordWithTail`` (its last fields already encoded).
         """
         for record in records:
-            if type(record) is not _AuditRecord:
+            if type(record) is not _AuditRecord and not (type(record) is RecordWithTail
+                                                         and type(record.record) is _AuditRecord):
                 raise InvalidArgument(f"audit records are AuditRecord messages, not {type(record).__name__}")
             if not record.kind:
                 raise InvalidArgument("record.kind must be set (DECISION, REVIEW_RESOLUTION, ...)")
@@ -324,12 +326,18 @@ class AuditLog:
         count = 0
         while queue and count < group_max:
             record = popleft()
+            if type(record) is RecordWithTail:
+                tail, record = record.tail, record.record
+            else:
+                tail = b""
             record.sequence = sequence
             record.prev_hash = previous
             record.hash = b""
             if not record.time_unix_ns:
                 record.time_unix_ns = _time_ns()
             canonical = record.SerializeToString(deterministic=True)
+            if tail:
+                canonical += tail
             digest = sha256(b"\x00" + canonical).digest()
             record.hash = digest
             payload = canonical + HASH_TRAILER + digest

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from math import isfinite
 
 from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
+from ..audit.record import RecordWithTail
 from ..errors import DeadlineExceeded, FailedPrecondition, Internal, KernelError
 from ..ids import random_hex
 from ..scheduling import WorkItem
@@ -40,7 +41,7 @@ class Pending:
     """One decision between ``prepare`` and ``finish``."""
 
     __slots__ = ("request", "pipeline", "values", "digests", "input_hash", "item", "started_ns", "prepared_ns",
-                 "request_id", "principal", "task_id", "request_hash", "record", "result", "later", "watch")
+                 "request_id", "principal", "task_id", "request_hash", "record", "outputs", "result", "later", "watch")
 
     def __init__(self, request, pipeline: Pipeline, values: dict, digests: dict, input_hash: str, item,
                  started_ns: int, request_id: str, principal: str, request_hash: str):
@@ -57,6 +58,7 @@ class Pending:
         self.task_id = ""
         self.request_hash = request_hash
         self.record = None  # its audit record, once decided with the audit log on
+        self.outputs = None  # (provenance.output_entries, class scores) for its record's tail (audit log on)
         self.result = None  # its Decision or KernelError, once finished by the lane (finish_batch)
         self.later = None  # the call's LaterAnswer when the finisher answers it (kernel/api/answer_later.py)
         self.watch = None  # its entry in the inference service's expiry timer, while answered later
@@ -241,7 +243,7 @@ class DecisionEngine:
             record_template = kpb.AuditRecord(kind=kpb.DECISION, pipeline=pipeline.name, pipeline_version=pipeline.hash)
             record_template.decision.CopyFrom(template)
             found = (labels, out_index, descriptions, tuple("score." + name for name in labels), template,
-                     record_template)
+                     record_template, provenance.output_entries(labels))
             if len(self._statics) > 64:  # old pipeline versions; cheap to recompute
                 self._statics.clear()
             self._statics[key] = found
@@ -256,7 +258,7 @@ class DecisionEngine:
         pipeline = group[0].pipeline
         policy_started = time.monotonic_ns()
         mv = group[0].item.model
-        labels, out_index, descriptions, score_names, template, record_template = self._static(pipeline, mv)
+        labels, out_index, descriptions, score_names, template, record_template, entries = self._static(pipeline, mv)
         n = len(group)
         # Per row in plain Python, the model's outputs joined to the row's fields: for the few rows of a
         # group this is cheaper than numpy columns, and it lets the policy take its compiled one-pass
@@ -300,12 +302,8 @@ class DecisionEngine:
                 record.request_id = pending.request_id
                 if request.idempotency_key:
                     record.idempotency_key = request.idempotency_key
-                if pending.task_id:
-                    record.task_id = pending.task_id
                 decision = record.decision
-                model_outputs = record.model_outputs
-                for name, value in zip(labels, score_rows[k]):
-                    model_outputs[name] = value
+                pending.outputs = (entries, score_rows[k])  # (with the inputs and task id: the record's tail, in _audit)
             else:
                 decision = kpb.Decision()
                 decision.CopyFrom(template)
@@ -368,7 +366,11 @@ class DecisionEngine:
                     record = pending.record = provenance.decision_record(decision, pending.principal)
                     if pending.task_id:
                         record.task_id = pending.task_id
-                provenance.add_inputs(record, pending.request, pending.values, pending.digests)
+                    provenance.add_inputs(record, pending.request, pending.values, pending.digests)
+                else:  # built by _decide: its inputs, scores and task id go in as bytes
+                    entries, scores = pending.outputs
+                    record = RecordWithTail(record, provenance.decision_tail(
+                        pending.request, pending.values, pending.digests, scores, entries, pending.task_id))
                 decided.append(decision)
                 records.append(record)
         opening = None

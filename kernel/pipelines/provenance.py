@@ -9,6 +9,7 @@ it back), and no model sees text at all.
 from __future__ import annotations
 
 import hashlib
+import struct
 
 from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
 from ..accel import wire
@@ -62,6 +63,60 @@ def decision_record(decision: kpb.Decision, principal: str) -> kpb.AuditRecord:
 
 _FIELDS = kpb.DecisionRequest.DESCRIPTOR.fields_by_name["fields"].number
 _INPUTS = kpb.AuditRecord.DESCRIPTOR.fields_by_name["inputs"].number
+_MODEL_OUTPUTS = kpb.AuditRecord.DESCRIPTOR.fields_by_name["model_outputs"].number
+_TASK_ID = kpb.AuditRecord.DESCRIPTOR.fields_by_name["task_id"].number
+_LENGTH_DELIMITED = 2
+_MAP_KEY = b"\x0a"  # a map entry's key: field 1, length-delimited
+_DOUBLE_VALUE = b"\x11"  # a map entry's double value: field 2, 64-bit
+_pack_double = struct.Struct("<d").pack
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _length_delimited(number: int, payload: bytes) -> bytes:
+    return _varint(number << 3 | _LENGTH_DELIMITED) + _varint(len(payload)) + payload
+
+
+def output_entries(labels) -> tuple[tuple[int, bytes], ...]:
+    """For ``decision_tail``: per class label, sorted as a deterministic serialization sorts map keys (by
+    their UTF-8 bytes), the label's index and its ``model_outputs`` entry up to the 8 bytes of its value."""
+    entries = []
+    for index, label in enumerate(labels):
+        key = label.encode("utf-8")
+        entry_head = _MAP_KEY + _varint(len(key)) + key + _DOUBLE_VALUE
+        size = len(entry_head) + 8
+        entries.append((key, index, _varint(_MODEL_OUTPUTS << 3 | _LENGTH_DELIMITED) + _varint(size) + entry_head))
+    return tuple((index, head) for _, index, head in sorted(entries))
+
+
+def decision_tail(request: kpb.DecisionRequest, values: dict, digests: dict[str, str], scores,
+                  entries: tuple[tuple[int, bytes], ...], task_id: str) -> bytes:
+    """A decision record's fields from ``inputs`` on (inputs, model_outputs, task_id), encoded as the
+    record's deterministic serialization encodes them: the tail of an ``audit.RecordWithTail``.
+
+    ``scores``: the model's class scores, in label order; ``entries``: ``output_entries(labels)``.
+    The inputs are the request's own field entries (sorted, re-tagged: never parsed again); a
+    request whose inputs the pipeline completed (defaults, text digests) has them built as before.
+    """
+    if len(request.fields) == len(values) and not digests:
+        parts = [wire.retag(request.SerializeToString(deterministic=True), _FIELDS, _INPUTS)]
+    else:
+        holder = kpb.AuditRecord()
+        add_inputs(holder, request, values, digests)
+        parts = [holder.SerializeToString(deterministic=True)]
+    for index, head in entries:
+        parts.append(head)
+        parts.append(_pack_double(scores[index]))
+    if task_id:
+        parts.append(_length_delimited(_TASK_ID, task_id.encode("utf-8")))
+    return b"".join(parts)
 
 
 def add_inputs(record: kpb.AuditRecord, request: kpb.DecisionRequest, values: dict, digests: dict[str, str]) -> None:
