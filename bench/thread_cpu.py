@@ -9,7 +9,7 @@ it by the thread's OS name (the kernel names its threads:
 ``python``, and gRPC core's own threads have theirs). Voluntary context
 switches per call are counted the same way.
 
-    python -m bench.thread_cpu [--modes infer,decide] [--seconds 4] [--rounds 3] [--out bench/out]
+    python -m bench.thread_cpu [--modes infer,decide] [--seconds 4] [--rounds 3] [--audit-mode async] [--out bench/out]
 
 Prints one table per mode (median over rounds of µs of CPU per call per thread
 group, and how much of it ran in the OS kernel: system calls, fdatasync, page
@@ -61,7 +61,7 @@ def measure(mode: str, args, models: Path, stamp: str, round_no: int) -> dict:
     data_dir = Path(tempfile.mkdtemp(prefix="aios-bench-data-", dir=args.data_parent))
     argv = [procs.python(), "-m", "kernel", "serve", "--models", str(models), "--pipelines",
             str(pipelines_for(args.model, args.out)), "--data-dir", str(data_dir), "--port", "0",
-            "--log-level", "WARNING"]
+            "--log-level", "WARNING", "--audit-mode", args.audit_mode]
     wait_idle(args.wait_idle)
     server = procs.start_server(mode, argv, READY, args.out / "logs" / f"thread-cpu-{stamp}-{round_no}-{mode}.log",
                                 cpu="0", cwd=REPO_ROOT)
@@ -98,6 +98,8 @@ def main(argv=None) -> int:
     parser.add_argument("--wait-idle", dest="wait_idle", type=float, default=10.0)
     parser.add_argument("--data-parent", dest="data_parent", default=None)
     parser.add_argument("--model", default="claims_triage", choices=("claims_triage", "claims_triage_large"))
+    parser.add_argument("--audit-mode", dest="audit_mode", default="fsync", choices=("fsync", "async", "off"),
+                        help="the kernel's audit mode for decide (fsync: the default)")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "out")
     args = parser.parse_args(argv)
     modes = args.modes.split(",")
