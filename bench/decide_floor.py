@@ -1,6 +1,6 @@
 """The floor of Decide's extra cost over ModelInfer: both bodies in-process, no gRPC, no thread hand-offs.
 
-    python -m bench.decide_floor [--group 6] [--requests 600] [--rounds 5] [--infer-us 199]
+    python -m bench.decide_floor [--group 6] [--requests 600] [--rounds 5] [--infer-us 199] [--audit-mode async]
 
 Issue 5 asks Decide at >= 0.8x the throughput of a bare ModelInfer on the
 same model. On the benchmark's one server core that means a Decide may cost
@@ -101,6 +101,8 @@ def main(argv=None) -> int:
                         help="a ModelInfer's server CPU in µs (bench.thread_cpu), for the implied ceiling")
     parser.add_argument("--wait-idle", dest="wait_idle", type=float, default=10.0)
     parser.add_argument("--data-parent", dest="data_parent", default=None, help="where the data dir goes (disk for fsync)")
+    parser.add_argument("--audit-mode", dest="audit_mode", default="fsync", choices=("fsync", "async"),
+                        help="the audit log's mode (async: records written, not fsynced per group)")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "out")
     args = parser.parse_args(argv)
     if args.group < 1 or args.requests < args.group:
@@ -116,7 +118,7 @@ def main(argv=None) -> int:
     data_dir = Path(tempfile.mkdtemp(prefix="aios-floor-data-", dir=args.data_parent))
     settings = load_settings(None, {
         "models": str(models), "pipelines": str(REPO_ROOT / "examples" / "claims" / "pipelines"),
-        "data_dir": str(data_dir), "port": 0, "log_level": "WARNING"}, environ={})
+        "data_dir": str(data_dir), "port": 0, "log_level": "WARNING", "audit_mode": args.audit_mode}, environ={})
     server = KernelServer(settings)
     server.start()
     decide_wire, infer_wire = _workload(args.requests)
