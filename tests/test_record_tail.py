@@ -49,7 +49,7 @@ def _head() -> kpb.AuditRecord:
     return record
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(given_fields=st.dictionaries(_names, _values, max_size=6),
        defaults=st.dictionaries(_names, _values, max_size=3),
        text=st.dictionaries(_names, st.text(max_size=30), max_size=2),
@@ -71,6 +71,17 @@ def test_the_tail_completes_the_records_deterministic_serialization(given_fields
         expected.task_id = task_id
 
     tail = provenance.decision_tail(request, values, digests, scores, provenance.output_entries(labels), task_id)
+    assert _head().SerializeToString(deterministic=True) + tail == expected.SerializeToString(deterministic=True)
+
+
+@pytest.mark.parametrize("labels", [["0", "00"], ["00", "0"], ["b", "a", "ab", "abc", "a\u00e9", "A"]])
+def test_labels_where_one_starts_another_are_ordered_as_upb_orders_them(labels):
+    """(upb puts the longer of two such keys first: hypothesis found ["0", "00"].)"""
+    scores = [float(i) for i in range(len(labels))]
+    expected = _head()
+    for label, score in zip(labels, scores):
+        expected.model_outputs[label] = score
+    tail = provenance.decision_tail(_request({}, {}), {}, {}, scores, provenance.output_entries(labels), "")
     assert _head().SerializeToString(deterministic=True) + tail == expected.SerializeToString(deterministic=True)
 
 

@@ -8,6 +8,7 @@ it back), and no model sees text at all.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import struct
 
@@ -85,15 +86,25 @@ def _length_delimited(number: int, payload: bytes) -> bytes:
 
 
 def output_entries(labels) -> tuple[tuple[int, bytes], ...]:
-    """For ``decision_tail``: per class label, sorted as a deterministic serialization sorts map keys (by
-    their UTF-8 bytes), the label's index and its ``model_outputs`` entry up to the 8 bytes of its value."""
+    """For ``decision_tail``: per class label, in the order a deterministic serialization gives map keys
+    (``_map_key_order``), the label's index and its ``model_outputs`` entry up to the 8 bytes of its value."""
     entries = []
     for index, label in enumerate(labels):
         key = label.encode("utf-8")
         entry_head = _MAP_KEY + _varint(len(key)) + key + _DOUBLE_VALUE
         size = len(entry_head) + 8
         entries.append((key, index, _varint(_MODEL_OUTPUTS << 3 | _LENGTH_DELIMITED) + _varint(size) + entry_head))
-    return tuple((index, head) for _, index, head in sorted(entries))
+    return tuple((index, head) for _, index, head in sorted(entries, key=lambda entry: _map_key_order(entry[0])))
+
+
+@functools.cmp_to_key
+def _map_key_order(a: bytes, b: bytes) -> int:
+    """upb's order of string map keys in a deterministic serialization: by their bytes, except that of
+    two keys where one is the start of the other, the longer comes first ("00" before "0")."""
+    common = min(len(a), len(b))
+    if a[:common] != b[:common]:
+        return -1 if a[:common] < b[:common] else 1
+    return len(b) - len(a)
 
 
 def decision_tail(request: kpb.DecisionRequest, values: dict, digests: dict[str, str], scores,
