@@ -30,7 +30,8 @@ def _varint(data: bytes, pos: int) -> tuple[int, int]:
             raise ValueError(f"a varint longer than 10 bytes ends at byte {pos}")
 
 
-def _encode_varint(value: int) -> bytes:
+def encode_varint(value: int) -> bytes:
+    """A non-negative integer as a protobuf varint (also for encoders outside this module: provenance)."""
     out = bytearray()
     while value > 0x7F:
         out.append((value & 0x7F) | 0x80)
@@ -47,7 +48,7 @@ def retag(data: bytes, field: int, new_field: int) -> bytes:
     """
     if not 1 <= field < 1 << 29 or not 1 <= new_field < 1 << 29:
         raise ValueError(f"field numbers must be 1..{(1 << 29) - 1}, got {field} and {new_field}")
-    tag = _encode_varint(new_field << 3 | _LENGTH_DELIMITED)
+    tag = encode_varint(new_field << 3 | _LENGTH_DELIMITED)
     out = bytearray()
     pos, end = 0, len(data)
     while pos < end:

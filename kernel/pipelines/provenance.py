@@ -14,6 +14,7 @@ import struct
 
 from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
 from ..accel import wire
+from ..wire import encode_varint as _varint  # (the pure encoder: only for static and rare fields here)
 from ..decision_client import to_value
 
 
@@ -70,15 +71,6 @@ _LENGTH_DELIMITED = 2
 _MAP_KEY = b"\x0a"  # a map entry's key: field 1, length-delimited
 _DOUBLE_VALUE = b"\x11"  # a map entry's double value: field 2, 64-bit
 _pack_double = struct.Struct("<d").pack
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
 
 
 def _length_delimited(number: int, payload: bytes) -> bytes:
