@@ -40,7 +40,7 @@ demo: models
 PURE_SUITES := tests/test_oip.py tests/test_bad_input.py tests/test_scheduling.py \
 	tests/test_policy_semantics.py tests/test_policy_backends.py tests/test_policy_differential.py \
 	tests/test_pipelines.py tests/test_pipeline_codec.py tests/test_decisions.py \
-	tests/test_scheduling_grpc.py tests/test_fuzz_oip.py tests/test_cli.py tests/test_wire.py \
+	tests/test_scheduling_grpc.py tests/test_fuzz_oip.py tests/test_cli.py tests/test_wire.py tests/test_decision_wire.py tests/test_record_tail.py \
 	tests/test_batch_finisher.py tests/test_answer_later.py tests/test_poller_inline.py
 
 test: $(STAMP)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from math import isfinite
 
 from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
+from ..accel import decision_wire
 from ..audit.record import RecordWithTail
 from ..errors import DeadlineExceeded, FailedPrecondition, Internal, KernelError
 from ..ids import random_hex
@@ -24,6 +25,7 @@ from ..scheduling import WorkItem
 from ..scheduling.deadlines import request_deadline
 from ..scheduling.types import ITEM_QUEUED, NO_DEADLINE
 from . import provenance
+from ..decision_wire import reasons_bytes
 from ..review.deferred import DeferredRows
 from .finisher import BatchFinisher
 from ..store import request_hash as store_request_hash
@@ -225,25 +227,12 @@ class DecisionEngine:
         decision.phase_timings_ns["validate"] = pending.prepared_ns - pending.started_ns
         return decision
 
-    def _static(self, pipeline: Pipeline, mv) -> tuple:
+    def _static(self, pipeline: Pipeline, mv) -> "_Statics":
         """What every decision of (pipeline, model version) shares, computed once."""
         key = (pipeline.hash, pipeline.policy.hash, id(mv))
         found = self._statics.get(key)
         if found is None:
-            labels = _labels(mv, pipeline.output)
-            out_index = [spec.name for spec in mv.config.outputs].index(pipeline.output)
-            descriptions = {rule.id: rule.description for rule in pipeline.policy.rules}
-            policy = pipeline.policy
-            template = kpb.Decision(outcome=kpb.AUTOMATED, policy_name=policy.name, policy_hash=policy.hash,
-                                    policy_version=str(policy.version), pipeline=pipeline.name,
-                                    pipeline_version=pipeline.hash)
-            model = template.model
-            model.model_name, model.model_version, model.route_arm = mv.name, mv.version, "primary"
-            # The audit record's static part too, decision template inside: one C-level merge per decision.
-            record_template = kpb.AuditRecord(kind=kpb.DECISION, pipeline=pipeline.name, pipeline_version=pipeline.hash)
-            record_template.decision.CopyFrom(template)
-            found = (labels, out_index, descriptions, tuple("score." + name for name in labels), template,
-                     record_template, provenance.output_entries(labels))
+            found = _Statics(pipeline, mv)
             if len(self._statics) > 64:  # old pipeline versions; cheap to recompute
                 self._statics.clear()
             self._statics[key] = found
@@ -258,7 +247,10 @@ class DecisionEngine:
         pipeline = group[0].pipeline
         policy_started = time.monotonic_ns()
         mv = group[0].item.model
-        labels, out_index, descriptions, score_names, template, record_template, entries = self._static(pipeline, mv)
+        static = self._static(pipeline, mv)
+        decision_fields = decision_wire.decision_fields
+        labels, out_index, score_names = static.labels, static.out_index, static.score_names
+        template, record_template, entries = static.template, static.record_template, static.entries
         n = len(group)
         # Per row in plain Python, the model's outputs joined to the row's fields: for the few rows of a
         # group this is cheaper than numpy columns, and it lets the policy take its compiled one-pass
@@ -283,7 +275,7 @@ class DecisionEngine:
         policy_ns = (time.monotonic_ns() - policy_started) // n
         minimum = pipeline.escalation.min_confidence
         errors = getattr(result, "error", None)
-        actions, escalates = result.action.tolist(), result.escalate.tolist()
+        actions, escalates, fired_rules = result.action.tolist(), result.escalate.tolist(), result.fired
         audited = self.services.audit is not None
         decisions: list = []
         for k, pending in enumerate(group):
@@ -308,36 +300,21 @@ class DecisionEngine:
                 decision = kpb.Decision()
                 decision.CopyFrom(template)
             conf = confidences[k]
-            fired = result.fired[k]
-            decision.request_id = pending.request_id
-            decision.action = actions[k]
-            decision.input_hash = pending.input_hash
-            if request.tenant:
-                decision.tenant = request.tenant
-            if request.idempotency_key:
-                decision.idempotency_key = request.idempotency_key
-            for rule_id in fired:
-                decision.reasons.add(rule_id=rule_id, description=descriptions[rule_id])
-            model = decision.model
-            model.confidence = conf
-            class_scores = model.class_scores  # item by item: Mapping.update is a slow Python loop on upb maps
-            for name, value in zip(labels, score_rows[k]):
-                class_scores[name] = value
-            why = decision.escalation_reasons
+            fired = fired_rules[k]
+            why = []
             if errors is not None and errors[k]:
                 why.append(f"the policy could not decide: {errors[k]}")
             if escalates[k]:
                 why.append("a policy rule asked for review: " + ", ".join(fired))
             if conf < minimum:
                 why.append(f"model confidence {conf:.3f} is below the pipeline's {minimum:g}")
-            if why:
-                decision.outcome = kpb.ESCALATED
             item = pending.item
-            timings = decision.phase_timings_ns
-            timings["validate"] = pending.prepared_ns - pending.started_ns
-            timings["queue"] = max(0, (item.started_ns or item.enqueued_ns) - item.enqueued_ns)
-            timings["model"] = int(sum(item.timings))
-            timings["policy"] = policy_ns
+            # Every per-request field in one merge (kernel/decision_wire.py says why).
+            decision.MergeFromString(decision_fields(
+                pending.request_id, actions[k], pending.input_hash, request.tenant, request.idempotency_key,
+                static.reasons(fired), bool(why), conf, labels, score_rows[k], why,
+                pending.prepared_ns - pending.started_ns,
+                max(0, (item.started_ns or item.enqueued_ns) - item.enqueued_ns), int(sum(item.timings)), policy_ns))
             decisions.append(decision)
         return decisions
 
@@ -556,6 +533,40 @@ class DecisionEngine:
         if isinstance(result, BaseException):
             raise result
         return result
+
+
+class _Statics:
+    """What every decision of one pipeline version and model version shares (``DecisionEngine._static``)."""
+
+    __slots__ = ("labels", "out_index", "score_names", "template", "record_template", "entries", "_descriptions",
+                 "_reasons")
+
+    def __init__(self, pipeline: Pipeline, mv):
+        self.labels = _labels(mv, pipeline.output)
+        self.out_index = [spec.name for spec in mv.config.outputs].index(pipeline.output)
+        self.score_names = tuple("score." + name for name in self.labels)
+        policy = pipeline.policy
+        self.template = template = kpb.Decision(
+            outcome=kpb.AUTOMATED, policy_name=policy.name, policy_hash=policy.hash, policy_version=str(policy.version),
+            pipeline=pipeline.name, pipeline_version=pipeline.hash)
+        model = template.model
+        model.model_name, model.model_version, model.route_arm = mv.name, mv.version, "primary"
+        # The audit record's static part too, decision template inside: one C-level merge per decision.
+        self.record_template = kpb.AuditRecord(kind=kpb.DECISION, pipeline=pipeline.name,
+                                               pipeline_version=pipeline.hash)
+        self.record_template.decision.CopyFrom(template)
+        self.entries = provenance.output_entries(self.labels)
+        self._descriptions = {rule.id: rule.description for rule in policy.rules}
+        self._reasons: dict[tuple, bytes] = {}
+
+    def reasons(self, fired: tuple) -> bytes:
+        """The ``reasons`` entries of the rules ``fired``, encoded once per distinct set of rules."""
+        found = self._reasons.get(fired)
+        if found is None:
+            if len(self._reasons) >= 4096:  # (a table whose rules combine in very many ways: stay bounded)
+                self._reasons.clear()
+            found = self._reasons[fired] = reasons_bytes(fired, self._descriptions)
+        return found
 
 
 def _no_lane_done(items: list) -> None:

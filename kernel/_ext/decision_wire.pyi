@@ -1,0 +1,3 @@
+def decision_fields(request_id: str, action: str, input_hash: str, tenant: str, idempotency_key: str,
+                    reasons: bytes, escalated: bool, confidence: float, labels: tuple, scores: list,
+                    why: list, validate_ns: int, queue_ns: int, model_ns: int, policy_ns: int) -> bytes: ...
