@@ -94,10 +94,21 @@ class DecisionSide:
         """Open the reviews a crash cut off (see kernel/review/reopen.py), then move the mark up."""
         if self.audit is None:
             return
-        since = self.reviews.recorded_before()
+        since, size = self.reviews.recorded_before(), self.audit.size
+        if since > size:
+            # The review store saw records the log no longer has: in "async" mode a power cut or OS
+            # crash can take the newest records (never a crash of the kernel alone). Their sequence
+            # numbers go to new decisions now, so the mark comes down to the log's end: escalations
+            # from here on must still be reopened after a crash. (A review whose record was lost
+            # keeps its proposal; its resolution will not link to the new record at that number.)
+            log.warning("the audit log ends at record #%d but reviews were stored for records up to #%d: "
+                        "records #%d-#%d were lost (audit_mode %r: a power cut or OS crash loses the newest records)",
+                        size, since - 1, size, since - 1, self.audit.mode)
+            self.reviews.lower_recorded_before(size)
+            since = size
         reopened = reopen_reviews(self.reviews, self.audit.read(from_sequence=since, kind=kpb.DECISION),
                                   self._review_settings)
-        self.reviews.mark_recorded_before(self.audit.size)  # nothing is in flight yet
+        self.reviews.mark_recorded_before(size)  # nothing is in flight yet
         if reopened:
             log.warning("reopened %d reviews from the audit log (records #%d to #%d): their rows were lost "
                         "in a crash after the decisions were recorded", reopened, since, self.audit.size - 1)
@@ -114,6 +125,21 @@ class DecisionSide:
     def _mark_reviews_recorded(self) -> None:
         if self.audit is not None:
             self.reviews.mark_recorded_before(self.engine.recorded_before())
+
+    def _recorded(self, proposed: kpb.Decision) -> bool:
+        """Whether the audit log holds the record ``proposed`` was answered with (its sequence and hash):
+        the only record a resolution may link to. Not so for a decision decided without the log, or
+        one whose record a power cut took in "async" mode (its number then belongs to another)."""
+        if not proposed.audit_hash:
+            return False
+        for record in self.audit.read(from_sequence=proposed.audit_sequence):
+            if record.sequence == proposed.audit_sequence and record.hash.hex() == proposed.audit_hash:
+                return True
+            break
+        log.warning("the audit log does not hold record #%d with hash %s, which review decision %s was answered "
+                    "with (lost to a power cut in async mode?): its resolution is recorded without a link",
+                    proposed.audit_sequence, proposed.audit_hash[:16], proposed.request_id)
+        return False
 
     # -- governance events -----------------------------------------------------------------
     def _record(self, kind: int, detail: dict, wait: bool = True) -> None:
@@ -195,8 +221,11 @@ class DecisionSide:
         resolution.model.CopyFrom(proposed.model)
         resolution.reasons.add(rule_id="REVIEW", description=f"decided by {review.resolved_by}: {review.comment}".rstrip(": "))
         if self.audit is not None:
+            linked = self._recorded(proposed)
+            if not linked:
+                resolution.links_to_audit_sequence = 0
             sequence, digest = self.audit.append_and_wait(
-                resolution_record(resolution, review.resolved_by, proposed.audit_sequence if proposed.audit_hash else None),
+                resolution_record(resolution, review.resolved_by, proposed.audit_sequence if linked else None),
                 timeout_s=10.0,
             )
             resolution.audit_sequence, resolution.audit_hash = sequence, _hex(digest)

@@ -229,3 +229,68 @@ def test_a_review_store_that_keeps_failing_fails_decisions_once_the_backlog_is_f
     finally:
         reviews.create_many = real
         server.stop(grace=1)
+
+
+def _set_proposed_hash(database, review_id: str, audit_hash: str) -> None:
+    """The injected fault: the stored review's proposal names another record hash, as a review whose
+    decision's record a power cut took (async mode) would once a new decision has that sequence number."""
+    with sqlite3.connect(database) as conn:
+        (body,) = conn.execute("SELECT body FROM reviews WHERE review_id = ?", (review_id,)).fetchone()
+        review = kpb.Review.FromString(body)
+        review.proposed.audit_hash = audit_hash
+        conn.execute("UPDATE reviews SET body = ? WHERE review_id = ?", (review.SerializeToString(), review_id))
+
+
+def test_a_resolution_links_only_to_the_record_its_review_was_opened_for(claims_models, tmp_path, caplog):
+    from conftest import start_kernel
+
+    data_dir = tmp_path / "data"
+    server = start_kernel(claims_models, pipelines=str(copy_pipelines(tmp_path / "pipelines")),
+                          data_dir=str(data_dir), pipeline_poll_s=0, audit_mode="async")
+    try:
+        escalated = [d for d in _decide_all(server, data.generate_cases(40, seed=43), "l") if d.review_id][:2]
+        assert len(escalated) == 2, "fewer than two cases escalated"
+        kept, lost = escalated
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            _all_reviews(channel)  # (every row stored)
+            _set_proposed_hash(data_dir / DATABASE_FILE, lost.review_id, "00" * 32)
+            stub = kgrpc.ReviewServiceStub(channel)
+            answers = {}
+            for decision in (kept, lost):
+                stub.ClaimReview(kpb.ClaimReviewRequest(review_id=decision.review_id, reviewer="ana"), timeout=5)
+                answers[decision.review_id] = stub.ResolveReview(kpb.ResolveReviewRequest(
+                    review_id=decision.review_id, reviewer="ana", action="approve"), timeout=10).resolution
+    finally:
+        server.stop(grace=1)
+    assert answers[kept.review_id].links_to_audit_sequence == kept.audit_sequence
+    assert answers[lost.review_id].links_to_audit_sequence == 0
+    resolutions = {r.decision.review_id: r for r in
+                   iter_directory(data_dir / "audit", 0, RecordFilter(kind=kpb.REVIEW_RESOLUTION))}
+    assert resolutions[kept.review_id].has_link and resolutions[kept.review_id].links_to == kept.audit_sequence
+    assert not resolutions[lost.review_id].has_link
+    assert f"does not hold record #{lost.audit_sequence}" in caplog.text
+
+
+def test_a_review_mark_past_the_end_of_the_log_comes_down_to_it(claims_models, tmp_path, caplog):
+    """After a power cut in async mode the review store can have seen records the log lost: the mark
+    comes down to the log's end, so escalations recorded from there on are still reopened after a crash."""
+    from conftest import start_kernel
+
+    pipelines, data_dir = str(copy_pipelines(tmp_path / "pipelines")), tmp_path / "data"
+    server = start_kernel(claims_models, pipelines=pipelines, data_dir=str(data_dir), pipeline_poll_s=0,
+                          audit_mode="async")
+    _decide_all(server, data.generate_cases(10, seed=47), "m")
+    server.stop(grace=1)
+    with sqlite3.connect(data_dir / DATABASE_FILE) as conn:
+        conn.execute("UPDATE meta SET value = value + 50 WHERE key = ?", (RECORDED_BEFORE,))
+        (mark,) = conn.execute("SELECT value FROM meta WHERE key = ?", (RECORDED_BEFORE,)).fetchone()
+    restarted = start_kernel(claims_models, pipelines=pipelines, data_dir=str(data_dir), pipeline_poll_s=0,
+                             audit_mode="async")
+    try:
+        size = restarted.decisions.audit.size
+        assert restarted.decisions.reviews.recorded_before() == size
+        assert mark > size
+        assert f"the audit log ends at record #{size} but reviews were stored for records up to #{mark - 1}" \
+            in caplog.text
+    finally:
+        restarted.stop(grace=1)

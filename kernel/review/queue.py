@@ -210,6 +210,10 @@ class ReviewQueue:
     def mark_recorded_before(self, sequence: int) -> None:
         self._records.mark_recorded_before(sequence)
 
+    def lower_recorded_before(self, sequence: int) -> None:
+        """Set the mark to ``sequence`` even if lower (the audit log lost records past it)."""
+        self._records.lower_recorded_before(sequence)
+
     def exists(self, review_id: str) -> bool:
         self._settle()
         return self._records.get(review_id) is not None

@@ -129,6 +129,12 @@ class SqliteReviewRecords:
         """Raise the mark to ``sequence`` (durably); it never moves down."""
         self._db.transact(lambda conn: _raise_mark(conn, RECORDED_BEFORE, sequence))
 
+    def lower_recorded_before(self, sequence: int) -> None:
+        """Set the mark to ``sequence`` (durably), even below its value: only for a log that lost records."""
+        self._db.transact(lambda conn: conn.execute(
+            "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (RECORDED_BEFORE, int(sequence))))
+
     def get(self, review_id: str) -> kpb.Review | None:
         with self._db.read() as conn:
             found = conn.execute("SELECT body FROM reviews WHERE review_id = ?", (review_id,)).fetchone()
