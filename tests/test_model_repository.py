@@ -72,6 +72,7 @@ def test_config_derived_from_graph_without_toml(tmp_path):
         (GOOD + "\n[[input]]\nname = \"INPUT0\"\ndatatype = \"FP32\"\ndims = [16]\n", "input[1].name", "duplicate tensor name"),
         (GOOD.replace("dims = [4]", "dims = [4]\nshape = [4]"), "output[0].shape", "unknown key"),
         (GOOD.replace("max_batch_size = 4", "max_batch_size = 4\npreferred_batch_sizes = [8]"), "preferred_batch_sizes", "outside 1..max_batch_size"),
+        (GOOD.replace("dims = [4]", 'dims = [4]\nlabels = ["a", "b", "c"]'), "output[0].labels", "3 labels for 4 values per row"),
     ],
 )
 def test_invalid_config_names_file_and_field(tmp_path, toml, field, fragment):

@@ -201,6 +201,10 @@ def _tensor(path: Path, where: str, raw: Any) -> TensorSpec:
     labels = _expect(path, f"{where}.labels", raw.get("labels", []), list, "a list of strings")
     for label in labels:
         _expect(path, f"{where}.labels", label, str, "a list of strings")
+    if labels and dims and dims[-1] != -1 and len(labels) != dims[-1]:
+        # (a decision names a class per score: with fewer names its scores could not all be reported)
+        raise ModelConfigError(path, f"{where}.labels",
+                               f"{len(labels)} labels for {dims[-1]} values per row (dims {dims}): one label a value")
     return TensorSpec(name=name, datatype=dt, dims=tuple(dims), labels=tuple(labels))
 
 
