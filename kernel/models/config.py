@@ -31,7 +31,7 @@ Schema (every key optional unless marked)::
     name = "probabilities"
     datatype = "FP32"
     dims = [3]
-    labels = ["approve", "review", "deny"]
+    labels = ["approve", "review", "deny"]   # optional; one per value of a row (class names for decisions)
 
     [card]                     # the model card: free text plus metrics
     owner = "..."
