@@ -48,6 +48,9 @@ def _settings(args, **extra):
     return load_settings(args.config, overrides)
 
 
+SIGNAL_CHECK_S = 0.25  # how often the waiting main thread looks for a signal another thread received
+
+
 def _wait_for_signal(server) -> int:
     """Block until SIGTERM/SIGINT, then drain in-flight calls and stop; exit code 0."""
     stop = threading.Event()
@@ -59,7 +62,10 @@ def _wait_for_signal(server) -> int:
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
-    stop.wait()
+    # Waking now and then: a signal the OS delivers to another thread (gRPC's, onnxruntime's) does not
+    # interrupt this wait, and Python runs its handler only once this thread executes bytecode again.
+    while not stop.wait(SIGNAL_CHECK_S):
+        pass
     log.info("%s received: draining in-flight calls (up to %.0f s), then stopping", received[0], server.settings.grace_seconds)
     server.stop()
     return 0

@@ -202,3 +202,25 @@ def test_decide_prints_the_decision_and_names_bad_fields(tmp_path):
     finally:
         code, err = server.stop()
     assert code == 0, err
+
+
+def test_a_sigterm_delivered_to_another_thread_still_stops_the_kernel(tmp_path_factory):
+    """The OS may hand a process's signal to any of its threads; the kernel must still drain and stop
+    (its main thread once slept through such a signal: a SIGTERM that never ended the process)."""
+    import ctypes
+    import signal
+
+    if os.uname().machine != "x86_64":
+        pytest.skip("the tgkill syscall number used here is x86-64's")
+    sys_tgkill = 234  # (x86-64) a signal to one thread of a process, as the OS may pick it
+    root = tmp_path_factory.mktemp("signals")
+    onnx_models.save_mlp_version(root, "m", [4, 8, 2], seed=1, provider="cpu")
+    server = ServeProcess(root, "--front-end", "sync")
+    pid = server.proc.pid
+    others = [int(tid) for tid in os.listdir(f"/proc/{pid}/task") if int(tid) != pid]
+    assert others, "the kernel runs more than one thread"
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.syscall(sys_tgkill, pid, others[-1], signal.SIGTERM) == 0, ctypes.get_errno()
+    _, err = server.proc.communicate(timeout=20)
+    assert server.proc.returncode == 0, err
+    assert "SIGTERM received: draining" in err and "AIOS kernel stopped" in err
