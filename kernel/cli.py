@@ -51,8 +51,12 @@ def _settings(args, **extra):
 SIGNAL_CHECK_S = 0.25  # how often the waiting main thread looks for a signal another thread received
 
 
-def _wait_for_signal(server) -> int:
-    """Block until SIGTERM/SIGINT, then drain in-flight calls and stop; exit code 0."""
+def _wait_for_signal(server, ready: str) -> int:
+    """Print ``ready``, block until SIGTERM/SIGINT, then drain in-flight calls and stop; exit code 0.
+
+    The handlers are in place before ``ready`` is printed: a script that signals as soon as it reads
+    the line gets a drain, not the default action's abrupt end.
+    """
     stop = threading.Event()
     received = []
 
@@ -62,6 +66,7 @@ def _wait_for_signal(server) -> int:
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
+    print(ready, flush=True)
     # Waking now and then: a signal the OS delivers to another thread (gRPC's, onnxruntime's) does not
     # interrupt this wait, and Python runs its handler only once this thread executes bytecode again.
     while not stop.wait(SIGNAL_CHECK_S):
@@ -86,9 +91,8 @@ def cmd_serve(args) -> int:
     except OSError as exc:
         log.error("%s", exc)
         return 2
-    # A line for scripts and tests to wait on, printed once the port accepts calls.
-    print(f"AIOS kernel ready on {settings.host}:{server.port}", flush=True)
-    return _wait_for_signal(server)
+    # A line for scripts and tests to wait on, printed once the port accepts calls (and signals drain).
+    return _wait_for_signal(server, f"AIOS kernel ready on {settings.host}:{server.port}")
 
 
 def cmd_models_list(args) -> int:
