@@ -13,7 +13,7 @@ import sys
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize
 from libc.stdint cimport uint64_t
-from libc.string cimport memcpy
+from libc.string cimport memcpy, strlen
 
 if sys.byteorder != "little":
     raise ImportError("decision_wire writes doubles little-endian; this machine is big-endian")
@@ -23,9 +23,10 @@ DEF ESCALATED = 2
 # tenant 15, idempotency_key 16, escalation_reasons 19; ModelProvenance: confidence 4 (double),
 # class_scores 5; map entries: key 1, value 2.
 cdef const char* TIMING_KEYS[4]
-TIMING_KEYS[:] = [b"validate", b"queue", b"model", b"policy"]
+TIMING_KEYS[:] = [b"validate", b"queue", b"model", b"policy"]  # kernel/decision_wire.py's TIMING_NAMES
 cdef Py_ssize_t TIMING_LENGTHS[4]
-TIMING_LENGTHS[:] = [8, 5, 5, 6]
+for _i in range(4):
+    TIMING_LENGTHS[_i] = strlen(TIMING_KEYS[_i])
 
 
 cdef inline Py_ssize_t _varint_size(uint64_t value) noexcept:

@@ -132,10 +132,9 @@ class DecisionSide:
         one whose record a power cut took in "async" mode (its number then belongs to another)."""
         if not proposed.audit_hash:
             return False
-        for record in self.audit.read(from_sequence=proposed.audit_sequence):
-            if record.sequence == proposed.audit_sequence and record.hash.hex() == proposed.audit_hash:
-                return True
-            break
+        record = next(iter(self.audit.read(from_sequence=proposed.audit_sequence)), None)
+        if record is not None and record.sequence == proposed.audit_sequence and _hex(record.hash) == proposed.audit_hash:
+            return True
         log.warning("the audit log does not hold record #%d with hash %s, which review decision %s was answered "
                     "with (lost to a power cut in async mode?): its resolution is recorded without a link",
                     proposed.audit_sequence, proposed.audit_hash[:16], proposed.request_id)
