@@ -8,6 +8,7 @@ made to start on this machine (see bench/perf_analyzer.py for how it is set up).
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import signal
@@ -181,3 +182,21 @@ def test_fluid_bound_serves_in_arrival_order_and_skips_what_cannot_finish_in_tim
     assert fluid_bound(sched, 10.0, 0.25, (0.0, 2.0)) == 3 / 2.0
     # Ample capacity serves everything; the window counts only requests released inside it.
     assert fluid_bound(sched, 1e6, 0.25, (0.5, 1.5)) == 1.0
+
+
+def test_fsync_cost_measures_both_modes_and_leaves_no_scratch_file(tmp_path):
+    from bench import fsync_cost
+
+    scratch, out = tmp_path / "disk", tmp_path / "out"
+    assert fsync_cost.main(["--dir", str(scratch), "--writes", "20", "--bytes", "4096", "--rounds", "2",
+                            "--cpu", "-1", "--out", str(out)]) == 0
+    (result_file,) = out.glob("fsync-cost-*.json")
+    result = json.loads(result_file.read_text())
+    assert [run["mode"] for run in result["runs"]] == ["write", "write+fdatasync"] * 2
+    summary = result["summary"]
+    for mode in fsync_cost.MODES:
+        assert summary[mode]["wall_us"] > 0 and summary[mode]["cpu_us"] >= 0
+    assert summary["sync_extra_cpu_us"] == summary["write+fdatasync"]["cpu_us"] - summary["write"]["cpu_us"]
+    assert list(scratch.iterdir()) == []  # the scratch file is removed
+    with pytest.raises(SystemExit):
+        fsync_cost.main(["--writes", "0", "--out", str(out)])
