@@ -40,7 +40,7 @@ extensions = [
 ]
 
 # Every usable core for the .pyx -> .c step (cythonize's worker processes) and for the C compiles
-# (build_ext's parallel): a fresh clone's `make test` spends most of its set-up here (47 -> 33 s on
+# (build_ext's parallel): about half of a fresh clone's set-up for `make test` is this build (47 -> 33 s on
 # 2 cores). Worker processes only where they fork (Linux): elsewhere they would re-run this file.
 JOBS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 CYTHON_JOBS = JOBS if sys.platform.startswith("linux") else 0
