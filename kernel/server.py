@@ -9,7 +9,9 @@ thread of its own so callers never deal with it.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import socket
 import sys
 import threading
 import time
@@ -192,9 +194,25 @@ class KernelServer:
         return ", ".join(words)
 
     def start(self) -> int:
-        """Load the repository, start serving; returns the bound port."""
+        """Load the repository, start serving; returns the bound port.
+
+        A start that fails (a port in use, say) releases what the kernel holds
+        before it raises — the audit log and its directory lock, the lanes'
+        threads — so the same data directory can be served again in this process.
+        """
+        try:
+            return self._start()
+        except BaseException:
+            if self._server is not None:
+                self.stop(grace=0)
+            else:
+                self._release()
+            raise
+
+    def _start(self) -> int:
         if self.settings.gil_switch_interval_us:
             sys.setswitchinterval(self.settings.gil_switch_interval_us / 1e6)  # process-wide: the kernel owns it
+        probe_listen_address(self.settings.host, self.settings.port)  # a port in use fails before the models load
         loaded, self.failed_models = self.hub.load_all()
         self.decisions.start()  # pipelines are checked against the models just loaded
         self.front_end, self._front_end_why = choose_front_end(self.settings.front_end, self.lanes.devices_in_use(),
@@ -299,7 +317,38 @@ class KernelServer:
             self._server.stop(grace).wait()
             self._pool.shutdown(wait=False)  # its threads end once grpc handed them the last call
         self._server = None
+        self._release()
+        log.info("AIOS kernel stopped")
+
+    def _release(self) -> None:
         self.decisions.close()  # tasks stop using the lanes; the audit log flushes and checkpoints
         self.lanes.close()
         self.service.expiry.close()
-        log.info("AIOS kernel stopped")
+
+
+def probe_listen_address(host: str, port: int) -> None:
+    """Raise ``OSError`` ("cannot listen on ...") if another socket already listens on ``host:port``.
+
+    gRPC binds for real once the models are loaded (the front end depends on
+    them); without this a port conflict was reported only after loading every
+    model — minutes for large ones — and after the start had written its
+    model-deploy records to the audit log for a kernel that never served.
+    Only a listener in the way counts (``EADDRINUSE``): the probe sets
+    ``SO_REUSEADDR`` as gRPC's listener does, so a closed kernel's lingering
+    connections do not, and any other bind error is left for gRPC's own bind
+    to judge. Port 0 (any free port) is never in use.
+    """
+    if port == 0:
+        return
+    try:
+        found = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror:
+        return  # not a name this machine resolves: gRPC's bind says so
+    for family, kind, protocol, _, address in found:
+        with socket.socket(family, kind, protocol) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    raise OSError(f"cannot listen on {host}:{port}: something already listens there") from None

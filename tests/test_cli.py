@@ -123,13 +123,17 @@ def test_serve_reports_bad_setting(tmp_path):
     assert "port (from --port) must be 0..65535" in result.stderr
 
 
-def test_port_in_use_is_a_clear_error(slow_repo):
+def test_port_in_use_is_a_clear_error_before_anything_loads(slow_repo, tmp_path):
     first = ServeProcess(slow_repo)
     try:
         port = first.address.rsplit(":", 1)[1]
-        result = run_cli("serve", "--models", str(slow_repo), "--port", port, timeout=60)
+        data = tmp_path / "second"
+        result = run_cli("serve", "--models", str(slow_repo), "--port", port, "--data-dir", str(data), timeout=60)
         assert result.returncode == 2
-        assert "cannot listen on" in result.stderr
+        assert f"cannot listen on 127.0.0.1:{port}: something already listens there" in result.stderr
+        # Refused before the models load: no model-deploy records from a kernel that never served.
+        exported = run_cli("audit", "export", str(data / "audit"), timeout=60)
+        assert exported.returncode == 0 and exported.stdout == "", (exported.stdout, exported.stderr)
     finally:
         first.stop()
 
