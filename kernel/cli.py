@@ -16,6 +16,7 @@ from pathlib import Path
 
 from . import __version__, grpc_io
 from .config import SettingsError, load_settings
+from .errors import KernelError
 from .observability import setup_logging
 
 log = logging.getLogger("aios.cli")
@@ -46,6 +47,19 @@ def _settings(args, **extra):
     overrides = {key: getattr(args, key, None) for key in keys}
     overrides.update(extra)
     return load_settings(args.config, overrides)
+
+
+# What keeps a kernel from starting that is the operator's to fix: a port or data directory in use, a
+# log that does not verify, a store written by a newer kernel, a folder that cannot be written.
+CANNOT_START = (OSError, KernelError)
+
+
+def _cannot_start(exc: BaseException) -> int:
+    """Say in one line why the kernel did not start; exit code 2. A bug (INTERNAL) keeps its traceback."""
+    if isinstance(exc, KernelError) and exc.code == "INTERNAL":
+        raise exc
+    log.error("%s", exc.message if isinstance(exc, KernelError) else exc)
+    return 2
 
 
 SIGNAL_CHECK_S = 0.25  # how often the waiting main thread looks for a signal another thread received
@@ -85,12 +99,11 @@ def cmd_serve(args) -> int:
     if not Path(settings.models).is_dir():
         log.error("model repository %s does not exist (set --models, AIOS_MODELS or models in kernel.toml)", settings.models)
         return 2
-    server = KernelServer(settings)
     try:
+        server = KernelServer(settings)
         server.start()
-    except OSError as exc:
-        log.error("%s", exc)
-        return 2
+    except CANNOT_START as exc:
+        return _cannot_start(exc)
     # A line for scripts and tests to wait on, printed once the port accepts calls (and signals drain).
     return _wait_for_signal(server, f"AIOS kernel ready on {settings.host}:{server.port}")
 
@@ -210,7 +223,10 @@ def cmd_demo(args) -> int:
 
     settings = _settings(args, models=args.models or str(DEMO_DIR / "models"), port=args.port if args.port is not None else 0)
     setup_logging(settings.log_level)
-    return run_demo(settings, requests=args.requests, concurrency=args.concurrency)
+    try:
+        return run_demo(settings, requests=args.requests, concurrency=args.concurrency)
+    except CANNOT_START as exc:
+        return _cannot_start(exc)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -138,6 +138,18 @@ def test_port_in_use_is_a_clear_error_before_anything_loads(slow_repo, tmp_path)
         first.stop()
 
 
+def test_a_data_dir_in_use_is_a_clear_error(model_repo):
+    first = ServeProcess(model_repo)
+    try:
+        result = run_cli("serve", "--models", str(model_repo), "--port", "0", "--data-dir", str(first.data_dir), timeout=60)
+        assert result.returncode == 2, result.stderr
+        assert f"data_dir {first.data_dir} is in use by another kernel process (pid {first.proc.pid})" in result.stderr
+        assert "Traceback" not in result.stderr
+    finally:
+        code, err = first.stop()
+    assert code == 0, err
+
+
 def test_models_list_reads_the_repository(model_repo):
     result = run_cli("models", "list", "--models", str(model_repo), timeout=60)
     assert result.returncode == 0, result.stderr
