@@ -70,6 +70,9 @@ class DecisionSide:
         names = ", ".join(f"{p.name} ({p.label}, policy {p.policy.version})" for p in self.registry.all())
         log.info("decisions: pipelines %s; audit log %s (%s, %d records)", names or "(none)",
                  Path(self.settings.data_dir) / "audit", self.settings.audit_mode, self.audit.size if self.audit else 0)
+        if not self.registry.folder.is_dir():  # a mistyped --pipelines would otherwise show only as NOT_FOUND answers
+            log.warning("pipeline folder %s does not exist: no pipelines are served (Decide answers NOT_FOUND) until "
+                        "pipeline files appear there", self.registry.folder)
 
     def handlers(self, budget=None) -> dict:
         """The RPC handlers; ``budget`` (kernel.api.call_budget.CallBudget) may refuse a Decide by priority."""

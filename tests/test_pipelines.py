@@ -185,3 +185,18 @@ def test_a_policy_uploaded_with_one_pipeline_reaches_the_others_that_share_it(hu
     assert registry.get("claims_triage") is running  # until the folder is looked at again
     assert registry.reload() == ["claims_triage"]
     assert registry.get("claims_triage").policy.hash == uploaded.policy.hash
+
+
+@pytest.mark.parametrize("exists", [False, True], ids=["missing", "present"])
+def test_a_missing_pipeline_folder_is_warned_about_at_start(model_repo, tmp_path, caplog, exists):
+    from conftest import start_kernel
+
+    pipelines = tmp_path / "pipelines-typo"
+    if exists:
+        pipelines.mkdir()
+    with caplog.at_level("WARNING", logger="aios.decisions"):
+        server = start_kernel(model_repo, pipelines=str(pipelines))
+        server.stop(grace=1)
+    warned = [r.getMessage() for r in caplog.records if "pipeline folder" in r.getMessage()]
+    assert warned == ([f"pipeline folder {pipelines} does not exist: no pipelines are served (Decide answers "
+                       "NOT_FOUND) until pipeline files appear there"] if not exists else [])
