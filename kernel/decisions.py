@@ -39,7 +39,10 @@ class DecisionSide:
     def __init__(self, settings, hub, inference):
         self.settings = settings
         data = Path(settings.data_dir)
-        data.mkdir(parents=True, exist_ok=True)
+        try:
+            data.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # (the start's error line: name the setting, not only the path)
+            raise OSError(f"data_dir {data} cannot be created: {exc.strerror or exc}") from None
         self.db = open_database(data)
         self.audit = None
         if settings.audit_mode != "off":

@@ -150,6 +150,15 @@ def test_a_data_dir_in_use_is_a_clear_error(model_repo):
     assert code == 0, err
 
 
+def test_a_data_dir_that_cannot_be_created_is_a_clear_error(model_repo, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    result = run_cli("serve", "--models", str(model_repo), "--port", "0", "--data-dir", str(blocker / "var"), timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert f"data_dir {blocker / 'var'} cannot be created: Not a directory" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_models_list_reads_the_repository(model_repo):
     result = run_cli("models", "list", "--models", str(model_repo), timeout=60)
     assert result.returncode == 0, result.stderr
