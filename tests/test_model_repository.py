@@ -100,6 +100,23 @@ def test_not_toml(tmp_path):
     assert "not valid TOML" in str(error)
 
 
+def test_a_model_toml_beside_the_versions_is_refused_not_ignored(tmp_path):
+    # Where Triton keeps config.pbtxt; here it would have been skipped without a word (the settings
+    # silently not applied), so the model is refused with where the file belongs.
+    make_repo(tmp_path, None)
+    (tmp_path / "m" / "model.toml").write_text(GOOD)
+    hub = ModelHub(tmp_path)
+    loaded, failed = hub.load_all()
+    assert not loaded
+    (entry,) = hub.index()
+    assert entry.state == "UNAVAILABLE"
+    assert entry.reason == (f"{tmp_path / 'm' / 'model.toml'}: not read here: a model's settings go in each "
+                            f"version's folder, next to its model.onnx ({tmp_path / 'm'}/<version>/model.toml)")
+    (tmp_path / "m" / "model.toml").rename(tmp_path / "m" / "1" / "model.toml")  # moved where it belongs: loads
+    (mv,) = hub.load("m")
+    assert mv.runtime.config.max_batch_size == 4
+
+
 def test_broken_onnx_file(tmp_path):
     folder = tmp_path / "m" / "1"
     folder.mkdir(parents=True)

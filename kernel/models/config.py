@@ -4,6 +4,7 @@ Layout of a repository::
 
     models/<name>/<version>/model.onnx
     models/<name>/<version>/model.toml   # optional: derived from the graph when absent
+    (a models/<name>/model.toml beside the versions is refused: kernel/models/hub.py)
 
 Schema (every key optional unless marked)::
 
