@@ -57,57 +57,59 @@ def run_demo(settings: Settings, requests: int = 2000, concurrency: int = 8) -> 
         settings = replace(settings, data_dir=tempfile.mkdtemp(prefix="aios-demo-"))
     server = KernelServer(settings)
     port = server.start()
-    address = f"{settings.host}:{port}"
-    cases = data.generate_cases(requests, seed=7)
-    latencies: list[float] = []
-    answers: dict[int, kpb.Decision] = {}
-    errors: Counter = Counter()
-    lock = threading.Lock()
+    try:  # the kernel stops however the burst ends (an error, Ctrl-C): its audit log closes cleanly
+        address = f"{settings.host}:{port}"
+        cases = data.generate_cases(requests, seed=7)
+        latencies: list[float] = []
+        answers: dict[int, kpb.Decision] = {}
+        errors: Counter = Counter()
+        lock = threading.Lock()
 
-    def worker(offset: int) -> None:
-        with DecisionClient(address, timeout=60) as client:
-            mine = list(range(offset, requests, concurrency))
-            sent_at = {}
+        def worker(offset: int) -> None:
+            with DecisionClient(address, timeout=60) as client:
+                mine = list(range(offset, requests, concurrency))
+                sent_at = {}
 
-            def produce():
-                for i in mine:
-                    case = cases[i]
-                    sent_at[str(i)] = time.perf_counter()
-                    yield make_request("claims_triage", {k: case[k] for k in data.REQUEST_FIELDS}, {"description": case["description"]},
-                                       tenant="demo", request_id=str(i))
+                def produce():
+                    for i in mine:
+                        case = cases[i]
+                        sent_at[str(i)] = time.perf_counter()
+                        yield make_request("claims_triage", {k: case[k] for k in data.REQUEST_FIELDS}, {"description": case["description"]},
+                                           tenant="demo", request_id=str(i))
 
-            try:
-                for decision in client.decide_stream(produce(), timeout=120):
-                    now = time.perf_counter()
+                try:
+                    for decision in client.decide_stream(produce(), timeout=120):
+                        now = time.perf_counter()
+                        with lock:
+                            if decision.error_code:
+                                errors[decision.error_code] += 1
+                                continue
+                            latencies.append(now - sent_at[decision.request_id])
+                            answers[int(decision.request_id)] = decision
+                except Exception as exc:  # counted and shown; the other streams go on
                     with lock:
-                        if decision.error_code:
-                            errors[decision.error_code] += 1
-                            continue
-                        latencies.append(now - sent_at[decision.request_id])
-                        answers[int(decision.request_id)] = decision
-            except Exception as exc:  # counted and shown; the other streams go on
-                with lock:
-                    errors[type(exc).__name__] += 1
+                        errors[type(exc).__name__] += 1
 
-    print(f"AIOS kernel demo: {requests} claims to {address} as decisions, {concurrency} streams, "
-          f"pipeline claims_triage")
-    started = time.perf_counter()
-    threads = [threading.Thread(target=worker, args=(k,)) for k in range(concurrency)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    wall = time.perf_counter() - started
-    with DecisionClient(address) as client:
-        waiting, token = 0, ""
-        while True:  # page through: a page holds at most 1,000 reviews
-            page = client.reviews.ListReviews(kpb.ListReviewsRequest(
-                pipeline="claims_triage", state="OPEN", page_size=1000, page_token=token))
-            waiting += len(page.reviews)
-            token = page.next_page_token
-            if not token:
-                break
-    server.stop(grace=2)
+        print(f"AIOS kernel demo: {requests} claims to {address} as decisions, {concurrency} streams, "
+              f"pipeline claims_triage")
+        started = time.perf_counter()
+        threads = [threading.Thread(target=worker, args=(k,)) for k in range(concurrency)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        wall = time.perf_counter() - started
+        with DecisionClient(address) as client:
+            waiting, token = 0, ""
+            while True:  # page through: a page holds at most 1,000 reviews
+                page = client.reviews.ListReviews(kpb.ListReviewsRequest(
+                    pipeline="claims_triage", state="OPEN", page_size=1000, page_token=token))
+                waiting += len(page.reviews)
+                token = page.next_page_token
+                if not token:
+                    break
+    finally:
+        server.stop(grace=2)
     audit_dir = Path(settings.data_dir) / "audit"
     verified = verify_directory(audit_dir)
 
