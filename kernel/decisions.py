@@ -22,6 +22,7 @@ from .api.decision_service import decision_handlers
 from .api.review_service import review_handlers
 from .api.task_service import task_handlers
 from .audit import AuditLog
+from .config import Settings
 from .errors import KernelError, ResourceExhausted, TransientError, Unavailable
 from .pipelines import DecisionEngine, PipelineRegistry, Services
 from .pipelines.provenance import resolution_record
@@ -32,6 +33,7 @@ from .tasks import IdempotencyStore, TaskRunner, TaskStore, WaitingForReview
 
 log = logging.getLogger("aios.decisions")
 
+DEFAULT_PIPELINES = Settings().pipelines
 _RESOLUTIONS = "__review_resolutions__"  # idempotency-store tenant recording each review's audited resolution
 
 
@@ -73,9 +75,13 @@ class DecisionSide:
         names = ", ".join(f"{p.name} ({p.label}, policy {p.policy.version})" for p in self.registry.all())
         log.info("decisions: pipelines %s; audit log %s (%s, %d records)", names or "(none)",
                  Path(self.settings.data_dir) / "audit", self.settings.audit_mode, self.audit.size if self.audit else 0)
-        if not self.registry.folder.is_dir():  # a mistyped --pipelines would otherwise show only as NOT_FOUND answers
-            log.warning("pipeline folder %s does not exist: no pipelines are served (Decide answers NOT_FOUND) until "
-                        "pipeline files appear there", self.registry.folder)
+        if not self.registry.folder.is_dir():
+            # A folder someone named and mistyped would otherwise show only as NOT_FOUND answers; the default one
+            # missing is a kernel that serves models only.
+            named = self.settings.pipelines != DEFAULT_PIPELINES
+            log.log(logging.WARNING if named else logging.INFO,
+                    "pipeline folder %s does not exist: no pipelines are served (Decide answers NOT_FOUND) until "
+                    "pipeline files appear there", self.registry.folder)
 
     def handlers(self, budget=None) -> dict:
         """The RPC handlers; ``budget`` (kernel.api.call_budget.CallBudget) may refuse a Decide by priority."""

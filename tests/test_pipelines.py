@@ -187,16 +187,20 @@ def test_a_policy_uploaded_with_one_pipeline_reaches_the_others_that_share_it(hu
     assert registry.get("claims_triage").policy.hash == uploaded.policy.hash
 
 
-@pytest.mark.parametrize("exists", [False, True], ids=["missing", "present"])
-def test_a_missing_pipeline_folder_is_warned_about_at_start(model_repo, tmp_path, caplog, exists):
+@pytest.mark.parametrize("folder_state", ["named-missing", "named-present", "default-missing"])
+def test_a_named_pipeline_folder_that_does_not_exist_is_warned_about(model_repo, tmp_path, caplog, folder_state):
     from conftest import start_kernel
 
     pipelines = tmp_path / "pipelines-typo"
-    if exists:
+    if folder_state == "named-present":
         pipelines.mkdir()
-    with caplog.at_level("WARNING", logger="aios.decisions"):
-        server = start_kernel(model_repo, pipelines=str(pipelines))
+    named = {} if folder_state == "default-missing" else {"pipelines": str(pipelines)}  # (the default: ./pipelines)
+    with caplog.at_level("INFO", logger="aios.decisions"):
+        server = start_kernel(model_repo, **named)
         server.stop(grace=1)
-    warned = [r.getMessage() for r in caplog.records if "pipeline folder" in r.getMessage()]
-    assert warned == ([f"pipeline folder {pipelines} does not exist: no pipelines are served (Decide answers "
-                       "NOT_FOUND) until pipeline files appear there"] if not exists else [])
+    said = [(r.levelname, r.getMessage()) for r in caplog.records if "pipeline folder" in r.getMessage()]
+    message = ("pipeline folder {} does not exist: no pipelines are served (Decide answers NOT_FOUND) until pipeline "
+               "files appear there")
+    expected = {"named-missing": [("WARNING", message.format(pipelines))], "named-present": [],
+                "default-missing": [("INFO", message.format("pipelines"))]}
+    assert said == expected[folder_state]
