@@ -66,7 +66,7 @@ SIGNAL_CHECK_S = 0.25  # how often the waiting main thread looks for a signal an
 
 
 def _wait_for_signal(server, ready: str) -> int:
-    """Print ``ready``, block until SIGTERM/SIGINT, then drain in-flight calls and stop; exit code 0.
+    """Print ``ready``, block until SIGTERM/SIGINT/SIGHUP, then drain in-flight calls and stop; exit code 0.
 
     The handlers are in place before ``ready`` is printed: a script that signals as soon as it reads
     the line gets a drain, not the default action's abrupt end.
@@ -78,8 +78,11 @@ def _wait_for_signal(server, ready: str) -> int:
         received.append(signal.Signals(signum).name)
         stop.set()
 
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
+    # SIGHUP too: a terminal closing on a kernel run in it (`make serve` over SSH) would otherwise end it
+    # at once, cutting the calls in flight; pipelines reload on their own and models through the
+    # repository API, so there is nothing for a hang-up to reload.
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, handler)
     print(ready, flush=True)
     # Waking now and then: a signal the OS delivers to another thread (gRPC's, onnxruntime's) does not
     # interrupt this wait, and Python runs its handler only once this thread executes bytecode again.

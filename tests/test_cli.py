@@ -249,3 +249,13 @@ def test_a_sigterm_delivered_to_another_thread_still_stops_the_kernel(tmp_path_f
     _, err = server.proc.communicate(timeout=20)
     assert server.proc.returncode == 0, err
     assert "SIGTERM received: draining" in err and "AIOS kernel stopped" in err
+
+
+def test_a_hang_up_drains_and_stops_the_kernel_like_sigterm(model_repo):
+    import signal
+
+    server = ServeProcess(model_repo)
+    server.proc.send_signal(signal.SIGHUP)
+    _, err = server.proc.communicate(timeout=20)
+    assert server.proc.returncode == 0, err
+    assert "SIGHUP received: draining" in err and "AIOS kernel stopped" in err
