@@ -166,6 +166,14 @@ def test_models_list_reads_the_repository(model_repo):
     assert "identity" in result.stdout and "derived from the graph" in result.stdout
 
 
+def test_models_list_flags_a_model_toml_beside_the_versions(tmp_path):
+    onnx_models.save_mlp_version(tmp_path, "m", [4, 8, 2], seed=1, provider="cpu")
+    (tmp_path / "m" / "model.toml").write_text("max_batch_size = 8\n")
+    result = run_cli("models", "list", "--models", str(tmp_path), timeout=60)
+    assert result.returncode == 1, result.stdout
+    assert f"invalid: {tmp_path / 'm' / 'model.toml'} is not read: settings go in each version's folder" in result.stdout
+
+
 def test_models_list_and_infer_against_a_running_kernel(model_repo):
     server = ServeProcess(model_repo)
     try:
