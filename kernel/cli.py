@@ -131,8 +131,8 @@ def cmd_models_list(args) -> int:
     print(f"{'model':28} {'version':8} {'max_batch':>9}  inputs -> outputs")
     status = 0
     for name, versions in found.items():
-        stray = Path(args.models) / name / "model.toml"
-        if stray.is_file():  # the kernel refuses this model (kernel/models/hub.py): say so here too
+        stray = model_config.misplaced(Path(args.models) / name)
+        if stray is not None:  # the kernel refuses this model (kernel/models/hub.py): say so here too
             print(f"{name:28} {'-':8} {'!':>9}  invalid: {stray} is not read: settings go in each version's folder")
             status = 1
         for version in versions:

@@ -292,6 +292,13 @@ def parse(path: Path, name: str, version: str, raw: dict) -> ModelConfig:
     )
 
 
+def misplaced(model_dir: Path) -> Path | None:
+    """A ``model.toml`` beside a model's version folders (where Triton keeps ``config.pbtxt``): never read,
+    so the kernel refuses that model and ``models list`` flags it; None when there is none."""
+    path = Path(model_dir) / "model.toml"
+    return path if path.is_file() else None
+
+
 def load(path: Path, name: str, version: str) -> ModelConfig:
     """Read and validate ``model.toml`` at ``path``."""
     try:

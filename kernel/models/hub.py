@@ -120,9 +120,10 @@ class ModelHub:
             raise ModelConfigError(model_dir, "", "no <version>/model.onnx found under this model folder")
         fresh: dict[str, ModelVersion] = {}
         try:
-            if (model_dir / "model.toml").is_file():  # (where Triton keeps config.pbtxt): refused, not silently ignored
-                raise ModelConfigError(model_dir / "model.toml", "", "not read here: a model's settings go in each "
-                                       f"version's folder, next to its model.onnx ({model_dir}/<version>/model.toml)")
+            stray = model_config.misplaced(model_dir)
+            if stray is not None:  # refused, not silently ignored
+                raise ModelConfigError(stray, "", "not read here: a model's settings go in each version's folder, "
+                                       f"next to its model.onnx ({model_dir}/<version>/model.toml)")
             for version in versions:
                 folder = model_dir / version
                 toml = folder / "model.toml"
