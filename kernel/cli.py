@@ -1,7 +1,9 @@
-"""``aios-kernel``: serve, demo, models, infer.
+"""``aios-kernel``: serve, demo, models, infer, decide, review, task, audit, policy.
 
-Later issues add ``decide``, ``audit`` and ``policy`` here; each subcommand
-is a small function taking the parsed arguments and returning an exit code.
+Each subcommand is a small function taking the parsed arguments and
+returning an exit code; the larger families live beside what they drive
+(``review/cli.py``, ``tasks/cli.py``, ``audit/cli.py``, ``policy/cli.py``)
+and share ``cli_support``.
 """
 
 from __future__ import annotations
@@ -15,15 +17,17 @@ import threading
 from pathlib import Path
 
 from . import __version__, grpc_io
+from .cli_support import address_flags, decision_lines, failed, print_json, request_flags, request_from_flags
 from .config import SettingsError, load_settings
 from .errors import KernelError
 from .observability import setup_logging
+from .review import cli as review_cli
+from .tasks import cli as task_cli
 
 log = logging.getLogger("aios.cli")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_DIR = REPO_ROOT / "examples" / "claims"
-DEFAULT_ADDRESS = "127.0.0.1:8001"
 
 
 def _server_flags(parser: argparse.ArgumentParser) -> None:
@@ -181,47 +185,30 @@ def cmd_infer(args) -> int:
                 arrays[name] = np.array(value, dtype=types[name].numpy)
             outputs = client.infer(args.model, arrays, args.version)
         except grpc.RpcError as exc:
-            print(f"{exc.code().name}: {exc.details()}", file=sys.stderr)
-            return 1
+            return failed(exc)
     print(json.dumps({name: value.tolist() for name, value in outputs.items()}))
     return 0
 
 
 def cmd_decide(args) -> int:
     import grpc
-    from google.protobuf import json_format
 
-    from .decision_client import DecisionClient, parse_cli_value
+    from .decision_client import DecisionClient
 
-    fields, text = {}, {}
-    for target, pairs, flag in ((fields, args.field, "--field"), (text, args.text, "--text")):
-        for pair in pairs:
-            name, sep, value = pair.partition("=")
-            if not sep or not name:
-                print(f"{flag} {pair!r}: expected NAME=VALUE", file=sys.stderr)
-                return 2
-            target[name] = parse_cli_value(value) if target is fields else value
-    options = {"tenant": args.tenant, "idempotency_key": args.idempotency_key, "request_id": args.request_id}
+    try:
+        request = request_from_flags(args)
+    except ValueError as exc:
+        print(exc, file=sys.stderr)
+        return 2
     with DecisionClient(args.address, timeout=args.timeout) as client:
         try:
-            decision = client.decide(args.pipeline, fields, text, **{k: v for k, v in options.items() if v})
+            decision = client.stub.Decide(request, timeout=args.timeout)
         except grpc.RpcError as exc:
-            print(f"{exc.code().name}: {exc.details()}", file=sys.stderr)
-            return 1
+            return failed(exc)
     if args.json:
-        print(json_format.MessageToJson(decision, preserving_proto_field_name=True))
-        return 0
-    outcome = decision.DESCRIPTOR.fields_by_name["outcome"].enum_type.values_by_number[decision.outcome].name
-    model = decision.model
-    print(f"{decision.action}  ({outcome}; model {model.model_name}/{model.model_version} confidence {model.confidence:.3f})")
-    for reason in decision.reasons:
-        print(f"  rule {reason.rule_id}: {reason.description}")
-    for why in decision.escalation_reasons:
-        print(f"  escalated: {why}")
-    if decision.review_id:
-        print(f"  review {decision.review_id}")
-    print(f"  request {decision.request_id}, policy {decision.policy_name} {decision.policy_version} "
-          f"({decision.policy_hash[:12]}), audit #{decision.audit_sequence}")
+        print_json(decision)
+    else:
+        print("\n".join(decision_lines(decision)))
     return 0
 
 
@@ -262,22 +249,17 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("model")
     infer.add_argument("--input", required=True, help='JSON: {"INPUT": [[...]]}, or a bare array for a one-input model')
     infer.add_argument("--version", default="", help="model version (default: latest)")
-    infer.add_argument("--address", default=DEFAULT_ADDRESS, help=f"kernel address (default {DEFAULT_ADDRESS})")
-    infer.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
+    address_flags(infer)
     infer.set_defaults(func=cmd_infer)
 
     decide = sub.add_parser("decide", help="ask a running kernel for one decision")
-    decide.add_argument("pipeline")
-    decide.add_argument("--field", action="append", default=[], metavar="NAME=VALUE",
-                        help="a request field; VALUE is read as JSON when it is a JSON scalar (12, 0.5, true, \"12\")")
-    decide.add_argument("--text", action="append", default=[], metavar="NAME=TEXT", help="a free-text field")
-    decide.add_argument("--tenant", default="")
-    decide.add_argument("--idempotency-key", dest="idempotency_key", default="")
-    decide.add_argument("--request-id", dest="request_id", default="")
+    request_flags(decide)
     decide.add_argument("--json", action="store_true", help="print the whole Decision as JSON")
-    decide.add_argument("--address", default=DEFAULT_ADDRESS, help=f"kernel address (default {DEFAULT_ADDRESS})")
-    decide.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
+    address_flags(decide)
     decide.set_defaults(func=cmd_decide)
+
+    review_cli.add_parser(sub)
+    task_cli.add_parser(sub)
 
     # audit verify|export: every word after "audit" goes to kernel.audit.cli, imported only when used.
     audit = sub.add_parser("audit", help="verify or export an audit log directory (audit --help for more)",

@@ -137,7 +137,7 @@ def run_demo(settings: Settings, requests: int = 2000, concurrency: int = 8) -> 
     if automated:
         print(f"\n  automated decisions agreeing with the synthetic ground truth: {100 * agree / len(automated):.1f}%")
     print(f"  review queue: {waiting} cases waiting for a person "
-          f"(aios-kernel decide / ReviewService to work them)")
+          f"(aios-kernel review list / show / claim / resolve to work them)")
     print(f"  audit log {audit_dir}: {verified.describe()}")
     return 0 if not errors and verified.ok else 1
 

@@ -446,7 +446,8 @@ def page_tokens(draw, filters: tuple) -> str:
 
 
 @settings(max_examples=int(60 * SCALE), **SETTINGS)
-@given(data=st.data(), rpc=st.sampled_from(["ListReviews", "ListReviews", "ClaimReview", "ResolveReview", "WatchReviews"]))
+@given(data=st.data(), rpc=st.sampled_from(["ListReviews", "ListReviews", "GetReview", "ClaimReview", "ResolveReview",
+                                           "WatchReviews"]))
 def test_review_rpcs_answer_with_a_specific_status(stubs, known, data, rpc):
     review_ids = st.one_of(st.sampled_from(known["reviews"]), short_texts, HUGE, st.just(""))
     reviewers = st.one_of(st.sampled_from(["alice", "bob", ""]), short_texts, HUGE)
@@ -460,6 +461,9 @@ def test_review_rpcs_answer_with_a_specific_status(stubs, known, data, rpc):
         check(rpc, code, details, elapsed)
         if code == Code.OK:
             assert len(response.reviews) <= max(1, min(request.page_size or 50, 1000))
+    elif rpc == "GetReview":
+        code, details, _, elapsed = call(stubs.reviews.GetReview, kpb.ReviewRef(review_id=data.draw(review_ids)))
+        check(rpc, code, details, elapsed)
     elif rpc == "ClaimReview":
         request = kpb.ClaimReviewRequest(review_id=data.draw(review_ids), reviewer=data.draw(reviewers),
                                          lease_seconds=data.draw(st.one_of(st.sampled_from([0, 1, 86400, 86401]), UINT32)))

@@ -107,6 +107,18 @@ def test_list_pages_filters_and_counts_missed_slas(kernel, reviews):
     assert code == S.INVALID_ARGUMENT and "state must be one of" in details
 
 
+def test_get_review_answers_one_review_as_the_list_shows_it(kernel, reviews):
+    rid = escalate(kernel, "get-one", tenant="acme").review_id
+    reviews.ClaimReview(kpb.ClaimReviewRequest(review_id=rid, reviewer="alice"), timeout=TIMEOUT_S)
+    got = reviews.GetReview(kpb.ReviewRef(review_id=rid), timeout=TIMEOUT_S)
+    (listed,) = reviews.ListReviews(kpb.ListReviewsRequest(pipeline="get-one"), timeout=TIMEOUT_S).reviews
+    assert got == listed and (got.state, got.claimed_by, list(got.actions)) == ("CLAIMED", "alice", ["approve", "deny"])
+    S = grpc.StatusCode
+    assert failure(reviews.GetReview, kpb.ReviewRef(review_id="nope")) == (S.NOT_FOUND, "review 'nope' does not exist")
+    code, details = failure(reviews.GetReview, kpb.ReviewRef())
+    assert code == S.INVALID_ARGUMENT and "review_id is required" in details
+
+
 def test_watch_streams_new_matching_reviews_and_updates(kernel, reviews):
     stream = reviews.WatchReviews(kpb.WatchReviewsRequest(pipeline="watched", tenant="acme", include_open=True,
                                                           updates=True), timeout=TIMEOUT_S)

@@ -13,6 +13,9 @@ def review_handlers(queue) -> dict:
     def list_reviews(request: kpb.ListReviewsRequest, ctx) -> kpb.ListReviewsResponse:
         return queue.list(request.pipeline, request.tenant, request.state, request.page_size, request.page_token)
 
+    def get_review(request: kpb.ReviewRef, ctx) -> kpb.Review:
+        return queue.get(request.review_id)
+
     def claim_review(request: kpb.ClaimReviewRequest, ctx) -> kpb.Review:
         return queue.claim(request.review_id, request.reviewer, request.lease_seconds)
 
@@ -32,6 +35,7 @@ def review_handlers(queue) -> dict:
 
     return {
         (SERVICE, "ListReviews"): list_reviews,
+        (SERVICE, "GetReview"): get_review,
         (SERVICE, "ClaimReview"): claim_review,
         (SERVICE, "ResolveReview"): resolve_review,
         (SERVICE, "WatchReviews"): watch_reviews,

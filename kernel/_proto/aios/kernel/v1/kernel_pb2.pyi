@@ -324,6 +324,12 @@ class ResolveReviewRequest(_message.Message):
     comment: str
     def __init__(self, review_id: _Optional[str] = ..., reviewer: _Optional[str] = ..., action: _Optional[str] = ..., comment: _Optional[str] = ...) -> None: ...
 
+class ReviewRef(_message.Message):
+    __slots__ = ("review_id",)
+    REVIEW_ID_FIELD_NUMBER: _ClassVar[int]
+    review_id: str
+    def __init__(self, review_id: _Optional[str] = ...) -> None: ...
+
 class WatchReviewsRequest(_message.Message):
     __slots__ = ("pipeline", "tenant", "include_open", "updates")
     PIPELINE_FIELD_NUMBER: _ClassVar[int]

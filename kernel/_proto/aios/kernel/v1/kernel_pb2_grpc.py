@@ -355,6 +355,11 @@ class ReviewServiceStub:
                 request_serializer=aios_dot_kernel_dot_v1_dot_kernel__pb2.ListReviewsRequest.SerializeToString,
                 response_deserializer=aios_dot_kernel_dot_v1_dot_kernel__pb2.ListReviewsResponse.FromString,
                 _registered_method=True)
+        self.GetReview = channel.unary_unary(
+                '/aios.kernel.v1.ReviewService/GetReview',
+                request_serializer=aios_dot_kernel_dot_v1_dot_kernel__pb2.ReviewRef.SerializeToString,
+                response_deserializer=aios_dot_kernel_dot_v1_dot_kernel__pb2.Review.FromString,
+                _registered_method=True)
         self.ClaimReview = channel.unary_unary(
                 '/aios.kernel.v1.ReviewService/ClaimReview',
                 request_serializer=aios_dot_kernel_dot_v1_dot_kernel__pb2.ClaimReviewRequest.SerializeToString,
@@ -376,6 +381,12 @@ class ReviewServiceServicer:
     """Missing associated documentation comment in .proto file."""
 
     def ListReviews(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetReview(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -406,6 +417,11 @@ def add_ReviewServiceServicer_to_server(servicer, server):
                     servicer.ListReviews,
                     request_deserializer=aios_dot_kernel_dot_v1_dot_kernel__pb2.ListReviewsRequest.FromString,
                     response_serializer=aios_dot_kernel_dot_v1_dot_kernel__pb2.ListReviewsResponse.SerializeToString,
+            ),
+            'GetReview': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetReview,
+                    request_deserializer=aios_dot_kernel_dot_v1_dot_kernel__pb2.ReviewRef.FromString,
+                    response_serializer=aios_dot_kernel_dot_v1_dot_kernel__pb2.Review.SerializeToString,
             ),
             'ClaimReview': grpc.unary_unary_rpc_method_handler(
                     servicer.ClaimReview,
@@ -450,6 +466,33 @@ class ReviewService:
             '/aios.kernel.v1.ReviewService/ListReviews',
             aios_dot_kernel_dot_v1_dot_kernel__pb2.ListReviewsRequest.SerializeToString,
             aios_dot_kernel_dot_v1_dot_kernel__pb2.ListReviewsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetReview(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aios.kernel.v1.ReviewService/GetReview',
+            aios_dot_kernel_dot_v1_dot_kernel__pb2.ReviewRef.SerializeToString,
+            aios_dot_kernel_dot_v1_dot_kernel__pb2.Review.FromString,
             options,
             channel_credentials,
             insecure,

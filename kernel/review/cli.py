@@ -1,0 +1,244 @@
+"""``aios-kernel review list|show|claim|resolve|watch``: work the human review queue of a running kernel.
+
+A reviewer's loop at a terminal, over ``ReviewService``::
+
+    aios-kernel review list                                  # what waits (open and claimed), oldest first
+    aios-kernel review show REVIEW_ID                        # the case, the proposed decision, the allowed actions
+    aios-kernel review claim REVIEW_ID --reviewer alice      # a lease (5 min by default) so nobody else works it
+    aios-kernel review resolve REVIEW_ID --reviewer alice --action deny --comment "photos do not match"
+    aios-kernel review watch --include-open                  # new cases as they are escalated, until Ctrl-C
+
+Every command takes ``--address`` and ``--json`` (the messages as JSON, one
+per line for ``list`` and ``watch``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from ..cli_support import address_flags, decision_lines, duration, failed, when
+
+STATES = ("unresolved", "open", "claimed", "resolved", "all")  # "all" is the API's empty filter
+PAGE_SIZE = 1000  # the most ListReviews gives in one page
+
+
+def add_parser(sub) -> None:
+    review = sub.add_parser("review", help="work the human review queue of a running kernel")
+    commands = review.add_subparsers(dest="review_command", required=True)
+
+    listing = commands.add_parser("list", help="reviews oldest first (default: open and claimed ones)")
+    listing.add_argument("--state", choices=STATES, default="unresolved",
+                         help="unresolved = open or claimed (default); all = every state")
+    listing.add_argument("--pipeline", default="", help="only this pipeline's reviews")
+    listing.add_argument("--tenant", default="", help="only this tenant's reviews")
+    listing.add_argument("--limit", type=int, default=50, help="show at most this many (default 50; 0 = all)")
+    _common(listing, cmd_list)
+
+    show = commands.add_parser("show", help="one review: the case, the proposed decision, what may be done")
+    show.add_argument("review_id")
+    _common(show, cmd_show)
+
+    claim = commands.add_parser("claim", help="take a review's lease so no other reviewer works it")
+    claim.add_argument("review_id")
+    claim.add_argument("--reviewer", required=True)
+    claim.add_argument("--lease", type=int, default=0, metavar="SECONDS",
+                       help="how long the lease lasts (default 300); claiming again renews it")
+    _common(claim, cmd_claim)
+
+    resolve = commands.add_parser("resolve", help="give a claimed review its final action (an audited decision)")
+    resolve.add_argument("review_id")
+    resolve.add_argument("--reviewer", required=True)
+    resolve.add_argument("--action", required=True, help="one of the actions `review show` lists")
+    resolve.add_argument("--comment", default="")
+    _common(resolve, cmd_resolve)
+
+    watch = commands.add_parser("watch", help="print reviews as they are escalated, until Ctrl-C")
+    watch.add_argument("--pipeline", default="")
+    watch.add_argument("--tenant", default="")
+    watch.add_argument("--include-open", dest="include_open", action="store_true",
+                       help="first print the reviews already waiting")
+    watch.add_argument("--updates", action="store_true", help="also print each claim and resolution")
+    watch.add_argument("--count", type=int, default=0, help="stop after this many reviews (default: never)")
+    _common(watch, cmd_watch, timeout_s=0)
+
+
+def _common(parser: argparse.ArgumentParser, command, timeout_s: float = 10.0) -> None:
+    address_flags(parser, timeout_s)
+    parser.add_argument("--json", action="store_true", help="print the Review messages as JSON")
+    parser.set_defaults(func=command)
+
+
+def _stub(channel):
+    from .._proto.aios.kernel.v1 import kernel_pb2_grpc as kgrpc
+
+    return kgrpc.ReviewServiceStub(channel)
+
+
+def _timeout(args) -> float | None:
+    return args.timeout or None  # 0 = no deadline (watch)
+
+
+def cmd_list(args) -> int:
+    import grpc
+
+    from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
+
+    if args.limit < 0:
+        print("--limit must be 0 (all) or more", file=sys.stderr)
+        return 2
+    state = "" if args.state == "all" else args.state.upper()
+    shown, token, more, missed = [], "", False, 0
+    with grpc.insecure_channel(args.address) as channel:
+        stub = _stub(channel)
+        try:
+            while True:
+                want = PAGE_SIZE if not args.limit else min(PAGE_SIZE, args.limit - len(shown))
+                page = stub.ListReviews(kpb.ListReviewsRequest(pipeline=args.pipeline, tenant=args.tenant, state=state,
+                                                               page_size=want, page_token=token), timeout=_timeout(args))
+                shown.extend(page.reviews)
+                missed, token = page.sla_missed, page.next_page_token
+                if not token:
+                    break
+                if args.limit and len(shown) >= args.limit:
+                    more = True
+                    break
+        except grpc.RpcError as exc:
+            return failed(exc)
+    if args.json:
+        for review in shown:
+            print(_json_line(review))
+        return 0
+    now = time.time_ns()
+    if shown:
+        print(f"{'REVIEW':32}  {'STATE':8}  {'PIPELINE':16}  {'TENANT':10}  {'PROPOSED':12}  {'CONF':>5}  "
+              f"{'AGE':>8}  SLA")
+        for review in shown:
+            print(row(review, now))
+    counts = {}
+    for review in shown:
+        counts[review.state.lower()] = counts.get(review.state.lower(), 0) + 1
+    split = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
+    print(f"{len(shown)} review{'s' if len(shown) != 1 else ''}{f' ({split})' if split else ''}"
+          f"{' shown; more match (raise --limit, 0 = all)' if more else ''}; {missed} matching missed their SLA")
+    return 0
+
+
+def row(review, now_ns: int) -> str:
+    """One review as a line of ``review list`` and ``review watch``."""
+    proposed = review.proposed
+    age = duration((now_ns - review.created_unix_ns) / 1e9) if review.created_unix_ns else "-"
+    if review.state == "RESOLVED":
+        sla = f"resolved: {review.resolved_action} by {review.resolved_by}"
+        sla += " (SLA missed)" if review.sla_missed else ""
+    elif not review.sla_deadline_unix_ns:
+        sla = "-"
+    elif review.sla_missed:
+        sla = f"MISSED {duration((now_ns - review.sla_deadline_unix_ns) / 1e9)} ago"
+    else:
+        sla = f"due in {duration((review.sla_deadline_unix_ns - now_ns) / 1e9)}"
+    if review.state == "CLAIMED":
+        sla += f"; {review.claimed_by}"
+    return (f"{review.review_id:32}  {review.state:8}  {review.pipeline[:16]:16}  {review.tenant[:10]:10}  "
+            f"{proposed.action[:12]:12}  {proposed.model.confidence:5.3f}  {age:>8}  {sla}")
+
+
+def describe(review) -> list[str]:
+    """A whole review as ``review show`` prints it."""
+    now = time.time_ns()
+    lines = [f"review {review.review_id}  {review.state}  pipeline {review.pipeline}"
+             f"{f'  tenant {review.tenant}' if review.tenant else ''}",
+             f"  created     {when(review.created_unix_ns, now)}",
+             f"  SLA due     {when(review.sla_deadline_unix_ns, now)}{'  MISSED' if review.sla_missed else ''}"]
+    if review.state == "CLAIMED":
+        lines.append(f"  claimed by  {review.claimed_by} until {when(review.lease_expires_unix_ns, now)}")
+    if review.task_id:
+        lines.append(f"  task        {review.task_id} waits on this review")
+    request = review.request
+    if request.fields or request.text_fields:
+        lines.append("  case:")
+        for name in sorted(request.fields):
+            lines.append(f"    {name} = {_value(request.fields[name])}")
+        for name in sorted(request.text_fields):
+            lines.append(f"    {name} (text) = {json.dumps(request.text_fields[name], ensure_ascii=False)}")
+    lines.append("  proposed:   " + "\n  ".join(decision_lines(review.proposed)))
+    if review.state == "RESOLVED":
+        lines.append(f"  resolved:   {review.resolved_action} by {review.resolved_by} at {when(review.resolved_unix_ns, now)}")
+        if review.comment:
+            lines.append(f"    comment: {review.comment}")
+        if review.resolution.request_id:
+            lines.append(f"    recorded as audit #{review.resolution.audit_sequence}")
+    else:
+        lines.append(f"  actions:    {', '.join(review.actions)}")
+    return lines
+
+
+def _value(value) -> str:
+    kind = value.WhichOneof("kind")
+    return "null" if kind is None else json.dumps(getattr(value, kind))
+
+
+def _json_line(message) -> str:
+    from google.protobuf import json_format
+
+    return json.dumps(json_format.MessageToDict(message, preserving_proto_field_name=True), separators=(",", ":"))
+
+
+def _one(args, call, request) -> int:
+    """Make one unary call and print the Review it answers."""
+    import grpc
+
+    with grpc.insecure_channel(args.address) as channel:
+        try:
+            review = getattr(_stub(channel), call)(request, timeout=_timeout(args))
+        except grpc.RpcError as exc:
+            return failed(exc)
+    print(_json_line(review) if args.json else "\n".join(describe(review)))
+    return 0
+
+
+def cmd_show(args) -> int:
+    from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
+
+    return _one(args, "GetReview", kpb.ReviewRef(review_id=args.review_id))
+
+
+def cmd_claim(args) -> int:
+    from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
+
+    return _one(args, "ClaimReview", kpb.ClaimReviewRequest(review_id=args.review_id, reviewer=args.reviewer,
+                                                            lease_seconds=args.lease))
+
+
+def cmd_resolve(args) -> int:
+    from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
+
+    return _one(args, "ResolveReview", kpb.ResolveReviewRequest(review_id=args.review_id, reviewer=args.reviewer,
+                                                                action=args.action, comment=args.comment))
+
+
+def cmd_watch(args) -> int:
+    import grpc
+
+    from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
+
+    request = kpb.WatchReviewsRequest(pipeline=args.pipeline, tenant=args.tenant, include_open=args.include_open,
+                                      updates=args.updates)
+    seen = 0
+    with grpc.insecure_channel(args.address) as channel:
+        stream = _stub(channel).WatchReviews(request, timeout=_timeout(args))
+        try:
+            for review in stream:
+                print(_json_line(review) if args.json else row(review, time.time_ns()), flush=True)
+                seen += 1
+                if args.count and seen >= args.count:
+                    stream.cancel()
+                    break
+        except KeyboardInterrupt:
+            stream.cancel()
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED:  # --timeout: the watch ran its time
+                return failed(exc)
+    return 0

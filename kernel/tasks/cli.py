@@ -1,0 +1,173 @@
+"""``aios-kernel task start|get|cancel|watch``: durable tasks on a running kernel, over ``TaskService``::
+
+    aios-kernel task start claims_triage --field claim_amount=90000 --idempotency-key claim-7781 --wait
+    aios-kernel task get TASK_ID          # state, attempts, every transition, the decision or the error
+    aios-kernel task watch TASK_ID        # one line per state change until it is final
+    aios-kernel task cancel TASK_ID
+
+``start --wait`` and ``watch`` exit 0 when the task SUCCEEDED and 1 when it
+FAILED or was CANCELLED; Ctrl-C stops watching and leaves the task running
+in the kernel (it is durable: ``task get`` finds it later).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from ..cli_support import address_flags, decision_lines, enum_name, failed, print_json, request_flags, request_from_flags, when
+
+
+def add_parser(sub) -> None:
+    task = sub.add_parser("task", help="start, follow or cancel durable tasks on a running kernel")
+    commands = task.add_subparsers(dest="task_command", required=True)
+
+    start = commands.add_parser("start", help="run a pipeline as a durable task (survives restarts; may wait for review)")
+    request_flags(start)
+    start.add_argument("--wait", action="store_true", help="follow the task until it is final")
+    _common(start, cmd_start)
+
+    for name, command, text in (("get", cmd_get, "a task's state, history and result"),
+                                ("cancel", cmd_cancel, "cancel a task that is not final yet"),
+                                ("watch", cmd_watch, "print each state change until the task is final")):
+        parser = commands.add_parser(name, help=text)
+        parser.add_argument("task_id")
+        _common(parser, command, timeout_s=0 if name == "watch" else 10.0)
+
+
+def _common(parser, command, timeout_s: float = 10.0) -> None:
+    address_flags(parser, timeout_s)
+    parser.add_argument("--json", action="store_true", help="print the Task messages as JSON")
+    parser.set_defaults(func=command)
+
+
+def _stub(channel):
+    from .._proto.aios.kernel.v1 import kernel_pb2_grpc as kgrpc
+
+    return kgrpc.TaskServiceStub(channel)
+
+
+def describe(task) -> list[str]:
+    """A task as ``task get`` prints it."""
+    now = time.time_ns()
+    request = task.request
+    lines = [f"task {task.task_id}  {enum_name(task, 'state')}  pipeline {request.pipeline}"
+             f"{f'  tenant {request.tenant}' if request.tenant else ''}",
+             f"  started     {when(task.created_unix_ns, now)}; {task.attempts} run{'s' if task.attempts != 1 else ''}"]
+    if request.idempotency_key:
+        lines.append(f"  idempotency key {request.idempotency_key}")
+    if task.review_id:
+        lines.append(f"  review      {task.review_id}")
+    for step in task.history:
+        detail = f"  {step.detail}" if step.detail else ""
+        lines.append(f"    {time.strftime('%H:%M:%S', time.localtime(step.at_unix_ns / 1e9))}  "
+                     f"{_state(step.state):18}{detail}")
+    if task.error:
+        lines.append(f"  error: {task.error}")
+    if task.HasField("decision"):
+        lines.append("  decision:   " + "\n  ".join(decision_lines(task.decision)))
+    return lines
+
+
+def _state(value: int) -> str:
+    from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
+
+    return kpb.TaskState.Name(value)
+
+
+def _final_code(task) -> int:
+    """0 for SUCCEEDED (or a stream that ended before the task was final), 1 for FAILED or CANCELLED."""
+    from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
+
+    return 1 if task.state in (kpb.FAILED, kpb.CANCELLED) else 0
+
+
+def _print(args, task) -> None:
+    if args.json:
+        print_json(task)
+    else:
+        print("\n".join(describe(task)))
+
+
+def cmd_start(args) -> int:
+    import grpc
+
+    from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
+
+    try:
+        request = request_from_flags(args)
+    except ValueError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    with grpc.insecure_channel(args.address) as channel:
+        try:
+            task = _stub(channel).StartTask(kpb.StartTaskRequest(request=request), timeout=args.timeout or None)
+        except grpc.RpcError as exc:
+            return failed(exc)
+        if not args.wait:
+            _print(args, task)
+            return 0
+        if not args.json:
+            print(f"task {task.task_id} started")
+        return _follow(args, channel, task.task_id)
+
+
+def _one(args, call: str) -> int:
+    import grpc
+
+    from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
+
+    with grpc.insecure_channel(args.address) as channel:
+        try:
+            task = getattr(_stub(channel), call)(kpb.TaskRef(task_id=args.task_id), timeout=args.timeout or None)
+        except grpc.RpcError as exc:
+            return failed(exc)
+    _print(args, task)
+    return 0
+
+
+def cmd_get(args) -> int:
+    return _one(args, "GetTask")
+
+
+def cmd_cancel(args) -> int:
+    return _one(args, "CancelTask")
+
+
+def cmd_watch(args) -> int:
+    import grpc
+
+    with grpc.insecure_channel(args.address) as channel:
+        return _follow(args, channel, args.task_id)
+
+
+def _follow(args, channel, task_id: str) -> int:
+    """Print each state of ``task_id`` as WatchTask sends it; the whole task once it is final."""
+    import grpc
+
+    from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
+
+    stream = _stub(channel).WatchTask(kpb.TaskRef(task_id=task_id), timeout=args.timeout or None)
+    last = None
+    try:
+        for task in stream:
+            last = task
+            if args.json:
+                print_json(task)
+            else:
+                step = task.history[-1] if task.history else None
+                detail = f"  {step.detail}" if step is not None and step.detail else ""
+                print(f"{time.strftime('%H:%M:%S')}  {_state(task.state):18}{detail}", flush=True)
+    except KeyboardInterrupt:
+        stream.cancel()
+        print(f"stopped watching; task {task_id} goes on in the kernel", file=sys.stderr)
+        return 130
+    except grpc.RpcError as exc:
+        return failed(exc)
+    if last is None:
+        return 0
+    if not args.json and last.HasField("decision"):
+        print("\n".join(decision_lines(last.decision)))
+    if not args.json and last.error:
+        print(f"error: {last.error}")
+    return _final_code(last)

@@ -1,0 +1,153 @@
+"""``aios-kernel review ...`` and ``aios-kernel task ...`` against a real kernel process serving the claims demo.
+
+The commands run in this process (``kernel.cli.main``) to keep the test
+quick; what they talk to is the real server over gRPC, as from a terminal.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from kernel.cli import main
+from kernel.testing.processes import ServeProcess
+
+ROOT = Path(__file__).resolve().parent.parent
+# A claim the demo policy sends to a person (R04: a large claim) and one it decides alone (R08).
+LARGE_CLAIM = ["--field", "claim_amount=90000", "--field", "customer_tier=gold"]
+SMALL_CLAIM = ["--field", "claim_amount=800", "--field", "customer_tier=gold", "--field", "fraud_score=0.05",
+               "--field", "has_police_report=true", "--field", "policy_age_months=40"]
+
+
+@pytest.fixture(scope="module")
+def kernel(tmp_path_factory):
+    from examples.claims import build_models
+
+    models = tmp_path_factory.mktemp("cli-models")
+    build_models.build(models, models=build_models.MODELS[:1], log=lambda line: None)
+    server = ServeProcess(models, "--pipelines", str(ROOT / "examples" / "claims" / "pipelines"),
+                          data_dir=tmp_path_factory.mktemp("cli-data"))
+    yield server
+    code, err = server.stop()
+    assert code == 0, err
+
+
+@pytest.fixture
+def cli(kernel, capsys):
+    """``cli("review", "list")`` -> (exit code, stdout, stderr), against the test's kernel."""
+
+    def run(*args: str) -> tuple[int, str, str]:
+        code = main([*args, "--address", kernel.address])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
+
+def escalate(cli, *extra: str) -> str:
+    code, out, err = cli("decide", "claims_triage", *LARGE_CLAIM, *extra, "--json")
+    assert code == 0, err
+    decision = json.loads(out)
+    assert decision["outcome"] == "ESCALATED"
+    return decision["review_id"]
+
+
+def test_a_reviewer_lists_shows_claims_and_resolves_a_case(cli):
+    review_id = escalate(cli, "--text", "description=water in the basement", "--tenant", "acme")
+
+    code, out, _ = cli("review", "list", "--tenant", "acme")
+    line = next(line for line in out.splitlines() if line.startswith(review_id))
+    assert code == 0 and "OPEN" in line and "claims_triage" in line and "due in" in line
+    code, out, _ = cli("review", "list", "--tenant", "acme", "--state", "resolved")
+    assert code == 0 and review_id not in out and out.startswith("0 reviews")
+
+    code, out, _ = cli("review", "show", review_id)
+    assert code == 0
+    assert "claim_amount = 90000" in out and '"water in the basement"' in out  # the case as the pipeline saw it
+    assert "rule R04" in out and "actions:    approve, deny, request_info" in out
+
+    code, _, err = cli("review", "resolve", review_id, "--reviewer", "bob", "--action", "deny")
+    assert code == 1 and err.startswith("FAILED_PRECONDITION:") and "ClaimReview" in err  # not claimed yet
+    code, out, _ = cli("review", "claim", review_id, "--reviewer", "alice", "--lease", "60")
+    assert code == 0 and "CLAIMED" in out.splitlines()[0] and "claimed by  alice until" in out
+    code, _, err = cli("review", "claim", review_id, "--reviewer", "bob")
+    assert code == 1 and "claimed by alice" in err
+    code, _, err = cli("review", "resolve", review_id, "--reviewer", "alice", "--action", "shrug")
+    assert code == 1 and err.startswith("INVALID_ARGUMENT:") and "allowed: approve, deny, request_info" in err
+    code, out, _ = cli("review", "resolve", review_id, "--reviewer", "alice", "--action", "deny",
+                       "--comment", "no photos of the damage")
+    assert code == 0 and "RESOLVED" in out.splitlines()[0]
+    assert "resolved:   deny by alice" in out and "comment: no photos of the damage" in out and "recorded as audit #" in out
+
+    code, out, _ = cli("review", "list", "--tenant", "acme", "--state", "all", "--json")
+    (stored,) = [json.loads(line) for line in out.splitlines()]
+    assert (stored["review_id"], stored["state"], stored["resolved_action"]) == (review_id, "RESOLVED", "deny")
+    code, _, err = cli("review", "show", "no-such-review")
+    assert code == 1 and err.startswith("NOT_FOUND:")
+
+
+def test_review_list_pages_up_to_its_limit_and_says_more_match(cli):
+    ids = [escalate(cli, "--tenant", "paging") for _ in range(3)]
+    code, out, _ = cli("review", "list", "--tenant", "paging", "--limit", "2")
+    shown = [line.split()[0] for line in out.splitlines()[1:-1]]
+    assert code == 0 and shown == ids[:2]  # oldest first
+    assert out.splitlines()[-1].startswith("2 reviews (2 open) shown; more match")
+    code, out, _ = cli("review", "list", "--tenant", "paging", "--limit", "0")
+    assert [line.split()[0] for line in out.splitlines()[1:-1]] == ids and "more match" not in out
+    assert cli("review", "list", "--limit", "-1")[0] == 2
+
+
+def test_review_watch_prints_waiting_cases_and_stops_at_its_count(cli):
+    review_id = escalate(cli, "--tenant", "watch")
+    code, out, _ = cli("review", "watch", "--tenant", "watch", "--include-open", "--count", "1", "--json",
+                       "--timeout", "20")
+    assert code == 0 and json.loads(out)["review_id"] == review_id
+
+
+def test_a_task_waits_for_its_review_and_ends_with_the_reviewers_action(cli):
+    code, out, err = cli("task", "start", "claims_triage", *SMALL_CLAIM, "--wait")
+    assert code == 0, err
+    assert "SUCCEEDED" in out and "fast_track  (AUTOMATED" in out  # followed to the end, decision printed
+
+    code, out, _ = cli("task", "start", "claims_triage", *LARGE_CLAIM, "--tenant", "tasks",
+                       "--idempotency-key", "claim-7781", "--json")
+    task = json.loads(out)
+    assert code == 0 and task["request"]["idempotency_key"] == "claim-7781"
+    code, out, _ = cli("task", "start", "claims_triage", *LARGE_CLAIM, "--tenant", "tasks",
+                       "--idempotency-key", "claim-7781", "--json")
+    assert json.loads(out)["task_id"] == task["task_id"]  # the same key and request: the same task
+
+    code, out, _ = cli("review", "watch", "--tenant", "tasks", "--include-open", "--count", "1", "--json",
+                       "--timeout", "20")
+    review = json.loads(out)
+    assert review["task_id"] == task["task_id"]
+    code, out, _ = cli("task", "get", task["task_id"])
+    assert code == 0 and "WAITING_FOR_REVIEW" in out.splitlines()[0] and f"review      {review['review_id']}" in out
+
+    assert cli("review", "claim", review["review_id"], "--reviewer", "carol")[0] == 0
+    assert cli("review", "resolve", review["review_id"], "--reviewer", "carol", "--action", "approve")[0] == 0
+    code, out, _ = cli("task", "watch", task["task_id"], "--timeout", "20")
+    assert code == 0 and "SUCCEEDED" in out and "approve  (REVIEWED" in out and "decided by carol" in out
+
+    code, _, err = cli("task", "cancel", task["task_id"])
+    assert code == 1 and err.startswith("FAILED_PRECONDITION:") and "already SUCCEEDED" in err
+
+
+def test_task_commands_name_what_is_wrong(cli):
+    code, _, err = cli("task", "start", "claims_triage", "--field", "claim_amount")
+    assert code == 2 and "--field 'claim_amount': expected NAME=VALUE" in err
+    code, _, err = cli("task", "start", "no_such_pipeline")
+    assert code == 1 and err.startswith("NOT_FOUND:")
+    code, _, err = cli("task", "get", "no-such-task")
+    assert code == 1 and err.startswith("NOT_FOUND:")
+
+
+def test_a_cancelled_task_watch_exits_1(cli):
+    code, out, _ = cli("task", "start", "claims_triage", *LARGE_CLAIM, "--tenant", "cancel", "--json")
+    task_id = json.loads(out)["task_id"]
+    code, out, _ = cli("task", "cancel", task_id)
+    assert code == 0 and "CANCELLED" in out.splitlines()[0]
+    code, out, _ = cli("task", "watch", task_id, "--timeout", "20")
+    assert code == 1 and "CANCELLED" in out
