@@ -1,4 +1,4 @@
-"""``aios-kernel``: serve, demo, models, infer, decide, review, task, audit, policy.
+"""``aios-kernel``: serve, demo, models, infer, decide, review, task, pipelines, audit, policy.
 
 Each subcommand is a small function taking the parsed arguments and
 returning an exit code; the larger families live beside what they drive
@@ -16,7 +16,7 @@ import sys
 import threading
 from pathlib import Path
 
-from . import __version__, grpc_io
+from . import __version__, grpc_io, pipelines_cli
 from .cli_support import address_flags, decision_lines, failed, print_json, request_flags, request_from_flags
 from .config import SettingsError, load_settings
 from .errors import KernelError
@@ -260,6 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     review_cli.add_parser(sub)
     task_cli.add_parser(sub)
+    pipelines_cli.add_parser(sub)
 
     # audit verify|export: every word after "audit" goes to kernel.audit.cli, imported only when used.
     audit = sub.add_parser("audit", help="verify or export an audit log directory (audit --help for more)",

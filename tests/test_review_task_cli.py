@@ -1,4 +1,4 @@
-"""``aios-kernel review ...`` and ``aios-kernel task ...`` against a real kernel process serving the claims demo.
+"""``aios-kernel review|task|pipelines ...`` against a real kernel process serving the claims demo.
 
 The commands run in this process (``kernel.cli.main``) to keep the test
 quick; what they talk to is the real server over gRPC, as from a terminal.
@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from claims_support import copy_pipelines
 from kernel.cli import main
 from kernel.testing.processes import ServeProcess
 
@@ -27,8 +28,8 @@ def kernel(tmp_path_factory):
 
     models = tmp_path_factory.mktemp("cli-models")
     build_models.build(models, models=build_models.MODELS[:1], log=lambda line: None)
-    server = ServeProcess(models, "--pipelines", str(ROOT / "examples" / "claims" / "pipelines"),
-                          data_dir=tmp_path_factory.mktemp("cli-data"))
+    pipelines = copy_pipelines(tmp_path_factory.mktemp("cli-pipelines"))  # uploads write into it
+    server = ServeProcess(models, "--pipelines", str(pipelines), data_dir=tmp_path_factory.mktemp("cli-data"))
     yield server
     code, err = server.stop()
     assert code == 0, err
@@ -151,3 +152,31 @@ def test_a_cancelled_task_watch_exits_1(cli):
     assert code == 0 and "CANCELLED" in out.splitlines()[0]
     code, out, _ = cli("task", "watch", task_id, "--timeout", "20")
     assert code == 1 and "CANCELLED" in out
+
+
+def test_pipelines_list_and_an_upload_refused_then_accepted(cli, tmp_path):
+    code, out, _ = cli("pipelines", "list")
+    (line,) = [line for line in out.splitlines() if line.startswith("claims_triage ")]
+    assert code == 0 and "model claims_triage" in line and out.splitlines()[-1] == "1 pipeline serving"
+    running_hash = line.split()[2]
+
+    original = (ROOT / "examples" / "claims" / "pipelines" / "claims_triage.toml").read_text(encoding="utf-8")
+    assert "min_confidence = 0.6" in original, "the demo pipeline changed; update this test's edit"
+    broken = tmp_path / "claims_triage.toml"
+    broken.write_text(original.replace("min_confidence = 0.6", 'min_confidence = "high"'), encoding="utf-8")
+    code, _, err = cli("pipelines", "upload", str(broken))
+    assert code == 1 and err.startswith("INVALID_ARGUMENT: refused, the running version keeps serving")
+    assert f"{broken}:" in err and "[escalation].min_confidence" in err  # names the user's file, line and field
+    assert running_hash in cli("pipelines", "list")[1]  # still serving what it served
+
+    changed = tmp_path / "changed.toml"
+    changed.write_text(original.replace("min_confidence = 0.6", "min_confidence = 0.85"), encoding="utf-8")
+    code, out, _ = cli("pipelines", "upload", str(changed), "--json")
+    info = json.loads(out)
+    assert code == 0 and info["name"] == "claims_triage" and info["hash"][:12] != running_hash
+    assert info["hash"][:12] in cli("pipelines", "list")[1]
+    code, _, err = cli("pipelines", "upload", str(tmp_path / "missing.toml"))
+    assert code == 2 and "cannot read" in err and "missing.toml" in err
+    restore = tmp_path / "original.toml"  # the module's other tests decide with the demo's threshold
+    restore.write_text(original, encoding="utf-8")
+    assert cli("pipelines", "upload", str(restore))[0] == 0

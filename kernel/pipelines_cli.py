@@ -1,0 +1,94 @@
+"""``aios-kernel pipelines list|upload``: what a running kernel decides with, and changing it safely.
+
+::
+
+    aios-kernel pipelines list                 # each pipeline's version and hashes, and every file it refused, with why
+    aios-kernel pipelines upload examples/claims/pipelines/claims_triage.toml [--policy policy.toml]
+
+An upload is validated whole (the pipeline, the policy, the model it names)
+before anything changes; a refused one answers INVALID_ARGUMENT naming line
+and field, exit code 1, and the running version keeps serving.
+
+(Not under ``kernel/pipelines/``: importing that package loads the decision
+flow and numpy, half a second that every ``aios-kernel`` command would pay.)
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from .cli_support import address_flags, failed, print_json
+
+
+def add_parser(sub) -> None:
+    pipelines = sub.add_parser("pipelines", help="list a running kernel's pipelines, or upload one")
+    commands = pipelines.add_subparsers(dest="pipelines_command", required=True)
+    listing = commands.add_parser("list", help="pipelines serving, with versions and hashes, and files refused")
+    address_flags(listing)
+    listing.add_argument("--json", action="store_true", help="print the ListPipelinesResponse as JSON")
+    listing.set_defaults(func=cmd_list)
+    upload = commands.add_parser("upload", help="validate and activate a pipeline file (and its policy)")
+    upload.add_argument("file", help="the pipeline's TOML file")
+    upload.add_argument("--policy", help="the policy file it names (default: keep the kernel's copy)")
+    address_flags(upload)
+    upload.add_argument("--json", action="store_true", help="print the PipelineInfo as JSON")
+    upload.set_defaults(func=cmd_upload)
+
+
+def _stub(channel):
+    from ._proto.aios.kernel.v1 import kernel_pb2_grpc as kgrpc
+
+    return kgrpc.AdminServiceStub(channel)
+
+
+def describe(info) -> str:
+    return (f"{info.name:20} {info.version[:16]:16} {info.hash[:12]:12}  model {info.model:22} "
+            f"policy {info.policy_name} {info.policy_version} ({info.policy_hash[:12]}), {len(info.fields)} fields")
+
+
+def cmd_list(args) -> int:
+    import grpc
+
+    from ._proto.aios.kernel.v1 import kernel_pb2 as kpb
+
+    with grpc.insecure_channel(args.address) as channel:
+        try:
+            response = _stub(channel).ListPipelines(kpb.ListPipelinesRequest(), timeout=args.timeout)
+        except grpc.RpcError as exc:
+            return failed(exc)
+    if args.json:
+        print_json(response)
+        return 0
+    for info in sorted(response.pipelines, key=lambda p: p.name):
+        print(describe(info))
+    for file, why in sorted(response.refused.items()):
+        print(f"refused {file}: {why}")
+    print(f"{len(response.pipelines)} pipeline{'s' if len(response.pipelines) != 1 else ''} serving"
+          f"{f', {len(response.refused)} file(s) refused (the versions before them keep serving)' if response.refused else ''}")
+    return 0
+
+
+def cmd_upload(args) -> int:
+    import grpc
+
+    from ._proto.aios.kernel.v1 import kernel_pb2 as kpb
+
+    try:
+        request = kpb.UploadPipelineRequest(pipeline_toml=Path(args.file).read_bytes(),
+                                            policy_toml=Path(args.policy).read_bytes() if args.policy else b"")
+    except OSError as exc:
+        print(f"cannot read {exc.filename}: {exc.strerror}", file=sys.stderr)
+        return 2
+    with grpc.insecure_channel(args.address) as channel:
+        try:
+            info = _stub(channel).UploadPipeline(request, timeout=args.timeout)
+        except grpc.RpcError as exc:
+            # The kernel got bytes, not a file: it names the pipeline "<upload>"; name the file the user gave.
+            print(f"{exc.code().name}: {exc.details().replace('<upload>', args.file)}", file=sys.stderr)
+            return 1
+    if args.json:
+        print_json(info)
+    else:
+        print(f"serving: {describe(info)}")
+    return 0
