@@ -156,6 +156,28 @@ def cmd_models_list(args) -> int:
     return status
 
 
+def cmd_models_change(args) -> int:
+    """``models load|unload NAME``: Triton's repository API (RepositoryModelLoad/Unload) from the command line."""
+    import grpc
+
+    from ._proto.inference import grpc_service_pb2 as pb
+    from .oip_client import OipClient
+
+    with OipClient(args.address, timeout=args.timeout) as client:
+        try:
+            if args.verb == "load":
+                client.stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name=args.model), timeout=args.timeout)
+            else:
+                client.stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name=args.model),
+                                                  timeout=args.timeout)
+            states = [e for e in client.repository_index().models if e.name == args.model]
+        except grpc.RpcError as exc:
+            return failed(exc)
+    for entry in states:
+        print(f"{entry.name:28} {entry.version or '-':8} {entry.state:12} {entry.reason}")
+    return 0
+
+
 def cmd_infer(args) -> int:
     import grpc
     import numpy as np
@@ -244,6 +266,12 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--models", default="models", help="repository folder (default ./models)")
     listing.add_argument("--address", help="ask a running kernel at HOST:PORT instead of reading the folder")
     listing.set_defaults(func=cmd_models_list)
+    for verb, text in (("load", "load (or reload from disk) a model of the running kernel's repository"),
+                       ("unload", "unload a model from the running kernel (calls in flight finish first)")):
+        command = models_sub.add_parser(verb, help=text)
+        command.add_argument("model")
+        address_flags(command, timeout_s=120.0 if verb == "load" else 30.0)
+        command.set_defaults(func=cmd_models_change, verb=verb)
 
     infer = sub.add_parser("infer", help="send one inference request to a running kernel")
     infer.add_argument("model")

@@ -188,6 +188,14 @@ def test_models_list_and_infer_against_a_running_kernel(model_repo):
         np.testing.assert_allclose(got, session.run(None, {"INPUT0": x})[0], rtol=1e-6)
         bad = run_cli("infer", "tiny", "--address", server.address, "--input", "[[1, 2]]", timeout=60)
         assert bad.returncode == 1 and "INVALID_ARGUMENT" in bad.stderr and "'INPUT0'" in bad.stderr
+        unloaded = run_cli("models", "unload", "tiny", "--address", server.address, timeout=60)
+        assert unloaded.returncode == 0 and "UNAVAILABLE" in unloaded.stdout, unloaded.stderr
+        gone = run_cli("infer", "tiny", "--address", server.address, "--input", json.dumps(x.tolist()), timeout=60)
+        assert gone.returncode == 1 and gone.stderr.startswith("NOT_FOUND:"), gone.stderr
+        loaded = run_cli("models", "load", "tiny", "--address", server.address, timeout=60)
+        assert loaded.returncode == 0 and "READY" in loaded.stdout, loaded.stderr
+        missing = run_cli("models", "load", "nope", "--address", server.address, timeout=60)
+        assert missing.returncode == 1 and missing.stderr.startswith("NOT_FOUND:"), missing.stderr
     finally:
         code, err = server.stop()
     assert code == 0, err
