@@ -182,6 +182,21 @@ def test_bad_fields_are_named(decisions, fields, code, needle):
     assert info.value.code() == code and needle in info.value.details()
 
 
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        # A typed field sent as text used to be digested and ignored: the model saw the field's default.
+        ({"claim_amount": "800"}, "text_fields['claim_amount']: 'claim_amount' is a typed field of pipeline"),
+        ({"shoe_size": "42"}, "text_fields['shoe_size'] is not a text field of pipeline 'claims_triage' "
+                              "(text fields: description, notes)"),
+    ],
+)
+def test_text_fields_the_pipeline_does_not_take_are_named(decisions, text, needle):
+    with pytest.raises(grpc.RpcError) as info:
+        decisions.Decide(make_request("claims_triage", {"claim_amount": 800.0}, text), timeout=10)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and needle in info.value.details()
+
+
 def test_unknown_pipeline_is_not_found(decisions):
     with pytest.raises(grpc.RpcError) as info:
         decisions.Decide(make_request("claims_tirage", {}), timeout=10)

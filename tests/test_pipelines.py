@@ -83,6 +83,10 @@ def _refused(text: str, folder: Path) -> str:
         ('output = "probabilities"', 'output = 3', "[model].output"),
         ('priority = 0', 'priorty = 0', "[model].priorty"),
         ('fallback_action = "review"', 'fallback_action = "explode"', "[model].fallback_action"),
+        ('text_fields = ["description", "notes"]', 'text_fields = ["description", "claim_amount"]',
+         "[pipeline].text_fields"),
+        ('text_fields = ["description", "notes"]', 'text_fields = ["notes", "notes"]', "[pipeline].text_fields"),
+        ('text_fields = ["description", "notes"]', 'text_fields = "notes"', "[pipeline].text_fields"),
     ],
 )
 def test_each_error_names_file_line_and_field(folder, old, new, field):
@@ -204,3 +208,15 @@ def test_a_named_pipeline_folder_that_does_not_exist_is_warned_about(model_repo,
     expected = {"named-missing": [("WARNING", message.format(pipelines))], "named-present": [],
                 "default-missing": [("INFO", message.format("pipelines"))]}
     assert said == expected[folder_state]
+
+
+def test_without_declared_text_fields_any_name_but_a_typed_fields_is_taken(folder):
+    from kernel.errors import InvalidArgument
+
+    text = _text()
+    assert 'text_fields = ["description", "notes"]' in text
+    pipeline = parse_pipeline(text.replace('text_fields = ["description", "notes"]', "").encode(), "p.toml",
+                              lambda name: load_policy(folder / name))
+    pipeline.check_text(["adjuster_remarks", "description"])
+    with pytest.raises(InvalidArgument, match="'fraud_score' is a typed field"):
+        pipeline.check_text(["fraud_score"])

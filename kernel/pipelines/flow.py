@@ -115,7 +115,10 @@ class DecisionEngine:
             replay = self._replayed(request, request_hash)
             if replay is not None:
                 return replay
-        digests = provenance.text_digests(request.text_fields) if request.text_fields else {}
+        digests = {}
+        if request.text_fields:
+            pipeline.check_text(request.text_fields)
+            digests = provenance.text_digests(request.text_fields)
         # Validated values, the model row and the input hash in one pass (compiled: over the wire bytes).
         values, row, input_hash = pipeline.codec.read_encode_hash(request, digests)
         mv = self.inference.resolve(pipeline.model, pipeline.model_version)

@@ -3,12 +3,15 @@
 One TOML file per pipeline, content-hashed (the hash is the pipeline's
 version in every decision's provenance); the policy it names is a file of
 its own with its own hash. Every error names file, line and field and
-nothing is half-loaded. Format (see ``examples/claims/pipeline.toml``)::
+nothing is half-loaded. Format (see ``examples/claims/pipelines/claims_triage.toml``)::
 
     [pipeline]
     name = "claims_triage"            # what DecisionRequest.pipeline names
     version = "2026-11-25.1"          # the author's label; the content hash is the real version
     description = "..."
+    text_fields = ["description"]     # optional: the free-text fields a request may carry (digested into
+                                      # the audit record, never sent to a model); without it any name that
+                                      # is not a [[field]] is taken
 
     [model]
     name = "claims_triage"            # a model in the repository
@@ -93,14 +96,30 @@ class Pipeline:
     policy: object  # kernel.policy.Policy
     escalation: Escalation
     codec: RowCodec  # the fields compiled for the request path (or its compiled twin, kernel._ext.rowcodec)
+    # [pipeline].text_fields: the free-text fields a request may carry; None = not declared (any name
+    # that is not a typed field's). Names are checked only when a request has text fields at all.
+    text_fields: frozenset[str] | None = None
+    typed_names: frozenset[str] = frozenset()
 
     @property
     def actions(self) -> tuple[str, ...]:
         return self.escalation.review_actions
 
+    def check_text(self, names) -> None:
+        """INVALID_ARGUMENT for a text field the pipeline does not take: a typed field's name (its text
+        would be ignored and the field's default decided on), or one outside declared ``text_fields``."""
+        for name in names:
+            if name in self.typed_names:
+                raise InvalidArgument(f"text_fields['{name}']: '{name}' is a typed field of pipeline '{self.name}'; "
+                                      "send it in fields")
+            if self.text_fields is not None and name not in self.text_fields:
+                allowed = ", ".join(sorted(self.text_fields)) or "none"
+                raise InvalidArgument(f"text_fields['{name}'] is not a text field of pipeline '{self.name}' "
+                                      f"(text fields: {allowed})")
+
 
 _SECTIONS = {
-    "pipeline": {"name", "version", "description"},
+    "pipeline": {"name", "version", "description", "text_fields"},
     "model": {"name", "version", "input", "output", "priority", "timeout_ms", "fallback_action"},
     "policy": {"file"},
     "escalation": {"min_confidence", "review_sla_s", "review_actions"},
@@ -189,6 +208,7 @@ def parse_pipeline(data: bytes, path: str, load_policy) -> Pipeline:
     if not name or not name.replace("_", "").replace("-", "").isalnum():
         raise r.fail("pipeline", "name", "must be letters, digits, '_' or '-'")
     fields = _fields(r, doc.get("field"))
+    text_fields = _text_fields(r, head, fields)
     policy_file = r.get(policy_table, "policy", "file", str, required=True)
     try:
         policy = load_policy(policy_file)
@@ -224,7 +244,24 @@ def parse_pipeline(data: bytes, path: str, load_policy) -> Pipeline:
         policy=policy,
         escalation=escalation,
         codec=_row_codecs.RowCodec(name, fields, sum(f.width for f in fields)),
+        text_fields=text_fields,
+        typed_names=frozenset(f.name for f in fields),
     )
+
+
+def _text_fields(r: _Reader, head: dict, fields) -> frozenset[str] | None:
+    if "text_fields" not in head:
+        return None
+    names = r.get(head, "pipeline", "text_fields", list, [])
+    typed = {f.name for f in fields}
+    for name in names:
+        if not isinstance(name, str) or not name:
+            raise r.fail("pipeline", "text_fields", f"must be a list of field names, got {name!r}")
+        if name in typed:
+            raise r.fail("pipeline", "text_fields", f"'{name}' is also a [[field]]: a field is typed or free text")
+    if len(set(names)) != len(names):
+        raise r.fail("pipeline", "text_fields", "lists a name twice")
+    return frozenset(names)
 
 
 def _line_from_message(message: str) -> int:
