@@ -93,10 +93,10 @@ def test_a_lease_keeps_other_reviewers_out_until_it_expires(queue, clock):
 def test_resolve_only_by_the_lease_holder_with_an_allowed_action(queue, clock):
     review = escalate(queue)
     rid = review.review_id
-    with pytest.raises(FailedPrecondition, match="is not claimed; claim it"):
+    with pytest.raises(FailedPrecondition, match="is not claimed by alice; claim it"):
         queue.resolve(rid, "alice", "deny")
     queue.claim(rid, "alice", 30)
-    with pytest.raises(FailedPrecondition, match="is claimed by alice"):
+    with pytest.raises(FailedPrecondition, match="is claimed by alice until .*; only alice can resolve it until then"):
         queue.resolve(rid, "bob", "deny")
     with pytest.raises(InvalidArgument, match="action 'escalate' is not allowed .* allowed: approve, deny"):
         queue.resolve(rid, "alice", "escalate")

@@ -294,8 +294,13 @@ class ReviewQueue:
                     f"action '{action}' is not allowed for review '{review_id}'; allowed: {', '.join(review.actions)}"
                 )
             if review.claimed_by != reviewer:
-                who = f"claimed by {review.claimed_by}" if review.lease_expires_unix_ns > now else "not claimed"
-                raise FailedPrecondition(f"review '{review_id}' is {who}; claim it (ClaimReview) before resolving it")
+                if review.claimed_by and review.lease_expires_unix_ns > now:  # someone else's live lease
+                    raise FailedPrecondition(
+                        f"review '{review_id}' is claimed by {review.claimed_by} until "
+                        f"{_iso(review.lease_expires_unix_ns)}; only {review.claimed_by} can resolve it until then"
+                    )
+                raise FailedPrecondition(f"review '{review_id}' is not claimed by {reviewer}; claim it (ClaimReview) "
+                                         "before resolving it")
             if review.lease_expires_unix_ns <= now:
                 raise FailedPrecondition(
                     f"the lease of {reviewer} on review '{review_id}' expired at "
