@@ -17,7 +17,8 @@ import threading
 from pathlib import Path
 
 from . import __version__, grpc_io, pipelines_cli
-from .cli_support import address_flags, decision_lines, failed, print_json, request_flags, request_from_flags
+from .cli_support import (address, address_flags, decision_lines, failed, nonempty, print_json, request_flags,
+                          request_from_flags, seconds)
 from .config import SettingsError, load_settings
 from .errors import KernelError
 from .observability import setup_logging
@@ -115,13 +116,23 @@ def cmd_serve(args) -> int:
     return _wait_for_signal(server, f"AIOS kernel ready on {settings.host}:{server.port}")
 
 
+def _print_index(entries) -> None:
+    print(f"{'model':28} {'version':8} {'state':12} reason")
+    for entry in entries:
+        print(f"{entry.name:28} {entry.version or '-':8} {entry.state:12} {entry.reason}")
+
+
 def cmd_models_list(args) -> int:
     if args.address:
+        import grpc
+
         from .oip_client import OipClient
 
-        with OipClient(args.address) as client:
-            for entry in client.repository_index().models:
-                print(f"{entry.name:28} {entry.version or '-':8} {entry.state:12} {entry.reason}")
+        with OipClient(args.address, timeout=args.timeout) as client:
+            try:
+                _print_index(client.repository_index().models)
+            except grpc.RpcError as exc:
+                return failed(exc)
         return 0
     from .models import ModelConfigError
     from .models import config as model_config
@@ -173,8 +184,7 @@ def cmd_models_change(args) -> int:
             states = [e for e in client.repository_index().models if e.name == args.model]
         except grpc.RpcError as exc:
             return failed(exc)
-    for entry in states:
-        print(f"{entry.name:28} {entry.version or '-':8} {entry.state:12} {entry.reason}")
+    _print_index(states)
     return 0
 
 
@@ -204,12 +214,25 @@ def cmd_infer(args) -> int:
                 if name not in types:
                     print(f"model {args.model} has no input {name!r}; inputs: {sorted(types)}", file=sys.stderr)
                     return 2
-                arrays[name] = np.array(value, dtype=types[name].numpy)
+                try:
+                    arrays[name] = np.array(value, dtype=types[name].numpy)
+                except (TypeError, ValueError) as exc:  # ragged rows, text in a number tensor, ...
+                    print(f"--input {name}: not a {types[name].name} array: {exc}", file=sys.stderr)
+                    return 2
             outputs = client.infer(args.model, arrays, args.version)
         except grpc.RpcError as exc:
             return failed(exc)
-    print(json.dumps({name: value.tolist() for name, value in outputs.items()}))
+    print(json.dumps({name: _json_safe(value.tolist()) for name, value in outputs.items()}))
     return 0
+
+
+def _json_safe(value):
+    """NaN and infinities as the strings numpy prints for them: JSON has no such numbers."""
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, float) and (value != value or value in (float("inf"), float("-inf"))):
+        return str(value).replace("inf", "Infinity").replace("nan", "NaN")
+    return value
 
 
 def cmd_decide(args) -> int:
@@ -248,9 +271,12 @@ def cmd_demo(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aios-kernel", description="AIOS Kernel: gRPC inference and decisions")
     parser.add_argument("--version", action="version", version=f"aios-kernel {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    serve = sub.add_parser("serve", help="serve the model repository over gRPC until SIGTERM")
+    serve = sub.add_parser("serve", help="serve the model repository over gRPC until SIGTERM",
+                           description="Serve the model repository and pipelines over gRPC until Ctrl-C, SIGTERM or "
+                                       "SIGHUP, which drain calls in flight first. Settings: --config kernel.toml, "
+                                       "AIOS_* variables, then these flags (README, Settings).")
     _server_flags(serve)
     serve.set_defaults(func=cmd_serve)
 
@@ -261,20 +287,21 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
 
     models = sub.add_parser("models", help="inspect a model repository")
-    models_sub = models.add_subparsers(dest="models_command", required=True)
+    models_sub = models.add_subparsers(dest="models_command", required=True, metavar="COMMAND")
     listing = models_sub.add_parser("list", help="list models, versions and tensors")
     listing.add_argument("--models", default="models", help="repository folder (default ./models)")
-    listing.add_argument("--address", help="ask a running kernel at HOST:PORT instead of reading the folder")
+    listing.add_argument("--address", type=address, help="ask a running kernel at HOST:PORT instead of reading the folder")
+    listing.add_argument("--timeout", type=seconds, default=10.0, help="seconds the call may take (default 10)")
     listing.set_defaults(func=cmd_models_list)
     for verb, text in (("load", "load (or reload from disk) a model of the running kernel's repository"),
                        ("unload", "unload a model from the running kernel (calls in flight finish first)")):
         command = models_sub.add_parser(verb, help=text)
-        command.add_argument("model")
+        command.add_argument("model", type=nonempty, help="a model folder's name in the kernel's repository")
         address_flags(command, timeout_s=120.0 if verb == "load" else 30.0)
         command.set_defaults(func=cmd_models_change, verb=verb)
 
     infer = sub.add_parser("infer", help="send one inference request to a running kernel")
-    infer.add_argument("model")
+    infer.add_argument("model", type=nonempty, help="a loaded model's name (aios-kernel models list --address ...)")
     infer.add_argument("--input", required=True, help='JSON: {"INPUT": [[...]]}, or a bare array for a one-input model')
     infer.add_argument("--version", default="", help="model version (default: latest)")
     address_flags(infer)
@@ -291,18 +318,20 @@ def build_parser() -> argparse.ArgumentParser:
     pipelines_cli.add_parser(sub)
 
     # audit verify|export: every word after "audit" goes to kernel.audit.cli, imported only when used.
-    audit = sub.add_parser("audit", help="verify or export an audit log directory (audit --help for more)",
+    audit = sub.add_parser("audit", help="verify, export or replay an audit log directory (audit --help for more)",
                            add_help=False, prefix_chars="\0")
     audit.add_argument("audit_args", nargs=argparse.REMAINDER)
     audit.set_defaults(func=cmd_audit)
 
     policy = sub.add_parser("policy", help="check a policy file, or test it against sample cases")
-    policy_sub = policy.add_subparsers(dest="policy_command", required=True)
-    check = policy_sub.add_parser("check", help="validate a policy file (exit 1 with FILE:LINE errors)")
-    check.add_argument("file")
+    policy_sub = policy.add_subparsers(dest="policy_command", required=True, metavar="COMMAND")
+    check = policy_sub.add_parser("check", help="validate a policy file (exit 1 with FILE:LINE errors)",
+                                  description="Parse, check and compile a policy file as the kernel would: its "
+                                              "summary, or every problem with FILE:LINE (exit 1).")
+    check.add_argument("file", help="the policy's TOML file")
     check.set_defaults(func=cmd_policy_check)
     test = policy_sub.add_parser("test", help="run JSON-lines cases: mismatches and rule coverage")
-    test.add_argument("file")
+    test.add_argument("file", help="the policy's TOML file")
     test.add_argument("--cases", required=True, help="JSON lines: {\"row\": {...}, \"expect\": {\"action\": ...}}")
     test.set_defaults(func=cmd_policy_test)
     return parser
@@ -333,3 +362,6 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"aios-kernel: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C on a client command (serve handles its own signals and drains)
+        print("interrupted", file=sys.stderr)
+        return 130

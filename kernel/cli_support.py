@@ -17,21 +17,68 @@ import time
 DEFAULT_ADDRESS = "127.0.0.1:8001"
 
 
+def address(text: str) -> str:
+    """``--address``: HOST:PORT (a name, IPv4, or [IPv6]) or unix:PATH, checked before gRPC tries to resolve it
+    (gRPC turns a mistyped address into DNS errors, C++ log lines, or a silently different port)."""
+    if text.startswith(("unix:", "unix-abstract:")):
+        return text
+    host, sep, port = text.rpartition(":")
+    if "://" in text or not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT (for example 127.0.0.1:8001)")
+    return text
+
+
+def seconds(text: str, allow_zero: bool = False) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not (value >= 0 if allow_zero else value > 0) or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: must be {'0 (no limit) or more' if allow_zero else 'more than 0'}")
+    return value
+
+
+def count(text: str) -> int:
+    """A count where 0 means no limit."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be 0 (no limit) or more")
+    return value
+
+
+def nonempty(text: str) -> str:
+    """An id or name the kernel is asked about: not empty."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
 def address_flags(parser: argparse.ArgumentParser, timeout_s: float = 10.0) -> None:
-    parser.add_argument("--address", default=DEFAULT_ADDRESS, help=f"kernel address (default {DEFAULT_ADDRESS})")
-    parser.add_argument("--timeout", type=float, default=timeout_s, help=f"seconds a call may take (default {timeout_s:g})")
+    """``--address`` and ``--timeout``; ``timeout_s`` 0: a watch, which runs until stopped unless given one."""
+    parser.add_argument("--address", type=address, default=DEFAULT_ADDRESS,
+                        help=f"kernel address, HOST:PORT (default {DEFAULT_ADDRESS})")
+    if timeout_s:
+        parser.add_argument("--timeout", type=seconds, default=timeout_s,
+                            help=f"seconds the call may take (default {timeout_s:g})")
+    else:
+        parser.add_argument("--timeout", type=lambda text: seconds(text, allow_zero=True), default=0.0,
+                            help="stop watching after this many seconds (default 0: until Ctrl-C)")
 
 
 def request_flags(parser: argparse.ArgumentParser) -> None:
     """The flags of one DecisionRequest (``decide`` and ``task start``)."""
-    parser.add_argument("pipeline")
+    parser.add_argument("pipeline", type=nonempty, help="the pipeline to decide with (aios-kernel pipelines list)")
     parser.add_argument("--field", action="append", default=[], metavar="NAME=VALUE",
                         help="a request field; VALUE is read as JSON when it is a JSON scalar (12, 0.5, true, \"12\")")
     parser.add_argument("--text", action="append", default=[], metavar="NAME=TEXT", help="a free-text field")
-    parser.add_argument("--tenant", default="")
+    parser.add_argument("--tenant", default="", help="whose request this is (reviews and audit records carry it)")
     parser.add_argument("--idempotency-key", dest="idempotency_key", default="",
                         help="the same key and request again returns the first answer instead of deciding twice")
-    parser.add_argument("--request-id", dest="request_id", default="")
+    parser.add_argument("--request-id", dest="request_id", default="",
+                        help="your id for the request (default: the kernel makes one)")
 
 
 def request_from_flags(args):
@@ -41,10 +88,12 @@ def request_from_flags(args):
     fields, text = {}, {}
     for target, pairs, flag in ((fields, args.field, "--field"), (text, args.text, "--text")):
         for pair in pairs:
-            name, sep, value = pair.partition("=")
-            if not sep or not name:
+            key, sep, value = pair.partition("=")
+            if not sep or not key:
                 raise ValueError(f"{flag} {pair!r}: expected NAME=VALUE")
-            target[name] = parse_cli_value(value) if target is fields else value
+            if key in fields or key in text:
+                raise ValueError(f"{flag} {pair!r}: {key} is given twice")
+            target[key] = parse_cli_value(value) if target is fields else value
     options = {"tenant": args.tenant, "idempotency_key": args.idempotency_key, "request_id": args.request_id}
     return make_request(args.pipeline, fields, text, **{k: v for k, v in options.items() if v})
 
@@ -56,9 +105,19 @@ def failed(exc) -> int:
 
 
 def print_json(message) -> None:
+    """One message, indented (``--json`` of a command that answers with one)."""
     from google.protobuf import json_format
 
     print(json_format.MessageToJson(message, preserving_proto_field_name=True))
+
+
+def json_line(message) -> str:
+    """One message on one line (``--json`` of a list or a stream: JSON lines)."""
+    import json
+
+    from google.protobuf import json_format
+
+    return json.dumps(json_format.MessageToDict(message, preserving_proto_field_name=True), separators=(",", ":"))
 
 
 def enum_name(message, field: str) -> str:
@@ -70,7 +129,8 @@ def decision_lines(decision) -> list[str]:
     """A Decision as a person reads it: action and outcome, the rules, escalation, where it is recorded."""
     model = decision.model
     lines = [f"{decision.action}  ({enum_name(decision, 'outcome')}; model {model.model_name}/{model.model_version} "
-             f"confidence {model.confidence:.3f})"]
+             f"confidence {model.confidence:.3f})"
+             f"{'  replayed: the answer first given for this idempotency key' if decision.replayed else ''}"]
     lines += [f"  rule {reason.rule_id}: {reason.description}" for reason in decision.reasons]
     lines += [f"  escalated: {why}" for why in decision.escalation_reasons]
     if decision.review_id:

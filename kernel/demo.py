@@ -136,8 +136,9 @@ def run_demo(settings: Settings, requests: int = 2000, concurrency: int = 8) -> 
     agree = sum(1 for i in automated if _agrees(answers[i].action, cases[i]["label"]))
     if automated:
         print(f"\n  automated decisions agreeing with the synthetic ground truth: {100 * agree / len(automated):.1f}%")
-    print(f"  review queue: {waiting} cases waiting for a person "
-          f"(aios-kernel review list / show / claim / resolve to work them)")
+    print(f"  review queue: {waiting} cases waiting for a person, kept with the demo's data; to work them, serve it\n"
+          f"    aios-kernel serve --models {models_dir} --pipelines {settings.pipelines} --data-dir {settings.data_dir}\n"
+          "    and use aios-kernel review list / show / claim / resolve")
     print(f"  audit log {audit_dir}: {verified.describe()}")
     return 0 if not errors and verified.ok else 1
 

@@ -23,7 +23,7 @@ from .cli_support import address_flags, failed, print_json
 
 def add_parser(sub) -> None:
     pipelines = sub.add_parser("pipelines", help="list a running kernel's pipelines, or upload one")
-    commands = pipelines.add_subparsers(dest="pipelines_command", required=True)
+    commands = pipelines.add_subparsers(dest="pipelines_command", required=True, metavar="COMMAND")
     listing = commands.add_parser("list", help="pipelines serving, with versions and hashes, and files refused")
     address_flags(listing)
     listing.add_argument("--json", action="store_true", help="print the ListPipelinesResponse as JSON")

@@ -188,6 +188,8 @@ def test_models_list_and_infer_against_a_running_kernel(model_repo):
         np.testing.assert_allclose(got, session.run(None, {"INPUT0": x})[0], rtol=1e-6)
         bad = run_cli("infer", "tiny", "--address", server.address, "--input", "[[1, 2]]", timeout=60)
         assert bad.returncode == 1 and "INVALID_ARGUMENT" in bad.stderr and "'INPUT0'" in bad.stderr
+        ragged = run_cli("infer", "tiny", "--address", server.address, "--input", "[[1, 2], [1]]", timeout=60)
+        assert ragged.returncode == 2 and "--input INPUT0: not a FP32 array" in ragged.stderr, ragged.stderr
         unloaded = run_cli("models", "unload", "tiny", "--address", server.address, timeout=60)
         assert unloaded.returncode == 0 and "UNAVAILABLE" in unloaded.stdout, unloaded.stderr
         gone = run_cli("infer", "tiny", "--address", server.address, "--input", json.dumps(x.tolist()), timeout=60)
@@ -275,3 +277,43 @@ def test_a_hang_up_drains_and_stops_the_kernel_like_sigterm(model_repo):
     _, err = server.proc.communicate(timeout=20)
     assert server.proc.returncode == 0, err
     assert "SIGHUP received: draining" in err and "AIOS kernel stopped" in err
+
+
+def test_client_commands_refuse_an_address_that_is_not_host_port():
+    for bad in ("nonsense", "http://127.0.0.1:8001", "127.0.0.1:99999", ""):
+        result = run_cli("decide", "claims_triage", "--address", bad, timeout=60)
+        assert result.returncode == 2 and "is not HOST:PORT" in result.stderr, (bad, result.stderr)
+        assert "Traceback" not in result.stderr
+
+
+def test_a_client_command_stopped_with_ctrl_c_exits_130_without_a_traceback():
+    import signal
+    import socket
+
+    with socket.socket() as silent:  # accepts connections (the OS backlog) and never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        address = f"127.0.0.1:{silent.getsockname()[1]}"
+        proc = subprocess.Popen([*CLI, "decide", "claims_triage", "--address", address, "--timeout", "60"], cwd=ROOT,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(2)  # time to import and start the call: the signal must land inside it
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err, err
+
+
+def test_models_list_of_a_kernel_that_is_not_running_is_one_line(tmp_path):
+    import socket
+
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    result = run_cli("models", "list", "--address", f"127.0.0.1:{port}", "--timeout", "5", timeout=60)
+    assert result.returncode == 1 and result.stderr.startswith("UNAVAILABLE:") and "Traceback" not in result.stderr
+
+
+def test_infer_output_that_is_not_a_finite_number_still_prints_json():
+    from kernel.cli import _json_safe
+
+    text = json.dumps(_json_safe([[float("nan"), float("inf"), -float("inf"), 0.5]]), allow_nan=False)
+    assert json.loads(text) == [["NaN", "Infinity", "-Infinity", 0.5]]

@@ -40,6 +40,11 @@ def test_check_refuses_with_file_line_and_a_caret(tmp_path):
     assert run.stdout.rstrip().endswith("refused, 1 error")
 
 
+def test_check_of_a_file_that_does_not_exist_exits_2(tmp_path):
+    run = cli("check", str(tmp_path / "missing.toml"))
+    assert run.returncode == 2 and "missing.toml: cannot read: no such file" in run.stderr
+
+
 def test_check_reports_an_unreachable_rule(tmp_path):
     broken = tmp_path / "policy.toml"
     broken.write_text(POLICY.read_text().replace('when = "claim_amount in [0, 5000) and fraud_score < 0.4"',

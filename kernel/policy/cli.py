@@ -28,7 +28,11 @@ EXIT_OK, EXIT_FAILED, EXIT_UNUSABLE = 0, 1, 2
 
 
 def check_command(path: str | Path, out: TextIO = sys.stdout) -> int:
-    """Load and check a policy file; print its summary or every problem. 0 = usable, 1 = refused."""
+    """Load and check a policy file; print its summary or every problem. 0 = usable, 1 = refused,
+    2 = no such file (nothing was checked)."""
+    if not Path(path).is_file():
+        print(f"{path}: cannot read: no such file", file=sys.stderr)
+        return EXIT_UNUSABLE
     try:
         policy = load_policy(path)
     except PolicyError as exc:
@@ -67,7 +71,7 @@ def test_command(path: str | Path, cases_path: str | Path, out: TextIO = sys.std
     for line in report["failures"]:
         print(line, file=out)
     passed, total = report["passed"], len(cases)
-    print(f"{total} cases: {passed} passed, {total - passed} failed", file=out)
+    print(f"{total} case{'s' if total != 1 else ''}: {passed} passed, {total - passed} failed", file=out)
     coverage = report["coverage"]
     covered = sum(1 for count in coverage.values() if count)
     print(f"rule coverage: {covered} of {len(coverage)} rules fired "

@@ -19,7 +19,8 @@ import json
 import sys
 import time
 
-from ..cli_support import address_flags, decision_lines, duration, failed, when
+from ..cli_support import (address_flags, count, decision_lines, duration, failed, json_line, nonempty, print_json,
+                           when)
 
 STATES = ("unresolved", "open", "claimed", "resolved", "all")  # "all" is the API's empty filter
 PAGE_SIZE = 1000  # the most ListReviews gives in one page
@@ -27,47 +28,50 @@ PAGE_SIZE = 1000  # the most ListReviews gives in one page
 
 def add_parser(sub) -> None:
     review = sub.add_parser("review", help="work the human review queue of a running kernel")
-    commands = review.add_subparsers(dest="review_command", required=True)
+    commands = review.add_subparsers(dest="review_command", required=True, metavar="COMMAND")
 
     listing = commands.add_parser("list", help="reviews oldest first (default: open and claimed ones)")
     listing.add_argument("--state", choices=STATES, default="unresolved",
                          help="unresolved = open or claimed (default); all = every state")
     listing.add_argument("--pipeline", default="", help="only this pipeline's reviews")
     listing.add_argument("--tenant", default="", help="only this tenant's reviews")
-    listing.add_argument("--limit", type=int, default=50, help="show at most this many (default 50; 0 = all)")
+    listing.add_argument("--limit", type=count, default=50, help="show at most this many (default 50; 0 = all)")
     _common(listing, cmd_list)
 
     show = commands.add_parser("show", help="one review: the case, the proposed decision, what may be done")
-    show.add_argument("review_id")
+    show.add_argument("review_id", type=nonempty, help="as `review list` or the escalated decision shows it")
     _common(show, cmd_show)
 
     claim = commands.add_parser("claim", help="take a review's lease so no other reviewer works it")
-    claim.add_argument("review_id")
-    claim.add_argument("--reviewer", required=True)
-    claim.add_argument("--lease", type=int, default=0, metavar="SECONDS",
-                       help="how long the lease lasts (default 300); claiming again renews it")
+    claim.add_argument("review_id", type=nonempty, help="as `review list` shows it")
+    claim.add_argument("--reviewer", type=nonempty, required=True,
+                       help="who works the case (recorded with the resolution)")
+    claim.add_argument("--lease", type=count, default=0, metavar="SECONDS",
+                       help="how long the lease lasts (default 0: the kernel's 300; at most 86400); claiming again "
+                            "renews it")
     _common(claim, cmd_claim)
 
     resolve = commands.add_parser("resolve", help="give a claimed review its final action (an audited decision)")
-    resolve.add_argument("review_id")
-    resolve.add_argument("--reviewer", required=True)
-    resolve.add_argument("--action", required=True, help="one of the actions `review show` lists")
-    resolve.add_argument("--comment", default="")
+    resolve.add_argument("review_id", type=nonempty, help="a review you hold the lease of (`review claim`)")
+    resolve.add_argument("--reviewer", type=nonempty, required=True, help="the reviewer holding the lease")
+    resolve.add_argument("--action", type=nonempty, required=True, help="one of the actions `review show` lists")
+    resolve.add_argument("--comment", default="", help="why (kept with the review and its audit record)")
     _common(resolve, cmd_resolve)
 
     watch = commands.add_parser("watch", help="print reviews as they are escalated, until Ctrl-C")
-    watch.add_argument("--pipeline", default="")
-    watch.add_argument("--tenant", default="")
+    watch.add_argument("--pipeline", default="", help="only this pipeline's reviews")
+    watch.add_argument("--tenant", default="", help="only this tenant's reviews")
     watch.add_argument("--include-open", dest="include_open", action="store_true",
                        help="first print the reviews already waiting")
     watch.add_argument("--updates", action="store_true", help="also print each claim and resolution")
-    watch.add_argument("--count", type=int, default=0, help="stop after this many reviews (default: never)")
+    watch.add_argument("--count", type=count, default=0, help="stop after this many reviews (default 0: never)")
     _common(watch, cmd_watch, timeout_s=0)
 
 
 def _common(parser: argparse.ArgumentParser, command, timeout_s: float = 10.0) -> None:
     address_flags(parser, timeout_s)
-    parser.add_argument("--json", action="store_true", help="print the Review messages as JSON")
+    parser.add_argument("--json", action="store_true",
+                        help="print the Review as JSON (list and watch: one Review per line)")
     parser.set_defaults(func=command)
 
 
@@ -86,9 +90,6 @@ def cmd_list(args) -> int:
 
     from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
 
-    if args.limit < 0:
-        print("--limit must be 0 (all) or more", file=sys.stderr)
-        return 2
     state = "" if args.state == "all" else args.state.upper()
     shown, token, more, missed = [], "", False, 0
     with grpc.insecure_channel(args.address) as channel:
@@ -109,7 +110,7 @@ def cmd_list(args) -> int:
             return failed(exc)
     if args.json:
         for review in shown:
-            print(_json_line(review))
+            print(json_line(review))
         return 0
     now = time.time_ns()
     if shown:
@@ -130,7 +131,9 @@ def row(review, now_ns: int) -> str:
     """One review as a line of ``review list`` and ``review watch``."""
     proposed = review.proposed
     age = duration((now_ns - review.created_unix_ns) / 1e9) if review.created_unix_ns else "-"
-    if review.state == "RESOLVED":
+    if withdrawn(review):
+        sla = "withdrawn"
+    elif review.state == "RESOLVED":
         sla = f"resolved: {review.resolved_action} by {review.resolved_by}"
         sla += " (SLA missed)" if review.sla_missed else ""
     elif not review.sla_deadline_unix_ns:
@@ -155,7 +158,8 @@ def describe(review) -> list[str]:
     if review.state == "CLAIMED":
         lines.append(f"  claimed by  {review.claimed_by} until {when(review.lease_expires_unix_ns, now)}")
     if review.task_id:
-        lines.append(f"  task        {review.task_id} waits on this review")
+        waits = " waits on this review" if review.state != "RESOLVED" else ""
+        lines.append(f"  task        {review.task_id}{waits}")
     request = review.request
     if request.fields or request.text_fields:
         lines.append("  case:")
@@ -164,7 +168,10 @@ def describe(review) -> list[str]:
         for name in sorted(request.text_fields):
             lines.append(f"    {name} (text) = {json.dumps(request.text_fields[name], ensure_ascii=False)}")
     lines.append("  proposed:   " + "\n  ".join(decision_lines(review.proposed)))
-    if review.state == "RESOLVED":
+    if withdrawn(review):
+        lines.append(f"  withdrawn by the kernel at {when(review.resolved_unix_ns, now)}: "
+                     f"{review.comment.removeprefix('withdrawn: ')}")
+    elif review.state == "RESOLVED":
         lines.append(f"  resolved:   {review.resolved_action} by {review.resolved_by} at {when(review.resolved_unix_ns, now)}")
         if review.comment:
             lines.append(f"    comment: {review.comment}")
@@ -175,15 +182,14 @@ def describe(review) -> list[str]:
     return lines
 
 
+def withdrawn(review) -> bool:
+    """Taken off the queue by the kernel (its task was cancelled): RESOLVED with no action."""
+    return review.state == "RESOLVED" and not review.resolved_action
+
+
 def _value(value) -> str:
     kind = value.WhichOneof("kind")
     return "null" if kind is None else json.dumps(getattr(value, kind))
-
-
-def _json_line(message) -> str:
-    from google.protobuf import json_format
-
-    return json.dumps(json_format.MessageToDict(message, preserving_proto_field_name=True), separators=(",", ":"))
 
 
 def _one(args, call, request) -> int:
@@ -195,7 +201,10 @@ def _one(args, call, request) -> int:
             review = getattr(_stub(channel), call)(request, timeout=_timeout(args))
         except grpc.RpcError as exc:
             return failed(exc)
-    print(_json_line(review) if args.json else "\n".join(describe(review)))
+    if args.json:
+        print_json(review)
+    else:
+        print("\n".join(describe(review)))
     return 0
 
 
@@ -231,13 +240,15 @@ def cmd_watch(args) -> int:
         stream = _stub(channel).WatchReviews(request, timeout=_timeout(args))
         try:
             for review in stream:
-                print(_json_line(review) if args.json else row(review, time.time_ns()), flush=True)
+                print(json_line(review) if args.json else row(review, time.time_ns()), flush=True)
                 seen += 1
                 if args.count and seen >= args.count:
                     stream.cancel()
                     break
         except KeyboardInterrupt:
             stream.cancel()
+            print("stopped watching", file=sys.stderr)
+            return 130
         except grpc.RpcError as exc:
             if exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED:  # --timeout: the watch ran its time
                 return failed(exc)

@@ -15,29 +15,32 @@ from __future__ import annotations
 import sys
 import time
 
-from ..cli_support import address_flags, decision_lines, enum_name, failed, print_json, request_flags, request_from_flags, when
+from ..cli_support import (address_flags, decision_lines, enum_name, failed, json_line, nonempty, print_json,
+                           request_flags, request_from_flags, when)
 
 
 def add_parser(sub) -> None:
     task = sub.add_parser("task", help="start, follow or cancel durable tasks on a running kernel")
-    commands = task.add_subparsers(dest="task_command", required=True)
+    commands = task.add_subparsers(dest="task_command", required=True, metavar="COMMAND")
 
     start = commands.add_parser("start", help="run a pipeline as a durable task (survives restarts; may wait for review)")
     request_flags(start)
-    start.add_argument("--wait", action="store_true", help="follow the task until it is final")
+    start.add_argument("--wait", action="store_true",
+                       help="follow the task until it is final, however long a review takes (Ctrl-C stops watching; "
+                            "the task goes on)")
     _common(start, cmd_start)
 
-    for name, command, text in (("get", cmd_get, "a task's state, history and result"),
+    for verb, command, text in (("get", cmd_get, "a task's state, history and result"),
                                 ("cancel", cmd_cancel, "cancel a task that is not final yet"),
                                 ("watch", cmd_watch, "print each state change until the task is final")):
-        parser = commands.add_parser(name, help=text)
-        parser.add_argument("task_id")
-        _common(parser, command, timeout_s=0 if name == "watch" else 10.0)
+        parser = commands.add_parser(verb, help=text)
+        parser.add_argument("task_id", type=nonempty, help="as `task start` printed it")
+        _common(parser, command, timeout_s=0 if verb == "watch" else 10.0)
 
 
 def _common(parser, command, timeout_s: float = 10.0) -> None:
     address_flags(parser, timeout_s)
-    parser.add_argument("--json", action="store_true", help="print the Task messages as JSON")
+    parser.add_argument("--json", action="store_true", help="print the Task as JSON (watch: one Task per line)")
     parser.set_defaults(func=command)
 
 
@@ -109,7 +112,7 @@ def cmd_start(args) -> int:
             return 0
         if not args.json:
             print(f"task {task.task_id} started")
-        return _follow(args, channel, task.task_id)
+        return _follow(args, channel, task.task_id, timeout_s=None)  # --timeout was the start call's
 
 
 def _one(args, call: str) -> int:
@@ -138,22 +141,22 @@ def cmd_watch(args) -> int:
     import grpc
 
     with grpc.insecure_channel(args.address) as channel:
-        return _follow(args, channel, args.task_id)
+        return _follow(args, channel, args.task_id, timeout_s=args.timeout or None)
 
 
-def _follow(args, channel, task_id: str) -> int:
+def _follow(args, channel, task_id: str, timeout_s: float | None) -> int:
     """Print each state of ``task_id`` as WatchTask sends it; the whole task once it is final."""
     import grpc
 
     from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
 
-    stream = _stub(channel).WatchTask(kpb.TaskRef(task_id=task_id), timeout=args.timeout or None)
+    stream = _stub(channel).WatchTask(kpb.TaskRef(task_id=task_id), timeout=timeout_s)
     last = None
     try:
         for task in stream:
             last = task
             if args.json:
-                print_json(task)
+                print(json_line(task), flush=True)
             else:
                 step = task.history[-1] if task.history else None
                 detail = f"  {step.detail}" if step is not None and step.detail else ""
@@ -163,6 +166,9 @@ def _follow(args, channel, task_id: str) -> int:
         print(f"stopped watching; task {task_id} goes on in the kernel", file=sys.stderr)
         return 130
     except grpc.RpcError as exc:
+        if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and timeout_s:
+            print(f"stopped watching after {timeout_s:g} s; task {task_id} goes on in the kernel", file=sys.stderr)
+            return 1
         return failed(exc)
     if last is None:
         return 0
