@@ -1,10 +1,11 @@
-"""``aios-kernel audit verify`` and ``aios-kernel audit export``.
+"""``aios-kernel audit verify``, ``aios-kernel audit export`` and ``aios-kernel audit replay``.
 
 ``kernel/cli.py`` hands every word after ``audit`` to ``main(argv)`` (so the
 kernel's other commands never pay for importing the audit code); the same
 commands run standalone as ``python -m kernel.audit.cli``.
-Exit codes: 0 success, 1 the log failed verification, 2 the command could
-not run (no such directory, unreadable key, bad option).
+Exit codes: 0 success, 1 the log failed verification or could not be read
+whole, 2 the command could not run (no such directory, a directory with no
+log in it, unreadable key or file, bad option).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from .errors import AuditError
 from .export import export_jsonl
 from .keys import load_public_key
 from .reader import RecordFilter, iter_directory
-from .verify import verify_directory
+from .verify import not_a_log, verify_directory
 
 
 def _time(text: str) -> int:
@@ -52,22 +53,37 @@ def _sequence(text: str) -> int:
     return value
 
 
+def _cannot_run(command: str, message: str) -> int:
+    """Exit code 2, the command could not run, with its one-line reason on stderr."""
+    print(f"aios-kernel audit {command}: {message}", file=sys.stderr)
+    return 2
+
+
+def _log_problem(directory: Path) -> str | None:
+    """Why ``directory`` cannot be read as a log (checked before any work, so a wrong path exits 2)."""
+    if not directory.is_dir():
+        return f"{directory} is not a directory"
+    try:
+        return not_a_log(directory)
+    except OSError as exc:
+        return f"cannot read {directory}: {exc.strerror or exc}"
+
+
 def cmd_verify(args) -> int:
     directory = Path(args.directory)
-    if not directory.is_dir():
-        print(f"aios-kernel audit verify: {directory} is not a directory", file=sys.stderr)
-        return 2
+    problem = _log_problem(directory)
+    if problem is not None:
+        return _cannot_run("verify", problem)
     key = None
     if args.from_key:
         try:
             key = load_public_key(args.from_key)
         except AuditError as exc:
-            print(f"aios-kernel audit verify: {exc.message}", file=sys.stderr)
-            return 2
+            return _cannot_run("verify", exc.message)
     result = verify_directory(directory, key)
     rate = result.records / result.elapsed_s if result.elapsed_s > 0 else 0.0
     print(f"{directory}: {result.describe()} [{result.elapsed_s:.2f} s, {rate:,.0f} records/s]")
-    if result.ok and key is None:
+    if result.ok and key is None and result.key_id:  # no key_id: no checkpoint, so no key was used
         print("note: signatures were checked with the public-key.pem found in the directory; "
               "pass --from-key with a copy of the key you trust to rule out a rewritten log")
     return 0 if result.ok else 1
@@ -75,22 +91,55 @@ def cmd_verify(args) -> int:
 
 def cmd_export(args) -> int:
     directory = Path(args.directory)
-    if not directory.is_dir():
-        print(f"aios-kernel audit export: {directory} is not a directory", file=sys.stderr)
-        return 2
-    wanted = RecordFilter.of(args.tenant, args.pipeline, args.kind, args.since, args.until)
-    records = iter_directory(directory, args.from_sequence, wanted)
+    problem = _log_problem(directory)
+    if problem is not None:
+        return _cannot_run("export", problem)
+    to_file = bool(args.out) and args.out != "-"
     try:
-        if args.out and args.out != "-":
-            with open(args.out, "w", encoding="utf-8") as out:
-                count = export_jsonl(records, out)
-            print(f"exported {count} records to {args.out}", file=sys.stderr)
-        else:
-            export_jsonl(records, sys.stdout)
+        out = open(args.out, "w", encoding="utf-8") if to_file else sys.stdout
+    except OSError as exc:
+        return _cannot_run("export", f"cannot write {args.out}: {exc.strerror or exc}")
+    wanted = RecordFilter.of(args.tenant, args.pipeline, args.kind, args.since, args.until)
+    try:
+        count = export_jsonl(iter_directory(directory, args.from_sequence, wanted), out)
     except AuditError as exc:
-        print(f"aios-kernel audit export: {exc.message}", file=sys.stderr)
+        # Damage, not a torn tail (that one the reader skips with a warning): the export is
+        # short, and saying so is the point; exporting past the damage would hide it.
+        print(f"aios-kernel audit export: {exc.message}; {args.out if to_file else 'the output'} is incomplete "
+              f"and the log does not verify (run `aios-kernel audit verify {directory}`)", file=sys.stderr)
         return 1
+    except OSError as exc:  # a segment that cannot be read (it has a file name), or the output (it has none)
+        target = f"read {exc.filename}" if exc.filename else f"write {args.out if to_file else 'standard output'}"
+        return _cannot_run("export", f"cannot {target}: {exc.strerror or exc}")
+    finally:
+        if to_file:
+            out.close()
+    if to_file:
+        print(f"exported {count} records to {args.out}", file=sys.stderr)
     return 0
+
+
+def cmd_replay(args) -> int:
+    from ..pipelines import replay_cli
+
+    directory = Path(args.directory)
+    problem = _log_problem(directory)
+    if problem is not None:
+        return _cannot_run("replay", problem)
+    # The pipeline loader reads --policy in place of the file the pipeline names, and would blame
+    # the pipeline's line for a path the user typed: check the typed paths first.
+    for option, path in (("--pipeline", args.pipeline), ("--policy", args.policy)):
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as exc:
+            return _cannot_run("replay", f"{option} {path}: cannot read: {exc.strerror or exc}")
+    try:
+        return replay_cli.run(args)
+    except AuditError as exc:  # damage met while reading the recorded decisions
+        print(f"aios-kernel audit replay: {exc.message}; the log does not verify "
+              f"(run `aios-kernel audit verify {directory}`)", file=sys.stderr)
+        return 1
 
 
 def build_parser(prog: str = "aios-kernel audit") -> argparse.ArgumentParser:
@@ -112,8 +161,8 @@ def build_parser(prog: str = "aios-kernel audit") -> argparse.ArgumentParser:
                         help="first sequence number (default 0)")
     export.add_argument("--since", type=_time, help="records at or after this time (unix ns or ISO-8601)")
     export.add_argument("--until", type=_time, help="records before this time (unix ns or ISO-8601)")
-    export.add_argument("--tenant")
-    export.add_argument("--pipeline")
+    export.add_argument("--tenant", help="only records of this tenant")
+    export.add_argument("--pipeline", help="only records of this pipeline (its name, e.g. claims_triage)")
     export.add_argument("--kind", type=_kind, help="DECISION, REVIEW_RESOLUTION, MODEL_DEPLOY, ...")
     export.set_defaults(func=cmd_export)
 
@@ -123,7 +172,7 @@ def build_parser(prog: str = "aios-kernel audit") -> argparse.ArgumentParser:
     replay = commands.add_parser("replay", help="re-decide recorded decisions under a candidate policy "
                                                 "and report which would change")
     replay_cli.add_arguments(replay, _time)
-    replay.set_defaults(func=replay_cli.run)
+    replay.set_defaults(func=cmd_replay)
     return parser
 
 

@@ -2,7 +2,8 @@
 
 ``iter_log`` reads a live ``AuditLog`` (only durable records; with ``follow``
 it waits for more), ``iter_directory`` reads a log directory with no writer
-(a copy, an archive), stopping quietly at a torn tail. A segment's data ends
+(a copy, an archive), stopping with a warning at a torn tail and raising
+``AuditCorrupt`` at damage anywhere else. A segment's data ends
 at a zero frame header (its preallocated zero tail) or at the end of the
 file. Both check each frame's checksum and yield parsed ``AuditRecord``
 messages, hash included.
@@ -174,7 +175,12 @@ def iter_log(audit_log, from_sequence: int, wanted: RecordFilter | None, follow:
 
 
 def iter_directory(directory: str | Path, from_sequence: int = 0, wanted: RecordFilter | None = None) -> Iterator:
-    """Records of a log directory nobody is writing, from ``from_sequence``; stops at a torn tail."""
+    """Records of a log directory nobody is writing, from ``from_sequence``.
+
+    Stops with a warning at a torn tail (the last segment's last record cut short, as a crash
+    leaves it: it was never acknowledged). Raises ``AuditCorrupt`` at any other bad frame: the
+    records after it exist but cannot be trusted, and stopping quietly would hide them.
+    """
     directory = Path(directory)
     segments = list_segments(directory)
     for number, (first, path) in enumerate(segments):
@@ -184,6 +190,8 @@ def iter_directory(directory: str | Path, from_sequence: int = 0, wanted: Record
         data = path.read_bytes()
         start = frames_start(path, data, MAGIC)
         if start is None:
+            if following is not None:  # only the newest segment can be caught being created
+                raise AuditCorrupt(f"{path.name}: ends inside its file header, yet records {following} on follow it")
             return
         scanner = FrameScanner(data, start)
         sequence = first
@@ -197,10 +205,11 @@ def iter_directory(directory: str | Path, from_sequence: int = 0, wanted: Record
                     yield record
             sequence += 1
         if scanner.problem is not None:
-            if following is not None:
-                raise AuditCorrupt(f"{path.name}: {scanner.problem} (record {sequence})")
-            log.warning("audit: %s ends in a torn record after %d (%s); stopped there", path.name, sequence - 1,
-                        scanner.problem)
+            if following is not None or not scanner.torn:
+                raise AuditCorrupt(f"{path.name}: record {sequence} is damaged ({scanner.problem}); "
+                                   f"records from {sequence} on could not be read")
+            log.warning("audit: %s ends in a torn record after %d (%s: a write a crash cut short); stopped there",
+                        path.name, sequence - 1, scanner.problem)
             return
 
 

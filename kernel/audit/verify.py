@@ -13,7 +13,16 @@ first sequence number that is not what was written:
   from the record after it);
 - a signed checkpoint whose root the records do not reproduce: the first
   record after the last checkpoint that matched (the change is in between);
-- a checkpoint for more records than the log holds: the first missing record.
+- a checkpoint for more records than the log holds: the first missing record;
+- records but no signed checkpoint at all (the checkpoint file removed or
+  emptied): nothing signed covers them, so a rewrite of the whole log would
+  go unnoticed. A kernel never leaves that, even when it crashes: opening a
+  new log signs and fsyncs a checkpoint for tree size 0 before it takes its
+  first record, and later checkpoints only add to the file.
+
+A directory with neither segments nor a checkpoint file is not a log at all
+(a wrong path, such as the data directory instead of ``<data_dir>/audit``):
+``not_a_log`` says so, and ``verify_directory`` fails it.
 
 A segment's zero tail (preallocated space after its last record) is unused
 space, not a problem; non-zero bytes inside it are a torn record. A log that
@@ -40,7 +49,7 @@ from .keys import PUBLIC_KEY_FILE, key_id, load_public_key
 from .merkle import CompactRange
 from .recovery import writer_is_live
 from .record import GENESIS_PREV_HASH, AuditRecord, split_stored
-from .segments import MAGIC, FrameScanner, frames_start, list_segments
+from .segments import MAGIC, SUFFIX, FrameScanner, frames_start, list_segments, segment_name
 
 
 @dataclass
@@ -59,10 +68,12 @@ class VerifyResult:
             unsigned = self.records - self.signed_size
             tail = f"; the last {unsigned} are chained but not yet signed" if unsigned else ""
             note = f" ({self.reason})" if self.reason else ""
-            return (f"OK: {self.records} records and {self.checkpoints} signed checkpoints verified "
-                    f"(key {self.key_id}){tail}{note}")
-        where = f"record {self.first_bad_sequence}" if self.first_bad_sequence is not None else "checkpoints"
-        return f"FAILED at {where}: {self.reason}"
+            key = f" (key {self.key_id})" if self.key_id else ""  # no checkpoint, no key was needed
+            return (f"OK: {self.records} records and {self.checkpoints} signed checkpoints verified"
+                    f"{key}{tail}{note}")
+        if self.first_bad_sequence is None:  # the reason names what failed (checkpoints, the directory)
+            return f"FAILED: {self.reason}"
+        return f"FAILED at record {self.first_bad_sequence}: {self.reason}"
 
 
 class _Failure(Exception):
@@ -80,12 +91,29 @@ def verify_directory(directory: str | Path, public_key: bytes | None = None) -> 
     try:
         if not directory.is_dir():
             raise _Failure(None, f"{directory} is not a directory")
+        missing = not_a_log(directory)
+        if missing is not None:
+            raise _Failure(None, missing)
         walk.load_checkpoints(public_key)
         walk.records()
         walk.leftover_checkpoints()
+        walk.some_checkpoint_signed()
     except _Failure as failure:
         return walk.result(False, failure.sequence, failure.reason, started)
     return walk.result(True, None, "", started)
+
+
+def not_a_log(directory: Path) -> str | None:
+    """Why ``directory`` holds no audit log, or None when it holds one (segments or a checkpoint file).
+
+    An empty folder would otherwise verify (and export) as an empty log, hiding a wrong path. A
+    checkpoint file alone still counts: records removed from under it are for verify to report.
+    Raises OSError when the directory cannot be listed.
+    """
+    if (directory / CHECKPOINT_FILE).exists() or any(path.suffix == SUFFIX for path in directory.iterdir()):
+        return None
+    return (f"no audit log in {directory} (expected segment files such as {segment_name(0)} and "
+            f"{CHECKPOINT_FILE}; the kernel keeps its log in <data_dir>/audit)")
 
 
 class _Walk:
@@ -209,6 +237,15 @@ class _Walk:
                 what = "the file ends inside it (cut short, or a crash before it was acknowledged)" \
                     if scanner.torn and last else scanner.problem
                 raise _Failure(sequence, f"record {sequence} in {path.name}: {what}")
+
+    def some_checkpoint_signed(self) -> None:
+        # The hash chain alone proves nothing against someone who rewrites every record; only a
+        # signature does. A kernel signs tree size 0 before its first record (see the module
+        # docstring), so records with no checkpoint at all mean the checkpoint file went missing.
+        if self.count and not self.checkpoints:
+            raise _Failure(None, (
+                f"no signed checkpoint covers records 0..{self.count - 1}: {CHECKPOINT_FILE} is missing or "
+                f"empty, so a rewrite of the whole log would go unnoticed"))
 
     def leftover_checkpoints(self) -> None:
         if self.next_checkpoint < len(self.checkpoints):

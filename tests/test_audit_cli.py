@@ -1,0 +1,167 @@
+"""``aios-kernel audit verify|export|replay`` on wrong paths, missing checkpoints and damaged records.
+
+Each case is one a user met: a command that answered "OK" or exit 0 where the
+log was not there or not whole, or a traceback where one line should say
+which path was wrong. Logs are real ones written by ``AuditLog``; damage is
+done to their bytes on purpose. The commands run as ``python -m kernel audit``
+subprocesses (``run_cli``), as a user runs them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from test_audit_verify import build_log, frame_offset, read_frames, run_cli, segment, write_frames
+
+from kernel.audit import AuditCorrupt, iter_directory, verify_directory
+from kernel.audit.cli import build_parser
+
+ROOT = Path(__file__).resolve().parent.parent
+RECORDS = 16
+PIPELINES = ROOT / "examples" / "claims" / "pipelines"
+
+
+@pytest.fixture
+def log_dir(tmp_path) -> Path:
+    directory = tmp_path / "audit"
+    build_log(directory, records=RECORDS, checkpoint_every=5)
+    return directory
+
+
+def flip_byte_in_record(directory: Path, index: int) -> None:
+    path = segment(directory)
+    data = bytearray(path.read_bytes())
+    data[frame_offset(path, index) + 20] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def one_line(text: str) -> str:
+    lines = text.strip().splitlines()
+    assert len(lines) == 1, text
+    return lines[0]
+
+
+# --------------------------------------------------------------------------- not a log at all
+@pytest.mark.parametrize("command", ["verify", "export"])
+def test_a_folder_with_no_log_is_refused_not_verified(tmp_path, log_dir, command):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    # The data directory instead of <data_dir>/audit: files of the kernel, no segments.
+    (tmp_path / "kernel.sqlite3").write_bytes(b"")
+    for wrong in (empty, tmp_path):
+        done = run_cli(command, str(wrong))
+        assert done.returncode == 2, done.stdout + done.stderr
+        assert one_line(done.stderr) == (
+            f"aios-kernel audit {command}: no audit log in {wrong} (expected segment files such as "
+            f"00000000000000000000.seg and checkpoints.log; the kernel keeps its log in <data_dir>/audit)")
+        assert "OK" not in done.stdout and "note:" not in done.stdout
+    assert not verify_directory(empty).ok
+
+
+def test_the_key_note_needs_a_key(tmp_path):
+    # A log with no record and no checkpoint (a header-only segment): nothing was signed, no key used.
+    (tmp_path / "00000000000000000000.seg").write_bytes(b"AIOSAUD\x02")
+    done = run_cli("verify", str(tmp_path))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "OK: 0 records and 0 signed checkpoints verified [" in done.stdout
+    assert "(key" not in done.stdout and "note:" not in done.stdout
+
+
+# --------------------------------------------------------------------------- no signed checkpoint
+def test_records_with_no_signed_checkpoint_fail(log_dir):
+    (log_dir / "checkpoints.log").unlink()
+    result = verify_directory(log_dir)
+    assert not result.ok and result.records == RECORDS
+    assert f"no signed checkpoint covers records 0..{RECORDS - 1}: checkpoints.log is missing or empty" \
+        in result.reason
+    done = run_cli("verify", str(log_dir))
+    assert done.returncode == 1
+    assert f"FAILED: no signed checkpoint covers records 0..{RECORDS - 1}" in done.stdout
+
+
+def test_an_emptied_checkpoint_file_fails_too(log_dir):
+    path = log_dir / "checkpoints.log"
+    magic, _ = read_frames(path)
+    write_frames(path, magic, [])
+    assert "checkpoints.log is missing or empty" in verify_directory(log_dir).reason
+
+
+def test_records_after_the_first_checkpoint_only_are_a_crash_tail_and_pass(log_dir):
+    """What a kernel killed before its first periodic checkpoint leaves: the tree-size-0 head it
+    signed on creation, then records. Chained but unsigned, not a failure."""
+    path = log_dir / "checkpoints.log"
+    magic, checkpoints = read_frames(path)
+    write_frames(path, magic, checkpoints[:1])
+    result = verify_directory(log_dir)
+    assert result.ok, result.reason
+    assert (result.records, result.checkpoints, result.signed_size) == (RECORDS, 1, 0)
+    assert f"the last {RECORDS} are chained but not yet signed" in result.describe()
+
+
+# --------------------------------------------------------------------------- export: damage vs torn tail
+def test_export_of_a_damaged_middle_record_fails_and_names_it(log_dir, tmp_path):
+    flip_byte_in_record(log_dir, 10)
+    out = tmp_path / "out.jsonl"
+    done = run_cli("export", str(log_dir), "--out", str(out))
+    assert done.returncode == 1, done.stderr
+    message = one_line(done.stderr)
+    assert "record 10 is damaged" in message and "records from 10 on could not be read" in message
+    assert f"{out} is incomplete" in message and f"aios-kernel audit verify {log_dir}" in message
+    assert "torn" not in message and "exported" not in message
+    assert [json.loads(line)["sequence"] for line in out.read_text().splitlines()] == list(range(10))
+    with pytest.raises(AuditCorrupt, match="record 10 is damaged"):
+        list(iter_directory(log_dir))
+
+
+def test_export_stops_at_a_torn_tail_with_a_warning(log_dir, tmp_path):
+    path = segment(log_dir)
+    with open(path, "r+b") as f:  # the last record cut short, as a crash mid-write leaves it
+        f.truncate(frame_offset(path, RECORDS - 1) + 30)
+    out = tmp_path / "out.jsonl"
+    done = run_cli("export", str(log_dir), "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    assert "ends in a torn record after 14" in done.stderr
+    assert f"exported {RECORDS - 1} records to {out}" in done.stderr
+    assert len(out.read_text().splitlines()) == RECORDS - 1
+
+
+def test_export_to_a_path_that_cannot_be_written(log_dir, tmp_path):
+    out = tmp_path / "no-such-folder" / "x.jsonl"
+    done = run_cli("export", str(log_dir), "--out", str(out))
+    assert done.returncode == 2
+    assert one_line(done.stderr) == f"aios-kernel audit export: cannot write {out}: No such file or directory"
+
+
+# --------------------------------------------------------------------------- replay
+def test_replay_blames_the_policy_option_not_the_pipeline_file(log_dir, tmp_path):
+    policy = tmp_path / "nonexistent.toml"
+    done = run_cli("replay", str(log_dir), "--pipeline", str(PIPELINES / "claims_triage.toml"),
+                   "--policy", str(policy))
+    assert done.returncode == 2
+    assert one_line(done.stderr) == (
+        f"aios-kernel audit replay: --policy {policy}: cannot read: No such file or directory")
+
+
+def test_replay_over_a_damaged_record_fails(log_dir):
+    flip_byte_in_record(log_dir, 10)
+    done = run_cli("replay", str(log_dir), "--pipeline", str(PIPELINES / "claims_triage.toml"),
+                   "--policy", str(PIPELINES / "policy.toml"))
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "record 10 is damaged" in one_line(done.stderr) and "Traceback" not in done.stderr
+
+
+# --------------------------------------------------------------------------- help
+@pytest.mark.parametrize("command", ["verify", "export", "replay"])
+def test_every_option_has_a_help_text(command, capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([command, "--help"])
+    lines = capsys.readouterr().out.split("options:", 1)[1].splitlines()
+    for number, line in enumerate(lines):
+        if not line.startswith("  -"):
+            continue
+        described = len(re.split(r"\s{2,}", line.strip())) > 1 or (
+            number + 1 < len(lines) and lines[number + 1].startswith(" " * 8) and lines[number + 1].strip())
+        assert described, f"{command}: {line.strip()} has no help text"
