@@ -365,6 +365,21 @@ def test_open_refuses_a_missing_segment(tmp_path):
         AuditLog.open(tmp_path)
 
 
+@pytest.mark.parametrize("how", ["removed", "emptied"])
+def test_open_refuses_records_whose_checkpoints_were_removed(tmp_path, how):
+    """A log signs tree size 0 before its first record, so records with no checkpoint mean the file was taken
+    away: signing a fresh checkpoint over them would vouch for records nothing proves untouched."""
+    with AuditLog.open(tmp_path) as log:
+        for i in range(5):
+            log.append(decision(i))
+        log.append_and_wait(decision(5), 10)
+    checkpoints = tmp_path / "checkpoints.log"
+    checkpoints.unlink() if how == "removed" else checkpoints.write_bytes(b"")
+    with pytest.raises(AuditCorrupt, match="holds 6 records but no signed checkpoint"):
+        AuditLog.open(tmp_path)
+    assert checkpoints.read_bytes() in (b"", b"AIOSCKP\x01")  # at most the file's header: nothing signed over them
+
+
 def test_signing_key_is_created_private_and_reused(tmp_path):
     key = tmp_path / "keys" / "audit.pem"
     with AuditLog.open(tmp_path / "log", key_path=key) as log:

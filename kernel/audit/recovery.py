@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .checkpoints import Checkpoint, check_sequence
+from .checkpoints import FILE_NAME as CHECKPOINT_FILE, Checkpoint, check_sequence
 from .errors import AuditCorrupt, AuditError
 from .merkle import MerkleTree
 from .record import GENESIS_PREV_HASH, split_stored
@@ -99,6 +99,12 @@ def check_against(state: LogState, checkpoints: list[Checkpoint], directory: Pat
     """The records on disk must still produce the root of the last signed checkpoint."""
     check_sequence(checkpoints, directory)
     if not checkpoints:
+        if state.tree.size:  # a log signs tree size 0 before its first record: the checkpoints were removed
+            raise AuditCorrupt(
+                f"the audit log {directory} holds {state.tree.size} records but no signed checkpoint "
+                f"({CHECKPOINT_FILE} was removed or emptied); signing over them now would vouch for records "
+                "nothing proves untouched: restore the file, or move the log aside to start a new one"
+            )
         return
     latest = checkpoints[-1]
     size = state.tree.size
