@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import threading
 from pathlib import Path
 
 from ._proto.aios.kernel.v1 import kernel_pb2 as kpb
@@ -23,7 +24,7 @@ from .api.review_service import review_handlers
 from .api.task_service import task_handlers
 from .audit import AuditLog
 from .config import Settings
-from .errors import KernelError, ResourceExhausted, TransientError, Unavailable
+from .errors import KernelError, ResourceExhausted, TransientError, Unavailable, shutting_down
 from .pipelines import DecisionEngine, PipelineRegistry, Services
 from .pipelines.provenance import resolution_record
 from .policy import load_policy, parse_policy
@@ -60,6 +61,7 @@ class DecisionSide:
         self.registry = PipelineRegistry(settings.pipelines, hub, load_policy, parse_policy, settings.pipeline_poll_s)
         self.engine = DecisionEngine(self.registry, inference, Services(self.audit, self.reviews, self.idempotency))
         self.tasks = TaskRunner(TaskStore(self.db), self._run_task, validate=self.engine.validate)
+        self._draining = threading.Event()  # set by end_watches(): StreamAudit followers end
         self.reviews.on_resolved(self._resolved)
         self.tasks.on_cancelled.append(self._task_cancelled)
         # Governance events go on the record next to the decisions they affect.
@@ -89,8 +91,20 @@ class DecisionSide:
             **decision_handlers(self.engine, self.registry, budget),
             **review_handlers(self.reviews),
             **task_handlers(self.tasks),
-            **(audit_handlers(self.audit, allow_stream=self.settings.audit_stream_enabled) if self.audit else {}),
+            **(audit_handlers(self.audit, allow_stream=self.settings.audit_stream_enabled, draining=self._draining)
+               if self.audit else {}),
         }
+
+    def end_watches(self) -> None:
+        """The drain's first step: every open watch (WatchReviews, WatchTask, a StreamAudit that follows
+        the log) ends now with UNAVAILABLE "shutting down", and one opened later ends at once.
+
+        Watches have no end of their own, so left open they would hold the drain for its whole
+        grace period and then be cut off with gRPC's bare "Cancelling all calls".
+        """
+        self._draining.set()
+        self.reviews.end_watches(shutting_down)
+        self.tasks.store.end_watches(shutting_down)
 
     def close(self) -> None:
         steps = (self.tasks.stop, self.registry.stop, self.engine.close, self._mark_reviews_recorded,

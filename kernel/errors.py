@@ -54,6 +54,13 @@ class Internal(KernelError):
     code = "INTERNAL"
 
 
+def shutting_down(resume: str = "") -> Unavailable:
+    """What an open watch (WatchReviews, WatchTask, StreamAudit following the log) ends with when the
+    kernel starts to drain: a watch has no end of its own and would otherwise hold the drain for its
+    whole grace period. ``resume`` says how to pick up where it ended, where a watch can."""
+    return Unavailable("the kernel is shutting down; watch again after it restarts" + (f" ({resume})" if resume else ""))
+
+
 class TransientError(Unavailable):
     """A step failed in a way that may pass if tried again (a busy dependency, a timeout).
 

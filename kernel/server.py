@@ -115,6 +115,8 @@ class KernelServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: threading.Thread | None = None
         self._health = None
+        self._health_names: tuple[str, ...] = ()  # "" and each service served (set in _add_services)
+        self._draining = False  # set by stop(): health stays NOT_SERVING whatever the models do
         self._stopped: asyncio.Event | None = None
         self._pool: HandlerPool | None = None  # the sync front end's handler threads
 
@@ -129,12 +131,21 @@ class KernelServer:
             self.lanes.remove_model(mv)
         self._update_health()
 
-    def _update_health(self, draining: bool = False) -> None:
+    def _update_health(self) -> None:
+        """One rule for the whole server and for each service by name: SERVING while at least one
+        model version is loaded and the kernel is not draining, else NOT_SERVING.
+
+        Every service shares the overall status on purpose. The aios.kernel.v1 services answer
+        without a model too (reviews, tasks, audit), but a kernel with none loaded is not ready for
+        traffic, and a load balancer should not route one service to a replica it keeps the others
+        from. DecisionService is not tied to its pipelines: they come and go while the kernel runs
+        (pipeline_poll_s), and one missing is a caller's NOT_FOUND, not a replica that is down.
+        """
         if self._health is None:
             return
-        serving = self.hub.loaded() and not draining
+        serving = self.hub.loaded() and not self._draining
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-        for name in ("", INFERENCE_SERVICE):
+        for name in self._health_names:
             if self._loop is not None:
                 asyncio.run_coroutine_threadsafe(self._health.set(name, status), self._loop)
             else:
@@ -167,6 +178,11 @@ class KernelServer:
         _register_standard_descriptors()
         names = [INFERENCE_SERVICE, *kernel_services.SERVICE_NAMES, HEALTH_SERVICE, REFLECTION_SERVICE]
         reflection.enable_server_reflection(names, generated, pool=POOL)
+        # Health answers for the services that do something here: without an audit log
+        # (audit_mode = "off") every AuditService call is refused, so a probe of it gets NOT_FOUND.
+        audit_off = self.decisions.audit is None
+        self._health_names = ("", INFERENCE_SERVICE, *(name for name in kernel_services.SERVICE_NAMES
+                                                        if not (audit_off and name.endswith(".AuditService"))))
 
     def _calls_in_progress(self) -> int:
         """Calls in progress on the threaded front end as gRPC's limit counts them: those in the handler
@@ -304,9 +320,12 @@ class KernelServer:
         grace = self.settings.grace_seconds if grace is None else grace
         if self._server is None:
             return
-        # Load balancers watching health stop sending first; then gRPC refuses
-        # new calls and waits for the in-flight ones.
-        self._update_health(draining=True)
+        # Load balancers watching health stop sending first; open watches end next (they
+        # never end by themselves, so they would hold the drain for the whole grace period);
+        # then gRPC refuses new calls and waits for the in-flight ones.
+        self._draining = True
+        self._update_health()
+        self.decisions.end_watches()
         if self._loop is not None:
             # The loop thread ends once serve() sees the server terminate; waiting
             # on the stop() future instead can hang, as the loop may exit before

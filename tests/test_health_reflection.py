@@ -12,6 +12,14 @@ from conftest import start_kernel
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+SERVED = [  # every service the kernel serves, by the name a probe (grpc-health-probe -service=...) gives
+    "inference.GRPCInferenceService",
+    "aios.kernel.v1.DecisionService",
+    "aios.kernel.v1.TaskService",
+    "aios.kernel.v1.ReviewService",
+    "aios.kernel.v1.AuditService",
+    "aios.kernel.v1.AdminService",
+]
 
 
 def test_reflection_lists_every_service(channel):
@@ -45,6 +53,57 @@ def test_health_serving_with_models(channel):
     stub = health_pb2_grpc.HealthStub(channel)
     assert stub.Check(health_pb2.HealthCheckRequest(service="")).status == SERVING
     assert stub.Check(health_pb2.HealthCheckRequest(service="inference.GRPCInferenceService")).status == SERVING
+
+
+@pytest.mark.parametrize("service", SERVED)
+def test_health_serving_by_service_name(channel, service):
+    stub = health_pb2_grpc.HealthStub(channel)
+    assert stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status == SERVING
+
+
+def test_health_of_an_unknown_service_is_not_found(channel):
+    stub = health_pb2_grpc.HealthStub(channel)
+    for service in ("aios.kernel.v1.NoSuchService", "DecisionService", "aios.kernel.v2.DecisionService"):
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND, service
+
+
+def test_health_without_an_audit_log_does_not_claim_the_audit_service(model_repo):
+    """audit_mode = "off": every AuditService call is refused, so its health is NOT_FOUND; the rest serve."""
+    server = start_kernel(model_repo, "sync", audit_mode="off")
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            with pytest.raises(grpc.RpcError) as info:
+                stub.Check(health_pb2.HealthCheckRequest(service="aios.kernel.v1.AuditService"), timeout=5)
+            assert info.value.code() == grpc.StatusCode.NOT_FOUND
+            for service in ["", *(name for name in SERVED if not name.endswith("AuditService"))]:
+                assert stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status == SERVING, service
+    finally:
+        server.stop(grace=1)
+
+
+@pytest.mark.parametrize("front_end", ["sync", "aio"])
+def test_health_turns_not_serving_for_every_service_when_the_drain_starts(model_repo, front_end):
+    import threading
+
+    server = start_kernel(model_repo, front_end)
+    stopping = threading.Thread(target=server.stop, kwargs={"grace": 1})
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            watches = {name: stub.Watch(health_pb2.HealthCheckRequest(service=name), timeout=10) for name in ["", *SERVED]}
+            for name, watch in watches.items():
+                assert next(watch).status == SERVING, name
+            stopping.start()  # (a health Watch is in flight until the grace period ends; Check is refused by then)
+            for name, watch in watches.items():
+                assert next(watch).status == NOT_SERVING, name
+    finally:
+        if stopping.ident is None:  # failed before the drain began
+            server.stop(grace=1)
+        else:
+            stopping.join(timeout=15)
 
 
 @pytest.mark.parametrize("front_end", ["sync", "aio"])

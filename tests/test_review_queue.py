@@ -12,7 +12,7 @@ import threading
 import pytest
 
 from kernel._proto.aios.kernel.v1 import kernel_pb2 as kpb
-from kernel.errors import DeadlineExceeded, FailedPrecondition, Internal, InvalidArgument, NotFound
+from kernel.errors import DeadlineExceeded, FailedPrecondition, Internal, InvalidArgument, NotFound, Unavailable, shutting_down
 from kernel.review import ReviewQueue
 from kernel.store import open_database
 
@@ -307,6 +307,27 @@ def test_close_wakes_a_blocked_watcher(queue):
     reader.start()
     watch.close()
     assert ended.wait(10)
+
+
+def test_ending_the_watches_wakes_each_with_the_error_and_ends_later_ones_at_once(queue):
+    watch = queue.watch()
+    errors = []
+
+    def read() -> None:
+        try:
+            list(watch)
+        except Unavailable as exc:
+            errors.append(exc)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    queue.end_watches(shutting_down)
+    reader.join(timeout=10)
+    assert not reader.is_alive() and len(errors) == 1 and "shutting down" in errors[0].message
+    assert queue.watcher_count() == 0
+    escalate(queue)  # published to no one
+    with pytest.raises(Unavailable, match="watch again"):
+        next(queue.watch(include_open=True))  # the backlog is not read for a watch that has already ended
 
 
 def test_reviews_and_leases_survive_reopening(tmp_path, clock):

@@ -15,7 +15,7 @@ import threading
 import pytest
 
 from kernel._proto.aios.kernel.v1 import kernel_pb2 as kpb
-from kernel.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound
+from kernel.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound, Unavailable, shutting_down
 from kernel.store import MIGRATIONS, open_database
 from kernel.store.schema import latest_version, migrate
 from kernel.tasks import TaskStore
@@ -224,3 +224,29 @@ def test_watch_times_out_and_closes_from_another_thread(db):
     assert ended.wait(10), "close() must wake a blocked watcher"
     with pytest.raises(NotFound):
         store.watch("nope")
+
+
+def test_ending_the_watches_wakes_each_with_the_error_and_ends_later_ones_at_once(db):
+    """The kernel's drain: a blocked watcher raises UNAVAILABLE instead of waiting for a change."""
+    store = TaskStore(db)
+    task, _ = store.create(decision_request())
+    watch = store.watch(task.task_id)
+    next(watch)
+    errors = []
+
+    def read() -> None:
+        try:
+            list(watch)
+        except Unavailable as exc:
+            errors.append(exc)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    store.end_watches(shutting_down)
+    reader.join(timeout=10)
+    assert not reader.is_alive() and len(errors) == 1 and "shutting down" in errors[0].message
+    assert store.watcher_count(task.task_id) == 0
+    later = store.watch(task.task_id)
+    assert next(later).state == kpb.QUEUED  # the state it was asked for, then the error
+    with pytest.raises(Unavailable, match="watch again"):
+        next(later)

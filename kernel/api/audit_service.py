@@ -9,6 +9,11 @@ that saw sequence s asks again with ``from_sequence = s + 1``.
 Until RBAC exists, StreamAudit is allowed or refused as a whole by the
 ``audit_stream_enabled`` setting (``allow_stream``); refused calls get
 PERMISSION_DENIED naming it.
+
+A StreamAudit that follows the log has no end of its own: once ``draining``
+is set (the kernel stopping) it ends within the reader's poll interval with
+UNAVAILABLE saying so, rather than holding the drain for its grace period.
+A read-back without ``follow`` is ordinary in-flight work and runs to its end.
 """
 
 from __future__ import annotations
@@ -18,13 +23,13 @@ import threading
 
 from .._proto.aios.kernel.v1 import kernel_pb2
 from ..audit import AuditLog
-from ..errors import InvalidArgument, NotFound, PermissionDenied
+from ..errors import InvalidArgument, NotFound, PermissionDenied, shutting_down
 
 SERVICE = "AuditService"
 _KINDS = set(kernel_pb2.AuditKind.values())
 
 
-def _stream_audit(log: AuditLog, allow_stream: bool):
+def _stream_audit(log: AuditLog, allow_stream: bool, draining: threading.Event):
     def stream_audit(request: kernel_pb2.StreamAuditRequest, ctx):
         if not allow_stream:
             # The refusal is itself on the record (not waited for: the caller is told no either way).
@@ -44,8 +49,9 @@ def _stream_audit(log: AuditLog, allow_stream: bool):
             raise InvalidArgument(
                 f"until_unix_ns ({request.until_unix_ns}) must be after since_unix_ns ({request.since_unix_ns})"
             )
-        stop = threading.Event()
-        ctx.on_done(stop.set)
+        left = threading.Event()
+        ctx.on_done(left.set)
+        stop = (lambda: left.is_set() or draining.is_set()) if request.follow else left
         records = log.read(
             request.from_sequence, tenant=request.tenant, pipeline=request.pipeline, kind=request.kind,
             since_unix_ns=request.since_unix_ns, until_unix_ns=request.until_unix_ns,
@@ -58,6 +64,8 @@ def _stream_audit(log: AuditLog, allow_stream: bool):
                     return
         finally:
             records.close()
+        if request.follow and draining.is_set() and not left.is_set():
+            raise shutting_down("resume with from_sequence = the last sequence received + 1")
 
     return stream_audit
 
@@ -119,10 +127,11 @@ def _checkpoint(log: AuditLog):
     return get_checkpoint
 
 
-def audit_handlers(log: AuditLog, allow_stream: bool = True) -> dict:
-    """``(service, method) -> handler`` for ``kernel_services.generic_handlers(implemented=...)``."""
+def audit_handlers(log: AuditLog, allow_stream: bool = True, draining: threading.Event | None = None) -> dict:
+    """``(service, method) -> handler`` for ``kernel_services.generic_handlers(implemented=...)``;
+    set ``draining`` to end the StreamAudit calls that follow the log."""
     return {
-        (SERVICE, "StreamAudit"): _stream_audit(log, allow_stream),
+        (SERVICE, "StreamAudit"): _stream_audit(log, allow_stream, draining or threading.Event()),
         (SERVICE, "GetInclusionProof"): _inclusion_proof(log),
         (SERVICE, "GetConsistencyProof"): _consistency_proof(log),
         (SERVICE, "GetPublicKey"): _public_key(log),

@@ -135,6 +135,10 @@ class ReviewQueue:
         """Open watches (each WatchReviews call holds one until it ends)."""
         return self._feed.subscriber_count(None)
 
+    def end_watches(self, error: Callable[[], BaseException]) -> None:
+        """End every watch, open or opened later, with ``error()`` (the kernel is draining)."""
+        self._feed.close(error)
+
     def _unresolved_pages(self, pipeline: str, tenant: str):
         after = 0
         while True:

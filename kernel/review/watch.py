@@ -16,7 +16,8 @@ class ReviewWatch:
     created meanwhile is sent once: from the backlog or as new, never both
     and never neither. Runs until ``close()`` (from any thread: it wakes a
     blocked reader at once); iterating raises DeadlineExceeded when the
-    subscription's ``timeout_s`` passes without an event.
+    subscription's ``timeout_s`` passes without an event, and the queue's
+    error once ``ReviewQueue.end_watches`` ended it.
     """
 
     __slots__ = ("_sub", "_backlog", "_present", "_sent")

@@ -6,6 +6,11 @@ publish order. Subscribers block on a condition (no polling) and can be
 closed from any thread, which wakes them at once: gRPC handlers close theirs
 when the call ends. Only changes made by this process are seen; a clustered
 backend would feed these from its own watch (e.g. a JetStream consumer).
+
+A feed closed as a whole (the kernel draining at stop) closes every
+subscription with an error, which their readers raise instead of ending
+quietly, and every later subscription starts closed with the same error:
+a watch tells its caller why it ended, and none holds the drain open.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ import time
 from collections import deque
 from collections.abc import Callable, Hashable
 
+ErrorFactory = Callable[[], BaseException]  # a fresh exception per reader: readers on many threads raise it
+
 from ..errors import DeadlineExceeded
 
 _CLOSED = object()
@@ -23,7 +30,7 @@ _CLOSED = object()
 class Subscription:
     """Items published under one key, oldest first; iterate, or ``get(timeout)``."""
 
-    __slots__ = ("_feed", "key", "_match", "_items", "_cond", "_closed", "timeout_s")
+    __slots__ = ("_feed", "key", "_match", "_items", "_cond", "_closed", "_error", "timeout_s")
 
     def __init__(self, feed: Feed, key: Hashable, match: Callable[[object], bool] | None, timeout_s: float | None):
         self._feed = feed
@@ -32,6 +39,7 @@ class Subscription:
         self._items: deque = deque()
         self._cond = threading.Condition(threading.Lock())
         self._closed = False
+        self._error: ErrorFactory | None = None  # set when the feed closed it: raised instead of ending quietly
         self.timeout_s = timeout_s  # for __next__: None waits for ever
 
     def _offer(self, item) -> None:
@@ -43,19 +51,24 @@ class Subscription:
                 self._cond.notify()
 
     def get(self, timeout_s: float | None = None):
-        """The next item; ``_CLOSED`` once closed; raises DeadlineExceeded after ``timeout_s``."""
+        """The next item; ``_CLOSED`` once closed; raises DeadlineExceeded after ``timeout_s``.
+
+        A subscription the feed closed (``Feed.close(error)``) raises ``error()`` instead of
+        returning ``_CLOSED``.
+        """
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         with self._cond:
-            while not self._items:
-                if self._closed:
-                    return _CLOSED
+            while not self._items and not self._closed:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     raise DeadlineExceeded(f"no change within {timeout_s:g} s")
                 self._cond.wait(remaining)
-            if self._closed:
-                return _CLOSED
-            return self._items.popleft()
+            if not self._closed:
+                return self._items.popleft()
+            error = self._error
+        if error is not None:
+            raise error()
+        return _CLOSED
 
     def __iter__(self):
         return self
@@ -70,12 +83,16 @@ class Subscription:
     def closed(self) -> bool:
         return self._closed
 
-    def close(self) -> None:
-        """Stop the subscription; a thread blocked in ``get`` returns at once. Idempotent."""
+    def close(self, error: ErrorFactory | None = None) -> None:
+        """Stop the subscription; a thread blocked in ``get`` returns (or raises ``error()``) at once.
+
+        Idempotent: the first close decides how readers end.
+        """
         with self._cond:
             if self._closed:
                 return
             self._closed = True
+            self._error = error
             self._items.clear()
             self._cond.notify_all()
         self._feed._remove(self)
@@ -87,13 +104,29 @@ class Feed:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._subscribers: dict[Hashable, set[Subscription]] = {}
+        self._closed_with: ErrorFactory | None = None  # set by close(): new subscriptions start closed
 
     def subscribe(self, key: Hashable = None, match: Callable[[object], bool] | None = None,
                   timeout_s: float | None = None) -> Subscription:
         sub = Subscription(self, key, match, timeout_s)
         with self._lock:
-            self._subscribers.setdefault(key, set()).add(sub)
+            error = self._closed_with
+            if error is None:
+                self._subscribers.setdefault(key, set()).add(sub)
+        if error is not None:
+            sub.close(error)
         return sub
+
+    def close(self, error: ErrorFactory) -> None:
+        """End every subscription, now and later: their readers raise ``error()`` (e.g. UNAVAILABLE
+        "shutting down"). Publishing goes on reaching no one. Idempotent: the first error stays."""
+        with self._lock:
+            if self._closed_with is None:
+                self._closed_with = error
+            error = self._closed_with
+            subscribers = [sub for subs in self._subscribers.values() for sub in subs]
+        for sub in subscribers:
+            sub.close(error)
 
     def publish(self, item, key: Hashable = None) -> None:
         with self._lock:

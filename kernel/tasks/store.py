@@ -33,7 +33,8 @@ def state_name(state: int) -> str:
 class TaskWatch:
     """A task's current state, then each change, ending after a final state (or ``close()``).
 
-    Iterating raises DeadlineExceeded when ``timeout_s`` passes without a change.
+    Iterating raises DeadlineExceeded when ``timeout_s`` passes without a change, and the
+    store's error once ``TaskStore.end_watches`` ended it.
     """
 
     __slots__ = ("_sub", "_first", "_revision", "_done")
@@ -109,6 +110,11 @@ class TaskStore:
     def watcher_count(self, task_id: str) -> int:
         """Open watches of one task (each WatchTask call holds one until it ends)."""
         return self._feed.subscriber_count(task_id)
+
+    def end_watches(self, error: Callable[[], BaseException]) -> None:
+        """End every watch, open or opened later, with ``error()`` after the task's state it was sent
+        (the kernel is draining)."""
+        self._feed.close(error)
 
     # -- writing ----------------------------------------------------------------------------
     def create(self, request: kpb.DecisionRequest) -> tuple[kpb.Task, bool]:
