@@ -37,6 +37,10 @@ log = logging.getLogger("aios.server")
 INFERENCE_SERVICE = grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 HEALTH_SERVICE = health.SERVICE_NAME
 REFLECTION_SERVICE = reflection.SERVICE_NAME
+# At a stop, how long the kernel may go on taking calls while it is busy (see KernelServer._lame_duck),
+# within the grace period, and how often it looks.
+LAME_DUCK_MAX_S = 2.0
+LAME_DUCK_POLL_S = 0.01
 
 
 def _register_standard_descriptors() -> None:
@@ -326,6 +330,7 @@ class KernelServer:
         self._draining = True
         self._update_health()
         self.decisions.end_watches()
+        self._lame_duck(min(grace, LAME_DUCK_MAX_S))
         if self._loop is not None:
             # The loop thread ends once serve() sees the server terminate; waiting
             # on the stop() future instead can hang, as the loop may exit before
@@ -338,6 +343,28 @@ class KernelServer:
         self._server = None
         self._release()
         log.info("AIOS kernel stopped")
+
+    def _busy(self) -> int:
+        """Work the kernel holds: calls in progress on the threaded front end, and every model's queued
+        requests and running batches (the asyncio front end's calls are visible only there)."""
+        held = sum(sum(self.lanes.load(mv)) for mv in self.hub.loaded())
+        if self._pool is not None:
+            held += self._calls_in_progress()
+        return held
+
+    def _lame_duck(self, limit_s: float) -> None:
+        """Keep taking calls while the kernel is busy, up to ``limit_s``, before gRPC stops taking them.
+
+        gRPC's stop cancels (CANCELLED, which clients do not retry) every call it has received but not
+        yet handed to the kernel: a burst that arrived just before SIGTERM lost most of its calls that
+        way while the kernel had handler threads to spare. While work is in progress, calls behind it
+        may still be waiting in gRPC, so the kernel goes on serving until it is idle (they are then
+        taken and answered) or ``limit_s`` passes; an idle kernel stops at once. Health already says
+        NOT_SERVING, so clients that watch it have stopped sending.
+        """
+        end = time.monotonic_ns() + int(limit_s * 1e9)
+        while self._busy() and time.monotonic_ns() < end:
+            time.sleep(LAME_DUCK_POLL_S)
 
     def _release(self) -> None:
         self.decisions.close()  # tasks stop using the lanes; the audit log flushes and checkpoints

@@ -111,6 +111,25 @@ def test_calls_accepted_before_sigterm_all_complete(very_slow_repo, front_end):
     assert results == [None] * 6, [r.code() if r else None for r in results]
 
 
+@pytest.mark.parametrize("front_end", ["sync", "aio"])
+def test_a_burst_sent_just_before_sigterm_is_answered_not_cancelled(very_slow_repo, front_end):
+    """gRPC's stop cancels calls it has received but not handed to the kernel; the kernel goes on taking
+    calls while it is busy, so a burst already sent when SIGTERM lands is answered (it lost most of its
+    calls as CANCELLED before)."""
+    server = ServeProcess(very_slow_repo, "--front-end", front_end)
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        request = pb.ModelInferRequest(model_name="slow")
+        request.inputs.add(name="INPUT0", datatype="FP32", shape=[64, 64])
+        request.raw_input_contents.append(np.ones((64, 64), np.float32).tobytes())
+        stub.ModelInfer(request, timeout=30)  # warm: the connection is up
+        calls = [stub.ModelInfer.future(request, timeout=60) for _ in range(16)]
+        code, err = server.stop()
+        failures = [call.exception().code().name for call in calls if call.exception() is not None]
+    assert code == 0, err
+    assert failures == [], failures
+
+
 def test_serve_refuses_missing_repository(tmp_path):
     result = run_cli("serve", "--models", str(tmp_path / "nope"), "--port", "0", timeout=60)
     assert result.returncode == 2
