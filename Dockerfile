@@ -2,8 +2,11 @@
 #   docker build -t aios-kernel .
 #   docker run -p 8001:8001 aios-kernel                       # serves the claims demo
 #   docker run -p 8001:8001 -v $PWD/models:/models aios-kernel serve --models /models --host 0.0.0.0
-# GPU: build with --build-arg RUNTIME_EXTRA=gpu on a CUDA base image and run with --gpus all.
-FROM python:3.11-slim AS build
+#   docker run -p 9000:9000 -e AIOS_PORT=9000 aios-kernel        # another port: settings come from AIOS_* too
+# GPU: build with --build-arg RUNTIME_EXTRA=gpu --build-arg BASE=<a CUDA 12 image with Python 3.11>
+# and run with --gpus all.
+ARG BASE=python:3.11-slim
+FROM ${BASE} AS build
 ARG RUNTIME_EXTRA=cpu
 RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
@@ -13,7 +16,7 @@ COPY kernel kernel
 COPY examples examples
 RUN pip wheel --no-cache-dir --wheel-dir /wheels ".[${RUNTIME_EXTRA}]"
 
-FROM python:3.11-slim
+FROM ${BASE}
 COPY --from=build /wheels /wheels
 RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels
 WORKDIR /app
@@ -23,6 +26,7 @@ RUN python examples/claims/build_models.py --out /app/models
 RUN useradd --system --uid 10001 aios && mkdir -p /app/var && chown aios /app/var
 USER aios
 EXPOSE 8001
-HEALTHCHECK --interval=10s --timeout=3s CMD python -c "import grpc,sys; from grpc_health.v1 import health_pb2 as h, health_pb2_grpc as g; c=grpc.insecure_channel('127.0.0.1:8001'); sys.exit(g.HealthStub(c).Check(h.HealthCheckRequest(), timeout=2).status != 1)"
+# Asks the port the kernel listens on (AIOS_PORT when set), as grpc-health-probe would.
+HEALTHCHECK --interval=10s --timeout=3s CMD python -c "import grpc,os,sys; from grpc_health.v1 import health_pb2 as h, health_pb2_grpc as g; c=grpc.insecure_channel('127.0.0.1:' + os.environ.get('AIOS_PORT', '8001')); sys.exit(g.HealthStub(c).Check(h.HealthCheckRequest(), timeout=2).status != 1)"
 ENTRYPOINT ["aios-kernel"]
-CMD ["serve", "--models", "/app/models", "--host", "0.0.0.0"]
+CMD ["serve", "--models", "/app/models", "--pipelines", "/app/examples/claims/pipelines", "--host", "0.0.0.0"]

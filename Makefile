@@ -11,7 +11,17 @@ STAMP := $(VENV)/.installed-$(RUNTIME_EXTRA)
 MODELS := examples/claims/models
 PIPELINES := examples/claims/pipelines
 
-.PHONY: serve test build demo bench bench-micro protos models clean
+.PHONY: help serve test build demo bench bench-micro protos models clean
+
+help:
+	@echo "make serve        set up .venv (install, Cython build) and serve the claims demo on 127.0.0.1:8001"
+	@echo "make test         the same set-up, then the whole test suite (compiled, then the pure-Python references)"
+	@echo "make demo         serve the demo in-process and send it a burst of decisions"
+	@echo "make build        only the set-up: .venv, install, Cython extensions"
+	@echo "make models       build the demo models into $(MODELS)"
+	@echo "make bench        front-end benchmark (bench/RESULTS.md); make bench-micro: the Cython core's"
+	@echo "make protos       regenerate kernel/_proto from proto/"
+	@echo "make clean        remove build outputs and the compiled extensions (the next make rebuilds them)"
 
 $(STAMP): pyproject.toml setup.py ext/*.pyx ext/*.pxd ext/*.pxi
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -60,3 +70,4 @@ protos: $(STAMP)
 
 clean:
 	rm -rf build dist *.egg-info kernel/_ext/*.so ext/*.c ext/*.html .pytest_cache
+	rm -f $(VENV)/.installed-*  # the extensions are gone: the next make installs and builds again

@@ -29,7 +29,7 @@ from .pipelines import DecisionEngine, PipelineRegistry, Services
 from .pipelines.provenance import resolution_record
 from .policy import load_policy, parse_policy
 from .review import ReviewQueue, reopen_reviews
-from .store import open_database
+from .store import DATABASE_FILE, open_database
 from .tasks import IdempotencyStore, TaskRunner, TaskStore, WaitingForReview
 
 log = logging.getLogger("aios.decisions")
@@ -75,8 +75,10 @@ class DecisionSide:
         self.tasks.start()
         self.reviews.redeliver()  # resolutions a crash or a failed hook cut off are finished now
         names = ", ".join(f"{p.name} ({p.label}, policy {p.policy.version})" for p in self.registry.all())
-        log.info("decisions: pipelines %s; audit log %s (%s, %d records)", names or "(none)",
-                 Path(self.settings.data_dir) / "audit", self.settings.audit_mode, self.audit.size if self.audit else 0)
+        data = Path(self.settings.data_dir).resolve()
+        log.info("decisions: pipelines %s; data dir %s: audit log audit/ (%s, %d records), tasks and reviews in %s",
+                 names or "(none)", data, self.settings.audit_mode, self.audit.size if self.audit else 0,
+                 DATABASE_FILE)
         if not self.registry.folder.is_dir():
             # A folder someone named and mistyped would otherwise show only as NOT_FOUND answers; the default one
             # missing is a kernel that serves models only.

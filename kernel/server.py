@@ -264,6 +264,10 @@ class KernelServer:
             ", ".join(f"{k}={v}" for k, v in sorted(accel.CHOSEN.items())) or "none",
             len(loaded), f", {len(self.failed_models)} failed: {', '.join(self.failed_models)}" if self.failed_models else "",
         )
+        if not loaded:  # ready to take calls, but health says NOT_SERVING until a model loads: say why
+            log.warning("no model is loaded from %s%s: health answers NOT_SERVING until one is "
+                        "(aios-kernel models load NAME, or RepositoryModelLoad)", self.settings.models,
+                        "" if self.failed_models else " (expected <name>/<version>/model.onnx)")
         hint = front_end_hint(self.settings.front_end, [lane.name for lane in self.lanes.all()])
         if hint:
             log.info("%s", hint)

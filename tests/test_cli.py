@@ -130,6 +130,15 @@ def test_a_burst_sent_just_before_sigterm_is_answered_not_cancelled(very_slow_re
     assert failures == [], failures
 
 
+def test_an_empty_repository_is_served_with_a_warning_that_says_why_health_is_not_serving(tmp_path):
+    (tmp_path / "models").mkdir()
+    server = ServeProcess(tmp_path / "models", data_dir=tmp_path / "data")
+    code, err = server.stop()
+    assert code == 0, err
+    assert "WARNING" in err and "no model is loaded from" in err and "health answers NOT_SERVING" in err
+    assert f"data dir {(tmp_path / 'data').resolve()}" in err  # where its records and reviews are
+
+
 def test_serve_refuses_missing_repository(tmp_path):
     result = run_cli("serve", "--models", str(tmp_path / "nope"), "--port", "0", timeout=60)
     assert result.returncode == 2

@@ -12,6 +12,6 @@ same small interfaces.
 from .feed import Feed, Subscription
 from .idempotency import IdempotencyStore, request_hash
 from .schema import MIGRATIONS
-from .sqlite import Database, open_database
+from .sqlite import DATABASE_FILE, Database, open_database
 
-__all__ = ["Database", "Feed", "IdempotencyStore", "MIGRATIONS", "Subscription", "open_database", "request_hash"]
+__all__ = ["DATABASE_FILE", "Database", "Feed", "IdempotencyStore", "MIGRATIONS", "Subscription", "open_database", "request_hash"]
