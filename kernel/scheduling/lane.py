@@ -99,6 +99,7 @@ class Lane:
         self._free_urgent = urgent_slots
         self._async_queued = 0  # queued items whose callers will not run batches themselves
         self._closed = False
+        self._leaving: set = set()  # models unloaded while they held work: removed once it is done
         self._helpers = [
             threading.Thread(target=self._helper, name=f"aios-lane-{name}-{i}", daemon=True)
             for i in range(slots + urgent_slots)
@@ -115,12 +116,29 @@ class Lane:
                 self.scheduler.observe(model, rows, duration_ns)
 
     def remove_model(self, model) -> None:
-        """Stop queueing for ``model``; its queued items fail with UNAVAILABLE."""
+        """Remove ``model`` once the work it holds is done: its queued requests still run (its session
+        lives until their last batch), as Triton finishes in-flight requests on unload and reload.
+
+        (It used to fail them at once with UNAVAILABLE: a reload under load dropped a quarter of the
+        requests in flight.) New requests no longer reach it: the hub stops resolving it first.
+        """
         with self._lock:
-            for item in self.scheduler.remove_model(model):
-                item.error = Unavailable(f"model {model.name}/{model.version} was unloaded before the request ran")
-                item.state = ITEM_CANCELLED
-                self._finish_locked(item)
+            if self._closed or self.scheduler.load(model) == (0, 0):
+                self._drop_locked(model)
+            else:
+                self._leaving.add(model)
+
+    def _drop_locked(self, model) -> None:
+        self._leaving.discard(model)
+        for item in self.scheduler.remove_model(model):  # none when it drained; all of them at close
+            item.error = Unavailable(f"model {model.name}/{model.version} was unloaded before the request ran")
+            item.state = ITEM_CANCELLED
+            self._finish_locked(item)
+
+    def _settle_leaving_locked(self, model) -> None:
+        """Drop ``model`` if it was unloaded and its last queued or running work just left."""
+        if model in self._leaving and self.scheduler.load(model) == (0, 0):
+            self._drop_locked(model)
 
     def load(self, model) -> tuple[int, int]:
         """(queued requests, running batches) of ``model``."""
@@ -359,6 +377,8 @@ class Lane:
             self._free_slots += 1
         scheduler = self.scheduler
         scheduler.complete(batch, compute_ns)
+        if self._leaving:
+            self._settle_leaving_locked(batch.model)
         now = time.monotonic_ns()
         timings = batch.timings
         finishing = None
@@ -450,6 +470,8 @@ class Lane:
         if self._on_item is not None:
             self._on_item(item)
         self._wake_locked(item)
+        if self._leaving:  # a cancelled or expired item may have been an unloaded model's last
+            self._settle_leaving_locked(item.model)
 
     def _wake_locked(self, item: WorkItem) -> None:
         """``item`` is finished (state and outputs/error final): wake its caller or call its callback."""

@@ -1,0 +1,73 @@
+"""Reloading or unloading a model lets the requests it already holds finish, as Triton does.
+
+(They used to fail at once with UNAVAILABLE "was unloaded before the request ran": a reload under
+load dropped a quarter of the requests in flight.) A real kernel process, real gRPC calls.
+"""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+import numpy as np
+import pytest
+
+from kernel._proto.aios.kernel.v1 import kernel_pb2, kernel_pb2_grpc
+from kernel._proto.inference import grpc_service_pb2 as pb
+from kernel._proto.inference import grpc_service_pb2_grpc as pb_grpc
+from kernel.testing import onnx_models
+from kernel.testing.processes import ServeProcess
+
+IN_FLIGHT = 40  # more queued work than a reload (load and profile a new session) takes
+
+
+@pytest.fixture(scope="module")
+def kernel(tmp_path_factory):
+    root = tmp_path_factory.mktemp("reload")
+    # Tens of milliseconds a 64-row call on one core: the requests queue behind each other.
+    onnx_models.save_mlp_version(root, "slow", [64, 2048, 2048, 2048, 8], seed=6, provider="cpu")
+    server = ServeProcess(root, data_dir=tmp_path_factory.mktemp("reload-data"))
+    yield server
+    code, err = server.stop()
+    assert code == 0, err
+
+
+def _request() -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name="slow")
+    request.inputs.add(name="INPUT0", datatype="FP32", shape=[64, 64])
+    request.raw_input_contents.append(np.ones((64, 64), np.float32).tobytes())
+    return request
+
+
+def _queue_behind_each_other(channel, stub) -> list:
+    """IN_FLIGHT calls, returned once the kernel holds all of them (finished, queued or running)."""
+    calls = [stub.ModelInfer.future(_request(), timeout=60) for _ in range(IN_FLIGHT)]
+    admin = kernel_pb2_grpc.AdminServiceStub(channel)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        models = admin.ListModels(kernel_pb2.ListModelsRequest()).models
+        held = sum(m.queued_requests + m.running_batches for m in models if m.name == "slow")
+        if sum(call.done() for call in calls) + held >= IN_FLIGHT:
+            break
+    return calls
+
+
+@pytest.mark.parametrize("change", ["reload", "unload"])
+def test_requests_queued_for_a_model_finish_when_it_is_reloaded_or_unloaded(kernel, change):
+    with grpc.insecure_channel(kernel.address) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="slow"), timeout=120)  # loaded, warm
+        stub.ModelInfer(_request(), timeout=60)
+        calls = _queue_behind_each_other(channel, stub)
+        if change == "reload":
+            stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="slow"), timeout=120)
+        else:
+            stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name="slow"), timeout=60)
+        failures = [call.exception().details() for call in calls if call.exception() is not None]
+        assert failures == []
+        if change == "unload":  # and nothing new reaches it
+            with pytest.raises(grpc.RpcError) as info:
+                stub.ModelInfer(_request(), timeout=60)
+            assert info.value.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAVAILABLE)
+        else:
+            assert stub.ModelInfer(_request(), timeout=60).outputs  # the new session answers
