@@ -7,6 +7,7 @@ it came from (file, environment variable or flag).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
 from dataclasses import dataclass, fields
@@ -25,6 +26,25 @@ _FALSE = ("0", "false", "no", "off")
 
 class SettingsError(ValueError):
     """A bad setting; the message names it and its source."""
+
+
+class OperatorPath(str):
+    """A file path an operator set (kernel.toml, an AIOS_* variable or a flag), and where it came from.
+
+    Everywhere else a plain ``str``; what opens the file can tell that it must already exist: an
+    ``audit_key`` set this way is never created (kernel/audit/keys.py), so a secret mount that failed
+    stops the start instead of a new key signing from then on. ``AuditLog.open(key_path=...)`` given a
+    plain path still creates the key: that is the library's API, and tests rely on it. The check is
+    made when the key is opened, not here, so that ``load_settings`` alone (a client command, a test
+    of the layers) does not need the file.
+    """
+
+    source: str
+
+    def __new__(cls, value: str, source: str = "") -> "OperatorPath":
+        path = super().__new__(cls, value)
+        path.source = source
+        return path
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +99,8 @@ class Settings:
     # "fsync": a decision is answered once its record is on disk. "async": once written to the OS;
     # a power loss or OS crash can then lose the records of the last checkpoint interval.
     audit_mode: str = "fsync"
-    audit_key: str = ""  # Ed25519 key signing checkpoints; "" = <data_dir>/audit/signing-key.pem, created if absent
+    # Ed25519 key signing checkpoints: a PEM file that must exist; "" = <data_dir>/audit/signing-key.pem, created if absent
+    audit_key: str = ""
     audit_checkpoint_records: int = 1000  # sign a checkpoint every this many records...
     audit_checkpoint_ms: float = 1000.0  # ...or this long after a record, whichever comes first
     audit_segment_bytes: int = 64 * 1024 * 1024  # segment files rotate at this size
@@ -106,11 +127,18 @@ class Settings:
 _FIELDS = {f.name: f for f in fields(Settings)}
 
 
+# Durations: a longer one is a typo, and past threading.TIMEOUT_MAX (~292 years) a wait on it raises
+# OverflowError inside a kernel thread.
+_MAX_SECONDS = 86_400  # a day
+
+
 def _coerce(name: str, value: Any, source: str) -> Any:
     kind = _FIELDS[name].type
+    given = value
     try:
         if kind == "int":
-            if isinstance(value, bool):
+            # bool is an int in Python, and int() would cut 8302.9 down to 8302: both refused
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError
             value = int(value)
         elif kind == "float":
@@ -127,7 +155,9 @@ def _coerce(name: str, value: Any, source: str) -> Any:
             elif not isinstance(value, bool):
                 raise ValueError
     except (TypeError, ValueError):
-        raise SettingsError(f"{name} (from {source}) must be {kind}, got {value!r}") from None
+        raise SettingsError(f"{name} (from {source}) must be {kind}, got {given!r}") from None
+    if kind == "float" and not math.isfinite(value):  # "nan" and "inf" parse, in TOML too, and pass range checks
+        raise SettingsError(f"{name} (from {source}) must be a finite number, got {given!r}")
     return value
 
 
@@ -149,24 +179,50 @@ def _validate(settings: Settings, sources: dict[str, str]) -> None:
         raise bad("batch_nice", f"must be 0..19 (0 = off), got {settings.batch_nice}")
     if settings.max_message_bytes < 1024:
         raise bad("max_message_bytes", f"must be >= 1024, got {settings.max_message_bytes}")
-    if settings.grace_seconds < 0:
-        raise bad("grace_seconds", f"must be >= 0, got {settings.grace_seconds}")
+    if not 0 <= settings.grace_seconds <= _MAX_SECONDS:
+        raise bad("grace_seconds", f"must be 0..{_MAX_SECONDS} (a day), got {settings.grace_seconds}")
     if settings.log_level.upper() not in LOG_LEVELS:
         raise bad("log_level", f"must be one of {', '.join(LOG_LEVELS)}, got {settings.log_level!r}")
-    if settings.pipeline_poll_s < 0:
-        raise bad("pipeline_poll_s", f"must be >= 0 (0 = load at start only), got {settings.pipeline_poll_s}")
+    if not 0 <= settings.pipeline_poll_s <= _MAX_SECONDS:
+        raise bad("pipeline_poll_s", f"must be 0..{_MAX_SECONDS} (0 = load at start only), got {settings.pipeline_poll_s}")
     if settings.scheduler not in SCHEDULERS:
         raise bad("scheduler", f"must be one of {', '.join(SCHEDULERS)}, got {settings.scheduler!r}")
     if settings.audit_mode not in AUDIT_MODES:
         raise bad("audit_mode", f"must be one of {', '.join(AUDIT_MODES)}, got {settings.audit_mode!r}")
     if settings.audit_checkpoint_records < 1:
         raise bad("audit_checkpoint_records", f"must be >= 1, got {settings.audit_checkpoint_records}")
-    if settings.audit_checkpoint_ms <= 0:
-        raise bad("audit_checkpoint_ms", f"must be > 0, got {settings.audit_checkpoint_ms}")
+    if not 0 < settings.audit_checkpoint_ms <= _MAX_SECONDS * 1000:
+        raise bad("audit_checkpoint_ms", f"must be > 0 and <= {_MAX_SECONDS * 1000} (a day), got {settings.audit_checkpoint_ms}")
+    if settings.audit_key and Path(settings.audit_key).is_dir():
+        raise bad("audit_key", f"{settings.audit_key} is a directory, not the signing key's PEM file")
     if settings.audit_segment_bytes < 4096:
         raise bad("audit_segment_bytes", f"must be >= 4096, got {settings.audit_segment_bytes}")
     if settings.audit_preallocate_bytes < 0:
         raise bad("audit_preallocate_bytes", f"must be >= 0 (0 = append), got {settings.audit_preallocate_bytes}")
+
+
+def _file_settings(path: Path) -> dict[str, Any]:
+    """The settings table of a kernel.toml: its [kernel] table, or its top-level keys when it has none."""
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SettingsError(f"config file {path} does not exist") from None
+    except OSError as exc:  # a directory, no permission, an I/O error
+        raise SettingsError(f"cannot read config {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise SettingsError(f"cannot read config {path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingsError(f"config file {path} is not valid TOML: {exc}") from None
+    if "kernel" not in raw:
+        return raw  # top-level keys: each must be a setting (load_settings refuses the others)
+    table = raw["kernel"]
+    if not isinstance(table, dict):
+        raise SettingsError(f"{path}: [kernel] must be a table, got kernel = {table!r}")
+    # Beside a [kernel] table nothing else is read: refuse it rather than ignore a typo ([server], [kernal]).
+    others = [f"[{key}]" if isinstance(value, dict) else repr(key) for key, value in raw.items() if key != "kernel"]
+    if others:
+        raise SettingsError(f"{path}: unknown top-level {', '.join(others)} beside [kernel] (settings go inside [kernel])")
+    return table
 
 
 def load_settings(
@@ -179,14 +235,7 @@ def load_settings(
     sources: dict[str, str] = {}
     if config_file is not None:
         path = Path(config_file)
-        try:
-            raw = tomllib.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise SettingsError(f"config file {path} does not exist") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise SettingsError(f"config file {path} is not valid TOML: {exc}") from None
-        table = raw.get("kernel", raw)  # accept a [kernel] table or top-level keys
-        for key, value in table.items():
+        for key, value in _file_settings(path).items():
             if key not in _FIELDS:
                 raise SettingsError(f"{path}: unknown setting {key!r}; known: {', '.join(_FIELDS)}")
             values[key] = _coerce(key, value, str(path))
@@ -201,6 +250,8 @@ def load_settings(
         if value is not None:
             values[key] = _coerce(key, value, f"--{key.replace('_', '-')}")
             sources[key] = f"--{key.replace('_', '-')}"
+    if values.get("audit_key"):
+        values["audit_key"] = OperatorPath(values["audit_key"], sources["audit_key"])
     settings = Settings(**values)
     if settings.log_level != settings.log_level.upper():
         settings = dataclasses.replace(settings, log_level=settings.log_level.upper())

@@ -23,6 +23,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from ..config import OperatorPath
+from ..errors import FailedPrecondition
 from .errors import AuditError
 from .segments import fsync_dir
 
@@ -62,19 +64,29 @@ def public_pem(public_raw: bytes) -> bytes:
 
 
 def load_or_create(path: str | Path) -> SigningKey:
-    """The signing key at ``path``; a new one is generated and written (0600) if the file is absent."""
+    """The signing key at ``path``; a new one is generated and written (0600) if the file is absent.
+
+    Except where ``path`` is an ``OperatorPath`` (``audit_key`` set in kernel.toml, AIOS_AUDIT_KEY or a
+    flag): a key the operator named and that is missing is a failed mount or a typo, and a new key would
+    sign from then on unnoticed, so it is FAILED_PRECONDITION. Only the default key, kept in the audit
+    directory, is created on first start.
+    """
+    source = path.source if isinstance(path, OperatorPath) else ""
     path = Path(path)
     try:
-        return _load(path)
+        return _load(path, source)
     except FileNotFoundError:
-        pass
+        if source:
+            raise FailedPrecondition(
+                f"audit_key (from {source}) {path} does not exist; leave audit_key empty to keep the key "
+                "in the audit directory, created on first start") from None
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     private = Ed25519PrivateKey.generate()
     pem = private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:  # another process created it first: use theirs
-        return _load(path)
+        return _load(path, source)
     try:
         os.write(fd, pem)
         os.fsync(fd)
@@ -86,8 +98,14 @@ def load_or_create(path: str | Path) -> SigningKey:
     return key
 
 
-def _load(path: Path) -> SigningKey:
-    data = path.read_bytes()
+def _load(path: Path, source: str = "") -> SigningKey:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise
+    except OSError as exc:  # a directory, no permission: name the setting, not only the path
+        where = f" (from {source})" if source else ""
+        raise FailedPrecondition(f"audit_key{where} {path} cannot be read: {exc.strerror or exc}") from None
     mode = stat.S_IMODE(path.stat().st_mode)
     if mode & 0o077:
         log.warning("audit: signing key %s is readable by others (mode %04o); chmod 600 it", path, mode)

@@ -1,0 +1,202 @@
+"""Settings that used to end in a traceback or be taken silently: each is now one line naming the setting."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kernel.audit.writer import AuditLog
+from kernel.config import SettingsError, load_settings
+from kernel.errors import FailedPrecondition
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def refused(config=None, **kwargs) -> str:
+    kwargs.setdefault("environ", {})
+    with pytest.raises(SettingsError) as info:
+        load_settings(config, **kwargs)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def toml(tmp_path, text: str) -> Path:
+    path = tmp_path / "kernel.toml"
+    path.write_text(text)
+    return path
+
+
+# ---------------------------------------------------------------- the file itself
+
+
+def test_config_that_is_a_directory(tmp_path):
+    assert refused(tmp_path) == f"cannot read config {tmp_path}: Is a directory"
+
+
+def test_config_that_is_not_utf8(tmp_path):
+    config = tmp_path / "kernel.toml"
+    config.write_bytes(b"port = 9000\nhost = \"caf\xe9\"\n")
+    message = refused(config)
+    assert message.startswith(f"cannot read config {config}: not UTF-8 text")
+
+
+def test_config_that_cannot_be_read(tmp_path, monkeypatch):
+    config = toml(tmp_path, "port = 9000\n")
+
+    def denied(self, *args, **kwargs):  # (tests run as root here, where chmod 000 does not stop a read)
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "read_text", denied)
+    assert refused(config) == f"cannot read config {config}: Permission denied"
+
+
+# ---------------------------------------------------------------- its shape
+
+
+@pytest.mark.parametrize("value", ["5", '"x"', "[1, 2]", "true"])
+def test_kernel_that_is_not_a_table(tmp_path, value):
+    config = toml(tmp_path, f"kernel = {value}\n")
+    assert refused(config).startswith(f"{config}: [kernel] must be a table, got kernel = ")
+
+
+@pytest.mark.parametrize(
+    "text,named",
+    [
+        ("[kernel]\nport = 9000\n[server]\nworkers = 3\n", "[server]"),
+        ("workers = 3\n[kernel]\nport = 9000\n", "'workers'"),  # a setting outside [kernel] is not merged either
+        ("[kernal]\nworkers = 3\n[kernel]\nport = 9000\n", "[kernal]"),
+    ],
+)
+def test_nothing_beside_the_kernel_table_is_ignored(tmp_path, text, named):
+    message = refused(toml(tmp_path, text))
+    assert f"unknown top-level {named} beside [kernel]" in message
+
+
+def test_top_level_keys_without_a_kernel_table_still_work(tmp_path):
+    assert load_settings(toml(tmp_path, "port = 9000\nworkers = 3\n"), environ={}).workers == 3
+    assert "unknown setting 'server'" in refused(toml(tmp_path, "port = 9000\n[server]\nworkers = 3\n"))
+    assert "unknown setting 'prot'" in refused(toml(tmp_path, "[kernel]\nprot = 1\n"))
+
+
+# ---------------------------------------------------------------- numbers
+
+
+@pytest.mark.parametrize("name", ["grace_seconds", "pipeline_poll_s", "audit_checkpoint_ms"])
+@pytest.mark.parametrize("literal", ["nan", "inf", "-inf", "+nan"])
+def test_float_settings_refuse_nan_and_infinity_from_the_file(tmp_path, name, literal):
+    config = toml(tmp_path, f"[kernel]\n{name} = {literal}\n")
+    assert f"{name} (from {config}) must be a finite number" in refused(config)
+
+
+@pytest.mark.parametrize("name", ["grace_seconds", "pipeline_poll_s", "audit_checkpoint_ms"])
+@pytest.mark.parametrize("text", ["nan", "NaN", "inf", "Infinity", "-inf"])
+def test_float_settings_refuse_nan_and_infinity_from_the_environment(name, text):
+    var = f"AIOS_{name.upper()}"
+    assert refused(environ={var: text}) == f"{name} (from ${var}) must be a finite number, got {text!r}"
+
+
+@pytest.mark.parametrize(
+    "name,value,fragment",
+    [
+        ("grace_seconds", "-1", "must be 0..86400"),
+        ("grace_seconds", "1e300", "must be 0..86400"),
+        ("pipeline_poll_s", "-0.5", "must be 0..86400"),
+        ("pipeline_poll_s", "1e300", "must be 0..86400"),
+        ("audit_checkpoint_ms", "0", "must be > 0 and <= 86400000"),
+        ("audit_checkpoint_ms", "-5", "must be > 0 and <= 86400000"),
+        ("audit_checkpoint_ms", "1e300", "must be > 0 and <= 86400000"),  # past threading.TIMEOUT_MAX
+    ],
+)
+def test_float_settings_out_of_range(name, value, fragment):
+    var = f"AIOS_{name.upper()}"
+    assert f"{name} (from ${var}) {fragment}" in refused(environ={var: value})
+
+
+def test_float_settings_in_range_are_taken(tmp_path):
+    config = toml(tmp_path, "[kernel]\ngrace_seconds = 0\naudit_checkpoint_ms = 2.5\n")
+    settings = load_settings(config, environ={"AIOS_PIPELINE_POLL_S": "0.25"})
+    assert (settings.grace_seconds, settings.audit_checkpoint_ms, settings.pipeline_poll_s) == (0.0, 2.5, 0.25)
+
+
+@pytest.mark.parametrize("literal", ["8302.9", "true", "false", "inf", "nan", "1e400"])
+def test_int_settings_refuse_fractions_and_booleans_in_the_file(tmp_path, literal):
+    config = toml(tmp_path, f"[kernel]\nport = {literal}\n")
+    assert f"port (from {config}) must be int, got " in refused(config)
+
+
+def test_int_settings_from_flags_and_environment(tmp_path):
+    assert refused(overrides={"workers": 3.5}) == "workers (from --workers) must be int, got 3.5"
+    assert refused(overrides={"workers": True}) == "workers (from --workers) must be int, got True"
+    assert refused(environ={"AIOS_PORT": "8302.9"}) == "port (from $AIOS_PORT) must be int, got '8302.9'"
+    config = toml(tmp_path, "[kernel]\nport = 8302.0\n")  # a whole number written as a float loses nothing
+    assert load_settings(config, environ={}).port == 8302
+    assert isinstance(load_settings(config, environ={}).port, int)
+
+
+# ---------------------------------------------------------------- audit_key
+
+
+def test_audit_key_that_is_a_directory(tmp_path):
+    assert refused(environ={"AIOS_AUDIT_KEY": str(tmp_path)}) == (
+        f"audit_key (from $AIOS_AUDIT_KEY) {tmp_path} is a directory, not the signing key's PEM file")
+
+
+@pytest.mark.parametrize("source", ["file", "env", "flag"])
+def test_an_explicit_audit_key_that_is_missing_stops_the_start(tmp_path, source):
+    key = tmp_path / "secrets" / "audit.pem"  # a secret mount that failed
+    config = toml(tmp_path, f'[kernel]\naudit_key = "{key}"\n')
+    settings, named = {
+        "file": (lambda: load_settings(config, environ={}), str(config)),
+        "env": (lambda: load_settings(environ={"AIOS_AUDIT_KEY": str(key)}), "$AIOS_AUDIT_KEY"),
+        "flag": (lambda: load_settings(overrides={"audit_key": str(key)}, environ={}), "--audit-key"),
+    }[source]
+    settings = settings()
+    assert settings.audit_key == str(key)  # (loading the settings alone does not need the file)
+    with pytest.raises(FailedPrecondition) as info:  # what DecisionSide does at start (kernel/decisions.py)
+        AuditLog.open(tmp_path / "audit", key_path=settings.audit_key or None)
+    assert info.value.message == (
+        f"audit_key (from {named}) {key} does not exist; leave audit_key empty to keep the key in the audit "
+        "directory, created on first start")
+    assert not key.exists() and not key.parent.exists()
+
+
+def test_an_explicit_audit_key_that_exists_is_used_and_the_default_is_created(tmp_path):
+    with AuditLog.open(tmp_path / "first") as log:  # the default: created in the audit directory
+        first = log.public_key
+    assert (tmp_path / "first" / "signing-key.pem").exists()
+    settings = load_settings(environ={"AIOS_AUDIT_KEY": str(tmp_path / "first" / "signing-key.pem")})
+    with AuditLog.open(tmp_path / "second", key_path=settings.audit_key) as log:
+        assert log.public_key == first
+
+
+def test_an_unreadable_audit_key_names_the_setting(tmp_path, monkeypatch):
+    key = tmp_path / "audit.pem"
+    key.write_bytes(b"")
+    settings = load_settings(environ={"AIOS_AUDIT_KEY": str(key)})
+
+    def denied(self, *args, **kwargs):  # (tests run as root here, where chmod 000 does not stop a read)
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "read_bytes", denied)
+    with pytest.raises(FailedPrecondition) as info:
+        AuditLog.open(tmp_path / "audit", key_path=settings.audit_key)
+    assert info.value.message == f"audit_key (from $AIOS_AUDIT_KEY) {key} cannot be read: Permission denied"
+
+
+def test_serve_with_a_missing_audit_key_exits_with_one_line(tmp_path):
+    key = tmp_path / "secrets" / "audit.pem"
+    (tmp_path / "models").mkdir()
+    result = subprocess.run(
+        [sys.executable, "-m", "kernel", "serve", "--models", str(tmp_path / "models"), "--port", "0",
+         "--data-dir", str(tmp_path / "data")],
+        capture_output=True, text=True, timeout=30, cwd=ROOT,
+        env={**{k: v for k, v in os.environ.items() if not k.startswith("AIOS_")}, "AIOS_AUDIT_KEY": str(key)},
+    )
+    assert result.returncode == 2, result.stderr
+    assert f"audit_key (from $AIOS_AUDIT_KEY) {key} does not exist" in result.stderr
+    assert "Traceback" not in result.stderr and not key.exists()
