@@ -15,6 +15,7 @@ from kernel._proto.aios.kernel.v1 import kernel_pb2 as kpb
 from kernel.errors import DeadlineExceeded, FailedPrecondition, Internal, InvalidArgument, NotFound, Unavailable, shutting_down
 from kernel.review import ReviewQueue
 from kernel.store import open_database
+from kernel.testing.watches import errors_when_ended
 
 S = 1_000_000_000
 
@@ -310,20 +311,8 @@ def test_close_wakes_a_blocked_watcher(queue):
 
 
 def test_ending_the_watches_wakes_each_with_the_error_and_ends_later_ones_at_once(queue):
-    watch = queue.watch()
-    errors = []
-
-    def read() -> None:
-        try:
-            list(watch)
-        except Unavailable as exc:
-            errors.append(exc)
-
-    reader = threading.Thread(target=read)
-    reader.start()
-    queue.end_watches(shutting_down)
-    reader.join(timeout=10)
-    assert not reader.is_alive() and len(errors) == 1 and "shutting down" in errors[0].message
+    errors = errors_when_ended(queue.watch(), lambda: queue.end_watches(shutting_down))
+    assert len(errors) == 1 and isinstance(errors[0], Unavailable) and "shutting down" in errors[0].message
     assert queue.watcher_count() == 0
     escalate(queue)  # published to no one
     with pytest.raises(Unavailable, match="watch again"):

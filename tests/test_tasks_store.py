@@ -19,6 +19,7 @@ from kernel.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument,
 from kernel.store import MIGRATIONS, open_database
 from kernel.store.schema import latest_version, migrate
 from kernel.tasks import TaskStore
+from kernel.testing.watches import errors_when_ended
 
 
 @pytest.fixture
@@ -232,19 +233,8 @@ def test_ending_the_watches_wakes_each_with_the_error_and_ends_later_ones_at_onc
     task, _ = store.create(decision_request())
     watch = store.watch(task.task_id)
     next(watch)
-    errors = []
-
-    def read() -> None:
-        try:
-            list(watch)
-        except Unavailable as exc:
-            errors.append(exc)
-
-    reader = threading.Thread(target=read)
-    reader.start()
-    store.end_watches(shutting_down)
-    reader.join(timeout=10)
-    assert not reader.is_alive() and len(errors) == 1 and "shutting down" in errors[0].message
+    errors = errors_when_ended(watch, lambda: store.end_watches(shutting_down))
+    assert len(errors) == 1 and isinstance(errors[0], Unavailable) and "shutting down" in errors[0].message
     assert store.watcher_count(task.task_id) == 0
     later = store.watch(task.task_id)
     assert next(later).state == kpb.QUEUED  # the state it was asked for, then the error
