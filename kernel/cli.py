@@ -138,20 +138,31 @@ def cmd_models_list(args) -> int:
     from .models import config as model_config
     from .models.hub import ModelHub
 
-    hub = ModelHub(args.models)
-    found = hub.available()
+    root = Path(args.models)
+    if not root.is_dir():  # a command-line path that is not there: exit 2, as for serve --models
+        print(f"{root} {'is not a folder' if root.exists() else 'does not exist'}", file=sys.stderr)
+        return 2
+    found = ModelHub(root).scan()
     if not found:
-        print(f"no models under {args.models} (expected <name>/<version>/model.onnx)")
+        print(f"no models under {root} (expected <name>/<version>/model.onnx)")
         return 1
     print(f"{'model':28} {'version':8} {'max_batch':>9}  inputs -> outputs")
     status = 0
-    for name, versions in found.items():
-        stray = model_config.misplaced(Path(args.models) / name)
-        if stray is not None:  # the kernel refuses this model (kernel/models/hub.py): say so here too
-            print(f"{name:28} {'-':8} {'!':>9}  invalid: {stray} is not read: settings go in each version's folder")
+    for name, folder in found.items():
+        # Files the kernel does not read (kernel/models/config.py unread()): refused or loaded without them.
+        for unread in model_config.unread(root / name):
+            verdict = "invalid" if unread.refused else "warning"
+            print(f"{name:28} {'-':8} {'!':>9}  {verdict}: {unread.path} is not read: {unread.brief}")
             status = 1
-        for version in versions:
-            toml = Path(args.models) / name / version / "model.toml"
+        if not folder.version_folders:  # nothing to list per version: say why once
+            print(f"{name:28} {'-':8} {'!':>9}  unavailable: {folder.problem}")
+            status = 1
+        for version in folder.version_folders:
+            if version in folder.skipped:
+                print(f"{name:28} {version:8} {'!':>9}  unavailable: {folder.skipped[version]}")
+                status = 1
+                continue
+            toml = root / name / version / "model.toml"
             if not toml.is_file():
                 print(f"{name:28} {version:8} {'?':>9}  (no model.toml: derived from the graph at load)")
                 continue

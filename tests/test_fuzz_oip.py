@@ -555,6 +555,8 @@ def test_model_lookup_rpcs_fuzz(stub, reference, rpc, name, version):
         assert [t.name for t in response.inputs] == [i[0] for i in SPECS[(name, served)][1]]
     elif rpc == "ModelConfig":
         assert response.config.name == name and response.config.max_batch_size == SPECS[(name, served)][0]
+    elif name and not version:  # every loaded version, as Triton answers
+        assert [(s.name, s.version) for s in response.model_stats] == [(name, v) for v in LOADED[name]]
     elif name:
         assert [(s.name, s.version) for s in response.model_stats] == [(name, served)]
     else:

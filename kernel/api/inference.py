@@ -58,7 +58,12 @@ class InferenceService:
         mv = self.hub.get(name, version)
         if mv is not None:
             return mv
+        # In the repository but not served: the reason the kernel holds (UNAVAILABLE), as RepositoryIndex says.
+        why = self.hub.unavailable_reason(name, version)
         versions = self.hub.versions(name)
+        if why:
+            which = f"model '{name}' version '{version}'" if versions else f"model '{name}'"
+            raise Unavailable(f"{which} is not loaded: {why}")
         if versions:
             raise NotFound(f"model '{name}' has no loaded version '{version}'; loaded versions: {', '.join(versions)}")
         loaded = sorted({m.name for m in self.hub.loaded()})
@@ -85,7 +90,9 @@ class InferenceService:
         return converters.model_config(self.resolve(request.name, request.version))
 
     def model_statistics(self, request) -> pb.ModelStatisticsResponse:
-        if request.name:
+        if request.name and not request.version:  # every loaded version, as Triton answers
+            chosen = self.hub.loaded_versions(request.name) or [self.resolve(request.name, "")]
+        elif request.name:
             chosen = [self.resolve(request.name, request.version)]
         else:
             chosen = self.hub.loaded()
@@ -107,7 +114,8 @@ class InferenceService:
         name = request.model_name
         if not name:
             raise InvalidArgument("model_name is empty")
-        if name not in self.hub.available():
+        _refuse_load_parameters(request.parameters)
+        if name not in self.hub.scan():
             raise NotFound(f"model '{name}' is not in the repository {self.hub.root}")
         try:
             self.hub.load(name)
@@ -235,6 +243,19 @@ class InferenceService:
             if now > deadline:
                 raise DeadlineExceeded(f"the answer was ready {(now - deadline) / 1e6:.1f} ms after the request's deadline")
         return response
+
+
+def _refuse_load_parameters(parameters) -> None:
+    """Triton's load overrides (``config``: a JSON model config; ``file:<path>``: a model file's bytes) would
+    be applied without a trace in the repository: refused, with where such a change goes instead."""
+    for key in sorted(parameters):
+        if key == "config":
+            advice = "edit the version's model.toml"
+        elif key.startswith("file:"):
+            advice = "put the model's files in its repository folder (<name>/<version>/model.onnx)"
+        else:
+            advice = "RepositoryModelLoad takes no parameters"
+        raise InvalidArgument(f"RepositoryModelLoad parameters {key!r} is not supported: {advice}")
 
 
 def _schedule_params(parameters, priority: int) -> tuple[int, int, str]:

@@ -4,7 +4,7 @@ Layout of a repository::
 
     models/<name>/<version>/model.onnx
     models/<name>/<version>/model.toml   # optional: derived from the graph when absent
-    (a models/<name>/model.toml beside the versions is refused: kernel/models/hub.py)
+    (files beside the versions are not read: ``unread()`` below says which and what follows)
 
 Schema (every key optional unless marked)::
 
@@ -15,8 +15,9 @@ Schema (every key optional unless marked)::
     cuda_tf32 = false          # let CUDA use TF32 matmuls: faster, but results differ from the CPU's in the 4th digit
     intra_op_threads = 1
     inter_op_threads = 1
-    priority = 2               # default request priority: 1 = urgent (may use the lane's urgent slot), higher = later
-    weight = 1.0               # fair share of its lane against other models
+    priority = 2               # default request priority, 1..priority_levels: 1 = urgent (may use the lane's
+                               # urgent slot), higher = later
+    weight = 1.0               # fair share of its lane against other models (finite, > 0)
     max_queue_delay_us = 0     # Triton-like static batching window (0 = adaptive)
     preferred_batch_sizes = [] # with a static window: dispatch as soon as one of these is queued
     priority_levels = 3        # request priorities 1..N (1 = most urgent)
@@ -45,6 +46,7 @@ Schema (every key optional unless marked)::
 
 from __future__ import annotations
 
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -262,14 +264,18 @@ def parse(path: Path, name: str, version: str, raw: dict) -> ModelConfig:
                 raise ModelConfigError(path, f"{label}[{index}].name", f"duplicate tensor name {spec.name!r}")
             seen.add(spec.name)
     weight = _expect(path, "weight", raw.get("weight", 1.0), (int, float), "a number")
-    if weight <= 0:
-        raise ModelConfigError(path, "weight", f"must be > 0, got {weight}")
+    if not (math.isfinite(weight) and weight > 0):  # (nan > 0 is False, but so is nan <= 0)
+        raise ModelConfigError(path, "weight", f"must be a finite number > 0, got {weight}")
     preferred = _expect(path, "preferred_batch_sizes", raw.get("preferred_batch_sizes", []), list, "a list of integers")
     max_batch = _int(path, raw, "max_batch_size", DEFAULT_MAX_BATCH_SIZE, 0)
     for size in preferred:
         _expect(path, "preferred_batch_sizes", size, int, "a list of integers")
         if not 0 < size <= max(max_batch, 1):
             raise ModelConfigError(path, "preferred_batch_sizes", f"{size} is outside 1..max_batch_size ({max_batch})")
+    levels = _levels(path, raw)
+    priority = _int(path, raw, "priority", 2, 1)
+    if priority > levels:  # the scheduler would clamp it: refuse instead of serving another priority
+        raise ModelConfigError(path, "priority", f"must be between 1 and priority_levels ({levels}), got {priority}")
     return ModelConfig(
         name=name,
         version=version,
@@ -281,22 +287,54 @@ def parse(path: Path, name: str, version: str, raw: dict) -> ModelConfig:
         cuda_tf32=_expect(path, "cuda_tf32", raw.get("cuda_tf32", False), bool, "true or false"),
         intra_op_threads=_int(path, raw, "intra_op_threads", 1, 0),
         inter_op_threads=_int(path, raw, "inter_op_threads", 1, 0),
-        priority=_int(path, raw, "priority", 2, 1),
+        priority=priority,
         weight=float(weight),
         max_queue_delay_us=_int(path, raw, "max_queue_delay_us", 0, 0),
         preferred_batch_sizes=tuple(sorted(preferred)),
-        priority_levels=_levels(path, raw),
+        priority_levels=levels,
         max_queue=_int(path, raw, "max_queue", 4096, 1),
         max_tenant_queue=_int(path, raw, "max_tenant_queue", 1024, 1),
         card=_card(path, raw.get("card", {})),
     )
 
 
+@dataclass(frozen=True, slots=True)
+class UnreadFile:
+    """A file in a model's folder that the kernel does not read, and what follows from that."""
+
+    path: Path
+    refused: bool  # True: the model is refused; False: it loads and a warning says what was not applied
+    why: str  # the whole reason (the load's error or warning)
+    brief: str  # the same for a one-line listing, after "<path> is not read: "
+
+
+def unread(model_dir: Path) -> list[UnreadFile]:
+    """The one list of files beside a model's version folders that look like settings but are never read
+    (the hub refuses or warns, ``models list`` flags them): a ``model.toml`` there is refused; Triton's
+    ``config.pbtxt`` is loaded without its settings, with a warning. Each says where settings go."""
+    model_dir = Path(model_dir)
+    where = f"{model_dir}/<version>/model.toml"
+    found = []
+    toml = model_dir / "model.toml"
+    if toml.is_file():
+        found.append(UnreadFile(
+            toml, True,
+            f"not read here: a model's settings go in each version's folder, next to its model.onnx ({where})",
+            f"settings go in each version's folder ({model_dir.name}/<version>/model.toml): the model is refused"))
+    pbtxt = model_dir / "config.pbtxt"
+    if pbtxt.is_file():
+        found.append(UnreadFile(
+            pbtxt, False,
+            "Triton's config.pbtxt is not read and none of its settings were applied: the kernel reads "
+            f"model.toml in each version's folder ({where}; README, \"Model repository\")",
+            f"settings go in each version's folder ({model_dir.name}/<version>/model.toml): "
+            "the model loads without them"))
+    return found
+
+
 def misplaced(model_dir: Path) -> Path | None:
-    """A ``model.toml`` beside a model's version folders (where Triton keeps ``config.pbtxt``): never read,
-    so the kernel refuses that model and ``models list`` flags it; None when there is none."""
-    path = Path(model_dir) / "model.toml"
-    return path if path.is_file() else None
+    """The first file of ``unread(model_dir)`` that gets the model refused, or None."""
+    return next((f.path for f in unread(model_dir) if f.refused), None)
 
 
 def load(path: Path, name: str, version: str) -> ModelConfig:

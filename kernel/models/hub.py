@@ -53,6 +53,42 @@ def _version_sort_key(version: str):
     return (0, int(version), "") if version.isdigit() else (1, 0, version)
 
 
+@dataclass(slots=True)
+class ModelFolder:
+    """One model's folder in the repository: the versions that can be loaded, and why the others cannot."""
+
+    path: Path
+    versions: list[str]  # version folders holding a model.onnx, oldest first
+    skipped: dict[str, str]  # version folder -> why it is not served ("version 3 has no model.onnx ...")
+
+    @property
+    def version_folders(self) -> list[str]:
+        """Every version folder, served or not, oldest first."""
+        return sorted([*self.versions, *self.skipped], key=_version_sort_key)
+
+    @property
+    def problem(self) -> str:
+        """Why no version of this model can be served; "" when some can."""
+        if self.versions:
+            return ""
+        if not self.skipped:
+            return f"no version folders (expected {self.path.name}/<version>/model.onnx)"
+        return "; ".join(self.skipped.values())
+
+
+def scan_folder(model_dir: Path) -> ModelFolder:
+    """What ``model_dir`` holds: every non-hidden folder in it is a version folder, served if it has model.onnx."""
+    versions, skipped = [], {}
+    subdirs = [p.name for p in model_dir.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    for version in sorted(subdirs, key=_version_sort_key):
+        if (model_dir / version / "model.onnx").is_file():
+            versions.append(version)
+        else:
+            skipped[version] = (f"version {version} has no model.onnx "
+                                f"(expected {model_dir.name}/{version}/model.onnx)")
+    return ModelFolder(model_dir, versions, skipped)
+
+
 class ModelHub:
     """Loaded versions by name; thread-safe; reload swaps atomically."""
 
@@ -64,19 +100,20 @@ class ModelHub:
         # it up, so it is chosen once per load/unload, not per call.
         self._latest: dict[str, ModelVersion] = {}
         self._failures: dict[str, str] = {}  # name -> why its last load failed
+        self._skipped: dict[str, dict[str, str]] = {}  # name -> version folders its last load could not serve, and why
         self._listeners: list[Callable[[list[ModelVersion], list[ModelVersion]], None]] = []
 
     # -- discovery --------------------------------------------------------
+    def scan(self) -> dict[str, ModelFolder]:
+        """Every model folder in the repository (hidden ones aside), servable or not."""
+        if not self.root.is_dir():
+            return {}
+        return {p.name: scan_folder(p)
+                for p in sorted(self.root.iterdir()) if p.is_dir() and not p.name.startswith(".")}
+
     def available(self) -> dict[str, list[str]]:
         """Model names in the repository with their version folders (those holding model.onnx)."""
-        found: dict[str, list[str]] = {}
-        if not self.root.is_dir():
-            return found
-        for model_dir in sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            versions = [v.name for v in model_dir.iterdir() if (v / "model.onnx").is_file()]
-            if versions:
-                found[model_dir.name] = sorted(versions, key=_version_sort_key)
-        return found
+        return {name: folder.versions for name, folder in self.scan().items() if folder.versions}
 
     def add_listener(self, listener: Callable[[list[ModelVersion], list[ModelVersion]], None]) -> None:
         """``listener(added, removed)`` is called after every load/unload, outside the hub lock."""
@@ -93,52 +130,90 @@ class ModelHub:
     def versions(self, name: str) -> list[str]:
         return sorted(self._models.get(name, {}), key=_version_sort_key)
 
+    def loaded_versions(self, name: str) -> list[ModelVersion]:
+        """Every loaded version of ``name``, oldest first (empty when none is)."""
+        with self._lock:
+            versions = self._models.get(name, {})
+            return [versions[v] for v in sorted(versions, key=_version_sort_key)]
+
     def loaded(self) -> list[ModelVersion]:
         with self._lock:
             return [mv for versions in self._models.values() for mv in versions.values()]
 
-    def index(self) -> list[IndexEntry]:
-        """Every model in the repository or loaded, with its state and, if unavailable, why."""
-        entries = []
+    def unavailable_reason(self, name: str, version: str = "") -> str:
+        """Why ``name`` (``version``), in the repository, is not served: its last load's error, or what is
+        wrong with its (version) folder; "" when it is loaded, not in the repository, or only unloaded."""
         with self._lock:
-            names = set(self.available()) | set(self._models) | set(self._failures)
+            if self._models.get(name):
+                return self._skipped.get(name, {}).get(version, "") if version else ""
+            failure = self._failures.get(name)
+        if failure:
+            return failure
+        model_dir = self.root / name
+        if name in ("", ".", "..") or "/" in name or not model_dir.is_dir():
+            return ""
+        problem = scan_folder(model_dir).problem
+        return str(ModelConfigError(model_dir, "", problem)) if problem else ""
+
+    def index(self) -> list[IndexEntry]:
+        """Every model in the repository or loaded, with its state and, if unavailable, why; a version folder
+        that cannot be served (no model.onnx) is listed UNAVAILABLE beside its model's loaded versions."""
+        entries = []
+        folders = self.scan()
+        with self._lock:
+            names = set(folders) | set(self._models) | set(self._failures)
             for name in sorted(names):
                 loaded = self._models.get(name)
                 if loaded:
-                    entries += [IndexEntry(name, v, READY) for v in sorted(loaded, key=_version_sort_key)]
-                else:
-                    entries.append(IndexEntry(name, "", UNAVAILABLE, self._failures.get(name, "not loaded")))
+                    versions = [IndexEntry(name, v, READY) for v in loaded]
+                    versions += [IndexEntry(name, v, UNAVAILABLE, why)
+                                 for v, why in self._skipped.get(name, {}).items() if v not in loaded]
+                    entries += sorted(versions, key=lambda e: _version_sort_key(e.version))
+                    continue
+                reason = self._failures.get(name, "")
+                if not reason and name in folders and folders[name].problem:
+                    reason = str(ModelConfigError(folders[name].path, "", folders[name].problem))
+                entries.append(IndexEntry(name, "", UNAVAILABLE, reason or "not loaded"))
         return entries
 
     # -- load / unload ----------------------------------------------------
     def load(self, name: str) -> list[ModelVersion]:
-        """Load (or reload) every version of ``name``; on error the previous versions stay live."""
+        """Load (or reload) every version of ``name``; on error the previous versions stay live.
+
+        Any error is kept as the model's reason (``index``, ``unavailable_reason``) and raised: a
+        ``ModelConfigError`` for what is wrong with the model's files, anything else is a kernel bug."""
         started = time.monotonic_ns()
         model_dir = self.root / name
-        versions = self.available().get(name)
-        if not versions:
-            raise ModelConfigError(model_dir, "", "no <version>/model.onnx found under this model folder")
+        if not model_dir.is_dir():
+            raise ModelConfigError(model_dir, "", "no such model folder in the repository")
         fresh: dict[str, ModelVersion] = {}
         try:
-            stray = model_config.misplaced(model_dir)
-            if stray is not None:  # refused, not silently ignored
-                raise ModelConfigError(stray, "", "not read here: a model's settings go in each version's folder, "
-                                       f"next to its model.onnx ({model_dir}/<version>/model.toml)")
-            for version in versions:
-                folder = model_dir / version
-                toml = folder / "model.toml"
+            folder = scan_folder(model_dir)
+            if folder.problem:
+                raise ModelConfigError(model_dir, "", folder.problem)
+            for unread in model_config.unread(model_dir):
+                if unread.refused:  # refused, not silently ignored
+                    raise ModelConfigError(unread.path, "", unread.why)
+                log.warning("model %s: %s: %s", name, unread.path, unread.why)
+            for version in folder.versions:
+                version_dir = model_dir / version
+                toml = version_dir / "model.toml"
                 config = model_config.load(toml, name, version) if toml.is_file() else None
-                runtime = OnnxModel.load(folder / "model.onnx", config, name, version)
+                runtime = OnnxModel.load(version_dir / "model.onnx", config, name, version)
                 fresh[version] = ModelVersion(name, version, runtime)
-        except ModelConfigError as exc:
+        except Exception as exc:
             with self._lock:
-                self._failures[name] = str(exc)
+                self._failures[name] = (str(exc) if isinstance(exc, ModelConfigError)
+                                        else f"{model_dir}: could not be loaded: {type(exc).__name__}: {exc}")
             raise
         with self._lock:
             old = list(self._models.get(name, {}).values())
             self._models[name] = fresh
             self._latest[name] = fresh[max(fresh, key=_version_sort_key)]
             self._failures.pop(name, None)
+            self._skipped[name] = dict(folder.skipped)
+        for version, why in folder.skipped.items():
+            log.warning("model %s: %s: that version is not served", name, why)
         for mv in fresh.values():
             log.info(
                 "loaded %s/%s on %s (max_batch_size=%d, instances=%d%s) in %.1f ms",
@@ -154,20 +229,25 @@ class ModelHub:
         with self._lock:
             old = list(self._models.pop(name, {}).values())
             self._latest.pop(name, None)
+            self._skipped.pop(name, None)
         if old:
             log.info("unloaded %s (%d versions)", name, len(old))
             self._notify([], old)
         return old
 
     def load_all(self) -> tuple[list[ModelVersion], dict[str, str]]:
-        """Load every model in the repository; returns what loaded and why the others failed."""
+        """Load every model folder in the repository; returns what loaded and why the others failed.
+        One model that cannot be loaded, for whatever reason, never keeps the others from serving."""
         loaded, failed = [], {}
-        for name in self.available():
+        for name in self.scan():
             try:
                 loaded += self.load(name)
             except ModelConfigError as exc:
                 failed[name] = str(exc)
                 log.error("model %s not loaded: %s", name, exc)
+            except Exception:  # a kernel bug, met by this model only: its traceback, and the others load
+                failed[name] = self._failures.get(name, "could not be loaded")
+                log.exception("model %s not loaded: unexpected error", name)
         return loaded, failed
 
     def _notify(self, added: list[ModelVersion], removed: list[ModelVersion]) -> None:

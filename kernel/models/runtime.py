@@ -70,29 +70,55 @@ def _graph_dims(shape: list) -> list[int]:
     return [d if isinstance(d, int) and d > 0 else -1 for d in shape]
 
 
-def derive_config(session: ort.InferenceSession, name: str, version: str) -> ModelConfig:
-    """A config read off the graph, for a version directory without ``model.toml``."""
+# skl2onnx's default classifier export ends in ZipMap: a list of {class: score} maps per row.
+_ZIPMAP_HINT = ("; scikit-learn classifiers exported by skl2onnx end in ZipMap: export with zipmap=False "
+                "(options={id(model): {'zipmap': False}}) to get a tensor of probabilities")
+
+
+def graph_datatype(path: Path, where: str, arg, label: str) -> datatypes.DataType:
+    """The datatype of graph input/output ``arg``, or why the kernel cannot serve it (``where``: the field,
+    ``label``: "input" or "output"). Only tensors of the element types in ``datatypes`` cross the wire."""
+    found = datatypes.BY_ONNX.get(arg.type)
+    if found is not None:
+        return found
+    served = ", ".join(datatypes.NAMES)
+    if not arg.type.startswith("tensor("):
+        hint = _ZIPMAP_HINT if arg.type.startswith("seq(map(") else ""
+        if label == "output":
+            hint += "; or declare only the tensor outputs in the version's model.toml"
+        raise ModelConfigError(path, where, f"{label} {arg.name!r} is {arg.type}: only tensor inputs and outputs "
+                               f"are served (of {served}){hint}")
+    raise ModelConfigError(path, where, f"{label} {arg.name!r} is {arg.type}: the kernel has no datatype for that "
+                           f"element type; served tensor types: {served}")
+
+
+def derive_config(session: ort.InferenceSession, name: str, version: str,
+                  path: Path | str = "model.onnx") -> ModelConfig:
+    """A config read off the graph, for a version directory without ``model.toml`` (``path``: the graph's
+    file, named by the error when a tensor cannot be served)."""
     args = list(session.get_inputs()) + list(session.get_outputs())
     batching = all(len(a.shape) >= 1 and _graph_dims(a.shape)[0] == -1 for a in args)
 
-    def spec(arg) -> TensorSpec:
-        dims = _graph_dims(arg.shape)
-        return TensorSpec(arg.name, datatypes.BY_ONNX[arg.type], tuple(dims[1:] if batching else dims))
+    def specs(label: str, graph_args) -> tuple[TensorSpec, ...]:
+        found = []
+        for index, arg in enumerate(graph_args):
+            datatype = graph_datatype(path, f"{label}[{index}]", arg, label)
+            dims = _graph_dims(arg.shape)
+            found.append(TensorSpec(arg.name, datatype, tuple(dims[1:] if batching else dims)))
+        return tuple(found)
 
     return ModelConfig(
         name=name,
         version=version,
-        inputs=tuple(spec(a) for a in session.get_inputs()),
-        outputs=tuple(spec(a) for a in session.get_outputs()),
+        inputs=specs("input", session.get_inputs()),
+        outputs=specs("output", session.get_outputs()),
         max_batch_size=DEFAULT_MAX_BATCH_SIZE if batching else 0,
         derived=True,
     )
 
 
 def _check_tensor(path: Path, where: str, spec: TensorSpec, arg, batching: bool) -> None:
-    graph_type = datatypes.BY_ONNX.get(arg.type)
-    if graph_type is None:
-        raise ModelConfigError(path, f"{where}.datatype", f"graph type {arg.type} is not supported")
+    graph_type = graph_datatype(path, f"{where}.datatype", arg, where.partition("[")[0])
     if graph_type is not spec.datatype:
         raise ModelConfigError(
             path, f"{where}.datatype", f"{spec.name!r} is {graph_type.name} in the graph, config says {spec.datatype.name}"
@@ -132,7 +158,9 @@ def check_against_graph(config: ModelConfig, session: ort.InferenceSession, path
         if label == "input":
             missing = set(by_name) - {s.name for s in specs}
             if missing:
-                raise ModelConfigError(path, "input", f"graph input {sorted(missing)[0]!r} is not declared")
+                first = sorted(missing)[0]
+                graph_datatype(path, "input", by_name[first], "input")  # one it could not declare: say why
+                raise ModelConfigError(path, "input", f"graph input {first!r} is not declared")
 
 
 class OnnxModel:
@@ -163,7 +191,7 @@ class OnnxModel:
         except Exception as exc:  # onnxruntime raises several exception types for a bad file
             raise ModelConfigError(onnx_path, "", f"onnxruntime cannot load it: {exc}") from None
         if config is None:
-            config = derive_config(first, name, version)
+            config = derive_config(first, name, version, onnx_path)
         else:
             check_against_graph(config, first, onnx_path.with_name("model.toml"))
         sessions = [first] + [

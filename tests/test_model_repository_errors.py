@@ -1,0 +1,326 @@
+"""A repository with models the kernel cannot serve: each is refused with its reason, the others serve.
+
+From a Triton user's audit: a ZipMap output (skl2onnx's default export), empty and incomplete folders,
+a config.pbtxt, load overrides and model.toml values the scheduler would have clamped.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import tritonclient.grpc as tc
+from onnx import TensorProto, helper
+from tritonclient.utils import InferenceServerException
+
+from conftest import start_kernel
+from kernel.cli import main as cli_main
+from kernel.models import ModelConfigError, ModelHub
+from kernel.testing import onnx_models
+
+
+def _finish(graph: onnx.GraphProto, ml: bool = False) -> onnx.ModelProto:
+    opsets = [helper.make_opsetid("", 17)] + ([helper.make_opsetid("ai.onnx.ml", 3)] if ml else [])
+    model = helper.make_model(graph, opset_imports=opsets)
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def zipmap_classifier() -> onnx.ModelProto:
+    """What skl2onnx exports for a classifier by default: a label tensor and seq(map(int64, tensor(float)))."""
+    scores = helper.make_sequence_type_proto(
+        helper.make_map_type_proto(TensorProto.INT64, helper.make_tensor_type_proto(TensorProto.FLOAT, [])))
+    graph = helper.make_graph(
+        [helper.make_node("Softmax", ["X"], ["probabilities"], axis=-1),
+         helper.make_node("ArgMax", ["X"], ["output_label"], axis=1, keepdims=0),
+         helper.make_node("ZipMap", ["probabilities"], ["output_probability"], domain="ai.onnx.ml",
+                          classlabels_int64s=[0, 1])],
+        "zipmap",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["N", 2])],
+        [helper.make_tensor_value_info("output_label", TensorProto.INT64, ["N"]),
+         helper.make_value_info("output_probability", scores)],
+    )
+    return _finish(graph, ml=True)
+
+
+def sequence_input() -> onnx.ModelProto:
+    graph = helper.make_graph(
+        [helper.make_node("SequenceAt", ["xs", "at"], ["first"]), helper.make_node("Add", ["first", "x"], ["y"])],
+        "seq_in",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2]),
+         helper.make_tensor_sequence_value_info("xs", TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])],
+        initializer=[helper.make_tensor("at", TensorProto.INT64, [], [0])],
+    )
+    return _finish(graph)
+
+
+def bfloat16_output() -> onnx.ModelProto:
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["x"], ["y"], to=TensorProto.BFLOAT16)], "bf16",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2])],
+        [helper.make_tensor_value_info("y", TensorProto.BFLOAT16, ["N", 2])],
+    )
+    return _finish(graph)
+
+
+def good(root: Path, name: str = "good", version: str = "1") -> None:
+    onnx_models.save(onnx_models.mlp([16, 8, 4], seed=1), root / name / version / "model.onnx")
+
+
+def single(root: Path, model: onnx.ModelProto, name: str = "m") -> ModelHub:
+    onnx_models.save(model, root / name / "1" / "model.onnx")
+    return ModelHub(root)
+
+
+# ----------------------------------------------------------------------------- 1. non-tensor inputs/outputs
+def test_a_zipmap_output_refuses_that_model_only(tmp_path, caplog):
+    good(tmp_path)
+    hub = single(tmp_path, zipmap_classifier(), "sklearn")
+    with caplog.at_level(logging.ERROR, "aios.models"):
+        loaded, failed = hub.load_all()  # was: KeyError 'seq(map(int64,tensor(float)))' out of derive_config
+    assert [mv.name for mv in loaded] == ["good"]
+    reason = failed["sklearn"]
+    assert "output 'output_probability' is seq(map(int64,tensor(float)))" in reason
+    assert "only tensor inputs and outputs are served" in reason and "zipmap=False" in reason
+    assert reason.startswith(str(tmp_path / "sklearn" / "1" / "model.onnx"))
+    states = {(e.name, e.state): e.reason for e in hub.index()}
+    assert states[("sklearn", "UNAVAILABLE")] == reason and ("good", "READY") in states
+    assert "sklearn" in caplog.text
+
+
+def test_a_zipmap_model_serves_when_its_model_toml_declares_only_the_tensor_outputs(tmp_path):
+    hub = single(tmp_path, zipmap_classifier(), "sklearn")
+    (tmp_path / "sklearn" / "1" / "model.toml").write_text(
+        'max_batch_size = 8\n[[input]]\nname = "X"\ndatatype = "FP32"\ndims = [2]\n'
+        '[[output]]\nname = "output_label"\ndatatype = "INT64"\ndims = []\n')
+    (mv,) = hub.load("sklearn")
+    (label,) = mv.runtime.run({"X": np.array([[0.0, 1.0], [1.0, 0.0]], np.float32)})
+    assert label.tolist() == [1, 0]
+    (tmp_path / "sklearn" / "1" / "model.toml").write_text(  # declaring the map output: refused, naming it
+        'max_batch_size = 8\n[[input]]\nname = "X"\ndatatype = "FP32"\ndims = [2]\n'
+        '[[output]]\nname = "output_probability"\ndatatype = "FP32"\ndims = [2]\n')
+    with pytest.raises(ModelConfigError) as info:
+        hub.load("sklearn")
+    assert info.value.field == "output[0].datatype" and "only tensor inputs and outputs" in str(info.value)
+
+
+@pytest.mark.parametrize("model,fragment", [
+    (sequence_input, "input 'xs' is seq(tensor(float)): only tensor inputs and outputs are served"),
+    (bfloat16_output, "output 'y' is tensor(bfloat16): the kernel has no datatype for that element type"),
+])
+def test_unsupported_graph_types_are_refused_with_the_tensor_and_type(tmp_path, model, fragment):
+    hub = single(tmp_path, model())
+    with pytest.raises(ModelConfigError) as info:
+        hub.load("m")
+    assert fragment in str(info.value), str(info.value)
+    assert "FP32" in str(info.value)  # the types it does serve
+    (entry,) = hub.index()
+    assert entry.state == "UNAVAILABLE" and fragment in entry.reason
+
+
+def test_a_sequence_input_undeclarable_in_model_toml_says_why(tmp_path):
+    hub = single(tmp_path, sequence_input())
+    (tmp_path / "m" / "1" / "model.toml").write_text(
+        'max_batch_size = 8\n[[input]]\nname = "x"\ndatatype = "FP32"\ndims = [2]\n'
+        '[[output]]\nname = "y"\ndatatype = "FP32"\ndims = [2]\n')
+    with pytest.raises(ModelConfigError) as info:
+        hub.load("m")
+    assert "input 'xs' is seq(tensor(float))" in str(info.value)
+
+
+# ----------------------------------------------------------------------------- 3. empty and incomplete folders
+def test_empty_and_incomplete_folders_are_listed_with_why(tmp_path, caplog):
+    good(tmp_path, "multi", "1")
+    good(tmp_path, "multi", "2")
+    (tmp_path / "multi" / "3").mkdir()
+    (tmp_path / "multi" / "3" / "model.toml").write_text("max_batch_size = 8\n")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "tomlonly" / "1").mkdir(parents=True)
+    (tmp_path / "tomlonly" / "1" / "model.toml").write_text("max_batch_size = 8\n")
+    hub = ModelHub(tmp_path)
+    with caplog.at_level(logging.WARNING, "aios.models"):
+        loaded, failed = hub.load_all()
+    assert sorted(mv.version for mv in loaded) == ["1", "2"] and hub.get("multi").version == "2"
+    assert failed == {
+        "empty": f"{tmp_path / 'empty'}: no version folders (expected empty/<version>/model.onnx)",
+        "tomlonly": f"{tmp_path / 'tomlonly'}: version 1 has no model.onnx (expected tomlonly/1/model.onnx)",
+    }
+    index = [(e.name, e.version, e.state, e.reason) for e in hub.index()]
+    assert index == [
+        ("empty", "", "UNAVAILABLE", failed["empty"]),
+        ("multi", "1", "READY", ""),
+        ("multi", "2", "READY", ""),
+        ("multi", "3", "UNAVAILABLE", "version 3 has no model.onnx (expected multi/3/model.onnx)"),
+        ("tomlonly", "", "UNAVAILABLE", failed["tomlonly"]),
+    ]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert any("multi" in w and "version 3 has no model.onnx" in w for w in warnings), warnings
+    assert any("empty" in w and "no version folders" in w for w in warnings), warnings
+
+
+# ----------------------------------------------------------------------------- 4. Triton's config.pbtxt
+def test_a_config_pbtxt_is_named_in_a_warning_at_load(tmp_path, caplog):
+    good(tmp_path, "m")
+    pbtxt = tmp_path / "m" / "config.pbtxt"
+    pbtxt.write_text("max_batch_size: 8\n")
+    with caplog.at_level(logging.WARNING, "aios.models"):
+        (mv,) = ModelHub(tmp_path).load("m")
+    assert mv.config.max_batch_size == 64  # loaded, without its settings ...
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert str(pbtxt) in warning and "none of its settings were applied" in warning  # ... and said so
+    assert f"{tmp_path / 'm'}/<version>/model.toml" in warning and "Model repository" in warning
+
+
+# ----------------------------------------------------------------------------- 7. model.toml ranges
+TOML = 'max_batch_size = 4\n[[input]]\nname = "INPUT0"\ndatatype = "FP32"\ndims = [16]\n' \
+       '[[output]]\nname = "OUTPUT0"\ndatatype = "FP32"\ndims = [4]\n'
+
+
+@pytest.mark.parametrize("line,field,fragment", [
+    ("priority = 7\npriority_levels = 3", "priority", "must be between 1 and priority_levels (3), got 7"),
+    ("priority = 4", "priority", "must be between 1 and priority_levels (3), got 4"),  # the default levels
+    ("weight = nan", "weight", "must be a finite number > 0, got nan"),
+    ("weight = inf", "weight", "must be a finite number > 0, got inf"),
+])
+def test_out_of_range_settings_are_refused_not_clamped(tmp_path, line, field, fragment):
+    good(tmp_path, "m")
+    (tmp_path / "m" / "1" / "model.toml").write_text(line + "\n" + TOML)
+    with pytest.raises(ModelConfigError) as info:
+        ModelHub(tmp_path).load("m")
+    assert info.value.path.endswith("m/1/model.toml") and info.value.field == field
+    assert fragment in str(info.value)
+
+
+def test_a_priority_within_the_levels_loads(tmp_path):
+    good(tmp_path, "m")
+    (tmp_path / "m" / "1" / "model.toml").write_text("priority = 5\npriority_levels = 5\n" + TOML)
+    (mv,) = ModelHub(tmp_path).load("m")
+    assert mv.config.priority == 5
+
+
+# ----------------------------------------------------------------------------- models list (3, 4, 8)
+def models_list(root: Path, capsys) -> tuple[int, str, str]:
+    code = cli_main(["models", "list", "--models", str(root)])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_models_list_shows_what_the_kernel_will_not_serve_or_read(tmp_path, capsys):
+    good(tmp_path, "multi", "1")
+    (tmp_path / "multi" / "3").mkdir()
+    (tmp_path / "empty").mkdir()
+    good(tmp_path, "triton")
+    (tmp_path / "triton" / "config.pbtxt").write_text("max_batch_size: 8\n")
+    code, out, _ = models_list(tmp_path, capsys)
+    assert code == 1, out
+    lines = {tuple(line.split()[:2]): line for line in out.splitlines()[1:]}
+    assert "unavailable: no version folders (expected empty/<version>/model.onnx)" in lines[("empty", "-")]
+    assert "unavailable: version 3 has no model.onnx" in lines[("multi", "3")]
+    assert "derived from the graph" in lines[("multi", "1")]
+    assert (f"warning: {tmp_path / 'triton' / 'config.pbtxt'} is not read: settings go in each version's folder "
+            "(triton/<version>/model.toml): the model loads without them") in lines[("triton", "-")]
+
+
+def test_models_list_of_a_path_that_does_not_exist(tmp_path, capsys):
+    code, out, err = models_list(tmp_path / "nope", capsys)
+    assert code == 2 and not out
+    assert err.strip() == f"{tmp_path / 'nope'} does not exist"
+
+
+# ----------------------------------------------------------------------------- over gRPC (1, 2, 3, 5, 6)
+@pytest.fixture(scope="module")
+def audit_repo(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("audit_models")
+    good(root, "good", "1")
+    good(root, "good", "2")
+    onnx_models.save(zipmap_classifier(), root / "sklearn" / "1" / "model.onnx")
+    corrupt = root / "corrupt" / "1"
+    corrupt.mkdir(parents=True)
+    (corrupt / "model.onnx").write_bytes(b"not a model")
+    (root / "empty").mkdir()
+    good(root, "multi", "1")
+    (root / "multi" / "3").mkdir()
+    return root
+
+
+@pytest.fixture(scope="module")
+def audit_client(audit_repo):
+    server = start_kernel(audit_repo)  # was: KeyError out of start, for the ZipMap model
+    client = tc.InferenceServerClient(f"127.0.0.1:{server.port}")
+    yield client
+    client.close()
+    server.stop(grace=1)
+
+
+def refused(call, *args, **kwargs) -> InferenceServerException:
+    with pytest.raises(InferenceServerException) as info:
+        call(*args, **kwargs)
+    return info.value
+
+
+def infer_good(client, name: str = "good", version: str = ""):
+    tensor = tc.InferInput("INPUT0", [2, 16], "FP32")
+    tensor.set_data_from_numpy(np.ones((2, 16), np.float32))
+    return client.infer(name, [tensor], model_version=version)
+
+
+def test_the_other_models_serve_beside_an_unservable_one(audit_client):
+    assert infer_good(audit_client).as_numpy("OUTPUT0").shape == (2, 4)
+    index = {(m.name, m.version): (m.state, m.reason) for m in audit_client.get_model_repository_index().models}
+    state, reason = index[("sklearn", "")]
+    assert state == "UNAVAILABLE" and "'output_probability' is seq(map(int64,tensor(float)))" in reason
+    state, reason = index[("empty", "")]
+    assert state == "UNAVAILABLE" and reason.endswith("no version folders (expected empty/<version>/model.onnx)")
+    assert index[("multi", "1")] == ("READY", "")
+    assert index[("multi", "3")] == ("UNAVAILABLE", "version 3 has no model.onnx (expected multi/3/model.onnx)")
+
+
+@pytest.mark.parametrize("name,fragment", [
+    ("sklearn", "only tensor inputs and outputs are served"),
+    ("empty", "no version folders (expected empty/<version>/model.onnx)"),
+    ("corrupt", "onnxruntime cannot load it"),
+])
+def test_load_of_an_unservable_model_says_why(audit_client, name, fragment):
+    error = refused(audit_client.load_model, name)  # was: INTERNAL (sklearn), NOT_FOUND "not in the repository" (empty)
+    assert error.status() == "StatusCode.INVALID_ARGUMENT", error
+    assert f"model '{name}' was not loaded: " in error.message() and fragment in error.message()
+
+
+@pytest.mark.parametrize("call", ["metadata", "config", "infer"])
+def test_a_model_that_failed_to_load_is_unavailable_with_its_reason(audit_client, call):
+    calls = {"metadata": audit_client.get_model_metadata, "config": audit_client.get_model_config,
+             "infer": lambda name: infer_good(audit_client, name)}
+    error = refused(calls[call], "corrupt")  # was: NOT_FOUND "model 'corrupt' is not loaded; loaded models: ..."
+    assert error.status() == "StatusCode.UNAVAILABLE", error
+    assert "model 'corrupt' is not loaded: " in error.message() and "onnxruntime cannot load it" in error.message()
+    error = refused(calls[call], "multi", "3") if call != "infer" else refused(infer_good, audit_client, "multi", "3")
+    assert error.status() == "StatusCode.UNAVAILABLE" and "version 3 has no model.onnx" in error.message(), error
+    error = refused(calls[call], "not_in_repo")  # not in the repository at all: still NOT_FOUND
+    assert error.status() == "StatusCode.NOT_FOUND", error
+
+
+def test_load_overrides_are_refused_not_ignored(audit_client):
+    error = refused(audit_client.load_model, "good", config='{"max_batch_size":8}')
+    assert error.status() == "StatusCode.INVALID_ARGUMENT", error
+    assert error.message() == ("RepositoryModelLoad parameters 'config' is not supported: "
+                               "edit the version's model.toml")
+    error = refused(audit_client.load_model, "good", config="{}", files={"file:1/model.onnx": b"onnx"})
+    assert error.status() == "StatusCode.INVALID_ARGUMENT", error
+    assert "'config' is not supported" in error.message()
+    error = refused(audit_client.load_model, "good", files={"file:1/model.onnx": b"onnx"})
+    assert "RepositoryModelLoad parameters 'file:1/model.onnx' is not supported" in error.message()
+    assert audit_client.get_model_config("good").config.max_batch_size == 64  # as it was
+
+
+def test_statistics_without_a_version_cover_every_loaded_version(audit_client):
+    infer_good(audit_client, "good", "1")
+    stats = audit_client.get_inference_statistics("good").model_stats  # was: version 2 only
+    assert [(s.name, s.version) for s in stats] == [("good", "1"), ("good", "2")]
+    assert stats[0].inference_count >= 2
+    assert [s.version for s in audit_client.get_inference_statistics("good", "2").model_stats] == ["2"]
+    assert refused(audit_client.get_inference_statistics, "corrupt").status() == "StatusCode.UNAVAILABLE"
