@@ -17,7 +17,7 @@ import threading
 from pathlib import Path
 
 from . import __version__, grpc_io, pipelines_cli
-from .cli_support import (address, address_flags, decision_lines, failed, nonempty, print_json, request_flags,
+from .cli_support import (address, address_flags, answer, decision_lines, failed, nonempty, request_flags,
                           request_from_flags, seconds)
 from .config import SettingsError, load_settings
 from .errors import KernelError
@@ -247,25 +247,15 @@ def _json_safe(value):
 
 
 def cmd_decide(args) -> int:
-    import grpc
-
-    from .decision_client import DecisionClient
+    from ._proto.aios.kernel.v1 import kernel_pb2_grpc as kgrpc
 
     try:
         request = request_from_flags(args)
     except ValueError as exc:
         print(exc, file=sys.stderr)
         return 2
-    with DecisionClient(args.address, timeout=args.timeout) as client:
-        try:
-            decision = client.stub.Decide(request, timeout=args.timeout)
-        except grpc.RpcError as exc:
-            return failed(exc)
-    if args.json:
-        print_json(decision)
-    else:
-        print("\n".join(decision_lines(decision)))
-    return 0
+    return answer(args, lambda channel: kgrpc.DecisionServiceStub(channel).Decide(request, timeout=args.timeout),
+                  decision_lines)
 
 
 def cmd_demo(args) -> int:

@@ -104,6 +104,27 @@ def failed(exc) -> int:
     return 1
 
 
+def answer(args, call, describe) -> int:
+    """Make one unary call, ``call(channel) -> message``, against ``args.address``, and print the answer:
+    ``describe(message)``'s lines, or with ``--json`` the message as JSON; a refused call is one line, exit 1."""
+    import grpc
+
+    with grpc.insecure_channel(args.address) as channel:
+        try:
+            message = call(channel)
+        except grpc.RpcError as exc:
+            return failed(exc)
+    show(args, message, describe)
+    return 0
+
+
+def show(args, message, describe) -> None:
+    if getattr(args, "json", False):
+        print_json(message)
+    else:
+        print("\n".join(describe(message)))
+
+
 def print_json(message) -> None:
     """One message, indented (``--json`` of a command that answers with one)."""
     from google.protobuf import json_format

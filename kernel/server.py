@@ -38,8 +38,9 @@ INFERENCE_SERVICE = grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceS
 HEALTH_SERVICE = health.SERVICE_NAME
 REFLECTION_SERVICE = reflection.SERVICE_NAME
 # At a stop, how long the kernel may go on taking calls while it is busy (see KernelServer._lame_duck),
-# within the grace period, and how often it looks.
+# within the grace period; how long it must have been idle with nothing arriving; how often it looks.
 LAME_DUCK_MAX_S = 2.0
+LAME_DUCK_QUIET_S = 0.05
 LAME_DUCK_POLL_S = 0.01
 
 
@@ -356,19 +357,35 @@ class KernelServer:
             held += self._calls_in_progress()
         return held
 
+    def _arrivals(self) -> int:
+        """Requests the lanes have taken so far (every model; ModelInfer and Decide alike)."""
+        return sum(counters["submitted"] for counters in self.lanes.stats()["models"].values())
+
     def _lame_duck(self, limit_s: float) -> None:
-        """Keep taking calls while the kernel is busy, up to ``limit_s``, before gRPC stops taking them.
+        """Keep taking calls until the kernel has been idle, with no new request, for LAME_DUCK_QUIET_S,
+        or ``limit_s`` has passed; then gRPC may stop taking them.
 
         gRPC's stop cancels (CANCELLED, which clients do not retry) every call it has received but not
         yet handed to the kernel: a burst that arrived just before SIGTERM lost most of its calls that
-        way while the kernel had handler threads to spare. While work is in progress, calls behind it
-        may still be waiting in gRPC, so the kernel goes on serving until it is idle (they are then
-        taken and answered) or ``limit_s`` passes; an idle kernel stops at once. Health already says
-        NOT_SERVING, so clients that watch it have stopped sending.
+        way while the kernel had threads to spare. While work is in progress or still arriving, more
+        calls may be waiting in gRPC (or, on the asyncio front end, on the event loop, where the kernel
+        cannot count them), so the kernel goes on serving them. Health already says NOT_SERVING, so
+        clients that watch it have stopped sending; an idle kernel stops after the short quiet window.
         """
-        end = time.monotonic_ns() + int(limit_s * 1e9)
-        while self._busy() and time.monotonic_ns() < end:
+        now = time.monotonic_ns()
+        end, quiet_ns = now + int(limit_s * 1e9), int(LAME_DUCK_QUIET_S * 1e9)
+        quiet_since, seen = now, self._arrivals()
+        while now < end:
+            if self._busy():
+                quiet_since = now
+            else:
+                arrivals = self._arrivals()
+                if arrivals != seen:
+                    seen, quiet_since = arrivals, now
+                elif now - quiet_since >= quiet_ns:
+                    return
             time.sleep(LAME_DUCK_POLL_S)
+            now = time.monotonic_ns()
 
     def _release(self) -> None:
         self.decisions.close()  # tasks stop using the lanes; the audit log flushes and checkpoints

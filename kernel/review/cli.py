@@ -19,7 +19,7 @@ import json
 import sys
 import time
 
-from ..cli_support import (address_flags, count, decision_lines, duration, failed, json_line, nonempty, print_json,
+from ..cli_support import (address_flags, answer, count, decision_lines, duration, failed, json_line, nonempty,
                            when)
 
 STATES = ("unresolved", "open", "claimed", "resolved", "all")  # "all" is the API's empty filter
@@ -194,18 +194,7 @@ def _value(value) -> str:
 
 def _one(args, call, request) -> int:
     """Make one unary call and print the Review it answers."""
-    import grpc
-
-    with grpc.insecure_channel(args.address) as channel:
-        try:
-            review = getattr(_stub(channel), call)(request, timeout=_timeout(args))
-        except grpc.RpcError as exc:
-            return failed(exc)
-    if args.json:
-        print_json(review)
-    else:
-        print("\n".join(describe(review)))
-    return 0
+    return answer(args, lambda channel: getattr(_stub(channel), call)(request, timeout=_timeout(args)), describe)
 
 
 def cmd_show(args) -> int:

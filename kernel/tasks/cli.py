@@ -15,8 +15,8 @@ from __future__ import annotations
 import sys
 import time
 
-from ..cli_support import (address_flags, decision_lines, enum_name, failed, json_line, nonempty, print_json,
-                           request_flags, request_from_flags, when)
+from ..cli_support import (address_flags, answer, decision_lines, enum_name, failed, json_line, nonempty,
+                           request_flags, request_from_flags, show, when)
 
 
 def add_parser(sub) -> None:
@@ -85,13 +85,6 @@ def _final_code(task) -> int:
     return 1 if task.state in (kpb.FAILED, kpb.CANCELLED) else 0
 
 
-def _print(args, task) -> None:
-    if args.json:
-        print_json(task)
-    else:
-        print("\n".join(describe(task)))
-
-
 def cmd_start(args) -> int:
     import grpc
 
@@ -108,7 +101,7 @@ def cmd_start(args) -> int:
         except grpc.RpcError as exc:
             return failed(exc)
         if not args.wait:
-            _print(args, task)
+            show(args, task, describe)
             return 0
         if not args.json:
             print(f"task {task.task_id} started")
@@ -116,17 +109,10 @@ def cmd_start(args) -> int:
 
 
 def _one(args, call: str) -> int:
-    import grpc
-
     from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
 
-    with grpc.insecure_channel(args.address) as channel:
-        try:
-            task = getattr(_stub(channel), call)(kpb.TaskRef(task_id=args.task_id), timeout=args.timeout or None)
-        except grpc.RpcError as exc:
-            return failed(exc)
-    _print(args, task)
-    return 0
+    ref = kpb.TaskRef(task_id=args.task_id)
+    return answer(args, lambda channel: getattr(_stub(channel), call)(ref, timeout=args.timeout or None), describe)
 
 
 def cmd_get(args) -> int:
