@@ -20,9 +20,9 @@ import time
 from collections import deque
 from collections.abc import Callable, Hashable
 
-ErrorFactory = Callable[[], BaseException]  # a fresh exception per reader: readers on many threads raise it
-
 from ..errors import DeadlineExceeded
+
+ErrorFactory = Callable[[], BaseException]  # a fresh exception per reader: readers on many threads raise it
 
 _CLOSED = object()
 
