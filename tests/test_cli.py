@@ -318,15 +318,17 @@ def test_a_client_command_stopped_with_ctrl_c_exits_130_without_a_traceback():
     import signal
     import socket
 
-    with socket.socket() as silent:  # accepts connections (the OS backlog) and never answers
+    with socket.socket() as silent:  # takes the connection and never answers
         silent.bind(("127.0.0.1", 0))
         silent.listen(8)
+        silent.settimeout(60)
         address = f"127.0.0.1:{silent.getsockname()[1]}"
         proc = subprocess.Popen([*CLI, "decide", "claims_triage", "--address", address, "--timeout", "60"], cwd=ROOT,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        time.sleep(2)  # time to import and start the call: the signal must land inside it
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
+        connection, _ = silent.accept()  # the command is inside its call, waiting for the server's first frame
+        with connection:
+            proc.send_signal(signal.SIGINT)
+            _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err, err
 
 
