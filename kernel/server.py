@@ -100,6 +100,9 @@ def front_end_hint(front_end: str, lane_names: list[str]) -> str | None:
 
 class KernelServer:
     def __init__(self, settings: Settings):
+        # A port in use fails before anything is made: the data dir, its signing key, the lanes' threads.
+        # (start() probes again: the port may have been taken since.)
+        probe_listen_address(settings.host, settings.port)
         self.settings = settings
         self.front_end, self._front_end_why = settings.front_end, ""  # "auto" is settled in start()
         self.hub = ModelHub(settings.models)

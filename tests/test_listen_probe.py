@@ -35,11 +35,25 @@ def test_a_free_port_any_port_and_names_left_to_grpc_pass():
     probe_listen_address("no-such-host.invalid", 8001)  # gRPC's bind reports what is wrong with the name
 
 
-def test_a_kernel_started_on_a_busy_port_fails_before_loading_models_and_lets_go(listener, model_repo, tmp_path):
-    settings = dict(models=str(model_repo), data_dir=str(tmp_path / "data"), log_level="WARNING")
-    refused = KernelServer(load_settings(None, {**settings, "port": listener}, environ={}))
+def test_a_kernel_made_for_a_busy_port_fails_before_it_makes_anything(listener, model_repo, tmp_path):
+    settings = dict(models=str(model_repo), data_dir=str(tmp_path / "data"), log_level="WARNING", port=listener)
     with pytest.raises(OSError, match="something already listens there"):
-        refused.start()
+        KernelServer(load_settings(None, settings, environ={}))
+    assert not (tmp_path / "data").exists()  # no data dir, no signing key, no audit log
+
+
+def test_a_port_taken_before_start_fails_the_start_and_lets_go(model_repo, tmp_path):
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    settings = dict(models=str(model_repo), data_dir=str(tmp_path / "data"), log_level="WARNING", port=port)
+    refused = KernelServer(load_settings(None, settings, environ={}))  # free when the kernel is made...
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taker:  # ...taken before it starts
+        taker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        taker.bind(("127.0.0.1", port))
+        taker.listen()
+        with pytest.raises(OSError, match="something already listens there"):
+            refused.start()
     assert refused.hub.loaded() == []  # nothing loaded, so nothing recorded as deployed
     assert refused.decisions.audit.closed  # and the audit log let go of its directory
     # The same data directory serves again in this process (its lock is free).
