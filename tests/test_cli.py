@@ -313,15 +313,17 @@ def test_client_commands_refuse_an_address_that_is_not_host_port():
         assert "Traceback" not in result.stderr
 
 
-def test_a_client_command_stopped_with_ctrl_c_exits_130_without_a_traceback():
+def test_a_client_command_stopped_with_ctrl_c_exits_130_without_a_traceback(tmp_path):
     import signal
     import socket
 
-    with socket.socket() as silent:  # takes the connection and never answers
-        silent.bind(("127.0.0.1", 0))
+    # A Unix socket: only this command can connect to it (a TCP port may be one a stopped kernel of an earlier
+    # test had, which its old clients still try, and their connection would be taken for the command's).
+    with socket.socket(socket.AF_UNIX) as silent:  # takes the connection and never answers
+        silent.bind(str(tmp_path / "silent.sock"))
         silent.listen(8)
         silent.settimeout(60)
-        address = f"127.0.0.1:{silent.getsockname()[1]}"
+        address = f"unix:{tmp_path / 'silent.sock'}"
         proc = subprocess.Popen([*CLI, "decide", "claims_triage", "--address", address, "--timeout", "60"], cwd=ROOT,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         connection, _ = silent.accept()  # the command is inside its call, waiting for the server's first frame
