@@ -324,8 +324,13 @@ def test_a_client_command_stopped_with_ctrl_c_exits_130_without_a_traceback(tmp_
         silent.listen(8)
         silent.settimeout(60)
         address = f"unix:{tmp_path / 'silent.sock'}"
-        proc = subprocess.Popen([*CLI, "decide", "claims_triage", "--address", address, "--timeout", "60"], cwd=ROOT,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        # As from a terminal, Ctrl-C raises KeyboardInterrupt in the command. A child inherits an ignored SIGINT,
+        # and a test run started in the background (`make test &` in a script) ignores it.
+        as_from_a_terminal = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                              "sys.argv[0] = 'aios-kernel'; runpy.run_module('kernel', run_name='__main__')")
+        proc = subprocess.Popen([sys.executable, "-c", as_from_a_terminal, "decide", "claims_triage", "--address",
+                                 address, "--timeout", "60"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
         connection, _ = silent.accept()  # the command is inside its call, waiting for the server's first frame
         with connection:
             proc.send_signal(signal.SIGINT)
