@@ -18,7 +18,7 @@ from pathlib import Path
 
 from . import __version__, grpc_io, pipelines_cli
 from .cli_support import (address, address_flags, answer, decision_lines, failed, nonempty, request_flags,
-                          request_from_flags, seconds)
+                          request_or_say_why, seconds)
 from .config import SettingsError, load_settings
 from .errors import KernelError
 from .observability import setup_logging
@@ -249,10 +249,8 @@ def _json_safe(value):
 def cmd_decide(args) -> int:
     from ._proto.aios.kernel.v1 import kernel_pb2_grpc as kgrpc
 
-    try:
-        request = request_from_flags(args)
-    except ValueError as exc:
-        print(exc, file=sys.stderr)
+    request = request_or_say_why(args)
+    if request is None:
         return 2
     return answer(args, lambda channel: kgrpc.DecisionServiceStub(channel).Decide(request, timeout=args.timeout),
                   decision_lines)

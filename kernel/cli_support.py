@@ -81,6 +81,15 @@ def request_flags(parser: argparse.ArgumentParser) -> None:
                         help="your id for the request (default: the kernel makes one)")
 
 
+def request_or_say_why(args):
+    """``request_from_flags``, or None after saying on stderr what is wrong with the flags (exit 2 then)."""
+    try:
+        return request_from_flags(args)
+    except ValueError as exc:
+        print(exc, file=sys.stderr)
+        return None
+
+
 def request_from_flags(args):
     """The DecisionRequest ``request_flags`` describe; ValueError names a malformed flag."""
     from .decision_client import make_request, parse_cli_value

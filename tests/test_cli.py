@@ -86,16 +86,22 @@ def very_slow_repo(tmp_path_factory) -> Path:
     return root
 
 
+def _warm_slow_calls(channel):
+    """A stub and a 64-row request for the `slow` model, after one call: the connection is up."""
+    stub = pb_grpc.GRPCInferenceServiceStub(channel)
+    request = pb.ModelInferRequest(model_name="slow")
+    request.inputs.add(name="INPUT0", datatype="FP32", shape=[64, 64])
+    request.raw_input_contents.append(np.ones((64, 64), np.float32).tobytes())
+    stub.ModelInfer(request, timeout=30)
+    return stub, request
+
+
 @pytest.mark.parametrize("front_end", ["sync", "aio"])
 def test_calls_accepted_before_sigterm_all_complete(very_slow_repo, front_end):
     """Calls the server is already working on when SIGTERM arrives are answered, not dropped."""
     server = ServeProcess(very_slow_repo, "--front-end", front_end)
     with grpc.insecure_channel(server.address) as channel:
-        stub = pb_grpc.GRPCInferenceServiceStub(channel)
-        request = pb.ModelInferRequest(model_name="slow")
-        request.inputs.add(name="INPUT0", datatype="FP32", shape=[64, 64])
-        request.raw_input_contents.append(np.ones((64, 64), np.float32).tobytes())
-        stub.ModelInfer(request, timeout=30)  # warm: the connection is up
+        stub, request = _warm_slow_calls(channel)
         calls = [stub.ModelInfer.future(request, timeout=60) for _ in range(6)]
         # Wait until the kernel holds all six: finished, queued or running.
         admin = kernel_pb2_grpc.AdminServiceStub(channel)
@@ -118,11 +124,7 @@ def test_a_burst_sent_just_before_sigterm_is_answered_not_cancelled(very_slow_re
     calls as CANCELLED before)."""
     server = ServeProcess(very_slow_repo, "--front-end", front_end)
     with grpc.insecure_channel(server.address) as channel:
-        stub = pb_grpc.GRPCInferenceServiceStub(channel)
-        request = pb.ModelInferRequest(model_name="slow")
-        request.inputs.add(name="INPUT0", datatype="FP32", shape=[64, 64])
-        request.raw_input_contents.append(np.ones((64, 64), np.float32).tobytes())
-        stub.ModelInfer(request, timeout=30)  # warm: the connection is up
+        stub, request = _warm_slow_calls(channel)
         calls = [stub.ModelInfer.future(request, timeout=60) for _ in range(16)]
         code, err = server.stop()
         failures = [call.exception().code().name for call in calls if call.exception() is not None]

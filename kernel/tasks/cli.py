@@ -16,7 +16,7 @@ import sys
 import time
 
 from ..cli_support import (address_flags, answer, decision_lines, enum_name, failed, json_line, nonempty,
-                           request_flags, request_from_flags, show, when)
+                           request_flags, request_or_say_why, show, when)
 
 
 def add_parser(sub) -> None:
@@ -90,10 +90,8 @@ def cmd_start(args) -> int:
 
     from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
 
-    try:
-        request = request_from_flags(args)
-    except ValueError as exc:
-        print(exc, file=sys.stderr)
+    request = request_or_say_why(args)
+    if request is None:
         return 2
     with grpc.insecure_channel(args.address) as channel:
         try:
