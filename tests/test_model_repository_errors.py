@@ -134,6 +134,18 @@ def test_a_sequence_input_undeclarable_in_model_toml_says_why(tmp_path):
 
 
 # ----------------------------------------------------------------------------- 3. empty and incomplete folders
+def test_a_version_folder_that_is_not_a_number_is_not_served(tmp_path):
+    """Triton reads numbered version folders only; "latest" (which sorts after the numbers) would have become
+    the version a request without one gets."""
+    good(tmp_path, "named", "1")
+    good(tmp_path, "named", "latest")
+    hub = ModelHub(tmp_path)
+    loaded, failed = hub.load_all()
+    assert [mv.version for mv in loaded] == ["1"] and hub.get("named").version == "1" and failed == {}
+    reasons = {e.version: e.reason for e in hub.index() if e.state == "UNAVAILABLE"}
+    assert "version folder named/latest is not a number" in reasons["latest"]
+
+
 def test_empty_and_incomplete_folders_are_listed_with_why(tmp_path, caplog):
     good(tmp_path, "multi", "1")
     good(tmp_path, "multi", "2")

@@ -77,11 +77,15 @@ class ModelFolder:
 
 
 def scan_folder(model_dir: Path) -> ModelFolder:
-    """What ``model_dir`` holds: every non-hidden folder in it is a version folder, served if it has model.onnx."""
+    """What ``model_dir`` holds: every non-hidden folder in it is a version folder, served if it is a number
+    and has model.onnx."""
     versions, skipped = [], {}
     subdirs = [p.name for p in model_dir.iterdir() if p.is_dir() and not p.name.startswith(".")]
     for version in sorted(subdirs, key=_version_sort_key):
-        if (model_dir / version / "model.onnx").is_file():
+        if not version.isdigit():  # Triton reads numbered folders only; one named "latest" would win as newest
+            skipped[version] = (f"version folder {model_dir.name}/{version} is not a number: versions are "
+                                "numbered folders (<name>/1/model.onnx), as in Triton's layout")
+        elif (model_dir / version / "model.onnx").is_file():
             versions.append(version)
         else:
             skipped[version] = (f"version {version} has no model.onnx "
