@@ -138,7 +138,8 @@ def cmd_models_list(args) -> int:
     from .models import config as model_config
     from .models.hub import ModelHub
 
-    root = Path(args.models)
+    # The folder serve would read: --models, else AIOS_MODELS or --config's models, else ./models.
+    root = Path(args.models or _settings(args).models)
     if not root.is_dir():  # a command-line path that is not there: exit 2, as for serve --models
         print(f"{root} {'is not a folder' if root.exists() else 'does not exist'}", file=sys.stderr)
         return 2
@@ -288,7 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="inspect a model repository")
     models_sub = models.add_subparsers(dest="models_command", required=True, metavar="COMMAND")
     listing = models_sub.add_parser("list", help="list models, versions and tensors")
-    listing.add_argument("--models", default="models", help="repository folder (default ./models)")
+    listing.add_argument("--models", help="repository folder (default: as serve reads it: AIOS_MODELS, "
+                                          "--config's models, else ./models)")
+    listing.add_argument("--config", help="kernel.toml whose models folder to read")
     listing.add_argument("--address", type=address, help="ask a running kernel at HOST:PORT instead of reading the folder")
     listing.add_argument("--timeout", type=seconds, default=10.0, help="seconds the call may take (default 10)")
     listing.set_defaults(func=cmd_models_list)

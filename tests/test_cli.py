@@ -195,6 +195,16 @@ def test_models_list_reads_the_repository(model_repo):
     assert "identity" in result.stdout and "derived from the graph" in result.stdout
 
 
+def test_models_list_reads_the_folder_serve_would(model_repo, tmp_path):
+    """Without --models it reads what serve reads: AIOS_MODELS, or the models of --config's kernel.toml."""
+    by_env = run_cli("models", "list", timeout=60, env={**os.environ, "AIOS_MODELS": str(model_repo)})
+    assert by_env.returncode == 0 and "tiny" in by_env.stdout, by_env.stderr
+    config = tmp_path / "kernel.toml"
+    config.write_text(f"models = {json.dumps(str(model_repo))}\n")
+    by_config = run_cli("models", "list", "--config", str(config), timeout=60)
+    assert by_config.returncode == 0 and "tiny" in by_config.stdout, by_config.stderr
+
+
 def test_models_list_flags_a_model_toml_beside_the_versions(tmp_path):
     onnx_models.save_mlp_version(tmp_path, "m", [4, 8, 2], seed=1, provider="cpu")
     (tmp_path / "m" / "model.toml").write_text("max_batch_size = 8\n")
