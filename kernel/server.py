@@ -27,6 +27,7 @@ from ._proto.inference import grpc_service_pb2
 from .api import InferenceService, aio_servicer, eager_receive, kernel_services, registration, stream_pump, sync_servicer
 from .api.call_budget import CallBudget
 from .api.handler_pool import HandlerPool, poller_policy
+from .api.health import AsyncHealth, ThreadedHealth
 from .config import Settings
 from .models import ModelHub
 from .scheduling import Lanes, device_of, make_scheduler, run_batch
@@ -159,6 +160,15 @@ class KernelServer:
             else:
                 self._health.set(name, status)
 
+    def _end_health_watches(self) -> None:
+        """After NOT_SERVING has gone out (``_update_health``): end open health watches too (kernel/api/health.py)."""
+        if self._health is None:
+            return
+        if self._loop is not None:
+            asyncio.run_coroutine_threadsafe(self._health.end_watches(), self._loop)
+        else:
+            self._health.end_watches()
+
     # -- lifecycle ---------------------------------------------------------------
     def _options(self) -> list[tuple[str, int]]:
         size = self.settings.max_message_bytes
@@ -180,7 +190,7 @@ class KernelServer:
                                                self.settings.poller_inline)
             if self.settings.answer_later:
                 self._pump = stream_pump.attach(ours, self.decisions.engine, self._pool)
-        self._health = health.aio.HealthServicer() if asynchronous else health.HealthServicer(experimental_non_blocking=True)
+        self._health = AsyncHealth() if asynchronous else ThreadedHealth()
         generated = registration.generic_only(server)  # (no method registrations on grpc.aio: registration.py)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, generated)
         _register_standard_descriptors()
@@ -338,6 +348,7 @@ class KernelServer:
         self._draining = True
         self._update_health()
         self.decisions.end_watches()
+        self._end_health_watches()
         self._lame_duck(min(grace, LAME_DUCK_MAX_S))
         if self._loop is not None:
             # The loop thread ends once serve() sees the server terminate; waiting

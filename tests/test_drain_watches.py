@@ -16,6 +16,7 @@ import time
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from claims_support import build_small_model, claim_request, copy_pipelines
 from examples.claims import data
@@ -64,6 +65,8 @@ def test_sigterm_ends_open_watches_at_once(models, tmp_path, front_end):
                 "WatchReviews": reviews.WatchReviews(kpb.WatchReviewsRequest(include_open=True, updates=True),
                                                      timeout=60),
                 "StreamAudit": audit.StreamAudit(kpb.StreamAuditRequest(follow=True), timeout=60),
+                "Health.Watch": health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""),
+                                                                          timeout=60),
             }
             # Each watch answers before the signal, so each is open on the server when it comes.
             for update in watches["WatchTask"]:
@@ -72,6 +75,7 @@ def test_sigterm_ends_open_watches_at_once(models, tmp_path, front_end):
                 assert update.state in (kpb.QUEUED, kpb.RUNNING), update
             assert next(watches["WatchReviews"]).task_id == task.task_id
             assert next(watches["StreamAudit"]).sequence == 0
+            assert next(watches["Health.Watch"]).status == health_pb2.HealthCheckResponse.SERVING
 
             signalled = time.monotonic()
             server.proc.send_signal(signal.SIGTERM)

@@ -58,6 +58,7 @@ def test_health_of_an_unknown_service_is_not_found(channel):
         with pytest.raises(grpc.RpcError) as info:
             stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
         assert info.value.code() == grpc.StatusCode.NOT_FOUND, service
+        assert service in info.value.details()
 
 
 def test_health_without_an_audit_log_does_not_claim_the_audit_service(model_repo):
@@ -87,9 +88,14 @@ def test_health_turns_not_serving_for_every_service_when_the_drain_starts(model_
             watches = {name: stub.Watch(health_pb2.HealthCheckRequest(service=name), timeout=10) for name in ["", *SERVED]}
             for name, watch in watches.items():
                 assert next(watch).status == SERVING, name
-            stopping.start()  # (a health Watch is in flight until the grace period ends; Check is refused by then)
+            stopping.start()
             for name, watch in watches.items():
                 assert next(watch).status == NOT_SERVING, name
+            for name, watch in watches.items():  # then the watch ends, rather than holding the drain
+                with pytest.raises(grpc.RpcError) as info:
+                    next(watch)
+                assert info.value.code() == grpc.StatusCode.UNAVAILABLE, name
+                assert "shutting down" in info.value.details(), name
     finally:
         if stopping.ident is None:  # failed before the drain began
             server.stop(grace=1)
