@@ -357,8 +357,22 @@ def cmd_policy_test(args) -> int:
     return test_command(args.file, args.cases)
 
 
+def _chosen_command(parser: argparse.ArgumentParser, args) -> argparse.ArgumentParser:
+    """The (sub)command parser ``args`` went down to, so a mistake is shown with that command's usage."""
+    for action in parser._actions:  # argparse keeps its subcommands there; no public way to walk them
+        if isinstance(action, argparse._SubParsersAction):
+            chosen = action.choices.get(getattr(args, action.dest, None) or "")
+            if chosen is not None:
+                return _chosen_command(chosen, args)
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # parse_args would report a stray word with the top-level usage; say it with the command's own.
+    args, stray = parser.parse_known_args(argv)
+    if stray:
+        _chosen_command(parser, args).error(f"unrecognized arguments: {' '.join(stray)}")
     try:
         return args.func(args)
     except SettingsError as exc:

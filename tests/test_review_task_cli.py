@@ -174,6 +174,9 @@ def test_a_repeated_idempotent_decision_says_it_was_replayed(cli):
     (["task", "get", " "], "task_id: must not be empty"),
     (["review", "watch", "--count", "-1"], "--count: '-1': must be 0 (no limit) or more"),
     (["review", "list", "--limit", "-1"], "--limit: '-1': must be 0 (no limit) or more"),
+    # a stray word is refused with the command's own usage, not the top-level one
+    (["decide", "claims_triage", "extra"], "usage: aios-kernel decide [-h]"),
+    (["review", "list", "extra"], "aios-kernel review list: error: unrecognized arguments: extra"),
 ])
 def test_command_line_mistakes_exit_2_before_calling_the_kernel(cli, capsys, args, needle):
     try:
