@@ -89,6 +89,32 @@ def stream_response(service: InferenceService, request, result) -> pb.ModelStrea
         return stream_error(request, exc)
 
 
+class InOrder:
+    """A stream's answers released in the order of its requests.
+
+    Triton answers a (non-decoupled) model's ModelStreamInfer in request
+    order, and tritonclient's stream callback gets no request id with an
+    error, so an answer out of order could not be matched to its request.
+    Requests still run as they arrive and share batches; only the sending
+    waits for the ones before.
+    """
+
+    __slots__ = ("_held", "_next")
+
+    def __init__(self):
+        self._held: dict[int, tuple] = {}
+        self._next = 0
+
+    def add(self, seq: int, request, result) -> list[tuple]:
+        """The answer of request ``seq``; every (request, result) now due, in order."""
+        self._held[seq] = (request, result)
+        due = []
+        while self._next in self._held:
+            due.append(self._held.pop(self._next))
+            self._next += 1
+        return due
+
+
 # --------------------------------------------------------------------------- sync
 def _sync_call(rpc: str, call, context):
     """Run ``call()``; a KernelError becomes its status, anything else INTERNAL with a request id."""
@@ -124,8 +150,8 @@ class _SyncStream:
     """ModelStreamInfer on the threaded server: a reader thread submits, this thread writes.
 
     Requests are pipelined: the reader never waits for a response, so many
-    requests of one stream share batches. Responses come back in completion
-    order, each carrying its request id (as Triton's streams do).
+    requests of one stream share batches. Responses go back in request order
+    (``InOrder``), each carrying its request id, as Triton's do.
     """
 
     _END = object()
@@ -140,27 +166,28 @@ class _SyncStream:
         count = 0
         try:
             for request in self.requests:
-                count += 1
+                seq, count = count, count + 1
                 try:
                     item = self.service.prepare(request, self.context.time_remaining())
-                    item.on_done = lambda it, req=request: self.out.put((req, it))
+                    item.on_done = lambda it, req=request, n=seq: self.out.put((n, req, it))
                     self.service.submit(item)
                 except Exception as exc:  # one bad request must not end the stream
-                    self.out.put((request, exc))
+                    self.out.put((seq, request, exc))
         except Exception:  # the client went away mid-stream
             log.debug("ModelStreamInfer reader ended early", exc_info=True)
-        self.out.put((self._END, count))
+        self.out.put((-1, self._END, count))
 
     def __iter__(self):
         threading.Thread(target=self._read, name="aios-stream-reader", daemon=True).start()
-        sent, total = 0, None
+        sent, total, order = 0, None, InOrder()
         while total is None or sent < total:
-            request, result = self.out.get()
+            seq, request, result = self.out.get()
             if request is self._END:
                 total = result
                 continue
-            sent += 1
-            yield stream_response(self.service, request, result)
+            for request, result in order.add(seq, request, result):
+                sent += 1
+                yield stream_response(self.service, request, result)
 
 
 def sync_servicer(service: InferenceService, budget: CallBudget | None = None) -> grpc.GenericRpcHandler:
@@ -300,26 +327,28 @@ def aio_servicer(service: InferenceService) -> grpc.GenericRpcHandler:
             count = 0
             try:
                 async for request in request_iterator:
-                    count += 1
+                    seq, count = count, count + 1
                     try:
                         item = service.prepare(request, context.time_remaining())
-                        item.on_done = lambda it, req=request: loop.call_soon_threadsafe(results.put_nowait, (req, it))
+                        item.on_done = lambda it, req=request, n=seq: loop.call_soon_threadsafe(
+                            results.put_nowait, (n, req, it))
                         service.submit(item)
                     except Exception as exc:
-                        results.put_nowait((request, exc))
+                        results.put_nowait((seq, request, exc))
             finally:
-                results.put_nowait((end, count))
+                results.put_nowait((-1, end, count))
 
         reader = asyncio.ensure_future(read())
-        sent, total = 0, None
+        sent, total, order = 0, None, InOrder()
         try:
             while total is None or sent < total:
-                request, result = await results.get()
+                seq, request, result = await results.get()
                 if request is end:
                     total = result
                     continue
-                sent += 1
-                yield stream_response(service, request, result)
+                for request, result in order.add(seq, request, result):
+                    sent += 1
+                    yield stream_response(service, request, result)
         finally:
             reader.cancel()
 
