@@ -235,7 +235,8 @@ def test_a_deadline_the_queue_cannot_meet_is_refused_at_once_with_a_retry_hint(k
     on arrival (RESOURCE_EXHAUSTED with retry-after-ms), not queued to expire."""
     train = occupy_lane(stub, channel)
     refused_before = summaries(channel)["slow"].scheduler.rejected_deadline
-    hurried = request_for("slow", np.ones((SLOW_ROWS, 64)), timeout=50_000, priority=1)
+    # One row: alone it would finish well inside 50 ms, so it is the queue ahead that makes it late.
+    hurried = request_for("slow", np.ones((1, 64)), timeout=50_000, priority=1)
     with pytest.raises(grpc.RpcError) as info:
         stub.ModelInfer(hurried, timeout=60)
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, info.value.details()

@@ -314,10 +314,20 @@ class Lane:
             self._urgent_seen_ns = now
         verdict = self.scheduler.submit(item, now)
         if verdict != ADMITTED:
-            raise _rejection(item, verdict)
+            raise self._refusal_locked(item, verdict, now)
         if not blocking:
             self._async_queued += 1
         return now
+
+    def _refusal_locked(self, item: WorkItem, verdict: int, now: int) -> ResourceExhausted | DeadlineExceeded:
+        """Why admission refused ``item``. RESOURCE_EXHAUSTED (with a retry hint) means busy: the work ahead
+        makes it late. A deadline too short for the request's own run, or missed with nothing ahead of it,
+        is DEADLINE_EXCEEDED: retrying the same request could not help."""
+        if verdict == REJECT_DEADLINE:
+            alone = self.scheduler.predict(item.model, item.rows)
+            if sum(self.scheduler.load(item.model)) == 0 or item.deadline_ns - now < alone:
+                return _too_short(item, now)
+        return _rejection(item, verdict)
 
     def _next_batch_locked(self, now: int) -> tuple[Batch | None, bool]:
         """The next batch to run and whether it takes an urgent slot."""
@@ -501,6 +511,14 @@ class Lane:
                 wakeup = self._wake_at_locked(now)
                 timeout = _IDLE_POLL_S if wakeup is None else max(0.0, (wakeup - time.monotonic_ns()) / 1e9)
                 self._work.wait(timeout)
+
+
+def _too_short(item: WorkItem, now: int) -> DeadlineExceeded:
+    model = f"{item.model.name}/{item.model.version}"
+    return DeadlineExceeded(
+        f"model {model} cannot finish this request within its deadline, {max(0, item.deadline_ns - now) / 1e6:.3f} ms "
+        f"away: {item.rows} row(s) are predicted to take {item.retry_after_ns / 1e6:.3f} ms; the model never ran it "
+        "(give it a longer deadline: retrying as it is would fail the same way)")
 
 
 def _rejection(item: WorkItem, verdict: int) -> ResourceExhausted:
