@@ -126,6 +126,9 @@ class KernelServer:
         self._health = None
         self._health_names: tuple[str, ...] = ()  # "" and each service served (set in _add_services)
         self._draining = False  # set by stop(): health stays NOT_SERVING whatever the models do
+        self._audit_failed = False  # set when the audit log fail-stops: NOT_SERVING until a restart
+        if self.decisions.audit is not None:
+            self.decisions.audit.failure_listeners.append(self._audit_log_failed)
         self._stopped: asyncio.Event | None = None
         self._pool: HandlerPool | None = None  # the sync front end's handler threads
 
@@ -142,7 +145,8 @@ class KernelServer:
 
     def _update_health(self) -> None:
         """One rule for the whole server and for each service by name: SERVING while at least one
-        model version is loaded and the kernel is not draining, else NOT_SERVING.
+        model version is loaded, the kernel is not draining and its audit log has not failed, else
+        NOT_SERVING.
 
         Every service shares the overall status on purpose. The aios.kernel.v1 services answer
         without a model too (reviews, tasks, audit), but a kernel with none loaded is not ready for
@@ -152,13 +156,22 @@ class KernelServer:
         """
         if self._health is None:
             return
-        serving = self.hub.loaded() and not self._draining
+        serving = self.hub.loaded() and not self._draining and not self._audit_failed
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in self._health_names:
             if self._loop is not None:
                 asyncio.run_coroutine_threadsafe(self._health.set(name, status), self._loop)
             else:
                 self._health.set(name, status)
+
+    def _audit_log_failed(self, error) -> None:
+        """The audit log stopped taking records (a full or failing disk): no decision, task or review can
+        be completed, so the whole kernel says NOT_SERVING and a load balancer drains it (the shared-status
+        rule of ``_update_health``); an operator fixes the cause and restarts it."""
+        self._audit_failed = True
+        log.error("health is NOT_SERVING: the audit log of %s failed (%s); decisions are refused until the "
+                  "cause is fixed and the kernel restarted", self.settings.data_dir, error)
+        self._update_health()
 
     def _end_health_watches(self) -> None:
         """After NOT_SERVING has gone out (``_update_health``): end open health watches too (kernel/api/health.py)."""

@@ -182,3 +182,25 @@ def test_admin_list_models(channel, kernel):
     by_name = {m.name: m for m in models}
     assert list(by_name["tiny"].versions) == ["1", "2"]
     assert by_name["tiny"].provider == kernel.hub.get("tiny").runtime.provider  # the GPU's where there is one
+
+
+@pytest.mark.parametrize("front_end", ["sync", "aio"])
+def test_health_turns_not_serving_when_the_audit_log_fails(model_repo, front_end):
+    """A full disk fail-stops the audit log; no decision can be completed after that, so a load balancer must
+    be told to drain this kernel. The fault is injected on purpose: the log's own fail-stop, called as a
+    failed write would call it."""
+    import errno
+
+    server = start_kernel(model_repo, front_end)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            watch = stub.Watch(health_pb2.HealthCheckRequest(service="aios.kernel.v1.DecisionService"), timeout=10)
+            assert next(watch).status == SERVING
+            server.decisions.audit._fail(OSError(errno.ENOSPC, "No space left on device"))  # injected fault
+            assert next(watch).status == NOT_SERVING
+            watch.cancel()
+            for service in ["", *SERVED]:
+                assert stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status == NOT_SERVING
+    finally:
+        server.stop(grace=1)

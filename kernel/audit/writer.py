@@ -93,6 +93,8 @@ class AuditLog:
         self._group_max = group_max
         self._group_ns = int(group_ms * 1e6)
         self._max_pending = max_pending
+        # Called once, with the error, when the log fail-stops (the server turns health NOT_SERVING).
+        self.failure_listeners: list = []
 
         self._lock_fd = lock_directory(directory)
         try:
@@ -277,10 +279,16 @@ class AuditLog:
         """Fail-stop: nobody may be told a record is durable now."""
         log.exception("audit: writing failed; the log takes no more records")
         with self._append_lock:
-            if self._failure is None:
+            first = self._failure is None
+            if first:
                 self._failure = AuditError(f"{type(exc).__name__}: {exc}")
         self._close_files(quietly=True)
         self._watermark.stop()
+        for listener in self.failure_listeners if first else ():
+            try:
+                listener(self._failure)
+            except Exception:
+                log.exception("audit: a failure listener failed")
 
     def _loop(self) -> None:
         queue = self._queue
