@@ -241,7 +241,7 @@ def test_cancelled_waiting_task_ignores_its_review(kernel):
     assert kernel.runner.get(task.task_id).state == kpb.CANCELLED
 
 
-def test_restart_requeues_running_tasks_and_keeps_waiting_ones(tmp_path):
+def test_restart_requeues_running_tasks_and_keeps_waiting_ones(tmp_path, caplog):
     release = threading.Event()
     started = threading.Event()
     holder = {}
@@ -262,8 +262,10 @@ def test_restart_requeues_running_tasks_and_keeps_waiting_ones(tmp_path):
     assert first.runner.get(running.task_id).state == kpb.RUNNING
     first.close(timeout_s=0)  # the attempt is still running: as if the process had died
     try:
-        second = Kernel(tmp_path)
+        with caplog.at_level("INFO", logger="aios"):
+            second = Kernel(tmp_path)
         try:
+            assert "1 re-queued for another attempt, 0 failed" in caplog.text  # the operator is told
             redone = wait_for(second.runner, running.task_id, kpb.SUCCEEDED)
             assert redone.attempts == 2 and redone.decision.action == "approve"
             assert "re-queued: the kernel stopped while attempt 1 ran" in [h.detail for h in redone.history]
@@ -277,13 +279,15 @@ def test_restart_requeues_running_tasks_and_keeps_waiting_ones(tmp_path):
         release.set()  # the first process's worker ends; its late write finds the database closed
 
 
-def test_restart_fails_a_task_whose_last_attempt_was_cut_off(tmp_path):
+def test_restart_fails_a_task_whose_last_attempt_was_cut_off(tmp_path, caplog):
     with open_database(tmp_path) as db:
         store = TaskStore(db)
         task, _ = store.create(decision_request())
         store.transition(task.task_id, kpb.RUNNING, (kpb.QUEUED,), attempts=3)
-    k = Kernel(tmp_path, max_attempts=3)
+    with caplog.at_level("INFO", logger="aios"):
+        k = Kernel(tmp_path, max_attempts=3)
     try:
+        assert "0 re-queued for another attempt, 1 failed" in caplog.text
         done = k.runner.get(task.task_id)
         assert done.state == kpb.FAILED and done.error == "the kernel stopped while attempt 3 of 3 ran"
     finally:

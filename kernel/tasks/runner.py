@@ -97,17 +97,27 @@ class TaskRunner:
         self._threads = [t for t in self._threads if t.is_alive()]
 
     def _recover(self) -> None:
+        requeued, failed = 0, 0
         for task in self.store.in_states((kpb.RUNNING,)):
             attempt = task.attempts
             if attempt >= self.max_attempts:
                 self.store.transition(task.task_id, kpb.FAILED, (kpb.RUNNING,), "the kernel stopped during the last attempt",
                                       error=f"the kernel stopped while attempt {attempt} of {self.max_attempts} ran")
+                failed += 1
             else:
                 self.store.transition(task.task_id, kpb.QUEUED, (kpb.RUNNING,),
                                       f"re-queued: the kernel stopped while attempt {attempt} ran")
-        for task in self.store.in_states((kpb.QUEUED,)):
+                requeued += 1
+        queued = self.store.in_states((kpb.QUEUED,))
+        for task in queued:
             self._schedule(task.task_id, 0.0)
         finished = self.store.apply_pending_reviews()
+        # An operator restarting after a crash reads here what happened to the work in flight.
+        if requeued or failed:
+            log.warning("tasks running when the kernel stopped: %d re-queued for another attempt, %d failed "
+                        "(that was their last attempt)", requeued, failed)
+        if queued:
+            log.info("tasks: %d queued, starting now", len(queued))
         if finished:
             log.info("finished %d waiting tasks from reviews resolved before the restart", finished)
 
