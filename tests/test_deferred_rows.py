@@ -64,3 +64,26 @@ def test_close_stores_what_is_queued():
     rows.add([1, 2, 3], None)
     rows.close()
     assert got == [1, 2, 3]
+
+
+def test_a_store_that_keeps_failing_logs_one_traceback_then_counts_then_says_when_it_works(caplog):
+    fail = [True]
+
+    def store(r, c):
+        if fail[0]:
+            raise StoreFault("disk full (injected)")
+
+    rows = DeferredRows(store, window_s=60)
+    try:
+        with caplog.at_level("INFO", logger="aios.review"):
+            for n in range(20):
+                rows.add([n], None)
+                rows.settle()
+            fail[0] = False
+            rows.settle()
+    finally:
+        rows.close()
+    failures = [r for r in caplog.records if "storing review rows failed" in r.getMessage()]
+    assert len(failures) == 1 and failures[0].exc_info is not None  # one traceback, not twenty
+    assert "disk full (injected)" in failures[0].getMessage()
+    assert any("storing review rows works again, after 20 failures in a row" in r.getMessage() for r in caplog.records)

@@ -18,6 +18,7 @@ import logging
 import threading
 from collections.abc import Callable
 
+from ..observability.repeats import RepeatedFailure
 from ..threads import name_native_thread
 
 log = logging.getLogger("aios.review")
@@ -50,6 +51,7 @@ class DeferredRows:
         self.batches = 0  # for tests and stats
         self.rows = 0
         self.failures = 0
+        self._failing = RepeatedFailure(log, "storing review rows")
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -112,14 +114,15 @@ class DeferredRows:
                 return True
             try:
                 self._store(rows, contexts)
-            except Exception:
-                log.exception("storing %d review rows failed; retrying (after a crash they are reopened from the "
-                              "audit log)", len(rows))
+            except Exception as exc:
+                self._failing.failed(f"{len(rows)} rows kept to retry (after a crash they are reopened from the audit "
+                                     f"log): {type(exc).__name__}: {exc}")
                 with self._lock:
                     self._rows[:0], self._contexts[:0] = rows, contexts
                     self._armed = True  # the thread retries them; new rows need not wake it
                 self.failures += 1
                 return False
+            self._failing.succeeded()
             self.batches += 1
             self.rows += len(rows)
             return True
