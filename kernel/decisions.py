@@ -67,6 +67,7 @@ class DecisionSide:
         # Governance events go on the record next to the decisions they affect.
         hub.add_listener(self._models_changed)
         self.registry.listeners.append(self._pipeline_changed)
+        self.registry.removed_listeners.append(self._pipeline_removed)
 
     def start(self) -> None:
         self._record(kpb.CONFIG_CHANGE, {"event": "kernel started", "settings": _public_settings(self.settings)})
@@ -187,6 +188,13 @@ class DecisionSide:
             "pipeline": new.name, "pipeline_version": new.hash, "pipeline_label": new.label,
             "policy": new.policy.name, "policy_version": str(new.policy.version), "policy_hash": new.policy.hash,
             "previous_pipeline_version": old.hash if old else "", "previous_policy_hash": old.policy.hash if old else "",
+        })
+
+    def _pipeline_removed(self, old) -> None:
+        # On the record too: decisions stop being made under this pipeline from here on.
+        self._record(kpb.POLICY_CHANGE, {
+            "event": "pipeline unloaded", "pipeline": old.name, "pipeline_version": "",
+            "previous_pipeline_version": old.hash, "previous_policy_hash": old.policy.hash,
         })
 
     # -- tasks and reviews -------------------------------------------------------------

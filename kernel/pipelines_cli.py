@@ -7,7 +7,12 @@
 
 An upload is validated whole (the pipeline, the policy, the model it names)
 before anything changes; a refused one answers INVALID_ARGUMENT naming line
-and field, exit code 1, and the running version keeps serving.
+and field, exit code 1, and the running version keeps serving. An uploaded
+policy replaces its file for every pipeline that reads it: it is refused,
+naming the pipeline, if any other pipeline serving would not take it.
+
+``list`` shows each refused file with why, and a serving pipeline whose file
+is gone (it stops being served at the kernel's next look at the folder).
 
 (Not under ``kernel/pipelines/``: importing that package loads the decision
 flow and numpy, half a second that every ``aios-kernel`` command would pay.)
@@ -30,7 +35,8 @@ def add_parser(sub) -> None:
     listing.set_defaults(func=cmd_list)
     upload = commands.add_parser("upload", help="validate and activate a pipeline file (and its policy)")
     upload.add_argument("file", help="the pipeline's TOML file")
-    upload.add_argument("--policy", help="the policy file it names (default: keep the kernel's copy)")
+    upload.add_argument("--policy", help="the policy file it names (default: keep the kernel's copy); it replaces "
+                        "that file for every pipeline reading it, so each must take it")
     address_flags(upload)
     upload.add_argument("--json", action="store_true", help="print the PipelineInfo as JSON")
     upload.set_defaults(func=cmd_upload)

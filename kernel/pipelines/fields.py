@@ -86,12 +86,22 @@ class FieldSpec:
         if self.type == "integer" and not -(2**63) <= number < 2**63:
             raise InvalidArgument(f"field '{self.name}' must be a 64-bit integer, got {raw}")
         if self.min is not None and number < self.min:
-            raise InvalidArgument(f"field '{self.name}' must be >= {self.min:g}, got {number:g}")
+            raise InvalidArgument(f"field '{self.name}' must be >= {show_number(self.min)}, got {show_number(number)}")
         if self.max is not None and number > self.max:
-            raise InvalidArgument(f"field '{self.name}' must be <= {self.max:g}, got {number:g}")
+            raise InvalidArgument(f"field '{self.name}' must be <= {show_number(self.max)}, got {show_number(number)}")
         if self.transform == "log1p" and number <= -1:
-            raise InvalidArgument(f"field '{self.name}' must be > -1 (its encoding takes log1p), got {number:g}")
+            raise InvalidArgument(f"field '{self.name}' must be > -1 (its encoding takes log1p), "
+                                  f"got {show_number(number)}")
         return number
+
+
+def show_number(x: int | float) -> str:
+    """``x`` in as few digits as tell it apart from every other float (``repr``), without a float's
+    ``.0`` when it is a whole number: a limit and a value that differ never print alike (``:g`` printed
+    10000000.01 as 1e+07, the limit it broke)."""
+    if isinstance(x, float) and x.is_integer() and abs(x) < 2**53:
+        return str(int(x))
+    return repr(x)
 
 
 def encode_rows(fields: tuple[FieldSpec, ...], cases: list[dict], width: int) -> np.ndarray:

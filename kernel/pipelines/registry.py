@@ -1,10 +1,20 @@
 """The pipelines the kernel serves: a folder of ``*.toml`` files, reloaded on change.
 
 A changed file is validated in full (its policy too, and against the model
-it names) before it replaces the running version; an invalid one is
-refused, logged with file and line, and the running version keeps serving.
-``put`` is the same path for uploads over the API: the new text is checked,
-then written atomically (temp file, fsync, rename) and activated.
+it names: input width, output labels, the policy's classes and the
+``score.<class>`` it reads) before it replaces the running version; an
+invalid one is refused, logged with file and line, and the running version
+keeps serving. ``put`` is the same path for uploads over the API: the new
+text is checked, then written atomically (temp file, fsync, rename) and
+activated; an uploaded policy is checked against every other pipeline that
+reads its file first. Uploads and files are one kind of thing afterwards:
+a later edit of the policy file reaches both.
+
+A pipeline refused because it did not fit the models loaded (none loaded
+under its name, another input width) is tried again when a version of its
+model loads. A pipeline whose file is gone stops being served at the next
+look that still finds it gone (Decide: NOT_FOUND); until then ``errors``
+lists it, since an editor's save can remove a file and write it anew.
 """
 
 from __future__ import annotations
@@ -28,14 +38,20 @@ class PipelineRegistry:
         self._load_policy = load_policy
         self._parse_policy = parse_policy
         self._poll_s = poll_s
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards swaps of _active
+        # One look, upload or model-load retry at a time: each reads and writes the bookkeeping below.
+        self._work = threading.RLock()
         self._active: dict[str, Pipeline] = {}
         self._seen: dict[Path, tuple[int, int]] = {}  # file -> (mtime_ns, size) last looked at
         self._reads: dict[Path, set[Path]] = {}  # pipeline file -> the files its last load read (its policy)
+        self._waiting: dict[Path, str] = {}  # pipeline file refused by the models loaded -> the model it names
+        self._gone: set[Path] = set()  # serving pipelines' files the last look did not find
         self.errors: dict[str, str] = {}  # file -> why its latest content was refused
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
+        self._hearing_models = False
         self.listeners = []  # fn(old: Pipeline | None, new: Pipeline): audited as policy changes
+        self.removed_listeners = []  # fn(old: Pipeline): a pipeline no longer served (its file is gone)
 
     # -- lookup ------------------------------------------------------------------
     def get(self, name: str) -> Pipeline:
@@ -55,107 +71,183 @@ class PipelineRegistry:
         """Look at every file once; returns the names (re)activated. Never raises for a bad file.
 
         A pipeline is loaded again when its own file changed or a file it reads
-        (its policy) did: a policy edited on disk, or uploaded with another
-        pipeline, reaches every pipeline bound to it.
+        (its policy) did or is gone: a policy edited on disk, or uploaded with
+        another pipeline, reaches every pipeline bound to it, uploaded or not.
         """
-        if not self.folder.is_dir():
-            return []
-        touched = []
-        for path in sorted(self.folder.glob("*.toml")):
-            try:
-                stat = path.stat()
-            except OSError:
-                continue
-            key = (stat.st_mtime_ns, stat.st_size)
-            if self._seen.get(path) != key:
-                self._seen[path] = key
-                touched.append(path)
-        if not touched:
-            return []
-        touched_files = {path.resolve() for path in touched}
-        to_load = {path for path in touched if _looks_like_pipeline(path)}  # policies and other TOML live here too
-        to_load |= {path for path, reads in self._reads.items() if reads & touched_files and path.exists()}
+        with self._work:
+            present: dict[Path, tuple[int, int]] = {}
+            for path in sorted(self.folder.glob("*.toml")) if self.folder.is_dir() else ():
+                try:
+                    stat = path.stat()
+                except OSError:
+                    continue
+                present[path] = (stat.st_mtime_ns, stat.st_size)
+            touched = [path for path, key in present.items() if self._seen.get(path) != key]
+            gone = [path for path in self._seen if path not in present]
+            self._seen = present
+            self._forget(gone, present)
+            if not touched and not gone:
+                return []
+            changed_files = {path.resolve() for path in touched} | {path.resolve() for path in gone}
+            to_load = {path for path in touched if _looks_like_pipeline(path)}  # policies and other TOML live here too
+            to_load |= {path for path, reads in self._reads.items() if reads & changed_files and path in present}
+            return self._load_files(sorted(to_load))
+
+    def _load_files(self, paths) -> list[str]:
         changed = []
-        for path in sorted(to_load):
+        for path in paths:
             reads: set[Path] = set()
 
             def load_policy(policy_path, reads=reads):
                 reads.add(Path(policy_path).resolve())
                 return self._load_policy(policy_path)
 
+            parsed = None
             try:
-                pipeline = self._bind(load_pipeline(path, load_policy))
+                parsed = load_pipeline(path, load_policy)
+                pipeline = self._bind(parsed)
             except PipelineError as exc:
                 self.errors[str(path)] = str(exc)
+                if parsed is not None:  # it did not fit the models loaded: a version of its model may, later
+                    self._waiting[path] = parsed.model
+                else:
+                    self._waiting.pop(path, None)
                 running = "; the running version keeps serving" if self._owner(path) else ""
                 log.error("pipeline refused: %s%s", exc, running)
                 continue
             finally:
                 self._reads[path] = reads  # (a refused pipeline too: fixing its policy loads it again)
             self.errors.pop(str(path), None)
+            self._waiting.pop(path, None)
             if self._activate(pipeline):
                 changed.append(pipeline.name)
         return changed
 
+    def _forget(self, gone: list[Path], present) -> None:
+        """Files this look did not find. A serving pipeline's is listed in ``errors`` at the first such
+        look and unloaded at the next one that does not find it either: an editor's save may remove a
+        file and write it anew, and a look between the two must not take the pipeline down. A refused
+        or other file's is simply forgotten."""
+        for path in sorted(self._gone):
+            self._gone.discard(path)
+            self.errors.pop(str(path), None)
+            if path in present:
+                continue  # back (and reloaded as a changed file)
+            self._reads.pop(path, None)
+            owner = self._owner(path)
+            if owner is not None:
+                self._unload(owner, f"its file {path} is gone")
+        for path in gone:
+            self._waiting.pop(path, None)
+            owner = self._owner(path)
+            if owner is None:
+                self._reads.pop(path, None)
+                self.errors.pop(str(path), None)
+                continue
+            self._gone.add(path)
+            self.errors[str(path)] = (f"{path}: the file is gone; pipeline '{owner.name}' is no longer served "
+                                      "from the next look on unless the file is back by then")
+            log.warning("pipeline file %s is gone: pipeline %s is no longer served from the next look on unless "
+                        "the file is back by then", path, owner.name)
+
     def put(self, pipeline_text: bytes, policy_text: bytes | None = None) -> Pipeline:
-        """Validate and activate uploaded pipeline (and optionally policy) text; refused whole if invalid."""
+        """Validate and activate uploaded pipeline (and optionally policy) text; refused whole if invalid.
+
+        An uploaded policy replaces the policy file for every pipeline that reads it, so it must suit
+        each of those serving too: an upload that would break one is refused, naming it."""
         if self._parse_policy is None:
             raise FailedPrecondition("this kernel was started without policy uploads")
-        pending_policy = {}
+        with self._work:
+            pending_policy: dict[str, tuple[bytes, object]] = {}
+            reads: set[Path] = set()
 
-        def policy_for(name: str):
-            _check_file_name(name, "the name")
-            if policy_text is not None:
-                if _looks_like_pipeline(self.folder / name):
-                    raise PipelineError(f"{name!r} is a pipeline file; a policy needs a file of its own")
-                policy = self._parse_policy(policy_text.decode("utf-8", errors="replace"), source=name)
-                pending_policy[name] = policy_text
-                return policy
-            return self._load_policy(self.folder / name)
+            def policy_for(name: str):
+                _check_file_name(name, "the name")
+                reads.add((self.folder / name).resolve())
+                if policy_text is not None:
+                    if _looks_like_pipeline(self.folder / name):
+                        raise PipelineError(f"{name!r} is a pipeline file; a policy needs a file of its own")
+                    policy = self._parse_policy(policy_text, source=name)  # bytes: not UTF-8 is refused there
+                    pending_policy[name] = (policy_text, policy)
+                    return policy
+                return self._load_policy(self.folder / name)
 
+            try:
+                pipeline = self._bind(parse_pipeline(pipeline_text, "<upload>", policy_for))
+                target = self.folder / f"{pipeline.name}.toml"
+                _check_file_name(target.name, f"{pipeline.path}: [pipeline].name: its file name")
+                if target.name in pending_policy or (target.exists() and not _looks_like_pipeline(target)):
+                    raise PipelineError(f"{pipeline.path}: [pipeline].name: {target.name!r} in the pipeline folder is "
+                                        "another kind of file (a policy?); choose another name")
+                for name, (text, policy) in pending_policy.items():
+                    self._check_sharers(self.folder / name, text, policy, pipeline.name, target)
+            except PipelineError as exc:
+                raise InvalidArgument(f"refused, the running version keeps serving: {exc}") from None
+            self.folder.mkdir(parents=True, exist_ok=True)
+            for name, (text, _) in pending_policy.items():
+                _write_atomically(self.folder / name, text)
+            _write_atomically(target, pipeline_text)
+            pipeline = _relocated(pipeline, str(target))
+            stat = target.stat()
+            self._seen[target] = (stat.st_mtime_ns, stat.st_size)
+            self._reads[target] = reads  # as a load from the folder records it: an edited policy reaches it
+            self.errors.pop(str(target), None)
+            self._waiting.pop(target, None)
+            self._gone.discard(target)
+            self._activate(pipeline)
+            return pipeline
+
+    def _check_sharers(self, policy_path: Path, text: bytes, policy, name: str, target: Path) -> None:
+        """Refuse an uploaded policy that would break another serving pipeline reading ``policy_path``."""
         try:
-            pipeline = self._bind(parse_pipeline(pipeline_text, "<upload>", policy_for))
-            target = self.folder / f"{pipeline.name}.toml"
-            _check_file_name(target.name, f"{pipeline.path}: [pipeline].name: its file name")
-            if target.name in pending_policy or (target.exists() and not _looks_like_pipeline(target)):
-                raise PipelineError(f"{pipeline.path}: [pipeline].name: {target.name!r} in the pipeline folder is "
-                                    "another kind of file (a policy?); choose another name")
-        except PipelineError as exc:
-            raise InvalidArgument(f"refused, the running version keeps serving: {exc}") from None
-        self.folder.mkdir(parents=True, exist_ok=True)
-        for name, text in pending_policy.items():
-            _write_atomically(self.folder / name, text)
-        _write_atomically(target, pipeline_text)
-        pipeline = _relocated(pipeline, str(target))
-        stat = target.stat()
-        self._seen[target] = (stat.st_mtime_ns, stat.st_size)
-        self._activate(pipeline)
-        return pipeline
+            if policy_path.read_bytes() == text:
+                return  # the same bytes: nothing changes for the others
+        except OSError:
+            pass
+        shared = policy_path.resolve()
+
+        def with_upload(path):
+            return policy if Path(path).resolve() == shared else self._load_policy(path)
+
+        for path, reads in sorted(self._reads.items()):
+            other = self._owner(path)
+            if shared not in reads or path == target or other is None or other.name == name:
+                continue
+            try:
+                self._bind(load_pipeline(path, with_upload))
+            except PipelineError as exc:
+                try:
+                    self._bind(load_pipeline(path, self._load_policy))
+                except PipelineError:
+                    continue  # its file is refused with the policy there now too: the upload breaks nothing
+                raise PipelineError(f"{policy_path.name} is also the policy of pipeline '{other.name}' ({path}), "
+                                    f"which the uploaded policy would break: {exc}") from None
 
     def _bind(self, pipeline: Pipeline) -> Pipeline:
-        """Check the pipeline against the model it names (loaded, input width, output labels)."""
+        """Check the pipeline against the model it names: loaded, input width, output labels, and the
+        policy's classes and ``score.<class>`` reads against those labels."""
         mv = self.hub.get(pipeline.model, pipeline.model_version)
-        where = f"{pipeline.path}: [model]"
+        fail = pipeline.model_error
         if mv is None:
-            raise PipelineError(f"{where}.name: model '{pipeline.model}' version '{pipeline.model_version or 'latest'}' is not loaded")
+            raise fail("name", f"model '{pipeline.model}' version '{pipeline.model_version or 'latest'}' is not loaded")
         config = mv.config
         inputs = {spec.name: spec for spec in config.inputs}
         outputs = {spec.name: spec for spec in config.outputs}
         if pipeline.input not in inputs:
-            raise PipelineError(f"{where}.input: model '{mv.name}' has no input '{pipeline.input}' (has {', '.join(inputs)})")
+            raise fail("input", f"model '{mv.name}' has no input '{pipeline.input}' (has {', '.join(inputs)})")
         if len(inputs) != 1:
-            raise PipelineError(f"{where}.input: model '{mv.name}' takes {len(inputs)} inputs; pipelines feed exactly one")
+            raise fail("input", f"model '{mv.name}' takes {len(inputs)} inputs; pipelines feed exactly one")
         dims = inputs[pipeline.input].dims
         if tuple(dims) not in ((pipeline.width,), (-1,)):
-            raise PipelineError(
-                f"{where}.input: the fields encode {pipeline.width} columns but '{pipeline.input}' takes {list(dims)}"
-            )
+            raise fail("input", f"the fields encode {pipeline.width} columns but '{pipeline.input}' takes {list(dims)}")
         if pipeline.output not in outputs:
-            raise PipelineError(f"{where}.output: model '{mv.name}' has no output '{pipeline.output}' (has {', '.join(outputs)})")
-        if not outputs[pipeline.output].labels:
-            raise PipelineError(f"{where}.output: output '{pipeline.output}' of '{mv.name}' has no class `labels` in its model.toml")
+            raise fail("output", f"model '{mv.name}' has no output '{pipeline.output}' (has {', '.join(outputs)})")
+        labels = outputs[pipeline.output].labels
+        if not labels:
+            raise fail("output", f"output '{pipeline.output}' of '{mv.name}' has no class `labels` in its model.toml")
         if not config.batching:
-            raise PipelineError(f"{where}.name: model '{mv.name}' does not batch (max_batch_size = 0); pipelines need a batch dim")
+            raise fail("name", f"model '{mv.name}' does not batch (max_batch_size = 0); pipelines need a batch dim")
+        _check_classes(pipeline, f"output '{pipeline.output}' of model '{mv.name}' version {mv.version}", labels)
         return pipeline
 
     def _owner(self, path: Path) -> Pipeline | None:
@@ -164,17 +256,60 @@ class PipelineRegistry:
     def _activate(self, pipeline: Pipeline) -> bool:
         with self._lock:
             old = self._active.get(pipeline.name)
-            if old is not None and old.hash == pipeline.hash and old.policy.hash == pipeline.policy.hash:
-                return False
-            self._active = {**self._active, pipeline.name: pipeline}  # readers never see a half-updated dict
+            # A file now naming another pipeline: the one it named before is no longer in the folder.
+            renamed = [p for p in self._active.values() if p.path == pipeline.path and p.name != pipeline.name]
+            same = old is not None and old.hash == pipeline.hash and old.policy.hash == pipeline.policy.hash
+            if renamed or not same:
+                active = {name: p for name, p in self._active.items() if all(p is not r for r in renamed)}
+                if not same:
+                    active[pipeline.name] = pipeline
+                self._active = active  # readers never see a half-updated dict
+        for gone in renamed:
+            self._removed(gone, f"its file {pipeline.path} now names pipeline '{pipeline.name}'")
+        if same:
+            return False
         log.info("pipeline %s active: version %s (%s), policy %s %s (%s)", pipeline.name, pipeline.label,
                  pipeline.hash[:12], pipeline.policy.name, pipeline.policy.version, pipeline.policy.hash[:12])
         for listener in self.listeners:
             listener(old, pipeline)
         return True
 
+    def _unload(self, pipeline: Pipeline, why: str) -> None:
+        with self._lock:
+            if self._active.get(pipeline.name) is not pipeline:
+                return
+            self._active = {name: p for name, p in self._active.items() if p is not pipeline}
+        self._removed(pipeline, why)
+
+    def _removed(self, pipeline: Pipeline, why: str) -> None:
+        log.warning("pipeline %s (version %s, %s) is no longer served: %s; Decide answers NOT_FOUND for it",
+                    pipeline.name, pipeline.label, pipeline.hash[:12], why)
+        for listener in self.removed_listeners:
+            listener(pipeline)
+
+    # -- models --------------------------------------------------------------------
+    def _models_changed(self, added, removed) -> None:
+        """The hub's listener: a model (version) loaded, so the pipeline files refused for want of it are
+        tried again, and those serving on it are checked against the version now loaded."""
+        names = {mv.name for mv in added}
+        if not names or self._stop.is_set():
+            return
+        try:
+            with self._work:
+                paths = {path for path, model in self._waiting.items() if model in names}
+                paths |= {Path(p.path) for p in self._active.values() if p.model in names}
+                activated = self._load_files(sorted(path for path in paths if path in self._seen))
+            if activated:
+                log.info("model %s loaded: pipelines %s active", ", ".join(sorted(names)), ", ".join(activated))
+        except Exception:  # a listener that raises would cut the hub's other listeners off
+            log.exception("retrying the pipelines of model %s failed", ", ".join(sorted(names)))
+
     # -- watching ----------------------------------------------------------------
     def start(self) -> None:
+        if not self._hearing_models and hasattr(self.hub, "add_listener"):
+            # (here, not in __init__: the kernel's own model listener, which audits the load, goes first)
+            self.hub.add_listener(self._models_changed)
+            self._hearing_models = True
         self.reload()
         if self._poll_s > 0 and self._watcher is None:
             self._watcher = threading.Thread(target=self._watch, name="pipeline-watch", daemon=True)
@@ -193,6 +328,21 @@ class PipelineRegistry:
             except Exception:  # a watcher that dies silently would freeze every pipeline
                 log.exception("pipeline reload failed")
                 time.sleep(self._poll_s)
+
+
+def _check_classes(pipeline: Pipeline, output: str, labels) -> None:
+    """The policy's ``[model] classes`` and its ``score.<class>`` reads against the model's labels: a
+    mismatch would fail every decision as the caller's error (INVALID_ARGUMENT), so it fails the load."""
+    policy = pipeline.policy
+    classes = getattr(policy, "classes", None)
+    source = getattr(policy, "source", "") or "the policy"
+    if classes is not None and set(classes) != set(labels):
+        raise pipeline.model_error("output", f"the policy {source} declares classes {list(classes)} but {output} "
+                                             f"has labels {list(labels)}")
+    unknown = [name for name in getattr(policy, "reads", {}) if name.startswith("score.") and name[6:] not in labels]
+    if unknown:
+        raise pipeline.model_error("output", f"the policy {source} reads {', '.join(unknown)} but {output} has "
+                                             f"no such class (labels {list(labels)})")
 
 
 # Uploaded text becomes files named after it: keep each name (and its ".<name>.tmp" twin) a

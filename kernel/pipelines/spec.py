@@ -49,12 +49,12 @@ from __future__ import annotations
 import hashlib
 import math
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import accel
 from ..errors import InvalidArgument
-from .fields import ENCODINGS, FIELD_TYPES, TRANSFORMS, FieldSpec
+from .fields import ENCODINGS, FIELD_TYPES, TRANSFORMS, FieldSpec, encode_one
 from .rowcodec import RowCodec
 from .tomlpos import line_of
 
@@ -100,10 +100,18 @@ class Pipeline:
     # that is not a typed field's). Names are checked only when a request has text fields at all.
     text_fields: frozenset[str] | None = None
     typed_names: frozenset[str] = frozenset()
+    # The line of each [model] key in the file (the table's header line for one not written), for the
+    # errors only the registry can find: those binding the pipeline to the loaded model.
+    model_lines: tuple[tuple[str, int], ...] = field(default=(), compare=False)
 
     @property
     def actions(self) -> tuple[str, ...]:
         return self.escalation.review_actions
+
+    def model_error(self, key: str, message: str) -> PipelineError:
+        """``FILE:LINE: [model].KEY: message``: an error in binding the pipeline to its model."""
+        line = dict(self.model_lines).get(key, 0)
+        return PipelineError(f"{self.path}:{line}: [model].{key}: {message}")
 
     def check_text(self, names) -> None:
         """INVALID_ARGUMENT for a text field the pipeline does not take: a typed field's name (its text
@@ -187,7 +195,11 @@ def load_pipeline(path: str | Path, load_policy) -> Pipeline:
 
 
 def parse_pipeline(data: bytes, path: str, load_policy) -> Pipeline:
-    text = data.decode("utf-8", errors="replace")
+    try:
+        text = data.decode("utf-8")  # (not errors="replace": the hash must be of the file that is served)
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise PipelineError(f"{path}:{line}: file: is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -246,6 +258,7 @@ def parse_pipeline(data: bytes, path: str, load_policy) -> Pipeline:
         codec=_row_codecs.RowCodec(name, fields, sum(f.width for f in fields)),
         text_fields=text_fields,
         typed_names=frozenset(f.name for f in fields),
+        model_lines=tuple((key, line_of(text, "model", 0, key)) for key in _SECTIONS["model"]),
     )
 
 
@@ -341,10 +354,23 @@ def _with_default(r: _Reader, raw: dict, spec: FieldSpec, i: int) -> FieldSpec:
             default = spec.check_number(default)  # what a request's value must pass, the default passes too
         except InvalidArgument as exc:
             raise r.fail("field", "default", exc.message, i) from None
-    return FieldSpec(**{**{k: getattr(spec, k) for k in FieldSpec.__slots__}, "default": default})
+    spec = FieldSpec(**{**{k: getattr(spec, k) for k in FieldSpec.__slots__}, "default": default})
+    # Encoded too, as every request that omits the field will be: a default the model's float32 input
+    # cannot hold (a tiny `std`) would otherwise refuse each such request as the caller's error. Both row
+    # codecs leave such a value to encode_one, so this is the verdict of either.
+    if spec.width:
+        try:
+            encode_one((spec,), {spec.name: default}, spec.width)
+        except InvalidArgument:
+            scaled = f" with mean = {spec.mean!r} and std = {spec.std!r}" if spec.encode == "standardize" else ""
+            raise r.fail("field", "default", f"'{spec.name}' = {default!r} (its default) encodes{scaled} to a "
+                                              "value beyond the model's float32 input", i) from None
+    return spec
 
 
-_POLICY_TYPES = {"number": ("number", "integer"), "integer": ("integer", "number"), "string": ("string",), "bool": ("bool",)}
+# Policy input type -> the field types that can feed it. A policy `number` takes an integer field's values;
+# a policy `integer` takes only an integer field (a number field's 1.5 would fail every decision).
+_POLICY_TYPES = {"number": ("number", "integer"), "integer": ("integer",), "string": ("string",), "bool": ("bool",)}
 
 
 def _check_policy_inputs(r: _Reader, policy, fields: tuple[FieldSpec, ...]) -> None:
@@ -357,10 +383,8 @@ def _check_policy_inputs(r: _Reader, policy, fields: tuple[FieldSpec, ...]) -> N
                 f"'{name}', which is not a field of this pipeline"
             )
         if spec.type not in _POLICY_TYPES.get(kind, (kind,)):
-            raise PipelineError(
-                f"{r.path}:{line_of(r.text, 'field', fields.index(spec), 'type')}: [[field]].type: the policy "
-                f"reads '{name}' as {kind} but the pipeline declares it {spec.type}"
-            )
+            raise r.fail("field", "type", f"the policy reads '{name}' as {kind} but the pipeline declares it "
+                                          f"{spec.type}", fields.index(spec))
 
 
 def _escalation(r: _Reader, raw: dict, policy) -> Escalation:
