@@ -30,7 +30,9 @@ def _configs():
 CONFIGS = _configs()
 
 
-MISTAKES = ["none", "name", "datatype", "rows", "dim", "bytes", "raw_missing", "twice", "extra", "missing"]
+MISTAKES = ["none", "name", "datatype", "rows", "dim", "bytes", "raw_missing", "twice", "extra", "missing",
+            "contents", "shared_memory"]
+SHARED_MEMORY_KEYS = ["shared_memory_region", "shared_memory_byte_size", "shared_memory_offset"]
 
 
 @st.composite
@@ -62,8 +64,13 @@ def requests(draw):
         nbytes = count * spec.datatype.itemsize
         if hit and mistake == "bytes":
             nbytes += draw(st.sampled_from([-1, 1, 4, -4]))
-        request.inputs.add(name=name, datatype=datatype, shape=shape)
+        tensor = request.inputs.add(name=name, datatype=datatype, shape=shape)
         request.raw_input_contents.append(bytes(i % 251 for i in range(max(nbytes, 0))))
+        if hit and mistake == "contents":  # typed values beside the raw ones, even none at all
+            tensor.contents.SetInParent()
+            tensor.contents.fp32_contents.extend([1.0] * draw(st.integers(0, 2)))
+        if hit and mistake == "shared_memory":
+            tensor.parameters[draw(st.sampled_from(SHARED_MEMORY_KEYS))].int64_param = draw(st.integers(0, 64))
     if mistake == "raw_missing":
         del request.raw_input_contents[-1]
     return config, pb.ModelInferRequest.FromString(request.SerializeToString())

@@ -144,7 +144,7 @@ class InferenceService:
         inputs, rows, shape_key = tensors.decode_inputs(config, request)
         priority, timeout_us, tenant = config.priority, 0, ""
         if request.parameters:
-            priority, timeout_us, tenant = _schedule_params(request.parameters, priority)
+            priority, timeout_us, tenant = _schedule_params(request.parameters, priority, config.priority_levels)
         if timeout_us == 0 and (time_remaining is None or time_remaining >= MAX_DEADLINE_S):
             deadline_ns = NO_DEADLINE  # the common case, without reading the clock
         else:
@@ -258,15 +258,20 @@ def _refuse_load_parameters(parameters) -> None:
         raise InvalidArgument(f"RepositoryModelLoad parameters {key!r} is not supported: {advice}")
 
 
-def _schedule_params(parameters, priority: int) -> tuple[int, int, str]:
-    """Triton's schedule-policy parameters ``priority`` (1 = highest) and ``timeout`` (µs), and our ``tenant``."""
+def _schedule_params(parameters, priority: int, levels: int) -> tuple[int, int, str]:
+    """Triton's schedule-policy parameters ``priority`` (1 = highest) and ``timeout`` (µs), and our ``tenant``.
+
+    ``priority`` is the model's default, used for a requested priority of 0 or above ``levels``: Triton does
+    the same (InferenceRequest::SetPriority), where clamping would put such a request behind everything."""
     timeout_us, tenant = 0, ""
     if "priority" in parameters:
         value = parameters["priority"]
         kind = value.WhichOneof("parameter_choice")
         if kind not in ("int64_param", "uint64_param") or getattr(value, kind) < 0:
             raise InvalidArgument("parameter 'priority' must be a non-negative integer (1 = most urgent, 0 = model default)")
-        priority = getattr(value, kind) or priority
+        requested = getattr(value, kind)
+        if 1 <= requested <= levels:
+            priority = requested
     if "timeout" in parameters:
         value = parameters["timeout"]
         kind = value.WhichOneof("parameter_choice")

@@ -3,6 +3,11 @@
 ``raw_input_contents`` is the fast path: each buffer is viewed in place with
 ``numpy.frombuffer`` (no copy). Typed ``contents`` are accepted too. Every
 error is ``INVALID_ARGUMENT`` and names the tensor.
+
+Outputs go back in ``raw_output_contents``; a requested output with Triton's
+``classification`` parameter goes back as its top classes (``_top_classes``).
+Shared memory (Triton's system/CUDA shared-memory extensions) is refused, not
+ignored: the data would otherwise be read from, or written to, the wrong place.
 """
 
 from __future__ import annotations
@@ -14,6 +19,15 @@ import numpy as np
 from ..accel import bytes_codec
 from ..errors import InvalidArgument
 from ..models.config import ModelConfig, TensorSpec
+from ..models.datatypes import DataType
+
+# The tensor parameters by which Triton's clients point at a shared-memory region.
+_SHARED_MEMORY_KEYS = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
+
+
+def _refuse_shared_memory(kind: str, name: str, parameters, instead: str) -> None:
+    if parameters and any(key in parameters for key in _SHARED_MEMORY_KEYS):
+        raise InvalidArgument(f"{kind} '{name}': shared memory is not supported by this server; {instead}")
 
 
 def _expected_shape(config: ModelConfig, spec: TensorSpec, shape: tuple[int, ...]) -> str | None:
@@ -63,10 +77,22 @@ def _from_contents(spec: TensorSpec, name: str, shape: tuple[int, ...], contents
         except UnicodeDecodeError:
             raise InvalidArgument(f"input '{name}': contents.bytes_contents holds an element that is not UTF-8") from None
         return np.array(decoded, dtype=object).reshape(shape)
-    try:
-        return np.asarray(values, dtype=dt.numpy).reshape(shape)
-    except OverflowError:
-        raise InvalidArgument(f"input '{name}': a value in contents.{dt.contents_field} is out of range for {dt.name}") from None
+    return _narrowed(name, dt, values).reshape(shape)
+
+
+def _narrowed(name: str, dt: DataType, values) -> np.ndarray:
+    """Typed integer contents as ``dt``, refusing values it cannot hold: int_contents and uint_contents are
+    32-bit fields for INT8..UINT16 too, and numpy's cast of a wider array wraps (300 -> 44) without a word."""
+    wide = np.asarray(values)  # the field's own width (int32, uint32, ...), no per-value Python work
+    if wide.dtype.kind in "iu" and wide.dtype != dt.numpy:
+        info = np.iinfo(dt.numpy)
+        bad = np.flatnonzero((wide < info.min) | (wide > info.max))
+        if bad.size:
+            at = int(bad[0])
+            raise InvalidArgument(
+                f"input '{name}': contents.{dt.contents_field}[{at}] = {wide[at]} is out of range for {dt.name}"
+            )
+    return wide.astype(dt.numpy, copy=False)
 
 
 def decode_inputs(config: ModelConfig, request) -> tuple[dict[str, np.ndarray], int, tuple]:
@@ -100,6 +126,9 @@ def _decode_raw_fixed(config: ModelConfig, plan: dict, request):
         entry = plan.get(name)
         if entry is None or tensor.datatype != entry[0]:
             return None
+        # Typed contents beside raw ones, or tensor parameters (shared memory): the checked path refuses those.
+        if tensor.HasField("contents") or tensor.parameters:
+            return None
         shape = tensor.shape[:]  # a list: much cheaper than tuple() of the repeated field
         if batching:
             if not shape or shape[1:] != entry[2]:
@@ -126,6 +155,8 @@ def _decode_checked(config: ModelConfig, request) -> tuple[dict[str, np.ndarray]
     specs = config.inputs_by_name
     raw = request.raw_input_contents
     tensors = request.inputs
+    for tensor in tensors:  # first: a shared-memory input has no raw entry, and the count below would blame that
+        _refuse_shared_memory("input", tensor.name, tensor.parameters, "send the data in raw_input_contents")
     if raw and len(raw) != len(tensors):
         raise InvalidArgument(
             f"raw_input_contents has {len(raw)} entries for {len(tensors)} inputs; send all inputs raw or none"
@@ -160,6 +191,10 @@ def _decode_checked(config: ModelConfig, request) -> tuple[dict[str, np.ndarray]
                 raise InvalidArgument(f"input '{name}': {shape[0]} rows, other inputs have {rows}")
             rows = shape[0]
         if raw:
+            if tensor.HasField("contents"):  # Triton refuses this too; we would drop the typed values
+                raise InvalidArgument(
+                    f"input '{name}': both contents and raw_input_contents are set; send its values in one of them"
+                )
             arrays[name] = _from_raw(spec, name, shape, raw[index], index)
         else:
             arrays[name] = _from_contents(spec, name, shape, tensor.contents)
@@ -171,29 +206,101 @@ def _decode_checked(config: ModelConfig, request) -> tuple[dict[str, np.ndarray]
     return arrays, (rows if config.batching else 1), shape_key
 
 
-def requested_outputs(config: ModelConfig, request) -> list[int] | None:
-    """Indices of the outputs to return (None = all); unknown names are an error."""
+def requested_outputs(config: ModelConfig, request) -> list[tuple[int, int]] | None:
+    """``(output index, classes)`` for each requested output, in request order (None = all outputs, as they
+    are); ``classes`` is the checked ``classification`` parameter, 0 when there is none."""
     if not request.outputs:
         return None
     index = {spec.name: i for i, spec in enumerate(config.outputs)}
-    chosen = []
+    chosen: list[tuple[int, int]] = []
+    seen = set()
     for out in request.outputs:
-        if out.name not in index:
-            raise InvalidArgument(f"requested output '{out.name}' is not an output of model '{config.name}'; it has {sorted(index)}")
-        chosen.append(index[out.name])
+        name = out.name
+        if name not in index:
+            raise InvalidArgument(f"requested output '{name}' is not an output of model '{config.name}'; it has {sorted(index)}")
+        if name in seen:
+            raise InvalidArgument(f"output '{name}' is requested twice")
+        seen.add(name)
+        parameters = out.parameters
+        classes = 0
+        if parameters:
+            _refuse_shared_memory("output", name, parameters, "results come back in raw_output_contents")
+            if "classification" in parameters:
+                classes = _class_count(config, config.outputs[index[name]], parameters["classification"])
+        chosen.append((index[name], classes))
     return chosen
 
 
-def encode_outputs(config: ModelConfig, outputs: list[np.ndarray], chosen: list[int] | None, response) -> None:
+def _class_count(config: ModelConfig, spec: TensorSpec, value) -> int:
+    """The ``classification`` parameter of a requested output (Triton's classification extension), checked."""
+    kind = value.WhichOneof("parameter_choice")
+    count = getattr(value, kind) if kind else None
+    if kind not in ("int64_param", "uint64_param") or count < 1:
+        shown = "nothing" if kind is None else f"{kind} {count!r}"
+        raise InvalidArgument(
+            f"output '{spec.name}': parameter 'classification' must be an integer >= 1 "
+            f"(how many top classes to return), got {shown}"
+        )
+    if len(spec.dims) != 1:
+        raise InvalidArgument(
+            f"output '{spec.name}': parameter 'classification' needs one score per class, a 1-D "
+            f"{'row' if config.batching else 'tensor'}; this output is {config.full_shapes[spec.name]}"
+        )
+    if spec.datatype.name in ("BYTES", "BOOL"):
+        raise InvalidArgument(
+            f"output '{spec.name}': parameter 'classification' needs numeric scores; this output is {spec.datatype.name}"
+        )
+    return count
+
+
+def encode_outputs(config: ModelConfig, outputs: list[np.ndarray], chosen: list[tuple[int, int]] | None,
+                   response) -> None:
     """Append output tensors to ``response`` as ``raw_output_contents`` (what Triton answers)."""
-    for i in chosen if chosen is not None else range(len(outputs)):
+    if chosen is None:
+        for spec, array in zip(config.outputs, outputs):
+            _append(response, spec.name, spec.datatype.name, array)
+        return
+    for i, classes in chosen:
         spec = config.outputs[i]
-        array = outputs[i]
-        tensor = response.outputs.add()
-        tensor.name = spec.name
-        tensor.datatype = spec.datatype.name
-        tensor.shape.extend(array.shape)
-        if spec.datatype.name == "BYTES":
-            response.raw_output_contents.append(bytes_codec.encode(array.reshape(-1)))
+        if classes:
+            _append(response, spec.name, "BYTES", _top_classes(outputs[i], classes, spec.labels))
         else:
-            response.raw_output_contents.append(array.tobytes())
+            _append(response, spec.name, spec.datatype.name, outputs[i])
+
+
+def _append(response, name: str, datatype: str, array: np.ndarray) -> None:
+    tensor = response.outputs.add()
+    tensor.name = name
+    tensor.datatype = datatype
+    tensor.shape.extend(array.shape)
+    if datatype == "BYTES":
+        response.raw_output_contents.append(bytes_codec.encode(array.reshape(-1)))
+    else:
+        response.raw_output_contents.append(array.tobytes())
+
+
+def _top_classes(array: np.ndarray, count: int, labels: tuple[str, ...]) -> np.ndarray:
+    """Triton's classification result: the ``count`` highest scores of each row (the last dim), highest first,
+    ties in index order, as "value:index" or "value:index:label"; ``count`` is clipped to the classes there are.
+
+    Values are worded as Triton's C++ ``std::to_string`` words them: floats with 6 decimals, integers plain.
+    """
+    classes = array.shape[-1]
+    count = min(count, classes)
+    rows = array.reshape(math.prod(array.shape[:-1]), classes)  # (not -1: an output may have no classes)
+    # A stable ascending sort of each row reversed, read backwards: descending, and equal scores keep
+    # index order (negating the scores instead would break unsigned and minimum integers).
+    order = classes - 1 - np.argsort(rows[:, ::-1], axis=1, kind="stable")[:, ::-1][:, :count]
+    values = np.take_along_axis(rows, order, axis=1).tolist()
+    word = "{:f}".format if array.dtype.kind == "f" else str
+    texts = [
+        _class_text(word(value), index, labels)
+        for row_values, row_order in zip(values, order.tolist())
+        for value, index in zip(row_values, row_order)
+    ]
+    return np.array(texts, dtype=object).reshape(array.shape[:-1] + (count,))
+
+
+def _class_text(value: str, index: int, labels: tuple[str, ...]) -> str:
+    label = labels[index] if index < len(labels) else ""
+    return f"{value}:{index}:{label}" if label else f"{value}:{index}"

@@ -28,6 +28,7 @@ Schema (every key optional unless marked)::
     name = "features"
     datatype = "FP32"          # KServe v2 datatype names
     dims = [12]                # per row (batch dim implied when max_batch_size > 0); -1 = dynamic
+                               # (Triton's `optional = true` is refused: every input must be sent)
 
     [[output]]
     name = "probabilities"
@@ -183,12 +184,13 @@ def _int(path: Path, table: dict, key: str, default: int, minimum: int) -> int:
     return value
 
 
-def _tensor(path: Path, where: str, raw: Any) -> TensorSpec:
+def _tensor(path: Path, model: str, where: str, raw: Any) -> TensorSpec:
     _expect(path, where, raw, dict, "a table")
     unknown = set(raw) - _TENSOR_KEYS
     if unknown:
         raise ModelConfigError(path, f"{where}.{sorted(unknown)[0]}", "unknown key")
     name = _expect(path, f"{where}.name", raw.get("name"), str, "a tensor name (string)")
+    _refuse_optional(path, model, where, name, raw)
     dt_name = _expect(path, f"{where}.datatype", raw.get("datatype"), str, "a datatype name")
     try:
         dt = datatypes.from_name(dt_name)
@@ -209,6 +211,19 @@ def _tensor(path: Path, where: str, raw: Any) -> TensorSpec:
         raise ModelConfigError(path, f"{where}.labels",
                                f"{len(labels)} labels for {dims[-1]} values per row (dims {dims}): one label a value")
     return TensorSpec(name=name, datatype=dt, dims=tuple(dims), labels=tuple(labels))
+
+
+def _refuse_optional(path: Path, model: str, where: str, name: str, raw: dict) -> None:
+    """Triton's ``optional`` tensor key. An input left out of a request would have to be fed to onnxruntime
+    from somewhere, and a graph input cannot be skipped: so ``true`` is refused here rather than accepted
+    and then failing (or being silently required) per request. ``false`` says what is so, and passes."""
+    optional = _expect(path, f"{where}.optional", raw.get("optional", False), bool, "true or false")
+    if optional:
+        raise ModelConfigError(
+            path, f"{where}.optional",
+            f"model '{model}', tensor '{name}': optional inputs are not supported (every input must be sent "
+            "with each request); remove the key",
+        )
 
 
 def _card(path: Path, raw: Any) -> ModelCard:
@@ -255,8 +270,8 @@ def parse(path: Path, name: str, version: str, raw: dict) -> ModelConfig:
         raise ModelConfigError(path, "input", "at least one [[input]] is required")
     if not outputs:
         raise ModelConfigError(path, "output", "at least one [[output]] is required")
-    in_specs = tuple(_tensor(path, f"input[{i}]", t) for i, t in enumerate(inputs))
-    out_specs = tuple(_tensor(path, f"output[{i}]", t) for i, t in enumerate(outputs))
+    in_specs = tuple(_tensor(path, name, f"input[{i}]", t) for i, t in enumerate(inputs))
+    out_specs = tuple(_tensor(path, name, f"output[{i}]", t) for i, t in enumerate(outputs))
     for label, specs in (("input", in_specs), ("output", out_specs)):
         seen = set()
         for index, spec in enumerate(specs):

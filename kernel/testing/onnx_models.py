@@ -94,22 +94,25 @@ def save(model: onnx.ModelProto, path) -> None:
 
 
 _ONNX_TYPES = {
-    "BOOL": TensorProto.BOOL, "UINT8": TensorProto.UINT8, "INT8": TensorProto.INT8,
-    "INT32": TensorProto.INT32, "INT64": TensorProto.INT64, "FP16": TensorProto.FLOAT16,
-    "FP32": TensorProto.FLOAT, "FP64": TensorProto.DOUBLE, "BYTES": TensorProto.STRING,
+    "BOOL": TensorProto.BOOL, "UINT8": TensorProto.UINT8, "UINT16": TensorProto.UINT16,
+    "UINT32": TensorProto.UINT32, "UINT64": TensorProto.UINT64, "INT8": TensorProto.INT8,
+    "INT16": TensorProto.INT16, "INT32": TensorProto.INT32, "INT64": TensorProto.INT64,
+    "FP16": TensorProto.FLOAT16, "FP32": TensorProto.FLOAT, "FP64": TensorProto.DOUBLE, "BYTES": TensorProto.STRING,
 }
 
 
-def identity(tensors: Sequence[tuple[str, str, int]]) -> onnx.ModelProto:
+def identity(tensors: Sequence[tuple[str, str, int]], batched: bool = True) -> onnx.ModelProto:
     """One Identity per ``(name, oip_datatype, width)``: input ``name`` [batch, width] → output ``name_out``.
 
-    Exercises every datatype end to end without numeric noise.
+    Exercises every datatype end to end without numeric noise (its outputs are exactly what was sent).
+    ``batched=False``: [width] with no batch dim, a model whose config derives ``max_batch_size = 0``.
     """
+    dims = ["batch"] if batched else []
     nodes, inputs, outputs = [], [], []
     for name, datatype, width in tensors:
         kind = _ONNX_TYPES[datatype]
-        inputs.append(helper.make_tensor_value_info(name, kind, ["batch", width]))
-        outputs.append(helper.make_tensor_value_info(f"{name}_out", kind, ["batch", width]))
+        inputs.append(helper.make_tensor_value_info(name, kind, [*dims, width]))
+        outputs.append(helper.make_tensor_value_info(f"{name}_out", kind, [*dims, width]))
         nodes.append(helper.make_node("Identity", [name], [f"{name}_out"]))
     return _finish(helper.make_graph(nodes, "identity", inputs, outputs))
 
