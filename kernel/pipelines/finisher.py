@@ -114,6 +114,8 @@ class BatchFinisher:
         try:
             results = self._finish_group(group)
         except Exception as exc:  # every decision of the group gets the failure; none is left unanswered
+            # (finish_group keeps a row's own fault to that row: what reaches here failed the group as a
+            # whole, such as the audit log.)
             log.exception("finishing a group of %d decisions failed", len(group))
             error = exc if isinstance(exc, KernelError) else Internal(f"the decision could not be finished: {exc}")
             results = [error] * len(group)

@@ -19,7 +19,7 @@ from math import isfinite
 from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
 from ..accel import decision_wire
 from ..audit.record import RecordWithTail
-from ..errors import DeadlineExceeded, FailedPrecondition, Internal, KernelError
+from ..errors import DeadlineExceeded, FailedPrecondition, Internal, KernelError, Unavailable
 from ..ids import random_hex
 from ..scheduling import WorkItem
 from ..scheduling.deadlines import request_deadline
@@ -187,6 +187,13 @@ class DecisionEngine:
 
         Decided, then audited (records queued together, waited for together),
         then the reviews opened and the answers checked against their deadlines.
+
+        One row's failure is that row's alone: a policy pass that raises is
+        retried in halves down to the rows that raise by themselves
+        (``_decide_apart``), so other pipelines' rows and the row's own
+        neighbours are decided as usual; a recorded decision whose review or
+        idempotency entry cannot be stored is answered for what it is
+        (``_complete``), never as a write that kept nothing.
         """
         results: list = [None] * len(group)
         by_pipeline: dict[tuple[int, int], list[int]] = {}
@@ -199,7 +206,11 @@ class DecisionEngine:
             # hold both, and each is read with its own output labels.
             by_pipeline.setdefault((id(pending.pipeline), id(pending.item.model)), []).append(index)
         for indices in by_pipeline.values():
-            decided = self._decide([group[i] for i in indices])
+            rows = [group[i] for i in indices]
+            try:  # (free until it catches: the common path runs exactly as before)
+                decided = self._decide(rows)
+            except Exception as exc:  # one row's fault: no other pipeline's rows, and only its own rows, get it
+                decided = self._decide_apart(rows, exc)
             for i, decision in zip(indices, decided):
                 results[i] = decision
         decided, tickets, opening = self._audit(group, results)
@@ -321,6 +332,50 @@ class DecisionEngine:
             decisions.append(decision)
         return decisions
 
+    def _decide_apart(self, group: list[Pending], exc: Exception) -> list[kpb.Decision | KernelError]:
+        """``_decide`` for a ``group`` whose pass just raised ``exc``: each half decided again, and a half
+        that raises split again, down to the rows that raise alone; only those get the error (the kernel's
+        rule for model batches too: one poisoned request must not take down the others). A bad row costs
+        about 2·log2(n) extra passes, and none runs unless a pass raised. Logged once: a line with the
+        traceback per row that gets INTERNAL, one line for the rows refused with a KernelError."""
+        refused: list = []
+        decided = self._bisect(group, exc, refused)
+        if refused:
+            pending, error = refused[0]
+            log.warning("pipeline %s could not decide %d of %d requests of a group (request %s: %s: %s%s)",
+                        pending.pipeline.name, len(refused), len(group), pending.request_id, error.code,
+                        error.message, "; and others" if len(refused) > 1 else "")
+        return decided
+
+    def _bisect(self, group: list[Pending], exc: Exception, refused: list) -> list:
+        if len(group) == 1:
+            return [self._undecidable(group[0], exc, refused)]
+        half = len(group) // 2
+        decided: list = []
+        for part in (group[:half], group[half:]):
+            try:
+                decided += self._decide(part)
+            except Exception as part_exc:
+                decided += self._bisect(part, part_exc, refused)
+        return decided
+
+    @staticmethod
+    def _undecidable(pending: Pending, exc: Exception, refused: list | None = None) -> KernelError:
+        """The answer for a row that cannot be decided (its policy pass raises even alone) or recorded:
+        a KernelError as it is (a value the policy refuses names its field; listed in ``refused`` for the
+        caller to log, else logged here), anything else INTERNAL with the request id that the logged
+        traceback carries too."""
+        pending.record = pending.outputs = None  # (half built by the pass that raised)
+        if isinstance(exc, KernelError):
+            if refused is not None:
+                refused.append((pending, exc))
+            else:
+                log.warning("pipeline %s could not decide request %s: %s: %s", pending.pipeline.name,
+                            pending.request_id, exc.code, exc.message)
+            return exc
+        log.error("pipeline %s could not decide request %s", pending.pipeline.name, pending.request_id, exc_info=exc)
+        return Internal(f"internal error (request id {pending.request_id}); the kernel keeps serving")
+
     def _audit(self, group: list[Pending], results: list) -> tuple[list, list, object]:
         """Name each escalated decision's review and queue every decision's audit record.
 
@@ -333,7 +388,7 @@ class DecisionEngine:
         """
         reviews, audit = self.services.reviews, self.services.audit
         decided, records = [], []
-        for pending, decision in zip(group, results):
+        for index, (pending, decision) in enumerate(zip(group, results)):
             if isinstance(decision, KernelError):  # (isinstance on a message class goes through ABCMeta: slow)
                 continue
             if reviews is not None and decision.outcome in (kpb.ESCALATED, kpb.FALLBACK):
@@ -342,15 +397,19 @@ class DecisionEngine:
                 decision.review_id = f"{time.time_ns():016x}{random_hex()}"
             if audit is not None:
                 record = pending.record
-                if record is None:  # a fallback decision, built on its own
-                    record = pending.record = provenance.decision_record(decision, pending.principal)
-                    if pending.task_id:
-                        record.task_id = pending.task_id
-                    provenance.add_inputs(record, pending.request, pending.values, pending.digests)
-                else:  # built by _decide: its inputs, scores and task id go in as bytes
-                    entries, scores = pending.outputs
-                    record = RecordWithTail(record, provenance.decision_tail(
-                        pending.request, pending.values, pending.digests, scores, entries, pending.task_id))
+                try:  # (free until it catches) a record that cannot be built fails its decision alone
+                    if record is None:  # a fallback decision, built on its own
+                        record = pending.record = provenance.decision_record(decision, pending.principal)
+                        if pending.task_id:
+                            record.task_id = pending.task_id
+                        provenance.add_inputs(record, pending.request, pending.values, pending.digests)
+                    else:  # built by _decide: its inputs, scores and task id go in as bytes
+                        entries, scores = pending.outputs
+                        record = RecordWithTail(record, provenance.decision_tail(
+                            pending.request, pending.values, pending.digests, scores, entries, pending.task_id))
+                except Exception as exc:
+                    results[index] = self._undecidable(pending, exc)
+                    continue
                 decided.append(decision)
                 records.append(record)
         opening = None
@@ -374,7 +433,12 @@ class DecisionEngine:
 
     def _complete(self, group: list[Pending], results: list, decided: list, tickets: list,
                   opening) -> list[kpb.Decision | KernelError]:
-        """Wait for the audit records, open the reviews, answer (the end of ``finish``)."""
+        """Wait for the audit records, open the reviews, answer (the end of ``finish``).
+
+        From here on each decision is recorded: a review or idempotency entry
+        that cannot be stored fails (or, for the idempotency entry, only logs)
+        that decision alone, with an answer that says it was recorded.
+        """
         reviews, store = self.services.reviews, self.services.idempotency
         audit_started = time.monotonic_ns()
         for decision, ticket in zip(decided, tickets):
@@ -382,15 +446,17 @@ class DecisionEngine:
             decision.audit_sequence = sequence
             decision.audit_hash = digest.hex() if isinstance(digest, bytes) else str(digest)
         audit_ns = (time.monotonic_ns() - audit_started) // max(1, len(tickets))
-        escalated = [(pending, decision) for pending, decision in zip(group, results)
+        escalated = [index for index, decision in enumerate(results)
                      if not isinstance(decision, KernelError) and decision.review_id]
         deferred = None
         if escalated:
-            rows = [(decision, pending.request, pending.pipeline.escalation.review_actions,
-                     pending.pipeline.escalation.review_sla_s, pending.task_id, decision.review_id,
-                     pending.record.time_unix_ns if pending.record is not None else 0)  # dated by its record
-                    for pending, decision in escalated]
-            if opening is not None and not any(p.task_id for p, _ in escalated):
+            rows = []
+            for index in escalated:
+                pending, decision = group[index], results[index]
+                rows.append((decision, pending.request, pending.pipeline.escalation.review_actions,
+                             pending.pipeline.escalation.review_sla_s, pending.task_id, decision.review_id,
+                             pending.record.time_unix_ns if pending.record is not None else 0))  # dated by its record
+            if opening is not None and not any(group[index].task_id for index in escalated):
                 # Every record is written before its answer (and fsynced, in the default mode), so its
                 # review row needs no fsync and need not even be stored before the answer: a lost row
                 # is reopened from its record at start (kernel/review/reopen.py), and every read of the
@@ -401,12 +467,17 @@ class DecisionEngine:
                 # there was the one fsync per group that mode otherwise saves: bench/RESULTS.md.)
                 deferred = rows
             else:  # one transaction (one group-committed fsync) for the group's reviews; tasks reopen their own
-                opened = reviews.create_many(rows, durable=True)
-                if opening is not None:
-                    self._reviews_stored(opening)
-                for (_, decision), review in zip(escalated, opened):
-                    decision.review_id = review.review_id  # a re-run task finds the review it opened before
+                try:
+                    opened = reviews.create_many(rows, durable=True)
+                except Exception as exc:  # (its group stays in _opening: the mark stays below its records)
+                    self._unreviewed(group, results, escalated, exc)
+                else:
+                    if opening is not None:
+                        self._reviews_stored(opening)
+                    for index, review in zip(escalated, opened):
+                        results[index].review_id = review.review_id  # a re-run task finds the review it opened
         now = time.monotonic_ns()
+        keyed = None
         for index, (pending, decision) in enumerate(zip(group, results)):
             if isinstance(decision, KernelError):  # (isinstance on a message class goes through ABCMeta: slow)
                 continue
@@ -420,15 +491,78 @@ class DecisionEngine:
                 )
                 continue
             if store is not None and pending.request.idempotency_key:
-                store.put(pending.request.tenant, pending.request.idempotency_key, pending.request_hash,
-                          decision.SerializeToString())
+                if keyed is None:
+                    keyed = []
+                keyed.append(index)
         if deferred is not None:  # queued once every decision is final: the proposed decision is the answer as sent
             if self._review_rows.backlog < MAX_REVIEW_BACKLOG:
                 self._review_rows.add(deferred, opening)
             else:  # the store has been failing for a while: no more answers whose reviews only memory holds
-                reviews.create_many(deferred, durable=True, answer=False)
-                self._reviews_stored(opening)
+                try:
+                    reviews.create_many(deferred, durable=True, answer=False)
+                except Exception as exc:  # (its group stays in _opening: reopened from its records at start)
+                    self._unreviewed(group, results, escalated, exc)
+                else:
+                    self._reviews_stored(opening)
+        if keyed is not None:  # last: only an answer that is final is stored under its key
+            self._store_answers(group, results, keyed)
         return results
+
+    def _unreviewed(self, group: list[Pending], results: list, indices: list[int], exc: Exception) -> None:
+        """The reviews of these recorded, escalated decisions could not be stored: each fails with
+        UNAVAILABLE saying it was recorded (where, with what action) and what became of its review.
+        Logged once for all of them."""
+        reason = exc.message if isinstance(exc, KernelError) else f"{type(exc).__name__}: {exc}"
+        log.error("the reviews of %d recorded decisions could not be stored", len(indices), exc_info=exc)
+        for index in indices:
+            decision = results[index]
+            if isinstance(decision, KernelError):
+                continue
+            then = ("the task fails and may be started again" if group[index].task_id else
+                    "the review is reopened from that record when the kernel restarts")
+            results[index] = Unavailable(
+                f"decision {decision.request_id} was made and recorded at audit sequence {decision.audit_sequence} "
+                f"(action {decision.action!r}, escalated to a person), but its review could not be stored "
+                f"(the review store: {reason}); {then}")
+
+    def _store_answers(self, group: list[Pending], results: list, keyed: list[int]) -> None:
+        """Store each keyed decision's answer under its idempotency key.
+
+        A decision whose entry cannot be stored (a full disk) is still
+        answered: it is made, its audit record is durable, and the entry
+        serves only a retry. An error answer would invite exactly that retry
+        (UNAVAILABLE is the code gRPC clients retry by themselves), which
+        would decide again, write a second audit record and, for an
+        escalation, open a second review: the duplicates the key exists to
+        prevent. Answered, the caller acts on its one decision, and only a
+        retry of an answer lost on the way decides again. The failures are
+        logged once per group (how many, the first key, why). A key taken
+        meanwhile by a different request is the caller's mistake and stays
+        FAILED_PRECONDITION, saying that the decision was recorded.
+        """
+        store = self.services.idempotency
+        unkept = None
+        for index in keyed:
+            pending, decision = group[index], results[index]
+            if isinstance(decision, KernelError):  # (its review could not be stored: not answered, not kept)
+                continue
+            request = pending.request
+            try:
+                store.put(request.tenant, request.idempotency_key, pending.request_hash, decision.SerializeToString())
+            except FailedPrecondition as exc:
+                results[index] = FailedPrecondition(
+                    f"{exc.message} (this request was decided and recorded all the same: audit sequence "
+                    f"{decision.audit_sequence}, action {decision.action!r})")
+            except Exception as exc:
+                if unkept is None:
+                    unkept = []
+                unkept.append((request.tenant, request.idempotency_key, decision.audit_sequence, exc))
+        if unkept is not None:
+            tenant, key, sequence, exc = unkept[0]
+            log.error("the idempotency entries of %d decisions could not be stored (the first: tenant %r, key %r, "
+                      "audit sequence %d: %s); they were answered, and a retry with one of their keys decides again",
+                      len(unkept), tenant, key, sequence,
+                      exc.message if isinstance(exc, KernelError) else f"{type(exc).__name__}: {exc}")
 
     def finish_in_groups(self, pending: Pending):
         """Mark ``pending``'s model work so the lane hands it to the finisher thread when it has run
