@@ -34,7 +34,7 @@ from kernel._proto.aios.kernel.v1 import kernel_pb2 as kpb
 from kernel._proto.aios.kernel.v1 import kernel_pb2_grpc as kgrpc
 from kernel.audit import RecordFilter, iter_directory
 from kernel.errors import FailedPrecondition, Internal, InvalidArgument, Unavailable
-from kernel.pipelines import flow
+from kernel.pipelines import group_finish
 from kernel.policy.errors import PolicyInputError
 
 REFUSED = 4321.5  # a claim_amount the injected policy refuses (a KernelError)
@@ -332,7 +332,7 @@ class FailingReviews:
 
 def test_recorded_escalations_whose_reviews_cannot_be_stored_say_so_and_spare_the_rest(kernel, monkeypatch):
     engine = kernel.decisions.engine
-    monkeypatch.setattr(flow, "MAX_REVIEW_BACKLOG", 0)  # as after a long outage: reviews are stored before answers
+    monkeypatch.setattr(group_finish, "MAX_REVIEW_BACKLOG", 0)  # as after a long outage: reviews are stored before answers
     monkeypatch.setattr(engine.services, "reviews", FailingReviews(engine.services.reviews))
     requests = [_request(40, amount=75000.0, request_id="esc", idempotency_key="esc-key"),  # R04: a person decides
                 claim_request(PLAIN, request_id="plain")]

@@ -206,9 +206,9 @@ def test_a_review_store_that_keeps_failing_fails_decisions_once_the_backlog_is_f
     """Rows queue in memory only up to a bound: past it a group stores its own before answering, so a
     broken review store shows as failed decisions instead of a backlog that only grows."""
     from conftest import start_kernel
-    from kernel.pipelines import flow
+    from kernel.pipelines import group_finish
 
-    monkeypatch.setattr(flow, "MAX_REVIEW_BACKLOG", 3)
+    monkeypatch.setattr(group_finish, "MAX_REVIEW_BACKLOG", 3)
     server = start_kernel(claims_models, pipelines=str(copy_pipelines(tmp_path / "pipelines")),
                           data_dir=str(tmp_path / "data"), pipeline_poll_s=0)
     reviews = server.decisions.reviews
