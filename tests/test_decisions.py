@@ -369,3 +369,14 @@ def test_a_task_retries_a_transient_failure(kernel, channel, monkeypatch):
             break
     assert final.state in (kpb.SUCCEEDED, kpb.WAITING_FOR_REVIEW) and final.attempts == 2, final
     assert calls == ["retry-1", "retry-1"]
+
+
+@pytest.mark.parametrize("asked, runs_at", [(0, "default"), (1, 1), (99, "default")])
+def test_a_priority_outside_the_models_levels_gets_the_default_as_modelinfer_does(kernel, asked, runs_at):
+    """0 means the pipeline's (or model's) default; so does a number past the model's priority levels, as
+    Triton does for ModelInfer (clamping it would put the request behind every other)."""
+    pending = kernel.decisions.engine.prepare(_request(_case(), priority=asked), None)  # prepared only: not queued
+    model = pending.item.model
+    assert asked > model.config.priority_levels or asked <= 1
+    default = pending.pipeline.priority or model.config.priority
+    assert pending.item.priority == (default if runs_at == "default" else runs_at)

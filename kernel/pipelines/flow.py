@@ -117,7 +117,9 @@ class DecisionEngine(GroupFinish):
         values, row, input_hash = pipeline.codec.read_encode_hash(request, digests)
         mv = self.inference.resolve(pipeline.model, pipeline.model_version)
         request_id = request.request_id or random_hex()
-        priority = request.priority or pipeline.priority or mv.config.priority
+        priority = request.priority
+        if not 1 <= priority <= mv.config.priority_levels:  # 0 or past the levels: the default, as ModelInfer's
+            priority = pipeline.priority or mv.config.priority
         deadline = request_deadline(time.monotonic_ns(), deadline_ns,
                                     (request.timeout_ms or pipeline.timeout_ms) * 10**6, arrived_ns)
         item = WorkItem(mv, 1, ((pipeline.width,),), {pipeline.input: row}, request_id=request_id,
