@@ -60,8 +60,11 @@ class DecisionSide:
         self.idempotency = IdempotencyStore(self.db)
         self.registry = PipelineRegistry(settings.pipelines, hub, load_policy, parse_policy, settings.pipeline_poll_s)
         self.engine = DecisionEngine(self.registry, inference, Services(self.audit, self.reviews, self.idempotency))
-        self.tasks = TaskRunner(TaskStore(self.db), self._run_task, validate=self.engine.validate)
+        self.tasks = TaskRunner(TaskStore(self.db), self._run_task, validate=self.engine.validate,
+                                audit_position=(lambda: self.audit.size) if self.audit is not None else None)
         self._draining = threading.Event()  # set by end_watches(): StreamAudit followers end
+        # task id -> the decision record its attempt made before the kernel stopped (see _reopen_reviews)
+        self._recorded_tasks: dict[str, kpb.AuditRecord] = {}
         self.reviews.on_resolved(self._resolved)
         self.tasks.on_cancelled.append(self._task_cancelled)
         # Governance events go on the record next to the decisions they affect.
@@ -73,6 +76,7 @@ class DecisionSide:
         self._record(kpb.CONFIG_CHANGE, {"event": "kernel started", "settings": _public_settings(self.settings)})
         self.registry.start()
         self._reopen_reviews()
+        self._find_task_decisions()
         self.tasks.start()
         self.reviews.redeliver()  # resolutions a crash or a failed hook cut off are finished now
         names = ", ".join(f"{p.name} ({p.label}, policy {p.policy.version})" for p in self.registry.all())
@@ -141,6 +145,21 @@ class DecisionSide:
         if reopened:
             log.warning("reopened %d reviews from the audit log (records #%d to #%d): their rows were lost "
                         "in a crash after the decisions were recorded", reopened, since, self.audit.size - 1)
+
+    def _find_task_decisions(self) -> None:
+        """For each task the kernel stopped in (still RUNNING), the decision its attempt recorded, if it got
+        that far: the restarted task takes it (``_run_task_once``) instead of deciding again, so the log holds
+        one decision per task (and a newer policy cannot decide it anew). Read from where the earliest of
+        those attempts began (``Task.audit_from_sequence``), so it costs nothing when no task was running."""
+        if self.audit is None:
+            return
+        running = {task.task_id: task.audit_from_sequence for task in self.tasks.store.in_states((kpb.RUNNING,))}
+        if not running:
+            return
+        start = min(min(running.values()), self.audit.size)  # (a log that lost its newest records: async mode)
+        for record in self.audit.read(from_sequence=start, kind=kpb.DECISION):
+            if record.task_id in running:
+                self._recorded_tasks[record.task_id] = record
 
     def _review_settings(self, pipeline_name: str, decision: kpb.Decision) -> tuple[list[str], float]:
         try:
@@ -213,6 +232,9 @@ class DecisionSide:
             raise TransientError(f"{exc.code}: {exc.message}") from exc
 
     def _run_task_once(self, task: kpb.Task):
+        recorded = self._recorded_tasks.pop(task.task_id, None)
+        if recorded is not None:
+            return self._decided_before_the_stop(task, recorded)
         pending = self.engine.prepare(task.request, None)
         if isinstance(pending, kpb.Decision):  # answered before (idempotency key), maybe cut off before it waited
             if pending.outcome in (kpb.ESCALATED, kpb.FALLBACK) and pending.review_id:
@@ -224,6 +246,20 @@ class DecisionSide:
         if result.outcome in (kpb.ESCALATED, kpb.FALLBACK) and result.review_id:
             return WaitingForReview(result.review_id, result)
         return result
+
+    def _decided_before_the_stop(self, task: kpb.Task, record: kpb.AuditRecord):
+        """The decision ``record`` holds, as this task's outcome (its review opened if it has none)."""
+        decision = kpb.Decision()
+        decision.CopyFrom(record.decision)
+        decision.audit_sequence, decision.audit_hash = record.sequence, record.hash.hex()
+        log.info("task %s takes the decision its cut-off attempt recorded at #%d (%s) instead of deciding again",
+                 task.task_id, record.sequence, decision.action)
+        if decision.outcome in (kpb.ESCALATED, kpb.FALLBACK) and decision.review_id:
+            actions, sla_seconds = self._review_settings(record.pipeline, decision)
+            self.reviews.create_many([(decision, task.request, actions, sla_seconds, task.task_id, decision.review_id,
+                                       record.time_unix_ns)])  # (the one it opened, if it was stored)
+            return WaitingForReview(decision.review_id, decision)
+        return decision
 
     def _task_cancelled(self, task: kpb.Task) -> None:
         if task.review_id:  # nobody should work a case whose task is gone

@@ -52,11 +52,14 @@ class TaskRunner:
 
     def __init__(self, store: TaskStore, run_fn: Callable[[kpb.Task], object], workers: int = 2,
                  max_attempts: int = 3, backoff_s: float = 0.1, max_backoff_s: float = 30.0,
-                 validate: Callable[[kpb.DecisionRequest], None] | None = None):
+                 validate: Callable[[kpb.DecisionRequest], None] | None = None,
+                 audit_position: Callable[[], int] | None = None):
         if workers < 1 or max_attempts < 1 or backoff_s < 0 or max_backoff_s < 0:
             raise ValueError("workers and max_attempts must be >= 1, backoffs >= 0")
         self.store = store
         self.run_fn = run_fn
+        # The audit log's size now, kept on a task as each attempt begins (Task.audit_from_sequence).
+        self.audit_position = audit_position
         self.workers = workers
         self.max_attempts = max_attempts
         self.backoff_s = backoff_s
@@ -182,7 +185,8 @@ class TaskRunner:
         task = self.store.get(task_id)
         attempt = task.attempts + 1
         task = self.store.transition(task_id, kpb.RUNNING, (kpb.QUEUED,), f"attempt {attempt} of {self.max_attempts}",
-                                     attempts=attempt)
+                                     attempts=attempt,
+                                     audit_from=self.audit_position() if self.audit_position is not None else None)
         if task is None:  # cancelled while queued
             return
         try:

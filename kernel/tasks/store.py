@@ -147,7 +147,7 @@ class TaskStore:
 
     def transition(self, task_id: str, state: int, from_states: tuple[int, ...], detail: str = "", *,
                    attempts: int | None = None, decision: kpb.Decision | None = None, error: str | None = None,
-                   review_id: str | None = None) -> kpb.Task | None:
+                   review_id: str | None = None, audit_from: int | None = None) -> kpb.Task | None:
         """Move the task to ``state`` if it is in one of ``from_states``; None if it is not."""
         def mutate(task: kpb.Task) -> bool:
             if task.state not in from_states:
@@ -163,6 +163,8 @@ class TaskStore:
                 task.error = error
             if review_id is not None:
                 task.review_id = review_id
+            if audit_from is not None:
+                task.audit_from_sequence = audit_from
             task.history.add(state=state, at_unix_ns=now, attempt=task.attempts, detail=detail)
             return True
 
