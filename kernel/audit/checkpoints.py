@@ -12,9 +12,15 @@ this code. Checkpoints are appended to ``checkpoints.log`` in the log
 directory, framed like segments (length, crc32, serialized ``Checkpoint``).
 
 A checkpoint is written only after the records it covers are fsynced, so it
-never outlives them in a crash. The checkpoint file itself is fsynced at most
-once per checkpoint interval and on close: a crash may lose the newest
-checkpoints (they can be signed again), never a record.
+never outlives them in a crash. The file is append-only and fsynced after
+each checkpoint: a crash can leave at most the last frame incomplete (or
+ending in zeros), which loses one signature (it can be signed again), never a
+record. On open such a torn last frame is cut and its bytes kept in
+``checkpoints.log.torn-<time>``. Anything else (a complete frame with wrong
+bytes, a frame that does not parse, a valid frame after a bad one) is damage
+and the open refuses, changing nothing: cutting there would discard signed
+checkpoints, and with them the evidence against records rewritten under them
+(the kernel would then sign over the rewrite).
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from pathlib import Path
 from .._proto.aios.kernel.v1 import kernel_pb2
 from .errors import AuditCorrupt
 from .keys import SigningKey, signature_valid
-from .segments import CHECKPOINT_MAGIC, AppendFile, FrameScanner, frame, frames_start
+from .segments import CHECKPOINT_MAGIC, AppendFile, FrameScanner, frame, frames_start, keep_torn_bytes
 
 log = logging.getLogger("aios.audit")
 
@@ -56,7 +62,8 @@ def signature_ok(checkpoint: Checkpoint, public_raw: bytes) -> bool:
 
 def read_all(directory: Path) -> tuple[list[Checkpoint], int, str | None, bool]:
     """Every intact checkpoint in order, the offset where intact data ends, why reading stopped early,
-    and whether that was a torn (incomplete) last frame."""
+    and whether that was a torn last frame (``FrameScanner.damage``: one a crash cut short, with no valid
+    frame after it; a valid frame after a bad one is damage, whatever the bad one looks like)."""
     path = directory / FILE_NAME
     try:
         data = path.read_bytes()
@@ -72,8 +79,24 @@ def read_all(directory: Path) -> tuple[list[Checkpoint], int, str | None, bool]:
             found.append(Checkpoint.FromString(payload))
         except Exception:  # DecodeError, or upb's own error on malformed bytes
             scanner.end, scanner.problem = offset, f"the checkpoint at offset {offset} does not parse"
+            scanner.torn = False
             break
-    return found, scanner.end, scanner.problem, scanner.torn
+    damage = scanner.damage()
+    return found, scanner.end, damage or scanner.problem, scanner.problem is not None and damage is None
+
+
+def scan(directory: Path) -> tuple[list[Checkpoint], int, str | None]:
+    """``read_all`` for opening the log: the checkpoints, where they end and the torn last frame to cut
+    (None when there is none); ``AuditCorrupt`` for any other damage (nothing is changed)."""
+    found, end, problem, torn = read_all(directory)
+    if problem is not None and not torn:
+        raise AuditCorrupt(
+            f"the audit log in {directory} is damaged or was altered: {directory / FILE_NAME}, checkpoint "
+            f"#{len(found)} at byte offset {end}: {problem}. A crash only ever leaves the last checkpoint incomplete, "
+            f"and cutting here would discard the signed checkpoints after it, so the log was not opened and nothing "
+            f"was changed on disk; run `aios-kernel audit verify {directory}` for details"
+        )
+    return found, end, problem
 
 
 class CheckpointFile:
@@ -87,19 +110,24 @@ class CheckpointFile:
         self.unsynced = False
 
     @classmethod
-    def open(cls, directory: Path) -> tuple["CheckpointFile", list[Checkpoint]]:
-        """Open for appending after cutting a torn tail; also returns the checkpoints found."""
+    def open(cls, directory: Path, found: list[Checkpoint], end: int,
+             problem: str | None) -> tuple["CheckpointFile", str]:
+        """Open for appending, given what ``scan`` found, after cutting a torn last frame (its bytes kept
+        aside); also returns what was cut ("" when nothing)."""
         path = directory / FILE_NAME
-        found, end, problem, _ = read_all(directory)
         if not path.exists() or end == 0:
             if path.exists():  # cut short while being created: it holds nothing
                 log.warning("audit: %s: %s; starting it afresh", path, problem)
                 path.unlink()
-            return cls(AppendFile.create(path, CHECKPOINT_MAGIC), None), []
-        size = path.stat().st_size
+            return cls(AppendFile.create(path, CHECKPOINT_MAGIC), None), ""
+        cut = ""
         if problem is not None:
-            log.warning("audit: %s: dropped %d bytes after the last intact checkpoint (%s)", path, size - end, problem)
-        return cls(AppendFile.reopen(path, end), found[-1] if found else None), found
+            dropped = path.stat().st_size - end
+            log.warning("audit: %s: torn checkpoint #%d at byte offset %d: dropped %d bytes (%s): a write a crash "
+                        "cut short (it loses a signature, never a record)", path, len(found), end, dropped, problem)
+            kept = keep_torn_bytes(path, end, dropped)
+            cut = f"cut a torn checkpoint of {dropped} bytes from {FILE_NAME} (kept in {kept.name})"
+        return cls(AppendFile.reopen(path, end), found[-1] if found else None), cut
 
     def append(self, checkpoint: Checkpoint) -> None:
         self.file.write(frame(checkpoint.SerializeToString()))

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from .._proto.aios.kernel.v1 import kernel_pb2
 from .errors import AuditCorrupt
-from .recovery import INDEX_EVERY
+from .recovery import INDEX_EVERY, writer_is_live
 from .segments import HEADER_BYTES, MAGIC, FrameScanner, crc32, frames_start, list_segments, unpack_header
 
 log = logging.getLogger("aios.audit")
@@ -178,8 +178,9 @@ def iter_directory(directory: str | Path, from_sequence: int = 0, wanted: Record
     """Records of a log directory nobody is writing, from ``from_sequence``.
 
     Stops with a warning at a torn tail (the last segment's last record cut short, as a crash
-    leaves it: it was never acknowledged). Raises ``AuditCorrupt`` at any other bad frame: the
-    records after it exist but cannot be trusted, and stopping quietly would hide them.
+    leaves it). Raises ``AuditCorrupt`` at any other bad frame, a torn-looking one with a valid
+    frame after it included: the records after it exist but cannot be trusted, and stopping
+    quietly would hide them.
     """
     directory = Path(directory)
     segments = list_segments(directory)
@@ -205,8 +206,12 @@ def iter_directory(directory: str | Path, from_sequence: int = 0, wanted: Record
                     yield record
             sequence += 1
         if scanner.problem is not None:
-            if following is not None or not scanner.torn:
-                raise AuditCorrupt(f"{path.name}: record {sequence} is damaged ({scanner.problem}); "
+            # A torn-looking frame with a valid one after it is damage too (recovery.py), unless a writer is
+            # live: a reader racing it may see a later page of one write before an earlier one.
+            problem = scanner.problem if following is not None or not scanner.torn else (
+                None if writer_is_live(directory) else scanner.damage())
+            if problem is not None:
+                raise AuditCorrupt(f"{path.name}: record {sequence} is damaged ({problem}); "
                                    f"records from {sequence} on could not be read")
             log.warning("audit: %s ends in a torn record after %d (%s: a write a crash cut short); stopped there",
                         path.name, sequence - 1, scanner.problem)

@@ -3,12 +3,52 @@
 Every segment is scanned once (frame checksums, the hash at the end of each
 stored record); their hashes become the Merkle tree's leaves. A segment's
 zero tail (preallocated space after its last record) is unused space, neither
-dropped nor torn. Only the last segment may end in a torn frame (or in
-non-zero bytes inside its zero tail): it is cut back to the last intact
-record and the bytes dropped are logged. Damage anywhere else, a missing segment, or a
-log that no longer matches its last signed checkpoint stops the open with
-``AuditCorrupt``: the kernel must not append to a log it cannot vouch for
-(``aios-kernel audit verify`` names the first bad record).
+dropped nor torn. Only the last segment may end in a torn tail: it is cut back
+to the last intact record, the bytes cut are kept in ``<segment>.torn-<time>``
+and the cut is logged. Damage anywhere else, a missing segment, or a log that
+no longer matches its last signed checkpoint stops the open with
+``AuditCorrupt`` and changes nothing on disk: the kernel must not append to a
+log it cannot vouch for (``aios-kernel audit verify`` names the first bad record).
+
+What a crash can leave, and so what is cut. The writer only ever adds bytes
+past its last frame, over zeros (preallocated, fsynced) or past the end of the
+file, and never rewrites a frame; a write that does not reach the disk leaves
+the old contents, zeros. So a crash leaves the data as written up to some
+point, then bytes of the writes in flight, each either as written or still zero.
+
+- ``fsync`` mode: a group is written with one ``pwrite`` and fdatasynced
+  before any of its records is acknowledged and before the next group is
+  written. A power cut can only damage the last group, and nobody was told
+  about its records; everything before it is on disk as written. A kill -9
+  loses nothing the process wrote; it can cut the write in progress short.
+- ``async`` mode: records are acknowledged once written to the page cache and
+  the segment is fsynced before each checkpoint, so a power cut can damage
+  any record written since the last checkpoint, some of them acknowledged: the
+  loss the mode accepts (see ``writer``). A kill -9 loses nothing.
+
+The rule (``FrameScanner.damage``): the bytes from the first bad frame of the
+last segment to its last non-zero byte are cut as a torn tail only when they
+look like an unfinished write (the data ends inside the frame; the frame's
+last byte and everything after it are zero; or a zero header with stray bytes
+after it) *and* no valid frame starts anywhere after the bad one. Otherwise
+(a complete frame whose bytes are wrong, or a valid frame after a bad one)
+the open refuses.
+
+Why no acknowledged record is cut silently. In fsync mode an acknowledged
+record was fdatasynced and no crash touches it again: wrong bytes in it come
+from a storage fault or an edit. Those are refused wherever a valid record
+follows them, and in the last record too unless they look exactly like a
+write cut short (the data ends inside it, or it ends in zeros: a record whose
+hash happens to end in a zero byte, 1 in 256). What a crash leaves is cut
+only at the end: in fsync mode records nobody was told about, in async mode
+possibly acknowledged ones, within the loss that mode accepts. Every cut is
+logged (a WARNING naming the records, and the INFO summary of the open), and
+the bytes cut are kept, so even a misjudged one loses nothing. The price of
+refusing: a power cut in the middle of an unsynced write that spans several
+pages (one large group in fsync mode; anything since the last checkpoint in
+async mode) can leave a valid frame after a torn one, which the bytes alone
+cannot tell from damage; the open refuses and the message says how an
+operator who knows it was a power cut can cut the tail by hand.
 """
 
 from __future__ import annotations
@@ -16,7 +56,6 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +63,7 @@ from .checkpoints import FILE_NAME as CHECKPOINT_FILE, Checkpoint, check_sequenc
 from .errors import AuditCorrupt, AuditError
 from .merkle import MerkleTree
 from .record import GENESIS_PREV_HASH, split_stored
-from .segments import MAGIC, FrameScanner, frames_start, list_segments, nonzero_end
+from .segments import MAGIC, FrameScanner, frames_start, keep_torn_bytes, list_segments, nonzero_end
 
 log = logging.getLogger("aios.audit")
 
@@ -44,9 +83,16 @@ class LogState:
     tail_size: int = 0  # intact bytes of the last segment (its logical end; zeros may follow)
     dropped_bytes: int = 0  # torn tail cut on this open: from tail_size to its last non-zero byte
     tail_torn: bool = False  # the last segment's bytes after tail_size are a torn tail (to keep, then cut)
+    torn_problem: str = ""  # what the scanner found there
+    damage: tuple[Path, int, int, str] | None = None  # (segment, offset, record, why): bad bytes that are no torn tail
+    unfinished: Path | None = None  # a last segment cut short while being created (no record): to remove
 
 
 def recover(directory: Path) -> LogState:
+    """Scan the segments, changing nothing. Damage in the last segment is left in ``state.damage`` for
+    ``check_against`` to refuse, with what the checkpoints signed; damage in any other segment raises
+    ``AuditCorrupt`` here. The caller cuts a torn tail (``tail_torn``) and removes an ``unfinished``
+    segment once every check passed."""
     state = LogState()
     leaves = bytearray()
     sequence = 0
@@ -63,10 +109,10 @@ def recover(directory: Path) -> LogState:
         if start is None:
             if not last:
                 raise AuditCorrupt(f"{path.name}: shorter than its header, yet not the last segment")
-            # A crash while the segment was being created: it holds no record; start it afresh.
+            # A crash while the segment was being created: it holds no record; removed (once the checks pass)
+            # to start it afresh.
             state.dropped_bytes = len(data)
-            log.warning("audit: %s was cut short while being created: removed it (%d bytes)", path.name, len(data))
-            path.unlink()
+            state.unfinished = path
             break
         scanner = FrameScanner(data, start)
         for offset, payload in scanner:
@@ -80,13 +126,16 @@ def recover(directory: Path) -> LogState:
             sequence += 1
         if scanner.problem is not None:
             if not last:
-                raise AuditCorrupt(f"{path.name}: {scanner.problem} (record {sequence}), yet it is not the last segment")
-            state.dropped_bytes = nonzero_end(data, scanner.end) - scanner.end
-            state.tail_torn = True
-            log.warning(
-                "audit: torn tail in %s: dropped %d bytes after record %d (%s); "
-                "records past it were never acknowledged", path.name, state.dropped_bytes, sequence - 1, scanner.problem,
-            )
+                raise AuditCorrupt(damaged(directory, path, scanner.end, sequence, (
+                    f"{scanner.problem}, yet it is not the last segment (a segment is fsynced before the next one "
+                    f"is created, so no crash leaves this)")))
+            problem = scanner.damage()
+            if problem is not None:  # refused by check_against, which knows what the checkpoints signed
+                state.damage = (path, scanner.end, sequence, problem)
+            else:
+                state.dropped_bytes = nonzero_end(data, scanner.end) - scanner.end
+                state.tail_torn = True
+                state.torn_problem = scanner.problem
         state.segments.append((first, path))
         state.tail_size = scanner.end
     state.tree.append_leaves(leaves)
@@ -95,9 +144,32 @@ def recover(directory: Path) -> LogState:
     return state
 
 
+def damaged(directory: Path, path: Path, offset: int, sequence: int, problem: str) -> str:
+    """The one-line refusal for damage inside the records (the kernel's start prints it as its reason)."""
+    return (f"the audit log in {directory} is damaged or was altered: {path}, record {sequence} at byte offset "
+            f"{offset}: {problem}. This is no torn tail a crash leaves, so the log was not opened and nothing "
+            f"was changed on disk; run `aios-kernel audit verify {directory}` to see the first bad record")
+
+
+def _refuse_damage(state: LogState, checkpoints: list[Checkpoint], directory: Path) -> None:
+    path, offset, sequence, problem = state.damage
+    signed = checkpoints[-1].tree_size if checkpoints else 0
+    message = damaged(directory, path, offset, sequence, problem)
+    if sequence < signed:
+        message += f" (a signed checkpoint covers records 0..{signed - 1}: they were on disk before it was signed)"
+    else:  # past the last checkpoint: a power cut cannot be ruled out (see the module docstring)
+        message += (f". A power cut in async mode (or during one large write in fsync mode) can leave this too, "
+                    f"which only an operator can judge: if that is what happened, keep a copy of {path.name} and "
+                    f"truncate it to {offset} bytes, dropping records {sequence} on")
+    raise AuditCorrupt(message)
+
+
 def check_against(state: LogState, checkpoints: list[Checkpoint], directory: Path) -> None:
-    """The records on disk must still produce the root of the last signed checkpoint."""
+    """The records on disk must be intact (no damage but a torn tail) and still produce the root of the last
+    signed checkpoint."""
     check_sequence(checkpoints, directory)
+    if state.damage is not None:
+        _refuse_damage(state, checkpoints, directory)
     if not checkpoints:
         if state.tree.size:  # a log signs tree size 0 before its first record: the checkpoints were removed
             raise AuditCorrupt(
@@ -149,12 +221,14 @@ def writer_is_live(directory: Path) -> bool:
                for fields in (line.split() for line in held))
 
 
-def keep_torn_tail(path: Path, intact: int, length: int) -> None:
-    """Copy the ``length`` bytes a torn-tail repair is about to cut to ``<segment>.torn-<time>``, for inspection
-    (the zeros after them are unused space: not kept)."""
-    with open(path, "rb") as source:
-        source.seek(intact)
-        tail = source.read(length)
-    kept = path.with_name(f"{path.name}.torn-{time.time_ns()}")
-    kept.write_bytes(tail)
-    log.warning("audit: the %d bytes cut from %s are kept in %s", len(tail), path.name, kept.name)
+def keep_torn_tail(state: LogState) -> Path:
+    """Log the torn tail of the last segment about to be cut, and keep its bytes aside (the zeros after them
+    are unused space: not kept); returns where they are kept."""
+    path = state.segments[-1][1]
+    records = state.tree.size
+    log.warning(
+        "audit: torn tail in %s: dropped %d bytes after record %d (%s): a write a crash cut short, never "
+        "acknowledged in fsync mode (in async mode, records written since the last checkpoint may be among "
+        "them: a power cut loses those)", path.name, state.dropped_bytes, records - 1, state.torn_problem,
+    )
+    return keep_torn_bytes(path, state.tail_size, state.dropped_bytes)

@@ -23,13 +23,20 @@ length or checksum is wrong, or non-zero bytes after the zero end marker,
 mark where the valid log ends. Rotation happens between records: the full
 segment is fsynced and closed, the next one created (zero-filled) and the
 directory fsynced, so only the last segment can ever have a torn tail.
+Whether bad bytes at the end are such a tail or damage inside the log
+(``FrameScanner.damage``: a valid frame after them, or a complete frame
+with wrong bytes) decides between cutting and refusing to open: see
+``recovery`` for why. Nothing is cut unless ``check_cut`` agrees, and the
+bytes cut are kept aside (``keep_torn_bytes``).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import struct
+import time
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -50,6 +57,9 @@ PREALLOCATE_BYTES = 256 << 10  # zeros written ahead of the records at a time (b
 _ZEROS = bytes(1 << 16)  # compared against with bytes.startswith (a memcmp): ~15 GB/s
 SUFFIX = ".seg"
 _NAME = re.compile(r"^(\d{20})\.seg$")
+_NONZERO = re.compile(rb"[^\x00]")
+
+log = logging.getLogger("aios.audit")
 
 crc32 = zlib.crc32
 pack_header = HEADER.pack
@@ -152,6 +162,83 @@ class FrameScanner:
             self.end = offset = body + length
             yield offset - HEADER_BYTES - length, payload
 
+    def damage(self) -> str | None:
+        """After the scan: None when what follows ``end`` is unused zeros or a torn tail, else why it is damage.
+
+        A torn tail is ``torn`` *and* has no valid frame anywhere after the
+        bad one (searched at every byte offset: the bad frame's length cannot
+        be trusted). A complete frame with wrong bytes, or any valid frame
+        after a bad one, is damage inside the data, not the end of a write a
+        crash cut short (``recovery`` explains why that is the line). Only for
+        files no writer is writing: a reader racing a writer can see a later
+        page of one write before an earlier one.
+        """
+        if self.problem is None:
+            return None
+        after = frame_after(self.data, self.end)
+        if after is not None:
+            return f"{self.problem}, yet a valid frame follows it at offset {after}"
+        if not self.torn:
+            return f"{self.problem}: whole bytes that are wrong, not a write cut short"
+        return None
+
+
+def frame_after(data: bytes, start: int) -> int | None:
+    """Offset of the first frame after ``start`` that is complete and passes its checksum, or None.
+
+    Every byte offset is tried (zero runs are skipped: a frame's length has a
+    non-zero byte). Only bad bytes at the end of a file are searched this way,
+    on open: a crash leaves at most one group's worth of them.
+    """
+    limit = len(data)
+    view = memoryview(data)
+    search = _NONZERO.search
+    offset = start + 1
+    while offset + HEADER_BYTES < limit:
+        length, checksum = unpack_header(data, offset)
+        if not length:
+            found = search(data, offset + 4)
+            if found is None:
+                return None
+            offset = max(found.start() - 3, offset + 1)
+            continue
+        body = offset + HEADER_BYTES
+        if length <= limit - body and crc32(view[body:body + length]) == checksum:
+            return offset
+        offset += 1
+    return None
+
+
+def check_cut(path: Path, fd: int, size: int, length: int) -> None:
+    """Raise ``AuditCorrupt`` unless the bytes of ``fd`` from ``size`` to ``length`` are unused zeros or a torn
+    tail: the check recovery made, made again on the bytes about to be cut (nothing is cut on a stale verdict)."""
+    tail = os.pread(fd, length - size, size)
+    scanner = FrameScanner(tail, 0)
+    for _ in scanner:
+        problem = "a valid frame starts there"
+        break
+    else:
+        problem = scanner.damage()
+    if problem is not None:
+        raise AuditCorrupt(f"{path}: refusing to cut it at byte offset {size}: the bytes there are not a torn tail "
+                           f"({problem}, counting from that offset); nothing was changed on disk")
+
+
+def keep_torn_bytes(path: Path, offset: int, length: int) -> Path:
+    """Copy the ``length`` bytes from ``offset`` that a torn-tail repair is about to cut to ``<file>.torn-<time>``
+    (fsynced), for inspection; returns the copy's path."""
+    with open(path, "rb") as source:
+        source.seek(offset)
+        tail = source.read(length)
+    kept = path.with_name(f"{path.name}.torn-{time.time_ns()}")
+    with open(kept, "xb") as copy:
+        copy.write(tail)
+        copy.flush()
+        os.fsync(copy.fileno())
+    fsync_dir(path.parent)
+    log.warning("audit: the %d bytes cut from %s are kept in %s", len(tail), path.name, kept.name)
+    return kept
+
 
 def frames_start(path: Path, data: bytes, magic: bytes = MAGIC) -> int | None:
     """Offset of the first frame in a file's bytes, after checking its header.
@@ -204,10 +291,12 @@ class AppendFile:
 
     @classmethod
     def reopen(cls, path: Path, size: int) -> "AppendFile":
-        """Open an existing file for appending, cutting it to ``size`` bytes first (a torn tail)."""
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+        """Open an existing file for appending, cutting it to ``size`` bytes first (a torn tail, checked again)."""
+        fd = os.open(path, os.O_RDWR | os.O_APPEND)
         try:
-            if os.fstat(fd).st_size != size:
+            length = os.fstat(fd).st_size
+            if length != size:
+                check_cut(path, fd, size, length)
                 os.ftruncate(fd, size)
             # Records an async-mode writer left in the page cache become durable before any
             # checkpoint can cover them.
@@ -280,14 +369,17 @@ class SegmentFile(AppendFile):
         """Open an existing segment whose data ends at ``size``.
 
         ``cut``: the bytes after ``size`` are a torn tail: the file is cut to
-        ``size`` (the next write zero-fills again). Otherwise they are zeros
-        (checked by recovery) and are kept: writing continues inside them.
+        ``size`` (the next write zero-fills again), after ``check_cut`` agrees
+        (``AuditCorrupt`` otherwise, the file untouched). Otherwise they are
+        zeros (checked by recovery) and are kept: writing continues inside them.
         """
         fd = os.open(path, os.O_RDWR)
         try:
+            length = os.fstat(fd).st_size
+            if cut and length != size:
+                check_cut(path, fd, size, length)
             if os.pread(fd, len(MAGIC_V1), 0) == MAGIC_V1:  # see MAGIC: zeros go only into version-2 files
                 _pwrite_all(fd, MAGIC, 0)
-            length = os.fstat(fd).st_size
             if cut and length != size:
                 os.ftruncate(fd, size)
                 length = size

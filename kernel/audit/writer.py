@@ -98,7 +98,7 @@ class AuditLog:
 
         self._lock_fd = lock_directory(directory)
         try:
-            self._open_files(directory, key)
+            cuts = self._open_files(directory, key)
             size = self._tree.size
             self._written = size  # next sequence the writer assigns
             self._watermark = Watermark(size)  # records durable (written, in async mode): what readers see
@@ -114,8 +114,16 @@ class AuditLog:
             self._checkpoints_signed = 0
             self._slowest_sync_ns = 0  # the longest group fsync so far: disk stalls show here
             self._last_checkpoint_ns = _monotonic_ns()
-            if self._checkpoints.latest is None:  # a signed head from the start, so there always is one
+            latest = self._checkpoints.latest
+            signed = latest.tree_size if latest is not None else 0
+            # A signed head from the start, so there always is one; and records a crash left unsigned are
+            # signed now (check_against vouched for the signed ones), not a checkpoint interval later.
+            if latest is None or signed != size:
                 self._write_checkpoint(self._last_checkpoint_ns)
+            if signed != size or cuts:  # the last process stopped without closing the log: say what was found
+                log.info("audit: opened %s after an unclean stop: %d records; the last signed checkpoint covered %d, "
+                         "the %d after it are signed now%s", directory, size, signed, size - signed,
+                         "".join(f"; {cut}" for cut in cuts))
         except BaseException:
             for closable in (getattr(self, "_checkpoints", None), getattr(self, "_segment", None)):
                 if closable is not None:
@@ -125,27 +133,44 @@ class AuditLog:
         self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
         self._thread.start()
 
-    def _open_files(self, directory: Path, key) -> None:
-        """Recover the files' state, check it against the last checkpoint, open the files for appending."""
+    def _open_files(self, directory: Path, key) -> list[str]:
+        """Recover the files' state, check it against the last checkpoint, open the files for appending.
+
+        Nothing on disk changes until every check passed; then torn tails are cut (their bytes kept).
+        Returns what was cut, for the summary ``__init__`` logs.
+        """
         state = recover(directory)
         self._tree = state.tree
         self._segments = state.segments  # appended by the writer; read by readers
         self._index = state.index
         self._last_hash = state.last_hash
         self.dropped_bytes = state.dropped_bytes  # torn tail cut by this open
-        self._checkpoints, found = cps.CheckpointFile.open(directory)
+        found, end, problem = cps.scan(directory)
         check_against(state, found, directory)
         if found and found[-1].key_id != key.key_id:
             log.warning("audit: checkpoints up to tree size %d were signed by key %s; signing with %s from now on",
                         found[-1].tree_size, found[-1].key_id, key.key_id)
+        cuts = []
+        self._checkpoints, cut = cps.CheckpointFile.open(directory, found, end, problem)
+        if cut:
+            cuts.append(cut)
         publish_public_key(directory, key)
+        if state.unfinished is not None:
+            log.warning("audit: %s was cut short while being created: removed it (%d bytes)", state.unfinished.name,
+                        state.dropped_bytes)
+            state.unfinished.unlink()
         if state.tail_torn:
-            keep_torn_tail(state.segments[-1][1], state.tail_size, state.dropped_bytes)
+            kept = keep_torn_tail(state)
+            cuts.append(f"cut a torn tail of {state.dropped_bytes} bytes from {state.segments[-1][1].name} "
+                        f"after record {state.tree.size - 1} (kept in {kept.name})")
+        elif state.unfinished is not None:
+            cuts.append(f"removed {state.unfinished.name} ({state.dropped_bytes} bytes), cut short while being created")
         if state.segments:
             self._segment = SegmentFile.reopen(state.segments[-1][1], state.tail_size, state.tail_torn,
                                                self._preallocate_bytes, self._segment_bytes)
         else:
             self._segment = self._new_segment(0)
+        return cuts
 
     # ------------------------------------------------------------------ opening
     @classmethod
