@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed-$(RUNTIME_EXTRA)
 MODELS := examples/claims/models
 PIPELINES := examples/claims/pipelines
 
-.PHONY: help serve test build demo bench bench-micro protos models clean
+.PHONY: help serve test build demo bench bench-micro protos models clean node-deps
 
 help:
 	@echo "make serve        set up .venv (install, Cython build) and serve the claims demo on 127.0.0.1:8001"
@@ -45,6 +45,24 @@ serve: models
 demo: models
 	$(PY) -m kernel demo --models $(MODELS) --pipelines $(PIPELINES)
 
+# The Node client (clients/node/) that tests/test_node_client.py runs: installed once from its lock file
+# (the stamp sits inside node_modules, so `npm ci` wiping it forgets the stamp too). Without npm the test
+# is skipped, so the set-up is too (and a failed install skips it with a warning rather than failing
+# the suite). --ignore-scripts: no package needs one (protobufjs's postinstall only
+# checks version pins), and none runs during `make test`.
+NODE_STAMP := clients/node/node_modules/.installed
+
+$(NODE_STAMP): clients/node/package.json clients/node/package-lock.json
+	@if command -v npm >/dev/null 2>&1; then \
+		echo "npm ci --prefix clients/node --no-audit --no-fund --ignore-scripts"; \
+		npm ci --prefix clients/node --no-audit --no-fund --ignore-scripts && touch $@ || \
+			echo "warning: npm ci failed (no registry?): tests/test_node_client.py is skipped"; \
+	else \
+		echo "note: npm not found: the Node client is not installed and tests/test_node_client.py is skipped"; \
+	fi
+
+node-deps: $(NODE_STAMP)
+
 # The whole suite on the compiled core, then the serving and scheduling suites
 # again on the pure-Python references (AIOS_PURE_PYTHON=1): both must pass.
 PURE_SUITES := tests/test_oip.py tests/test_bad_input.py tests/test_scheduling.py \
@@ -57,7 +75,7 @@ PURE_SUITES := tests/test_oip.py tests/test_bad_input.py tests/test_scheduling.p
 # (Of the command-line tests only a served kernel's whole path runs twice: the client commands and
 # start-up errors do not depend on which core is built, and CI's 10 minutes are tight on a slow host.)
 
-test: $(STAMP)
+test: $(STAMP) node-deps
 	$(PY) -m pytest -q
 	AIOS_PURE_PYTHON=1 $(PY) -m pytest -q $(PURE_SUITES)
 
@@ -73,5 +91,5 @@ protos: $(STAMP)
 	$(PY) scripts/gen_protos.py
 
 clean:
-	rm -rf build dist *.egg-info kernel/_ext/*.so ext/*.c ext/*.html .pytest_cache
+	rm -rf build dist *.egg-info kernel/_ext/*.so ext/*.c ext/*.html .pytest_cache clients/node/node_modules
 	rm -f $(VENV)/.installed-*  # the extensions are gone: the next make installs and builds again
