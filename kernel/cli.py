@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -327,9 +328,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     policy = sub.add_parser("policy", help="check a policy file, or test it against sample cases")
     policy_sub = policy.add_subparsers(dest="policy_command", required=True, metavar="COMMAND")
-    check = policy_sub.add_parser("check", help="validate a policy file (exit 1 with FILE:LINE errors)",
+    check = policy_sub.add_parser("check", help="validate a policy file (exit 1 with FILE:LINE errors, 3 if the table "
+                                                "was too large to check fully)",
                                   description="Parse, check and compile a policy file as the kernel would: its "
-                                              "summary, or every problem with FILE:LINE (exit 1).")
+                                              "summary, or every problem with FILE:LINE (exit 1); exit 3 when the "
+                                              "table analysis stopped at its work limit (NOT fully checked).")
     check.add_argument("file", help="the policy's TOML file")
     check.set_defaults(func=cmd_policy_check)
     test = policy_sub.add_parser("test", help="run JSON-lines cases: mismatches and rule coverage")
@@ -381,3 +384,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C on a client command (serve handles its own signals and drains)
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `aios-kernel ... | head`: the reader left; stop quietly, as other tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (Python's exit flush would raise again)
+        return 141

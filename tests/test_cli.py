@@ -365,3 +365,19 @@ def test_infer_output_that_is_not_a_finite_number_still_prints_json():
 
     text = json.dumps(_json_safe([[float("nan"), float("inf"), -float("inf"), 0.5]]), allow_nan=False)
     assert json.loads(text) == [["NaN", "Infinity", "-Infinity", 0.5]]
+
+
+def test_output_piped_into_a_reader_that_leaves_early_is_no_traceback(tmp_path):
+    """`aios-kernel policy test ... | head -1`: the reader closes the pipe; the command stops quietly."""
+    example = ROOT / "examples" / "claims" / "pipelines"
+    case = json.loads((example / "policy_cases.jsonl").read_text().splitlines()[-1])
+    case["expect"] = {"action": "deny" if case["expect"].get("action") != "deny" else "approve"}
+    cases = tmp_path / "failing.jsonl"
+    cases.write_text((json.dumps(case) + "\n") * 3000)  # a failure line each: far more than a pipe holds
+    reader = subprocess.Popen([*CLI, "policy", "test", str(example / "policy.toml"), "--cases", str(cases)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    reader.stdout.readline()
+    reader.stdout.close()  # as `head -1` does after its line
+    _, err = reader.communicate(timeout=120)
+    assert reader.returncode in (0, 141), err
+    assert b"Traceback" not in err and b"BrokenPipeError" not in err, err

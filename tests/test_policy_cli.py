@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 POLICY = ROOT / "examples" / "claims" / "pipelines" / "policy.toml"
@@ -102,3 +105,104 @@ def test_test_with_a_broken_policy_runs_nothing(tmp_path):
     run = cli("test", str(broken), "--cases", str(CASES))
     assert run.returncode == 2
     assert f"{broken}:" in run.stdout and "policy.hit_policy" in run.stdout and "no cases run" in run.stdout
+
+
+# -- mistakes in the cases file: refused before any case runs, FILE:LINE, exit 2
+def run_test_command(cases_path: Path) -> tuple[int, str]:
+    from kernel.policy import cli as policy_cli  # (a module, so pytest does not collect its test_command)
+
+    out = io.StringIO()
+    code = policy_cli.test_command(POLICY, cases_path, out)
+    return code, out.getvalue()
+
+
+def good_case() -> dict:
+    return json.loads(CASES.read_text().splitlines()[2])  # R01 fires: deny, not escalated
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda c: c["expect"].update(escalate="false"), '"escalate" must be true or false, not "false"'),
+    (lambda c: c["expect"].update(escalate=0), '"escalate" must be true or false, not 0'),
+    (lambda c: c["expect"].update(fired="R01"), '"fired" must be a list of rule ids, as in ["R1"], not "R01"'),
+    (lambda c: c["expect"].update(fired=["R01", "r01"]),
+     "\"fired\" names a rule the policy does not have: 'r01'; did you mean 'R01'?"),
+    (lambda c: c["expect"].update(fired=["R98", "R99"]),
+     "\"fired\" names rules the policy does not have: 'R98', 'R99'"),
+    (lambda c: c.update(fired=["R01"]),
+     "unknown key 'fired' in the case; it belongs inside \"expect\" (allowed: name, row, expect)"),
+    (lambda c: c.update(expected=c.pop("expect")),
+     "unknown key 'expected' in the case; did you mean 'expect'? (allowed: name, row, expect)"),
+    (lambda c: c["expect"].update(escalated=False),
+     "unknown key 'escalated' in \"expect\"; did you mean 'escalate'? (allowed: action, fired, escalate)"),
+    (lambda c: c["expect"].update(action="aprove"),
+     "action 'aprove' is not one of the policy's actions (deny, review, approve, fast_track); did you mean 'approve'?"),
+])
+def test_test_refuses_malformed_cases_with_file_and_line(tmp_path, change, message):
+    cases = tmp_path / "cases.jsonl"
+    case = good_case()
+    change(case)
+    cases.write_text("# one good case, then the bad one\n" + json.dumps(good_case()) + "\n" + json.dumps(case) + "\n")
+    code, out = run_test_command(cases)
+    assert code == 2, out
+    assert out.startswith(f"{cases}:3: {message}") and len(out.splitlines()) == 1, out  # nothing ran
+
+
+def test_test_lists_every_bad_case_and_passes_good_escalate_values(tmp_path):
+    cases = tmp_path / "cases.jsonl"
+    fine = good_case()
+    fine["expect"]["escalate"] = False
+    bad = good_case()
+    bad["expect"]["escalate"] = "false"  # bool("false") is True: it failed as "expected escalate false, got false"
+    cases.write_text("\n".join(json.dumps(c) for c in (fine, bad, bad)) + "\n")
+    code, out = run_test_command(cases)
+    assert code == 2 and [line.split(": ")[0] for line in out.splitlines()] == [f"{cases}:2", f"{cases}:3"]
+    cases.write_text(json.dumps(fine) + "\n")
+    assert run_test_command(cases)[0] == 0
+
+
+def test_test_of_a_cases_file_without_cases_exits_2(tmp_path):
+    cases = tmp_path / "cases.jsonl"
+    for text in ("", "# only a comment\n\n"):
+        cases.write_text(text)
+        run = cli("test", str(POLICY), "--cases", str(cases))
+        assert run.returncode == 2 and f"no cases in {cases}" in run.stdout, run.stdout
+        assert "0 cases" not in run.stdout
+
+
+def test_check_says_when_the_table_was_not_fully_checked(tmp_path, monkeypatch):
+    from kernel.policy import analysis
+    from kernel.policy import cli as policy_cli
+
+    # No single field keeps these rules apart (each one allows every tier but one, and every amount below a
+    # bound), so the analysis compares every pair: with a small work limit it stops part way.
+    path = tmp_path / "policy.toml"
+    text = ('[policy]\nname = "combinatorial"\nversion = "1"\nhit_policy = "FIRST"\n[inputs]\namount = "number"\n'
+            'tier = "string"\n[outputs]\nactions = ["x", "y"]\n')
+    for i in range(60):
+        text += f'[[rule]]\nid = "R{i}"\nwhen = "tier != \'t{i}\' and amount < {i}"\naction = "x"\n'
+    path.write_text(text + '[[rule]]\nid = "D"\ndefault = true\naction = "y"\n')
+    out = io.StringIO()
+    assert policy_cli.check_command(path, out) == 0 and f"{path}: OK" in out.getvalue()
+    monkeypatch.setattr(analysis, "WORK_LIMIT", 500)
+    out = io.StringIO()
+    assert policy_cli.check_command(path, out) == 3
+    lines = out.getvalue().splitlines()
+    assert "warning: rule 'R" in lines[0] and "stopped at its work limit" in lines[0]
+    assert lines[1].startswith(f"{path}: NOT fully checked:") and f"{path}: OK" not in out.getvalue()
+
+
+def test_row_keys_the_policy_does_not_read_are_named_in_a_note_not_refused(tmp_path):
+    """A row may be a whole request (pipeline fields the policy does not read); a typo is named with the input
+    it may have meant, once, at its first line, and the case runs without that value."""
+    cases = tmp_path / "cases.jsonl"
+    whole_request = dict(good_case(), row=dict(good_case()["row"], claim_id="c-1"))
+    typo = good_case()
+    typo["row"]["claim_amuont"] = typo["row"].pop("claim_amount")
+    cases.write_text("\n".join(json.dumps(c) for c in (whole_request, typo, typo)) + "\n")
+    code, out = run_test_command(cases)
+    lines = out.splitlines()
+    assert f"{cases}:1: note: row key 'claim_id' is not read by the policy and is ignored" in lines, out
+    assert f"{cases}:2: note: row key 'claim_amuont' is not read by the policy and is ignored; did you mean " \
+           "'claim_amount'?" in lines, out
+    assert sum("claim_amuont" in line for line in lines) == 1, out  # once, not per case
+    assert "3 cases:" in out and code in (0, 1), out  # the cases ran

@@ -82,6 +82,11 @@ def test_positions_are_character_offsets():
     ("a.b(1)", "calls are not part", 3),
     ("a > ", "found end of condition", 4),
     ("a b", "a missing operator?", 2),
+    ("amount > 5 AND age < 3", "a missing operator?), found 'AND' (keywords are lower case: and, or, not)", 11),
+    ("NOT a > 5", "found 'a' (keywords are lower case: and, or, not)", 4),
+    ("a > 5 Or b", "found 'Or' (keywords are lower case: and, or, not)", 6),
+    ("a IN [1, 2)", "found 'IN' (keywords are lower case: in)", 2),
+    ("a is NULL", "expected 'null' after 'is', found 'NULL' (keywords are lower case: null)", 5),
     ("'open", "string is not closed", 0),
     ("a == 'x\\q'", "unknown escape", 7),
     ("a in 3", "expected a set {a, b} or an interval", 5),
@@ -104,6 +109,8 @@ def test_refusals_name_the_position(text, message, pos):
         parse_condition(text)
     assert message in info.value.message
     assert info.value.pos == pos
+    if text == "a b":
+        assert "keywords" not in info.value.message  # the hint is for keywords in capitals only
 
 
 def test_limits_bound_untrusted_input():

@@ -190,6 +190,8 @@ def test_duplicate_rule_id(tmp_path):
     ("1 < 2", "compares two constants", "1"),
     ("(amount > 1) > 2", "only fields and values can be compared", "amount"),
     ("amount >> 1", "expected a field, a value or '('", "> 1"),
+    ("amount > 5 AND count < 3", "a missing operator?), found 'AND' (keywords are lower case: and, or, not)", "AND"),
+    ("flag == TRUE", "unknown field 'TRUE' (keywords are lower case: true)", "TRUE"),
 ])
 def test_condition_errors_point_at_the_column(tmp_path, when, message, column_of):
     path = policy_file(tmp_path, rules((when.replace('"', '\\"'), "deny")))
@@ -376,8 +378,99 @@ def test_analysis_work_is_bounded_for_large_uploads():
     policy = parse_policy(text, strict=False)
     stopped = [w for w in policy.warnings if "work limit" in w.message]
     assert len(stopped) == 1 and stopped[0].subject.startswith("rule 'R")
+    assert policy.analysis_complete is False  # `policy check` exits 3: usable, but not fully checked
     culprits = [w.message for w in policy.warnings if "unreachable" in w.message]
     assert culprits and all(m.count("'") <= 2 * 8 or " more" in m for m in culprits)
+
+
+def interval_table(hit: str, rules: list[tuple[str, str]]) -> str:
+    text = (f'[policy]\nname = "rates"\nversion = "1"\nhit_policy = "{hit}"\n[inputs]\namount = "number"\n'
+            'code = "string"\n[outputs]\nactions = ["a", "b"]\n')
+    for rule_id, when in rules:
+        text += f'[[rule]]\nid = "{rule_id}"\nwhen = "{when}"\naction = "a"\n'
+    return text + '[[rule]]\nid = "D"\ndefault = true\naction = "b"\n'
+
+
+RATES = [(f"R{i}", f"amount in [{i}, {i + 1})") for i in range(3000)]
+
+
+@pytest.mark.parametrize("hit, extra, finding", [
+    ("UNIQUE", ("X", "amount in [2999.5, 3000.5)"), "rule 'X': overlaps rule 'R2999'"),
+    ("FIRST", ("X", "amount in [10.25, 10.5)"), "rule 'X': is unreachable: every row it matches is matched first by "
+                                                "'R10'"),
+    ("PRIORITY", ("X", "amount in [10.25, 10.5) or amount < 0"), None),  # reachable (amount < 0): no finding
+])
+def test_large_interval_tables_are_checked_fully(hit, extra, finding, monkeypatch):
+    from kernel.policy import analysis
+
+    # Only rules whose intervals touch are compared, so the table takes a few box operations per rule: with
+    # a limit far below the 4.5 million pairs of 3,000 rules (the default limit stopped this table at its
+    # 632nd rule), the analysis still runs to the end.
+    monkeypatch.setattr(analysis, "WORK_LIMIT", 20_000)
+    rules = RATES + [extra] if hit == "UNIQUE" else RATES[:1500] + [extra] + RATES[1500:]
+    text = interval_table(hit, rules)
+    policy = parse_policy(text, strict=False)
+    assert policy.analysis_complete
+    assert not [w for w in policy.warnings if "work limit" in w.message]
+    found = [str(w) for w in policy.warnings if not w.subject.startswith("inputs.")]
+    if finding is None:
+        assert found == []
+    else:
+        assert len(found) == 1 and finding in found[0], found
+        with pytest.raises(PolicyError) as info:
+            parse_policy(text)
+        assert [d.subject for d in info.value.errors] == ["rule 'X'"]
+
+
+def test_large_tables_keyed_by_a_string_are_checked_fully(monkeypatch):
+    from kernel.policy import analysis
+
+    monkeypatch.setattr(analysis, "WORK_LIMIT", 20_000)
+    rules = [(f"C{i}", f"code == 'c{i}' and amount > {i % 7}") for i in range(2000)]
+    rules.append(("X", "code in {'c1999', 'zz'} and amount < 100"))
+    policy = parse_policy(interval_table("UNIQUE", rules), strict=False)
+    assert policy.analysis_complete
+    overlaps = [w for w in policy.warnings if "overlaps" in w.message]
+    assert [w.subject for w in overlaps] == ["rule 'X'"] and "overlaps rule 'C1999'" in overlaps[0].message
+
+
+INLINE_RULES = '''\
+rule = [
+  {id = "A", when = "amount > 10", action = "deny"},
+  { id = "B", description = "a [tricky] {one}, with \\"quotes\\"", when = "amount >> 1", action = "approve" },
+  {id = "C", when = "amount > 20", action = "deny", escalate = "yes"},
+  {id = "D", default = true, action = "approve"},
+]
+'''
+
+
+def test_rules_written_as_an_array_of_inline_tables_get_their_lines(tmp_path):
+    path = tmp_path / "policy.toml"
+    path.write_text(INLINE_RULES + HEAD.format(hit="FIRST"))
+    exc = refused(path)
+    assert [(d.subject, d.line) for d in exc.errors] == [("rule 'B' when", 3), ("rule 'C' escalate", 4)]
+    b = exc.errors[0]
+    source_line = path.read_text().splitlines()[2]
+    assert b.column == source_line.index(">> 1") + 2 and f"(column {b.column})" in b.message
+    path.write_text(path.read_text().replace('"amount >> 1"', '"amount > 1"').replace(', escalate = "yes"', ""))
+    d = only_error(path)  # from the analysis: the rule's own line
+    assert (d.subject, d.line) == ("rule 'C'", 4) and "matched first by 'A'" in d.message
+
+
+def test_witnesses_for_model_outputs_lie_in_their_range(tmp_path):
+    pairs = [("score.deny > score.approve", "score.deny > 0.5"), ("score.deny > 0.5", "score.deny > 0.7"),
+             ("score.deny < 0.3", "score.deny < 0.2"), ("confidence != 0.5", "confidence > 0.99"),
+             ("score.deny > score.approve and amount > 100", "score.deny > 0.9 and amount < 1000")]
+    for a, b in pairs:
+        message = only_error(policy_file(tmp_path, rules((a, "deny"), (b, "approve")), hit="UNIQUE")).message
+        row = dict(part.split("=") for part in message.split("e.g. ")[1].split(", "))
+        scores = {k: float(v) for k, v in row.items() if k.startswith(("score.", "confidence"))}
+        assert scores and all(0 <= v <= 1 for v in scores.values()), (a, b, message)
+    # Rules about values no probability takes still get a witness, outside the range: the analysis itself
+    # does not assume it.
+    message = only_error(policy_file(tmp_path, rules(("score.deny > 2", "deny"), ("score.deny > 3", "approve")),
+                                     hit="UNIQUE")).message
+    assert float(message.split("score.deny=")[1]) > 3
 
 
 # -- hot reload

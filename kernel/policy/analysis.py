@@ -24,7 +24,24 @@ What the analysis cannot decide, and what it does then (never a silent pass):
   a *warning* ("could not prove these rules disjoint"), not an error, and at
   run time a row matching both is reported as an error for that row;
 * a condition whose expansion exceeds ``MAX_TERMS`` boxes, or a subtraction
-  that exceeds ``MAX_BOXES``, is checked by sampling instead, with a warning.
+  that exceeds ``MAX_BOXES``, is checked by sampling instead, with a warning;
+* a table whose checks would exceed ``WORK_LIMIT`` box operations is checked up
+  to the rule where the limit was reached; a warning names that rule and the
+  loaded policy says ``analysis_complete = False`` (``policy check`` exits 3:
+  usable, as the kernel would serve it, but not fully checked).
+
+Only rules that can share a row are compared: ``sweep.py`` finds them along
+the one field that keeps most rules apart (a sweep over intervals, or buckets
+of string values), so large tables (rate tables of thousands of
+``amount in [a, b)`` rules, tables keyed by a code) are checked fully, and only
+truly combinatorial tables fall back to comparing every pair under the work
+limit.
+
+Witness rows are picked inside the values a field really takes where the
+analysis knows them: the model's ``confidence`` and ``score.<class>`` are
+probabilities, so their witnesses lie in [0, 1] whenever the common box
+reaches into it (``domains.MODEL_OUTPUT_RANGE``). The analysis itself does not
+assume that range: a verdict holds for any value a model may return.
 
 Sampling is seeded, so the same file always gets the same verdict.
 """
@@ -32,10 +49,13 @@ Sampling is seeded, so the same file always gets the same verdict.
 from __future__ import annotations
 
 import random
+from bisect import bisect_left
 
-from .domains import NumSet, StrSet, TokenSet
+from .domains import MODEL_OUTPUT_RANGE, NumSet, StrSet, TokenSet
 from .reference import truth
+from .sweep import near_rules, start_on
 from .types import BOOL, LABEL, NUMERIC, Schema
+from .witnesses import show_row, value_pool
 
 MAX_TERMS = 256      # boxes per rule condition
 MAX_BOXES = 20_000   # boxes alive while subtracting one rule's boxes from another's
@@ -104,6 +124,15 @@ class Universe:
             return name, (full - only_missing) if term[2] else (full - full)
         # null: missing only, or everything but missing
         return name, only_missing if term[2] else full - only_missing
+
+    def likely(self, key, values):
+        """The part of ``values`` a witness should come from: for a model output (a probability), the part
+        inside ``MODEL_OUTPUT_RANGE`` when there is one; otherwise ``values`` itself."""
+        if isinstance(values, NumSet) and not isinstance(key, tuple) and Schema.is_model_output(key):
+            inside = values & NumSet([MODEL_OUTPUT_RANGE], False, False)
+            if not inside.empty:
+                return inside
+        return values
 
 
 def _only_missing(full):
@@ -200,9 +229,13 @@ class Analyzer:
         self.rng = random.Random(SEED)
         self.findings: list[Finding] = []
         self.shapes: dict[str, list[dict] | None] = {}
-        self.pool = _value_pool(rules, schema)
+        self.pool = value_pool(rules, schema)
         self.work = 0
         self.current = None  # the rule being checked, for the message when the work limit stops us
+        self.complete = True  # False when a limit stopped the analysis before every check ran
+        self.shapes_live: list = []   # boxes of the rules that can match, in file order
+        self.near: list[list[int]] | None = None  # per such rule, the rules that may share a row (None: all)
+        self.sweep_key = None  # a numeric field that keeps rules apart: boxes are subtracted in order along it
 
     def spend(self, operations: int) -> None:
         self.work += operations
@@ -214,8 +247,17 @@ class Analyzer:
         try:
             self.check_all()
         except Exhausted as stop:
+            self.complete = False
             self.findings.append(Finding(self.current, "warning", str(stop)))
         return self.findings
+
+    def neighbours(self, index: int, below: bool = False):
+        """Positions (ascending) of the live rules that may share a row with live rule ``index``;
+        only those before it with ``below``."""
+        if self.near is None:
+            return range(index) if below else (i for i in range(len(self.shapes_live)) if i != index)
+        near = self.near[index]
+        return near[:bisect_left(near, index)] if below else near
 
     def check_all(self) -> None:
         for rule in self.rules:
@@ -229,17 +271,21 @@ class Analyzer:
                 if not self.shapes[rule.id]:
                     self.note(rule, "error", "can never match: its condition is false for every row")
         live = [r for r in self.rules if self.shapes[r.id] != []]
+        self.shapes_live = [self.shapes[r.id] for r in live]
+        budget = WORK_LIMIT - self.work if self.hit_policy != "COLLECT" else 0  # COLLECT compares no rules
+        self.near, self.sweep_key = near_rules(self.shapes_live, budget)
         if self.hit_policy == "UNIQUE":
             self.check_overlaps(live)
         elif self.hit_policy == "FIRST":
             for index, rule in enumerate(live):
-                self.check_reachable(rule, live[:index], "error", "is unreachable: every row it matches is "
-                                                                  "matched first by")
+                before = [live[i] for i in self.neighbours(index, below=True)]
+                self.check_reachable(rule, before, "error", "is unreachable: every row it matches is matched "
+                                                            "first by")
         elif self.hit_policy == "PRIORITY":
             for index, rule in enumerate(live):
                 rank = self.ranks[rule.action]
-                better = [r for j, r in enumerate(live)
-                          if self.ranks[r.action] < rank or (self.ranks[r.action] == rank and j < index)]
+                better = [live[j] for j in self.neighbours(index)
+                          if self.ranks[live[j].action] < rank or (self.ranks[live[j].action] == rank and j < index)]
                 self.check_reachable(rule, better, "warning", "never decides: every row it matches also "
                                                               "matches a rule that outranks it:")
         self.current = None
@@ -253,7 +299,8 @@ class Analyzer:
     def check_overlaps(self, rules) -> None:
         for j, later in enumerate(rules):
             self.current = later
-            for earlier in rules[:j]:
+            for i in self.neighbours(j, below=True):
+                earlier = rules[i]
                 a, b = self.shapes[earlier.id], self.shapes[later.id]
                 self.spend(len(a) * len(b) if a is not None and b is not None else SAMPLES)
                 if a is None or b is None:
@@ -278,7 +325,7 @@ class Analyzer:
 
     def overlap_error(self, earlier, later, witness: dict) -> None:
         self.note(later, "error", f"overlaps rule '{earlier.id}' (line {earlier.line}) under hit policy UNIQUE: "
-                                  f"both match e.g. {_show_row(witness)}")
+                                  f"both match e.g. {show_row(witness)}")
 
     def check_reachable(self, rule, before, severity: str, what: str) -> None:
         self.current = rule
@@ -305,8 +352,11 @@ class Analyzer:
         shapes = [self.shapes[r.id] for r in rules]
         if not rules or any(s is None for s in shapes):
             return
+        cover = [box for s in shapes for box in s]
+        if self.sweep_key is not None:  # in order along one field, what is left stays a few intervals
+            cover.sort(key=lambda box: start_on(box, self.sweep_key))
         try:
-            everything = covered([{}], [box for s in shapes for box in s], self.universe, self.spend)
+            everything = covered([{}], cover, self.universe, self.spend)
         except (Undecided, Exhausted):
             return  # a warning, when it can be had cheaply; nothing to report otherwise
         if everything:
@@ -314,72 +364,20 @@ class Analyzer:
 
     def sample_witness(self, rules, box: dict | None) -> dict | None:
         """A row every rule in ``rules`` matches, drawn from ``box`` (or the value pool), or None."""
-        fields = {name for r in rules for name in r.reads}
+        fields = sorted({name for r in rules for name in r.reads})
         exact = box is not None and not approximate(box)
         tries = 5 if exact else SAMPLES
+        sources = {}
+        for name in fields:
+            values = box.get(name) if box is not None else None
+            sources[name] = self.universe.likely(name, values) if values is not None else self.pool[name]
         for _ in range(tries):
             row = {}
             for name in fields:
-                values = box.get(name) if box is not None else None
-                if values is not None:
-                    row[name] = values.sample(self.rng)
-                else:
-                    pool = self.pool[name]
-                    row[name] = pool[self.rng.randrange(len(pool))]
+                source = sources[name]
+                row[name] = source[self.rng.randrange(len(source))] if isinstance(source, list) \
+                    else source.sample(self.rng)
             if all(truth(r.node, row) is True for r in rules):
-                shown = [n for n in sorted(fields) if box is None or n in box] if exact else sorted(fields)
+                shown = [n for n in fields if box is None or n in box] if exact else fields
                 return {n: row[n] for n in shown}
         return None
-
-
-def _value_pool(rules, schema: Schema) -> dict[str, list]:
-    """Values worth trying per field: every constant in the policy, nudged both ways, plus missing."""
-    numbers: set[float] = {0.0, 1.0}
-    strings: dict[str, set] = {}
-    for rule in rules:
-        for name, value in _constants(rule.term):
-            if isinstance(value, float):
-                numbers.update((value, value - 1, value + 1, value - 0.5, value + 0.5, value - 1e-6, value + 1e-6))
-            else:
-                strings.setdefault(name, set()).add(value)
-    pool: dict[str, list] = {}
-    for rule in rules:
-        for name in rule.reads:
-            ftype = schema.type_of(name)
-            missing = [] if Schema.is_model_output(name) else [None]
-            if ftype in NUMERIC:
-                values = sorted(numbers)
-                if schema.is_integer(name):
-                    values = sorted({float(round(v)) for v in values})
-            elif ftype == BOOL:
-                values = [True, False]
-            elif name == LABEL and schema.classes is not None:
-                values = list(schema.classes)
-            else:
-                values = sorted(strings.get(name, ())) + ["other"]
-            pool[name] = values + missing
-    return pool
-
-
-def _constants(term: tuple):
-    tag = term[0]
-    if tag in ("and", "or"):
-        for t in term[1]:
-            yield from _constants(t)
-    elif tag == "num":
-        yield term[1], float(term[3])
-    elif tag == "str":
-        for v in term[2]:
-            yield term[1], v
-
-
-def _show_row(row: dict) -> str:
-    def show(v):
-        if v is None:
-            return "null"
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, float):
-            return str(int(v)) if v.is_integer() and abs(v) < 1e15 else repr(v)
-        return repr(v)
-    return ", ".join(f"{k}={show(v)}" for k, v in row.items()) or "any row"

@@ -5,15 +5,24 @@ allowed::
 
     {"name": "clear fraud", "row": {"fraud_score": 0.93, ...}, "expect": {"action": "deny"}}
 
-``row`` holds request fields and model outputs (``label``, ``confidence``,
+``row`` holds the policy's inputs and model outputs (``label``, ``confidence``,
 ``score.<class>``); ``expect`` holds ``action`` and optionally ``fired``
-(list of rule ids) and ``escalate``; ``"expect": "deny"`` is short for the
-action alone. Every case runs through the compiled evaluator and the
-reference; a difference between the two is reported as a failure too.
+(list of rule ids) and ``escalate`` (true or false); ``"expect": "deny"`` is
+short for the action alone. Every case runs through the compiled evaluator and
+the reference; a difference between the two is reported as a failure too.
+
+A mistake in the cases file itself is refused before any case runs, every one
+as ``FILE:LINE: message`` (exit 2): not JSON, a key other than ``name``,
+``row``, ``expect``; an action, or a rule id in ``fired``,
+the policy does not have; ``fired`` not a list, ``escalate`` not a bool; no
+cases at all. A row key the policy has no field for is not a mistake (a row
+may be a whole request) but is named in a note, with the input it may have
+meant: a typo would otherwise be a silently missing value.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 import sys
 from collections import Counter
@@ -23,13 +32,15 @@ from typing import TextIO
 from .errors import ERROR, PolicyError, PolicyInputError
 from .loader import load_policy
 from .policy import Policy
+from .types import Schema
 
-EXIT_OK, EXIT_FAILED, EXIT_UNUSABLE = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_UNUSABLE, EXIT_UNCHECKED = 0, 1, 2, 3
 
 
 def check_command(path: str | Path, out: TextIO = sys.stdout) -> int:
     """Load and check a policy file; print its summary or every problem. 0 = usable, 1 = refused,
-    2 = no such file (nothing was checked)."""
+    2 = no such file (nothing was checked), 3 = usable (the kernel would serve it) but NOT fully checked:
+    the table analysis stopped at its work limit, so overlaps or unreachable rules may go unreported."""
     if not Path(path).is_file():
         print(f"{path}: cannot read: no such file", file=sys.stderr)
         return EXIT_UNUSABLE
@@ -41,7 +52,12 @@ def check_command(path: str | Path, out: TextIO = sys.stdout) -> int:
         print(f"{path}: refused, {errors} error{'s' if errors != 1 else ''}", file=out)
         return EXIT_FAILED
     _print_diagnostics(policy.warnings, out)
-    print(f"{path}: OK", file=out)
+    if policy.analysis_complete:
+        print(f"{path}: OK", file=out)
+    else:
+        print(f"{path}: NOT fully checked: the table analysis stopped at its work limit (see the warning above); "
+              "the kernel would load it, but overlaps and unreachable rules from that rule on are not reported",
+              file=out)
     print(f"  policy {policy.name} version {policy.version}, hit policy {policy.hit_policy}, "
           f"{len(policy.rules)} rules ({len(policy.rules) - 1} + default '{policy.default.id}')", file=out)
     print(f"  sha256 {policy.hash}", file=out)
@@ -50,7 +66,7 @@ def check_command(path: str | Path, out: TextIO = sys.stdout) -> int:
     print(f"  actions {', '.join(policy.actions)} (highest priority first)", file=out)
     print(f"  compiled to {policy._compiled.program.registers} instructions, run by the {policy.backend} kernel",
           file=out)
-    return EXIT_OK
+    return EXIT_OK if policy.analysis_complete else EXIT_UNCHECKED
 
 
 def test_command(path: str | Path, cases_path: str | Path, out: TextIO = sys.stdout) -> int:
@@ -63,10 +79,12 @@ def test_command(path: str | Path, cases_path: str | Path, out: TextIO = sys.std
         print(f"{path}: refused; no cases run", file=out)
         return EXIT_UNUSABLE
     try:
-        cases = read_cases(cases_path)
+        cases = read_cases(cases_path, policy)
     except ValueError as exc:
         print(str(exc), file=out)
         return EXIT_UNUSABLE
+    for note in ignored_keys_notes(policy, cases):
+        print(note, file=out)
     report = run_cases(policy, cases)
     for line in report["failures"]:
         print(line, file=out)
@@ -83,13 +101,20 @@ def test_command(path: str | Path, cases_path: str | Path, out: TextIO = sys.std
     return EXIT_OK if passed == total else EXIT_FAILED
 
 
-def read_cases(path: str | Path) -> list[dict]:
-    """Parse a cases file; ValueError names the file and line of the first bad case."""
+CASE_KEYS = ("name", "row", "expect")
+EXPECT_KEYS = ("action", "fired", "escalate")
+
+
+def read_cases(path: str | Path, policy: Policy | None = None) -> list[dict]:
+    """Parse a cases file, checking each case against ``policy`` when given (row keys, actions, rule ids).
+
+    ValueError lists every bad case as ``FILE:LINE: message``, one per line (or says the file has none).
+    """
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         raise ValueError(f"{path}: cannot read cases: {exc}") from None
-    cases = []
+    cases, problems = [], []
     for number, line in enumerate(lines, 1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
@@ -97,20 +122,85 @@ def read_cases(path: str | Path) -> list[dict]:
         try:
             case = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{where}: not JSON: {exc.msg} (column {exc.colno})") from None
-        if not isinstance(case, dict) or not isinstance(case.get("row"), dict):
-            raise ValueError(f"{where}: a case is an object with a \"row\" object")
-        expect = case.get("expect")
-        if isinstance(expect, str):
-            expect = {"action": expect}
-        if not isinstance(expect, dict) or not isinstance(expect.get("action"), str):
-            raise ValueError(f"{where}: \"expect\" must be an action name or an object with \"action\"")
-        unknown = set(expect) - {"action", "fired", "escalate"}
-        if unknown:
-            raise ValueError(f"{where}: unknown keys in \"expect\": {', '.join(sorted(unknown))}")
-        cases.append({"name": str(case.get("name", f"line {number}")), "line": number, "where": where,
-                      "row": case["row"], "expect": expect})
+            problems.append(f"{where}: not JSON: {exc.msg} (column {exc.colno})")
+            continue
+        try:
+            cases.append(_case(case, number, where, policy))
+        except ValueError as exc:
+            problems.append(f"{where}: {exc}")
+    if problems:
+        raise ValueError("\n".join(problems))
+    if not cases:
+        raise ValueError(f"no cases in {path} (a case is a JSON object on one line; # comments and blank lines "
+                         "are skipped)")
     return cases
+
+
+def _case(case, number: int, where: str, policy: Policy | None) -> dict:
+    """One case, checked; ValueError says what is wrong with it."""
+    if not isinstance(case, dict):
+        raise ValueError("a case is an object with a \"row\" object")
+    for key in case:
+        if key not in CASE_KEYS:
+            inside = "; it belongs inside \"expect\"" if key in EXPECT_KEYS else _did_you_mean(key, CASE_KEYS)
+            raise ValueError(f"unknown key {key!r} in the case{inside} (allowed: {', '.join(CASE_KEYS)})")
+    row = case.get("row")
+    if not isinstance(row, dict):
+        raise ValueError("a case is an object with a \"row\" object")
+    expect = case.get("expect")
+    if isinstance(expect, str):
+        expect = {"action": expect}
+    if not isinstance(expect, dict) or not isinstance(expect.get("action"), str):
+        raise ValueError("\"expect\" must be an action name or an object with \"action\"")
+    for key in expect:
+        if key not in EXPECT_KEYS:
+            raise ValueError(f"unknown key {key!r} in \"expect\"{_did_you_mean(key, EXPECT_KEYS)} "
+                             f"(allowed: {', '.join(EXPECT_KEYS)})")
+    if "escalate" in expect and not isinstance(expect["escalate"], bool):
+        raise ValueError(f"\"escalate\" must be true or false, not {json.dumps(expect['escalate'])}")
+    fired = expect.get("fired")
+    if "fired" in expect and not (isinstance(fired, list) and all(isinstance(r, str) for r in fired)):
+        raise ValueError(f"\"fired\" must be a list of rule ids, as in [\"R1\"], not {json.dumps(fired)}")
+    ignored = []
+    if policy is not None:
+        _check_against(policy, row, expect)
+        schema = Schema(policy.inputs, policy.classes)
+        ignored = [key for key in row if schema.type_of(key) is None]
+    name = str(case.get("name", f"line {number}"))
+    return {"name": name, "line": number, "where": where, "row": row, "expect": expect, "ignored": ignored}
+
+
+def ignored_keys_notes(policy: Policy, cases: list[dict]) -> list[str]:
+    """One note per row key the policy has no field for, at its first line. Not an error: a row may be a
+    whole request (pipeline fields the policy does not read); but a typo would be a silently missing
+    value, so each is named, with the input it may have meant."""
+    schema, seen, notes = Schema(policy.inputs, policy.classes), set(), []
+    for case in cases:
+        for key in case["ignored"]:
+            if key not in seen:
+                seen.add(key)
+                known = [*schema.inputs, "label", "confidence", *(f"score.{c}" for c in schema.classes or ())]
+                notes.append(f"{case['where']}: note: row key {key!r} is not read by the policy and is ignored"
+                             f"{_did_you_mean(key, known, cutoff=0.8)}")  # (a near miss only: rows carry other fields)
+    return notes
+
+
+def _check_against(policy: Policy, row: dict, expect: dict) -> None:
+    if expect["action"] not in policy.actions:
+        raise ValueError(f"action {expect['action']!r} is not one of the policy's actions "
+                         f"({', '.join(policy.actions)}){_did_you_mean(expect['action'], policy.actions)}")
+    ids = [r.id for r in policy.rules]
+    unknown = [r for r in expect.get("fired", ()) if r not in ids]
+    if unknown:
+        hint = _did_you_mean(unknown[0], ids) if len(unknown) == 1 else ""
+        listed = ", ".join(repr(r) for r in unknown)
+        raise ValueError(f"\"fired\" names {'a rule' if len(unknown) == 1 else 'rules'} the policy does not "
+                         f"have: {listed}{hint}")
+
+
+def _did_you_mean(word: str, choices, cutoff: float = 0.6) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=cutoff)
+    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 def run_cases(policy: Policy, cases: list[dict]) -> dict:
@@ -136,7 +226,7 @@ def run_cases(policy: Policy, cases: list[dict]) -> dict:
             problems.append(f"expected action {expect['action']!r}, got {got['action']!r}")
         if "fired" in expect and list(expect["fired"]) != got["fired"]:
             problems.append(f"expected rules {expect['fired']}, fired {got['fired']}")
-        if "escalate" in expect and bool(expect["escalate"]) != got["escalate"]:
+        if "escalate" in expect and expect["escalate"] != got["escalate"]:
             problems.append(f"expected escalate {str(expect['escalate']).lower()}, got {str(got['escalate']).lower()}")
         if got["error"]:
             problems.append(f"row error: {got['error']}")

@@ -19,6 +19,9 @@ import math
 
 INF = math.inf
 MISSING = None
+# The values the model's outputs (confidence, score.<class>) take: probabilities. Witness rows are drawn
+# from here when they can be; the analysis does not assume it (a model may return any finite number).
+MODEL_OUTPUT_RANGE = (0.0, True, 1.0, True)  # (lo, lo_closed, hi, hi_closed)
 
 
 class NumSet:
@@ -59,12 +62,20 @@ class NumSet:
         return out
 
     def __and__(self, other: NumSet) -> NumSet:
+        # Both lists are sorted and disjoint (``_normalize``): one merge pass, not every pair (sets of
+        # thousands of intervals arise when the analysis subtracts a large table's rules).
         spans = []
-        for a in self.intervals:
-            for b in other.intervals:
-                lo, lo_closed = max((a[0], not a[1]), (b[0], not b[1]))  # the larger lower bound; open wins ties
-                hi, hi_closed = min((a[2], a[3]), (b[2], b[3]))          # the smaller upper bound; open wins ties
-                spans.append((lo, not lo_closed, hi, hi_closed))
+        mine, theirs = self.intervals, other.intervals
+        i = j = 0
+        while i < len(mine) and j < len(theirs):
+            a, b = mine[i], theirs[j]
+            lo, lo_open = max((a[0], not a[1]), (b[0], not b[1]))  # the larger lower bound; open wins ties
+            hi, hi_closed = min((a[2], a[3]), (b[2], b[3]))        # the smaller upper bound; open wins ties
+            spans.append((lo, not lo_open, hi, hi_closed))         # empty ones are dropped by _normalize
+            if (a[2], a[3]) <= (b[2], b[3]):                       # the span that ends first meets nothing more
+                i += 1
+            else:
+                j += 1
         return NumSet(spans, self.missing and other.missing, self.integer)
 
     def __sub__(self, other: NumSet) -> NumSet:
@@ -133,7 +144,17 @@ def _normalize(spans, integer: bool) -> tuple:
         if lo < hi or (lo == hi and lo_closed and hi_closed):
             out.append((lo, lo_closed, hi, hi_closed))
     out.sort(key=lambda s: (s[0], not s[1]))
-    return tuple(out)
+    # Merge spans that overlap or touch, so the intervals are disjoint and sorted (``&`` relies on it).
+    merged: list = []
+    for span in out:
+        if merged:
+            lo, lo_closed, hi, hi_closed = merged[-1]
+            if span[0] < hi or (span[0] == hi and (hi_closed or span[1])):
+                if (span[2], span[3]) > (hi, hi_closed):
+                    merged[-1] = (lo, lo_closed, span[2], span[3])
+                continue
+        merged.append(span)
+    return tuple(merged)
 
 
 def _num(value: float) -> str:

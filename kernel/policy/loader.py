@@ -128,7 +128,8 @@ class _Loader:
             return None
         self.unused_inputs(inputs, rules)
         ranks = {a: i for i, a in enumerate(actions)}
-        for finding in Analyzer([r for r in rules if not r.default], hit_policy, ranks, schema).run():
+        analyzer = Analyzer([r for r in rules if not r.default], hit_policy, ranks, schema)
+        for finding in analyzer.run():
             rule = finding.rule
             line = self.rule_line(rule) if rule is not None else self.rule_line(rules[-1])
             subject = f"rule '{rule.id}'" if rule is not None else f"rule '{rules[-1].id}' (default)"
@@ -139,7 +140,7 @@ class _Loader:
                       hit_policy=hit_policy, description=description, inputs=inputs,
                       classes=tuple(classes) if classes is not None else None, actions=tuple(actions),
                       rules=tuple(rules), warnings=tuple(d for d in self.diagnostics if d.severity == WARNING),
-                      source=self.source)
+                      source=self.source, analysis_complete=analyzer.complete)
 
     def table(self, doc: dict, name: str, required: bool = False) -> dict:
         value = doc.get(name)

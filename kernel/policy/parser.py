@@ -159,10 +159,11 @@ class _Parser:
             self.fail(f"expected {what}")
         return self.advance()
 
-    def fail(self, message: str, token: Token | None = None):
+    def fail(self, message: str, token: Token | None = None, hint: str = ""):
         token = token or self.peek()
         found = "end of condition" if token.kind == "end" else repr(_spelling(token))
-        raise ParseError(f"{message}, found {found}", token.pos)
+        hint = hint or _case_hint(token)
+        raise ParseError(f"{message}, found {found}" + (f" ({hint})" if hint else ""), token.pos)
 
     # -- grammar
     def parse(self) -> Node:
@@ -172,7 +173,9 @@ class _Parser:
         if not self.at("end"):
             token = self.peek()
             if token.kind in ("num", "str", "name") or token.kind == "kw" and token.value in ("true", "false", "null"):
-                self.fail("expected 'and', 'or' or the end of the condition (a missing operator?)")
+                # `a > 5 AND b < 3`, `NOT a`: a keyword in capitals reads as a field name
+                hint = _case_hint(token) or _case_hint(self.tokens[self.index - 1])
+                self.fail("expected 'and', 'or' or the end of the condition (a missing operator?)", hint=hint)
             self.fail("expected 'and', 'or' or the end of the condition")
         return node
 
@@ -335,6 +338,22 @@ def _chained(left: Node, op1: Token, middle: Node, op2: Token, right: Node) -> N
         return Range(middle, right, upper[op2.value], left, upper[op1.value], left.pos)
     raise ParseError(f"chained comparison '{op1.value} ... {op2.value}' must go one way ('<'/'<=' or '>'/'>=')",
                      op2.pos)
+
+
+def _case_hint(token: Token) -> str:
+    """A hint when ``token`` is a keyword spelled in upper or mixed case (then it was read as a name)."""
+    if token.kind != "name" or token.value.lower() not in KEYWORDS:
+        return ""
+    return case_hint(token.value)
+
+
+def case_hint(word: str) -> str:
+    """"keywords are lower case: ..." for a keyword spelled ``word`` in upper or mixed case, else ""."""
+    lower = word.lower()
+    if lower == word or lower not in KEYWORDS:
+        return ""
+    return "keywords are lower case: and, or, not" if lower in ("and", "or", "not") else \
+        f"keywords are lower case: {lower}"
 
 
 def _spelling(token: Token) -> str:

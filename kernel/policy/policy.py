@@ -41,11 +41,13 @@ class Policy:
     """A checked, compiled decision table. Build one with ``load_policy`` or ``parse_policy``."""
 
     __slots__ = ("name", "version", "hash", "hit_policy", "description", "inputs", "classes", "actions", "rules",
-                 "default", "warnings", "source", "reads", "backend", "_by_id", "_compiled", "_reference", "_schema")
+                 "default", "warnings", "source", "reads", "backend", "analysis_complete", "_by_id", "_compiled",
+                 "_reference", "_schema")
 
     def __init__(self, *, name: str, version: str, digest: str, hit_policy: str, description: str,
                  inputs: dict[str, str], classes: tuple[str, ...] | None, actions: tuple[str, ...],
-                 rules: tuple[Rule, ...], warnings: tuple[Diagnostic, ...], source: str):
+                 rules: tuple[Rule, ...], warnings: tuple[Diagnostic, ...], source: str,
+                 analysis_complete: bool = True):
         self.name = name
         self.version = version
         self.hash = digest                # hex sha256 of the file's bytes
@@ -58,6 +60,9 @@ class Policy:
         self.default = rules[-1]
         self.warnings = warnings
         self.source = source
+        # False when the load-time analysis stopped at its work limit: rules from the one a warning names on
+        # were not checked for overlaps / reachability (UNIQUE conflicts then show up as error rows).
+        self.analysis_complete = analysis_complete
         schema = Schema(inputs, classes)
         matching = [r for r in rules if not r.default]
         reads: dict[str, str] = {}

@@ -2,10 +2,12 @@
 
 The scan understands the TOML a policy file uses: ``[table]`` and
 ``[[array-table]]`` headers, ``key = value`` lines, comments and multi-line
-strings. It records the line of every header and key (the n-th
-``[[rule]]`` is ``("rule", n)``) and where each value starts, which is enough
-to point an error at the exact character of a condition whenever the
-condition's source text is its value verbatim (no escapes).
+strings, and arrays of inline tables (``rule = [{id = "A", when = "..."}, ...]``,
+each table on its own line or not). It records the line of every header and
+key (the n-th ``[[rule]]``, or the n-th inline table of ``rule = [...]``, is
+``("rule", n)``) and where each value starts, which is enough to point an
+error at the exact character of a condition whenever the condition's source
+text is its value verbatim (no escapes).
 """
 
 from __future__ import annotations
@@ -32,7 +34,10 @@ class SourceMap:
         table = None
         counts: dict[str, int] = {}
         closing = None  # the delimiter of the multi-line string we are inside
+        skip_to = 0     # lines before this one were read as part of an array value
         for index, start in enumerate(self.line_starts):
+            if index < skip_to:
+                continue
             end = self.line_starts[index + 1] if index + 1 < len(self.line_starts) else len(self.text)
             line = self.text[start:end]
             if closing is not None:
@@ -53,9 +58,59 @@ class SourceMap:
                 key = m.group(1).strip("\"'")
                 value_at = start + indent + m.end()
                 self.keys.setdefault((table, key), (index + 1, value_at))
+                if self.text.startswith("[", value_at):
+                    name = key if table is None else f"{table}.{key}" if isinstance(table, str) else None
+                    array_end = self._scan_array(name, value_at)
+                    skip_to = self._line_index(array_end - 1) + 1
+                    continue
                 for delim in ('"""', "'''"):
                     if self.text.startswith(delim, value_at) and self.text.count(delim, value_at + 3, end) == 0:
                         closing = delim
+
+    def _scan_array(self, name: str | None, at: int) -> int:
+        """Record the inline tables of the array value starting at ``at`` as ``(name, n)``; its end offset."""
+        text, depth, braces, count = self.text, 0, 0, 0
+        entry, want_key = None, False
+        i = at
+        while i < len(text):
+            c = text[i]
+            if want_key and not c.isspace():
+                want_key = False
+                if m := _KEY.match(text, i):
+                    if name is not None:
+                        self.keys.setdefault((entry, m.group(1).strip("\"'")), (self._line_index(i) + 1, m.end()))
+                    i = m.end()
+                    continue
+            if c == "#":
+                newline = text.find("\n", i)
+                i = len(text) if newline < 0 else newline
+                continue
+            if c in "\"'":
+                i = _string_end(text, i)
+                continue
+            if c == "[":
+                depth += 1
+            elif c == "]":
+                depth -= 1
+                if depth == 0:
+                    return i + 1
+            elif c == "{":
+                braces += 1
+                if braces == 1 and depth == 1:  # an element of the array: the next inline table
+                    entry = (name, count)
+                    count += 1
+                    if name is not None:
+                        self.headers.setdefault(entry, self._line_index(i) + 1)
+                    want_key = True
+            elif c == "}":
+                braces -= 1
+            elif c == "," and braces == 1 and depth == 1:
+                want_key = True
+            i += 1
+        return len(text)
+
+    def _line_index(self, offset: int) -> int:
+        return bisect.bisect_right(self.line_starts, offset) - 1
 
     def line_of(self, table, key: str | None = None) -> int:
         """Line of ``key`` in ``table`` (or of the table's header); 0 when not found."""
@@ -87,5 +142,34 @@ class SourceMap:
         if text[at:at + len(value)] != value:
             return line, 0
         absolute = at + offset
-        row = bisect.bisect_right(self.line_starts, absolute) - 1
+        row = self._line_index(absolute)
         return row + 1, absolute - self.line_starts[row] + 1
+
+
+def _string_end(text: str, at: int) -> int:
+    """The offset just past the TOML string starting at ``at`` (basic or literal, one- or multi-line)."""
+    quote = text[at]
+    if text.startswith(quote * 3, at):
+        end = at + 3
+        while True:
+            found = text.find(quote * 3, end)
+            if found < 0:
+                return len(text)
+            if quote == '"' and _escaped(text, found):
+                end = found + 1
+                continue
+            while text.startswith(quote, found + 3):  # up to two quotes may end the content
+                found += 1
+            return found + 3
+    i = at + 1
+    while i < len(text) and text[i] not in (quote, "\n"):
+        i += 2 if quote == '"' and text[i] == "\\" else 1
+    return i + 1
+
+
+def _escaped(text: str, at: int) -> bool:
+    """Whether the character at ``at`` follows an odd number of backslashes."""
+    count = 0
+    while at - count - 1 >= 0 and text[at - count - 1] == "\\":
+        count += 1
+    return count % 2 == 1

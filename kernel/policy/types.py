@@ -12,7 +12,7 @@ from __future__ import annotations
 import difflib
 import re
 
-from .parser import KEYWORDS
+from .parser import KEYWORDS, case_hint
 
 NUMBER, INTEGER, STRING, BOOL = "number", "integer", "string", "bool"
 INPUT_TYPES = (NUMBER, INTEGER, STRING, BOOL)
@@ -64,6 +64,8 @@ class Schema:
         known = list(self.inputs) + [LABEL, CONFIDENCE]
         if self.classes:
             known += [f"{SCORE}.{c}" for c in self.classes]
+        if case_hint(name):  # `flag == TRUE`: a keyword in capitals reads as a field name
+            return f"unknown field '{name}' ({case_hint(name)})"
         close = difflib.get_close_matches(name, known, n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
         inputs = ", ".join(self.inputs) or "none"
