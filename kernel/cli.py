@@ -32,19 +32,26 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_DIR = REPO_ROOT / "examples" / "claims"
 
 
-def _server_flags(parser: argparse.ArgumentParser) -> None:
+def _server_flags(parser: argparse.ArgumentParser, demo: bool = False) -> None:
+    """The settings flags of ``serve``; ``demo`` says the demo's own defaults (it serves the bundled example
+    on any free port with a throw-away data dir unless told otherwise)."""
     parser.add_argument("--config", help="kernel.toml with settings (flags and AIOS_* variables override it)")
-    parser.add_argument("--models", help="model repository folder (default: ./models)")
-    parser.add_argument("--pipelines", help="pipeline folder (default: ./pipelines)")
-    parser.add_argument("--data-dir", dest="data_dir", help="audit log, keys and the task/review store (default: ./var)")
+    parser.add_argument("--models", help="model repository folder (default: " +
+                        ("the bundled claims models, built on first use)" if demo else "./models)"))
+    parser.add_argument("--pipelines", help="pipeline folder (default: " +
+                        ("the bundled claims pipelines)" if demo else "./pipelines)"))
+    parser.add_argument("--data-dir", dest="data_dir", help="audit log, keys and the task/review store (default: " +
+                        ("a new temporary folder, named at the end)" if demo else "./var)"))
     parser.add_argument("--audit-mode", dest="audit_mode", choices=("fsync", "async", "off"),
                         help="fsync: a decision is acknowledged once its record is on disk (default); async: "
                              "written, not yet synced (a power cut can lose the newest); off: no audit (benchmarks only)")
     parser.add_argument("--host", help="listen address (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, help="gRPC port (default 8001; 0 = any free port)")
+    parser.add_argument("--port", type=int, help="gRPC port (default " +
+                        ("0: any free port)" if demo else "8001; 0 = any free port)"))
     parser.add_argument("--front-end", dest="front_end", choices=("auto", "sync", "aio"),
                         help="gRPC front end (default auto: aio when a model runs on a GPU, else sync)")
-    parser.add_argument("--workers", type=int, help="handler threads of the sync front end")
+    parser.add_argument("--workers", type=int, help="handler threads of the sync front end, and its limit on calls in "
+                                                   "progress: more are refused at once (default 512)")
     parser.add_argument("--log-level", dest="log_level", help="DEBUG, INFO, WARNING or ERROR")
 
 
@@ -282,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=cmd_serve)
 
     demo = sub.add_parser("demo", help="serve the bundled claims demo and send it a burst of traffic")
-    _server_flags(demo)
+    _server_flags(demo, demo=True)
     demo.add_argument("--requests", type=int, default=2000, help="requests in the burst (default 2000)")
     demo.add_argument("--concurrency", type=int, default=8, help="requests in flight (default 8)")
     demo.set_defaults(func=cmd_demo)

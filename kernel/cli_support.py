@@ -11,10 +11,25 @@ exit code 2 (argparse's own convention).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
 DEFAULT_ADDRESS = "127.0.0.1:8001"
+
+
+def default_address(environ=os.environ) -> str:
+    """Where a client command calls by default: AIOS_ADDRESS, else where ``serve`` listens with this
+    environment (AIOS_HOST, AIOS_PORT), else 127.0.0.1:8001 — so ``AIOS_PORT=8551 make serve`` and the
+    client commands in the same shell agree. A wildcard listen host is reached on the loopback."""
+    if environ.get("AIOS_ADDRESS"):
+        return environ["AIOS_ADDRESS"]
+    host = environ.get("AIOS_HOST") or "127.0.0.1"
+    port = environ.get("AIOS_PORT") or "8001"
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "[::]": "::1"}.get(host, host)
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"{host}:{port}"
 
 
 def address(text: str) -> str:
@@ -58,8 +73,9 @@ def nonempty(text: str) -> str:
 
 def address_flags(parser: argparse.ArgumentParser, timeout_s: float = 10.0) -> None:
     """``--address`` and ``--timeout``; ``timeout_s`` 0: a watch, which runs until stopped unless given one."""
-    parser.add_argument("--address", type=address, default=DEFAULT_ADDRESS,
-                        help=f"kernel address, HOST:PORT (default {DEFAULT_ADDRESS})")
+    parser.add_argument("--address", type=address, default=default_address(),
+                        help=f"kernel address, HOST:PORT (default {default_address()}: AIOS_ADDRESS, else "
+                             f"AIOS_HOST:AIOS_PORT as serve reads them, else {DEFAULT_ADDRESS})")
     if timeout_s:
         parser.add_argument("--timeout", type=seconds, default=timeout_s,
                             help=f"seconds the call may take (default {timeout_s:g})")

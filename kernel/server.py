@@ -445,4 +445,5 @@ def probe_listen_address(host: str, port: int) -> None:
                 probe.bind(address)
             except OSError as exc:
                 if exc.errno == errno.EADDRINUSE:
-                    raise OSError(f"cannot listen on {host}:{port}: something already listens there") from None
+                    raise OSError(f"cannot listen on {host}:{port}: something already listens there (another "
+                                  "port: --port or AIOS_PORT; 0 takes any free one)") from None

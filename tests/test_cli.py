@@ -381,3 +381,30 @@ def test_output_piped_into_a_reader_that_leaves_early_is_no_traceback(tmp_path):
     _, err = reader.communicate(timeout=120)
     assert reader.returncode in (0, 141), err
     assert b"Traceback" not in err and b"BrokenPipeError" not in err, err
+
+
+@pytest.mark.parametrize("environ, expected", [
+    ({}, "127.0.0.1:8001"),
+    ({"AIOS_PORT": "8551"}, "127.0.0.1:8551"),  # AIOS_PORT=8551 make serve, then the client commands
+    ({"AIOS_HOST": "0.0.0.0", "AIOS_PORT": "9000"}, "127.0.0.1:9000"),  # a wildcard is reached on the loopback
+    ({"AIOS_HOST": "::", "AIOS_PORT": "9000"}, "[::1]:9000"),
+    ({"AIOS_HOST": "fd00::5"}, "[fd00::5]:8001"),
+    ({"AIOS_ADDRESS": "kernel.internal:7000", "AIOS_PORT": "8551"}, "kernel.internal:7000"),
+])
+def test_client_commands_call_where_serve_listens_with_the_same_environment(environ, expected):
+    from kernel.cli_support import default_address
+
+    assert default_address(environ) == expected
+
+
+def test_a_client_command_follows_aios_port(tmp_path):
+    """With AIOS_PORT set, `decide` calls that port (nothing listens there: the refusal names it)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        free = sock.getsockname()[1]
+    result = run_cli("decide", "claims_triage", "--field", "claim_amount=800", "--timeout", "5",
+                     env={**os.environ, "AIOS_PORT": str(free)})
+    assert result.returncode == 1 and result.stderr.startswith("UNAVAILABLE") and f":{free}" in result.stderr, \
+        result.stderr

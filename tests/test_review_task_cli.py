@@ -134,6 +134,12 @@ def test_a_task_waits_for_its_review_and_ends_with_the_reviewers_action(cli):
     code, _, err = cli("task", "cancel", task["task_id"])
     assert code == 1 and err.startswith("FAILED_PRECONDITION:") and "already SUCCEEDED" in err
 
+    # The tour's command run again: the key's task is followed, and says it was started before.
+    code, out, _ = cli("task", "start", "claims_triage", *LARGE_CLAIM, "--tenant", "tasks",
+                       "--idempotency-key", "claim-7781", "--wait")
+    assert code == 0 and out.startswith(f"task {task['task_id']} was already started with idempotency key "
+                                        "'claim-7781'") and "SUCCEEDED" in out
+
 
 def test_task_commands_name_what_is_wrong(cli):
     code, _, err = cli("task", "start", "claims_triage", "--field", "claim_amount")

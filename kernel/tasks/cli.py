@@ -102,8 +102,19 @@ def cmd_start(args) -> int:
             show(args, task, describe)
             return 0
         if not args.json:
-            print(f"task {task.task_id} started")
+            print(_started_line(task, request.idempotency_key))
         return _follow(args, channel, task.task_id, timeout_s=None)  # --timeout was the start call's
+
+
+def _started_line(task, key: str) -> str:
+    """The line after StartTask: the task started, or, when the idempotency key had already started it, when
+    that was (a re-run of the same command follows the old task; its states print with their own times)."""
+    from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
+
+    if key and (task.state != kpb.QUEUED or len(task.history) > 1):
+        return (f"task {task.task_id} was already started with idempotency key {key!r} "
+                f"{when(task.created_unix_ns, time.time_ns())}; following it")
+    return f"task {task.task_id} started"
 
 
 def _one(args, call: str) -> int:
@@ -144,7 +155,8 @@ def _follow(args, channel, task_id: str, timeout_s: float | None) -> int:
             else:
                 step = task.history[-1] if task.history else None
                 detail = f"  {step.detail}" if step is not None and step.detail else ""
-                print(f"{time.strftime('%H:%M:%S')}  {_state(task.state):18}{detail}", flush=True)
+                at = step.at_unix_ns / 1e9 if step is not None else time.time()  # when it happened, not when seen
+                print(f"{time.strftime('%H:%M:%S', time.localtime(at))}  {_state(task.state):18}{detail}", flush=True)
     except KeyboardInterrupt:
         stream.cancel()
         print(f"stopped watching; task {task_id} goes on in the kernel", file=sys.stderr)
