@@ -20,6 +20,13 @@ def save_slow_model(root) -> None:
                                  provider="cpu")
 
 
+def slow_and_tiny_repo(root):
+    """A repository of `slow` (long batches) and `tiny` (short ones), both on the CPU lane."""
+    save_slow_model(root)
+    onnx_models.save_mlp_version(root, "tiny", [16, 64, 4], seed=3, max_batch_size=8, provider="cpu")
+    return root
+
+
 def request_for(model: str, array: np.ndarray, input_name: str = "INPUT0", **params) -> pb.ModelInferRequest:
     """A ModelInferRequest of ``array`` (FP32) with int64 ``params`` (priority, timeout, ...)."""
     request = pb.ModelInferRequest(model_name=model)

@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from claims_support import copy_pipelines
 
 from examples.claims import build_models
 from kernel.errors import InvalidArgument, NotFound
@@ -38,9 +39,7 @@ def hub(model_folder):
 
 @pytest.fixture
 def folder(tmp_path):
-    for path in CLAIMS.glob("*.toml"):
-        shutil.copy(path, tmp_path / path.name)
-    return tmp_path
+    return copy_pipelines(tmp_path)
 
 
 def _registry(folder, hub) -> PipelineRegistry:
@@ -329,8 +328,8 @@ def test_models_load_brings_a_refused_pipeline_into_a_running_kernel(tmp_path):
     over the repository API (``aios-kernel models load``) makes it serve, with no edit of its file, and
     the audit log has the model's deployment before the pipeline's activation."""
     import grpc
-
     from conftest import start_kernel
+
     from kernel._proto.aios.kernel.v1 import kernel_pb2 as kpb
     from kernel._proto.aios.kernel.v1 import kernel_pb2_grpc as kgrpc
     from kernel._proto.inference import grpc_service_pb2 as pb

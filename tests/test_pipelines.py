@@ -3,15 +3,20 @@ and a refused change leaves the running version serving."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+from claims_support import copy_pipelines
 
 from examples.claims import build_models, data, features
 from kernel.models import ModelHub
-from kernel.pipelines import PipelineError, PipelineRegistry, load_pipeline, parse_pipeline
+from kernel.pipelines import (
+    PipelineError,
+    PipelineRegistry,
+    load_pipeline,
+    parse_pipeline,
+)
 from kernel.pipelines.fields import encode_one, encode_rows
 from kernel.policy import load_policy, parse_policy
 
@@ -31,9 +36,7 @@ def hub(tmp_path_factory):
 
 @pytest.fixture
 def folder(tmp_path):
-    for path in CLAIMS.glob("*.toml"):
-        shutil.copy(path, tmp_path / path.name)
-    return tmp_path
+    return copy_pipelines(tmp_path)
 
 
 def test_claims_pipeline_encodes_exactly_like_the_trainer():

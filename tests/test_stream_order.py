@@ -15,16 +15,12 @@ import pytest
 
 from conftest import start_kernel
 from kernel._proto.inference import grpc_service_pb2_grpc as pb_grpc
-from kernel.testing import onnx_models
-from lane_support import SLOW_ROWS, request_for, save_slow_model
+from lane_support import SLOW_ROWS, request_for, slow_and_tiny_repo
 
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
-    root = tmp_path_factory.mktemp("stream_order")
-    save_slow_model(root)
-    onnx_models.save_mlp_version(root, "tiny", [16, 64, 4], seed=3, max_batch_size=8, provider="cpu")
-    return root
+    return slow_and_tiny_repo(tmp_path_factory.mktemp("stream_order"))
 
 
 @pytest.mark.parametrize("front_end", ["sync", "aio"])
