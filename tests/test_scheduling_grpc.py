@@ -246,3 +246,22 @@ def test_a_deadline_the_queue_cannot_meet_is_refused_at_once_with_a_retry_hint(k
     assert counters.rejected_deadline == refused_before + 1
     assert 1.0 <= counters.service_stretch <= 8.0  # the factor admission scales its predicted wait by
     train.result()
+
+
+def test_a_deadline_shorter_than_the_requests_own_run_is_deadline_exceeded_naming_that_run(kernel, stub, channel):
+    """Behind a queue, a `slow` request whose deadline is shorter than its own batch alone: DEADLINE_EXCEEDED
+    (no retry hint: retrying cannot help), and the time it names is its own run, not the wait behind the queue."""
+    import re
+
+    train = occupy_lane(stub, channel)
+    slow = kernel.hub.get("slow")
+    alone_ms = kernel.lanes.cpu.predict(slow, SLOW_ROWS) / 1e6
+    assert alone_ms > 1.0, "the latency fit has not timed a full slow batch"
+    hopeless = request_for("slow", np.ones((SLOW_ROWS, 64)), timeout=int(alone_ms * 1000 / 4), priority=1)
+    with pytest.raises(grpc.RpcError) as info:
+        stub.ModelInfer(hopeless, timeout=60)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, info.value.details()
+    named = float(re.search(r"predicted to take ([\d.]+) ms", info.value.details()).group(1))
+    assert 0.5 * alone_ms <= named <= 2 * alone_ms, (named, alone_ms)  # its own run, not 8 batches' wait
+    assert "retry-after-ms" not in dict(info.value.trailing_metadata() or ())
+    train.result()

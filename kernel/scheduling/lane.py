@@ -325,8 +325,10 @@ class Lane:
         is DEADLINE_EXCEEDED: retrying the same request could not help."""
         if verdict == REJECT_DEADLINE:
             alone = self.scheduler.predict(item.model, item.rows)
-            if sum(self.scheduler.load(item.model)) == 0 or item.deadline_ns - now < alone:
-                return _too_short(item, now)
+            idle = sum(self.scheduler.load(item.model)) == 0
+            if idle or item.deadline_ns - now < alone:
+                # Idle: the whole predicted wait is its own run (stretched); else its run alone is what does not fit.
+                return _too_short(item, now, item.retry_after_ns if idle else alone)
         return _rejection(item, verdict)
 
     def _next_batch_locked(self, now: int) -> tuple[Batch | None, bool]:
@@ -513,11 +515,11 @@ class Lane:
                 self._work.wait(timeout)
 
 
-def _too_short(item: WorkItem, now: int) -> DeadlineExceeded:
+def _too_short(item: WorkItem, now: int, run_ns: int) -> DeadlineExceeded:
     model = f"{item.model.name}/{item.model.version}"
     return DeadlineExceeded(
         f"model {model} cannot finish this request within its deadline, {max(0, item.deadline_ns - now) / 1e6:.3f} ms "
-        f"away: {item.rows} row(s) are predicted to take {item.retry_after_ns / 1e6:.3f} ms; the model never ran it "
+        f"away: running its {item.rows} row(s) is predicted to take {run_ns / 1e6:.3f} ms; the model never ran it "
         "(give it a longer deadline: retrying as it is would fail the same way)")
 
 
