@@ -177,6 +177,9 @@ def _expect(path: Path, key: str, value: Any, kind: type | tuple, what: str) -> 
     return value
 
 
+MAX_QUEUE_DELAY_US = 10_000_000
+
+
 def _int(path: Path, table: dict, key: str, default: int, minimum: int) -> int:
     value = _expect(path, key, table.get(key, default), int, "an integer")
     if value < minimum:
@@ -287,6 +290,19 @@ def parse(path: Path, name: str, version: str, raw: dict) -> ModelConfig:
         _expect(path, "preferred_batch_sizes", size, int, "a list of integers")
         if not 0 < size <= max(max_batch, 1):
             raise ModelConfigError(path, "preferred_batch_sizes", f"{size} is outside 1..max_batch_size ({max_batch})")
+    if len(set(preferred)) != len(preferred):
+        raise ModelConfigError(path, "preferred_batch_sizes", f"lists a size twice: {preferred}")
+    delay_us = _int(path, raw, "max_queue_delay_us", 0, 0)
+    if delay_us > MAX_QUEUE_DELAY_US:  # (a typo in units: a request would wait that long for company)
+        raise ModelConfigError(path, "max_queue_delay_us", f"must be at most {MAX_QUEUE_DELAY_US} (10 s), got {delay_us}")
+    if preferred and not delay_us:  # preferred sizes shape the static window; adaptive batching has none
+        raise ModelConfigError(path, "preferred_batch_sizes", "apply only with a static window: set max_queue_delay_us "
+                                                              "> 0 too (without one, batching is adaptive)")
+    max_queue = _int(path, raw, "max_queue", 4096, 1)
+    max_tenant_queue = _int(path, raw, "max_tenant_queue", 1024, 1)
+    if "max_tenant_queue" in raw and max_tenant_queue > max_queue:  # it could never bind
+        raise ModelConfigError(path, "max_tenant_queue", f"is more than max_queue ({max_queue}), so it would never "
+                                                         f"apply; got {max_tenant_queue}")
     levels = _levels(path, raw)
     priority = _int(path, raw, "priority", 2, 1)
     if priority > levels:  # the scheduler would clamp it: refuse instead of serving another priority
@@ -304,11 +320,11 @@ def parse(path: Path, name: str, version: str, raw: dict) -> ModelConfig:
         inter_op_threads=_int(path, raw, "inter_op_threads", 1, 0),
         priority=priority,
         weight=float(weight),
-        max_queue_delay_us=_int(path, raw, "max_queue_delay_us", 0, 0),
+        max_queue_delay_us=delay_us,
         preferred_batch_sizes=tuple(sorted(preferred)),
         priority_levels=levels,
-        max_queue=_int(path, raw, "max_queue", 4096, 1),
-        max_tenant_queue=_int(path, raw, "max_tenant_queue", 1024, 1),
+        max_queue=max_queue,
+        max_tenant_queue=max_tenant_queue,
         card=_card(path, raw.get("card", {})),
     )
 
