@@ -235,6 +235,7 @@ def test_a_deadline_the_queue_cannot_meet_is_refused_at_once_with_a_retry_hint(k
     on arrival (RESOURCE_EXHAUSTED with retry-after-ms), not queued to expire."""
     train = occupy_lane(stub, channel)
     refused_before = summaries(channel)["slow"].scheduler.rejected_deadline
+    failed_before = kernel.hub.get("slow").stats.fail.count
     # One row: alone it would finish well inside 50 ms, so it is the queue ahead that makes it late.
     hurried = request_for("slow", np.ones((1, 64)), timeout=50_000, priority=1)
     with pytest.raises(grpc.RpcError) as info:
@@ -244,6 +245,7 @@ def test_a_deadline_the_queue_cannot_meet_is_refused_at_once_with_a_retry_hint(k
     assert int(dict(info.value.trailing_metadata())["retry-after-ms"]) > 50
     counters = summaries(channel)["slow"].scheduler
     assert counters.rejected_deadline == refused_before + 1
+    assert kernel.hub.get("slow").stats.fail.count == failed_before + 1  # ModelStatistics' fail, as in Triton
     assert 1.0 <= counters.service_stretch <= 8.0  # the factor admission scales its predicted wait by
     train.result()
 

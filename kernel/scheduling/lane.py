@@ -314,7 +314,10 @@ class Lane:
             self._urgent_seen_ns = now
         verdict = self.scheduler.submit(item, now)
         if verdict != ADMITTED:
-            raise self._refusal_locked(item, verdict, now)
+            refusal = item.error = self._refusal_locked(item, verdict, now)
+            if self._on_item is not None:  # a refused request is a failed one in ModelStatistics, as in Triton
+                self._on_item(item)
+            raise refusal
         if not blocking:
             self._async_queued += 1
         return now
