@@ -60,6 +60,11 @@ class Settings:
     # beyond it is refused at once (RESOURCE_EXHAUSTED) instead of waiting, unseen by
     # the scheduler's admission control, in gRPC's own queue. Blocked threads are cheap.
     workers: int = 512
+    # Watches open at once (WatchReviews, WatchTask, StreamAudit with follow, together): each holds one of the
+    # `workers` handler threads on the sync front end, so left uncapped they could take them all and lock every
+    # other call out. One beyond it is refused at once (RESOURCE_EXHAUSTED, retry-after-ms; kernel/api/watch_budget.py).
+    # 0 = a quarter of `workers` (128 by default); health watches are not counted.
+    max_watches: int = 0
     # Threaded front end: a unary call takes a handler thread only once its request is in
     # (kernel/api/eager_receive.py); false = grpc's standard path, a thread per call from its start.
     eager_receive: bool = True
@@ -120,6 +125,11 @@ class Settings:
         return self.lane_slots or self.usable_cores()
 
     @property
+    def watch_limit(self) -> int:
+        """``max_watches``, or its default: a quarter of ``workers`` (at least 1)."""
+        return self.max_watches or max(1, self.workers // 4)
+
+    @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
 
@@ -171,6 +181,11 @@ def _validate(settings: Settings, sources: dict[str, str]) -> None:
         raise bad("front_end", f"must be one of {', '.join(FRONT_ENDS)}, got {settings.front_end!r}")
     if settings.workers < 1:
         raise bad("workers", f"must be >= 1, got {settings.workers}")
+    if settings.max_watches < 0:
+        raise bad("max_watches", f"must be >= 0 (0 = a quarter of workers), got {settings.max_watches}")
+    if settings.max_watches >= settings.workers:
+        raise bad("max_watches", f"must be below workers ({settings.workers}): each open watch holds a handler "
+                  f"thread of the sync front end, and calls beyond workers are refused; got {settings.max_watches}")
     if not 0 <= settings.gil_switch_interval_us <= 1_000_000:
         raise bad("gil_switch_interval_us", f"must be 0..1000000 (0 = Python's default), got {settings.gil_switch_interval_us}")
     if settings.lane_slots < 0:

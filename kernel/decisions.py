@@ -92,13 +92,15 @@ class DecisionSide:
                     "pipeline folder %s does not exist: no pipelines are served (Decide answers NOT_FOUND) until "
                     "pipeline files appear there", self.registry.folder)
 
-    def handlers(self, budget=None) -> dict:
-        """The RPC handlers; ``budget`` (kernel.api.call_budget.CallBudget) may refuse a Decide by priority."""
+    def handlers(self, budget=None, watches=None) -> dict:
+        """The RPC handlers; ``budget`` (kernel.api.call_budget.CallBudget) may refuse a Decide by priority,
+        ``watches`` (kernel.api.watch_budget.WatchBudget) caps the open watches of the three watch RPCs."""
         return {
             **decision_handlers(self.engine, self.registry, budget),
-            **review_handlers(self.reviews),
-            **task_handlers(self.tasks),
-            **(audit_handlers(self.audit, allow_stream=self.settings.audit_stream_enabled, draining=self._draining)
+            **review_handlers(self.reviews, watches),
+            **task_handlers(self.tasks, watches),
+            **(audit_handlers(self.audit, allow_stream=self.settings.audit_stream_enabled, draining=self._draining,
+                              watches=watches)
                if self.audit else {}),
         }
 

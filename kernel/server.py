@@ -28,6 +28,7 @@ from .api import InferenceService, aio_servicer, eager_receive, kernel_services,
 from .api.call_budget import CallBudget
 from .api.handler_pool import HandlerPool, poller_policy
 from .api.health import AsyncHealth, ThreadedHealth
+from .api.watch_budget import WatchBudget
 from .config import Settings
 from .models import ModelHub
 from .scheduling import Lanes, device_of, make_scheduler, run_batch
@@ -61,7 +62,7 @@ def _on_batch(batch, now_ns: int) -> None:
 
 
 def _on_item(item) -> None:
-    """An item that left the lane without running (cancelled, expired, unloaded)."""
+    """An item that left the lane without running (refused at admission, cancelled, expired, unloaded)."""
     now = time.monotonic_ns()
     queued = (item.started_ns or now) - item.enqueued_ns
     item.model.stats.record_request(item.error is None, item.rows, queued, now - item.enqueued_ns, item.timings)
@@ -121,6 +122,7 @@ class KernelServer:
         self._eager = None  # the threaded front end's EagerReceive, when on (tests count its calls)
         self._pump = None  # the threaded front end's StreamPump (DecideStream), when on
         self._budget = None  # the threaded front end's CallBudget
+        self._watches = None  # the WatchBudget shared by WatchReviews, WatchTask and StreamAudit (follow)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: threading.Thread | None = None
         self._health = None
@@ -195,8 +197,11 @@ class KernelServer:
         # One budget for the handler threads, shared by the RPCs that can be told apart by priority.
         budget = None if asynchronous else CallBudget(self.settings.workers, self._calls_in_progress)
         self._budget = budget
+        # Open watches have a cap of their own, well below workers, on both front ends (watch_budget.py).
+        self._watches = WatchBudget(self.settings.watch_limit)
         inference = aio_servicer(self.service) if asynchronous else sync_servicer(self.service, budget)
-        ours = kernel_services.generic_handlers(self.hub, self.lanes, asynchronous, self.decisions.handlers(budget))
+        ours = kernel_services.generic_handlers(self.hub, self.lanes, asynchronous,
+                                                self.decisions.handlers(budget, self._watches))
         registration.add_to_server(server, [inference, *ours])
         if not asynchronous and self.settings.eager_receive:
             self._eager = eager_receive.attach([inference, *ours], self._pool, self.settings.answer_later,

@@ -13,23 +13,27 @@ PERMISSION_DENIED naming it.
 A StreamAudit that follows the log has no end of its own: once ``draining``
 is set (the kernel stopping) it ends within the reader's poll interval with
 UNAVAILABLE saying so, rather than holding the drain for its grace period.
-A read-back without ``follow`` is ordinary in-flight work and runs to its end.
+A read-back without ``follow`` is ordinary in-flight work and runs to its end;
+one that follows counts against the kernel's watch budget (``watch_budget.py``,
+``max_watches``) until it ends, and beyond it is refused at once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 
 from .._proto.aios.kernel.v1 import kernel_pb2
 from ..audit import AuditLog
 from ..errors import InvalidArgument, NotFound, PermissionDenied, shutting_down
+from .watch_budget import UNLIMITED
 
 SERVICE = "AuditService"
 _KINDS = set(kernel_pb2.AuditKind.values())
 
 
-def _stream_audit(log: AuditLog, allow_stream: bool, draining: threading.Event):
+def _stream_audit(log: AuditLog, allow_stream: bool, draining: threading.Event, watches):
     def stream_audit(request: kernel_pb2.StreamAuditRequest, ctx):
         if not allow_stream:
             # The refusal is itself on the record (not waited for: the caller is told no either way).
@@ -49,21 +53,22 @@ def _stream_audit(log: AuditLog, allow_stream: bool, draining: threading.Event):
             raise InvalidArgument(
                 f"until_unix_ns ({request.until_unix_ns}) must be after since_unix_ns ({request.since_unix_ns})"
             )
-        left = threading.Event()
-        ctx.on_done(left.set)
-        stop = (lambda: left.is_set() or draining.is_set()) if request.follow else left
-        records = log.read(
-            request.from_sequence, tenant=request.tenant, pipeline=request.pipeline, kind=request.kind,
-            since_unix_ns=request.since_unix_ns, until_unix_ns=request.until_unix_ns,
-            follow=request.follow, stop=stop,
-        )
-        try:
-            for record in records:
-                yield record
-                if not ctx.is_active():
-                    return
-        finally:
-            records.close()
+        with watches.hold("StreamAudit") if request.follow else contextlib.nullcontext():
+            left = threading.Event()
+            ctx.on_done(left.set)
+            stop = (lambda: left.is_set() or draining.is_set()) if request.follow else left
+            records = log.read(
+                request.from_sequence, tenant=request.tenant, pipeline=request.pipeline, kind=request.kind,
+                since_unix_ns=request.since_unix_ns, until_unix_ns=request.until_unix_ns,
+                follow=request.follow, stop=stop,
+            )
+            try:
+                for record in records:
+                    yield record
+                    if not ctx.is_active():
+                        return
+            finally:
+                records.close()
         if request.follow and draining.is_set() and not left.is_set():
             raise shutting_down("resume with from_sequence = the last sequence received + 1")
 
@@ -127,11 +132,13 @@ def _checkpoint(log: AuditLog):
     return get_checkpoint
 
 
-def audit_handlers(log: AuditLog, allow_stream: bool = True, draining: threading.Event | None = None) -> dict:
+def audit_handlers(log: AuditLog, allow_stream: bool = True, draining: threading.Event | None = None,
+                   watches=None) -> dict:
     """``(service, method) -> handler`` for ``kernel_services.generic_handlers(implemented=...)``;
-    set ``draining`` to end the StreamAudit calls that follow the log."""
+    set ``draining`` to end the StreamAudit calls that follow the log; ``watches`` (a ``WatchBudget``,
+    shared with the other watch RPCs) caps how many of them are open."""
     return {
-        (SERVICE, "StreamAudit"): _stream_audit(log, allow_stream, draining or threading.Event()),
+        (SERVICE, "StreamAudit"): _stream_audit(log, allow_stream, draining or threading.Event(), watches or UNLIMITED),
         (SERVICE, "GetInclusionProof"): _inclusion_proof(log),
         (SERVICE, "GetConsistencyProof"): _consistency_proof(log),
         (SERVICE, "GetPublicKey"): _public_key(log),

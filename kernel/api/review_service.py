@@ -1,14 +1,20 @@
-"""ReviewService: thin handlers over ``kernel.review.ReviewQueue`` (see ``rpc.py`` for the calling convention)."""
+"""ReviewService: thin handlers over ``kernel.review.ReviewQueue`` (see ``rpc.py`` for the calling convention).
+
+An open WatchReviews counts against the kernel's watch budget (``watch_budget.py``) until it ends.
+"""
 
 from __future__ import annotations
 
 from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
+from .watch_budget import UNLIMITED
 
 SERVICE = "ReviewService"
 
 
-def review_handlers(queue) -> dict:
-    """``{(service, method): handler}`` for ``kernel_services.generic_handlers(implemented=...)``."""
+def review_handlers(queue, watches=None) -> dict:
+    """``{(service, method): handler}`` for ``kernel_services.generic_handlers(implemented=...)``;
+    ``watches`` (a ``WatchBudget``, shared with the other watch RPCs) caps open WatchReviews calls."""
+    watches = watches or UNLIMITED
 
     def list_reviews(request: kpb.ListReviewsRequest, ctx) -> kpb.ListReviewsResponse:
         return queue.list(request.pipeline, request.tenant, request.state, request.page_size, request.page_token)
@@ -23,15 +29,16 @@ def review_handlers(queue) -> dict:
         return queue.resolve(request.review_id, request.reviewer, request.action, request.comment)
 
     def watch_reviews(request: kpb.WatchReviewsRequest, ctx):
-        watch = queue.watch(request.pipeline, request.tenant, request.include_open, request.updates)
-        ctx.on_done(watch.close)  # the client left or the deadline passed: stop waiting at once
-        try:
-            for review in watch:
-                yield review
-                if not ctx.is_active():
-                    return
-        finally:
-            watch.close()
+        with watches.hold("WatchReviews"):
+            watch = queue.watch(request.pipeline, request.tenant, request.include_open, request.updates)
+            ctx.on_done(watch.close)  # the client left or the deadline passed: stop waiting at once
+            try:
+                for review in watch:
+                    yield review
+                    if not ctx.is_active():
+                        return
+            finally:
+                watch.close()
 
     return {
         (SERVICE, "ListReviews"): list_reviews,

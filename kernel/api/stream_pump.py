@@ -13,8 +13,13 @@ stream, and 16 streams 0.87-0.93x where unary Decide is at 0.65x
 Here the stream has no thread of its own:
 
 - receives are started from gRPC's poller thread, each from the previous
-  one's completion, while fewer than ``MAX_IN_FLIGHT`` decisions are open
-  (an answer resumes a paused stream);
+  one's completion, while fewer than ``MAX_IN_FLIGHT`` requests are taken
+  and not yet answered *and sent*: an answer waiting for its send counts
+  too, so a client that writes and never reads stops being read once that
+  many are held (gRPC's flow control then pushes back on it), and each
+  completed send resumes a paused stream. Counting answers as done when
+  they were queued to send let such a client make the kernel take 61,115
+  requests in 12 s and hold their answers (+1 GB with 100 KB request ids);
 - what arrived is prepared and queued by one task on the handler pool at a
   time, which takes the stream's whole backlog each round;
 - the finisher answers each decision with its group (``DecisionEngine.
@@ -68,6 +73,10 @@ class StreamPump(futures.ThreadPoolExecutor):
         self._engine = engine
         self._pool = pool  # the server's HandlerPool: runs each stream's prepare task
         self.streams = 0  # streams that took this path (changed on gRPC's poller thread only)
+        # Over all streams, on gRPC's poller thread only (its batch callbacks): requests received, and answers
+        # gRPC has sent. Their difference is what the streams hold (each at most MAX_IN_FLIGHT).
+        self.taken = 0
+        self.sent = 0
         self._ended = 0  # of them, those over (changed from any thread: under the lock)
         self._lock = threading.Lock()
         self._warned = False
@@ -91,7 +100,7 @@ class StreamPump(futures.ThreadPoolExecutor):
             return self._pool.submit(*args, **kwargs)
         _run, _respond, rpc_event, state, _behaviour, _iterator, deserializer, serializer = args
         self.streams += 1
-        stream = _Stream(self._engine, self._pool, rpc_event, state, deserializer, serializer)
+        stream = _Stream(self, self._engine, self._pool, rpc_event, state, deserializer, serializer)
         stream.finished.add_done_callback(self._stream_over)
         stream.start()
         return stream.finished
@@ -120,7 +129,8 @@ class _Answer:
 class _Stream:
     """One DecideStream call. Every field is guarded by the call's ``state.condition``."""
 
-    def __init__(self, engine, pool, rpc_event, state, deserializer, serializer):
+    def __init__(self, pump, engine, pool, rpc_event, state, deserializer, serializer):
+        self._pump = pump
         self._engine = engine
         self._pool = pool
         self._rpc_event = rpc_event
@@ -138,6 +148,7 @@ class _Stream:
         self._reading = True  # until the client half-closes
         self._taken = 0  # requests received (each is answered exactly once)
         self._answered = 0
+        self._done_sending = 0  # answers gRPC has sent: ``_taken - _done_sending`` are held, at most MAX_IN_FLIGHT
         self._queued: dict[int, object] = {}  # id(item) -> item: model work to take back if the call ends
         self._done = False  # the status is out or the call ended: ``finished`` is set
 
@@ -153,9 +164,9 @@ class _Stream:
             self._receive_locked()
 
     def _receive_locked(self) -> None:
-        if (self._receiving or not self._reading or self._taken - self._answered >= MAX_IN_FLIGHT
+        if (self._receiving or not self._reading or self._taken - self._done_sending >= MAX_IN_FLIGHT
                 or not _gs._is_rpc_state_active(self._state)):
-            return  # (an answer resumes a stream paused at MAX_IN_FLIGHT)
+            return  # (a completed send resumes a stream paused at MAX_IN_FLIGHT)
         self._call.start_server_batch((_cygrpc.ReceiveMessageOperation(_gs._EMPTY_FLAGS),), self._on_message)
         self._state.due.add(_gs._RECEIVE_MESSAGE_TOKEN)
         self._receiving = True
@@ -174,6 +185,7 @@ class _Stream:
                 self._end_if_answered_locked()
                 return outcome
             self._taken += 1
+            self._pump.taken += 1
             self._backlog.append(data)
             if not self._working:
                 self._working = start_task = True
@@ -236,10 +248,9 @@ class _Stream:
             if not _gs._is_rpc_state_active(state):
                 return  # the call ended: nobody to tell
             if self._sending:
-                self._sends.append(data)
+                self._sends.append(data)  # (at most MAX_IN_FLIGHT: receiving waits for sends, not answers)
             else:
                 self._send_locked(data)
-            self._receive_locked()
 
     def _send_locked(self, data: bytes) -> None:
         state = self._state
@@ -266,11 +277,14 @@ class _Stream:
         state = self._state
         with state.condition:
             self._sending = False
+            self._done_sending += 1
+            self._pump.sent += 1
             outcome = _gs._possibly_finish_call(state, token)
             if self._sends and _gs._is_rpc_state_active(state):
                 self._send_locked(self._sends.popleft())
             else:
                 self._end_if_answered_locked()
+            self._receive_locked()  # one held answer less: a stream paused at MAX_IN_FLIGHT reads on
             return outcome
 
     # -- the end --------------------------------------------------------------------------------

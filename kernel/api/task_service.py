@@ -1,15 +1,21 @@
-"""TaskService: thin handlers over ``kernel.tasks.TaskRunner`` (see ``rpc.py`` for the calling convention)."""
+"""TaskService: thin handlers over ``kernel.tasks.TaskRunner`` (see ``rpc.py`` for the calling convention).
+
+An open WatchTask counts against the kernel's watch budget (``watch_budget.py``) until it ends.
+"""
 
 from __future__ import annotations
 
 from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
 from ..errors import InvalidArgument
+from .watch_budget import UNLIMITED
 
 SERVICE = "TaskService"
 
 
-def task_handlers(runner) -> dict:
-    """``{(service, method): handler}`` for ``kernel_services.generic_handlers(implemented=...)``."""
+def task_handlers(runner, watches=None) -> dict:
+    """``{(service, method): handler}`` for ``kernel_services.generic_handlers(implemented=...)``;
+    ``watches`` (a ``WatchBudget``, shared with the other watch RPCs) caps open WatchTask calls."""
+    watches = watches or UNLIMITED
 
     def start_task(request: kpb.StartTaskRequest, ctx) -> kpb.Task:
         if not request.HasField("request"):
@@ -23,15 +29,16 @@ def task_handlers(runner) -> dict:
         return runner.cancel(request.task_id)
 
     def watch_task(request: kpb.TaskRef, ctx):
-        watch = runner.watch(request.task_id)
-        ctx.on_done(watch.close)  # the client left or the deadline passed: stop waiting at once
-        try:
-            for task in watch:
-                yield task
-                if not ctx.is_active():
-                    return
-        finally:
-            watch.close()
+        with watches.hold("WatchTask"):
+            watch = runner.watch(request.task_id)
+            ctx.on_done(watch.close)  # the client left or the deadline passed: stop waiting at once
+            try:
+                for task in watch:
+                    yield task
+                    if not ctx.is_active():
+                        return
+            finally:
+                watch.close()
 
     return {
         (SERVICE, "StartTask"): start_task,

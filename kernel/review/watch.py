@@ -5,8 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
+from ..store.feed import FellBehind
 
 CREATED, UPDATED = "created", "updated"
+# What a watch that fell behind (its client stopped reading) is told: WatchReviews has no position to resume
+# from, so the reviews still waiting are sent again, and ListReviews has the ones resolved meanwhile.
+RESYNC = ("watch again with include_open = true (the reviews still waiting, OPEN or CLAIMED, are sent first), "
+          "and read ListReviews with state RESOLVED for those resolved meanwhile")
 
 
 class ReviewWatch:
@@ -16,8 +21,10 @@ class ReviewWatch:
     created meanwhile is sent once: from the backlog or as new, never both
     and never neither. Runs until ``close()`` (from any thread: it wakes a
     blocked reader at once); iterating raises DeadlineExceeded when the
-    subscription's ``timeout_s`` passes without an event, and the queue's
-    error once ``ReviewQueue.end_watches`` ended it.
+    subscription's ``timeout_s`` passes without an event, the queue's
+    error once ``ReviewQueue.end_watches`` ended it, and RESOURCE_EXHAUSTED
+    (``FellBehind``, saying how to resynchronise) once more events waited
+    for its reader than the feed keeps (``kernel.store.feed.MAX_QUEUED``).
     """
 
     __slots__ = ("_sub", "_backlog", "_present", "_sent")
@@ -40,7 +47,10 @@ class ReviewWatch:
                 return self._present(review)
             self._backlog = None
         while True:
-            kind, review = next(self._sub)  # StopIteration once closed
+            try:
+                kind, review = next(self._sub)  # StopIteration once closed
+            except FellBehind as exc:
+                raise FellBehind(exc.behind, RESYNC) from None
             if kind == CREATED and self._sent and review.review_id in self._sent:
                 self._sent.discard(review.review_id)
                 continue

@@ -11,6 +11,14 @@ A feed closed as a whole (the kernel draining at stop) closes every
 subscription with an error, which their readers raise instead of ending
 quietly, and every later subscription starts closed with the same error:
 a watch tells its caller why it ended, and none holds the drain open.
+
+A subscription holds at most ``MAX_QUEUED`` items its reader has not taken.
+A reader that stops (a gRPC watch whose client does not read blocks in its
+send) would otherwise grow the process without limit: one stalled review
+watcher and 4,000 escalations took the kernel from 261 to 479 MB. The item
+that finds the queue full ends the subscription instead: what it held is
+dropped at once and its reader raises ``FellBehind`` (RESOURCE_EXHAUSTED),
+which each watch words with how to resynchronise.
 """
 
 from __future__ import annotations
@@ -20,11 +28,22 @@ import time
 from collections import deque
 from collections.abc import Callable, Hashable
 
-from ..errors import DeadlineExceeded
+from ..errors import DeadlineExceeded, ResourceExhausted
+
+MAX_QUEUED = 10_000  # items per subscription not yet taken by its reader; one more ends it (FellBehind)
 
 ErrorFactory = Callable[[], BaseException]  # a fresh exception per reader: readers on many threads raise it
 
 _CLOSED = object()
+
+
+class FellBehind(ResourceExhausted):
+    """A subscription's reader fell ``behind`` items back (more than ``MAX_QUEUED``): it was ended."""
+
+    def __init__(self, behind: int, resync: str = ""):
+        super().__init__(f"the watch fell behind by {behind} events (at most {MAX_QUEUED} are kept for a reader "
+                         f"that is not taking them) and was ended" + (f"; {resync}" if resync else ""))
+        self.behind = behind
 
 
 class Subscription:
@@ -46,9 +65,14 @@ class Subscription:
         if self._match is not None and not self._match(item):
             return
         with self._cond:
-            if not self._closed:
+            if self._closed:
+                return
+            if len(self._items) < MAX_QUEUED:
                 self._items.append(item)
                 self._cond.notify()
+                return
+            behind = len(self._items) + 1  # (this one too)
+        self.close(lambda: FellBehind(behind))
 
     def get(self, timeout_s: float | None = None):
         """The next item; ``_CLOSED`` once closed; raises DeadlineExceeded after ``timeout_s``.

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
 from ..errors import FailedPrecondition, InvalidArgument, NotFound
 from ..store import Feed, request_hash
+from ..store.feed import FellBehind
 from ..store.idempotency import check_key
 
 FINAL = (kpb.SUCCEEDED, kpb.FAILED, kpb.CANCELLED)
@@ -30,11 +31,16 @@ def state_name(state: int) -> str:
     return kpb.TaskState.Name(state)
 
 
+# What a task watch that fell behind is told: a new watch is sent the task's current state first.
+RESYNC = "watch the task again: a new watch is sent its current state first, then each change"
+
+
 class TaskWatch:
     """A task's current state, then each change, ending after a final state (or ``close()``).
 
-    Iterating raises DeadlineExceeded when ``timeout_s`` passes without a change, and the
-    store's error once ``TaskStore.end_watches`` ended it.
+    Iterating raises DeadlineExceeded when ``timeout_s`` passes without a change, the
+    store's error once ``TaskStore.end_watches`` ended it, and RESOURCE_EXHAUSTED
+    (``FellBehind``) once more changes waited for its reader than the feed keeps.
     """
 
     __slots__ = ("_sub", "_first", "_revision", "_done")
@@ -56,7 +62,10 @@ class TaskWatch:
         if self._done:
             raise StopIteration
         while True:
-            revision, task = next(self._sub)  # StopIteration once closed
+            try:
+                revision, task = next(self._sub)  # StopIteration once closed
+            except FellBehind as exc:
+                raise FellBehind(exc.behind, RESYNC) from None
             if revision <= self._revision:
                 continue
             self._revision = revision

@@ -1,0 +1,94 @@
+"""Open watches, capped below the threaded front end's limit on calls in progress.
+
+A watch (``ReviewService.WatchReviews``, ``TaskService.WatchTask``,
+``AuditService.StreamAudit`` with ``follow``) has no end of its own, and on
+the threaded front end each open one holds a handler thread, counted by gRPC
+against ``workers`` (``maximum_concurrent_rpcs``). With ``workers`` watches
+open every other call (Decide, ModelInfer, even a health Check) was refused
+with gRPC's "Concurrent RPC limit exceeded!", before the kernel could read
+its priority, so ``CallBudget``'s reserve did not help. ``WatchBudget`` caps
+the three together at ``max_watches`` (default a quarter of ``workers``): a
+watch beyond it is refused at once with RESOURCE_EXHAUSTED that says how many
+are open and names the setting, with a ``retry-after-ms`` trailer. The rule
+is the same on the asyncio front end, where a watch holds no handler thread
+but still a worker thread and its queued events.
+
+grpc.health.v1 ``Watch`` is not counted: it holds no thread on either front
+end (kernel/api/health.py). A StreamAudit that only reads back (no
+``follow``) ends by itself and is ordinary in-flight work: not counted either.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+
+from ..errors import ResourceExhausted
+
+SETTING = "max_watches"
+# A hint only: a watch slot frees when some client ends its watch, on that client's schedule, not the kernel's.
+RETRY_AFTER_MS = 1000
+
+
+class WatchBudget:
+    """At most ``limit`` watches open at once; ``hold(rpc)`` takes one for a ``with`` block."""
+
+    __slots__ = ("limit", "open", "refused", "_lock")
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.open = 0  # watches open now (read without the lock: a snapshot)
+        self.refused = 0  # watches turned away at the limit
+        self._lock = threading.Lock()
+
+    def hold(self, rpc: str) -> _Held:
+        """One open watch of ``rpc`` until the ``with`` block ends; raises RESOURCE_EXHAUSTED at the limit."""
+        with self._lock:
+            if self.open >= self.limit:
+                self.refused += 1
+                open_now = self.open
+            else:
+                self.open += 1
+                return _Held(self)
+        raise ResourceExhausted(
+            f"{open_now} watches are open (WatchReviews, WatchTask and StreamAudit with follow, together; "
+            f"limit {self.limit}, the {SETTING} setting): {rpc} refused; end a watch you no longer need, "
+            f"or retry after {RETRY_AFTER_MS} ms",
+            trailers=(("retry-after-ms", str(RETRY_AFTER_MS)),),
+        )
+
+    def _release(self) -> None:
+        with self._lock:
+            self.open -= 1
+
+
+class _Held:
+    """A watch slot, given back once (``with`` block's end, or ``release()``)."""
+
+    __slots__ = ("_budget",)
+
+    def __init__(self, budget: WatchBudget):
+        self._budget = budget
+
+    def release(self) -> None:
+        budget, self._budget = self._budget, None
+        if budget is not None:
+            budget._release()
+
+    def __enter__(self) -> _Held:
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self.release()
+
+
+class _Unlimited:
+    """No cap (handlers assembled without a budget: tests, tools)."""
+
+    __slots__ = ()
+
+    def hold(self, rpc: str) -> contextlib.nullcontext:
+        return contextlib.nullcontext()
+
+
+UNLIMITED = _Unlimited()
