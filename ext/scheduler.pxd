@@ -33,6 +33,24 @@ cdef struct QRing:
     Py_ssize_t cap     # a power of two (or 0)
 
 
+# One queued item's arrival, for the batching window (which counts from the
+# oldest queued item, not the head). The entry goes stale when its item
+# leaves the queue; it is recognised then through the slot: that slot no
+# longer holds a queued item with this seq.
+cdef struct Arrival:
+    long long enqueued_ns
+    long long seq       # sched_seq of the item
+    Py_ssize_t slot     # its index in _ModelQ.slots
+
+
+# A FIFO ring of Arrival, in submit order, stale entries dropped lazily.
+cdef struct ArrivalRing:
+    Arrival* entries
+    Py_ssize_t front
+    Py_ssize_t len
+    Py_ssize_t cap     # a power of two (or 0)
+
+
 cdef class WorkItem:
     # What the scheduler reads while it batches comes first, next to the
     # object header: an item that waited in a long queue is cold in cache,
@@ -84,7 +102,13 @@ cdef class _ModelQ:
     cdef long long max_tenant_queue
     cdef bint track_tenants
     cdef long long max_queue_delay_ns
-    cdef tuple preferred
+    # Static window: preferred_mask[n] is 1 when n rows is a preferred size
+    # (sizes 1..max_batch_size only; NULL without any); their least and
+    # largest (0 without any).
+    cdef unsigned char* preferred_mask
+    cdef long long preferred_min
+    cdef long long preferred_max
+    cdef long long batch_limit  # rows the next batch may take: max_batch_size, or the preferred size _ready_at chose
     cdef double weight
     # The queue: per priority level, a heap of the items with a deadline and
     # a FIFO of those without. Levels are strict and a deadline sorts before
@@ -100,6 +124,9 @@ cdef class _ModelQ:
     cdef Py_ssize_t* free_slots  # stack of unused indices into slots
     cdef Py_ssize_t free_len
     cdef Py_ssize_t free_cap
+    cdef ArrivalRing arrivals   # every queued item's arrival, oldest first
+    cdef Py_ssize_t* walk       # scratch for preferred_size: indices into a level's heap
+    cdef Py_ssize_t walk_cap
     cdef long long queued
     cdef long long queued_rows  # the sum of rows_by_level
     cdef long long rows_by_level[16]
@@ -128,6 +155,10 @@ cdef class _ModelQ:
     cdef int push(self, WorkItem item) except -1
     cdef QEntry* level_head(self, int level) noexcept
     cdef void drop_head(self, int level) noexcept
+    cdef void compact_arrivals(self) noexcept
+    cdef long long oldest_ns(self) noexcept
+    cdef long long preferred_size(self, WorkItem head, long long now_ns) except -1
+    cdef int walk_step(self, QEntry* entry, WorkItem head, long long now_ns, long long* rows, long long* best) except -1
     cdef void fit_add(self, long long rows, long long duration_ns) noexcept
     cdef long long predict(self, long long rows) noexcept
 

@@ -10,6 +10,12 @@
 #   level, a heap of C structs for the items with a deadline and a FIFO ring
 #   for those without (scheduler.pxd, _ModelQ): the same order, with no
 #   tuple per request and no reference counting while sifting;
+# - the reference's arrivals (an OrderedDict of the queued items, removed
+#   as they leave) are a ring of C structs per model whose stale entries
+#   are dropped lazily from the front, and compacted instead of grown when
+#   at least half of a full ring is stale;
+# - the preferred sizes are a byte mask, and the walk over the heap in its
+#   order (preferred_size) uses a scratch array of indices;
 # - the latency fit keeps its window in C arrays.
 #
 # Integer arithmetic uses Python semantics (cdivision=False) and the float
@@ -21,6 +27,7 @@ cimport cython
 from cpython.list cimport PyList_GET_ITEM, PyList_SET_ITEM
 from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
 from cpython.ref cimport Py_INCREF, Py_XDECREF
+from libc.string cimport memset
 
 include "consts.pxi"
 
@@ -143,6 +150,68 @@ cdef int _grow_ring(QRing* ring) except -1:
     return 0
 
 
+cdef int _grow_arrivals(ArrivalRing* ring) except -1:
+    # _grow_ring for the arrivals.
+    cdef Py_ssize_t new_cap = ring.cap * 2 if ring.cap else HEAP_INITIAL
+    cdef Arrival* entries = <Arrival*>PyMem_Malloc(new_cap * sizeof(Arrival))
+    cdef Py_ssize_t index
+    if entries == NULL:
+        raise MemoryError()
+    for index in range(ring.len):
+        entries[index] = ring.entries[(ring.front + index) & (ring.cap - 1)]
+    PyMem_Free(ring.entries)
+    ring.entries = entries
+    ring.front = 0
+    ring.cap = new_cap
+    return 0
+
+
+cdef inline bint _arrival_queued(list slots, const Arrival* arrival) noexcept:
+    # Its item is still queued: the slot holds a queued item with its seq
+    # (a slot is released only once its item left the queue, and seq is
+    # unique, so a reused slot does not match).
+    cdef PyObject* held = PyList_GET_ITEM(slots, arrival.slot)
+    if held == <PyObject*>None:
+        return False
+    return (<WorkItem>held).sched_seq == arrival.seq and (<WorkItem>held).state == ITEM_QUEUED
+
+
+# A binary min-heap of indices into a level's heap, ordered by the entries
+# they name: preferred_size's frontier while it walks that heap in order.
+cdef inline void _walk_push(Py_ssize_t* walk, Py_ssize_t* count, const QEntry* heap, Py_ssize_t index) noexcept nogil:
+    cdef Py_ssize_t pos = count[0]
+    cdef Py_ssize_t parentpos
+    count[0] += 1
+    while pos > 0:
+        parentpos = (pos - 1) >> 1
+        if _before(&heap[index], &heap[walk[parentpos]]):
+            walk[pos] = walk[parentpos]
+            pos = parentpos
+            continue
+        break
+    walk[pos] = index
+
+
+cdef inline Py_ssize_t _walk_pop(Py_ssize_t* walk, Py_ssize_t* count, const QEntry* heap) noexcept nogil:
+    cdef Py_ssize_t top = walk[0]
+    cdef Py_ssize_t last, pos = 0, childpos
+    count[0] -= 1
+    if count[0] == 0:
+        return top
+    last = walk[count[0]]
+    childpos = 1
+    while childpos < count[0]:
+        if childpos + 1 < count[0] and _before(&heap[walk[childpos + 1]], &heap[walk[childpos]]):
+            childpos += 1
+        if not _before(&heap[walk[childpos]], &heap[last]):
+            break
+        walk[pos] = walk[childpos]
+        pos = childpos
+        childpos = 2 * pos + 1
+    walk[pos] = last
+    return top
+
+
 cdef int _grow(void** array, Py_ssize_t* cap, size_t item_size) except -1:
     # Double a PyMem array (or allocate HEAP_INITIAL items); *array is kept on failure.
     cdef Py_ssize_t new_cap = cap[0] * 2 if cap[0] else HEAP_INITIAL
@@ -161,6 +230,7 @@ cdef int _grow(void** array, Py_ssize_t* cap, size_t item_size) except -1:
 cdef class _ModelQ:
     def __cinit__(self, object key, int index, object schedule):
         cdef int level
+        cdef long long size
         self.key = key
         self.index = index
         self.schedule = schedule
@@ -173,7 +243,7 @@ cdef class _ModelQ:
         self.max_queue = schedule.max_queue
         self.max_tenant_queue = schedule.max_tenant_queue
         self.max_queue_delay_ns = schedule.max_queue_delay_ns
-        self.preferred = tuple(schedule.preferred_batch_sizes)
+        self.batch_limit = self.max_batch_size
         self.weight = schedule.weight
         self.track_tenants = self.max_tenant_queue < self.max_queue
         self.slots = []
@@ -181,6 +251,20 @@ cdef class _ModelQ:
         self.stretch = STRETCH_ONE
         for level in range(MAX_PRIORITY_LEVELS):
             self.rows_by_level[level] = 0
+        if self.max_queue_delay_ns > 0 and self.max_batch_size > 0:
+            for size in schedule.preferred_batch_sizes:
+                if not 0 < size <= self.max_batch_size:
+                    continue  # no batch has that many rows
+                if self.preferred_mask == NULL:
+                    self.preferred_mask = <unsigned char*>PyMem_Malloc(self.max_batch_size + 1)
+                    if self.preferred_mask == NULL:
+                        raise MemoryError()
+                    memset(self.preferred_mask, 0, self.max_batch_size + 1)
+                self.preferred_mask[size] = 1
+                if self.preferred_min == 0 or size < self.preferred_min:
+                    self.preferred_min = size
+                if size > self.preferred_max:
+                    self.preferred_max = size
 
     def __dealloc__(self):
         # The items' references are in self.slots, which Python frees itself.
@@ -189,6 +273,9 @@ cdef class _ModelQ:
             PyMem_Free(self.heaps[level].entries)
             PyMem_Free(self.rings[level].entries)
         PyMem_Free(self.free_slots)
+        PyMem_Free(self.arrivals.entries)
+        PyMem_Free(self.walk)
+        PyMem_Free(self.preferred_mask)
 
     cdef int push(self, WorkItem item) except -1:
         # File item (its level, sched_key and sched_seq set) in its level's
@@ -199,6 +286,13 @@ cdef class _ModelQ:
         cdef Py_ssize_t slot
         cdef PyObject* empty
         cdef QEntry* entry
+        cdef Arrival* arrival
+        cdef ArrivalRing* arrivals = &self.arrivals
+        if arrivals.len == arrivals.cap:  # full: drop the stale entries if half of it is, else grow
+            if arrivals.cap and self.queued * 2 <= arrivals.cap:
+                self.compact_arrivals()
+            else:
+                _grow_arrivals(arrivals)
         if fifo:
             if ring.len == ring.cap:
                 _grow_ring(ring)
@@ -228,6 +322,11 @@ cdef class _ModelQ:
         else:
             heap.len += 1
             _sift_down(heap.entries, 0, heap.len - 1)
+        arrival = &arrivals.entries[(arrivals.front + arrivals.len) & (arrivals.cap - 1)]
+        arrival.enqueued_ns = item.enqueued_ns
+        arrival.seq = item.sched_seq
+        arrival.slot = slot
+        arrivals.len += 1
         return 0
 
     cdef inline QEntry* level_head(self, int level) noexcept:
@@ -270,6 +369,83 @@ cdef class _ModelQ:
         Py_INCREF(None)
         PyList_SET_ITEM(self.slots, slot, None)
         Py_XDECREF(item)
+
+    cdef void compact_arrivals(self) noexcept:
+        # Keep only the arrivals of queued items, in order (push calls it when
+        # the ring is full and at least half of it stale: amortized O(1)).
+        cdef ArrivalRing* ring = &self.arrivals
+        cdef Py_ssize_t mask = ring.cap - 1
+        cdef Py_ssize_t read, kept = 0
+        cdef Arrival* arrival
+        for read in range(ring.len):
+            arrival = &ring.entries[(ring.front + read) & mask]
+            if _arrival_queued(self.slots, arrival):
+                ring.entries[(ring.front + kept) & mask] = arrival[0]
+                kept += 1
+        ring.len = kept
+
+    cdef long long oldest_ns(self) noexcept:
+        # The reference's _oldest_ns: the enqueued_ns of the oldest queued
+        # item (the caller knows one is queued), dropping stale arrivals.
+        cdef ArrivalRing* ring = &self.arrivals
+        while ring.len:
+            if _arrival_queued(self.slots, &ring.entries[ring.front]):
+                return ring.entries[ring.front].enqueued_ns
+            ring.front = (ring.front + 1) & (ring.cap - 1)
+            ring.len -= 1
+        return 0
+
+    cdef long long preferred_size(self, WorkItem head, long long now_ns) except -1:
+        # The reference's _preferred_size: the largest preferred size the
+        # batch _take would form now can stop at exactly, else 0. Visits the
+        # items _take would take, in its order, taking none: levels before
+        # head's are empty (_clean_head), and within a level the heap (walked
+        # in order through a frontier of indices) comes before the FIFO.
+        cdef long long rows = 0
+        cdef long long best = 0
+        cdef int level
+        cdef QHeap* heap
+        cdef QRing* ring
+        cdef Py_ssize_t count, index, childpos, offset
+        for level in range(head.level, self.levels + 1):
+            heap = &self.heaps[level - 1]
+            if heap.len:
+                while self.walk_cap < heap.len:  # the frontier never holds more than the heap
+                    _grow(<void**>&self.walk, &self.walk_cap, sizeof(Py_ssize_t))
+                count = 0
+                _walk_push(self.walk, &count, heap.entries, 0)
+                while count:
+                    index = _walk_pop(self.walk, &count, heap.entries)
+                    childpos = 2 * index + 1
+                    if childpos < heap.len:
+                        _walk_push(self.walk, &count, heap.entries, childpos)
+                        if childpos + 1 < heap.len:
+                            _walk_push(self.walk, &count, heap.entries, childpos + 1)
+                    if self.walk_step(&heap.entries[index], head, now_ns, &rows, &best):
+                        return best
+            ring = &self.rings[level - 1]
+            for offset in range(ring.len):
+                if self.walk_step(&ring.entries[(ring.front + offset) & (ring.cap - 1)], head, now_ns, &rows, &best):
+                    return best
+        return best
+
+    cdef int walk_step(self, QEntry* entry, WorkItem head, long long now_ns, long long* rows,
+                       long long* best) except -1:
+        # One item of preferred_size's walk: 1 where _take would stop before
+        # it (or the largest preferred size is reached), else 0.
+        cdef WorkItem item = <WorkItem>entry.item
+        if item.state != ITEM_QUEUED or (item.deadline_ns != NO_DEADLINE and item.deadline_ns <= now_ns):
+            return 0  # _take drops it
+        if item is not head and (
+            rows[0] + item.rows > self.max_batch_size or not _same_shape(item.shape_key, head.shape_key)
+        ):
+            return 1
+        rows[0] += item.rows
+        if 0 < rows[0] <= self.max_batch_size and self.preferred_mask[rows[0]]:
+            best[0] = rows[0]
+            if rows[0] >= self.preferred_max:
+                return 1
+        return 0
 
     # Divisors here are positive (den > 0, count >= 1) and the operands of %
     # non-negative, where C and Python arithmetic agree; C's needs no checks.
@@ -524,20 +700,26 @@ cdef class CythonScheduler:
 
     cdef long long _ready_at(self, _ModelQ m, WorkItem head, long long now_ns) except? -1:
         cdef long long rows = m.queued_rows
-        cdef long long limit, fixed, wake
+        cdef long long limit, fixed, wake, size
+        if m.max_queue_delay_ns > 0:
+            m.batch_limit = m.max_batch_size
+            limit = m.oldest_ns() + m.max_queue_delay_ns
+            if now_ns >= limit:
+                return now_ns
+            if m.preferred_min and rows >= m.preferred_min:
+                size = m.preferred_size(head, now_ns)
+                if size:
+                    m.batch_limit = size
+                    return now_ns
+            return now_ns if rows >= m.capacity else limit
         if rows >= m.capacity:
             return now_ns
-        if m.max_queue_delay_ns > 0:
-            if rows in m.preferred:
-                return now_ns
-            limit = head.enqueued_ns + m.max_queue_delay_ns
-            return now_ns if now_ns >= limit else limit
         if m.win_count < 2 or m.gap == 0:
             return now_ns
         fixed = <long long>m.b
         if m.gap >= fixed:
             return now_ns
-        limit = head.enqueued_ns + fixed
+        limit = m.oldest_ns() + fixed
         if now_ns >= limit:
             return now_ns
         wake = now_ns + m.gap
@@ -560,7 +742,7 @@ cdef class CythonScheduler:
         if m.max_batch_size > 0:
             while True:
                 item = self._clean_head(m, now_ns)
-                if item is None or rows + item.rows > m.max_batch_size or not _same_shape(item.shape_key, shape):
+                if item is None or rows + item.rows > m.batch_limit or not _same_shape(item.shape_key, shape):
                     break
                 m.drop_head(item.level)
                 item.state = ITEM_BATCHED

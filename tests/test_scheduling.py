@@ -290,6 +290,144 @@ def test_static_window_dispatches_at_preferred_size(sched):
     assert batch.rows == 4
 
 
+def test_static_window_dispatches_the_largest_preferred_size_the_queue_can_form(sched):
+    """Triton's dynamic batcher: six 1-row requests queued when the instance frees, preferred [4, 8]: a batch of
+    4 goes at once; the other 2 wait for more rows until the oldest of them has waited the delay."""
+    m = add(sched, max_batch_size=16, max_queue_delay_ns=50 * MS, preferred_batch_sizes=(4, 8))
+    submit(sched, m, rid="busy")
+    (running,) = sched.next_batches(50 * MS)  # takes the only instance
+    t = 50 * MS
+    for k in range(6):
+        submit(sched, m, now=t + k * MS, rid=str(k))
+    now = t + 10 * MS
+    sched.complete(running, MS)
+    (batch,) = sched.next_batches(now, limit=4)
+    assert ids(batch) == ["0", "1", "2", "3"] and batch.rows == 4
+    sched.complete(batch, MS)
+    assert sched.next_batches(now) == []  # 2 rows make no preferred size: they wait ...
+    assert sched.next_wakeup(now) == t + 4 * MS + 50 * MS  # ... until the oldest of them waited 50 ms
+    for k in range(6, 13):  # 9 rows queued: 8 is the largest preferred size they can form
+        submit(sched, m, now=now, rid=str(k))
+    (batch,) = sched.next_batches(now)
+    assert ids(batch) == [str(k) for k in range(4, 12)] and batch.rows == 8
+    sched.complete(batch, MS)
+    assert sched.next_batches(now + 49 * MS) == []
+    assert ids(sched.next_batches(now + 50 * MS)[0]) == ["12"]  # its window closed
+
+
+def test_static_window_cuts_even_a_full_queue_at_a_preferred_size(sched):
+    m = add(sched, max_batch_size=8, max_queue_delay_ns=50 * MS, preferred_batch_sizes=(4,))
+    for k in range(9):
+        submit(sched, m, rid=str(k))
+    (batch,) = sched.next_batches(MS)
+    assert batch.rows == 4  # a full batch (8) is queued, but the model prefers 4
+    sched.complete(batch, MS)
+    (batch,) = sched.next_batches(MS)
+    assert batch.rows == 4
+    sched.complete(batch, MS)
+    assert sched.next_batches(MS) == []  # one row left: it waits out its window
+    assert sched.next_batches(50 * MS)[0].rows == 1
+
+
+def test_static_window_without_an_exact_preferred_size_waits_for_the_delay_then_takes_all(sched):
+    """Requests are never split: 3-row requests jump over 4 and 8, so the window runs out and the batch takes
+    all that fits in max_batch_size."""
+    m = add(sched, max_batch_size=16, max_queue_delay_ns=20 * MS, preferred_batch_sizes=(4, 8))
+    for k in range(5):
+        submit(sched, m, now=k * MS, rows=3, rid=str(k))
+    assert sched.next_batches(10 * MS) == []
+    assert sched.next_wakeup(10 * MS) == 20 * MS
+    (batch,) = sched.next_batches(20 * MS)
+    assert ids(batch) == ["0", "1", "2", "3", "4"] and batch.rows == 15
+    for k in range(5, 11):  # 18 rows: a full batch is queued, and still no preferred size in batch order
+        submit(sched, m, now=20 * MS, rows=3, rid=str(k))
+    sched.complete(batch, MS)
+    assert sched.next_batches(20 * MS)[0].rows == 15
+
+
+def test_static_window_forms_preferred_sizes_in_batch_order_across_levels_and_shapes(sched):
+    m = add(sched, max_batch_size=8, max_queue_delay_ns=50 * MS, preferred_batch_sizes=(4,))
+    submit(sched, m, rows=2, priority=2, rid="low")
+    submit(sched, m, rows=1, priority=3, rid="lowest")
+    submit(sched, m, rows=2, priority=1, rid="urgent")  # batch order: urgent, low, lowest
+    (batch,) = sched.next_batches(MS)
+    assert ids(batch) == ["urgent", "low"] and batch.rows == 4
+    sched.complete(batch, MS)
+    (batch,) = sched.next_batches(50 * MS)
+    assert ids(batch) == ["lowest"]
+    sched.complete(batch, MS)
+    # Another shape ends a batch: a1 + a2 would make 4, but b comes between them in batch order.
+    submit(sched, m, now=60 * MS, rows=2, shape=("a",), rid="a1")
+    b = submit(sched, m, now=60 * MS, rows=2, shape=("b",), rid="b")
+    submit(sched, m, now=60 * MS, rows=2, shape=("a",), rid="a2")
+    assert sched.next_batches(61 * MS) == []
+    assert sched.cancel(b)  # a cancelled request no longer stands between them
+    (batch,) = sched.next_batches(61 * MS)
+    assert ids(batch) == ["a1", "a2"]
+    sched.complete(batch, MS)
+    # Nor does one whose deadline has passed (it is expired when reached): c + d make 4.
+    submit(sched, m, now=70 * MS, rows=2, priority=1, rid="c")
+    submit(sched, m, now=70 * MS, rows=1, priority=2, deadline=71 * MS, rid="doomed")
+    submit(sched, m, now=70 * MS, rows=2, priority=3, rid="d")
+    (batch,) = sched.next_batches(72 * MS)
+    assert ids(batch) == ["c", "d"]
+    assert [i.request_id for i in sched.pop_expired()] == ["doomed"]
+
+
+@pytest.mark.parametrize("urgency", ["priority", "deadline"])
+def test_static_window_counts_from_the_oldest_queued_request_not_the_head(sched, urgency):
+    """A waits 15 ms, then a more urgent B becomes the head: the 20 ms window still closes 20 ms after A."""
+    m = add(sched, max_batch_size=8, max_queue_delay_ns=20 * MS, priority_levels=2)
+    submit(sched, m, now=0, priority=2 if urgency == "priority" else 1, rid="A")
+    submit(sched, m, now=15 * MS, priority=1, deadline=500 * MS if urgency == "deadline" else NO_DEADLINE, rid="B")
+    assert sched.next_wakeup(15 * MS) == 20 * MS
+    assert sched.next_batches(19 * MS) == []
+    (batch,) = sched.next_batches(20 * MS)
+    assert ids(batch) == ["B", "A"]
+    sched.complete(batch, MS)
+    # Once the oldest leaves the queue, the next oldest's window counts.
+    a = submit(sched, m, now=30 * MS, priority=2 if urgency == "priority" else 1, rid="A2")
+    submit(sched, m, now=40 * MS, priority=1, deadline=500 * MS if urgency == "deadline" else NO_DEADLINE, rid="B2")
+    assert sched.cancel(a)
+    assert sched.next_wakeup(41 * MS) == 60 * MS
+
+
+def test_static_window_tracks_the_oldest_through_many_requests_passing_it(sched):
+    """An old low-priority request stays queued while hundreds of urgent ones come and go (cancelled, or
+    dispatched past it in preferred batches): its window still decides."""
+    m = add(sched, max_batch_size=64, max_queue_delay_ns=50 * MS, priority_levels=3, preferred_batch_sizes=(4,))
+    submit(sched, m, now=0, priority=3, rid="old")
+    now = 0
+    for k in range(300):
+        now += 10_000
+        if k % 3 == 0:
+            assert sched.cancel(submit(sched, m, now=now, rows=2, priority=1, rid=f"u{k}"))
+            continue
+        submit(sched, m, now=now, rows=2, priority=1, rid=f"u{k}a")
+        submit(sched, m, now=now, rows=2, priority=1, rid=f"u{k}b")
+        (batch,) = sched.next_batches(now)
+        assert ids(batch) == [f"u{k}a", f"u{k}b"]
+        sched.complete(batch, 1000)
+    submit(sched, m, now=now, rows=2, priority=1, rid="last")  # the head; 3 rows queued, no preferred size
+    assert sched.next_wakeup(now) == 50 * MS
+    assert sched.next_batches(50 * MS - 1) == []
+    (batch,) = sched.next_batches(50 * MS)
+    assert ids(batch) == ["last", "old"]
+
+
+def test_adaptive_never_holds_its_oldest_request_longer_than_the_fixed_cost(sched):
+    m = add(sched, max_batch_size=16, priority_levels=2)
+    sched.observe(m, 1, 1 * MS)  # fixed cost ~0.9 ms, 0.1 ms per row
+    sched.observe(m, 16, int(2.5 * MS))
+    t = 6 * MS
+    submit(sched, m, now=t, priority=2, rid="old")
+    submit(sched, m, now=t + 50_000, priority=1, rid="urgent")  # the head now; requests 50 µs apart
+    assert sched.next_batches(t + 100_000) == []  # more are expected before the fixed cost
+    assert t + 850_000 < sched.next_wakeup(t + 850_000) <= t + 900_000  # one fixed cost after "old", not the head
+    (batch,) = sched.next_batches(t + 900_000)
+    assert ids(batch) == ["urgent", "old"]
+
+
 def test_adaptive_waits_only_when_requests_come_faster_than_the_fixed_cost(sched):
     m = add(sched, max_batch_size=16)
     sched.observe(m, 1, 1 * MS)  # fixed cost ~0.9 ms, 0.1 ms per row

@@ -15,17 +15,27 @@ NOTE: the algorithm.
   strict priority across levels, earliest deadline first within a level,
   arrival order among items without a deadline.
 - A batch is the heap head plus the following items in heap order while
-  they have the head's shape and fit in ``max_batch_size`` rows; a request is
-  never split. Cancelled and expired items are dropped when reached, and an
-  item of the batch whose deadline comes before the batch's predicted end is
-  expired there, not run (the rest of the batch runs without it).
+  they have the head's shape and fit in ``max_batch_size`` rows (or in the
+  preferred size a static window chose, below); a request is never split.
+  Cancelled and expired items are dropped when reached, and an item of the
+  batch whose deadline comes before the batch's predicted end is expired
+  there, not run (the rest of the batch runs without it).
 - A model with a free instance is *ready* when a full batch is queued, or
-  (static window) a preferred size is reached or the head waited
-  ``max_queue_delay``, or (adaptive) waiting is not predicted to pay: the
-  fit ``d(n) = a·n + b`` says a batch costs ``b`` regardless of its rows, so
-  the scheduler waits for one more request only while requests arrive faster
-  than ``b`` apart, never holds the head longer than ``b``, and never waits
-  past the point where the head's deadline would be missed.
+  waiting is not worth it:
+  - static window (Triton's dynamic batcher): at once when the batch that
+    would be formed now can stop at exactly one of ``preferred_batch_sizes``
+    rows (whole requests, in the order above); the batch is then cut at the
+    largest such size, even with a full batch queued. Otherwise the model
+    waits for more rows until its oldest queued request has waited
+    ``max_queue_delay`` (or a full batch is queued), and the batch takes all
+    it can up to ``max_batch_size``.
+  - adaptive: the fit ``d(n) = a·n + b`` says a batch costs ``b`` regardless
+    of its rows, so the scheduler waits for one more request only while
+    requests arrive faster than ``b`` apart, never holds its oldest queued
+    request longer than ``b``, and never waits past the point where the
+    head's deadline would be missed.
+  "Oldest" is by arrival, whatever its level or deadline: a more urgent
+  request that becomes the head does not restart the wait.
 - Among ready models: the most urgent head level first, then the smallest
   virtual time (batch time divided by the model's weight: weighted fair share).
 - Queue bounds: ``max_queue`` requests per model, ``max_tenant_queue`` per
@@ -43,6 +53,7 @@ NOTE: the algorithm.
 from __future__ import annotations
 
 import heapq
+from collections import OrderedDict
 
 from .latency import LatencyFit
 from .policy import (
@@ -54,9 +65,9 @@ from .types import ITEM_BATCHED, ITEM_CANCELLED, ITEM_EXPIRED, ITEM_QUEUED, Batc
 
 class _Model:
     __slots__ = (
-        "key", "index", "schedule", "heap", "queued", "rows_by_level", "tenants", "track_tenants", "in_flight",
-        "busy_until", "vtime", "fit", "last_arrival", "gap", "stretch", "last_start", "last_predicted",
-        "last_backlogged", "counters",
+        "key", "index", "schedule", "heap", "arrivals", "queued", "rows_by_level", "tenants", "track_tenants",
+        "preferred", "preferred_min", "preferred_max", "batch_limit", "in_flight", "busy_until", "vtime", "fit",
+        "last_arrival", "gap", "stretch", "last_start", "last_predicted", "last_backlogged", "counters",
     )
 
     def __init__(self, key: object, index: int, schedule: ModelSchedule):
@@ -64,11 +75,21 @@ class _Model:
         self.index = index  # registration order: the last tie-breaker
         self.schedule = schedule
         self.heap: list[tuple[int, int, int, WorkItem]] = []
+        # The queued items in arrival order, each with the enqueued_ns it was submitted with: the first is
+        # the oldest, which the batching window counts from (the heap's head is the most urgent instead).
+        self.arrivals: OrderedDict[WorkItem, int] = OrderedDict()
         self.queued = 0
         self.rows_by_level = [0] * schedule.priority_levels
         self.tenants: dict[str, int] = {}
         # Per-tenant counts only matter when that bound is tighter than the model's.
         self.track_tenants = schedule.max_tenant_queue < schedule.max_queue
+        # Preferred sizes a batch can have (static window, a batch dim), and the rows the next batch may take:
+        # max_batch_size, or the preferred size _ready_at chose for it.
+        preferred = schedule.preferred_batch_sizes if schedule.max_queue_delay_ns > 0 else ()
+        self.preferred = frozenset(size for size in preferred if 0 < size <= schedule.max_batch_size)
+        self.preferred_min = min(self.preferred, default=0)
+        self.preferred_max = max(self.preferred, default=0)
+        self.batch_limit = schedule.max_batch_size
         self.in_flight = 0
         self.busy_until = 0  # predicted end of the latest dispatched batch
         self.vtime = 0.0
@@ -150,6 +171,7 @@ class ReferenceScheduler:
         heapq.heappush(state.heap, (level, deadline_key, self._seq, item))
         item.state = ITEM_QUEUED
         item.level = level
+        state.arrivals[item] = item.enqueued_ns
         state.queued += 1
         state.rows_by_level[level - 1] += item.rows
         if state.track_tenants and item.tenant:
@@ -181,6 +203,7 @@ class ReferenceScheduler:
         return ((busy + work // schedule.instances) * state.stretch) >> 10  # stretch: fixed point, 1024 = 1.0
 
     def _unqueue(self, state: _Model, item: WorkItem) -> None:
+        del state.arrivals[item]
         state.queued -= 1
         state.rows_by_level[item.level - 1] -= item.rows
         if state.track_tenants and item.tenant:
@@ -242,20 +265,26 @@ class ReferenceScheduler:
         schedule = state.schedule
         cap = schedule.capacity
         rows = sum(state.rows_by_level)
+        if schedule.max_queue_delay_ns > 0:  # static, Triton-like window
+            state.batch_limit = schedule.max_batch_size
+            limit = self._oldest_ns(state) + schedule.max_queue_delay_ns
+            if now_ns >= limit:
+                return now_ns  # the window closed: as many rows as a batch takes
+            if state.preferred_min and rows >= state.preferred_min:
+                size = self._preferred_size(state, head, now_ns)
+                if size:
+                    state.batch_limit = size
+                    return now_ns
+            return now_ns if rows >= cap else limit
         if rows >= cap:
             return now_ns
-        if schedule.max_queue_delay_ns > 0:  # static, Triton-like window
-            if rows in schedule.preferred_batch_sizes:
-                return now_ns
-            limit = head.enqueued_ns + schedule.max_queue_delay_ns
-            return now_ns if now_ns >= limit else limit
         fit = state.fit
         if not fit.known or state.gap == 0:
             return now_ns
         fixed = int(fit.b)
         if state.gap >= fixed:
             return now_ns  # the next request is not expected before a batch's fixed cost
-        limit = head.enqueued_ns + fixed
+        limit = self._oldest_ns(state) + fixed
         if now_ns >= limit:
             return now_ns
         wake = now_ns + state.gap
@@ -265,13 +294,51 @@ class ReferenceScheduler:
             return now_ns
         return wake
 
+    def _oldest_ns(self, state: _Model) -> int:
+        """When the oldest queued item of ``state`` was enqueued (some item is queued)."""
+        return next(iter(state.arrivals.values()))
+
+    def _preferred_size(self, state: _Model, head: WorkItem, now_ns: int) -> int:
+        """The largest preferred size the batch ``_take`` would form now can stop at exactly, else 0.
+
+        Walks the heap in its order without popping (the next entry is the least child of those already
+        seen), skipping what ``_take`` would drop, and stops where ``_take`` would stop: another shape, or
+        ``max_batch_size`` rows."""
+        heap = state.heap  # heap[0] is head: _clean_head made it so
+        size = len(heap)
+        preferred = state.preferred
+        largest = state.preferred_max
+        limit = state.schedule.max_batch_size
+        rows = head.rows
+        best = rows if rows in preferred else 0
+        frontier: list[tuple[tuple, int]] = []
+        index = 0
+        while best < largest:
+            child = 2 * index + 1
+            if child < size:
+                heapq.heappush(frontier, (heap[child], child))
+                if child + 1 < size:
+                    heapq.heappush(frontier, (heap[child + 1], child + 1))
+            if not frontier:
+                break
+            entry, index = heapq.heappop(frontier)
+            item = entry[3]
+            if item.state != ITEM_QUEUED or (item.deadline_ns != NO_DEADLINE and item.deadline_ns <= now_ns):
+                continue
+            if item.shape_key != head.shape_key or rows + item.rows > limit:
+                break
+            rows += item.rows
+            if rows in preferred:
+                best = rows
+        return best
+
     def _take(self, state: _Model, head: WorkItem, now_ns: int) -> Batch | None:
         heap = state.heap
         heapq.heappop(heap)
         chosen = [head]
         rows = head.rows
         if state.schedule.max_batch_size > 0:
-            limit = state.schedule.max_batch_size
+            limit = state.batch_limit
             while True:
                 item = self._clean_head(state, now_ns)
                 if item is None or item.shape_key != head.shape_key or rows + item.rows > limit:
