@@ -4,15 +4,62 @@ Inner layers raise these without importing grpc; the API layer maps
 ``code`` to ``grpc.StatusCode`` and adds ``trailers`` (such as retry hints).
 Anything else that escapes a handler is a bug: it becomes INTERNAL with a
 request id that is also in the log.
+
+A message is bounded and printable from the moment the error is made
+(``clamp``): every way it leaves the kernel (a gRPC status's details on
+either front end, a call answered later, a stream's per-message
+``error_message``, a task's failure reason, a log line) reads ``message``.
+gRPC sends the details in a header, so an unbounded message (one quoting a
+4 MB id) turned the caller's NOT_FOUND into RESOURCE_EXHAUSTED "received
+metadata size exceeds hard limit", and a newline in it went out raw. Where a
+message names a caller's value, ``quote`` shows it: short and escaped.
 """
 
 from __future__ import annotations
+
+# At most this many UTF-8 bytes of a message (details): gRPC percent-encodes the non-ASCII ones in
+# its grpc-message header (3 bytes each), and refuses a header block past 8 KiB by default.
+MAX_DETAILS_BYTES = 2000
+QUOTE_CHARS = 80  # characters of a caller's value that ``quote`` shows
+_ENDING_ROOM = 48  # bytes kept for "… (N more characters)"
+
+
+def _escaped(char: str) -> str:
+    return repr(char)[1:-1] if not char.isprintable() else char
+
+
+def clamp(text: str, limit: int = MAX_DETAILS_BYTES) -> str:
+    """``text`` with every non-printable character escaped as ``repr`` escapes it (``\\n``, ``\\x1b``,
+    ``\\u2028``), cut to at most ``limit`` UTF-8 bytes, ending "… (N more characters)" when cut.
+    Idempotent: a clamped text comes back as it is."""
+    if len(text) <= limit and text.isascii() and text.isprintable():  # (nearly every message)
+        return text
+    pieces = [_escaped(char) for char in text[:limit]]  # (escaping only lengthens: no more would fit)
+    whole = "".join(pieces)
+    if len(text) <= limit and len(whole.encode("utf-8")) <= limit:
+        return whole
+    budget, size, shown = limit - _ENDING_ROOM, 0, 0
+    for piece in pieces:
+        size += len(piece.encode("utf-8"))
+        if size > budget:
+            break
+        shown += 1
+    return f"{''.join(pieces[:shown])}… ({len(text) - shown} more characters)"
+
+
+def quote(value: str, limit: int = QUOTE_CHARS) -> str:
+    """A caller's value (an id, a name) as an error message or a log line shows it: ``repr``-quoted (so a
+    newline or an escape sequence in it is shown, never acted on) and cut to ``limit`` characters."""
+    if len(value) <= limit:
+        return repr(value)
+    return f"{value[:limit]!r}… ({len(value) - limit} more characters)"
 
 
 class KernelError(Exception):
     code = "INTERNAL"
 
     def __init__(self, message: str, trailers: tuple[tuple[str, str], ...] = ()):
+        message = clamp(message if isinstance(message, str) else str(message))
         super().__init__(message)
         self.message = message
         self.trailers = trailers

@@ -257,6 +257,11 @@ def tiny_expected(reference, version: str, x: np.ndarray) -> np.ndarray:
     return reference[version or LATEST["tiny"]].run(None, {"INPUT0": x})[0]
 
 
+def cannot_be_a_model(name: str) -> bool:
+    """A name no model folder can have: INVALID_ARGUMENT, not NOT_FOUND (kernel/api/inference.py check_model_name)."""
+    return not name or "/" in name or "\x00" in name or len(name.encode()) > 255
+
+
 def resolved(name: str, version: str) -> str | None:
     """The version the kernel serves for (name, version), or None when nothing is loaded under it."""
     if name not in LOADED:
@@ -347,7 +352,7 @@ def test_model_infer_fuzz(stub, reference, request):
     note(f"answer = {code} {details!r}")
     event(f"{request.model_name if request.model_name in LOADED else '(other)'}: {code.name}")
     version = resolved(request.model_name, request.model_version)
-    if not request.model_name:
+    if cannot_be_a_model(request.model_name):
         allowed = {Code.INVALID_ARGUMENT}
     elif version is None:
         allowed = {Code.NOT_FOUND}
@@ -541,7 +546,7 @@ def test_model_lookup_rpcs_fuzz(stub, reference, rpc, name, version):
         expected = Code.OK
     elif rpc == "ModelStatistics" and not name:
         expected = Code.OK  # no name: every loaded model
-    elif not name:
+    elif cannot_be_a_model(name):
         expected = Code.INVALID_ARGUMENT
     else:
         expected = Code.OK if served else Code.NOT_FOUND

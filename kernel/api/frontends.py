@@ -3,6 +3,11 @@
 Which one serves is chosen by measurement (bench/RESULTS.md); both stay so
 the choice can be re-measured. Everything here only adapts calling
 conventions and maps ``KernelError`` to gRPC status codes.
+
+``status_of`` and ``details_of`` are how a ``KernelError`` becomes a status,
+here and for the kernel's own services (``rpc.py``): the details are its
+message, bounded and escaped (kernel/errors.py ``clamp``; the error bounded
+it when it was made, so the check here costs a length and two flags).
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import threading
 import grpc
 
 from .._proto.inference import grpc_service_pb2 as pb
-from ..errors import Internal, KernelError
+from ..errors import Internal, KernelError, clamp
 from ..ids import random_hex
 from .inference import InferenceService
 from ..scheduling.types import ITEM_EXPIRED, ITEM_QUEUED
@@ -60,6 +65,12 @@ def status_of(exc: KernelError) -> grpc.StatusCode:
     return grpc.StatusCode[exc.code]
 
 
+def details_of(exc: KernelError) -> str:
+    """The status details for ``exc``: its message, at most MAX_DETAILS_BYTES and escaped (they travel in a
+    header: a longer one reached the client as RESOURCE_EXHAUSTED instead of the error)."""
+    return clamp(exc.message)
+
+
 def internal_message(rpc: str) -> str:
     """Log the active exception with a fresh request id; the caller gets the id, not the trace."""
     request_id = random_hex()
@@ -70,7 +81,7 @@ def internal_message(rpc: str) -> str:
 def stream_error(request, exc: BaseException) -> pb.ModelStreamInferResponse:
     """A failed request inside ModelStreamInfer: the stream stays open, the error names the request."""
     if isinstance(exc, KernelError):
-        message = f"{exc.code}: {exc.message}"
+        message = f"{exc.code}: {details_of(exc)}"
     else:
         message = internal_message("ModelStreamInfer")
     response = pb.ModelStreamInferResponse(error_message=message)
@@ -123,7 +134,7 @@ def _sync_call(rpc: str, call, context):
     except KernelError as exc:
         if exc.trailers:
             context.set_trailing_metadata(exc.trailers)
-        context.abort(status_of(exc), exc.message)
+        context.abort(status_of(exc), details_of(exc))
     except Exception:
         context.abort(grpc.StatusCode.INTERNAL, internal_message(rpc))
 
@@ -269,7 +280,7 @@ def sync_servicer(service: InferenceService, budget: CallBudget | None = None) -
         except KernelError as exc:
             if exc.trailers:
                 context.set_trailing_metadata(exc.trailers)
-            context.abort(status_of(exc), exc.message)
+            context.abort(status_of(exc), details_of(exc))
         except Exception:
             context.abort(grpc.StatusCode.INTERNAL, internal_message("ModelInfer"))
 
@@ -286,7 +297,7 @@ def sync_servicer(service: InferenceService, budget: CallBudget | None = None) -
 # --------------------------------------------------------------------------- aio
 async def _aio_abort(rpc: str, exc: BaseException, context) -> None:
     if isinstance(exc, KernelError):
-        await context.abort(status_of(exc), exc.message, trailing_metadata=exc.trailers)
+        await context.abort(status_of(exc), details_of(exc), trailing_metadata=exc.trailers)
     await context.abort(grpc.StatusCode.INTERNAL, internal_message(rpc))
 
 

@@ -12,7 +12,8 @@ import time
 
 from .. import __version__
 from .._proto.inference import grpc_service_pb2 as pb
-from ..errors import DeadlineExceeded, Internal, InvalidArgument, NotFound, Unavailable
+from ..errors import DeadlineExceeded, Internal, InvalidArgument, NotFound, Unavailable, quote
+from ..limits import MAX_MODEL_NAME_BYTES, MAX_REQUEST_ID_CHARS, MAX_TENANT_CHARS, check_identifier
 from ..models import ModelConfigError, ModelHub, ModelVersion
 from ..scheduling import Lanes, WorkItem
 from ..scheduling.execute import request_id_of
@@ -52,22 +53,22 @@ class InferenceService:
         self.expiry = ExpiryTimer(self.expire)
 
     # -- lookup -------------------------------------------------------------
-    def resolve(self, name: str, version: str) -> ModelVersion:
-        if not name:
-            raise InvalidArgument("model_name is empty")
+    def resolve(self, name: str, version: str, field: str = "model_name") -> ModelVersion:
         mv = self.hub.get(name, version)
         if mv is not None:
             return mv
+        check_model_name(name, field)  # (before the repository is looked at for why it is not served)
         # In the repository but not served: the reason the kernel holds (UNAVAILABLE), as RepositoryIndex says.
         why = self.hub.unavailable_reason(name, version)
         versions = self.hub.versions(name)
         if why:
-            which = f"model '{name}' version '{version}'" if versions else f"model '{name}'"
+            which = f"model {quote(name)} version {quote(version)}" if versions else f"model {quote(name)}"
             raise Unavailable(f"{which} is not loaded: {why}")
         if versions:
-            raise NotFound(f"model '{name}' has no loaded version '{version}'; loaded versions: {', '.join(versions)}")
+            raise NotFound(f"model {quote(name)} has no loaded version {quote(version)}; loaded versions: "
+                           f"{', '.join(versions)}")
         loaded = sorted({m.name for m in self.hub.loaded()})
-        raise NotFound(f"model '{name}' is not loaded; loaded models: {', '.join(loaded) or '(none)'}")
+        raise NotFound(f"model {quote(name)} is not loaded; loaded models: {', '.join(loaded) or '(none)'}")
 
     # -- health and metadata ---------------------------------------------------
     def server_live(self, request) -> pb.ServerLiveResponse:
@@ -83,17 +84,17 @@ class InferenceService:
         return pb.ModelReadyResponse(ready=self.hub.get(request.name, request.version) is not None)
 
     def model_metadata(self, request) -> pb.ModelMetadataResponse:
-        mv = self.resolve(request.name, request.version)
+        mv = self.resolve(request.name, request.version, "name")
         return converters.model_metadata(mv.name, self.hub.versions(mv.name), mv)
 
     def model_config(self, request) -> pb.ModelConfigResponse:
-        return converters.model_config(self.resolve(request.name, request.version))
+        return converters.model_config(self.resolve(request.name, request.version, "name"))
 
     def model_statistics(self, request) -> pb.ModelStatisticsResponse:
         if request.name and not request.version:  # every loaded version, as Triton answers
-            chosen = self.hub.loaded_versions(request.name) or [self.resolve(request.name, "")]
+            chosen = self.hub.loaded_versions(request.name) or [self.resolve(request.name, "", "name")]
         elif request.name:
-            chosen = [self.resolve(request.name, request.version)]
+            chosen = [self.resolve(request.name, request.version, "name")]
         else:
             chosen = self.hub.loaded()
         response = pb.ModelStatisticsResponse()
@@ -112,24 +113,22 @@ class InferenceService:
 
     def repository_model_load(self, request) -> pb.RepositoryModelLoadResponse:
         name = request.model_name
-        if not name:
-            raise InvalidArgument("model_name is empty")
+        check_model_name(name)
         _refuse_load_parameters(request.parameters)
         if name not in self.hub.scan():
-            raise NotFound(f"model '{name}' is not in the repository {self.hub.root}")
+            raise NotFound(f"model {quote(name)} is not in the repository {self.hub.root}")
         try:
             self.hub.load(name)
         except ModelConfigError as exc:
             # The previous versions (if any) stay live; the caller learns why.
-            raise InvalidArgument(f"model '{name}' was not loaded: {exc}") from None
+            raise InvalidArgument(f"model {quote(name)} was not loaded: {exc}") from None
         return pb.RepositoryModelLoadResponse()
 
     def repository_model_unload(self, request) -> pb.RepositoryModelUnloadResponse:
         name = request.model_name
-        if not name:
-            raise InvalidArgument("model_name is empty")
+        check_model_name(name)
         if not self.hub.unload(name):
-            raise NotFound(f"model '{name}' is not loaded")
+            raise NotFound(f"model {quote(name)} is not loaded")
         return pb.RepositoryModelUnloadResponse()
 
     # -- inference ------------------------------------------------------------------
@@ -140,6 +139,8 @@ class InferenceService:
         # hub.get is the cheap lookup; resolve() only words the error when it misses.
         mv = self.hub.get(request.model_name, request.model_version) or self.resolve(
             request.model_name, request.model_version)
+        if request.id:  # (echoed in the answer, logged with a model fault: kernel/limits.py)
+            check_identifier(request.id, "id", MAX_REQUEST_ID_CHARS)
         config = mv.config
         inputs, rows, shape_key = tensors.decode_inputs(config, request)
         priority, timeout_us, tenant = config.priority, 0, ""
@@ -245,6 +246,21 @@ class InferenceService:
         return response
 
 
+def check_model_name(name: str, field: str = "model_name") -> None:
+    """INVALID_ARGUMENT for a name no model folder can have (empty, over MAX_MODEL_NAME_BYTES, with '/' or
+    NUL), before anything looks for it on disk: the file system's own refusal (``OSError: File name too
+    long``) was an INTERNAL with a traceback that logged the whole name."""
+    if not name:
+        raise InvalidArgument(f"{field} is empty")
+    size = len(name.encode("utf-8")) if len(name) * 4 > MAX_MODEL_NAME_BYTES else 0
+    if size > MAX_MODEL_NAME_BYTES:
+        raise InvalidArgument(f"{field} {quote(name)} is {size} bytes; a model name is a folder name in the "
+                              f"repository, at most {MAX_MODEL_NAME_BYTES} bytes (UTF-8)")
+    if "/" in name or "\x00" in name:
+        raise InvalidArgument(f"{field} {quote(name)} cannot name a model: a model name is a folder name in the "
+                              "repository, without '/' or NUL")
+
+
 def _refuse_load_parameters(parameters) -> None:
     """Triton's load overrides (``config``: a JSON model config; ``file:<path>``: a model file's bytes) would
     be applied without a trace in the repository: refused, with where such a change goes instead."""
@@ -283,5 +299,6 @@ def _schedule_params(parameters, priority: int, levels: int) -> tuple[int, int, 
         if value.WhichOneof("parameter_choice") != "string_param":
             raise InvalidArgument("parameter 'tenant' must be a string")
         tenant = value.string_param
+        check_identifier(tenant, "parameter 'tenant'", MAX_TENANT_CHARS)
     return priority, timeout_us, tenant
 

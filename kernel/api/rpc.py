@@ -7,7 +7,8 @@ Handlers are written once, as plain blocking Python, against ``CallContext``:
 - bidi stream:    ``handler(requests: Iterator[request], ctx) -> Iterator[response]``
 
 They raise ``kernel.errors.KernelError`` subclasses for every non-OK answer;
-this module turns those into gRPC statuses (with trailers) and anything else
+this module turns those into gRPC statuses (with trailers; details bounded and
+escaped by ``frontends.details_of``) and anything else
 into INTERNAL with a request id that is also in the log. A request whose
 bytes do not parse is refused with INVALID_ARGUMENT before the handler runs.
 On a client stream one bad message must not end the call, so there it
@@ -32,7 +33,7 @@ from collections.abc import Callable, Iterator
 import grpc
 
 from ..errors import KernelError
-from .frontends import internal_message, status_of
+from .frontends import details_of, internal_message, status_of
 from .registration import ensure_parsed
 
 log = logging.getLogger("aios.api")
@@ -142,7 +143,7 @@ def _sync_fail(rpc: str, exc: BaseException, context) -> None:
     if isinstance(exc, KernelError):
         if exc.trailers:
             context.set_trailing_metadata(exc.trailers)
-        context.abort(status_of(exc), exc.message)
+        context.abort(status_of(exc), details_of(exc))
     context.abort(grpc.StatusCode.INTERNAL, internal_message(rpc))
 
 
@@ -178,7 +179,7 @@ def sync_handler(rpc: str, handler: Callable, client_streaming: bool, server_str
 # --------------------------------------------------------------------------- asyncio
 async def _aio_fail(rpc: str, exc: BaseException, context) -> None:
     if isinstance(exc, KernelError):
-        await context.abort(status_of(exc), exc.message, trailing_metadata=exc.trailers)
+        await context.abort(status_of(exc), details_of(exc), trailing_metadata=exc.trailers)
     await context.abort(grpc.StatusCode.INTERNAL, internal_message(rpc))
 
 

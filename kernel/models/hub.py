@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..limits import MAX_MODEL_NAME_BYTES
 from . import config as model_config
 from .errors import ModelConfigError
 from .runtime import OnnxModel
@@ -46,6 +47,13 @@ class IndexEntry:
     version: str
     state: str
     reason: str = ""
+
+
+def could_be_folder(name: str) -> bool:
+    """Whether ``name`` could be a model folder's name: not empty, ".", ".." or hidden, no '/' or NUL, at
+    most MAX_MODEL_NAME_BYTES. Checked before the file system is asked (which raises for a name too long)."""
+    return (bool(name) and not name.startswith(".") and "/" not in name and "\x00" not in name
+            and (len(name) * 4 <= MAX_MODEL_NAME_BYTES or len(name.encode("utf-8")) <= MAX_MODEL_NAME_BYTES))
 
 
 def _version_sort_key(version: str):
@@ -153,10 +161,15 @@ class ModelHub:
             failure = self._failures.get(name)
         if failure:
             return failure
-        model_dir = self.root / name
-        if name in ("", ".", "..") or "/" in name or not model_dir.is_dir():
+        if not could_be_folder(name):  # (never asks the file system about a name no folder can have)
             return ""
-        problem = scan_folder(model_dir).problem
+        model_dir = self.root / name
+        try:
+            if not model_dir.is_dir():
+                return ""
+            problem = scan_folder(model_dir).problem
+        except OSError:  # (a folder that went meanwhile, or one the kernel may not read: not served either way)
+            return ""
         return str(ModelConfigError(model_dir, "", problem)) if problem else ""
 
     def index(self) -> list[IndexEntry]:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import InvalidArgument
+from ..errors import InvalidArgument, quote
 
 FIELD_TYPES = ("number", "integer", "string", "bool")
 ENCODINGS = ("standardize", "onehot", "bool", "raw", "none")
@@ -71,7 +71,7 @@ class FieldSpec:
             return self.check_number(raw)
         if self.type == "string" and self.values and raw not in self.values:
             allowed = ", ".join(self.values)
-            raise InvalidArgument(f"field '{self.name}' must be one of {allowed}; got {raw!r}")
+            raise InvalidArgument(f"field '{self.name}' must be one of {allowed}; got {quote(raw)}")
         return raw
 
     def check_number(self, raw: int | float) -> int | float:

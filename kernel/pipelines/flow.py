@@ -16,8 +16,9 @@ import time
 from dataclasses import dataclass
 
 from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
-from ..errors import FailedPrecondition
+from ..errors import FailedPrecondition, quote
 from ..ids import random_hex
+from ..limits import check_decision_request
 from ..review.deferred import DeferredRows
 from ..scheduling import WorkItem
 from ..scheduling.deadlines import request_deadline
@@ -102,6 +103,8 @@ class DecisionEngine(GroupFinish):
         from there); now if not known.
         """
         started = arrived_ns or time.monotonic_ns()
+        # First, before the request is hashed, copied or stored: its identifiers and text within their limits.
+        check_decision_request(request)
         pipeline = self.registry.get(request.pipeline)
         request_hash = ""
         if request.idempotency_key:
@@ -154,7 +157,9 @@ class DecisionEngine(GroupFinish):
                 del self._opening[group]
 
     def validate(self, request) -> None:
-        """Refuse a request that could never be decided (unknown pipeline, bad fields) before it is queued."""
+        """Refuse a request that could never be decided (identifiers or text over their limits, unknown
+        pipeline, bad fields) before it is queued: StartTask's check, so a task stores no such request."""
+        check_decision_request(request, "request.")
         self.registry.get(request.pipeline).codec.read(request.fields)
 
     def _replayed(self, request, request_hash: str) -> kpb.Decision | None:
@@ -167,7 +172,7 @@ class DecisionEngine(GroupFinish):
         stored_hash, response = found
         if stored_hash != request_hash:
             raise FailedPrecondition(
-                f"idempotency_key '{request.idempotency_key}' was used before with a different request; "
+                f"idempotency_key {quote(request.idempotency_key)} was used before with a different request; "
                 "use a new key for a new request"
             )
         decision = kpb.Decision.FromString(response)
@@ -271,7 +276,7 @@ class DecisionEngine(GroupFinish):
                 else:
                     later.send(result)
             except Exception:  # one call's fault must not leave the rest of the group unanswered
-                log.exception("answering decision %s failed", pending.request_id)
+                log.exception("answering decision %r failed", pending.request_id)
 
     def outcome(self, pending: Pending) -> kpb.Decision:
         """The answer for ``pending`` once its model work is over: the finisher's result, or, for a

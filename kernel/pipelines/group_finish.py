@@ -24,6 +24,7 @@ from ..errors import (
     Internal,
     KernelError,
     Unavailable,
+    quote,
 )
 from ..ids import random_hex
 from ..scheduling.types import NO_DEADLINE
@@ -156,7 +157,7 @@ class GroupFinish:
         decisions: list = []
         for k, pending in enumerate(group):
             if not finite[k]:
-                log.error("model %s/%s returned non-finite scores for request %s", mv.name, mv.version, pending.request_id)
+                log.error("model %s/%s returned non-finite scores for request %r", mv.name, mv.version, pending.request_id)
                 decisions.append(self._failed(pending, Internal(
                     f"model {mv.name}/{mv.version} returned non-finite scores (request id {pending.request_id})")))
                 continue
@@ -204,7 +205,7 @@ class GroupFinish:
         decided = self._bisect(group, exc, refused)
         if refused:
             pending, error = refused[0]
-            log.warning("pipeline %s could not decide %d of %d requests of a group (request %s: %s: %s%s)",
+            log.warning("pipeline %s could not decide %d of %d requests of a group (request %r: %s: %s%s)",
                         pending.pipeline.name, len(refused), len(group), pending.request_id, error.code,
                         error.message, "; and others" if len(refused) > 1 else "")
         return decided
@@ -232,10 +233,10 @@ class GroupFinish:
             if refused is not None:
                 refused.append((pending, exc))
             else:
-                log.warning("pipeline %s could not decide request %s: %s: %s", pending.pipeline.name,
+                log.warning("pipeline %s could not decide request %r: %s: %s", pending.pipeline.name,
                             pending.request_id, exc.code, exc.message)
             return exc
-        log.error("pipeline %s could not decide request %s", pending.pipeline.name, pending.request_id, exc_info=exc)
+        log.error("pipeline %s could not decide request %r", pending.pipeline.name, pending.request_id, exc_info=exc)
         return Internal(f"internal error (request id {pending.request_id}); the kernel keeps serving")
 
     def _audit(self, group: list[Pending], results: list) -> tuple[list, list, object]:
@@ -339,7 +340,7 @@ class GroupFinish:
                     for index, review in zip(escalated, opened):
                         results[index].review_id = review.review_id  # a re-run task finds the review it opened
         now = time.monotonic_ns()
-        keyed = None
+        keyed = late = None
         for index, (pending, decision) in enumerate(zip(group, results)):
             if isinstance(decision, KernelError):  # (isinstance on a message class goes through ABCMeta: slow)
                 continue
@@ -347,11 +348,12 @@ class GroupFinish:
             decision.phase_timings_ns["total"] = now - pending.started_ns
             deadline = pending.item.deadline_ns
             if deadline != NO_DEADLINE and now > deadline:
-                # Recorded (the decision was made) but too late to be acted on: never answered.
-                results[index] = DeadlineExceeded(
-                    f"decision {decision.request_id} was made {(now - deadline) / 1e6:.1f} ms after its deadline"
-                )
-                continue
+                # Recorded (the decision was made) but too late to be acted on: answered DEADLINE_EXCEEDED
+                # (``_too_late``), yet stored under its key like any other (its Decision stays in ``results``
+                # until then), so that a retry with the key replays it instead of deciding and reviewing again.
+                if late is None:
+                    late = []
+                late.append((index, now - deadline))
             if store is not None and pending.request.idempotency_key:
                 if keyed is None:
                     keyed = []
@@ -366,9 +368,34 @@ class GroupFinish:
                     self._unreviewed(group, results, escalated, exc)
                 else:
                     self._reviews_stored(opening)
+        unkept = ()
         if keyed is not None:  # last: only an answer that is final is stored under its key
-            self._store_answers(group, results, keyed)
+            unkept = self._store_answers(group, results, keyed)
+        if late is not None:
+            self._too_late(group, results, late, unkept)
         return results
+
+    @staticmethod
+    def _too_late(group: list[Pending], results: list, late: list[tuple[int, int]], unkept) -> None:
+        """Answer each decision that was recorded after its deadline (``(index, ns late)``) with
+        DEADLINE_EXCEEDED saying what it was and where it stands: its caller must not act on a late
+        answer, but must know that the decision exists, with its review, and how to get it back."""
+        for index, overdue_ns in late:
+            decision = results[index]
+            if isinstance(decision, KernelError):  # its review or its key failed: that answer says so already
+                continue
+            key = group[index].request.idempotency_key
+            if not key:
+                then = ("it stands on the record (a retry without an idempotency_key makes another decision; "
+                        "send one to get this decision back on a retry)")
+            elif index in unkept:
+                then = "its idempotency entry could not be stored, so a retry with the same key decides again"
+            else:
+                then = f"a retry with the same idempotency_key ({quote(key)}) returns it"
+            review = f", escalated to review {decision.review_id}" if decision.review_id else ""
+            results[index] = DeadlineExceeded(
+                f"decision {quote(decision.request_id)} was made {overdue_ns / 1e6:.1f} ms after its deadline and "
+                f"recorded at audit sequence {decision.audit_sequence} (action {decision.action!r}{review}); {then}")
 
     def _unreviewed(self, group: list[Pending], results: list, indices: list[int], exc: Exception) -> None:
         """The reviews of these recorded, escalated decisions could not be stored: each fails with
@@ -387,8 +414,12 @@ class GroupFinish:
                 f"(action {decision.action!r}, escalated to a person), but its review could not be stored "
                 f"(the review store: {reason}); {then}")
 
-    def _store_answers(self, group: list[Pending], results: list, keyed: list[int]) -> None:
-        """Store each keyed decision's answer under its idempotency key.
+    def _store_answers(self, group: list[Pending], results: list, keyed: list[int]) -> set[int] | tuple:
+        """Store each keyed decision's answer under its idempotency key; returns the indices of those whose
+        entry could not be stored (an empty tuple when all were).
+
+        A decision recorded after its deadline is stored too (its answer is DEADLINE_EXCEEDED, set after
+        this): its retry must get it back, not make a second decision and open a second review.
 
         A decision whose entry cannot be stored (a full disk) is still
         answered: it is made, its audit record is durable, and the entry
@@ -418,13 +449,15 @@ class GroupFinish:
             except Exception as exc:
                 if unkept is None:
                     unkept = []
-                unkept.append((request.tenant, request.idempotency_key, decision.audit_sequence, exc))
-        if unkept is not None:
-            tenant, key, sequence, exc = unkept[0]
-            log.error("the idempotency entries of %d decisions could not be stored (the first: tenant %r, key %r, "
-                      "audit sequence %d: %s); they were answered, and a retry with one of their keys decides again",
-                      len(unkept), tenant, key, sequence,
-                      exc.message if isinstance(exc, KernelError) else f"{type(exc).__name__}: {exc}")
+                unkept.append((index, request.tenant, request.idempotency_key, decision.audit_sequence, exc))
+        if unkept is None:
+            return ()
+        _, tenant, key, sequence, exc = unkept[0]
+        log.error("the idempotency entries of %d decisions could not be stored (the first: tenant %r, key %r, "
+                  "audit sequence %d: %s); they were answered, and a retry with one of their keys decides again",
+                  len(unkept), tenant, key, sequence,
+                  exc.message if isinstance(exc, KernelError) else f"{type(exc).__name__}: {exc}")
+        return {entry[0] for entry in unkept}
 
 
 class _Statics:

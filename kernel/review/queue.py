@@ -27,7 +27,8 @@ import uuid
 from collections.abc import Callable
 
 from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
-from ..errors import FailedPrecondition, Internal, InvalidArgument, NotFound
+from ..errors import FailedPrecondition, Internal, InvalidArgument, NotFound, quote
+from ..limits import MAX_REVIEWER_CHARS, check_comment, check_identifier
 from ..store import Feed
 from ..store.sqlite_reviews import STATE_FILTERS
 from . import paging
@@ -48,6 +49,13 @@ def _iso(unix_ns: int) -> str:
 def _required(value: str, field: str) -> None:
     if not value:
         raise InvalidArgument(f"{field} is required")
+
+
+def _reviewer(reviewer: str) -> None:
+    """A reviewer's name is stored on the review and on the resolution's audit record (its principal):
+    required, at most MAX_REVIEWER_CHARS, no control characters (kernel/limits.py)."""
+    _required(reviewer, "reviewer")
+    check_identifier(reviewer, "reviewer", MAX_REVIEWER_CHARS)
 
 
 class ReviewQueue:
@@ -94,7 +102,7 @@ class ReviewQueue:
         self._settle()
         review = self._records.get(review_id)
         if review is None:
-            raise NotFound(f"review '{review_id}' does not exist")
+            raise NotFound(f"review {quote(review_id)} does not exist")
         return self._present(review)
 
     def list(self, pipeline: str = "", tenant: str = "", state: str = "", page_size: int = 0,
@@ -254,7 +262,7 @@ class ReviewQueue:
 
     def claim(self, review_id: str, reviewer: str, lease_seconds: float = 0) -> kpb.Review:
         """Give ``reviewer`` the review for ``lease_seconds`` (0 = 300 s); claiming again renews the lease."""
-        _required(reviewer, "reviewer")
+        _reviewer(reviewer)
         if lease_seconds < 0 or lease_seconds > MAX_LEASE_S:
             raise InvalidArgument(f"lease_seconds must be 0..{MAX_LEASE_S} (0 = {DEFAULT_LEASE_S}), got {lease_seconds}")
         lease_ns = int((lease_seconds or DEFAULT_LEASE_S) * NS)
@@ -281,9 +289,15 @@ class ReviewQueue:
 
         Repeating a resolution (same reviewer and action) returns the stored
         one, running any hooks that did not finish.
+
+        ``comment`` (at most MAX_COMMENT_CHARS, newlines allowed, no other
+        control characters) is the reviewer's reason: it stays on the
+        resolution's audit record for good, as part of what makes the decision
+        defensible, so it must never hold customer data.
         """
-        _required(reviewer, "reviewer")
+        _reviewer(reviewer)
         _required(action, "action")
+        check_comment(comment)
 
         def mutate(review: kpb.Review) -> bool:
             now = self._clock()
@@ -295,7 +309,8 @@ class ReviewQueue:
                 )
             if action not in review.actions:
                 raise InvalidArgument(
-                    f"action '{action}' is not allowed for review '{review_id}'; allowed: {', '.join(review.actions)}"
+                    f"action {quote(action)} is not allowed for review {quote(review_id)}; allowed: "
+                    f"{', '.join(review.actions)}"
                 )
             if review.claimed_by != reviewer:
                 if review.claimed_by and review.lease_expires_unix_ns > now:  # someone else's live lease
@@ -365,7 +380,7 @@ class ReviewQueue:
         self._settle()
         result = self._records.update(review_id, mutate, delivered, after_commit=self._publish_updated)
         if result is None:
-            raise NotFound(f"review '{review_id}' does not exist")
+            raise NotFound(f"review {quote(review_id)} does not exist")
         return result
 
     def _publish_updated(self, result) -> None:
@@ -401,5 +416,5 @@ class ReviewQueue:
 def _state_filter(state: str) -> str:
     state = state.upper()
     if state and state not in STATE_FILTERS:
-        raise InvalidArgument(f"state must be one of {', '.join(STATE_FILTERS)} or empty, got '{state}'")
+        raise InvalidArgument(f"state must be one of {', '.join(STATE_FILTERS)} or empty, got {quote(state)}")
     return state

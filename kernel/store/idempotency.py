@@ -21,9 +21,9 @@ import time
 from collections.abc import Callable
 
 from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
-from ..errors import FailedPrecondition, InvalidArgument
+from ..errors import FailedPrecondition, InvalidArgument, quote
+from ..limits import MAX_KEY_CHARS  # (with the kernel's other limits on identifiers: kernel/limits.py says why)
 
-MAX_KEY_CHARS = 256
 PURGE_EVERY = 1000  # puts between sweeps of expired keys
 PURGE_BATCH = 1000  # rows deleted per sweep, so a sweep never holds the write lock long
 
@@ -123,5 +123,5 @@ class IdempotencyStore:
 
 def _reused(key: str) -> FailedPrecondition:
     return FailedPrecondition(
-        f"idempotency_key '{key}' was used before with a different request; use a new key for a new request"
+        f"idempotency_key {quote(key)} was used before with a different request; use a new key for a new request"
     )

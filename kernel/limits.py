@@ -1,0 +1,87 @@
+"""How much of what a caller sends the kernel keeps: the size limits on identifiers and free text, in one place.
+
+Every identifier below is written, as sent, into the permanent audit log, the
+SQLite store (reviews, tasks, idempotency entries) and log lines, and is
+listed back to every reviewer (``ListReviews``). Unbounded, two Decides with
+an 8 MB tenant and request id wrote ~163 MB each and made ``ListReviews``
+fail for everyone (its response passed gRPC's 64 MB). A control character
+in one could forge a log line or a terminal escape. So each is refused
+(INVALID_ARGUMENT naming the field) before any work is done for the request,
+when it is longer than its limit or holds a control character (U+0000 to
+U+001F, U+007F). The limits are far above any real value: a tenant is a
+customer's name or id, a request id a UUID or a trace id, an idempotency key
+a UUID or a hash, a reviewer a login.
+"""
+
+from __future__ import annotations
+
+import re
+
+from .errors import InvalidArgument, quote
+
+MAX_TENANT_CHARS = 128  # DecisionRequest.tenant, ModelInfer's "tenant" parameter
+MAX_REQUEST_ID_CHARS = 256  # DecisionRequest.request_id, ModelInferRequest.id
+MAX_KEY_CHARS = 256  # DecisionRequest.idempotency_key (kernel/store/idempotency.py)
+MAX_REVIEWER_CHARS = 128  # ClaimReview / ResolveReview ``reviewer``
+# A review's ``comment``: the reviewer's reason, kept on the resolution's audit record for good (it is part
+# of what makes the reviewed decision defensible), so a few paragraphs, not a document. Newlines allowed.
+MAX_COMMENT_CHARS = 4096
+# Each free-text field of a DecisionRequest (``text_fields``), in UTF-8 bytes: its digest is audited and a
+# review shows it to people; a text too long to read is a file, not a field. 60 MB ones held 1.2 GB of
+# memory with 8 in flight and made other callers wait a second.
+MAX_TEXT_FIELD_BYTES = 1 << 20
+MAX_MODEL_NAME_BYTES = 255  # a model name is a folder name in the repository: NAME_MAX
+
+_CONTROL = re.compile("[\x00-\x1f\x7f]")
+_CONTROL_BUT_NEWLINE = re.compile("[\x00-\x09\x0b-\x1f\x7f]")
+
+
+def check_identifier(value: str, field: str, limit: int) -> None:
+    """INVALID_ARGUMENT naming ``field`` if ``value`` is longer than ``limit`` characters or holds a control
+    character. (Cheap when it passes: a length and ``isprintable``, which is false for every control
+    character, so the search runs only for a value with one or with other characters it does not print.)"""
+    if len(value) > limit:
+        raise InvalidArgument(f"{field} must be at most {limit} characters, got {len(value)}")
+    if not value.isprintable():
+        found = _CONTROL.search(value)
+        if found is not None:
+            raise InvalidArgument(f"{field} must not contain control characters; it has {found.group()!r} at "
+                                  f"position {found.start()}")
+
+
+def check_comment(value: str, field: str = "comment", limit: int = MAX_COMMENT_CHARS) -> None:
+    """``check_identifier`` for text a person writes: newlines are allowed, other control characters not."""
+    if len(value) > limit:
+        raise InvalidArgument(f"{field} must be at most {limit} characters, got {len(value)}")
+    found = _CONTROL_BUT_NEWLINE.search(value)
+    if found is not None:
+        raise InvalidArgument(f"{field} must not contain control characters other than newlines; it has "
+                              f"{found.group()!r} at position {found.start()}")
+
+
+def check_decision_request(request, field: str = "") -> None:
+    """Refuse a DecisionRequest whose tenant, request id, idempotency key or a free-text field is over its
+    limit (or an identifier with a control character); ``field`` prefixes the field names ("request." for
+    StartTask's). Never echoes a text field's content."""
+    tenant, request_id, key = request.tenant, request.request_id, request.idempotency_key
+    if tenant:
+        check_identifier(tenant, field + "tenant", MAX_TENANT_CHARS)
+    if request_id:
+        check_identifier(request_id, field + "request_id", MAX_REQUEST_ID_CHARS)
+    if len(key) > MAX_KEY_CHARS:
+        raise InvalidArgument(f"{field}idempotency_key must be at most {MAX_KEY_CHARS} characters, got {len(key)}")
+    if request.text_fields:
+        check_text_fields(request.text_fields, field + "text_fields")
+
+
+def check_text_fields(text_fields, field: str = "text_fields") -> None:
+    """INVALID_ARGUMENT naming the first text field over ``MAX_TEXT_FIELD_BYTES`` (UTF-8) and the limit."""
+    for name, text in text_fields.items():
+        chars = len(text)
+        if chars * 4 <= MAX_TEXT_FIELD_BYTES:  # (a character is 1 to 4 UTF-8 bytes: most texts need no count)
+            continue
+        size = chars if chars > MAX_TEXT_FIELD_BYTES else len(text.encode("utf-8"))  # (more chars: more bytes)
+        if size > MAX_TEXT_FIELD_BYTES:
+            raise InvalidArgument(
+                f"{field}[{quote(name)}] is {'at least ' if size == chars else ''}{size} bytes (UTF-8); a text "
+                f"field may hold at most {MAX_TEXT_FIELD_BYTES} bytes (MAX_TEXT_FIELD_BYTES, 1 MiB)")
