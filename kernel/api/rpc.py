@@ -200,6 +200,9 @@ def _bridge_requests(requests, loop: asyncio.AbstractEventLoop) -> Iterator:
         yield request  # an Unparsable stand-in too: the handler answers it (see above)
 
 
+AIO_STREAM_WINDOW = 64  # a server stream's answers on their way to the asyncio loop (aio_handler)
+
+
 def aio_handler(rpc: str, handler: Callable, client_streaming: bool, server_streaming: bool) -> Callable:
     def start(request_or_iterator, context, loop, arrived_ns=None):
         ctx = _context_from(context, arrived_ns)
@@ -228,10 +231,18 @@ def aio_handler(rpc: str, handler: Callable, client_streaming: bool, server_stre
     async def call(request_or_iterator, context):
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
+        # Answers handed to the loop and not sent yet: at most AIO_STREAM_WINDOW, so a client that does not
+        # read holds the handler at its next answer (and a DecideStream's reader at its in-flight limit)
+        # instead of filling this queue without end. The loop frees a place once gRPC has sent an answer:
+        # grpc.aio asks this generator for the next one only then.
+        window = threading.Semaphore(AIO_STREAM_WINDOW)
 
         def produce(request, ctx) -> None:
             try:
                 for response in handler(request, ctx):
+                    while not window.acquire(timeout=0.5):
+                        if not ctx.is_active():
+                            return
                     loop.call_soon_threadsafe(queue.put_nowait, (response, None))
                     if not ctx.is_active():
                         return
@@ -255,6 +266,7 @@ def aio_handler(rpc: str, handler: Callable, client_streaming: bool, server_stre
                 if response is _END:
                     return
                 yield response
+                window.release()
         finally:
             ctx._finish()
 
