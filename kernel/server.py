@@ -111,6 +111,7 @@ class KernelServer:
         self.batch_nice = settings.batch_nice if settings.batch_nice and can_lower_and_restore(settings.batch_nice) else 0
         self.lanes = Lanes(lambda: make_scheduler(settings.scheduler), run_batch, settings.slots,
                            on_batch=_on_batch, on_item=_on_item, batch_nice=self.batch_nice)
+        self.hub.add_preparer(self._models_arriving)
         self.hub.add_listener(self._models_changed)
         self.service = InferenceService(self.hub, self.lanes)
         from .decisions import DecisionSide  # the decision side pulls in SQLite, crypto, policy
@@ -135,13 +136,16 @@ class KernelServer:
         self._pool: HandlerPool | None = None  # the sync front end's handler threads
 
     # -- model changes --------------------------------------------------------
-    def _models_changed(self, added, removed) -> None:
-        for mv in added:
+    def _models_arriving(self, fresh) -> None:
+        """Lanes for versions a load made, before the hub publishes them (``ModelHub.add_preparer``)."""
+        for mv in fresh:
             profile = mv.runtime.profile()
             lane = self.lanes.add_model(mv, device_of(mv.runtime.provider), mv.config.schedule(), profile)
             log.info("%s/%s on lane %s; profile (rows:µs) %s", mv.name, mv.version, lane.name,
                      ", ".join(f"{rows}:{ns / 1e3:.0f}" for rows, ns in profile) or "none")
-        for mv in removed:
+
+    def _models_changed(self, added, removed) -> None:
+        for mv in removed:  # (a reload's old versions: their queued work finishes first, lane.py)
             self.lanes.remove_model(mv)
         self._update_health()
 

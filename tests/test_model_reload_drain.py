@@ -71,3 +71,37 @@ def test_requests_queued_for_a_model_finish_when_it_is_reloaded_or_unloaded(kern
             assert info.value.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAVAILABLE)
         else:
             assert stub.ModelInfer(_request(), timeout=60).outputs  # the new session answers
+
+
+def test_calls_arriving_while_a_model_reloads_are_answered(kernel):
+    """A reload makes and profiles the new session, then swaps it in: a call arriving meanwhile gets the
+    old version or the new one, never UNAVAILABLE (the new version was published before its lane existed)."""
+    import threading
+
+    one_row = pb.ModelInferRequest(model_name="slow")
+    one_row.inputs.add(name="INPUT0", datatype="FP32", shape=[1, 64])
+    one_row.raw_input_contents.append(np.ones((1, 64), np.float32).tobytes())
+    stop, failures, answered = threading.Event(), [], [0]
+    with grpc.insecure_channel(kernel.address) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="slow"), timeout=120)
+
+        def call_on() -> None:
+            while not stop.is_set():
+                try:
+                    stub.ModelInfer(one_row, timeout=60)
+                    answered[0] += 1
+                except grpc.RpcError as exc:
+                    failures.append(f"{exc.code().name}: {exc.details()}")
+
+        callers = [threading.Thread(target=call_on) for _ in range(4)]
+        for caller in callers:
+            caller.start()
+        try:
+            for _ in range(3):
+                stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="slow"), timeout=120)
+        finally:
+            stop.set()
+            for caller in callers:
+                caller.join(timeout=60)
+    assert failures == [] and answered[0] > 0

@@ -114,6 +114,7 @@ class ModelHub:
         self._failures: dict[str, str] = {}  # name -> why its last load failed
         self._skipped: dict[str, dict[str, str]] = {}  # name -> version folders its last load could not serve, and why
         self._listeners: list[Callable[[list[ModelVersion], list[ModelVersion]], None]] = []
+        self._preparers: list[Callable[[list[ModelVersion]], None]] = []
 
     # -- discovery --------------------------------------------------------
     def scan(self) -> dict[str, ModelFolder]:
@@ -130,6 +131,13 @@ class ModelHub:
     def add_listener(self, listener: Callable[[list[ModelVersion], list[ModelVersion]], None]) -> None:
         """``listener(added, removed)`` is called after every load/unload, outside the hub lock."""
         self._listeners.append(listener)
+
+    def add_preparer(self, preparer: Callable[[list[ModelVersion]], None]) -> None:
+        """``preparer(fresh)`` is called with the versions a load made, before they are published: what must
+        be ready before the first request can reach them (their lanes) is made there. Publishing first let a
+        request find a reloaded version with no lane yet (UNAVAILABLE during every reload under load). An
+        error fails the load; the previous versions stay live."""
+        self._preparers.append(preparer)
 
     # -- lookup -----------------------------------------------------------
     def get(self, name: str, version: str = "") -> ModelVersion | None:
@@ -223,6 +231,8 @@ class ModelHub:
                 self._failures[name] = (str(exc) if isinstance(exc, ModelConfigError)
                                         else f"{model_dir}: could not be loaded: {type(exc).__name__}: {exc}")
             raise
+        for preparer in self._preparers:
+            preparer(list(fresh.values()))
         with self._lock:
             old = list(self._models.get(name, {}).values())
             self._models[name] = fresh
