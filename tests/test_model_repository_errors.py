@@ -297,10 +297,13 @@ def test_the_other_models_serve_beside_an_unservable_one(audit_client):
     ("empty", "no version folders (expected empty/<version>/model.onnx)"),
     ("corrupt", "onnxruntime cannot load it"),
 ])
-def test_load_of_an_unservable_model_says_why(audit_client, name, fragment):
-    error = refused(audit_client.load_model, name)  # was: INTERNAL (sklearn), NOT_FOUND "not in the repository" (empty)
+def test_load_of_an_unservable_model_says_why(audit_client, name, fragment, caplog):
+    with caplog.at_level("WARNING", logger="aios.api"):
+        error = refused(audit_client.load_model, name)  # was: INTERNAL (sklearn), NOT_FOUND "not in the repository"
     assert error.status() == "StatusCode.INVALID_ARGUMENT", error
     assert f"model '{name}' was not loaded: " in error.message() and fragment in error.message()
+    assert any(f"model '{name}' was not loaded (RepositoryModelLoad)" in r.getMessage() and fragment in r.getMessage()
+               for r in caplog.records), "the operator is not told"  # (was only the caller)
 
 
 @pytest.mark.parametrize("call", ["metadata", "config", "infer"])

@@ -120,7 +120,9 @@ class InferenceService:
         try:
             self.hub.load(name)
         except ModelConfigError as exc:
-            # The previous versions (if any) stay live; the caller learns why.
+            # The previous versions (if any) stay live; the caller learns why, and so does the operator.
+            log.warning("model %r was not loaded (RepositoryModelLoad): %s; %s", name, exc,
+                        "its previous versions stay live" if self.hub.loaded_versions(name) else "it is not served")
             raise InvalidArgument(f"model {quote(name)} was not loaded: {exc}") from None
         return pb.RepositoryModelLoadResponse()
 
