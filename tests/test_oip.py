@@ -63,6 +63,10 @@ def test_model_config_is_triton_shaped(triton, kernel):
     assert config.instance_group[0].count == 1
     assert config.instance_group[0].kind == (group.KIND_GPU if provider == "CUDAExecutionProvider" else group.KIND_CPU)
     assert config.HasField("dynamic_batching")
+    batching = config.dynamic_batching  # what schedules it, in Triton's fields (the model.toml defaults here)
+    assert (batching.priority_levels, batching.default_priority_level) == (3, 2)
+    assert batching.default_queue_policy.max_queue_size == 4096
+    assert config.parameters["batching"].string_value == "adaptive"  # (a delay of 0 is not "no wait" here)
     assert config.parameters["execution_provider"].string_value == provider
     assert config.parameters["card.owner"].string_value == "tests"
     assert config.parameters["labels.OUTPUT0"].string_value == "a,b,c,d"

@@ -48,6 +48,12 @@ def model_config(mv: ModelVersion) -> pb.ModelConfigResponse:
         batching = out.dynamic_batching
         batching.max_queue_delay_microseconds = config.max_queue_delay_us
         batching.preferred_batch_size.extend(config.preferred_batch_sizes)
+        # What else schedules it, in Triton's fields: priorities, the default one, the queue bound.
+        batching.priority_levels = config.priority_levels
+        batching.default_priority_level = config.priority
+        batching.default_queue_policy.max_queue_size = config.max_queue
+        # A delay of 0 reads as "no wait" to a Triton user; here it means the adaptive batcher decides.
+        out.parameters["batching"].string_value = "static" if config.max_queue_delay_us else "adaptive"
     out.parameters["execution_provider"].string_value = mv.runtime.provider
     if on_gpu:  # whether outputs can differ from the CPU's in the 4th digit (model.toml ``cuda_tf32``)
         out.parameters["cuda_tf32"].string_value = "true" if config.cuda_tf32 else "false"
