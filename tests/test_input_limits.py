@@ -14,6 +14,7 @@ import re
 import time
 
 import grpc
+import numpy as np
 import pytest
 
 from claims_support import claim_request
@@ -181,7 +182,7 @@ def test_a_comment_over_4096_characters_or_with_control_characters_other_than_ne
                                                                                                  open_review):
     """A 30 MB comment went into the permanent audit log."""
     claims.reviews.ClaimReview(kpb.ClaimReviewRequest(review_id=open_review, reviewer="alice"), timeout=TIMEOUT_S)
-    resolve = lambda comment: kpb.ResolveReviewRequest(  # noqa: E731
+    resolve = lambda comment: kpb.ResolveReviewRequest(
         review_id=open_review, reviewer="alice", action="deny", comment=comment)
     for comment, needle in [("c" * 4097, "comment must be at most 4096 characters, got 4097"),
                             ("c" * (30 * MIB), "comment must be at most 4096 characters"),
@@ -205,6 +206,12 @@ def test_an_unknown_4_mb_review_id_is_not_found_with_a_short_message(claims):
     assert code == Code.NOT_FOUND and len(details.encode()) <= MAX_DETAILS_BYTES, (code, details[:200])
     code, details = refused(claims.reviews.ListReviews, kpb.ListReviewsRequest(state="s" * (4 * MIB)))
     assert code == Code.INVALID_ARGUMENT and len(details) < 300, (code, details[:200])
+    # Quoted in full by a message (kernel/pipelines/registry.py), cut by bytes: gRPC percent-encodes each
+    # byte of a non-ASCII character in its header, so 2,000 of them would be 18 KB there.
+    request = case_request()
+    request.pipeline = "日" * MIB
+    code, details = refused(claims.decisions.Decide, request)
+    assert code == Code.NOT_FOUND and len(details.encode()) <= MAX_DETAILS_BYTES, (code, details[:200])
 
 
 def test_a_review_id_with_a_newline_is_shown_escaped_in_the_details(claims):
@@ -240,8 +247,6 @@ def test_clamp_and_quote_bound_and_escape():
 def test_a_request_id_cannot_forge_a_log_line(claims, kernel_logs):
     """Injected: a request id with a newline (one stored before ids were checked) on a request whose model
     scores are not finite, which is logged with its id."""
-    import numpy as np
-
     engine = claims.kernel.decisions.engine
     pending = engine.prepare(case_request(request_id="plain"), None)
     pending.request_id = "evil\nCRITICAL aios: forged"
@@ -253,24 +258,29 @@ def test_a_request_id_cannot_forge_a_log_line(claims, kernel_logs):
 
 
 # ----------------------------------------------------------------------------- 7. a decision made too late
-def test_a_decision_recorded_after_its_deadline_is_kept_under_its_key_and_replayed(claims, monkeypatch):
-    """Its deadline passes while its audit record is written (the injected delay): it is recorded, its review
-    opened, its answer DEADLINE_EXCEEDED saying so, and its idempotency entry stored, so that retries with
-    the key (30 of them with timeout_ms=1 made 24 decisions and 24 reviews) replay it."""
-    kernel = claims.kernel
-    audit = kernel.decisions.audit
-    since = audit.size
+def delay_audit(monkeypatch, audit, seconds: float = 1.5) -> None:
+    """The injected fault: every audit append waits ``seconds`` first (a slow disk), so that a decision's
+    deadline passes after its model has run, while its record is written. ``monkeypatch.undo()`` ends it."""
     append = audit.append_many
 
     def slow_append(records, write_here=False):
-        time.sleep(0.6)
+        time.sleep(seconds)
         return append(records, write_here)
 
-    key = f"late-{kernel.front_end}"
     monkeypatch.setattr(audit, "append_many", slow_append)
+
+
+def test_a_decision_recorded_after_its_deadline_is_kept_under_its_key_and_replayed(claims, monkeypatch):
+    """Its deadline passes while its audit record is written: it is recorded, its review opened, its answer
+    DEADLINE_EXCEEDED saying so, and its idempotency entry stored, so that retries with the key (30 of them
+    with timeout_ms=1 made 24 decisions and 24 reviews) replay it."""
+    kernel = claims.kernel
+    since = kernel.decisions.audit.size
+    key = f"late-{kernel.front_end}"
+    delay_audit(monkeypatch, kernel.decisions.audit)
     code, details = refused(claims.decisions.Decide, escalated_request(seed=31, idempotency_key=key,
-                                                                       request_id="late-1", timeout_ms=300))
-    monkeypatch.setattr(audit, "append_many", append)
+                                                                       request_id="late-1", timeout_ms=1000))
+    monkeypatch.undo()
     assert code == Code.DEADLINE_EXCEEDED, details
     found = re.search(r"recorded at audit sequence (\d+) \(action '(\w+)', escalated to review (\w+)\)", details)
     assert found and f"a retry with the same idempotency_key ('{key}') returns it" in details, details
@@ -286,11 +296,9 @@ def test_a_decision_recorded_after_its_deadline_is_kept_under_its_key_and_replay
 
 
 def test_without_a_key_a_late_decision_is_said_to_stand_on_the_record(claims, monkeypatch):
-    audit = claims.kernel.decisions.audit
-    append = audit.append_many
-    monkeypatch.setattr(audit, "append_many", lambda records, write_here=False: (time.sleep(0.6),
-                                                                                  append(records, write_here))[1])
-    code, details = refused(claims.decisions.Decide, case_request(seed=32, request_id="late-nokey", timeout_ms=300))
+    delay_audit(monkeypatch, claims.kernel.decisions.audit)
+    code, details = refused(claims.decisions.Decide, case_request(seed=32, request_id="late-nokey", timeout_ms=1000))
+    monkeypatch.undo()
     assert code == Code.DEADLINE_EXCEEDED and "'late-nokey' was made" in details, details
     assert "recorded at audit sequence" in details and "it stands on the record" in details, details
 
@@ -325,8 +333,6 @@ def oip(kernel):
 
 
 def model_calls(name: str) -> list:
-    import numpy as np
-
     return [
         ("ModelInfer", request_for(name, np.ones((1, 16)))),
         ("ModelMetadata", pb.ModelMetadataRequest(name=name)),
@@ -374,8 +380,6 @@ def test_a_model_name_no_folder_can_have_is_refused_without_touching_the_file_sy
     ("tenant", "bell\x07", "parameter 'tenant' must not contain control characters"),
 ])
 def test_a_model_infer_id_or_tenant_over_its_limit_or_with_control_characters_is_refused(oip, field, value, needle):
-    import numpy as np
-
     request = request_for("tiny", np.ones((1, 16)))
     if field == "id":
         request.id = value

@@ -19,6 +19,10 @@ from ..decision_client import to_value
 
 
 def text_digests(text_fields) -> dict[str, str]:
+    """``{name: "sha256:<hex>"}`` of each free-text field's UTF-8 bytes. Each text is at most
+    ``kernel.limits.MAX_TEXT_FIELD_BYTES`` (1 MiB of UTF-8): ``DecisionEngine.prepare`` refuses a longer one
+    (INVALID_ARGUMENT naming the field and the limit, never the text) before the request is hashed or copied,
+    and StartTask before it is stored."""
     return {name: "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest() for name, text in text_fields.items()}
 
 
