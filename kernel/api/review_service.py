@@ -6,7 +6,7 @@ An open WatchReviews counts against the kernel's watch budget (``watch_budget.py
 from __future__ import annotations
 
 from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
-from .watch_budget import UNLIMITED
+from .watch_budget import UNLIMITED, follow
 
 SERVICE = "ReviewService"
 
@@ -29,16 +29,8 @@ def review_handlers(queue, watches=None) -> dict:
         return queue.resolve(request.review_id, request.reviewer, request.action, request.comment)
 
     def watch_reviews(request: kpb.WatchReviewsRequest, ctx):
-        with watches.hold("WatchReviews"):
-            watch = queue.watch(request.pipeline, request.tenant, request.include_open, request.updates)
-            ctx.on_done(watch.close)  # the client left or the deadline passed: stop waiting at once
-            try:
-                for review in watch:
-                    yield review
-                    if not ctx.is_active():
-                        return
-            finally:
-                watch.close()
+        return follow(watches, "WatchReviews",
+                      lambda: queue.watch(request.pipeline, request.tenant, request.include_open, request.updates), ctx)
 
     return {
         (SERVICE, "ListReviews"): list_reviews,

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
 from ..errors import InvalidArgument
-from .watch_budget import UNLIMITED
+from .watch_budget import UNLIMITED, follow
 
 SERVICE = "TaskService"
 
@@ -29,16 +29,7 @@ def task_handlers(runner, watches=None) -> dict:
         return runner.cancel(request.task_id)
 
     def watch_task(request: kpb.TaskRef, ctx):
-        with watches.hold("WatchTask"):
-            watch = runner.watch(request.task_id)
-            ctx.on_done(watch.close)  # the client left or the deadline passed: stop waiting at once
-            try:
-                for task in watch:
-                    yield task
-                    if not ctx.is_active():
-                        return
-            finally:
-                watch.close()
+        return follow(watches, "WatchTask", lambda: runner.watch(request.task_id), ctx)
 
     return {
         (SERVICE, "StartTask"): start_task,

@@ -92,3 +92,20 @@ class _Unlimited:
 
 
 UNLIMITED = _Unlimited()
+
+
+def follow(watches: WatchBudget, rpc: str, open_watch, ctx):
+    """What a watch sends, for as long as the call lasts, holding one of ``watches``' places: the watch
+    (``open_watch()``) is opened once the place is taken and closed however the call ends (the client left,
+    the deadline passed: ``ctx.on_done`` stops it waiting at once)."""
+    with watches.hold(rpc):
+        watch = open_watch()
+        ctx.on_done(watch.close)
+        try:
+            for event in watch:
+                yield event
+                if not ctx.is_active():
+                    return
+        finally:
+            watch.close()
+
