@@ -65,14 +65,15 @@ node-deps: $(NODE_STAMP)
 
 # The whole suite on the compiled core, then the serving and scheduling suites
 # again on the pure-Python references (AIOS_PURE_PYTHON=1): both must pass.
-PURE_SUITES := tests/test_oip.py tests/test_bad_input.py tests/test_scheduling.py \
-	tests/test_policy_semantics.py tests/test_policy_backends.py tests/test_policy_differential.py \
+PURE_SUITES := tests/test_oip.py tests/test_bad_input.py \
+	tests/test_policy_semantics.py tests/test_policy_differential.py \
 	tests/test_pipelines.py tests/test_pipeline_codec.py tests/test_decisions.py \
 	tests/test_scheduling_grpc.py tests/test_fuzz_oip.py tests/test_wire.py tests/test_decision_wire.py tests/test_record_tail.py \
 	tests/test_batch_finisher.py tests/test_answer_later.py tests/test_poller_inline.py \
 	tests/test_cli.py::test_serve_drains_in_flight_calls_on_sigterm \
 	tests/test_cli.py::test_decide_prints_the_decision_and_names_bad_fields
-# (Of the command-line tests only a served kernel's whole path runs twice: the client commands and
+# (test_scheduling.py and test_policy_backends.py run every implementation in the first pass already.
+# Of the command-line tests only a served kernel's whole path runs twice: the client commands and
 # start-up errors do not depend on which core is built, and CI's 10 minutes are tight on a slow host.)
 
 test: $(STAMP) node-deps
