@@ -27,7 +27,7 @@ cimport cython
 from cpython.list cimport PyList_GET_ITEM, PyList_SET_ITEM
 from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
 from cpython.ref cimport Py_INCREF, Py_XDECREF
-from libc.string cimport memset
+from libc.string cimport memcpy, memset
 
 include "consts.pxi"
 
@@ -134,17 +134,24 @@ cdef inline void _sift_up(QEntry* heap, Py_ssize_t endpos, Py_ssize_t pos) noexc
     _sift_down(heap, startpos, pos)
 
 
+cdef void* _unrolled(void* entries, Py_ssize_t front, Py_ssize_t length, Py_ssize_t cap, Py_ssize_t new_cap,
+                     size_t size) except NULL:
+    # A ring's entries copied into a new array of new_cap, oldest first; the old array is freed.
+    # (One piece for every ring of fixed-size entries: the queue's and the arrivals'.)
+    cdef char* fresh = <char*>PyMem_Malloc(new_cap * size)
+    cdef Py_ssize_t index
+    if fresh == NULL:
+        raise MemoryError()
+    for index in range(length):
+        memcpy(fresh + index * size, <char*>entries + ((front + index) & (cap - 1)) * size, size)
+    PyMem_Free(entries)
+    return fresh
+
+
 cdef int _grow_ring(QRing* ring) except -1:
     # Double the ring (or allocate HEAP_INITIAL entries), oldest entry first.
     cdef Py_ssize_t new_cap = ring.cap * 2 if ring.cap else HEAP_INITIAL
-    cdef QEntry* entries = <QEntry*>PyMem_Malloc(new_cap * sizeof(QEntry))
-    cdef Py_ssize_t index
-    if entries == NULL:
-        raise MemoryError()
-    for index in range(ring.len):
-        entries[index] = ring.entries[(ring.front + index) & (ring.cap - 1)]
-    PyMem_Free(ring.entries)
-    ring.entries = entries
+    ring.entries = <QEntry*>_unrolled(ring.entries, ring.front, ring.len, ring.cap, new_cap, sizeof(QEntry))
     ring.front = 0
     ring.cap = new_cap
     return 0
@@ -153,14 +160,7 @@ cdef int _grow_ring(QRing* ring) except -1:
 cdef int _grow_arrivals(ArrivalRing* ring) except -1:
     # _grow_ring for the arrivals.
     cdef Py_ssize_t new_cap = ring.cap * 2 if ring.cap else HEAP_INITIAL
-    cdef Arrival* entries = <Arrival*>PyMem_Malloc(new_cap * sizeof(Arrival))
-    cdef Py_ssize_t index
-    if entries == NULL:
-        raise MemoryError()
-    for index in range(ring.len):
-        entries[index] = ring.entries[(ring.front + index) & (ring.cap - 1)]
-    PyMem_Free(ring.entries)
-    ring.entries = entries
+    ring.entries = <Arrival*>_unrolled(ring.entries, ring.front, ring.len, ring.cap, new_cap, sizeof(Arrival))
     ring.front = 0
     ring.cap = new_cap
     return 0
