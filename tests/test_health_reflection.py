@@ -204,3 +204,44 @@ def test_health_turns_not_serving_when_the_audit_log_fails(model_repo, front_end
                 assert stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status == NOT_SERVING
     finally:
         server.stop(grace=1)
+
+
+class _SlowWriteContext:
+    """A grpc.aio context whose ``write`` is held open until the test lets it finish: the injected fault
+    is a slow client connection, during which the status changes."""
+
+    def __init__(self):
+        import asyncio
+        self.sent = []
+        self.release = asyncio.Event()
+
+    async def write(self, response):
+        self.sent.append(response.status)
+        await self.release.wait()
+
+    async def abort(self, code, details):  # pragma: no cover - the test never drains
+        raise AssertionError(f"aborted with {code}: {details}")
+
+
+def test_an_async_watch_sees_a_change_made_while_its_previous_answer_was_being_written():
+    """The asyncio watch must not miss a change made during its own ``write`` (it used to wait on the
+    event that replaced the one the change set, and the NOT_SERVING never went out)."""
+    import asyncio
+
+    from kernel.api.health import AsyncHealth
+
+    async def scenario():
+        health, context = AsyncHealth(), _SlowWriteContext()
+        watch = asyncio.ensure_future(health.Watch(health_pb2.HealthCheckRequest(service=""), context))
+        while not context.sent:  # the first answer (SERVING) is being written
+            await asyncio.sleep(0)
+        await health.set("", NOT_SERVING)  # ...and the status changes before that write completes
+        context.release.set()
+        for _ in range(100):
+            if len(context.sent) == 2:
+                break
+            await asyncio.sleep(0)
+        watch.cancel()
+        return context.sent
+
+    assert asyncio.run(scenario()) == [SERVING, NOT_SERVING]

@@ -106,6 +106,9 @@ class AsyncHealth(health_pb2_grpc.HealthServicer):
     async def Watch(self, request, context):
         sent = None
         while True:
+            # Take the event before reading the status: a change made while ``write`` is awaited below
+            # replaces ``self._changed``, and waiting on the replacement would miss that change for good.
+            changed = self._changed
             status = self._status.get(request.service, UNKNOWN)
             if status != sent:
                 await context.write(Response(status=status))
@@ -113,7 +116,7 @@ class AsyncHealth(health_pb2_grpc.HealthServicer):
             if self._ended:
                 error = shutting_down()
                 await context.abort(grpc.StatusCode[error.code], error.message)
-            await self._changed.wait()
+            await changed.wait()
 
     async def set(self, service: str, status) -> None:
         self._status[service] = status
