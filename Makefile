@@ -11,11 +11,12 @@ STAMP := $(VENV)/.installed-$(RUNTIME_EXTRA)
 MODELS := examples/claims/models
 PIPELINES := examples/claims/pipelines
 
-.PHONY: help serve test build demo bench bench-micro protos models clean node-deps
+.PHONY: help serve test fuzz build demo bench bench-micro protos models clean node-deps
 
 help:
 	@echo "make serve        set up .venv (install, Cython build) and serve the claims demo on 127.0.0.1:8001"
 	@echo "make test         the same set-up, then the whole test suite (compiled, then the pure-Python references)"
+	@echo "make fuzz         the property and fuzz tests at 10x their examples (a longer bug hunt)"
 	@echo "make demo         serve the demo in-process and send it a burst of decisions"
 	@echo "make build        only the set-up: .venv, install, Cython extensions"
 	@echo "make models       build the demo models into $(MODELS)"
@@ -66,19 +67,31 @@ node-deps: $(NODE_STAMP)
 # The whole suite on the compiled core, then the serving and scheduling suites
 # again on the pure-Python references (AIOS_PURE_PYTHON=1): both must pass.
 PURE_SUITES := tests/test_oip.py tests/test_bad_input.py \
-	tests/test_policy_semantics.py tests/test_policy_differential.py \
 	tests/test_pipelines.py tests/test_pipeline_codec.py tests/test_decisions.py \
-	tests/test_scheduling_grpc.py tests/test_fuzz_oip.py tests/test_wire.py tests/test_decision_wire.py tests/test_record_tail.py \
+	tests/test_scheduling_grpc.py tests/test_fuzz_oip.py tests/test_wire.py tests/test_record_tail.py \
 	tests/test_batch_finisher.py tests/test_answer_later.py tests/test_poller_inline.py \
 	tests/test_cli.py::test_serve_drains_in_flight_calls_on_sigterm \
 	tests/test_cli.py::test_decide_prints_the_decision_and_names_bad_fields
-# (test_scheduling.py and test_policy_backends.py run every implementation in the first pass already.
-# Of the command-line tests only a served kernel's whole path runs twice: the client commands and
-# start-up errors do not depend on which core is built, and CI's 10 minutes are tight on a slow host.)
+# (Suites that run every implementation side by side in the first pass are not repeated: test_scheduling,
+# test_policy_backends, test_policy_semantics and test_policy_differential take every evaluator there, and
+# test_decision_wire both twins whatever AIOS_PURE_PYTHON says. Of the command-line tests only a served
+# kernel's whole path runs twice: the client commands and start-up errors do not depend on which core is
+# built. The second pass draws 0.3× the hypothesis examples (tests/fuzz_budget.py): the first drew them all
+# against the same properties. CI's 10 minutes are tight on a slow host.)
+PURE_FUZZ_SCALE := 0.3
+# Property and fuzz tests only, at 10× the examples: a longer bug hunt than `make test` can afford.
+FUZZ_SUITES := tests/test_fuzz_oip.py tests/test_fuzz_kernel_api.py tests/test_wire.py tests/test_decision_wire.py \
+	tests/test_decode_fast_path.py tests/test_record_tail.py tests/test_pipeline_codec.py \
+	tests/test_pipeline_codec_differential.py tests/test_policy_differential.py \
+	tests/test_scheduling_differential.py tests/test_audit_proofs.py
 
 test: $(STAMP) node-deps
 	$(PY) -m pytest -q
-	AIOS_PURE_PYTHON=1 $(PY) -m pytest -q $(PURE_SUITES)
+	AIOS_PURE_PYTHON=1 AIOS_FUZZ_SCALE=$(PURE_FUZZ_SCALE) $(PY) -m pytest -q $(PURE_SUITES)
+
+fuzz: $(STAMP)
+	AIOS_FUZZ_SCALE=10 $(PY) -m pytest -q $(FUZZ_SUITES)
+	AIOS_PURE_PYTHON=1 AIOS_FUZZ_SCALE=10 $(PY) -m pytest -q tests/test_fuzz_oip.py tests/test_record_tail.py
 
 bench-micro: $(STAMP)
 	$(PY) -m pytest -q tests/bench -o addopts="" --benchmark-only

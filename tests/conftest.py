@@ -111,6 +111,21 @@ def pytest_report_header(config):
     return f"aios: compiled extensions {accel.CHOSEN or 'none'}; AIOS_PURE_PYTHON={os.environ.get('AIOS_PURE_PYTHON', '')}"
 
 
+@pytest.fixture(scope="session")
+def demo_build(tmp_path_factory) -> tuple[Path, dict, float]:
+    """Both claims demo models built once for the session, as `make models` builds them for `make demo`:
+    (folder, the build's summary per model name, wall seconds). Training the large one takes seconds, so
+    the tests that need the pair share this build instead of each training it again."""
+    import time
+
+    from examples.claims import build_models
+
+    folder = tmp_path_factory.mktemp("demo_models")
+    started = time.perf_counter()
+    results = build_models.build(folder, log=lambda line: None)
+    return folder, {r["name"]: r for r in results}, time.perf_counter() - started
+
+
 @pytest.fixture(scope="module")
 def claims_models(tmp_path_factory) -> Path:
     """The claims demo's small model (built in well under a second)."""

@@ -20,6 +20,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fuzz_budget import examples
+
 from kernel._proto.aios.kernel.v1 import kernel_pb2 as pb
 from kernel._proto.aios.kernel.v1 import kernel_pb2_grpc
 from kernel.api import kernel_services
@@ -194,7 +196,7 @@ def test_the_verifier_rejects_wrong_proofs(audit_log, leaves):
     assert not rfc_verify_consistency(20, SIZE, rfc_mth(leaves[:20]), root, tampered)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=examples(60), deadline=None)
 @given(st.data())
 def test_random_proofs_in_a_larger_log(big_log, data):
     log, big_leaves = big_log

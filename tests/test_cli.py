@@ -242,8 +242,9 @@ def test_models_list_and_infer_against_a_running_kernel(model_repo):
     assert code == 0, err
 
 
-def test_demo_prints_a_summary(tmp_path):
-    result = run_cli("demo", "--models", str(tmp_path / "demo-models"), "--requests", "200", "--concurrency", "4", timeout=240)
+def test_demo_prints_a_summary(demo_build):
+    """`make demo` as it runs it: on the models `make models` built."""
+    result = run_cli("demo", "--models", str(demo_build[0]), "--requests", "200", "--concurrency", "4", timeout=240)
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
     assert "sent 200, answered 200, errors 0" in out

@@ -11,7 +11,6 @@ from __future__ import annotations
 import threading
 
 import grpc
-import pytest
 
 from claims_support import claim_request
 from examples.claims import data

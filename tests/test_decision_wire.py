@@ -15,6 +15,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fuzz_budget import examples
+
 from kernel._proto.aios.kernel.v1 import kernel_pb2 as kpb
 from kernel import decision_wire as reference
 
@@ -62,7 +64,7 @@ def _one_by_one(request_id, action, input_hash, tenant, key, fired, descriptions
 
 
 @pytest.mark.parametrize("wire", IMPLEMENTATIONS)
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(request_id=_text, action=_text, input_hash=_text, tenant=_text, key=_text,
        rules=st.dictionaries(st.text(min_size=1, max_size=8), _text, max_size=4),
        escalated=st.booleans(), confidence=_scores,

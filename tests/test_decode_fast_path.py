@@ -8,6 +8,8 @@ else it returns None (the checked path then words the error).
 import numpy as np
 from hypothesis import given, settings, strategies as st
 
+from fuzz_budget import examples
+
 from kernel._proto.inference import grpc_service_pb2 as pb
 from kernel.api import tensors
 from kernel.errors import InvalidArgument
@@ -76,7 +78,7 @@ def requests(draw):
     return config, pb.ModelInferRequest.FromString(request.SerializeToString())
 
 
-@settings(max_examples=600, deadline=None)
+@settings(max_examples=examples(600), deadline=None)
 @given(requests())
 def test_fast_path_agrees_with_checked_path(case):
     config, request = case

@@ -22,7 +22,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import math
-import os
 import time
 from pathlib import Path
 
@@ -30,6 +29,8 @@ import grpc
 import pytest
 from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
+
+from fuzz_budget import examples
 
 from claims_support import CLAIMS, claim_request
 from examples.claims import data
@@ -51,8 +52,6 @@ ALLOWED = {
 ALLOWED_NAMES = {code.name for code in ALLOWED if code != Code.OK}
 GUARD_S = 30.0  # only a guard against hangs: a call that runs into it has hung
 SHORT_S = 0.3  # deadline of streams that would otherwise wait for ever (follow, watch)
-# AIOS_FUZZ_SCALE=10 runs ten times the examples (a longer bug hunt); the default keeps the file fast.
-SCALE = float(os.environ.get("AIOS_FUZZ_SCALE", "1"))
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
                                                       HealthCheck.data_too_large])
 UINT32 = st.integers(0, 2**32 - 1)
@@ -347,7 +346,7 @@ def restore_example(stubs) -> None:
 
 
 # ----------------------------------------------------------------------------- DecisionService
-@settings(max_examples=int(60 * SCALE), **SETTINGS)
+@settings(max_examples=examples(60), **SETTINGS)
 @given(request=decision_requests(), deadline=st.one_of(st.just(GUARD_S), st.sampled_from([0.001, 0.05])))
 def test_decide_answers_every_request_with_a_specific_status(stubs, request, deadline):
     code, details, decision, elapsed = call(stubs.decisions.Decide, request, deadline)
@@ -372,7 +371,7 @@ def stream_messages(draw) -> list[bytes]:
     return messages
 
 
-@settings(max_examples=int(25 * SCALE), **SETTINGS)
+@settings(max_examples=examples(25), **SETTINGS)
 @given(messages=stream_messages(), deadline=st.one_of(st.just(GUARD_S), st.just(SHORT_S)))
 def test_decide_stream_answers_every_message_with_a_specific_code(channel, stubs, messages, deadline):
     rpc = channel.stream_stream("/aios.kernel.v1.DecisionService/DecideStream",
@@ -403,7 +402,7 @@ def test_decide_stream_answers_every_message_with_a_specific_code(channel, stubs
 STARTED_TASKS: list[str] = []  # tasks the fuzzer started: checked at the end for how they ended
 
 
-@settings(max_examples=int(40 * SCALE), **SETTINGS)
+@settings(max_examples=examples(40), **SETTINGS)
 @given(data=st.data(), rpc=st.sampled_from(["StartTask", "StartTask", "GetTask", "CancelTask", "WatchTask"]))
 def test_task_rpcs_answer_with_a_specific_status(stubs, known, data, rpc):
     if rpc == "StartTask" or not STARTED_TASKS:
@@ -445,7 +444,7 @@ def page_tokens(draw, filters: tuple) -> str:
     ))
 
 
-@settings(max_examples=int(60 * SCALE), **SETTINGS)
+@settings(max_examples=examples(60), **SETTINGS)
 @given(data=st.data(), rpc=st.sampled_from(["ListReviews", "ListReviews", "GetReview", "ClaimReview", "ResolveReview",
                                            "WatchReviews"]))
 def test_review_rpcs_answer_with_a_specific_status(stubs, known, data, rpc):
@@ -484,7 +483,7 @@ def test_review_rpcs_answer_with_a_specific_status(stubs, known, data, rpc):
 
 
 # ----------------------------------------------------------------------------- AuditService
-@settings(max_examples=int(60 * SCALE), **SETTINGS)
+@settings(max_examples=examples(60), **SETTINGS)
 @given(data=st.data(), rpc=st.sampled_from(["StreamAudit", "StreamAudit", "GetInclusionProof", "GetConsistencyProof",
                                            "GetCheckpoint", "GetPublicKey"]))
 def test_audit_rpcs_answer_with_a_specific_status(stubs, data, rpc):
@@ -522,7 +521,7 @@ def test_audit_rpcs_answer_with_a_specific_status(stubs, data, rpc):
 
 
 # ----------------------------------------------------------------------------- AdminService
-@settings(max_examples=int(60 * SCALE), **SETTINGS)
+@settings(max_examples=examples(60), **SETTINGS)
 @given(request=upload_requests(), data=st.data())
 def test_upload_pipeline_refuses_bad_text_with_a_specific_status(kernel, stubs, request, data):
     code, details, info, elapsed = call(stubs.admin.UploadPipeline, request)
@@ -554,7 +553,7 @@ def test_upload_pipeline_refuses_bad_text_with_a_specific_status(kernel, stubs, 
 METHODS = [(service, method) for service in kpb.DESCRIPTOR.services_by_name.values() for method in service.methods]
 
 
-@settings(max_examples=int(80 * SCALE), **SETTINGS)
+@settings(max_examples=examples(80), **SETTINGS)
 @given(target=st.sampled_from(METHODS), raw=st.one_of(
     st.binary(max_size=48), st.sampled_from([b"\xff\xff\xff", b"\x0a", b"\x0a\xff\xff\xff\xff\x0f", b"\x08\x80\x80\x80"]),
 ))

@@ -25,6 +25,8 @@ from google.protobuf.message import DecodeError
 from hypothesis import HealthCheck, assume, event, given, note, settings
 from hypothesis import strategies as st
 
+from fuzz_budget import examples
+
 from kernel._proto.inference import grpc_service_pb2 as pb
 from kernel._proto.inference import grpc_service_pb2_grpc
 from kernel.accel import bytes_codec
@@ -344,7 +346,7 @@ def check_ok_response(request, response, version: str, reference) -> None:
 
 
 # ----------------------------------------------------------------------------- 1. ModelInfer, semantic fuzz
-@settings(max_examples=600, **SETTINGS)
+@settings(max_examples=examples(600), **SETTINGS)
 @given(request=st.one_of(mutated_requests(), mutated_requests(), random_requests()))
 def test_model_infer_fuzz(stub, reference, request):
     note(f"request = {request!r}")
@@ -415,7 +417,7 @@ def parse(method, data: bytes):
         return None
 
 
-@settings(max_examples=500, **SETTINGS)
+@settings(max_examples=examples(500), **SETTINGS)
 @given(call=raw_calls())
 def test_raw_bytes_on_every_unary_rpc(channel, stub, reference, call):
     method, data = call
@@ -478,7 +480,7 @@ stream_entries = st.lists(
 )
 
 
-@settings(max_examples=120, **SETTINGS)
+@settings(max_examples=examples(120), **SETTINGS)
 @given(entries=stream_entries)
 def test_stream_mix_of_good_and_bad(channel, stub, reference, entries):
     requests, expect, garbage = [], {}, 0
@@ -530,7 +532,7 @@ def test_stream_mix_of_good_and_bad(channel, stub, reference, entries):
 
 
 # ----------------------------------------------------------------------------- 4. metadata/config/ready/statistics
-@settings(max_examples=300, **SETTINGS)
+@settings(max_examples=examples(300), **SETTINGS)
 @given(rpc=st.sampled_from(["ModelMetadata", "ModelConfig", "ModelReady", "ModelStatistics"]),
        name=model_names, version=versions)
 def test_model_lookup_rpcs_fuzz(stub, reference, rpc, name, version):

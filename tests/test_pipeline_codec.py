@@ -13,6 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fuzz_budget import examples
+
 from examples.claims import data
 from kernel._proto.aios.kernel.v1 import kernel_pb2 as kpb
 from kernel.decision_client import to_value
@@ -130,7 +132,7 @@ def defined(fields: tuple[FieldSpec, ...], width: int, pipeline: str, request, d
 
 
 @pytest.mark.parametrize("codec_class", CODECS)
-@settings(max_examples=500, deadline=None)
+@settings(max_examples=examples(500), deadline=None)
 @given(fields=requests_st, text=st.dictionaries(st.sampled_from(["note", "story", "ünï"]), st.text(max_size=8),
                                                 max_size=2))
 def test_codec_agrees_with_the_field_definitions(codec_class, fields, text):

@@ -14,6 +14,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fuzz_budget import examples
+
 from kernel import accel
 from kernel._proto.aios.kernel.v1 import kernel_pb2 as kpb
 from kernel.decision_client import to_value
@@ -108,7 +110,7 @@ def both(fields: tuple[FieldSpec, ...]):
     return ReferenceRowCodec("pipé", fields, width), compiled.RowCodec("pipé", fields, width)
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(400), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data(), fields=pipeline_st())
 def test_random_requests_read_encode_and_hash_the_same(data, fields):
     reference, codec = both(fields)
@@ -122,7 +124,7 @@ def test_random_requests_read_encode_and_hash_the_same(data, fields):
         lambda: reference.read_encode_hash(request, digests))
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(400), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data(), fields=pipeline_st())
 def test_random_values_encode_and_hash_the_same(data, fields):
     reference, codec = both(fields)

@@ -14,12 +14,13 @@ analysis to its claims on the same rows.
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+from fuzz_budget import examples
 
 from kernel.policy import HIT_POLICIES, parse_policy
 from kernel.policy.backends import available
@@ -32,8 +33,8 @@ NUMERIC = ("x", "y", "k", "confidence", "score.a", "score.b")
 INPUTS = {"x": "number", "y": "number", "k": "integer", "s": "string", "t": "string", "b": "bool"}
 # Hypothesis warns that these recursive strategies have a long repr; that is all it is.
 pytestmark = pytest.mark.filterwarnings("ignore::hypothesis.errors.HypothesisWarning")
-# AIOS_POLICY_EXAMPLES=5000 for a deeper run than the suite's default.
-SETTINGS = settings(max_examples=int(os.environ.get("AIOS_POLICY_EXAMPLES", "150")), deadline=None,
+# AIOS_FUZZ_SCALE=30 (tests/fuzz_budget.py) for a deeper run than the suite's default.
+SETTINGS = settings(max_examples=examples(150), deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])
 
 number = st.one_of(st.sampled_from(NUMBERS), st.floats(-5, 12, allow_nan=False).map(lambda v: round(v, 2)))

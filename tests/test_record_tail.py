@@ -17,6 +17,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fuzz_budget import examples
+
 from claims_support import claim_request, copy_pipelines
 from examples.claims import data
 from kernel._proto.aios.kernel.v1 import kernel_pb2 as kpb
@@ -49,7 +51,7 @@ def _head() -> kpb.AuditRecord:
     return record
 
 
-@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(500), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(given_fields=st.dictionaries(_names, _values, max_size=6),
        defaults=st.dictionaries(_names, _values, max_size=3),
        text=st.dictionaries(_names, st.text(max_size=30), max_size=2),

@@ -13,6 +13,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fuzz_budget import examples
+
 from kernel.scheduling import implementations
 from kernel.scheduling.policy import ModelSchedule
 from kernel.scheduling.reference import ReferenceScheduler
@@ -99,7 +101,7 @@ def replay(cls, model_schedules, trace) -> list:
     return log
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(300), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(schedules, min_size=1, max_size=3), st.lists(ops, min_size=30, max_size=150))
 def test_same_plans_on_random_traces(model_schedules, trace):
     reference = replay(ReferenceScheduler, model_schedules, trace)

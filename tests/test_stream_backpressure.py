@@ -12,7 +12,6 @@ Measured through the pump's own counters, on a real kernel.
 
 from __future__ import annotations
 
-import threading
 import time
 
 import grpc

@@ -6,6 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fuzz_budget import examples
+
 from kernel import wire as reference
 from kernel._proto.aios.kernel.v1 import kernel_pb2 as kpb
 
@@ -45,7 +47,7 @@ def _request(fields, texts, pipeline, priority, timeout) -> kpb.DecisionRequest:
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(request=requests)
 def test_a_requests_field_map_becomes_an_audit_records_inputs(impl, request):
     record = kpb.AuditRecord.FromString(impl.retag(request.SerializeToString(), FIELDS, INPUTS))
@@ -82,7 +84,7 @@ def test_malformed_bytes_are_refused_with_a_reason(impl, data, fragment):
 
 
 @pytest.mark.skipif(compiled is None or FORCE_PURE, reason="the compiled twin is not built")
-@settings(max_examples=2000, deadline=None)
+@settings(max_examples=examples(2000), deadline=None)
 @given(data=st.binary(max_size=64), field=st.integers(1, 20), new_field=st.integers(1, 1 << 20))
 def test_compiled_and_reference_agree_on_any_bytes(data, field, new_field):
     outcomes = []
