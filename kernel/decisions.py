@@ -24,7 +24,7 @@ from .api.review_service import review_handlers
 from .api.task_service import task_handlers
 from .audit import AuditLog
 from .config import Settings
-from .errors import KernelError, ResourceExhausted, TransientError, Unavailable, shutting_down
+from .errors import Aborted, KernelError, ResourceExhausted, TransientError, Unavailable, shutting_down
 from .pipelines import DecisionEngine, PipelineRegistry, Services
 from .pipelines.provenance import resolution_record
 from .policy import load_policy, parse_policy
@@ -230,7 +230,7 @@ class DecisionSide:
             return self._run_task_once(task)
         except TransientError:
             raise
-        except (ResourceExhausted, Unavailable) as exc:
+        except (ResourceExhausted, Unavailable, Aborted) as exc:  # (Aborted: a Decide with the task's key is in flight)
             raise TransientError(f"{exc.code}: {exc.message}") from exc
 
     def _run_task_once(self, task: kpb.Task):
@@ -243,8 +243,11 @@ class DecisionSide:
                 return WaitingForReview(pending.review_id, pending)
             return pending
         pending.task_id = task.task_id
-        self.engine.run_blocking(pending)
-        result = self.engine.outcome(pending)  # decided on this thread (a task's item has no finisher)
+        try:
+            self.engine.run_blocking(pending)
+            result = self.engine.outcome(pending)  # decided on this thread (a task's item has no finisher)
+        finally:
+            self.engine.release(pending)  # (refused before it ran; otherwise finish released it already)
         if result.outcome in (kpb.ESCALATED, kpb.FALLBACK) and result.review_id:
             return WaitingForReview(result.review_id, result)
         return result

@@ -97,6 +97,12 @@ class FailedPrecondition(KernelError):
     code = "FAILED_PRECONDITION"
 
 
+class Aborted(KernelError):
+    """A conflict with another call in progress (gRPC's code for "retry the whole call a little later")."""
+
+    code = "ABORTED"
+
+
 class Internal(KernelError):
     code = "INTERNAL"
 

@@ -43,6 +43,8 @@ def slow_repo(tmp_path_factory) -> Path:
 def test_serve_drains_in_flight_calls_on_sigterm(slow_repo, front_end):
     server = ServeProcess(slow_repo, "--front-end", front_end)
     outcomes: list[str] = []
+    refused: list[str] = []  # each client's last call: its code, how long it took, when it was sent
+    signalled = [float("inf")]
     started = threading.Barrier(5)
 
     def client():
@@ -54,11 +56,14 @@ def test_serve_drains_in_flight_calls_on_sigterm(slow_repo, front_end):
             started.wait()
             deadline = time.monotonic() + 20
             while time.monotonic() < deadline:
+                sent = time.monotonic()
                 try:
                     stub.ModelInfer(request, timeout=10)
                     outcomes.append("OK")
                 except grpc.RpcError as exc:
                     outcomes.append(exc.code().name)
+                    refused.append(f"{exc.code().name} after {time.monotonic() - sent:.3f} s, "
+                                   f"{sent - signalled[0]:+.3f} s from SIGTERM: {exc.details()}")
                     return
 
     threads = [threading.Thread(target=client) for _ in range(4)]
@@ -67,6 +72,7 @@ def test_serve_drains_in_flight_calls_on_sigterm(slow_repo, front_end):
     started.wait()
     while outcomes.count("OK") < 20:  # traffic is flowing
         time.sleep(0.01)
+    signalled[0] = time.monotonic()
     code, err = server.stop()
     for t in threads:
         t.join(30)
@@ -75,7 +81,7 @@ def test_serve_drains_in_flight_calls_on_sigterm(slow_repo, front_end):
     # Calls racing the shutdown are refused (gRPC cancels calls it received but
     # had not handed to a handler yet: CANCELLED); nothing fails otherwise.
     refusals = {o for o in outcomes if o != "OK"}
-    assert refusals <= {"UNAVAILABLE", "CANCELLED"}, outcomes[-10:]
+    assert refusals <= {"UNAVAILABLE", "CANCELLED"}, (refused, err[-4000:])
 
 
 @pytest.fixture(scope="module")

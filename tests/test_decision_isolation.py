@@ -300,21 +300,35 @@ def test_failing_idempotency_writes_fail_no_decision_of_their_group(kernel, fail
         assert result.request_id == request.request_id and result.audit_sequence > 0
 
 
-def test_a_key_taken_meanwhile_by_another_request_fails_that_decision_alone_and_says_it_was_recorded(kernel):
-    """Two different requests with one key finished in one group: the first keeps the key; the second is the
-    caller's mistake (FAILED_PRECONDITION), recorded all the same; a third, unkeyed, is answered."""
+def test_a_second_request_with_a_key_in_flight_is_refused_before_anything_is_decided(kernel):
+    """Two different requests with one key: the second is the caller's mistake, refused at once while the first
+    holds the key (kernel/pipelines/key_claims.py), so nothing of it is decided or recorded."""
     engine = kernel.decisions.engine
-    requests = [_request(30, request_id="k-first", idempotency_key="shared-key"),
-                _request(31, request_id="k-second", idempotency_key="shared-key"),
-                _request(32, request_id="k-none")]
-    answer, refused, unkeyed = engine.finish(_group(engine, requests))
-    assert isinstance(answer, kpb.Decision) and isinstance(unkeyed, kpb.Decision)
-    assert isinstance(refused, FailedPrecondition) and "shared-key" in refused.message
-    assert "recorded" in refused.message and "audit sequence" in refused.message
-    sequence = int(refused.message.split("audit sequence ")[1].split(",")[0])
-    assert _record(kernel, sequence).request_id == "k-second"
+    first = engine.prepare(_request(30, request_id="k-first", idempotency_key="shared-key"), None)
+    size = kernel.decisions.audit.size
+    with pytest.raises(FailedPrecondition, match="in use by another call with a different request"):
+        engine.prepare(_request(31, request_id="k-second", idempotency_key="shared-key"), None)
+    engine.run_blocking(first)
+    (answer,) = engine.finish([first])
+    assert isinstance(answer, kpb.Decision) and kernel.decisions.audit.size == size + 1
     stored = engine.services.idempotency.get("acme", "shared-key")
     assert kpb.Decision.FromString(stored[1]).request_id == "k-first"
+
+
+def test_a_key_found_taken_when_the_answer_is_stored_fails_that_decision_alone_and_says_it_was_recorded(kernel):
+    """Should the store hold another request's answer under the key by the time a decision is stored (the
+    fault is injected: written straight into the store between prepare and finish), that decision is
+    FAILED_PRECONDITION saying it was recorded; its unkeyed neighbour is answered."""
+    engine = kernel.decisions.engine
+    requests = [_request(32, request_id="k-late", idempotency_key="taken-key"), _request(33, request_id="k-none")]
+    group = _group(engine, requests)
+    engine.services.idempotency.put("acme", "taken-key", "another request's hash", b"")  # injected
+    refused, unkeyed = engine.finish(group)
+    assert isinstance(unkeyed, kpb.Decision)
+    assert isinstance(refused, FailedPrecondition) and "taken-key" in refused.message
+    assert "recorded" in refused.message and "audit sequence" in refused.message
+    sequence = int(refused.message.split("audit sequence ")[1].split(",")[0])
+    assert _record(kernel, sequence).request_id == "k-late"
 
 
 class FailingReviews:

@@ -225,11 +225,13 @@ class _Stream:
         with self._state.condition:
             if not _gs._is_rpc_state_active(self._state):  # the call ended: nothing to queue for
                 self._answered += 1
+                self._engine.release(pending)
                 return
             self._queued[id(item)] = item
         try:
             self._engine.answer_later(pending, _Answer(self, request, item), inline=False)
         except Exception as exc:  # refused at admission: RESOURCE_EXHAUSTED with its retry hint
+            self._engine.release(pending)
             self.answer(error_decision(request, exc), item)
 
     # -- answering (the finisher, or the prepare task) ----------------------------------------

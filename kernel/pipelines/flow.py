@@ -27,6 +27,7 @@ from ..store import request_hash as store_request_hash
 from . import provenance
 from .finisher import BatchFinisher
 from .group_finish import GroupFinish
+from .key_claims import KeyClaims
 from .spec import Pipeline
 
 log = logging.getLogger("aios.decisions")
@@ -38,10 +39,11 @@ class Pending:
     """One decision between ``prepare`` and ``finish``."""
 
     __slots__ = ("request", "pipeline", "values", "digests", "input_hash", "item", "started_ns", "prepared_ns",
-                 "request_id", "principal", "task_id", "request_hash", "record", "outputs", "result", "later", "watch")
+                 "request_id", "principal", "task_id", "request_hash", "record", "outputs", "result", "later", "watch",
+                 "claim")
 
     def __init__(self, request, pipeline: Pipeline, values: dict, digests: dict, input_hash: str, item,
-                 started_ns: int, request_id: str, principal: str, request_hash: str):
+                 started_ns: int, request_id: str, principal: str, request_hash: str, claim=None):
         self.request = request
         self.pipeline = pipeline
         self.values = values
@@ -59,6 +61,7 @@ class Pending:
         self.result = None  # its Decision or KernelError, once finished by the lane (finish_batch)
         self.later = None  # the call's LaterAnswer when the finisher answers it (kernel/api/answer_later.py)
         self.watch = None  # its entry in the inference service's expiry timer, while answered later
+        self.claim = claim  # its idempotency key's claim (key_claims.py), until its answer is stored
 
 
 @dataclass(slots=True)
@@ -79,6 +82,7 @@ class DecisionEngine(GroupFinish):
         self._statics: dict = {}
         self._opening_lock = threading.Lock()
         self._opening: dict[object, int] = {}  # group token -> its first audit sequence, until its reviews are stored
+        self.claims = KeyClaims()  # idempotency keys whose decisions are being made (one decision per key)
         # Finishes unary decisions in groups (see finisher.py), and answers those whose callers left (answer_later)
         self.finisher = BatchFinisher(self.finish, self._answer_later)
         self._finish_later = self.finisher.submit
@@ -106,29 +110,48 @@ class DecisionEngine(GroupFinish):
         # First, before the request is hashed, copied or stored: its identifiers and text within their limits.
         check_decision_request(request)
         pipeline = self.registry.get(request.pipeline)
-        request_hash = ""
-        if request.idempotency_key:
-            request_hash = store_request_hash(request)
-            replay = self._replayed(request, request_hash)
-            if replay is not None:
-                return replay
-        digests = {}
-        if request.text_fields:
-            pipeline.check_text(request.text_fields)
-            digests = provenance.text_digests(request.text_fields)
-        # Validated values, the model row and the input hash in one pass (compiled: over the wire bytes).
-        values, row, input_hash = pipeline.codec.read_encode_hash(request, digests)
-        mv = self.inference.resolve(pipeline.model, pipeline.model_version)
-        request_id = request.request_id or random_hex()
-        priority = request.priority
-        if not 1 <= priority <= mv.config.priority_levels:  # 0 or past the levels: the default, as ModelInfer's
-            priority = pipeline.priority or mv.config.priority
         deadline = request_deadline(time.monotonic_ns(), deadline_ns,
                                     (request.timeout_ms or pipeline.timeout_ms) * 10**6, arrived_ns)
-        item = WorkItem(mv, 1, ((pipeline.width,),), {pipeline.input: row}, request_id=request_id,
-                        priority=priority, deadline_ns=deadline, tenant=request.tenant)
+        request_hash = ""
+        claim = None
+        if request.idempotency_key:
+            request_hash = store_request_hash(request)
+            if self.services.idempotency is not None:
+                # Claimed before the store is read: a second call with the key, until this one's answer is
+                # stored, is refused with a retry hint instead of deciding again (key_claims.py).
+                claim = self.claims.claim(request.tenant, request.idempotency_key, request_hash, deadline)
+        try:
+            if claim is not None:
+                replay = self._replayed(request, request_hash)
+                if replay is not None:
+                    self.claims.release(claim)
+                    return replay
+            digests = {}
+            if request.text_fields:
+                pipeline.check_text(request.text_fields)
+                digests = provenance.text_digests(request.text_fields)
+            # Validated values, the model row and the input hash in one pass (compiled: over the wire bytes).
+            values, row, input_hash = pipeline.codec.read_encode_hash(request, digests)
+            mv = self.inference.resolve(pipeline.model, pipeline.model_version)
+            request_id = request.request_id or random_hex()
+            priority = request.priority
+            if not 1 <= priority <= mv.config.priority_levels:  # 0 or past the levels: the default, as ModelInfer's
+                priority = pipeline.priority or mv.config.priority
+            item = WorkItem(mv, 1, ((pipeline.width,),), {pipeline.input: row}, request_id=request_id,
+                            priority=priority, deadline_ns=deadline, tenant=request.tenant)
+        except BaseException:
+            self.claims.release(claim)
+            raise
         return Pending(request, pipeline, values, digests, input_hash, item, started, request_id, principal,
-                       request_hash)
+                       request_hash, claim)
+
+    def release(self, pending: Pending) -> None:
+        """``pending`` ends here (answered, refused, or abandoned): its idempotency key is free again.
+        Every path that ends a prepared decision calls this (``finish`` for all it finishes); twice is harmless."""
+        claim = pending.claim
+        if claim is not None:
+            pending.claim = None
+            self.claims.release(claim)
 
     def recorded_before(self, exclude=()) -> int:
         """The audit sequence below which every escalated decision has its review row stored.
@@ -177,6 +200,8 @@ class DecisionEngine(GroupFinish):
             )
         decision = kpb.Decision.FromString(response)
         decision.replayed = True
+        if request.request_id:  # this call's id, so a stream's caller can match it (audit_sequence finds the original)
+            decision.request_id = request.request_id
         return decision
 
     def run_blocking(self, pending: Pending, on_wait=None) -> None:
@@ -204,14 +229,17 @@ class DecisionEngine(GroupFinish):
         pending = self.prepare(request, deadline_ns, principal, arrived_ns)
         if isinstance(pending, kpb.Decision):
             return pending
-        if admit is not None:
-            admit(pending.item)
-        item = self.finish_in_groups(pending)
         try:
-            self.run_blocking(pending, on_wait)
+            if admit is not None:
+                admit(pending.item)
+            item = self.finish_in_groups(pending)
+            try:
+                self.run_blocking(pending, on_wait)
+            finally:
+                item.owner = None  # (no reference cycle left for the garbage collector)
+            return self.outcome(pending)
         finally:
-            item.owner = None  # (no reference cycle left for the garbage collector)
-        return self.outcome(pending)
+            self.release(pending)  # (refused before it ran; otherwise finish released it already)
 
     def decide_later(self, request, deadline_ns: int | None, later, principal: str = ANONYMOUS,
                      arrived_ns: int | None = None, admit=None, on_queued=None):
@@ -223,9 +251,13 @@ class DecisionEngine(GroupFinish):
         if isinstance(pending, kpb.Decision):
             return pending
         item = pending.item
-        if admit is not None:
-            admit(item)
-        self.answer_later(pending, later)
+        try:
+            if admit is not None:
+                admit(item)
+            self.answer_later(pending, later)
+        except BaseException:  # refused at admission: nothing was queued
+            self.release(pending)
+            raise
         if on_queued is not None and item.state == ITEM_QUEUED:  # (without the lane's lock: at worst a no-op)
             on_queued(item)
         return later.defer()
@@ -256,6 +288,7 @@ class DecisionEngine(GroupFinish):
             return
         if not self.finisher.submit([item], _no_lane_done):  # closing: its error, without the finisher
             pending.result = item.error
+            self.release(pending)
             self._answer_later([pending])
 
     def _answer_later(self, group: list[Pending]) -> None:

@@ -76,8 +76,13 @@ class GroupFinish:
                 decided = self._decide_apart(rows, exc)
             for i, decision in zip(indices, decided):
                 results[i] = decision
-        decided, tickets, opening = self._audit(group, results)
-        return self._complete(group, results, decided, tickets, opening)
+        try:
+            decided, tickets, opening = self._audit(group, results)
+            return self._complete(group, results, decided, tickets, opening)
+        finally:  # every answer that will be stored under its key is stored by now: the keys are free
+            for pending in group:
+                if pending.claim is not None:
+                    self.release(pending)
 
     def _failed(self, pending: Pending, error: BaseException) -> kpb.Decision | KernelError:
         """A request whose model work failed: the error, or for a model fault the pipeline's fallback."""

@@ -97,6 +97,7 @@ def decide_stream(engine: DecisionEngine, requests: Iterator, ctx, principal: st
                 except Exception as exc:  # refused at admission: RESOURCE_EXHAUSTED with its retry hint
                     with lock:
                         queued.pop(id(pending.item), None)
+                    engine.release(pending)
                     events.put((request, exc))
         except Exception as exc:  # the request stream itself broke (bad bytes are answered per message above)
             events.put((None, exc))

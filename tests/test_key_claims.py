@@ -1,0 +1,122 @@
+"""One decision per idempotency key while the first call with it is still being decided (kernel/pipelines/key_claims.py).
+
+Six concurrent calls with one key used to make six decisions, six audit
+records and six reviews; the retry of a client whose own deadline had passed
+while the kernel was still deciding made a second. Here the first call is
+held in the queue behind a busy lane, so the duplicates meet it in flight
+every time (no race to win), on both front ends.
+"""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from claims_support import build_small_model, claim_request, copy_pipelines
+from conftest import start_kernel
+from examples.claims import data
+from kernel._proto.aios.kernel.v1 import kernel_pb2_grpc as kgrpc
+from kernel.errors import Aborted, FailedPrecondition
+from kernel.pipelines.key_claims import STALE_AFTER_DEADLINE_NS, KeyClaims
+from lane_support import occupy, save_slow_model, until
+
+CASE = data.generate_cases(1, seed=31)[0]
+
+
+@pytest.fixture(scope="module", params=["sync", "aio"])
+def kernel(request, tmp_path_factory):
+    models = build_small_model(tmp_path_factory.mktemp("models"), provider="cpu")  # queued behind `slow`
+    save_slow_model(models)
+    pipelines = copy_pipelines(tmp_path_factory.mktemp("pipelines"))
+    server = start_kernel(models, request.param, lane_slots=1, pipelines=str(pipelines), pipeline_poll_s=0,
+                          data_dir=str(tmp_path_factory.mktemp("data")))
+    yield server
+    server.stop(grace=2)
+
+
+def _queued_decisions(kernel) -> int:
+    return kernel.lanes.load(kernel.hub.get("claims_triage"))[0]
+
+
+def _trailer(error: grpc.RpcError, name: str) -> str | None:
+    return dict(error.trailing_metadata() or ()).get(name)
+
+
+def test_a_duplicate_in_flight_is_refused_with_a_hint_and_its_retry_replays_the_one_decision(kernel, channel):
+    stub = kgrpc.DecisionServiceStub(channel)
+    key = f"dup-{kernel.front_end}"
+    request = claim_request(CASE, idempotency_key=key, request_id="first", priority=2)
+    audit_before = kernel.decisions.audit.size
+    train = occupy(kernel, channel)
+    first = stub.Decide.future(request, timeout=120)
+    until(lambda: _queued_decisions(kernel) == 1, "the first decision to queue")
+
+    for attempt in range(3):  # the same request again (a hedge; a retry after the caller's own deadline)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Decide(claim_request(CASE, idempotency_key=key, request_id=f"again-{attempt}", priority=2),
+                        timeout=60)
+        assert info.value.code() == grpc.StatusCode.ABORTED, info.value.details()
+        assert "is being decided now" in info.value.details() and key in info.value.details()
+        assert 1 <= int(_trailer(info.value, "retry-after-ms")) <= 100
+    streamed = list(stub.DecideStream(iter([claim_request(CASE, idempotency_key=key, request_id="streamed",
+                                                          priority=2)]), timeout=60))
+    assert [(d.request_id, d.error_code) for d in streamed] == [("streamed", "ABORTED")]
+    other = claim_request({**CASE, "claim_amount": CASE["claim_amount"] + 1}, idempotency_key=key, priority=2)
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Decide(other, timeout=60)
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION, info.value.details()
+
+    for call in train:
+        call.result()
+    decided = first.result()
+    assert decided.audit_sequence and not decided.replayed
+    replay = stub.Decide(claim_request(CASE, idempotency_key=key, request_id="retried", priority=2), timeout=60)
+    assert replay.replayed and replay.audit_sequence == decided.audit_sequence and replay.action == decided.action
+    assert kernel.decisions.audit.size == audit_before + 1, "one key, one decision on the record"
+
+
+def test_a_keyed_decision_that_expires_in_the_queue_frees_its_key(kernel, channel):
+    stub = kgrpc.DecisionServiceStub(channel)
+    key = f"expired-{kernel.front_end}"
+    train = occupy(kernel, channel, batches=8)
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Decide(claim_request(CASE, idempotency_key=key, priority=2, timeout_ms=30), timeout=60)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, info.value.details()
+    for call in train:
+        call.result()
+    answer = stub.Decide(claim_request(CASE, idempotency_key=key, priority=2), timeout=60)
+    assert answer.audit_sequence and not answer.replayed  # decided now: the expired call kept nothing
+    assert len(kernel.decisions.engine.claims) == 0
+
+
+def test_a_claim_is_released_once_and_only_by_its_holder():
+    claims = KeyClaims()
+    held = claims.claim("acme", "k", "hash-1", deadline_ns=None)
+    with pytest.raises(Aborted) as info:
+        claims.claim("acme", "k", "hash-1", deadline_ns=None)
+    assert dict(info.value.trailers)["retry-after-ms"] == "1"
+    with pytest.raises(FailedPrecondition, match="different request"):
+        claims.claim("acme", "k", "hash-2", deadline_ns=None)
+    other_tenant = claims.claim("globex", "k", "hash-2", deadline_ns=None)  # keys are per tenant
+    claims.release(held)
+    again = claims.claim("acme", "k", "hash-1", deadline_ns=None)
+    claims.release(held)  # a stale release (already released once) must not free the new holder's claim
+    with pytest.raises(Aborted):
+        claims.claim("acme", "k", "hash-1", deadline_ns=None)
+    claims.release(again)
+    claims.release(other_tenant)
+    assert len(claims) == 0
+
+
+def test_a_claim_never_released_is_taken_over_long_after_its_deadline(caplog):
+    now = [10**12]
+    claims = KeyClaims(clock=lambda: now[0])
+    claims.claim("acme", "k", "h", deadline_ns=now[0] + 10**9)
+    now[0] += 10**9 + STALE_AFTER_DEADLINE_NS - 1
+    with pytest.raises(Aborted):
+        claims.claim("acme", "k", "h", deadline_ns=None)
+    now[0] += 2
+    taken = claims.claim("acme", "k", "h", deadline_ns=None)
+    assert "was never released" in caplog.text and "bug" in caplog.text
+    claims.release(taken)
+    assert len(claims) == 0
