@@ -561,11 +561,11 @@ cdef class CythonScheduler:
         level = <int>(1 if priority < 1 else (m.levels if priority > m.levels else priority))
         m.submitted += 1
         if m.queued >= m.max_queue:
-            return self._reject(m, item, REJECT_QUEUE_FULL, m.predict(m.capacity))
+            return self._reject(m, item, REJECT_QUEUE_FULL, self._room_after(m, now_ns))
         # Requests without a tenant count only against the model.
         by_tenant = m.track_tenants and _truthy(item.tenant)
         if by_tenant and m.tenants.get(item.tenant, 0) >= m.max_tenant_queue:
-            return self._reject(m, item, REJECT_TENANT_FULL, m.predict(m.capacity))
+            return self._reject(m, item, REJECT_TENANT_FULL, self._room_after(m, now_ns))
         if deadline != NO_DEADLINE and m.win_count >= 2:
             finish = now_ns + self._wait_ahead(m, level, item.rows, now_ns)
             if finish > deadline:
@@ -590,6 +590,15 @@ cdef class CythonScheduler:
             m.tenants[item.tenant] = m.tenants.get(item.tenant, 0) + 1
         self._queued += 1
         return ADMITTED
+
+    cdef long long _room_after(self, _ModelQ m, long long now_ns) except? -1:
+        # The reference's _room_after: a full queue's retry hint, about when its next batch leaves it.
+        cdef long long wait = 0
+        if m.max_queue_delay_ns > 0 and m.queued and m.queued_rows < m.capacity:
+            wait = m.oldest_ns() + m.max_queue_delay_ns - now_ns
+            if wait < 0:
+                wait = 0
+        return wait + m.predict(m.capacity)
 
     cdef int _reject(self, _ModelQ m, WorkItem item, int reason, long long retry_after_ns) except -1:
         if reason == REJECT_QUEUE_FULL:

@@ -177,6 +177,28 @@ def test_queue_and_tenant_bounds(sched):
     assert stats["rejected_tenant_full"] == 1 and stats["rejected_queue_full"] == 1 and stats["queued"] == 3
 
 
+def test_a_full_queue_hints_when_its_next_batch_leaves(sched):
+    """The retry hint of a full queue: with a static window, when the oldest request's window closes, plus one
+    batch's run (it was one batch's run alone: 1 ms while a 200 ms window held the queue)."""
+    m = add(sched, max_batch_size=8, max_queue=3, max_queue_delay_ns=200 * MS)
+    for rows, ns in [(1, 2 * MS), (8, 9 * MS)]:  # fit: 1 ms per row + 1 ms per batch
+        sched.observe(m, rows, ns)
+    submit(sched, m, now=10 * MS)
+    submit(sched, m, now=20 * MS)
+    submit(sched, m, now=30 * MS, tenant="t")
+    refused = item(m)
+    assert sched.submit(refused, 50 * MS) == REJECT_QUEUE_FULL
+    assert refused.retry_after_ns == (10 + 200 - 50) * MS + 9 * MS  # the window's rest, then a full batch's run
+    late = item(m)
+    assert sched.submit(late, 400 * MS) == REJECT_QUEUE_FULL  # the window closed: a batch's run
+    assert late.retry_after_ns == 9 * MS
+    adaptive = add(sched, "adaptive", max_batch_size=8, max_queue=1)
+    sched.observe(adaptive, 8, 9 * MS)
+    submit(sched, adaptive)
+    refused = item(adaptive)
+    assert sched.submit(refused, 0) == REJECT_QUEUE_FULL and refused.retry_after_ns == sched.predict(adaptive, 8)
+
+
 def test_admission_refuses_unmeetable_deadline_with_retry_hint(sched):
     m = add(sched, max_batch_size=4)
     for rows, ns in [(1, 2 * MS), (4, 5 * MS)]:  # fit: 1 ms per row + 1 ms per batch

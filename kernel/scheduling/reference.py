@@ -152,9 +152,9 @@ class ReferenceScheduler:
         level = self._level(state, item)
         state.counters["submitted"] += 1
         if state.queued >= schedule.max_queue:
-            return self._reject(state, item, REJECT_QUEUE_FULL, state.fit.predict(schedule.capacity))
+            return self._reject(state, item, REJECT_QUEUE_FULL, self._room_after(state, now_ns))
         if state.track_tenants and item.tenant and state.tenants.get(item.tenant, 0) >= schedule.max_tenant_queue:
-            return self._reject(state, item, REJECT_TENANT_FULL, state.fit.predict(schedule.capacity))
+            return self._reject(state, item, REJECT_TENANT_FULL, self._room_after(state, now_ns))
         if item.deadline_ns != NO_DEADLINE and state.fit.known:
             finish = now_ns + self._wait_ahead(state, level, item.rows, now_ns)
             if finish > item.deadline_ns:
@@ -178,6 +178,16 @@ class ReferenceScheduler:
             state.tenants[item.tenant] = state.tenants.get(item.tenant, 0) + 1
         self._queued += 1
         return ADMITTED
+
+    def _room_after(self, state: _Model, now_ns: int) -> int:
+        """The retry hint of a full queue: about when its next batch leaves it. With a static window that
+        is when the oldest request's window closes (unless a full batch is already queued), and then one
+        batch's run for a lane slot; the run alone was a 1 ms hint while the window held the queue 200 ms."""
+        schedule = state.schedule
+        wait = 0
+        if schedule.max_queue_delay_ns > 0 and state.queued and sum(state.rows_by_level) < schedule.capacity:
+            wait = max(0, self._oldest_ns(state) + schedule.max_queue_delay_ns - now_ns)
+        return wait + state.fit.predict(schedule.capacity)
 
     def _reject(self, state: _Model, item: WorkItem, reason: int, retry_after_ns: int) -> int:
         key = {REJECT_QUEUE_FULL: "rejected_queue_full", REJECT_TENANT_FULL: "rejected_tenant_full",
