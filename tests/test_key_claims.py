@@ -21,11 +21,14 @@ from kernel.pipelines.key_claims import STALE_AFTER_DEADLINE_NS, KeyClaims
 from lane_support import occupy, save_slow_model, until
 
 CASE = data.generate_cases(1, seed=31)[0]
+MAX_QUEUE = 2  # the claims model's queue bound here: a third queued decision is refused at admission
 
 
 @pytest.fixture(scope="module", params=["sync", "aio"])
 def kernel(request, tmp_path_factory):
     models = build_small_model(tmp_path_factory.mktemp("models"), provider="cpu")  # queued behind `slow`
+    toml = models / "claims_triage" / "1" / "model.toml"
+    toml.write_text(toml.read_text().replace("instances = 1", f"instances = 1\nmax_queue = {MAX_QUEUE}"))
     save_slow_model(models)
     pipelines = copy_pipelines(tmp_path_factory.mktemp("pipelines"))
     server = start_kernel(models, request.param, lane_slots=1, pipelines=str(pipelines), pipeline_poll_s=0,
@@ -86,6 +89,24 @@ def test_a_keyed_decision_that_expires_in_the_queue_frees_its_key(kernel, channe
         call.result()
     answer = stub.Decide(claim_request(CASE, idempotency_key=key, priority=2), timeout=60)
     assert answer.audit_sequence and not answer.replayed  # decided now: the expired call kept nothing
+    assert len(kernel.decisions.engine.claims) == 0
+
+
+def test_a_keyed_decision_refused_at_admission_frees_its_key(kernel, channel):
+    stub = kgrpc.DecisionServiceStub(channel)
+    key = f"refused-{kernel.front_end}"
+    train = occupy(kernel, channel)
+    queued = [stub.Decide.future(claim_request(CASE, request_id=f"filler-{n}", priority=2), timeout=120)
+              for n in range(MAX_QUEUE)]
+    until(lambda: _queued_decisions(kernel) == MAX_QUEUE, "the queue to fill")
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Decide(claim_request(CASE, idempotency_key=key, priority=2), timeout=60)
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, info.value.details()
+    assert "queue is full" in info.value.details()
+    for call in train + queued:
+        call.result()
+    answer = stub.Decide(claim_request(CASE, idempotency_key=key, priority=2), timeout=60)
+    assert answer.audit_sequence and not answer.replayed  # the refused call held the key no longer
     assert len(kernel.decisions.engine.claims) == 0
 
 

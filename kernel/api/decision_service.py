@@ -48,7 +48,11 @@ def decision_handlers(engine: DecisionEngine, registry: PipelineRegistry, budget
             return pending
         item = engine.finish_in_groups(pending)
         done = attach(item)
-        engine.inference.submit(item)
+        try:
+            engine.inference.submit(item)
+        except BaseException:  # refused at admission: nothing queued, its idempotency key is free again
+            engine.release(pending)
+            raise
         await wait_finished(engine.inference, item, done)
         item.owner = None  # finished: no reference cycle left (a cancelled call leaves it to the finisher)
         if pending.result is None:  # it never ran (expired in the queue): decided alone, off the loop
