@@ -211,7 +211,7 @@ class KernelServer:
             self._eager = eager_receive.attach([inference, *ours], self._pool, self.settings.answer_later,
                                                self.settings.poller_inline)
             if self.settings.answer_later:
-                self._pump = stream_pump.attach(ours, self.decisions.engine, self._pool)
+                self._pump = stream_pump.attach(ours, self.decisions.engine, self._pool, budget)
         self._health = AsyncHealth() if asynchronous else ThreadedHealth()
         generated = registration.generic_only(server)  # (no method registrations on grpc.aio: registration.py)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, generated)

@@ -126,3 +126,47 @@ def test_decide_calls_share_the_budget(tmp_path, monkeypatch):
     finally:
         held.release.set()
         server.stop(grace=5)
+
+
+@pytest.mark.parametrize("answer_later", [True, False], ids=["pumped", "on-handler-threads"])
+def test_idle_streams_cannot_take_the_threads_kept_for_priority_one(tmp_path, answer_later):
+    """An open stream holds a call slot however long it idles: fourteen of sixteen held by idle DecideStreams,
+    another stream (DecideStream or ModelStreamInfer) is refused with a retry hint, and a priority-1 Decide
+    still gets in (twenty idle streams used to take every slot, and gRPC then refused everything, hint-less)."""
+    from claims_support import build_small_model, claim_request, copy_pipelines
+    from examples.claims import data
+    from kernel._proto.aios.kernel.v1 import kernel_pb2_grpc as kgrpc
+    from lane_support import until
+
+    models = build_small_model(tmp_path / "models")
+    server = start_kernel(models, "sync", workers=16, answer_later=answer_later,
+                          pipelines=str(copy_pipelines(tmp_path / "p")), pipeline_poll_s=0)
+    idle = threading.Event()
+
+    def nothing_until_released():
+        idle.wait(60)
+        return
+        yield  # (a generator that sends no message, then half-closes)
+
+    case = data.generate_cases(1, seed=5)[0]
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            decisions = kgrpc.DecisionServiceStub(channel)
+            streams = [decisions.DecideStream(nothing_until_released(), timeout=60) for _ in range(14)]
+            until(lambda: server._calls_in_progress() == 14, "fourteen open streams")
+            with pytest.raises(grpc.RpcError) as refused:
+                list(decisions.DecideStream(iter([claim_request(case)]), timeout=30))
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, refused.value.details()
+            assert "kept for priority 1" in refused.value.details()
+            assert "retry-after-ms" in dict(refused.value.trailing_metadata())
+            with pytest.raises(grpc.RpcError) as refused:
+                list(pb_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer(iter([]), timeout=30))
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, refused.value.details()
+            urgent = decisions.Decide(claim_request(case, request_id="urgent", priority=1), timeout=30)
+            assert urgent.action and urgent.request_id == "urgent"
+            idle.set()
+            for stream in streams:
+                assert list(stream) == []
+    finally:
+        idle.set()
+        server.stop(grace=5)

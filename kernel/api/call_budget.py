@@ -39,6 +39,12 @@ class CallBudget:
         self._in_progress = in_progress  # calls in progress, the asking one included
         self.refused = 0  # lower-priority calls turned away to keep the reserve
 
+    def admit_stream(self) -> None:
+        """Refuse a stream that would eat the reserve. A stream holds its call slot for as long as it is open,
+        whatever its messages' priorities: twenty idle streams took every slot, and then gRPC's own limit
+        refused priority-1 calls with no retry hint."""
+        self.admit(URGENT + 1)
+
     def admit(self, priority: int) -> None:
         """Refuse a call of ``priority`` if it would eat the reserve."""
         if priority <= URGENT:

@@ -62,6 +62,8 @@ def decision_handlers(engine: DecisionEngine, registry: PipelineRegistry, budget
     decide.on_loop = decide_on_loop  # rpc.aio_handler awaits this instead of running ``decide`` on a thread
 
     def stream(requests, ctx):
+        if budget is not None:  # (a pumped stream is admitted by the pump: stream_pump.py)
+            budget.admit_stream()
         return decide_stream(engine, requests, ctx)
 
     def upload(request, ctx):

@@ -285,6 +285,12 @@ def sync_servicer(service: InferenceService, budget: CallBudget | None = None) -
             context.abort(grpc.StatusCode.INTERNAL, internal_message("ModelInfer"))
 
     def ModelStreamInfer(request_iterator, context):
+        if budget is not None:
+            try:
+                budget.admit_stream()
+            except KernelError as exc:
+                context.set_trailing_metadata(exc.trailers)
+                context.abort(status_of(exc), details_of(exc))
         yield from _SyncStream(service, request_iterator, context)
 
     ModelInfer.wants_arrival = True  # Triton's ``timeout`` counts from the call's arrival (registration.py)

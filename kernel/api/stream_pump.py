@@ -43,6 +43,7 @@ from collections import deque
 from concurrent import futures
 
 from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
+from ..errors import ResourceExhausted
 from ..pipelines.flow import ANONYMOUS
 from ..pipelines.stream import MAX_IN_FLIGHT, error_decision, prepare_streamed
 from .eager_receive import AVAILABLE as _EAGER_AVAILABLE
@@ -69,8 +70,9 @@ class StreamPump(futures.ThreadPoolExecutor):
     """The "thread pool" grpc picks for DecideStream: it starts the stream's state machine and returns the
     future grpc counts the call by. A ``ThreadPoolExecutor`` only because grpc checks for one."""
 
-    def __init__(self, engine, pool):  # (no super().__init__: nothing of ThreadPoolExecutor is used)
+    def __init__(self, engine, pool, budget=None):  # (no super().__init__: nothing of ThreadPoolExecutor is used)
         self._engine = engine
+        self._budget = budget  # the server's CallBudget: a stream may not take the threads kept for priority 1
         self._pool = pool  # the server's HandlerPool: runs each stream's prepare task
         self.streams = 0  # streams that took this path (changed on gRPC's poller thread only)
         # Over all streams, on gRPC's poller thread only (its batch callbacks): requests received, and answers
@@ -100,10 +102,25 @@ class StreamPump(futures.ThreadPoolExecutor):
             return self._pool.submit(*args, **kwargs)
         _run, _respond, rpc_event, state, _behaviour, _iterator, deserializer, serializer = args
         self.streams += 1
+        if self._budget is not None:
+            try:
+                self._budget.admit_stream()  # (this stream counted: it asks as one of the calls in progress)
+            except ResourceExhausted as exc:
+                return self._refuse(rpc_event, state, exc)
         stream = _Stream(self, self._engine, self._pool, rpc_event, state, deserializer, serializer)
         stream.finished.add_done_callback(self._stream_over)
         stream.start()
         return stream.finished
+
+    def _refuse(self, rpc_event, state, exc: ResourceExhausted) -> _Finished:
+        """End a stream the call budget refused, with its status and retry hint (grpc calls submit with the
+        call's condition held, as ``_abort`` wants); the future grpc counts it by is done at once."""
+        state.trailing_metadata = exc.trailers
+        _gs._abort(state, rpc_event.call, _cygrpc.StatusCode.resource_exhausted, exc.message.encode())
+        finished = _Finished()
+        self._stream_over(finished)
+        finished.set_done()
+        return finished
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         pass  # owns no threads
@@ -311,7 +328,7 @@ class _Stream:
             self.finished.set_done()
 
 
-def attach(handlers, engine, pool) -> StreamPump | None:
+def attach(handlers, engine, pool, budget=None) -> StreamPump | None:
     """Route DecideStream (found among ``handlers``, ``registration.ServiceHandlers``) through a
     ``StreamPump``; None (and the log says so) where this grpcio lacks the internals it follows."""
     if not AVAILABLE:
@@ -323,7 +340,7 @@ def attach(handlers, engine, pool) -> StreamPump | None:
         handler = service.methods.get(STREAM_METHOD)
         if handler is None:
             return None
-        pump = StreamPump(engine, pool)
+        pump = StreamPump(engine, pool, budget)
         handler.stream_stream.experimental_thread_pool = pump
         return pump
     return None
