@@ -1,28 +1,39 @@
 """A small client for the decision API: Python values in, ``Decision`` messages out.
 
 Used by ``aios-kernel decide`` and the demo; the Python client package on
-the roadmap will grow from this.
+the roadmap will grow from this. Errors are ``grpc.RpcError`` as gRPC raises
+them (``.code()``, ``.details()``, ``.trailing_metadata()``); ``decide`` can
+retry the refusals that say when to come back (``retries``).
 """
 
 from __future__ import annotations
 
 import json
+import numbers
+import time
 from collections.abc import Iterable, Iterator
 
 import grpc
+import numpy as np
 
 from ._proto.aios.kernel.v1 import kernel_pb2 as kpb
 from ._proto.aios.kernel.v1 import kernel_pb2_grpc as kgrpc
 
+# Refusals a caller may simply send again: a full queue or busy kernel (RESOURCE_EXHAUSTED, with a
+# retry-after-ms hint), the same idempotency key in flight (ABORTED, with a hint), a kernel draining
+# (UNAVAILABLE). DEADLINE_EXCEEDED only with an idempotency key: without one a retry may decide twice.
+RETRYABLE = frozenset({grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED, grpc.StatusCode.UNAVAILABLE})
+DEFAULT_BACKOFF_S = 0.05  # when a refusal carries no hint (UNAVAILABLE), doubled per attempt
+
 
 def to_value(value) -> kpb.Value:
-    """A protobuf Value from a Python bool, int, float or str."""
-    if isinstance(value, bool):
-        return kpb.Value(bool_value=value)
-    if isinstance(value, int):
-        return kpb.Value(int_value=value)
-    if isinstance(value, float):
-        return kpb.Value(number_value=value)
+    """A protobuf Value from a Python (or numpy scalar) bool, int, float or str."""
+    if isinstance(value, (bool, np.bool_)):
+        return kpb.Value(bool_value=bool(value))
+    if isinstance(value, numbers.Integral):
+        return kpb.Value(int_value=int(value))
+    if isinstance(value, numbers.Real):
+        return kpb.Value(number_value=float(value))
     if isinstance(value, str):
         return kpb.Value(string_value=value)
     raise TypeError(f"a field value must be bool, int, float or str, got {type(value).__name__}")
@@ -38,6 +49,8 @@ def parse_cli_value(text: str):
 
 
 def make_request(pipeline: str, fields: dict, text: dict | None = None, **options) -> kpb.DecisionRequest:
+    """A DecisionRequest: ``fields`` as typed values (``to_value``), ``text`` as text fields, ``options`` any other
+    DecisionRequest field (``tenant``, ``request_id``, ``idempotency_key``, ``priority``, ``timeout_ms``)."""
     request = kpb.DecisionRequest(pipeline=pipeline, **options)
     for name, value in fields.items():
         request.fields[name].CopyFrom(to_value(value))
@@ -46,20 +59,62 @@ def make_request(pipeline: str, fields: dict, text: dict | None = None, **option
     return request
 
 
+def retry_after_s(error: grpc.RpcError) -> float | None:
+    """The kernel's ``retry-after-ms`` hint on a refusal, in seconds; None when it gave none."""
+    for key, value in error.trailing_metadata() or ():
+        if key == "retry-after-ms":
+            try:
+                return int(value) / 1000
+            except ValueError:
+                return None
+    return None
+
+
 class DecisionClient:
-    def __init__(self, address: str, timeout: float = 10.0):
+    """Decisions over one channel to ``address`` (``host:port``); also the review, task and audit stubs.
+
+    ``timeout``: the deadline of each unary call in seconds, unless a call gives its own;
+    ``stream_timeout``: that of a ``decide_stream`` (None: no deadline).
+    """
+
+    def __init__(self, address: str, timeout: float = 10.0, stream_timeout: float | None = 300.0):
         self.channel = grpc.insecure_channel(address)
         self.stub = kgrpc.DecisionServiceStub(self.channel)
         self.reviews = kgrpc.ReviewServiceStub(self.channel)
         self.tasks = kgrpc.TaskServiceStub(self.channel)
         self.audit = kgrpc.AuditServiceStub(self.channel)
         self.timeout = timeout
+        self.stream_timeout = stream_timeout
 
-    def decide(self, pipeline: str, fields: dict, text: dict | None = None, **options) -> kpb.Decision:
-        return self.stub.Decide(make_request(pipeline, fields, text, **options), timeout=self.timeout)
+    def decide(self, pipeline: str, fields: dict, text: dict | None = None, *, timeout: float | None = None,
+               retries: int = 0, **options) -> kpb.Decision:
+        """One decision (``make_request``'s arguments). ``timeout``: this call's deadline in seconds (default the
+        client's), shared by all its attempts. ``retries``: how many times to send it again after a refusal
+        in ``RETRYABLE``, waiting as the kernel's hint says; after DEADLINE_EXCEEDED too if it has an
+        ``idempotency_key`` (the retry then returns the decision made late, not a second one). Raises the
+        last ``grpc.RpcError``."""
+        request = make_request(pipeline, fields, text, **options)
+        end = time.monotonic() + (self.timeout if timeout is None else timeout)
+        backoff = DEFAULT_BACKOFF_S
+        for attempt in range(retries + 1):
+            try:
+                return self.stub.Decide(request, timeout=max(0.0, end - time.monotonic()))
+            except grpc.RpcError as error:
+                retryable = error.code() in RETRYABLE or (
+                    error.code() == grpc.StatusCode.DEADLINE_EXCEEDED and request.idempotency_key)
+                pause = retry_after_s(error)
+                if pause is None:
+                    pause, backoff = backoff, backoff * 2
+                if attempt == retries or not retryable or time.monotonic() + pause >= end:
+                    raise
+                time.sleep(pause)
+        raise AssertionError("unreachable")  # (the loop returns or raises)
 
-    def decide_stream(self, requests: Iterable[kpb.DecisionRequest], timeout: float | None = None) -> Iterator[kpb.Decision]:
-        return self.stub.DecideStream(iter(requests), timeout=timeout)
+    def decide_stream(self, requests: Iterable[kpb.DecisionRequest], timeout: float | None = ...) -> Iterator[kpb.Decision]:
+        """Many decisions on one stream: answers in completion order, each with its request's ``request_id``
+        (set one per request to match them). ``timeout``: the whole stream's deadline (default the client's
+        ``stream_timeout``)."""
+        return self.stub.DecideStream(iter(requests), timeout=self.stream_timeout if timeout is ... else timeout)
 
     def close(self) -> None:
         self.channel.close()

@@ -1,7 +1,8 @@
 """A small synchronous Open Inference Protocol client over our generated stubs.
 
-Used by the CLI (`infer`, `demo`, `models list --address`); the full client
-package (sync + asyncio, retries, our decision API) lives in clients/python.
+Used by the CLI (`infer`, `demo`, `models list --address`). Any KServe v2 /
+Triton gRPC client works too (tests/test_oip_compat.py drives the kernel with
+tritonclient); ``kernel.decision_client`` is the decision API's.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ import grpc
 import pytest
 
 from claims_support import build_small_model, claim_request, copy_pipelines
+from examples.claims.data import REQUEST_FIELDS
 from conftest import start_kernel
 from examples.claims import data
 from kernel._proto.aios.kernel.v1 import kernel_pb2_grpc as kgrpc
@@ -108,6 +109,32 @@ def test_a_keyed_decision_refused_at_admission_frees_its_key(kernel, channel):
     answer = stub.Decide(claim_request(CASE, idempotency_key=key, priority=2), timeout=60)
     assert answer.audit_sequence and not answer.replayed  # the refused call held the key no longer
     assert len(kernel.decisions.engine.claims) == 0
+
+
+def test_the_python_client_retries_as_the_hint_says_until_it_gets_the_one_decision(kernel, channel):
+    """kernel.decision_client: ``retries`` sends an ABORTED call again after its retry-after-ms, so a hedged
+    request gets the first call's decision back (replayed) and the kernel still makes one."""
+    import numpy as np
+
+    from kernel.decision_client import DecisionClient
+
+    stub = kgrpc.DecisionServiceStub(channel)
+    key = f"client-{kernel.front_end}"
+    train = occupy(kernel, channel)
+    first = stub.Decide.future(claim_request(CASE, idempotency_key=key, priority=2), timeout=120)
+    until(lambda: _queued_decisions(kernel) == 1, "the first decision to queue")
+    numpy_scalar = {bool: np.bool_, int: np.int64, float: np.float64}  # (numpy scalars are values too)
+    fields = {name: numpy_scalar.get(type(CASE[name]), str)(CASE[name]) for name in REQUEST_FIELDS}
+    with DecisionClient(f"127.0.0.1:{kernel.port}") as client:
+        with pytest.raises(grpc.RpcError) as info:  # no retries: the refusal as it came
+            client.decide("claims_triage", fields, tenant="acme", idempotency_key=key, priority=2, timeout=30)
+        assert info.value.code() == grpc.StatusCode.ABORTED
+        hedge = client.decide("claims_triage", fields, tenant="acme", idempotency_key=key, priority=2,
+                              timeout=60, retries=10_000)
+    decided = first.result()
+    assert hedge.replayed and hedge.audit_sequence == decided.audit_sequence
+    for call in train:
+        call.result()
 
 
 def test_a_claim_is_released_once_and_only_by_its_holder():
