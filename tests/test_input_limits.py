@@ -296,11 +296,21 @@ def test_a_decision_recorded_after_its_deadline_is_kept_under_its_key_and_replay
 
 
 def test_without_a_key_a_late_decision_is_said_to_stand_on_the_record(claims, monkeypatch):
+    """...in words and, for a program, in the aios-audit-sequence trailer (a DEADLINE_EXCEEDED without it:
+    nothing was decided); a streamed answer carries the sequence in its audit_sequence."""
     delay_audit(monkeypatch, claims.kernel.decisions.audit)
-    code, details = refused(claims.decisions.Decide, case_request(seed=32, request_id="late-nokey", timeout_ms=1000))
-    monkeypatch.undo()
+    with pytest.raises(grpc.RpcError) as info:
+        claims.decisions.Decide(case_request(seed=32, request_id="late-nokey", timeout_ms=1000), timeout=TIMEOUT_S)
+    code, details = info.value.code(), info.value.details()
     assert code == Code.DEADLINE_EXCEEDED and "'late-nokey' was made" in details, details
     assert "recorded at audit sequence" in details and "it stands on the record" in details, details
+    sequence = int(details.split("recorded at audit sequence ")[1].split(" ")[0])
+    assert dict(info.value.trailing_metadata())["aios-audit-sequence"] == str(sequence)
+    (streamed,) = claims.decisions.DecideStream(iter([case_request(seed=33, request_id="late-streamed",
+                                                                   timeout_ms=1000)]), timeout=TIMEOUT_S)
+    monkeypatch.undo()
+    assert streamed.error_code == "DEADLINE_EXCEEDED" and streamed.audit_sequence > sequence, streamed
+    assert f"recorded at audit sequence {streamed.audit_sequence} " in streamed.error_message
 
 
 def test_retries_with_one_key_and_a_1_ms_timeout_make_at_most_one_decision(claims):

@@ -39,6 +39,13 @@ log = logging.getLogger("aios.decisions")
 # Review rows waiting in memory beyond which a group stores its own before answering (so a review store
 # that keeps failing fails the decisions, as it did before rows were stored in the background).
 MAX_REVIEW_BACKLOG = 50_000
+RECORDED_TRAILER = "aios-audit-sequence"
+
+
+def recorded_at(sequence: int) -> tuple[tuple[str, str], ...]:
+    """The trailer of an error answer whose decision was made and recorded all the same (made after its deadline;
+    its review could not be stored): a program tells it from "nothing was decided" without reading the text."""
+    return ((RECORDED_TRAILER, str(sequence)),)
 
 
 class GroupFinish:
@@ -400,7 +407,8 @@ class GroupFinish:
             review = f", escalated to review {decision.review_id}" if decision.review_id else ""
             results[index] = DeadlineExceeded(
                 f"decision {quote(decision.request_id)} was made {overdue_ns / 1e6:.1f} ms after its deadline and "
-                f"recorded at audit sequence {decision.audit_sequence} (action {decision.action!r}{review}); {then}")
+                f"recorded at audit sequence {decision.audit_sequence} (action {decision.action!r}{review}); {then}",
+                trailers=recorded_at(decision.audit_sequence))
 
     def _unreviewed(self, group: list[Pending], results: list, indices: list[int], exc: Exception) -> None:
         """The reviews of these recorded, escalated decisions could not be stored: each fails with
@@ -417,7 +425,7 @@ class GroupFinish:
             results[index] = Unavailable(
                 f"decision {decision.request_id} was made and recorded at audit sequence {decision.audit_sequence} "
                 f"(action {decision.action!r}, escalated to a person), but its review could not be stored "
-                f"(the review store: {reason}); {then}")
+                f"(the review store: {reason}); {then}", trailers=recorded_at(decision.audit_sequence))
 
     def _store_answers(self, group: list[Pending], results: list, keyed: list[int]) -> set[int] | tuple:
         """Store each keyed decision's answer under its idempotency key; returns the indices of those whose

@@ -26,6 +26,7 @@ from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
 from ..errors import Cancelled, InvalidArgument, KernelError
 from ..threads import name_native_thread
 from .flow import ANONYMOUS, DecisionEngine, Pending
+from .group_finish import RECORDED_TRAILER
 
 log = logging.getLogger("aios.decisions")
 
@@ -39,8 +40,14 @@ def error_decision(request, exc: BaseException) -> kpb.Decision:
         request = kpb.DecisionRequest()
     code = exc.code if isinstance(exc, KernelError) else "INTERNAL"
     message = exc.message if isinstance(exc, KernelError) else "internal error; the kernel keeps serving"
-    return kpb.Decision(request_id=request.request_id, pipeline=request.pipeline, tenant=request.tenant,
-                        error_code=code, error_message=message)
+    answer = kpb.Decision(request_id=request.request_id, pipeline=request.pipeline, tenant=request.tenant,
+                          error_code=code, error_message=message)
+    # What a unary call's trailers say (a stream's answers have none): where a decision answered with an
+    # error was recorded all the same.
+    for key, value in getattr(exc, "trailers", ()):
+        if key == RECORDED_TRAILER:
+            answer.audit_sequence = int(value)
+    return answer
 
 
 def prepare_streamed(engine: DecisionEngine, request, deadline_ns: int | None, principal: str) -> Pending | kpb.Decision:
