@@ -180,6 +180,27 @@ def test_a_changed_policy_file_reaches_every_pipeline_that_uses_it(hub, folder):
     assert registry.reload() == []  # nothing changed since: nothing reloaded
 
 
+def test_changed_content_under_an_unchanged_version_label_is_warned_about(hub, folder, caplog):
+    """A rule set changed but still declaring the old version (decisions would carry one label for two rule
+    sets): served, with a warning saying how to tell them apart and what to do; a new version: no warning."""
+    registry = PipelineRegistry(folder, hub, load_policy, parse_policy, poll_s=0)
+    registry.reload()
+    policy = folder / "policy.toml"
+    original = policy.read_text()
+    with caplog.at_level("WARNING", logger="aios.pipelines"):
+        policy.write_text(original.replace("fraud_score >= 0.8", "fraud_score >= 0.85", 1))
+        assert registry.reload() == ["claims_triage"]
+        warned = [r.getMessage() for r in caplog.records if "still declares version" in r.getMessage()]
+        assert len(warned) == 1 and "give the changed policy a new version" in warned[0], warned
+        caplog.clear()
+        version = registry.get("claims_triage").policy.version
+        policy.write_text(original.replace("fraud_score >= 0.8", "fraud_score >= 0.9", 1).replace(
+            f'version = "{version}"', f'version = "{version}-b"', 1))
+        assert registry.reload() == ["claims_triage"]
+        assert registry.get("claims_triage").policy.version == f"{version}-b"
+        assert not [r for r in caplog.records if "still declares version" in r.getMessage()]
+
+
 def test_a_policy_uploaded_with_one_pipeline_reaches_the_others_that_share_it(hub, folder):
     registry = PipelineRegistry(folder, hub, load_policy, parse_policy, poll_s=0)
     registry.reload()

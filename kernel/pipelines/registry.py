@@ -270,6 +270,8 @@ class PipelineRegistry:
             return False
         log.info("pipeline %s active: version %s (%s), policy %s %s (%s)", pipeline.name, pipeline.label,
                  pipeline.hash[:12], pipeline.policy.name, pipeline.policy.version, pipeline.policy.hash[:12])
+        if old is not None:
+            _warn_unchanged_labels(old, pipeline)
         for listener in self.listeners:
             listener(old, pipeline)
         return True
@@ -383,3 +385,16 @@ def _relocated(pipeline: Pipeline, path: str) -> Pipeline:
     from dataclasses import replace
 
     return replace(pipeline, path=path)
+
+
+def _warn_unchanged_labels(old: Pipeline, new: Pipeline) -> None:
+    """Changed content under an unchanged declared version: decisions then carry one version label for two rule
+    sets, told apart only by hash. Served all the same (the hash is on every decision and record), but said."""
+    if new.policy.hash != old.policy.hash and new.policy.version == old.policy.version:
+        log.warning("pipeline %s: policy %s changed (%s -> %s) but still declares version %r; decisions under "
+                    "either are told apart only by policy_hash: give the changed policy a new version",
+                    new.name, new.policy.name, old.policy.hash[:12], new.policy.hash[:12], new.policy.version)
+    elif new.hash != old.hash and new.label == old.label and new.label:
+        log.warning("pipeline %s changed (%s -> %s) but still declares version %r; decisions under either are told "
+                    "apart only by pipeline_version (the file's hash): give the changed file a new version",
+                    new.name, old.hash[:12], new.hash[:12], new.label)
