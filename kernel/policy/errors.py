@@ -46,7 +46,10 @@ class PolicyError(InvalidArgument):
         errors = [d for d in self.diagnostics if d.severity == ERROR]
         first = errors[0] if errors else self.diagnostics[0]
         more = len(errors) - 1
-        message = str(first) + (f" (and {more} more error{'s' if more > 1 else ''})" if more > 0 else "")
+        # Every error, not just the first: an upload's caller sees only this message (the status details are
+        # bounded, kernel.errors.clamp, so a file with hundreds of errors shows as many as fit).
+        message = str(first) + (f" (and {more} more error{'s' if more > 1 else ''}: "
+                                + "; ".join(str(d) for d in errors[1:]) + ")" if more > 0 else "")
         super().__init__(message)
         self.path, self.line, self.subject, self.reason = first.path, first.line, first.subject, first.message
 
