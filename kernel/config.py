@@ -113,6 +113,13 @@ class Settings:
     # (bench/RESULTS.md, "preallocated segments"); 0 = append (copy-on-write file systems gain nothing).
     audit_preallocate_bytes: int = 256 * 1024
     audit_stream_enabled: bool = False  # allow StreamAudit (until RBAC grants it to the auditor role)
+    # Durable tasks retry a failure that may pass (a full queue, a model being reloaded, a deadline that
+    # ran out in a busy queue) after task_backoff_s, doubling each time up to task_max_backoff_s, until
+    # task_max_attempts runs were made. The defaults keep trying for about 4 minutes (1+2+4+...+60 s):
+    # long enough for a model reload or a burst to pass, short enough that a task does not hang for good.
+    task_max_attempts: int = 10
+    task_backoff_s: float = 1.0
+    task_max_backoff_s: float = 60.0
 
     def usable_cores(self) -> int:
         try:
@@ -214,6 +221,24 @@ def _validate(settings: Settings, sources: dict[str, str]) -> None:
         raise bad("audit_segment_bytes", f"must be >= 4096, got {settings.audit_segment_bytes}")
     if settings.audit_preallocate_bytes < 0:
         raise bad("audit_preallocate_bytes", f"must be >= 0 (0 = append), got {settings.audit_preallocate_bytes}")
+    _validate_task_retries(settings, bad)
+
+
+# More runs than this is a typo (or a wish for "forever", which a task that cannot succeed must not get).
+_MAX_TASK_ATTEMPTS = 1000
+
+
+def _validate_task_retries(settings: Settings, bad) -> None:
+    if not 1 <= settings.task_max_attempts <= _MAX_TASK_ATTEMPTS:
+        raise bad("task_max_attempts", f"must be 1..{_MAX_TASK_ATTEMPTS} (1 = no retry), got {settings.task_max_attempts}")
+    if not 0 <= settings.task_backoff_s <= _MAX_SECONDS:
+        raise bad("task_backoff_s", f"must be 0..{_MAX_SECONDS} (a day), got {settings.task_backoff_s}")
+    if not 0 <= settings.task_max_backoff_s <= _MAX_SECONDS:
+        raise bad("task_max_backoff_s", f"must be 0..{_MAX_SECONDS} (a day), got {settings.task_max_backoff_s}")
+    if settings.task_max_backoff_s < settings.task_backoff_s:
+        # The first wait would already be cut to the cap: one of the two is a typo.
+        raise bad("task_max_backoff_s", f"must be >= task_backoff_s ({settings.task_backoff_s:g}), "
+                  f"got {settings.task_max_backoff_s:g}; raise it or lower task_backoff_s")
 
 
 def _file_settings(path: Path) -> dict[str, Any]:

@@ -24,7 +24,8 @@ from .api.review_service import review_handlers
 from .api.task_service import task_handlers
 from .audit import AuditLog
 from .config import Settings
-from .errors import Aborted, KernelError, ResourceExhausted, TransientError, Unavailable, shutting_down
+from .errors import (Aborted, DeadlineExceeded, KernelError, NotFound, ResourceExhausted, TransientError, Unavailable,
+                     shutting_down)
 from .pipelines import DecisionEngine, PipelineRegistry, Services
 from .pipelines.provenance import resolution_record
 from .policy import load_policy, parse_policy
@@ -61,6 +62,8 @@ class DecisionSide:
         self.registry = PipelineRegistry(settings.pipelines, hub, load_policy, parse_policy, settings.pipeline_poll_s)
         self.engine = DecisionEngine(self.registry, inference, Services(self.audit, self.reviews, self.idempotency))
         self.tasks = TaskRunner(TaskStore(self.db), self._run_task, validate=self.engine.validate,
+                                max_attempts=settings.task_max_attempts, backoff_s=settings.task_backoff_s,
+                                max_backoff_s=settings.task_max_backoff_s,
                                 audit_position=(lambda: self.audit.size) if self.audit is not None else None)
         self._draining = threading.Event()  # set by end_watches(): StreamAudit followers end
         # task id -> the decision record its attempt made before the kernel stopped (see _reopen_reviews)
@@ -220,23 +223,70 @@ class DecisionSide:
 
     # -- tasks and reviews -------------------------------------------------------------
     def _run_task(self, task: kpb.Task):
-        """A task runs its pipeline like Decide, without a caller deadline; escalation makes it wait.
+        """A task runs its pipeline like Decide, but nobody waits on it; escalation makes it wait for a review.
 
-        A full queue (RESOURCE_EXHAUSTED), a model being swapped or an audit log
-        that cannot take records right now (UNAVAILABLE) may pass: the runner
-        retries those with backoff. Anything else fails the task with its reason.
+        An attempt's deadline (the request's ``timeout_ms``, else the pipeline's
+        ``[model] timeout_ms``) bounds its wait for the model, as it does for
+        Decide, so a task queues as a decision would; it is no deadline for the
+        task. An attempt that fails in a way that may pass is retried by the
+        runner with backoff (``task_max_attempts``, ``task_backoff_s``): see
+        ``_may_pass``. Anything else fails the task with its reason.
+
+        One decision per task: an attempt that failed after its decision was
+        recorded (answered DEADLINE_EXCEEDED because it was recorded past its
+        deadline, or UNAVAILABLE because its review could not be stored) is
+        not run again; that decision is the task's outcome.
         """
         try:
             return self._run_task_once(task)
-        except TransientError:
-            raise
-        except (ResourceExhausted, Unavailable, Aborted) as exc:  # (Aborted: a Decide with the task's key is in flight)
-            raise TransientError(f"{exc.code}: {exc.message}") from exc
+        except KernelError as exc:
+            if not isinstance(exc, TransientError) and not self._may_pass(task, exc):
+                raise
+            failure = exc
+        recorded = self._attempt_record(task)
+        if recorded is not None:
+            return self._decided_before(task, recorded, f"its attempt failed after recording it ({failure.code})")
+        if isinstance(failure, TransientError):
+            raise failure
+        raise TransientError(f"{failure.code}: {failure.message}") from failure
+
+    def _may_pass(self, task: kpb.Task, exc: KernelError) -> bool:
+        """Whether an attempt's failure may pass if the task runs again later.
+
+        A full queue (RESOURCE_EXHAUSTED), a model being swapped or an audit
+        log that cannot take records now (UNAVAILABLE), a Decide with the
+        task's idempotency key in flight (ABORTED), and a deadline that passed
+        in a busy queue (DEADLINE_EXCEEDED: the model did not answer in time,
+        so nothing was decided) may all pass. So may a model that is not loaded
+        while its pipeline still is: an operator reloading it. A pipeline that
+        is gone fails the task.
+        """
+        if isinstance(exc, (ResourceExhausted, Unavailable, Aborted, DeadlineExceeded)):
+            return True
+        return isinstance(exc, NotFound) and self._pipeline_loaded(task.request.pipeline)
+
+    def _pipeline_loaded(self, name: str) -> bool:
+        try:
+            self.registry.get(name)
+        except KernelError:
+            return False
+        return True
+
+    def _attempt_record(self, task: kpb.Task) -> kpb.AuditRecord | None:
+        """The decision record the task's current attempt wrote, if it got that far; read from where the
+        attempt began (``Task.audit_from_sequence``), so only the records written meanwhile are read."""
+        if self.audit is None:
+            return None
+        start = min(task.audit_from_sequence, self.audit.size)
+        for record in self.audit.read(from_sequence=start, kind=kpb.DECISION):
+            if record.task_id == task.task_id:
+                return record
+        return None
 
     def _run_task_once(self, task: kpb.Task):
         recorded = self._recorded_tasks.pop(task.task_id, None)
         if recorded is not None:
-            return self._decided_before_the_stop(task, recorded)
+            return self._decided_before(task, recorded, "its attempt was cut off by a stop of the kernel")
         pending = self.engine.prepare(task.request, None)
         if isinstance(pending, kpb.Decision):  # answered before (idempotency key), maybe cut off before it waited
             if pending.outcome in (kpb.ESCALATED, kpb.FALLBACK) and pending.review_id:
@@ -252,13 +302,13 @@ class DecisionSide:
             return WaitingForReview(result.review_id, result)
         return result
 
-    def _decided_before_the_stop(self, task: kpb.Task, record: kpb.AuditRecord):
+    def _decided_before(self, task: kpb.Task, record: kpb.AuditRecord, why: str):
         """The decision ``record`` holds, as this task's outcome (its review opened if it has none)."""
         decision = kpb.Decision()
         decision.CopyFrom(record.decision)
         decision.audit_sequence, decision.audit_hash = record.sequence, record.hash.hex()
-        log.info("task %s takes the decision its cut-off attempt recorded at #%d (%s) instead of deciding again",
-                 task.task_id, record.sequence, decision.action)
+        log.info("task %s takes the decision recorded at #%d (%s) instead of deciding again: %s",
+                 task.task_id, record.sequence, decision.action, why)
         if decision.outcome in (kpb.ESCALATED, kpb.FALLBACK) and decision.review_id:
             actions, sla_seconds = self._review_settings(record.pipeline, decision)
             self.reviews.create_many([(decision, task.request, actions, sla_seconds, task.task_id, decision.review_id,
@@ -300,10 +350,9 @@ class DecisionSide:
             linked = self._recorded(proposed)
             if not linked:
                 resolution.links_to_audit_sequence = 0
-            sequence, digest = self.audit.append_and_wait(
-                resolution_record(resolution, review.resolved_by, proposed.audit_sequence if linked else None),
-                timeout_s=10.0,
-            )
+            record = resolution_record(resolution, review.resolved_by, proposed.audit_sequence if linked else None)
+            record.task_id = review.task_id  # a task's final decision is found by its task, as its escalation is
+            sequence, digest = self.audit.append_and_wait(record, timeout_s=10.0)
             resolution.audit_sequence, resolution.audit_hash = sequence, _hex(digest)
         self.idempotency.put(_RESOLUTIONS, done_key, "", resolution.SerializeToString())
         if review.task_id:

@@ -16,6 +16,7 @@ a UUID or a hash, a reviewer a login.
 from __future__ import annotations
 
 import re
+import unicodedata
 
 from .errors import InvalidArgument, quote
 
@@ -47,6 +48,30 @@ def check_identifier(value: str, field: str, limit: int) -> None:
         if found is not None:
             raise InvalidArgument(f"{field} must not contain control characters; it has {found.group()!r} at "
                                   f"position {found.start()}")
+
+
+# Characters a name must not hold although they are not control characters: format characters (Cf: zero-width
+# spaces and joiners, bidirectional overrides, soft hyphens), invisible or reordering what is shown, so two
+# reviewers would look alike; and line and paragraph separators (Zl, Zp), which break a log line as \n does.
+_HIDDEN_CATEGORIES = ("Cf", "Zl", "Zp")
+
+
+def check_name(value: str, field: str, limit: int) -> None:
+    """``check_identifier`` for a person's name that becomes an audit record's principal (a reviewer): also
+    refused when blank, when it begins or ends with whitespace (" gus" is not "gus"), or when it holds an
+    invisible character (``_HIDDEN_CATEGORIES``), so one person always has exactly one name on the record."""
+    check_identifier(value, field, limit)
+    if not value.strip():
+        raise InvalidArgument(f"{field} must not be blank; send the person's login, e.g. 'alice'")
+    if value != value.strip():
+        raise InvalidArgument(f"{field} must not begin or end with whitespace, got {quote(value)}; send "
+                              f"{quote(value.strip())}")
+    if not value.isprintable():  # (every hidden character is also not printable: most names skip the search)
+        for position, char in enumerate(value):
+            if unicodedata.category(char) in _HIDDEN_CATEGORIES:
+                raise InvalidArgument(f"{field} must not contain invisible characters (Unicode format characters "
+                                      f"or line separators); it has {char!r} (U+{ord(char):04X}) at position "
+                                      f"{position}")
 
 
 def check_comment(value: str, field: str = "comment", limit: int = MAX_COMMENT_CHARS) -> None:

@@ -181,9 +181,13 @@ class DecisionEngine(GroupFinish):
 
     def validate(self, request) -> None:
         """Refuse a request that could never be decided (identifiers or text over their limits, unknown
-        pipeline, bad fields) before it is queued: StartTask's check, so a task stores no such request."""
+        pipeline, bad fields, a text field it does not take) before it is queued: StartTask's check, so a task
+        stores no such request."""
         check_decision_request(request, "request.")
-        self.registry.get(request.pipeline).codec.read(request.fields)
+        pipeline = self.registry.get(request.pipeline)
+        pipeline.codec.read(request.fields)
+        if request.text_fields:  # (prepare's check: a text field the pipeline does not take is never decided)
+            pipeline.check_text(request.text_fields)
 
     def _replayed(self, request, request_hash: str) -> kpb.Decision | None:
         store = self.services.idempotency

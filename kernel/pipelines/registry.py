@@ -25,7 +25,7 @@ import threading
 import time
 from pathlib import Path
 
-from ..errors import FailedPrecondition, InvalidArgument, NotFound
+from ..errors import FailedPrecondition, InvalidArgument, NotFound, quote
 from .spec import Pipeline, PipelineError, load_pipeline, parse_pipeline
 
 log = logging.getLogger("aios.pipelines")
@@ -60,7 +60,7 @@ class PipelineRegistry:
         pipeline = self._active.get(name)
         if pipeline is None:
             names = ", ".join(sorted(self._active)) or "(none)"
-            raise NotFound(f"pipeline '{name}' is not loaded; loaded pipelines: {names}")
+            raise NotFound(f"pipeline {quote(name)} is not loaded; loaded pipelines: {names}")
         return pipeline
 
     def all(self) -> list[Pipeline]:

@@ -2,14 +2,15 @@
 
 A review is OPEN until a reviewer claims it, CLAIMED while that reviewer's
 lease runs, OPEN again if the lease expires unresolved (anyone may claim it
-then), and RESOLVED once its lease holder gives the final action. Two
-reviewers never hold one review: a claim is one atomic read-modify-write of
-the stored record.
+then), and RESOLVED once its lease holder gives the final action, or when
+the kernel withdraws it because its task was cancelled (RESOLVED with no
+action: ``withdrawn``). Two reviewers never hold one review: a claim is one
+atomic read-modify-write of the stored record.
 
 Lease expiry and SLA deadlines are **wall-clock** times (``time.time_ns``):
 they are persisted and must mean the same after a restart or on another
 replica. A review misses its SLA when it is resolved after its deadline, or
-is still unresolved past it.
+is still unresolved past it; a withdrawn one never does (it was taken away).
 
 ``on_resolved(fn)`` hooks run after a resolution is stored: the decision
 layer writes the audited resolution decision there (a hook may return it, and
@@ -28,9 +29,9 @@ from collections.abc import Callable
 
 from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
 from ..errors import FailedPrecondition, Internal, InvalidArgument, NotFound, quote
-from ..limits import MAX_REVIEWER_CHARS, check_comment, check_identifier
+from ..limits import MAX_REVIEWER_CHARS, check_comment, check_name
 from ..store import Feed
-from ..store.sqlite_reviews import STATE_FILTERS
+from ..store.sqlite_reviews import STATE_FILTERS, withdrawn
 from . import paging
 from .watch import CREATED, UPDATED, ReviewWatch
 
@@ -53,9 +54,10 @@ def _required(value: str, field: str) -> None:
 
 def _reviewer(reviewer: str) -> None:
     """A reviewer's name is stored on the review and on the resolution's audit record (its principal):
-    required, at most MAX_REVIEWER_CHARS, no control characters (kernel/limits.py)."""
+    required, at most MAX_REVIEWER_CHARS, not blank, no control or invisible characters and no whitespace
+    around it (kernel/limits.py, ``check_name``)."""
     _required(reviewer, "reviewer")
-    check_identifier(reviewer, "reviewer", MAX_REVIEWER_CHARS)
+    check_name(reviewer, "reviewer", MAX_REVIEWER_CHARS)
 
 
 class ReviewQueue:
@@ -94,7 +96,8 @@ class ReviewQueue:
                 view.lease_expires_unix_ns = 0
         deadline = view.sla_deadline_unix_ns
         finished = view.resolved_unix_ns if view.state == RESOLVED else now
-        view.sla_missed = bool(deadline) and finished > deadline
+        # A withdrawn case was taken away from the desk (its task was cancelled): no SLA of the desk's was missed.
+        view.sla_missed = bool(deadline) and finished > deadline and not withdrawn(view)
         return view
 
     def get(self, review_id: str) -> kpb.Review:
@@ -270,9 +273,7 @@ class ReviewQueue:
         def mutate(review: kpb.Review) -> bool:
             now = self._clock()
             if review.state == RESOLVED:
-                raise FailedPrecondition(
-                    f"review '{review_id}' is already resolved ({review.resolved_action} by {review.resolved_by})"
-                )
+                raise _closed(review)
             if review.lease_expires_unix_ns > now and review.claimed_by != reviewer:
                 raise FailedPrecondition(
                     f"review '{review_id}' is claimed by {review.claimed_by} until {_iso(review.lease_expires_unix_ns)}"
@@ -304,9 +305,7 @@ class ReviewQueue:
             if review.state == RESOLVED:
                 if review.resolved_by == reviewer and review.resolved_action == action:
                     return False  # a retry: nothing to write; deliver below if that did not finish
-                raise FailedPrecondition(
-                    f"review '{review_id}' is already resolved ({review.resolved_action} by {review.resolved_by})"
-                )
+                raise _closed(review)
             if action not in review.actions:
                 raise InvalidArgument(
                     f"action {quote(action)} is not allowed for review {quote(review_id)}; allowed: "
@@ -339,7 +338,8 @@ class ReviewQueue:
         return self._present(review)
 
     def withdraw(self, review_id: str, reason: str) -> kpb.Review:
-        """Take an unresolved review off the queue (its task was cancelled): RESOLVED with no action.
+        """Take an unresolved review off the queue (its task was cancelled): RESOLVED with no action, never
+        counted as a missed SLA; claiming or resolving it is refused with "withdrawn: ``reason``".
 
         No on_resolved hook runs (there is no decision to record or task to
         finish); a review already resolved is returned as it is.
@@ -355,6 +355,7 @@ class ReviewQueue:
             review.resolved_unix_ns = now
             review.claimed_by = ""
             review.lease_expires_unix_ns = 0
+            review.sla_missed = False  # taken away from the desk: not an SLA it missed
             return True
 
         review, _changed, _delivered = self._change(review_id, mutate, delivered=True)
@@ -411,6 +412,15 @@ class ReviewQueue:
             return True
 
         return self._change(review.review_id, attach, delivered=True)[0]
+
+
+def _closed(review: kpb.Review) -> FailedPrecondition:
+    """Why a resolved review can be neither claimed nor resolved again (with another action or reviewer)."""
+    if withdrawn(review):
+        return FailedPrecondition(
+            f"review {quote(review.review_id)} was {review.comment or 'withdrawn'}; there is nothing to decide")
+    return FailedPrecondition(
+        f"review {quote(review.review_id)} is already resolved ({review.resolved_action} by {review.resolved_by})")
 
 
 def _state_filter(state: str) -> str:

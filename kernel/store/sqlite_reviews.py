@@ -17,13 +17,18 @@ AfterCommit = Callable[[object], None] | None
 
 RESOLVED = "RESOLVED"
 
+# The ``resolved`` column: 0 while a reviewer may still decide the case; 1 once one did; 2 once the kernel
+# withdrew it (its task was cancelled: RESOLVED with no action). A withdrawn case was taken away from the desk,
+# so it never counts as an SLA the desk missed; it is still listed under RESOLVED.
+UNRESOLVED_ROW, RESOLVED_ROW, WITHDRAWN_ROW = 0, 1, 2
+
 # state filter -> (SQL condition, whether it uses now)
 _STATE_SQL = {
     "": ("1", False),
     "OPEN": ("resolved = 0 AND lease_expires_unix_ns <= ?", True),
     "CLAIMED": ("resolved = 0 AND lease_expires_unix_ns > ?", True),
     "UNRESOLVED": ("resolved = 0", False),
-    "RESOLVED": ("resolved = 1", False),
+    "RESOLVED": ("resolved > 0", False),
 }
 STATE_FILTERS = tuple(name for name in _STATE_SQL if name)
 
@@ -31,6 +36,17 @@ _SLA_MISSED = (
     "sla_deadline_unix_ns > 0 AND ((resolved = 1 AND resolved_unix_ns > sla_deadline_unix_ns)"
     " OR (resolved = 0 AND ? > sla_deadline_unix_ns))"
 )
+
+
+def withdrawn(review: kpb.Review) -> bool:
+    """Taken off the queue by the kernel (``ReviewQueue.withdraw``): RESOLVED, but with no action."""
+    return review.state == RESOLVED and not review.resolved_action
+
+
+def _resolved_column(review: kpb.Review) -> int:
+    if review.state != RESOLVED:
+        return UNRESOLVED_ROW
+    return WITHDRAWN_ROW if withdrawn(review) else RESOLVED_ROW
 
 
 def _where(pipeline: str, tenant: str, state: str, now_unix_ns: int) -> tuple[str, list]:
@@ -47,12 +63,26 @@ def _where(pipeline: str, tenant: str, state: str, now_unix_ns: int) -> tuple[st
 
 def _columns(review: kpb.Review) -> tuple:
     return (
-        review.pipeline, review.tenant, int(review.state == RESOLVED), review.lease_expires_unix_ns,
+        review.pipeline, review.tenant, _resolved_column(review), review.lease_expires_unix_ns,
         review.sla_deadline_unix_ns, review.resolved_unix_ns,
     )
 
 
 RECORDED_BEFORE = "reviews.recorded_before_audit_sequence"
+# Set once the rows of reviews withdrawn before the column told them apart (resolved = 1) were given WITHDRAWN_ROW.
+WITHDRAWN_MARKED = "reviews.withdrawn_rows_marked"
+
+
+def _mark_withdrawn_rows(conn) -> None:
+    """Once per database: the reviews an older kernel withdrew (stored as resolved = 1) get WITHDRAWN_ROW, so
+    they stop counting as missed SLAs. Only their bodies tell them apart, hence this pass instead of a SQL
+    migration; it reads the resolved rows once."""
+    if conn.execute("SELECT 1 FROM meta WHERE key = ?", (WITHDRAWN_MARKED,)).fetchone() is not None:
+        return
+    rows = conn.execute("SELECT review_id, body FROM reviews WHERE resolved = ?", (RESOLVED_ROW,)).fetchall()
+    ids = [(review_id,) for review_id, body in rows if withdrawn(kpb.Review.FromString(body))]
+    conn.executemany(f"UPDATE reviews SET resolved = {WITHDRAWN_ROW} WHERE review_id = ?", ids)
+    conn.execute("INSERT INTO meta (key, value) VALUES (?, 1)", (WITHDRAWN_MARKED,))
 
 
 def _raise_mark(conn, key: str, value: int) -> None:
@@ -91,6 +121,10 @@ class SqliteReviewRecords:
 
     def __init__(self, db):
         self._db = db
+        with db.read() as conn:  # (a write only the first time: opening a database must not write each time)
+            marked = conn.execute("SELECT 1 FROM meta WHERE key = ?", (WITHDRAWN_MARKED,)).fetchone() is not None
+        if not marked:
+            db.transact(_mark_withdrawn_rows)
 
     def insert(self, review: kpb.Review, after_commit: AfterCommit = None) -> tuple[kpb.Review, bool]:
         """Store a new review; ``(review, True)``, or ``(existing, False)`` if its task already has one."""

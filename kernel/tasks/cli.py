@@ -98,22 +98,21 @@ def cmd_start(args) -> int:
             task = _stub(channel).StartTask(kpb.StartTaskRequest(request=request), timeout=args.timeout or None)
         except grpc.RpcError as exc:
             return failed(exc)
+        if not args.json:  # (--json: the Task says it, in "replayed")
+            print(_started_line(task, request.idempotency_key, following=args.wait))
         if not args.wait:
             show(args, task, describe)
             return 0
-        if not args.json:
-            print(_started_line(task, request.idempotency_key))
         return _follow(args, channel, task.task_id, timeout_s=None)  # --timeout was the start call's
 
 
-def _started_line(task, key: str) -> str:
-    """The line after StartTask: the task started, or, when the idempotency key had already started it, when
-    that was (a re-run of the same command follows the old task; its states print with their own times)."""
-    from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
-
-    if key and (task.state != kpb.QUEUED or len(task.history) > 1):
+def _started_line(task, key: str, following: bool) -> str:
+    """The line after StartTask: the task started, or, when the idempotency key had already started it
+    (the kernel says so: ``Task.replayed``), when that was; a re-run of the same command starts nothing
+    and shows (``--wait``: follows) the old task, whose states print with their own times."""
+    if task.replayed:
         return (f"task {task.task_id} was already started with idempotency key {key!r} "
-                f"{when(task.created_unix_ns, time.time_ns())}; following it")
+                f"{when(task.created_unix_ns, time.time_ns())}{'; following it' if following else ''}")
     return f"task {task.task_id} started"
 
 

@@ -6,8 +6,15 @@ be finished by ``complete_from_review``). It may raise:
 
 - ``TransientError``: retried with exponential backoff
   (``backoff_s · 2^(attempt-1)``, at most ``max_backoff_s``) until
-  ``max_attempts`` runs have been made, then FAILED;
+  ``max_attempts`` runs have been made, then FAILED (the kernel passes its
+  ``task_max_attempts``, ``task_backoff_s`` and ``task_max_backoff_s``
+  settings);
 - anything else: FAILED at once, with the error as ``Task.error``.
+
+A task cancelled while an attempt runs is CANCELLED at once; the attempt
+runs to its end and its outcome is dropped (a decision it made stays on the
+audit log), and a review it opened is withdrawn through the ``on_cancelled``
+hooks, as a cancelled waiting task's is.
 
 On ``start()``, tasks the previous process left RUNNING (it died mid-run)
 are queued again — the pipeline is deterministic and idempotent, so running
@@ -138,14 +145,23 @@ class TaskRunner:
         return self.store.get(task_id)
 
     def cancel(self, task_id: str) -> kpb.Task:
-        """CANCELLED unless already final (FAILED_PRECONDITION). A running attempt's outcome is dropped."""
+        """CANCELLED unless already final (FAILED_PRECONDITION).
+
+        A running attempt goes on to its end, but its outcome is dropped: the
+        task stays CANCELLED. That attempt may already have made its decision
+        (it is on the audit log, with the task's id); a review it opened is
+        withdrawn once the attempt ends (``_cancelled_while_running``).
+        """
         task = self.store.cancel(task_id)
+        self._run_cancel_hooks(task)
+        return task
+
+    def _run_cancel_hooks(self, task: kpb.Task) -> None:
         for hook in self.on_cancelled:
             try:
                 hook(task)
             except Exception:  # the task is cancelled either way; the hook's failure is logged
-                log.exception("a task-cancel hook failed for task %s", task_id)
-        return task
+                log.exception("a task-cancel hook failed for task %s", task.task_id)
 
     def watch(self, task_id: str, timeout_s: float | None = None) -> TaskWatch:
         return self.store.watch(task_id, timeout_s)
@@ -205,11 +221,27 @@ class TaskRunner:
             if not outcome.review_id:
                 self._fail(task_id, "the pipeline asked for a review but gave no review id")
                 return
-            self.store.enter_waiting(task_id, outcome.review_id, outcome.decision)
+            if self.store.enter_waiting(task_id, outcome.review_id, outcome.decision) is None:
+                self._cancelled_while_running(task_id, outcome.review_id)
         elif isinstance(outcome, kpb.Decision):
             self.store.transition(task_id, kpb.SUCCEEDED, (kpb.RUNNING,), "decided", decision=outcome)
         else:
             self._fail(task_id, f"the pipeline returned {type(outcome).__name__}, not a Decision or WaitingForReview")
+
+    def _cancelled_while_running(self, task_id: str, review_id: str) -> None:
+        """The task was cancelled while this attempt ran, and the attempt opened ``review_id``.
+
+        The cancel's hooks ran while the task had no review yet, so nothing
+        withdrew it: they run again now, with the review named on the task
+        they are given, so that nobody works a case whose task is gone.
+        """
+        task = self.store.get(task_id)
+        if task.state != kpb.CANCELLED:  # (only a cancel moves a RUNNING task on without this worker)
+            return
+        cancelled = kpb.Task()
+        cancelled.CopyFrom(task)
+        cancelled.review_id = review_id
+        self._run_cancel_hooks(cancelled)
 
     def _after_transient(self, task_id: str, attempt: int, exc: TransientError) -> None:
         if attempt >= self.max_attempts:

@@ -18,13 +18,18 @@ import uuid
 from collections.abc import Callable
 
 from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
-from ..errors import FailedPrecondition, InvalidArgument, NotFound
+from ..errors import FailedPrecondition, InvalidArgument, NotFound, quote
 from ..store import Feed, request_hash
 from ..store.feed import FellBehind
 from ..store.idempotency import check_key
 
 FINAL = (kpb.SUCCEEDED, kpb.FAILED, kpb.CANCELLED)
 ACTIVE = (kpb.QUEUED, kpb.RUNNING, kpb.WAITING_FOR_REVIEW)
+
+
+def _missing(task_id: str) -> str:
+    # The caller's id, quoted short: it may be any length (kernel/errors.py, ``quote``).
+    return f"task {quote(task_id)} does not exist"
 
 
 def state_name(state: int) -> str:
@@ -99,7 +104,7 @@ class TaskStore:
             raise InvalidArgument("task_id is required")
         found = self._records.get(task_id)
         if found is None:
-            raise NotFound(f"task '{task_id}' does not exist")
+            raise NotFound(_missing(task_id))
         return found
 
     def in_states(self, states: tuple[int, ...]) -> list[kpb.Task]:
@@ -130,7 +135,8 @@ class TaskStore:
         """A new QUEUED task for ``request``; ``(task, created)``.
 
         A request with an idempotency key the tenant already used returns
-        that task (``created=False``) if the request is the same, and raises
+        that task (``created=False``, and ``Task.replayed`` set on the copy
+        returned, never stored) if the request is the same, and raises
         FAILED_PRECONDITION if it differs.
         """
         if not request.pipeline:
@@ -148,10 +154,13 @@ class TaskStore:
         if not created:
             if stored_hash != digest:
                 raise FailedPrecondition(
-                    f"request.idempotency_key '{key}' already started task {stored.task_id} with a different "
+                    f"request.idempotency_key {quote(key)} already started task {stored.task_id} with a different "
                     "request; use a new key for a new request"
                 )
-            return stored, False
+            replayed = kpb.Task()
+            replayed.CopyFrom(stored)
+            replayed.replayed = True  # the caller's answer says so; the stored task is unchanged
+            return replayed, False
         return stored, True
 
     def transition(self, task_id: str, state: int, from_states: tuple[int, ...], detail: str = "", *,
@@ -184,7 +193,7 @@ class TaskStore:
             raise InvalidArgument("task_id is required")
         result = self._records.update(task_id, mutate, after_commit=self._publish)
         if result is None:
-            raise NotFound(f"task '{task_id}' does not exist")
+            raise NotFound(_missing(task_id))
         task, _revision, changed = result
         return task if changed else None
 
@@ -201,7 +210,7 @@ class TaskStore:
             return task
         final = self.get(task_id)  # not active means final, and final states never change
         raise FailedPrecondition(
-            f"task '{task_id}' is already {state_name(final.state)}; only QUEUED, RUNNING or "
+            f"task {quote(task_id)} is already {state_name(final.state)}; only QUEUED, RUNNING or "
             "WAITING_FOR_REVIEW tasks can be cancelled"
         )
 

@@ -1,0 +1,108 @@
+"""A task cancelled while its attempt runs: the review that attempt opens is withdrawn, never left for a reviewer.
+
+The cancel lands while the task is RUNNING, so the task has no review yet when
+the cancel's hooks run; the attempt then finishes with an escalated decision
+and its review opened. Nobody may work that case: a reviewer who approved it
+would put an approval of a cancelled claim on the audit log.
+
+A real kernel serving the claims pipeline, called over gRPC. The only
+stand-in is a fault injected on purpose: the attempt is held just after it
+decided until the test has cancelled the task (a real cancel lands anywhere
+in the attempt; this pins it to the one place that left the review open).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import grpc
+import pytest
+
+from claims_support import claim_request, copy_pipelines
+from conftest import start_kernel
+from examples.claims import data
+from kernel._proto.aios.kernel.v1 import kernel_pb2 as kpb
+from kernel._proto.aios.kernel.v1 import kernel_pb2_grpc as kgrpc
+
+TIMEOUT_S = 20
+
+
+@pytest.fixture(scope="module")
+def server(claims_models, tmp_path_factory):
+    pipelines = copy_pipelines(tmp_path_factory.mktemp("pipelines"))
+    kernel = start_kernel(claims_models, pipelines=str(pipelines), data_dir=str(tmp_path_factory.mktemp("data")),
+                          pipeline_poll_s=0)
+    yield kernel
+    kernel.stop(grace=1)
+
+
+@pytest.fixture
+def channel(server):
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+        yield ch
+
+
+def large_claim(tenant: str) -> kpb.DecisionRequest:
+    case = dict(data.generate_cases(1, seed=5)[0], claim_amount=90000.0)  # R04: always seen by a human
+    return claim_request(case, tenant=tenant)
+
+
+def wait_for(predicate, what: str):
+    deadline = time.monotonic() + TIMEOUT_S
+    while time.monotonic() < deadline:
+        found = predicate()
+        if found:
+            return found
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def hold_attempts_after_deciding(monkeypatch, runner) -> tuple[threading.Event, threading.Event]:
+    """Fault injected on purpose: each attempt, once decided (its review opened), waits for ``go_on``."""
+    decided, go_on = threading.Event(), threading.Event()
+    real_run = runner.run_fn
+
+    def held_after_deciding(task):
+        outcome = real_run(task)
+        decided.set()
+        go_on.wait(TIMEOUT_S)
+        return outcome
+
+    monkeypatch.setattr(runner, "run_fn", held_after_deciding)
+    return decided, go_on
+
+
+def test_cancelling_a_running_task_withdraws_the_review_its_attempt_opens(server, channel, monkeypatch):
+    tasks, reviews = kgrpc.TaskServiceStub(channel), kgrpc.ReviewServiceStub(channel)
+    decided, go_on = hold_attempts_after_deciding(monkeypatch, server.decisions.tasks)
+    try:
+        task = tasks.StartTask(kpb.StartTaskRequest(request=large_claim("cancel-running")), timeout=TIMEOUT_S)
+        assert decided.wait(TIMEOUT_S), "the attempt never decided"
+        assert tasks.GetTask(kpb.TaskRef(task_id=task.task_id), timeout=TIMEOUT_S).state == kpb.RUNNING
+        # The attempt's escalation is on the queue, and the task does not name it yet.
+        (review,) = reviews.ListReviews(kpb.ListReviewsRequest(tenant="cancel-running"), timeout=TIMEOUT_S).reviews
+        assert review.task_id == task.task_id and review.state == "OPEN"
+        cancelled = tasks.CancelTask(kpb.TaskRef(task_id=task.task_id), timeout=TIMEOUT_S)
+        assert cancelled.state == kpb.CANCELLED and cancelled.review_id == ""
+    finally:
+        go_on.set()  # the attempt ends now, with its escalated decision
+
+    ref = kpb.ReviewRef(review_id=review.review_id)
+    withdrawn = wait_for(lambda: (r := reviews.GetReview(ref, timeout=TIMEOUT_S)).state == "RESOLVED" and r,
+                         "the cancelled task's review to be withdrawn")
+    assert withdrawn.resolved_action == "" and withdrawn.resolved_by == "kernel"
+    assert withdrawn.comment == f"withdrawn: task {task.task_id} was cancelled"
+    open_now = reviews.ListReviews(kpb.ListReviewsRequest(tenant="cancel-running", state="UNRESOLVED"),
+                                   timeout=TIMEOUT_S)
+    assert list(open_now.reviews) == []
+    with pytest.raises(grpc.RpcError) as info:  # a reviewer who finds the case anyway cannot take it
+        reviews.ClaimReview(kpb.ClaimReviewRequest(review_id=review.review_id, reviewer="carol"), timeout=TIMEOUT_S)
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert f"was withdrawn: task {task.task_id} was cancelled" in info.value.details()
+    final = tasks.GetTask(kpb.TaskRef(task_id=task.task_id), timeout=TIMEOUT_S)
+    assert final.state == kpb.CANCELLED and not final.HasField("decision")
+    # No resolution was recorded for it: the one escalated decision of the attempt is all the log holds.
+    records = [r for r in server.decisions.audit.read(from_sequence=0) if r.task_id == task.task_id
+               or (r.kind == kpb.REVIEW_RESOLUTION and r.decision.review_id == review.review_id)]
+    assert [r.kind for r in records] == [kpb.DECISION]

@@ -1,0 +1,107 @@
+"""StartTask's answers: a request that could never be decided is refused up front, the answer says whether it
+started the task or found the one its idempotency key had started, and unknown ids are quoted short.
+
+A real kernel serving the claims pipeline, called over gRPC and with the
+``aios-kernel task`` commands (run in this process, talking to the server as
+from a terminal).
+"""
+
+from __future__ import annotations
+
+import json
+
+import grpc
+import pytest
+
+from claims_support import claim_request, copy_pipelines
+from conftest import start_kernel
+from examples.claims import data
+from kernel._proto.aios.kernel.v1 import kernel_pb2 as kpb
+from kernel._proto.aios.kernel.v1 import kernel_pb2_grpc as kgrpc
+from kernel.cli import main
+
+TIMEOUT_S = 20
+LARGE_CLAIM = ["--field", "claim_amount=90000", "--field", "customer_tier=gold"]
+
+
+@pytest.fixture(scope="module")
+def server(claims_models, tmp_path_factory):
+    pipelines = copy_pipelines(tmp_path_factory.mktemp("pipelines"))
+    kernel = start_kernel(claims_models, pipelines=str(pipelines), data_dir=str(tmp_path_factory.mktemp("data")),
+                          pipeline_poll_s=0)
+    yield kernel
+    kernel.stop(grace=1)
+
+
+@pytest.fixture
+def tasks(server):
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        yield kgrpc.TaskServiceStub(channel)
+
+
+@pytest.fixture
+def cli(server, capsys):
+    def run(*args: str) -> tuple[int, str, str]:
+        code = main([*args, "--address", f"127.0.0.1:{server.port}"])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
+
+def start(key: str = "", tenant: str = "start", **text) -> kpb.StartTaskRequest:
+    request = claim_request(data.generate_cases(1, seed=3)[0], tenant=tenant, idempotency_key=key)
+    for name, value in text.items():
+        request.text_fields[name] = value
+    return kpb.StartTaskRequest(request=request)
+
+
+def refused(call, message) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as info:
+        answer = call(message, timeout=TIMEOUT_S)
+        if not hasattr(answer, "ListFields"):  # a stream: its first message brings the error
+            next(answer)
+    return info.value.code(), info.value.details()
+
+
+def test_a_text_field_the_pipeline_does_not_take_is_refused_before_a_task_exists(tasks):
+    assert refused(tasks.StartTask, start(key="text-1", bogus="x")) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "text_fields['bogus'] is not a text field of pipeline 'claims_triage' (text fields: description, notes)")
+    code, details = refused(tasks.StartTask, start(key="text-1", claim_amount="90000"))  # a typed field, as text
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "is a typed field of pipeline 'claims_triage'" in details
+    # Nothing was stored under the key: the corrected request starts the task.
+    task = tasks.StartTask(start(key="text-1", description="water in the basement"), timeout=TIMEOUT_S)
+    assert task.state == kpb.QUEUED and not task.replayed
+
+
+def test_start_task_says_whether_it_started_the_task(tasks):
+    first = tasks.StartTask(start(key="order-1"), timeout=TIMEOUT_S)
+    again = tasks.StartTask(start(key="order-1"), timeout=TIMEOUT_S)
+    assert not first.replayed and again.replayed and again.task_id == first.task_id
+    assert not tasks.GetTask(kpb.TaskRef(task_id=first.task_id), timeout=TIMEOUT_S).replayed  # never stored
+    assert not tasks.StartTask(start(key="order-1", tenant="other"), timeout=TIMEOUT_S).replayed  # keys are per tenant
+
+
+def test_task_start_without_wait_says_already_started(cli):
+    code, out, err = cli("task", "start", "claims_triage", *LARGE_CLAIM, "--tenant", "cli", "--idempotency-key", "k-1")
+    assert code == 0, err
+    task_id = out.split()[1]
+    assert out.startswith(f"task {task_id} started\ntask {task_id}  ")  # the line, then the task as `task get`
+    code, out, err = cli("task", "start", "claims_triage", *LARGE_CLAIM, "--tenant", "cli", "--idempotency-key", "k-1")
+    first_line = out.splitlines()[0]
+    assert code == 0 and first_line.startswith(f"task {task_id} was already started with idempotency key 'k-1' ")
+    assert "following" not in first_line and out.splitlines()[1].startswith(f"task {task_id}  ")
+    code, out, _ = cli("task", "start", "claims_triage", *LARGE_CLAIM, "--tenant", "cli", "--idempotency-key", "k-1",
+                       "--json")
+    assert code == 0 and json.loads(out)["replayed"] is True and json.loads(out)["task_id"] == task_id
+
+
+def test_unknown_task_ids_are_quoted_short(tasks):
+    long_id = "x" * 100_000
+    for call in (tasks.GetTask, tasks.CancelTask, tasks.WatchTask):
+        code, details = refused(call, kpb.TaskRef(task_id=long_id))
+        assert code == grpc.StatusCode.NOT_FOUND, (call, details)
+        assert details == f"task '{'x' * 80}'… (99920 more characters) does not exist"
+    assert refused(tasks.GetTask, kpb.TaskRef(task_id="no\nsuch")) == (
+        grpc.StatusCode.NOT_FOUND, "task 'no\\nsuch' does not exist")  # escaped, never a line break
