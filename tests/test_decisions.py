@@ -100,6 +100,21 @@ def test_automated_decision_has_reasons_and_provenance(kernel, decisions, truth)
     assert case["description"] not in str(record)
 
 
+def test_the_policys_score_adjustment_is_on_the_answer_and_the_record(kernel, decisions, truth):
+    """R01 (likely fraud) adjusts the score by 0.3 and R05 by 0.1: the sum of the fired rules' adjust is the
+    decision's score_adjustment, answered and recorded (it was computed and dropped); 0 when none adjusts."""
+    fraud = _case(fraud_score=0.95, has_police_report=False, claim_amount=4000.0, prior_claims=0)
+    decision = decisions.Decide(_request(fraud, request_id="adjusted"), timeout=10)
+    assert truth(fraud)[1][0] == "R01" and decision.action == "deny"
+    assert decision.score_adjustment == pytest.approx(0.3)
+    audit_dir = Path(kernel.settings.data_dir) / "audit"
+    (record,) = [r for r in iter_directory(audit_dir, decision.audit_sequence, RecordFilter())
+                 if r.sequence == decision.audit_sequence][:1]
+    assert record.decision.score_adjustment == pytest.approx(0.3)
+    plain = _case(claim_amount=800.0, customer_tier="bronze", fraud_score=0.05, prior_claims=0, has_police_report=True)
+    assert decisions.Decide(_request(plain), timeout=10).score_adjustment == 0.0
+
+
 def test_same_input_same_input_hash_and_answer(decisions):
     case = _case()
     first = decisions.Decide(_request(case), timeout=10)

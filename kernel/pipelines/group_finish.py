@@ -165,6 +165,7 @@ class GroupFinish:
         minimum = pipeline.escalation.min_confidence
         errors = getattr(result, "error", None)
         actions, escalates, fired_rules = result.action.tolist(), result.escalate.tolist(), result.fired
+        adjusts = result.adjust.tolist() if result.adjust.any() else None  # (most policies never adjust)
         audited = self.services.audit is not None
         decisions: list = []
         for k, pending in enumerate(group):
@@ -204,6 +205,8 @@ class GroupFinish:
                 static.reasons(fired), bool(why), conf, labels, score_rows[k], why,
                 pending.prepared_ns - pending.started_ns,
                 max(0, (item.started_ns or item.enqueued_ns) - item.enqueued_ns), int(sum(item.timings)), policy_ns))
+            if adjusts is not None and adjusts[k]:  # the policy's score adjustment, on the answer and the record
+                decision.score_adjustment = adjusts[k]
             decisions.append(decision)
         return decisions
 
