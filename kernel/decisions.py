@@ -11,7 +11,6 @@ the waiting task with the reviewer's action.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import threading
@@ -22,7 +21,7 @@ from .api.audit_service import audit_handlers
 from .api.decision_service import decision_handlers
 from .api.review_service import review_handlers
 from .api.task_service import task_handlers
-from .audit import AuditLog
+from .audit import AuditCorrupt, AuditLog
 from .config import Settings
 from .errors import (Aborted, DeadlineExceeded, KernelError, NotFound, ResourceExhausted, TransientError, Unavailable,
                      shutting_down)
@@ -58,6 +57,15 @@ class DecisionSide:
         else:
             log.warning("audit_mode = off: decisions are NOT recorded (a benchmark baseline, not for production)")
         self.reviews = ReviewQueue(self.db)
+        # The log's end as found, before anything (a model's deploy record) is appended: records the review
+        # store saw past it were lost, and in fsync mode that refuses the start right here (_lost_records).
+        self._opened = self.audit.size if self.audit is not None else 0
+        try:
+            self._lost = self._lost_records(self._opened)
+        except BaseException:
+            self.audit.close()
+            self.db.close()
+            raise
         self.idempotency = IdempotencyStore(self.db)
         self.registry = PipelineRegistry(settings.pipelines, hub, load_policy, parse_policy, settings.pipeline_poll_s)
         self.engine = DecisionEngine(self.registry, inference, Services(self.audit, self.reviews, self.idempotency))
@@ -76,9 +84,14 @@ class DecisionSide:
         self.registry.removed_listeners.append(self._pipeline_removed)
 
     def start(self) -> None:
-        self._record(kpb.CONFIG_CHANGE, {"event": "kernel started", "settings": _public_settings(self.settings)})
+        started = {"event": "kernel started", "settings": _public_settings(self.settings)}
+        if self.audit is not None:  # what opening the log found: adopted unsigned records, torn tails cut, a new key
+            started["recovery"] = self.audit.recovery
+        if self._lost is not None:  # on the record too, where an auditor reads the log months later
+            started["lost_records"] = {"first": self._lost[0], "last": self._lost[1], "audit_mode": self.audit.mode}
+        self._record(kpb.CONFIG_CHANGE, started)
         self.registry.start()
-        self._reopen_reviews()
+        self._reopen_reviews(self._opened)
         self._find_task_decisions()
         self.tasks.start()
         self.reviews.redeliver()  # resolutions a crash or a failed hook cut off are finished now
@@ -128,25 +141,47 @@ class DecisionSide:
                 log.exception("stopping %s failed", step)
 
     # -- reviews the audit log holds -----------------------------------------------------------
-    def _reopen_reviews(self) -> None:
-        """Open the reviews a crash cut off (see kernel/review/reopen.py), then move the mark up."""
+    def _lost_records(self, opened: int) -> tuple[int, int] | None:
+        """The records the review store saw that the log, ``opened`` records long, no longer has: (first, last).
+
+        In "async" mode a power cut or OS crash can take the newest records (never a crash of the kernel
+        alone): said, and the kernel goes on. In "fsync" mode every record was on disk before its decision
+        was answered, so missing ones mean the log was rolled back, replaced (a backup restored, another
+        kernel's log) or its storage failed: the kernel refuses to start, since it would hand their
+        sequence numbers, which callers already hold, to new decisions and sign over the gap."""
+        if self.audit is None:
+            return None
+        since = self.reviews.recorded_before()
+        if since <= opened:
+            return None
+        first, last = opened, since - 1
+        if self.audit.mode == "fsync":
+            raise AuditCorrupt(
+                f"the audit log {self.audit.directory} ends at record #{opened} but reviews were stored for records up "
+                f"to #{last}: records #{first}-#{last} were on disk before their decisions were answered (audit_mode "
+                "'fsync') and are gone (the log rolled back or replaced, or its storage failed); refusing to start. "
+                "Restore the log (aios-kernel audit verify DIR checks a copy), or, to accept the loss, start once "
+                "with AIOS_AUDIT_MODE=async: the loss is then recorded in the log")
+        log.warning("the audit log ends at record #%d but reviews were stored for records up to #%d: records #%d-#%d "
+                    "were lost (audit_mode %r: a power cut or OS crash loses the newest records); recorded as such",
+                    opened, last, first, last, self.audit.mode)
+        return first, last
+
+    def _reopen_reviews(self, opened: int) -> None:
+        """Open the reviews a crash cut off (see kernel/review/reopen.py), then move the mark up. ``opened``:
+        the log's size when this start began (``_lost_records`` has said what it lost)."""
         if self.audit is None:
             return
-        since, size = self.reviews.recorded_before(), self.audit.size
-        if since > size:
-            # The review store saw records the log no longer has: in "async" mode a power cut or OS
-            # crash can take the newest records (never a crash of the kernel alone). Their sequence
-            # numbers go to new decisions now, so the mark comes down to the log's end: escalations
-            # from here on must still be reopened after a crash. (A review whose record was lost
-            # keeps its proposal; its resolution will not link to the new record at that number.)
-            log.warning("the audit log ends at record #%d but reviews were stored for records up to #%d: "
-                        "records #%d-#%d were lost (audit_mode %r: a power cut or OS crash loses the newest records)",
-                        size, since - 1, size, since - 1, self.audit.mode)
-            self.reviews.lower_recorded_before(size)
-            since = size
+        since = self.reviews.recorded_before()
+        if since > opened:
+            # Lost records (async mode): their sequence numbers go to new decisions now, so the mark comes down
+            # to where the log ended: escalations from here on must still be reopened after a crash. (A review
+            # whose record was lost keeps its proposal; its resolution will not link to the new record there.)
+            self.reviews.lower_recorded_before(opened)
+            since = opened
         reopened = reopen_reviews(self.reviews, self.audit.read(from_sequence=since, kind=kpb.DECISION),
                                   self._review_settings)
-        self.reviews.mark_recorded_before(size)  # nothing is in flight yet
+        self.reviews.mark_recorded_before(self.audit.size)  # nothing is in flight yet
         if reopened:
             log.warning("reopened %d reviews from the audit log (records #%d to #%d): their rows were lost "
                         "in a crash after the decisions were recorded", reopened, since, self.audit.size - 1)
@@ -204,8 +239,10 @@ class DecisionSide:
 
     def _models_changed(self, added, removed) -> None:
         for mv, kind in [*((m, kpb.MODEL_DEPLOY) for m in added), *((m, kpb.MODEL_UNDEPLOY) for m in removed)]:
+            # The bytes hashed when this version was loaded (an undeploy names the retiring model's own, not
+            # whatever replaced the file since), and model.toml's: its labels say which score is which action.
             self._record(kind, {"model": mv.name, "version": mv.version, "provider": mv.runtime.provider,
-                                "onnx_sha256": _sha256_of(Path(mv.runtime.path))})
+                                "onnx_sha256": mv.runtime.onnx_sha256, "config_sha256": mv.runtime.config_sha256})
 
     def _pipeline_changed(self, old, new) -> None:
         self._record(kpb.POLICY_CHANGE, {
@@ -362,14 +399,6 @@ class DecisionSide:
 
 def _public_settings(settings) -> dict:
     return {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings)}
-
-
-def _sha256_of(path: Path) -> str:
-    try:
-        with open(path, "rb") as fh:
-            return hashlib.file_digest(fh, "sha256").hexdigest()
-    except OSError:
-        return ""
 
 
 def _hex(digest) -> str:

@@ -112,7 +112,7 @@ def test_acknowledged_records_survive_kill_9(tmp_path, caplog, mode):
 
 
 IDLE_WRITER = textwrap.dedent("""
-    import sys
+    import sys, time
     sys.path.insert(0, sys.argv[2])
     from kernel.audit import AuditLog
     from kernel._proto.aios.kernel.v1 import kernel_pb2 as pb
@@ -121,6 +121,10 @@ IDLE_WRITER = textwrap.dedent("""
     for i in range(int(sys.argv[3])):
         seq, digest = log.append_and_wait(pb.AuditRecord(kind=pb.DECISION, request_id=f"r{i}", payload=b"p" * 90), 30)
         print(seq, digest.hex(), flush=True)
+    # A record is acknowledged before the checkpoint over it is signed: wait for that too, so the kill
+    # leaves no unsigned tail (the reopen would adopt it with a warning; test_audit_adopted covers that).
+    while log.latest_checkpoint().tree_size < log.size:
+        time.sleep(0.01)
     print("idle", flush=True)
     sys.stdin.read()  # killed here, between groups, its segments ending in preallocated zeros
 """)

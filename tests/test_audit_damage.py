@@ -91,7 +91,9 @@ def frame_offsets(data: bytes) -> list[int]:
 
 
 def snapshot(directory: Path) -> dict[str, bytes]:
-    return {path.name: path.read_bytes() for path in sorted(directory.iterdir())}
+    # (public keys are kept in a folder of the log directory: its files count too)
+    return {str(path.relative_to(directory)): path.read_bytes() for path in sorted(directory.rglob("*"))
+            if path.is_file()}
 
 
 def write_at(path: Path, offset: int, data: bytes) -> None:

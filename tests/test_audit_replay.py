@@ -83,3 +83,83 @@ def test_changed_threshold_transitions_match_a_direct_recomputation(recorded, tm
     assert report["changed"] == changed > 0
     assert all(case["from"]["action"] != case["to"]["action"] or case["from"]["outcome"] != case["to"]["outcome"]
                for case in report["sample"])
+
+
+def _decisions(audit: Path) -> dict[int, kpb.AuditRecord]:
+    return {r.sequence: r for r in iter_directory(audit, 0, RecordFilter(kind=kpb.DECISION))}
+
+
+def test_the_report_lists_every_changed_case_with_the_policy_it_was_decided_under(recorded, tmp_path, capsys):
+    audit, pipelines, _ = recorded
+    candidate = tmp_path / "candidate.toml"
+    candidate.write_text((pipelines / "policy.toml").read_text().replace("claim_amount in [0, 5000)",
+                                                                         "claim_amount in [0, 2500)"))
+    report = _replay(audit, pipelines / "claims_triage.toml", candidate, tmp_path / "r.json", capsys, "--sample", "3")
+    assert report["changed"] > 3
+    assert len(report["changed_cases"]) == report["changed"]  # all of them, not the sample
+    assert report["sample"] == report["changed_cases"][:3]
+    recorded_decisions = _decisions(audit)
+    baseline = recorded_decisions[report["changed_cases"][0]["sequence"]].decision
+    for case in report["changed_cases"]:
+        decision = recorded_decisions[case["sequence"]].decision
+        assert case["from"]["policy_hash"] == decision.policy_hash and case["from"]["policy_version"] == "2026-11-25.1"
+        assert (case["from"]["action"], case["from"]["outcome"]) != (case["to"]["action"], case["to"]["outcome"])
+    assert report["baselines"] == [{"policy_hash": baseline.policy_hash, "policy_version": baseline.policy_version,
+                                    "examined": 400, "changed": report["changed"],
+                                    "rules_changed": report["rules_changed"]}]
+    assert report["candidate_model"] is None
+
+
+def test_the_printed_sample_stays_short(recorded, tmp_path, capsys):
+    audit, pipelines, _ = recorded
+    candidate = tmp_path / "candidate.toml"
+    candidate.write_text((pipelines / "policy.toml").read_text().replace("claim_amount in [0, 5000)",
+                                                                         "claim_amount in [0, 2500)"))
+    code = cli_main(["audit", "replay", str(audit), "--pipeline", str(pipelines / "claims_triage.toml"),
+                     "--policy", str(candidate), "--sample", "3"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert len([line for line in out.splitlines() if line.startswith("  #")]) == 3
+    assert "decided under policy (hash)" in out and "2026-11-25.1" in out
+
+
+def test_a_rules_only_change_is_counted_listed_and_fails_the_gate(recorded, tmp_path, capsys):
+    audit, pipelines, _ = recorded
+    text = (pipelines / "policy.toml").read_text()
+    assert text.count('id = "R06"') == 1
+    candidate = tmp_path / "renamed.toml"
+    candidate.write_text(text.replace('id = "R06"', 'id = "R06b"'))  # the same rule under another name
+    report = _replay(audit, pipelines / "claims_triage.toml", candidate, tmp_path / "r.json", capsys)
+    decided_by_r06 = [s for s, r in _decisions(audit).items() if [x.rule_id for x in r.decision.reasons] == ["R06"]]
+    assert decided_by_r06 and report["changed"] == 0
+    assert report["rules_changed"] == len(decided_by_r06)
+    assert sorted(c["sequence"] for c in report["rules_changed_cases"]) == sorted(decided_by_r06)
+    assert all(c["from"]["rules"] == ["R06"] and c["to"]["rules"] == ["R06b"]
+               and c["from"]["action"] == c["to"]["action"] for c in report["rules_changed_cases"])
+
+    gate = ["audit", "replay", str(audit), "--pipeline", str(pipelines / "claims_triage.toml"), "--fail-on-change"]
+    assert cli_main([*gate, "--policy", str(candidate)]) == 1
+    assert cli_main([*gate, "--policy", str(pipelines / "policy.toml")]) == 0  # nothing changes: the gate opens
+    capsys.readouterr()
+
+
+def test_a_candidate_model_is_named_by_path_and_hashes(recorded, tmp_path, capsys):
+    import hashlib
+
+    audit, pipelines, models = recorded
+    folder = models / "claims_triage" / "1"
+    report = _replay(audit, pipelines / "claims_triage.toml", pipelines / "policy.toml", tmp_path / "m.json", capsys,
+                     "--model", str(folder))
+    assert report["candidate_model"] == {
+        "path": str(folder.resolve()),
+        "onnx_sha256": hashlib.sha256((folder / "model.onnx").read_bytes()).hexdigest(),
+        "config_sha256": hashlib.sha256((folder / "model.toml").read_bytes()).hexdigest(),
+    }
+
+
+def test_replay_help_names_the_gate_and_the_full_report(capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["audit", "replay", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--fail-on-change exit 1 when any decision, outcome or deciding rule would change" in out
+    assert "every changed case and every rules-only change" in out

@@ -154,8 +154,12 @@ def test_fully_rechained_forgery_is_caught_by_the_signed_checkpoints(log_dir):
         payloads[index] = forge(record)
         previous = parsed(payloads[index]).hash
     write_frames(path, magic, payloads)
-    # The chain is consistent again; only the signed root for 20 records no longer matches.
-    expect_failure(log_dir, 10, "records 10..19 do not reproduce the root signed for tree size 20")
+    # The chain is consistent again; only the signed root for 20 records no longer matches, so verify can
+    # name the range between the checkpoints (10 and 20), not the record: the headline says so.
+    expect_failure(log_dir, 10, "do not give the root signed in checkpoint #2 (tree size 20)")
+    result = verify_directory(log_dir)
+    assert result.last_bad_sequence == 19
+    assert result.describe().startswith("FAILED in records 10..19: their hashes do not give the root")
 
 
 def test_deleted_record(log_dir):

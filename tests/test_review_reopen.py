@@ -11,6 +11,7 @@ the restarted kernel must open every lost review again, unchanged.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 
 import grpc
@@ -287,13 +288,43 @@ def test_a_review_mark_past_the_end_of_the_log_comes_down_to_it(claims_models, t
     with sqlite3.connect(data_dir / DATABASE_FILE) as conn:
         conn.execute("UPDATE meta SET value = value + 50 WHERE key = ?", (RECORDED_BEFORE,))
         (mark,) = conn.execute("SELECT value FROM meta WHERE key = ?", (RECORDED_BEFORE,)).fetchone()
+    opened = sum(1 for _ in iter_directory(data_dir / "audit", 0, RecordFilter()))
     restarted = start_kernel(claims_models, pipelines=pipelines, data_dir=str(data_dir), pipeline_poll_s=0,
                              audit_mode="async")
     try:
         size = restarted.decisions.audit.size
         assert restarted.decisions.reviews.recorded_before() == size
-        assert mark > size
-        assert f"the audit log ends at record #{size} but reviews were stored for records up to #{mark - 1}" \
-            in caplog.text
+        assert mark > size > opened
+        # The range is the log's end when the kernel opened it (not after this start's own records).
+        assert (f"the audit log ends at record #{opened} but reviews were stored for records up to #{mark - 1}: "
+                f"records #{opened}-#{mark - 1} were lost") in caplog.text
+        (started,) = iter_directory(data_dir / "audit", opened, RecordFilter(kind=kpb.CONFIG_CHANGE))
+        assert json.loads(started.payload)["lost_records"] == {"first": opened, "last": mark - 1,
+                                                              "audit_mode": "async"}
     finally:
         restarted.stop(grace=1)
+
+
+def test_in_fsync_mode_records_missing_from_the_log_refuse_the_start(claims_models, tmp_path):
+    """In fsync mode a record is on disk before its decision is answered: a log that lacks records the review
+    store saw was rolled back or replaced (or its storage failed). The kernel refuses to start, naming the
+    range and the way out, instead of handing those sequence numbers to new decisions and signing over them."""
+    from conftest import start_kernel
+    from kernel.audit import AuditCorrupt
+
+    pipelines, data_dir = str(copy_pipelines(tmp_path / "pipelines")), tmp_path / "data"
+    server = start_kernel(claims_models, pipelines=pipelines, data_dir=str(data_dir), pipeline_poll_s=0)
+    _decide_all(server, data.generate_cases(10, seed=48), "f")
+    server.stop(grace=1)
+    opened = sum(1 for _ in iter_directory(data_dir / "audit", 0, RecordFilter()))
+    with sqlite3.connect(data_dir / DATABASE_FILE) as conn:  # the injected fault: the log is 5 records short
+        conn.execute("UPDATE meta SET value = ? WHERE key = ?", (opened + 5, RECORDED_BEFORE))
+    with pytest.raises(AuditCorrupt) as refused:
+        start_kernel(claims_models, pipelines=pipelines, data_dir=str(data_dir), pipeline_poll_s=0)
+    message = refused.value.message
+    assert f"ends at record #{opened} but reviews were stored for records up to #{opened + 4}" in message
+    assert "refusing to start" in message and "AIOS_AUDIT_MODE=async" in message
+    assert sum(1 for _ in iter_directory(data_dir / "audit", 0, RecordFilter())) == opened  # nothing appended
+    accepted = start_kernel(claims_models, pipelines=pipelines, data_dir=str(data_dir), pipeline_poll_s=0,
+                            audit_mode="async")  # the documented way to accept the loss
+    accepted.stop(grace=1)

@@ -4,8 +4,10 @@ Public surface:
 
 - ``AuditLog.open(directory, mode="fsync", ...)``: append records, wait for
   durability, read them back (``read``), prove them (``inclusion_proof``,
-  ``consistency_proof``, ``latest_checkpoint``); ``Ticket`` is what ``append`` returns.
-- ``verify_directory(directory, public_key=None) -> VerifyResult``: full check of a log directory.
+  ``consistency_proof``, ``latest_checkpoint``); ``Ticket`` is what ``append`` returns;
+  ``recovery`` says what the open found (unsigned records adopted, torn tails cut, a key change).
+- ``verify_directory(directory, public_key=None, strict=False) -> VerifyResult``: full check of a log
+  directory against one trusted key or several (a key rotation).
 - ``iter_directory(directory, from_sequence, RecordFilter(...))``: read a log nobody is writing.
 - ``export_jsonl(records, out)``: JSON Lines for outside tools.
 - ``leaf_hash``/``canonical_bytes``/``checkpoint_signed_bytes``: the formats, for verifiers.

@@ -3,9 +3,11 @@
 ``kernel/cli.py`` hands every word after ``audit`` to ``main(argv)`` (so the
 kernel's other commands never pay for importing the audit code); the same
 commands run standalone as ``python -m kernel.audit.cli``.
-Exit codes: 0 success, 1 the log failed verification or could not be read
-whole, 2 the command could not run (no such directory, a directory with no
-log in it, unreadable key or file, bad option).
+Exit codes: 0 success, 1 the log failed verification (``verify --strict``:
+records no checkpoint signed, on a log nobody has open, included) or could
+not be read whole, or ``replay --fail-on-change`` found a change, 2 the
+command could not run (no such directory, a directory with no log in it,
+unreadable key or file, bad option).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 from .._proto.aios.kernel.v1 import kernel_pb2
 from .errors import AuditError
 from .export import export_jsonl
-from .keys import load_public_key
+from .keys import load_public_keys
 from .reader import RecordFilter, iter_directory
 from .verify import not_a_log, verify_directory
 
@@ -74,18 +76,18 @@ def cmd_verify(args) -> int:
     problem = _log_problem(directory)
     if problem is not None:
         return _cannot_run("verify", problem)
-    key = None
+    keys = None
     if args.from_key:
-        try:
-            key = load_public_key(args.from_key)
+        try:  # every key given, each file possibly a keyring: checkpoints name the key that signed them
+            keys = [raw for path in args.from_key for raw in load_public_keys(path)]
         except AuditError as exc:
             return _cannot_run("verify", exc.message)
-    result = verify_directory(directory, key)
+    result = verify_directory(directory, keys, strict=args.strict)
     rate = result.records / result.elapsed_s if result.elapsed_s > 0 else 0.0
     print(f"{directory}: {result.describe()} [{result.elapsed_s:.2f} s, {rate:,.0f} records/s]")
-    if result.ok and key is None and result.key_id:  # no key_id: no checkpoint, so no key was used
-        print("note: signatures were checked with the public-key.pem found in the directory; "
-              "pass --from-key with a copy of the key you trust to rule out a rewritten log")
+    if result.ok and keys is None and result.key_id:  # no key_id: no checkpoint, so no key was used
+        print("note: signatures were checked with the public keys found in the directory (public-key.pem, "
+              "public-keys/); pass --from-key with a copy of the keys you trust to rule out a rewritten log")
     return 0 if result.ok else 1
 
 
@@ -146,12 +148,18 @@ def build_parser(prog: str = "aios-kernel audit") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description="Verify, export or replay an audit log directory.")
     commands = parser.add_subparsers(dest="audit_command", required=True)
 
-    verify = commands.add_parser("verify", help="check every hash, link and signed checkpoint; exit 1 naming "
-                                                "the first bad record")
+    about = ("check every hash, link and signed checkpoint; exit 1 naming the first bad record, or the range "
+             "between two signed checkpoints a re-chained edit lies in")
+    verify = commands.add_parser("verify", help=about, description=about)
     verify.add_argument("directory", help="the log directory (e.g. var/audit)")
-    verify.add_argument("--from-key", dest="from_key", metavar="PUBKEY",
-                        help="the trusted Ed25519 public key file (PEM, 32 raw bytes, hex or base64); "
-                             "default: public-key.pem in the directory")
+    verify.add_argument("--from-key", dest="from_key", metavar="PUBKEY", action="append",
+                        help="a trusted Ed25519 public key file (PEM, 32 raw bytes, hex or base64), a file of "
+                             "several PEM keys, or a folder of *.pem keys; repeat it across a key rotation (each "
+                             "checkpoint is checked with the key it names); default: the keys kept in the "
+                             "directory (public-key.pem, public-keys/)")
+    verify.add_argument("--strict", action="store_true",
+                        help="also fail (exit 1) when records after the last signed checkpoint are unsigned and "
+                             "no kernel has the log open: a crash, or records appended without the key")
     verify.set_defaults(func=cmd_verify)
 
     export = commands.add_parser("export", help="write records as JSON Lines")
@@ -169,8 +177,9 @@ def build_parser(prog: str = "aios-kernel audit") -> argparse.ArgumentParser:
     # Replay needs pipelines and policies; it lives with them and is imported only when used.
     from ..pipelines import replay_cli
 
-    replay = commands.add_parser("replay", help="re-decide recorded decisions under a candidate policy "
-                                                "and report which would change")
+    about = ("re-decide recorded decisions under a candidate policy (and model) and report which would change, "
+             "or keep their action for other rules; --fail-on-change exits 1 if any would")
+    replay = commands.add_parser("replay", help=about, description=about)
     replay_cli.add_arguments(replay, _time)
     replay.set_defaults(func=cmd_replay)
     return parser

@@ -7,6 +7,15 @@ read is used but logged as a warning. The public key is what
 also written next to the log as ``public-key.pem`` for convenience (a copy in
 the same directory as the log proves nothing against someone who can rewrite
 the directory: an auditor should hold the key from elsewhere).
+
+Keys change (a rotation: ``audit_key`` names a new key). Each checkpoint
+names the key that signed it (``key_id``), so the log is verified epoch by
+epoch against a set of trusted keys. Every public key that ever signed here
+is therefore kept as ``public-keys/<key_id>.pem`` (never overwritten, the
+name being the key's own hash); ``public-key.pem`` is the current one. The
+default key is created only for a log nothing has signed yet: a missing
+``signing-key.pem`` under signed checkpoints is a lost key, and a new one
+created silently would start an epoch nobody decided on.
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ import hashlib
 import logging
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
@@ -32,6 +42,7 @@ log = logging.getLogger("aios.audit")
 
 ALGORITHM = "Ed25519"
 PUBLIC_KEY_FILE = "public-key.pem"
+PUBLIC_KEYS_DIR = "public-keys"  # every public key that signed checkpoints here, as <key_id>.pem
 
 
 def key_id(public_raw: bytes) -> str:
@@ -63,13 +74,15 @@ def public_pem(public_raw: bytes) -> bytes:
     )
 
 
-def load_or_create(path: str | Path) -> SigningKey:
+def load_or_create(path: str | Path, signed_by: Callable[[], list[str]] | None = None) -> SigningKey:
     """The signing key at ``path``; a new one is generated and written (0600) if the file is absent.
 
     Except where ``path`` is an ``OperatorPath`` (``audit_key`` set in kernel.toml, AIOS_AUDIT_KEY or a
     flag): a key the operator named and that is missing is a failed mount or a typo, and a new key would
     sign from then on unnoticed, so it is FAILED_PRECONDITION. Only the default key, kept in the audit
-    directory, is created on first start.
+    directory, is created on first start: ``signed_by()`` (the key ids of the log's checkpoints, read only
+    when the key is missing) non-empty means it is not the first start, the key that signed is gone, and
+    that is FAILED_PRECONDITION too.
     """
     source = path.source if isinstance(path, OperatorPath) else ""
     path = Path(path)
@@ -80,6 +93,22 @@ def load_or_create(path: str | Path) -> SigningKey:
             raise FailedPrecondition(
                 f"audit_key (from {source}) {path} does not exist; leave audit_key empty to keep the key "
                 "in the audit directory, created on first start") from None
+        signers = signed_by() if signed_by is not None else []
+        if signers:
+            raise FailedPrecondition(_lost_default_key(path, signers)) from None
+    return _create(path, source)
+
+
+def _lost_default_key(path: Path, signed_by) -> str:
+    ids = ", ".join(dict.fromkeys(signed_by))
+    return (f"the audit signing key {path} is missing, yet the log's checkpoints were signed by key {ids}: "
+            f"restore {path.name} from a backup, or, if the key is lost for good, make a new one "
+            f"(openssl genpkey -algorithm ed25519 -out audit-key.pem) and name it with audit_key to start a new "
+            f"key epoch; no new key is created silently")
+
+
+def _create(path: Path, source: str) -> SigningKey:
+    """A new key written with O_EXCL (another process that created it first wins: its key is used)."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     private = Ed25519PrivateKey.generate()
     pem = private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
@@ -119,18 +148,61 @@ def _load(path: Path, source: str = "") -> SigningKey:
 
 
 def publish_public_key(directory: Path, key: SigningKey) -> None:
-    """Write ``public-key.pem`` next to the log (atomically), unless it already holds this key."""
+    """Keep ``key``'s public half as ``public-keys/<key_id>.pem`` and make it ``public-key.pem``.
+
+    The key ``public-key.pem`` held before (a log written before ``public-keys/`` existed) is kept
+    there first, so replacing it never loses the key that checks the earlier checkpoints.
+    """
     path = directory / PUBLIC_KEY_FILE
     pem = key.public_pem()
     try:
-        if path.read_bytes() == pem:
-            return
+        current = path.read_bytes()
     except FileNotFoundError:
-        pass
+        current = None
+    if current is not None and current != pem:
+        _archive_public_key(directory, current)
+    _write_once(directory / PUBLIC_KEYS_DIR, f"{key.key_id}.pem", pem)
+    if current != pem:
+        _replace(path, pem)
+
+
+def _archive_public_key(directory: Path, pem: bytes) -> None:
+    try:
+        raw = parse_public_key(pem, str(directory / PUBLIC_KEY_FILE))
+    except AuditError as exc:  # not a key: nothing to keep, and no reason to stop the start
+        log.warning("audit: %s; replacing it", exc.message)
+        return
+    _write_once(directory / PUBLIC_KEYS_DIR, f"{key_id(raw)}.pem", public_pem(raw))
+
+
+def _write_once(folder: Path, name: str, data: bytes) -> None:
+    """Write ``folder/name`` unless it exists (its name is its key's hash: what is there is that key)."""
+    path = folder / name
+    if path.exists():
+        return
+    folder.mkdir(exist_ok=True)
+    _replace(path, data)
+
+
+def _replace(path: Path, data: bytes) -> None:
     tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(pem)
+    tmp.write_bytes(data)
     tmp.replace(path)
-    fsync_dir(directory)
+    fsync_dir(path.parent)
+
+
+def published_keys(directory: Path) -> dict[str, bytes]:
+    """key_id -> raw public key, for every key kept in ``directory`` (``public-keys/*.pem`` and
+    ``public-key.pem``); files that hold no key are skipped (verify then names the key it lacks)."""
+    found = {}
+    paths = sorted((directory / PUBLIC_KEYS_DIR).glob("*.pem")) + [directory / PUBLIC_KEY_FILE]
+    for path in paths:
+        try:
+            for raw in load_public_keys(path):
+                found[key_id(raw)] = raw
+        except AuditError:
+            continue
+    return found
 
 
 def parse_public_key(data: bytes, source: str = "public key") -> bytes:
@@ -163,6 +235,29 @@ def load_public_key(path: str | Path) -> bytes:
     except OSError as exc:
         raise AuditError(f"cannot read public key {path}: {exc.strerror}") from None
     return parse_public_key(data, str(path))
+
+
+_PEM_END = b"-----END PUBLIC KEY-----"
+
+
+def load_public_keys(path: str | Path) -> list[bytes]:
+    """Raw public keys from a keyring: a file of one key (any form ``parse_public_key`` reads) or of
+    several PEM keys one after another, or a directory of such ``*.pem`` files (a copy of
+    ``public-keys/``)."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(path.glob("*.pem"))
+        if not files:
+            raise AuditError(f"{path}: a directory with no *.pem public key in it")
+        return [raw for file in files for raw in load_public_keys(file)]
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise AuditError(f"cannot read public key {path}: {exc.strerror or exc}") from None
+    if data.count(_PEM_END) < 2:
+        return [parse_public_key(data, str(path))]
+    blocks = [block + _PEM_END for block in data.split(_PEM_END) if block.strip()]
+    return [parse_public_key(block, f"{path} (key {number + 1})") for number, block in enumerate(blocks)]
 
 
 def signature_valid(public_raw: bytes, signature: bytes, message: bytes) -> bool:

@@ -8,7 +8,18 @@ to the last intact record, the bytes cut are kept in ``<segment>.torn-<time>``
 and the cut is logged. Damage anywhere else, a missing segment, or a log that
 no longer matches its last signed checkpoint stops the open with
 ``AuditCorrupt`` and changes nothing on disk: the kernel must not append to a
-log it cannot vouch for (``aios-kernel audit verify`` names the first bad record).
+log it cannot vouch for (``aios-kernel audit verify`` names the first bad record,
+or the range between two checkpoints when the records were re-chained after an
+edit). The refusal names the directory, the records or range, and, where the
+checkpoint file was signed by another key than this kernel's, both key ids.
+
+Records after the last signed checkpoint (the unsigned tail) are adopted:
+the writer signs them at once, with a WARNING naming the range and the last
+one's hash (``AuditLog.recovery`` keeps the same for the start record). Only
+a crash leaves such a tail, since a clean stop signs every record; on a log
+that stopped cleanly it was appended by someone without the key, which is why
+the warning points at ``audit export --from`` and ``audit verify --strict``
+fails on a stopped log that has one.
 
 What a crash can leave, and so what is cut. The writer only ever adds bytes
 past its last frame, over zeros (preallocated, fsynced) or past the end of the
@@ -59,8 +70,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .checkpoints import FILE_NAME as CHECKPOINT_FILE, Checkpoint, check_sequence
+from .checkpoints import FILE_NAME as CHECKPOINT_FILE, Checkpoint, check_sequence, signature_ok
 from .errors import AuditCorrupt, AuditError
+from .keys import SigningKey, published_keys
 from .merkle import MerkleTree
 from .record import GENESIS_PREV_HASH, split_stored
 from .segments import MAGIC, FrameScanner, frames_start, keep_torn_bytes, list_segments, nonzero_end
@@ -164,9 +176,11 @@ def _refuse_damage(state: LogState, checkpoints: list[Checkpoint], directory: Pa
     raise AuditCorrupt(message)
 
 
-def check_against(state: LogState, checkpoints: list[Checkpoint], directory: Path) -> None:
+def check_against(state: LogState, checkpoints: list[Checkpoint], directory: Path,
+                  key: SigningKey | None = None) -> None:
     """The records on disk must be intact (no damage but a torn tail) and still produce the root of the last
-    signed checkpoint."""
+    signed checkpoint, whose signature must verify where a key for it is at hand (``key``, the key this
+    kernel signs with, or one kept in ``public-keys/``)."""
     check_sequence(checkpoints, directory)
     if state.damage is not None:
         _refuse_damage(state, checkpoints, directory)
@@ -180,15 +194,79 @@ def check_against(state: LogState, checkpoints: list[Checkpoint], directory: Pat
         return
     latest = checkpoints[-1]
     size = state.tree.size
+    fits = latest.tree_size <= size and state.tree.root(latest.tree_size) == latest.root_hash
+    own_key_id = key.key_id if key is not None else ""
+    if not fits and own_key_id and latest.key_id != own_key_id:  # say what is known: the file was signed elsewhere
+        _refuse_foreign_checkpoints(state, checkpoints, directory, own_key_id)
     if latest.tree_size > size:
         raise AuditCorrupt(
-            f"the last signed checkpoint covers {latest.tree_size} records but only {size} are intact on disk: "
-            f"record {size} onward is damaged or missing (run `aios-kernel audit verify`)"
+            f"the audit log in {directory} is damaged or was altered: the last signed checkpoint covers "
+            f"{latest.tree_size} records but only {size} are intact on disk, so records {size}..{latest.tree_size - 1} "
+            f"are damaged or missing. {_NOT_OPENED}; run `aios-kernel audit verify {directory}` for details"
         )
-    if state.tree.root(latest.tree_size) != latest.root_hash:
-        raise AuditCorrupt(
-            f"records before {latest.tree_size} no longer hash to the root of the checkpoint signed for them"
-        )
+    if not fits:
+        _refuse_root_mismatch(state, checkpoints, directory)
+    _check_signature(checkpoints, directory, key)
+
+
+_NOT_OPENED = "The log was not opened and nothing was changed on disk"
+
+
+def _last_matching(state: LogState, checkpoints: list[Checkpoint]) -> int:
+    """The tree size of the newest checkpoint before the last whose root the records still give: the change
+    lies after it (roots of earlier sizes do not depend on later records)."""
+    for checkpoint in reversed(checkpoints[:-1]):
+        if checkpoint.tree_size <= state.tree.size and state.tree.root(checkpoint.tree_size) == checkpoint.root_hash:
+            return checkpoint.tree_size
+    return 0
+
+
+def _refuse_foreign_checkpoints(state: LogState, checkpoints: list[Checkpoint], directory: Path,
+                                own_key_id: str) -> None:
+    latest = checkpoints[-1]
+    size = state.tree.size
+    if latest.tree_size > size:
+        mismatch = (f"its checkpoint #{len(checkpoints) - 1} covers {latest.tree_size} records where the log "
+                    f"holds {size}")
+    else:
+        first = _last_matching(state, checkpoints)
+        mismatch = (f"records {first}..{latest.tree_size - 1} do not hash to the root of its checkpoint "
+                    f"#{len(checkpoints) - 1}")
+    raise AuditCorrupt(
+        f"the audit log in {directory} does not match its checkpoint file: {directory / CHECKPOINT_FILE} was signed "
+        f"by key {latest.key_id or '?'}, not by this kernel's key {own_key_id}, and {mismatch}: it is another log's "
+        f"checkpoint file, or the records were rewritten. {_NOT_OPENED}; put this log's own {CHECKPOINT_FILE} back, "
+        f"and run `aios-kernel audit verify {directory} --from-key <trusted key>` to see which"
+    )
+
+
+def _refuse_root_mismatch(state: LogState, checkpoints: list[Checkpoint], directory: Path) -> None:
+    latest = checkpoints[-1]
+    first, last = _last_matching(state, checkpoints), latest.tree_size - 1
+    number = len(checkpoints) - 1
+    raise AuditCorrupt(
+        f"the audit log in {directory} is damaged or was altered: records {first}..{last} no longer hash to the "
+        f"root of checkpoint #{number} (tree size {latest.tree_size}, key {latest.key_id or '?'}) signed for them: "
+        f"one of them was changed, removed, inserted or reordered. {_NOT_OPENED}; run `aios-kernel audit verify "
+        f"{directory}` to find it (it names the record, or this range when the records after it were re-chained)"
+    )
+
+
+def _check_signature(checkpoints: list[Checkpoint], directory: Path, key: SigningKey | None) -> None:
+    """The last checkpoint's signature, with this kernel's key or a kept public key: a checkpoint whose
+    signature fails was not signed by the key it names, and signing over it would vouch for it."""
+    latest = checkpoints[-1]
+    if key is not None and latest.key_id == key.key_id:
+        public = key.public_raw
+    else:
+        public = published_keys(directory).get(latest.key_id)
+    if public is None or signature_ok(latest, public):
+        return  # (no key for it at hand: a rotation from a key this directory never kept; writer warns)
+    raise AuditCorrupt(
+        f"the audit log in {directory} is damaged or was altered: {directory / CHECKPOINT_FILE}, checkpoint "
+        f"#{len(checkpoints) - 1} (tree size {latest.tree_size}): its signature does not verify with key "
+        f"{latest.key_id}. {_NOT_OPENED}; run `aios-kernel audit verify {directory}` for details"
+    )
 
 
 def lock_directory(directory: Path) -> int:

@@ -11,8 +11,11 @@ first sequence number that is not what was written:
 - a ``prev_hash`` that is not the previous record's hash: the previous record
   (the usual forgery edits a record and rehashes it, which breaks the link
   from the record after it);
-- a signed checkpoint whose root the records do not reproduce: the first
-  record after the last checkpoint that matched (the change is in between);
+- a signed checkpoint whose root the records do not reproduce: the range from
+  the first record after the last checkpoint that matched to the last one this
+  checkpoint covers (``first_bad_sequence``..``last_bad_sequence``). The
+  change is in between, and when the records after it were re-chained nothing
+  narrows it further: the headline says "FAILED in records A..B";
 - a checkpoint for more records than the log holds: the first missing record;
 - records but no signed checkpoint at all (the checkpoint file removed or
   emptied): nothing signed covers them, so a rewrite of the whole log would
@@ -30,22 +33,30 @@ is open for writing (its ``LOCK`` held, as /proc/locks shows) may end in a
 record still being written (written part-way over the zeros); that one is
 left out, not failed.
 
-Checkpoint signatures are checked with the given public key (an auditor's
-own copy); without one, with ``public-key.pem`` from the directory, which
-only shows the log is internally consistent.
+Checkpoint signatures are checked with the given public keys (an auditor's
+own copies; several across a key rotation, each checkpoint with the one its
+``key_id`` names); without any, with the keys kept in the directory
+(``public-keys/*.pem`` and ``public-key.pem``), which only shows the log is
+internally consistent.
+
+Records after the last signed checkpoint are chained but unsigned. A live
+writer signs them within ``audit_checkpoint_ms``; on a log nobody has open
+they are what a crash left, or what someone without the key appended (the
+next start signs them). They pass, with a note, unless ``strict``.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from hashlib import sha256
 from pathlib import Path
 
 from .checkpoints import FILE_NAME as CHECKPOINT_FILE
 from .checkpoints import read_all, signature_ok
-from .errors import AuditCorrupt, AuditError
-from .keys import PUBLIC_KEY_FILE, key_id, load_public_key
+from .errors import AuditCorrupt
+from .keys import PUBLIC_KEY_FILE, PUBLIC_KEYS_DIR, key_id, published_keys
 from .merkle import CompactRange
 from .recovery import writer_is_live
 from .record import GENESIS_PREV_HASH, AuditRecord, split_stored
@@ -60,31 +71,50 @@ class VerifyResult:
     signed_size: int  # records covered by the newest verified checkpoint
     first_bad_sequence: int | None  # None when ok, or when the damage is not in a record
     reason: str  # why it failed; when ok, a note (such as a record still being written) or ""
-    key_id: str = ""
+    key_id: str = ""  # the key(s) the verified checkpoints were signed with, comma-separated, oldest first
     elapsed_s: float = 0.0
+    last_bad_sequence: int | None = None  # the end of the bad range, when only a range is known
+    writer_live: bool = False  # a kernel had the log open: an unsigned tail awaits its next checkpoint
 
     def describe(self) -> str:
         if self.ok:
-            unsigned = self.records - self.signed_size
-            tail = f"; the last {unsigned} are chained but not yet signed" if unsigned else ""
+            key = f" ({'keys' if ',' in self.key_id else 'key'} {self.key_id})" if self.key_id else ""
             note = f" ({self.reason})" if self.reason else ""
-            key = f" (key {self.key_id})" if self.key_id else ""  # no checkpoint, no key was needed
             return (f"OK: {self.records} records and {self.checkpoints} signed checkpoints verified"
-                    f"{key}{tail}{note}")
+                    f"{key}{self._unsigned_tail()}{note}")
         if self.first_bad_sequence is None:  # the reason names what failed (checkpoints, the directory)
             return f"FAILED: {self.reason}"
+        if self.last_bad_sequence is not None and self.last_bad_sequence != self.first_bad_sequence:
+            return f"FAILED in records {self.first_bad_sequence}..{self.last_bad_sequence}: {self.reason}"
         return f"FAILED at record {self.first_bad_sequence}: {self.reason}"
+
+    def _unsigned_tail(self) -> str:
+        unsigned = self.records - self.signed_size
+        if not unsigned:
+            return ""
+        tail = f"; the last {unsigned} are chained but not yet signed"
+        if self.writer_live:
+            return f"{tail} (the log is open: its next checkpoint signs them)"
+        return (f"{tail} (records {self.signed_size}..{self.records - 1}: a crash leaves this, a clean stop never "
+                f"does; the next start signs them; --strict fails here)")
 
 
 class _Failure(Exception):
-    def __init__(self, sequence: int | None, reason: str):
+    def __init__(self, sequence: int | None, reason: str, last: int | None = None):
         super().__init__(reason)
         self.sequence = sequence
         self.reason = reason
+        self.last = last  # the end of the bad range, when only a range is known
 
 
-def verify_directory(directory: str | Path, public_key: bytes | None = None) -> VerifyResult:
-    """Verify a log directory; ``public_key`` is the raw Ed25519 key checkpoints must be signed with."""
+def verify_directory(directory: str | Path, public_key: bytes | Iterable[bytes] | None = None,
+                     strict: bool = False) -> VerifyResult:
+    """Verify a log directory.
+
+    ``public_key``: the raw Ed25519 key checkpoints must be signed with, or several (a key rotation):
+    each checkpoint is checked with the one its ``key_id`` names, and one signed by a key not among them
+    fails. ``strict``: records no signed checkpoint covers fail too, unless a writer has the log open.
+    """
     directory = Path(directory)
     started = time.perf_counter()
     walk = _Walk(directory)
@@ -94,13 +124,24 @@ def verify_directory(directory: str | Path, public_key: bytes | None = None) -> 
         missing = not_a_log(directory)
         if missing is not None:
             raise _Failure(None, missing)
-        walk.load_checkpoints(public_key)
+        walk.load_checkpoints(_trusted(public_key))
         walk.records()
         walk.leftover_checkpoints()
         walk.some_checkpoint_signed()
+        walk.writer_live = walk.count > walk.signed_size and writer_is_live(directory)
+        if strict:
+            walk.all_signed()
     except _Failure as failure:
-        return walk.result(False, failure.sequence, failure.reason, started)
+        return walk.result(False, failure.sequence, failure.reason, started, failure.last)
     return walk.result(True, None, "", started)
+
+
+def _trusted(public_key: bytes | Iterable[bytes] | None) -> dict[str, bytes] | None:
+    """key_id -> raw key for the keys given, or None (use the directory's own)."""
+    if public_key is None:
+        return None
+    keys = [public_key] if isinstance(public_key, (bytes, bytearray)) else list(public_key)
+    return {key_id(bytes(raw)): bytes(raw) for raw in keys}
 
 
 def not_a_log(directory: Path) -> str | None:
@@ -124,47 +165,58 @@ class _Walk:
         self.verified_checkpoints = 0
         self.signed_size = 0
         self.count = 0
-        self.key_id = ""
+        self.key_ids: list[str] = []  # keys that signed the checkpoints, in order of first use
         self.note = ""
+        self.writer_live = False
 
-    def result(self, ok: bool, sequence: int | None, reason: str, started: float) -> VerifyResult:
+    def result(self, ok: bool, sequence: int | None, reason: str, started: float,
+               last: int | None = None) -> VerifyResult:
         return VerifyResult(ok, self.count, self.verified_checkpoints, self.signed_size, sequence, reason or self.note,
-                            self.key_id, time.perf_counter() - started)
+                            ", ".join(self.key_ids), time.perf_counter() - started, last, self.writer_live)
 
-    def load_checkpoints(self, public_key: bytes | None) -> None:
+    def load_checkpoints(self, trusted: dict[str, bytes] | None) -> None:
         found, _, problem, torn = read_all(self.directory)
         if problem is not None and not torn:
             raise _Failure(None, f"{CHECKPOINT_FILE} is damaged after checkpoint #{len(found)}: {problem}")
-        if public_key is None:
-            path = self.directory / PUBLIC_KEY_FILE
-            if found:
-                try:
-                    public_key = load_public_key(path)
-                except AuditError as exc:
-                    raise _Failure(None, f"no key to check checkpoint signatures with ({exc}); pass --from-key") from None
-        if public_key is not None:
-            self.key_id = key_id(public_key)
+        if trusted is None and found:
+            trusted = published_keys(self.directory)
+            if not trusted:
+                raise _Failure(None, (f"no key to check checkpoint signatures with: {PUBLIC_KEY_FILE} and "
+                                      f"{PUBLIC_KEYS_DIR}/ hold none; pass --from-key"))
         previous = 0
         for number, checkpoint in enumerate(found):
-            if checkpoint.key_id != self.key_id:
-                raise _Failure(None, f"checkpoint #{number} (tree size {checkpoint.tree_size}) was signed by key "
-                                     f"{checkpoint.key_id or '?'}, not by the trusted key {self.key_id}")
+            public_key = self._key_for(number, checkpoint, trusted)
             if not signature_ok(checkpoint, public_key):
                 raise _Failure(None, f"checkpoint #{number} (tree size {checkpoint.tree_size}): the signature does "
-                                     f"not verify with key {self.key_id}")
+                                     f"not verify with key {checkpoint.key_id}")
             if checkpoint.tree_size < previous:
                 raise _Failure(None, f"checkpoint #{number} (tree size {checkpoint.tree_size}) follows one at "
                                      f"{previous}: checkpoints never shrink")
             previous = checkpoint.tree_size
         self.checkpoints = found
 
+    def _key_for(self, number: int, checkpoint, trusted: dict[str, bytes]) -> bytes:
+        """The trusted key the checkpoint names (each key epoch is checked with its own key)."""
+        public_key = trusted.get(checkpoint.key_id)
+        if public_key is None:
+            names = ", ".join(trusted)
+            trust = f"the trusted key {names}" if len(trusted) == 1 else f"any of the trusted keys ({names})"
+            raise _Failure(None, f"checkpoint #{number} (tree size {checkpoint.tree_size}) was signed by key "
+                                 f"{checkpoint.key_id or '?'}, not by {trust}; if that key is yours (a rotation), "
+                                 f"pass its public key with another --from-key")
+        if checkpoint.key_id not in self.key_ids:
+            self.key_ids.append(checkpoint.key_id)
+        return public_key
+
     def _check_checkpoints(self, tree: CompactRange) -> None:
         checkpoints = self.checkpoints
         while self.next_checkpoint < len(checkpoints) and checkpoints[self.next_checkpoint].tree_size == tree.size:
             if tree.root() != checkpoints[self.next_checkpoint].root_hash:
+                # The chain links, so the records after a change were re-chained: only the checkpoints bound it.
                 raise _Failure(self.signed_size, (
-                    f"records {self.signed_size}..{tree.size - 1} do not reproduce the root signed for tree size "
-                    f"{tree.size}: a record in that range was changed, removed, inserted or reordered"))
+                    f"their hashes do not give the root signed in checkpoint #{self.next_checkpoint} (tree size "
+                    f"{tree.size}): a record in this range was changed, removed, inserted or reordered, and the ones "
+                    f"after it re-chained; the signed checkpoints narrow it no further"), tree.size - 1)
             self.signed_size = tree.size
             self.verified_checkpoints += 1
             self.next_checkpoint += 1
@@ -246,6 +298,14 @@ class _Walk:
             raise _Failure(None, (
                 f"no signed checkpoint covers records 0..{self.count - 1}: {CHECKPOINT_FILE} is missing or "
                 f"empty, so a rewrite of the whole log would go unnoticed"))
+
+    def all_signed(self) -> None:
+        """--strict: every record under a signed checkpoint, unless a live writer is about to sign the tail."""
+        if self.count > self.signed_size and not self.writer_live:
+            raise _Failure(self.signed_size, (
+                f"not covered by any signed checkpoint (the last covers {self.signed_size} records), and no kernel "
+                f"has the log open: a crash leaves this, a clean stop never does, and so does someone without the "
+                f"key who appended records; the next start signs them"), self.count - 1)
 
     def leftover_checkpoints(self) -> None:
         if self.next_checkpoint < len(self.checkpoints):

@@ -40,7 +40,7 @@ from ..errors import InvalidArgument, ResourceExhausted
 from ..threads import name_native_thread
 from . import checkpoints as cps
 from .errors import AuditError, AuditTimeout
-from .keys import load_or_create, publish_public_key
+from .keys import PUBLIC_KEYS_DIR, load_or_create, publish_public_key
 from .reader import RecordFilter, iter_log
 from .recovery import INDEX_MASK, check_against, keep_torn_tail, lock_directory, recover
 from .record import HASH_TRAILER, RecordWithTail
@@ -96,6 +96,8 @@ class AuditLog:
         # Called once, with the error, when the log fail-stops (the server turns health NOT_SERVING).
         self.failure_listeners: list = []
 
+        # What this open found and repaired (see ``recovery``).
+        self._recovery: dict = {"adopted": None, "adopted_last_hash": "", "cuts": [], "previous_key_id": ""}
         self._lock_fd = lock_directory(directory)
         try:
             cuts = self._open_files(directory, key)
@@ -118,6 +120,8 @@ class AuditLog:
             signed = latest.tree_size if latest is not None else 0
             # A signed head from the start, so there always is one; and records a crash left unsigned are
             # signed now (check_against vouched for the signed ones), not a checkpoint interval later.
+            if signed != size:
+                self._warn_adopted(signed, size)
             if latest is None or signed != size:
                 self._write_checkpoint(self._last_checkpoint_ns)
             if signed != size or cuts:  # the last process stopped without closing the log: say what was found
@@ -133,6 +137,34 @@ class AuditLog:
         self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
         self._thread.start()
 
+    def _warn_adopted(self, signed: int, size: int) -> None:
+        """Records past the last checkpoint are about to be signed: say which, and what put them there.
+
+        A kernel that stops cleanly signs every record it wrote, so only a crash leaves such a tail, or
+        someone who can write the directory but has no key (``audit verify --strict`` fails on it).
+        """
+        self._recovery["adopted"] = [signed, size - 1]
+        self._recovery["adopted_last_hash"] = self._last_hash.hex()
+        log.warning(
+            "audit: adopting records %d..%d of %s (the last one's hash %s): no signed checkpoint covered them. "
+            "A crash of the kernel that wrote them leaves such a tail, a clean stop never does; if it stopped "
+            "cleanly they were added by someone without the key: check them with `aios-kernel audit export %s "
+            "--from %d`. They are signed now", signed, size - 1, self.directory, self._last_hash.hex()[:16],
+            self.directory, signed)
+
+    def _warn_key_change(self, found: list, key) -> None:
+        """A rotation: the checkpoints so far were signed by another key (kept under public-keys/)."""
+        previous = found[-1].key_id
+        self._recovery["previous_key_id"] = previous
+        kept = (self.directory / PUBLIC_KEYS_DIR / f"{previous}.pem").exists()
+        log.warning(
+            "audit: checkpoints up to tree size %d of %s were signed by key %s; signing with %s from now on. %s",
+            found[-1].tree_size, self.directory, previous, key.key_id,
+            f"Its public key is kept in {PUBLIC_KEYS_DIR}/{previous}.pem; an auditor verifies with both keys "
+            f"(--from-key OLD --from-key NEW)" if kept else
+            f"Its public key is not in {PUBLIC_KEYS_DIR}/: keep a copy of it, or the checkpoints it signed "
+            "cannot be verified")
+
     def _open_files(self, directory: Path, key) -> list[str]:
         """Recover the files' state, check it against the last checkpoint, open the files for appending.
 
@@ -146,15 +178,14 @@ class AuditLog:
         self._last_hash = state.last_hash
         self.dropped_bytes = state.dropped_bytes  # torn tail cut by this open
         found, end, problem = cps.scan(directory)
-        check_against(state, found, directory)
-        if found and found[-1].key_id != key.key_id:
-            log.warning("audit: checkpoints up to tree size %d were signed by key %s; signing with %s from now on",
-                        found[-1].tree_size, found[-1].key_id, key.key_id)
+        check_against(state, found, directory, key)
         cuts = []
         self._checkpoints, cut = cps.CheckpointFile.open(directory, found, end, problem)
         if cut:
             cuts.append(cut)
-        publish_public_key(directory, key)
+        publish_public_key(directory, key)  # (first: it keeps the previous key, which the warning names)
+        if found and found[-1].key_id != key.key_id:
+            self._warn_key_change(found, key)
         if state.unfinished is not None:
             log.warning("audit: %s was cut short while being created: removed it (%d bytes)", state.unfinished.name,
                         state.dropped_bytes)
@@ -165,6 +196,7 @@ class AuditLog:
                         f"after record {state.tree.size - 1} (kept in {kept.name})")
         elif state.unfinished is not None:
             cuts.append(f"removed {state.unfinished.name} ({state.dropped_bytes} bytes), cut short while being created")
+        self._recovery["cuts"] = list(cuts)
         if state.segments:
             self._segment = SegmentFile.reopen(state.segments[-1][1], state.tail_size, state.tail_torn,
                                                self._preallocate_bytes, self._segment_bytes)
@@ -200,7 +232,9 @@ class AuditLog:
                 raise InvalidArgument(f"audit {name} must be >= 0, got {value}")
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        key = load_or_create(key_path if key_path is not None else directory / DEFAULT_KEY_FILE)
+        # The key ids that signed so far: a default key missing under them is lost, not to be made anew.
+        key = load_or_create(key_path if key_path is not None else directory / DEFAULT_KEY_FILE,
+                             lambda: [checkpoint.key_id for checkpoint in cps.read_all(directory)[0]])
         return cls(directory, mode, key, checkpoint_records, checkpoint_ms, segment_bytes, group_max, group_ms,
                    max_pending, preallocate_bytes)
 
@@ -487,6 +521,15 @@ class AuditLog:
     @property
     def key_id(self) -> str:
         return self._key.key_id
+
+    @property
+    def recovery(self) -> dict:
+        """What opening the log found, for the record a kernel writes at start (a copy, JSON-ready):
+        ``adopted``: [first, last] sequence of records no checkpoint covered, signed at this open (None when
+        there were none; only a crash or tampering leaves them), ``adopted_last_hash``: the last one's hash
+        (hex), ``cuts``: torn tails cut (what was cut and where its bytes are kept), ``previous_key_id``: the
+        key that signed the checkpoints before, when another key signs from now on ("" otherwise)."""
+        return {**self._recovery, "cuts": list(self._recovery["cuts"])}
 
     @property
     def public_key(self) -> bytes:

@@ -47,6 +47,7 @@ Schema (every key optional unless marked)::
 
 from __future__ import annotations
 
+import hashlib
 import math
 import tomllib
 from dataclasses import dataclass, field
@@ -370,10 +371,20 @@ def misplaced(model_dir: Path) -> Path | None:
 
 def load(path: Path, name: str, version: str) -> ModelConfig:
     """Read and validate ``model.toml`` at ``path``."""
+    return load_with_digest(path, name, version)[0]
+
+
+def load_with_digest(path: Path, name: str, version: str) -> tuple[ModelConfig, str]:
+    """``load``, and the SHA-256 (hex) of the very bytes it parsed.
+
+    One read for both: the labels in this file decide which score means which action, so the audit log
+    names the file the kernel applied; hashing the file again later could name a newer edit.
+    """
+    data = path.read_bytes()
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        raw = tomllib.loads(data.decode("utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise ModelConfigError(path, "", f"not valid TOML: {exc}") from None
     except UnicodeDecodeError:
         raise ModelConfigError(path, "", "not UTF-8 text") from None
-    return parse(path, name, version, raw)
+    return parse(path, name, version, raw), hashlib.sha256(data).hexdigest()

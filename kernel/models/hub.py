@@ -223,8 +223,9 @@ class ModelHub:
             for version in folder.versions:
                 version_dir = model_dir / version
                 toml = version_dir / "model.toml"
-                config = model_config.load(toml, name, version) if toml.is_file() else None
-                runtime = OnnxModel.load(version_dir / "model.onnx", config, name, version)
+                config, config_sha256 = (model_config.load_with_digest(toml, name, version) if toml.is_file()
+                                         else (None, ""))
+                runtime = OnnxModel.load(version_dir / "model.onnx", config, name, version, config_sha256)
                 fresh[version] = ModelVersion(name, version, runtime)
         except Exception as exc:
             with self._lock:

@@ -7,6 +7,7 @@ session from a small pool without waiting.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from pathlib import Path
@@ -163,14 +164,34 @@ def check_against_graph(config: ModelConfig, session: ort.InferenceSession, path
                 raise ModelConfigError(path, "input", f"graph input {first!r} is not declared")
 
 
+def file_sha256(path: Path) -> str:
+    """SHA-256 (hex) of a file's bytes, read in chunks (a model can be large)."""
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def _identity(path: Path) -> tuple[int, int, int]:
+    """What changes when a file is rewritten or replaced: inode, size, modification time."""
+    info = path.stat()
+    return info.st_ino, info.st_size, info.st_mtime_ns
+
+
 class OnnxModel:
-    """The executable part of a loaded version: its sessions and output order."""
+    """The executable part of a loaded version: its sessions and output order.
 
-    __slots__ = ("config", "path", "provider", "output_names", "_free", "_direct")
+    ``onnx_sha256`` and ``config_sha256`` (hex; "" for a config derived from the graph) name the bytes
+    this object was loaded from, hashed once at load: the audit log must name what decided, and the
+    files on disk may have been replaced since.
+    """
 
-    def __init__(self, config: ModelConfig, path: Path, sessions: list[ort.InferenceSession]):
+    __slots__ = ("config", "path", "provider", "output_names", "_free", "_direct", "onnx_sha256", "config_sha256")
+
+    def __init__(self, config: ModelConfig, path: Path, sessions: list[ort.InferenceSession],
+                 onnx_sha256: str = "", config_sha256: str = ""):
         self.config = config
         self.path = path
+        self.onnx_sha256 = onnx_sha256
+        self.config_sha256 = config_sha256
         self.provider = sessions[0].get_providers()[0]
         self.output_names = [spec.name for spec in config.outputs]
         self._free = list(sessions)
@@ -180,8 +201,18 @@ class OnnxModel:
                                                    for s in sessions)
 
     @classmethod
-    def load(cls, onnx_path: Path, config: ModelConfig | None, name: str, version: str) -> "OnnxModel":
-        """Create the sessions; with ``config=None`` the config is derived from the graph."""
+    def load(cls, onnx_path: Path, config: ModelConfig | None, name: str, version: str,
+             config_sha256: str = "") -> "OnnxModel":
+        """Create the sessions; with ``config=None`` the config is derived from the graph.
+
+        ``config_sha256``: the hash of the model.toml bytes ``config`` was parsed from
+        (``config.load_with_digest``), kept on the model with the ONNX file's own.
+        """
+        try:
+            before = _identity(onnx_path)
+            onnx_sha256 = file_sha256(onnx_path)
+        except OSError as exc:
+            raise ModelConfigError(onnx_path, "", f"cannot be read: {exc.strerror or exc}") from None
         preference = config.provider if config else "auto"
         providers = choose_providers(preference, onnx_path.with_name("model.toml"))
         first_config = config or _defaults(name, version)
@@ -198,7 +229,8 @@ class OnnxModel:
             ort.InferenceSession(str(onnx_path), _session_options(config), providers=provider_options(providers, config))
             for _ in range(config.instances - 1)
         ]
-        model = cls(config, onnx_path, sessions)
+        _check_unchanged(onnx_path, before)
+        model = cls(config, onnx_path, sessions, onnx_sha256, config_sha256)
         if CUDA in providers and model.provider != CUDA:
             log.warning("%s/%s: CUDA was available but onnxruntime placed the model on %s", name, version, model.provider)
         return model
@@ -268,6 +300,17 @@ class OnnxModel:
             if levels is not None:
                 set_thread_nice(levels[1])
             free.append(session)
+
+
+def _check_unchanged(onnx_path: Path, before: tuple[int, int, int]) -> None:
+    """The sessions read the file after it was hashed: refuse a load during which it was replaced, since
+    the hash would then name bytes the sessions never ran."""
+    try:
+        same = _identity(onnx_path) == before
+    except OSError:
+        same = False
+    if not same:
+        raise ModelConfigError(onnx_path, "", "the file changed while it was being loaded; load the model again")
 
 
 def _defaults(name: str, version: str) -> ModelConfig:

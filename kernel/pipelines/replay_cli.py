@@ -1,10 +1,18 @@
-"""``aios-kernel audit replay DIR --pipeline FILE --policy FILE [--since T] [--model DIR] [--report OUT.json]``.
+"""``aios-kernel audit replay DIR --pipeline FILE --policy FILE [--since T] [--model DIR] [--report OUT.json]
+[--sample N] [--fail-on-change]``.
 
 Re-decides the recorded decisions of a log directory under a candidate
 policy (the pipeline file gives the fields; ``--policy`` replaces the
-policy it names) and prints the transitions; ``--report`` writes the whole
-report as JSON. Exit codes: 0 done (whether or not decisions change),
-2 the command could not run (bad file, no such directory).
+policy it names) and prints the transitions, the policies the decisions were
+made under, and a sample of the changed cases; ``--report`` writes the whole
+report as JSON: every changed case, every case whose deciding rules change
+under the same action (``rules_changed``), each with the policy hash and
+version it was decided under, and the candidate model (path and the SHA-256
+of its model.onnx and model.toml) when ``--model`` is given.
+Exit codes: 0 done (whether or not decisions change, unless
+``--fail-on-change``), 1 ``--fail-on-change`` and some decision or its
+deciding rules would change, or the log is damaged, 2 the command could not
+run (bad file, no such directory).
 """
 
 from __future__ import annotations
@@ -14,7 +22,7 @@ import json
 import sys
 from pathlib import Path
 
-from .replay import replay
+from .replay import ReplayReport, replay
 from .spec import PipelineError, load_pipeline
 
 
@@ -23,23 +31,31 @@ def add_arguments(parser: argparse.ArgumentParser, parse_time) -> None:
     parser.add_argument("--pipeline", required=True, help="the pipeline file (fields and escalation rules)")
     parser.add_argument("--policy", required=True, help="the candidate policy file")
     parser.add_argument("--since", type=parse_time, default=0, help="only decisions at or after this time (ISO-8601 or unix ns)")
-    parser.add_argument("--model", help="a candidate model version folder (model.onnx + model.toml) to re-run")
-    parser.add_argument("--report", help="write the full report as JSON here")
-    parser.add_argument("--sample", type=int, default=10, help="changed cases to show (default 10)")
+    parser.add_argument("--model", help="a candidate model version folder (model.onnx + model.toml) to re-run; "
+                                        "the report names it by path and SHA-256")
+    parser.add_argument("--report", help="write the whole report as JSON here: every changed case and every "
+                                         "rules-only change, each with the policy it was decided under")
+    parser.add_argument("--sample", type=int, default=10,
+                        help="changed cases to print (default 10; the --report file lists all of them)")
+    parser.add_argument("--fail-on-change", dest="fail_on_change", action="store_true",
+                        help="exit 1 when any decision, outcome or deciding rule would change (a gate in CI)")
 
 
 def _candidate_model(folder: str, output: str):
     import onnxruntime as ort
 
     from ..models import config as model_config
+    from ..models.runtime import file_sha256
 
     path = Path(folder)
-    config = model_config.load(path / "model.toml", path.parent.name, path.name)
+    config, config_sha256 = model_config.load_with_digest(path / "model.toml", path.parent.name, path.name)
     labels = next((spec.labels for spec in config.outputs if spec.name == output), ())
     if not labels:
         raise PipelineError(f"{path / 'model.toml'}: output '{output}' has no class labels")
+    onnx_sha256 = file_sha256(path / "model.onnx")  # before the session reads it: names what was run
     session = ort.InferenceSession(str(path / "model.onnx"), providers=["CPUExecutionProvider"])
-    return session, labels
+    identity = {"path": str(path.resolve()), "onnx_sha256": onnx_sha256, "config_sha256": config_sha256}
+    return (session, labels), identity
 
 
 def run(args) -> int:
@@ -52,15 +68,30 @@ def run(args) -> int:
         return 2
     try:
         pipeline = load_pipeline(args.pipeline, lambda _named: load_policy(args.policy))
-        model = _candidate_model(args.model, pipeline.output) if args.model else None
+        model, identity = _candidate_model(args.model, pipeline.output) if args.model else (None, None)
     except (PipelineError, PolicyError, OSError) as exc:
         print(f"aios-kernel audit replay: {exc}", file=sys.stderr)
         return 2
     records = iter_directory(directory, 0, RecordFilter(pipeline=pipeline.name, since_unix_ns=args.since or None))
-    report = replay(records, pipeline, model=model, since_unix_ns=args.since, sample_size=args.sample)
+    report = replay(records, pipeline, model=model, since_unix_ns=args.since, sample_size=args.sample,
+                    keep_cases=bool(args.report))
+    report.candidate_model = identity
+    _print(report)
+    if args.report:
+        Path(args.report).write_text(json.dumps(report.as_json(), indent=2) + "\n")
+        print(f"report: {args.report} (all {report.changed} changed and {report.rules_changed} rules-only cases)")
+    return 1 if args.fail_on_change and report.any_change else 0
+
+
+def _print(report: ReplayReport) -> None:
+    model = report.candidate_model
     print(f"replayed {report.examined} decisions of pipeline {report.pipeline} under policy {report.policy} "
-          f"({report.policy_hash[:12]}) in {report.seconds:.2f} s: {report.changed} would change"
+          f"({report.policy_hash[:12]})"
+          + (f" and model {model['path']} (onnx {model['onnx_sha256'][:12]})" if model else "")
+          + f" in {report.seconds:.2f} s: {report.changed} would change"
+          + f", {report.rules_changed} keep their action for other rules"
           + (f", {report.skipped} skipped" if report.skipped else ""))
+    _print_baselines(report)
     if report.transitions:
         print("\n  from -> to                      count")
         for (old, new), count in sorted(report.transitions.items(), key=lambda kv: -kv[1]):
@@ -70,11 +101,24 @@ def run(args) -> int:
         for (old, new), count in sorted(report.outcome_transitions.items(), key=lambda kv: -kv[1]):
             print(f"  {old:>12} -> {new:<14} {count:>7}{'' if old == new else '  *'}")
     for case in report.sample:
-        print(f"  #{case['sequence']} {case['request_id']}: {case['from']['action']} ({','.join(case['from']['rules'])}) "
-              f"-> {case['to']['action']} ({','.join(case['to']['rules'])})")
+        _print_case(case)
+    for case in report.rules_sample:
+        _print_case(case, " (same action, other rules)")
     for reason, count in report.skipped_reasons.items():
         print(f"  skipped {count}: {reason}")
-    if args.report:
-        Path(args.report).write_text(json.dumps(report.as_json(), indent=2) + "\n")
-        print(f"report: {args.report}")
-    return 0
+
+
+def _print_baselines(report: ReplayReport) -> None:
+    """The policies the decisions were made under: a log can span policy changes."""
+    if not report.baselines:
+        return
+    print(f"\n  {'decided under policy (hash)':>36} {'decisions':>9} {'would change':>13} {'rules only':>11}")
+    for (policy_hash, version), counts in report.baselines.items():
+        print(f"  {version or '?':>20} ({policy_hash[:12] or '?':>12}) {counts['examined']:>9} "
+              f"{counts['changed']:>13} {counts['rules_changed']:>11}")
+
+
+def _print_case(case: dict, note: str = "") -> None:
+    old, new = case["from"], case["to"]
+    print(f"  #{case['sequence']} {case['request_id']}: {old['action']} ({','.join(old['rules'])}) "
+          f"-> {new['action']} ({','.join(new['rules'])}){note} [decided under {old['policy_hash'][:12]}]")

@@ -1,0 +1,157 @@
+"""Records no signed checkpoint covers: a crash leaves them, a clean stop never does, and a forger can add them.
+
+The next open signs them (crash recovery must go on working), so it must say
+so: a WARNING naming the range, its last hash and where such records come
+from. ``audit verify --strict`` fails on them while no kernel has the log
+open. The crash is a real kill -9 of a writer process; the forgery is a
+well-formed, chained record appended to a real kernel's log by someone
+without the key (test_audit_verify's ``forge``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from claims_support import build_small_model
+from conftest import start_kernel
+from test_audit_verify import forge, frame, run_cli
+
+from kernel._proto.aios.kernel.v1 import kernel_pb2 as pb
+from kernel.audit import AuditLog, verify_directory
+from kernel.audit.segments import MAGIC
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Checkpoints neither by count nor by time while it runs: only the tree-size-0 head is signed.
+UNSIGNED_WRITER = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, sys.argv[2])
+    from kernel.audit import AuditLog
+    from kernel._proto.aios.kernel.v1 import kernel_pb2 as pb
+
+    log = AuditLog.open(sys.argv[1], checkpoint_records=1_000_000, checkpoint_ms=600_000)
+    for i in range(int(sys.argv[3])):
+        log.append_and_wait(pb.AuditRecord(kind=pb.DECISION, request_id=f"r{i}"), 30)
+    print("written", flush=True)
+    sys.stdin.read()  # killed here
+""")
+
+
+def crash_with_unsigned_records(directory: Path, records: int, tmp_path: Path) -> None:
+    script = tmp_path / "writer.py"
+    script.write_text(UNSIGNED_WRITER)
+    proc = subprocess.Popen([sys.executable, str(script), str(directory), str(ROOT), str(records)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "written", proc.stderr.read()
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def adopted_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.levelno == logging.WARNING and r.getMessage().startswith("audit: adopting records")]
+
+
+def test_a_crash_tail_fails_strict_verify_and_is_adopted_with_a_warning(tmp_path, caplog):
+    directory = tmp_path / "audit"
+    crash_with_unsigned_records(directory, 30, tmp_path)
+
+    done = run_cli("verify", str(directory))  # the default still passes: a crash is no damage
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert ("the last 30 are chained but not yet signed (records 0..29: a crash leaves this, a clean stop never "
+            "does; the next start signs them; --strict fails here)") in done.stdout
+    done = run_cli("verify", str(directory), "--strict")
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "FAILED in records 0..29: not covered by any signed checkpoint (the last covers 0 records)" in done.stdout
+
+    with caplog.at_level(logging.WARNING, logger="aios.audit"), AuditLog.open(directory) as log:
+        assert log.size == 30 and log.latest_checkpoint().tree_size == 30  # recovery goes on: signed at once
+        last_hash = log.leaf(29).hex()
+        assert log.recovery == {"adopted": [0, 29], "adopted_last_hash": last_hash, "cuts": [],
+                                "previous_key_id": ""}
+    [warning] = adopted_warnings(caplog)
+    assert warning.startswith(f"audit: adopting records 0..29 of {directory} (the last one's hash {last_hash[:16]}): "
+                              "no signed checkpoint covered them. A crash of the kernel that wrote them leaves such "
+                              "a tail, a clean stop never does")
+    assert f"`aios-kernel audit export {directory} --from 0`" in warning
+
+    assert run_cli("verify", str(directory), "--strict").returncode == 0  # signed now
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="aios.audit"), AuditLog.open(directory) as log:
+        assert log.recovery["adopted"] is None  # closed cleanly last time: nothing to adopt
+    assert not adopted_warnings(caplog)
+
+
+def test_strict_allows_the_unsigned_tail_of_a_log_a_kernel_has_open(tmp_path):
+    with AuditLog.open(tmp_path, checkpoint_records=1000, checkpoint_ms=600_000) as log:
+        for i in range(5):
+            log.append_and_wait(pb.AuditRecord(kind=pb.DECISION, request_id=f"r{i}"), 10)
+        result = verify_directory(tmp_path, strict=True)  # its next checkpoint signs them: no failure
+        assert result.ok, result.reason
+        assert "the last 5 are chained but not yet signed (the log is open" in result.describe()
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> Path:
+    return build_small_model(tmp_path_factory.mktemp("models"))
+
+
+def append_forged(directory: Path) -> int:
+    """Append a chained, correctly hashed REVIEW_RESOLUTION after the last record (over the segment's zero
+    tail): what someone who can write the directory, but has no key, can add. Returns its sequence."""
+    path = sorted(directory.glob("*.seg"))[-1]
+    data = path.read_bytes()
+    offset, last = len(MAGIC), None
+    while int.from_bytes(data[offset:offset + 4], "little"):
+        length = int.from_bytes(data[offset:offset + 4], "little")
+        last = pb.AuditRecord.FromString(data[offset + 8:offset + 8 + length])
+        offset += 8 + length
+    fake = pb.AuditRecord(kind=pb.REVIEW_RESOLUTION, sequence=last.sequence + 1, prev_hash=last.hash,
+                          principal="alice", links_to=1, has_link=True)
+    fake.decision.action = "approve"
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(frame(forge(fake)))
+    return fake.sequence
+
+
+def test_a_record_appended_to_a_cleanly_stopped_kernel_log_is_flagged(models, tmp_path, caplog):
+    data_dir = tmp_path / "data"
+    start_kernel(models, data_dir=str(data_dir)).stop(grace=1)
+    audit = data_dir / "audit"
+    assert run_cli("verify", str(audit), "--strict").returncode == 0  # a clean stop signs every record
+    forged = append_forged(audit)
+
+    done = run_cli("verify", str(audit), "--strict")
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert f"FAILED at record {forged}: not covered by any signed checkpoint (the last covers {forged} records)" \
+        in done.stdout
+
+    with caplog.at_level(logging.WARNING, logger="aios.audit"):
+        server = start_kernel(models, data_dir=str(data_dir))
+    try:
+        assert server.decisions.audit.recovery["adopted"] == [forged, forged]
+    finally:
+        server.stop(grace=1)
+    [warning] = adopted_warnings(caplog)
+    assert warning.startswith(f"audit: adopting records {forged}..{forged} of {audit}")
+    assert "if it stopped cleanly they were added by someone without the key" in warning
+    # ...and on the record, where an auditor reads the log months later: the start's own record names them.
+    import json
+
+    from kernel._proto.aios.kernel.v1 import kernel_pb2 as kpb
+    from kernel.audit import RecordFilter, iter_directory
+    started = [json.loads(r.payload) for r in iter_directory(audit, forged + 1, RecordFilter(kind=kpb.CONFIG_CHANGE))]
+    assert started[0]["event"] == "kernel started" and started[0]["recovery"]["adopted"] == [forged, forged]
