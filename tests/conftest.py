@@ -70,6 +70,16 @@ def start_kernel(models: Path, front_end: str = "sync", **overrides) -> KernelSe
     return server
 
 
+def start_claims_kernel(models: Path, folder: Path, pipelines: Path | None = None, **overrides) -> KernelServer:
+    """A kernel serving the claims demo's ``models`` with its data in ``folder``: a private copy of the demo's
+    pipelines there (or ``pipelines``), its own data dir, the pipeline folder read once (pipeline_poll_s=0)."""
+    from claims_support import copy_pipelines
+
+    pipelines = pipelines or copy_pipelines(folder / "pipelines")
+    overrides.setdefault("data_dir", str(folder / "data"))
+    return start_kernel(models, pipelines=str(pipelines), pipeline_poll_s=0, **overrides)
+
+
 @pytest.fixture(scope="module", params=["sync", "aio"])
 def kernel(request, model_repo):
     """A running kernel (module-scoped), once per front end."""

@@ -37,12 +37,15 @@ def request_for(model: str, array: np.ndarray, input_name: str = "INPUT0", **par
     return request
 
 
-def until(predicate, what: str, timeout_s: float = 30.0) -> None:
+def until(predicate, what: str, timeout_s: float = 30.0, every_s: float = 0.002):
+    """Poll ``predicate`` until it returns something truthy, and return that; fail naming ``what`` after
+    ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
-    while not predicate():
+    while not (found := predicate()):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.002)
+        time.sleep(every_s)
+    return found
 
 
 def occupy(server, channel, batches: int = 4) -> list:

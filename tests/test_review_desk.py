@@ -20,7 +20,7 @@ import grpc
 import pytest
 
 from claims_support import claim_request, copy_pipelines
-from conftest import start_kernel
+from conftest import start_claims_kernel
 from examples.claims import data
 from kernel._proto.aios.kernel.v1 import kernel_pb2 as kpb
 from kernel._proto.aios.kernel.v1 import kernel_pb2_grpc as kgrpc
@@ -38,8 +38,7 @@ def server(claims_models, tmp_path_factory):
     text = spec.read_text(encoding="utf-8")
     assert "review_sla_s = 14400" in text, "the claims pipeline no longer has the SLA line this replaces"
     spec.write_text(text.replace("review_sla_s = 14400", f"review_sla_s = {SLA_S}"), encoding="utf-8")
-    kernel = start_kernel(claims_models, pipelines=str(pipelines), data_dir=str(tmp_path_factory.mktemp("data")),
-                          pipeline_poll_s=0)
+    kernel = start_claims_kernel(claims_models, tmp_path_factory.mktemp("kernel"), pipelines)
     yield kernel
     kernel.stop(grace=1)
 

@@ -14,13 +14,13 @@ in the attempt; this pins it to the one place that left the review open).
 from __future__ import annotations
 
 import threading
-import time
 
 import grpc
 import pytest
 
-from claims_support import claim_request, copy_pipelines
-from conftest import start_kernel
+from claims_support import claim_request
+from conftest import start_claims_kernel
+from lane_support import until
 from examples.claims import data
 from kernel._proto.aios.kernel.v1 import kernel_pb2 as kpb
 from kernel._proto.aios.kernel.v1 import kernel_pb2_grpc as kgrpc
@@ -30,9 +30,7 @@ TIMEOUT_S = 20
 
 @pytest.fixture(scope="module")
 def server(claims_models, tmp_path_factory):
-    pipelines = copy_pipelines(tmp_path_factory.mktemp("pipelines"))
-    kernel = start_kernel(claims_models, pipelines=str(pipelines), data_dir=str(tmp_path_factory.mktemp("data")),
-                          pipeline_poll_s=0)
+    kernel = start_claims_kernel(claims_models, tmp_path_factory.mktemp("kernel"))
     yield kernel
     kernel.stop(grace=1)
 
@@ -48,14 +46,6 @@ def large_claim(tenant: str) -> kpb.DecisionRequest:
     return claim_request(case, tenant=tenant)
 
 
-def wait_for(predicate, what: str):
-    deadline = time.monotonic() + TIMEOUT_S
-    while time.monotonic() < deadline:
-        found = predicate()
-        if found:
-            return found
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def hold_attempts_after_deciding(monkeypatch, runner) -> tuple[threading.Event, threading.Event]:
@@ -89,7 +79,7 @@ def test_cancelling_a_running_task_withdraws_the_review_its_attempt_opens(server
         go_on.set()  # the attempt ends now, with its escalated decision
 
     ref = kpb.ReviewRef(review_id=review.review_id)
-    withdrawn = wait_for(lambda: (r := reviews.GetReview(ref, timeout=TIMEOUT_S)).state == "RESOLVED" and r,
+    withdrawn = _until(lambda: (r := reviews.GetReview(ref, timeout=TIMEOUT_S)).state == "RESOLVED" and r,
                          "the cancelled task's review to be withdrawn")
     assert withdrawn.resolved_action == "" and withdrawn.resolved_by == "kernel"
     assert withdrawn.comment == f"withdrawn: task {task.task_id} was cancelled"
@@ -106,3 +96,7 @@ def test_cancelling_a_running_task_withdraws_the_review_its_attempt_opens(server
     records = [r for r in server.decisions.audit.read(from_sequence=0) if r.task_id == task.task_id
                or (r.kind == kpb.REVIEW_RESOLUTION and r.decision.review_id == review.review_id)]
     assert [r.kind for r in records] == [kpb.DECISION]
+
+
+def _until(predicate, what: str):
+    return until(predicate, what, TIMEOUT_S, every_s=0.02)

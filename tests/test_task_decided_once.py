@@ -8,12 +8,12 @@ take the recorded decision rather than record a second one for the same task.
 
 from __future__ import annotations
 
-import time
 
 import grpc
 
 from claims_support import claim_request, copy_pipelines
 from conftest import start_kernel
+from lane_support import until
 from examples.claims import data
 from kernel._proto.aios.kernel.v1 import kernel_pb2 as kpb
 from kernel._proto.aios.kernel.v1 import kernel_pb2_grpc as kgrpc
@@ -35,14 +35,6 @@ def _task_records(server, task_id: str) -> list[kpb.AuditRecord]:
     return [r for r in server.decisions.audit.read(from_sequence=0, kind=kpb.DECISION) if r.task_id == task_id]
 
 
-def _wait(predicate, what: str):
-    deadline = time.monotonic() + TIMEOUT_S
-    while time.monotonic() < deadline:
-        found = predicate()
-        if found:
-            return found
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_a_task_cut_off_after_its_decision_was_recorded_takes_that_decision(claims_models, tmp_path, monkeypatch):
@@ -61,17 +53,21 @@ def test_a_task_cut_off_after_its_decision_was_recorded_takes_that_decision(clai
         with grpc.insecure_channel(f"127.0.0.1:{first.port}") as channel:
             task = kgrpc.TaskServiceStub(channel).StartTask(
                 kpb.StartTaskRequest(request=claim_request(_automated_case())), timeout=10)
-        (recorded,) = _wait(lambda: _task_records(first, task.task_id), "the attempt's decision record")
+        (recorded,) = _until(lambda: _task_records(first, task.task_id), "the attempt's decision record")
         assert first.decisions.tasks.get(task.task_id).state == kpb.RUNNING
     finally:
         first.stop(grace=1)
 
     second = start_kernel(claims_models, pipelines=str(pipelines), data_dir=str(data_dir), pipeline_poll_s=0)
     try:
-        done = _wait(lambda: (t := second.decisions.tasks.get(task.task_id)).state == kpb.SUCCEEDED and t,
+        done = _until(lambda: (t := second.decisions.tasks.get(task.task_id)).state == kpb.SUCCEEDED and t,
                      "the task to succeed after the restart")
         assert done.attempts == 2
         assert done.decision.audit_sequence == recorded.sequence and done.decision.action == recorded.decision.action
         assert [r.sequence for r in _task_records(second, task.task_id)] == [recorded.sequence]  # decided once
     finally:
         second.stop(grace=1)
+
+
+def _until(predicate, what: str):
+    return until(predicate, what, TIMEOUT_S, every_s=0.02)

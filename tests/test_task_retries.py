@@ -15,8 +15,9 @@ import time
 import grpc
 import pytest
 
-from claims_support import claim_request, copy_pipelines
-from conftest import start_kernel
+from claims_support import claim_request
+from conftest import start_claims_kernel
+from lane_support import until
 from examples.claims import data
 from kernel._proto.aios.kernel.v1 import kernel_pb2 as kpb
 from kernel._proto.aios.kernel.v1 import kernel_pb2_grpc as kgrpc
@@ -28,15 +29,10 @@ FINAL = (kpb.SUCCEEDED, kpb.FAILED, kpb.CANCELLED)
 MODEL = "claims_triage"
 
 
-def serve(models, folder, **settings):
-    pipelines = copy_pipelines(folder / "pipelines")
-    return start_kernel(models, pipelines=str(pipelines), data_dir=str(folder / "data"), pipeline_poll_s=0, **settings)
-
-
 @pytest.fixture(scope="module")
 def server(claims_models, tmp_path_factory):
     # Quick retries for the test, many of them: the kernel's settings, not the runner's own defaults.
-    kernel = serve(claims_models, tmp_path_factory.mktemp("retries"), task_max_attempts=40, task_backoff_s=0.05,
+    kernel = start_claims_kernel(claims_models, tmp_path_factory.mktemp("retries"), task_max_attempts=40, task_backoff_s=0.05,
                    task_max_backoff_s=0.2)
     yield kernel
     kernel.stop(grace=1)
@@ -63,14 +59,6 @@ def final_state(tasks, task_id: str) -> kpb.Task:
     return last
 
 
-def wait_for(predicate, what: str):
-    deadline = time.monotonic() + TIMEOUT_S
-    while time.monotonic() < deadline:
-        found = predicate()
-        if found:
-            return found
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def task_decisions(server, task_id: str) -> list[kpb.AuditRecord]:
@@ -87,7 +75,7 @@ def test_a_task_outlives_a_model_reload(server, channel):
     try:
         task = tasks.StartTask(automated_claim("reload-1"), timeout=TIMEOUT_S)  # the pipeline is still loaded
         ref = kpb.TaskRef(task_id=task.task_id)
-        failed_once = wait_for(lambda: retries(t := tasks.GetTask(ref, timeout=TIMEOUT_S)) and t,
+        failed_once = _until(lambda: retries(t := tasks.GetTask(ref, timeout=TIMEOUT_S)) and t,
                                "a retry of the attempt that found no model")
         assert f"NOT_FOUND: model '{MODEL}' is not loaded" in retries(failed_once)[0]
         assert retries(failed_once)[0].endswith("retry in 0.05 s")  # task_backoff_s
@@ -136,7 +124,7 @@ def test_a_decision_recorded_after_its_deadline_is_the_tasks_outcome_not_a_retry
 
 
 def test_a_task_gives_up_after_the_settings_attempts(claims_models, tmp_path):
-    kernel = serve(claims_models, tmp_path, task_max_attempts=3, task_backoff_s=0.05, task_max_backoff_s=0.08)
+    kernel = start_claims_kernel(claims_models, tmp_path, task_max_attempts=3, task_backoff_s=0.05, task_max_backoff_s=0.08)
     try:
         with grpc.insecure_channel(f"127.0.0.1:{kernel.port}") as channel:
             pb_grpc.GRPCInferenceServiceStub(channel).RepositoryModelUnload(
@@ -149,3 +137,7 @@ def test_a_task_gives_up_after_the_settings_attempts(claims_models, tmp_path):
     assert done.state == kpb.FAILED and done.attempts == 3
     assert done.error.startswith(f"gave up after 3 attempts; last error: NOT_FOUND: model '{MODEL}' is not loaded")
     assert [detail.rsplit("; ", 1)[1] for detail in retries(done)] == ["retry in 0.05 s", "retry in 0.08 s"]
+
+
+def _until(predicate, what: str):
+    return until(predicate, what, TIMEOUT_S, every_s=0.02)

@@ -13,8 +13,8 @@ import json
 import grpc
 import pytest
 
-from claims_support import claim_request, copy_pipelines
-from conftest import start_kernel
+from claims_support import claim_request
+from conftest import start_claims_kernel
 from examples.claims import data
 from kernel._proto.aios.kernel.v1 import kernel_pb2 as kpb
 from kernel._proto.aios.kernel.v1 import kernel_pb2_grpc as kgrpc
@@ -26,9 +26,7 @@ LARGE_CLAIM = ["--field", "claim_amount=90000", "--field", "customer_tier=gold"]
 
 @pytest.fixture(scope="module")
 def server(claims_models, tmp_path_factory):
-    pipelines = copy_pipelines(tmp_path_factory.mktemp("pipelines"))
-    kernel = start_kernel(claims_models, pipelines=str(pipelines), data_dir=str(tmp_path_factory.mktemp("data")),
-                          pipeline_poll_s=0)
+    kernel = start_claims_kernel(claims_models, tmp_path_factory.mktemp("kernel"))
     yield kernel
     kernel.stop(grace=1)
 
