@@ -118,6 +118,9 @@ class Settings:
     # task_max_attempts runs were made. The defaults keep trying for about 4 minutes (1+2+4+...+60 s):
     # long enough for a model reload or a burst to pass, short enough that a task does not hang for good.
     task_max_attempts: int = 10
+    # Threads that run durable tasks (StartTask): tasks beyond them wait QUEUED. A task's thread is held
+    # while its model call runs, not while it waits for a review.
+    task_workers: int = 2
     task_backoff_s: float = 1.0
     task_max_backoff_s: float = 60.0
 
@@ -226,9 +229,14 @@ def _validate(settings: Settings, sources: dict[str, str]) -> None:
 
 # More runs than this is a typo (or a wish for "forever", which a task that cannot succeed must not get).
 _MAX_TASK_ATTEMPTS = 1000
+# Each task worker is a thread; far more than this is a typo, not a wish for throughput (the lanes'
+# batches, not these threads, bound how fast tasks run).
+_MAX_TASK_WORKERS = 256
 
 
 def _validate_task_retries(settings: Settings, bad) -> None:
+    if not 1 <= settings.task_workers <= _MAX_TASK_WORKERS:
+        raise bad("task_workers", f"must be 1..{_MAX_TASK_WORKERS} (threads running tasks), got {settings.task_workers}")
     if not 1 <= settings.task_max_attempts <= _MAX_TASK_ATTEMPTS:
         raise bad("task_max_attempts", f"must be 1..{_MAX_TASK_ATTEMPTS} (1 = no retry), got {settings.task_max_attempts}")
     if not 0 <= settings.task_backoff_s <= _MAX_SECONDS:

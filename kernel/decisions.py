@@ -69,11 +69,12 @@ class DecisionSide:
         self.idempotency = IdempotencyStore(self.db)
         self.registry = PipelineRegistry(settings.pipelines, hub, load_policy, parse_policy, settings.pipeline_poll_s)
         self.engine = DecisionEngine(self.registry, inference, Services(self.audit, self.reviews, self.idempotency))
-        self.tasks = TaskRunner(TaskStore(self.db), self._run_task, validate=self.engine.validate,
-                                max_attempts=settings.task_max_attempts, backoff_s=settings.task_backoff_s,
-                                max_backoff_s=settings.task_max_backoff_s,
+        self.tasks = TaskRunner(TaskStore(self.db), self._run_task, workers=settings.task_workers,
+                                validate=self.engine.validate, max_attempts=settings.task_max_attempts,
+                                backoff_s=settings.task_backoff_s, max_backoff_s=settings.task_max_backoff_s,
                                 audit_position=(lambda: self.audit.size) if self.audit is not None else None)
         self._draining = threading.Event()  # set by end_watches(): StreamAudit followers end
+        self._started = False  # a "kernel stopping" record is written only after a "kernel started" one
         # task id -> the decision record its attempt made before the kernel stopped (see _reopen_reviews)
         self._recorded_tasks: dict[str, kpb.AuditRecord] = {}
         self.reviews.on_resolved(self._resolved)
@@ -90,6 +91,7 @@ class DecisionSide:
         if self._lost is not None:  # on the record too, where an auditor reads the log months later
             started["lost_records"] = {"first": self._lost[0], "last": self._lost[1], "audit_mode": self.audit.mode}
         self._record(kpb.CONFIG_CHANGE, started)
+        self._started = True
         self.registry.start()
         self._reopen_reviews(self._opened)
         self._find_task_decisions()
@@ -132,13 +134,23 @@ class DecisionSide:
         self.tasks.store.end_watches(shutting_down)
 
     def close(self) -> None:
+        # The "kernel stopping" record comes once nothing else can append (tasks, pipeline reloads and the
+        # finisher have stopped) and right before the log closes, whose final checkpoint then signs it.
         steps = (self.tasks.stop, self.registry.stop, self.engine.close, self._mark_reviews_recorded,
-                 *((self.audit.close,) if self.audit else ()), self.db.close)
+                 *((self._record_stopping, self.audit.close) if self.audit else ()), self.db.close)
         for step in steps:
             try:
                 step()
             except Exception:  # one part failing to stop must not keep the others open
                 log.exception("stopping %s failed", step)
+
+    def _record_stopping(self) -> None:
+        """The log's last record on a clean stop: months later it tells a stop from a crash (after a kill
+        or a power cut the log just ends), and names what was serving until then."""
+        if not self._started:
+            return  # a start that failed before its own record: nothing to pair it with
+        serving = {p.name: {"pipeline_version": p.hash, "policy_hash": p.policy.hash} for p in self.registry.all()}
+        self._record(kpb.CONFIG_CHANGE, {"event": "kernel stopping", "pipelines": serving})
 
     # -- reviews the audit log holds -----------------------------------------------------------
     def _lost_records(self, opened: int) -> tuple[int, int] | None:
@@ -245,10 +257,13 @@ class DecisionSide:
                                 "onnx_sha256": mv.runtime.onnx_sha256, "config_sha256": mv.runtime.config_sha256})
 
     def _pipeline_changed(self, old, new) -> None:
+        # The texts themselves, not only their hashes (each hash is the sha256 of its text's UTF-8 bytes):
+        # the rules a decision was made under can be read from the log alone, with no archive of old files.
         self._record(kpb.POLICY_CHANGE, {
             "pipeline": new.name, "pipeline_version": new.hash, "pipeline_label": new.label,
             "policy": new.policy.name, "policy_version": str(new.policy.version), "policy_hash": new.policy.hash,
             "previous_pipeline_version": old.hash if old else "", "previous_policy_hash": old.policy.hash if old else "",
+            "pipeline_toml": new.text, "policy_toml": new.policy.text,
         })
 
     def _pipeline_removed(self, old) -> None:
@@ -387,7 +402,8 @@ class DecisionSide:
             linked = self._recorded(proposed)
             if not linked:
                 resolution.links_to_audit_sequence = 0
-            record = resolution_record(resolution, review.resolved_by, proposed.audit_sequence if linked else None)
+            record = resolution_record(resolution, review.resolved_by, proposed.audit_sequence if linked else None,
+                                       review)
             record.task_id = review.task_id  # a task's final decision is found by its task, as its escalation is
             sequence, digest = self.audit.append_and_wait(record, timeout_s=10.0)
             resolution.audit_sequence, resolution.audit_hash = sequence, _hex(digest)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 
 import grpc
@@ -79,7 +80,9 @@ def test_kill_9_mid_load_loses_no_acknowledged_decision(models, pipelines, tmp_p
         assert record is not None, f"acknowledged decision {request_id} (#{sequence}) is missing"
         assert record.request_id == request_id and record.hash.hex() == digest
     assert records[after.audit_sequence].request_id == "after"
-    assert after.audit_sequence == max(records)
+    # The last decision, then the clean stop's own record (tests/test_audit_governance.py).
+    assert after.audit_sequence == max(records) - 1
+    assert json.loads(records[max(records)].payload)["event"] == "kernel stopping"
 
 
 def test_tasks_survive_a_kill_9(models, pipelines, tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import struct
 
 from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
@@ -142,9 +143,35 @@ def add_inputs(record: kpb.AuditRecord, request: kpb.DecisionRequest, values: di
         inputs["text:" + name].string_value = digest
 
 
-def resolution_record(resolution: kpb.Decision, principal: str, links_to: int | None) -> kpb.AuditRecord:
+def resolution_record(resolution: kpb.Decision, principal: str, links_to: int | None,
+                      review: kpb.Review | None = None) -> kpb.AuditRecord:
+    """The REVIEW_RESOLUTION record of ``resolution``, linked to the escalated decision's record
+    (``links_to``), with ``review``'s human side as its JSON payload (``review_detail``)."""
     record = _record_of(kpb.REVIEW_RESOLUTION, resolution, principal)
     if links_to is not None:
         record.links_to = links_to
         record.has_link = True
+    if review is not None:
+        # The same JSON as the governance records' payloads. A plain field of the record (no tail):
+        # the writer serializes it deterministically with the rest, so hash, chain and verify hold.
+        record.payload = json.dumps(review_detail(review), sort_keys=True).encode()
     return record
+
+
+# Review has no claim time (yet): a field the proto does not define is written as null, "not known".
+_REVIEW_HAS_CLAIM_TIME = "claimed_unix_ns" in kpb.Review.DESCRIPTOR.fields_by_name
+
+
+def review_detail(review: kpb.Review) -> dict:
+    """Who resolved a review, their comment and its timing, as separate fields: the reason text
+    "decided by R: C" cannot tell reviewer "eve" with comment "the auditor" from reviewer
+    "eve: the auditor" with none, and SLA questions need the times, not prose."""
+    return {
+        "reviewer": review.resolved_by,
+        "comment": review.comment,
+        "claimed_unix_ns": review.claimed_unix_ns if _REVIEW_HAS_CLAIM_TIME else None,
+        "lease_expires_unix_ns": review.lease_expires_unix_ns,
+        "resolved_unix_ns": review.resolved_unix_ns,
+        "sla_deadline_unix_ns": review.sla_deadline_unix_ns,  # 0: no SLA
+        "sla_missed": review.sla_missed,
+    }

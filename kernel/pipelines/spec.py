@@ -103,6 +103,9 @@ class Pipeline:
     # The line of each [model] key in the file (the table's header line for one not written), for the
     # errors only the registry can find: those binding the pipeline to the loaded model.
     model_lines: tuple[tuple[str, int], ...] = field(default=(), compare=False)
+    # The file's text exactly as loaded (its UTF-8 bytes are what ``hash`` covers): it goes into the
+    # POLICY_CHANGE record, so the log alone shows what was served, with no archive of old files.
+    text: str = field(default="", compare=False, repr=False)
 
     @property
     def actions(self) -> tuple[str, ...]:
@@ -259,6 +262,7 @@ def parse_pipeline(data: bytes, path: str, load_policy) -> Pipeline:
         text_fields=text_fields,
         typed_names=frozenset(f.name for f in fields),
         model_lines=tuple((key, line_of(text, "model", 0, key)) for key in _SECTIONS["model"]),
+        text=text,
     )
 
 

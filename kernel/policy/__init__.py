@@ -3,6 +3,7 @@
     policy = load_policy("examples/claims/pipelines/policy.toml")      # or parse_policy(text, source=...)
     policy.name, policy.version, policy.hash, policy.inputs, policy.rules, policy.warnings
     policy.analysis_complete                                 # False: the table analysis stopped at its work limit
+    policy.text                                              # the file as loaded: sha256(text.encode()) == hash
     result = policy.evaluate(columns, n)                     # compiled, the whole batch at once
     result = policy.evaluate_rows(rows, outputs=None)        # same, from request dicts (+ model output columns)
     result = policy.evaluate_reference(rows)                 # same outcome, row by row in plain Python

@@ -65,6 +65,7 @@ class _Loader:
         self.strict = strict
         self.diagnostics: list[Diagnostic] = []
         self.map: SourceMap | None = None
+        self.file_text = ""  # the decoded file, kept on the Policy (its hash is of exactly these bytes)
 
     def add(self, line: int, subject: str, message: str, *, column: int = 0, severity: str = ERROR,
             excerpt: str = "") -> None:
@@ -84,6 +85,7 @@ class _Loader:
             line = self.data.count(b"\n", 0, exc.start) + 1
             self.add(line, "file", f"is not UTF-8 text (byte {exc.start})")
             raise self.fail() from None
+        self.file_text = text
         self.map = SourceMap(text)
         try:
             doc = tomllib.loads(text)
@@ -140,7 +142,7 @@ class _Loader:
                       hit_policy=hit_policy, description=description, inputs=inputs,
                       classes=tuple(classes) if classes is not None else None, actions=tuple(actions),
                       rules=tuple(rules), warnings=tuple(d for d in self.diagnostics if d.severity == WARNING),
-                      source=self.source, analysis_complete=analyzer.complete)
+                      source=self.source, analysis_complete=analyzer.complete, text=self.file_text)
 
     def table(self, doc: dict, name: str, required: bool = False) -> dict:
         value = doc.get(name)

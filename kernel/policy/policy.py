@@ -41,13 +41,13 @@ class Policy:
     """A checked, compiled decision table. Build one with ``load_policy`` or ``parse_policy``."""
 
     __slots__ = ("name", "version", "hash", "hit_policy", "description", "inputs", "classes", "actions", "rules",
-                 "default", "warnings", "source", "reads", "backend", "analysis_complete", "_by_id", "_compiled",
-                 "_reference", "_schema")
+                 "default", "warnings", "source", "reads", "backend", "analysis_complete", "text", "_by_id",
+                 "_compiled", "_reference", "_schema")
 
     def __init__(self, *, name: str, version: str, digest: str, hit_policy: str, description: str,
                  inputs: dict[str, str], classes: tuple[str, ...] | None, actions: tuple[str, ...],
                  rules: tuple[Rule, ...], warnings: tuple[Diagnostic, ...], source: str,
-                 analysis_complete: bool = True):
+                 analysis_complete: bool = True, text: str = ""):
         self.name = name
         self.version = version
         self.hash = digest                # hex sha256 of the file's bytes
@@ -63,6 +63,9 @@ class Policy:
         # False when the load-time analysis stopped at its work limit: rules from the one a warning names on
         # were not checked for overlaps / reachability (UNIQUE conflicts then show up as error rows).
         self.analysis_complete = analysis_complete
+        # The file's text as loaded (``hash`` is the sha256 of its UTF-8 bytes): the POLICY_CHANGE record
+        # carries it, so "what did rule R06 say that day" is answered by the audit log alone.
+        self.text = text
         schema = Schema(inputs, classes)
         matching = [r for r in rules if not r.default]
         reads: dict[str, str] = {}
