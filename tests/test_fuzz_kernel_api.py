@@ -445,8 +445,8 @@ def page_tokens(draw, filters: tuple) -> str:
 
 
 @settings(max_examples=examples(60), **SETTINGS)
-@given(data=st.data(), rpc=st.sampled_from(["ListReviews", "ListReviews", "GetReview", "ClaimReview", "ResolveReview",
-                                           "WatchReviews"]))
+@given(data=st.data(), rpc=st.sampled_from(["ListReviews", "ListReviews", "GetReview", "ClaimReview", "ClaimNextReview",
+                                           "ResolveReview", "WatchReviews"]))
 def test_review_rpcs_answer_with_a_specific_status(stubs, known, data, rpc):
     review_ids = st.one_of(st.sampled_from(known["reviews"]), short_texts, HUGE, st.just(""))
     reviewers = st.one_of(st.sampled_from(["alice", "bob", ""]), short_texts, HUGE)
@@ -467,6 +467,13 @@ def test_review_rpcs_answer_with_a_specific_status(stubs, known, data, rpc):
         request = kpb.ClaimReviewRequest(review_id=data.draw(review_ids), reviewer=data.draw(reviewers),
                                          lease_seconds=data.draw(st.one_of(st.sampled_from([0, 1, 86400, 86401]), UINT32)))
         code, details, _, elapsed = call(stubs.reviews.ClaimReview, request)
+        check(rpc, code, details, elapsed)
+    elif rpc == "ClaimNextReview":
+        request = kpb.ClaimNextReviewRequest(pipeline=data.draw(st.one_of(st.just(""), names)),
+                                             tenant=data.draw(st.one_of(st.just(""), short_texts, HUGE)),
+                                             reviewer=data.draw(reviewers),
+                                             lease_seconds=data.draw(st.one_of(st.sampled_from([0, 1, 86401]), UINT32)))
+        code, details, _, elapsed = call(stubs.reviews.ClaimNextReview, request)
         check(rpc, code, details, elapsed)
     elif rpc == "ResolveReview":
         request = kpb.ResolveReviewRequest(review_id=data.draw(review_ids), reviewer=data.draw(reviewers),

@@ -1,4 +1,4 @@
-"""ReviewService over real gRPC (sync and grpc.aio): leases, status codes, paging, SLA counts, watches.
+"""ReviewService over real gRPC (sync and grpc.aio): leases, claim-next, status codes, paging, SLA counts, watches.
 
 Reviews are created in-process on the server's own queue, as the decision
 layer does; everything else goes through gRPC stubs.
@@ -6,6 +6,7 @@ layer does; everything else goes through gRPC stubs.
 
 from __future__ import annotations
 
+import threading
 import time
 
 import grpc
@@ -151,3 +152,74 @@ def test_a_watch_ends_with_the_calls_deadline(kernel, reviews):
         next(stream)
     assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     wait_until(lambda: kernel.queue.watcher_count() == 0)
+
+
+def test_ten_reviewers_claiming_next_each_get_a_different_case(kernel, reviews):
+    made = [escalate(kernel, "claim-next").review_id for _ in range(30)]
+    claims, refusals = [], []
+
+    def reviewer(name: str) -> None:
+        request = kpb.ClaimNextReviewRequest(pipeline="claim-next", reviewer=name, lease_seconds=60)
+        while True:
+            try:
+                got = reviews.ClaimNextReview(request, timeout=TIMEOUT_S)
+            except grpc.RpcError as exc:
+                refusals.append((exc.code(), exc.details()))
+                return
+            claims.append((got.review_id, got.state, got.claimed_by == name))
+
+    desk = [threading.Thread(target=reviewer, args=(f"reviewer-{n}",)) for n in range(10)]
+    for thread in desk:
+        thread.start()
+    for thread in desk:
+        thread.join(TIMEOUT_S * 3)
+    assert sorted(rid for rid, _, _ in claims) == sorted(made)  # every case once: no two reviewers got one
+    assert {(state, mine) for _, state, mine in claims} == {("CLAIMED", True)}
+    assert [code for code, _ in refusals] == [grpc.StatusCode.NOT_FOUND] * 10  # no FAILED_PRECONDITION
+    assert "no open review to claim (filters: pipeline 'claim-next', tenant any)" in refusals[0][1]
+
+
+def test_claim_next_takes_the_oldest_match_and_checks_its_arguments(kernel, reviews):
+    older, newer = escalate(kernel, "claim-oldest", tenant="acme"), escalate(kernel, "claim-oldest", tenant="acme")
+    escalate(kernel, "claim-oldest", tenant="globex")
+    claim_next = lambda who, lease=0: kpb.ClaimNextReviewRequest(  # noqa: E731
+        pipeline="claim-oldest", tenant="acme", reviewer=who, lease_seconds=lease)
+    got = reviews.ClaimNextReview(claim_next("alice"), timeout=TIMEOUT_S)
+    assert (got.review_id, got.state, got.claimed_by) == (older.review_id, "CLAIMED", "alice")
+    assert got.lease_expires_unix_ns - time.time_ns() > 290e9  # the default lease, as ClaimReview's
+    assert reviews.ClaimNextReview(claim_next("bob", 60), timeout=TIMEOUT_S).review_id == newer.review_id
+    S = grpc.StatusCode
+    code, details = failure(reviews.ClaimNextReview, claim_next("carol"))
+    assert code == S.NOT_FOUND and "tenant 'acme'" in details
+    assert failure(reviews.ClaimNextReview, claim_next(""))[0] == S.INVALID_ARGUMENT
+    code, details = failure(reviews.ClaimNextReview, claim_next("carol", 100_000))
+    assert code == S.INVALID_ARGUMENT and "lease_seconds must be 0..86400" in details
+
+
+def test_a_lapsed_lease_is_sent_to_a_watch_of_updates(kernel, reviews):
+    # include_open: the review is sent even if it is created before the server has the watch
+    stream = reviews.WatchReviews(kpb.WatchReviewsRequest(pipeline="lapsing", include_open=True, updates=True),
+                                  timeout=TIMEOUT_S)
+    rid = escalate(kernel, "lapsing").review_id
+    assert (next(stream).review_id, reviews.ClaimReview(
+        kpb.ClaimReviewRequest(review_id=rid, reviewer="gus", lease_seconds=1), timeout=TIMEOUT_S).state) == (
+        rid, "CLAIMED")
+    claimed = next(stream)
+    assert (claimed.review_id, claimed.state, claimed.claimed_by) == (rid, "CLAIMED", "gus")
+    lapsed = next(stream)  # the watch's own deadline (20 s) bounds the wait
+    assert (lapsed.review_id, lapsed.state, lapsed.claimed_by) == (rid, "OPEN", "")
+    assert time.time_ns() - claimed.lease_expires_unix_ns < 3e9  # sent at the lease's end, not much later
+    stream.cancel()
+
+
+def test_resolving_again_with_another_comment_is_refused(kernel, reviews):
+    rid = escalate(kernel, "recomment").review_id
+    reviews.ClaimReview(kpb.ClaimReviewRequest(review_id=rid, reviewer="alice"), timeout=TIMEOUT_S)
+    resolve = lambda comment: kpb.ResolveReviewRequest(  # noqa: E731
+        review_id=rid, reviewer="alice", action="deny", comment=comment)
+    first = reviews.ResolveReview(resolve("first"), timeout=TIMEOUT_S)
+    code, details = failure(reviews.ResolveReview, resolve("second, different"))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION
+    assert "already resolved (deny by alice) with another comment" in details
+    assert reviews.ResolveReview(resolve("first"), timeout=TIMEOUT_S) == first  # the same repeat stays OK
+    assert reviews.GetReview(kpb.ReviewRef(review_id=rid), timeout=TIMEOUT_S).comment == "first"

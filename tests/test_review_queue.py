@@ -47,7 +47,9 @@ def db(tmp_path):
 
 @pytest.fixture
 def queue(db, clock):
-    return ReviewQueue(db, clock=clock)
+    queue = ReviewQueue(db, clock=clock)
+    yield queue
+    queue.close()  # (its lease timer, if a watch of updates started it)
 
 
 def escalate(queue: ReviewQueue, pipeline="claims", tenant="acme", sla=60.0, task_id="", amount=10.0) -> kpb.Review:
@@ -110,7 +112,9 @@ def test_resolve_only_by_the_lease_holder_with_an_allowed_action(queue, clock):
     assert (resolved.state, resolved.resolved_action, resolved.resolved_by, resolved.comment) == (
         "RESOLVED", "deny", "alice", "forged receipt")
     assert resolved.resolved_unix_ns == clock.now_ns and not resolved.sla_missed
-    assert queue.resolve(rid, "alice", "deny") == resolved  # a retry returns the stored resolution
+    assert queue.resolve(rid, "alice", "deny", "forged receipt") == resolved  # a retry returns the stored resolution
+    with pytest.raises(FailedPrecondition, match=r"already resolved \(deny by alice\) with another comment"):
+        queue.resolve(rid, "alice", "deny")  # a repeat must not drop its comment silently
     with pytest.raises(FailedPrecondition, match=r"already resolved \(deny by alice\)"):
         queue.resolve(rid, "alice", "approve")
     with pytest.raises(FailedPrecondition, match="already resolved"):
@@ -354,3 +358,68 @@ def test_withdraw_takes_a_review_off_the_queue_without_running_hooks(queue):
     with pytest.raises(FailedPrecondition):
         queue.resolve(review.review_id, "alice", "approve")
     assert delivered == [] and queue.withdraw(review.review_id, "again") == withdrawn
+
+
+def test_claim_next_takes_the_oldest_open_review_matching_the_filters(queue, clock):
+    withdrawn = escalate(queue)
+    queue.withdraw(withdrawn.review_id, "task t1 was cancelled")
+    first, held, other, last = escalate(queue), escalate(queue), escalate(queue, tenant="globex"), escalate(queue)
+    queue.claim(held.review_id, "bob", 30)
+    got = queue.claim_next("alice", 60, tenant="acme")
+    assert (got.review_id, got.state, got.claimed_by, got.lease_expires_unix_ns) == (
+        first.review_id, "CLAIMED", "alice", clock.now_ns + 60 * S)
+    assert queue.claim_next("alice", tenant="acme").review_id == last.review_id  # bob's and alice's own are taken
+    assert queue.claim_next("carol", pipeline="claims").review_id == other.review_id
+    with pytest.raises(NotFound, match=r"no open review to claim \(filters: pipeline any, tenant 'acme'\)"):
+        queue.claim_next("carol", tenant="acme")
+    clock.advance(31)  # bob's lease lapsed: his case is open again
+    assert queue.claim_next("carol", tenant="acme").review_id == held.review_id
+    with pytest.raises(InvalidArgument, match="reviewer is required"):
+        queue.claim_next("")
+    with pytest.raises(InvalidArgument, match="lease_seconds must be 0..86400"):
+        queue.claim_next("carol", 86_401)
+
+
+def test_a_lapsed_lease_is_sent_to_watchers_of_updates_once(queue, clock):
+    # Leases of minutes: the timer thread waits in real time and must not look before the test does.
+    gus, ida = escalate(queue), escalate(queue)
+    watch = queue.watch(updates=True, timeout_s=10)
+    quiet = queue.watch(timeout_s=0.05)  # new reviews only: not told of leases
+    queue.claim(gus.review_id, "gus", 100)
+    queue.claim(ida.review_id, "ida", 100)
+    assert [next(watch).state for _ in range(2)] == ["CLAIMED", "CLAIMED"]
+    clock.advance(50)
+    queue.claim(ida.review_id, "ida", 100)  # renewed: it lapses 100 s from now, not with gus's
+    assert next(watch).claimed_by == "ida"
+    clock.advance(50)
+    assert queue.check_leases() == 1
+    lapsed = next(watch)
+    assert (lapsed.review_id, lapsed.state, lapsed.claimed_by, lapsed.lease_expires_unix_ns) == (
+        gus.review_id, "OPEN", "", 0)
+    assert queue.check_leases() == 0  # told once
+    clock.advance(50)
+    assert queue.check_leases() == 1 and next(watch).review_id == ida.review_id
+    with pytest.raises(DeadlineExceeded):
+        next(quiet)
+
+
+def test_the_lease_timer_starts_with_a_watch_of_updates_and_stops_with_the_watches(queue):
+    queue.watch(timeout_s=1)
+    assert queue._leases._thread is None  # no watcher of updates: no thread
+    queue.watch(updates=True, timeout_s=1)
+    thread = queue._leases._thread
+    assert thread.is_alive()
+    queue.end_watches(shutting_down)
+    assert not thread.is_alive()
+    queue.watch(updates=True)  # ended at once, and no timer again
+    assert queue._leases._thread is thread
+
+
+def test_resolving_again_with_another_comment_is_refused(queue):
+    rid = escalate(queue).review_id
+    queue.claim(rid, "alice", 30)
+    first = queue.resolve(rid, "alice", "deny", "forged receipt")
+    with pytest.raises(FailedPrecondition, match="already resolved .* with another comment"):
+        queue.resolve(rid, "alice", "deny", "second thoughts")
+    assert queue.resolve(rid, "alice", "deny", "forged receipt") == first
+    assert queue.get(rid).comment == "forged receipt"

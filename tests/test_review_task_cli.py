@@ -99,6 +99,19 @@ def test_review_list_pages_up_to_its_limit_and_says_more_match(cli):
     assert [line.split()[0] for line in out.splitlines()[1:-1]] == ids and "more match" not in out
 
 
+def test_review_claim_next_takes_the_oldest_open_case(cli):
+    first, second = escalate(cli, "--tenant", "next-desk"), escalate(cli, "--tenant", "next-desk")
+    code, out, err = cli("review", "claim", "--next", "--reviewer", "alice", "--tenant", "next-desk", "--lease", "60")
+    assert code == 0, err
+    assert out.startswith(f"review {first}  CLAIMED") and "claimed by  alice until" in out
+    code, out, err = cli("review", "claim", "--next", "--reviewer", "bob", "--tenant", "next-desk",
+                         "--pipeline", "claims_triage", "--json")
+    assert code == 0 and (json.loads(out)["review_id"], json.loads(out)["claimed_by"]) == (second, "bob"), err
+    code, _, err = cli("review", "claim", "--next", "--reviewer", "bob", "--tenant", "next-desk")
+    assert code == 1 and err.startswith("NOT_FOUND: no open review to claim (filters: pipeline any, "
+                                        "tenant 'next-desk')"), err
+
+
 def test_review_watch_prints_waiting_cases_and_stops_at_its_count(cli):
     review_id = escalate(cli, "--tenant", "watch")
     code, out, _ = cli("review", "watch", "--tenant", "watch", "--include-open", "--count", "1", "--json",
@@ -177,6 +190,9 @@ def test_a_repeated_idempotent_decision_says_it_was_replayed(cli):
     (["decide", "claims_triage", "--timeout", "0"], "--timeout: '0': must be more than 0"),
     (["review", "claim", "r1", "--reviewer", "bob", "--lease", "-5"], "--lease: '-5': must be 0 (no limit) or more"),
     (["review", "show", ""], "review_id: must not be empty"),
+    (["review", "claim", "r1", "--next", "--reviewer", "bob"], "give a REVIEW_ID (r1) or --next, not both"),
+    (["review", "claim", "--reviewer", "bob"], "give the REVIEW_ID to claim, or --next"),
+    (["review", "claim", "r1", "--tenant", "acme", "--reviewer", "bob"], "use them with --next"),
     (["task", "get", " "], "task_id: must not be empty"),
     (["review", "watch", "--count", "-1"], "--count: '-1': must be 0 (no limit) or more"),
     (["review", "list", "--limit", "-1"], "--limit: '-1': must be 0 (no limit) or more"),

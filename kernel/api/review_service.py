@@ -25,6 +25,9 @@ def review_handlers(queue, watches=None) -> dict:
     def claim_review(request: kpb.ClaimReviewRequest, ctx) -> kpb.Review:
         return queue.claim(request.review_id, request.reviewer, request.lease_seconds)
 
+    def claim_next_review(request: kpb.ClaimNextReviewRequest, ctx) -> kpb.Review:
+        return queue.claim_next(request.reviewer, request.lease_seconds, request.pipeline, request.tenant)
+
     def resolve_review(request: kpb.ResolveReviewRequest, ctx) -> kpb.Review:
         return queue.resolve(request.review_id, request.reviewer, request.action, request.comment)
 
@@ -36,6 +39,7 @@ def review_handlers(queue, watches=None) -> dict:
         (SERVICE, "ListReviews"): list_reviews,
         (SERVICE, "GetReview"): get_review,
         (SERVICE, "ClaimReview"): claim_review,
+        (SERVICE, "ClaimNextReview"): claim_next_review,
         (SERVICE, "ResolveReview"): resolve_review,
         (SERVICE, "WatchReviews"): watch_reviews,
     }

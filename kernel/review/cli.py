@@ -5,6 +5,7 @@ A reviewer's loop at a terminal, over ``ReviewService``::
     aios-kernel review list                                  # what waits (open and claimed), oldest first
     aios-kernel review show REVIEW_ID                        # the case, the proposed decision, the allowed actions
     aios-kernel review claim REVIEW_ID --reviewer alice      # a lease (5 min by default) so nobody else works it
+    aios-kernel review claim --next --reviewer alice         # or: the oldest open case, claimed in one step
     aios-kernel review resolve REVIEW_ID --reviewer alice --action deny --comment "photos do not match"
     aios-kernel review watch --include-open                  # new cases as they are escalated, until Ctrl-C
 
@@ -43,7 +44,12 @@ def add_parser(sub) -> None:
     _common(show, cmd_show)
 
     claim = commands.add_parser("claim", help="take a review's lease so no other reviewer works it")
-    claim.add_argument("review_id", type=nonempty, help="as `review list` shows it")
+    claim.add_argument("review_id", type=nonempty, nargs="?", help="as `review list` shows it (or --next)")
+    claim.add_argument("--next", action="store_true",
+                       help="instead of a REVIEW_ID: the oldest open review (matching --pipeline and --tenant), "
+                            "claimed in one step, so reviewers working together never reach for the same case")
+    claim.add_argument("--pipeline", default="", help="with --next: only this pipeline's reviews")
+    claim.add_argument("--tenant", default="", help="with --next: only this tenant's reviews")
     claim.add_argument("--reviewer", type=nonempty, required=True,
                        help="who works the case (recorded with the resolution)")
     claim.add_argument("--lease", type=count, default=0, metavar="SECONDS",
@@ -63,7 +69,8 @@ def add_parser(sub) -> None:
     watch.add_argument("--tenant", default="", help="only this tenant's reviews")
     watch.add_argument("--include-open", dest="include_open", action="store_true",
                        help="first print the reviews already waiting")
-    watch.add_argument("--updates", action="store_true", help="also print each claim and resolution")
+    watch.add_argument("--updates", action="store_true",
+                       help="also print each claim and resolution, and each lease that lapses (OPEN again)")
     watch.add_argument("--count", type=count, default=0, help="stop after this many reviews (default 0: never)")
     _common(watch, cmd_watch, timeout_s=0)
 
@@ -206,8 +213,26 @@ def cmd_show(args) -> int:
 def cmd_claim(args) -> int:
     from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
 
+    wrong = _claim_flags_wrong(args)
+    if wrong:
+        print(f"review claim: {wrong}", file=sys.stderr)
+        return 2
+    if args.next:
+        return _one(args, "ClaimNextReview", kpb.ClaimNextReviewRequest(
+            pipeline=args.pipeline, tenant=args.tenant, reviewer=args.reviewer, lease_seconds=args.lease))
     return _one(args, "ClaimReview", kpb.ClaimReviewRequest(review_id=args.review_id, reviewer=args.reviewer,
                                                             lease_seconds=args.lease))
+
+
+def _claim_flags_wrong(args) -> str:
+    """What is wrong with ``review claim``'s flags ('' if nothing): a REVIEW_ID or --next, not both."""
+    if args.next and args.review_id:
+        return f"give a REVIEW_ID ({args.review_id}) or --next, not both"
+    if not args.next and not args.review_id:
+        return "give the REVIEW_ID to claim, or --next for the oldest open review"
+    if not args.next and (args.pipeline or args.tenant):
+        return "--pipeline and --tenant choose among open reviews: use them with --next (a REVIEW_ID names one)"
+    return ""
 
 
 def cmd_resolve(args) -> int:

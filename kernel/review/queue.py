@@ -5,7 +5,12 @@ lease runs, OPEN again if the lease expires unresolved (anyone may claim it
 then), and RESOLVED once its lease holder gives the final action, or when
 the kernel withdraws it because its task was cancelled (RESOLVED with no
 action: ``withdrawn``). Two reviewers never hold one review: a claim is one
-atomic read-modify-write of the stored record.
+atomic read-modify-write of the stored record, and ``claim_next`` checks
+that the oldest open review is still open and claims it in one transaction.
+
+Watchers of updates are told of each claim and resolution, and of each
+lease that lapses (``kernel/review/leases.py``: a timer on the earliest
+running lease, started by the first such watch, stopped by ``end_watches``).
 
 Lease expiry and SLA deadlines are **wall-clock** times (``time.time_ns``):
 they are persisted and must mean the same after a restart or on another
@@ -33,6 +38,7 @@ from ..limits import MAX_REVIEWER_CHARS, check_comment, check_name
 from ..store import Feed
 from ..store.sqlite_reviews import STATE_FILTERS, withdrawn
 from . import paging
+from .leases import LeaseTimer
 from .watch import CREATED, UPDATED, ReviewWatch
 
 log = logging.getLogger("aios.review")
@@ -50,6 +56,18 @@ def _iso(unix_ns: int) -> str:
 def _required(value: str, field: str) -> None:
     if not value:
         raise InvalidArgument(f"{field} is required")
+
+
+def _lease_ns(lease_seconds: float) -> int:
+    if lease_seconds < 0 or lease_seconds > MAX_LEASE_S:
+        raise InvalidArgument(f"lease_seconds must be 0..{MAX_LEASE_S} (0 = {DEFAULT_LEASE_S}), got {lease_seconds}")
+    return int((lease_seconds or DEFAULT_LEASE_S) * NS)
+
+
+def _filters(pipeline: str, tenant: str) -> str:
+    """The filters as an error message names them."""
+    return (f"filters: pipeline {quote(pipeline) if pipeline else 'any'}, "
+            f"tenant {quote(tenant) if tenant else 'any'}")
 
 
 def _reviewer(reviewer: str) -> None:
@@ -71,6 +89,7 @@ class ReviewQueue:
         self._barriers: list[Callable[[], None]] = []
         # Changes are published from the store's after-commit hooks: once durable, in commit
         # order, and without a lock of ours around the write, so concurrent writes share a commit.
+        self._leases = LeaseTimer(self._publish_lapsed, clock)
 
     def add_read_barrier(self, settle: Callable[[], None]) -> None:
         """Call ``settle()`` before every read or change: rows stored in the background are there first
@@ -138,6 +157,8 @@ class ReviewQueue:
                     and (not tenant or review.tenant == tenant))
 
         self._settle()
+        if updates:
+            self._leases.start()  # lapsed leases are news only to watchers of updates
         sub = self._feed.subscribe(None, match, timeout_s)
         backlog = self._unresolved_pages(pipeline, tenant) if include_open else iter(())
         return ReviewWatch(sub, backlog, self._present)
@@ -147,8 +168,18 @@ class ReviewQueue:
         return self._feed.subscriber_count(None)
 
     def end_watches(self, error: Callable[[], BaseException]) -> None:
-        """End every watch, open or opened later, with ``error()`` (the kernel is draining)."""
+        """End every watch, open or opened later, with ``error()`` (the kernel is draining), and stop the
+        lease timer: with no watch left, a lapsing lease is news to nobody."""
         self._feed.close(error)
+        self._leases.stop()
+
+    def close(self) -> None:
+        """Stop the lease timer (``end_watches`` does too); the database is the caller's to close."""
+        self._leases.stop()
+
+    def check_leases(self) -> int:
+        """Publish the leases that lapsed since the last look (the timer does this when one ends); how many."""
+        return self._leases.check()
 
     def _unresolved_pages(self, pipeline: str, tenant: str):
         after = 0
@@ -266,30 +297,53 @@ class ReviewQueue:
     def claim(self, review_id: str, reviewer: str, lease_seconds: float = 0) -> kpb.Review:
         """Give ``reviewer`` the review for ``lease_seconds`` (0 = 300 s); claiming again renews the lease."""
         _reviewer(reviewer)
-        if lease_seconds < 0 or lease_seconds > MAX_LEASE_S:
-            raise InvalidArgument(f"lease_seconds must be 0..{MAX_LEASE_S} (0 = {DEFAULT_LEASE_S}), got {lease_seconds}")
-        lease_ns = int((lease_seconds or DEFAULT_LEASE_S) * NS)
+        return self._present(self._change(review_id, self._lease(reviewer, _lease_ns(lease_seconds)))[0])
 
+    def claim_next(self, reviewer: str, lease_seconds: float = 0, pipeline: str = "", tenant: str = "") -> kpb.Review:
+        """Claim the oldest OPEN review matching the filters for ``reviewer`` (as ``claim``), atomically.
+
+        The check that it is still open and the claim are one write
+        transaction (see ``SqliteReviewRecords.update_oldest``): concurrent
+        callers each get a different review, and none is refused for a
+        review another took first. A review whose lease lapsed is OPEN again and
+        may be taken; one ``reviewer`` holds already is not (it is CLAIMED).
+        NOT_FOUND when none matches.
+        """
+        _reviewer(reviewer)
+        mutate = self._lease(reviewer, _lease_ns(lease_seconds))
+        self._settle()
+        result = self._records.update_oldest(pipeline, tenant, OPEN, self._clock, mutate,
+                                             after_commit=self._publish_updated)
+        if result is None:
+            raise NotFound(f"no open review to claim ({_filters(pipeline, tenant)}); wait for one "
+                           "(WatchReviews) or widen the filters")
+        return self._present(result[0])
+
+    def _lease(self, reviewer: str, lease_ns: int) -> Callable[[kpb.Review], bool]:
+        """The change a claim makes: ``reviewer`` holds the review for ``lease_ns`` from now."""
         def mutate(review: kpb.Review) -> bool:
             now = self._clock()
             if review.state == RESOLVED:
                 raise _closed(review)
             if review.lease_expires_unix_ns > now and review.claimed_by != reviewer:
                 raise FailedPrecondition(
-                    f"review '{review_id}' is claimed by {review.claimed_by} until {_iso(review.lease_expires_unix_ns)}"
+                    f"review '{review.review_id}' is claimed by {review.claimed_by} until "
+                    f"{_iso(review.lease_expires_unix_ns)}"
                 )
             review.state = CLAIMED
             review.claimed_by = reviewer
             review.lease_expires_unix_ns = now + lease_ns
             return True
 
-        return self._present(self._change(review_id, mutate)[0])
+        return mutate
 
     def resolve(self, review_id: str, reviewer: str, action: str, comment: str = "") -> kpb.Review:
         """The lease holder's final ``action``; runs the on_resolved hooks.
 
-        Repeating a resolution (same reviewer and action) returns the stored
-        one, running any hooks that did not finish.
+        Repeating a resolution (same reviewer, action and comment) returns
+        the stored one, running any hooks that did not finish; a repeat with
+        another comment is refused, since the first comment is the one on the
+        audit record and the new one would be silently dropped.
 
         ``comment`` (at most MAX_COMMENT_CHARS, newlines allowed, no other
         control characters) is the reviewer's reason: it stays on the
@@ -304,6 +358,8 @@ class ReviewQueue:
             now = self._clock()
             if review.state == RESOLVED:
                 if review.resolved_by == reviewer and review.resolved_action == action:
+                    if review.comment != comment:
+                        raise _other_comment(review)
                     return False  # a retry: nothing to write; deliver below if that did not finish
                 raise _closed(review)
             if action not in review.actions:
@@ -387,7 +443,21 @@ class ReviewQueue:
     def _publish_updated(self, result) -> None:
         # Runs once the change is durable, on the committing thread, in commit order.
         if result is not None and result[1]:
-            self._feed.publish((UPDATED, result[0]))
+            review = result[0]
+            self._feed.publish((UPDATED, review))
+            if review.state != RESOLVED:
+                self._leases.expect(review.lease_expires_unix_ns)  # a claim: its lapse will be news
+
+    def _publish_lapsed(self, after_unix_ns: int) -> tuple[int, list[kpb.Review], int]:
+        """The lease timer's look: the reviews whose lease ended since ``after_unix_ns``, each published as
+        updated (a watcher is sent it as OPEN; a claim that follows the lapse comes as an event of its own).
+        No read barrier: only stored rows can hold a lease."""
+        def publish(result) -> None:
+            # In commit order with the claims: a claim right after the lapse is published after it.
+            for review in result[1]:
+                self._feed.publish((UPDATED, review))
+
+        return self._records.lapsed_leases(self._clock, after_unix_ns, after_commit=publish)
 
     def _deliver(self, review: kpb.Review) -> kpb.Review:
         failures, resolution = [], None
@@ -403,7 +473,7 @@ class ReviewQueue:
         if failures:
             raise Internal(
                 f"review '{review.review_id}' is resolved ({review.resolved_action}), but finishing it failed: "
-                f"{'; '.join(failures)}. Resolve it again with the same reviewer and action to retry"
+                f"{'; '.join(failures)}. Resolve it again with the same reviewer, action and comment to retry"
             )
 
         def attach(stored: kpb.Review) -> bool:
@@ -421,6 +491,14 @@ def _closed(review: kpb.Review) -> FailedPrecondition:
             f"review {quote(review.review_id)} was {review.comment or 'withdrawn'}; there is nothing to decide")
     return FailedPrecondition(
         f"review {quote(review.review_id)} is already resolved ({review.resolved_action} by {review.resolved_by})")
+
+
+def _other_comment(review: kpb.Review) -> FailedPrecondition:
+    """A repeated resolution whose comment differs: the first comment is on the audit record for good."""
+    return FailedPrecondition(
+        f"review {quote(review.review_id)} was already resolved ({review.resolved_action} by {review.resolved_by}) "
+        f"with another comment, which its audit record keeps; repeat it with the same comment (GetReview shows "
+        "it) to get that resolution, or leave it as it is")
 
 
 def _state_filter(state: str) -> str:

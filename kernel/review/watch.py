@@ -15,7 +15,8 @@ RESYNC = ("watch again with include_open = true (the reviews still waiting, OPEN
 
 
 class ReviewWatch:
-    """Reviews as they are created (and, if asked, claimed and resolved), as of when they are sent.
+    """Reviews as they are created (and, if asked, claimed, resolved, and OPEN again when a lease lapses), as
+    of when they are sent.
 
     The subscription is opened before the backlog is read, so a review
     created meanwhile is sent once: from the backlog or as new, never both

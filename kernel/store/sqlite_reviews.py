@@ -16,6 +16,9 @@ from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
 AfterCommit = Callable[[object], None] | None
 
 RESOLVED = "RESOLVED"
+# How many of the oldest matching reviews ``update_oldest`` looks up before its transaction: enough for a desk of
+# reviewers claiming at once to find one each without a look of their own inside it.
+OLDEST_CANDIDATES = 32
 
 # The ``resolved`` column: 0 while a reviewer may still decide the case; 1 once one did; 2 once the kernel
 # withdrew it (its task was cancelled: RESOLVED with no action). A withdrawn case was taken away from the desk,
@@ -110,6 +113,22 @@ def _insert(conn, review: kpb.Review) -> tuple[kpb.Review, bool]:
     return review, True
 
 
+def _mutate_row(conn, review_id: str, found: tuple, mutate: Callable[[kpb.Review], bool],
+                delivered: bool | None) -> tuple[kpb.Review, bool, bool]:
+    """``mutate`` the review read as ``(body, revision, delivered)`` and write it back (see ``update``)."""
+    review, revision, was_delivered = kpb.Review.FromString(found[0]), found[1], bool(found[2])
+    if not mutate(review):
+        return review, False, was_delivered
+    now_delivered = was_delivered if delivered is None else delivered
+    conn.execute(
+        "UPDATE reviews SET pipeline = ?, tenant = ?, resolved = ?, lease_expires_unix_ns = ?,"
+        " sla_deadline_unix_ns = ?, resolved_unix_ns = ?, delivered = ?, revision = ?, body = ?"
+        " WHERE review_id = ?",
+        (*_columns(review), int(now_delivered), revision + 1, review.SerializeToString(), review_id),
+    )
+    return review, True, now_delivered
+
+
 class SqliteReviewRecords:
     """Durable review records; every write is fsynced before it returns.
 
@@ -187,21 +206,78 @@ class SqliteReviewRecords:
             found = conn.execute(
                 "SELECT body, revision, delivered FROM reviews WHERE review_id = ?", (review_id,),
             ).fetchone()
-            if found is None:
-                return None
-            review, revision, was_delivered = kpb.Review.FromString(found[0]), found[1], bool(found[2])
-            if not mutate(review):
-                return review, False, was_delivered
-            now_delivered = was_delivered if delivered is None else delivered
-            conn.execute(
-                "UPDATE reviews SET pipeline = ?, tenant = ?, resolved = ?, lease_expires_unix_ns = ?,"
-                " sla_deadline_unix_ns = ?, resolved_unix_ns = ?, delivered = ?, revision = ?, body = ?"
-                " WHERE review_id = ?",
-                (*_columns(review), int(now_delivered), revision + 1, review.SerializeToString(), review_id),
-            )
-            return review, True, now_delivered
+            return None if found is None else _mutate_row(conn, review_id, found, mutate, delivered)
 
         return self._db.transact(work, after_commit=after_commit)
+
+    def update_oldest(self, pipeline: str, tenant: str, state: str, clock: Callable[[], int],
+                      mutate: Callable[[kpb.Review], bool],
+                      after_commit: AfterCommit = None) -> tuple[kpb.Review, bool, bool] | None:
+        """``update`` of the oldest review matching the filters as of ``clock()``; None if none matches.
+
+        The choice and the write are one transaction (the writer's, serialised with every other write), so
+        two callers never change the same review: the second finds the first one's change and takes the next.
+        The oldest few matches are looked up before, on a reader: with thousands of reviews waiting that look
+        takes milliseconds, which every other writer would wait out; inside, each is checked again by its key.
+        """
+        where, args = _where(pipeline, tenant, state, clock())
+        with self._db.read() as conn:
+            candidates = [row[0] for row in conn.execute(
+                f"SELECT review_id FROM reviews WHERE {where} ORDER BY seq LIMIT ?", (*args, OLDEST_CANDIDATES))]
+        if not candidates:
+            return None  # none as of the look: no write transaction to hold up the writers for
+
+        def work(conn):
+            where, args = _where(pipeline, tenant, state, clock())
+            for review_id in candidates:
+                found = conn.execute(f"SELECT body, revision, delivered FROM reviews WHERE review_id = ? AND {where}",
+                                     (review_id, *args)).fetchone()
+                if found is not None:
+                    return _mutate_row(conn, review_id, found, mutate, None)
+            # Every candidate was taken meanwhile (more callers at once than candidates): look here.
+            found = conn.execute(
+                f"SELECT review_id, body, revision, delivered FROM reviews WHERE {where} ORDER BY seq LIMIT 1", args,
+            ).fetchone()
+            return None if found is None else _mutate_row(conn, found[0], found[1:], mutate, None)
+
+        return self._db.transact(work, after_commit=after_commit)
+
+    def lapsed_leases(self, clock: Callable[[], int], after_unix_ns: int,
+                      after_commit: AfterCommit = None) -> tuple[int, list[kpb.Review], int]:
+        """Unresolved reviews whose lease ran out in (``after_unix_ns``, ``clock()``], oldest lease first.
+
+        Returns ``(now, reviews, next_expiry)``: ``next_expiry`` is the earliest lease still running (0 if
+        none). The leases are looked up on a reader (a scan of the unresolved reviews: no writer waits on
+        it); then each lapsed one is read again in a write transaction that writes nothing (and asks for no
+        fsync), so that ``after_commit`` publishes it in commit order: one claimed again meanwhile no longer
+        has the lease that lapsed and is left out (its claim is the news), and a claim that comes after is
+        published after the lapse, never before it.
+        """
+        now = clock()
+        with self._db.read() as conn:
+            candidates = conn.execute(
+                "SELECT review_id, lease_expires_unix_ns FROM reviews WHERE resolved = 0 AND lease_expires_unix_ns > ?"
+                " AND lease_expires_unix_ns <= ? ORDER BY lease_expires_unix_ns, seq", (after_unix_ns, now),
+            ).fetchall()
+            (next_expiry,) = conn.execute(
+                "SELECT min(lease_expires_unix_ns) FROM reviews WHERE resolved = 0 AND lease_expires_unix_ns > ?",
+                (now,),
+            ).fetchone()
+        if not candidates:
+            return now, [], next_expiry or 0
+
+        def work(conn):
+            lapsed = []
+            for review_id, lease in candidates:
+                found = conn.execute(
+                    "SELECT body FROM reviews WHERE review_id = ? AND resolved = 0 AND lease_expires_unix_ns = ?",
+                    (review_id, lease),
+                ).fetchone()
+                if found is not None:
+                    lapsed.append(kpb.Review.FromString(found[0]))
+            return now, lapsed, next_expiry or 0
+
+        return self._db.transact(work, durable=False, after_commit=after_commit)
 
     def page(self, pipeline: str, tenant: str, state: str, now_unix_ns: int, after_seq: int,
              limit: int) -> list[tuple[int, kpb.Review]]:

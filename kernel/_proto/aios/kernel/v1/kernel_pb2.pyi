@@ -348,6 +348,18 @@ class WatchReviewsRequest(_message.Message):
     updates: bool
     def __init__(self, pipeline: _Optional[str] = ..., tenant: _Optional[str] = ..., include_open: _Optional[bool] = ..., updates: _Optional[bool] = ...) -> None: ...
 
+class ClaimNextReviewRequest(_message.Message):
+    __slots__ = ("pipeline", "tenant", "reviewer", "lease_seconds")
+    PIPELINE_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    REVIEWER_FIELD_NUMBER: _ClassVar[int]
+    LEASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    pipeline: str
+    tenant: str
+    reviewer: str
+    lease_seconds: int
+    def __init__(self, pipeline: _Optional[str] = ..., tenant: _Optional[str] = ..., reviewer: _Optional[str] = ..., lease_seconds: _Optional[int] = ...) -> None: ...
+
 class AuditRecord(_message.Message):
     __slots__ = ("sequence", "kind", "prev_hash", "hash", "payload", "time_unix_ns", "principal", "tenant", "request_id", "idempotency_key", "pipeline", "pipeline_version", "decision", "inputs", "model_outputs", "links_to", "has_link", "task_id")
     class InputsEntry(_message.Message):

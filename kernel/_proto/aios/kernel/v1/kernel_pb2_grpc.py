@@ -375,6 +375,11 @@ class ReviewServiceStub:
                 request_serializer=aios_dot_kernel_dot_v1_dot_kernel__pb2.WatchReviewsRequest.SerializeToString,
                 response_deserializer=aios_dot_kernel_dot_v1_dot_kernel__pb2.Review.FromString,
                 _registered_method=True)
+        self.ClaimNextReview = channel.unary_unary(
+                '/aios.kernel.v1.ReviewService/ClaimNextReview',
+                request_serializer=aios_dot_kernel_dot_v1_dot_kernel__pb2.ClaimNextReviewRequest.SerializeToString,
+                response_deserializer=aios_dot_kernel_dot_v1_dot_kernel__pb2.Review.FromString,
+                _registered_method=True)
 
 
 class ReviewServiceServicer:
@@ -410,6 +415,14 @@ class ReviewServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ClaimNextReview(self, request, context):
+        """The oldest OPEN review matching the filters, claimed for the reviewer in one atomic step: two callers
+        never get the same review. NOT_FOUND when no review is open.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ReviewServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -436,6 +449,11 @@ def add_ReviewServiceServicer_to_server(servicer, server):
             'WatchReviews': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchReviews,
                     request_deserializer=aios_dot_kernel_dot_v1_dot_kernel__pb2.WatchReviewsRequest.FromString,
+                    response_serializer=aios_dot_kernel_dot_v1_dot_kernel__pb2.Review.SerializeToString,
+            ),
+            'ClaimNextReview': grpc.unary_unary_rpc_method_handler(
+                    servicer.ClaimNextReview,
+                    request_deserializer=aios_dot_kernel_dot_v1_dot_kernel__pb2.ClaimNextReviewRequest.FromString,
                     response_serializer=aios_dot_kernel_dot_v1_dot_kernel__pb2.Review.SerializeToString,
             ),
     }
@@ -573,6 +591,33 @@ class ReviewService:
             target,
             '/aios.kernel.v1.ReviewService/WatchReviews',
             aios_dot_kernel_dot_v1_dot_kernel__pb2.WatchReviewsRequest.SerializeToString,
+            aios_dot_kernel_dot_v1_dot_kernel__pb2.Review.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ClaimNextReview(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aios.kernel.v1.ReviewService/ClaimNextReview',
+            aios_dot_kernel_dot_v1_dot_kernel__pb2.ClaimNextReviewRequest.SerializeToString,
             aios_dot_kernel_dot_v1_dot_kernel__pb2.Review.FromString,
             options,
             channel_credentials,
