@@ -360,3 +360,23 @@ def test_recorded_escalations_whose_reviews_cannot_be_stored_say_so_and_spare_th
     # Not answered, so not stored under its key: a retry decides (and opens its review) again.
     assert engine.services.idempotency.get("acme", "esc-key") is None
 
+
+
+def test_a_retry_whose_deadline_has_passed_still_gets_the_stored_answer(kernel):
+    """The stored answer is looked up before the request's deadline is checked: a retry that reaches the kernel
+    too late to be decided (here its deadline is already past) gets the decision its key holds, not
+    DEADLINE_EXCEEDED, and a late retry of an unknown key still gets DEADLINE_EXCEEDED."""
+    import time
+
+    from kernel.errors import DeadlineExceeded
+
+    engine = kernel.decisions.engine
+    first = engine.prepare(_request(50, request_id="on-time", idempotency_key="late-retry-key"), None)
+    engine.run_blocking(first)
+    (decided,) = engine.finish([first])
+    past = time.monotonic_ns() - 1_000_000
+    replay = engine.prepare(_request(50, request_id="too-late", idempotency_key="late-retry-key"), past)
+    assert isinstance(replay, kpb.Decision) and replay.replayed and replay.audit_sequence == decided.audit_sequence
+    with pytest.raises(DeadlineExceeded):
+        engine.prepare(_request(51, idempotency_key="never-stored-key"), past)
+    assert len(engine.claims) == 0

@@ -110,22 +110,23 @@ class DecisionEngine(GroupFinish):
         # First, before the request is hashed, copied or stored: its identifiers and text within their limits.
         check_decision_request(request)
         pipeline = self.registry.get(request.pipeline)
-        deadline = request_deadline(time.monotonic_ns(), deadline_ns,
-                                    (request.timeout_ms or pipeline.timeout_ms) * 10**6, arrived_ns)
         request_hash = ""
         claim = None
         if request.idempotency_key:
             request_hash = store_request_hash(request)
             if self.services.idempotency is not None:
                 # Claimed before the store is read: a second call with the key, until this one's answer is
-                # stored, is refused with a retry hint instead of deciding again (key_claims.py).
-                claim = self.claims.claim(request.tenant, request.idempotency_key, request_hash, deadline)
+                # stored, is refused with a retry hint instead of deciding again (key_claims.py). (The call's
+                # deadline only bounds how long a claim never released could hold the key.)
+                claim = self.claims.claim(request.tenant, request.idempotency_key, request_hash, deadline_ns)
         try:
             if claim is not None:
                 replay = self._replayed(request, request_hash)
-                if replay is not None:
+                if replay is not None:  # (before the deadline check: a retry gets a stored answer however late)
                     self.claims.release(claim)
                     return replay
+            deadline = request_deadline(time.monotonic_ns(), deadline_ns,
+                                        (request.timeout_ms or pipeline.timeout_ms) * 10**6, arrived_ns)
             digests = {}
             if request.text_fields:
                 pipeline.check_text(request.text_fields)
