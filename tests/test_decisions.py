@@ -115,6 +115,24 @@ def test_the_policys_score_adjustment_is_on_the_answer_and_the_record(kernel, de
     assert decisions.Decide(_request(plain), timeout=10).score_adjustment == 0.0
 
 
+def test_the_record_names_the_inputs_that_took_the_pipelines_default(kernel, decisions):
+    """A deny that fired on a defaulted has_police_report=false looked in the record exactly like one the
+    caller sent: the record lists the inputs the caller left out (they took the pipeline's default)."""
+    request = make_request("claims_triage", {"claim_amount": 4000.0, "fraud_score": 0.9}, tenant="acme")
+    decision = decisions.Decide(request, timeout=10)
+    audit_dir = Path(kernel.settings.data_dir) / "audit"
+    (record,) = [r for r in iter_directory(audit_dir, decision.audit_sequence, RecordFilter())
+                 if r.sequence == decision.audit_sequence][:1]
+    defaulted = list(record.defaulted_fields)
+    assert "has_police_report" in defaulted and defaulted == sorted(defaulted)
+    assert not {"claim_amount", "fraud_score"} & set(defaulted)
+    assert set(defaulted) == set(record.inputs) - {"claim_amount", "fraud_score"}
+    full = decisions.Decide(_request(_case(), request_id="all-sent"), timeout=10)
+    (sent,) = [r for r in iter_directory(audit_dir, full.audit_sequence, RecordFilter())
+               if r.sequence == full.audit_sequence][:1]
+    assert list(sent.defaulted_fields) == []
+
+
 def test_same_input_same_input_hash_and_answer(decisions):
     case = _case()
     first = decisions.Decide(_request(case), timeout=10)

@@ -72,6 +72,7 @@ _FIELDS = kpb.DecisionRequest.DESCRIPTOR.fields_by_name["fields"].number
 _INPUTS = kpb.AuditRecord.DESCRIPTOR.fields_by_name["inputs"].number
 _MODEL_OUTPUTS = kpb.AuditRecord.DESCRIPTOR.fields_by_name["model_outputs"].number
 _TASK_ID = kpb.AuditRecord.DESCRIPTOR.fields_by_name["task_id"].number
+_DEFAULTED = kpb.AuditRecord.DESCRIPTOR.fields_by_name["defaulted_fields"].number
 _LENGTH_DELIMITED = 2
 _MAP_KEY = b"\x0a"  # a map entry's key: field 1, length-delimited
 _DOUBLE_VALUE = b"\x11"  # a map entry's double value: field 2, 64-bit
@@ -113,34 +114,46 @@ def decision_tail(request: kpb.DecisionRequest, values: dict, digests: dict[str,
     The inputs are the request's own field entries (sorted, re-tagged: never parsed again); a
     request whose inputs the pipeline completed (defaults, text digests) has them built as before.
     """
+    defaulted = ()
     if len(request.fields) == len(values) and not digests:
         parts = [wire.retag(request.SerializeToString(deterministic=True), _FIELDS, _INPUTS)]
     else:
         holder = kpb.AuditRecord()
-        add_inputs(holder, request, values, digests)
+        defaulted = add_inputs(holder, request, values, digests, with_defaulted=False)
         parts = [holder.SerializeToString(deterministic=True)]
     for index, head in entries:
         parts.append(head)
         parts.append(_pack_double(scores[index]))
     if task_id:
         parts.append(_length_delimited(_TASK_ID, task_id.encode("utf-8")))
+    for name in defaulted:  # (the record's last field: after task_id, as the serialization orders them)
+        parts.append(_length_delimited(_DEFAULTED, name.encode("utf-8")))
     return b"".join(parts)
 
 
-def add_inputs(record: kpb.AuditRecord, request: kpb.DecisionRequest, values: dict, digests: dict[str, str]) -> None:
+def add_inputs(record: kpb.AuditRecord, request: kpb.DecisionRequest, values: dict, digests: dict[str, str],
+               with_defaulted: bool = True) -> list[str]:
     """What replay needs: the request's (validated) field map as it came, the defaults the pipeline
-    filled in, and each free-text field's digest."""
+    filled in, and each free-text field's digest; and which inputs were defaults (``defaulted_fields``,
+    sorted; set on ``record`` unless ``with_defaulted`` is False, for a caller that appends them itself).
+    Returns those names."""
     given = request.fields
     # The same map type under another field number: its entries' bytes, re-tagged, parse straight into
     # the record (a third of what copying them through upb's Python map objects costs).
     record.MergeFromString(wire.retag(request.SerializeToString(), _FIELDS, _INPUTS))
     inputs = record.inputs
+    defaulted = []
     if len(given) != len(values):
         for name, value in values.items():
             if name not in given:
                 inputs[name].CopyFrom(to_value(value))
+                defaulted.append(name)
+        defaulted.sort()
+        if with_defaulted:
+            record.defaulted_fields.extend(defaulted)
     for name, digest in digests.items():
         inputs["text:" + name].string_value = digest
+    return defaulted
 
 
 def resolution_record(resolution: kpb.Decision, principal: str, links_to: int | None,
