@@ -155,9 +155,8 @@ def test_a_resolution_record_names_reviewer_comment_and_sla_as_fields(models, tm
     assert detail["sla_deadline_unix_ns"] == resolved.sla_deadline_unix_ns > 0
     assert detail["sla_missed"] is False and detail["resolved_unix_ns"] == resolved.resolved_unix_ns
     assert detail["lease_expires_unix_ns"] == resolved.lease_expires_unix_ns > 0
-    # A Review field once the proto has it; until then null ("not known"), never a made-up time.
-    claimed = resolved.claimed_unix_ns if "claimed_unix_ns" in kpb.Review.DESCRIPTOR.fields_by_name else None
-    assert "claimed_unix_ns" in detail and detail["claimed_unix_ns"] == claimed
+    # When eve claimed it: before she resolved it, and kept on the review (Review.claimed_unix_ns).
+    assert 0 < detail["claimed_unix_ns"] == resolved.claimed_unix_ns <= resolved.resolved_unix_ns
     # The rest of the record as before: reason text, principal, link to the escalated decision.
     assert record.principal == "eve" and record.decision.action == "deny" and record.decision.outcome == kpb.REVIEWED
     assert [(r.rule_id, r.description) for r in record.decision.reasons] == [("REVIEW", f"decided by eve: {comment}")]

@@ -80,17 +80,23 @@ def test_a_lease_keeps_other_reviewers_out_until_it_expires(queue, clock):
     claimed = queue.claim(review.review_id, "alice", 30)
     assert claimed.state == "CLAIMED" and claimed.claimed_by == "alice"
     assert claimed.lease_expires_unix_ns == clock.now_ns + 30 * S
+    claimed_at = claimed.claimed_unix_ns
+    assert claimed_at == clock.now_ns
     with pytest.raises(FailedPrecondition, match=f"review '{review.review_id}' is claimed by alice until"):
         queue.claim(review.review_id, "bob", 30)
     clock.advance(20)
     renewed = queue.claim(review.review_id, "alice", 30)  # the holder renews
     assert renewed.lease_expires_unix_ns == clock.now_ns + 30 * S
+    assert renewed.claimed_unix_ns == claimed_at  # a renewal keeps when she took it
     clock.advance(29)
     with pytest.raises(FailedPrecondition, match="claimed by alice"):
         queue.claim(review.review_id, "bob", 30)
     clock.advance(1)  # alice's lease has run out: the review is open again
     assert queue.get(review.review_id).state == "OPEN" and queue.get(review.review_id).claimed_by == ""
-    assert queue.claim(review.review_id, "bob", 0).lease_expires_unix_ns == clock.now_ns + 300 * S  # default lease
+    assert queue.get(review.review_id).claimed_unix_ns == 0
+    bob = queue.claim(review.review_id, "bob", 0)
+    assert bob.lease_expires_unix_ns == clock.now_ns + 300 * S  # default lease
+    assert bob.claimed_unix_ns == clock.now_ns  # a new claim: bob's own time
 
 
 def test_resolve_only_by_the_lease_holder_with_an_allowed_action(queue, clock):

@@ -171,10 +171,6 @@ def resolution_record(resolution: kpb.Decision, principal: str, links_to: int | 
     return record
 
 
-# Review has no claim time (yet): a field the proto does not define is written as null, "not known".
-_REVIEW_HAS_CLAIM_TIME = "claimed_unix_ns" in kpb.Review.DESCRIPTOR.fields_by_name
-
-
 def review_detail(review: kpb.Review) -> dict:
     """Who resolved a review, their comment and its timing, as separate fields: the reason text
     "decided by R: C" cannot tell reviewer "eve" with comment "the auditor" from reviewer
@@ -182,7 +178,7 @@ def review_detail(review: kpb.Review) -> dict:
     return {
         "reviewer": review.resolved_by,
         "comment": review.comment,
-        "claimed_unix_ns": review.claimed_unix_ns if _REVIEW_HAS_CLAIM_TIME else None,
+        "claimed_unix_ns": review.claimed_unix_ns,
         "lease_expires_unix_ns": review.lease_expires_unix_ns,
         "resolved_unix_ns": review.resolved_unix_ns,
         "sla_deadline_unix_ns": review.sla_deadline_unix_ns,  # 0: no SLA

@@ -113,6 +113,7 @@ class ReviewQueue:
                 view.state = OPEN
                 view.claimed_by = ""
                 view.lease_expires_unix_ns = 0
+                view.claimed_unix_ns = 0
         deadline = view.sla_deadline_unix_ns
         finished = view.resolved_unix_ns if view.state == RESOLVED else now
         # A withdrawn case was taken away from the desk (its task was cancelled): no SLA of the desk's was missed.
@@ -330,6 +331,8 @@ class ReviewQueue:
                     f"review '{review.review_id}' is claimed by {review.claimed_by} until "
                     f"{_iso(review.lease_expires_unix_ns)}"
                 )
+            if review.lease_expires_unix_ns <= now or review.claimed_by != reviewer:  # a new claim, not a renewal
+                review.claimed_unix_ns = now
             review.state = CLAIMED
             review.claimed_by = reviewer
             review.lease_expires_unix_ns = now + lease_ns
@@ -411,6 +414,7 @@ class ReviewQueue:
             review.resolved_unix_ns = now
             review.claimed_by = ""
             review.lease_expires_unix_ns = 0
+            review.claimed_unix_ns = 0
             review.sla_missed = False  # taken away from the desk: not an SLA it missed
             return True
 
