@@ -80,6 +80,31 @@ def start_claims_kernel(models: Path, folder: Path, pipelines: Path | None = Non
     return start_kernel(models, pipelines=str(pipelines), pipeline_poll_s=0, **overrides)
 
 
+def module_claims_kernel(folder: str = "kernel", edit_pipelines=None, **overrides):
+    """A test module's own claims kernel and a channel to it, as fixtures named ``server`` and ``channel``:
+    ``server, channel = module_claims_kernel(task_workers=4)``. ``edit_pipelines(folder)`` may change the
+    private copy of the pipelines before the kernel starts."""
+
+    @pytest.fixture(scope="module", name="server")
+    def server_fixture(claims_models, tmp_path_factory):
+        from claims_support import copy_pipelines
+
+        root = tmp_path_factory.mktemp(folder)
+        pipelines = copy_pipelines(root / "pipelines")
+        if edit_pipelines is not None:
+            edit_pipelines(pipelines)
+        server = start_claims_kernel(claims_models, root, pipelines, **overrides)
+        yield server
+        server.stop(grace=1)
+
+    @pytest.fixture(name="channel")
+    def channel_fixture(server):
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+            yield ch
+
+    return server_fixture, channel_fixture
+
+
 @pytest.fixture(scope="module", params=["sync", "aio"])
 def kernel(request, model_repo):
     """A running kernel (module-scoped), once per front end."""

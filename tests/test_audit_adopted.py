@@ -11,8 +11,6 @@ without the key (test_audit_verify's ``forge``).
 from __future__ import annotations
 
 import logging
-import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -26,6 +24,7 @@ from test_audit_verify import forge, frame, run_cli
 from kernel._proto.aios.kernel.v1 import kernel_pb2 as pb
 from kernel.audit import AuditLog, verify_directory
 from kernel.audit.segments import MAGIC
+from kernel.testing.processes import killed_after
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -49,14 +48,8 @@ def crash_with_unsigned_records(directory: Path, records: int, tmp_path: Path) -
     script.write_text(UNSIGNED_WRITER)
     proc = subprocess.Popen([sys.executable, str(script), str(directory), str(ROOT), str(records)],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
+    with killed_after(proc):
         assert proc.stdout.readline().strip() == "written", proc.stderr.read()
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
 
 
 def adopted_warnings(caplog) -> list[str]:

@@ -22,6 +22,7 @@ import pytest
 
 from kernel._proto.aios.kernel.v1 import kernel_pb2 as pb
 from kernel.audit import AuditLog, verify_directory
+from kernel.testing.processes import killed_after
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -136,18 +137,12 @@ def test_kill_9_between_groups_leaves_a_zero_tail_not_a_torn_one(tmp_path, caplo
     directory = tmp_path / "audit"
     proc = subprocess.Popen([sys.executable, str(script), str(directory), str(ROOT), "700"], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        lines = []
+    lines = []
+    with killed_after(proc):
         while not lines or lines[-1] != "idle":
             line = proc.stdout.readline()
             assert line, "the writer stopped early: " + proc.stderr.read()
             lines.append(line.strip())
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
     acked = {int(seq): digest for seq, digest in (line.split() for line in lines[:-1])}
     assert sorted(acked) == list(range(700))
     last = sorted(directory.glob("*.seg"))[-1]

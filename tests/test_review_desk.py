@@ -19,8 +19,8 @@ import time
 import grpc
 import pytest
 
-from claims_support import claim_request, copy_pipelines
-from conftest import start_claims_kernel
+from claims_support import claim_request
+from conftest import module_claims_kernel
 from examples.claims import data
 from kernel._proto.aios.kernel.v1 import kernel_pb2 as kpb
 from kernel._proto.aios.kernel.v1 import kernel_pb2_grpc as kgrpc
@@ -31,22 +31,14 @@ TIMEOUT_S = 20
 SLA_S = 1
 
 
-@pytest.fixture(scope="module")
-def server(claims_models, tmp_path_factory):
-    pipelines = copy_pipelines(tmp_path_factory.mktemp("pipelines"))
+def _short_sla(pipelines) -> None:
     spec = pipelines / "claims_triage.toml"
     text = spec.read_text(encoding="utf-8")
     assert "review_sla_s = 14400" in text, "the claims pipeline no longer has the SLA line this replaces"
     spec.write_text(text.replace("review_sla_s = 14400", f"review_sla_s = {SLA_S}"), encoding="utf-8")
-    kernel = start_claims_kernel(claims_models, tmp_path_factory.mktemp("kernel"), pipelines)
-    yield kernel
-    kernel.stop(grace=1)
 
 
-@pytest.fixture
-def channel(server):
-    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
-        yield ch
+server, channel = module_claims_kernel(edit_pipelines=_short_sla)
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ import grpc
 import pytest
 
 from claims_support import claim_request
-from conftest import start_claims_kernel
+from conftest import module_claims_kernel
 from lane_support import until
 from examples.claims import data
 from kernel._proto.aios.kernel.v1 import kernel_pb2 as kpb
@@ -28,17 +28,7 @@ from kernel._proto.aios.kernel.v1 import kernel_pb2_grpc as kgrpc
 TIMEOUT_S = 20
 
 
-@pytest.fixture(scope="module")
-def server(claims_models, tmp_path_factory):
-    kernel = start_claims_kernel(claims_models, tmp_path_factory.mktemp("kernel"))
-    yield kernel
-    kernel.stop(grace=1)
-
-
-@pytest.fixture
-def channel(server):
-    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
-        yield ch
+server, channel = module_claims_kernel()
 
 
 def large_claim(tenant: str) -> kpb.DecisionRequest:

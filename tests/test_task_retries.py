@@ -13,10 +13,9 @@ from __future__ import annotations
 import time
 
 import grpc
-import pytest
 
 from claims_support import claim_request
-from conftest import start_claims_kernel
+from conftest import module_claims_kernel, start_claims_kernel
 from lane_support import until
 from examples.claims import data
 from kernel._proto.aios.kernel.v1 import kernel_pb2 as kpb
@@ -29,19 +28,8 @@ FINAL = (kpb.SUCCEEDED, kpb.FAILED, kpb.CANCELLED)
 MODEL = "claims_triage"
 
 
-@pytest.fixture(scope="module")
-def server(claims_models, tmp_path_factory):
-    # Quick retries for the test, many of them: the kernel's settings, not the runner's own defaults.
-    kernel = start_claims_kernel(claims_models, tmp_path_factory.mktemp("retries"), task_max_attempts=40, task_backoff_s=0.05,
-                   task_max_backoff_s=0.2)
-    yield kernel
-    kernel.stop(grace=1)
-
-
-@pytest.fixture
-def channel(server):
-    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
-        yield ch
+# Quick retries for the test, many of them: the kernel's settings, not the runner's own defaults.
+server, channel = module_claims_kernel("retries", task_max_attempts=40, task_backoff_s=0.05, task_max_backoff_s=0.2)
 
 
 def automated_claim(request_id: str, timeout_ms: int = 0) -> kpb.StartTaskRequest:

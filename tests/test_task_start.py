@@ -14,7 +14,7 @@ import grpc
 import pytest
 
 from claims_support import claim_request
-from conftest import start_claims_kernel
+from conftest import module_claims_kernel
 from examples.claims import data
 from kernel._proto.aios.kernel.v1 import kernel_pb2 as kpb
 from kernel._proto.aios.kernel.v1 import kernel_pb2_grpc as kgrpc
@@ -24,17 +24,12 @@ TIMEOUT_S = 20
 LARGE_CLAIM = ["--field", "claim_amount=90000", "--field", "customer_tier=gold"]
 
 
-@pytest.fixture(scope="module")
-def server(claims_models, tmp_path_factory):
-    kernel = start_claims_kernel(claims_models, tmp_path_factory.mktemp("kernel"))
-    yield kernel
-    kernel.stop(grace=1)
+server, channel = module_claims_kernel()
 
 
 @pytest.fixture
-def tasks(server):
-    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-        yield kgrpc.TaskServiceStub(channel)
+def tasks(channel):
+    return kgrpc.TaskServiceStub(channel)
 
 
 @pytest.fixture

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -46,3 +48,17 @@ class ServeProcess:
         """SIGKILL: no drain, no flush, no final checkpoint — a crash."""
         self.proc.kill()
         self.proc.communicate(timeout=30)
+
+
+@contextmanager
+def killed_after(proc: subprocess.Popen):
+    """Run the block with child ``proc``, then kill -9 it (a crash: no flush, no final checkpoint) and reap
+    it; a block that fails leaves no child behind either."""
+    try:
+        yield proc
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
