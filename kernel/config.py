@@ -87,6 +87,12 @@ class Settings:
     # Every request is a handler thread here: a short slice lets a high-priority request's thread
     # in between a busy neighbour's threads. 0 = leave Python's default (5000 µs).
     gil_switch_interval_us: int = 0
+    # The garbage collector's young-generation threshold while serving (gc.set_threshold's first value).
+    # A call's objects die by reference count, not in cycles; at Python's 700 a busy kernel ran ~60
+    # collections a second that found nothing, plus full passes over everything the start loaded: ~4 % of
+    # its core (bench/RESULTS.md, "The garbage collector"). Cycles are still collected, 10,000 net
+    # allocations apart. 0 = leave Python's default.
+    gc_threshold: int = 10_000
     lane_slots: int = 0  # batches run at once on the CPU lane; 0 = one per usable core
     # While priority-1 requests arrive, the model compute of a batch led by a lower priority runs at this much lower OS
     # priority (nice), so the urgent requests' front-end work is not queued behind its compute
@@ -198,6 +204,8 @@ def _validate(settings: Settings, sources: dict[str, str]) -> None:
                   f"thread of the sync front end, and calls beyond workers are refused; got {settings.max_watches}")
     if not 0 <= settings.gil_switch_interval_us <= 1_000_000:
         raise bad("gil_switch_interval_us", f"must be 0..1000000 (0 = Python's default), got {settings.gil_switch_interval_us}")
+    if not 0 <= settings.gc_threshold <= 10_000_000:
+        raise bad("gc_threshold", f"must be 0..10000000 (0 = Python's default), got {settings.gc_threshold}")
     if settings.lane_slots < 0:
         raise bad("lane_slots", f"must be >= 0 (0 = one per core), got {settings.lane_slots}")
     if not 0 <= settings.batch_nice <= 19:

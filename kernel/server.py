@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import gc
 import logging
 import socket
 import sys
@@ -268,6 +269,8 @@ class KernelServer:
     def _start(self) -> int:
         if self.settings.gil_switch_interval_us:
             sys.setswitchinterval(self.settings.gil_switch_interval_us / 1e6)  # process-wide: the kernel owns it
+        if self.settings.gc_threshold:  # process-wide too (config.py says why)
+            gc.set_threshold(self.settings.gc_threshold, *gc.get_threshold()[1:])
         probe_listen_address(self.settings.host, self.settings.port)  # a port in use fails before the models load
         loaded, self.failed_models = self.hub.load_all()
         self.decisions.start()  # pipelines are checked against the models just loaded

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 
 from kernel.config import Settings, SettingsError, load_settings
+
+from conftest import start_kernel
 
 
 def test_defaults():
@@ -33,6 +37,7 @@ def test_layers_override_in_order(tmp_path):
         ({"overrides": {"workers": 0}}, "workers (from --workers) must be >= 1"),
         ({"environ": {"AIOS_GIL_SWITCH_INTERVAL_US": "-5"}}, "gil_switch_interval_us (from $AIOS_GIL_SWITCH_INTERVAL_US) must be 0..1000000"),
         ({"environ": {"AIOS_BATCH_NICE": "20"}}, "batch_nice (from $AIOS_BATCH_NICE) must be 0..19"),
+        ({"environ": {"AIOS_GC_THRESHOLD": "-1"}}, "gc_threshold (from $AIOS_GC_THRESHOLD) must be 0..10000000 (0 = Python's default)"),
         ({"environ": {"AIOS_LOG_LEVEL": "LOUD"}}, "log_level (from $AIOS_LOG_LEVEL)"),
     ],
 )
@@ -41,6 +46,18 @@ def test_bad_values_name_setting_and_source(kwargs, fragment):
     with pytest.raises(SettingsError) as info:
         load_settings(**kwargs)
     assert fragment in str(info.value)
+
+
+@pytest.mark.parametrize("threshold", [25_000, 0])
+def test_a_started_kernel_sets_the_collectors_young_threshold_or_leaves_it(model_repo, threshold):
+    before = gc.get_threshold()
+    gc.set_threshold(700, *before[1:])
+    server = start_kernel(model_repo, gc_threshold=threshold)
+    try:
+        assert gc.get_threshold() == ((threshold or 700), *before[1:])  # the older generations' stay
+    finally:
+        server.stop(grace=0)
+        gc.set_threshold(*before)
 
 
 def test_unknown_key_in_file(tmp_path):
