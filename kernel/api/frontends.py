@@ -28,6 +28,7 @@ from . import answer_later
 from .aio_wait import attach, wait_finished
 from .call_budget import CallBudget
 from .registration import ensure_parsed, generic_handler
+from .stream_window import MAX_IN_FLIGHT, StreamWindow
 
 log = logging.getLogger("aios.api")
 
@@ -78,6 +79,11 @@ def internal_message(rpc: str) -> str:
     return f"internal error (request id {request_id}); the kernel keeps serving"
 
 
+# Triton marks each ModelStreamInfer answer with whether it is the request's last; a non-decoupled model's one
+# answer always is. Clients that ask for ``triton_enable_empty_final_response`` wait for this flag.
+FINAL_RESPONSE = "triton_final_response"
+
+
 def stream_error(request, exc: BaseException) -> pb.ModelStreamInferResponse:
     """A failed request inside ModelStreamInfer: the stream stays open, the error names the request."""
     if isinstance(exc, KernelError):
@@ -87,6 +93,7 @@ def stream_error(request, exc: BaseException) -> pb.ModelStreamInferResponse:
     response = pb.ModelStreamInferResponse(error_message=message)
     response.infer_response.id = request.id
     response.infer_response.model_name = request.model_name
+    response.infer_response.parameters[FINAL_RESPONSE].bool_param = True
     return response
 
 
@@ -95,9 +102,11 @@ def stream_response(service: InferenceService, request, result) -> pb.ModelStrea
     if isinstance(result, BaseException):
         return stream_error(request, result)
     try:
-        return pb.ModelStreamInferResponse(infer_response=service.respond(request, result))
+        answer = service.respond(request, result)
     except Exception as exc:
         return stream_error(request, exc)
+    answer.parameters[FINAL_RESPONSE].bool_param = True
+    return pb.ModelStreamInferResponse(infer_response=answer)
 
 
 class InOrder:
@@ -172,23 +181,30 @@ class _SyncStream:
         self.requests = requests
         self.context = context
         self.out: queue.SimpleQueue = queue.SimpleQueue()
+        self.window = StreamWindow(service)
+        self.slots = threading.BoundedSemaphore(MAX_IN_FLIGHT)  # taken per request, given back once answered
 
     def _read(self) -> None:
         count = 0
         try:
             for request in self.requests:
+                while not self.slots.acquire(timeout=0.5):  # MAX_IN_FLIGHT unanswered: wait for the client to read
+                    if not self.context.is_active():
+                        return
                 seq, count = count, count + 1
                 try:
                     item = self.service.prepare(request, self.context.time_remaining())
-                    item.on_done = lambda it, req=request, n=seq: self.out.put((n, req, it))
-                    self.service.submit(item)
+                    self.window.submit(item, lambda it, req=request, n=seq: self.out.put((n, req, it)))
                 except Exception as exc:  # one bad request must not end the stream
                     self.out.put((seq, request, exc))
         except Exception:  # the client went away mid-stream
             log.debug("ModelStreamInfer reader ended early", exc_info=True)
-        self.out.put((-1, self._END, count))
+        finally:
+            self.out.put((-1, self._END, count))
 
     def __iter__(self):
+        if not self.context.add_callback(self.window.cancel_all):  # the call ended, however: nothing stays queued
+            return
         threading.Thread(target=self._read, name="aios-stream-reader", daemon=True).start()
         sent, total, order = 0, None, InOrder()
         while total is None or sent < total:
@@ -199,6 +215,7 @@ class _SyncStream:
             for request, result in order.add(seq, request, result):
                 sent += 1
                 yield stream_response(self.service, request, result)
+                self.slots.release()  # (after the yield: once gRPC took the answer to send)
 
 
 def sync_servicer(service: InferenceService, budget: CallBudget | None = None) -> grpc.GenericRpcHandler:
@@ -340,16 +357,19 @@ def aio_servicer(service: InferenceService) -> grpc.GenericRpcHandler:
         results: asyncio.Queue = asyncio.Queue()
         end = object()
 
+        window = StreamWindow(service)
+        slots = asyncio.Semaphore(MAX_IN_FLIGHT)  # taken per request, given back once answered
+
         async def read() -> None:
             count = 0
             try:
                 async for request in request_iterator:
+                    await slots.acquire()  # MAX_IN_FLIGHT unanswered: wait for the client to read
                     seq, count = count, count + 1
                     try:
                         item = service.prepare(request, context.time_remaining())
-                        item.on_done = lambda it, req=request, n=seq: loop.call_soon_threadsafe(
-                            results.put_nowait, (n, req, it))
-                        service.submit(item)
+                        window.submit(item, lambda it, req=request, n=seq: loop.call_soon_threadsafe(
+                            results.put_nowait, (n, req, it)))
                     except Exception as exc:
                         results.put_nowait((seq, request, exc))
             finally:
@@ -366,8 +386,10 @@ def aio_servicer(service: InferenceService) -> grpc.GenericRpcHandler:
                 for request, result in order.add(seq, request, result):
                     sent += 1
                     yield stream_response(service, request, result)
-        finally:
+                    slots.release()
+        finally:  # the call ended, however: nothing of it stays queued
             reader.cancel()
+            window.cancel_all()
 
     ModelInfer.wants_arrival = True  # Triton's ``timeout`` counts from the call's arrival (registration.py)
     methods["ModelInfer"] = ModelInfer

@@ -1,0 +1,123 @@
+"""ModelStreamInfer's requests get what unary calls get: deadlines enforced while queued, removal from the
+queue when the call ends, and a bound on what one stream holds; each answer says it is the request's last.
+
+Found by a streaming client's audit (2026-11-27): a request with a 100 ms ``timeout`` behind a static batching
+window was answered after the window (334 ms), not at its deadline; a cancelled stream's queued requests all
+still ran; a client that sent without reading grew the server by ~225 MiB in 6 s.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+
+from conftest import start_kernel
+from kernel._proto.inference import grpc_service_pb2 as pb
+from kernel._proto.inference import grpc_service_pb2_grpc as pb_grpc
+from kernel.api.stream_window import MAX_IN_FLIGHT
+from kernel.testing import onnx_models
+from lane_support import SLOW_ROWS, request_for, save_slow_model, until
+
+WINDOW_US = 3_000_000  # `held`'s static window: a request waits this long for company unless its deadline comes first
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stream_window")
+    save_slow_model(root)
+    onnx_models.save_mlp_version(root, "held", [16, 32, 4], seed=5, max_batch_size=8, provider="cpu",
+                                 max_queue_delay_us=WINDOW_US, preferred_batch_sizes=[8])
+    onnx_models.save_mlp_version(root, "tiny", [16, 64, 4], seed=3, max_batch_size=8, provider="cpu")
+    return root
+
+
+@pytest.fixture(scope="module", params=["sync", "aio"])
+def server(request, repo):
+    server = start_kernel(repo, request.param)
+    yield server
+    server.stop(grace=1)
+
+
+@pytest.fixture
+def stub(server):
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        yield pb_grpc.GRPCInferenceServiceStub(channel)
+
+
+def _statistics(stub, model: str):
+    (stats,) = stub.ModelStatistics(pb.ModelStatisticsRequest(name=model)).model_stats
+    return stats.inference_stats
+
+
+def test_a_queued_request_is_answered_at_its_deadline_not_when_its_window_closes(stub):
+    request = request_for("held", np.ones((1, 16)), timeout=100_000)  # Triton's timeout, µs
+    request.id = "late"
+    started = time.monotonic()
+    (answer,) = list(stub.ModelStreamInfer(iter([request]), timeout=30))
+    took = time.monotonic() - started
+    assert answer.error_message.startswith("DEADLINE_EXCEEDED"), answer.error_message
+    assert answer.infer_response.id == "late"
+    # At its deadline (the expiry timer), well before the 3 s window would have formed a batch.
+    assert took < WINDOW_US / 1e6 / 2, f"answered after {took:.3f} s"
+
+
+def test_every_answer_is_marked_final_as_triton_marks_a_non_decoupled_models(stub):
+    good = request_for("tiny", np.ones((2, 16)))
+    bad = request_for("tiny", np.ones((2, 16)), input_name="NOPE")
+    answers = list(stub.ModelStreamInfer(iter([good, bad]), timeout=30))
+    assert [a.error_message == "" for a in answers] == [True, False]
+    assert all(a.infer_response.parameters["triton_final_response"].bool_param for a in answers)
+
+
+def test_cancelling_a_stream_takes_its_queued_requests_out_of_the_queue(server, stub):
+    sent = 24
+    before = _statistics(stub, "slow")
+    call = stub.ModelStreamInfer(iter([request_for("slow", np.ones((SLOW_ROWS, 64)))] * sent), timeout=120)
+    next(call)  # the first answer: the rest are queued or running behind it
+    slow = server.hub.get("slow")
+    assert sum(server.lanes.load(slow)) > 1, "the stream's requests finished before the test could cancel them"
+    call.cancel()
+    until(lambda: sum(server.lanes.load(slow)) == 0, "the cancelled stream's requests to leave the queue")
+    after = _statistics(stub, "slow")
+    ran = after.success.count - before.success.count
+    cancelled = after.fail.count - before.fail.count
+    assert ran + cancelled == sent
+    assert cancelled > 0 and ran < sent / 2, (ran, cancelled)
+
+
+def test_a_client_that_never_reads_is_held_to_the_streams_window(server, stub):
+    # The client's transport takes answers up to its flow-control window whether the program reads or not;
+    # without bandwidth probing that window stays at 64 KiB (~600 tiny answers), so what the kernel runs
+    # past its own window is bounded here.
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}", options=[("grpc.http2.bdp_probe", 0)])
+    quiet = pb_grpc.GRPCInferenceServiceStub(channel)
+    before = _statistics(stub, "tiny").success.count
+    stop = threading.Event()
+    offered = [0, time.monotonic()]  # requests the client's stream took from us; when it last took one
+    plenty = 20 * MAX_IN_FLIGHT
+
+    def requests():
+        request = request_for("tiny", np.ones((1, 16)))
+        while not stop.is_set() and offered[0] < plenty:
+            offered[0] += 1
+            offered[1] = time.monotonic()
+            yield request
+
+    call = quiet.ModelStreamInfer(requests(), timeout=60)  # never read
+    try:
+        # Either the kernel stopped reading and the client's transport filled up (it takes no more
+        # requests), or the kernel took everything offered.
+        until(lambda: offered[0] >= plenty or time.monotonic() - offered[1] > 1.0,
+              "the client to be pushed back or to offer plenty")
+        ran = _statistics(stub, "tiny").success.count - before
+    finally:
+        stop.set()
+        call.cancel()
+        channel.close()
+    # The window, plus the answers already handed to gRPC's transport (flow control: ~64 KiB of them).
+    # (What the client offered beyond that waits in the transports, bounded by their flow control.)
+    assert MAX_IN_FLIGHT <= ran <= 3 * MAX_IN_FLIGHT, (ran, offered[0])
