@@ -262,6 +262,9 @@ def parse(path: Path, name: str, version: str, raw: dict) -> ModelConfig:
     unknown = set(raw) - _TOP_KEYS
     if unknown:
         raise ModelConfigError(path, sorted(unknown)[0], f"unknown key; known keys: {', '.join(sorted(_TOP_KEYS))}")
+    declared = raw.get("name", name)
+    if declared != name:  # as Triton: a model is named by its folder; a second name would only mislead
+        raise ModelConfigError(path, "name", f"must be the model's folder name {name!r} (or left out), got {declared!r}")
     platform = raw.get("platform", PLATFORM)
     if platform != PLATFORM:
         raise ModelConfigError(path, "platform", f"only {PLATFORM!r} is supported, got {platform!r}")
@@ -296,14 +299,18 @@ def parse(path: Path, name: str, version: str, raw: dict) -> ModelConfig:
     delay_us = _int(path, raw, "max_queue_delay_us", 0, 0)
     if delay_us > MAX_QUEUE_DELAY_US:  # (a typo in units: a request would wait that long for company)
         raise ModelConfigError(path, "max_queue_delay_us", f"must be at most {MAX_QUEUE_DELAY_US} (10 s), got {delay_us}")
+    if not max_batch and (delay_us or preferred):  # a model without a batch dimension runs requests one by one
+        key = "max_queue_delay_us" if delay_us else "preferred_batch_sizes"
+        raise ModelConfigError(path, key, "applies only to a model that batches: max_batch_size is 0 (no batch "
+                                          "dimension), so each request runs alone")
     if preferred and not delay_us:  # preferred sizes shape the static window; adaptive batching has none
         raise ModelConfigError(path, "preferred_batch_sizes", "apply only with a static window: set max_queue_delay_us "
                                                               "> 0 too (without one, batching is adaptive)")
     max_queue = _int(path, raw, "max_queue", 4096, 1)
     max_tenant_queue = _int(path, raw, "max_tenant_queue", 1024, 1)
-    if "max_tenant_queue" in raw and max_tenant_queue > max_queue:  # it could never bind
-        raise ModelConfigError(path, "max_tenant_queue", f"is more than max_queue ({max_queue}), so it would never "
-                                                         f"apply; got {max_tenant_queue}")
+    if "max_tenant_queue" in raw and max_tenant_queue >= max_queue:  # it could never bind: the queue fills first
+        raise ModelConfigError(path, "max_tenant_queue", f"must be less than max_queue ({max_queue}), or it would "
+                                                         f"never apply; got {max_tenant_queue}")
     levels = _levels(path, raw)
     priority = _int(path, raw, "priority", 2, 1)
     if priority > levels:  # the scheduler would clamp it: refuse instead of serving another priority

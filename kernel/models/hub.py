@@ -236,8 +236,10 @@ class ModelHub:
             preparer(list(fresh.values()))
         with self._lock:
             old = list(self._models.get(name, {}).values())
-            self._models[name] = fresh
+            # The latest first: ``get`` reads without the lock, and a default-version request arriving
+            # between the two would find versions but no latest ("no loaded version ''; loaded versions: 1").
             self._latest[name] = fresh[max(fresh, key=_version_sort_key)]
+            self._models[name] = fresh
             self._failures.pop(name, None)
             self._skipped[name] = dict(folder.skipped)
         for version, why in folder.skipped.items():
@@ -255,7 +257,7 @@ class ModelHub:
     def unload(self, name: str) -> list[ModelVersion]:
         """Stop routing new requests to ``name``; in-flight batches finish on their own."""
         with self._lock:
-            old = list(self._models.pop(name, {}).values())
+            old = list(self._models.pop(name, {}).values())  # (before the latest: the reverse of load's order)
             self._latest.pop(name, None)
             self._skipped.pop(name, None)
         if old:
