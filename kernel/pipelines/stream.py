@@ -79,6 +79,8 @@ def decide_stream(engine: DecisionEngine, requests: Iterator, ctx, principal: st
     def finished(pending: Pending) -> None:
         with lock:
             queued.pop(id(pending.item), None)
+        if pending.watch is not None:
+            engine.inference.expiry.forget(pending.watch)
         events.put(pending)
 
     def read() -> None:
@@ -97,10 +99,12 @@ def decide_stream(engine: DecisionEngine, requests: Iterator, ctx, principal: st
                 # Decided with every other finished decision (unary ones too) on the finisher thread;
                 # on_done then only hands the answer to this stream.
                 engine.finish_in_groups(pending).on_done = lambda _item, p=pending: finished(p)
+                # Expired at its deadline by the timer, as a unary call's (else only when its batch forms).
+                pending.watch = engine.inference.watch_deadline(pending.item)
                 with lock:
                     queued[id(pending.item)] = pending
                 try:
-                    engine.inference.submit(pending.item)
+                    engine.inference.submit(pending.item, pending.watch)
                 except Exception as exc:  # refused at admission: RESOURCE_EXHAUSTED with its retry hint
                     with lock:
                         queued.pop(id(pending.item), None)
