@@ -175,6 +175,34 @@ def test_empty_and_incomplete_folders_are_listed_with_why(tmp_path, caplog):
     assert any("empty" in w and "no version folders" in w for w in warnings), warnings
 
 
+def test_a_corrupt_version_is_not_served_and_the_others_are(tmp_path):
+    """(Operator audit) one version's unreadable model.onnx made every version of the model unavailable, and
+    with it every pipeline on the model; the README promises the other versions still serve."""
+    good(tmp_path, "m", "1")
+    (tmp_path / "m" / "2").mkdir()
+    (tmp_path / "m" / "2" / "model.onnx").write_bytes(b"not an onnx file")
+    hub = ModelHub(tmp_path)
+    loaded, failed = hub.load_all()
+    assert [mv.version for mv in loaded] == ["1"] and hub.get("m").version == "1" and failed == {}
+    index = {e.version: (e.state, e.reason) for e in hub.index()}
+    assert index["1"] == ("READY", "")
+    assert index["2"][0] == "UNAVAILABLE" and "m/2" in index["2"][1], index
+
+
+def test_a_reload_that_would_drop_a_serving_version_fails_whole_and_the_index_says_so(tmp_path):
+    good(tmp_path, "m", "1")
+    good(tmp_path, "m", "2")
+    hub = ModelHub(tmp_path)
+    assert len(hub.load("m")) == 2
+    (tmp_path / "m" / "2" / "model.onnx").write_bytes(b"damaged since")
+    with pytest.raises(ModelConfigError):
+        hub.load("m")
+    assert [mv.version for mv in hub.loaded_versions("m")] == ["1", "2"]  # the previous versions serve on
+    entries = [(e.version, e.state, e.reason) for e in hub.index()]
+    assert [(version, state) for version, state, _ in entries] == [("1", "READY"), ("2", "READY")]
+    assert all("the last load failed" in reason and "m/2" in reason for _, _, reason in entries), entries
+
+
 # ----------------------------------------------------------------------------- 4. Triton's config.pbtxt
 def test_a_config_pbtxt_is_named_in_a_warning_at_load(tmp_path, caplog):
     good(tmp_path, "m")

@@ -121,9 +121,11 @@ class InferenceService:
             self.hub.load(name)
         except ModelConfigError as exc:
             # The previous versions (if any) stay live; the caller learns why, and so does the operator.
-            log.warning("model %r was not loaded (RepositoryModelLoad): %s; %s", name, exc,
-                        "its previous versions stay live" if self.hub.loaded_versions(name) else "it is not served")
-            raise InvalidArgument(f"model {quote(name)} was not loaded: {exc}") from None
+            live = [mv.version for mv in self.hub.loaded_versions(name)]
+            outcome = (f"the versions loaded before keep serving ({', '.join(live)})" if live
+                       else "it is not served")
+            log.warning("model %r was not loaded (RepositoryModelLoad): %s; %s", name, exc, outcome)
+            raise InvalidArgument(f"model {quote(name)} was not loaded: {exc}; {outcome}") from None
         return pb.RepositoryModelLoadResponse()
 
     def repository_model_unload(self, request) -> pb.RepositoryModelUnloadResponse:

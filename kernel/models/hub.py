@@ -190,7 +190,11 @@ class ModelHub:
             for name in sorted(names):
                 loaded = self._models.get(name)
                 if loaded:
-                    versions = [IndexEntry(name, v, READY) for v in loaded]
+                    # A reload that failed leaves these serving: say so beside them, or an operator reading the
+                    # index sees READY and never learns the new files were refused.
+                    failure = self._failures.get(name, "")
+                    note = f"serving the versions loaded before; the last load failed: {failure}" if failure else ""
+                    versions = [IndexEntry(name, v, READY, note) for v in loaded]
                     versions += [IndexEntry(name, v, UNAVAILABLE, why)
                                  for v, why in self._skipped.get(name, {}).items() if v not in loaded]
                     entries += sorted(versions, key=lambda e: _version_sort_key(e.version))
@@ -220,17 +224,17 @@ class ModelHub:
                 if unread.refused:  # refused, not silently ignored
                     raise ModelConfigError(unread.path, "", unread.why)
                 log.warning("model %s: %s: %s", name, unread.path, unread.why)
-            for version in folder.versions:
-                version_dir = model_dir / version
-                toml = version_dir / "model.toml"
-                config, config_sha256 = (model_config.load_with_digest(toml, name, version) if toml.is_file()
-                                         else (None, ""))
-                runtime = OnnxModel.load(version_dir / "model.onnx", config, name, version, config_sha256)
-                fresh[version] = ModelVersion(name, version, runtime)
+            failed = self._load_versions(name, model_dir, folder.versions, fresh)
+            # A version that cannot be loaded is not served, and the others are (Triton's `version_policy:
+            # all`): one corrupt version 2 made version 1 unavailable too, and every pipeline on the model with
+            # it. But a reload never takes away a version that serves now: then the whole reload fails.
+            serving = self._models.get(name, {})
+            lost = [version for version in failed if version in serving]
+            if failed and (not fresh or lost):
+                raise failed[lost[0] if lost else next(iter(failed))]
         except Exception as exc:
             with self._lock:
-                self._failures[name] = (str(exc) if isinstance(exc, ModelConfigError)
-                                        else f"{model_dir}: could not be loaded: {type(exc).__name__}: {exc}")
+                self._failures[name] = _reason(model_dir, exc)
             raise
         for preparer in self._preparers:
             preparer(list(fresh.values()))
@@ -241,8 +245,10 @@ class ModelHub:
             self._latest[name] = fresh[max(fresh, key=_version_sort_key)]
             self._models[name] = fresh
             self._failures.pop(name, None)
-            self._skipped[name] = dict(folder.skipped)
-        for version, why in folder.skipped.items():
+            skipped = dict(folder.skipped)
+            skipped.update((version, _reason(model_dir / version, exc)) for version, exc in failed.items())
+            self._skipped[name] = skipped
+        for version, why in skipped.items():
             log.warning("model %s: %s: that version is not served", name, why)
         for mv in fresh.values():
             log.info(
@@ -253,6 +259,23 @@ class ModelHub:
             )
         self._notify(list(fresh.values()), old)
         return list(fresh.values())
+
+    @staticmethod
+    def _load_versions(name: str, model_dir: Path, versions: list[str], fresh: dict) -> dict[str, Exception]:
+        """Load each of ``versions`` into ``fresh``; returns the ones that failed, with their errors."""
+        failed: dict[str, Exception] = {}
+        for version in versions:
+            version_dir = model_dir / version
+            toml = version_dir / "model.toml"
+            try:
+                config, config_sha256 = (model_config.load_with_digest(toml, name, version) if toml.is_file()
+                                         else (None, ""))
+                runtime = OnnxModel.load(version_dir / "model.onnx", config, name, version, config_sha256)
+            except Exception as exc:
+                failed[version] = exc
+                continue
+            fresh[version] = ModelVersion(name, version, runtime)
+        return failed
 
     def unload(self, name: str) -> list[ModelVersion]:
         """Stop routing new requests to ``name``; in-flight batches finish on their own."""
@@ -283,3 +306,10 @@ class ModelHub:
     def _notify(self, added: list[ModelVersion], removed: list[ModelVersion]) -> None:
         for listener in self._listeners:
             listener(added, removed)
+
+
+def _reason(where: Path, exc: BaseException) -> str:
+    """Why a model (version) could not be loaded, as the index and UNAVAILABLE answers say it."""
+    if isinstance(exc, ModelConfigError):
+        return str(exc)
+    return f"{where}: could not be loaded: {type(exc).__name__}: {exc}"
