@@ -195,8 +195,9 @@ def _validate(settings: Settings, sources: dict[str, str]) -> None:
         raise bad("port", f"must be 0..65535 (0 = any free port), got {settings.port}")
     if settings.front_end not in FRONT_ENDS:
         raise bad("front_end", f"must be one of {', '.join(FRONT_ENDS)}, got {settings.front_end!r}")
-    if settings.workers < 1:
-        raise bad("workers", f"must be >= 1, got {settings.workers}")
+    if settings.workers < 2:  # (the last handler thread is kept for priority 1: with one, every other call is refused)
+        raise bad("workers", f"must be >= 2 (at least one call slot is kept for priority-1 calls, so with "
+                             f"{settings.workers} every ordinary call would be refused), got {settings.workers}")
     if settings.max_watches < 0:
         raise bad("max_watches", f"must be >= 0 (0 = a quarter of workers), got {settings.max_watches}")
     if settings.max_watches >= settings.workers:
