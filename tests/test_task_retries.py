@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 
 import grpc
+import pytest
 
 from claims_support import claim_request
 from conftest import module_claims_kernel, start_claims_kernel
@@ -61,11 +62,15 @@ def test_a_task_outlives_a_model_reload(server, channel):
     tasks, repository = kgrpc.TaskServiceStub(channel), pb_grpc.GRPCInferenceServiceStub(channel)
     repository.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name=MODEL), timeout=TIMEOUT_S)
     try:
+        with pytest.raises(grpc.RpcError) as refused:  # a caller is told to retry: the pipeline is there
+            kgrpc.DecisionServiceStub(channel).Decide(automated_claim("reload-0").request, timeout=TIMEOUT_S)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, refused.value.details()
+        assert "decides again once the model is loaded" in refused.value.details()
         task = tasks.StartTask(automated_claim("reload-1"), timeout=TIMEOUT_S)  # the pipeline is still loaded
         ref = kpb.TaskRef(task_id=task.task_id)
         failed_once = _until(lambda: retries(t := tasks.GetTask(ref, timeout=TIMEOUT_S)) and t,
                                "a retry of the attempt that found no model")
-        assert f"NOT_FOUND: model '{MODEL}' is not loaded" in retries(failed_once)[0]
+        assert f"UNAVAILABLE: pipeline 'claims_triage' cannot decide now: model '{MODEL}' is not loaded" in retries(failed_once)[0]
         assert retries(failed_once)[0].endswith("retry in 0.05 s")  # task_backoff_s
     finally:
         repository.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name=MODEL), timeout=TIMEOUT_S)
@@ -123,7 +128,8 @@ def test_a_task_gives_up_after_the_settings_attempts(claims_models, tmp_path):
     finally:
         kernel.stop(grace=1)
     assert done.state == kpb.FAILED and done.attempts == 3
-    assert done.error.startswith(f"gave up after 3 attempts; last error: NOT_FOUND: model '{MODEL}' is not loaded")
+    assert done.error.startswith(f"gave up after 3 attempts; last error: UNAVAILABLE: pipeline 'claims_triage' cannot "
+                                 f"decide now: model '{MODEL}' is not loaded")
     assert [detail.rsplit("; ", 1)[1] for detail in retries(done)] == ["retry in 0.05 s", "retry in 0.08 s"]
 
 

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 
 from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
-from ..errors import FailedPrecondition, quote
+from ..errors import FailedPrecondition, NotFound, Unavailable, quote
 from ..ids import random_hex
 from ..limits import check_decision_request
 from ..review.deferred import DeferredRows
@@ -133,7 +133,7 @@ class DecisionEngine(GroupFinish):
                 digests = provenance.text_digests(request.text_fields)
             # Validated values, the model row and the input hash in one pass (compiled: over the wire bytes).
             values, row, input_hash = pipeline.codec.read_encode_hash(request, digests)
-            mv = self.inference.resolve(pipeline.model, pipeline.model_version)
+            mv = self._model_of(pipeline)
             request_id = request.request_id or random_hex()
             priority = request.priority
             if not 1 <= priority <= mv.config.priority_levels:  # 0 or past the levels: the default, as ModelInfer's
@@ -145,6 +145,16 @@ class DecisionEngine(GroupFinish):
             raise
         return Pending(request, pipeline, values, digests, input_hash, item, started, request_id, principal,
                        request_hash, claim)
+
+    def _model_of(self, pipeline: Pipeline):
+        """The model version ``pipeline`` runs on. One that is not loaded (unloaded, being reloaded) while
+        its pipeline serves is UNAVAILABLE, not NOT_FOUND: the pipeline is there and decides again once
+        the model is loaded, so the caller should retry (NOT_FOUND says not to)."""
+        try:
+            return self.inference.resolve(pipeline.model, pipeline.model_version)
+        except NotFound as exc:
+            raise Unavailable(f"pipeline {quote(pipeline.name)} cannot decide now: {exc.message}; it decides again "
+                              f"once the model is loaded") from None
 
     def release(self, pending: Pending) -> None:
         """``pending`` ends here (answered, refused, or abandoned): its idempotency key is free again.
