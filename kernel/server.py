@@ -433,29 +433,35 @@ class KernelServer:
 
 
 def probe_listen_address(host: str, port: int) -> None:
-    """Raise ``OSError`` ("cannot listen on ...") if another socket already listens on ``host:port``.
+    """Raise ``OSError`` ("cannot listen on ...") if the kernel could not listen on ``host:port``.
 
     gRPC binds for real once the models are loaded (the front end depends on
-    them); without this a port conflict was reported only after loading every
-    model — minutes for large ones — and after the start had written its
-    model-deploy records to the audit log for a kernel that never served.
-    Only a listener in the way counts (``EADDRINUSE``): the probe sets
-    ``SO_REUSEADDR`` as gRPC's listener does, so a closed kernel's lingering
-    connections do not, and any other bind error is left for gRPC's own bind
-    to judge. Port 0 (any free port) is never in use.
+    them); without this a port conflict, a host name that does not resolve or an
+    address of another machine was reported only after loading every model —
+    minutes for large ones — in gRPC's own words, and after the start had
+    written its model-deploy records to the audit log for a kernel that never
+    served. The probe sets ``SO_REUSEADDR`` as gRPC's listener does, so a
+    closed kernel's lingering connections do not count; bind errors it has no
+    words for are left to gRPC's own bind. Port 0 (any free port) is never in use.
     """
-    if port == 0:
-        return
+    where = f"cannot listen on {host}:{port}"
     try:
         found = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except socket.gaierror:
-        return  # not a name this machine resolves: gRPC's bind says so
+    except socket.gaierror as exc:
+        raise OSError(f"{where}: {host!r} does not resolve here ({exc.strerror}); set --host or AIOS_HOST to a name or "
+                      "address of this machine (0.0.0.0: every address)") from None
     for family, kind, protocol, _, address in found:
         with socket.socket(family, kind, protocol) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 probe.bind(address)
             except OSError as exc:
-                if exc.errno == errno.EADDRINUSE:
-                    raise OSError(f"cannot listen on {host}:{port}: something already listens there (another "
+                if exc.errno == errno.EADDRINUSE and port:
+                    raise OSError(f"{where}: something already listens there (another "
                                   "port: --port or AIOS_PORT; 0 takes any free one)") from None
+                if exc.errno == errno.EADDRNOTAVAIL:
+                    raise OSError(f"{where}: {address[0]} is not an address of this machine (--host or AIOS_HOST; "
+                                  "0.0.0.0 listens on every address)") from None
+                if exc.errno == errno.EACCES:
+                    raise OSError(f"{where}: permission denied (ports below 1024 need privileges: --port or "
+                                  "AIOS_PORT)") from None

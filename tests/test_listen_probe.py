@@ -26,13 +26,29 @@ def test_a_port_someone_listens_on_is_refused(listener):
         probe_listen_address("0.0.0.0", listener)
 
 
-def test_a_free_port_any_port_and_names_left_to_grpc_pass():
+def test_a_free_port_and_any_port_pass():
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         free = sock.getsockname()[1]  # bound, not listening: the probe's own bind with SO_REUSEADDR still fails
     probe_listen_address("127.0.0.1", free)  # closed now: free
     probe_listen_address("127.0.0.1", 0)
-    probe_listen_address("no-such-host.invalid", 8001)  # gRPC's bind reports what is wrong with the name
+
+
+@pytest.mark.parametrize("host,fragment", [
+    ("no-such-host.invalid", "'no-such-host.invalid' does not resolve here"),
+    ("192.0.2.1", "192.0.2.1 is not an address of this machine"),  # TEST-NET-1: nobody's
+])
+def test_a_host_the_kernel_cannot_listen_on_is_refused_in_words_before_anything_loads(host, fragment, model_repo,
+                                                                                        tmp_path):
+    """(Operator audit) they failed after every model had loaded, in gRPC's words ("add_port.cc"), and left
+    start and deploy records in the audit log of a kernel that never served; port 0 was not checked at all."""
+    for port in (8001, 0):
+        with pytest.raises(OSError, match=f"cannot listen on {host}:{port}: {fragment}"):
+            probe_listen_address(host, port)
+    settings = dict(models=str(model_repo), data_dir=str(tmp_path / "data"), log_level="WARNING", host=host, port=0)
+    with pytest.raises(OSError, match=fragment):
+        KernelServer(load_settings(None, settings, environ={}))
+    assert not (tmp_path / "data").exists()  # no data dir, no signing key, no audit log
 
 
 def test_a_kernel_made_for_a_busy_port_fails_before_it_makes_anything(listener, model_repo, tmp_path):
