@@ -284,7 +284,7 @@ class ModelHub:
             self._latest.pop(name, None)
             self._skipped.pop(name, None)
         if old:
-            log.info("unloaded %s (%d versions)", name, len(old))
+            log.info("unloaded %s (versions %s)", name, ", ".join(mv.version for mv in old))
             self._notify([], old)
         return old
 
