@@ -164,8 +164,10 @@ def test_an_upload_whose_policy_suits_the_pipelines_sharing_it_is_taken(hub, fol
     registry = _registry(folder, hub)
     pipeline = PIPELINE_TEXT.replace('name = "claims_triage"', 'name = "claims_twin"', 1).encode()
     policy = POLICY_TEXT.replace("fraud_score >= 0.8", "fraud_score >= 0.9", 1).encode()
-    assert registry.put(pipeline, policy).name == "claims_twin"
-    assert registry.reload() == ["claims_triage"]
+    uploaded = registry.put(pipeline, policy)
+    assert uploaded.name == "claims_twin"
+    assert registry.get("claims_triage").policy.hash == uploaded.policy.hash  # taken at once
+    assert registry.reload() == []  # and not validated a second time
 
 
 # -- 3. text that is not UTF-8 is refused --------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
 from ..pipelines import DecisionEngine, PipelineRegistry
@@ -68,7 +69,10 @@ def decision_handlers(engine: DecisionEngine, registry: PipelineRegistry, budget
 
     def upload(request, ctx):
         policy = request.policy_toml or None
-        return pipeline_info(registry.put(request.pipeline_toml, policy))
+        deadline_ns = ctx.deadline_ns
+        # (An upload whose caller gave up while it waited or was validated must not be activated behind its back.)
+        time_left = None if deadline_ns is None else (lambda: (deadline_ns - time.monotonic_ns()) / 1e9)
+        return pipeline_info(registry.put(request.pipeline_toml, policy, time_left=time_left))
 
     def list_pipelines(request, ctx):
         return kpb.ListPipelinesResponse(pipelines=[pipeline_info(p) for p in registry.all()], refused=registry.errors)

@@ -25,7 +25,7 @@ import threading
 import time
 from pathlib import Path
 
-from ..errors import FailedPrecondition, InvalidArgument, NotFound, quote
+from ..errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound, quote
 from .spec import Pipeline, PipelineError, load_pipeline, parse_pipeline
 
 log = logging.getLogger("aios.pipelines")
@@ -84,44 +84,66 @@ class PipelineRegistry:
                 present[path] = (stat.st_mtime_ns, stat.st_size)
             touched = [path for path, key in present.items() if self._seen.get(path) != key]
             gone = [path for path in self._seen if path not in present]
-            self._seen = present
+            for path in gone:
+                del self._seen[path]
             self._forget(gone, present)
             if not touched and not gone:
                 return []
             changed_files = {path.resolve() for path in touched} | {path.resolve() for path in gone}
             to_load = {path for path in touched if _looks_like_pipeline(path)}  # policies and other TOML live here too
             to_load |= {path for path, reads in self._reads.items() if reads & changed_files and path in present}
-            return self._load_files(sorted(to_load))
+            # A file counts as seen once handled (loaded or refused), each on its own: should this look stop
+            # half-way, the files it did not get to are looked at again by the next one, not skipped.
+            changed = self._load_files(sorted(to_load), present)
+            for path in touched:  # policies and other files: handled once the pipelines reading them are
+                self._seen[path] = present[path]
+            return changed
 
-    def _load_files(self, paths) -> list[str]:
+    def _load_files(self, paths, present: dict[Path, tuple[int, int]] | None = None) -> list[str]:
+        """Load each file in ``paths``; one that fails in any way is refused (``errors``), never the others.
+        ``present``: the (mtime, size) this look found, recorded in ``_seen`` as each file is handled."""
         changed = []
         for path in paths:
-            reads: set[Path] = set()
-
-            def load_policy(policy_path, reads=reads):
-                reads.add(Path(policy_path).resolve())
-                return self._load_policy(policy_path)
-
-            parsed = None
-            try:
-                parsed = load_pipeline(path, load_policy)
-                pipeline = self._bind(parsed)
-            except PipelineError as exc:
-                self.errors[str(path)] = str(exc)
-                if parsed is not None:  # it did not fit the models loaded: a version of its model may, later
-                    self._waiting[path] = parsed.model
-                else:
-                    self._waiting.pop(path, None)
-                running = "; the running version keeps serving" if self._owner(path) else ""
-                log.error("pipeline refused: %s%s", exc, running)
-                continue
-            finally:
-                self._reads[path] = reads  # (a refused pipeline too: fixing its policy loads it again)
-            self.errors.pop(str(path), None)
-            self._waiting.pop(path, None)
-            if self._activate(pipeline):
+            pipeline = self._load_one(path)
+            if present is not None and path in present:
+                self._seen[path] = present[path]
+            if pipeline is not None and self._activate(pipeline):
                 changed.append(pipeline.name)
         return changed
+
+    def _load_one(self, path: Path) -> Pipeline | None:
+        """The pipeline in ``path``, bound to its model; None when refused (recorded in ``errors``, logged)."""
+        reads: set[Path] = set()
+
+        def load_policy(policy_path):
+            reads.add(Path(policy_path).resolve())
+            return self._load_policy(policy_path)
+
+        parsed = None
+        try:
+            parsed = load_pipeline(path, load_policy)
+            pipeline = self._bind(parsed)
+        except PipelineError as exc:
+            self.errors[str(path)] = str(exc)
+            if parsed is not None:  # it did not fit the models loaded: a version of its model may, later
+                self._waiting[path] = parsed.model
+            else:
+                self._waiting.pop(path, None)
+            log.error("pipeline refused: %s%s", exc, self._still_serving(path))
+            return None
+        except Exception as exc:  # a defect the checks missed: refuse this file, named, and go on with the rest
+            self.errors[str(path)] = f"{path}:0: cannot be loaded ({type(exc).__name__}: {exc})"[:2000]
+            self._waiting.pop(path, None)
+            log.error("pipeline refused: %s: cannot be loaded%s", path, self._still_serving(path), exc_info=True)
+            return None
+        finally:
+            self._reads[path] = reads  # (a refused pipeline too: fixing its policy loads it again)
+        self.errors.pop(str(path), None)
+        self._waiting.pop(path, None)
+        return pipeline
+
+    def _still_serving(self, path: Path) -> str:
+        return "; the running version keeps serving" if self._owner(path) else ""
 
     def _forget(self, gone: list[Path], present) -> None:
         """Files this look did not find. A serving pipeline's is listed in ``errors`` at the first such
@@ -150,52 +172,86 @@ class PipelineRegistry:
             log.warning("pipeline file %s is gone: pipeline %s is no longer served from the next look on unless "
                         "the file is back by then", path, owner.name)
 
-    def put(self, pipeline_text: bytes, policy_text: bytes | None = None) -> Pipeline:
+    def put(self, pipeline_text: bytes, policy_text: bytes | None = None, *, time_left=None) -> Pipeline:
         """Validate and activate uploaded pipeline (and optionally policy) text; refused whole if invalid.
 
         An uploaded policy replaces the policy file for every pipeline that reads it, so it must suit
-        each of those serving too: an upload that would break one is refused, naming it."""
+        each of those serving too: an upload that would break one is refused, naming it, and one that
+        suits them is served by them at once.
+
+        ``time_left``: a callable giving the seconds the caller still waits (a gRPC context's
+        ``time_remaining``), or None. An upload whose caller has given up (its deadline passed while it
+        waited for other uploads or was validated) changes nothing and answers DEADLINE_EXCEEDED: the
+        caller was told the call failed, so nothing may be activated behind its back."""
         if self._parse_policy is None:
             raise FailedPrecondition("this kernel was started without policy uploads")
-        with self._work:
-            pending_policy: dict[str, tuple[bytes, object]] = {}
-            reads: set[Path] = set()
+        waited = _remaining(time_left)
+        if not self._work.acquire(timeout=-1 if waited is None else max(waited, 0.0)):
+            raise DeadlineExceeded("upload not validated: the call's deadline passed while other uploads or "
+                                   "reloads ran; nothing was changed")
+        try:
+            return self._put(pipeline_text, policy_text, time_left)
+        finally:
+            self._work.release()
 
-            def policy_for(name: str):
-                _check_file_name(name, "the name")
-                reads.add((self.folder / name).resolve())
-                if policy_text is not None:
-                    if _looks_like_pipeline(self.folder / name):
-                        raise PipelineError(f"{name!r} is a pipeline file; a policy needs a file of its own")
-                    policy = self._parse_policy(policy_text, source=name)  # bytes: not UTF-8 is refused there
-                    pending_policy[name] = (policy_text, policy)
-                    return policy
-                return self._load_policy(self.folder / name)
+    def _put(self, pipeline_text: bytes, policy_text: bytes | None, time_left) -> Pipeline:
+        pending_policy: dict[str, tuple[bytes, object]] = {}
+        reads: set[Path] = set()
 
-            try:
-                pipeline = self._bind(parse_pipeline(pipeline_text, "<upload>", policy_for))
-                target = self.folder / f"{pipeline.name}.toml"
-                _check_file_name(target.name, f"{pipeline.path}: [pipeline].name: its file name")
-                if target.name in pending_policy or (target.exists() and not _looks_like_pipeline(target)):
-                    raise PipelineError(f"{pipeline.path}: [pipeline].name: {target.name!r} in the pipeline folder is "
-                                        "another kind of file (a policy?); choose another name")
-                for name, (text, policy) in pending_policy.items():
-                    self._check_sharers(self.folder / name, text, policy, pipeline.name, target)
-            except PipelineError as exc:
-                raise InvalidArgument(f"refused, the running version keeps serving: {exc}") from None
-            self.folder.mkdir(parents=True, exist_ok=True)
-            for name, (text, _) in pending_policy.items():
-                _write_atomically(self.folder / name, text)
-            _write_atomically(target, pipeline_text)
-            pipeline = _relocated(pipeline, str(target))
-            stat = target.stat()
-            self._seen[target] = (stat.st_mtime_ns, stat.st_size)
-            self._reads[target] = reads  # as a load from the folder records it: an edited policy reaches it
-            self.errors.pop(str(target), None)
-            self._waiting.pop(target, None)
-            self._gone.discard(target)
-            self._activate(pipeline)
-            return pipeline
+        def policy_for(name: str):
+            _check_file_name(name, "the name")
+            reads.add((self.folder / name).resolve())
+            if policy_text is not None:
+                if _looks_like_pipeline(self.folder / name):
+                    raise PipelineError(f"{name!r} is a pipeline file; a policy needs a file of its own")
+                policy = self._parse_policy(policy_text, source=name)  # bytes: not UTF-8 is refused there
+                pending_policy[name] = (policy_text, policy)
+                return policy
+            return self._load_policy(self.folder / name)
+
+        try:
+            pipeline = self._bind(parse_pipeline(pipeline_text, "<upload>", policy_for))
+            target = self.folder / f"{pipeline.name}.toml"
+            _check_file_name(target.name, f"{pipeline.path}: [pipeline].name: its file name")
+            if target.name in pending_policy or (target.exists() and not _looks_like_pipeline(target)):
+                raise PipelineError(f"{pipeline.path}: [pipeline].name: {target.name!r} in the pipeline folder is "
+                                    "another kind of file (a policy?); choose another name")
+            for name, (text, policy) in pending_policy.items():
+                self._check_sharers(self.folder / name, text, policy, pipeline.name, target)
+        except PipelineError as exc:
+            raise InvalidArgument(f"refused, the running version keeps serving: {exc}") from None
+        except (RecursionError, ValueError, TypeError, KeyError, AttributeError) as exc:
+            # A defect the checks missed, set off by this text: the caller's file is refused (it is what
+            # differs from every upload that works), and the traceback is logged for the maintainers.
+            log.error("upload refused: it could not be validated", exc_info=True)
+            raise InvalidArgument(f"refused, the running version keeps serving: <upload>:0: could not be "
+                                  f"validated ({type(exc).__name__}: {str(exc)[:200]})") from None
+        left = _remaining(time_left)
+        if left is not None and left <= 0:
+            raise DeadlineExceeded("upload valid but not activated: the call's deadline passed while it was "
+                                   "validated; nothing was changed")
+        self.folder.mkdir(parents=True, exist_ok=True)
+        written = []
+        for name, (text, _) in pending_policy.items():
+            _write_atomically(self.folder / name, text)
+            written.append(self.folder / name)
+        _write_atomically(target, pipeline_text)
+        written.append(target)
+        for path in written:  # validated here: the next look must not load (and log) them a second time
+            stat = path.stat()
+            self._seen[path] = (stat.st_mtime_ns, stat.st_size)
+        pipeline = _relocated(pipeline, str(target))
+        self._reads[target] = reads  # as a load from the folder records it: an edited policy reaches it
+        self.errors.pop(str(target), None)
+        self._waiting.pop(target, None)
+        self._gone.discard(target)
+        self._activate(pipeline)
+        # The other pipelines reading an uploaded policy take it now (_check_sharers found it suits them):
+        # the next look sees the policy file as already seen and would not reload them.
+        shared = {(self.folder / name).resolve() for name in pending_policy}
+        sharers = [path for path, read in self._reads.items() if path != target and read & shared]
+        self._load_files(sorted(sharers))
+        return pipeline
 
     def _check_sharers(self, policy_path: Path, text: bytes, policy, name: str, target: Path) -> None:
         """Refuse an uploaded policy that would break another serving pipeline reading ``policy_path``."""
@@ -268,7 +324,7 @@ class PipelineRegistry:
             self._removed(gone, f"its file {pipeline.path} now names pipeline '{pipeline.name}'")
         if same:
             return False
-        log.info("pipeline %s active: version %s (%s), policy %s %s (%s)", pipeline.name, pipeline.label,
+        log.info("pipeline %s active: version %r (%s), policy %s %r (%s)", pipeline.name, pipeline.label,
                  pipeline.hash[:12], pipeline.policy.name, pipeline.policy.version, pipeline.policy.hash[:12])
         if old is not None:
             _warn_unchanged_labels(old, pipeline)
@@ -284,7 +340,7 @@ class PipelineRegistry:
         self._removed(pipeline, why)
 
     def _removed(self, pipeline: Pipeline, why: str) -> None:
-        log.warning("pipeline %s (version %s, %s) is no longer served: %s; Decide answers NOT_FOUND for it",
+        log.warning("pipeline %s (version %r, %s) is no longer served: %s; Decide answers NOT_FOUND for it",
                     pipeline.name, pipeline.label, pipeline.hash[:12], why)
         for listener in self.removed_listeners:
             listener(pipeline)
@@ -330,6 +386,10 @@ class PipelineRegistry:
             except Exception:  # a watcher that dies silently would freeze every pipeline
                 log.exception("pipeline reload failed")
                 time.sleep(self._poll_s)
+
+
+def _remaining(time_left) -> float | None:
+    return None if time_left is None else time_left()
 
 
 def _check_classes(pipeline: Pipeline, output: str, labels) -> None:

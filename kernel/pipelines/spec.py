@@ -48,11 +48,12 @@ from __future__ import annotations
 
 import hashlib
 import math
-import tomllib
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import accel
+from ..policy import tomlsafe
 from ..errors import InvalidArgument
 from .fields import ENCODINGS, FIELD_TYPES, TRANSFORMS, FieldSpec, encode_one
 from .rowcodec import RowCodec
@@ -176,10 +177,25 @@ class _Reader:
             raise self.fail(table, key, f"must be a finite number, got {raw[key]!r:.40}", index)
         return value
 
+    def printable(self, value: str, table: str, key: str, multiline: bool = False) -> str:
+        """``value``, refused if it holds a control character: the version label and description reach logs,
+        listings and audit records, where a newline or escape sequence could forge a line or rewrite a
+        terminal. A description may span lines (newline and tab only)."""
+        bad = next((c for c in value if _control(c) and not (multiline and c in "\n\t")), None)
+        if bad is not None:
+            allowed = " (other than newline and tab)" if multiline else ""
+            raise self.fail(table, key, f"contains the control character {bad!r}{allowed}; use printable text")
+        return value
+
     def check_keys(self, raw: dict, table: str, index: int = 0) -> None:
         unknown = sorted(set(raw) - _SECTIONS[table])
         if unknown:
             raise self.fail(table, unknown[0], f"unknown key (allowed: {', '.join(sorted(_SECTIONS[table]))})", index)
+
+
+def _control(c: str) -> bool:
+    # C0/C1 controls and the Unicode line/paragraph separators, which some viewers break lines at.
+    return unicodedata.category(c) in ("Cc", "Zl", "Zp")
 
 
 def _kind_name(kinds: tuple) -> str:
@@ -204,10 +220,10 @@ def parse_pipeline(data: bytes, path: str, load_policy) -> Pipeline:
         line = data.count(b"\n", 0, exc.start) + 1
         raise PipelineError(f"{path}:{line}: file: is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
     try:
-        doc = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        line = getattr(exc, "lineno", None) or _line_from_message(str(exc))
-        raise PipelineError(f"{path}:{line}: not valid TOML: {exc}") from None
+        doc = tomlsafe.loads(text)  # (its every failure, hostile nesting and digits too, is a located TomlError)
+    except tomlsafe.TomlError as exc:
+        column = f", column {exc.column}" if exc.column else ""
+        raise PipelineError(f"{path}:{exc.line or 1}: not valid TOML: {exc.message}{column}") from None
     r = _Reader(path, text)
     unknown = sorted(set(doc) - set(_SECTIONS))
     if unknown:
@@ -217,6 +233,8 @@ def parse_pipeline(data: bytes, path: str, load_policy) -> Pipeline:
             raise PipelineError(f"{path}:1: [{table}]: missing table")
     head, model, policy_table = doc["pipeline"], doc["model"], doc["policy"]
     escalation_raw = doc.get("escalation", {})
+    if not isinstance(escalation_raw, dict):
+        raise r.fail("escalation", None, "must be a table ([escalation])")
     for table, raw in (("pipeline", head), ("model", model), ("policy", policy_table), ("escalation", escalation_raw)):
         r.check_keys(raw, table)
     name = r.get(head, "pipeline", "name", str, required=True)
@@ -243,10 +261,11 @@ def parse_pipeline(data: bytes, path: str, load_policy) -> Pipeline:
                                                  f"({', '.join(policy.actions)})")
     return Pipeline(
         name=name,
-        label=str(r.get(head, "pipeline", "version", (str, int), "")),
+        label=r.printable(str(r.get(head, "pipeline", "version", (str, int), "")), "pipeline", "version"),
         hash=hashlib.sha256(data).hexdigest(),
         path=path,
-        description=r.get(head, "pipeline", "description", str, ""),
+        description=r.printable(r.get(head, "pipeline", "description", str, ""), "pipeline", "description",
+                                multiline=True),
         model=r.get(model, "model", "name", str, required=True),
         model_version=str(r.get(model, "model", "version", (str, int), "")),
         input=r.get(model, "model", "input", str, required=True),
@@ -281,21 +300,13 @@ def _text_fields(r: _Reader, head: dict, fields) -> frozenset[str] | None:
     return frozenset(names)
 
 
-def _line_from_message(message: str) -> int:
-    # tomllib's messages end with "(at line N, column M)".
-    marker = "at line "
-    if marker in message:
-        digits = message.split(marker, 1)[1].split(",", 1)[0].strip(" )")
-        if digits.isdigit():
-            return int(digits)
-    return 1
-
-
 def _fields(r: _Reader, raw_fields) -> tuple[FieldSpec, ...]:
     if not isinstance(raw_fields, list) or not raw_fields:
         raise PipelineError(f"{r.path}:1: [[field]]: a pipeline needs at least one field")
     fields, seen = [], set()
     for i, raw in enumerate(raw_fields):
+        if not isinstance(raw, dict):  # `field = [1]`: a list, but not of tables
+            raise r.fail("field", None, f"must be a table (write each field as a [[field]] table), got {raw!r:.40}", i)
         r.check_keys(raw, "field", i)
         name = r.get(raw, "field", "name", str, required=True, index=i)
         if name in seen:

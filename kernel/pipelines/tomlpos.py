@@ -31,7 +31,8 @@ def line_of(text: str, table: str | None = None, index: int = 0, key: str | None
                     break
     else:
         if table is not None:
-            return 1
+            # No header: the table may be written as a top-level key (`escalation = 5`, `field = [1]`).
+            return _top_level_key_line(lines, table) or 1
     if key is None:
         return 1
     pattern = re.compile(rf"^\s*{re.escape(key)}\s*=")
@@ -43,3 +44,13 @@ def line_of(text: str, table: str | None = None, index: int = 0, key: str | None
         if pattern.match(lines[number]):
             return number + 1
     return start + 1
+
+
+def _top_level_key_line(lines: list[str], key: str) -> int:
+    pattern = re.compile(rf"^\s*{re.escape(key)}\s*=")
+    for number, line in enumerate(lines):
+        if _HEADER.match(line):
+            return 0
+        if pattern.match(line):
+            return number + 1
+    return 0

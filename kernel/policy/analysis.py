@@ -25,7 +25,8 @@ What the analysis cannot decide, and what it does then (never a silent pass):
   run time a row matching both is reported as an error for that row;
 * a condition whose expansion exceeds ``MAX_TERMS`` boxes, or a subtraction
   that exceeds ``MAX_BOXES``, is checked by sampling instead, with a warning;
-* a table whose checks would exceed ``WORK_LIMIT`` box operations is checked up
+* a table whose checks would exceed ``WORK_LIMIT`` work units (every meet, subtraction, sampled row and
+  field swept is charged by its real cost: about a second in all) is checked up
   to the rule where the limit was reached; a warning names that rule and the
   loaded policy says ``analysis_complete = False`` (``policy check`` exits 3:
   usable, as the kernel would serve it, but not fully checked).
@@ -59,7 +60,12 @@ from .witnesses import show_row, value_pool
 
 MAX_TERMS = 256      # boxes per rule condition
 MAX_BOXES = 20_000   # boxes alive while subtracting one rule's boxes from another's
-WORK_LIMIT = 200_000  # box operations for a whole table (about a second here): an upload cannot stall a load
+WORK_LIMIT = 200_000  # work units for a whole table (about a second here): an upload cannot stall a load
+# What a work unit is, by what really costs time (measured: a unit is a few microseconds here). Each operation
+# is charged as it runs, so no shape of table (sets of thousands of intervals, conditions of thousands of
+# tests sampled hundreds of times, thousands of fields to sweep) gets far past the limit uncharged:
+STEPS_PER_UNIT = 16  # steps of set algebra (an interval or string merged when two sets meet or are subtracted)
+NODES_PER_UNIT = 16  # condition nodes evaluated when a sampled row is tried against the rules
 MAX_ERRORS = 50      # findings of errors before the analysis stops listing them
 SAMPLES = 400        # rows tried when sampling for a witness
 SEED = 20261125
@@ -76,13 +82,25 @@ class Exhausted(Exception):
 
 
 class Universe:
-    """The full set of each analysis key: a field, or ("pair", f, g) for field-to-field comparisons."""
+    """The full set of each analysis key: a field, or ("pair", f, g) for field-to-field comparisons.
 
-    __slots__ = ("schema", "_full")
+    It also meters the work: every meet and subtraction charges its set-algebra steps to ``steps``, and
+    past ``limit`` steps raises ``Exhausted`` (a callable, ``on_limit``, builds it: the analyzer knows
+    which rule was being checked)."""
 
-    def __init__(self, schema: Schema):
+    __slots__ = ("schema", "_full", "steps", "limit", "on_limit")
+
+    def __init__(self, schema: Schema, limit: float = float("inf"), on_limit=None):
         self.schema = schema
         self._full: dict = {}
+        self.steps = 0
+        self.limit = limit
+        self.on_limit = on_limit
+
+    def charge(self, steps: int) -> None:
+        self.steps += steps
+        if self.steps > self.limit:
+            raise self.on_limit() if self.on_limit is not None else Exhausted("table analysis work limit reached")
 
     def full(self, key):
         found = self._full.get(key)
@@ -159,24 +177,33 @@ def boxes_of(term: tuple, universe: Universe) -> list[dict]:
         out = [{}]
         for t in term[1]:
             parts = boxes_of(t, universe)
-            out = [b for x in out for y in parts if (b := meet(x, y, universe)) is not None]
+            out = [b for x in out for y in parts if (b := meet(x, y, universe)) is not None]  # (meet charges)
             if len(out) > MAX_TERMS:
                 raise Undecided
         return out
     key, values = universe.test_set(term)
+    universe.charge(values.weight)  # building the set: a string test's values, a number test's intervals
     return [{key: values}] if not values.empty else []
 
 
 def meet(a: dict, b: dict, universe: Universe) -> dict | None:
     """The intersection of two boxes, or None when it is empty."""
     out = dict(a)
-    for key, values in b.items():
-        mine = out.get(key)
-        both = values if mine is None else mine & values
-        if both.empty:
-            return None
-        out[key] = both
-    return out
+    steps = 1
+    try:
+        for key, values in b.items():
+            mine = out.get(key)
+            if mine is None:
+                both = values
+            else:
+                steps += mine.weight + values.weight
+                both = mine & values
+            if both.empty:
+                return None
+            out[key] = both
+        return out
+    finally:
+        universe.charge(steps)
 
 
 def subtract(box: dict, other: dict, universe: Universe) -> list[dict]:
@@ -186,6 +213,7 @@ def subtract(box: dict, other: dict, universe: Universe) -> list[dict]:
     out, current = [], dict(box)
     for key, values in other.items():
         mine = current.get(key) or universe.full(key)
+        universe.charge(2 * (mine.weight + values.weight) + 16)  # a difference, an intersection, new boxes
         rest = mine - values
         if not rest.empty:
             out.append({**current, key: rest})
@@ -206,6 +234,26 @@ def covered(boxes: list[dict], by: list[dict], universe: Universe, spend=lambda 
     return not remaining
 
 
+def size_of(node) -> int:
+    """How many nodes a condition has (the cost of evaluating it once); iterative, as conditions nest."""
+    count, stack = 0, [node]
+    while stack:
+        current = stack.pop()
+        count += 1
+        operands = getattr(current, "operands", None)
+        if operands is not None:
+            stack.extend(operands)
+        for name in ("operand", "left", "right"):
+            child = getattr(current, name, None)
+            if child is not None and not isinstance(child, (str, int, float, bool)):
+                stack.append(child)
+    return count
+
+
+def _show_box(box: dict) -> str:
+    return ", ".join(f"{key} {values.describe()}" for key, values in sorted(box.items(), key=lambda kv: str(kv[0])))
+
+
 def approximate(box: dict) -> bool:
     return any(isinstance(key, tuple) for key in box)
 
@@ -224,24 +272,34 @@ class Analyzer:
         self.rules = rules            # non-default Rule objects with .term (normal form) and .node (checked)
         self.hit_policy = hit_policy
         self.ranks = ranks
-        self.universe = Universe(schema)
+        self.universe = Universe(schema, WORK_LIMIT * STEPS_PER_UNIT, self._stopped)
+        self.size = {rule.id: size_of(rule.node) for rule in rules}  # condition nodes: the cost of one try
         self.schema = schema
         self.rng = random.Random(SEED)
         self.findings: list[Finding] = []
         self.shapes: dict[str, list[dict] | None] = {}
         self.pool = value_pool(rules, schema)
-        self.work = 0
         self.current = None  # the rule being checked, for the message when the work limit stops us
         self.complete = True  # False when a limit stopped the analysis before every check ran
         self.shapes_live: list = []   # boxes of the rules that can match, in file order
         self.near: list[list[int]] | None = None  # per such rule, the rules that may share a row (None: all)
         self.sweep_key = None  # a numeric field that keeps rules apart: boxes are subtracted in order along it
 
-    def spend(self, operations: int) -> None:
-        self.work += operations
-        if self.work > WORK_LIMIT:
-            raise Exhausted(f"table analysis stopped at its work limit ({WORK_LIMIT:,} box operations) while "
-                            "checking this rule; it and the rules after it are not fully checked")
+    @property
+    def work(self) -> float:
+        """Work units spent so far (all of it is charged to the universe's meter, in steps)."""
+        return self.universe.steps / STEPS_PER_UNIT
+
+    def spend(self, units: float) -> None:
+        self.universe.charge(units * STEPS_PER_UNIT)
+
+    def _stopped(self) -> Exhausted:
+        if self.current is None:
+            return Exhausted(f"table analysis stopped at its work limit ({WORK_LIMIT:,} units, about a second) "
+                             "before it compared the rules; the table is not checked for overlaps or "
+                             "unreachable rules")
+        return Exhausted(f"table analysis stopped at its work limit ({WORK_LIMIT:,} units, about a second) while "
+                         "checking this rule; it and the rules after it are not fully checked")
 
     def run(self) -> list[Finding]:
         try:
@@ -261,6 +319,7 @@ class Analyzer:
 
     def check_all(self) -> None:
         for rule in self.rules:
+            self.current = rule
             try:
                 self.shapes[rule.id] = boxes_of(rule.term, self.universe)
             except Undecided:
@@ -270,10 +329,11 @@ class Analyzer:
             else:
                 if not self.shapes[rule.id]:
                     self.note(rule, "error", "can never match: its condition is false for every row")
+        self.current = None
         live = [r for r in self.rules if self.shapes[r.id] != []]
         self.shapes_live = [self.shapes[r.id] for r in live]
         budget = WORK_LIMIT - self.work if self.hit_policy != "COLLECT" else 0  # COLLECT compares no rules
-        self.near, self.sweep_key = near_rules(self.shapes_live, budget)
+        self.near, self.sweep_key = near_rules(self.shapes_live, budget, self.spend)
         if self.hit_policy == "UNIQUE":
             self.check_overlaps(live)
         elif self.hit_policy == "FIRST":
@@ -302,8 +362,7 @@ class Analyzer:
             for i in self.neighbours(j, below=True):
                 earlier = rules[i]
                 a, b = self.shapes[earlier.id], self.shapes[later.id]
-                self.spend(len(a) * len(b) if a is not None and b is not None else SAMPLES)
-                if a is None or b is None:
+                if a is None or b is None:  # (sample_witness charges each row it tries)
                     witness = self.sample_witness([earlier, later], None)
                     if witness is not None:
                         self.overlap_error(earlier, later, witness)
@@ -316,8 +375,14 @@ class Analyzer:
                     witness = self.sample_witness([earlier, later], box)
                     if witness is not None:
                         break
+                exact = next((box for box in common if not approximate(box)), None)
                 if witness is not None:
                     self.overlap_error(earlier, later, witness)
+                elif exact is not None:
+                    # An exact box is a set of rows both rules match, whether or not a sample landed in it
+                    # (integers past 2**53, intervals one float wide): still an overlap, shown as that set.
+                    self.note(later, "error", f"overlaps rule '{earlier.id}' (line {earlier.line}) under hit "
+                                              f"policy UNIQUE: both match every row with {_show_box(exact)}")
                 else:
                     self.note(later, "warning", f"could not prove it disjoint from rule '{earlier.id}' "
                                                 "(field-to-field comparisons); a row matching both is an error "
@@ -371,7 +436,11 @@ class Analyzer:
         for name in fields:
             values = box.get(name) if box is not None else None
             sources[name] = self.universe.likely(name, values) if values is not None else self.pool[name]
+        # Each try evaluates every rule's whole condition: charged as such (conditions of thousands of tests,
+        # sampled SAMPLES times for each of hundreds of pairs, took minutes when a try cost one unit).
+        cost = (sum(self.size[r.id] for r in rules) + len(fields)) / NODES_PER_UNIT
         for _ in range(tries):
+            self.spend(cost)
             row = {}
             for name in fields:
                 source = sources[name]

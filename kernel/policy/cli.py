@@ -124,6 +124,9 @@ def read_cases(path: str | Path, policy: Policy | None = None) -> list[dict]:
         except json.JSONDecodeError as exc:
             problems.append(f"{where}: not JSON: {exc.msg} (column {exc.colno})")
             continue
+        except ValueError as exc:  # json's int() past sys.get_int_max_str_digits(), not a JSONDecodeError
+            problems.append(f"{where}: not usable JSON: {str(exc).split(';')[0]}")
+            continue
         try:
             cases.append(_case(case, number, where, policy))
         except ValueError as exc:

@@ -53,6 +53,11 @@ class NumSet:
     def empty(self) -> bool:
         return not self.intervals and not self.missing
 
+    @property
+    def weight(self) -> int:
+        """What an operation on this set costs (the analysis' work meter): its intervals, at least 1."""
+        return len(self.intervals) + 1
+
     def complement_values(self) -> list:
         out, lo, lo_closed = [], -INF, False
         for a, a_closed, b, b_closed in self.intervals:
@@ -134,9 +139,9 @@ def _normalize(spans, integer: bool) -> tuple:
             continue
         if integer:
             if lo != -INF:
-                lo, lo_closed = float(math.ceil(lo) if lo_closed else math.floor(lo) + 1), True
+                lo, lo_closed = _integer_at_or_above(lo, lo_closed), True
             if hi != INF:
-                hi, hi_closed = float(math.floor(hi) if hi_closed else math.ceil(hi) - 1), True
+                hi, hi_closed = -_integer_at_or_above(-hi, hi_closed), True
         if lo == -INF:
             lo_closed = False
         if hi == INF:
@@ -155,6 +160,18 @@ def _normalize(spans, integer: bool) -> tuple:
                 continue
         merged.append(span)
     return tuple(merged)
+
+
+def _integer_at_or_above(bound: float, closed: bool) -> float:
+    """The least integer (as the float the evaluators compare) ``>= bound`` (closed) or ``> bound`` (open).
+
+    Exact at any magnitude: from 2**53 on every float is a whole number and ``float(bound + 1)`` rounds back
+    to ``bound`` itself, so ``n > 2**53`` would wrongly keep 2**53; the next float up is the answer there."""
+    whole = math.ceil(bound) if closed else math.floor(bound) + 1  # (Python ints: exact)
+    value = float(whole)
+    if value < bound or (value == bound and not closed):
+        value = math.nextafter(bound, INF)
+    return value
 
 
 def _num(value: float) -> str:
@@ -177,6 +194,10 @@ class StrSet:
     @property
     def empty(self) -> bool:
         return self.finite and not self.values and not self.missing
+
+    @property
+    def weight(self) -> int:
+        return len(self.values) // 16 + 1  # (frozenset algebra runs in C: far cheaper per value than intervals)
 
     def __and__(self, other: StrSet) -> StrSet:
         missing = self.missing and other.missing
@@ -227,6 +248,8 @@ class TokenSet:
     @property
     def empty(self) -> bool:
         return not self.tokens
+
+    weight = 1
 
     def __and__(self, other: TokenSet) -> TokenSet:
         return TokenSet(self.tokens & other.tokens)

@@ -108,7 +108,8 @@ class FieldCodec:
             name, ftype, model = self.name, self.ftype, self.model_output
             values = [coerce(name, ftype, v, None, model) for v in arr.tolist()]
             return np.array([np.nan if v is None else v for v in values], dtype=np.float64)
-        raise PolicyInputError(self.name, f"is a {self.ftype} field, got an array of {arr.dtype}")
+        article = "an" if self.ftype[:1] in "aeiou" else "a"
+        raise PolicyInputError(self.name, f"is {article} {self.ftype} field, got an array of {arr.dtype}")
 
     def bools(self, arr: np.ndarray) -> np.ndarray:
         kind = arr.dtype.kind

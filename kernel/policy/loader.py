@@ -15,9 +15,10 @@ import difflib
 import hashlib
 import math
 import re
-import tomllib
+import unicodedata
 from pathlib import Path
 
+from . import tomlsafe
 from .analysis import Analyzer
 from .checker import check_condition
 from .errors import ERROR, WARNING, Diagnostic, PolicyError
@@ -31,9 +32,14 @@ from .types import INPUT_TYPES, NAME_RE, RESERVED, Schema
 HIT_POLICIES = ("UNIQUE", "FIRST", "PRIORITY", "COLLECT")
 SECTIONS = {"policy": ("name", "version", "hit_policy", "description"), "inputs": None, "model": ("classes",),
             "outputs": ("actions",), "rule": ("id", "description", "when", "action", "escalate", "adjust", "default")}
+# Sizes past which a policy file is refused before anything else is done with it: far beyond any table people
+# write (the largest tested are rate tables of a few thousand rules), near enough that parsing, checking and
+# compiling one stays a few seconds at most and the table analysis (bounded by its own work limit) means something.
+MAX_FILE_BYTES = 1 << 20  # 1 MiB
+MAX_RULES = 10_000
+MAX_INPUTS = 1_000
 _KIND = {"number": "number", "integer": "number", "string": "string", "bool": "bool"}
 _NAME = re.compile(r"[A-Za-z0-9_.-]+\Z")
-_TOML_POS = re.compile(r"\(at line (\d+), column (\d+)\)")
 
 
 def load_policy(path: str | Path, *, strict: bool = True) -> Policy:
@@ -73,12 +79,24 @@ class _Loader:
                                            excerpt=excerpt))
 
     def line(self, table, key: str | None = None) -> int:
-        return self.map.line_of(table, key) if self.map else 0
+        if not self.map:
+            return 0
+        found = self.map.line_of(table, key)
+        if not found and isinstance(table, str):
+            # Written another way than the loader expects: `[[policy]]` (an array of tables, header
+            # (name, 0)) or `[outputs.actions]` (a sub-table, header "outputs.actions"). Point there.
+            found = (self.map.line_of(f"{table}.{key}") if key is not None else 0) or self.map.line_of((table, 0))
+            found = found or (self.map.line_of(table) if key is not None else 0)
+        return found
 
     def fail(self) -> PolicyError:
         return PolicyError(sorted(self.diagnostics, key=lambda d: (d.severity != ERROR, d.line)))
 
     def load(self) -> Policy:
+        if len(self.data) > MAX_FILE_BYTES:
+            self.add(0, "file", f"is {len(self.data):,} bytes; a policy file may have at most {MAX_FILE_BYTES:,} "
+                                "(split the table, or key it by fewer, wider rules)")
+            raise self.fail()
         try:
             text = self.data.decode("utf-8")
         except UnicodeDecodeError as exc:
@@ -88,11 +106,9 @@ class _Loader:
         self.file_text = text
         self.map = SourceMap(text)
         try:
-            doc = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as exc:
-            m = _TOML_POS.search(str(exc))
-            line, column = (int(m.group(1)), int(m.group(2))) if m else (0, 0)
-            self.add(line, "TOML", _TOML_POS.sub("", str(exc)).strip(), column=column)
+            doc = tomlsafe.loads(text)
+        except tomlsafe.TomlError as exc:
+            self.add(exc.line, "TOML", exc.message, column=exc.column)
             raise self.fail() from None
         policy = self.build(doc)
         if any(d.severity == ERROR for d in self.diagnostics):
@@ -177,7 +193,21 @@ class _Loader:
         if not isinstance(value, str) or not value.strip():
             self.add(self.line(section, key), subject, "must be a non-empty string")
             return None
+        if not self.printable(value, section, key, subject, multiline=key == "description"):
+            return None
         return value
+
+    def printable(self, value: str, section, key: str, subject: str, multiline: bool = False) -> bool:
+        """Refuse control characters: versions and descriptions reach logs, listings and audit records,
+        where a newline or an escape sequence could forge a line or rewrite a terminal. A description may
+        span lines (newline and tab only)."""
+        bad = next((c for c in value if _control(c) and not (multiline and c in "\n\t")), None)
+        if bad is None:
+            return True
+        allowed = " (other than newline and tab)" if multiline else ""
+        self.add(self.line(section, key), subject, f"contains the control character {bad!r}{allowed}; "
+                                                   "use printable text")
+        return False
 
     def names_list(self, table: dict, section: str, key: str, required: bool) -> list[str] | None:
         value = table.get(key)
@@ -199,6 +229,10 @@ class _Loader:
         out: dict[str, str] = {}
         if not isinstance(table, dict):
             self.add(self.line("inputs"), "inputs", "must be a table ([inputs])")
+            return out
+        if len(table) > MAX_INPUTS:
+            self.add(self.line("inputs"), "inputs", f"declares {len(table):,} inputs; at most {MAX_INPUTS:,} are "
+                                                    "allowed")
             return out
         for name, ftype in table.items():
             line = self.line("inputs", name)
@@ -224,6 +258,10 @@ class _Loader:
             return []
         if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
             self.add(self.line("rule"), "rule", "write each rule as a [[rule]] table")
+            return []
+        if len(entries) > MAX_RULES:
+            self.add(self.line(("rule", MAX_RULES)), "[[rule]]", f"the policy has {len(entries):,} rules; at most "
+                                                                 f"{MAX_RULES:,} are allowed")
             return []
         rules, seen = [], {}
         for index, entry in enumerate(entries):
@@ -263,13 +301,15 @@ class _Loader:
             escalate = entry.get("escalate", False)
             if not isinstance(escalate, bool):
                 self.add(self.line(key, "escalate"), f"{label} escalate", "must be true or false")
-            adjust = entry.get("adjust", 0.0)
-            if isinstance(adjust, bool) or not isinstance(adjust, (int, float)) or not math.isfinite(adjust):
+            adjust = _finite(entry.get("adjust", 0.0))
+            if adjust is None:
                 self.add(self.line(key, "adjust"), f"{label} adjust", "must be a finite number")
                 adjust = 0.0
             description = entry.get("description", "")
             if not isinstance(description, str):
                 self.add(self.line(key, "description"), f"{label} description", "must be a string")
+                description = ""
+            elif not self.printable(description, key, "description", f"{label} description", multiline=True):
                 description = ""
             rule = Rule(rule_id, description, when if isinstance(when, str) else None, str(action), escalate is True,
                         float(adjust), is_default, self.line(key))
@@ -324,6 +364,22 @@ class _Loader:
             if name not in read:
                 self.add(self.line("inputs", name), f"inputs.{name}", "is declared but no rule reads it",
                          severity=WARNING)
+
+
+def _finite(value) -> float | None:
+    """``value`` as a finite float, or None: not a number, nan, inf, or an integer beyond any float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:  # a TOML integer of hundreds of digits
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _control(c: str) -> bool:
+    # C0/C1 controls and the Unicode line/paragraph separators, which some viewers break lines at.
+    return unicodedata.category(c) in ("Cc", "Zl", "Zp")
 
 
 def _excerpt(text: str, pos: int) -> str:

@@ -37,7 +37,7 @@ KEYWORDS = frozenset({"and", "or", "not", "in", "is", "null", "true", "false"})
 _ESCAPES = {"\\": "\\", "'": "'", '"': '"', "n": "\n", "t": "\t"}
 _TOKEN = re.compile(
     r"""(?P<ws>\s+)
-      | (?P<num>\d+(?:\.\d*)?(?:[eE][+-]?\d+)?|\.\d+(?:[eE][+-]?\d+)?)
+      | (?P<num>[0-9]+(?:\.[0-9]*)?(?:[eE][+-]?[0-9]+)?|\.[0-9]+(?:[eE][+-]?[0-9]+)?)
       | (?P<name>[A-Za-z_][A-Za-z0-9_]*)
       | (?P<op>==|!=|<=|>=|<|>)
       | (?P<punct>[()\[\]{},.\-])
@@ -89,10 +89,7 @@ def tokenize(text: str) -> list[Token]:
         if kind == "ws":
             pass
         elif kind == "num":
-            value = float(m.group())
-            if value == float("inf"):
-                raise ParseError(f"number {m.group()} is too large", pos)
-            tokens.append(Token("num", value, pos))
+            tokens.append(Token("num", _number(m.group(), pos), pos))
         elif kind == "name":
             word = m.group()
             tokens.append(Token("kw" if word in KEYWORDS else "name", word, pos))
@@ -108,6 +105,28 @@ def tokenize(text: str) -> list[Token]:
         pos = m.end()
     tokens.append(Token("end", None, len(text)))
     return tokens
+
+
+# Numbers are compared as 64-bit floats. A literal that is not the number it says would silently test
+# another one, so these are refused, not rounded:
+MAX_EXACT_INTEGER = 2**53  # every whole number up to here is a float; past it, only some are
+
+
+def _number(literal: str, pos: int) -> float:
+    """The value of a number literal (ASCII digits only: the pattern takes no others, since ``float()``
+    reads '١٢' as 12); ParseError for one too large, one that underflows to 0, or a whole number past 2**53
+    that no float holds (9007199254740993 would be compared as 9007199254740992)."""
+    value = float(literal)
+    if value == float("inf"):
+        raise ParseError(f"number {literal} is too large", pos)
+    mantissa = literal.lower().split("e")[0]
+    if value == 0.0 and mantissa.strip("0.") != "":
+        raise ParseError(f"number {literal} is too small: it is not 0 but rounds to 0 as a 64-bit float", pos)
+    digits = literal.lstrip("0")  # (int() of thousands of digits is refused; past 309 the float is inf)
+    if digits.isdigit() and 16 <= len(digits) <= 400 and int(digits) > MAX_EXACT_INTEGER and value != int(digits):
+        raise ParseError(f"number {literal} is not exactly representable: numbers are compared as 64-bit floats, "
+                         f"where whole numbers past 2**53 ({MAX_EXACT_INTEGER}) round (this one to {int(value)})", pos)
+    return value
 
 
 def _string(text: str, start: int) -> tuple[str, int]:

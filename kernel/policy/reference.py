@@ -22,6 +22,10 @@ from .types import BOOL, INTEGER, NUMBER, Schema
 _BOOLS = {True: True, False: False}
 
 
+def _an(word: str) -> str:
+    return f"an {word}" if word[:1] in "aeiou" else f"a {word}"
+
+
 def coerce(name: str, ftype: str, value, classes=None, model_output: bool = False):
     """A row's value for field ``name`` as the evaluators compare it: float, str-like, bool or None (missing).
 
@@ -34,7 +38,7 @@ def coerce(name: str, ftype: str, value, classes=None, model_output: bool = Fals
                 try:
                     number = float(value)
                 except OverflowError:
-                    raise PolicyInputError(name, f"is a {ftype} field, got a number too large for a float") from None
+                    raise PolicyInputError(name, f"is {_an(ftype)} field, got a number too large for a float") from None
                 if math.isnan(number):
                     value = None
                 elif ftype == INTEGER and not number.is_integer():
@@ -42,7 +46,7 @@ def coerce(name: str, ftype: str, value, classes=None, model_output: bool = Fals
                 else:
                     return number
             else:
-                raise PolicyInputError(name, f"is a {ftype} field, got {type(value).__name__} {value!r}")
+                raise PolicyInputError(name, f"is {_an(ftype)} field, got {type(value).__name__} {value!r}")
         elif ftype == BOOL:
             try:
                 return _BOOLS[value]
