@@ -5,6 +5,7 @@ not activated after its caller's deadline; version labels cannot forge log lines
 from __future__ import annotations
 
 import re
+import threading
 from pathlib import Path
 
 import grpc
@@ -234,3 +235,54 @@ def test_an_upload_rpc_whose_caller_gave_up_while_it_waited_is_never_activated(c
     finally:
         server.stop(grace=1)
     assert "claims_twin" not in names
+
+
+def test_a_second_file_naming_a_served_pipeline_is_refused_and_takes_over_only_when_the_first_goes(hub, folder):
+    """(Operator audit) a copy naming claims_triage silently took the pipeline over, and removing the copy
+    took the pipeline down though claims_triage.toml was still there."""
+    registry = _registry(folder, hub)
+    original = registry.get("claims_triage")
+    copy = folder / "copy.toml"
+    copy.write_text(PIPELINE_TEXT.replace('version = "2026-11-25.1"', 'version = "draft"', 1))
+    registry.reload()
+    assert registry.get("claims_triage") is original  # the served one stays
+    refused = registry.errors[str(copy)]
+    assert refused.startswith(f"{copy}:{_line_of(PIPELINE_TEXT, 'name = ')}: [pipeline].name: pipeline "
+                              f"'claims_triage' is already served from {folder / 'claims_triage.toml'}"), refused
+    copy.unlink()
+    registry.reload()
+    registry.reload()
+    assert registry.get("claims_triage") is original and str(copy) not in registry.errors
+    # Now the other way: the served file goes (two looks, as an editor's save is allowed one), the copy serves.
+    copy.write_text(PIPELINE_TEXT.replace('version = "2026-11-25.1"', 'version = "draft"', 1))
+    registry.reload()
+    (folder / "claims_triage.toml").unlink()
+    registry.reload()
+    registry.reload()
+    assert registry.get("claims_triage").path == str(copy) and str(copy) not in registry.errors
+
+
+def test_a_folder_look_that_keeps_failing_logs_one_traceback_not_one_per_look(hub, folder, caplog):
+    """(Operator audit) out of file descriptors, the watcher logged a full traceback every poll."""
+    import logging
+
+    from lane_support import until
+
+    registry = PipelineRegistry(folder, hub, load_policy, parse_policy, poll_s=0.01)
+    looks = []
+
+    def failing_look():  # fault injected on purpose: every look fails as with no file descriptors left
+        looks.append(1)
+        raise OSError(24, "Too many open files")
+
+    registry.reload = failing_look
+    with caplog.at_level(logging.ERROR, "aios.pipelines"):
+        registry._watcher = threading.Thread(target=registry._watch, daemon=True)
+        registry._watcher.start()
+        try:
+            until(lambda: len(looks) >= 10, "ten failed looks")
+        finally:
+            registry.stop()
+    failures = [r for r in caplog.records if "looking at the pipeline folder" in r.getMessage()]
+    assert len(failures) == 1 and failures[0].exc_info is not None, [r.getMessage() for r in failures]
+    assert "Too many open files" in failures[0].getMessage()

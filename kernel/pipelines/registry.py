@@ -26,7 +26,9 @@ import time
 from pathlib import Path
 
 from ..errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound, quote
+from ..observability.repeats import RepeatedFailure
 from .spec import Pipeline, PipelineError, load_pipeline, parse_pipeline
+from .tomlpos import line_of
 
 log = logging.getLogger("aios.pipelines")
 
@@ -46,6 +48,7 @@ class PipelineRegistry:
         self._reads: dict[Path, set[Path]] = {}  # pipeline file -> the files its last load read (its policy)
         self._waiting: dict[Path, str] = {}  # pipeline file refused by the models loaded -> the model it names
         self._gone: set[Path] = set()  # serving pipelines' files the last look did not find
+        self._duplicates: dict[Path, str] = {}  # files refused for a name another file serves -> that name
         self.errors: dict[str, str] = {}  # file -> why its latest content was refused
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
@@ -107,9 +110,36 @@ class PipelineRegistry:
             pipeline = self._load_one(path)
             if present is not None and path in present:
                 self._seen[path] = present[path]
-            if pipeline is not None and self._activate(pipeline):
+            if pipeline is not None and not self._taken_elsewhere(pipeline, path) and self._activate(pipeline):
                 changed.append(pipeline.name)
         return changed
+
+    def _taken_elsewhere(self, pipeline: Pipeline, path: Path) -> bool:
+        """Refuse ``path`` when its pipeline's name is served from another file still in the folder (a copy
+        edited as a draft, say): the two silently took it from each other, and removing the copy took the
+        pipeline down though its own file was still there. A file that moved (the old one gone) takes over;
+        the refused file is tried again once the other no longer serves the name."""
+        other = self._active.get(pipeline.name)
+        if other is None or other.path == str(path):
+            self._duplicates.pop(path, None)
+            return False
+        if not Path(other.path).exists() or Path(other.path) in self._gone:
+            return False
+        try:
+            line = line_of(path.read_text(encoding="utf-8"), "pipeline", 0, "name")
+        except (OSError, UnicodeDecodeError):
+            line = 0
+        self.errors[str(path)] = (f"{path}:{line}: [pipeline].name: pipeline {pipeline.name!r} is already served "
+                                  f"from {other.path}; a pipeline name belongs to one file (rename this one)")
+        self._duplicates[path] = pipeline.name
+        log.error("pipeline refused: %s", self.errors[str(path)])
+        return True
+
+    def _retry_duplicates_of(self, name: str) -> None:
+        """``name`` is no longer served: a file refused for naming it too may serve it now."""
+        waiting = sorted(path for path, other in self._duplicates.items() if other == name and path.exists())
+        if waiting:
+            self._load_files(waiting)
 
     def _load_one(self, path: Path) -> Pipeline | None:
         """The pipeline in ``path``, bound to its model; None when refused (recorded in ``errors``, logged)."""
@@ -161,6 +191,7 @@ class PipelineRegistry:
                 self._unload(owner, f"its file {path} is gone")
         for path in gone:
             self._waiting.pop(path, None)
+            self._duplicates.pop(path, None)
             owner = self._owner(path)
             if owner is None:
                 self._reads.pop(path, None)
@@ -344,6 +375,7 @@ class PipelineRegistry:
                     pipeline.name, pipeline.label, pipeline.hash[:12], why)
         for listener in self.removed_listeners:
             listener(pipeline)
+        self._retry_duplicates_of(pipeline.name)
 
     # -- models --------------------------------------------------------------------
     def _models_changed(self, added, removed) -> None:
@@ -380,12 +412,16 @@ class PipelineRegistry:
             self._watcher = None
 
     def _watch(self) -> None:
+        # Out of file descriptors, say, every look fails the same way: one traceback, then a line now and then.
+        failures = RepeatedFailure(log, f"looking at the pipeline folder {self.folder}")
         while not self._stop.wait(self._poll_s):
             try:
                 self.reload()
-            except Exception:  # a watcher that dies silently would freeze every pipeline
-                log.exception("pipeline reload failed")
+            except Exception as exc:  # a watcher that dies silently would freeze every pipeline
+                failures.failed(f"{type(exc).__name__}: {exc}")
                 time.sleep(self._poll_s)
+            else:
+                failures.succeeded()
 
 
 def _remaining(time_left) -> float | None:
