@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import sqlite3
 import threading
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from .pipelines.provenance import resolution_record
 from .policy import load_policy, parse_policy
 from .review import ReviewQueue, reopen_reviews
 from .store import DATABASE_FILE, open_database
+from .store.faults import os_cause
 from .tasks import IdempotencyStore, TaskRunner, TaskStore, WaitingForReview
 
 log = logging.getLogger("aios.decisions")
@@ -46,14 +48,14 @@ class DecisionSide:
             data.mkdir(parents=True, exist_ok=True)
         except OSError as exc:  # (the start's error line: name the setting, not only the path)
             raise OSError(f"data_dir {data} cannot be created: {exc.strerror or exc}") from None
-        self.db = open_database(data)
+        self.db = open_database(data)  # one line naming data_dir when it cannot (kernel/store/faults.py)
         self.audit = None
         if settings.audit_mode != "off":
-            self.audit = AuditLog.open(
-                data / "audit", mode=settings.audit_mode, key_path=settings.audit_key or None,
-                checkpoint_records=settings.audit_checkpoint_records, checkpoint_ms=settings.audit_checkpoint_ms,
-                segment_bytes=settings.audit_segment_bytes, preallocate_bytes=settings.audit_preallocate_bytes,
-            )
+            try:
+                self.audit = self._open_audit(data)
+            except BaseException:
+                self.db.close()  # its lock too: the same data dir may be served again in this process
+                raise
         else:
             log.warning("audit_mode = off: decisions are NOT recorded (a benchmark baseline, not for production)")
         self.reviews = ReviewQueue(self.db)
@@ -83,6 +85,17 @@ class DecisionSide:
         hub.add_listener(self._models_changed)
         self.registry.listeners.append(self._pipeline_changed)
         self.registry.removed_listeners.append(self._pipeline_removed)
+
+    def _open_audit(self, data: Path) -> AuditLog:
+        settings = self.settings
+        try:
+            return AuditLog.open(
+                data / "audit", mode=settings.audit_mode, key_path=settings.audit_key or None,
+                checkpoint_records=settings.audit_checkpoint_records, checkpoint_ms=settings.audit_checkpoint_ms,
+                segment_bytes=settings.audit_segment_bytes, preallocate_bytes=settings.audit_preallocate_bytes,
+            )
+        except OSError as exc:  # bare, it said "[Errno 17] File exists: '.../audit'" and nothing of the data dir
+            raise OSError(_audit_open_error(data, exc)) from None
 
     def start(self) -> None:
         started = {"event": "kernel started", "settings": _public_settings(self.settings)}
@@ -141,8 +154,13 @@ class DecisionSide:
         for step in steps:
             try:
                 step()
-            except Exception:  # one part failing to stop must not keep the others open
-                log.exception("stopping %s failed", step)
+            except _EXPECTED_AT_STOP as exc:  # a full or failing disk, a failed store or log: said in one line
+                if isinstance(exc, KernelError) and exc.code == "INTERNAL":
+                    log.exception("stopping: %s failed", _step_name(step))
+                else:
+                    log.error("stopping: %s failed: %s", _step_name(step), _cause(exc))
+            except Exception:  # a bug: one part failing to stop must not keep the others open
+                log.exception("stopping: %s failed", _step_name(step))
 
     def _record_stopping(self) -> None:
         """The log's last record on a clean stop: months later it tells a stop from a crash (after a kill
@@ -411,6 +429,28 @@ class DecisionSide:
         if review.task_id:
             self.tasks.complete_from_review(review.review_id, resolution, task_id=review.task_id)
         return resolution
+
+
+# What a step of close() may fail with that is no bug (the disk filled, the store or the audit log fail-stopped).
+_EXPECTED_AT_STOP = (KernelError, OSError, sqlite3.Error)
+
+
+def _step_name(step) -> str:
+    """"DecisionSide._record_stopping", not "<bound method ... of <kernel.decisions.DecisionSide object at 0x...>>"."""
+    return getattr(step, "__qualname__", None) or repr(step)
+
+
+def _cause(exc: BaseException) -> str:
+    return exc.message if isinstance(exc, KernelError) else f"{type(exc).__name__}: {exc}"
+
+
+def _audit_open_error(data: Path, exc: OSError) -> str:
+    """The start's error line for an audit log folder that cannot be opened: names data_dir and the path."""
+    folder = data / "audit"
+    if folder.exists() and not folder.is_dir():
+        return f"data_dir {data}: {folder} is a file, not the audit log's folder: move it aside and start again"
+    where = exc.filename or folder
+    return f"data_dir {data}: the audit log cannot be opened ({where}): {os_cause(exc)}"
 
 
 def _public_settings(settings) -> dict:

@@ -133,6 +133,8 @@ class KernelServer:
         self._audit_failed = False  # set when the audit log fail-stops: NOT_SERVING until a restart
         if self.decisions.audit is not None:
             self.decisions.audit.failure_listeners.append(self._audit_log_failed)
+        self._store_failed = False  # set when the SQLite store fail-stops (damaged, deleted): NOT_SERVING too
+        self.decisions.db.failure_listeners.append(self._store_failed_now)
         self._stopped: asyncio.Event | None = None
         self._pool: HandlerPool | None = None  # the sync front end's handler threads
 
@@ -152,8 +154,8 @@ class KernelServer:
 
     def _update_health(self) -> None:
         """One rule for the whole server and for each service by name: SERVING while at least one
-        model version is loaded, the kernel is not draining and its audit log has not failed, else
-        NOT_SERVING.
+        model version is loaded, the kernel is not draining and neither its audit log nor its store has
+        failed, else NOT_SERVING.
 
         Every service shares the overall status on purpose. The aios.kernel.v1 services answer
         without a model too (reviews, tasks, audit), but a kernel with none loaded is not ready for
@@ -163,7 +165,7 @@ class KernelServer:
         """
         if self._health is None:
             return
-        serving = self.hub.loaded() and not self._draining and not self._audit_failed
+        serving = self.hub.loaded() and not self._draining and not self._audit_failed and not self._store_failed
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in self._health_names:
             if self._loop is not None:
@@ -178,6 +180,14 @@ class KernelServer:
         self._audit_failed = True
         log.error("health is NOT_SERVING: the audit log of %s failed (%s); decisions are refused until the "
                   "cause is fixed and the kernel restarted", self.settings.data_dir, error)
+        self._update_health()
+
+    def _store_failed_now(self, error) -> None:
+        """The store stopped taking reads and writes (damaged pages, its file deleted or replaced): reviews,
+        tasks and idempotency keys cannot be kept, so the kernel says NOT_SERVING, as for the audit log."""
+        self._store_failed = True
+        log.error("health is NOT_SERVING: the store of %s failed (%s); restore the data dir and restart the kernel",
+                  self.settings.data_dir, error)
         self._update_health()
 
     def _end_health_watches(self) -> None:

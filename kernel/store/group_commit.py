@@ -32,6 +32,11 @@ returns only once its group is committed, so a durable write is on disk when
 before any member is woken, one group after another: in-process change
 feeds published from them see changes in commit order and never see one
 that is not durable yet.
+
+The database it commits for may look at its file right before each COMMIT
+(``before_commit(durable)``: ``Database`` checks the file was not deleted or
+replaced) and says what each write of a lost group gets (``lost(exc)``: a
+full disk is UNAVAILABLE with a retry hint, damage fail-stops the store).
 """
 
 from __future__ import annotations
@@ -80,16 +85,24 @@ class GroupCommit:
     it raises (the database is closed, another process holds the write lock)
     it has released the lock. ``end()`` releases the lock.
 
+    ``before_commit(durable)``, if given, runs right before each COMMIT; if it
+    raises, the group is lost with that error. ``lost(exc)``, if given, makes
+    the error each write of a group lost to ``exc`` gets (a new one per write).
+
     Counters: ``commits`` (transactions committed), ``durable_commits``,
     ``writes`` (writes committed in them), ``largest_group``.
     """
 
     def __init__(self, begin: Callable[[bool], sqlite3.Connection], end: Callable[[], None],
-                 group_max: int = 256, group_ms: float = 5.0):
+                 group_max: int = 256, group_ms: float = 5.0,
+                 before_commit: Callable[[bool], None] | None = None,
+                 lost: Callable[[BaseException], BaseException] | None = None):
         if group_max < 1 or group_ms < 0:
             raise ValueError(f"group_max must be >= 1 and group_ms >= 0, got {group_max} and {group_ms}")
         self._begin = begin
         self._end = end
+        self._before_commit = before_commit
+        self._lost_error = lost or _internal
         self.group_max = group_max
         self._group_ns = int(group_ms * 1e6)
         self._lock = threading.Lock()  # guards _pending and _leading
@@ -262,6 +275,8 @@ class GroupCommit:
         return True
 
     def _commit(self, conn: sqlite3.Connection, group: list[_Write], durable: bool) -> None:
+        if self._before_commit is not None:
+            self._before_commit(durable)  # raises: the group is lost (the finally of _fill_and_commit rolls back)
         conn.execute("COMMIT")  # with synchronous=FULL: returns once the group is on disk
         self.commits += 1
         self.durable_commits += durable
@@ -270,15 +285,12 @@ class GroupCommit:
         if stored > self.largest_group:
             self.largest_group = stored
 
-    @staticmethod
-    def _lost(group: list[_Write], exc: BaseException) -> None:
+    def _lost(self, group: list[_Write], exc: BaseException) -> None:
         """The whole group's transaction is gone: every write in it that had succeeded fails too."""
         for write in group:
             if write.error is None:
                 write.result = None
-                write.error = Internal(
-                    f"the store could not commit this write (nothing of it was kept): {type(exc).__name__}: {exc}"
-                )
+                write.error = self._lost_error(exc)
 
     @staticmethod
     def _publish(group: list[_Write]) -> None:
@@ -288,6 +300,10 @@ class GroupCommit:
                     write.after_commit(write.result)
                 except Exception:  # a watcher's filter failing must not fail the writes
                     log.exception("an after-commit hook failed")
+
+
+def _internal(exc: BaseException) -> Internal:
+    return Internal(f"the store could not commit this write (nothing of it was kept): {type(exc).__name__}: {exc}")
 
 
 class _GroupLost(Exception):

@@ -23,20 +23,37 @@ Tasks, reviews and idempotency keys share ``<data_dir>/kernel.sqlite3``:
 - ``open_database`` takes an exclusive lock on ``<data_dir>/kernel.lock`` so
   two kernel processes never run the same durable tasks; the lock dies with
   the process (kill -9 included).
+- A store that cannot be opened (damaged, not a database, locked by another
+  process, unwritable, on a full disk) raises ``StoreCannotOpen`` with one
+  line naming the data dir and the cause (``faults.py``); the kernel's own
+  open (``exclusive``) also runs ``PRAGMA quick_check`` and takes and drops
+  the write lock once, so damage and a lock held elsewhere refuse the start
+  instead of failing its first write. While open, damage SQLite reports
+  (SQLITE_CORRUPT, SQLITE_NOTADB) and the file being deleted or replaced
+  under the kernel (checked before each durable commit, and at least every
+  ``IDENTITY_CHECK_S`` before others) **fail-stop** the store: every later
+  read and write raises ``StoreFailed`` and ``failure_listeners`` are told
+  once. A full disk, an I/O error or a lock held elsewhere fails only the
+  writes it hit, with ``StoreBusy`` (UNAVAILABLE, retry hint).
 """
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 import sqlite3
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
 
-from ..errors import FailedPrecondition
+from ..errors import FailedPrecondition, Internal, KernelError
+from . import faults
+from .faults import StoreBusy, StoreCannotOpen, StoreFailed
 from .group_commit import GroupCommit
 from .schema import MIGRATIONS, migrate
 
@@ -50,6 +67,15 @@ LOCK_FILE = "kernel.lock"
 BUSY_TIMEOUT_MS = 10_000  # another process (a read-only tool) holding a write lock
 GROUP_MAX = 256  # writes per group commit
 GROUP_MS = 5.0  # ms of work after which a group stops taking newcomers and commits
+# How stale the "is kernel.sqlite3 still the file we write?" look may be before a non-durable commit (a durable
+# one always looks: an os.stat, ~3 us, next to its fsync).
+IDENTITY_CHECK_S = 1.0
+
+log = logging.getLogger("aios.store")
+
+# How a store fault's error line goes on after "data_dir X: ", by what was being done.
+_WRITE_LOST = "this write was not stored (nothing of it was kept)"
+_READ_FAILED = "this read failed"
 
 
 def _connect(path: Path, read_only: bool) -> sqlite3.Connection:
@@ -98,26 +124,29 @@ class Database:
 
     def __init__(self, data_dir: str | os.PathLike, *, exclusive: bool = True, read_connections: int = 2,
                  group_max: int = GROUP_MAX, group_ms: float = GROUP_MS):
-        self._group = GroupCommit(self._begin_group, self._end_group, group_max, group_ms)
+        self._group = GroupCommit(self._begin_group, self._end_group, group_max, group_ms,
+                                  before_commit=self._before_commit, lost=self._lost_error)
         self.data_dir = Path(data_dir)
-        self.data_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.data_dir / DATABASE_FILE
-        self._lock_file = self._take_lock() if exclusive else None
+        # Called once, with the StoreFailed, when the store fail-stops (the server can turn health NOT_SERVING).
+        self.failure_listeners: list = []
+        self._failure: StoreFailed | None = None
+        self._failure_lock = threading.Lock()
+        self._lock_file = None
         self._write_lock = threading.Lock()
         self._synchronous = ""
         self._closed = False
         self._writer = None
+        self._identity: tuple[int, int] | None = None  # (st_dev, st_ino) of kernel.sqlite3 as opened
+        self._next_identity_check = 0.0
         try:
-            self._writer = _connect(self.path, read_only=False)
-            self._writer.execute("PRAGMA journal_mode = WAL")
-            self._set_synchronous("FULL")
-            self._writer.execute("PRAGMA foreign_keys = ON")
-            with self._write_lock:
-                self.schema_version = migrate(self._writer, MIGRATIONS, str(self.path))
-        except BaseException:
+            self._open(exclusive)
+        except BaseException as exc:
             if self._writer is not None:
                 self._writer.close()
             self._release_lock()
+            if isinstance(exc, (sqlite3.Error, OSError)):  # the operator's to fix: one line, no traceback
+                raise faults.cannot_open(self.data_dir, self.path, exc) from exc
             raise
         # Idle read connections, last returned first. A connection in use is
         # never closed under its reader (sqlite3 may crash the process when a
@@ -130,11 +159,50 @@ class Database:
         self._reader_slots = _FairSlots(max(0, read_connections))
         self._read_pool = read_connections > 0
 
+    def _open(self, exclusive: bool) -> None:
+        try:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreCannotOpen(f"data_dir {self.data_dir} cannot be created: {faults.os_cause(exc)}") from None
+        if exclusive:
+            self._lock_file = self._take_lock()
+        self._writer = _connect(self.path, read_only=False)
+        self._writer.execute("PRAGMA journal_mode = WAL")
+        if exclusive:  # the kernel's own open; a tool reading beside a running kernel skips the scan
+            self._quick_check()
+        self._set_synchronous("FULL")
+        self._writer.execute("PRAGMA foreign_keys = ON")
+        with self._write_lock:
+            self.schema_version = migrate(self._writer, MIGRATIONS, str(self.path))
+        if exclusive:
+            self._probe_write_lock()
+        self._identity = self._file_identity()
+
+    def _quick_check(self) -> None:
+        """Refuse a damaged file at start (one line, exit 2) rather than serve from it until a write lands on
+        a bad page and fails with "database disk image is malformed". quick_check reads every page but skips
+        the index-vs-table cross-checks of integrity_check: see the README for what it costs."""
+        problem = self._writer.execute("PRAGMA quick_check(1)").fetchone()[0]
+        if problem != "ok":  # e.g. "*** in database main ***\nPage 2: btreeInitPage() returns error code 11"
+            problem = " ".join(problem.replace("*** in database main ***", "").split())
+            raise StoreCannotOpen(f"data_dir {self.data_dir}: "
+                                  f"{faults.damaged(self.path, f'PRAGMA quick_check: {problem}')}")
+
+    def _probe_write_lock(self) -> None:
+        """Take the write lock once (waiting up to BUSY_TIMEOUT_MS): a lock another process holds refuses the
+        start here, in one line, instead of failing the start's first write and then its stop's."""
+        self._writer.execute("BEGIN IMMEDIATE")
+        self._writer.execute("ROLLBACK")
+
     # -- the data-directory lock ----------------------------------------------------------
     def _take_lock(self):
         if fcntl is None:
             return None
-        handle = open(self.data_dir / LOCK_FILE, "a+")
+        lock_path = self.data_dir / LOCK_FILE
+        try:
+            handle = open(lock_path, "a+")
+        except OSError as exc:  # a read-only data dir, a full disk, no permission
+            raise faults.cannot_open(self.data_dir, lock_path, exc) from None
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -145,16 +213,105 @@ class Database:
                 f"data_dir {self.data_dir} is in use by another kernel process (pid {holder}); "
                 "stop it or choose another data_dir"
             ) from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(str(os.getpid()))
-        handle.flush()
+        try:
+            handle.seek(0)
+            handle.truncate()
+            handle.write(str(os.getpid()))
+            handle.flush()
+        except OSError as exc:  # the disk is full: the pid does not fit
+            try:
+                handle.close()  # (flushes again, fails again, and closes the descriptor all the same)
+            except OSError:
+                pass
+            raise faults.cannot_open(self.data_dir, lock_path, exc) from None
         return handle
 
     def _release_lock(self) -> None:
         if self._lock_file is not None:
             self._lock_file.close()  # closing the descriptor drops the flock
             self._lock_file = None
+
+    # -- fail-stop ------------------------------------------------------------------------
+    # The file is watched by path (os.stat), not through a descriptor of our own: closing any descriptor of
+    # the database file drops every POSIX lock the process holds on it, SQLite's included ("How To Corrupt
+    # An SQLite Database File", 2.2). While SQLite keeps the file open its inode cannot be reused, so a
+    # different (st_dev, st_ino) at the path always means another file.
+    def _file_identity(self) -> tuple[int, int]:
+        status = os.stat(self.path)
+        return status.st_dev, status.st_ino
+
+    def _identity_problem(self) -> str | None:
+        """Why kernel.sqlite3 at its path is no longer the file being written, if it is not."""
+        try:
+            identity = self._file_identity()
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+                return (f"{self.path.name} was deleted under the running kernel (writes would go to the deleted "
+                        "file and be lost at the next start)")
+            return None  # cannot look (permissions changed?): the commit itself will tell
+        if identity != self._identity:
+            return (f"{self.path.name} was replaced under the running kernel (another file is at {self.path} "
+                    "now; writes would go to the old one)")
+        return None
+
+    def _before_commit(self, durable: bool) -> None:
+        """Before a group's COMMIT: is the file still the one at the path? Always for a durable group (its
+        writes are acknowledged as on disk), at most every IDENTITY_CHECK_S for the others."""
+        now = time.monotonic()
+        if not durable and now < self._next_identity_check:
+            return
+        self._next_identity_check = now + IDENTITY_CHECK_S
+        problem = self._identity_problem()
+        if problem is not None:
+            raise self._fail_stop(problem)
+
+    def _fail_stop(self, cause: str) -> StoreFailed:
+        """Stop taking reads and writes (a write acknowledged into a damaged or deleted file would be lost);
+        the first time, log it and tell ``failure_listeners``. Returns the error for the caller to raise."""
+        with self._failure_lock:
+            first = self._failure is None
+            if first:
+                self._failure = StoreFailed(
+                    f"data_dir {self.data_dir}: {cause}; the store takes no more reads or writes: restore the "
+                    "data dir and restart the kernel")
+        if first:
+            log.error("%s", self._failure.message)
+            for listener in self.failure_listeners:
+                try:
+                    listener(self._failure)
+                except Exception:
+                    log.exception("store: a failure listener failed")
+        return StoreFailed(self._failure.message)  # one per caller: threads raising one instance share its traceback
+
+    @property
+    def failure(self) -> StoreFailed | None:
+        """Why the store fail-stopped, or None while it serves."""
+        return self._failure
+
+    def _fault(self, exc: BaseException, doing: str) -> KernelError | None:
+        """What a caller gets for a store fault ``exc`` (fail-stopping on damage); None when ``exc`` is none
+        (a constraint, a bug): that one is raised as it is."""
+        if isinstance(exc, StoreFailed):
+            return StoreFailed(exc.message)
+        if faults.is_damage(exc):
+            return self._fail_stop(faults.sqlite_cause(exc, self.path))
+        if faults.may_pass(exc):
+            return StoreBusy(f"data_dir {self.data_dir}: {doing}: {faults.sqlite_cause(exc, self.path)}; "
+                             f"retry after {faults.RETRY_AFTER_MS} ms")
+        return None
+
+    def _lost_error(self, exc: BaseException) -> KernelError:
+        """What each write of a group whose transaction was lost to ``exc`` gets (group_commit's ``_lost``)."""
+        fault = self._fault(exc, _WRITE_LOST)
+        if fault is not None:
+            return fault
+        return Internal(f"the store could not commit this write (nothing of it was kept): {type(exc).__name__}: {exc}")
+
+    def _raise_fault(self, exc: sqlite3.Error, doing: str) -> None:
+        """Raise the store error for ``exc`` if it is a store fault; returns (so the caller re-raises) if not."""
+        fault = self._fault(exc, doing)
+        if fault is not None:
+            raise fault from exc
 
     # -- transactions ---------------------------------------------------------------------
     def _set_synchronous(self, level: str) -> None:
@@ -176,7 +333,11 @@ class Database:
         connection it is given and must not start another write.
         """
         self._check_open()
-        return self._group.run(work, durable, after_commit)
+        try:
+            return self._group.run(work, durable, after_commit)
+        except sqlite3.Error as exc:  # (a try costs nothing in 3.11 until it catches)
+            self._raise_fault(exc, _WRITE_LOST)
+            raise
 
     @contextmanager
     def write(self, durable: bool = True) -> Iterator[sqlite3.Connection]:
@@ -188,14 +349,20 @@ class Database:
         also covers the ``transact`` writes queued meanwhile.
         """
         self._check_open()
-        write, conn = self._group.begin_block(durable)
+        try:
+            write, conn = self._group.begin_block(durable)
+        except sqlite3.Error as exc:  # BEGIN IMMEDIATE: a lock held elsewhere, an I/O error
+            self._raise_fault(exc, _WRITE_LOST)
+            raise
         try:
             yield conn
         except BaseException as exc:
             self._group.end_block(write, conn, exc)
+            if isinstance(exc, sqlite3.Error):
+                self._raise_fault(exc, _WRITE_LOST)
             raise
         self._group.end_block(write, conn, None)
-        write.outcome()  # the commit's own failure, if any
+        write.outcome()  # the commit's own failure, if any (already a store error: group_commit's ``lost``)
 
     def _begin_group(self, durable: bool) -> sqlite3.Connection:
         self._write_lock.acquire()
@@ -238,13 +405,20 @@ class Database:
         if not self._read_pool:
             with self._write_lock:
                 self._check_open()
-                yield self._writer
+                try:
+                    yield self._writer
+                except sqlite3.Error as exc:
+                    self._raise_fault(exc, _READ_FAILED)
+                    raise
             return
         self._reader_slots.acquire()
         try:
             conn = self._take_reader()
             try:
                 yield conn
+            except sqlite3.Error as exc:
+                self._raise_fault(exc, _READ_FAILED)
+                raise
             finally:
                 self._return_reader(conn)
         finally:
@@ -255,7 +429,14 @@ class Database:
             self._check_open()
             if self._idle_readers:
                 return self._idle_readers.pop()
-        conn = _connect(self.path, read_only=True)  # outside the lock: opening reads the schema
+        try:
+            conn = _connect(self.path, read_only=True)  # outside the lock: opening reads the schema
+        except sqlite3.Error as exc:  # "unable to open database file": deleted under the kernel?
+            problem = self._identity_problem()
+            if problem is not None:
+                raise self._fail_stop(problem) from exc
+            self._raise_fault(exc, _READ_FAILED)
+            raise
         with self._pool_lock:
             if not self._closed:
                 return conn
@@ -273,6 +454,8 @@ class Database:
     def _check_open(self) -> None:
         if self._closed:
             raise FailedPrecondition(f"the database {self.path} is closed")
+        if self._failure is not None:
+            raise StoreFailed(self._failure.message)
 
     # -- record sets (the interfaces a NATS backend implements too) -------------------------
     @cached_property
