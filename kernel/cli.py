@@ -89,6 +89,10 @@ def _wait_for_signal(server, ready: str) -> int:
 
     def handler(signum, frame):
         received.append(signal.Signals(signum).name)
+        if stop.is_set():  # a second signal during the drain: the operator will not wait for it
+            log.warning("%s received again: stopping now; calls still in progress are cancelled", received[-1])
+            # (On another thread: this handler may run while the main thread is inside gRPC's stop.)
+            threading.Thread(target=server.hurry, name="aios-hurry", daemon=True).start()
         stop.set()
 
     # SIGHUP too: a terminal closing on a kernel run in it (`make serve` over SSH) would otherwise end it
@@ -101,7 +105,8 @@ def _wait_for_signal(server, ready: str) -> int:
     # interrupt this wait, and Python runs its handler only once this thread executes bytecode again.
     while not stop.wait(SIGNAL_CHECK_S):
         pass
-    log.info("%s received: draining in-flight calls (up to %.0f s), then stopping", received[0], server.settings.grace_seconds)
+    log.info("%s received: draining in-flight calls (up to %.0f s; a second signal stops at once), then stopping",
+             received[0], server.drain_limit_s())
     server.stop()
     return 0
 

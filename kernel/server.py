@@ -130,6 +130,7 @@ class KernelServer:
         self._health = None
         self._health_names: tuple[str, ...] = ()  # "" and each service served (set in _add_services)
         self._draining = False  # set by stop(): health stays NOT_SERVING whatever the models do
+        self._hurried = False  # set by hurry(): the drain stops waiting
         self._audit_failed = False  # set when the audit log fail-stops: NOT_SERVING until a restart
         if self.decisions.audit is not None:
             self.decisions.audit.failure_listeners.append(self._audit_log_failed)
@@ -398,6 +399,23 @@ class KernelServer:
         self._release()
         log.info("AIOS kernel stopped")
 
+    def drain_limit_s(self, grace: float | None = None) -> float:
+        """The longest a drain (``stop``) waits: the lame-duck window, then gRPC's grace for calls in progress."""
+        grace = self.settings.grace_seconds if grace is None else grace
+        return min(grace, LAME_DUCK_MAX_S) + grace
+
+    def hurry(self) -> None:
+        """Cut a drain short (an operator's second signal): the lame-duck wait ends and gRPC cancels the calls
+        still in progress now instead of at the end of the grace period. From any thread; a no-op when no
+        drain runs."""
+        self._hurried = True
+        if self._server is None:
+            return
+        if self._loop is not None:
+            asyncio.run_coroutine_threadsafe(self._server.stop(0), self._loop)
+        else:
+            self._server.stop(0)  # grpc: a later, shorter grace wins
+
     def _busy(self) -> int:
         """Work the kernel holds: calls in progress on the threaded front end, and every model's queued
         requests and running batches (the asyncio front end's calls are visible only there)."""
@@ -424,7 +442,7 @@ class KernelServer:
         now = time.monotonic_ns()
         end, quiet_ns = now + int(limit_s * 1e9), int(LAME_DUCK_QUIET_S * 1e9)
         quiet_since, seen = now, self._arrivals()
-        while now < end:
+        while now < end and not self._hurried:
             if self._busy():
                 quiet_since = now
             else:

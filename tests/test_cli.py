@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -15,12 +16,14 @@ import grpc
 import numpy as np
 import onnxruntime as ort
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kernel._proto.aios.kernel.v1 import kernel_pb2, kernel_pb2_grpc
 from kernel._proto.inference import grpc_service_pb2 as pb
 from kernel._proto.inference import grpc_service_pb2_grpc as pb_grpc
 from kernel.testing import onnx_models
 from kernel.testing.processes import ServeProcess
+from lane_support import until
 
 ROOT = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, "-m", "kernel"]
@@ -82,6 +85,44 @@ def test_serve_drains_in_flight_calls_on_sigterm(slow_repo, front_end):
     # had not handed to a handler yet: CANCELLED); nothing fails otherwise.
     refusals = {o for o in outcomes if o != "OK"}
     assert refusals <= {"UNAVAILABLE", "CANCELLED"}, (refused, err[-4000:])
+
+
+@pytest.mark.parametrize("front_end", ["sync", "aio"])
+def test_a_second_signal_during_a_drain_stops_at_once(slow_repo, front_end):
+    """(Operator audit) an idle open stream held the drain for the whole grace period, and a second Ctrl-C was
+    ignored without a word. Here the grace is 60 s; the second signal ends the drain now."""
+    env = {**os.environ, "AIOS_GRACE_SECONDS": "60"}
+    server = ServeProcess(slow_repo, "--front-end", front_end, env=env)
+    hold = threading.Event()
+
+    def idle_requests():  # a stream the client keeps open without sending anything
+        hold.wait(60)
+        return
+        yield
+
+    with grpc.insecure_channel(server.address) as channel:
+        stream = pb_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer(idle_requests(), timeout=90)
+        health = health_pb2_grpc.HealthStub(channel)
+        assert health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == health_pb2.HealthCheckResponse.SERVING
+        server.proc.send_signal(signal.SIGTERM)
+        until(lambda: _not_serving(health), "the drain to begin")
+        started = time.monotonic()
+        server.proc.send_signal(signal.SIGINT)
+        code, err = server.stop(timeout=30)  # (it would take the 60 s grace, and the test would fail here)
+        took = time.monotonic() - started
+        hold.set()
+        stream.cancel()
+    assert code == 0, err
+    assert "SIGINT received again: stopping now; calls still in progress are cancelled" in err, err[-2000:]
+    assert "up to 62 s; a second signal stops at once" in err
+    assert took < 20, f"stopped {took:.1f} s after the second signal"
+
+
+def _not_serving(health) -> bool:
+    try:
+        return health.Check(health_pb2.HealthCheckRequest(), timeout=2).status != health_pb2.HealthCheckResponse.SERVING
+    except grpc.RpcError:
+        return True
 
 
 @pytest.fixture(scope="module")
