@@ -48,9 +48,15 @@ class DecisionSide:
             data.mkdir(parents=True, exist_ok=True)
         except OSError as exc:  # (the start's error line: name the setting, not only the path)
             raise OSError(f"data_dir {data} cannot be created: {exc.strerror or exc}") from None
+        # A kernel has run here before (its lock file stays): a missing audit log is then news, not a first start.
+        used_before = (data / "kernel.lock").exists()
         self.db = open_database(data)  # one line naming data_dir when it cannot (kernel/store/faults.py)
         self.audit = None
         if settings.audit_mode != "off":
+            if used_before and not (data / "audit").exists():
+                log.warning("data_dir %s was used by a kernel before but has no audit log: a new log (and signing "
+                            "key) is being started; if %s was removed by mistake, stop this kernel and restore it",
+                            data, data / "audit")
             try:
                 self.audit = self._open_audit(data)
             except BaseException:

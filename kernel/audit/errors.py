@@ -21,6 +21,20 @@ class AuditTimeout(AuditError):
     code = "DEADLINE_EXCEEDED"
 
 
+class AuditFilesGone(AuditError):
+    """The files the writer has open are no longer the log's files: its directory, segment or checkpoint file
+    was removed, renamed or replaced under it (``rm -rf data/audit``).
+
+    Writing on would acknowledge records that exist only in unlinked files and vanish when the kernel
+    stops, so the log fail-stops like after a failed write. ``message`` (logged) names the paths and what
+    to do; ``summary`` is what callers are answered, without the server's paths.
+    """
+
+    def __init__(self, message: str, summary: str):
+        super().__init__(message)
+        self.summary = summary
+
+
 class AuditCorrupt(AuditError):
     """The files on disk are not a log this kernel wrote (changed, removed or foreign bytes).
 

@@ -316,6 +316,23 @@ class AppendFile:
     def sync(self) -> None:
         os.fdatasync(self.fd)
 
+    def gone(self) -> str | None:
+        """Why the file open here is no longer the file at ``path`` (deleted, renamed, replaced), or None.
+
+        Writes to a deleted file succeed and even fsync: only the link count of the open file, or a
+        different file (inode) at its path, tells that they will be lost when the descriptor closes.
+        """
+        held = os.fstat(self.fd)
+        try:
+            there = os.stat(self.path)
+        except OSError as exc:  # ENOENT: deleted, or renamed away (with its directory, maybe); ENOTDIR: a file there
+            if held.st_nlink == 0:
+                return f"{self.path} was deleted"
+            return f"{self.path} is no longer there ({exc.strerror})"
+        if (there.st_ino, there.st_dev) != (held.st_ino, held.st_dev):
+            return f"{self.path} was replaced by another file"
+        return None
+
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
