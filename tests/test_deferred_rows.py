@@ -87,3 +87,23 @@ def test_a_store_that_keeps_failing_logs_one_traceback_then_counts_then_says_whe
     assert len(failures) == 1 and failures[0].exc_info is not None  # one traceback, not twenty
     assert "disk full (injected)" in failures[0].getMessage()
     assert any("storing review rows works again, after 20 failures in a row" in r.getMessage() for r in caplog.records)
+
+
+def test_a_store_that_says_what_failed_is_logged_without_a_traceback(caplog):
+    """A full or failing store answers with a KernelError that says what happened (kernel/store/faults.py):
+    its line is the news, a traceback through the store's code is not."""
+    from kernel.errors import Unavailable
+
+    def store(r, c):
+        raise Unavailable("data_dir X: this write was not stored: the disk holding kernel.sqlite3 is full (injected)")
+
+    rows = DeferredRows(store, window_s=60)
+    try:
+        with caplog.at_level("INFO", logger="aios.review"):
+            rows.add([1], None)
+            rows.settle()
+    finally:
+        rows._store = lambda r, c: None  # (so close can store what is left)
+        rows.close()
+    (failure,) = [r for r in caplog.records if "storing review rows failed" in r.getMessage()]
+    assert failure.exc_info is None and "the disk holding kernel.sqlite3 is full" in failure.getMessage()

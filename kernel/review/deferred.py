@@ -18,6 +18,7 @@ import logging
 import threading
 from collections.abc import Callable
 
+from ..errors import KernelError
 from ..observability.repeats import RepeatedFailure
 from ..threads import name_native_thread
 
@@ -115,8 +116,9 @@ class DeferredRows:
             try:
                 self._store(rows, contexts)
             except Exception as exc:
+                # (A full or failing store is expected and says what it is: no traceback for it.)
                 self._failing.failed(f"{len(rows)} rows kept to retry (after a crash they are reopened from the audit "
-                                     f"log): {type(exc).__name__}: {exc}")
+                                     f"log): {type(exc).__name__}: {exc}", traceback=not isinstance(exc, KernelError))
                 with self._lock:
                     self._rows[:0], self._contexts[:0] = rows, contexts
                     self._armed = True  # the thread retries them; new rows need not wake it

@@ -33,7 +33,7 @@ import uuid
 from collections.abc import Callable
 
 from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
-from ..errors import FailedPrecondition, Internal, InvalidArgument, NotFound, quote
+from ..errors import FailedPrecondition, Internal, InvalidArgument, NotFound, Unavailable, quote
 from ..limits import MAX_REVIEWER_CHARS, check_comment, check_name
 from ..store import Feed
 from ..store.sqlite_reviews import STATE_FILTERS, withdrawn
@@ -434,6 +434,9 @@ class ReviewQueue:
                 done += 1
             except Internal:
                 pass  # logged; stays undelivered for the next try
+            except Unavailable as exc:  # a full or failing store (kernel/store/faults.py): the start goes on
+                log.warning("review %s: its resolution's follow-up could not be finished now, it is tried again at "
+                            "the next start: %s", review.review_id, exc.message)
         return done
 
     def _change(self, review_id: str, mutate, delivered: bool | None = None) -> tuple[kpb.Review, bool, bool]:

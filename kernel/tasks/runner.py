@@ -194,7 +194,9 @@ class TaskRunner:
         while (task_id := self._next_due()) is not None:
             try:
                 self._run(task_id)
-            except Exception:  # a store failure (e.g. closed at shutdown): the task stays as recorded
+            except KernelError as exc:  # a store failure (full disk, closed at shutdown): the task stays as recorded
+                log.error("task %s: recording its outcome failed: %s", task_id, exc.message)
+            except Exception:
                 log.exception("task %s: recording its outcome failed", task_id)
 
     def _run(self, task_id: str) -> None:
