@@ -118,7 +118,8 @@ def cmd_serve(args) -> int:
 
     setup_logging(settings.log_level)
     if not Path(settings.models).is_dir():
-        log.error("model repository %s does not exist (set --models, AIOS_MODELS or models in kernel.toml)", settings.models)
+        what = "is a file, not a folder" if Path(settings.models).exists() else "does not exist"
+        log.error("model repository %s %s (set --models, AIOS_MODELS or models in kernel.toml)", settings.models, what)
         return 2
     try:
         server = KernelServer(settings)

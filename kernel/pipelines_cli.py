@@ -70,9 +70,17 @@ def cmd_list(args) -> int:
         print(describe(info))
     for file, why in sorted(response.refused.items()):
         print(f"refused {file}: {why}")
-    print(f"{len(response.pipelines)} pipeline{'s' if len(response.pipelines) != 1 else ''} serving"
-          f"{f', {len(response.refused)} file(s) refused (the versions before them keep serving)' if response.refused else ''}")
+    print(_summary(len(response.pipelines), len(response.refused)))
     return 0
+
+
+def _summary(serving: int, refused: int) -> str:
+    line = f"{serving} pipeline{'s' if serving != 1 else ''} serving"
+    if refused:
+        line += f", {refused} file{'s' if refused != 1 else ''} refused"
+        # (only a pipeline that served before a bad edit keeps serving: with none serving there is nothing to keep)
+        line += " (the versions before them, if any, keep serving)" if serving else ""
+    return line
 
 
 def cmd_upload(args) -> int:

@@ -456,3 +456,23 @@ def test_a_client_command_follows_aios_port(tmp_path):
                      env={**os.environ, "AIOS_PORT": str(free)})
     assert result.returncode == 1 and result.stderr.startswith("UNAVAILABLE") and f":{free}" in result.stderr, \
         result.stderr
+
+
+def test_serve_names_a_models_path_that_is_a_file(tmp_path):
+    """(Operator audit) a file where the repository should be was reported as "does not exist"."""
+    path = tmp_path / "models"
+    path.write_text("not a folder")
+    result = run_cli("serve", "--models", str(path), "--port", "0", "--data-dir", str(tmp_path / "data"), timeout=60)
+    assert result.returncode == 2
+    assert f"model repository {path} is a file, not a folder" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("serving,refused,line", [
+    (0, 1, "0 pipelines serving, 1 file refused"),  # nothing served before them: nothing "keeps serving"
+    (2, 3, "2 pipelines serving, 3 files refused (the versions before them, if any, keep serving)"),
+    (1, 0, "1 pipeline serving"),
+])
+def test_pipelines_list_sums_up_in_words_that_fit(serving, refused, line):
+    from kernel.pipelines_cli import _summary
+
+    assert _summary(serving, refused) == line

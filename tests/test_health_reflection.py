@@ -245,3 +245,24 @@ def test_an_async_watch_sees_a_change_made_while_its_previous_answer_was_being_w
         return context.sent
 
     assert asyncio.run(scenario()) == [SERVING, NOT_SERVING]
+
+
+def test_a_threaded_watch_hears_of_changes_only():
+    """(Operator audit) unloading an unrelated model re-sent an unchanged SERVING to every watch; grpc.health.v1
+    sends a watch a message when the status changes."""
+    from kernel.api.health import ThreadedHealth
+
+    health, sent = ThreadedHealth(), []
+
+    class Context:  # a live call whose callback list the servicer may add to
+        def is_active(self):
+            return True
+
+        def add_callback(self, callback):
+            return True
+
+    health.Watch(health_pb2.HealthCheckRequest(service=""), Context(), lambda r: sent.append(r.status))  # (returns at once)
+    health.set("", SERVING)  # unchanged
+    health.set("", NOT_SERVING)
+    health.set("", NOT_SERVING)  # unchanged
+    assert sent == [SERVING, NOT_SERVING]

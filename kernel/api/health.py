@@ -68,6 +68,8 @@ class ThreadedHealth(health_pb2_grpc.HealthServicer):
 
     def set(self, service: str, status) -> None:
         with self._lock:
+            if self._status.get(service) == status:  # a watch hears of changes only (grpc.health.v1)
+                return
             self._status[service] = status
             for name, _, send in self._watchers.values():
                 if name == service:
@@ -119,6 +121,8 @@ class AsyncHealth(health_pb2_grpc.HealthServicer):
             await changed.wait()
 
     async def set(self, service: str, status) -> None:
+        if self._status.get(service) == status:  # a watch hears of changes only (grpc.health.v1)
+            return
         self._status[service] = status
         self._wake()
 

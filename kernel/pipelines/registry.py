@@ -316,7 +316,9 @@ class PipelineRegistry:
         mv = self.hub.get(pipeline.model, pipeline.model_version)
         fail = pipeline.model_error
         if mv is None:
-            raise fail("name", f"model '{pipeline.model}' version '{pipeline.model_version or 'latest'}' is not loaded")
+            which = f"version '{pipeline.model_version}'" if pipeline.model_version else "any version"
+            raise fail("name", f"model '{pipeline.model}' ({which}) is not loaded; the pipeline is tried again when "
+                               "the model loads")
         config = mv.config
         inputs = {spec.name: spec for spec in config.inputs}
         outputs = {spec.name: spec for spec in config.outputs}
