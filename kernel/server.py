@@ -321,6 +321,9 @@ class KernelServer:
         hint = front_end_hint(self.settings.front_end, [lane.name for lane in self.lanes.all()])
         if hint:
             log.info("%s", hint)
+        low = low_descriptor_limit(self.settings.workers)
+        if low:
+            log.warning("%s", low)
         return self.port
 
     def _bind(self, server) -> int:
@@ -458,6 +461,27 @@ class KernelServer:
         self.decisions.close()  # tasks stop using the lanes; the audit log flushes and checkpoints
         self.lanes.close()
         self.service.expiry.close()
+
+
+def low_descriptor_limit(workers: int, soft: int | None = None) -> str:
+    """A warning when the process may open too few files for ``workers`` calls in progress ("" if not).
+
+    Each client connection, model file and log segment takes a descriptor. Out of them, gRPC only logged
+    "File descriptor limit reached" every second while new clients timed out and health still said SERVING
+    (operator audit); a start line naming the limit tells the operator before the clients do."""
+    if soft is None:
+        try:
+            import resource
+
+            soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        except (ImportError, OSError, ValueError):
+            return ""
+    want = max(1024, 2 * workers + 256)
+    if soft == -1 or soft >= want:  # (-1: RLIM_INFINITY)
+        return ""
+    return (f"open-file limit (RLIMIT_NOFILE) is {soft}: with workers = {workers} the kernel may need about {want} "
+            f"(a descriptor per client connection, plus models and logs); past it new clients time out. "
+            f"Raise it (ulimit -n, LimitNOFILE=, docker --ulimit nofile=)")
 
 
 def probe_listen_address(host: str, port: int) -> None:

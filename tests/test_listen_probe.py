@@ -78,3 +78,11 @@ def test_a_port_taken_before_start_fails_the_start_and_lets_go(model_repo, tmp_p
         assert again.hub.loaded()
     finally:
         again.stop(grace=1)
+
+
+def test_a_low_open_file_limit_is_named_at_start():
+    from kernel.server import low_descriptor_limit
+
+    warning = low_descriptor_limit(512, soft=256)
+    assert warning.startswith("open-file limit (RLIMIT_NOFILE) is 256: with workers = 512 the kernel may need about 1280")
+    assert low_descriptor_limit(512, soft=1_048_576) == "" and low_descriptor_limit(512, soft=-1) == ""
