@@ -49,7 +49,8 @@ def _stub(channel):
 
 
 def describe(info) -> str:
-    return (f"{info.name:20} {info.version[:16]:16} {info.hash[:12]:12}  model {info.model:22} "
+    model = f"{info.model}/{info.model_version}" if info.model_version else info.model
+    return (f"{info.name:20} {info.version[:16]:16} {info.hash[:12]:12}  model {model:22} "
             f"policy {info.policy_name} {info.policy_version} ({info.policy_hash[:12]}), {len(info.fields)} fields")
 
 

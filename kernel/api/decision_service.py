@@ -17,6 +17,7 @@ def pipeline_info(pipeline) -> kpb.PipelineInfo:
     policy = pipeline.policy
     return kpb.PipelineInfo(
         name=pipeline.name, version=pipeline.label, hash=pipeline.hash, model=pipeline.model,
+        model_version=pipeline.bound_version,
         policy_name=policy.name, policy_version=str(policy.version), policy_hash=policy.hash,
         fields=[f.name for f in pipeline.fields],
     )

@@ -151,7 +151,8 @@ class DecisionEngine(GroupFinish):
         its pipeline serves is UNAVAILABLE, not NOT_FOUND: the pipeline is there and decides again once
         the model is loaded, so the caller should retry (NOT_FOUND says not to)."""
         try:
-            return self.inference.resolve(pipeline.model, pipeline.model_version)
+            # The version the pipeline was checked against: a newer one it was refused for never decides.
+            return self.inference.resolve(pipeline.model, pipeline.bound_version or pipeline.model_version)
         except NotFound as exc:
             raise Unavailable(f"pipeline {quote(pipeline.name)} cannot decide now: {exc.message}; it decides again "
                               f"once the model is loaded") from None

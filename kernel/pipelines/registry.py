@@ -23,6 +23,7 @@ import logging
 import os
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from ..errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound, quote
@@ -337,7 +338,7 @@ class PipelineRegistry:
         if not config.batching:
             raise fail("name", f"model '{mv.name}' does not batch (max_batch_size = 0); pipelines need a batch dim")
         _check_classes(pipeline, f"output '{pipeline.output}' of model '{mv.name}' version {mv.version}", labels)
-        return pipeline
+        return replace(pipeline, bound_version=mv.version)
 
     def _owner(self, path: Path) -> Pipeline | None:
         return next((p for p in self._active.values() if p.path == str(path)), None)
@@ -347,7 +348,8 @@ class PipelineRegistry:
             old = self._active.get(pipeline.name)
             # A file now naming another pipeline: the one it named before is no longer in the folder.
             renamed = [p for p in self._active.values() if p.path == pipeline.path and p.name != pipeline.name]
-            same = old is not None and old.hash == pipeline.hash and old.policy.hash == pipeline.policy.hash
+            same = (old is not None and old.hash == pipeline.hash and old.policy.hash == pipeline.policy.hash
+                    and old.bound_version == pipeline.bound_version)
             if renamed or not same:
                 active = {name: p for name, p in self._active.items() if all(p is not r for r in renamed)}
                 if not same:
@@ -357,8 +359,9 @@ class PipelineRegistry:
             self._removed(gone, f"its file {pipeline.path} now names pipeline '{pipeline.name}'")
         if same:
             return False
-        log.info("pipeline %s active: version %r (%s), policy %s %r (%s)", pipeline.name, pipeline.label,
-                 pipeline.hash[:12], pipeline.policy.name, pipeline.policy.version, pipeline.policy.hash[:12])
+        log.info("pipeline %s active: version %r (%s), policy %s %r (%s), model %s version %s", pipeline.name,
+                 pipeline.label, pipeline.hash[:12], pipeline.policy.name, pipeline.policy.version,
+                 pipeline.policy.hash[:12], pipeline.model, pipeline.bound_version)
         if old is not None:
             _warn_unchanged_labels(old, pipeline)
         for listener in self.listeners:
@@ -480,8 +483,6 @@ def _write_atomically(path: Path, data: bytes) -> None:
 
 
 def _relocated(pipeline: Pipeline, path: str) -> Pipeline:
-    from dataclasses import replace
-
     return replace(pipeline, path=path)
 
 

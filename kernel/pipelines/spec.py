@@ -107,6 +107,10 @@ class Pipeline:
     # The file's text exactly as loaded (its UTF-8 bytes are what ``hash`` covers): it goes into the
     # POLICY_CHANGE record, so the log alone shows what was served, with no archive of old files.
     text: str = field(default="", compare=False, repr=False)
+    # The model version the registry checked this pipeline against (``PipelineRegistry._bind``): decisions run
+    # on it, not on whatever version is newest. A newer version the pipeline does not fit (another input
+    # width, other labels) was refused while decisions went on running on it, every one a FALLBACK.
+    bound_version: str = field(default="", compare=False)
 
     @property
     def actions(self) -> tuple[str, ...]:

@@ -565,7 +565,7 @@ class UploadPipelineRequest(_message.Message):
     def __init__(self, pipeline_toml: _Optional[bytes] = ..., policy_toml: _Optional[bytes] = ...) -> None: ...
 
 class PipelineInfo(_message.Message):
-    __slots__ = ("name", "version", "hash", "model", "policy_name", "policy_version", "policy_hash", "fields")
+    __slots__ = ("name", "version", "hash", "model", "policy_name", "policy_version", "policy_hash", "fields", "model_version")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     HASH_FIELD_NUMBER: _ClassVar[int]
@@ -574,6 +574,7 @@ class PipelineInfo(_message.Message):
     POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
     POLICY_HASH_FIELD_NUMBER: _ClassVar[int]
     FIELDS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     hash: str
@@ -582,7 +583,8 @@ class PipelineInfo(_message.Message):
     policy_version: str
     policy_hash: str
     fields: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., hash: _Optional[str] = ..., model: _Optional[str] = ..., policy_name: _Optional[str] = ..., policy_version: _Optional[str] = ..., policy_hash: _Optional[str] = ..., fields: _Optional[_Iterable[str]] = ...) -> None: ...
+    model_version: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., hash: _Optional[str] = ..., model: _Optional[str] = ..., policy_name: _Optional[str] = ..., policy_version: _Optional[str] = ..., policy_hash: _Optional[str] = ..., fields: _Optional[_Iterable[str]] = ..., model_version: _Optional[str] = ...) -> None: ...
 
 class ListPipelinesRequest(_message.Message):
     __slots__ = ()

@@ -1,0 +1,74 @@
+"""A pipeline decides on the model version it was checked against (model-owner audit, 2026-11-27).
+
+A new version the pipeline does not fit (here: a fourth class its policy does not declare) is refused with the
+running pipeline kept — but decisions went on running on the newest version all the same: every one a FALLBACK
+for another input width, or AUTOMATED on scores the policy never declared. Now they stay on the version that
+was checked, and move to a new one only once it binds.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import grpc
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from claims_support import build_small_model, claim_request
+from conftest import start_claims_kernel
+from examples.claims import data
+from kernel._proto.aios.kernel.v1 import kernel_pb2 as kpb
+from kernel._proto.aios.kernel.v1 import kernel_pb2_grpc as kgrpc
+from kernel._proto.inference import grpc_service_pb2 as pb
+from kernel._proto.inference import grpc_service_pb2_grpc as pb_grpc
+from kernel.testing.onnx_models import mlp_from_weights, save
+
+MODEL = "claims_triage"
+
+
+def _four_class_version(models, version: str) -> None:
+    """v1's weights with a fourth class ("fraud") beside approve/review/deny."""
+    v1 = models / MODEL / "1"
+    weights = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(v1 / "model.onnx")).graph.initializer}
+    w, b = weights["W0"], weights["B0"]
+    w4 = np.hstack([w, w[:, 1:2] * 0.5]).astype(np.float32)
+    b4 = np.append(b, -1.0).astype(np.float32)
+    folder = models / MODEL / version
+    save(mlp_from_weights([(w4, b4)], "features", "probabilities", softmax=True, graph_name=MODEL), folder / "model.onnx")
+    toml = (v1 / "model.toml").read_text()
+    assert 'dims = [3]' in toml and 'labels = ["approve", "review", "deny"]' in toml
+    (folder / "model.toml").write_text(toml.replace("dims = [3]", "dims = [4]").replace(
+        'labels = ["approve", "review", "deny"]', 'labels = ["approve", "review", "deny", "fraud"]'))
+
+
+def test_a_pipeline_stays_on_its_checked_version_until_a_new_one_binds(tmp_path):
+    models = build_small_model(tmp_path / "models", provider="cpu")
+    server = start_claims_kernel(models, tmp_path)
+    request = claim_request(data.generate_cases(1, seed=11)[0])
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            decide = kgrpc.DecisionServiceStub(channel).Decide
+            admin = kgrpc.AdminServiceStub(channel)
+            load = pb_grpc.GRPCInferenceServiceStub(channel).RepositoryModelLoad
+
+            def bound() -> str:
+                (info,) = admin.ListPipelines(kpb.ListPipelinesRequest(), timeout=10).pipelines
+                return info.model_version
+
+            assert decide(request, timeout=10).model.model_version == "1" and bound() == "1"
+            _four_class_version(models, "2")
+            load(pb.RepositoryModelLoadRequest(model_name=MODEL), timeout=30)
+            refused = admin.ListPipelines(kpb.ListPipelinesRequest(), timeout=10).refused
+            (why,) = refused.values()
+            assert "declares classes" in why and "fraud" in why, why
+            answer = decide(request, timeout=10)
+            assert answer.model.model_version == "1" and bound() == "1"  # not the refused version 2
+            assert answer.outcome != kpb.FALLBACK and "fraud" not in answer.model.class_scores
+            # A version the pipeline fits takes over as soon as it loads.
+            shutil.copytree(models / MODEL / "1", models / MODEL / "3")
+            load(pb.RepositoryModelLoadRequest(model_name=MODEL), timeout=30)
+            assert decide(request, timeout=10).model.model_version == "3" and bound() == "3"
+    finally:
+        server.stop(grace=1)
