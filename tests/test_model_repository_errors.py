@@ -146,6 +146,19 @@ def test_a_version_folder_that_is_not_a_number_is_not_served(tmp_path):
     assert "version folder named/latest is not a number" in reasons["latest"]
 
 
+@pytest.mark.parametrize("odd", ["²", "01", "١"])
+def test_a_version_folder_that_only_looks_like_a_number_is_not_served(tmp_path, odd):
+    """(Model-owner audit) "²" passed str.isdigit and crashed the start in int(); "01" beside "1" was a second
+    version 1."""
+    good(tmp_path, "m", "1")
+    good(tmp_path, "m", odd)
+    hub = ModelHub(tmp_path)
+    loaded, failed = hub.load_all()
+    assert [mv.version for mv in loaded] == ["1"] and failed == {}
+    reasons = {e.version: e.reason for e in hub.index() if e.state == "UNAVAILABLE"}
+    assert f"version folder m/{odd} is not a number" in reasons[odd]
+
+
 def test_empty_and_incomplete_folders_are_listed_with_why(tmp_path, caplog):
     good(tmp_path, "multi", "1")
     good(tmp_path, "multi", "2")

@@ -58,7 +58,7 @@ def could_be_folder(name: str) -> bool:
 
 def _version_sort_key(version: str):
     # Numeric versions sort numerically ("10" after "9"); others after, by name.
-    return (0, int(version), "") if version.isdigit() else (1, 0, version)
+    return (0, int(version), "") if is_version_number(version) else (1, 0, version)
 
 
 @dataclass(slots=True)
@@ -84,15 +84,21 @@ class ModelFolder:
         return "; ".join(self.skipped.values())
 
 
+def is_version_number(name: str) -> bool:
+    """A version folder's name as Triton reads it: ASCII digits, no leading zero. ``str.isdigit`` alone let
+    "²" through to ``int()``, which crashed the start; "01" beside "1" served the same number twice."""
+    return name.isascii() and name.isdigit() and (name == "0" or not name.startswith("0"))
+
+
 def scan_folder(model_dir: Path) -> ModelFolder:
     """What ``model_dir`` holds: every non-hidden folder in it is a version folder, served if it is a number
     and has model.onnx."""
     versions, skipped = [], {}
     subdirs = [p.name for p in model_dir.iterdir() if p.is_dir() and not p.name.startswith(".")]
     for version in sorted(subdirs, key=_version_sort_key):
-        if not version.isdigit():  # Triton reads numbered folders only; one named "latest" would win as newest
+        if not is_version_number(version):  # Triton reads numbered folders only; "latest" would win as newest
             skipped[version] = (f"version folder {model_dir.name}/{version} is not a number: versions are "
-                                "numbered folders (<name>/1/model.onnx), as in Triton's layout")
+                                "numbered folders (<name>/1/model.onnx, no leading zeros), as in Triton's layout")
         elif (model_dir / version / "model.onnx").is_file():
             versions.append(version)
         else:
