@@ -274,11 +274,18 @@ class DecisionSide:
             ticket.wait(10.0)
 
     def _models_changed(self, added, removed) -> None:
-        for mv, kind in [*((m, kpb.MODEL_DEPLOY) for m in added), *((m, kpb.MODEL_UNDEPLOY) for m in removed)]:
+        # Retirements first: a reload replaces every version's session, and an UNDEPLOY of version 1 written
+        # after the DEPLOY of its successor read as version 1 retired while it served on (model-owner audit).
+        reloaded = {(m.name, m.version) for m in added}
+        for mv, kind in [*((m, kpb.MODEL_UNDEPLOY) for m in removed), *((m, kpb.MODEL_DEPLOY) for m in added)]:
             # The bytes hashed when this version was loaded (an undeploy names the retiring model's own, not
             # whatever replaced the file since), and model.toml's: its labels say which score is which action.
-            self._record(kind, {"model": mv.name, "version": mv.version, "provider": mv.runtime.provider,
-                                "onnx_sha256": mv.runtime.onnx_sha256, "config_sha256": mv.runtime.config_sha256})
+            payload = {"model": mv.name, "version": mv.version, "provider": mv.runtime.provider,
+                       "onnx_sha256": mv.runtime.onnx_sha256, "config_sha256": mv.runtime.config_sha256}
+            if kind == kpb.MODEL_UNDEPLOY:
+                # "reload": the same version is deployed again by the next record(s), from the files as they are now
+                payload["reason"] = "reload" if (mv.name, mv.version) in reloaded else "unload"
+            self._record(kind, payload)
 
     def _pipeline_changed(self, old, new) -> None:
         # The texts themselves, not only their hashes (each hash is the sha256 of its text's UTF-8 bytes):

@@ -87,6 +87,10 @@ def test_a_reload_records_the_retiring_models_bytes_and_the_new_ones(models, tmp
     assert ("MODEL_UNDEPLOY", old) in named and ("MODEL_DEPLOY", new) in named, named
     assert ("MODEL_UNDEPLOY", new) not in named
     assert named[0] == ("MODEL_DEPLOY", old)
+    # The reload reads in order: the old session retired (as a reload), then the same version deployed again
+    # (an UNDEPLOY written last read as version 1 retired while it served on).
+    assert named[1:] == [("MODEL_UNDEPLOY", old), ("MODEL_DEPLOY", new)], named
+    assert changes[1][1]["reason"] == "reload"
 
 
 def test_a_config_derived_from_the_graph_has_no_config_hash(models):
