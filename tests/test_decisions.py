@@ -230,6 +230,20 @@ def test_text_fields_the_pipeline_does_not_take_are_named(decisions, text, needl
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and needle in info.value.details()
 
 
+def test_a_retry_that_sends_a_whole_number_another_way_is_replayed(decisions):
+    """(Cross-language audit) a Node client sends 1234 as a double, the Python client as an integer."""
+    case = _case(claim_amount=1234.0)
+    first_request = _request(case, idempotency_key="k-whole", request_id="r-1")
+    first_request.fields["prior_claims"].Clear()
+    first_request.fields["prior_claims"].int_value = int(case["prior_claims"])
+    first = decisions.Decide(first_request, timeout=10)
+    retry = kpb.DecisionRequest()
+    retry.CopyFrom(first_request)
+    retry.fields["prior_claims"].number_value = float(case["prior_claims"])
+    again = decisions.Decide(retry, timeout=10)
+    assert again.replayed and again.audit_sequence == first.audit_sequence
+
+
 def test_unknown_pipeline_is_not_found(decisions):
     with pytest.raises(grpc.RpcError) as info:
         decisions.Decide(make_request("claims_tirage", {}), timeout=10)

@@ -91,6 +91,35 @@ def test_request_hash_ignores_request_id_and_timeout_only():
     assert request_hash(prioritized) != request_hash(base)
 
 
+def test_a_whole_number_is_the_same_request_however_it_was_sent():
+    """(Cross-language audit) JavaScript sends 800 as a double; the Python client sends it as an integer: a
+    retry of the one by the other was FAILED_PRECONDITION "a different request"."""
+    def with_amount(**value) -> kpb.DecisionRequest:
+        r = kpb.DecisionRequest(pipeline="claims", tenant="acme")
+        r.fields["amount"].CopyFrom(kpb.Value(**value))
+        return r
+
+    as_int = request_hash(with_amount(int_value=800))
+    assert request_hash(with_amount(number_value=800.0)) == as_int
+    assert request_hash(with_amount(number_value=-0.0)) == request_hash(with_amount(int_value=0))
+    assert request_hash(with_amount(number_value=800.5)) != as_int
+    assert request_hash(with_amount(string_value="800")) != as_int
+    assert request_hash(with_amount(number_value=1e300)) != as_int  # (past int64: left as a double)
+
+
+def test_an_answer_stored_under_the_old_hash_still_replays_its_retry():
+    """A key stored by a kernel before whole numbers hashed alike is matched by the old hash too."""
+    from kernel.store.idempotency import legacy_request_hash, matches
+
+    r = kpb.DecisionRequest(pipeline="claims", tenant="acme")
+    r.fields["amount"].CopyFrom(kpb.Value(number_value=800.0))
+    assert legacy_request_hash(r) != request_hash(r)
+    assert matches(legacy_request_hash(r), r, request_hash(r)) and matches(request_hash(r), r, request_hash(r))
+    other = kpb.DecisionRequest(pipeline="claims", tenant="acme")
+    other.fields["amount"].CopyFrom(kpb.Value(number_value=801.0))
+    assert not matches(legacy_request_hash(other), r, request_hash(r))
+
+
 def test_keys_expire_after_the_retention_and_can_be_reused(db):
     clock = SettableClock()
     store = IdempotencyStore(db, retention_hours=2, clock=clock)

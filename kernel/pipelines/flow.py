@@ -24,6 +24,7 @@ from ..scheduling import WorkItem
 from ..scheduling.deadlines import request_deadline
 from ..scheduling.types import ITEM_QUEUED
 from ..store import request_hash as store_request_hash
+from ..store.idempotency import matches as request_matches
 from . import provenance
 from .finisher import BatchFinisher
 from .group_finish import GroupFinish
@@ -209,7 +210,7 @@ class DecisionEngine(GroupFinish):
         if found is None:
             return None
         stored_hash, response = found
-        if stored_hash != request_hash:
+        if not request_matches(stored_hash, request, request_hash):
             raise FailedPrecondition(
                 f"idempotency_key {quote(request.idempotency_key)} was used before with a different request; "
                 "use a new key for a new request"

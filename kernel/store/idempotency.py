@@ -17,6 +17,7 @@ concurrent puts share a group commit either way).
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 from collections.abc import Callable
 
@@ -28,8 +29,36 @@ PURGE_EVERY = 1000  # puts between sweeps of expired keys
 PURGE_BATCH = 1000  # rows deleted per sweep, so a sweep never holds the write lock long
 
 
+_INT64 = 1 << 63
+
+
 def request_hash(request: kpb.DecisionRequest) -> str:
-    """SHA-256 (hex) of what makes two requests "the same" for an idempotency key."""
+    """SHA-256 (hex) of what makes two requests "the same" for an idempotency key.
+
+    A whole number means the same sent either way: as ``int_value`` or as ``number_value`` (800 and 800.0,
+    JavaScript's numbers, -0.0 and 0), as the pipeline reads it. Hashing the Value's kind too made a Node
+    client's retry of a Python client's call a FAILED_PRECONDITION "different request" (cross-language audit).
+    """
+    copy = kpb.DecisionRequest()
+    copy.CopyFrom(request)
+    copy.request_id = ""
+    copy.timeout_ms = 0
+    for value in copy.fields.values():
+        if value.WhichOneof("kind") == "number_value":
+            number = value.number_value
+            if math.isfinite(number) and number == int(number) and -_INT64 <= number < _INT64:
+                value.int_value = int(number)
+    return hashlib.sha256(copy.SerializeToString(deterministic=True)).hexdigest()
+
+
+def matches(stored_hash: str, request: kpb.DecisionRequest, digest: str) -> bool:
+    """Whether a request whose ``request_hash`` is ``digest`` is the one stored under ``stored_hash``, also when
+    that was stored before whole numbers were hashed alike (``legacy_request_hash``): a retry across the upgrade."""
+    return stored_hash == digest or stored_hash == legacy_request_hash(request)
+
+
+def legacy_request_hash(request: kpb.DecisionRequest) -> str:
+    """``request_hash`` as kernels before 2026-11-27 computed it (each Value's kind as sent)."""
     copy = kpb.DecisionRequest()
     copy.CopyFrom(request)
     copy.request_id = ""

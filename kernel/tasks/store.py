@@ -20,6 +20,7 @@ from collections.abc import Callable
 from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
 from ..errors import FailedPrecondition, InvalidArgument, NotFound, quote
 from ..store import Feed, request_hash
+from ..store.idempotency import matches as request_matches
 from ..store.feed import FellBehind
 from ..store.idempotency import check_key
 
@@ -152,7 +153,7 @@ class TaskStore:
         task.history.add(state=kpb.QUEUED, at_unix_ns=now, detail="started")
         stored, _revision, stored_hash, created = self._records.insert(task, digest, after_commit=self._publish)
         if not created:
-            if stored_hash != digest:
+            if not request_matches(stored_hash, request, digest):
                 raise FailedPrecondition(
                     f"request.idempotency_key {quote(key)} already started task {stored.task_id} with a different "
                     "request; use a new key for a new request"
