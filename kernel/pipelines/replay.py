@@ -12,6 +12,17 @@ decided under, and the counts are broken down by that baseline, since a log
 can span policy changes. With ``keep_cases`` it lists every changed case
 (the ``--report`` file), otherwise only a sample. JSON-ready: the gate
 before a policy change ships.
+
+A candidate is held to what the kernel itself would accept before a single
+case is re-decided (``ReplayError`` otherwise, with the kernel's own text): a
+candidate model's ``model.toml`` is checked against its graph as a load
+checks it, then bound to the pipeline as the registry binds one (input name
+and width, output present with labels, the policy's classes and
+``score.<class>`` reads against those labels); without a candidate model the
+policy's classes and score reads are checked against the class labels each
+recorded decision carries. With a candidate model, FALLBACK decisions (the
+model failed, so no scores were recorded) are re-decided from their recorded
+inputs too.
 """
 
 from __future__ import annotations
@@ -20,15 +31,91 @@ import time
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
 from .fields import encode_rows
-from .spec import Pipeline
+from .registry import PipelineRegistry, _check_classes
+from .spec import Pipeline, PipelineError
 
 CHUNK = 4096  # records evaluated per vectorized policy pass
 _OUTCOMES = {kpb.AUTOMATED: "AUTOMATED", kpb.ESCALATED: "ESCALATED", kpb.FALLBACK: "FALLBACK"}
+
+
+class ReplayError(ValueError):
+    """The replay cannot run as asked: a policy that does not fit the classes of the recorded decisions,
+    or a candidate's output not of the shape its labels say. One line, in the kernel's words where it has
+    them. (A candidate model the kernel would refuse raises the kernel's own error in ``load_candidate``.)"""
+
+
+@dataclass(frozen=True)
+class CandidateModel:
+    """A candidate model version, checked as the kernel checks one before it decides with it."""
+
+    session: object  # onnxruntime.InferenceSession (CPU)
+    labels: tuple[str, ...]  # the class of each value of a row of ``output``
+    input: str  # the graph input the pipeline's fields are encoded into
+    output: str  # the graph output read as class scores
+    identity: dict  # {"path", "onnx_sha256", "config_sha256"}: what was run
+
+
+class _OneModel:
+    """A stand-in for the model hub that holds only the candidate: the registry's binding checks ask it."""
+
+    def __init__(self, version):
+        self._version = version
+
+    def get(self, name, version=None):
+        return self._version
+
+
+@dataclass(frozen=True)
+class _Version:  # what the binding checks read of a loaded model version
+    name: str
+    version: str
+    config: object
+
+
+def load_candidate(folder: str | Path, pipeline: Pipeline) -> CandidateModel:
+    """The candidate model version in ``folder`` (model.onnx, and model.toml or a config derived from the
+    graph as the kernel derives one), refused as the kernel would refuse it: ``model.toml`` against the
+    graph (``check_against_graph``, as a load), then the pipeline bound to it (``PipelineRegistry._bind``:
+    input name and width, output and its labels, the policy's classes and score reads). Raises
+    ``ModelConfigError`` (the folder, its files, the graph check) or ``PipelineError`` (the binding), each
+    with the kernel's own text."""
+    import onnxruntime as ort
+
+    from ..models import config as model_config
+    from ..models.errors import ModelConfigError
+    from ..models.runtime import check_against_graph, derive_config, file_sha256
+
+    path = Path(folder)
+    name, version = path.resolve().parent.name, path.resolve().name
+    toml, onnx_path = path / "model.toml", path / "model.onnx"
+    if not path.is_dir():
+        raise ModelConfigError(path, "", "is not a model version folder (model.onnx, and model.toml)")
+    config, config_sha256 = (model_config.load_with_digest(toml, name, version) if toml.is_file() else (None, ""))
+    try:
+        onnx_sha256 = file_sha256(onnx_path)  # before the session reads it: names what was run
+    except OSError as exc:
+        raise ModelConfigError(onnx_path, "", f"cannot be read: {exc.strerror or exc}") from None
+    options = ort.SessionOptions()
+    options.log_severity_level = 4  # a refusal is said once, by the caller
+    try:
+        session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises several exception types for a bad file
+        raise ModelConfigError(onnx_path, "", f"onnxruntime cannot load it: {exc}") from None
+    if config is None:
+        config = derive_config(session, name, version, onnx_path)
+    else:
+        check_against_graph(config, session, toml)
+    registry = PipelineRegistry(path, _OneModel(_Version(name, version, config)), load_policy=None, poll_s=0)
+    registry._bind(pipeline)  # the kernel's own binding checks, against this version alone
+    labels = next(spec.labels for spec in config.outputs if spec.name == pipeline.output)
+    identity = {"path": str(path.resolve()), "onnx_sha256": onnx_sha256, "config_sha256": config_sha256}
+    return CandidateModel(session, tuple(labels), pipeline.input, pipeline.output, identity)
 
 
 @dataclass
@@ -40,6 +127,7 @@ class ReplayReport:
     changed: int = 0  # action or outcome differs
     rules_changed: int = 0  # same action and outcome, other deciding rules
     skipped: int = 0  # records that could not be re-evaluated (e.g. a field the candidate does not know)
+    fallbacks: int = 0  # of examined: FALLBACK decisions (no recorded scores) re-decided by the candidate model
     transitions: Counter = field(default_factory=Counter)  # (old action, new action) -> count
     outcome_transitions: Counter = field(default_factory=Counter)
     sample: list[dict] = field(default_factory=list)  # the first changed cases, for a person to read
@@ -61,7 +149,7 @@ class ReplayReport:
             "pipeline": self.pipeline, "policy": self.policy, "policy_hash": self.policy_hash,
             "candidate_model": self.candidate_model,
             "examined": self.examined, "changed": self.changed, "rules_changed": self.rules_changed,
-            "skipped": self.skipped,
+            "skipped": self.skipped, "fallbacks_redecided": self.fallbacks,
             "transitions": [{"from": a, "to": b, "count": n} for (a, b), n in sorted(self.transitions.items())],
             "outcome_transitions": [{"from": a, "to": b, "count": n}
                                     for (a, b), n in sorted(self.outcome_transitions.items())],
@@ -86,22 +174,26 @@ def _python(value: kpb.Value):
 
 
 class _Case:
-    __slots__ = ("record", "values", "scores")
+    __slots__ = ("record", "values", "scores", "labels")
 
-    def __init__(self, record, values, scores):
-        self.record, self.values, self.scores = record, values, scores
+    def __init__(self, record, values, scores, labels):
+        self.record, self.values, self.scores, self.labels = record, values, scores, labels
 
 
-def replay(records: Iterable[kpb.AuditRecord], pipeline: Pipeline, model=None, since_unix_ns: int = 0,
-           sample_size: int = 20, keep_cases: bool = False) -> ReplayReport:
+def replay(records: Iterable[kpb.AuditRecord], pipeline: Pipeline, model: CandidateModel | None = None,
+           since_unix_ns: int = 0, sample_size: int = 20, keep_cases: bool = False) -> ReplayReport:
     """Re-decide every DECISION record of ``pipeline.name`` with ``pipeline.policy``.
 
-    ``model``: an optional candidate ``(onnxruntime session, class labels in output order)``.
+    ``model``: an optional candidate from ``load_candidate`` (checked against ``pipeline`` there).
     ``keep_cases``: list every changed case in the report, not only the first ``sample_size``.
+    Raises ``ReplayError`` when the policy does not fit the class labels a record carries.
     """
+    if model is not None and not isinstance(model, CandidateModel):
+        raise TypeError("model: a CandidateModel from load_candidate (checked against the pipeline)")
     started = time.monotonic()
     report = ReplayReport(pipeline.name, f"{pipeline.policy.name} {pipeline.policy.version}", pipeline.policy.hash)
     chunk: list[_Case] = []
+    fitting: set[tuple[str, ...]] = set()  # recorded label sets the policy was checked against
     for record in records:
         if record.kind != kpb.DECISION or record.pipeline != pipeline.name:
             continue
@@ -109,9 +201,15 @@ def replay(records: Iterable[kpb.AuditRecord], pipeline: Pipeline, model=None, s
             continue
         if record.decision.error_code:
             continue
-        case = _case(record, pipeline, report)
+        case = _case(record, pipeline, report, model)
         if case is None:
             continue
+        if model is None and case.labels not in fitting:
+            _check_recorded_labels(pipeline, record, case.labels)
+            fitting.add(case.labels)
+        if chunk and case.labels != chunk[0].labels:  # a chunk is one score matrix: one set of classes
+            _evaluate(chunk, pipeline, model, report, sample_size, keep_cases)
+            chunk = []
         chunk.append(case)
         if len(chunk) >= CHUNK:
             _evaluate(chunk, pipeline, model, report, sample_size, keep_cases)
@@ -122,7 +220,19 @@ def replay(records: Iterable[kpb.AuditRecord], pipeline: Pipeline, model=None, s
     return report
 
 
-def _case(record, pipeline: Pipeline, report: ReplayReport) -> _Case | None:
+def _check_recorded_labels(pipeline: Pipeline, record, labels: tuple[str, ...]) -> None:
+    """The policy's classes and ``score.<class>`` reads against the class labels of a recorded decision,
+    as the kernel checks them against a model's labels when it binds a pipeline (same text)."""
+    model = record.decision.model
+    which = f"model '{model.model_name}' version {model.model_version}" if model.model_name else "the model"
+    try:
+        _check_classes(pipeline, f"decision #{record.sequence} as recorded (the scores of {which})", labels)
+    except PipelineError as exc:
+        raise ReplayError(f"{exc}; replay only decisions of a model the policy fits (--since), or give "
+                          "--model") from None
+
+
+def _case(record, pipeline: Pipeline, report: ReplayReport, model: CandidateModel | None = None) -> _Case | None:
     values = {}
     for spec in pipeline.fields:
         if spec.name in record.inputs:
@@ -133,30 +243,29 @@ def _case(record, pipeline: Pipeline, report: ReplayReport) -> _Case | None:
             return None
         else:
             values[spec.name] = spec.default
+    if model is not None:  # the candidate scores every case from its inputs: FALLBACKs (no scores) too
+        return _Case(record, values, None, model.labels)
     scores = dict(record.model_outputs) or dict(record.decision.model.class_scores)
     if not scores:
         report.skipped += 1
-        report.skipped_reasons["no recorded model outputs"] += 1
+        report.skipped_reasons["no recorded model outputs (the model failed: give --model to re-decide)"] += 1
         return None
-    return _Case(record, values, scores)
+    return _Case(record, values, scores, tuple(sorted(scores)))  # (map order is none: ties break alphabetically)
 
 
 def _evaluate(chunk: list[_Case], pipeline: Pipeline, model, report: ReplayReport, sample_size: int,
               keep_cases: bool) -> None:
     n = len(chunk)
+    labels = list(chunk[0].labels)  # one set of classes per chunk (replay cuts chunks where it changes)
     if model is not None:
-        model_session, labels = model
-        labels = list(labels)
         x = encode_rows(pipeline.fields, [c.values for c in chunk], pipeline.width)
-        feeds = {model_session.get_inputs()[0].name: x}
-        names = [o.name for o in model_session.get_outputs()]
-        output = model_session.run(names, feeds)[names.index(pipeline.output) if pipeline.output in names else 0]
-        scores = np.asarray(output, dtype=np.float64).reshape(n, -1)
-        if scores.shape[1] != len(labels):
-            raise ValueError(f"the candidate model gives {scores.shape[1]} classes; the records have {len(labels)}")
+        (output,) = model.session.run([model.output], {model.input: x})  # by name, as bound: never another
+        scores = np.asarray(output, dtype=np.float64)
+        if scores.shape != (n, len(labels)):
+            raise ReplayError(f"the candidate model's output '{model.output}' has shape {list(scores.shape)} "
+                              f"for {n} rows; its labels say {len(labels)} values a row")
     else:
-        labels = sorted(chunk[0].scores)  # protobuf maps have no order; ties then break alphabetically
-        scores = np.array([[c.scores.get(name, 0.0) for name in labels] for c in chunk], dtype=np.float64)
+        scores = np.array([[c.scores[name] for name in labels] for c in chunk], dtype=np.float64)
     best = scores.argmax(axis=1)
     confidence = scores[np.arange(n), best]
     outputs = {"label": np.array([labels[i] for i in best], dtype=object), "confidence": confidence}
@@ -173,6 +282,7 @@ def _evaluate(chunk: list[_Case], pipeline: Pipeline, model, report: ReplayRepor
         old_rules = [r.rule_id for r in old.reasons]
         new_rules = [str(rule) for rule in result.fired[k]]
         report.examined += 1
+        report.fallbacks += old.outcome == kpb.FALLBACK
         report.transitions[(old.action, new_action)] += 1
         report.outcome_transitions[(old_outcome, new_outcome)] += 1
         if new_action != old.action or new_outcome != old_outcome:

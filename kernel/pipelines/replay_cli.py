@@ -12,7 +12,16 @@ of its model.onnx and model.toml) when ``--model`` is given.
 Exit codes: 0 done (whether or not decisions change, unless
 ``--fail-on-change``), 1 ``--fail-on-change`` and some decision or its
 deciding rules would change, or the log is damaged, 2 the command could not
-run (bad file, no such directory).
+run (bad file, no such directory, a candidate the kernel would refuse, a
+policy that does not fit the recorded classes), said in one line.
+
+A candidate is checked as the kernel checks it before anything is
+re-decided: ``--model``'s model.toml against its graph (as a load), then the
+pipeline bound to it (input name and width, output and its labels, the
+policy's classes and ``score.<class>`` reads); without ``--model`` the
+policy's classes and score reads against the class labels each recorded
+decision carries. With ``--model``, FALLBACK decisions (the model failed:
+no scores were recorded) are re-decided from their recorded inputs too.
 """
 
 from __future__ import annotations
@@ -22,7 +31,7 @@ import json
 import sys
 from pathlib import Path
 
-from .replay import ReplayReport, replay
+from .replay import ReplayError, ReplayReport, load_candidate, replay
 from .spec import PipelineError, load_pipeline
 
 
@@ -41,44 +50,49 @@ def add_arguments(parser: argparse.ArgumentParser, parse_time) -> None:
                         help="exit 1 when any decision, outcome or deciding rule would change (a gate in CI)")
 
 
-def _candidate_model(folder: str, output: str):
-    import onnxruntime as ort
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())  # (onnxruntime's messages run over several lines)
+    return text if isinstance(exc, (PipelineError, ValueError, OSError)) and text else f"{type(exc).__name__}: {text}"
 
-    from ..models import config as model_config
-    from ..models.runtime import file_sha256
 
-    path = Path(folder)
-    config, config_sha256 = model_config.load_with_digest(path / "model.toml", path.parent.name, path.name)
-    labels = next((spec.labels for spec in config.outputs if spec.name == output), ())
-    if not labels:
-        raise PipelineError(f"{path / 'model.toml'}: output '{output}' has no class labels")
-    onnx_sha256 = file_sha256(path / "model.onnx")  # before the session reads it: names what was run
-    session = ort.InferenceSession(str(path / "model.onnx"), providers=["CPUExecutionProvider"])
-    identity = {"path": str(path.resolve()), "onnx_sha256": onnx_sha256, "config_sha256": config_sha256}
-    return (session, labels), identity
+def _cannot_run(problem: str) -> int:
+    print(f"aios-kernel audit replay: {problem}", file=sys.stderr)
+    return 2
 
 
 def run(args) -> int:
     from ..audit import RecordFilter, iter_directory
+    from ..audit.errors import AuditError
+    from ..models.errors import ModelConfigError
     from ..policy import PolicyError, load_policy
 
     directory = Path(args.directory)
     if not directory.is_dir():
-        print(f"aios-kernel audit replay: {directory} is not a directory", file=sys.stderr)
-        return 2
+        return _cannot_run(f"{directory} is not a directory")
     try:
         pipeline = load_pipeline(args.pipeline, lambda _named: load_policy(args.policy))
-        model, identity = _candidate_model(args.model, pipeline.output) if args.model else (None, None)
-    except (PipelineError, PolicyError, OSError) as exc:
-        print(f"aios-kernel audit replay: {exc}", file=sys.stderr)
-        return 2
+        # Refused here as the kernel refuses it (the graph check of a load, then the pipeline's binding):
+        # a candidate the kernel would not decide with has no decisions to compare.
+        model = load_candidate(args.model, pipeline) if args.model else None
+    except (PipelineError, PolicyError, ModelConfigError, ReplayError, OSError) as exc:
+        return _cannot_run(_one_line(exc))
     records = iter_directory(directory, 0, RecordFilter(pipeline=pipeline.name, since_unix_ns=args.since or None))
-    report = replay(records, pipeline, model=model, since_unix_ns=args.since, sample_size=args.sample,
-                    keep_cases=bool(args.report))
-    report.candidate_model = identity
+    try:
+        report = replay(records, pipeline, model=model, since_unix_ns=args.since, sample_size=args.sample,
+                        keep_cases=bool(args.report))
+    except AuditError:
+        raise  # damage in the log: exit 1, said by the caller
+    except ReplayError as exc:  # the policy does not fit the classes a record carries
+        return _cannot_run(_one_line(exc))
+    except Exception as exc:  # exit 1 means "would change": a replay that could not finish must not read so
+        return _cannot_run(f"could not re-decide the recorded decisions: {_one_line(exc)}")
+    report.candidate_model = model.identity if model is not None else None
     _print(report)
     if args.report:
-        Path(args.report).write_text(json.dumps(report.as_json(), indent=2) + "\n")
+        try:
+            Path(args.report).write_text(json.dumps(report.as_json(), indent=2) + "\n")
+        except OSError as exc:
+            return _cannot_run(f"--report {args.report}: cannot write: {exc.strerror or exc}")
         print(f"report: {args.report} (all {report.changed} changed and {report.rules_changed} rules-only cases)")
     return 1 if args.fail_on_change and report.any_change else 0
 
@@ -90,7 +104,8 @@ def _print(report: ReplayReport) -> None:
           + (f" and model {model['path']} (onnx {model['onnx_sha256'][:12]})" if model else "")
           + f" in {report.seconds:.2f} s: {report.changed} would change"
           + f", {report.rules_changed} keep their action for other rules"
-          + (f", {report.skipped} skipped" if report.skipped else ""))
+          + (f", {report.skipped} skipped" if report.skipped else "")
+          + (f" ({report.fallbacks} FALLBACK decisions re-decided by the model)" if report.fallbacks else ""))
     _print_baselines(report)
     if report.transitions:
         print("\n  from -> to                      count")
