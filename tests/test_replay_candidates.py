@@ -188,8 +188,26 @@ def test_a_candidate_policy_reading_a_class_the_records_lack_is_refused(recorded
 
 
 def test_a_failure_while_re_deciding_is_exit_2_never_the_gates_exit_1(recorded, tmp_path, capsys):
-    """A candidate the kernel binds but cannot run on the encoded fields (an FP64 input; the fields encode
-    float32): onnxruntime fails mid-replay. One line, exit 2: a CI gate must not read it as a change."""
+    """A candidate the kernel binds but that fails inside onnxruntime (it gathers a column past the row's end:
+    fine by shape, an error when run). One line, exit 2: a CI gate must not read it as a change."""
+    _, _, good, _ = recorded
+    w, b = _weights(good)
+    columns = np.array([*range(w.shape[0] - 1), 99], np.int64)  # column 99 does not exist
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["features", "columns"], ["picked"], axis=1),
+         helper.make_node("Gemm", ["picked", "W0", "B0"], ["logits"]),
+         helper.make_node("Softmax", ["logits"], ["probabilities"], axis=-1)],
+        "past_the_row", [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", w.shape[0]])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", w.shape[1]])],
+        initializer=[numpy_helper.from_array(w, "W0"), numpy_helper.from_array(b, "B0"),
+                     numpy_helper.from_array(columns, "columns")])
+    folder = _candidate(good, tmp_path / "claims_triage" / "2", _finish(graph), [])
+    line = _refused(*_run(capsys, recorded, "--model", str(folder), "--fail-on-change"))
+    assert "could not re-decide the recorded decisions:" in line, line
+
+
+def test_a_candidate_taking_another_input_type_is_refused_at_binding(recorded, tmp_path, capsys):
+    """An FP64 input bound (and then failed on every decision in the kernel); pipelines encode FP32 rows."""
     _, _, good, _ = recorded
     w, b = _weights(good)
     graph = helper.make_graph(
@@ -202,7 +220,7 @@ def test_a_failure_while_re_deciding_is_exit_2_never_the_gates_exit_1(recorded, 
     folder = _candidate(good, tmp_path / "claims_triage" / "2", _finish(graph),
                         [('datatype = "FP32"\ndims = [14]', 'datatype = "FP64"\ndims = [14]')])
     line = _refused(*_run(capsys, recorded, "--model", str(folder), "--fail-on-change"))
-    assert "could not re-decide the recorded decisions:" in line and "double" in line, line
+    assert line.endswith("[model].input: 'features' of model 'claims_triage' takes FP64; pipelines encode FP32 rows"), line
 
 
 # -- finding 3: a candidate the kernel would refuse to bind ------------------------------------------

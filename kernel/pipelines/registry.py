@@ -327,6 +327,9 @@ class PipelineRegistry:
             raise fail("input", f"model '{mv.name}' has no input '{pipeline.input}' (has {', '.join(inputs)})")
         if len(inputs) != 1:
             raise fail("input", f"model '{mv.name}' takes {len(inputs)} inputs; pipelines feed exactly one")
+        kind = inputs[pipeline.input].datatype.name
+        if kind != "FP32":  # (it bound, and then every decision failed in onnxruntime: a FALLBACK each)
+            raise fail("input", f"'{pipeline.input}' of model '{mv.name}' takes {kind}; pipelines encode FP32 rows")
         dims = inputs[pipeline.input].dims
         if tuple(dims) not in ((pipeline.width,), (-1,)):
             raise fail("input", f"the fields encode {pipeline.width} columns but '{pipeline.input}' takes {list(dims)}")
