@@ -266,3 +266,12 @@ def test_a_threaded_watch_hears_of_changes_only():
     health.set("", NOT_SERVING)
     health.set("", NOT_SERVING)  # unchanged
     assert sent == [SERVING, NOT_SERVING]
+
+
+def test_list_answers_every_service_it_checks(kernel, channel):
+    """grpc.health.v1 List (reflection listed it; it answered UNIMPLEMENTED, cross-language audit)."""
+    stub = health_pb2_grpc.HealthStub(channel)
+    listing = stub.List(health_pb2.HealthListRequest(), timeout=10).statuses
+    assert "" in listing and len(listing) > 1
+    for service, answer in listing.items():
+        assert stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status == answer.status

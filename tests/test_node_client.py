@@ -141,3 +141,128 @@ def test_node_decide_stream_answers_each_request_by_id(report, channel):
         expected = python_decide(channel, sent[request_id], f"python-{request_id}")
         assert (answer["action"], answer["outcome"]) == (expected.action, kpb.Outcome.Name(expected.outcome)), request_id
     assert len({a["action"] for a in answers.values()}) > 1  # the claims differ enough to be told apart
+
+
+# ── the client a JavaScript caller uses: values, refusals, retries, streams, channel (clients/node/aios_client.js) ──
+
+INT64_MIN = -(2**63)
+
+
+def test_node_refuses_values_it_would_send_wrong_naming_the_field(report):
+    values = report["values"]
+    # protobufjs wraps an int64 modulo 2^64 without a word (2**64 + 5 decided as 5; 2**63 arrives negative).
+    for case in ("too_large", "int64_max_plus_one", "raw_int_value_too_large"):
+        assert values[case]["error"] == "RangeError", case
+        assert "prior_claims" in values[case]["message"], case
+    assert str(2**64 + 5) in values["too_large"]["message"]
+    # int64's own edge goes out exact: the kernel quotes it back unwrapped.
+    assert values["int64_min"]["code"] == "INVALID_ARGUMENT"
+    assert "prior_claims" in values["int64_min"]["details"] and str(INT64_MIN) in values["int64_min"]["details"]
+    # A lone surrogate is refused before sending, naming the field (the kernel can only say "bad UTF-8").
+    assert values["lone_surrogate_text"]["error"] == "TypeError"
+    assert "description" in values["lone_surrogate_text"]["message"]
+    assert "customer_tier" in values["lone_surrogate_field"]["message"]
+
+
+def test_node_sends_minus_zero_as_zero(report, channel):
+    values = report["values"]
+    assert values["minus_zero_is_zero"] is True
+    sent = values["minus_zero_request"]
+    assert sent["fields"]["fraud_score"] == {"number_value": 0}
+    # The input hash is that of 0.0: -0 would hash differently (and miss an idempotent replay).
+    expected = python_decide(channel, sent, "python-minus-zero")
+    assert values["minus_zero_input_hash"] == expected.input_hash
+
+
+def test_node_refusals_carry_the_kernels_trailers(report):
+    aborted = report["refusals"]["aborted"]
+    assert aborted["kernel_error"] and aborted["has_metadata"]
+    assert (aborted["code"], aborted["numeric_code"]) == ("ABORTED", grpc.StatusCode.ABORTED.value[0])
+    assert "idempotency_key" in aborted["details"]
+    assert isinstance(aborted["retry_after_ms"], int) and aborted["retry_after_ms"] >= 0
+    assert aborted["retry_after_ms_helper"] == aborted["retry_after_ms"]
+    assert aborted["audit_sequence"] is None and aborted["audit_sequence_helper"] is None
+
+    late = report["refusals"]["late"]  # made after its timeout_ms, recorded all the same
+    assert late["code"] == "DEADLINE_EXCEEDED" and late["audit_sequence_type"] == "string"
+    assert late["audit_sequence"].isdigit() and late["audit_sequence_helper"] == late["audit_sequence"]
+    assert f"audit sequence {late['audit_sequence']}" in late["details"]
+    assert late["replay"] == {"replayed": True, "audit_sequence": late["audit_sequence"]}
+
+
+def test_node_decide_retries_as_the_readme_says(report):
+    refusals = report["refusals"]
+    retried = refusals["retried"]  # twelve calls with one idempotency key at once, retries: 8
+    results = retried["results"]
+    assert all(r["code"] == "OK" for r in results), results
+    assert len({r["audit_sequence"] for r in results}) == 1  # one decision ...
+    assert sum(not r["replayed"] for r in results) == 1  # ... made once, replayed to the others
+    assert retried["attempts"] > retried["calls"]  # ABORTED answers were sent again
+    # DEADLINE_EXCEEDED is sent again with an idempotency key (the retry gets the recorded decision) ...
+    assert refusals["late_retried"] is not None, "no late decision was retried"
+    assert refusals["late_retried"]["code"] == "OK" and refusals["late_retried"]["attempts"] > 1
+    # ... never without one (a retry could decide twice).
+    assert refusals["unkeyed_deadline"] == {"code": "DEADLINE_EXCEEDED", "attempts": 1}
+
+
+def test_node_per_call_deadline_and_metadata(report):
+    refusals = report["refusals"]
+    defaults = refusals["defaults"]  # the client's own: deadlineMs 7000, its metadata
+    assert defaults["metadata"] == {"x-aios-client": "node-check"}
+    assert 6000 < defaults["deadline_ms"] <= 7000
+    per_call = refusals["per_call"]  # a call's own deadline, its metadata added to the client's
+    assert per_call["method"].endswith("/Decide")
+    assert 2000 < per_call["deadline_ms"] <= 2500
+    assert per_call["metadata"] == {"x-aios-client": "node-check", "x-request-tag": "call-1"}
+    assert refusals["tiny_deadline"]["code"] == "DEADLINE_EXCEEDED"
+
+
+def test_node_stream_is_not_held_to_the_unary_deadline(report):
+    many = report["streams"]["many"]
+    assert many["stream_deadline_ms"] is None  # no deadline on the stream unless asked
+    assert many["answers"] == many["distinct_ids"] == many["requests"] == 1500 and many["errors"] == 0
+    assert many["elapsed_ms"] > many["unary_deadline_ms"]  # it did outlast the client's unary deadline
+    assert many["audit_sequence_types"] == ["string"]
+
+
+def test_node_stream_deadline_keeps_the_answers_received(report):
+    # Three answers, then the caller dawdles past the stream's own 700 ms deadline.
+    assert report["streams"]["stream_deadline"] == {"code": "DEADLINE_EXCEEDED", "answers": 3}
+
+
+def test_node_stream_yields_answers_as_they_come_and_can_be_cancelled(report):
+    streams = report["streams"]
+    assert streams["cancelled"] == {"got": 5, "threw": None, "status": "CANCELLED"}
+    assert streams["broke_out"] == {"status": "CANCELLED"}
+    backpressure = streams["backpressure"]
+    assert backpressure["drain_waits"] > 0  # the writer waited for room instead of buffering without bound
+    assert backpressure["written"] == backpressure["answers"] == backpressure["distinct_ids"] == 32
+    assert streams["bad_request"]["error"] == "RangeError" and "prior_claims" in streams["bad_request"]["message"]
+
+
+def test_node_channel_takes_credentials_and_options(report):
+    chan = report["channel"]
+    assert chan["explicit_insecure_live"] is True
+    # A channel option reached the channel: a 64-byte receive limit refuses ModelMetadata's answer.
+    assert chan["max_receive_64"]["code"] == "RESOURCE_EXHAUSTED"
+
+
+def test_node_health_proto_matches_grpcs(report):
+    from grpc_health.v1 import health_pb2
+
+    service = health_pb2.DESCRIPTOR.services_by_name["Health"]
+    assert report["channel"]["health_methods"] == [m.name for m in service.methods]
+    listed = report["channel"]["health_list"]
+    if listed["code"] == "OK":
+        assert listed["statuses"].get("aios.kernel.v1.DecisionService") == "SERVING"
+    else:  # the kernel's servicer does not implement List (yet): the call is still well-formed
+        assert listed["code"] == "UNIMPLEMENTED"
+
+
+def test_node_gets_int64_as_exact_strings(report, channel):
+    got = report["int64"]
+    assert got["created_type"] == got["audit_from_sequence_type"] == "string"
+    assert report["decide"]["phase_timing_types"] == ["string"]
+    task = kgrpc.TaskServiceStub(channel).GetTask(kpb.TaskRef(task_id=got["task_id"]), timeout=10)
+    assert task.created_unix_ns > 2**53  # a double would have lost its low bits
+    assert got["created_unix_ns"] == str(task.created_unix_ns)

@@ -24,6 +24,13 @@ Response = health_pb2.HealthCheckResponse
 UNKNOWN = Response.SERVICE_UNKNOWN  # what a watch of a name with no status is sent (grpc's servicer does the same)
 
 
+def _listing(statuses: dict) -> health_pb2.HealthListResponse:
+    listing = health_pb2.HealthListResponse()
+    for service, status in statuses.items():
+        listing.statuses[service].status = status
+    return listing
+
+
 def _not_found(service: str) -> str:
     return f"no health status for service '{service}': ask for '' (the whole kernel) or a served service's full name"
 
@@ -45,6 +52,11 @@ class ThreadedHealth(health_pb2_grpc.HealthServicer):
         if status is None:
             context.abort(grpc.StatusCode.NOT_FOUND, _not_found(request.service))
         return Response(status=status)
+
+    def List(self, request, context):
+        """Every service's status (grpc.health.v1; reflection listed it, and it answered UNIMPLEMENTED)."""
+        with self._lock:
+            return _listing(self._status)
 
     def Watch(self, request, context, send_response_callback=None):
         send = send_response_callback
@@ -104,6 +116,9 @@ class AsyncHealth(health_pb2_grpc.HealthServicer):
         if status is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, _not_found(request.service))
         return Response(status=status)
+
+    async def List(self, request, context):
+        return _listing(self._status)
 
     async def Watch(self, request, context):
         sent = None
