@@ -17,6 +17,7 @@ with the same SQLITE_FULL ("database or disk is full") a full disk gives.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -80,10 +81,19 @@ def damage_table(path: Path, table: str) -> None:
         file.write(os.urandom(page))
 
 
+@functools.lru_cache(maxsize=1)
+def _claims_models() -> Path:
+    """The claims demo's small model, built once for this module (a fresh clone has no examples/claims/models:
+    `make serve` builds them, `make test` does not)."""
+    from claims_support import build_small_model
+
+    return build_small_model(Path(tempfile.mkdtemp(prefix="aios-store-errors-models-")))
+
+
 def serve(data_dir: Path, timeout: float = 90) -> subprocess.CompletedProcess:
     """``aios-kernel serve`` on the claims demo; returns once it exits (a start refused) or kills it at timeout."""
     return subprocess.run(
-        [sys.executable, "-m", "kernel", "serve", "--models", str(CLAIMS / "models"), "--pipelines",
+        [sys.executable, "-m", "kernel", "serve", "--models", str(_claims_models()), "--pipelines",
          str(CLAIMS / "pipelines"), "--port", "0", "--data-dir", str(data_dir)],
         capture_output=True, text=True, timeout=timeout, cwd=ROOT, check=False)
 
