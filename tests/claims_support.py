@@ -27,6 +27,15 @@ def build_small_model(folder: Path, provider: str = "auto") -> Path:
     return folder
 
 
+def loaded_hub(folder: Path):
+    """A ``ModelHub`` over the claims model built into ``folder``, every model loaded (registry tests)."""
+    from kernel.models import ModelHub
+
+    hub = ModelHub(build_small_model(folder))
+    hub.load_all()
+    return hub
+
+
 def copy_pipelines(folder: Path) -> Path:
     """A private copy of the claims pipeline and policy (tests upload and edit them)."""
     folder.mkdir(parents=True, exist_ok=True)

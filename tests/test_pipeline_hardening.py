@@ -10,11 +10,9 @@ from pathlib import Path
 
 import grpc
 import pytest
-from claims_support import copy_pipelines
+from claims_support import copy_pipelines, loaded_hub
 
-from examples.claims import build_models
 from kernel.errors import DeadlineExceeded, InvalidArgument, NotFound
-from kernel.models import ModelHub
 from kernel.pipelines import PipelineError, PipelineRegistry, parse_pipeline
 from kernel.policy import load_policy, parse_policy
 
@@ -26,11 +24,7 @@ POLICY_TEXT = (CLAIMS / "policy.toml").read_text()
 
 @pytest.fixture(scope="module")
 def hub(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("hardening_models")
-    build_models.build(folder, models=build_models.MODELS[:1], log=lambda line: None)
-    hub = ModelHub(folder)
-    hub.load_all()
-    return hub
+    return loaded_hub(tmp_path_factory.mktemp("hardening_models"))
 
 
 @pytest.fixture

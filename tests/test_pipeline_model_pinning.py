@@ -13,7 +13,6 @@ import shutil
 import grpc
 import numpy as np
 import onnx
-import pytest
 from onnx import numpy_helper
 
 from claims_support import build_small_model, claim_request

@@ -7,10 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from claims_support import copy_pipelines
+from claims_support import copy_pipelines, loaded_hub
 
-from examples.claims import build_models, data, features
-from kernel.models import ModelHub
+from examples.claims import data, features
 from kernel.pipelines import (
     PipelineError,
     PipelineRegistry,
@@ -27,11 +26,7 @@ PIPELINE = CLAIMS / "claims_triage.toml"
 
 @pytest.fixture(scope="module")
 def hub(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("claims_models")
-    build_models.build(folder, models=build_models.MODELS[:1], log=lambda line: None)
-    hub = ModelHub(folder)
-    hub.load_all()
-    return hub
+    return loaded_hub(tmp_path_factory.mktemp("claims_models"))
 
 
 @pytest.fixture
