@@ -18,7 +18,7 @@ import pytest
 from conftest import start_kernel
 from kernel._proto.inference import grpc_service_pb2 as pb
 from kernel._proto.inference import grpc_service_pb2_grpc as pb_grpc
-from kernel.api.stream_window import MAX_IN_FLIGHT
+from kernel.scheduling.stream_window import MAX_IN_FLIGHT
 from kernel.testing import onnx_models
 from lane_support import SLOW_ROWS, request_for, save_slow_model, until
 

@@ -23,12 +23,12 @@ from .._proto.inference import grpc_service_pb2 as pb
 from ..errors import Internal, KernelError, clamp
 from ..ids import random_hex
 from .inference import InferenceService
+from ..scheduling.stream_window import MAX_IN_FLIGHT, StreamWindow
 from ..scheduling.types import ITEM_EXPIRED, ITEM_QUEUED
 from . import answer_later
 from .aio_wait import attach, wait_finished
 from .call_budget import CallBudget
 from .registration import ensure_parsed, generic_handler
-from .stream_window import MAX_IN_FLIGHT, StreamWindow
 
 log = logging.getLogger("aios.api")
 

@@ -24,13 +24,13 @@ from collections.abc import Iterator
 
 from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
 from ..errors import Cancelled, InvalidArgument, KernelError
+from ..scheduling.stream_window import MAX_IN_FLIGHT, StreamWindow
 from ..threads import name_native_thread
 from .flow import ANONYMOUS, DecisionEngine, Pending
 from .group_finish import RECORDED_TRAILER
 
 log = logging.getLogger("aios.decisions")
 
-MAX_IN_FLIGHT = 1024  # per stream; the reader stops taking requests beyond it (back-pressure)
 
 _END = object()
 
@@ -72,16 +72,9 @@ def _unparsed(request) -> InvalidArgument:
 def decide_stream(engine: DecisionEngine, requests: Iterator, ctx, principal: str = ANONYMOUS) -> Iterator[kpb.Decision]:
     events: queue.SimpleQueue = queue.SimpleQueue()
     slots = threading.BoundedSemaphore(MAX_IN_FLIGHT)
-    queued: dict[int, Pending] = {}  # id(item) -> pending, to cancel what is still queued when the call ends
+    window = StreamWindow(engine.inference)  # what is still queued: deadlines watched, cancelled at the call's end
     lock = threading.Lock()
     taken = [0]  # requests the reader took (each is answered exactly once)
-
-    def finished(pending: Pending) -> None:
-        with lock:
-            queued.pop(id(pending.item), None)
-        if pending.watch is not None:
-            engine.inference.expiry.forget(pending.watch)
-        events.put(pending)
 
     def read() -> None:
         name_native_thread()  # (so per-thread CPU tells the stream's reader from the handler threads)
@@ -97,17 +90,10 @@ def decide_stream(engine: DecisionEngine, requests: Iterator, ctx, principal: st
                     events.put(pending)
                     continue
                 # Decided with every other finished decision (unary ones too) on the finisher thread;
-                # on_done then only hands the answer to this stream.
-                engine.finish_in_groups(pending).on_done = lambda _item, p=pending: finished(p)
-                # Expired at its deadline by the timer, as a unary call's (else only when its batch forms).
-                pending.watch = engine.inference.watch_deadline(pending.item)
-                with lock:
-                    queued[id(pending.item)] = pending
+                # on_done (the window's) then only hands the answer to this stream.
                 try:
-                    engine.inference.submit(pending.item, pending.watch)
+                    window.submit(engine.finish_in_groups(pending), lambda _item, p=pending: events.put(p))
                 except Exception as exc:  # refused at admission: RESOURCE_EXHAUSTED with its retry hint
-                    with lock:
-                        queued.pop(id(pending.item), None)
                     engine.release(pending)
                     events.put((request, exc))
         except Exception as exc:  # the request stream itself broke (bad bytes are answered per message above)
@@ -115,13 +101,7 @@ def decide_stream(engine: DecisionEngine, requests: Iterator, ctx, principal: st
         finally:
             events.put(_END)
 
-    def cancel_queued() -> None:
-        with lock:
-            pending = list(queued.values())
-        for p in pending:
-            engine.inference.cancel(p.item)
-
-    ctx.on_done(cancel_queued)
+    ctx.on_done(window.cancel_all)
     reader = threading.Thread(target=read, name="decide-stream-reader", daemon=True)
     reader.start()
     reading = True

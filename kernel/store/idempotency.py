@@ -39,10 +39,7 @@ def request_hash(request: kpb.DecisionRequest) -> str:
     JavaScript's numbers, -0.0 and 0), as the pipeline reads it. Hashing the Value's kind too made a Node
     client's retry of a Python client's call a FAILED_PRECONDITION "different request" (cross-language audit).
     """
-    copy = kpb.DecisionRequest()
-    copy.CopyFrom(request)
-    copy.request_id = ""
-    copy.timeout_ms = 0
+    copy = _without_call_details(request)
     for value in copy.fields.values():
         if value.WhichOneof("kind") == "number_value":
             number = value.number_value
@@ -59,11 +56,16 @@ def matches(stored_hash: str, request: kpb.DecisionRequest, digest: str) -> bool
 
 def legacy_request_hash(request: kpb.DecisionRequest) -> str:
     """``request_hash`` as kernels before 2026-11-27 computed it (each Value's kind as sent)."""
+    return hashlib.sha256(_without_call_details(request).SerializeToString(deterministic=True)).hexdigest()
+
+
+def _without_call_details(request: kpb.DecisionRequest) -> kpb.DecisionRequest:
+    """A copy of ``request`` without what differs between a call and its retry (request id, timeout)."""
     copy = kpb.DecisionRequest()
     copy.CopyFrom(request)
     copy.request_id = ""
     copy.timeout_ms = 0
-    return hashlib.sha256(copy.SerializeToString(deterministic=True)).hexdigest()
+    return copy
 
 
 def check_key(key: str, field: str = "idempotency_key") -> None:

@@ -1,8 +1,10 @@
-"""What one ModelStreamInfer call has queued: its deadlines watched, and taken out of the queue when the call ends.
+"""What one stream call (ModelStreamInfer, DecideStream) has queued: its deadlines watched, and taken out of
+the queue when the call ends.
 
-Both front ends queue a stream's requests as they arrive and answer them in
-request order (``frontends.InOrder``). Unary calls had two things a stream's
-requests lacked (stream audit, 2026-11-27):
+Streams queue their requests as they arrive, without waiting for answers.
+Unary calls had two things a ModelStreamInfer's requests lacked (stream
+audit, 2026-11-27; DecideStream kept its own copy of the second and lacked
+the first on the asyncio front end):
 
 * the expiry timer: a queued request's deadline was noticed only when a
   batch formed, so behind a 300 ms static window a request with a 100 ms
@@ -12,17 +14,17 @@ requests lacked (stream audit, 2026-11-27):
   of them still ran, held the model's queue against other callers and, on
   the threaded front end, the stream's handler thread until the last one.
 
-The bound on what a stream may have in flight (``MAX_IN_FLIGHT``, the same
-as DecideStream's) is taken by each front end's reader before it prepares a
-request and given back once the request's answer is sent, so a client that
-sends without reading is pushed back by its own transport.
+The bound on what a stream may have in flight (``MAX_IN_FLIGHT``) is taken
+by each stream's reader before it prepares a request and given back once the
+request's answer is sent, so a client that sends without reading is pushed
+back by its own transport.
 """
 
 from __future__ import annotations
 
 import threading
 
-from ..pipelines.stream import MAX_IN_FLIGHT
+MAX_IN_FLIGHT = 1024  # unanswered requests per stream; its reader stops taking requests beyond it (back-pressure)
 
 __all__ = ["MAX_IN_FLIGHT", "StreamWindow"]
 
@@ -33,7 +35,7 @@ class StreamWindow:
     __slots__ = ("_service", "_lock", "_queued")
 
     def __init__(self, service):
-        self._service = service  # kernel.api.inference.InferenceService
+        self._service = service  # kernel.api.inference.InferenceService (watch_deadline, expiry, submit, cancel)
         self._lock = threading.Lock()
         self._queued: dict[int, object] = {}  # id(item) -> item, from submit until its on_done
 
