@@ -120,17 +120,20 @@ async function checkRefusals(address) {
       const rejected = settled.filter((r) => r.status === 'rejected').map((r) => r.reason);
       if (rejected.length) out.aborted = refusal(rejected.find((e) => e.code === grpc.status.ABORTED) || rejected[0]);
     }
-    // The same race with retries: every call gets the one decision (replayed but for one).
-    const request = decisionRequest(PIPELINE, claim(), {}, { tenant: 'acme', idempotency_key: `node-race-retried-${Date.now()}` });
-    const before = seen.length;
-    const settled = await Promise.allSettled(Array.from({ length: 12 }, () => client.decide(request, { retries: 8 })));
-    out.retried = {
-      calls: 12,
-      attempts: seen.slice(before).filter((s) => s.method.endsWith('/Decide')).length,
-      results: settled.map((r) => (r.status === 'fulfilled'
-        ? { code: 'OK', replayed: r.value.replayed, audit_sequence: r.value.audit_sequence }
-        : { code: statusName(r.reason.code), details: r.reason.details })),
-    };
+    // The same race with retries: every call gets the one decision (replayed but for one). On a loaded
+    // machine the twelve calls can arrive one after another (none ABORTED, nothing retried): race again.
+    for (let round = 0; round < 10 && !(out.retried && out.retried.attempts > out.retried.calls); round += 1) {
+      const request = decisionRequest(PIPELINE, claim(), {}, { tenant: 'acme', idempotency_key: `node-race-retried-${Date.now()}-${round}` });
+      const before = seen.length;
+      const settled = await Promise.allSettled(Array.from({ length: 12 }, () => client.decide(request, { retries: 8 })));
+      out.retried = {
+        calls: 12,
+        attempts: seen.slice(before).filter((s) => s.method.endsWith('/Decide')).length,
+        results: settled.map((r) => (r.status === 'fulfilled'
+          ? { code: 'OK', replayed: r.value.replayed, audit_sequence: r.value.audit_sequence }
+          : { code: statusName(r.reason.code), details: r.reason.details })),
+      };
+    }
     // A decision made after the request's own timeout_ms: DEADLINE_EXCEEDED, recorded at the trailer's sequence.
     for (let i = 0; i < 300 && !out.late; i += 1) {
       const late = decisionRequest(PIPELINE, claim(), {}, { tenant: 'acme', timeout_ms: 1, idempotency_key: `node-late-${Date.now()}-${i}` });
@@ -144,11 +147,14 @@ async function checkRefusals(address) {
       }
     }
     // DEADLINE_EXCEEDED is retried with an idempotency key (the retry returns what was recorded) ...
+    // A first attempt that expired before it was decided records nothing, and its retries (same 1 ms
+    // timeout) may expire too on a loaded machine: look for a call whose retry found a recorded decision
+    // (two retries each, so a loaded machine's misses stay cheap: 50 and 100 ms pauses).
     out.late_retried = null;
-    for (let i = 0; i < 50 && !out.late_retried; i += 1) {
+    for (let i = 0; i < 50 && !(out.late_retried && out.late_retried.code === 'OK'); i += 1) {
       const late = decisionRequest(PIPELINE, claim(), {}, { tenant: 'acme', timeout_ms: 1, idempotency_key: `node-late-retry-${Date.now()}-${i}` });
       const mark = seen.length;
-      const result = await client.decide(late, { retries: 10 }).then(
+      const result = await client.decide(late, { retries: 2 }).then(
         (d) => ({ code: 'OK', replayed: d.replayed }), (e) => ({ code: statusName(e.code), details: e.details }));
       const attempts = seen.length - mark;
       if (attempts > 1) out.late_retried = { ...result, attempts };
