@@ -47,6 +47,7 @@ class LeaseTimer:
         self._pass = threading.Lock()  # one look at a time (the thread, or a test calling check())
         self._thread: threading.Thread | None = None
         self._stopped = False
+        self._settled = True  # the thread is waiting with no look due and no wake-up pending (settled())
         self._failing = RepeatedFailure(log, "publishing lapsed review leases")
 
     def start(self) -> None:
@@ -56,6 +57,7 @@ class LeaseTimer:
                 return
             self._checked = self._clock()  # a lease that lapsed before anyone watched is no news now
             self._next = self._checked  # look at once: learn the earliest lease from the store
+            self._settled = False
             self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
             self._thread.start()
 
@@ -64,6 +66,7 @@ class LeaseTimer:
         with self._cond:
             if expires_unix_ns and (not self._next or expires_unix_ns < self._next):
                 self._next = expires_unix_ns
+                self._settled = False
                 self._cond.notify()
 
     def stop(self, timeout_s: float = 5.0) -> None:
@@ -74,6 +77,13 @@ class LeaseTimer:
             self._cond.notify()
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout_s)
+
+    def settled(self) -> bool:
+        """Whether the thread (if started) has made every look due by the clock and woken for every claim:
+        what a test waits for before it moves a settable clock, or the thread's late first look would
+        take a lapse the test means to find itself."""
+        with self._cond:
+            return self._settled
 
     def check(self) -> int:
         """Look for leases that ended since the last look and publish them (via ``lapsed``); how many."""
@@ -106,5 +116,7 @@ class LeaseTimer:
                     # Forget it: the look finds every lease still running and expects the earliest again.
                     self._next = 0
                     return True
+                self._settled = True
                 self._cond.wait(None if left_s is None else min(left_s + SLACK_S, MAX_WAIT_S))  # none: until a claim
+                self._settled = False
             return False

@@ -178,6 +178,10 @@ class ReviewQueue:
         """Stop the lease timer (``end_watches`` does too); the database is the caller's to close."""
         self._leases.stop()
 
+    def leases_settled(self) -> bool:
+        """Whether the lease timer has made every look that is due (see ``LeaseTimer.settled``)."""
+        return self._leases.settled()
+
     def check_leases(self) -> int:
         """Publish the leases that lapsed since the last look (the timer does this when one ends); how many."""
         return self._leases.check()
