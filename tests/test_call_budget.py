@@ -153,7 +153,10 @@ def test_idle_streams_cannot_take_the_threads_kept_for_priority_one(tmp_path, an
         with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             decisions = kgrpc.DecisionServiceStub(channel)
             streams = [decisions.DecideStream(nothing_until_released(), timeout=60) for _ in range(14)]
-            until(lambda: server._calls_in_progress() == 14, "fourteen open streams")
+            # Admitted, not only arrived: a stream is admitted on its handler thread, and one still on its
+            # way there counts the 15th as it arrives, so both would be refused (call_budget.py).
+            until(lambda: server._budget.streams_admitted == 14 and server._calls_in_progress() == 14,
+                  "fourteen open streams")
             with pytest.raises(grpc.RpcError) as refused:
                 list(decisions.DecideStream(iter([claim_request(case)]), timeout=30))
             assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, refused.value.details()

@@ -13,10 +13,16 @@ calls still waiting for a thread count too) and those whose request has not
 arrived yet (``eager_receive``: such a call holds no thread yet) or that
 were handed on to be answered later (``answer_later``: they hold none any
 more), read without a lock.
+
+Calls are admitted on their handler threads, each counting the others in
+progress, so two calls that arrive together when one slot is left both count
+each other and both may be refused: the retry hint covers that, and the next
+try finds the slot (a lock here would order admissions, not arrivals).
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 
 from ..errors import ResourceExhausted
@@ -30,7 +36,7 @@ def default_reserve(workers: int) -> int:
 
 
 class CallBudget:
-    __slots__ = ("limit", "reserve", "_soft", "_in_progress", "refused")
+    __slots__ = ("limit", "reserve", "_soft", "_in_progress", "refused", "streams_admitted", "_lock")
 
     def __init__(self, limit: int, in_progress: Callable[[], int], reserve: int | None = None):
         self.limit = limit
@@ -38,12 +44,16 @@ class CallBudget:
         self._soft = limit - self.reserve
         self._in_progress = in_progress  # calls in progress, the asking one included
         self.refused = 0  # lower-priority calls turned away to keep the reserve
+        self.streams_admitted = 0  # streams let in (tests wait on it: admission runs on the handler thread)
+        self._lock = threading.Lock()  # (for streams_admitted: several handler threads admit at once)
 
     def admit_stream(self) -> None:
         """Refuse a stream that would eat the reserve. A stream holds its call slot for as long as it is open,
         whatever its messages' priorities: twenty idle streams took every slot, and then gRPC's own limit
         refused priority-1 calls with no retry hint."""
         self.admit(URGENT + 1)
+        with self._lock:
+            self.streams_admitted += 1
 
     def admit(self, priority: int) -> None:
         """Refuse a call of ``priority`` if it would eat the reserve."""
