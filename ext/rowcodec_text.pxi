@@ -52,8 +52,9 @@ cdef int _put_repr(Text* t, Slot* slot) except -1:
     cdef char* text
     cdef int n
     if slot.kind == SLOT_FLOAT:
-        # float.__repr__ itself: the shortest string that round-trips.
-        text = PyOS_double_to_string(slot.x, b'r', 0, Py_DTSF_ADD_DOT_0, NULL)
+        # float.__repr__ itself: the shortest string that round-trips; -0.0 as 0.0 (+ 0.0 clears only
+        # the sign of a zero), as provenance.input_hash writes it.
+        text = PyOS_double_to_string(slot.x + 0.0, b'r', 0, Py_DTSF_ADD_DOT_0, NULL)
         try:
             _put(t, text, len(text))
         finally:

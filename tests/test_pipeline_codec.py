@@ -215,3 +215,14 @@ def test_what_the_wire_reader_does_not_know_takes_the_object_path(codec_class):
     values, row, digest = codec.read_encode_hash(request, {})
     expected = defined(SPECS, WIDTH, "p", request, {})
     assert values == expected[0] and row.tobytes() == expected[1].tobytes() and digest == expected[2]
+
+
+@pytest.mark.parametrize("codec_class", CODECS)
+def test_minus_zero_is_the_same_input_as_zero(codec_class):
+    # -0.0 == 0.0 for the model and the policy: one input hash, or replay and dedup tell them apart.
+    codec = codec_class("p", SPECS, WIDTH)
+    hashes = {codec.read_encode_hash(request_of({"amount": 1.0, "score": score, "free": free}), {})[2]
+              for score, free in ((0.0, 0.0), (-0.0, 0.0), (0.0, -0.0), (-0.0, -0.0))}
+    assert len(hashes) == 1
+    assert codec.input_hash({**{s.name: s.default for s in SPECS}, "amount": 1.0, "free": -0.0}, {}) \
+        == codec.input_hash({**{s.name: s.default for s in SPECS}, "amount": 1.0, "free": 0.0}, {})

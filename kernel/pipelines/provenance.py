@@ -35,13 +35,21 @@ def input_hash(pipeline: str, values: dict, digests: dict[str, str], names: tupl
     U+001F. Python's ``repr`` of a float is its shortest round-trip form, so
     equal inputs always give equal text (JSON with sorted keys gave the same
     guarantee at several times the cost, on every decision). ``names``, when
-    given, is ``sorted(values)`` computed once per pipeline.
+    given, is ``sorted(values)`` computed once per pipeline. A float zero is
+    written ``0.0`` whatever its sign: -0.0 is the same input to the model and
+    the policy (``-0.0 == 0.0``), so it must hash the same (a client that
+    sends -0 would otherwise never match its own 0 in replay or dedup).
     """
     parts = [pipeline]
-    parts += [f"{name}={values[name]!r}" for name in (names if names is not None else sorted(values))]
+    parts += [f"{name}={_canonical(values[name])!r}" for name in (names if names is not None else sorted(values))]
     if digests:
         parts += [f"text:{name}={digests[name]}" for name in sorted(digests)]
     return hashlib.sha256("\x1f".join(parts).encode("utf-8")).hexdigest()
+
+
+def _canonical(value):
+    """``value``, with a float -0.0 as 0.0 (adding +0.0 is IEEE's way: only -0.0 changes)."""
+    return value + 0.0 if type(value) is float else value
 
 
 def new_record(kind: int, principal: str, tenant: str, request_id: str, idempotency_key: str, pipeline: str,
