@@ -29,7 +29,12 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc  # noqa: E402
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from bench import tiny_models  # noqa: E402
-from bench.perf_analyzer import PerfAnalyzerUnavailable, ensure_perf_analyzer, run_perf_analyzer  # noqa: E402
+from bench.perf_analyzer import (  # noqa: E402
+    PerfAnalyzerError,
+    PerfAnalyzerUnavailable,
+    ensure_perf_analyzer,
+    run_perf_analyzer,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MODEL_NAME = "tiny_mlp"
@@ -163,9 +168,17 @@ def test_perf_analyzer_against_naive_server(naive_server):
         ensure_perf_analyzer()
     except PerfAnalyzerUnavailable as exc:
         pytest.skip(f"perf_analyzer cannot start here: {exc.reason}")
-    # 3 windows of 700 ms (stability needs 3) ~ 2.3 s; max 6 trials bounds a noisy run to ~5 s.
-    result = run_perf_analyzer(naive_server, MODEL_NAME, concurrency=1, measurement_ms=700,
-                               max_trials=6, timeout_s=60)
+    # 3 windows of 700 ms (stability needs 3) ~ 2.3 s; max 6 trials bounds a noisy run to ~5 s. On a loaded
+    # machine no 3 windows may agree (a stressed run: "Failed to obtain stable measurement"): once more,
+    # longer; what is tested is that the wrapper runs it and reads its report.
+    try:
+        result = run_perf_analyzer(naive_server, MODEL_NAME, concurrency=1, measurement_ms=700,
+                                   max_trials=6, timeout_s=60)
+    except PerfAnalyzerError as exc:
+        if "stable measurement" not in str(exc):
+            raise
+        result = run_perf_analyzer(naive_server, MODEL_NAME, concurrency=1, measurement_ms=1500,
+                                   max_trials=20, timeout_s=120)
     assert result["concurrency"] == 1
     assert result["throughput"] > 0
     assert 0 < result["p50_us"] <= result["p90_us"] <= result["p95_us"] <= result["p99_us"]

@@ -32,6 +32,11 @@ def kernel(request, tmp_path_factory):
     toml.write_text(toml.read_text().replace("instances = 1", f"instances = 1\nmax_queue = {MAX_QUEUE}"))
     save_slow_model(models)
     pipelines = copy_pipelines(tmp_path_factory.mktemp("pipelines"))
+    # Decisions wait behind `slow`'s batches here; the demo's 2 s default timeout expired them on a loaded
+    # machine (a stressed run: "deadline passed after 2003.1 ms in the queue"). Tests that want a deadline set one.
+    triage = pipelines / "claims_triage.toml"
+    assert "timeout_ms = 2000" in triage.read_text()
+    triage.write_text(triage.read_text().replace("timeout_ms = 2000", "timeout_ms = 60000"))
     server = start_kernel(models, request.param, lane_slots=1, pipelines=str(pipelines), pipeline_poll_s=0,
                           data_dir=str(tmp_path_factory.mktemp("data")))
     yield server
