@@ -80,7 +80,8 @@ class DecisionSide:
         self.tasks = TaskRunner(TaskStore(self.db), self._run_task, workers=settings.task_workers,
                                 validate=self.engine.validate, max_attempts=settings.task_max_attempts,
                                 backoff_s=settings.task_backoff_s, max_backoff_s=settings.task_max_backoff_s,
-                                audit_position=(lambda: self.audit.size) if self.audit is not None else None)
+                                audit_position=(lambda: self.audit.size) if self.audit is not None else None,
+                                recorded=lambda task_id: task_id in self._recorded_tasks)
         self._draining = threading.Event()  # set by end_watches(): StreamAudit followers end
         self._started = False  # a "kernel stopping" record is written only after a "kernel started" one
         # task id -> the decision record its attempt made before the kernel stopped (see _reopen_reviews)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 
 import grpc
+import pytest
 
 from claims_support import claim_request, copy_pipelines
 from conftest import start_kernel
@@ -37,9 +38,14 @@ def _task_records(server, task_id: str) -> list[kpb.AuditRecord]:
 
 
 
-def test_a_task_cut_off_after_its_decision_was_recorded_takes_that_decision(claims_models, tmp_path, monkeypatch):
+@pytest.mark.parametrize("max_attempts", [3, 1], ids=["attempts-left", "last-attempt"])
+def test_a_task_cut_off_after_its_decision_was_recorded_takes_that_decision(claims_models, tmp_path, monkeypatch,
+                                                                            max_attempts):
+    """Also when the cut-off attempt was the task's last: it was failed at restart ("the kernel stopped while
+    attempt 1 of 1 ran") with its decision on the log (a tasks audit, 2026-11-27)."""
     pipelines, data_dir = copy_pipelines(tmp_path / "pipelines"), tmp_path / "data"
-    first = start_kernel(claims_models, pipelines=str(pipelines), data_dir=str(data_dir), pipeline_poll_s=0)
+    first = start_kernel(claims_models, pipelines=str(pipelines), data_dir=str(data_dir), pipeline_poll_s=0,
+                         task_max_attempts=max_attempts)
     store = first.decisions.tasks.store
     real_transition = store.transition
 
@@ -58,11 +64,15 @@ def test_a_task_cut_off_after_its_decision_was_recorded_takes_that_decision(clai
     finally:
         first.stop(grace=1)
 
-    second = start_kernel(claims_models, pipelines=str(pipelines), data_dir=str(data_dir), pipeline_poll_s=0)
+    second = start_kernel(claims_models, pipelines=str(pipelines), data_dir=str(data_dir), pipeline_poll_s=0,
+                          task_max_attempts=max_attempts)
     try:
         done = _until(lambda: (t := second.decisions.tasks.get(task.task_id)).state == kpb.SUCCEEDED and t,
                      "the task to succeed after the restart")
-        assert done.attempts == 2
+        assert done.attempts == 1  # taking the recorded decision is no new attempt
+        details = [h.detail for h in done.history]
+        assert "re-queued: the kernel stopped after attempt 1 recorded its decision" in details
+        assert "taking the decision attempt 1 recorded" in details
         assert done.decision.audit_sequence == recorded.sequence and done.decision.action == recorded.decision.action
         assert [r.sequence for r in _task_records(second, task.task_id)] == [recorded.sequence]  # decided once
     finally:

@@ -265,7 +265,7 @@ def test_restart_requeues_running_tasks_and_keeps_waiting_ones(tmp_path, caplog)
         with caplog.at_level("INFO", logger="aios"):
             second = Kernel(tmp_path)
         try:
-            assert "1 re-queued for another attempt, 0 failed" in caplog.text  # the operator is told
+            assert "1 re-queued for another attempt, 0 to take the decision their attempt recorded, 0 failed" in caplog.text  # the operator is told
             redone = wait_for(second.runner, running.task_id, kpb.SUCCEEDED)
             assert redone.attempts == 2 and redone.decision.action == "approve"
             assert "re-queued: the kernel stopped while attempt 1 ran" in [h.detail for h in redone.history]
@@ -287,7 +287,7 @@ def test_restart_fails_a_task_whose_last_attempt_was_cut_off(tmp_path, caplog):
     with caplog.at_level("INFO", logger="aios"):
         k = Kernel(tmp_path, max_attempts=3)
     try:
-        assert "0 re-queued for another attempt, 1 failed" in caplog.text
+        assert "0 re-queued for another attempt, 0 to take the decision their attempt recorded, 1 failed" in caplog.text
         done = k.runner.get(task.task_id)
         assert done.state == kpb.FAILED and done.error == "the kernel stopped while attempt 3 of 3 ran"
     finally:

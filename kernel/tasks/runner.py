@@ -60,13 +60,18 @@ class TaskRunner:
     def __init__(self, store: TaskStore, run_fn: Callable[[kpb.Task], object], workers: int = 2,
                  max_attempts: int = 3, backoff_s: float = 0.1, max_backoff_s: float = 30.0,
                  validate: Callable[[kpb.DecisionRequest], None] | None = None,
-                 audit_position: Callable[[], int] | None = None):
+                 audit_position: Callable[[], int] | None = None,
+                 recorded: Callable[[str], bool] | None = None):
         if workers < 1 or max_attempts < 1 or backoff_s < 0 or max_backoff_s < 0:
             raise ValueError("workers and max_attempts must be >= 1, backoffs >= 0")
         self.store = store
         self.run_fn = run_fn
         # The audit log's size now, kept on a task as each attempt begins (Task.audit_from_sequence).
         self.audit_position = audit_position
+        # Whether the attempt a stop of the kernel cut off had recorded its decision (read at start, _recover):
+        # such a task is finished with that decision even when that was its last attempt.
+        self.recorded = recorded
+        self._take_recorded: set[str] = set()  # tasks re-queued for that: their next run is no new attempt
         self.workers = workers
         self.max_attempts = max_attempts
         self.backoff_s = backoff_s
@@ -110,7 +115,13 @@ class TaskRunner:
         requeued, failed = 0, 0
         for task in self.store.in_states((kpb.RUNNING,)):
             attempt = task.attempts
-            if attempt >= self.max_attempts:
+            if self.recorded is not None and self.recorded(task.task_id):
+                # Decided and on the log: the task takes that decision (one decision per task), attempts left or not.
+                self._take_recorded.add(task.task_id)
+                self.store.transition(task.task_id, kpb.QUEUED, (kpb.RUNNING,),
+                                      f"re-queued: the kernel stopped after attempt {attempt} recorded its decision")
+                requeued += 1
+            elif attempt >= self.max_attempts:
                 self.store.transition(task.task_id, kpb.FAILED, (kpb.RUNNING,), "the kernel stopped during the last attempt",
                                       error=f"the kernel stopped while attempt {attempt} of {self.max_attempts} ran")
                 failed += 1
@@ -124,8 +135,9 @@ class TaskRunner:
         finished = self.store.apply_pending_reviews()
         # An operator restarting after a crash reads here what happened to the work in flight.
         if requeued or failed:
-            log.warning("tasks running when the kernel stopped: %d re-queued for another attempt, %d failed "
-                        "(that was their last attempt)", requeued, failed)
+            log.warning("tasks running when the kernel stopped: %d re-queued for another attempt, %d to take the "
+                        "decision their attempt recorded, %d failed (that was their last attempt, and it recorded "
+                        "nothing)", requeued - len(self._take_recorded), len(self._take_recorded), failed)
         if queued:
             log.info("tasks: %d queued, starting now", len(queued))
         if finished:
@@ -201,10 +213,16 @@ class TaskRunner:
 
     def _run(self, task_id: str) -> None:
         task = self.store.get(task_id)
-        attempt = task.attempts + 1
-        task = self.store.transition(task_id, kpb.RUNNING, (kpb.QUEUED,), f"attempt {attempt} of {self.max_attempts}",
-                                     attempts=attempt,
-                                     audit_from=self.audit_position() if self.audit_position is not None else None)
+        if task_id in self._take_recorded:  # (see _recover) no new attempt: the cut-off one's decision is taken
+            self._take_recorded.discard(task_id)
+            attempt, note = task.attempts, f"taking the decision attempt {task.attempts} recorded"
+        else:
+            attempt = task.attempts + 1
+            note = f"attempt {attempt} of {self.max_attempts}"
+        # (Taking a recorded decision keeps the attempt's audit_from: a second stop finds that record again.)
+        fresh = attempt > task.attempts and self.audit_position is not None
+        task = self.store.transition(task_id, kpb.RUNNING, (kpb.QUEUED,), note, attempts=attempt,
+                                     audit_from=self.audit_position() if fresh else None)
         if task is None:  # cancelled while queued
             return
         try:
