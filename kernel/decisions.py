@@ -24,8 +24,8 @@ from .api.review_service import review_handlers
 from .api.task_service import task_handlers
 from .audit import AuditCorrupt, AuditLog
 from .config import Settings
-from .errors import (Aborted, DeadlineExceeded, KernelError, NotFound, ResourceExhausted, TransientError, Unavailable,
-                     shutting_down)
+from .errors import (Aborted, DeadlineExceeded, FailedPrecondition, KernelError, NotFound, ResourceExhausted,
+                     TransientError, Unavailable, quote, shutting_down)
 from .pipelines import DecisionEngine, PipelineRegistry, Services
 from .pipelines.provenance import resolution_record
 from .policy import load_policy, parse_policy
@@ -88,6 +88,7 @@ class DecisionSide:
         self._recorded_tasks: dict[str, kpb.AuditRecord] = {}
         self.reviews.on_resolved(self._resolved)
         self.tasks.on_cancelled.append(self._task_cancelled)
+        self.tasks.before_cancel = self._withdraw_before_cancel
         # Governance events go on the record next to the decisions they affect.
         hub.add_listener(self._models_changed)
         self.registry.listeners.append(self._pipeline_changed)
@@ -399,6 +400,23 @@ class DecisionSide:
                                        record.time_unix_ns)])  # (the one it opened, if it was stored)
             return WaitingForReview(decision.review_id, decision)
         return decision
+
+    def _withdraw_before_cancel(self, task: kpb.Task) -> None:
+        """A waiting task's review is withdrawn before the task is cancelled, in one step on the review's row,
+        so a reviewer's resolution and a cancel have one winner: a resolution that got there first refuses the
+        cancel. (Both were answered OK: the task CANCELLED, the reviewer's decision on the log with its id.)"""
+        if task.state != kpb.WAITING_FOR_REVIEW or not task.review_id:
+            return
+        try:
+            review = self.reviews.withdraw(task.review_id, f"task {task.task_id} was cancelled")
+        except NotFound:  # its row is lost (reopened at the next start): the cancel goes on, as before
+            return
+        if review.resolved_action:  # (a withdrawn review has none; a reviewer's resolution always has one)
+            raise FailedPrecondition(
+                f"task {quote(task.task_id)} can no longer be cancelled: its review {quote(review.review_id)} was "
+                f"resolved by {review.resolved_by} ({quote(review.resolved_action)}), and the task finishes with "
+                "that action"
+            )
 
     def _task_cancelled(self, task: kpb.Task) -> None:
         if task.review_id:  # nobody should work a case whose task is gone
