@@ -296,7 +296,8 @@ def test_watch_with_backlog_and_updates(queue):
     update = next(watch)
     assert (update.review_id, update.state, update.claimed_by) == (after.review_id, "CLAIMED", "bob")
     queue.resolve(after.review_id, "bob", "deny")
-    assert [next(watch).state for _ in range(2)] == ["RESOLVED", "RESOLVED"]  # resolved, then delivered
+    resolved = next(watch)  # once, delivered: a watcher never sees a resolution without its follow-up
+    assert (resolved.review_id, resolved.state, resolved.resolved_action) == (after.review_id, "RESOLVED", "deny")
     with pytest.raises(DeadlineExceeded):
         queue.watch(timeout_s=0.05).__next__()
 

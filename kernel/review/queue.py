@@ -28,6 +28,7 @@ idempotent.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -86,6 +87,10 @@ class ReviewQueue:
         self._clock = clock  # wall clock, in ns: leases and SLAs are persisted
         self._feed = Feed()
         self._hooks: list[Callable[[kpb.Review], object]] = []
+        # One resolution's follow-up (the hooks: its audit record, its task) at a time, each after a fresh look
+        # at whether it is done: identical ResolveReview calls at once (a double click, a retrying client) all
+        # found the row undelivered and each ran the hooks, one audit record per call for one resolution.
+        self._delivering = threading.Lock()
         self._barriers: list[Callable[[], None]] = []
         # Changes are published from the store's after-commit hooks: once durable, in commit
         # order, and without a lock of ours around the write, so concurrent writes share a commit.
@@ -397,7 +402,7 @@ class ReviewQueue:
 
         review, _changed, delivered = self._change(review_id, mutate)
         if not delivered:
-            review = self._deliver(review)
+            review = self._deliver_once(review)
         return self._present(review)
 
     def withdraw(self, review_id: str, reason: str) -> kpb.Review:
@@ -434,7 +439,7 @@ class ReviewQueue:
         done = 0
         for review in self._records.undelivered():
             try:
-                self._deliver(review)
+                self._deliver_once(review)
                 done += 1
             except Internal:
                 pass  # logged; stays undelivered for the next try
@@ -454,7 +459,9 @@ class ReviewQueue:
     def _publish_updated(self, result) -> None:
         # Runs once the change is durable, on the committing thread, in commit order.
         if result is not None and result[1]:
-            review = result[0]
+            review, _changed, delivered = result
+            if review.state == RESOLVED and not delivered:
+                return  # watchers hear of a resolution once, when it is delivered (with its audited decision)
             self._feed.publish((UPDATED, review))
             if review.state != RESOLVED:
                 self._leases.expect(review.lease_expires_unix_ns)  # a claim: its lapse will be news
@@ -469,6 +476,12 @@ class ReviewQueue:
                 self._feed.publish((UPDATED, review))
 
         return self._records.lapsed_leases(self._clock, after_unix_ns, after_commit=publish)
+
+    def _deliver_once(self, review: kpb.Review) -> kpb.Review:
+        """``_deliver``, unless a concurrent call already delivered this resolution (then the stored review)."""
+        with self._delivering:
+            current, _changed, delivered = self._change(review.review_id, lambda _stored: False)  # (writes nothing)
+            return current if delivered else self._deliver(current)
 
     def _deliver(self, review: kpb.Review) -> kpb.Review:
         failures, resolution = [], None

@@ -1,9 +1,16 @@
-"""A reviewer's resolution and a CancelTask on the same waiting task have one winner.
+"""Races around a resolution: a cancel of the waiting task, and the same resolution sent several times at once.
+
+A reviewer's resolution and a CancelTask on the same waiting task have one winner.
 
 Found by a tasks audit (2026-11-27): with the resolution's audit record being written, a cancel was answered
 OK too: the task ended CANCELLED while the review was RESOLVED and the reviewer's decision sat on the audit log
 with the task's id (7 of 10 races). A cancel now withdraws the review first, on the review's row, so whichever
 comes first there wins and the other is refused with FAILED_PRECONDITION.
+
+Found by a review-UI audit (2026-11-27): ten identical ResolveReview calls at once (a double click, a
+retrying client) were all answered OK with six different audit sequences, and the log held ten
+REVIEW_RESOLUTION records for one review; a watcher of updates was sent each resolution twice, the first
+without its audited decision.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ from kernel._proto.aios.kernel.v1 import kernel_pb2 as kpb
 from kernel._proto.aios.kernel.v1 import kernel_pb2_grpc as kgrpc
 from lane_support import until
 
-server, channel = module_claims_kernel("cancel_vs_resolve")
+server, channel = module_claims_kernel("resolution_races")
 TIMEOUT_S = 30
 
 
@@ -84,3 +91,36 @@ def test_a_resolution_after_the_cancel_is_refused_and_records_nothing(server, ch
     assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "withdrawn" in refused.value.details()
     assert tasks.GetTask(kpb.TaskRef(task_id=waiting.task_id), timeout=TIMEOUT_S).state == kpb.CANCELLED
     assert _audit_kinds(server, waiting.task_id) == ["DECISION"]
+
+
+def test_the_same_resolution_sent_at_once_is_one_resolution_on_the_log(server, channel):
+    decisions, reviews = kgrpc.DecisionServiceStub(channel), kgrpc.ReviewServiceStub(channel)
+    case = dict(data.generate_cases(1, seed=3)[0], claim_amount=90000.0, customer_tier="gold")
+    escalated = decisions.Decide(claim_request(case, tenant="clicks"), timeout=TIMEOUT_S)
+    assert escalated.review_id
+    watch = reviews.WatchReviews(kpb.WatchReviewsRequest(tenant="clicks", updates=True), timeout=TIMEOUT_S)
+    reviews.ClaimReview(kpb.ClaimReviewRequest(review_id=escalated.review_id, reviewer="al"), timeout=TIMEOUT_S)
+    resolve = kpb.ResolveReviewRequest(review_id=escalated.review_id, reviewer="al", action="deny", comment="dbl")
+    start = threading.Barrier(10)
+
+    def one():
+        start.wait()
+        return reviews.ResolveReview(resolve, timeout=TIMEOUT_S)
+
+    threads, answers = [], []
+    for _ in range(10):
+        threads.append(threading.Thread(target=lambda: answers.append(one())))
+        threads[-1].start()
+    for thread in threads:
+        thread.join()
+    assert len(answers) == 10 and {a.resolution.audit_sequence for a in answers} != {0}
+    assert len({a.resolution.audit_sequence for a in answers}) == 1  # every caller gets the one resolution
+    records = [r for r in server.decisions.audit.read(from_sequence=0, kind=kpb.REVIEW_RESOLUTION)
+               if r.decision.review_id == escalated.review_id]
+    assert [r.sequence for r in records] == [answers[0].resolution.audit_sequence]
+    events = [next(watch), next(watch)]  # the claim, then the resolution: once, with its audited decision
+    assert [e.state for e in events] == ["CLAIMED", "RESOLVED"]
+    assert events[1].resolution.audit_sequence == answers[0].resolution.audit_sequence
+    later = decisions.Decide(claim_request(case, tenant="clicks", request_id="later"), timeout=TIMEOUT_S)
+    assert next(watch).review_id == later.review_id  # next comes the new case, no second RESOLVED
+    watch.cancel()
