@@ -98,6 +98,9 @@ BAD_IDENTIFIERS = [
     ("request_id", "nul\x00", "request_id must not contain control characters"),
     ("tenant", "del\x7f", "tenant must not contain control characters"),
     ("idempotency_key", "k" * 257, "idempotency_key must be at most 256 characters"),
+    # (A tasks audit: keys took NUL and other control characters, onto audit records, while tenants did not.)
+    ("idempotency_key", "order-1\x00", "idempotency_key must not contain control characters"),
+    ("idempotency_key", "k\nINFO forged line", "idempotency_key must not contain control characters"),
 ]
 
 

@@ -98,3 +98,24 @@ def test_unknown_task_ids_are_quoted_short(tasks):
         assert details == f"task '{'x' * 80}'… (99920 more characters) does not exist"
     assert refused(tasks.GetTask, kpb.TaskRef(task_id="no\nsuch")) == (
         grpc.StatusCode.NOT_FOUND, "task 'no\\nsuch' does not exist")  # escaped, never a line break
+
+
+def test_a_key_a_decide_used_with_another_request_is_refused_before_a_task_exists(channel, tasks):
+    # (A tasks audit: StartTask answered QUEUED, then the task failed FAILED_PRECONDITION.) Tasks and Decide
+    # share a tenant's keys; the same request under the key is replayed either way.
+    decided = kgrpc.DecisionServiceStub(channel).Decide(start(key="shared-1").request, timeout=TIMEOUT_S)
+    other = start(key="shared-1")
+    other.request.fields["claim_amount"].number_value += 1
+    code, details = refused(tasks.StartTask, other)
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "'shared-1' was used before with a different request" in details
+    same = tasks.StartTask(start(key="shared-1"), timeout=TIMEOUT_S)
+    done = _finished(tasks, same.task_id)
+    assert done.state == kpb.SUCCEEDED or done.state == kpb.WAITING_FOR_REVIEW
+    assert done.decision.audit_sequence == decided.audit_sequence  # the Decide's decision, not a second one
+
+
+def _finished(tasks, task_id: str) -> kpb.Task:
+    for task in tasks.WatchTask(kpb.TaskRef(task_id=task_id), timeout=TIMEOUT_S):
+        if task.state in (kpb.SUCCEEDED, kpb.WAITING_FOR_REVIEW, kpb.FAILED):
+            return task
+    raise AssertionError("the task's watch ended before it finished")

@@ -201,6 +201,8 @@ class DecisionEngine(GroupFinish):
         pipeline.codec.read(request.fields)
         if request.text_fields:  # (prepare's check: a text field the pipeline does not take is never decided)
             pipeline.check_text(request.text_fields)
+        if request.idempotency_key:  # a key a Decide used with another request: the task would only fail later
+            self._replayed(request, store_request_hash(request))
 
     def _replayed(self, request, request_hash: str) -> kpb.Decision | None:
         store = self.services.idempotency

@@ -23,7 +23,7 @@ from collections.abc import Callable
 
 from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
 from ..errors import FailedPrecondition, InvalidArgument, quote
-from ..limits import MAX_KEY_CHARS  # (with the kernel's other limits on identifiers: kernel/limits.py says why)
+from ..limits import MAX_KEY_CHARS, check_identifier  # (with the kernel's other limits on identifiers: kernel/limits.py says why)
 
 PURGE_EVERY = 1000  # puts between sweeps of expired keys
 PURGE_BATCH = 1000  # rows deleted per sweep, so a sweep never holds the write lock long
@@ -69,8 +69,7 @@ def _without_call_details(request: kpb.DecisionRequest) -> kpb.DecisionRequest:
 
 
 def check_key(key: str, field: str = "idempotency_key") -> None:
-    if len(key) > MAX_KEY_CHARS:
-        raise InvalidArgument(f"{field} must be at most {MAX_KEY_CHARS} characters, got {len(key)}")
+    check_identifier(key, field, MAX_KEY_CHARS)
 
 
 class IdempotencyStore:
