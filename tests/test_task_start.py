@@ -119,3 +119,8 @@ def _finished(tasks, task_id: str) -> kpb.Task:
         if task.state in (kpb.SUCCEEDED, kpb.WAITING_FOR_REVIEW, kpb.FAILED):
             return task
     raise AssertionError("the task's watch ended before it finished")
+
+
+def test_a_start_without_a_pipeline_names_the_field_as_sent(tasks):
+    code, details = refused(tasks.StartTask, kpb.StartTaskRequest(request=kpb.DecisionRequest(tenant="start")))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith("request.pipeline is required"), details

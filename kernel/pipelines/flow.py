@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 
 from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
-from ..errors import FailedPrecondition, NotFound, Unavailable, quote
+from ..errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable, quote
 from ..ids import random_hex
 from ..limits import check_decision_request
 from ..review.deferred import DeferredRows
@@ -197,6 +197,8 @@ class DecisionEngine(GroupFinish):
         pipeline, bad fields, a text field it does not take) before it is queued: StartTask's check, so a task
         stores no such request."""
         check_decision_request(request, "request.")
+        if not request.pipeline:  # (named as StartTask's caller wrote it, not as Decide's field)
+            raise InvalidArgument("request.pipeline is required: the name of the pipeline to run")
         pipeline = self.registry.get(request.pipeline)
         pipeline.codec.read(request.fields)
         if request.text_fields:  # (prepare's check: a text field the pipeline does not take is never decided)
