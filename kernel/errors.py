@@ -103,6 +103,12 @@ class Aborted(KernelError):
     code = "ABORTED"
 
 
+class Unimplemented(KernelError):
+    """A part of a protocol this kernel does not offer (Triton answers UNSUPPORTED, UNIMPLEMENTED over gRPC)."""
+
+    code = "UNIMPLEMENTED"
+
+
 class Internal(KernelError):
     code = "INTERNAL"
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import queue
 
+import grpc
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -11,6 +12,7 @@ import tritonclient.grpc as tc
 from tritonclient.utils import InferenceServerException
 
 from kernel._proto.inference import grpc_service_pb2 as pb
+from kernel._proto.inference import grpc_service_pb2_grpc as pb_grpc
 from conftest import IDENTITY_TENSORS
 
 
@@ -230,6 +232,23 @@ def test_repository_index_load_unload(triton):
     finally:
         triton.load_model("identity")
     assert triton.is_model_ready("identity")
+
+
+def test_a_named_repository_is_refused_as_triton_refuses_it(triton, address):
+    # (A Triton-migration audit: a repository_name was ignored, and the call succeeded on the one repository.)
+    channel = grpc.insecure_channel(address)
+    stub = pb_grpc.GRPCInferenceServiceStub(channel)
+    requests = [(stub.RepositoryIndex, pb.RepositoryIndexRequest(repository_name="other")),
+                (stub.RepositoryModelLoad, pb.RepositoryModelLoadRequest(repository_name="other", model_name="tiny")),
+                (stub.RepositoryModelUnload, pb.RepositoryModelUnloadRequest(repository_name="other",
+                                                                            model_name="tiny"))]
+    for method, request in requests:
+        with pytest.raises(grpc.RpcError) as info:
+            method(request, timeout=10)
+        assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED, info.value.details()
+        assert "repository_name 'other'" in info.value.details()
+    channel.close()
+    assert triton.is_model_ready("tiny")  # nothing was unloaded
 
 
 def test_load_unknown_model_is_not_found(triton):

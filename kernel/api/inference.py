@@ -12,7 +12,7 @@ import time
 
 from .. import __version__
 from .._proto.inference import grpc_service_pb2 as pb
-from ..errors import DeadlineExceeded, Internal, InvalidArgument, NotFound, Unavailable, quote
+from ..errors import DeadlineExceeded, Internal, InvalidArgument, NotFound, Unavailable, Unimplemented, quote
 from ..limits import MAX_MODEL_NAME_BYTES, MAX_REQUEST_ID_CHARS, MAX_TENANT_CHARS, check_identifier
 from ..models import ModelConfigError, ModelHub, ModelVersion
 from ..scheduling import Lanes, WorkItem
@@ -65,6 +65,8 @@ class InferenceService:
             which = f"model {quote(name)} version {quote(version)}" if versions else f"model {quote(name)}"
             raise Unavailable(f"{which} is not loaded: {why}")
         if versions:
+            if not version and (mv := self.hub.get(name, version)) is not None:
+                return mv  # a load finished since the first look: serve it (not "no loaded version ''; loaded: 1")
             raise NotFound(f"model {quote(name)} has no loaded version {quote(version)}; loaded versions: "
                            f"{', '.join(versions)}")
         loaded = sorted({m.name for m in self.hub.loaded()})
@@ -104,6 +106,7 @@ class InferenceService:
 
     # -- repository ---------------------------------------------------------------
     def repository_index(self, request) -> pb.RepositoryIndexResponse:
+        _one_repository(request.repository_name)
         response = pb.RepositoryIndexResponse()
         for entry in self.hub.index():
             if request.ready and entry.state != "READY":
@@ -114,6 +117,7 @@ class InferenceService:
     def repository_model_load(self, request) -> pb.RepositoryModelLoadResponse:
         name = request.model_name
         check_model_name(name)
+        _one_repository(request.repository_name)
         _refuse_load_parameters(request.parameters)
         if name not in self.hub.scan():
             raise NotFound(f"model {quote(name)} is not in the repository {self.hub.root}")
@@ -131,6 +135,7 @@ class InferenceService:
     def repository_model_unload(self, request) -> pb.RepositoryModelUnloadResponse:
         name = request.model_name
         check_model_name(name)
+        _one_repository(request.repository_name)
         if not self.hub.unload(name):
             raise NotFound(f"model {quote(name)} is not loaded")
         return pb.RepositoryModelUnloadResponse()
@@ -263,6 +268,14 @@ def check_model_name(name: str, field: str = "model_name") -> None:
     if "/" in name or "\x00" in name:
         raise InvalidArgument(f"{field} {quote(name)} cannot name a model: a model name is a folder name in the "
                               "repository, without '/' or NUL")
+
+
+def _one_repository(name: str) -> None:
+    """The kernel serves one repository: a named one is refused, as Triton refuses it (a client written for
+    several repositories was told it had loaded, unloaded or listed the one it named)."""
+    if name:
+        raise Unimplemented(f"repository_name {quote(name)}: this kernel serves one model repository; leave "
+                            "repository_name empty")
 
 
 def _refuse_load_parameters(parameters) -> None:
