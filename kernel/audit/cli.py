@@ -82,7 +82,7 @@ def cmd_verify(args) -> int:
             keys = [raw for path in args.from_key for raw in load_public_keys(path)]
         except AuditError as exc:
             return _cannot_run("verify", exc.message)
-    result = verify_directory(directory, keys, strict=args.strict)
+    result = verify_directory(directory, keys, strict=args.strict, min_records=args.min_records)
     rate = result.records / result.elapsed_s if result.elapsed_s > 0 else 0.0
     print(f"{directory}: {result.describe()} [{result.elapsed_s:.2f} s, {rate:,.0f} records/s]")
     if result.ok and keys is None and result.key_id:  # no key_id: no checkpoint, so no key was used
@@ -159,7 +159,12 @@ def build_parser(prog: str = "aios-kernel audit") -> argparse.ArgumentParser:
                              "directory (public-key.pem, public-keys/)")
     verify.add_argument("--strict", action="store_true",
                         help="also fail (exit 1) when records after the last signed checkpoint are unsigned and "
-                             "no kernel has the log open: a crash, or records appended without the key")
+                             "no kernel has the log open (a crash, or records appended without the key), and when "
+                             "a start signed records that hold a clean stop (their checkpoints were cut)")
+    verify.add_argument("--min-records", dest="min_records", type=_sequence, default=0, metavar="N",
+                        help="fail (exit 1) when the log holds fewer than N records: a size noted earlier (an "
+                             "earlier verify, GetCheckpoint) catches a log cut back to one of its own checkpoints, "
+                             "which verifies as a shorter log otherwise")
     verify.set_defaults(func=cmd_verify)
 
     export = commands.add_parser("export", help="write records as JSON Lines")

@@ -43,10 +43,23 @@ Records after the last signed checkpoint are chained but unsigned. A live
 writer signs them within ``audit_checkpoint_ms``; on a log nobody has open
 they are what a crash left, or what someone without the key appended (the
 next start signs them). They pass, with a note, unless ``strict``.
+
+What the next start signed is on the log too: its "kernel started" record
+names the range it adopted (``recovery.adopted``). Only the hash chain vouched
+for those records, so an insider who can write the directory can cut the
+checkpoints back (as a crash tears the last one), rewrite the records after
+the last one left, re-chain them, and have a restart sign them. The walk
+lists every adopted range (a note), and ``strict`` fails one that holds a
+"kernel stopping" record: a clean stop signs every record it wrote, so such
+a range had its checkpoints cut (or the kernel crashed while stopping). What
+no walk can tell: a log cut back to one of its own checkpoints, with the
+checkpoints after it removed, is a valid shorter log. A size noted earlier (an
+earlier verify, ``GetCheckpoint``) catches that: ``min_records``.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -59,6 +72,7 @@ from .errors import AuditCorrupt
 from .keys import PUBLIC_KEY_FILE, PUBLIC_KEYS_DIR, key_id, published_keys
 from .merkle import CompactRange
 from .recovery import writer_is_live
+from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
 from .record import GENESIS_PREV_HASH, AuditRecord, split_stored
 from .segments import MAGIC, SUFFIX, FrameScanner, frames_start, list_segments, segment_name
 
@@ -108,12 +122,14 @@ class _Failure(Exception):
 
 
 def verify_directory(directory: str | Path, public_key: bytes | Iterable[bytes] | None = None,
-                     strict: bool = False) -> VerifyResult:
+                     strict: bool = False, min_records: int = 0) -> VerifyResult:
     """Verify a log directory.
 
     ``public_key``: the raw Ed25519 key checkpoints must be signed with, or several (a key rotation):
     each checkpoint is checked with the one its ``key_id`` names, and one signed by a key not among them
-    fails. ``strict``: records no signed checkpoint covers fail too, unless a writer has the log open.
+    fails. ``strict``: records no signed checkpoint covers fail too, unless a writer has the log open, and so
+    does a range a start signed that holds a clean stop. ``min_records``: a log with fewer records fails (a
+    size noted earlier: a log cut back to one of its checkpoints verifies otherwise).
     """
     directory = Path(directory)
     started = time.perf_counter()
@@ -129,8 +145,12 @@ def verify_directory(directory: str | Path, public_key: bytes | Iterable[bytes] 
         walk.leftover_checkpoints()
         walk.some_checkpoint_signed()
         walk.writer_live = walk.count > walk.signed_size and writer_is_live(directory)
+        walk.at_least(min_records)
         if strict:
             walk.all_signed()
+        walk.recovery_notes(strict)
+    except OSError as exc:  # a file that cannot be read (a folder in its place, no permission): no traceback
+        return walk.result(False, None, f"cannot read the log: {exc}", started)
     except _Failure as failure:
         return walk.result(False, failure.sequence, failure.reason, started, failure.last)
     return walk.result(True, None, "", started)
@@ -168,6 +188,9 @@ class _Walk:
         self.key_ids: list[str] = []  # keys that signed the checkpoints, in order of first use
         self.note = ""
         self.writer_live = False
+        self.stops: list[int] = []  # sequences of "kernel stopping" records
+        self.adopted: list[tuple[int, int, int]] = []  # (the start record's sequence, first, last adopted)
+        self.last_event = ""  # the event of the last kernel CONFIG_CHANGE record
 
     def result(self, ok: bool, sequence: int | None, reason: str, started: float,
                last: int | None = None) -> VerifyResult:
@@ -275,6 +298,8 @@ class _Walk:
                         f"record {sequence}'s prev_hash is not the hash of record {sequence - 1}: record {bad} was "
                         f"changed after record {sequence} was written, or record {sequence} was forged"
                         if sequence else "record 0's prev_hash is not the genesis value (zeros)"))
+                if record.kind == kpb.CONFIG_CHANGE and record.principal == "kernel":
+                    self._kernel_event(sequence, record.payload)
                 previous = digest
                 tree.append(digest)
                 sequence += 1
@@ -289,6 +314,53 @@ class _Walk:
                 what = "the file ends inside it (cut short, or a crash before it was acknowledged)" \
                     if scanner.torn and last else scanner.problem
                 raise _Failure(sequence, f"record {sequence} in {path.name}: {what}")
+
+    def _kernel_event(self, sequence: int, payload: bytes) -> None:
+        """Note the kernel's own starts and stops (rare records: a JSON parse each)."""
+        try:
+            detail = json.loads(payload)
+        except ValueError:
+            return
+        if not isinstance(detail, dict):
+            return
+        event = detail.get("event")
+        self.last_event = event if isinstance(event, str) else ""
+        if event == "kernel stopping":
+            self.stops.append(sequence)
+        elif event == "kernel started":
+            adopted = (detail.get("recovery") or {}).get("adopted") if isinstance(detail.get("recovery"), dict) else None
+            if (isinstance(adopted, list) and len(adopted) == 2 and all(isinstance(n, int) for n in adopted)):
+                self.adopted.append((sequence, adopted[0], adopted[1]))
+
+    def recovery_notes(self, strict: bool) -> None:
+        """Say which records a start signed after the fact; ``strict``: fail a range holding a clean stop."""
+        notes = []
+        for at, first, last in self.adopted:
+            stopped = [s for s in self.stops if first <= s <= last]
+            if stopped and strict:
+                raise _Failure(first, (
+                    f"signed only by the start recorded at #{at}, though record #{stopped[-1]} among them is a clean "
+                    f"'kernel stopping', and a clean stop signs every record it wrote: the checkpoints that covered "
+                    f"them were cut (or the kernel crashed while stopping), and only the hash chain vouches for "
+                    f"them; check them with `aios-kernel audit export --from {first}`"), last)
+            notes.append(f"records {first}..{last} were signed by the start at #{at}, after an unclean stop: only "
+                         f"the hash chain vouched for them until then"
+                         + (f" (record #{stopped[-1]} among them is a clean stop: --strict fails here)" if stopped
+                            else ""))
+        kernels_log = bool(self.last_event)  # (a log written by a kernel starts with its "kernel started")
+        if kernels_log and not self.writer_live and self.last_event != "kernel stopping" \
+                and self.count == self.signed_size:
+            notes.append("the log does not end with a 'kernel stopping' record: the kernel that wrote it crashed, "
+                         "or records were removed back to a checkpoint (compare with a size noted earlier: "
+                         "--min-records)")
+        if notes:
+            self.note = "; ".join(filter(None, [self.note, *notes]))
+
+    def at_least(self, min_records: int) -> None:
+        if self.count < min_records:
+            raise _Failure(self.count, (
+                f"the log holds {self.count} records, fewer than the {min_records} expected: records from "
+                f"{self.count} on were removed, with the checkpoints that covered them"), min_records - 1)
 
     def some_checkpoint_signed(self) -> None:
         # The hash chain alone proves nothing against someone who rewrites every record; only a
