@@ -348,8 +348,8 @@ class _Walk:
                          + (f" (record #{stopped[-1]} among them is a clean stop: --strict fails here)" if stopped
                             else ""))
         kernels_log = bool(self.last_event)  # (a log written by a kernel starts with its "kernel started")
-        if kernels_log and not self.writer_live and self.last_event != "kernel stopping" \
-                and self.count == self.signed_size:
+        if kernels_log and self.last_event != "kernel stopping" and self.count == self.signed_size \
+                and not writer_is_live(self.directory):  # (a running kernel's log has no stop yet)
             notes.append("the log does not end with a 'kernel stopping' record: the kernel that wrote it crashed, "
                          "or records were removed back to a checkpoint (compare with a size noted earlier: "
                          "--min-records)")
