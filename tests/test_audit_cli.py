@@ -135,6 +135,14 @@ def test_export_to_a_path_that_cannot_be_written(log_dir, tmp_path):
     assert one_line(done.stderr) == f"aios-kernel audit export: cannot write {out}: No such file or directory"
 
 
+def test_export_refuses_an_until_not_after_its_since(log_dir):
+    # (A compliance audit: it exported nothing and exited 0, where StreamAudit refuses the same.)
+    done = run_cli("export", str(log_dir), "--since", "2026-11-27T10:00:00Z", "--until", "2026-11-27T09:00:00Z")
+    assert done.returncode == 2 and done.stdout == ""
+    assert one_line(done.stderr) == "aios-kernel audit export: --until must be later than --since (StreamAudit " \
+                                    "refuses the same)"
+
+
 # --------------------------------------------------------------------------- replay
 def test_replay_blames_the_policy_option_not_the_pipeline_file(log_dir, tmp_path):
     policy = tmp_path / "nonexistent.toml"

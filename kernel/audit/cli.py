@@ -96,6 +96,8 @@ def cmd_export(args) -> int:
     problem = _log_problem(directory)
     if problem is not None:
         return _cannot_run("export", problem)
+    if args.since is not None and args.until is not None and args.until <= args.since:
+        return _cannot_run("export", "--until must be later than --since (StreamAudit refuses the same)")
     to_file = bool(args.out) and args.out != "-"
     try:
         out = open(args.out, "w", encoding="utf-8") if to_file else sys.stdout
