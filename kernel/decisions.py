@@ -19,6 +19,7 @@ from pathlib import Path
 
 from ._proto.aios.kernel.v1 import kernel_pb2 as kpb
 from .api.audit_service import audit_handlers
+from .api.refusal_records import RefusalRecords
 from .api.decision_service import decision_handlers
 from .api.review_service import review_handlers
 from .api.task_service import task_handlers
@@ -84,6 +85,8 @@ class DecisionSide:
                                 recorded=lambda task_id: task_id in self._recorded_tasks)
         self._draining = threading.Event()  # set by end_watches(): StreamAudit followers end
         self._started = False  # a "kernel stopping" record is written only after a "kernel started" one
+        # Refused calls on the audit log, one record a minute per RPC with a count (kernel/api/refusal_records.py).
+        self._refusals = RefusalRecords(self.audit) if self.audit is not None else None
         # task id -> the decision record its attempt made before the kernel stopped (see _reopen_reviews)
         self._recorded_tasks: dict[str, kpb.AuditRecord] = {}
         self.reviews.on_resolved(self._resolved)
@@ -139,7 +142,7 @@ class DecisionSide:
             **review_handlers(self.reviews, watches),
             **task_handlers(self.tasks, watches),
             **(audit_handlers(self.audit, allow_stream=self.settings.audit_stream_enabled, draining=self._draining,
-                              watches=watches)
+                              watches=watches, refusals=self._refusals)
                if self.audit else {}),
         }
 
@@ -176,6 +179,8 @@ class DecisionSide:
         if not self._started:
             return  # a start that failed before its own record: nothing to pair it with
         serving = {p.name: {"pipeline_version": p.hash, "policy_hash": p.policy.hash} for p in self.registry.all()}
+        if self._refusals is not None:
+            self._refusals.flush()  # the refusals counted since their last record: on the log before it closes
         self._record(kpb.CONFIG_CHANGE, {"event": "kernel stopping", "pipelines": serving})
 
     # -- reviews the audit log holds -----------------------------------------------------------

@@ -21,26 +21,23 @@ one that follows counts against the kernel's watch budget (``watch_budget.py``,
 from __future__ import annotations
 
 import contextlib
-import json
 import threading
 
 from .._proto.aios.kernel.v1 import kernel_pb2
 from ..audit import AuditLog
 from ..errors import InvalidArgument, NotFound, PermissionDenied, shutting_down
+from .refusal_records import RefusalRecords
 from .watch_budget import UNLIMITED
 
 SERVICE = "AuditService"
 _KINDS = set(kernel_pb2.AuditKind.values())
 
 
-def _stream_audit(log: AuditLog, allow_stream: bool, draining: threading.Event, watches):
+def _stream_audit(log: AuditLog, allow_stream: bool, draining: threading.Event, watches, refusals: RefusalRecords):
     def stream_audit(request: kernel_pb2.StreamAuditRequest, ctx):
         if not allow_stream:
-            # The refusal is itself on the record (not waited for: the caller is told no either way).
-            log.append(kernel_pb2.AuditRecord(
-                kind=kernel_pb2.PERMISSION_DENIED, principal=ctx.peer or "anonymous",
-                payload=json.dumps({"rpc": "AuditService.StreamAudit", "reason": "audit_stream_enabled is false"}).encode(),
-            ))
+            # The refusal is itself on the record (refusal_records.py: one a minute, the rest counted).
+            refusals.refused("AuditService.StreamAudit", "audit_stream_enabled is false", ctx.peer)
             raise PermissionDenied(
                 "StreamAudit is disabled on this kernel: set audit_stream_enabled = true "
                 "(kernel.toml, AIOS_AUDIT_STREAM_ENABLED) to allow it"
@@ -133,12 +130,13 @@ def _checkpoint(log: AuditLog):
 
 
 def audit_handlers(log: AuditLog, allow_stream: bool = True, draining: threading.Event | None = None,
-                   watches=None) -> dict:
+                   watches=None, refusals: RefusalRecords | None = None) -> dict:
     """``(service, method) -> handler`` for ``kernel_services.generic_handlers(implemented=...)``;
     set ``draining`` to end the StreamAudit calls that follow the log; ``watches`` (a ``WatchBudget``,
     shared with the other watch RPCs) caps how many of them are open."""
     return {
-        (SERVICE, "StreamAudit"): _stream_audit(log, allow_stream, draining or threading.Event(), watches or UNLIMITED),
+        (SERVICE, "StreamAudit"): _stream_audit(log, allow_stream, draining or threading.Event(), watches or UNLIMITED,
+                                                refusals or RefusalRecords(log)),
         (SERVICE, "GetInclusionProof"): _inclusion_proof(log),
         (SERVICE, "GetConsistencyProof"): _consistency_proof(log),
         (SERVICE, "GetPublicKey"): _public_key(log),
