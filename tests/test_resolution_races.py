@@ -98,7 +98,11 @@ def test_the_same_resolution_sent_at_once_is_one_resolution_on_the_log(server, c
     case = dict(data.generate_cases(1, seed=3)[0], claim_amount=90000.0, customer_tier="gold")
     escalated = decisions.Decide(claim_request(case, tenant="clicks"), timeout=TIMEOUT_S)
     assert escalated.review_id
+    watching = server.decisions.reviews.watcher_count()
     watch = reviews.WatchReviews(kpb.WatchReviewsRequest(tenant="clicks", updates=True), timeout=TIMEOUT_S)
+    # (The call is sent at once, but the kernel subscribes it on a handler thread: a claim before that is
+    # news the watch never hears, as a make test run under load found.)
+    until(lambda: server.decisions.reviews.watcher_count() > watching, "the watch to be subscribed")
     reviews.ClaimReview(kpb.ClaimReviewRequest(review_id=escalated.review_id, reviewer="al"), timeout=TIMEOUT_S)
     resolve = kpb.ResolveReviewRequest(review_id=escalated.review_id, reviewer="al", action="deny", comment="dbl")
     start = threading.Barrier(10)
