@@ -1051,3 +1051,29 @@ def test_an_urgent_request_in_a_batching_window_runs_when_its_window_closes_not_
             thread.join(10)
         lane.close()
     assert urgent.outputs == ["urgent"]
+
+
+@pytest.mark.parametrize("scheduler_class", implementations(), ids=lambda cls: cls.name)
+def test_a_request_for_a_model_dropped_after_its_lane_was_looked_up_is_unavailable(scheduler_class):
+    """A reload or unload can drop the model between a caller's ``Lanes.for_model`` and its submit: that is
+    UNAVAILABLE (send it again), not the scheduler's KeyError, which reached a caller as INTERNAL (a make test
+    run: two INTERNAL answers while a model was reloaded three times under calls)."""
+    from kernel.errors import Unavailable
+    from kernel.scheduling import Lanes
+
+    def execute(batch):
+        for it in batch.items:
+            it.outputs = []
+        return 1000
+
+    lanes = Lanes(scheduler_class, execute, cpu_slots=1)
+    try:
+        model = Model("reloaded")
+        lanes.add_model(model, "cpu", ModelSchedule(max_batch_size=4))
+        lane = lanes.for_model(model)  # the caller's lookup ...
+        lanes.remove_model(model)  # ... then the reload retires the version (nothing queued: dropped at once)
+        for enter in (lane.submit, lane.run_blocking, lane.run_or_queue):
+            with pytest.raises(Unavailable, match="reloaded/1 was unloaded before the request was queued"):
+                enter(scheduler_class.item_class(model, 1, (), {}, request_id="late"))
+    finally:
+        lanes.close()

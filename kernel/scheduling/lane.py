@@ -312,7 +312,11 @@ class Lane:
         item.blocking = blocking
         if item.priority <= URGENT_LEVEL:
             self._urgent_seen_ns = now
-        verdict = self.scheduler.submit(item, now)
+        try:
+            verdict = self.scheduler.submit(item, now)
+        except KeyError:  # dropped since the caller looked its lane up: a reload or unload finished meanwhile
+            raise Unavailable(f"model {item.model.name}/{item.model.version} was unloaded before the request was "
+                              "queued (a reload or an unload); send it again") from None
         if verdict != ADMITTED:
             refusal = item.error = self._refusal_locked(item, verdict, now)
             if self._on_item is not None:  # a refused request is a failed one in ModelStatistics, as in Triton
