@@ -434,3 +434,29 @@ def test_resolving_again_with_another_comment_is_refused(queue):
         queue.resolve(rid, "alice", "deny", "second thoughts")
     assert queue.resolve(rid, "alice", "deny", "forged receipt") == first
     assert queue.get(rid).comment == "forged receipt"
+
+
+def test_a_page_is_bounded_by_bytes_as_well_as_by_count(queue, monkeypatch):
+    """(An abusive-client audit: 40 escalations with 1 MiB texts made a default page of ListReviews larger than
+    gRPC's 64 MiB limit, and it failed for every reviewer.) A page stops at PAGE_BYTES, with at least one review
+    however large; the next token goes on from there, and every review is listed once, in order."""
+    import kernel.review.queue as queue_module
+
+    made = [escalate(queue, amount=float(n)).review_id for n in range(12)]
+    one = queue.list(page_size=1).reviews[0].ByteSize()
+
+    def pages(page_bytes: int) -> list[list[str]]:
+        monkeypatch.setattr(queue_module, "PAGE_BYTES", page_bytes)
+        found, token = [], ""
+        while True:
+            page = queue.list(page_size=50, page_token=token)
+            found.append([r.review_id for r in page.reviews])
+            token = page.next_page_token
+            if not token:
+                return found
+
+    three = pages(3 * one + one // 2)
+    assert [len(page) for page in three] == [3, 3, 3, 3] and sum(three, []) == made
+    alone = pages(10)  # every review larger than a page: one a page
+    assert [len(page) for page in alone] == [1] * 12 and sum(alone, []) == made
+    assert pages(1 << 30) == [made]  # the count still bounds it as before (page_size 50)

@@ -79,6 +79,12 @@ def _reviewer(reviewer: str) -> None:
     check_name(reviewer, "reviewer", MAX_REVIEWER_CHARS)
 
 
+# A page of ListReviews holds at most this many bytes of reviews (and at least one review), whatever its
+# page_size: reviews carry their request's text fields (up to 1 MiB each), and 40 such reviews in a default
+# page of 50 made an answer over gRPC's 64 MiB limit, so ListReviews failed for every reviewer.
+PAGE_BYTES = 16 << 20
+
+
 class ReviewQueue:
     """Reviews in one backend (``db.reviews``)."""
 
@@ -144,8 +150,14 @@ class ReviewQueue:
         now = self._clock()
         rows = self._records.page(pipeline, tenant, state, now, after, limit + 1)
         response = kpb.ListReviewsResponse(sla_missed=self._records.count_sla_missed(pipeline, tenant, state, now))
-        for _position, review in rows[:limit]:
-            response.reviews.append(self._present(review, now))
+        size = 0
+        for index, (_position, review) in enumerate(rows[:limit]):
+            present = self._present(review, now)
+            size += present.ByteSize()
+            if size > PAGE_BYTES and index:  # the page is full by bytes: the rest come with the next token
+                response.next_page_token = paging.encode(rows[index - 1][0], filters)
+                return response
+            response.reviews.append(present)
         if len(rows) > limit:
             response.next_page_token = paging.encode(rows[limit - 1][0], filters)
         return response
