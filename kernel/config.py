@@ -65,6 +65,10 @@ class Settings:
     # other call out. One beyond it is refused at once (RESOURCE_EXHAUSTED, retry-after-ms; kernel/api/watch_budget.py).
     # 0 = a quarter of `workers` (128 by default); health watches are not counted.
     max_watches: int = 0
+    # Client streams open at once on the threaded front end (DecideStream, ModelStreamInfer, together): an open
+    # stream holds a call slot however long it idles, so one client opening hundreds of idle streams locked every
+    # other caller out of ordinary calls (kernel/api/call_budget.py). 0 = half of `workers` (256 by default).
+    max_streams: int = 0
     # Threaded front end: a unary call takes a handler thread only once its request is in
     # (kernel/api/eager_receive.py); false = grpc's standard path, a thread per call from its start.
     eager_receive: bool = True
@@ -141,6 +145,11 @@ class Settings:
         return self.lane_slots or self.usable_cores()
 
     @property
+    def stream_limit(self) -> int:
+        """``max_streams``, or its default: half of ``workers`` (at least 1)."""
+        return self.max_streams or max(1, self.workers // 2)
+
+    @property
     def watch_limit(self) -> int:
         """``max_watches``, or its default: a quarter of ``workers`` (at least 1)."""
         return self.max_watches or max(1, self.workers // 4)
@@ -203,6 +212,11 @@ def _validate(settings: Settings, sources: dict[str, str]) -> None:
     if settings.max_watches >= settings.workers:
         raise bad("max_watches", f"must be below workers ({settings.workers}): each open watch holds a handler "
                   f"thread of the sync front end, and calls beyond workers are refused; got {settings.max_watches}")
+    if settings.max_streams < 0:
+        raise bad("max_streams", f"must be >= 0 (0 = half of workers), got {settings.max_streams}")
+    if settings.max_streams > settings.workers:
+        raise bad("max_streams", f"must be at most workers ({settings.workers}): each open stream holds a call "
+                  f"slot; got {settings.max_streams}")
     if not 0 <= settings.gil_switch_interval_us <= 1_000_000:
         raise bad("gil_switch_interval_us", f"must be 0..1000000 (0 = Python's default), got {settings.gil_switch_interval_us}")
     if not 0 <= settings.gc_threshold <= 10_000_000:

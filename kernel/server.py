@@ -211,7 +211,8 @@ class KernelServer:
 
     def _add_services(self, server, asynchronous: bool) -> None:
         # One budget for the handler threads, shared by the RPCs that can be told apart by priority.
-        budget = None if asynchronous else CallBudget(self.settings.workers, self._calls_in_progress)
+        budget = None if asynchronous else CallBudget(self.settings.workers, self._calls_in_progress,
+                                                      max_streams=self.settings.stream_limit)
         self._budget = budget
         # Open watches have a cap of their own, well below workers, on both front ends (watch_budget.py).
         self._watches = WatchBudget(self.settings.watch_limit)

@@ -36,6 +36,20 @@ def test_budget_keeps_the_reserve_for_priority_one():
     budget.admit(1)  # the most urgent level may use every thread
 
 
+def test_open_streams_are_capped_and_their_slots_come_back():
+    budget = CallBudget(16, lambda: 1, max_streams=2)
+    budget.admit_stream()
+    budget.admit_stream()
+    with pytest.raises(ResourceExhausted) as refused:
+        budget.admit_stream()
+    assert "2 streams are open" in refused.value.message and "max_streams" in refused.value.message
+    assert dict(refused.value.trailers)["retry-after-ms"] == "1000" and budget.refused == 1
+    budget.admit(2)  # an ordinary unary call is not a stream: the cap leaves it its slot
+    budget.stream_ended()
+    budget.admit_stream()
+    assert (budget.streams_open, budget.streams_admitted) == (2, 3)
+
+
 @pytest.fixture(scope="module")
 def small_kernel(tmp_path_factory):
     root = tmp_path_factory.mktemp("budget")
@@ -139,8 +153,8 @@ def test_idle_streams_cannot_take_the_threads_kept_for_priority_one(tmp_path, an
     from lane_support import until
 
     models = build_small_model(tmp_path / "models")
-    server = start_kernel(models, "sync", workers=16, answer_later=answer_later,
-                          pipelines=str(copy_pipelines(tmp_path / "p")), pipeline_poll_s=0)
+    server = start_kernel(models, "sync", workers=16, answer_later=answer_later, max_streams=16,
+                          pipelines=str(copy_pipelines(tmp_path / "p")), pipeline_poll_s=0)  # (the reserve refuses)
     idle = threading.Event()
 
     def nothing_until_released():
@@ -173,3 +187,63 @@ def test_idle_streams_cannot_take_the_threads_kept_for_priority_one(tmp_path, an
     finally:
         idle.set()
         server.stop(grace=5)
+
+
+@pytest.mark.parametrize("answer_later", [True, False], ids=["pumped", "on-handler-threads"])
+def test_one_client_with_idle_streams_cannot_lock_ordinary_calls_out(tmp_path, answer_later):
+    """(An abusive-client audit: 448 idle DecideStreams from one client refused every other caller's ordinary
+    Decide until it closed them.) Streams are capped at ``max_streams`` (DecideStream and ModelStreamInfer
+    together); one beyond is refused naming the setting, ordinary calls still get in, and a slot comes back
+    when a stream ends."""
+    from claims_support import build_small_model, claim_request, copy_pipelines
+    from examples.claims import data
+    from kernel._proto.aios.kernel.v1 import kernel_pb2_grpc as kgrpc
+    from lane_support import until
+
+    models = build_small_model(tmp_path / "models")
+    server = start_kernel(models, "sync", workers=16, max_streams=3, answer_later=answer_later,
+                          pipelines=str(copy_pipelines(tmp_path / "p")), pipeline_poll_s=0)
+    idle = threading.Event()
+
+    def nothing_until_released():
+        idle.wait(60)
+        return
+        yield
+
+    case = data.generate_cases(1, seed=5)[0]
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            decisions = kgrpc.DecisionServiceStub(channel)
+            inference = pb_grpc.GRPCInferenceServiceStub(channel)
+            held = [decisions.DecideStream(nothing_until_released(), timeout=60) for _ in range(2)]
+            held.append(inference.ModelStreamInfer(nothing_until_released(), timeout=60))
+            until(lambda: server._budget.streams_open == 3, "three open streams")
+            for extra in (lambda: list(decisions.DecideStream(iter([claim_request(case)]), timeout=30)),
+                          lambda: list(inference.ModelStreamInfer(iter([]), timeout=30))):
+                with pytest.raises(grpc.RpcError) as refused:
+                    extra()
+                assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, refused.value.details()
+                assert "max_streams" in refused.value.details()
+                assert dict(refused.value.trailing_metadata())["retry-after-ms"] == "1000"
+            ordinary = decisions.Decide(claim_request(case, request_id="ordinary", priority=2), timeout=30)
+            assert ordinary.action and ordinary.request_id == "ordinary"
+            held[0].cancel()
+            until(lambda: server._budget.streams_open == 2, "the cancelled stream's slot to come back")
+            (answer,) = list(decisions.DecideStream(iter([claim_request(case, request_id="again")]), timeout=30))
+            assert answer.request_id == "again" and not answer.error_code
+            until(lambda: server._budget.streams_open == 2, "the finished stream's slot to come back")
+    finally:
+        idle.set()
+        server.stop(grace=5)
+
+
+def test_max_streams_defaults_to_half_of_workers_and_must_not_pass_them():
+    from kernel.config import Settings, SettingsError, load_settings
+
+    assert Settings().stream_limit == 256
+    assert load_settings(None, {"workers": 40}, environ={}).stream_limit == 20
+    assert load_settings(None, {"workers": 40, "max_streams": 40}, environ={}).stream_limit == 40
+    with pytest.raises(SettingsError, match=r"max_streams \(from --max-streams\) must be at most workers \(40\)"):
+        load_settings(None, {"workers": 40, "max_streams": 41}, environ={})
+    with pytest.raises(SettingsError, match=r"max_streams \(from \$AIOS_MAX_STREAMS\) must be >= 0"):
+        load_settings(None, environ={"AIOS_MAX_STREAMS": "-1"})

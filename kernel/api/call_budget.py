@@ -29,6 +29,8 @@ from ..errors import ResourceExhausted
 
 URGENT = 1  # the priority level the reserve is kept for
 RETRY_AFTER_MS = 20  # a hint: a handler thread frees up about as often as a batch finishes
+STREAM_SETTING = "max_streams"
+STREAM_RETRY_AFTER_MS = 1000  # a stream slot frees when some client ends its stream, on its schedule
 
 
 def default_reserve(workers: int) -> int:
@@ -36,16 +38,21 @@ def default_reserve(workers: int) -> int:
 
 
 class CallBudget:
-    __slots__ = ("limit", "reserve", "_soft", "_in_progress", "refused", "streams_admitted", "_lock")
+    __slots__ = ("limit", "reserve", "_soft", "_in_progress", "refused", "streams_admitted", "_lock", "max_streams",
+                 "streams_open")
 
-    def __init__(self, limit: int, in_progress: Callable[[], int], reserve: int | None = None):
+    def __init__(self, limit: int, in_progress: Callable[[], int], reserve: int | None = None,
+                 max_streams: int | None = None):
         self.limit = limit
         self.reserve = default_reserve(limit) if reserve is None else reserve
         self._soft = limit - self.reserve
         self._in_progress = in_progress  # calls in progress, the asking one included
         self.refused = 0  # lower-priority calls turned away to keep the reserve
         self.streams_admitted = 0  # streams let in (tests wait on it: admission runs on the handler thread)
-        self._lock = threading.Lock()  # (for streams_admitted: several handler threads admit at once)
+        self._lock = threading.Lock()  # (for the stream counts: several handler threads admit at once)
+        # Open client streams, capped: idle ones hold call slots, and the reserve alone kept only priority 1 in.
+        self.max_streams = limit if max_streams is None else max_streams
+        self.streams_open = 0
 
     def admit_stream(self) -> None:
         """Refuse a stream that would eat the reserve. A stream holds its call slot for as long as it is open,
@@ -53,7 +60,24 @@ class CallBudget:
         refused priority-1 calls with no retry hint."""
         self.admit(URGENT + 1)
         with self._lock:
-            self.streams_admitted += 1
+            if self.streams_open >= self.max_streams:
+                self.refused += 1
+                open_now = self.streams_open
+            else:
+                self.streams_open += 1
+                self.streams_admitted += 1
+                return
+        raise ResourceExhausted(
+            f"{open_now} streams are open (DecideStream and ModelStreamInfer, together; limit {self.max_streams}, "
+            f"the {STREAM_SETTING} setting): end a stream you no longer use, send more on the ones you have, or "
+            f"retry after {STREAM_RETRY_AFTER_MS} ms",
+            trailers=(("retry-after-ms", str(STREAM_RETRY_AFTER_MS)),),
+        )
+
+    def stream_ended(self) -> None:
+        """An admitted stream's call ended (call once per ``admit_stream`` that returned)."""
+        with self._lock:
+            self.streams_open -= 1
 
     def admit(self, priority: int) -> None:
         """Refuse a call of ``priority`` if it would eat the reserve."""

@@ -66,6 +66,7 @@ def decision_handlers(engine: DecisionEngine, registry: PipelineRegistry, budget
     def stream(requests, ctx):
         if budget is not None:  # (a pumped stream is admitted by the pump: stream_pump.py)
             budget.admit_stream()
+            ctx.on_done(budget.stream_ended)  # its slot comes back when the call ends, however it ends
         return decide_stream(engine, requests, ctx)
 
     def upload(request, ctx):

@@ -308,6 +308,8 @@ def sync_servicer(service: InferenceService, budget: CallBudget | None = None) -
             except KernelError as exc:
                 context.set_trailing_metadata(exc.trailers)
                 context.abort(status_of(exc), details_of(exc))
+            if not context.add_callback(budget.stream_ended):  # its slot comes back when the call ends, however
+                budget.stream_ended()
         yield from _SyncStream(service, request_iterator, context)
 
     ModelInfer.wants_arrival = True  # Triton's ``timeout`` counts from the call's arrival (registration.py)

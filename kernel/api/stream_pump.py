@@ -109,6 +109,8 @@ class StreamPump(futures.ThreadPoolExecutor):
                 return self._refuse(rpc_event, state, exc)
         stream = _Stream(self, self._engine, self._pool, rpc_event, state, deserializer, serializer)
         stream.finished.add_done_callback(self._stream_over)
+        if self._budget is not None:
+            stream.finished.add_done_callback(lambda _finished: self._budget.stream_ended())
         stream.start()
         return stream.finished
 
