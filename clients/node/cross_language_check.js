@@ -135,11 +135,22 @@ async function checkRefusals(address) {
       };
     }
     // A decision made after the request's own timeout_ms: DEADLINE_EXCEEDED, recorded at the trailer's sequence.
+    // Which timeout lands there depends on the machine's load (a loaded one expires every 1 ms request before
+    // the model runs, recording nothing): the timeout grows after an expiry that recorded nothing and shrinks
+    // after an answer in time, so it settles where decisions finish just late.
+    const lateTimeout = { ms: 1 };
+    const adapt = (outcome) => {
+      lateTimeout.ms = outcome === 'in-time' ? Math.max(1, lateTimeout.ms * 0.7) : Math.min(2000, lateTimeout.ms * 1.5);
+    };
+    const lateRequest = (key) => decisionRequest(PIPELINE, claim(), {}, {
+      tenant: 'acme', timeout_ms: Math.max(1, Math.round(lateTimeout.ms)), idempotency_key: key });
     for (let i = 0; i < 300 && !out.late; i += 1) {
-      const late = decisionRequest(PIPELINE, claim(), {}, { tenant: 'acme', timeout_ms: 1, idempotency_key: `node-late-${Date.now()}-${i}` });
+      const late = lateRequest(`node-late-${Date.now()}-${i}`);
       try {
         await client.decide(late);
+        adapt('in-time');
       } catch (err) {
+        if (err.code === grpc.status.DEADLINE_EXCEEDED && err.auditSequence === null) adapt('expired');
         if (err.auditSequence !== null) {
           const replay = await client.decide({ ...late, timeout_ms: 0 });
           out.late = { ...refusal(err), replay: { replayed: replay.replayed, audit_sequence: replay.audit_sequence } };
@@ -147,17 +158,18 @@ async function checkRefusals(address) {
       }
     }
     // DEADLINE_EXCEEDED is retried with an idempotency key (the retry returns what was recorded) ...
-    // A first attempt that expired before it was decided records nothing, and its retries (same 1 ms
-    // timeout) may expire too on a loaded machine: look for a call whose retry found a recorded decision
-    // (two retries each, so a loaded machine's misses stay cheap: 50 and 100 ms pauses).
+    // A first attempt that expired before it was decided records nothing, and its retries (same timeout)
+    // may expire too on a loaded machine: look for a call whose retry found a recorded decision (two retries
+    // each, so a loaded machine's misses stay cheap: 50 and 100 ms pauses), with the timeout found above.
     out.late_retried = null;
     for (let i = 0; i < 50 && !(out.late_retried && out.late_retried.code === 'OK'); i += 1) {
-      const late = decisionRequest(PIPELINE, claim(), {}, { tenant: 'acme', timeout_ms: 1, idempotency_key: `node-late-retry-${Date.now()}-${i}` });
+      const late = lateRequest(`node-late-retry-${Date.now()}-${i}`);
       const mark = seen.length;
       const result = await client.decide(late, { retries: 2 }).then(
         (d) => ({ code: 'OK', replayed: d.replayed }), (e) => ({ code: statusName(e.code), details: e.details }));
       const attempts = seen.length - mark;
       if (attempts > 1) out.late_retried = { ...result, attempts };
+      else if (result.code === 'OK') adapt('in-time'); // answered in time at once: nothing was retried
     }
     // ... and never without one (a retry could decide twice).
     out.unkeyed_deadline = null;
