@@ -59,6 +59,14 @@ def make_request(pipeline: str, fields: dict, text: dict | None = None, **option
     return request
 
 
+def _recorded_at(error: grpc.RpcError) -> str | None:
+    """The ``aios-audit-sequence`` trailer of a refusal whose decision was recorded all the same, if any."""
+    for key, value in error.trailing_metadata() or ():
+        if key == "aios-audit-sequence":
+            return value
+    return None
+
+
 def retry_after_s(error: grpc.RpcError) -> float | None:
     """The kernel's ``retry-after-ms`` hint on a refusal, in seconds; None when it gave none."""
     for key, value in error.trailing_metadata() or ():
@@ -93,6 +101,8 @@ class DecisionClient:
         in ``RETRYABLE``, waiting as the kernel's hint says; after DEADLINE_EXCEEDED too if it has an
         ``idempotency_key`` (the retry then returns the decision made late, not a second one). Raises the
         last ``grpc.RpcError``."""
+        if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
+            raise ValueError(f"retries must be an integer >= 0, got {retries!r}")
         request = make_request(pipeline, fields, text, **options)
         end = time.monotonic() + (self.timeout if timeout is None else timeout)
         backoff = DEFAULT_BACKOFF_S
@@ -100,8 +110,11 @@ class DecisionClient:
             try:
                 return self.stub.Decide(request, timeout=max(0.0, end - time.monotonic()))
             except grpc.RpcError as error:
-                retryable = error.code() in RETRYABLE or (
-                    error.code() == grpc.StatusCode.DEADLINE_EXCEEDED and request.idempotency_key)
+                # An UNAVAILABLE whose decision was recorded all the same (its review could not be stored: the
+                # aios-audit-sequence trailer) is not sent again: nothing was kept under its key, so a retry
+                # would decide a second time. A late DEADLINE_EXCEEDED is kept under its key: retried with one.
+                retryable = (error.code() in RETRYABLE and _recorded_at(error) is None) or (
+                    error.code() == grpc.StatusCode.DEADLINE_EXCEEDED and bool(request.idempotency_key))
                 pause = retry_after_s(error)
                 if pause is None:
                     pause, backoff = backoff, backoff * 2

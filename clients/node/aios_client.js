@@ -340,7 +340,9 @@ class KernelClient {
         return await this.call('decisions', 'Decide', request, { ...options, deadlineMs: left });
       } catch (err) {
         if (!(err instanceof KernelError)) throw err; // aborted by the caller's signal
-        const retryable = RETRYABLE.has(err.code)
+        // An UNAVAILABLE whose decision was recorded all the same (its review could not be stored: it carries
+        // an audit sequence) is not sent again: nothing was kept under its key, so a retry would decide twice.
+        const retryable = (RETRYABLE.has(err.code) && err.auditSequence === null)
           || (err.code === grpc.status.DEADLINE_EXCEEDED && Boolean(request.idempotency_key));
         let pause = err.retryAfterMs;
         if (pause === null) { pause = backoff; backoff *= 2; }
