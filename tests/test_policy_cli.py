@@ -46,6 +46,16 @@ def test_check_refuses_with_file_line_and_a_caret(tmp_path):
 def test_check_of_a_file_that_does_not_exist_exits_2(tmp_path):
     run = cli("check", str(tmp_path / "missing.toml"))
     assert run.returncode == 2 and "missing.toml: cannot read: no such file" in run.stderr
+    run = cli("check", str(tmp_path))  # (a CLI audit: a folder was "no such file")
+    assert run.returncode == 2 and f"{tmp_path}: cannot read: a directory, not a policy file" in run.stderr
+
+
+def test_toml_cut_off_at_its_end_is_reported_at_its_last_line(tmp_path):
+    # (A CLI audit: tomllib gives no line for an error at the end of the document, printed as FILE:0.)
+    broken = tmp_path / "cut.toml"
+    broken.write_text('name = "p"\nrules = [\n')
+    run = cli("check", str(broken))
+    assert run.returncode == 1 and run.stdout.startswith(f"{broken}:2: TOML: ")
 
 
 def test_check_reports_an_unreachable_rule(tmp_path):

@@ -42,7 +42,8 @@ def check_command(path: str | Path, out: TextIO = sys.stdout) -> int:
     2 = no such file (nothing was checked), 3 = usable (the kernel would serve it) but NOT fully checked:
     the table analysis stopped at its work limit, so overlaps or unreachable rules may go unreported."""
     if not Path(path).is_file():
-        print(f"{path}: cannot read: no such file", file=sys.stderr)
+        why = "a directory, not a policy file" if Path(path).is_dir() else "no such file"
+        print(f"{path}: cannot read: {why}", file=sys.stderr)
         return EXIT_UNUSABLE
     try:
         policy = load_policy(path)

@@ -108,7 +108,9 @@ class _Loader:
         try:
             doc = tomlsafe.loads(text)
         except tomlsafe.TomlError as exc:
-            self.add(exc.line, "TOML", exc.message, column=exc.column)
+            # (No line from the parser: the error is at the end of the document, so its last line.)
+            last = max(1, text.count("\n") + (0 if text.endswith("\n") else 1))
+            self.add(exc.line or last, "TOML", exc.message, column=exc.column)
             raise self.fail() from None
         policy = self.build(doc)
         if any(d.severity == ERROR for d in self.diagnostics):
