@@ -51,7 +51,9 @@ def run_demo(settings: Settings, requests: int = 2000, concurrency: int = 8) -> 
     _, data, _ = _claims_example()
     models_dir = Path(settings.models)
     ensure_demo_models(models_dir, log=lambda line: print(f"  model: {line}"))
-    if not Path(settings.pipelines).is_dir():
+    if settings.pipelines == Settings().pipelines or not Path(settings.pipelines).is_dir():
+        # The bundled claims pipelines, as --help says, unless others were named: a ./pipelines folder where the
+        # demo happens to run (a CLI audit: one holding an uploaded pipeline) is not what the demo shows.
         settings = replace(settings, pipelines=str(PIPELINES))
     if settings.data_dir == Settings().data_dir:  # the demo leaves no audit log behind unless asked to
         settings = replace(settings, data_dir=tempfile.mkdtemp(prefix="aios-demo-"))
@@ -137,7 +139,7 @@ def run_demo(settings: Settings, requests: int = 2000, concurrency: int = 8) -> 
     if automated:
         print(f"\n  automated decisions agreeing with the synthetic ground truth: {100 * agree / len(automated):.1f}%")
     print(f"  review queue: {waiting} cases waiting for a person, kept with the demo's data; to work them, serve it\n"
-          f"    aios-kernel serve --models {models_dir} --pipelines {settings.pipelines} --data-dir {settings.data_dir}\n"
+          f"    aios-kernel serve --models {models_dir} --pipelines {Path(settings.pipelines).resolve()} --data-dir {settings.data_dir}\n"
           "    and use aios-kernel review list / show / claim / resolve")
     print(f"  audit log {audit_dir}: {verified.describe()}")
     return 0 if not errors and verified.ok else 1

@@ -289,10 +289,16 @@ def test_models_list_and_infer_against_a_running_kernel(model_repo):
     assert code == 0, err
 
 
-def test_demo_prints_a_summary(demo_build):
-    """`make demo` as it runs it: on the models `make models` built."""
-    result = run_cli("demo", "--models", str(demo_build[0]), "--requests", "200", "--concurrency", "4", timeout=240)
+def test_demo_prints_a_summary(demo_build, tmp_path):
+    """`make demo` as it runs it: on the models `make models` built. Run from a folder that has a ./pipelines
+    of its own, it still shows the bundled claims pipelines, as --help says (a CLI audit: it served the
+    folder's, which held another pipeline)."""
+    (tmp_path / "pipelines").mkdir()
+    (tmp_path / "pipelines" / "claims_triage.toml").write_text("not = [a pipeline\n")
+    result = subprocess.run([*CLI, "demo", "--models", str(demo_build[0]), "--requests", "200", "--concurrency", "4"],
+                            capture_output=True, text=True, timeout=240, cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
+    assert f"--pipelines {ROOT / 'examples' / 'claims' / 'pipelines'}" in result.stdout
     out = result.stdout
     assert "sent 200, answered 200, errors 0" in out
     assert "automated" in out and "escalated" in out and "rules that decided" in out
