@@ -20,7 +20,7 @@ from kernel._proto.inference import grpc_service_pb2 as pb
 from kernel._proto.inference import grpc_service_pb2_grpc as pb_grpc
 from kernel.scheduling.stream_window import MAX_IN_FLIGHT
 from kernel.testing import onnx_models
-from lane_support import SLOW_ROWS, request_for, save_slow_model, until
+from lane_support import request_for, save_slow_model, until
 
 WINDOW_US = 3_000_000  # `held`'s static window: a request waits this long for company unless its deadline comes first
 PARKED_US = 10_000_000  # `parked`'s: the longest model.toml allows
