@@ -26,11 +26,10 @@ import threading
 from collections.abc import Callable
 
 from ..errors import ResourceExhausted
+from .watch_budget import OpenBudget
 
 URGENT = 1  # the priority level the reserve is kept for
 RETRY_AFTER_MS = 20  # a hint: a handler thread frees up about as often as a batch finishes
-STREAM_SETTING = "max_streams"
-STREAM_RETRY_AFTER_MS = 1000  # a stream slot frees when some client ends its stream, on its schedule
 
 
 def default_reserve(workers: int) -> int:
@@ -38,8 +37,7 @@ def default_reserve(workers: int) -> int:
 
 
 class CallBudget:
-    __slots__ = ("limit", "reserve", "_soft", "_in_progress", "refused", "streams_admitted", "_lock", "max_streams",
-                 "streams_open")
+    __slots__ = ("limit", "reserve", "_soft", "_in_progress", "refused", "streams_admitted", "_lock", "_streams")
 
     def __init__(self, limit: int, in_progress: Callable[[], int], reserve: int | None = None,
                  max_streams: int | None = None):
@@ -51,33 +49,31 @@ class CallBudget:
         self.streams_admitted = 0  # streams let in (tests wait on it: admission runs on the handler thread)
         self._lock = threading.Lock()  # (for the stream counts: several handler threads admit at once)
         # Open client streams, capped: idle ones hold call slots, and the reserve alone kept only priority 1 in.
-        self.max_streams = limit if max_streams is None else max_streams
-        self.streams_open = 0
+        self._streams = OpenBudget(limit if max_streams is None else max_streams, "streams",
+                                   "DecideStream and ModelStreamInfer", "max_streams",
+                                   "end a stream you no longer use, send more on the ones you have")
+
+    @property
+    def streams_open(self) -> int:
+        return self._streams.open
 
     def admit_stream(self) -> None:
-        """Refuse a stream that would eat the reserve. A stream holds its call slot for as long as it is open,
-        whatever its messages' priorities: twenty idle streams took every slot, and then gRPC's own limit
-        refused priority-1 calls with no retry hint."""
+        """Refuse a stream that would eat the reserve, or one beyond ``max_streams``. A stream holds its call slot
+        for as long as it is open, whatever its messages' priorities: twenty idle streams took every slot, and
+        then gRPC's own limit refused priority-1 calls with no retry hint; 448 from one client left only
+        priority 1 a way in."""
         self.admit(URGENT + 1)
+        try:
+            self._streams.hold()  # (given back by stream_ended, when the call ends)
+        except ResourceExhausted:
+            self.refused += 1
+            raise
         with self._lock:
-            if self.streams_open >= self.max_streams:
-                self.refused += 1
-                open_now = self.streams_open
-            else:
-                self.streams_open += 1
-                self.streams_admitted += 1
-                return
-        raise ResourceExhausted(
-            f"{open_now} streams are open (DecideStream and ModelStreamInfer, together; limit {self.max_streams}, "
-            f"the {STREAM_SETTING} setting): end a stream you no longer use, send more on the ones you have, or "
-            f"retry after {STREAM_RETRY_AFTER_MS} ms",
-            trailers=(("retry-after-ms", str(STREAM_RETRY_AFTER_MS)),),
-        )
+            self.streams_admitted += 1
 
     def stream_ended(self) -> None:
         """An admitted stream's call ended (call once per ``admit_stream`` that returned)."""
-        with self._lock:
-            self.streams_open -= 1
+        self._streams._release()
 
     def admit(self, priority: int) -> None:
         """Refuse a call of ``priority`` if it would eat the reserve."""

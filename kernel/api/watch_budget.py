@@ -30,19 +30,25 @@ SETTING = "max_watches"
 RETRY_AFTER_MS = 1000
 
 
-class WatchBudget:
-    """At most ``limit`` watches open at once; ``hold(rpc)`` takes one for a ``with`` block."""
+class OpenBudget:
+    """At most ``limit`` calls of a kind that stays open (watches, client streams) at once; ``hold()`` takes one.
 
-    __slots__ = ("limit", "open", "refused", "_lock")
+    The refusal says how many are open, which calls count (``kinds``), the setting that sets the limit and
+    what to do (``advice``), with a ``retry-after-ms`` trailer: a place frees when some client ends its call.
+    """
 
-    def __init__(self, limit: int):
+    __slots__ = ("limit", "open", "refused", "_lock", "_noun", "_kinds", "_setting", "_advice")
+
+    def __init__(self, limit: int, noun: str, kinds: str, setting: str, advice: str):
         self.limit = limit
-        self.open = 0  # watches open now (read without the lock: a snapshot)
-        self.refused = 0  # watches turned away at the limit
+        self.open = 0  # open now (read without the lock: a snapshot)
+        self.refused = 0  # turned away at the limit
         self._lock = threading.Lock()
+        self._noun, self._kinds, self._setting, self._advice = noun, kinds, setting, advice
 
-    def hold(self, rpc: str) -> _Held:
-        """One open watch of ``rpc`` until the ``with`` block ends; raises RESOURCE_EXHAUSTED at the limit."""
+    def hold(self, rpc: str = "") -> _Held:
+        """One open place (for ``rpc``) until the ``with`` block ends or ``release()``; RESOURCE_EXHAUSTED at
+        the limit."""
         with self._lock:
             if self.open >= self.limit:
                 self.refused += 1
@@ -50,10 +56,10 @@ class WatchBudget:
             else:
                 self.open += 1
                 return _Held(self)
+        refused = f"{rpc} refused; " if rpc else ""
         raise ResourceExhausted(
-            f"{open_now} watches are open (WatchReviews, WatchTask and StreamAudit with follow, together; "
-            f"limit {self.limit}, the {SETTING} setting): {rpc} refused; end a watch you no longer need, "
-            f"or retry after {RETRY_AFTER_MS} ms",
+            f"{open_now} {self._noun} are open ({self._kinds}, together; limit {self.limit}, the {self._setting} "
+            f"setting): {refused}{self._advice}, or retry after {RETRY_AFTER_MS} ms",
             trailers=(("retry-after-ms", str(RETRY_AFTER_MS)),),
         )
 
@@ -62,12 +68,22 @@ class WatchBudget:
             self.open -= 1
 
 
+class WatchBudget(OpenBudget):
+    """At most ``limit`` watches open at once; ``hold(rpc)`` takes one for a ``with`` block."""
+
+    __slots__ = ()
+
+    def __init__(self, limit: int):
+        super().__init__(limit, "watches", "WatchReviews, WatchTask and StreamAudit with follow", SETTING,
+                         "end a watch you no longer need")
+
+
 class _Held:
     """A watch slot, given back once (``with`` block's end, or ``release()``)."""
 
     __slots__ = ("_budget",)
 
-    def __init__(self, budget: WatchBudget):
+    def __init__(self, budget: OpenBudget):
         self._budget = budget
 
     def release(self) -> None:

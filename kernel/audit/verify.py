@@ -328,8 +328,9 @@ class _Walk:
         if event == "kernel stopping":
             self.stops.append(sequence)
         elif event == "kernel started":
-            adopted = (detail.get("recovery") or {}).get("adopted") if isinstance(detail.get("recovery"), dict) else None
-            if (isinstance(adopted, list) and len(adopted) == 2 and all(isinstance(n, int) for n in adopted)):
+            recovery = detail.get("recovery")
+            adopted = recovery.get("adopted") if isinstance(recovery, dict) else None
+            if isinstance(adopted, list) and len(adopted) == 2 and all(isinstance(n, int) for n in adopted):
                 self.adopted.append((sequence, adopted[0], adopted[1]))
 
     def recovery_notes(self, strict: bool) -> None:

@@ -70,8 +70,7 @@ class TaskRunner:
         self.audit_position = audit_position
         # Whether the attempt a stop of the kernel cut off had recorded its decision (read at start, _recover):
         # such a task is finished with that decision even when that was its last attempt.
-        self.recorded = recorded
-        self._take_recorded: set[str] = set()  # tasks re-queued for that: their next run is no new attempt
+        self.recorded = recorded  # (until that run takes the decision: its next run is no new attempt)
         self.workers = workers
         self.max_attempts = max_attempts
         self.backoff_s = backoff_s
@@ -115,15 +114,14 @@ class TaskRunner:
         self._threads = [t for t in self._threads if t.is_alive()]
 
     def _recover(self) -> None:
-        requeued, failed = 0, 0
+        requeued, taking, failed = 0, 0, 0
         for task in self.store.in_states((kpb.RUNNING,)):
             attempt = task.attempts
             if self.recorded is not None and self.recorded(task.task_id):
                 # Decided and on the log: the task takes that decision (one decision per task), attempts left or not.
-                self._take_recorded.add(task.task_id)
                 self.store.transition(task.task_id, kpb.QUEUED, (kpb.RUNNING,),
                                       f"re-queued: the kernel stopped after attempt {attempt} recorded its decision")
-                requeued += 1
+                taking += 1
             elif attempt >= self.max_attempts:
                 self.store.transition(task.task_id, kpb.FAILED, (kpb.RUNNING,), "the kernel stopped during the last attempt",
                                       error=f"the kernel stopped while attempt {attempt} of {self.max_attempts} ran")
@@ -137,10 +135,10 @@ class TaskRunner:
             self._schedule(task.task_id, 0.0)
         finished = self.store.apply_pending_reviews()
         # An operator restarting after a crash reads here what happened to the work in flight.
-        if requeued or failed:
+        if requeued or taking or failed:
             log.warning("tasks running when the kernel stopped: %d re-queued for another attempt, %d to take the "
                         "decision their attempt recorded, %d failed (that was their last attempt, and it recorded "
-                        "nothing)", requeued - len(self._take_recorded), len(self._take_recorded), failed)
+                        "nothing)", requeued, taking, failed)
         if queued:
             log.info("tasks: %d queued, starting now", len(queued))
         if finished:
@@ -218,8 +216,7 @@ class TaskRunner:
 
     def _run(self, task_id: str) -> None:
         task = self.store.get(task_id)
-        if task_id in self._take_recorded:  # (see _recover) no new attempt: the cut-off one's decision is taken
-            self._take_recorded.discard(task_id)
+        if self.recorded is not None and self.recorded(task_id):  # (see _recover) the cut-off attempt's decision
             attempt, note = task.attempts, f"taking the decision attempt {task.attempts} recorded"
         else:
             attempt = task.attempts + 1
