@@ -63,6 +63,9 @@ def parse_args(argv=None):
                    help="open-loop neighbour arm at this × the closed neighbour's throughput (0 = off)")
     p.add_argument("--priority-control", action=argparse.BooleanOptionalAction, default=True,
                    help="also run the neighbour at priority 1 (control)")
+    p.add_argument("--neighbour-process", action="store_true",
+                   help="drive the closed-loop neighbour from a process of its own, as a separate client service "
+                        "would (default: one event loop drives both streams)")
     # machinery
     p.add_argument("--wait-idle", type=float, help="before each server start wait up to S s for an idle machine "
                                                     "(default 10; 0 with --quick)")

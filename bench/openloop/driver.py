@@ -125,7 +125,10 @@ def _channel(url: str, own_connection: bool = False):
 
 
 async def _drive(url: str, opens: list[OpenLoad], closeds: list[ClosedLoad], warmup_s: float, window_s: float,
-                 server: procs.ServerProc | None, channel_per_stream: bool = False) -> RunData:
+                 server: procs.ServerProc | None, channel_per_stream: bool = False,
+                 start_at: float | None = None) -> RunData:
+    """``start_at``: the wall-clock instant (``time.time()``) the run starts, to line up with a run driven
+    by another process (``closed_process``); default: now."""
     loop = asyncio.get_running_loop()
     channel = _channel(url)
     await asyncio.wait_for(channel.channel_ready(), 10)
@@ -170,7 +173,7 @@ async def _drive(url: str, opens: list[OpenLoad], closeds: list[ClosedLoad], war
     closed_out = [([], [], [], []) for _ in closeds]  # sent, done, code, retry
     counters0 = await _list_models(channel)
 
-    t0 = time.perf_counter() + 0.05
+    t0 = time.perf_counter() + (0.05 if start_at is None else max(0.0, start_at - time.time()))
     probes = {}
 
     async def sample(tag: str, at: float) -> None:
@@ -264,15 +267,26 @@ async def _drive(url: str, opens: list[OpenLoad], closeds: list[ClosedLoad], war
 
 
 def drive(url: str, opens: list[OpenLoad], closeds: list[ClosedLoad] = (), warmup_s: float = 2.0,
-          window_s: float = 10.0, server: procs.ServerProc | None = None, channel_per_stream: bool = False) -> RunData:
+          window_s: float = 10.0, server: procs.ServerProc | None = None, channel_per_stream: bool = False,
+          closed_process: bool = False) -> RunData:
     """Run the loads against ``url`` on a fresh event loop (uvloop when installed).
 
     ``channel_per_stream``: each stream gets a connection of its own (default: all share one).
+    ``closed_process``: the closed loads run in a process of their own (on the same cores), as a separate
+    client service would, so that the open streams' answers do not wait behind the closed loads' in one
+    event loop. Measured, it changes nothing beyond this machine's spread (bench/RESULTS.md, "Priority
+    isolation: not the generator's event loop, not the handler threads").
     """
+    if closed_process and closeds and opens:
+        return _drive_with_closed_process(url, list(opens), list(closeds), warmup_s, window_s, server,
+                                          channel_per_stream)
+    return _run_loop(_drive(url, list(opens), list(closeds), warmup_s, window_s, server, channel_per_stream))
+
+
+def _run_loop(coro) -> RunData:
     import gc
 
     ERROR_DETAILS.clear()
-    coro = _drive(url, list(opens), list(closeds), warmup_s, window_s, server, channel_per_stream)
     # A collection of the older generations among tens of thousands of calls and tasks stalls the loop for
     # 10-25 ms (measured: the sends of a burst then fall that far behind); collect between runs instead.
     gc.collect()
@@ -286,3 +300,44 @@ def drive(url: str, opens: list[OpenLoad], closeds: list[ClosedLoad] = (), warmu
     finally:
         gc.enable()
         gc.collect()
+
+
+def _closed_child(conn, url: str, closeds: list[ClosedLoad], warmup_s: float, window_s: float,
+                  channel_per_stream: bool) -> None:
+    """The closed loads' process: ready → wait for the start instant → drive → send the RunData back."""
+    conn.send("ready")
+    start_at = conn.recv()
+    run = _run_loop(_drive(url, [], closeds, warmup_s, window_s, None, channel_per_stream, start_at))
+    conn.send((run, dict(ERROR_DETAILS)))
+    conn.close()
+
+
+def _drive_with_closed_process(url, opens, closeds, warmup_s, window_s, server, channel_per_stream) -> RunData:
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")  # (never fork a process that has used gRPC)
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_closed_child, args=(child, url, closeds, warmup_s, window_s, channel_per_stream),
+                       name="openloop-closed", daemon=True)
+    proc.start()
+    try:
+        if not parent.poll(60) or parent.recv() != "ready":
+            raise RuntimeError("the closed-loop load process did not start")
+        start_at = time.time() + 0.5  # both connect first; then both start at this instant
+        parent.send(start_at)
+        run = _run_loop(_drive(url, opens, [], warmup_s, window_s, server, channel_per_stream, start_at))
+        if not parent.poll(window_s + warmup_s + 120):
+            raise RuntimeError("the closed-loop load process sent no result")
+        closed_run, details = parent.recv()
+    finally:
+        proc.join(10)
+        if proc.is_alive():
+            proc.kill()
+    for key, count in details.items():
+        ERROR_DETAILS[key] = ERROR_DETAILS.get(key, 0) + count
+    run.records.extend(closed_run.records)
+    run.client_cpu += closed_run.client_cpu
+    run.drained = run.drained and closed_run.drained
+    run.extra = {"error_details": [{"status": k[0], "details": k[1], "count": v} for k, v in ERROR_DETAILS.items()],
+                 "closed_process": True}
+    return run

@@ -72,7 +72,8 @@ def measure(ctx: Ctx, server: procs.ServerProc, scenario: str, arm: str, rnd: in
     args = ctx.args
     warmup_s = args.warmup if warmup_s is None else warmup_s
     window_s = args.seconds if window_s is None else window_s
-    run = drive(server.url, opens, closeds, warmup_s, window_s, server, args.channel_per_stream)
+    run = drive(server.url, opens, closeds, warmup_s, window_s, server, args.channel_per_stream,
+                closed_process=scenario == "priority" and args.neighbour_process)
     via = {o.stream.name: o.stream.deadline_via for o in opens}
     stats = [record_stats(r, run.window, slo_s, deadline_s if not r.stream.endswith("[closed]") else None,
                           via.get(r.stream, "timeout")) for r in run.records]
