@@ -213,3 +213,24 @@ def test_fsync_cost_measures_both_modes_and_leaves_no_scratch_file(tmp_path):
     assert list(scratch.iterdir()) == []  # the scratch file is removed
     with pytest.raises(SystemExit):
         fsync_cost.main(["--writes", "0", "--out", str(out)])
+
+
+def test_openloop_drives_a_closed_neighbour_from_its_own_process(naive_server):
+    """``--neighbour-process``: the closed load's requests come from a child process that starts with the
+    open load, and both loads' records come back, in the same run's time frame."""
+    from bench.openloop.driver import drive
+    from bench.openloop.streams import ClosedLoad, OpenLoad, make_stream
+
+    tiny = make_stream("tiny", MODEL_NAME)
+    neighbour = make_stream("neighbour", MODEL_NAME)
+    times = np.linspace(0.0, 1.0, 20)
+    run = drive(naive_server, [OpenLoad(tiny, times)], [ClosedLoad(neighbour, 2)], warmup_s=0.2, window_s=0.8,
+                closed_process=True)
+    by_name = {r.stream: r for r in run.records}
+    assert set(by_name) == {"tiny", "neighbour[closed]"}
+    assert run.extra["closed_process"] is True and run.drained
+    open_rec, closed_rec = by_name["tiny"], by_name["neighbour[closed]"]
+    assert len(open_rec.code) == 20 and (open_rec.code == 0).all()
+    assert len(closed_rec.code) > 2 and (closed_rec.code == 0).all()
+    # The child's clock starts at the same instant: its sends fall inside the run, not seconds off.
+    assert closed_rec.sent.min() >= -0.05 and closed_rec.sent.max() <= 1.0 + 0.5
