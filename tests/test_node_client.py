@@ -266,3 +266,50 @@ def test_node_gets_int64_as_exact_strings(report, channel):
     task = kgrpc.TaskServiceStub(channel).GetTask(kpb.TaskRef(task_id=got["task_id"]), timeout=10)
     assert task.created_unix_ns > 2**53  # a double would have lost its low bits
     assert got["created_unix_ns"] == str(task.created_unix_ns)
+
+
+# An UNAVAILABLE that carries `aios-audit-sequence` (the decision was recorded, its review could not be stored,
+# nothing kept under its key) must not be sent again by decide({retries}): each retry would decide again.
+NODE_DECIDE_ONCE = """
+const { KernelClient, statusName } = require(process.argv[1]);
+const [address, requestJson] = process.argv.slice(2);
+(async () => {
+  const client = new KernelClient(address, { deadlineMs: 30000 });
+  try {
+    await client.decide(JSON.parse(requestJson), { retries: 5 });
+    console.log(JSON.stringify({ code: 'OK' }));
+  } catch (err) {
+    console.log(JSON.stringify({ code: statusName(err.code), auditSequence: err.auditSequence }));
+  } finally {
+    client.close();
+  }
+})();
+"""
+
+
+def test_node_does_not_send_a_recorded_decision_again(node, claims_models, tmp_path, monkeypatch):
+    from claims_support import claim_request
+    from conftest import start_claims_kernel
+    from examples.claims import data
+    from kernel.pipelines import group_finish
+    from test_decision_isolation import FailingReviews
+
+    server = start_claims_kernel(claims_models, tmp_path)
+    try:
+        engine = server.decisions.engine
+        monkeypatch.setattr(group_finish, "MAX_REVIEW_BACKLOG", 0)  # reviews stored before answers
+        monkeypatch.setattr(engine.services, "reviews", FailingReviews(engine.services.reviews))  # injected fault
+        large = dict(data.generate_cases(1, seed=40)[0], claim_amount=75000.0)  # R04: a person decides
+        request = claim_request(large, request_id="node-recorded-once")
+        sent = json_format.MessageToDict(request, preserving_proto_field_name=True)
+        run = subprocess.run([node, "-e", NODE_DECIDE_ONCE, str(NODE_CLIENT / "aios_client.js"),
+                              f"127.0.0.1:{server.port}", json.dumps(sent)],
+                             capture_output=True, text=True, timeout=60, cwd=ROOT)
+        assert run.returncode == 0, run.stderr
+        got = json.loads(run.stdout)
+        assert got["code"] == "UNAVAILABLE" and got["auditSequence"], got
+        decided = [r for r in server.decisions.audit.read(from_sequence=0, kind=kpb.DECISION)
+                   if r.request_id == "node-recorded-once"]
+        assert len(decided) == 1  # decided once: the Node client did not retry it
+    finally:
+        server.stop(grace=1)
