@@ -35,6 +35,10 @@ MAX_MODEL_NAME_BYTES = 255  # a model name is a folder name in the repository: N
 
 _CONTROL = re.compile("[\x00-\x1f\x7f]")
 _CONTROL_BUT_NEWLINE = re.compile("[\x00-\x09\x0b-\x1f\x7f]")
+# Bidirectional embeddings, overrides and isolates: they make text display in another order than it is stored
+# ("Trojan Source", CVE-2021-42574), so a reviewer's comment could read one way in a review screen or an audit
+# export and say another. The implicit marks (U+200E, U+200F) that right-to-left text may need are allowed.
+_BIDI_CONTROLS = re.compile("[\u202a-\u202e\u2066-\u2069]")
 
 
 def check_identifier(value: str, field: str, limit: int) -> None:
@@ -82,6 +86,11 @@ def check_comment(value: str, field: str = "comment", limit: int = MAX_COMMENT_C
     if found is not None:
         raise InvalidArgument(f"{field} must not contain control characters other than newlines; it has "
                               f"{found.group()!r} at position {found.start()}")
+    found = _BIDI_CONTROLS.search(value)
+    if found is not None:
+        raise InvalidArgument(f"{field} must not contain bidirectional override or isolate characters (they show "
+                              f"text in another order than it is stored); it has U+{ord(found.group()):04X} at "
+                              f"position {found.start()}")
 
 
 def check_decision_request(request, field: str = "") -> None:

@@ -183,18 +183,23 @@ def test_a_reviewer_name_over_128_characters_or_with_control_characters_is_refus
 
 def test_a_comment_over_4096_characters_or_with_control_characters_other_than_newlines_is_refused(claims,
                                                                                                  open_review):
-    """A 30 MB comment went into the permanent audit log."""
+    """A 30 MB comment went into the permanent audit log; a bidirectional override made a comment display in
+    another order than it was stored."""
     claims.reviews.ClaimReview(kpb.ClaimReviewRequest(review_id=open_review, reviewer="alice"), timeout=TIMEOUT_S)
     resolve = lambda comment: kpb.ResolveReviewRequest(
         review_id=open_review, reviewer="alice", action="deny", comment=comment)
     for comment, needle in [("c" * 4097, "comment must be at most 4096 characters, got 4097"),
                             ("c" * (30 * MIB), "comment must be at most 4096 characters"),
                             ("fine\x00", "comment must not contain control characters other than newlines"),
-                            ("tab\tted", "comment must not contain control characters other than newlines")]:
+                            ("tab\tted", "comment must not contain control characters other than newlines"),
+                            # "Trojan Source": shown as "approve ... fine" while it says something else
+                            ("deny \u202eenif si siht\u202c", "bidirectional override or isolate characters"),
+                            ("\u2067isolated\u2069", "it has U+2067 at position 0")]:
         code, details = refused(claims.reviews.ResolveReview, resolve(comment))
         assert code == Code.INVALID_ARGUMENT and needle in details, details
         assert len(details) < 300
-    reason = "invoice looks forged:\n" + "r" * (4096 - 22)
+    reason = "invoice looks forged \u200f(\u05de\u05d6\u05d5\u05d9\u05e3):\n"  # right-to-left text and its mark
+    reason += "r" * (4096 - len(reason))
     resolved = claims.reviews.ResolveReview(resolve(reason), timeout=TIMEOUT_S)
     assert resolved.state == "RESOLVED" and resolved.comment == reason
 
