@@ -361,7 +361,21 @@ def test_open_refuses_a_missing_segment(tmp_path):
             log.append(decision(i))
         log.append_and_wait(decision(100), 10)
     segments_of(tmp_path)[1].unlink()
-    with pytest.raises(AuditCorrupt, match="segment was removed"):
+    with pytest.raises(AuditCorrupt, match=r"records are missing \(a segment was removed or renamed\)"):
+        AuditLog.open(tmp_path)
+
+
+def test_open_refuses_a_copied_segment_saying_it_overlaps(tmp_path):
+    """A segment copied under another name (a restore gone wrong) is named as an overlap, not as a removal."""
+    with AuditLog.open(tmp_path, segment_bytes=4096) as log:
+        for i in range(100):
+            log.append(decision(i))
+        log.append_and_wait(decision(100), 10)
+    first = segments_of(tmp_path)[0]
+    copy = first.with_name(f"{1:0{len(first.stem)}d}{first.suffix}")  # records 0.. under a name saying 1..
+    copy.write_bytes(first.read_bytes())
+    with pytest.raises(AuditCorrupt, match=rf"{copy.name} starts at record 1 but the segments before it end at "
+                                           r"\d+: it overlaps the segment before it \(a segment was copied or renamed\)"):
         AuditLog.open(tmp_path)
 
 

@@ -114,7 +114,8 @@ def recover(directory: Path) -> LogState:
         if first != sequence:
             raise AuditCorrupt(
                 f"{path.name} starts at record {first} but the segments before it end at {sequence}: "
-                f"a segment was removed, renamed or added"
+                + ("records are missing (a segment was removed or renamed)" if first > sequence else
+                   "it overlaps the segment before it (a segment was copied or renamed)")
             )
         data = path.read_bytes()
         start = frames_start(path, data, MAGIC)
