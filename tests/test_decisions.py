@@ -244,6 +244,19 @@ def test_a_retry_that_sends_a_whole_number_another_way_is_replayed(decisions):
     assert again.replayed and again.audit_sequence == first.audit_sequence
 
 
+def test_a_retry_at_another_priority_is_replayed(decisions):
+    """A caller retrying sooner (priority 1) asks for the decision it already has, not for a second one."""
+    case = _case(claim_amount=1250.0)
+    first_request = _request(case, idempotency_key="k-priority", request_id="r-p3")
+    first_request.priority = 3
+    first = decisions.Decide(first_request, timeout=10)
+    retry = kpb.DecisionRequest()
+    retry.CopyFrom(first_request)
+    retry.priority, retry.request_id = 1, "r-p1"
+    again = decisions.Decide(retry, timeout=10)
+    assert again.replayed and again.audit_sequence == first.audit_sequence
+
+
 def test_unknown_pipeline_is_not_found(decisions):
     with pytest.raises(grpc.RpcError) as info:
         decisions.Decide(make_request("claims_tirage", {}), timeout=10)

@@ -75,20 +75,26 @@ def test_keys_are_per_tenant(db):
     assert store.get("globex", "k") == ("h2", b"b")
 
 
-def test_request_hash_ignores_request_id_and_timeout_only():
+def test_request_hash_ignores_request_id_timeout_and_priority_only():
+    """A retry may carry another id, timeout or priority (sooner, please): the same request, the same decision."""
     base = request(amount=5, score=2)
     retried = kpb.DecisionRequest()
     retried.CopyFrom(base)
-    retried.request_id, retried.timeout_ms = "other-id", 250
+    retried.request_id, retried.timeout_ms, retried.priority = "other-id", 250, 1
     assert request_hash(retried) == request_hash(base)
     reordered = request(score=2, amount=5)  # map insertion order must not matter
     assert request_hash(reordered) == request_hash(base)
     for change in (request(amount=6, score=2), kpb.DecisionRequest(pipeline="other", tenant="acme")):
         assert request_hash(change) != request_hash(base)
-    prioritized = kpb.DecisionRequest()
-    prioritized.CopyFrom(base)
-    prioritized.priority = 1
-    assert request_hash(prioritized) != request_hash(base)
+    for name in ("pipeline", "tenant", "idempotency_key"):
+        changed = kpb.DecisionRequest()
+        changed.CopyFrom(base)
+        setattr(changed, name, getattr(base, name) + "-x")
+        assert request_hash(changed) != request_hash(base), name
+    with_text = kpb.DecisionRequest()
+    with_text.CopyFrom(base)
+    with_text.text_fields["description"] = "hail"
+    assert request_hash(with_text) != request_hash(base)
 
 
 def test_a_whole_number_is_the_same_request_however_it_was_sent():
@@ -107,17 +113,21 @@ def test_a_whole_number_is_the_same_request_however_it_was_sent():
     assert request_hash(with_amount(number_value=1e300)) != as_int  # (past int64: left as a double)
 
 
-def test_an_answer_stored_under_the_old_hash_still_replays_its_retry():
-    """A key stored by a kernel before whole numbers hashed alike is matched by the old hash too."""
-    from kernel.store.idempotency import legacy_request_hash, matches
+def test_an_answer_stored_under_an_earlier_hash_still_replays_its_retry():
+    """A key stored by an earlier kernel (before whole numbers hashed alike; before the priority was left out)
+    is matched by that kernel's hash too, for the same request only."""
+    from kernel.store.idempotency import earlier_request_hashes, matches
 
-    r = kpb.DecisionRequest(pipeline="claims", tenant="acme")
+    r = kpb.DecisionRequest(pipeline="claims", tenant="acme", priority=2)
     r.fields["amount"].CopyFrom(kpb.Value(number_value=800.0))
-    assert legacy_request_hash(r) != request_hash(r)
-    assert matches(legacy_request_hash(r), r, request_hash(r)) and matches(request_hash(r), r, request_hash(r))
-    other = kpb.DecisionRequest(pipeline="claims", tenant="acme")
+    with_priority, as_sent = earlier_request_hashes(r)
+    assert len({with_priority, as_sent, request_hash(r)}) == 3
+    for stored in (with_priority, as_sent, request_hash(r)):
+        assert matches(stored, r, request_hash(r))
+    other = kpb.DecisionRequest(pipeline="claims", tenant="acme", priority=2)
     other.fields["amount"].CopyFrom(kpb.Value(number_value=801.0))
-    assert not matches(legacy_request_hash(other), r, request_hash(r))
+    for stored in earlier_request_hashes(other):
+        assert not matches(stored, r, request_hash(r))
 
 
 def test_keys_expire_after_the_retention_and_can_be_reused(db):

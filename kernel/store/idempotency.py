@@ -3,8 +3,9 @@
 ``Decide`` looks a key up before deciding and stores the answer after:
 same key + same request gives the stored answer; same key + a different
 request is FAILED_PRECONDITION. "The same request" is ``request_hash``: the
-request's content without the caller's request id and timeout, which a
-retry may change.
+request's content without the caller's request id, timeout and priority,
+which a retry may change (a caller retrying at a higher priority asks for
+the same decision sooner, not for another one).
 
 Expiry uses the wall clock, because it is persisted and must mean the same
 after a restart. Writes are not fsynced by default (``durable=False``): a
@@ -39,7 +40,25 @@ def request_hash(request: kpb.DecisionRequest) -> str:
     JavaScript's numbers, -0.0 and 0), as the pipeline reads it. Hashing the Value's kind too made a Node
     client's retry of a Python client's call a FAILED_PRECONDITION "different request" (cross-language audit).
     """
-    copy = _without_call_details(request)
+    return _canonical_hash(request, keep_priority=False)
+
+
+def matches(stored_hash: str, request: kpb.DecisionRequest, digest: str) -> bool:
+    """Whether a request whose ``request_hash`` is ``digest`` is the one stored under ``stored_hash``, also when
+    that was stored by an earlier kernel (``earlier_request_hashes``): a retry across the upgrade."""
+    return stored_hash == digest or stored_hash in earlier_request_hashes(request)
+
+
+def earlier_request_hashes(request: kpb.DecisionRequest) -> tuple[str, str]:
+    """``request_hash`` as earlier kernels computed it: with the priority (2026-11-27, sessions 17-18), and
+    before that also with each Value's kind as sent. Only looked at when the current hash differs."""
+    with_priority = _without_call_details(request, keep_priority=True)
+    as_sent = hashlib.sha256(with_priority.SerializeToString(deterministic=True)).hexdigest()
+    return _canonical_hash(request, keep_priority=True), as_sent
+
+
+def _canonical_hash(request: kpb.DecisionRequest, keep_priority: bool) -> str:
+    copy = _without_call_details(request, keep_priority)
     for value in copy.fields.values():
         if value.WhichOneof("kind") == "number_value":
             number = value.number_value
@@ -48,23 +67,14 @@ def request_hash(request: kpb.DecisionRequest) -> str:
     return hashlib.sha256(copy.SerializeToString(deterministic=True)).hexdigest()
 
 
-def matches(stored_hash: str, request: kpb.DecisionRequest, digest: str) -> bool:
-    """Whether a request whose ``request_hash`` is ``digest`` is the one stored under ``stored_hash``, also when
-    that was stored before whole numbers were hashed alike (``legacy_request_hash``): a retry across the upgrade."""
-    return stored_hash == digest or stored_hash == legacy_request_hash(request)
-
-
-def legacy_request_hash(request: kpb.DecisionRequest) -> str:
-    """``request_hash`` as kernels before 2026-11-27 computed it (each Value's kind as sent)."""
-    return hashlib.sha256(_without_call_details(request).SerializeToString(deterministic=True)).hexdigest()
-
-
-def _without_call_details(request: kpb.DecisionRequest) -> kpb.DecisionRequest:
-    """A copy of ``request`` without what differs between a call and its retry (request id, timeout)."""
+def _without_call_details(request: kpb.DecisionRequest, keep_priority: bool = False) -> kpb.DecisionRequest:
+    """A copy of ``request`` without what differs between a call and its retry (request id, timeout, priority)."""
     copy = kpb.DecisionRequest()
     copy.CopyFrom(request)
     copy.request_id = ""
     copy.timeout_ms = 0
+    if not keep_priority:
+        copy.priority = 0
     return copy
 
 
