@@ -546,8 +546,11 @@ def test_device_lanes_are_independent():
         assert {name for _, name in ran} == {"cpu-model", "gpu-model"}
         assert set(lanes.stats()["lanes"]) == {"cpu", "cuda:0"}
         lanes.remove_model(gpu_model)
+        assert lanes.devices_in_use() == ["cpu"]
+        # (a request that looked the unloaded version up still finds its lane: the test below)
+        assert lanes.for_model(gpu_model) is gpu_lane and lanes.load(gpu_model) == (0, 0)
         with pytest.raises(KeyError):
-            lanes.for_model(gpu_model)
+            lanes.for_model(Model("never-added"))
     finally:
         lanes.close()
 
@@ -1054,16 +1057,18 @@ def test_an_urgent_request_in_a_batching_window_runs_when_its_window_closes_not_
 
 
 @pytest.mark.parametrize("scheduler_class", implementations(), ids=lambda cls: cls.name)
-def test_a_request_for_a_model_dropped_after_its_lane_was_looked_up_is_unavailable(scheduler_class):
-    """A reload or unload can drop the model between a caller's ``Lanes.for_model`` and its submit: that is
-    UNAVAILABLE (send it again), not the scheduler's KeyError, which reached a caller as INTERNAL (a make test
-    run: two INTERNAL answers while a model was reloaded three times under calls)."""
-    from kernel.errors import Unavailable
+def test_a_request_for_a_model_dropped_after_it_was_looked_up_runs_on_that_version(scheduler_class):
+    """A reload or unload can drop the version between a caller's lookup and its submit. That met the
+    scheduler's KeyError (INTERNAL to the caller: a make test run, a model reloaded three times under calls),
+    then UNAVAILABLE; now the request runs on the version it looked up, as the requests queued at the reload
+    do, and the version is dropped again once done."""
+    import threading
+
     from kernel.scheduling import Lanes
 
     def execute(batch):
         for it in batch.items:
-            it.outputs = []
+            it.outputs = [it.request_id]
         return 1000
 
     lanes = Lanes(scheduler_class, execute, cpu_slots=1)
@@ -1072,8 +1077,58 @@ def test_a_request_for_a_model_dropped_after_its_lane_was_looked_up_is_unavailab
         lanes.add_model(model, "cpu", ModelSchedule(max_batch_size=4))
         lane = lanes.for_model(model)  # the caller's lookup ...
         lanes.remove_model(model)  # ... then the reload retires the version (nothing queued: dropped at once)
+        assert lanes.for_model(model) is lane and lane.predict(model, 1) == 0
+        done = threading.Event()
+        queued = scheduler_class.item_class(model, 1, (), {}, request_id="submitted")
+        queued.on_done = lambda _item: done.set()
+        lane.submit(queued)
+        assert done.wait(10) and queued.error is None and queued.outputs == ["submitted"]
+        blocking = scheduler_class.item_class(model, 1, (), {}, request_id="blocking")
+        lane.run_blocking(blocking)
+        ran = scheduler_class.item_class(model, 1, (), {}, request_id="run-or-queue")
+        lane.run_or_queue(ran)
+        assert blocking.outputs == ["blocking"] and ran.outputs == ["run-or-queue"]
+        assert lane.load(model) == (0, 0) and lanes.load(model) == (0, 0)  # dropped again, nothing left behind
+    finally:
+        lanes.close()
+
+
+@pytest.mark.parametrize("scheduler_class", implementations(), ids=lambda cls: cls.name)
+def test_a_request_for_a_model_its_lane_never_ran_is_unavailable(scheduler_class):
+    from kernel.errors import Unavailable
+    from kernel.scheduling import Lanes
+
+    lanes = Lanes(scheduler_class, lambda batch: 1000, cpu_slots=1)
+    try:
+        known = Model("known")
+        lane = lanes.add_model(known, "cpu", ModelSchedule(max_batch_size=4))
+        stranger = Model("stranger")
+        with pytest.raises(KeyError):
+            lanes.for_model(stranger)
         for enter in (lane.submit, lane.run_blocking, lane.run_or_queue):
-            with pytest.raises(Unavailable, match="reloaded/1 was unloaded before the request was queued"):
-                enter(scheduler_class.item_class(model, 1, (), {}, request_id="late"))
+            with pytest.raises(Unavailable, match="stranger/1 was unloaded before the request was queued"):
+                enter(scheduler_class.item_class(stranger, 1, (), {}, request_id="lost"))
+    finally:
+        lanes.close()
+
+
+@pytest.mark.parametrize("scheduler_class", implementations(), ids=lambda cls: cls.name)
+def test_an_unloaded_version_is_let_go_once_nothing_else_holds_it(scheduler_class):
+    """The lanes remember an unloaded version for requests that looked it up (above) only weakly: its session
+    is freed with the last request that holds it, not kept for the life of the kernel."""
+    import gc
+    import weakref
+
+    from kernel.scheduling import Lanes
+
+    lanes = Lanes(scheduler_class, lambda batch: 1000, cpu_slots=1)
+    try:
+        model = Model("unloaded")
+        lanes.add_model(model, "cpu", ModelSchedule(max_batch_size=4))
+        lanes.remove_model(model)  # nothing queued: dropped at once
+        gone = weakref.ref(model)
+        del model
+        gc.collect()
+        assert gone() is None
     finally:
         lanes.close()

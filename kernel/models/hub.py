@@ -26,9 +26,10 @@ READY = "READY"
 UNAVAILABLE = "UNAVAILABLE"
 
 
-@dataclass(eq=False, slots=True)
+@dataclass(eq=False, slots=True, weakref_slot=True)
 class ModelVersion:
-    """One loaded version. Compared by identity: a reload makes a new object."""
+    """One loaded version. Compared by identity: a reload makes a new object. (Weakly referenced by the lanes
+    once unloaded: kernel/scheduling/lanes.py.)"""
 
     name: str
     version: str

@@ -51,6 +51,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Callable
 
 from ..errors import Cancelled, DeadlineExceeded, Internal, ResourceExhausted, Unavailable
@@ -64,6 +65,15 @@ _FINISHED = (ITEM_DONE, ITEM_CANCELLED, ITEM_EXPIRED)
 URGENT_LEVEL = 1  # batches led by requests of this priority level may use the urgent slots
 URGENT_RECENT_NS = 10_000_000_000  # batch_nice applies while an urgent request came this recently
 _IDLE_POLL_S = 1.0  # helpers re-check closing at this period when nothing wakes them
+
+
+def remember_weakly(table: weakref.WeakKeyDictionary, model, value) -> None:
+    """``table[model] = value`` for as long as anything holds ``model``; nothing for a model that cannot be
+    weakly referenced (a test's stand-in)."""
+    try:
+        table[model] = value
+    except TypeError:
+        pass
 
 
 class Lane:
@@ -100,6 +110,10 @@ class Lane:
         self._async_queued = 0  # queued items whose callers will not run batches themselves
         self._closed = False
         self._leaving: set = set()  # models unloaded while they held work: removed once it is done
+        self._schedules: dict = {}  # model -> its ModelSchedule, to add it back (_add_back_locked)
+        # Models dropped after their unload, while anything still holds them: a request that looked one up
+        # just before its unload is queued on it all the same (weak: gone with the last reference).
+        self._dropped: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._helpers = [
             threading.Thread(target=self._helper, name=f"aios-lane-{name}-{i}", daemon=True)
             for i in range(slots + urgent_slots)
@@ -112,6 +126,7 @@ class Lane:
         """Register ``model``; ``profile`` is [(rows, ns)] measured at load to warm the latency fit."""
         with self._lock:
             self.scheduler.add_model(model, schedule)
+            self._schedules[model] = schedule
             for rows, duration_ns in profile:
                 self.scheduler.observe(model, rows, duration_ns)
 
@@ -130,10 +145,26 @@ class Lane:
 
     def _drop_locked(self, model) -> None:
         self._leaving.discard(model)
+        schedule = self._schedules.pop(model, None)
+        if schedule is not None and not self._closed:
+            remember_weakly(self._dropped, model, schedule)
         for item in self.scheduler.remove_model(model):  # none when it drained; all of them at close
             item.error = Unavailable(f"model {model.name}/{model.version} was unloaded before the request ran")
             item.state = ITEM_CANCELLED
             self._finish_locked(item)
+
+    def _add_back_locked(self, model) -> bool:
+        """Register again a model dropped after its unload, as one leaving (dropped again once its work is
+        done), for a request that looked it up before the unload: it runs on that version, as the requests
+        queued at the unload do, instead of being refused in a window its caller cannot see. The latency
+        fit starts afresh. False for a model this lane never ran, or dropped at close."""
+        schedule = self._dropped.pop(model, None)
+        if schedule is None:
+            return False
+        self.scheduler.add_model(model, schedule)
+        self._schedules[model] = schedule
+        self._leaving.add(model)
+        return True
 
     def _settle_leaving_locked(self, model) -> None:
         """Drop ``model`` if it was unloaded and its last queued or running work just left."""
@@ -150,9 +181,15 @@ class Lane:
             return self.scheduler.stats()
 
     def predict(self, model, rows: int) -> int:
-        """The latency fit's ns for a batch of ``rows`` of ``model`` (0: not measured yet)."""
+        """The latency fit's ns for a batch of ``rows`` of ``model`` (0: not measured yet, or dropped)."""
         with self._lock:
+            return self._predict_locked(model, rows)
+
+    def _predict_locked(self, model, rows: int) -> int:
+        try:
             return self.scheduler.predict(model, rows)
+        except KeyError:  # dropped after an unload: not measured (its request is queued as any other)
+            return 0
 
     # -- entry points ---------------------------------------------------------
     def run_blocking(self, item: WorkItem, on_wait: Callable[[WorkItem], None] | None = None) -> WorkItem:
@@ -231,7 +268,7 @@ class Lane:
         on_done = item.on_done
         with self._lock:
             if (self._free_slots > 0 and not self.scheduler.has_work()
-                    and 0 < self.scheduler.predict(item.model, item.rows) <= max_ns):  # 0: not measured yet
+                    and 0 < self._predict_locked(item.model, item.rows) <= max_ns):  # 0: not measured yet
                 item.on_done = None  # finished here: the caller reads the item itself
                 now = self._submit_locked(item, blocking=False)
                 batch, urgent = self._next_batch_locked(now)
@@ -314,9 +351,11 @@ class Lane:
             self._urgent_seen_ns = now
         try:
             verdict = self.scheduler.submit(item, now)
-        except KeyError:  # dropped since the caller looked its lane up: a reload or unload finished meanwhile
-            raise Unavailable(f"model {item.model.name}/{item.model.version} was unloaded before the request was "
-                              "queued (a reload or an unload); send it again") from None
+        except KeyError:  # dropped since the caller looked it up: a reload or an unload finished meanwhile
+            if not self._add_back_locked(item.model):
+                raise Unavailable(f"model {item.model.name}/{item.model.version} was unloaded before the request "
+                                  "was queued (a reload or an unload); send it again") from None
+            verdict = self.scheduler.submit(item, now)
         if verdict != ADMITTED:
             refusal = item.error = self._refusal_locked(item, verdict, now)
             if self._on_item is not None:  # a refused request is a failed one in ModelStatistics, as in Triton

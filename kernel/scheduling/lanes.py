@@ -8,9 +8,10 @@ models on that device.
 from __future__ import annotations
 
 import threading
+import weakref
 from collections.abc import Callable
 
-from .lane import Lane
+from .lane import Lane, remember_weakly
 from .policy import ModelSchedule
 
 GPU_LANE_SLOTS = 1  # batches at once per GPU: one stream keeps the device busy without thrashing it
@@ -31,6 +32,7 @@ class Lanes:
         self._hooks = (on_batch, on_item)
         self._lanes: dict[str, Lane] = {}
         self._by_model: dict[object, Lane] = {}
+        self._left: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # unloaded versions -> their lane
         self._lock = threading.Lock()
         self.lane("cpu")
 
@@ -65,11 +67,18 @@ class Lanes:
     def remove_model(self, model) -> None:
         lane = self._by_model.pop(model, None)
         if lane is not None:
+            # A request that looked the version up before it was unloaded still finds its lane: it runs
+            # there on the old version, as the requests queued at the reload do (Lane.remove_model).
+            remember_weakly(self._left, model, lane)
             lane.remove_model(model)
 
     def for_model(self, model) -> Lane:
-        """The lane running ``model``; KeyError once it is unloaded."""
-        return self._by_model[model]
+        """The lane running ``model`` (or that ran it, while anything still holds the unloaded version);
+        KeyError for a model it never ran."""
+        try:
+            return self._by_model[model]
+        except KeyError:
+            return self._left[model]
 
     def load(self, model) -> tuple[int, int]:
         lane = self._by_model.get(model)
