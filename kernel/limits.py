@@ -15,6 +15,7 @@ a UUID or a hash, a reviewer a login.
 
 from __future__ import annotations
 
+import os
 import re
 import unicodedata
 
@@ -119,3 +120,51 @@ def check_text_fields(text_fields, field: str = "text_fields") -> None:
             raise InvalidArgument(
                 f"{field}[{quote(name)}] is {'at least ' if size == chars else ''}{size} bytes (UTF-8); a text "
                 f"field may hold at most {MAX_TEXT_FIELD_BYTES} bytes (MAX_TEXT_FIELD_BYTES, 1 MiB)")
+
+
+# What an author writes into a pipeline or policy file that every decision then carries: version labels and
+# rule ids (one line), descriptions (a few lines). A 500 KB version label went into every Decision and audit
+# record (0.5 MB a decision); an invisible character made two versions that read the same.
+MAX_LABEL_CHARS = 128
+MAX_DESCRIPTION_CHARS = 4096
+_LINE_BREAKING = ("Cc", "Zl", "Zp")  # C0/C1 controls and the separators some viewers break lines at
+
+
+def authored_text_problem(value: str, multiline: bool = False) -> str | None:
+    """Why ``value`` (a label when not ``multiline``, else a description) cannot be served, or None.
+
+    Control characters are refused (a newline or escape sequence in a log line or terminal; a description
+    may hold newlines and tabs); so are bidirectional embeddings, overrides and isolates (text displayed in
+    another order than stored); a one-line label also may not hold any invisible format character (a
+    zero-width space made "2026-11-25.1" and "2026-11-25.1\\u200b" two versions that read the same)."""
+    limit = MAX_DESCRIPTION_CHARS if multiline else MAX_LABEL_CHARS
+    if len(value) > limit:
+        return f"is {len(value):,} characters; at most {limit:,} are allowed (it is copied into every decision)"
+    for char in value:
+        category = unicodedata.category(char)
+        if category in _LINE_BREAKING and not (multiline and char in "\n\t"):
+            allowed = " (other than newline and tab)" if multiline else ""
+            return f"contains the control character {char!r}{allowed}; use printable text"
+        if category == "Cf" and (not multiline or _BIDI_CONTROLS.match(char)):
+            return (f"contains the invisible format character U+{ord(char):04X}; "
+                    + ("use visible text" if not multiline else "direction overrides are not allowed"))
+    return None
+
+
+class FileTooLarge(OSError):
+    def __init__(self, path, size: int, limit: int):
+        super().__init__(f"{path}: {size:,} bytes, over the limit of {limit:,}")
+        self.size, self.limit = size, limit
+
+
+def read_bounded(path, limit: int) -> bytes:
+    """A file's bytes, or ``FileTooLarge`` without reading it when it holds more than ``limit`` (a multi-GB
+    file dropped into the pipeline folder took its size twice over in memory before any check)."""
+    with open(path, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        if size > limit:
+            raise FileTooLarge(path, size, limit)
+        data = fh.read(limit + 1)  # (a file still growing: what fits, then one byte to tell)
+    if len(data) > limit:
+        raise FileTooLarge(path, len(data), limit)
+    return data

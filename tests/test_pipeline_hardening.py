@@ -265,7 +265,7 @@ def test_a_folder_look_that_keeps_failing_logs_one_traceback_not_one_per_look(hu
     registry = PipelineRegistry(folder, hub, load_policy, parse_policy, poll_s=0.01)
     looks = []
 
-    def failing_look():  # fault injected on purpose: every look fails as with no file descriptors left
+    def failing_look(settle=False):  # fault injected on purpose: every look fails as with no file descriptors left
         looks.append(1)
         raise OSError(24, "Too many open files")
 

@@ -28,7 +28,9 @@ from pathlib import Path
 
 from ..errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound, quote
 from ..observability.repeats import RepeatedFailure
-from .spec import Pipeline, PipelineError, load_pipeline, parse_pipeline
+from ..limits import FileTooLarge, read_bounded
+from ..policy import tomlsafe
+from .spec import MAX_PIPELINE_FILE_BYTES, Pipeline, PipelineError, load_pipeline, parse_pipeline
 from .tomlpos import line_of
 
 log = logging.getLogger("aios.pipelines")
@@ -45,8 +47,12 @@ class PipelineRegistry:
         # One look, upload or model-load retry at a time: each reads and writes the bookkeeping below.
         self._work = threading.RLock()
         self._active: dict[str, Pipeline] = {}
-        self._seen: dict[Path, tuple[int, int]] = {}  # file -> (mtime_ns, size) last looked at
-        self._reads: dict[Path, set[Path]] = {}  # pipeline file -> the files its last load read (its policy)
+        self._seen: dict[Path, tuple] = {}  # file -> its _file_key last looked at
+        # pipeline file -> the files its last load read (its policy), absolute, as named (not resolved: a symlink
+        # swapped for another is a change of what it reads); watched wherever they are
+        self._reads: dict[Path, set[Path]] = {}
+        self._settling: dict[Path, tuple] = {}  # changed files waiting for a second look (reload(settle=True))
+        self._strays: set[Path] = set()  # top-level files that are no pipeline: refused unless a pipeline reads them
         self._waiting: dict[Path, str] = {}  # pipeline file refused by the models loaded -> the model it names
         self._gone: set[Path] = set()  # serving pipelines' files the last look did not find
         self._duplicates: dict[Path, str] = {}  # files refused for a name another file serves -> that name
@@ -71,37 +77,73 @@ class PipelineRegistry:
         return sorted(self._active.values(), key=lambda p: p.name)
 
     # -- loading ---------------------------------------------------------------
-    def reload(self) -> list[str]:
+    def reload(self, settle: bool = False) -> list[str]:
         """Look at every file once; returns the names (re)activated. Never raises for a bad file.
 
         A pipeline is loaded again when its own file changed or a file it reads
-        (its policy) did or is gone: a policy edited on disk, or uploaded with
-        another pipeline, reaches every pipeline bound to it, uploaded or not.
+        (its policy, in the folder or not) did or is gone: a policy edited on
+        disk, or uploaded with another pipeline, reaches every pipeline bound
+        to it, uploaded or not. A change is any of a file's modification time,
+        size, inode or status-change time (``cp -p`` keeps the first two).
+
+        ``settle`` (the watcher's looks): a changed file is taken only once a
+        second look finds it unchanged, so that a file caught half-written is
+        not served; replacing files atomically (write a temporary file, then
+        rename it over) is still what makes a change safe.
         """
         with self._work:
-            present: dict[Path, tuple[int, int]] = {}
-            for path in sorted(self.folder.glob("*.toml")) if self.folder.is_dir() else ():
-                try:
-                    stat = path.stat()
-                except OSError:
-                    continue
-                present[path] = (stat.st_mtime_ns, stat.st_size)
+            top = sorted(self.folder.glob("*.toml")) if self.folder.is_dir() else []
+            present = {path: key for path in top if (key := _file_key(path)) is not None}
+            # The files pipelines read that are not the folder's own (a policy in a subfolder or elsewhere).
+            own = {_absolute(path) for path in top}
+            for path in sorted(set().union(*self._reads.values()) - own):
+                if (key := _file_key(path)) is not None:
+                    present[path] = key
             touched = [path for path, key in present.items() if self._seen.get(path) != key]
+            if settle:
+                touched = self._settled(touched, present)
             gone = [path for path in self._seen if path not in present]
             for path in gone:
                 del self._seen[path]
             self._forget(gone, present)
             if not touched and not gone:
                 return []
-            changed_files = {path.resolve() for path in touched} | {path.resolve() for path in gone}
-            to_load = {path for path in touched if _looks_like_pipeline(path)}  # policies and other TOML live here too
+            changed_files = {_absolute(path) for path in touched} | {_absolute(path) for path in gone}
+            ours = set(top)
+            kinds = {path: _file_kind(path) for path in touched if path in ours}
+            read = set().union(*self._reads.values())
+            # Pipelines, files that were (one now emptied or cut short is refused, its running version serving)
+            # and unreadable TOML no pipeline reads as its policy: refused, named, never silently skipped.
+            to_load = {path for path, kind in kinds.items()
+                       if kind == PIPELINE or (kind == OTHER and self._owner(path) is not None)
+                       or (kind == BROKEN and _absolute(path) not in read)}
             to_load |= {path for path, reads in self._reads.items() if reads & changed_files and path in present}
             # A file counts as seen once handled (loaded or refused), each on its own: should this look stop
             # half-way, the files it did not get to are looked at again by the next one, not skipped.
             changed = self._load_files(sorted(to_load), present)
             for path in touched:  # policies and other files: handled once the pipelines reading them are
                 self._seen[path] = present[path]
+            self._strays = (self._strays - set(kinds) - set(gone)) | {
+                path for path, kind in kinds.items() if kind == OTHER and path not in to_load}
+            self._list_strays()
             return changed
+
+    def _settled(self, touched: list[Path], present: dict) -> list[Path]:
+        """The changed files a second look found as the first one did; the others wait for the next look."""
+        ready = [path for path in touched if self._settling.get(path) == present[path]]
+        self._settling = {path: present[path] for path in touched if path not in ready}
+        return ready
+
+    def _list_strays(self) -> None:
+        """A top-level file that is no pipeline and no pipeline reads is listed as refused (a pipeline whose
+        ``[pipeline]`` table was lost, a policy nothing names): it is not served, and the listing says so."""
+        read = set().union(*self._reads.values())
+        for path in self._strays:
+            if _absolute(path) in read:
+                self.errors.pop(str(path), None)
+            else:
+                self.errors[str(path)] = (f"{path}:0: not served: it has no [pipeline] table, and no pipeline in "
+                                          "this folder reads it as its policy")
 
     def _load_files(self, paths, present: dict[Path, tuple[int, int]] | None = None) -> list[str]:
         """Load each file in ``paths``; one that fails in any way is refused (``errors``), never the others.
@@ -147,7 +189,7 @@ class PipelineRegistry:
         reads: set[Path] = set()
 
         def load_policy(policy_path):
-            reads.add(Path(policy_path).resolve())
+            reads.add(_absolute(Path(policy_path)))
             return self._load_policy(policy_path)
 
         parsed = None
@@ -232,9 +274,9 @@ class PipelineRegistry:
 
         def policy_for(name: str):
             _check_file_name(name, "the name")
-            reads.add((self.folder / name).resolve())
+            reads.add(_absolute(self.folder / name))
             if policy_text is not None:
-                if _looks_like_pipeline(self.folder / name):
+                if _file_kind(self.folder / name) == PIPELINE:
                     raise PipelineError(f"{name!r} is a pipeline file; a policy needs a file of its own")
                 policy = self._parse_policy(policy_text, source=name)  # bytes: not UTF-8 is refused there
                 pending_policy[name] = (policy_text, policy)
@@ -245,7 +287,8 @@ class PipelineRegistry:
             pipeline = self._bind(parse_pipeline(pipeline_text, "<upload>", policy_for))
             target = self.folder / f"{pipeline.name}.toml"
             _check_file_name(target.name, f"{pipeline.path}: [pipeline].name: its file name")
-            if target.name in pending_policy or (target.exists() and not _looks_like_pipeline(target)):
+            if target.name in pending_policy or (target.exists() and _file_kind(target) != PIPELINE
+                                                 and _absolute(target) in set().union(*self._reads.values())):
                 raise PipelineError(f"{pipeline.path}: [pipeline].name: {target.name!r} in the pipeline folder is "
                                     "another kind of file (a policy?); choose another name")
             for name, (text, policy) in pending_policy.items():
@@ -270,8 +313,9 @@ class PipelineRegistry:
         _write_atomically(target, pipeline_text)
         written.append(target)
         for path in written:  # validated here: the next look must not load (and log) them a second time
-            stat = path.stat()
-            self._seen[path] = (stat.st_mtime_ns, stat.st_size)
+            self._seen[path] = _file_key(path)
+            self._settling.pop(path, None)
+            self._strays.discard(path)
         pipeline = _relocated(pipeline, str(target))
         self._reads[target] = reads  # as a load from the folder records it: an edited policy reaches it
         self.errors.pop(str(target), None)
@@ -280,8 +324,9 @@ class PipelineRegistry:
         self._activate(pipeline)
         # The other pipelines reading an uploaded policy take it now (_check_sharers found it suits them):
         # the next look sees the policy file as already seen and would not reload them.
-        shared = {(self.folder / name).resolve() for name in pending_policy}
+        shared = {_absolute(self.folder / name) for name in pending_policy}
         sharers = [path for path, read in self._reads.items() if path != target and read & shared]
+        self._list_strays()
         self._load_files(sorted(sharers))
         return pipeline
 
@@ -292,10 +337,10 @@ class PipelineRegistry:
                 return  # the same bytes: nothing changes for the others
         except OSError:
             pass
-        shared = policy_path.resolve()
+        shared = _absolute(policy_path)
 
         def with_upload(path):
-            return policy if Path(path).resolve() == shared else self._load_policy(path)
+            return policy if _absolute(Path(path)) == shared else self._load_policy(path)
 
         for path, reads in sorted(self._reads.items()):
             other = self._owner(path)
@@ -353,13 +398,21 @@ class PipelineRegistry:
             renamed = [p for p in self._active.values() if p.path == pipeline.path and p.name != pipeline.name]
             same = (old is not None and old.hash == pipeline.hash and old.policy.hash == pipeline.policy.hash
                     and old.bound_version == pipeline.bound_version)
-            if renamed or not same:
+            # The same pipeline from another file (moved, the old one gone: _taken_elsewhere): served from there
+            # now, or the old file's absence would unload it at the next look. Not a new version.
+            moved = same and old.path != pipeline.path
+            if renamed or not same or moved:
                 active = {name: p for name, p in self._active.items() if all(p is not r for r in renamed)}
-                if not same:
+                if not same or moved:
                     active[pipeline.name] = pipeline
                 self._active = active  # readers never see a half-updated dict
         for gone in renamed:
             self._removed(gone, f"its file {pipeline.path} now names pipeline '{pipeline.name}'")
+        if moved:
+            log.info("pipeline %s is served from %s now (moved from %s; the same version)", pipeline.name,
+                     pipeline.path, old.path)
+            self._gone.discard(Path(old.path))
+            self.errors.pop(old.path, None)
         if same:
             return False
         log.info("pipeline %s active: version %r (%s), policy %s %r (%s), model %s version %s", pipeline.name,
@@ -424,7 +477,7 @@ class PipelineRegistry:
         failures = RepeatedFailure(log, f"looking at the pipeline folder {self.folder}")
         while not self._stop.wait(self._poll_s):
             try:
-                self.reload()
+                self.reload(settle=True)
             except Exception as exc:  # a watcher that dies silently would freeze every pipeline
                 failures.failed(f"{type(exc).__name__}: {exc}")
                 time.sleep(self._poll_s)
@@ -463,12 +516,39 @@ def _check_file_name(name: str, what: str) -> None:
                             f"at most {MAX_FILE_NAME_BYTES} bytes), got {name[:80]!r}")
 
 
-def _looks_like_pipeline(path: Path) -> bool:
+PIPELINE, OTHER, BROKEN = "pipeline", "other", "broken"
+
+
+def _file_kind(path: Path) -> str:
+    """PIPELINE (a top-level ``pipeline`` table, however the TOML spells it), OTHER (TOML without one: a
+    policy, say) or BROKEN (not readable TOML: which kind it was meant to be cannot be told)."""
     try:
-        head = path.read_text(encoding="utf-8", errors="replace")
+        data = read_bounded(path, MAX_PIPELINE_FILE_BYTES)
+    except FileTooLarge:
+        return BROKEN  # (refused by its load, without being read)
     except OSError:
-        return False
-    return any(line.strip() == "[pipeline]" for line in head.splitlines())
+        return OTHER if not path.exists() else BROKEN
+    try:
+        doc = tomlsafe.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, tomlsafe.TomlError):
+        return BROKEN
+    return PIPELINE if isinstance(doc.get("pipeline"), dict) else OTHER
+
+
+def _file_key(path: Path) -> tuple | None:
+    """What tells a file's change: (mtime, size, inode, status-change time) of the file and, for a symlink, of
+    the link itself (swapped for another one). None if it cannot be looked at (gone)."""
+    try:
+        stat, link = path.stat(), path.lstat()
+    except OSError:
+        return None
+    key = (stat.st_mtime_ns, stat.st_size, stat.st_ino, stat.st_ctime_ns)
+    return key if link.st_ino == stat.st_ino else key + (link.st_ino, link.st_ctime_ns)
+
+
+def _absolute(path: Path) -> Path:
+    """``path`` made absolute and normal, symlinks left as they are (unlike ``resolve``)."""
+    return Path(os.path.abspath(path))
 
 
 def _write_atomically(path: Path, data: bytes) -> None:

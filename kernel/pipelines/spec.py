@@ -48,13 +48,13 @@ from __future__ import annotations
 
 import hashlib
 import math
-import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import accel
 from ..policy import tomlsafe
 from ..errors import InvalidArgument
+from ..limits import FileTooLarge, authored_text_problem, read_bounded
 from .fields import ENCODINGS, FIELD_TYPES, TRANSFORMS, FieldSpec, encode_one
 from .rowcodec import RowCodec
 from .tomlpos import line_of
@@ -63,6 +63,9 @@ from .tomlpos import line_of
 # importing the extension first imports this module while the extension is still half-initialised).
 _row_codecs = accel.load("row_codec", "kernel._ext.rowcodec", "kernel.pipelines.rowcodec")
 
+# A pipeline file is a page of settings; its whole text goes into the POLICY_CHANGE audit record of each version
+# (a 60 MiB one made a 60 MB record), as a policy's does, which has the same limit (kernel/policy/loader.py).
+MAX_PIPELINE_FILE_BYTES = 1 << 20
 MAX_PRIORITY = 2**32 - 1  # a DecisionRequest's priority is a uint32; the scheduler takes no more
 MAX_REVIEW_SLA_S = 100 * 365 * 86_400.0  # SLA deadlines are int64 wall-clock ns: keep them far from overflow
 
@@ -185,21 +188,15 @@ class _Reader:
         """``value``, refused if it holds a control character: the version label and description reach logs,
         listings and audit records, where a newline or escape sequence could forge a line or rewrite a
         terminal. A description may span lines (newline and tab only)."""
-        bad = next((c for c in value if _control(c) and not (multiline and c in "\n\t")), None)
-        if bad is not None:
-            allowed = " (other than newline and tab)" if multiline else ""
-            raise self.fail(table, key, f"contains the control character {bad!r}{allowed}; use printable text")
+        problem = authored_text_problem(value, multiline)
+        if problem is not None:
+            raise self.fail(table, key, problem)
         return value
 
     def check_keys(self, raw: dict, table: str, index: int = 0) -> None:
         unknown = sorted(set(raw) - _SECTIONS[table])
         if unknown:
             raise self.fail(table, unknown[0], f"unknown key (allowed: {', '.join(sorted(_SECTIONS[table]))})", index)
-
-
-def _control(c: str) -> bool:
-    # C0/C1 controls and the Unicode line/paragraph separators, which some viewers break lines at.
-    return unicodedata.category(c) in ("Cc", "Zl", "Zp")
 
 
 def _kind_name(kinds: tuple) -> str:
@@ -211,13 +208,19 @@ def load_pipeline(path: str | Path, load_policy) -> Pipeline:
     """Read and validate one pipeline file and the policy it names (``load_policy(path)``)."""
     path = Path(path)
     try:
-        data = path.read_bytes()
+        data = read_bounded(path, MAX_PIPELINE_FILE_BYTES)
+    except FileTooLarge as exc:
+        raise PipelineError(f"{path}:0: file: is {exc.size:,} bytes; a pipeline file may have at most "
+                            f"{MAX_PIPELINE_FILE_BYTES:,} (it was not read)") from None
     except OSError as exc:
         raise PipelineError(f"{path}:0: cannot read: {exc.strerror}") from None
     return parse_pipeline(data, str(path), lambda name: load_policy(path.parent / name))
 
 
 def parse_pipeline(data: bytes, path: str, load_policy) -> Pipeline:
+    if len(data) > MAX_PIPELINE_FILE_BYTES:
+        raise PipelineError(f"{path}:0: file: is {len(data):,} bytes; a pipeline file may have at most "
+                            f"{MAX_PIPELINE_FILE_BYTES:,}")
     try:
         text = data.decode("utf-8")  # (not errors="replace": the hash must be of the file that is served)
     except UnicodeDecodeError as exc:
@@ -227,7 +230,8 @@ def parse_pipeline(data: bytes, path: str, load_policy) -> Pipeline:
         doc = tomlsafe.loads(text)  # (its every failure, hostile nesting and digits too, is a located TomlError)
     except tomlsafe.TomlError as exc:
         column = f", column {exc.column}" if exc.column else ""
-        raise PipelineError(f"{path}:{exc.line or 1}: not valid TOML: {exc.message}{column}") from None
+        line = exc.line or text.count("\n") + 1  # (no line: the document ended too soon, i.e. at its last line)
+        raise PipelineError(f"{path}:{line}: not valid TOML: {exc.message}{column}") from None
     r = _Reader(path, text)
     unknown = sorted(set(doc) - set(_SECTIONS))
     if unknown:

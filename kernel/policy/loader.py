@@ -15,7 +15,6 @@ import difflib
 import hashlib
 import math
 import re
-import unicodedata
 from pathlib import Path
 
 from . import tomlsafe
@@ -28,6 +27,7 @@ from .policy import Policy, Rule
 from .sourcemap import SourceMap
 from .syntax import fields_of
 from .types import INPUT_TYPES, NAME_RE, RESERVED, Schema
+from ..limits import FileTooLarge, authored_text_problem, read_bounded
 
 HIT_POLICIES = ("UNIQUE", "FIRST", "PRIORITY", "COLLECT")
 SECTIONS = {"policy": ("name", "version", "hit_policy", "description"), "inputs": None, "model": ("classes",),
@@ -52,7 +52,10 @@ def load_policy(path: str | Path, *, strict: bool = True) -> Policy:
     """
     path = Path(path)
     try:
-        data = path.read_bytes()
+        data = read_bounded(path, MAX_FILE_BYTES)
+    except FileTooLarge as exc:
+        raise PolicyError([Diagnostic(str(path), 0, "file", f"is {exc.size:,} bytes; a policy file may have at "
+                                                            f"most {MAX_FILE_BYTES:,} (it was not read)")]) from None
     except OSError as exc:
         raise PolicyError([Diagnostic(str(path), 0, "file", f"cannot read: {exc.strerror or exc}")]) from None
     return parse_policy(data, source=str(path), strict=strict)
@@ -203,12 +206,10 @@ class _Loader:
         """Refuse control characters: versions and descriptions reach logs, listings and audit records,
         where a newline or an escape sequence could forge a line or rewrite a terminal. A description may
         span lines (newline and tab only)."""
-        bad = next((c for c in value if _control(c) and not (multiline and c in "\n\t")), None)
-        if bad is None:
+        problem = authored_text_problem(value, multiline)
+        if problem is None:
             return True
-        allowed = " (other than newline and tab)" if multiline else ""
-        self.add(self.line(section, key), subject, f"contains the control character {bad!r}{allowed}; "
-                                                   "use printable text")
+        self.add(self.line(section, key), subject, problem)
         return False
 
     def names_list(self, table: dict, section: str, key: str, required: bool) -> list[str] | None:
@@ -377,11 +378,6 @@ def _finite(value) -> float | None:
     except OverflowError:  # a TOML integer of hundreds of digits
         return None
     return number if math.isfinite(number) else None
-
-
-def _control(c: str) -> bool:
-    # C0/C1 controls and the Unicode line/paragraph separators, which some viewers break lines at.
-    return unicodedata.category(c) in ("Cc", "Zl", "Zp")
 
 
 def _excerpt(text: str, pos: int) -> str:
