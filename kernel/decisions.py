@@ -33,6 +33,7 @@ from .policy import load_policy, parse_policy
 from .review import ReviewQueue, reopen_reviews
 from .store import DATABASE_FILE, open_database
 from .store.faults import os_cause
+from .store.idempotency import restore_answers
 from .tasks import IdempotencyStore, TaskRunner, TaskStore, WaitingForReview
 
 log = logging.getLogger("aios.decisions")
@@ -224,10 +225,15 @@ class DecisionSide:
             since = opened
         reopened = reopen_reviews(self.reviews, self.audit.read(from_sequence=since, kind=kpb.DECISION),
                                   self._review_settings)
+        restored = restore_answers(self.idempotency, self.audit.read(from_sequence=since, kind=kpb.DECISION))
         self.reviews.mark_recorded_before(self.audit.size)  # nothing is in flight yet
         if reopened:
             log.warning("reopened %d reviews from the audit log (records #%d to #%d): their rows were lost "
                         "in a crash after the decisions were recorded", reopened, since, self.audit.size - 1)
+        if restored:
+            log.warning("stored the idempotency keys of %d decisions from the audit log (records #%d to #%d): "
+                        "they were recorded just before the kernel stopped, and a retry gets them back",
+                        restored, since, self.audit.size - 1)
 
     def _find_task_decisions(self) -> None:
         """For each task the kernel stopped in (still RUNNING), the decision its attempt recorded, if it got

@@ -57,9 +57,10 @@ def _head() -> kpb.AuditRecord:
        text=st.dictionaries(_names, st.text(max_size=30), max_size=2),
        labels=st.lists(_names, min_size=1, max_size=5, unique=True),
        data_=st.data(),
-       task_id=st.one_of(st.just(""), st.text(max_size=40)))
+       task_id=st.one_of(st.just(""), st.text(max_size=40)),
+       request_hash=st.one_of(st.just(""), st.binary(min_size=32, max_size=32).map(bytes.hex)))
 def test_the_tail_completes_the_records_deterministic_serialization(given_fields, defaults, text, labels, data_,
-                                                                    task_id):
+                                                                    task_id, request_hash):
     scores = data_.draw(st.lists(_scores, min_size=len(labels), max_size=len(labels)))
     request = _request(given_fields, text)
     values = {**{name: value for name, value in defaults.items() if name not in given_fields}, **given_fields}
@@ -71,8 +72,11 @@ def test_the_tail_completes_the_records_deterministic_serialization(given_fields
         expected.model_outputs[label] = score
     if task_id:
         expected.task_id = task_id
+    if request_hash:
+        expected.request_hash = bytes.fromhex(request_hash)
 
-    tail = provenance.decision_tail(request, values, digests, scores, provenance.output_entries(labels), task_id)
+    tail = provenance.decision_tail(request, values, digests, scores, provenance.output_entries(labels), task_id,
+                                    request_hash)
     assert _head().SerializeToString(deterministic=True) + tail == expected.SerializeToString(deterministic=True)
 
 
@@ -159,6 +163,9 @@ def test_a_kernels_decision_records_are_their_deterministic_serialization(claims
     assert len(decisions) == 12
     assert all(len(decisions[f"t{i}"].inputs) == len(data.REQUEST_FIELDS) for i in (1, 4, 7))  # defaults in
     assert any(name.startswith("text:") for name in decisions["t2"].inputs)
+    for i in range(12):  # a keyed request's record names its hash (what restores its key after a crash)
+        keyed = decisions[f"t{i}"].idempotency_key
+        assert bool(decisions[f"t{i}"].request_hash) == bool(keyed) and (not keyed or len(decisions[f"t{i}"].request_hash) == 32)
     for canonical in _stored_canonicals(data_dir / "audit"):
         assert kpb.AuditRecord.FromString(canonical).SerializeToString(deterministic=True) == canonical
     assert verify_directory(data_dir / "audit").ok

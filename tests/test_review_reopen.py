@@ -328,3 +328,45 @@ def test_in_fsync_mode_records_missing_from_the_log_refuse_the_start(claims_mode
     accepted = start_kernel(claims_models, pipelines=pipelines, data_dir=str(data_dir), pipeline_poll_s=0,
                             audit_mode="async")  # the documented way to accept the loss
     accepted.stop(grace=1)
+
+
+KEYS_LOST = 6  # idempotency entries the injected fault removes
+
+
+def test_keyed_decisions_recorded_before_a_kill_replay_to_their_retries(models, tmp_path):
+    """(Crash audit, 2026-11-27) a kill between a keyed decision's durable record and its idempotency entry let
+    the retry after the restart decide again: two records, and two reviews, for one key. The start stores the
+    keys of the records past the mark from the records themselves, which carry their request's hash."""
+    pipelines = copy_pipelines(tmp_path / "pipelines")
+    data_dir = tmp_path / "data"
+    serve = ("--pipelines", str(pipelines), "--log-level", "WARNING")
+    server = ServeProcess(models, *serve, data_dir=data_dir)
+    requests = [claim_request(case, request_id=f"k{i}", idempotency_key=f"order-{i}")
+                for i, case in enumerate(data.generate_cases(20, seed=23))]
+    with grpc.insecure_channel(server.address) as channel:
+        stub = kgrpc.DecisionServiceStub(channel)
+        first = [stub.Decide(request, timeout=10) for request in requests]
+    server.kill()
+
+    # The injected fault: the newest entries never reached the store, and the mark is below their records.
+    with sqlite3.connect(data_dir / DATABASE_FILE) as conn:
+        lost = [request.idempotency_key for request in requests[-KEYS_LOST:]]
+        conn.executemany("DELETE FROM idempotency WHERE key = ?", [(key,) for key in lost])
+        conn.execute("UPDATE meta SET value = ? WHERE key = ?", (first[-KEYS_LOST].audit_sequence, RECORDED_BEFORE))
+
+    restarted = ServeProcess(models, *serve, data_dir=data_dir)
+    try:
+        with grpc.insecure_channel(restarted.address) as channel:
+            stub = kgrpc.DecisionServiceStub(channel)
+            retried = [stub.Decide(request, timeout=10) for request in requests]
+            reviews = _all_reviews(channel)
+    finally:
+        code, log = restarted.stop()
+    assert code == 0, log
+    assert f"stored the idempotency keys of {KEYS_LOST} decisions from the audit log" in log
+    for before, after in zip(first, retried):
+        assert after.replayed and after.audit_sequence == before.audit_sequence and after.action == before.action
+        assert after.review_id == before.review_id
+    decided = [r for r in iter_directory(data_dir / "audit", 0, RecordFilter(kind=kpb.DECISION))]
+    assert sorted(r.idempotency_key for r in decided) == sorted(r.idempotency_key for r in requests)  # one each
+    assert set(reviews) == {d.review_id for d in first if d.review_id}

@@ -82,7 +82,8 @@ class DecisionEngine(GroupFinish):
         self.services = services or Services()
         self._statics: dict = {}
         self._opening_lock = threading.Lock()
-        self._opening: dict[object, int] = {}  # group token -> its first audit sequence, until its reviews are stored
+        # group token -> its first audit sequence, until its reviews (or its idempotency entries) are stored
+        self._opening: dict[object, int] = {}
         self.claims = KeyClaims()  # idempotency keys whose decisions are being made (one decision per key)
         # Finishes unary decisions in groups (see finisher.py), and answers those whose callers left (answer_later)
         self.finisher = BatchFinisher(self.finish, self._answer_later)
@@ -167,7 +168,8 @@ class DecisionEngine(GroupFinish):
             self.claims.release(claim)
 
     def recorded_before(self, exclude=()) -> int:
-        """The audit sequence below which every escalated decision has its review row stored.
+        """The audit sequence below which every escalated decision has its review row stored, and every keyed
+        decision its idempotency entry.
 
         ``exclude``: the groups whose rows are being stored in the transaction
         asking (they are committed with the mark). Without the audit log, 0.
@@ -184,13 +186,15 @@ class DecisionEngine(GroupFinish):
         """DeferredRows' store: the review rows of ``groups`` (their tokens in ``_opening``), one transaction."""
         self.services.reviews.create_many(items, durable=False, recorded_before=lambda: self.recorded_before(groups),
                                           answer=False)
-        self._reviews_stored(*groups)
+        self._stored(*groups)
 
-    def _reviews_stored(self, *groups) -> None:
-        """These groups' review rows are stored (or, after a failed append, will never be): unregister them."""
+    def _stored(self, *tokens) -> None:
+        """These groups' review rows (or idempotency entries) are stored, or after a failed append will never
+        be: unregister their tokens (None: a group that registered none)."""
         with self._opening_lock:
-            for group in groups:
-                del self._opening[group]
+            for token in tokens:
+                if token is not None:
+                    del self._opening[token]
 
     def validate(self, request) -> None:
         """Refuse a request that could never be decided (identifiers or text over their limits, unknown

@@ -83,10 +83,12 @@ class GroupFinish:
                 decided = self._decide_apart(rows, exc)
             for i, decision in zip(indices, decided):
                 results[i] = decision
+        keying = None
         try:
-            decided, tickets, opening = self._audit(group, results)
+            decided, tickets, opening, keying = self._audit(group, results)
             return self._complete(group, results, decided, tickets, opening)
         finally:  # every answer that will be stored under its key is stored by now: the keys are free
+            self._stored(keying)
             for pending in group:
                 if pending.claim is not None:
                     self.release(pending)
@@ -281,18 +283,28 @@ class GroupFinish:
                         if pending.task_id:
                             record.task_id = pending.task_id
                         provenance.add_inputs(record, pending.request, pending.values, pending.digests)
+                        if pending.request_hash:
+                            record.request_hash = bytes.fromhex(pending.request_hash)
                     else:  # built by _decide: its inputs, scores and task id go in as bytes
                         entries, scores = pending.outputs
                         record = RecordWithTail(record, provenance.decision_tail(
-                            pending.request, pending.values, pending.digests, scores, entries, pending.task_id))
+                            pending.request, pending.values, pending.digests, scores, entries, pending.task_id,
+                            pending.request_hash))
                 except Exception as exc:
                     results[index] = self._undecidable(pending, exc)
                     continue
                 decided.append(decision)
                 records.append(record)
-        opening = None
+        opening = keying = None
         if not records:
-            return decided, [], None
+            return decided, [], None, None
+        if self.services.idempotency is not None and any(p.request_hash for p in group):
+            # Registered before the append, as a group opening reviews is: the mark below which every
+            # keyed decision's entry is stored (or is stored again at start from its record, which names
+            # its request's hash: DecisionSide._reopen_from_records) must never pass a group still storing.
+            keying = object()
+            with self._opening_lock:
+                self._opening[keying] = audit.size
         if reviews is not None and any(d.review_id for d in decided):
             # Registered before the append: the mark that says "every escalation below this sequence
             # has its review row" must never pass a group still opening its reviews. The durable size
@@ -304,10 +316,10 @@ class GroupFinish:
             # Written on this thread (the finisher waits for it anyway) unless another group is being written.
             tickets = audit.append_many(records, write_here=True)
         except BaseException:
-            if opening is not None:
-                self._reviews_stored(opening)
+            self._stored(opening, keying)
             raise
-        return decided, tickets, opening  # opening: the group's token in _opening while its reviews are stored
+        # opening, keying: the group's tokens in _opening while its reviews, its idempotency entries are stored
+        return decided, tickets, opening, keying
 
     def _complete(self, group: list[Pending], results: list, decided: list, tickets: list,
                   opening) -> list[kpb.Decision | KernelError]:
@@ -351,7 +363,7 @@ class GroupFinish:
                     self._unreviewed(group, results, escalated, exc)
                 else:
                     if opening is not None:
-                        self._reviews_stored(opening)
+                        self._stored(opening)
                     for index, review in zip(escalated, opened):
                         results[index].review_id = review.review_id  # a re-run task finds the review it opened
         now = time.monotonic_ns()
@@ -382,7 +394,7 @@ class GroupFinish:
                 except Exception as exc:  # (its group stays in _opening: reopened from its records at start)
                     self._unreviewed(group, results, escalated, exc)
                 else:
-                    self._reviews_stored(opening)
+                    self._stored(opening)
         unkept = ()
         if keyed is not None:  # last: only an answer that is final is stored under its key
             unkept = self._store_answers(group, results, keyed)

@@ -81,6 +81,7 @@ _INPUTS = kpb.AuditRecord.DESCRIPTOR.fields_by_name["inputs"].number
 _MODEL_OUTPUTS = kpb.AuditRecord.DESCRIPTOR.fields_by_name["model_outputs"].number
 _TASK_ID = kpb.AuditRecord.DESCRIPTOR.fields_by_name["task_id"].number
 _DEFAULTED = kpb.AuditRecord.DESCRIPTOR.fields_by_name["defaulted_fields"].number
+_REQUEST_HASH = kpb.AuditRecord.DESCRIPTOR.fields_by_name["request_hash"].number
 _LENGTH_DELIMITED = 2
 _MAP_KEY = b"\x0a"  # a map entry's key: field 1, length-delimited
 _DOUBLE_VALUE = b"\x11"  # a map entry's double value: field 2, 64-bit
@@ -114,9 +115,10 @@ def _map_key_order(a: bytes, b: bytes) -> int:
 
 
 def decision_tail(request: kpb.DecisionRequest, values: dict, digests: dict[str, str], scores,
-                  entries: tuple[tuple[int, bytes], ...], task_id: str) -> bytes:
-    """A decision record's fields from ``inputs`` on (inputs, model_outputs, task_id), encoded as the
-    record's deterministic serialization encodes them: the tail of an ``audit.RecordWithTail``.
+                  entries: tuple[tuple[int, bytes], ...], task_id: str, request_hash: str = "") -> bytes:
+    """A decision record's fields from ``inputs`` on (inputs, model_outputs, task_id, defaulted_fields,
+    request_hash), encoded as the record's deterministic serialization encodes them: the tail of an
+    ``audit.RecordWithTail``. ``request_hash``: hex, a keyed request's (kernel/store/idempotency.py).
 
     ``scores``: the model's class scores, in label order; ``entries``: ``output_entries(labels)``.
     The inputs are the request's own field entries (sorted, re-tagged: never parsed again); a
@@ -134,8 +136,10 @@ def decision_tail(request: kpb.DecisionRequest, values: dict, digests: dict[str,
         parts.append(_pack_double(scores[index]))
     if task_id:
         parts.append(_length_delimited(_TASK_ID, task_id.encode("utf-8")))
-    for name in defaulted:  # (the record's last field: after task_id, as the serialization orders them)
+    for name in defaulted:  # (after task_id, as the serialization orders them)
         parts.append(_length_delimited(_DEFAULTED, name.encode("utf-8")))
+    if request_hash:  # (the record's last field)
+        parts.append(_length_delimited(_REQUEST_HASH, bytes.fromhex(request_hash)))
     return b"".join(parts)
 
 

@@ -9,8 +9,10 @@ the same decision sooner, not for another one).
 
 Expiry uses the wall clock, because it is persisted and must mean the same
 after a restart. Writes are not fsynced by default (``durable=False``): a
-process crash loses nothing (WAL), a power loss may lose the newest keys,
-and a retry then recomputes the same answer. Pass ``durable=True`` to fsync
+process crash loses nothing (WAL) but the keys of decisions recorded just
+before it, as does a power loss; both are stored again at the next start
+from those decisions' audit records (``restore_answers``), which name their
+request's hash. Pass ``durable=True`` to fsync
 each put (about 5x slower per put here: "Local store" in bench/RESULTS.md;
 concurrent puts share a group commit either way).
 """
@@ -165,3 +167,30 @@ def _reused(key: str) -> FailedPrecondition:
     return FailedPrecondition(
         f"idempotency_key {quote(key)} was used before with a different request; use a new key for a new request"
     )
+
+
+def restore_answers(store: IdempotencyStore, records) -> int:
+    """Store the answer of every keyed decision in ``records`` (audit records, read at start from the mark
+    below which every entry was stored: kernel/pipelines/flow.py ``recorded_before``) that has none: a
+    decision recorded just before the kernel was killed, whose key was not stored yet, is then replayed to
+    its caller's retry instead of decided a second time. Returns how many were stored.
+
+    The answer is the recorded decision with its audit sequence and hash, as it was sent. Records written
+    before records carried their request's hash (``request_hash``) cannot be matched to a retry: skipped.
+    """
+    restored = 0
+    for record in records:
+        if not record.idempotency_key or not record.request_hash:
+            continue
+        if store.get(record.tenant, record.idempotency_key) is not None:
+            continue  # stored before the stop (or a later use of the key: its own entry stands)
+        answer = kpb.Decision()
+        answer.CopyFrom(record.decision)
+        answer.audit_sequence, answer.audit_hash = record.sequence, record.hash.hex()
+        try:
+            store.put(record.tenant, record.idempotency_key, record.request_hash.hex(), answer.SerializeToString())
+        except FailedPrecondition:
+            continue
+        restored += 1
+    return restored
+

@@ -363,7 +363,7 @@ class ClaimNextReviewRequest(_message.Message):
     def __init__(self, pipeline: _Optional[str] = ..., tenant: _Optional[str] = ..., reviewer: _Optional[str] = ..., lease_seconds: _Optional[int] = ...) -> None: ...
 
 class AuditRecord(_message.Message):
-    __slots__ = ("sequence", "kind", "prev_hash", "hash", "payload", "time_unix_ns", "principal", "tenant", "request_id", "idempotency_key", "pipeline", "pipeline_version", "decision", "inputs", "model_outputs", "links_to", "has_link", "task_id", "defaulted_fields")
+    __slots__ = ("sequence", "kind", "prev_hash", "hash", "payload", "time_unix_ns", "principal", "tenant", "request_id", "idempotency_key", "pipeline", "pipeline_version", "decision", "inputs", "model_outputs", "links_to", "has_link", "task_id", "defaulted_fields", "request_hash")
     class InputsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -397,6 +397,7 @@ class AuditRecord(_message.Message):
     HAS_LINK_FIELD_NUMBER: _ClassVar[int]
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     DEFAULTED_FIELDS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_HASH_FIELD_NUMBER: _ClassVar[int]
     sequence: int
     kind: AuditKind
     prev_hash: bytes
@@ -416,7 +417,8 @@ class AuditRecord(_message.Message):
     has_link: bool
     task_id: str
     defaulted_fields: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, sequence: _Optional[int] = ..., kind: _Optional[_Union[AuditKind, str]] = ..., prev_hash: _Optional[bytes] = ..., hash: _Optional[bytes] = ..., payload: _Optional[bytes] = ..., time_unix_ns: _Optional[int] = ..., principal: _Optional[str] = ..., tenant: _Optional[str] = ..., request_id: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., pipeline: _Optional[str] = ..., pipeline_version: _Optional[str] = ..., decision: _Optional[_Union[Decision, _Mapping]] = ..., inputs: _Optional[_Mapping[str, Value]] = ..., model_outputs: _Optional[_Mapping[str, float]] = ..., links_to: _Optional[int] = ..., has_link: _Optional[bool] = ..., task_id: _Optional[str] = ..., defaulted_fields: _Optional[_Iterable[str]] = ...) -> None: ...
+    request_hash: bytes
+    def __init__(self, sequence: _Optional[int] = ..., kind: _Optional[_Union[AuditKind, str]] = ..., prev_hash: _Optional[bytes] = ..., hash: _Optional[bytes] = ..., payload: _Optional[bytes] = ..., time_unix_ns: _Optional[int] = ..., principal: _Optional[str] = ..., tenant: _Optional[str] = ..., request_id: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., pipeline: _Optional[str] = ..., pipeline_version: _Optional[str] = ..., decision: _Optional[_Union[Decision, _Mapping]] = ..., inputs: _Optional[_Mapping[str, Value]] = ..., model_outputs: _Optional[_Mapping[str, float]] = ..., links_to: _Optional[int] = ..., has_link: _Optional[bool] = ..., task_id: _Optional[str] = ..., defaulted_fields: _Optional[_Iterable[str]] = ..., request_hash: _Optional[bytes] = ...) -> None: ...
 
 class Checkpoint(_message.Message):
     __slots__ = ("tree_size", "root_hash", "time_unix_ns", "signature", "key_id")
