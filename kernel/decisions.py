@@ -433,6 +433,15 @@ class DecisionSide:
         if task.review_id:  # nobody should work a case whose task is gone
             self.reviews.withdraw(task.review_id, f"task {task.task_id} was cancelled")
 
+    def _resolution_on_record(self, review_id: str) -> kpb.AuditRecord | None:
+        """The REVIEW_RESOLUTION record of ``review_id`` if one is on the log already (a delivery cut off by a kill
+        after its record, before its done entry; found by a crash audit: the next start recorded it twice).
+        Where to look from is noted before each recording (first note kept), so a first delivery reads nothing
+        and a delivered-again one reads only the records since its first try."""
+        since = int(self.idempotency.put(_RESOLUTIONS, "recording:" + review_id, "", str(self.audit.size).encode()))
+        return next((record for record in self.audit.read(from_sequence=since, kind=kpb.REVIEW_RESOLUTION)
+                     if record.decision.review_id == review_id), None)
+
     def _resolved(self, review: kpb.Review) -> kpb.Decision:
         # Delivered at least once (again after a crash): the first resolution recorded is the one.
         done_key = "review:" + review.review_id
@@ -460,14 +469,20 @@ class DecisionSide:
         resolution.model.CopyFrom(proposed.model)
         resolution.reasons.add(rule_id="REVIEW", description=f"decided by {review.resolved_by}: {review.comment}".rstrip(": "))
         if self.audit is not None:
-            linked = self._recorded(proposed)
-            if not linked:
-                resolution.links_to_audit_sequence = 0
-            record = resolution_record(resolution, review.resolved_by, proposed.audit_sequence if linked else None,
-                                       review)
-            record.task_id = review.task_id  # a task's final decision is found by its task, as its escalation is
-            sequence, digest = self.audit.append_and_wait(record, timeout_s=10.0)
-            resolution.audit_sequence, resolution.audit_hash = sequence, _hex(digest)
+            recorded = self._resolution_on_record(review.review_id)
+            if recorded is not None:  # a kill came between its record and the entry below: that record is the one
+                resolution = kpb.Decision()
+                resolution.CopyFrom(recorded.decision)
+                resolution.audit_sequence, resolution.audit_hash = recorded.sequence, _hex(recorded.hash)
+            else:
+                linked = self._recorded(proposed)
+                if not linked:
+                    resolution.links_to_audit_sequence = 0
+                record = resolution_record(resolution, review.resolved_by, proposed.audit_sequence if linked else None,
+                                           review)
+                record.task_id = review.task_id  # a task's final decision is found by its task, as its escalation is
+                sequence, digest = self.audit.append_and_wait(record, timeout_s=10.0)
+                resolution.audit_sequence, resolution.audit_hash = sequence, _hex(digest)
         self.idempotency.put(_RESOLUTIONS, done_key, "", resolution.SerializeToString())
         if review.task_id:
             self.tasks.complete_from_review(review.review_id, resolution, task_id=review.task_id)

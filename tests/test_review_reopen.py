@@ -370,3 +370,40 @@ def test_keyed_decisions_recorded_before_a_kill_replay_to_their_retries(models, 
     decided = [r for r in iter_directory(data_dir / "audit", 0, RecordFilter(kind=kpb.DECISION))]
     assert sorted(r.idempotency_key for r in decided) == sorted(r.idempotency_key for r in requests)  # one each
     assert set(reviews) == {d.review_id for d in first if d.review_id}
+
+
+def test_a_resolution_recorded_before_a_kill_is_not_recorded_again(models, tmp_path):
+    """(Crash audit, 2026-11-27) a kill between a resolution's audit record and its done entry made the next
+    start record the resolution a second time (two REVIEW_RESOLUTION records for one review; the task took the
+    second). The start finishes the delivery with the record already on the log."""
+    pipelines = copy_pipelines(tmp_path / "pipelines")
+    data_dir = tmp_path / "data"
+    serve = ("--pipelines", str(pipelines), "--log-level", "WARNING")
+    server = ServeProcess(models, *serve, data_dir=data_dir)
+    large = dict(data.generate_cases(1, seed=40)[0], claim_amount=75000.0)  # R04: a person decides
+    with grpc.insecure_channel(server.address) as channel:
+        escalated = kgrpc.DecisionServiceStub(channel).Decide(claim_request(large, request_id="big"), timeout=10)
+        reviews = kgrpc.ReviewServiceStub(channel)
+        reviews.ClaimReview(kpb.ClaimReviewRequest(review_id=escalated.review_id, reviewer="alice"), timeout=10)
+        resolved = reviews.ResolveReview(kpb.ResolveReviewRequest(
+            review_id=escalated.review_id, reviewer="alice", action="deny", comment="forged"), timeout=10)
+    assert resolved.resolution.audit_sequence > escalated.audit_sequence
+    server.kill()
+
+    # The injected fault: the kill came after the resolution's record, before its done entry.
+    with sqlite3.connect(data_dir / DATABASE_FILE) as conn:
+        conn.execute("UPDATE reviews SET delivered = 0 WHERE review_id = ?", (escalated.review_id,))
+        conn.execute("DELETE FROM idempotency WHERE key = ?", ("review:" + escalated.review_id,))
+
+    restarted = ServeProcess(models, *serve, data_dir=data_dir)
+    try:
+        with grpc.insecure_channel(restarted.address) as channel:
+            review = kgrpc.ReviewServiceStub(channel).GetReview(kpb.ReviewRef(review_id=escalated.review_id),
+                                                                timeout=10)
+    finally:
+        code, log = restarted.stop()
+    assert code == 0, log
+    records = [r for r in iter_directory(data_dir / "audit", 0, RecordFilter(kind=kpb.REVIEW_RESOLUTION))
+               if r.decision.review_id == escalated.review_id]
+    assert [r.sequence for r in records] == [resolved.resolution.audit_sequence]
+    assert review.resolution.audit_sequence == resolved.resolution.audit_sequence
