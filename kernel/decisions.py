@@ -52,17 +52,28 @@ class DecisionSide:
             raise OSError(f"data_dir {data} cannot be created: {exc.strerror or exc}") from None
         # A kernel has run here before (its lock file stays): a missing audit log is then news, not a first start.
         used_before = (data / "kernel.lock").exists()
+        new_store = not (data / DATABASE_FILE).exists()
         self.db = open_database(data)  # one line naming data_dir when it cannot (kernel/store/faults.py)
         self.audit = None
         if settings.audit_mode != "off":
             if used_before and not (data / "audit").exists():
+                mark = ReviewQueue(self.db).recorded_before()
+                if settings.audit_mode == "fsync" and mark > 0:  # refused before a new log and key are made
+                    self.db.close()
+                    raise _lost_in_fsync_mode(data / "audit", 0, mark - 1)
                 log.warning("data_dir %s was used by a kernel before but has no audit log: a new log (and signing "
                             "key) is being started; if %s was removed by mistake, stop this kernel and restore it",
                             data, data / "audit")
             try:
                 self.audit = self._open_audit(data)
+                if new_store and self.audit.size > 0:
+                    raise _store_missing(data, self.audit.size)
             except BaseException:
+                if self.audit is not None:
+                    self.audit.close()
                 self.db.close()  # its lock too: the same data dir may be served again in this process
+                if new_store:  # (made by this start: as it was)
+                    _remove_new_store(data)
                 raise
         else:
             log.warning("audit_mode = off: decisions are NOT recorded (a benchmark baseline, not for production)")
@@ -200,12 +211,7 @@ class DecisionSide:
             return None
         first, last = opened, since - 1
         if self.audit.mode == "fsync":
-            raise AuditCorrupt(
-                f"the audit log {self.audit.directory} ends at record #{opened} but reviews were stored for records up "
-                f"to #{last}: records #{first}-#{last} were on disk before their decisions were answered (audit_mode "
-                "'fsync') and are gone (the log rolled back or replaced, or its storage failed); refusing to start. "
-                "Restore the log (aios-kernel audit verify DIR checks a copy), or, to accept the loss, start once "
-                "with AIOS_AUDIT_MODE=async: the loss is then recorded in the log")
+            raise _lost_in_fsync_mode(self.audit.directory, opened, last)
         log.warning("the audit log ends at record #%d but reviews were stored for records up to #%d: records #%d-#%d "
                     "were lost (audit_mode %r: a power cut or OS crash loses the newest records); recorded as such",
                     opened, last, first, last, self.audit.mode)
@@ -487,6 +493,33 @@ class DecisionSide:
         if review.task_id:
             self.tasks.complete_from_review(review.review_id, resolution, task_id=review.task_id)
         return resolution
+
+
+def _lost_in_fsync_mode(directory: Path, opened: int, last: int) -> AuditCorrupt:
+    return AuditCorrupt(
+        f"the audit log {directory} ends at record #{opened} but reviews were stored for records up to #{last}: "
+        f"records #{opened}-#{last} were on disk before their decisions were answered (audit_mode 'fsync') and are "
+        "gone (the log rolled back or replaced, or its storage failed); refusing to start. "
+        "Restore the log (aios-kernel audit verify DIR checks a copy), or, to accept the loss, start once "
+        "with AIOS_AUDIT_MODE=async: the loss is then recorded in the log")
+
+
+def _store_missing(data: Path, records: int) -> FailedPrecondition:
+    """A data dir whose audit log has records but whose store is gone (removed: a crash cannot do it). Started,
+    the kernel would reopen reviews already resolved and forget every task and idempotency key (crash audit)."""
+    return FailedPrecondition(
+        f"data_dir {data} has an audit log of {records} records but no {DATABASE_FILE}: its reviews, tasks and "
+        f"idempotency keys are gone, and a start would reopen resolved reviews as open and decide retried keys "
+        f"again; refusing to start (nothing was changed on disk). Restore {DATABASE_FILE} from a backup, or, to "
+        f"start afresh on purpose, move the audit log ({data / 'audit'}) aside too")
+
+
+def _remove_new_store(data: Path) -> None:
+    for name in (DATABASE_FILE, DATABASE_FILE + "-wal", DATABASE_FILE + "-shm"):
+        try:
+            (data / name).unlink()
+        except FileNotFoundError:
+            pass
 
 
 # What a step of close() may fail with that is no bug (the disk filled, the store or the audit log fail-stopped).

@@ -29,7 +29,7 @@ from kernel._proto.aios.kernel.v1 import kernel_pb2 as pb
 from kernel._proto.aios.kernel.v1 import kernel_pb2_grpc as kgrpc
 from kernel.audit import AuditCorrupt, AuditError, AuditLog, verify_directory
 from kernel.audit.writer import FILES_CHECK_NS
-from kernel.errors import Internal
+from kernel.errors import Internal, KernelError
 from kernel.pipelines.finisher import BatchFinisher
 from kernel.store.sqlite import DATABASE_FILE
 from kernel.store.sqlite_reviews import RECORDED_BEFORE
@@ -346,3 +346,39 @@ def test_a_data_dir_used_before_that_lost_its_whole_audit_log_and_store_says_so_
     with caplog.at_level(logging.WARNING, "aios.decisions"):
         start_kernel(model_repo, data_dir=str(tmp_path / "fresh")).stop(grace=0)  # a first start says nothing
     assert not [r for r in caplog.records if "has no audit log" in r.getMessage()]
+
+
+def test_a_data_dir_whose_store_was_removed_refuses_the_start_and_changes_nothing(claims_models, tmp_path):
+    """(Crash audit) ``rm data/kernel.sqlite3`` and a restart: it started, reopened resolved reviews as open and
+    forgot every task and key. A crash cannot remove the store, so the start is refused, and nothing is made."""
+    from conftest import start_kernel
+
+    pipelines, data_dir = str(copy_pipelines(tmp_path / "pipelines")), tmp_path / "data"
+    server = start_kernel(claims_models, pipelines=pipelines, data_dir=str(data_dir), pipeline_poll_s=0)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            kgrpc.DecisionServiceStub(channel).Decide(claim_request(data.generate_cases(1, seed=5)[0]), timeout=10)
+    finally:
+        server.stop(grace=1)
+    (data_dir / DATABASE_FILE).unlink()
+    before = sorted(p.relative_to(data_dir) for p in data_dir.rglob("*"))
+    with pytest.raises(KernelError) as refused:
+        start_kernel(claims_models, pipelines=pipelines, data_dir=str(data_dir), pipeline_poll_s=0)
+    assert f"no {DATABASE_FILE}" in refused.value.message and "refusing to start" in refused.value.message
+    assert sorted(p.relative_to(data_dir) for p in data_dir.rglob("*")) == before
+
+
+def test_a_removed_audit_log_is_refused_before_a_new_log_and_key_are_made(claims_models, tmp_path):
+    from conftest import start_kernel
+
+    pipelines, data_dir = str(copy_pipelines(tmp_path / "pipelines")), tmp_path / "data"
+    server = start_kernel(claims_models, pipelines=pipelines, data_dir=str(data_dir), pipeline_poll_s=0)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            kgrpc.DecisionServiceStub(channel).Decide(claim_request(data.generate_cases(1, seed=5)[0]), timeout=10)
+    finally:
+        server.stop(grace=1)
+    shutil.rmtree(data_dir / "audit")
+    with pytest.raises(AuditCorrupt):
+        start_kernel(claims_models, pipelines=pipelines, data_dir=str(data_dir), pipeline_poll_s=0)
+    assert not (data_dir / "audit").exists()
