@@ -78,37 +78,52 @@ def _cannot_start(exc: BaseException) -> int:
 SIGNAL_CHECK_S = 0.25  # how often the waiting main thread looks for a signal another thread received
 
 
-def _wait_for_signal(server, ready: str) -> int:
-    """Print ``ready``, block until SIGTERM/SIGINT/SIGHUP, then drain in-flight calls and stop; exit code 0.
+class _StopSignals:
+    """SIGTERM/SIGINT/SIGHUP handlers, installed before the kernel starts: a signal during a slow start (an
+    orchestrator's, a Ctrl-C) stops it as soon as the start ends, with a clean stop on the log, instead of the
+    default action's abrupt end (which left the log as a crash leaves it: crash audit, 2026-11-27).
 
-    The handlers are in place before ``ready`` is printed: a script that signals as soon as it reads
-    the line gets a drain, not the default action's abrupt end.
-    """
-    stop = threading.Event()
-    received = []
+    SIGHUP too: a terminal closing on a kernel run in it (`make serve` over SSH) would otherwise end it at
+    once, cutting the calls in flight; pipelines reload on their own and models through the repository API,
+    so there is nothing for a hang-up to reload."""
 
-    def handler(signum, frame):
-        received.append(signal.Signals(signum).name)
-        if stop.is_set():  # a second signal during the drain: the operator will not wait for it
-            log.warning("%s received again: stopping now; calls still in progress are cancelled", received[-1])
-            # (On another thread: this handler may run while the main thread is inside gRPC's stop.)
-            threading.Thread(target=server.hurry, name="aios-hurry", daemon=True).start()
-        stop.set()
+    def __init__(self):
+        self.stop = threading.Event()
+        self.received: list[str] = []
+        self.server = None  # set once started
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, self._handler)
 
-    # SIGHUP too: a terminal closing on a kernel run in it (`make serve` over SSH) would otherwise end it
-    # at once, cutting the calls in flight; pipelines reload on their own and models through the
-    # repository API, so there is nothing for a hang-up to reload.
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(signum, handler)
-    print(ready, flush=True)
-    # Waking now and then: a signal the OS delivers to another thread (gRPC's, onnxruntime's) does not
-    # interrupt this wait, and Python runs its handler only once this thread executes bytecode again.
-    while not stop.wait(SIGNAL_CHECK_S):
-        pass
-    log.info("%s received: draining in-flight calls (up to %.0f s; a second signal stops at once), then stopping",
-             received[0], server.drain_limit_s())
-    server.stop()
-    return 0
+    def _handler(self, signum, frame) -> None:
+        self.received.append(signal.Signals(signum).name)
+        if self.stop.is_set():
+            if self.server is None:
+                log.warning("%s received again: the kernel is still starting; it stops as soon as the start ends",
+                            self.received[-1])
+            else:  # a second signal during the drain: the operator will not wait for it
+                log.warning("%s received again: stopping now; calls still in progress are cancelled",
+                            self.received[-1])
+                # (On another thread: this handler may run while the main thread is inside gRPC's stop.)
+                threading.Thread(target=self.server.hurry, name="aios-hurry", daemon=True).start()
+        self.stop.set()
+
+    def serve(self, server, ready: str) -> int:
+        """Print ``ready`` (unless a signal came during the start), block until a signal, then drain in-flight
+        calls and stop; exit code 0. A script that signals as soon as it reads the line gets a drain."""
+        self.server = server
+        if self.stop.is_set():
+            log.info("%s received while starting: stopping without serving", self.received[0])
+            server.stop()
+            return 0
+        print(ready, flush=True)
+        # Waking now and then: a signal the OS delivers to another thread (gRPC's, onnxruntime's) does not
+        # interrupt this wait, and Python runs its handler only once this thread executes bytecode again.
+        while not self.stop.wait(SIGNAL_CHECK_S):
+            pass
+        log.info("%s received: draining in-flight calls (up to %.0f s; a second signal stops at once), then "
+                 "stopping", self.received[0], server.drain_limit_s())
+        server.stop()
+        return 0
 
 
 def cmd_serve(args) -> int:
@@ -121,13 +136,14 @@ def cmd_serve(args) -> int:
         what = "is a file, not a folder" if Path(settings.models).exists() else "does not exist"
         log.error("model repository %s %s (set --models, AIOS_MODELS or models in kernel.toml)", settings.models, what)
         return 2
+    signals = _StopSignals()
     try:
         server = KernelServer(settings)
         server.start()
     except CANNOT_START as exc:
         return _cannot_start(exc)
     # A line for scripts and tests to wait on, printed once the port accepts calls (and signals drain).
-    return _wait_for_signal(server, f"AIOS kernel ready on {settings.host}:{server.port}")
+    return signals.serve(server, f"AIOS kernel ready on {settings.host}:{server.port}")
 
 
 def _print_index(entries) -> None:

@@ -482,3 +482,26 @@ def test_pipelines_list_sums_up_in_words_that_fit(serving, refused, line):
     from kernel.pipelines_cli import _summary
 
     assert _summary(serving, refused) == line
+
+
+def test_sigterm_during_the_start_stops_cleanly_once_started(slow_repo, tmp_path):
+    """(Crash audit) the handlers came after the start: a SIGTERM during a slow start (an orchestrator's) ended
+    the process with the default action, exit 143 and no log line, and the log looked like a crash's
+    (``verify --strict`` failed until the next start). Now the start finishes, then the kernel stops."""
+    data_dir = tmp_path / "data"
+    proc = subprocess.Popen([*CLI, "serve", "--models", str(slow_repo), "--port", "0", "--data-dir", str(data_dir)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        for line in proc.stderr:  # the model's profile is measured early in the start, before the audit log opens
+            if "on lane cpu; profile" in line:
+                proc.send_signal(signal.SIGTERM)
+                break
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    if "ready on" not in out:  # (the usual case: the signal came while it was starting)
+        assert "SIGTERM received while starting: stopping without serving" in err, err
+    verified = run_cli("audit", "verify", str(data_dir / "audit"), "--strict")
+    assert verified.returncode == 0, verified.stdout + verified.stderr
