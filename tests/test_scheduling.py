@@ -749,6 +749,44 @@ def test_a_lone_short_request_runs_on_the_callers_thread_without_its_callback(id
     assert lane.stats()["queued"] == 0
 
 
+@pytest.mark.parametrize("scheduler_class", implementations(), ids=lambda cls: cls.name)
+def test_a_model_that_once_ran_long_never_runs_inline_again(scheduler_class):
+    """(Scheduling audit) a lone request predicted short (a fit warmed on zeros) ran 1.9 s on gRPC's poller and
+    held every call of the kernel that long, and again whenever the fit forgot. A model that ever ran a batch
+    longer than INLINE_NEVER_NS goes to the lane's threads from then on, whatever its fit predicts."""
+    import threading
+
+    from kernel.scheduling import Lane
+    from kernel.scheduling import lane as lane_module
+
+    ran: list = []
+    durations = [lane_module.INLINE_NEVER_NS + 1]
+    scheduler = scheduler_class()
+    lane = Lane(scheduler, lambda batch: _ran_for(batch, ran, durations[-1]), slots=1, urgent_slots=0)
+    try:
+        model = Model("sometimes-slow")
+        # One row a batch: a batch is full at once, so nothing but the inline rule decides where it runs.
+        lane.add_model(model, ModelSchedule(max_batch_size=1), profile=[(1, 50_000)])
+        ITEM_CLASS[model] = scheduler.item_class
+        assert lane.run_if_idle(item(model, rid="long-once"), max_ns=10**12) is True  # predicted short: ran here
+        durations.append(50_000)
+        later = item(model, rid="later")
+        called = _with_callback(later)
+        assert lane.run_if_idle(later, max_ns=10**12) is False
+        assert called.wait(10) and later.outputs == ["later"] and ran[-1][1] != threading.get_ident()
+    finally:
+        lane.close()
+
+
+def _ran_for(batch, ran, duration_ns: int) -> int:
+    import threading
+
+    ran.append(([it.request_id for it in batch.items], threading.get_ident()))
+    for it in batch.items:
+        it.outputs = [it.request_id]
+    return duration_ns
+
+
 def test_a_request_predicted_slower_than_the_bound_goes_to_the_lane_threads(idle_lane):
     import threading
 

@@ -64,7 +64,10 @@ log = logging.getLogger("aios.scheduling")
 _FINISHED = (ITEM_DONE, ITEM_CANCELLED, ITEM_EXPIRED)
 URGENT_LEVEL = 1  # batches led by requests of this priority level may use the urgent slots
 URGENT_RECENT_NS = 10_000_000_000  # batch_nice applies while an urgent request came this recently
-_IDLE_POLL_S = 1.0  # helpers re-check closing at this period when nothing wakes them
+_IDLE_POLL_S = 1.0
+# A model that ever ran a batch this long is not run inline by ``run_if_idle`` again, whatever its fit
+# predicts (a fit is a mean: one input may run a thousand times longer than the profile's zeros).
+INLINE_NEVER_NS = 2_000_000  # helpers re-check closing at this period when nothing wakes them
 
 
 def remember_weakly(table: weakref.WeakKeyDictionary, model, value) -> None:
@@ -111,6 +114,8 @@ class Lane:
         self._closed = False
         self._leaving: set = set()  # models unloaded while they held work: removed once it is done
         self._schedules: dict = {}  # model -> its ModelSchedule, to add it back (_add_back_locked)
+        # Models one of whose batches ran longer than INLINE_NEVER_NS: never run inline again (run_if_idle).
+        self._not_inline: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         # Models dropped after their unload, while anything still holds them: a request that looked one up
         # just before its unload is queued on it all the same (weak: gone with the last reference).
         self._dropped: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -267,7 +272,7 @@ class Lane:
         """
         on_done = item.on_done
         with self._lock:
-            if (self._free_slots > 0 and not self.scheduler.has_work()
+            if (self._free_slots > 0 and not self.scheduler.has_work() and item.model not in self._not_inline
                     and 0 < self._predict_locked(item.model, item.rows) <= max_ns):  # 0: not measured yet
                 item.on_done = None  # finished here: the caller reads the item itself
                 now = self._submit_locked(item, blocking=False)
@@ -433,6 +438,11 @@ class Lane:
             self._free_slots += 1
         scheduler = self.scheduler
         scheduler.complete(batch, compute_ns)
+        if compute_ns > INLINE_NEVER_NS and batch.model not in self._not_inline:
+            # Its run time depends on its inputs (a loop, a sequence length), or its profile on zeros was
+            # flattering: an inline run on a front end's only thread (gRPC's poller, the event loop) could hold
+            # every call of the kernel that long (a scheduling audit: 1.9 s, ServerLive included).
+            remember_weakly(self._not_inline, batch.model, compute_ns)
         if self._leaving:
             self._settle_leaving_locked(batch.model)
         now = time.monotonic_ns()
