@@ -6,6 +6,8 @@ DEF LEN_PREFIX_BYTES = 4            # bytes: length prefix of one BYTES tensor e
 
 DEF LATENCY_WINDOW = 50             # batches in the latency model's sliding window
 DEF MAX_OBSERVED_NS = 100000000000  # ns (100 s): longer batch times are clamped
+DEF OUTLIER_FACTOR = 4              # a batch time over this x the fit's prediction counts as that much
+DEF OUTLIER_MIN_SAMPLES = 8         # once the fit has this many batches
 DEF ARRIVAL_EWMA_SHIFT = 3          # inter-arrival EWMA weight 1/8, as a shift
 DEF STRETCH_ONE = 1024              # admission's service stretch, fixed point: 1024 = 1.0
 DEF STRETCH_MAX = 8192              # its cap (8.0)

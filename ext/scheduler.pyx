@@ -44,6 +44,8 @@ cdef long long OBSERVED_CAP_NS = MAX_OBSERVED_NS
 CONSTANTS = {
     "LATENCY_WINDOW": LATENCY_WINDOW,
     "MAX_OBSERVED_NS": MAX_OBSERVED_NS,
+    "OUTLIER_FACTOR": OUTLIER_FACTOR,
+    "OUTLIER_MIN_SAMPLES": OUTLIER_MIN_SAMPLES,
     "ARRIVAL_EWMA_SHIFT": ARRIVAL_EWMA_SHIFT,
     "STRETCH_ONE": STRETCH_ONE,
     "STRETCH_MAX": STRETCH_MAX,
@@ -452,11 +454,15 @@ cdef class _ModelQ:
     @cython.cdivision(True)
     cdef void fit_add(self, long long rows, long long duration_ns) noexcept:
         cdef int slot
-        cdef long long count, den, old_n, old_d
+        cdef long long count, den, old_n, old_d, cap
         if duration_ns < 0:
             duration_ns = 0
         if duration_ns > OBSERVED_CAP_NS:
             duration_ns = OBSERVED_CAP_NS
+        if self.win_count >= OUTLIER_MIN_SAMPLES:  # (kernel/scheduling/policy.py says why)
+            cap = self.predict(rows) * OUTLIER_FACTOR
+            if 0 < cap < duration_ns:
+                duration_ns = cap
         if self.win_count == LATENCY_WINDOW:
             old_n = self.win_n[self.win_start]
             old_d = self.win_d[self.win_start]

@@ -1170,3 +1170,27 @@ def test_an_unloaded_version_is_let_go_once_nothing_else_holds_it(scheduler_clas
         assert gone() is None
     finally:
         lanes.close()
+
+
+@pytest.mark.parametrize("scheduler_class", implementations(), ids=lambda cls: cls.name)
+def test_one_outlying_batch_time_does_not_lock_short_deadlines_out(scheduler_class):
+    """(Scheduling audit) one 1.9 s run of a 0.5 ms model moved the fit to ~34 ms; admission then refused every
+    20 ms-deadline request on the idle model ("retrying would fail the same way"), and a refused request never
+    ran to correct the fit. A batch time past OUTLIER_FACTOR x the prediction counts as that much."""
+    from kernel.scheduling.policy import ADMITTED, OUTLIER_FACTOR
+
+    scheduler = scheduler_class()
+    model = Model("sometimes-slow")
+    scheduler.add_model(model, ModelSchedule(max_batch_size=8))
+    ITEM_CLASS[model] = scheduler.item_class
+    for _ in range(55):
+        scheduler.observe(model, 1, 500_000)
+    scheduler.observe(model, 1, 1_900_000_000)
+    assert scheduler.predict(model, 1) <= 500_000 + OUTLIER_FACTOR * 500_000 // 50 + 1
+    now = 10**12
+    short = item(model, rid="short", deadline=now + 20_000_000)
+    assert scheduler.submit(short, now) == ADMITTED
+    # A lasting slowdown still moves the fit: ten batches at 8x are learnt within a factor of the truth.
+    for _ in range(30):
+        scheduler.observe(model, 1, 4_000_000)
+    assert scheduler.predict(model, 1) > 2_000_000

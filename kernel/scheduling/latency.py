@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import deque
 
-from .policy import LATENCY_WINDOW, MAX_OBSERVED_NS
+from .policy import LATENCY_WINDOW, MAX_OBSERVED_NS, OUTLIER_FACTOR, OUTLIER_MIN_SAMPLES
 
 
 class LatencyFit:
@@ -27,6 +27,10 @@ class LatencyFit:
 
     def add(self, rows: int, duration_ns: int) -> None:
         duration_ns = min(max(duration_ns, 0), MAX_OBSERVED_NS)
+        if len(self.samples) >= OUTLIER_MIN_SAMPLES:
+            cap = self.predict(rows) * OUTLIER_FACTOR
+            if 0 < cap < duration_ns:
+                duration_ns = cap
         if len(self.samples) == LATENCY_WINDOW:
             old_n, old_d = self.samples.popleft()
             self.sum_n -= old_n

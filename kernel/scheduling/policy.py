@@ -17,6 +17,12 @@ REJECT_REASONS = {REJECT_QUEUE_FULL: "queue_full", REJECT_TENANT_FULL: "tenant_f
 
 LATENCY_WINDOW = 50  # batches in the latency model's sliding window
 MAX_OBSERVED_NS = 100_000_000_000  # 100 s: longer batch times are clamped (a stalled machine, not the model)
+# Once the fit has OUTLIER_MIN_SAMPLES batches, one that took more than OUTLIER_FACTOR x its prediction counts as
+# OUTLIER_FACTOR x: one 1.9 s run of a 0.6 ms model (an input-dependent loop, a VM pause) moved the fit to 34 ms,
+# and admission then refused every short-deadline request on the idle model, which never ran again to correct
+# it (a scheduling audit). A lasting slowdown still moves the fit, by up to that factor a batch.
+OUTLIER_FACTOR = 4
+OUTLIER_MIN_SAMPLES = 8
 ARRIVAL_EWMA_SHIFT = 3  # inter-arrival gap EWMA weight 1/8 (as a shift: identical in both implementations)
 # Admission's service stretch (fixed point, ONE = 1.0): wall time between a backlogged model's batch
 # starts over the fit's predicted batch time, as an EWMA of weight 1/8, clamped to [1, 8]. The fit
