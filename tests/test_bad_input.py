@@ -133,6 +133,20 @@ def test_bytes_tensor_malformed(stub):
     assert_status(stub, request, grpc.StatusCode.INVALID_ARGUMENT, "'text'", "runs past the end")
 
 
+def test_bool_bytes_other_than_0_or_1_are_refused(stub):
+    """(Scheduling audit) a BOOL byte 2 reached the model as it was: Not(2) = 3, which a client reads as true."""
+    request = pb.ModelInferRequest(model_name="identity")
+    for name, datatype, width in [("f32", "FP32", 3), ("f16", "FP16", 2), ("f64", "FP64", 2), ("i32", "INT32", 2),
+                                  ("i64", "INT64", 2), ("i8", "INT8", 2), ("u8", "UINT8", 2), ("flag", "BOOL", 2)]:
+        request.inputs.add(name=name, datatype=datatype, shape=[1, width])
+        size = width * np.dtype({"FP32": "f4", "FP16": "f2", "FP64": "f8", "INT32": "i4", "INT64": "i8", "INT8": "i1",
+                                 "UINT8": "u1", "BOOL": "?"}[datatype]).itemsize
+        request.raw_input_contents.append(b"\x01\x02" if datatype == "BOOL" else b"\0" * size)
+    request.inputs.add(name="text", datatype="BYTES", shape=[1, 1])
+    request.raw_input_contents.append(b"\x03\x00\x00\x00abc")
+    assert_status(stub, request, grpc.StatusCode.INVALID_ARGUMENT, "'flag'", "byte 1 is 2", "0 (false) or 1 (true)")
+
+
 def test_over_max_batch_size(stub):
     details = assert_status(stub, tiny_request(rows=9), grpc.StatusCode.INVALID_ARGUMENT, "'INPUT0'", "max_batch_size 8")
     assert "9 rows" in details

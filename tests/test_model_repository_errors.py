@@ -237,8 +237,11 @@ TOML = 'max_batch_size = 4\n[[input]]\nname = "INPUT0"\ndatatype = "FP32"\ndims 
 @pytest.mark.parametrize("line,field,fragment", [
     ("priority = 7\npriority_levels = 3", "priority", "must be between 1 and priority_levels (3), got 7"),
     ("priority = 4", "priority", "must be between 1 and priority_levels (3), got 4"),  # the default levels
-    ("weight = nan", "weight", "must be a finite number > 0, got nan"),
-    ("weight = inf", "weight", "must be a finite number > 0, got inf"),
+    ("weight = nan", "weight", "must be a finite number from 0.001 to 1000 (a share relative to the lane's other "
+                               "models), got nan"),
+    ("weight = inf", "weight", "must be a finite number from 0.001 to 1000"),
+    ("weight = 1e-300", "weight", "must be a finite number from 0.001 to 1000"),
+    ("weight = 2000", "weight", "must be a finite number from 0.001 to 1000"),
 ])
 def test_out_of_range_settings_are_refused_not_clamped(tmp_path, line, field, fragment):
     good(tmp_path, "m")

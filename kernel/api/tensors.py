@@ -58,7 +58,19 @@ def _from_raw(spec: TensorSpec, name: str, shape: tuple[int, ...], buf: bytes, i
             f"input '{name}': raw_input_contents[{index}] holds {len(buf)} bytes; "
             f"shape {list(shape)} of {dt.name} needs {expected}"
         )
+    if dt.name == "BOOL":
+        _check_bool_bytes(name, index, buf)
     return np.frombuffer(buf, dtype=dt.numpy).reshape(shape)
+
+
+def _check_bool_bytes(name: str, index: int, buf: bytes) -> None:
+    """A BOOL is one byte, 0 or 1. Another byte reached the model as it was: ``Not`` of a 2 gave 3, which a
+    client reads as true (a scheduling audit: Not(true) = true)."""
+    values = np.frombuffer(buf, dtype=np.uint8)
+    bad = np.flatnonzero(values > 1)
+    if bad.size:
+        raise InvalidArgument(f"input '{name}': raw_input_contents[{index}] byte {int(bad[0])} is {int(values[bad[0]])}; "
+                              "a BOOL element is one byte, 0 (false) or 1 (true)")
 
 
 def _from_contents(spec: TensorSpec, name: str, shape: tuple[int, ...], contents) -> np.ndarray:
@@ -105,6 +117,7 @@ def decode_inputs(config: ModelConfig, request) -> tuple[dict[str, np.ndarray], 
     return _decode_checked(config, request)
 
 
+
 def _decode_raw_fixed(config: ModelConfig, plan: dict, request):
     """The common case, cheaply: every input raw, fixed per-row dims, nothing wrong.
 
@@ -143,6 +156,8 @@ def _decode_raw_fixed(config: ModelConfig, plan: dict, request):
             count = 1
         buf = raw[index]
         if len(buf) != count * entry[3]:
+            return None
+        if entry[0] == "BOOL" and buf.translate(None, b"\x00\x01"):  # a byte other than 0 or 1: the checked path says so
             return None
         # A read-only view of the bytes, as numpy.frombuffer(...).reshape(...) makes, in one call.
         arrays[name] = np.ndarray(shape, entry[1], buf)

@@ -17,7 +17,7 @@ Schema (every key optional unless marked)::
     inter_op_threads = 1
     priority = 2               # default request priority, 1..priority_levels: 1 = urgent (may use the lane's
                                # urgent slot), higher = later
-    weight = 1.0               # fair share of its lane against other models (finite, > 0)
+    weight = 1.0               # fair share of its lane against other models (0.001 to 1000)
     max_queue_delay_us = 0     # Triton-like static batching window (0 = adaptive)
     preferred_batch_sizes = [] # with a static window: dispatch the largest of these the queue can form, at once
     priority_levels = 3        # request priorities 1..N (1 = most urgent)
@@ -61,6 +61,7 @@ PLATFORM = "onnxruntime_onnx"
 PROVIDERS = ("auto", "cpu", "cuda")
 MAX_PRIORITY_LEVELS = 16  # the compiled scheduler keeps per-level counters in a fixed array
 DEFAULT_MAX_BATCH_SIZE = 64  # rows; used when the config is derived from a graph with a dynamic batch dim
+MIN_WEIGHT, MAX_WEIGHT = 1e-3, 1e3
 
 _TOP_KEYS = {
     "platform", "max_batch_size", "instances", "provider", "intra_op_threads",
@@ -286,8 +287,11 @@ def parse(path: Path, name: str, version: str, raw: dict) -> ModelConfig:
                 raise ModelConfigError(path, f"{label}[{index}].name", f"duplicate tensor name {spec.name!r}")
             seen.add(spec.name)
     weight = _expect(path, "weight", raw.get("weight", 1.0), (int, float), "a number")
-    if not (math.isfinite(weight) and weight > 0):  # (nan > 0 is False, but so is nan <= 0)
-        raise ModelConfigError(path, "weight", f"must be a finite number > 0, got {weight}")
+    # Bounded both ways: fair share adds each batch's time / weight to a virtual clock, and 1e-300 sent it to
+    # infinity after a few batches, where every model of the lane ties for good (a scheduling audit).
+    if not (math.isfinite(weight) and MIN_WEIGHT <= weight <= MAX_WEIGHT):  # (nan fails both comparisons)
+        raise ModelConfigError(path, "weight", f"must be a finite number from {MIN_WEIGHT:g} to {MAX_WEIGHT:g} "
+                                               f"(a share relative to the lane's other models), got {weight}")
     preferred = _expect(path, "preferred_batch_sizes", raw.get("preferred_batch_sizes", []), list, "a list of integers")
     max_batch = _int(path, raw, "max_batch_size", DEFAULT_MAX_BATCH_SIZE, 0)
     for size in preferred:
