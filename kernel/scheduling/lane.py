@@ -54,6 +54,7 @@ import time
 import weakref
 from collections.abc import Callable
 
+from .. import memory
 from ..errors import Cancelled, DeadlineExceeded, Internal, ResourceExhausted, Unavailable
 from ..threads import lower_next_compute, name_native_thread, normal_compute, thread_nice
 from .policy import ADMITTED, REJECT_DEADLINE, REJECT_QUEUE_FULL, ModelSchedule
@@ -157,6 +158,8 @@ class Lane:
             item.error = Unavailable(f"model {model.name}/{model.version} was unloaded before the request ran")
             item.state = ITEM_CANCELLED
             self._finish_locked(item)
+        if not self._closed:
+            memory.release_soon()  # (its sessions' memory, kept by the C allocator otherwise: kernel/memory.py)
 
     def _add_back_locked(self, model) -> bool:
         """Register again a model dropped after its unload, as one leaving (dropped again once its work is
