@@ -129,6 +129,7 @@ cdef class _ModelQ:
     cdef Py_ssize_t walk_cap
     cdef long long queued
     cdef long long queued_rows  # the sum of rows_by_level
+    cdef long long queued_by_level[16]  # max_queue bounds each level, as Triton's queues
     cdef long long rows_by_level[16]
     cdef dict tenants         # tenant -> queued items
     cdef int in_flight

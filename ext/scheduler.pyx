@@ -253,6 +253,7 @@ cdef class _ModelQ:
         self.stretch = STRETCH_ONE
         for level in range(MAX_PRIORITY_LEVELS):
             self.rows_by_level[level] = 0
+            self.queued_by_level[level] = 0
         if self.max_queue_delay_ns > 0 and self.max_batch_size > 0:
             for size in schedule.preferred_batch_sizes:
                 if not 0 < size <= self.max_batch_size:
@@ -566,7 +567,7 @@ cdef class CythonScheduler:
             raise KeyError(item.model)  # the caller resolved a model it never added
         level = <int>(1 if priority < 1 else (m.levels if priority > m.levels else priority))
         m.submitted += 1
-        if m.queued >= m.max_queue:
+        if m.queued_by_level[level - 1] >= m.max_queue:
             return self._reject(m, item, REJECT_QUEUE_FULL, self._room_after(m, now_ns))
         # Requests without a tenant count only against the model.
         by_tenant = m.track_tenants and _truthy(item.tenant)
@@ -589,6 +590,7 @@ cdef class CythonScheduler:
         item.state = ITEM_QUEUED
         m.push(item)
         m.queued += 1
+        m.queued_by_level[level - 1] += 1
         m.rows_by_level[level - 1] += item.rows
         m.queued_rows += item.rows
         item.tenant_counted = by_tenant
@@ -646,6 +648,7 @@ cdef class CythonScheduler:
 
     cdef inline int _unqueue(self, _ModelQ m, WorkItem item) except -1:
         m.queued -= 1
+        m.queued_by_level[item.level - 1] -= 1
         m.rows_by_level[item.level - 1] -= item.rows
         m.queued_rows -= item.rows
         if item.tenant_counted:

@@ -1194,3 +1194,23 @@ def test_one_outlying_batch_time_does_not_lock_short_deadlines_out(scheduler_cla
     for _ in range(30):
         scheduler.observe(model, 1, 4_000_000)
     assert scheduler.predict(model, 1) > 2_000_000
+
+
+@pytest.mark.parametrize("scheduler_class", implementations(), ids=lambda cls: cls.name)
+def test_max_queue_bounds_each_priority_level_so_bulk_traffic_cannot_lock_out_urgent(scheduler_class):
+    """(Scheduling audit) ``max_queue`` bounded the whole model: a priority-2 flood filled it and a priority-1
+    request was refused RESOURCE_EXHAUSTED. Each level has its own bound now, as Triton's queue policies do
+    (and as ModelConfig's ``max_queue_size`` reads)."""
+    from kernel.scheduling.policy import ADMITTED, REJECT_QUEUE_FULL
+
+    scheduler = scheduler_class()
+    model = Model("bulk")
+    scheduler.add_model(model, ModelSchedule(max_batch_size=1, max_queue=3))
+    ITEM_CLASS[model] = scheduler.item_class
+    now = 10**12
+    assert [scheduler.submit(item(model, priority=2, rid=f"bulk{i}"), now) for i in range(4)] == [
+        ADMITTED, ADMITTED, ADMITTED, REJECT_QUEUE_FULL]
+    assert [scheduler.submit(item(model, priority=1, rid=f"urgent{i}"), now) for i in range(4)] == [
+        ADMITTED, ADMITTED, ADMITTED, REJECT_QUEUE_FULL]
+    first = scheduler.next_batches(now, 1, 0)[0]
+    assert [it.request_id for it in first.items] == ["urgent0"]  # and the urgent ones go first

@@ -21,7 +21,7 @@ Schema (every key optional unless marked)::
     max_queue_delay_us = 0     # Triton-like static batching window (0 = adaptive)
     preferred_batch_sizes = [] # with a static window: dispatch the largest of these the queue can form, at once
     priority_levels = 3        # request priorities 1..N (1 = most urgent)
-    max_queue = 4096           # queued requests before RESOURCE_EXHAUSTED
+    max_queue = 4096           # queued requests per priority level before RESOURCE_EXHAUSTED
     max_tenant_queue = 1024    # queued requests per tenant
 
     [[input]]                  # required when model.toml exists

@@ -43,7 +43,7 @@ class ModelSchedule:
     instances: int = 1  # batches of this model that may run at once
     weight: float = 1.0  # fair share against other models of the same priority
     priority_levels: int = 3  # request priorities 1..levels (1 = most urgent); others are clamped
-    max_queue: int = 4096  # queued requests per model
+    max_queue: int = 4096  # queued requests per model and priority level (Triton's per-level queue policy)
     max_tenant_queue: int = 1024  # queued requests per tenant per model
     max_queue_delay_ns: int = 0  # static batching window (Triton-like); 0 = adaptive
     preferred_batch_sizes: tuple[int, ...] = ()  # with a static window: dispatch at these sizes

@@ -65,7 +65,8 @@ from .types import ITEM_BATCHED, ITEM_CANCELLED, ITEM_EXPIRED, ITEM_QUEUED, Batc
 
 class _Model:
     __slots__ = (
-        "key", "index", "schedule", "heap", "arrivals", "queued", "rows_by_level", "tenants", "track_tenants",
+        "key", "index", "schedule", "heap", "arrivals", "queued", "queued_by_level", "rows_by_level", "tenants",
+        "track_tenants",
         "preferred", "preferred_min", "preferred_max", "batch_limit", "in_flight", "busy_until", "vtime", "fit",
         "last_arrival", "gap", "stretch", "last_start", "last_predicted", "last_backlogged", "counters",
     )
@@ -79,6 +80,7 @@ class _Model:
         # the oldest, which the batching window counts from (the heap's head is the most urgent instead).
         self.arrivals: OrderedDict[WorkItem, int] = OrderedDict()
         self.queued = 0
+        self.queued_by_level = [0] * schedule.priority_levels  # max_queue bounds each level, as Triton's queues
         self.rows_by_level = [0] * schedule.priority_levels
         self.tenants: dict[str, int] = {}
         # Per-tenant counts only matter when that bound is tighter than the model's.
@@ -151,7 +153,7 @@ class ReferenceScheduler:
         schedule = state.schedule
         level = self._level(state, item)
         state.counters["submitted"] += 1
-        if state.queued >= schedule.max_queue:
+        if state.queued_by_level[level - 1] >= schedule.max_queue:
             return self._reject(state, item, REJECT_QUEUE_FULL, self._room_after(state, now_ns))
         if state.track_tenants and item.tenant and state.tenants.get(item.tenant, 0) >= schedule.max_tenant_queue:
             return self._reject(state, item, REJECT_TENANT_FULL, self._room_after(state, now_ns))
@@ -173,6 +175,7 @@ class ReferenceScheduler:
         item.level = level
         state.arrivals[item] = item.enqueued_ns
         state.queued += 1
+        state.queued_by_level[level - 1] += 1
         state.rows_by_level[level - 1] += item.rows
         if state.track_tenants and item.tenant:
             state.tenants[item.tenant] = state.tenants.get(item.tenant, 0) + 1
@@ -215,6 +218,7 @@ class ReferenceScheduler:
     def _unqueue(self, state: _Model, item: WorkItem) -> None:
         del state.arrivals[item]
         state.queued -= 1
+        state.queued_by_level[item.level - 1] -= 1
         state.rows_by_level[item.level - 1] -= item.rows
         if state.track_tenants and item.tenant:
             left = state.tenants[item.tenant] - 1
