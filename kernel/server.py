@@ -147,6 +147,11 @@ class KernelServer:
             lane = self.lanes.add_model(mv, device_of(mv.runtime.provider), mv.config.schedule(), profile)
             log.info("%s/%s on lane %s; profile (rows:µs) %s", mv.name, mv.version, lane.name,
                      ", ".join(f"{rows}:{ns / 1e3:.0f}" for rows, ns in profile) or "none")
+            if mv.config.instances > lane.slots + 1:  # (+1: the urgent slot)
+                log.warning("%s/%s: instances = %d, but lane %s runs at most %d batches at once (its slots and "
+                            "the urgent one): %d sessions can never run and only take memory; set instances in "
+                            "its model.toml to %d or fewer", mv.name, mv.version, mv.config.instances, lane.name,
+                            lane.slots + 1, mv.config.instances - lane.slots - 1, lane.slots + 1)
 
     def _models_changed(self, added, removed) -> None:
         for mv in removed:  # (a reload's old versions: their queued work finishes first, lane.py)

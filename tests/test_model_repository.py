@@ -222,3 +222,34 @@ def test_a_lowered_compute_runs_at_the_lowered_priority_and_comes_back(tmp_path)
     assert os.getpriority(os.PRIO_PROCESS, tid) == base  # ... and back afterwards
     mv.runtime.run(feeds)  # with nothing asked, nothing changes
     assert os.getpriority(os.PRIO_PROCESS, tid) == base
+
+
+def test_the_load_time_profile_stops_at_256_rows_and_16_mib(tmp_path):
+    """(Scheduling audit) ``max_batch_size = 4000000`` made the profile allocate and run 4M rows of zeros at load:
+    17.8 s and 3.7 GB. The fit is a line: it extrapolates past the largest batch profiled."""
+    from kernel.models.config import load as load_config
+    from kernel.models.runtime import OnnxModel, profile_rows
+
+    onnx_models.save_mlp_version(tmp_path, "wide", [16, 8, 4], seed=3, provider="cpu", max_batch_size=4_000_000)
+    version = tmp_path / "wide" / "1"
+    model = OnnxModel.load(version / "model.onnx", load_config(version / "model.toml", "wide", "1"), "wide", "1")
+    assert profile_rows(model.config) == 256
+    assert [rows for rows, _ in model.profile(repeats=1)] == [1, 2, 4, 8, 16, 32, 64, 128, 256]
+    onnx_models.save_mlp_version(tmp_path, "huge_rows", [65536, 4], seed=3, provider="cpu", max_batch_size=1024)
+    version = tmp_path / "huge_rows" / "1"
+    config = load_config(version / "model.toml", "huge_rows", "1")
+    assert profile_rows(config) == (16 << 20) // (65536 * 4)  # 64 rows of 256 KiB
+
+
+def test_instances_the_lane_can_never_run_are_warned_about(tmp_path, caplog):
+    """``instances = 64`` of a 34 MB model took 4.4 GB on a lane that runs 2-3 batches at once, without a word."""
+    import logging
+
+    from conftest import start_kernel
+
+    onnx_models.save_mlp_version(tmp_path / "models", "many", [16, 8, 4], seed=3, provider="cpu", instances=16)
+    with caplog.at_level(logging.WARNING, logger="aios.server"):
+        server = start_kernel(tmp_path / "models")
+        server.stop(grace=1)
+    warned = [r.getMessage() for r in caplog.records if "instances = 16" in r.getMessage()]
+    assert len(warned) == 1 and "can never run and only take memory" in warned[0], warned
