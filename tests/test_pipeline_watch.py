@@ -195,3 +195,21 @@ def test_a_rule_description_may_not_reorder_its_text(registry, folder):
     policy.write_text(text[:start] + "\u202e" + text[start:])
     registry.reload()
     assert "U+202E" in registry.errors[str(folder / "claims_triage.toml")]
+
+
+@pytest.mark.parametrize("old, new, needles", [
+    ("customer_tier in {'gold', 'platinum'}", "customer_tier in {'Gold', 'platinum'}",
+     ("rule R08 (", "compares 'customer_tier' with 'Gold', which is not one of the field's values")),
+    ("customer_tier in {'gold', 'platinum'}", "customer_tier in {'g\u043eld', 'platinum'}",  # a Cyrillic o
+     ("rule R08 (", "compares 'customer_tier' with 'g\u043eld'")),
+], ids=["case", "homoglyph"])
+def test_a_rule_comparing_a_field_with_a_value_it_never_has_is_refused(registry, folder, old, new, needles):
+    """(Pipeline owner's audit) 'Gold' and a look-alike 'g\u043eld' loaded without a word, and R08 could then never
+    fire for gold customers; the Decide path refuses those very values."""
+    running = registry.get("claims_triage")
+    policy = folder / "policy.toml"
+    policy.write_text(policy.read_text().replace(old, new, 1))
+    assert registry.reload() == []
+    assert registry.get("claims_triage") is running
+    message = registry.errors[str(folder / "claims_triage.toml")]
+    assert all(needle in message for needle in needles), message

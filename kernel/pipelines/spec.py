@@ -53,6 +53,7 @@ from pathlib import Path
 
 from .. import accel
 from ..policy import tomlsafe
+from ..policy.syntax import string_literals
 from ..errors import InvalidArgument
 from ..limits import FileTooLarge, authored_text_problem, read_bounded
 from .fields import ENCODINGS, FIELD_TYPES, TRANSFORMS, FieldSpec, encode_one
@@ -408,6 +409,22 @@ def _check_policy_inputs(r: _Reader, policy, fields: tuple[FieldSpec, ...]) -> N
         if spec.type not in _POLICY_TYPES.get(kind, (kind,)):
             raise r.fail("field", "type", f"the policy reads '{name}' as {kind} but the pipeline declares it "
                                           f"{spec.type}", fields.index(spec))
+    for rule, name, value in compared_strings(policy):
+        spec = by_name.get(name)
+        if spec is not None and spec.values and value not in spec.values:
+            raise PipelineError(
+                f"{r.path}:{line_of(r.text, 'policy', 0, 'file')}: [policy].file: rule {rule.id} "
+                f"({getattr(policy, 'source', 'the policy')}:{rule.line}) compares '{name}' with {value!r}, which "
+                f"is not one of the field's values ({', '.join(spec.values)}): the rule could never match on it")
+
+
+def compared_strings(policy):
+    """(rule, field name, string) for each string a rule's condition compares a field with."""
+    for rule in getattr(policy, "rules", ()):
+        node = getattr(rule, "node", None)
+        if node is not None:
+            for name, value in string_literals(node):
+                yield rule, name, value
 
 
 def _escalation(r: _Reader, raw: dict, policy) -> Escalation:

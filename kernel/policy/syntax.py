@@ -121,3 +121,25 @@ def fields_of(node: Node) -> list[Field]:
         elif isinstance(n, (And, Or)):
             stack += reversed(n.operands)
     return out
+
+
+def string_literals(node: Node) -> list[tuple[str, str]]:
+    """Every (field name, string) a condition compares a field with (``==``, ``!=``, ``in {...}``): what the
+    pipeline checks against the field's declared values (a rule comparing with 'Gold' where the values are
+    lower case can never match)."""
+    out: list[tuple[str, str]] = []
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if isinstance(n, Compare):
+            pair = (n.left, n.right) if isinstance(n.left, Field) else (n.right, n.left)
+            if isinstance(pair[0], Field) and isinstance(pair[1], Literal) and pair[1].kind == "string":
+                out.append((pair[0].name, pair[1].value))
+        elif isinstance(n, Member):
+            out += [(n.field.name, v.value) for v in n.values if isinstance(v, Literal) and v.kind == "string"]
+        elif isinstance(n, (Truth, Not)):
+            stack.append(n.operand)
+        elif isinstance(n, (And, Or)):
+            stack += reversed(n.operands)
+    return out
+
