@@ -41,6 +41,8 @@ def refused(text: str, source: str = "p.toml") -> PolicyError:
 MALFORMED = {
     "adjust-of-400-digits": (policy_text([("R1", "x > 1")], rule_extra="adjust = " + "9" * 400 + "\n"),
                              "adjust = 999", "rule 'R1' adjust: must be a finite number"),
+    "adjust-summing-to-infinity": (policy_text([("R1", "x > 1")], rule_extra="adjust = 1e308\n"),
+                                   "adjust = 1e308", "rule 'R1' adjust: must be a finite number from -1e+06 to 1e+06"),
     "integer-of-5000-digits": (policy_text([("R1", "x > 1")], rule_extra="adjust = " + "9" * 5000 + "\n"),
                                "adjust = 999", "TOML: an integer with more than 4300 digits"),
     "deep-array": (policy_text([("R1", "x > 1")], head="description = " + "[" * 3000 + "]" * 3000 + "\n"),

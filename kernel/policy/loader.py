@@ -38,6 +38,9 @@ SECTIONS = {"policy": ("name", "version", "hit_policy", "description"), "inputs"
 MAX_FILE_BYTES = 1 << 20  # 1 MiB
 MAX_RULES = 10_000
 MAX_INPUTS = 1_000
+# COLLECT sums the adjustments of the rules that fire: bounded so that the sum of every rule's (at most MAX_RULES)
+# stays finite and does not depend on the order rules fire in (two 1e308s made inf, or 0 in another order).
+MAX_ADJUST = 1e6
 _KIND = {"number": "number", "integer": "number", "string": "string", "bool": "bool"}
 _NAME = re.compile(r"[A-Za-z0-9_.-]+\Z")
 
@@ -305,8 +308,9 @@ class _Loader:
             if not isinstance(escalate, bool):
                 self.add(self.line(key, "escalate"), f"{label} escalate", "must be true or false")
             adjust = _finite(entry.get("adjust", 0.0))
-            if adjust is None:
-                self.add(self.line(key, "adjust"), f"{label} adjust", "must be a finite number")
+            if adjust is None or abs(adjust) > MAX_ADJUST:
+                self.add(self.line(key, "adjust"), f"{label} adjust",
+                         f"must be a finite number from -{MAX_ADJUST:g} to {MAX_ADJUST:g}")
                 adjust = 0.0
             description = entry.get("description", "")
             if not isinstance(description, str):
