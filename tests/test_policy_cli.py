@@ -144,6 +144,8 @@ def good_case() -> dict:
      "unknown key 'expected' in the case; did you mean 'expect'? (allowed: name, row, expect)"),
     (lambda c: c["expect"].update(escalated=False),
      "unknown key 'escalated' in \"expect\"; did you mean 'escalate'? (allowed: action, fired, escalate)"),
+    (lambda c: c["row"].update(claim_amount=True),  # JSON's true passed as the number 1; the kernel refuses it
+     "row 'claim_amount' is true, but the policy reads it as a number: the kernel refuses a boolean there"),
     (lambda c: c["expect"].update(action="aprove"),
      "action 'aprove' is not one of the policy's actions (deny, review, approve, fast_track); did you mean 'approve'?"),
 ])

@@ -170,6 +170,10 @@ def _case(case, number: int, where: str, policy: Policy | None) -> dict:
         _check_against(policy, row, expect)
         schema = Schema(policy.inputs, policy.classes)
         ignored = [key for key in row if schema.type_of(key) is None]
+        for key, value in row.items():  # JSON's true is a Python 1: the kernel refuses a bool for a number
+            if isinstance(value, bool) and schema.type_of(key) in ("number", "integer"):
+                raise ValueError(f"row {key!r} is {json.dumps(value)}, but the policy reads it as a "
+                                 f"{schema.type_of(key)}: the kernel refuses a boolean there")
     name = str(case.get("name", f"line {number}"))
     return {"name": name, "line": number, "where": where, "row": row, "expect": expect, "ignored": ignored}
 
