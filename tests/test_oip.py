@@ -67,7 +67,10 @@ def test_model_config_is_triton_shaped(triton, kernel):
     assert config.HasField("dynamic_batching")
     batching = config.dynamic_batching  # what schedules it, in Triton's fields (the model.toml defaults here)
     assert (batching.priority_levels, batching.default_priority_level) == (3, 2)
-    assert batching.default_queue_policy.max_queue_size == 4096
+    assert batching.default_queue_policy.max_queue_size == 4096  # per priority level, as Triton reads it
+    assert batching.default_queue_policy.allow_timeout_override  # (the ``timeout`` parameter is honoured)
+    assert (config.parameters["max_tenant_queue"].string_value, config.parameters["weight"].string_value) == (
+        "1024", "1.0")
     assert config.parameters["batching"].string_value == "adaptive"  # (a delay of 0 is not "no wait" here)
     assert config.parameters["execution_provider"].string_value == provider
     assert config.parameters["card.owner"].string_value == "tests"

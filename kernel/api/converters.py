@@ -51,7 +51,11 @@ def model_config(mv: ModelVersion) -> pb.ModelConfigResponse:
         # What else schedules it, in Triton's fields: priorities, the default one, the queue bound.
         batching.priority_levels = config.priority_levels
         batching.default_priority_level = config.priority
-        batching.default_queue_policy.max_queue_size = config.max_queue
+        batching.default_queue_policy.max_queue_size = config.max_queue  # (per level, as in Triton)
+        # A request's ``timeout`` parameter is honoured (queued past it: REJECT, never run), with no default.
+        batching.default_queue_policy.allow_timeout_override = True
+        out.parameters["max_tenant_queue"].string_value = str(config.max_tenant_queue)
+        out.parameters["weight"].string_value = repr(config.weight)
         # A delay of 0 reads as "no wait" to a Triton user; here it means the adaptive batcher decides.
         out.parameters["batching"].string_value = "static" if config.max_queue_delay_us else "adaptive"
     out.parameters["execution_provider"].string_value = mv.runtime.provider
