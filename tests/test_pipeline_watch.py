@@ -213,3 +213,35 @@ def test_a_rule_comparing_a_field_with_a_value_it_never_has_is_refused(registry,
     assert registry.get("claims_triage") is running
     message = registry.errors[str(folder / "claims_triage.toml")]
     assert all(needle in message for needle in needles), message
+
+
+@pytest.mark.parametrize("old, new, needle", [
+    ('review_actions = ["approve", "deny", "request_info"]', 'review_actions = ["approve\\u001b[2J", "deny"]',
+     "[escalation].review_actions: contains the control character '\\x1b'"),
+    ('name = "claim_amount"', 'name = "claim_\\u202eamount"', "[[field]] #1.name: contains the invisible format"),
+    ('text_fields = ["description", "notes"]', 'text_fields = ["description", "no\\u0000tes"]',
+     "[pipeline].text_fields: contains the control character '\\x00'"),
+], ids=["review action", "field name", "text field"])
+def test_names_a_pipeline_shows_to_people_are_visible_text(registry, folder, old, new, needle):
+    """(Pipeline owner's audit) an escape sequence in a review action, a direction override in a field name and
+    a NUL in a text field's name loaded, though the same file's version and description were checked."""
+    target = folder / "claims_triage.toml"
+    text = target.read_text()
+    assert old in text
+    target.write_text(text.replace(old, new, 1))
+    registry.reload()
+    assert needle in registry.errors[str(target)], registry.errors[str(target)]
+
+
+def test_not_found_points_at_refused_files(registry, folder):
+    """(Pipeline owner's audit) a pipeline refused at start answered NOT_FOUND "loaded pipelines: (none)", with
+    nothing pointing at the refusal."""
+    from kernel.errors import NotFound
+
+    (folder / "claims_triage_v2.toml").write_text('[pipeline]\nname = "claims_v2\n')
+    registry.reload()
+    with pytest.raises(NotFound) as missing:
+        registry.get("claims_v2")
+    assert missing.value.message.endswith(
+        "loaded pipelines: claims_triage; 1 file in the pipeline folder is refused (`aios-kernel pipelines list` "
+        "says why)")

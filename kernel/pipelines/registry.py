@@ -70,7 +70,11 @@ class PipelineRegistry:
         pipeline = self._active.get(name)
         if pipeline is None:
             names = ", ".join(sorted(self._active)) or "(none)"
-            raise NotFound(f"pipeline {quote(name)} is not loaded; loaded pipelines: {names}")
+            refused = len(self.errors)  # (a file refused at start: the caller's pipeline may be one of them)
+            also = (f"; {refused} file{'s' if refused != 1 else ''} in the pipeline folder "
+                    f"{'are' if refused != 1 else 'is'} refused (`aios-kernel pipelines list` says why)"
+                    if refused else "")
+            raise NotFound(f"pipeline {quote(name)} is not loaded; loaded pipelines: {names}{also}")
         return pipeline
 
     def all(self) -> list[Pipeline]:

@@ -185,13 +185,14 @@ class _Reader:
             raise self.fail(table, key, f"must be a finite number, got {raw[key]!r:.40}", index)
         return value
 
-    def printable(self, value: str, table: str, key: str, multiline: bool = False) -> str:
-        """``value``, refused if it holds a control character: the version label and description reach logs,
-        listings and audit records, where a newline or escape sequence could forge a line or rewrite a
-        terminal. A description may span lines (newline and tab only)."""
+    def printable(self, value: str, table: str, key: str, multiline: bool = False, index: int = 0) -> str:
+        """``value``, refused if it holds a control or invisible character or is too long
+        (``limits.authored_text_problem``): labels, names and descriptions reach logs, listings, reviewers and
+        audit records, where a newline or escape sequence could forge a line or rewrite a terminal. A
+        description may span lines (newline and tab only)."""
         problem = authored_text_problem(value, multiline)
         if problem is not None:
-            raise self.fail(table, key, problem)
+            raise self.fail(table, key, problem, index)
         return value
 
     def check_keys(self, raw: dict, table: str, index: int = 0) -> None:
@@ -302,6 +303,7 @@ def _text_fields(r: _Reader, head: dict, fields) -> frozenset[str] | None:
     for name in names:
         if not isinstance(name, str) or not name:
             raise r.fail("pipeline", "text_fields", f"must be a list of field names, got {name!r}")
+        r.printable(name, "pipeline", "text_fields")
         if name in typed:
             raise r.fail("pipeline", "text_fields", f"'{name}' is also a [[field]]: a field is typed or free text")
     if len(set(names)) != len(names):
@@ -318,6 +320,7 @@ def _fields(r: _Reader, raw_fields) -> tuple[FieldSpec, ...]:
             raise r.fail("field", None, f"must be a table (write each field as a [[field]] table), got {raw!r:.40}", i)
         r.check_keys(raw, "field", i)
         name = r.get(raw, "field", "name", str, required=True, index=i)
+        r.printable(name, "field", "name", index=i)
         if name in seen:
             raise r.fail("field", "name", f"duplicate field '{name}'", i)
         seen.add(name)
@@ -439,4 +442,6 @@ def _escalation(r: _Reader, raw: dict, policy) -> Escalation:
         actions = list(getattr(policy, "actions", ()))
     if not actions or any(not isinstance(a, str) or not a for a in actions):
         raise r.fail("escalation", "review_actions", "must be a non-empty list of action names")
+    for action in actions:  # (shown to reviewers, written on resolutions' records)
+        r.printable(action, "escalation", "review_actions")
     return Escalation(min_confidence=minimum, review_sla_s=sla, review_actions=tuple(actions))
