@@ -7,7 +7,7 @@ import time
 
 import numpy as np
 
-from ..errors import Internal
+from ..errors import Internal, InvalidArgument
 from ..ids import random_hex
 
 log = logging.getLogger("aios.scheduling")
@@ -27,14 +27,28 @@ def request_id_of(item) -> str:
 
 
 def _fail(model, items, rows: int, exc: Exception) -> None:
-    """The model raised on ``items``: each gets INTERNAL naming its request id."""
+    """The model raised on ``items``: each gets INTERNAL naming its request id, but a request that failed alone
+    with onnxruntime's INVALID_ARGUMENT (an index out of a table's bounds, say) gets INVALID_ARGUMENT: its own
+    input is what the model refused, and INTERNAL invited a retry that fails the same way (a scheduling audit)."""
+    refused = len(items) == 1 and _is_invalid_argument(exc)
     for item in items:
         item.outputs = None
-        item.error = Internal(
-            f"model {model.name}/{model.version} failed at run time: {exc} (request id {request_id_of(item)})"
-        )
-    log.error("model %s/%s failed on %d rows (request ids %s): %s", model.name, model.version, rows,
-              ", ".join(item.request_id for item in items), exc)
+        if refused:
+            item.error = InvalidArgument(f"model {model.name}/{model.version} refused this request's input: {exc} "
+                                         f"(request id {request_id_of(item)})")
+        else:
+            item.error = Internal(
+                f"model {model.name}/{model.version} failed at run time: {exc} (request id {request_id_of(item)})"
+            )
+    (log.warning if refused else log.error)(
+        "model %s/%s %s on %d rows (request ids %s): %s", model.name, model.version,
+        "refused a request's input" if refused else "failed", rows, ", ".join(item.request_id for item in items), exc)
+
+
+def _is_invalid_argument(exc: Exception) -> bool:
+    """onnxruntime's INVALID_ARGUMENT status (its own exception class of that name)."""
+    kind = type(exc)
+    return kind.__name__ == "InvalidArgument" and kind.__module__.startswith("onnxruntime")
 
 
 def _run(model, items, rows: int) -> tuple[bool, tuple[int, int, int]]:
