@@ -119,6 +119,10 @@ class DecisionSide:
             )
         except OSError as exc:  # bare, it said "[Errno 17] File exists: '.../audit'" and nothing of the data dir
             raise OSError(_audit_open_error(data, exc)) from None
+        except AuditCorrupt as exc:  # (some of its lines name a segment file only: say whose, crash audit)
+            if str(data / "audit") in exc.message:
+                raise
+            raise AuditCorrupt(f"audit log {data / 'audit'}: {exc.message}") from None
 
     def start(self) -> None:
         started = {"event": "kernel started", "settings": _public_settings(self.settings)}

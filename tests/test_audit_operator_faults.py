@@ -382,3 +382,26 @@ def test_a_removed_audit_log_is_refused_before_a_new_log_and_key_are_made(claims
     with pytest.raises(AuditCorrupt):
         start_kernel(claims_models, pipelines=pipelines, data_dir=str(data_dir), pipeline_poll_s=0)
     assert not (data_dir / "audit").exists()
+
+
+def test_a_refused_start_names_the_audit_log_when_its_reason_names_a_segment_only(claims_models, tmp_path):
+    """(Crash audit) "ERROR 00000000000000000187.seg starts at record 187 but ...": neither the directory nor the
+    data dir was named, unlike every other refusal."""
+    from conftest import start_kernel
+
+    pipelines, data_dir = str(copy_pipelines(tmp_path / "pipelines")), tmp_path / "data"
+    small = {"audit_segment_bytes": 16384, "audit_preallocate_bytes": 0}
+    server = start_kernel(claims_models, pipelines=pipelines, data_dir=str(data_dir), pipeline_poll_s=0, **small)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = kgrpc.DecisionServiceStub(channel)
+            for i, case in enumerate(data.generate_cases(120, seed=9)):
+                stub.Decide(claim_request(case, request_id=f"s{i}"), timeout=10)
+    finally:
+        server.stop(grace=1)
+    segments = sorted((data_dir / "audit").glob("*.seg"))
+    assert len(segments) >= 3
+    segments[1].unlink()
+    with pytest.raises(AuditCorrupt) as refused:
+        start_kernel(claims_models, pipelines=pipelines, data_dir=str(data_dir), pipeline_poll_s=0, **small)
+    assert refused.value.message.startswith(f"audit log {data_dir / 'audit'}: {segments[2].name} starts at record")
