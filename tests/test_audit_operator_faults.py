@@ -348,9 +348,8 @@ def test_a_data_dir_used_before_that_lost_its_whole_audit_log_and_store_says_so_
     assert not [r for r in caplog.records if "has no audit log" in r.getMessage()]
 
 
-def test_a_data_dir_whose_store_was_removed_refuses_the_start_and_changes_nothing(claims_models, tmp_path):
-    """(Crash audit) ``rm data/kernel.sqlite3`` and a restart: it started, reopened resolved reviews as open and
-    forgot every task and key. A crash cannot remove the store, so the start is refused, and nothing is made."""
+def _decided_once_and_stopped(claims_models, tmp_path) -> tuple[str, Path]:
+    """(pipelines folder, data dir) of a claims kernel that made one decision and stopped cleanly."""
     from conftest import start_kernel
 
     pipelines, data_dir = str(copy_pipelines(tmp_path / "pipelines")), tmp_path / "data"
@@ -360,6 +359,15 @@ def test_a_data_dir_whose_store_was_removed_refuses_the_start_and_changes_nothin
             kgrpc.DecisionServiceStub(channel).Decide(claim_request(data.generate_cases(1, seed=5)[0]), timeout=10)
     finally:
         server.stop(grace=1)
+    return pipelines, data_dir
+
+
+def test_a_data_dir_whose_store_was_removed_refuses_the_start_and_changes_nothing(claims_models, tmp_path):
+    """(Crash audit) ``rm data/kernel.sqlite3`` and a restart: it started, reopened resolved reviews as open and
+    forgot every task and key. A crash cannot remove the store, so the start is refused, and nothing is made."""
+    from conftest import start_kernel
+
+    pipelines, data_dir = _decided_once_and_stopped(claims_models, tmp_path)
     (data_dir / DATABASE_FILE).unlink()
     before = sorted(p.relative_to(data_dir) for p in data_dir.rglob("*"))
     with pytest.raises(KernelError) as refused:
@@ -371,13 +379,7 @@ def test_a_data_dir_whose_store_was_removed_refuses_the_start_and_changes_nothin
 def test_a_removed_audit_log_is_refused_before_a_new_log_and_key_are_made(claims_models, tmp_path):
     from conftest import start_kernel
 
-    pipelines, data_dir = str(copy_pipelines(tmp_path / "pipelines")), tmp_path / "data"
-    server = start_kernel(claims_models, pipelines=pipelines, data_dir=str(data_dir), pipeline_poll_s=0)
-    try:
-        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            kgrpc.DecisionServiceStub(channel).Decide(claim_request(data.generate_cases(1, seed=5)[0]), timeout=10)
-    finally:
-        server.stop(grace=1)
+    pipelines, data_dir = _decided_once_and_stopped(claims_models, tmp_path)
     shutil.rmtree(data_dir / "audit")
     with pytest.raises(AuditCorrupt):
         start_kernel(claims_models, pipelines=pipelines, data_dir=str(data_dir), pipeline_poll_s=0)
