@@ -126,3 +126,21 @@ def test_an_unreadable_file_fails_in_words_not_a_traceback(claims_models, tmp_pa
     (audit / "checkpoints.log").mkdir()
     done = run_cli("verify", str(audit))
     assert done.returncode == 1 and "cannot read the log" in done.stdout and "Traceback" not in done.stderr
+
+
+def test_many_ranges_signed_after_unclean_stops_are_summed_up_in_one_sentence(tmp_path):
+    """(Crash audit) verify's OK line listed every range a start signed after an unclean stop: several KB after 25
+    crashes. Up to three are listed; more are summed up (a range holding a clean stop is always named)."""
+    from kernel.audit.verify import MAX_RANGES_LISTED, _Walk
+
+    walk = _Walk(tmp_path)
+    walk.adopted = [(100 * k + 10, 100 * k, 100 * k + 5) for k in range(1, 26)]
+    walk.recovery_notes(strict=False)
+    assert walk.note == ("25 ranges of records from 100 to 2505 were signed by starts after unclean stops (the last "
+                         "at #2510): only the hash chain vouched for each until then")
+    few = _Walk(tmp_path)
+    few.adopted = walk.adopted[:MAX_RANGES_LISTED]
+    few.stops = [202]  # a clean stop inside the second range: named whatever the count
+    few.recovery_notes(strict=False)
+    assert few.note.count("were signed by the start at #") == MAX_RANGES_LISTED
+    assert "record #202 among them is a clean stop: --strict fails here" in few.note

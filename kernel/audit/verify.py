@@ -112,6 +112,9 @@ class VerifyResult:
         return (f"{tail} (records {self.signed_size}..{self.records - 1}: a crash leaves this, a clean stop never "
                 f"does; the next start signs them; --strict fails here)")
 
+# Ranges signed after unclean stops listed one by one in the OK line; more are summed up in one sentence.
+MAX_RANGES_LISTED = 3
+
 
 class _Failure(Exception):
     def __init__(self, sequence: int | None, reason: str, last: int | None = None):
@@ -335,7 +338,7 @@ class _Walk:
 
     def recovery_notes(self, strict: bool) -> None:
         """Say which records a start signed after the fact; ``strict``: fail a range holding a clean stop."""
-        notes = []
+        notes, plain = [], []
         for at, first, last in self.adopted:
             stopped = [s for s in self.stops if first <= s <= last]
             if stopped and strict:
@@ -344,10 +347,19 @@ class _Walk:
                     f"'kernel stopping', and a clean stop signs every record it wrote: the checkpoints that covered "
                     f"them were cut (or the kernel crashed while stopping), and only the hash chain vouches for "
                     f"them; check them with `aios-kernel audit export --from {first}`"), last)
-            notes.append(f"records {first}..{last} were signed by the start at #{at}, after an unclean stop: only "
-                         f"the hash chain vouched for them until then"
-                         + (f" (record #{stopped[-1]} among them is a clean stop: --strict fails here)" if stopped
-                            else ""))
+            if stopped:  # (always said one by one: what --strict fails on)
+                notes.append(f"records {first}..{last} were signed by the start at #{at}, after an unclean stop: "
+                             f"only the hash chain vouched for them until then (record #{stopped[-1]} among them is "
+                             f"a clean stop: --strict fails here)")
+            else:
+                plain.append((at, first, last))
+        if len(plain) > MAX_RANGES_LISTED:  # a log after many crashes: its note stays a line, not kilobytes
+            (_, first, _), (at, _, last) = plain[0], plain[-1]
+            notes.insert(0, f"{len(plain)} ranges of records from {first} to {last} were signed by starts after "
+                            f"unclean stops (the last at #{at}): only the hash chain vouched for each until then")
+        else:
+            notes[:0] = [f"records {first}..{last} were signed by the start at #{at}, after an unclean stop: only the "
+                         f"hash chain vouched for them until then" for at, first, last in plain]
         kernels_log = bool(self.last_event)  # (a log written by a kernel starts with its "kernel started")
         if kernels_log and self.last_event != "kernel stopping" and self.count == self.signed_size \
                 and not writer_is_live(self.directory):  # (a running kernel's log has no stop yet)
