@@ -155,3 +155,50 @@ def test_without_the_pump_decide_stream_takes_grpcs_standard_path(claims_models,
         assert all(not a.error_code for a in answers)
     finally:
         server.stop(grace=1)
+
+
+def test_a_stopping_kernel_answers_what_a_stream_took_and_ends_it_saying_the_rest_was_not_read(claims_models,
+                                                                                                tmp_path):
+    """(Streams audit) at SIGTERM an open DecideStream went on taking and deciding requests for the whole grace
+    period, then gRPC cut it (UNAVAILABLE "Cancelling all calls", a status that invites sending again) with its
+    answers unsent: 4,087 recorded decisions never answered, and the stop held for the grace. Now the stream
+    stops reading when the drain begins, answers what it took, and ends with UNAVAILABLE saying so."""
+    from conftest import start_claims_kernel
+    from kernel.audit import RecordFilter, iter_directory
+
+    server = start_claims_kernel(claims_models, tmp_path, grace_seconds=20)
+    assert server._pump is not None
+    cases = data.generate_cases(50, seed=31)
+    stop_sending = threading.Event()
+
+    def requests():
+        i = 0
+        while not stop_sending.is_set():
+            yield claim_request(cases[i % len(cases)], request_id=f"s{i}")
+            i += 1
+            time.sleep(0.001)
+
+    answered, ended = [], {}
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stream = kgrpc.DecisionServiceStub(channel).DecideStream(requests(), timeout=60)
+
+        def read():
+            try:
+                for decision in stream:
+                    answered.append(decision)
+            except grpc.RpcError as exc:
+                ended["code"], ended["details"] = exc.code(), exc.details()
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        assert _wait_until(lambda: len(answered) >= 50)
+        started = time.monotonic()
+        server.stop()
+        took = time.monotonic() - started
+        stop_sending.set()
+        reader.join(30)
+    assert ended.get("code") == grpc.StatusCode.UNAVAILABLE, ended
+    assert ended["details"] == stream_pump.DRAINED
+    assert took < 10, took  # not held for the 20 s grace
+    recorded = {r.request_id for r in iter_directory(tmp_path / "data" / "audit", 0, RecordFilter(kind=kpb.DECISION))}
+    assert {d.request_id for d in answered if not d.error_code} == recorded  # every decision made was answered
