@@ -102,6 +102,22 @@ def test_stream_filters(served):
     assert got and all(times[50] <= r.time_unix_ns < times[150] and r.kind == pb.ROUTE_CHANGE for r in got)
 
 
+def test_a_follow_with_an_until_ends_once_that_time_has_passed(served):
+    """(Streams audit) a follower whose ``until_unix_ns`` had passed never ended: no record written later can
+    match, yet it held a watch slot until the client's own deadline."""
+    import time
+
+    log, stub = served
+    for i in range(20):
+        log.append(record(i))
+    log.append_and_wait(record(20), 10)
+    until = [r.time_unix_ns for r in log.read()][10]
+    started = time.monotonic()
+    request = pb.StreamAuditRequest(follow=True, until_unix_ns=until)
+    got = [r.sequence for r in stub.StreamAudit(request, timeout=30)]  # ends by itself, OK
+    assert got == list(range(10)) and time.monotonic() - started < 10
+
+
 def test_resume_after_random_disconnects_has_no_gap_and_no_duplicate(served):
     log, stub = served
     total = 1200

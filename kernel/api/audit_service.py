@@ -22,12 +22,15 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 
 from .._proto.aios.kernel.v1 import kernel_pb2
 from ..audit import AuditLog
 from ..errors import InvalidArgument, NotFound, PermissionDenied, shutting_down
 from .refusal_records import RefusalRecords
 from .watch_budget import UNLIMITED
+
+UNTIL_SETTLE_NS = 1_000_000_000
 
 SERVICE = "AuditService"
 _KINDS = set(kernel_pb2.AuditKind.values())
@@ -53,7 +56,14 @@ def _stream_audit(log: AuditLog, allow_stream: bool, draining: threading.Event, 
         with watches.hold("StreamAudit") if request.follow else contextlib.nullcontext():
             left = threading.Event()
             ctx.on_done(left.set)
-            stop = (lambda: left.is_set() or draining.is_set()) if request.follow else left
+            until = request.until_unix_ns
+            if request.follow and until:  # no record written after ``until`` can match: the follow ends then
+                # (a second later: a record stamped just before ``until`` may become readable a moment after it)
+                stop = (lambda: left.is_set() or draining.is_set() or time.time_ns() > until + UNTIL_SETTLE_NS)
+            elif request.follow:
+                stop = (lambda: left.is_set() or draining.is_set())
+            else:
+                stop = left
             records = log.read(
                 request.from_sequence, tenant=request.tenant, pipeline=request.pipeline, kind=request.kind,
                 since_unix_ns=request.since_unix_ns, until_unix_ns=request.until_unix_ns,
