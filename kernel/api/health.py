@@ -130,6 +130,8 @@ class AsyncHealth(health_pb2_grpc.HealthServicer):
             if status != sent:
                 await context.write(Response(status=status))
                 sent = status
+                continue  # look again: a change, or the drain's end, may have come while this was written,
+                #           and the watch must hear the last status (NOT_SERVING) before it is ended
             if self._ended:
                 error = shutting_down()
                 await context.abort(grpc.StatusCode[error.code], error.message)
