@@ -26,7 +26,7 @@ from . import accel, grpc_io
 from ._proto import POOL
 from ._proto.inference import grpc_service_pb2
 from .api import InferenceService, aio_servicer, eager_receive, kernel_services, registration, stream_pump, sync_servicer
-from .api.call_budget import CallBudget
+from .api.call_budget import CallBudget, StreamBudget
 from .api.handler_pool import HandlerPool, poller_policy
 from .api.health import AsyncHealth, ThreadedHealth
 from .api.watch_budget import WatchBudget
@@ -124,6 +124,7 @@ class KernelServer:
         self._eager = None  # the threaded front end's EagerReceive, when on (tests count its calls)
         self._pump = None  # the threaded front end's StreamPump (DecideStream), when on
         self._budget = None  # the threaded front end's CallBudget
+        self._streams = None  # grpc.aio's StreamBudget (DecideStream)
         self._watches = None  # the WatchBudget shared by WatchReviews, WatchTask and StreamAudit (follow)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: threading.Thread | None = None
@@ -222,8 +223,10 @@ class KernelServer:
         # Open watches have a cap of their own, well below workers, on both front ends (watch_budget.py).
         self._watches = WatchBudget(self.settings.watch_limit)
         inference = aio_servicer(self.service) if asynchronous else sync_servicer(self.service, budget)
+        # grpc.aio has no CallBudget, but its DecideStreams cost threads: capped by max_streams too.
+        self._streams = StreamBudget(self.settings.stream_limit) if asynchronous else None
         ours = kernel_services.generic_handlers(self.hub, self.lanes, asynchronous,
-                                                self.decisions.handlers(budget, self._watches))
+                                                self.decisions.handlers(budget, self._watches, self._streams))
         registration.add_to_server(server, [inference, *ours])
         if not asynchronous and self.settings.eager_receive:
             self._eager = eager_receive.attach([inference, *ours], self._pool, self.settings.answer_later,

@@ -237,6 +237,43 @@ def test_one_client_with_idle_streams_cannot_lock_ordinary_calls_out(tmp_path, a
         server.stop(grace=5)
 
 
+def test_aio_decide_streams_are_capped_by_max_streams(tmp_path):
+    """(Streams audit) grpc.aio had no stream cap, and each DecideStream there takes two threads: 3,000 idle
+    streams made 6,001 server threads, nothing refused."""
+    from claims_support import build_small_model, claim_request, copy_pipelines
+    from examples.claims import data
+    from kernel._proto.aios.kernel.v1 import kernel_pb2_grpc as kgrpc
+    from lane_support import until
+
+    models = build_small_model(tmp_path / "models")
+    server = start_kernel(models, "aio", max_streams=2, pipelines=str(copy_pipelines(tmp_path / "p")),
+                          pipeline_poll_s=0)
+    idle = threading.Event()
+
+    def nothing_until_released():
+        idle.wait(60)
+        return
+        yield
+
+    case = data.generate_cases(1, seed=5)[0]
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            decisions = kgrpc.DecisionServiceStub(channel)
+            held = [decisions.DecideStream(nothing_until_released(), timeout=60) for _ in range(2)]
+            until(lambda: server._streams.streams_open == 2, "two open streams")
+            with pytest.raises(grpc.RpcError) as refused:
+                list(decisions.DecideStream(iter([claim_request(case)]), timeout=30))
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, refused.value.details()
+            assert "max_streams" in refused.value.details()
+            held[0].cancel()
+            until(lambda: server._streams.streams_open == 1, "the cancelled stream's slot to come back")
+            (answer,) = list(decisions.DecideStream(iter([claim_request(case, request_id="again")]), timeout=30))
+            assert answer.request_id == "again" and not answer.error_code
+    finally:
+        idle.set()
+        server.stop(grace=5)
+
+
 def test_max_streams_defaults_to_half_of_workers_and_must_not_pass_them():
     from kernel.config import Settings, SettingsError, load_settings
 

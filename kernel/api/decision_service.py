@@ -23,7 +23,10 @@ def pipeline_info(pipeline) -> kpb.PipelineInfo:
     )
 
 
-def decision_handlers(engine: DecisionEngine, registry: PipelineRegistry, budget=None) -> dict:
+def decision_handlers(engine: DecisionEngine, registry: PipelineRegistry, budget=None, streams=None) -> dict:
+    """``budget``: the threaded front end's CallBudget (priority reserve, and its stream cap); ``streams``: a
+    StreamBudget capping open DecideStreams where there is no CallBudget (grpc.aio)."""
+    streams = budget if streams is None else streams
     # A Decide holds its handler thread until answered, like ModelInfer: under a flood the same budget
     # keeps the last threads for priority 1 (kernel/api/call_budget.py).
     admit = None if budget is None else (lambda item: budget.admit(item.priority))
@@ -64,9 +67,9 @@ def decision_handlers(engine: DecisionEngine, registry: PipelineRegistry, budget
     decide.on_loop = decide_on_loop  # rpc.aio_handler awaits this instead of running ``decide`` on a thread
 
     def stream(requests, ctx):
-        if budget is not None:  # (a pumped stream is admitted by the pump: stream_pump.py)
-            budget.admit_stream()
-            ctx.on_done(budget.stream_ended)  # its slot comes back when the call ends, however it ends
+        if streams is not None:  # (a pumped stream is admitted by the pump: stream_pump.py)
+            streams.admit_stream()
+            ctx.on_done(streams.stream_ended)  # its slot comes back when the call ends, however it ends
         return decide_stream(engine, requests, ctx)
 
     def upload(request, ctx):
