@@ -189,20 +189,14 @@ def test_idle_streams_cannot_take_the_threads_kept_for_priority_one(tmp_path, an
         server.stop(grace=5)
 
 
-@pytest.mark.parametrize("answer_later", [True, False], ids=["pumped", "on-handler-threads"])
-def test_one_client_with_idle_streams_cannot_lock_ordinary_calls_out(tmp_path, answer_later):
-    """(An abusive-client audit: 448 idle DecideStreams from one client refused every other caller's ordinary
-    Decide until it closed them.) Streams are capped at ``max_streams`` (DecideStream and ModelStreamInfer
-    together); one beyond is refused naming the setting, ordinary calls still get in, and a slot comes back
-    when a stream ends."""
-    from claims_support import build_small_model, claim_request, copy_pipelines
+def _streams_kernel(tmp_path, front_end: str, **settings):
+    """(server, a claims case, the event that releases idle streams, a request iterator that sends nothing until
+    then): a claims kernel for the stream-cap tests."""
+    from claims_support import build_small_model, copy_pipelines
     from examples.claims import data
-    from kernel._proto.aios.kernel.v1 import kernel_pb2_grpc as kgrpc
-    from lane_support import until
 
-    models = build_small_model(tmp_path / "models")
-    server = start_kernel(models, "sync", workers=16, max_streams=3, answer_later=answer_later,
-                          pipelines=str(copy_pipelines(tmp_path / "p")), pipeline_poll_s=0)
+    server = start_kernel(build_small_model(tmp_path / "models"), front_end,
+                          pipelines=str(copy_pipelines(tmp_path / "p")), pipeline_poll_s=0, **settings)
     idle = threading.Event()
 
     def nothing_until_released():
@@ -210,7 +204,21 @@ def test_one_client_with_idle_streams_cannot_lock_ordinary_calls_out(tmp_path, a
         return
         yield
 
-    case = data.generate_cases(1, seed=5)[0]
+    return server, data.generate_cases(1, seed=5)[0], idle, nothing_until_released
+
+
+@pytest.mark.parametrize("answer_later", [True, False], ids=["pumped", "on-handler-threads"])
+def test_one_client_with_idle_streams_cannot_lock_ordinary_calls_out(tmp_path, answer_later):
+    """(An abusive-client audit: 448 idle DecideStreams from one client refused every other caller's ordinary
+    Decide until it closed them.) Streams are capped at ``max_streams`` (DecideStream and ModelStreamInfer
+    together); one beyond is refused naming the setting, ordinary calls still get in, and a slot comes back
+    when a stream ends."""
+    from claims_support import claim_request
+    from kernel._proto.aios.kernel.v1 import kernel_pb2_grpc as kgrpc
+    from lane_support import until
+
+    server, case, idle, nothing_until_released = _streams_kernel(tmp_path, "sync", workers=16, max_streams=3,
+                                                                  answer_later=answer_later)
     try:
         with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             decisions = kgrpc.DecisionServiceStub(channel)
@@ -240,22 +248,11 @@ def test_one_client_with_idle_streams_cannot_lock_ordinary_calls_out(tmp_path, a
 def test_aio_decide_streams_are_capped_by_max_streams(tmp_path):
     """(Streams audit) grpc.aio had no stream cap, and each DecideStream there takes two threads: 3,000 idle
     streams made 6,001 server threads, nothing refused."""
-    from claims_support import build_small_model, claim_request, copy_pipelines
-    from examples.claims import data
+    from claims_support import claim_request
     from kernel._proto.aios.kernel.v1 import kernel_pb2_grpc as kgrpc
     from lane_support import until
 
-    models = build_small_model(tmp_path / "models")
-    server = start_kernel(models, "aio", max_streams=2, pipelines=str(copy_pipelines(tmp_path / "p")),
-                          pipeline_poll_s=0)
-    idle = threading.Event()
-
-    def nothing_until_released():
-        idle.wait(60)
-        return
-        yield
-
-    case = data.generate_cases(1, seed=5)[0]
+    server, case, idle, nothing_until_released = _streams_kernel(tmp_path, "aio", max_streams=2)
     try:
         with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             decisions = kgrpc.DecisionServiceStub(channel)
