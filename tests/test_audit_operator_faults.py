@@ -185,15 +185,7 @@ def test_a_data_dir_whose_audit_log_was_removed_refuses_the_start(claims_models,
     silently under a new key. Nothing here injects a fault but the removal itself."""
     from conftest import start_kernel
 
-    pipelines, data_dir = str(copy_pipelines(tmp_path / "pipelines")), tmp_path / "data"
-    server = start_kernel(claims_models, pipelines=pipelines, data_dir=str(data_dir), pipeline_poll_s=0)
-    try:
-        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            stub = kgrpc.DecisionServiceStub(channel)
-            for i, case in enumerate(data.generate_cases(3, seed=5)):
-                stub.Decide(claim_request(case, request_id=f"s{i}"), timeout=10)
-    finally:
-        server.stop(grace=1)
+    pipelines, data_dir = _decided_and_stopped(claims_models, tmp_path, 3)
     with sqlite3.connect(data_dir / DATABASE_FILE) as conn:
         (mark,) = conn.execute("SELECT value FROM meta WHERE key = ?", (RECORDED_BEFORE,)).fetchone()
     assert int(mark) > 0
@@ -348,15 +340,17 @@ def test_a_data_dir_used_before_that_lost_its_whole_audit_log_and_store_says_so_
     assert not [r for r in caplog.records if "has no audit log" in r.getMessage()]
 
 
-def _decided_once_and_stopped(claims_models, tmp_path) -> tuple[str, Path]:
-    """(pipelines folder, data dir) of a claims kernel that made one decision and stopped cleanly."""
+def _decided_and_stopped(claims_models, tmp_path, decisions: int = 1, **settings) -> tuple[str, Path]:
+    """(pipelines folder, data dir) of a claims kernel that made ``decisions`` decisions and stopped cleanly."""
     from conftest import start_kernel
 
     pipelines, data_dir = str(copy_pipelines(tmp_path / "pipelines")), tmp_path / "data"
-    server = start_kernel(claims_models, pipelines=pipelines, data_dir=str(data_dir), pipeline_poll_s=0)
+    server = start_kernel(claims_models, pipelines=pipelines, data_dir=str(data_dir), pipeline_poll_s=0, **settings)
     try:
         with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            kgrpc.DecisionServiceStub(channel).Decide(claim_request(data.generate_cases(1, seed=5)[0]), timeout=10)
+            stub = kgrpc.DecisionServiceStub(channel)
+            for i, case in enumerate(data.generate_cases(decisions, seed=5)):
+                stub.Decide(claim_request(case, request_id=f"s{i}"), timeout=10)
     finally:
         server.stop(grace=1)
     return pipelines, data_dir
@@ -367,7 +361,7 @@ def test_a_data_dir_whose_store_was_removed_refuses_the_start_and_changes_nothin
     forgot every task and key. A crash cannot remove the store, so the start is refused, and nothing is made."""
     from conftest import start_kernel
 
-    pipelines, data_dir = _decided_once_and_stopped(claims_models, tmp_path)
+    pipelines, data_dir = _decided_and_stopped(claims_models, tmp_path)
     (data_dir / DATABASE_FILE).unlink()
     before = sorted(p.relative_to(data_dir) for p in data_dir.rglob("*"))
     with pytest.raises(KernelError) as refused:
@@ -379,7 +373,7 @@ def test_a_data_dir_whose_store_was_removed_refuses_the_start_and_changes_nothin
 def test_a_removed_audit_log_is_refused_before_a_new_log_and_key_are_made(claims_models, tmp_path):
     from conftest import start_kernel
 
-    pipelines, data_dir = _decided_once_and_stopped(claims_models, tmp_path)
+    pipelines, data_dir = _decided_and_stopped(claims_models, tmp_path)
     shutil.rmtree(data_dir / "audit")
     with pytest.raises(AuditCorrupt):
         start_kernel(claims_models, pipelines=pipelines, data_dir=str(data_dir), pipeline_poll_s=0)
@@ -391,16 +385,8 @@ def test_a_refused_start_names_the_audit_log_when_its_reason_names_a_segment_onl
     data dir was named, unlike every other refusal."""
     from conftest import start_kernel
 
-    pipelines, data_dir = str(copy_pipelines(tmp_path / "pipelines")), tmp_path / "data"
     small = {"audit_segment_bytes": 16384, "audit_preallocate_bytes": 0}
-    server = start_kernel(claims_models, pipelines=pipelines, data_dir=str(data_dir), pipeline_poll_s=0, **small)
-    try:
-        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            stub = kgrpc.DecisionServiceStub(channel)
-            for i, case in enumerate(data.generate_cases(120, seed=9)):
-                stub.Decide(claim_request(case, request_id=f"s{i}"), timeout=10)
-    finally:
-        server.stop(grace=1)
+    pipelines, data_dir = _decided_and_stopped(claims_models, tmp_path, 120, **small)
     segments = sorted((data_dir / "audit").glob("*.seg"))
     assert len(segments) >= 3
     segments[1].unlink()
