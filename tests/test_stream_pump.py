@@ -157,8 +157,10 @@ def test_without_the_pump_decide_stream_takes_grpcs_standard_path(claims_models,
         server.stop(grace=1)
 
 
-def test_a_stopping_kernel_answers_what_a_stream_took_and_ends_it_saying_the_rest_was_not_read(claims_models,
-                                                                                                tmp_path):
+@pytest.mark.parametrize("front_end, answer_later", [("sync", True), ("sync", False), ("aio", True)],
+                         ids=["pumped", "reader-thread", "aio"])
+def test_a_stopping_kernel_answers_what_a_stream_took_and_ends_it_saying_the_rest_was_not_read(
+        claims_models, tmp_path, front_end, answer_later):
     """(Streams audit) at SIGTERM an open DecideStream went on taking and deciding requests for the whole grace
     period, then gRPC cut it (UNAVAILABLE "Cancelling all calls", a status that invites sending again) with its
     answers unsent: 4,087 recorded decisions never answered, and the stop held for the grace. Now the stream
@@ -166,8 +168,11 @@ def test_a_stopping_kernel_answers_what_a_stream_took_and_ends_it_saying_the_res
     from conftest import start_claims_kernel
     from kernel.audit import RecordFilter, iter_directory
 
-    server = start_claims_kernel(claims_models, tmp_path, grace_seconds=20)
-    assert server._pump is not None
+    from kernel.pipelines.stream_drains import DRAINED
+
+    server = start_claims_kernel(claims_models, tmp_path, grace_seconds=20, front_end=front_end,
+                                 answer_later=answer_later)
+    assert (server._pump is not None) == (front_end == "sync" and answer_later)
     cases = data.generate_cases(50, seed=31)
     stop_sending = threading.Event()
 
@@ -198,7 +203,7 @@ def test_a_stopping_kernel_answers_what_a_stream_took_and_ends_it_saying_the_res
         stop_sending.set()
         reader.join(30)
     assert ended.get("code") == grpc.StatusCode.UNAVAILABLE, ended
-    assert ended["details"] == stream_pump.DRAINED
+    assert ended["details"] == DRAINED
     assert took < 10, took  # not held for the 20 s grace
     recorded = {r.request_id for r in iter_directory(tmp_path / "data" / "audit", 0, RecordFilter(kind=kpb.DECISION))}
     assert {d.request_id for d in answered if not d.error_code} == recorded  # every decision made was answered

@@ -46,6 +46,7 @@ from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
 from ..errors import ResourceExhausted
 from ..pipelines.flow import ANONYMOUS
 from ..pipelines.stream import MAX_IN_FLIGHT, error_decision, prepare_streamed
+from ..pipelines.stream_drains import DRAINED
 from .eager_receive import AVAILABLE as _EAGER_AVAILABLE
 from .eager_receive import _Finished
 from .rpc import _deadline_ns
@@ -64,9 +65,6 @@ except ImportError:  # pragma: no cover - grpc without its private modules
     AVAILABLE = False
 
 STREAM_SERVICE, STREAM_METHOD = "aios.kernel.v1.DecisionService", "DecideStream"
-# How a stream ends when the kernel stops: every answer it sent stands; what it did not answer it never read.
-DRAINED = ("the kernel is shutting down: every request this stream answered was decided; the requests it did not "
-           "answer were not read, so not decided: send them again, elsewhere or later")
 
 
 class StreamPump(futures.ThreadPoolExecutor):

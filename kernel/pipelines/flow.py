@@ -15,6 +15,7 @@ import threading
 import time
 from dataclasses import dataclass
 
+from .stream_drains import StreamDrains
 from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
 from ..errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable, quote
 from ..ids import random_hex
@@ -79,6 +80,7 @@ class DecisionEngine(GroupFinish):
     def __init__(self, registry, inference, services: Services | None = None):
         self.registry = registry
         self.inference = inference
+        self.stream_drains = StreamDrains()  # the open DecideStreams, ended when the kernel stops
         self.services = services or Services()
         self._statics: dict = {}
         self._opening_lock = threading.Lock()

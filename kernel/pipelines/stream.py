@@ -23,16 +23,18 @@ import threading
 from collections.abc import Iterator
 
 from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
-from ..errors import Cancelled, InvalidArgument, KernelError
+from ..errors import Cancelled, InvalidArgument, KernelError, Unavailable
 from ..scheduling.stream_window import MAX_IN_FLIGHT, StreamWindow
 from ..threads import name_native_thread
 from .flow import ANONYMOUS, DecisionEngine, Pending
 from .group_finish import RECORDED_TRAILER
+from .stream_drains import DRAINED
 
 log = logging.getLogger("aios.decisions")
 
 
 _END = object()
+_DRAINED = object()  # the kernel is stopping (stream_drains.py)
 
 
 def error_decision(request, exc: BaseException) -> kpb.Decision:
@@ -75,6 +77,12 @@ def decide_stream(engine: DecisionEngine, requests: Iterator, ctx, principal: st
     window = StreamWindow(engine.inference)  # what is still queued: deadlines watched, cancelled at the call's end
     lock = threading.Lock()
     taken = [0]  # requests the reader took (each is answered exactly once)
+    stopping = [False]  # the drain began: take no more (under ``lock``, as ``taken``)
+
+    def on_drain() -> None:
+        with lock:
+            stopping[0] = True
+        events.put(_DRAINED)
 
     def read() -> None:
         name_native_thread()  # (so per-thread CPU tells the stream's reader from the handler threads)
@@ -84,6 +92,8 @@ def decide_stream(engine: DecisionEngine, requests: Iterator, ctx, principal: st
                     if not ctx.is_active():
                         return
                 with lock:
+                    if stopping[0]:  # read as the drain began: not taken, so not decided (the status says so)
+                        return
                     taken[0] += 1
                 pending = prepare_streamed(engine, request, ctx.deadline_ns, principal)
                 if isinstance(pending, kpb.Decision):  # a replay or an error: answered as it is
@@ -102,9 +112,16 @@ def decide_stream(engine: DecisionEngine, requests: Iterator, ctx, principal: st
             events.put(_END)
 
     ctx.on_done(window.cancel_all)
+    drains = engine.stream_drains
+    token = drains.open(on_drain)
+    if token is None:
+        on_drain()
+    else:
+        ctx.on_done(lambda: drains.close(token))
     reader = threading.Thread(target=read, name="decide-stream-reader", daemon=True)
     reader.start()
     reading = True
+    drained = False
     answered = 0
     while reading or answered < taken[0]:
         batch = [events.get()]
@@ -117,6 +134,8 @@ def decide_stream(engine: DecisionEngine, requests: Iterator, ctx, principal: st
         for event in batch:
             if event is _END:
                 reading = False
+            elif event is _DRAINED:
+                reading, drained = False, True
             elif isinstance(event, Pending):
                 event.item.owner = None  # (no reference cycle left for the garbage collector)
                 if event.result is None:  # it never ran (cancelled, expired) or the finisher was closing
@@ -149,3 +168,5 @@ def decide_stream(engine: DecisionEngine, requests: Iterator, ctx, principal: st
                 slots.release()
                 answered += 1
                 yield result if isinstance(result, kpb.Decision) else error_decision(pending.request, result)
+    if drained:  # every request taken is answered: the rest were not read (stream_drains.py)
+        raise Unavailable(DRAINED)
