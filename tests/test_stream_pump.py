@@ -203,7 +203,10 @@ def test_a_stopping_kernel_answers_what_a_stream_took_and_ends_it_saying_the_res
         stop_sending.set()
         reader.join(30)
     assert ended.get("code") == grpc.StatusCode.UNAVAILABLE, ended
-    assert ended["details"] == DRAINED
+    # The kernel's status, unless the client was still writing as the stopped server closed the connection:
+    # its transport then fails first ("Stream removed", seen once in a fresh clone's run on the reader-thread
+    # path). Either way nothing it did not answer was decided (below).
+    assert ended["details"] == DRAINED or ended["details"].startswith("Stream removed"), ended
     assert took < 10, took  # not held for the 20 s grace
     recorded = {r.request_id for r in iter_directory(tmp_path / "data" / "audit", 0, RecordFilter(kind=kpb.DECISION))}
     assert {d.request_id for d in answered if not d.error_code} == recorded  # every decision made was answered
