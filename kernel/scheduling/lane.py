@@ -65,10 +65,10 @@ log = logging.getLogger("aios.scheduling")
 _FINISHED = (ITEM_DONE, ITEM_CANCELLED, ITEM_EXPIRED)
 URGENT_LEVEL = 1  # batches led by requests of this priority level may use the urgent slots
 URGENT_RECENT_NS = 10_000_000_000  # batch_nice applies while an urgent request came this recently
-_IDLE_POLL_S = 1.0
+_IDLE_POLL_S = 1.0  # helpers re-check closing at this period when nothing wakes them
 # A model that ever ran a batch this long is not run inline by ``run_if_idle`` again, whatever its fit
 # predicts (a fit is a mean: one input may run a thousand times longer than the profile's zeros).
-INLINE_NEVER_NS = 2_000_000  # helpers re-check closing at this period when nothing wakes them
+INLINE_NEVER_NS = 2_000_000
 
 
 def remember_weakly(table: weakref.WeakKeyDictionary, model, value) -> None:
