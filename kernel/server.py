@@ -407,8 +407,6 @@ class KernelServer:
             asyncio.run_coroutine_threadsafe(self._shutdown(grace), self._loop)
             self._loop_thread.join(timeout=grace + 5)
         else:
-            if self._pump is not None:  # open DecideStreams answer what they took and end (stream_pump.drain)
-                self._pump.drain()
             self._server.stop(grace).wait()
             self._pool.shutdown(wait=False)  # its threads end once grpc handed them the last call
         self._server = None

@@ -82,8 +82,6 @@ class StreamPump(futures.ThreadPoolExecutor):
         self.sent = 0
         self._ended = 0  # of them, those over (changed from any thread: under the lock)
         self._lock = threading.Lock()
-        self._live: set = set()  # the streams in progress (under the lock): drain() ends them
-        self._draining = False
         self._warned = False
 
     @property
@@ -91,21 +89,9 @@ class StreamPump(futures.ThreadPoolExecutor):
         """Streams in progress (read without the lock: the call budget's estimate)."""
         return self.streams - self._ended
 
-    def _stream_over(self, _finished, stream=None) -> None:
+    def _stream_over(self, _finished) -> None:
         with self._lock:
             self._ended += 1
-            self._live.discard(stream)
-
-    def drain(self) -> None:
-        """The kernel is stopping: every open stream stops reading, answers what it took, and ends with
-        UNAVAILABLE saying that what it did not answer was not read. (Left to gRPC's stop, a stream took and
-        decided requests for the whole grace period and was then cut with its answers unsent: a streams
-        audit counted 4,087 recorded decisions never answered, under a status that invites sending again.)"""
-        with self._lock:
-            self._draining = True
-            streams = list(self._live)
-        for stream in streams:
-            stream.drain()
 
     def submit(self, *args, **kwargs):
         # grpc calls submit(context.run, _stream_response_in_pool, rpc_event, state, behaviour,
@@ -123,14 +109,15 @@ class StreamPump(futures.ThreadPoolExecutor):
             except ResourceExhausted as exc:
                 return self._refuse(rpc_event, state, exc)
         stream = _Stream(self, self._engine, self._pool, rpc_event, state, deserializer, serializer)
-        with self._lock:
-            self._live.add(stream)
-            draining = self._draining
-        stream.finished.add_done_callback(lambda finished: self._stream_over(finished, stream))
+        stream.finished.add_done_callback(self._stream_over)
+        # Ended with the engine's other DecideStreams when the kernel stops (kernel/pipelines/stream_drains.py).
+        drains = self._engine.stream_drains
+        token = drains.open(stream.drain)
+        stream.finished.add_done_callback(lambda _finished: drains.close(token))
         if self._budget is not None:
             stream.finished.add_done_callback(lambda _finished: self._budget.stream_ended())
         stream.start()
-        if draining:  # (opened as the drain began: ends at once)
+        if token is None:  # (opened as the drain began: ends at once)
             stream.drain()
         return stream.finished
 

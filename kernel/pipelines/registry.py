@@ -100,7 +100,7 @@ class PipelineRegistry:
             present = {path: key for path in top if (key := _file_key(path)) is not None}
             # The files pipelines read that are not the folder's own (a policy in a subfolder or elsewhere).
             own = {_absolute(path) for path in top}
-            for path in sorted(set().union(*self._reads.values()) - own):
+            for path in sorted(self._read_files() - own):
                 if (key := _file_key(path)) is not None:
                     present[path] = key
             touched = [path for path, key in present.items() if self._seen.get(path) != key]
@@ -115,7 +115,7 @@ class PipelineRegistry:
             changed_files = {_absolute(path) for path in touched} | {_absolute(path) for path in gone}
             ours = set(top)
             kinds = {path: _file_kind(path) for path in touched if path in ours}
-            read = set().union(*self._reads.values())
+            read = self._read_files()
             # Pipelines, files that were (one now emptied or cut short is refused, its running version serving)
             # and unreadable TOML no pipeline reads as its policy: refused, named, never silently skipped.
             to_load = {path for path, kind in kinds.items()
@@ -132,6 +132,10 @@ class PipelineRegistry:
             self._list_strays()
             return changed
 
+    def _read_files(self) -> set[Path]:
+        """Every file the pipelines' last loads read (their policies), absolute, as named."""
+        return set().union(*self._reads.values())
+
     def _settled(self, touched: list[Path], present: dict) -> list[Path]:
         """The changed files a second look found as the first one did; the others wait for the next look."""
         ready = [path for path in touched if self._settling.get(path) == present[path]]
@@ -141,7 +145,7 @@ class PipelineRegistry:
     def _list_strays(self) -> None:
         """A top-level file that is no pipeline and no pipeline reads is listed as refused (a pipeline whose
         ``[pipeline]`` table was lost, a policy nothing names): it is not served, and the listing says so."""
-        read = set().union(*self._reads.values())
+        read = self._read_files()
         for path in self._strays:
             if _absolute(path) in read:
                 self.errors.pop(str(path), None)
@@ -292,7 +296,7 @@ class PipelineRegistry:
             target = self.folder / f"{pipeline.name}.toml"
             _check_file_name(target.name, f"{pipeline.path}: [pipeline].name: its file name")
             if target.name in pending_policy or (target.exists() and _file_kind(target) != PIPELINE
-                                                 and _absolute(target) in set().union(*self._reads.values())):
+                                                 and _absolute(target) in self._read_files()):
                 raise PipelineError(f"{pipeline.path}: [pipeline].name: {target.name!r} in the pipeline folder is "
                                     "another kind of file (a policy?); choose another name")
             for name, (text, policy) in pending_policy.items():
