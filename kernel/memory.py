@@ -15,10 +15,11 @@ the C library is not glibc.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 import threading
 import time
+
+from .threads import libc
 
 log = logging.getLogger("aios.memory")
 
@@ -31,7 +32,7 @@ def _malloc_trim():
     global _trim
     if _trim is None:
         try:
-            _trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+            _trim = libc().malloc_trim
             _trim.argtypes, _trim.restype = [ctypes.c_size_t], ctypes.c_int
         except (OSError, AttributeError):  # not glibc (musl, macOS): its allocator does its own returning
             _trim = False

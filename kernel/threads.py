@@ -39,6 +39,14 @@ _PR_SET_NAME = 15  # linux/prctl.h
 _libc = None
 
 
+def libc():
+    """The process's C library (loaded once): ``prctl`` here, ``malloc_trim`` in kernel/memory.py."""
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    return _libc
+
+
 def name_native_thread() -> None:
     """Give the calling thread its Python name in the OS too (first 15 bytes), where Linux allows.
 
@@ -47,13 +55,10 @@ def name_native_thread() -> None:
     review-row writer, ...) instead of "python" for all of them;
     ``bench/thread_cpu.py`` reads them to split a call's CPU by thread.
     """
-    global _libc
     if not sys.platform.startswith("linux"):
         return
     try:
-        if _libc is None:
-            _libc = ctypes.CDLL(None, use_errno=True)
-        _libc.prctl(_PR_SET_NAME, threading.current_thread().name.encode("utf-8", "replace")[:15], 0, 0, 0)
+        libc().prctl(_PR_SET_NAME, threading.current_thread().name.encode("utf-8", "replace")[:15], 0, 0, 0)
     except (OSError, AttributeError):  # no prctl here: the names are a convenience
         log.debug("could not name the thread", exc_info=True)
 
