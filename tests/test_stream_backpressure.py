@@ -1,6 +1,6 @@
 """DecideStream back-pressure reaches a client that writes and never reads (kernel/api/stream_pump.py).
 
-The pump pauses receiving at ``MAX_IN_FLIGHT`` requests held. It used to
+The pump pauses receiving at ``MAX_IN_FLIGHT`` requests held (stream_window.has_room). It used to
 count an answer as done once it was queued to send, so a client that wrote
 fast and never read made the kernel take 61,115 requests in 12 s and hold
 every answer (+1 GB with 100 KB request ids). Answers gRPC has not sent now
@@ -20,7 +20,7 @@ import pytest
 from claims_support import claim_request
 from examples.claims import data
 from kernel._proto.aios.kernel.v1 import kernel_pb2 as kpb
-from kernel.api import stream_pump
+from kernel.scheduling import stream_window
 
 METHOD = "/aios.kernel.v1.DecisionService/DecideStream"
 LIMIT = 64  # MAX_IN_FLIGHT for the test: small, so what gRPC's buffers hold dominates the count
@@ -51,7 +51,7 @@ def _settled(read, quiet_s: float = 1.0, limit_s: float = 60.0) -> int:
 
 
 def test_a_client_that_never_reads_stops_being_read_and_then_gets_every_answer(pumped, monkeypatch):
-    monkeypatch.setattr(stream_pump, "MAX_IN_FLIGHT", LIMIT)
+    monkeypatch.setattr(stream_window, "MAX_IN_FLIGHT", LIMIT)
     pump = pumped._pump
     taken0, sent0 = pump.taken, pump.sent
     cases = data.generate_cases(50, seed=61)
@@ -85,7 +85,7 @@ def test_on_grpc_aio_a_client_that_never_reads_stops_being_read(claims_kernel, m
     from kernel.api import decision_service
     from kernel.pipelines import stream
 
-    monkeypatch.setattr(stream, "MAX_IN_FLIGHT", LIMIT)
+    monkeypatch.setattr(stream_window, "MAX_IN_FLIGHT", LIMIT)
     handed_on = [0]
 
     def counted(*args, **kwargs):

@@ -3,8 +3,9 @@
 Real kernel, real gRPC clients. The pump receives from gRPC's poller, queues
 through the decision finisher and sends one answer at a time: each answer
 must reach its request, a bad message must be answered and the stream go
-on, no more than MAX_IN_FLIGHT requests may be taken before answers flow,
-and a call that ends early must take back what is still queued.
+on, no more than MAX_IN_FLIGHT requests (nor more than MAX_HELD_BYTES of them)
+may be taken before answers flow, and a call that ends early must take back
+what is still queued.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from examples.claims import data
 from kernel._proto.aios.kernel.v1 import kernel_pb2 as kpb
 from kernel._proto.aios.kernel.v1 import kernel_pb2_grpc as kgrpc
 from kernel.api import stream_pump
+from kernel.scheduling import stream_window
 
 METHOD = "/aios.kernel.v1.DecisionService/DecideStream"
 
@@ -85,7 +87,7 @@ def test_one_stream_with_many_in_flight_answers_each_request_and_goes_on_past_ba
 
 
 def test_no_more_than_max_in_flight_requests_are_taken_before_answers_flow(pumped, held_model, monkeypatch):
-    monkeypatch.setattr(stream_pump, "MAX_IN_FLIGHT", 3)
+    monkeypatch.setattr(stream_window, "MAX_IN_FLIGHT", 3)
     release, rows = held_model
     mv = pumped.hub.get("claims_triage")
     lane = pumped.lanes.for_model(mv)
@@ -103,6 +105,35 @@ def test_no_more_than_max_in_flight_requests_are_taken_before_answers_flow(pumpe
         reader.join(60)
     assert taken == 3
     assert sorted(answer.request_id for answer in answers) == sorted(f"b{i}" for i in range(20))
+    assert all(not answer.error_code for answer in answers)
+
+
+def test_no_more_than_max_held_bytes_of_requests_are_taken_before_answers_flow(claims_kernel, held_model,
+                                                                               monkeypatch):
+    """Both front ends (the pump on the threaded one, decide_stream's reader on grpc.aio): a stream of large
+    requests stops being read once their bytes reach the bound, well before MAX_IN_FLIGHT of them."""
+    case = data.generate_cases(1, seed=54)[0]
+    requests = [claim_request(case, request_id=f"h{i}") for i in range(8)]
+    for request in requests:
+        request.text_fields["description"] = "x" * 20_000
+    size = len(requests[0].SerializeToString())
+    assert all(len(request.SerializeToString()) == size for request in requests)
+    monkeypatch.setattr(stream_window, "MAX_HELD_BYTES", int(2.5 * size))  # room for a third, not a fourth
+    release, rows = held_model
+    mv = claims_kernel.hub.get("claims_triage")
+    lane = claims_kernel.lanes.for_model(mv)
+    answers: list[kpb.Decision] = []
+    with grpc.insecure_channel(f"127.0.0.1:{claims_kernel.port}") as channel:
+        stream = kgrpc.DecisionServiceStub(channel).DecideStream(iter(requests), timeout=60)
+        reader = threading.Thread(target=lambda: answers.extend(stream))
+        reader.start()
+        assert _wait_until(lambda: rows and sum(rows) + lane.load(mv)[0] >= 3)
+        threading.Event().wait(0.3)  # room for a fourth request to be taken, were the bound not kept
+        taken = sum(rows) + lane.load(mv)[0]
+        release.set()
+        reader.join(60)
+    assert taken == 3
+    assert sorted(answer.request_id for answer in answers) == sorted(f"h{i}" for i in range(8))
     assert all(not answer.error_code for answer in answers)
 
 

@@ -1,5 +1,6 @@
 """ModelStreamInfer's requests get what unary calls get: deadlines enforced while queued, removal from the
-queue when the call ends, and a bound on what one stream holds; each answer says it is the request's last.
+queue when the call ends, and a bound on what one stream holds (in requests and in bytes); each answer says it
+is the request's last.
 
 Found by a streaming client's audit (2026-11-27): a request with a 100 ms ``timeout`` behind a static batching
 window was answered after the window (334 ms), not at its deadline; a cancelled stream's queued requests all
@@ -18,6 +19,7 @@ import pytest
 from conftest import start_kernel
 from kernel._proto.inference import grpc_service_pb2 as pb
 from kernel._proto.inference import grpc_service_pb2_grpc as pb_grpc
+from kernel.scheduling import stream_window
 from kernel.scheduling.stream_window import MAX_IN_FLIGHT
 from kernel.testing import onnx_models
 from lane_support import request_for, save_slow_model, until
@@ -126,3 +128,40 @@ def test_a_client_that_never_reads_is_held_to_the_streams_window(server, stub):
     # The window, plus the answers already handed to gRPC's transport (flow control: ~64 KiB of them).
     # (What the client offered beyond that waits in the transports, bounded by their flow control.)
     assert MAX_IN_FLIGHT <= ran <= 3 * MAX_IN_FLIGHT, (ran, offered[0])
+
+
+def test_a_stream_holds_no_more_than_max_held_bytes_of_requests(server, stub, monkeypatch):
+    # `parked` keeps requests queued for 10 s: what the stream took is what is queued. With the byte bound at
+    # 2.5 requests, three are taken (the third while under it) and the rest wait in the transports; without
+    # it all six were (1,024 requests of up to 64 MiB each could be held by one stream).
+    request = request_for("parked", np.ones((1, 16)))
+    monkeypatch.setattr(stream_window, "MAX_HELD_BYTES", int(2.5 * len(request.SerializeToString())))
+    parked = server.hub.get("parked")
+    call = stub.ModelStreamInfer(iter([request] * 6), timeout=120)
+    try:
+        until(lambda: server.lanes.load(parked)[0] >= 3, "the stream's first requests to be queued")
+        threading.Event().wait(0.3)  # room for a fourth to be taken, were the bound not kept
+        assert server.lanes.load(parked) == (3, 0)
+    finally:
+        call.cancel()
+    until(lambda: server.lanes.load(parked) == (0, 0), "the cancelled stream's requests to leave the queue")
+
+
+def test_has_room_always_lets_one_request_in_and_bounds_count_and_bytes(monkeypatch):
+    monkeypatch.setattr(stream_window, "MAX_IN_FLIGHT", 4)
+    monkeypatch.setattr(stream_window, "MAX_HELD_BYTES", 100)
+    assert stream_window.has_room(0, 10_000)  # one request however large (max_message_bytes bounds it)
+    assert stream_window.has_room(3, 99)
+    assert not stream_window.has_room(4, 0)
+    assert not stream_window.has_room(1, 100)
+    hold = stream_window.StreamHold()
+    assert hold.take(150, lambda: True)  # alone: taken
+    assert not hold.take(1, lambda: False)  # no room, and the call ended while it waited
+    taken = threading.Event()
+    waiter = threading.Thread(target=lambda: hold.take(1, lambda: True) and taken.set())
+    waiter.start()
+    assert not taken.wait(0.2)
+    hold.give_back(150)
+    assert taken.wait(10)
+    waiter.join(10)
+    assert (hold.requests, hold.nbytes) == (1, 1)

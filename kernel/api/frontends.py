@@ -16,6 +16,7 @@ import asyncio
 import logging
 import queue
 import threading
+from collections import deque
 
 import grpc
 
@@ -23,7 +24,7 @@ from .._proto.inference import grpc_service_pb2 as pb
 from ..errors import Internal, KernelError, clamp
 from ..ids import random_hex
 from .inference import InferenceService
-from ..scheduling.stream_window import MAX_IN_FLIGHT, StreamWindow
+from ..scheduling.stream_window import AsyncStreamHold, StreamHold, StreamWindow
 from ..scheduling.types import ITEM_EXPIRED, ITEM_QUEUED
 from . import answer_later
 from .aio_wait import attach, wait_finished
@@ -182,16 +183,17 @@ class _SyncStream:
         self.context = context
         self.out: queue.SimpleQueue = queue.SimpleQueue()
         self.window = StreamWindow(service)
-        self.slots = threading.BoundedSemaphore(MAX_IN_FLIGHT)  # taken per request, given back once answered
+        self.hold = StreamHold()  # unanswered requests and their bytes, bounded: the reader waits for room
+        self.sizes: deque[int] = deque()  # the bytes of each request not yet answered, in request order
 
     def _read(self) -> None:
         count = 0
         try:
-            for request in self.requests:
-                while not self.slots.acquire(timeout=0.5):  # MAX_IN_FLIGHT unanswered: wait for the client to read
-                    if not self.context.is_active():
-                        return
+            for request, nbytes in self.requests:  # (registration.Received)
+                if not self.hold.take(nbytes, self.context.is_active):  # full: wait for the client to read
+                    return
                 seq, count = count, count + 1
+                self.sizes.append(nbytes)  # (before its answer can be due: the sender pops them in order)
                 try:
                     item = self.service.prepare(request, self.context.time_remaining())
                     self.window.submit(item, lambda it, req=request, n=seq: self.out.put((n, req, it)))
@@ -215,7 +217,7 @@ class _SyncStream:
             for request, result in order.add(seq, request, result):
                 sent += 1
                 yield stream_response(self.service, request, result)
-                self.slots.release()  # (after the yield: once gRPC took the answer to send)
+                self.hold.give_back(self.sizes.popleft())  # (after the yield: once gRPC took the answer to send)
 
 
 def sync_servicer(service: InferenceService, budget: CallBudget | None = None) -> grpc.GenericRpcHandler:
@@ -360,14 +362,16 @@ def aio_servicer(service: InferenceService) -> grpc.GenericRpcHandler:
         end = object()
 
         window = StreamWindow(service)
-        slots = asyncio.Semaphore(MAX_IN_FLIGHT)  # taken per request, given back once answered
+        hold = AsyncStreamHold()  # unanswered requests and their bytes, bounded: the reader waits for room
+        sizes: deque[int] = deque()  # the bytes of each request not yet answered, in request order (InOrder's)
 
         async def read() -> None:
             count = 0
             try:
-                async for request in request_iterator:
-                    await slots.acquire()  # MAX_IN_FLIGHT unanswered: wait for the client to read
+                async for request, nbytes in request_iterator:  # (registration.Received)
+                    await hold.take(nbytes)  # full: wait for the client to read
                     seq, count = count, count + 1
+                    sizes.append(nbytes)
                     try:
                         item = service.prepare(request, context.time_remaining())
                         window.submit(item, lambda it, req=request, n=seq: loop.call_soon_threadsafe(
@@ -388,7 +392,7 @@ def aio_servicer(service: InferenceService) -> grpc.GenericRpcHandler:
                 for request, result in order.add(seq, request, result):
                     sent += 1
                     yield stream_response(service, request, result)
-                    slots.release()
+                    await hold.give_back(sizes.popleft())
         finally:  # the call ended, however: nothing of it stays queued
             reader.cancel()
             window.cancel_all()

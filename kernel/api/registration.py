@@ -29,6 +29,7 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Callable
+from typing import NamedTuple
 
 import grpc
 
@@ -52,7 +53,16 @@ def ensure_parsed(request) -> None:
         raise InvalidArgument(f"the request is not a valid {request.type_name} message: {request.reason}")
 
 
-def _safe_parser(message_cls) -> Callable[[bytes], object]:
+class Received(NamedTuple):
+    """A client stream's message with the size of its bytes: what a stream holds is bounded in bytes too
+    (scheduling/stream_window.py), and asking the parsed message (``ByteSize``) would serialize it again."""
+
+    message: object  # the parsed message, or an Unparsable stand-in
+    nbytes: int
+
+
+def _safe_parser(message_cls, sized: bool = False) -> Callable[[bytes], object]:
+    """``message_cls.FromString`` that never raises; ``sized``: each message comes as ``Received``."""
     parse = message_cls.FromString
     name = message_cls.DESCRIPTOR.full_name
 
@@ -62,7 +72,9 @@ def _safe_parser(message_cls) -> Callable[[bytes], object]:
         except Exception as exc:  # DecodeError, or upb's own error for truncated input
             return Unparsable(name, str(exc) or type(exc).__name__)
 
-    return deserialize
+    if not sized:
+        return deserialize
+    return lambda data: Received(deserialize(data), len(data))
 
 
 _FACTORIES = {
@@ -171,7 +183,7 @@ def generic_handler(service, messages, behaviours: dict[str, Callable]) -> Servi
         behaviour = behaviours[method.name]
         handler = factory(
             behaviour,
-            request_deserializer=_safe_parser(request_cls),
+            request_deserializer=_safe_parser(request_cls, sized=method.client_streaming),
             response_serializer=response_cls.SerializeToString,
         )
         if getattr(behaviour, "wants_arrival", False) and not (method.client_streaming or method.server_streaming):

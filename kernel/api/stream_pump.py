@@ -13,9 +13,10 @@ stream, and 16 streams 0.87-0.93x where unary Decide is at 0.65x
 Here the stream has no thread of its own:
 
 - receives are started from gRPC's poller thread, each from the previous
-  one's completion, while fewer than ``MAX_IN_FLIGHT`` requests are taken
-  and not yet answered *and sent*: an answer waiting for its send counts
-  too, so a client that writes and never reads stops being read once that
+  one's completion, while the stream has room (``stream_window.has_room``):
+  fewer than ``MAX_IN_FLIGHT`` requests taken and not yet answered *and
+  sent*, and fewer than ``MAX_HELD_BYTES`` of requests not yet answered. An
+  answer waiting for its send counts too, so a client that writes and never reads stops being read once that
   many are held (gRPC's flow control then pushes back on it), and each
   completed send resumes a paused stream. Counting answers as done when
   they were queued to send let such a client make the kernel take 61,115
@@ -45,8 +46,9 @@ from concurrent import futures
 from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
 from ..errors import ResourceExhausted
 from ..pipelines.flow import ANONYMOUS
-from ..pipelines.stream import MAX_IN_FLIGHT, error_decision, prepare_streamed
+from ..pipelines.stream import error_decision, prepare_streamed
 from ..pipelines.stream_drains import DRAINED
+from ..scheduling.stream_window import has_room
 from .eager_receive import AVAILABLE as _EAGER_AVAILABLE
 from .eager_receive import _Finished
 from .rpc import _deadline_ns
@@ -77,7 +79,7 @@ class StreamPump(futures.ThreadPoolExecutor):
         self._pool = pool  # the server's HandlerPool: runs each stream's prepare task
         self.streams = 0  # streams that took this path (changed on gRPC's poller thread only)
         # Over all streams, on gRPC's poller thread only (its batch callbacks): requests received, and answers
-        # gRPC has sent. Their difference is what the streams hold (each at most MAX_IN_FLIGHT).
+        # gRPC has sent. Their difference is what the streams hold (each within stream_window.has_room).
         self.taken = 0
         self.sent = 0
         self._ended = 0  # of them, those over (changed from any thread: under the lock)
@@ -138,18 +140,19 @@ class StreamPump(futures.ThreadPoolExecutor):
 class _Answer:
     """A decision's ``later`` (what ``DecisionEngine.answer_later`` answers through): back onto its stream."""
 
-    __slots__ = ("_stream", "_request", "item")
+    __slots__ = ("_stream", "_request", "_nbytes", "item")
 
-    def __init__(self, stream: _Stream, request, item):
+    def __init__(self, stream: _Stream, request, nbytes: int, item):
         self._stream = stream
         self._request = request
+        self._nbytes = nbytes
         self.item = item  # its model work: no longer to take back once answered
 
     def send(self, decision) -> None:
-        self._stream.answer(decision, self.item)
+        self._stream.answer(decision, self._nbytes, self.item)
 
     def fail(self, error) -> None:
-        self._stream.answer(error_decision(self._request, error), self.item)
+        self._stream.answer(error_decision(self._request, error), self._nbytes, self.item)
 
 
 class _Stream:
@@ -174,7 +177,8 @@ class _Stream:
         self._reading = True  # until the client half-closes
         self._taken = 0  # requests received (each is answered exactly once)
         self._answered = 0
-        self._done_sending = 0  # answers gRPC has sent: ``_taken - _done_sending`` are held, at most MAX_IN_FLIGHT
+        self._done_sending = 0  # answers gRPC has sent: ``_taken - _done_sending`` are held (has_room)
+        self._held_bytes = 0  # of the requests taken and not yet answered (their answers are small)
         self._queued: dict[int, object] = {}  # id(item) -> item: model work to take back if the call ends
         self._done = False  # the status is out or the call ended: ``finished`` is set
         self._draining = False  # the kernel is stopping: read nothing more, answer what was taken, end
@@ -192,8 +196,9 @@ class _Stream:
 
     def _receive_locked(self) -> None:
         if (self._receiving or not self._reading or self._draining
-                or self._taken - self._done_sending >= MAX_IN_FLIGHT or not _gs._is_rpc_state_active(self._state)):
-            return  # (a completed send resumes a stream paused at MAX_IN_FLIGHT)
+                or not has_room(self._taken - self._done_sending, self._held_bytes)
+                or not _gs._is_rpc_state_active(self._state)):
+            return  # (a completed send or an answer resumes a stream paused for room)
         self._call.start_server_batch((_cygrpc.ReceiveMessageOperation(_gs._EMPTY_FLAGS),), self._on_message)
         self._state.due.add(_gs._RECEIVE_MESSAGE_TOKEN)
         self._receiving = True
@@ -216,6 +221,7 @@ class _Stream:
                 return outcome
             self._taken += 1
             self._pump.taken += 1
+            self._held_bytes += len(data)
             self._backlog.append(data)
             if not self._working:
                 self._working = start_task = True
@@ -243,13 +249,15 @@ class _Stream:
                     self._take(data)
                 except Exception:  # never leave a request unanswered, nor the task stuck
                     log.exception("queueing a streamed decision failed")
-                    self.answer(error_decision(None, None), None)
+                    self.answer(error_decision(None, None), len(data), None)
 
     def _take(self, data: bytes) -> None:
-        request = _gs._common.deserialize(data, self._deserializer)  # (a safe parser: Unparsable, never raises)
+        # (a safe parser: never raises; a Received, its message an Unparsable stand-in for bad bytes)
+        request = _gs._common.deserialize(data, self._deserializer).message
+        nbytes = len(data)
         pending = prepare_streamed(self._engine, request, self._deadline_ns, ANONYMOUS)
         if isinstance(pending, kpb.Decision):  # a replay or an error: answered as it is
-            self.answer(pending, None)
+            self.answer(pending, nbytes, None)
             return
         item = pending.item
         with self._state.condition:
@@ -259,14 +267,15 @@ class _Stream:
                 return
             self._queued[id(item)] = item
         try:
-            self._engine.answer_later(pending, _Answer(self, request, item), inline=False)
+            self._engine.answer_later(pending, _Answer(self, request, nbytes, item), inline=False)
         except Exception as exc:  # refused at admission: RESOURCE_EXHAUSTED with its retry hint
             self._engine.release(pending)
-            self.answer(error_decision(request, exc), item)
+            self.answer(error_decision(request, exc), nbytes, item)
 
     # -- answering (the finisher, or the prepare task) ----------------------------------------
-    def answer(self, decision, item) -> None:
-        """Send ``decision`` (``item``: its model work, no longer to take back) after those before it."""
+    def answer(self, decision, nbytes: int, item) -> None:
+        """Send ``decision`` (for a request of ``nbytes``; ``item``: its model work, no longer to take back)
+        after those before it."""
         try:
             data = self._serializer(decision)
         except Exception:  # the kernel's bug; the request still gets an answer, and the stream its end
@@ -277,12 +286,14 @@ class _Stream:
             if item is not None:
                 self._queued.pop(id(item), None)
             self._answered += 1
+            self._held_bytes -= nbytes
             if not _gs._is_rpc_state_active(state):
                 return  # the call ended: nobody to tell
             if self._sending:
-                self._sends.append(data)  # (at most MAX_IN_FLIGHT: receiving waits for sends, not answers)
+                self._sends.append(data)  # (bounded by has_room's count: receiving waits for sends, not answers)
             else:
                 self._send_locked(data)
+            self._receive_locked()  # fewer bytes held: a stream paused for them reads on
 
     def _send_locked(self, data: bytes) -> None:
         state = self._state
@@ -316,7 +327,7 @@ class _Stream:
                 self._send_locked(self._sends.popleft())
             else:
                 self._end_if_answered_locked()
-            self._receive_locked()  # one held answer less: a stream paused at MAX_IN_FLIGHT reads on
+            self._receive_locked()  # one held answer less: a stream paused for room reads on
             return outcome
 
     # -- the end --------------------------------------------------------------------------------

@@ -12,7 +12,8 @@ completion order, not request order.
 This is the path on grpc.aio and wherever the stream pump is off; on the
 threaded front end ``kernel/api/stream_pump.py`` runs DecideStream without
 the reader and the sending thread, with the same answers (it shares
-``prepare_streamed``, ``error_decision`` and ``MAX_IN_FLIGHT`` with this module).
+``prepare_streamed`` and ``error_decision`` with this module, and the bound on what a stream holds,
+``scheduling/stream_window.py``).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from collections.abc import Iterator
 
 from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
 from ..errors import Cancelled, InvalidArgument, KernelError, Unavailable
-from ..scheduling.stream_window import MAX_IN_FLIGHT, StreamWindow
+from ..scheduling.stream_window import StreamHold, StreamWindow
 from ..threads import name_native_thread
 from .flow import ANONYMOUS, DecisionEngine, Pending
 from .group_finish import RECORDED_TRAILER
@@ -72,8 +73,9 @@ def _unparsed(request) -> InvalidArgument:
 
 
 def decide_stream(engine: DecisionEngine, requests: Iterator, ctx, principal: str = ANONYMOUS) -> Iterator[kpb.Decision]:
+    # Each answer-bearing event comes with the bytes of its request, given back to ``hold`` once answered.
     events: queue.SimpleQueue = queue.SimpleQueue()
-    slots = threading.BoundedSemaphore(MAX_IN_FLIGHT)
+    hold = StreamHold()  # unanswered requests and their bytes, bounded: the reader waits for room
     window = StreamWindow(engine.inference)  # what is still queued: deadlines watched, cancelled at the call's end
     lock = threading.Lock()
     taken = [0]  # requests the reader took (each is answered exactly once)
@@ -87,27 +89,26 @@ def decide_stream(engine: DecisionEngine, requests: Iterator, ctx, principal: st
     def read() -> None:
         name_native_thread()  # (so per-thread CPU tells the stream's reader from the handler threads)
         try:
-            for request in requests:
-                while not slots.acquire(timeout=0.5):
-                    if not ctx.is_active():
-                        return
+            for request, nbytes in requests:  # (registration.Received)
+                if not hold.take(nbytes, ctx.is_active):
+                    return
                 with lock:
                     if stopping[0]:  # read as the drain began: not taken, so not decided (the status says so)
                         return
                     taken[0] += 1
                 pending = prepare_streamed(engine, request, ctx.deadline_ns, principal)
                 if isinstance(pending, kpb.Decision):  # a replay or an error: answered as it is
-                    events.put(pending)
+                    events.put((pending, nbytes))
                     continue
                 # Decided with every other finished decision (unary ones too) on the finisher thread;
                 # on_done (the window's) then only hands the answer to this stream.
                 try:
-                    window.submit(engine.finish_in_groups(pending), lambda _item, p=pending: events.put(p))
+                    window.submit(engine.finish_in_groups(pending), lambda _item, p=pending, n=nbytes: events.put((p, n)))
                 except Exception as exc:  # refused at admission: RESOURCE_EXHAUSTED with its retry hint
                     engine.release(pending)
-                    events.put((request, exc))
+                    events.put((error_decision(request, exc), nbytes))
         except Exception as exc:  # the request stream itself broke (bad bytes are answered per message above)
-            events.put((None, exc))
+            events.put(exc)
         finally:
             events.put(_END)
 
@@ -130,42 +131,36 @@ def decide_stream(engine: DecisionEngine, requests: Iterator, ctx, principal: st
                 batch.append(events.get_nowait())
             except queue.Empty:
                 break
-        group: list[Pending] = []
+        group: list[tuple[Pending, int]] = []
         for event in batch:
             if event is _END:
                 reading = False
             elif event is _DRAINED:
                 reading, drained = False, True
-            elif isinstance(event, Pending):
-                event.item.owner = None  # (no reference cycle left for the garbage collector)
-                if event.result is None:  # it never ran (cancelled, expired) or the finisher was closing
-                    group.append(event)
-                else:
-                    slots.release()
-                    answered += 1
-                    result = event.result
-                    yield result if isinstance(result, kpb.Decision) else error_decision(event.request, result)
-            elif isinstance(event, kpb.Decision):
-                slots.release()
-                answered += 1
-                yield event
+            elif isinstance(event, Exception):  # the request stream itself broke
+                if isinstance(event, KernelError):
+                    raise event
+                raise Cancelled("the request stream ended abnormally") from event
             else:
-                request, exc = event
-                if request is None:
-                    if isinstance(exc, KernelError):
-                        raise exc
-                    raise Cancelled("the request stream ended abnormally") from exc
-                slots.release()
+                answer, nbytes = event
+                if isinstance(answer, Pending):
+                    answer.item.owner = None  # (no reference cycle left for the garbage collector)
+                    if answer.result is None:  # it never ran (cancelled, expired) or the finisher was closing
+                        group.append(event)
+                        continue
+                    result = answer.result
+                    answer = result if isinstance(result, kpb.Decision) else error_decision(answer.request, result)
+                hold.give_back(nbytes)
                 answered += 1
-                yield error_decision(request, exc)
+                yield answer
         if group:
             try:
-                results = engine.finish(group)
+                results = engine.finish([pending for pending, _ in group])
             except Exception as exc:  # one group's failure is answered per request; the stream goes on
                 log.exception("finishing %d streamed decisions failed", len(group))
                 results = [exc] * len(group)
-            for pending, result in zip(group, results):
-                slots.release()
+            for (pending, nbytes), result in zip(group, results):
+                hold.give_back(nbytes)
                 answered += 1
                 yield result if isinstance(result, kpb.Decision) else error_decision(pending.request, result)
     if drained:  # every request taken is answered: the rest were not read (stream_drains.py)

@@ -14,19 +14,85 @@ the first on the asyncio front end):
   of them still ran, held the model's queue against other callers and, on
   the threaded front end, the stream's handler thread until the last one.
 
-The bound on what a stream may have in flight (``MAX_IN_FLIGHT``) is taken
-by each stream's reader before it prepares a request and given back once the
-request's answer is sent, so a client that sends without reading is pushed
-back by its own transport.
+What a stream may hold unanswered is bounded twice (``has_room``): in
+requests (``MAX_IN_FLIGHT``) and in their bytes (``MAX_HELD_BYTES``). Each
+stream's reader counts a request in before it prepares it and out once its
+answer is sent, so a client that sends without reading is pushed back by its
+own transport. The byte bound came from a streams audit (2026-11-27): 1,024
+requests of up to ``max_message_bytes`` (64 MiB) each let one stream hold
+64 GiB; a DecideStream of 0.9 MiB text fields took the server from 100 MiB
+to 1.7 GiB.
 """
 
 from __future__ import annotations
 
+import asyncio
 import threading
 
 MAX_IN_FLIGHT = 1024  # unanswered requests per stream; its reader stops taking requests beyond it (back-pressure)
+MAX_HELD_BYTES = 64 * 1024 * 1024  # and their serialized bytes: beyond these, too
 
-__all__ = ["MAX_IN_FLIGHT", "StreamWindow"]
+__all__ = ["MAX_HELD_BYTES", "MAX_IN_FLIGHT", "AsyncStreamHold", "StreamHold", "StreamWindow", "has_room"]
+
+
+def has_room(requests: int, nbytes: int) -> bool:
+    """Whether a stream holding ``requests`` unanswered requests of ``nbytes`` in all may take another.
+    One is always taken, however large: a single message is already bounded by ``max_message_bytes``,
+    so a stream holds at most ``MAX_HELD_BYTES`` plus one message. (The limits are read here, at the
+    call, so that tests can lower them.)"""
+    return requests == 0 or (requests < MAX_IN_FLIGHT and nbytes < MAX_HELD_BYTES)
+
+
+class StreamHold:
+    """One stream's unanswered requests and their bytes, for a reader thread that waits for room."""
+
+    __slots__ = ("_room", "requests", "nbytes")
+
+    def __init__(self):
+        self._room = threading.Condition(threading.Lock())
+        self.requests = 0
+        self.nbytes = 0
+
+    def take(self, nbytes: int, still_wanted) -> bool:
+        """Count in a request of ``nbytes`` once there is room; False (nothing counted) if ``still_wanted()``
+        turns false meanwhile (the call ended), looked at every half second while waiting."""
+        with self._room:
+            while not has_room(self.requests, self.nbytes):
+                if not self._room.wait(0.5) and not still_wanted():
+                    return False
+            self.requests += 1
+            self.nbytes += nbytes
+        return True
+
+    def give_back(self, nbytes: int) -> None:
+        """Count out a request of ``nbytes`` (its answer is sent)."""
+        with self._room:
+            self.requests -= 1
+            self.nbytes -= nbytes
+            self._room.notify()
+
+
+class AsyncStreamHold:
+    """``StreamHold`` for a reader coroutine on the event loop."""
+
+    __slots__ = ("_room", "requests", "nbytes")
+
+    def __init__(self):
+        self._room = asyncio.Condition()
+        self.requests = 0
+        self.nbytes = 0
+
+    async def take(self, nbytes: int) -> None:
+        async with self._room:
+            await self._room.wait_for(lambda: has_room(self.requests, self.nbytes))
+            self.requests += 1
+            self.nbytes += nbytes
+
+    async def give_back(self, nbytes: int) -> None:
+        async with self._room:
+            self.requests -= 1
+            self.nbytes -= nbytes
+            self._room.notify()
 
 
 class StreamWindow:
