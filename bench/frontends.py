@@ -30,7 +30,9 @@ Every server serves one model (the kernel gets a one-model repository under ``OU
 the full repository with all models is ``OUT/repo/``). Reported per (system, model,
 concurrency): the median over rounds of throughput, p50 and p99 with the min-max spread, and
 the ratios of medians against the naive server measured in the same run (kernel-sync/naive,
-kernel-aio/naive, sync/aio) with the spread of the per-round ratios. Server CPU per inference
+kernel-aio/naive, sync/aio) with the spread of the per-round ratios and a 95 % bootstrap interval
+of their median (``bench/intervals.py``: whether the median could as well sit on the other side
+of a target, given how the rounds scatter). Server CPU per inference
 is estimated from /proc (CPU seconds over the perf_analyzer run / its throughput); rows per
 batch from the server's ModelStatistics (inference_count / execution_count over the run).
 
@@ -61,6 +63,7 @@ import time
 from pathlib import Path
 
 from bench import procs
+from bench.intervals import median_interval
 from bench.perf_analyzer import (PerfAnalyzerError, PerfAnalyzerUnavailable, ensure_perf_analyzer,
                                  run_perf_analyzer)
 from bench.tiny_models import MODELS, write_model
@@ -436,6 +439,7 @@ def summarise(runs: list[dict], models: list[str], conc: dict, systems: list[str
                 ratios.append({"model": model, "concurrency": c, "ratio": f"{a}/{b}",
                                "throughput_ratio_of_medians": ma / mb if mb else None,
                                "throughput_ratio_per_round": per_round,
+                               "per_round_median_interval_95": median_interval(per_round),
                                "p99_ratio_of_medians": pa / pb if pb else None})
     return {"points": points, "ratios": ratios}
 
@@ -466,16 +470,19 @@ def markdown_tables(summary: dict) -> str:
                      f"{_fmt(p.get('p50_ms'), 3)} | {_fmt(p.get('p99_ms'), 3)} | {_fmt(p.get('server_cpu_us_per_inf'))} | "
                      f"{_fmt(p.get('rows_per_batch'), 1)} | {_other(p.get('other_cpu_cores'))} | "
                      f"n={n}{'; ' + ', '.join(notes) if notes else ''} |")
-    lines += ["", "| model | conc | ratio | throughput, ratio of medians | per-round ratios (min–max) | p99, ratio of medians |",
-              "|---|---:|---|---:|---|---:|"]
+    lines += ["", "| model | conc | ratio | throughput, ratio of medians | per-round ratios (min–max) "
+              "| 95 % interval of their median | p99, ratio of medians |",
+              "|---|---:|---|---:|---|---|---:|"]
     for r in summary["ratios"]:
         pr = r["throughput_ratio_per_round"]
         spread = f"{min(pr):.2f}–{max(pr):.2f}" if pr else "—"
+        interval = r.get("per_round_median_interval_95")
+        sure = f"{interval[0]:.2f}–{interval[1]:.2f}" if interval else "— (< 3 rounds)"
         tr = r["throughput_ratio_of_medians"]
         p99 = r["p99_ratio_of_medians"]
-        lines.append(f"| {r['model']} | {r['concurrency']} | {r['ratio']} | {tr:.2f}× | {spread} | "
+        lines.append(f"| {r['model']} | {r['concurrency']} | {r['ratio']} | {tr:.2f}× | {spread} | {sure} | "
                      f"{p99:.2f}× |" if tr is not None and p99 is not None else
-                     f"| {r['model']} | {r['concurrency']} | {r['ratio']} | — | {spread} | — |")
+                     f"| {r['model']} | {r['concurrency']} | {r['ratio']} | — | {spread} | {sure} | — |")
     return "\n".join(lines) + "\n"
 
 

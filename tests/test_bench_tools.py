@@ -234,3 +234,15 @@ def test_openloop_drives_a_closed_neighbour_from_its_own_process(naive_server):
     assert len(closed_rec.code) > 2 and (closed_rec.code == 0).all()
     # The child's clock starts at the same instant: its sends fall inside the run, not seconds off.
     assert closed_rec.sent.min() >= -0.05 and closed_rec.sent.max() <= 1.0 + 0.5
+
+
+def test_the_median_interval_brackets_the_median_and_narrows_with_agreeing_rounds():
+    from bench.intervals import median_interval
+
+    assert median_interval([1.2, 1.3]) is None  # two rounds bound nothing
+    scattered = median_interval([0.8, 1.5, 1.1, 0.9, 1.4])
+    agreeing = median_interval([1.19, 1.21, 1.2, 1.22, 1.18])
+    assert scattered[0] <= 1.1 <= scattered[1] and agreeing[0] <= 1.2 <= agreeing[1]
+    assert agreeing[1] - agreeing[0] < scattered[1] - scattered[0]
+    assert agreeing[0] > 1.0 and scattered[0] < 1.0  # one claim holds, the other could be on either side
+    assert median_interval([0.8, 1.5, 1.1, 0.9, 1.4]) == scattered  # the same seed, the same interval
