@@ -75,6 +75,26 @@ def _case(**overrides) -> dict:
     return case
 
 
+def test_the_audit_phase_holds_the_records_write_and_flush(kernel, decisions, monkeypatch):
+    """A slow disk shows in the "audit" phase (a statistics audit: it was timed from after the write and the
+    fsync, so in fsync mode their cost showed only in "total"); the steps never add up to more than "total"."""
+    from kernel.audit import segments
+
+    flush = segments.AppendFile.sync
+
+    def slow_disk(self):  # the injected fault: every flush of the audit log takes 80 ms longer
+        threading.Event().wait(0.08)
+        flush(self)
+
+    monkeypatch.setattr(segments.AppendFile, "sync", slow_disk)
+    decision = decisions.Decide(_request(_case(), request_id="slow-disk"), timeout=30)
+    timings = decision.phase_timings_ns
+    assert kernel.settings.audit_mode == "fsync"  # (the default; an async-mode log flushes before checkpoints)
+    assert timings["audit"] >= 80_000_000, dict(timings)
+    steps = sum(timings[step] for step in ("validate", "queue", "model", "policy", "audit"))
+    assert steps <= timings["total"], dict(timings)
+
+
 def test_automated_decision_has_reasons_and_provenance(kernel, decisions, truth):
     case = _case(claim_amount=800.0, customer_tier="bronze", fraud_score=0.05, prior_claims=0, policy_age_months=40,
                  has_police_report=True, claim_type="auto", days_since_incident=3)
