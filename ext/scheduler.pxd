@@ -86,6 +86,7 @@ cdef class Batch:
     cdef public list items
     cdef public long long rows
     cdef public object timings
+    cdef public object runs            # see types.PyBatch
 
 
 # Final: calls to their cdef methods are direct C calls the compiler can inline.

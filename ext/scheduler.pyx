@@ -89,6 +89,7 @@ cdef class Batch:
         self.items = items
         self.rows = rows
         self.timings = _ZERO_TIMINGS
+        self.runs = None
 
 
 cdef tuple _ZERO_TIMINGS = (0, 0, 0)

@@ -168,7 +168,15 @@ def test_random_row_counts_come_back_exactly_split(kernel, stub, channel, repo):
     assert executions(kernel, "tiny") - before < 48  # requests shared batches, and each got its own rows
 
 
+def _lookup_statistics(stub):
+    from kernel._proto.inference import grpc_service_pb2 as pb
+
+    (stats,) = stub.ModelStatistics(pb.ModelStatisticsRequest(name="lookup")).model_stats
+    return stats
+
+
 def test_a_poisoned_request_fails_alone(kernel, stub, channel):
+    before = _lookup_statistics(stub)
     blocker = occupy_lane(stub, channel)
     good = [
         stub.ModelInfer.future(request_for("lookup", np.array([[i % 4]]), input_name="x", priority=2), timeout=60)
@@ -184,6 +192,20 @@ def test_a_poisoned_request_fails_alone(kernel, stub, channel):
     # Alone it still fails, with onnxruntime's INVALID_ARGUMENT: the request's own input (INTERNAL invited a retry).
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
     assert "refused this request's input" in info.value.details() and "request id" in info.value.details()
+    # The statistics count the model calls that succeeded, as Triton's do: the failed batch of six is none, the
+    # five requests that then succeeded alone are five executions of one row, each charged its own run (they
+    # were one execution of six charged every retry, 11x its compute, in a statistics audit).
+    after = _lookup_statistics(stub)
+    assert after.execution_count - before.execution_count == 5
+    assert after.inference_count - before.inference_count == 5
+    sizes = {b.batch_size: b.compute_infer.count for b in after.batch_stats}
+    sizes_before = {b.batch_size: b.compute_infer.count for b in before.batch_stats}
+    assert sizes.get(6, 0) == sizes_before.get(6, 0) and sizes.get(1, 0) - sizes_before.get(1, 0) == 5
+    ran_alone = {b.batch_size: b.compute_infer.ns for b in after.batch_stats}[1] - \
+        {b.batch_size: b.compute_infer.ns for b in before.batch_stats}.get(1, 0)
+    charged = after.inference_stats.compute_infer.ns - before.inference_stats.compute_infer.ns
+    assert charged == ran_alone  # each success its own run, nothing of the failed batch or the poisoned run
+    assert after.inference_stats.fail.count - before.inference_stats.fail.count == 1
 
 
 def test_tenant_over_its_queue_bound_is_refused(kernel, stub, channel):

@@ -55,27 +55,41 @@ class ModelStats:
         ``now_ns`` is when the batch finished (``time.monotonic_ns()``). Each
         successful request is charged its batch's compute phases (as Triton
         counts them), its queue time (``started_ns - enqueued_ns``) and its
-        time in the kernel (``now_ns - enqueued_ns``).
+        time in the kernel (``now_ns - enqueued_ns``). Executions and the
+        per-size batch statistics count the model calls that succeeded, as
+        Triton's ``execution_count`` does (``batch.runs``: a failed batch is
+        none, a failed batch retried one by one is one per request that then
+        succeeded, each charged its own run), so ``inference_count /
+        execution_count`` stays the average batch size.
         """
         timings = batch.timings
+        runs = batch.runs
         last_ms = time.time_ns() // 1_000_000
         ok = ok_rows = ok_ns = queued_ns = failed = failed_ns = 0
+        own = None if runs is None else [0, 0, 0]  # retried one by one: the successful requests' own runs
         for item in batch.items:
             if item.error is None:
                 ok += 1
                 ok_rows += item.rows
                 ok_ns += now_ns - item.enqueued_ns
                 queued_ns += item.started_ns - item.enqueued_ns
+                if own is not None:
+                    alone = item.timings
+                    own[0] += alone[0]
+                    own[1] += alone[1]
+                    own[2] += alone[2]
             else:
                 failed += 1
                 failed_ns += now_ns - item.enqueued_ns
         with self.lock:
-            self.execution_count += 1
             self.last_inference_ms = last_ms
-            per_size = self.batches.get(batch.rows)
-            if per_size is None:
-                per_size = self.batches[batch.rows] = ComputeStats()
-            _add_phases(per_size, timings)
+            if runs is None:
+                self.execution_count += 1
+                _add_phases(self._per_size(batch.rows), timings)
+            else:
+                for rows, alone in runs:
+                    self.execution_count += 1
+                    _add_phases(self._per_size(rows), alone)
             if ok:
                 self.inference_count += ok_rows
                 success = self.success
@@ -84,11 +98,21 @@ class ModelStats:
                 queue = self.queue
                 queue.count += ok
                 queue.ns += queued_ns
-                _add_phases(self.compute, timings, ok)
+                if own is None:
+                    _add_phases(self.compute, timings, ok)
+                else:
+                    _add_phase_sums(self.compute, own, ok)
             if failed:
                 fail = self.fail
                 fail.count += failed
                 fail.ns += failed_ns
+
+    def _per_size(self, rows: int) -> ComputeStats:
+        """The batch statistics of executions of ``rows`` rows (called with the lock held)."""
+        per_size = self.batches.get(rows)
+        if per_size is None:
+            per_size = self.batches[rows] = ComputeStats()
+        return per_size
 
     def record_request(self, ok: bool, rows: int, queue_ns: int, total_ns: int, timings: tuple[int, int, int]) -> None:
         """A request that finished outside a batch (cancelled, expired, unloaded: not ``ok``), or any one request."""
@@ -119,3 +143,10 @@ def _add_phases(stats: ComputeStats, timings: tuple[int, int, int], times: int =
     phase = stats.compute_output
     phase.count += times
     phase.ns += timings[2] * times
+
+
+def _add_phase_sums(stats: ComputeStats, sums, count: int) -> None:
+    """``count`` more counts whose three phases add up to ``sums`` (called with the lock held)."""
+    stats.compute_input.add(sums[0], count)
+    stats.compute_infer.add(sums[1], count)
+    stats.compute_output.add(sums[2], count)

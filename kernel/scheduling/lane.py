@@ -448,11 +448,14 @@ class Lane:
             remember_weakly(self._not_inline, batch.model, compute_ns)
         if self._leaving:
             self._settle_leaving_locked(batch.model)
+        if escaped is not None:
+            batch.runs = []  # (no successful execution to count)
         now = time.monotonic_ns()
-        timings = batch.timings
+        timings = batch.timings if batch.runs is None else None  # (retried one by one: each item has its own)
         finishing = None
         for item in items:
-            item.timings = timings
+            if timings is not None:
+                item.timings = timings
             if item.deadline_ns != NO_DEADLINE and now > item.deadline_ns and item.error is None:
                 # Never answer after the deadline: the caller has given up on this result.
                 item.outputs = None

@@ -75,13 +75,18 @@ class PyWorkItem:
 class PyBatch:
     """Items of one model version that run in one model call."""
 
-    __slots__ = ("model", "items", "rows", "timings")
+    __slots__ = ("model", "items", "rows", "timings", "runs")
 
     def __init__(self, model: Any, items: list, rows: int):
         self.model = model
         self.items = items  # never empty; all share the model and the shape_key
         self.rows = rows  # sum of item rows; <= the model's max_batch_size when it batches
         self.timings = (0, 0, 0)  # ns spent gathering inputs, in the model, slicing outputs
+        # The model calls that succeeded, for the statistics (execute.run_batch): None when the batch ran as
+        # one call that succeeded (the common case: no list made); else a list of (rows, timings), empty when
+        # the batch failed, one entry per request that succeeded alone when a failed batch was retried one by
+        # one (each item then has its own timings).
+        self.runs = None
 
 
 def _compiled():
