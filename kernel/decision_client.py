@@ -21,7 +21,8 @@ from ._proto.aios.kernel.v1 import kernel_pb2_grpc as kgrpc
 
 # Refusals a caller may simply send again: a full queue or busy kernel (RESOURCE_EXHAUSTED, with a
 # retry-after-ms hint), the same idempotency key in flight (ABORTED, with a hint), a kernel draining
-# (UNAVAILABLE). DEADLINE_EXCEEDED only with an idempotency key: without one a retry may decide twice.
+# (UNAVAILABLE: one the kernel sent, or any with an idempotency key — see may_send_again). DEADLINE_EXCEEDED
+# only with an idempotency key: without one a retry may decide twice.
 RETRYABLE = frozenset({grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED, grpc.StatusCode.UNAVAILABLE})
 DEFAULT_BACKOFF_S = 0.05  # when a refusal carries no hint (UNAVAILABLE), doubled per attempt
 
@@ -67,6 +68,28 @@ def _recorded_at(error: grpc.RpcError) -> str | None:
     return None
 
 
+def _not_decided(error: grpc.RpcError) -> bool:
+    """Whether an UNAVAILABLE proves nothing was decided: the kernel said so (its ``aios-not-decided``
+    trailer, kernel/errors.py), or the channel never reached a kernel. gRPC's own UNAVAILABLE ending a call
+    in progress ("Cancelling all calls" at the end of a drain, a connection lost) proves nothing."""
+    if any(key == "aios-not-decided" for key, _ in error.trailing_metadata() or ()):
+        return True
+    return "failed to connect" in (error.details() or "")
+
+
+def may_send_again(error: grpc.RpcError, request: kpb.DecisionRequest) -> bool:
+    """README "Retrying": whether ``request`` may be sent again after ``error`` without deciding it twice
+    (its idempotency key, if any, makes a retry return a decision already made)."""
+    code, keyed = error.code(), bool(request.idempotency_key)
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return keyed  # (a late decision is kept under its key)
+    if code not in RETRYABLE or _recorded_at(error) is not None:
+        # An UNAVAILABLE whose decision was recorded all the same (its review could not be stored: the
+        # aios-audit-sequence trailer) is not sent again: nothing was kept under its key.
+        return False
+    return keyed or code != grpc.StatusCode.UNAVAILABLE or _not_decided(error)
+
+
 def retry_after_s(error: grpc.RpcError) -> float | None:
     """The kernel's ``retry-after-ms`` hint on a refusal, in seconds; None when it gave none."""
     for key, value in error.trailing_metadata() or ():
@@ -98,9 +121,10 @@ class DecisionClient:
                retries: int = 0, **options) -> kpb.Decision:
         """One decision (``make_request``'s arguments). ``timeout``: this call's deadline in seconds (default the
         client's), shared by all its attempts. ``retries``: how many times to send it again after a refusal
-        in ``RETRYABLE``, waiting as the kernel's hint says; after DEADLINE_EXCEEDED too if it has an
-        ``idempotency_key`` (the retry then returns the decision made late, not a second one). Raises the
-        last ``grpc.RpcError``."""
+        in ``RETRYABLE`` that cannot make it decided twice (``may_send_again``: an UNAVAILABLE gRPC sent
+        ending a call in progress only with an ``idempotency_key``), waiting as the kernel's hint says; after
+        DEADLINE_EXCEEDED too if it has an ``idempotency_key`` (the retry then returns the decision made
+        late, not a second one). Raises the last ``grpc.RpcError``."""
         if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
             raise ValueError(f"retries must be an integer >= 0, got {retries!r}")
         request = make_request(pipeline, fields, text, **options)
@@ -110,11 +134,7 @@ class DecisionClient:
             try:
                 return self.stub.Decide(request, timeout=max(0.0, end - time.monotonic()))
             except grpc.RpcError as error:
-                # An UNAVAILABLE whose decision was recorded all the same (its review could not be stored: the
-                # aios-audit-sequence trailer) is not sent again: nothing was kept under its key, so a retry
-                # would decide a second time. A late DEADLINE_EXCEEDED is kept under its key: retried with one.
-                retryable = (error.code() in RETRYABLE and _recorded_at(error) is None) or (
-                    error.code() == grpc.StatusCode.DEADLINE_EXCEEDED and bool(request.idempotency_key))
+                retryable = may_send_again(error, request)
                 pause = retry_after_s(error)
                 if pause is None:
                     pause, backoff = backoff, backoff * 2

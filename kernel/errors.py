@@ -85,8 +85,21 @@ class Cancelled(KernelError):
     code = "CANCELLED"
 
 
+# On an UNAVAILABLE the kernel sends before it decided anything: a retry cannot decide twice. gRPC's own
+# UNAVAILABLEs lack it — "Cancelling all calls" at the end of a drain's grace, a connection lost mid-call —
+# and after those a request may have been decided, so a client sends one again only with its idempotency key
+# (a docs audit: both clients retried them, and a keyless request was decided twice).
+NOT_DECIDED = (("aios-not-decided", "1"),)
+
+
 class Unavailable(KernelError):
+    """Unless given trailers of its own (a decision recorded all the same names its audit sequence), it says
+    ``NOT_DECIDED``."""
+
     code = "UNAVAILABLE"
+
+    def __init__(self, message: str, trailers: tuple[tuple[str, str], ...] = NOT_DECIDED):
+        super().__init__(message, trailers)
 
 
 class PermissionDenied(KernelError):

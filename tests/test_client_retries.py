@@ -46,3 +46,90 @@ def test_retries_must_be_a_count(server):
     with DecisionClient(f"127.0.0.1:{server.port}") as client:
         with pytest.raises(ValueError, match="retries must be an integer >= 0, got -1"):
             client.decide("claims_triage", {}, retries=-1)
+
+
+class _CountedCalls(grpc.UnaryUnaryClientInterceptor):
+    """Counts the Decide calls a client sends (its retries included)."""
+
+    def __init__(self):
+        self.sent = 0
+
+    def intercept_unary_unary(self, continuation, details, request):
+        self.sent += 1
+        return continuation(details, request)
+
+
+def _counted(client: DecisionClient) -> _CountedCalls:
+    from kernel._proto.aios.kernel.v1 import kernel_pb2_grpc as kgrpc
+
+    counter = _CountedCalls()
+    client.stub = kgrpc.DecisionServiceStub(grpc.intercept_channel(client.channel, counter))
+    return counter
+
+
+def test_an_unavailable_that_grpc_sent_ending_a_call_in_progress_is_sent_again_only_with_a_key(
+        claims_models, tmp_path, monkeypatch):
+    """The end of a drain's grace: gRPC ends a call still in progress with UNAVAILABLE ("Cancelling all calls"),
+    and that call may have been decided. A docs audit found both clients sending it again, keyless (a second
+    decision wherever the retry lands). Only an UNAVAILABLE the kernel marks ``aios-not-decided`` (or a channel
+    that never reached a kernel) is safe to send again without a key."""
+    import threading
+
+    from conftest import start_claims_kernel
+    from kernel.models.runtime import OnnxModel
+
+    server = start_claims_kernel(claims_models, tmp_path)
+    release, running = threading.Event(), threading.Event()
+    run = OnnxModel.run
+
+    def held_run(self, feeds):  # the injected fault: the model holds the call's batch past the drain's grace
+        running.set()
+        release.wait(30)
+        return run(self, feeds)
+
+    monkeypatch.setattr(OnnxModel, "run", held_run)
+    fields = {name: LARGE[name] for name in claim_request(LARGE).fields}
+    outcome = {}
+    with DecisionClient(f"127.0.0.1:{server.port}") as client:
+        counter = _counted(client)
+
+        def decide():
+            try:
+                client.decide("claims_triage", fields, request_id="cut-at-grace", retries=3, timeout=30)
+            except grpc.RpcError as error:
+                outcome["error"] = error
+
+        caller = threading.Thread(target=decide)
+        caller.start()
+        try:
+            assert running.wait(30)
+            server.stop(grace=0.5)  # the call is still in the model when the grace ends
+        finally:
+            release.set()
+        caller.join(60)
+    error = outcome["error"]
+    assert error.code() == grpc.StatusCode.UNAVAILABLE, error.details()
+    assert "aios-not-decided" not in dict(error.trailing_metadata() or ())
+    assert counter.sent == 1, f"sent {counter.sent} times after {error.details()!r}"
+
+
+def test_the_kernels_own_unavailable_says_nothing_was_decided_and_is_sent_again(server, channel):
+    """A pipeline whose model is not loaded: the kernel's UNAVAILABLE, before deciding anything, carries
+    ``aios-not-decided``, and the client sends it again (keyless) as README "Retrying" says."""
+    from kernel._proto.inference import grpc_service_pb2 as pb
+    from kernel._proto.inference import grpc_service_pb2_grpc as pb_grpc
+
+    repository = pb_grpc.GRPCInferenceServiceStub(channel)
+    fields = {name: LARGE[name] for name in claim_request(LARGE).fields}
+    with DecisionClient(f"127.0.0.1:{server.port}") as client:
+        counter = _counted(client)
+        repository.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name="claims_triage"), timeout=30)
+        try:
+            with pytest.raises(grpc.RpcError) as refused:
+                client.decide("claims_triage", fields, request_id="not-loaded", retries=2, timeout=30)
+        finally:
+            repository.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="claims_triage"), timeout=60)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, refused.value.details()
+        assert dict(refused.value.trailing_metadata())["aios-not-decided"] == "1"
+        assert counter.sent == 3  # the first and both retries
+        assert client.decide("claims_triage", fields, request_id="loaded-again", retries=5, timeout=30).action

@@ -313,3 +313,61 @@ def test_node_does_not_send_a_recorded_decision_again(node, claims_models, tmp_p
         assert len(decided) == 1  # decided once: the Node client did not retry it
     finally:
         server.stop(grace=1)
+
+
+# gRPC's own UNAVAILABLE ending a call in progress ("Cancelling all calls" at the end of a drain's grace) may
+# follow a decision: decide({retries}) sends a keyless request again only after an UNAVAILABLE the kernel
+# marks aios-not-decided (a docs audit: the Node client retried it, deciding twice wherever the retry landed).
+NODE_DECIDE_COUNTED = """
+const { KernelClient, statusName } = require(process.argv[1]);
+const [address, requestJson] = process.argv.slice(2);
+(async () => {
+  const client = new KernelClient(address, { deadlineMs: 30000 });
+  const call = client.call.bind(client);
+  let sent = 0;
+  client.call = (...args) => { if (args[1] === 'Decide') sent += 1; return call(...args); };
+  try {
+    await client.decide(JSON.parse(requestJson), { retries: 3 });
+    console.log(JSON.stringify({ code: 'OK', sent }));
+  } catch (err) {
+    console.log(JSON.stringify({ code: statusName(err.code), details: err.details, sent }));
+  } finally {
+    client.close();
+  }
+})();
+"""
+
+
+def test_node_does_not_send_a_call_grpc_cut_at_the_drain_again_without_a_key(node, claims_models, tmp_path,
+                                                                               monkeypatch):
+    import threading
+
+    from claims_support import claim_request
+    from conftest import start_claims_kernel
+    from examples.claims import data
+    from kernel.models.runtime import OnnxModel
+
+    server = start_claims_kernel(claims_models, tmp_path)
+    release, running = threading.Event(), threading.Event()
+    run = OnnxModel.run
+
+    def held_run(self, feeds):  # the injected fault: the model holds the call's batch past the drain's grace
+        running.set()
+        release.wait(30)
+        return run(self, feeds)
+
+    monkeypatch.setattr(OnnxModel, "run", held_run)
+    request = claim_request(data.generate_cases(1, seed=41)[0], request_id="node-cut-at-grace")
+    sent = json_format.MessageToDict(request, preserving_proto_field_name=True)
+    caller = subprocess.Popen([node, "-e", NODE_DECIDE_COUNTED, str(NODE_CLIENT / "aios_client.js"),
+                               f"127.0.0.1:{server.port}", json.dumps(sent)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert running.wait(30)
+        server.stop(grace=0.5)  # the call is still in the model when the grace ends
+    finally:
+        release.set()
+    out, err = caller.communicate(timeout=60)
+    assert caller.returncode == 0, err
+    got = json.loads(out)
+    assert got["code"] == "UNAVAILABLE" and got["sent"] == 1, got

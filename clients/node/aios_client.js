@@ -95,6 +95,23 @@ class KernelError extends Error {
   }
 }
 
+// README "Retrying": whether `request` may be sent again after `err` without deciding it twice (its
+// idempotency_key, if any, makes a retry return a decision already made). An UNAVAILABLE whose decision was
+// recorded all the same (it carries an audit sequence) is never sent again: nothing was kept under its key.
+// A keyless UNAVAILABLE only when it proves nothing was decided: the kernel said so (its aios-not-decided
+// trailer) or the channel never reached a kernel; gRPC's own UNAVAILABLE ending a call in progress
+// ("Cancelling all calls" at the end of a drain, a connection lost) proves nothing. As
+// kernel/decision_client.py's may_send_again.
+function maySendAgain(err, request) {
+  const keyed = Boolean(request.idempotency_key);
+  if (err.code === grpc.status.DEADLINE_EXCEEDED) return keyed;
+  if (!RETRYABLE.has(err.code) || err.auditSequence !== null) return false;
+  if (keyed || err.code !== grpc.status.UNAVAILABLE) return true;
+  // (grpc-js says "No connection established" where it never reached the server; grpc-core "failed to connect".)
+  return firstTrailer(err.metadata, 'aios-not-decided') !== undefined
+    || /No connection established|failed to connect/i.test(err.details || '');
+}
+
 function parseRetryAfter(text) {
   return text !== undefined && /^[0-9]{1,15}$/.test(text) ? Number(text) : null;
 }
@@ -323,8 +340,9 @@ class KernelClient {
   healthList(options) { return this.call('health', 'List', {}, options); }
 
   // One decision. options: deadlineMs (shared by all attempts), metadata, signal, and retries: how many
-  // times to send it again after a refusal README "Retrying" says to retry (RESOURCE_EXHAUSTED,
-  // ABORTED, UNAVAILABLE; DEADLINE_EXCEEDED too when the request has an idempotency_key, so the retry
+  // times to send it again after a refusal README "Retrying" says to retry (maySendAgain:
+  // RESOURCE_EXHAUSTED, ABORTED, UNAVAILABLE — one gRPC sent ending a call in progress only with an
+  // idempotency_key —; DEADLINE_EXCEEDED too when the request has an idempotency_key, so the retry
   // returns the decision made late instead of a second one), waiting the kernel's retry-after-ms (else
   // 50 ms, doubled each time), never past the deadline. Rejects with the last KernelError.
   async decide(request, options = {}) {
@@ -340,10 +358,7 @@ class KernelClient {
         return await this.call('decisions', 'Decide', request, { ...options, deadlineMs: left });
       } catch (err) {
         if (!(err instanceof KernelError)) throw err; // aborted by the caller's signal
-        // An UNAVAILABLE whose decision was recorded all the same (its review could not be stored: it carries
-        // an audit sequence) is not sent again: nothing was kept under its key, so a retry would decide twice.
-        const retryable = (RETRYABLE.has(err.code) && err.auditSequence === null)
-          || (err.code === grpc.status.DEADLINE_EXCEEDED && Boolean(request.idempotency_key));
+        const retryable = maySendAgain(err, request);
         let pause = err.retryAfterMs;
         if (pause === null) { pause = backoff; backoff *= 2; }
         if (attempt >= retries || !retryable || Date.now() + pause >= end) throw err;
@@ -500,5 +515,5 @@ function bytesToFp32(buf) {
 
 module.exports = {
   KernelClient, DecisionStream, KernelError, decisionRequest, checkDecisionRequest, toValue, statusName,
-  retryAfterMs, auditSequence, fp32ToBytes, bytesToFp32, grpc, proto, LOADER_OPTIONS, PROTO_ROOT, RETRYABLE,
+  retryAfterMs, auditSequence, maySendAgain, fp32ToBytes, bytesToFp32, grpc, proto, LOADER_OPTIONS, PROTO_ROOT, RETRYABLE,
 };

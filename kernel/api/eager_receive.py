@@ -41,6 +41,7 @@ import logging
 import time
 from concurrent import futures
 
+from ..errors import NOT_DECIDED
 from .answer_later import DEFERRED, LaterAnswer, Outstanding, offer
 from .registration import unary_behaviour
 
@@ -192,6 +193,7 @@ class EagerReceive(futures.ThreadPoolExecutor):
                                   finished)
             except RuntimeError:  # the pool is shut down: the server is stopping
                 with state.condition:
+                    state.trailing_metadata = NOT_DECIDED
                     _gs._abort(state, rpc_event.call, _cygrpc.StatusCode.unavailable, b"the kernel is shutting down")
                 finished.set_done()
             return outcome

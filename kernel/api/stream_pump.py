@@ -44,7 +44,7 @@ from collections import deque
 from concurrent import futures
 
 from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
-from ..errors import ResourceExhausted
+from ..errors import NOT_DECIDED, ResourceExhausted
 from ..pipelines.flow import ANONYMOUS
 from ..pipelines.stream import error_decision, prepare_streamed
 from ..pipelines.stream_drains import DRAINED
@@ -232,6 +232,7 @@ class _Stream:
             except RuntimeError:  # the pool is shut down: the server is stopping
                 with state.condition:
                     self._working = False
+                    state.trailing_metadata = NOT_DECIDED  # (what it answered was decided; the rest was not)
                     _gs._abort(state, self._call, _cygrpc.StatusCode.unavailable, b"the kernel is shutting down")
         return outcome
 
@@ -345,6 +346,7 @@ class _Stream:
             return
         if self._draining:
             self._done = True
+            self._state.trailing_metadata = NOT_DECIDED  # (every request it took is answered; the rest was not read)
             _gs._abort(self._state, self._call, _cygrpc.StatusCode.unavailable, DRAINED.encode())
             self.finished.set_done()
             return
