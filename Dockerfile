@@ -1,8 +1,10 @@
 # AIOS Kernel image: the package, its compiled extensions and the demo models.
 #   docker build -t aios-kernel .
-#   docker run -p 8001:8001 aios-kernel                       # serves the claims demo
-#   docker run -p 8001:8001 -v $PWD/models:/models aios-kernel serve --models /models --host 0.0.0.0
-#   docker run -p 9000:9000 -e AIOS_PORT=9000 aios-kernel        # another port: settings come from AIOS_* too
+#   docker run -p 127.0.0.1:8001:8001 aios-kernel             # serves the claims demo to this machine
+#   docker run -p 127.0.0.1:8001:8001 -v $PWD/models:/models aios-kernel serve --models /models --host 0.0.0.0
+#   docker run -p 127.0.0.1:9000:9000 -e AIOS_PORT=9000 aios-kernel  # another port: settings come from AIOS_* too
+# The kernel has no TLS or authentication yet: publish it further only behind an authenticating proxy
+# (README "Security").
 # GPU: build with --build-arg RUNTIME_EXTRA=gpu --build-arg BASE=<a CUDA 12 image with Python 3.11>
 # and run with --gpus all.
 ARG BASE=python:3.11-slim
@@ -20,10 +22,12 @@ FROM ${BASE}
 COPY --from=build /wheels /wheels
 RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels
 WORKDIR /app
-COPY examples examples
-# The demo models are built at image build time, deterministically, in seconds.
+RUN useradd --system --uid 10001 aios
+# The served pipelines folder belongs to the kernel's user: uploads are written there (README "Pipelines").
+COPY --chown=aios examples examples
+# The demo models are built at image build time, deterministically.
 RUN python examples/claims/build_models.py --out /app/models
-RUN useradd --system --uid 10001 aios && mkdir -p /app/var && chown aios /app/var
+RUN mkdir -p /app/var && chown aios /app/var
 USER aios
 EXPOSE 8001
 # Asks the port the kernel listens on, as grpc-health-probe would: AIOS_PORT when set. Choose the port with

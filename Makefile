@@ -22,7 +22,8 @@ help:
 	@echo "make models       build the demo models into $(MODELS)"
 	@echo "make bench        front-end benchmark (bench/RESULTS.md); make bench-micro: the Cython core's"
 	@echo "make protos       regenerate kernel/_proto from proto/"
-	@echo "make clean        remove build outputs and the compiled extensions (the next make rebuilds them)"
+	@echo "make node-deps    install the Node client's packages (npm ci; make test does it when npm is there)"
+	@echo "make clean        remove build outputs, the compiled extensions and the Node client's node_modules"
 
 $(STAMP): pyproject.toml setup.py ext/*.pyx ext/*.pxd ext/*.pxi
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

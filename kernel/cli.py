@@ -127,6 +127,9 @@ class _StopSignals:
 
 
 def cmd_serve(args) -> int:
+    # First: importing the server (grpc, onnxruntime, numpy) takes seconds, and a signal then took the
+    # default action (exit 143, a docs audit) where the start promises a clean stop.
+    signals = _StopSignals()
     settings = _settings(args)
     grpc_io.choose(settings.front_end, settings.grpc_iomgr)  # before grpc is imported (by .server)
     from .server import KernelServer
@@ -136,7 +139,6 @@ def cmd_serve(args) -> int:
         what = "is a file, not a folder" if Path(settings.models).exists() else "does not exist"
         log.error("model repository %s %s (set --models, AIOS_MODELS or models in kernel.toml)", settings.models, what)
         return 2
-    signals = _StopSignals()
     try:
         server = KernelServer(settings)
         server.start()
@@ -313,7 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="serve the bundled claims demo and send it a burst of traffic")
     _server_flags(demo, demo=True)
     demo.add_argument("--requests", type=int, default=2000, help="requests in the burst (default 2000)")
-    demo.add_argument("--concurrency", type=int, default=8, help="requests in flight (default 8)")
+    demo.add_argument("--concurrency", type=int, default=8,
+                      help="DecideStreams open at once, each sending its share of the claims as fast as it is "
+                           "taken (default 8); not requests in flight: each stream keeps many")
     demo.set_defaults(func=cmd_demo)
 
     models = sub.add_parser("models", help="inspect a model repository")

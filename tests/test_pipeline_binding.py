@@ -170,6 +170,25 @@ def test_an_upload_whose_policy_suits_the_pipelines_sharing_it_is_taken(hub, fol
     assert registry.reload() == []  # and not validated a second time
 
 
+def test_an_upload_the_folder_cannot_take_is_failed_precondition_naming_the_folder(hub, folder):
+    """A docs audit: a pipelines folder the kernel's user cannot write (root's, in the container image) answered
+    an upload INTERNAL. The fault here: the file's temporary twin's name is taken by a folder, so writing fails
+    with an OSError as a read-only folder's would (the tests may run as root, whom permissions do not stop)."""
+    from kernel.errors import FailedPrecondition
+
+    registry = _registry(folder, hub)
+    (folder / ".claims_twin.toml.tmp").mkdir()
+    twin = PIPELINE_TEXT.replace('name = "claims_triage"', 'name = "claims_twin"', 1).encode()
+    with pytest.raises(FailedPrecondition) as info:
+        registry.put(twin)
+    message = info.value.message
+    assert "upload valid but not activated" in message and str(folder) in message, message
+    assert "nothing was changed" in message and "writable" in message, message
+    assert not (folder / "claims_twin.toml").exists()
+    with pytest.raises(NotFound):
+        registry.get("claims_twin")
+
+
 # -- 3. text that is not UTF-8 is refused --------------------------------------------------------------------
 
 def test_an_uploaded_policy_that_is_not_utf8_is_refused(hub, folder):

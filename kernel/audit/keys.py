@@ -91,8 +91,10 @@ def load_or_create(path: str | Path, signed_by: Callable[[], list[str]] | None =
     except FileNotFoundError:
         if source:
             raise FailedPrecondition(
-                f"audit_key (from {source}) {path} does not exist; leave audit_key empty to keep the key "
-                "in the audit directory, created on first start") from None
+                f"audit_key (from {source}) {path} does not exist: check the path and the secret's mount. "
+                "A new key starts a new key epoch: create one with `openssl genpkey -algorithm ed25519 -out FILE` "
+                "(docs/operations.md, \"The audit log's signing key\"); an empty audit_key keeps a key in the "
+                "data dir, for development only") from None
         signers = signed_by() if signed_by is not None else []
         if signers:
             raise FailedPrecondition(_lost_default_key(path, signers)) from None

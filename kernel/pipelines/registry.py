@@ -313,12 +313,20 @@ class PipelineRegistry:
         if left is not None and left <= 0:
             raise DeadlineExceeded("upload valid but not activated: the call's deadline passed while it was "
                                    "validated; nothing was changed")
-        self.folder.mkdir(parents=True, exist_ok=True)
         written = []
-        for name, (text, _) in pending_policy.items():
-            _write_atomically(self.folder / name, text)
-            written.append(self.folder / name)
-        _write_atomically(target, pipeline_text)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            for name, (text, _) in pending_policy.items():
+                _write_atomically(self.folder / name, text)
+                written.append(self.folder / name)
+            _write_atomically(target, pipeline_text)
+        except OSError as exc:  # (a docs audit: a folder the kernel's user cannot write answered INTERNAL)
+            done = (f"; written before that: {', '.join(path.name for path in written)}, which the folder's "
+                    f"next look loads") if written else "; nothing was changed"
+            raise FailedPrecondition(
+                f"upload valid but not activated: the pipelines folder {self.folder} cannot be written by the "
+                f"kernel ({exc.strerror or exc}: {exc.filename or self.folder}): make it writable by the user "
+                f"the kernel runs as{done}") from None
         written.append(target)
         for path in written:  # validated here: the next look must not load (and log) them a second time
             self._seen[path] = _file_key(path)
@@ -561,11 +569,15 @@ def _absolute(path: Path) -> Path:
 
 def _write_atomically(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)  # (a full disk: no half-written twin left in the folder)
+        raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
