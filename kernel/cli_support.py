@@ -124,8 +124,14 @@ def request_from_flags(args):
 
 
 def failed(exc) -> int:
-    """A refused call (``grpc.RpcError``) as one line on stderr; exit code 1."""
-    print(f"{exc.code().name}: {exc.details()}", file=sys.stderr)
+    """A refused call (``grpc.RpcError``) as one line on stderr; exit code 1. A kernel that could not be
+    reached gets a hint where the command looked for it (a docs audit: gRPC's "failed to connect" alone left
+    a user who served on another port guessing)."""
+    details = exc.details() or ""
+    if "failed to connect" in details:
+        details += (" (is the kernel running there? Client commands take their address from --address, else "
+                    "AIOS_ADDRESS, else AIOS_HOST and AIOS_PORT: 127.0.0.1:8001 by default)")
+    print(f"{exc.code().name}: {details}", file=sys.stderr)
     return 1
 
 

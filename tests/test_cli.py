@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -505,3 +506,13 @@ def test_sigterm_during_the_start_stops_cleanly_once_started(slow_repo, tmp_path
         assert "SIGTERM received while starting: stopping without serving" in err, err
     verified = run_cli("audit", "verify", str(data_dir / "audit"), "--strict")
     assert verified.returncode == 0, verified.stdout + verified.stderr
+
+
+def test_a_client_command_that_reaches_no_kernel_says_where_it_looked_for_one():
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = run_cli("review", "list", "--address", f"127.0.0.1:{port}", "--timeout", "5")
+    assert result.returncode == 1
+    assert result.stderr.startswith("UNAVAILABLE: failed to connect"), result.stderr
+    assert "is the kernel running there?" in result.stderr and "AIOS_PORT" in result.stderr, result.stderr
