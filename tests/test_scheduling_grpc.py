@@ -8,6 +8,7 @@ the train has passed.
 
 from __future__ import annotations
 
+import threading
 import time
 
 import grpc
@@ -290,3 +291,74 @@ def test_a_deadline_an_idle_model_cannot_meet_is_deadline_exceeded_naming_its_ru
     named = float(re.search(r"predicted to take ([\d.]+) ms", info.value.details()).group(1))
     assert 0.5 * alone_ms <= named <= 8 * alone_ms, (named, alone_ms)  # its own run (stretched at most STRETCH_MAX)
     assert "retry-after-ms" not in dict(info.value.trailing_metadata() or ())
+
+
+def test_requests_failed_outside_the_scheduler_are_counted_by_reason(kernel, stub, channel, monkeypatch):
+    """A statistics audit: a deadline passed before queueing and a model that finished after the deadline
+    reached the client as DEADLINE_EXCEEDED and no counter by reason (the latter only ModelStatistics' fail)."""
+    from kernel.models.runtime import OnnxModel
+
+    before = summaries(channel)["tiny"].scheduler
+    with pytest.raises(grpc.RpcError) as info:  # 1 µs from arrival: passed before the kernel could queue it
+        stub.ModelInfer(request_for("tiny", np.ones((1, 16)), timeout=1), timeout=60)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and "before the kernel" in info.value.details()
+    run = OnnxModel.run
+
+    def slow_run(self, feeds):  # the injected fault: this run takes 300 ms, past the request's 100 ms
+        threading.Event().wait(0.3)
+        return run(self, feeds)
+
+    monkeypatch.setattr(OnnxModel, "run", slow_run)
+    with pytest.raises(grpc.RpcError) as info:
+        stub.ModelInfer(request_for("tiny", np.ones((1, 16)), timeout=100_000), timeout=60)
+    monkeypatch.undo()
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and "after the request's deadline" in \
+        info.value.details(), info.value.details()
+    after = summaries(channel)["tiny"].scheduler
+    assert after.expired_before_queue == before.expired_before_queue + 1
+    assert after.finished_late == before.finished_late + 1
+    assert after.expired == before.expired  # (neither ever waited in the queue)
+
+
+def test_a_reload_keeps_counting_model_statistics(kernel, stub):
+    from kernel._proto.inference import grpc_service_pb2 as pb
+
+    def statistics():
+        (stats,) = stub.ModelStatistics(pb.ModelStatisticsRequest(name="tiny")).model_stats
+        return stats
+
+    stub.ModelInfer(request_for("tiny", np.ones((2, 16))), timeout=60)
+    before = statistics()
+    assert before.inference_count >= 2
+    stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="tiny"), timeout=60)  # the same files
+    stub.ModelInfer(request_for("tiny", np.ones((1, 16))), timeout=60)
+    after = statistics()
+    # Counting on where it was (it was zeroed, and requests queued at the reload were counted nowhere).
+    assert after.inference_count == before.inference_count + 1
+    assert after.inference_stats.success.count == before.inference_stats.success.count + 1
+
+
+def test_a_call_refused_for_the_threads_kept_for_priority_1_is_counted_for_its_model(repo):
+    """The kernel's own refusal of a lower-priority call once the threads left are the ones kept for priority 1
+    (call_budget.py) is counted for the model (``rejected_busy``) and as a failure (a statistics audit: this
+    overload signal was in no counter). (gRPC's own "Concurrent RPC limit exceeded!" never reaches the kernel.)"""
+    server = start_kernel(repo, "sync", lane_slots=1, workers=3)  # one thread kept for priority 1
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            slow = server.hub.get("slow")
+            tiny = server.hub.get("tiny").stats  # (read in process: the threads are taken)
+            calls = [stub.ModelInfer.future(request_for("slow", np.ones((SLOW_ROWS, 64)), priority=1), timeout=120)
+                     for _ in range(2)]
+            wait_until(lambda: sum(server.lanes.load(slow)) == 2 or any(call.done() for call in calls))
+            assert not any(call.done() for call in calls), "the slow batches finished before the test could fill the workers"
+            with pytest.raises(grpc.RpcError) as info:
+                stub.ModelInfer(request_for("tiny", np.ones((1, 16)), priority=2), timeout=60)
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "kept for priority 1" in info.value.details(), info.value.details()
+            assert (tiny.rejected_busy, tiny.fail.count) == (1, 1)
+            for call in calls:
+                assert call.result().raw_output_contents
+            assert summaries(channel)["tiny"].scheduler.rejected_busy == 1
+    finally:
+        server.stop(grace=2)

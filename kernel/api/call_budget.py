@@ -98,6 +98,15 @@ class CallBudget:
         """An admitted stream's call ended (call once per ``admit_stream`` that returned)."""
         self._streams._release()
 
+    def admit_item(self, item) -> None:
+        """``admit`` for a prepared request (a WorkItem): a refusal is counted in its model's statistics too
+        (``rejected_busy``: a statistics audit found these, the overload signal, in no counter)."""
+        try:
+            self.admit(item.priority)
+        except ResourceExhausted:
+            item.model.stats.record_refused("rejected_busy")
+            raise
+
     def admit(self, priority: int) -> None:
         """Refuse a call of ``priority`` if it would eat the reserve."""
         if priority <= URGENT:

@@ -29,7 +29,7 @@ def decision_handlers(engine: DecisionEngine, registry: PipelineRegistry, budget
     streams = budget if streams is None else streams
     # A Decide holds its handler thread until answered, like ModelInfer: under a flood the same budget
     # keeps the last threads for priority 1 (kernel/api/call_budget.py).
-    admit = None if budget is None else (lambda item: budget.admit(item.priority))
+    admit = None if budget is None else budget.admit_item
 
     def decide(request, ctx):
         def on_wait(item) -> None:

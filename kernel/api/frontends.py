@@ -231,7 +231,7 @@ def sync_servicer(service: InferenceService, budget: CallBudget | None = None) -
 
     infer_blocking = service.infer_blocking
 
-    admit = None if budget is None else (lambda item: budget.admit(item.priority))
+    admit = None if budget is None else budget.admit_item
 
     def answer_batch(items, done) -> bool:
         """The lane's finisher for calls answered later: answer each from the thread that ran the batch."""

@@ -158,7 +158,11 @@ class InferenceService:
         if timeout_us == 0 and (time_remaining is None or time_remaining >= MAX_DEADLINE_S):
             deadline_ns = NO_DEADLINE  # the common case, without reading the clock
         else:
-            deadline_ns = deadline_from(time_remaining, timeout_us, arrived_ns)
+            try:
+                deadline_ns = deadline_from(time_remaining, timeout_us, arrived_ns)
+            except DeadlineExceeded:
+                mv.stats.record_refused("expired_before_queue")
+                raise
         # An empty request id stays empty: one is made only if an error needs it
         # (kernel.scheduling.execute.request_id_of), not for every call.
         item = WorkItem(mv, rows, shape_key, inputs, request_id=request.id, priority=priority,

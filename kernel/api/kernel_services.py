@@ -22,6 +22,7 @@ _COUNTERS = (
     "submitted", "rejected_queue_full", "rejected_tenant_full", "rejected_deadline",
     "expired", "expired_predicted", "cancelled", "batches", "rows",
 )
+_OUTSIDE = ("expired_before_queue", "rejected_busy", "finished_late")  # counted by ModelStats, not the scheduler
 _LATEST = ("fit_ns_per_row", "fit_ns_fixed", "service_stretch")  # the latest version's, not summed
 
 
@@ -48,6 +49,8 @@ def _list_models(hub: ModelHub, lanes):
                 for key, value in stats.get(mv, {}).items():
                     if key in _COUNTERS:
                         setattr(counters, key, getattr(counters, key) + value)
+                for key in _OUTSIDE:
+                    setattr(counters, key, getattr(counters, key) + getattr(mv.stats, key))
             latest = stats.get(hub.get(name), {})
             for key in _LATEST:
                 setattr(counters, key, latest.get(key, 0.0))

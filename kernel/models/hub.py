@@ -246,7 +246,14 @@ class ModelHub:
         for preparer in self._preparers:
             preparer(list(fresh.values()))
         with self._lock:
-            old = list(self._models.get(name, {}).values())
+            serving = self._models.get(name, {})
+            old = list(serving.values())
+            for version, mv in fresh.items():
+                if version in serving:
+                    # A reloaded version keeps counting where it was, and what the retired object still
+                    # finishes (queued at the reload) is counted too (a statistics audit: a reload zeroed
+                    # ModelStatistics, and those requests' successes were counted nowhere).
+                    mv.stats = serving[version].stats
             # The latest first: ``get`` reads without the lock, and a default-version request arriving
             # between the two would find versions but no latest ("no loaded version ''; loaded versions: 1").
             self._latest[name] = fresh[max(fresh, key=_version_sort_key)]

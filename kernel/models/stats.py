@@ -10,6 +10,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from ..errors import DeadlineExceeded
+
 
 @dataclass(slots=True)
 class Duration:
@@ -45,6 +47,13 @@ class ModelStats:
     queue: Duration = field(default_factory=Duration)
     compute: ComputeStats = field(default_factory=ComputeStats)  # per request, as Triton counts
     batches: dict[int, ComputeStats] = field(default_factory=dict)  # per batch, by rows
+    # Failed requests the scheduler never saw or counted, by reason (each is in ``fail`` too): a deadline passed
+    # before the request could be queued; refused as the kernel's calls in progress were at their limit (the
+    # threads kept for priority 1); answered DEADLINE_EXCEEDED because the model finished after the deadline.
+    # (A statistics audit: 15 of 160 calls of a mixed load were in no counter.)
+    expired_before_queue: int = 0
+    rejected_busy: int = 0
+    finished_late: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     # Both recorders run on the hot path: the Duration updates are written out
@@ -65,7 +74,7 @@ class ModelStats:
         timings = batch.timings
         runs = batch.runs
         last_ms = time.time_ns() // 1_000_000
-        ok = ok_rows = ok_ns = queued_ns = failed = failed_ns = 0
+        ok = ok_rows = ok_ns = queued_ns = failed = failed_ns = late = 0
         own = None if runs is None else [0, 0, 0]  # retried one by one: the successful requests' own runs
         for item in batch.items:
             if item.error is None:
@@ -81,8 +90,11 @@ class ModelStats:
             else:
                 failed += 1
                 failed_ns += now_ns - item.enqueued_ns
+                if type(item.error) is DeadlineExceeded:  # (the lane's: the model finished after the deadline)
+                    late += 1
         with self.lock:
             self.last_inference_ms = last_ms
+            self.finished_late += late
             if runs is None:
                 self.execution_count += 1
                 _add_phases(self._per_size(batch.rows), timings)
@@ -113,6 +125,13 @@ class ModelStats:
         if per_size is None:
             per_size = self.batches[rows] = ComputeStats()
         return per_size
+
+    def record_refused(self, reason: str) -> None:
+        """A request refused before it reached the scheduler: ``reason`` names its counter
+        (``expired_before_queue``, ``rejected_busy``); it is a failed request too, of no time in the kernel."""
+        with self.lock:
+            setattr(self, reason, getattr(self, reason) + 1)
+            self.fail.count += 1
 
     def record_request(self, ok: bool, rows: int, queue_ns: int, total_ns: int, timings: tuple[int, int, int]) -> None:
         """A request that finished outside a batch (cancelled, expired, unloaded: not ``ok``), or any one request."""

@@ -525,7 +525,7 @@ class ModelSummary(_message.Message):
     def __init__(self, name: _Optional[str] = ..., versions: _Optional[_Iterable[str]] = ..., state: _Optional[str] = ..., provider: _Optional[str] = ..., queued_requests: _Optional[int] = ..., running_batches: _Optional[int] = ..., scheduler: _Optional[_Union[SchedulerCounters, _Mapping]] = ...) -> None: ...
 
 class SchedulerCounters(_message.Message):
-    __slots__ = ("submitted", "rejected_queue_full", "rejected_tenant_full", "rejected_deadline", "expired", "cancelled", "batches", "rows", "fit_ns_per_row", "fit_ns_fixed", "service_stretch", "expired_predicted")
+    __slots__ = ("submitted", "rejected_queue_full", "rejected_tenant_full", "rejected_deadline", "expired", "cancelled", "batches", "rows", "fit_ns_per_row", "fit_ns_fixed", "service_stretch", "expired_predicted", "expired_before_queue", "rejected_busy", "finished_late")
     SUBMITTED_FIELD_NUMBER: _ClassVar[int]
     REJECTED_QUEUE_FULL_FIELD_NUMBER: _ClassVar[int]
     REJECTED_TENANT_FULL_FIELD_NUMBER: _ClassVar[int]
@@ -538,6 +538,9 @@ class SchedulerCounters(_message.Message):
     FIT_NS_FIXED_FIELD_NUMBER: _ClassVar[int]
     SERVICE_STRETCH_FIELD_NUMBER: _ClassVar[int]
     EXPIRED_PREDICTED_FIELD_NUMBER: _ClassVar[int]
+    EXPIRED_BEFORE_QUEUE_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_BUSY_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_LATE_FIELD_NUMBER: _ClassVar[int]
     submitted: int
     rejected_queue_full: int
     rejected_tenant_full: int
@@ -550,7 +553,10 @@ class SchedulerCounters(_message.Message):
     fit_ns_fixed: float
     service_stretch: float
     expired_predicted: int
-    def __init__(self, submitted: _Optional[int] = ..., rejected_queue_full: _Optional[int] = ..., rejected_tenant_full: _Optional[int] = ..., rejected_deadline: _Optional[int] = ..., expired: _Optional[int] = ..., cancelled: _Optional[int] = ..., batches: _Optional[int] = ..., rows: _Optional[int] = ..., fit_ns_per_row: _Optional[float] = ..., fit_ns_fixed: _Optional[float] = ..., service_stretch: _Optional[float] = ..., expired_predicted: _Optional[int] = ...) -> None: ...
+    expired_before_queue: int
+    rejected_busy: int
+    finished_late: int
+    def __init__(self, submitted: _Optional[int] = ..., rejected_queue_full: _Optional[int] = ..., rejected_tenant_full: _Optional[int] = ..., rejected_deadline: _Optional[int] = ..., expired: _Optional[int] = ..., cancelled: _Optional[int] = ..., batches: _Optional[int] = ..., rows: _Optional[int] = ..., fit_ns_per_row: _Optional[float] = ..., fit_ns_fixed: _Optional[float] = ..., service_stretch: _Optional[float] = ..., expired_predicted: _Optional[int] = ..., expired_before_queue: _Optional[int] = ..., rejected_busy: _Optional[int] = ..., finished_late: _Optional[int] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models",)
