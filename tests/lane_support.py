@@ -57,3 +57,22 @@ def occupy(server, channel, batches: int = 4) -> list:
     until(lambda: server.lanes.load(slow)[1] == 1 or all(c.done() for c in calls), "a slow batch to run")
     assert not all(c.done() for c in calls), "the slow batches finished before the test could queue behind them"
     return calls
+
+
+def hold_model_runs(monkeypatch):
+    """The injected fault: every model run waits for ``release`` (set it to let them go); ``running`` is set
+    once one has begun. Returns (release, running)."""
+    import threading
+
+    from kernel.models.runtime import OnnxModel
+
+    release, running = threading.Event(), threading.Event()
+    run = OnnxModel.run
+
+    def held_run(self, feeds):
+        running.set()
+        release.wait(30)
+        return run(self, feeds)
+
+    monkeypatch.setattr(OnnxModel, "run", held_run)
+    return release, running

@@ -76,18 +76,10 @@ def test_an_unavailable_that_grpc_sent_ending_a_call_in_progress_is_sent_again_o
     import threading
 
     from conftest import start_claims_kernel
-    from kernel.models.runtime import OnnxModel
+    from lane_support import hold_model_runs
 
     server = start_claims_kernel(claims_models, tmp_path)
-    release, running = threading.Event(), threading.Event()
-    run = OnnxModel.run
-
-    def held_run(self, feeds):  # the injected fault: the model holds the call's batch past the drain's grace
-        running.set()
-        release.wait(30)
-        return run(self, feeds)
-
-    monkeypatch.setattr(OnnxModel, "run", held_run)
+    release, running = hold_model_runs(monkeypatch)  # the call's batch is held past the drain's grace
     fields = {name: LARGE[name] for name in claim_request(LARGE).fields}
     outcome = {}
     with DecisionClient(f"127.0.0.1:{server.port}") as client:

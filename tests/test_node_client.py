@@ -340,23 +340,14 @@ const [address, requestJson] = process.argv.slice(2);
 
 def test_node_does_not_send_a_call_grpc_cut_at_the_drain_again_without_a_key(node, claims_models, tmp_path,
                                                                                monkeypatch):
-    import threading
 
     from claims_support import claim_request
     from conftest import start_claims_kernel
     from examples.claims import data
-    from kernel.models.runtime import OnnxModel
+    from lane_support import hold_model_runs
 
     server = start_claims_kernel(claims_models, tmp_path)
-    release, running = threading.Event(), threading.Event()
-    run = OnnxModel.run
-
-    def held_run(self, feeds):  # the injected fault: the model holds the call's batch past the drain's grace
-        running.set()
-        release.wait(30)
-        return run(self, feeds)
-
-    monkeypatch.setattr(OnnxModel, "run", held_run)
+    release, running = hold_model_runs(monkeypatch)  # the call's batch is held past the drain's grace
     request = claim_request(data.generate_cases(1, seed=41)[0], request_id="node-cut-at-grace")
     sent = json_format.MessageToDict(request, preserving_proto_field_name=True)
     caller = subprocess.Popen([node, "-e", NODE_DECIDE_COUNTED, str(NODE_CLIENT / "aios_client.js"),
