@@ -340,7 +340,6 @@ const [address, requestJson] = process.argv.slice(2);
 
 def test_node_does_not_send_a_call_grpc_cut_at_the_drain_again_without_a_key(node, claims_models, tmp_path,
                                                                                monkeypatch):
-
     from claims_support import claim_request
     from conftest import start_claims_kernel
     from examples.claims import data
