@@ -32,6 +32,7 @@ USER aios
 EXPOSE 8001
 # Asks the port the kernel listens on, as grpc-health-probe would: AIOS_PORT when set. Choose the port with
 # AIOS_PORT (docker run -e AIOS_PORT=9000), not --port or kernel.toml, or this check asks the wrong one.
-HEALTHCHECK --interval=10s --timeout=3s CMD python -c "import grpc,os,sys; from grpc_health.v1 import health_pb2 as h, health_pb2_grpc as g; c=grpc.insecure_channel('127.0.0.1:' + os.environ.get('AIOS_PORT', '8001')); sys.exit(g.HealthStub(c).Check(h.HealthCheckRequest(), timeout=2).status != 1)"
+# --start-period: loading large models (or onto a GPU) may take longer than a few checks' worth.
+HEALTHCHECK --interval=10s --timeout=3s --start-period=60s CMD python -c "import grpc,os,sys; from grpc_health.v1 import health_pb2 as h, health_pb2_grpc as g; c=grpc.insecure_channel('127.0.0.1:' + os.environ.get('AIOS_PORT', '8001')); sys.exit(g.HealthStub(c).Check(h.HealthCheckRequest(), timeout=2).status != 1)"
 ENTRYPOINT ["aios-kernel"]
 CMD ["serve", "--models", "/app/models", "--pipelines", "/app/examples/claims/pipelines", "--host", "0.0.0.0"]

@@ -322,7 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     models = sub.add_parser("models", help="inspect a model repository")
     models_sub = models.add_subparsers(dest="models_command", required=True, metavar="COMMAND")
-    listing = models_sub.add_parser("list", help="list models, versions and tensors")
+    listing = models_sub.add_parser("list", help="list models, versions and tensors",
+                                    epilog="exit status: 0 when every model can be served, 1 when one cannot (its "
+                                           "reason is listed), 2 when the folder does not exist")
     listing.add_argument("--models", help="repository folder (default: as serve reads it: AIOS_MODELS, "
                                           "--config's models, else ./models)")
     listing.add_argument("--config", help="kernel.toml whose models folder to read")

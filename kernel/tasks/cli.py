@@ -19,11 +19,16 @@ from ..cli_support import (address_flags, answer, decision_lines, enum_name, fai
                            request_flags, request_or_say_why, show, when)
 
 
+WAIT_EXIT_CODES = ("exit status (with --wait, and watch): 0 when the task SUCCEEDED, 1 when it FAILED or was "
+                   "CANCELLED or a call was refused, 130 after Ctrl-C (the task goes on in the kernel)")
+
+
 def add_parser(sub) -> None:
     task = sub.add_parser("task", help="start, follow or cancel durable tasks on a running kernel")
     commands = task.add_subparsers(dest="task_command", required=True, metavar="COMMAND")
 
-    start = commands.add_parser("start", help="run a pipeline as a durable task (survives restarts; may wait for review)")
+    start = commands.add_parser("start", help="run a pipeline as a durable task (survives restarts; may wait for review)",
+                                epilog=WAIT_EXIT_CODES)
     request_flags(start)
     start.add_argument("--wait", action="store_true",
                        help="follow the task until it is final, however long a review takes (Ctrl-C stops watching; "
@@ -33,7 +38,7 @@ def add_parser(sub) -> None:
     for verb, command, text in (("get", cmd_get, "a task's state, history and result"),
                                 ("cancel", cmd_cancel, "cancel a task that is not final yet"),
                                 ("watch", cmd_watch, "print each state change until the task is final")):
-        parser = commands.add_parser(verb, help=text)
+        parser = commands.add_parser(verb, help=text, epilog=WAIT_EXIT_CODES if verb == "watch" else None)
         parser.add_argument("task_id", type=nonempty, help="as `task start` printed it")
         _common(parser, command, timeout_s=0 if verb == "watch" else 10.0)
 
