@@ -73,6 +73,11 @@ MIGRATIONS: list[tuple[int, str, tuple[str, ...]]] = [
             value INTEGER NOT NULL
         ) WITHOUT ROWID""",
     )),
+    (3, "resolved reviews that missed their SLA, indexed (ListReviews counted them over every resolved review)", (
+        # (A soak audit: a ListReviews page of resolved reviews took 100 ms at 50 k of them, 450 ms at 500 k.)
+        """CREATE INDEX reviews_sla_missed ON reviews (pipeline, tenant)
+           WHERE resolved = 1 AND sla_deadline_unix_ns > 0 AND resolved_unix_ns > sla_deadline_unix_ns""",
+    )),
 ]
 
 
