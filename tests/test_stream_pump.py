@@ -86,26 +86,33 @@ def test_one_stream_with_many_in_flight_answers_each_request_and_goes_on_past_ba
     assert _wait_until(lambda: pump.open == 0)  # the call's end is counted (the call budget reads it)
 
 
-def test_no_more_than_max_in_flight_requests_are_taken_before_answers_flow(pumped, held_model, monkeypatch):
-    monkeypatch.setattr(stream_window, "MAX_IN_FLIGHT", 3)
+def _taken_while_answers_are_held(kernel, held_model, requests) -> tuple[int, list[kpb.Decision]]:
+    """Send ``requests`` on one DecideStream while the model holds its batches: how many the kernel took
+    before answers could flow (running plus queued, once that settled), then every answer."""
     release, rows = held_model
-    mv = pumped.hub.get("claims_triage")
-    lane = pumped.lanes.for_model(mv)
-    cases = data.generate_cases(20, seed=52)
-    requests = [claim_request(case, request_id=f"b{i}") for i, case in enumerate(cases)]
+    mv = kernel.hub.get("claims_triage")
+    lane = kernel.lanes.for_model(mv)
     answers: list[kpb.Decision] = []
-    with grpc.insecure_channel(f"127.0.0.1:{pumped.port}") as channel:
+    with grpc.insecure_channel(f"127.0.0.1:{kernel.port}") as channel:
         stream = kgrpc.DecisionServiceStub(channel).DecideStream(iter(requests), timeout=60)
         reader = threading.Thread(target=lambda: answers.extend(stream))
         reader.start()
         assert _wait_until(lambda: rows and sum(rows) + lane.load(mv)[0] >= 3)
-        threading.Event().wait(0.3)  # room for a fourth request to be taken, were the limit not kept
+        threading.Event().wait(0.3)  # room for a fourth request to be taken, were the bound not kept
         taken = sum(rows) + lane.load(mv)[0]
         release.set()
         reader.join(60)
+    assert all(not answer.error_code for answer in answers)
+    return taken, answers
+
+
+def test_no_more_than_max_in_flight_requests_are_taken_before_answers_flow(pumped, held_model, monkeypatch):
+    monkeypatch.setattr(stream_window, "MAX_IN_FLIGHT", 3)
+    cases = data.generate_cases(20, seed=52)
+    requests = [claim_request(case, request_id=f"b{i}") for i, case in enumerate(cases)]
+    taken, answers = _taken_while_answers_are_held(pumped, held_model, requests)
     assert taken == 3
     assert sorted(answer.request_id for answer in answers) == sorted(f"b{i}" for i in range(20))
-    assert all(not answer.error_code for answer in answers)
 
 
 def test_no_more_than_max_held_bytes_of_requests_are_taken_before_answers_flow(claims_kernel, held_model,
@@ -119,22 +126,9 @@ def test_no_more_than_max_held_bytes_of_requests_are_taken_before_answers_flow(c
     size = len(requests[0].SerializeToString())
     assert all(len(request.SerializeToString()) == size for request in requests)
     monkeypatch.setattr(stream_window, "MAX_HELD_BYTES", int(2.5 * size))  # room for a third, not a fourth
-    release, rows = held_model
-    mv = claims_kernel.hub.get("claims_triage")
-    lane = claims_kernel.lanes.for_model(mv)
-    answers: list[kpb.Decision] = []
-    with grpc.insecure_channel(f"127.0.0.1:{claims_kernel.port}") as channel:
-        stream = kgrpc.DecisionServiceStub(channel).DecideStream(iter(requests), timeout=60)
-        reader = threading.Thread(target=lambda: answers.extend(stream))
-        reader.start()
-        assert _wait_until(lambda: rows and sum(rows) + lane.load(mv)[0] >= 3)
-        threading.Event().wait(0.3)  # room for a fourth request to be taken, were the bound not kept
-        taken = sum(rows) + lane.load(mv)[0]
-        release.set()
-        reader.join(60)
+    taken, answers = _taken_while_answers_are_held(claims_kernel, held_model, requests)
     assert taken == 3
     assert sorted(answer.request_id for answer in answers) == sorted(f"h{i}" for i in range(8))
-    assert all(not answer.error_code for answer in answers)
 
 
 def test_a_stream_that_ends_early_takes_back_what_is_still_queued(pumped, held_model):
