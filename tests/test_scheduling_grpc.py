@@ -362,3 +362,35 @@ def test_a_call_refused_for_the_threads_kept_for_priority_1_is_counted_for_its_m
             assert summaries(channel)["tiny"].scheduler.rejected_busy == 1
     finally:
         server.stop(grace=2)
+
+
+def test_an_answer_found_late_after_its_batch_is_a_failure_finished_late(kernel, stub, channel, monkeypatch):
+    """The lane found the request in time, but its answer was ready only after the deadline (its caller
+    waited, for the GIL in production; here the injected fault holds the encoding 300 ms): DEADLINE_EXCEEDED,
+    and a failure in the statistics, not the success its batch counted (a statistics audit)."""
+    from kernel._proto.inference import grpc_service_pb2 as pb
+    from kernel.api.inference import InferenceService
+
+    def statistics():
+        (stats,) = stub.ModelStatistics(pb.ModelStatisticsRequest(name="tiny")).model_stats
+        return stats
+
+    respond = InferenceService.respond
+
+    def slow_respond(self, request, item):  # the injected fault: encoding the answer takes 300 ms
+        threading.Event().wait(0.3)
+        return respond(self, request, item)
+
+    before, late_before = statistics(), summaries(channel)["tiny"].scheduler.finished_late
+    monkeypatch.setattr(InferenceService, "respond", slow_respond)
+    with pytest.raises(grpc.RpcError) as info:
+        stub.ModelInfer(request_for("tiny", np.ones((2, 16)), timeout=100_000), timeout=60)
+    monkeypatch.undo()
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and "answer was ready" in info.value.details()
+    after = statistics()
+    assert after.inference_count == before.inference_count
+    assert after.inference_stats.success.count == before.inference_stats.success.count
+    assert after.inference_stats.fail.count == before.inference_stats.fail.count + 1
+    assert after.inference_stats.compute_infer.count == before.inference_stats.compute_infer.count
+    assert after.execution_count == before.execution_count + 1  # the model did run
+    assert summaries(channel)["tiny"].scheduler.finished_late == late_before + 1

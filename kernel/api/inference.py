@@ -255,6 +255,7 @@ class InferenceService:
         if deadline != NO_DEADLINE:
             now = time.monotonic_ns()
             if now > deadline:
+                item.model.stats.record_answered_late(item, now)  # (counted a success when its batch ended)
                 raise DeadlineExceeded(f"the answer was ready {(now - deadline) / 1e6:.1f} ms after the request's deadline")
         return response
 

@@ -126,6 +126,25 @@ class ModelStats:
             per_size = self.batches[rows] = ComputeStats()
         return per_size
 
+    def record_answered_late(self, item, now_ns: int) -> None:
+        """A request its batch's statistics counted a success whose answer was then found late (its caller
+        waited for the GIL after the lane's check) and answered DEADLINE_EXCEEDED: a failure, finished late.
+        (A statistics audit: such answers stayed successes.) Its batch ended at about ``started_ns`` plus its
+        compute, which is what ``record_batch`` charged it."""
+        timings = item.timings
+        compute_ns = timings[0] + timings[1] + timings[2]
+        queued_ns = item.started_ns - item.enqueued_ns
+        with self.lock:
+            self.inference_count -= item.rows
+            self.success.count -= 1
+            self.success.ns -= queued_ns + compute_ns
+            self.queue.count -= 1
+            self.queue.ns -= queued_ns
+            _add_phase_sums(self.compute, (-timings[0], -timings[1], -timings[2]), -1)
+            self.fail.count += 1
+            self.fail.ns += now_ns - item.enqueued_ns
+            self.finished_late += 1
+
     def record_refused(self, reason: str) -> None:
         """A request refused before it reached the scheduler: ``reason`` names its counter
         (``expired_before_queue``, ``rejected_busy``); it is a failed request too, of no time in the kernel."""
