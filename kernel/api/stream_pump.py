@@ -16,8 +16,9 @@ Here the stream has no thread of its own:
   one's completion, while the stream has room (``stream_window.has_room``):
   fewer than ``MAX_IN_FLIGHT`` requests taken and not yet answered *and
   sent*, and fewer than ``MAX_HELD_BYTES`` of requests not yet answered. An
-  answer waiting for its send counts too, so a client that writes and never reads stops being read once that
-  many are held (gRPC's flow control then pushes back on it), and each
+  answer waiting for its send counts too, so a client that writes and never
+  reads stops being read once that many are held (gRPC's flow control then
+  pushes back on it), and each
   completed send resumes a paused stream. Counting answers as done when
   they were queued to send let such a client make the kernel take 61,115
   requests in 12 s and hold their answers (+1 GB with 100 KB request ids);
