@@ -34,7 +34,9 @@
 // `metadata` (the trailers) and adds `status` ("ABORTED"), `retryAfterMs` (the kernel's
 // `retry-after-ms` hint, a number, or null) and `auditSequence` (the `aios-audit-sequence` trailer: the
 // decision WAS recorded at that sequence, as a string; or null). README "Retrying: which answers to
-// send again" says what to do with each code; decide({ retries }) follows it as the Python client does.
+// send again" says what to do with each code; decide({ retries }) follows it as the Python client does
+// (maySendAgain(err, request): an UNAVAILABLE without the kernel's `aios-not-decided` trailer may have been
+// decided, and is sent again only with an idempotency_key).
 
 const path = require('path');
 const grpc = require('@grpc/grpc-js');
