@@ -95,6 +95,38 @@ def test_the_audit_phase_holds_the_records_write_and_flush(kernel, decisions, mo
     assert steps <= timings["total"], dict(timings)
 
 
+def test_list_pipelines_counts_what_each_pipeline_decided_by_outcome(kernel, channel, decisions, monkeypatch):
+    """A statistics audit: nothing counted decisions (by outcome, or recorded too late to act on)."""
+    from kernel.audit import segments
+
+    admin = kgrpc.AdminServiceStub(channel)
+
+    def counts():
+        (listed,) = [p for p in admin.ListPipelines(kpb.ListPipelinesRequest(), timeout=5).pipelines
+                     if p.name == "claims_triage"]
+        d = listed.decisions
+        return d.automated, d.escalated, d.fallback, d.failed, d.late
+
+    before = counts()
+    small = _case(claim_amount=800.0, customer_tier="gold", fraud_score=0.05, prior_claims=0, has_police_report=True)
+    assert decisions.Decide(_request(small), timeout=10).outcome == kpb.AUTOMATED
+    assert decisions.Decide(_request(_case(claim_amount=90000.0)), timeout=10).outcome == kpb.ESCALATED
+    flush = segments.AppendFile.sync
+
+    def slow_disk(self):  # the injected fault: every flush of the audit log takes 300 ms longer
+        threading.Event().wait(0.3)
+        flush(self)
+
+    monkeypatch.setattr(segments.AppendFile, "sync", slow_disk)
+    with pytest.raises(grpc.RpcError) as info:  # decided and recorded, after its 100 ms
+        decisions.Decide(_request(small, timeout_ms=100), timeout=10)
+    monkeypatch.undo()
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and "aios-audit-sequence" in dict(
+        info.value.trailing_metadata())
+    after = counts()
+    assert [b - a for a, b in zip(before, after)] == [2, 1, 0, 0, 1]  # the late one is an AUTOMATED decision made
+
+
 def test_automated_decision_has_reasons_and_provenance(kernel, decisions, truth):
     case = _case(claim_amount=800.0, customer_tier="bronze", fraud_score=0.05, prior_claims=0, policy_age_months=40,
                  has_police_report=True, claim_type="auto", days_since_incident=3)

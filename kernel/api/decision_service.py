@@ -80,7 +80,14 @@ def decision_handlers(engine: DecisionEngine, registry: PipelineRegistry, budget
         return pipeline_info(registry.put(request.pipeline_toml, policy, time_left=time_left))
 
     def list_pipelines(request, ctx):
-        return kpb.ListPipelinesResponse(pipelines=[pipeline_info(p) for p in registry.all()], refused=registry.errors)
+        response = kpb.ListPipelinesResponse(refused=registry.errors)
+        for pipeline in registry.all():
+            info = response.pipelines.add()
+            info.CopyFrom(pipeline_info(pipeline))
+            counts = engine.tally.get(pipeline.name)
+            info.decisions.automated, info.decisions.escalated = counts.automated, counts.escalated
+            info.decisions.fallback, info.decisions.failed, info.decisions.late = counts.fallback, counts.failed, counts.late
+        return response
 
     return {
         ("DecisionService", "Decide"): decide,

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 
 from .stream_drains import StreamDrains
+from .tally import DecisionTally
 from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
 from ..errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable, quote
 from ..ids import random_hex
@@ -87,6 +88,7 @@ class DecisionEngine(GroupFinish):
         # group token -> its first audit sequence, until its reviews (or its idempotency entries) are stored
         self._opening: dict[object, int] = {}
         self.claims = KeyClaims()  # idempotency keys whose decisions are being made (one decision per key)
+        self.tally = DecisionTally()  # decisions per pipeline by outcome (ListPipelines)
         # Finishes unary decisions in groups (see finisher.py), and answers those whose callers left (answer_later)
         self.finisher = BatchFinisher(self.finish, self._answer_later)
         self._finish_later = self.finisher.submit

@@ -405,6 +405,7 @@ class GroupFinish:
         unkept = ()
         if keyed is not None:  # last: only an answer that is final is stored under its key
             unkept = self._store_answers(group, results, keyed)
+        self.tally.add(group, results, late)  # (before late decisions become DEADLINE_EXCEEDED: counted as made)
         if late is not None:
             self._too_late(group, results, late, unkept)
         return results

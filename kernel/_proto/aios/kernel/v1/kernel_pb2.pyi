@@ -573,7 +573,7 @@ class UploadPipelineRequest(_message.Message):
     def __init__(self, pipeline_toml: _Optional[bytes] = ..., policy_toml: _Optional[bytes] = ...) -> None: ...
 
 class PipelineInfo(_message.Message):
-    __slots__ = ("name", "version", "hash", "model", "policy_name", "policy_version", "policy_hash", "fields", "model_version")
+    __slots__ = ("name", "version", "hash", "model", "policy_name", "policy_version", "policy_hash", "fields", "model_version", "decisions")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     HASH_FIELD_NUMBER: _ClassVar[int]
@@ -583,6 +583,7 @@ class PipelineInfo(_message.Message):
     POLICY_HASH_FIELD_NUMBER: _ClassVar[int]
     FIELDS_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    DECISIONS_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     hash: str
@@ -592,7 +593,22 @@ class PipelineInfo(_message.Message):
     policy_hash: str
     fields: _containers.RepeatedScalarFieldContainer[str]
     model_version: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., hash: _Optional[str] = ..., model: _Optional[str] = ..., policy_name: _Optional[str] = ..., policy_version: _Optional[str] = ..., policy_hash: _Optional[str] = ..., fields: _Optional[_Iterable[str]] = ..., model_version: _Optional[str] = ...) -> None: ...
+    decisions: DecisionCounters
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., hash: _Optional[str] = ..., model: _Optional[str] = ..., policy_name: _Optional[str] = ..., policy_version: _Optional[str] = ..., policy_hash: _Optional[str] = ..., fields: _Optional[_Iterable[str]] = ..., model_version: _Optional[str] = ..., decisions: _Optional[_Union[DecisionCounters, _Mapping]] = ...) -> None: ...
+
+class DecisionCounters(_message.Message):
+    __slots__ = ("automated", "escalated", "fallback", "failed", "late")
+    AUTOMATED_FIELD_NUMBER: _ClassVar[int]
+    ESCALATED_FIELD_NUMBER: _ClassVar[int]
+    FALLBACK_FIELD_NUMBER: _ClassVar[int]
+    FAILED_FIELD_NUMBER: _ClassVar[int]
+    LATE_FIELD_NUMBER: _ClassVar[int]
+    automated: int
+    escalated: int
+    fallback: int
+    failed: int
+    late: int
+    def __init__(self, automated: _Optional[int] = ..., escalated: _Optional[int] = ..., fallback: _Optional[int] = ..., failed: _Optional[int] = ..., late: _Optional[int] = ...) -> None: ...
 
 class ListPipelinesRequest(_message.Message):
     __slots__ = ()
