@@ -69,10 +69,18 @@ def cmd_list(args) -> int:
         return 0
     for info in sorted(response.pipelines, key=lambda p: p.name):
         print(describe(info))
+        print(f"  {decided(info.decisions)}")
     for file, why in sorted(response.refused.items()):
         print(f"refused {file}: {why}")
     print(_summary(len(response.pipelines), len(response.refused)))
     return 0
+
+
+def decided(counts) -> str:
+    """A pipeline's DecisionCounters as one line."""
+    made = counts.automated + counts.escalated + counts.fallback
+    return (f"decided {made} since the start: {counts.automated} automated, {counts.escalated} escalated, "
+            f"{counts.fallback} fallback; {counts.late} of them late; {counts.failed} failed")
 
 
 def _summary(serving: int, refused: int) -> str:

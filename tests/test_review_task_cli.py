@@ -210,8 +210,11 @@ def test_command_line_mistakes_exit_2_before_calling_the_kernel(cli, capsys, arg
 
 def test_pipelines_list_and_an_upload_refused_then_accepted(cli, tmp_path):
     code, out, _ = cli("pipelines", "list")
-    (line,) = [line for line in out.splitlines() if line.startswith("claims_triage ")]
-    assert code == 0 and "model claims_triage" in line and out.splitlines()[-1] == "1 pipeline serving"
+    lines = out.splitlines()
+    (line,) = [line for line in lines if line.startswith("claims_triage ")]
+    assert code == 0 and "model claims_triage" in line and lines[-1] == "1 pipeline serving"
+    counts = lines[lines.index(line) + 1]  # what it decided, by outcome (ListPipelines' counters)
+    assert counts.startswith("  decided ") and " automated, " in counts and "failed" in counts, counts
     running_hash = line.split()[2]
 
     original = (ROOT / "examples" / "claims" / "pipelines" / "claims_triage.toml").read_text(encoding="utf-8")
