@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import asdict
 
 from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
 from ..pipelines import DecisionEngine, PipelineRegistry
@@ -82,11 +83,9 @@ def decision_handlers(engine: DecisionEngine, registry: PipelineRegistry, budget
     def list_pipelines(request, ctx):
         response = kpb.ListPipelinesResponse(refused=registry.errors)
         for pipeline in registry.all():
-            info = response.pipelines.add()
-            info.CopyFrom(pipeline_info(pipeline))
-            counts = engine.tally.get(pipeline.name)
-            info.decisions.automated, info.decisions.escalated = counts.automated, counts.escalated
-            info.decisions.fallback, info.decisions.failed, info.decisions.late = counts.fallback, counts.failed, counts.late
+            info = pipeline_info(pipeline)
+            info.decisions.CopyFrom(kpb.DecisionCounters(**asdict(engine.tally.get(pipeline.name))))
+            response.pipelines.append(info)
         return response
 
     return {

@@ -123,14 +123,13 @@ def run_batch(batch) -> int:
         return elapsed
     ok, timings = _run(batch.model, items, batch.rows)
     batch.timings = timings
-    if ok:
-        return timings[0] + timings[1] + timings[2]
-    log.warning("retrying the %d requests of a failed %s/%s batch one by one", len(items),
-                batch.model.name, batch.model.version)
-    runs = batch.runs = []
-    for item in items:
-        alone_ok, alone = _run(batch.model, [item], item.rows)
-        item.timings = alone
-        if alone_ok:
-            runs.append((item.rows, alone))
+    if not ok:
+        log.warning("retrying the %d requests of a failed %s/%s batch one by one", len(items),
+                    batch.model.name, batch.model.version)
+        runs = batch.runs = []
+        for item in items:
+            alone_ok, alone = _run(batch.model, [item], item.rows)
+            item.timings = alone
+            if alone_ok:
+                runs.append((item.rows, alone))
     return timings[0] + timings[1] + timings[2]
