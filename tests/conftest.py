@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import socket
 import sys
-import tempfile
 from pathlib import Path
 
 import grpc
@@ -23,6 +22,7 @@ if str(ROOT) not in sys.path:  # `bench` and `examples` are importable from a ch
 from kernel.config import load_settings  # noqa: E402
 from kernel.server import KernelServer  # noqa: E402
 from kernel.testing import onnx_models  # noqa: E402
+from kernel.testing.scratch import scratch_dir  # noqa: E402
 
 IDENTITY_TENSORS = [
     ("f32", "FP32", 3), ("f16", "FP16", 2), ("f64", "FP64", 2), ("i32", "INT32", 2),
@@ -58,8 +58,9 @@ def model_repo(tmp_path_factory) -> Path:
 
 
 def start_kernel(models: Path, front_end: str = "sync", **overrides) -> KernelServer:
-    """A started kernel; its data dir (audit log, store) is a fresh temporary folder unless given."""
-    overrides.setdefault("data_dir", tempfile.mkdtemp(prefix="aios-data-"))
+    """A started kernel; its data dir (audit log, store) is a fresh scratch folder
+    (removed when the test process exits) unless given."""
+    overrides.setdefault("data_dir", str(scratch_dir()))
     settings = load_settings(
         None,
         {"models": str(models), "port": 0, "front_end": front_end, "log_level": "WARNING", **overrides},

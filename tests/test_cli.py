@@ -297,7 +297,8 @@ def test_demo_prints_a_summary(demo_build, tmp_path):
     (tmp_path / "pipelines").mkdir()
     (tmp_path / "pipelines" / "claims_triage.toml").write_text("not = [a pipeline\n")
     result = subprocess.run([*CLI, "demo", "--models", str(demo_build[0]), "--requests", "200", "--concurrency", "4"],
-                            capture_output=True, text=True, timeout=240, cwd=tmp_path)
+                            capture_output=True, text=True, timeout=240, cwd=tmp_path,
+                            env={**os.environ, "TMPDIR": str(tmp_path)})  # the demo keeps its data dir: here
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"--pipelines {ROOT / 'examples' / 'claims' / 'pipelines'}" in result.stdout
     out = result.stdout

@@ -42,6 +42,7 @@ from kernel.review import ReviewQueue
 from kernel.store import open_database
 from kernel.store.faults import RETRY_AFTER_MS, StoreBusy, StoreCannotOpen, StoreFailed
 from kernel.store.sqlite import BUSY_TIMEOUT_MS
+from kernel.testing.scratch import scratch_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 CLAIMS = ROOT / "examples" / "claims"
@@ -87,7 +88,7 @@ def _claims_models() -> Path:
     `make serve` builds them, `make test` does not)."""
     from claims_support import build_small_model
 
-    return build_small_model(Path(tempfile.mkdtemp(prefix="aios-store-errors-models-")))
+    return build_small_model(scratch_dir("aios-store-errors-models-"))
 
 
 def serve(data_dir: Path, timeout: float = 90) -> subprocess.CompletedProcess:

@@ -6,9 +6,10 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
+
+from .scratch import scratch_dir
 
 ROOT = Path(__file__).resolve().parents[2]
 CLI = [sys.executable, "-m", "kernel"]
@@ -18,11 +19,12 @@ class ServeProcess:
     """Starts ``aios-kernel serve`` on a free port and waits for its ready line.
 
     The data directory (audit log, keys, task/review store) is a fresh
-    temporary folder unless ``data_dir`` is given, so a restart can reuse it.
+    scratch folder (removed when the test process exits) unless ``data_dir`` is given; a restart
+    passes the same folder again.
     """
 
     def __init__(self, models: Path, *extra: str, data_dir: str | Path | None = None, env: dict | None = None):
-        self.data_dir = Path(data_dir) if data_dir is not None else Path(tempfile.mkdtemp(prefix="aios-data-"))
+        self.data_dir = Path(data_dir) if data_dir is not None else scratch_dir()
         self.proc = subprocess.Popen(
             [*CLI, "serve", "--models", str(models), "--port", "0", "--data-dir", str(self.data_dir), *extra],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env,
