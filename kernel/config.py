@@ -133,6 +133,10 @@ class Settings:
     task_workers: int = 2
     task_backoff_s: float = 1.0
     task_max_backoff_s: float = 60.0
+    # Resolved reviews and finished tasks are deleted this many days after they ended (they hold the cases'
+    # requests, free text included); the audit log keeps every decision and resolution regardless. Swept at start
+    # and hourly, each sweep recorded on the audit log (kernel/store/retention.py). 0 = keep them for good.
+    store_retention_days: float = 0.0
 
     def usable_cores(self) -> int:
         try:
@@ -247,7 +251,14 @@ def _validate(settings: Settings, sources: dict[str, str]) -> None:
         raise bad("audit_segment_bytes", f"must be >= 4096, got {settings.audit_segment_bytes}")
     if settings.audit_preallocate_bytes < 0:
         raise bad("audit_preallocate_bytes", f"must be >= 0 (0 = append), got {settings.audit_preallocate_bytes}")
+    if settings.store_retention_days and not 1 <= settings.store_retention_days <= _MAX_RETENTION_DAYS:
+        # (Under a day, a finished task could go while its caller may still retry StartTask with its key.)
+        raise bad("store_retention_days", f"must be 0 (keep for good) or 1..{_MAX_RETENTION_DAYS} days, got "
+                  f"{settings.store_retention_days:g}")
     _validate_task_retries(settings, bad)
+
+
+_MAX_RETENTION_DAYS = 36_500  # a hundred years: more is a typo for 0
 
 
 # More runs than this is a typo (or a wish for "forever", which a task that cannot succeed must not get).

@@ -34,6 +34,7 @@ from .review import ReviewQueue, reopen_reviews
 from .store import DATABASE_FILE, open_database
 from .store.faults import os_cause
 from .store.idempotency import restore_answers
+from .store.retention import RetentionSweeper, Swept
 from .tasks import IdempotencyStore, TaskRunner, TaskStore, WaitingForReview
 
 log = logging.getLogger("aios.decisions")
@@ -103,6 +104,8 @@ class DecisionSide:
         self._recorded_tasks: dict[str, kpb.AuditRecord] = {}
         self.reviews.on_resolved(self._resolved)
         self.tasks.on_cancelled.append(self._task_cancelled)
+        self._retention = (RetentionSweeper(self.db, settings.store_retention_days, self._swept)
+                           if settings.store_retention_days else None)
         self.tasks.before_cancel = self._withdraw_before_cancel
         # Governance events go on the record next to the decisions they affect.
         hub.add_listener(self._models_changed)
@@ -137,6 +140,8 @@ class DecisionSide:
         self._find_task_decisions()
         self.tasks.start()
         self.reviews.redeliver()  # resolutions a crash or a failed hook cut off are finished now
+        if self._retention is not None:  # (after redeliver: a resolution it finishes then ages like the others)
+            self._retention.start()
         names = ", ".join(f"{p.name} ({p.label}, policy {p.policy.version})" for p in self.registry.all())
         data = Path(self.settings.data_dir).resolve()
         log.info("decisions: pipelines %s; data dir %s: audit log audit/ (%s, %d records), tasks and reviews in %s",
@@ -177,7 +182,7 @@ class DecisionSide:
     def close(self) -> None:
         # The "kernel stopping" record comes once nothing else can append (tasks, pipeline reloads and the
         # finisher have stopped) and right before the log closes, whose final checkpoint then signs it.
-        steps = (self.tasks.stop, self.registry.stop, self.engine.close, self._mark_reviews_recorded,
+        steps = (*((self._retention.stop,) if self._retention else ()), self.tasks.stop, self.registry.stop, self.engine.close, self._mark_reviews_recorded,
                  *((self._record_stopping, self.audit.close) if self.audit else ()), self.db.close)
         for step in steps:
             try:
@@ -289,6 +294,12 @@ class DecisionSide:
         return False
 
     # -- governance events -----------------------------------------------------------------
+    def _swept(self, swept: Swept) -> None:
+        """Retention deleted rows: on the record, so the log says why a review or task it names is gone."""
+        self._record(kpb.CONFIG_CHANGE, {"event": "retention", "ended_before_unix_ns": swept.cutoff_unix_ns,
+                                         "reviews_deleted": swept.reviews, "tasks_deleted": swept.tasks,
+                                         "store_retention_days": self.settings.store_retention_days})
+
     def _record(self, kind: int, detail: dict, wait: bool = True) -> None:
         if self.audit is None:
             return

@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import sqlite3
 
+from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
 from ..errors import FailedPrecondition
+
+_FINISHED_STATES = f"{kpb.SUCCEEDED}, {kpb.FAILED}, {kpb.CANCELLED}"
 
 # (version, what it adds, statements)
 MIGRATIONS: list[tuple[int, str, tuple[str, ...]]] = [
@@ -77,6 +80,17 @@ MIGRATIONS: list[tuple[int, str, tuple[str, ...]]] = [
         # (A soak audit: a ListReviews page of resolved reviews took 100 ms at 50 k of them, 450 ms at 500 k.)
         """CREATE INDEX reviews_sla_missed ON reviews (pipeline, tenant)
            WHERE resolved = 1 AND sla_deadline_unix_ns > 0 AND resolved_unix_ns > sla_deadline_unix_ns""",
+    )),
+    (4, "when each task finished, and both kinds of finished rows indexed by that time (store_retention_days)", (
+        "ALTER TABLE tasks ADD COLUMN finished_unix_ns INTEGER NOT NULL DEFAULT 0",  # 0 = not finished
+        # Tasks that finished before this version have their end time in their body only: they count as finished
+        # at the upgrade, so retention never deletes one sooner than it promises (a retention period later).
+        "UPDATE tasks SET finished_unix_ns = CAST(strftime('%s', 'now') AS INTEGER) * 1000000000"
+        f" WHERE state IN ({_FINISHED_STATES})",
+        "CREATE INDEX tasks_finished ON tasks (finished_unix_ns) WHERE finished_unix_ns > 0",
+        # Only reviews whose resolution reached every hook (a task waiting on it, the idempotency record): one
+        # still being delivered must stay until redeliver() finishes it.
+        "CREATE INDEX reviews_resolved_at ON reviews (resolved_unix_ns) WHERE resolved = 1 AND delivered = 1",
     )),
 ]
 

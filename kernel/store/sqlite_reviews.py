@@ -314,3 +314,14 @@ class SqliteReviewRecords:
                 "SELECT body FROM reviews WHERE resolved = 1 AND delivered = 0 ORDER BY seq",
             ).fetchall()
         return [kpb.Review.FromString(body) for (body,) in rows]
+
+    def delete_resolved_before(self, cutoff_unix_ns: int, limit: int) -> int:
+        """Delete up to ``limit`` reviews resolved before ``cutoff_unix_ns`` whose resolution reached every hook
+        (retention, kernel/store/retention.py); returns how many. Open, claimed and still-delivering ones stay."""
+        def work(conn) -> int:
+            return conn.execute(
+                "DELETE FROM reviews WHERE seq IN (SELECT seq FROM reviews INDEXED BY reviews_resolved_at"
+                " WHERE resolved = 1 AND delivered = 1 AND resolved_unix_ns < ? LIMIT ?)", (cutoff_unix_ns, limit),
+            ).rowcount
+
+        return self._db.transact(work, durable=False)  # (a lost delete is done again by the next sweep)

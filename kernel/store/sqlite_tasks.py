@@ -16,8 +16,16 @@ from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
 AfterCommit = Callable[[object], None] | None
 
 
+_FINISHED = (kpb.SUCCEEDED, kpb.FAILED, kpb.CANCELLED)
+
+
 def _row(task: kpb.Task) -> tuple:
     return (task.state, task.request.tenant, task.request.idempotency_key, task.review_id)
+
+
+def _finished_at(task: kpb.Task) -> int:
+    """When the task finished (its last change, wall clock), 0 while it may still run: what retention reads."""
+    return (task.updated_unix_ns or time.time_ns()) if task.state in _FINISHED else 0
 
 
 class SqliteTaskRecords:
@@ -52,9 +60,9 @@ class SqliteTaskRecords:
                 if found is not None:
                     return kpb.Task.FromString(found[0]), found[1], found[2], False
             conn.execute(
-                "INSERT INTO tasks (task_id, state, tenant, idempotency_key, request_hash, review_id, revision, body)"
-                " VALUES (?, ?, ?, ?, ?, ?, 1, ?)",
-                (task.task_id, state, tenant, key, request_hash, review_id, body),
+                "INSERT INTO tasks (task_id, state, tenant, idempotency_key, request_hash, review_id, revision, body,"
+                " finished_unix_ns) VALUES (?, ?, ?, ?, ?, ?, 1, ?, ?)",
+                (task.task_id, state, tenant, key, request_hash, review_id, body, _finished_at(task)),
             )
             return task, 1, request_hash, True
 
@@ -84,8 +92,9 @@ class SqliteTaskRecords:
                 return task, revision, False
             state, _tenant, _key, review_id = _row(task)
             conn.execute(
-                "UPDATE tasks SET state = ?, review_id = ?, revision = ?, body = ? WHERE task_id = ?",
-                (state, review_id, revision + 1, task.SerializeToString(), task_id),
+                "UPDATE tasks SET state = ?, review_id = ?, revision = ?, body = ?, finished_unix_ns = ?"
+                " WHERE task_id = ?",
+                (state, review_id, revision + 1, task.SerializeToString(), _finished_at(task), task_id),
             )
             return task, revision + 1, True
 
@@ -109,6 +118,21 @@ class SqliteTaskRecords:
         if found is None:
             return None
         return kpb.Task.FromString(found[0]), found[1]
+
+    def delete_finished_before(self, cutoff_unix_ns: int, limit: int) -> int:
+        """Delete up to ``limit`` tasks that finished before ``cutoff_unix_ns`` (retention,
+        kernel/store/retention.py), with any resolution still parked for them; returns how many tasks."""
+        def work(conn) -> int:
+            found = conn.execute(
+                "SELECT task_id, review_id FROM tasks INDEXED BY tasks_finished"
+                " WHERE finished_unix_ns > 0 AND finished_unix_ns < ? LIMIT ?", (cutoff_unix_ns, limit),
+            ).fetchall()
+            conn.executemany("DELETE FROM tasks WHERE task_id = ?", [(task_id,) for task_id, _ in found])
+            conn.executemany("DELETE FROM review_completions WHERE review_id = ?",
+                             [(review_id,) for _, review_id in found if review_id])
+            return len(found)
+
+        return self._db.transact(work, durable=False)  # (a lost delete is done again by the next sweep)
 
     # -- resolutions that arrived before (or without) the task waiting for them ------------
     def put_completion(self, review_id: str, decision: kpb.Decision) -> None:
