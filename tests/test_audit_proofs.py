@@ -4,7 +4,10 @@ The verifier below shares no code with kernel/audit: MTH, PATH and PROOF are
 the RFC's recursive definitions (§2.1.1, §2.1.3.1, §2.1.4.1), and the
 verification algorithms are §2.1.3.2 and §2.1.4.2, step by step. Proofs come
 from a real log, directly and over a real gRPC server; checkpoint signatures
-are checked with `cryptography` over the documented signed text.
+are checked with `cryptography` over the documented signed text. Every log here
+is opened twice: as a kernel runs it (the newest 65,536 leaves in memory, all
+of these) and keeping none, so every leaf a proof or root needs is read back
+from the segment files (kernel/audit/merkle.py, ``keep_recent``).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from kernel._proto.aios.kernel.v1 import kernel_pb2 as pb
 from kernel._proto.aios.kernel.v1 import kernel_pb2_grpc
 from kernel.api import kernel_services
 from kernel.api.audit_service import audit_handlers
-from kernel.audit import AuditLog
+from kernel.audit import AuditLog, merkle
 
 
 # --------------------------------------------------------------------------- RFC 9162, independently
@@ -137,9 +140,22 @@ def checkpoint_signed(checkpoint: pb.Checkpoint, public_key: bytes) -> bool:
 SIZE = 70
 
 
-@pytest.fixture(scope="module")
-def audit_log(tmp_path_factory):
-    log = AuditLog.open(tmp_path_factory.mktemp("audit"), checkpoint_records=16, checkpoint_ms=60_000)
+LEAVES_KEPT = {"leaves-in-memory": merkle.KEEP_LEAVES, "leaves-on-disk": 0}
+
+
+def open_log(folder, kept: str, **options) -> AuditLog:
+    """``AuditLog.open`` keeping ``LEAVES_KEPT[kept]`` leaves in memory (read once, at the open)."""
+    default = merkle.KEEP_LEAVES
+    merkle.KEEP_LEAVES = LEAVES_KEPT[kept]
+    try:
+        return AuditLog.open(folder, **options)
+    finally:
+        merkle.KEEP_LEAVES = default
+
+
+@pytest.fixture(scope="module", params=sorted(LEAVES_KEPT))
+def audit_log(tmp_path_factory, request):
+    log = open_log(tmp_path_factory.mktemp("audit"), request.param, checkpoint_records=16, checkpoint_ms=60_000)
     for i in range(SIZE):
         log.append_and_wait(pb.AuditRecord(kind=pb.DECISION, request_id=f"r{i}"), 10)
     yield log
@@ -208,18 +224,19 @@ def test_random_proofs_in_a_larger_log(big_log, data):
     assert rfc_verify_consistency(old, size, rfc_mth_cached(big_leaves, old), root, log.consistency_proof(old, size))
 
 
-_ROOTS: dict[int, bytes] = {}
+_ROOTS: dict[tuple[bytes, int], bytes] = {}
 
 
 def rfc_mth_cached(leaves: list[bytes], size: int) -> bytes:
-    if size not in _ROOTS:
-        _ROOTS[size] = rfc_mth(leaves[:size])
-    return _ROOTS[size]
+    key = (leaves[0], size)  # (each log's first record differs: its time)
+    if key not in _ROOTS:
+        _ROOTS[key] = rfc_mth(leaves[:size])
+    return _ROOTS[key]
 
 
-@pytest.fixture(scope="module")
-def big_log(tmp_path_factory):
-    log = AuditLog.open(tmp_path_factory.mktemp("big"), checkpoint_records=1000)
+@pytest.fixture(scope="module", params=sorted(LEAVES_KEPT))
+def big_log(tmp_path_factory, request):
+    log = open_log(tmp_path_factory.mktemp("big"), request.param, checkpoint_records=1000)
     for i in range(3000):
         log.append(pb.AuditRecord(kind=pb.DECISION, request_id=f"r{i}"))
     log.append_and_wait(pb.AuditRecord(kind=pb.DECISION), 30)

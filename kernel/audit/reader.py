@@ -21,6 +21,7 @@ from pathlib import Path
 
 from .._proto.aios.kernel.v1 import kernel_pb2
 from .errors import AuditCorrupt
+from .record import split_stored
 from .recovery import INDEX_EVERY, writer_is_live
 from .segments import HEADER_BYTES, MAGIC, FrameScanner, crc32, frames_start, list_segments, unpack_header
 
@@ -139,6 +140,16 @@ def _open_at(path: Path, offset: int) -> io.BufferedReader:
     raw = io.FileIO(path, "rb")
     raw.seek(offset)
     return io.BufferedReader(raw)
+
+
+def read_leaf_hashes(audit_log, start: int, count: int) -> bytes:
+    """The stored hashes of durable records [start, start + count), concatenated: the Merkle tree's leaves it
+    no longer keeps in memory (kernel/audit/merkle.py, ``keep_recent``)."""
+    cursor = _Cursor(audit_log, start)
+    try:
+        return b"".join([split_stored(cursor.next_payload())[1] for _ in range(count)])
+    finally:
+        cursor.close()
 
 
 def iter_log(audit_log, from_sequence: int, wanted: RecordFilter | None, follow: bool, stop) -> Iterator:

@@ -45,9 +45,10 @@ from .._proto.aios.kernel.v1 import kernel_pb2
 from ..errors import InvalidArgument, ResourceExhausted
 from ..threads import name_native_thread
 from . import checkpoints as cps
+from . import merkle
 from .errors import AuditError, AuditFilesGone, AuditTimeout
 from .keys import PUBLIC_KEYS_DIR, load_or_create, publish_public_key
-from .reader import RecordFilter, iter_log
+from .reader import RecordFilter, iter_log, read_leaf_hashes
 from .recovery import INDEX_MASK, check_against, keep_torn_tail, lock_directory, recover
 from .record import HASH_TRAILER, RecordWithTail
 from .segments import MAGIC, PREALLOCATE_BYTES, SegmentFile, crc32, pack_header, segment_name
@@ -218,6 +219,9 @@ class AuditLog:
                                                self._preallocate_bytes, self._segment_bytes)
         else:
             self._segment = self._new_segment(0)
+        # From here on the tree keeps only the newest leaves in memory and reads older ones back from the segments
+        # (all leaves are durable records: a group's leaves join the tree after its write).
+        self._tree.keep_recent(lambda start, count: read_leaf_hashes(self, start, count), merkle.KEEP_LEAVES)
         return cuts
 
     # ------------------------------------------------------------------ opening
