@@ -119,6 +119,7 @@ class DecisionSide:
                 data / "audit", mode=settings.audit_mode, key_path=settings.audit_key or None,
                 checkpoint_records=settings.audit_checkpoint_records, checkpoint_ms=settings.audit_checkpoint_ms,
                 segment_bytes=settings.audit_segment_bytes, preallocate_bytes=settings.audit_preallocate_bytes,
+                sign_adopted=False,  # signed once the start record names them (start())
             )
         except OSError as exc:  # bare, it said "[Errno 17] File exists: '.../audit'" and nothing of the data dir
             raise OSError(_audit_open_error(data, exc)) from None
@@ -134,6 +135,8 @@ class DecisionSide:
         if self._lost is not None:  # on the record too, where an auditor reads the log months later
             started["lost_records"] = {"first": self._lost[0], "last": self._lost[1], "audit_mode": self.audit.mode}
         self._record(kpb.CONFIG_CHANGE, started)
+        if self.audit is not None:  # (durable now: what a crash left unsigned is named on the log before it is signed)
+            self.audit.adoption_recorded()
         self._started = True
         self.registry.start()
         self._reopen_reviews(self._opened)

@@ -148,3 +148,29 @@ def test_a_record_appended_to_a_cleanly_stopped_kernel_log_is_flagged(models, tm
     from kernel.audit import RecordFilter, iter_directory
     started = [json.loads(r.payload) for r in iter_directory(audit, forged + 1, RecordFilter(kind=kpb.CONFIG_CHANGE))]
     assert started[0]["event"] == "kernel started" and started[0]["recovery"]["adopted"] == [forged, forged]
+
+
+def test_a_start_refused_after_the_log_opened_leaves_the_unsigned_tail_unsigned(models, tmp_path):
+    """An upgrade audit: the open signed the tail at once, and the start record naming it comes later; a start
+    refused in between (here: kernel.sqlite3 moved aside) left the tail signed with nothing on the log saying so,
+    and `audit verify --strict` passed from then on. Now the tail is signed only once that record is durable."""
+    from kernel.errors import FailedPrecondition
+    from kernel.store.sqlite import DATABASE_FILE
+
+    data_dir = tmp_path / "data"
+    start_kernel(models, data_dir=str(data_dir)).stop(grace=1)
+    audit = data_dir / "audit"
+    forged = append_forged(audit)
+    (data_dir / DATABASE_FILE).rename(tmp_path / "aside")
+    with pytest.raises(FailedPrecondition, match="refusing to start"):
+        start_kernel(models, data_dir=str(data_dir))
+    (tmp_path / "aside").rename(data_dir / DATABASE_FILE)
+
+    done = run_cli("verify", str(audit), "--strict")
+    assert done.returncode == 1 and f"FAILED at record {forged}: not covered by any signed checkpoint" in done.stdout
+
+    server = start_kernel(models, data_dir=str(data_dir))  # a start that goes through names it, then signs it
+    server.stop(grace=1)
+    done = run_cli("verify", str(audit), "--strict")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"{forged}..{forged}" in done.stdout  # listed among the ranges a start signed after an unclean stop

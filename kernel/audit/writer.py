@@ -95,7 +95,8 @@ class AuditLog:
     """
 
     def __init__(self, directory: Path, mode: str, key, checkpoint_records: int, checkpoint_ms: float,
-                 segment_bytes: int, group_max: int, group_ms: float, max_pending: int, preallocate_bytes: int):
+                 segment_bytes: int, group_max: int, group_ms: float, max_pending: int, preallocate_bytes: int,
+                 sign_adopted: bool = True):
         self.directory = directory
         self.mode = mode
         self._key = key
@@ -137,9 +138,13 @@ class AuditLog:
             signed = latest.tree_size if latest is not None else 0
             # A signed head from the start, so there always is one; and records a crash left unsigned are
             # signed now (check_against vouched for the signed ones), not a checkpoint interval later.
+            # Unless the caller will record the adoption first (sign_adopted=False, then ``adoption_recorded``):
+            # a start refused before its record would otherwise have signed the tail with nothing saying so,
+            # and `audit verify --strict`, which fails on such a tail, would pass (upgrade audit).
+            self._signing_held = signed != size and not sign_adopted
             if signed != size:
                 self._warn_adopted(signed, size)
-            if latest is None or signed != size:
+            if latest is None or (signed != size and sign_adopted):
                 self._write_checkpoint(self._last_checkpoint_ns)
             if signed != size or cuts:  # the last process stopped without closing the log: say what was found
                 log.info("audit: opened %s after an unclean stop: %d records; the last signed checkpoint covered %d, "
@@ -229,7 +234,7 @@ class AuditLog:
     def open(cls, directory: str | Path, mode: str = "fsync", key_path: str | Path | None = None,
              checkpoint_records: int = 1000, checkpoint_ms: float = 1000, segment_bytes: int = 64 << 20,
              group_max: int = 4096, group_ms: float = 1.0, max_pending: int = 1 << 20,
-             preallocate_bytes: int = PREALLOCATE_BYTES) -> "AuditLog":
+             preallocate_bytes: int = PREALLOCATE_BYTES, sign_adopted: bool = True) -> "AuditLog":
         """Open (or create) the log in ``directory``, repairing a torn tail, and start its writer.
 
         ``key_path``: the Ed25519 signing key (created if absent; default ``directory/signing-key.pem``).
@@ -239,6 +244,9 @@ class AuditLog:
         but not yet durable beyond which ``append`` answers RESOURCE_EXHAUSTED.
         ``preallocate_bytes``: zeros written (and synced) ahead of the records at a time, so a
         group's fdatasync needs no file-size change (see ``segments``); 0 appends instead.
+        ``sign_adopted``: sign records no checkpoint covered (a crash's tail, ``recovery["adopted"]``) at once;
+        False = sign nothing until ``adoption_recorded()`` (the kernel calls it once its start record, which
+        names the adopted range, is durable): a start refused before that leaves the tail unsigned, as found.
         """
         if mode not in MODES:
             raise InvalidArgument(f"audit mode must be one of {', '.join(MODES)}, got {mode!r}")
@@ -256,7 +264,7 @@ class AuditLog:
         key = load_or_create(key_path if key_path is not None else directory / DEFAULT_KEY_FILE,
                              lambda: [checkpoint.key_id for checkpoint in cps.read_all(directory)[0]])
         return cls(directory, mode, key, checkpoint_records, checkpoint_ms, segment_bytes, group_max, group_ms,
-                   max_pending, preallocate_bytes)
+                   max_pending, preallocate_bytes, sign_adopted)
 
     def __enter__(self) -> "AuditLog":
         return self
@@ -401,7 +409,7 @@ class AuditLog:
         """Seconds until the next file check, or the next checkpoint when that comes first."""
         now = _monotonic_ns()
         due = self._next_check_ns - now
-        if self._checkpoints.latest.tree_size != self._written:  # records wait for their checkpoint
+        if self._checkpoints.latest.tree_size != self._written and not self._signing_held:  # records wait for one
             due = min(due, self._last_checkpoint_ns + self._checkpoint_ns - now)
         return max(due, 0) / 1e9
 
@@ -508,9 +516,14 @@ class AuditLog:
         self._segment = self._new_segment(first_sequence)
         return self._segment
 
+    def adoption_recorded(self) -> None:
+        """The records a crash left unsigned may be signed now: a durable record names them (see ``open``)."""
+        self._signing_held = False
+        self._work.set()  # the writer signs at its next look (the checkpoint interval has long passed)
+
     def _maybe_checkpoint(self) -> None:
         pending = self._written - self._checkpoints.latest.tree_size
-        if pending <= 0:
+        if pending <= 0 or self._signing_held:
             return
         now = _monotonic_ns()
         if pending >= self._checkpoint_records or now - self._last_checkpoint_ns >= self._checkpoint_ns:
@@ -529,7 +542,7 @@ class AuditLog:
 
     def _finish(self) -> None:
         self._check_files(_monotonic_ns())  # a log removed while idle is said at the stop, not only at the next start
-        if self._checkpoints.latest.tree_size != self._written:
+        if self._checkpoints.latest.tree_size != self._written and not self._signing_held:
             self._write_checkpoint(_monotonic_ns())
         self._segment.sync()
         self._close_files(quietly=False)
