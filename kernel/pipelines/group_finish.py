@@ -28,6 +28,7 @@ from ..errors import (
 )
 from ..ids import random_hex
 from ..scheduling.types import NO_DEADLINE
+from ..store.idempotency import MAX_UNWRITTEN
 from . import provenance
 from .spec import Pipeline
 
@@ -463,9 +464,10 @@ class GroupFinish:
         (UNAVAILABLE is the code gRPC clients retry by themselves), which
         would decide again, write a second audit record and, for an
         escalation, open a second review: the duplicates the key exists to
-        prevent. Answered, the caller acts on its one decision, and only a
-        retry of an answer lost on the way decides again. The failures are
-        logged once per group (how many, the first key, why). A key taken
+        prevent. Its entry is kept in memory instead (``keep_unwritten``:
+        retries get the answer back; the next write that succeeds stores it);
+        only past ``MAX_UNWRITTEN`` such entries does a retry decide again.
+        The failures are logged once per group (how many, the first key, why). A key taken
         meanwhile by a different request is the caller's mistake and stays
         FAILED_PRECONDITION, saying that the decision was recorded.
         """
@@ -485,15 +487,22 @@ class GroupFinish:
             except Exception as exc:
                 if unkept is None:
                     unkept = []
-                unkept.append((index, request.tenant, request.idempotency_key, decision.audit_sequence, exc))
+                kept = store.keep_unwritten(request.tenant, request.idempotency_key, pending.request_hash,
+                                            decision.SerializeToString())
+                unkept.append((index, request.tenant, request.idempotency_key, decision.audit_sequence, exc, kept))
         if unkept is None:
             return ()
-        _, tenant, key, sequence, exc = unkept[0]
-        log.error("the idempotency entries of %d decisions could not be stored (the first: tenant %r, key %r, "
-                  "audit sequence %d: %s); they were answered, and a retry with one of their keys decides again",
-                  len(unkept), tenant, key, sequence,
-                  exc.message if isinstance(exc, KernelError) else f"{type(exc).__name__}: {exc}")
-        return {entry[0] for entry in unkept}
+        _, tenant, key, sequence, exc, _ = unkept[0]
+        lost = {entry[0] for entry in unkept if not entry[5]}
+        then = (f"kept in memory ({store.unwritten()} now), so a retry with one of their keys gets its answer back; "
+                f"stored once the store takes writes again, or from their audit records at the next start"
+                if not lost else
+                f"{len(lost)} of them could not be kept in memory either ({MAX_UNWRITTEN} are): a retry with one of "
+                f"those keys decides again")
+        log.error("the idempotency entries of %d answered decisions could not be stored (the first: tenant %r, key "
+                  "%r, audit sequence %d: %s); %s", len(unkept), tenant, key, sequence,
+                  exc.message if isinstance(exc, KernelError) else f"{type(exc).__name__}: {exc}", then)
+        return lost or ()
 
 
 class _Statics:

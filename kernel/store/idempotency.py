@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import threading
 import time
 from collections.abc import Callable
 
@@ -30,6 +31,7 @@ from ..limits import MAX_KEY_CHARS, check_identifier  # (with the kernel's other
 
 PURGE_EVERY = 1000  # puts between sweeps of expired keys
 PURGE_BATCH = 1000  # rows deleted per sweep, so a sweep never holds the write lock long
+MAX_UNWRITTEN = 100_000  # answers kept in memory while the store cannot write them (~1 KB each)
 
 
 _INT64 = 1 << 63
@@ -96,10 +98,35 @@ class IdempotencyStore:
         self._clock = clock  # wall clock: expiry is persisted
         self._durable = durable
         self._puts = 0
+        # Answers sent whose entry could not be written (a full disk): (tenant, key) -> (request_hash, response,
+        # expires_unix_ns), served to retries like stored ones and written by the next put that succeeds.
+        self._unwritten: dict[tuple[str, str], tuple[str, bytes, int]] = {}
+        self._unwritten_lock = threading.Lock()
+
+    def keep_unwritten(self, tenant: str, key: str, request_hash: str, response: bytes) -> bool:
+        """Keep an answer whose ``put`` failed in memory (False when ``MAX_UNWRITTEN`` are kept already).
+
+        It was sent: a retry of its key must get it back, not a second decision, audit record and review (an
+        upgrade audit: on a full disk, 43 retried keys were decided twice before the audit log filled too). A
+        later successful ``put`` writes it; a restart instead re-stores it from its audit record, since the
+        review mark stored with the store's writes stays below it (``restore_answers``)."""
+        with self._unwritten_lock:
+            if len(self._unwritten) >= MAX_UNWRITTEN and (tenant, key) not in self._unwritten:
+                return False
+            self._unwritten[(tenant, key)] = (request_hash, bytes(response), self._clock() + self.retention_ns)
+            return True
+
+    def unwritten(self) -> int:
+        """Answers kept in memory until the store takes writes again."""
+        return len(self._unwritten)
 
     def get(self, tenant: str, key: str) -> tuple[str, bytes] | None:
         """``(request_hash, response_bytes)`` stored under the key, or None (never stored, or expired)."""
         check_key(key)
+        if self._unwritten:
+            kept = self._unwritten.get((tenant, key))
+            if kept is not None and kept[2] > self._clock():
+                return kept[0], kept[1]
         with self._db.read() as conn:
             found = conn.execute(
                 "SELECT request_hash, response FROM idempotency WHERE tenant = ? AND key = ? AND expires_unix_ns > ?",
@@ -137,17 +164,39 @@ class IdempotencyStore:
                 if found[0] != request_hash:
                     raise _reused(key)
                 return bytes(found[1])
-            conn.execute(
-                "INSERT OR REPLACE INTO idempotency (tenant, key, request_hash, response, created_unix_ns,"
-                " expires_unix_ns) VALUES (?, ?, ?, ?, ?, ?)",
-                (tenant, key, request_hash, response, now, now + self.retention_ns),
-            )
+            self._insert(conn, tenant, key, request_hash, response, now)
             self._puts += 1  # works run one at a time (on the group's leader), so no lock
             if self._puts % PURGE_EVERY == 0:
                 self._purge(conn, now)
             return response
 
-        return self._db.transact(work, durable=self._durable)
+        stored = self._db.transact(work, durable=self._durable)
+        if self._unwritten:  # the store takes writes again: the answers kept in memory go to it now
+            self._write_unwritten()
+        return stored
+
+    def _write_unwritten(self) -> None:
+        with self._unwritten_lock:
+            waiting = list(self._unwritten.items())
+        for (tenant, key), (request_hash, response, _) in waiting:
+            now = self._clock()
+
+            def work(conn, tenant=tenant, key=key, request_hash=request_hash, response=response) -> None:
+                if conn.execute("SELECT 1 FROM idempotency WHERE tenant = ? AND key = ? AND expires_unix_ns > ?",
+                                (tenant, key, now)).fetchone() is None:  # (else the first answer stored wins)
+                    self._insert(conn, tenant, key, request_hash, response, now)
+            try:
+                self._db.transact(work, durable=self._durable)
+            except Exception:
+                return  # failing again: the rest stay kept for the next put
+            with self._unwritten_lock:
+                if self._unwritten.get((tenant, key), (None,))[0] == request_hash:
+                    del self._unwritten[(tenant, key)]
+
+    def _insert(self, conn, tenant: str, key: str, request_hash: str, response: bytes, now: int) -> None:
+        conn.execute("INSERT OR REPLACE INTO idempotency (tenant, key, request_hash, response, created_unix_ns,"
+                     " expires_unix_ns) VALUES (?, ?, ?, ?, ?, ?)",
+                     (tenant, key, request_hash, response, now, now + self.retention_ns))
 
     def purge_expired(self) -> int:
         """Delete expired keys (at most PURGE_BATCH); returns how many went."""

@@ -1,0 +1,62 @@
+"""An answered decision whose idempotency entry could not be written (a full disk) is still replayed to a retry.
+
+An upgrade audit filled the disk under a running kernel: SQLite ran out of room before the audit log (which keeps
+256 KiB preallocated), so keyed decisions were recorded and answered but their entries not stored, and each retry
+in that window was decided again: a second audit record and a second review for one key. The entry is now kept in
+memory until the store takes writes again. The full disk is an injected fault on the store's write of entries
+(``disk_full_on_put``); everything else is a real claims kernel over gRPC.
+"""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from claims_support import claim_request
+from conftest import start_claims_kernel
+from examples.claims import data
+from kernel._proto.aios.kernel.v1 import kernel_pb2 as kpb
+from kernel._proto.aios.kernel.v1 import kernel_pb2_grpc as kgrpc
+from kernel.audit import RecordFilter, iter_directory
+from kernel.store.faults import StoreFailed
+from kernel.store.idempotency import IdempotencyStore
+
+TIMEOUT_S = 20
+
+
+def disk_full_on_put(*args, **kwargs):
+    """The injected fault: SQLite's answer to a write on a full disk, as the store raises it."""
+    raise StoreFailed("the store cannot write to data_dir: database or disk is full (SQLITE_FULL)")
+
+
+def test_a_retry_gets_the_answer_back_while_its_entry_cannot_be_written(claims_models, tmp_path, monkeypatch):
+    server = start_claims_kernel(claims_models, tmp_path)
+    store = server.decisions.idempotency
+    cases = data.generate_cases(40, seed=3)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            decide = kgrpc.DecisionServiceStub(channel).Decide
+            with monkeypatch.context() as fault:
+                fault.setattr(IdempotencyStore, "put", disk_full_on_put)
+                first = {i: decide(claim_request(cases[i], idempotency_key=f"k{i}"), timeout=TIMEOUT_S)
+                         for i in range(6)}
+                assert store.unwritten() == 6
+                for i, answer in first.items():  # retried while the disk is still full
+                    again = decide(claim_request(cases[i], idempotency_key=f"k{i}"), timeout=TIMEOUT_S)
+                    assert again.replayed and not answer.replayed
+                    assert (again.audit_sequence, again.review_id, again.action) == \
+                        (answer.audit_sequence, answer.review_id, answer.action)
+                with pytest.raises(grpc.RpcError) as reused:  # the key still means that one request
+                    decide(claim_request(cases[7], idempotency_key="k0"), timeout=TIMEOUT_S)
+                assert reused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+            decide(claim_request(cases[10], idempotency_key="later"), timeout=TIMEOUT_S)  # the store writes again
+            assert store.unwritten() == 0
+            assert all(store.get("acme", f"k{i}") is not None for i in first)
+            again = decide(claim_request(cases[0], idempotency_key="k0"), timeout=TIMEOUT_S)
+            assert again.replayed and again.audit_sequence == first[0].audit_sequence
+    finally:
+        server.stop(grace=1)
+    decided = [r.idempotency_key for r in iter_directory(tmp_path / "data" / "audit", wanted=RecordFilter(
+        kind=kpb.DECISION)) if r.idempotency_key.startswith("k")]
+    assert sorted(decided) == sorted(f"k{i}" for i in range(6))  # one decision per key
