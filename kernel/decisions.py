@@ -241,6 +241,12 @@ class DecisionSide:
             # to where the log ended: escalations from here on must still be reopened after a crash. (A review
             # whose record was lost keeps its proposal; its resolution will not link to the new record there.)
             self.reviews.lower_recorded_before(opened)
+            forgotten = self.idempotency.forget_recorded_from(opened, skip_tenant=_RESOLUTIONS)
+            if forgotten:
+                log.warning("forgot the idempotency entries of %d decisions whose records #%d on were lost: their "
+                            "sequence numbers go to new decisions now, so a retry with one of those keys is decided "
+                            "again (and recorded) instead of answered with a number that names another decision",
+                            forgotten, opened)
             since = opened
         reopened = reopen_reviews(self.reviews, self.audit.read(from_sequence=since, kind=kpb.DECISION),
                                   self._review_settings)

@@ -305,6 +305,48 @@ def test_a_review_mark_past_the_end_of_the_log_comes_down_to_it(claims_models, t
         restarted.stop(grace=1)
 
 
+def test_stored_answers_citing_lost_records_are_forgotten_when_the_loss_is_accepted(claims_models, tmp_path,
+                                                                                     caplog):
+    """(Upgrade audit) a start that accepts lost records hands their sequence numbers to new decisions; a key
+    whose stored answer cited one was replayed naming another caller's decision. Such entries are forgotten: the
+    retry is decided anew, on the record; keys whose records survived still replay."""
+    from conftest import start_kernel
+
+    pipelines, data_dir = str(copy_pipelines(tmp_path / "pipelines")), tmp_path / "data"
+    options = dict(pipelines=pipelines, data_dir=str(data_dir), pipeline_poll_s=0, audit_mode="async")
+    requests = [claim_request(case, request_id=f"g{i}", idempotency_key=f"order-{i}")
+                for i, case in enumerate(data.generate_cases(6, seed=49))]
+    server = start_kernel(claims_models, **options)
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        first = [kgrpc.DecisionServiceStub(channel).Decide(request, timeout=10) for request in requests]
+    server.stop(grace=1)
+    opened = sum(1 for _ in iter_directory(data_dir / "audit", 0, RecordFilter()))
+    # The injected fault, as a power cut in async mode leaves it: the last three answers' records are past the
+    # log's end (stored answers and the review mark had seen them; the log lost them).
+    with sqlite3.connect(data_dir / DATABASE_FILE) as conn:
+        for offset, request in enumerate(requests[3:]):
+            answer = kpb.Decision.FromString(conn.execute("SELECT response FROM idempotency WHERE key = ?",
+                                                          (request.idempotency_key,)).fetchone()[0])
+            answer.audit_sequence = opened + offset
+            conn.execute("UPDATE idempotency SET response = ? WHERE key = ?",
+                         (answer.SerializeToString(), request.idempotency_key))
+        conn.execute("UPDATE meta SET value = ? WHERE key = ?", (opened + 3, RECORDED_BEFORE))
+
+    restarted = start_kernel(claims_models, **options)
+    try:
+        assert f"forgot the idempotency entries of 3 decisions whose records #{opened} on were lost" in caplog.text
+        with grpc.insecure_channel(f"127.0.0.1:{restarted.port}") as channel:
+            retried = [kgrpc.DecisionServiceStub(channel).Decide(request, timeout=10) for request in requests]
+    finally:
+        restarted.stop(grace=1)
+    assert [answer.replayed for answer in retried] == [True] * 3 + [False] * 3
+    assert [a.audit_sequence for a in retried[:3]] == [a.audit_sequence for a in first[:3]]
+    on_record = {r.sequence: r.idempotency_key
+                 for r in iter_directory(data_dir / "audit", opened, RecordFilter(kind=kpb.DECISION))}
+    for request, answer in zip(requests[3:], retried[3:]):  # each new answer names its own record
+        assert on_record[answer.audit_sequence] == request.idempotency_key
+
+
 def test_in_fsync_mode_records_missing_from_the_log_refuse_the_start(claims_models, tmp_path):
     """In fsync mode a record is on disk before its decision is answered: a log that lacks records the review
     store saw was rolled back or replaced (or its storage failed). The kernel refuses to start, naming the

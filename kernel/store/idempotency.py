@@ -198,6 +198,30 @@ class IdempotencyStore:
                      " expires_unix_ns) VALUES (?, ?, ?, ?, ?, ?)",
                      (tenant, key, request_hash, response, now, now + self.retention_ns))
 
+    def forget_recorded_from(self, sequence: int, skip_tenant: str = "") -> int:
+        """Delete the entries whose answer cites audit sequence ``sequence`` or later (all tenants' but
+        ``skip_tenant``'s); returns how many went.
+
+        For a start that accepts lost records (async mode after a power cut): their sequence numbers go to
+        new decisions, so a stored answer citing one would be replayed naming another caller's record (an
+        upgrade audit: a retry was answered audit_sequence 901, and #901 was then another request's decision).
+        Forgotten, the key's retry is decided anew, on the record; the lost decision is gone either way."""
+        with self._db.read() as conn:
+            rows = conn.execute("SELECT tenant, key, response FROM idempotency WHERE tenant != ?",
+                                (skip_tenant,)).fetchall()
+        stale = []
+        for tenant, key, response in rows:
+            try:
+                if kpb.Decision.FromString(response).audit_sequence >= sequence:
+                    stale.append((tenant, key))
+            except Exception:  # (not a decision: nothing of ours, left alone)
+                continue
+        for start in range(0, len(stale), PURGE_BATCH):
+            batch = stale[start:start + PURGE_BATCH]
+            self._db.transact(lambda conn, batch=batch: conn.executemany(
+                "DELETE FROM idempotency WHERE tenant = ? AND key = ?", batch), durable=True)
+        return len(stale)
+
     def purge_expired(self) -> int:
         """Delete expired keys (at most PURGE_BATCH); returns how many went."""
         now = self._clock()
