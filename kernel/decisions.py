@@ -524,9 +524,11 @@ def _lost_in_fsync_mode(directory: Path, opened: int, last: int) -> AuditCorrupt
     return AuditCorrupt(
         f"the audit log {directory} ends at record #{opened} but reviews were stored for records up to #{last}: "
         f"records #{opened}-#{last} were on disk before their decisions were answered (audit_mode 'fsync') and are "
-        "gone (the log rolled back or replaced, or its storage failed); refusing to start. "
-        "Restore the log (aios-kernel audit verify DIR checks a copy), or, to accept the loss, start once "
-        "with AIOS_AUDIT_MODE=async: the loss is then recorded in the log")
+        "gone (the log rolled back or replaced, a copy of a running kernel's data dir that took audit/ before "
+        "kernel.sqlite3 — aios-kernel backup copies them in the right order —, or its storage failed); refusing to "
+        "start. Restore the log (aios-kernel audit verify DIR checks a copy), or, to accept the loss, start once "
+        "with AIOS_AUDIT_MODE=async: the loss is then recorded in the log, and stored answers that cite the lost "
+        "records are forgotten")
 
 
 def _store_missing(data: Path, records: int) -> FailedPrecondition:

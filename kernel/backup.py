@@ -1,0 +1,137 @@
+"""``aios-kernel backup DATA_DIR DEST``: a copy of a data dir, its kernel running or not, that a kernel starts on.
+
+Order is what makes a copy of a running kernel's data dir usable (an upgrade audit: ``cp -a`` copies ``audit/``
+before ``kernel.sqlite3``; with a log of any size the store went on meanwhile and had seen records the copied log
+lacked, so the copy refused to start with "records were lost"):
+
+1. the store first, with SQLite's online backup (a consistent snapshot, taken while the kernel writes);
+2. then the audit log: ``checkpoints.log`` before the segments (so no checkpoint covers records the copy lacks),
+   the keys, and the segments in order, each up to its last complete record (a group being written at that moment
+   is left out, as a crash would leave it). Every record the store copy saw is in them: it was durable before.
+
+The copy is then checked (``PRAGMA quick_check``; the audit log verified, as ``audit verify`` does) and fsynced.
+It starts like a data dir after a crash: records past its last checkpoint are adopted, with the WARNING that says
+so (their range is on the start's record), and ``audit verify --strict`` on the copy fails until that start.
+The signing key kept in the data dir (the default ``audit/signing-key.pem``) is copied too: keep the copy as safe
+as the data dir. Nothing in the source is changed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+
+from .audit.segments import MAGIC, FrameScanner, frames_start, fsync_dir, list_segments, nonzero_end
+from .audit.verify import verify_directory
+from .store.sqlite import DATABASE_FILE
+
+SKIPPED = {"LOCK"}  # the writer's lock: the copy's own kernel takes its own
+
+
+class BackupRefused(Exception):
+    """The backup could not run (exit 2): a missing source, a destination in use."""
+
+
+@dataclass
+class BackupResult:
+    ok: bool
+    summary: str
+
+
+def backup(source: Path, dest: Path) -> BackupResult:
+    """Copy the data dir ``source`` to ``dest`` (which must not exist, or be empty) and check the copy."""
+    source, dest = Path(source), Path(dest)
+    store = source / DATABASE_FILE
+    if not store.is_file():
+        raise BackupRefused(f"{source} is no kernel data dir: it has no {DATABASE_FILE}")
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise BackupRefused(f"{dest} exists and is not an empty folder: a backup goes into a new one")
+    dest.mkdir(parents=True, exist_ok=True)
+    _copy_store(store, dest / DATABASE_FILE)
+    audit = source / "audit"
+    problems = []
+    if audit.is_dir():
+        trimmed = _copy_audit(audit, dest / "audit")
+        verified = verify_directory(dest / "audit")
+        if not verified.ok:
+            problems.append(f"the copied audit log fails verification: {verified.describe()}")
+        note = f"; left out a record being written ({trimmed} bytes)" if trimmed else ""
+        audit_line = f"audit log: {verified.describe()}{note}"
+    else:
+        audit_line = "no audit log (audit_mode off, or a data dir never served)"
+    with sqlite3.connect(f"file:{dest / DATABASE_FILE}?mode=ro", uri=True) as conn:
+        check = conn.execute("PRAGMA quick_check").fetchone()[0]
+    if check != "ok":
+        problems.append(f"the copied store fails PRAGMA quick_check: {check}")
+    fsync_dir(dest)
+    summary = (f"backup of {source} in {dest}: {DATABASE_FILE} ({(dest / DATABASE_FILE).stat().st_size:,} bytes, "
+               f"quick_check {check}); {audit_line}")
+    return BackupResult(not problems, summary + "".join(f"\nFAILED: {p}" for p in problems))
+
+
+def _copy_store(store: Path, copy: Path) -> None:
+    """SQLite's online backup of the store: every committed transaction up to one moment, never a torn page."""
+    source = sqlite3.connect(f"file:{store}?mode=ro", uri=True)
+    target = sqlite3.connect(copy)
+    try:
+        source.backup(target)
+    finally:
+        target.close()
+        source.close()
+    _fsync(copy)
+
+
+def _copy_audit(audit: Path, copy: Path) -> int:
+    """The audit log in the order a live writer allows (module docstring); returns the bytes of a record being
+    written that were left out of the last segment (0 when none)."""
+    copy.mkdir()
+    segments = {path.name for _, path in list_segments(audit)}
+    first = sorted(path for path in audit.iterdir() if path.name == "checkpoints.log")
+    others = sorted(path for path in audit.iterdir()
+                    if path.name not in segments and path.name not in SKIPPED and path.name != "checkpoints.log")
+    for path in [*first, *others]:  # checkpoints, keys (public-keys/, the signing key), torn tails kept aside
+        if path.is_dir():
+            shutil.copytree(path, copy / path.name)
+        else:
+            shutil.copy2(path, copy / path.name)
+            _fsync(copy / path.name)
+    trimmed = 0
+    ordered = list_segments(audit)
+    for number, (_, path) in enumerate(ordered):
+        target = copy / path.name
+        shutil.copy2(path, target)
+        if number == len(ordered) - 1:
+            trimmed = _drop_unfinished_record(target)
+        _fsync(target)
+    fsync_dir(copy)
+    return trimmed
+
+
+def _drop_unfinished_record(path: Path) -> int:
+    """Zero the copy's bytes of a record the writer was writing as it was copied (the copy's own file); returns
+    how many. Damage of any other kind is left for the verification to name."""
+    data = path.read_bytes()
+    start = frames_start(path, data, MAGIC)
+    if start is None:
+        return 0
+    scanner = FrameScanner(data, start)
+    for _ in scanner:
+        pass
+    if scanner.problem is None or scanner.damage() is not None:
+        return 0
+    end = nonzero_end(data, scanner.end)
+    with open(path, "r+b") as file:
+        file.seek(scanner.end)
+        file.write(bytes(end - scanner.end))
+    return end - scanner.end
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,98 @@
+"""``aios-kernel backup``: a copy of a running kernel's data dir that a kernel starts on, with what it held.
+
+An upgrade audit copied a busy data dir with ``cp -a`` (audit/ first, the store seconds later): the store had
+seen records the copied log lacked, and the copy refused to start. Here a real kernel process takes keyed
+decisions while the command copies its data dir; a kernel started on the copy (fsync mode, which refuses any
+lost record) replays every key answered before the backup began, each naming its own record in the copied log.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+
+import grpc
+import pytest
+
+from claims_support import build_small_model, claim_request, copy_pipelines
+from examples.claims import data
+from kernel._proto.aios.kernel.v1 import kernel_pb2 as kpb
+from kernel._proto.aios.kernel.v1 import kernel_pb2_grpc as kgrpc
+from kernel.audit import RecordFilter, iter_directory
+from kernel.testing.processes import ServeProcess
+
+CLI = [sys.executable, "-m", "kernel"]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    return build_small_model(tmp_path_factory.mktemp("claims_models"))
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=120)
+
+
+def test_a_backup_taken_under_load_starts_and_replays_what_it_held(models, tmp_path):
+    pipelines = copy_pipelines(tmp_path / "pipelines")
+    serve = ("--pipelines", str(pipelines), "--log-level", "WARNING")
+    server = ServeProcess(models, *serve, data_dir=tmp_path / "data")
+    cases = data.generate_cases(50, seed=31)
+    answered: dict[str, tuple[kpb.DecisionRequest, kpb.Decision]] = {}
+    stop = threading.Event()
+
+    def load(channel) -> None:  # keyed decisions, one after another, until the backup is done
+        stub = kgrpc.DecisionServiceStub(channel)
+        i = 0
+        while not stop.is_set():
+            request = claim_request(cases[i % len(cases)], request_id=f"b{i}", idempotency_key=f"order-{i}")
+            answered[request.idempotency_key] = (request, stub.Decide(request, timeout=10))
+            i += 1
+
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            kgrpc.DecisionServiceStub(channel).Decide(claim_request(cases[0], request_id="warm"), timeout=10)
+            sender = threading.Thread(target=load, args=(channel,))
+            sender.start()
+            try:
+                while len(answered) < 100:  # (a real wait on real answers, not a sleep)
+                    threading.Event().wait(0.01)
+                before_backup = dict(answered)
+                done = run_cli("backup", str(tmp_path / "data"), str(tmp_path / "copy"))
+            finally:
+                stop.set()
+                sender.join()
+    finally:
+        code, err = server.stop()
+    assert code == 0, err
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.startswith(f"backup of {tmp_path / 'data'} in {tmp_path / 'copy'}: kernel.sqlite3 (")
+    assert "quick_check ok" in done.stdout and "audit log: OK" in done.stdout
+
+    assert run_cli("audit", "verify", str(tmp_path / "copy" / "audit")).returncode == 0
+    restored = ServeProcess(models, *serve, data_dir=tmp_path / "copy")  # fsync mode: a lost record refuses
+    try:
+        with grpc.insecure_channel(restored.address) as channel:
+            stub = kgrpc.DecisionServiceStub(channel)
+            again = {key: stub.Decide(request, timeout=10) for key, (request, _) in before_backup.items()}
+    finally:
+        code, err = restored.stop()
+    assert code == 0, err
+    on_record = {r.sequence: r.idempotency_key
+                 for r in iter_directory(tmp_path / "copy" / "audit", 0, RecordFilter(kind=kpb.DECISION))}
+    for key, (_, first) in before_backup.items():
+        assert again[key].replayed and again[key].audit_sequence == first.audit_sequence, key
+        assert on_record[first.audit_sequence] == key
+
+
+def test_a_backup_refuses_a_destination_in_use_and_a_folder_that_is_no_data_dir(tmp_path):
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "something").write_text("x")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "kernel.sqlite3").write_bytes(b"")
+    done = run_cli("backup", str(tmp_path / "data"), str(tmp_path / "used"))
+    assert done.returncode == 2 and "exists and is not an empty folder" in done.stderr, done.stderr
+    done = run_cli("backup", str(tmp_path / "used"), str(tmp_path / "new"))
+    assert done.returncode == 2 and "is no kernel data dir: it has no kernel.sqlite3" in done.stderr, done.stderr
+    assert not (tmp_path / "new").exists()
