@@ -212,6 +212,31 @@ def test_a_read_only_data_dir_refuses_the_start_naming_it(tmp_path):
         refused_in_one_line(serve(folder), f"data_dir {folder}: kernel.lock cannot be written: Read-only file system")
 
 
+@contextmanager
+def immutable(path: Path):
+    """``chattr +i`` (root, on a file system that has it): a file nobody may write, root included, as one restored
+    from a backup by another user is to the kernel's."""
+    if os.geteuid() != 0 or shutil.which("chattr") is None:
+        pytest.skip("needs root and chattr")
+    made = subprocess.run(["chattr", "+i", str(path)], capture_output=True, text=True, check=False)
+    if made.returncode != 0:
+        pytest.skip(f"chattr +i does not work here: {made.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["chattr", "-i", str(path)], check=False)
+
+
+def test_a_store_file_the_kernel_cannot_write_refuses_the_start_in_one_line(tmp_path):
+    """(Upgrade audit) SQLite opens such a file read-only without a word: the start loaded the models, wrote its
+    start record and died at its first store write with a traceback, exit 1."""
+    path = store_with_reviews(tmp_path / "data", count=1)
+    with immutable(path):
+        refused_in_one_line(serve(tmp_path / "data"), f"data_dir {tmp_path / 'data'}: kernel.sqlite3 cannot be written",
+                            "make the file and the data dir writable")
+    assert not (tmp_path / "data" / "audit").exists()  # refused before the audit log was opened
+
+
 def test_a_full_disk_refuses_the_start_naming_the_data_dir_fresh_or_existing(tmp_path):
     with tmpfs("4m") as folder:
         store_with_reviews(folder / "existing", count=1)

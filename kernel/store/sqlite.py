@@ -189,10 +189,16 @@ class Database:
                                   f"{faults.damaged(self.path, f'PRAGMA quick_check: {problem}')}")
 
     def _probe_write_lock(self) -> None:
-        """Take the write lock once (waiting up to BUSY_TIMEOUT_MS): a lock another process holds refuses the
-        start here, in one line, instead of failing the start's first write and then its stop's."""
+        """Take the write lock once (waiting up to BUSY_TIMEOUT_MS) and write a row, rolled back: a lock another
+        process holds, or a file the kernel's user cannot write, refuses the start here in one line, instead of
+        failing the start's first write with a traceback and then its stop's. (SQLite opens a file it may not
+        write read-only without a word, and takes the lock all the same: an upgrade audit restored the store as
+        root under a kernel running as another user.)"""
         self._writer.execute("BEGIN IMMEDIATE")
-        self._writer.execute("ROLLBACK")
+        try:
+            self._writer.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('write probe', 0)")
+        finally:
+            self._writer.execute("ROLLBACK")
 
     # -- the data-directory lock ----------------------------------------------------------
     def _take_lock(self):
