@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .._proto.aios.kernel.v1 import kernel_pb2
-from .errors import AuditError
+from .errors import AuditError, AuditFormatTooNew
 from .export import export_jsonl
 from .keys import load_public_keys
 from .reader import RecordFilter, iter_directory
@@ -82,7 +82,10 @@ def cmd_verify(args) -> int:
             keys = [raw for path in args.from_key for raw in load_public_keys(path)]
         except AuditError as exc:
             return _cannot_run("verify", exc.message)
-    result = verify_directory(directory, keys, strict=args.strict, min_records=args.min_records)
+    try:
+        result = verify_directory(directory, keys, strict=args.strict, min_records=args.min_records)
+    except AuditFormatTooNew as exc:  # not a failed log: one this kernel cannot read
+        return _cannot_run("verify", exc.message)
     rate = result.records / result.elapsed_s if result.elapsed_s > 0 else 0.0
     print(f"{directory}: {result.describe()} [{result.elapsed_s:.2f} s, {rate:,.0f} records/s]")
     if result.ok and keys is None and result.key_id:  # no key_id: no checkpoint, so no key was used

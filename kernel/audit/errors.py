@@ -43,3 +43,11 @@ class AuditCorrupt(AuditError):
     """
 
     code = "FAILED_PRECONDITION"
+
+
+class AuditFormatTooNew(AuditError):
+    """A segment or checkpoint file of a newer format than this kernel reads: written by a newer kernel (a rollback),
+    not damage. Said as such, so a rollback is not mistaken for tampering (an upgrade audit: it read "does not start
+    with the expected file header" and `audit verify` "FAILED at record 0")."""
+
+    code = "FAILED_PRECONDITION"

@@ -41,7 +41,8 @@ import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import AuditCorrupt
+from .. import __version__
+from .errors import AuditCorrupt, AuditFormatTooNew
 
 # Segment format version 2: may end in unused zeros (preallocated). Version 1 (append-only, written
 # before 2026-11-26) reads the same way; a version-1 segment the writer reopens is relabelled 2 before
@@ -249,6 +250,12 @@ def frames_start(path: Path, data: bytes, magic: bytes = MAGIC) -> int | None:
     """
     if data[: len(magic)] == magic or (magic == MAGIC and data[: len(MAGIC_V1)] == MAGIC_V1):
         return len(magic)
+    family, version = magic[:-1], magic[-1]
+    if len(data) >= len(magic) and data[:len(family)] == family and data[len(family)] > version:
+        raise AuditFormatTooNew(
+            f"{path}: file format {data[len(family)]} was written by a newer aios-kernel; this one ({__version__}) reads "
+            f"format{'s 1–' if version > 1 else ' '}{version}: run a kernel at least as new as the one that wrote it "
+            "(nothing was read or changed)")
     written = nonzero_end(data, 0)
     if written <= len(magic) and magic.startswith(data[:written]):
         return None
