@@ -7,6 +7,8 @@ it came from (file, environment variable or flag).
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import logging
 import math
 import os
 import tomllib
@@ -307,6 +309,23 @@ def _file_settings(path: Path) -> dict[str, Any]:
     return table
 
 
+# AIOS_* variables that are not settings: the client commands' address, the tests' and benchmarks' switches.
+OTHER_VARIABLES = frozenset({"AIOS_ADDRESS", "AIOS_PURE_PYTHON", "AIOS_CYTHON_DEBUG", "AIOS_FUZZ_SCALE",
+                             "AIOS_PERF_ANALYZER_BIN", "AIOS_PERF_ANALYZER_CACHE", "AIOS_DEBIAN_MIRROR"})
+
+
+def _warn_unknown_variables(env) -> None:
+    """Say which AIOS_* variables are neither a setting nor one of OTHER_VARIABLES: a typo there
+    (AIOS_AUDIT_MOD=off) was ignored without a word, where the same typo in kernel.toml is refused (an upgrade
+    audit). A warning, not a refusal: an environment may carry variables of other tools under the prefix."""
+    known = {f"AIOS_{key.upper()}" for key in _FIELDS}
+    for name in sorted(v for v in env if v.startswith("AIOS_") and v not in known and v not in OTHER_VARIABLES):
+        close = difflib.get_close_matches(name, sorted(known | OTHER_VARIABLES), n=1)
+        logging.getLogger("aios.config").warning(
+            "environment variable %s is not a setting and is ignored%s", name,
+            f" (did you mean {close[0]}?)" if close else " (README, Settings: each key is also AIOS_<KEY>)")
+
+
 def load_settings(
     config_file: str | Path | None = None,
     overrides: dict[str, Any] | None = None,
@@ -323,6 +342,7 @@ def load_settings(
             values[key] = _coerce(key, value, str(path))
             sources[key] = str(path)
     env = os.environ if environ is None else environ
+    _warn_unknown_variables(env)
     for key in _FIELDS:
         var = f"AIOS_{key.upper()}"
         if var in env:

@@ -94,3 +94,12 @@ def test_auto_front_end_is_asyncio_only_when_a_model_runs_on_a_gpu():
     assert front_end == "sync" and "grpc_iomgr" in why
     for asked in ("sync", "aio"):  # an explicit choice is kept, with nothing to explain
         assert choose_front_end(asked, ["cuda:0"], "event engine") == (asked, "")
+
+
+def test_an_aios_variable_that_is_no_setting_is_warned_about_with_the_closest_name(caplog):
+    """(Upgrade audit) AIOS_AUDIT_MOD=off was ignored without a word, where `audit_mod` in kernel.toml is refused."""
+    with caplog.at_level("WARNING", logger="aios.config"):
+        settings = load_settings(None, None, environ={"AIOS_AUDIT_MOD": "off", "AIOS_ADDRESS": "h:1", "AIOS_PORT": "9"})
+    assert settings.audit_mode == "fsync" and settings.port == 9
+    assert [r.getMessage() for r in caplog.records] == [
+        "environment variable AIOS_AUDIT_MOD is not a setting and is ignored (did you mean AIOS_AUDIT_MODE?)"]
