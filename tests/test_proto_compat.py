@@ -17,25 +17,29 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from proto_fields import LOCK, current  # noqa: E402
 
 
-def _reserved(full_name: str) -> bool:
-    """Whether a removed field's number is reserved in its message (so it can never be reused)."""
+def _reserved(full_name: str, number: int) -> bool:
+    """Whether a removed field or enum value has both its name and its number reserved in its message or enum
+    (so neither can ever be reused for something else)."""
     from google.protobuf import descriptor_pb2, descriptor_pool
 
-    message_name, field_name = full_name.rsplit(".", 1)
-    try:
-        message = descriptor_pool.Default().FindMessageTypeByName(message_name)
-    except KeyError:
-        return False
-    proto = descriptor_pb2.DescriptorProto()
-    message.CopyToProto(proto)
-    return field_name in proto.reserved_name
+    pool = descriptor_pool.Default()
+    parent, name = full_name.rsplit(".", 1)
+    for find, proto in ((pool.FindMessageTypeByName, descriptor_pb2.DescriptorProto()),
+                        (pool.FindEnumTypeByName, descriptor_pb2.EnumDescriptorProto())):
+        try:
+            find(parent).CopyToProto(proto)
+        except KeyError:
+            continue
+        # (message ranges end exclusive, enum ranges inclusive: either way `number` inside is what counts)
+        return name in proto.reserved_name and any(r.start <= number <= r.end for r in proto.reserved_range)
+    return False
 
 
 def test_no_locked_field_or_enum_value_changed_or_went_unreserved():
     locked = json.loads(LOCK.read_text())
     now = current()
     changed = {name: (was, now[name]) for name, was in locked.items() if name in now and now[name] != was}
-    gone = [name for name in locked if name not in now and not _reserved(name)]
+    gone = [name for name in locked if name not in now and not _reserved(name, locked[name][0])]
     assert not changed, f"fields or enum values changed number or type (wire-incompatible): {changed}"
     assert not gone, f"removed without reserving their names and numbers: {gone}"
 
