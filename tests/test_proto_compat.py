@@ -24,14 +24,14 @@ def _reserved(full_name: str, number: int) -> bool:
 
     pool = descriptor_pool.Default()
     parent, name = full_name.rsplit(".", 1)
-    for find, proto in ((pool.FindMessageTypeByName, descriptor_pb2.DescriptorProto()),
-                        (pool.FindEnumTypeByName, descriptor_pb2.EnumDescriptorProto())):
+    # (a message's reserved ranges end before `end`, an enum's at it)
+    for find, proto, inclusive in ((pool.FindMessageTypeByName, descriptor_pb2.DescriptorProto(), 0),
+                                   (pool.FindEnumTypeByName, descriptor_pb2.EnumDescriptorProto(), 1)):
         try:
             find(parent).CopyToProto(proto)
         except KeyError:
             continue
-        # (message ranges end exclusive, enum ranges inclusive: either way `number` inside is what counts)
-        return name in proto.reserved_name and any(r.start <= number <= r.end for r in proto.reserved_range)
+        return name in proto.reserved_name and any(r.start <= number < r.end + inclusive for r in proto.reserved_range)
     return False
 
 
