@@ -323,3 +323,18 @@ def test_an_incomplete_last_record_of_a_live_log_is_not_a_failure(log_dir):
     finally:
         os.close(fd)
     expect_failure(log_dir, RECORDS, "the file ends inside it")  # nobody writes: it was cut
+
+
+def test_a_log_with_no_stopping_record_at_all_may_come_from_an_older_kernel(tmp_path):
+    """(Upgrade audit) kernels before the 'kernel stopping' record stopped cleanly without one: a log that holds
+    none says so beside the crash it may also mean."""
+    import json
+
+    with AuditLog.open(tmp_path) as log:
+        log.append_and_wait(pb.AuditRecord(kind=pb.CONFIG_CHANGE, principal="kernel", payload=json.dumps(
+            {"event": "kernel started"}).encode()), 10)
+        log.append_and_wait(pb.AuditRecord(kind=pb.DECISION, request_id="r"), 10)
+    result = verify_directory(tmp_path, strict=True)
+    assert result.ok, result.reason
+    assert "the log does not end with a 'kernel stopping' record" in result.describe()
+    assert "it may also come from a kernel older than that record" in result.describe()

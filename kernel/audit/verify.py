@@ -363,9 +363,12 @@ class _Walk:
         kernels_log = bool(self.last_event)  # (a log written by a kernel starts with its "kernel started")
         if kernels_log and self.last_event != "kernel stopping" and self.count == self.signed_size \
                 and not writer_is_live(self.directory):  # (a running kernel's log has no stop yet)
+            older = ("" if self.stops else
+                     "; no record of this log is one, so it may also come from a kernel older than that record, "
+                     "which stopped cleanly without it")
             notes.append("the log does not end with a 'kernel stopping' record: the kernel that wrote it crashed, "
                          "or records were removed back to a checkpoint (compare with a size noted earlier: "
-                         "--min-records)")
+                         f"--min-records){older}")
         if notes:
             self.note = "; ".join(filter(None, [self.note, *notes]))
 
