@@ -104,9 +104,12 @@ def migrate(conn: sqlite3.Connection, migrations, where: str) -> int:
     current = conn.execute("PRAGMA user_version").fetchone()[0]
     newest = latest_version(migrations)
     if current > newest:
+        from .. import __version__
+
         raise FailedPrecondition(
-            f"{where} has schema version {current}, newer than this kernel's {newest}; "
-            "run a kernel at least as new as the one that wrote it"
+            f"{where} has schema version {current}, newer than this kernel's {newest} (aios-kernel {__version__}); "
+            "run a kernel at least as new as the one that wrote it, or restore the backup taken before the upgrade "
+            "(docs/operations.md, Upgrades and rollbacks)"
         )
     for version, _what, statements in migrations:
         if version <= current:
