@@ -266,6 +266,12 @@ class FailingIdempotencyStore:
         self.failed.append(key)
         raise Internal(DISK_FULL)
 
+    def keep_unwritten(self, tenant: str, key: str, request_hash: str, response: bytes) -> bool:
+        return self._store.keep_unwritten(tenant, key, request_hash, response)  # (memory: no disk to fail)
+
+    def unwritten(self) -> int:
+        return self._store.unwritten()
+
 
 @pytest.fixture
 def failing_store(kernel, monkeypatch):
