@@ -30,7 +30,7 @@ $(STAMP): pyproject.toml setup.py ext/*.pyx ext/*.pxd ext/*.pxi
 	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
 	# The editable install compiles ext/*.pyx into kernel/_ext/ (setup.py).
 	$(PY) -m pip install --quiet -e ".[$(RUNTIME_EXTRA),test,bench]"
-	$(PY) -c "import kernel._ext.bytes_codec" || { echo "Cython extensions did not build"; exit 1; }
+	$(PY) -c "import kernel._ext.bytes_codec, kernel._ext.wire, kernel._ext.decision_wire, kernel._ext.scheduler, kernel._ext.rules, kernel._ext.rowcodec" || { echo "Cython extensions did not build"; exit 1; }
 	rm -f $(VENV)/.installed-*
 	touch $@
 
