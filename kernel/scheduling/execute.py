@@ -73,6 +73,10 @@ def _run(model, items, rows: int) -> tuple[bool, tuple[int, int, int]]:
         return True, (gathered - started, ran - gathered, 0)
     for out in outputs:
         if out.ndim == 0 or out.shape[0] != rows:
+            # Never sliced out: each request would get another's rows, or none. A model fault the operator must
+            # see (the one-by-one retry that follows may well succeed and hide it from every caller).
+            log.error("model %s/%s returned %s for a batch of %d rows: its outputs cannot be split back to the "
+                      "requests; a batch-wide step in the graph?", model.name, model.version, out.shape, rows)
             for item in items:
                 item.error = Internal(
                     f"model {model.name}/{model.version} returned {out.shape} for a batch of {rows} rows "

@@ -158,6 +158,29 @@ def lookup(table_rows: int = 4) -> onnx.ModelProto:
     return _finish(graph)
 
 
+def first_row(width: int = 2) -> onnx.ModelProto:
+    """FP32 ``x`` [batch, width] → ``y``: the batch's first row only, [1, width], whatever the batch.
+
+    The deliberate fault model for batching: it answers one row for a batch of many, as a model with a
+    batch-wide step (or a bug) does; alone, a request gets its own row back. The row count comes from the
+    input's shape at run time (``n / n``), so the graph declares a batch dim and the loader accepts it.
+    """
+    graph = helper.make_graph(
+        [
+            helper.make_node("Shape", ["x"], ["shape"]),
+            helper.make_node("Slice", ["shape", "zero", "one_const"], ["n"]),
+            helper.make_node("Div", ["n", "n"], ["one"]),
+            helper.make_node("Slice", ["x", "zero", "one", "zero"], ["y"]),
+        ],
+        "first_row",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", width])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", width])],
+        initializer=[numpy_helper.from_array(np.array([0], np.int64), "zero"),
+                     numpy_helper.from_array(np.array([1], np.int64), "one_const")],
+    )
+    return _finish(graph)
+
+
 def mlp_toml(in_dim: int, out_dim: int, extra: str = "", **settings) -> str:
     """``model.toml`` text for an :func:`mlp` (INPUT0 → OUTPUT0); ``settings`` become top-level keys
     (``max_batch_size=8``), ``extra`` is appended TOML (labels, a ``[card]`` table)."""
