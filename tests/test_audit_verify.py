@@ -338,3 +338,20 @@ def test_a_log_with_no_stopping_record_at_all_may_come_from_an_older_kernel(tmp_
     assert result.ok, result.reason
     assert "the log does not end with a 'kernel stopping' record" in result.describe()
     assert "it may also come from a kernel older than that record" in result.describe()
+
+
+def test_a_signed_checkpoint_smaller_than_the_one_before_fails_as_a_shrink(tmp_path):
+    """(Test-suite audit: deleting this check left the suite green; verify failed on a later check, naming the
+    wrong reason) a correctly signed checkpoint for fewer records than the one before it: checkpoints never shrink."""
+    from kernel.audit import checkpoints as cps
+    from kernel.audit.keys import load_or_create
+
+    with AuditLog.open(tmp_path, checkpoint_records=2) as log:
+        for i in range(4):
+            log.append_and_wait(pb.AuditRecord(kind=pb.DECISION, request_id=f"r{i}"), 10)
+        smaller = cps.sign(load_or_create(tmp_path / "signing-key.pem", lambda: []), 1, log.root(1))
+    with open(tmp_path / "checkpoints.log", "ab") as file:
+        file.write(frame(smaller.SerializeToString()))
+    result = verify_directory(tmp_path)
+    assert not result.ok
+    assert result.reason.endswith("follows one at 4: checkpoints never shrink"), result.reason
