@@ -74,8 +74,7 @@ def test_serve_drains_in_flight_calls_on_sigterm(slow_repo, front_end):
     for t in threads:
         t.start()
     started.wait()
-    while outcomes.count("OK") < 20:  # traffic is flowing
-        time.sleep(0.01)
+    until(lambda: outcomes.count("OK") >= 20, "traffic to flow")  # (bounded: a regression fails, not hangs)
     signalled[0] = time.monotonic()
     code, err = server.stop()
     for t in threads:

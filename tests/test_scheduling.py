@@ -8,6 +8,7 @@ drives both implementations with random traces and compares their plans.
 from __future__ import annotations
 
 import pytest
+from lane_support import until
 
 from kernel.scheduling import implementations
 from kernel.scheduling.policy import (
@@ -621,20 +622,16 @@ def test_deadline_passing_while_in_another_threads_batch_waits_for_that_batch():
     try:
         threads = [threading.Thread(target=lane.run_blocking, args=(first,))]
         threads[0].start()
-        while batches != [["first"]]:
-            time.sleep(0.001)
+        until(lambda: batches == [["first"]], "the first batch", every_s=0.001)
         threads.append(threading.Thread(target=lane.run_blocking, args=(leader,)))
         threads[1].start()
-        while lane.load(model)[0] != 1:  # leader queued (and asleep) before late
-            time.sleep(0.001)
+        until(lambda: lane.load(model)[0] == 1, "the leader queued (and asleep) before late", every_s=0.001)
         late.deadline_ns = time.monotonic_ns() + 200_000_000
         runner = threading.Thread(target=lane.run_blocking, args=(late,))
         runner.start()
-        while lane.load(model)[0] != 2:
-            time.sleep(0.001)
+        until(lambda: lane.load(model)[0] == 2, "two queued", every_s=0.001)
         first_gate.set()  # the slot goes to the oldest sleeper: leader's thread runs [leader, late]
-        while len(batches) < 2:
-            time.sleep(0.001)
+        until(lambda: len(batches) >= 2, "two batches", every_s=0.001)
         assert sorted(batches[1]) == ["late", "leader"]  # EDF puts late first; leader's thread runs it
         runner.join(timeout=0.5)  # late's deadline passes while its batch still runs ...
         assert runner.is_alive(), "the caller returned while its item was still running"
@@ -679,8 +676,7 @@ def test_the_lane_answers_a_request_predicted_late_in_its_batch_without_running_
         holder = item(model, rid="holder")
         holder_done = _with_callback(holder)
         lane.submit(holder)
-        while not ran:  # a helper holds the only slot, blocked on the gate
-            time.sleep(0.001)
+        until(lambda: ran, "a helper holding the only slot, blocked on the gate", every_s=0.001)
         tight = item(model, rid="tight", deadline=time.monotonic_ns() + 20 * MS)  # alone: <= 10 + 10 ms
         tight_done = _with_callback(tight)
         lane.submit(tight)
@@ -800,15 +796,13 @@ def test_a_request_predicted_slower_than_the_bound_goes_to_the_lane_threads(idle
 
 def test_a_busy_lane_queues_the_request_and_batches_it_with_the_others(idle_lane):
     import threading
-    import time
 
     lane, model, ran, gate = idle_lane
     gate.clear()
     first = item(model, rid="first")
     first_done = _with_callback(first)
     lane.submit(first)
-    while not ran:  # a helper holds the only slot
-        time.sleep(0.001)
+    until(lambda: ran, "a helper holding the only slot", every_s=0.001)
     queued = [item(model, rid=f"q{i}") for i in range(3)]
     callbacks = [_with_callback(it) for it in queued]
     assert [lane.run_if_idle(it, max_ns=1_000_000) for it in queued] == [False, False, False]
@@ -1024,8 +1018,7 @@ def test_callers_of_a_ready_model_sleep_while_only_the_urgent_slot_is_free(impl)
         threads = [threading.Thread(target=lane.run_blocking, args=(it,)) for it in waiting]
         for thread in threads:
             thread.start()
-        while lane.load(other)[0] < 4:
-            time.sleep(0.001)
+        until(lambda: lane.load(other)[0] >= 4, "four queued for the other model", every_s=0.001)
         before = looks[0]
         time.sleep(0.2)  # the urgent batch keeps the slot meanwhile; sleeping callers do not look
         assert looks[0] - before <= 4, f"{looks[0] - before} looks for a batch in 200 ms"
@@ -1044,7 +1037,6 @@ def test_an_urgent_request_in_a_batching_window_runs_when_its_window_closes_not_
     model's batching window: it runs on the urgent slot when the window closes, while the long batch
     still holds the normal slot."""
     import threading
-    import time
 
     from kernel.scheduling import Lane
 
@@ -1077,8 +1069,7 @@ def test_an_urgent_request_in_a_batching_window_runs_when_its_window_closes_not_
         assert long_running.wait(10)
         threads.append(threading.Thread(target=lane.run_blocking, args=(item(ready, priority=2, rid="waiting"),)))
         threads[-1].start()
-        while lane.load(ready)[0] < 1:
-            time.sleep(0.001)
+        until(lambda: lane.load(ready)[0] >= 1, "one queued for the ready model", every_s=0.001)
         urgent = item(urgent_model, priority=1, rid="urgent")
         threads.append(threading.Thread(target=lane.run_blocking, args=(urgent,)))
         threads[-1].start()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 import subprocess
@@ -13,6 +14,19 @@ from .scratch import scratch_dir
 
 ROOT = Path(__file__).resolve().parents[2]
 CLI = [sys.executable, "-m", "kernel"]
+
+
+_LIVE: "set[ServeProcess]" = set()
+_cleanup = []  # holds the atexit registration once made
+
+
+def _kill_leftovers() -> None:
+    """At the test process's exit, kill every child kernel still running: a test that failed (or was interrupted)
+    before its stop() left it serving, re-parented to init, holding its port and data dir (test-suite audit)."""
+    for server in list(_LIVE):
+        if server.proc.poll() is None:
+            server.proc.kill()
+            server.proc.wait(timeout=30)
 
 
 class ServeProcess:
@@ -29,6 +43,9 @@ class ServeProcess:
             [*CLI, "serve", "--models", str(models), "--port", "0", "--data-dir", str(self.data_dir), *extra],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env,
         )
+        if not _cleanup:  # (registered late: atexit then runs it before the scratch folders' removal, made earlier)
+            _cleanup.append(atexit.register(_kill_leftovers))
+        _LIVE.add(self)
         line = self.proc.stdout.readline()
         if "ready on" not in line:
             self.proc.kill()
@@ -44,12 +61,16 @@ class ServeProcess:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             raise
+        finally:
+            if self.proc.poll() is not None:
+                _LIVE.discard(self)
         return self.proc.returncode, err
 
     def kill(self) -> None:
         """SIGKILL: no drain, no flush, no final checkpoint — a crash."""
         self.proc.kill()
         self.proc.communicate(timeout=30)
+        _LIVE.discard(self)
 
 
 @contextmanager
