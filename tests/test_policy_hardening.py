@@ -5,7 +5,6 @@ mean what they say."""
 from __future__ import annotations
 
 import io
-import time
 from pathlib import Path
 
 import pytest
@@ -94,15 +93,24 @@ def _wide_or_rules(rules: int, atoms: int) -> str:
     return policy_text(out, hit="UNIQUE")
 
 
-def test_sampling_large_conditions_is_charged_by_their_size():
-    # 14 rules of 300 tests: 91 pairs sampled 400 times each took ten seconds, charged 400 units a pair.
+def test_sampling_large_conditions_is_charged_by_their_size(monkeypatch):
+    # 14 rules of 300 tests: 91 pairs sampled 400 times each took ten seconds, charged 400 units a pair. What the
+    # sampler evaluates (condition nodes, counted) stays within what the work limit pays for: no clock needed.
     text = _wide_or_rules(14, 300)
-    started = time.perf_counter()
+    evaluated = [0]
+    sizes: dict[int, int] = {}
+    original = analysis.truth
+
+    def counted(node, row):
+        evaluated[0] += sizes.setdefault(id(node), analysis.size_of(node))
+        return original(node, row)
+
+    monkeypatch.setattr(analysis, "truth", counted)
     policy = parse_policy(text, strict=False)
-    elapsed = time.perf_counter() - started
     assert policy.analysis_complete is False
     assert any("work limit" in w.message for w in policy.warnings)
-    assert elapsed < 4.0, elapsed  # about a second here; generous for a busy machine
+    assert evaluated[0] > 0  # (the sampler ran: the count is not vacuous)
+    assert evaluated[0] <= analysis.WORK_LIMIT * analysis.NODES_PER_UNIT, evaluated[0]
 
 
 def test_sweeping_many_fields_is_charged(monkeypatch):
@@ -121,9 +129,7 @@ def test_sweeping_many_fields_is_charged(monkeypatch):
         return result
 
     monkeypatch.setattr(analysis, "near_rules", measured)
-    started = time.perf_counter()
     policy = parse_policy(text, strict=False)
-    assert time.perf_counter() - started < 6.0
     assert policy.analysis_complete is False
     assert spent and analysis.WORK_LIMIT / 4 <= spent[0] <= analysis.WORK_LIMIT / 2
 
