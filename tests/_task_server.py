@@ -1,9 +1,11 @@
-"""A small kernel of durable tasks and reviews over a data directory, for the task and review tests.
+"""A stand-in pipeline: durable tasks and reviews over a data directory, deciding by a fixed rule of the fields.
 
-It stands in for the decision pipeline until that lands: ``decide`` is a
-plain deterministic function of the request's fields, and ``wire_reviews``
-does what the decision layer will do when a review is resolved (build the
-human's decision and finish the waiting task).
+For the task and review service tests that need outcomes a test sets per request: a given number of
+transient failures, a task held RUNNING until a file appears, a chosen confidence. ``decide`` is a plain
+deterministic function of the request's fields (no model, no policy, no audit log), and ``wire_reviews``
+does what kernel/decisions.py does when a review is resolved (build the human's decision and finish the
+waiting task). The real claims pipeline, model and audit log are driven over the same RPCs by
+test_review_desk, test_task_retries, test_task_cancel_running, test_task_decided_once and test_retention.
 
 Run as a script it serves gRPC on a free port of 127.0.0.1 and prints
 ``PORT <n>``; the restart test kills it with SIGKILL and starts it again on
@@ -132,11 +134,14 @@ class TaskKernel:
 
     def close(self) -> None:
         self.runner.stop(timeout_s=2.0)
+        self.queue.close()  # (its lease timer thread outlived the tests: a test-suite audit)
         self.db.close()
 
 
 def serve_sync(kernel: TaskKernel) -> tuple[grpc.Server, int]:
-    server = grpc.server(ThreadPoolExecutor(max_workers=16))
+    executor = ThreadPoolExecutor(max_workers=16)
+    server = grpc.server(executor)
+    kernel.executor = executor  # shut down after the server stops (grpc's stop leaves its threads running)
     server.add_generic_rpc_handlers(
         kernel_services.generic_handlers(None, None, asynchronous=False, implemented=kernel.handlers())
     )
@@ -183,7 +188,10 @@ def serve_task_kernel(folder, front_end: str):
     kernel = TaskKernel(folder)
     if front_end == "sync":
         server, port = serve_sync(kernel)
-        stop = lambda: server.stop(1).wait()  # noqa: E731
+
+        def stop() -> None:
+            server.stop(1).wait()
+            kernel.executor.shutdown(wait=True)
     else:
         server = AioServer(kernel)
         port, stop = server.port, server.stop
