@@ -152,12 +152,13 @@ def test_calls_accepted_before_sigterm_all_complete(very_slow_repo, front_end):
         calls = [stub.ModelInfer.future(request, timeout=60) for _ in range(6)]
         # Wait until the kernel holds all six: finished, queued or running.
         admin = kernel_pb2_grpc.AdminServiceStub(channel)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            (summary,) = admin.ListModels(kernel_pb2.ListModelsRequest()).models
+
+        def held() -> bool:
+            (summary,) = admin.ListModels(kernel_pb2.ListModelsRequest(), timeout=10).models
             finished = sum(call.done() for call in calls)
-            if finished + summary.queued_requests + summary.running_batches >= 6:  # one request per batch here
-                break
+            return finished + summary.queued_requests + summary.running_batches >= 6  # one request per batch here
+
+        until(held, "the kernel to hold all six calls")  # (fails at its limit instead of going on regardless)
         code, err = server.stop()
         results = [call.exception() for call in calls]
     assert code == 0, err
