@@ -30,7 +30,7 @@ $(STAMP): pyproject.toml setup.py ext/*.pyx ext/*.pxd ext/*.pxi
 	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
 	# The editable install compiles ext/*.pyx into kernel/_ext/ (setup.py).
 	$(PY) -m pip install --quiet -e ".[$(RUNTIME_EXTRA),test,bench]"
-	$(PY) -c "import kernel._ext.bytes_codec, kernel._ext.wire, kernel._ext.decision_wire, kernel._ext.scheduler, kernel._ext.rules, kernel._ext.rowcodec" || { echo "Cython extensions did not build"; exit 1; }
+	$(PY) -c "import kernel._ext.bytes_codec, kernel._ext.wire, kernel._ext.decision_wire, kernel._ext.scheduler, kernel._ext.rules, kernel._ext.rowcodec, kernel._ext.auditscan" || { echo "Cython extensions did not build"; exit 1; }
 	rm -f $(VENV)/.installed-*
 	touch $@
 
@@ -72,10 +72,11 @@ PURE_SUITES := tests/test_oip.py tests/test_bad_input.py \
 	tests/test_scheduling_grpc.py tests/test_fuzz_oip.py tests/test_wire.py tests/test_record_tail.py \
 	tests/test_batch_finisher.py tests/test_answer_later.py tests/test_poller_inline.py \
 	tests/test_cli.py::test_serve_drains_in_flight_calls_on_sigterm \
-	tests/test_cli.py::test_decide_prints_the_decision_and_names_bad_fields
+	tests/test_cli.py::test_decide_prints_the_decision_and_names_bad_fields tests/test_audit_damage.py
 # (Suites that run every implementation side by side in the first pass are not repeated: test_scheduling,
 # test_policy_backends, test_policy_semantics and test_policy_differential take every evaluator there, and
-# test_decision_wire both twins whatever AIOS_PURE_PYTHON says. Of the command-line tests only a served
+# test_decision_wire both twins whatever AIOS_PURE_PYTHON says, test_audit_scan both in the first pass; test_audit_damage runs the
+# open's frame walk on its reference again. Of the command-line tests only a served
 # kernel's whole path runs twice: the client commands and start-up errors do not depend on which core is
 # built. The second pass draws 0.3× the hypothesis examples (tests/fuzz_budget.py): the first drew them all
 # against the same properties. CI's 10 minutes are tight on a slow host.)

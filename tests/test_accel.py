@@ -59,8 +59,8 @@ def test_compiled_extension_is_used_when_built():
     assert module == "kernel._ext.bytes_codec" and chosen == "cython" and warnings == "0"
 
 
-EXTENSIONS = ("bytes_codec", "wire", "decision_wire", "scheduler", "rules", "rowcodec")
-COMPONENTS = ("bytes_codec", "wire", "decision_wire", "scheduler", "policy_rules", "row_codec")
+EXTENSIONS = ("bytes_codec", "wire", "decision_wire", "scheduler", "rules", "rowcodec", "auditscan")
+COMPONENTS = ("bytes_codec", "wire", "decision_wire", "scheduler", "policy_rules", "row_codec", "audit_scan")
 
 
 def test_the_compiled_pass_runs_every_compiled_component():
@@ -78,6 +78,7 @@ def test_the_compiled_pass_runs_every_compiled_component():
               "from kernel import accel, scheduling\n"
               "from kernel.policy import backends\n"
               "from kernel.pipelines import spec\n"
+              "from kernel.audit import recovery\n"
               "scheduling.make_scheduler()\n"
               "print(json.dumps(accel.CHOSEN))")
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True,
