@@ -51,8 +51,9 @@ def main(argv: list[str] | None = None) -> int:
                 times_of.append(float(done.stdout.split()[-1]))
                 print(f"round {number} {arm:9}: open {times_of[-1]:.2f} s")
         medians = {arm: statistics.median(v) for arm, v in times.items()}
-        print(f"{args.records:,} records: compiled {medians['compiled']:.2f} s, reference {medians['reference']:.2f} s; "
-              f"reference / compiled {medians['reference'] / medians['compiled']:.2f}x")
+        compiled, reference = medians["compiled"], medians["reference"]
+        print(f"{args.records:,} records: compiled {compiled:.2f} s, reference {reference:.2f} s; "
+              f"reference / compiled {reference / compiled:.2f}x")
     finally:
         shutil.rmtree(directory, ignore_errors=True)
     return 0

@@ -98,8 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
     path = out / f"audit-tree-memory-{stamp}.json"
-    path.write_text(json.dumps({"args": vars(args), "machine": machine_facts("python -m bench.audit_tree_memory"), "rounds": rounds,
-                                "memory_ratio": ratio}, indent=1))
+    facts = machine_facts("python -m bench.audit_tree_memory")
+    path.write_text(json.dumps({"args": vars(args), "machine": facts, "rounds": rounds, "memory_ratio": ratio},
+                               indent=1))
     print(f"raw: {path}")
     return 0
 

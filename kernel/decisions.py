@@ -185,7 +185,8 @@ class DecisionSide:
     def close(self) -> None:
         # The "kernel stopping" record comes once nothing else can append (tasks, pipeline reloads and the
         # finisher have stopped) and right before the log closes, whose final checkpoint then signs it.
-        steps = (*((self._retention.stop,) if self._retention else ()), self.tasks.stop, self.registry.stop, self.engine.close, self._mark_reviews_recorded,
+        steps = (*((self._retention.stop,) if self._retention else ()), self.tasks.stop, self.registry.stop,
+                 self.engine.close, self._mark_reviews_recorded,
                  *((self._record_stopping, self.audit.close) if self.audit else ()), self.db.close)
         for step in steps:
             try:

@@ -67,7 +67,7 @@ def _relativize(path: Path, out: Path, modules: set[str]) -> None:
     # own (larger) grpc_service.proto, and both must import in one process.
     new = new.replace(
         "_descriptor_pool.Default().AddSerializedFile(",
-        f"_KERNEL_POOL.AddSerializedFile(",
+        "_KERNEL_POOL.AddSerializedFile(",
     )
     if "_KERNEL_POOL" in new:
         new = new.replace(

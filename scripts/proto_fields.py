@@ -1,4 +1,5 @@
-"""Write ``proto/fields.lock.json``: every message field's number, type and whether it repeats, and every enum value's number.
+"""Write ``proto/fields.lock.json``: every message field's number, type and whether it repeats, and every enum
+value's number.
 
 Stored audit records and checkpoints are protobuf bytes kept for years, and other teams call the kernel through
 stubs generated from older copies of ``proto/``: a field that changes its number or type, or disappears without

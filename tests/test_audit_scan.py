@@ -60,7 +60,8 @@ def run(module, data: bytes, sequence: int, mask: int):
 
 @pytest.mark.skipif(compiled is None, reason="the compiled twin is not built (or AIOS_PURE_PYTHON=1)")
 @settings(max_examples=examples(300), deadline=None)
-@given(st.lists(records, max_size=40), damage, st.integers(0, 300), st.integers(0, 1000), st.sampled_from([0, 1, 3, 255]))
+@given(st.lists(records, max_size=40), damage, st.integers(0, 300), st.integers(0, 1000),
+       st.sampled_from([0, 1, 3, 255]))
 def test_both_forms_take_the_same_frames_and_stop_at_the_same_byte(payloads, hurt, zero_tail, sequence, mask):
     data = segment(payloads, hurt, zero_tail)
     assert run(compiled, data, sequence, mask) == run(reference, data, sequence, mask)

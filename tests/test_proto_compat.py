@@ -17,22 +17,39 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from proto_fields import LOCK, current  # noqa: E402
 
 
+def _declaration(full_name: str):
+    """The DescriptorProto or EnumDescriptorProto named ``full_name``, from the kernel's own descriptor pool (the
+    generated modules register in a pool of their own, not protobuf's default one: scripts/gen_protos.py)."""
+    from google.protobuf import descriptor_pb2
+
+    from kernel._proto.aios.kernel.v1 import kernel_pb2
+
+    pool = kernel_pb2.DESCRIPTOR.pool
+    for find, proto in ((pool.FindMessageTypeByName, descriptor_pb2.DescriptorProto()),
+                        (pool.FindEnumTypeByName, descriptor_pb2.EnumDescriptorProto())):
+        try:
+            find(full_name).CopyToProto(proto)
+        except KeyError:
+            continue
+        return proto
+    return None
+
+
 def _reserved(full_name: str, number: int) -> bool:
     """Whether a removed field or enum value has both its name and its number reserved in its message or enum
     (so neither can ever be reused for something else)."""
-    from google.protobuf import descriptor_pb2, descriptor_pool
-
-    pool = descriptor_pool.Default()
     parent, name = full_name.rsplit(".", 1)
-    # (a message's reserved ranges end before `end`, an enum's at it)
-    for find, proto, inclusive in ((pool.FindMessageTypeByName, descriptor_pb2.DescriptorProto(), 0),
-                                   (pool.FindEnumTypeByName, descriptor_pb2.EnumDescriptorProto(), 1)):
-        try:
-            find(parent).CopyToProto(proto)
-        except KeyError:
-            continue
-        return name in proto.reserved_name and any(r.start <= number < r.end + inclusive for r in proto.reserved_range)
-    return False
+    proto = _declaration(parent)
+    if proto is None:
+        return False
+    inclusive = 0 if proto.DESCRIPTOR.name == "DescriptorProto" else 1  # (a message's ranges end before `end`)
+    return name in proto.reserved_name and any(r.start <= number < r.end + inclusive for r in proto.reserved_range)
+
+
+def test_the_declarations_are_found_where_the_generated_code_registers_them():
+    assert _declaration("aios.kernel.v1.Decision") is not None
+    assert _declaration("aios.kernel.v1.AuditKind") is not None
+    assert _declaration("inference.ModelInferRequest") is not None
 
 
 def test_no_locked_field_or_enum_value_changed_or_went_unreserved():

@@ -253,9 +253,9 @@ def frames_start(path: Path, data: bytes, magic: bytes = MAGIC) -> int | None:
     family, version = magic[:-1], magic[-1]
     if len(data) >= len(magic) and data[:len(family)] == family and data[len(family)] > version:
         raise AuditFormatTooNew(
-            f"{path}: file format {data[len(family)]} was written by a newer aios-kernel; this one ({__version__}) reads "
-            f"format{'s 1–' if version > 1 else ' '}{version}: run a kernel at least as new as the one that wrote it "
-            "(nothing was read or changed)")
+            f"{path}: file format {data[len(family)]} was written by a newer aios-kernel; this one ({__version__}) "
+            f"reads format{'s 1–' if version > 1 else ' '}{version}: run a kernel at least as new as the one that "
+            "wrote it (nothing was read or changed)")
     written = nonzero_end(data, 0)
     if written <= len(magic) and magic.startswith(data[:written]):
         return None
