@@ -68,6 +68,7 @@ def backup(source: Path, dest: Path) -> BackupResult:
     if check != "ok":
         problems.append(f"the copied store fails PRAGMA quick_check: {check}")
     fsync_dir(dest)
+    fsync_dir(dest.parent)  # (the new folder's own entry)
     summary = (f"backup of {source} in {dest}: {DATABASE_FILE} ({(dest / DATABASE_FILE).stat().st_size:,} bytes, "
                f"quick_check {check}); {audit_line}")
     return BackupResult(not problems, summary + "".join(f"\nFAILED: {p}" for p in problems))
@@ -96,35 +97,52 @@ def _copy_audit(audit: Path, copy: Path) -> int:
     for path in [*first, *others]:  # checkpoints, keys (public-keys/, the signing key), torn tails kept aside
         if path.is_dir():
             shutil.copytree(path, copy / path.name)
+            for inside in (copy / path.name).iterdir():
+                _fsync(inside)
         else:
             shutil.copy2(path, copy / path.name)
-            _fsync(copy / path.name)
-    trimmed = 0
-    ordered = list_segments(audit)
-    for number, (_, path) in enumerate(ordered):
+    expected, last = 0, None
+    for first, path in list_segments(audit):
+        if first != expected:
+            # A segment the writer created while the folder was being listed can be missing from the listing (a
+            # directory is read in hash order, not by name), and the next one present: the copy ends before the
+            # gap. Those records are all newer than the store copy (a review audit: a backup under rotation
+            # otherwise failed its own check as "records were removed").
+            break
         target = copy / path.name
-        shutil.copy2(path, target)
-        if number == len(ordered) - 1:
-            trimmed = _drop_unfinished_record(target)
-        _fsync(target)
+        records, tail = _copy_segment(path, target)
+        last = (target, tail)
+        expected = first + records
+    trimmed = 0
+    if last is not None and last[1] is not None:  # only the copy's last segment may end in a write cut short
+        (target, (start, end)) = last
+        with open(target, "r+b") as file:
+            file.seek(start)
+            file.write(bytes(end - start))
+        trimmed = end - start
+    for path in copy.iterdir():
+        _fsync(path)
     fsync_dir(copy)
     return trimmed
 
 
-def _drop_unfinished_record(path: Path) -> int:
-    """Zero the copy's bytes of a record the writer was writing as it was copied (the copy's own file); returns
-    how many. Damage of any other kind is left for the verification to name."""
-    data = path.read_bytes()
-    start = frames_start(path, data, MAGIC)
-    if start is None:
-        return 0
-    scanner = FrameScanner(data, start)
-    for _ in scanner:
-        pass
-    if scanner.problem is None or scanner.damage() is not None:
-        return 0
-    end = nonzero_end(data, scanner.end)
-    with open(path, "r+b") as file:
-        file.seek(scanner.end)
-        file.write(bytes(end - scanner.end))
-    return end - scanner.end
+def _copy_segment(path: Path, target: Path, tries: int = 3) -> tuple[int, tuple[int, int] | None]:
+    """Copy one segment; returns the records in the copy and, when it ends in a record the writer was writing
+    meanwhile, that record's byte range in the copy (to zero, if it is the copy's last segment). A write caught
+    half-way with a later page on disk before an earlier one looks like damage (a valid frame after a bad one):
+    copied again, up to ``tries`` times, since that write ends within milliseconds while damage stays (and is then
+    left for the verification to name)."""
+    for attempt in range(tries):
+        shutil.copy2(path, target)
+        data = target.read_bytes()
+        start = frames_start(target, data, MAGIC)
+        if start is None:  # being created: nothing in it yet
+            return 0, None
+        scanner = FrameScanner(data, start)
+        records = sum(1 for _ in scanner)
+        if scanner.problem is None:
+            return records, None
+        if scanner.damage() is None:
+            return records, (scanner.end, nonzero_end(data, scanner.end))
+    return records, None
+

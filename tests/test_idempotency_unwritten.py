@@ -60,3 +60,27 @@ def test_a_retry_gets_the_answer_back_while_its_entry_cannot_be_written(claims_m
     decided = [r.idempotency_key for r in iter_directory(tmp_path / "data" / "audit", wanted=RecordFilter(
         kind=kpb.DECISION)) if r.idempotency_key.startswith("k")]
     assert sorted(decided) == sorted(f"k{i}" for i in range(6))  # one decision per key
+
+
+def test_kept_answers_are_written_in_batches_by_the_next_put_and_expired_ones_dropped(tmp_path):
+    """(Review audit) every put rewrote every kept answer, one transaction each (12,002 transactions for 3,004
+    rows under 4 concurrent puts), and wrote expired ones back with a fresh expiry."""
+    from kernel.store import open_database
+
+    now = [10**18]
+    db = open_database(tmp_path)
+    try:
+        store = IdempotencyStore(db, retention_hours=1, clock=lambda: now[0])
+        assert store.keep_unwritten("acme", "old", "h0", b"a0")
+        now[0] += 3_000 * 10**9  # 50 minutes
+        for i in range(1, 1201):
+            assert store.keep_unwritten("acme", f"k{i}", f"h{i}", f"a{i}".encode())
+        now[0] += 1_200 * 10**9  # "old" is past its hour now; the others are not
+        commits = []
+        real = db.transact
+        db.transact = lambda work, **kw: (commits.append(1), real(work, **kw))[1]
+        store.put("acme", "new", "hn", b"an")
+        assert store.unwritten() == 0 and len(commits) == 1 + 2  # the put, then 1,201 kept in batches of 1,000
+        assert store.get("acme", "old") is None and store.get("acme", "k1200") == ("h1200", b"a1200")
+    finally:
+        db.close()

@@ -102,6 +102,7 @@ class IdempotencyStore:
         # expires_unix_ns), served to retries like stored ones and written by the next put that succeeds.
         self._unwritten: dict[tuple[str, str], tuple[str, bytes, int]] = {}
         self._unwritten_lock = threading.Lock()
+        self._flushing = threading.Lock()
 
     def keep_unwritten(self, tenant: str, key: str, request_hash: str, response: bytes) -> bool:
         """Keep an answer whose ``put`` failed in memory (False when ``MAX_UNWRITTEN`` are kept already).
@@ -171,32 +172,43 @@ class IdempotencyStore:
             return response
 
         stored = self._db.transact(work, durable=self._durable)
-        if self._unwritten:  # the store takes writes again: the answers kept in memory go to it now
-            self._write_unwritten()
+        if self._unwritten and self._flushing.acquire(blocking=False):  # the store takes writes again
+            try:  # (one caller at a time writes them; the others go on: a review audit saw every put redo it all)
+                self._write_unwritten()
+            finally:
+                self._flushing.release()
         return stored
 
     def _write_unwritten(self) -> None:
+        """Write the answers kept in memory, ``PURGE_BATCH`` to a transaction; those expired meanwhile are
+        dropped. Stops at the first batch that fails again (the rest stay kept for a later put)."""
+        now = self._clock()
         with self._unwritten_lock:
             waiting = list(self._unwritten.items())
-        for (tenant, key), (request_hash, response, _) in waiting:
-            now = self._clock()
+        for start in range(0, len(waiting), PURGE_BATCH):
+            batch = waiting[start:start + PURGE_BATCH]
 
-            def work(conn, tenant=tenant, key=key, request_hash=request_hash, response=response) -> None:
-                if conn.execute("SELECT 1 FROM idempotency WHERE tenant = ? AND key = ? AND expires_unix_ns > ?",
-                                (tenant, key, now)).fetchone() is None:  # (else the first answer stored wins)
-                    self._insert(conn, tenant, key, request_hash, response, now)
+            def work(conn, batch=batch) -> None:
+                for (tenant, key), (request_hash, response, expires) in batch:
+                    if expires > now and conn.execute(
+                            "SELECT 1 FROM idempotency WHERE tenant = ? AND key = ? AND expires_unix_ns > ?",
+                            (tenant, key, now)).fetchone() is None:  # (else the first answer stored wins)
+                        self._insert(conn, tenant, key, request_hash, response, now, expires)
             try:
                 self._db.transact(work, durable=self._durable)
             except Exception:
-                return  # failing again: the rest stay kept for the next put
+                return
             with self._unwritten_lock:
-                if self._unwritten.get((tenant, key), (None,))[0] == request_hash:
-                    del self._unwritten[(tenant, key)]
+                for pair, (request_hash, _, _) in batch:
+                    if self._unwritten.get(pair, (None,))[0] == request_hash:
+                        del self._unwritten[pair]
 
-    def _insert(self, conn, tenant: str, key: str, request_hash: str, response: bytes, now: int) -> None:
+    def _insert(self, conn, tenant: str, key: str, request_hash: str, response: bytes, now: int,
+                expires: int | None = None) -> None:
         conn.execute("INSERT OR REPLACE INTO idempotency (tenant, key, request_hash, response, created_unix_ns,"
                      " expires_unix_ns) VALUES (?, ?, ?, ?, ?, ?)",
-                     (tenant, key, request_hash, response, now, now + self.retention_ns))
+                     (tenant, key, request_hash, response, now, now + self.retention_ns if expires is None
+                      else expires))
 
     def forget_recorded_from(self, sequence: int, skip_tenant: str = "") -> int:
         """Delete the entries whose answer cites audit sequence ``sequence`` or later (all tenants' but
