@@ -104,7 +104,8 @@ class DecisionSide:
         self._recorded_tasks: dict[str, kpb.AuditRecord] = {}
         self.reviews.on_resolved(self._resolved)
         self.tasks.on_cancelled.append(self._task_cancelled)
-        self._retention = (RetentionSweeper(self.db, settings.store_retention_days, self._swept)
+        self._retention = (RetentionSweeper(self.db, settings.store_retention_days, self._swept,
+                                            on_sweeping=self._sweeping)
                            if settings.store_retention_days else None)
         self.tasks.before_cancel = self._withdraw_before_cancel
         # Governance events go on the record next to the decisions they affect.
@@ -304,6 +305,11 @@ class DecisionSide:
         return False
 
     # -- governance events -----------------------------------------------------------------
+    def _sweeping(self, cutoff_unix_ns: int) -> None:
+        """Before retention deletes anything: the cut-off on the record first (then the counts, ``_swept``)."""
+        self._record(kpb.CONFIG_CHANGE, {"event": "retention starting", "ended_before_unix_ns": cutoff_unix_ns,
+                                         "store_retention_days": self.settings.store_retention_days})
+
     def _swept(self, swept: Swept) -> None:
         """Retention deleted rows: on the record, so the log says why a review or task it names is gone."""
         self._record(kpb.CONFIG_CHANGE, {"event": "retention", "ended_before_unix_ns": swept.cutoff_unix_ns,

@@ -98,9 +98,11 @@ def test_a_sweep_deletes_only_what_ended_before_its_cutoff_and_nothing_comes_bac
 
     records = [json.loads(r.payload) for r in iter_directory(tmp_path / "data" / "audit",
                                                              wanted=RecordFilter(kind=kpb.CONFIG_CHANGE))]
-    sweeps = [r for r in records if r.get("event") == "retention"]
-    assert [(r["reviews_deleted"], r["tasks_deleted"]) for r in sweeps] == [(len(resolved), len(finished))]
-    assert sweeps[0]["ended_before_unix_ns"] == swept.cutoff_unix_ns and sweeps[0]["store_retention_days"] == 30
+    events = [r for r in records if r.get("event", "").startswith("retention")]  # (the early sweep deleted nothing)
+    assert [r["event"] for r in events] == ["retention starting", "retention"]  # the cut-off first, then the counts
+    assert (events[1]["reviews_deleted"], events[1]["tasks_deleted"]) == (len(resolved), len(finished))
+    assert {r["ended_before_unix_ns"] for r in events} == {swept.cutoff_unix_ns}
+    assert events[1]["store_retention_days"] == 30
 
     # A restart reopens reviews from the audit log where rows are missing: deleted ones must not come back, and the
     # task still waiting finishes with its reviewer's action.
@@ -152,5 +154,30 @@ def test_tasks_finished_before_the_upgrade_count_as_finished_at_it(tmp_path):
         assert before - 2 * 10**9 <= ended["done"] == ended["cancelled"] <= time.time_ns()
         assert db.tasks.delete_finished_before(before - DAY_NS, 100) == 0
         assert db.tasks.delete_finished_before(time.time_ns() + 10**9, 100) == 2
+    finally:
+        db.close()
+
+
+def test_a_sweep_whose_starting_record_fails_deletes_nothing(tmp_path):
+    """(Review audit) the record came only after the deletes: a kill or a failing log in between left rows gone
+    with nothing on the log. The cut-off is recorded first; if that fails (the injected fault), nothing goes."""
+    from kernel.store.retention import RetentionSweeper
+
+    db = open_database(tmp_path)
+    try:
+        with db.write() as conn:
+            conn.executemany("INSERT INTO tasks (task_id, state, tenant, idempotency_key, request_hash, review_id,"
+                             " revision, body, finished_unix_ns) VALUES (?, ?, 'acme', '', '', '', 1, x'', 5)",
+                             [(f"t{i}", kpb.SUCCEEDED) for i in range(3)])
+
+        def log_that_fails(cutoff):
+            raise OSError("the audit log cannot take records (injected)")
+
+        sweeper = RetentionSweeper(db, 1, on_sweeping=log_that_fails)
+        with pytest.raises(OSError, match="injected"):
+            sweeper.sweep(time.time_ns())
+        with db.read() as conn:
+            assert conn.execute("SELECT count(*) FROM tasks").fetchone()[0] == 3
+        assert RetentionSweeper(db, 1).sweep(time.time_ns()).tasks == 3  # (a working log: they go)
     finally:
         db.close()

@@ -10,7 +10,8 @@ the task waiting on it), and tasks that SUCCEEDED, FAILED or were CANCELLED befo
 claimed reviews, resolutions still being delivered, and tasks that may still run, however old.
 
 Each sweep deletes in batches of ``BATCH`` rows, one transaction each, so it never holds SQLite's write lock
-long against the decisions sharing it, and reports what it deleted (the kernel puts that on the audit log).
+long against the decisions sharing it. Before its first delete it reports the cut-off, after its last what it
+deleted (the kernel puts both on the audit log, the first durable before any row goes).
 A sweep runs at start and then every ``SWEEP_EVERY_S``; a failed one (a full disk) is logged and tried again
 at the next.
 """
@@ -43,13 +44,14 @@ class RetentionSweeper:
     """Deletes the rows past retention from ``db.reviews`` and ``db.tasks``, at start and then periodically."""
 
     def __init__(self, db, retention_days: float, on_swept: Callable[[Swept], None] = lambda swept: None,
-                 clock: Callable[[], int] = time.time_ns):
+                 clock: Callable[[], int] = time.time_ns, on_sweeping: Callable[[int], None] = lambda cutoff: None):
         if not retention_days > 0:
             raise ValueError(f"retention_days must be > 0, got {retention_days}")
         self._reviews = db.reviews
         self._tasks = db.tasks
         self.retention_ns = int(retention_days * DAY_NS)
         self._on_swept = on_swept
+        self._on_sweeping = on_sweeping
         self._clock = clock  # wall clock: rows carry wall-clock end times
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -57,10 +59,15 @@ class RetentionSweeper:
     def sweep(self, now_unix_ns: int | None = None) -> Swept:
         """Delete everything past retention as of ``now_unix_ns`` (the clock's now by default)."""
         cutoff = (self._clock() if now_unix_ns is None else now_unix_ns) - self.retention_ns
+        if not (self._reviews.any_resolved_before(cutoff) or self._tasks.any_finished_before(cutoff)):
+            return Swept(cutoff, 0, 0)
+        # Said before the first row goes (and durable: on_sweeping waits for its record): a sweep cut off by a kill
+        # or a failing log still leaves the cut-off on the record (a review audit: deleted rows went unrecorded).
+        self._on_sweeping(cutoff)
         reviews = self._drain(self._reviews.delete_resolved_before, cutoff)
         tasks = self._drain(self._tasks.delete_finished_before, cutoff)
         swept = Swept(cutoff, reviews, tasks)
-        if reviews or tasks:
+        if reviews or tasks:  # (what was deleted: the count, after the fact)
             log.info("retention: deleted %d resolved reviews and %d finished tasks that ended before %s",
                      reviews, tasks, time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(cutoff / 1e9)))
             self._on_swept(swept)

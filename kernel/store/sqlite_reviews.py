@@ -315,6 +315,12 @@ class SqliteReviewRecords:
             ).fetchall()
         return [kpb.Review.FromString(body) for (body,) in rows]
 
+    def any_resolved_before(self, cutoff_unix_ns: int) -> bool:
+        """Whether ``delete_resolved_before`` would delete anything."""
+        with self._db.read() as conn:
+            return conn.execute("SELECT 1 FROM reviews INDEXED BY reviews_resolved_at WHERE resolved = 1 AND "
+                                "delivered = 1 AND resolved_unix_ns < ? LIMIT 1", (cutoff_unix_ns,)).fetchone() is not None
+
     def delete_resolved_before(self, cutoff_unix_ns: int, limit: int) -> int:
         """Delete up to ``limit`` reviews resolved before ``cutoff_unix_ns`` whose resolution reached every hook
         (retention, kernel/store/retention.py); returns how many. Open, claimed and still-delivering ones stay."""

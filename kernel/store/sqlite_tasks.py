@@ -119,6 +119,12 @@ class SqliteTaskRecords:
             return None
         return kpb.Task.FromString(found[0]), found[1]
 
+    def any_finished_before(self, cutoff_unix_ns: int) -> bool:
+        """Whether ``delete_finished_before`` would delete anything."""
+        with self._db.read() as conn:
+            return conn.execute("SELECT 1 FROM tasks INDEXED BY tasks_finished WHERE finished_unix_ns > 0 AND "
+                                "finished_unix_ns < ? LIMIT 1", (cutoff_unix_ns,)).fetchone() is not None
+
     def delete_finished_before(self, cutoff_unix_ns: int, limit: int) -> int:
         """Delete up to ``limit`` tasks that finished before ``cutoff_unix_ns`` (retention,
         kernel/store/retention.py), with any resolution still parked for them; returns how many tasks."""
