@@ -79,6 +79,7 @@ class DecisionSide:
         else:
             log.warning("audit_mode = off: decisions are NOT recorded (a benchmark baseline, not for production)")
         self.reviews = ReviewQueue(self.db)
+        self.idempotency = IdempotencyStore(self.db)
         # The log's end as found, before anything (a model's deploy record) is appended: records the review
         # store saw past it were lost, and in fsync mode that refuses the start right here (_lost_records).
         self._opened = self.audit.size if self.audit is not None else 0
@@ -88,7 +89,6 @@ class DecisionSide:
             self.audit.close()
             self.db.close()
             raise
-        self.idempotency = IdempotencyStore(self.db)
         self.registry = PipelineRegistry(settings.pipelines, hub, load_policy, parse_policy, settings.pipeline_poll_s)
         self.engine = DecisionEngine(self.registry, inference, Services(self.audit, self.reviews, self.idempotency))
         self.tasks = TaskRunner(TaskStore(self.db), self._run_task, workers=settings.task_workers,
@@ -221,15 +221,18 @@ class DecisionSide:
         sequence numbers, which callers already hold, to new decisions and sign over the gap."""
         if self.audit is None:
             return None
-        since = self.reviews.recorded_before()
+        # What the store saw: the review mark, and the highest record a stored answer cites (a review audit: the
+        # mark alone rises only with escalations, so a loss after the last one went unseen, and answers citing
+        # lost records were replayed).
+        since = max(self.reviews.recorded_before(), self.idempotency.highest_sequence() + 1)
         if since <= opened:
             return None
         first, last = opened, since - 1
         if self.audit.mode == "fsync":
             raise _lost_in_fsync_mode(self.audit.directory, opened, last)
-        log.warning("the audit log ends at record #%d but reviews were stored for records up to #%d: records #%d-#%d "
-                    "were lost (audit_mode %r: a power cut or OS crash loses the newest records); recorded as such",
-                    opened, last, first, last, self.audit.mode)
+        log.warning("the audit log ends at record #%d but the review and idempotency store saw records up to #%d: "
+                    "records #%d-#%d were lost (audit_mode %r: a power cut or OS crash loses the newest records); "
+                    "recorded as such", opened, last, first, last, self.audit.mode)
         return first, last
 
     def _reopen_reviews(self, opened: int) -> None:
@@ -238,18 +241,19 @@ class DecisionSide:
         if self.audit is None:
             return
         since = self.reviews.recorded_before()
-        if since > opened:
+        if self._lost is not None:
             # Lost records (async mode): their sequence numbers go to new decisions now, so the mark comes down
             # to where the log ended: escalations from here on must still be reopened after a crash. (A review
             # whose record was lost keeps its proposal; its resolution will not link to the new record there.)
-            self.reviews.lower_recorded_before(opened)
+            if since > opened:
+                self.reviews.lower_recorded_before(opened)
             forgotten = self.idempotency.forget_recorded_from(opened, skip_tenant=_RESOLUTIONS)
             if forgotten:
                 log.warning("forgot the idempotency entries of %d decisions whose records #%d on were lost: their "
                             "sequence numbers go to new decisions now, so a retry with one of those keys is decided "
                             "again (and recorded) instead of answered with a number that names another decision",
                             forgotten, opened)
-            since = opened
+            since = min(since, opened)
         reopened = reopen_reviews(self.reviews, self.audit.read(from_sequence=since, kind=kpb.DECISION),
                                   self._review_settings)
         restored = restore_answers(self.idempotency, self.audit.read(from_sequence=since, kind=kpb.DECISION))
@@ -529,7 +533,7 @@ class DecisionSide:
 
 def _lost_in_fsync_mode(directory: Path, opened: int, last: int) -> AuditCorrupt:
     return AuditCorrupt(
-        f"the audit log {directory} ends at record #{opened} but reviews were stored for records up to #{last}: "
+        f"the audit log {directory} ends at record #{opened} but the review and idempotency store saw records up to #{last}: "
         f"records #{opened}-#{last} were on disk before their decisions were answered (audit_mode 'fsync') and are "
         "gone (the log rolled back or replaced, a copy of a running kernel's data dir that took audit/ before "
         "kernel.sqlite3 — aios-kernel backup copies them in the right order —, or its storage failed); refusing to "

@@ -262,12 +262,13 @@ class FailingIdempotencyStore:
     def get(self, tenant: str, key: str):
         return self._store.get(tenant, key)
 
-    def put(self, tenant: str, key: str, request_hash: str, response: bytes) -> bytes:
+    def put(self, tenant: str, key: str, request_hash: str, response: bytes, audit_sequence: int = -1) -> bytes:
         self.failed.append(key)
         raise Internal(DISK_FULL)
 
-    def keep_unwritten(self, tenant: str, key: str, request_hash: str, response: bytes) -> bool:
-        return self._store.keep_unwritten(tenant, key, request_hash, response)  # (memory: no disk to fail)
+    def keep_unwritten(self, tenant: str, key: str, request_hash: str, response: bytes,
+                       audit_sequence: int = -1) -> bool:
+        return self._store.keep_unwritten(tenant, key, request_hash, response, audit_sequence)  # (memory)
 
     def unwritten(self) -> int:
         return self._store.unwritten()

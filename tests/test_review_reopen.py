@@ -296,7 +296,7 @@ def test_a_review_mark_past_the_end_of_the_log_comes_down_to_it(claims_models, t
         assert restarted.decisions.reviews.recorded_before() == size
         assert mark > size > opened
         # The range is the log's end when the kernel opened it (not after this start's own records).
-        assert (f"the audit log ends at record #{opened} but reviews were stored for records up to #{mark - 1}: "
+        assert (f"the audit log ends at record #{opened} but the review and idempotency store saw records up to #{mark - 1}: "
                 f"records #{opened}-#{mark - 1} were lost") in caplog.text
         (started,) = iter_directory(data_dir / "audit", opened, RecordFilter(kind=kpb.CONFIG_CHANGE))
         assert json.loads(started.payload)["lost_records"] == {"first": opened, "last": mark - 1,
@@ -309,7 +309,8 @@ def test_stored_answers_citing_lost_records_are_forgotten_when_the_loss_is_accep
                                                                                      caplog):
     """(Upgrade audit) a start that accepts lost records hands their sequence numbers to new decisions; a key
     whose stored answer cited one was replayed naming another caller's decision. Such entries are forgotten: the
-    retry is decided anew, on the record; keys whose records survived still replay."""
+    retry is decided anew, on the record; keys whose records survived still replay. The loss is found from the
+    stored answers, with the review mark below it."""
     from conftest import start_kernel
 
     pipelines, data_dir = str(copy_pipelines(tmp_path / "pipelines")), tmp_path / "data"
@@ -328,10 +329,16 @@ def test_stored_answers_citing_lost_records_are_forgotten_when_the_loss_is_accep
             answer = kpb.Decision.FromString(conn.execute("SELECT response FROM idempotency WHERE key = ?",
                                                           (request.idempotency_key,)).fetchone()[0])
             answer.audit_sequence = opened + offset
-            conn.execute("UPDATE idempotency SET response = ? WHERE key = ?",
-                         (answer.SerializeToString(), request.idempotency_key))
-        conn.execute("UPDATE meta SET value = ? WHERE key = ?", (opened + 3, RECORDED_BEFORE))
+            conn.execute("UPDATE idempotency SET response = ?, audit_sequence = ? WHERE key = ?",
+                         (answer.SerializeToString(), answer.audit_sequence, request.idempotency_key))
+        # (The review mark is left below the loss: it rises only with escalations, and a loss after the last one is
+        # seen from the stored answers alone — a review audit found it was not.)
 
+    from kernel.audit import AuditCorrupt
+
+    with pytest.raises(AuditCorrupt, match=f"ends at record #{opened} but the review and idempotency store saw "
+                                           f"records up to #{opened + 2}"):
+        start_kernel(claims_models, **{**options, "audit_mode": "fsync"})  # fsync mode: refused, nothing changed
     restarted = start_kernel(claims_models, **options)
     try:
         assert f"forgot the idempotency entries of 3 decisions whose records #{opened} on were lost" in caplog.text
@@ -364,7 +371,7 @@ def test_in_fsync_mode_records_missing_from_the_log_refuse_the_start(claims_mode
     with pytest.raises(AuditCorrupt) as refused:
         start_kernel(claims_models, pipelines=pipelines, data_dir=str(data_dir), pipeline_poll_s=0)
     message = refused.value.message
-    assert f"ends at record #{opened} but reviews were stored for records up to #{opened + 4}" in message
+    assert f"ends at record #{opened} but the review and idempotency store saw records up to #{opened + 4}" in message
     assert "refusing to start" in message and "AIOS_AUDIT_MODE=async" in message
     assert sum(1 for _ in iter_directory(data_dir / "audit", 0, RecordFilter())) == opened  # nothing appended
     accepted = start_kernel(claims_models, pipelines=pipelines, data_dir=str(data_dir), pipeline_poll_s=0,

@@ -479,7 +479,8 @@ class GroupFinish:
                 continue
             request = pending.request
             try:
-                store.put(request.tenant, request.idempotency_key, pending.request_hash, decision.SerializeToString())
+                store.put(request.tenant, request.idempotency_key, pending.request_hash, decision.SerializeToString(),
+                          decision.audit_sequence)
             except FailedPrecondition as exc:
                 results[index] = FailedPrecondition(
                     f"{exc.message} (this request was decided and recorded all the same: audit sequence "
@@ -488,7 +489,7 @@ class GroupFinish:
                 if unkept is None:
                     unkept = []
                 kept = store.keep_unwritten(request.tenant, request.idempotency_key, pending.request_hash,
-                                            decision.SerializeToString())
+                                            decision.SerializeToString(), decision.audit_sequence)
                 unkept.append((index, request.tenant, request.idempotency_key, decision.audit_sequence, exc, kept))
         if unkept is None:
             return ()

@@ -100,11 +100,12 @@ class IdempotencyStore:
         self._puts = 0
         # Answers sent whose entry could not be written (a full disk): (tenant, key) -> (request_hash, response,
         # expires_unix_ns), served to retries like stored ones and written by the next put that succeeds.
-        self._unwritten: dict[tuple[str, str], tuple[str, bytes, int]] = {}
+        self._unwritten: dict[tuple[str, str], tuple[str, bytes, int, int]] = {}  # (..., audit sequence)
         self._unwritten_lock = threading.Lock()
         self._flushing = threading.Lock()
 
-    def keep_unwritten(self, tenant: str, key: str, request_hash: str, response: bytes) -> bool:
+    def keep_unwritten(self, tenant: str, key: str, request_hash: str, response: bytes,
+                       audit_sequence: int = -1) -> bool:
         """Keep an answer whose ``put`` failed in memory (False when ``MAX_UNWRITTEN`` are kept already).
 
         It was sent: a retry of its key must get it back, not a second decision, audit record and review (an
@@ -114,7 +115,8 @@ class IdempotencyStore:
         with self._unwritten_lock:
             if len(self._unwritten) >= MAX_UNWRITTEN and (tenant, key) not in self._unwritten:
                 return False
-            self._unwritten[(tenant, key)] = (request_hash, bytes(response), self._clock() + self.retention_ns)
+            self._unwritten[(tenant, key)] = (request_hash, bytes(response), self._clock() + self.retention_ns,
+                                              audit_sequence)
             return True
 
     def unwritten(self) -> int:
@@ -145,7 +147,7 @@ class IdempotencyStore:
             raise _reused(key)
         return found[1]
 
-    def put(self, tenant: str, key: str, request_hash: str, response: bytes) -> bytes:
+    def put(self, tenant: str, key: str, request_hash: str, response: bytes, audit_sequence: int = -1) -> bytes:
         """Store ``response`` under the key; returns the answer now stored.
 
         The first answer stored wins: if another call stored one for the same
@@ -165,7 +167,7 @@ class IdempotencyStore:
                 if found[0] != request_hash:
                     raise _reused(key)
                 return bytes(found[1])
-            self._insert(conn, tenant, key, request_hash, response, now)
+            self._insert(conn, tenant, key, request_hash, response, now, audit_sequence=audit_sequence)
             self._puts += 1  # works run one at a time (on the group's leader), so no lock
             if self._puts % PURGE_EVERY == 0:
                 self._purge(conn, now)
@@ -189,26 +191,33 @@ class IdempotencyStore:
             batch = waiting[start:start + PURGE_BATCH]
 
             def work(conn, batch=batch) -> None:
-                for (tenant, key), (request_hash, response, expires) in batch:
+                for (tenant, key), (request_hash, response, expires, sequence) in batch:
                     if expires > now and conn.execute(
                             "SELECT 1 FROM idempotency WHERE tenant = ? AND key = ? AND expires_unix_ns > ?",
                             (tenant, key, now)).fetchone() is None:  # (else the first answer stored wins)
-                        self._insert(conn, tenant, key, request_hash, response, now, expires)
+                        self._insert(conn, tenant, key, request_hash, response, now, expires, sequence)
             try:
                 self._db.transact(work, durable=self._durable)
             except Exception:
                 return
             with self._unwritten_lock:
-                for pair, (request_hash, _, _) in batch:
+                for pair, (request_hash, *_) in batch:
                     if self._unwritten.get(pair, (None,))[0] == request_hash:
                         del self._unwritten[pair]
 
     def _insert(self, conn, tenant: str, key: str, request_hash: str, response: bytes, now: int,
-                expires: int | None = None) -> None:
+                expires: int | None = None, audit_sequence: int = -1) -> None:
         conn.execute("INSERT OR REPLACE INTO idempotency (tenant, key, request_hash, response, created_unix_ns,"
-                     " expires_unix_ns) VALUES (?, ?, ?, ?, ?, ?)",
+                     " expires_unix_ns, audit_sequence) VALUES (?, ?, ?, ?, ?, ?, ?)",
                      (tenant, key, request_hash, response, now, now + self.retention_ns if expires is None
-                      else expires))
+                      else expires, audit_sequence))
+
+    def highest_sequence(self) -> int:
+        """The highest audit sequence a stored answer cites (-1 when none does): the log must hold it."""
+        with self._db.read() as conn:
+            found = conn.execute("SELECT max(audit_sequence) FROM idempotency INDEXED BY idempotency_by_sequence"
+                                 " WHERE audit_sequence >= 0").fetchone()[0]
+        return -1 if found is None else found
 
     def forget_recorded_from(self, sequence: int, skip_tenant: str = "") -> int:
         """Delete the entries whose answer cites audit sequence ``sequence`` or later (all tenants' but
@@ -217,22 +226,27 @@ class IdempotencyStore:
         For a start that accepts lost records (async mode after a power cut): their sequence numbers go to
         new decisions, so a stored answer citing one would be replayed naming another caller's record (an
         upgrade audit: a retry was answered audit_sequence 901, and #901 was then another request's decision).
-        Forgotten, the key's retry is decided anew, on the record; the lost decision is gone either way."""
-        with self._db.read() as conn:
-            rows = conn.execute("SELECT tenant, key, response FROM idempotency WHERE tenant != ?",
-                                (skip_tenant,)).fetchall()
+        Forgotten, the key's retry is decided anew, on the record; the lost decision is gone either way. Answers
+        stored before the ``audit_sequence`` column existed are read from their bytes, a page at a time."""
         stale = []
-        for tenant, key, response in rows:
-            try:
-                if kpb.Decision.FromString(response).audit_sequence >= sequence:
-                    stale.append((tenant, key))
-            except Exception:  # (not a decision: nothing of ours, left alone)
-                continue
-        for start in range(0, len(stale), PURGE_BATCH):
-            batch = stale[start:start + PURGE_BATCH]
-            self._db.transact(lambda conn, batch=batch: conn.executemany(
-                "DELETE FROM idempotency WHERE tenant = ? AND key = ?", batch), durable=True)
-        return len(stale)
+        with self._db.read() as conn:
+            rows = conn.execute("SELECT tenant, key, response FROM idempotency"
+                                " WHERE audit_sequence < 0 AND tenant != ?", (skip_tenant,))
+            while page := rows.fetchmany(PURGE_BATCH):
+                for tenant, key, response in page:
+                    try:
+                        if kpb.Decision.FromString(response).audit_sequence >= sequence:
+                            stale.append((tenant, key))
+                    except Exception:  # (not a decision: nothing of ours, left alone)
+                        continue
+
+        def work(conn) -> int:
+            gone = conn.execute("DELETE FROM idempotency WHERE audit_sequence >= ? AND tenant != ?",
+                                (sequence, skip_tenant)).rowcount
+            conn.executemany("DELETE FROM idempotency WHERE tenant = ? AND key = ?", stale)
+            return gone + len(stale)
+
+        return self._db.transact(work, durable=True)
 
     def purge_expired(self) -> int:
         """Delete expired keys (at most PURGE_BATCH); returns how many went."""
@@ -273,7 +287,8 @@ def restore_answers(store: IdempotencyStore, records) -> int:
         answer.CopyFrom(record.decision)
         answer.audit_sequence, answer.audit_hash = record.sequence, record.hash.hex()
         try:
-            store.put(record.tenant, record.idempotency_key, record.request_hash.hex(), answer.SerializeToString())
+            store.put(record.tenant, record.idempotency_key, record.request_hash.hex(), answer.SerializeToString(),
+                      record.sequence)
         except FailedPrecondition:
             continue
         restored += 1

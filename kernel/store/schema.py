@@ -92,6 +92,12 @@ MIGRATIONS: list[tuple[int, str, tuple[str, ...]]] = [
         # still being delivered must stay until redeliver() finishes it.
         "CREATE INDEX reviews_resolved_at ON reviews (resolved_unix_ns) WHERE resolved = 1 AND delivered = 1",
     )),
+    (5, "the audit sequence each stored answer cites, indexed (answers citing records the log lost are found)", (
+        # -1: not known (an answer stored before this version, or not a decision's); kernel/decisions.py
+        # _lost_records and IdempotencyStore.forget_recorded_from read it.
+        "ALTER TABLE idempotency ADD COLUMN audit_sequence INTEGER NOT NULL DEFAULT -1",
+        "CREATE INDEX idempotency_by_sequence ON idempotency (audit_sequence) WHERE audit_sequence >= 0",
+    )),
 ]
 
 
