@@ -301,3 +301,35 @@ def test_bad_proof_requests_name_the_field(stub, call, request_, code, fragment)
         getattr(stub, call)(request_)
     assert info.value.code() == code
     assert fragment in info.value.details()
+
+
+def test_a_leaf_changed_on_disk_after_the_open_is_refused_not_proven(tmp_path):
+    """(Review audit) leaves the tree dropped are read back from the segments for a proof: a record rewritten on
+    disk since the open (its frame checksum made to match) must not become a proof; it is checked against the
+    subtree hash the tree kept, and refused."""
+    import zlib
+
+    from kernel.audit import AuditCorrupt
+    from kernel.audit.segments import MAGIC
+
+    log = open_log(tmp_path, "leaves-on-disk", checkpoint_records=16, checkpoint_ms=60_000)
+    try:
+        for i in range(40):
+            log.append_and_wait(pb.AuditRecord(kind=pb.DECISION, request_id=f"r{i}"), 10)
+        assert rfc_verify_inclusion(5, 40, log.leaf(5), log.inclusion_proof(5, 40), log.root(40))
+        path = sorted(tmp_path.glob("*.seg"))[0]
+        data = bytearray(path.read_bytes())
+        offset = len(MAGIC)
+        for _ in range(5):  # to record 5's frame
+            offset += 8 + int.from_bytes(data[offset:offset + 4], "little")
+        length = int.from_bytes(data[offset:offset + 4], "little")
+        end = offset + 8 + length
+        data[end - 32:end] = sha(b"forged")  # a different stored hash, its frame's checksum made to match
+        data[offset + 4:offset + 8] = zlib.crc32(bytes(data[offset + 8:end])).to_bytes(4, "little")
+        with open(path, "r+b") as file:
+            file.seek(offset)
+            file.write(data[offset:end])
+        with pytest.raises(AuditCorrupt, match="no longer hash to what the log held when it was opened"):
+            log.inclusion_proof(5, 40)
+    finally:
+        log.close()

@@ -25,6 +25,8 @@ import hashlib
 import threading
 from collections.abc import Callable
 
+from .errors import AuditCorrupt
+
 _sha256 = hashlib.sha256
 
 EMPTY_ROOT = _sha256(b"").digest()
@@ -102,9 +104,23 @@ class MerkleTree:
             offset = (start - self._first) << 5
             return self._leaves[offset:offset + (count << 5)]
         cut = min(start + count, self._first)
-        older = self._read_leaves(start, cut - start)
-        if len(older) != (cut - start) << 5:
-            raise RuntimeError(f"leaves {start}..{cut - 1} could not be read back ({len(older)} bytes)")
+        # Whole blocks of 2**CACHE_LEVEL leaves, each checked against its cached subtree hash (every dropped leaf's
+        # block is cached; _first is a block boundary): a segment changed on disk after the open is refused here,
+        # never served as a proof (a review audit).
+        low, high = start & ~_BLOCK, (cut + _BLOCK) & ~_BLOCK
+        blocks = self._read_leaves(low, high - low)
+        if len(blocks) != (high - low) << 5:
+            raise AuditCorrupt(f"the audit log's leaves {low}..{high - 1} could not be read back "
+                               f"({len(blocks)} bytes): a segment was changed or removed after the log was opened")
+        level = self._levels[0]
+        span = 32 << CACHE_LEVEL
+        for offset in range(0, len(blocks), span):
+            node = (low >> CACHE_LEVEL) + offset // span
+            if _reduce(blocks[offset:offset + span]) != level[node << 5:(node + 1) << 5]:
+                raise AuditCorrupt(f"the audit log's records {low + (offset >> 5)}..{low + (offset >> 5) + _BLOCK} "
+                                   "no longer hash to what the log held when it was opened: a segment was changed "
+                                   "on disk since; run `aios-kernel audit verify` on the log")
+        older = blocks[(start - low) << 5:(cut - low) << 5]
         return older + self._leaves[:(start + count - cut) << 5]
 
     def leaf(self, index: int) -> bytes:
