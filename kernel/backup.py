@@ -23,11 +23,11 @@ import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
-from .audit.segments import MAGIC, FrameScanner, frames_start, fsync_dir, list_segments, nonzero_end
-
-_fsync = fsync_dir  # (opened read-only and fsynced: the same for a file as for a folder)
+from .audit.segments import MAGIC, SUFFIX, FrameScanner, frames_start, fsync_dir, list_segments, nonzero_end
 from .audit.verify import verify_directory
 from .store.sqlite import DATABASE_FILE
+
+_fsync = fsync_dir  # (opened read-only and fsynced: the same for a file as for a folder)
 
 SKIPPED = {"LOCK"}  # the writer's lock: the copy's own kernel takes its own
 
@@ -90,11 +90,11 @@ def _copy_audit(audit: Path, copy: Path) -> int:
     """The audit log in the order a live writer allows (module docstring); returns the bytes of a record being
     written that were left out of the last segment (0 when none)."""
     copy.mkdir()
-    segments = {path.name for _, path in list_segments(audit)}
-    first = sorted(path for path in audit.iterdir() if path.name == "checkpoints.log")
-    others = sorted(path for path in audit.iterdir()
-                    if path.name not in segments and path.name not in SKIPPED and path.name != "checkpoints.log")
-    for path in [*first, *others]:  # checkpoints, keys (public-keys/, the signing key), torn tails kept aside
+    # Everything but the segments (told by name, not by a listing of them: one created meanwhile must not be
+    # copied here, out of order), the checkpoints first.
+    others = sorted((path for path in audit.iterdir() if path.suffix != SUFFIX and path.name not in SKIPPED),
+                    key=lambda path: path.name != "checkpoints.log")
+    for path in others:  # checkpoints, keys (public-keys/, the signing key), torn tails kept aside
         if path.is_dir():
             shutil.copytree(path, copy / path.name)
             for inside in (copy / path.name).iterdir():

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import sqlite3
 
-from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
 from ..errors import FailedPrecondition
+from .sqlite_tasks import FINISHED
 
-_FINISHED_STATES = f"{kpb.SUCCEEDED}, {kpb.FAILED}, {kpb.CANCELLED}"
+_FINISHED_STATES = ", ".join(str(state) for state in FINISHED)
 
 # (version, what it adds, statements)
 MIGRATIONS: list[tuple[int, str, tuple[str, ...]]] = [

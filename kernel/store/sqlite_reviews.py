@@ -318,8 +318,9 @@ class SqliteReviewRecords:
     def any_resolved_before(self, cutoff_unix_ns: int) -> bool:
         """Whether ``delete_resolved_before`` would delete anything."""
         with self._db.read() as conn:
-            return conn.execute("SELECT 1 FROM reviews INDEXED BY reviews_resolved_at WHERE resolved = 1 AND "
-                                "delivered = 1 AND resolved_unix_ns < ? LIMIT 1", (cutoff_unix_ns,)).fetchone() is not None
+            found = conn.execute("SELECT 1 FROM reviews INDEXED BY reviews_resolved_at WHERE resolved = 1 AND "
+                                 "delivered = 1 AND resolved_unix_ns < ? LIMIT 1", (cutoff_unix_ns,)).fetchone()
+        return found is not None
 
     def delete_resolved_before(self, cutoff_unix_ns: int, limit: int) -> int:
         """Delete up to ``limit`` reviews resolved before ``cutoff_unix_ns`` whose resolution reached every hook

@@ -16,7 +16,7 @@ from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
 AfterCommit = Callable[[object], None] | None
 
 
-_FINISHED = (kpb.SUCCEEDED, kpb.FAILED, kpb.CANCELLED)
+FINISHED = (kpb.SUCCEEDED, kpb.FAILED, kpb.CANCELLED)  # the states a task never leaves
 
 
 def _row(task: kpb.Task) -> tuple:
@@ -25,7 +25,7 @@ def _row(task: kpb.Task) -> tuple:
 
 def _finished_at(task: kpb.Task) -> int:
     """When the task finished (its last change, wall clock), 0 while it may still run: what retention reads."""
-    return (task.updated_unix_ns or time.time_ns()) if task.state in _FINISHED else 0
+    return (task.updated_unix_ns or time.time_ns()) if task.state in FINISHED else 0
 
 
 class SqliteTaskRecords:

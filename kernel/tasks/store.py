@@ -23,8 +23,9 @@ from ..store import Feed, request_hash
 from ..store.idempotency import matches as request_matches
 from ..store.feed import FellBehind
 from ..store.idempotency import check_key
+from ..store.sqlite_tasks import FINISHED
 
-FINAL = (kpb.SUCCEEDED, kpb.FAILED, kpb.CANCELLED)
+FINAL = FINISHED
 ACTIVE = (kpb.QUEUED, kpb.RUNNING, kpb.WAITING_FOR_REVIEW)
 
 
