@@ -421,7 +421,10 @@ class KernelServer:
     def hurry(self) -> None:
         """Cut a drain short (an operator's second signal): the lame-duck wait ends and gRPC cancels the calls
         still in progress now instead of at the end of the grace period. From any thread; a no-op when no
-        drain runs."""
+        drain runs; once (a third signal, e.g. an orchestrator's SIGTERM after an operator's Ctrl-C, ran a second
+        grpc.aio stop(0) beside the first, and the process died of SIGSEGV in a fresh clone's test run)."""
+        if self._hurried:
+            return
         self._hurried = True
         if self._server is None:
             return
