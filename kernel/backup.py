@@ -23,6 +23,8 @@ import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
+from .audit.base import read_base
+from .audit.recovery import after_base
 from .audit.segments import MAGIC, SUFFIX, FrameScanner, frames_start, fsync_dir, list_segments, nonzero_end
 from .audit.verify import verify_directory
 from .store.sqlite import DATABASE_FILE
@@ -101,8 +103,9 @@ def _copy_audit(audit: Path, copy: Path) -> int:
                 _fsync(inside)
         else:
             shutil.copy2(path, copy / path.name)
-    expected, last = 0, None
-    for first, path in list_segments(audit):
+    base = read_base(audit)  # (copied above with the other files: an archived log starts at its base)
+    expected, last = (base.tree_size if base is not None else 0), None
+    for first, path in after_base(list_segments(audit), base, audit)[0]:
         if first != expected:
             # A segment the writer created while the folder was being listed can be missing from the listing (a
             # directory is read in hash order, not by name), and the next one present: the copy ends before the

@@ -1,4 +1,4 @@
-"""``aios-kernel audit verify``, ``aios-kernel audit export`` and ``aios-kernel audit replay``.
+"""``aios-kernel audit verify``, ``export``, ``replay`` and ``archive``.
 
 ``kernel/cli.py`` hands every word after ``audit`` to ``main(argv)`` (so the
 kernel's other commands never pay for importing the audit code); the same
@@ -86,7 +86,7 @@ def cmd_verify(args) -> int:
         result = verify_directory(directory, keys, strict=args.strict, min_records=args.min_records)
     except AuditFormatTooNew as exc:  # not a failed log: one this kernel cannot read
         return _cannot_run("verify", exc.message)
-    rate = result.records / result.elapsed_s if result.elapsed_s > 0 else 0.0
+    rate = (result.records - result.first_sequence) / result.elapsed_s if result.elapsed_s > 0 else 0.0
     print(f"{directory}: {result.describe()} [{result.elapsed_s:.2f} s, {rate:,.0f} records/s]")
     if result.ok and keys is None and result.key_id:  # no key_id: no checkpoint, so no key was used
         print("note: signatures were checked with the public keys found in the directory (public-key.pem, "
@@ -149,6 +149,31 @@ def cmd_replay(args) -> int:
         return 1
 
 
+def cmd_archive(args) -> int:
+    from .archive import ArchiveRefused, archive
+
+    directory = Path(args.directory)
+    problem = _log_problem(directory)
+    if problem is not None:
+        return _cannot_run("archive", problem)
+    days = args.older_than
+    if days is not None and days < 0:
+        return _cannot_run("archive", "--older-than must be >= 0 days")
+    try:
+        result = archive(directory, Path(args.dest), before=args.before, older_than_days=days, key_path=args.key)
+    except ArchiveRefused as exc:
+        return _cannot_run("archive", exc.message)
+    except AuditFormatTooNew as exc:
+        return _cannot_run("archive", exc.message)
+    except AuditError as exc:  # the checks passed, then a file could not be read or written
+        print(f"aios-kernel audit archive: {exc.message}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        return _cannot_run("archive", f"{exc.filename or ''}: {exc.strerror or exc}")
+    print(result.summary(directory, Path(args.dest)))
+    return 0
+
+
 def build_parser(prog: str = "aios-kernel audit") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description="Verify, export or replay an audit log directory.")
     commands = parser.add_subparsers(dest="audit_command", required=True)
@@ -183,6 +208,19 @@ def build_parser(prog: str = "aios-kernel audit") -> argparse.ArgumentParser:
     export.add_argument("--pipeline", help="only records of this pipeline (its name, e.g. claims_triage)")
     export.add_argument("--kind", type=_kind, help="DECISION, REVIEW_RESOLUTION, MODEL_DEPLOY, ...")
     export.set_defaults(func=cmd_export)
+
+    about = ("move the oldest whole segments of a stopped kernel's log into DEST, a log directory of its own, "
+             "keeping a small signed base in their place: starts, proofs and verify then begin there")
+    archive = commands.add_parser("archive", help=about, description=about)
+    archive.add_argument("directory", help="the log directory (e.g. var/audit); its kernel must be stopped")
+    archive.add_argument("dest", help="a new (or empty) folder for the archive, outside the log directory")
+    cut = archive.add_mutually_exclusive_group(required=True)
+    cut.add_argument("--before", type=_sequence, metavar="SEQ",
+                     help="archive records before SEQ (rounded down to a segment boundary)")
+    cut.add_argument("--older-than", dest="older_than", type=float, metavar="DAYS",
+                     help="archive the segments whose every record is older than DAYS days")
+    archive.add_argument("--key", help="the signing key (the kernel's audit_key; default DIRECTORY/signing-key.pem)")
+    archive.set_defaults(func=cmd_archive)
 
     # Replay needs pipelines and policies; it lives with them and is imported only when used.
     from ..pipelines import replay_cli

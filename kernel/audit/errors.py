@@ -51,3 +51,10 @@ class AuditFormatTooNew(AuditError):
     with the expected file header" and `audit verify` "FAILED at record 0")."""
 
     code = "FAILED_PRECONDITION"
+
+
+class AuditArchived(AuditError):
+    """A read, root or proof that needs records archived from this log (``aios-kernel audit archive``): they
+    are in the archive, which verifies and exports on its own; this log serves records from its base on."""
+
+    code = "FAILED_PRECONDITION"

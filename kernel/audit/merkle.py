@@ -14,6 +14,14 @@ costs O(log n) hashes. The cache is filled lazily: a root or a proof first
 catches up with the leaves appended since (``catch_up``), which keeps the
 append itself cheap — the writer only appends each group's leaves.
 
+A tree may start from an archive **base** (``MerkleTree(base_size, peaks)``,
+kernel/audit/base.py): the records before ``base_size`` are gone, and only
+the peaks of ``[0, base_size)`` stand for them. Nodes fully before the base
+are then peaks (or the tree refuses with ``Archived``), nodes straddling it
+are hashed from peaks and newer leaves, and levels of the cache start at
+their first node fully after it. Every root of a size >= ``base_size`` and
+every proof about newer records needs nothing else.
+
 ``CompactRange`` computes roots of a growing prefix with O(log n) memory; the
 verifier uses it. ``verify_inclusion``/``verify_consistency`` are the RFC's
 client-side algorithms, for callers of the kernel that want to check proofs.
@@ -44,12 +52,19 @@ def split_point(n: int) -> int:
     return 1 << ((n - 1).bit_length() - 1)
 
 
+class Archived(ValueError):
+    """A root or proof needs records archived from this log (before its base): ask the archive."""
+
+
 def _fold(peaks: list[bytes]) -> bytes:
     """MTH of consecutive complete subtrees of decreasing size: hash them right to left."""
     acc = peaks[-1]
     for peak in reversed(peaks[:-1]):
         acc = _sha256(b"\x01" + peak + acc).digest()
     return acc
+
+
+fold_peaks = _fold
 
 
 def _reduce(level: bytes | bytearray) -> bytes:
@@ -62,15 +77,27 @@ def _reduce(level: bytes | bytearray) -> bytes:
 class MerkleTree:
     """Cached subtree hashes plus the newest leaves (all of them until ``keep_recent``); thread-safe."""
 
-    __slots__ = ("_leaves", "_first", "_levels", "_lock", "_read_leaves", "_keep")
+    __slots__ = ("_leaves", "_first", "_levels", "_starts", "_lock", "_read_leaves", "_keep", "base_size",
+                 "_peaks", "_aligned", "_head")
 
-    def __init__(self) -> None:
+    def __init__(self, base_size: int = 0, peaks: list[tuple[int, bytes]] | tuple = ()) -> None:
         self._leaves = bytearray()  # leaf hashes from index _first on
-        self._first = 0  # leaves before it were dropped: _read_leaves(start, count) gives them back
-        self._levels: list[bytearray] = []  # _levels[i]: subtrees of height CACHE_LEVEL + i
+        self._first = base_size  # leaves before it were dropped: _read_leaves(start, count) gives them back
+        self._levels: list[bytearray] = []  # _levels[i]: subtrees of height CACHE_LEVEL + i, from node _starts[i] on
+        self._starts: list[int] = []  # first node of each level wholly at or after the base (0 without one)
         self._lock = threading.Lock()
         self._read_leaves: Callable[[int, int], bytes] | None = None
         self._keep = 0
+        self.base_size = base_size  # records [0, base_size) are archived: only their peaks are here
+        self._peaks: dict[tuple[int, int], bytes] = {}  # (height, node index) -> hash, for the base's peaks
+        position = 0
+        for height, digest in peaks:
+            self._peaks[height, position >> height] = digest
+            position += 1 << height
+        if position != base_size:
+            raise ValueError(f"the peaks cover {position} leaves, not the base's {base_size}")
+        self._aligned = (base_size + _BLOCK) & ~_BLOCK  # first leaf of the first block wholly after the base
+        self._head = b""  # leaves [base_size, _aligned) once dropped from _leaves: no cached block to check them
 
     @property
     def size(self) -> int:
@@ -85,9 +112,13 @@ class MerkleTree:
 
     def _drop_old(self) -> None:
         """Drop leaves whose subtree of 2**CACHE_LEVEL is cached and that are not among the newest ``_keep``."""
-        cached = (len(self._levels[0]) >> 5) << CACHE_LEVEL if self._levels else 0  # leaves folded into level 0
+        if not self._levels:
+            return
+        cached = (self._starts[0] + (len(self._levels[0]) >> 5)) << CACHE_LEVEL  # leaves folded into level 0
         until = min(cached, self.size - self._keep) & ~_BLOCK
         if until > self._first:
+            if self._first < self._aligned:  # the base's partial block: kept (at most 15 hashes), see _leaf_bytes
+                self._head = bytes(self._leaves[:(self._aligned - self._first) << 5])
             del self._leaves[:(until - self._first) << 5]
             self._first = until
 
@@ -103,6 +134,11 @@ class MerkleTree:
         if start >= self._first:
             offset = (start - self._first) << 5
             return self._leaves[offset:offset + (count << 5)]
+        if start < self.base_size:
+            raise Archived(f"record {start} was archived from this log (records 0..{self.base_size - 1})")
+        if start < self._aligned:  # within the base's partial block (callers never ask across a block boundary)
+            offset = (start - self.base_size) << 5
+            return self._head[offset:offset + (count << 5)]
         cut = min(start + count, self._first)
         # Whole blocks of 2**CACHE_LEVEL leaves, each checked against its cached subtree hash (every dropped leaf's
         # block is cached; _first is a block boundary): a segment changed on disk after the open is refused here,
@@ -115,7 +151,7 @@ class MerkleTree:
         level = self._levels[0]
         span = 32 << CACHE_LEVEL
         for offset in range(0, len(blocks), span):
-            node = (low >> CACHE_LEVEL) + offset // span
+            node = (low >> CACHE_LEVEL) + offset // span - self._starts[0]
             if _reduce(blocks[offset:offset + span]) != level[node << 5:(node + 1) << 5]:
                 raise AuditCorrupt(f"the audit log's records {low + (offset >> 5)}..{low + (offset >> 5) + _BLOCK} "
                                    "no longer hash to what the log held when it was opened: a segment was changed "
@@ -136,22 +172,25 @@ class MerkleTree:
         leaves = self._leaves
         n = self.size
         first = self._first  # (dropped leaves are all cached already: only newer ones are folded here)
+        base = self.base_size
         height = CACHE_LEVEL
         index = 0
         while n >> height:
             if index == len(self._levels):
                 self._levels.append(bytearray())
-            level = self._levels[index]
-            have, want = len(level) >> 5, n >> height
+                self._starts.append((base + (1 << height) - 1) >> height)
+            level, start = self._levels[index], self._starts[index]
+            have, want = start + (len(level) >> 5), n >> height
             if index == 0:
                 span = 32 << height
                 for j in range(have, want):
-                    start = j * span - (first << 5)
-                    level += _reduce(leaves[start:start + span])
+                    offset = j * span - (first << 5)
+                    level += _reduce(leaves[offset:offset + span])
             else:
-                below = self._levels[index - 1]
+                below, below_start = self._levels[index - 1], self._starts[index - 1]
                 for j in range(have, want):
-                    level += _sha256(b"\x01" + below[j * 64:j * 64 + 64]).digest()
+                    offset = (2 * j - below_start) << 5
+                    level += _sha256(b"\x01" + below[offset:offset + 64]).digest()
             height += 1
             index += 1
         if self._read_leaves is not None:
@@ -159,10 +198,32 @@ class MerkleTree:
 
     def _subtree(self, height: int, index: int) -> bytes:
         """Hash of the complete subtree of 2**height leaves starting at leaf index << height."""
+        start = index << height
+        if start < self.base_size:
+            peak = self._peaks.get((height, index))
+            if peak is not None:
+                return peak
+            if start + (1 << height) <= self.base_size:  # wholly archived, and not a peak: gone with the records
+                raise Archived(f"the subtree of records {start}..{start + (1 << height) - 1} was archived from "
+                               f"this log (records 0..{self.base_size - 1})")
+            return _sha256(b"\x01" + self._subtree(height - 1, 2 * index)
+                           + self._subtree(height - 1, 2 * index + 1)).digest()  # straddles the base
         if height >= CACHE_LEVEL:
-            offset = index << 5
+            offset = (index - self._starts[height - CACHE_LEVEL]) << 5
             return bytes(self._levels[height - CACHE_LEVEL][offset:offset + 32])
-        return _reduce(self._leaf_bytes(index << height, 1 << height))
+        return _reduce(self._leaf_bytes(start, 1 << height))
+
+    def peaks(self, size: int) -> list[tuple[int, bytes]]:
+        """(height, hash) of the complete subtrees [0, size) splits into, tallest first: an archive base's."""
+        with self._lock:
+            self._check_size(size)
+            self._catch_up()
+            found, position = [], 0
+            for height in range(size.bit_length() - 1, -1, -1):
+                if size >> height & 1:
+                    found.append((height, self._subtree(height, position >> height)))
+                    position += 1 << height
+            return found
 
     def _mth(self, start: int, end: int) -> bytes:
         """MTH(D[start:end]) for a range of the RFC's recursion (start aligned to the range's split)."""
@@ -182,6 +243,8 @@ class MerkleTree:
     def _check_size(self, size: int) -> None:
         if not 0 <= size <= self.size:
             raise ValueError(f"tree size {size} is beyond the {self.size} leaves of the log")
+        if size < self.base_size:
+            raise Archived(f"tree size {size} is before this log's archive base ({self.base_size} records archived)")
 
     def root(self, size: int | None = None) -> bytes:
         """MTH of the first ``size`` leaves (all of them by default)."""
@@ -197,6 +260,8 @@ class MerkleTree:
             self._check_size(size)
             if not 0 <= index < size:
                 raise ValueError(f"leaf {index} is not in a tree of size {size}")
+            if index < self.base_size:
+                raise Archived(f"record {index} was archived from this log (records 0..{self.base_size - 1})")
             self._catch_up()
             path = []
             start, end = 0, size
@@ -217,6 +282,7 @@ class MerkleTree:
             self._check_size(new_size)
             if not 0 < old_size <= new_size:
                 raise ValueError(f"old size {old_size} must be in 1..{new_size}")
+            self._check_size(old_size)
             self._catch_up()
             proof = []
             start, end, m, complete = 0, new_size, old_size, True
@@ -243,9 +309,9 @@ class CompactRange:
 
     __slots__ = ("size", "_peaks")
 
-    def __init__(self) -> None:
-        self.size = 0
-        self._peaks: list[tuple[int, bytes]] = []  # (height, hash), tallest first
+    def __init__(self, size: int = 0, peaks: list[tuple[int, bytes]] | tuple = ()) -> None:
+        self.size = size  # from an archive base: its size and peaks
+        self._peaks: list[tuple[int, bytes]] = list(peaks)  # (height, hash), tallest first
 
     def append(self, leaf: bytes) -> None:
         peaks = self._peaks

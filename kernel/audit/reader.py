@@ -3,7 +3,8 @@
 ``iter_log`` reads a live ``AuditLog`` (only durable records; with ``follow``
 it waits for more), ``iter_directory`` reads a log directory with no writer
 (a copy, an archive), stopping with a warning at a torn tail and raising
-``AuditCorrupt`` at damage anywhere else. A segment's data ends
+``AuditCorrupt`` at damage anywhere else; in a directory that archived
+records (kernel/audit/base.py) it starts at its base, saying so. A segment's data ends
 at a zero frame header (its preallocated zero tail) or at the end of the
 file. Both check each frame's checksum and yield parsed ``AuditRecord``
 messages, hash included.
@@ -22,7 +23,8 @@ from pathlib import Path
 from .._proto.aios.kernel.v1 import kernel_pb2
 from .errors import AuditCorrupt
 from .record import split_stored
-from .recovery import INDEX_EVERY, writer_is_live
+from .base import read_base
+from .recovery import INDEX_EVERY, after_base, writer_is_live
 from .segments import HEADER_BYTES, MAGIC, FrameScanner, crc32, frames_start, list_segments, unpack_header
 
 log = logging.getLogger("aios.audit")
@@ -194,7 +196,11 @@ def iter_directory(directory: str | Path, from_sequence: int = 0, wanted: Record
     quietly would hide them.
     """
     directory = Path(directory)
-    segments = list_segments(directory)
+    base = read_base(directory)
+    segments, _ = after_base(list_segments(directory), base, directory)
+    if base is not None and from_sequence < base.tree_size:  # (an export or a replay "from the start")
+        log.warning("audit: %s: %s; reading from record %d on", directory, base.describe(), base.tree_size)
+        from_sequence = base.tree_size
     for number, (first, path) in enumerate(segments):
         following = segments[number + 1][0] if number + 1 < len(segments) else None
         if following is not None and following <= from_sequence:

@@ -71,6 +71,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import accel
+from .base import ArchiveBase, check_base, read_base
 from .checkpoints import FILE_NAME as CHECKPOINT_FILE, Checkpoint, check_sequence, signature_ok
 from .errors import AuditCorrupt, AuditError
 from .keys import SigningKey, published_keys
@@ -100,6 +101,28 @@ class LogState:
     torn_problem: str = ""  # what the scanner found there
     damage: tuple[Path, int, int, str] | None = None  # (segment, offset, record, why): bad bytes that are no torn tail
     unfinished: Path | None = None  # a last segment cut short while being created (no record): to remove
+    base: ArchiveBase | None = None  # records before base.tree_size were archived (kernel/audit/base.py)
+    leftovers: list[Path] = field(default_factory=list)  # segments wholly before the base, not yet removed
+
+
+def after_base(segments: list[tuple[int, Path]], base: ArchiveBase | None,
+               directory: Path) -> tuple[list[tuple[int, Path]], list[Path]]:
+    """The segments of records from the archive base on, and those wholly before it (already in the archive:
+    an archive stopped between writing the base and removing them leaves them; ignored, and reported)."""
+    if base is None:
+        return segments, []
+    cut = base.tree_size
+    leftovers = []
+    for number, (first, path) in enumerate(segments):
+        if first >= cut:
+            return segments[number:], leftovers
+        following = segments[number + 1][0] if number + 1 < len(segments) else None
+        if following is None or following > cut:
+            raise AuditCorrupt(f"the audit log in {directory} is damaged or was altered: {path.name} starts at record "
+                               f"{first}, before the archive base ({base.describe()}), and records after it are not "
+                               f"in a segment of their own from {cut} on")
+        leftovers.append(path)
+    return [], leftovers
 
 
 def recover(directory: Path) -> LogState:
@@ -107,10 +130,12 @@ def recover(directory: Path) -> LogState:
     ``check_against`` to refuse, with what the checkpoints signed; damage in any other segment raises
     ``AuditCorrupt`` here. The caller cuts a torn tail (``tail_torn``) and removes an ``unfinished``
     segment once every check passed."""
-    state = LogState()
+    base = read_base(directory)
+    state = LogState() if base is None else LogState(tree=MerkleTree(base.tree_size, base.peaks),
+                                                     last_hash=base.last_hash, base=base)
     leaves = bytearray()
-    sequence = 0
-    segments = list_segments(directory)
+    sequence = state.tree.size
+    segments, state.leftovers = after_base(list_segments(directory), base, directory)
     for number, (first, path) in enumerate(segments):
         last = number == len(segments) - 1
         if first != sequence:
@@ -157,7 +182,7 @@ def recover(directory: Path) -> LogState:
         state.segments.append((first, path))
         state.tail_size = scanner.end
     state.tree.append_leaves(leaves)
-    if sequence:
+    if sequence > state.tree.base_size:
         state.last_hash = state.tree.leaf(sequence - 1)
     return state
 
@@ -188,6 +213,8 @@ def check_against(state: LogState, checkpoints: list[Checkpoint], directory: Pat
     signed checkpoint, whose signature must verify where a key for it is at hand (``key``, the key this
     kernel signs with, or one kept in ``public-keys/``)."""
     check_sequence(checkpoints, directory)
+    if state.base is not None:
+        _check_base(state.base, checkpoints, directory, key)
     if state.damage is not None:
         _refuse_damage(state, checkpoints, directory)
     if not checkpoints:
@@ -218,10 +245,26 @@ def check_against(state: LogState, checkpoints: list[Checkpoint], directory: Pat
 _NOT_OPENED = "The log was not opened and nothing was changed on disk"
 
 
+def _check_base(base: ArchiveBase, checkpoints: list[Checkpoint], directory: Path, key: SigningKey | None) -> None:
+    """The archive base is sound and signed, and the checkpoint file still covers it: a file cut back below the
+    base (which the archive never leaves) would have the writer sign the records after it as a crash's tail."""
+    kept = published_keys(directory)
+    check_base(base, directory, lambda key_id: key.public_raw if key is not None and key.key_id == key_id
+               else kept.get(key_id))
+    signed = checkpoints[-1].tree_size if checkpoints else 0
+    if signed < base.tree_size:
+        raise AuditCorrupt(
+            f"the audit log in {directory} is damaged or was altered: {directory / CHECKPOINT_FILE} covers "
+            f"{signed} records, fewer than the {base.tree_size} its archive base says were archived (the archive "
+            f"leaves the checkpoints as they were): checkpoints were removed. {_NOT_OPENED}")
+
+
 def _last_matching(state: LogState, checkpoints: list[Checkpoint]) -> int:
     """The tree size of the newest checkpoint before the last whose root the records still give: the change
     lies after it (roots of earlier sizes do not depend on later records)."""
     for checkpoint in reversed(checkpoints[:-1]):
+        if checkpoint.tree_size < state.tree.base_size:
+            return state.tree.base_size  # (roots before the base are the archive's to check)
         if checkpoint.tree_size <= state.tree.size and state.tree.root(checkpoint.tree_size) == checkpoint.root_hash:
             return checkpoint.tree_size
     return 0

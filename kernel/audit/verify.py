@@ -66,12 +66,13 @@ from dataclasses import dataclass
 from hashlib import sha256
 from pathlib import Path
 
+from .base import ARCHIVE_MARKER, check_base, read_base
 from .checkpoints import FILE_NAME as CHECKPOINT_FILE
 from .checkpoints import read_all, signature_ok
 from .errors import AuditCorrupt
 from .keys import PUBLIC_KEY_FILE, PUBLIC_KEYS_DIR, key_id, published_keys
 from .merkle import CompactRange
-from .recovery import writer_is_live
+from .recovery import after_base, writer_is_live
 from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
 from .record import GENESIS_PREV_HASH, AuditRecord, split_stored
 from .segments import MAGIC, SUFFIX, FrameScanner, frames_start, list_segments, segment_name
@@ -89,12 +90,16 @@ class VerifyResult:
     elapsed_s: float = 0.0
     last_bad_sequence: int | None = None  # the end of the bad range, when only a range is known
     writer_live: bool = False  # a kernel had the log open: an unsigned tail awaits its next checkpoint
+    first_sequence: int = 0  # records before it were archived (the directory's archive base): not walked here
 
     def describe(self) -> str:
         if self.ok:
             key = f" ({'keys' if ',' in self.key_id else 'key'} {self.key_id})" if self.key_id else ""
             note = f" ({self.reason})" if self.reason else ""
-            return (f"OK: {self.records} records and {self.checkpoints} signed checkpoints verified"
+            walked = (f"{self.records} records" if not self.first_sequence else
+                      f"records {self.first_sequence}..{self.records - 1} ({self.records - self.first_sequence}; "
+                      f"0..{self.first_sequence - 1} were archived, under the signed base)")
+            return (f"OK: {walked} and {self.checkpoints} signed checkpoints verified"
                     f"{key}{self._unsigned_tail()}{note}")
         if self.first_bad_sequence is None:  # the reason names what failed (checkpoints, the directory)
             return f"FAILED: {self.reason}"
@@ -194,11 +199,14 @@ class _Walk:
         self.stops: list[int] = []  # sequences of "kernel stopping" records
         self.adopted: list[tuple[int, int, int]] = []  # (the start record's sequence, first, last adopted)
         self.last_event = ""  # the event of the last kernel CONFIG_CHANGE record
+        self.trusted: dict[str, bytes] = {}
+        self.base_size = 0  # records archived before this directory's first (its archive base)
 
     def result(self, ok: bool, sequence: int | None, reason: str, started: float,
                last: int | None = None) -> VerifyResult:
         return VerifyResult(ok, self.count, self.verified_checkpoints, self.signed_size, sequence, reason or self.note,
-                            ", ".join(self.key_ids), time.perf_counter() - started, last, self.writer_live)
+                            ", ".join(self.key_ids), time.perf_counter() - started, last, self.writer_live,
+                            self.base_size)
 
     def load_checkpoints(self, trusted: dict[str, bytes] | None) -> None:
         found, _, problem, torn = read_all(self.directory)
@@ -220,6 +228,7 @@ class _Walk:
                                      f"{previous}: checkpoints never shrink")
             previous = checkpoint.tree_size
         self.checkpoints = found
+        self.trusted = trusted or {}
 
     def _key_for(self, number: int, checkpoint, trusted: dict[str, bytes]) -> bytes:
         """The trusted key the checkpoint names (each key epoch is checked with its own key)."""
@@ -252,11 +261,10 @@ class _Walk:
             segments = list_segments(self.directory)
         except AuditCorrupt as exc:
             raise _Failure(None, str(exc)) from None
-        tree = CompactRange()
+        tree, previous, segments = self._from_base(segments)
         self._check_checkpoints(tree)
-        previous = GENESIS_PREV_HASH
         parse = AuditRecord.FromString
-        sequence = 0
+        sequence = tree.size
         for number, (first, path) in enumerate(segments):
             if first != sequence:
                 raise _Failure(sequence, (
@@ -318,6 +326,31 @@ class _Walk:
                     if scanner.torn and last else scanner.problem
                 raise _Failure(sequence, f"record {sequence} in {path.name}: {what}")
 
+    def _from_base(self, segments: list) -> tuple[CompactRange, bytes, list]:
+        """Where the walk starts: record 0, or the archive base (its peaks, the hash the next record chains to,
+        and its signed checkpoint, checked here with the trusted keys); checkpoints before the base cover
+        archived records, which the archive's own verify checks."""
+        try:
+            base = read_base(self.directory)
+            segments, _ = after_base(segments, base, self.directory)
+            if base is None:
+                return CompactRange(), GENESIS_PREV_HASH, segments
+            check_base(base, self.directory, lambda key_id: self.trusted.get(key_id))
+        except AuditCorrupt as exc:
+            raise _Failure(None, str(exc)) from None
+        if base.checkpoint.key_id not in self.key_ids:
+            self.key_ids.append(base.checkpoint.key_id)
+        self.base_size = self.count = self.signed_size = base.tree_size
+        self.verified_checkpoints += 1  # the base's own
+        while self.next_checkpoint < len(self.checkpoints) and \
+                self.checkpoints[self.next_checkpoint].tree_size <= base.tree_size:
+            if self.checkpoints[self.next_checkpoint].tree_size == base.tree_size and \
+                    self.checkpoints[self.next_checkpoint].root_hash != base.checkpoint.root_hash:
+                raise _Failure(None, f"checkpoint #{self.next_checkpoint} signs another root for tree size "
+                                     f"{base.tree_size} than the archive base does")
+            self.next_checkpoint += 1  # (signatures checked in load_checkpoints; their records are archived)
+        return CompactRange(base.tree_size, base.peaks), base.last_hash, segments
+
     def _kernel_event(self, sequence: int, payload: bytes) -> None:
         """Note the kernel's own starts and stops (rare records: a JSON parse each)."""
         try:
@@ -361,7 +394,9 @@ class _Walk:
             notes[:0] = [f"records {first}..{last} were signed by the start at #{at}, after an unclean stop: only the "
                          f"hash chain vouched for them until then" for at, first, last in plain]
         kernels_log = bool(self.last_event)  # (a log written by a kernel starts with its "kernel started")
-        if kernels_log and self.last_event != "kernel stopping" and self.count == self.signed_size \
+        if (self.directory / ARCHIVE_MARKER).is_file():  # an archive ends where it was cut, not at a stop
+            notes.append(f"an archive ({ARCHIVE_MARKER}): records from {self.count} on are in the log it came from")
+        elif kernels_log and self.last_event != "kernel stopping" and self.count == self.signed_size \
                 and not writer_is_live(self.directory):  # (a running kernel's log has no stop yet)
             older = ("" if self.stops else
                      "; no record of this log is one, so it may also come from a kernel older than that record, "

@@ -46,7 +46,7 @@ from ..errors import InvalidArgument, ResourceExhausted
 from ..threads import name_native_thread
 from . import checkpoints as cps
 from . import merkle
-from .errors import AuditError, AuditFilesGone, AuditTimeout
+from .errors import AuditArchived, AuditError, AuditFilesGone, AuditTimeout
 from .keys import PUBLIC_KEYS_DIR, load_or_create, publish_public_key
 from .reader import RecordFilter, iter_log, read_leaf_hashes
 from .recovery import INDEX_MASK, check_against, keep_torn_tail, lock_directory, recover
@@ -198,6 +198,7 @@ class AuditLog:
         self._segments = state.segments  # appended by the writer; read by readers
         self._index = state.index
         self._last_hash = state.last_hash
+        self.base = state.base  # records before base.tree_size were archived (None: nothing was)
         self.dropped_bytes = state.dropped_bytes  # torn tail cut by this open
         found, end, problem = cps.scan(directory)
         check_against(state, found, directory, key)
@@ -222,8 +223,12 @@ class AuditLog:
         if state.segments:
             self._segment = SegmentFile.reopen(state.segments[-1][1], state.tail_size, state.tail_torn,
                                                self._preallocate_bytes, self._segment_bytes)
-        else:
-            self._segment = self._new_segment(0)
+        else:  # a new log, or one whose every segment was archived
+            self._segment = self._new_segment(self._tree.size)
+        if state.leftovers:
+            log.warning("audit: %d segment(s) of %s hold only archived records (%s) and were not read: an archive "
+                        "stopped before removing them; `aios-kernel audit archive %s` finishes that",
+                        len(state.leftovers), directory, state.base.describe(), directory)
         # From here on the tree keeps only the newest leaves in memory and reads older ones back from the segments
         # (all leaves are durable records: a group's leaves join the tree after its write).
         self._tree.keep_recent(lambda start, count: read_leaf_hashes(self, start, count), merkle.KEEP_LEAVES)
@@ -592,7 +597,17 @@ class AuditLog:
         until ``stop`` is set (an Event, or a callable returning True) or the log closes.
         """
         wanted = RecordFilter.of(tenant, pipeline, kind, since_unix_ns, until_unix_ns)
+        self._refuse_archived(from_sequence, "from_sequence")
         return iter_log(self, from_sequence, wanted, follow, stop)
+
+    def _refuse_archived(self, sequence: int, what: str) -> None:
+        """``AuditArchived`` when ``sequence`` is before this log's archive base (its records are gone from here)."""
+        if self.base is not None and sequence < self.base.tree_size:
+            first = self.base.tree_size
+            raise AuditArchived(
+                f"{what}: records 0..{first - 1} were archived from this log on "
+                f"{time.strftime('%Y-%m-%d', time.gmtime(self.base.archived_unix_ns / 1e9))}; it serves records "
+                f"from {first} on (the archive holds the rest, and verifies and exports on its own)")
 
     @property
     def key_id(self) -> str:
@@ -620,18 +635,22 @@ class AuditLog:
         """The hash of a durable record."""
         if not 0 <= sequence < self._watermark.value:
             raise IndexError(f"record {sequence} is not in the log (size {self._watermark.value})")
+        self._refuse_archived(sequence, "sequence")
         return self._tree.leaf(sequence)
 
     def root(self, size: int) -> bytes:
         self._check_size(size)
+        self._refuse_archived(size, "tree_size")
         return self._tree.root(size)
 
     def inclusion_proof(self, sequence: int, size: int) -> list[bytes]:
         self._check_size(size)
+        self._refuse_archived(sequence, "sequence")
         return self._tree.inclusion_proof(sequence, size)
 
     def consistency_proof(self, old_size: int, new_size: int) -> list[bytes]:
         self._check_size(new_size)
+        self._refuse_archived(old_size, "old_size")
         return self._tree.consistency_proof(old_size, new_size)
 
     def _check_size(self, size: int) -> None:

@@ -1,0 +1,148 @@
+"""The archive base: what a log directory keeps of the records it archived (``aios-kernel audit archive``).
+
+Archiving moves whole segments, records ``[0, b)``, out of the live
+directory. What the live log still needs of them is small and fixed:
+
+- ``tree_size`` b and the **peaks** of ``[0, b)``: the hashes of the complete
+  subtrees its size's binary digits make (at most 64). Every Merkle root of a
+  size ≥ b, every inclusion proof of a record ≥ b and every consistency proof
+  from a size ≥ b uses, of the archived records, only those peaks and nodes
+  built from them and newer leaves (``MerkleTree``; the property test checks
+  it against the full tree);
+- ``last_hash``, the hash of record b - 1, which record b's ``prev_hash``
+  names (the chain), with its inclusion proof in the tree of size b;
+- a **checkpoint** for tree size b, signed by the log's key when archiving:
+  the peaks fold to its root and the last hash is proven in it, so nobody
+  without the key can change the base without the open and ``audit verify``
+  refusing it. The same checkpoint closes the archive's own checkpoint file,
+  so the archive verifies on its own and both halves name one signed state.
+
+The file is JSON (``archive-base.json``), written once per archive: a temporary
+file, fsynced, renamed over the old one, and the directory fsynced.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .._proto.aios.kernel.v1 import kernel_pb2
+from .checkpoints import Checkpoint, signature_ok
+from .errors import AuditCorrupt, AuditFormatTooNew
+from .merkle import fold_peaks, verify_inclusion
+from .segments import fsync_dir
+
+FILE_NAME = "archive-base.json"
+ARCHIVE_MARKER = "archive.json"  # in an archive (the archive command's DEST): what it holds, where it came from
+FORMAT = 1
+_UNTOUCHED = "The log was not opened and nothing was changed on disk; the archive it names holds the records"
+
+
+@dataclass(frozen=True)
+class ArchiveBase:
+    tree_size: int  # records [0, tree_size) are archived
+    peaks: tuple[tuple[int, bytes], ...]  # (height, hash) of the complete subtrees of [0, tree_size), tallest first
+    last_hash: bytes  # hash of record tree_size - 1
+    last_proof: tuple[bytes, ...]  # its inclusion proof in the tree of size tree_size
+    checkpoint: kernel_pb2.Checkpoint  # signed, for tree size tree_size
+    archive: str  # where the records went, as the operator named it (for messages)
+    archived_unix_ns: int
+
+    def to_json(self) -> str:
+        return json.dumps({
+            "format": FORMAT,
+            "tree_size": self.tree_size,
+            "peaks": [{"height": height, "hash": digest.hex()} for height, digest in self.peaks],
+            "last_hash": self.last_hash.hex(),
+            "last_proof": [digest.hex() for digest in self.last_proof],
+            "checkpoint": base64.b64encode(self.checkpoint.SerializeToString()).decode(),
+            "archive": self.archive,
+            "archived_unix_ns": self.archived_unix_ns,
+        }, indent=1) + "\n"
+
+    def describe(self) -> str:
+        return f"records 0..{self.tree_size - 1} were archived (to {self.archive})"
+
+
+def peak_heights(size: int) -> list[int]:
+    """Heights of the complete subtrees [0, size) splits into, tallest first (its binary digits)."""
+    return [height for height in range(size.bit_length() - 1, -1, -1) if size >> height & 1]
+
+
+def _parse(path: Path, text: str) -> ArchiveBase:
+    try:
+        data = json.loads(text)
+        if data.get("format", 0) > FORMAT:
+            raise AuditFormatTooNew(f"{path}: archive base format {data['format']} was written by a newer "
+                                    f"aios-kernel; this one reads format {FORMAT}")
+        base = ArchiveBase(
+            tree_size=int(data["tree_size"]),
+            peaks=tuple((int(peak["height"]), bytes.fromhex(peak["hash"])) for peak in data["peaks"]),
+            last_hash=bytes.fromhex(data["last_hash"]),
+            last_proof=tuple(bytes.fromhex(digest) for digest in data["last_proof"]),
+            checkpoint=Checkpoint.FromString(base64.b64decode(data["checkpoint"], validate=True)),
+            archive=str(data.get("archive", "")),
+            archived_unix_ns=int(data.get("archived_unix_ns", 0)),
+        )
+    except AuditFormatTooNew:
+        raise
+    except Exception as exc:  # JSON, key, type, hex, base64 or protobuf errors: all mean the file is not a base
+        raise AuditCorrupt(f"{path}: not a readable archive base ({type(exc).__name__}: {exc})") from None
+    # The shape first (a tree is built from it before the signature can be checked): see check_base for the rest.
+    if base.tree_size < 1 or [height for height, _ in base.peaks] != peak_heights(base.tree_size) or \
+            any(len(digest) != 32 for _, digest in base.peaks):
+        raise AuditCorrupt(f"the audit log in {path.parent} is damaged or was altered: {path}: its peaks are not "
+                           f"those of a tree of {base.tree_size} records. {_UNTOUCHED}")
+    return base
+
+
+def read_base(directory: Path) -> ArchiveBase | None:
+    """The directory's archive base, or None when nothing was archived from it."""
+    path = directory / FILE_NAME
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    return _parse(path, text)
+
+
+def check_base(base: ArchiveBase, directory: Path, public_key_for: Callable[[str], bytes | None]) -> None:
+    """``AuditCorrupt`` unless the base is sound: peaks of the right heights that fold to the root its
+    checkpoint signs, the last hash proven in it, and a signature that verifies with the key it names
+    (``public_key_for(key_id)``; None = no key at hand for it, which is itself a refusal here: a base
+    nothing vouches for would let anyone choose the archived past)."""
+    path = directory / FILE_NAME
+    checkpoint = base.checkpoint
+    problem = None  # (its shape was checked when it was read)
+    if checkpoint.tree_size != base.tree_size:
+        problem = f"its checkpoint is for tree size {checkpoint.tree_size}, not {base.tree_size}"
+    elif fold_peaks([digest for _, digest in base.peaks]) != checkpoint.root_hash:
+        problem = "its peaks do not fold to the root its checkpoint signs"
+    elif not verify_inclusion(base.last_hash, base.tree_size - 1, base.tree_size, list(base.last_proof),
+                              checkpoint.root_hash):
+        problem = f"the hash it keeps of record {base.tree_size - 1} is not proven in that root"
+    else:
+        public = public_key_for(checkpoint.key_id)
+        if public is None:
+            problem = f"its checkpoint was signed by key {checkpoint.key_id or '?'}, which this directory does not keep"
+        elif not signature_ok(checkpoint, public):
+            problem = f"its checkpoint's signature does not verify with key {checkpoint.key_id}"
+    if problem is not None:
+        raise AuditCorrupt(f"the audit log in {directory} is damaged or was altered: {path}: {problem}. {_UNTOUCHED}")
+
+
+def write_base(directory: Path, base: ArchiveBase) -> None:
+    """Replace the directory's base atomically (temporary file, fsync, rename, directory fsync)."""
+    path = directory / FILE_NAME
+    temporary = path.with_name(f"{FILE_NAME}.tmp-{time.time_ns()}")
+    with open(temporary, "x", encoding="utf-8") as out:
+        out.write(base.to_json())
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(temporary, path)
+    fsync_dir(directory)
