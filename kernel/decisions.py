@@ -26,7 +26,7 @@ from .api.task_service import task_handlers
 from .audit import AuditCorrupt, AuditLog
 from .config import Settings
 from .errors import (Aborted, DeadlineExceeded, FailedPrecondition, KernelError, NotFound, ResourceExhausted,
-                     TransientError, Unavailable, quote, shutting_down)
+                     TransientError, Unavailable, shutting_down)
 from .pipelines import DecisionEngine, PipelineRegistry, Services
 from .pipelines.provenance import resolution_record
 from .policy import load_policy, parse_policy
@@ -35,6 +35,7 @@ from .store import DATABASE_FILE, open_database
 from .store.faults import os_cause
 from .store.idempotency import restore_answers
 from .store.retention import RetentionSweeper, Swept
+from .store.sqlite_tasks import cannot_cancel
 from .tasks import IdempotencyStore, TaskRunner, TaskStore, WaitingForReview
 
 log = logging.getLogger("aios.decisions")
@@ -465,15 +466,14 @@ class DecisionSide:
         except NotFound:  # its row is lost (reopened at the next start): the cancel goes on, as before
             return
         if review.resolved_action:  # (a withdrawn review has none; a reviewer's resolution always has one)
-            raise FailedPrecondition(
-                f"task {quote(task.task_id)} can no longer be cancelled: its review {quote(review.review_id)} was "
-                f"resolved by {review.resolved_by} ({quote(review.resolved_action)}), and the task finishes with "
-                "that action"
-            )
+            raise cannot_cancel(task.task_id, review)
 
     def _task_cancelled(self, task: kpb.Task) -> None:
-        if task.review_id:  # nobody should work a case whose task is gone
-            self.reviews.withdraw(task.review_id, f"task {task.task_id} was cancelled")
+        """Nobody should work a case whose task is gone: its review is withdrawn, found by the task's id when the
+        task does not name it yet (the attempt that opened it still runs; the store refuses its resolution)."""
+        review_id = task.review_id or getattr(self.reviews.for_task(task.task_id), "review_id", "")
+        if review_id:
+            self.reviews.withdraw(review_id, f"task {task.task_id} was cancelled")
 
     def _resolution_on_record(self, review_id: str) -> kpb.AuditRecord | None:
         """The REVIEW_RESOLUTION record of ``review_id`` if one is on the log already (a delivery cut off by a kill

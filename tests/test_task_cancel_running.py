@@ -90,3 +90,47 @@ def test_cancelling_a_running_task_withdraws_the_review_its_attempt_opens(server
 
 def _until(predicate, what: str):
     return until(predicate, what, TIMEOUT_S, every_s=0.02)
+
+
+def test_a_review_resolved_before_its_task_names_it_refuses_the_cancel(server, channel, monkeypatch):
+    """The other order (a race audit): a reviewer resolves the review while the attempt that opened it still runs;
+    a cancel after that must be refused, not answered OK beside the reviewer's recorded approval."""
+    tasks, reviews = kgrpc.TaskServiceStub(channel), kgrpc.ReviewServiceStub(channel)
+    decided, go_on = hold_attempts_after_deciding(monkeypatch, server.decisions.tasks)
+    try:
+        task = tasks.StartTask(kpb.StartTaskRequest(request=large_claim("resolve-first")), timeout=TIMEOUT_S)
+        assert decided.wait(TIMEOUT_S), "the attempt never decided"
+        (review,) = reviews.ListReviews(kpb.ListReviewsRequest(tenant="resolve-first"), timeout=TIMEOUT_S).reviews
+        reviews.ClaimReview(kpb.ClaimReviewRequest(review_id=review.review_id, reviewer="dana"), timeout=TIMEOUT_S)
+        resolved = reviews.ResolveReview(kpb.ResolveReviewRequest(
+            review_id=review.review_id, reviewer="dana", action=review.actions[0], comment="checked"), timeout=TIMEOUT_S)
+        assert resolved.state == "RESOLVED"
+        with pytest.raises(grpc.RpcError) as info:
+            tasks.CancelTask(kpb.TaskRef(task_id=task.task_id), timeout=TIMEOUT_S)
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "can no longer be cancelled" in info.value.details() and "dana" in info.value.details()
+    finally:
+        go_on.set()
+    final = _until(lambda: (t := tasks.GetTask(kpb.TaskRef(task_id=task.task_id), timeout=TIMEOUT_S)).state
+                   == kpb.SUCCEEDED and t, "the task to finish with the reviewer's action")
+    assert final.decision.action == review.actions[0] and final.decision.outcome == kpb.REVIEWED
+
+
+def test_a_cancel_while_the_attempt_runs_withdraws_its_review_at_once(server, channel, monkeypatch):
+    """The cancel finds the attempt's review by the task's id (the task does not name it yet): a reviewer
+    cannot even claim it in the time the attempt still takes."""
+    tasks, reviews = kgrpc.TaskServiceStub(channel), kgrpc.ReviewServiceStub(channel)
+    decided, go_on = hold_attempts_after_deciding(monkeypatch, server.decisions.tasks)
+    try:
+        task = tasks.StartTask(kpb.StartTaskRequest(request=large_claim("withdraw-now")), timeout=TIMEOUT_S)
+        assert decided.wait(TIMEOUT_S), "the attempt never decided"
+        (review,) = reviews.ListReviews(kpb.ListReviewsRequest(tenant="withdraw-now"), timeout=TIMEOUT_S).reviews
+        tasks.CancelTask(kpb.TaskRef(task_id=task.task_id), timeout=TIMEOUT_S)
+        now = reviews.GetReview(kpb.ReviewRef(review_id=review.review_id), timeout=TIMEOUT_S)
+        assert now.state == "RESOLVED" and now.resolved_action == "" and now.resolved_by == "kernel"
+        with pytest.raises(grpc.RpcError) as info:
+            reviews.ClaimReview(kpb.ClaimReviewRequest(review_id=review.review_id, reviewer="erin"),
+                                timeout=TIMEOUT_S)
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    finally:
+        go_on.set()

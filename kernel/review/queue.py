@@ -417,6 +417,10 @@ class ReviewQueue:
             review = self._deliver_once(review)
         return self._present(review)
 
+    def for_task(self, task_id: str) -> kpb.Review | None:
+        """The review ``task_id`` opened, if any (stored as it is: no lease view)."""
+        return self._records.for_task(task_id)
+
     def withdraw(self, review_id: str, reason: str) -> kpb.Review:
         """Take an unresolved review off the queue (its task was cancelled): RESOLVED with no action, never
         counted as a missed SLA; claiming or resolving it is refused with "withdrawn: ``reason``".

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
+from ..errors import FailedPrecondition, quote
 
 AfterCommit = Callable[[object], None] | None
 
@@ -119,8 +120,11 @@ def _mutate_row(conn, review_id: str, found: tuple, mutate: Callable[[kpb.Review
                 delivered: bool | None) -> tuple[kpb.Review, bool, bool]:
     """``mutate`` the review read as ``(body, revision, delivered)`` and write it back (see ``update``)."""
     review, revision, was_delivered = kpb.Review.FromString(found[0]), found[1], bool(found[2])
+    was_resolved = review.state == RESOLVED
     if not mutate(review):
         return review, False, was_delivered
+    if not was_resolved and review.task_id and _resolved_column(review) == RESOLVED_ROW:
+        _refuse_if_task_cancelled(conn, review)
     now_delivered = was_delivered if delivered is None else delivered
     conn.execute(
         "UPDATE reviews SET pipeline = ?, tenant = ?, resolved = ?, lease_expires_unix_ns = ?,"
@@ -129,6 +133,23 @@ def _mutate_row(conn, review_id: str, found: tuple, mutate: Callable[[kpb.Review
         (*_columns(review), int(now_delivered), revision + 1, review.SerializeToString(), review_id),
     )
     return review, True, now_delivered
+
+
+def _refuse_if_task_cancelled(conn, review: kpb.Review) -> None:
+    """A reviewer's resolution and a cancel of the review's task have one winner, decided here, inside the
+    resolution's transaction (``sqlite_tasks`` checks the other way inside the cancel's): a cancel commits
+    before the review is withdrawn, and while the attempt that opened it still runs the task does not even name
+    it yet (a race audit: both were answered OK, the resolution recorded for a task the caller saw cancelled)."""
+    found = conn.execute("SELECT state FROM tasks WHERE task_id = ?", (review.task_id,)).fetchone()
+    if found is not None and found[0] == kpb.CANCELLED:
+        raise FailedPrecondition(f"review {quote(review.review_id)} can no longer be resolved: its task "
+                                 f"{quote(review.task_id)} was cancelled; there is nothing to decide")
+
+
+def task_review(conn, task_id: str) -> kpb.Review | None:
+    """The review a task opened, if any (a task has at most one)."""
+    found = conn.execute("SELECT body FROM reviews WHERE task_id = ?", (task_id,)).fetchone()
+    return None if found is None else kpb.Review.FromString(found[0])
 
 
 class SqliteReviewRecords:
@@ -194,6 +215,10 @@ class SqliteReviewRecords:
         with self._db.read() as conn:
             found = conn.execute("SELECT body FROM reviews WHERE review_id = ?", (review_id,)).fetchone()
         return None if found is None else kpb.Review.FromString(found[0])
+
+    def for_task(self, task_id: str) -> kpb.Review | None:
+        with self._db.read() as conn:
+            return task_review(conn, task_id)
 
     def update(self, review_id: str, mutate: Callable[[kpb.Review], bool], delivered: bool | None = None,
                after_commit: AfterCommit = None) -> tuple[kpb.Review, bool, bool] | None:

@@ -12,6 +12,8 @@ import time
 from collections.abc import Callable
 
 from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
+from ..errors import FailedPrecondition, quote
+from .sqlite_reviews import task_review
 
 AfterCommit = Callable[[object], None] | None
 
@@ -26,6 +28,20 @@ def _row(task: kpb.Task) -> tuple:
 def _finished_at(task: kpb.Task) -> int:
     """When the task finished (its last change, wall clock), 0 while it may still run: what retention reads."""
     return (task.updated_unix_ns or time.time_ns()) if task.state in FINISHED else 0
+
+
+def cannot_cancel(task_id: str, review: kpb.Review) -> FailedPrecondition:
+    return FailedPrecondition(
+        f"task {quote(task_id)} can no longer be cancelled: its review {quote(review.review_id)} was resolved by "
+        f"{review.resolved_by} ({quote(review.resolved_action)}), and the task finishes with that action")
+
+
+def _refuse_if_resolved(conn, task_id: str) -> None:
+    """The cancel's half of "a resolution and a cancel have one winner" (``sqlite_reviews`` has the other): a
+    review of this task that a reviewer resolved, even before the task named it, refuses the cancel."""
+    review = task_review(conn, task_id)
+    if review is not None and review.resolved_action:
+        raise cannot_cancel(task_id, review)
 
 
 class SqliteTaskRecords:
@@ -88,8 +104,11 @@ class SqliteTaskRecords:
             if found is None:
                 return None
             task, revision = kpb.Task.FromString(found[0]), found[1]
+            was_cancelled = task.state == kpb.CANCELLED
             if not mutate(task):
                 return task, revision, False
+            if task.state == kpb.CANCELLED and not was_cancelled:
+                _refuse_if_resolved(conn, task_id)
             state, _tenant, _key, review_id = _row(task)
             conn.execute(
                 "UPDATE tasks SET state = ?, review_id = ?, revision = ?, body = ?, finished_unix_ns = ?"
