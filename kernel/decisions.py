@@ -255,9 +255,9 @@ class DecisionSide:
                             "again (and recorded) instead of answered with a number that names another decision",
                             forgotten, opened)
             since = min(since, opened)
-        reopened = reopen_reviews(self.reviews, self.audit.read(from_sequence=since, kind=kpb.DECISION),
+        reopened = reopen_reviews(self.reviews, self._records_since(since, kpb.DECISION),
                                   self._review_settings)
-        restored = restore_answers(self.idempotency, self.audit.read(from_sequence=since, kind=kpb.DECISION))
+        restored = restore_answers(self.idempotency, self._records_since(since, kpb.DECISION))
         self.reviews.mark_recorded_before(self.audit.size)  # nothing is in flight yet
         if reopened:
             log.warning("reopened %d reviews from the audit log (records #%d to #%d): their rows were lost "
@@ -278,9 +278,14 @@ class DecisionSide:
         if not running:
             return
         start = min(min(running.values()), self.audit.size)  # (a log that lost its newest records: async mode)
-        for record in self.audit.read(from_sequence=start, kind=kpb.DECISION):
+        for record in self._records_since(start, kpb.DECISION):
             if record.task_id in running:
                 self._recorded_tasks[record.task_id] = record
+
+    def _records_since(self, sequence: int, kind: int):
+        """The log's records of ``kind`` from ``sequence`` on, or from its archive base when that is later: what
+        was archived had been taken care of (the archive needs a kernel that stopped cleanly)."""
+        return self.audit.read(from_sequence=max(sequence, self.audit.first_sequence), kind=kind)
 
     def _review_settings(self, pipeline_name: str, decision: kpb.Decision) -> tuple[list[str], float]:
         try:
@@ -301,6 +306,8 @@ class DecisionSide:
         one whose record a power cut took in "async" mode (its number then belongs to another)."""
         if not proposed.audit_hash:
             return False
+        if proposed.audit_sequence < self.audit.first_sequence:
+            return True  # archived since: the log verified strictly with it before the archive (audit/archive.py)
         record = next(iter(self.audit.read(from_sequence=proposed.audit_sequence)), None)
         if record is not None and record.sequence == proposed.audit_sequence and _hex(record.hash) == proposed.audit_hash:
             return True
@@ -417,7 +424,7 @@ class DecisionSide:
         if self.audit is None:
             return None
         start = min(task.audit_from_sequence, self.audit.size)
-        for record in self.audit.read(from_sequence=start, kind=kpb.DECISION):
+        for record in self._records_since(start, kpb.DECISION):
             if record.task_id == task.task_id:
                 return record
         return None
@@ -481,7 +488,7 @@ class DecisionSide:
         Where to look from is noted before each recording (first note kept), so a first delivery reads nothing
         and a delivered-again one reads only the records since its first try."""
         since = int(self.idempotency.put(_RESOLUTIONS, "recording:" + review_id, "", str(self.audit.size).encode()))
-        return next((record for record in self.audit.read(from_sequence=since, kind=kpb.REVIEW_RESOLUTION)
+        return next((record for record in self._records_since(since, kpb.REVIEW_RESOLUTION)
                      if record.decision.review_id == review_id), None)
 
     def _resolved(self, review: kpb.Review) -> kpb.Decision:

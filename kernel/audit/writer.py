@@ -610,6 +610,11 @@ class AuditLog:
                 f"from {first} on (the archive holds the rest, and verifies and exports on its own)")
 
     @property
+    def first_sequence(self) -> int:
+        """The first record this log holds: 0, or its archive base (records before it were archived)."""
+        return self.base.tree_size if self.base is not None else 0
+
+    @property
     def key_id(self) -> str:
         return self._key.key_id
 

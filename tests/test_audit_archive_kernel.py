@@ -1,0 +1,87 @@
+"""A kernel on an archived log: it starts from the base, keeps deciding, and a review opened before the archive
+is still resolved with its link to the archived decision.
+
+A real kernel process serves the claims pipeline with small audit segments; it
+is stopped, ``aios-kernel audit archive`` moves its oldest segments out, and a
+kernel started on the same data dir answers keyed retries from before the
+archive, decides new cases and lets a reviewer resolve the escalation made before
+it. Both the live log and the archive verify strictly afterwards.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import grpc
+import pytest
+
+from claims_support import build_small_model, claim_request, copy_pipelines
+from examples.claims import data
+from kernel._proto.aios.kernel.v1 import kernel_pb2 as kpb
+from kernel._proto.aios.kernel.v1 import kernel_pb2_grpc as kgrpc
+from kernel.audit import RecordFilter, iter_directory
+from kernel.testing.processes import ServeProcess
+
+CLI = [sys.executable, "-m", "kernel"]
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=120)
+
+
+def test_a_kernel_goes_on_from_an_archived_log(tmp_path):
+    models = build_small_model(tmp_path / "models")
+    serve = ("--pipelines", str(copy_pipelines(tmp_path / "pipelines")), "--log-level", "WARNING")
+    env = {"AIOS_AUDIT_SEGMENT_BYTES": "8192", "AIOS_AUDIT_STREAM_ENABLED": "true"}  # a segment every few decisions: boundaries to cut at
+    cases = data.generate_cases(40, seed=7)
+    large = dict(cases[0], claim_amount=90000.0)  # R04: always seen by a human
+    server = ServeProcess(models, *serve, data_dir=tmp_path / "data", env=env)
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            stub = kgrpc.DecisionServiceStub(channel)
+            escalated = stub.Decide(claim_request(large, request_id="big", tenant="arch"), timeout=10)
+            first = {i: stub.Decide(claim_request(case, request_id=f"r{i}", idempotency_key=f"k{i}"), timeout=10)
+                     for i, case in enumerate(cases)}
+    finally:
+        code, err = server.stop()
+    assert code == 0, err
+    assert escalated.outcome == kpb.ESCALATED and escalated.review_id
+
+    audit = tmp_path / "data" / "audit"
+    cut = first[30].audit_sequence
+    done = run_cli("audit", "archive", str(audit), str(tmp_path / "archive"), "--before", str(cut))
+    assert done.returncode == 0, done.stdout + done.stderr
+    base = min(int(path.stem) for path in audit.glob("*.seg"))
+    assert escalated.audit_sequence < base <= cut
+
+    again = ServeProcess(models, *serve, data_dir=tmp_path / "data", env=env)
+    try:
+        with grpc.insecure_channel(again.address) as channel:
+            stub = kgrpc.DecisionServiceStub(channel)
+            for i in (0, 39):  # keyed retries from before the archive: the stored answers, not new decisions
+                retry = stub.Decide(claim_request(cases[i], request_id=f"r{i}", idempotency_key=f"k{i}"), timeout=10)
+                assert retry.audit_sequence == first[i].audit_sequence
+            new = stub.Decide(claim_request(cases[1], request_id="after"), timeout=10)
+            assert new.audit_sequence > first[39].audit_sequence
+            reviews = kgrpc.ReviewServiceStub(channel)
+            reviews.ClaimReview(kpb.ClaimReviewRequest(review_id=escalated.review_id, reviewer="ann"), timeout=10)
+            resolved = reviews.ResolveReview(kpb.ResolveReviewRequest(
+                review_id=escalated.review_id, reviewer="ann", action="approve", comment="ok"), timeout=10)
+            with pytest.raises(grpc.RpcError) as info:
+                list(kgrpc.AuditServiceStub(channel).StreamAudit(kpb.StreamAuditRequest(from_sequence=0), timeout=10))
+            assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION, info.value.details()
+            assert f"it serves records from {base} on" in info.value.details()
+    finally:
+        code, err = again.stop()
+    assert code == 0, err
+    assert resolved.state == "RESOLVED"
+    (record,) = iter_directory(audit, base, RecordFilter(kind=kpb.REVIEW_RESOLUTION))
+    assert record.decision.review_id == escalated.review_id
+    # The resolution still links to the escalated decision, now in the archive.
+    assert record.has_link and record.links_to == escalated.audit_sequence
+    (linked,) = [r for r in iter_directory(tmp_path / "archive") if r.sequence == escalated.audit_sequence]
+    assert linked.decision.review_id == escalated.review_id
+    for directory in (audit, tmp_path / "archive"):
+        checked = run_cli("audit", "verify", str(directory), "--strict")
+        assert checked.returncode == 0, checked.stdout + checked.stderr
