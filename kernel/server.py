@@ -25,7 +25,8 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 from . import accel, grpc_io
 from ._proto import POOL
 from ._proto.inference import grpc_service_pb2
-from .api import InferenceService, aio_servicer, eager_receive, kernel_services, registration, stream_pump, sync_servicer
+from .api import (InferenceService, aio_servicer, eager_receive, kernel_services, registration, stream_pump,
+                  sync_servicer, windowed_sends)
 from .api.call_budget import CallBudget, StreamBudget
 from .api.handler_pool import HandlerPool, poller_policy
 from .api.health import AsyncHealth, ThreadedHealth
@@ -233,6 +234,8 @@ class KernelServer:
                                                self.settings.poller_inline)
             if self.settings.answer_later:
                 self._pump = stream_pump.attach(ours, self.decisions.engine, self._pool, budget)
+        if not asynchronous:  # a StreamAudit follower keeps up with a busy kernel (windowed_sends.py)
+            windowed_sends.attach(ours, self._pool, (("aios.kernel.v1.AuditService", "StreamAudit"),))
         self._health = AsyncHealth() if asynchronous else ThreadedHealth()
         generated = registration.generic_only(server)  # (no method registrations on grpc.aio: registration.py)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, generated)

@@ -17,7 +17,7 @@ import pytest
 
 from kernel._proto.aios.kernel.v1 import kernel_pb2 as pb
 from kernel._proto.aios.kernel.v1 import kernel_pb2_grpc
-from kernel.api import kernel_services
+from kernel.api import kernel_services, windowed_sends
 from kernel.api.audit_service import audit_handlers
 from kernel.audit import AuditLog
 
@@ -28,15 +28,24 @@ def record(i: int) -> pb.AuditRecord:
 
 
 class SyncServer:
+    windowed = False  # StreamAudit's messages sent by windowed_sends.py, as the kernel's threaded front end does
+
     def __init__(self, handlers: dict, workers: int = 8):
-        self.server = grpc.server(ThreadPoolExecutor(max_workers=workers))
-        self.server.add_generic_rpc_handlers(
-            kernel_services.generic_handlers(None, None, asynchronous=False, implemented=handlers))
+        pool = ThreadPoolExecutor(max_workers=workers)
+        self.server = grpc.server(pool)
+        services = kernel_services.generic_handlers(None, None, asynchronous=False, implemented=handlers)
+        if self.windowed:
+            assert windowed_sends.attach(services, pool, (("aios.kernel.v1.AuditService", "StreamAudit"),)) == 1
+        self.server.add_generic_rpc_handlers(services)
         self.port = self.server.add_insecure_port("127.0.0.1:0")
         self.server.start()
 
     def stop(self) -> None:
         self.server.stop(grace=1).wait(10)
+
+
+class WindowedServer(SyncServer):
+    windowed = True
 
 
 class AioServer:
@@ -63,10 +72,10 @@ class AioServer:
         self.thread.join(10)
 
 
-FRONT_ENDS = {"sync": SyncServer, "aio": AioServer}
+FRONT_ENDS = {"sync": SyncServer, "sync-windowed": WindowedServer, "aio": AioServer}
 
 
-@pytest.fixture(params=["sync", "aio"])
+@pytest.fixture(params=sorted(FRONT_ENDS))
 def served(request, tmp_path):
     log = AuditLog.open(tmp_path / "audit", segment_bytes=16 * 1024)
     server = FRONT_ENDS[request.param](audit_handlers(log))
@@ -177,10 +186,11 @@ def test_resume_with_a_filter(served):
     assert received == expected
 
 
-def test_cancelled_follow_streams_free_their_handler_threads(tmp_path):
+@pytest.mark.parametrize("server_class", [SyncServer, WindowedServer])
+def test_cancelled_follow_streams_free_their_handler_threads(tmp_path, server_class):
     """Two handler threads serve ten follow streams in a row: each must end when its client leaves."""
     log = AuditLog.open(tmp_path)
-    server = SyncServer(audit_handlers(log), workers=2)
+    server = server_class(audit_handlers(log), workers=2)
     try:
         log.append_and_wait(record(0), 10)
         with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
@@ -225,3 +235,26 @@ def test_bad_stream_requests_name_the_field(served, request_, fragment):
         list(stub.StreamAudit(request_, timeout=10))
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert fragment in info.value.details()
+
+
+def test_a_reader_that_stops_reading_with_the_window_full_frees_the_thread_when_it_leaves(tmp_path):
+    """Windowed sends: a client that reads one record of thousands and leaves (its flow-control window full, the
+    server's queue full, the producer waiting for room) must free the handler thread: two threads, ten calls."""
+    log = AuditLog.open(tmp_path)
+    server = WindowedServer(audit_handlers(log), workers=2)
+    try:
+        big = pb.AuditRecord(kind=pb.DECISION, payload=b"x" * 4000)
+        for _ in range(3 * windowed_sends.WINDOW):
+            log.append(big)
+        log.append_and_wait(record(0), 10)
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = kernel_pb2_grpc.AuditServiceStub(channel)
+            for _ in range(10):
+                call = stub.StreamAudit(pb.StreamAuditRequest(follow=True), timeout=10)
+                assert next(call).sequence == 0
+                call.cancel()
+            got = [r.sequence for r in stub.StreamAudit(pb.StreamAuditRequest(from_sequence=1), timeout=10)]
+            assert got == list(range(1, 3 * windowed_sends.WINDOW + 1))  # every record, in order, after the window
+    finally:
+        server.stop()
+        log.close()

@@ -1,0 +1,169 @@
+"""Server-streaming calls on the threaded front end whose messages go out without a thread switch each.
+
+grpc's synchronous server sends each message of a response stream from the
+handler's thread and puts that thread to sleep until gRPC has sent it: the
+poller wakes it, it takes the GIL back, starts the next send, sleeps again.
+Under load every wake waits for the GIL (up to its 5 ms switch interval), so
+a StreamAudit follower of a busy kernel got ~90 records/s while the kernel
+wrote ~2,900/s (a race audit: the tail fell further behind the longer the load
+lasted; ~4,250/s on an idle kernel).
+
+Here the handler's thread only produces: it serializes each message and
+queues it, and waits only when ``WINDOW`` messages are queued and not yet
+sent. gRPC's poller starts each next send from the previous one's completion
+(one send in flight per call, as gRPC requires), and wakes the producer once
+the queue is down to half. After the last message the producer waits for the
+queue to empty and sends the status, as grpc's own path does. It follows
+grpc's response path step for step with the private helpers
+``stream_pump.py`` already relies on; where those are missing the method
+keeps grpc's standard path.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from concurrent import futures
+
+from .stream_pump import AVAILABLE
+
+log = logging.getLogger("aios.api")
+
+WINDOW = 256  # messages queued for one call before its producer waits (~0.3 MB of audit records)
+
+if AVAILABLE:
+    import grpc._server as _gs
+    from grpc._cython import cygrpc as _cygrpc
+
+
+class WindowedSends(futures.ThreadPoolExecutor):
+    """The "thread pool" grpc picks for one server-streaming method: runs each call's handler on the server's
+    pool with the windowed sender in place of grpc's send-and-wait. A ``ThreadPoolExecutor`` only because grpc
+    checks for one (it only calls ``submit``)."""
+
+    def __init__(self, pool):  # (no super().__init__: nothing of ThreadPoolExecutor is used)
+        self._pool = pool
+        self._warned = False
+
+    def submit(self, *args, **kwargs):
+        # grpc calls submit(context.run, _stream_response_in_pool, rpc_event, state, behaviour, argument_thunk,
+        # request_deserializer, response_serializer) for a unary-request, streamed-response call.
+        if kwargs or len(args) != 8 or args[1] is not _gs._stream_response_in_pool:
+            if not self._warned:
+                self._warned = True
+                log.warning("a response stream takes grpc's standard path: grpc handed over an unexpected call shape")
+            return self._pool.submit(*args, **kwargs)
+        run, _respond, *call = args
+        return self._pool.submit(run, _respond_windowed, *call)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        pass  # owns no threads
+
+
+def _respond_windowed(rpc_event, state, behavior, argument_thunk, request_deserializer, response_serializer) -> None:
+    """grpc's ``_stream_response_in_pool`` for a blocking handler, with ``_Sender`` sending its messages."""
+    _cygrpc.install_context_from_request_call_event(rpc_event)
+    try:
+        argument = argument_thunk()
+        if argument is None:
+            return
+        responses, proceed = _gs._call_behavior(rpc_event, state, behavior, argument, request_deserializer)
+        if not proceed:
+            return
+        sender = _Sender(rpc_event, state)
+        while True:
+            response, proceed = _gs._take_response_from_response_iterator(rpc_event, state, responses)
+            if not proceed:
+                return  # (the iterator raised: the call is aborted with its status)
+            if response is None:  # the iterator's end: the status once everything queued is sent
+                sender.finish()
+                return
+            data = _gs._serialize_response(rpc_event, state, response, response_serializer)
+            if data is None or not sender.send(data):  # serializing failed (the call aborted), or the call ended
+                getattr(responses, "close", lambda: None)()  # (a generator: its finally blocks run now)
+                return
+    except Exception:  # as grpc's own path: nothing a handler raises may kill the pool's thread
+        log.exception("a windowed response stream failed")
+    finally:
+        _cygrpc.uninstall_context()
+
+
+class _Sender:
+    """One call's queued messages; every field is guarded by the call's ``state.condition``."""
+
+    __slots__ = ("_rpc_event", "_state", "_queue", "_sending")
+
+    def __init__(self, rpc_event, state):
+        self._rpc_event = rpc_event
+        self._state = state
+        self._queue: deque[bytes] = deque()
+        self._sending = False
+
+    def send(self, data: bytes) -> bool:
+        """Queue ``data`` after the messages before it; False once the call is over (nothing more to send)."""
+        state = self._state
+        with state.condition:
+            while len(self._queue) >= WINDOW and _gs._is_rpc_state_active(state):
+                state.condition.wait()
+            if not _gs._is_rpc_state_active(state):
+                return False
+            if self._sending:
+                self._queue.append(data)
+            else:
+                self._send_locked(data)
+            return True
+
+    def finish(self) -> None:
+        """The OK status, after every queued message is sent (or nothing, if the call ended meanwhile)."""
+        state = self._state
+        with state.condition:
+            while (self._sending or self._queue) and _gs._is_rpc_state_active(state):
+                state.condition.wait()
+            if _gs._is_rpc_state_active(state):  # (the condition is re-entrant: _status takes it too)
+                _gs._status(self._rpc_event, state, None)
+
+    def _send_locked(self, data: bytes) -> None:
+        state = self._state
+        flags = _gs._get_send_message_op_flags_from_state(state)
+        if state.initial_metadata_allowed:
+            operations = (_gs._get_initial_metadata_operation(state, None), _cygrpc.SendMessageOperation(data, flags))
+            state.initial_metadata_allowed = False
+            token = _gs._SEND_INITIAL_METADATA_AND_SEND_MESSAGE_TOKEN
+        else:
+            operations = (_cygrpc.SendMessageOperation(data, flags),)
+            token = _gs._SEND_MESSAGE_TOKEN
+        self._rpc_event.call.start_server_batch(operations, lambda _event: self._after_send(token))
+        state.due.add(token)
+        _gs._reset_per_message_state(state)
+        self._sending = True
+
+    def _after_send(self, token: str):
+        """gRPC's poller, a send done: start the next one, and wake the producer when it may queue again."""
+        state = self._state
+        with state.condition:
+            self._sending = False
+            outcome = _gs._possibly_finish_call(state, token)
+            if self._queue and _gs._is_rpc_state_active(state):
+                self._send_locked(self._queue.popleft())
+            if len(self._queue) <= WINDOW // 2 or not _gs._is_rpc_state_active(state):
+                state.condition.notify_all()  # (a producer waits for room, or finish for the last send)
+            return outcome
+
+
+def attach(handlers, pool, methods: tuple[tuple[str, str], ...]) -> int:
+    """Give each of ``methods`` ((service, method) of a server-streaming method among ``handlers``) the windowed
+    sender; returns how many took it (0 where this grpcio lacks the internals followed, said once in the log)."""
+    if not AVAILABLE:
+        log.warning("response streams take grpc's standard path: this grpcio lacks the internals windowed_sends.py "
+                    "follows")
+        return 0
+    attached = 0
+    for service in handlers:
+        for service_name, method in methods:
+            if getattr(service, "service_name", None) != service_name:
+                continue
+            handler = service.methods.get(method)
+            if handler is not None and handler.unary_stream is not None:
+                handler.unary_stream.experimental_thread_pool = WindowedSends(pool)
+                attached += 1
+    return attached
