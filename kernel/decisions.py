@@ -34,6 +34,7 @@ from .review import ReviewQueue, reopen_reviews
 from .store import DATABASE_FILE, open_database
 from .store.faults import os_cause
 from .store.idempotency import restore_answers
+from .store.audit_needs import RECORDING_PREFIX, RESOLUTIONS_TENANT as _RESOLUTIONS
 from .store.retention import RetentionSweeper, Swept
 from .store.sqlite_tasks import cannot_cancel
 from .tasks import IdempotencyStore, TaskRunner, TaskStore, WaitingForReview
@@ -41,7 +42,6 @@ from .tasks import IdempotencyStore, TaskRunner, TaskStore, WaitingForReview
 log = logging.getLogger("aios.decisions")
 
 DEFAULT_PIPELINES = Settings().pipelines
-_RESOLUTIONS = "__review_resolutions__"  # idempotency-store tenant recording each review's audited resolution
 
 
 class DecisionSide:
@@ -103,6 +103,7 @@ class DecisionSide:
         self._refusals = RefusalRecords(self.audit) if self.audit is not None else None
         # task id -> the decision record its attempt made before the kernel stopped (see _reopen_reviews)
         self._recorded_tasks: dict[str, kpb.AuditRecord] = {}
+        self._warned_archived = False  # (_records_since: a log archived past what the store reads back)
         self.reviews.on_resolved(self._resolved)
         self.tasks.on_cancelled.append(self._task_cancelled)
         self._retention = (RetentionSweeper(self.db, settings.store_retention_days, self._swept,
@@ -283,9 +284,16 @@ class DecisionSide:
                 self._recorded_tasks[record.task_id] = record
 
     def _records_since(self, sequence: int, kind: int):
-        """The log's records of ``kind`` from ``sequence`` on, or from its archive base when that is later: what
-        was archived had been taken care of (the archive needs a kernel that stopped cleanly)."""
-        return self.audit.read(from_sequence=max(sequence, self.audit.first_sequence), kind=kind)
+        """The log's records of ``kind`` from ``sequence`` on, or from its archive base when that is later. The
+        archive stops before the oldest record the store may read back (kernel/store/audit_needs.py), so that
+        happens only to a log archived without its store: said once per start."""
+        first = self.audit.first_sequence
+        if sequence < first and not self._warned_archived:
+            self._warned_archived = True
+            log.warning("the audit log was archived up to #%d, past #%d, which the store still reads back (archived "
+                        "without --store?): a task stopped mid-attempt may be decided again, and a resolution cut "
+                        "off mid-delivery recorded again", first - 1, sequence)
+        return self.audit.read(from_sequence=max(sequence, first), kind=kind)
 
     def _review_settings(self, pipeline_name: str, decision: kpb.Decision) -> tuple[list[str], float]:
         try:
@@ -487,7 +495,7 @@ class DecisionSide:
         after its record, before its done entry; found by a crash audit: the next start recorded it twice).
         Where to look from is noted before each recording (first note kept), so a first delivery reads nothing
         and a delivered-again one reads only the records since its first try."""
-        since = int(self.idempotency.put(_RESOLUTIONS, "recording:" + review_id, "", str(self.audit.size).encode()))
+        since = int(self.idempotency.put(_RESOLUTIONS, RECORDING_PREFIX + review_id, "", str(self.audit.size).encode()))
         return next((record for record in self._records_since(since, kpb.REVIEW_RESOLUTION)
                      if record.decision.review_id == review_id), None)
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from test_audit_verify import build_log, decision, run_cli
+from test_audit_verify import build_log, decision, read_frames, run_cli, write_frames
 
 from kernel._proto.aios.kernel.v1 import kernel_pb2 as pb
 from kernel._proto.aios.kernel.v1 import kernel_pb2_grpc
@@ -32,7 +32,13 @@ from kernel.audit.archive import ArchiveRefused, archive
 from kernel.audit.base import FILE_NAME as BASE_FILE
 from kernel.audit.errors import AuditArchived
 from kernel.audit.merkle import verify_consistency, verify_inclusion
+from kernel.audit.checkpoints import read_all as read_checkpoints
+from kernel.audit.keys import load_public_key
+from kernel.audit.segments import CHECKPOINT_MAGIC, frame
 from kernel.backup import backup
+from kernel.review import ReviewQueue
+from kernel.store import open_database
+from kernel.tasks import TaskStore
 
 RECORDS = 300
 SEGMENT_BYTES = 4096  # ~35 records a segment: a few boundaries to cut at
@@ -66,7 +72,7 @@ def hashes(directory: Path) -> list[bytes]:
 def test_archive_leaves_a_log_that_opens_grows_proves_and_verifies(log_dir, tmp_path):
     everything = hashes(log_dir)
     dest = tmp_path / "archive-1"
-    result = archive(log_dir, dest, before=150)
+    result = archive(log_dir, dest, before=150, no_store=True)
     starts = segment_starts(log_dir)
     cut = result.end
     assert 0 < cut <= 150 and starts[0] == cut and result.first == 0  # cut at a segment boundary
@@ -103,8 +109,8 @@ def test_archive_leaves_a_log_that_opens_grows_proves_and_verifies(log_dir, tmp_
 
 def test_a_second_archive_starts_where_the_first_ended(log_dir, tmp_path):
     everything = hashes(log_dir)
-    first = archive(log_dir, tmp_path / "a1", before=100)
-    second = archive(log_dir, tmp_path / "a2", before=250)
+    first = archive(log_dir, tmp_path / "a1", before=100, no_store=True)
+    second = archive(log_dir, tmp_path / "a2", before=250, no_store=True)
     assert second.first == first.end < second.end <= 250
     older = verify_directory(tmp_path / "a2", strict=True)
     assert older.ok and older.first_sequence == first.end and older.records == second.end, older.describe()
@@ -117,7 +123,7 @@ def test_a_second_archive_starts_where_the_first_ended(log_dir, tmp_path):
 
 def test_archiving_every_record_leaves_a_log_that_goes_on(log_dir, tmp_path):
     everything = hashes(log_dir)
-    result = archive(log_dir, tmp_path / "all", before=10 ** 9)
+    result = archive(log_dir, tmp_path / "all", before=10 ** 9, no_store=True)
     assert result.end == RECORDS and not list(log_dir.glob("*.seg"))
     assert verify_directory(log_dir, strict=True).ok
     with AuditLog.open(log_dir) as log:
@@ -133,7 +139,7 @@ def test_archiving_every_record_leaves_a_log_that_goes_on(log_dir, tmp_path):
 def test_older_than_cuts_where_the_records_get_younger(log_dir, tmp_path):
     times = [record.time_unix_ns for record in iter_directory(log_dir)]
     now = times[200] + 86_400 * 10 ** 9  # record 200 is exactly one day old
-    result = archive(log_dir, tmp_path / "old", older_than_days=1, now_unix_ns=now)
+    result = archive(log_dir, tmp_path / "old", older_than_days=1, now_unix_ns=now, no_store=True)
     assert 0 < result.end <= 200
     assert max(times[:result.end]) < times[200]
     starts = segment_starts(log_dir)
@@ -143,7 +149,7 @@ def test_older_than_cuts_where_the_records_get_younger(log_dir, tmp_path):
 
 def test_nothing_to_archive_changes_nothing(log_dir, tmp_path):
     before = sorted(path.name for path in log_dir.iterdir())
-    result = archive(log_dir, tmp_path / "none", before=3)
+    result = archive(log_dir, tmp_path / "none", before=3, no_store=True)
     assert result.end == result.first == 0
     assert sorted(path.name for path in log_dir.iterdir()) == before
 
@@ -152,24 +158,24 @@ def test_refusals_change_nothing(log_dir, tmp_path):
     before = sorted(path.name for path in log_dir.iterdir())
     with AuditLog.open(log_dir):
         with pytest.raises(ArchiveRefused, match="stop it first"):
-            archive(log_dir, tmp_path / "x", before=100)
+            archive(log_dir, tmp_path / "x", before=100, no_store=True)
     used = tmp_path / "used"
     used.mkdir()
     (used / "file").write_text("mine")
     with pytest.raises(ArchiveRefused, match="not an empty folder"):
-        archive(log_dir, used, before=100)
+        archive(log_dir, used, before=100, no_store=True)
     with pytest.raises(ArchiveRefused, match="inside the log directory"):
-        archive(log_dir, log_dir / "old", before=100)
+        archive(log_dir, log_dir / "old", before=100, no_store=True)
     other = tmp_path / "other"
     build_log(other, records=1)
-    with pytest.raises(ArchiveRefused, match="pass --key"):
-        archive(log_dir, tmp_path / "y", before=100, key_path=other / "signing-key.pem")
+    with pytest.raises(ArchiveRefused, match="does not verify with the signing key"):
+        archive(log_dir, tmp_path / "y", before=100, key_path=other / "signing-key.pem", no_store=True)
     path = sorted(log_dir.glob("*.seg"))[2]
     data = bytearray(path.read_bytes())
     data[60] ^= 1  # inside a record of a middle segment
     path.write_bytes(bytes(data))
     with pytest.raises(ArchiveRefused, match="does not verify"):
-        archive(log_dir, tmp_path / "z", before=100)
+        archive(log_dir, tmp_path / "z", before=100, no_store=True)
     assert sorted(path.name for path in log_dir.iterdir()) == before
     assert not (tmp_path / "x").exists() and not (tmp_path / "z").exists()
 
@@ -188,7 +194,7 @@ def edit_base(directory: Path, change) -> None:
     (lambda d: d.update(checkpoint="bm90IGEgY2hlY2twb2ludA=="), "not a readable archive base"),
 ])
 def test_an_edited_base_is_refused(log_dir, tmp_path, change, fragment):
-    archive(log_dir, tmp_path / "a", before=150)
+    archive(log_dir, tmp_path / "a", before=150, no_store=True)
     edit_base(log_dir, change)
     with pytest.raises(AuditCorrupt, match=fragment):
         AuditLog.open(log_dir)
@@ -197,14 +203,14 @@ def test_an_edited_base_is_refused(log_dir, tmp_path, change, fragment):
 
 
 def test_checkpoints_cut_back_below_the_base_are_refused(log_dir, tmp_path):
-    archive(log_dir, tmp_path / "a", before=150)
+    archive(log_dir, tmp_path / "a", before=150, no_store=True)
     (log_dir / "checkpoints.log").write_bytes((tmp_path / "a" / "checkpoints.log").read_bytes()[:100])
     with pytest.raises(AuditCorrupt, match="checkpoints were removed"):
         AuditLog.open(log_dir)
 
 
 def test_an_archive_stopped_before_removing_its_segments_is_finished_by_the_next(log_dir, tmp_path, caplog):
-    result = archive(log_dir, tmp_path / "a", before=150)
+    result = archive(log_dir, tmp_path / "a", before=150, no_store=True)
     for path in (tmp_path / "a").glob("*.seg"):  # as if the run stopped after writing the base
         shutil.copyfile(path, log_dir / path.name)
     assert verify_directory(log_dir, strict=True).ok
@@ -212,13 +218,13 @@ def test_an_archive_stopped_before_removing_its_segments_is_finished_by_the_next
         with AuditLog.open(log_dir) as log:
             assert log.size == RECORDS
     assert "hold only archived records" in caplog.text
-    again = archive(log_dir, tmp_path / "b", before=result.end)
+    again = archive(log_dir, tmp_path / "b", before=result.end, no_store=True)
     assert again.end == result.end and again.removed_leftovers == len(list((tmp_path / "a").glob("*.seg")))
     assert segment_starts(log_dir)[0] == result.end and not (tmp_path / "b").exists()
 
 
 def test_readers_and_backup_of_an_archived_log(log_dir, tmp_path, caplog):
-    result = archive(log_dir, tmp_path / "a", before=150)
+    result = archive(log_dir, tmp_path / "a", before=150, no_store=True)
     with caplog.at_level(logging.WARNING, logger="aios.audit"):
         exported = [record.sequence for record in iter_directory(log_dir)]
     assert exported == list(range(result.end, RECORDS)) and "were archived" in caplog.text
@@ -233,7 +239,7 @@ def test_readers_and_backup_of_an_archived_log(log_dir, tmp_path, caplog):
 
 
 def test_archived_records_over_grpc_are_failed_precondition(log_dir, tmp_path):
-    result = archive(log_dir, tmp_path / "a", before=150)
+    result = archive(log_dir, tmp_path / "a", before=150, no_store=True)
     log = AuditLog.open(log_dir, checkpoint_records=7, checkpoint_ms=60_000)
     server = grpc.server(ThreadPoolExecutor(max_workers=2))
     server.add_generic_rpc_handlers(
@@ -260,14 +266,82 @@ def test_archived_records_over_grpc_are_failed_precondition(log_dir, tmp_path):
 
 
 def test_the_command_line(log_dir, tmp_path):
-    done = run_cli("archive", str(log_dir), str(tmp_path / "a"), "--before", "150")
+    done = run_cli("archive", str(log_dir), str(tmp_path / "a"), "--before", "150", "--no-store")
     assert done.returncode == 0, done.stdout + done.stderr
     assert "archived records 0.." in done.stdout and "the live log starts at record" in done.stdout
     done = run_cli("verify", str(tmp_path / "a"), "--strict")
     assert done.returncode == 0 and "an archive" in done.stdout, done.stdout + done.stderr
-    done = run_cli("archive", str(log_dir), str(tmp_path / "a"), "--before", "250")
+    done = run_cli("archive", str(log_dir), str(tmp_path / "a"), "--before", "250", "--no-store")
     assert done.returncode == 2 and "not an empty folder" in done.stderr
     done = run_cli("archive", str(log_dir), str(tmp_path / "b"))
     assert done.returncode == 2 and "--before" in done.stderr
     done = run_cli("export", str(log_dir))
     assert done.returncode == 0 and "were archived" in done.stderr
+
+
+def test_keys_found_in_the_directory_are_not_trusted_an_earlier_epoch_is_given(tmp_path):
+    """A rotation: checkpoints by K1, then by K2. The archive signs with K2 over what it verified, so K1 must be
+    given (--from-key); a key merely kept in public-keys/ could be anyone's (a review audit)."""
+    directory = tmp_path / "audit"
+    for key in ("k1.pem", "k2.pem"):
+        key_id_of(tmp_path / key)  # (made here: a key the log has not seen yet is a new epoch's)
+    for key in ("k1.pem", "k2.pem"):
+        with AuditLog.open(directory, key_path=tmp_path / key, checkpoint_records=7, segment_bytes=SEGMENT_BYTES) as log:
+            for i in range(120):
+                log.append_and_wait(decision(i), 10)
+    with pytest.raises(ArchiveRefused, match="not by the trusted key"):
+        archive(directory, tmp_path / "a", before=200, key_path=tmp_path / "k2.pem", no_store=True)
+    k1 = load_public_key(directory / "public-keys" / f"{key_id_of(tmp_path / 'k1.pem')}.pem")
+    result = archive(directory, tmp_path / "a", before=200, key_path=tmp_path / "k2.pem", no_store=True,
+                     from_keys=[k1])
+    assert 120 < result.end <= 200
+    assert verify_directory(directory, strict=True).ok
+
+
+def key_id_of(private_pem: Path) -> str:
+    from kernel.audit.keys import load_or_create
+
+    return load_or_create(private_pem).key_id
+
+
+def test_the_cut_stops_before_what_the_store_still_reads_back(log_dir, tmp_path):
+    """The review mark and a task stopped mid-attempt: the kernel reads the log back from there at its next start
+    (kernel/store/audit_needs.py), so the archive keeps those records (a review audit: a task decided twice)."""
+    db = open_database(tmp_path)  # kernel.sqlite3 beside the log directory, as in a data dir
+    try:
+        ReviewQueue(db).close()
+        db.reviews.mark_recorded_before(240)
+        tasks = TaskStore(db)
+        task, _ = tasks.create(pb.DecisionRequest(pipeline="p", tenant="t", request_id="x"))
+        tasks.transition(task.task_id, pb.RUNNING, (pb.QUEUED,), "attempt 1", audit_from=120)
+    finally:
+        db.close()
+    starts = segment_starts(log_dir)
+    result = archive(log_dir, tmp_path / "a", before=10 ** 9)
+    assert result.end == max(start for start in starts if start <= 120)  # the segment holding record 120 stays
+    assert "held back" in result.held_back and "stopped in an attempt" in result.held_back
+    assert segment_starts(log_dir)[0] == result.end
+
+    lone = tmp_path / "lone" / "audit"  # a log with no store beside it: said, not guessed
+    build_log(lone, records=3)
+    with pytest.raises(ArchiveRefused, match="no kernel store beside the log"):
+        archive(lone, tmp_path / "b", before=1)
+
+
+def test_an_archive_cut_back_fails_its_verify(log_dir, tmp_path):
+    """Cut back to one of its own checkpoints, an archive would verify as a shorter log: its archive.json names
+    where it ends (and the live log's base signs that end: --min-records)."""
+    result = archive(log_dir, tmp_path / "a", before=150, no_store=True)
+    dest = tmp_path / "a"
+    checkpoints = read_checkpoints(dest)[0]
+    keep = [c for c in checkpoints if c.tree_size < result.end][-1]
+    last = sorted(dest.glob("*.seg"))[-1]
+    while int(last.stem) >= keep.tree_size:
+        last.unlink()
+        last = sorted(dest.glob("*.seg"))[-1]
+    magic, payloads = read_frames(last)
+    write_frames(last, magic, payloads[:keep.tree_size - int(last.stem)])
+    (dest / "checkpoints.log").write_bytes(CHECKPOINT_MAGIC + b"".join(
+        frame(c.SerializeToString()) for c in checkpoints if c.tree_size <= keep.tree_size))
+    checked = verify_directory(dest, strict=True)
+    assert not checked.ok and "records were removed" in checked.reason, checked.describe()

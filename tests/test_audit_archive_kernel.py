@@ -17,10 +17,14 @@ import grpc
 import pytest
 
 from claims_support import build_small_model, claim_request, copy_pipelines
+from conftest import start_kernel
+from lane_support import until
+from test_task_decided_once import WorkerDied, _automated_case
 from examples.claims import data
 from kernel._proto.aios.kernel.v1 import kernel_pb2 as kpb
 from kernel._proto.aios.kernel.v1 import kernel_pb2_grpc as kgrpc
 from kernel.audit import RecordFilter, iter_directory
+from kernel.audit.archive import archive
 from kernel.testing.processes import ServeProcess
 
 CLI = [sys.executable, "-m", "kernel"]
@@ -85,3 +89,49 @@ def test_a_kernel_goes_on_from_an_archived_log(tmp_path):
     for directory in (audit, tmp_path / "archive"):
         checked = run_cli("audit", "verify", str(directory), "--strict")
         assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def test_a_task_stopped_mid_attempt_keeps_its_decision_out_of_the_archive(claims_models, tmp_path, monkeypatch):
+    """A clean stop can leave a task RUNNING whose attempt recorded its decision (test_task_decided_once); the next
+    start takes that decision. The archive must not move it away (a review audit: the task was decided twice)."""
+    pipelines, data_dir = copy_pipelines(tmp_path / "pipelines"), tmp_path / "data"
+    settings = dict(pipelines=str(pipelines), data_dir=str(data_dir), pipeline_poll_s=0, audit_segment_bytes=4096)
+    first = start_kernel(claims_models, **settings)
+    store = first.decisions.tasks.store
+    real = store.transition
+
+    def dies_before_success(task_id, state, *args, **kwargs):  # fault injected on purpose: the stop lands here
+        if state == kpb.SUCCEEDED:
+            raise WorkerDied("the kernel stopped here")
+        return real(task_id, state, *args, **kwargs)
+
+    monkeypatch.setattr(store, "transition", dies_before_success)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{first.port}") as channel:
+            task = kgrpc.TaskServiceStub(channel).StartTask(
+                kpb.StartTaskRequest(request=claim_request(_automated_case())), timeout=10)
+            until(lambda: decisions_of(first.decisions.audit.read(0, kind=kpb.DECISION), task.task_id),
+                  "the task's decision record", 30, every_s=0.02)
+            monkeypatch.setattr(store, "transition", real)
+            stub = kgrpc.DecisionServiceStub(channel)  # records after it: segment boundaries past the task's record
+            for i in range(40):
+                stub.Decide(claim_request(_automated_case(), request_id=f"pad{i}"), timeout=10)
+        assert first.decisions.tasks.get(task.task_id).state == kpb.RUNNING
+    finally:
+        first.stop(grace=1)
+    audit = data_dir / "audit"
+    (recorded,) = decisions_of(iter_directory(audit), task.task_id)
+    result = archive(audit, tmp_path / "archive", before=10 ** 9)
+    assert result.first < result.end <= recorded and "stopped in an attempt" in result.held_back
+    second = start_kernel(claims_models, **settings)
+    try:
+        done = until(lambda: (t := second.decisions.tasks.get(task.task_id)).state == kpb.SUCCEEDED and t,
+                     "the task to finish", 30, every_s=0.02)
+    finally:
+        second.stop(grace=1)
+    assert done.decision.audit_sequence == recorded
+    assert decisions_of(iter_directory(audit), task.task_id) == [recorded]  # decided once, not again
+
+
+def decisions_of(records, task_id: str) -> list[int]:
+    return [r.sequence for r in records if r.kind == kpb.DECISION and r.task_id == task_id]

@@ -10,10 +10,14 @@ the live directory the small signed base that stands for them
 Steps, each before the next, so that a stop anywhere loses nothing:
 
 1. take the log's lock (no kernel can start on it meanwhile) and verify the
-   whole log strictly (every record signed: the kernel stopped cleanly);
+   whole log strictly with the key the archive signs with (and the earlier
+   keys of a rotation, given with ``--from-key``), never with keys merely found
+   in the directory: the archive signs over what it verified;
 2. pick ``b``: the newest segment boundary at or before ``--before``, or whose
    record is older than ``--older-than`` days (records are in time order: the
-   writer stamps them as it writes);
+   writer stamps them as it writes), and not past the oldest record the kernel's
+   store may still read back (kernel/store/audit_needs.py: a task stopped
+   mid-attempt, the review mark, a resolution being delivered);
 3. sign a checkpoint for tree size ``b`` with the log's key; write ``DEST``:
    the segments, every checkpoint up to ``b`` and that one, the public keys, the
    previous base (an archive of an archived log starts where that one ended) and
@@ -34,9 +38,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import checkpoints as cps
+from ..store.audit_needs import oldest_needed
+from ..store.sqlite import DATABASE_FILE
 from .base import ARCHIVE_MARKER, FILE_NAME as BASE_FILE, ArchiveBase, write_base
 from .errors import AuditError
-from .keys import PUBLIC_KEY_FILE, PUBLIC_KEYS_DIR, load_or_create, published_keys
+from .keys import PUBLIC_KEY_FILE, PUBLIC_KEYS_DIR, load_or_create
 from .record import parse_stored
 from .recovery import lock_directory, recover
 from .segments import CHECKPOINT_MAGIC, MAGIC, FrameScanner, frame, frames_start, fsync_dir
@@ -52,25 +58,39 @@ class ArchiveRefused(AuditError):
 
 
 @dataclass
+class ArchiveFailed(AuditError):
+    """The checks passed, then the archive could not be written (exit 1): nothing was removed from the log."""
+
+
+@dataclass
 class ArchiveResult:
     first: int  # the first record archived
     end: int  # records before it are archived now (the live log's new base)
     segments: int
     bytes: int
     removed_leftovers: int  # segments a stopped earlier run left behind, removed now
+    held_back: str = ""  # why the cut stopped short of what was asked ("" when it did not)
 
     def summary(self, directory: Path, dest: Path) -> str:
+        held = f"; {self.held_back}" if self.held_back else ""
         if self.end == self.first:
             left = f"; removed {self.removed_leftovers} segment(s) an earlier run left" if self.removed_leftovers else ""
-            return f"{directory}: nothing to archive (the cut falls before record {self.first + 1}){left}"
+            return (f"{directory}: nothing to archive (no segment ends at or before the cut after record "
+                    f"{self.first}){held}{left}")
         return (f"archived records {self.first}..{self.end - 1} ({self.end - self.first:,} records, {self.segments} "
                 f"segment(s), {self.bytes:,} bytes) from {directory} to {dest}; the live log starts at record "
-                f"{self.end} now. Keep {dest} with your records; `aios-kernel audit verify {dest}` checks it")
+                f"{self.end} now{held}. Keep {dest} with your records; `aios-kernel audit verify {dest} --min-records "
+                f"{self.end}` checks it")
 
 
 def archive(directory: Path, dest: Path, before: int | None = None, older_than_days: float | None = None,
-            key_path: Path | None = None, now_unix_ns: int | None = None) -> ArchiveResult:
-    """Archive the oldest whole segments of the stopped log in ``directory`` to the new directory ``dest``."""
+            key_path: Path | None = None, now_unix_ns: int | None = None, store: Path | None = None,
+            no_store: bool = False, from_keys: list[bytes] = ()) -> ArchiveResult:
+    """Archive the oldest whole segments of the stopped log in ``directory`` to the new directory ``dest``.
+
+    ``store``: the kernel's store (default ``kernel.sqlite3`` beside the log directory), whose needs bound the cut;
+    ``no_store``: the log has none. ``from_keys``: public keys of earlier key epochs (a rotation), trusted besides
+    the signing key's own."""
     directory, dest = Path(directory), Path(dest)
     if (before is None) == (older_than_days is None):
         raise ArchiveRefused("give exactly one of --before SEQ and --older-than DAYS")
@@ -85,22 +105,30 @@ def archive(directory: Path, dest: Path, before: int | None = None, older_than_d
     except AuditError:
         raise ArchiveRefused(f"a kernel has the audit log {directory} open: stop it first (archiving reads and "
                              "removes segments it may be writing)") from None
+    if store is None and not no_store:
+        store = directory.parent / DATABASE_FILE
+        if not store.is_file():
+            raise ArchiveRefused(f"no kernel store beside the log ({store}): pass --store with the kernel's "
+                                 f"{DATABASE_FILE} (the records it still reads back must stay), or --no-store for a "
+                                 "log that has none")
     try:
-        return _archive_locked(directory, dest, before, older_than_days, key_path, now_unix_ns)
+        return _archive_locked(directory, dest, before, older_than_days, key_path, now_unix_ns, store, from_keys)
     finally:
         os.close(lock)
 
 
 def _archive_locked(directory: Path, dest: Path, before: int | None, older_than_days: float | None,
-                    key_path: Path | None, now_unix_ns: int | None) -> ArchiveResult:
-    trusted = published_keys(directory)
-    checked = verify_directory(directory, list(trusted.values()) or None, strict=True)
-    if not checked.ok:
-        raise ArchiveRefused(f"the log does not verify, so nothing was archived: {checked.describe()}")
+                    key_path: Path | None, now_unix_ns: int | None, store: Path | None,
+                    from_keys: list[bytes]) -> ArchiveResult:
     key_path = Path(key_path) if key_path is not None else directory / "signing-key.pem"
     if not key_path.is_file():
         raise ArchiveRefused(f"no signing key at {key_path}: pass --key with the kernel's audit_key")
     key = load_or_create(key_path)
+    trusted = [key.public_raw, *from_keys]  # (never keys merely found in the directory: a review audit)
+    checked = verify_directory(directory, trusted, strict=True)
+    if not checked.ok:
+        raise ArchiveRefused(f"the log does not verify with the signing key{' and --from-key' if from_keys else ''}, "
+                             f"so nothing was archived: {checked.describe()}")
     state = recover(directory)
     latest = cps.read_all(directory)[0][-1]
     if key.key_id != latest.key_id:
@@ -108,22 +136,39 @@ def _archive_locked(directory: Path, dest: Path, before: int | None, older_than_
                              f"{latest.key_id}: pass --key with the key the kernel signs with")
     first = state.tree.base_size
     cut = _cut(directory, state, before, older_than_days, now_unix_ns)
+    cut, held_back = _within_store_needs(state, cut, store)
+    _remove(list(directory.glob(f"{BASE_FILE}.tmp-*")), directory)  # (an archive killed while replacing the base)
     if cut <= first:
         removed = _remove(state.leftovers, directory)
-        return ArchiveResult(first, first, 0, 0, removed)
+        return ArchiveResult(first, first, 0, 0, removed, held_back)
     archived = [path for start, path in state.segments if start < cut]
     checkpoint = cps.sign(key, cut, state.tree.root(cut))
     base = ArchiveBase(cut, tuple(state.tree.peaks(cut)), state.tree.leaf(cut - 1),
                        tuple(state.tree.inclusion_proof(cut - 1, cut)), checkpoint, str(dest.resolve()),
                        time.time_ns())
-    size = _write_archive(directory, dest, archived, checkpoint, state, first, cut)
-    copy = verify_directory(dest, list(trusted.values()), strict=True)
+    try:
+        size = _write_archive(directory, dest, archived, checkpoint, state, first, cut)
+    except OSError as exc:
+        raise ArchiveFailed(f"could not write the archive in {dest} ({exc.strerror or exc}); nothing was removed "
+                            f"from {directory}: delete the incomplete {dest} and run again") from None
+    copy = verify_directory(dest, trusted, strict=True)
     if not copy.ok or copy.records != cut:
-        raise ArchiveRefused(f"the archive in {dest} does not verify ({copy.describe()}); nothing was removed from "
-                             f"{directory}")
+        raise ArchiveFailed(f"the archive in {dest} does not verify ({copy.describe()}); nothing was removed from "
+                            f"{directory}: delete {dest} and run again")
     write_base(directory, base)
     removed = _remove(state.leftovers + archived, directory) - len(archived)
-    return ArchiveResult(first, cut, len(archived), size, removed)
+    return ArchiveResult(first, cut, len(archived), size, removed, held_back)
+
+
+def _within_store_needs(state, cut: int, store: Path | None) -> tuple[int, str]:
+    """The cut moved back to the newest segment boundary at or before the oldest record the store may read back,
+    and why ("" when it did not move)."""
+    needed = oldest_needed(store) if store is not None else None
+    if needed is None or needed[0] >= cut:
+        return cut, ""
+    sequence, why = needed
+    boundary = max((start for start, _ in state.segments if start <= sequence), default=state.tree.base_size)
+    return min(boundary, cut), f"held back to record {boundary}: the store still reads from #{sequence} ({why})"
 
 
 def _cut(directory: Path, state, before: int | None, older_than_days: float | None,

@@ -111,29 +111,33 @@ def read_base(directory: Path) -> ArchiveBase | None:
     return _parse(path, text)
 
 
-def check_base(base: ArchiveBase, directory: Path, public_key_for: Callable[[str], bytes | None]) -> None:
-    """``AuditCorrupt`` unless the base is sound: peaks of the right heights that fold to the root its
-    checkpoint signs, the last hash proven in it, and a signature that verifies with the key it names
-    (``public_key_for(key_id)``; None = no key at hand for it, which is itself a refusal here: a base
-    nothing vouches for would let anyone choose the archived past)."""
-    path = directory / FILE_NAME
+def base_problem(base: ArchiveBase, public_key_for: Callable[[str], bytes | None]) -> str | None:
+    """Why the base is not sound (None when it is): peaks that fold to the root its checkpoint signs, the last
+    hash proven in it, and a signature that verifies with the key it names (``public_key_for(key_id)``; None =
+    no trusted key for it, itself a problem: a base nothing vouches for would let anyone choose the archived
+    past). Its shape was checked when it was read."""
     checkpoint = base.checkpoint
-    problem = None  # (its shape was checked when it was read)
     if checkpoint.tree_size != base.tree_size:
-        problem = f"its checkpoint is for tree size {checkpoint.tree_size}, not {base.tree_size}"
-    elif fold_peaks([digest for _, digest in base.peaks]) != checkpoint.root_hash:
-        problem = "its peaks do not fold to the root its checkpoint signs"
-    elif not verify_inclusion(base.last_hash, base.tree_size - 1, base.tree_size, list(base.last_proof),
-                              checkpoint.root_hash):
-        problem = f"the hash it keeps of record {base.tree_size - 1} is not proven in that root"
-    else:
-        public = public_key_for(checkpoint.key_id)
-        if public is None:
-            problem = f"its checkpoint was signed by key {checkpoint.key_id or '?'}, which this directory does not keep"
-        elif not signature_ok(checkpoint, public):
-            problem = f"its checkpoint's signature does not verify with key {checkpoint.key_id}"
+        return f"its checkpoint is for tree size {checkpoint.tree_size}, not {base.tree_size}"
+    if fold_peaks([digest for _, digest in base.peaks]) != checkpoint.root_hash:
+        return "its peaks do not fold to the root its checkpoint signs"
+    if not verify_inclusion(base.last_hash, base.tree_size - 1, base.tree_size, list(base.last_proof),
+                            checkpoint.root_hash):
+        return f"the hash it keeps of record {base.tree_size - 1} is not proven in that root"
+    public = public_key_for(checkpoint.key_id)
+    if public is None:
+        return f"its checkpoint was signed by key {checkpoint.key_id or '?'}, which is not among the trusted keys"
+    if not signature_ok(checkpoint, public):
+        return f"its checkpoint's signature does not verify with key {checkpoint.key_id}"
+    return None
+
+
+def check_base(base: ArchiveBase, directory: Path, public_key_for: Callable[[str], bytes | None]) -> None:
+    """``AuditCorrupt`` (the open's refusal) unless ``base_problem`` finds nothing."""
+    problem = base_problem(base, public_key_for)
     if problem is not None:
-        raise AuditCorrupt(f"the audit log in {directory} is damaged or was altered: {path}: {problem}. {_UNTOUCHED}")
+        raise AuditCorrupt(f"the audit log in {directory} is damaged or was altered: {directory / FILE_NAME}: "
+                           f"{problem}. {_UNTOUCHED}")
 
 
 def write_base(directory: Path, base: ArchiveBase) -> None:

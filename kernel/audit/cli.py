@@ -160,7 +160,13 @@ def cmd_archive(args) -> int:
     if days is not None and days < 0:
         return _cannot_run("archive", "--older-than must be >= 0 days")
     try:
-        result = archive(directory, Path(args.dest), before=args.before, older_than_days=days, key_path=args.key)
+        from_keys = [raw for path in args.from_key or () for raw in load_public_keys(path)]
+    except AuditError as exc:
+        return _cannot_run("archive", exc.message)
+    try:
+        result = archive(directory, Path(args.dest), before=args.before, older_than_days=days, key_path=args.key,
+                         store=Path(args.store) if args.store else None, no_store=args.no_store,
+                         from_keys=from_keys)
     except ArchiveRefused as exc:
         return _cannot_run("archive", exc.message)
     except AuditFormatTooNew as exc:
@@ -220,6 +226,14 @@ def build_parser(prog: str = "aios-kernel audit") -> argparse.ArgumentParser:
     cut.add_argument("--older-than", dest="older_than", type=float, metavar="DAYS",
                      help="archive the segments whose every record is older than DAYS days")
     archive.add_argument("--key", help="the signing key (the kernel's audit_key; default DIRECTORY/signing-key.pem)")
+    archive.add_argument("--from-key", dest="from_key", metavar="PUBKEY", action="append",
+                         help="a public key of an earlier key epoch (a rotation) to trust besides the signing key's "
+                              "own; keys merely found in the directory are not trusted")
+    stores = archive.add_mutually_exclusive_group()
+    stores.add_argument("--store", help="the kernel's store (default: kernel.sqlite3 beside DIRECTORY): the cut stops "
+                                        "before the oldest record it may still read back")
+    stores.add_argument("--no-store", dest="no_store", action="store_true",
+                        help="the log has no kernel store (a log written by AuditLog alone)")
     archive.set_defaults(func=cmd_archive)
 
     # Replay needs pipelines and policies; it lives with them and is imported only when used.

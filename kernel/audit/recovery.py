@@ -251,6 +251,10 @@ def _check_base(base: ArchiveBase, checkpoints: list[Checkpoint], directory: Pat
     kept = published_keys(directory)
     check_base(base, directory, lambda key_id: key.public_raw if key is not None and key.key_id == key_id
                else kept.get(key_id))
+    if key is not None and base.checkpoint.key_id != key.key_id:  # (a rotation since, or a base dropped in)
+        log.warning("audit: the archive base of %s was signed by key %s, not by this kernel's %s; only a key kept in "
+                    "the directory vouches for it here: check the log with `aios-kernel audit verify %s --from-key "
+                    "<trusted keys>`", directory, base.checkpoint.key_id, key.key_id, directory)
     signed = checkpoints[-1].tree_size if checkpoints else 0
     if signed < base.tree_size:
         raise AuditCorrupt(

@@ -66,7 +66,7 @@ from dataclasses import dataclass
 from hashlib import sha256
 from pathlib import Path
 
-from .base import ARCHIVE_MARKER, check_base, read_base
+from .base import ARCHIVE_MARKER, FILE_NAME as BASE_FILE, base_problem, read_base
 from .checkpoints import FILE_NAME as CHECKPOINT_FILE
 from .checkpoints import read_all, signature_ok
 from .errors import AuditCorrupt
@@ -154,6 +154,7 @@ def verify_directory(directory: str | Path, public_key: bytes | Iterable[bytes] 
         walk.some_checkpoint_signed()
         walk.writer_live = walk.count > walk.signed_size and writer_is_live(directory)
         walk.at_least(min_records)
+        walk.archive_whole()
         if strict:
             walk.all_signed()
         walk.recovery_notes(strict)
@@ -335,9 +336,11 @@ class _Walk:
             segments, _ = after_base(segments, base, self.directory)
             if base is None:
                 return CompactRange(), GENESIS_PREV_HASH, segments
-            check_base(base, self.directory, lambda key_id: self.trusted.get(key_id))
         except AuditCorrupt as exc:
             raise _Failure(None, str(exc)) from None
+        problem = base_problem(base, self.trusted.get)
+        if problem is not None:
+            raise _Failure(None, f"{BASE_FILE} (records 0..{base.tree_size - 1} archived): {problem}")
         if base.checkpoint.key_id not in self.key_ids:
             self.key_ids.append(base.checkpoint.key_id)
         self.base_size = self.count = self.signed_size = base.tree_size
@@ -395,7 +398,8 @@ class _Walk:
                          f"hash chain vouched for them until then" for at, first, last in plain]
         kernels_log = bool(self.last_event)  # (a log written by a kernel starts with its "kernel started")
         if (self.directory / ARCHIVE_MARKER).is_file():  # an archive ends where it was cut, not at a stop
-            notes.append(f"an archive ({ARCHIVE_MARKER}): records from {self.count} on are in the log it came from")
+            notes.append(f"an archive ({ARCHIVE_MARKER}): records from {self.count} on are in the log it came from, "
+                         f"whose {BASE_FILE} signs this one's end")
         elif kernels_log and self.last_event != "kernel stopping" and self.count == self.signed_size \
                 and not writer_is_live(self.directory):  # (a running kernel's log has no stop yet)
             older = ("" if self.stops else
@@ -406,6 +410,23 @@ class _Walk:
                          f"--min-records){older}")
         if notes:
             self.note = "; ".join(filter(None, [self.note, *notes]))
+
+    def archive_whole(self) -> None:
+        """An archive holds every record it was written with: ``archive.json`` names its end and root. (Unsigned:
+        the live log's base, which signs the same end, is what an auditor checks it against: --min-records.)"""
+        path = self.directory / ARCHIVE_MARKER
+        if not path.is_file():
+            return
+        try:
+            marker = json.loads(path.read_text(encoding="utf-8"))
+            end, root = int(marker["end_record"]), bytes.fromhex(marker["checkpoint_root"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise _Failure(None, f"{ARCHIVE_MARKER} is not readable ({type(exc).__name__}: {exc})") from None
+        if self.count != end or not self.checkpoints or self.checkpoints[-1].root_hash != root:
+            raise _Failure(self.count, (
+                f"the archive was written with records up to {end - 1} ({ARCHIVE_MARKER}) and a checkpoint for them, "
+                f"but holds {self.count} records{'' if self.count == end else ': records were removed'}"),
+                max(end - 1, self.count))
 
     def at_least(self, min_records: int) -> None:
         if self.count < min_records:

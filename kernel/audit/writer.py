@@ -227,8 +227,9 @@ class AuditLog:
             self._segment = self._new_segment(self._tree.size)
         if state.leftovers:
             log.warning("audit: %d segment(s) of %s hold only archived records (%s) and were not read: an archive "
-                        "stopped before removing them; `aios-kernel audit archive %s` finishes that",
-                        len(state.leftovers), directory, state.base.describe(), directory)
+                        "stopped before removing them; `aios-kernel audit archive %s NEW_FOLDER --before 0` (with the "
+                        "kernel stopped) removes them", len(state.leftovers), directory, state.base.describe(),
+                        directory)
         # From here on the tree keeps only the newest leaves in memory and reads older ones back from the segments
         # (all leaves are durable records: a group's leaves join the tree after its write).
         self._tree.keep_recent(lambda start, count: read_leaf_hashes(self, start, count), merkle.KEEP_LEAVES)
