@@ -1,7 +1,11 @@
 """ReviewService over real gRPC (sync and grpc.aio): leases, claim-next, status codes, paging, SLA counts, watches.
 
-Reviews are created in-process on the server's own queue, as the decision
-layer does; everything else goes through gRPC stubs.
+A real kernel serving the claims pipeline (its model, policy and audit log), once per front end. Every review
+is opened the way a caller opens one: a Decide of a large claim, which the policy always sends to a human
+(R04). A second pipeline, ``claims_late`` (the same pipeline under another name, its review SLA cut to 1 ns),
+gives the filters a second pipeline to tell apart and the SLA counts a case that is late as soon as it is
+opened. Each test works under tenants of its own, so the tests share the kernel without seeing each other's
+cases.
 """
 
 from __future__ import annotations
@@ -12,31 +16,55 @@ import time
 import grpc
 import pytest
 
-from _task_server import serve_task_kernel
+from claims_support import claim_request, copy_pipelines
+from conftest import start_claims_kernel
+from examples.claims import data
 from kernel._proto.aios.kernel.v1 import kernel_pb2 as kpb
 from kernel._proto.aios.kernel.v1 import kernel_pb2_grpc as kgrpc
 
 TIMEOUT_S = 20
+PIPELINE, LATE = "claims_triage", "claims_late"
+ACTIONS = ["approve", "deny", "request_info"]  # the claims pipeline's [escalation] review_actions
+
+
+def _late_pipeline(folder) -> None:
+    text = (folder / f"{PIPELINE}.toml").read_text(encoding="utf-8")
+    assert f'name = "{PIPELINE}"' in text and "review_sla_s = 14400" in text, "the claims pipeline changed its lines"
+    text = text.replace(f'name = "{PIPELINE}"', f'name = "{LATE}"', 1).replace("review_sla_s = 14400", "review_sla_s = 1e-9")
+    (folder / f"{LATE}.toml").write_text(text, encoding="utf-8")
 
 
 @pytest.fixture(scope="module", params=["sync", "aio"])
-def kernel(request, tmp_path_factory):
-    k, stop = serve_task_kernel(tmp_path_factory.mktemp(f"reviews-{request.param}"), request.param)
-    yield k
-    stop()
-    k.close()
+def server(request, claims_models, tmp_path_factory):
+    root = tmp_path_factory.mktemp(f"reviews-{request.param}")
+    pipelines = copy_pipelines(root / "pipelines")
+    _late_pipeline(pipelines)
+    server = start_claims_kernel(claims_models, root, pipelines, front_end=request.param)
+    yield server
+    server.stop(grace=1)
 
 
 @pytest.fixture
-def reviews(kernel):
-    with grpc.insecure_channel(f"127.0.0.1:{kernel.port}") as channel:
-        yield kgrpc.ReviewServiceStub(channel)
+def channel(server):
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+        yield ch
 
 
-def escalate(kernel, pipeline: str, tenant: str = "acme", sla_seconds: float = 3600.0) -> kpb.Review:
-    request = kpb.DecisionRequest(pipeline=pipeline, tenant=tenant)
-    decision = kpb.Decision(action="approve", outcome=kpb.ESCALATED, pipeline=pipeline, tenant=tenant)
-    return kernel.queue.create(decision, request, ["approve", "deny"], sla_seconds)
+@pytest.fixture
+def reviews(channel):
+    return kgrpc.ReviewServiceStub(channel)
+
+
+LARGE_CLAIM = dict(data.generate_cases(1, seed=11)[0], claim_amount=90000.0)  # R04: always seen by a human
+
+
+def escalate(channel, tenant: str, pipeline: str = PIPELINE) -> str:
+    """A Decide the policy escalates: the id of the review it opened."""
+    request = claim_request(LARGE_CLAIM, tenant=tenant)
+    request.pipeline = pipeline
+    decision = kgrpc.DecisionServiceStub(channel).Decide(request, timeout=TIMEOUT_S)
+    assert decision.outcome == kpb.ESCALATED and decision.review_id, decision
+    return decision.review_id
 
 
 def failure(call, message) -> tuple[grpc.StatusCode, str]:
@@ -53,8 +81,13 @@ def wait_until(predicate, timeout_s: float = TIMEOUT_S) -> None:
         time.sleep(0.01)
 
 
-def test_leases_and_resolutions_answer_with_named_status_codes(kernel, reviews):
-    rid = escalate(kernel, "leases").review_id
+def resolutions(server, review_id: str) -> list[kpb.AuditRecord]:
+    return [r for r in server.decisions.audit.read(from_sequence=0, kind=kpb.REVIEW_RESOLUTION)
+            if r.decision.review_id == review_id]
+
+
+def test_leases_and_resolutions_answer_with_named_status_codes(server, channel, reviews):
+    rid = escalate(channel, "leases")
     claim = lambda who, lease=60: kpb.ClaimReviewRequest(review_id=rid, reviewer=who, lease_seconds=lease)  # noqa: E731
     resolve = lambda who, action: kpb.ResolveReviewRequest(review_id=rid, reviewer=who, action=action)  # noqa: E731
     S = grpc.StatusCode
@@ -64,6 +97,7 @@ def test_leases_and_resolutions_answer_with_named_status_codes(kernel, reviews):
         (reviews.ClaimReview, claim("bob"), S.FAILED_PRECONDITION, "claimed by alice until"),
         (reviews.ResolveReview, resolve("bob", "deny"), S.FAILED_PRECONDITION, "claimed by alice"),
         (reviews.ResolveReview, resolve("alice", "shrug"), S.INVALID_ARGUMENT, "action 'shrug' is not allowed"),
+        (reviews.ResolveReview, resolve("alice", "review"), S.INVALID_ARGUMENT, "action 'review' is not allowed"),
         (reviews.ResolveReview, resolve("alice", ""), S.INVALID_ARGUMENT, "action is required"),
         (reviews.ClaimReview, claim(""), S.INVALID_ARGUMENT, "reviewer is required"),
         (reviews.ClaimReview, claim("alice", 100_000), S.INVALID_ARGUMENT, "lease_seconds must be 0..86400"),
@@ -75,20 +109,23 @@ def test_leases_and_resolutions_answer_with_named_status_codes(kernel, reviews):
     for call, message, code, text in cases:
         got_code, details = failure(call, message)
         assert (got_code, text in details) == (code, True), details
+    assert resolutions(server, rid) == []  # nothing refused reached the audit log
     done = reviews.ResolveReview(resolve("alice", "approve"), timeout=TIMEOUT_S)
     assert done.state == "RESOLVED" and done.resolution.action == "approve"
+    (record,) = resolutions(server, rid)  # the resolution is an audited decision
+    assert (record.principal, record.decision.action, record.decision.outcome) == ("alice", "approve", kpb.REVIEWED)
     code, details = failure(reviews.ResolveReview, resolve("bob", "deny"))
     assert code == S.FAILED_PRECONDITION and "already resolved (approve by alice)" in details
 
 
-def test_list_pages_filters_and_counts_missed_slas(kernel, reviews):
-    made = [escalate(kernel, "paging", tenant=("acme" if n % 2 else "globex")).review_id for n in range(7)]
-    late = escalate(kernel, "paging", tenant="acme", sla_seconds=1e-9).review_id  # due 1 ns after creation
+def test_list_pages_filters_and_counts_missed_slas(channel, reviews):
+    made = [escalate(channel, ("paging-acme" if n % 2 else "paging-globex")) for n in range(7)]
+    late = escalate(channel, "paging-acme", pipeline=LATE)  # due 1 ns after it was opened
     acme = [rid for n, rid in enumerate(made) if n % 2] + [late]
     got, token, pages = [], "", 0
     while True:
-        page = reviews.ListReviews(kpb.ListReviewsRequest(pipeline="paging", tenant="acme", page_size=2,
-                                                          page_token=token), timeout=TIMEOUT_S)
+        page = reviews.ListReviews(kpb.ListReviewsRequest(tenant="paging-acme", page_size=2, page_token=token),
+                                   timeout=TIMEOUT_S)
         got += [r.review_id for r in page.reviews]
         pages += 1
         assert page.sla_missed == 1
@@ -96,70 +133,81 @@ def test_list_pages_filters_and_counts_missed_slas(kernel, reviews):
         if not token:
             break
     assert got == acme and pages == 2
-    assert [r.sla_missed for r in reviews.ListReviews(kpb.ListReviewsRequest(pipeline="paging", tenant="acme"),
+    assert [r.sla_missed for r in reviews.ListReviews(kpb.ListReviewsRequest(tenant="paging-acme"),
                                                       timeout=TIMEOUT_S).reviews] == [False] * 3 + [True]
+    # The pipeline filter, with the tenant's: each pipeline's own cases, and its own count of missed SLAs.
+    on_time = reviews.ListReviews(kpb.ListReviewsRequest(pipeline=PIPELINE, tenant="paging-acme"), timeout=TIMEOUT_S)
+    assert [r.review_id for r in on_time.reviews] == acme[:3] and on_time.sla_missed == 0
+    missed = reviews.ListReviews(kpb.ListReviewsRequest(pipeline=LATE, tenant="paging-acme"), timeout=TIMEOUT_S)
+    assert [r.review_id for r in missed.reviews] == [late] and missed.sla_missed == 1
     S = grpc.StatusCode
     code, details = failure(reviews.ListReviews, kpb.ListReviewsRequest(page_token="not-a-token"))
     assert code == S.INVALID_ARGUMENT and "page_token" in details
-    token = reviews.ListReviews(kpb.ListReviewsRequest(pipeline="paging", page_size=1), timeout=TIMEOUT_S).next_page_token
-    code, details = failure(reviews.ListReviews, kpb.ListReviewsRequest(pipeline="other", page_token=token))
+    token = reviews.ListReviews(kpb.ListReviewsRequest(pipeline=PIPELINE, tenant="paging-acme", page_size=1),
+                                timeout=TIMEOUT_S).next_page_token
+    code, details = failure(reviews.ListReviews, kpb.ListReviewsRequest(pipeline=LATE, tenant="paging-acme",
+                                                                        page_token=token))
     assert code == S.INVALID_ARGUMENT and "other filters" in details
     code, details = failure(reviews.ListReviews, kpb.ListReviewsRequest(state="LOST"))
     assert code == S.INVALID_ARGUMENT and "state must be one of" in details
 
 
-def test_get_review_answers_one_review_as_the_list_shows_it(kernel, reviews):
-    rid = escalate(kernel, "get-one", tenant="acme").review_id
+def test_get_review_answers_one_review_as_the_list_shows_it(channel, reviews):
+    rid = escalate(channel, "get-one")
     reviews.ClaimReview(kpb.ClaimReviewRequest(review_id=rid, reviewer="alice"), timeout=TIMEOUT_S)
     got = reviews.GetReview(kpb.ReviewRef(review_id=rid), timeout=TIMEOUT_S)
-    (listed,) = reviews.ListReviews(kpb.ListReviewsRequest(pipeline="get-one"), timeout=TIMEOUT_S).reviews
-    assert got == listed and (got.state, got.claimed_by, list(got.actions)) == ("CLAIMED", "alice", ["approve", "deny"])
+    (listed,) = reviews.ListReviews(kpb.ListReviewsRequest(tenant="get-one"), timeout=TIMEOUT_S).reviews
+    assert got == listed and (got.state, got.claimed_by, list(got.actions)) == ("CLAIMED", "alice", ACTIONS)
+    assert (got.proposed.action, got.proposed.outcome, got.pipeline) == ("review", kpb.ESCALATED, PIPELINE)
+    assert got.request.fields["claim_amount"].number_value == 90000.0  # the case as the caller sent it
     S = grpc.StatusCode
     assert failure(reviews.GetReview, kpb.ReviewRef(review_id="nope")) == (S.NOT_FOUND, "review 'nope' does not exist")
     code, details = failure(reviews.GetReview, kpb.ReviewRef())
     assert code == S.INVALID_ARGUMENT and "review_id is required" in details
 
 
-def test_watch_streams_new_matching_reviews_and_updates(kernel, reviews):
-    stream = reviews.WatchReviews(kpb.WatchReviewsRequest(pipeline="watched", tenant="acme", include_open=True,
+def test_watch_streams_new_matching_reviews_and_updates(channel, reviews):
+    stream = reviews.WatchReviews(kpb.WatchReviewsRequest(pipeline=PIPELINE, tenant="watched", include_open=True,
                                                           updates=True), timeout=TIMEOUT_S)
-    first = escalate(kernel, "watched")
-    escalate(kernel, "watched", tenant="globex")  # filtered out
-    escalate(kernel, "unwatched")
-    assert next(stream).review_id == first.review_id
-    reviews.ClaimReview(kpb.ClaimReviewRequest(review_id=first.review_id, reviewer="alice"), timeout=TIMEOUT_S)
+    first = escalate(channel, "watched")
+    escalate(channel, "watched-not")  # another tenant: filtered out
+    escalate(channel, "watched", pipeline=LATE)  # another pipeline: filtered out
+    assert next(stream).review_id == first
+    reviews.ClaimReview(kpb.ClaimReviewRequest(review_id=first, reviewer="alice"), timeout=TIMEOUT_S)
     update = next(stream)
-    assert (update.review_id, update.state) == (first.review_id, "CLAIMED")
-    second = escalate(kernel, "watched")
-    assert next(stream).review_id == second.review_id
+    assert (update.review_id, update.state) == (first, "CLAIMED")
+    second = escalate(channel, "watched")
+    assert next(stream).review_id == second
     stream.cancel()
 
 
-def test_a_client_leaving_a_review_watch_releases_it(kernel, reviews):
-    wait_until(lambda: kernel.queue.watcher_count() == 0)  # earlier tests' watches have been released
-    stream = reviews.WatchReviews(kpb.WatchReviewsRequest(pipeline="leaving", include_open=True), timeout=TIMEOUT_S)
-    rid = escalate(kernel, "leaving").review_id
+def test_a_client_leaving_a_review_watch_releases_it(server, channel, reviews):
+    queue = server.decisions.reviews
+    wait_until(lambda: queue.watcher_count() == 0)  # earlier tests' watches have been released
+    stream = reviews.WatchReviews(kpb.WatchReviewsRequest(tenant="leaving", include_open=True), timeout=TIMEOUT_S)
+    rid = escalate(channel, "leaving")
     assert next(stream).review_id == rid
-    assert kernel.queue.watcher_count() == 1
+    assert queue.watcher_count() == 1
     stream.cancel()
-    wait_until(lambda: kernel.queue.watcher_count() == 0)
+    wait_until(lambda: queue.watcher_count() == 0)
 
 
-def test_a_watch_ends_with_the_calls_deadline(kernel, reviews):
-    wait_until(lambda: kernel.queue.watcher_count() == 0)
-    stream = reviews.WatchReviews(kpb.WatchReviewsRequest(pipeline="deadline"), timeout=0.3)
+def test_a_watch_ends_with_the_calls_deadline(server, reviews):
+    queue = server.decisions.reviews
+    wait_until(lambda: queue.watcher_count() == 0)
+    stream = reviews.WatchReviews(kpb.WatchReviewsRequest(tenant="deadline"), timeout=0.3)
     with pytest.raises(grpc.RpcError) as info:
         next(stream)
     assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    wait_until(lambda: kernel.queue.watcher_count() == 0)
+    wait_until(lambda: queue.watcher_count() == 0)
 
 
-def test_ten_reviewers_claiming_next_each_get_a_different_case(kernel, reviews):
-    made = [escalate(kernel, "claim-next").review_id for _ in range(30)]
+def test_ten_reviewers_claiming_next_each_get_a_different_case(channel, reviews):
+    made = [escalate(channel, "claim-next") for _ in range(30)]
     claims, refusals = [], []
 
     def reviewer(name: str) -> None:
-        request = kpb.ClaimNextReviewRequest(pipeline="claim-next", reviewer=name, lease_seconds=60)
+        request = kpb.ClaimNextReviewRequest(pipeline=PIPELINE, tenant="claim-next", reviewer=name, lease_seconds=60)
         while True:
             try:
                 got = reviews.ClaimNextReview(request, timeout=TIMEOUT_S)
@@ -176,31 +224,32 @@ def test_ten_reviewers_claiming_next_each_get_a_different_case(kernel, reviews):
     assert sorted(rid for rid, _, _ in claims) == sorted(made)  # every case once: no two reviewers got one
     assert {(state, mine) for _, state, mine in claims} == {("CLAIMED", True)}
     assert [code for code, _ in refusals] == [grpc.StatusCode.NOT_FOUND] * 10  # no FAILED_PRECONDITION
-    assert "no open review to claim (filters: pipeline 'claim-next', tenant any)" in refusals[0][1]
+    assert f"no open review to claim (filters: pipeline '{PIPELINE}', tenant 'claim-next')" in refusals[0][1]
 
 
-def test_claim_next_takes_the_oldest_match_and_checks_its_arguments(kernel, reviews):
-    older, newer = escalate(kernel, "claim-oldest", tenant="acme"), escalate(kernel, "claim-oldest", tenant="acme")
-    escalate(kernel, "claim-oldest", tenant="globex")
+def test_claim_next_takes_the_oldest_match_and_checks_its_arguments(channel, reviews):
+    older, newer = escalate(channel, "oldest-acme"), escalate(channel, "oldest-acme")
+    escalate(channel, "oldest-globex")
+    escalate(channel, "oldest-acme", pipeline=LATE)
     claim_next = lambda who, lease=0: kpb.ClaimNextReviewRequest(  # noqa: E731
-        pipeline="claim-oldest", tenant="acme", reviewer=who, lease_seconds=lease)
+        pipeline=PIPELINE, tenant="oldest-acme", reviewer=who, lease_seconds=lease)
     got = reviews.ClaimNextReview(claim_next("alice"), timeout=TIMEOUT_S)
-    assert (got.review_id, got.state, got.claimed_by) == (older.review_id, "CLAIMED", "alice")
+    assert (got.review_id, got.state, got.claimed_by) == (older, "CLAIMED", "alice")
     assert got.lease_expires_unix_ns - time.time_ns() > 290e9  # the default lease, as ClaimReview's
-    assert reviews.ClaimNextReview(claim_next("bob", 60), timeout=TIMEOUT_S).review_id == newer.review_id
+    assert reviews.ClaimNextReview(claim_next("bob", 60), timeout=TIMEOUT_S).review_id == newer
     S = grpc.StatusCode
     code, details = failure(reviews.ClaimNextReview, claim_next("carol"))
-    assert code == S.NOT_FOUND and "tenant 'acme'" in details
+    assert code == S.NOT_FOUND and "tenant 'oldest-acme'" in details
     assert failure(reviews.ClaimNextReview, claim_next(""))[0] == S.INVALID_ARGUMENT
     code, details = failure(reviews.ClaimNextReview, claim_next("carol", 100_000))
     assert code == S.INVALID_ARGUMENT and "lease_seconds must be 0..86400" in details
 
 
-def test_a_lapsed_lease_is_sent_to_a_watch_of_updates(kernel, reviews):
-    # include_open: the review is sent even if it is created before the server has the watch
-    stream = reviews.WatchReviews(kpb.WatchReviewsRequest(pipeline="lapsing", include_open=True, updates=True),
+def test_a_lapsed_lease_is_sent_to_a_watch_of_updates(channel, reviews):
+    # include_open: the review is sent even if it is opened before the server has the watch
+    stream = reviews.WatchReviews(kpb.WatchReviewsRequest(tenant="lapsing", include_open=True, updates=True),
                                   timeout=TIMEOUT_S)
-    rid = escalate(kernel, "lapsing").review_id
+    rid = escalate(channel, "lapsing")
     assert (next(stream).review_id, reviews.ClaimReview(
         kpb.ClaimReviewRequest(review_id=rid, reviewer="gus", lease_seconds=1), timeout=TIMEOUT_S).state) == (
         rid, "CLAIMED")
@@ -212,8 +261,8 @@ def test_a_lapsed_lease_is_sent_to_a_watch_of_updates(kernel, reviews):
     stream.cancel()
 
 
-def test_resolving_again_with_another_comment_is_refused(kernel, reviews):
-    rid = escalate(kernel, "recomment").review_id
+def test_resolving_again_with_another_comment_is_refused(server, channel, reviews):
+    rid = escalate(channel, "recomment")
     reviews.ClaimReview(kpb.ClaimReviewRequest(review_id=rid, reviewer="alice"), timeout=TIMEOUT_S)
     resolve = lambda comment: kpb.ResolveReviewRequest(  # noqa: E731
         review_id=rid, reviewer="alice", action="deny", comment=comment)
@@ -223,3 +272,4 @@ def test_resolving_again_with_another_comment_is_refused(kernel, reviews):
     assert "already resolved (deny by alice) with another comment" in details
     assert reviews.ResolveReview(resolve("first"), timeout=TIMEOUT_S) == first  # the same repeat stays OK
     assert reviews.GetReview(kpb.ReviewRef(review_id=rid), timeout=TIMEOUT_S).comment == "first"
+    assert len(resolutions(server, rid)) == 1  # the repeat recorded nothing more
