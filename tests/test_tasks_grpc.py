@@ -1,9 +1,9 @@
 """TaskService and ReviewService end to end over real gRPC, on the sync and the grpc.aio front end.
 
-A low-confidence case is started as a task, escalated to a review, seen by a
-watching reviewer, listed, claimed and resolved; the task then completes
-with the human's action. The pipeline is the deterministic fake of
-``_task_server.py``; storage is a real SQLite file.
+A case the model is unsure of is started as a task, escalated to a review, seen by a watching reviewer,
+listed, claimed and resolved; the task then completes with the human's action. A real kernel serving the
+claims pipeline (its model, policy, audit log and store), once per front end. The one stand-in is a fault
+injected on purpose and named so below: an attempt that fails once as a busy model would.
 """
 
 from __future__ import annotations
@@ -13,24 +13,36 @@ import time
 import grpc
 import pytest
 
-from _task_server import serve_task_kernel
+from claims_support import claim_request
+from conftest import start_claims_kernel
+from examples.claims import data
 from kernel._proto.aios.kernel.v1 import kernel_pb2 as kpb
 from kernel._proto.aios.kernel.v1 import kernel_pb2_grpc as kgrpc
+from kernel.errors import TransientError
 
 TIMEOUT_S = 20
+PIPELINE = "claims_triage"
+
+# A case the model is unsure of (confidence about 0.4, below the policy's 0.6): R02 sends it to a human.
+UNSURE = {"claim_amount": 3612.47, "policy_age_months": 28, "customer_tier": "bronze", "claim_type": "health",
+          "prior_claims": 1, "fraud_score": 0.366, "days_since_incident": 10, "has_police_report": False}
+LARGE = dict(data.generate_cases(1, seed=11)[0], claim_amount=90000.0)  # R04: always seen by a human
+SMALL = dict(data.generate_cases(1, seed=7)[0], claim_amount=800.0, customer_tier="gold", fraud_score=0.05,
+             prior_claims=0, policy_age_months=40, has_police_report=True, claim_type="auto",
+             days_since_incident=3)  # R08: small, clean and confident: fast-tracked with no human
 
 
 @pytest.fixture(scope="module", params=["sync", "aio"])
-def kernel(request, tmp_path_factory):
-    k, stop = serve_task_kernel(tmp_path_factory.mktemp(f"tasks-{request.param}"), request.param)
-    yield k
-    stop()
-    k.close()
+def server(request, claims_models, tmp_path_factory):
+    server = start_claims_kernel(claims_models, tmp_path_factory.mktemp(f"tasks-{request.param}"),
+                                 front_end=request.param, task_backoff_s=0.01)
+    yield server
+    server.stop(grace=1)
 
 
 @pytest.fixture
-def channel(kernel):
-    with grpc.insecure_channel(f"127.0.0.1:{kernel.port}") as ch:
+def channel(server):
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
         yield ch
 
 
@@ -44,15 +56,8 @@ def reviews(channel):
     return kgrpc.ReviewServiceStub(channel)
 
 
-def start_request(key: str = "", pipeline: str = "claims", tenant: str = "acme", **fields) -> kpb.StartTaskRequest:
-    req = kpb.StartTaskRequest()
-    req.request.pipeline, req.request.tenant, req.request.idempotency_key = pipeline, tenant, key
-    for name, value in fields.items():
-        if isinstance(value, int):
-            req.request.fields[name].int_value = value
-        else:
-            req.request.fields[name].number_value = value
-    return req
+def start_request(case: dict, key: str = "", tenant: str = "acme", **options) -> kpb.StartTaskRequest:
+    return kpb.StartTaskRequest(request=claim_request(case, tenant=tenant, idempotency_key=key, **options))
 
 
 def until(stream, state: int) -> kpb.Task:
@@ -78,24 +83,32 @@ def code_of(call, *args) -> tuple[grpc.StatusCode, str]:
     return info.value.code(), info.value.details()
 
 
-def test_low_confidence_case_is_escalated_listed_claimed_resolved_and_the_task_completes(tasks, reviews):
-    pipeline = "claims-e2e"
-    watcher = reviews.WatchReviews(kpb.WatchReviewsRequest(pipeline=pipeline, include_open=True), timeout=TIMEOUT_S)
-    task = tasks.StartTask(start_request(pipeline=pipeline, amount=250.0, confidence=0.2), timeout=TIMEOUT_S)
-    assert task.state == kpb.QUEUED and task.task_id
+def task_records(server, task_id: str) -> list[kpb.AuditRecord]:
+    return [r for r in server.decisions.audit.read(from_sequence=0) if r.task_id == task_id]
+
+
+def test_low_confidence_case_is_escalated_listed_claimed_resolved_and_the_task_completes(server, tasks, reviews):
+    tenant = "e2e"
+    watcher = reviews.WatchReviews(kpb.WatchReviewsRequest(pipeline=PIPELINE, tenant=tenant, include_open=True),
+                                   timeout=TIMEOUT_S)
+    task = tasks.StartTask(start_request(UNSURE, tenant=tenant), timeout=TIMEOUT_S)
+    assert task.state == kpb.QUEUED and task.task_id and not task.replayed
 
     task_stream = tasks.WatchTask(kpb.TaskRef(task_id=task.task_id), timeout=TIMEOUT_S)
     waiting = until(task_stream, kpb.WAITING_FOR_REVIEW)
     assert waiting.review_id and waiting.decision.outcome == kpb.ESCALATED
+    assert waiting.decision.model.confidence < 0.6 and waiting.decision.reasons[0].rule_id == "R02"
 
     seen = next(watcher)  # the reviewer's screen gets the new item
     assert seen.review_id == waiting.review_id and seen.task_id == task.task_id and seen.state == "OPEN"
-    assert seen.request.fields["amount"].number_value == 250.0 and list(seen.actions) == ["approve", "deny"]
+    assert seen.request.fields["claim_amount"].number_value == UNSURE["claim_amount"]
+    assert list(seen.actions) == ["approve", "deny", "request_info"]
     watcher.cancel()
 
-    listed = reviews.ListReviews(kpb.ListReviewsRequest(pipeline=pipeline, state="OPEN"), timeout=TIMEOUT_S)
+    listed = reviews.ListReviews(kpb.ListReviewsRequest(pipeline=PIPELINE, tenant=tenant, state="OPEN"),
+                                 timeout=TIMEOUT_S)
     assert [r.review_id for r in listed.reviews] == [waiting.review_id]
-    assert listed.reviews[0].proposed.action == "approve" and listed.sla_missed == 0
+    assert listed.reviews[0].proposed.action == "review" and listed.sla_missed == 0
 
     claimed = reviews.ClaimReview(kpb.ClaimReviewRequest(review_id=waiting.review_id, reviewer="alice",
                                                          lease_seconds=120), timeout=TIMEOUT_S)
@@ -111,58 +124,95 @@ def test_low_confidence_case_is_escalated_listed_claimed_resolved_and_the_task_c
 
     done = until(task_stream, kpb.SUCCEEDED)
     assert done.decision.action == "deny" and done.decision.outcome == kpb.REVIEWED
-    assert done.decision.reasons[0].rule_id == "reviewer:alice" and done.decision.reasons[0].description == "duplicate claim"
+    assert (done.decision.reasons[0].rule_id, done.decision.reasons[0].description) == (
+        "REVIEW", "decided by alice: duplicate claim")
     assert list(task_stream) == []  # the watch ends at the final state
     fetched = tasks.GetTask(kpb.TaskRef(task_id=task.task_id), timeout=TIMEOUT_S)
     assert fetched.state == kpb.SUCCEEDED and fetched.review_id == waiting.review_id
     assert [h.state for h in fetched.history] == [kpb.QUEUED, kpb.RUNNING, kpb.WAITING_FOR_REVIEW, kpb.SUCCEEDED]
-    assert [r.review_id for r in reviews.ListReviews(kpb.ListReviewsRequest(pipeline=pipeline, state="RESOLVED"),
+    assert [r.review_id for r in reviews.ListReviews(kpb.ListReviewsRequest(tenant=tenant, state="RESOLVED"),
                                                      timeout=TIMEOUT_S).reviews] == [waiting.review_id]
+    # On the audit log: the escalated decision, then the reviewer's, which the task ended with.
+    records = task_records(server, task.task_id)
+    assert [(r.kind, r.decision.outcome) for r in records] == [(kpb.DECISION, kpb.ESCALATED),
+                                                               (kpb.REVIEW_RESOLUTION, kpb.REVIEWED)]
+    assert records[0].sequence == waiting.decision.audit_sequence and records[1].sequence == fetched.decision.audit_sequence
 
 
-def test_confident_case_succeeds_without_review_and_transient_failures_are_retried(tasks):
-    task = tasks.StartTask(start_request(amount=5000.0, transient_failures=1), timeout=TIMEOUT_S)
+def fail_first_attempt(monkeypatch, runner, request_id: str) -> None:
+    """Fault injected on purpose: the first attempt of the task for ``request_id`` fails as a busy model would
+    (TransientError, before the pipeline runs); its later attempts, and every other task, run the real pipeline."""
+    real_run = runner.run_fn
+
+    def busy_once(task):
+        if task.request.request_id == request_id and task.attempts == 1:
+            raise TransientError(f"model busy on attempt {task.attempts}")
+        return real_run(task)
+
+    monkeypatch.setattr(runner, "run_fn", busy_once)
+
+
+def test_confident_case_succeeds_without_review_and_transient_failures_are_retried(server, tasks, monkeypatch):
+    fail_first_attempt(monkeypatch, server.decisions.tasks, "busy-once")
+    task = tasks.StartTask(start_request(SMALL, request_id="busy-once"), timeout=TIMEOUT_S)
     done = until(tasks.WatchTask(kpb.TaskRef(task_id=task.task_id), timeout=TIMEOUT_S), kpb.SUCCEEDED)
-    assert done.decision.action == "deny" and done.attempts == 2 and done.review_id == ""
+    assert done.decision.action == "fast_track" and done.attempts == 2 and done.review_id == ""
+    assert done.decision.outcome == kpb.AUTOMATED and done.decision.reasons[0].rule_id == "R08"
+    retried = [h.detail for h in done.history if h.state == kpb.QUEUED and "retry in" in h.detail]
+    assert len(retried) == 1 and "model busy on attempt 1" in retried[0], list(done.history)
+    assert [r.sequence for r in task_records(server, task.task_id)] == [done.decision.audit_sequence]  # decided once
 
 
-def test_start_task_with_an_idempotency_key(tasks):
-    first = tasks.StartTask(start_request(key="order-17", amount=1.0), timeout=TIMEOUT_S)
-    again = tasks.StartTask(start_request(key="order-17", amount=1.0), timeout=TIMEOUT_S)
-    assert again.task_id == first.task_id
-    code, details = code_of(tasks.StartTask, start_request(key="order-17", amount=2.0))
+def test_start_task_with_an_idempotency_key(server, tasks):
+    first = tasks.StartTask(start_request(SMALL, key="order-17"), timeout=TIMEOUT_S)
+    again = tasks.StartTask(start_request(SMALL, key="order-17"), timeout=TIMEOUT_S)
+    assert again.task_id == first.task_id and (first.replayed, again.replayed) == (False, True)
+    other = dict(SMALL, claim_amount=SMALL["claim_amount"] + 1)
+    code, details = code_of(tasks.StartTask, start_request(other, key="order-17"))
     assert code == grpc.StatusCode.FAILED_PRECONDITION and "request.idempotency_key 'order-17'" in details
+    done = until(tasks.WatchTask(kpb.TaskRef(task_id=first.task_id), timeout=TIMEOUT_S), kpb.SUCCEEDED)
+    assert tasks.StartTask(start_request(SMALL, key="order-17"), timeout=TIMEOUT_S).task_id == first.task_id
+    assert [r.sequence for r in task_records(server, first.task_id)] == [done.decision.audit_sequence]  # run once
 
 
-def test_cancel_a_waiting_task_ends_its_watch(tasks):
-    task = tasks.StartTask(start_request(confidence=0.1), timeout=TIMEOUT_S)
+def test_cancel_a_waiting_task_ends_its_watch(tasks, reviews):
+    task = tasks.StartTask(start_request(LARGE, tenant="cancel"), timeout=TIMEOUT_S)
     stream = tasks.WatchTask(kpb.TaskRef(task_id=task.task_id), timeout=TIMEOUT_S)
-    until(stream, kpb.WAITING_FOR_REVIEW)
+    waiting = until(stream, kpb.WAITING_FOR_REVIEW)
     assert tasks.CancelTask(kpb.TaskRef(task_id=task.task_id), timeout=TIMEOUT_S).state == kpb.CANCELLED
     assert [t.state for t in stream] == [kpb.CANCELLED]
     code, details = code_of(tasks.CancelTask, kpb.TaskRef(task_id=task.task_id))
     assert code == grpc.StatusCode.FAILED_PRECONDITION and "already CANCELLED" in details
+    withdrawn = reviews.GetReview(kpb.ReviewRef(review_id=waiting.review_id), timeout=TIMEOUT_S)
+    assert (withdrawn.state, withdrawn.resolved_action) == ("RESOLVED", "")  # nobody is left to decide it
 
 
 def test_bad_task_calls_get_named_status_codes(tasks):
+    S = grpc.StatusCode
+    no_pipeline = start_request(SMALL)
+    no_pipeline.request.pipeline = ""
+    unknown = start_request(SMALL)
+    unknown.request.pipeline = "nope"
     cases = [
-        (tasks.StartTask, kpb.StartTaskRequest(), grpc.StatusCode.INVALID_ARGUMENT, "request is required"),
-        (tasks.StartTask, start_request(pipeline=""), grpc.StatusCode.INVALID_ARGUMENT, "request.pipeline is required"),
-        (tasks.StartTask, start_request(key="k" * 300), grpc.StatusCode.INVALID_ARGUMENT, "request.idempotency_key"),
-        (tasks.GetTask, kpb.TaskRef(task_id="nope"), grpc.StatusCode.NOT_FOUND, "task 'nope' does not exist"),
-        (tasks.GetTask, kpb.TaskRef(), grpc.StatusCode.INVALID_ARGUMENT, "task_id is required"),
-        (tasks.CancelTask, kpb.TaskRef(task_id="nope"), grpc.StatusCode.NOT_FOUND, "task 'nope'"),
-        (tasks.WatchTask, kpb.TaskRef(task_id="nope"), grpc.StatusCode.NOT_FOUND, "task 'nope'"),
+        (tasks.StartTask, kpb.StartTaskRequest(), S.INVALID_ARGUMENT, "request is required"),
+        (tasks.StartTask, no_pipeline, S.INVALID_ARGUMENT, "request.pipeline is required"),
+        (tasks.StartTask, unknown, S.NOT_FOUND, "pipeline 'nope'"),
+        (tasks.StartTask, start_request(SMALL, key="k" * 300), S.INVALID_ARGUMENT, "request.idempotency_key"),
+        (tasks.GetTask, kpb.TaskRef(task_id="nope"), S.NOT_FOUND, "task 'nope' does not exist"),
+        (tasks.GetTask, kpb.TaskRef(), S.INVALID_ARGUMENT, "task_id is required"),
+        (tasks.CancelTask, kpb.TaskRef(task_id="nope"), S.NOT_FOUND, "task 'nope'"),
+        (tasks.WatchTask, kpb.TaskRef(task_id="nope"), S.NOT_FOUND, "task 'nope'"),
     ]
     for call, message, code, text in cases:
         got_code, details = code_of(call, message)
         assert (got_code, text in details) == (code, True), (call, details)
 
 
-def test_a_client_leaving_a_watch_releases_it_on_the_server(kernel, tasks):
-    task = tasks.StartTask(start_request(confidence=0.1), timeout=TIMEOUT_S)
+def test_a_client_leaving_a_watch_releases_it_on_the_server(server, tasks):
+    store = server.decisions.tasks.store
+    task = tasks.StartTask(start_request(LARGE, tenant="leaving"), timeout=TIMEOUT_S)
     stream = tasks.WatchTask(kpb.TaskRef(task_id=task.task_id), timeout=TIMEOUT_S)
     until(stream, kpb.WAITING_FOR_REVIEW)
-    assert kernel.store.watcher_count(task.task_id) == 1
+    assert store.watcher_count(task.task_id) == 1
     stream.cancel()
-    wait_until(lambda: kernel.store.watcher_count(task.task_id) == 0)
+    wait_until(lambda: store.watcher_count(task.task_id) == 0)
