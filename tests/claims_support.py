@@ -48,3 +48,8 @@ def claim_request(case: dict, **options) -> kpb.DecisionRequest:
     """A DecisionRequest for the claims pipeline from a synthetic case (tenant "acme" unless given)."""
     options.setdefault("tenant", "acme")
     return make_request("claims_triage", {name: case[name] for name in REQUEST_FIELDS}, **options)
+
+
+# A claim the model is unsure of (its confidence about 0.4, below the policy's 0.6): R02 sends it to a human.
+UNSURE_CASE = {"claim_amount": 3612.47, "policy_age_months": 28, "customer_tier": "bronze", "claim_type": "health",
+               "prior_claims": 1, "fraud_score": 0.366, "days_since_incident": 10, "has_police_report": False}

@@ -8,12 +8,13 @@ injected on purpose and named so below: an attempt that fails once as a busy mod
 
 from __future__ import annotations
 
+import threading
 import time
 
 import grpc
 import pytest
 
-from claims_support import claim_request
+from claims_support import UNSURE_CASE, claim_request
 from conftest import start_claims_kernel
 from examples.claims import data
 from kernel._proto.aios.kernel.v1 import kernel_pb2 as kpb
@@ -23,9 +24,7 @@ from kernel.errors import TransientError
 TIMEOUT_S = 20
 PIPELINE = "claims_triage"
 
-# A case the model is unsure of (confidence about 0.4, below the policy's 0.6): R02 sends it to a human.
-UNSURE = {"claim_amount": 3612.47, "policy_age_months": 28, "customer_tier": "bronze", "claim_type": "health",
-          "prior_claims": 1, "fraud_score": 0.366, "days_since_incident": 10, "has_police_report": False}
+UNSURE = UNSURE_CASE  # the model's confidence is below the policy's 0.6: R02 sends it to a human
 LARGE = dict(data.generate_cases(1, seed=11)[0], claim_amount=90000.0)  # R04: always seen by a human
 SMALL = dict(data.generate_cases(1, seed=7)[0], claim_amount=800.0, customer_tier="gold", fraud_score=0.05,
              prior_claims=0, policy_age_months=40, has_police_report=True, claim_type="auto",
@@ -163,15 +162,40 @@ def test_confident_case_succeeds_without_review_and_transient_failures_are_retri
     assert [r.sequence for r in task_records(server, task.task_id)] == [done.decision.audit_sequence]  # decided once
 
 
-def test_start_task_with_an_idempotency_key(server, tasks):
-    first = tasks.StartTask(start_request(SMALL, key="order-17"), timeout=TIMEOUT_S)
-    again = tasks.StartTask(start_request(SMALL, key="order-17"), timeout=TIMEOUT_S)
-    assert again.task_id == first.task_id and (first.replayed, again.replayed) == (False, True)
-    other = dict(SMALL, claim_amount=SMALL["claim_amount"] + 1)
-    code, details = code_of(tasks.StartTask, start_request(other, key="order-17"))
-    assert code == grpc.StatusCode.FAILED_PRECONDITION and "request.idempotency_key 'order-17'" in details
+def hold_first_attempt(monkeypatch, runner, request_id: str) -> threading.Event:
+    """Fault injected on purpose: the task for ``request_id`` is held at the start of its attempt, before it
+    decides, until the returned event is set."""
+    release, real_run = threading.Event(), runner.run_fn
+
+    def held(task):
+        if task.request.request_id == request_id:
+            assert release.wait(TIMEOUT_S), "the test never released the held attempt"
+        return real_run(task)
+
+    monkeypatch.setattr(runner, "run_fn", held)
+    return release
+
+
+def test_start_task_with_an_idempotency_key(server, tasks, monkeypatch):
+    release = hold_first_attempt(monkeypatch, server.decisions.tasks, "order-17")
+    try:
+        first = tasks.StartTask(start_request(SMALL, key="order-17", request_id="order-17"), timeout=TIMEOUT_S)
+        again = tasks.StartTask(start_request(SMALL, key="order-17", request_id="order-17"), timeout=TIMEOUT_S)
+        assert again.task_id == first.task_id and (first.replayed, again.replayed) == (False, True)
+        other = dict(SMALL, claim_amount=SMALL["claim_amount"] + 1)
+        # Before the task has decided, the task store refuses it, naming the task the key started ...
+        code, details = code_of(tasks.StartTask, start_request(other, key="order-17"))
+        assert code == grpc.StatusCode.FAILED_PRECONDITION
+        assert f"request.idempotency_key 'order-17' already started task {first.task_id} with a different" in details
+    finally:
+        release.set()
     done = until(tasks.WatchTask(kpb.TaskRef(task_id=first.task_id), timeout=TIMEOUT_S), kpb.SUCCEEDED)
-    assert tasks.StartTask(start_request(SMALL, key="order-17"), timeout=TIMEOUT_S).task_id == first.task_id
+    # ... and once its decision is stored under the key, the decision's check refuses it first.
+    code, details = code_of(tasks.StartTask, start_request(other, key="order-17"))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION
+    assert "idempotency_key 'order-17' was used before with a different request" in details
+    replayed = tasks.StartTask(start_request(SMALL, key="order-17", request_id="order-17"), timeout=TIMEOUT_S)
+    assert (replayed.task_id, replayed.replayed, replayed.state) == (first.task_id, True, kpb.SUCCEEDED)
     assert [r.sequence for r in task_records(server, first.task_id)] == [done.decision.audit_sequence]  # run once
 
 
