@@ -34,13 +34,15 @@ class ServeProcess:
 
     The data directory (audit log, keys, task/review store) is a fresh
     scratch folder (removed when the test process exits) unless ``data_dir`` is given; a restart
-    passes the same folder again.
+    passes the same folder again. ``cli``: the command that takes ``serve`` and its arguments (a test's
+    wrapper that injects a fault into the kernel before running its command line), ``aios-kernel`` unless given.
     """
 
-    def __init__(self, models: Path, *extra: str, data_dir: str | Path | None = None, env: dict | None = None):
+    def __init__(self, models: Path, *extra: str, data_dir: str | Path | None = None, env: dict | None = None,
+                 cli: list[str] | None = None):
         self.data_dir = Path(data_dir) if data_dir is not None else scratch_dir()
         self.proc = subprocess.Popen(
-            [*CLI, "serve", "--models", str(models), "--port", "0", "--data-dir", str(self.data_dir), *extra],
+            [*(cli or CLI), "serve", "--models", str(models), "--port", "0", "--data-dir", str(self.data_dir), *extra],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env,
         )
         if not _cleanup:  # (registered late: atexit then runs it before the scratch folders' removal, made earlier)
