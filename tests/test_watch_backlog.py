@@ -6,8 +6,8 @@ stalled watcher and 4,000 escalations took the kernel from 261 to 479 MB until
 the watch was cancelled. Each subscription now keeps at most ``MAX_QUEUED``
 events; the next one ends it, drops what it held, and its reader is told with
 RESOURCE_EXHAUSTED how far it fell behind and how to resynchronise. Real
-feeds, a real review queue over SQLite, and a real gRPC watch on the threaded
-front end.
+feeds and a real review queue over SQLite; the gRPC watch is a real claims
+kernel's, on the threaded front end, its reviews opened by Decides.
 """
 
 from __future__ import annotations
@@ -20,13 +20,17 @@ import weakref
 import grpc
 import pytest
 
-from _task_server import serve_task_kernel
+from claims_support import claim_request
+from conftest import start_claims_kernel
+from examples.claims import data
 from kernel._proto.aios.kernel.v1 import kernel_pb2 as kpb
 from kernel._proto.aios.kernel.v1 import kernel_pb2_grpc as kgrpc
 from kernel.errors import ResourceExhausted
 from kernel.review import ReviewQueue
 from kernel.store import Feed, feed, open_database
 from kernel.tasks import TaskStore
+
+TIMEOUT_S = 20
 
 
 class Event:
@@ -117,29 +121,29 @@ def test_a_task_watch_that_fell_behind_says_how_to_resynchronise(tmp_path, monke
 
 
 @pytest.fixture(scope="module")
-def review_kernel(tmp_path_factory):
-    kernel, stop = serve_task_kernel(tmp_path_factory.mktemp("backlog"), "sync")
-    yield kernel
-    stop()
-    kernel.close()
+def review_kernel(claims_models, tmp_path_factory):
+    server = start_claims_kernel(claims_models, tmp_path_factory.mktemp("backlog"), front_end="sync")
+    yield server
+    server.stop(grace=1)
 
 
 def test_a_grpc_review_watch_whose_client_stops_reading_is_ended_not_grown(review_kernel, monkeypatch):
     """Threaded front end: the handler blocks in gRPC's send once the transport's windows are full; the
-    events behind it are bounded, and the client, reading at last, gets what was sent and then the reason."""
+    events behind it are bounded, and the client, reading at last, gets what was sent and then the reason.
+    A real claims kernel: each review is opened by a Decide of a large claim (R04), with a long description."""
     monkeypatch.setattr(feed, "MAX_QUEUED", 50)
-    queue = review_kernel.queue
-    big = "x" * 4000  # a few MB in all: more than gRPC's windows hold, so the handler stalls in its send
+    queue = review_kernel.decisions.reviews
+    case = dict(data.generate_cases(1, seed=11)[0], claim_amount=90000.0)  # R04: always seen by a human
+    big = "x" * 4000  # ~9 kB a review, a few MB in all: more than gRPC's windows hold, so the handler stalls
     with grpc.insecure_channel(f"127.0.0.1:{review_kernel.port}") as channel:
-        watch = kgrpc.ReviewServiceStub(channel).WatchReviews(kpb.WatchReviewsRequest(pipeline="stalled"), timeout=60)
+        decide = kgrpc.DecisionServiceStub(channel).Decide
+        watch = kgrpc.ReviewServiceStub(channel).WatchReviews(kpb.WatchReviewsRequest(tenant="stalled"), timeout=60)
         _until(lambda: queue.watcher_count() == 1)
         for start in range(0, 2000, 10):  # a few at a time: the handler keeps up until gRPC's send stalls it
-            items = []
             for n in range(start, start + 10):
-                request = kpb.DecisionRequest(pipeline="stalled", tenant="acme", request_id=f"s{n}-{big}")
-                items.append((kpb.Decision(request_id=request.request_id, action="approve", outcome=kpb.ESCALATED,
-                                           pipeline="stalled", tenant="acme"), request, ["approve"], 60.0))
-            queue.create_many(items)
+                request = claim_request(case, tenant="stalled", request_id=f"s{n}")
+                request.text_fields["description"] = big
+                assert decide(request, timeout=TIMEOUT_S).outcome == kpb.ESCALATED
             threading.Event().wait(0.01)
             if queue.watcher_count() == 0:
                 break
