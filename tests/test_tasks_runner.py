@@ -1,8 +1,10 @@
 """TaskRunner in-process: outcomes, retries with backoff, failures, cancellation, reviews, restart recovery.
 
-The pipeline is the deterministic fake of ``_task_server.py`` (or a small
-run_fn written here); the store is a real SQLite file. Tests wait on task
-watches, never on sleeps.
+Unit tests of TaskRunner as a Python object (no gRPC, no kernel): the pipeline is the fault-injecting
+stand-in of ``_fault_injecting_pipeline.py`` (or a small run_fn written here), so each test sets the
+outcomes, failures and timings it checks the runner against; the store is a real SQLite file. Tests wait
+on task watches, never on sleeps. The same behaviours over gRPC on a real claims kernel: test_tasks_grpc,
+test_tasks_restart, test_task_retries, test_task_cancel_running, test_task_decided_once.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import threading
 
 import pytest
 
-from _task_server import ACTIONS, make_decide, wire_reviews
+from _fault_injecting_pipeline import ACTIONS, make_decide, wire_reviews
 from kernel._proto.aios.kernel.v1 import kernel_pb2 as kpb
 from kernel.errors import FailedPrecondition, NotFound, TransientError
 from kernel.review import ReviewQueue
@@ -46,7 +48,7 @@ def wait_for(runner: TaskRunner, task_id: str, *states: int) -> kpb.Task:
 
 
 class Kernel:
-    """A store, a queue and a runner with the fake pipeline over one data dir."""
+    """A store, a queue and a runner with the stand-in pipeline over one data dir."""
 
     def __init__(self, data_dir, run_fn=None, start: bool = True, **runner_args):
         self.db = open_database(data_dir)
