@@ -134,7 +134,7 @@ def test_a_grpc_review_watch_whose_client_stops_reading_is_ended_not_grown(revie
     monkeypatch.setattr(feed, "MAX_QUEUED", 50)
     queue = review_kernel.decisions.reviews
     case = dict(data.generate_cases(1, seed=11)[0], claim_amount=90000.0)  # R04: always seen by a human
-    big = "x" * 4000  # ~9 kB a review, a few MB in all: more than gRPC's windows hold, so the handler stalls
+    big = "x" * 16000  # ~20 kB a review, a few MB in all: more than gRPC's windows hold, so the handler stalls
     with grpc.insecure_channel(f"127.0.0.1:{review_kernel.port}") as channel:
         decide = kgrpc.DecisionServiceStub(channel).Decide
         watch = kgrpc.ReviewServiceStub(channel).WatchReviews(kpb.WatchReviewsRequest(tenant="stalled"), timeout=60)
