@@ -30,7 +30,8 @@ ACTIONS = ["approve", "deny", "request_info"]  # the claims pipeline's [escalati
 def _late_pipeline(folder) -> None:
     text = (folder / f"{PIPELINE}.toml").read_text(encoding="utf-8")
     assert f'name = "{PIPELINE}"' in text and "review_sla_s = 14400" in text, "the claims pipeline changed its lines"
-    text = text.replace(f'name = "{PIPELINE}"', f'name = "{LATE}"', 1).replace("review_sla_s = 14400", "review_sla_s = 1e-9")
+    text = text.replace(f'name = "{PIPELINE}"', f'name = "{LATE}"', 1)
+    text = text.replace("review_sla_s = 14400", "review_sla_s = 1e-9")
     (folder / f"{LATE}.toml").write_text(text, encoding="utf-8")
 
 

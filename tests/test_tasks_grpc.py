@@ -135,7 +135,7 @@ def test_low_confidence_case_is_escalated_listed_claimed_resolved_and_the_task_c
     records = task_records(server, task.task_id)
     assert [(r.kind, r.decision.outcome) for r in records] == [(kpb.DECISION, kpb.ESCALATED),
                                                                (kpb.REVIEW_RESOLUTION, kpb.REVIEWED)]
-    assert records[0].sequence == waiting.decision.audit_sequence and records[1].sequence == fetched.decision.audit_sequence
+    assert [r.sequence for r in records] == [waiting.decision.audit_sequence, fetched.decision.audit_sequence]
 
 
 def fail_first_attempt(monkeypatch, runner, request_id: str) -> None:
