@@ -1,12 +1,14 @@
 """How fast a StreamAudit follower keeps up with a busy kernel: records followed vs records written.
 
     python -m bench.audit_follow [--seconds 20] [--rounds 3] [--baseline-root PATH] [--front-end sync]
+    python -m bench.audit_follow --batches    # StreamAudit vs StreamAuditBatches, same kernel, same run
 
 Each round starts the kernel (``python -m kernel serve`` on the claims demo, in a fresh data dir), loads it
 from one process (``--streams`` DecideStreams sending automated claims), and follows the log from record 0
 from another, run at ``nice -n -15`` so the follower's own process is not what limits it (the machine has
 two cores). It prints records followed and the log's size at the end. With ``--baseline-root`` (a checkout
-of another commit, built) every round runs both kernels back to back and prints the ratio of records followed.
+of another commit, built) every round runs both kernels back to back and prints the ratio of records followed;
+with ``--batches`` every round follows once with StreamAudit and once with StreamAuditBatches.
 """
 
 from __future__ import annotations
@@ -65,12 +67,17 @@ def load(address: str, streams: int, seconds: float) -> None:
         thread.join()
 
 
-def follow(address: str, seconds: float) -> None:
-    """The follower process: StreamAudit from 0 with follow for ``seconds``; prints what it got as JSON."""
+def follow(address: str, seconds: float, batched: bool) -> None:
+    """The follower process: StreamAudit (or StreamAuditBatches) from 0 with follow for ``seconds``; prints what
+    it got as JSON."""
     stub = kgrpc.AuditServiceStub(grpc.insecure_channel(address))
+    query = kpb.StreamAuditRequest(from_sequence=0, follow=True)
     count = 0
     try:
-        for _ in stub.StreamAudit(kpb.StreamAuditRequest(from_sequence=0, follow=True), timeout=seconds):
+        if batched:
+            for batch in stub.StreamAuditBatches(kpb.StreamAuditBatchesRequest(query=query), timeout=seconds):
+                count += len(batch.records)
+        for _ in () if batched else stub.StreamAudit(query, timeout=seconds):
             count += 1
     except grpc.RpcError:
         pass  # (DEADLINE_EXCEEDED: the end of the run)
@@ -83,7 +90,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def one_round(root: Path, args, data_parent: str | None) -> dict:
+def one_round(root: Path, batched: bool, args, data_parent: str | None) -> dict:
     data = tempfile.mkdtemp(prefix="aios-follow-", dir=data_parent)
     port = free_port()
     env = {**os.environ, "AIOS_AUDIT_STREAM_ENABLED": "true", "AIOS_FRONT_END": args.front_end}
@@ -98,7 +105,8 @@ def one_round(root: Path, args, data_parent: str | None) -> dict:
         loader = subprocess.Popen([*me, "--role", "load", "--address", address, "--seconds", str(args.seconds),
                                    "--streams", str(args.streams)], cwd=REPO_ROOT)
         follower = subprocess.run(["nice", "-n", "-15", *me, "--role", "follow", "--address", address, "--seconds",
-                                   str(args.seconds)], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+                                   str(args.seconds), *(["--batches"] if batched else [])],
+                                  cwd=REPO_ROOT, capture_output=True, text=True, check=True)
         loader.wait(args.seconds + 60)
         size = kgrpc.AuditServiceStub(grpc.insecure_channel(address)).GetCheckpoint(
             kpb.CheckpointRequest(), timeout=10).tree_size
@@ -119,29 +127,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--front-end", dest="front_end", default="sync", choices=["sync", "aio"])
     parser.add_argument("--baseline-root", dest="baseline_root", help="a built checkout of the commit to compare with")
     parser.add_argument("--data-parent", dest="data_parent")
+    parser.add_argument("--batches", action="store_true",
+                        help="compare StreamAudit with StreamAuditBatches (follow role: follow with the batches)")
     args = parser.parse_args(argv)
     if args.role == "load":
         load(args.address, args.streams, args.seconds)
         return 0
     if args.role == "follow":
-        follow(args.address, args.seconds)
+        follow(args.address, args.seconds, args.batches)
         return 0
-    arms = {"now": REPO_ROOT}
+    arms = {"now": (REPO_ROOT, False)}
     if args.baseline_root:
-        arms["baseline"] = Path(args.baseline_root)
+        arms["baseline"] = (Path(args.baseline_root), False)
+    if args.batches:
+        arms = {"batches": (REPO_ROOT, True), "records": (REPO_ROOT, False)}
+    first, second = list(arms) + [None] * (2 - len(arms))
     followed: dict[str, list[int]] = {arm: [] for arm in arms}
     ratios = []
     for number in range(args.rounds):
-        for arm, root in arms.items():
-            result = one_round(root, args, args.data_parent)
+        for arm, (root, batched) in arms.items():
+            result = one_round(root, batched, args, args.data_parent)
             followed[arm].append(result["followed"])
             print(f"round {number} {arm:8}: followed {result['followed']:,} of {result['written']:,} records written "
                   f"({result['followed'] / max(result['written'], 1):.0%})", flush=True)
-        if args.baseline_root:
-            ratios.append(followed["now"][-1] / max(followed["baseline"][-1], 1))
+        if second is not None:
+            ratios.append(followed[first][-1] / max(followed[second][-1], 1))
     summary = ", ".join(f"{arm} median {statistics.median(v):,.0f} followed" for arm, v in followed.items())
     if ratios:
-        summary += f"; now / baseline per round {', '.join(f'{r:.2f}x' for r in ratios)}"
+        summary += f"; {first} / {second} per round {', '.join(f'{r:.2f}x' for r in ratios)}"
     print(summary)
     return 0
 

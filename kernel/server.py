@@ -235,7 +235,8 @@ class KernelServer:
             if self.settings.answer_later:
                 self._pump = stream_pump.attach(ours, self.decisions.engine, self._pool, budget)
         if not asynchronous:  # a StreamAudit follower keeps up with a busy kernel (windowed_sends.py)
-            windowed_sends.attach(ours, self._pool, (("aios.kernel.v1.AuditService", "StreamAudit"),))
+            windowed_sends.attach(ours, self._pool, (("aios.kernel.v1.AuditService", "StreamAudit"),
+                                                     ("aios.kernel.v1.AuditService", "StreamAuditBatches")))
         self._health = AsyncHealth() if asynchronous else ThreadedHealth()
         generated = registration.generic_only(server)  # (no method registrations on grpc.aio: registration.py)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, generated)

@@ -250,6 +250,7 @@ def test_archived_records_over_grpc_are_failed_precondition(log_dir, tmp_path):
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = kernel_pb2_grpc.AuditServiceStub(channel)
             for call in (lambda: list(stub.StreamAudit(pb.StreamAuditRequest(from_sequence=0))),
+                         lambda: list(stub.StreamAuditBatches(pb.StreamAuditBatchesRequest())),
                          lambda: stub.GetInclusionProof(pb.InclusionProofRequest(sequence=result.end - 1)),
                          lambda: stub.GetConsistencyProof(pb.ConsistencyProofRequest(old_size=5))):
                 with pytest.raises(grpc.RpcError) as info:

@@ -1,4 +1,5 @@
-"""AuditService: stream the log, prove records and growth, publish the checkpoint key.
+"""AuditService: stream the log (a record a message, or many: StreamAuditBatches), prove records and growth,
+publish the checkpoint key.
 
 Handlers are plain blocking functions (``rpc.py``) over an open ``AuditLog``.
 ``tree_size``/``new_size`` 0 in a proof request means "the newest signed
@@ -36,13 +37,24 @@ SERVICE = "AuditService"
 _KINDS = set(kernel_pb2.AuditKind.values())
 
 
-def _stream_audit(log: AuditLog, allow_stream: bool, draining: threading.Event, watches, refusals: RefusalRecords):
-    def stream_audit(request: kernel_pb2.StreamAuditRequest, ctx):
+MAX_BATCH_RECORDS = 4096  # StreamAuditBatches' max_records at most (~4 MB of claims records: gRPC's message limit)
+DEFAULT_BATCH_RECORDS = 256
+
+
+def _stream_audit(log: AuditLog, allow_stream: bool, draining: threading.Event, watches, refusals: RefusalRecords,
+                  rpc: str = "StreamAudit", batched: bool = False):
+    """StreamAudit, or (``batched``) StreamAuditBatches: the same query, records one or many to a message."""
+    def stream_audit(request, ctx):
+        if batched:
+            if request.max_records > MAX_BATCH_RECORDS:
+                raise InvalidArgument(f"max_records: {request.max_records} is above {MAX_BATCH_RECORDS} "
+                                      f"(0 = {DEFAULT_BATCH_RECORDS})")
+            batch_records, request = request.max_records or DEFAULT_BATCH_RECORDS, request.query
         if not allow_stream:
             # The refusal is itself on the record (refusal_records.py: one a minute, the rest counted).
-            refusals.refused("AuditService.StreamAudit", "audit_stream_enabled is false", ctx.peer)
+            refusals.refused(f"AuditService.{rpc}", "audit_stream_enabled is false", ctx.peer)
             raise PermissionDenied(
-                "StreamAudit is disabled on this kernel: set audit_stream_enabled = true "
+                f"{rpc} is disabled on this kernel: set audit_stream_enabled = true "
                 "(kernel.toml, AIOS_AUDIT_STREAM_ENABLED) to allow it"
             )
         if request.kind not in _KINDS:
@@ -53,7 +65,7 @@ def _stream_audit(log: AuditLog, allow_stream: bool, draining: threading.Event, 
             raise InvalidArgument(
                 f"until_unix_ns ({request.until_unix_ns}) must be after since_unix_ns ({request.since_unix_ns})"
             )
-        with watches.hold("StreamAudit") if request.follow else contextlib.nullcontext():
+        with watches.hold(rpc) if request.follow else contextlib.nullcontext():
             left = threading.Event()
             ctx.on_done(left.set)
             until = request.until_unix_ns
@@ -64,18 +76,18 @@ def _stream_audit(log: AuditLog, allow_stream: bool, draining: threading.Event, 
                 stop = (lambda: left.is_set() or draining.is_set())
             else:
                 stop = left
-            records = log.read(
-                request.from_sequence, tenant=request.tenant, pipeline=request.pipeline, kind=request.kind,
-                since_unix_ns=request.since_unix_ns, until_unix_ns=request.until_unix_ns,
-                follow=request.follow, stop=stop,
-            )
+            query = dict(tenant=request.tenant, pipeline=request.pipeline, kind=request.kind,
+                         since_unix_ns=request.since_unix_ns, until_unix_ns=request.until_unix_ns,
+                         follow=request.follow, stop=stop)
+            messages = (log.read_batches(request.from_sequence, max_records=batch_records, **query) if batched
+                        else log.read(request.from_sequence, **query))
             try:
-                for record in records:
-                    yield record
+                for message in messages:
+                    yield message
                     if not ctx.is_active():
                         return
             finally:
-                records.close()
+                messages.close()
         if request.follow and draining.is_set() and not left.is_set():
             raise shutting_down("resume with from_sequence = the last sequence received + 1")
 
@@ -144,9 +156,11 @@ def audit_handlers(log: AuditLog, allow_stream: bool = True, draining: threading
     """``(service, method) -> handler`` for ``kernel_services.generic_handlers(implemented=...)``;
     set ``draining`` to end the StreamAudit calls that follow the log; ``watches`` (a ``WatchBudget``,
     shared with the other watch RPCs) caps how many of them are open."""
+    draining, watches, refusals = draining or threading.Event(), watches or UNLIMITED, refusals or RefusalRecords(log)
     return {
-        (SERVICE, "StreamAudit"): _stream_audit(log, allow_stream, draining or threading.Event(), watches or UNLIMITED,
-                                                refusals or RefusalRecords(log)),
+        (SERVICE, "StreamAudit"): _stream_audit(log, allow_stream, draining, watches, refusals),
+        (SERVICE, "StreamAuditBatches"): _stream_audit(log, allow_stream, draining, watches, refusals,
+                                                       "StreamAuditBatches", batched=True),
         (SERVICE, "GetInclusionProof"): _inclusion_proof(log),
         (SERVICE, "GetConsistencyProof"): _consistency_proof(log),
         (SERVICE, "GetPublicKey"): _public_key(log),

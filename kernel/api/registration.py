@@ -173,6 +173,15 @@ class _GenericOnlyAio(grpc.aio.Server):
         return await self._server.wait_for_termination(timeout)
 
 
+# Responses their handlers hand over already serialized: an AuditRecordBatch is built from the records' stored
+# bytes (kernel/audit/reader.py), which parsing only to serialize again would cost more than the rest of a send.
+SERIALIZED_OUTPUTS = {"AuditRecordBatch"}
+
+
+def _passed_through(message):
+    return message if type(message) is bytes else message.SerializeToString()
+
+
 def generic_handler(service, messages, behaviours: dict[str, Callable]) -> ServiceHandlers:
     """A handler for every method of ``service`` (a ServiceDescriptor); ``messages`` is its _pb2 module."""
     methods = {}
@@ -184,7 +193,8 @@ def generic_handler(service, messages, behaviours: dict[str, Callable]) -> Servi
         handler = factory(
             behaviour,
             request_deserializer=_safe_parser(request_cls, sized=method.client_streaming),
-            response_serializer=response_cls.SerializeToString,
+            response_serializer=_passed_through if method.output_type.name in SERIALIZED_OUTPUTS
+            else response_cls.SerializeToString,
         )
         if getattr(behaviour, "wants_arrival", False) and not (method.client_streaming or method.server_streaming):
             handler = _ArrivalStamped._make(handler)

@@ -154,8 +154,9 @@ def read_leaf_hashes(audit_log, start: int, count: int) -> bytes:
         cursor.close()
 
 
-def iter_log(audit_log, from_sequence: int, wanted: RecordFilter | None, follow: bool, stop) -> Iterator:
-    """Durable records of a live log from ``from_sequence`` (see ``AuditLog.read``)."""
+def _stored(audit_log, from_sequence: int, follow: bool, stop) -> Iterator[bytes | None]:
+    """The stored bytes of a live log's durable records from ``from_sequence``, and None each time the reader has
+    caught up with the log (before it waits for more, following)."""
     stopped = _stop_signal(stop)
     sequence = max(from_sequence, 0)
     cursor = None
@@ -163,6 +164,7 @@ def iter_log(audit_log, from_sequence: int, wanted: RecordFilter | None, follow:
         while True:
             limit = audit_log.size
             if sequence >= limit:
+                yield None
                 if not follow:
                     return
                 while not audit_log._await_record(sequence, FOLLOW_POLL_S):
@@ -174,10 +176,8 @@ def iter_log(audit_log, from_sequence: int, wanted: RecordFilter | None, follow:
             else:
                 cursor.forget_read_ahead()  # it may hold zeros where records were written since
             while sequence < limit:
-                record = _parse(cursor.next_payload())
+                yield cursor.next_payload()
                 sequence += 1
-                if wanted is None or wanted.matches(record):
-                    yield record
                 if not sequence % STOP_CHECK_EVERY and stopped():
                     return
             if stopped():
@@ -185,6 +185,51 @@ def iter_log(audit_log, from_sequence: int, wanted: RecordFilter | None, follow:
     finally:
         if cursor is not None:
             cursor.close()
+
+
+def iter_log(audit_log, from_sequence: int, wanted: RecordFilter | None, follow: bool, stop) -> Iterator:
+    """Durable records of a live log from ``from_sequence`` (see ``AuditLog.read``)."""
+    for payload in _stored(audit_log, from_sequence, follow, stop):
+        if payload is not None:
+            record = _parse(payload)
+            if wanted is None or wanted.matches(record):
+                yield record
+
+
+def iter_log_batches(audit_log, from_sequence: int, wanted: RecordFilter | None, follow: bool, stop,
+                     max_records: int) -> Iterator[bytes]:
+    """``iter_log``'s records as serialized ``AuditRecordBatch`` messages of at most ``max_records``, each sent as
+    soon as the records read are all the log holds. Built from the stored bytes (a stored record is its complete
+    serialization): a record is parsed only for a filter, never serialized again."""
+    batch: list[bytes] = []
+    for payload in _stored(audit_log, from_sequence, follow, stop):
+        if payload is None:
+            if batch:
+                yield _batch_bytes(batch)
+                batch = []
+            continue
+        if wanted is not None and not wanted.matches(_parse(payload)):
+            continue
+        batch.append(payload)
+        if len(batch) >= max_records:
+            yield _batch_bytes(batch)
+            batch = []
+    if batch:
+        yield _batch_bytes(batch)
+
+
+def _batch_bytes(payloads: list[bytes]) -> bytes:
+    """``AuditRecordBatch`` on the wire: field 1 (``records``, length-delimited) once per record."""
+    return b"".join([b"\x0a" + _varint(len(payload)) + payload for payload in payloads])
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
 
 
 def iter_directory(directory: str | Path, from_sequence: int = 0, wanted: RecordFilter | None = None) -> Iterator:

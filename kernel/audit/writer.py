@@ -48,7 +48,7 @@ from . import checkpoints as cps
 from . import merkle
 from .errors import AuditArchived, AuditError, AuditFilesGone, AuditTimeout
 from .keys import PUBLIC_KEYS_DIR, load_or_create, publish_public_key
-from .reader import RecordFilter, iter_log, read_leaf_hashes
+from .reader import RecordFilter, iter_log, iter_log_batches, read_leaf_hashes
 from .recovery import INDEX_MASK, check_against, keep_torn_tail, lock_directory, recover
 from .record import HASH_TRAILER, RecordWithTail
 from .segments import MAGIC, PREALLOCATE_BYTES, SegmentFile, crc32, pack_header, segment_name
@@ -600,6 +600,15 @@ class AuditLog:
         wanted = RecordFilter.of(tenant, pipeline, kind, since_unix_ns, until_unix_ns)
         self._refuse_archived(from_sequence, "from_sequence")
         return iter_log(self, from_sequence, wanted, follow, stop)
+
+    def read_batches(self, from_sequence: int = 0, tenant: str | None = None, pipeline: str | None = None,
+                     kind: int | None = None, since_unix_ns: int | None = None, until_unix_ns: int | None = None,
+                     follow: bool = False, stop: threading.Event | Callable[[], bool] | None = None,
+                     max_records: int = 256) -> Iterator[bytes]:
+        """``read``'s records as serialized ``AuditRecordBatch`` messages of at most ``max_records`` each."""
+        wanted = RecordFilter.of(tenant, pipeline, kind, since_unix_ns, until_unix_ns)
+        self._refuse_archived(from_sequence, "from_sequence")
+        return iter_log_batches(self, from_sequence, wanted, follow, stop, max_records)
 
     def _refuse_archived(self, sequence: int, what: str) -> None:
         """``AuditArchived`` when ``sequence`` is before this log's archive base (its records are gone from here)."""

@@ -456,6 +456,20 @@ class StreamAuditRequest(_message.Message):
     until_unix_ns: int
     def __init__(self, from_sequence: _Optional[int] = ..., follow: _Optional[bool] = ..., tenant: _Optional[str] = ..., pipeline: _Optional[str] = ..., kind: _Optional[_Union[AuditKind, str]] = ..., since_unix_ns: _Optional[int] = ..., until_unix_ns: _Optional[int] = ...) -> None: ...
 
+class StreamAuditBatchesRequest(_message.Message):
+    __slots__ = ("query", "max_records")
+    QUERY_FIELD_NUMBER: _ClassVar[int]
+    MAX_RECORDS_FIELD_NUMBER: _ClassVar[int]
+    query: StreamAuditRequest
+    max_records: int
+    def __init__(self, query: _Optional[_Union[StreamAuditRequest, _Mapping]] = ..., max_records: _Optional[int] = ...) -> None: ...
+
+class AuditRecordBatch(_message.Message):
+    __slots__ = ("records",)
+    RECORDS_FIELD_NUMBER: _ClassVar[int]
+    records: _containers.RepeatedCompositeFieldContainer[AuditRecord]
+    def __init__(self, records: _Optional[_Iterable[_Union[AuditRecord, _Mapping]]] = ...) -> None: ...
+
 class InclusionProofRequest(_message.Message):
     __slots__ = ("sequence", "tree_size")
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]

@@ -644,6 +644,11 @@ class AuditServiceStub:
                 request_serializer=aios_dot_kernel_dot_v1_dot_kernel__pb2.StreamAuditRequest.SerializeToString,
                 response_deserializer=aios_dot_kernel_dot_v1_dot_kernel__pb2.AuditRecord.FromString,
                 _registered_method=True)
+        self.StreamAuditBatches = channel.unary_stream(
+                '/aios.kernel.v1.AuditService/StreamAuditBatches',
+                request_serializer=aios_dot_kernel_dot_v1_dot_kernel__pb2.StreamAuditBatchesRequest.SerializeToString,
+                response_deserializer=aios_dot_kernel_dot_v1_dot_kernel__pb2.AuditRecordBatch.FromString,
+                _registered_method=True)
         self.GetInclusionProof = channel.unary_unary(
                 '/aios.kernel.v1.AuditService/GetInclusionProof',
                 request_serializer=aios_dot_kernel_dot_v1_dot_kernel__pb2.InclusionProofRequest.SerializeToString,
@@ -671,6 +676,16 @@ class AuditServiceServicer:
 
     def StreamAudit(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StreamAuditBatches(self, request, context):
+        """StreamAudit's records, many to a message: for a follower that must keep up with a busy kernel, where each
+        message costs the server a turn of gRPC's poller. Same query, order and resumption (from_sequence = the
+        last sequence received + 1). A message goes out as soon as the records read are all the log holds, so a
+        follower is never held back to fill one.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -706,6 +721,11 @@ def add_AuditServiceServicer_to_server(servicer, server):
                     servicer.StreamAudit,
                     request_deserializer=aios_dot_kernel_dot_v1_dot_kernel__pb2.StreamAuditRequest.FromString,
                     response_serializer=aios_dot_kernel_dot_v1_dot_kernel__pb2.AuditRecord.SerializeToString,
+            ),
+            'StreamAuditBatches': grpc.unary_stream_rpc_method_handler(
+                    servicer.StreamAuditBatches,
+                    request_deserializer=aios_dot_kernel_dot_v1_dot_kernel__pb2.StreamAuditBatchesRequest.FromString,
+                    response_serializer=aios_dot_kernel_dot_v1_dot_kernel__pb2.AuditRecordBatch.SerializeToString,
             ),
             'GetInclusionProof': grpc.unary_unary_rpc_method_handler(
                     servicer.GetInclusionProof,
@@ -755,6 +775,33 @@ class AuditService:
             '/aios.kernel.v1.AuditService/StreamAudit',
             aios_dot_kernel_dot_v1_dot_kernel__pb2.StreamAuditRequest.SerializeToString,
             aios_dot_kernel_dot_v1_dot_kernel__pb2.AuditRecord.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamAuditBatches(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/aios.kernel.v1.AuditService/StreamAuditBatches',
+            aios_dot_kernel_dot_v1_dot_kernel__pb2.StreamAuditBatchesRequest.SerializeToString,
+            aios_dot_kernel_dot_v1_dot_kernel__pb2.AuditRecordBatch.FromString,
             options,
             channel_credentials,
             insecure,
