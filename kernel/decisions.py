@@ -97,6 +97,7 @@ class DecisionSide:
                                 backoff_s=settings.task_backoff_s, max_backoff_s=settings.task_max_backoff_s,
                                 audit_position=(lambda: self.audit.size) if self.audit is not None else None,
                                 recorded=lambda task_id: task_id in self._recorded_tasks)
+        self.engine.services.task_key_holder = self.tasks.store.key_holder  # (Decide yields to a task's key)
         self._draining = threading.Event()  # set by end_watches(): StreamAudit followers end
         self._started = False  # a "kernel stopping" record is written only after a "kernel started" one
         # Refused calls on the audit log, one record a minute per RPC with a count (kernel/api/refusal_records.py).
@@ -441,7 +442,7 @@ class DecisionSide:
         recorded = self._recorded_tasks.pop(task.task_id, None)
         if recorded is not None:
             return self._decided_before(task, recorded, "its attempt was cut off by a stop of the kernel")
-        pending = self.engine.prepare(task.request, None)
+        pending = self.engine.prepare(task.request, None, task_id=task.task_id)
         if isinstance(pending, kpb.Decision):  # answered before (idempotency key), maybe cut off before it waited
             if pending.outcome in (kpb.ESCALATED, kpb.FALLBACK) and pending.review_id:
                 return WaitingForReview(pending.review_id, pending)

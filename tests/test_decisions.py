@@ -464,11 +464,11 @@ def test_a_task_retries_a_transient_failure(kernel, channel, monkeypatch):
     engine, calls = kernel.decisions.engine, []
     real_prepare = engine.prepare
 
-    def flaky_prepare(request, deadline_ns, principal="anonymous"):  # injected fault: the first try finds a full queue
+    def flaky_prepare(request, deadline_ns, principal="anonymous", **options):  # injected fault: a full queue first
         calls.append(request.request_id)
         if len(calls) == 1:
             raise ResourceExhausted("model claims_triage queue is full (injected)")
-        return real_prepare(request, deadline_ns, principal)
+        return real_prepare(request, deadline_ns, principal, **options)
 
     monkeypatch.setattr(engine, "prepare", flaky_prepare)
     tasks = kgrpc.TaskServiceStub(channel)

@@ -9,6 +9,7 @@ from a terminal).
 from __future__ import annotations
 
 import json
+import threading
 
 import grpc
 import pytest
@@ -124,3 +125,36 @@ def _finished(tasks, task_id: str) -> kpb.Task:
 def test_a_start_without_a_pipeline_names_the_field_as_sent(tasks):
     code, details = refused(tasks.StartTask, kpb.StartTaskRequest(request=kpb.DecisionRequest(tenant="start")))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith("request.pipeline is required"), details
+
+
+def test_a_decide_with_the_key_of_a_task_not_decided_yet_yields_to_the_task(server, channel, tasks, monkeypatch):
+    """StartTask took key K; before its attempt decides, a Decide with K must not be decided (a test-port audit: a
+    Decide with another request was, and the task then failed on its own key). Another request is refused as
+    StartTask refuses one; the same request is ABORTED with a retry hint, and once the task decided, a retry gets
+    the task's decision."""
+    runner = server.decisions.tasks
+    release, real = threading.Event(), runner.run_fn
+
+    def held(task):  # fault injected on purpose: the attempt waits, as behind a busy queue
+        release.wait(TIMEOUT_S)
+        return real(task)
+
+    monkeypatch.setattr(runner, "run_fn", held)
+    decide = kgrpc.DecisionServiceStub(channel)
+    try:
+        task = tasks.StartTask(start(key="held-key", tenant="yield"), timeout=TIMEOUT_S)
+        other = claim_request(dict(data.generate_cases(1, seed=3)[0], claim_amount=801.0), tenant="yield",
+                              idempotency_key="held-key")
+        code, details = refused(decide.Decide, other)
+        assert code == grpc.StatusCode.FAILED_PRECONDITION and f"already started task {task.task_id}" in details
+        with pytest.raises(grpc.RpcError) as info:
+            decide.Decide(start(key="held-key", tenant="yield").request, timeout=TIMEOUT_S)
+        assert info.value.code() == grpc.StatusCode.ABORTED and "has not decided yet" in info.value.details()
+        assert dict(info.value.trailing_metadata()).get("retry-after-ms")
+    finally:
+        release.set()
+    done = next(t for t in tasks.WatchTask(kpb.TaskRef(task_id=task.task_id), timeout=TIMEOUT_S)
+                if t.state in (kpb.SUCCEEDED, kpb.FAILED, kpb.WAITING_FOR_REVIEW))
+    assert done.state != kpb.FAILED, done.error
+    again = decide.Decide(start(key="held-key", tenant="yield").request, timeout=TIMEOUT_S)
+    assert again.audit_sequence == done.decision.audit_sequence  # the task's decision, replayed

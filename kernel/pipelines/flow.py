@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from .stream_drains import StreamDrains
 from .tally import DecisionTally
 from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
-from ..errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable, quote
+from ..errors import Aborted, FailedPrecondition, InvalidArgument, NotFound, Unavailable, quote
 from ..ids import random_hex
 from ..limits import check_decision_request
 from ..review.deferred import DeferredRows
@@ -36,6 +36,7 @@ from .spec import Pipeline
 log = logging.getLogger("aios.decisions")
 
 ANONYMOUS = "anonymous"  # the principal until authentication lands
+TASK_KEY_RETRY_MS = 1000  # retry hint for a Decide whose key an undecided task holds (a task waits in a queue)
 
 
 class Pending:
@@ -75,6 +76,9 @@ class Services:
     reviews: object = None  # kernel.review.ReviewQueue
     idempotency: object = None  # kernel.tasks.IdempotencyStore
     audit_timeout_s: float = 10.0
+    # (tenant, key) -> (task id, request hash) of a task holding that idempotency key that has not decided yet
+    # (TaskStore.key_holder): a Decide with its key waits for (or is refused by) the task, never races it.
+    task_key_holder: object = None
 
 
 class DecisionEngine(GroupFinish):
@@ -106,11 +110,11 @@ class DecisionEngine(GroupFinish):
 
     # -- per request -------------------------------------------------------------
     def prepare(self, request, deadline_ns: int | None, principal: str = ANONYMOUS,
-                arrived_ns: int | None = None) -> Pending | kpb.Decision:
+                arrived_ns: int | None = None, task_id: str = "") -> Pending | kpb.Decision:
         """Validate and encode ``request``; a Decision when the idempotency store already has the answer.
 
         ``arrived_ns``: when the call came in (the request's ``timeout_ms`` and the phase timings count
-        from there); now if not known.
+        from there); now if not known. ``task_id``: the task whose attempt this is (it holds its own key).
         """
         started = arrived_ns or time.monotonic_ns()
         # First, before the request is hashed, copied or stored: its identifiers and text within their limits.
@@ -131,6 +135,7 @@ class DecisionEngine(GroupFinish):
                 if replay is not None:  # (before the deadline check: a retry gets a stored answer however late)
                     self.claims.release(claim)
                     return replay
+                self._refuse_if_a_task_holds(request, request_hash, task_id)
             deadline = request_deadline(time.monotonic_ns(), deadline_ns,
                                         (request.timeout_ms or pipeline.timeout_ms) * 10**6, arrived_ns)
             digests = {}
@@ -151,6 +156,23 @@ class DecisionEngine(GroupFinish):
             raise
         return Pending(request, pipeline, values, digests, input_hash, item, started, request_id, principal,
                        request_hash, claim)
+
+    def _refuse_if_a_task_holds(self, request, request_hash: str, task_id: str) -> None:
+        """A task that took this key and has not decided yet: its decision will be the key's answer. A Decide with
+        another request is refused as StartTask refuses one (it would otherwise be decided, and the task fail on
+        its own key: a test-port audit); one with the same request is ABORTED with a retry hint, as a Decide with
+        the key in flight is."""
+        holder = self.services.task_key_holder
+        held = holder(request.tenant, request.idempotency_key) if holder is not None else None
+        if held is None or held[0] == task_id:
+            return
+        key = quote(request.idempotency_key)
+        if not request_matches(held[1], request, request_hash):
+            raise FailedPrecondition(f"idempotency_key {key} already started task {held[0]} with a different "
+                                     "request; use a new key for a new request")
+        raise Aborted(f"idempotency_key {key} belongs to task {held[0]}, which has not decided yet; its decision "
+                      f"answers this request: watch the task (WatchTask), or retry after {TASK_KEY_RETRY_MS} ms",
+                      trailers=(("retry-after-ms", str(TASK_KEY_RETRY_MS)),))
 
     def _model_of(self, pipeline: Pipeline):
         """The model version ``pipeline`` runs on. One that is not loaded (unloaded, being reloaded) while

@@ -13,6 +13,7 @@ them.
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -27,6 +28,7 @@ from ..store.sqlite_tasks import FINISHED
 
 FINAL = FINISHED
 ACTIVE = (kpb.QUEUED, kpb.RUNNING, kpb.WAITING_FOR_REVIEW)
+UNDECIDED = (kpb.QUEUED, kpb.RUNNING)  # a task whose decision is not stored under its idempotency key yet
 
 
 def _missing(task_id: str) -> str:
@@ -96,6 +98,19 @@ class TaskStore:
         self._records = db.tasks
         self._clock = clock
         self._feed = Feed()
+        # (tenant, key) -> (task id, request hash) for keyed tasks that have not decided yet (QUEUED, RUNNING):
+        # until a task's decision is stored under its key, the idempotency store knows nothing of it, and a
+        # Decide with the key would be decided and make the task fail on its own key (a test-port audit).
+        self._undecided_keys: dict[tuple[str, str], tuple[str, str]] = {}
+        self._keys_lock = threading.Lock()
+        for task in self.in_states(UNDECIDED):
+            if task.request.idempotency_key:
+                self._undecided_keys[task.request.tenant, task.request.idempotency_key] = (
+                    task.task_id, request_hash(task.request))
+
+    def key_holder(self, tenant: str, key: str) -> tuple[str, str] | None:
+        """(task id, request hash) of the task holding ``key`` for ``tenant`` that has not decided yet, or None."""
+        return self._undecided_keys.get((tenant, key))
 
     # -- reading ----------------------------------------------------------------------------
     def get(self, task_id: str) -> kpb.Task:
@@ -152,7 +167,19 @@ class TaskStore:
         if not task.request.request_id:  # made once, so every run of the task uses the same id
             task.request.request_id = uuid.uuid4().hex
         task.history.add(state=kpb.QUEUED, at_unix_ns=now, detail="started")
-        stored, _revision, stored_hash, created = self._records.insert(task, digest, after_commit=self._publish)
+        reserved = False
+        if key:  # held from before the insert commits: no Decide slips in between
+            with self._keys_lock:
+                reserved = self._undecided_keys.setdefault((request.tenant, key), (task.task_id, digest))[0] \
+                    == task.task_id
+        try:
+            stored, _revision, stored_hash, created = self._records.insert(task, digest, after_commit=self._publish)
+        except BaseException:
+            if reserved:
+                self._release_key(task)
+            raise
+        if reserved and not created:  # the key's task was stored before (and has decided: it was not held)
+            self._release_key(task)
         if not created:
             if not request_matches(stored_hash, request, digest):
                 raise FailedPrecondition(
@@ -164,6 +191,13 @@ class TaskStore:
             replayed.replayed = True  # the caller's answer says so; the stored task is unchanged
             return replayed, False
         return stored, True
+
+    def _release_key(self, task: kpb.Task) -> None:
+        with self._keys_lock:
+            where = (task.request.tenant, task.request.idempotency_key)
+            held = self._undecided_keys.get(where)
+            if held is not None and held[0] == task.task_id:
+                del self._undecided_keys[where]
 
     def transition(self, task_id: str, state: int, from_states: tuple[int, ...], detail: str = "", *,
                    attempts: int | None = None, decision: kpb.Decision | None = None, error: str | None = None,
@@ -204,6 +238,8 @@ class TaskStore:
         # records.insert's (task, revision, hash, created) or records.update's (task, revision, changed).
         if result is not None and result[-1]:
             task, revision = result[0], result[1]
+            if task.state not in UNDECIDED and task.request.idempotency_key:  # decided (its answer stored), or over
+                self._release_key(task)
             self._feed.publish((revision, task), task.task_id)
 
     def cancel(self, task_id: str) -> kpb.Task:
