@@ -129,7 +129,10 @@ def test_a_call_that_arrives_right_after_the_last_call_ended_takes_a_handler_thr
     for _ in range(5):
         assert stub.ModelInfer(request_for("tiny", np.ones((1, 16))), timeout=10).raw_output_contents
         _settled(kernel)
-    assert kernel._eager.ran_on_poller == ran + 1  # the first; the rest came "right after" it
+    # At most the first (whether it does is test_lone_calls_run_on_the_poller's: on a loaded machine the previous
+    # call's thread may still be winding down as it arrives, and it takes a thread: a fresh clone's flake); the
+    # other four came "right after" one and must not.
+    assert kernel._eager.ran_on_poller - ran <= 1
 
 
 def test_after_a_busy_spell_calls_take_handler_threads_until_most_calls_arrive_alone_again(kernel, channel):
