@@ -298,3 +298,19 @@ def test_a_batch_larger_than_allowed_is_refused_naming_the_field(served):
         list(stub.StreamAuditBatches(pb.StreamAuditBatchesRequest(max_records=5000), timeout=10))
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "max_records: 5000" in info.value.details()
+
+
+def test_a_batch_ends_at_its_byte_budget_so_no_client_is_sent_more_than_it_takes(served):
+    """Large records (a policy change's is ~170 kB): 4,096 a message would pass gRPC's 4 MiB client limit, and the
+    follower, refused, would get the same batch on every resume (a review audit)."""
+    from kernel.audit.reader import BATCH_BYTES
+
+    log, stub = served
+    big = pb.AuditRecord(kind=pb.POLICY_CHANGE, payload=b"p" * 200_000)
+    for _ in range(30):
+        log.append(big)
+    log.append_and_wait(record(0), 10)
+    batches = list(stub.StreamAuditBatches(pb.StreamAuditBatchesRequest(max_records=4096), timeout=10))
+    assert [r.sequence for batch in batches for r in batch.records] == list(range(31))
+    assert all(batch.records and batch.ByteSize() < BATCH_BYTES + 220_000 for batch in batches)
+    assert len(batches) > 1

@@ -37,7 +37,7 @@ SERVICE = "AuditService"
 _KINDS = set(kernel_pb2.AuditKind.values())
 
 
-MAX_BATCH_RECORDS = 4096  # StreamAuditBatches' max_records at most (~4 MB of claims records: gRPC's message limit)
+MAX_BATCH_RECORDS = 4096  # StreamAuditBatches' max_records at most (a batch also ends at reader.BATCH_BYTES)
 DEFAULT_BATCH_RECORDS = 256
 
 

@@ -72,11 +72,14 @@ def _respond_windowed(rpc_event, state, behavior, argument_thunk, request_deseri
             return
         sender = _Sender(rpc_event, state)
         while True:
-            response, proceed = _gs._take_response_from_response_iterator(rpc_event, state, responses)
-            if not proceed:
-                return  # (the iterator raised: the call is aborted with its status)
-            if response is None:  # the iterator's end: the status once everything queued is sent
+            try:
+                response = next(responses)
+            except StopIteration:  # the iterator's end: the status once everything queued is sent
                 sender.finish()
+                return
+            except Exception as exc:  # its error status too goes after what was queued (as grpc's path sends it)
+                sender.drain()
+                _gs._take_response_from_response_iterator(rpc_event, state, _raising(exc))
                 return
             data = _gs._serialize_response(rpc_event, state, response, response_serializer)
             if data is None or not sender.send(data):  # serializing failed (the call aborted), or the call ended
@@ -86,6 +89,12 @@ def _respond_windowed(rpc_event, state, behavior, argument_thunk, request_deseri
         log.exception("a windowed response stream failed")
     finally:
         _cygrpc.uninstall_context()
+
+
+def _raising(exc: Exception):
+    """An iterator that raises ``exc``: grpc's own response-iterator helper then ends the call as it would have."""
+    raise exc
+    yield  # (a generator)
 
 
 class _Sender:
@@ -113,13 +122,19 @@ class _Sender:
                 self._send_locked(data)
             return True
 
-    def finish(self) -> None:
-        """The OK status, after every queued message is sent (or nothing, if the call ended meanwhile)."""
+    def drain(self) -> None:
+        """Wait until every queued message is sent (or the call ended)."""
         state = self._state
         with state.condition:
             while (self._sending or self._queue) and _gs._is_rpc_state_active(state):
                 state.condition.wait()
-            if _gs._is_rpc_state_active(state):  # (the condition is re-entrant: _status takes it too)
+
+    def finish(self) -> None:
+        """The OK status, after every queued message is sent (or nothing, if the call ended meanwhile)."""
+        state = self._state
+        with state.condition:  # (re-entrant: drain and _status take it too)
+            self.drain()
+            if _gs._is_rpc_state_active(state):
                 _gs._status(self._rpc_event, state, None)
 
     def _send_locked(self, data: bytes) -> None:

@@ -32,6 +32,10 @@ log = logging.getLogger("aios.audit")
 _parse = kernel_pb2.AuditRecord.FromString
 FOLLOW_POLL_S = 0.1  # how often a follower waiting for records looks at its stop signal
 STOP_CHECK_EVERY = 256  # records between looks at the stop signal while reading back
+# A batch ends once its records pass this many bytes (at least one record a batch): gRPC clients refuse messages
+# over 4 MiB by default, and a follower refused one batch would get the same one again on every resume (a review
+# audit: 4,096 records of ~1 kB, or a policy change's record of 167 kB among them).
+BATCH_BYTES = 1 << 20
 
 
 class RecordFilter:
@@ -202,18 +206,20 @@ def iter_log_batches(audit_log, from_sequence: int, wanted: RecordFilter | None,
     soon as the records read are all the log holds. Built from the stored bytes (a stored record is its complete
     serialization): a record is parsed only for a filter, never serialized again."""
     batch: list[bytes] = []
+    size = 0
     for payload in _stored(audit_log, from_sequence, follow, stop):
         if payload is None:
             if batch:
                 yield _batch_bytes(batch)
-                batch = []
+                batch, size = [], 0
             continue
         if wanted is not None and not wanted.matches(_parse(payload)):
             continue
         batch.append(payload)
-        if len(batch) >= max_records:
+        size += len(payload)
+        if len(batch) >= max_records or size >= BATCH_BYTES:
             yield _batch_bytes(batch)
-            batch = []
+            batch, size = [], 0
     if batch:
         yield _batch_bytes(batch)
 

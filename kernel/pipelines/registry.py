@@ -502,7 +502,12 @@ class PipelineRegistry:
 
 
 def _remaining(time_left) -> float | None:
-    return None if time_left is None else time_left()
+    """Seconds the caller still waits; None when it waits for good (no deadline: gRPC's time_remaining is then
+    huge, and a lock's wait longer than threading.TIMEOUT_MAX raises OverflowError: a review audit's INTERNAL)."""
+    if time_left is None:
+        return None
+    left = time_left()
+    return None if left is None or left >= threading.TIMEOUT_MAX else left
 
 
 def _check_classes(pipeline: Pipeline, output: str, labels) -> None:

@@ -107,9 +107,14 @@ def _row(review: kpb.Review) -> tuple:
     return (review.review_id, *_columns(review), review.task_id, review.SerializeToString())
 
 
+# "task_id != ''" lets SQLite use the partial index reviews_by_task for a bound task id: without it, a scan of every
+# review (103 ms at 100 k reviews, inside the cancel's write transaction: a review audit).
+_BY_TASK = "SELECT body FROM reviews WHERE task_id = ? AND task_id != ''"
+
+
 def _insert(conn, review: kpb.Review) -> tuple[kpb.Review, bool]:
     if review.task_id:
-        found = conn.execute("SELECT body FROM reviews WHERE task_id = ?", (review.task_id,)).fetchone()
+        found = conn.execute(_BY_TASK, (review.task_id,)).fetchone()
         if found is not None:
             return kpb.Review.FromString(found[0]), False
     conn.execute(_INSERT, _row(review))
@@ -148,7 +153,7 @@ def _refuse_if_task_cancelled(conn, review: kpb.Review) -> None:
 
 def task_review(conn, task_id: str) -> kpb.Review | None:
     """The review a task opened, if any (a task has at most one)."""
-    found = conn.execute("SELECT body FROM reviews WHERE task_id = ?", (task_id,)).fetchone()
+    found = conn.execute(_BY_TASK, (task_id,)).fetchone()
     return None if found is None else kpb.Review.FromString(found[0])
 
 
