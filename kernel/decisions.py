@@ -97,7 +97,9 @@ class DecisionSide:
                                 backoff_s=settings.task_backoff_s, max_backoff_s=settings.task_max_backoff_s,
                                 audit_position=(lambda: self.audit.size) if self.audit is not None else None,
                                 recorded=lambda task_id: task_id in self._recorded_tasks)
-        self.engine.services.task_key_holder = self.tasks.store.key_holder  # (Decide yields to a task's key)
+        # A Decide and a StartTask with one key: the Decide yields to a task's key, a task to a Decide's.
+        self.engine.services.task_key_holder = self.tasks.store.key_holder
+        self.tasks.store.check_key = self.engine.check_task_key
         self._draining = threading.Event()  # set by end_watches(): StreamAudit followers end
         self._started = False  # a "kernel stopping" record is written only after a "kernel started" one
         # Refused calls on the audit log, one record a minute per RPC with a count (kernel/api/refusal_records.py).

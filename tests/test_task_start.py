@@ -158,3 +158,33 @@ def test_a_decide_with_the_key_of_a_task_not_decided_yet_yields_to_the_task(serv
     assert done.state != kpb.FAILED, done.error
     again = decide.Decide(start(key="held-key", tenant="yield").request, timeout=TIMEOUT_S)
     assert again.audit_sequence == done.decision.audit_sequence  # the task's decision, replayed
+
+
+def test_a_start_task_with_the_key_a_decide_is_deciding_now_for_another_request_is_refused(server, channel, tasks,
+                                                                                          monkeypatch):
+    """The other order (a review audit: sent at once, both were answered and the task then failed on its own key):
+    a Decide holds key K while it decides; a StartTask with K and another request is refused, the Decide answered."""
+    engine = server.decisions.engine
+    deciding, release, real = threading.Event(), threading.Event(), engine._replayed
+
+    def held(request, request_hash):  # fault injected on purpose: the Decide stops here, its key claimed
+        if request.request_id == "deciding-now":
+            deciding.set()
+            release.wait(TIMEOUT_S)
+        return real(request, request_hash)
+
+    monkeypatch.setattr(engine, "_replayed", held)
+    decide = kgrpc.DecisionServiceStub(channel)
+    request = claim_request(data.generate_cases(1, seed=3)[0], tenant="race", idempotency_key="race-key",
+                            request_id="deciding-now")
+    answer = decide.Decide.future(request, timeout=TIMEOUT_S)
+    try:
+        assert deciding.wait(TIMEOUT_S)
+        other = claim_request(dict(data.generate_cases(1, seed=3)[0], claim_amount=802.0), tenant="race",
+                              idempotency_key="race-key")
+        code, details = refused(tasks.StartTask, kpb.StartTaskRequest(request=other))
+        assert code == grpc.StatusCode.FAILED_PRECONDITION and "in use by a Decide" in details
+    finally:
+        release.set()
+    assert answer.result().action
+    assert server.decisions.tasks.store.key_holder("race", "race-key") is None  # the refused task holds nothing

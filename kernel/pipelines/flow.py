@@ -174,6 +174,18 @@ class DecisionEngine(GroupFinish):
                       f"answers this request: watch the task (WatchTask), or retry after {TASK_KEY_RETRY_MS} ms",
                       trailers=(("retry-after-ms", str(TASK_KEY_RETRY_MS)),))
 
+    def check_task_key(self, request, request_hash: str) -> None:
+        """StartTask's check of its key, made after the task store reserved it (``TaskStore.create``): a Decide
+        deciding with it now, or one answered with it, for another request refuses the task. Decide checks the
+        reservation after taking its claim, and stores its answer before releasing it, so of a Decide and a
+        StartTask racing for one key with different requests exactly one is refused (a review audit: both were
+        answered, and the task then failed on its own key)."""
+        deciding = self.claims.held_hash(request.tenant, request.idempotency_key)
+        if deciding is not None and not request_matches(deciding, request, request_hash):
+            raise FailedPrecondition(f"request.idempotency_key {quote(request.idempotency_key)} is in use by a "
+                                     "Decide with a different request; use a new key for a new request")
+        self._replayed(request, request_hash)  # (raises for an answer stored under another request)
+
     def _model_of(self, pipeline: Pipeline):
         """The model version ``pipeline`` runs on. One that is not loaded (unloaded, being reloaded) while
         its pipeline serves is UNAVAILABLE, not NOT_FOUND: the pipeline is there and decides again once

@@ -80,6 +80,11 @@ class KeyClaims:
             f"a call with idempotency_key {quote(key)} and the same request is being decided now; retry after "
             f"{hint} ms to get its answer (replayed)", trailers=(("retry-after-ms", str(hint)),))
 
+    def held_hash(self, tenant: str, key: str) -> str | None:
+        """The request hash of the call deciding with ``key`` now, or None."""
+        held = self._held.get((tenant, key))
+        return None if held is None else held.request_hash
+
     def release(self, claim: Claim | None) -> None:
         """Give the key back (no-op for None, or for a claim already released or taken over)."""
         if claim is None:

@@ -103,6 +103,9 @@ class TaskStore:
         # Decide with the key would be decided and make the task fail on its own key (a test-port audit).
         self._undecided_keys: dict[tuple[str, str], tuple[str, str]] = {}
         self._keys_lock = threading.Lock()
+        # Called with (request, request hash) once a new task's key is reserved, before the task is stored: raises
+        # to refuse it (DecisionEngine.check_task_key: a Decide with the key and another request).
+        self.check_key: Callable[[kpb.DecisionRequest, str], None] | None = None
         for task in self.in_states(UNDECIDED):
             if task.request.idempotency_key:
                 self._undecided_keys[task.request.tenant, task.request.idempotency_key] = (
@@ -173,6 +176,8 @@ class TaskStore:
                 reserved = self._undecided_keys.setdefault((request.tenant, key), (task.task_id, digest))[0] \
                     == task.task_id
         try:
+            if reserved and self.check_key is not None:
+                self.check_key(request, digest)
             stored, _revision, stored_hash, created = self._records.insert(task, digest, after_commit=self._publish)
         except BaseException:
             if reserved:
