@@ -480,7 +480,7 @@ class DecisionSide:
         if task.state != kpb.WAITING_FOR_REVIEW or not task.review_id:
             return
         try:
-            review = self.reviews.withdraw(task.review_id, f"task {task.task_id} was cancelled")
+            review = self.reviews.withdraw(task.review_id, f"task {task.task_id} was cancelled", task.task_id)
         except NotFound:  # its row is lost (reopened at the next start): the cancel goes on, as before
             return
         if review.resolved_action:  # (a withdrawn review has none; a reviewer's resolution always has one)
@@ -490,8 +490,8 @@ class DecisionSide:
         """Nobody should work a case whose task is gone: its review is withdrawn, found by the task's id when the
         task does not name it yet (the attempt that opened it still runs; the store refuses its resolution)."""
         review_id = task.review_id or getattr(self.reviews.for_task(task.task_id), "review_id", "")
-        if review_id:
-            self.reviews.withdraw(review_id, f"task {task.task_id} was cancelled")
+        if review_id:  # (only one the task opened: one it adopted from a Decide is that caller's)
+            self.reviews.withdraw(review_id, f"task {task.task_id} was cancelled", task.task_id)
 
     def _resolution_on_record(self, review_id: str) -> kpb.AuditRecord | None:
         """The REVIEW_RESOLUTION record of ``review_id`` if one is on the log already (a delivery cut off by a kill
@@ -508,8 +508,7 @@ class DecisionSide:
         stored = self.idempotency.get(_RESOLUTIONS, done_key)
         if stored is not None:
             resolution = kpb.Decision.FromString(stored[1])
-            if review.task_id:
-                self.tasks.complete_from_review(review.review_id, resolution, task_id=review.task_id)
+            self._finish_waiting_task(review, resolution)
             return resolution
         proposed = review.proposed
         resolution = kpb.Decision(
@@ -544,9 +543,16 @@ class DecisionSide:
                 sequence, digest = self.audit.append_and_wait(record, timeout_s=10.0)
                 resolution.audit_sequence, resolution.audit_hash = sequence, _hex(digest)
         self.idempotency.put(_RESOLUTIONS, done_key, "", resolution.SerializeToString())
-        if review.task_id:
-            self.tasks.complete_from_review(review.review_id, resolution, task_id=review.task_id)
+        self._finish_waiting_task(review, resolution)
         return resolution
+
+    def _finish_waiting_task(self, review: kpb.Review, resolution: kpb.Decision) -> None:
+        """The task waiting on ``review`` finishes with the human's decision: the task that opened it, or one that
+        adopted a keyed Decide's escalated answer (StartTask with the key and request of a Decide: the review names
+        no task; a review audit found such a task waiting for good). For a keyed review the resolution is kept for
+        a task that may adopt it later (TaskStore.enter_waiting finds it), until retention deletes the review."""
+        if review.task_id or review.request.idempotency_key:
+            self.tasks.complete_from_review(review.review_id, resolution, task_id=review.task_id)
 
 
 def _lost_in_fsync_mode(directory: Path, opened: int, last: int) -> AuditCorrupt:

@@ -188,3 +188,31 @@ def test_a_start_task_with_the_key_a_decide_is_deciding_now_for_another_request_
         release.set()
     assert answer.result().action
     assert server.decisions.tasks.store.key_holder("race", "race-key") is None  # the refused task holds nothing
+
+
+def test_a_task_that_adopts_a_keyed_decide_s_escalation_finishes_with_its_resolution(channel, tasks):
+    """StartTask with the key and request of a Decide that escalated: the task takes that decision and waits on
+    the Decide's review, which names no task. Its resolution must finish the task (a review audit: it waited for
+    good), and a cancel of such a task leaves the Decide caller's review alone."""
+    decide, reviews = kgrpc.DecisionServiceStub(channel), kgrpc.ReviewServiceStub(channel)
+    for key, resolve in (("adopt-resolved", True), ("adopt-cancelled", False)):
+        large = claim_request(dict(data.generate_cases(1, seed=3)[0], claim_amount=90000.0), tenant="adopt",
+                              idempotency_key=key, request_id=key)  # R04: always seen by a human
+        escalated = decide.Decide(large, timeout=TIMEOUT_S)
+        assert escalated.outcome == kpb.ESCALATED and escalated.review_id
+        task = tasks.StartTask(kpb.StartTaskRequest(request=large), timeout=TIMEOUT_S)
+        waiting = next(t for t in tasks.WatchTask(kpb.TaskRef(task_id=task.task_id), timeout=TIMEOUT_S)
+                       if t.state not in (kpb.QUEUED, kpb.RUNNING))
+        assert waiting.state == kpb.WAITING_FOR_REVIEW and waiting.review_id == escalated.review_id
+        ref = kpb.ReviewRef(review_id=escalated.review_id)
+        if resolve:
+            reviews.ClaimReview(kpb.ClaimReviewRequest(review_id=escalated.review_id, reviewer="ann"), timeout=TIMEOUT_S)
+            reviews.ResolveReview(kpb.ResolveReviewRequest(review_id=escalated.review_id, reviewer="ann",
+                                                           action="deny", comment="checked"), timeout=TIMEOUT_S)
+            done = next(t for t in tasks.WatchTask(kpb.TaskRef(task_id=task.task_id), timeout=TIMEOUT_S)
+                        if t.state != kpb.WAITING_FOR_REVIEW)
+            assert done.state == kpb.SUCCEEDED and done.decision.action == "deny"
+            assert done.decision.outcome == kpb.REVIEWED
+        else:
+            assert tasks.CancelTask(kpb.TaskRef(task_id=task.task_id), timeout=TIMEOUT_S).state == kpb.CANCELLED
+            assert reviews.GetReview(ref, timeout=TIMEOUT_S).state == "OPEN"  # the Decide caller's case stays

@@ -421,15 +421,17 @@ class ReviewQueue:
         """The review ``task_id`` opened, if any (stored as it is: no lease view)."""
         return self._records.for_task(task_id)
 
-    def withdraw(self, review_id: str, reason: str) -> kpb.Review:
+    def withdraw(self, review_id: str, reason: str, task_id: str = "") -> kpb.Review:
         """Take an unresolved review off the queue (its task was cancelled): RESOLVED with no action, never
         counted as a missed SLA; claiming or resolving it is refused with "withdrawn: ``reason``".
 
         No on_resolved hook runs (there is no decision to record or task to
-        finish); a review already resolved is returned as it is.
+        finish); a review already resolved is returned as it is. ``task_id``: only if that task opened it (a
+        task that adopted a keyed Decide's escalated answer waits on the Decide caller's review, which its
+        cancel must leave alone: a review audit).
         """
         def mutate(review: kpb.Review) -> bool:
-            if review.state == RESOLVED:
+            if review.state == RESOLVED or (task_id and review.task_id != task_id):
                 return False
             now = self._clock()
             review.state = RESOLVED

@@ -356,9 +356,14 @@ class SqliteReviewRecords:
         """Delete up to ``limit`` reviews resolved before ``cutoff_unix_ns`` whose resolution reached every hook
         (retention, kernel/store/retention.py); returns how many. Open, claimed and still-delivering ones stay."""
         def work(conn) -> int:
-            return conn.execute(
-                "DELETE FROM reviews WHERE seq IN (SELECT seq FROM reviews INDEXED BY reviews_resolved_at"
-                " WHERE resolved = 1 AND delivered = 1 AND resolved_unix_ns < ? LIMIT ?)", (cutoff_unix_ns, limit),
-            ).rowcount
+            found = conn.execute(
+                "SELECT seq, review_id FROM reviews INDEXED BY reviews_resolved_at"
+                " WHERE resolved = 1 AND delivered = 1 AND resolved_unix_ns < ? LIMIT ?", (cutoff_unix_ns, limit),
+            ).fetchall()
+            conn.executemany("DELETE FROM reviews WHERE seq = ?", [(seq,) for seq, _ in found])
+            # A keyed decision's resolution parked for a task that might adopt its answer (kernel/decisions.py
+            # _resolved) goes with its review.
+            conn.executemany("DELETE FROM review_completions WHERE review_id = ?", [(rid,) for _, rid in found])
+            return len(found)
 
         return self._db.transact(work, durable=False)  # (a lost delete is done again by the next sweep)
