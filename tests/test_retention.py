@@ -181,3 +181,24 @@ def test_a_sweep_whose_starting_record_fails_deletes_nothing(tmp_path):
         assert RetentionSweeper(db, 1).sweep(time.time_ns()).tasks == 3  # (a working log: they go)
     finally:
         db.close()
+
+
+def test_withdrawn_reviews_go_too(tmp_path):
+    """A withdrawn review (its task cancelled) keeps the case's request, free text included, like a resolved one:
+    retention deletes it as well (a review audit found them kept for good)."""
+    from kernel.review import ReviewQueue
+    from kernel.store.retention import RetentionSweeper
+
+    db = open_database(tmp_path)
+    try:
+        queue = ReviewQueue(db)
+        request = kpb.DecisionRequest(pipeline="claims_triage", tenant="acme", request_id="w1")
+        request.text_fields["description"] = "the customer's own words"
+        review = queue.create(kpb.Decision(request_id="w1", action="approve"), request, ["approve"], 60.0)
+        queue.withdraw(review.review_id, "its task was cancelled")
+        queue.close()
+        assert RetentionSweeper(db, 1).sweep(time.time_ns() + 2 * DAY_NS).reviews == 1
+        with db.read() as conn:
+            assert conn.execute("SELECT count(*) FROM reviews").fetchone()[0] == 0
+    finally:
+        db.close()

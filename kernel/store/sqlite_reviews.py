@@ -157,6 +157,14 @@ def task_review(conn, task_id: str) -> kpb.Review | None:
     return None if found is None else kpb.Review.FromString(found[0])
 
 
+# Reviews retention deletes: resolved by a reviewer (and delivered), or withdrawn (their task was cancelled: they
+# keep the case's request, free text included, as long as any other; a review audit found them kept for good).
+_PAST_RETENTION = (
+    "SELECT seq, review_id FROM reviews INDEXED BY reviews_resolved_at WHERE resolved = 1 AND delivered = 1"
+    " AND resolved_unix_ns < ?1 UNION ALL SELECT seq, review_id FROM reviews WHERE resolved = 2"
+    " AND resolved_unix_ns < ?1 LIMIT ?2")
+
+
 class SqliteReviewRecords:
     """Durable review records; every write is fsynced before it returns.
 
@@ -348,18 +356,15 @@ class SqliteReviewRecords:
     def any_resolved_before(self, cutoff_unix_ns: int) -> bool:
         """Whether ``delete_resolved_before`` would delete anything."""
         with self._db.read() as conn:
-            found = conn.execute("SELECT 1 FROM reviews INDEXED BY reviews_resolved_at WHERE resolved = 1 AND "
-                                 "delivered = 1 AND resolved_unix_ns < ? LIMIT 1", (cutoff_unix_ns,)).fetchone()
+            found = conn.execute(_PAST_RETENTION, (cutoff_unix_ns, 1)).fetchone()
         return found is not None
 
     def delete_resolved_before(self, cutoff_unix_ns: int, limit: int) -> int:
         """Delete up to ``limit`` reviews resolved before ``cutoff_unix_ns`` whose resolution reached every hook
-        (retention, kernel/store/retention.py); returns how many. Open, claimed and still-delivering ones stay."""
+        (retention, kernel/store/retention.py), and withdrawn ones, with any resolution kept for a task (kernel/decisions.py
+        _finish_waiting_task); returns how many. Open, claimed and still-delivering ones stay."""
         def work(conn) -> int:
-            found = conn.execute(
-                "SELECT seq, review_id FROM reviews INDEXED BY reviews_resolved_at"
-                " WHERE resolved = 1 AND delivered = 1 AND resolved_unix_ns < ? LIMIT ?", (cutoff_unix_ns, limit),
-            ).fetchall()
+            found = conn.execute(_PAST_RETENTION, (cutoff_unix_ns, limit)).fetchall()
             conn.executemany("DELETE FROM reviews WHERE seq = ?", [(seq,) for seq, _ in found])
             # A keyed decision's resolution parked for a task that might adopt its answer (kernel/decisions.py
             # _resolved) goes with its review.
