@@ -361,8 +361,9 @@ class SqliteReviewRecords:
 
     def delete_resolved_before(self, cutoff_unix_ns: int, limit: int) -> int:
         """Delete up to ``limit`` reviews resolved before ``cutoff_unix_ns`` whose resolution reached every hook
-        (retention, kernel/store/retention.py), and withdrawn ones, with any resolution kept for a task (kernel/decisions.py
-        _finish_waiting_task); returns how many. Open, claimed and still-delivering ones stay."""
+        (retention, kernel/store/retention.py), and withdrawn ones, with any resolution kept for a task
+        (kernel/decisions.py ``_finish_waiting_task``); returns how many. Open, claimed and still-delivering
+        ones stay."""
         def work(conn) -> int:
             found = conn.execute(_PAST_RETENTION, (cutoff_unix_ns, limit)).fetchall()
             conn.executemany("DELETE FROM reviews WHERE seq = ?", [(seq,) for seq, _ in found])
