@@ -74,7 +74,8 @@ class ArchiveResult:
     def summary(self, directory: Path, dest: Path) -> str:
         held = f"; {self.held_back}" if self.held_back else ""
         if self.end == self.first:
-            left = f"; removed {self.removed_leftovers} segment(s) an earlier run left" if self.removed_leftovers else ""
+            left = (f"; removed {self.removed_leftovers} segment(s) an earlier run left" if self.removed_leftovers
+                    else "")
             return (f"{directory}: nothing to archive (no segment ends at or before the cut after record "
                     f"{self.first}){held}{left}")
         return (f"archived records {self.first}..{self.end - 1} ({self.end - self.first:,} records, {self.segments} "
