@@ -70,14 +70,42 @@ except ImportError:  # pragma: no cover - grpc without its private modules
 STREAM_SERVICE, STREAM_METHOD = "aios.kernel.v1.DecisionService", "DecideStream"
 
 
-class StreamPump(futures.ThreadPoolExecutor):
-    """The "thread pool" grpc picks for DecideStream: it starts the stream's state machine and returns the
-    future grpc counts the call by. A ``ThreadPoolExecutor`` only because grpc checks for one."""
+class TakeOverPool(futures.ThreadPoolExecutor):
+    """A "thread pool" grpc picks for one streaming method, which takes grpc's response path over for its calls
+    (``StreamPump`` here, ``windowed_sends.WindowedSends``). A ``ThreadPoolExecutor`` only because grpc checks for
+    one: it owns no threads, ``pool`` (the server's) runs what it runs."""
 
-    def __init__(self, engine, pool, budget=None):  # (no super().__init__: nothing of ThreadPoolExecutor is used)
+    method = "a stream"  # how the one warning names the method
+
+    def __init__(self, pool):  # (no super().__init__: nothing of ThreadPoolExecutor is used)
+        self._pool = pool
+        self._warned = False
+
+    def follows(self, args, kwargs) -> bool:
+        """Whether grpc handed ``submit`` the call shape followed here: (context.run, _stream_response_in_pool,
+        rpc_event, state, behaviour, request thunk or iterator, request_deserializer, response_serializer). When
+        not, the call takes grpc's standard path on the pool (said once)."""
+        if not kwargs and len(args) == 8 and args[1] is _gs._stream_response_in_pool:
+            return True
+        if not self._warned:
+            self._warned = True
+            log.warning("%s takes grpc's standard path: grpc handed over an unexpected call shape", self.method)
+        return False
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        pass  # owns no threads
+
+
+class StreamPump(TakeOverPool):
+    """The "thread pool" grpc picks for DecideStream: it starts the stream's state machine and returns the
+    future grpc counts the call by."""
+
+    method = "DecideStream"
+
+    def __init__(self, engine, pool, budget=None):
+        super().__init__(pool)  # the server's HandlerPool: runs each stream's prepare task
         self._engine = engine
         self._budget = budget  # the server's CallBudget: a stream may not take the threads kept for priority 1
-        self._pool = pool  # the server's HandlerPool: runs each stream's prepare task
         self.streams = 0  # streams that took this path (changed on gRPC's poller thread only)
         # Over all streams, on gRPC's poller thread only (its batch callbacks): requests received, and answers
         # gRPC has sent. Their difference is what the streams hold (each within stream_window.has_room).
@@ -85,7 +113,6 @@ class StreamPump(futures.ThreadPoolExecutor):
         self.sent = 0
         self._ended = 0  # of them, those over (changed from any thread: under the lock)
         self._lock = threading.Lock()
-        self._warned = False
 
     @property
     def open(self) -> int:
@@ -97,12 +124,8 @@ class StreamPump(futures.ThreadPoolExecutor):
             self._ended += 1
 
     def submit(self, *args, **kwargs):
-        # grpc calls submit(context.run, _stream_response_in_pool, rpc_event, state, behaviour,
-        # request_iterator_thunk, request_deserializer, response_serializer), with the call's condition held.
-        if kwargs or len(args) != 8 or args[1] is not _gs._stream_response_in_pool:
-            if not self._warned:
-                self._warned = True
-                log.warning("DecideStream takes grpc's standard path: grpc handed over an unexpected call shape")
+        # (grpc calls it with the call's condition held)
+        if not self.follows(args, kwargs):
             return self._pool.submit(*args, **kwargs)
         _run, _respond, rpc_event, state, _behaviour, _iterator, deserializer, serializer = args
         self.streams += 1
@@ -133,10 +156,6 @@ class StreamPump(futures.ThreadPoolExecutor):
         self._stream_over(finished)
         finished.set_done()
         return finished
-
-    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        pass  # owns no threads
-
 
 class _Answer:
     """A decision's ``later`` (what ``DecisionEngine.answer_later`` answers through): back onto its stream."""

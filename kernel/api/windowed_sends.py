@@ -23,9 +23,8 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from concurrent import futures
 
-from .stream_pump import AVAILABLE
+from .stream_pump import AVAILABLE, TakeOverPool
 
 log = logging.getLogger("aios.api")
 
@@ -36,28 +35,17 @@ if AVAILABLE:
     from grpc._cython import cygrpc as _cygrpc
 
 
-class WindowedSends(futures.ThreadPoolExecutor):
+class WindowedSends(TakeOverPool):
     """The "thread pool" grpc picks for one server-streaming method: runs each call's handler on the server's
-    pool with the windowed sender in place of grpc's send-and-wait. A ``ThreadPoolExecutor`` only because grpc
-    checks for one (it only calls ``submit``)."""
+    pool with the windowed sender in place of grpc's send-and-wait."""
 
-    def __init__(self, pool):  # (no super().__init__: nothing of ThreadPoolExecutor is used)
-        self._pool = pool
-        self._warned = False
+    method = "a response stream"
 
     def submit(self, *args, **kwargs):
-        # grpc calls submit(context.run, _stream_response_in_pool, rpc_event, state, behaviour, argument_thunk,
-        # request_deserializer, response_serializer) for a unary-request, streamed-response call.
-        if kwargs or len(args) != 8 or args[1] is not _gs._stream_response_in_pool:
-            if not self._warned:
-                self._warned = True
-                log.warning("a response stream takes grpc's standard path: grpc handed over an unexpected call shape")
+        if not self.follows(args, kwargs):
             return self._pool.submit(*args, **kwargs)
-        run, _respond, *call = args
+        run, _respond, *call = args  # (a unary request: the thunk receives it)
         return self._pool.submit(run, _respond_windowed, *call)
-
-    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        pass  # owns no threads
 
 
 def _respond_windowed(rpc_event, state, behavior, argument_thunk, request_deserializer, response_serializer) -> None:
