@@ -36,7 +36,6 @@ from .store.faults import os_cause
 from .store.idempotency import restore_answers
 from .store.audit_needs import RECORDING_PREFIX, RESOLUTIONS_TENANT as _RESOLUTIONS
 from .store.retention import RetentionSweeper, Swept
-from .store.sqlite_tasks import cannot_cancel
 from .tasks import IdempotencyStore, TaskRunner, TaskStore, WaitingForReview
 
 log = logging.getLogger("aios.decisions")
@@ -112,7 +111,6 @@ class DecisionSide:
         self._retention = (RetentionSweeper(self.db, settings.store_retention_days, self._swept,
                                             on_sweeping=self._sweeping)
                            if settings.store_retention_days else None)
-        self.tasks.before_cancel = self._withdraw_before_cancel
         # Governance events go on the record next to the decisions they affect.
         hub.add_listener(self._models_changed)
         self.registry.listeners.append(self._pipeline_changed)
@@ -472,19 +470,6 @@ class DecisionSide:
                                        record.time_unix_ns)])  # (the one it opened, if it was stored)
             return WaitingForReview(decision.review_id, decision)
         return decision
-
-    def _withdraw_before_cancel(self, task: kpb.Task) -> None:
-        """A waiting task's review is withdrawn before the task is cancelled, in one step on the review's row,
-        so a reviewer's resolution and a cancel have one winner: a resolution that got there first refuses the
-        cancel. (Both were answered OK: the task CANCELLED, the reviewer's decision on the log with its id.)"""
-        if task.state != kpb.WAITING_FOR_REVIEW or not task.review_id:
-            return
-        try:
-            review = self.reviews.withdraw(task.review_id, f"task {task.task_id} was cancelled", task.task_id)
-        except NotFound:  # its row is lost (reopened at the next start): the cancel goes on, as before
-            return
-        if review.resolved_action:  # (a withdrawn review has none; a reviewer's resolution always has one)
-            raise cannot_cancel(task.task_id, review)
 
     def _task_cancelled(self, task: kpb.Task) -> None:
         """Nobody should work a case whose task is gone: its review is withdrawn, found by the task's id when the

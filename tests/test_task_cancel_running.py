@@ -134,3 +134,31 @@ def test_a_cancel_while_the_attempt_runs_withdraws_its_review_at_once(server, ch
         assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     finally:
         go_on.set()
+
+
+def test_a_cancel_that_fails_withdraws_nothing(server, channel, monkeypatch):
+    """The review was withdrawn before the cancel was written: a cancel whose write then failed (a full disk) left
+    the task waiting on a review nobody could resolve (a review audit). The withdrawal now follows the cancel."""
+    from kernel.errors import Unavailable
+
+    tasks, reviews = kgrpc.TaskServiceStub(channel), kgrpc.ReviewServiceStub(channel)
+    task = tasks.StartTask(kpb.StartTaskRequest(request=large_claim("cancel-fails")), timeout=TIMEOUT_S)
+    waiting = _until(lambda: (t := tasks.GetTask(kpb.TaskRef(task_id=task.task_id), timeout=TIMEOUT_S)).state
+                     == kpb.WAITING_FOR_REVIEW and t, "the task to wait for its review")
+
+    def full_disk(task_id):  # fault injected on purpose: the cancel's write fails
+        raise Unavailable("the store cannot write: no space left on device (injected)")
+
+    monkeypatch.setattr(server.decisions.tasks.store, "cancel", full_disk)
+    with pytest.raises(grpc.RpcError) as info:
+        tasks.CancelTask(kpb.TaskRef(task_id=task.task_id), timeout=TIMEOUT_S)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    monkeypatch.undo()
+    ref = kpb.ReviewRef(review_id=waiting.review_id)
+    assert reviews.GetReview(ref, timeout=TIMEOUT_S).state == "OPEN"  # still the desk's to decide
+    reviews.ClaimReview(kpb.ClaimReviewRequest(review_id=waiting.review_id, reviewer="gil"), timeout=TIMEOUT_S)
+    reviews.ResolveReview(kpb.ResolveReviewRequest(review_id=waiting.review_id, reviewer="gil", action="deny",
+                                                   comment="checked"), timeout=TIMEOUT_S)
+    done = _until(lambda: (t := tasks.GetTask(kpb.TaskRef(task_id=task.task_id), timeout=TIMEOUT_S)).state
+                  == kpb.SUCCEEDED and t, "the task to finish with the reviewer's action")
+    assert done.decision.action == "deny"

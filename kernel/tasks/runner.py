@@ -77,9 +77,6 @@ class TaskRunner:
         self.max_backoff_s = max_backoff_s
         self.validate = validate  # refuses bad requests at StartTask (e.g. unknown pipeline: NOT_FOUND)
         self.on_cancelled: list[Callable[[kpb.Task], None]] = []  # e.g. withdraw the review a task waited on
-        # Called with the task as it stands before a cancel; may refuse it (raise a KernelError): a waiting
-        # task's review is withdrawn there first, so that a reviewer's resolution and a cancel have one winner.
-        self.before_cancel: Callable[[kpb.Task], None] | None = None
         self._cond = threading.Condition(threading.Lock())
         self._ready: list[tuple[int, int, str]] = []  # heap of (monotonic ns when due, tie-breaker, task id)
         self._queued: set[str] = set()  # task ids in the heap: each at most once
@@ -163,10 +160,12 @@ class TaskRunner:
         A running attempt goes on to its end, but its outcome is dropped: the
         task stays CANCELLED. That attempt may already have made its decision
         (it is on the audit log, with the task's id); a review it opened is
-        withdrawn once the attempt ends (``_cancelled_while_running``).
+        withdrawn by the cancel hooks, or once the attempt ends
+        (``_cancelled_while_running``). A reviewer's resolution of the task's
+        review and the cancel have one winner, decided in the store's
+        transactions (kernel/store/sqlite_tasks.py): the hooks run after the
+        cancel is durable, so a cancel that fails withdraws nothing.
         """
-        if self.before_cancel is not None:
-            self.before_cancel(self.store.get(task_id))
         task = self.store.cancel(task_id)
         self._run_cancel_hooks(task)
         return task
