@@ -96,6 +96,23 @@ class TakeOverPool(futures.ThreadPoolExecutor):
         pass  # owns no threads
 
 
+def start_send(call, state, data: bytes, on_sent) -> None:
+    """Start sending ``data`` on a server call, its state's condition held: with the initial metadata if none went
+    out yet, as grpc's ``_send_response`` does, but without waiting; ``on_sent(token)`` runs on gRPC's poller once
+    it is sent (and returns what grpc's batch callbacks return). One send in flight per call: gRPC's rule."""
+    flags = _gs._get_send_message_op_flags_from_state(state)
+    if state.initial_metadata_allowed:
+        operations = (_gs._get_initial_metadata_operation(state, None), _cygrpc.SendMessageOperation(data, flags))
+        state.initial_metadata_allowed = False
+        token = _gs._SEND_INITIAL_METADATA_AND_SEND_MESSAGE_TOKEN
+    else:
+        operations = (_cygrpc.SendMessageOperation(data, flags),)
+        token = _gs._SEND_MESSAGE_TOKEN
+    call.start_server_batch(operations, lambda _event: on_sent(token))
+    state.due.add(token)
+    _gs._reset_per_message_state(state)
+
+
 class StreamPump(TakeOverPool):
     """The "thread pool" grpc picks for DecideStream: it starts the stream's state machine and returns the
     future grpc counts the call by."""
@@ -317,25 +334,8 @@ class _Stream:
             self._receive_locked()  # fewer bytes held: a stream paused for them reads on
 
     def _send_locked(self, data: bytes) -> None:
-        state = self._state
-        flags = _gs._get_send_message_op_flags_from_state(state)
-        if state.initial_metadata_allowed:
-            operations = (_gs._get_initial_metadata_operation(state, None), _cygrpc.SendMessageOperation(data, flags))
-            state.initial_metadata_allowed = False
-            token, sent = _gs._SEND_INITIAL_METADATA_AND_SEND_MESSAGE_TOKEN, self._sent_first
-        else:
-            operations = (_cygrpc.SendMessageOperation(data, flags),)
-            token, sent = _gs._SEND_MESSAGE_TOKEN, self._sent
-        self._call.start_server_batch(operations, sent)
-        state.due.add(token)
-        _gs._reset_per_message_state(state)
+        start_send(self._call, self._state, data, self._after_send)
         self._sending = True
-
-    def _sent_first(self, _event):
-        return self._after_send(_gs._SEND_INITIAL_METADATA_AND_SEND_MESSAGE_TOKEN)
-
-    def _sent(self, _event):
-        return self._after_send(_gs._SEND_MESSAGE_TOKEN)
 
     def _after_send(self, token: str):
         state = self._state

@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 
-from .stream_pump import AVAILABLE, TakeOverPool
+from .stream_pump import AVAILABLE, TakeOverPool, start_send
 
 log = logging.getLogger("aios.api")
 
@@ -126,18 +126,7 @@ class _Sender:
                 _gs._status(self._rpc_event, state, None)
 
     def _send_locked(self, data: bytes) -> None:
-        state = self._state
-        flags = _gs._get_send_message_op_flags_from_state(state)
-        if state.initial_metadata_allowed:
-            operations = (_gs._get_initial_metadata_operation(state, None), _cygrpc.SendMessageOperation(data, flags))
-            state.initial_metadata_allowed = False
-            token = _gs._SEND_INITIAL_METADATA_AND_SEND_MESSAGE_TOKEN
-        else:
-            operations = (_cygrpc.SendMessageOperation(data, flags),)
-            token = _gs._SEND_MESSAGE_TOKEN
-        self._rpc_event.call.start_server_batch(operations, lambda _event: self._after_send(token))
-        state.due.add(token)
-        _gs._reset_per_message_state(state)
+        start_send(self._rpc_event.call, self._state, data, self._after_send)
         self._sending = True
 
     def _after_send(self, token: str):
