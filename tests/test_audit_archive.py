@@ -257,6 +257,7 @@ def test_archived_records_over_grpc_are_failed_precondition(log_dir, tmp_path):
                     call()
                 assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION, info.value.details()
                 assert f"records 0..{result.end - 1} were archived" in info.value.details()
+                assert dict(info.value.trailing_metadata())["aios-first-sequence"] == str(result.end)
             streamed = list(stub.StreamAudit(pb.StreamAuditRequest(from_sequence=result.end)))
             assert [r.sequence for r in streamed] == list(range(result.end, RECORDS))
             proof = stub.GetInclusionProof(pb.InclusionProofRequest(sequence=result.end))

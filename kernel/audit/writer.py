@@ -57,6 +57,7 @@ from .watermark import Watermark
 log = logging.getLogger("aios.audit")
 
 MODES = ("fsync", "async")
+FIRST_SEQUENCE_TRAILER = "aios-first-sequence"  # on a refusal for archived records: where this log begins
 DEFAULT_KEY_FILE = "signing-key.pem"  # inside the log directory unless key_path says otherwise
 # At most this often the writer stats its files (five calls, 12-20 µs on the development VM, where one
 # stat takes ~3 µs: ~0.01 % of a core at this rate): a group that starts later than this after the last
@@ -617,7 +618,8 @@ class AuditLog:
             raise AuditArchived(
                 f"{what}: records 0..{first - 1} were archived from this log on "
                 f"{time.strftime('%Y-%m-%d', time.gmtime(self.base.archived_unix_ns / 1e9))}; it serves records "
-                f"from {first} on (the archive holds the rest, and verifies and exports on its own)")
+                f"from {first} on (the archive holds the rest, and verifies and exports on its own)",
+                trailers=((FIRST_SEQUENCE_TRAILER, str(first)),))  # (a follower resumes from it without parsing)
 
     @property
     def first_sequence(self) -> int:
