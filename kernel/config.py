@@ -124,7 +124,7 @@ class Settings:
     # Zeros written ahead of the records at a time, so a group's fsync commits no file-size change
     # (bench/RESULTS.md, "preallocated segments"); 0 = append (copy-on-write file systems gain nothing).
     audit_preallocate_bytes: int = 256 * 1024
-    audit_stream_enabled: bool = False  # allow StreamAudit (until RBAC grants it to the auditor role)
+    audit_stream_enabled: bool = False  # allow StreamAudit and StreamAuditBatches (until RBAC grants them to auditors)
     # Durable tasks retry a failure that may pass (a full queue, a model being reloaded, a deadline that
     # ran out in a busy queue) after task_backoff_s, doubling each time up to task_max_backoff_s, until
     # task_max_attempts runs were made. The defaults keep trying for about 4 minutes (1+2+4+...+60 s):
