@@ -19,7 +19,7 @@ import pytest
 from claims_support import build_small_model, claim_request, copy_pipelines
 from conftest import start_kernel
 from lane_support import until
-from test_task_decided_once import WorkerDied, _automated_case
+from test_task_decided_once import _automated_case, stop_before_success
 from examples.claims import data
 from kernel._proto.aios.kernel.v1 import kernel_pb2 as kpb
 from kernel._proto.aios.kernel.v1 import kernel_pb2_grpc as kgrpc
@@ -97,22 +97,14 @@ def test_a_task_stopped_mid_attempt_keeps_its_decision_out_of_the_archive(claims
     pipelines, data_dir = copy_pipelines(tmp_path / "pipelines"), tmp_path / "data"
     settings = dict(pipelines=str(pipelines), data_dir=str(data_dir), pipeline_poll_s=0, audit_segment_bytes=4096)
     first = start_kernel(claims_models, **settings)
-    store = first.decisions.tasks.store
-    real = store.transition
-
-    def dies_before_success(task_id, state, *args, **kwargs):  # fault injected on purpose: the stop lands here
-        if state == kpb.SUCCEEDED:
-            raise WorkerDied("the kernel stopped here")
-        return real(task_id, state, *args, **kwargs)
-
-    monkeypatch.setattr(store, "transition", dies_before_success)
+    stop_before_success(monkeypatch, first.decisions.tasks.store)  # fault injected on purpose
     try:
         with grpc.insecure_channel(f"127.0.0.1:{first.port}") as channel:
             task = kgrpc.TaskServiceStub(channel).StartTask(
                 kpb.StartTaskRequest(request=claim_request(_automated_case())), timeout=10)
             until(lambda: decisions_of(first.decisions.audit.read(0, kind=kpb.DECISION), task.task_id),
                   "the task's decision record", 30, every_s=0.02)
-            monkeypatch.setattr(store, "transition", real)
+            monkeypatch.undo()
             stub = kgrpc.DecisionServiceStub(channel)  # records after it: segment boundaries past the task's record
             for i in range(40):
                 stub.Decide(claim_request(_automated_case(), request_id=f"pad{i}"), timeout=10)

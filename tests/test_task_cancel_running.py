@@ -53,15 +53,22 @@ def hold_attempts_after_deciding(monkeypatch, runner) -> tuple[threading.Event, 
     return decided, go_on
 
 
+def started_and_decided(tasks, reviews, decided, tenant: str) -> tuple[kpb.Task, kpb.Review]:
+    """Start a large claim's task for ``tenant``; once its held attempt decided, the task and the review it opened
+    (on the queue, not yet named by the task)."""
+    task = tasks.StartTask(kpb.StartTaskRequest(request=large_claim(tenant)), timeout=TIMEOUT_S)
+    assert decided.wait(TIMEOUT_S), "the attempt never decided"
+    (review,) = reviews.ListReviews(kpb.ListReviewsRequest(tenant=tenant), timeout=TIMEOUT_S).reviews
+    return task, review
+
+
 def test_cancelling_a_running_task_withdraws_the_review_its_attempt_opens(server, channel, monkeypatch):
     tasks, reviews = kgrpc.TaskServiceStub(channel), kgrpc.ReviewServiceStub(channel)
     decided, go_on = hold_attempts_after_deciding(monkeypatch, server.decisions.tasks)
     try:
-        task = tasks.StartTask(kpb.StartTaskRequest(request=large_claim("cancel-running")), timeout=TIMEOUT_S)
-        assert decided.wait(TIMEOUT_S), "the attempt never decided"
+        task, review = started_and_decided(tasks, reviews, decided, "cancel-running")
         assert tasks.GetTask(kpb.TaskRef(task_id=task.task_id), timeout=TIMEOUT_S).state == kpb.RUNNING
         # The attempt's escalation is on the queue, and the task does not name it yet.
-        (review,) = reviews.ListReviews(kpb.ListReviewsRequest(tenant="cancel-running"), timeout=TIMEOUT_S).reviews
         assert review.task_id == task.task_id and review.state == "OPEN"
         cancelled = tasks.CancelTask(kpb.TaskRef(task_id=task.task_id), timeout=TIMEOUT_S)
         assert cancelled.state == kpb.CANCELLED and cancelled.review_id == ""
@@ -98,9 +105,7 @@ def test_a_review_resolved_before_its_task_names_it_refuses_the_cancel(server, c
     tasks, reviews = kgrpc.TaskServiceStub(channel), kgrpc.ReviewServiceStub(channel)
     decided, go_on = hold_attempts_after_deciding(monkeypatch, server.decisions.tasks)
     try:
-        task = tasks.StartTask(kpb.StartTaskRequest(request=large_claim("resolve-first")), timeout=TIMEOUT_S)
-        assert decided.wait(TIMEOUT_S), "the attempt never decided"
-        (review,) = reviews.ListReviews(kpb.ListReviewsRequest(tenant="resolve-first"), timeout=TIMEOUT_S).reviews
+        task, review = started_and_decided(tasks, reviews, decided, "resolve-first")
         reviews.ClaimReview(kpb.ClaimReviewRequest(review_id=review.review_id, reviewer="dana"), timeout=TIMEOUT_S)
         resolved = reviews.ResolveReview(kpb.ResolveReviewRequest(
             review_id=review.review_id, reviewer="dana", action=review.actions[0], comment="checked"), timeout=TIMEOUT_S)
@@ -122,9 +127,7 @@ def test_a_cancel_while_the_attempt_runs_withdraws_its_review_at_once(server, ch
     tasks, reviews = kgrpc.TaskServiceStub(channel), kgrpc.ReviewServiceStub(channel)
     decided, go_on = hold_attempts_after_deciding(monkeypatch, server.decisions.tasks)
     try:
-        task = tasks.StartTask(kpb.StartTaskRequest(request=large_claim("withdraw-now")), timeout=TIMEOUT_S)
-        assert decided.wait(TIMEOUT_S), "the attempt never decided"
-        (review,) = reviews.ListReviews(kpb.ListReviewsRequest(tenant="withdraw-now"), timeout=TIMEOUT_S).reviews
+        task, review = started_and_decided(tasks, reviews, decided, "withdraw-now")
         tasks.CancelTask(kpb.TaskRef(task_id=task.task_id), timeout=TIMEOUT_S)
         now = reviews.GetReview(kpb.ReviewRef(review_id=review.review_id), timeout=TIMEOUT_S)
         assert now.state == "RESOLVED" and now.resolved_action == "" and now.resolved_by == "kernel"

@@ -38,15 +38,9 @@ def _task_records(server, task_id: str) -> list[kpb.AuditRecord]:
 
 
 
-@pytest.mark.parametrize("max_attempts", [3, 1], ids=["attempts-left", "last-attempt"])
-def test_a_task_cut_off_after_its_decision_was_recorded_takes_that_decision(claims_models, tmp_path, monkeypatch,
-                                                                            max_attempts):
-    """Also when the cut-off attempt was the task's last: it was failed at restart ("the kernel stopped while
-    attempt 1 of 1 ran") with its decision on the log (a tasks audit, 2026-11-27)."""
-    pipelines, data_dir = copy_pipelines(tmp_path / "pipelines"), tmp_path / "data"
-    first = start_kernel(claims_models, pipelines=str(pipelines), data_dir=str(data_dir), pipeline_poll_s=0,
-                         task_max_attempts=max_attempts)
-    store = first.decisions.tasks.store
+def stop_before_success(monkeypatch, store) -> None:
+    """Fault injected on purpose: a task's attempt recorded its decision, and the kernel stops before the task is
+    marked SUCCEEDED (the worker dies there). ``monkeypatch.undo()`` (or the test's end) lifts it."""
     real_transition = store.transition
 
     def dies_before_success(task_id, state, *args, **kwargs):
@@ -55,6 +49,17 @@ def test_a_task_cut_off_after_its_decision_was_recorded_takes_that_decision(clai
         return real_transition(task_id, state, *args, **kwargs)
 
     monkeypatch.setattr(store, "transition", dies_before_success)
+
+
+@pytest.mark.parametrize("max_attempts", [3, 1], ids=["attempts-left", "last-attempt"])
+def test_a_task_cut_off_after_its_decision_was_recorded_takes_that_decision(claims_models, tmp_path, monkeypatch,
+                                                                            max_attempts):
+    """Also when the cut-off attempt was the task's last: it was failed at restart ("the kernel stopped while
+    attempt 1 of 1 ran") with its decision on the log (a tasks audit, 2026-11-27)."""
+    pipelines, data_dir = copy_pipelines(tmp_path / "pipelines"), tmp_path / "data"
+    first = start_kernel(claims_models, pipelines=str(pipelines), data_dir=str(data_dir), pipeline_poll_s=0,
+                         task_max_attempts=max_attempts)
+    stop_before_success(monkeypatch, first.decisions.tasks.store)
     try:
         with grpc.insecure_channel(f"127.0.0.1:{first.port}") as channel:
             task = kgrpc.TaskServiceStub(channel).StartTask(
