@@ -202,3 +202,41 @@ def test_withdrawn_reviews_go_too(tmp_path):
             assert conn.execute("SELECT count(*) FROM reviews").fetchone()[0] == 0
     finally:
         db.close()
+
+
+@pytest.mark.parametrize("link", ["opened", "adopted"])
+def test_a_resolved_review_stays_while_its_task_has_not_finished(tmp_path, link):
+    """The resolved review is what refuses its task's cancel (one winner between a cancel and a reviewer): retention
+    keeps it until the task that opened it (its task_id) or adopted it (a keyed Decide's review, named by the task's
+    review_id) has finished, however long ago it was resolved."""
+    from kernel.review import ReviewQueue
+    from kernel.store.retention import RetentionSweeper
+
+    db = open_database(tmp_path)
+    try:
+        queue = ReviewQueue(db)
+        request = kpb.DecisionRequest(pipeline="claims_triage", tenant="acme", request_id="k1")
+        opened_by = "task-1" if link == "opened" else ""
+        review = queue.create(kpb.Decision(request_id="k1", action="approve"), request, ["approve", "deny"], 60.0,
+                              task_id=opened_by)
+        task = kpb.Task(task_id="task-1", state=kpb.WAITING_FOR_REVIEW, review_id=review.review_id)
+        task.request.CopyFrom(request)
+        db.tasks.insert(task, "hash")
+        queue.claim(review.review_id, "alice")
+        queue.resolve(review.review_id, "alice", "deny")
+        queue.close()
+        later = time.time_ns() + 2 * DAY_NS
+        assert RetentionSweeper(db, 1).sweep(later).reviews == 0  # its task still waits (or runs) on it
+
+        def succeed(task: kpb.Task) -> bool:
+            task.state = kpb.SUCCEEDED
+            task.updated_unix_ns = time.time_ns()
+            return True
+
+        db.tasks.update("task-1", succeed)
+        swept = RetentionSweeper(db, 1).sweep(later)
+        assert swept.reviews == 1  # the task finished: the review goes (the task itself a retention period later)
+        with db.read() as conn:
+            assert conn.execute("SELECT count(*) FROM reviews").fetchone()[0] == 0
+    finally:
+        db.close()

@@ -7,7 +7,8 @@ resolution (free text as digests), so deleting these working rows loses no evide
 
 What goes: reviews resolved before ``now - retention`` whose resolution reached every hook (its audit record,
 the task waiting on it), and tasks that SUCCEEDED, FAILED or were CANCELLED before then. What stays: open and
-claimed reviews, resolutions still being delivered, and tasks that may still run, however old.
+claimed reviews, resolutions still being delivered, resolved reviews whose task has not finished, and tasks
+that may still run, however old.
 
 Each sweep deletes in batches of ``BATCH`` rows, one transaction each, so it never holds SQLite's write lock
 long against the decisions sharing it. Before its first delete it reports the cut-off, after its last what it

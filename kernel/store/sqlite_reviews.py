@@ -159,9 +159,16 @@ def task_review(conn, task_id: str) -> kpb.Review | None:
 
 # Reviews retention deletes: resolved by a reviewer (and delivered), or withdrawn (their task was cancelled: they
 # keep the case's request, free text included, as long as any other; a review audit found them kept for good).
+# A resolved review stays while a task that opened or adopted it has not finished: the review is what refuses that
+# task's cancel (sqlite_tasks._refuse_if_resolved), so deleting it first would let a cancel and the reviewer's
+# action both win.
 _PAST_RETENTION = (
     "SELECT seq, review_id FROM reviews INDEXED BY reviews_resolved_at WHERE resolved = 1 AND delivered = 1"
-    " AND resolved_unix_ns < ?1 UNION ALL SELECT seq, review_id FROM reviews WHERE resolved = 2"
+    " AND resolved_unix_ns < ?1"
+    " AND NOT EXISTS (SELECT 1 FROM tasks WHERE tasks.task_id = reviews.task_id AND tasks.finished_unix_ns = 0)"
+    " AND NOT EXISTS (SELECT 1 FROM tasks INDEXED BY tasks_by_review WHERE tasks.review_id = reviews.review_id"
+    " AND tasks.review_id != '' AND tasks.finished_unix_ns = 0)"
+    " UNION ALL SELECT seq, review_id FROM reviews WHERE resolved = 2"
     " AND resolved_unix_ns < ?1 LIMIT ?2")
 
 
