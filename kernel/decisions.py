@@ -17,6 +17,7 @@ import sqlite3
 import threading
 from pathlib import Path
 
+from . import __version__
 from ._proto.aios.kernel.v1 import kernel_pb2 as kpb
 from .api.audit_service import audit_handlers
 from .api.refusal_records import RefusalRecords
@@ -133,7 +134,9 @@ class DecisionSide:
             raise AuditCorrupt(f"audit log {data / 'audit'}: {exc.message}") from None
 
     def start(self) -> None:
-        started = {"event": "kernel started", "settings": _public_settings(self.settings)}
+        # (The release too: an auditor reading the log years later, or an operator rolling back, can tell which
+        # kernel wrote each stretch of it.)
+        started = {"event": "kernel started", "kernel_version": __version__, "settings": _public_settings(self.settings)}
         if self.audit is not None:  # what opening the log found: adopted unsigned records, torn tails cut, a new key
             started["recovery"] = self.audit.recovery
         if self._lost is not None:  # on the record too, where an auditor reads the log months later

@@ -16,6 +16,7 @@ import json
 import grpc
 import pytest
 
+import kernel
 from claims_support import CLAIMS, build_small_model, claim_request, copy_pipelines
 from examples.claims import data
 from kernel._proto.aios.kernel.v1 import kernel_pb2 as kpb
@@ -125,6 +126,8 @@ def test_a_clean_stop_is_the_last_record_and_a_kill_leaves_none(models, tmp_path
     assert pipeline["policy_hash"] == _sha256((pipelines / "policy.toml").read_text(encoding="utf-8"))
     # The crash shows as a start with no stop before it; the clean stop's record is signed with the rest.
     assert _config_events(audit_dir) == ["kernel started", "kernel started", "kernel stopping"]
+    started = _payloads(iter_directory(audit_dir, 0, RecordFilter(kind=kpb.CONFIG_CHANGE)))[0]
+    assert started["kernel_version"] == kernel.__version__  # which release wrote this stretch of the log
     result = verify_directory(audit_dir)
     assert result.ok and result.signed_size == result.records == len(records), result.describe()
 
