@@ -218,3 +218,34 @@ def test_tenant_must_be_a_string(stub):
     request = tiny_request()
     request.parameters["tenant"].int64_param = 3
     assert_status(stub, request, grpc.StatusCode.INVALID_ARGUMENT, "parameter 'tenant' must be a string")
+
+
+@pytest.mark.parametrize("front_end", ["sync", "aio"])
+@pytest.mark.parametrize("shape", [[2, 2**63 - 1], [64, 2**58], [1, 3]])
+def test_a_bytes_shape_larger_than_its_buffer_is_refused_naming_the_input(tmp_path, front_end, shape):
+    """(Fuzz campaign) a BYTES input whose shape multiplies past 2**63 overflowed the compiled decoder's element
+    count: INTERNAL where the pure-Python one said INVALID_ARGUMENT. Every element needs its 4-byte length first,
+    so a shape the buffer cannot hold is refused before decoding, on both, with the sizes."""
+    from kernel.testing import onnx_models
+
+    onnx_models.save(onnx_models.identity([("s", "BYTES", None), ("f", "FP32", None)]),
+                     tmp_path / "words" / "1" / "model.onnx")
+    server = start_kernel(tmp_path, front_end)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            request = pb.ModelInferRequest(model_name="words")
+            request.inputs.add(name="s", datatype="BYTES", shape=shape)
+            request.inputs.add(name="f", datatype="FP32", shape=[shape[0], 1])
+            request.raw_input_contents.extend([b"\0\0\0\0", b"\0" * 4 * shape[0]])
+            with pytest.raises(grpc.RpcError) as info:
+                stub.ModelInfer(request, timeout=10)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+            assert "input 's'" in info.value.details() and "holds 4 bytes" in info.value.details()
+            fine = pb.ModelInferRequest(model_name="words")
+            fine.inputs.add(name="s", datatype="BYTES", shape=[1, 1])
+            fine.inputs.add(name="f", datatype="FP32", shape=[1, 1])
+            fine.raw_input_contents.extend([b"\2\0\0\0ok", b"\0" * 4])
+            assert stub.ModelInfer(fine, timeout=10).raw_output_contents  # and the kernel keeps serving
+    finally:
+        server.stop(grace=1)

@@ -24,6 +24,8 @@ from ..models.datatypes import DataType
 # The tensor parameters by which Triton's clients point at a shared-memory region.
 _SHARED_MEMORY_KEYS = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
 
+BYTES_PREFIX = 4  # each BYTES element's little-endian length, before its bytes (kernel/bytes_codec.py)
+
 
 def _refuse_shared_memory(kind: str, name: str, parameters, instead: str) -> None:
     if parameters and any(key in parameters for key in _SHARED_MEMORY_KEYS):
@@ -47,6 +49,11 @@ def _from_raw(spec: TensorSpec, name: str, shape: tuple[int, ...], buf: bytes, i
     count = math.prod(shape)
     dt = spec.datatype
     if dt.name == "BYTES":
+        if count * BYTES_PREFIX > len(buf):  # (a shape past 2**63 overflowed the compiled decoder)
+            raise InvalidArgument(
+                f"input '{name}': raw_input_contents[{index}] holds {len(buf)} bytes; shape {list(shape)} of BYTES "
+                f"needs at least {count * BYTES_PREFIX} (a {BYTES_PREFIX}-byte length "
+                "prefix an element)")
         try:
             values = bytes_codec.decode(buf, count)
         except ValueError as exc:
@@ -84,6 +91,11 @@ def _from_contents(spec: TensorSpec, name: str, shape: tuple[int, ...], contents
             f"input '{name}': contents.{dt.contents_field} has {len(values)} elements; shape {list(shape)} needs {count}"
         )
     if dt.name == "BYTES":
+        if count * BYTES_PREFIX > len(buf):  # (a shape past 2**63 overflowed the compiled decoder)
+            raise InvalidArgument(
+                f"input '{name}': raw_input_contents[{index}] holds {len(buf)} bytes; shape {list(shape)} of BYTES "
+                f"needs at least {count * BYTES_PREFIX} (a {BYTES_PREFIX}-byte length "
+                "prefix an element)")
         try:
             decoded = [bytes(v).decode("utf-8") for v in values]
         except UnicodeDecodeError:
