@@ -14,6 +14,7 @@ import argparse
 import os
 import sys
 import time
+from pathlib import Path
 
 DEFAULT_ADDRESS = "127.0.0.1:8001"
 
@@ -215,3 +216,24 @@ def when(unix_ns: int, now_ns: int | None = None) -> str:
     delta = (unix_ns - now_ns) / 1e9
     relative = f"in {duration(delta)}" if delta > 0 else f"{duration(delta)} ago"
     return f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(unix_ns / 1e9))} ({relative})"
+
+
+def output_problem(out: str, log_dir: Path, force: bool) -> str | None:
+    """Why a command must not write its output file ``out`` next to the audit log ``log_dir``, or None.
+
+    Never inside the log directory, nor the data dir holding it (segments, checkpoints, keys, the store are the
+    kernel's): `audit export --out` over a segment truncated it before reading it, and the log no longer
+    verified (an operator walk-through). Not over an existing file either, unless ``force``: a report is
+    written whole, and the file it replaces may be the only copy of something."""
+    from .store.sqlite import DATABASE_FILE
+
+    target = Path(out).resolve()
+    guarded = [log_dir.resolve()]
+    if (guarded[0].parent / DATABASE_FILE).exists():  # (the log's folder is a data dir's)
+        guarded.append(guarded[0].parent)
+    for folder in guarded:
+        if target == folder or folder in target.parents:
+            return f"{out} is inside {folder}, which the kernel owns (its audit log, keys, store); write elsewhere"
+    if target.exists() and not force:
+        return f"{out} already exists; pass --force to replace it"
+    return None

@@ -143,6 +143,42 @@ def test_export_refuses_an_until_not_after_its_since(log_dir):
                                     "refuses the same)"
 
 
+def test_export_never_writes_into_the_log_nor_over_a_file_unless_forced(log_dir, tmp_path):
+    """(Operator walk-through) `--out` over a segment truncated it before reading it, exit 0, and the log no longer
+    verified; any existing file was replaced without a word."""
+    seg = segment(log_dir)
+    before = seg.read_bytes()
+    done = run_cli("export", str(log_dir), "--out", str(seg))
+    assert done.returncode == 2 and seg.read_bytes() == before
+    assert "inside" in one_line(done.stderr) and "write elsewhere" in done.stderr
+    assert verify_directory(log_dir).ok
+    data_dir_file = tmp_path / "kernel.sqlite3"  # the log's folder is a data dir: the store is guarded too
+    data_dir_file.write_bytes(b"the store")
+    done = run_cli("export", str(log_dir), "--out", str(data_dir_file))
+    assert done.returncode == 2 and data_dir_file.read_bytes() == b"the store"
+    data_dir_file.unlink()
+
+    kept = tmp_path / "precious.txt"
+    kept.write_text("only copy\n")
+    done = run_cli("export", str(log_dir), "--out", str(kept))
+    assert done.returncode == 2 and kept.read_text() == "only copy\n"
+    assert one_line(done.stderr) == f"aios-kernel audit export: {kept} already exists; pass --force to replace it"
+    done = run_cli("export", str(log_dir), "--out", str(kept), "--force")
+    assert done.returncode == 0, done.stderr
+    assert len(kept.read_text().splitlines()) == RECORDS
+
+
+def test_a_damaged_checkpoint_file_header_fails_verify_in_one_line(log_dir):
+    """(Operator walk-through) a traceback, where a damaged segment gets FAILED and exit 1."""
+    checkpoints = log_dir / "checkpoints.log"
+    data = bytearray(checkpoints.read_bytes())
+    data[0] ^= 0xFF
+    checkpoints.write_bytes(bytes(data))
+    done = run_cli("verify", str(log_dir))
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert "FAILED" in done.stdout and "checkpoints.log" in done.stdout and "file header" in done.stdout
+
+
 # --------------------------------------------------------------------------- replay
 def test_replay_blames_the_policy_option_not_the_pipeline_file(log_dir, tmp_path):
     policy = tmp_path / "nonexistent.toml"
@@ -159,6 +195,24 @@ def test_replay_over_a_damaged_record_fails(log_dir):
                    "--policy", str(PIPELINES / "policy.toml"))
     assert done.returncode == 1, done.stdout + done.stderr
     assert "record 10 is damaged" in one_line(done.stderr) and "Traceback" not in done.stderr
+
+
+def test_replay_never_writes_its_report_into_the_log_nor_over_a_file_unless_forced(log_dir, tmp_path):
+    checkpoints = log_dir / "checkpoints.log"
+    before = checkpoints.read_bytes()
+    replay = ("replay", str(log_dir), "--pipeline", str(PIPELINES / "claims_triage.toml"),
+              "--policy", str(PIPELINES / "policy.toml"))
+    done = run_cli(*replay, "--report", str(checkpoints))
+    assert done.returncode == 2 and checkpoints.read_bytes() == before and "inside" in one_line(done.stderr)
+    report = tmp_path / "report.json"
+    report.write_text("{}")
+    done = run_cli(*replay, "--report", str(report))
+    assert done.returncode == 2 and report.read_text() == "{}"
+    assert one_line(done.stderr) == f"aios-kernel audit replay: --report {report} already exists; pass --force to " \
+                                    "replace it"
+    done = run_cli(*replay, "--report", str(report), "--force")
+    assert done.returncode == 0, done.stderr
+    assert "changed" in json.loads(report.read_text())
 
 
 # --------------------------------------------------------------------------- help

@@ -18,6 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .._proto.aios.kernel.v1 import kernel_pb2
+from ..cli_support import output_problem
 from .errors import AuditError, AuditFormatTooNew
 from .export import export_jsonl
 from .keys import load_public_keys
@@ -102,6 +103,9 @@ def cmd_export(args) -> int:
     if args.since is not None and args.until is not None and args.until <= args.since:
         return _cannot_run("export", "--until must be later than --since (StreamAudit refuses the same)")
     to_file = bool(args.out) and args.out != "-"
+    problem = output_problem(args.out, directory, args.force) if to_file else None
+    if problem is not None:
+        return _cannot_run("export", problem)
     try:
         out = open(args.out, "w", encoding="utf-8") if to_file else sys.stdout
     except OSError as exc:
@@ -135,6 +139,9 @@ def cmd_replay(args) -> int:
         return _cannot_run("replay", problem)
     # The pipeline loader reads --policy in place of the file the pipeline names, and would blame
     # the pipeline's line for a path the user typed: check the typed paths first.
+    problem = output_problem(args.report, directory, args.force) if args.report else None
+    if problem is not None:
+        return _cannot_run("replay", f"--report {problem}")
     for option, path in (("--pipeline", args.pipeline), ("--policy", args.policy)):
         try:
             with open(path, "rb"):
@@ -205,7 +212,9 @@ def build_parser(prog: str = "aios-kernel audit") -> argparse.ArgumentParser:
 
     export = commands.add_parser("export", help="write records as JSON Lines")
     export.add_argument("directory", help="the log directory (e.g. var/audit)")
-    export.add_argument("--out", help="output file (default: standard output)")
+    export.add_argument("--out", help="output file (default: standard output); never inside the data dir, and "
+                                      "not an existing file unless --force")
+    export.add_argument("--force", action="store_true", help="replace an existing --out file")
     export.add_argument("--from", dest="from_sequence", type=_sequence, default=0, metavar="SEQ",
                         help="first sequence number (default 0)")
     export.add_argument("--since", type=_time, help="records at or after this time (unix ns or ISO-8601)")

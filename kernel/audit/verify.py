@@ -210,7 +210,10 @@ class _Walk:
                             self.base_size)
 
     def load_checkpoints(self, trusted: dict[str, bytes] | None) -> None:
-        found, _, problem, torn = read_all(self.directory)
+        try:
+            found, _, problem, torn = read_all(self.directory)
+        except AuditCorrupt as exc:  # its header (a traceback otherwise, where a damaged segment says FAILED)
+            raise _Failure(None, exc.message) from None
         if problem is not None and not torn:
             raise _Failure(None, f"{CHECKPOINT_FILE} is damaged after checkpoint #{len(found)}: {problem}")
         if trusted is None and found:

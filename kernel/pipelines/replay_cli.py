@@ -43,7 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser, parse_time) -> None:
     parser.add_argument("--model", help="a candidate model version folder (model.onnx + model.toml) to re-run; "
                                         "the report names it by path and SHA-256")
     parser.add_argument("--report", help="write the whole report as JSON here: every changed case and every "
-                                         "rules-only change, each with the policy it was decided under")
+                                         "rules-only change, each with the policy it was decided under (never "
+                                         "inside the data dir; not over an existing file unless --force)")
+    parser.add_argument("--force", action="store_true", help="replace an existing --report file")
     parser.add_argument("--sample", type=int, default=10,
                         help="changed cases to print (default 10; the --report file lists all of them)")
     parser.add_argument("--fail-on-change", dest="fail_on_change", action="store_true",
