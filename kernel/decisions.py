@@ -149,6 +149,10 @@ class DecisionSide:
         self._reopen_reviews(self._opened)
         self._find_task_decisions()
         self.tasks.start()
+        withdrawn = self.reviews.withdraw_for_cancelled_tasks()  # (after the reopening: one it reopened too)
+        if withdrawn:
+            log.warning("withdrew %d reviews of cancelled tasks: the kernel stopped between a cancel and its "
+                        "withdrawal of the task's review", withdrawn)
         self.reviews.redeliver()  # resolutions a crash or a failed hook cut off are finished now
         if self._retention is not None:  # (after redeliver: a resolution it finishes then ages like the others)
             self._retention.start()

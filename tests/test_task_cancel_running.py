@@ -165,3 +165,47 @@ def test_a_cancel_that_fails_withdraws_nothing(server, channel, monkeypatch):
     done = _until(lambda: (t := tasks.GetTask(kpb.TaskRef(task_id=task.task_id), timeout=TIMEOUT_S)).state
                   == kpb.SUCCEEDED and t, "the task to finish with the reviewer's action")
     assert done.decision.action == "deny"
+
+
+def test_a_review_left_open_by_a_cancel_cut_short_is_withdrawn_at_the_next_start(claims_models, tmp_path,
+                                                                                  monkeypatch):
+    """(Crash audit) a kill between a cancel's commit and its withdrawal of the task's review left the review OPEN
+    for good: claimable, never resolvable (the task is cancelled), no cancel possible (already CANCELLED). The next
+    start withdraws it. The kill is stood in for by a withdrawal that fails (a fault injected on purpose: the same
+    state, the cancel durable and the review not withdrawn), then a restart on the same data."""
+    from conftest import start_claims_kernel
+
+    def cut_short(*args, **kwargs):
+        raise OSError("the kernel stopped here (injected)")
+
+    kernel = start_claims_kernel(claims_models, tmp_path)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{kernel.port}") as chan:
+            tasks = kgrpc.TaskServiceStub(chan)
+            task = tasks.StartTask(kpb.StartTaskRequest(request=large_claim("cut-short")), timeout=TIMEOUT_S)
+            waiting = _until(lambda: (t := tasks.GetTask(kpb.TaskRef(task_id=task.task_id), timeout=TIMEOUT_S)).state
+                             == kpb.WAITING_FOR_REVIEW and t, "the task to wait for its review")
+            monkeypatch.setattr(kernel.decisions.reviews, "withdraw", cut_short)
+            assert tasks.CancelTask(kpb.TaskRef(task_id=task.task_id), timeout=TIMEOUT_S).state == kpb.CANCELLED
+            monkeypatch.undo()
+            reviews = kgrpc.ReviewServiceStub(chan)
+            assert reviews.GetReview(kpb.ReviewRef(review_id=waiting.review_id), timeout=TIMEOUT_S).state == "OPEN"
+    finally:
+        kernel.stop(grace=1)
+
+    kernel = start_claims_kernel(claims_models, tmp_path)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{kernel.port}") as chan:
+            reviews = kgrpc.ReviewServiceStub(chan)
+            review = reviews.GetReview(kpb.ReviewRef(review_id=waiting.review_id), timeout=TIMEOUT_S)
+            assert review.state == "RESOLVED" and review.comment.startswith("withdrawn: task ")
+            assert not review.resolved_action
+            with pytest.raises(grpc.RpcError) as info:
+                reviews.ClaimReview(kpb.ClaimReviewRequest(review_id=waiting.review_id, reviewer="gil"),
+                                    timeout=TIMEOUT_S)
+            assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            unresolved = reviews.ListReviews(kpb.ListReviewsRequest(tenant="cut-short", state="UNRESOLVED"),
+                                             timeout=TIMEOUT_S)
+            assert list(unresolved.reviews) == []
+    finally:
+        kernel.stop(grace=1)

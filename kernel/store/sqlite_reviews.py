@@ -240,6 +240,15 @@ class SqliteReviewRecords:
         with self._db.read() as conn:
             return task_review(conn, task_id)
 
+    def open_of_cancelled_tasks(self) -> list[tuple[str, str]]:
+        """``(review_id, task_id)`` of unresolved reviews whose task is CANCELLED: a kill between a cancel's commit
+        and its withdrawal of the task's review leaves one on the desk for good (a crash audit)."""
+        with self._db.read() as conn:
+            return conn.execute(
+                "SELECT reviews.review_id, reviews.task_id FROM reviews JOIN tasks ON tasks.task_id = reviews.task_id"
+                " WHERE reviews.resolved = 0 AND reviews.task_id != '' AND tasks.state = ?", (kpb.CANCELLED,),
+            ).fetchall()
+
     def update(self, review_id: str, mutate: Callable[[kpb.Review], bool], delivered: bool | None = None,
                after_commit: AfterCommit = None) -> tuple[kpb.Review, bool, bool] | None:
         """Read the review, let ``mutate`` change it in place, write it back, atomically.
