@@ -251,3 +251,54 @@ def test_verify_of_an_open_log_passes_over_its_zero_tail(tmp_path):
         log.append_and_wait(decision(40), 10)
         result = verify_directory(tmp_path)
         assert result.ok and result.records == 41 and not result.reason
+
+
+# --------------------------------------------------------------------------- a full disk
+def test_zeros_that_cannot_be_written_do_not_fail_the_records_written_before_them(tmp_path, monkeypatch, caplog):
+    """(Crash audit) on a full disk the zero-fill after a group's records failed, the group was answered failed,
+    and the next start adopted and signed its records anyway. The zeros only make later fsyncs cheaper: the
+    group stands, and the segment goes on without them."""
+    import errno
+
+    from kernel.audit.segments import SegmentFile
+
+    def disk_full(self, chunk):  # fault injected on purpose: no room for the zeros
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with AuditLog.open(tmp_path, preallocate_bytes=CHUNK) as log:
+        log.append_and_wait(decision(0), 10)
+        monkeypatch.setattr(SegmentFile, "_zero_fill", disk_full)
+        with caplog.at_level(logging.WARNING, logger="aios.audit"):
+            for i in range(1, 400):  # well past the first chunk of zeros
+                assert log.append_and_wait(decision(i), 10)[0] == i
+    assert "without preallocation" in caplog.text
+    monkeypatch.undo()
+    result = verify_directory(tmp_path)
+    assert result.ok and result.records == 400, result.describe()
+
+
+def test_a_group_that_failed_is_cut_back_off_so_no_start_adopts_it(tmp_path, monkeypatch):
+    """A group whose write or fsync failed is answered failed (the log stops taking records): its records are cut
+    from the file, so the next start does not find, adopt and sign what its callers were told was not written."""
+    import errno
+
+    from kernel.audit import AuditError
+    from kernel.audit.segments import SegmentFile
+
+    def io_error(self):  # fault injected on purpose: the device fails the group's fsync
+        raise OSError(errno.EIO, "Input/output error")
+
+    log = AuditLog.open(tmp_path, preallocate_bytes=CHUNK)
+    try:
+        for i in range(10):
+            log.append_and_wait(decision(i), 10)
+        monkeypatch.setattr(SegmentFile, "sync", io_error)
+        with pytest.raises(AuditError, match="was not written"):
+            log.append_and_wait(decision(10), 10)
+        monkeypatch.undo()
+    finally:
+        log.close()
+    with AuditLog.open(tmp_path, preallocate_bytes=CHUNK) as reopened:
+        assert reopened.size == 10  # not 11: the failed group is gone
+    result = verify_directory(tmp_path)
+    assert result.ok and result.records == 10, result.describe()

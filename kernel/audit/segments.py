@@ -423,7 +423,27 @@ class SegmentFile(AppendFile):
             self.zeroed = size  # appended past the zeros (chunk 0, or a group larger than the room left)
         chunk = self.chunk
         if chunk and self.zeroed - size < chunk >> 1 and self.zeroed < self.limit:
-            self._zero_fill(chunk)
+            try:
+                self._zero_fill(chunk)
+            except OSError as exc:
+                # The records are written: zeros ahead of them only make the next fsyncs cheaper. Failing the
+                # group for them (a full disk) answered its callers UNAVAILABLE for records the next start then
+                # adopted and signed (a crash audit); this segment goes on without them.
+                self.chunk = 0
+                log.warning("audit: %s: could not write zeros ahead of the records (%s); this segment goes on "
+                            "without preallocation", self.path.name, exc.strerror or exc)
+
+    def erase_from(self, size: int) -> None:
+        """Cut the file back to ``size`` after a write that failed, best effort: records its callers are told were
+        not written must not be found, adopted and signed by the next start."""
+        try:
+            os.ftruncate(self.fd, size)  # (frees space: it works on a full disk)
+            os.fdatasync(self.fd)
+        except OSError as exc:
+            log.error("audit: %s: could not cut the failed group's records back off (%s); the next start may "
+                      "adopt them", self.path.name, exc.strerror or exc)
+            return
+        self.size = self.zeroed = size
 
     def _zero_fill(self, chunk: int) -> None:
         end = min(self.zeroed + chunk, self.limit)

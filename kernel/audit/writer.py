@@ -498,11 +498,19 @@ class AuditLog:
             count += 1
             if not count & 63 and _monotonic_ns() >= deadline:
                 break
-        segment.write(buffer)
-        if self.mode == "fsync":
-            started = _monotonic_ns()
-            segment.sync()
-            self._slowest_sync_ns = max(self._slowest_sync_ns, _monotonic_ns() - started)
+        start = segment.size
+        try:
+            segment.write(buffer)
+            if self.mode == "fsync":
+                started = _monotonic_ns()
+                segment.sync()
+                self._slowest_sync_ns = max(self._slowest_sync_ns, _monotonic_ns() - started)
+        except OSError:
+            # The group's callers are told it failed (fail-stop, _fail): its records must not stay in the file for
+            # the next start to adopt (a crash audit: a refused decision came back signed, with a review opened).
+            # (Records of a group that crossed a rotation went into the segment before, synced: not undone.)
+            segment.erase_from(start)
+            raise
         self._tree.append_leaves(leaves)
         self._last_hash = previous
         self._written = sequence
