@@ -91,11 +91,6 @@ def _from_contents(spec: TensorSpec, name: str, shape: tuple[int, ...], contents
             f"input '{name}': contents.{dt.contents_field} has {len(values)} elements; shape {list(shape)} needs {count}"
         )
     if dt.name == "BYTES":
-        if count * BYTES_PREFIX > len(buf):  # (a shape past 2**63 overflowed the compiled decoder)
-            raise InvalidArgument(
-                f"input '{name}': raw_input_contents[{index}] holds {len(buf)} bytes; shape {list(shape)} of BYTES "
-                f"needs at least {count * BYTES_PREFIX} (a {BYTES_PREFIX}-byte length "
-                "prefix an element)")
         try:
             decoded = [bytes(v).decode("utf-8") for v in values]
         except UnicodeDecodeError:
