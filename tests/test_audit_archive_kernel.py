@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import grpc
 import pytest
@@ -127,3 +128,35 @@ def test_a_task_stopped_mid_attempt_keeps_its_decision_out_of_the_archive(claims
 
 def decisions_of(records, task_id: str) -> list[int]:
     return [r.sequence for r in records if r.kind == kpb.DECISION and r.task_id == task_id]
+
+
+def test_a_kernel_killed_while_stopping_leaves_a_log_archive_takes_once_accepted(tmp_path):
+    """(Crash audit) a kill between the "kernel stopping" record and the final checkpoint: the next start signs those
+    records, and `verify --strict` fails on them from then on (the same picture as checkpoints cut by a forger), so
+    `audit archive`, which verifies strictly, was refused for good. `--accept-adopted` archives past them once an
+    operator has looked; without it the refusal says how."""
+    models = build_small_model(tmp_path / "models")
+    serve = ("--pipelines", str(copy_pipelines(tmp_path / "pipelines")), "--log-level", "WARNING")
+    env = {"AIOS_AUDIT_SEGMENT_BYTES": "4096"}
+    data_dir, audit = tmp_path / "data", tmp_path / "data" / "audit"
+    killed = ServeProcess(models, *serve, data_dir=data_dir, env=env,
+                          cli=[sys.executable, str(Path(__file__).parent / "_killed_while_stopping_kernel.py")])
+    with grpc.insecure_channel(killed.address) as channel:
+        stub = kgrpc.DecisionServiceStub(channel)
+        for i, case in enumerate(data.generate_cases(30, seed=3)):
+            stub.Decide(claim_request(case, request_id=f"r{i}"), timeout=10)
+    code, _err = killed.stop()
+    assert code == -9  # killed in the instant before its final checkpoint
+    again = ServeProcess(models, *serve, data_dir=data_dir, env=env)  # adopts and signs them
+    code, err = again.stop()
+    assert code == 0, err
+
+    strict = run_cli("audit", "verify", str(audit), "--strict")
+    assert strict.returncode == 1 and "kernel stopping" in strict.stdout and "--accept-adopted" in strict.stdout
+    assert run_cli("audit", "verify", str(audit)).returncode == 0  # the chain and the signatures hold
+    refused = run_cli("audit", "archive", str(audit), str(tmp_path / "a"), "--before", "20")
+    assert refused.returncode == 2 and "does not verify" in refused.stderr
+    done = run_cli("audit", "archive", str(audit), str(tmp_path / "a"), "--before", "20", "--accept-adopted")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert min(int(path.stem) for path in audit.glob("*.seg")) > 0  # segments went
+    assert run_cli("audit", "verify", str(audit)).returncode == 0

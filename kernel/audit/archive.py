@@ -86,12 +86,15 @@ class ArchiveResult:
 
 def archive(directory: Path, dest: Path, before: int | None = None, older_than_days: float | None = None,
             key_path: Path | None = None, now_unix_ns: int | None = None, store: Path | None = None,
-            no_store: bool = False, from_keys: list[bytes] = ()) -> ArchiveResult:
+            no_store: bool = False, from_keys: list[bytes] = (), accept_adopted: bool = False) -> ArchiveResult:
     """Archive the oldest whole segments of the stopped log in ``directory`` to the new directory ``dest``.
 
     ``store``: the kernel's store (default ``kernel.sqlite3`` beside the log directory), whose needs bound the cut;
     ``no_store``: the log has none. ``from_keys``: public keys of earlier key epochs (a rotation), trusted besides
-    the signing key's own."""
+    the signing key's own. ``accept_adopted``: archive even though a start signed records holding a clean stop
+    (what ``verify --strict`` fails on: the checkpoints that covered them were cut, or the kernel was killed between
+    its "kernel stopping" record and its final checkpoint), once an operator has looked at them; the log must still
+    verify otherwise."""
     directory, dest = Path(directory), Path(dest)
     if (before is None) == (older_than_days is None):
         raise ArchiveRefused("give exactly one of --before SEQ and --older-than DAYS")
@@ -106,6 +109,10 @@ def archive(directory: Path, dest: Path, before: int | None = None, older_than_d
     except AuditError:
         raise ArchiveRefused(f"a kernel has the audit log {directory} open: stop it first (archiving reads and "
                              "removes segments it may be writing)") from None
+    if no_store and store is None and (directory.parent / DATABASE_FILE).is_file():
+        raise ArchiveRefused(f"--no-store, but the kernel's store {directory.parent / DATABASE_FILE} is beside the log: "
+                             "the cut must keep the records it still reads back (tasks running, reviews, "
+                             "resolutions being delivered); leave --no-store out, or name another with --store")
     if store is None and not no_store:
         store = directory.parent / DATABASE_FILE
         if not store.is_file():
@@ -113,20 +120,21 @@ def archive(directory: Path, dest: Path, before: int | None = None, older_than_d
                                  f"{DATABASE_FILE} (the records it still reads back must stay), or --no-store for a "
                                  "log that has none")
     try:
-        return _archive_locked(directory, dest, before, older_than_days, key_path, now_unix_ns, store, from_keys)
+        return _archive_locked(directory, dest, before, older_than_days, key_path, now_unix_ns, store, from_keys,
+                               not accept_adopted)
     finally:
         os.close(lock)
 
 
 def _archive_locked(directory: Path, dest: Path, before: int | None, older_than_days: float | None,
                     key_path: Path | None, now_unix_ns: int | None, store: Path | None,
-                    from_keys: list[bytes]) -> ArchiveResult:
+                    from_keys: list[bytes], strict: bool) -> ArchiveResult:
     key_path = Path(key_path) if key_path is not None else directory / "signing-key.pem"
     if not key_path.is_file():
         raise ArchiveRefused(f"no signing key at {key_path}: pass --key with the kernel's audit_key")
     key = load_or_create(key_path)
     trusted = [key.public_raw, *from_keys]  # (never keys merely found in the directory: a review audit)
-    checked = verify_directory(directory, trusted, strict=True)
+    checked = verify_directory(directory, trusted, strict=strict)
     if not checked.ok:
         raise ArchiveRefused(f"the log does not verify with the signing key{' and --from-key' if from_keys else ''}, "
                              f"so nothing was archived: {checked.describe()}")
@@ -152,7 +160,7 @@ def _archive_locked(directory: Path, dest: Path, before: int | None, older_than_
     except OSError as exc:
         raise ArchiveFailed(f"could not write the archive in {dest} ({exc.strerror or exc}); nothing was removed "
                             f"from {directory}: delete the incomplete {dest} and run again") from None
-    copy = verify_directory(dest, trusted, strict=True)
+    copy = verify_directory(dest, trusted, strict=strict)
     if not copy.ok or copy.records != cut:
         raise ArchiveFailed(f"the archive in {dest} does not verify ({copy.describe()}); nothing was removed from "
                             f"{directory}: delete {dest} and run again")

@@ -173,7 +173,7 @@ def cmd_archive(args) -> int:
     try:
         result = archive(directory, Path(args.dest), before=args.before, older_than_days=days, key_path=args.key,
                          store=Path(args.store) if args.store else None, no_store=args.no_store,
-                         from_keys=from_keys)
+                         from_keys=from_keys, accept_adopted=args.accept_adopted)
     except ArchiveRefused as exc:
         return _cannot_run("archive", exc.message)
     except AuditFormatTooNew as exc:
@@ -188,7 +188,7 @@ def cmd_archive(args) -> int:
 
 
 def build_parser(prog: str = "aios-kernel audit") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description="Verify, export or replay an audit log directory.")
+    parser = argparse.ArgumentParser(prog=prog, description="Verify, export, replay or archive an audit log directory.")
     commands = parser.add_subparsers(dest="audit_command", required=True)
 
     about = ("check every hash, link and signed checkpoint; exit 1 naming the first bad record, or the range "
@@ -234,6 +234,10 @@ def build_parser(prog: str = "aios-kernel audit") -> argparse.ArgumentParser:
                      help="archive records before SEQ (rounded down to a segment boundary)")
     cut.add_argument("--older-than", dest="older_than", type=float, metavar="DAYS",
                      help="archive the segments whose every record is older than DAYS days")
+    archive.add_argument("--accept-adopted", dest="accept_adopted", action="store_true",
+                         help="archive although a start signed records that hold a clean stop (what `verify "
+                              "--strict` fails on; a kernel killed between its 'kernel stopping' record and its final "
+                              "checkpoint leaves this too): check those records with `audit export --from` first")
     archive.add_argument("--key", help="the signing key (the kernel's audit_key; default DIRECTORY/signing-key.pem)")
     archive.add_argument("--from-key", dest="from_key", metavar="PUBKEY", action="append",
                          help="a public key of an earlier key epoch (a rotation) to trust besides the signing key's "
@@ -253,6 +257,7 @@ def build_parser(prog: str = "aios-kernel audit") -> argparse.ArgumentParser:
     replay = commands.add_parser("replay", help=about, description=about)
     replay_cli.add_arguments(replay, _time)
     replay.set_defaults(func=cmd_replay)
+    commands.metavar = "{" + ",".join(commands.choices) + "}"  # (a missing one was named "audit_command")
     return parser
 
 

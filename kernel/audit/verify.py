@@ -385,7 +385,8 @@ class _Walk:
                     f"signed only by the start recorded at #{at}, though record #{stopped[-1]} among them is a clean "
                     f"'kernel stopping', and a clean stop signs every record it wrote: the checkpoints that covered "
                     f"them were cut (or the kernel crashed while stopping), and only the hash chain vouches for "
-                    f"them; check them with `aios-kernel audit export --from {first}`"), last)
+                    f"them; check them with `aios-kernel audit export --from {first}` (`audit archive --accept-adopted` "
+                    f"archives past them once checked)"), last)
             if stopped:  # (always said one by one: what --strict fails on)
                 notes.append(f"records {first}..{last} were signed by the start at #{at}, after an unclean stop: "
                              f"only the hash chain vouched for them until then (record #{stopped[-1]} among them is "
