@@ -347,3 +347,12 @@ def test_an_archive_cut_back_fails_its_verify(log_dir, tmp_path):
         frame(c.SerializeToString()) for c in checkpoints if c.tree_size <= keep.tree_size))
     checked = verify_directory(dest, strict=True)
     assert not checked.ok and "records were removed" in checked.reason, checked.describe()
+
+
+def test_no_store_is_refused_where_the_kernels_store_is_beside_the_log(log_dir, tmp_path):
+    """(Operator walk-through) `--no-store` beside a kernel's store archived past what that store still reads back
+    (the next start warned of tasks decided again)."""
+    open_database(tmp_path).close()  # the log's folder is now a data dir with its store
+    with pytest.raises(ArchiveRefused, match="is beside the log"):
+        archive(log_dir, tmp_path / "a", before=100, no_store=True)
+    assert not (tmp_path / "a").exists()
