@@ -13,7 +13,9 @@ The copy is then checked (``PRAGMA quick_check``; the audit log verified, as ``a
 It starts like a data dir after a crash: records past its last checkpoint are adopted, with the WARNING that says
 so (their range is on the start's record), and ``audit verify --strict`` on the copy fails until that start.
 The signing key kept in the data dir (the default ``audit/signing-key.pem``) is copied too: keep the copy as safe
-as the data dir. Nothing in the source is changed.
+as the data dir. Nothing in the source is changed: a stopped kernel's store is copied as files (with a write-ahead
+log a kill may have left) and opened in the copy, since even a read-only SQLite connection creates ``-wal`` and
+``-shm`` files beside the store (and fails on a read-only mount: a snapshot's).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .audit.base import read_base
-from .audit.recovery import after_base
+from .audit.recovery import after_base, writer_is_live
 from .audit.segments import MAGIC, SUFFIX, FrameScanner, frames_start, fsync_dir, list_segments, nonzero_end
 from .audit.verify import verify_directory
 from .store.sqlite import DATABASE_FILE
@@ -52,21 +54,30 @@ def backup(source: Path, dest: Path) -> BackupResult:
         raise BackupRefused(f"{source} is no kernel data dir: it has no {DATABASE_FILE}")
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise BackupRefused(f"{dest} exists and is not an empty folder: a backup goes into a new one")
-    dest.mkdir(parents=True, exist_ok=True)
-    _copy_store(store, dest / DATABASE_FILE)
+    if dest.resolve().is_relative_to(source.resolve()):  # (it would be copied into itself by the next backup)
+        raise BackupRefused(f"{dest} is inside the data dir {source}: back up elsewhere")
     audit = source / "audit"
+    running = audit.is_dir() and writer_is_live(audit)
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BackupRefused(f"cannot create {dest}: {exc.strerror or exc}") from None
+    (_copy_store if running else _copy_stopped_store)(store, dest / DATABASE_FILE)
     problems = []
     if audit.is_dir():
         trimmed = _copy_audit(audit, dest / "audit")
-        verified = verify_directory(dest / "audit")
+        verified = verify_directory(dest / "audit", live_copy=running)
         if not verified.ok:
             problems.append(f"the copied audit log fails verification: {verified.describe()}")
         note = f"; left out a record being written ({trimmed} bytes)" if trimmed else ""
         audit_line = f"audit log: {verified.describe()}{note}"
     else:
         audit_line = "no audit log (audit_mode off, or a data dir never served)"
-    with sqlite3.connect(f"file:{dest / DATABASE_FILE}?mode=ro", uri=True) as conn:
+    conn = sqlite3.connect(dest / DATABASE_FILE)  # (read-write: the copy is ours, and its last close then leaves
+    try:                                           # no -wal and -shm files behind in it)
         check = conn.execute("PRAGMA quick_check").fetchone()[0]
+    finally:
+        conn.close()
     if check != "ok":
         problems.append(f"the copied store fails PRAGMA quick_check: {check}")
     fsync_dir(dest)
@@ -86,6 +97,22 @@ def _copy_store(store: Path, copy: Path) -> None:
         target.close()
         source.close()
     _fsync(copy)
+
+
+def _copy_stopped_store(store: Path, copy: Path) -> None:
+    """A stopped kernel's store: its files copied as they are (the write-ahead log too, which holds committed
+    transactions a kill left there) into a scratch folder beside ``copy``, and backed up from there: the source
+    is never opened (a crash audit: a read-only data dir failed with a traceback, and a writable one was left
+    with -wal and -shm files the backup made)."""
+    scratch = copy.parent / ".store-being-copied"
+    scratch.mkdir()
+    try:
+        for suffix in ("", "-wal"):
+            if Path(f"{store}{suffix}").is_file():
+                shutil.copy2(f"{store}{suffix}", scratch / f"{store.name}{suffix}")
+        _copy_store(scratch / store.name, copy)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _copy_audit(audit: Path, copy: Path) -> int:

@@ -395,6 +395,9 @@ def cmd_audit(args) -> int:
 
 
 def cmd_backup(args) -> int:
+    import sqlite3
+
+    from .audit.errors import AuditError
     from .backup import BackupRefused, backup
 
     try:
@@ -404,6 +407,13 @@ def cmd_backup(args) -> int:
         return 2
     except OSError as exc:  # unreadable source, a full or read-only destination
         print(f"aios-kernel backup: {exc.strerror or exc}: {exc.filename or args.dest}", file=sys.stderr)
+        return 2
+    except AuditError as exc:  # a source log damaged where the copy reads it (its base, a checkpoint file header)
+        print(f"aios-kernel backup: {exc.message}; the copy in {args.dest} is incomplete (run `aios-kernel audit "
+              f"verify` on the source's log)", file=sys.stderr)
+        return 1
+    except sqlite3.Error as exc:  # a store SQLite cannot read
+        print(f"aios-kernel backup: {args.data_dir}'s store: {exc}", file=sys.stderr)
         return 2
     print(result.summary)
     return 0 if result.ok else 1

@@ -130,18 +130,20 @@ class _Failure(Exception):
 
 
 def verify_directory(directory: str | Path, public_key: bytes | Iterable[bytes] | None = None,
-                     strict: bool = False, min_records: int = 0) -> VerifyResult:
+                     strict: bool = False, min_records: int = 0, live_copy: bool = False) -> VerifyResult:
     """Verify a log directory.
 
     ``public_key``: the raw Ed25519 key checkpoints must be signed with, or several (a key rotation):
     each checkpoint is checked with the one its ``key_id`` names, and one signed by a key not among them
     fails. ``strict``: records no signed checkpoint covers fail too, unless a writer has the log open, and so
     does a range a start signed that holds a clean stop. ``min_records``: a log with fewer records fails (a
-    size noted earlier: a log cut back to one of its checkpoints verifies otherwise).
+    size noted earlier: a log cut back to one of its checkpoints verifies otherwise). ``live_copy``: a copy of a
+    running kernel's log (a backup): that it ends without a clean stop is expected, not noted.
     """
     directory = Path(directory)
     started = time.perf_counter()
     walk = _Walk(directory)
+    walk.live_copy = live_copy
     try:
         if not directory.is_dir():
             raise _Failure(None, f"{directory} is not a directory")
@@ -202,6 +204,7 @@ class _Walk:
         self.last_event = ""  # the event of the last kernel CONFIG_CHANGE record
         self.trusted: dict[str, bytes] = {}
         self.base_size = 0  # records archived before this directory's first (its archive base)
+        self.live_copy = False  # a backup of a running kernel's log: no clean stop at its end is expected
 
     def result(self, ok: bool, sequence: int | None, reason: str, started: float,
                last: int | None = None) -> VerifyResult:
@@ -405,7 +408,7 @@ class _Walk:
             notes.append(f"an archive ({ARCHIVE_MARKER}): records from {self.count} on are in the log it came from, "
                          f"whose {BASE_FILE} signs this one's end")
         elif kernels_log and self.last_event != "kernel stopping" and self.count == self.signed_size \
-                and not writer_is_live(self.directory):  # (a running kernel's log has no stop yet)
+                and not self.live_copy and not writer_is_live(self.directory):  # (a running kernel's: no stop yet)
             older = ("" if self.stops else
                      "; no record of this log is one, so it may also come from a kernel older than that record, "
                      "which stopped cleanly without it")
