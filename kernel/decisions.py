@@ -15,6 +15,7 @@ import json
 import logging
 import sqlite3
 import threading
+import time
 from pathlib import Path
 
 from . import __version__
@@ -32,6 +33,7 @@ from .pipelines import DecisionEngine, PipelineRegistry, Services
 from .pipelines.provenance import resolution_record
 from .policy import load_policy, parse_policy
 from .review import ReviewQueue, reopen_reviews
+from .review.queue import RESOLVED
 from .store import DATABASE_FILE, open_database
 from .store.faults import os_cause
 from .store.idempotency import restore_answers
@@ -149,10 +151,13 @@ class DecisionSide:
         self._reopen_reviews(self._opened)
         self._find_task_decisions()
         self.tasks.start()
-        withdrawn = self.reviews.withdraw_for_cancelled_tasks()  # (after the reopening: one it reopened too)
-        if withdrawn:
+        orphans = self.reviews.open_of_cancelled_tasks()  # (after the reopening: one it reopened too)
+        for review_id, task_id in orphans:
+            self._withdraw(review_id, task_id, f"task {task_id} was cancelled (withdrawn at start: the kernel stopped "
+                                               "before the cancel withdrew it)")
+        if orphans:
             log.warning("withdrew %d reviews of cancelled tasks: the kernel stopped between a cancel and its "
-                        "withdrawal of the task's review", withdrawn)
+                        "withdrawal of the task's review", len(orphans))
         self.reviews.redeliver()  # resolutions a crash or a failed hook cut off are finished now
         if self._retention is not None:  # (after redeliver: a resolution it finishes then ages like the others)
             self._retention.start()
@@ -483,7 +488,25 @@ class DecisionSide:
         task does not name it yet (the attempt that opened it still runs; the store refuses its resolution)."""
         review_id = task.review_id or getattr(self.reviews.for_task(task.task_id), "review_id", "")
         if review_id:  # (only one the task opened: one it adopted from a Decide is that caller's)
-            self.reviews.withdraw(review_id, f"task {task.task_id} was cancelled", task.task_id)
+            self._withdraw(review_id, task.task_id, f"task {task.task_id} was cancelled")
+
+    def _withdraw(self, review_id: str, task_id: str, reason: str) -> None:
+        """Take the review ``task_id`` opened off the desk, on the record: its escalated decision is on the log, so
+        is how the case ended (an operator walk-through: a cancel left the escalation with no resolution and no
+        word of why). The record comes first, once (a withdrawal cut short by a kill finds it at the next start,
+        as a resolution's delivery does); a reviewer can no longer resolve the review meanwhile: the cancel is
+        durable, and the store refuses that resolution."""
+        review = self.reviews.for_task(task_id)
+        if review is None or review.review_id != review_id or review.state == RESOLVED:
+            return
+        if self.audit is not None and self._resolution_on_record(review_id) is None:
+            withdrawn = kpb.Review()
+            withdrawn.CopyFrom(review)
+            withdrawn.resolved_by, withdrawn.comment, withdrawn.resolved_unix_ns = "kernel", f"withdrawn: {reason}", \
+                time.time_ns()
+            resolution = self._resolution_of(withdrawn, "", "WITHDRAWN", f"withdrawn: {reason}")
+            self.audit.append_and_wait(self._resolution_record(withdrawn, resolution), timeout_s=10.0)
+        self.reviews.withdraw(review_id, reason, task_id)
 
     def _resolution_on_record(self, review_id: str) -> kpb.AuditRecord | None:
         """The REVIEW_RESOLUTION record of ``review_id`` if one is on the log already (a delivery cut off by a kill
@@ -502,10 +525,29 @@ class DecisionSide:
             resolution = kpb.Decision.FromString(stored[1])
             self._finish_waiting_task(review, resolution)
             return resolution
+        resolution = self._resolution_of(review, review.resolved_action, "REVIEW",
+                                         f"decided by {review.resolved_by}: {review.comment}".rstrip(": "))
+        if self.audit is not None:
+            recorded = self._resolution_on_record(review.review_id)
+            if recorded is not None:  # a kill came between its record and the entry below: that record is the one
+                resolution = kpb.Decision()
+                resolution.CopyFrom(recorded.decision)
+                resolution.audit_sequence, resolution.audit_hash = recorded.sequence, _hex(recorded.hash)
+            else:
+                sequence, digest = self.audit.append_and_wait(self._resolution_record(review, resolution),
+                                                              timeout_s=10.0)
+                resolution.audit_sequence, resolution.audit_hash = sequence, _hex(digest)
+        self.idempotency.put(_RESOLUTIONS, done_key, "", resolution.SerializeToString())
+        self._finish_waiting_task(review, resolution)
+        return resolution
+
+    @staticmethod
+    def _resolution_of(review: kpb.Review, action: str, rule_id: str, description: str) -> kpb.Decision:
+        """How ``review`` ended, as a decision linked to the escalated one: a reviewer's action, or none (withdrawn)."""
         proposed = review.proposed
         resolution = kpb.Decision(
             request_id=review.request_id or proposed.request_id,
-            action=review.resolved_action,
+            action=action,
             outcome=kpb.REVIEWED,
             pipeline=proposed.pipeline,
             pipeline_version=proposed.pipeline_version,
@@ -518,25 +560,19 @@ class DecisionSide:
             links_to_audit_sequence=proposed.audit_sequence,
         )
         resolution.model.CopyFrom(proposed.model)
-        resolution.reasons.add(rule_id="REVIEW", description=f"decided by {review.resolved_by}: {review.comment}".rstrip(": "))
-        if self.audit is not None:
-            recorded = self._resolution_on_record(review.review_id)
-            if recorded is not None:  # a kill came between its record and the entry below: that record is the one
-                resolution = kpb.Decision()
-                resolution.CopyFrom(recorded.decision)
-                resolution.audit_sequence, resolution.audit_hash = recorded.sequence, _hex(recorded.hash)
-            else:
-                linked = self._recorded(proposed)
-                if not linked:
-                    resolution.links_to_audit_sequence = 0
-                record = resolution_record(resolution, review.resolved_by, proposed.audit_sequence if linked else None,
-                                           review)
-                record.task_id = review.task_id  # a task's final decision is found by its task, as its escalation is
-                sequence, digest = self.audit.append_and_wait(record, timeout_s=10.0)
-                resolution.audit_sequence, resolution.audit_hash = sequence, _hex(digest)
-        self.idempotency.put(_RESOLUTIONS, done_key, "", resolution.SerializeToString())
-        self._finish_waiting_task(review, resolution)
+        resolution.reasons.add(rule_id=rule_id, description=description)
         return resolution
+
+    def _resolution_record(self, review: kpb.Review, resolution: kpb.Decision) -> kpb.AuditRecord:
+        """The REVIEW_RESOLUTION record of ``resolution``, linked to the escalated decision's record when the log
+        has it (``resolution`` says so: its link is cleared otherwise)."""
+        proposed = review.proposed
+        linked = self._recorded(proposed)
+        if not linked:
+            resolution.links_to_audit_sequence = 0
+        record = resolution_record(resolution, review.resolved_by, proposed.audit_sequence if linked else None, review)
+        record.task_id = review.task_id  # a task's final decision is found by its task, as its escalation is
+        return record
 
     def _finish_waiting_task(self, review: kpb.Review, resolution: kpb.Decision) -> None:
         """The task waiting on ``review`` finishes with the human's decision: the task that opened it, or one that

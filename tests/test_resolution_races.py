@@ -90,7 +90,10 @@ def test_a_resolution_after_the_cancel_is_refused_and_records_nothing(server, ch
                               timeout=TIMEOUT_S)
     assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "withdrawn" in refused.value.details()
     assert tasks.GetTask(kpb.TaskRef(task_id=waiting.task_id), timeout=TIMEOUT_S).state == kpb.CANCELLED
-    assert _audit_kinds(server, waiting.task_id) == ["DECISION"]
+    # The escalation, then the withdrawal the cancel recorded (no action, by the kernel): never the reviewer's.
+    assert _audit_kinds(server, waiting.task_id) == ["DECISION", "REVIEW_RESOLUTION"]
+    withdrawal = [r for r in server.decisions.audit.read(from_sequence=0) if r.task_id == waiting.task_id][-1]
+    assert withdrawal.decision.action == "" and withdrawal.principal == "kernel"
 
 
 def test_the_same_resolution_sent_at_once_is_one_resolution_on_the_log(server, channel):

@@ -13,6 +13,7 @@ in the attempt; this pins it to the one place that left the review open).
 
 from __future__ import annotations
 
+import json
 import threading
 
 import grpc
@@ -89,10 +90,16 @@ def test_cancelling_a_running_task_withdraws_the_review_its_attempt_opens(server
     assert f"was withdrawn: task {task.task_id} was cancelled" in info.value.details()
     final = tasks.GetTask(kpb.TaskRef(task_id=task.task_id), timeout=TIMEOUT_S)
     assert final.state == kpb.CANCELLED and not final.HasField("decision")
-    # No resolution was recorded for it: the one escalated decision of the attempt is all the log holds.
+    # No reviewer's resolution was recorded for it: the attempt's escalated decision, then its withdrawal, linked to
+    # it, with no action, by the kernel (an operator walk-through: the escalation was left with no word of its end).
     records = [r for r in server.decisions.audit.read(from_sequence=0) if r.task_id == task.task_id
                or (r.kind == kpb.REVIEW_RESOLUTION and r.decision.review_id == review.review_id)]
-    assert [r.kind for r in records] == [kpb.DECISION]
+    assert [r.kind for r in records] == [kpb.DECISION, kpb.REVIEW_RESOLUTION]
+    decision, withdrawal = records
+    assert withdrawal.decision.action == "" and withdrawal.principal == "kernel"
+    assert withdrawal.has_link and withdrawal.links_to == decision.sequence
+    assert withdrawal.decision.reasons[0].rule_id == "WITHDRAWN"
+    assert json.loads(withdrawal.payload)["comment"] == f"withdrawn: task {task.task_id} was cancelled"
 
 
 def _until(predicate, what: str):
@@ -207,5 +214,9 @@ def test_a_review_left_open_by_a_cancel_cut_short_is_withdrawn_at_the_next_start
             unresolved = reviews.ListReviews(kpb.ListReviewsRequest(tenant="cut-short", state="UNRESOLVED"),
                                              timeout=TIMEOUT_S)
             assert list(unresolved.reviews) == []
+            # The withdrawal was recorded before the cut: the start withdrew the row and did not record it again.
+            ends = [r for r in kernel.decisions.audit.read(from_sequence=0)
+                    if r.kind == kpb.REVIEW_RESOLUTION and r.decision.review_id == waiting.review_id]
+            assert len(ends) == 1 and ends[0].decision.action == ""
     finally:
         kernel.stop(grace=1)

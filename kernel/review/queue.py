@@ -448,14 +448,10 @@ class ReviewQueue:
         review, _changed, _delivered = self._change(review_id, mutate, delivered=True)
         return self._present(review)
 
-    def withdraw_for_cancelled_tasks(self) -> int:
-        """Withdraw every unresolved review whose task was cancelled (the cancel is durable before its withdrawal,
-        so a kill between the two left the review on the desk: claimable, never resolvable); how many."""
-        orphans = self._records.open_of_cancelled_tasks()
-        for review_id, task_id in orphans:
-            self.withdraw(review_id, f"task {task_id} was cancelled (withdrawn at start: the kernel stopped "
-                                     "before the cancel withdrew it)", task_id)
-        return len(orphans)
+    def open_of_cancelled_tasks(self) -> list[tuple[str, str]]:
+        """``(review_id, task_id)`` of every unresolved review whose task was cancelled: the cancel is durable before
+        its withdrawal, so a kill between the two leaves the review on the desk (claimable, never resolvable)."""
+        return self._records.open_of_cancelled_tasks()
 
     def on_resolved(self, fn: Callable[[kpb.Review], object]) -> None:
         """Call ``fn(review)`` after each resolution; a Decision it returns becomes ``review.resolution``."""
