@@ -59,7 +59,7 @@ def backup(source: Path, dest: Path) -> BackupResult:
     audit = source / "audit"
     running = audit.is_dir() and writer_is_live(audit)
     try:
-        dest.mkdir(parents=True, exist_ok=True)
+        dest.mkdir(parents=True, exist_ok=True, mode=0o700)  # (owner only, as a data dir the kernel makes)
     except OSError as exc:
         raise BackupRefused(f"cannot create {dest}: {exc.strerror or exc}") from None
     (_copy_store if running else _copy_stopped_store)(store, dest / DATABASE_FILE)

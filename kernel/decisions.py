@@ -51,9 +51,15 @@ class DecisionSide:
         self.settings = settings
         data = Path(settings.data_dir)
         try:
-            data.mkdir(parents=True, exist_ok=True)
+            # Owner only: the store keeps escalated cases' free text (customers' own words) and audit/ the signing
+            # key; an operator walk-through found both readable by every local user under the usual umask.
+            data.mkdir(parents=True, exist_ok=True, mode=0o700)
         except OSError as exc:  # (the start's error line: name the setting, not only the path)
             raise OSError(f"data_dir {data} cannot be created: {exc.strerror or exc}") from None
+        if data.stat().st_mode & 0o007:
+            log.warning("data_dir %s can be read by every local user (mode %o): it holds escalated cases' free text "
+                        "and the audit signing key; `chmod 700 %s` (a new data dir is made owner-only)",
+                        data, data.stat().st_mode & 0o777, data)
         # A kernel has run here before (its lock file stays): a missing audit log is then news, not a first start.
         used_before = (data / "kernel.lock").exists()
         new_store = not (data / DATABASE_FILE).exists()

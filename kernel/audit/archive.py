@@ -208,7 +208,7 @@ def _last_time(path: Path) -> int:
 
 def _write_archive(directory: Path, dest: Path, segments: list[Path], checkpoint, state, first: int,
                    cut: int) -> int:
-    dest.mkdir(parents=True, exist_ok=True)
+    dest.mkdir(parents=True, exist_ok=True, mode=0o700)  # (owner only, as a data dir the kernel makes)
     size = 0
     for path in segments:
         shutil.copyfile(path, dest / path.name)
