@@ -189,7 +189,8 @@ def decision_lines(decision) -> list[str]:
     if decision.review_id:
         lines.append(f"  review {decision.review_id}")
     lines.append(f"  request {decision.request_id}, policy {decision.policy_name} {decision.policy_version} "
-                 f"({decision.policy_hash[:12]}), audit #{decision.audit_sequence}")
+                 f"({decision.policy_hash[:12]}), "
+                 f"{f'audit #{decision.audit_sequence}' if decision.audit_hash else 'not on an audit log (audit_mode off)'}")
     return lines
 
 

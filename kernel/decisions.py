@@ -60,6 +60,8 @@ class DecisionSide:
             log.warning("data_dir %s can be read by every local user (mode %o): it holds escalated cases' free text "
                         "and the audit signing key; `chmod 700 %s` (a new data dir is made owner-only)",
                         data, data.stat().st_mode & 0o777, data)
+        if settings.audit_mode == "off" and (data / "audit").is_dir() and any((data / "audit").iterdir()):
+            raise _unaudited_on_a_log(data)
         # A kernel has run here before (its lock file stays): a missing audit log is then news, not a first start.
         used_before = (data / "kernel.lock").exists()
         new_store = not (data / DATABASE_FILE).exists()
@@ -608,6 +610,15 @@ def _store_missing(data: Path, records: int) -> FailedPrecondition:
         f"idempotency keys are gone, and a start would reopen resolved reviews as open and decide retried keys "
         f"again; refusing to start (nothing was changed on disk). Restore {DATABASE_FILE} from a backup, or, to "
         f"start afresh on purpose, move the audit log ({data / 'audit'}) aside too")
+
+
+def _unaudited_on_a_log(data: Path) -> FailedPrecondition:
+    """audit_mode "off" on a data dir with an audit log: its decisions, reviews and tasks would be missing from the
+    log without a trace (an operator walk-through: a later audited start looked like a clean stop and a start)."""
+    return FailedPrecondition(
+        f"audit_mode is 'off', but data_dir {data} has an audit log ({data / 'audit'}): the decisions, reviews and "
+        f"tasks of this run would be missing from it without a trace; refusing to start (nothing was changed on "
+        f"disk). Serve this data dir with audit_mode 'fsync' or 'async', or use another data_dir for unaudited runs")
 
 
 def _remove_new_store(data: Path) -> None:

@@ -166,3 +166,28 @@ def test_a_resolution_record_names_reviewer_comment_and_sla_as_fields(models, tm
     assert record.has_link and record.links_to == escalated.audit_sequence
     result = verify_directory(tmp_path / "data" / "audit")
     assert result.ok and result.signed_size == result.records, result.describe()
+
+
+def test_an_unaudited_start_on_a_data_dir_with_a_log_is_refused(models, tmp_path):
+    """(Operator walk-through) audit_mode "off" on a data dir with a log: its decisions were missing from the log
+    without a trace, a later audited start looking like a clean stop and a start. Refused, nothing changed."""
+    from conftest import start_kernel
+    from kernel.errors import FailedPrecondition
+
+    data_dir = tmp_path / "data"
+    start_kernel(models, data_dir=str(data_dir)).stop(grace=1)
+    before = sorted((p.name, p.stat().st_size) for p in (data_dir / "audit").iterdir())
+    with pytest.raises(FailedPrecondition, match="would be missing from it without a trace"):
+        start_kernel(models, data_dir=str(data_dir), audit_mode="off")
+    assert sorted((p.name, p.stat().st_size) for p in (data_dir / "audit").iterdir()) == before
+    unaudited = start_kernel(models, data_dir=str(tmp_path / "scratch"), audit_mode="off")  # a data dir of its own
+    unaudited.stop(grace=1)
+
+
+def test_a_decision_made_without_audit_is_not_said_to_be_record_0():
+    from kernel.cli_support import decision_lines
+
+    unaudited = kpb.Decision(action="approve", request_id="r")
+    assert "not on an audit log (audit_mode off)" in decision_lines(unaudited)[-1]
+    audited = kpb.Decision(action="approve", request_id="r", audit_sequence=0, audit_hash="ab" * 32)
+    assert decision_lines(audited)[-1].endswith("audit #0")
