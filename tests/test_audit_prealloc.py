@@ -302,3 +302,37 @@ def test_a_group_that_failed_is_cut_back_off_so_no_start_adopts_it(tmp_path, mon
         assert reopened.size == 10  # not 11: the failed group is gone
     result = verify_directory(tmp_path)
     assert result.ok and result.records == 10, result.describe()
+
+
+def test_a_segment_whose_header_cannot_be_written_is_not_left_behind(tmp_path, monkeypatch):
+    """(Crash audit) a rotation on a full disk left a new segment cut inside its header: every verify failed after."""
+    import errno
+
+    from kernel.audit import AuditError
+    from kernel.audit import segments
+
+    real = segments._pwrite_all
+
+    def full_past_the_first_bytes(fd, data, offset):  # fault injected on purpose: room for 3 bytes, then none
+        if offset == 0 and len(data) > 8:
+            real(fd, bytes(data[:3]), 0)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, data, offset)
+
+    log = AuditLog.open(tmp_path, segment_bytes=4096, preallocate_bytes=CHUNK)
+    acknowledged = 0
+    try:
+        monkeypatch.setattr(segments, "_pwrite_all", full_past_the_first_bytes)
+        with pytest.raises(AuditError):
+            for i in range(200):  # groups of several records each, until a rotation needs a new segment
+                futures = [log.append(decision(10 * i + j)) for j in range(10)]
+                for future in futures:
+                    future.wait(10)
+                    acknowledged += 1
+        monkeypatch.undo()
+    finally:
+        log.close()
+    assert len(segments_of(tmp_path)) == 1
+    result = verify_directory(tmp_path)
+    assert result.ok, result.describe()
+    assert result.records == acknowledged  # none of the failed group's records is left to be adopted

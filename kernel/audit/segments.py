@@ -384,6 +384,12 @@ class SegmentFile(AppendFile):
             os.fsync(fd)
         except BaseException:
             os.close(fd)
+            # Ours alone (O_EXCL), and nothing in it yet: a header cut short (a full disk) failed every verify
+            # afterwards, "ends inside its file header" (a crash audit).
+            try:
+                path.unlink()
+            except OSError:
+                pass
             raise
         fsync_dir(path.parent)
         return cls(path, fd, len(magic), zeroed, chunk, limit)

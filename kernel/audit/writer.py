@@ -51,7 +51,7 @@ from .keys import PUBLIC_KEYS_DIR, load_or_create, publish_public_key
 from .reader import RecordFilter, iter_log, iter_log_batches, read_leaf_hashes
 from .recovery import INDEX_MASK, check_against, keep_torn_tail, lock_directory, recover
 from .record import HASH_TRAILER, RecordWithTail
-from .segments import MAGIC, PREALLOCATE_BYTES, SegmentFile, crc32, pack_header, segment_name
+from .segments import MAGIC, PREALLOCATE_BYTES, SegmentFile, crc32, fsync_dir, pack_header, segment_name
 from .watermark import Watermark
 
 log = logging.getLogger("aios.audit")
@@ -452,9 +452,6 @@ class AuditLog:
         return None
 
     def _commit_group(self) -> None:
-        queue = self._queue
-        popleft = queue.popleft
-        group_max = self._group_max
         now = _monotonic_ns()
         if now >= self._next_check_ns:  # before anything is written: a check that fails acknowledges nothing
             self._check_files(now)
@@ -462,6 +459,40 @@ class AuditLog:
         segment_bytes = self._segment_bytes
         index = self._index
         segment = self._segment
+        first_segments, first_size = len(self._segments), segment.size
+        try:
+            self._write_group(deadline, segment_bytes, index, segment)
+        except OSError:
+            # The group's callers are told it failed (fail-stop, _fail): its records must not stay in the files for
+            # the next start to adopt (a crash audit: a refused decision came back signed, with a review opened).
+            self._erase_group(segment, first_segments, first_size)
+            raise
+
+    def _erase_group(self, segment: SegmentFile, segments: int, size: int) -> None:
+        """Undo a failed group's writes, best effort: segments it created go, the one it began in is cut back to
+        ``size`` (a rotation is the likeliest place for a full disk to strike: a new segment's zeros)."""
+        for _first, path in self._segments[segments:]:
+            if self._segment.path == path:
+                self._segment.close()
+            try:
+                path.unlink()
+            except OSError:
+                pass
+        del self._segments[segments:]
+        if segment.fd >= 0:
+            segment.erase_from(size)
+            return
+        try:  # (closed by the rotation, after a sync: cut through its path)
+            os.truncate(segment.path, size)
+            fsync_dir(segment.path)
+        except OSError as exc:
+            log.error("audit: %s: could not cut the failed group's records back off (%s); the next start may "
+                      "adopt them", segment.path.name, exc.strerror or exc)
+
+    def _write_group(self, deadline: int, segment_bytes: int, index, segment: SegmentFile) -> None:
+        queue = self._queue
+        popleft = queue.popleft
+        group_max = self._group_max
         buffer = bytearray()
         leaves = bytearray()
         sequence = self._written
@@ -498,19 +529,11 @@ class AuditLog:
             count += 1
             if not count & 63 and _monotonic_ns() >= deadline:
                 break
-        start = segment.size
-        try:
-            segment.write(buffer)
-            if self.mode == "fsync":
-                started = _monotonic_ns()
-                segment.sync()
-                self._slowest_sync_ns = max(self._slowest_sync_ns, _monotonic_ns() - started)
-        except OSError:
-            # The group's callers are told it failed (fail-stop, _fail): its records must not stay in the file for
-            # the next start to adopt (a crash audit: a refused decision came back signed, with a review opened).
-            # (Records of a group that crossed a rotation went into the segment before, synced: not undone.)
-            segment.erase_from(start)
-            raise
+        segment.write(buffer)
+        if self.mode == "fsync":
+            started = _monotonic_ns()
+            segment.sync()
+            self._slowest_sync_ns = max(self._slowest_sync_ns, _monotonic_ns() - started)
         self._tree.append_leaves(leaves)
         self._last_hash = previous
         self._written = sequence
