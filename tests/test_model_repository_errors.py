@@ -383,3 +383,28 @@ def test_statistics_without_a_version_cover_every_loaded_version(audit_client):
     assert stats[0].inference_count >= 2
     assert [s.version for s in audit_client.get_inference_statistics("good", "2").model_stats] == ["2"]
     assert refused(audit_client.get_inference_statistics, "corrupt").status() == "StatusCode.UNAVAILABLE"
+
+
+def test_a_deployment_that_cannot_be_recorded_is_one_line_not_a_traceback(tmp_path, monkeypatch, caplog):
+    """(Crash audit) on a nearly full disk the first audit write at start is a model's deployment record: it failed
+    as "model X not loaded: unexpected error" with a traceback, as if the kernel had a bug."""
+    from kernel._proto.aios.kernel.v1 import kernel_pb2 as kpb
+    from kernel.audit import AuditError, AuditLog
+
+    onnx_models.save_mlp_version(tmp_path / "models", "tiny", [16, 8, 4], seed=1, provider="cpu")
+    real = AuditLog.append
+
+    def disk_full_for_deployments(self, record, *args, **kwargs):  # fault injected on purpose
+        if record.kind == kpb.MODEL_DEPLOY:
+            raise AuditError("audit record was not written: No space left on device (injected)")
+        return real(self, record, *args, **kwargs)
+
+    monkeypatch.setattr(AuditLog, "append", disk_full_for_deployments)
+    with caplog.at_level(logging.ERROR, logger="aios.models"):
+        server = start_kernel(tmp_path / "models")
+    try:
+        errors = [r for r in caplog.records if "model tiny not loaded" in r.getMessage()]
+        assert len(errors) == 1 and errors[0].exc_info is None
+        assert "No space left on device" in errors[0].getMessage()
+    finally:
+        server.stop(grace=1)

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..errors import KernelError
 from ..limits import MAX_MODEL_NAME_BYTES
 from . import config as model_config
 from .errors import ModelConfigError
@@ -312,6 +313,9 @@ class ModelHub:
             except ModelConfigError as exc:
                 failed[name] = str(exc)
                 log.error("model %s not loaded: %s", name, exc)
+            except (KernelError, OSError) as exc:  # its deployment not on the record (a full disk): said in one line
+                failed[name] = str(exc)
+                log.error("model %s not loaded: %s", name, getattr(exc, "message", None) or exc)
             except Exception:  # a kernel bug, met by this model only: its traceback, and the others load
                 failed[name] = self._failures.get(name, "could not be loaded")
                 log.exception("model %s not loaded: unexpected error", name)
