@@ -49,6 +49,7 @@ DEFAULT_PIPELINES = Settings().pipelines
 class DecisionSide:
     def __init__(self, settings, hub, inference):
         self.settings = settings
+        self.failed_at_stop: list[str] = []  # the steps of close() that failed
         data = Path(settings.data_dir)
         try:
             # Owner only: the store keeps escalated cases' free text (customers' own words) and audit/ the signing
@@ -212,16 +213,22 @@ class DecisionSide:
         steps = (*((self._retention.stop,) if self._retention else ()), self.tasks.stop, self.registry.stop,
                  self.engine.close, self._mark_reviews_recorded,
                  *((self._record_stopping, self.audit.close) if self.audit else ()), self.db.close)
+        self.failed_at_stop = []  # (the serve command's exit status: a stop that lost its record is not a clean one)
         for step in steps:
             try:
                 step()
             except _EXPECTED_AT_STOP as exc:  # a full or failing disk, a failed store or log: said in one line
+                self.failed_at_stop.append(_step_name(step))
                 if isinstance(exc, KernelError) and exc.code == "INTERNAL":
                     log.exception("stopping: %s failed", _step_name(step))
                 else:
                     log.error("stopping: %s failed: %s", _step_name(step), _cause(exc))
             except Exception:  # a bug: one part failing to stop must not keep the others open
+                self.failed_at_stop.append(_step_name(step))
                 log.exception("stopping: %s failed", _step_name(step))
+        if self.audit is not None and self.audit.failure is not None and not self.failed_at_stop:
+            # (It fail-stopped while closing: its final checkpoint, or a check of its files, failed; said above.)
+            self.failed_at_stop.append("the audit log")
 
     def _record_stopping(self) -> None:
         """The log's last record on a clean stop: months later it tells a stop from a crash (after a kill

@@ -133,6 +133,7 @@ class KernelServer:
         self._health_names: tuple[str, ...] = ()  # "" and each service served (set in _add_services)
         self._draining = False  # set by stop(): health stays NOT_SERVING whatever the models do
         self._hurried = False  # set by hurry(): the drain stops waiting
+        self.stopped_cleanly = True  # False once a stop step failed (the decision side's record, its checkpoint)
         self._audit_failed = False  # set when the audit log fail-stops: NOT_SERVING until a restart
         if self.decisions.audit is not None:
             self.decisions.audit.failure_listeners.append(self._audit_log_failed)
@@ -415,7 +416,12 @@ class KernelServer:
             self._pool.shutdown(wait=False)  # its threads end once grpc handed them the last call
         self._server = None
         self._release()
-        log.info("AIOS kernel stopped")
+        failed = self.decisions.failed_at_stop
+        self.stopped_cleanly = not failed
+        if failed:  # (each failure logged above; the serve command exits 1)
+            log.error("AIOS kernel stopped, but not cleanly: %s failed", ", ".join(failed))
+        else:
+            log.info("AIOS kernel stopped")
 
     def drain_limit_s(self, grace: float | None = None) -> float:
         """The longest a drain (``stop``) waits: the lame-duck window, then gRPC's grace for calls in progress."""

@@ -517,3 +517,15 @@ def test_a_client_command_that_reaches_no_kernel_says_where_it_looked_for_one():
     assert result.returncode == 1
     assert result.stderr.startswith("UNAVAILABLE: failed to connect"), result.stderr
     assert "is the kernel running there?" in result.stderr and "AIOS_PORT" in result.stderr, result.stderr
+
+
+def test_a_stop_whose_audit_record_cannot_be_written_exits_1(model_repo, tmp_path):
+    """(Crash audit) a stop that could not write its "kernel stopping" record or final checkpoint (a full disk; here
+    the log removed under the kernel) exited 0, which a supervisor reads as a clean stop."""
+    import shutil
+
+    server = ServeProcess(model_repo, data_dir=tmp_path / "data")
+    shutil.rmtree(tmp_path / "data" / "audit")  # the operator's mistake: the kernel's log is gone
+    code, err = server.stop()
+    assert code == 1, err
+    assert "AIOS kernel stopped, but not cleanly" in err and "Traceback" not in err
