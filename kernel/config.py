@@ -11,6 +11,7 @@ import difflib
 import logging
 import math
 import os
+import re
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -285,6 +286,15 @@ def _validate_task_retries(settings: Settings, bad) -> None:
                   f"got {settings.task_max_backoff_s:g}; raise it or lower task_backoff_s")
 
 
+def _line_of(path: Path, key: str) -> str:
+    """``:LINE`` where ``key = ...`` is first set in ``path`` ("" when not found as written: a quoted key)."""
+    pattern = re.compile(rf"^\s*{re.escape(key)}\s*=")
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if pattern.match(line):
+            return f":{number}"
+    return ""
+
+
 def _file_settings(path: Path) -> dict[str, Any]:
     """The settings table of a kernel.toml: its [kernel] table, or its top-level keys when it has none."""
     try:
@@ -338,7 +348,9 @@ def load_settings(
         path = Path(config_file)
         for key, value in _file_settings(path).items():
             if key not in _FIELDS:
-                raise SettingsError(f"{path}: unknown setting {key!r}; known: {', '.join(_FIELDS)}")
+                close = difflib.get_close_matches(key, list(_FIELDS), n=1)
+                hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(_FIELDS)}"
+                raise SettingsError(f"{path}{_line_of(path, key)}: unknown setting {key!r}; {hint}")
             values[key] = _coerce(key, value, str(path))
             sources[key] = str(path)
     env = os.environ if environ is None else environ

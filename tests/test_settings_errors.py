@@ -83,6 +83,12 @@ def test_top_level_keys_without_a_kernel_table_still_work(tmp_path):
     assert "unknown setting 'prot'" in refused(toml(tmp_path, "[kernel]\nprot = 1\n"))
 
 
+def test_an_unknown_key_in_the_file_names_its_line_and_the_likely_setting(tmp_path):
+    # (Operator walk-through) the environment's typos got "did you mean"; the file's got a list of 34 keys.
+    path = toml(tmp_path, 'port = 9000\n\naudit_mod = "async"\n')
+    assert refused(path).endswith(f"{path}:3: unknown setting 'audit_mod'; did you mean 'audit_mode'?")
+
+
 # ---------------------------------------------------------------- numbers
 
 
