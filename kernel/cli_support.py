@@ -40,7 +40,10 @@ def address(text: str) -> str:
         return text
     host, sep, port = text.rpartition(":")
     if "://" in text or not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT (for example 127.0.0.1:8001)")
+        # The default comes from the environment: name the variable, or the flag gets the blame (a walk-through).
+        named = [f"${name}" for name in ("AIOS_ADDRESS", "AIOS_HOST", "AIOS_PORT") if os.environ.get(name)]
+        source = f" (from {', '.join(named)})" if named and text == default_address() else ""
+        raise argparse.ArgumentTypeError(f"{text!r}{source} is not HOST:PORT (for example 127.0.0.1:8001)")
     return text
 
 

@@ -381,6 +381,20 @@ def test_client_commands_refuse_an_address_that_is_not_host_port():
         assert "Traceback" not in result.stderr
 
 
+def test_a_bad_port_in_the_environment_is_blamed_on_the_environment(monkeypatch):
+    """(Operator walk-through) AIOS_PORT=abc was reported as a bad --address, a flag the user never typed."""
+    import argparse
+
+    from kernel.cli_support import address, default_address
+
+    monkeypatch.setenv("AIOS_PORT", "abc")
+    with pytest.raises(argparse.ArgumentTypeError, match=r"'127\.0\.0\.1:abc' \(from \$AIOS_PORT\) is not HOST:PORT"):
+        address(default_address())
+    with pytest.raises(argparse.ArgumentTypeError) as typed:  # typed by the user: no variable named
+        address("h:xyz")
+    assert "from $" not in str(typed.value)
+
+
 def test_a_client_command_stopped_with_ctrl_c_exits_130_without_a_traceback(tmp_path):
     import signal
     import socket
