@@ -50,6 +50,16 @@ def test_check_of_a_file_that_does_not_exist_exits_2(tmp_path):
     assert run.returncode == 2 and f"{tmp_path}: cannot read: a directory, not a policy file" in run.stderr
 
 
+def test_check_of_a_pipeline_file_names_its_policy_in_one_line():
+    """(Operator walk-through) checked as a policy, the pipeline file gave 17 errors, one of them at line 0."""
+    pipeline = POLICY.parent / "claims_triage.toml"
+    run = cli("check", str(pipeline))
+    assert run.returncode == 2 and run.stdout == ""
+    assert run.stderr.strip() == (f"{pipeline}: a pipeline file, not a policy; its policy is {POLICY}: `aios-kernel "
+                                  f"policy check {POLICY}` (a pipeline is checked when the kernel loads it, or by "
+                                  "`aios-kernel pipelines upload`)")
+
+
 def test_toml_cut_off_at_its_end_is_reported_at_its_last_line(tmp_path):
     # (A CLI audit: tomllib gives no line for an error at the end of the document, printed as FILE:0.)
     broken = tmp_path / "cut.toml"

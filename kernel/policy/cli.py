@@ -37,6 +37,21 @@ from .types import Schema
 EXIT_OK, EXIT_FAILED, EXIT_UNUSABLE, EXIT_UNCHECKED = 0, 1, 2, 3
 
 
+def _policy_a_pipeline_names(path: Path) -> str | None:
+    """The policy file a pipeline file at ``path`` names, if it is one (a [pipeline] table and no policy tables)."""
+    import tomllib
+
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return None  # (the policy loader says what is wrong with it)
+    if not isinstance(raw.get("pipeline"), dict) or "rule" in raw or "outputs" in raw:
+        return None
+    policy = raw.get("policy")
+    named = policy.get("file") if isinstance(policy, dict) else None
+    return str(path.parent / named) if isinstance(named, str) and named else "the file its [policy] table names"
+
+
 def check_command(path: str | Path, out: TextIO = sys.stdout) -> int:
     """Load and check a policy file; print its summary or every problem. 0 = usable, 1 = refused,
     2 = no such file (nothing was checked), 3 = usable (the kernel would serve it) but NOT fully checked:
@@ -44,6 +59,11 @@ def check_command(path: str | Path, out: TextIO = sys.stdout) -> int:
     if not Path(path).is_file():
         why = "a directory, not a policy file" if Path(path).is_dir() else "no such file"
         print(f"{path}: cannot read: {why}", file=sys.stderr)
+        return EXIT_UNUSABLE
+    named = _policy_a_pipeline_names(Path(path))
+    if named is not None:  # (checked as a policy it gave 17 errors, one "line 0": an operator walk-through)
+        print(f"{path}: a pipeline file, not a policy; its policy is {named}: `aios-kernel policy check {named}` "
+              f"(a pipeline is checked when the kernel loads it, or by `aios-kernel pipelines upload`)", file=sys.stderr)
         return EXIT_UNUSABLE
     try:
         policy = load_policy(path)
@@ -73,6 +93,11 @@ def check_command(path: str | Path, out: TextIO = sys.stdout) -> int:
 def test_command(path: str | Path, cases_path: str | Path, out: TextIO = sys.stdout) -> int:
     """Run the cases against the policy: mismatches, then rule coverage. 0 = all pass, 1 = failures,
     2 = the policy or the cases file cannot be used."""
+    named = _policy_a_pipeline_names(Path(path))
+    if named is not None:  # (checked as a policy it gave 17 errors, one "line 0": an operator walk-through)
+        print(f"{path}: a pipeline file, not a policy; its policy is {named}: `aios-kernel policy check {named}` "
+              f"(a pipeline is checked when the kernel loads it, or by `aios-kernel pipelines upload`)", file=sys.stderr)
+        return EXIT_UNUSABLE
     try:
         policy = load_policy(path)
     except PolicyError as exc:
