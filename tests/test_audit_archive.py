@@ -356,3 +356,11 @@ def test_no_store_is_refused_where_the_kernels_store_is_beside_the_log(log_dir, 
     with pytest.raises(ArchiveRefused, match="is beside the log"):
         archive(log_dir, tmp_path / "a", before=100, no_store=True)
     assert not (tmp_path / "a").exists()
+
+
+def test_nothing_to_archive_in_a_one_segment_log_says_why(tmp_path):
+    directory = tmp_path / "audit"
+    build_log(directory, records=20)  # default segment size: one segment
+    result = archive(directory, tmp_path / "a", before=15, no_store=True)
+    assert result.end == result.first == 0
+    assert "the log is one segment, the one a kernel writes into" in result.summary(directory, tmp_path / "a")

@@ -70,18 +70,23 @@ class ArchiveResult:
     bytes: int
     removed_leftovers: int  # segments a stopped earlier run left behind, removed now
     held_back: str = ""  # why the cut stopped short of what was asked ("" when it did not)
+    one_segment: bool = False  # the log is one segment, the one a kernel writes into: nothing can be archived yet
 
     def summary(self, directory: Path, dest: Path) -> str:
         held = f"; {self.held_back}" if self.held_back else ""
         if self.end == self.first:
             left = (f"; removed {self.removed_leftovers} segment(s) an earlier run left" if self.removed_leftovers
                     else "")
+            if self.one_segment:  # (the same "no segment ends before the cut" read as a riddle: a walk-through)
+                return (f"{directory}: nothing to archive: the log is one segment, the one a kernel writes into; "
+                        f"a segment can be archived once the log has moved on to the next (every "
+                        f"audit_segment_bytes, 64 MiB by default){left}")
             return (f"{directory}: nothing to archive (no segment ends at or before the cut after record "
                     f"{self.first}){held}{left}")
         return (f"archived records {self.first}..{self.end - 1} ({self.end - self.first:,} records, {self.segments} "
                 f"segment(s), {self.bytes:,} bytes) from {directory} to {dest}; the live log starts at record "
-                f"{self.end} now{held}. Keep {dest} with your records; `aios-kernel audit verify {dest} --min-records "
-                f"{self.end}` checks it")
+                f"{self.end} now{held}. Keep {dest} with your records; `aios-kernel audit verify {dest} --strict "
+                f"--min-records {self.end}` checks it")
 
 
 def archive(directory: Path, dest: Path, before: int | None = None, older_than_days: float | None = None,
@@ -149,7 +154,7 @@ def _archive_locked(directory: Path, dest: Path, before: int | None, older_than_
     _remove(list(directory.glob(f"{BASE_FILE}.tmp-*")), directory)  # (an archive killed while replacing the base)
     if cut <= first:
         removed = _remove(state.leftovers, directory)
-        return ArchiveResult(first, first, 0, 0, removed, held_back)
+        return ArchiveResult(first, first, 0, 0, removed, held_back, one_segment=len(state.segments) == 1)
     archived = [path for start, path in state.segments if start < cut]
     checkpoint = cps.sign(key, cut, state.tree.root(cut))
     base = ArchiveBase(cut, tuple(state.tree.peaks(cut)), state.tree.leaf(cut - 1),
