@@ -175,7 +175,8 @@ def cmd_models_list(args) -> int:
     # The folder serve would read: --models, else AIOS_MODELS or --config's models, else ./models.
     root = Path(args.models or _settings(args).models)
     if not root.is_dir():  # a command-line path that is not there: exit 2, as for serve --models
-        print(f"{root} {'is not a folder' if root.exists() else 'does not exist'}", file=sys.stderr)
+        print(f"model repository {root} {'is not a folder' if root.exists() else 'does not exist'} (set --models, "
+              f"AIOS_MODELS or models in kernel.toml; --address lists a running kernel's)", file=sys.stderr)
         return 2
     found = ModelHub(root).scan()
     if not found:

@@ -285,7 +285,9 @@ def test_models_list_shows_what_the_kernel_will_not_serve_or_read(tmp_path, caps
 def test_models_list_of_a_path_that_does_not_exist(tmp_path, capsys):
     code, out, err = models_list(tmp_path / "nope", capsys)
     assert code == 2 and not out
-    assert err.strip() == f"{tmp_path / 'nope'} does not exist"
+    # (An operator walk-through: it said only "models does not exist", not which setting names the folder.)
+    assert err.strip() == (f"model repository {tmp_path / 'nope'} does not exist (set --models, AIOS_MODELS or models "
+                           "in kernel.toml; --address lists a running kernel's)")
 
 
 # ----------------------------------------------------------------------------- over gRPC (1, 2, 3, 5, 6)
