@@ -227,3 +227,11 @@ def test_every_option_has_a_help_text(command, capsys):
         described = len(re.split(r"\s{2,}", line.strip())) > 1 or (
             number + 1 < len(lines) and lines[number + 1].startswith(" " * 8) and lines[number + 1].strip())
         assert described, f"{command}: {line.strip()} has no help text"
+
+
+def test_a_key_file_in_the_directory_that_holds_no_key_is_named(log_dir):
+    """(Operator walk-through) a garbage public-key.pem was skipped without a word: verify fell back to public-keys/."""
+    (log_dir / "public-key.pem").write_text("garbage\n")
+    done = run_cli("verify", str(log_dir))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"skipped: {log_dir / 'public-key.pem'}: expected an Ed25519 public key" in done.stdout

@@ -193,16 +193,19 @@ def _replace(path: Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
-def published_keys(directory: Path) -> dict[str, bytes]:
+def published_keys(directory: Path, unreadable: list[str] | None = None) -> dict[str, bytes]:
     """key_id -> raw public key, for every key kept in ``directory`` (``public-keys/*.pem`` and
-    ``public-key.pem``); files that hold no key are skipped (verify then names the key it lacks)."""
+    ``public-key.pem``); files that hold no key are skipped (verify then names the key it lacks), and their
+    problems appended to ``unreadable`` when given."""
     found = {}
     paths = sorted((directory / PUBLIC_KEYS_DIR).glob("*.pem")) + [directory / PUBLIC_KEY_FILE]
     for path in paths:
         try:
             for raw in load_public_keys(path):
                 found[key_id(raw)] = raw
-        except AuditError:
+        except AuditError as exc:
+            if unreadable is not None and path.exists():
+                unreadable.append(exc.message)
             continue
     return found
 

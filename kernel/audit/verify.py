@@ -220,7 +220,10 @@ class _Walk:
         if problem is not None and not torn:
             raise _Failure(None, f"{CHECKPOINT_FILE} is damaged after checkpoint #{len(found)}: {problem}")
         if trusted is None and found:
-            trusted = published_keys(self.directory)
+            unreadable: list[str] = []
+            trusted = published_keys(self.directory, unreadable)
+            if unreadable:  # (skipped without a word, an operator walk-through: a damaged key file is news)
+                self.note = "; ".join(filter(None, [self.note, *(f"skipped: {problem}" for problem in unreadable)]))
             if not trusted:
                 raise _Failure(None, (f"no key to check checkpoint signatures with: {PUBLIC_KEY_FILE} and "
                                       f"{PUBLIC_KEYS_DIR}/ hold none; pass --from-key"))
