@@ -315,7 +315,12 @@ def build_parser() -> argparse.ArgumentParser:
     _server_flags(serve)
     serve.set_defaults(func=cmd_serve)
 
-    demo = sub.add_parser("demo", help="serve the bundled claims demo and send it a burst of traffic")
+    demo = sub.add_parser("demo", help="serve the bundled claims demo and send it a burst of traffic",
+                          description="Serve the bundled claims demo in this process (building its models if "
+                                      "needed), send it a burst of decisions over DecideStream, and show the "
+                                      "automated/escalated split, the rules that decided and the audit log's "
+                                      "verification. Its data dir is a new temporary folder unless --data-dir "
+                                      "names one; it is kept, with the cases waiting for review.")
     _server_flags(demo, demo=True)
     demo.add_argument("--requests", type=int, default=2000, help="requests in the burst (default 2000)")
     demo.add_argument("--concurrency", type=int, default=8,
@@ -359,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     pipelines_cli.add_parser(sub)
 
     # audit verify|export: every word after "audit" goes to kernel.audit.cli, imported only when used.
-    audit = sub.add_parser("audit", help="verify, export or replay an audit log directory (audit --help for more)",
+    audit = sub.add_parser("audit", help="verify, export, replay or archive an audit log directory (audit --help for more)",
                            add_help=False, prefix_chars="\0")
     audit.add_argument("audit_args", nargs=argparse.REMAINDER)
     audit.set_defaults(func=cmd_audit)

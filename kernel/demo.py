@@ -138,7 +138,8 @@ def run_demo(settings: Settings, requests: int = 2000, concurrency: int = 8) -> 
     agree = sum(1 for i in automated if _agrees(answers[i].action, cases[i]["label"]))
     if automated:
         print(f"\n  automated decisions agreeing with the synthetic ground truth: {100 * agree / len(automated):.1f}%")
-    print(f"  review queue: {waiting} cases waiting for a person, kept with the demo's data; to work them, serve it\n"
+    print(f"  review queue: {waiting} cases waiting for a person, kept with the demo's data in {settings.data_dir} "
+          f"(delete it when done); to work them, serve it\n"
           f"    aios-kernel serve --models {models_dir} --pipelines {Path(settings.pipelines).resolve()} --data-dir {settings.data_dir}\n"
           "    and use aios-kernel review list / show / claim / resolve")
     print(f"  audit log {audit_dir}: {verified.describe()}")
