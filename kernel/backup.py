@@ -29,6 +29,7 @@ from .audit.base import read_base
 from .audit.recovery import after_base, writer_is_live
 from .audit.segments import MAGIC, SUFFIX, FrameScanner, frames_start, fsync_dir, list_segments, nonzero_end
 from .audit.verify import verify_directory
+from .progress import Progress
 from .store.sqlite import DATABASE_FILE
 
 _fsync = fsync_dir  # (opened read-only and fsynced: the same for a file as for a folder)
@@ -66,7 +67,8 @@ def backup(source: Path, dest: Path) -> BackupResult:
     problems = []
     if audit.is_dir():
         trimmed = _copy_audit(audit, dest / "audit")
-        verified = verify_directory(dest / "audit", live_copy=running)
+        verified = verify_directory(dest / "audit", live_copy=running,
+                                    progress=Progress("aios-kernel backup: checking the copy"))
         if not verified.ok:
             problems.append(f"the copied audit log fails verification: {verified.describe()}")
         note = f"; left out a record being written ({trimmed} bytes)" if trimmed else ""
@@ -132,7 +134,10 @@ def _copy_audit(audit: Path, copy: Path) -> int:
             shutil.copy2(path, copy / path.name)
     base = read_base(audit)  # (copied above with the other files: an archived log starts at its base)
     expected, last = (base.tree_size if base is not None else 0), None
-    for first, path in after_base(list_segments(audit), base, audit)[0]:
+    segments = after_base(list_segments(audit), base, audit)[0]
+    progress = Progress("aios-kernel backup: copying the audit log")
+    for number, (first, path) in enumerate(segments):
+        progress(f"{number} of {len(segments)} segments copied")
         if first != expected:
             # A segment the writer created while the folder was being listed can be missing from the listing (a
             # directory is read in hash order, not by name), and the next one present: the copy ends before the

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from .._proto.aios.kernel.v1 import kernel_pb2
 from ..cli_support import output_problem
+from ..progress import Progress, counted
 from .errors import AuditError, AuditFormatTooNew
 from .export import export_jsonl
 from .keys import load_public_keys
@@ -84,7 +85,8 @@ def cmd_verify(args) -> int:
         except AuditError as exc:
             return _cannot_run("verify", exc.message)
     try:
-        result = verify_directory(directory, keys, strict=args.strict, min_records=args.min_records)
+        result = verify_directory(directory, keys, strict=args.strict, min_records=args.min_records,
+                                  progress=Progress("aios-kernel audit verify"))
     except AuditFormatTooNew as exc:  # not a failed log: one this kernel cannot read
         return _cannot_run("verify", exc.message)
     rate = (result.records - result.first_sequence) / result.elapsed_s if result.elapsed_s > 0 else 0.0
@@ -112,7 +114,8 @@ def cmd_export(args) -> int:
         return _cannot_run("export", f"cannot write {args.out}: {exc.strerror or exc}")
     wanted = RecordFilter.of(args.tenant, args.pipeline, args.kind, args.since, args.until)
     try:
-        count = export_jsonl(iter_directory(directory, args.from_sequence, wanted), out)
+        records = iter_directory(directory, args.from_sequence, wanted)
+        count = export_jsonl(counted(records, Progress("aios-kernel audit export"), "records exported"), out)
     except AuditError as exc:
         # Damage, not a torn tail (that one the reader skips with a warning): the export is
         # short, and saying so is the point; exporting past the damage would hide it.

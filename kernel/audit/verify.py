@@ -61,7 +61,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from hashlib import sha256
 from pathlib import Path
@@ -130,7 +130,8 @@ class _Failure(Exception):
 
 
 def verify_directory(directory: str | Path, public_key: bytes | Iterable[bytes] | None = None,
-                     strict: bool = False, min_records: int = 0, live_copy: bool = False) -> VerifyResult:
+                     strict: bool = False, min_records: int = 0, live_copy: bool = False,
+                     progress: Callable[[str], None] | None = None) -> VerifyResult:
     """Verify a log directory.
 
     ``public_key``: the raw Ed25519 key checkpoints must be signed with, or several (a key rotation):
@@ -138,12 +139,14 @@ def verify_directory(directory: str | Path, public_key: bytes | Iterable[bytes] 
     fails. ``strict``: records no signed checkpoint covers fail too, unless a writer has the log open, and so
     does a range a start signed that holds a clean stop. ``min_records``: a log with fewer records fails (a
     size noted earlier: a log cut back to one of its checkpoints verifies otherwise). ``live_copy``: a copy of a
-    running kernel's log (a backup): that it ends without a clean stop is expected, not noted.
+    running kernel's log (a backup): that it ends without a clean stop is expected, not noted. ``progress``: told
+    how far the walk got after each segment (kernel/progress.py).
     """
     directory = Path(directory)
     started = time.perf_counter()
     walk = _Walk(directory)
     walk.live_copy = live_copy
+    walk.progress = progress
     try:
         if not directory.is_dir():
             raise _Failure(None, f"{directory} is not a directory")
@@ -205,6 +208,7 @@ class _Walk:
         self.trusted: dict[str, bytes] = {}
         self.base_size = 0  # records archived before this directory's first (its archive base)
         self.live_copy = False  # a backup of a running kernel's log: no clean stop at its end is expected
+        self.progress: Callable[[str], None] | None = None  # told how far the walk got, after each segment
 
     def result(self, ok: bool, sequence: int | None, reason: str, started: float,
                last: int | None = None) -> VerifyResult:
@@ -326,6 +330,8 @@ class _Walk:
                 sequence += 1
                 self.count = sequence
                 self._check_checkpoints(tree)
+            if self.progress is not None:
+                self.progress(f"{number + 1} of {len(segments)} segments, {sequence:,} records checked")
             if scanner.problem is not None:
                 last = number == len(segments) - 1
                 if last and scanner.torn and writer_is_live(self.directory):

@@ -31,6 +31,7 @@ import json
 import sys
 from pathlib import Path
 
+from ..progress import Progress, counted
 from .replay import ReplayError, ReplayReport, load_candidate, replay
 from .spec import PipelineError, load_pipeline
 
@@ -78,7 +79,8 @@ def run(args) -> int:
         model = load_candidate(args.model, pipeline) if args.model else None
     except (PipelineError, PolicyError, ModelConfigError, ReplayError, OSError) as exc:
         return _cannot_run(_one_line(exc))
-    records = iter_directory(directory, 0, RecordFilter(pipeline=pipeline.name, since_unix_ns=args.since or None))
+    records = counted(iter_directory(directory, 0, RecordFilter(pipeline=pipeline.name, since_unix_ns=args.since or None)),
+                      Progress("aios-kernel audit replay"), "records read")
     try:
         report = replay(records, pipeline, model=model, since_unix_ns=args.since, sample_size=args.sample,
                         keep_cases=bool(args.report))
