@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from . import __version__
+from .origin import origin
 from ._proto.aios.kernel.v1 import kernel_pb2 as kpb
 from .api.audit_service import audit_handlers
 from .api.refusal_records import RefusalRecords
@@ -384,6 +385,7 @@ class DecisionSide:
             if kind == kpb.MODEL_UNDEPLOY:
                 # "reload": the same version is deployed again by the next record(s), from the files as they are now
                 payload["reason"] = "reload" if (mv.name, mv.version) in reloaded else "unload"
+            payload["requested_by"] = origin() or "kernel"  # an RPC's caller, or the kernel's own start
             self._record(kind, payload)
 
     def _pipeline_changed(self, old, new) -> None:
@@ -394,6 +396,7 @@ class DecisionSide:
             "policy": new.policy.name, "policy_version": str(new.policy.version), "policy_hash": new.policy.hash,
             "previous_pipeline_version": old.hash if old else "", "previous_policy_hash": old.policy.hash if old else "",
             "pipeline_toml": new.text, "policy_toml": new.policy.text,
+            "requested_by": origin() or "kernel",  # an upload's caller, or the kernel (its start, the folder)
         })
 
     def _pipeline_removed(self, old) -> None:

@@ -191,3 +191,35 @@ def test_a_decision_made_without_audit_is_not_said_to_be_record_0():
     assert "not on an audit log (audit_mode off)" in decision_lines(unaudited)[-1]
     audited = kpb.Decision(action="approve", request_id="r", audit_sequence=0, audit_hash="ab" * 32)
     assert decision_lines(audited)[-1].endswith("audit #0")
+
+
+@pytest.mark.parametrize("front_end", ["sync", "aio"])
+def test_a_change_made_over_grpc_names_who_asked_for_it(models, tmp_path, front_end):
+    """(Operator walk-through) an upload's POLICY_CHANGE and an unload's MODEL_UNDEPLOY said principal "kernel" only:
+    an upload could not be told apart from a file the folder watcher picked up. Until RBAC names a principal, the
+    record names the RPC and its caller's peer; what the kernel does on its own says "kernel"."""
+    from conftest import start_claims_kernel
+    from kernel._proto.inference import grpc_service_pb2 as ipb
+    from kernel._proto.inference import grpc_service_pb2_grpc as ipb_grpc
+
+    server = start_claims_kernel(models, tmp_path, front_end=front_end)
+    folder = tmp_path / "pipelines"
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            text = (folder / "claims_triage.toml").read_text(encoding="utf-8").replace(
+                'version = "2026-11-25.1"', 'version = "2026-11-25.9"', 1)
+            kgrpc.AdminServiceStub(channel).UploadPipeline(
+                kpb.UploadPipelineRequest(pipeline_toml=text.encode()), timeout=30)
+            ipb_grpc.GRPCInferenceServiceStub(channel).RepositoryModelLoad(
+                ipb.RepositoryModelLoadRequest(model_name="claims_triage"), timeout=60)
+        audit = server.decisions.audit
+        changes = _payloads(audit.read(from_sequence=0, kind=kpb.POLICY_CHANGE))
+        assert [c["requested_by"] for c in changes][0] == "kernel"  # the start's
+        assert changes[1]["requested_by"].startswith("UploadPipeline from ipv")
+        deploys = _payloads(audit.read(from_sequence=0, kind=kpb.MODEL_DEPLOY))
+        assert deploys[0]["requested_by"] == "kernel"
+        assert deploys[-1]["requested_by"].startswith("RepositoryModelLoad from ipv")
+        (undeploy,) = _payloads(audit.read(from_sequence=0, kind=kpb.MODEL_UNDEPLOY))
+        assert undeploy["reason"] == "reload" and undeploy["requested_by"].startswith("RepositoryModelLoad from ipv")
+    finally:
+        server.stop(grace=1)

@@ -7,6 +7,7 @@ import time
 from dataclasses import asdict
 
 from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
+from ..origin import requested_by
 from ..pipelines import DecisionEngine, PipelineRegistry
 from ..scheduling.types import ITEM_QUEUED
 from ..pipelines.stream import decide_stream
@@ -78,7 +79,8 @@ def decision_handlers(engine: DecisionEngine, registry: PipelineRegistry, budget
         deadline_ns = ctx.deadline_ns
         # (An upload whose caller gave up while it waited or was validated must not be activated behind its back.)
         time_left = None if deadline_ns is None else (lambda: (deadline_ns - time.monotonic_ns()) / 1e9)
-        return pipeline_info(registry.put(request.pipeline_toml, policy, time_left=time_left))
+        with requested_by(f"UploadPipeline from {ctx.peer}"):  # (named on the change's audit record)
+            return pipeline_info(registry.put(request.pipeline_toml, policy, time_left=time_left))
 
     def list_pipelines(request, ctx):
         response = kpb.ListPipelinesResponse(refused=registry.errors)

@@ -23,6 +23,7 @@ import grpc
 from .._proto.inference import grpc_service_pb2 as pb
 from ..errors import Internal, KernelError, clamp
 from ..ids import random_hex
+from ..origin import requested_by
 from .inference import InferenceService
 from ..scheduling.stream_window import AsyncStreamHold, StreamHold, StreamWindow
 from ..scheduling.types import ITEM_EXPIRED, ITEM_QUEUED
@@ -157,11 +158,26 @@ def _checked(method):
     return call
 
 
+# The calls that change what is served: the audit record of the change names who asked (kernel/origin.py).
+_REQUESTED = frozenset({"RepositoryModelLoad", "RepositoryModelUnload"})
+
+
+def _requested(rpc: str, method):
+    """``method`` as ``called(request, context)``, naming its caller to the change's audit record if it makes one."""
+    if rpc not in _REQUESTED:
+        return lambda request, context: method(request)
+
+    def called(request, context):
+        with requested_by(f"{rpc} from {context.peer()}"):
+            return method(request)
+    return called
+
+
 def _sync_unary(rpc: str, method):
-    method = _checked(method)
+    called = _requested(rpc, _checked(method))
 
     def handler(request, context):
-        return _sync_call(rpc, lambda: method(request), context)
+        return _sync_call(rpc, lambda: called(request, context), context)
 
     handler.__name__ = rpc
     return handler
@@ -329,11 +345,11 @@ async def _aio_abort(rpc: str, exc: BaseException, context) -> None:
 
 
 def _aio_unary(rpc: str, method):
-    method = _checked(method)
+    called = _requested(rpc, _checked(method))
 
     async def handler(request, context):
         try:
-            return method(request)
+            return called(request, context)
         except Exception as exc:
             await _aio_abort(rpc, exc, context)
 
