@@ -143,3 +143,24 @@ def test_a_fresh_log_still_gets_its_default_key(tmp_path):
         log.append_and_wait(pb_record(), 10)
     assert (tmp_path / "audit" / "signing-key.pem").exists()
     assert verify_directory(tmp_path / "audit").ok
+
+
+def test_a_retired_key_that_signs_again_is_noted_and_fails_strict(models, tmp_path):
+    """(Operator walk-through) after a rotation from key 1 to key 2, checkpoints signed by key 1 again were taken as
+    any others: whoever holds a copy of the retired key (left in the data dir) could sign past the rotation."""
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    first, second = make_key(keys, "k1"), make_key(keys, "k2")
+    data_dir = tmp_path / "data"
+    run_kernel(models, data_dir, audit_key=str(first[0]))
+    run_kernel(models, data_dir, audit_key=str(second[0]))
+    audit = data_dir / "audit"
+    trusted = [first[1].read_bytes(), second[1].read_bytes()]
+    from kernel.audit.keys import parse_public_key
+    raw = [parse_public_key(pem) for pem in trusted]
+    assert verify_directory(audit, raw, strict=True).ok  # a rotation alone passes
+    run_kernel(models, data_dir, audit_key=str(first[0]))  # key 1 signs again
+    noted = verify_directory(audit, raw)
+    assert noted.ok and f"is signed by key {first[2]}, which another key replaced" in noted.describe()
+    strict = verify_directory(audit, raw, strict=True)
+    assert not strict.ok and "a retired key signed again" in strict.describe()

@@ -163,6 +163,7 @@ def verify_directory(directory: str | Path, public_key: bytes | Iterable[bytes] 
         if strict:
             walk.all_signed()
         walk.recovery_notes(strict)
+        walk.key_epochs(strict)
     except OSError as exc:  # a file that cannot be read (a folder in its place, no permission): no traceback
         return walk.result(False, None, f"cannot read the log: {exc}", started)
     except _Failure as failure:
@@ -209,6 +210,7 @@ class _Walk:
         self.base_size = 0  # records archived before this directory's first (its archive base)
         self.live_copy = False  # a backup of a running kernel's log: no clean stop at its end is expected
         self.progress: Callable[[str], None] | None = None  # told how far the walk got, after each segment
+        self.key_returned = ""  # a checkpoint signed by a key an earlier rotation replaced ("" when none)
 
     def result(self, ok: bool, sequence: int | None, reason: str, started: float,
                last: int | None = None) -> VerifyResult:
@@ -232,8 +234,19 @@ class _Walk:
                 raise _Failure(None, (f"no key to check checkpoint signatures with: {PUBLIC_KEY_FILE} and "
                                       f"{PUBLIC_KEYS_DIR}/ hold none; pass --from-key"))
         previous = 0
+        replaced: dict[str, int] = {}  # key id -> the checkpoint that first had another key after it
         for number, checkpoint in enumerate(found):
             public_key = self._key_for(number, checkpoint, trusted)
+            if number and found[number - 1].key_id != checkpoint.key_id:
+                replaced.setdefault(found[number - 1].key_id, number)
+                if checkpoint.key_id in replaced and not self.key_returned:
+                    # A key rotated away from signs again: rotated back on purpose, or its private half (left in
+                    # the data dir, a copy) used by someone else to sign past the rotation (an operator
+                    # walk-through: verify took each checkpoint with whichever trusted key it named).
+                    self.key_returned = (f"checkpoint #{number} (tree size {checkpoint.tree_size}) is signed by key "
+                                         f"{checkpoint.key_id}, which another key replaced at checkpoint "
+                                         f"#{replaced[checkpoint.key_id]}: a retired key signed again (rotated back "
+                                         f"on purpose, or used by someone holding a copy of it)")
             if not signature_ok(checkpoint, public_key):
                 raise _Failure(None, f"checkpoint #{number} (tree size {checkpoint.tree_size}): the signature does "
                                      f"not verify with key {checkpoint.key_id}")
@@ -243,6 +256,15 @@ class _Walk:
             previous = checkpoint.tree_size
         self.checkpoints = found
         self.trusted = trusted or {}
+
+    def key_epochs(self, strict: bool) -> None:
+        """A retired key that signed again: noted, and ``strict`` fails on it."""
+        if not self.key_returned:
+            return
+        if strict:
+            raise _Failure(None, f"{self.key_returned}; if you rotated back to it, this log cannot pass --strict: "
+                                 f"verify without it, which notes this")
+        self.note = "; ".join(filter(None, [self.note, self.key_returned]))
 
     def _key_for(self, number: int, checkpoint, trusted: dict[str, bytes]) -> bytes:
         """The trusted key the checkpoint names (each key epoch is checked with its own key)."""
