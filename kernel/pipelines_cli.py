@@ -70,9 +70,13 @@ def cmd_list(args) -> int:
     for info in sorted(response.pipelines, key=lambda p: p.name):
         print(describe(info))
         print(f"  {decided(info.decisions)}")
+        if info.unavailable_reason:
+            print(f"  cannot decide now: {info.unavailable_reason}")
     for file, why in sorted(response.refused.items()):
         print(f"refused {file}: {why}")
-    print(_summary(len(response.pipelines), len(response.refused)))
+    stalled = sum(1 for info in response.pipelines if info.unavailable_reason)
+    print(_summary(len(response.pipelines), len(response.refused))
+          + (f"; {stalled} of them cannot decide now (model not loaded)" if stalled else ""))
     return 0
 
 

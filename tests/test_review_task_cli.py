@@ -237,3 +237,37 @@ def test_pipelines_list_and_an_upload_refused_then_accepted(cli, tmp_path):
     restore = tmp_path / "original.toml"  # the module's other tests decide with the demo's threshold
     restore.write_text(original, encoding="utf-8")
     assert cli("pipelines", "upload", str(restore))[0] == 0
+
+
+def test_a_pipeline_whose_model_is_unloaded_is_listed_as_unable_to_decide(claims_models, tmp_path):
+    """(Operator walk-through) after `models unload`, `pipelines list` showed the pipeline serving as before, while
+    every Decide answered UNAVAILABLE."""
+    import subprocess
+    import sys
+
+    import grpc
+
+    from conftest import start_claims_kernel
+    from kernel._proto.aios.kernel.v1 import kernel_pb2 as kpb
+    from kernel._proto.aios.kernel.v1 import kernel_pb2_grpc as kgrpc
+    from kernel._proto.inference import grpc_service_pb2 as ipb
+    from kernel._proto.inference import grpc_service_pb2_grpc as ipb_grpc
+
+    server = start_claims_kernel(claims_models, tmp_path)
+    try:
+        address = f"127.0.0.1:{server.port}"
+        with grpc.insecure_channel(address) as channel:
+            admin = kgrpc.AdminServiceStub(channel)
+            (info,) = admin.ListPipelines(kpb.ListPipelinesRequest(), timeout=10).pipelines
+            assert info.unavailable_reason == ""
+            ipb_grpc.GRPCInferenceServiceStub(channel).RepositoryModelUnload(
+                ipb.RepositoryModelUnloadRequest(model_name="claims_triage"), timeout=30)
+            (info,) = admin.ListPipelines(kpb.ListPipelinesRequest(), timeout=10).pipelines
+            assert info.unavailable_reason.startswith("model claims_triage version 1 is not loaded")
+        listed = subprocess.run([sys.executable, "-m", "kernel", "pipelines", "list", "--address", address],
+                                capture_output=True, text=True, timeout=60, cwd=ROOT)
+        assert listed.returncode == 0, listed.stderr
+        assert "  cannot decide now: model claims_triage version 1 is not loaded" in listed.stdout
+        assert listed.stdout.splitlines()[-1] == "1 pipeline serving; 1 of them cannot decide now (model not loaded)"
+    finally:
+        server.stop(grace=1)

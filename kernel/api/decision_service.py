@@ -87,6 +87,7 @@ def decision_handlers(engine: DecisionEngine, registry: PipelineRegistry, budget
         for pipeline in registry.all():
             info = pipeline_info(pipeline)
             info.decisions.CopyFrom(kpb.DecisionCounters(**asdict(engine.tally.get(pipeline.name))))
+            info.unavailable_reason = registry.unavailable_reason(pipeline)
             response.pipelines.append(info)
         return response
 

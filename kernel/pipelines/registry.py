@@ -404,6 +404,14 @@ class PipelineRegistry:
         _check_classes(pipeline, f"output '{pipeline.output}' of model '{mv.name}' version {mv.version}", labels)
         return replace(pipeline, bound_version=mv.version)
 
+    def unavailable_reason(self, pipeline: Pipeline) -> str:
+        """"" while the model version ``pipeline`` decides on is loaded, else why it cannot decide now (an operator
+        walk-through: ListPipelines showed it serving while every Decide answered UNAVAILABLE)."""
+        if self.hub.get(pipeline.model, pipeline.bound_version) is not None:
+            return ""
+        return (f"model {pipeline.model} version {pipeline.bound_version} is not loaded: Decide answers UNAVAILABLE "
+                f"until it is (RepositoryModelLoad, `aios-kernel models load`)")
+
     def _owner(self, path: Path) -> Pipeline | None:
         return next((p for p in self._active.values() if p.path == str(path)), None)
 
