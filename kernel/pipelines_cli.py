@@ -118,4 +118,6 @@ def cmd_upload(args) -> int:
         print_json(info)
     else:
         print(f"serving: {describe(info)}")
+        for warning in info.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
     return 0

@@ -231,6 +231,8 @@ def test_pipelines_list_and_an_upload_refused_then_accepted(cli, tmp_path):
     code, out, _ = cli("pipelines", "upload", str(changed), "--json")
     info = json.loads(out)
     assert code == 0 and info["name"] == "claims_triage" and info["hash"][:12] != running_hash
+    # Changed under its old version label: the caller is told, not only the kernel's log (an operator walk-through).
+    assert "but still declares version '2026-11-25.1'" in info["warnings"][0]
     assert info["hash"][:12] in cli("pipelines", "list")[1]
     code, _, err = cli("pipelines", "upload", str(tmp_path / "missing.toml"))
     assert code == 2 and "cannot read" in err and "missing.toml" in err

@@ -79,8 +79,11 @@ def decision_handlers(engine: DecisionEngine, registry: PipelineRegistry, budget
         deadline_ns = ctx.deadline_ns
         # (An upload whose caller gave up while it waited or was validated must not be activated behind its back.)
         time_left = None if deadline_ns is None else (lambda: (deadline_ns - time.monotonic_ns()) / 1e9)
+        warnings: list[str] = []
         with requested_by(f"UploadPipeline from {ctx.peer}"):  # (named on the change's audit record)
-            return pipeline_info(registry.put(request.pipeline_toml, policy, time_left=time_left))
+            info = pipeline_info(registry.put(request.pipeline_toml, policy, time_left=time_left, warnings=warnings))
+        info.warnings.extend(warnings)
+        return info
 
     def list_pipelines(request, ctx):
         response = kpb.ListPipelinesResponse(refused=registry.errors)

@@ -254,7 +254,8 @@ class PipelineRegistry:
             log.warning("pipeline file %s is gone: pipeline %s is no longer served from the next look on unless "
                         "the file is back by then", path, owner.name)
 
-    def put(self, pipeline_text: bytes, policy_text: bytes | None = None, *, time_left=None) -> Pipeline:
+    def put(self, pipeline_text: bytes, policy_text: bytes | None = None, *, time_left=None,
+            warnings: list[str] | None = None) -> Pipeline:
         """Validate and activate uploaded pipeline (and optionally policy) text; refused whole if invalid.
 
         An uploaded policy replaces the policy file for every pipeline that reads it, so it must suit
@@ -264,7 +265,9 @@ class PipelineRegistry:
         ``time_left``: a callable giving the seconds the caller still waits (a gRPC context's
         ``time_remaining``), or None. An upload whose caller has given up (its deadline passed while it
         waited for other uploads or was validated) changes nothing and answers DEADLINE_EXCEEDED: the
-        caller was told the call failed, so nothing may be activated behind its back."""
+        caller was told the call failed, so nothing may be activated behind its back. ``warnings``: what the
+        activation warned about (a changed policy under its old version label) is appended there too, for the
+        caller (it went only to the kernel's log: an operator walk-through)."""
         if self._parse_policy is None:
             raise FailedPrecondition("this kernel was started without policy uploads")
         waited = _remaining(time_left)
@@ -272,11 +275,12 @@ class PipelineRegistry:
             raise DeadlineExceeded("upload not validated: the call's deadline passed while other uploads or "
                                    "reloads ran; nothing was changed")
         try:
-            return self._put(pipeline_text, policy_text, time_left)
+            return self._put(pipeline_text, policy_text, time_left, warnings)
         finally:
             self._work.release()
 
-    def _put(self, pipeline_text: bytes, policy_text: bytes | None, time_left) -> Pipeline:
+    def _put(self, pipeline_text: bytes, policy_text: bytes | None, time_left,
+             warnings: list[str] | None = None) -> Pipeline:
         pending_policy: dict[str, tuple[bytes, object]] = {}
         reads: set[Path] = set()
 
@@ -337,7 +341,7 @@ class PipelineRegistry:
         self.errors.pop(str(target), None)
         self._waiting.pop(target, None)
         self._gone.discard(target)
-        self._activate(pipeline)
+        self._activate(pipeline, warnings)
         # The other pipelines reading an uploaded policy take it now (_check_sharers found it suits them):
         # the next look sees the policy file as already seen and would not reload them.
         shared = {_absolute(self.folder / name) for name in pending_policy}
@@ -415,7 +419,7 @@ class PipelineRegistry:
     def _owner(self, path: Path) -> Pipeline | None:
         return next((p for p in self._active.values() if p.path == str(path)), None)
 
-    def _activate(self, pipeline: Pipeline) -> bool:
+    def _activate(self, pipeline: Pipeline, warnings: list[str] | None = None) -> bool:
         with self._lock:
             old = self._active.get(pipeline.name)
             # A file now naming another pipeline: the one it named before is no longer in the folder.
@@ -443,7 +447,11 @@ class PipelineRegistry:
                  pipeline.label, pipeline.hash[:12], pipeline.policy.name, pipeline.policy.version,
                  pipeline.policy.hash[:12], pipeline.model, pipeline.bound_version)
         if old is not None:
-            _warn_unchanged_labels(old, pipeline)
+            warning = _unchanged_label(old, pipeline)
+            if warning:
+                log.warning("%s", warning)
+                if warnings is not None:
+                    warnings.append(warning)
         for listener in self.listeners:
             listener(old, pipeline)
         return True
@@ -602,14 +610,16 @@ def _relocated(pipeline: Pipeline, path: str) -> Pipeline:
     return replace(pipeline, path=path)
 
 
-def _warn_unchanged_labels(old: Pipeline, new: Pipeline) -> None:
+def _unchanged_label(old: Pipeline, new: Pipeline) -> str:
     """Changed content under an unchanged declared version: decisions then carry one version label for two rule
-    sets, told apart only by hash. Served all the same (the hash is on every decision and record), but said."""
+    sets, told apart only by hash. Served all the same (the hash is on every decision and record), but said
+    ("" when the labels moved with the content)."""
     if new.policy.hash != old.policy.hash and new.policy.version == old.policy.version:
-        log.warning("pipeline %s: policy %s changed (%s -> %s) but still declares version %r; decisions under "
-                    "either are told apart only by policy_hash: give the changed policy a new version",
-                    new.name, new.policy.name, old.policy.hash[:12], new.policy.hash[:12], new.policy.version)
-    elif new.hash != old.hash and new.label == old.label and new.label:
-        log.warning("pipeline %s changed (%s -> %s) but still declares version %r; decisions under either are told "
-                    "apart only by pipeline_version (the file's hash): give the changed file a new version",
-                    new.name, old.hash[:12], new.hash[:12], new.label)
+        return (f"pipeline {new.name}: policy {new.policy.name} changed ({old.policy.hash[:12]} -> "
+                f"{new.policy.hash[:12]}) but still declares version {new.policy.version!r}; decisions under either "
+                f"are told apart only by policy_hash: give the changed policy a new version")
+    if new.hash != old.hash and new.label == old.label and new.label:
+        return (f"pipeline {new.name} changed ({old.hash[:12]} -> {new.hash[:12]}) but still declares version "
+                f"{new.label!r}; decisions under either are told apart only by pipeline_version (the file's hash): "
+                f"give the changed file a new version")
+    return ""

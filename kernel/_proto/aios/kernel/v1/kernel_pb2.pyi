@@ -587,7 +587,7 @@ class UploadPipelineRequest(_message.Message):
     def __init__(self, pipeline_toml: _Optional[bytes] = ..., policy_toml: _Optional[bytes] = ...) -> None: ...
 
 class PipelineInfo(_message.Message):
-    __slots__ = ("name", "version", "hash", "model", "policy_name", "policy_version", "policy_hash", "fields", "model_version", "decisions", "unavailable_reason")
+    __slots__ = ("name", "version", "hash", "model", "policy_name", "policy_version", "policy_hash", "fields", "model_version", "decisions", "unavailable_reason", "warnings")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     HASH_FIELD_NUMBER: _ClassVar[int]
@@ -599,6 +599,7 @@ class PipelineInfo(_message.Message):
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     DECISIONS_FIELD_NUMBER: _ClassVar[int]
     UNAVAILABLE_REASON_FIELD_NUMBER: _ClassVar[int]
+    WARNINGS_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     hash: str
@@ -610,7 +611,8 @@ class PipelineInfo(_message.Message):
     model_version: str
     decisions: DecisionCounters
     unavailable_reason: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., hash: _Optional[str] = ..., model: _Optional[str] = ..., policy_name: _Optional[str] = ..., policy_version: _Optional[str] = ..., policy_hash: _Optional[str] = ..., fields: _Optional[_Iterable[str]] = ..., model_version: _Optional[str] = ..., decisions: _Optional[_Union[DecisionCounters, _Mapping]] = ..., unavailable_reason: _Optional[str] = ...) -> None: ...
+    warnings: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., hash: _Optional[str] = ..., model: _Optional[str] = ..., policy_name: _Optional[str] = ..., policy_version: _Optional[str] = ..., policy_hash: _Optional[str] = ..., fields: _Optional[_Iterable[str]] = ..., model_version: _Optional[str] = ..., decisions: _Optional[_Union[DecisionCounters, _Mapping]] = ..., unavailable_reason: _Optional[str] = ..., warnings: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class DecisionCounters(_message.Message):
     __slots__ = ("automated", "escalated", "fallback", "failed", "late")
