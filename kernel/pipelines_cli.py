@@ -80,6 +80,18 @@ def cmd_list(args) -> int:
     return 0
 
 
+def _policy_named(pipeline_toml: bytes) -> str:
+    """The policy file name a pipeline's text gives ([policy].file), "" when it cannot be read."""
+    import tomllib
+
+    try:
+        table = tomllib.loads(pipeline_toml.decode("utf-8")).get("policy")
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return ""
+    named = table.get("file") if isinstance(table, dict) else ""
+    return named if isinstance(named, str) else ""
+
+
 def decided(counts) -> str:
     """A pipeline's DecisionCounters as one line."""
     made = counts.automated + counts.escalated + counts.fallback
@@ -111,8 +123,13 @@ def cmd_upload(args) -> int:
         try:
             info = _stub(channel).UploadPipeline(request, timeout=args.timeout)
         except grpc.RpcError as exc:
-            # The kernel got bytes, not a file: it names the pipeline "<upload>"; name the file the user gave.
-            print(f"{exc.code().name}: {exc.details().replace('<upload>', args.file)}", file=sys.stderr)
+            # The kernel got bytes, not files: it names the pipeline "<upload>" and the policy by the name the
+            # pipeline gives it; name the files the user gave (a walk-through: its own policy was not named).
+            details = exc.details().replace("<upload>", args.file)
+            named = _policy_named(request.pipeline_toml) if args.policy else ""
+            if named and named != args.policy:
+                details = details.replace(f"{named}:", f"{args.policy}:")
+            print(f"{exc.code().name}: {details}", file=sys.stderr)
             return 1
     if args.json:
         print_json(info)

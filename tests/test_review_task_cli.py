@@ -273,3 +273,19 @@ def test_a_pipeline_whose_model_is_unloaded_is_listed_as_unable_to_decide(claims
         assert listed.stdout.splitlines()[-1] == "1 pipeline serving; 1 of them cannot decide now (model not loaded)"
     finally:
         server.stop(grace=1)
+
+
+def test_a_refused_uploaded_policy_is_named_by_the_users_own_path(cli, tmp_path):
+    """(Operator walk-through) the error named the policy by the file name the pipeline gives it (my_policy.toml),
+    not the file the user passed with --policy."""
+    original = (ROOT / "examples" / "claims" / "pipelines" / "claims_triage.toml").read_text(encoding="utf-8")
+    pipeline = tmp_path / "my_pipeline.toml"
+    pipeline.write_text(original.replace('name = "claims_triage"', 'name = "my_pipeline"', 1)
+                        .replace('file = "policy.toml"', 'file = "my_policy.toml"'), encoding="utf-8")
+    policy = tmp_path / "drafts" / "bad_policy.toml"
+    policy.parent.mkdir()
+    policy.write_text((ROOT / "examples" / "claims" / "pipelines" / "policy.toml").read_text(encoding="utf-8")
+                      .replace('hit_policy = "FIRST"', 'hit_policy = "SOMETIMES"'), encoding="utf-8")
+    code, _, err = cli("pipelines", "upload", str(pipeline), "--policy", str(policy))
+    assert code == 1 and f"{policy}:" in err and "my_policy.toml:" not in err, err
+    assert "hit_policy" in err
