@@ -27,7 +27,8 @@ RUN useradd --system --uid 10001 aios
 COPY --chown=aios examples examples
 # The demo models are built at image build time, deterministically.
 RUN python examples/claims/build_models.py --out /app/models
-RUN mkdir -p /app/var && chown aios /app/var
+# The data dir is the kernel user's alone (escalated cases' free text, the signing key): 0700, as the kernel makes one.
+RUN mkdir -p /app/var && chown aios /app/var && chmod 700 /app/var
 USER aios
 EXPOSE 8001
 # Asks the port the kernel listens on, as grpc-health-probe would: AIOS_PORT when set. Choose the port with

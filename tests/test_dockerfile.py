@@ -56,3 +56,11 @@ def test_the_served_pipelines_folder_belongs_to_the_kernels_user():
     assert any(f"--chown={user}" in flags and served in sources for flags, sources in _copies()), \
         f"/app/{served} is copied in without --chown={user}: the kernel could not write uploads there"
     assert DOCKERFILE.index("useradd") < DOCKERFILE.index(f"--chown={user}")  # the user exists when copied for
+
+
+def test_the_data_dir_is_the_kernels_users_alone():
+    """The image's data dir holds escalated cases' free text and the signing key: its owner only, as the kernel makes
+    one (otherwise every start in the image warns that every local user can read it)."""
+    user = re.search(r"^USER (\S+)", DOCKERFILE, re.M).group(1)
+    made = re.search(r"^RUN mkdir -p (/app/var) (.*)$", DOCKERFILE, re.M)
+    assert made is not None and f"chown {user} /app/var" in made.group(2) and "chmod 700 /app/var" in made.group(2)
