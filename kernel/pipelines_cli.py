@@ -86,7 +86,7 @@ def _policy_named(pipeline_toml: bytes) -> str:
 
     try:
         table = tomllib.loads(pipeline_toml.decode("utf-8")).get("policy")
-    except (UnicodeDecodeError, tomllib.TOMLDecodeError):
+    except (ValueError, RecursionError):  # (not UTF-8, not TOML, a 5,000-digit integer, a deep array)
         return ""
     named = table.get("file") if isinstance(table, dict) else ""
     return named if isinstance(named, str) else ""
@@ -127,8 +127,8 @@ def cmd_upload(args) -> int:
             # pipeline gives it; name the files the user gave (a walk-through: its own policy was not named).
             details = exc.details().replace("<upload>", args.file)
             named = _policy_named(request.pipeline_toml) if args.policy else ""
-            if named and named != args.policy:
-                details = details.replace(f"{named}:", f"{args.policy}:")
+            if named and named != args.policy:  # (where the pipeline's [policy].file names it: that one place)
+                details = details.replace(f"[policy].file: {named}:", f"[policy].file: {args.policy}:", 1)
             print(f"{exc.code().name}: {details}", file=sys.stderr)
             return 1
     if args.json:

@@ -43,8 +43,8 @@ def _policy_a_pipeline_names(path: Path) -> str | None:
 
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
-        return None  # (the policy loader says what is wrong with it)
+    except (OSError, ValueError, RecursionError):  # (TOMLDecodeError and UnicodeDecodeError are ValueErrors; a
+        return None  # 5,000-digit integer one too, a deep array recursion): the policy loader says what is wrong
     if not isinstance(raw.get("pipeline"), dict) or "rule" in raw or "outputs" in raw:
         return None
     policy = raw.get("policy")
