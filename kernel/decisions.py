@@ -51,6 +51,7 @@ class DecisionSide:
     def __init__(self, settings, hub, inference):
         self.settings = settings
         self.failed_at_stop: list[str] = []  # the steps of close() that failed
+        self._withdrawing = threading.Lock()  # one withdrawal at a time (_withdraw)
         data = Path(settings.data_dir)
         try:
             # Owner only: the store keeps escalated cases' free text (customers' own words) and audit/ the signing
@@ -514,17 +515,21 @@ class DecisionSide:
         word of why). The record comes first, once (a withdrawal cut short by a kill finds it at the next start,
         as a resolution's delivery does); a reviewer can no longer resolve the review meanwhile: the cancel is
         durable, and the store refuses that resolution."""
-        review = self.reviews.for_task(task_id)
-        if review is None or review.review_id != review_id or review.state == RESOLVED:
-            return
-        if self.audit is not None and self._resolution_on_record(review_id) is None:
-            withdrawn = kpb.Review()
-            withdrawn.CopyFrom(review)
-            withdrawn.resolved_by, withdrawn.comment, withdrawn.resolved_unix_ns = "kernel", f"withdrawn: {reason}", \
-                time.time_ns()
-            resolution = self._resolution_of(withdrawn, "", "WITHDRAWN", f"withdrawn: {reason}")
-            self.audit.append_and_wait(self._resolution_record(withdrawn, resolution), timeout_s=10.0)
-        self.reviews.withdraw(review_id, reason, task_id)
+        # One at a time, the review read again inside: the cancel's hook and the attempt ending (it opened the review
+        # as the cancel landed, _cancelled_while_running) can both get here for one review, and both recorded the
+        # withdrawal (a session review: 11 of 30 such races). Withdrawals are rare: one lock for all.
+        with self._withdrawing:
+            review = self.reviews.for_task(task_id)
+            if review is None or review.review_id != review_id or review.state == RESOLVED:
+                return
+            if self.audit is not None and self._resolution_on_record(review_id) is None:
+                withdrawn = kpb.Review()
+                withdrawn.CopyFrom(review)
+                withdrawn.resolved_by, withdrawn.comment = "kernel", f"withdrawn: {reason}"
+                withdrawn.resolved_unix_ns = time.time_ns()
+                resolution = self._resolution_of(withdrawn, "", "WITHDRAWN", f"withdrawn: {reason}")
+                self.audit.append_and_wait(self._resolution_record(withdrawn, resolution), timeout_s=10.0)
+            self.reviews.withdraw(review_id, reason, task_id)
 
     def _resolution_on_record(self, review_id: str) -> kpb.AuditRecord | None:
         """The REVIEW_RESOLUTION record of ``review_id`` if one is on the log already (a delivery cut off by a kill

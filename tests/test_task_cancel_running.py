@@ -220,3 +220,43 @@ def test_a_review_left_open_by_a_cancel_cut_short_is_withdrawn_at_the_next_start
             assert len(ends) == 1 and ends[0].decision.action == ""
     finally:
         kernel.stop(grace=1)
+
+
+def test_a_withdrawal_reached_twice_at_once_is_recorded_once(claims_models, tmp_path, monkeypatch):
+    """(Session review) the cancel's hook and the attempt ending (it opened the review as the cancel landed) can
+    both withdraw one review at the same moment: both recorded the withdrawal. A slow audit append (a fault
+    injected on purpose) holds the window open that the race fell into."""
+    import time as _time
+
+    from conftest import start_claims_kernel
+    from kernel.audit import AuditLog
+
+    kernel = start_claims_kernel(claims_models, tmp_path)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{kernel.port}") as chan:
+            tasks = kgrpc.TaskServiceStub(chan)
+            task = tasks.StartTask(kpb.StartTaskRequest(request=large_claim("twice")), timeout=TIMEOUT_S)
+            waiting = _until(lambda: (t := tasks.GetTask(kpb.TaskRef(task_id=task.task_id), timeout=TIMEOUT_S)).state
+                             == kpb.WAITING_FOR_REVIEW and t, "the task to wait for its review")
+        kernel.decisions.tasks.store.cancel(task.task_id)  # (the store's cancel: no hook runs; the test runs two)
+        real = AuditLog.append_and_wait
+
+        def slow_resolutions(self, record, *args, **kwargs):
+            if record.kind == kpb.REVIEW_RESOLUTION:
+                _time.sleep(0.3)
+            return real(self, record, *args, **kwargs)
+
+        monkeypatch.setattr(AuditLog, "append_and_wait", slow_resolutions)
+        withdraw = kernel.decisions._withdraw
+        both = [threading.Thread(target=withdraw, args=(waiting.review_id, task.task_id, "cancelled"))
+                for _ in range(2)]
+        for thread in both:
+            thread.start()
+        for thread in both:
+            thread.join(TIMEOUT_S)
+        monkeypatch.undo()
+        ends = [r for r in kernel.decisions.audit.read(from_sequence=0)
+                if r.kind == kpb.REVIEW_RESOLUTION and r.decision.review_id == waiting.review_id]
+        assert len(ends) == 1
+    finally:
+        kernel.stop(grace=1)
