@@ -364,3 +364,17 @@ def test_nothing_to_archive_in_a_one_segment_log_says_why(tmp_path):
     result = archive(directory, tmp_path / "a", before=15, no_store=True)
     assert result.end == result.first == 0
     assert "the log is one segment, the one a kernel writes into" in result.summary(directory, tmp_path / "a")
+
+
+def test_unsigned_records_are_never_archived_and_signed(log_dir, tmp_path):
+    """(Session review) the archive verifies the log holding the log's writer lock, and its strict check took that
+    lock for a live kernel's: records no checkpoint covered (here: the checkpoints after the second cut away, as
+    someone without the key would leave forged records) were archived and signed by the base. --accept-adopted
+    relaxes only the adopted-clean-stop check, not this one."""
+    path = log_dir / "checkpoints.log"
+    magic, payloads = read_frames(path)
+    write_frames(path, magic, payloads[:3])  # signed up to 14 records; the rest unsigned
+    assert not verify_directory(log_dir, strict=True).ok
+    for accept in (False, True):
+        with pytest.raises(ArchiveRefused, match="not covered by any signed checkpoint"):
+            archive(log_dir, tmp_path / f"a{accept}", before=150, no_store=True, accept_adopted=accept)

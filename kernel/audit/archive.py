@@ -98,8 +98,8 @@ def archive(directory: Path, dest: Path, before: int | None = None, older_than_d
     ``no_store``: the log has none. ``from_keys``: public keys of earlier key epochs (a rotation), trusted besides
     the signing key's own. ``accept_adopted``: archive even though a start signed records holding a clean stop
     (what ``verify --strict`` fails on: the checkpoints that covered them were cut, or the kernel was killed between
-    its "kernel stopping" record and its final checkpoint), once an operator has looked at them; the log must still
-    verify otherwise."""
+    its "kernel stopping" record and its final checkpoint), once an operator has looked at them; every other strict
+    check holds (records no checkpoint covers, a retired key signing again)."""
     directory, dest = Path(directory), Path(dest)
     if (before is None) == (older_than_days is None):
         raise ArchiveRefused("give exactly one of --before SEQ and --older-than DAYS")
@@ -126,20 +126,20 @@ def archive(directory: Path, dest: Path, before: int | None = None, older_than_d
                                  "log that has none")
     try:
         return _archive_locked(directory, dest, before, older_than_days, key_path, now_unix_ns, store, from_keys,
-                               not accept_adopted)
+                               accept_adopted)
     finally:
         os.close(lock)
 
 
 def _archive_locked(directory: Path, dest: Path, before: int | None, older_than_days: float | None,
                     key_path: Path | None, now_unix_ns: int | None, store: Path | None,
-                    from_keys: list[bytes], strict: bool) -> ArchiveResult:
+                    from_keys: list[bytes], accept_adopted: bool) -> ArchiveResult:
     key_path = Path(key_path) if key_path is not None else directory / "signing-key.pem"
     if not key_path.is_file():
         raise ArchiveRefused(f"no signing key at {key_path}: pass --key with the kernel's audit_key")
     key = load_or_create(key_path)
     trusted = [key.public_raw, *from_keys]  # (never keys merely found in the directory: a review audit)
-    checked = verify_directory(directory, trusted, strict=strict)
+    checked = verify_directory(directory, trusted, strict=True, locked_here=True, accept_adopted=accept_adopted)
     if not checked.ok:
         raise ArchiveRefused(f"the log does not verify with the signing key{' and --from-key' if from_keys else ''}, "
                              f"so nothing was archived: {checked.describe()}")
@@ -165,7 +165,7 @@ def _archive_locked(directory: Path, dest: Path, before: int | None, older_than_
     except OSError as exc:
         raise ArchiveFailed(f"could not write the archive in {dest} ({exc.strerror or exc}); nothing was removed "
                             f"from {directory}: delete the incomplete {dest} and run again") from None
-    copy = verify_directory(dest, trusted, strict=strict)
+    copy = verify_directory(dest, trusted, strict=True, accept_adopted=accept_adopted)
     if not copy.ok or copy.records != cut:
         raise ArchiveFailed(f"the archive in {dest} does not verify ({copy.describe()}); nothing was removed from "
                             f"{directory}: delete {dest} and run again")

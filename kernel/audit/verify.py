@@ -131,7 +131,8 @@ class _Failure(Exception):
 
 def verify_directory(directory: str | Path, public_key: bytes | Iterable[bytes] | None = None,
                      strict: bool = False, min_records: int = 0, live_copy: bool = False,
-                     progress: Callable[[str], None] | None = None) -> VerifyResult:
+                     progress: Callable[[str], None] | None = None, locked_here: bool = False,
+                     accept_adopted: bool = False) -> VerifyResult:
     """Verify a log directory.
 
     ``public_key``: the raw Ed25519 key checkpoints must be signed with, or several (a key rotation):
@@ -140,13 +141,17 @@ def verify_directory(directory: str | Path, public_key: bytes | Iterable[bytes] 
     does a range a start signed that holds a clean stop. ``min_records``: a log with fewer records fails (a
     size noted earlier: a log cut back to one of its checkpoints verifies otherwise). ``live_copy``: a copy of a
     running kernel's log (a backup): that it ends without a clean stop is expected, not noted. ``progress``: told
-    how far the walk got after each segment (kernel/progress.py).
+    how far the walk got after each segment (kernel/progress.py). ``locked_here``: the caller holds the log's writer
+    lock (``audit archive``), so no writer is live: the lock seen in /proc/locks is its own (a session review: the
+    archive's own lock made strict verification pass over unsigned records). ``accept_adopted``: with ``strict``,
+    a range a start signed that holds a clean stop is noted, not failed; every other strict check stays.
     """
     directory = Path(directory)
     started = time.perf_counter()
     walk = _Walk(directory)
     walk.live_copy = live_copy
     walk.progress = progress
+    walk.live_writer = (lambda: False) if locked_here else (lambda: writer_is_live(directory))
     try:
         if not directory.is_dir():
             raise _Failure(None, f"{directory} is not a directory")
@@ -157,12 +162,12 @@ def verify_directory(directory: str | Path, public_key: bytes | Iterable[bytes] 
         walk.records()
         walk.leftover_checkpoints()
         walk.some_checkpoint_signed()
-        walk.writer_live = walk.count > walk.signed_size and writer_is_live(directory)
+        walk.writer_live = walk.count > walk.signed_size and walk.live_writer()
         walk.at_least(min_records)
         walk.archive_whole()
         if strict:
             walk.all_signed()
-        walk.recovery_notes(strict)
+        walk.recovery_notes(strict and not accept_adopted)
         walk.key_epochs(strict)
     except OSError as exc:  # a file that cannot be read (a folder in its place, no permission): no traceback
         return walk.result(False, None, f"cannot read the log: {exc}", started)
@@ -211,6 +216,7 @@ class _Walk:
         self.live_copy = False  # a backup of a running kernel's log: no clean stop at its end is expected
         self.progress: Callable[[str], None] | None = None  # told how far the walk got, after each segment
         self.key_returned = ""  # a checkpoint signed by a key an earlier rotation replaced ("" when none)
+        self.live_writer: Callable[[], bool] = lambda: writer_is_live(directory)  # whether a writer has it open
 
     def result(self, ok: bool, sequence: int | None, reason: str, started: float,
                last: int | None = None) -> VerifyResult:
@@ -356,7 +362,7 @@ class _Walk:
                 self.progress(f"{number + 1} of {len(segments)} segments, {sequence:,} records checked")
             if scanner.problem is not None:
                 last = number == len(segments) - 1
-                if last and scanner.torn and writer_is_live(self.directory):
+                if last and scanner.torn and self.live_writer():
                     self.note = (f"the log is open for writing: record {sequence} was still being written and "
                                  f"is not checked")
                     return
@@ -439,7 +445,7 @@ class _Walk:
             notes.append(f"an archive ({ARCHIVE_MARKER}): records from {self.count} on are in the log it came from, "
                          f"whose {BASE_FILE} signs this one's end")
         elif kernels_log and self.last_event != "kernel stopping" and self.count == self.signed_size \
-                and not self.live_copy and not writer_is_live(self.directory):  # (a running kernel's: no stop yet)
+                and not self.live_copy and not self.live_writer():  # (a running kernel's: no stop yet)
             older = ("" if self.stops else
                      "; no record of this log is one, so it may also come from a kernel older than that record, "
                      "which stopped cleanly without it")
