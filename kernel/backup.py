@@ -26,11 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .audit.base import read_base
-from .audit.recovery import after_base, writer_is_live
+from .audit.recovery import after_base, lock_is_held, writer_is_live
 from .audit.segments import MAGIC, SUFFIX, FrameScanner, frames_start, fsync_dir, list_segments, nonzero_end
 from .audit.verify import verify_directory
 from .progress import Progress
-from .store.sqlite import DATABASE_FILE
+from .store.sqlite import DATABASE_FILE, LOCK_FILE as STORE_LOCK
 
 _fsync = fsync_dir  # (opened read-only and fsynced: the same for a file as for a folder)
 
@@ -58,12 +58,17 @@ def backup(source: Path, dest: Path) -> BackupResult:
     if dest.resolve().is_relative_to(source.resolve()):  # (it would be copied into itself by the next backup)
         raise BackupRefused(f"{dest} is inside the data dir {source}: back up elsewhere")
     audit = source / "audit"
-    running = audit.is_dir() and writer_is_live(audit)
+    # A kernel holds its store's lock (and, with a log, the log's) while it runs. Not seen from another pid
+    # namespace (a sidecar container): the stopped path checks that nothing changed while it copied.
+    running = lock_is_held(source / STORE_LOCK) or (audit.is_dir() and writer_is_live(audit))
     try:
         dest.mkdir(parents=True, exist_ok=True, mode=0o700)  # (owner only, as a data dir the kernel makes)
     except OSError as exc:
         raise BackupRefused(f"cannot create {dest}: {exc.strerror or exc}") from None
-    (_copy_store if running else _copy_stopped_store)(store, dest / DATABASE_FILE)
+    if running or not _copy_stopped_store(store, dest / DATABASE_FILE):
+        running = True
+        (dest / DATABASE_FILE).unlink(missing_ok=True)
+        _copy_store(store, dest / DATABASE_FILE)
     problems = []
     if audit.is_dir():
         trimmed = _copy_audit(audit, dest / "audit")
@@ -101,20 +106,35 @@ def _copy_store(store: Path, copy: Path) -> None:
     _fsync(copy)
 
 
-def _copy_stopped_store(store: Path, copy: Path) -> None:
+def _copy_stopped_store(store: Path, copy: Path) -> bool:
     """A stopped kernel's store: its files copied as they are (the write-ahead log too, which holds committed
     transactions a kill left there) into a scratch folder beside ``copy``, and backed up from there: the source
     is never opened (a crash audit: a read-only data dir failed with a traceback, and a writable one was left
-    with -wal and -shm files the backup made)."""
+    with -wal and -shm files the backup made). False when the files changed while they were copied (a kernel
+    this process cannot see runs on them after all): the caller takes the online backup instead."""
+    files = [Path(f"{store}{suffix}") for suffix in ("", "-wal")]
+    before = [_identity(path) for path in files]
     scratch = copy.parent / ".store-being-copied"
     scratch.mkdir()
     try:
-        for suffix in ("", "-wal"):
-            if Path(f"{store}{suffix}").is_file():
-                shutil.copy2(f"{store}{suffix}", scratch / f"{store.name}{suffix}")
+        for path in files:
+            if path.is_file():
+                shutil.copy2(path, scratch / path.name)
+        if [_identity(path) for path in files] != before:
+            return False
         _copy_store(scratch / store.name, copy)
+        return True
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _identity(path: Path) -> tuple | None:
+    """What changes when a file is written: its inode, size and modification time (None: no such file)."""
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        return None
+    return info.st_ino, info.st_size, info.st_mtime_ns
 
 
 def _copy_audit(audit: Path, copy: Path) -> int:

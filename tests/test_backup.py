@@ -8,9 +8,11 @@ lost record) replays every key answered before the backup began, each naming its
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import grpc
 import pytest
@@ -126,3 +128,47 @@ def test_a_stopped_kernels_backup_leaves_its_data_dir_as_it_was(models, tmp_path
         code, err = restored.stop()
     assert code == 0, err
     assert again.replayed and again.audit_sequence == first.audit_sequence
+
+
+def test_a_running_kernel_without_an_audit_log_is_backed_up_online(models, tmp_path, monkeypatch):
+    """(Session review) running with audit_mode off there is no log lock to see: the store was copied as files while
+    the kernel wrote it. Its store's own lock says it runs."""
+    from conftest import start_claims_kernel
+    import kernel.backup as backup_module
+
+    def copied_as_files(*args):  # a tripwire: this path must not be taken for a running kernel
+        raise AssertionError("a running kernel's store was copied as files")
+
+    server = start_claims_kernel(models, tmp_path, audit_mode="off")
+    try:
+        monkeypatch.setattr(backup_module, "_copy_stopped_store", copied_as_files)
+        assert backup_module.backup(tmp_path / "data", tmp_path / "copy").ok
+    finally:
+        server.stop(grace=1)
+
+
+def test_a_store_that_changes_while_it_is_copied_is_backed_up_online(models, tmp_path, monkeypatch):
+    """A kernel this process cannot see (another container's pid namespace hides its locks) writes while the files
+    are copied: the copy is dropped and SQLite's online backup taken instead."""
+    import shutil
+
+    import kernel.backup as backup_module
+
+    server = ServeProcess(models, "--log-level", "WARNING", data_dir=tmp_path / "data")
+    code, err = server.stop()
+    assert code == 0, err
+    store = tmp_path / "data" / "kernel.sqlite3"
+    real_copy = shutil.copy2
+    online = []
+
+    def written_meanwhile(src, dst, *args, **kwargs):  # fault injected on purpose: a write lands mid-copy
+        result = real_copy(src, dst, *args, **kwargs)
+        if Path(src) == store:
+            os.utime(store, ns=(store.stat().st_atime_ns, store.stat().st_mtime_ns + 1))
+        return result
+
+    monkeypatch.setattr(backup_module.shutil, "copy2", written_meanwhile)
+    real_online = backup_module._copy_store
+    monkeypatch.setattr(backup_module, "_copy_store", lambda src, dst: (online.append(src), real_online(src, dst)))
+    assert backup_module.backup(tmp_path / "data", tmp_path / "copy").ok
+    assert online == [store]  # from the source itself, not from a copy of its files

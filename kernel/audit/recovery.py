@@ -341,8 +341,14 @@ def writer_is_live(directory: Path) -> bool:
 
     Taking even a shared lock to find out could make a kernel starting at that moment fail to open its log.
     """
+    return lock_is_held(directory / LOCK_FILE)
+
+
+def lock_is_held(path: Path) -> bool:
+    """Whether some process holds a flock on ``path`` now, as /proc/locks shows it (taking no lock). Only processes
+    of this pid namespace are listed there: another container's kernel is not seen."""
     try:
-        info = os.stat(directory / LOCK_FILE)
+        info = os.stat(path)
         with open("/proc/locks", encoding="ascii") as locks:
             held = locks.read().splitlines()
     except OSError:
