@@ -114,7 +114,7 @@ class _StopSignals:
         if self.stop.is_set():
             log.info("%s received while starting: stopping without serving", self.received[0])
             server.stop()
-            return 0
+            return 0 if server.stopped_cleanly else 1
         print(ready, flush=True)
         # Waking now and then: a signal the OS delivers to another thread (gRPC's, onnxruntime's) does not
         # interrupt this wait, and Python runs its handler only once this thread executes bytecode again.

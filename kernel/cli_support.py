@@ -231,6 +231,8 @@ def output_problem(out: str, log_dir: Path, force: bool) -> str | None:
     written whole, and the file it replaces may be the only copy of something."""
     from .store.sqlite import DATABASE_FILE
 
+    if out.startswith(("/dev/", "/proc/")):  # a device or the process's own streams (/dev/stdout > file.jsonl)
+        return None
     target = Path(out).resolve()
     guarded = [log_dir.resolve()]
     if (guarded[0].parent / DATABASE_FILE).exists():  # (the log's folder is a data dir's)
@@ -238,6 +240,6 @@ def output_problem(out: str, log_dir: Path, force: bool) -> str | None:
     for folder in guarded:
         if target == folder or folder in target.parents:
             return f"{out} is inside {folder}, which the kernel owns (its audit log, keys, store); write elsewhere"
-    if target.exists() and not force:
+    if target.is_file() and not force:  # (a regular file: a FIFO or a device is written as before)
         return f"{out} already exists; pass --force to replace it"
     return None

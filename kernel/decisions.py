@@ -60,7 +60,7 @@ class DecisionSide:
         except OSError as exc:  # (the start's error line: name the setting, not only the path)
             raise OSError(f"data_dir {data} cannot be created: {exc.strerror or exc}") from None
         if data.stat().st_mode & 0o007:
-            log.warning("data_dir %s can be read by every local user (mode %o): it holds escalated cases' free text "
+            log.warning("data_dir %s is open to every local user (mode %o): it holds escalated cases' free text "
                         "and the audit signing key; `chmod 700 %s` (a new data dir is made owner-only)",
                         data, data.stat().st_mode & 0o777, data)
         if settings.audit_mode == "off" and (data / "audit").is_dir() and any((data / "audit").iterdir()):

@@ -166,6 +166,8 @@ def test_export_never_writes_into_the_log_nor_over_a_file_unless_forced(log_dir,
     done = run_cli("export", str(log_dir), "--out", str(kept), "--force")
     assert done.returncode == 0, done.stderr
     assert len(kept.read_text().splitlines()) == RECORDS
+    # Devices and the process's own streams are written as before (a session review: /dev/null was refused).
+    assert run_cli("export", str(log_dir), "--out", "/dev/null").returncode == 0
 
 
 def test_a_damaged_checkpoint_file_header_fails_verify_in_one_line(log_dir):

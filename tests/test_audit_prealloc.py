@@ -314,7 +314,7 @@ def test_a_segment_whose_header_cannot_be_written_is_not_left_behind(tmp_path, m
     real = segments._pwrite_all
 
     def full_past_the_first_bytes(fd, data, offset):  # fault injected on purpose: room for 3 bytes, then none
-        if offset == 0 and len(data) > 8:
+        if offset == 0:  # (a new segment's header, with its zeros or alone)
             real(fd, bytes(data[:3]), 0)
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(fd, data, offset)
@@ -336,3 +336,29 @@ def test_a_segment_whose_header_cannot_be_written_is_not_left_behind(tmp_path, m
     result = verify_directory(tmp_path)
     assert result.ok, result.describe()
     assert result.records == acknowledged  # none of the failed group's records is left to be adopted
+
+
+def test_a_new_segment_without_room_for_its_zeros_goes_on_without_them(tmp_path, monkeypatch, caplog):
+    """(Session review) a rotation on a nearly full disk fail-stopped the log for want of the new segment's zeros,
+    where a header alone fits: it is made without them, as a segment whose zeros fail later goes on."""
+    import errno
+
+    from kernel.audit import segments
+
+    real = segments._pwrite_all
+
+    def no_room_for_zeros(fd, data, offset):  # fault injected on purpose: the header fits, zeros do not
+        if offset == 0 and len(data) > len(MAGIC):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, data, offset)
+
+    with AuditLog.open(tmp_path, segment_bytes=4096, preallocate_bytes=CHUNK) as log:
+        log.append_and_wait(decision(0), 10)
+        monkeypatch.setattr(segments, "_pwrite_all", no_room_for_zeros)
+        with caplog.at_level(logging.WARNING, logger="aios.audit"):
+            for i in range(1, 120):  # past a few rotations
+                assert log.append_and_wait(decision(i), 10)[0] == i
+        monkeypatch.undo()
+    assert len(segments_of(tmp_path)) > 2 and "without preallocation" in caplog.text
+    result = verify_directory(tmp_path)
+    assert result.ok and result.records == 120, result.describe()

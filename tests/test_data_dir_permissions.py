@@ -21,13 +21,13 @@ def test_a_new_data_dir_is_owner_only_and_an_open_one_is_named(model_repo, tmp_p
         with caplog.at_level(logging.WARNING, logger="aios.decisions"):
             start_kernel(model_repo, data_dir=str(made)).stop(grace=1)
         assert made.stat().st_mode & 0o777 == 0o700
-        assert "can be read by every local user" not in caplog.text
+        assert "is open to every local user" not in caplog.text
 
         opened = tmp_path / "opened"
         opened.mkdir(mode=0o755)
         with caplog.at_level(logging.WARNING, logger="aios.decisions"):
             start_kernel(model_repo, data_dir=str(opened)).stop(grace=1)
-        assert f"data_dir {opened} can be read by every local user (mode 755)" in caplog.text
+        assert f"data_dir {opened} is open to every local user (mode 755)" in caplog.text
         assert f"chmod 700 {opened}" in caplog.text
 
         copy = tmp_path / "backups" / "copy"

@@ -380,7 +380,18 @@ class SegmentFile(AppendFile):
         try:
             # The header and the first chunk of zeros in one write and the creation's one fsync.
             zeroed = max(min(chunk, limit), len(magic))
-            _pwrite_all(fd, magic + bytes(zeroed - len(magic)), 0)
+            try:
+                _pwrite_all(fd, magic + bytes(zeroed - len(magic)), 0)
+            except OSError as exc:
+                if zeroed == len(magic):
+                    raise
+                # No room for the zeros (a full disk): the header alone, and the segment goes on without them, as
+                # write() does when zeros fail (a session review: the rotation fail-stopped the log instead).
+                os.ftruncate(fd, 0)
+                _pwrite_all(fd, magic, 0)
+                log.warning("audit: %s: could not write zeros ahead of the records (%s); this segment goes on "
+                            "without preallocation", path.name, exc.strerror or exc)
+                zeroed, chunk = len(magic), 0
             os.fsync(fd)
         except BaseException:
             os.close(fd)

@@ -462,7 +462,7 @@ class AuditLog:
         first_segments, first_size = len(self._segments), segment.size
         try:
             self._write_group(deadline, segment_bytes, index, segment)
-        except OSError:
+        except BaseException:  # (an I/O error, or a bug after a rotation: the log fail-stops either way)
             # The group's callers are told it failed (fail-stop, _fail): its records must not stay in the files for
             # the next start to adopt (a crash audit: a refused decision came back signed, with a review opened).
             self._erase_group(segment, first_segments, first_size)
@@ -471,7 +471,8 @@ class AuditLog:
     def _erase_group(self, segment: SegmentFile, segments: int, size: int) -> None:
         """Undo a failed group's writes, best effort: segments it created go, the one it began in is cut back to
         ``size`` (a rotation is the likeliest place for a full disk to strike: a new segment's zeros)."""
-        for _first, path in self._segments[segments:]:
+        created = self._segments[segments:]
+        for _first, path in created:
             if self._segment.path == path:
                 self._segment.close()
             try:
@@ -479,6 +480,11 @@ class AuditLog:
             except OSError:
                 pass
         del self._segments[segments:]
+        if created:
+            try:
+                fsync_dir(self.directory)  # (the removals durable: a power cut must not bring a segment back)
+            except OSError:
+                pass
         if segment.fd >= 0:
             segment.erase_from(size)
             return
