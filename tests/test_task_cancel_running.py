@@ -146,15 +146,20 @@ def test_a_cancel_while_the_attempt_runs_withdraws_its_review_at_once(server, ch
         go_on.set()
 
 
+def waiting_for_review(tasks, tenant: str) -> kpb.Task:
+    """A large claim's task for ``tenant``, once it waits for its review (the review named on it)."""
+    task = tasks.StartTask(kpb.StartTaskRequest(request=large_claim(tenant)), timeout=TIMEOUT_S)
+    return _until(lambda: (t := tasks.GetTask(kpb.TaskRef(task_id=task.task_id), timeout=TIMEOUT_S)).state
+                  == kpb.WAITING_FOR_REVIEW and t, "the task to wait for its review")
+
+
 def test_a_cancel_that_fails_withdraws_nothing(server, channel, monkeypatch):
     """The review was withdrawn before the cancel was written: a cancel whose write then failed (a full disk) left
     the task waiting on a review nobody could resolve (a review audit). The withdrawal now follows the cancel."""
     from kernel.errors import Unavailable
 
     tasks, reviews = kgrpc.TaskServiceStub(channel), kgrpc.ReviewServiceStub(channel)
-    task = tasks.StartTask(kpb.StartTaskRequest(request=large_claim("cancel-fails")), timeout=TIMEOUT_S)
-    waiting = _until(lambda: (t := tasks.GetTask(kpb.TaskRef(task_id=task.task_id), timeout=TIMEOUT_S)).state
-                     == kpb.WAITING_FOR_REVIEW and t, "the task to wait for its review")
+    task = waiting = waiting_for_review(tasks, "cancel-fails")
 
     def full_disk(task_id):  # fault injected on purpose: the cancel's write fails
         raise Unavailable("the store cannot write: no space left on device (injected)")
@@ -189,9 +194,7 @@ def test_a_review_left_open_by_a_cancel_cut_short_is_withdrawn_at_the_next_start
     try:
         with grpc.insecure_channel(f"127.0.0.1:{kernel.port}") as chan:
             tasks = kgrpc.TaskServiceStub(chan)
-            task = tasks.StartTask(kpb.StartTaskRequest(request=large_claim("cut-short")), timeout=TIMEOUT_S)
-            waiting = _until(lambda: (t := tasks.GetTask(kpb.TaskRef(task_id=task.task_id), timeout=TIMEOUT_S)).state
-                             == kpb.WAITING_FOR_REVIEW and t, "the task to wait for its review")
+            task = waiting = waiting_for_review(tasks, "cut-short")
             monkeypatch.setattr(kernel.decisions.reviews, "withdraw", cut_short)
             assert tasks.CancelTask(kpb.TaskRef(task_id=task.task_id), timeout=TIMEOUT_S).state == kpb.CANCELLED
             monkeypatch.undo()
@@ -235,9 +238,7 @@ def test_a_withdrawal_reached_twice_at_once_is_recorded_once(claims_models, tmp_
     try:
         with grpc.insecure_channel(f"127.0.0.1:{kernel.port}") as chan:
             tasks = kgrpc.TaskServiceStub(chan)
-            task = tasks.StartTask(kpb.StartTaskRequest(request=large_claim("twice")), timeout=TIMEOUT_S)
-            waiting = _until(lambda: (t := tasks.GetTask(kpb.TaskRef(task_id=task.task_id), timeout=TIMEOUT_S)).state
-                             == kpb.WAITING_FOR_REVIEW and t, "the task to wait for its review")
+            task = waiting = waiting_for_review(tasks, "twice")
         kernel.decisions.tasks.store.cancel(task.task_id)  # (the store's cancel: no hook runs; the test runs two)
         real = AuditLog.append_and_wait
 
