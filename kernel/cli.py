@@ -158,6 +158,10 @@ def _print_index(entries) -> None:
 
 def cmd_models_list(args) -> int:
     if args.address:
+        if args.models:  # (a walk-through: it was ignored without a word)
+            print("aios-kernel models list: give --address (a running kernel's models) or --models (a repository "
+                  "folder), not both", file=sys.stderr)
+            return 2
         import grpc
 
         from .oip_client import OipClient

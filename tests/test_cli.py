@@ -543,3 +543,9 @@ def test_a_stop_whose_audit_record_cannot_be_written_exits_1(model_repo, tmp_pat
     code, err = server.stop()
     assert code == 1, err
     assert "AIOS kernel stopped, but not cleanly" in err and "Traceback" not in err
+
+
+def test_models_list_refuses_address_and_models_together(model_repo):
+    """(Operator walk-through) with --address, --models was ignored without a word."""
+    result = run_cli("models", "list", "--address", "127.0.0.1:1", "--models", str(model_repo), timeout=60)
+    assert result.returncode == 2 and "not both" in result.stderr and result.stdout == ""
