@@ -405,9 +405,9 @@ class KernelServer:
         self.decisions.end_watches()
         self._end_health_watches()
         self._lame_duck(min(grace, LAME_DUCK_MAX_S))
-        self._refuse_until_quiet(min(grace, REFUSING_MAX_S))
         # Open DecideStreams answer what they took and end, before gRPC's grace (kernel/pipelines/stream_drains.py).
         self.decisions.engine.stream_drains.drain()
+        self._refuse_until_quiet(min(grace, REFUSING_MAX_S))  # (after the streams: they end as documented)
         if self._loop is not None:
             # The loop thread ends once serve() sees the server terminate; waiting
             # on the stop() future instead can hang, as the loop may exit before
