@@ -16,6 +16,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent import futures
 
 import grpc
@@ -470,20 +471,7 @@ class KernelServer:
         cannot count them), so the kernel goes on serving them. Health already says NOT_SERVING, so
         clients that watch it have stopped sending; an idle kernel stops after the short quiet window.
         """
-        now = time.monotonic_ns()
-        end, quiet_ns = now + int(limit_s * 1e9), int(LAME_DUCK_QUIET_S * 1e9)
-        quiet_since, seen = now, self._arrivals()
-        while now < end and not self._hurried:
-            if self._busy():
-                quiet_since = now
-            else:
-                arrivals = self._arrivals()
-                if arrivals != seen:
-                    seen, quiet_since = arrivals, now
-                elif now - quiet_since >= quiet_ns:
-                    return
-            time.sleep(LAME_DUCK_POLL_S)
-            now = time.monotonic_ns()
+        self._until_quiet(limit_s, self._arrivals, self._busy)
 
     def _refuse_until_quiet(self, limit_s: float) -> None:
         """After the lame duck, before gRPC's stop: new requests are answered UNAVAILABLE at once (the lanes refuse
@@ -492,15 +480,23 @@ class KernelServer:
         closed-loop callers' last calls on the asyncio front end, a few on the threaded one (none decided).
         Refused here they get a status that says to send them again."""
         self.lanes.refuse_new()
+        self._until_quiet(limit_s, self.lanes.refused_new)
+
+    def _until_quiet(self, limit_s: float, count: Callable[[], int], busy: Callable[[], bool] = lambda: False) -> None:
+        """Return once ``count()`` has not moved and ``busy()`` was false for LAME_DUCK_QUIET_S, after ``limit_s``,
+        or when the drain is hurried."""
         now = time.monotonic_ns()
         end, quiet_ns = now + int(limit_s * 1e9), int(LAME_DUCK_QUIET_S * 1e9)
-        quiet_since, seen = now, self.lanes.refused_new()
+        quiet_since, seen = now, count()
         while now < end and not self._hurried:
-            refused = self.lanes.refused_new()
-            if refused != seen:
-                seen, quiet_since = refused, now
-            elif now - quiet_since >= quiet_ns:
-                return
+            if busy():
+                quiet_since = now
+            else:
+                counted = count()
+                if counted != seen:
+                    seen, quiet_since = counted, now
+                elif now - quiet_since >= quiet_ns:
+                    return
             time.sleep(LAME_DUCK_POLL_S)
             now = time.monotonic_ns()
 
