@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import checkpoints as cps
+from ..progress import Progress
 from ..store.audit_needs import oldest_needed
 from ..store.sqlite import DATABASE_FILE
 from .base import ARCHIVE_MARKER, FILE_NAME as BASE_FILE, ArchiveBase, write_base
@@ -139,7 +140,8 @@ def _archive_locked(directory: Path, dest: Path, before: int | None, older_than_
         raise ArchiveRefused(f"no signing key at {key_path}: pass --key with the kernel's audit_key")
     key = load_or_create(key_path)
     trusted = [key.public_raw, *from_keys]  # (never keys merely found in the directory: a review audit)
-    checked = verify_directory(directory, trusted, strict=True, locked_here=True, accept_adopted=accept_adopted)
+    checked = verify_directory(directory, trusted, strict=True, locked_here=True, accept_adopted=accept_adopted,
+                               progress=Progress("aios-kernel audit archive: verifying the log"))
     if not checked.ok:
         raise ArchiveRefused(f"the log does not verify with the signing key{' and --from-key' if from_keys else ''}, "
                              f"so nothing was archived: {checked.describe()}")
