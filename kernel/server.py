@@ -16,7 +16,6 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable
 from concurrent import futures
 
 import grpc
@@ -47,8 +46,6 @@ REFLECTION_SERVICE = reflection.SERVICE_NAME
 LAME_DUCK_MAX_S = 2.0
 LAME_DUCK_QUIET_S = 0.05
 LAME_DUCK_POLL_S = 0.01
-# Then how long it may go on answering new requests UNAVAILABLE while they still come (_refuse_until_quiet).
-REFUSING_MAX_S = 1.0
 
 
 def _register_standard_descriptors() -> None:
@@ -408,7 +405,6 @@ class KernelServer:
         self._lame_duck(min(grace, LAME_DUCK_MAX_S))
         # Open DecideStreams answer what they took and end, before gRPC's grace (kernel/pipelines/stream_drains.py).
         self.decisions.engine.stream_drains.drain()
-        self._refuse_until_quiet(min(grace, REFUSING_MAX_S))  # (after the streams: they end as documented)
         if self._loop is not None:
             # The loop thread ends once serve() sees the server terminate; waiting
             # on the stop() future instead can hang, as the loop may exit before
@@ -428,10 +424,9 @@ class KernelServer:
             log.info("AIOS kernel stopped")
 
     def drain_limit_s(self, grace: float | None = None) -> float:
-        """The longest a drain (``stop``) waits: the lame-duck window, the refusing one, then gRPC's grace for calls
-        in progress."""
+        """The longest a drain (``stop``) waits: the lame-duck window, then gRPC's grace for calls in progress."""
         grace = self.settings.grace_seconds if grace is None else grace
-        return min(grace, LAME_DUCK_MAX_S) + min(grace, REFUSING_MAX_S) + grace
+        return min(grace, LAME_DUCK_MAX_S) + grace
 
     def hurry(self) -> None:
         """Cut a drain short (an operator's second signal): the lame-duck wait ends and gRPC cancels the calls
@@ -471,30 +466,16 @@ class KernelServer:
         cannot count them), so the kernel goes on serving them. Health already says NOT_SERVING, so
         clients that watch it have stopped sending; an idle kernel stops after the short quiet window.
         """
-        self._until_quiet(limit_s, self._arrivals, self._busy)
-
-    def _refuse_until_quiet(self, limit_s: float) -> None:
-        """After the lame duck, before gRPC's stop: new requests are answered UNAVAILABLE at once (the lanes refuse
-        them) until none has come for LAME_DUCK_QUIET_S, or ``limit_s`` passed. Calls gRPC received but had not
-        handed to the kernel when its stop came were cut CANCELLED, which clients do not retry: ~40 of 48
-        closed-loop callers' last calls on the asyncio front end, a few on the threaded one (none decided).
-        Refused here they get a status that says to send them again."""
-        self.lanes.refuse_new()
-        self._until_quiet(limit_s, self.lanes.refused_new)
-
-    def _until_quiet(self, limit_s: float, count: Callable[[], int], busy: Callable[[], bool] = lambda: False) -> None:
-        """Return once ``count()`` has not moved and ``busy()`` was false for LAME_DUCK_QUIET_S, after ``limit_s``,
-        or when the drain is hurried."""
         now = time.monotonic_ns()
         end, quiet_ns = now + int(limit_s * 1e9), int(LAME_DUCK_QUIET_S * 1e9)
-        quiet_since, seen = now, count()
+        quiet_since, seen = now, self._arrivals()
         while now < end and not self._hurried:
-            if busy():
+            if self._busy():
                 quiet_since = now
             else:
-                counted = count()
-                if counted != seen:
-                    seen, quiet_since = counted, now
+                arrivals = self._arrivals()
+                if arrivals != seen:
+                    seen, quiet_since = arrivals, now
                 elif now - quiet_since >= quiet_ns:
                     return
             time.sleep(LAME_DUCK_POLL_S)

@@ -113,8 +113,6 @@ class Lane:
         self._free_urgent = urgent_slots
         self._async_queued = 0  # queued items whose callers will not run batches themselves
         self._closed = False
-        self._refusing = False  # the drain's last step: new requests answered UNAVAILABLE at once (refuse_new)
-        self.refused_new = 0  # how many were
         self._leaving: set = set()  # models unloaded while they held work: removed once it is done
         self._schedules: dict = {}  # model -> its ModelSchedule, to add it back (_add_back_locked)
         # Models one of whose batches ran longer than INLINE_NEVER_NS: never run inline again (run_if_idle).
@@ -351,21 +349,10 @@ class Lane:
             thread.join(timeout=5)
 
     # -- internals (all *_locked run with self._lock held) ----------------------
-    def refuse_new(self) -> None:
-        """From now on, answer new requests UNAVAILABLE at once; queued and running ones finish. The drain's step
-        before gRPC's stop: refusing is cheap, so the calls gRPC has received but not yet handed over reach a
-        handler quickly and get a status clients retry, instead of the CANCELLED gRPC's stop gives them."""
-        with self._lock:
-            self._refusing = True
-
     def _submit_locked(self, item: WorkItem, blocking: bool) -> int:
         """Queue ``item``; returns the clock reading it was queued at (reused as "now")."""
         if self._closed:
             raise Unavailable("the kernel is shutting down")
-        if self._refusing:
-            self.refused_new += 1
-            raise Unavailable("the kernel is shutting down: this request was not run (nothing was decided or "
-                              "recorded for it); send it again, to another replica")
         now = item.enqueued_ns = time.monotonic_ns()
         item.blocking = blocking
         if item.priority <= URGENT_LEVEL:

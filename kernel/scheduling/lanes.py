@@ -91,14 +91,6 @@ class Lanes:
             models.update(lane.stats()["models"])
         return {"models": models, "lanes": {lane.name: lane.slots for lane in self.all()}}
 
-    def refuse_new(self) -> None:
-        """Every lane answers new requests UNAVAILABLE from now on (Lane.refuse_new)."""
-        for lane in self.all():
-            lane.refuse_new()
-
-    def refused_new(self) -> int:
-        return sum(lane.refused_new for lane in self.all())
-
     def close(self) -> None:
         for lane in self.all():
             lane.close()
