@@ -46,6 +46,7 @@ REFLECTION_SERVICE = reflection.SERVICE_NAME
 LAME_DUCK_MAX_S = 2.0
 LAME_DUCK_QUIET_S = 0.05
 LAME_DUCK_POLL_S = 0.01
+LOAD_WAIT_S = 60.0  # at a stop, how long a model load still in progress may take to end (ModelHub.wait_for_loads)
 
 
 def _register_standard_descriptors() -> None:
@@ -482,6 +483,10 @@ class KernelServer:
             now = time.monotonic_ns()
 
     def _release(self) -> None:
+        if not self.hub.wait_for_loads(0.0):  # (a RepositoryModelLoad whose call the drain cut: see wait_for_loads)
+            log.warning("waiting for a model load in progress to finish before stopping (up to %.0f s)", LOAD_WAIT_S)
+            if not self.hub.wait_for_loads(LOAD_WAIT_S):
+                log.error("a model load was still in progress after %.0f s; stopping anyway", LOAD_WAIT_S)
         self.decisions.close()  # tasks stop using the lanes; the audit log flushes and checkpoints
         self.lanes.close()
         self.service.expiry.close()

@@ -138,3 +138,26 @@ def test_an_unloaded_models_memory_goes_back_to_the_system(tmp_path):
     finally:
         code, err = server.stop()
     assert code == 0, err
+
+
+def test_a_stop_that_cuts_a_model_load_waits_for_it_instead_of_aborting(tmp_path):
+    """(Drain audit) SIGTERM and then SIGINT while a RepositoryModelLoad ran: the hurried stop cut the call, the
+    process exited with its handler thread still inside onnxruntime's session creation, and it aborted ("terminate
+    called without an active exception", exit 134). The stop now waits for the load, saying so."""
+    import signal
+
+    repo = tmp_path / "models"
+    onnx_models.save_mlp_version(repo, "tiny", [16, 8, 4], seed=1, provider="cpu")
+    server = ServeProcess(repo, "--front-end", "sync", data_dir=tmp_path / "data")
+    onnx_models.save_mlp_version(repo, "slow", [64, 2048, 2048, 2048, 8], seed=6, provider="cpu")
+    with grpc.insecure_channel(server.address) as channel:
+        load = pb_grpc.GRPCInferenceServiceStub(channel).RepositoryModelLoad.future(
+            pb.RepositoryModelLoadRequest(model_name="slow"), timeout=60)
+        time.sleep(0.1)  # (the load under way: creating and profiling a session of this model takes longer)
+        server.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.05)
+        server.proc.send_signal(signal.SIGINT)  # an operator who will not wait for the drain
+        code, err = server.stop(timeout=90)
+        load.cancel()
+    assert code == 0, err[-2000:]
+    assert "terminate called" not in err

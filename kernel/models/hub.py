@@ -123,6 +123,8 @@ class ModelHub:
         self._skipped: dict[str, dict[str, str]] = {}  # name -> version folders its last load could not serve, and why
         self._listeners: list[Callable[[list[ModelVersion], list[ModelVersion]], None]] = []
         self._preparers: list[Callable[[list[ModelVersion]], None]] = []
+        self._loads = 0  # loads in progress (wait_for_loads)
+        self._loads_done = threading.Condition(threading.Lock())
 
     # -- discovery --------------------------------------------------------
     def scan(self) -> dict[str, ModelFolder]:
@@ -219,6 +221,23 @@ class ModelHub:
 
         Any error is kept as the model's reason (``index``, ``unavailable_reason``) and raised: a
         ``ModelConfigError`` for what is wrong with the model's files, anything else is a kernel bug."""
+        with self._loads_done:
+            self._loads += 1
+        try:
+            return self._load(name)
+        finally:
+            with self._loads_done:
+                self._loads -= 1
+                self._loads_done.notify_all()
+
+    def wait_for_loads(self, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` for the loads in progress to end; whether none is left. A stop must: a
+        process that exits while a thread is inside onnxruntime's session creation aborts ("terminate called
+        without an active exception", exit 134: a drain audit cut a RepositoryModelLoad with a second signal)."""
+        with self._loads_done:
+            return self._loads_done.wait_for(lambda: self._loads == 0, timeout_s)
+
+    def _load(self, name: str) -> list[ModelVersion]:
         started = time.monotonic_ns()
         model_dir = self.root / name
         if not model_dir.is_dir():
