@@ -81,20 +81,23 @@ def start_claims_kernel(models: Path, folder: Path, pipelines: Path | None = Non
     return start_kernel(models, pipelines=str(pipelines), pipeline_poll_s=0, **overrides)
 
 
-def module_claims_kernel(folder: str = "kernel", edit_pipelines=None, **overrides):
+def module_claims_kernel(folder: str = "kernel", edit_pipelines=None, front_ends: tuple[str, ...] = (), **overrides):
     """A test module's own claims kernel and a channel to it, as fixtures named ``server`` and ``channel``:
     ``server, channel = module_claims_kernel(task_workers=4)``. ``edit_pipelines(folder)`` may change the
-    private copy of the pipelines before the kernel starts."""
+    private copy of the pipelines before the kernel starts; ``front_ends`` (e.g. ``("sync", "aio")``): one kernel
+    on each, the module's tests run against every one."""
 
-    @pytest.fixture(scope="module", name="server")
-    def server_fixture(claims_models, tmp_path_factory):
+    @pytest.fixture(scope="module", name="server", params=list(front_ends) or None)
+    def server_fixture(request, claims_models, tmp_path_factory):
         from claims_support import copy_pipelines
 
-        root = tmp_path_factory.mktemp(folder)
+        front_end = getattr(request, "param", None)
+        root = tmp_path_factory.mktemp(f"{folder}-{front_end}" if front_end else folder)
         pipelines = copy_pipelines(root / "pipelines")
         if edit_pipelines is not None:
             edit_pipelines(pipelines)
-        server = start_claims_kernel(claims_models, root, pipelines, **overrides)
+        server = start_claims_kernel(claims_models, root, pipelines,
+                                     **({"front_end": front_end} if front_end else {}), **overrides)
         yield server
         server.stop(grace=1)
 

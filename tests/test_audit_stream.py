@@ -27,6 +27,13 @@ def record(i: int) -> pb.AuditRecord:
                           request_id=f"r{i}")
 
 
+def written(log, last: int) -> None:
+    """Records 0..``last`` appended, returning once the last is durable (and so every one before it)."""
+    for i in range(last):
+        log.append(record(i))
+    log.append_and_wait(record(last), 10)
+
+
 class SyncServer:
     windowed = False  # StreamAudit's messages sent by windowed_sends.py, as the kernel's threaded front end does
 
@@ -88,9 +95,7 @@ def served(request, tmp_path):
 
 def test_stream_from_a_sequence_without_follow_ends_at_the_tail(served):
     log, stub = served
-    for i in range(300):
-        log.append(record(i))
-    log.append_and_wait(record(300), 10)
+    written(log, 300)
     got = [r.sequence for r in stub.StreamAudit(pb.StreamAuditRequest(from_sequence=120), timeout=10)]
     assert got == list(range(120, 301))
     streamed = list(stub.StreamAudit(pb.StreamAuditRequest(from_sequence=7), timeout=10))[0]
@@ -99,9 +104,7 @@ def test_stream_from_a_sequence_without_follow_ends_at_the_tail(served):
 
 def test_stream_filters(served):
     log, stub = served
-    for i in range(200):
-        log.append(record(i))
-    log.append_and_wait(record(200), 10)
+    written(log, 200)
     request = pb.StreamAuditRequest(tenant="t1", pipeline="p0", kind=pb.DECISION)
     got = [r.sequence for r in stub.StreamAudit(request, timeout=10)]
     assert got == [i for i in range(201) if i % 3 == 1 and i % 2 == 0 and i % 4]
@@ -117,9 +120,7 @@ def test_a_follow_with_an_until_ends_once_that_time_has_passed(served):
     import time
 
     log, stub = served
-    for i in range(20):
-        log.append(record(i))
-    log.append_and_wait(record(20), 10)
+    written(log, 20)
     until = [r.time_unix_ns for r in log.read()][10]
     started = time.monotonic()
     request = pb.StreamAuditRequest(follow=True, until_unix_ns=until)
@@ -170,9 +171,7 @@ def test_resume_after_random_disconnects_has_no_gap_and_no_duplicate(served):
 
 def test_resume_with_a_filter(served):
     log, stub = served
-    for i in range(400):
-        log.append(record(i))
-    log.append_and_wait(record(400), 10)
+    written(log, 400)
     expected = [i for i in range(401) if i % 3 == 2]
     rng = random.Random(99)
     received: list[int] = []
@@ -186,6 +185,15 @@ def test_resume_with_a_filter(served):
     assert received == expected
 
 
+def follow_and_leave(stub, times: int) -> None:
+    """``times`` follow streams in a row, each cancelled once it read record 0: its handler is then waiting at the
+    tail (or with its window full) and must end when the client leaves."""
+    for _ in range(times):
+        call = stub.StreamAudit(pb.StreamAuditRequest(follow=True), timeout=10)
+        assert next(call).sequence == 0
+        call.cancel()
+
+
 @pytest.mark.parametrize("server_class", [SyncServer, WindowedServer])
 def test_cancelled_follow_streams_free_their_handler_threads(tmp_path, server_class):
     """Two handler threads serve ten follow streams in a row: each must end when its client leaves."""
@@ -194,11 +202,7 @@ def test_cancelled_follow_streams_free_their_handler_threads(tmp_path, server_cl
     try:
         log.append_and_wait(record(0), 10)
         with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            stub = kernel_pb2_grpc.AuditServiceStub(channel)
-            for _ in range(10):
-                call = stub.StreamAudit(pb.StreamAuditRequest(follow=True), timeout=10)
-                assert next(call).sequence == 0
-                call.cancel()  # the handler is now waiting at the tail for record 1
+            follow_and_leave(kernel_pb2_grpc.AuditServiceStub(channel), 10)
     finally:
         server.stop()
         log.close()
@@ -249,10 +253,7 @@ def test_a_reader_that_stops_reading_with_the_window_full_frees_the_thread_when_
         log.append_and_wait(record(0), 10)
         with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             stub = kernel_pb2_grpc.AuditServiceStub(channel)
-            for _ in range(10):
-                call = stub.StreamAudit(pb.StreamAuditRequest(follow=True), timeout=10)
-                assert next(call).sequence == 0
-                call.cancel()
+            follow_and_leave(stub, 10)
             got = [r.sequence for r in stub.StreamAudit(pb.StreamAuditRequest(from_sequence=1), timeout=10)]
             assert got == list(range(1, 3 * windowed_sends.WINDOW + 1))  # every record, in order, after the window
     finally:
@@ -263,9 +264,7 @@ def test_a_reader_that_stops_reading_with_the_window_full_frees_the_thread_when_
 # --------------------------------------------------------------------------- StreamAuditBatches
 def test_batches_carry_exactly_the_stream_s_records(served):
     log, stub = served
-    for i in range(700):
-        log.append(record(i))
-    log.append_and_wait(record(700), 10)
+    written(log, 700)
     for query in (pb.StreamAuditRequest(from_sequence=5), pb.StreamAuditRequest(tenant="t1", kind=pb.DECISION)):
         one_by_one = list(stub.StreamAudit(query, timeout=10))
         batches = list(stub.StreamAuditBatches(pb.StreamAuditBatchesRequest(query=query, max_records=100), timeout=10))

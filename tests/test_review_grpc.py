@@ -16,8 +16,8 @@ import time
 import grpc
 import pytest
 
-from claims_support import claim_request, copy_pipelines
-from conftest import start_claims_kernel
+from claims_support import claim_request
+from conftest import module_claims_kernel
 from examples.claims import data
 from kernel._proto.aios.kernel.v1 import kernel_pb2 as kpb
 from kernel._proto.aios.kernel.v1 import kernel_pb2_grpc as kgrpc
@@ -35,20 +35,7 @@ def _late_pipeline(folder) -> None:
     (folder / f"{LATE}.toml").write_text(text, encoding="utf-8")
 
 
-@pytest.fixture(scope="module", params=["sync", "aio"])
-def server(request, claims_models, tmp_path_factory):
-    root = tmp_path_factory.mktemp(f"reviews-{request.param}")
-    pipelines = copy_pipelines(root / "pipelines")
-    _late_pipeline(pipelines)
-    server = start_claims_kernel(claims_models, root, pipelines, front_end=request.param)
-    yield server
-    server.stop(grace=1)
-
-
-@pytest.fixture
-def channel(server):
-    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
-        yield ch
+server, channel = module_claims_kernel("reviews", edit_pipelines=_late_pipeline, front_ends=("sync", "aio"))
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ import grpc
 import pytest
 
 from claims_support import UNSURE_CASE, claim_request
-from conftest import start_claims_kernel
+from conftest import module_claims_kernel
 from examples.claims import data
 from kernel._proto.aios.kernel.v1 import kernel_pb2 as kpb
 from kernel._proto.aios.kernel.v1 import kernel_pb2_grpc as kgrpc
@@ -31,18 +31,7 @@ SMALL = dict(data.generate_cases(1, seed=7)[0], claim_amount=800.0, customer_tie
              days_since_incident=3)  # R08: small, clean and confident: fast-tracked with no human
 
 
-@pytest.fixture(scope="module", params=["sync", "aio"])
-def server(request, claims_models, tmp_path_factory):
-    server = start_claims_kernel(claims_models, tmp_path_factory.mktemp(f"tasks-{request.param}"),
-                                 front_end=request.param, task_backoff_s=0.01)
-    yield server
-    server.stop(grace=1)
-
-
-@pytest.fixture
-def channel(server):
-    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
-        yield ch
+server, channel = module_claims_kernel("tasks", front_ends=("sync", "aio"), task_backoff_s=0.01)
 
 
 @pytest.fixture
