@@ -28,6 +28,7 @@ from ._proto.inference import grpc_service_pb2
 from .api import (InferenceService, aio_servicer, eager_receive, kernel_services, registration, stream_pump,
                   sync_servicer, windowed_sends)
 from .api.call_budget import CallBudget, StreamBudget
+from .api.entry_gate import EntryGate, guard
 from .api.handler_pool import HandlerPool, poller_policy
 from .api.health import AsyncHealth, ThreadedHealth
 from .api.watch_budget import WatchBudget
@@ -46,6 +47,10 @@ REFLECTION_SERVICE = reflection.SERVICE_NAME
 LAME_DUCK_MAX_S = 2.0
 LAME_DUCK_QUIET_S = 0.05
 LAME_DUCK_POLL_S = 0.01
+# Then every new call is refused at its entry (api/entry_gate.py) until none has come for REFUSAL_QUIET_S
+# (or REFUSAL_MAX_S has passed): gRPC's own stop cuts those it holds CANCELLED, which clients do not retry.
+REFUSAL_MAX_S = 1.0
+REFUSAL_QUIET_S = 0.05
 LOAD_WAIT_S = 60.0  # at a stop, how long a model load still in progress may take to end (ModelHub.wait_for_loads)
 
 
@@ -142,6 +147,7 @@ class KernelServer:
         self.decisions.db.failure_listeners.append(self._store_failed_now)
         self._stopped: asyncio.Event | None = None
         self._pool: HandlerPool | None = None  # the sync front end's handler threads
+        self._gate: EntryGate | None = None  # closed by stop(): new calls refused before gRPC's stop
 
     # -- model changes --------------------------------------------------------
     def _models_arriving(self, fresh) -> None:
@@ -230,6 +236,8 @@ class KernelServer:
         self._streams = StreamBudget(self.settings.stream_limit) if asynchronous else None
         ours = kernel_services.generic_handlers(self.hub, self.lanes, asynchronous,
                                                 self.decisions.handlers(budget, self._watches, self._streams))
+        self._gate = EntryGate(asynchronous)
+        guard([inference, *ours], self._gate)  # (health and reflection stay open: a probe hears NOT_SERVING)
         registration.add_to_server(server, [inference, *ours])
         if not asynchronous and self.settings.eager_receive:
             self._eager = eager_receive.attach([inference, *ours], self._pool, self.settings.answer_later,
@@ -406,6 +414,7 @@ class KernelServer:
         self._lame_duck(min(grace, LAME_DUCK_MAX_S))
         # Open DecideStreams answer what they took and end, before gRPC's grace (kernel/pipelines/stream_drains.py).
         self.decisions.engine.stream_drains.drain()
+        self._refuse_new_calls(min(grace, REFUSAL_MAX_S))
         if self._loop is not None:
             # The loop thread ends once serve() sees the server terminate; waiting
             # on the stop() future instead can hang, as the loop may exit before
@@ -427,7 +436,7 @@ class KernelServer:
     def drain_limit_s(self, grace: float | None = None) -> float:
         """The longest a drain (``stop``) waits: the lame-duck window, then gRPC's grace for calls in progress."""
         grace = self.settings.grace_seconds if grace is None else grace
-        return min(grace, LAME_DUCK_MAX_S) + grace
+        return min(grace, LAME_DUCK_MAX_S) + min(grace, REFUSAL_MAX_S) + grace
 
     def hurry(self) -> None:
         """Cut a drain short (an operator's second signal): the lame-duck wait ends and gRPC cancels the calls
@@ -481,6 +490,42 @@ class KernelServer:
                     return
             time.sleep(LAME_DUCK_POLL_S)
             now = time.monotonic_ns()
+
+    @property
+    def refused_while_stopping(self) -> int:
+        """Calls refused at their entry by the stop (UNAVAILABLE, not run)."""
+        return 0 if self._gate is None else self._gate.refused
+
+    def _refuse_new_calls(self, limit_s: float) -> None:
+        """Close the entry gate, then wait until no call has been refused, and the kernel holds none it can
+        see, for REFUSAL_QUIET_S (or ``limit_s`` has passed): calls gRPC received before its stop are then
+        answered UNAVAILABLE, not run, instead of being cut CANCELLED by it."""
+        gate = self._gate
+        gate.close()
+        now = time.monotonic_ns()
+        end, quiet_ns = now + int(limit_s * 1e9), int(REFUSAL_QUIET_S * 1e9)
+        while now < end and not self._hurried:
+            if not self._busy() and now - gate.last_refusal_ns >= quiet_ns:
+                refused = gate.refused
+                self._loop_caught_up(end - now)
+                if gate.refused == refused:
+                    break
+            time.sleep(LAME_DUCK_POLL_S)
+            now = time.monotonic_ns()
+        if gate.refused:
+            log.info("refused %d new call%s while stopping (UNAVAILABLE, aios-not-decided: not run)",
+                     gate.refused, "" if gate.refused == 1 else "s")
+
+    def _loop_caught_up(self, limit_ns: int) -> None:
+        """On the asyncio front end, wait until the event loop has run what was queued for it so far (the calls
+        gRPC has received reach the gate there): a loop slowed by a busy machine may hold calls longer than
+        the quiet window. (The threaded front end's calls waiting for a handler thread count as busy.)"""
+        if self._loop is None or limit_ns <= 0:
+            return
+        try:
+            asyncio.run_coroutine_threadsafe(asyncio.sleep(0), self._loop).result(timeout=limit_ns / 1e9)
+        except (futures.TimeoutError, RuntimeError):
+            pass  # (the loop is slower than the drain's limit, or already closed)
 
     def _release(self) -> None:
         if not self.hub.wait_for_loads(0.0):  # (a RepositoryModelLoad whose call the drain cut: see wait_for_loads)

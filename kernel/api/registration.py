@@ -127,6 +127,11 @@ class ServiceHandlers(grpc.GenericRpcHandler):
     def service(self, handler_call_details):
         return self._by_path.get(handler_call_details.method)
 
+    def replace(self, method_name: str, handler: grpc.RpcMethodHandler) -> None:
+        """Serve ``method_name`` with ``handler`` instead (before the server has it: entry_gate.guard)."""
+        self.methods[method_name] = handler
+        self._by_path[f"/{self.service_name}/{method_name}"] = handler
+
 
 def add_to_server(server, handlers) -> None:
     """Add ``handlers`` to ``server`` as generic handlers; on a threaded server also register each
