@@ -178,3 +178,24 @@ def test_a_claim_never_released_is_taken_over_long_after_its_deadline(caplog):
     assert "was never released" in caplog.text and "bug" in caplog.text
     claims.release(taken)
     assert len(claims) == 0
+
+
+def test_a_claim_with_a_wait_gets_the_key_once_its_holder_releases_it_or_is_refused_after_the_wait():
+    """A task's attempt waits for its key's claim (a Decide about to be refused for the task's key holds it
+    briefly: a race audit found attempts failed for good on such a claim)."""
+    import threading
+
+    claims = KeyClaims()
+    held = claims.claim("acme", "k", "hash-decide", deadline_ns=None)
+    got = []
+    waiter = threading.Thread(target=lambda: got.append(claims.claim("acme", "k", "hash-task", None, wait_ns=30 * 10**9)))
+    waiter.start()
+    waiter.join(timeout=0.2)  # (still waiting: the key is held)
+    assert waiter.is_alive() and not got
+    claims.release(held)
+    waiter.join(timeout=30)
+    assert got and got[0].request_hash == "hash-task"
+    with pytest.raises(FailedPrecondition, match="different request"):  # a wait that ends with the key still held
+        claims.claim("acme", "k", "hash-decide", deadline_ns=None, wait_ns=10**6)
+    claims.release(got[0])
+    assert len(claims) == 0

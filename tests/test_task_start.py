@@ -216,3 +216,85 @@ def test_a_task_that_adopts_a_keyed_decide_s_escalation_finishes_with_its_resolu
         else:
             assert tasks.CancelTask(kpb.TaskRef(task_id=task.task_id), timeout=TIMEOUT_S).state == kpb.CANCELLED
             assert reviews.GetReview(ref, timeout=TIMEOUT_S).state == "OPEN"  # the Decide caller's case stays
+
+
+def test_a_resolved_adopted_review_refuses_the_cancel_of_the_task_waiting_on_it(server, channel, tasks, monkeypatch):
+    """A race audit: the task waits on a keyed Decide's review (which names no task); the reviewer's resolution was
+    stored, its hook not yet through to the task, and a cancel then was answered OK too (the task ended CANCELLED,
+    the reviewer's action lost). The resolution is the winner: the cancel is refused, the task takes the action."""
+    decide, reviews = kgrpc.DecisionServiceStub(channel), kgrpc.ReviewServiceStub(channel)
+    side = server.decisions
+    stored, release, real = threading.Event(), threading.Event(), side._finish_waiting_task
+
+    def held(review, resolution):  # fault injected on purpose: the resolution is stored, the task not told yet
+        stored.set()
+        release.wait(TIMEOUT_S)
+        real(review, resolution)
+
+    large = claim_request(dict(data.generate_cases(1, seed=3)[0], claim_amount=90000.0), tenant="adopt-race",
+                          idempotency_key="adopt-race", request_id="adopt-race")
+    escalated = decide.Decide(large, timeout=TIMEOUT_S)
+    task = tasks.StartTask(kpb.StartTaskRequest(request=large), timeout=TIMEOUT_S)
+    waiting = next(t for t in tasks.WatchTask(kpb.TaskRef(task_id=task.task_id), timeout=TIMEOUT_S)
+                   if t.state not in (kpb.QUEUED, kpb.RUNNING))
+    assert waiting.state == kpb.WAITING_FOR_REVIEW and waiting.review_id == escalated.review_id
+    monkeypatch.setattr(side, "_finish_waiting_task", held)
+    reviews.ClaimReview(kpb.ClaimReviewRequest(review_id=escalated.review_id, reviewer="ann"), timeout=TIMEOUT_S)
+    resolved = reviews.ResolveReview.future(kpb.ResolveReviewRequest(
+        review_id=escalated.review_id, reviewer="ann", action="deny", comment="checked"), timeout=TIMEOUT_S)
+    try:
+        assert stored.wait(TIMEOUT_S)
+        code, details = refused(tasks.CancelTask, kpb.TaskRef(task_id=task.task_id))
+        assert code == grpc.StatusCode.FAILED_PRECONDITION and escalated.review_id in details
+    finally:
+        release.set()
+    assert resolved.result().resolved_action == "deny"
+    done = next(t for t in tasks.WatchTask(kpb.TaskRef(task_id=task.task_id), timeout=TIMEOUT_S)
+                if t.state != kpb.WAITING_FOR_REVIEW)
+    assert done.state == kpb.SUCCEEDED and done.decision.action == "deny"
+
+
+def test_a_task_attempt_waits_for_its_key_held_by_a_decide_about_to_be_refused(server, channel, tasks, monkeypatch):
+    """A race audit: a Decide with a task's key and another request claims the key before it finds the task holds
+    it, and is then refused; a task attempt starting in that moment failed for good ("in use by another call with
+    a different request"), after which the key was free and later Decides with the other request were decided.
+    The attempt waits for the doomed Decide's claim instead."""
+    engine = server.decisions.engine
+    claimed, attempt_claims, release = threading.Event(), threading.Event(), threading.Event()
+    real_replayed, real_prepare, real_claim = engine._replayed, engine.prepare, engine.claims.claim
+
+    def held_decide(request, request_hash):  # fault injected on purpose: the Decide stops with the key claimed
+        if request.request_id == "doomed":
+            claimed.set()
+            release.wait(TIMEOUT_S)
+        return real_replayed(request, request_hash)
+
+    def attempt_after_the_decide_claimed(request, deadline_ns, *args, task_id="", **kwargs):
+        if task_id:
+            claimed.wait(TIMEOUT_S)
+        return real_prepare(request, deadline_ns, *args, task_id=task_id, **kwargs)
+
+    def claim(*args, **kwargs):
+        if kwargs.get("wait_ns"):
+            attempt_claims.set()  # (the Decide holds the key now: it is released only after this)
+        return real_claim(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "_replayed", held_decide)
+    monkeypatch.setattr(engine, "prepare", attempt_after_the_decide_claimed)
+    monkeypatch.setattr(engine.claims, "claim", claim)
+    case = data.generate_cases(1, seed=3)[0]
+    task = tasks.StartTask(kpb.StartTaskRequest(request=claim_request(case, tenant="doom", idempotency_key="doom")),
+                           timeout=TIMEOUT_S)
+    other = claim_request(dict(case, claim_amount=802.0), tenant="doom", idempotency_key="doom", request_id="doomed")
+    doomed = kgrpc.DecisionServiceStub(channel).Decide.future(other, timeout=TIMEOUT_S)
+    try:
+        assert attempt_claims.wait(TIMEOUT_S)
+    finally:
+        release.set()
+    with pytest.raises(grpc.RpcError) as info:
+        doomed.result()
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "already started task" in info.value.details()
+    done = next(t for t in tasks.WatchTask(kpb.TaskRef(task_id=task.task_id), timeout=TIMEOUT_S)
+                if t.state not in (kpb.QUEUED, kpb.RUNNING))
+    assert done.state in (kpb.SUCCEEDED, kpb.WAITING_FOR_REVIEW), done.error
+    assert done.attempts == 1  # not backed off and run again

@@ -160,6 +160,35 @@ def test_idempotency_key_returns_the_same_task_and_refuses_a_different_request(d
     assert created_other and other_tenant.task_id != first.task_id
 
 
+def test_two_starts_with_one_key_at_once_leave_the_stored_task_holding_the_key(db):
+    """A race audit: the second StartTask with a key, finding it reserved by a first one still being stored,
+    inserted its own task beside it and committed first; the first, finding its key taken, released the
+    reservation — which the stored, undecided task needed (a Decide with another request was then decided, and
+    the task failed on its own key). The second now waits for the first's insert."""
+    store = TaskStore(db)
+    checking, release = threading.Event(), threading.Event()
+
+    def slow_first_check(request, digest):  # fault injected on purpose: the first start stops before its insert
+        if not checking.is_set():
+            checking.set()
+            release.wait(10)
+
+    store.check_key = slow_first_check
+    answers = []
+    first = threading.Thread(target=lambda: answers.append(store.create(decision_request("k", amount=5.0))))
+    first.start()
+    assert checking.wait(10)
+    second = threading.Thread(target=lambda: answers.append(store.create(decision_request("k", amount=5.0))))
+    second.start()
+    second.join(timeout=1)  # (it waits for the first: without the wait it had stored its own task by now)
+    release.set()
+    first.join(timeout=10)
+    second.join(timeout=10)
+    (task, created), (again, created_again) = answers
+    assert created and not created_again and again.task_id == task.task_id
+    assert store.key_holder("acme", "k")[0] == task.task_id  # the undecided task holds its key
+
+
 def test_cancel_unless_final(db):
     store = TaskStore(db)
     task, _ = store.create(decision_request())

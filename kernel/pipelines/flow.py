@@ -37,6 +37,7 @@ log = logging.getLogger("aios.decisions")
 
 ANONYMOUS = "anonymous"  # the principal until authentication lands
 TASK_KEY_RETRY_MS = 1000  # retry hint for a Decide whose key an undecided task holds (a task waits in a queue)
+TASK_CLAIM_WAIT_NS = 5 * 10**9  # a task's attempt waits this long for its key's claim (key_claims.py), then backs off
 
 
 class Pending:
@@ -128,7 +129,8 @@ class DecisionEngine(GroupFinish):
                 # Claimed before the store is read: a second call with the key, until this one's answer is
                 # stored, is refused with a retry hint instead of deciding again (key_claims.py). (The call's
                 # deadline only bounds how long a claim never released could hold the key.)
-                claim = self.claims.claim(request.tenant, request.idempotency_key, request_hash, deadline_ns)
+                claim = self.claims.claim(request.tenant, request.idempotency_key, request_hash, deadline_ns,
+                                          wait_ns=TASK_CLAIM_WAIT_NS if task_id else 0)
         try:
             if claim is not None:
                 replay = self._replayed(request, request_hash)

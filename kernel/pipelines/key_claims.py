@@ -17,6 +17,16 @@ either sees the claim or, once claimed itself, the stored answer.
 A claim that outlives its request by far is taken over with an error in the
 log: every path that ends a decision releases its claim, so that would be a
 bug, and a key locked until the next restart is the worse outcome.
+
+A durable task's attempt waits for the claim instead of being refused
+(``wait_ns``): the task holds its key (the task store's reservation), so a
+call holding the claim then is either a Decide about to be refused for that
+reservation (it claims before it checks: the claim is what makes a racing
+StartTask see it), or a Decide of the same request that claimed before the
+task existed, whose stored answer the attempt then replays. Refused, the
+attempt failed for good on a doomed Decide's claim (FAILED_PRECONDITION for
+another request) or backed off for seconds (ABORTED), and the Decides it
+answers waited on it (a race audit).
 """
 
 from __future__ import annotations
@@ -52,25 +62,33 @@ class KeyClaims:
     def __init__(self, clock=time.monotonic_ns):
         self._clock = clock
         self._lock = threading.Lock()
+        self._released = threading.Condition(self._lock)  # (waited on only by claims given a wait_ns)
         self._held: dict[tuple[str, str], Claim] = {}
 
     def __len__(self) -> int:
         return len(self._held)
 
-    def claim(self, tenant: str, key: str, request_hash: str, deadline_ns: int | None) -> Claim:
+    def claim(self, tenant: str, key: str, request_hash: str, deadline_ns: int | None, wait_ns: int = 0) -> Claim:
         """Take ``key`` for a decision about to be made (release it with ``release``). Raises ABORTED, with
-        a retry hint, while another call holds it for the same request; FAILED_PRECONDITION for another."""
+        a retry hint, while another call holds it for the same request; FAILED_PRECONDITION for another —
+        after waiting up to ``wait_ns`` for it to be released (a task's attempt: the module docstring)."""
         now = self._clock()
         pair = (tenant, key)
+        give_up = now + wait_ns
         with self._lock:
-            held = self._held.get(pair)
-            if held is not None and now > held.stale_ns:
-                log.error("the claim on idempotency key %r (tenant %r) was never released (%.0f s old): taken over; "
-                          "this is a bug", key, tenant, (now - held.started_ns) / 1e9)
-                held = None
-            if held is None:
-                claim = self._held[pair] = Claim(pair, request_hash, now, deadline_ns)
-                return claim
+            while True:
+                held = self._held.get(pair)
+                if held is not None and now > held.stale_ns:
+                    log.error("the claim on idempotency key %r (tenant %r) was never released (%.0f s old): taken "
+                              "over; this is a bug", key, tenant, (now - held.started_ns) / 1e9)
+                    held = None
+                if held is None:
+                    claim = self._held[pair] = Claim(pair, request_hash, now, deadline_ns)
+                    return claim
+                if now >= give_up:
+                    break
+                self._released.wait((give_up - now) / 1e9)
+                now = self._clock()
         if held.request_hash != request_hash:
             raise FailedPrecondition(
                 f"idempotency_key {quote(key)} is in use by another call with a different request; "
@@ -92,3 +110,4 @@ class KeyClaims:
         with self._lock:
             if self._held.get(claim.key) is claim:
                 del self._held[claim.key]
+                self._released.notify_all()

@@ -157,6 +157,11 @@ def task_review(conn, task_id: str) -> kpb.Review | None:
     return None if found is None else kpb.Review.FromString(found[0])
 
 
+def review_by_id(conn, review_id: str) -> kpb.Review | None:
+    found = conn.execute("SELECT body FROM reviews WHERE review_id = ?", (review_id,)).fetchone()
+    return None if found is None else kpb.Review.FromString(found[0])
+
+
 # Reviews retention deletes: resolved by a reviewer (and delivered), or withdrawn (their task was cancelled: they
 # keep the case's request, free text included, as long as any other; a review audit found them kept for good).
 # A resolved review stays while a task that opened or adopted it has not finished: the review is what refuses that
@@ -233,8 +238,7 @@ class SqliteReviewRecords:
 
     def get(self, review_id: str) -> kpb.Review | None:
         with self._db.read() as conn:
-            found = conn.execute("SELECT body FROM reviews WHERE review_id = ?", (review_id,)).fetchone()
-        return None if found is None else kpb.Review.FromString(found[0])
+            return review_by_id(conn, review_id)
 
     def for_task(self, task_id: str) -> kpb.Review | None:
         with self._db.read() as conn:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
 from ..errors import FailedPrecondition, quote
-from .sqlite_reviews import task_review
+from .sqlite_reviews import review_by_id, task_review
 
 AfterCommit = Callable[[object], None] | None
 
@@ -36,12 +36,16 @@ def cannot_cancel(task_id: str, review: kpb.Review) -> FailedPrecondition:
         f"{review.resolved_by} ({quote(review.resolved_action)}), and the task finishes with that action")
 
 
-def _refuse_if_resolved(conn, task_id: str) -> None:
+def _refuse_if_resolved(conn, task: kpb.Task) -> None:
     """The cancel's half of "a resolution and a cancel have one winner" (``sqlite_reviews`` has the other): a
-    review of this task that a reviewer resolved, even before the task named it, refuses the cancel."""
-    review = task_review(conn, task_id)
+    review of this task that a reviewer resolved, even before the task named it, refuses the cancel; so does
+    the review the task waits on without having opened it (a keyed Decide's escalation the task adopted: it
+    names no task, and a race audit found both the resolution and the cancel answered OK)."""
+    review = task_review(conn, task.task_id)
+    if review is None and task.review_id:
+        review = review_by_id(conn, task.review_id)
     if review is not None and review.resolved_action:
-        raise cannot_cancel(task_id, review)
+        raise cannot_cancel(task.task_id, review)
 
 
 class SqliteTaskRecords:
@@ -108,7 +112,7 @@ class SqliteTaskRecords:
             if not mutate(task):
                 return task, revision, False
             if task.state == kpb.CANCELLED and not was_cancelled:
-                _refuse_if_resolved(conn, task_id)
+                _refuse_if_resolved(conn, task)
             state, _tenant, _key, review_id = _row(task)
             conn.execute(
                 "UPDATE tasks SET state = ?, review_id = ?, revision = ?, body = ?, finished_unix_ns = ?"

@@ -28,6 +28,7 @@ from ..store.sqlite_tasks import FINISHED
 
 FINAL = FINISHED
 ACTIVE = (kpb.QUEUED, kpb.RUNNING, kpb.WAITING_FOR_REVIEW)
+CREATE_WAIT_NS = 10 * 10**9  # how long a StartTask waits for another one with its key to be stored (_reserve)
 UNDECIDED = (kpb.QUEUED, kpb.RUNNING)  # a task whose decision is not stored under its idempotency key yet
 
 
@@ -103,6 +104,8 @@ class TaskStore:
         # Decide with the key would be decided and make the task fail on its own key (a test-port audit).
         self._undecided_keys: dict[tuple[str, str], tuple[str, str]] = {}
         self._keys_lock = threading.Lock()
+        # Keys whose reserving task is being stored: (its task id, set once its insert is over).
+        self._creating: dict[tuple[str, str], tuple[str, threading.Event]] = {}
         # Called with (request, request hash) once a new task's key is reserved, before the task is stored: raises
         # to refuse it (DecisionEngine.check_task_key: a Decide with the key and another request).
         self.check_key: Callable[[kpb.DecisionRequest, str], None] | None = None
@@ -170,11 +173,7 @@ class TaskStore:
         if not task.request.request_id:  # made once, so every run of the task uses the same id
             task.request.request_id = uuid.uuid4().hex
         task.history.add(state=kpb.QUEUED, at_unix_ns=now, detail="started")
-        reserved = False
-        if key:  # held from before the insert commits: no Decide slips in between
-            with self._keys_lock:
-                reserved = self._undecided_keys.setdefault((request.tenant, key), (task.task_id, digest))[0] \
-                    == task.task_id
+        reserved = self._reserve(task, digest) if key else False
         try:
             if reserved and self.check_key is not None:
                 self.check_key(request, digest)
@@ -183,6 +182,9 @@ class TaskStore:
             if reserved:
                 self._release_key(task)
             raise
+        finally:
+            if reserved:
+                self._created(task)
         if reserved and not created:  # the key's task was stored before (and has decided: it was not held)
             self._release_key(task)
         if not created:
@@ -196,6 +198,37 @@ class TaskStore:
             replayed.replayed = True  # the caller's answer says so; the stored task is unchanged
             return replayed, False
         return stored, True
+
+    def _reserve(self, task: kpb.Task, digest: str) -> bool:
+        """Reserve the key of ``task`` (about to be stored) for it; False if another task holds it.
+
+        Held from before the insert commits: no Decide slips in between. A StartTask that finds the key reserved
+        by one still being stored waits for that insert first: inserting its own beside it, it could commit
+        first, and the other, finding its key taken, then released the reservation that the stored, undecided
+        task needed (a Decide with another request was then decided, and the task failed on its own key: a race
+        audit); and the other may yet be refused (``check_key``), leaving the key to this one, which must then be
+        checked too."""
+        pair = (task.request.tenant, task.request.idempotency_key)
+        give_up = time.monotonic_ns() + CREATE_WAIT_NS
+        while True:
+            with self._keys_lock:
+                holder = self._undecided_keys.setdefault(pair, (task.task_id, digest))
+                if holder[0] == task.task_id:
+                    self._creating[pair] = (task.task_id, threading.Event())
+                    return True
+                storing = self._creating.get(pair, (None, None))[1]
+            if storing is None or not storing.wait(max(0, give_up - time.monotonic_ns()) / 1e9):
+                return False  # held by a stored task (or still being stored after CREATE_WAIT_NS): insert, find it
+
+    def _created(self, task: kpb.Task) -> None:
+        """The insert of ``task``, which reserved its key, is over (stored, found another, or failed)."""
+        pair = (task.request.tenant, task.request.idempotency_key)
+        with self._keys_lock:
+            storing = self._creating.get(pair)
+            if storing is None or storing[0] != task.task_id:  # (another task reserved it since: not ours to end)
+                return
+            del self._creating[pair]
+        storing[1].set()
 
     def _release_key(self, task: kpb.Task) -> None:
         with self._keys_lock:
