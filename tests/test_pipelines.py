@@ -239,3 +239,55 @@ def test_without_declared_text_fields_any_name_but_a_typed_fields_is_taken(folde
     pipeline.check_text(["adjuster_remarks", "description"])
     with pytest.raises(InvalidArgument, match="'fraud_score' is a typed field"):
         pipeline.check_text(["fraud_score"])
+
+
+def _version_bumped(text: str, version: str) -> str:
+    import re
+
+    bumped = re.sub(r'(\[pipeline\][^\[]*?version = ")[^"]*(")', rf"\g<1>{version}\g<2>", text, count=1)
+    assert bumped != text
+    return bumped
+
+
+def test_an_upload_replaces_the_file_that_serves_the_pipeline_so_a_restart_serves_it_too(hub, folder):
+    """An operator walk-through: the pipeline was served from 'claims.toml'; its upload wrote 'claims_triage.toml'
+    beside it, and the next start served the older file again (it comes first, and the name is taken)."""
+    (folder / "claims_triage.toml").rename(folder / "claims.toml")
+    registry = PipelineRegistry(folder, hub, load_policy, parse_policy, poll_s=0)
+    registry.reload()
+    uploaded = registry.put(_version_bumped((folder / "claims.toml").read_text(), "v-uploaded").encode())
+    assert uploaded.label == "v-uploaded" and Path(uploaded.path).name == "claims.toml"
+    assert not (folder / "claims_triage.toml").exists()
+    restarted = PipelineRegistry(folder, hub, load_policy, parse_policy, poll_s=0)
+    restarted.reload()
+    assert restarted.get("claims_triage").label == "v-uploaded"
+
+
+@pytest.mark.parametrize("held", ["another pipeline", "notes", "broken"])
+def test_an_upload_does_not_overwrite_a_file_of_its_name_that_holds_something_else(hub, folder, held):
+    """The same walk-through: a pipeline named 'x' overwrote 'x.toml' that served another pipeline, or the
+    author's own notes there, without a word."""
+    from kernel.errors import InvalidArgument
+
+    text = (folder / "claims_triage.toml").read_text()
+    other = folder / "x.toml"
+    other.write_text({"another pipeline": text.replace('name = "claims_triage"', 'name = "other_one"', 1),
+                      "notes": '# my notes\nowner = "bob"\n', "broken": "half an edit = [\n"}[held])
+    before = other.read_bytes()
+    registry = PipelineRegistry(folder, hub, load_policy, parse_policy, poll_s=0)
+    registry.reload()
+    with pytest.raises(InvalidArgument, match="'x.toml' in the pipeline folder .*an upload does not overwrite it"):
+        registry.put(text.replace('name = "claims_triage"', 'name = "x"', 1).encode())
+    assert other.read_bytes() == before
+    if held == "another pipeline":
+        assert registry.get("other_one").path == str(other)
+
+
+def test_an_upload_replaces_a_refused_version_of_the_same_pipeline(hub, folder):
+    text = (folder / "claims_triage.toml").read_text().replace('name = "claims_triage"', 'name = "x"', 1)
+    (folder / "x.toml").write_text(text.replace("[escalation]", "[escalation]\nnonsense = 1", 1))
+    registry = PipelineRegistry(folder, hub, load_policy, parse_policy, poll_s=0)
+    registry.reload()
+    assert str(folder / "x.toml") in registry.errors
+    assert Path(registry.put(text.encode()).path).name == "x.toml"
+    assert (folder / "x.toml").read_text() == text

@@ -297,12 +297,7 @@ class PipelineRegistry:
 
         try:
             pipeline = self._bind(parse_pipeline(pipeline_text, "<upload>", policy_for))
-            target = self.folder / f"{pipeline.name}.toml"
-            _check_file_name(target.name, f"{pipeline.path}: [pipeline].name: its file name")
-            if target.name in pending_policy or (target.exists() and _file_kind(target) != PIPELINE
-                                                 and _absolute(target) in self._read_files()):
-                raise PipelineError(f"{pipeline.path}: [pipeline].name: {target.name!r} in the pipeline folder is "
-                                    "another kind of file (a policy?); choose another name")
+            target = self._upload_target(pipeline, pending_policy)
             for name, (text, policy) in pending_policy.items():
                 self._check_sharers(self.folder / name, text, policy, pipeline.name, target)
         except PipelineError as exc:
@@ -349,6 +344,41 @@ class PipelineRegistry:
         self._list_strays()
         self._load_files(sorted(sharers))
         return pipeline
+
+    def _upload_target(self, pipeline: Pipeline, pending_policy) -> Path:
+        """The file an upload of ``pipeline`` is written to: the one serving its name now, wherever it is in the
+        folder, else ``<name>.toml`` unless that holds something else. (An operator walk-through: an upload of a
+        pipeline served from another file wrote ``<name>.toml`` beside it, and the next start served the old file
+        again, as it comes first; one whose ``<name>.toml`` held another pipeline, or a file of the author's own,
+        overwrote it.)"""
+        active = self._active.get(pipeline.name)
+        if (active is not None and _absolute(Path(active.path).parent) == _absolute(self.folder)
+                and Path(active.path).exists()):
+            return Path(active.path)
+        target = self.folder / f"{pipeline.name}.toml"
+        where = f"{pipeline.path}: [pipeline].name"
+        _check_file_name(target.name, f"{where}: its file name")
+        if target.name in pending_policy:
+            raise PipelineError(f"{where}: {target.name!r} is the name of the policy file uploaded with it; "
+                                "choose another name")
+        if not target.exists():
+            return target
+        kind, named = _file_kind(target), _pipeline_name_in(target)
+        served = self._owner(target)
+        if served is not None:
+            held = f"serves pipeline {served.name!r}"
+        elif kind == PIPELINE and named != pipeline.name:
+            held = (f"holds pipeline {named!r}" if named else "holds a [pipeline] table with no name") + \
+                f" (not served: {self.errors.get(str(target), 'refused')[:200]})"
+        elif kind == OTHER:
+            held = ("is a policy a pipeline reads" if _absolute(target) in self._read_files()
+                    else "is a file that is no pipeline (a policy, or notes?)")
+        elif kind == BROKEN:
+            held = "is a file that is not readable TOML, so what it holds cannot be told"
+        else:
+            return target  # a refused version of this very pipeline: the upload replaces it
+        raise PipelineError(f"{where}: {target.name!r} in the pipeline folder {held}; an upload does not overwrite "
+                            f"it: choose another name, or move that file away first")
 
     def _check_sharers(self, policy_path: Path, text: bytes, policy, name: str, target: Path) -> None:
         """Refuse an uploaded policy that would break another serving pipeline reading ``policy_path``."""
@@ -570,6 +600,17 @@ def _file_kind(path: Path) -> str:
     except (UnicodeDecodeError, tomlsafe.TomlError):
         return BROKEN
     return PIPELINE if isinstance(doc.get("pipeline"), dict) else OTHER
+
+
+def _pipeline_name_in(path: Path) -> str | None:
+    """``[pipeline].name`` in the TOML at ``path``, if it reads and has one."""
+    try:
+        doc = tomlsafe.loads(read_bounded(path, MAX_PIPELINE_FILE_BYTES).decode("utf-8"))
+    except (OSError, FileTooLarge, UnicodeDecodeError, tomlsafe.TomlError):
+        return None
+    table = doc.get("pipeline")
+    name = table.get("name") if isinstance(table, dict) else None
+    return name if isinstance(name, str) else None
 
 
 def _file_key(path: Path) -> tuple | None:
