@@ -69,6 +69,12 @@ class InvalidArgument(KernelError):
     code = "INVALID_ARGUMENT"
 
 
+class ModelRefusedInput(InvalidArgument):
+    """The model itself (onnxruntime) refused one request's input at run time: the caller's own tensors for
+    ModelInfer, but for a Decide an input the pipeline built from fields that passed every check — a fault of
+    the model or the pipeline, which takes the pipeline's fallback (group_finish.py)."""
+
+
 class NotFound(KernelError):
     code = "NOT_FOUND"
 

@@ -440,6 +440,29 @@ def test_a_model_fault_takes_the_pipeline_fallback_and_goes_to_a_human(kernel, c
     assert record.decision.outcome == kpb.FALLBACK and record.request_id == "f0"
 
 
+def test_an_input_the_model_refuses_at_run_time_takes_the_pipeline_fallback(claims_models, tmp_path):
+    """A pipeline author's walk-through: onnxruntime refusing the input the pipeline built (an index out of a
+    table's bounds) reached the Decide caller as INVALID_ARGUMENT with onnxruntime's text, although every field
+    had passed the pipeline's checks, and a task failed on it; a model fault takes the fallback. (ModelInfer, whose
+    caller sent the tensors, still answers INVALID_ARGUMENT: test_scheduling_grpc.)"""
+    from claims_support import faulty_claims_model
+    from conftest import start_claims_kernel
+
+    faulty_claims_model(claims_models / "claims_triage" / "1", tmp_path / "models" / "claims_triage" / "1",
+                        fault="refuse")
+    server = start_claims_kernel(tmp_path / "models", tmp_path)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            decide = kgrpc.DecisionServiceStub(channel).Decide
+            small = decide(_request(_case(claim_amount=300.0), request_id="small"), timeout=10)
+            large = decide(_request(_case(claim_amount=90000.0), request_id="large"), timeout=10)
+    finally:
+        server.stop(grace=1)
+    assert small.outcome != kpb.FALLBACK
+    assert large.outcome == kpb.FALLBACK and large.action == "review" and large.review_id
+    assert "refused this request's input" in large.escalation_reasons[0]
+
+
 def test_cancelling_a_waiting_task_withdraws_its_review(channel):
     tasks, reviews = kgrpc.TaskServiceStub(channel), kgrpc.ReviewServiceStub(channel)
     case = _case(claim_amount=80000.0, fraud_score=0.2, prior_claims=0)  # R04: a human decides

@@ -14,7 +14,6 @@ leaves them.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +21,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from claims_support import build_small_model, claim_request, copy_pipelines
+from claims_support import build_small_model, claim_request, copy_pipelines, faulty_claims_model, model_weights as _weights
 from conftest import start_kernel
 from examples.claims import data
 from kernel._proto.aios.kernel.v1 import kernel_pb2 as kpb
@@ -40,42 +39,13 @@ from kernel.testing.onnx_models import _finish, mlp_from_weights, save
 DECISIONS = 160
 
 
-def _weights(version: Path) -> tuple[np.ndarray, np.ndarray]:
-    inits = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(version / "model.onnx")).graph.initializer}
-    return inits["W0"], inits["B0"]
-
-
-def _nan_for_large_claims(good: Path, out: Path) -> None:
-    """The claims model, but its scores are NaN for a standardized claim amount above 1 (0 * sqrt(1 - x0))."""
-    w, b = _weights(good)
-    floats = TensorProto.FLOAT
-    graph = helper.make_graph(
-        [helper.make_node("Gemm", ["features", "W0", "B0"], ["logits"]),
-         helper.make_node("Softmax", ["logits"], ["soft"], axis=-1),
-         helper.make_node("Gather", ["features", "col0"], ["x0"], axis=1),
-         helper.make_node("Sub", ["one", "x0"], ["room"]),
-         helper.make_node("Sqrt", ["room"], ["root"]),
-         helper.make_node("Mul", ["root", "zero"], ["nan_or_zero"]),
-         helper.make_node("Add", ["soft", "nan_or_zero"], ["probabilities"])],
-        "claims_triage_faulty",
-        [helper.make_tensor_value_info("features", floats, ["batch", w.shape[0]])],
-        [helper.make_tensor_value_info("probabilities", floats, ["batch", w.shape[1]])],
-        initializer=[numpy_helper.from_array(w, "W0"), numpy_helper.from_array(b, "B0"),
-                     numpy_helper.from_array(np.array([0], np.int64), "col0"),
-                     numpy_helper.from_array(np.array(1.0, np.float32), "one"),
-                     numpy_helper.from_array(np.array(0.0, np.float32), "zero")])
-    out.mkdir(parents=True)
-    save(_finish(graph), out / "model.onnx")
-    shutil.copy(good / "model.toml", out / "model.toml")
-
-
 @pytest.fixture(scope="module")
 def recorded(tmp_path_factory):
     """(audit dir, pipelines folder, the good model's version folder, FALLBACK count): a log of real
     decisions of the claims pipeline, some of them FALLBACK (the model failed on large claims)."""
     good = build_small_model(tmp_path_factory.mktemp("good")) / "claims_triage" / "1"
     faulty = tmp_path_factory.mktemp("faulty")
-    _nan_for_large_claims(good, faulty / "claims_triage" / "1")
+    faulty_claims_model(good, faulty / "claims_triage" / "1", fault="nan")
     pipelines = copy_pipelines(tmp_path_factory.mktemp("pipelines"))
     data_dir = tmp_path_factory.mktemp("data")
     server = start_kernel(faulty, pipelines=str(pipelines), data_dir=str(data_dir), pipeline_poll_s=0)

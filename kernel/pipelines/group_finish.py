@@ -22,6 +22,7 @@ from ..errors import (
     DeadlineExceeded,
     FailedPrecondition,
     Internal,
+    ModelRefusedInput,
     KernelError,
     Unavailable,
     quote,
@@ -102,8 +103,11 @@ class GroupFinish:
         """A request whose model work failed: the error, or for a model fault the pipeline's fallback."""
         if not isinstance(error, KernelError):
             error = KernelError(str(error))
-        # A model fault (not the caller's deadline or a full queue) takes the pipeline's fallback.
-        return self._fallback(pending, error) if pending.pipeline.fallback_action and error.code == "INTERNAL" else error
+        # A model fault (not the caller's deadline or a full queue) takes the pipeline's fallback; so does an input
+        # the model refused at run time, which the pipeline built from fields that passed its checks (a pipeline
+        # author's walk-through: onnxruntime's own message reached the caller as INVALID_ARGUMENT).
+        fault = error.code == "INTERNAL" or isinstance(error, ModelRefusedInput)
+        return self._fallback(pending, error) if pending.pipeline.fallback_action and fault else error
 
     def _fallback(self, pending: Pending, error: KernelError) -> kpb.Decision:
         """The pipeline's fallback decision for a request whose model failed: FALLBACK, sent to a human."""

@@ -7,7 +7,7 @@ import time
 
 import numpy as np
 
-from ..errors import Internal, InvalidArgument
+from ..errors import Internal, ModelRefusedInput
 from ..ids import random_hex
 
 log = logging.getLogger("aios.scheduling")
@@ -34,7 +34,7 @@ def _fail(model, items, rows: int, exc: Exception) -> None:
     for item in items:
         item.outputs = None
         if refused:
-            item.error = InvalidArgument(f"model {model.name}/{model.version} refused this request's input: {exc} "
+            item.error = ModelRefusedInput(f"model {model.name}/{model.version} refused this request's input: {exc} "
                                          f"(request id {request_id_of(item)})")
         else:
             item.error = Internal(
