@@ -30,7 +30,7 @@ from ..errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NotF
 from ..observability.repeats import RepeatedFailure
 from ..limits import FileTooLarge, read_bounded
 from ..policy import tomlsafe
-from .spec import MAX_PIPELINE_FILE_BYTES, Pipeline, PipelineError, load_pipeline, parse_pipeline
+from .spec import MAX_PIPELINE_FILE_BYTES, Pipeline, PipelineError, compared_strings, load_pipeline, parse_pipeline
 from .tomlpos import line_of
 
 log = logging.getLogger("aios.pipelines")
@@ -569,6 +569,12 @@ def _check_classes(pipeline: Pipeline, output: str, labels) -> None:
     if unknown:
         raise pipeline.model_error("output", f"the policy {source} reads {', '.join(unknown)} but {output} has "
                                              f"no such class (labels {list(labels)})")
+    # A policy without [model] classes compares `label` with any string; one the model never answers would
+    # make its rule dead (a pipeline author's walk-through: `label == 'fraud'` was accepted; score.fraud was not).
+    for rule, name, value in compared_strings(policy):
+        if name == "label" and value not in labels:
+            raise pipeline.model_error("output", f"rule {rule.id} ({source}:{rule.line}) compares label with "
+                                                 f"{value!r}, but {output} has no such class (labels {list(labels)})")
 
 
 # Uploaded text becomes files named after it: keep each name (and its ".<name>.tmp" twin) a

@@ -54,6 +54,7 @@ from pathlib import Path
 from .. import accel
 from ..policy import tomlsafe
 from ..policy.syntax import string_literals
+from ..policy.types import NAME_RE
 from ..errors import InvalidArgument
 from ..limits import FileTooLarge, authored_text_problem, read_bounded
 from .fields import ENCODINGS, FIELD_TYPES, TRANSFORMS, FieldSpec, encode_one
@@ -304,11 +305,18 @@ def _text_fields(r: _Reader, head: dict, fields) -> frozenset[str] | None:
         if not isinstance(name, str) or not name:
             raise r.fail("pipeline", "text_fields", f"must be a list of field names, got {name!r}")
         r.printable(name, "pipeline", "text_fields")
+        if not NAME_RE.match(name):
+            raise r.fail("pipeline", "text_fields", f"{FIELD_NAME_RULE}, got {name!r:.60}")
         if name in typed:
             raise r.fail("pipeline", "text_fields", f"'{name}' is also a [[field]]: a field is typed or free text")
     if len(set(names)) != len(names):
         raise r.fail("pipeline", "text_fields", "lists a name twice")
     return frozenset(names)
+
+
+# As a policy's input names: a request names its fields so, a policy reads them so, and the audit record keeps
+# free text under 'text:<name>' (an author's walk-through: a [[field]] named 'text:notiz' lost its value there).
+FIELD_NAME_RULE = "a field name is ASCII letters, digits and _, not starting with a digit"
 
 
 def _fields(r: _Reader, raw_fields) -> tuple[FieldSpec, ...]:
@@ -321,6 +329,8 @@ def _fields(r: _Reader, raw_fields) -> tuple[FieldSpec, ...]:
         r.check_keys(raw, "field", i)
         name = r.get(raw, "field", "name", str, required=True, index=i)
         r.printable(name, "field", "name", index=i)
+        if not NAME_RE.match(name):  # (a name the policy could not read, or 'text:…', which the record uses itself)
+            raise r.fail("field", "name", f"{FIELD_NAME_RULE}, got {name!r:.60}", i)
         if name in seen:
             raise r.fail("field", "name", f"duplicate field '{name}'", i)
         seen.add(name)

@@ -245,7 +245,7 @@ class _Loader:
             if isinstance(ftype, dict):
                 self.add(line, f"inputs.{name}", "input names cannot contain dots")
             elif not NAME_RE.match(name):
-                self.add(line, f"inputs.{name}", "an input name is letters, digits and _, not starting with a digit")
+                self.add(line, f"inputs.{name}", "an input name is ASCII letters, digits and _, not starting with a digit")
             elif name in RESERVED:
                 self.add(line, f"inputs.{name}", f"'{name}' is reserved (model outputs and keywords)")
             elif ftype not in INPUT_TYPES:
