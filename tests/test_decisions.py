@@ -463,6 +463,59 @@ def test_an_input_the_model_refuses_at_run_time_takes_the_pipeline_fallback(clai
     assert "refused this request's input" in large.escalation_reasons[0]
 
 
+COLLECT_POLICY = """
+[policy]
+name = "claims_collect"
+version = "1"
+hit_policy = "COLLECT"
+[inputs]
+claim_amount = "number"
+[outputs]
+actions = ["deny", "review", "approve"]
+[[rule]]
+id = "NOTED"
+when = "claim_amount >= 0"
+action = "approve"
+[[rule]]
+id = "ASKS"
+when = "claim_amount >= 0"
+action = "approve"
+escalate = true
+[[rule]]
+id = "ALSO"
+when = "claim_amount >= 0"
+action = "approve"
+adjust = 0.1
+[[rule]]
+id = "D"
+default = true
+action = "approve"
+"""
+
+
+def test_under_collect_the_escalation_names_the_rules_that_asked_for_review_only(claims_models, tmp_path):
+    """A pipeline author's walk-through: with three rules firing, one of them escalating, the escalation reason
+    (on the answer and the audit record) named all three."""
+    from claims_support import copy_pipelines
+    from conftest import start_claims_kernel
+
+    pipelines = copy_pipelines(tmp_path / "pipelines")
+    text = (pipelines / "claims_triage.toml").read_text()
+    (pipelines / "collect_policy.toml").write_text(COLLECT_POLICY)
+    (pipelines / "claims_collect.toml").write_text(text.replace('name = "claims_triage"', 'name = "claims_collect"', 1)
+                                                   .replace('file = "policy.toml"', 'file = "collect_policy.toml"', 1))
+    server = start_claims_kernel(claims_models, tmp_path, pipelines)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            request = _request(_case())
+            request.pipeline = "claims_collect"
+            decision = kgrpc.DecisionServiceStub(channel).Decide(request, timeout=10)
+    finally:
+        server.stop(grace=1)
+    assert decision.outcome == kpb.ESCALATED and {r.rule_id for r in decision.reasons} >= {"NOTED", "ASKS", "ALSO"}
+    assert "a policy rule asked for review: ASKS" in decision.escalation_reasons
+
+
 def test_cancelling_a_waiting_task_withdraws_its_review(channel):
     tasks, reviews = kgrpc.TaskServiceStub(channel), kgrpc.ReviewServiceStub(channel)
     case = _case(claim_amount=80000.0, fraud_score=0.2, prior_claims=0)  # R04: a human decides

@@ -271,6 +271,9 @@ def test_a_pipeline_refused_for_want_of_its_model_loads_with_the_model(model_fol
                                            "not loaded; the pipeline is tried again when the model loads")
         with pytest.raises(NotFound):
             registry.get("claims_triage")
+        # An upload is not kept when refused: it is not "tried again" (a pipeline author's walk-through)
+        with pytest.raises(InvalidArgument, match="is not loaded; load the model, then upload again"):
+            registry.put(PIPELINE_TEXT.encode())
         hub.load("claims_triage")
         assert registry.get("claims_triage").model == "claims_triage"
         assert registry.errors == {}

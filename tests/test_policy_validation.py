@@ -151,6 +151,11 @@ def test_missing_sections(tmp_path):
      "true or false"),
     ('id = "R1"\nwhen = "amount > 1"\naction = "deny"\nadjust = inf', "adjust", "rule 'R1' adjust", "finite"),
     ('when = "amount > 1"\naction = "deny"', 'when = "amount > 1"', "rule #1 id", "is required"),
+    # the ids the kernel gives its own reasons: a rule's would be told from them on the audit log by nothing
+    ('id = "FALLBACK"\nwhen = "amount > 1"\naction = "deny"', 'id = "FALLBACK"', "rule 'FALLBACK' id",
+     "an id the kernel gives reasons of its own"),
+    ('id = "WITHDRAWN"\nwhen = "amount > 1"\naction = "deny"', 'id = "WITHDRAWN"', "rule 'WITHDRAWN' id",
+     "an id the kernel gives reasons of its own"),
 ])
 def test_rule_key_errors(tmp_path, body_rule, fragment, subject, message):
     body = f"\n[[rule]]\n{body_rule}\n" + rules()

@@ -296,7 +296,7 @@ class PipelineRegistry:
             return self._load_policy(self.folder / name)
 
         try:
-            pipeline = self._bind(parse_pipeline(pipeline_text, "<upload>", policy_for))
+            pipeline = self._bind(parse_pipeline(pipeline_text, "<upload>", policy_for), upload=True)
             target = self._upload_target(pipeline, pending_policy)
             for name, (text, policy) in pending_policy.items():
                 self._check_sharers(self.folder / name, text, policy, pipeline.name, target)
@@ -406,15 +406,16 @@ class PipelineRegistry:
                 raise PipelineError(f"{policy_path.name} is also the policy of pipeline '{other.name}' ({path}), "
                                     f"which the uploaded policy would break: {exc}") from None
 
-    def _bind(self, pipeline: Pipeline) -> Pipeline:
+    def _bind(self, pipeline: Pipeline, upload: bool = False) -> Pipeline:
         """Check the pipeline against the model it names: loaded, input width, output labels, and the
         policy's classes and ``score.<class>`` reads against those labels."""
         mv = self.hub.get(pipeline.model, pipeline.model_version)
         fail = pipeline.model_error
         if mv is None:
             which = f"version '{pipeline.model_version}'" if pipeline.model_version else "any version"
-            raise fail("name", f"model '{pipeline.model}' ({which}) is not loaded; the pipeline is tried again when "
-                               "the model loads")
+            then = ("load the model, then upload again (a refused upload is not kept)" if upload
+                    else "the pipeline is tried again when the model loads")
+            raise fail("name", f"model '{pipeline.model}' ({which}) is not loaded; {then}")
         config = mv.config
         inputs = {spec.name: spec for spec in config.inputs}
         outputs = {spec.name: spec for spec in config.outputs}

@@ -26,7 +26,7 @@ from .parser import ParseError, parse_condition
 from .policy import Policy, Rule
 from .sourcemap import SourceMap
 from .syntax import fields_of
-from .types import INPUT_TYPES, NAME_RE, RESERVED, Schema
+from .types import INPUT_TYPES, KERNEL_REASON_IDS, NAME_RE, RESERVED, Schema
 from ..limits import FileTooLarge, authored_text_problem, read_bounded
 
 HIT_POLICIES = ("UNIQUE", "FIRST", "PRIORITY", "COLLECT")
@@ -280,6 +280,9 @@ class _Loader:
             if rule_id in seen:
                 self.add(self.line(key, "id"), f"{label} id", f"is used twice (first at line {seen[rule_id]})")
             seen.setdefault(rule_id, self.line(key, "id"))
+            if rule_id in KERNEL_REASON_IDS:
+                self.add(self.line(key, "id"), f"{label} id", f"is an id the kernel gives reasons of its own "
+                                                              f"({', '.join(KERNEL_REASON_IDS)}); choose another")
             is_default = entry.get("default", False)
             if not isinstance(is_default, bool):
                 self.add(self.line(key, "default"), f"{label} default", "must be true or false")

@@ -20,6 +20,9 @@ NUMERIC = (NUMBER, INTEGER)
 LABEL, CONFIDENCE, SCORE = "label", "confidence", "score"
 RESERVED = frozenset({LABEL, CONFIDENCE, SCORE}) | KEYWORDS
 NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+# The reason ids the kernel gives decisions no rule made: a model fault's fallback, a reviewer's resolution, a
+# withdrawn review. A rule with one of them would be told from those on the audit log by nothing.
+KERNEL_REASON_IDS = ("FALLBACK", "REVIEW", "WITHDRAWN")
 
 
 class Schema:
