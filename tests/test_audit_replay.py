@@ -143,6 +143,37 @@ def test_a_rules_only_change_is_counted_listed_and_fails_the_gate(recorded, tmp_
     capsys.readouterr()
 
 
+def test_a_changed_score_adjustment_fails_the_gate_too(recorded, tmp_path, capsys):
+    """A pipeline author's walk-through: a candidate that changed only a rule's `adjust` (an output every
+    decision carries) replayed as "0 would change" and passed the gate."""
+    audit, pipelines, _ = recorded
+    text = (pipelines / "policy.toml").read_text()
+    assert text.count('id = "R06"') == 1
+    candidate = tmp_path / "adjusted.toml"
+    candidate.write_text(text.replace('id = "R06"', 'id = "R06"\nadjust = 0.25', 1))
+    report = _replay(audit, pipelines / "claims_triage.toml", candidate, tmp_path / "r.json", capsys)
+    assert report["changed"] == 0 and report["rules_changed"] > 0
+    assert all(c["from"]["adjust"] == 0 and c["to"]["adjust"] == 0.25 for c in report["rules_changed_cases"])
+    gate = ["audit", "replay", str(audit), "--pipeline", str(pipelines / "claims_triage.toml"), "--fail-on-change"]
+    assert cli_main([*gate, "--policy", str(candidate)]) == 1
+    capsys.readouterr()
+
+
+def test_a_gate_that_finds_no_decision_of_its_pipeline_fails(recorded, tmp_path, capsys):
+    """The same walk-through: a misspelt pipeline name replayed 0 decisions and the gate passed (exit 0)."""
+    audit, pipelines, _ = recorded
+    other = tmp_path / "claims_triag.toml"
+    other.write_text((pipelines / "claims_triage.toml").read_text().replace(
+        'name = "claims_triage"', 'name = "claims_triag"', 1).replace('file = "policy.toml"',
+                                                                        f'file = "{pipelines / "policy.toml"}"', 1))
+    args = ["audit", "replay", str(audit), "--pipeline", str(other), "--policy", str(pipelines / "policy.toml")]
+    assert cli_main([*args, "--fail-on-change"]) == 2
+    err = capsys.readouterr().err
+    assert "the log has no decision of pipeline 'claims_triag': nothing was checked" in err
+    assert cli_main(args) == 0  # (without the gate: said, not failed)
+    assert "nothing was checked" in capsys.readouterr().err
+
+
 def test_a_candidate_model_is_named_by_path_and_hashes(recorded, tmp_path, capsys):
     import hashlib
 

@@ -5,9 +5,9 @@ class scores the model produced, so a candidate policy can be evaluated
 exactly as the kernel would have, without the model and without PII. With
 a candidate ONNX model the inputs are re-encoded by the pipeline's field
 spec and the model re-run. The report counts action and outcome
-transitions, and cases whose deciding rules change under the same action
-and outcome (``rules_changed``: the reasons an adverse-action notice cites
-change). Each case names the policy (hash and declared version) it was
+transitions, and cases whose deciding rules or score adjustment change under
+the same action and outcome (``rules_changed``: the reasons an adverse-action
+notice cites change). Each case names the policy (hash and declared version) it was
 decided under, and the counts are broken down by that baseline, since a log
 can span policy changes. With ``keep_cases`` it lists every changed case
 (the ``--report`` file), otherwise only a sample. JSON-ready: the gate
@@ -285,9 +285,12 @@ def _evaluate(chunk: list[_Case], pipeline: Pipeline, model, report: ReplayRepor
         report.fallbacks += old.outcome == kpb.FALLBACK
         report.transitions[(old.action, new_action)] += 1
         report.outcome_transitions[(old_outcome, new_outcome)] += 1
+        new_adjust = float(result.adjust[k])
         if new_action != old.action or new_outcome != old_outcome:
             what, cases, sample = "changed", report.changed_cases, report.sample
-        elif new_rules != old_rules:  # same answer for other reasons: what a notice to the customer cites
+        elif new_rules != old_rules or new_adjust != old.score_adjustment:
+            # Same answer for other reasons (what a notice to the customer cites), or with another score
+            # adjustment, a documented output (a pipeline author's walk-through: a changed `adjust` passed the gate).
             what, cases, sample = "rules_changed", report.rules_changed_cases, report.rules_sample
         else:
             report.count_baseline(old, None)
@@ -298,20 +301,20 @@ def _evaluate(chunk: list[_Case], pipeline: Pipeline, model, report: ReplayRepor
         else:
             report.rules_changed += 1
         if keep_cases or len(sample) < sample_size:
-            entry = _entry(case.record, old_outcome, old_rules, (new_action, new_outcome, new_rules))
+            entry = _entry(case.record, old_outcome, old_rules, (new_action, new_outcome, new_rules), new_adjust)
             if keep_cases:
                 cases.append(entry)
             if len(sample) < sample_size:
                 sample.append(entry)
 
 
-def _entry(record, old_outcome: str, old_rules: list[str], new: tuple[str, str, list[str]]) -> dict:
+def _entry(record, old_outcome: str, old_rules: list[str], new: tuple[str, str, list[str]], adjust: float) -> dict:
     """One case of the report: what was decided, under which policy, and what the candidate decides."""
     old = record.decision
     action, outcome, rules = new
     return {
         "sequence": record.sequence, "request_id": old.request_id, "time_unix_ns": record.time_unix_ns,
-        "from": {"action": old.action, "outcome": old_outcome, "rules": old_rules,
+        "from": {"action": old.action, "outcome": old_outcome, "rules": old_rules, "adjust": old.score_adjustment,
                  "policy_hash": old.policy_hash, "policy_version": old.policy_version},
-        "to": {"action": action, "outcome": outcome, "rules": rules},
+        "to": {"action": action, "outcome": outcome, "rules": rules, "adjust": adjust},
     }

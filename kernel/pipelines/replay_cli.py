@@ -92,6 +92,12 @@ def run(args) -> int:
         return _cannot_run(f"could not re-decide the recorded decisions: {_one_line(exc)}")
     report.candidate_model = model.identity if model is not None else None
     _print(report)
+    if not report.examined:  # (a pipeline author's walk-through: a misspelt name passed a --fail-on-change gate)
+        since = " in the time asked (--since)" if args.since else ""
+        print(f"aios-kernel audit replay: the log has no decision of pipeline {pipeline.name!r}{since}: nothing "
+              f"was checked" + ("; --fail-on-change fails on that (is the pipeline's name right?)"
+                                if args.fail_on_change else ""), file=sys.stderr)
+        return 2 if args.fail_on_change else 0
     if args.report:
         try:
             Path(args.report).write_text(json.dumps(report.as_json(), indent=2) + "\n")
@@ -139,5 +145,6 @@ def _print_baselines(report: ReplayReport) -> None:
 
 def _print_case(case: dict, note: str = "") -> None:
     old, new = case["from"], case["to"]
+    adjusted = f" adjust {old['adjust']:g} -> {new['adjust']:g}" if old["adjust"] != new["adjust"] else ""
     print(f"  #{case['sequence']} {case['request_id']}: {old['action']} ({','.join(old['rules'])}) "
-          f"-> {new['action']} ({','.join(new['rules'])}){note} [decided under {old['policy_hash'][:12]}]")
+          f"-> {new['action']} ({','.join(new['rules'])}){adjusted}{note} [decided under {old['policy_hash'][:12]}]")
