@@ -92,18 +92,18 @@ def run(args) -> int:
         return _cannot_run(f"could not re-decide the recorded decisions: {_one_line(exc)}")
     report.candidate_model = model.identity if model is not None else None
     _print(report)
-    if not report.examined:  # (a pipeline author's walk-through: a misspelt name passed a --fail-on-change gate)
-        since = " in the time asked (--since)" if args.since else ""
-        print(f"aios-kernel audit replay: the log has no decision of pipeline {pipeline.name!r}{since}: nothing "
-              f"was checked" + ("; --fail-on-change fails on that (is the pipeline's name right?)"
-                                if args.fail_on_change else ""), file=sys.stderr)
-        return 2 if args.fail_on_change else 0
     if args.report:
         try:
             Path(args.report).write_text(json.dumps(report.as_json(), indent=2) + "\n")
         except OSError as exc:
             return _cannot_run(f"--report {args.report}: cannot write: {exc.strerror or exc}")
         print(f"report: {args.report} (all {report.changed} changed and {report.rules_changed} rules-only cases)")
+    if not report.examined:  # (a pipeline author's walk-through: a misspelt name passed a --fail-on-change gate)
+        since = " in the time asked (--since)" if args.since else ""
+        print(f"aios-kernel audit replay: the log has no decision of pipeline {pipeline.name!r}{since}: nothing "
+              f"was checked" + ("; --fail-on-change fails on that (is the pipeline's name right?)"
+                                if args.fail_on_change else ""), file=sys.stderr)
+        return 2 if args.fail_on_change else 0
     return 1 if args.fail_on_change and report.any_change else 0
 
 
