@@ -250,8 +250,8 @@ def test_a_default_the_float32_input_cannot_hold_is_refused_naming_line_and_fiel
 def test_a_raw_default_beyond_float32_is_refused(folder):
     start = PIPELINE_TEXT.index('name = "claim_amount"')
     bad = PIPELINE_TEXT[:start] + PIPELINE_TEXT[start:].replace(
-        'default = 3419.2\nmin = 0.0\nmax = 10000000.0\nencode = "standardize"\ntransform = "log1p"',
-        'default = 1e300\nencode = "raw"', 1)
+        'default = 3419.2\nmin = 0.0\nmax = 10000000.0\nencode = "standardize"\ntransform = "log1p"\n'
+        'mean = 8.125689\nstd = 1.085472', 'default = 1e300\nencode = "raw"', 1)
     assert "1e300" in bad
     with pytest.raises(PipelineError, match=r"\[\[field\]\] #1.default: 'claim_amount' = 1e\+300 \(its default\) "
                                             r"encodes to a value beyond"):

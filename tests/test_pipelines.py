@@ -92,12 +92,25 @@ def _refused(text: str, folder: Path) -> str:
         ('name = "claim_amount"', 'name = ""', "[[field]] #1.name"),
         ('name = "claim_amount"', 'name = "währung"', "[[field]] #1.name"),
         ('text_fields = ["description", "notes"]', 'text_fields = ["description", "1notes"]', "[pipeline].text_fields"),
+        # settings that would do nothing, or refuse every request at a bound (the same walk-through)
+        ('default = 3419.2', 'default = 3419.2 # required', "[[field]] #1.default"),
+        ('min = 0.0', 'min = -5.0', "[[field]] #1.min"),
+        ('transform = "log1p"', 'transform = "log1p" # raw', "[[field]] #1.transform"),
+        ('mean = 8.125689', 'mean = 8.125689 # raw', "[[field]] #1.mean"),
+        ('values = ["bronze", "silver", "gold", "platinum"]', 'values = ["bronze", "silver", "gold", "bronze"]',
+         "[[field]] #6.values"),
     ],
 )
 def test_each_error_names_file_line_and_field(folder, old, new, field):
     text = _text()
     assert old in text
     bad = text.replace(old, new, 1)
+    if new.endswith(" # required"):
+        bad = bad.replace(new, new + "\nrequired = true", 1)
+    elif new.endswith(" # raw"):
+        bad = bad.replace('encode = "standardize"\ntransform', 'encode = "raw"\ntransform', 1)
+        if "mean" in new:
+            bad = bad.replace('transform = "log1p"\n', "", 1)
     message = _refused(bad, folder)
     assert message.startswith(f"p.toml:{_line_of(bad, new)}: {field}"), message
 

@@ -348,6 +348,9 @@ def _fields(r: _Reader, raw_fields) -> tuple[FieldSpec, ...]:
             raise r.fail("field", "values", "must be a list of strings", i)
         if values and kind != "string":
             raise r.fail("field", "values", f"only string fields list values; '{name}' is {kind}", i)
+        repeated = sorted({v for v in values if values.count(v) > 1})
+        if repeated:  # (onehot: a second column for one category, which the model was never trained on)
+            raise r.fail("field", "values", f"lists {', '.join(map(repr, repeated))} twice", i)
         if encode == "onehot" and not values:
             raise r.fail("field", "encode", "onehot needs `values` (the categories, in column order)", i)
         if encode in ("standardize", "raw") and kind not in ("number", "integer"):
@@ -360,10 +363,23 @@ def _fields(r: _Reader, raw_fields) -> tuple[FieldSpec, ...]:
             raise r.fail("field", "min" if lo is not None else "max", f"only number fields have ranges; '{name}' is {kind}", i)
         if lo is not None and hi is not None and lo > hi:
             raise r.fail("field", "min", f"min {lo} is above max {hi}", i)
+        if transform == "log1p" and lo is not None and not lo > -1:
+            raise r.fail("field", "min", f"must be above -1 with transform = \"log1p\" (log1p of {lo:g} is not a "
+                                         "number: every request at the minimum would be refused)", i)
+        if transform != "none" and encode != "standardize":
+            raise r.fail("field", "transform", f"applies only with encode = \"standardize\"; '{name}' is encoded "
+                                               f"{encode}", i)
+        for key in ("mean", "std"):  # (read only by standardize: elsewhere a value that does nothing)
+            if key in raw and encode != "standardize":
+                raise r.fail("field", key, f"applies only with encode = \"standardize\"; '{name}' is encoded "
+                                           f"{encode}", i)
         std = r.number(raw, "field", "std", 1.0, index=i)
         if not std > 0:
             raise r.fail("field", "std", "must be a positive finite number", i)
         required = r.get(raw, "field", "required", bool, False, index=i)
+        if required and "default" in raw:
+            raise r.fail("field", "default", f"'{name}' is required, so its default would never be used "
+                                             "(drop one of the two)", i)
         spec = FieldSpec(
             name=name, type=kind, required=required, default=None,
             min=lo, max=hi, values=values, encode=encode, transform=transform,
