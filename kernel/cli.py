@@ -453,6 +453,16 @@ def _chosen_command(parser: argparse.ArgumentParser, args) -> argparse.ArgumentP
     return parser
 
 
+def _as_typed(text) -> str:
+    """``text`` with the bytes the shell passed that are not UTF-8 shown as ``\\xNN``."""
+    if not isinstance(text, str):
+        return repr(text)
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeError:  # (a surrogate no shell byte makes)
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # parse_args would report a stray word with the top-level usage; say it with the command's own.
@@ -463,6 +473,11 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except SettingsError as exc:
         print(f"aios-kernel: {exc}", file=sys.stderr)
+        return 2
+    except UnicodeEncodeError as exc:  # (a pipeline author's walk-through: a traceback from deep in protobuf)
+        # The shell handed bytes that are not UTF-8 (Python keeps them as surrogates); a request carries UTF-8 only.
+        print(f"aios-kernel: an argument is not valid UTF-8 text: {_as_typed(exc.object)[:200]!r}; requests carry "
+              "UTF-8 only", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C on a client command (serve handles its own signals and drains)
         print("interrupted", file=sys.stderr)

@@ -122,9 +122,15 @@ def request_from_flags(args):
                 raise ValueError(f"{flag} {pair!r}: expected NAME=VALUE")
             if key in fields or key in text:
                 raise ValueError(f"{flag} {pair!r}: {key} is given twice")
+            if target is fields and value.strip() == "null":  # (JSON's null: no field value is "none")
+                raise ValueError(f"{flag} {pair!r}: a field has no null; leave --field {key} out for the pipeline's "
+                                 f"default, or quote it for the string: --field '{key}=\"null\"'")
             target[key] = parse_cli_value(value) if target is fields else value
     options = {"tenant": args.tenant, "idempotency_key": args.idempotency_key, "request_id": args.request_id}
-    return make_request(args.pipeline, fields, text, **{k: v for k, v in options.items() if v})
+    try:
+        return make_request(args.pipeline, fields, text, **{k: v for k, v in options.items() if v})
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"--field {str(exc).removeprefix('field ')}") from None
 
 
 def failed(exc) -> int:

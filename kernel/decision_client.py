@@ -32,6 +32,9 @@ def to_value(value) -> kpb.Value:
     if isinstance(value, (bool, np.bool_)):
         return kpb.Value(bool_value=bool(value))
     if isinstance(value, numbers.Integral):
+        if not -2**63 <= value < 2**63:  # (protobuf's own error named neither the field nor the limit)
+            raise ValueError(f"{int(value)} does not fit a 64-bit integer; a number field takes it as a float "
+                             f"({float(value):g})")
         return kpb.Value(int_value=int(value))
     if isinstance(value, numbers.Real):
         return kpb.Value(number_value=float(value))
@@ -54,7 +57,10 @@ def make_request(pipeline: str, fields: dict, text: dict | None = None, **option
     DecisionRequest field (``tenant``, ``request_id``, ``idempotency_key``, ``priority``, ``timeout_ms``)."""
     request = kpb.DecisionRequest(pipeline=pipeline, **options)
     for name, value in fields.items():
-        request.fields[name].CopyFrom(to_value(value))
+        try:
+            request.fields[name].CopyFrom(to_value(value))
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"field {name!r}: {exc}") from None
     for name, value in (text or {}).items():
         request.text_fields[name] = value
     return request

@@ -94,6 +94,14 @@ def test_toml_syntax_error_has_line_and_column(tmp_path):
     assert d.subject == "TOML" and d.line == line_of(path, 'when = "amount > 1') and d.column > 0
 
 
+def test_a_byte_order_mark_is_named(tmp_path):
+    """(A pipeline author's walk-through: an editor's BOM read "TOML: Invalid statement" at line 1.)"""
+    path = policy_file(tmp_path, rules(("amount > 1", "deny")))
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    d = only_error(path)
+    assert d.subject == "TOML" and d.line == 1 and "byte-order mark" in d.message and "without a BOM" in d.message
+
+
 def test_not_utf8(tmp_path):
     path = tmp_path / "p.toml"
     path.write_bytes(b'[policy]\nname = "\xff"\n')

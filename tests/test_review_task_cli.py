@@ -187,6 +187,14 @@ def test_a_repeated_idempotent_decision_says_it_was_replayed(cli):
 
 @pytest.mark.parametrize("args, needle", [
     (["decide", "claims_triage", "--field", "claim_amount=1", "--field", "claim_amount=2"], "claim_amount is given twice"),
+    # (a pipeline author's walk-through: protobuf's "Value out of range: …" named no field; null went as 'null')
+    (["decide", "claims_triage", "--field", "prior_claims=9223372036854775808"],
+     "--field 'prior_claims': 9223372036854775808 does not fit a 64-bit integer"),
+    (["task", "start", "claims_triage", "--field", "customer_tier=null"], "a field has no null"),
+    # bytes that are not UTF-8 from the shell (kept as surrogates): a traceback from protobuf before
+    (["review", "resolve", "r1", "--reviewer", "b\udcffob", "--action", "approve"],
+     "an argument is not valid UTF-8 text: 'b\\\\xffob'"),
+    (["task", "get", "t\udcff"], "an argument is not valid UTF-8 text"),
     (["decide", "claims_triage", "--timeout", "0"], "--timeout: '0': must be more than 0"),
     (["review", "claim", "r1", "--reviewer", "bob", "--lease", "-5"], "--lease: '-5': must be 0 (no limit) or more"),
     (["review", "show", ""], "review_id: must not be empty"),

@@ -33,6 +33,9 @@ def loads(text: str) -> dict:
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
+        if text.startswith("\ufeff"):  # (an editor's byte-order mark: tomllib says only "Invalid statement")
+            raise TomlError("the file starts with a byte-order mark (U+FEFF), which TOML does not allow: save it as "
+                            "UTF-8 without a BOM", 1, 1) from None
         m = _TOML_POS.search(str(exc))
         line, column = (int(m.group(1)), int(m.group(2))) if m else (0, 0)
         raise TomlError(_TOML_POS.sub("", str(exc)).strip(), line, column) from None
