@@ -397,3 +397,16 @@ def test_models_load_brings_a_refused_pipeline_into_a_running_kernel(tmp_path):
         server.stop(grace=1)
     kinds = [record.kind for record in iter_directory(tmp_path / "data" / "audit")]
     assert kinds.index(kpb.MODEL_DEPLOY) < kinds.index(kpb.POLICY_CHANGE) < kinds.index(kpb.DECISION)
+
+
+def test_a_rule_testing_for_null_a_field_the_pipeline_always_fills_is_warned_about(hub, folder):
+    """A pipeline author's walk-through: `vendor_risk is null` passed `policy test` (a row may leave it out) and
+    the upload, yet never fires when served: every request has the field, or its default."""
+    policy = POLICY_TEXT.replace('id = "R01"', 'id = "R00"\nwhen = "fraud_score is null"\naction = "review"\n'
+                                               'escalate = true\n\n[[rule]]\nid = "R01"', 1)
+    assert policy != POLICY_TEXT
+    registry = _registry(folder, hub)
+    warnings: list[str] = []
+    registry.put(PIPELINE_TEXT.encode(), policy.encode(), warnings=warnings)
+    assert any("rule R00" in w and "tests whether fraud_score is null, which it never is here" in w
+               and "it takes its default" in w for w in warnings), warnings

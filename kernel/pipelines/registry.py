@@ -30,6 +30,7 @@ from ..errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NotF
 from ..observability.repeats import RepeatedFailure
 from ..limits import FileTooLarge, read_bounded
 from ..policy import tomlsafe
+from ..policy.syntax import null_tests
 from .spec import MAX_PIPELINE_FILE_BYTES, Pipeline, PipelineError, compared_strings, load_pipeline, parse_pipeline
 from .tomlpos import line_of
 
@@ -477,12 +478,11 @@ class PipelineRegistry:
         log.info("pipeline %s active: version %r (%s), policy %s %r (%s), model %s version %s", pipeline.name,
                  pipeline.label, pipeline.hash[:12], pipeline.policy.name, pipeline.policy.version,
                  pipeline.policy.hash[:12], pipeline.model, pipeline.bound_version)
-        if old is not None:
-            warning = _unchanged_label(old, pipeline)
-            if warning:
-                log.warning("%s", warning)
-                if warnings is not None:
-                    warnings.append(warning)
+        found = [_unchanged_label(old, pipeline) if old is not None else None, *_dead_null_tests(pipeline)]
+        for warning in filter(None, found):
+            log.warning("%s", warning)
+            if warnings is not None:
+                warnings.append(warning)
         for listener in self.listeners:
             listener(old, pipeline)
         return True
@@ -555,6 +555,24 @@ def _remaining(time_left) -> float | None:
         return None
     left = time_left()
     return None if left is None or left >= threading.TIMEOUT_MAX else left
+
+
+def _dead_null_tests(pipeline: Pipeline) -> list[str]:
+    """A rule testing ``x is null`` where the pipeline gives every request an ``x`` (it is required, or takes its
+    default): never true when served, though ``policy test`` rows that leave ``x`` out pass it (a pipeline author's
+    walk-through). A warning, not a refusal: the policy may serve other pipelines where ``x`` can be missing."""
+    fields = {spec.name: spec for spec in pipeline.fields}
+    source = getattr(pipeline.policy, "source", "") or "the policy"
+    out = []
+    for rule in getattr(pipeline.policy, "rules", ()):
+        node = getattr(rule, "node", None)
+        for name in dict.fromkeys(null_tests(node) if node is not None else ()):
+            spec = fields.get(name)
+            if spec is not None:
+                given = "it is required" if spec.required else f"it takes its default, {spec.default!r}"
+                out.append(f"pipeline {pipeline.name}: rule {rule.id} ({source}:{rule.line}) tests whether {name} is "
+                           f"null, which it never is here ({given} when a request leaves it out)")
+    return out
 
 
 def _check_classes(pipeline: Pipeline, output: str, labels) -> None:

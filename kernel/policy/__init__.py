@@ -67,7 +67,10 @@ Missing values: an input may be missing (None, or NaN in a float column).
 Logic is three-valued, as in DMN: a test on a missing value is unknown,
 ``not unknown`` is unknown, and a rule fires only when its condition is
 true; ``x is null`` is the way to match a missing value. Model outputs are
-never missing.
+never missing. Served by a pipeline, no input is missing either (each field
+is required or takes its default), so there ``x is null`` never holds; the
+kernel warns about such a rule when it activates the pipeline. It matters
+for rows a policy is tested with (``aios-kernel policy test``).
 """
 
 from .errors import Diagnostic, PolicyError, PolicyInputError

@@ -143,3 +143,17 @@ def string_literals(node: Node) -> list[tuple[str, str]]:
             stack += reversed(n.operands)
     return out
 
+
+def null_tests(node: Node) -> list[str]:
+    """The names of the fields a condition tests with ``is null`` / ``is not null``."""
+    out: list[str] = []
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if isinstance(n, IsNull):
+            out.append(n.field.name)
+        elif isinstance(n, (Truth, Not)):
+            stack.append(n.operand)
+        elif isinstance(n, (And, Or)):
+            stack += reversed(n.operands)
+    return out
