@@ -340,6 +340,7 @@ def test_invalid_policy_upload_is_refused_and_the_old_policy_keeps_serving(kerne
     changed = policy_text.replace("claim_amount >= 50000", "claim_amount >= 40000")
     info = admin.UploadPipeline(kpb.UploadPipelineRequest(pipeline_toml=pipeline_text, policy_toml=changed.encode()), timeout=10)
     assert info.policy_hash == hashlib.sha256(changed.encode()).hexdigest() != before
+    assert not [w for w in info.warnings if "not probabilities" in w]  # (the claims model ends in a Softmax)
     after = decisions.Decide(_request(_case(claim_amount=45000.0, fraud_score=0.1)), timeout=10)
     assert after.policy_hash == info.policy_hash and "R04" in [r.rule_id for r in after.reasons]
     listed = admin.ListPipelines(kpb.ListPipelinesRequest(), timeout=5)
@@ -514,6 +515,34 @@ def test_under_collect_the_escalation_names_the_rules_that_asked_for_review_only
         server.stop(grace=1)
     assert decision.outcome == kpb.ESCALATED and {r.rule_id for r in decision.reasons} >= {"NOTED", "ASKS", "ALSO"}
     assert "a policy rule asked for review: ASKS" in decision.escalation_reasons
+
+
+def test_a_model_whose_scores_are_not_probabilities_is_warned_about(claims_models, tmp_path):
+    """A pipeline author's walk-through: a model answering logits (no Softmax) was served without a word; its
+    'confidence' read 5.2 and -3.2, and min_confidence (0 to 1) could never send a case to review."""
+    import shutil
+
+    from claims_support import model_weights
+    from conftest import start_claims_kernel
+    from kernel.testing.onnx_models import mlp_from_weights, save
+
+    good = claims_models / "claims_triage" / "1"
+    w, b = model_weights(good)
+    logits = tmp_path / "models" / "claims_triage" / "1"
+    logits.mkdir(parents=True)
+    save(mlp_from_weights([(w * 8, b)], "features", "probabilities", softmax=False), logits / "model.onnx")
+    shutil.copy(good / "model.toml", logits / "model.toml")
+    server = start_claims_kernel(tmp_path / "models", tmp_path)
+    try:
+        pipeline = (tmp_path / "pipelines" / "claims_triage.toml").read_text().replace(
+            'version = "2026-11-25.1"', 'version = "2026-11-25.2"', 1)
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            info = kgrpc.AdminServiceStub(channel).UploadPipeline(
+                kpb.UploadPipelineRequest(pipeline_toml=pipeline.encode()), timeout=10)
+    finally:
+        server.stop(grace=1)
+    assert any("output 'probabilities' of model claims_triage/1 gave scores from" in w and "not probabilities" in w
+               for w in info.warnings), info.warnings
 
 
 def test_cancelling_a_waiting_task_withdraws_its_review(channel):

@@ -200,7 +200,7 @@ class OnnxModel:
     files on disk may have been replaced since.
     """
 
-    __slots__ = ("config", "path", "provider", "output_names", "_free", "_direct", "onnx_sha256", "config_sha256")
+    __slots__ = ("config", "path", "provider", "output_names", "_free", "_direct", "onnx_sha256", "config_sha256", "probed_ranges")
 
     def __init__(self, config: ModelConfig, path: Path, sessions: list[ort.InferenceSession],
                  onnx_sha256: str = "", config_sha256: str = ""):
@@ -210,6 +210,9 @@ class OnnxModel:
         self.config_sha256 = config_sha256
         self.provider = sessions[0].get_providers()[0]
         self.output_names = [spec.name for spec in config.outputs]
+        # output name -> (lowest, highest) value it gave for an all-zeros and an all-ones row at the load-time
+        # profile: what a pipeline's binding checks class scores against (probabilities stay in [0, 1]).
+        self.probed_ranges: dict[str, tuple[float, float]] = {}
         self._free = list(sessions)
         # Call the session's binding directly when this onnxruntime has one where
         # we expect it (checked once); otherwise the public run.
@@ -251,6 +254,20 @@ class OnnxModel:
             log.warning("%s/%s: CUDA was available but onnxruntime placed the model on %s", name, version, model.provider)
         return model
 
+    def _probe(self, zeros: dict[str, np.ndarray]) -> None:
+        """Run ``zeros`` (the profile's first batch) and the same shapes filled with ones; note each float
+        output's range (``probed_ranges``)."""
+        runs = [zeros]
+        if all(feed.dtype.kind in "biuf" for feed in zeros.values()):
+            runs.append({name: np.ones_like(feed) for name, feed in zeros.items()})
+        for feeds in runs:
+            for name, out in zip(self.output_names, self.run(feeds)):
+                out = np.asarray(out)
+                if out.dtype.kind == "f" and out.size and np.isfinite(out).all():
+                    low, high = float(out.min()), float(out.max())
+                    seen = self.probed_ranges.get(name, (low, high))
+                    self.probed_ranges[name] = (min(seen[0], low), max(seen[1], high))
+
     def profile(self, repeats: int = 3) -> list[tuple[int, int]]:
         """Time batches of 1, 2, 4, ... max rows on zeros: the latency model's warm start.
 
@@ -277,7 +294,7 @@ class OnnxModel:
                     for spec in config.inputs
                 }
                 if not warmed:  # the first run pays one-off allocations: keep it out of the fit
-                    self.run(feeds)
+                    self._probe(feeds)
                     warmed = True
                 best = None
                 for _ in range(repeats):

@@ -448,6 +448,19 @@ class PipelineRegistry:
         return (f"model {pipeline.model} version {pipeline.bound_version} is not loaded: Decide answers UNAVAILABLE "
                 f"until it is (RepositoryModelLoad, `aios-kernel models load`)")
 
+    def _unlike_probabilities(self, pipeline: Pipeline) -> str | None:
+        """A warning when the model's class scores left [0, 1] at its load-time probe (an all-zeros and an
+        all-ones row): logits, say, where confidence (the largest score) and ``min_confidence`` (0..1) expect
+        probabilities (a pipeline author's walk-through: 'confidence 5.245', and no escalation for it ever)."""
+        mv = self.hub.get(pipeline.model, pipeline.bound_version)
+        probed = getattr(getattr(mv, "runtime", None), "probed_ranges", {}).get(pipeline.output)
+        if probed is None or (-1e-6 <= probed[0] and probed[1] <= 1 + 1e-6):
+            return None
+        return (f"pipeline {pipeline.name}: output '{pipeline.output}' of model {mv.name}/{mv.version} gave scores "
+                f"from {probed[0]:.4g} to {probed[1]:.4g} for an all-zeros and an all-ones row: not probabilities "
+                f"(end the model with a Softmax or Sigmoid); confidence is the largest score and "
+                f"[escalation].min_confidence (0 to 1) compares with it")
+
     def _owner(self, path: Path) -> Pipeline | None:
         return next((p for p in self._active.values() if p.path == str(path)), None)
 
@@ -478,7 +491,8 @@ class PipelineRegistry:
         log.info("pipeline %s active: version %r (%s), policy %s %r (%s), model %s version %s", pipeline.name,
                  pipeline.label, pipeline.hash[:12], pipeline.policy.name, pipeline.policy.version,
                  pipeline.policy.hash[:12], pipeline.model, pipeline.bound_version)
-        found = [_unchanged_label(old, pipeline) if old is not None else None, *_dead_null_tests(pipeline)]
+        found = [_unchanged_label(old, pipeline) if old is not None else None, *_dead_null_tests(pipeline),
+                 self._unlike_probabilities(pipeline)]
         for warning in filter(None, found):
             log.warning("%s", warning)
             if warnings is not None:
