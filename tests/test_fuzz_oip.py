@@ -384,7 +384,9 @@ def seed_message(method) -> bytes:
     fields = cls.DESCRIPTOR.fields_by_name
     message = cls()
     if "name" in fields:
-        message.name, message.version = "tiny", "1"
+        message.name = "tiny"
+    if "version" in fields:
+        message.version = "1"
     if "model_name" in fields:
         message.model_name = "not-a-model"
     return message.SerializeToString()

@@ -156,6 +156,36 @@ def test_every_kernel_api_rpc_is_implemented(channel):
                 assert exc.code() != grpc.StatusCode.INTERNAL, (path, exc.details())
 
 
+def test_every_inference_rpc_is_answered_by_the_kernel(channel):
+    """No inference RPC gets gRPC's bare "Method not found!" (Triton's shared-memory, trace and log RPCs did):
+    those the kernel does not offer are UNIMPLEMENTED saying what to do instead, the rest are implemented."""
+    from kernel._proto.inference import grpc_service_pb2 as pb
+    from kernel.api.inference import NOT_OFFERED
+
+    service = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+    assert set(NOT_OFFERED) < {method.name for method in service.methods}
+    for method in service.methods:
+        path = f"/{service.full_name}/{method.name}"
+        request = getattr(pb, method.input_type.name)()  # (an empty one: no model is loaded or unloaded)
+        parse = getattr(pb, method.output_type.name).FromString
+        try:
+            if method.client_streaming:
+                call = channel.stream_stream(path, request_serializer=lambda m: m.SerializeToString(),
+                                             response_deserializer=parse)
+                list(call(iter([request]), timeout=5))
+            else:
+                call = channel.unary_unary(path, request_serializer=lambda m: m.SerializeToString(),
+                                           response_deserializer=parse)
+                call(request, timeout=5)
+        except grpc.RpcError as exc:
+            assert exc.code() not in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL), (path, exc.details())
+            if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                assert method.name in NOT_OFFERED, (path, exc.details())
+                assert exc.details() == f"{method.name}: {NOT_OFFERED[method.name]}", (path, exc.details())
+                continue
+        assert method.name not in NOT_OFFERED, f"{path} answered, but NOT_OFFERED lists it"
+
+
 def test_stream_audit_is_refused_until_enabled(kernel, channel):
     import threading
 

@@ -24,7 +24,7 @@ from .._proto.inference import grpc_service_pb2 as pb
 from ..errors import Internal, KernelError, clamp
 from ..ids import random_hex
 from ..origin import requested_by
-from .inference import InferenceService
+from .inference import NOT_OFFERED, InferenceService, not_offered
 from ..scheduling.stream_window import AsyncStreamHold, StreamHold, StreamWindow
 from ..scheduling.types import ITEM_EXPIRED, ITEM_QUEUED
 from . import answer_later
@@ -62,6 +62,7 @@ UNARY = {
     "RepositoryModelLoad": "repository_model_load",
     "RepositoryModelUnload": "repository_model_unload",
 }
+# (And the RPCs in NOT_OFFERED: UNIMPLEMENTED saying what to do instead, on both front ends.)
 
 
 def status_of(exc: KernelError) -> grpc.StatusCode:
@@ -244,6 +245,7 @@ def sync_servicer(service: InferenceService, budget: CallBudget | None = None) -
     """
     timer = service.expiry
     methods = {rpc: _sync_unary(rpc, getattr(service, name)) for rpc, name in UNARY.items()}
+    methods.update((rpc, _sync_unary(rpc, not_offered(rpc))) for rpc in NOT_OFFERED)
 
     infer_blocking = service.infer_blocking
 
@@ -360,6 +362,7 @@ def _aio_unary(rpc: str, method):
 def aio_servicer(service: InferenceService) -> grpc.GenericRpcHandler:
     """Handlers for ``grpc.aio.server``: the loop never blocks; lane threads run batches."""
     methods = {rpc: _aio_unary(rpc, getattr(service, name)) for rpc, name in UNARY.items()}
+    methods.update((rpc, _aio_unary(rpc, not_offered(rpc))) for rpc in NOT_OFFERED)
 
     async def ModelInfer(request, context, arrived_ns=None):
         try:

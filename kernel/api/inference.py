@@ -29,6 +29,35 @@ SERVER_NAME = "aios-kernel"
 # Triton's extension names, so clients that probe for them find what we do support.
 EXTENSIONS = ["classification", "model_repository", "model_configuration", "statistics", "schedule_policy"]
 
+_NO_SHARED_MEMORY = ("shared memory is not offered; send inputs in raw_input_contents (or typed contents), "
+                     "outputs come back in raw_output_contents")
+# Triton's RPCs for extensions the kernel does not offer (not in EXTENSIONS): answered UNIMPLEMENTED with what
+# to do instead. Left out of the proto, they got gRPC's bare "Method not found!" (a Triton-migration audit).
+NOT_OFFERED = {
+    "SystemSharedMemoryStatus": _NO_SHARED_MEMORY,
+    "SystemSharedMemoryRegister": _NO_SHARED_MEMORY,
+    "SystemSharedMemoryUnregister": _NO_SHARED_MEMORY,
+    "CudaSharedMemoryStatus": _NO_SHARED_MEMORY,
+    "CudaSharedMemoryRegister": _NO_SHARED_MEMORY,
+    "CudaSharedMemoryUnregister": _NO_SHARED_MEMORY,
+    "TraceSetting": ("tracing is not offered; the kernel's per-request timings are in ModelStatistics (queue, "
+                     "compute input/infer/output) and the decision's phase timings (Decision.phase_timings_ns)"),
+    "LogSettings": ("log settings cannot be read or changed at run time; the log level is set at start by "
+                    "log_level in kernel.toml (env AIOS_LOG_LEVEL, serve --log-level): DEBUG, INFO, WARNING "
+                    "or ERROR"),
+}
+
+
+def not_offered(rpc: str):
+    """The behaviour of an RPC in NOT_OFFERED: UNIMPLEMENTED naming it and what to do instead."""
+    message = f"{rpc}: {NOT_OFFERED[rpc]}"
+
+    def refuse(request):
+        raise Unimplemented(message)
+
+    return refuse
+
+
 
 # Clients such as perf_analyzer send "infinite" deadlines (years away); beyond
 # this horizon a deadline means "none" rather than a number to overflow on.
