@@ -264,12 +264,19 @@ def cannot_be_a_model(name: str) -> bool:
     return not name or "/" in name or "\x00" in name or len(name.encode()) > 255
 
 
+def not_a_version(version: str) -> bool:
+    """A version Triton cannot read as a whole number: INVALID_ARGUMENT, not NOT_FOUND (kernel/models/hub.py
+    requested_version; "01" is version 1, as Triton reads it)."""
+    return bool(version) and not (version.isascii() and version.isdigit())
+
+
 def resolved(name: str, version: str) -> str | None:
     """The version the kernel serves for (name, version), or None when nothing is loaded under it."""
-    if name not in LOADED:
+    if name not in LOADED or not_a_version(version):
         return None
     if not version:
         return LATEST[name]
+    version = version.lstrip("0") or "0"
     return version if version in LOADED[name] else None
 
 
@@ -354,7 +361,7 @@ def test_model_infer_fuzz(stub, reference, request):
     note(f"answer = {code} {details!r}")
     event(f"{request.model_name if request.model_name in LOADED else '(other)'}: {code.name}")
     version = resolved(request.model_name, request.model_version)
-    if cannot_be_a_model(request.model_name):
+    if cannot_be_a_model(request.model_name) or not_a_version(request.model_version):
         allowed = {Code.INVALID_ARGUMENT}
     elif version is None:
         allowed = {Code.NOT_FOUND}
@@ -550,7 +557,7 @@ def test_model_lookup_rpcs_fuzz(stub, reference, rpc, name, version):
         expected = Code.OK
     elif rpc == "ModelStatistics" and not name:
         expected = Code.OK  # no name: every loaded model
-    elif cannot_be_a_model(name):
+    elif cannot_be_a_model(name) or not_a_version(version):
         expected = Code.INVALID_ARGUMENT
     else:
         expected = Code.OK if served else Code.NOT_FOUND

@@ -1,15 +1,22 @@
 """Findings of a Triton-migration audit, each checked with tritonclient against the real server (both front ends).
 
 Triton's shared-memory, trace and log RPCs got gRPC's bare "Method not found!" (they were missing from the
-proto): now UNIMPLEMENTED saying what to do instead.
+proto): now UNIMPLEMENTED saying what to do instead. ``model_version="01"`` was NOT_FOUND where Triton reads
+the version as an integer (version 1); a version that is not a whole number is INVALID_ARGUMENT naming the
+field.
 """
 
 from __future__ import annotations
 
 import base64
 
+import grpc
+import numpy as np
 import pytest
+import tritonclient.grpc as tc
 from tritonclient.utils import InferenceServerException
+
+from kernel._proto.inference import grpc_service_pb2 as pb
 
 SHARED_MEMORY = "send inputs in raw_input_contents (or typed contents), outputs come back in raw_output_contents"
 
@@ -62,3 +69,57 @@ def test_server_metadata_claims_none_of_the_extensions_not_offered(triton):
 def test_the_service_is_still_served_after_the_refusals(triton):
     unimplemented(triton.get_log_settings)
     assert triton.is_server_ready() and triton.is_model_ready("tiny")
+
+
+# ----------------------------------------------------------------------------- versions read as integers
+def tiny_inputs(rows: int = 2) -> list[tc.InferInput]:
+    tensor = tc.InferInput("INPUT0", [rows, 16], "FP32")
+    tensor.set_data_from_numpy(np.ones((rows, 16), np.float32))
+    return [tensor]
+
+
+@pytest.mark.parametrize("asked, served", [("01", "1"), ("002", "2"), ("1", "1")])
+def test_a_version_with_leading_zeros_is_that_number_as_triton_reads_it(triton, asked, served):
+    # (was NOT_FOUND "model 'tiny' has no loaded version '01'")
+    result = triton.infer("tiny", tiny_inputs(), model_version=asked)
+    assert result.get_response().model_version == served
+    assert triton.is_model_ready("tiny", asked)
+    assert list(triton.get_model_metadata("tiny", asked).versions) == ["1", "2"]
+    assert triton.get_model_config("tiny", asked).config.max_batch_size == (8 if served == "1" else 64)
+    assert [s.version for s in triton.get_inference_statistics("tiny", asked).model_stats] == [served]
+
+
+@pytest.mark.parametrize("asked, number", [("09", "9"), ("00", "0")])
+def test_a_number_not_loaded_is_still_not_found(triton, asked, number):
+    with pytest.raises(InferenceServerException) as info:
+        triton.infer("tiny", tiny_inputs(), model_version=asked)
+    assert info.value.status() == "StatusCode.NOT_FOUND", info.value
+    assert f"no loaded version '{number}'; loaded versions: 1, 2" in info.value.message()
+
+
+@pytest.mark.parametrize("asked", ["1.0", " 1", "1 ", "+1", "-1", "latest", "1e0", "١"])
+def test_a_version_that_is_not_a_whole_number_is_invalid_argument(triton, stub, asked):
+    for call, field in ((lambda: triton.infer("tiny", tiny_inputs(), model_version=asked), "model_version"),
+                        (lambda: triton.get_model_metadata("tiny", asked), "version"),
+                        (lambda: triton.get_model_config("tiny", asked), "version"),
+                        (lambda: triton.get_inference_statistics("tiny", asked), "version")):
+        with pytest.raises(InferenceServerException) as info:
+            call()
+        assert info.value.status() == "StatusCode.INVALID_ARGUMENT", (asked, info.value)
+        assert info.value.message().startswith(f"{field} {asked!r} is not a model version: "), info.value.message()
+    assert not triton.is_model_ready("tiny", asked)  # a probe still just answers "not ready"
+    # (in a stream too: its error names the field)
+    request = pb.ModelInferRequest(model_name="tiny", model_version=asked, id="v")
+    request.inputs.add(name="INPUT0", datatype="FP32", shape=[1, 16])
+    request.raw_input_contents.append(np.ones(16, np.float32).tobytes())
+    (answer,) = list(stub.ModelStreamInfer(iter([request]), timeout=10))
+    assert answer.error_message.startswith(f"INVALID_ARGUMENT: model_version {asked!r} is not a model version")
+
+
+def test_a_very_long_version_is_read_without_int(stub):
+    # (Python's int() refuses a string of over 4,300 digits: the kernel never passes a version through it)
+    answer = stub.ModelMetadata(pb.ModelMetadataRequest(name="tiny", version="0" * 9000 + "1"), timeout=10)
+    assert answer.name == "tiny"
+    with pytest.raises(grpc.RpcError) as info:
+        stub.ModelMetadata(pb.ModelMetadataRequest(name="tiny", version="9" * 9000), timeout=10)
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND and len(info.value.details()) < 400, info.value

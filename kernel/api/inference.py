@@ -15,6 +15,7 @@ from .._proto.inference import grpc_service_pb2 as pb
 from ..errors import DeadlineExceeded, Internal, InvalidArgument, NotFound, Unavailable, Unimplemented, quote
 from ..limits import MAX_MODEL_NAME_BYTES, MAX_REQUEST_ID_CHARS, MAX_TENANT_CHARS, check_identifier
 from ..models import ModelConfigError, ModelHub, ModelVersion
+from ..models.hub import requested_version
 from ..scheduling import Lanes, WorkItem
 from ..scheduling.execute import request_id_of
 from ..scheduling.deadlines import MAX_DEADLINE_NS, request_deadline
@@ -58,7 +59,6 @@ def not_offered(rpc: str):
     return refuse
 
 
-
 # Clients such as perf_analyzer send "infinite" deadlines (years away); beyond
 # this horizon a deadline means "none" rather than a number to overflow on.
 MAX_DEADLINE_S = MAX_DEADLINE_NS / 1e9
@@ -87,6 +87,13 @@ class InferenceService:
         if mv is not None:
             return mv
         check_model_name(name, field)  # (before the repository is looked at for why it is not served)
+        if version:
+            number = requested_version(version)
+            if number is None:  # Triton refuses a version it cannot read as an integer (INVALID_ARG)
+                version_field = "model_version" if field == "model_name" else "version"
+                raise InvalidArgument(f"{version_field} {quote(version)} is not a model version: a version is a "
+                                      "whole number (e.g. '1'), or empty for the latest")
+            version = number
         # In the repository but not served: the reason the kernel holds (UNAVAILABLE), as RepositoryIndex says.
         why = self.hub.unavailable_reason(name, version)
         versions = self.hub.versions(name)

@@ -92,6 +92,15 @@ def is_version_number(name: str) -> bool:
     return name.isascii() and name.isdigit() and (name == "0" or not name.startswith("0"))
 
 
+def requested_version(version: str) -> str | None:
+    """A request's version string as the version folder it names: Triton reads it as an integer, so "01" is
+    version 1 (it was NOT_FOUND); None for anything but ASCII digits ("1.0", " 1", "-1", "latest"), which
+    Triton's ``std::stol`` would read a leading number from or refuse, and the kernel refuses rather than guess."""
+    if not (version.isascii() and version.isdigit()):
+        return None
+    return version.lstrip("0") or "0"  # (not int(): a 5,000-digit string is over Python's int-parsing limit)
+
+
 def scan_folder(model_dir: Path) -> ModelFolder:
     """What ``model_dir`` holds: every non-hidden folder in it is a version folder, served if it is a number
     and has model.onnx."""
@@ -155,7 +164,12 @@ class ModelHub:
         if not version:
             return self._latest.get(name)
         versions = self._models.get(name)
-        return versions.get(version) if versions else None
+        if not versions:
+            return None
+        found = versions.get(version)
+        if found is None and version[0] == "0" and (number := requested_version(version)) is not None:
+            return versions.get(number)  # "01" is version 1, as Triton reads it
+        return found
 
     def versions(self, name: str) -> list[str]:
         return sorted(self._models.get(name, {}), key=_version_sort_key)
