@@ -368,14 +368,24 @@ def test_a_model_that_failed_to_load_is_unavailable_with_its_reason(audit_client
 def test_load_overrides_are_refused_not_ignored(audit_client):
     error = refused(audit_client.load_model, "good", config='{"max_batch_size":8}')
     assert error.status() == "StatusCode.INVALID_ARGUMENT", error
-    assert error.message() == ("RepositoryModelLoad parameters 'config' is not supported: "
+    assert error.message() == ("RepositoryModelLoad parameter 'config' is not supported: "
                                "edit the version's model.toml")
-    error = refused(audit_client.load_model, "good", config="{}", files={"file:1/model.onnx": b"onnx"})
-    assert error.status() == "StatusCode.INVALID_ARGUMENT", error
-    assert "'config' is not supported" in error.message()
     error = refused(audit_client.load_model, "good", files={"file:1/model.onnx": b"onnx"})
-    assert "RepositoryModelLoad parameters 'file:1/model.onnx' is not supported" in error.message()
+    assert error.message() == ("RepositoryModelLoad parameter 'file:1/model.onnx' is not supported: put the model's "
+                               "files in its repository folder (<name>/<version>/model.onnx)")
     assert audit_client.get_model_config("good").config.max_batch_size == 64  # as it was
+
+
+def test_every_load_override_sent_is_named_in_the_refusal(audit_client):
+    # (was: only 'config' was named; a caller that dropped it was refused again for the file)
+    error = refused(audit_client.load_model, "good", config="{}",
+                    files={"file:1/model.onnx": b"onnx", "file:2/model.onnx": b"onnx"})
+    assert error.status() == "StatusCode.INVALID_ARGUMENT", error
+    assert error.message() == (
+        "RepositoryModelLoad parameters 'config', 'file:1/model.onnx', 'file:2/model.onnx' are not supported "
+        "(config: edit the version's model.toml; file:<path>: put the model's files in its repository folder "
+        "(<name>/<version>/model.onnx))")
+    assert audit_client.get_model_config("good").config.max_batch_size == 64  # nothing was loaded
 
 
 def test_statistics_without_a_version_cover_every_loaded_version(audit_client):

@@ -321,15 +321,25 @@ def _one_repository(name: str) -> None:
 
 def _refuse_load_parameters(parameters) -> None:
     """Triton's load overrides (``config``: a JSON model config; ``file:<path>``: a model file's bytes) would
-    be applied without a trace in the repository: refused, with where such a change goes instead."""
-    for key in sorted(parameters):
+    be applied without a trace in the repository: refused, naming every one sent (only the first was named,
+    so a caller that dropped it was refused again for the next), with where such a change goes instead."""
+    if not parameters:
+        return
+    keys = sorted(parameters)
+    advice = {}  # what to do instead, per kind of parameter sent (in the order of their first key)
+    for key in keys:
         if key == "config":
-            advice = "edit the version's model.toml"
+            advice.setdefault("config", "edit the version's model.toml")
         elif key.startswith("file:"):
-            advice = "put the model's files in its repository folder (<name>/<version>/model.onnx)"
+            advice.setdefault("file:<path>", "put the model's files in its repository folder "
+                                             "(<name>/<version>/model.onnx)")
         else:
-            advice = "RepositoryModelLoad takes no parameters"
-        raise InvalidArgument(f"RepositoryModelLoad parameters {key!r} is not supported: {advice}")
+            advice.setdefault("others", "RepositoryModelLoad takes no parameters")
+    named = ", ".join(quote(key) for key in keys[:10]) + (f" and {len(keys) - 10} more" if len(keys) > 10 else "")
+    if len(keys) == 1:
+        raise InvalidArgument(f"RepositoryModelLoad parameter {named} is not supported: {advice.popitem()[1]}")
+    why = "; ".join(f"{kind}: {text}" for kind, text in advice.items())
+    raise InvalidArgument(f"RepositoryModelLoad parameters {named} are not supported ({why})")
 
 
 def _schedule_params(parameters, priority: int, levels: int) -> tuple[int, int, str]:
