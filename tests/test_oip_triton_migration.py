@@ -3,7 +3,7 @@
 Triton's shared-memory, trace and log RPCs got gRPC's bare "Method not found!" (they were missing from the
 proto): now UNIMPLEMENTED saying what to do instead. ``model_version="01"`` was NOT_FOUND where Triton reads
 the version as an integer (version 1); a version that is not a whole number is INVALID_ARGUMENT naming the
-field.
+field. ``sequence_id`` on a model without sequence batching is accepted and ignored, as Triton does.
 """
 
 from __future__ import annotations
@@ -123,3 +123,13 @@ def test_a_very_long_version_is_read_without_int(stub):
     with pytest.raises(grpc.RpcError) as info:
         stub.ModelMetadata(pb.ModelMetadataRequest(name="tiny", version="9" * 9000), timeout=10)
     assert info.value.code() == grpc.StatusCode.NOT_FOUND and len(info.value.details()) < 400, info.value
+
+
+# ----------------------------------------------------------------------------- sequence parameters
+def test_sequence_parameters_are_accepted_and_ignored_as_triton_does_without_sequence_batching(triton):
+    # Triton checks a correlation id only in its sequence batcher; a model without one runs the request as any.
+    plain = triton.infer("tiny", tiny_inputs(), model_version="1").as_numpy("OUTPUT0")
+    for start, end in ((True, False), (False, False), (False, True)):
+        result = triton.infer("tiny", tiny_inputs(), model_version="1", sequence_id=42, sequence_start=start,
+                              sequence_end=end)
+        np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), plain)
