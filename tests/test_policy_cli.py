@@ -153,7 +153,14 @@ def good_case() -> dict:
     (lambda c: c.update(expected=c.pop("expect")),
      "unknown key 'expected' in the case; did you mean 'expect'? (allowed: name, row, expect)"),
     (lambda c: c["expect"].update(escalated=False),
-     "unknown key 'escalated' in \"expect\"; did you mean 'escalate'? (allowed: action, fired, escalate)"),
+     "unknown key 'escalated' in \"expect\"; did you mean 'escalate'? (allowed: action, fired, escalate, adjust)"),
+    # rows the kernel would refuse are refused here too (a pipeline author's walk-through: 1 passed as true, and a
+    # label the model never answers passed)
+    (lambda c: c["row"].update(has_police_report=1),
+     "row 'has_police_report' is 1, but the policy reads it as a bool: write true or false"),
+    (lambda c: c["row"].update(label="fraud"),
+     "row 'label' is \"fraud\", not one of the policy's classes (approve, review, deny): the model never answers it"),
+    (lambda c: c["expect"].update(adjust="0.3"), '"adjust" must be a number, not "0.3"'),
     (lambda c: c["row"].update(claim_amount=True),  # JSON's true passed as the number 1; the kernel refuses it
      "row 'claim_amount' is true, but the policy reads it as a number: the kernel refuses a boolean there"),
     (lambda c: c["expect"].update(action="aprove"),
@@ -228,3 +235,14 @@ def test_row_keys_the_policy_does_not_read_are_named_in_a_note_not_refused(tmp_p
            "'claim_amount'?" in lines, out
     assert sum("claim_amuont" in line for line in lines) == 1, out  # once, not per case
     assert "3 cases:" in out and code in (0, 1), out  # the cases ran
+
+
+def test_a_case_can_expect_the_score_adjustment(tmp_path):
+    """(The same walk-through: `expect` could not assert `adjust`, a documented output.)"""
+    case = good_case()  # R01 fires: adjust 0.3
+    right, wrong = json.loads(json.dumps(case)), json.loads(json.dumps(case))
+    right["expect"]["adjust"], wrong["expect"]["adjust"] = 0.3, 0.5
+    cases = tmp_path / "cases.jsonl"
+    cases.write_text(json.dumps(right) + "\n" + json.dumps(wrong) + "\n")
+    code, out = run_test_command(cases)
+    assert code == 1 and "expected adjust 0.5, got 0.3" in out and f"{cases}:2" in out, out

@@ -7,8 +7,10 @@ allowed::
 
 ``row`` holds the policy's inputs and model outputs (``label``, ``confidence``,
 ``score.<class>``); ``expect`` holds ``action`` and optionally ``fired``
-(list of rule ids) and ``escalate`` (true or false); ``"expect": "deny"`` is
-short for the action alone. Every case runs through the compiled evaluator and
+(list of rule ids), ``escalate`` (true or false) and ``adjust`` (the score
+adjustment, a number); ``"expect": "deny"`` is short for the action alone. A
+row the kernel would refuse (a bool given as 1, a label none of the policy's
+classes) is refused here too. Every case runs through the compiled evaluator and
 the reference; a difference between the two is reported as a failure too.
 
 A mistake in the cases file itself is refused before any case runs, every one
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import sys
 from collections import Counter
 from pathlib import Path
@@ -128,7 +131,7 @@ def test_command(path: str | Path, cases_path: str | Path, out: TextIO = sys.std
 
 
 CASE_KEYS = ("name", "row", "expect")
-EXPECT_KEYS = ("action", "fired", "escalate")
+EXPECT_KEYS = ("action", "fired", "escalate", "adjust")
 
 
 def read_cases(path: str | Path, policy: Policy | None = None) -> list[dict]:
@@ -187,6 +190,9 @@ def _case(case, number: int, where: str, policy: Policy | None) -> dict:
                              f"(allowed: {', '.join(EXPECT_KEYS)})")
     if "escalate" in expect and not isinstance(expect["escalate"], bool):
         raise ValueError(f"\"escalate\" must be true or false, not {json.dumps(expect['escalate'])}")
+    if "adjust" in expect and (isinstance(expect["adjust"], bool) or not isinstance(expect["adjust"], (int, float))
+                               or not math.isfinite(expect["adjust"])):
+        raise ValueError(f"\"adjust\" must be a number, not {json.dumps(expect['adjust'])}")
     fired = expect.get("fired")
     if "fired" in expect and not (isinstance(fired, list) and all(isinstance(r, str) for r in fired)):
         raise ValueError(f"\"fired\" must be a list of rule ids, as in [\"R1\"], not {json.dumps(fired)}")
@@ -196,9 +202,16 @@ def _case(case, number: int, where: str, policy: Policy | None) -> dict:
         schema = Schema(policy.inputs, policy.classes)
         ignored = [key for key in row if schema.type_of(key) is None]
         for key, value in row.items():  # JSON's true is a Python 1: the kernel refuses a bool for a number
-            if isinstance(value, bool) and schema.type_of(key) in ("number", "integer"):
+            kind = schema.type_of(key)
+            if isinstance(value, bool) and kind in ("number", "integer"):
                 raise ValueError(f"row {key!r} is {json.dumps(value)}, but the policy reads it as a "
-                                 f"{schema.type_of(key)}: the kernel refuses a boolean there")
+                                 f"{kind}: the kernel refuses a boolean there")
+            if kind == "bool" and value is not None and not isinstance(value, bool):  # (and 1 as a bool: the same)
+                raise ValueError(f"row {key!r} is {json.dumps(value)}, but the policy reads it as a bool: write "
+                                 "true or false (the kernel refuses anything else there)")
+            if key == "label" and policy.classes is not None and value is not None and value not in policy.classes:
+                raise ValueError(f"row 'label' is {json.dumps(value)}, not one of the policy's classes "
+                                 f"({', '.join(policy.classes)}): the model never answers it")
     name = str(case.get("name", f"line {number}"))
     return {"name": name, "line": number, "where": where, "row": row, "expect": expect, "ignored": ignored}
 
@@ -259,6 +272,8 @@ def run_cases(policy: Policy, cases: list[dict]) -> dict:
             problems.append(f"expected action {expect['action']!r}, got {got['action']!r}")
         if "fired" in expect and list(expect["fired"]) != got["fired"]:
             problems.append(f"expected rules {expect['fired']}, fired {got['fired']}")
+        if "adjust" in expect and not math.isclose(expect["adjust"], got["adjust"], rel_tol=1e-9, abs_tol=1e-12):
+            problems.append(f"expected adjust {expect['adjust']:g}, got {got['adjust']:g}")
         if "escalate" in expect and expect["escalate"] != got["escalate"]:
             problems.append(f"expected escalate {str(expect['escalate']).lower()}, got {str(got['escalate']).lower()}")
         if got["error"]:
