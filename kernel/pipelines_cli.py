@@ -1,9 +1,14 @@
-"""``aios-kernel pipelines list|upload``: what a running kernel decides with, and changing it safely.
+"""``aios-kernel pipelines list|upload|check``: what a running kernel decides with, and changing it safely.
 
 ::
 
     aios-kernel pipelines list                 # each pipeline's version and hashes, and every file it refused, with why
     aios-kernel pipelines upload examples/claims/pipelines/claims_triage.toml [--policy policy.toml]
+    aios-kernel pipelines check examples/claims/pipelines/claims_triage.toml --models examples/claims/models
+
+``check`` runs the checks a kernel's load or an upload runs — the pipeline, its policy, and the binding to the
+model it names, loaded from a repository folder — with no kernel running (a pipeline author's walk-through:
+binding errors showed only against a running kernel). Exit 0 when it would serve, 1 when it would be refused.
 
 An upload is validated whole (the pipeline, the policy, the model it names)
 before anything changes; a refused one answers INVALID_ARGUMENT naming line
@@ -27,7 +32,7 @@ from .cli_support import address_flags, failed, print_json
 
 
 def add_parser(sub) -> None:
-    pipelines = sub.add_parser("pipelines", help="list a running kernel's pipelines, or upload one")
+    pipelines = sub.add_parser("pipelines", help="list a running kernel's pipelines, upload one, or check a file")
     commands = pipelines.add_subparsers(dest="pipelines_command", required=True, metavar="COMMAND")
     listing = commands.add_parser("list", help="pipelines serving, with versions and hashes, and files refused")
     address_flags(listing)
@@ -40,6 +45,13 @@ def add_parser(sub) -> None:
     address_flags(upload)
     upload.add_argument("--json", action="store_true", help="print the PipelineInfo as JSON")
     upload.set_defaults(func=cmd_upload)
+    check = commands.add_parser("check", help="check a pipeline file, its policy and its model as a load does, "
+                                "with no kernel running")
+    check.add_argument("file", help="the pipeline's TOML file")
+    check.add_argument("--policy", help="the policy file (default: the one the pipeline names, beside it)")
+    check.add_argument("--models", help="model repository folder (default: as serve reads it: AIOS_MODELS, "
+                       "else ./models)")
+    check.set_defaults(func=cmd_check)
 
 
 def _stub(channel):
@@ -137,4 +149,44 @@ def cmd_upload(args) -> int:
         print(f"serving: {describe(info)}")
         for warning in info.warnings:
             print(f"warning: {warning}", file=sys.stderr)
+    return 0
+
+
+def cmd_check(args) -> int:
+    from .config import load_settings
+    from .models import ModelConfigError
+    from .models.hub import ModelHub
+    from .pipelines.registry import bind, binding_warnings
+    from .pipelines.spec import PipelineError, load_pipeline
+    from .policy import PolicyError, load_policy
+
+    try:
+        pipeline = load_pipeline(args.file, (lambda _named: load_policy(args.policy)) if args.policy else load_policy)
+    except (PipelineError, PolicyError) as exc:
+        print(f"refused: {exc}", file=sys.stderr)
+        return 1
+    root = Path(args.models or load_settings(None, {}).models)
+    if not root.is_dir():
+        print(f"model repository {root} {'is not a folder' if root.exists() else 'does not exist'} (set --models "
+              f"or AIOS_MODELS)", file=sys.stderr)
+        return 2
+    hub = ModelHub(root)
+    try:
+        for mv in hub.load(pipeline.model):
+            mv.runtime.probe()  # (what a served kernel's load-time profile notes: binding_warnings reads it)
+    except ModelConfigError as exc:
+        print(f"refused: {args.file}: [model].name: model {pipeline.model!r} in {root} cannot be loaded: {exc}",
+              file=sys.stderr)
+        return 1
+    try:
+        bound = bind(pipeline, hub)
+    except PipelineError as exc:
+        print(f"refused: {exc}", file=sys.stderr)
+        return 1
+    for warning in binding_warnings(bound, hub):
+        print(f"warning: {warning}", file=sys.stderr)
+    policy = bound.policy
+    print(f"ok: {args.file}: pipeline {bound.name} {bound.label!r} ({bound.hash[:12]}), policy {policy.name} "
+          f"{policy.version!r} ({policy.hash[:12]}), model {bound.model} version {bound.bound_version} from {root}: "
+          f"a kernel would serve it")
     return 0

@@ -56,8 +56,8 @@ def test_check_of_a_pipeline_file_names_its_policy_in_one_line():
     run = cli("check", str(pipeline))
     assert run.returncode == 2 and run.stdout == ""
     assert run.stderr.strip() == (f"{pipeline}: a pipeline file, not a policy; its policy is {POLICY}: `aios-kernel "
-                                  f"policy check {POLICY}` (a pipeline is checked when the kernel loads it, or by "
-                                  "`aios-kernel pipelines upload`)")
+                                  f"policy check {POLICY}` (a pipeline is checked by `aios-kernel pipelines check "
+                                  f"{pipeline}`, and when a kernel loads it)")
 
 
 def test_toml_cut_off_at_its_end_is_reported_at_its_last_line(tmp_path):

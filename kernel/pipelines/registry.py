@@ -408,37 +408,7 @@ class PipelineRegistry:
                                     f"which the uploaded policy would break: {exc}") from None
 
     def _bind(self, pipeline: Pipeline, upload: bool = False) -> Pipeline:
-        """Check the pipeline against the model it names: loaded, input width, output labels, and the
-        policy's classes and ``score.<class>`` reads against those labels."""
-        mv = self.hub.get(pipeline.model, pipeline.model_version)
-        fail = pipeline.model_error
-        if mv is None:
-            which = f"version '{pipeline.model_version}'" if pipeline.model_version else "any version"
-            then = ("load the model, then upload again (a refused upload is not kept)" if upload
-                    else "the pipeline is tried again when the model loads")
-            raise fail("name", f"model '{pipeline.model}' ({which}) is not loaded; {then}")
-        config = mv.config
-        inputs = {spec.name: spec for spec in config.inputs}
-        outputs = {spec.name: spec for spec in config.outputs}
-        if pipeline.input not in inputs:
-            raise fail("input", f"model '{mv.name}' has no input '{pipeline.input}' (has {', '.join(inputs)})")
-        if len(inputs) != 1:
-            raise fail("input", f"model '{mv.name}' takes {len(inputs)} inputs; pipelines feed exactly one")
-        kind = inputs[pipeline.input].datatype.name
-        if kind != "FP32":  # (it bound, and then every decision failed in onnxruntime: a FALLBACK each)
-            raise fail("input", f"'{pipeline.input}' of model '{mv.name}' takes {kind}; pipelines encode FP32 rows")
-        dims = inputs[pipeline.input].dims
-        if tuple(dims) not in ((pipeline.width,), (-1,)):
-            raise fail("input", f"the fields encode {pipeline.width} columns but '{pipeline.input}' takes {list(dims)}")
-        if pipeline.output not in outputs:
-            raise fail("output", f"model '{mv.name}' has no output '{pipeline.output}' (has {', '.join(outputs)})")
-        labels = outputs[pipeline.output].labels
-        if not labels:
-            raise fail("output", f"output '{pipeline.output}' of '{mv.name}' has no class `labels` in its model.toml")
-        if not config.batching:
-            raise fail("name", f"model '{mv.name}' does not batch (max_batch_size = 0); pipelines need a batch dim")
-        _check_classes(pipeline, f"output '{pipeline.output}' of model '{mv.name}' version {mv.version}", labels)
-        return replace(pipeline, bound_version=mv.version)
+        return bind(pipeline, self.hub, upload)
 
     def unavailable_reason(self, pipeline: Pipeline) -> str:
         """"" while the model version ``pipeline`` decides on is loaded, else why it cannot decide now (an operator
@@ -447,19 +417,6 @@ class PipelineRegistry:
             return ""
         return (f"model {pipeline.model} version {pipeline.bound_version} is not loaded: Decide answers UNAVAILABLE "
                 f"until it is (RepositoryModelLoad, `aios-kernel models load`)")
-
-    def _unlike_probabilities(self, pipeline: Pipeline) -> str | None:
-        """A warning when the model's class scores left [0, 1] at its load-time probe (an all-zeros and an
-        all-ones row): logits, say, where confidence (the largest score) and ``min_confidence`` (0..1) expect
-        probabilities (a pipeline author's walk-through: 'confidence 5.245', and no escalation for it ever)."""
-        mv = self.hub.get(pipeline.model, pipeline.bound_version)
-        probed = getattr(getattr(mv, "runtime", None), "probed_ranges", {}).get(pipeline.output)
-        if probed is None or (-1e-6 <= probed[0] and probed[1] <= 1 + 1e-6):
-            return None
-        return (f"pipeline {pipeline.name}: output '{pipeline.output}' of model {mv.name}/{mv.version} gave scores "
-                f"from {probed[0]:.4g} to {probed[1]:.4g} for an all-zeros and an all-ones row: not probabilities "
-                f"(end the model with a Softmax or Sigmoid); confidence is the largest score and "
-                f"[escalation].min_confidence (0 to 1) compares with it")
 
     def _owner(self, path: Path) -> Pipeline | None:
         return next((p for p in self._active.values() if p.path == str(path)), None)
@@ -491,8 +448,7 @@ class PipelineRegistry:
         log.info("pipeline %s active: version %r (%s), policy %s %r (%s), model %s version %s", pipeline.name,
                  pipeline.label, pipeline.hash[:12], pipeline.policy.name, pipeline.policy.version,
                  pipeline.policy.hash[:12], pipeline.model, pipeline.bound_version)
-        found = [_unchanged_label(old, pipeline) if old is not None else None, *_dead_null_tests(pipeline),
-                 self._unlike_probabilities(pipeline)]
+        found = [_unchanged_label(old, pipeline) if old is not None else None, *binding_warnings(pipeline, self.hub)]
         for warning in filter(None, found):
             log.warning("%s", warning)
             if warnings is not None:
@@ -571,7 +527,61 @@ def _remaining(time_left) -> float | None:
     return None if left is None or left >= threading.TIMEOUT_MAX else left
 
 
-def _dead_null_tests(pipeline: Pipeline) -> list[str]:
+def bind(pipeline: Pipeline, hub, upload: bool = False) -> Pipeline:
+    """``pipeline`` bound to the version of the model it names in ``hub``, checked against it: loaded, input
+    width, output labels, and the policy's classes, ``score.<class>`` reads and ``label`` literals against those
+    labels; PipelineError naming the pipeline's line and key otherwise."""
+    mv = hub.get(pipeline.model, pipeline.model_version)
+    fail = pipeline.model_error
+    if mv is None:
+        which = f"version '{pipeline.model_version}'" if pipeline.model_version else "any version"
+        then = ("load the model, then upload again (a refused upload is not kept)" if upload
+                else "the pipeline is tried again when the model loads")
+        raise fail("name", f"model '{pipeline.model}' ({which}) is not loaded; {then}")
+    config = mv.config
+    inputs = {spec.name: spec for spec in config.inputs}
+    outputs = {spec.name: spec for spec in config.outputs}
+    if pipeline.input not in inputs:
+        raise fail("input", f"model '{mv.name}' has no input '{pipeline.input}' (has {', '.join(inputs)})")
+    if len(inputs) != 1:
+        raise fail("input", f"model '{mv.name}' takes {len(inputs)} inputs; pipelines feed exactly one")
+    kind = inputs[pipeline.input].datatype.name
+    if kind != "FP32":  # (it bound, and then every decision failed in onnxruntime: a FALLBACK each)
+        raise fail("input", f"'{pipeline.input}' of model '{mv.name}' takes {kind}; pipelines encode FP32 rows")
+    dims = inputs[pipeline.input].dims
+    if tuple(dims) not in ((pipeline.width,), (-1,)):
+        raise fail("input", f"the fields encode {pipeline.width} columns but '{pipeline.input}' takes {list(dims)}")
+    if pipeline.output not in outputs:
+        raise fail("output", f"model '{mv.name}' has no output '{pipeline.output}' (has {', '.join(outputs)})")
+    labels = outputs[pipeline.output].labels
+    if not labels:
+        raise fail("output", f"output '{pipeline.output}' of '{mv.name}' has no class `labels` in its model.toml")
+    if not config.batching:
+        raise fail("name", f"model '{mv.name}' does not batch (max_batch_size = 0); pipelines need a batch dim")
+    _check_classes(pipeline, f"output '{pipeline.output}' of model '{mv.name}' version {mv.version}", labels)
+    return replace(pipeline, bound_version=mv.version)
+
+
+def binding_warnings(pipeline: Pipeline, hub) -> list[str]:
+    """What a bound pipeline serves with that is likely not what its author meant (warnings, not refusals)."""
+    return [*dead_null_tests(pipeline), *filter(None, [unlike_probabilities(pipeline, hub)])]
+
+
+def unlike_probabilities(pipeline: Pipeline, hub) -> str | None:
+    """A warning when the model's class scores left [0, 1] at its load-time probe (an all-zeros and an
+    all-ones row): logits, say, where confidence (the largest score) and ``min_confidence`` (0..1) expect
+    probabilities (a pipeline author's walk-through: 'confidence 5.245', and no escalation for it ever)."""
+    mv = hub.get(pipeline.model, pipeline.bound_version)
+    probed = getattr(getattr(mv, "runtime", None), "probed_ranges", {}).get(pipeline.output)
+    if probed is None or (-1e-6 <= probed[0] and probed[1] <= 1 + 1e-6):
+        return None
+    return (f"pipeline {pipeline.name}: output '{pipeline.output}' of model {mv.name}/{mv.version} gave scores "
+            f"from {probed[0]:.4g} to {probed[1]:.4g} for an all-zeros and an all-ones row: not probabilities "
+            f"(end the model with a Softmax or Sigmoid); confidence is the largest score and "
+            f"[escalation].min_confidence (0 to 1) compares with it")
+
+
+def dead_null_tests(pipeline: Pipeline) -> list[str]:
     """A rule testing ``x is null`` where the pipeline gives every request an ``x`` (it is required, or takes its
     default): never true when served, though ``policy test`` rows that leave ``x`` out pass it (a pipeline author's
     walk-through). A warning, not a refusal: the policy may serve other pipelines where ``x`` can be missing."""

@@ -66,7 +66,7 @@ def check_command(path: str | Path, out: TextIO = sys.stdout) -> int:
     named = _policy_a_pipeline_names(Path(path))
     if named is not None:  # (checked as a policy it gave 17 errors, one "line 0": an operator walk-through)
         print(f"{path}: a pipeline file, not a policy; its policy is {named}: `aios-kernel policy check {named}` "
-              f"(a pipeline is checked when the kernel loads it, or by `aios-kernel pipelines upload`)", file=sys.stderr)
+              f"(a pipeline is checked by `aios-kernel pipelines check {path}`, and when a kernel loads it)", file=sys.stderr)
         return EXIT_UNUSABLE
     try:
         policy = load_policy(path)
@@ -99,7 +99,7 @@ def test_command(path: str | Path, cases_path: str | Path, out: TextIO = sys.std
     named = _policy_a_pipeline_names(Path(path))
     if named is not None:  # (checked as a policy it gave 17 errors, one "line 0": an operator walk-through)
         print(f"{path}: a pipeline file, not a policy; its policy is {named}: `aios-kernel policy check {named}` "
-              f"(a pipeline is checked when the kernel loads it, or by `aios-kernel pipelines upload`)", file=sys.stderr)
+              f"(a pipeline is checked by `aios-kernel pipelines check {path}`, and when a kernel loads it)", file=sys.stderr)
         return EXIT_UNUSABLE
     try:
         policy = load_policy(path)

@@ -1,0 +1,67 @@
+"""``aios-kernel pipelines check``: a pipeline file, its policy and its model checked as a kernel's load checks them,
+with no kernel running (a pipeline author's walk-through: binding errors showed only against a running kernel)."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from claims_support import CLAIMS, copy_pipelines, model_weights
+from kernel.cli import main
+from kernel.testing.onnx_models import mlp_from_weights, save
+
+
+@pytest.fixture
+def folder(tmp_path):
+    return copy_pipelines(tmp_path / "pipelines")
+
+
+def check(capsys, *args: str) -> tuple[int, str, str]:
+    code = main(["pipelines", "check", *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_a_pipeline_the_kernel_would_serve_passes(claims_models, folder, capsys):
+    code, out, err = check(capsys, str(folder / "claims_triage.toml"), "--models", str(claims_models))
+    assert code == 0 and err == "", err
+    assert "pipeline claims_triage '2026-11-25.1'" in out and "model claims_triage version 1" in out
+    assert out.strip().endswith("a kernel would serve it")
+
+
+def test_a_binding_error_names_the_line_as_a_load_does(claims_models, folder, capsys):
+    path = folder / "claims_triage.toml"
+    path.write_text(path.read_text().replace('input = "features"', 'input = "feats"', 1))
+    code, out, err = check(capsys, str(path), "--models", str(claims_models))
+    assert code == 1 and out == ""
+    assert err.startswith(f"refused: {path}:") and "[model].input: model 'claims_triage' has no input 'feats'" in err
+
+
+def test_a_policy_given_apart_is_checked_with_it(claims_models, folder, tmp_path, capsys):
+    policy = tmp_path / "candidate.toml"
+    policy.write_text((CLAIMS / "policy.toml").read_text().replace("label in {'review', 'deny'}",
+                                                                   "label in {'review', 'fraud'}", 1))
+    code, _, err = check(capsys, str(folder / "claims_triage.toml"), "--policy", str(policy),
+                         "--models", str(claims_models))
+    assert code == 1 and f"{policy}:" in err and "'fraud' is not one of the model's classes" in err
+
+
+def test_a_model_missing_from_the_repository_is_named(claims_models, folder, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    code, _, err = check(capsys, str(folder / "claims_triage.toml"), "--models", str(tmp_path / "empty"))
+    assert code == 1 and "model 'claims_triage'" in err and "no such model folder" in err
+    code, _, err = check(capsys, str(folder / "claims_triage.toml"), "--models", str(tmp_path / "nowhere"))
+    assert code == 2 and "does not exist" in err
+
+
+def test_what_a_load_warns_about_is_said_too(claims_models, folder, tmp_path, capsys):
+    good = claims_models / "claims_triage" / "1"
+    w, b = model_weights(good)
+    logits = tmp_path / "logits" / "claims_triage" / "1"
+    logits.mkdir(parents=True)
+    save(mlp_from_weights([(w * 8, b)], "features", "probabilities", softmax=False), logits / "model.onnx")
+    shutil.copy(good / "model.toml", logits / "model.toml")
+    code, out, err = check(capsys, str(folder / "claims_triage.toml"), "--models", str(tmp_path / "logits"))
+    assert code == 0 and "a kernel would serve it" in out
+    assert err.startswith("warning: pipeline claims_triage: output 'probabilities'") and "not probabilities" in err
