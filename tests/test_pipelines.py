@@ -311,3 +311,22 @@ def test_an_upload_replaces_a_refused_version_of_the_same_pipeline(hub, folder):
     assert str(folder / "x.toml") in registry.errors
     assert Path(registry.put(text.encode()).path).name == "x.toml"
     assert (folder / "x.toml").read_text() == text
+
+
+def test_an_upload_without_a_policy_reads_one_in_a_subfolder_but_never_outside_the_folder(hub, folder):
+    """(A pipeline author's walk-through: a pipeline whose policy is in 'policies/' could not be uploaded at all.)"""
+    from kernel.errors import InvalidArgument
+
+    (folder / "policies").mkdir()
+    (folder / "policy.toml").rename(folder / "policies" / "claims.toml")
+    text = (folder / "claims_triage.toml").read_text().replace('file = "policy.toml"', 'file = "policies/claims.toml"')
+    (folder / "claims_triage.toml").write_text(text)
+    registry = PipelineRegistry(folder, hub, load_policy, parse_policy, poll_s=0)
+    registry.reload()
+    uploaded = registry.put(_version_bumped(text, "v-sub").encode())
+    assert uploaded.label == "v-sub" and uploaded.policy.source.endswith("claims.toml")
+    for outside in ("../policy.toml", "/etc/hostname", "policies/../../x.toml"):
+        with pytest.raises(InvalidArgument, match="must be a plain file name"):
+            registry.put(text.replace('file = "policies/claims.toml"', f'file = "{outside}"').encode())
+    with pytest.raises(InvalidArgument, match="must be a plain file name"):  # (an uploaded policy is written there)
+        registry.put(text.encode(), (folder / "policies" / "claims.toml").read_bytes())

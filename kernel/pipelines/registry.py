@@ -286,7 +286,11 @@ class PipelineRegistry:
         reads: set[Path] = set()
 
         def policy_for(name: str):
-            _check_file_name(name, "the name")
+            if policy_text is not None:  # (written by the upload: a plain name of the folder)
+                _check_file_name(name, "the name")
+            else:  # read where it is: a subfolder of the folder may hold it, as a folder load reads it there
+                for part in name.split("/"):  # (a pipeline author's walk-through: 'policies/x.toml' was refused)
+                    _check_file_name(part, f"each part of the policy's path {name!r}")
             reads.add(_absolute(self.folder / name))
             if policy_text is not None:
                 if _file_kind(self.folder / name) == PIPELINE:
