@@ -16,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+from .channel import kernel_channel
+
 DEFAULT_ADDRESS = "127.0.0.1:8001"
 
 
@@ -150,7 +152,7 @@ def answer(args, call, describe) -> int:
     ``describe(message)``'s lines, or with ``--json`` the message as JSON; a refused call is one line, exit 1."""
     import grpc
 
-    with grpc.insecure_channel(args.address) as channel:
+    with kernel_channel(args.address) as channel:
         try:
             message = call(channel)
         except grpc.RpcError as exc:

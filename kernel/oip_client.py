@@ -13,6 +13,7 @@ import numpy as np
 from ._proto.inference import grpc_service_pb2 as pb
 from ._proto.inference import grpc_service_pb2_grpc as pb_grpc
 from .accel import bytes_codec
+from .channel import kernel_channel
 from .models import datatypes
 
 
@@ -20,7 +21,7 @@ class OipClient:
     def __init__(self, address: str, timeout: float = 10.0):
         self.address = address
         self.timeout = timeout
-        self.channel = grpc.insecure_channel(address)
+        self.channel = kernel_channel(address)
         self.stub = pb_grpc.GRPCInferenceServiceStub(self.channel)
 
     def close(self) -> None:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from .channel import kernel_channel
 from .cli_support import address_flags, failed, print_json
 
 
@@ -71,7 +72,7 @@ def cmd_list(args) -> int:
 
     from ._proto.aios.kernel.v1 import kernel_pb2 as kpb
 
-    with grpc.insecure_channel(args.address) as channel:
+    with kernel_channel(args.address) as channel:
         try:
             response = _stub(channel).ListPipelines(kpb.ListPipelinesRequest(), timeout=args.timeout)
         except grpc.RpcError as exc:
@@ -131,7 +132,7 @@ def cmd_upload(args) -> int:
     except OSError as exc:
         print(f"cannot read {exc.filename}: {exc.strerror}", file=sys.stderr)
         return 2
-    with grpc.insecure_channel(args.address) as channel:
+    with kernel_channel(args.address) as channel:
         try:
             info = _stub(channel).UploadPipeline(request, timeout=args.timeout)
         except grpc.RpcError as exc:

@@ -125,3 +125,85 @@ def test_the_kernels_own_unavailable_says_nothing_was_decided_and_is_sent_again(
         assert dict(refused.value.trailing_metadata())["aios-not-decided"] == "1"
         assert counter.sent == 3  # the first and both retries
         assert client.decide("claims_triage", fields, request_id="loaded-again", retries=5, timeout=30).action
+
+
+# -- a client audit (session 24) ------------------------------------------------------------------------------------
+
+def test_a_client_without_a_deadline_decides(server):
+    """``DecisionClient(timeout=None)`` (README: "None: none") raised TypeError on every decide."""
+    with DecisionClient(f"127.0.0.1:{server.port}", timeout=None) as client:
+        assert client.decide("claims_triage", {"claim_amount": 800.0}).action
+        assert client.decide("claims_triage", {"claim_amount": 800.0}, timeout=None).action
+
+
+def test_grpcs_own_resource_exhausted_is_not_sent_again(server):
+    """The client's receive limit refused an answer already decided (RESOURCE_EXHAUSTED, no hint): retried, the one
+    request was decided four times. Only the kernel's RESOURCE_EXHAUSTED, with its retry-after-ms, is sent again."""
+    with DecisionClient(f"127.0.0.1:{server.port}", options=[("grpc.max_receive_message_length", 256)]) as client:
+        with pytest.raises(grpc.RpcError) as info:
+            client.decide("claims_triage", {"claim_amount": 800.0}, request_id="tiny-receive", retries=3)
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in info.value.details()
+    assert _decisions_for(server, "tiny-receive") == 1
+
+
+def test_a_negative_hint_is_no_hint():
+    """(``time.sleep`` raised ValueError on a ``retry-after-ms: -5``.)"""
+    from kernel.decision_client import retry_after_s
+
+    class FakeRefusal:  # fault injected on purpose: a refusal whose trailer no kernel sends
+        def trailing_metadata(self):
+            return (("retry-after-ms", "-5"),)
+
+    assert retry_after_s(FakeRefusal()) is None
+
+
+def test_a_stream_left_early_is_cancelled_by_its_with(server):
+    """A ``break`` left the stream running: every request sent was decided, no answer read (3,000 of 3,000)."""
+    cases = data.generate_cases(64, seed=41)
+    requests = [claim_request(cases[i % 64], request_id=f"left-{i}") for i in range(5000)]
+    with DecisionClient(f"127.0.0.1:{server.port}") as client:
+        with client.decide_stream(requests) as answers:
+            for n, _ in enumerate(answers):
+                if n == 9:
+                    break
+        with pytest.raises(grpc.RpcError) as info:
+            next(answers)
+        assert info.value.code() == grpc.StatusCode.CANCELLED
+
+
+def test_a_failing_request_iterable_ends_the_sending_and_is_raised_after_the_answers(server):
+    """gRPC cut the stream with UNKNOWN "Exception iterating requests!", the cause lost with the answers."""
+    cases = data.generate_cases(50, seed=42)
+
+    def requests():
+        for i, case in enumerate(cases):
+            yield claim_request(case, request_id=f"gen-{i}")
+        raise LookupError("the source of cases went away")
+
+    answers = []
+    with DecisionClient(f"127.0.0.1:{server.port}") as client:
+        with pytest.raises(LookupError, match="the source of cases went away"):
+            for answer in client.decide_stream(requests()):
+                answers.append(answer.request_id)
+    assert sorted(answers) == sorted(f"gen-{i}" for i in range(50))
+
+
+def test_a_value_that_cannot_be_sent_names_its_field():
+    from kernel.decision_client import make_request
+
+    with pytest.raises(ValueError, match="field 'claim_amount': 10+ does not fit a 64-bit integer"):
+        make_request("claims_triage", {"claim_amount": 10**30})
+    with pytest.raises(ValueError, match="text field 'notes': not valid UTF-8 text"):
+        make_request("claims_triage", {}, {"notes": "cut \ud83d"})
+
+
+def test_a_page_of_reviews_larger_than_grpcs_default_limit_is_read(server):
+    """The kernel pages reviews up to 16 MiB, but the clients kept gRPC's 4 MiB receive limit: RESOURCE_EXHAUSTED."""
+    with DecisionClient(f"127.0.0.1:{server.port}") as client:
+        for i in range(3):
+            text = {"description": "é" * (2**19 - 10), "notes": "n" * (2**20 - 10)}
+            decision = client.decide("claims_triage", {k: LARGE[k] for k in data.REQUEST_FIELDS}, text,
+                                     tenant="bigtext", request_id=f"big-{i}")
+            assert decision.outcome == kpb.ESCALATED
+        page = client.reviews.ListReviews(kpb.ListReviewsRequest(tenant="bigtext", page_size=10), timeout=30)
+    assert len(page.reviews) == 3 and page.ByteSize() > 4 * 2**20

@@ -20,6 +20,7 @@ import json
 import sys
 import time
 
+from ..channel import kernel_channel
 from ..cli_support import (address_flags, answer, count, decision_lines, duration, failed, json_line, nonempty,
                            when)
 
@@ -99,7 +100,7 @@ def cmd_list(args) -> int:
 
     state = "" if args.state == "all" else args.state.upper()
     shown, token, more, missed = [], "", False, 0
-    with grpc.insecure_channel(args.address) as channel:
+    with kernel_channel(args.address) as channel:
         stub = _stub(channel)
         try:
             while True:
@@ -250,7 +251,7 @@ def cmd_watch(args) -> int:
     request = kpb.WatchReviewsRequest(pipeline=args.pipeline, tenant=args.tenant, include_open=args.include_open,
                                       updates=args.updates)
     seen = 0
-    with grpc.insecure_channel(args.address) as channel:
+    with kernel_channel(args.address) as channel:
         stream = _stub(channel).WatchReviews(request, timeout=_timeout(args))
         try:
             for review in stream:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import sys
 import time
 
+from ..channel import kernel_channel
 from ..cli_support import (address_flags, answer, decision_lines, enum_name, failed, json_line, nonempty,
                            request_flags, request_or_say_why, show, when)
 
@@ -98,7 +99,7 @@ def cmd_start(args) -> int:
     request = request_or_say_why(args)
     if request is None:
         return 2
-    with grpc.insecure_channel(args.address) as channel:
+    with kernel_channel(args.address) as channel:
         try:
             task = _stub(channel).StartTask(kpb.StartTaskRequest(request=request), timeout=args.timeout or None)
         except grpc.RpcError as exc:
@@ -137,9 +138,8 @@ def cmd_cancel(args) -> int:
 
 
 def cmd_watch(args) -> int:
-    import grpc
 
-    with grpc.insecure_channel(args.address) as channel:
+    with kernel_channel(args.address) as channel:
         return _follow(args, channel, args.task_id, timeout_s=args.timeout or None)
 
 
