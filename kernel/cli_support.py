@@ -195,7 +195,8 @@ def decision_lines(decision) -> list[str]:
     lines = [f"{decision.action}  ({enum_name(decision, 'outcome')}; model {model.model_name}/{model.model_version} "
              f"confidence {model.confidence:.3f})"
              f"{'  replayed: the answer first given for this idempotency key' if decision.replayed else ''}"]
-    lines += [f"  rule {reason.rule_id}: {reason.description}" for reason in decision.reasons]
+    lines += [f"  rule {reason.rule_id}" + (f": {reason.description}" if reason.description else "")
+              for reason in decision.reasons]
     lines += [f"  escalated: {why}" for why in decision.escalation_reasons]
     if decision.review_id:
         lines.append(f"  review {decision.review_id}")

@@ -399,7 +399,8 @@ def _with_default(r: _Reader, raw: dict, spec: FieldSpec, i: int) -> FieldSpec:
         raise r.fail("field", None, f"'{spec.name}' is optional (required = false) so it needs a `default`", i)
     default = raw["default"]
     if isinstance(default, bool) != (spec.type == "bool") or not isinstance(default, _PYTHON_TYPES[spec.type]):
-        raise r.fail("field", "default", f"must be a {spec.type}, got {default!r}", i)
+        article = "an" if spec.type[0] in "aeiou" else "a"
+        raise r.fail("field", "default", f"must be {article} {spec.type}, got {default!r}", i)
     if spec.values and default not in spec.values and not (spec.encode == "onehot" and default == ""):
         raise r.fail("field", "default", f"{default!r} is not one of the field's values", i)
     if spec.type in ("number", "integer"):
