@@ -68,10 +68,16 @@ def model_weights(version: Path) -> tuple[np.ndarray, np.ndarray]:
 def faulty_claims_model(good: Path, out: Path, fault: str) -> None:
     """The small claims model (version folder ``good``) at ``out``, failing for a standardized claim amount above
     1: ``fault="nan"`` makes its scores NaN there (0 * sqrt(1 - x0)); ``fault="refuse"`` makes onnxruntime refuse
-    the input there (a Gather whose index, 1000 * relu(x0 - 1), falls outside its one-row table)."""
-    from kernel.testing.onnx_models import _finish, save
+    the input there (a Gather whose index, 1000 * relu(x0 - 1), falls outside its one-row table).
+    ``fault="logits"``: no Softmax at the end (its weights scaled up), so its scores are not probabilities."""
+    from kernel.testing.onnx_models import _finish, mlp_from_weights, save
 
     w, b = model_weights(good)
+    if fault == "logits":
+        out.mkdir(parents=True)
+        save(mlp_from_weights([(w * 8, b)], "features", "probabilities", softmax=False), out / "model.onnx")
+        shutil.copy(good / "model.toml", out / "model.toml")
+        return
     floats = TensorProto.FLOAT
     consts = {"col0": np.array([0], np.int64), "one": np.array(1.0, np.float32), "zero": np.array(0.0, np.float32),
               "thousand": np.array(1000.0, np.float32), "table": np.zeros((1, 1), np.float32), "last": np.array([2], np.int64)}

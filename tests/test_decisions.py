@@ -520,18 +520,11 @@ def test_under_collect_the_escalation_names_the_rules_that_asked_for_review_only
 def test_a_model_whose_scores_are_not_probabilities_is_warned_about(claims_models, tmp_path):
     """A pipeline author's walk-through: a model answering logits (no Softmax) was served without a word; its
     'confidence' read 5.2 and -3.2, and min_confidence (0 to 1) could never send a case to review."""
-    import shutil
-
-    from claims_support import model_weights
+    from claims_support import faulty_claims_model
     from conftest import start_claims_kernel
-    from kernel.testing.onnx_models import mlp_from_weights, save
 
-    good = claims_models / "claims_triage" / "1"
-    w, b = model_weights(good)
-    logits = tmp_path / "models" / "claims_triage" / "1"
-    logits.mkdir(parents=True)
-    save(mlp_from_weights([(w * 8, b)], "features", "probabilities", softmax=False), logits / "model.onnx")
-    shutil.copy(good / "model.toml", logits / "model.toml")
+    faulty_claims_model(claims_models / "claims_triage" / "1", tmp_path / "models" / "claims_triage" / "1",
+                        fault="logits")
     server = start_claims_kernel(tmp_path / "models", tmp_path)
     try:
         pipeline = (tmp_path / "pipelines" / "claims_triage.toml").read_text().replace(

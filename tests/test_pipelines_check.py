@@ -3,13 +3,10 @@ with no kernel running (a pipeline author's walk-through: binding errors showed 
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 
-from claims_support import CLAIMS, copy_pipelines, model_weights
+from claims_support import CLAIMS, copy_pipelines, faulty_claims_model
 from kernel.cli import main
-from kernel.testing.onnx_models import mlp_from_weights, save
 
 
 @pytest.fixture
@@ -56,12 +53,8 @@ def test_a_model_missing_from_the_repository_is_named(claims_models, folder, tmp
 
 
 def test_what_a_load_warns_about_is_said_too(claims_models, folder, tmp_path, capsys):
-    good = claims_models / "claims_triage" / "1"
-    w, b = model_weights(good)
-    logits = tmp_path / "logits" / "claims_triage" / "1"
-    logits.mkdir(parents=True)
-    save(mlp_from_weights([(w * 8, b)], "features", "probabilities", softmax=False), logits / "model.onnx")
-    shutil.copy(good / "model.toml", logits / "model.toml")
+    faulty_claims_model(claims_models / "claims_triage" / "1", tmp_path / "logits" / "claims_triage" / "1",
+                        fault="logits")
     code, out, err = check(capsys, str(folder / "claims_triage.toml"), "--models", str(tmp_path / "logits"))
     assert code == 0 and "a kernel would serve it" in out
     assert err.startswith("warning: pipeline claims_triage: output 'probabilities'") and "not probabilities" in err
