@@ -297,3 +297,10 @@ def test_a_refused_uploaded_policy_is_named_by_the_users_own_path(cli, tmp_path)
     code, _, err = cli("pipelines", "upload", str(pipeline), "--policy", str(policy))
     assert code == 1 and f"{policy}:" in err and "my_policy.toml:" not in err, err
     assert "hit_policy" in err
+
+
+def test_a_name_cut_to_its_column_says_so():
+    from kernel.review.cli import _cut
+
+    assert _cut("claims_triage", 16) == "claims_triage   "
+    assert _cut("invoice_approval_emea", 16) == "invoice_approva…"

@@ -152,8 +152,14 @@ def row(review, now_ns: int) -> str:
         sla = f"due in {duration((review.sla_deadline_unix_ns - now_ns) / 1e9)}"
     if review.state == "CLAIMED":
         sla += f"; {review.claimed_by}"
-    return (f"{review.review_id:32}  {review.state:8}  {review.pipeline[:16]:16}  {review.tenant[:10]:10}  "
-            f"{proposed.action[:12]:12}  {proposed.model.confidence:5.3f}  {age:>8}  {sla}")
+    return (f"{review.review_id:32}  {review.state:8}  {_cut(review.pipeline, 16)}  {_cut(review.tenant, 10)}  "
+            f"{_cut(proposed.action, 12)}  {proposed.model.confidence:5.3g}  {age:>8}  {sla}")
+
+
+def _cut(text: str, width: int) -> str:
+    """``text`` in a column of ``width``, a cut one ending in '…' (a cut name read as another: an author's
+    walk-through)."""
+    return f"{text:{width}}" if len(text) <= width else text[:width - 1] + "…"
 
 
 def describe(review) -> list[str]:
