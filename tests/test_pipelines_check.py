@@ -42,6 +42,10 @@ def test_a_policy_given_apart_is_checked_with_it(claims_models, folder, tmp_path
     code, _, err = check(capsys, str(folder / "claims_triage.toml"), "--policy", str(policy),
                          "--models", str(claims_models))
     assert code == 1 and f"{policy}:" in err and "'fraud' is not one of the model's classes" in err
+    policy.write_text(policy.read_text().replace('[model]\nclasses = ["approve", "review", "deny"]\n', "", 1))
+    code, out, err = check(capsys, str(folder / "claims_triage.toml"), "--policy", str(policy),
+                           "--models", str(claims_models))
+    assert code == 0 and "compares label with 'fraud'" in err and "a kernel would serve it" in out
 
 
 def test_a_model_missing_from_the_repository_is_named(claims_models, folder, tmp_path, capsys):

@@ -159,11 +159,6 @@ def test_missing_sections(tmp_path):
      "true or false"),
     ('id = "R1"\nwhen = "amount > 1"\naction = "deny"\nadjust = inf', "adjust", "rule 'R1' adjust", "finite"),
     ('when = "amount > 1"\naction = "deny"', 'when = "amount > 1"', "rule #1 id", "is required"),
-    # the ids the kernel gives its own reasons: a rule's would be told from them on the audit log by nothing
-    ('id = "FALLBACK"\nwhen = "amount > 1"\naction = "deny"', 'id = "FALLBACK"', "rule 'FALLBACK' id",
-     "an id the kernel gives reasons of its own"),
-    ('id = "WITHDRAWN"\nwhen = "amount > 1"\naction = "deny"', 'id = "WITHDRAWN"', "rule 'WITHDRAWN' id",
-     "an id the kernel gives reasons of its own"),
 ])
 def test_rule_key_errors(tmp_path, body_rule, fragment, subject, message):
     body = f"\n[[rule]]\n{body_rule}\n" + rules()
@@ -175,6 +170,15 @@ def test_rule_key_errors(tmp_path, body_rule, fragment, subject, message):
     expected_line = line_of(path, fragment) if subject.split()[-1] not in ("action", "when", "id") or \
         "required" not in message else line_of(path, "[[rule]]")
     assert found[0].line == expected_line
+
+
+@pytest.mark.parametrize("rule_id", ["FALLBACK", "REVIEW", "WITHDRAWN"])
+def test_a_rule_named_as_the_kernels_own_reasons_is_warned_about(tmp_path, rule_id):
+    """The ids the kernel gives reasons no rule made (a model fault's fallback, a resolution, a withdrawal): warned
+    about, not refused, so a policy that served before an upgrade serves after it."""
+    path = policy_file(tmp_path, rules(("amount > 1", "deny")).replace('id = "R1"', f'id = "{rule_id}"'))
+    found = [w for w in load_policy(path).warnings if w.subject == f"rule '{rule_id}' id"]
+    assert found and "an id the kernel gives reasons of its own" in found[0].message
 
 
 def test_duplicate_rule_id(tmp_path):

@@ -567,8 +567,24 @@ def bind(pipeline: Pipeline, hub, upload: bool = False) -> Pipeline:
 
 
 def binding_warnings(pipeline: Pipeline, hub) -> list[str]:
-    """What a bound pipeline serves with that is likely not what its author meant (warnings, not refusals)."""
-    return [*dead_null_tests(pipeline), *filter(None, [unlike_probabilities(pipeline, hub)])]
+    """What a bound pipeline serves with that is likely not what its author meant: warnings, not refusals (a file
+    that served before an upgrade must serve after it; a review of a walk-through's fixes)."""
+    return [*pipeline.warnings, *foreign_labels(pipeline, hub), *dead_null_tests(pipeline),
+            *filter(None, [unlike_probabilities(pipeline, hub)])]
+
+
+def foreign_labels(pipeline: Pipeline, hub) -> list[str]:
+    """A rule comparing ``label`` with a class the model does not have (a policy without [model] classes takes
+    any string): that comparison never holds (a pipeline author's walk-through: `label == 'fraud'`)."""
+    mv = hub.get(pipeline.model, pipeline.bound_version)
+    labels = next((spec.labels for spec in getattr(getattr(mv, "config", None), "outputs", ())
+                   if spec.name == pipeline.output), None)
+    if not labels:
+        return []
+    source = getattr(pipeline.policy, "source", "") or "the policy"
+    return [f"pipeline {pipeline.name}: rule {rule.id} ({source}:{rule.line}) compares label with {value!r}, which "
+            f"model {mv.name}/{mv.version} never answers (labels {list(labels)})"
+            for rule, name, value in compared_strings(pipeline.policy) if name == "label" and value not in labels]
 
 
 def unlike_probabilities(pipeline: Pipeline, hub) -> str | None:
@@ -616,12 +632,7 @@ def _check_classes(pipeline: Pipeline, output: str, labels) -> None:
     if unknown:
         raise pipeline.model_error("output", f"the policy {source} reads {', '.join(unknown)} but {output} has "
                                              f"no such class (labels {list(labels)})")
-    # A policy without [model] classes compares `label` with any string; one the model never answers would
-    # make its rule dead (a pipeline author's walk-through: `label == 'fraud'` was accepted; score.fraud was not).
-    for rule, name, value in compared_strings(policy):
-        if name == "label" and value not in labels:
-            raise pipeline.model_error("output", f"rule {rule.id} ({source}:{rule.line}) compares label with "
-                                                 f"{value!r}, but {output} has no such class (labels {list(labels)})")
+
 
 
 # Uploaded text becomes files named after it: keep each name (and its ".<name>.tmp" twin) a

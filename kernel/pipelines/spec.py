@@ -54,7 +54,6 @@ from pathlib import Path
 from .. import accel
 from ..policy import tomlsafe
 from ..policy.syntax import string_literals
-from ..policy.types import NAME_RE
 from ..errors import InvalidArgument
 from ..limits import FileTooLarge, authored_text_problem, read_bounded
 from .fields import ENCODINGS, FIELD_TYPES, TRANSFORMS, FieldSpec, encode_one
@@ -112,6 +111,8 @@ class Pipeline:
     # The file's text exactly as loaded (its UTF-8 bytes are what ``hash`` covers): it goes into the
     # POLICY_CHANGE record, so the log alone shows what was served, with no archive of old files.
     text: str = field(default="", compare=False, repr=False)
+    # Settings in the file that do nothing or likely not what was meant (``_Reader.warn``): logged at activation.
+    warnings: tuple[str, ...] = field(default=(), compare=False)
     # The model version the registry checked this pipeline against (``PipelineRegistry._bind``): decisions run
     # on it, not on whatever version is newest. A newer version the pipeline does not fit (another input
     # width, other labels) was refused while decisions went on running on it, every one a FALLBACK.
@@ -153,6 +154,12 @@ class _Reader:
 
     def __init__(self, path: str, text: str):
         self.path, self.text = path, text
+        self.warnings: list[str] = []  # (``Pipeline.warnings``)
+
+    def warn(self, table: str | None, key: str | None, message: str, index: int = 0) -> None:
+        """A setting that does nothing or likely not what was meant: said at activation (and by an upload and
+        ``pipelines check``), not refused — a file that served before an upgrade must serve after it."""
+        self.warnings.append(str(self.fail(table, key, message, index)))
 
     def fail(self, table: str | None, key: str | None, message: str, index: int = 0) -> PipelineError:
         where = f"[[{table}]] #{index + 1}" if table == "field" else f"[{table}]" if table else ""
@@ -293,6 +300,7 @@ def parse_pipeline(data: bytes, path: str, load_policy) -> Pipeline:
         typed_names=frozenset(f.name for f in fields),
         model_lines=tuple((key, line_of(text, "model", 0, key)) for key in _SECTIONS["model"]),
         text=text,
+        warnings=tuple(r.warnings),
     )
 
 
@@ -305,8 +313,6 @@ def _text_fields(r: _Reader, head: dict, fields) -> frozenset[str] | None:
         if not isinstance(name, str) or not name:
             raise r.fail("pipeline", "text_fields", f"must be a list of field names, got {name!r}")
         r.printable(name, "pipeline", "text_fields")
-        if not NAME_RE.match(name):
-            raise r.fail("pipeline", "text_fields", f"{FIELD_NAME_RULE}, got {name!r:.60}")
         if name in typed:
             raise r.fail("pipeline", "text_fields", f"'{name}' is also a [[field]]: a field is typed or free text")
     if len(set(names)) != len(names):
@@ -314,9 +320,9 @@ def _text_fields(r: _Reader, head: dict, fields) -> frozenset[str] | None:
     return frozenset(names)
 
 
-# As a policy's input names: a request names its fields so, a policy reads them so, and the audit record keeps
-# free text under 'text:<name>' (an author's walk-through: a [[field]] named 'text:notiz' lost its value there).
-FIELD_NAME_RULE = "a field name is ASCII letters, digits and _, not starting with a digit"
+# The audit record keeps free text under 'text:<name>' (an author's walk-through: a [[field]] named 'text:notiz'
+# lost its value there). Other names stay as they were (a policy reads only identifiers, and says so itself).
+TEXT_PREFIX = "text:"
 
 
 def _fields(r: _Reader, raw_fields) -> tuple[FieldSpec, ...]:
@@ -329,8 +335,9 @@ def _fields(r: _Reader, raw_fields) -> tuple[FieldSpec, ...]:
         r.check_keys(raw, "field", i)
         name = r.get(raw, "field", "name", str, required=True, index=i)
         r.printable(name, "field", "name", index=i)
-        if not NAME_RE.match(name):  # (a name the policy could not read, or 'text:…', which the record uses itself)
-            raise r.fail("field", "name", f"{FIELD_NAME_RULE}, got {name!r:.60}", i)
+        if not name or name.startswith(TEXT_PREFIX):
+            raise r.fail("field", "name", f"must be a name, not empty nor starting with {TEXT_PREFIX!r} (the audit "
+                                          f"record's prefix for free text), got {name!r:.60}", i)
         if name in seen:
             raise r.fail("field", "name", f"duplicate field '{name}'", i)
         seen.add(name)
@@ -349,8 +356,8 @@ def _fields(r: _Reader, raw_fields) -> tuple[FieldSpec, ...]:
         if values and kind != "string":
             raise r.fail("field", "values", f"only string fields list values; '{name}' is {kind}", i)
         repeated = sorted({v for v in values if values.count(v) > 1})
-        if repeated:  # (onehot: a second column for one category, which the model was never trained on)
-            raise r.fail("field", "values", f"lists {', '.join(map(repr, repeated))} twice", i)
+        if repeated:  # (onehot: a second column for one category, which no request ever sets)
+            r.warn("field", "values", f"lists {', '.join(map(repr, repeated))} twice: its second column is never set", i)
         if encode == "onehot" and not values:
             raise r.fail("field", "encode", "onehot needs `values` (the categories, in column order)", i)
         if encode in ("standardize", "raw") and kind not in ("number", "integer"):
@@ -364,22 +371,22 @@ def _fields(r: _Reader, raw_fields) -> tuple[FieldSpec, ...]:
         if lo is not None and hi is not None and lo > hi:
             raise r.fail("field", "min", f"min {lo} is above max {hi}", i)
         if transform == "log1p" and lo is not None and not lo > -1:
-            raise r.fail("field", "min", f"must be above -1 with transform = \"log1p\" (log1p of {lo:g} is not a "
-                                         "number: every request at the minimum would be refused)", i)
+            r.warn("field", "min", f"{lo:g} with transform = \"log1p\": a request at or below -1 is refused all the "
+                                   "same (log1p of it is not a number); make min above -1", i)
         if transform != "none" and encode != "standardize":
-            raise r.fail("field", "transform", f"applies only with encode = \"standardize\"; '{name}' is encoded "
-                                               f"{encode}", i)
+            r.warn("field", "transform", f"does nothing: it applies only with encode = \"standardize\" ('{name}' "
+                                         f"is encoded {encode})", i)
         for key in ("mean", "std"):  # (read only by standardize: elsewhere a value that does nothing)
             if key in raw and encode != "standardize":
-                raise r.fail("field", key, f"applies only with encode = \"standardize\"; '{name}' is encoded "
-                                           f"{encode}", i)
+                r.warn("field", key, f"does nothing: it applies only with encode = \"standardize\" ('{name}' is "
+                                     f"encoded {encode})", i)
         std = r.number(raw, "field", "std", 1.0, index=i)
         if not std > 0:
             raise r.fail("field", "std", "must be a positive finite number", i)
         required = r.get(raw, "field", "required", bool, False, index=i)
         if required and "default" in raw:
-            raise r.fail("field", "default", f"'{name}' is required, so its default would never be used "
-                                             "(drop one of the two)", i)
+            r.warn("field", "default", f"does nothing: '{name}' is required, so a request without it is refused "
+                                       "(drop one of the two)", i)
         spec = FieldSpec(
             name=name, type=kind, required=required, default=None,
             min=lo, max=hi, values=values, encode=encode, transform=transform,

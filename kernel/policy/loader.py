@@ -280,9 +280,10 @@ class _Loader:
             if rule_id in seen:
                 self.add(self.line(key, "id"), f"{label} id", f"is used twice (first at line {seen[rule_id]})")
             seen.setdefault(rule_id, self.line(key, "id"))
-            if rule_id in KERNEL_REASON_IDS:
+            if rule_id in KERNEL_REASON_IDS:  # (a warning: a policy that served before an upgrade serves after it)
                 self.add(self.line(key, "id"), f"{label} id", f"is an id the kernel gives reasons of its own "
-                                                              f"({', '.join(KERNEL_REASON_IDS)}); choose another")
+                                                              f"({', '.join(KERNEL_REASON_IDS)}): choose another",
+                         severity=WARNING)
             is_default = entry.get("default", False)
             if not isinstance(is_default, bool):
                 self.add(self.line(key, "default"), f"{label} default", "must be true or false")
