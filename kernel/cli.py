@@ -463,7 +463,17 @@ def _as_typed(text) -> str:
         return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+def _an_arguments(exc: UnicodeEncodeError, argv: list[str]) -> bool:
+    """Whether ``exc`` is about text taken from the command line that is not UTF-8."""
+    text = exc.object if isinstance(exc.object, str) else ""
+    return exc.reason == "surrogates not allowed" and any(text in arg or arg in text for arg in argv if arg)
+
+
 def main(argv: list[str] | None = None) -> int:
+    for stream in (sys.stdout, sys.stderr):  # an answer is printed whatever the terminal takes (never lost to it)
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            reconfigure(errors="backslashreplace")
     parser = build_parser()
     # parse_args would report a stray word with the top-level usage; say it with the command's own.
     args, stray = parser.parse_known_args(argv)
@@ -476,6 +486,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except UnicodeEncodeError as exc:  # (a pipeline author's walk-through: a traceback from deep in protobuf)
         # The shell handed bytes that are not UTF-8 (Python keeps them as surrogates); a request carries UTF-8 only.
+        # Only an argument's: anything else is no mistake of the command line (a review: an answer printed to an
+        # ASCII terminal was blamed on the arguments, after the decision was made and recorded).
+        if not _an_arguments(exc, sys.argv[1:] if argv is None else argv):
+            raise
         print(f"aios-kernel: an argument is not valid UTF-8 text: {_as_typed(exc.object)[:200]!r}; requests carry "
               "UTF-8 only", file=sys.stderr)
         return 2

@@ -27,6 +27,9 @@ from .channel import kernel_channel
 # (UNAVAILABLE: one the kernel sent, or any with an idempotency key — see may_send_again). DEADLINE_EXCEEDED
 # only with an idempotency key: without one a retry may decide twice.
 RETRYABLE = frozenset({grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED, grpc.StatusCode.UNAVAILABLE})
+# gRPC's own RESOURCE_EXHAUSTED for a call past the server's maximum_concurrent_rpcs (the threaded front end's
+# `workers`): refused before the kernel saw it, so never decided.
+GRPC_CALL_LIMIT = "Concurrent RPC limit exceeded!"
 DEFAULT_BACKOFF_S = 0.05  # when a refusal carries no hint (UNAVAILABLE), doubled per attempt
 
 
@@ -101,10 +104,11 @@ def may_send_again(error: grpc.RpcError, request: kpb.DecisionRequest) -> bool:
         # aios-audit-sequence trailer) is not sent again: nothing was kept under its key.
         return False
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        # Only the kernel's own (it says when to come back): gRPC's, such as this client's receive limit on an
-        # answer already decided, or a request over the kernel's message limit, would fail again or decide
-        # again (a client audit: one request decided four times).
-        return retry_after_s(error) is not None or _not_decided(error)
+        # The kernel's own says when to come back; gRPC's own refusal of a call past the threaded front end's
+        # `workers` never ran it (a review: without it the busy kernel's usual answer was no longer retried).
+        # Any other, such as this client's receive limit on an answer already decided, or a request over the
+        # kernel's message limit, would fail again or decide again (a client audit: one request decided 4 times).
+        return retry_after_s(error) is not None or _not_decided(error) or error.details() == GRPC_CALL_LIMIT
     return keyed or code != grpc.StatusCode.UNAVAILABLE or _not_decided(error)
 
 
@@ -155,6 +159,11 @@ class DecisionStream:
     def cancel(self) -> None:
         """End the stream now: requests not yet answered may or may not have been decided."""
         self._call.cancel()
+
+    def __getattr__(self, name: str):
+        # gRPC's call itself for the rest (code(), details(), trailing_metadata(), is_active(), ...): what
+        # decide_stream returned before it returned this (a review: code calling them got AttributeError).
+        return getattr(self._call, name)
 
     def __enter__(self) -> DecisionStream:
         return self

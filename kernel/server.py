@@ -453,10 +453,14 @@ class KernelServer:
         else:
             self._server.stop(0)  # grpc: a later, shorter grace wins
 
+    def _lane_work(self) -> int:
+        """Every model's queued requests and running batches."""
+        return sum(sum(self.lanes.load(mv)) for mv in self.hub.loaded())
+
     def _busy(self) -> int:
         """Work the kernel holds: calls in progress on the threaded front end, and every model's queued
         requests and running batches (the asyncio front end's calls are visible only there)."""
-        held = sum(sum(self.lanes.load(mv)) for mv in self.hub.loaded())
+        held = self._lane_work()
         if self._pool is not None:
             held += self._calls_in_progress()
         return held
@@ -505,7 +509,10 @@ class KernelServer:
         now = time.monotonic_ns()
         end, quiet_ns = now + int(limit_s * 1e9), int(REFUSAL_QUIET_S * 1e9)
         while now < end and not self._hurried:
-            if not self._busy() and now - gate.last_refusal_ns >= quiet_ns:
+            # (Batches in the lanes only, not calls in progress: an idle open stream held every stop of the threaded
+            # front end to the whole REFUSAL_MAX_S, a review found. A batch about to answer is what brings a
+            # closed-loop client's next call.)
+            if not self._lane_work() and now - gate.last_refusal_ns >= quiet_ns:
                 refused = gate.refused
                 self._loop_caught_up(end - now)
                 if gate.refused == refused:

@@ -293,10 +293,13 @@ def test_ticket_timeout(tmp_path):
 def test_pending_records_are_bounded(tmp_path):
     with AuditLog.open(tmp_path, max_pending=100) as log:
         accepted = []
-        with pytest.raises(ResourceExhausted, match="the audit writer is behind: 100 records wait"):
+        with pytest.raises(ResourceExhausted, match="the audit writer is behind: 100 records wait") as info:
             for i in range(100_000):  # appending faster than the writer writes
                 accepted.append(log.append(decision(i)))
         assert 100 <= len(accepted) < 100_000
+        # A hint, and nothing recorded: the clients send it again (they send no hintless RESOURCE_EXHAUSTED again)
+        trailers = dict(info.value.trailers)
+        assert int(trailers["retry-after-ms"]) >= 10 and trailers["aios-not-decided"] == "1"
         accepted[-1].wait(30)
         assert log.append_and_wait(decision(0), 10)[0] == len(accepted)
 

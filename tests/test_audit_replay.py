@@ -174,6 +174,20 @@ def test_a_gate_that_finds_no_decision_of_its_pipeline_fails(recorded, tmp_path,
     assert "nothing was checked" in capsys.readouterr().err
 
 
+def test_a_gate_whose_every_decision_was_skipped_says_so_rather_than_blame_the_name(recorded, tmp_path, capsys):
+    """(A review) all decisions skipped — here a candidate pipeline requiring a field no record has — read as "the
+    log has no decision of pipeline …: is the pipeline's name right?"."""
+    audit, pipelines, _ = recorded
+    text = (pipelines / "claims_triage.toml").read_text()
+    candidate = tmp_path / "claims_triage.toml"
+    candidate.write_text(text + '\n[[field]]\nname = "new_signal"\ntype = "number"\nrequired = true\nencode = "raw"\n')
+    args = ["audit", "replay", str(audit), "--pipeline", str(candidate), "--policy", str(pipelines / "policy.toml"),
+            "--fail-on-change"]
+    assert cli_main(args) == 2
+    err = capsys.readouterr().err
+    assert "all 400 decisions of pipeline 'claims_triage' were skipped" in err and "name" not in err.split(":")[-1]
+
+
 def test_a_candidate_model_is_named_by_path_and_hashes(recorded, tmp_path, capsys):
     import hashlib
 

@@ -241,6 +241,22 @@ def test_the_load_time_profile_stops_at_256_rows_and_16_mib(tmp_path):
     assert profile_rows(config) == (16 << 20) // (65536 * 4)  # 64 rows of 256 KiB
 
 
+def test_a_model_that_fails_on_the_all_ones_probe_keeps_its_profile(tmp_path):
+    """(A review) the probe of class-score ranges runs an all-ones row too; a model that runs on zeros but not on
+    ones (an index into a one-row table) lost its whole load-time profile to it."""
+    from kernel.models.config import load as load_config
+    from kernel.models.runtime import OnnxModel
+
+    version = tmp_path / "lookup" / "1"
+    onnx_models.save(onnx_models.lookup(table_rows=1), version / "model.onnx")
+    (version / "model.toml").write_text('provider = "cpu"\nmax_batch_size = 4\n[[input]]\nname = "x"\n'
+                                        'datatype = "FP32"\ndims = [1]\n[[output]]\nname = "y"\ndatatype = "FP32"\n'
+                                        'dims = [2]\n')
+    model = OnnxModel.load(version / "model.onnx", load_config(version / "model.toml", "lookup", "1"), "lookup", "1")
+    assert [rows for rows, _ in model.profile(repeats=1)] == [1, 2, 4]
+    assert model.probed_ranges["y"] == (0.0, 1.0)  # (the zeros row's answer: table row 0, [0, 1])
+
+
 def test_instances_the_lane_can_never_run_are_warned_about(tmp_path, caplog):
     """``instances = 64`` of a 34 MB model took 4.4 GB on a lane that runs 2-3 batches at once, without a word."""
     import logging

@@ -62,3 +62,19 @@ def test_what_a_load_warns_about_is_said_too(claims_models, folder, tmp_path, ca
     code, out, err = check(capsys, str(folder / "claims_triage.toml"), "--models", str(tmp_path / "logits"))
     assert code == 0 and "a kernel would serve it" in out
     assert err.startswith("warning: pipeline claims_triage: output 'probabilities'") and "not probabilities" in err
+
+
+def test_an_answer_is_printed_on_a_terminal_that_takes_ascii_only(claims_models, folder):
+    """A review: an answer with a non-ASCII character printed to an ASCII-only stdout was blamed on the arguments
+    ("not valid UTF-8 text", exit 2) — after a decision it printed had been made and recorded."""
+    import os
+    import subprocess
+    import sys
+
+    path = folder / "claims_triage.toml"
+    path.write_text(path.read_text().replace('version = "2026-11-25.1"', 'version = "2026-11-25.1-prüfung"', 1))
+    done = subprocess.run([sys.executable, "-m", "kernel", "pipelines", "check", str(path), "--models",
+                           str(claims_models)], capture_output=True, timeout=120,
+                          env={**os.environ, "PYTHONIOENCODING": "ascii"})
+    assert done.returncode == 0, done.stderr
+    assert b"'2026-11-25.1-pr\\xfcfung'" in done.stdout and b"a kernel would serve it" in done.stdout

@@ -92,8 +92,9 @@ def test_calls_that_arrive_during_a_stop_are_refused_unavailable_not_cut_cancell
     assert {code for _, code, _, _ in endings} == {grpc.StatusCode.UNAVAILABLE}, endings
     refused = [sender for sender in senders if sender.failure.details() == REFUSAL]
     assert refused and server.refused_while_stopping == len(refused), endings
-    for sender in refused:  # the refusal says nothing was decided, so any client may send it again
-        assert dict(sender.failure.trailing_metadata())["aios-not-decided"] == "1"
+    for sender in refused:  # the refusal says nothing was decided, so any client may send it again (not at once)
+        trailers = dict(sender.failure.trailing_metadata())
+        assert trailers["aios-not-decided"] == "1" and trailers["retry-after-ms"] == "1000"
     # Nothing answered OK is lost and nothing refused was decided: the audit log has exactly the former.
     recorded = {record.request_id for record in iter_directory(tmp_path / "data" / "audit")
                 if record.kind == kpb.DECISION}

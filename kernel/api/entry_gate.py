@@ -29,6 +29,10 @@ from ..errors import NOT_DECIDED
 from .registration import ServiceHandlers, _RpcMethodHandler
 
 REFUSAL = "the kernel is stopping: this call was not run (send it again to another instance, or after the restart)"
+# The hint with it: a client that sends again at once to the same address would meet the gate again and again
+# (and keep its quiet window from ever coming); one that waits meets the restarted kernel or another instance.
+RETRY_AFTER_MS = 1000
+TRAILERS = (*NOT_DECIDED, ("retry-after-ms", str(RETRY_AFTER_MS)))
 _BEHAVIOURS = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
 
 
@@ -53,12 +57,12 @@ class EntryGate:
 
     def _refuse_sync(self, request_or_iterator, context) -> None:
         self._counted()
-        context.set_trailing_metadata(NOT_DECIDED)
+        context.set_trailing_metadata(TRAILERS)
         context.abort(grpc.StatusCode.UNAVAILABLE, REFUSAL)
 
     async def _refuse_async(self, request_or_iterator, context) -> None:
         self._counted()
-        await context.abort(grpc.StatusCode.UNAVAILABLE, REFUSAL, trailing_metadata=NOT_DECIDED)
+        await context.abort(grpc.StatusCode.UNAVAILABLE, REFUSAL, trailing_metadata=TRAILERS)
 
 
 def _gated_class(base: type, gate: EntryGate) -> type:

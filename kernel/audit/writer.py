@@ -42,7 +42,7 @@ from hashlib import sha256
 from pathlib import Path
 
 from .._proto.aios.kernel.v1 import kernel_pb2
-from ..errors import InvalidArgument, ResourceExhausted
+from ..errors import NOT_DECIDED, InvalidArgument, ResourceExhausted
 from ..threads import name_native_thread
 from . import checkpoints as cps
 from . import merkle
@@ -315,8 +315,13 @@ class AuditLog:
                 raise AuditError("the audit log is closed")
             first = self._next
             if first + len(records) - 1 - self._watermark.value >= self._max_pending:
+                behind = first - self._watermark.value
+                retry_ms = max(10, min(1000, behind // 10))  # (the writer clears ~10 records a millisecond here)
+                # Nothing of this call was recorded: it may be sent again (a review of the clients' retry rule:
+                # without a hint they no longer send a RESOURCE_EXHAUSTED again, and this one had none).
                 raise ResourceExhausted(
-                    f"the audit writer is behind: {first - self._watermark.value} records wait to be written",
+                    f"the audit writer is behind: {behind} records wait to be written; retry after {retry_ms} ms",
+                    trailers=(("retry-after-ms", str(retry_ms)), *NOT_DECIDED),
                 )
             self._next = first + len(records)
             self._queue.extend(records)

@@ -274,16 +274,20 @@ class OnnxModel:
     def _probe(self, zeros: dict[str, np.ndarray]) -> None:
         """Run ``zeros`` (the profile's first batch) and the same shapes filled with ones; note each float
         output's range (``probed_ranges``)."""
-        runs = [zeros]
+        self._note_ranges(self.run(zeros))
         if all(feed.dtype.kind in "biuf" for feed in zeros.values()):
-            runs.append({name: np.ones_like(feed) for name, feed in zeros.items()})
-        for feeds in runs:
-            for name, out in zip(self.output_names, self.run(feeds)):
-                out = np.asarray(out)
-                if out.dtype.kind == "f" and out.size and np.isfinite(out).all():
-                    low, high = float(out.min()), float(out.max())
-                    seen = self.probed_ranges.get(name, (low, high))
-                    self.probed_ranges[name] = (min(seen[0], low), max(seen[1], high))
+            try:  # (a model that runs on zeros but not on ones, an index into a one-row table, keeps its profile)
+                self._note_ranges(self.run({name: np.ones_like(feed) for name, feed in zeros.items()}))
+            except Exception as exc:
+                log.debug("%s/%s: no all-ones probe (%s)", self.config.name, self.config.version, exc)
+
+    def _note_ranges(self, outputs) -> None:
+        for name, out in zip(self.output_names, outputs):
+            out = np.asarray(out)
+            if out.dtype.kind == "f" and out.size and np.isfinite(out).all():
+                low, high = float(out.min()), float(out.max())
+                seen = self.probed_ranges.get(name, (low, high))
+                self.probed_ranges[name] = (min(seen[0], low), max(seen[1], high))
 
     def profile(self, repeats: int = 3) -> list[tuple[int, int]]:
         """Time batches of 1, 2, 4, ... max rows on zeros: the latency model's warm start.

@@ -100,9 +100,14 @@ def run(args) -> int:
         print(f"report: {args.report} (all {report.changed} changed and {report.rules_changed} rules-only cases)")
     if not report.examined:  # (a pipeline author's walk-through: a misspelt name passed a --fail-on-change gate)
         since = " in the time asked (--since)" if args.since else ""
-        print(f"aios-kernel audit replay: the log has no decision of pipeline {pipeline.name!r}{since}: nothing "
-              f"was checked" + ("; --fail-on-change fails on that (is the pipeline's name right?)"
-                                if args.fail_on_change else ""), file=sys.stderr)
+        if report.skipped:  # (a review: every decision skipped read as "no decision", the name blamed)
+            why = (f"all {report.skipped} decisions of pipeline {pipeline.name!r}{since} were skipped (see why "
+                   "above): nothing was checked")
+            hint = "; --fail-on-change fails on that"
+        else:
+            why = f"the log has no decision of pipeline {pipeline.name!r}{since}: nothing was checked"
+            hint = "; --fail-on-change fails on that (is the pipeline's name right?)"
+        print(f"aios-kernel audit replay: {why}" + (hint if args.fail_on_change else ""), file=sys.stderr)
         return 2 if args.fail_on_change else 0
     return 1 if args.fail_on_change and report.any_change else 0
 
