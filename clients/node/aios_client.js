@@ -36,11 +36,24 @@
 // decision WAS recorded at that sequence, as a string; or null). README "Retrying: which answers to
 // send again" says what to do with each code; decide({ retries }) follows it as the Python client does
 // (maySendAgain(err, request): an UNAVAILABLE without the kernel's `aios-not-decided` trailer may have been
-// decided, and is sent again only with an idempotency_key).
+// decided, and is sent again only with an idempotency_key; a RESOURCE_EXHAUSTED without the kernel's
+// `retry-after-ms` or `aios-not-decided` came from gRPC, and is not sent again). A call on a closed client
+// rejects with a KernelError too (UNAVAILABLE).
+
+// The parts, each exported from here too: errors.js (KernelError, maySendAgain, the trailers), requests.js
+// (decisionRequest and the checks on what is sent), call_options.js (metadata, deadlines, abort signals),
+// decision_stream.js (DecisionStream, an open DecideStream).
 
 const path = require('path');
 const grpc = require('@grpc/grpc-js');
 const protoLoader = require('@grpc/proto-loader');
+
+const {
+  KernelError, RETRYABLE, statusName, maySendAgain, retryAfterMs, auditSequence, wrapError, isChannelClosed, closedError,
+} = require('./errors');
+const { decisionRequest, checkDecisionRequest, toValue } = require('./requests');
+const { toMetadata, resolveDeadline, abortError, sleep } = require('./call_options');
+const { DecisionStream, ANSWER_HIGH_WATER } = require('./decision_stream');
 
 const PROTO_ROOT = path.resolve(__dirname, '..', '..', 'proto');
 
@@ -61,219 +74,15 @@ const proto = grpc.loadPackageDefinition(definition);
 const DEFAULT_DEADLINE_MS = 10000;
 const DEFAULT_STREAM_DEADLINE_MS = null;
 
-// Refusals a caller may simply send again (README "Retrying"): a full queue or busy kernel
-// (RESOURCE_EXHAUSTED, with a retry-after-ms hint), the same idempotency key in flight (ABORTED, with
-// a hint), a kernel draining (UNAVAILABLE). DEADLINE_EXCEEDED only with an idempotency key: without
-// one a retry may decide twice. The same rule as kernel/decision_client.py.
-const RETRYABLE = new Set([grpc.status.RESOURCE_EXHAUSTED, grpc.status.ABORTED, grpc.status.UNAVAILABLE]);
 const DEFAULT_BACKOFF_MS = 50; // when a refusal carries no hint (UNAVAILABLE), doubled per attempt
 
-const INT64_MIN = -(2n ** 63n);
-const INT64_MAX = 2n ** 63n - 1n;
+// grpc-js refuses an answer past 4 MiB by default, but the kernel pages ListReviews up to 16 MiB and takes
+// messages up to its max_message_bytes (64 MiB by default): the same limit both ways unless channelOptions
+// say otherwise.
+const DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024;
 
-// The gRPC status name of a code ("INVALID_ARGUMENT"), as Python's exc.code().name gives it.
-function statusName(code) {
-  return Object.keys(grpc.status).find((name) => grpc.status[name] === code) || String(code);
-}
-
-function firstTrailer(metadata, key) {
-  if (!metadata || typeof metadata.get !== 'function') return undefined;
-  const values = metadata.get(key);
-  return values.length ? String(values[0]) : undefined;
-}
-
-// A failed call: grpc-js's ServiceError (code, details, metadata) plus what the kernel's trailers say.
-class KernelError extends Error {
-  constructor(serviceError) {
-    super(serviceError.message);
-    this.name = 'KernelError';
-    this.code = serviceError.code;
-    this.details = serviceError.details;
-    this.metadata = serviceError.metadata || new grpc.Metadata();
-    this.status = statusName(this.code);
-    this.retryAfterMs = parseRetryAfter(firstTrailer(this.metadata, 'retry-after-ms'));
-    this.auditSequence = parseSequence(firstTrailer(this.metadata, 'aios-audit-sequence'));
-    this.cause = serviceError;
-  }
-}
-
-// README "Retrying": whether `request` may be sent again after `err` without deciding it twice (its
-// idempotency_key, if any, makes a retry return a decision already made). An UNAVAILABLE whose decision was
-// recorded all the same (it carries an audit sequence) is never sent again: nothing was kept under its key.
-// A keyless UNAVAILABLE only when it proves nothing was decided: the kernel said so (its aios-not-decided
-// trailer) or the channel never reached a kernel; gRPC's own UNAVAILABLE ending a call in progress
-// ("Cancelling all calls" at the end of a drain, a connection lost) proves nothing. As
-// kernel/decision_client.py's may_send_again.
-function maySendAgain(err, request) {
-  const keyed = Boolean(request.idempotency_key);
-  if (err.code === grpc.status.DEADLINE_EXCEEDED) return keyed;
-  if (!RETRYABLE.has(err.code) || err.auditSequence !== null) return false;
-  if (keyed || err.code !== grpc.status.UNAVAILABLE) return true;
-  // (grpc-js says "No connection established" where it never reached the server; grpc-core "failed to connect".)
-  return firstTrailer(err.metadata, 'aios-not-decided') !== undefined
-    || /No connection established|failed to connect/i.test(err.details || '');
-}
-
-function parseRetryAfter(text) {
-  return text !== undefined && /^[0-9]{1,15}$/.test(text) ? Number(text) : null;
-}
-
-function parseSequence(text) {
-  return text !== undefined && /^[0-9]{1,20}$/.test(text) ? text : null;
-}
-
-// The kernel's retry-after-ms hint in milliseconds, or null: from a KernelError, a raw grpc-js
-// ServiceError, or a DecideStream error answer (its error_message says "retry after N ms").
-function retryAfterMs(errOrAnswer) {
-  if (!errOrAnswer) return null;
-  if (errOrAnswer instanceof KernelError) return errOrAnswer.retryAfterMs;
-  if (errOrAnswer.metadata) return parseRetryAfter(firstTrailer(errOrAnswer.metadata, 'retry-after-ms'));
-  if (errOrAnswer.error_code) {
-    const m = /retry after ([0-9]{1,15}) ms/.exec(errOrAnswer.error_message || '');
-    return m ? Number(m[1]) : null;
-  }
-  return null;
-}
-
-// The audit sequence (a decimal string) a refused call's decision was nevertheless recorded at, or
-// null: from a KernelError, a raw ServiceError, or a DecideStream error answer (its audit_sequence).
-function auditSequence(errOrAnswer) {
-  if (!errOrAnswer) return null;
-  if (errOrAnswer instanceof KernelError) return errOrAnswer.auditSequence;
-  if (errOrAnswer.metadata) return parseSequence(firstTrailer(errOrAnswer.metadata, 'aios-audit-sequence'));
-  if (errOrAnswer.error_code) {
-    const seq = String(errOrAnswer.audit_sequence || '0');
-    return seq !== '0' ? seq : null;
-  }
-  return null;
-}
-
-function wrapError(err) {
-  return err instanceof KernelError || err == null || typeof err.code !== 'number' ? err : new KernelError(err);
-}
-
-// ── what a caller sends ──────────────────────────────────────────────────────────────────────────
-
-// A lone surrogate (half an emoji after a slice at a UTF-16 index) cannot be encoded as UTF-8: protobufjs
-// would send bytes the kernel can only refuse as "String field had bad UTF-8", without saying which field.
-const LONE_SURROGATE = /[\uD800-\uDBFF](?![\uDC00-\uDFFF])|(?<![\uD800-\uDBFF])[\uDC00-\uDFFF]/;
-
-function checkString(s, field) {
-  const wellFormed = typeof s.isWellFormed === 'function' ? s.isWellFormed() : !LONE_SURROGATE.test(s);
-  if (!wellFormed) {
-    const at = s.search(LONE_SURROGATE);
-    throw new TypeError(`${field} is not well-formed UTF-16 (a lone surrogate at index ${at}), so it cannot be `
-      + 'sent as UTF-8; cut strings at code points (Array.from(s)), or use s.toWellFormed()');
-  }
-  return s;
-}
-
-function checkInt64(x, field) {
-  if (x < INT64_MIN || x > INT64_MAX) {
-    throw new RangeError(`${field} = ${x} is outside int64 (-(2^63) .. 2^63 - 1): it would be sent wrapped modulo 2^64`);
-  }
-  return x;
-}
-
-// A protobuf Value from a JS value. JS has one number type, so an int64 is asked for explicitly with a
-// BigInt (28n) and sent as a decimal string (longs: String); `field` names the field in errors.
-function toValue(x, field = 'value') {
-  switch (typeof x) {
-    case 'boolean': return { bool_value: x };
-    case 'bigint': return { int_value: checkInt64(x, field).toString() };
-    case 'number': return { number_value: Object.is(x, -0) ? 0 : x }; // -0 and 0 are one value to a caller
-    case 'string': return { string_value: checkString(x, field) };
-    default:
-      throw new TypeError(`${field}: a field value must be boolean, bigint, number or string, got ${x === null ? 'null' : typeof x}`);
-  }
-}
-
-// A DecisionRequest from plain objects: {claim_amount: 800, prior_claims: 0n, ...} and
-// {description: '...'}; `options` any other DecisionRequest field (tenant, request_id, idempotency_key,
-// priority, timeout_ms).
-function decisionRequest(pipeline, fields, textFields = {}, options = {}) {
-  const typed = {};
-  for (const [name, value] of Object.entries(fields)) {
-    checkString(name, `a field name (${JSON.stringify(name)})`);
-    typed[name] = toValue(value, `field '${name}'`);
-  }
-  const request = { pipeline, fields: typed, text_fields: { ...textFields }, ...options };
-  checkDecisionRequest(request);
-  return request;
-}
-
-const REQUEST_STRINGS = ['pipeline', 'tenant', 'request_id', 'idempotency_key'];
-
-// What protobufjs would send silently wrong, refused here with the field's name: lone surrogates in any
-// string, an int_value outside int64 (a BigInt, a decimal string, or a number that is not a safe integer).
-function checkDecisionRequest(request, where = 'request') {
-  if (request === null || typeof request !== 'object') throw new TypeError(`${where} must be a DecisionRequest object`);
-  for (const key of REQUEST_STRINGS) {
-    if (typeof request[key] === 'string') checkString(request[key], `${where}.${key}`);
-  }
-  for (const [name, value] of Object.entries(request.fields || {})) {
-    checkString(name, `${where}.fields key ${JSON.stringify(name)}`);
-    if (value && typeof value === 'object') {
-      const label = `field '${name}'`;
-      if (typeof value.string_value === 'string') checkString(value.string_value, label);
-      const iv = value.int_value;
-      if (typeof iv === 'bigint') checkInt64(iv, label);
-      else if (typeof iv === 'number' && !Number.isSafeInteger(iv)) {
-        throw new RangeError(`${label}: int_value ${iv} is not a safe integer; send a BigInt or a decimal string`);
-      } else if (typeof iv === 'string') {
-        if (!/^-?[0-9]{1,20}$/.test(iv)) throw new RangeError(`${label}: int_value ${JSON.stringify(iv)} is not a decimal integer`);
-        checkInt64(BigInt(iv), label);
-      }
-    }
-  }
-  for (const [name, text] of Object.entries(request.text_fields || {})) {
-    checkString(name, `${where}.text_fields key ${JSON.stringify(name)}`);
-    if (typeof text === 'string') checkString(text, `text field '${name}'`);
-  }
-  return request;
-}
-
-// ── calls ────────────────────────────────────────────────────────────────────────────────────────
-
-function toMetadata(...sources) {
-  const md = new grpc.Metadata();
-  for (const source of sources) {
-    if (!source) continue;
-    if (source instanceof grpc.Metadata) {
-      for (const [key, values] of Object.entries(source.toJSON())) {
-        md.remove(key);
-        for (const v of values) md.add(key, v);
-      }
-    } else {
-      for (const [key, value] of Object.entries(source)) {
-        md.remove(key);
-        for (const v of Array.isArray(value) ? value : [value]) md.add(key, Buffer.isBuffer(v) ? v : String(v));
-      }
-    }
-  }
-  return md;
-}
-
-// A deadline in ms from now: undefined takes the default; null or Infinity: none.
-function resolveDeadline(ms, fallback) {
-  const value = ms === undefined ? fallback : ms;
-  if (value === null || value === Infinity) return null;
-  if (typeof value !== 'number' || !(value >= 0)) throw new TypeError(`deadlineMs must be a number >= 0 or null, got ${value}`);
-  return value;
-}
-
-function abortError(signal) {
-  return signal.reason !== undefined ? signal.reason : Object.assign(new Error('This operation was aborted'), { name: 'AbortError' });
-}
-
-function sleep(ms, signal) {
-  return new Promise((resolve, reject) => {
-    if (signal && signal.aborted) { reject(abortError(signal)); return; }
-    const onAbort = () => { clearTimeout(timer); reject(abortError(signal)); };
-    const timer = setTimeout(() => { if (signal) signal.removeEventListener('abort', onAbort); resolve(); }, ms);
-    if (signal) signal.addEventListener('abort', onAbort, { once: true });
-  });
-}
+// The stubs call() reaches, by the name a caller gives (`call('tasks', 'StartTask', ...)`).
+const SERVICES = ['inference', 'decisions', 'tasks', 'reviews', 'audit', 'admin', 'health'];
 
 class KernelClient {
   // new KernelClient(address, {
@@ -281,7 +90,8 @@ class KernelClient {
   //   streamDeadlineMs: null,   // a stream's whole deadline (decideStream/decideMany); null: none
   //   metadata: {},             // sent with every call (a grpc.Metadata or {key: value}); a call's own adds to it
   //   credentials,              // grpc.credentials.createSsl(...) etc.; default insecure
-  //   channelOptions: {},       // grpc-js channel options ('grpc.max_receive_message_length', keepalive, ...)
+  //   channelOptions: {},       // grpc-js channel options (keepalive, ...); message limits 64 MiB both ways
+  //                             // unless set here ('grpc.max_receive_message_length', ..._send_...)
   //   interceptors: [],         // grpc-js client interceptors, on every call
   // })
   // A number as second argument is taken as deadlineMs (the earlier signature).
@@ -292,7 +102,13 @@ class KernelClient {
     this.metadata = toMetadata(opts.metadata);
     const credentials = opts.credentials || grpc.credentials.createInsecure();
     // One channel (one connection) shared by every service.
-    this.channel = new grpc.Channel(address, credentials, opts.channelOptions || {});
+    const channelOptions = {
+      'grpc.max_receive_message_length': DEFAULT_MAX_MESSAGE_BYTES,
+      'grpc.max_send_message_length': DEFAULT_MAX_MESSAGE_BYTES,
+      ...(opts.channelOptions || {}),
+    };
+    this.channel = new grpc.Channel(address, credentials, channelOptions);
+    this.closed = false;
     const clientOptions = { channelOverride: this.channel, interceptors: opts.interceptors || [] };
     const v1 = proto.aios.kernel.v1;
     this.inference = new proto.inference.GRPCInferenceService(address, credentials, clientOptions);
@@ -306,21 +122,38 @@ class KernelClient {
 
   // Any unary RPC on one of the stubs above: client.call('tasks', 'StartTask', {request}, {deadlineMs}).
   // options: deadlineMs (default the client's; null: none), metadata (added to the client's), signal
-  // (an AbortSignal that cancels the call). Rejects with a KernelError.
+  // (an AbortSignal that cancels the call). Rejects with a KernelError. A streaming RPC is refused at once
+  // (TypeError): its answer is a stream, not one message, so it would never settle.
   call(service, method, request, options = {}) {
-    const stub = this[service];
-    if (!stub || typeof stub[method] !== 'function') throw new TypeError(`no RPC ${service}.${method}`);
+    const stub = SERVICES.includes(service) ? this[service] : undefined;
+    const rpc = stub && Object.prototype.hasOwnProperty.call(stub.constructor.service, method) ? stub[method] : undefined;
+    if (typeof rpc !== 'function') {
+      const known = stub ? Object.keys(stub.constructor.service).join(', ') : SERVICES.join(', ');
+      throw new TypeError(`no RPC ${service}.${method} (${stub ? `${service}'s RPCs` : 'the services'}: ${known})`);
+    }
+    if (rpc.requestStream || rpc.responseStream) {
+      const instead = method === 'DecideStream' ? 'client.decideStream(requests) or client.decideMany(requests)'
+        : `the grpc-js stub itself: client.${service}.${method}(${rpc.requestStream ? '' : 'request, '}metadata, options) returns the stream`;
+      throw new TypeError(`${service}.${method} is a streaming RPC, which call() cannot make (it answers one message); use ${instead}`);
+    }
     const { signal } = options;
     if (signal && signal.aborted) return Promise.reject(abortError(signal));
+    if (this.closed) return Promise.reject(closedError());
     const deadlineMs = resolveDeadline(options.deadlineMs, this.deadlineMs);
     const callOptions = deadlineMs === null ? {} : { deadline: new Date(Date.now() + deadlineMs) };
     return new Promise((resolve, reject) => {
       let onAbort = null;
-      const call = stub[method](request, toMetadata(this.metadata, options.metadata), callOptions, (err, response) => {
-        if (onAbort) signal.removeEventListener('abort', onAbort);
-        if (err) reject(signal && signal.aborted ? abortError(signal) : wrapError(err));
-        else resolve(response);
-      });
+      let call;
+      try {
+        call = rpc.call(stub, request, toMetadata(this.metadata, options.metadata), callOptions, (err, response) => {
+          if (onAbort) signal.removeEventListener('abort', onAbort);
+          if (err) reject(signal && signal.aborted ? abortError(signal) : wrapError(err));
+          else resolve(response);
+        });
+      } catch (err) { // the channel closed under the client (client.channel.close())
+        reject(isChannelClosed(err) ? closedError() : err);
+        return;
+      }
       if (signal) {
         onAbort = () => call.cancel();
         signal.addEventListener('abort', onAbort, { once: true });
@@ -359,7 +192,7 @@ class KernelClient {
       try {
         return await this.call('decisions', 'Decide', request, { ...options, deadlineMs: left });
       } catch (err) {
-        if (!(err instanceof KernelError)) throw err; // aborted by the caller's signal
+        if (!(err instanceof KernelError) || this.closed) throw err; // aborted by the caller's signal; closed
         const retryable = maySendAgain(err, request);
         let pause = err.retryAfterMs;
         if (pause === null) { pause = backoff; backoff *= 2; }
@@ -394,112 +227,11 @@ class KernelClient {
     return answers;
   }
 
+  // Closes the channel: calls in progress end UNAVAILABLE, later ones are refused with a KernelError.
   close() {
+    this.closed = true;
     this.channel.close(); // every stub shares it
   }
-}
-
-// An open DecideStream. Iterate it (for await) for the answers; reading pulls from grpc-js, so a
-// consumer that stops reading stops the stream from reading (and the kernel pushes back on its side).
-// write(request) resolves once the stream has room again (await it: that is the write backpressure);
-// end() says no more requests will come; cancel() ends the stream at once (the iteration then ends
-// quietly); breaking out of a for-await loop cancels it too. `sent` counts requests written. The grpc-js
-// call is `stream.call` (its 'status' and 'metadata' events); do not add a 'data' listener to it.
-class DecisionStream {
-  constructor(client, requests, options = {}) {
-    const deadlineMs = resolveDeadline(options.deadlineMs, client.streamDeadlineMs);
-    const callOptions = deadlineMs === null ? {} : { deadline: new Date(Date.now() + deadlineMs) };
-    this.call = client.decisions.DecideStream(toMetadata(client.metadata, options.metadata), callOptions);
-    this.sent = 0;
-    this.drainWaits = 0; // writes that waited for the stream to drain (write backpressure at work)
-    this._error = null; // the stream's failure (a KernelError), or a request that could not be sent
-    this._done = false; // the status arrived: nothing more will be pushed
-    this._cancelled = false;
-    this._signal = options.signal || null;
-    this._waiters = [];
-    const wake = () => { for (const w of this._waiters.splice(0)) w(); };
-    this._wakeAll = wake;
-    this.call.on('readable', wake);
-    this.call.on('drain', wake);
-    this.call.on('error', (err) => { if (!this._error) this._error = wrapError(err); wake(); });
-    this.call.on('status', () => { this._done = true; wake(); });
-    if (this._signal) {
-      this._onAbort = () => this.cancel();
-      if (this._signal.aborted) this.cancel();
-      else this._signal.addEventListener('abort', this._onAbort, { once: true });
-    }
-    if (requests !== undefined && requests !== null) this._pump(requests);
-  }
-
-  _waitForEvent() { return new Promise((resolve) => { this._waiters.push(resolve); }); }
-
-  async _pump(requests) {
-    try {
-      for await (const request of requests) {
-        if (this._done || this._cancelled) return;
-        await this.write(request);
-      }
-      this.end();
-    } catch (err) {
-      // A request that cannot be sent (a RangeError, a failing generator): stop, and say why.
-      if (!this._error) this._error = err;
-      this._abandon();
-    }
-  }
-
-  _abandon() {
-    if (!this._done) this.call.cancel();
-    this._wakeAll();
-  }
-
-  // Writes one request; resolves when the stream can take the next (write() backpressure).
-  async write(request) {
-    if (this._done || this._cancelled) throw this._error || new Error('the stream has ended');
-    checkDecisionRequest(request, `request #${this.sent}`);
-    this.sent += 1;
-    if (this.call.write(request)) return;
-    this.drainWaits += 1;
-    while (this.call.writableNeedDrain && !this._done && !this._cancelled) {
-      await new Promise((resolve) => {
-        const done = () => { this.call.off('drain', done); this.call.off('status', done); resolve(); };
-        this.call.on('drain', done);
-        this.call.on('status', done);
-        if (this._cancelled) done();
-      });
-    }
-  }
-
-  end() { if (!this._done && !this.call.writableEnded) this.call.end(); }
-
-  cancel() {
-    if (this._cancelled) return;
-    this._cancelled = true;
-    this._abandon();
-  }
-
-  async next() {
-    for (;;) {
-      const answer = this.call.read();
-      if (answer !== null) return { value: answer, done: false };
-      if (this._done) { // the status arrived (after a cancel too): nothing more will come
-        this._finish();
-        if (this._signal && this._signal.aborted) throw abortError(this._signal);
-        if (this._error && !(this._cancelled && this._error.code === grpc.status.CANCELLED)) throw this._error;
-        return { value: undefined, done: true };
-      }
-      await this._waitForEvent();
-    }
-  }
-
-  _finish() { if (this._signal && this._onAbort) this._signal.removeEventListener('abort', this._onAbort); }
-
-  async return() { // a for-await loop left early: cancel the stream
-    if (!this._done) this.cancel();
-    this._finish();
-    return { value: undefined, done: true };
-  }
-
-  [Symbol.asyncIterator]() { return this; }
 }
 
 // ModelInfer's FP32 tensors travel as little-endian bytes in raw_*_contents.
@@ -518,4 +250,5 @@ function bytesToFp32(buf) {
 module.exports = {
   KernelClient, DecisionStream, KernelError, decisionRequest, checkDecisionRequest, toValue, statusName,
   retryAfterMs, auditSequence, maySendAgain, fp32ToBytes, bytesToFp32, grpc, proto, LOADER_OPTIONS, PROTO_ROOT, RETRYABLE,
+  ANSWER_HIGH_WATER, DEFAULT_MAX_MESSAGE_BYTES,
 };
