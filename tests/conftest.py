@@ -8,6 +8,7 @@ against both the threaded and the asyncio front end.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import sys
 from pathlib import Path
@@ -184,3 +185,19 @@ def claims_kernel(request, claims_models, tmp_path_factory):
     server.pipelines_dir = pipelines
     yield server
     server.stop(grace=1)
+
+
+NODE_CLIENT = ROOT / "clients" / "node"
+NODE_INSTALL = "run `make node-deps` (or `npm ci --prefix clients/node`)"
+
+
+@pytest.fixture(scope="module")
+def node() -> str:
+    """The node executable, or a skip saying how to install what is missing (before any model is built): the
+    Node client's suites (test_node_client, test_node_client_faults)."""
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip(f"node is not on PATH: install Node.js 18 or later, then {NODE_INSTALL}")
+    if not (NODE_CLIENT / "node_modules" / "@grpc" / "grpc-js").is_dir():
+        pytest.skip(f"clients/node/node_modules is missing: {NODE_INSTALL}")
+    return node

@@ -9,7 +9,6 @@ client's packages are not installed.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 
 import grpc
@@ -19,25 +18,12 @@ import pytest
 from google.protobuf import json_format
 
 from claims_support import copy_pipelines
-from conftest import ROOT, start_kernel
+from conftest import NODE_CLIENT, ROOT, start_kernel
 from kernel._proto.aios.kernel.v1 import kernel_pb2 as kpb
 from kernel._proto.aios.kernel.v1 import kernel_pb2_grpc as kgrpc
 from kernel._proto.inference import grpc_service_pb2 as pb
 from kernel._proto.inference import grpc_service_pb2_grpc as pb_grpc
 
-NODE_CLIENT = ROOT / "clients" / "node"
-INSTALL = "run `make node-deps` (or `npm ci --prefix clients/node`)"
-
-
-@pytest.fixture(scope="module")
-def node() -> str:
-    """The node executable, or a skip saying how to install what is missing (before any model is built)."""
-    node = shutil.which("node")
-    if node is None:
-        pytest.skip(f"node is not on PATH: install Node.js 18 or later, then {INSTALL}")
-    if not (NODE_CLIENT / "node_modules" / "@grpc" / "grpc-js").is_dir():
-        pytest.skip(f"clients/node/node_modules is missing: {INSTALL}")
-    return node
 
 
 @pytest.fixture(scope="module", params=["sync", "aio"])

@@ -7,17 +7,14 @@ skipped, never failed, where Node or the client's packages are not installed.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 
 import pytest
-from conftest import ROOT, start_claims_kernel
+from conftest import NODE_CLIENT, ROOT, start_claims_kernel
 
 from kernel._proto.aios.kernel.v1 import kernel_pb2 as kpb
 
-NODE_CLIENT = ROOT / "clients" / "node"
 CLIENT = str(NODE_CLIENT / "aios_client.js")
-INSTALL = "run `make node-deps` (or `npm ci --prefix clients/node`)"
 
 # Shared by the scripts below: process.argv[1] is the client, [2] the kernel's address.
 PRELUDE = """
@@ -32,16 +29,6 @@ const failure = (err) => ({ name: err.constructor.name, code: err.code === undef
   kernel_error: err instanceof KernelError, message: err.message, details: err.details === undefined ? null : err.details });
 const report = (value) => { process.stdout.write(JSON.stringify(value) + '\\n'); };
 """
-
-
-@pytest.fixture(scope="module")
-def node() -> str:
-    node = shutil.which("node")
-    if node is None:
-        pytest.skip(f"node is not on PATH: install Node.js 18 or later, then {INSTALL}")
-    if not (NODE_CLIENT / "node_modules" / "@grpc" / "grpc-js").is_dir():
-        pytest.skip(f"clients/node/node_modules is missing: {INSTALL}")
-    return node
 
 
 @pytest.fixture(scope="module")
