@@ -501,9 +501,9 @@ class KernelServer:
         return 0 if self._gate is None else self._gate.refused
 
     def _refuse_new_calls(self, limit_s: float) -> None:
-        """Close the entry gate, then wait until no call has been refused, and the kernel holds none it can
-        see, for REFUSAL_QUIET_S (or ``limit_s`` has passed): calls gRPC received before its stop are then
-        answered UNAVAILABLE, not run, instead of being cut CANCELLED by it."""
+        """Close the entry gate, then wait until no call has been refused, and no batch is queued or running, for
+        REFUSAL_QUIET_S (or ``limit_s`` has passed): calls gRPC received before its stop are then answered
+        UNAVAILABLE, not run, instead of being cut CANCELLED by it."""
         gate = self._gate
         gate.close()
         now = time.monotonic_ns()
@@ -526,7 +526,8 @@ class KernelServer:
     def _loop_caught_up(self, limit_ns: int) -> None:
         """On the asyncio front end, wait until the event loop has run what was queued for it so far (the calls
         gRPC has received reach the gate there): a loop slowed by a busy machine may hold calls longer than
-        the quiet window. (The threaded front end's calls waiting for a handler thread count as busy.)"""
+        the quiet window. (On the threaded front end gRPC reads the gate as it takes a call, on its poller thread:
+        a refusal waiting for a handler thread is a call in progress, which gRPC's stop lets finish.)"""
         if self._loop is None or limit_ns <= 0:
             return
         try:
