@@ -157,7 +157,7 @@ def cmd_check(args) -> int:
     from .config import load_settings
     from .models import ModelConfigError
     from .models.hub import ModelHub
-    from .pipelines.registry import bind, binding_warnings
+    from .pipelines.binding import bind, binding_warnings
     from .pipelines.spec import PipelineError, load_pipeline
     from .policy import PolicyError, load_policy
 

@@ -37,7 +37,8 @@ import numpy as np
 
 from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
 from .fields import encode_rows
-from .registry import PipelineRegistry, _check_classes
+from .binding import check_classes
+from .registry import PipelineRegistry
 from .spec import Pipeline, PipelineError
 
 CHUNK = 4096  # records evaluated per vectorized policy pass
@@ -226,7 +227,7 @@ def _check_recorded_labels(pipeline: Pipeline, record, labels: tuple[str, ...]) 
     model = record.decision.model
     which = f"model '{model.model_name}' version {model.model_version}" if model.model_name else "the model"
     try:
-        _check_classes(pipeline, f"decision #{record.sequence} as recorded (the scores of {which})", labels)
+        check_classes(pipeline, f"decision #{record.sequence} as recorded (the scores of {which})", labels)
     except PipelineError as exc:
         raise ReplayError(f"{exc}; replay only decisions of a model the policy fits (--since), or give "
                           "--model") from None
