@@ -395,7 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(func=cmd_policy_check)
     test = policy_sub.add_parser("test", help="run JSON-lines cases: mismatches and rule coverage")
     test.add_argument("file", help="the policy's TOML file")
-    test.add_argument("--cases", required=True, help="JSON lines: {\"row\": {...}, \"expect\": {\"action\": ...}}")
+    test.add_argument("--cases", required=True, help="JSON lines: {\"row\": {...}, \"expect\": {\"action\": ...}}; "
+                      "\"expect\" may also hold \"fired\" (rule ids), \"escalate\" (true/false) and \"adjust\" (a number)")
     test.set_defaults(func=cmd_policy_test)
     return parser
 

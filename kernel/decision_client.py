@@ -58,6 +58,12 @@ def parse_cli_value(text: str):
     return value if isinstance(value, (bool, int, float, str)) else text
 
 
+def _text(value) -> str:
+    if not isinstance(value, str):  # (protobuf's own words: "bad argument type for built-in operation")
+        raise TypeError(f"must be a str, got {type(value).__name__}")
+    return value
+
+
 def make_request(pipeline: str, fields: dict, text: dict | None = None, **options) -> kpb.DecisionRequest:
     """A DecisionRequest: ``fields`` as typed values (``to_value``), ``text`` as text fields, ``options`` any other
     DecisionRequest field (``tenant``, ``request_id``, ``idempotency_key``, ``priority``, ``timeout_ms``).
@@ -65,7 +71,8 @@ def make_request(pipeline: str, fields: dict, text: dict | None = None, **option
     errors named none)."""
     request = kpb.DecisionRequest(pipeline=pipeline, **options)
     for kind, values, put in (("field", fields, lambda name, value: request.fields[name].CopyFrom(to_value(value))),
-                              ("text field", text or {}, request.text_fields.__setitem__)):
+                              ("text field", text or {}, lambda name, value: request.text_fields.__setitem__(
+                                  name, _text(value)))):
         for name, value in values.items():
             try:
                 put(name, value)
@@ -140,7 +147,11 @@ class DecisionStream:
 
     def _sent(self, requests: Iterable[kpb.DecisionRequest]) -> Iterator[kpb.DecisionRequest]:
         try:
-            yield from requests
+            for index, request in enumerate(requests):
+                if not isinstance(request, kpb.DecisionRequest):  # (gRPC: INTERNAL "Exception serializing request!")
+                    raise TypeError(f"requests[{index}] is a {type(request).__name__}, not a DecisionRequest "
+                                    "(make_request builds one)")
+                yield request
         except Exception as exc:  # (raised to the caller once the answers to what was sent are in)
             self._failure = exc
 

@@ -206,5 +206,5 @@ def test_replay_help_names_the_gate_and_the_full_report(capsys):
     with pytest.raises(SystemExit):
         cli_main(["audit", "replay", "--help"])
     out = " ".join(capsys.readouterr().out.split())
-    assert "--fail-on-change exit 1 when any decision, outcome or deciding rule would change" in out
+    assert "--fail-on-change exit 1 when any decision, outcome, deciding rule or score adjustment would change" in out
     assert "every changed case and every rules-only change" in out

@@ -196,6 +196,19 @@ def test_a_value_that_cannot_be_sent_names_its_field():
         make_request("claims_triage", {"claim_amount": 10**30})
     with pytest.raises(ValueError, match="text field 'notes': not valid UTF-8 text"):
         make_request("claims_triage", {}, {"notes": "cut \ud83d"})
+    with pytest.raises(TypeError, match="text field 'notes': must be a str, got int"):
+        make_request("claims_triage", {}, {"notes": 5})
+
+
+def test_an_item_that_is_no_request_ends_the_sending_and_is_raised_after_the_answers(server):
+    """(A docs check: gRPC cut the stream with INTERNAL "Exception serializing request!", no answer delivered.)"""
+    requests = [claim_request(case, request_id=f"item-{i}") for i, case in enumerate(data.generate_cases(5, seed=43))]
+    answers = []
+    with DecisionClient(f"127.0.0.1:{server.port}") as client:
+        with pytest.raises(TypeError, match=r"requests\[5\] is a str, not a DecisionRequest"):
+            for answer in client.decide_stream([*requests, "not a request"]):
+                answers.append(answer.request_id)
+    assert sorted(answers) == [f"item-{i}" for i in range(5)]
 
 
 def test_a_page_of_reviews_larger_than_grpcs_default_limit_is_read(server):

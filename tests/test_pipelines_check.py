@@ -78,3 +78,13 @@ def test_an_answer_is_printed_on_a_terminal_that_takes_ascii_only(claims_models,
                           env={**os.environ, "PYTHONIOENCODING": "ascii"})
     assert done.returncode == 0, done.stderr
     assert b"'2026-11-25.1-pr\\xfcfung'" in done.stdout and b"a kernel would serve it" in done.stdout
+
+
+def test_the_policys_own_warnings_are_said_too(claims_models, folder, capsys):
+    """(A docs check: a rule id the kernel uses was warned about by `policy check` but not by `pipelines check`, an
+    upload's answer or the log.)"""
+    policy = folder / "policy.toml"
+    policy.write_text(policy.read_text().replace('id = "R01"', 'id = "FALLBACK"', 1))
+    code, out, err = check(capsys, str(folder / "claims_triage.toml"), "--models", str(claims_models))
+    assert code == 0 and "a kernel would serve it" in out
+    assert "rule 'FALLBACK' id: is an id the kernel gives reasons of its own" in err

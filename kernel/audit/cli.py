@@ -256,7 +256,7 @@ def build_parser(prog: str = "aios-kernel audit") -> argparse.ArgumentParser:
     from ..pipelines import replay_cli
 
     about = ("re-decide recorded decisions under a candidate policy (and model) and report which would change, "
-             "or keep their action for other rules; --fail-on-change exits 1 if any would")
+             "or keep their action for other rules or another adjustment; --fail-on-change exits 1 if any would")
     replay = commands.add_parser("replay", help=about, description=about)
     replay_cli.add_arguments(replay, _time)
     replay.set_defaults(func=cmd_replay)

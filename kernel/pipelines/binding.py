@@ -53,7 +53,9 @@ def bind(pipeline: Pipeline, hub, upload: bool = False) -> Pipeline:
 def binding_warnings(pipeline: Pipeline, hub) -> list[str]:
     """What a bound pipeline serves with that is likely not what its author meant: warnings, not refusals (a file
     that served before an upgrade must serve after it; a review of a walk-through's fixes)."""
-    return [*pipeline.warnings, *foreign_labels(pipeline, hub), *dead_null_tests(pipeline),
+    policy = [f"pipeline {pipeline.name}: policy {warning.path}:{warning.line}: {warning.subject}: {warning.message}"
+              for warning in getattr(pipeline.policy, "warnings", ())]  # (what `policy check` says of it)
+    return [*pipeline.warnings, *policy, *foreign_labels(pipeline, hub), *dead_null_tests(pipeline),
             *filter(None, [unlike_probabilities(pipeline, hub)])]
 
 

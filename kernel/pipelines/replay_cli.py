@@ -10,10 +10,11 @@ under the same action (``rules_changed``), each with the policy hash and
 version it was decided under, and the candidate model (path and the SHA-256
 of its model.onnx and model.toml) when ``--model`` is given.
 Exit codes: 0 done (whether or not decisions change, unless
-``--fail-on-change``), 1 ``--fail-on-change`` and some decision or its
-deciding rules would change, or the log is damaged, 2 the command could not
-run (bad file, no such directory, a candidate the kernel would refuse, a
-policy that does not fit the recorded classes), said in one line.
+``--fail-on-change``), 1 ``--fail-on-change`` and some decision, its deciding
+rules or its score adjustment would change, or the log is damaged, 2 the
+command could not run (bad file, no such directory, a candidate the kernel
+would refuse, a policy that does not fit the recorded classes), said in one
+line, or ``--fail-on-change`` found no decision of the pipeline to check.
 
 A candidate is checked as the kernel checks it before anything is
 re-decided: ``--model``'s model.toml against its graph (as a load), then the
@@ -50,7 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser, parse_time) -> None:
     parser.add_argument("--sample", type=int, default=10,
                         help="changed cases to print (default 10; the --report file lists all of them)")
     parser.add_argument("--fail-on-change", dest="fail_on_change", action="store_true",
-                        help="exit 1 when any decision, outcome or deciding rule would change (a gate in CI)")
+                        help="exit 1 when any decision, outcome, deciding rule or score adjustment would change, "
+                             "2 when the log has no decision of the pipeline to check (a gate in CI)")
 
 
 def _one_line(exc: BaseException) -> str:
@@ -118,7 +120,7 @@ def _print(report: ReplayReport) -> None:
           f"({report.policy_hash[:12]})"
           + (f" and model {model['path']} (onnx {model['onnx_sha256'][:12]})" if model else "")
           + f" in {report.seconds:.2f} s: {report.changed} would change"
-          + f", {report.rules_changed} keep their action for other rules"
+          + f", {report.rules_changed} keep their action for other rules or another adjustment"
           + (f", {report.skipped} skipped" if report.skipped else "")
           + (f" ({report.fallbacks} FALLBACK decisions re-decided by the model)" if report.fallbacks else ""))
     _print_baselines(report)
@@ -133,7 +135,7 @@ def _print(report: ReplayReport) -> None:
     for case in report.sample:
         _print_case(case)
     for case in report.rules_sample:
-        _print_case(case, " (same action, other rules)")
+        _print_case(case, " (same action, other rules or adjustment)")
     for reason, count in report.skipped_reasons.items():
         print(f"  skipped {count}: {reason}")
 
