@@ -9,6 +9,8 @@ float64 values, so the literal must be one too).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 NUMBER, STRING, BOOL = "number", "string", "bool"
 COMPARISONS = ("==", "!=", "<", "<=", ">", ">=")
 # a op b  <=>  b FLIPPED[op] a
@@ -104,22 +106,32 @@ class Or(Node):
         self.operands, self.pos = tuple(operands), pos
 
 
-def fields_of(node: Node) -> list[Field]:
-    """Every field a condition reads, in order of appearance (with repeats)."""
-    out: list[Field] = []
+def tests_of(node: Node) -> Iterator[Node]:
+    """The tests a condition is made of (comparisons, ranges, memberships, null tests, bare operands), in order of
+    appearance, through its ``and``/``or``/``not``. Iterative: conditions nest as deep as the parser allows."""
     stack = [node]
     while stack:
         n = stack.pop()
-        if isinstance(n, Field):
-            out.append(n)
-        elif isinstance(n, Compare):
-            stack += [n.right, n.left]
-        elif isinstance(n, (Range, Member, IsNull)):
-            out.append(n.field)
-        elif isinstance(n, (Truth, Not)):
+        if isinstance(n, Not):
             stack.append(n.operand)
         elif isinstance(n, (And, Or)):
             stack += reversed(n.operands)
+        else:
+            yield n
+
+
+def fields_of(node: Node) -> list[Field]:
+    """Every field a condition reads, in order of appearance (with repeats)."""
+    out: list[Field] = []
+    for n in tests_of(node):
+        if isinstance(n, Truth):
+            n = n.operand
+        if isinstance(n, Field):
+            out.append(n)
+        elif isinstance(n, Compare):
+            out += [side for side in (n.left, n.right) if isinstance(side, Field)]
+        elif isinstance(n, (Range, Member, IsNull)):
+            out.append(n.field)
     return out
 
 
@@ -128,32 +140,16 @@ def string_literals(node: Node) -> list[tuple[str, str]]:
     pipeline checks against the field's declared values (a rule comparing with 'Gold' where the values are
     lower case can never match)."""
     out: list[tuple[str, str]] = []
-    stack = [node]
-    while stack:
-        n = stack.pop()
+    for n in tests_of(node):
         if isinstance(n, Compare):
             pair = (n.left, n.right) if isinstance(n.left, Field) else (n.right, n.left)
             if isinstance(pair[0], Field) and isinstance(pair[1], Literal) and pair[1].kind == "string":
                 out.append((pair[0].name, pair[1].value))
         elif isinstance(n, Member):
             out += [(n.field.name, v.value) for v in n.values if isinstance(v, Literal) and v.kind == "string"]
-        elif isinstance(n, (Truth, Not)):
-            stack.append(n.operand)
-        elif isinstance(n, (And, Or)):
-            stack += reversed(n.operands)
     return out
 
 
 def null_tests(node: Node) -> list[str]:
     """The names of the fields a condition tests with ``is null`` / ``is not null``."""
-    out: list[str] = []
-    stack = [node]
-    while stack:
-        n = stack.pop()
-        if isinstance(n, IsNull):
-            out.append(n.field.name)
-        elif isinstance(n, (Truth, Not)):
-            stack.append(n.operand)
-        elif isinstance(n, (And, Or)):
-            stack += reversed(n.operands)
-    return out
+    return [n.field.name for n in tests_of(node) if isinstance(n, IsNull)]
