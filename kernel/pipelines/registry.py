@@ -368,7 +368,7 @@ class PipelineRegistry:
                                 "choose another name")
         if not target.exists():
             return target
-        kind, named = _file_kind(target), _pipeline_name_in(target)
+        kind, named = _read_kind(target)
         served = self._owner(target)
         if served is not None:
             held = f"serves pipeline {served.name!r}"
@@ -549,28 +549,26 @@ PIPELINE, OTHER, BROKEN = "pipeline", "other", "broken"
 def _file_kind(path: Path) -> str:
     """PIPELINE (a top-level ``pipeline`` table, however the TOML spells it), OTHER (TOML without one: a
     policy, say) or BROKEN (not readable TOML: which kind it was meant to be cannot be told)."""
+    return _read_kind(path)[0]
+
+
+def _read_kind(path: Path) -> tuple[str, str | None]:
+    """``_file_kind`` and, for a PIPELINE, its ``[pipeline].name`` (None if it has none): one read of the file."""
     try:
         data = read_bounded(path, MAX_PIPELINE_FILE_BYTES)
     except FileTooLarge:
-        return BROKEN  # (refused by its load, without being read)
+        return BROKEN, None  # (refused by its load, without being read)
     except OSError:
-        return OTHER if not path.exists() else BROKEN
+        return (OTHER if not path.exists() else BROKEN), None
     try:
         doc = tomlsafe.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, tomlsafe.TomlError):
-        return BROKEN
-    return PIPELINE if isinstance(doc.get("pipeline"), dict) else OTHER
-
-
-def _pipeline_name_in(path: Path) -> str | None:
-    """``[pipeline].name`` in the TOML at ``path``, if it reads and has one."""
-    try:
-        doc = tomlsafe.loads(read_bounded(path, MAX_PIPELINE_FILE_BYTES).decode("utf-8"))
-    except (OSError, FileTooLarge, UnicodeDecodeError, tomlsafe.TomlError):
-        return None
+        return BROKEN, None
     table = doc.get("pipeline")
-    name = table.get("name") if isinstance(table, dict) else None
-    return name if isinstance(name, str) else None
+    if not isinstance(table, dict):
+        return OTHER, None
+    name = table.get("name")
+    return PIPELINE, (name if isinstance(name, str) else None)
 
 
 def _file_key(path: Path) -> tuple | None:
