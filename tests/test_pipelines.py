@@ -109,6 +109,12 @@ def test_each_error_names_file_line_and_field(folder, old, new, field):
      "[[field]] #1.mean: does nothing"),
     ('values = ["bronze", "silver", "gold", "platinum"]', 'values = ["bronze", "silver", "gold", "platinum", "gold"]',
      "[[field]] #6.values: lists 'gold' twice"),
+    # a misspelt policy action offered to reviewers, or one offered twice (actions no rule takes but unlike any
+    # of the policy's — the demo's 'request_info' — are meant, and pass without a word: the last assert below)
+    ('review_actions = ["approve", "deny", "request_info"]', 'review_actions = ["aprove", "deny", "request_info"]',
+     "[escalation].review_actions: offers reviewers 'aprove', which no rule takes; did you mean the policy's 'approve'?"),
+    ('review_actions = ["approve", "deny", "request_info"]', 'review_actions = ["approve", "deny", "deny"]',
+     "[escalation].review_actions: lists 'deny' more than once"),
 ])
 def test_settings_that_do_nothing_are_warned_about_not_refused(folder, old, new, warning):
     text = _text()

@@ -46,6 +46,7 @@ nothing is half-loaded. Format (see ``examples/claims/pipelines/claims_triage.to
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import math
 from dataclasses import dataclass, field
@@ -464,6 +465,20 @@ def compared_strings(policy):
                 yield rule, name, value
 
 
+def _warn_review_actions(r: _Reader, actions: list[str], policy_actions: tuple[str, ...]) -> None:
+    """Warnings, not refusals. An action no rule takes is often meant (the demo's "request_info": a reviewer asks
+    for more), so only one that reads like a misspelt policy action is said ("aprove"): it would otherwise reach
+    reviewers and downstream systems silently (noticed in session 24's walk-through)."""
+    repeated = sorted({a for a in actions if actions.count(a) > 1})
+    if repeated:
+        r.warn("escalation", "review_actions", f"lists {', '.join(map(repr, repeated))} more than once")
+    for action in dict.fromkeys(actions):
+        close = [] if action in policy_actions else difflib.get_close_matches(action, policy_actions, n=1, cutoff=0.8)
+        if close:
+            r.warn("escalation", "review_actions", f"offers reviewers {action!r}, which no rule takes; did you mean "
+                                                   f"the policy's {close[0]!r}?")
+
+
 def _escalation(r: _Reader, raw: dict, policy) -> Escalation:
     minimum = r.number(raw, "escalation", "min_confidence", 0.0)
     if not 0.0 <= minimum <= 1.0:
@@ -478,4 +493,5 @@ def _escalation(r: _Reader, raw: dict, policy) -> Escalation:
         raise r.fail("escalation", "review_actions", "must be a non-empty list of action names")
     for action in actions:  # (shown to reviewers, written on resolutions' records)
         r.printable(action, "escalation", "review_actions")
+    _warn_review_actions(r, actions, tuple(getattr(policy, "actions", ())))
     return Escalation(min_confidence=minimum, review_sla_s=sla, review_actions=tuple(actions))
