@@ -40,6 +40,16 @@ from .types import Schema
 EXIT_OK, EXIT_FAILED, EXIT_UNUSABLE, EXIT_UNCHECKED = 0, 1, 2, 3
 
 
+def _said_a_pipeline_file(path: str | Path) -> bool:
+    """Whether ``path`` is a pipeline file, said on stderr with the policy it names (checked as a policy it gave
+    17 errors, one "line 0": an operator walk-through)."""
+    named = _policy_a_pipeline_names(Path(path))
+    if named is not None:
+        print(f"{path}: a pipeline file, not a policy; its policy is {named}: `aios-kernel policy check {named}` "
+              f"(a pipeline is checked by `aios-kernel pipelines check {path}`, and when a kernel loads it)", file=sys.stderr)
+    return named is not None
+
+
 def _policy_a_pipeline_names(path: Path) -> str | None:
     """The policy file a pipeline file at ``path`` names, if it is one (a [pipeline] table and no policy tables)."""
     import tomllib
@@ -63,10 +73,7 @@ def check_command(path: str | Path, out: TextIO = sys.stdout) -> int:
         why = "a directory, not a policy file" if Path(path).is_dir() else "no such file"
         print(f"{path}: cannot read: {why}", file=sys.stderr)
         return EXIT_UNUSABLE
-    named = _policy_a_pipeline_names(Path(path))
-    if named is not None:  # (checked as a policy it gave 17 errors, one "line 0": an operator walk-through)
-        print(f"{path}: a pipeline file, not a policy; its policy is {named}: `aios-kernel policy check {named}` "
-              f"(a pipeline is checked by `aios-kernel pipelines check {path}`, and when a kernel loads it)", file=sys.stderr)
+    if _said_a_pipeline_file(path):
         return EXIT_UNUSABLE
     try:
         policy = load_policy(path)
@@ -96,10 +103,7 @@ def check_command(path: str | Path, out: TextIO = sys.stdout) -> int:
 def test_command(path: str | Path, cases_path: str | Path, out: TextIO = sys.stdout) -> int:
     """Run the cases against the policy: mismatches, then rule coverage. 0 = all pass, 1 = failures,
     2 = the policy or the cases file cannot be used."""
-    named = _policy_a_pipeline_names(Path(path))
-    if named is not None:  # (checked as a policy it gave 17 errors, one "line 0": an operator walk-through)
-        print(f"{path}: a pipeline file, not a policy; its policy is {named}: `aios-kernel policy check {named}` "
-              f"(a pipeline is checked by `aios-kernel pipelines check {path}`, and when a kernel loads it)", file=sys.stderr)
+    if _said_a_pipeline_file(path):
         return EXIT_UNUSABLE
     try:
         policy = load_policy(path)
