@@ -196,7 +196,10 @@ def test_a_repeated_idempotent_decision_says_it_was_replayed(cli):
      "an argument is not valid UTF-8 text: 'b\\\\xffob'"),
     (["task", "get", "t\udcff"], "an argument is not valid UTF-8 text"),
     (["decide", "claims_triage", "--timeout", "0"], "--timeout: '0': must be more than 0"),
-    (["review", "claim", "r1", "--reviewer", "bob", "--lease", "-5"], "--lease: '-5': must be 0 (no limit) or more"),
+    (["review", "claim", "r1", "--reviewer", "bob", "--lease", "-5"], "--lease: '-5': must be 0 (the kernel's 300) to 86400"),
+    # past a uint32 the request could not be built: a traceback, not a refusal
+    (["review", "claim", "r1", "--reviewer", "bob", "--lease", "5000000000"], "--lease: '5000000000': must be 0 (the"),
+    (["review", "claim", "--next", "--reviewer", "bob", "--lease", "86401"], "--lease: '86401': must be 0 (the kernel's"),
     (["review", "show", ""], "review_id: must not be empty"),
     (["review", "claim", "r1", "--next", "--reviewer", "bob"], "give a REVIEW_ID (r1) or --next, not both"),
     (["review", "claim", "--reviewer", "bob"], "give the REVIEW_ID to claim, or --next"),

@@ -23,6 +23,7 @@ import time
 from ..channel import kernel_channel
 from ..cli_support import (address_flags, answer, count, decision_lines, duration, failed, json_line, nonempty,
                            when)
+from .queue import DEFAULT_LEASE_S, MAX_LEASE_S
 
 STATES = ("unresolved", "open", "claimed", "resolved", "all")  # "all" is the API's empty filter
 PAGE_SIZE = 1000  # the most ListReviews gives in one page
@@ -53,9 +54,9 @@ def add_parser(sub) -> None:
     claim.add_argument("--tenant", default="", help="with --next: only this tenant's reviews")
     claim.add_argument("--reviewer", type=nonempty, required=True,
                        help="who works the case (recorded with the resolution)")
-    claim.add_argument("--lease", type=count, default=0, metavar="SECONDS",
-                       help="how long the lease lasts (default 0: the kernel's 300; at most 86400); claiming again "
-                            "renews it")
+    claim.add_argument("--lease", type=lease, default=0, metavar="SECONDS",
+                       help=f"how long the lease lasts (default 0: the kernel's {DEFAULT_LEASE_S}; at most "
+                            f"{MAX_LEASE_S}); claiming again renews it")
     _common(claim, cmd_claim)
 
     resolve = commands.add_parser("resolve", help="give a claimed review its final action (an audited decision)")
@@ -74,6 +75,19 @@ def add_parser(sub) -> None:
                        help="also print each claim and resolution, and each lease that lapses (OPEN again)")
     watch.add_argument("--count", type=count, default=0, help="stop after this many reviews (default 0: never)")
     _common(watch, cmd_watch, timeout_s=0)
+
+
+def lease(text: str) -> int:
+    """``--lease``: whole seconds, 0 (the kernel's default) to MAX_LEASE_S. Checked here: past 2**32 the request
+    could not even be built (a traceback), and 0 is no "no limit" here."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of seconds") from None
+    if not 0 <= value <= MAX_LEASE_S:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: must be 0 (the kernel's {DEFAULT_LEASE_S}) to {MAX_LEASE_S} seconds")
+    return value
 
 
 def _common(parser: argparse.ArgumentParser, command, timeout_s: float = 10.0) -> None:
