@@ -89,6 +89,17 @@ def test_a_reviewer_lists_shows_claims_and_resolves_a_case(cli):
     assert code == 1 and err.startswith("NOT_FOUND:")
 
 
+def test_review_show_gives_the_models_score_for_each_class(cli):
+    review_id = escalate(cli, "--tenant", "scores")
+    code, out, _ = cli("review", "show", review_id, "--json")
+    scores = json.loads(out)["proposed"]["model"]["class_scores"]
+    assert code == 0 and set(scores) == {"approve", "review", "deny"}
+    code, out, _ = cli("review", "show", review_id)
+    ranked = sorted(scores.items(), key=lambda item: -item[1])
+    assert code == 0
+    assert "scores: " + ", ".join(f"{label} {score:.3f}" for label, score in ranked) in out, out
+
+
 def test_review_list_pages_up_to_its_limit_and_says_more_match(cli):
     ids = [escalate(cli, "--tenant", "paging") for _ in range(3)]
     code, out, _ = cli("review", "list", "--tenant", "paging", "--limit", "2")

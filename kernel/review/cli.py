@@ -195,7 +195,9 @@ def describe(review) -> list[str]:
             lines.append(f"    {name} = {_value(request.fields[name])}")
         for name in sorted(request.text_fields):
             lines.append(f"    {name} (text) = {json.dumps(request.text_fields[name], ensure_ascii=False)}")
-    lines.append("  proposed:   " + "\n  ".join(decision_lines(review.proposed)))
+    proposed = decision_lines(review.proposed)
+    proposed[1:1] = _scores(review.proposed)  # (under the action and its confidence)
+    lines.append("  proposed:   " + "\n  ".join(proposed))
     if withdrawn(review):
         lines.append(f"  withdrawn by the kernel at {when(review.resolved_unix_ns, now)}: "
                      f"{review.comment.removeprefix('withdrawn: ')}")
@@ -207,6 +209,19 @@ def describe(review) -> list[str]:
             lines.append(f"    recorded as audit #{review.resolution.audit_sequence}")
     else:
         lines.append(f"  actions:    {', '.join(review.actions)}")
+    return lines
+
+
+def _scores(decision) -> list[str]:
+    """The model's score for each class, highest first, and the policy's adjustment: what the reviewer weighs
+    (the confidence alone hid how close the runner-up was)."""
+    model = decision.model
+    lines = []
+    if model.class_scores:
+        ranked = sorted(model.class_scores.items(), key=lambda item: (-item[1], item[0]))
+        lines.append("  scores: " + ", ".join(f"{label} {score:.3f}" for label, score in ranked))
+    if decision.score_adjustment:
+        lines.append(f"  score adjustment {decision.score_adjustment:+g} (the fired rules' adjust)")
     return lines
 
 
