@@ -34,6 +34,7 @@ from .pipelines import DecisionEngine, PipelineRegistry, Services
 from .pipelines.provenance import resolution_record
 from .policy import load_policy, parse_policy
 from .review import ReviewQueue, reopen_reviews
+from .review.reopen import recorded_defaults
 from .review.queue import RESOLVED
 from .store import DATABASE_FILE, open_database
 from .store.faults import os_cause
@@ -497,8 +498,9 @@ class DecisionSide:
                  task.task_id, record.sequence, decision.action, why)
         if decision.outcome in (kpb.ESCALATED, kpb.FALLBACK) and decision.review_id:
             actions, sla_seconds = self._review_settings(record.pipeline, decision)
+            # (the one it opened, if it was stored)
             self.reviews.create_many([(decision, task.request, actions, sla_seconds, task.task_id, decision.review_id,
-                                       record.time_unix_ns)])  # (the one it opened, if it was stored)
+                                       record.time_unix_ns, recorded_defaults(record))])
             return WaitingForReview(decision.review_id, decision)
         return decision
 

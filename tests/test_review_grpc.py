@@ -21,6 +21,7 @@ from conftest import module_claims_kernel
 from examples.claims import data
 from kernel._proto.aios.kernel.v1 import kernel_pb2 as kpb
 from kernel._proto.aios.kernel.v1 import kernel_pb2_grpc as kgrpc
+from kernel.decision_client import make_request
 
 TIMEOUT_S = 20
 PIPELINE, LATE = "claims_triage", "claims_late"
@@ -104,6 +105,29 @@ def test_leases_and_resolutions_answer_with_named_status_codes(server, channel, 
     assert (record.principal, record.decision.action, record.decision.outcome) == ("alice", "approve", kpb.REVIEWED)
     code, details = failure(reviews.ResolveReview, resolve("bob", "deny"))
     assert code == S.FAILED_PRECONDITION and "already resolved (approve by alice)" in details
+
+
+def test_a_review_gives_the_defaults_its_decision_used_for_fields_left_out(server, channel, reviews):
+    """(Review desk audit) the reviewer saw the request as sent: a field left out was simply not there, while the
+    model had decided it with the pipeline's default (the audit record's defaulted_fields). ``Review.defaults``
+    names each with the value used; ``request`` stays the case as sent. A task's review has them too."""
+    sent = {"claim_amount": 90000.0, "customer_tier": "gold"}  # R04 escalates it; the six others are left out
+    request = make_request(PIPELINE, sent, tenant="defaults")
+    decision = kgrpc.DecisionServiceStub(channel).Decide(request, timeout=TIMEOUT_S)
+    record = next(server.decisions.audit.read(from_sequence=decision.audit_sequence))
+    assert record.decision.review_id == decision.review_id
+    assert len(record.defaulted_fields) == 6
+    task = kgrpc.TaskServiceStub(channel).StartTask(kpb.StartTaskRequest(request=request), timeout=TIMEOUT_S)
+    for update in kgrpc.TaskServiceStub(channel).WatchTask(kpb.TaskRef(task_id=task.task_id), timeout=TIMEOUT_S):
+        if update.state == kpb.WAITING_FOR_REVIEW:
+            break
+    for review_id in (decision.review_id, update.review_id):
+        review = reviews.GetReview(kpb.ReviewRef(review_id=review_id), timeout=TIMEOUT_S)
+        assert set(review.request.fields) == set(sent)  # as sent
+        assert dict(review.defaults) == {name: record.inputs[name] for name in record.defaulted_fields}
+        assert review.defaults["fraud_score"].number_value == 0.21  # the pipeline file's default
+    listed = reviews.ListReviews(kpb.ListReviewsRequest(tenant="defaults"), timeout=TIMEOUT_S).reviews
+    assert all(dict(review.defaults) == dict(listed[0].defaults) for review in listed) and len(listed) == 2
 
 
 def test_list_pages_filters_and_counts_missed_slas(channel, reviews):

@@ -22,6 +22,7 @@ from examples.claims import data
 from kernel._proto.aios.kernel.v1 import kernel_pb2 as kpb
 from kernel._proto.aios.kernel.v1 import kernel_pb2_grpc as kgrpc
 from kernel.audit import RecordFilter, iter_directory
+from kernel.decision_client import make_request
 from kernel.store.sqlite import DATABASE_FILE
 from kernel.store.sqlite_reviews import RECORDED_BEFORE
 from kernel.testing.processes import ServeProcess
@@ -111,6 +112,38 @@ def test_reviews_lost_with_the_database_tail_are_reopened_unchanged(models, tmp_
     finally:
         code, log = again.stop()
     assert code == 0 and "reopened" not in log, log
+
+
+def test_a_reopened_review_tells_the_fields_sent_from_the_defaults_used(models, tmp_path):
+    """(Review desk audit) a review reopened from its record showed every recorded input as sent, the pipeline's
+    defaults among them; a review stored at the decision had only the fields sent. Reopened, it is the same review:
+    the fields sent in ``request``, the defaults the record names in ``defaults``."""
+    pipelines = copy_pipelines(tmp_path / "pipelines")
+    data_dir = tmp_path / "data"
+    serve = ("--pipelines", str(pipelines), "--log-level", "WARNING")
+    server = ServeProcess(models, *serve, data_dir=data_dir)
+    sent = [{"claim_amount": 90000.0 + i, "customer_tier": "gold"} for i in range(3)]  # R04; six fields left out
+    with grpc.insecure_channel(server.address) as channel:
+        stub = kgrpc.DecisionServiceStub(channel)
+        decided = [stub.Decide(make_request("claims_triage", fields, request_id=f"d{i}"), timeout=10)
+                   for i, fields in enumerate(sent)]
+        before = _all_reviews(channel)
+    server.kill()
+    lost = _lose_the_database_tail(data_dir / DATABASE_FILE, 2)
+
+    restarted = ServeProcess(models, *serve, data_dir=data_dir)
+    try:
+        with grpc.insecure_channel(restarted.address) as channel:
+            after = _all_reviews(channel)
+    finally:
+        code, log = restarted.stop()
+    assert code == 0 and "reopened 2 reviews from the audit log" in log, log
+    for review_id in lost:
+        original, reopened = before[review_id], after[review_id]
+        assert set(reopened.request.fields) == {"claim_amount", "customer_tier"}
+        assert dict(reopened.request.fields) == dict(original.request.fields)
+        assert len(reopened.defaults) == 6 and dict(reopened.defaults) == dict(original.defaults)
+    assert {d.review_id for d in decided} == set(after)
 
 
 class _ReviewStoreFault(Exception):

@@ -100,6 +100,15 @@ def test_review_show_gives_the_models_score_for_each_class(cli):
     assert "scores: " + ", ".join(f"{label} {score:.3f}" for label, score in ranked) in out, out
 
 
+def test_review_show_marks_the_defaults_the_decision_used(cli):
+    review_id = escalate(cli, "--tenant", "defaults")  # claim_amount and customer_tier sent; six fields left out
+    code, out, _ = cli("review", "show", review_id)
+    assert code == 0
+    assert "    customer_tier = \"gold\"\n" in out  # sent
+    assert "    fraud_score = 0.21  (default: not in the request)" in out, out  # the pipeline's default, used
+    assert out.count("(default: not in the request)") == 6
+
+
 def test_review_list_pages_up_to_its_limit_and_says_more_match(cli):
     ids = [escalate(cli, "--tenant", "paging") for _ in range(3)]
     code, out, _ = cli("review", "list", "--tenant", "paging", "--limit", "2")

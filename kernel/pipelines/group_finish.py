@@ -357,7 +357,8 @@ class GroupFinish:
                 pending, decision = group[index], results[index]
                 rows.append((decision, pending.request, pending.pipeline.escalation.review_actions,
                              pending.pipeline.escalation.review_sla_s, pending.task_id, decision.review_id,
-                             pending.record.time_unix_ns if pending.record is not None else 0))  # dated by its record
+                             pending.record.time_unix_ns if pending.record is not None else 0,  # dated by its record
+                             provenance.defaulted_values(pending.request, pending.values)))  # what the case left out
             if opening is not None and not any(group[index].task_id for index in escalated):
                 # Every record is written before its answer (and fsynced, in the default mode), so its
                 # review row needs no fsync and need not even be stored before the answer: a lost row

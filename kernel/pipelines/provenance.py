@@ -143,6 +143,15 @@ def decision_tail(request: kpb.DecisionRequest, values: dict, digests: dict[str,
     return b"".join(parts)
 
 
+def defaulted_values(request: kpb.DecisionRequest, values: dict) -> dict | None:
+    """The fields ``request`` left out, each with the default the pipeline filled in (``values``: the validated
+    inputs), as ``add_inputs`` names them in ``defaulted_fields``; None when it left none out."""
+    given = request.fields
+    if len(given) == len(values):
+        return None
+    return {name: value for name, value in values.items() if name not in given}
+
+
 def add_inputs(record: kpb.AuditRecord, request: kpb.DecisionRequest, values: dict, digests: dict[str, str],
                with_defaulted: bool = True) -> list[str]:
     """What replay needs: the request's (validated) field map as it came, the defaults the pipeline

@@ -189,10 +189,13 @@ def describe(review) -> list[str]:
         waits = " waits on this review" if review.state != "RESOLVED" else ""
         lines.append(f"  task        {review.task_id}{waits}")
     request = review.request
-    if request.fields or request.text_fields:
+    if request.fields or request.text_fields or review.defaults:
         lines.append("  case:")
-        for name in sorted(request.fields):
-            lines.append(f"    {name} = {_value(request.fields[name])}")
+        for name in sorted({*request.fields, *review.defaults}):
+            if name in request.fields:
+                lines.append(f"    {name} = {_value(request.fields[name])}")
+            else:  # left out: the decision used the pipeline's default (the audit record's defaulted_fields)
+                lines.append(f"    {name} = {_value(review.defaults[name])}  (default: not in the request)")
         for name in sorted(request.text_fields):
             lines.append(f"    {name} (text) = {json.dumps(request.text_fields[name], ensure_ascii=False)}")
     proposed = decision_lines(review.proposed)

@@ -34,6 +34,7 @@ import uuid
 from collections.abc import Callable
 
 from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
+from ..decision_client import to_value
 from ..errors import FailedPrecondition, Internal, InvalidArgument, NotFound, Unavailable, quote
 from ..limits import MAX_REVIEWER_CHARS, check_comment, check_name
 from ..store import Feed
@@ -214,7 +215,7 @@ class ReviewQueue:
 
     # -- changes ------------------------------------------------------------------------------
     def create(self, decision: kpb.Decision, request: kpb.DecisionRequest, actions: list[str],
-               sla_seconds: float, task_id: str = "", review_id: str = "") -> kpb.Review:
+               sla_seconds: float, task_id: str = "", review_id: str = "", defaults=None) -> kpb.Review:
         """Queue ``decision`` (escalated) for review; ``actions`` are what a reviewer may resolve it with.
 
         ``sla_seconds`` > 0 sets the SLA deadline from now; 0 means none. A
@@ -222,16 +223,20 @@ class ReviewQueue:
         returns the existing review (in whatever state), so a task re-run
         after a restart does not queue its case twice. ``review_id`` names
         the review (the caller may name it first, to audit it before); empty
-        makes a new id. Durable when it returns; concurrent creates share one
-        commit (group commit).
+        makes a new id. ``defaults``: the fields ``request`` left out, each
+        with the value the decision used for it (``Review.defaults``; a
+        ``Value`` or a plain value). Durable when it returns; concurrent
+        creates share one commit (group commit).
         """
-        review = self._new_review(decision, request, actions, sla_seconds, task_id, review_id, now=self._clock())
+        review = self._new_review(decision, request, actions, sla_seconds, task_id, review_id, 0, defaults,
+                                  now=self._clock())
         stored, _created = self._records.insert(review, after_commit=self._publish_created)
         return self._present(stored)
 
     def create_many(self, items, durable: bool = True, recorded_before: Callable[[], int] | None = None,
                     now: int | None = None, answer: bool = True) -> list[kpb.Review] | None:
-        """``create`` for each item, ``(decision, request, actions, sla_seconds[, task_id[, review_id[, created]]])``.
+        """``create`` for each item,
+        ``(decision, request, actions, sla_seconds[, task_id[, review_id[, created[, defaults]]]])``.
 
         All items are checked first (a bad one raises INVALID_ARGUMENT naming
         ``items[i]``, and nothing is stored); then all reviews are stored in
@@ -253,10 +258,10 @@ class ReviewQueue:
         now = self._clock() if now is None else now
         reviews = []
         for index, item in enumerate(items):
-            if not isinstance(item, (tuple, list)) or not 4 <= len(item) <= 7:
+            if not isinstance(item, (tuple, list)) or not 4 <= len(item) <= 8:
                 raise InvalidArgument(
                     f"items[{index}] must be a tuple (decision, request, actions, sla_seconds[, task_id[, review_id"
-                    f"[, created]]]), got {item!r}"
+                    f"[, created[, defaults]]]]), got {item!r}"
                 )
             reviews.append(self._new_review(*item, now=now, where=f"items[{index}]."))
         if not reviews:
@@ -287,7 +292,7 @@ class ReviewQueue:
         return self._records.get(review_id) is not None
 
     def _new_review(self, decision: kpb.Decision, request: kpb.DecisionRequest, actions, sla_seconds: float,
-                    task_id: str = "", review_id: str = "", created: int = 0, *, now: int,
+                    task_id: str = "", review_id: str = "", created: int = 0, defaults=None, *, now: int,
                     where: str = "") -> kpb.Review:
         now = created or now
         actions = list(actions)
@@ -309,6 +314,8 @@ class ReviewQueue:
         review.proposed.CopyFrom(decision)
         review.proposed.review_id = review.review_id
         review.request.CopyFrom(request)
+        for name, value in (defaults or {}).items():  # (what the decision used for a field the request left out)
+            review.defaults[name].CopyFrom(value if isinstance(value, kpb.Value) else to_value(value))
         return review
 
     def _publish_created(self, result: tuple[kpb.Review, bool]) -> None:

@@ -12,8 +12,9 @@ process killed between an escalation's durable record and its review row.
 
 Reviews of durable tasks are left to the tasks, which run again after a
 restart and open their review then. A reopened review's request carries the
-recorded inputs: free-text fields only as their SHA-256 digests, as in the
-record (raw text is never on the record).
+recorded inputs the request sent, and its ``defaults`` those the pipeline
+filled in (as a review stored at the decision has them); its free-text
+fields are not there: the record holds only their SHA-256 digests.
 """
 
 from __future__ import annotations
@@ -26,6 +27,12 @@ from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
 log = logging.getLogger("aios.review")
 
 _ESCALATED = (kpb.ESCALATED, kpb.FALLBACK)
+
+
+def recorded_defaults(record: kpb.AuditRecord) -> dict[str, kpb.Value]:
+    """The fields a decision's request left out, with the defaults it was decided with, from its audit record (its
+    inputs named in ``defaulted_fields``): a review's ``defaults``."""
+    return {name: record.inputs[name] for name in record.defaulted_fields if name in record.inputs}
 
 
 def reopen_reviews(queue, records: Iterable[kpb.AuditRecord],
@@ -48,10 +55,11 @@ def reopen_reviews(queue, records: Iterable[kpb.AuditRecord],
         proposed.audit_sequence, proposed.audit_hash = record.sequence, record.hash.hex()
         request = kpb.DecisionRequest(pipeline=record.pipeline, tenant=record.tenant, request_id=record.request_id,
                                       idempotency_key=record.idempotency_key)
+        defaults = recorded_defaults(record)
         for name, value in record.inputs.items():
-            if not name.startswith("text:"):
+            if not name.startswith("text:") and name not in defaults:  # (the case as sent, as an unlost row has it)
                 request.fields[name].CopyFrom(value)
-        queue.create_many([(proposed, request, actions, sla_seconds, "", decision.review_id)], durable=False,
-                          now=record.time_unix_ns or None)
+        queue.create_many([(proposed, request, actions, sla_seconds, "", decision.review_id, 0, defaults)],
+                          durable=False, now=record.time_unix_ns or None)
         reopened += 1
     return reopened
