@@ -11,6 +11,7 @@ the restarted kernel must open every lost review again, unchanged.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sqlite3
 
@@ -144,6 +145,33 @@ def test_a_reopened_review_tells_the_fields_sent_from_the_defaults_used(models, 
         assert dict(reopened.request.fields) == dict(original.request.fields)
         assert len(reopened.defaults) == 6 and dict(reopened.defaults) == dict(original.defaults)
     assert {d.review_id for d in decided} == set(after)
+
+
+def test_a_reopened_review_says_which_texts_it_no_longer_has(models, tmp_path):
+    """(Review desk audit) a review reopened from its record had no trace of its free text (the record keeps only
+    each text's digest): the reviewer could not know a description was sent. Its ``text_digests`` name them."""
+    pipelines = copy_pipelines(tmp_path / "pipelines")
+    data_dir = tmp_path / "data"
+    serve = ("--pipelines", str(pipelines), "--log-level", "WARNING")
+    server = ServeProcess(models, *serve, data_dir=data_dir)
+    with grpc.insecure_channel(server.address) as channel:
+        decision = kgrpc.DecisionServiceStub(channel).Decide(
+            make_request("claims_triage", {"claim_amount": 90000.0}, {"description": "water in the basement"}),
+            timeout=10)
+        before = _all_reviews(channel)[decision.review_id]
+    server.kill()
+    assert dict(before.request.text_fields) == {"description": "water in the basement"} and not before.text_digests
+    assert _lose_the_database_tail(data_dir / DATABASE_FILE, 1) == [decision.review_id]
+
+    restarted = ServeProcess(models, *serve, data_dir=data_dir)
+    try:
+        with grpc.insecure_channel(restarted.address) as channel:
+            review = _all_reviews(channel)[decision.review_id]
+    finally:
+        code, log = restarted.stop()
+    assert code == 0 and "reopened 1 reviews from the audit log" in log, log
+    assert not review.request.text_fields  # (the text was never on the record)
+    assert dict(review.text_digests) == {"description": "sha256:" + hashlib.sha256(b"water in the basement").hexdigest()}
 
 
 class _ReviewStoreFault(Exception):

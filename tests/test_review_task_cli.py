@@ -327,3 +327,15 @@ def test_a_name_cut_to_its_column_says_so():
 
     assert _cut("claims_triage", 16) == "claims_triage   "
     assert _cut("invoice_approval_emea", 16) == "invoice_approva…"
+
+
+def test_review_show_says_a_text_the_reopened_review_no_longer_has():
+    from kernel._proto.aios.kernel.v1 import kernel_pb2 as kpb
+    from kernel.review.cli import describe
+
+    review = kpb.Review(review_id="r1", state="OPEN", pipeline="claims_triage", actions=["deny"],
+                        text_digests={"description": "sha256:ab12"})
+    review.request.fields["claim_amount"].int_value = 90000
+    shown = "\n".join(describe(review))
+    assert "    description (text): not kept; this review was reopened from the audit log after a crash, which has " \
+           "only its digest sha256:ab12" in shown, shown

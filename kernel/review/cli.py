@@ -189,7 +189,7 @@ def describe(review) -> list[str]:
         waits = " waits on this review" if review.state != "RESOLVED" else ""
         lines.append(f"  task        {review.task_id}{waits}")
     request = review.request
-    if request.fields or request.text_fields or review.defaults:
+    if request.fields or request.text_fields or review.defaults or review.text_digests:
         lines.append("  case:")
         for name in sorted({*request.fields, *review.defaults}):
             if name in request.fields:
@@ -198,6 +198,9 @@ def describe(review) -> list[str]:
                 lines.append(f"    {name} = {_value(review.defaults[name])}  (default: not in the request)")
         for name in sorted(request.text_fields):
             lines.append(f"    {name} (text) = {json.dumps(request.text_fields[name], ensure_ascii=False)}")
+        for name in sorted(review.text_digests):  # reopened from its audit record, which keeps no text
+            lines.append(f"    {name} (text): not kept; this review was reopened from the audit log after a crash, "
+                         f"which has only its digest {review.text_digests[name]}")
     proposed = decision_lines(review.proposed)
     proposed[1:1] = _scores(review.proposed)  # (under the action and its confidence)
     lines.append("  proposed:   " + "\n  ".join(proposed))

@@ -236,7 +236,7 @@ class ReviewQueue:
     def create_many(self, items, durable: bool = True, recorded_before: Callable[[], int] | None = None,
                     now: int | None = None, answer: bool = True) -> list[kpb.Review] | None:
         """``create`` for each item,
-        ``(decision, request, actions, sla_seconds[, task_id[, review_id[, created[, defaults]]]])``.
+        ``(decision, request, actions, sla_seconds[, task_id[, review_id[, created[, defaults[, text_digests]]]]])``.
 
         All items are checked first (a bad one raises INVALID_ARGUMENT naming
         ``items[i]``, and nothing is stored); then all reviews are stored in
@@ -258,10 +258,10 @@ class ReviewQueue:
         now = self._clock() if now is None else now
         reviews = []
         for index, item in enumerate(items):
-            if not isinstance(item, (tuple, list)) or not 4 <= len(item) <= 8:
+            if not isinstance(item, (tuple, list)) or not 4 <= len(item) <= 9:
                 raise InvalidArgument(
                     f"items[{index}] must be a tuple (decision, request, actions, sla_seconds[, task_id[, review_id"
-                    f"[, created[, defaults]]]]), got {item!r}"
+                    f"[, created[, defaults[, text_digests]]]]]), got {item!r}"
                 )
             reviews.append(self._new_review(*item, now=now, where=f"items[{index}]."))
         if not reviews:
@@ -292,7 +292,8 @@ class ReviewQueue:
         return self._records.get(review_id) is not None
 
     def _new_review(self, decision: kpb.Decision, request: kpb.DecisionRequest, actions, sla_seconds: float,
-                    task_id: str = "", review_id: str = "", created: int = 0, defaults=None, *, now: int,
+                    task_id: str = "", review_id: str = "", created: int = 0, defaults=None, text_digests=None, *,
+                    now: int,
                     where: str = "") -> kpb.Review:
         now = created or now
         actions = list(actions)
@@ -316,6 +317,7 @@ class ReviewQueue:
         review.request.CopyFrom(request)
         for name, value in (defaults or {}).items():  # (what the decision used for a field the request left out)
             review.defaults[name].CopyFrom(value if isinstance(value, kpb.Value) else to_value(value))
+        review.text_digests.update(text_digests or {})  # (reopened from a record: the texts it keeps no more)
         return review
 
     def _publish_created(self, result: tuple[kpb.Review, bool]) -> None:

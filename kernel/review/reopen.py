@@ -14,7 +14,8 @@ Reviews of durable tasks are left to the tasks, which run again after a
 restart and open their review then. A reopened review's request carries the
 recorded inputs the request sent, and its ``defaults`` those the pipeline
 filled in (as a review stored at the decision has them); its free-text
-fields are not there: the record holds only their SHA-256 digests.
+fields are not there (the record holds only their SHA-256 digests): their
+digests are, in ``text_digests``, so the reviewer knows a text was sent.
 """
 
 from __future__ import annotations
@@ -56,10 +57,13 @@ def reopen_reviews(queue, records: Iterable[kpb.AuditRecord],
         request = kpb.DecisionRequest(pipeline=record.pipeline, tenant=record.tenant, request_id=record.request_id,
                                       idempotency_key=record.idempotency_key)
         defaults = recorded_defaults(record)
+        digests = {}
         for name, value in record.inputs.items():
-            if not name.startswith("text:") and name not in defaults:  # (the case as sent, as an unlost row has it)
+            if name.startswith("text:"):  # (the record has its digest only: the reviewer is told the text is gone)
+                digests[name.removeprefix("text:")] = value.string_value
+            elif name not in defaults:  # (the case as sent, as an unlost row has it)
                 request.fields[name].CopyFrom(value)
-        queue.create_many([(proposed, request, actions, sla_seconds, "", decision.review_id, 0, defaults)],
+        queue.create_many([(proposed, request, actions, sla_seconds, "", decision.review_id, 0, defaults, digests)],
                           durable=False, now=record.time_unix_ns or None)
         reopened += 1
     return reopened

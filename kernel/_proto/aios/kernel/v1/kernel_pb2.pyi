@@ -243,7 +243,7 @@ class TaskRef(_message.Message):
     def __init__(self, task_id: _Optional[str] = ...) -> None: ...
 
 class Review(_message.Message):
-    __slots__ = ("review_id", "request_id", "pipeline", "tenant", "state", "proposed", "claimed_by", "lease_expires_unix_ns", "sla_deadline_unix_ns", "created_unix_ns", "sla_missed", "resolved_action", "resolved_by", "comment", "resolved_unix_ns", "resolution", "task_id", "request", "actions", "claimed_unix_ns", "defaults")
+    __slots__ = ("review_id", "request_id", "pipeline", "tenant", "state", "proposed", "claimed_by", "lease_expires_unix_ns", "sla_deadline_unix_ns", "created_unix_ns", "sla_missed", "resolved_action", "resolved_by", "comment", "resolved_unix_ns", "resolution", "task_id", "request", "actions", "claimed_unix_ns", "defaults", "text_digests")
     class DefaultsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -251,6 +251,13 @@ class Review(_message.Message):
         key: str
         value: Value
         def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Value, _Mapping]] = ...) -> None: ...
+    class TextDigestsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     REVIEW_ID_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PIPELINE_FIELD_NUMBER: _ClassVar[int]
@@ -272,6 +279,7 @@ class Review(_message.Message):
     ACTIONS_FIELD_NUMBER: _ClassVar[int]
     CLAIMED_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
     DEFAULTS_FIELD_NUMBER: _ClassVar[int]
+    TEXT_DIGESTS_FIELD_NUMBER: _ClassVar[int]
     review_id: str
     request_id: str
     pipeline: str
@@ -293,7 +301,8 @@ class Review(_message.Message):
     actions: _containers.RepeatedScalarFieldContainer[str]
     claimed_unix_ns: int
     defaults: _containers.MessageMap[str, Value]
-    def __init__(self, review_id: _Optional[str] = ..., request_id: _Optional[str] = ..., pipeline: _Optional[str] = ..., tenant: _Optional[str] = ..., state: _Optional[str] = ..., proposed: _Optional[_Union[Decision, _Mapping]] = ..., claimed_by: _Optional[str] = ..., lease_expires_unix_ns: _Optional[int] = ..., sla_deadline_unix_ns: _Optional[int] = ..., created_unix_ns: _Optional[int] = ..., sla_missed: _Optional[bool] = ..., resolved_action: _Optional[str] = ..., resolved_by: _Optional[str] = ..., comment: _Optional[str] = ..., resolved_unix_ns: _Optional[int] = ..., resolution: _Optional[_Union[Decision, _Mapping]] = ..., task_id: _Optional[str] = ..., request: _Optional[_Union[DecisionRequest, _Mapping]] = ..., actions: _Optional[_Iterable[str]] = ..., claimed_unix_ns: _Optional[int] = ..., defaults: _Optional[_Mapping[str, Value]] = ...) -> None: ...
+    text_digests: _containers.ScalarMap[str, str]
+    def __init__(self, review_id: _Optional[str] = ..., request_id: _Optional[str] = ..., pipeline: _Optional[str] = ..., tenant: _Optional[str] = ..., state: _Optional[str] = ..., proposed: _Optional[_Union[Decision, _Mapping]] = ..., claimed_by: _Optional[str] = ..., lease_expires_unix_ns: _Optional[int] = ..., sla_deadline_unix_ns: _Optional[int] = ..., created_unix_ns: _Optional[int] = ..., sla_missed: _Optional[bool] = ..., resolved_action: _Optional[str] = ..., resolved_by: _Optional[str] = ..., comment: _Optional[str] = ..., resolved_unix_ns: _Optional[int] = ..., resolution: _Optional[_Union[Decision, _Mapping]] = ..., task_id: _Optional[str] = ..., request: _Optional[_Union[DecisionRequest, _Mapping]] = ..., actions: _Optional[_Iterable[str]] = ..., claimed_unix_ns: _Optional[int] = ..., defaults: _Optional[_Mapping[str, Value]] = ..., text_digests: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class ListReviewsRequest(_message.Message):
     __slots__ = ("pipeline", "tenant", "state", "page_size", "page_token")
