@@ -222,13 +222,14 @@ def duration(seconds: float) -> str:
 
 
 def when(unix_ns: int, now_ns: int | None = None) -> str:
-    """A wall-clock instant in local time with how far it is from now: ``2026-11-26 22:10:05 (4 min ago)``."""
+    """A wall-clock instant in local time, its zone named, with how far it is from now: ``2026-11-26 22:10:05 UTC
+    (4 min ago)`` (the kernel's own messages give instants in UTC: the zone tells a reviewer which is which)."""
     if not unix_ns:
         return "-"
     now_ns = time.time_ns() if now_ns is None else now_ns
     delta = (unix_ns - now_ns) / 1e9
     relative = f"in {duration(delta)}" if delta > 0 else f"{duration(delta)} ago"
-    return f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(unix_ns / 1e9))} ({relative})"
+    return f"{time.strftime('%Y-%m-%d %H:%M:%S %Z', time.localtime(unix_ns / 1e9))} ({relative})"
 
 
 def output_problem(out: str, log_dir: Path, force: bool) -> str | None:

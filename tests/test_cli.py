@@ -549,3 +549,19 @@ def test_models_list_refuses_address_and_models_together(model_repo):
     """(Operator walk-through) with --address, --models was ignored without a word."""
     result = run_cli("models", "list", "--address", "127.0.0.1:1", "--models", str(model_repo), timeout=60)
     assert result.returncode == 2 and "not both" in result.stderr and result.stdout == ""
+
+
+def test_instants_shown_in_local_time_name_their_zone(monkeypatch):
+    """The CLI shows local time, the kernel's own messages UTC ('…Z'): without the zone a reviewer in Berlin read a
+    lease message and `review show` an hour apart (review desk audit L3)."""
+    import time as time_module
+
+    from kernel.cli_support import when
+    monkeypatch.setenv("TZ", "Europe/Berlin")
+    time_module.tzset()
+    try:
+        shown = when(1_764_288_000 * 10**9, now_ns=1_764_288_060 * 10**9)  # 2025-11-28 00:00 UTC, a minute later
+        assert shown.startswith("2025-11-28 01:00:00 CET (") and shown.endswith("ago)"), shown
+    finally:
+        monkeypatch.undo()  # (the zone as it was, then read again)
+        time_module.tzset()
