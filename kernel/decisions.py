@@ -330,9 +330,16 @@ class DecisionSide:
         try:
             escalation = self.registry.get(pipeline_name).escalation
         except KernelError:
-            log.warning("pipeline %s is no longer loaded: its reopened review %s offers only the proposed action",
-                        pipeline_name, decision.review_id)
-            return [decision.action], 0.0
+            # The actions its pipeline offered on a review still stored, else the proposed one alone: that alone
+            # is "review" for an escalation, which left the case with no decision a reviewer could make (review
+            # desk audit).
+            stored = self.reviews.list(pipeline=pipeline_name, page_size=1).reviews
+            actions = list(dict.fromkeys([decision.action, *(stored[0].actions if stored else ())]))
+            log.warning("pipeline %s is no longer loaded: its reopened review %s offers %s (%s), with no SLA",
+                        pipeline_name, decision.review_id, ", ".join(actions),
+                        "as its stored reviews do" if stored else "the proposed action only: none of its reviews "
+                                                                  "is stored")
+            return actions, 0.0
         return list(escalation.review_actions), escalation.review_sla_s
 
     def _mark_reviews_recorded(self) -> None:

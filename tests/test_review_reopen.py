@@ -520,3 +520,38 @@ def test_a_resolution_recorded_before_a_kill_is_not_recorded_again(models, tmp_p
                if r.decision.review_id == escalated.review_id]
     assert [r.sequence for r in records] == [resolved.resolution.audit_sequence]
     assert review.resolution.audit_sequence == resolved.resolution.audit_sequence
+
+
+def test_a_review_reopened_for_a_pipeline_no_longer_served_offers_its_stored_reviews_actions(models, tmp_path):
+    """(Review desk audit) a review reopened after a crash whose pipeline file was removed meanwhile offered only
+    the proposed action, 'review' for an escalation: no reviewer could decide the case. It offers what the
+    pipeline's reviews still stored offer."""
+    pipelines = copy_pipelines(tmp_path / "pipelines")
+    data_dir = tmp_path / "data"
+    serve = ("--pipelines", str(pipelines), "--log-level", "WARNING")
+    server = ServeProcess(models, *serve, data_dir=data_dir)
+    with grpc.insecure_channel(server.address) as channel:
+        stub = kgrpc.DecisionServiceStub(channel)
+        for i in range(3):
+            stub.Decide(make_request("claims_triage", {"claim_amount": 90000.0 + i, "customer_tier": "gold"},
+                                     request_id=f"g{i}"), timeout=10)
+        before = _all_reviews(channel)
+    server.kill()
+    lost = _lose_the_database_tail(data_dir / DATABASE_FILE, 2)
+    (pipelines / "claims_triage.toml").unlink()
+
+    restarted = ServeProcess(models, *serve, data_dir=data_dir)
+    try:
+        with grpc.insecure_channel(restarted.address) as channel:
+            after = _all_reviews(channel)
+            reviews = kgrpc.ReviewServiceStub(channel)
+            reviews.ClaimReview(kpb.ClaimReviewRequest(review_id=lost[0], reviewer="al"), timeout=10)
+            resolved = reviews.ResolveReview(kpb.ResolveReviewRequest(review_id=lost[0], reviewer="al",
+                                                                      action="deny"), timeout=10)
+    finally:
+        code, log = restarted.stop()
+    assert code == 0 and "as its stored reviews do" in log, log
+    kept = next(review for review_id, review in before.items() if review_id not in lost)
+    for review_id in lost:
+        assert set(after[review_id].actions) == {after[review_id].proposed.action, *kept.actions}
+    assert resolved.resolved_action == "deny"
