@@ -261,3 +261,57 @@ def test_tables_written_the_wrong_way_are_reported_at_their_line():
             '[outputs.actions]\nx = 1\n[[rule]]\nid = "D"\ndefault = true\naction = "a"\n')
     lines = {d.subject: d.line for d in refused(text).errors}
     assert lines["policy"] == 1 and lines["outputs.actions"] == 7, lines
+
+
+# -- 6. a hostile file's errors are bounded: each says little, and the check stops after a hundred ---------------
+
+def _many_errors(classes: int, refs: int) -> str:
+    """A policy whose every condition names a class it does not declare, ``refs`` times in all."""
+    head = "[model]\nclasses = [" + ", ".join(f'"class_{i:06d}"' for i in range(classes)) + "]\n"
+    condition = " or ".join(["label == 'zz'"] * 500)
+    return policy_text([(f"R{i}", condition) for i in range(refs // 500)], head=head)
+
+
+def test_a_policy_with_thousands_of_errors_lists_a_hundred_each_short():
+    from kernel.policy.loader import MAX_LISTED_ERRORS
+
+    error = refused(_many_errors(classes=2_000, refs=3_000))
+    assert len(error.errors) == MAX_LISTED_ERRORS + 1, len(error.errors)
+    assert error.errors[-1].message.startswith(f"the check stopped after {MAX_LISTED_ERRORS} errors")
+    first = error.errors[0].message
+    assert first.startswith("'zz' is not one of the model's classes (class_000000, class_000001") and \
+        ", … (1,980 more))" in first, first
+    assert max(len(str(d)) for d in error.diagnostics) < 1_000
+
+
+def test_an_upload_with_thousands_of_errors_does_not_build_them_all(claims_models, tmp_path):
+    """Over gRPC: 3,000 errors each listing 2,000 classes held ~150 MB in the kernel (a 400 KB upload, 6.8 GB);
+    now INVALID_ARGUMENT after a hundred short ones."""
+    import tracemalloc
+
+    import grpc
+    from conftest import start_claims_kernel
+
+    from kernel._proto.aios.kernel.v1 import kernel_pb2 as kpb
+    from kernel._proto.aios.kernel.v1 import kernel_pb2_grpc as kgrpc
+
+    claims = Path(__file__).resolve().parent.parent / "examples" / "claims" / "pipelines"
+    pipeline = (claims / "claims_triage.toml").read_text().replace('file = "policy.toml"', 'file = "many.toml"')
+    server = start_claims_kernel(claims_models, tmp_path)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            admin = kgrpc.AdminServiceStub(channel)
+            upload = kpb.UploadPipelineRequest(pipeline_toml=pipeline.encode(),
+                                               policy_toml=_many_errors(classes=2_000, refs=3_000).encode())
+            tracemalloc.start()
+            try:
+                with pytest.raises(grpc.RpcError) as info:
+                    admin.UploadPipeline(upload, timeout=120)
+                peak = tracemalloc.get_traced_memory()[1]
+            finally:
+                tracemalloc.stop()
+    finally:
+        server.stop(grace=1)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "many.toml:" in info.value.details() and "is not one of the model's classes" in info.value.details()
+    assert peak < 40 << 20, f"{peak / 2**20:.0f} MiB allocated at the peak"

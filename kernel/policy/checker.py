@@ -18,7 +18,7 @@ from __future__ import annotations
 from .syntax import (
     BOOL, FLIPPED, NUMBER, STRING, And, Compare, Field, IsNull, Literal, Member, Node, Not, Or, Range, Truth,
 )
-from .types import LABEL, Schema
+from .types import LABEL, Schema, shown
 from .types import BOOL as T_BOOL
 from .types import STRING as T_STRING
 
@@ -151,9 +151,10 @@ class _Checker:
         return node
 
     def label_literal(self, field: Field, literal: Literal) -> None:
-        classes = self.schema.classes
+        classes = self.schema.class_set
         if field.name == LABEL and classes is not None and literal.value not in classes:
-            self.error(f"'{literal.value}' is not one of the model's classes ({', '.join(classes)})", literal.pos)
+            self.error(f"'{literal.value}' is not one of the model's classes ({shown(self.schema.classes)})",
+                       literal.pos)
 
 
 def _show(literal: Literal) -> str:

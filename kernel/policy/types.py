@@ -23,16 +23,30 @@ NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 # The reason ids the kernel gives decisions no rule made: a model fault's fallback, a reviewer's resolution, a
 # withdrawn review. A rule with one of them would be told from those on the audit log by nothing.
 KERNEL_REASON_IDS = ("FALLBACK", "REVIEW", "WITHDRAWN")
+# Names an error message lists (the model's classes, the declared inputs): a policy may declare 100,000 classes,
+# and every condition that names a wrong one got a message listing them all (a 400 KB upload built 6.8 GB of
+# them). The first few say what was meant; the count says the rest exist.
+MAX_NAMES_SHOWN = 20
+
+
+def shown(names) -> str:
+    """``names`` joined with ", ", at most ``MAX_NAMES_SHOWN`` of them, then how many more there are."""
+    names = list(names)
+    listed = ", ".join(names[:MAX_NAMES_SHOWN])
+    more = len(names) - MAX_NAMES_SHOWN
+    return f"{listed}, … ({more:,} more)" if more > 0 else listed
 
 
 class Schema:
     """What conditions may read: declared inputs plus the model outputs."""
 
-    __slots__ = ("inputs", "classes", "broken")
+    __slots__ = ("inputs", "classes", "class_set", "broken")
 
     def __init__(self, inputs: dict[str, str], classes: tuple[str, ...] | None, broken=frozenset()):
         self.inputs = inputs      # name -> one of INPUT_TYPES, in file order
         self.classes = classes    # the model's classes when declared; None accepts any label / score.<class>
+        # (looked up once per score.<class> and label literal: a tuple of 100,000 classes made that quadratic)
+        self.class_set = frozenset(classes) if classes is not None else None
         self.broken = broken      # inputs declared with an invalid type (already reported): no further errors
 
     def type_of(self, name: str) -> str | None:
@@ -45,7 +59,7 @@ class Schema:
             return NUMBER
         if name.startswith(SCORE + "."):
             cls = name[len(SCORE) + 1:]
-            if cls and (self.classes is None or cls in self.classes):
+            if cls and (self.class_set is None or cls in self.class_set):
                 return NUMBER
         return None
 
@@ -63,7 +77,7 @@ class Schema:
             return f"'score' needs a class, as in score.{example} or score[\"{example}\"]"
         if name.startswith(SCORE + ".") and self.classes is not None:
             return (f"'{name[len(SCORE) + 1:]}' is not one of the model's classes "
-                    f"({', '.join(self.classes)})")
+                    f"({shown(self.classes)})")
         known = list(self.inputs) + [LABEL, CONFIDENCE]
         if self.classes:
             known += [f"{SCORE}.{c}" for c in self.classes]
@@ -71,6 +85,6 @@ class Schema:
             return f"unknown field '{name}' ({case_hint(name)})"
         close = difflib.get_close_matches(name, known, n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
-        inputs = ", ".join(self.inputs) or "none"
+        inputs = shown(self.inputs) or "none"
         return (f"unknown field '{name}'{hint} (declared inputs: {inputs}; "
                 f"model outputs: label, confidence, score.<class>)")
