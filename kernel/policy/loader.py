@@ -15,6 +15,7 @@ import difflib
 import hashlib
 import math
 import re
+from collections import Counter
 from pathlib import Path
 
 from . import tomlsafe
@@ -26,7 +27,7 @@ from .parser import ParseError, parse_condition
 from .policy import Policy, Rule
 from .sourcemap import SourceMap
 from .syntax import fields_of
-from .types import INPUT_TYPES, KERNEL_REASON_IDS, NAME_RE, RESERVED, Schema
+from .types import INPUT_TYPES, KERNEL_REASON_IDS, NAME_RE, RESERVED, Schema, close_match, shown
 from ..limits import FileTooLarge, authored_text_problem, read_bounded
 
 HIT_POLICIES = ("UNIQUE", "FIRST", "PRIORITY", "COLLECT")
@@ -246,7 +247,8 @@ class _Loader:
         if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
             self.add(self.line(section, key), subject, "must be a non-empty list of non-empty strings")
             return None
-        duplicates = sorted({v for v in value if value.count(v) > 1})
+        # (counted once: list.count per name took 168 s for the 100,000 actions a 1 MiB file holds)
+        duplicates = sorted(v for v, n in Counter(value).items() if n > 1)
         if duplicates:
             self.add(self.line(section, key), subject, f"lists {', '.join(map(repr, duplicates))} more than once")
         return value
@@ -291,6 +293,7 @@ class _Loader:
                                                                  f"{MAX_RULES:,} are allowed")
             return []
         rules, seen = [], {}
+        known_actions = frozenset(actions) if actions is not None else None
         for index, entry in enumerate(entries):
             key = ("rule", index)
             rule_id = self.text(entry, key, "id", required=True) or f"#{index + 1}"
@@ -324,11 +327,11 @@ class _Loader:
                 self.add(self.line(key), f"{label} action", "is required")
             elif not isinstance(action, str):
                 self.add(self.line(key, "action"), f"{label} action", "must be a string")
-            elif actions is not None and action not in actions:
-                close = difflib.get_close_matches(action, actions, n=1)
-                hint = f"; did you mean '{close[0]}'?" if close else ""
+            elif known_actions is not None and action not in known_actions:
+                close = close_match(action, actions)
+                hint = f"; did you mean '{close}'?" if close else ""
                 self.add(self.line(key, "action"), f"{label} action",
-                         f"{action!r} is not one of outputs.actions ({', '.join(actions)}){hint}")
+                         f"{action!r} is not one of outputs.actions ({shown(actions)}){hint}")
             escalate = entry.get("escalate", False)
             if not isinstance(escalate, bool):
                 self.add(self.line(key, "escalate"), f"{label} escalate", "must be true or false")

@@ -29,6 +29,20 @@ KERNEL_REASON_IDS = ("FALLBACK", "REVIEW", "WITHDRAWN")
 MAX_NAMES_SHOWN = 20
 
 
+# "Did you mean" is searched for among at most this many names: difflib compares the word with each (0.15 s for
+# 100,000 actions), and a file may have a hundred such errors. Past it the error says what is wrong, without a guess.
+MAX_SUGGESTION_NAMES = 2_000
+
+
+def close_match(word: str, names) -> str | None:
+    """The name in ``names`` closest to ``word`` (difflib), or None; None too when there are too many to search."""
+    names = list(names)
+    if len(names) > MAX_SUGGESTION_NAMES:
+        return None
+    close = difflib.get_close_matches(word, names, n=1)
+    return close[0] if close else None
+
+
 def shown(names) -> str:
     """``names`` joined with ", ", at most ``MAX_NAMES_SHOWN`` of them, then how many more there are."""
     names = list(names)
@@ -83,8 +97,8 @@ class Schema:
             known += [f"{SCORE}.{c}" for c in self.classes]
         if case_hint(name):  # `flag == TRUE`: a keyword in capitals reads as a field name
             return f"unknown field '{name}' ({case_hint(name)})"
-        close = difflib.get_close_matches(name, known, n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
+        close = close_match(name, known)
+        hint = f"; did you mean '{close}'?" if close else ""
         inputs = shown(self.inputs) or "none"
         return (f"unknown field '{name}'{hint} (declared inputs: {inputs}; "
                 f"model outputs: label, confidence, score.<class>)")
