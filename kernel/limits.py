@@ -8,9 +8,10 @@ fail for everyone (its response passed gRPC's 64 MB). A control character
 in one could forge a log line or a terminal escape. So each is refused
 (INVALID_ARGUMENT naming the field) before any work is done for the request,
 when it is longer than its limit or holds a control character (U+0000 to
-U+001F, U+007F). The limits are far above any real value: a tenant is a
-customer's name or id, a request id a UUID or a trace id, an idempotency key
-a UUID or a hash, a reviewer a login.
+U+001F, U+007F to U+009F), a line separator or a bidirectional control. The
+limits are far above any real value: a tenant is a customer's name or id, a
+request id a UUID or a trace id, an idempotency key a UUID or a hash, a
+reviewer a login.
 """
 
 from __future__ import annotations
@@ -34,12 +35,18 @@ MAX_COMMENT_CHARS = 4096
 MAX_TEXT_FIELD_BYTES = 1 << 20
 MAX_MODEL_NAME_BYTES = 255  # a model name is a folder name in the repository: NAME_MAX
 
-_CONTROL = re.compile("[\x00-\x1f\x7f]")
-_CONTROL_BUT_NEWLINE = re.compile("[\x00-\x09\x0b-\x1f\x7f]")
+# C0 and C1 controls (Unicode category Cc): C1's NEL (U+0085) ends a line for str.splitlines and some log viewers,
+# and its CSI (U+009B) starts a terminal escape sequence as ESC [ does.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+_CONTROL_BUT_NEWLINE = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f]")
 # Bidirectional embeddings, overrides and isolates: they make text display in another order than it is stored
 # ("Trojan Source", CVE-2021-42574), so a reviewer's comment could read one way in a review screen or an audit
 # export and say another. The implicit marks (U+200E, U+200F) that right-to-left text may need are allowed.
 _BIDI_CONTROLS = re.compile("[\u202a-\u202e\u2066-\u2069]")
+# What an identifier must not hold either: line and paragraph separators (a line break to str.splitlines, JSON
+# readers in JavaScript and many log viewers) and the bidirectional controls above (a tenant is shown to
+# reviewers in `review list`, where "acme\u202e..." reordered the rest of the row).
+_BREAKS_OR_BIDI = re.compile("[\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 
 
 def check_identifier(value: str, field: str, limit: int) -> None:
@@ -53,6 +60,11 @@ def check_identifier(value: str, field: str, limit: int) -> None:
         if found is not None:
             raise InvalidArgument(f"{field} must not contain control characters; it has {found.group()!r} at "
                                   f"position {found.start()}")
+        found = _BREAKS_OR_BIDI.search(value)
+        if found is not None:
+            raise InvalidArgument(f"{field} must not contain line separators or bidirectional override or isolate "
+                                  f"characters; it has {found.group()!r} (U+{ord(found.group()):04X}) at position "
+                                  f"{found.start()}")
 
 
 # Characters a name must not hold although they are not control characters: format characters (Cf: zero-width

@@ -101,6 +101,15 @@ BAD_IDENTIFIERS = [
     # (A tasks audit: keys took NUL and other control characters, onto audit records, while tenants did not.)
     ("idempotency_key", "order-1\x00", "idempotency_key must not contain control characters"),
     ("idempotency_key", "k\nINFO forged line", "idempotency_key must not contain control characters"),
+    # (A security review: C1 controls, line separators and direction overrides passed, though a tenant is shown to
+    # reviewers and every one of these goes onto audit records: NEL ends a line for str.splitlines, CSI starts
+    # a terminal escape, U+202E showed the rest of a `review list` row reversed.)
+    ("request_id", "r\x85forged line", "request_id must not contain control characters; it has '\\x85'"),
+    ("tenant", "\x9b2Jacme", "tenant must not contain control characters; it has '\\x9b'"),
+    ("tenant", "acme\u202egnihton", "tenant must not contain line separators or bidirectional override or isolate "
+                                    "characters; it has '\\u202e' (U+202E) at position 4"),
+    ("idempotency_key", "k\u2028forged", "idempotency_key must not contain line separators"),
+    ("request_id", "id\u2066", "request_id must not contain line separators"),
 ]
 
 
@@ -192,6 +201,7 @@ def test_a_comment_over_4096_characters_or_with_control_characters_other_than_ne
                             ("c" * (30 * MIB), "comment must be at most 4096 characters"),
                             ("fine\x00", "comment must not contain control characters other than newlines"),
                             ("tab\tted", "comment must not contain control characters other than newlines"),
+                            ("nel\x85", "comment must not contain control characters other than newlines"),
                             # "Trojan Source": shown as "approve ... fine" while it says something else
                             ("deny \u202eenif si siht\u202c", "bidirectional override or isolate characters"),
                             ("\u2067isolated\u2069", "it has U+2067 at position 0")]:
