@@ -290,13 +290,19 @@ def test_a_folder_look_that_keeps_failing_logs_one_traceback_not_one_per_look(hu
 
 
 def _long_lists(what: str) -> tuple[bytes, bytes]:
-    """An upload whose pipeline lists 40,000 values of a field, or whose policy lists 30,000 actions."""
+    """An upload whose pipeline lists 40,000 values of a field or offers reviewers 40,000 actions, or whose policy
+    lists 30,000 actions."""
     if what == "field values":
         tiers = 'values = ["bronze", "silver", "gold", "platinum"]'
         assert tiers in PIPELINE_TEXT
         values = ", ".join(f'"v{i}"' for i in range(40_000))
         return _twin(text=PIPELINE_TEXT.replace(tiers, f'values = ["bronze", "silver", "gold", "platinum", {values}]'))\
             .encode(), b""
+    if what == "review actions":
+        offered = 'review_actions = ["approve", "deny", "request_info"]'
+        assert offered in PIPELINE_TEXT
+        actions = ", ".join(f'"r{i % 20_000}"' for i in range(40_000))  # (each twice: repeats are warned about)
+        return _twin(text=PIPELINE_TEXT.replace(offered, f'review_actions = [{actions}]')).encode(), b""
     listed = 'actions = ["deny", "review", "approve", "fast_track"]'
     assert listed in POLICY_TEXT
     actions = ", ".join(f'"a{i}"' for i in range(30_000))
@@ -304,7 +310,7 @@ def _long_lists(what: str) -> tuple[bytes, bytes]:
     return _twin().replace('file = "policy.toml"', 'file = "wide.toml"').encode(), policy.encode()
 
 
-@pytest.mark.parametrize("what", ["field values", "policy actions"])
+@pytest.mark.parametrize("what", ["field values", "policy actions", "review actions"])
 def test_an_upload_with_long_lists_is_checked_in_linear_time(claims_models, tmp_path, what):
     """Duplicates in a list were found with list.count per item: 30,000 actions took ~50 s (a 1 MiB policy's
     100,000, 168 s), holding the registry's lock against every other upload and reload."""

@@ -56,6 +56,7 @@ from pathlib import Path
 from .. import accel
 from ..policy import tomlsafe
 from ..policy.syntax import string_literals
+from ..policy.types import MAX_NAMES_SHOWN, MAX_SUGGESTION_NAMES, shown
 from ..errors import InvalidArgument
 from ..limits import FileTooLarge, authored_text_problem, read_bounded
 from .fields import ENCODINGS, FIELD_TYPES, TRANSFORMS, FieldSpec, encode_one
@@ -470,12 +471,17 @@ def compared_strings(policy):
 def _warn_review_actions(r: _Reader, actions: list[str], policy_actions: tuple[str, ...]) -> None:
     """Warnings, not refusals. An action no rule takes is often meant (the demo's "request_info": a reviewer asks
     for more), so only one that reads like a misspelt policy action is said ("aprove"): it would otherwise reach
-    reviewers and downstream systems silently (noticed in session 24's walk-through)."""
-    repeated = sorted({a for a in actions if actions.count(a) > 1})
+    reviewers and downstream systems silently (noticed in session 24's walk-through). Linear in the lists' lengths
+    and bounded in what it searches (an uploaded file may list 100,000: the security review's M1)."""
+    repeated = sorted(a for a, n in Counter(actions).items() if n > 1)
     if repeated:
-        r.warn("escalation", "review_actions", f"lists {', '.join(map(repr, repeated))} more than once")
-    for action in dict.fromkeys(actions):
-        close = [] if action in policy_actions else difflib.get_close_matches(action, policy_actions, n=1, cutoff=0.8)
+        r.warn("escalation", "review_actions", f"lists {shown(map(repr, repeated))} more than once")
+    if len(policy_actions) > MAX_SUGGESTION_NAMES:
+        return
+    known = set(policy_actions)
+    foreign = [action for action in dict.fromkeys(actions) if action not in known]
+    for action in foreign[:MAX_NAMES_SHOWN]:
+        close = difflib.get_close_matches(action, policy_actions, n=1, cutoff=0.8)
         if close:
             r.warn("escalation", "review_actions", f"offers reviewers {action!r}, which no rule takes; did you mean "
                                                    f"the policy's {close[0]!r}?")
