@@ -115,6 +115,12 @@ def test_each_error_names_file_line_and_field(folder, old, new, field):
      "[escalation].review_actions: offers reviewers 'aprove', which no rule takes; did you mean the policy's 'approve'?"),
     ('review_actions = ["approve", "deny", "request_info"]', 'review_actions = ["approve", "deny", "deny"]',
      "[escalation].review_actions: lists 'deny' more than once"),
+    # names that read like others (security review L1): a Cyrillic 'с', Arabic-Indic digits, fullwidth letters
+    ('name = "claims_triage"', 'name = "\u0441laims_triage"', "[pipeline].name: 'сlaims_triage' mixes ASCII with "
+                                                               "'\\u0441', which can read as ASCII"),
+    ('name = "claims_triage"', 'name = "claims_\u0661"', "mixes ASCII with '\\u0661'"),
+    ('name = "claims_triage"', 'name = "\uff43laims"', "[pipeline].name: 'ｃlaims' is written with compatibility "
+                                                        "characters and reads as 'claims'"),
 ])
 def test_settings_that_do_nothing_are_warned_about_not_refused(folder, old, new, warning):
     text = _text()
@@ -122,6 +128,13 @@ def test_settings_that_do_nothing_are_warned_about_not_refused(folder, old, new,
     pipeline = parse_pipeline(text.replace(old, new, 1).encode(), "p.toml", lambda name: load_policy(folder / name))
     assert any(warning in w and w.startswith("p.toml:") for w in pipeline.warnings), pipeline.warnings
     assert not parse_pipeline(text.encode(), "p.toml", lambda name: load_policy(folder / name)).warnings
+
+
+@pytest.mark.parametrize("name", ["währung", "保険_claims", "保険の請求", "ασφάλιση"])
+def test_pipeline_names_in_one_script_are_not_warned_about(folder, name):
+    text = _text().replace('name = "claims_triage"', f'name = "{name}"', 1)
+    assert f'"{name}"' in text
+    assert not parse_pipeline(text.encode(), "p.toml", lambda file: load_policy(folder / file)).warnings
 
 
 def test_field_names_that_served_before_still_serve(folder):

@@ -49,6 +49,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import math
+import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -261,6 +262,7 @@ def parse_pipeline(data: bytes, path: str, load_policy) -> Pipeline:
     name = r.get(head, "pipeline", "name", str, required=True)
     if not name or not name.replace("_", "").replace("-", "").isalnum():
         raise r.fail("pipeline", "name", "must be letters, digits, '_' or '-'")
+    _warn_lookalike_name(r, name)
     fields = _fields(r, doc.get("field"))
     text_fields = _text_fields(r, head, fields)
     policy_file = r.get(policy_table, "policy", "file", str, required=True)
@@ -466,6 +468,27 @@ def compared_strings(policy):
         if node is not None:
             for name, value in string_literals(node):
                 yield rule, name, value
+
+
+def _warn_lookalike_name(r: _Reader, name: str) -> None:
+    """A pipeline name that can read like another: compatibility forms ('ｐｉｐｅ' is 'pipe' to the eye), or ASCII
+    beside letters that pass for Latin ones or non-ASCII digits ('сlaims' with a Cyrillic 'с'; 'p١٢'). Names are
+    matched exactly, so it is not a refusal (such names served before), but listings, reviews and audit exports
+    show them as their look-alikes (security review L1)."""
+    folded = unicodedata.normalize("NFKC", name)
+    if folded != name:
+        r.warn("pipeline", "name", f"{name!r} is written with compatibility characters and reads as {folded!r}")
+        return
+    if any(ch.isascii() and ch.isalnum() for ch in name):
+        alike = sorted({ch for ch in name if not ch.isascii() and (ch.isdecimal() or unicodedata.name(ch, "")
+                        .startswith(_LATIN_LOOKALIKE_SCRIPTS))})
+        if alike:
+            r.warn("pipeline", "name", f"{name!r} mixes ASCII with {', '.join(map(ascii, alike))}, which can read as "
+                                       f"ASCII letters or digits")
+
+
+# Scripts whose letters pass for Latin ones ('с', 'ο'); CJK or Hangul beside Latin ('保険_claims') confuse no one.
+_LATIN_LOOKALIKE_SCRIPTS = ("CYRILLIC", "GREEK", "ARMENIAN", "CHEROKEE", "COPTIC")
 
 
 def _warn_review_actions(r: _Reader, actions: list[str], policy_actions: tuple[str, ...]) -> None:
