@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -134,6 +135,9 @@ class ModelHub:
         self._preparers: list[Callable[[list[ModelVersion]], None]] = []
         self._loads = 0  # loads in progress (wait_for_loads)
         self._loads_done = threading.Condition(threading.Lock())
+        # name -> [its lock, callers holding or waiting for it]: one load or unload of a model at a time
+        # (``_one_at_a_time``); an entry lives only while someone holds or waits for it.
+        self._changing: dict[str, list] = {}
 
     # -- discovery --------------------------------------------------------
     def scan(self) -> dict[str, ModelFolder]:
@@ -238,11 +242,33 @@ class ModelHub:
         with self._loads_done:
             self._loads += 1
         try:
-            return self._load(name)
+            with self._one_at_a_time(name):
+                return self._load(name)
         finally:
             with self._loads_done:
                 self._loads -= 1
                 self._loads_done.notify_all()
+
+    @contextmanager
+    def _one_at_a_time(self, name: str) -> Iterator[None]:
+        """Hold ``name``'s own lock: loads and unloads of one model run one after the other, as Triton
+        runs them, each reading the files when its turn comes. Two at once published in the order they *ended*: a reload that read
+        the files first but took longer (a slower model to profile) replaced what a later reload had loaded
+        from the files as they are now, and served the stale model after both answered OK; an unload that
+        answered OK while a load ran was undone when that load ended (a lifecycle audit)."""
+        with self._lock:
+            entry = self._changing.get(name)
+            if entry is None:
+                entry = self._changing[name] = [threading.Lock(), 0]
+            entry[1] += 1
+        try:
+            with entry[0]:
+                yield
+        finally:
+            with self._lock:
+                entry[1] -= 1
+                if not entry[1]:
+                    del self._changing[name]
 
     def wait_for_loads(self, timeout_s: float) -> bool:
         """Wait up to ``timeout_s`` for the loads in progress to end; whether none is left. A stop must: a
@@ -326,7 +352,12 @@ class ModelHub:
         return failed
 
     def unload(self, name: str) -> list[ModelVersion]:
-        """Stop routing new requests to ``name``; in-flight batches finish on their own."""
+        """Stop routing new requests to ``name``; in-flight batches finish on their own. A load of ``name``
+        in progress ends first (``_one_at_a_time``)."""
+        with self._one_at_a_time(name):
+            return self._unload(name)
+
+    def _unload(self, name: str) -> list[ModelVersion]:
         with self._lock:
             old = list(self._models.pop(name, {}).values())  # (before the latest: the reverse of load's order)
             self._latest.pop(name, None)
