@@ -248,7 +248,8 @@ cdef class _ModelQ:
         self.max_queue_delay_ns = schedule.max_queue_delay_ns
         self.batch_limit = self.max_batch_size
         self.weight = schedule.weight
-        self.track_tenants = self.max_tenant_queue < self.max_queue
+        # (max_queue bounds each level, a tenant's bound spans them: kernel/models/config.py)
+        self.track_tenants = self.max_tenant_queue < self.max_queue * schedule.priority_levels
         self.slots = []
         self.tenants = {}
         self.stretch = STRETCH_ONE

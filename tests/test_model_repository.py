@@ -47,6 +47,15 @@ def test_good_config_loads(tmp_path):
     assert mv.runtime.provider == auto
 
 
+def test_a_tenant_bound_above_max_queue_loads_when_the_levels_queue_more(tmp_path):
+    """max_queue bounds each priority level, max_tenant_queue a tenant across them: 16 with max_queue 8 and three
+    levels (24 queued at most) can bind, and was refused as "must be less than max_queue (8)"."""
+    toml = GOOD.replace("max_batch_size = 4", "max_batch_size = 4\nmax_queue = 8\nmax_tenant_queue = 16")
+    (mv,) = ModelHub(make_repo(tmp_path, toml)).load("m")
+    schedule = mv.config.schedule()
+    assert (schedule.max_queue, schedule.max_tenant_queue, schedule.priority_levels) == (8, 16, 3)
+
+
 def test_config_derived_from_graph_without_toml(tmp_path):
     (mv,) = ModelHub(make_repo(tmp_path, None)).load("m")
     assert mv.config.derived and mv.config.max_batch_size == 64
@@ -78,10 +87,12 @@ def test_config_derived_from_graph_without_toml(tmp_path):
          "preferred_batch_sizes", "set max_queue_delay_us > 0 too"),
         (GOOD.replace("max_batch_size = 4", "max_batch_size = 4\nmax_queue_delay_us = 1000000000000"),
          "max_queue_delay_us", "must be at most 10000000 (10 s)"),
-        (GOOD.replace("max_batch_size = 4", "max_batch_size = 4\nmax_queue = 8\nmax_tenant_queue = 16"),
-         "max_tenant_queue", "must be less than max_queue (8), or it would never apply"),
-        (GOOD.replace("max_batch_size = 4", "max_batch_size = 4\nmax_queue = 8\nmax_tenant_queue = 8"),
-         "max_tenant_queue", "must be less than max_queue (8)"),
+        # (max_queue bounds each of the 3 default priority levels; a tenant's bound spans them)
+        (GOOD.replace("max_batch_size = 4", "max_batch_size = 4\nmax_queue = 8\nmax_tenant_queue = 24"),
+         "max_tenant_queue", "must be less than max_queue x priority_levels = 8 x 3 (24: the most the model queues), "
+                             "or it would never apply"),
+        (GOOD.replace("max_batch_size = 4", "max_batch_size = 4\nmax_queue = 8\npriority_levels = 1\nmax_tenant_queue = 8"),
+         "max_tenant_queue", "must be less than max_queue (8: the most the model queues)"),
         (GOOD.replace("max_batch_size = 4", "max_batch_size = 0\nmax_queue_delay_us = 200000"),
          "max_queue_delay_us", "applies only to a model that batches"),
         (GOOD.replace("max_batch_size = 4", "max_batch_size = 0\nmax_queue_delay_us = 100\npreferred_batch_sizes = [1]"),

@@ -31,6 +31,10 @@ def repo(tmp_path_factory):
     save_slow_model(root)
     onnx_models.save_mlp_version(root, "tiny", [16, 64, 4], seed=2, max_batch_size=8, max_tenant_queue=50,
                                  provider="cpu")
+    # Two queued a priority level, three a tenant across the three levels (it was refused at load: "must be less
+    # than max_queue (2)", though a tenant can queue six).
+    onnx_models.save_mlp_version(root, "tenants", [16, 64, 4], seed=2, max_batch_size=8, max_queue=2,
+                                 max_tenant_queue=3, provider="cpu")
     # About a millisecond per single-row call: responses overtake each other far less than that.
     onnx_models.save_mlp_version(root, "one", [64, 2048, 2048, 8], seed=3, max_batch_size=1, provider="cpu")
     onnx_models.save(onnx_models.lookup(), root / "lookup" / "1" / "model.onnx")
@@ -254,6 +258,31 @@ def test_tenant_over_its_queue_bound_is_refused(kernel, stub, channel):
     assert other.result().raw_output_contents
     assert all(call.result().raw_output_contents for call in queued)
     assert summaries(channel)["tiny"].scheduler.rejected_tenant_full >= 1
+
+
+def test_a_tenant_bound_above_max_queue_binds_across_the_priority_levels(kernel, stub, channel):
+    """max_queue bounds each priority level and max_tenant_queue a tenant across them: with max_queue = 2 and a
+    tenant bound of 3, tenant t1's fourth request is refused for its tenant although its level has room."""
+    blocker = occupy_lane(stub, channel)
+    queued = []
+    for priority in (2, 2, 3):
+        request = request_for("tenants", np.ones((1, 16)), priority=priority)
+        request.parameters["tenant"].string_param = "t1"
+        queued.append(stub.ModelInfer.future(request, timeout=60))
+    wait_until(lambda: summaries(channel)["tenants"].queued_requests == 3)
+    over = request_for("tenants", np.ones((1, 16)), priority=3)
+    over.parameters["tenant"].string_param = "t1"
+    with pytest.raises(grpc.RpcError) as info:
+        stub.ModelInfer(over, timeout=60)
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "tenant t1 has too many requests queued" in info.value.details()
+    assert "retry-after-ms" in dict(info.value.trailing_metadata())
+    over.parameters["tenant"].string_param = "t2"  # level 3 holds one of its two: another tenant gets in
+    other = stub.ModelInfer.future(over, timeout=60)
+    blocker.result()
+    assert other.result().raw_output_contents
+    assert all(call.result().raw_output_contents for call in queued)
+    assert summaries(channel)["tenants"].scheduler.rejected_tenant_full == 1
 
 
 def test_sync_front_end_refuses_calls_beyond_its_workers_at_once(repo):

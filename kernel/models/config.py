@@ -22,7 +22,7 @@ Schema (every key optional unless marked)::
     preferred_batch_sizes = [] # with a static window: dispatch the largest of these the queue can form, at once
     priority_levels = 3        # request priorities 1..N (1 = most urgent)
     max_queue = 4096           # queued requests per priority level before RESOURCE_EXHAUSTED
-    max_tenant_queue = 1024    # queued requests per tenant
+    max_tenant_queue = 1024    # queued requests per tenant, across its priority levels
 
     [[input]]                  # required when model.toml exists
     name = "features"
@@ -312,10 +312,14 @@ def parse(path: Path, name: str, version: str, raw: dict) -> ModelConfig:
                                                               "> 0 too (without one, batching is adaptive)")
     max_queue = _int(path, raw, "max_queue", 4096, 1)
     max_tenant_queue = _int(path, raw, "max_tenant_queue", 1024, 1)
-    if "max_tenant_queue" in raw and max_tenant_queue >= max_queue:  # it could never bind: the queue fills first
-        raise ModelConfigError(path, "max_tenant_queue", f"must be less than max_queue ({max_queue}), or it would "
-                                                         f"never apply; got {max_tenant_queue}")
     levels = _levels(path, raw)
+    # max_queue bounds each priority level, max_tenant_queue a tenant across the levels: the model queues at most
+    # max_queue x levels, and a tenant bound from there on could never bind. (It was refused from max_queue on: a
+    # bound of 6 with max_queue = 4 and three levels, where a tenant can queue 12, was refused as never applying.)
+    if "max_tenant_queue" in raw and max_tenant_queue >= max_queue * levels:
+        queued = f"max_queue x priority_levels = {max_queue} x {levels}" if levels > 1 else "max_queue"
+        raise ModelConfigError(path, "max_tenant_queue", f"must be less than {queued} ({max_queue * levels}: the most "
+                                                         f"the model queues), or it would never apply; got {max_tenant_queue}")
     priority = _int(path, raw, "priority", 2, 1)
     if priority > levels:  # the scheduler would clamp it: refuse instead of serving another priority
         raise ModelConfigError(path, "priority", f"must be between 1 and priority_levels ({levels}), got {priority}")

@@ -38,8 +38,9 @@ NOTE: the algorithm.
   request that becomes the head does not restart the wait.
 - Among ready models: the most urgent head level first, then the smallest
   virtual time (batch time divided by the model's weight: weighted fair share).
-- Queue bounds: ``max_queue`` requests per model, ``max_tenant_queue`` per
-  named tenant (requests without a tenant count only against the model).
+- Queue bounds: ``max_queue`` requests per model and priority level,
+  ``max_tenant_queue`` per named tenant across the levels (requests without
+  a tenant count only against the model).
 - Admission: a request whose deadline cannot be met given the rows queued
   ahead of it (same or more urgent levels) and the running batch is refused
   at submit, with the predicted wait as its retry hint; so are requests over
@@ -84,7 +85,8 @@ class _Model:
         self.rows_by_level = [0] * schedule.priority_levels
         self.tenants: dict[str, int] = {}
         # Per-tenant counts only matter when that bound is tighter than the model's.
-        self.track_tenants = schedule.max_tenant_queue < schedule.max_queue
+        # (max_queue bounds each level, a tenant's bound spans them: kernel/models/config.py)
+        self.track_tenants = schedule.max_tenant_queue < schedule.max_queue * schedule.priority_levels
         # Preferred sizes a batch can have (static window, a batch dim), and the rows the next batch may take:
         # max_batch_size, or the preferred size _ready_at chose for it.
         preferred = schedule.preferred_batch_sizes if schedule.max_queue_delay_ns > 0 else ()
