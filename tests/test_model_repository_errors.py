@@ -420,3 +420,39 @@ def test_a_deployment_that_cannot_be_recorded_is_one_line_not_a_traceback(tmp_pa
         assert "No space left on device" in errors[0].getMessage()
     finally:
         server.stop(grace=1)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "no model.onnx"])
+def test_a_load_that_cannot_bring_up_a_new_version_says_so_while_the_others_serve(tmp_path, damage, caplog):
+    """(Lifecycle audit) an operator deploying version 2 with a damaged model.onnx (or none yet) was answered OK by
+    RepositoryModelLoad while every request went on to version 1: Triton answers such a load with an error naming
+    the version. The versions that loaded still serve (the README's promise), and the index says why."""
+    good(tmp_path, "m", "1")
+    server = start_kernel(tmp_path)
+    client = tc.InferenceServerClient(f"127.0.0.1:{server.port}")
+    try:
+        client.load_model("m")
+        version_2 = tmp_path / "m" / "2"
+        version_2.mkdir()
+        if damage == "truncated":
+            onnx_models.save(onnx_models.mlp([16, 8, 4], seed=9), version_2 / "model.onnx")
+            data = (version_2 / "model.onnx").read_bytes()
+            (version_2 / "model.onnx").write_bytes(data[: len(data) // 2])
+        (tmp_path / "m" / "latest").mkdir()  # (a folder that is not a number is not a version: no error of its own)
+        with caplog.at_level(logging.WARNING, logger="aios.api"):
+            error = refused(client.load_model, "m")
+        assert error.status() == "StatusCode.INVALID_ARGUMENT", error
+        fragment = "onnxruntime cannot load it" if damage == "truncated" else "version 2 has no model.onnx"
+        assert error.message().startswith("model 'm' version 2 was not loaded: ") and fragment in error.message()
+        assert "its other versions were loaded and serve (1; a request without a version gets 1)" in error.message()
+        assert "latest" not in error.message()
+        assert any("version 2 was not loaded (RepositoryModelLoad)" in r.getMessage() for r in caplog.records)
+        assert infer_good(client, "m").get_response().model_version == "1"
+        states = {(m["version"], m["state"]) for m in client.get_model_repository_index(as_json=True)["models"]}
+        assert ("1", "READY") in states and ("2", "UNAVAILABLE") in states
+        onnx_models.save(onnx_models.mlp([16, 8, 4], seed=9), version_2 / "model.onnx")  # fixed: an OK, and it serves
+        client.load_model("m")
+        assert infer_good(client, "m").get_response().model_version == "2"
+    finally:
+        client.close()
+        server.stop(grace=1)

@@ -166,6 +166,20 @@ class InferenceService:
                        else "it is not served")
             log.warning("model %r was not loaded (RepositoryModelLoad): %s; %s", name, exc, outcome)
             raise InvalidArgument(f"model {quote(name)} was not loaded: {exc}; {outcome}") from None
+        # The versions that loaded serve, but a load that could not bring up every numbered version folder is
+        # not an OK: Triton answers such a load with an error naming the version, and an operator deploying
+        # version 3 with a damaged model.onnx was answered OK while requests went on to version 2 (a
+        # lifecycle audit; the index said so, the answer did not).
+        not_served = self.hub.versions_not_served(name)
+        if not_served:
+            serving = self.hub.versions(name)
+            which = (f"version {next(iter(not_served))} was" if len(not_served) == 1
+                     else f"versions {', '.join(not_served)} were")
+            why = "; ".join(not_served.values())
+            outcome = (f"its other versions were loaded and serve ({', '.join(serving)}; a request without a "
+                       f"version gets {serving[-1]})" if serving else "no version of it serves")
+            log.warning("model %r: %s not loaded (RepositoryModelLoad): %s; %s", name, which, why, outcome)
+            raise InvalidArgument(f"model {quote(name)} {which} not loaded: {why}; {outcome}")
         return pb.RepositoryModelLoadResponse()
 
     def repository_model_unload(self, request) -> pb.RepositoryModelUnloadResponse:

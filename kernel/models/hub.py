@@ -188,6 +188,14 @@ class ModelHub:
         with self._lock:
             return [mv for versions in self._models.values() for mv in versions.values()]
 
+    def versions_not_served(self, name: str) -> dict[str, str]:
+        """The numbered version folders of loaded ``name`` that its last load could not serve, with why (no
+        model.onnx, a file that did not load), oldest first; folders that are not numbers are not versions."""
+        with self._lock:
+            skipped = self._skipped.get(name, {})
+            return {version: skipped[version] for version in sorted(skipped, key=_version_sort_key)
+                    if is_version_number(version)}
+
     def unavailable_reason(self, name: str, version: str = "") -> str:
         """Why ``name`` (``version``), in the repository, is not served: its last load's error, or what is
         wrong with its (version) folder; "" when it is loaded, not in the repository, or only unloaded."""
