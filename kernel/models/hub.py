@@ -260,10 +260,11 @@ class ModelHub:
     @contextmanager
     def _one_at_a_time(self, name: str) -> Iterator[None]:
         """Hold ``name``'s own lock: loads and unloads of one model run one after the other, as Triton
-        runs them, each reading the files when its turn comes. Two at once published in the order they *ended*: a reload that read
-        the files first but took longer (a slower model to profile) replaced what a later reload had loaded
-        from the files as they are now, and served the stale model after both answered OK; an unload that
-        answered OK while a load ran was undone when that load ended (a lifecycle audit)."""
+        runs them, each reading the files when its turn comes. Two at once published in the order they
+        *ended*: a reload that read the files first but took longer (a slower model to profile) replaced
+        what a later reload had loaded from the files as they are now, and served the stale model after
+        both answered OK; an unload that answered OK while a load ran was undone when that load ended (a
+        lifecycle audit)."""
         with self._lock:
             entry = self._changing.get(name)
             if entry is None:
