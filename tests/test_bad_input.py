@@ -115,6 +115,16 @@ def test_typed_contents_count_mismatch(stub):
     assert_status(stub, request, grpc.StatusCode.INVALID_ARGUMENT, "'INPUT0'", "fp32_contents has 5 elements", "needs 16")
 
 
+def test_typed_contents_in_another_types_field_are_named(stub):
+    """(A model operator's audit) values in int_contents for an FP32 input were refused as 'fp32_contents has 0
+    elements', naming none of what was sent."""
+    request = pb.ModelInferRequest(model_name="tiny", model_version="1")
+    tensor = request.inputs.add(name="INPUT0", datatype="FP32", shape=[1, 16])
+    tensor.contents.int_contents.extend([1] * 16)
+    assert_status(stub, request, grpc.StatusCode.INVALID_ARGUMENT, "'INPUT0'", "fp32_contents has 0 elements",
+                  "the values came in contents.int_contents (16): values of a FP32 input go in fp32_contents")
+
+
 def test_fp16_typed_contents_refused(stub):
     request = pb.ModelInferRequest(model_name="identity")
     tensor = request.inputs.add(name="f16", datatype="FP16", shape=[1, 2])

@@ -87,9 +87,12 @@ def _from_contents(spec: TensorSpec, name: str, shape: tuple[int, ...], contents
     values = getattr(contents, dt.contents_field)
     count = math.prod(shape)
     if len(values) != count:
-        raise InvalidArgument(
-            f"input '{name}': contents.{dt.contents_field} has {len(values)} elements; shape {list(shape)} needs {count}"
-        )
+        others = [f"{field.name} ({len(value)})" for field, value in contents.ListFields()
+                  if field.name != dt.contents_field]
+        sent = (f" (the values came in contents.{', contents.'.join(others)}: values of a {dt.name} input go in "
+                f"{dt.contents_field})" if others else "")
+        raise InvalidArgument(f"input '{name}': contents.{dt.contents_field} has {len(values)} elements; shape "
+                              f"{list(shape)} needs {count}{sent}")
     if dt.name == "BYTES":
         try:
             decoded = [bytes(v).decode("utf-8") for v in values]
