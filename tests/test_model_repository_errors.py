@@ -456,3 +456,23 @@ def test_a_load_that_cannot_bring_up_a_new_version_says_so_while_the_others_serv
     finally:
         client.close()
         server.stop(grace=1)
+
+
+def test_an_unload_after_a_failed_reload_says_not_loaded_not_the_old_failure(tmp_path):
+    """(Lifecycle audit) a reload that failed, then an unload: requests and the index went on giving the failed
+    load's error (UNAVAILABLE) as if the model were still trying to serve; unloaded, it is not loaded."""
+    good(tmp_path, "m", "1")
+    server = start_kernel(tmp_path)
+    client = tc.InferenceServerClient(f"127.0.0.1:{server.port}")
+    try:
+        client.load_model("m")
+        (tmp_path / "m" / "1" / "model.onnx").write_bytes(b"damaged")
+        assert "onnxruntime cannot load it" in refused(client.load_model, "m").message()
+        client.unload_model("m")
+        error = refused(infer_good, client, "m")
+        assert error.status() == "StatusCode.NOT_FOUND" and "onnxruntime" not in error.message(), error
+        entry = [m for m in client.get_model_repository_index(as_json=True)["models"] if m["name"] == "m"]
+        assert entry and "onnxruntime" not in entry[0].get("reason", ""), entry
+    finally:
+        client.close()
+        server.stop(grace=1)

@@ -371,6 +371,9 @@ class ModelHub:
             old = list(self._models.pop(name, {}).values())  # (before the latest: the reverse of load's order)
             self._latest.pop(name, None)
             self._skipped.pop(name, None)
+            # (an unload ends what a failed load said too: a request for it then heard that stale load error
+            # as UNAVAILABLE, not "not loaded"; a model operator's audit)
+            self._failures.pop(name, None)
         if old:
             log.info("unloaded %s (versions %s)", name, ", ".join(mv.version for mv in old))
             self._notify([], old)
