@@ -9,18 +9,17 @@ retry the refusals that say when to come back (``retries``).
 from __future__ import annotations
 
 import json
-import numbers
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from types import EllipsisType
 from typing import Any
 
 import grpc
-import numpy as np
 
 from ._proto.aios.kernel.v1 import kernel_pb2 as kpb
 from ._proto.aios.kernel.v1 import kernel_pb2_grpc as kgrpc
 from .channel import kernel_channel
+from .field_values import to_value  # noqa: F401  (part of the client's API)
 
 # Refusals a caller may simply send again: a full queue or busy kernel (RESOURCE_EXHAUSTED, with a
 # retry-after-ms hint), the same idempotency key in flight (ABORTED, with a hint), a kernel draining
@@ -31,22 +30,6 @@ RETRYABLE = frozenset({grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORT
 # `workers`): refused before the kernel saw it, so never decided.
 GRPC_CALL_LIMIT = "Concurrent RPC limit exceeded!"
 DEFAULT_BACKOFF_S = 0.05  # when a refusal carries no hint (UNAVAILABLE), doubled per attempt
-
-
-def to_value(value) -> kpb.Value:
-    """A protobuf Value from a Python (or numpy scalar) bool, int, float or str."""
-    if isinstance(value, (bool, np.bool_)):
-        return kpb.Value(bool_value=bool(value))
-    if isinstance(value, numbers.Integral):
-        if not -2**63 <= value < 2**63:  # (protobuf's own error named neither the field nor the limit)
-            raise ValueError(f"{int(value)} does not fit a 64-bit integer; a number field takes it as a float "
-                             f"({float(value):g})")
-        return kpb.Value(int_value=int(value))
-    if isinstance(value, numbers.Real):
-        return kpb.Value(number_value=float(value))
-    if isinstance(value, str):
-        return kpb.Value(string_value=value)
-    raise TypeError(f"a field value must be bool, int, float or str, got {type(value).__name__}")
 
 
 def parse_cli_value(text: str):

@@ -16,7 +16,7 @@ import struct
 from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
 from ..accel import wire
 from ..wire import encode_varint as _varint  # (the pure encoder: only for static and rare fields here)
-from ..decision_client import to_value
+from ..field_values import to_value
 
 
 def text_digests(text_fields) -> dict[str, str]:

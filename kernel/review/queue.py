@@ -34,7 +34,7 @@ import uuid
 from collections.abc import Callable
 
 from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
-from ..decision_client import to_value
+from ..field_values import to_value
 from ..errors import FailedPrecondition, Internal, InvalidArgument, NotFound, Unavailable, quote
 from ..limits import MAX_REVIEWER_CHARS, check_comment, check_name
 from ..store import Feed
