@@ -59,6 +59,19 @@ def _lose_the_database_tail(path, count: int) -> list[str]:
     return [review_id for _, review_id, _ in rows]
 
 
+def _reviews_after_a_restart(models, serve, data_dir) -> tuple[dict[str, kpb.Review], str]:
+    """Start the kernel again on ``data_dir`` (after an injected loss), read every review, stop it; the reviews
+    and its log (a clean stop asserted)."""
+    restarted = ServeProcess(models, *serve, data_dir=data_dir)
+    try:
+        with grpc.insecure_channel(restarted.address) as channel:
+            after = _all_reviews(channel)
+    finally:
+        code, log = restarted.stop()
+    assert code == 0, log
+    return after, log
+
+
 @pytest.mark.parametrize("audit_mode", ["fsync", "async"])
 def test_reviews_lost_with_the_database_tail_are_reopened_unchanged(models, tmp_path, audit_mode):
     """(In "async" mode the records were only written to the OS: a killed process keeps them, so its
@@ -81,13 +94,7 @@ def test_reviews_lost_with_the_database_tail_are_reopened_unchanged(models, tmp_
     lost = _lose_the_database_tail(data_dir / "kernel.sqlite3", LOST)
     assert len(lost) == LOST
 
-    restarted = ServeProcess(models, *serve, data_dir=data_dir)
-    try:
-        with grpc.insecure_channel(restarted.address) as channel:
-            after = _all_reviews(channel)
-    finally:
-        code, log = restarted.stop()
-    assert code == 0, log
+    after, log = _reviews_after_a_restart(models, serve, data_dir)
     assert set(after) == set(escalated), "every escalated decision has its review again"
     assert f"reopened {LOST} reviews from the audit log" in log
     records = {r.sequence: r for r in iter_directory(data_dir / "audit", 0, RecordFilter(kind=kpb.DECISION))}
@@ -132,13 +139,8 @@ def test_a_reopened_review_tells_the_fields_sent_from_the_defaults_used(models, 
     server.kill()
     lost = _lose_the_database_tail(data_dir / DATABASE_FILE, 2)
 
-    restarted = ServeProcess(models, *serve, data_dir=data_dir)
-    try:
-        with grpc.insecure_channel(restarted.address) as channel:
-            after = _all_reviews(channel)
-    finally:
-        code, log = restarted.stop()
-    assert code == 0 and "reopened 2 reviews from the audit log" in log, log
+    after, log = _reviews_after_a_restart(models, serve, data_dir)
+    assert "reopened 2 reviews from the audit log" in log, log
     for review_id in lost:
         original, reopened = before[review_id], after[review_id]
         assert set(reopened.request.fields) == {"claim_amount", "customer_tier"}
@@ -163,13 +165,9 @@ def test_a_reopened_review_says_which_texts_it_no_longer_has(models, tmp_path):
     assert dict(before.request.text_fields) == {"description": "water in the basement"} and not before.text_digests
     assert _lose_the_database_tail(data_dir / DATABASE_FILE, 1) == [decision.review_id]
 
-    restarted = ServeProcess(models, *serve, data_dir=data_dir)
-    try:
-        with grpc.insecure_channel(restarted.address) as channel:
-            review = _all_reviews(channel)[decision.review_id]
-    finally:
-        code, log = restarted.stop()
-    assert code == 0 and "reopened 1 reviews from the audit log" in log, log
+    after, log = _reviews_after_a_restart(models, serve, data_dir)
+    review = after[decision.review_id]
+    assert "reopened 1 reviews from the audit log" in log, log
     assert not review.request.text_fields  # (the text was never on the record)
     assert dict(review.text_digests) == {"description": "sha256:" + hashlib.sha256(b"water in the basement").hexdigest()}
 

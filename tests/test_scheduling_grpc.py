@@ -236,16 +236,17 @@ def test_a_batch_answered_with_the_wrong_number_of_rows_is_never_sliced_out_to_i
     assert "model first_row/1 returned (1, 2) for a batch of 4 rows" in caplog.text
 
 
-def test_tenant_over_its_queue_bound_is_refused(kernel, stub, channel):
-    """tiny allows 50 queued requests per named tenant: the 51st of tenant t1 is refused, t2 still gets in."""
+def _tenant_bound_refuses(stub, channel, model: str, priorities, over_priority: int) -> None:
+    """Queue tenant t1's requests at ``priorities`` behind a busy lane; one more of t1's (at ``over_priority``) is
+    refused for its tenant with a retry hint, while tenant t2's at that level gets in, and every queued one runs."""
     blocker = occupy_lane(stub, channel)
     queued = []
-    for _ in range(50):
-        request = request_for("tiny", np.ones((1, 16)), priority=2)
+    for priority in priorities:
+        request = request_for(model, np.ones((1, 16)), priority=priority)
         request.parameters["tenant"].string_param = "t1"
         queued.append(stub.ModelInfer.future(request, timeout=60))
-    wait_until(lambda: summaries(channel)["tiny"].queued_requests == 50)
-    over = request_for("tiny", np.ones((1, 16)), priority=2)
+    wait_until(lambda: summaries(channel)[model].queued_requests == len(priorities))
+    over = request_for(model, np.ones((1, 16)), priority=over_priority)
     over.parameters["tenant"].string_param = "t1"
     with pytest.raises(grpc.RpcError) as info:
         stub.ModelInfer(over, timeout=60)
@@ -257,31 +258,19 @@ def test_tenant_over_its_queue_bound_is_refused(kernel, stub, channel):
     blocker.result()
     assert other.result().raw_output_contents
     assert all(call.result().raw_output_contents for call in queued)
+
+
+def test_tenant_over_its_queue_bound_is_refused(kernel, stub, channel):
+    """tiny allows 50 queued requests per named tenant: the 51st of tenant t1 is refused, t2 still gets in."""
+    _tenant_bound_refuses(stub, channel, "tiny", [2] * 50, over_priority=2)
     assert summaries(channel)["tiny"].scheduler.rejected_tenant_full >= 1
 
 
 def test_a_tenant_bound_above_max_queue_binds_across_the_priority_levels(kernel, stub, channel):
     """max_queue bounds each priority level and max_tenant_queue a tenant across them: with max_queue = 2 and a
-    tenant bound of 3, tenant t1's fourth request is refused for its tenant although its level has room."""
-    blocker = occupy_lane(stub, channel)
-    queued = []
-    for priority in (2, 2, 3):
-        request = request_for("tenants", np.ones((1, 16)), priority=priority)
-        request.parameters["tenant"].string_param = "t1"
-        queued.append(stub.ModelInfer.future(request, timeout=60))
-    wait_until(lambda: summaries(channel)["tenants"].queued_requests == 3)
-    over = request_for("tenants", np.ones((1, 16)), priority=3)
-    over.parameters["tenant"].string_param = "t1"
-    with pytest.raises(grpc.RpcError) as info:
-        stub.ModelInfer(over, timeout=60)
-    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert "tenant t1 has too many requests queued" in info.value.details()
-    assert "retry-after-ms" in dict(info.value.trailing_metadata())
-    over.parameters["tenant"].string_param = "t2"  # level 3 holds one of its two: another tenant gets in
-    other = stub.ModelInfer.future(over, timeout=60)
-    blocker.result()
-    assert other.result().raw_output_contents
-    assert all(call.result().raw_output_contents for call in queued)
+    tenant bound of 3, tenant t1's fourth request is refused for its tenant although its level has room (level 3
+    holds one of its two, and another tenant gets in there)."""
+    _tenant_bound_refuses(stub, channel, "tenants", [2, 2, 3], over_priority=3)
     assert summaries(channel)["tenants"].scheduler.rejected_tenant_full == 1
 
 
