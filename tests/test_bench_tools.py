@@ -215,6 +215,21 @@ def test_fsync_cost_measures_both_modes_and_leaves_no_scratch_file(tmp_path):
         fsync_cost.main(["--writes", "0", "--out", str(out)])
 
 
+def test_policy_check_cost_times_each_shape_in_a_process_of_its_own(tmp_path, capsys):
+    from bench import policy_check_cost
+
+    out = tmp_path / "out"
+    assert policy_check_cost.main(["--rounds", "1", "--shapes", "many-actions,error-flood", "--out", str(out)]) == 0
+    (result_file,) = out.glob("policy-check-cost-*.json")
+    runs = json.loads(result_file.read_text())["results"]["now"]
+    assert runs["many-actions"][0]["outcome"] == "served" and runs["many-actions"][0]["seconds"] > 0
+    assert runs["error-flood"][0]["outcome"] == "refused: PolicyError"  # (every test names a class the model lacks)
+    assert all(run[0]["peak_mib"] > 0 for run in runs.values())
+    assert "many-actions" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        policy_check_cost.main(["--shapes", "no-such-shape", "--out", str(out)])
+
+
 def test_openloop_drives_a_closed_neighbour_from_its_own_process(naive_server):
     """``--neighbour-process``: the closed load's requests come from a child process that starts with the
     open load, and both loads' records come back, in the same run's time frame."""
