@@ -16,6 +16,11 @@ runs to its end and its outcome is dropped (a decision it made stays on the
 audit log), and a review it opened is withdrawn through the ``on_cancelled``
 hooks, as a cancelled waiting task's is.
 
+A change the store refuses for a reason that may pass (``StoreBusy``:
+another process holding its write lock, a full disk) is written again after
+the store's retry hint, by the worker that ran the attempt, which is not run
+again; the task shows its last stored state meanwhile.
+
 On ``start()``, tasks the previous process left RUNNING (it died mid-run)
 are queued again — the pipeline is deterministic and idempotent, so running
 it again is safe — unless that run was their last allowed attempt; QUEUED
@@ -35,10 +40,15 @@ from collections.abc import Callable
 
 from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
 from ..errors import KernelError, TransientError
+from ..store.faults import RETRY_AFTER_MS, StoreBusy
 from ..threads import name_native_thread
 from .store import TaskStore, TaskWatch
 
 log = logging.getLogger("aios.tasks")
+
+# How long a worker waits before writing again a task change the store refused for a reason that may pass
+# (StoreBusy: another process holding its write lock, a full disk): the store's own retry hint.
+STORE_RETRY_S = RETRY_AFTER_MS / 1000
 
 
 class WaitingForReview:
@@ -80,6 +90,8 @@ class TaskRunner:
         self._cond = threading.Condition(threading.Lock())
         self._ready: list[tuple[int, int, str]] = []  # heap of (monotonic ns when due, tie-breaker, task id)
         self._queued: set[str] = set()  # task ids in the heap: each at most once
+        # task id -> the write of its attempt's outcome that the store refused (StoreBusy): written again, not re-run
+        self._unrecorded: dict[str, Callable[[], None]] = {}
         self._tie = itertools.count()
         self._threads: list[threading.Thread] = []
         self._stopping = False
@@ -208,12 +220,33 @@ class TaskRunner:
         while (task_id := self._next_due()) is not None:
             try:
                 self._run(task_id)
-            except KernelError as exc:  # a store failure (full disk, closed at shutdown): the task stays as recorded
+            except StoreBusy as exc:  # nothing was written and it may pass: the same write again, later
+                log.error("task %s: the store refused its change; trying again in %g s: %s", task_id, STORE_RETRY_S,
+                          exc.message)
+                self._schedule(task_id, STORE_RETRY_S)
+            except KernelError as exc:  # a store failure (fail-stopped, closed at shutdown): the task stays as recorded
                 log.error("task %s: recording its outcome failed: %s", task_id, exc.message)
             except Exception:
                 log.exception("task %s: recording its outcome failed", task_id)
 
     def _run(self, task_id: str) -> None:
+        """One attempt of ``task_id`` and the write of its outcome; or, when the store refused that write for a
+        reason that may pass (StoreBusy: the task stayed RUNNING, and nothing would ever move it on until a
+        restart), that write again: the attempt is not run again (its decision is on the audit log already).
+        A StoreBusy raised here reaches ``_work``, which schedules the task again."""
+        record = self._unrecorded.pop(task_id, None)
+        if record is None:
+            record = self._attempt(task_id)
+            if record is None:
+                return
+        try:
+            record()
+        except StoreBusy:
+            self._unrecorded[task_id] = record
+            raise
+
+    def _attempt(self, task_id: str) -> Callable[[], None] | None:
+        """Run an attempt of the task; what records its outcome (None: there is nothing to run or record)."""
         task = self.store.get(task_id)
         if self.recorded is not None and self.recorded(task_id):  # (see _recover) the cut-off attempt's decision
             attempt, note = task.attempts, f"taking the decision attempt {task.attempts} recorded"
@@ -225,29 +258,31 @@ class TaskRunner:
         task = self.store.transition(task_id, kpb.RUNNING, (kpb.QUEUED,), note, attempts=attempt,
                                      audit_from=self.audit_position() if fresh else None)
         if task is None:  # cancelled while queued
-            return
+            return None
         try:
             outcome = self.run_fn(task)
         except TransientError as exc:
-            self._after_transient(task_id, attempt, exc)
-            return
+            return lambda failure=exc: self._after_transient(task_id, attempt, failure)
         except KernelError as exc:
-            self._fail(task_id, f"{exc.code}: {exc.message}")
-            return
+            error = f"{exc.code}: {exc.message}"
+            return lambda: self._fail(task_id, error)
         except Exception as exc:
             log.exception("task %s: attempt %d failed", task_id, attempt)
-            self._fail(task_id, f"{type(exc).__name__}: {exc}")
-            return
+            error = f"{type(exc).__name__}: {exc}"
+            return lambda: self._fail(task_id, error)
         if isinstance(outcome, WaitingForReview):
             if not outcome.review_id:
-                self._fail(task_id, "the pipeline asked for a review but gave no review id")
-                return
-            if self.store.enter_waiting(task_id, outcome.review_id, outcome.decision) is None:
-                self._cancelled_while_running(task_id, outcome.review_id)
-        elif isinstance(outcome, kpb.Decision):
-            self.store.transition(task_id, kpb.SUCCEEDED, (kpb.RUNNING,), "decided", decision=outcome)
-        else:
-            self._fail(task_id, f"the pipeline returned {type(outcome).__name__}, not a Decision or WaitingForReview")
+                return lambda: self._fail(task_id, "the pipeline asked for a review but gave no review id")
+
+            def wait_for_review() -> None:
+                if self.store.enter_waiting(task_id, outcome.review_id, outcome.decision) is None:
+                    self._cancelled_while_running(task_id, outcome.review_id)
+
+            return wait_for_review
+        if isinstance(outcome, kpb.Decision):
+            return lambda: self.store.transition(task_id, kpb.SUCCEEDED, (kpb.RUNNING,), "decided", decision=outcome)
+        return lambda: self._fail(
+            task_id, f"the pipeline returned {type(outcome).__name__}, not a Decision or WaitingForReview")
 
     def _cancelled_while_running(self, task_id: str, review_id: str) -> None:
         """The task was cancelled while this attempt ran, and the attempt opened ``review_id``.

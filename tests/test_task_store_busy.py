@@ -1,0 +1,82 @@
+"""A task whose outcome the store refused for a while (StoreBusy: its write lock held by another process) ends
+once the store takes writes again; it stayed RUNNING for good (no worker would touch it until a restart).
+
+A real kernel serving the claims pipeline, called over gRPC. Two faults injected on purpose, named so: the attempt
+is held after it decided until the store is locked (a real lock lands anywhere; this pins it to the write of the
+outcome), and the kernel's SQLite busy timeout is cut from 10 s to 100 ms so the refusal comes quickly. The lock
+itself is real: another connection holds kernel.sqlite3's write transaction, as an operator's tool would.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+from pathlib import Path
+
+import grpc
+
+from claims_support import claim_request
+from conftest import start_claims_kernel
+from lane_support import until
+from examples.claims import data
+from kernel._proto.aios.kernel.v1 import kernel_pb2 as kpb
+from kernel._proto.aios.kernel.v1 import kernel_pb2_grpc as kgrpc
+from kernel.store import sqlite as sqlite_store
+
+TIMEOUT_S = 20
+FINAL = (kpb.SUCCEEDED, kpb.FAILED, kpb.CANCELLED)
+
+
+def automated_claim() -> kpb.DecisionRequest:
+    """R08: small, clean and confident: decided with no human."""
+    case = dict(data.generate_cases(1, seed=7)[0], claim_amount=800.0, customer_tier="gold", fraud_score=0.05,
+                prior_claims=0, policy_age_months=40, has_police_report=True, claim_type="auto", days_since_incident=3)
+    return claim_request(case, tenant="store-busy")
+
+
+def hold_attempts_after_deciding(monkeypatch, runner) -> tuple[threading.Event, threading.Event]:
+    """Fault injected on purpose: each attempt, once decided, waits for ``go_on``."""
+    decided, go_on = threading.Event(), threading.Event()
+    real_run = runner.run_fn
+
+    def held_after_deciding(task):
+        outcome = real_run(task)
+        decided.set()
+        go_on.wait(TIMEOUT_S)
+        return outcome
+
+    monkeypatch.setattr(runner, "run_fn", held_after_deciding)
+    return decided, go_on
+
+
+def test_a_task_whose_outcome_the_store_refused_for_a_while_still_ends(claims_models, tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(sqlite_store, "BUSY_TIMEOUT_MS", 100)  # fault injected on purpose: a refusal in 100 ms
+    server = start_claims_kernel(claims_models, tmp_path)
+    try:
+        decided, go_on = hold_attempts_after_deciding(monkeypatch, server.decisions.tasks)
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            tasks = kgrpc.TaskServiceStub(channel)
+            task = tasks.StartTask(kpb.StartTaskRequest(request=automated_claim()), timeout=TIMEOUT_S)
+            ref = kpb.TaskRef(task_id=task.task_id)
+            assert decided.wait(TIMEOUT_S), "the attempt never decided"
+            lock = sqlite3.connect(Path(server.settings.data_dir) / "kernel.sqlite3", isolation_level=None)
+            try:
+                lock.execute("BEGIN IMMEDIATE")  # another writer holds the store: the task's outcome is refused
+                with caplog.at_level(logging.ERROR, logger="aios.tasks"):
+                    go_on.set()
+                    until(lambda: [r for r in caplog.records if r.name == "aios.tasks" and task.task_id in r.getMessage()],
+                          "the store's refusal of the task's outcome", TIMEOUT_S, every_s=0.01)
+                assert tasks.GetTask(ref, timeout=TIMEOUT_S).state == kpb.RUNNING
+            finally:
+                lock.execute("ROLLBACK")  # the store takes writes again
+                lock.close()
+            states = [t.state for t in tasks.WatchTask(ref, timeout=TIMEOUT_S)]
+        assert states[-1] == kpb.SUCCEEDED, states
+        done = server.decisions.tasks.get(task.task_id)
+        assert done.attempts == 1 and done.decision.action  # the attempt's own decision, not a second attempt
+        decisions = [r for r in server.decisions.audit.read(from_sequence=0, kind=kpb.DECISION)
+                     if r.task_id == task.task_id]
+        assert [r.sequence for r in decisions] == [done.decision.audit_sequence]  # decided once
+    finally:
+        server.stop(grace=1)
