@@ -298,3 +298,46 @@ def test_a_task_attempt_waits_for_its_key_held_by_a_decide_about_to_be_refused(s
                 if t.state not in (kpb.QUEUED, kpb.RUNNING))
     assert done.state in (kpb.SUCCEEDED, kpb.WAITING_FOR_REVIEW), done.error
     assert done.attempts == 1  # not backed off and run again
+
+
+def claim_start(amount: float, key: str) -> kpb.StartTaskRequest:
+    """A claim of ``amount`` under ``key``: at 800 the policy decides it alone (R08), at 90000 a human must (R04)."""
+    case = dict(data.generate_cases(1, seed=7)[0], claim_amount=amount, customer_tier="gold", fraud_score=0.05,
+                prior_claims=0, policy_age_months=40, has_police_report=True, claim_type="auto", days_since_incident=3)
+    return kpb.StartTaskRequest(request=claim_request(case, tenant="deploy", idempotency_key=key))
+
+
+def test_a_retried_start_finds_its_task_after_the_pipeline_was_unloaded(claims_models, tmp_path):
+    """A workflow engine's StartTask whose answer was lost is retried with its key after a deploy removed the
+    pipeline: the answer is the task the key started (replayed), not NOT_FOUND 'pipeline is not loaded', which told
+    the engine nothing had started (it has no other way to learn the task's id); another request under the key is
+    refused naming that task (a workflow engine's audit M1)."""
+    from conftest import start_claims_kernel
+
+    data_dir = str(tmp_path / "data")
+    first = start_claims_kernel(claims_models, tmp_path / "first", data_dir=data_dir)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{first.port}") as ch:
+            tasks = kgrpc.TaskServiceStub(ch)
+            done = tasks.StartTask(claim_start(800.0, "claim-1"), timeout=TIMEOUT_S)
+            waiting = tasks.StartTask(claim_start(90000.0, "claim-2"), timeout=TIMEOUT_S)
+            done, waiting = _finished(tasks, done.task_id), _finished(tasks, waiting.task_id)
+    finally:
+        first.stop(grace=1)
+    assert (done.state, waiting.state) == (kpb.SUCCEEDED, kpb.WAITING_FOR_REVIEW)
+    no_pipelines = tmp_path / "none"
+    no_pipelines.mkdir()
+    second = start_claims_kernel(claims_models, tmp_path / "second", pipelines=no_pipelines, data_dir=data_dir)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{second.port}") as ch:
+            tasks = kgrpc.TaskServiceStub(ch)
+            code, details = refused(tasks.StartTask, claim_start(800.0, "claim-3"))  # a new task: refused
+            assert code == grpc.StatusCode.NOT_FOUND and "pipeline 'claims_triage' is not loaded" in details
+            for task, request in ((done, claim_start(800.0, "claim-1")), (waiting, claim_start(90000.0, "claim-2"))):
+                again = tasks.StartTask(request, timeout=TIMEOUT_S)
+                assert (again.task_id, again.replayed, again.state) == (task.task_id, True, task.state)
+            code, details = refused(tasks.StartTask, claim_start(801.0, "claim-1"))
+            assert code == grpc.StatusCode.FAILED_PRECONDITION, details
+            assert f"request.idempotency_key 'claim-1' already started task {done.task_id} with a different" in details
+    finally:
+        second.stop(grace=1)

@@ -179,10 +179,10 @@ def test_start_task_with_an_idempotency_key(server, tasks, monkeypatch):
     finally:
         release.set()
     done = until(tasks.WatchTask(kpb.TaskRef(task_id=first.task_id), timeout=TIMEOUT_S), kpb.SUCCEEDED)
-    # ... and once its decision is stored under the key, the decision's check refuses it first.
+    # ... and once its decision is stored under the key too: the task is named still (it was not: "was used before").
     code, details = code_of(tasks.StartTask, start_request(other, key="order-17"))
     assert code == grpc.StatusCode.FAILED_PRECONDITION
-    assert "idempotency_key 'order-17' was used before with a different request" in details
+    assert f"request.idempotency_key 'order-17' already started task {first.task_id} with a different" in details
     replayed = tasks.StartTask(start_request(SMALL, key="order-17", request_id="order-17"), timeout=TIMEOUT_S)
     assert (replayed.task_id, replayed.replayed, replayed.state) == (first.task_id, True, kpb.SUCCEEDED)
     assert [r.sequence for r in task_records(server, first.task_id)] == [done.decision.audit_sequence]  # run once

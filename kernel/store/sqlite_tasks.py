@@ -88,6 +88,13 @@ class SqliteTaskRecords:
 
         return self._db.transact(work, after_commit=after_commit)
 
+    def by_key(self, tenant: str, key: str) -> tuple[kpb.Task, str] | None:
+        """``(task, request_hash)`` of the task ``tenant`` started with idempotency ``key``, or None."""
+        with self._db.read() as conn:
+            found = conn.execute("SELECT body, request_hash FROM tasks WHERE tenant = ? AND idempotency_key = ?",
+                                 (tenant, key)).fetchone()
+        return None if found is None else (kpb.Task.FromString(found[0]), found[1])
+
     def get(self, task_id: str) -> tuple[kpb.Task, int] | None:
         with self._db.read() as conn:
             found = conn.execute("SELECT body, revision FROM tasks WHERE task_id = ?", (task_id,)).fetchone()

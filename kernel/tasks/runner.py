@@ -155,7 +155,14 @@ class TaskRunner:
 
     # -- the API ------------------------------------------------------------------------------
     def submit(self, request: kpb.DecisionRequest) -> kpb.Task:
-        """Start a task for ``request`` (or return the one its idempotency key already started)."""
+        """Start a task for ``request`` (or return the one its idempotency key already started).
+
+        A key that started a task answers with that task before the request is validated: a StartTask retried
+        after its pipeline was unloaded (or changed) was refused NOT_FOUND (INVALID_ARGUMENT), and the caller,
+        who may never have had the first answer, could not learn the task it had started."""
+        started = self.store.started(request)
+        if started is not None:
+            return started
         if self.validate is not None:
             self.validate(request)
         task, created = self.store.create(request)

@@ -188,16 +188,35 @@ class TaskStore:
         if reserved and not created:  # the key's task was stored before (and has decided: it was not held)
             self._release_key(task)
         if not created:
-            if not request_matches(stored_hash, request, digest):
-                raise FailedPrecondition(
-                    f"request.idempotency_key {quote(key)} already started task {stored.task_id} with a different "
-                    "request; use a new key for a new request"
-                )
-            replayed = kpb.Task()
-            replayed.CopyFrom(stored)
-            replayed.replayed = True  # the caller's answer says so; the stored task is unchanged
-            return replayed, False
+            return self._replay(stored, stored_hash, request, digest), False
         return stored, True
+
+    def started(self, request: kpb.DecisionRequest) -> kpb.Task | None:
+        """The task ``request``'s idempotency key already started, as ``create`` answers it (``replayed`` set;
+        FAILED_PRECONDITION naming it when the request differs), or None when the key started none (or there is
+        no key). A retried StartTask is answered from here before the request is checked against the pipelines
+        served now: the task it started stands, whatever changed since (its pipeline unloaded, a field dropped)."""
+        key = request.idempotency_key
+        if not key:
+            return None
+        check_key(key, "request.idempotency_key")
+        found = self._records.by_key(request.tenant, key)
+        if found is None:
+            return None
+        stored, stored_hash = found
+        return self._replay(stored, stored_hash, request, request_hash(request))
+
+    @staticmethod
+    def _replay(stored: kpb.Task, stored_hash: str, request: kpb.DecisionRequest, digest: str) -> kpb.Task:
+        if not request_matches(stored_hash, request, digest):
+            raise FailedPrecondition(
+                f"request.idempotency_key {quote(request.idempotency_key)} already started task {stored.task_id} "
+                "with a different request; use a new key for a new request"
+            )
+        replayed = kpb.Task()
+        replayed.CopyFrom(stored)
+        replayed.replayed = True  # the caller's answer says so; the stored task is unchanged
+        return replayed
 
     def _reserve(self, task: kpb.Task, digest: str) -> bool:
         """Reserve the key of ``task`` (about to be stored) for it; False if another task holds it.
