@@ -297,6 +297,32 @@ def test_restart_fails_a_task_whose_last_attempt_was_cut_off(tmp_path, caplog):
         k.close()
 
 
+def test_a_task_waiting_for_a_retry_fails_when_the_restart_lowered_its_attempts(tmp_path, caplog):
+    """(A workflow engine's audit) task_max_attempts lowered from 5 to 1 across a restart: a task waiting for its
+    retry after attempt 1 ran "attempt 2 of 1". It has made its attempts: FAILED, saying why."""
+    k = Kernel(tmp_path, max_attempts=5, backoff_s=600.0)
+    try:
+        task = k.runner.submit(decision_request(transient_failures=5))
+        watch = k.runner.watch(task.task_id, timeout_s=TIMEOUT_S)
+        try:
+            waiting = next(t for t in watch if t.state == kpb.QUEUED and t.attempts == 1)
+        finally:
+            watch.close()
+        assert "retry in 30 s" in waiting.history[-1].detail  # (max_backoff_s: the restart comes first)
+    finally:
+        k.close()
+    with caplog.at_level("INFO", logger="aios"):
+        k = Kernel(tmp_path, max_attempts=1)
+    try:
+        done = k.runner.get(task.task_id)
+        assert done.state == kpb.FAILED and done.attempts == 1, done
+        assert done.error == "gave up after 1 attempts: task_max_attempts is 1 since the kernel restarted"
+        assert "1 waiting for a retry failed: they have made task_max_attempts (1) attempts" in caplog.text
+        assert [run for run in k.runs if run[0] == task.task_id] == []  # (never run again)
+    finally:
+        k.close()
+
+
 def test_restart_applies_a_resolution_that_arrived_while_nobody_could_finish_the_task(tmp_path):
     with open_database(tmp_path) as db:
         store = TaskStore(db)

@@ -139,8 +139,16 @@ class TaskRunner:
                 self.store.transition(task.task_id, kpb.QUEUED, (kpb.RUNNING,),
                                       f"re-queued: the kernel stopped while attempt {attempt} ran")
                 requeued += 1
-        queued = self.store.in_states((kpb.QUEUED,))
+        queued, gave_up = self.store.in_states((kpb.QUEUED,)), 0
         for task in queued:
+            if task.attempts >= self.max_attempts and not (self.recorded is not None and self.recorded(task.task_id)):
+                # Waiting for a retry when task_max_attempts was lowered across the restart: it had its attempts
+                # (it ran "attempt 2 of 1" otherwise; a workflow engine's audit).
+                self.store.transition(task.task_id, kpb.FAILED, (kpb.QUEUED,), "failed",
+                                      error=f"gave up after {task.attempts} attempts: task_max_attempts is "
+                                            f"{self.max_attempts} since the kernel restarted")
+                gave_up += 1
+                continue
             self._schedule(task.task_id, 0.0)
         finished = self.store.apply_pending_reviews()
         # An operator restarting after a crash reads here what happened to the work in flight.
@@ -148,8 +156,11 @@ class TaskRunner:
             log.warning("tasks running when the kernel stopped: %d re-queued for another attempt, %d to take the "
                         "decision their attempt recorded, %d failed (that was their last attempt, and it recorded "
                         "nothing)", requeued, taking, failed)
-        if queued:
-            log.info("tasks: %d queued, starting now", len(queued))
+        if gave_up:
+            log.warning("tasks: %d waiting for a retry failed: they have made task_max_attempts (%d) attempts",
+                        gave_up, self.max_attempts)
+        if len(queued) > gave_up:
+            log.info("tasks: %d queued, starting now", len(queued) - gave_up)
         if finished:
             log.info("finished %d waiting tasks from reviews resolved before the restart", finished)
 
