@@ -36,7 +36,7 @@ import math
 import numpy as np
 
 from kernel._proto.aios.kernel.v1 import kernel_pb2 as _kpb
-from kernel.errors import InvalidArgument
+from kernel.errors import InvalidArgument, quote
 from kernel.pipelines import provenance as _provenance
 from kernel.pipelines.fields import FLOAT32_MAX as _FLOAT32_MAX
 from kernel.pipelines.fields import encode_one as _encode_one
@@ -248,7 +248,7 @@ cdef class RowCodec:
     cdef int _refuse_unknown(self, object given) except -1:
         for name in given:
             if name not in self._known:
-                raise InvalidArgument(f"field '{name}' is not a field of pipeline '{self.pipeline}' "
+                raise InvalidArgument(f"field {quote(name)} is not a field of pipeline '{self.pipeline}' "
                                       f"(fields: {self._field_list})")
         return 0
 

@@ -18,7 +18,7 @@ from fuzz_budget import examples
 from examples.claims import data
 from kernel._proto.aios.kernel.v1 import kernel_pb2 as kpb
 from kernel.decision_client import to_value
-from kernel.errors import InvalidArgument
+from kernel.errors import InvalidArgument, quote
 from kernel import accel
 from kernel.pipelines import load_pipeline, provenance
 from kernel.pipelines.fields import FieldSpec, encode_one
@@ -56,7 +56,7 @@ def reference_read(fields: tuple[FieldSpec, ...], pipeline: str, given) -> dict:
     by_name = {spec.name: spec for spec in fields}
     for name in given:
         if name not in by_name:
-            raise InvalidArgument(f"field '{name}' is not a field of pipeline '{pipeline}' "
+            raise InvalidArgument(f"field {quote(name)} is not a field of pipeline '{pipeline}' "
                                   f"(fields: {', '.join(by_name)})")
     values = {}
     for spec in fields:
@@ -191,6 +191,18 @@ def test_a_value_beyond_float32_is_refused_by_name(codec_class):
         codec.encode({**{s.name: s.default for s in SPECS}, "amount": 1.0, "free": 1e300})
     with pytest.raises(InvalidArgument, match="field 'free'"):
         codec.read_encode_hash(request_of({"amount": 1.0, "free": 1e300}), {})
+
+
+@pytest.mark.parametrize("codec_class", CODECS)
+def test_an_unknown_name_is_shown_cut_and_quoted(codec_class):
+    """(A workflow engine's audit) an unknown field's name, the caller's, was echoed whole: 100 KB of it made a
+    ~1,800-character refusal (cut only by the message's own limit). Shown as ids are: quoted, cut at 80."""
+    codec = codec_class("p", SPECS, WIDTH)
+    with pytest.raises(InvalidArgument) as info:
+        codec.read(request_of({"x" * 100_000: 1.0}).fields)
+    assert f"field {'x' * 80!r}… (99920 more characters) is not a field of pipeline 'p'" in info.value.message
+    with pytest.raises(InvalidArgument, match=r"field 'a\\nb' is not a field"):  # (a newline shown, not acted on)
+        codec.read(request_of({"a\nb": 1.0}).fields)
 
 
 @pytest.mark.parametrize("codec_class", CODECS)

@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from ..errors import InvalidArgument
+from ..errors import InvalidArgument, quote
 from . import provenance
 from .fields import FLOAT32_MAX, FieldSpec, encode_one
 
@@ -66,7 +66,7 @@ class RowCodec:
         for name in given:
             if name not in self._known:
                 raise InvalidArgument(
-                    f"field '{name}' is not a field of pipeline '{self.pipeline}' "
+                    f"field {quote(name)} is not a field of pipeline '{self.pipeline}' "  # (the caller's: cut)
                     f"(fields: {', '.join(spec.name for spec in self.fields)})"
                 )
 
