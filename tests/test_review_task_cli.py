@@ -187,7 +187,7 @@ def test_a_cancelled_task_watch_exits_1_and_its_review_shows_as_withdrawn(cli):
     code, out, _ = cli("task", "start", "claims_triage", *LARGE_CLAIM, "--tenant", "cancel", "--json")
     task_id = json.loads(out)["task_id"]
     code, out, err = cli("task", "watch", task_id, "--timeout", "1")  # it waits for a review: still going
-    assert code == 1 and "WAITING_FOR_REVIEW" in out and f"task {task_id} goes on in the kernel" in err
+    assert code == 3 and "WAITING_FOR_REVIEW" in out and f"task {task_id} goes on in the kernel" in err
     code, out, _ = cli("task", "get", task_id, "--json")
     review_id = json.loads(out)["review_id"]
     code, out, _ = cli("task", "cancel", task_id)
@@ -304,6 +304,34 @@ def test_a_pipeline_whose_model_is_unloaded_is_listed_as_unable_to_decide(claims
         assert listed.stdout.splitlines()[-1] == "1 pipeline serving; 1 of them cannot decide now (model not loaded)"
     finally:
         server.stop(grace=1)
+
+
+def test_a_task_watch_cut_by_a_stopping_kernel_exits_3_not_1(claims_models, tmp_path):
+    """(A workflow engine's audit) `task watch` exited 1 both when the task FAILED and when the kernel's stop ended
+    the watch: a script could not tell "give up" from "watch again". A watch cut before the task is final is 3."""
+    import subprocess
+    import sys
+
+    server = ServeProcess(claims_models, "--pipelines", str(copy_pipelines(tmp_path / "pipelines")),
+                          data_dir=tmp_path / "data")
+    watcher = None
+    try:
+        started = subprocess.run([sys.executable, "-m", "kernel", "task", "start", "claims_triage", *LARGE_CLAIM,
+                                  "--json", "--address", server.address], capture_output=True, text=True, timeout=60,
+                                 cwd=ROOT)
+        task_id = json.loads(started.stdout)["task_id"]
+        watcher = subprocess.Popen([sys.executable, "-m", "kernel", "task", "watch", task_id, "--address",
+                                    server.address], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                   cwd=ROOT)
+        while "WAITING_FOR_REVIEW" not in (line := watcher.stdout.readline()):  # (watching: the stop cuts it)
+            assert line, watcher.stderr.read()
+    finally:
+        code, log = server.stop()
+    out, err = watcher.communicate(timeout=60)
+    assert code == 0, log
+    assert watcher.returncode == 3, (out, err)
+    assert "UNAVAILABLE: the kernel is shutting down" in err
+    assert f"the watch ended before task {task_id} was final; it goes on in the kernel: watch it again" in err
 
 
 def test_a_refused_uploaded_policy_is_named_by_the_users_own_path(cli, tmp_path):

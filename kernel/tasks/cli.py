@@ -5,9 +5,11 @@
     aios-kernel task watch TASK_ID        # one line per state change until it is final
     aios-kernel task cancel TASK_ID
 
-``start --wait`` and ``watch`` exit 0 when the task SUCCEEDED and 1 when it
-FAILED or was CANCELLED; Ctrl-C stops watching and leaves the task running
-in the kernel (it is durable: ``task get`` finds it later).
+``start --wait`` and ``watch`` exit 0 when the task SUCCEEDED, 1 when it
+FAILED or was CANCELLED, and 3 when the watch ended first (the kernel
+stopping, the connection lost, ``--timeout``); Ctrl-C stops watching and
+leaves the task running in the kernel (it is durable: ``task get`` finds it
+later).
 """
 
 from __future__ import annotations
@@ -21,7 +23,10 @@ from ..cli_support import (address_flags, answer, decision_lines, enum_name, fai
 
 
 WAIT_EXIT_CODES = ("exit status (with --wait, and watch): 0 when the task SUCCEEDED, 1 when it FAILED or was "
-                   "CANCELLED or a call was refused, 130 after Ctrl-C (the task goes on in the kernel)")
+                   "CANCELLED or a call was refused, 3 when the watch ended before the task was final (the kernel "
+                   "stopping, the connection lost, --timeout: the task goes on; watch it again), 130 after Ctrl-C "
+                   "(the task goes on in the kernel)")
+WATCH_CUT = 3  # (a script told "FAILED" and "the kernel restarted" apart only by parsing stderr: a workflow audit)
 
 
 def add_parser(sub) -> None:
@@ -168,8 +173,13 @@ def _follow(args, channel, task_id: str, timeout_s: float | None) -> int:
     except grpc.RpcError as exc:
         if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and timeout_s:
             print(f"stopped watching after {timeout_s:g} s; task {task_id} goes on in the kernel", file=sys.stderr)
-            return 1
-        return failed(exc)
+            return WATCH_CUT
+        failed(exc)
+        if exc.code() == grpc.StatusCode.UNAVAILABLE and last is not None:  # (it was watching: not a refusal)
+            print(f"the watch ended before task {task_id} was final; it goes on in the kernel: watch it again",
+                  file=sys.stderr)
+            return WATCH_CUT
+        return 1
     if last is None:
         return 0
     if not args.json and last.HasField("decision"):
