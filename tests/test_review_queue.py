@@ -457,13 +457,13 @@ def test_a_page_is_bounded_by_bytes_as_well_as_by_count(queue, monkeypatch):
     """(An abusive-client audit: 40 escalations with 1 MiB texts made a default page of ListReviews larger than
     gRPC's 64 MiB limit, and it failed for every reviewer.) A page stops at PAGE_BYTES, with at least one review
     however large; the next token goes on from there, and every review is listed once, in order."""
-    import kernel.review.queue as queue_module
+    import kernel.paging as paging_module
 
     made = [escalate(queue, amount=float(n)).review_id for n in range(12)]
     one = queue.list(page_size=1).reviews[0].ByteSize()
 
     def pages(page_bytes: int) -> list[list[str]]:
-        monkeypatch.setattr(queue_module, "PAGE_BYTES", page_bytes)
+        monkeypatch.setattr(paging_module, "PAGE_BYTES", page_bytes)
         found, token = [], ""
         while True:
             page = queue.list(page_size=50, page_token=token)

@@ -39,7 +39,7 @@ from ..errors import FailedPrecondition, Internal, InvalidArgument, NotFound, Un
 from ..limits import MAX_REVIEWER_CHARS, check_comment, check_name
 from ..store import Feed
 from ..store.sqlite_reviews import STATE_FILTERS, withdrawn
-from . import paging
+from .. import paging
 from .leases import LeaseTimer
 from .watch import CREATED, UPDATED, ReviewWatch
 
@@ -78,12 +78,6 @@ def _reviewer(reviewer: str) -> None:
     around it (kernel/limits.py, ``check_name``)."""
     _required(reviewer, "reviewer")
     check_name(reviewer, "reviewer", MAX_REVIEWER_CHARS)
-
-
-# A page of ListReviews holds at most this many bytes of reviews (and at least one review), whatever its
-# page_size: reviews carry their request's text fields (up to 1 MiB each), and 40 such reviews in a default
-# page of 50 made an answer over gRPC's 64 MiB limit, so ListReviews failed for every reviewer.
-PAGE_BYTES = 16 << 20
 
 
 class ReviewQueue:
@@ -151,16 +145,10 @@ class ReviewQueue:
         now = self._clock()
         rows = self._records.page(pipeline, tenant, state, now, after, limit + 1)
         response = kpb.ListReviewsResponse(sla_missed=self._records.count_sla_missed(pipeline, tenant, state, now))
-        size = 0
-        for index, (_position, review) in enumerate(rows[:limit]):
-            present = self._present(review, now)
-            size += present.ByteSize()
-            if size > PAGE_BYTES and index:  # the page is full by bytes: the rest come with the next token
-                response.next_page_token = paging.encode(rows[index - 1][0], filters)
-                return response
-            response.reviews.append(present)
-        if len(rows) > limit:
-            response.next_page_token = paging.encode(rows[limit - 1][0], filters)
+        # (Bounded by bytes too: reviews carry their requests' text fields, up to 1 MiB each, and 40 such in a
+        # default page of 50 passed gRPC's 64 MiB, so ListReviews failed for every reviewer.)
+        response.next_page_token = paging.fill([(position, self._present(review, now)) for position, review in rows],
+                                               limit, filters, response.reviews.append)
         return response
 
     def sla_missed_count(self, pipeline: str = "", tenant: str = "", state: str = "") -> int:

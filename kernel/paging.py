@@ -1,4 +1,5 @@
-"""Opaque page tokens for ListReviews: a position in the queue, bound to the filters it was issued for."""
+"""Opaque page tokens for the List RPCs (ListReviews, ListTasks): a position in the store, bound to the filters
+it was issued for; and the filling of one page, bounded by count and by bytes."""
 
 from __future__ import annotations
 
@@ -6,11 +7,14 @@ import base64
 import hashlib
 import json
 
-from ..errors import InvalidArgument
+from .errors import InvalidArgument
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000  # larger requests get this many (AIP-158: clamp, do not refuse)
 MAX_TOKEN_CHARS = 512  # tokens this module issues are about 80 characters
+# A page stops growing past this many bytes (one message may pass it alone): a page of 1,000 reviews holding
+# their requests' free text could pass gRPC's 64 MiB and fail for everyone.
+PAGE_BYTES = 16 << 20
 
 
 def page_size(requested: int) -> int:
@@ -43,5 +47,17 @@ def decode(token: str, filters: tuple) -> int:
     except (ValueError, TypeError, KeyError, RecursionError):  # RecursionError: JSON nested too deep
         raise InvalidArgument("page_token is not a token this kernel issued; pass next_page_token unchanged") from None
     if digest != _filters_digest(filters):
-        raise InvalidArgument("page_token was issued for other filters; keep pipeline, tenant and state as before")
+        raise InvalidArgument("page_token was issued for other filters; keep the filters as they were for its page")
     return position
+
+
+def fill(rows, limit: int, filters: tuple, append) -> str:
+    """``append`` each of ``rows`` (``(position, message)``, one more than ``limit`` read to know whether more
+    follow) up to ``limit`` of them or ``PAGE_BYTES``; the next page's token, or "" after the last page."""
+    size = 0
+    for index, (_position, message) in enumerate(rows[:limit]):
+        size += message.ByteSize()
+        if size > PAGE_BYTES and index:  # the page is full by bytes: the rest come with the next token
+            return encode(rows[index - 1][0], filters)
+        append(message)
+    return encode(rows[limit - 1][0], filters) if len(rows) > limit else ""
