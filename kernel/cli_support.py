@@ -59,6 +59,24 @@ def seconds(text: str, allow_zero: bool = False) -> float:
     return value
 
 
+PAGE_SIZE = 1000  # the most a List RPC gives in one page (kernel/paging.py)
+
+
+def read_pages(fetch, limit: int, items) -> tuple[list, bool, object]:
+    """Page through a List RPC: ``fetch(page_size, page_token)`` -> a response with ``next_page_token``, its
+    items ``items(response)``; returns ``(found, more, last)``: the items read, whether more match than
+    ``limit`` (0 = no limit) let it read, and the last page."""
+    found, token = [], ""
+    while True:
+        page = fetch(PAGE_SIZE if not limit else min(PAGE_SIZE, limit - len(found)), token)
+        found.extend(items(page))
+        token = page.next_page_token
+        if not token:
+            return found, False, page
+        if limit and len(found) >= limit:
+            return found, True, page
+
+
 def count(text: str) -> int:
     """A count where 0 means no limit."""
     try:

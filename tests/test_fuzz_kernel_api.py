@@ -38,7 +38,7 @@ from examples.claims.data import REQUEST_FIELDS as FIELDS
 from kernel._proto.aios.kernel.v1 import kernel_pb2 as kpb
 from kernel._proto.aios.kernel.v1 import kernel_pb2_grpc as kgrpc
 from kernel.audit import verify_directory
-from kernel.review import paging
+from kernel import paging
 
 Code = grpc.StatusCode
 PIPELINE_TEXT = (CLAIMS / "claims_triage.toml").read_text()
@@ -406,9 +406,22 @@ STARTED_TASKS: list[str] = []  # tasks the fuzzer started: checked at the end fo
 
 
 @settings(max_examples=examples(40), **SETTINGS)
-@given(data=st.data(), rpc=st.sampled_from(["StartTask", "StartTask", "GetTask", "CancelTask", "WatchTask"]))
+@given(data=st.data(), rpc=st.sampled_from(["StartTask", "StartTask", "GetTask", "CancelTask", "WatchTask",
+                                           "ListTasks"]))
 def test_task_rpcs_answer_with_a_specific_status(stubs, known, data, rpc):
-    if rpc == "StartTask" or not STARTED_TASKS:
+    if rpc == "ListTasks":
+        tenant = data.draw(st.one_of(st.just(""), st.just("acme"), short_texts, HUGE))
+        states = data.draw(st.lists(st.one_of(st.integers(0, 6), st.sampled_from([7, 99, -1, 2**31 - 1])),
+                                    max_size=4))
+        filters = (tenant, sorted(set(states)))
+        request = kpb.ListTasksRequest(tenant=tenant, states=states, page_token=data.draw(page_tokens(filters)),
+                                       page_size=data.draw(st.one_of(st.integers(0, 3), UINT32)))
+        code, details, response, elapsed = call(stubs.tasks.ListTasks, request)
+        check(rpc, code, details, elapsed)
+        if code == Code.OK:
+            assert len(response.tasks) <= max(1, min(request.page_size or 50, 1000))
+            assert all(task.state in states for task in response.tasks) or not states
+    elif rpc == "StartTask" or not STARTED_TASKS:
         request = kpb.StartTaskRequest()
         if not STARTED_TASKS:  # a plain good claim first, so the check of how tasks ended is never vacuous
             request.request.CopyFrom(good_request(0))
@@ -641,7 +654,7 @@ def test_page_tokens_beyond_what_sqlite_or_json_can_hold_are_invalid_argument(st
     whose position is >= 2**63 ("OverflowError: Python int too large to convert to SQLite
     INTEGER"), and for a token of deeply nested JSON (RecursionError from json.loads). Repro:
     page_token = paging.encode(2**63, ("", "", "")) with empty filters, or
-    base64(b"[" * 100000). Fixed in kernel/review/paging.py (int64 positions only, short tokens)."""
+    base64(b"[" * 100000). Fixed in kernel/paging.py (int64 positions only, short tokens)."""
     for token in (paging.encode(2**63, ("", "", "")), paging.encode(True, ("", "", "")),
                   base64.urlsafe_b64encode(b"[" * 100_000).decode(), base64.urlsafe_b64encode(b"[" * 370).decode()):
         expect_code(stubs.reviews.ListReviews, kpb.ListReviewsRequest(page_token=token), Code.INVALID_ARGUMENT, "page_token")

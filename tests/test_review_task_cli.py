@@ -183,6 +183,29 @@ def test_task_commands_name_what_is_wrong(cli):
     assert code == 1 and err.startswith("NOT_FOUND:")
 
 
+def test_task_list_shows_a_tenants_unfinished_tasks_by_default(cli):
+    """(A workflow engine's audit: an operator could not find stuck tasks.) `task list`: those not final yet by
+    default, oldest first; --state picks others; --json one Task per line."""
+    ids = []
+    for _ in range(2):
+        code, out, _ = cli("task", "start", "claims_triage", *LARGE_CLAIM, "--tenant", "listing", "--json")
+        ids.append(json.loads(out)["task_id"])
+    for task_id in ids:  # (each waits for its review: not final)
+        assert cli("task", "watch", task_id, "--timeout", "1")[0] == 3
+    code, out, err = cli("task", "list", "--tenant", "listing")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0].startswith("TASK") and [line.split()[0] for line in lines[1:3]] == ids
+    assert all("WAITING_FOR_REVIEW" in line and "claims_triage" in line for line in lines[1:3])
+    assert lines[-1] == "2 tasks (2 WAITING_FOR_REVIEW)"
+    code, out, _ = cli("task", "list", "--tenant", "listing", "--limit", "1")
+    assert out.splitlines()[-1] == "1 task (1 WAITING_FOR_REVIEW) shown; more match (raise --limit, 0 = all)"
+    code, out, _ = cli("task", "list", "--tenant", "listing", "--state", "succeeded", "--state", "failed")
+    assert code == 0 and out.strip() == "0 tasks"
+    code, out, _ = cli("task", "list", "--tenant", "listing", "--state", "all", "--json")
+    assert [json.loads(line)["task_id"] for line in out.splitlines()] == ids
+
+
 def test_a_cancelled_task_watch_exits_1_and_its_review_shows_as_withdrawn(cli):
     code, out, _ = cli("task", "start", "claims_triage", *LARGE_CLAIM, "--tenant", "cancel", "--json")
     task_id = json.loads(out)["task_id"]

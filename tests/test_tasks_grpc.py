@@ -215,10 +215,43 @@ def test_bad_task_calls_get_named_status_codes(tasks):
         (tasks.GetTask, kpb.TaskRef(), S.INVALID_ARGUMENT, "task_id is required"),
         (tasks.CancelTask, kpb.TaskRef(task_id="nope"), S.NOT_FOUND, "task 'nope'"),
         (tasks.WatchTask, kpb.TaskRef(task_id="nope"), S.NOT_FOUND, "task 'nope'"),
+        (tasks.ListTasks, kpb.ListTasksRequest(states=[9]), S.INVALID_ARGUMENT, "states: 9 is not a task state"),
+        (tasks.ListTasks, kpb.ListTasksRequest(states=[0]), S.INVALID_ARGUMENT, "states: 0 is not a task state"),
+        (tasks.ListTasks, kpb.ListTasksRequest(tenant="a\nb"), S.INVALID_ARGUMENT, "tenant must not contain"),
+        (tasks.ListTasks, kpb.ListTasksRequest(page_token="junk"), S.INVALID_ARGUMENT, "page_token is not a token"),
     ]
     for call, message, code, text in cases:
         got_code, details = code_of(call, message)
         assert (got_code, text in details) == (code, True), (call, details)
+
+
+def test_list_tasks_pages_through_a_tenants_tasks_by_state(tasks, reviews):
+    """(A workflow engine's audit: no way to find the tasks stuck QUEUED or RUNNING, or a tenant's.) ListTasks,
+    oldest first, filtered by tenant and states, in pages whose token keeps its filters."""
+    tenant = f"list-{threading.get_ident()}-{time.monotonic_ns()}"
+    waiting = [tasks.StartTask(start_request(LARGE, tenant=tenant), timeout=TIMEOUT_S) for _ in range(3)]
+    done = tasks.StartTask(start_request(SMALL, tenant=tenant), timeout=TIMEOUT_S)
+    until(tasks.WatchTask(kpb.TaskRef(task_id=done.task_id), timeout=TIMEOUT_S), kpb.SUCCEEDED)
+    for task in waiting:
+        until(tasks.WatchTask(kpb.TaskRef(task_id=task.task_id), timeout=TIMEOUT_S), kpb.WAITING_FOR_REVIEW)
+
+    def listed(**filters) -> list[str]:
+        found, token = [], ""
+        while True:
+            page = tasks.ListTasks(kpb.ListTasksRequest(tenant=tenant, page_size=2, page_token=token, **filters),
+                                   timeout=TIMEOUT_S)
+            assert len(page.tasks) <= 2 and all(t.tenant == tenant for t in [t.request for t in page.tasks])
+            found += [t.task_id for t in page.tasks]
+            token = page.next_page_token
+            if not token:
+                return found
+
+    assert listed() == [t.task_id for t in [*waiting, done]]
+    assert listed(states=[kpb.WAITING_FOR_REVIEW, kpb.RUNNING]) == [t.task_id for t in waiting]
+    assert listed(states=[kpb.SUCCEEDED]) == [done.task_id]
+    first = tasks.ListTasks(kpb.ListTasksRequest(tenant=tenant, page_size=1), timeout=TIMEOUT_S)
+    other = kpb.ListTasksRequest(tenant=tenant, states=[kpb.FAILED], page_token=first.next_page_token)
+    assert code_of(tasks.ListTasks, other)[0] == grpc.StatusCode.INVALID_ARGUMENT  # (a token keeps its filters)
 
 
 def test_a_client_leaving_a_watch_releases_it_on_the_server(server, tasks):

@@ -28,6 +28,9 @@ def task_handlers(runner, watches=None) -> dict:
     def cancel_task(request: kpb.TaskRef, ctx) -> kpb.Task:
         return runner.cancel(request.task_id)
 
+    def list_tasks(request: kpb.ListTasksRequest, ctx) -> kpb.ListTasksResponse:
+        return runner.list(request.tenant, request.states, request.page_size, request.page_token)
+
     def watch_task(request: kpb.TaskRef, ctx):
         return follow(watches, "WatchTask", lambda: runner.watch(request.task_id), ctx)
 
@@ -36,4 +39,5 @@ def task_handlers(runner, watches=None) -> dict:
         (SERVICE, "GetTask"): get_task,
         (SERVICE, "CancelTask"): cancel_task,
         (SERVICE, "WatchTask"): watch_task,
+        (SERVICE, "ListTasks"): list_tasks,
     }

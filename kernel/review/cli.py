@@ -22,11 +22,10 @@ import time
 
 from ..channel import kernel_channel
 from ..cli_support import (address_flags, answer, count, decision_lines, duration, failed, json_line, nonempty,
-                           when)
+                           read_pages, when)
 from .queue import DEFAULT_LEASE_S, MAX_LEASE_S
 
 STATES = ("unresolved", "open", "claimed", "resolved", "all")  # "all" is the API's empty filter
-PAGE_SIZE = 1000  # the most ListReviews gives in one page
 
 
 def add_parser(sub) -> None:
@@ -113,23 +112,17 @@ def cmd_list(args) -> int:
     from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
 
     state = "" if args.state == "all" else args.state.upper()
-    shown, token, more, missed = [], "", False, 0
     with kernel_channel(args.address) as channel:
         stub = _stub(channel)
         try:
-            while True:
-                want = PAGE_SIZE if not args.limit else min(PAGE_SIZE, args.limit - len(shown))
-                page = stub.ListReviews(kpb.ListReviewsRequest(pipeline=args.pipeline, tenant=args.tenant, state=state,
-                                                               page_size=want, page_token=token), timeout=_timeout(args))
-                shown.extend(page.reviews)
-                missed, token = page.sla_missed, page.next_page_token
-                if not token:
-                    break
-                if args.limit and len(shown) >= args.limit:
-                    more = True
-                    break
+            shown, more, last = read_pages(
+                lambda size, token: stub.ListReviews(kpb.ListReviewsRequest(
+                    pipeline=args.pipeline, tenant=args.tenant, state=state, page_size=size, page_token=token),
+                    timeout=_timeout(args)),
+                args.limit, lambda page: page.reviews)
         except grpc.RpcError as exc:
             return failed(exc)
+    missed = last.sla_missed
     if args.json:
         for review in shown:
             print(json_line(review))

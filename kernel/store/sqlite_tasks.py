@@ -139,6 +139,21 @@ class SqliteTaskRecords:
             ).fetchall()
         return [(kpb.Task.FromString(body), revision) for body, revision in rows]
 
+    def page(self, tenant: str, states: tuple[int, ...], after: int, limit: int) -> list[tuple[int, kpb.Task]]:
+        """Up to ``limit`` tasks of ``tenant`` (any: "") in ``states`` (any: ()) after position ``after``, oldest
+        first, with their positions (rowids: new tasks take the next one; retention deletes only the oldest)."""
+        where, args = ["rowid > ?"], [after]
+        if tenant:
+            where.append("tenant = ?")
+            args.append(tenant)
+        if states:
+            where.append(f"state IN ({','.join('?' * len(states))})")
+            args += states
+        with self._db.read() as conn:
+            rows = conn.execute(f"SELECT rowid, body FROM tasks WHERE {' AND '.join(where)} ORDER BY rowid LIMIT ?",
+                                (*args, limit)).fetchall()
+        return [(position, kpb.Task.FromString(body)) for position, body in rows]
+
     def waiting_on(self, review_id: str) -> tuple[kpb.Task, int] | None:
         with self._db.read() as conn:
             found = conn.execute(

@@ -1,9 +1,10 @@
-"""``aios-kernel task start|get|cancel|watch``: durable tasks on a running kernel, over ``TaskService``::
+"""``aios-kernel task start|get|cancel|watch|list``: durable tasks on a running kernel, over ``TaskService``::
 
     aios-kernel task start claims_triage --field claim_amount=90000 --idempotency-key claim-7781 --wait
     aios-kernel task get TASK_ID          # state, attempts, every transition, the decision or the error
     aios-kernel task watch TASK_ID        # one line per state change until it is final
     aios-kernel task cancel TASK_ID
+    aios-kernel task list [--state running] [--tenant acme]   # oldest first; default: those not final yet
 
 ``start --wait`` and ``watch`` exit 0 when the task SUCCEEDED, 1 when it
 FAILED or was CANCELLED, and 3 when the watch ended first (the kernel
@@ -18,14 +19,16 @@ import sys
 import time
 
 from ..channel import kernel_channel
-from ..cli_support import (address_flags, answer, decision_lines, enum_name, failed, json_line, nonempty,
-                           request_flags, request_or_say_why, show, when)
+from ..cli_support import (address_flags, answer, count, decision_lines, duration, enum_name, failed, json_line,
+                           nonempty, read_pages, request_flags, request_or_say_why, show, when)
 
 
 WAIT_EXIT_CODES = ("exit status (with --wait, and watch): 0 when the task SUCCEEDED, 1 when it FAILED or was "
                    "CANCELLED or a call was refused, 3 when the watch ended before the task was final (the kernel "
                    "stopping, the connection lost, --timeout: the task goes on; watch it again), 130 after Ctrl-C "
                    "(the task goes on in the kernel)")
+UNFINISHED = ("queued", "running", "waiting_for_review")
+LIST_STATES = ("unfinished", *UNFINISHED, "succeeded", "failed", "cancelled", "all")
 WATCH_CUT = 3  # (a script told "FAILED" and "the kernel restarted" apart only by parsing stderr: a workflow audit)
 
 
@@ -40,6 +43,14 @@ def add_parser(sub) -> None:
                        help="follow the task until it is final, however long a review takes (Ctrl-C stops watching; "
                             "the task goes on)")
     _common(start, cmd_start)
+
+    listing = commands.add_parser("list", help="tasks oldest first (default: those not final yet)")
+    listing.add_argument("--state", action="append", choices=LIST_STATES, metavar="STATE",
+                         help=f"only tasks in this state (repeat for several): {', '.join(LIST_STATES)}; default "
+                              "unfinished = queued, running or waiting_for_review")
+    listing.add_argument("--tenant", default="", help="only this tenant's tasks")
+    listing.add_argument("--limit", type=count, default=50, help="show at most this many (default 50; 0 = all)")
+    _common(listing, cmd_list)
 
     for verb, command, text in (("get", cmd_get, "a task's state, history and result"),
                                 ("cancel", cmd_cancel, "cancel a task that is not final yet"),
@@ -132,6 +143,45 @@ def _one(args, call: str) -> int:
 
     ref = kpb.TaskRef(task_id=args.task_id)
     return answer(args, lambda channel: getattr(_stub(channel), call)(ref, timeout=args.timeout or None), describe)
+
+
+def cmd_list(args) -> int:
+    import grpc
+
+    from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
+
+    chosen = args.state or ["unfinished"]
+    states = [] if "all" in chosen else sorted({kpb.TaskState.Value(name.upper()) for choice in chosen
+                                                for name in (UNFINISHED if choice == "unfinished" else [choice])})
+    with kernel_channel(args.address) as channel:
+        stub = _stub(channel)
+        try:
+            shown, more, _last = read_pages(
+                lambda size, token: stub.ListTasks(kpb.ListTasksRequest(
+                    tenant=args.tenant, states=states, page_size=size, page_token=token),
+                    timeout=args.timeout or None),
+                args.limit, lambda page: page.tasks)
+        except grpc.RpcError as exc:
+            return failed(exc)
+    if args.json:
+        for task in shown:
+            print(json_line(task))
+        return 0
+    now = time.time_ns()
+    if shown:
+        print(f"{'TASK':32}  {'STATE':18}  {'PIPELINE':16}  {'TENANT':10}  {'RUNS':>4}  {'AGE':>8}  LAST CHANGE")
+    for task in shown:
+        age = duration((now - task.created_unix_ns) / 1e9) if task.created_unix_ns else "-"
+        changed = f"{duration((now - task.updated_unix_ns) / 1e9)} ago" if task.updated_unix_ns else "-"
+        print(f"{task.task_id:32}  {_state(task.state):18}  {task.request.pipeline[:16]:16}  "
+              f"{task.request.tenant[:10]:10}  {task.attempts:>4}  {age:>8}  {changed}")
+    counts: dict[str, int] = {}
+    for task in shown:
+        counts[_state(task.state)] = counts.get(_state(task.state), 0) + 1
+    split = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
+    print(f"{len(shown)} task{'s' if len(shown) != 1 else ''}{f' ({split})' if split else ''}"
+          f"{' shown; more match (raise --limit, 0 = all)' if more else ''}")
+    return 0
 
 
 def cmd_get(args) -> int:

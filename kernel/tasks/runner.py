@@ -184,6 +184,9 @@ class TaskRunner:
     def get(self, task_id: str) -> kpb.Task:
         return self.store.get(task_id)
 
+    def list(self, tenant: str = "", states=(), page_size: int = 0, page_token: str = "") -> kpb.ListTasksResponse:
+        return self.store.list(tenant, states, page_size, page_token)
+
     def cancel(self, task_id: str) -> kpb.Task:
         """CANCELLED unless already final (FAILED_PRECONDITION).
 

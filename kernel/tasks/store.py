@@ -19,7 +19,9 @@ import uuid
 from collections.abc import Callable
 
 from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
+from .. import paging
 from ..errors import FailedPrecondition, InvalidArgument, NotFound, quote
+from ..limits import MAX_TENANT_CHARS, check_identifier
 from ..store import Feed, request_hash
 from ..store.idempotency import matches as request_matches
 from ..store.feed import FellBehind
@@ -129,6 +131,21 @@ class TaskStore:
         if found is None:
             raise NotFound(_missing(task_id))
         return found
+
+    def list(self, tenant: str = "", states=(), page_size: int = 0, page_token: str = "") -> kpb.ListTasksResponse:
+        """One page of tasks, oldest first: ``tenant``'s (any: ""), in any of ``states`` (any: none given)."""
+        states = tuple(sorted(set(states)))
+        for state in states:
+            if state not in kpb.TaskState.values() or state == kpb.TASK_STATE_UNSPECIFIED:
+                raise InvalidArgument(f"states: {state} is not a task state (QUEUED, RUNNING, WAITING_FOR_REVIEW, "
+                                      f"SUCCEEDED, FAILED, CANCELLED)")
+        check_identifier(tenant, "tenant", MAX_TENANT_CHARS)
+        limit = paging.page_size(page_size)
+        filters = (tenant, states)
+        rows = self._records.page(tenant, states, paging.decode(page_token, filters), limit + 1)
+        response = kpb.ListTasksResponse()
+        response.next_page_token = paging.fill(rows, limit, filters, response.tasks.append)
+        return response
 
     def in_states(self, states: tuple[int, ...]) -> list[kpb.Task]:
         return [task for task, _ in self._records.in_states(tuple(states))]

@@ -169,6 +169,11 @@ class TaskServiceStub:
                 request_serializer=aios_dot_kernel_dot_v1_dot_kernel__pb2.TaskRef.SerializeToString,
                 response_deserializer=aios_dot_kernel_dot_v1_dot_kernel__pb2.Task.FromString,
                 _registered_method=True)
+        self.ListTasks = channel.unary_unary(
+                '/aios.kernel.v1.TaskService/ListTasks',
+                request_serializer=aios_dot_kernel_dot_v1_dot_kernel__pb2.ListTasksRequest.SerializeToString,
+                response_deserializer=aios_dot_kernel_dot_v1_dot_kernel__pb2.ListTasksResponse.FromString,
+                _registered_method=True)
 
 
 class TaskServiceServicer:
@@ -198,6 +203,14 @@ class TaskServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListTasks(self, request, context):
+        """Tasks oldest first, filtered: what an operator looks for (those stuck QUEUED or RUNNING, a tenant's), or a
+        workflow engine that lost the answer to a StartTask without a key.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TaskServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -220,6 +233,11 @@ def add_TaskServiceServicer_to_server(servicer, server):
                     servicer.WatchTask,
                     request_deserializer=aios_dot_kernel_dot_v1_dot_kernel__pb2.TaskRef.FromString,
                     response_serializer=aios_dot_kernel_dot_v1_dot_kernel__pb2.Task.SerializeToString,
+            ),
+            'ListTasks': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTasks,
+                    request_deserializer=aios_dot_kernel_dot_v1_dot_kernel__pb2.ListTasksRequest.FromString,
+                    response_serializer=aios_dot_kernel_dot_v1_dot_kernel__pb2.ListTasksResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -330,6 +348,33 @@ class TaskService:
             '/aios.kernel.v1.TaskService/WatchTask',
             aios_dot_kernel_dot_v1_dot_kernel__pb2.TaskRef.SerializeToString,
             aios_dot_kernel_dot_v1_dot_kernel__pb2.Task.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTasks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aios.kernel.v1.TaskService/ListTasks',
+            aios_dot_kernel_dot_v1_dot_kernel__pb2.ListTasksRequest.SerializeToString,
+            aios_dot_kernel_dot_v1_dot_kernel__pb2.ListTasksResponse.FromString,
             options,
             channel_credentials,
             insecure,
