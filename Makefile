@@ -25,8 +25,14 @@ help:
 	@echo "make node-deps    install the Node client's packages (npm ci; make test does it when npm is there)"
 	@echo "make clean        remove build outputs, the compiled extensions and the Node client's node_modules"
 
+# A .venv whose Python is missing or older than requires-python (a first `make` on an old python3, before
+# `make serve PYTHON=python3.11`) is made again with $(PYTHON); an old $(PYTHON) is refused before any .venv is made.
+NEW_ENOUGH := -c 'import sys; sys.exit(sys.version_info < (3, 11))'
+
 $(STAMP): pyproject.toml setup.py ext/*.pyx ext/*.pxd ext/*.pxi
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) $(NEW_ENOUGH) 2>/dev/null || { \
+		$(PYTHON) $(NEW_ENOUGH) || { echo "$(PYTHON) is not Python 3.11 or newer (requires-python): name one that is, e.g. make $(MAKECMDGOALS) PYTHON=python3.11"; exit 1; }; \
+		echo "$(PYTHON) -m venv --clear $(VENV)"; $(PYTHON) -m venv --clear $(VENV); }
 	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
 	# The editable install compiles ext/*.pyx into kernel/_ext/ (setup.py).
 	$(PY) -m pip install --quiet -e ".[$(RUNTIME_EXTRA),test,bench]"
