@@ -240,3 +240,34 @@ def test_a_resolved_review_stays_while_its_task_has_not_finished(tmp_path, link)
             assert conn.execute("SELECT count(*) FROM reviews").fetchone()[0] == 0
     finally:
         db.close()
+
+
+def test_a_list_tasks_token_still_finds_tasks_started_after_a_sweep_deleted_the_newest(claims_models, tmp_path):
+    """ListTasks' token is a task's position (its rowid). The tasks table has no AUTOINCREMENT, so a sweep that
+    deleted the newest tasks (they finished first) let the next task take a position a token had already passed:
+    that task was never listed on the pages after the token (a review of ListTasks paging)."""
+    from test_tasks_grpc import LARGE, SMALL, start_request
+
+    server = start_claims_kernel(claims_models, tmp_path, store_retention_days=30)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            tasks = kgrpc.TaskServiceStub(channel)
+            waiting = tasks.StartTask(start_request(LARGE, tenant="paging"), timeout=TIMEOUT_S)
+            _wait_for(tasks, waiting.task_id, (kpb.WAITING_FOR_REVIEW,))
+            done = []
+            for _ in range(2):
+                task = tasks.StartTask(start_request(SMALL, tenant="paging"), timeout=TIMEOUT_S)
+                done.append(_wait_for(tasks, task.task_id, (kpb.SUCCEEDED,)).task_id)
+            first = tasks.ListTasks(kpb.ListTasksRequest(tenant="paging", page_size=2), timeout=TIMEOUT_S)
+            assert [t.task_id for t in first.tasks] == [waiting.task_id, done[0]] and first.next_page_token
+            assert server.decisions._retention.sweep(time.time_ns() + 31 * DAY_NS).tasks == 2  # both finished ones
+            later = tasks.StartTask(start_request(LARGE, tenant="paging"), timeout=TIMEOUT_S)
+            rest, token = [], first.next_page_token
+            while token:
+                page = tasks.ListTasks(kpb.ListTasksRequest(tenant="paging", page_size=2, page_token=token),
+                                       timeout=TIMEOUT_S)
+                rest += [t.task_id for t in page.tasks]
+                token = page.next_page_token
+            assert rest == [later.task_id]
+    finally:
+        server.stop(grace=1)

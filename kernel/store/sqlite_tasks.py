@@ -20,6 +20,14 @@ AfterCommit = Callable[[object], None] | None
 
 FINISHED = (kpb.SUCCEEDED, kpb.FAILED, kpb.CANCELLED)  # the states a task never leaves
 
+# A task's rowid is its position: list order and ListTasks' page tokens. The table has no AUTOINCREMENT (a shipped
+# schema), and SQLite gives a new row the highest rowid + 1, so once retention deleted the newest tasks the next
+# one took a position a page token had already passed, and was never listed after it. Retention records the
+# highest rowid it has seen before deleting (meta), and a task is inserted above both that and the table's own.
+POSITIONS_TAKEN = "tasks.highest_rowid_deleted"  # (meta key)
+_NEXT_POSITION = ("(SELECT MAX(COALESCE((SELECT MAX(rowid) FROM tasks), 0),"
+                  f" COALESCE((SELECT value FROM meta WHERE key = '{POSITIONS_TAKEN}'), 0)) + 1)")
+
 
 def _row(task: kpb.Task) -> tuple:
     return (task.state, task.request.tenant, task.request.idempotency_key, task.review_id)
@@ -80,8 +88,8 @@ class SqliteTaskRecords:
                 if found is not None:
                     return kpb.Task.FromString(found[0]), found[1], found[2], False
             conn.execute(
-                "INSERT INTO tasks (task_id, state, tenant, idempotency_key, request_hash, review_id, revision, body,"
-                " finished_unix_ns) VALUES (?, ?, ?, ?, ?, ?, 1, ?, ?)",
+                "INSERT INTO tasks (rowid, task_id, state, tenant, idempotency_key, request_hash, review_id, revision,"
+                f" body, finished_unix_ns) VALUES ({_NEXT_POSITION}, ?, ?, ?, ?, ?, ?, 1, ?, ?)",
                 (task.task_id, state, tenant, key, request_hash, review_id, body, _finished_at(task)),
             )
             return task, 1, request_hash, True
@@ -141,7 +149,8 @@ class SqliteTaskRecords:
 
     def page(self, tenant: str, states: tuple[int, ...], after: int, limit: int) -> list[tuple[int, kpb.Task]]:
         """Up to ``limit`` tasks of ``tenant`` (any: "") in ``states`` (any: ()) after position ``after``, oldest
-        first, with their positions (rowids: new tasks take the next one; retention deletes only the oldest)."""
+        first, with their positions (rowids: a new task's is above every task's stored before, deleted ones
+        included: ``POSITIONS_TAKEN``)."""
         where, args = ["rowid > ?"], [after]
         if tenant:
             where.append("tenant = ?")
@@ -178,6 +187,9 @@ class SqliteTaskRecords:
                 "SELECT task_id, review_id FROM tasks INDEXED BY tasks_finished"
                 " WHERE finished_unix_ns > 0 AND finished_unix_ns < ? LIMIT ?", (cutoff_unix_ns, limit),
             ).fetchall()
+            if found:  # (positions stay taken: see POSITIONS_TAKEN)
+                conn.execute("INSERT INTO meta (key, value) VALUES (?, (SELECT COALESCE(MAX(rowid), 0) FROM tasks))"
+                             " ON CONFLICT (key) DO UPDATE SET value = MAX(value, excluded.value)", (POSITIONS_TAKEN,))
             conn.executemany("DELETE FROM tasks WHERE task_id = ?", [(task_id,) for task_id, _ in found])
             conn.executemany("DELETE FROM review_completions WHERE review_id = ?",
                              [(review_id,) for _, review_id in found if review_id])
