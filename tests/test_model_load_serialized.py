@@ -120,3 +120,32 @@ def test_an_unload_while_a_load_runs_is_not_undone_when_the_load_ends(kernel):
             infer(stub, np.ones((1, 4), np.float32))
         assert info.value.code() == grpc.StatusCode.NOT_FOUND
     assert server.hub._changing == {}  # no lock left behind for the name
+
+
+def test_a_load_is_answered_for_the_versions_it_loaded_not_for_a_later_loads(kernel):
+    """RepositoryModelLoad read which version folders were not served after its load had let go of the model, so
+    it answered with what a load issued after it found: an OK load of version 1 was refused INVALID_ARGUMENT
+    'version 2 was not loaded' by a later load's version 2 with no model.onnx (a review of the serialized loads).
+    The one injection, named so: the first load, once done, is held before it answers until the second ended."""
+    server, repo = kernel
+    second_ended, first_done = threading.Event(), threading.Event()
+    real = server.hub.load
+
+    def held(name, *args, **kwargs):
+        loaded = real(name, *args, **kwargs)
+        if not first_done.is_set():  # the first load, done: the second one runs now
+            first_done.set()
+            second_ended.wait(60)
+        return loaded
+
+    server.hub.load = held
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        first = stub.RepositoryModelLoad.future(pb.RepositoryModelLoadRequest(model_name="m"), timeout=120)
+        assert first_done.wait(60), "the first load never ended"
+        (repo / "m" / "2").mkdir()  # an operator's next deployment, with no model.onnx yet
+        with pytest.raises(grpc.RpcError) as info:
+            stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="m"), timeout=120)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "version 2" in info.value.details()
+        second_ended.set()
+        first.result()  # (was INVALID_ARGUMENT: "model 'm' version 2 was not loaded")

@@ -157,8 +157,9 @@ class InferenceService:
         _refuse_load_parameters(request.parameters)
         if name not in self.hub.scan():
             raise NotFound(f"model {quote(name)} is not in the repository {self.hub.root}")
+        not_served: dict[str, str] = {}  # (as this load left them: another may follow it at once)
         try:
-            self.hub.load(name)
+            loaded = self.hub.load(name, not_served)
         except ModelConfigError as exc:
             # The previous versions (if any) stay live; the caller learns why, and so does the operator.
             live = [mv.version for mv in self.hub.loaded_versions(name)]
@@ -170,9 +171,8 @@ class InferenceService:
         # not an OK: Triton answers such a load with an error naming the version, and an operator deploying
         # version 3 with a damaged model.onnx was answered OK while requests went on to version 2 (a
         # lifecycle audit; the index said so, the answer did not).
-        not_served = self.hub.versions_not_served(name)
         if not_served:
-            serving = self.hub.versions(name)
+            serving = [mv.version for mv in loaded]  # (oldest first)
             which = (f"version {next(iter(not_served))} was" if len(not_served) == 1
                      else f"versions {', '.join(not_served)} were")
             why = "; ".join(not_served.values())
