@@ -80,3 +80,47 @@ def test_a_task_whose_outcome_the_store_refused_for_a_while_still_ends(claims_mo
         assert [r.sequence for r in decisions] == [done.decision.audit_sequence]  # decided once
     finally:
         server.stop(grace=1)
+
+
+def test_a_store_refusing_for_long_is_logged_once_a_task_not_once_a_retry(claims_models, tmp_path, monkeypatch,
+                                                                            caplog):
+    """A store that stays busy (a backup holding its lock, a full disk) refused the task's outcome once a second,
+    each refusal an ERROR line for good: one line says it, and another when the store took the change."""
+    monkeypatch.setattr(sqlite_store, "BUSY_TIMEOUT_MS", 100)  # fault injected on purpose: a refusal in 100 ms
+    server = start_claims_kernel(claims_models, tmp_path)
+    try:
+        runner = server.decisions.tasks
+        decided, go_on = hold_attempts_after_deciding(monkeypatch, runner)
+        refusals, transition = [], runner.store.transition
+
+        def counted(*args, **kwargs):  # (counts the refusals; changes nothing)
+            try:
+                return transition(*args, **kwargs)
+            except sqlite_store.StoreBusy:
+                refusals.append(args[0])
+                raise
+
+        monkeypatch.setattr(runner.store, "transition", counted)
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            tasks = kgrpc.TaskServiceStub(channel)
+            task = tasks.StartTask(kpb.StartTaskRequest(request=automated_claim()), timeout=TIMEOUT_S)
+            assert decided.wait(TIMEOUT_S), "the attempt never decided"
+            lock = sqlite3.connect(Path(server.settings.data_dir) / "kernel.sqlite3", isolation_level=None)
+            with caplog.at_level(logging.WARNING, logger="aios.tasks"):
+                try:
+                    lock.execute("BEGIN IMMEDIATE")  # another writer holds the store, refusal after refusal
+                    go_on.set()
+                    until(lambda: len(refusals) >= 3, "three refusals", TIMEOUT_S, every_s=0.01)
+                finally:
+                    lock.execute("ROLLBACK")
+                    lock.close()
+                states = [t.state for t in tasks.WatchTask(kpb.TaskRef(task_id=task.task_id), timeout=TIMEOUT_S)]
+                until(lambda: [r for r in caplog.records if r.levelname == "WARNING" and task.task_id in r.getMessage()],
+                      "the line saying the store took it", TIMEOUT_S, every_s=0.01)
+        assert states[-1] == kpb.SUCCEEDED, states
+        lines = [(r.levelname, r.getMessage()) for r in caplog.records
+                 if r.name == "aios.tasks" and task.task_id in r.getMessage()]
+        assert [level for level, _ in lines] == ["ERROR", "WARNING"], lines  # (was an ERROR a refusal)
+        assert "took its change after refusing it" in lines[1][1]
+    finally:
+        server.stop(grace=1)

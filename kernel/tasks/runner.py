@@ -92,6 +92,7 @@ class TaskRunner:
         self._queued: set[str] = set()  # task ids in the heap: each at most once
         # task id -> the write of its attempt's outcome that the store refused (StoreBusy): written again, not re-run
         self._unrecorded: dict[str, Callable[[], None]] = {}
+        self._refusals: dict[str, int] = {}  # task id -> StoreBusy refusals in a row (the first is logged)
         self._tie = itertools.count()
         self._threads: list[threading.Thread] = []
         self._stopping = False
@@ -241,9 +242,15 @@ class TaskRunner:
         while (task_id := self._next_due()) is not None:
             try:
                 self._run(task_id)
+                refused = self._refusals.pop(task_id, 0)
+                if refused:
+                    log.warning("task %s: the store took its change after refusing it %d time%s", task_id, refused,
+                                "s" if refused != 1 else "")
             except StoreBusy as exc:  # nothing was written and it may pass: the same write again, later
-                log.error("task %s: the store refused its change; trying again in %g s: %s", task_id, STORE_RETRY_S,
-                          exc.message)
+                refused = self._refusals[task_id] = self._refusals.get(task_id, 0) + 1
+                if refused == 1:  # (once a task: a store refusing for hours logged a line a second for each)
+                    log.error("task %s: the store refused its change; trying again every %g s until it takes it "
+                              "(logged once): %s", task_id, STORE_RETRY_S, exc.message)
                 self._schedule(task_id, STORE_RETRY_S)
             except KernelError as exc:  # a store failure (fail-stopped, closed at shutdown): the task stays as recorded
                 log.error("task %s: recording its outcome failed: %s", task_id, exc.message)
