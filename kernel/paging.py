@@ -51,13 +51,16 @@ def decode(token: str, filters: tuple) -> int:
     return position
 
 
-def fill(rows, limit: int, filters: tuple, append) -> str:
+def fill(rows, limit: int, filters: tuple, append, present=lambda message: message) -> str:
     """``append`` each of ``rows`` (``(position, message)``, one more than ``limit`` read to know whether more
-    follow) up to ``limit`` of them or ``PAGE_BYTES``; the next page's token, or "" after the last page."""
+    follow), as ``present`` makes it, up to ``limit`` of them or ``PAGE_BYTES``; the next page's token, or "" after
+    the last page. (Each is presented only when it may still go on the page: a page of 1,000 reviews with 1 MiB
+    texts stops after 16.)"""
     size = 0
     for index, (_position, message) in enumerate(rows[:limit]):
-        size += message.ByteSize()
+        shown = present(message)
+        size += shown.ByteSize()
         if size > PAGE_BYTES and index:  # the page is full by bytes: the rest come with the next token
             return encode(rows[index - 1][0], filters)
-        append(message)
+        append(shown)
     return encode(rows[limit - 1][0], filters) if len(rows) > limit else ""

@@ -147,8 +147,8 @@ class ReviewQueue:
         response = kpb.ListReviewsResponse(sla_missed=self._records.count_sla_missed(pipeline, tenant, state, now))
         # (Bounded by bytes too: reviews carry their requests' text fields, up to 1 MiB each, and 40 such in a
         # default page of 50 passed gRPC's 64 MiB, so ListReviews failed for every reviewer.)
-        response.next_page_token = paging.fill([(position, self._present(review, now)) for position, review in rows],
-                                               limit, filters, response.reviews.append)
+        response.next_page_token = paging.fill(rows, limit, filters, response.reviews.append,
+                                               lambda review: self._present(review, now))
         return response
 
     def sla_missed_count(self, pipeline: str = "", tenant: str = "", state: str = "") -> int:
