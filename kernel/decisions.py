@@ -333,12 +333,12 @@ class DecisionSide:
             # The actions its pipeline offered on a review still stored, else the proposed one alone: that alone
             # is "review" for an escalation, which left the case with no decision a reviewer could make (review
             # desk audit).
-            stored = self.reviews.list(pipeline=pipeline_name, page_size=1).reviews
-            actions = list(dict.fromkeys([decision.action, *(stored[0].actions if stored else ())]))
+            stored = self.reviews.newest_of(pipeline_name)  # (the newest: an older one may be an older version's)
+            actions = list(dict.fromkeys([decision.action, *(stored.actions if stored is not None else ())]))
             log.warning("pipeline %s is no longer loaded: its reopened review %s offers %s (%s), with no SLA",
                         pipeline_name, decision.review_id, ", ".join(actions),
-                        "as its stored reviews do" if stored else "the proposed action only: none of its reviews "
-                                                                  "is stored")
+                        "as its newest stored review does" if stored is not None else "the proposed action only: none "
+                                                                                      "of its reviews is stored")
             return actions, 0.0
         return list(escalation.review_actions), escalation.review_sla_s
 

@@ -414,6 +414,10 @@ class ReviewQueue:
             review = self._deliver_once(review)
         return self._present(review)
 
+    def newest_of(self, pipeline: str) -> kpb.Review | None:
+        """``pipeline``'s most recently stored review, or None."""
+        return self._records.newest_of(pipeline)
+
     def for_task(self, task_id: str) -> kpb.Review | None:
         """The review ``task_id`` opened, if any (stored as it is: no lease view)."""
         return self._records.for_task(task_id)

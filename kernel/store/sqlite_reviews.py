@@ -240,6 +240,13 @@ class SqliteReviewRecords:
         with self._db.read() as conn:
             return review_by_id(conn, review_id)
 
+    def newest_of(self, pipeline: str) -> kpb.Review | None:
+        """The pipeline's most recently stored review (its actions are the pipeline's latest known ones)."""
+        with self._db.read() as conn:
+            found = conn.execute("SELECT body FROM reviews WHERE pipeline = ? ORDER BY seq DESC LIMIT 1",
+                                 (pipeline,)).fetchone()
+        return None if found is None else kpb.Review.FromString(found[0])
+
     def for_task(self, task_id: str) -> kpb.Review | None:
         with self._db.read() as conn:
             return task_review(conn, task_id)
