@@ -25,7 +25,8 @@ from ..cli_support import (address_flags, answer, count, decision_lines, duratio
 
 WAIT_EXIT_CODES = ("exit status (with --wait, and watch): 0 when the task SUCCEEDED, 1 when it FAILED or was "
                    "CANCELLED or a call was refused, 3 when the watch ended before the task was final (the kernel "
-                   "stopping, the connection lost, --timeout: the task goes on; watch it again), 130 after Ctrl-C "
+                   "stopping, the connection lost, the watch fallen behind, --timeout: the task goes on; watch it "
+                   "again), 130 after Ctrl-C "
                    "(the task goes on in the kernel)")
 UNFINISHED = ("queued", "running", "waiting_for_review")
 LIST_STATES = ("unfinished", *UNFINISHED, "succeeded", "failed", "cancelled", "all")
@@ -225,7 +226,8 @@ def _follow(args, channel, task_id: str, timeout_s: float | None) -> int:
             print(f"stopped watching after {timeout_s:g} s; task {task_id} goes on in the kernel", file=sys.stderr)
             return WATCH_CUT
         failed(exc)
-        if exc.code() == grpc.StatusCode.UNAVAILABLE and last is not None:  # (it was watching: not a refusal)
+        cut = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)  # (the kernel stopping; fell behind)
+        if exc.code() in cut and last is not None:  # (it was watching: not a refusal of the watch)
             print(f"the watch ended before task {task_id} was final; it goes on in the kernel: watch it again",
                   file=sys.stderr)
             return WATCH_CUT
