@@ -99,6 +99,9 @@ class DecisionSide:
         # store saw past it were lost, and in fsync mode that refuses the start right here (_lost_records).
         self._opened = self.audit.size if self.audit is not None else 0
         try:
+            # (An older kernel's answers name their record in their bytes only: read once, so the check sees them.)
+            if self.audit is not None:
+                self.idempotency.fill_old_sequences(skip_tenant=_RESOLUTIONS)
             self._lost = self._lost_records(self._opened)
         except BaseException:
             self.audit.close()

@@ -413,6 +413,59 @@ def test_stored_answers_citing_lost_records_are_forgotten_when_the_loss_is_accep
         assert on_record[answer.audit_sequence] == request.idempotency_key
 
 
+def test_answers_an_older_kernel_stored_are_checked_against_the_log_too(claims_models, tmp_path, caplog):
+    """(Upgrade audit) the answers a kernel before schema version 5 stored have no audit_sequence column (the
+    migration leaves -1): the start's check read the column alone, so records lost past the review mark (an
+    async-mode power cut under the old kernel) went unseen. fsync mode started instead of refusing, and in async
+    mode a retried key was answered with a sequence number the new kernel's own records had taken."""
+    from conftest import start_kernel
+    from kernel.audit import AuditCorrupt
+    from kernel.store.idempotency import OLD_SEQUENCES_FILLED
+
+    pipelines, data_dir = str(copy_pipelines(tmp_path / "pipelines")), tmp_path / "data"
+    options = dict(pipelines=pipelines, data_dir=str(data_dir), pipeline_poll_s=0, audit_mode="async")
+    requests = [claim_request(case, request_id=f"o{i}", idempotency_key=f"old-{i}")
+                for i, case in enumerate(data.generate_cases(6, seed=50))]
+    server = start_kernel(claims_models, **options)
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        first = [kgrpc.DecisionServiceStub(channel).Decide(request, timeout=10) for request in requests]
+    server.stop(grace=1)
+    opened = sum(1 for _ in iter_directory(data_dir / "audit", 0, RecordFilter()))
+    with sqlite3.connect(data_dir / DATABASE_FILE) as conn:
+        # As an older kernel's store is after the upgrade's migration: every answer's column -1, no meta key.
+        conn.execute("UPDATE idempotency SET audit_sequence = -1")
+        conn.execute("DELETE FROM meta WHERE key = ?", (OLD_SEQUENCES_FILLED,))
+        # The injected fault: the last three answers' records are past the log's end, the review mark below them.
+        for offset, request in enumerate(requests[3:]):
+            answer = kpb.Decision.FromString(conn.execute("SELECT response FROM idempotency WHERE key = ?",
+                                                          (request.idempotency_key,)).fetchone()[0])
+            answer.audit_sequence = opened + offset
+            conn.execute("UPDATE idempotency SET response = ? WHERE key = ?",
+                         (answer.SerializeToString(), request.idempotency_key))
+        (mark,) = conn.execute("SELECT value FROM meta WHERE key = ?", (RECORDED_BEFORE,)).fetchone()
+    assert mark <= opened
+
+    with pytest.raises(AuditCorrupt, match=f"ends at record #{opened} but the review and idempotency store saw "
+                                           f"records up to #{opened + 2}"):
+        start_kernel(claims_models, **{**options, "audit_mode": "fsync"})
+    restarted = start_kernel(claims_models, **options)
+    try:
+        assert f"forgot the idempotency entries of 3 decisions whose records #{opened} on were lost" in caplog.text
+        with grpc.insecure_channel(f"127.0.0.1:{restarted.port}") as channel:
+            retried = [kgrpc.DecisionServiceStub(channel).Decide(request, timeout=10) for request in requests]
+    finally:
+        restarted.stop(grace=1)
+    assert [answer.replayed for answer in retried] == [True] * 3 + [False] * 3
+    assert [a.audit_sequence for a in retried[:3]] == [a.audit_sequence for a in first[:3]]
+    on_record = {r.sequence: r.idempotency_key
+                 for r in iter_directory(data_dir / "audit", opened, RecordFilter(kind=kpb.DECISION))}
+    for request, answer in zip(requests[3:], retried[3:]):  # each new answer names its own record
+        assert on_record[answer.audit_sequence] == request.idempotency_key
+    with sqlite3.connect(data_dir / DATABASE_FILE) as conn:  # the kept answers' column filled from their bytes
+        kept = dict(conn.execute("SELECT key, audit_sequence FROM idempotency WHERE key LIKE 'old-%'").fetchall())
+    assert [kept[r.idempotency_key] for r in requests[:3]] == [a.audit_sequence for a in first[:3]]
+
+
 def test_in_fsync_mode_records_missing_from_the_log_refuse_the_start(claims_models, tmp_path):
     """In fsync mode a record is on disk before its decision is answered: a log that lacks records the review
     store saw was rolled back or replaced (or its storage failed). The kernel refuses to start, naming the

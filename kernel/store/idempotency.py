@@ -32,6 +32,8 @@ from ..limits import MAX_KEY_CHARS, check_identifier  # (with the kernel's other
 PURGE_EVERY = 1000  # puts between sweeps of expired keys
 PURGE_BATCH = 1000  # rows deleted per sweep, so a sweep never holds the write lock long
 MAX_UNWRITTEN = 100_000  # answers kept in memory while the store cannot write them (~1 KB each)
+# (meta key) set once the answers stored before the audit_sequence column have it filled (fill_old_sequences)
+OLD_SEQUENCES_FILLED = "idempotency.old_sequences_filled"
 
 
 _INT64 = 1 << 63
@@ -211,6 +213,38 @@ class IdempotencyStore:
                      " expires_unix_ns, audit_sequence) VALUES (?, ?, ?, ?, ?, ?, ?)",
                      (tenant, key, request_hash, response, now, now + self.retention_ns if expires is None
                       else expires, audit_sequence))
+
+    def fill_old_sequences(self, skip_tenant: str = "") -> int:
+        """Set the ``audit_sequence`` column of the answers stored before it existed (schema version 4 and
+        before: -1) from their bytes, once per store (a meta key says it was done); returns how many rows.
+
+        ``highest_sequence`` reads the column alone, so the answers an older kernel stored were never seen by a
+        start checking the log against the store: records lost after the review mark (an async-mode power cut,
+        a log rolled back) went unseen, fsync mode started instead of refusing, and a retried key replayed a
+        sequence number that named another decision (an upgrade audit). Answers that cite no record (audit off)
+        keep -1; ``skip_tenant``'s rows (the resolutions' own, not decisions) are left alone."""
+        with self._db.read() as conn:
+            if conn.execute("SELECT 1 FROM meta WHERE key = ?", (OLD_SEQUENCES_FILLED,)).fetchone() is not None:
+                return 0
+            found = []
+            rows = conn.execute("SELECT tenant, key, response FROM idempotency WHERE audit_sequence < 0"
+                                " AND tenant != ?", (skip_tenant,))
+            while page := rows.fetchmany(PURGE_BATCH):
+                for tenant, key, response in page:
+                    try:
+                        answer = kpb.Decision.FromString(response)
+                    except Exception:  # (not a decision: nothing of ours, left alone)
+                        continue
+                    if answer.audit_hash:  # it cites a record (audit off: none)
+                        found.append((answer.audit_sequence, tenant, key))
+
+        def work(conn) -> int:
+            conn.executemany("UPDATE idempotency SET audit_sequence = ? WHERE tenant = ? AND key = ?"
+                             " AND audit_sequence < 0", found)
+            conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, 1)", (OLD_SEQUENCES_FILLED,))
+            return len(found)
+
+        return self._db.transact(work, durable=True)
 
     def highest_sequence(self) -> int:
         """The highest audit sequence a stored answer cites (-1 when none does): the log must hold it."""

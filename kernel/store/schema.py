@@ -94,7 +94,8 @@ MIGRATIONS: list[tuple[int, str, tuple[str, ...]]] = [
     )),
     (5, "the audit sequence each stored answer cites, indexed (answers citing records the log lost are found)", (
         # -1: not known (an answer stored before this version, or not a decision's); kernel/decisions.py
-        # _lost_records and IdempotencyStore.forget_recorded_from read it.
+        # _lost_records and IdempotencyStore.forget_recorded_from read it. The first start after the upgrade fills
+        # it for the older answers from their bytes (IdempotencyStore.fill_old_sequences).
         "ALTER TABLE idempotency ADD COLUMN audit_sequence INTEGER NOT NULL DEFAULT -1",
         "CREATE INDEX idempotency_by_sequence ON idempotency (audit_sequence) WHERE audit_sequence >= 0",
     )),
