@@ -159,6 +159,37 @@ def test_a_changed_score_adjustment_fails_the_gate_too(recorded, tmp_path, capsy
     capsys.readouterr()
 
 
+def test_records_of_a_kernel_that_did_not_record_adjustments_replay_unchanged_under_their_policy(
+        recorded, tmp_path, capsys):
+    """(Upgrade audit) a kernel from before Decision.score_adjustment recorded none: under its unchanged policy
+    every adjusted decision was listed as 'adjust 0 -> -0.1', and --fail-on-change failed on a log spanning the
+    upgrade. Under the policy a record was decided by, with the same rules fired, the adjustment is the
+    candidate's by construction; a candidate that changes an adjustment is still found."""
+    from kernel.audit import AuditLog
+
+    audit, pipelines, _ = recorded
+    older = tmp_path / "older-audit"  # the same decisions, as a kernel without the field recorded them
+    with AuditLog.open(older, checkpoint_records=1000, checkpoint_ms=600_000) as log:
+        for record in iter_directory(audit, 0, RecordFilter()):
+            copy = kpb.AuditRecord()
+            copy.CopyFrom(record)
+            for name in ("sequence", "prev_hash", "hash"):
+                copy.ClearField(name)
+            copy.decision.ClearField("score_adjustment")
+            log.append(copy).wait(10)
+    assert any(r.decision.score_adjustment for r in _decisions(audit).values())
+    pipeline, policy = pipelines / "claims_triage.toml", pipelines / "policy.toml"
+    report = _replay(older, pipeline, policy, tmp_path / "r.json", capsys)
+    assert report["examined"] == 400 and report["changed"] == 0 and report["rules_changed"] == 0
+    gate = ["audit", "replay", str(older), "--pipeline", str(pipeline), "--fail-on-change"]
+    assert cli_main([*gate, "--policy", str(policy)]) == 0
+    text = policy.read_text()
+    candidate = tmp_path / "adjusted.toml"
+    candidate.write_text(text.replace('id = "R06"', 'id = "R06"\nadjust = 0.25', 1))
+    assert cli_main([*gate, "--policy", str(candidate)]) == 1
+    capsys.readouterr()
+
+
 def test_a_gate_that_finds_no_decision_of_its_pipeline_fails(recorded, tmp_path, capsys):
     """The same walk-through: a misspelt pipeline name replayed 0 decisions and the gate passed (exit 0)."""
     audit, pipelines, _ = recorded

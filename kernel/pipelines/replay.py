@@ -289,7 +289,7 @@ def _evaluate(chunk: list[_Case], pipeline: Pipeline, model, report: ReplayRepor
         new_adjust = float(result.adjust[k])
         if new_action != old.action or new_outcome != old_outcome:
             what, cases, sample = "changed", report.changed_cases, report.sample
-        elif new_rules != old_rules or new_adjust != old.score_adjustment:
+        elif new_rules != old_rules or new_adjust != _recorded_adjust(old, new_rules, new_adjust, pipeline):
             # Same answer for other reasons (what a notice to the customer cites), or with another score
             # adjustment, a documented output (a pipeline author's walk-through: a changed `adjust` passed the gate).
             what, cases, sample = "rules_changed", report.rules_changed_cases, report.rules_sample
@@ -307,6 +307,18 @@ def _evaluate(chunk: list[_Case], pipeline: Pipeline, model, report: ReplayRepor
                 cases.append(entry)
             if len(sample) < sample_size:
                 sample.append(entry)
+
+
+def _recorded_adjust(old: kpb.Decision, new_rules: list[str], new_adjust: float, pipeline: Pipeline) -> float:
+    """The score adjustment ``old`` was decided with. A record of a kernel from before
+    ``Decision.score_adjustment`` carries none (0): under the very policy it was decided by, with the same rules
+    fired, its adjustment was the candidate's by construction, and is taken as such (an upgrade audit: every
+    adjusted decision of an older kernel was listed as 'adjust 0 -> -0.1' under its unchanged policy, and
+    --fail-on-change failed on it)."""
+    if (old.score_adjustment == 0 and old.policy_hash == pipeline.policy.hash
+            and [r.rule_id for r in old.reasons] == new_rules):
+        return new_adjust
+    return old.score_adjustment
 
 
 def _entry(record, old_outcome: str, old_rules: list[str], new: tuple[str, str, list[str]], adjust: float) -> dict:
