@@ -226,25 +226,30 @@ class IdempotencyStore:
         with self._db.read() as conn:
             if conn.execute("SELECT 1 FROM meta WHERE key = ?", (OLD_SEQUENCES_FILLED,)).fetchone() is not None:
                 return 0
+        filled, after = 0, ("", "")
+        while True:  # (in batches, in key order: a day of keyed answers may be millions of rows)
+            with self._db.read() as conn:
+                page = conn.execute("SELECT tenant, key, response FROM idempotency WHERE (tenant, key) > (?, ?)"
+                                    " AND audit_sequence < 0 AND tenant != ? ORDER BY tenant, key LIMIT ?",
+                                    (*after, skip_tenant, PURGE_BATCH)).fetchall()
+            if not page:
+                break
+            after = page[-1][:2]
             found = []
-            rows = conn.execute("SELECT tenant, key, response FROM idempotency WHERE audit_sequence < 0"
-                                " AND tenant != ?", (skip_tenant,))
-            while page := rows.fetchmany(PURGE_BATCH):
-                for tenant, key, response in page:
-                    try:
-                        answer = kpb.Decision.FromString(response)
-                    except Exception:  # (not a decision: nothing of ours, left alone)
-                        continue
-                    if answer.audit_hash:  # it cites a record (audit off: none)
-                        found.append((answer.audit_sequence, tenant, key))
-
-        def work(conn) -> int:
-            conn.executemany("UPDATE idempotency SET audit_sequence = ? WHERE tenant = ? AND key = ?"
-                             " AND audit_sequence < 0", found)
-            conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, 1)", (OLD_SEQUENCES_FILLED,))
-            return len(found)
-
-        return self._db.transact(work, durable=True)
+            for tenant, key, response in page:
+                try:
+                    answer = kpb.Decision.FromString(response)
+                except Exception:  # (not a decision: nothing of ours, left alone)
+                    continue
+                if answer.audit_hash:  # it cites a record (audit off: none)
+                    found.append((answer.audit_sequence, tenant, key))
+            if found:
+                filled += self._db.transact(lambda conn, rows=found: conn.executemany(
+                    "UPDATE idempotency SET audit_sequence = ? WHERE tenant = ? AND key = ? AND audit_sequence < 0",
+                    rows).rowcount, durable=True)
+        self._db.transact(lambda conn: conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, 1)",
+                                                    (OLD_SEQUENCES_FILLED,)), durable=True)
+        return filled
 
     def highest_sequence(self) -> int:
         """The highest audit sequence a stored answer cites (-1 when none does): the log must hold it."""
