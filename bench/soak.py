@@ -127,8 +127,8 @@ class Load:
     def run(self, call: str) -> None:
         n = next(self.seq)
         try:
-            getattr(self, "_" + call.replace("-", "_"))(n)
-            self.count(call, "OK")
+            if getattr(self, "_" + call.replace("-", "_"))(n) is not False:  # (False: no call was made)
+                self.count(call, "OK")
         except grpc.RpcError as error:
             self.count(call, error.code().name)
         except Exception as error:  # (a bug in the load, not the kernel's: counted, never silent)
@@ -163,14 +163,14 @@ class Load:
         with self.lock:
             self.tasks.append(task.task_id)
 
-    def _get_task(self, n: int) -> None:
+    def _get_task(self, n: int) -> bool | None:
         with self.lock:
             task_id = self.tasks[n % len(self.tasks)] if self.tasks else None
         if task_id is None:
-            return self._list_reviews(n)  # (no task yet: the first seconds)
+            return False  # (no task yet: the first second or so)
         self.client.tasks.GetTask(kpb.TaskRef(task_id=task_id), timeout=10)
 
-    def _resolve(self, n: int) -> None:
+    def _resolve(self, n: int) -> bool | None:
         with self.lock:
             self.waiting_reviews = max(0, self.waiting_reviews - 1)
         try:
@@ -178,7 +178,7 @@ class Load:
                 kpb.ClaimNextReviewRequest(reviewer=f"soak-{n % 3}", lease_seconds=300), timeout=10)
         except grpc.RpcError as error:
             self.count("claim-next", error.code().name)
-            return
+            return False  # (nothing to resolve: not counted as a resolve)
         self.count("claim-next", "OK")
         action = review.actions[n % len(review.actions)] if review.actions else "approve"
         self.client.reviews.ResolveReview(kpb.ResolveReviewRequest(
@@ -359,7 +359,7 @@ def main(argv=None) -> int:
     shutil.rmtree(scratch, ignore_errors=True)
     first = samples[0]
     print(f"soak {args.label} done: {duration / 60:.1f} min, ok {final['ok']:,}, failed {failures} "
-          f"{final['failed'] or ''}, expected {final['expected'] or '{}'}, skipped {final['skipped']}; rss "
+          f"{final['failed'] if failures else ''}, expected {final['expected'] or '{}'}, skipped {final['skipped']}; rss "
           f"{first['VmRSS']:.1f} -> {final['VmRSS']:.1f} MiB (peak {final['VmHWM']:.1f}), slope over the last half "
           f"{report['rss_slope_last_half_mib_per_h']} MiB/h; threads {first['Threads']} -> {final['Threads']}, fds "
           f"{first['fds']} -> {final['fds']}; kernel exit {exit_code}, {len(problems)} WARNING/ERROR lines; {path}")

@@ -33,3 +33,5 @@ def test_a_short_soak_runs_every_call_and_writes_its_samples(tmp_path):
     for call in ("decide", "infer", "stream", "list-reviews", "start-task", "get-task", "audit"):
         assert calls.get(call, {}).get("OK", 0) > 0, (call, calls)
     assert samples[-1]["decisions"].get("ESCALATED", 0) > 0
+    # (a resolve is counted only when a claim gave it a review to resolve)
+    assert calls.get("resolve", {}).get("OK", 0) <= calls.get("claim-next", {}).get("OK", 0)
