@@ -93,6 +93,7 @@ def test_transient_failures_are_retried_with_exponential_backoff(tmp_path):
                          (kpb.RUNNING, 3), (kpb.SUCCEEDED, 3)]
         assert "retry in 0.05 s" in done.history[2].detail and "model busy on attempt 1" in done.history[2].detail
         assert "retry in 0.1 s" in done.history[4].detail
+        assert done.next_attempt_unix_ns == 0  # (set while QUEUED for a retry only)
         # The waits between a failure and the next attempt grow: 0.05 s, then 0.1 s (wall clock, 5 ms slack).
         gap1 = done.history[3].at_unix_ns - done.history[2].at_unix_ns
         gap2 = done.history[5].at_unix_ns - done.history[4].at_unix_ns
@@ -309,6 +310,8 @@ def test_a_task_waiting_for_a_retry_fails_when_the_restart_lowered_its_attempts(
         finally:
             watch.close()
         assert "retry in 30 s" in waiting.history[-1].detail  # (max_backoff_s: the restart comes first)
+        # (a workflow engine's audit: when the retry is due was in that text alone)
+        assert waiting.next_attempt_unix_ns == waiting.history[-1].at_unix_ns + 30 * 10**9
     finally:
         k.close()
     with caplog.at_level("INFO", logger="aios"):

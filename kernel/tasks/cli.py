@@ -84,6 +84,8 @@ def describe(task) -> list[str]:
         lines.append(f"  idempotency key {request.idempotency_key}")
     if task.review_id:
         lines.append(f"  review      {task.review_id}")
+    if task.next_attempt_unix_ns:
+        lines.append(f"  next run    {when(task.next_attempt_unix_ns, now)}")
     for step in task.history:
         detail = f"  {step.detail}" if step.detail else ""
         lines.append(f"    {time.strftime('%H:%M:%S', time.localtime(step.at_unix_ns / 1e9))}  "

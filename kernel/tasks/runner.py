@@ -333,7 +333,8 @@ class TaskRunner:
             return
         delay = min(self.backoff_s * 2 ** (attempt - 1), self.max_backoff_s)
         task = self.store.transition(task_id, kpb.QUEUED, (kpb.RUNNING,),
-                                     f"attempt {attempt} failed ({exc.message}); retry in {delay:.3g} s")
+                                     f"attempt {attempt} failed ({exc.message}); retry in {delay:.3g} s",
+                                     retry_in_s=delay)
         if task is not None:
             self._schedule(task_id, delay)
 

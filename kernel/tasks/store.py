@@ -275,8 +275,10 @@ class TaskStore:
 
     def transition(self, task_id: str, state: int, from_states: tuple[int, ...], detail: str = "", *,
                    attempts: int | None = None, decision: kpb.Decision | None = None, error: str | None = None,
-                   review_id: str | None = None, audit_from: int | None = None) -> kpb.Task | None:
-        """Move the task to ``state`` if it is in one of ``from_states``; None if it is not."""
+                   review_id: str | None = None, audit_from: int | None = None,
+                   retry_in_s: float | None = None) -> kpb.Task | None:
+        """Move the task to ``state`` if it is in one of ``from_states``; None if it is not. ``retry_in_s``: the
+        wait before its next attempt (``next_attempt_unix_ns``; any other transition clears it)."""
         def mutate(task: kpb.Task) -> bool:
             if task.state not in from_states:
                 return False
@@ -293,6 +295,7 @@ class TaskStore:
                 task.review_id = review_id
             if audit_from is not None:
                 task.audit_from_sequence = audit_from
+            task.next_attempt_unix_ns = now + round(retry_in_s * 1e9) if retry_in_s is not None else 0
             task.history.add(state=state, at_unix_ns=now, attempt=task.attempts, detail=detail)
             return True
 

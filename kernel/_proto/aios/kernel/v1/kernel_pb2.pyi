@@ -191,7 +191,7 @@ class Decision(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., action: _Optional[str] = ..., reasons: _Optional[_Iterable[_Union[Reason, _Mapping]]] = ..., outcome: _Optional[_Union[Outcome, str]] = ..., model: _Optional[_Union[ModelProvenance, _Mapping]] = ..., input_hash: _Optional[str] = ..., policy_name: _Optional[str] = ..., policy_hash: _Optional[str] = ..., review_id: _Optional[str] = ..., phase_timings_ns: _Optional[_Mapping[str, int]] = ..., audit_sequence: _Optional[int] = ..., audit_hash: _Optional[str] = ..., pipeline: _Optional[str] = ..., pipeline_version: _Optional[str] = ..., tenant: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., replayed: _Optional[bool] = ..., policy_version: _Optional[str] = ..., escalation_reasons: _Optional[_Iterable[str]] = ..., error_code: _Optional[str] = ..., error_message: _Optional[str] = ..., links_to_audit_sequence: _Optional[int] = ..., score_adjustment: _Optional[float] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("task_id", "state", "request", "decision", "error", "created_unix_ns", "updated_unix_ns", "attempts", "review_id", "history", "audit_from_sequence", "replayed")
+    __slots__ = ("task_id", "state", "request", "decision", "error", "created_unix_ns", "updated_unix_ns", "attempts", "review_id", "history", "audit_from_sequence", "replayed", "next_attempt_unix_ns")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     REQUEST_FIELD_NUMBER: _ClassVar[int]
@@ -204,6 +204,7 @@ class Task(_message.Message):
     HISTORY_FIELD_NUMBER: _ClassVar[int]
     AUDIT_FROM_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     REPLAYED_FIELD_NUMBER: _ClassVar[int]
+    NEXT_ATTEMPT_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     state: TaskState
     request: DecisionRequest
@@ -216,7 +217,8 @@ class Task(_message.Message):
     history: _containers.RepeatedCompositeFieldContainer[TaskTransition]
     audit_from_sequence: int
     replayed: bool
-    def __init__(self, task_id: _Optional[str] = ..., state: _Optional[_Union[TaskState, str]] = ..., request: _Optional[_Union[DecisionRequest, _Mapping]] = ..., decision: _Optional[_Union[Decision, _Mapping]] = ..., error: _Optional[str] = ..., created_unix_ns: _Optional[int] = ..., updated_unix_ns: _Optional[int] = ..., attempts: _Optional[int] = ..., review_id: _Optional[str] = ..., history: _Optional[_Iterable[_Union[TaskTransition, _Mapping]]] = ..., audit_from_sequence: _Optional[int] = ..., replayed: _Optional[bool] = ...) -> None: ...
+    next_attempt_unix_ns: int
+    def __init__(self, task_id: _Optional[str] = ..., state: _Optional[_Union[TaskState, str]] = ..., request: _Optional[_Union[DecisionRequest, _Mapping]] = ..., decision: _Optional[_Union[Decision, _Mapping]] = ..., error: _Optional[str] = ..., created_unix_ns: _Optional[int] = ..., updated_unix_ns: _Optional[int] = ..., attempts: _Optional[int] = ..., review_id: _Optional[str] = ..., history: _Optional[_Iterable[_Union[TaskTransition, _Mapping]]] = ..., audit_from_sequence: _Optional[int] = ..., replayed: _Optional[bool] = ..., next_attempt_unix_ns: _Optional[int] = ...) -> None: ...
 
 class TaskTransition(_message.Message):
     __slots__ = ("state", "at_unix_ns", "attempt", "detail")
