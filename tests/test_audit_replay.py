@@ -239,3 +239,43 @@ def test_replay_help_names_the_gate_and_the_full_report(capsys):
     out = " ".join(capsys.readouterr().out.split())
     assert "--fail-on-change exit 1 when any decision, outcome, deciding rule or score adjustment would change" in out
     assert "every changed case and every rules-only change" in out
+
+
+def test_a_candidate_pipeline_s_defaults_fill_the_fields_a_case_left_out(tmp_path, capsys):
+    """An analyst's walk-through: a candidate pipeline whose fraud_score default is 0.95 replayed the recorded
+    default (0.21) for a claim that left fraud_score out, and reported 0 changed, where the kernel serving the
+    candidate denies it (R01: fraud_score >= 0.8 and no police report). A field the caller sent keeps its value."""
+    models = build_small_model(tmp_path / "models")
+    pipelines = copy_pipelines(tmp_path / "pipelines")
+    server = start_kernel(models, pipelines=str(pipelines), data_dir=str(tmp_path / "data"), pipeline_poll_s=0)
+    try:
+        with DecisionClient(f"127.0.0.1:{server.port}") as client:
+            left_out = client.decide("claims_triage", {"claim_amount": 800.0, "customer_tier": "gold",
+                                                       "has_police_report": False}, request_id="left-out")
+            sent = client.decide("claims_triage", {"claim_amount": 800.0, "customer_tier": "gold",
+                                                   "has_police_report": False, "fraud_score": 0.21},
+                                 request_id="sent")
+    finally:
+        server.stop(grace=1)
+    assert (left_out.action, sent.action) == ("fast_track", "fast_track")
+    candidate = copy_pipelines(tmp_path / "candidate")
+    toml = candidate / "claims_triage.toml"
+    text = toml.read_text()
+    assert "default = 0.21\n" in text
+    toml.write_text(text.replace("default = 0.21\n", "default = 0.95\n"))
+    audit = tmp_path / "data" / "audit"
+    report = _replay(audit, toml, candidate / "policy.toml", tmp_path / "r.json", capsys)
+    assert report["examined"] == 2 and report["changed"] == 1
+    (case,) = report["changed_cases"]
+    assert case["request_id"] == "left-out" and case["to"]["action"] == "deny" and case["to"]["rules"] == ["R01"]
+    # Its recorded scores are the model's on the old default: said, and --model re-scores it.
+    assert report["stale_scores"] == 1
+    report = _replay(audit, toml, candidate / "policy.toml", tmp_path / "m.json", capsys,
+                     "--model", str(models / "claims_triage" / "1"))
+    assert report["changed"] == 1 and report["stale_scores"] == 0
+    assert report["changed_cases"][0]["request_id"] == "left-out"
+    # A candidate that requires the field would refuse the case that left it out: skipped, not re-decided.
+    toml.write_text(text.replace("default = 0.21\n", "required = true\n"))
+    report = _replay(audit, toml, candidate / "policy.toml", tmp_path / "q.json", capsys)
+    assert report["examined"] == 1 and report["skipped"] == 1
+    assert report["skipped_reasons"] == {"missing required field 'fraud_score'": 1}

@@ -139,6 +139,9 @@ class ReplayReport:
     baselines: dict = field(default_factory=dict)
     candidate_model: dict | None = None  # {"path", "onnx_sha256", "config_sha256"} when a model was re-run
     skipped_reasons: Counter = field(default_factory=Counter)
+    # of examined, without a candidate model: cases that took a default the candidate changes for a field the
+    # model reads; the policy sees the candidate's default, the scores are the recorded model's on the old one
+    stale_scores: int = 0
     seconds: float = 0.0
 
     @property
@@ -156,7 +159,7 @@ class ReplayReport:
                                     for (a, b), n in sorted(self.outcome_transitions.items())],
             "baselines": [{"policy_hash": h, "policy_version": v, **counts}
                           for (h, v), counts in self.baselines.items()],
-            "skipped_reasons": dict(self.skipped_reasons),
+            "skipped_reasons": dict(self.skipped_reasons), "stale_scores": self.stale_scores,
             "changed_cases": self.changed_cases, "rules_changed_cases": self.rules_changed_cases,
             "sample": self.sample, "seconds": round(self.seconds, 3),
         }
@@ -234,9 +237,16 @@ def _check_recorded_labels(pipeline: Pipeline, record, labels: tuple[str, ...]) 
 
 
 def _case(record, pipeline: Pipeline, report: ReplayReport, model: CandidateModel | None = None) -> _Case | None:
+    """The case of ``record`` as the candidate ``pipeline`` would have seen it: the fields the caller sent as
+    recorded, and each field the caller left out (``defaulted_fields``) with the candidate's default, as the
+    kernel serving the candidate would fill it in (an analyst's walk-through: a candidate that changed a
+    default replayed the recorded one, 0 changed, where the served candidate decided otherwise). None (and
+    counted as skipped) for a case the candidate would refuse."""
     values = {}
+    defaulted = record.defaulted_fields  # (empty for a kernel from before it: its values as recorded)
+    stale = False
     for spec in pipeline.fields:
-        if spec.name in record.inputs:
+        if spec.name in record.inputs and spec.name not in defaulted:
             values[spec.name] = _python(record.inputs[spec.name])
         elif spec.required:
             report.skipped += 1
@@ -244,6 +254,11 @@ def _case(record, pipeline: Pipeline, report: ReplayReport, model: CandidateMode
             return None
         else:
             values[spec.name] = spec.default
+            if spec.encode != "none" and spec.name in record.inputs and \
+                    _python(record.inputs[spec.name]) != spec.default:
+                stale = True  # the model read the old default: its recorded scores are not the candidate's
+    if stale and model is None:
+        report.stale_scores += 1
     if model is not None:  # the candidate scores every case from its inputs: FALLBACKs (no scores) too
         return _Case(record, values, None, model.labels)
     scores = dict(record.model_outputs) or dict(record.decision.model.class_scores)

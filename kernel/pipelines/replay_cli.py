@@ -138,6 +138,10 @@ def _print(report: ReplayReport) -> None:
         _print_case(case, " (same action, other rules or adjustment)")
     for reason, count in report.skipped_reasons.items():
         print(f"  skipped {count}: {reason}")
+    if report.stale_scores:
+        print(f"  {report.stale_scores} cases left out a field the model reads whose default the candidate pipeline "
+              "changes: the policy sees the new default, the scores are the recorded model's on the old one "
+              "(--model re-scores them)")
 
 
 def _print_baselines(report: ReplayReport) -> None:
