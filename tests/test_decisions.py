@@ -185,6 +185,31 @@ def test_the_record_names_the_inputs_that_took_the_pipelines_default(kernel, dec
     assert list(sent.defaulted_fields) == []
 
 
+def test_the_record_holds_each_number_as_the_pipeline_took_it_so_its_input_hash_can_be_recomputed(kernel, decisions):
+    """An analyst's walk-through: a number field sent as an int (an integer field as a whole double) was recorded as
+    sent, while the answer's input_hash covers the value as the pipeline took it: input_hash recomputed from the
+    record's inputs (provenance.input_hash, as documented) differed from the answer's, as if the record were wrong."""
+    from kernel.pipelines.provenance import input_hash
+
+    full = {"claim_amount": kpb.Value(int_value=800), "policy_age_months": kpb.Value(number_value=40.0),
+            "prior_claims": kpb.Value(int_value=0), "fraud_score": kpb.Value(int_value=0),
+            "days_since_incident": kpb.Value(int_value=3), "customer_tier": kpb.Value(string_value="gold"),
+            "claim_type": kpb.Value(string_value="auto"), "has_police_report": kpb.Value(bool_value=True)}
+    some = {"claim_amount": kpb.Value(int_value=800), "policy_age_months": kpb.Value(number_value=40.0)}
+    audit_dir = Path(kernel.settings.data_dir) / "audit"
+    for fields, text in ((full, {}), (some, {}), (full, {"description": "hail"})):
+        answer = decisions.Decide(kpb.DecisionRequest(pipeline="claims_triage", fields=fields, text_fields=text),
+                                  timeout=10)
+        (record,) = [r for r in iter_directory(audit_dir, answer.audit_sequence, RecordFilter())
+                     if r.sequence == answer.audit_sequence][:1]
+        inputs = record.inputs
+        assert inputs["claim_amount"] == kpb.Value(number_value=800.0)
+        assert inputs["policy_age_months"] == kpb.Value(int_value=40)
+        values = {name: getattr(v, v.WhichOneof("kind")) for name, v in inputs.items() if not name.startswith("text:")}
+        digests = {name[5:]: v.string_value for name, v in inputs.items() if name.startswith("text:")}
+        assert input_hash(record.pipeline, values, digests) == answer.input_hash
+
+
 def test_same_input_same_input_hash_and_answer(decisions):
     case = _case()
     first = decisions.Decide(_request(case), timeout=10)

@@ -125,7 +125,7 @@ def decision_tail(request: kpb.DecisionRequest, values: dict, digests: dict[str,
     request whose inputs the pipeline completed (defaults, text digests) has them built as before.
     """
     defaulted = ()
-    if len(request.fields) == len(values) and not digests:
+    if len(request.fields) == len(values) and not digests and not _converted(request.fields, values):
         parts = [wire.retag(request.SerializeToString(deterministic=True), _FIELDS, _INPUTS)]
     else:
         holder = kpb.AuditRecord()
@@ -143,6 +143,19 @@ def decision_tail(request: kpb.DecisionRequest, values: dict, digests: dict[str,
     return b"".join(parts)
 
 
+_KIND_OF = {float: "number_value", int: "int_value"}
+
+
+def _converted(given, values: dict) -> bool:
+    """Whether a number field was sent as an int (or an integer field as a whole double): the pipeline took it
+    as its own type, and the record must hold that, the value ``input_hash`` covers."""
+    for name, value in given.items():
+        kind = _KIND_OF.get(type(values[name]))
+        if kind is not None and value.WhichOneof("kind") != kind:
+            return True
+    return False
+
+
 def defaulted_values(request: kpb.DecisionRequest, values: dict) -> dict | None:
     """The fields ``request`` left out, each with the default the pipeline filled in (``values``: the validated
     inputs), as ``add_inputs`` names them in ``defaulted_fields``; None when it left none out."""
@@ -154,7 +167,8 @@ def defaulted_values(request: kpb.DecisionRequest, values: dict) -> dict | None:
 
 def add_inputs(record: kpb.AuditRecord, request: kpb.DecisionRequest, values: dict, digests: dict[str, str],
                with_defaulted: bool = True) -> list[str]:
-    """What replay needs: the request's (validated) field map as it came, the defaults the pipeline
+    """What replay needs: the request's (validated) field map as it came (a number sent as an int, or an integer
+    as a whole double, as the pipeline took it: the value ``input_hash`` covers), the defaults the pipeline
     filled in, and each free-text field's digest; and which inputs were defaults (``defaulted_fields``,
     sorted; set on ``record`` unless ``with_defaulted`` is False, for a caller that appends them itself).
     Returns those names."""
@@ -163,6 +177,10 @@ def add_inputs(record: kpb.AuditRecord, request: kpb.DecisionRequest, values: di
     # the record (a third of what copying them through upb's Python map objects costs).
     record.MergeFromString(wire.retag(request.SerializeToString(), _FIELDS, _INPUTS))
     inputs = record.inputs
+    for name, value in given.items():  # a number sent as an int: recorded as the pipeline took it (_converted)
+        kind = _KIND_OF.get(type(values[name]))
+        if kind is not None and value.WhichOneof("kind") != kind:
+            inputs[name].CopyFrom(to_value(values[name]))
     defaulted = []
     if len(given) != len(values):
         for name, value in values.items():
