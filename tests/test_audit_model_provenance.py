@@ -9,6 +9,7 @@ were replaced on disk since. Real kernel, real model files.
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import onnx
@@ -122,3 +123,38 @@ def test_injected_fault_file_replaced_during_load_is_refused(models, monkeypatch
     config, digest = model_config.load_with_digest(folder / "model.toml", "claims_triage", "1")
     with pytest.raises(ModelConfigError, match="changed while it was being loaded; load the model again"):
         OnnxModel.load(folder / "model.onnx", config, "claims_triage", "1", digest)
+
+
+def test_a_decision_names_the_model_file_that_decided_it_across_a_reload_in_place(models, tmp_path):
+    """An analyst's walk-through: a decision's provenance was the model's name and version alone, so a version
+    retrained in place and reloaded decided as 'claims_triage/1' before and after, and nothing on the decision said
+    which of the two files its MODEL_DEPLOY records name had decided it. Now the answer and its record carry the
+    SHA-256 of the model.onnx bytes loaded."""
+    import grpc
+    from conftest import start_claims_kernel
+
+    from kernel._proto.aios.kernel.v1 import kernel_pb2 as kpb
+    from kernel._proto.aios.kernel.v1 import kernel_pb2_grpc as kgrpc
+    from kernel.decision_client import make_request
+
+    folder = models / "claims_triage" / "1"
+    server = start_claims_kernel(models, tmp_path)
+    request = make_request("claims_triage", {"claim_amount": 800.0, "customer_tier": "gold"})
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            decide = kgrpc.DecisionServiceStub(channel).Decide
+            first_file = sha256(folder / "model.onnx")
+            before = decide(request, timeout=10)
+            retrain_in_place(folder)
+            server.hub.load("claims_triage")
+            after = decide(request, timeout=10)
+        records = {r.sequence: r for r in server.decisions.audit.read(from_sequence=0)}
+    finally:
+        server.stop(grace=1)
+    assert (before.model.model_version, after.model.model_version) == ("1", "1")
+    assert before.model.model_sha256 == first_file
+    assert after.model.model_sha256 == sha256(folder / "model.onnx") != first_file
+    deployed = [json.loads(r.payload)["onnx_sha256"] for r in records.values() if r.kind == kpb.MODEL_DEPLOY]
+    assert deployed == [first_file, after.model.model_sha256]
+    for answer in (before, after):  # the record says what the answer said
+        assert records[answer.audit_sequence].decision.model == answer.model

@@ -124,6 +124,7 @@ class GroupFinish:
         decision.escalation_reasons.append(f"model fault: {error.message}")
         model = decision.model
         model.model_name, model.model_version, model.route_arm = mv.name, mv.version, "fallback"
+        model.model_sha256 = _model_sha256(mv)
         item = pending.item
         timings = decision.phase_timings_ns
         timings["validate"] = pending.prepared_ns - pending.started_ns
@@ -134,7 +135,7 @@ class GroupFinish:
 
     def _static(self, pipeline: Pipeline, mv) -> "_Statics":
         """What every decision of (pipeline, model version) shares, computed once."""
-        key = (pipeline.hash, pipeline.policy.hash, id(mv))
+        key = (pipeline.hash, pipeline.policy.hash, id(mv), _model_sha256(mv))  # (an id a retired version had)
         found = self._statics.get(key)
         if found is None:
             found = _Statics(pipeline, mv)
@@ -528,6 +529,7 @@ class _Statics:
             pipeline=pipeline.name, pipeline_version=pipeline.hash)
         model = template.model
         model.model_name, model.model_version, model.route_arm = mv.name, mv.version, "primary"
+        model.model_sha256 = _model_sha256(mv)
         # The audit record's static part too, decision template inside: one C-level merge per decision.
         self.record_template = kpb.AuditRecord(kind=kpb.DECISION, pipeline=pipeline.name,
                                                pipeline_version=pipeline.hash)
@@ -544,6 +546,11 @@ class _Statics:
                 self._reasons.clear()
             found = self._reasons[fired] = reasons_bytes(fired, self._descriptions)
         return found
+
+
+def _model_sha256(mv) -> str:
+    """The SHA-256 of the model.onnx bytes ``mv`` was loaded from ("" for a model not loaded from a file)."""
+    return getattr(getattr(mv, "runtime", None), "onnx_sha256", "") or ""
 
 
 def _labels(mv, output: str) -> tuple[str, ...]:

@@ -113,7 +113,7 @@ class Reason(_message.Message):
     def __init__(self, rule_id: _Optional[str] = ..., description: _Optional[str] = ...) -> None: ...
 
 class ModelProvenance(_message.Message):
-    __slots__ = ("model_name", "model_version", "route_arm", "confidence", "class_scores")
+    __slots__ = ("model_name", "model_version", "route_arm", "confidence", "class_scores", "model_sha256")
     class ClassScoresEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -126,12 +126,14 @@ class ModelProvenance(_message.Message):
     ROUTE_ARM_FIELD_NUMBER: _ClassVar[int]
     CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
     CLASS_SCORES_FIELD_NUMBER: _ClassVar[int]
+    MODEL_SHA256_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     model_version: str
     route_arm: str
     confidence: float
     class_scores: _containers.ScalarMap[str, float]
-    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., route_arm: _Optional[str] = ..., confidence: _Optional[float] = ..., class_scores: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    model_sha256: str
+    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., route_arm: _Optional[str] = ..., confidence: _Optional[float] = ..., class_scores: _Optional[_Mapping[str, float]] = ..., model_sha256: _Optional[str] = ...) -> None: ...
 
 class Decision(_message.Message):
     __slots__ = ("request_id", "action", "reasons", "outcome", "model", "input_hash", "policy_name", "policy_hash", "review_id", "phase_timings_ns", "audit_sequence", "audit_hash", "pipeline", "pipeline_version", "tenant", "idempotency_key", "replayed", "policy_version", "escalation_reasons", "error_code", "error_message", "links_to_audit_sequence", "score_adjustment")
