@@ -237,3 +237,31 @@ def test_a_key_file_in_the_directory_that_holds_no_key_is_named(log_dir):
     done = run_cli("verify", str(log_dir))
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"skipped: {log_dir / 'public-key.pem'}: expected an Ed25519 public key" in done.stdout
+
+
+def test_export_writes_a_keyed_decisions_request_hash_in_hex_as_every_other_hash(tmp_path):
+    """An analyst's walk-through: `audit export` wrote `hash` and `prev_hash` in hex but a keyed decision's
+    `request_hash` in base64 (proto3 JSON's bytes), so it matched neither the idempotency store's hex request hash
+    nor anything else in the export. Real kernel, real keyed Decide."""
+    import grpc
+    from claims_support import build_small_model
+    from conftest import start_claims_kernel
+
+    from kernel._proto.aios.kernel.v1 import kernel_pb2_grpc as kgrpc
+    from kernel.decision_client import make_request
+    from kernel.store.idempotency import request_hash
+
+    server = start_claims_kernel(build_small_model(tmp_path / "models"), tmp_path)
+    request = make_request("claims_triage", {"claim_amount": 800.0}, idempotency_key="claim-1")
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            answer = kgrpc.DecisionServiceStub(channel).Decide(request, timeout=10)
+    finally:
+        server.stop(grace=1)
+    out = tmp_path / "export.jsonl"
+    done = run_cli("export", str(tmp_path / "data" / "audit"), "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    (line,) = [json.loads(text) for text in out.read_text().splitlines()
+               if json.loads(text)["sequence"] == answer.audit_sequence]
+    assert line["request_hash"] == request_hash(request)
+    assert line["hash"] == answer.audit_hash

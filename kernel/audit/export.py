@@ -3,7 +3,7 @@
 One JSON object per line, in sequence order: the record in the proto3 JSON
 mapping (field names as in the .proto), except that ``sequence``,
 ``time_unix_ns`` and ``links_to`` are plain numbers, ``hash``/``prev_hash``
-are lowercase hex, and ``payload`` is the parsed JSON document when it is one
+and ``request_hash`` are lowercase hex (as every other hash a record names), and ``payload`` is the parsed JSON document when it is one
 (else its text, else ``payload_base64``).
 """
 
@@ -25,6 +25,8 @@ def record_to_json(record: AuditRecord) -> dict:
     document["time_unix_ns"] = record.time_unix_ns
     document["hash"] = record.hash.hex()
     document["prev_hash"] = record.prev_hash.hex()
+    if record.request_hash:  # (proto3 JSON gives bytes as base64: an analyst matched it against nothing)
+        document["request_hash"] = record.request_hash.hex()
     if record.has_link:
         document["links_to"] = record.links_to
     if record.payload:
