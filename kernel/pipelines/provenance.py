@@ -149,9 +149,9 @@ _KIND_OF = {float: "number_value", int: "int_value"}
 def _converted(given, values: dict) -> bool:
     """Whether a number field was sent as an int (or an integer field as a whole double): the pipeline took it
     as its own type, and the record must hold that, the value ``input_hash`` covers."""
-    for name, value in given.items():
-        kind = _KIND_OF.get(type(values[name]))
-        if kind is not None and value.WhichOneof("kind") != kind:
+    for name, taken in values.items():  # (the plain dict first: only numbers reach the request's map, ~1.5 µs)
+        kind = _KIND_OF.get(type(taken))
+        if kind is not None and given[name].WhichOneof("kind") != kind:
             return True
     return False
 
