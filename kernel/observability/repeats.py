@@ -12,6 +12,7 @@ how many there were.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
 
@@ -24,11 +25,16 @@ class RepeatedFailure:
         self._unlogged = 0  # of them, not yet in a log line
         self._last_ns = 0
         self._traced = False  # whether the first failure of the run logged a traceback
+        self._lock = threading.Lock()  # (a step that fails on several threads at once: one first line, one count)
 
     def failed(self, detail: str, traceback: bool = True) -> None:
         """Call in the ``except`` block: the first failure logs its traceback, later ones one line at most
         every ``every_s`` seconds. ``traceback=False`` for an expected error whose message says it all
         (a ``KernelError`` such as the audit log having stopped): the first one is an ERROR line without it."""
+        with self._lock:
+            self._failed(detail, traceback)
+
+    def _failed(self, detail: str, traceback: bool) -> None:
         now = time.monotonic_ns()
         self._count += 1
         if self._count == 1:
@@ -44,6 +50,9 @@ class RepeatedFailure:
         self._last_ns = now
 
     def succeeded(self) -> None:
-        if self._count:
-            self._log.warning("%s works again, after %d failures in a row", self._what, self._count)
-            self._count = self._unlogged = 0
+        if self._count:  # (read without the lock: the common case, nothing failed, costs one attribute read)
+            with self._lock:
+                if not self._count:
+                    return
+                self._log.warning("%s works again, after %d failures in a row", self._what, self._count)
+                self._count = self._unlogged = 0

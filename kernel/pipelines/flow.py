@@ -21,6 +21,7 @@ from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
 from ..errors import Aborted, FailedPrecondition, InvalidArgument, NotFound, Unavailable, quote
 from ..ids import random_hex
 from ..limits import check_decision_request
+from ..observability.repeats import RepeatedFailure
 from ..review.deferred import DeferredRows
 from ..scheduling import WorkItem
 from ..scheduling.deadlines import request_deadline
@@ -97,6 +98,10 @@ class DecisionEngine(GroupFinish):
         # Finishes unary decisions in groups (see finisher.py), and answers those whose callers left (answer_later)
         self.finisher = BatchFinisher(self.finish, self._answer_later)
         self._finish_later = self.finisher.submit
+        # A store that cannot take the answers' idempotency entries (a full disk) fails every keyed group:
+        # logged once, then counted (group_finish._store_answers).
+        self._unstored_answers = RepeatedFailure(log, "storing the idempotency entries of answered decisions")
+        self._lost_answers = RepeatedFailure(log, "keeping unstored idempotency entries in memory")
         self._review_rows = None
         if self.services.reviews is not None:
             self._review_rows = DeferredRows(self._store_review_rows)

@@ -474,7 +474,8 @@ class GroupFinish:
         prevent. Its entry is kept in memory instead (``keep_unwritten``:
         retries get the answer back; the next write that succeeds stores it);
         only past ``MAX_UNWRITTEN`` such entries does a retry decide again.
-        The failures are logged once per group (how many, the first key, why). A key taken
+        The failures are logged once in full (how many, the first key, why), then counted at most every 30 s,
+        and once more when the store takes entries again. A key taken
         meanwhile by a different request is the caller's mistake and stays
         FAILED_PRECONDITION, saying that the decision was recorded.
         """
@@ -499,6 +500,8 @@ class GroupFinish:
                                             decision.SerializeToString(), decision.audit_sequence)
                 unkept.append((index, request.tenant, request.idempotency_key, decision.audit_sequence, exc, kept))
         if unkept is None:
+            self._unstored_answers.succeeded()  # (a no-op unless they failed: "... works again, after N failures")
+            self._lost_answers.succeeded()
             return ()
         _, tenant, key, sequence, exc, _ = unkept[0]
         lost = {entry[0] for entry in unkept if not entry[5]}
@@ -507,9 +510,13 @@ class GroupFinish:
                 if not lost else
                 f"{len(lost)} of them could not be kept in memory either ({MAX_UNWRITTEN} are): a retry with one of "
                 f"those keys decides again")
-        log.error("the idempotency entries of %d answered decisions could not be stored (the first: tenant %r, key "
-                  "%r, audit sequence %d: %s); %s", len(unkept), tenant, key, sequence,
-                  exc.message if isinstance(exc, KernelError) else f"{type(exc).__name__}: {exc}", then)
+        # Once in full, then a count at most every 30 s, and a line when the store takes them again: a full disk
+        # fails every keyed group, and a line per group buried the log (a drill at 20 decisions/s: 856 ERROR lines
+        # in 44 s; a storm at the kernel's full rate would be thousands a second).
+        (self._lost_answers if lost else self._unstored_answers).failed(
+            f"{len(unkept)} answered decisions' entries not stored (the first: tenant {tenant!r}, key {key!r}, audit "
+            f"sequence {sequence}: {exc.message if isinstance(exc, KernelError) else f'{type(exc).__name__}: {exc}'}); "
+            f"{then}", traceback=False)
         return lost or ()
 
 
