@@ -398,3 +398,34 @@ def test_a_refused_start_names_the_audit_log_when_its_reason_names_a_segment_onl
     with pytest.raises(AuditCorrupt) as refused:
         start_kernel(claims_models, pipelines=pipelines, data_dir=str(data_dir), pipeline_poll_s=0, **small)
     assert refused.value.message.startswith(f"audit log {data_dir / 'audit'}: {segments[2].name} starts at record")
+
+
+def test_a_write_the_disk_refuses_is_one_error_line_saying_what_to_do(tmp_path, caplog):
+    """(Incident drill: `ulimit -f` in the kernel's shell) the segment's write failed with EFBIG and the writer
+    logged a Python traceback for it, as for a bug, and no word of what to do. A real file-size limit here
+    (RLIMIT_FSIZE, this process only, restored after); SIGXFSZ is ignored by Python, so the write sees EFBIG."""
+    import errno
+    import resource
+
+    directory = tmp_path / "audit"
+    log = AuditLog.open(directory, preallocate_bytes=0)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    try:
+        for i in range(5):
+            log.append(record(i)).wait(5)
+        segment = max(directory.glob("*.seg"))
+        with caplog.at_level(logging.ERROR, logger="aios.audit"):
+            resource.setrlimit(resource.RLIMIT_FSIZE, (segment.stat().st_size + 4096, hard))
+            with pytest.raises(AuditError):
+                for i in range(5, 200):
+                    log.append(record(i)).wait(5)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        assert log.failure is not None
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        log.close()
+    (line,) = [r for r in caplog.records if r.name == "aios.audit" and r.levelno == logging.ERROR]
+    assert line.exc_info is None  # the disk's answer, not a bug
+    message = line.getMessage()
+    assert f"writing {directory} failed: File too large ({errno.errorcode[errno.EFBIG]})" in message
+    assert "ulimit -f" in message and "restart the kernel" in message and "NOT_SERVING" in message

@@ -32,6 +32,7 @@ otherwise), at every checkpoint and at close, and once an interval while idle.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import threading
@@ -378,6 +379,13 @@ class AuditLog:
         """Fail-stop: nobody may be told a record is durable now."""
         if isinstance(exc, AuditFilesGone):  # found by a check, not a bug or an I/O error: its message says it all
             log.error("audit: %s", exc.message)
+        elif isinstance(exc, OSError):
+            # The disk's answer (full, a file-size limit, an I/O error): an operator's fault to fix, not a bug, so
+            # one line saying what and what to do, without the writer's traceback (an incident drill's ulimit -f).
+            log.error("audit: writing %s failed: %s; the log takes no more records: decisions answer UNAVAILABLE and "
+                      "health is NOT_SERVING. %s, then restart the kernel (the records answered before are on disk; "
+                      "`aios-kernel audit verify %s` checks the log)", self.directory, _os_error(exc),
+                      _what_to_do(exc), self.directory)
         else:
             log.exception("audit: writing failed; the log takes no more records")
         with self._append_lock:
@@ -719,3 +727,22 @@ class AuditLog:
     # Used by the reader: wait for record ``sequence`` to become readable.
     def _await_record(self, sequence: int, timeout_s: float) -> bool:
         return self._watermark.wait_for(sequence, timeout_s)
+
+
+def _os_error(exc: OSError) -> str:
+    name = errno.errorcode.get(exc.errno, "") if exc.errno else ""
+    return f"{exc.strerror or exc} ({name})" if name else f"{type(exc).__name__}: {exc}"
+
+
+def _what_to_do(exc: OSError) -> str:
+    """What an operator does about a write the disk refused."""
+    if exc.errno == errno.ENOSPC or exc.errno == errno.EDQUOT:
+        return "Free space on the data dir's disk (or raise its quota)"
+    if exc.errno == errno.EFBIG:
+        return ("Lift the file-size limit the kernel runs under (`ulimit -f`, LimitFSIZE in its systemd unit), or "
+                "lower audit_segment_bytes below it")
+    if exc.errno == errno.EROFS:
+        return "Remount the data dir's file system read-write (it went read-only: check dmesg for why)"
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return "Make the data dir writable by the kernel's user"
+    return "Check the disk (dmesg) and its free space"
