@@ -12,6 +12,8 @@ import asyncio
 import errno
 import gc
 import logging
+import os
+import platform
 import socket
 import sys
 import threading
@@ -22,7 +24,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
-from . import accel, grpc_io
+from . import __version__, accel, grpc_io
 from ._proto import POOL
 from ._proto.inference import grpc_service_pb2
 from .api import (InferenceService, aio_servicer, eager_receive, kernel_services, registration, stream_pump,
@@ -326,9 +328,9 @@ class KernelServer:
             self._server = server
         self._update_health()
         log.info(
-            "AIOS kernel listening on %s:%d (front end %s, scheduler %s, lanes %s, batch nice %s, extensions: %s); "
+            "AIOS kernel listening on %s:%d (%s; front end %s, scheduler %s, lanes %s, batch nice %s, extensions: %s); "
             "%d model versions ready%s",
-            self.settings.host, self.port,
+            self.settings.host, self.port, _release_words(),
             self._front_end_words(),
             self.lanes.cpu.scheduler.name,
             ", ".join(f"{lane.name}×{lane.slots}" for lane in self.lanes.all()),
@@ -599,3 +601,13 @@ def probe_listen_address(host: str, port: int) -> None:
                 if exc.errno == errno.EACCES:
                     raise OSError(f"{where}: permission denied (ports below 1024 need privileges: --port or "
                                   "AIOS_PORT)") from None
+
+
+def _release_words() -> str:
+    """The release and runtimes serving, and the process: what an on-call engineer needs first from a start's
+    log (which kernel is this, which pid to signal) and found nowhere in it (an incident drill: the version was
+    only on the audit log's "kernel started" record)."""
+    import onnxruntime  # (imported by the models already)
+
+    return (f"aios-kernel {__version__}, pid {os.getpid()}, Python {platform.python_version()}, grpcio {grpc.__version__}, "
+            f"onnxruntime {onnxruntime.__version__}")

@@ -305,3 +305,21 @@ def test_list_answers_every_service_it_checks(kernel, channel):
     assert "" in listing and len(listing) > 1
     for service, answer in listing.items():
         assert stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status == answer.status
+
+
+def test_the_start_line_names_the_release_the_process_and_its_runtimes(model_repo, caplog):
+    """(Incident drill) an on-call engineer reading a start's log could not tell which kernel release served, nor
+    which pid to signal: the version was only on the audit log's "kernel started" record."""
+    import os
+    import platform
+
+    import onnxruntime
+
+    from kernel import __version__
+
+    caplog.set_level("INFO", logger="aios.server")
+    server = start_kernel(model_repo, "sync")
+    server.stop(grace=1)
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("AIOS kernel listening on")]
+    assert (f"(aios-kernel {__version__}, pid {os.getpid()}, Python {platform.python_version()}, grpcio "
+            f"{grpc.__version__}, onnxruntime {onnxruntime.__version__}; front end sync") in line
