@@ -301,6 +301,43 @@ def test_a_store_file_deleted_under_it_fail_stops_before_the_next_durable_commit
         db.close()
 
 
+def test_a_write_ahead_log_deleted_under_it_fail_stops_before_the_next_durable_commit(tmp_path, caplog):
+    """(Incident drill) `rm kernel.sqlite3-wal` under a running kernel went unnoticed: every commit after it went
+    to the deleted file, health stayed SERVING, and a crash lost them all (a finished task's row with them)."""
+    db = open_database(tmp_path / "data")
+    queue = ReviewQueue(db)
+    try:
+        queue.create(*case(1), ["approve"], 60.0)
+        wal = tmp_path / "data" / "kernel.sqlite3-wal"
+        assert wal.exists()
+        wal.unlink()  # an operator's clean-up of what looked like a temporary file
+        with caplog.at_level(logging.ERROR, logger="aios.store"), pytest.raises(StoreFailed) as info:
+            queue.create(*case(2), ["approve"], 60.0)
+        assert info.value.message.startswith(
+            f"data_dir {tmp_path / 'data'}: kernel.sqlite3-wal was deleted under the running kernel")
+        assert "stop the kernel with SIGTERM, not SIGKILL" in info.value.message
+        assert [r.getMessage() for r in caplog.records if r.name == "aios.store"] == [info.value.message]
+    finally:
+        db.close()
+    # What the message promises: the close copied the commits from the deleted file into kernel.sqlite3.
+    with sqlite3.connect(tmp_path / "data" / "kernel.sqlite3") as conn:
+        assert conn.execute("SELECT COUNT(*) FROM reviews").fetchone()[0] == 1
+
+
+def test_a_write_ahead_log_replaced_under_it_fail_stops(tmp_path):
+    db = open_database(tmp_path / "data")
+    try:
+        ReviewQueue(db).create(*case(1), ["approve"], 60.0)
+        wal = tmp_path / "data" / "kernel.sqlite3-wal"
+        copy = tmp_path / "copy-wal"
+        shutil.copyfile(wal, copy)
+        os.replace(copy, wal)  # the same bytes in another file
+        with pytest.raises(StoreFailed, match="kernel.sqlite3-wal was replaced under the running kernel"):
+            ReviewQueue(db).create(*case(2), ["approve"], 60.0)
+    finally:
+        db.close()
+
+
 def test_a_store_file_replaced_under_it_fail_stops(tmp_path):
     db = open_database(tmp_path / "data")
     try:

@@ -138,6 +138,10 @@ class Database:
         self._closed = False
         self._writer = None
         self._identity: tuple[int, int] | None = None  # (st_dev, st_ino) of kernel.sqlite3 as opened
+        self.wal_path = self.path.with_name(self.path.name + "-wal")
+        # ... and of its write-ahead log, once SQLite made it: it keeps it for as long as a connection is open, so
+        # another file there (or none) means someone removed it, and every commit since went to a deleted file.
+        self._wal_identity: tuple[int, int] | None = None
         self._next_identity_check = 0.0
         try:
             self._open(exclusive)
@@ -177,6 +181,7 @@ class Database:
         if exclusive:
             self._probe_write_lock()
         self._identity = self._file_identity()
+        self._wal_problem()  # (notes the write-ahead log's identity)
 
     def _quick_check(self) -> None:
         """Refuse a damaged file at start (one line, exit 2) rather than serve from it until a write lands on
@@ -258,6 +263,25 @@ class Database:
         if identity != self._identity:
             return (f"{self.path.name} was replaced under the running kernel (another file is at {self.path} "
                     "now; writes would go to the old one)")
+        return self._wal_problem()
+
+    def _wal_problem(self) -> str | None:
+        """Why kernel.sqlite3-wal is no longer the write-ahead log SQLite writes, if it is not. (An incident drill:
+        the WAL deleted under a running kernel went unnoticed; every commit after it went to the deleted file,
+        and a crash then lost them all, tasks included, with health SERVING the whole time.)"""
+        try:
+            status = os.stat(self.wal_path)
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.ENOTDIR) and self._wal_identity is not None:
+                return (f"{self.wal_path.name} was deleted under the running kernel (the store's commits since its "
+                        "last checkpoint are only in the deleted file: a stop or crash would lose them)")
+            return None
+        identity = status.st_dev, status.st_ino
+        if self._wal_identity is None:
+            self._wal_identity = identity  # (SQLite makes it at the first transaction after the open)
+        elif identity != self._wal_identity:
+            return (f"{self.wal_path.name} was replaced under the running kernel (another file is at "
+                    f"{self.wal_path} now; the store's commits since its last checkpoint are in the old one)")
         return None
 
     def _before_commit(self, durable: bool) -> None:
@@ -277,9 +301,13 @@ class Database:
         with self._failure_lock:
             first = self._failure is None
             if first:
+                # The WAL gone: the kernel still holds the deleted file, and its close checkpoints it into
+                # kernel.sqlite3 (a drill: every answered decision's key was there after a SIGTERM), a kill does not.
+                remedy = ("stop the kernel with SIGTERM, not SIGKILL (its close copies those commits into "
+                          f"{self.path.name} from the file it still holds), then start it again"
+                          if cause.startswith(self.wal_path.name) else "restore the data dir and restart the kernel")
                 self._failure = StoreFailed(
-                    f"data_dir {self.data_dir}: {cause}; the store takes no more reads or writes: restore the "
-                    "data dir and restart the kernel")
+                    f"data_dir {self.data_dir}: {cause}; the store takes no more reads or writes: {remedy}")
         if first:
             log.error("%s", self._failure.message)
             for listener in self.failure_listeners:
