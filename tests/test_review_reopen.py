@@ -294,6 +294,31 @@ def test_a_review_store_that_keeps_failing_fails_decisions_once_the_backlog_is_f
         server.stop(grace=1)
 
 
+def _lost_keys_are_forgotten(claims_models, options, caplog, data_dir, opened: int, requests, first) -> None:
+    """The log ends at #``opened`` while the store saw two records past it: fsync mode refuses the start, nothing
+    changed; async mode forgets the three keys whose records were lost, so their retries are decided anew (each
+    answer naming its own new record), and the three kept ones replay their first answers."""
+    from conftest import start_kernel
+    from kernel.audit import AuditCorrupt
+
+    with pytest.raises(AuditCorrupt, match=f"ends at record #{opened} but the review and idempotency store saw "
+                                           f"records up to #{opened + 2}"):
+        start_kernel(claims_models, **{**options, "audit_mode": "fsync"})  # fsync mode: refused, nothing changed
+    restarted = start_kernel(claims_models, **options)
+    try:
+        assert f"forgot the idempotency entries of 3 decisions whose records #{opened} on were lost" in caplog.text
+        with grpc.insecure_channel(f"127.0.0.1:{restarted.port}") as channel:
+            retried = [kgrpc.DecisionServiceStub(channel).Decide(request, timeout=10) for request in requests]
+    finally:
+        restarted.stop(grace=1)
+    assert [answer.replayed for answer in retried] == [True] * 3 + [False] * 3
+    assert [a.audit_sequence for a in retried[:3]] == [a.audit_sequence for a in first[:3]]
+    on_record = {r.sequence: r.idempotency_key
+                 for r in iter_directory(data_dir / "audit", opened, RecordFilter(kind=kpb.DECISION))}
+    for request, answer in zip(requests[3:], retried[3:]):  # each new answer names its own record
+        assert on_record[answer.audit_sequence] == request.idempotency_key
+
+
 def _set_proposed_hash(database, review_id: str, audit_hash: str) -> None:
     """The injected fault: the stored review's proposal names another record hash, as a review whose
     decision's record a power cut took (async mode) would once a new decision has that sequence number."""
@@ -393,24 +418,7 @@ def test_stored_answers_citing_lost_records_are_forgotten_when_the_loss_is_accep
         # (The review mark is left below the loss: it rises only with escalations, and a loss after the last one is
         # seen from the stored answers alone — a review audit found it was not.)
 
-    from kernel.audit import AuditCorrupt
-
-    with pytest.raises(AuditCorrupt, match=f"ends at record #{opened} but the review and idempotency store saw "
-                                           f"records up to #{opened + 2}"):
-        start_kernel(claims_models, **{**options, "audit_mode": "fsync"})  # fsync mode: refused, nothing changed
-    restarted = start_kernel(claims_models, **options)
-    try:
-        assert f"forgot the idempotency entries of 3 decisions whose records #{opened} on were lost" in caplog.text
-        with grpc.insecure_channel(f"127.0.0.1:{restarted.port}") as channel:
-            retried = [kgrpc.DecisionServiceStub(channel).Decide(request, timeout=10) for request in requests]
-    finally:
-        restarted.stop(grace=1)
-    assert [answer.replayed for answer in retried] == [True] * 3 + [False] * 3
-    assert [a.audit_sequence for a in retried[:3]] == [a.audit_sequence for a in first[:3]]
-    on_record = {r.sequence: r.idempotency_key
-                 for r in iter_directory(data_dir / "audit", opened, RecordFilter(kind=kpb.DECISION))}
-    for request, answer in zip(requests[3:], retried[3:]):  # each new answer names its own record
-        assert on_record[answer.audit_sequence] == request.idempotency_key
+    _lost_keys_are_forgotten(claims_models, options, caplog, data_dir, opened, requests, first)
 
 
 def test_answers_an_older_kernel_stored_are_checked_against_the_log_too(claims_models, tmp_path, caplog):
@@ -419,7 +427,6 @@ def test_answers_an_older_kernel_stored_are_checked_against_the_log_too(claims_m
     async-mode power cut under the old kernel) went unseen. fsync mode started instead of refusing, and in async
     mode a retried key was answered with a sequence number the new kernel's own records had taken."""
     from conftest import start_kernel
-    from kernel.audit import AuditCorrupt
     from kernel.store.idempotency import OLD_SEQUENCES_FILLED
 
     pipelines, data_dir = str(copy_pipelines(tmp_path / "pipelines")), tmp_path / "data"
@@ -445,22 +452,7 @@ def test_answers_an_older_kernel_stored_are_checked_against_the_log_too(claims_m
         (mark,) = conn.execute("SELECT value FROM meta WHERE key = ?", (RECORDED_BEFORE,)).fetchone()
     assert mark <= opened
 
-    with pytest.raises(AuditCorrupt, match=f"ends at record #{opened} but the review and idempotency store saw "
-                                           f"records up to #{opened + 2}"):
-        start_kernel(claims_models, **{**options, "audit_mode": "fsync"})
-    restarted = start_kernel(claims_models, **options)
-    try:
-        assert f"forgot the idempotency entries of 3 decisions whose records #{opened} on were lost" in caplog.text
-        with grpc.insecure_channel(f"127.0.0.1:{restarted.port}") as channel:
-            retried = [kgrpc.DecisionServiceStub(channel).Decide(request, timeout=10) for request in requests]
-    finally:
-        restarted.stop(grace=1)
-    assert [answer.replayed for answer in retried] == [True] * 3 + [False] * 3
-    assert [a.audit_sequence for a in retried[:3]] == [a.audit_sequence for a in first[:3]]
-    on_record = {r.sequence: r.idempotency_key
-                 for r in iter_directory(data_dir / "audit", opened, RecordFilter(kind=kpb.DECISION))}
-    for request, answer in zip(requests[3:], retried[3:]):  # each new answer names its own record
-        assert on_record[answer.audit_sequence] == request.idempotency_key
+    _lost_keys_are_forgotten(claims_models, options, caplog, data_dir, opened, requests, first)
     with sqlite3.connect(data_dir / DATABASE_FILE) as conn:  # the kept answers' column filled from their bytes
         kept = dict(conn.execute("SELECT key, audit_sequence FROM idempotency WHERE key LIKE 'old-%'").fetchall())
     assert [kept[r.idempotency_key] for r in requests[:3]] == [a.audit_sequence for a in first[:3]]
