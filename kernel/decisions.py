@@ -102,6 +102,7 @@ class DecisionSide:
             # (An older kernel's answers name their record in their bytes only: read once, so the check sees them.)
             if self.audit is not None:
                 self.idempotency.fill_old_sequences(skip_tenant=_RESOLUTIONS)
+                self.idempotency.unmark_unrecorded(skip_tenant=_RESOLUTIONS)  # (an unaudited kernel's answers)
             self._lost = self._lost_records(self._opened)
         except BaseException:
             self.audit.close()

@@ -598,3 +598,36 @@ def test_a_review_reopened_for_a_pipeline_no_longer_served_offers_its_stored_rev
     for review_id in lost:
         assert set(after[review_id].actions) == {after[review_id].proposed.action, *kept.actions}
     assert resolved.resolved_action == "deny"
+
+
+def test_answers_an_unaudited_kernel_stored_cite_no_record_at_the_next_start_with_the_log_on(claims_models, tmp_path):
+    """A kernel with audit_mode off stored each keyed answer with audit_sequence 0 (the unrecorded answer's own 0),
+    which the next start with the log on read as record #0 seen by the store: fsync mode refused to start ("the
+    audit log ends at record #0 but the review and idempotency store saw records up to #0 ... refusing to start"),
+    and async mode would have forgotten every such answer as citing a lost record. A store such a kernel left is
+    read right too (its rows at 0 whose answer cites no record are set back to -1)."""
+    from conftest import start_kernel
+
+    pipelines, data_dir = str(copy_pipelines(tmp_path / "pipelines")), tmp_path / "data"
+    options = dict(pipelines=pipelines, data_dir=str(data_dir), pipeline_poll_s=0)
+    requests = [claim_request(case, request_id=f"u{i}", idempotency_key=f"unaudited-{i}")
+                for i, case in enumerate(data.generate_cases(3, seed=51))]
+    server = start_kernel(claims_models, **options, audit_mode="off")
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        first = [kgrpc.DecisionServiceStub(channel).Decide(request, timeout=10) for request in requests]
+    server.stop(grace=1)
+    with sqlite3.connect(data_dir / DATABASE_FILE) as conn:
+        assert {s for (s,) in conn.execute("SELECT audit_sequence FROM idempotency")} == {-1}
+        conn.execute("UPDATE idempotency SET audit_sequence = 0")  # as the kernel before this fix stored them
+
+    restarted = start_kernel(claims_models, **options, audit_mode="fsync")
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{restarted.port}") as channel:
+            retried = [kgrpc.DecisionServiceStub(channel).Decide(request, timeout=10) for request in requests]
+    finally:
+        restarted.stop(grace=1)
+    assert [answer.replayed for answer in retried] == [True] * 3
+    assert [answer.action for answer in retried] == [answer.action for answer in first]
+    with sqlite3.connect(data_dir / DATABASE_FILE) as conn:
+        assert {s for (s,) in conn.execute("SELECT audit_sequence FROM idempotency WHERE key LIKE 'unaudited-%'")} \
+            == {-1}

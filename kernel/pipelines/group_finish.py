@@ -486,9 +486,12 @@ class GroupFinish:
             if isinstance(decision, KernelError):  # (its review could not be stored: not answered, not kept)
                 continue
             request = pending.request
+            # The record the answer cites, or -1: unaudited (audit_mode off), it cites none, and its sequence 0
+            # would read as record #0 seen by the store (a later start with the log on refused: "#0 lost").
+            sequence = decision.audit_sequence if decision.audit_hash else -1
             try:
                 store.put(request.tenant, request.idempotency_key, pending.request_hash, decision.SerializeToString(),
-                          decision.audit_sequence)
+                          sequence)
             except FailedPrecondition as exc:
                 results[index] = FailedPrecondition(
                     f"{exc.message} (this request was decided and recorded all the same: audit sequence "
@@ -497,7 +500,7 @@ class GroupFinish:
                 if unkept is None:
                     unkept = []
                 kept = store.keep_unwritten(request.tenant, request.idempotency_key, pending.request_hash,
-                                            decision.SerializeToString(), decision.audit_sequence)
+                                            decision.SerializeToString(), sequence)
                 unkept.append((index, request.tenant, request.idempotency_key, decision.audit_sequence, exc, kept))
         if unkept is None:
             self._unstored_answers.succeeded()  # (a no-op unless they failed: "... works again, after N failures")

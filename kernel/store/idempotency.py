@@ -251,6 +251,37 @@ class IdempotencyStore:
                                                     (OLD_SEQUENCES_FILLED,)), durable=True)
         return filled
 
+    def unmark_unrecorded(self, skip_tenant: str = "") -> int:
+        """Set the ``audit_sequence`` column back to -1 for the answers stored as citing record #0 whose bytes cite
+        no record (an unaudited kernel's, audit_mode off, stored them with the answer's 0); returns how many.
+
+        Read as record #0 seen by the store, they made the next start with the log on refuse in fsync mode ("the
+        audit log ends at record #0 but the ... store saw records up to #0") and, in async mode, forget every such
+        answer as citing a lost record. Only rows at 0 are read (the partial index): after one pass, the few
+        answers that do cite record #0."""
+        unmarked, after = 0, ("", "")
+        while True:
+            with self._db.read() as conn:
+                page = conn.execute("SELECT tenant, key, response FROM idempotency INDEXED BY idempotency_by_sequence"
+                                    " WHERE audit_sequence >= 0 AND audit_sequence = 0"
+                                    " AND (tenant, key) > (?, ?) AND tenant != ? ORDER BY tenant, key LIMIT ?",
+                                    (*after, skip_tenant, PURGE_BATCH)).fetchall()
+            if not page:
+                return unmarked
+            after = page[-1][:2]
+            found = []
+            for tenant, key, response in page:
+                try:
+                    answer = kpb.Decision.FromString(response)
+                except Exception:  # (not a decision: nothing of ours, left alone)
+                    continue
+                if not answer.audit_hash:
+                    found.append((tenant, key))
+            if found:
+                unmarked += self._db.transact(lambda conn, rows=found: conn.executemany(
+                    "UPDATE idempotency SET audit_sequence = -1 WHERE tenant = ? AND key = ? AND audit_sequence = 0",
+                    rows).rowcount, durable=True)
+
     def highest_sequence(self) -> int:
         """The highest audit sequence a stored answer cites (-1 when none does): the log must hold it."""
         with self._db.read() as conn:
