@@ -279,3 +279,31 @@ def test_a_candidate_pipeline_s_defaults_fill_the_fields_a_case_left_out(tmp_pat
     report = _replay(audit, toml, candidate / "policy.toml", tmp_path / "q.json", capsys)
     assert report["examined"] == 1 and report["skipped"] == 1
     assert report["skipped_reasons"] == {"missing required field 'fraud_score'": 1}
+
+
+def test_stale_scores_counts_only_the_cases_replay_examined(tmp_path, capsys):
+    """stale_scores counts, of the examined cases, those whose recorded scores are the model's on a default the
+    candidate changed. A FALLBACK case (the model failed: no scores) that left the field out is skipped without
+    --model, and was counted all the same: the report said 2 stale of 1 examined."""
+    from claims_support import faulty_claims_model
+
+    good = build_small_model(tmp_path / "good") / "claims_triage" / "1"
+    faulty_claims_model(good, tmp_path / "models" / "claims_triage" / "1", fault="refuse")
+    pipelines = copy_pipelines(tmp_path / "pipelines")
+    server = start_kernel(tmp_path / "models", pipelines=str(pipelines), data_dir=str(tmp_path / "data"),
+                          pipeline_poll_s=0)
+    try:
+        with DecisionClient(f"127.0.0.1:{server.port}") as client:
+            small = client.decide("claims_triage", {"claim_amount": 300.0, "customer_tier": "gold",
+                                                    "has_police_report": False}, request_id="small")
+            large = client.decide("claims_triage", {"claim_amount": 90000.0, "customer_tier": "gold",
+                                                    "has_police_report": False}, request_id="large")
+    finally:
+        server.stop(grace=1)
+    assert small.outcome != kpb.FALLBACK and large.outcome == kpb.FALLBACK
+    candidate = copy_pipelines(tmp_path / "candidate")
+    toml = candidate / "claims_triage.toml"
+    toml.write_text(toml.read_text().replace("default = 0.21\n", "default = 0.95\n"))
+    report = _replay(tmp_path / "data" / "audit", toml, candidate / "policy.toml", tmp_path / "r.json", capsys)
+    assert report["examined"] == 1 and report["skipped"] == 1
+    assert report["stale_scores"] == 1

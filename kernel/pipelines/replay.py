@@ -257,8 +257,6 @@ def _case(record, pipeline: Pipeline, report: ReplayReport, model: CandidateMode
             if spec.encode != "none" and spec.name in record.inputs and \
                     _python(record.inputs[spec.name]) != spec.default:
                 stale = True  # the model read the old default: its recorded scores are not the candidate's
-    if stale and model is None:
-        report.stale_scores += 1
     if model is not None:  # the candidate scores every case from its inputs: FALLBACKs (no scores) too
         return _Case(record, values, None, model.labels)
     scores = dict(record.model_outputs) or dict(record.decision.model.class_scores)
@@ -266,6 +264,8 @@ def _case(record, pipeline: Pipeline, report: ReplayReport, model: CandidateMode
         report.skipped += 1
         report.skipped_reasons["no recorded model outputs (the model failed: give --model to re-decide)"] += 1
         return None
+    if stale:  # (counted of the cases examined: a skipped one has no recorded scores to be stale)
+        report.stale_scores += 1
     return _Case(record, values, scores, tuple(sorted(scores)))  # (map order is none: ties break alphabetically)
 
 
