@@ -379,13 +379,16 @@ class AuditLog:
         """Fail-stop: nobody may be told a record is durable now."""
         if isinstance(exc, AuditFilesGone):  # found by a check, not a bug or an I/O error: its message says it all
             log.error("audit: %s", exc.message)
-        elif isinstance(exc, OSError):
+        elif isinstance(exc, OSError) and exc.errno in _DISK_REFUSALS:
             # The disk's answer (full, a file-size limit, an I/O error): an operator's fault to fix, not a bug, so
             # one line saying what and what to do, without the writer's traceback (an incident drill's ulimit -f).
+            # Any other errno (EBADF, EINVAL) points at a bug: its traceback below.
+            kept = ("the records answered before are on disk" if self.mode == "fsync" else
+                    "the records answered before were written to the OS; those since the last checkpoint are not "
+                    "fsynced")
             log.error("audit: writing %s failed: %s; the log takes no more records: decisions answer UNAVAILABLE and "
-                      "health is NOT_SERVING. %s, then restart the kernel (the records answered before are on disk; "
-                      "`aios-kernel audit verify %s` checks the log)", self.directory, _os_error(exc),
-                      _what_to_do(exc), self.directory)
+                      "health is NOT_SERVING. %s, then restart the kernel (%s; `aios-kernel audit verify %s` checks "
+                      "the log)", self.directory, _os_error(exc), _what_to_do(exc), kept, self.directory)
         else:
             log.exception("audit: writing failed; the log takes no more records")
         with self._append_lock:
@@ -727,6 +730,11 @@ class AuditLog:
     # Used by the reader: wait for record ``sequence`` to become readable.
     def _await_record(self, sequence: int, timeout_s: float) -> bool:
         return self._watermark.wait_for(sequence, timeout_s)
+
+
+# What a disk answers for a write it will not take: the operator's to fix (one line), not a bug (a traceback).
+_DISK_REFUSALS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM,
+                            errno.EIO})
 
 
 def _os_error(exc: OSError) -> str:
