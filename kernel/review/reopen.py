@@ -61,7 +61,8 @@ def reopen_reviews(queue, records: Iterable[kpb.AuditRecord],
         for name, value in record.inputs.items():
             if name.startswith("text:"):  # (the record has its digest only: the reviewer is told the text is gone)
                 digests[name.removeprefix("text:")] = value.string_value
-            elif name not in defaults:  # (the case as sent, as an unlost row has it)
+            elif name not in defaults:  # (the fields sent, as an unlost row has them; a record written since
+                # 2026-11-28 holds each as the pipeline took it: a number sent as 800 reads 800.0)
                 request.fields[name].CopyFrom(value)
         queue.create_many([(proposed, request, actions, sla_seconds, "", decision.review_id, 0, defaults, digests)],
                           durable=False, now=record.time_unix_ns or None)
