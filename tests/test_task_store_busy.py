@@ -124,3 +124,61 @@ def test_a_store_refusing_for_long_is_logged_once_a_task_not_once_a_retry(claims
         assert "took its change after refusing it" in lines[1][1]
     finally:
         server.stop(grace=1)
+
+
+def test_a_task_whose_review_resolution_the_store_refused_as_it_began_waiting_still_ends(
+        claims_models, tmp_path, monkeypatch, caplog):
+    """The review was resolved while the attempt ran (the resolution parked for the task); the task's move to
+    WAITING_FOR_REVIEW committed, and its move on to SUCCEEDED with that resolution was refused (StoreBusy). The
+    worker wrote the outcome again: the task was WAITING already, so that write changed nothing, and the parked
+    resolution was never applied: the task waited for a review already resolved until a restart (a race review).
+
+    Faults injected on purpose, named so: the attempt is held after it decided; the kernel's busy timeout is cut to
+    100 ms; and the store's read of the parked resolution, the first time it finds one, locks the store (a real
+    lock, from another connection) before returning it, pinning the lock between the two writes."""
+    from test_tasks_grpc import LARGE
+
+    monkeypatch.setattr(sqlite_store, "BUSY_TIMEOUT_MS", 100)
+    server = start_claims_kernel(claims_models, tmp_path)
+    lock = sqlite3.connect(Path(server.settings.data_dir) / "kernel.sqlite3", isolation_level=None,
+                           check_same_thread=False)
+    try:
+        runner = server.decisions.tasks
+        decided, go_on = hold_attempts_after_deciding(monkeypatch, runner)
+        records = runner.store._records
+        real_completion, locked = records.completion, threading.Event()
+
+        def completion_then_lock(review_id):  # the named hold point: lock the store once a resolution is found
+            found = real_completion(review_id)
+            if found is not None and not locked.is_set():
+                lock.execute("BEGIN IMMEDIATE")
+                locked.set()
+            return found
+
+        monkeypatch.setattr(records, "completion", completion_then_lock)
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            tasks, reviews = kgrpc.TaskServiceStub(channel), kgrpc.ReviewServiceStub(channel)
+            task = tasks.StartTask(kpb.StartTaskRequest(request=claim_request(LARGE, tenant="store-busy")),
+                                   timeout=TIMEOUT_S)
+            ref = kpb.TaskRef(task_id=task.task_id)
+            assert decided.wait(TIMEOUT_S), "the attempt never decided"
+            review = reviews.ListReviews(kpb.ListReviewsRequest(tenant="store-busy", state="OPEN"),
+                                         timeout=TIMEOUT_S).reviews[0]
+            reviews.ClaimReview(kpb.ClaimReviewRequest(review_id=review.review_id, reviewer="alice"), timeout=TIMEOUT_S)
+            reviews.ResolveReview(kpb.ResolveReviewRequest(review_id=review.review_id, reviewer="alice",
+                                                           action="approve"), timeout=TIMEOUT_S)
+            with caplog.at_level(logging.ERROR, logger="aios.tasks"):
+                go_on.set()
+                until(lambda: [r for r in caplog.records if r.name == "aios.tasks" and task.task_id in r.getMessage()],
+                      "the store's refusal of the task's change", TIMEOUT_S, every_s=0.01)
+            assert tasks.GetTask(ref, timeout=TIMEOUT_S).state == kpb.WAITING_FOR_REVIEW
+            lock.execute("ROLLBACK")  # the store takes writes again
+            states = [t.state for t in tasks.WatchTask(ref, timeout=5)]
+        assert states[-1] == kpb.SUCCEEDED, states
+        done = runner.get(task.task_id)
+        assert done.decision.action == "approve" and done.attempts == 1
+    finally:
+        if lock.in_transaction:
+            lock.execute("ROLLBACK")
+        lock.close()
+        server.stop(grace=1)

@@ -331,11 +331,19 @@ class TaskStore:
 
     # -- reviews ------------------------------------------------------------------------------
     def enter_waiting(self, task_id: str, review_id: str, proposed: kpb.Decision) -> kpb.Task | None:
-        """RUNNING → WAITING_FOR_REVIEW; straight on to SUCCEEDED if the review was already resolved."""
+        """RUNNING → WAITING_FOR_REVIEW; straight on to SUCCEEDED if the review was already resolved. None when the
+        task is neither RUNNING nor already waiting on ``review_id`` (cancelled meanwhile).
+
+        Called again for a task already waiting on ``review_id`` (the runner writes a refused outcome again: the
+        move to WAITING committed, the move on to SUCCEEDED with a resolution parked meanwhile was refused by a
+        busy store), it looks for that resolution again: the task waited for a review already resolved until a
+        restart (a race review)."""
         task = self.transition(task_id, kpb.WAITING_FOR_REVIEW, (kpb.RUNNING,), f"waiting for review {review_id}",
                                decision=proposed, review_id=review_id)
         if task is None:
-            return None
+            task = self.get(task_id)
+            if task.state != kpb.WAITING_FOR_REVIEW or task.review_id != review_id:
+                return None
         # No lock between this and complete_from_review: each side commits its write durably, then
         # reads the other's, so at least one sees the other (both may; the WAITING → SUCCEEDED
         # compare-and-set lets only one finish the task).
