@@ -500,3 +500,63 @@ def test_a_crash_loses_no_acknowledged_write(tmp_path):
         for task_id, state in acked_tasks.items():
             assert store.get(task_id).state == state == kpb.RUNNING
         assert db.writes == 0  # (this process wrote nothing; the data came from the killed one)
+
+
+def test_writes_queued_behind_a_lock_held_elsewhere_are_refused_with_the_leader(tmp_path, monkeypatch):
+    """Another process holds kernel.sqlite3's write lock: the leader's BEGIN waits BUSY_TIMEOUT_MS and is refused
+    (StoreBusy). The writes queued behind it while it waited were handed the lead one at a time, each waiting the
+    whole busy timeout again: the Nth write waited N timeouts (a stop with six writes queued took 58 s where its
+    drain said 13, each write refused only after 10 s of its own; a race review). Those queued before the leader
+    began waiting are refused with it; a write that arrived meanwhile leads the next attempt.
+
+    Hold point injected on purpose, named so: the first BEGIN starts once the other writers are queued (they came
+    while it waited: the next leader's try is theirs too); the busy timeout is cut to 100 ms. The lock is real: another connection's write transaction."""
+    from kernel.store import sqlite as sqlite_store
+    from kernel.store.faults import StoreBusy
+
+    monkeypatch.setattr(sqlite_store, "BUSY_TIMEOUT_MS", 100)
+    db = open_database(tmp_path / "var")
+    lock = sqlite3.connect(db.path, isolation_level=None)
+    writers, attempts, errors = 6, [], []
+    real_begin = db._group._begin
+
+    def begin_once_all_are_queued(durable):  # the named hold point
+        if not attempts:
+            assert until_true(lambda: db.queued_writes == writers - 1)
+        attempts.append(durable)
+        return real_begin(durable)
+
+    def write(n):
+        try:
+            db.transact(lambda conn: conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, 1)",
+                                                  (f"w{n}",)))
+        except StoreBusy as exc:
+            errors.append(exc)
+
+    try:
+        db._group._begin = begin_once_all_are_queued
+        lock.execute("BEGIN IMMEDIATE")
+        threads = [threading.Thread(target=write, args=(n,)) for n in range(writers)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(WAIT_S)
+        assert len(errors) == writers  # every one refused as busy (UNAVAILABLE, retry-after-ms)
+        assert len(attempts) == 2, f"{len(attempts)} waits of the busy timeout, one after the other"
+        lock.execute("ROLLBACK")
+        write(99)  # the store takes writes again
+        assert len(errors) == writers and len(attempts) == 3
+    finally:
+        if lock.in_transaction:
+            lock.execute("ROLLBACK")
+        lock.close()
+        db.close()
+
+
+def until_true(check, timeout_s: float = WAIT_S) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.001)
+    return True

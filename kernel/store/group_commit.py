@@ -57,6 +57,11 @@ _monotonic_ns = time.monotonic_ns
 _WAITING, _DONE, _LEAD = 0, 1, 2
 
 
+def _lock_held_elsewhere(exc: BaseException) -> bool:
+    """Whether a BEGIN failed because another process held the write lock for the whole busy timeout."""
+    return isinstance(exc, sqlite3.OperationalError) and getattr(exc, "sqlite_errorcode", 0) & 0xFF in (5, 6)  # BUSY, LOCKED
+
+
 class _Write:
     """One caller's write: its work, and then its result or its exception."""
 
@@ -203,10 +208,14 @@ class GroupCommit:
         if not durable:  # a durable write queued already makes this group durable
             with self._lock:
                 durable = any(w.durable and w.work is not None for w in self._pending)
+        with self._lock:  # (queued before this BEGIN waits: they wait it out with it)
+            waited = [write for write in self._pending if write.work is not None]
         try:
             conn = self._begin(durable)
         except BaseException as exc:
             first.error = exc
+            if _lock_held_elsewhere(exc):
+                self._refuse(waited, exc)
             self._hand_off()
             return
         try:
@@ -216,6 +225,20 @@ class GroupCommit:
             self._abandon(conn)  # nothing else has run in this transaction yet
             return
         self._fill_and_commit(conn, [first], durable)
+
+    def _refuse(self, waited: list[_Write], exc: BaseException) -> None:
+        """The writes that were queued while a BEGIN waited the whole busy timeout for a lock another process holds
+        are refused with it (``lost(exc)``: StoreBusy). Handed the lead one after the other, each waited the busy
+        timeout again: the Nth queued write was refused after N timeouts, and a stop with six writes queued took
+        58 s (a race review). Writes that came meanwhile stay queued: the next one leads another try."""
+        with self._lock:
+            refused = [write for write in waited if write in self._pending]
+            for write in refused:
+                self._pending.remove(write)
+        for write in refused:
+            write.error = self._lost_error(exc)
+            write.state = _DONE
+            write.wake.release()
 
     def _abandon(self, conn: sqlite3.Connection) -> None:
         """Roll back a group whose first write failed; the queued writes wait for the next leader."""
