@@ -149,3 +149,28 @@ def test_a_load_is_answered_for_the_versions_it_loaded_not_for_a_later_loads(ker
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "version 2" in info.value.details()
         second_ended.set()
         first.result()  # (was INVALID_ARGUMENT: "model 'm' version 2 was not loaded")
+
+
+def test_a_failed_load_is_answered_for_the_versions_it_left_serving_not_for_a_later_change(kernel):
+    """A load that failed answered with the versions serving when its answer was written, read after the model's
+    lock was let go: an unload (or load) of the model that ran in between was described as this load's outcome
+    ('it is not served' for a reload that left version 1 serving; a race review). The one injection, named so: the
+    failed load, once it let go of the model, is held before it answers while an unload of the model runs."""
+    server, repo = kernel
+    real = server.hub.load
+
+    def unload_in_between(name, *args, **kwargs):  # the named hold point
+        try:
+            return real(name, *args, **kwargs)
+        except Exception:
+            server.hub.unload(name)  # another caller's RepositoryModelUnload, right after the failed load
+            raise
+
+    (repo / "m" / "1" / "model.onnx").write_bytes(b"not an onnx model")  # the reload fails; version 1 serves on
+    server.hub.load = unload_in_between
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="m"), timeout=120)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "the versions loaded before keep serving (1)" in info.value.details(), info.value.details()

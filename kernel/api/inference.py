@@ -158,11 +158,11 @@ class InferenceService:
         if name not in self.hub.scan():
             raise NotFound(f"model {quote(name)} is not in the repository {self.hub.root}")
         not_served: dict[str, str] = {}  # (as this load left them: another may follow it at once)
+        live: list[str] = []  # (the versions a failed load left serving, as it left them)
         try:
-            loaded = self.hub.load(name, not_served)
+            loaded = self.hub.load(name, not_served, live)
         except ModelConfigError as exc:
             # The previous versions (if any) stay live; the caller learns why, and so does the operator.
-            live = [mv.version for mv in self.hub.loaded_versions(name)]
             outcome = (f"the versions loaded before keep serving ({', '.join(live)})" if live
                        else "it is not served")
             log.warning("model %r was not loaded (RepositoryModelLoad): %s; %s", name, exc, outcome)

@@ -242,19 +242,26 @@ class ModelHub:
         return entries
 
     # -- load / unload ----------------------------------------------------
-    def load(self, name: str, not_served: dict[str, str] | None = None) -> list[ModelVersion]:
+    def load(self, name: str, not_served: dict[str, str] | None = None,
+             serving: list[str] | None = None) -> list[ModelVersion]:
         """Load (or reload) every version of ``name``; on error the previous versions stay live.
 
         Any error is kept as the model's reason (``index``, ``unavailable_reason``) and raised: a
         ``ModelConfigError`` for what is wrong with the model's files, anything else is a kernel bug.
         ``not_served``, if given, gets the numbered version folders this load could not serve
         (``versions_not_served`` as this load left them: read later, another load or unload of ``name``
-        may have changed them, and RepositoryModelLoad answered for that one)."""
+        may have changed them, and RepositoryModelLoad answered for that one). ``serving``, if given, gets the
+        versions a failed load left serving (the ones loaded before), read before the model's lock is let go too."""
         with self._loads_done:
             self._loads += 1
         try:
             with self._one_at_a_time(name):
-                loaded = self._load(name)
+                try:
+                    loaded = self._load(name)
+                except Exception:
+                    if serving is not None:
+                        serving.extend(mv.version for mv in self.loaded_versions(name))
+                    raise
                 if not_served is not None:
                     not_served.update(self.versions_not_served(name))
                 return loaded
