@@ -310,7 +310,11 @@ class DecisionSide:
         those attempts began (``Task.audit_from_sequence``), so it costs nothing when no task was running."""
         if self.audit is None:
             return
+        # (and each task queued again after an attempt, which may have recorded its decision before taking it failed
+        # in a way that may pass: _run_task)
         running = {task.task_id: task.audit_from_sequence for task in self.tasks.store.in_states((kpb.RUNNING,))}
+        running.update((task.task_id, task.audit_from_sequence)
+                       for task in self.tasks.store.in_states((kpb.QUEUED,)) if task.attempts)
         if not running:
             return
         start = min(min(running.values()), self.audit.size)  # (a log that lost its newest records: async mode)
@@ -443,7 +447,16 @@ class DecisionSide:
             failure = exc
         recorded = self._attempt_record(task)
         if recorded is not None:
-            return self._decided_before(task, recorded, f"its attempt failed after recording it ({failure.code})")
+            try:
+                return self._decided_before(task, recorded, f"its attempt failed after recording it ({failure.code})")
+            except KernelError as exc:
+                if not self._may_pass(task, exc):
+                    raise
+                # Taking it failed in a way that may pass too (the store's write lock held by another process: the
+                # review it opens refused again): the task failed at once, its escalated decision on the log and no
+                # review open (a race review). Its next run takes that decision (TaskRunner.recorded), not a new one.
+                self._recorded_tasks[task.task_id] = recorded
+                raise TransientError(f"{exc.code}: {exc.message}") from exc
         if isinstance(failure, TransientError):
             raise failure
         raise TransientError(f"{failure.code}: {failure.message}") from failure

@@ -182,3 +182,49 @@ def test_a_task_whose_review_resolution_the_store_refused_as_it_began_waiting_st
             lock.execute("ROLLBACK")
         lock.close()
         server.stop(grace=1)
+
+
+def test_an_attempt_whose_review_the_store_refused_after_its_decision_was_recorded_takes_that_decision(
+        claims_models, tmp_path, monkeypatch):
+    """The store's write lock held by another process while an attempt ran: its escalated decision was recorded,
+    the review it opens refused (StoreBusy), and taking the recorded decision refused again: the task ended FAILED
+    at once, its decision on the log and no review open (a race review). It runs again once the store takes writes,
+    taking the decision its attempt recorded (one decision), and waits for its review.
+
+    Faults injected on purpose, named so: the first attempt runs with another connection's real write transaction
+    held; the kernel's busy timeout is cut to 100 ms."""
+    from test_tasks_grpc import LARGE
+
+    monkeypatch.setattr(sqlite_store, "BUSY_TIMEOUT_MS", 100)
+    server = start_claims_kernel(claims_models, tmp_path)
+    lock = sqlite3.connect(Path(server.settings.data_dir) / "kernel.sqlite3", isolation_level=None,
+                           check_same_thread=False)
+    runner = server.decisions.tasks
+    real_run, ran = runner.run_fn, []
+
+    def run_with_the_store_locked(task):  # hold point: the first attempt runs with another process's lock held
+        if not ran:
+            lock.execute("BEGIN IMMEDIATE")
+        ran.append(task.attempts)
+        try:
+            return real_run(task)
+        finally:
+            if lock.in_transaction:
+                lock.execute("ROLLBACK")
+
+    monkeypatch.setattr(runner, "run_fn", run_with_the_store_locked)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            tasks = kgrpc.TaskServiceStub(channel)
+            task = tasks.StartTask(kpb.StartTaskRequest(request=claim_request(LARGE, tenant="busy")), timeout=20)
+            ref = kpb.TaskRef(task_id=task.task_id)
+            final = until(lambda: (t := tasks.GetTask(ref, timeout=20)).state in (
+                kpb.WAITING_FOR_REVIEW, kpb.FAILED, kpb.SUCCEEDED, kpb.CANCELLED) and t, "the task settled", 20)
+        decisions = [r for r in server.decisions.audit.read(from_sequence=0, kind=kpb.DECISION)
+                     if r.task_id == task.task_id]
+        assert final.state == kpb.WAITING_FOR_REVIEW, (kpb.TaskState.Name(final.state), final.error)
+        assert len(ran) == 2 and final.attempts == 1  # run again, as the same attempt
+        assert [r.sequence for r in decisions] == [final.decision.audit_sequence]  # decided once
+    finally:
+        lock.close()
+        server.stop(grace=1)

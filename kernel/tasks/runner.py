@@ -328,7 +328,8 @@ class TaskRunner:
         self._run_cancel_hooks(cancelled)
 
     def _after_transient(self, task_id: str, attempt: int, exc: TransientError) -> None:
-        if attempt >= self.max_attempts:
+        # (a task whose attempt recorded its decision takes it at its next run, which is no new attempt)
+        if attempt >= self.max_attempts and not (self.recorded is not None and self.recorded(task_id)):
             self._fail(task_id, f"gave up after {attempt} attempts; last error: {exc.message}")
             return
         delay = min(self.backoff_s * 2 ** (attempt - 1), self.max_backoff_s)
