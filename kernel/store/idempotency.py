@@ -226,23 +226,10 @@ class IdempotencyStore:
         with self._db.read() as conn:
             if conn.execute("SELECT 1 FROM meta WHERE key = ?", (OLD_SEQUENCES_FILLED,)).fetchone() is not None:
                 return 0
-        filled, after = 0, ("", "")
-        while True:  # (in batches, in key order: a day of keyed answers may be millions of rows)
-            with self._db.read() as conn:
-                page = conn.execute("SELECT tenant, key, response FROM idempotency WHERE (tenant, key) > (?, ?)"
-                                    " AND audit_sequence < 0 AND tenant != ? ORDER BY tenant, key LIMIT ?",
-                                    (*after, skip_tenant, PURGE_BATCH)).fetchall()
-            if not page:
-                break
-            after = page[-1][:2]
-            found = []
-            for tenant, key, response in page:
-                try:
-                    answer = kpb.Decision.FromString(response)
-                except Exception:  # (not a decision: nothing of ours, left alone)
-                    continue
-                if answer.audit_hash:  # it cites a record (audit off: none)
-                    found.append((answer.audit_sequence, tenant, key))
+        filled = 0
+        for page in self._answer_pages("audit_sequence < 0", skip_tenant):
+            found = [(answer.audit_sequence, tenant, key) for tenant, key, answer in page
+                     if answer.audit_hash]  # it cites a record (audit off: none)
             if found:
                 filled += self._db.transact(lambda conn, rows=found: conn.executemany(
                     "UPDATE idempotency SET audit_sequence = ? WHERE tenant = ? AND key = ? AND audit_sequence < 0",
@@ -259,28 +246,36 @@ class IdempotencyStore:
         audit log ends at record #0 but the ... store saw records up to #0") and, in async mode, forget every such
         answer as citing a lost record. Only rows at 0 are read (the partial index): after one pass, the few
         answers that do cite record #0."""
-        unmarked, after = 0, ("", "")
-        while True:
-            with self._db.read() as conn:
-                page = conn.execute("SELECT tenant, key, response FROM idempotency INDEXED BY idempotency_by_sequence"
-                                    " WHERE audit_sequence >= 0 AND audit_sequence = 0"
-                                    " AND (tenant, key) > (?, ?) AND tenant != ? ORDER BY tenant, key LIMIT ?",
-                                    (*after, skip_tenant, PURGE_BATCH)).fetchall()
-            if not page:
-                return unmarked
-            after = page[-1][:2]
-            found = []
-            for tenant, key, response in page:
-                try:
-                    answer = kpb.Decision.FromString(response)
-                except Exception:  # (not a decision: nothing of ours, left alone)
-                    continue
-                if not answer.audit_hash:
-                    found.append((tenant, key))
+        unmarked = 0
+        for page in self._answer_pages("audit_sequence >= 0 AND audit_sequence = 0", skip_tenant,
+                                       "INDEXED BY idempotency_by_sequence"):
+            found = [(tenant, key) for tenant, key, answer in page if not answer.audit_hash]
             if found:
                 unmarked += self._db.transact(lambda conn, rows=found: conn.executemany(
                     "UPDATE idempotency SET audit_sequence = -1 WHERE tenant = ? AND key = ? AND audit_sequence = 0",
                     rows).rowcount, durable=True)
+        return unmarked
+
+    def _answer_pages(self, where: str, skip_tenant: str, index: str = ""):
+        """The stored answers matching ``where`` (but ``skip_tenant``'s), as pages of (tenant, key, Decision), in key
+        order, a read transaction a page (a day of keyed answers may be millions of rows); rows whose bytes are not
+        a Decision are left out (nothing of ours)."""
+        after = ("", "")
+        while True:
+            with self._db.read() as conn:
+                rows = conn.execute(f"SELECT tenant, key, response FROM idempotency {index} WHERE {where}"
+                                    " AND (tenant, key) > (?, ?) AND tenant != ? ORDER BY tenant, key LIMIT ?",
+                                    (*after, skip_tenant, PURGE_BATCH)).fetchall()
+            if not rows:
+                return
+            after = rows[-1][:2]
+            page = []
+            for tenant, key, response in rows:
+                try:
+                    page.append((tenant, key, kpb.Decision.FromString(response)))
+                except Exception:  # (not a decision: nothing of ours, left alone)
+                    continue
+            yield page
 
     def highest_sequence(self) -> int:
         """The highest audit sequence a stored answer cites (-1 when none does): the log must hold it."""
