@@ -294,6 +294,22 @@ def test_a_review_store_that_keeps_failing_fails_decisions_once_the_backlog_is_f
         server.stop(grace=1)
 
 
+def _six_keyed_decisions(claims_models, tmp_path, seed: int, prefix: str):
+    """An async-mode kernel decides six keyed claims (keys ``<prefix>-0`` …) and stops: (its options, data dir,
+    the requests, their answers, the log's record count then)."""
+    from conftest import start_kernel
+
+    pipelines, data_dir = str(copy_pipelines(tmp_path / "pipelines")), tmp_path / "data"
+    options = dict(pipelines=pipelines, data_dir=str(data_dir), pipeline_poll_s=0, audit_mode="async")
+    requests = [claim_request(case, request_id=f"{prefix[0]}{i}", idempotency_key=f"{prefix}-{i}")
+                for i, case in enumerate(data.generate_cases(6, seed=seed))]
+    server = start_kernel(claims_models, **options)
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        first = [kgrpc.DecisionServiceStub(channel).Decide(request, timeout=10) for request in requests]
+    server.stop(grace=1)
+    return options, data_dir, requests, first, sum(1 for _ in iter_directory(data_dir / "audit", 0, RecordFilter()))
+
+
 def _lost_keys_are_forgotten(claims_models, options, caplog, data_dir, opened: int, requests, first) -> None:
     """The log ends at #``opened`` while the store saw two records past it: fsync mode refuses the start, nothing
     changed; async mode forgets the three keys whose records were lost, so their retries are decided anew (each
@@ -395,17 +411,7 @@ def test_stored_answers_citing_lost_records_are_forgotten_when_the_loss_is_accep
     whose stored answer cited one was replayed naming another caller's decision. Such entries are forgotten: the
     retry is decided anew, on the record; keys whose records survived still replay. The loss is found from the
     stored answers, with the review mark below it."""
-    from conftest import start_kernel
-
-    pipelines, data_dir = str(copy_pipelines(tmp_path / "pipelines")), tmp_path / "data"
-    options = dict(pipelines=pipelines, data_dir=str(data_dir), pipeline_poll_s=0, audit_mode="async")
-    requests = [claim_request(case, request_id=f"g{i}", idempotency_key=f"order-{i}")
-                for i, case in enumerate(data.generate_cases(6, seed=49))]
-    server = start_kernel(claims_models, **options)
-    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-        first = [kgrpc.DecisionServiceStub(channel).Decide(request, timeout=10) for request in requests]
-    server.stop(grace=1)
-    opened = sum(1 for _ in iter_directory(data_dir / "audit", 0, RecordFilter()))
+    options, data_dir, requests, first, opened = _six_keyed_decisions(claims_models, tmp_path, 49, "order")
     # The injected fault, as a power cut in async mode leaves it: the last three answers' records are past the
     # log's end (stored answers and the review mark had seen them; the log lost them).
     with sqlite3.connect(data_dir / DATABASE_FILE) as conn:
@@ -426,18 +432,9 @@ def test_answers_an_older_kernel_stored_are_checked_against_the_log_too(claims_m
     migration leaves -1): the start's check read the column alone, so records lost past the review mark (an
     async-mode power cut under the old kernel) went unseen. fsync mode started instead of refusing, and in async
     mode a retried key was answered with a sequence number the new kernel's own records had taken."""
-    from conftest import start_kernel
     from kernel.store.idempotency import OLD_SEQUENCES_FILLED
 
-    pipelines, data_dir = str(copy_pipelines(tmp_path / "pipelines")), tmp_path / "data"
-    options = dict(pipelines=pipelines, data_dir=str(data_dir), pipeline_poll_s=0, audit_mode="async")
-    requests = [claim_request(case, request_id=f"o{i}", idempotency_key=f"old-{i}")
-                for i, case in enumerate(data.generate_cases(6, seed=50))]
-    server = start_kernel(claims_models, **options)
-    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-        first = [kgrpc.DecisionServiceStub(channel).Decide(request, timeout=10) for request in requests]
-    server.stop(grace=1)
-    opened = sum(1 for _ in iter_directory(data_dir / "audit", 0, RecordFilter()))
+    options, data_dir, requests, first, opened = _six_keyed_decisions(claims_models, tmp_path, 50, "old")
     with sqlite3.connect(data_dir / DATABASE_FILE) as conn:
         # As an older kernel's store is after the upgrade's migration: every answer's column -1, no meta key.
         conn.execute("UPDATE idempotency SET audit_sequence = -1")
