@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -104,3 +105,19 @@ def faulty_claims_model(good: Path, out: Path, fault: str) -> None:
     out.mkdir(parents=True)
     save(_finish(graph), out / "model.onnx")
     shutil.copy(good / "model.toml", out / "model.toml")
+
+
+def hold_attempts_after_deciding(monkeypatch, runner, timeout_s: float = 20.0):
+    """Fault injected on purpose: each task attempt of ``runner``, once decided (its review opened, if it asked
+    for one), waits for ``go_on``; ``(decided, go_on)``, two events."""
+    decided, go_on = threading.Event(), threading.Event()
+    real_run = runner.run_fn
+
+    def held_after_deciding(task):
+        outcome = real_run(task)
+        decided.set()
+        go_on.wait(timeout_s)
+        return outcome
+
+    monkeypatch.setattr(runner, "run_fn", held_after_deciding)
+    return decided, go_on

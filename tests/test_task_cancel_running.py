@@ -19,7 +19,7 @@ import threading
 import grpc
 import pytest
 
-from claims_support import claim_request
+from claims_support import claim_request, hold_attempts_after_deciding
 from conftest import module_claims_kernel
 from lane_support import until
 from examples.claims import data
@@ -37,21 +37,6 @@ def large_claim(tenant: str) -> kpb.DecisionRequest:
     return claim_request(case, tenant=tenant)
 
 
-
-
-def hold_attempts_after_deciding(monkeypatch, runner) -> tuple[threading.Event, threading.Event]:
-    """Fault injected on purpose: each attempt, once decided (its review opened), waits for ``go_on``."""
-    decided, go_on = threading.Event(), threading.Event()
-    real_run = runner.run_fn
-
-    def held_after_deciding(task):
-        outcome = real_run(task)
-        decided.set()
-        go_on.wait(TIMEOUT_S)
-        return outcome
-
-    monkeypatch.setattr(runner, "run_fn", held_after_deciding)
-    return decided, go_on
 
 
 def started_and_decided(tasks, reviews, decided, tenant: str) -> tuple[kpb.Task, kpb.Review]:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import grpc
 
-from claims_support import claim_request
+from claims_support import claim_request, hold_attempts_after_deciding
 from conftest import start_claims_kernel
 from lane_support import until
 from examples.claims import data
@@ -33,21 +33,6 @@ def automated_claim() -> kpb.DecisionRequest:
     case = dict(data.generate_cases(1, seed=7)[0], claim_amount=800.0, customer_tier="gold", fraud_score=0.05,
                 prior_claims=0, policy_age_months=40, has_police_report=True, claim_type="auto", days_since_incident=3)
     return claim_request(case, tenant="store-busy")
-
-
-def hold_attempts_after_deciding(monkeypatch, runner) -> tuple[threading.Event, threading.Event]:
-    """Fault injected on purpose: each attempt, once decided, waits for ``go_on``."""
-    decided, go_on = threading.Event(), threading.Event()
-    real_run = runner.run_fn
-
-    def held_after_deciding(task):
-        outcome = real_run(task)
-        decided.set()
-        go_on.wait(TIMEOUT_S)
-        return outcome
-
-    monkeypatch.setattr(runner, "run_fn", held_after_deciding)
-    return decided, go_on
 
 
 def test_a_task_whose_outcome_the_store_refused_for_a_while_still_ends(claims_models, tmp_path, monkeypatch, caplog):
