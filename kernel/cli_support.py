@@ -77,6 +77,17 @@ def read_pages(fetch, limit: int, items) -> tuple[list, bool, object]:
             return found, True, page
 
 
+def listed_summary(items, noun: str, state_of, more: bool) -> str:
+    """The last line of a ``list`` command: ``3 reviews (1 claimed, 2 open)``, and whether more match than
+    ``--limit`` let it show."""
+    counts: dict[str, int] = {}
+    for item in items:
+        counts[state_of(item)] = counts.get(state_of(item), 0) + 1
+    split = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
+    return (f"{len(items)} {noun}{'s' if len(items) != 1 else ''}{f' ({split})' if split else ''}"
+            f"{' shown; more match (raise --limit, 0 = all)' if more else ''}")
+
+
 def count(text: str) -> int:
     """A count where 0 means no limit."""
     try:

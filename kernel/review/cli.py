@@ -22,7 +22,7 @@ import time
 
 from ..channel import kernel_channel
 from ..cli_support import (address_flags, answer, count, decision_lines, duration, failed, json_line, nonempty,
-                           read_pages, when)
+                           listed_summary, read_pages, when)
 from .queue import DEFAULT_LEASE_S, MAX_LEASE_S
 
 STATES = ("unresolved", "open", "claimed", "resolved", "all")  # "all" is the API's empty filter
@@ -133,12 +133,8 @@ def cmd_list(args) -> int:
               f"{'AGE':>8}  SLA")
         for review in shown:
             print(row(review, now))
-    counts = {}
-    for review in shown:
-        counts[review.state.lower()] = counts.get(review.state.lower(), 0) + 1
-    split = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
-    print(f"{len(shown)} review{'s' if len(shown) != 1 else ''}{f' ({split})' if split else ''}"
-          f"{' shown; more match (raise --limit, 0 = all)' if more else ''}; {missed} matching missed their SLA")
+    print(f"{listed_summary(shown, 'review', lambda review: review.state.lower(), more)}; {missed} matching missed "
+          "their SLA")
     return 0
 
 

@@ -20,7 +20,7 @@ import time
 
 from ..channel import kernel_channel
 from ..cli_support import (address_flags, answer, count, decision_lines, duration, enum_name, failed, json_line,
-                           nonempty, read_pages, request_flags, request_or_say_why, show, when)
+                           listed_summary, nonempty, read_pages, request_flags, request_or_say_why, show, when)
 
 
 WAIT_EXIT_CODES = ("exit status (with --wait, and watch): 0 when the task SUCCEEDED, 1 when it FAILED or was "
@@ -178,12 +178,7 @@ def cmd_list(args) -> int:
         changed = f"{duration((now - task.updated_unix_ns) / 1e9)} ago" if task.updated_unix_ns else "-"
         print(f"{task.task_id:32}  {_state(task.state):18}  {task.request.pipeline[:16]:16}  "
               f"{task.request.tenant[:10]:10}  {task.attempts:>4}  {age:>8}  {changed}")
-    counts: dict[str, int] = {}
-    for task in shown:
-        counts[_state(task.state)] = counts.get(_state(task.state), 0) + 1
-    split = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
-    print(f"{len(shown)} task{'s' if len(shown) != 1 else ''}{f' ({split})' if split else ''}"
-          f"{' shown; more match (raise --limit, 0 = all)' if more else ''}")
+    print(listed_summary(shown, "task", lambda task: _state(task.state), more))
     return 0
 
 
