@@ -18,6 +18,7 @@ from kernel._proto.aios.kernel.v1 import kernel_pb2 as kpb
 from kernel.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound, Unavailable, shutting_down
 from kernel.store import MIGRATIONS, open_database
 from kernel.store.schema import latest_version, migrate
+from kernel.store.sqlite_tasks import page_query
 from kernel.tasks import TaskStore
 from kernel.testing.watches import errors_when_ended
 
@@ -217,6 +218,35 @@ def test_tasks_survive_reopening(tmp_path):
     with open_database(tmp_path) as db:
         again = TaskStore(db).get(task.task_id)
         assert again.state == kpb.RUNNING and len(again.history) == 2
+
+
+def test_a_tenants_task_list_reads_its_index_in_a_store_made_before_it(tmp_path):
+    """ListTasks for one tenant walked every task in position order (55 ms a page for a tenant with 3 of 300,000
+    tasks). Schema version 6 indexes tasks by tenant (and state); an older store gains the indexes at open, its
+    tasks listed as before, and each filter's query names the index it reads (SQLite refuses one it cannot use)."""
+    with open_database(tmp_path) as db:
+        store = TaskStore(db)
+        made = [store.create(decision_request(tenant=tenant))[0] for tenant in ("acme", "globex", "acme")]
+        store.transition(made[2].task_id, kpb.RUNNING, (kpb.QUEUED,), attempts=1)
+    conn = sqlite3.connect(tmp_path / "kernel.sqlite3", isolation_level=None)
+    conn.execute("DROP INDEX tasks_by_tenant")
+    conn.execute("DROP INDEX tasks_by_tenant_state")
+    conn.execute("PRAGMA user_version = 5")  # as the release before schema version 6 left it
+    conn.close()
+    with open_database(tmp_path) as db:
+        assert db.schema_version == latest_version() >= 6
+        store = TaskStore(db)
+        assert [t.task_id for t in store.list(tenant="acme").tasks] == [made[0].task_id, made[2].task_id]
+        assert [t.task_id for t in store.list(tenant="acme", states=[kpb.RUNNING]).tasks] == [made[2].task_id]
+        assert [t.task_id for t in store.list(states=[kpb.QUEUED]).tasks] == [made[0].task_id, made[1].task_id]
+        with db.read() as conn:
+            # (several states: a sort of the tenant's tasks in those states, which only they are read for)
+            for states, index in (((), "tasks_by_tenant"), ((kpb.RUNNING,), "tasks_by_tenant_state"),
+                                  ((kpb.RUNNING, kpb.QUEUED), "tasks_by_tenant_state")):
+                query, args = page_query("acme", states, 0, 16)
+                plan = " ".join(row[-1] for row in conn.execute("EXPLAIN QUERY PLAN " + query, args))
+                assert f"USING INDEX {index} (tenant=?" in plan, plan
+                assert len(states) > 1 or "TEMP B-TREE" not in plan, plan
 
 
 def test_watch_sends_the_current_state_then_each_change_until_final(db):

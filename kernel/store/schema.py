@@ -99,6 +99,14 @@ MIGRATIONS: list[tuple[int, str, tuple[str, ...]]] = [
         "ALTER TABLE idempotency ADD COLUMN audit_sequence INTEGER NOT NULL DEFAULT -1",
         "CREATE INDEX idempotency_by_sequence ON idempotency (audit_sequence) WHERE audit_sequence >= 0",
     )),
+    (6, "tasks indexed by tenant and state (ListTasks for one tenant)", (
+        # ListTasks filtered by tenant walked every task in position order: a page of a tenant with 3 of 300,000
+        # tasks took 55 ms (180 ms with a state filter), growing with the table. An index entry also carries the
+        # rowid, so a page is a range of one (sqlite_tasks.page_query names which). Two: with a state filter
+        # (tenant, state) reads only matching rows; without one it would sort all the tenant's tasks a page.
+        "CREATE INDEX tasks_by_tenant ON tasks (tenant)",
+        "CREATE INDEX tasks_by_tenant_state ON tasks (tenant, state)",
+    )),
 ]
 
 
