@@ -109,6 +109,9 @@ class Settings:
     scheduler: str = "auto"  # "auto" (Cython core when built), "cython" or "reference"
     max_message_bytes: int = 64 * 1024 * 1024  # larger requests get RESOURCE_EXHAUSTED
     grace_seconds: float = 10.0  # SIGTERM: how long in-flight calls may take to finish
+    # Prometheus metrics over HTTP (GET /metrics) on this port of `host` (Triton serves its own on 8002); 0 = off
+    # (kernel/observability/metrics.py lists them).
+    metrics_port: int = 0
     log_level: str = "INFO"
     data_dir: str = "var"  # audit segments, keys, and the SQLite store of tasks, reviews, idempotency keys
     pipelines: str = "pipelines"  # folder of pipeline files (*.toml with a [pipeline] table) and their policies
@@ -209,6 +212,10 @@ def _validate(settings: Settings, sources: dict[str, str]) -> None:
 
     if not 0 <= settings.port <= 65535:
         raise bad("port", f"must be 0..65535 (0 = any free port), got {settings.port}")
+    if not 0 <= settings.metrics_port <= 65535:
+        raise bad("metrics_port", f"must be 0..65535 (0 = no metrics endpoint), got {settings.metrics_port}")
+    if settings.metrics_port and settings.metrics_port == settings.port:
+        raise bad("metrics_port", f"must differ from port ({settings.port}): both would listen on it")
     if settings.front_end not in FRONT_ENDS:
         raise bad("front_end", f"must be one of {', '.join(FRONT_ENDS)}, got {settings.front_end!r}")
     if settings.workers < 2:  # (the last handler thread is kept for priority 1: with one, every other call is refused)

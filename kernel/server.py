@@ -150,6 +150,7 @@ class KernelServer:
         self._stopped: asyncio.Event | None = None
         self._pool: HandlerPool | None = None  # the sync front end's handler threads
         self._gate: EntryGate | None = None  # closed by stop(): new calls refused before gRPC's stop
+        self._metrics = None  # the MetricsEndpoint, when metrics_port is set
 
     # -- model changes --------------------------------------------------------
     def _models_arriving(self, fresh) -> None:
@@ -183,13 +184,35 @@ class KernelServer:
         """
         if self._health is None:
             return
-        serving = self.hub.loaded() and not self._draining and not self._audit_failed and not self._store_failed
+        serving = self.ready()
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in self._health_names:
             if self._loop is not None:
                 asyncio.run_coroutine_threadsafe(self._health.set(name, status), self._loop)
             else:
                 self._health.set(name, status)
+
+    def ready(self) -> bool:
+        """Whether the kernel serves: at least one model version loaded, not draining, and neither the audit log
+        nor the store failed (``_update_health`` says why one rule covers every service)."""
+        return bool(self.hub.loaded()) and not self._draining and not self._audit_failed and not self._store_failed
+
+    @property
+    def audit_failed(self) -> bool:
+        return self._audit_failed
+
+    @property
+    def store_failed(self) -> bool:
+        return self._store_failed
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The port the metrics endpoint listens on, or None when it is off (``metrics_port = 0``)."""
+        return self._metrics.port if self._metrics is not None else None
 
     def _audit_log_failed(self, error) -> None:
         """The audit log stopped taking records (a full or failing disk): no decision, task or review can
@@ -310,6 +333,10 @@ class KernelServer:
         probe_listen_address(self.settings.host, self.settings.port)  # a port in use fails before the models load
         loaded, self.failed_models = self.hub.load_all()
         self.decisions.start()  # pipelines are checked against the models just loaded
+        if self.settings.metrics_port:
+            from .observability.endpoint import MetricsEndpoint  # (prometheus_client: only when asked for)
+
+            self._metrics = MetricsEndpoint(self, self.settings.host, self.settings.metrics_port)
         self.front_end, self._front_end_why = choose_front_end(self.settings.front_end, self.lanes.devices_in_use(),
                                                                grpc_io.describe())
         if self.front_end == "aio":
@@ -339,6 +366,8 @@ class KernelServer:
             ", ".join(f"{k}={v}" for k, v in sorted(accel.CHOSEN.items())) or "none",
             len(loaded), f", {len(self.failed_models)} failed: {', '.join(self.failed_models)}" if self.failed_models else "",
         )
+        if self._metrics is not None:
+            log.info("metrics on http://%s:%d/metrics (Prometheus)", self.settings.host, self._metrics.port)
         if not loaded:  # ready to take calls, but health says NOT_SERVING until a model loads: say why
             log.warning("no model is loaded from %s%s: health answers NOT_SERVING until one is "
                         "(aios-kernel models load NAME, or RepositoryModelLoad)", self.settings.models,
@@ -545,6 +574,9 @@ class KernelServer:
         self.decisions.close()  # tasks stop using the lanes; the audit log flushes and checkpoints
         self.lanes.close()
         self.service.expiry.close()
+        if self._metrics is not None:  # (last: a scrape during the drain still reads aios_draining)
+            self._metrics.close()
+            self._metrics = None
 
 
 def low_descriptor_limit(workers: int, soft: int | None = None) -> str:

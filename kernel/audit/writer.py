@@ -44,6 +44,7 @@ from pathlib import Path
 
 from .._proto.aios.kernel.v1 import kernel_pb2
 from ..errors import NOT_DECIDED, InvalidArgument, ResourceExhausted
+from ..observability.histogram import DurationHistogram
 from ..threads import name_native_thread
 from . import checkpoints as cps
 from . import merkle
@@ -135,6 +136,7 @@ class AuditLog:
             self._groups = 0  # groups committed by this process (one write and, in fsync mode, one fsync each)
             self._checkpoints_signed = 0
             self._slowest_sync_ns = 0  # the longest group fsync so far: disk stalls show here
+            self.sync_times = DurationHistogram()  # every group fsync (the metrics endpoint's histogram)
             self._last_checkpoint_ns = _monotonic_ns()
             latest = self._checkpoints.latest
             signed = latest.tree_size if latest is not None else 0
@@ -555,7 +557,9 @@ class AuditLog:
         if self.mode == "fsync":
             started = _monotonic_ns()
             segment.sync()
-            self._slowest_sync_ns = max(self._slowest_sync_ns, _monotonic_ns() - started)
+            took = _monotonic_ns() - started
+            self._slowest_sync_ns = max(self._slowest_sync_ns, took)
+            self.sync_times.observe(took)
         self._tree.append_leaves(leaves)
         self._last_hash = previous
         self._written = sequence

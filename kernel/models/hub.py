@@ -216,6 +216,11 @@ class ModelHub:
             return ""
         return str(ModelConfigError(model_dir, "", problem)) if problem else ""
 
+    def load_failures(self) -> dict[str, str]:
+        """The models whose last load failed, and why (the versions loaded before, if any, still serve)."""
+        with self._lock:
+            return dict(self._failures)
+
     def index(self) -> list[IndexEntry]:
         """Every model in the repository or loaded, with its state and, if unavailable, why; a version folder
         that cannot be served (no model.onnx) is listed UNAVAILABLE beside its model's loaded versions."""

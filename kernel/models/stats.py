@@ -10,7 +10,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from ..errors import DeadlineExceeded
+from ..errors import DeadlineExceeded, Internal, ModelRefusedInput
 
 
 @dataclass(slots=True)
@@ -54,6 +54,15 @@ class ModelStats:
     expired_before_queue: int = 0
     rejected_busy: int = 0
     finished_late: int = 0
+    # Requests the model itself failed (each in ``fail`` too): it raised or returned what cannot be split (INTERNAL),
+    # or onnxruntime refused the request's input (INVALID_ARGUMENT). A failing model alerts on these.
+    model_errors: int = 0
+    refused_inputs: int = 0
+    # The scheduler's counters (submitted, rejected_*, expired, ...) of this version's copies already dropped from
+    # their lane: a reload's old copy, once its queued work ran. A reload keeps this object (ModelHub), so the
+    # metrics endpoint adds these to the live copy's and a version's totals never go back (a Prometheus counter
+    # that drops reads as a reset: the old copy's counts would be counted twice). Written under the lane's lock.
+    retired: dict = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     # Both recorders run on the hot path: the Duration updates are written out
@@ -74,7 +83,7 @@ class ModelStats:
         timings = batch.timings
         runs = batch.runs
         last_ms = time.time_ns() // 1_000_000
-        ok = ok_rows = ok_ns = queued_ns = failed = failed_ns = late = 0
+        ok = ok_rows = ok_ns = queued_ns = failed = failed_ns = late = errors = refused = 0
         own = None if runs is None else [0, 0, 0]  # retried one by one: the successful requests' own runs
         for item in batch.items:
             if item.error is None:
@@ -90,11 +99,18 @@ class ModelStats:
             else:
                 failed += 1
                 failed_ns += now_ns - item.enqueued_ns
-                if type(item.error) is DeadlineExceeded:  # (the lane's: the model finished after the deadline)
+                kind = type(item.error)
+                if kind is DeadlineExceeded:  # (the lane's: the model finished after the deadline)
                     late += 1
+                elif kind is Internal:
+                    errors += 1
+                elif kind is ModelRefusedInput:
+                    refused += 1
         with self.lock:
             self.last_inference_ms = last_ms
             self.finished_late += late
+            self.model_errors += errors
+            self.refused_inputs += refused
             if runs is None:
                 self.execution_count += 1
                 _add_phases(self._per_size(batch.rows), timings)

@@ -1,4 +1,4 @@
-"""Logging now; metrics, drift and tracing ids as their issues land."""
+"""Logging, the Prometheus metrics endpoint (metrics.py, endpoint.py: imported only when metrics_port is set)."""
 
 from .logs import setup_logging
 

@@ -53,6 +53,11 @@ class DecisionTally:
             for index, _overdue in late or ():
                 by_pipeline[group[index].pipeline.name].late += 1
 
+    def snapshot(self) -> dict[str, DecisionCounts]:
+        """Every pipeline's counts (copies), those of pipelines since removed too: the metrics endpoint's."""
+        with self._lock:
+            return {name: replace(counts) for name, counts in self._by_pipeline.items()}
+
     def get(self, pipeline: str) -> DecisionCounts:
         with self._lock:
             counts = self._by_pipeline.get(pipeline)

@@ -60,6 +60,16 @@ from ..threads import lower_next_compute, name_native_thread, normal_compute, th
 from .policy import ADMITTED, REJECT_DEADLINE, REJECT_QUEUE_FULL, ModelSchedule
 from .types import ITEM_CANCELLED, ITEM_DONE, ITEM_EXPIRED, ITEM_QUEUED, NO_DEADLINE, Batch, WorkItem
 
+# The scheduler's counters that only grow (its stats() per model); the rest there are gauges and the latency fit.
+SCHEDULER_COUNTERS = ("submitted", "rejected_queue_full", "rejected_tenant_full", "rejected_deadline", "expired",
+                      "expired_predicted", "cancelled", "batches", "rows")
+
+
+def add_counters(total: dict, counters: dict) -> None:
+    for key in SCHEDULER_COUNTERS:
+        total[key] = total.get(key, 0) + counters.get(key, 0)
+
+
 log = logging.getLogger("aios.scheduling")
 
 _FINISHED = (ITEM_DONE, ITEM_CANCELLED, ITEM_EXPIRED)
@@ -151,6 +161,9 @@ class Lane:
 
     def _drop_locked(self, model) -> None:
         self._leaving.discard(model)
+        stats = getattr(model, "stats", None)  # (a ModelVersion's; tests drive lanes with bare models too)
+        if stats is not None:
+            add_counters(stats.retired, self.scheduler.stats()["models"].get(model, {}))
         schedule = self._schedules.pop(model, None)
         if schedule is not None and not self._closed:
             remember_weakly(self._dropped, model, schedule)
@@ -187,6 +200,22 @@ class Lane:
     def stats(self) -> dict:
         with self._lock:
             return self.scheduler.stats()
+
+    def version_counters(self, into: dict) -> None:
+        """Add the scheduler counters of each model version here to ``into``, keyed by ``id`` of its
+        ``ModelStats`` (shared by a reload's copies), with the counts of its copies already dropped
+        (``ModelStats.retired``) — read under the lock that drops them, so a scrape never sees a dropped
+        copy's counts both live and retired, or neither."""
+        with self._lock:
+            for model, counters in self.scheduler.stats()["models"].items():
+                stats = getattr(model, "stats", None)
+                if stats is None:
+                    continue
+                total = into.get(id(stats))
+                if total is None:
+                    total = into[id(stats)] = {}
+                    add_counters(total, stats.retired)
+                add_counters(total, counters)
 
     def predict(self, model, rows: int) -> int:
         """The latency fit's ns for a batch of ``rows`` of ``model`` (0: not measured yet, or dropped)."""

@@ -91,6 +91,14 @@ class Lanes:
             models.update(lane.stats()["models"])
         return {"models": models, "lanes": {lane.name: lane.slots for lane in self.all()}}
 
+    def version_counters(self) -> dict[int, dict[str, int]]:
+        """Scheduler counters per model version, since it was loaded and across its reloads, keyed by ``id`` of its
+        ``ModelStats`` (``Lane.version_counters``): what the metrics endpoint exports."""
+        counters: dict[int, dict[str, int]] = {}
+        for lane in self.all():
+            lane.version_counters(counters)
+        return counters
+
     def close(self) -> None:
         for lane in self.all():
             lane.close()

@@ -132,6 +132,7 @@ class Database:
         self.failure_listeners: list = []
         self._failure: StoreFailed | None = None
         self._failure_lock = threading.Lock()
+        self.busy_refusals = 0  # reads and writes refused with StoreBusy (a lock held too long, a full disk): metrics
         self._lock_file = None
         self._write_lock = threading.Lock()
         self._synchronous = ""
@@ -330,6 +331,8 @@ class Database:
         if faults.is_damage(exc):
             return self._fail_stop(faults.sqlite_cause(exc, self.path))
         if faults.may_pass(exc):
+            with self._failure_lock:
+                self.busy_refusals += 1
             return StoreBusy(f"data_dir {self.data_dir}: {doing}: {faults.sqlite_cause(exc, self.path)}; "
                              f"retry after {faults.RETRY_AFTER_MS} ms")
         return None

@@ -372,6 +372,32 @@ class SqliteReviewRecords:
                 ).fetchone()[0]
             return missed
 
+    def gauges(self, now_unix_ns: int) -> dict[str, dict[str, int]]:
+        """Per pipeline, what an operator's dashboard watches (kernel/observability/metrics.py): ``open`` and
+        ``claimed`` cases, ``overdue`` ones (unresolved past their SLA: the desk is missing it now) and
+        ``resolved_late`` ones (resolved after it). Two indexed counts grouped by pipeline: the unresolved rows
+        (reviews_by_filter) and the late resolved ones (reviews_sla_missed), never every resolved review."""
+        by_pipeline: dict[str, dict[str, int]] = {}
+
+        def of(pipeline: str) -> dict[str, int]:
+            return by_pipeline.setdefault(pipeline, {"open": 0, "claimed": 0, "overdue": 0, "resolved_late": 0})
+
+        with self._db.read() as conn:
+            for pipeline, claimed, overdue, count in conn.execute(
+                "SELECT pipeline, lease_expires_unix_ns > ?1, sla_deadline_unix_ns > 0 AND ?1 > sla_deadline_unix_ns,"
+                " count(*) FROM reviews WHERE resolved = 0 GROUP BY 1, 2, 3", (now_unix_ns,),
+            ):
+                counts = of(pipeline)
+                counts["claimed" if claimed else "open"] += count
+                if overdue:
+                    counts["overdue"] += count
+            for pipeline, count in conn.execute(
+                f"SELECT pipeline, count(*) FROM reviews INDEXED BY reviews_sla_missed WHERE {_RESOLVED_LATE}"
+                " GROUP BY pipeline",
+            ):
+                of(pipeline)["resolved_late"] += count
+        return by_pipeline
+
     def undelivered(self) -> list[kpb.Review]:
         """Resolved reviews whose on_resolved hooks have not all finished (a crash or a failed hook)."""
         with self._db.read() as conn:
