@@ -124,6 +124,9 @@ class KernelServer:
         self.hub.add_preparer(self._models_arriving)
         self.hub.add_listener(self._models_changed)
         self.service = InferenceService(self.hub, self.lanes)
+        # Triton's ServerReady and gRPC health answer one rule: a probe of either (KServe's readiness uses
+        # ServerReady) said ready while the audit log had failed and every decision was refused.
+        self.service.ready = self.ready
         from .decisions import DecisionSide  # the decision side pulls in SQLite, crypto, policy
 
         self.decisions = DecisionSide(settings, self.hub, self.service)

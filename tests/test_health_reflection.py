@@ -227,11 +227,36 @@ def test_health_turns_not_serving_when_the_audit_log_fails(model_repo, front_end
             stub = health_pb2_grpc.HealthStub(channel)
             watch = stub.Watch(health_pb2.HealthCheckRequest(service="aios.kernel.v1.DecisionService"), timeout=10)
             assert next(watch).status == SERVING
+            assert _server_ready(channel)
             server.decisions.audit._fail(OSError(errno.ENOSPC, "No space left on device"))  # injected fault
             assert next(watch).status == NOT_SERVING
             watch.cancel()
             for service in ["", *SERVED]:
                 assert stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status == NOT_SERVING
+            assert not _server_ready(channel)  # Triton's readiness probe hears what gRPC health says
+    finally:
+        server.stop(grace=1)
+
+
+def _server_ready(channel) -> bool:
+    from kernel._proto.inference import grpc_service_pb2 as pb
+    from kernel._proto.inference import grpc_service_pb2_grpc
+
+    return grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel).ServerReady(pb.ServerReadyRequest(), timeout=5).ready
+
+
+@pytest.mark.parametrize("front_end", ["sync", "aio"])
+def test_server_ready_turns_false_when_the_store_fails(model_repo, front_end):
+    """The store fail-stops on damage (its file deleted or replaced): health says NOT_SERVING, and so must
+    ServerReady. The fault is injected on purpose: the store's own fail-stop, called as a damaged page would."""
+    server = start_kernel(model_repo, front_end)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            assert _server_ready(channel)
+            server.decisions.db._fail_stop("kernel.sqlite3 was replaced (injected)")  # injected fault
+            stub = health_pb2_grpc.HealthStub(channel)
+            assert stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status == NOT_SERVING
+            assert not _server_ready(channel)
     finally:
         server.stop(grace=1)
 

@@ -72,11 +72,14 @@ def deadline_from(time_remaining: float | None, timeout_us: int = 0, arrived_ns:
 
 
 class InferenceService:
-    __slots__ = ("hub", "lanes", "expiry")
+    __slots__ = ("hub", "lanes", "expiry", "ready")
 
     def __init__(self, hub: ModelHub, lanes: Lanes):
         self.hub = hub
         self.lanes = lanes
+        # What ServerReady answers: a model loaded here; the server sets its own rule, gRPC health's (KernelServer.ready:
+        # draining, or the audit log or the store failed, is not ready either).
+        self.ready = lambda: bool(hub.loaded())
         # Expires queued items at their deadline for callers that do not wait on them (calls answered
         # later); its thread starts with the first deadline. The server closes it.
         self.expiry = ExpiryTimer(self.expire)
@@ -113,7 +116,7 @@ class InferenceService:
         return pb.ServerLiveResponse(live=True)
 
     def server_ready(self, request) -> pb.ServerReadyResponse:
-        return pb.ServerReadyResponse(ready=bool(self.hub.loaded()))
+        return pb.ServerReadyResponse(ready=self.ready())
 
     def server_metadata(self, request) -> pb.ServerMetadataResponse:
         return pb.ServerMetadataResponse(name=SERVER_NAME, version=__version__, extensions=EXTENSIONS)
