@@ -206,9 +206,10 @@ def test_decisions_reviews_and_audit_are_counted(claims_models, tmp_path):
         server.stop(grace=0)
 
 
-def test_ready_turns_0_when_the_audit_log_fails(claims_models, tmp_path):
+def test_ready_turns_0_and_decisions_count_failed_when_the_audit_log_fails(claims_models, tmp_path):
     from claims_support import claim_request
 
+    from kernel._proto.aios.kernel.v1 import kernel_pb2 as kpb
     from kernel._proto.aios.kernel.v1 import kernel_pb2_grpc as kgrpc
 
     data = tmp_path / "data"
@@ -225,9 +226,13 @@ def test_ready_turns_0_when_the_audit_log_fails(claims_models, tmp_path):
                     "claim_amount": 100.0, "policy_age_months": 5, "customer_tier": "gold", "claim_type": "auto",
                     "prior_claims": 0, "fraud_score": 0.1, "days_since_incident": 3, "has_police_report": True}))
             assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+            # A decision the audit log refused is a failed one, in ListPipelines as on the endpoint (both said 0).
+            listed = kgrpc.AdminServiceStub(channel).ListPipelines(kpb.ListPipelinesRequest())
+            assert [p.decisions.failed for p in listed.pipelines if p.name == "claims_triage"] == [1]
         got = scrape(server.metrics_port)
         assert value(got, "aios_ready") == 0
         assert value(got, "aios_failed", part="audit_log") == 1
+        assert value(got, "aios_decisions_total", pipeline="claims_triage", outcome="failed") == 1
     finally:
         server.stop(grace=0)
 

@@ -93,6 +93,11 @@ class GroupFinish:
         try:
             decided, tickets, opening, keying = self._audit(group, results)
             return self._complete(group, results, decided, tickets, opening, audit_started)
+        except KernelError as exc:  # the group failed as a whole (the audit log stopped): each is a failed decision
+            # (``_complete`` counts the groups that get this far; these were answered with the error and counted
+            # nowhere: ListPipelines and the metrics said 0 failed while every decision failed.)
+            self.tally.add(group, [exc] * len(group), None)
+            raise
         finally:  # every answer that will be stored under its key is stored by now: the keys are free
             self._stored(keying)
             for pending in group:
