@@ -57,3 +57,30 @@ def test_the_line_after_a_full_budget_says_how_many_were_not_logged():
     now[0] += 10 * 10**9  # the window ends
     skipped = budget.take()
     assert skipped == 2 and "2 more like it not logged" in not_logged(skipped)
+
+
+def test_a_model_returning_nan_for_every_decision_logs_within_the_budget(claims_models, tmp_path, caplog):
+    """A NaN-producing model behind a pipeline: every Decide takes the fallback, and the log gets a few lines."""
+    import shutil
+
+    from claims_support import UNSURE_CASE, faulty_claims_model
+    from conftest import start_claims_kernel
+
+    from kernel._proto.aios.kernel.v1 import kernel_pb2 as kpb
+    from kernel.decision_client import DecisionClient
+
+    models = tmp_path / "models"
+    shutil.copytree(claims_models, models)
+    good = models / "claims_triage" / "1"
+    faulty_claims_model(good, models / "claims_triage" / "2", "nan")  # the newest version: the pipeline's
+    server = start_claims_kernel(models, tmp_path)
+    try:
+        caplog.set_level(logging.WARNING, logger="aios")
+        case = dict(UNSURE_CASE, claim_amount=9_000_000.0)  # standardized far above 1: the NaN branch
+        with DecisionClient(f"127.0.0.1:{server.port}") as client:
+            outcomes = [client.decide("claims_triage", case).outcome for _ in range(30)]
+        assert outcomes == [kpb.FALLBACK] * 30  # every caller still gets the pipeline's fallback
+    finally:
+        server.stop(grace=0)
+    lines = [r for r in caplog.records if "returned non-finite scores" in r.getMessage()]
+    assert 1 <= len(lines) <= 10

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 
 
 class LogBudget:
@@ -44,3 +45,22 @@ class LogBudget:
 def not_logged(skipped: int) -> str:
     """The words a line adds for the events before it that its budget did not log ("" for none)."""
     return f" ({skipped} more like it not logged one by one; log_level DEBUG logs each)" if skipped else ""
+
+
+# Budgets by what they are about (a model version) and the kind of line: a failing model's lines, in each place
+# that logs them, stay within one budget per kind however many threads fail at once.
+_budgets: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_budgets_lock = threading.Lock()
+
+
+def budget_for(owner, kind: str) -> LogBudget:
+    """The budget of ``owner``'s lines of ``kind``, made on first use and gone with ``owner``."""
+    try:
+        return _budgets[owner][kind]
+    except (KeyError, TypeError):  # (TypeError: an owner that cannot be weakly referenced: one budget a call)
+        with _budgets_lock:
+            try:
+                kinds = _budgets.setdefault(owner, {})
+            except TypeError:
+                return LogBudget()
+            return kinds.setdefault(kind, LogBudget())

@@ -18,6 +18,7 @@ from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
 from ..accel import decision_wire
 from ..audit.record import RecordWithTail
 from ..decision_wire import reasons_bytes
+from ..observability.log_budget import budget_for, not_logged
 from ..errors import (
     DeadlineExceeded,
     FailedPrecondition,
@@ -191,7 +192,10 @@ class GroupFinish:
         decisions: list = []
         for k, pending in enumerate(group):
             if not finite[k]:
-                log.error("model %s/%s returned non-finite scores for request %r", mv.name, mv.version, pending.request_id)
+                skipped = budget_for(mv, "non_finite").take()  # (a model that returns NaN does so for many requests)
+                (log.debug if skipped is None else log.error)(
+                    "model %s/%s returned non-finite scores for request %r%s", mv.name, mv.version, pending.request_id,
+                    not_logged(skipped or 0))
                 decisions.append(self._failed(pending, Internal(
                     f"model {mv.name}/{mv.version} returned non-finite scores (request id {pending.request_id})")))
                 continue

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import logging
-import threading
 import time
-import weakref
 
 import numpy as np
 
 from ..errors import Internal, ModelRefusedInput
 from ..ids import random_hex
-from ..observability.log_budget import LogBudget, not_logged
+from ..observability.log_budget import budget_for, not_logged
 
 log = logging.getLogger("aios.scheduling")
 
@@ -43,28 +41,11 @@ def _fail(model, items, rows: int, exc: Exception) -> None:
             item.error = Internal(
                 f"model {model.name}/{model.version} failed at run time: {exc} (request id {request_id_of(item)})"
             )
-    skipped = _budget(model, "refused" if refused else "failed").take()
+    skipped = budget_for(model, "refused" if refused else "failed").take()
     (log.debug if skipped is None else log.warning if refused else log.error)(
         "model %s/%s %s on %d rows (request ids %s): %s%s", model.name, model.version,
         "refused a request's input" if refused else "failed", rows, ", ".join(item.request_id for item in items), exc,
         not_logged(skipped or 0))
-
-
-# Per model version and kind of line: a failing model's lines within LogBudget's (kernel/observability/log_budget.py).
-_budgets: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_budgets_lock = threading.Lock()
-
-
-def _budget(model, kind: str) -> LogBudget:
-    try:
-        return _budgets[model][kind]
-    except (KeyError, TypeError):  # (TypeError: a model that cannot be weakly referenced, in tests: one budget a call)
-        with _budgets_lock:
-            try:
-                kinds = _budgets.setdefault(model, {})
-            except TypeError:
-                return LogBudget()
-            return kinds.setdefault(kind, LogBudget())
 
 
 def _is_invalid_argument(exc: Exception) -> bool:
@@ -150,7 +131,7 @@ def run_batch(batch) -> int:
     ok, timings = _run(batch.model, items, batch.rows)
     batch.timings = timings
     if not ok:
-        skipped = _budget(batch.model, "retried").take()
+        skipped = budget_for(batch.model, "retried").take()
         (log.debug if skipped is None else log.warning)(
             "retrying the %d requests of a failed %s/%s batch one by one%s", len(items), batch.model.name,
             batch.model.version, not_logged(skipped or 0))
