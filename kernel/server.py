@@ -154,6 +154,7 @@ class KernelServer:
         self._pool: HandlerPool | None = None  # the sync front end's handler threads
         self._gate: EntryGate | None = None  # closed by stop(): new calls refused before gRPC's stop
         self._metrics = None  # the MetricsEndpoint, when metrics_port is set
+        self._started_ns = 0  # when start() began serving (monotonic): the stop line says how long it served
 
     # -- model changes --------------------------------------------------------
     def _models_arriving(self, fresh) -> None:
@@ -357,6 +358,7 @@ class KernelServer:
             server.start()
             self._server = server
         self._update_health()
+        self._started_ns = time.monotonic_ns()
         log.info(
             "AIOS kernel listening on %s:%d (%s; front end %s, scheduler %s, lanes %s, batch nice %s, extensions: %s); "
             "%d model versions ready%s",
@@ -462,10 +464,26 @@ class KernelServer:
         self._release()
         failed = self.decisions.failed_at_stop
         self.stopped_cleanly = not failed
+        served = self._served_words()
         if failed:  # (each failure logged above; the serve command exits 1)
-            log.error("AIOS kernel stopped, but not cleanly: %s failed", ", ".join(failed))
+            log.error("AIOS kernel stopped, but not cleanly: %s failed; %s", ", ".join(failed), served)
         else:
-            log.info("AIOS kernel stopped")
+            log.info("AIOS kernel stopped; %s", served)
+
+    def _served_words(self) -> str:
+        """The stop line's summary of the run: how long it served, what its models answered, what it decided
+        (an incident review starts from the stop line; it said only "AIOS kernel stopped")."""
+        ok = failed = 0
+        for mv in self.hub.loaded():
+            ok += mv.stats.success.count
+            failed += mv.stats.fail.count
+        counts = self.decisions.engine.tally.snapshot().values()
+        outcomes = {name: sum(getattr(c, name) for c in counts) for name in ("automated", "escalated", "fallback",
+                                                                             "failed")}
+        seconds = int((time.monotonic_ns() - self._started_ns) / 1e9) if self._started_ns else 0
+        return (f"served {seconds // 3600}h{seconds // 60 % 60:02d}m{seconds % 60:02d}s: {ok + failed:,} model requests "
+                f"({ok:,} succeeded, {failed:,} failed), {sum(outcomes.values()):,} decisions ("
+                + ", ".join(f"{n:,} {name}" for name, n in outcomes.items()) + ")")
 
     def drain_limit_s(self, grace: float | None = None) -> float:
         """The longest a drain (``stop``) waits: the lame-duck window, then gRPC's grace for calls in progress."""

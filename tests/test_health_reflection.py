@@ -348,3 +348,25 @@ def test_the_start_line_names_the_release_the_process_and_its_runtimes(model_rep
     (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("AIOS kernel listening on")]
     assert (f"(aios-kernel {__version__}, pid {os.getpid()}, Python {platform.python_version()}, grpcio "
             f"{grpc.__version__}, onnxruntime {onnxruntime.__version__}; front end sync") in line
+
+
+def test_the_stop_line_sums_up_what_the_kernel_served(model_repo, caplog):
+    """An incident review starts from the stop line: how long it served and what it answered, counted."""
+    import numpy as np
+    import tritonclient.grpc as tc
+
+    caplog.set_level("INFO", logger="aios.server")
+    server = start_kernel(model_repo, "sync")
+    try:
+        client = tc.InferenceServerClient(f"127.0.0.1:{server.port}")
+        x = tc.InferInput("INPUT0", [1, 16], "FP32")
+        x.set_data_from_numpy(np.zeros((1, 16), np.float32))
+        for _ in range(3):
+            client.infer("tiny", [x])
+        with pytest.raises(tc.InferenceServerException):
+            client.infer("tiny", [x], client_timeout=10, timeout=1)  # a 1 µs deadline: DEADLINE_EXCEEDED, a failure
+    finally:
+        server.stop(grace=1)
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("AIOS kernel stopped")]
+    assert "served 0h00m" in line
+    assert "4 model requests (3 succeeded, 1 failed), 0 decisions (0 automated, 0 escalated, 0 fallback, 0 failed)" in line
