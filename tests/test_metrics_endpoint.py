@@ -246,3 +246,34 @@ def test_a_metrics_port_in_use_stops_the_start(repo):
             start_kernel(repo, metrics_port=port)
     server = start_kernel(repo, metrics_port=port)  # what the failed start held was released: the same port serves
     server.stop(grace=0)
+
+
+def test_a_decide_whose_deadline_passed_before_it_started_is_counted(claims_models, tmp_path, monkeypatch):
+    """A statistics audit: Decides answered DEADLINE_EXCEEDED before their pipeline started were in no counter
+    (ModelInfer's are its model's expired_before_queue); now they are counted there too."""
+    from claims_support import UNSURE_CASE, claim_request
+
+    from kernel._proto.aios.kernel.v1 import kernel_pb2_grpc as kgrpc
+    from kernel.pipelines import flow
+
+    server = start_claims_kernel(claims_models, tmp_path, metrics_port=free_port())
+    real_check = flow.check_decision_request
+
+    def slow_check(request):  # the injected fault: reading the request takes 5 ms, past its 1 ms timeout
+        threading.Event().wait(0.005)
+        return real_check(request)
+
+    monkeypatch.setattr(flow, "check_decision_request", slow_check)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            for _ in range(3):
+                with pytest.raises(grpc.RpcError) as expired:
+                    kgrpc.DecisionServiceStub(channel).Decide(claim_request(UNSURE_CASE, timeout_ms=1), timeout=30)
+                assert expired.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+                assert "before the kernel could start it" in expired.value.details()
+        got = scrape(server.metrics_port)
+        labels = {"model": "claims_triage", "version": "1"}
+        assert value(got, "aios_model_expired_total", **labels, where="before_queue") == 3
+        assert value(got, "aios_model_requests_total", **labels, result="failure") == 3
+    finally:
+        server.stop(grace=0)
