@@ -31,7 +31,8 @@ for p in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_24_x86_64 manyl
 python3 -m pip install -q --no-deps --no-compile --target "$work/pa-site/site" --only-binary=:all: \
     --python-version "$pyver" --implementation cp "${platforms[@]}" \
     onnxruntime-gpu "$(pin grpcio)" "$(pin grpcio-health-checking)" "$(pin grpcio-reflection)" "$(pin protobuf)" \
-    "$(pin grpcio-tools)" "$(pin cryptography)" "$(pin cffi)" "$(pin pycparser)" "$(pin tritonclient)" "$(pin python-rapidjson)"
+    "$(pin grpcio-tools)" "$(pin cryptography)" "$(pin cffi)" "$(pin pycparser)" "$(pin tritonclient)" "$(pin python-rapidjson)" \
+    "$(pin prometheus-client)"
 site="$work/pa-site/site"
 # tritonclient's old perf_analyzer binaries (34 MB) are not used (bench/perf_analyzer.py brings 2.60),
 # nor is the TensorRT provider library.
