@@ -71,3 +71,38 @@ def test_a_pipeline_stays_on_its_checked_version_until_a_new_one_binds(tmp_path)
             assert decide(request, timeout=10).model.model_version == "3" and bound() == "3"
     finally:
         server.stop(grace=1)
+
+
+def test_a_reload_that_would_no_longer_fit_the_pipeline_deciding_on_that_version_is_refused(tmp_path):
+    """A model.toml edited in place (its labels renamed) and loaded again: the load answered OK, the pipeline's new
+    binding was refused "the running version keeps serving", and that running version went on deciding on the
+    reloaded version: every Decide failed, INVALID_ARGUMENT "field 'label': 'accept' is not one of the model's
+    classes" (a live-change audit). Now the reload is refused and version 1 as loaded before keeps deciding."""
+    models = build_small_model(tmp_path / "models", provider="cpu")
+    server = start_claims_kernel(models, tmp_path)
+    request = claim_request(data.generate_cases(1, seed=11)[0])
+    toml = models / MODEL / "1" / "model.toml"
+    text = toml.read_text()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            decide = kgrpc.DecisionServiceStub(channel).Decide
+            load = pb_grpc.GRPCInferenceServiceStub(channel).RepositoryModelLoad
+            assert decide(request, timeout=10).model.model_version == "1"
+            toml.write_text(text.replace('"approve", "review", "deny"', '"accept", "review", "deny"'))
+            try:
+                load(pb.RepositoryModelLoadRequest(model_name=MODEL), timeout=30)
+                raise AssertionError("a reload that breaks the serving pipeline was accepted")
+            except grpc.RpcError as error:
+                assert error.code() == grpc.StatusCode.FAILED_PRECONDITION, error.details()
+                assert "pipeline 'claims_triage'" in error.details() and "accept" in error.details(), error.details()
+                assert "keep serving (1)" in error.details(), error.details()
+            answer = decide(request, timeout=10)  # (failed INVALID_ARGUMENT before)
+            assert answer.model.model_version == "1" and set(answer.model.class_scores) == {"approve", "review", "deny"}
+            # A pipeline following the newest version is not held to the one it leaves: with a version 2 it fits
+            # loaded beside it, the same files load, and it moves to version 2.
+            shutil.copytree(models / MODEL / "1", models / MODEL / "2")
+            (models / MODEL / "2" / "model.toml").write_text(text)
+            load(pb.RepositoryModelLoadRequest(model_name=MODEL), timeout=30)
+            assert decide(request, timeout=10).model.model_version == "2"
+    finally:
+        server.stop(grace=1)

@@ -12,9 +12,10 @@ import time
 
 from .. import __version__
 from .._proto.inference import grpc_service_pb2 as pb
-from ..errors import DeadlineExceeded, Internal, InvalidArgument, NotFound, Unavailable, Unimplemented, quote
+from ..errors import (DeadlineExceeded, FailedPrecondition, Internal, InvalidArgument, NotFound, Unavailable,
+                      Unimplemented, quote)
 from ..limits import MAX_MODEL_NAME_BYTES, MAX_REQUEST_ID_CHARS, MAX_TENANT_CHARS, check_identifier
-from ..models import ModelConfigError, ModelHub, ModelVersion
+from ..models import ModelConfigError, ModelHub, ModelInUse, ModelVersion
 from ..models.hub import requested_version
 from ..scheduling import Lanes, WorkItem
 from ..scheduling.execute import request_id_of
@@ -169,7 +170,9 @@ class InferenceService:
             outcome = (f"the versions loaded before keep serving ({', '.join(live)})" if live
                        else "it is not served")
             log.warning("model %r was not loaded (RepositoryModelLoad): %s; %s", name, exc, outcome)
-            raise InvalidArgument(f"model {quote(name)} was not loaded: {exc}; {outcome}") from None
+            # (Files valid in themselves that no longer fit a pipeline serving on the version: the kernel's state.)
+            refusal = FailedPrecondition if isinstance(exc, ModelInUse) else InvalidArgument
+            raise refusal(f"model {quote(name)} was not loaded: {exc}; {outcome}") from None
         # The versions that loaded serve, but a load that could not bring up every numbered version folder is
         # not an OK: Triton answers such a load with an error naming the version, and an operator deploying
         # version 3 with a damaged model.onnx was answered OK while requests went on to version 2 (a

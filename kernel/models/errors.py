@@ -14,3 +14,9 @@ class ModelConfigError(ValueError):
         self.problem = problem
         where = f"{self.path}: {field}: " if field else f"{self.path}: "
         super().__init__(where + problem)
+
+
+class ModelInUse(ModelConfigError):
+    """A reload whose files are valid but would no longer fit what serves on the version it replaces (a pipeline
+    bound to it): refused, the version loaded before keeps serving. The caller's FAILED_PRECONDITION, not a file
+    that is wrong in itself."""

@@ -133,6 +133,7 @@ class ModelHub:
         self._skipped: dict[str, dict[str, str]] = {}  # name -> version folders its last load could not serve, and why
         self._listeners: list[Callable[[list[ModelVersion], list[ModelVersion]], None]] = []
         self._preparers: list[Callable[[list[ModelVersion]], None]] = []
+        self._checkers: list[Callable[[list[ModelVersion]], None]] = []
         self._loads = 0  # loads in progress (wait_for_loads)
         self._loads_done = threading.Condition(threading.Lock())
         # name -> [its lock, callers holding or waiting for it]: one load or unload of a model at a time
@@ -161,6 +162,12 @@ class ModelHub:
         request find a reloaded version with no lane yet (UNAVAILABLE during every reload under load). An
         error fails the load; the previous versions stay live."""
         self._preparers.append(preparer)
+
+    def add_checker(self, checker: Callable[[list[ModelVersion]], None]) -> None:
+        """``checker(fresh)`` is called with the versions a load made (oldest first), before anything is prepared or
+        published: a ``ModelConfigError`` it raises fails the load as a bad file does, and the versions loaded
+        before keep serving. (The pipelines: a reload of the version they decide on must still fit them.)"""
+        self._checkers.append(checker)
 
     # -- lookup -----------------------------------------------------------
     def get(self, name: str, version: str = "") -> ModelVersion | None:
@@ -326,6 +333,8 @@ class ModelHub:
             lost = [version for version in failed if version in serving]
             if failed and (not fresh or lost):
                 raise failed[lost[0] if lost else next(iter(failed))]
+            for checker in self._checkers:
+                checker(list(fresh.values()))
         except Exception as exc:
             with self._lock:
                 self._failures[name] = _reason(model_dir, exc)

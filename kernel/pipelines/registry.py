@@ -29,6 +29,7 @@ from pathlib import Path
 from ..errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound, quote
 from ..observability.repeats import RepeatedFailure
 from ..limits import FileTooLarge, read_bounded
+from ..models.errors import ModelInUse
 from ..policy import tomlsafe
 from .binding import bind, binding_warnings
 from .spec import MAX_PIPELINE_FILE_BYTES, Pipeline, PipelineError, load_pipeline, parse_pipeline
@@ -492,11 +493,36 @@ class PipelineRegistry:
         except Exception:  # a listener that raises would cut the hub's other listeners off
             log.exception("retrying the pipelines of model %s failed", ", ".join(sorted(names)))
 
+    def _check_model_reload(self, fresh) -> None:
+        """The hub's checker: refuse a load that replaces the model version a serving pipeline decides on with one
+        that no longer fits it (a model.toml edited in place: labels renamed, another input width). Loaded, the
+        pipeline's new binding was refused but its running version went on deciding on the replaced version: every
+        Decide failed (INVALID_ARGUMENT "field 'label'...", a live-change audit). A pipeline that follows the
+        newest version and fits the newest one loaded is not held to the version it leaves."""
+        if not fresh:
+            return
+        name, newest = fresh[0].name, fresh[-1]
+        reloaded = {mv.version: mv for mv in fresh}
+        for pipeline in self.all():
+            mv = reloaded.get(pipeline.bound_version)
+            if pipeline.model != name or mv is None:
+                continue
+            if not pipeline.model_version and newest is not mv and _fits(pipeline, newest) is None:
+                continue
+            why = _fits(pipeline, mv)
+            if why is not None:
+                raise ModelInUse(Path(self.hub.root) / name / mv.version / "model.toml", "",
+                                 f"version {mv.version} as it is now would no longer fit pipeline {pipeline.name!r} "
+                                 f"({pipeline.path}), which decides on it: {why}. Load the change as a new version "
+                                 f"folder and move the pipeline to it, or restore the files of version {mv.version}")
+
     # -- watching ----------------------------------------------------------------
     def start(self) -> None:
         if not self._hearing_models and hasattr(self.hub, "add_listener"):
             # (here, not in __init__: the kernel's own model listener, which audits the load, goes first)
             self.hub.add_listener(self._models_changed)
+            if hasattr(self.hub, "add_checker"):
+                self.hub.add_checker(self._check_model_reload)
             self._hearing_models = True
         self.reload()
         if self._poll_s > 0 and self._watcher is None:
@@ -603,6 +629,25 @@ def _write_atomically(path: Path, data: bytes) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+class _OneVersion:
+    """A hub holding just ``mv``: what a pipeline is bound against to check it fits a version not yet published."""
+
+    def __init__(self, mv):
+        self.mv = mv
+
+    def get(self, name: str, version: str = ""):
+        return self.mv if name == self.mv.name and version in ("", self.mv.version) else None
+
+
+def _fits(pipeline: Pipeline, mv) -> str | None:
+    """None when ``pipeline`` binds to model version ``mv``, else why not (the binding's own refusal)."""
+    try:
+        bind(replace(pipeline, model_version=mv.version), _OneVersion(mv))
+    except PipelineError as exc:
+        return str(exc)
+    return None
 
 
 def _relocated(pipeline: Pipeline, path: str) -> Pipeline:
