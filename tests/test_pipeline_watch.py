@@ -13,6 +13,7 @@ import os
 import pytest
 from claims_support import copy_pipelines, loaded_hub
 
+from kernel.errors import NotFound
 from kernel.pipelines import PipelineRegistry
 from kernel.policy import load_policy, parse_policy
 
@@ -245,3 +246,44 @@ def test_not_found_points_at_refused_files(registry, folder):
     assert missing.value.message.endswith(
         "loaded pipelines: claims_triage; 1 file in the pipeline folder is refused (`aios-kernel pipelines list` "
         "says why)")
+
+
+def _denied_for(real, path):
+    """A fault injected on purpose: ``real`` (os.scandir, os.stat) refuses ``path`` as a folder without read or search
+    permission refuses it (tests run as root here, where chmod 000 stops nothing)."""
+    def denied(target=".", *args, **kwargs):
+        if os.fspath(target) == str(path):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(target, *args, **kwargs)
+    return denied
+
+
+@pytest.mark.parametrize("fault", ["folder cannot be listed", "pipeline file cannot be looked at"])
+def test_a_folder_that_cannot_be_looked_at_unloads_nothing(registry, folder, monkeypatch, fault):
+    """chmod 000 on the pipeline folder (chmod 644: listed, but no file in it can be looked at), a mount gone bad:
+    glob took the folder for an empty one, a failed stat for a file gone, and the second look unloaded every
+    pipeline: Decide NOT_FOUND for all while the files were there (a live-change audit). A look that cannot see the
+    folder now changes nothing and says why."""
+    served = registry.get("claims_triage")
+    if fault == "folder cannot be listed":
+        monkeypatch.setattr(os, "scandir", _denied_for(os.scandir, folder))
+    else:
+        monkeypatch.setattr(os, "stat", _denied_for(os.stat, folder / "claims_triage.toml"))
+    for _ in range(3):
+        with pytest.raises(OSError, match="Permission denied"):
+            registry.reload(settle=True)
+    assert registry.get("claims_triage") is served
+    assert "cannot be looked at (Permission denied" in registry.errors[str(folder)]
+    monkeypatch.undo()
+    assert registry.reload(settle=True) == [] and registry.get("claims_triage") is served
+    assert registry.errors == {}
+
+
+def test_a_folder_that_is_gone_still_unloads_its_pipelines(registry, folder, tmp_path):
+    """Removing the folder (or every file in it) is still how pipelines stop being served: gone is not unreadable."""
+    folder.rename(tmp_path / "moved")
+    registry.reload(settle=True)
+    assert registry.get("claims_triage")  # (the first look that misses a file waits for the next one)
+    registry.reload(settle=True)
+    with pytest.raises(NotFound):
+        registry.get("claims_triage")

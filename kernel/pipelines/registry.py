@@ -19,6 +19,7 @@ lists it, since an editor's save can remove a file and write it anew.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import threading
@@ -98,13 +99,7 @@ class PipelineRegistry:
         rename it over) is still what makes a change safe.
         """
         with self._work:
-            top = sorted(self.folder.glob("*.toml")) if self.folder.is_dir() else []
-            present = {path: key for path in top if (key := _file_key(path)) is not None}
-            # The files pipelines read that are not the folder's own (a policy in a subfolder or elsewhere).
-            own = {_absolute(path) for path in top}
-            for path in sorted(self._read_files() - own):
-                if (key := _file_key(path)) is not None:
-                    present[path] = key
+            top, present = self._look()
             touched = [path for path, key in present.items() if self._seen.get(path) != key]
             if settle:
                 touched = self._settled(touched, present)
@@ -133,6 +128,29 @@ class PipelineRegistry:
                 path for path, kind in kinds.items() if kind == OTHER and path not in to_load}
             self._list_strays()
             return changed
+
+    def _look(self) -> tuple[list[Path], dict[Path, tuple]]:
+        """The folder's top-level ``*.toml`` files, and the key of each file there and of each file the pipelines
+        read. FolderUnreadable when the folder or one of them cannot be looked at (no permission, an I/O error):
+        then nothing is known to have changed or gone. (pathlib's glob took a folder it could not list for an
+        empty one, and the next look unloaded every pipeline: Decide NOT_FOUND for all, a live-change audit.)"""
+        try:
+            top = _toml_files(self.folder)
+            present = {path: key for path in top if (key := _file_key(path)) is not None}
+            # The files pipelines read that are not the folder's own (a policy in a subfolder or elsewhere).
+            own = {_absolute(path) for path in top}
+            for path in sorted(self._read_files() - own):
+                if (key := _file_key(path)) is not None:
+                    present[path] = key
+        except OSError as exc:
+            then = ("nothing changes until it can: the pipelines served keep serving" if self._active
+                    else "no pipeline is loaded from it until it can")
+            why = (f"pipeline folder {self.folder} cannot be looked at ({exc.strerror or exc}: "
+                   f"{exc.filename or self.folder}); {then}")
+            self.errors[str(self.folder)] = why
+            raise FolderUnreadable(why) from None
+        self.errors.pop(str(self.folder), None)
+        return top, present
 
     def _read_files(self) -> set[Path]:
         """Every file the pipelines' last loads read (their policies), absolute, as named."""
@@ -334,7 +352,10 @@ class PipelineRegistry:
                 f"the kernel runs as{done}") from None
         written.append(target)
         for path in written:  # validated here: the next look must not load (and log) them a second time
-            self._seen[path] = _file_key(path)
+            try:
+                self._seen[path] = _file_key(path)
+            except OSError:
+                self._seen[path] = None  # (cannot be looked at: the next look that can reads it again)
             self._settling.pop(path, None)
             self._strays.discard(path)
         pipeline = _relocated(pipeline, str(target))
@@ -541,6 +562,8 @@ class PipelineRegistry:
         while not self._stop.wait(self._poll_s):
             try:
                 self.reload(settle=True)
+            except FolderUnreadable as exc:  # (its message says it all: no traceback)
+                failures.failed(str(exc), traceback=False)
             except Exception as exc:  # a watcher that dies silently would freeze every pipeline
                 failures.failed(f"{type(exc).__name__}: {exc}")
                 time.sleep(self._poll_s)
@@ -597,13 +620,37 @@ def _read_kind(path: Path) -> tuple[str, str | None]:
     return PIPELINE, (name if isinstance(name, str) else None)
 
 
+class FolderUnreadable(OSError):
+    """The pipeline folder, or a file in it or read by a pipeline, could not be looked at: the look changed nothing."""
+
+
+# A file is gone (or a link to nothing) when its stat fails so; any other failure (no permission on its folder, an I/O
+# error) says nothing about the file, and must not unload the pipeline it serves.
+_GONE = (errno.ENOENT, errno.ENOTDIR, errno.ELOOP)
+
+
+def _toml_files(folder: Path) -> list[Path]:
+    """The top-level ``*.toml`` entries of ``folder`` (as ``glob("*.toml")`` names them); [] when it does not exist.
+    OSError when it exists but cannot be listed (pathlib's glob says [] then)."""
+    try:
+        with os.scandir(folder) as entries:
+            names = [entry.name for entry in entries if entry.name.endswith(".toml")]
+    except OSError as exc:
+        if exc.errno in _GONE:
+            return []
+        raise
+    return sorted(folder / name for name in names)
+
+
 def _file_key(path: Path) -> tuple | None:
     """What tells a file's change: (mtime, size, inode, status-change time) of the file and, for a symlink, of
-    the link itself (swapped for another one). None if it cannot be looked at (gone)."""
+    the link itself (swapped for another one). None if it is gone; OSError if it cannot be looked at."""
     try:
         stat, link = path.stat(), path.lstat()
-    except OSError:
-        return None
+    except OSError as exc:
+        if exc.errno in _GONE:
+            return None
+        raise
     key = (stat.st_mtime_ns, stat.st_size, stat.st_ino, stat.st_ctime_ns)
     return key if link.st_ino == stat.st_ino else key + (link.st_ino, link.st_ctime_ns)
 
