@@ -170,6 +170,7 @@ class Settings:
 
 
 _FIELDS = {f.name: f for f in fields(Settings)}
+_FOLDERS = ("models", "pipelines", "data_dir")  # settings naming a folder: never empty
 
 
 # Durations: a longer one is a typo, and past threading.TIMEOUT_MAX (~292 years) a wait on it raises
@@ -203,6 +204,8 @@ def _coerce(name: str, value: Any, source: str) -> Any:
         raise SettingsError(f"{name} (from {source}) must be {kind}, got {given!r}") from None
     if kind == "float" and not math.isfinite(value):  # "nan" and "inf" parse, in TOML too, and pass range checks
         raise SettingsError(f"{name} (from {source}) must be a finite number, got {given!r}")
+    if kind == "str" and "\x00" in value:  # (TOML's "\u0000": a path with it ended the start in a traceback)
+        raise SettingsError(f"{name} (from {source}) must not hold a NUL character, got {given!r}")
     return value
 
 
@@ -210,6 +213,12 @@ def _validate(settings: Settings, sources: dict[str, str]) -> None:
     def bad(name: str, why: str) -> SettingsError:
         return SettingsError(f"{name} (from {sources.get(name, 'defaults')}) {why}")
 
+    for name in _FOLDERS:
+        # "" is the current directory: a templated AIOS_DATA_DIR=${DATA_DIR} left unset put the audit log and the
+        # store in whatever directory the kernel started in, and AIOS_PIPELINES= served any *.toml there.
+        if not getattr(settings, name).strip():
+            raise bad(name, f"is empty: name a folder (an empty value would be the directory the kernel starts in); "
+                            f"leave it unset for the default, {_FIELDS[name].default!r}")
     if not 0 <= settings.port <= 65535:
         raise bad("port", f"must be 0..65535 (0 = any free port), got {settings.port}")
     if not 0 <= settings.metrics_port <= 65535:

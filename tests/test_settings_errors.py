@@ -209,3 +209,23 @@ def test_serve_with_a_missing_audit_key_exits_with_one_line(tmp_path):
     assert result.returncode == 2, result.stderr
     assert f"audit_key (from $AIOS_AUDIT_KEY) {key} does not exist" in result.stderr
     assert "Traceback" not in result.stderr and not key.exists()
+
+
+# ---------------------------------------------------------------- folders
+
+
+@pytest.mark.parametrize("name", ["data_dir", "models", "pipelines"])
+@pytest.mark.parametrize("value", ["", "  "])
+def test_a_folder_setting_that_is_empty_is_refused(name, value):
+    """AIOS_DATA_DIR=${DATA_DIR} with DATA_DIR unset: the kernel started on the current directory, its audit log
+    and store written there (and AIOS_PIPELINES= served any *.toml in it), without a word (a settings audit)."""
+    message = refused(environ={f"AIOS_{name.upper()}": value})
+    assert message.startswith(f"{name} (from $AIOS_{name.upper()}) is empty: name a folder"), message
+
+
+@pytest.mark.parametrize("name", ["data_dir", "pipelines", "host"])
+def test_a_nul_character_in_a_setting_is_refused(tmp_path, name):
+    """TOML's "\\u0000" in a path ended the start in a traceback (ValueError: embedded null byte)."""
+    config = toml(tmp_path, f'[kernel]\n{name} = "a\\u0000b"\n')
+    assert refused(config).startswith(f"{name} (from {config}"), refused(config)
+    assert "must not hold a NUL character" in refused(config)
