@@ -173,6 +173,8 @@ _FIELDS = {f.name: f for f in fields(Settings)}
 _FOLDERS = ("models", "pipelines", "data_dir")  # settings naming a folder: never empty
 
 
+_MAX_GRPC_INT = 2**31 - 1  # gRPC's channel arguments (message size limits) are C ints
+
 # Durations: a longer one is a typo, and past threading.TIMEOUT_MAX (~292 years) a wait on it raises
 # OverflowError inside a kernel thread.
 _MAX_SECONDS = 86_400  # a day
@@ -248,8 +250,10 @@ def _validate(settings: Settings, sources: dict[str, str]) -> None:
         raise bad("lane_slots", f"must be >= 0 (0 = one per core), got {settings.lane_slots}")
     if not 0 <= settings.batch_nice <= 19:
         raise bad("batch_nice", f"must be 0..19 (0 = off), got {settings.batch_nice}")
-    if settings.max_message_bytes < 1024:
-        raise bad("max_message_bytes", f"must be >= 1024, got {settings.max_message_bytes}")
+    if not 1024 <= settings.max_message_bytes <= _MAX_GRPC_INT:
+        # (gRPC takes its channel arguments as C ints: a larger value ended the start in an OverflowError traceback)
+        raise bad("max_message_bytes", f"must be 1024..{_MAX_GRPC_INT} (2 GiB - 1, gRPC's limit), got "
+                                       f"{settings.max_message_bytes}")
     if not 0 <= settings.grace_seconds <= _MAX_SECONDS:
         raise bad("grace_seconds", f"must be 0..{_MAX_SECONDS} (a day), got {settings.grace_seconds}")
     if settings.log_level.upper() not in LOG_LEVELS:

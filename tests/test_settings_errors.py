@@ -229,3 +229,12 @@ def test_a_nul_character_in_a_setting_is_refused(tmp_path, name):
     config = toml(tmp_path, f'[kernel]\n{name} = "a\\u0000b"\n')
     assert refused(config).startswith(f"{name} (from {config}"), refused(config)
     assert "must not hold a NUL character" in refused(config)
+
+
+@pytest.mark.parametrize("value", ["2147483648", "99999999999"])
+def test_a_message_limit_past_what_grpc_takes_is_refused(value):
+    """gRPC takes max_message_bytes as a C int: 99999999999 passed the settings and ended the start, after the models
+    loaded and the audit log opened, in an OverflowError traceback."""
+    message = refused(environ={"AIOS_MAX_MESSAGE_BYTES": value})
+    assert message == f"max_message_bytes (from $AIOS_MAX_MESSAGE_BYTES) must be 1024..2147483647 (2 GiB - 1, gRPC's limit), got {value}"
+    assert load_settings(environ={"AIOS_MAX_MESSAGE_BYTES": "2147483647"}).max_message_bytes == 2**31 - 1
