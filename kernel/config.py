@@ -272,8 +272,11 @@ def _validate(settings: Settings, sources: dict[str, str]) -> None:
         raise bad("audit_key", f"{settings.audit_key} is a directory, not the signing key's PEM file")
     if settings.audit_segment_bytes < 4096:
         raise bad("audit_segment_bytes", f"must be >= 4096, got {settings.audit_segment_bytes}")
-    if settings.audit_preallocate_bytes < 0:
-        raise bad("audit_preallocate_bytes", f"must be >= 0 (0 = append), got {settings.audit_preallocate_bytes}")
+    if not 0 <= settings.audit_preallocate_bytes <= _MAX_PREALLOCATE_BYTES:
+        # Each chunk of zeros is one buffer in memory, kept for reuse: with a segment as large, 10**12 ended the
+        # start in a MemoryError traceback (and 8 GiB would have held 8 GiB of RAM for the kernel's life).
+        raise bad("audit_preallocate_bytes", f"must be 0..{_MAX_PREALLOCATE_BYTES} (64 MiB; 0 = append), got "
+                                             f"{settings.audit_preallocate_bytes}")
     if settings.store_retention_days and not 1 <= settings.store_retention_days <= _MAX_RETENTION_DAYS:
         # (Under a day, a finished task could go while its caller may still retry StartTask with its key.)
         raise bad("store_retention_days", f"must be 0 (keep for good) or 1..{_MAX_RETENTION_DAYS} days, got "
@@ -281,6 +284,7 @@ def _validate(settings: Settings, sources: dict[str, str]) -> None:
     _validate_task_retries(settings, bad)
 
 
+_MAX_PREALLOCATE_BYTES = 64 << 20  # zeros written ahead at a time: far past the 256 KiB default gains nothing
 _MAX_RETENTION_DAYS = 36_500  # a hundred years: more is a typo for 0
 
 

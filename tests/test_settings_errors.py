@@ -238,3 +238,12 @@ def test_a_message_limit_past_what_grpc_takes_is_refused(value):
     message = refused(environ={"AIOS_MAX_MESSAGE_BYTES": value})
     assert message == f"max_message_bytes (from $AIOS_MAX_MESSAGE_BYTES) must be 1024..2147483647 (2 GiB - 1, gRPC's limit), got {value}"
     assert load_settings(environ={"AIOS_MAX_MESSAGE_BYTES": "2147483647"}).max_message_bytes == 2**31 - 1
+
+
+def test_preallocation_past_64_mib_is_refused():
+    """Each chunk of zeros is one buffer in memory: audit_preallocate_bytes = 10**12 (with a segment as large) ended
+    the start in a MemoryError traceback, after the models had loaded."""
+    environ = {"AIOS_AUDIT_PREALLOCATE_BYTES": str(10**12), "AIOS_AUDIT_SEGMENT_BYTES": str(10**12)}
+    assert refused(environ=environ) == ("audit_preallocate_bytes (from $AIOS_AUDIT_PREALLOCATE_BYTES) must be "
+                                        f"0..{64 << 20} (64 MiB; 0 = append), got {10**12}")
+    assert load_settings(environ={"AIOS_AUDIT_PREALLOCATE_BYTES": str(64 << 20)}).audit_preallocate_bytes == 64 << 20
