@@ -173,6 +173,7 @@ _FIELDS = {f.name: f for f in fields(Settings)}
 _FOLDERS = ("models", "pipelines", "data_dir")  # settings naming a folder: never empty
 
 
+_MIN_POLL_S = 0.1  # a look reads every pipeline file's status; more often is a busy loop, not a faster reload
 _MAX_GRPC_INT = 2**31 - 1  # gRPC's channel arguments (message size limits) are C ints
 
 # Durations: a longer one is a typo, and past threading.TIMEOUT_MAX (~292 years) a wait on it raises
@@ -258,8 +259,10 @@ def _validate(settings: Settings, sources: dict[str, str]) -> None:
         raise bad("grace_seconds", f"must be 0..{_MAX_SECONDS} (a day), got {settings.grace_seconds}")
     if settings.log_level.upper() not in LOG_LEVELS:
         raise bad("log_level", f"must be one of {', '.join(LOG_LEVELS)}, got {settings.log_level!r}")
-    if not 0 <= settings.pipeline_poll_s <= _MAX_SECONDS:
-        raise bad("pipeline_poll_s", f"must be 0..{_MAX_SECONDS} (0 = load at start only), got {settings.pipeline_poll_s}")
+    if settings.pipeline_poll_s and not _MIN_POLL_S <= settings.pipeline_poll_s <= _MAX_SECONDS:
+        # (1e-6 passed: the watcher then looked at the folder without pause, a core's worth of CPU and GIL)
+        raise bad("pipeline_poll_s", f"must be 0 (load at start only) or {_MIN_POLL_S:g}..{_MAX_SECONDS} seconds, got "
+                                     f"{settings.pipeline_poll_s:g}")
     if settings.scheduler not in SCHEDULERS:
         raise bad("scheduler", f"must be one of {', '.join(SCHEDULERS)}, got {settings.scheduler!r}")
     if settings.audit_mode not in AUDIT_MODES:

@@ -111,8 +111,11 @@ def test_float_settings_refuse_nan_and_infinity_from_the_environment(name, text)
     [
         ("grace_seconds", "-1", "must be 0..86400"),
         ("grace_seconds", "1e300", "must be 0..86400"),
-        ("pipeline_poll_s", "-0.5", "must be 0..86400"),
-        ("pipeline_poll_s", "1e300", "must be 0..86400"),
+        ("pipeline_poll_s", "-0.5", "must be 0 (load at start only) or 0.1..86400 seconds"),
+        ("pipeline_poll_s", "1e300", "must be 0 (load at start only) or 0.1..86400 seconds"),
+        # (the watcher looked at the folder without pause: a core's worth of CPU, and the GIL, taken from calls)
+        ("pipeline_poll_s", "0.000001", "must be 0 (load at start only) or 0.1..86400 seconds, got 1e-06"),
+        ("pipeline_poll_s", "0.05", "must be 0 (load at start only) or 0.1..86400 seconds, got 0.05"),
         ("audit_checkpoint_ms", "0", "must be > 0 and <= 86400000"),
         ("audit_checkpoint_ms", "-5", "must be > 0 and <= 86400000"),
         ("audit_checkpoint_ms", "1e300", "must be > 0 and <= 86400000"),  # past threading.TIMEOUT_MAX
