@@ -378,8 +378,9 @@ def load_settings(
                 close = difflib.get_close_matches(key, list(_FIELDS), n=1)
                 hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(_FIELDS)}"
                 raise SettingsError(f"{path}{_line_of(path, key)}: unknown setting {key!r}; {hint}")
-            values[key] = _coerce(key, value, str(path))
-            sources[key] = str(path)
+            # The file and the line that set it, in every message about it ("workers (from /etc/aios/kernel.toml:7)").
+            sources[key] = f"{path}{_line_of(path, key)}"
+            values[key] = _coerce(key, value, sources[key])
     env = os.environ if environ is None else environ
     _warn_unknown_variables(env)
     for key in _FIELDS:

@@ -96,7 +96,7 @@ def test_an_unknown_key_in_the_file_names_its_line_and_the_likely_setting(tmp_pa
 @pytest.mark.parametrize("literal", ["nan", "inf", "-inf", "+nan"])
 def test_float_settings_refuse_nan_and_infinity_from_the_file(tmp_path, name, literal):
     config = toml(tmp_path, f"[kernel]\n{name} = {literal}\n")
-    assert f"{name} (from {config}) must be a finite number" in refused(config)
+    assert f"{name} (from {config}:2) must be a finite number" in refused(config)
 
 
 @pytest.mark.parametrize("name", ["grace_seconds", "pipeline_poll_s", "audit_checkpoint_ms"])
@@ -135,7 +135,7 @@ def test_float_settings_in_range_are_taken(tmp_path):
 @pytest.mark.parametrize("literal", ["8302.9", "true", "false", "inf", "nan", "1e400"])
 def test_int_settings_refuse_fractions_and_booleans_in_the_file(tmp_path, literal):
     config = toml(tmp_path, f"[kernel]\nport = {literal}\n")
-    assert f"port (from {config}) must be int, got " in refused(config)
+    assert f"port (from {config}:2) must be int, got " in refused(config)
 
 
 def test_int_settings_from_flags_and_environment(tmp_path):
@@ -160,7 +160,7 @@ def test_an_explicit_audit_key_that_is_missing_stops_the_start(tmp_path, source)
     key = tmp_path / "secrets" / "audit.pem"  # a secret mount that failed
     config = toml(tmp_path, f'[kernel]\naudit_key = "{key}"\n')
     settings, named = {
-        "file": (lambda: load_settings(config, environ={}), str(config)),
+        "file": (lambda: load_settings(config, environ={}), f"{config}:2"),
         "env": (lambda: load_settings(environ={"AIOS_AUDIT_KEY": str(key)}), "$AIOS_AUDIT_KEY"),
         "flag": (lambda: load_settings(overrides={"audit_key": str(key)}, environ={}), "--audit-key"),
     }[source]
@@ -250,3 +250,12 @@ def test_preallocation_past_64_mib_is_refused():
     assert refused(environ=environ) == ("audit_preallocate_bytes (from $AIOS_AUDIT_PREALLOCATE_BYTES) must be "
                                         f"0..{64 << 20} (64 MiB; 0 = append), got {10**12}")
     assert load_settings(environ={"AIOS_AUDIT_PREALLOCATE_BYTES": str(64 << 20)}).audit_preallocate_bytes == 64 << 20
+
+
+def test_a_refused_value_from_the_file_names_its_line(tmp_path):
+    """A bank's kernel.toml runs to dozens of lines: the unknown-key error named its line, a bad value only the file."""
+    config = toml(tmp_path, "# production\n[kernel]\nhost = \"0.0.0.0\"\n\nworkers = 4\nmax_watches = 9\n")
+    assert refused(config) == (f"max_watches (from {config}:6) must be below workers (4): each open watch holds a "
+                               "handler thread of the sync front end, and calls beyond workers are refused; got 9")
+    config = toml(tmp_path, "[kernel]\nport = 8001\nworkers = 'many'\n")
+    assert refused(config) == f"workers (from {config}:3) must be int, got 'many'"
