@@ -287,3 +287,15 @@ def test_a_folder_that_is_gone_still_unloads_its_pipelines(registry, folder, tmp
     registry.reload(settle=True)
     with pytest.raises(NotFound):
         registry.get("claims_triage")
+
+
+def test_the_policy_of_a_serving_pipeline_whose_file_is_refused_is_not_listed_as_read_by_none(registry, folder):
+    """A serving pipeline's file refused before it names its policy (cut to invalid TOML, unreadable): its running
+    version still decides with that policy, yet `pipelines list` said of it "not served: it has no [pipeline] table,
+    and no pipeline in this folder reads it as its policy"."""
+    os.utime(folder / "policy.toml")  # (looked at since the start: a look classifies it)
+    registry.reload()
+    pipeline = folder / "claims_triage.toml"
+    pipeline.write_text(pipeline.read_text().replace("[pipeline]", "[pipeline", 1))
+    assert registry.reload() == [] and registry.get("claims_triage")
+    assert list(registry.errors) == [str(pipeline)], registry.errors

@@ -238,6 +238,10 @@ class PipelineRegistry:
             log.error("pipeline refused: %s: cannot be loaded%s", path, self._still_serving(path), exc_info=True)
             return None
         finally:
+            if not reads and self._owner(path) is not None:
+                # Refused before it named a policy (not TOML, unreadable): its running version still reads the one it
+                # read, which `pipelines list` called "not served: no pipeline in this folder reads it" (an audit).
+                reads = self._reads.get(path, reads)
             self._reads[path] = reads  # (a refused pipeline too: fixing its policy loads it again)
         self.errors.pop(str(path), None)
         self._waiting.pop(path, None)
