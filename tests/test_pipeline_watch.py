@@ -13,7 +13,7 @@ import os
 import pytest
 from claims_support import copy_pipelines, loaded_hub
 
-from kernel.errors import NotFound
+from kernel.errors import FailedPrecondition, NotFound
 from kernel.pipelines import PipelineRegistry
 from kernel.policy import load_policy, parse_policy
 
@@ -299,3 +299,28 @@ def test_the_policy_of_a_serving_pipeline_whose_file_is_refused_is_not_listed_as
     pipeline.write_text(pipeline.read_text().replace("[pipeline]", "[pipeline", 1))
     assert registry.reload() == [] and registry.get("claims_triage")
     assert list(registry.errors) == [str(pipeline)], registry.errors
+
+
+def test_an_upload_into_a_folder_the_kernel_cannot_read_changes_nothing(registry, folder, monkeypatch):
+    """A folder with write and search permission but no read (chmod 311): the upload's file was renamed into place,
+    then syncing the folder failed and the answer said "nothing was changed": the next look served it all the same
+    (a live-change audit). Now the upload is refused before anything is written."""
+    pipeline = folder / "claims_triage.toml"
+    before = pipeline.read_bytes()
+    real_open = os.open
+
+    def unreadable_folder_open(path, flags, *args, **kwargs):  # the fault: opening the folder to read it is denied
+        if os.fspath(path) == str(folder):
+            raise PermissionError(13, "Permission denied", str(folder))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "scandir", _denied_for(os.scandir, folder))
+    monkeypatch.setattr(os, "open", unreadable_folder_open)
+    with pytest.raises(FailedPrecondition) as refusal:
+        registry.put(before.replace(b'version = "2026-11-25.1"', b'version = "uploaded"', 1))
+    assert refusal.value.message == (f"upload not validated: the pipeline folder {folder} cannot be looked at "
+                                     f"(Permission denied: {folder}): make it readable by the user the kernel runs "
+                                     "as; nothing was changed")
+    monkeypatch.undo()
+    assert pipeline.read_bytes() == before and registry.reload(settle=True) == []
+    assert registry.get("claims_triage").label == "2026-11-25.1"

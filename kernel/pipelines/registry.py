@@ -145,10 +145,10 @@ class PipelineRegistry:
         except OSError as exc:
             then = ("nothing changes until it can: the pipelines served keep serving" if self._active
                     else "no pipeline is loaded from it until it can")
-            why = (f"pipeline folder {self.folder} cannot be looked at ({exc.strerror or exc}: "
-                   f"{exc.filename or self.folder}); {then}")
-            self.errors[str(self.folder)] = why
-            raise FolderUnreadable(why) from None
+            core = (f"pipeline folder {self.folder} cannot be looked at ({exc.strerror or exc}: "
+                    f"{exc.filename or self.folder})")
+            self.errors[str(self.folder)] = f"{core}; {then}"
+            raise FolderUnreadable(core, then) from None
         self.errors.pop(str(self.folder), None)
         return top, present
 
@@ -305,6 +305,14 @@ class PipelineRegistry:
 
     def _put(self, pipeline_text: bytes, policy_text: bytes | None, time_left,
              warnings: list[str] | None = None) -> Pipeline:
+        try:
+            # The folder as the watcher looks at it: one the kernel cannot read was the caller's INVALID_ARGUMENT
+            # ("[policy].file: [Errno 13] Permission denied"), or, listable but not readable, the file was renamed
+            # into place and the answer said "nothing was changed" (a live-change audit).
+            self._look()
+        except FolderUnreadable as exc:
+            raise FailedPrecondition(f"upload not validated: the {exc.what}: make it readable by the user the kernel "
+                                     "runs as; nothing was changed") from None
         pending_policy: dict[str, tuple[bytes, object]] = {}
         reads: set[Path] = set()
 
@@ -626,6 +634,10 @@ def _read_kind(path: Path) -> tuple[str, str | None]:
 
 class FolderUnreadable(OSError):
     """The pipeline folder, or a file in it or read by a pipeline, could not be looked at: the look changed nothing."""
+
+    def __init__(self, what: str, then: str):
+        super().__init__(f"{what}; {then}")
+        self.what = what  # "pipeline folder F cannot be looked at (why: path)"
 
 
 # A file is gone (or a link to nothing) when its stat fails so; any other failure (no permission on its folder, an I/O
