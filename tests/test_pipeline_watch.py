@@ -324,3 +324,21 @@ def test_an_upload_into_a_folder_the_kernel_cannot_read_changes_nothing(registry
     monkeypatch.undo()
     assert pipeline.read_bytes() == before and registry.reload(settle=True) == []
     assert registry.get("claims_triage").label == "2026-11-25.1"
+
+
+@pytest.mark.parametrize("linked", ["policy.toml", "claims_triage.toml"])
+def test_an_upload_does_not_replace_a_symlink_with_a_file(hub, folder, tmp_path, linked):
+    """A policy shared from another folder (or a ConfigMap's files, links into ``..data/``): an upload replaced the
+    link with a plain file, and later changes to the shared file no longer reached this kernel, without a word."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.replace(folder / linked, shared / linked)
+    os.symlink(shared / linked, folder / linked)
+    registry = PipelineRegistry(folder, hub, load_policy, parse_policy, poll_s=0)
+    assert registry.reload() == ["claims_triage"]
+    pipeline, policy = (folder / "claims_triage.toml").read_bytes(), (folder / "policy.toml").read_bytes()
+    with pytest.raises(FailedPrecondition, match=f"{folder / linked} is a symbolic link"):
+        registry.put(pipeline.replace(b'version = "2026-11-25.1"', b'version = "up"', 1),
+                     policy.replace(b'version = "2026-11-25.1"', b'version = "up"', 1))
+    assert (folder / linked).is_symlink() and (folder / linked).read_bytes() == (shared / linked).read_bytes()
+    assert registry.get("claims_triage").label == "2026-11-25.1"

@@ -344,6 +344,8 @@ class PipelineRegistry:
             log.error("upload refused: it could not be validated", exc_info=True)
             raise InvalidArgument(f"refused, the running version keeps serving: <upload>:0: could not be "
                                   f"validated ({type(exc).__name__}: {str(exc)[:200]})") from None
+        for path in [*(self.folder / name for name in pending_policy), target]:
+            _refuse_link(path)
         left = _remaining(time_left)
         if left is not None and left <= 0:
             raise DeadlineExceeded("upload valid but not activated: the call's deadline passed while it was "
@@ -674,6 +676,17 @@ def _file_key(path: Path) -> tuple | None:
 def _absolute(path: Path) -> Path:
     """``path`` made absolute and normal, symlinks left as they are (unlike ``resolve``)."""
     return Path(os.path.abspath(path))
+
+
+def _refuse_link(path: Path) -> None:
+    """An upload replaces its files with files of its own: one that is a symbolic link (a policy shared from another
+    folder, a Kubernetes ConfigMap's ``..data/`` link) became a plain file, and later changes where the link pointed
+    no longer reached this kernel, without a word (a live-change audit). Refused instead; nothing is written."""
+    if path.is_symlink():
+        raise FailedPrecondition(f"upload valid but not activated: {path} is a symbolic link (to {os.readlink(path)}), "
+                                 "which an upload would replace with a file of its own: later changes where it points "
+                                 "would no longer reach this kernel. Change the file it points to (the watcher loads "
+                                 "it), or remove the link first; nothing was changed")
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
