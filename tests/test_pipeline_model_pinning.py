@@ -106,3 +106,36 @@ def test_a_reload_that_would_no_longer_fit_the_pipeline_deciding_on_that_version
             assert decide(request, timeout=10).model.model_version == "2"
     finally:
         server.stop(grace=1)
+
+
+def test_a_pipeline_moves_off_a_version_its_load_drops_before_the_load_is_published(tmp_path):
+    """Version 2's folder removed, then the model loaded again: the pipeline following the newest version was moved to
+    version 1 only by the registry's listener, after the hub had published the load; every Decide in between found
+    version 2 gone, UNAVAILABLE (13 in one live-change run). A listener of the kernel's, which runs before the
+    registry's, sees what such a Decide would: the pipeline on a version that is loaded."""
+    from claims_support import copy_pipelines
+    from kernel.models import ModelHub
+    from kernel.pipelines import PipelineRegistry
+    from kernel.policy import load_policy, parse_policy
+
+    models = build_small_model(tmp_path / "models", provider="cpu")
+    shutil.copytree(models / MODEL / "1", models / MODEL / "2")
+    hub = ModelHub(models)
+    hub.load_all()
+    found = []
+
+    def decide_at_publish(added, removed):  # (added before the registry's own listener, as the kernel's are)
+        pipeline = registry.get("claims_triage")
+        found.append((pipeline.bound_version, hub.get(pipeline.model, pipeline.bound_version) is not None))
+
+    hub.add_listener(decide_at_publish)
+    registry = PipelineRegistry(copy_pipelines(tmp_path / "pipelines"), hub, load_policy, parse_policy, poll_s=0)
+    registry.start()
+    try:
+        assert registry.get("claims_triage").bound_version == "2"
+        shutil.rmtree(models / MODEL / "2")
+        hub.load(MODEL)
+        assert found == [("1", True)]
+        assert registry.get("claims_triage").bound_version == "1"
+    finally:
+        registry.stop()

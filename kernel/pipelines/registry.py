@@ -551,6 +551,28 @@ class PipelineRegistry:
                                  f"({pipeline.path}), which decides on it: {why}. Load the change as a new version "
                                  f"folder and move the pipeline to it, or restore the files of version {mv.version}")
 
+    def _move_off_dropped_versions(self, fresh) -> None:
+        """The hub's preparer: a load that drops the version a pipeline following the newest decides on (its folder
+        removed, then RepositoryModelLoad) first moves that pipeline to a version it fits that serves both now and
+        after the load. Moved only by the listener, after the load was published, every Decide in between found its
+        version gone: UNAVAILABLE (13 in one live-change run). One the pipeline fits that loads for the first time is
+        taken by the listener, as before."""
+        if not fresh or self._stop.is_set():
+            return
+        name, kept = fresh[0].name, {mv.version for mv in fresh}
+        try:
+            with self._work:
+                for pipeline in self.all():
+                    if pipeline.model != name or pipeline.model_version or pipeline.bound_version in kept:
+                        continue
+                    for mv in reversed(fresh):  # (newest first)
+                        now = self.hub.get(name, mv.version)
+                        if now is not None and _fits(pipeline, now) is None and _fits(pipeline, mv) is None:
+                            self._activate(replace(pipeline, bound_version=mv.version))
+                            break
+        except Exception:  # (a preparer that raises fails the load: this one only spares callers a retry)
+            log.exception("moving the pipelines of model %s off the versions its load drops failed", name)
+
     # -- watching ----------------------------------------------------------------
     def start(self) -> None:
         if not self._hearing_models and hasattr(self.hub, "add_listener"):
@@ -558,6 +580,7 @@ class PipelineRegistry:
             self.hub.add_listener(self._models_changed)
             if hasattr(self.hub, "add_checker"):
                 self.hub.add_checker(self._check_model_reload)
+                self.hub.add_preparer(self._move_off_dropped_versions)
             self._hearing_models = True
         self.reload()
         if self._poll_s > 0 and self._watcher is None:
