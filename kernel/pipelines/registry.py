@@ -15,31 +15,31 @@ under its name, another input width) is tried again when a version of its
 model loads. A pipeline whose file is gone stops being served at the next
 look that still finds it gone (Decide: NOT_FOUND); until then ``errors``
 lists it, since an editor's save can remove a file and write it anew.
+
+Uploads are in ``uploads.py``, the model hub's hooks in ``model_changes.py`` (both parts of this class), and what
+a file in the folder is in ``folder_files.py``.
 """
 
 from __future__ import annotations
 
-import errno
 import logging
-import os
 import threading
 import time
-from dataclasses import replace
 from pathlib import Path
 
-from ..errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound, quote
+from ..errors import InvalidArgument, NotFound, quote
 from ..observability.repeats import RepeatedFailure
-from ..limits import FileTooLarge, read_bounded
-from ..models.errors import ModelInUse
-from ..policy import tomlsafe
 from .binding import bind, binding_warnings
-from .spec import MAX_PIPELINE_FILE_BYTES, Pipeline, PipelineError, load_pipeline, parse_pipeline
+from .folder_files import BROKEN, OTHER, PIPELINE, FolderUnreadable, absolute, file_key, file_kind, toml_files
+from .model_changes import ModelChanges
+from .spec import Pipeline, PipelineError, load_pipeline
 from .tomlpos import line_of
+from .uploads import PipelineUploads
 
 log = logging.getLogger("aios.pipelines")
 
 
-class PipelineRegistry:
+class PipelineRegistry(PipelineUploads, ModelChanges):
     def __init__(self, folder: str | Path, hub, load_policy, parse_policy=None, poll_s: float = 1.0):
         self.folder = Path(folder)
         self.hub = hub
@@ -50,7 +50,7 @@ class PipelineRegistry:
         # One look, upload or model-load retry at a time: each reads and writes the bookkeeping below.
         self._work = threading.RLock()
         self._active: dict[str, Pipeline] = {}
-        self._seen: dict[Path, tuple] = {}  # file -> its _file_key last looked at
+        self._seen: dict[Path, tuple] = {}  # file -> its file_key last looked at
         # pipeline file -> the files its last load read (its policy), absolute, as named (not resolved: a symlink
         # swapped for another is a change of what it reads); watched wherever they are
         self._reads: dict[Path, set[Path]] = {}
@@ -109,15 +109,15 @@ class PipelineRegistry:
             self._forget(gone, present)
             if not touched and not gone:
                 return []
-            changed_files = {_absolute(path) for path in touched} | {_absolute(path) for path in gone}
+            changed_files = {absolute(path) for path in touched} | {absolute(path) for path in gone}
             ours = set(top)
-            kinds = {path: _file_kind(path) for path in touched if path in ours}
+            kinds = {path: file_kind(path) for path in touched if path in ours}
             read = self._read_files()
             # Pipelines, files that were (one now emptied or cut short is refused, its running version serving)
             # and unreadable TOML no pipeline reads as its policy: refused, named, never silently skipped.
             to_load = {path for path, kind in kinds.items()
                        if kind == PIPELINE or (kind == OTHER and self._owner(path) is not None)
-                       or (kind == BROKEN and _absolute(path) not in read)}
+                       or (kind == BROKEN and absolute(path) not in read)}
             to_load |= {path for path, reads in self._reads.items() if reads & changed_files and path in present}
             # A file counts as seen once handled (loaded or refused), each on its own: should this look stop
             # half-way, the files it did not get to are looked at again by the next one, not skipped.
@@ -135,12 +135,12 @@ class PipelineRegistry:
         then nothing is known to have changed or gone. (pathlib's glob took a folder it could not list for an
         empty one, and the next look unloaded every pipeline: Decide NOT_FOUND for all, a live-change audit.)"""
         try:
-            top = _toml_files(self.folder)
-            present = {path: key for path in top if (key := _file_key(path)) is not None}
+            top = toml_files(self.folder)
+            present = {path: key for path in top if (key := file_key(path)) is not None}
             # The files pipelines read that are not the folder's own (a policy in a subfolder or elsewhere).
-            own = {_absolute(path) for path in top}
+            own = {absolute(path) for path in top}
             for path in sorted(self._read_files() - own):
-                if (key := _file_key(path)) is not None:
+                if (key := file_key(path)) is not None:
                     present[path] = key
         except OSError as exc:
             then = ("nothing changes until it can: the pipelines served keep serving" if self._active
@@ -167,7 +167,7 @@ class PipelineRegistry:
         ``[pipeline]`` table was lost, a policy nothing names): it is not served, and the listing says so."""
         read = self._read_files()
         for path in self._strays:
-            if _absolute(path) in read:
+            if absolute(path) in read:
                 self.errors.pop(str(path), None)
             else:
                 self.errors[str(path)] = (f"{path}:0: not served: it has no [pipeline] table, and no pipeline in "
@@ -217,7 +217,7 @@ class PipelineRegistry:
         reads: set[Path] = set()
 
         def load_policy(policy_path):
-            reads.add(_absolute(Path(policy_path)))
+            reads.add(absolute(Path(policy_path)))
             return self._load_policy(policy_path)
 
         parsed = None
@@ -277,175 +277,6 @@ class PipelineRegistry:
                                       "from the next look on unless the file is back by then")
             log.warning("pipeline file %s is gone: pipeline %s is no longer served from the next look on unless "
                         "the file is back by then", path, owner.name)
-
-    def put(self, pipeline_text: bytes, policy_text: bytes | None = None, *, time_left=None,
-            warnings: list[str] | None = None) -> Pipeline:
-        """Validate and activate uploaded pipeline (and optionally policy) text; refused whole if invalid.
-
-        An uploaded policy replaces the policy file for every pipeline that reads it, so it must suit
-        each of those serving too: an upload that would break one is refused, naming it, and one that
-        suits them is served by them at once.
-
-        ``time_left``: a callable giving the seconds the caller still waits (a gRPC context's
-        ``time_remaining``), or None. An upload whose caller has given up (its deadline passed while it
-        waited for other uploads or was validated) changes nothing and answers DEADLINE_EXCEEDED: the
-        caller was told the call failed, so nothing may be activated behind its back. ``warnings``: what the
-        activation warned about (a changed policy under its old version label) is appended there too, for the
-        caller (it went only to the kernel's log: an operator walk-through)."""
-        if self._parse_policy is None:
-            raise FailedPrecondition("this kernel was started without policy uploads")
-        waited = _remaining(time_left)
-        if not self._work.acquire(timeout=-1 if waited is None else max(waited, 0.0)):
-            raise DeadlineExceeded("upload not validated: the call's deadline passed while other uploads or "
-                                   "reloads ran; nothing was changed")
-        try:
-            return self._put(pipeline_text, policy_text, time_left, warnings)
-        finally:
-            self._work.release()
-
-    def _put(self, pipeline_text: bytes, policy_text: bytes | None, time_left,
-             warnings: list[str] | None = None) -> Pipeline:
-        try:
-            # The folder as the watcher looks at it: one the kernel cannot read was the caller's INVALID_ARGUMENT
-            # ("[policy].file: [Errno 13] Permission denied"), or, listable but not readable, the file was renamed
-            # into place and the answer said "nothing was changed" (a live-change audit).
-            self._look()
-        except FolderUnreadable as exc:
-            raise FailedPrecondition(f"upload not validated: the {exc.what}: make it readable by the user the kernel "
-                                     "runs as; nothing was changed") from None
-        pending_policy: dict[str, tuple[bytes, object]] = {}
-        reads: set[Path] = set()
-
-        def policy_for(name: str):
-            if policy_text is not None:  # (written by the upload: a plain name of the folder)
-                _check_file_name(name, "the name")
-            else:  # read where it is: a subfolder of the folder may hold it, as a folder load reads it there
-                for part in name.split("/"):  # (a pipeline author's walk-through: 'policies/x.toml' was refused)
-                    _check_file_name(part, f"each part of the policy's path {name!r}")
-            reads.add(_absolute(self.folder / name))
-            if policy_text is not None:
-                if _file_kind(self.folder / name) == PIPELINE:
-                    raise PipelineError(f"{name!r} is a pipeline file; a policy needs a file of its own")
-                policy = self._parse_policy(policy_text, source=name)  # bytes: not UTF-8 is refused there
-                pending_policy[name] = (policy_text, policy)
-                return policy
-            return self._load_policy(self.folder / name)
-
-        try:
-            pipeline = self._bind(parse_pipeline(pipeline_text, "<upload>", policy_for), upload=True)
-            target = self._upload_target(pipeline, pending_policy)
-            for name, (text, policy) in pending_policy.items():
-                self._check_sharers(self.folder / name, text, policy, pipeline.name, target)
-        except PipelineError as exc:
-            raise InvalidArgument(f"refused, the running version keeps serving: {exc}") from None
-        except (RecursionError, ValueError, TypeError, KeyError, AttributeError) as exc:
-            # A defect the checks missed, set off by this text: the caller's file is refused (it is what
-            # differs from every upload that works), and the traceback is logged for the maintainers.
-            log.error("upload refused: it could not be validated", exc_info=True)
-            raise InvalidArgument(f"refused, the running version keeps serving: <upload>:0: could not be "
-                                  f"validated ({type(exc).__name__}: {str(exc)[:200]})") from None
-        for path in [*(self.folder / name for name in pending_policy), target]:
-            _refuse_link(path)
-        left = _remaining(time_left)
-        if left is not None and left <= 0:
-            raise DeadlineExceeded("upload valid but not activated: the call's deadline passed while it was "
-                                   "validated; nothing was changed")
-        written = []
-        try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            for name, (text, _) in pending_policy.items():
-                _write_atomically(self.folder / name, text)
-                written.append(self.folder / name)
-            _write_atomically(target, pipeline_text)
-        except OSError as exc:  # (a docs audit: a folder the kernel's user cannot write answered INTERNAL)
-            done = (f"; written before that: {', '.join(path.name for path in written)}, which the folder's "
-                    f"next look loads") if written else "; nothing was changed"
-            raise FailedPrecondition(
-                f"upload valid but not activated: the pipelines folder {self.folder} cannot be written by the "
-                f"kernel ({exc.strerror or exc}: {exc.filename or self.folder}): make it writable by the user "
-                f"the kernel runs as{done}") from None
-        written.append(target)
-        for path in written:  # validated here: the next look must not load (and log) them a second time
-            try:
-                self._seen[path] = _file_key(path)
-            except OSError:
-                self._seen[path] = None  # (cannot be looked at: the next look that can reads it again)
-            self._settling.pop(path, None)
-            self._strays.discard(path)
-        pipeline = _relocated(pipeline, str(target))
-        self._reads[target] = reads  # as a load from the folder records it: an edited policy reaches it
-        self.errors.pop(str(target), None)
-        self._waiting.pop(target, None)
-        self._gone.discard(target)
-        self._activate(pipeline, warnings)
-        # The other pipelines reading an uploaded policy take it now (_check_sharers found it suits them):
-        # the next look sees the policy file as already seen and would not reload them.
-        shared = {_absolute(self.folder / name) for name in pending_policy}
-        sharers = [path for path, read in self._reads.items() if path != target and read & shared]
-        self._list_strays()
-        self._load_files(sorted(sharers))
-        return pipeline
-
-    def _upload_target(self, pipeline: Pipeline, pending_policy) -> Path:
-        """The file an upload of ``pipeline`` is written to: the one serving its name now, wherever it is in the
-        folder, else ``<name>.toml`` unless that holds something else. (An operator walk-through: an upload of a
-        pipeline served from another file wrote ``<name>.toml`` beside it, and the next start served the old file
-        again, as it comes first; one whose ``<name>.toml`` held another pipeline, or a file of the author's own,
-        overwrote it.)"""
-        active = self._active.get(pipeline.name)
-        if (active is not None and _absolute(Path(active.path).parent) == _absolute(self.folder)
-                and Path(active.path).exists()):
-            return Path(active.path)
-        target = self.folder / f"{pipeline.name}.toml"
-        where = f"{pipeline.path}: [pipeline].name"
-        _check_file_name(target.name, f"{where}: its file name")
-        if target.name in pending_policy:
-            raise PipelineError(f"{where}: {target.name!r} is the name of the policy file uploaded with it; "
-                                "choose another name")
-        if not target.exists():
-            return target
-        kind, named = _read_kind(target)
-        served = self._owner(target)
-        if served is not None:
-            held = f"serves pipeline {served.name!r}"
-        elif kind == PIPELINE and named != pipeline.name:
-            held = (f"holds pipeline {named!r}" if named else "holds a [pipeline] table with no name") + \
-                f" (not served: {self.errors.get(str(target), 'refused')[:200]})"
-        elif kind == OTHER:
-            held = ("is a policy a pipeline reads" if _absolute(target) in self._read_files()
-                    else "is a file that is no pipeline (a policy, or notes?)")
-        elif kind == BROKEN:
-            held = "is a file that is not readable TOML, so what it holds cannot be told"
-        else:
-            return target  # a refused version of this very pipeline: the upload replaces it
-        raise PipelineError(f"{where}: {target.name!r} in the pipeline folder {held}; an upload does not overwrite "
-                            f"it: choose another name, or move that file away first")
-
-    def _check_sharers(self, policy_path: Path, text: bytes, policy, name: str, target: Path) -> None:
-        """Refuse an uploaded policy that would break another serving pipeline reading ``policy_path``."""
-        try:
-            if policy_path.read_bytes() == text:
-                return  # the same bytes: nothing changes for the others
-        except OSError:
-            pass
-        shared = _absolute(policy_path)
-
-        def with_upload(path):
-            return policy if _absolute(Path(path)) == shared else self._load_policy(path)
-
-        for path, reads in sorted(self._reads.items()):
-            other = self._owner(path)
-            if shared not in reads or path == target or other is None or other.name == name:
-                continue
-            try:
-                self._bind(load_pipeline(path, with_upload))
-            except PipelineError as exc:
-                try:
-                    self._bind(load_pipeline(path, self._load_policy))
-                except PipelineError:
-                    continue  # its file is refused with the policy there now too: the upload breaks nothing
-                raise PipelineError(f"{policy_path.name} is also the policy of pipeline '{other.name}' ({path}), "
-                                    f"which the uploaded policy would break: {exc}") from None
 
     def _bind(self, pipeline: Pipeline, upload: bool = False) -> Pipeline:
         return bind(pipeline, self.hub, upload)
@@ -511,68 +342,6 @@ class PipelineRegistry:
             listener(pipeline)
         self._retry_duplicates_of(pipeline.name)
 
-    # -- models --------------------------------------------------------------------
-    def _models_changed(self, added, removed) -> None:
-        """The hub's listener: a model (version) loaded, so the pipeline files refused for want of it are
-        tried again, and those serving on it are checked against the version now loaded."""
-        names = {mv.name for mv in added}
-        if not names or self._stop.is_set():
-            return
-        try:
-            with self._work:
-                paths = {path for path, model in self._waiting.items() if model in names}
-                paths |= {Path(p.path) for p in self._active.values() if p.model in names}
-                activated = self._load_files(sorted(path for path in paths if path in self._seen))
-            if activated:
-                log.info("model %s loaded: pipelines %s active", ", ".join(sorted(names)), ", ".join(activated))
-        except Exception:  # a listener that raises would cut the hub's other listeners off
-            log.exception("retrying the pipelines of model %s failed", ", ".join(sorted(names)))
-
-    def _check_model_reload(self, fresh) -> None:
-        """The hub's checker: refuse a load that replaces the model version a serving pipeline decides on with one
-        that no longer fits it (a model.toml edited in place: labels renamed, another input width). Loaded, the
-        pipeline's new binding was refused but its running version went on deciding on the replaced version: every
-        Decide failed (INVALID_ARGUMENT "field 'label'...", a live-change audit). A pipeline that follows the
-        newest version and fits the newest one loaded is not held to the version it leaves."""
-        if not fresh:
-            return
-        name, newest = fresh[0].name, fresh[-1]
-        reloaded = {mv.version: mv for mv in fresh}
-        for pipeline in self.all():
-            mv = reloaded.get(pipeline.bound_version)
-            if pipeline.model != name or mv is None:
-                continue
-            if not pipeline.model_version and newest is not mv and _fits(pipeline, newest) is None:
-                continue
-            why = _fits(pipeline, mv)
-            if why is not None:
-                raise ModelInUse(Path(self.hub.root) / name / mv.version / "model.toml", "",
-                                 f"version {mv.version} as it is now would no longer fit pipeline {pipeline.name!r} "
-                                 f"({pipeline.path}), which decides on it: {why}. Load the change as a new version "
-                                 f"folder and move the pipeline to it, or restore the files of version {mv.version}")
-
-    def _move_off_dropped_versions(self, fresh) -> None:
-        """The hub's preparer: a load that drops the version a pipeline following the newest decides on (its folder
-        removed, then RepositoryModelLoad) first moves that pipeline to a version it fits that serves both now and
-        after the load. Moved only by the listener, after the load was published, every Decide in between found its
-        version gone: UNAVAILABLE (13 in one live-change run). One the pipeline fits that loads for the first time is
-        taken by the listener, as before."""
-        if not fresh or self._stop.is_set():
-            return
-        name, kept = fresh[0].name, {mv.version for mv in fresh}
-        try:
-            with self._work:
-                for pipeline in self.all():
-                    if pipeline.model != name or pipeline.model_version or pipeline.bound_version in kept:
-                        continue
-                    for mv in reversed(fresh):  # (newest first)
-                        now = self.hub.get(name, mv.version)
-                        if now is not None and _fits(pipeline, now) is None and _fits(pipeline, mv) is None:
-                            self._activate(replace(pipeline, bound_version=mv.version))
-                            break
-        except Exception:  # (a preparer that raises fails the load: this one only spares callers a retry)
-            log.exception("moving the pipelines of model %s off the versions its load drops failed", name)
-
     # -- watching ----------------------------------------------------------------
     def start(self) -> None:
         if not self._hearing_models and hasattr(self.hub, "add_listener"):
@@ -606,151 +375,6 @@ class PipelineRegistry:
                 time.sleep(self._poll_s)
             else:
                 failures.succeeded()
-
-
-def _remaining(time_left) -> float | None:
-    """Seconds the caller still waits; None when it waits for good (no deadline: gRPC's time_remaining is then
-    huge, and a lock's wait longer than threading.TIMEOUT_MAX raises OverflowError: a review audit's INTERNAL)."""
-    if time_left is None:
-        return None
-    left = time_left()
-    return None if left is None or left >= threading.TIMEOUT_MAX else left
-
-
-# Uploaded text becomes files named after it: keep each name (and its ".<name>.tmp" twin) a
-# plain name of the folder, under the file systems' 255-byte limit.
-MAX_FILE_NAME_BYTES = 240
-
-
-def _check_file_name(name: str, what: str) -> None:
-    if (not name or name.startswith(".") or any(c in name for c in "/\\\0")
-            or len(name.encode("utf-8", "surrogatepass")) > MAX_FILE_NAME_BYTES):
-        raise PipelineError(f"{what} must be a plain file name for uploads (no '/', '\\', NUL or leading '.', "
-                            f"at most {MAX_FILE_NAME_BYTES} bytes), got {name[:80]!r}")
-
-
-PIPELINE, OTHER, BROKEN = "pipeline", "other", "broken"
-
-
-def _file_kind(path: Path) -> str:
-    """PIPELINE (a top-level ``pipeline`` table, however the TOML spells it), OTHER (TOML without one: a
-    policy, say) or BROKEN (not readable TOML: which kind it was meant to be cannot be told)."""
-    return _read_kind(path)[0]
-
-
-def _read_kind(path: Path) -> tuple[str, str | None]:
-    """``_file_kind`` and, for a PIPELINE, its ``[pipeline].name`` (None if it has none): one read of the file."""
-    try:
-        data = read_bounded(path, MAX_PIPELINE_FILE_BYTES)
-    except FileTooLarge:
-        return BROKEN, None  # (refused by its load, without being read)
-    except OSError:
-        return (OTHER if not path.exists() else BROKEN), None
-    try:
-        doc = tomlsafe.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, tomlsafe.TomlError):
-        return BROKEN, None
-    table = doc.get("pipeline")
-    if not isinstance(table, dict):
-        return OTHER, None
-    name = table.get("name")
-    return PIPELINE, (name if isinstance(name, str) else None)
-
-
-class FolderUnreadable(OSError):
-    """The pipeline folder, or a file in it or read by a pipeline, could not be looked at: the look changed nothing."""
-
-    def __init__(self, what: str, then: str):
-        super().__init__(f"{what}; {then}")
-        self.what = what  # "pipeline folder F cannot be looked at (why: path)"
-
-
-# A file is gone (or a link to nothing) when its stat fails so; any other failure (no permission on its folder, an I/O
-# error) says nothing about the file, and must not unload the pipeline it serves.
-_GONE = (errno.ENOENT, errno.ENOTDIR, errno.ELOOP)
-
-
-def _toml_files(folder: Path) -> list[Path]:
-    """The top-level ``*.toml`` entries of ``folder`` (as ``glob("*.toml")`` names them); [] when it does not exist.
-    OSError when it exists but cannot be listed (pathlib's glob says [] then)."""
-    try:
-        with os.scandir(folder) as entries:
-            names = [entry.name for entry in entries if entry.name.endswith(".toml")]
-    except OSError as exc:
-        if exc.errno in _GONE:
-            return []
-        raise
-    return sorted(folder / name for name in names)
-
-
-def _file_key(path: Path) -> tuple | None:
-    """What tells a file's change: (mtime, size, inode, status-change time) of the file and, for a symlink, of
-    the link itself (swapped for another one). None if it is gone; OSError if it cannot be looked at."""
-    try:
-        stat, link = path.stat(), path.lstat()
-    except OSError as exc:
-        if exc.errno in _GONE:
-            return None
-        raise
-    key = (stat.st_mtime_ns, stat.st_size, stat.st_ino, stat.st_ctime_ns)
-    return key if link.st_ino == stat.st_ino else key + (link.st_ino, link.st_ctime_ns)
-
-
-def _absolute(path: Path) -> Path:
-    """``path`` made absolute and normal, symlinks left as they are (unlike ``resolve``)."""
-    return Path(os.path.abspath(path))
-
-
-def _refuse_link(path: Path) -> None:
-    """An upload replaces its files with files of its own: one that is a symbolic link (a policy shared from another
-    folder, a Kubernetes ConfigMap's ``..data/`` link) became a plain file, and later changes where the link pointed
-    no longer reached this kernel, without a word (a live-change audit). Refused instead; nothing is written."""
-    if path.is_symlink():
-        raise FailedPrecondition(f"upload valid but not activated: {path} is a symbolic link (to {os.readlink(path)}), "
-                                 "which an upload would replace with a file of its own: later changes where it points "
-                                 "would no longer reach this kernel. Change the file it points to (the watcher loads "
-                                 "it), or remove the link first; nothing was changed")
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except OSError:
-        tmp.unlink(missing_ok=True)  # (a full disk: no half-written twin left in the folder)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-class _OneVersion:
-    """A hub holding just ``mv``: what a pipeline is bound against to check it fits a version not yet published."""
-
-    def __init__(self, mv):
-        self.mv = mv
-
-    def get(self, name: str, version: str = ""):
-        return self.mv if name == self.mv.name and version in ("", self.mv.version) else None
-
-
-def _fits(pipeline: Pipeline, mv) -> str | None:
-    """None when ``pipeline`` binds to model version ``mv``, else why not (the binding's own refusal)."""
-    try:
-        bind(replace(pipeline, model_version=mv.version), _OneVersion(mv))
-    except PipelineError as exc:
-        return str(exc)
-    return None
-
-
-def _relocated(pipeline: Pipeline, path: str) -> Pipeline:
-    return replace(pipeline, path=path)
 
 
 def _unchanged_label(old: Pipeline, new: Pipeline) -> str:
