@@ -56,14 +56,13 @@ cpdef bytes retag(bytes data, long long field, long long new_field):
     _put_varint(tag, (<uint64_t>new_field << 3) | LENGTH_DELIMITED)
     cdef bytes tag_bytes = bytes(tag)
     cdef list parts = []
+    cdef list groups = []  # the field numbers of the groups being skipped, innermost last
     while pos < end:
         pos = _varint(p, pos, end, &key)
         number = <long long>(key >> 3)
         wire_type = <int>(key & 7)
         if number == 0:
             raise ValueError(f"field number 0 at byte {pos}")
-        if number == field and wire_type != LENGTH_DELIMITED:
-            raise ValueError(f"field {field} is not length-delimited (wire type {wire_type})")
         if wire_type == 0:
             pos = _varint(p, pos, end, &ignored)
         elif wire_type == 1:
@@ -75,12 +74,19 @@ cpdef bytes retag(bytes data, long long field, long long new_field):
             start = _varint(p, pos, end, &length)
             if length > <uint64_t>(end - start):
                 raise ValueError(f"a field runs past the end of the message (byte {start + <object>length} of {end})")
-            if number == field:
+            if number == field and not groups:
                 parts.append(tag_bytes)
                 parts.append(data[before:start + <Py_ssize_t>length])
             pos = start + <Py_ssize_t>length
+        elif wire_type == 3:  # a group: skipped to its end (rare: a Python list is fast enough)
+            groups.append(number)
+        elif wire_type == 4:
+            if not groups or groups.pop() != number:
+                raise ValueError(f"the end of a group {number} that is not open, at byte {pos}")
         else:
             raise ValueError(f"wire type {wire_type} at byte {pos}")
         if pos > end:
             raise ValueError(f"a field runs past the end of the message (byte {pos} of {end})")
+    if groups:
+        raise ValueError(f"group {groups.pop()} is not closed at the end of the message")  # (no [-1]: wraparound is off)
     return b"".join(parts)

@@ -43,21 +43,24 @@ def encode_varint(value: int) -> bytes:
 def retag(data: bytes, field: int, new_field: int) -> bytes:
     """Every top-level occurrence of length-delimited ``field`` in ``data``, re-tagged as ``new_field``.
 
-    Other fields are skipped. ValueError for bytes that are not a
-    well-formed message, or where ``field`` is not length-delimited.
+    Other fields are skipped, and so is ``field`` sent with another wire type
+    and anything inside a group: a parser keeps those as unknown fields, not
+    as entries of ``field``, and a message serialized again writes them back
+    (a caller's bytes can hold them: a decision request's were refused
+    INTERNAL when this raised). ValueError for bytes that are not a
+    well-formed message.
     """
     if not 1 <= field < 1 << 29 or not 1 <= new_field < 1 << 29:
         raise ValueError(f"field numbers must be 1..{(1 << 29) - 1}, got {field} and {new_field}")
     tag = encode_varint(new_field << 3 | _LENGTH_DELIMITED)
     out = bytearray()
+    groups = []  # the field numbers of the groups being skipped, innermost last
     pos, end = 0, len(data)
     while pos < end:
         key, pos = _varint(data, pos)
         number, wire_type = key >> 3, key & 7
         if number == 0:
             raise ValueError(f"field number 0 at byte {pos}")
-        if number == field and wire_type != _LENGTH_DELIMITED:
-            raise ValueError(f"field {field} is not length-delimited (wire type {wire_type})")
         if wire_type == 0:
             _, pos = _varint(data, pos)
         elif wire_type == 1:
@@ -66,12 +69,19 @@ def retag(data: bytes, field: int, new_field: int) -> bytes:
             pos += 4
         elif wire_type == _LENGTH_DELIMITED:
             length, start = _varint(data, pos)
-            if number == field and start + length <= end:
+            if number == field and not groups and start + length <= end:
                 out += tag
                 out += data[pos:start + length]  # the length as it was, then the contents
             pos = start + length
-        else:  # groups (3, 4) are not used by proto3 messages; 6 and 7 are invalid
+        elif wire_type == 3:  # a group (proto2's, or a caller's unknown field): skipped to its end
+            groups.append(number)
+        elif wire_type == 4:
+            if not groups or groups.pop() != number:
+                raise ValueError(f"the end of a group {number} that is not open, at byte {pos}")
+        else:  # 6 and 7 are invalid
             raise ValueError(f"wire type {wire_type} at byte {pos}")
         if pos > end:
             raise ValueError(f"a field runs past the end of the message (byte {pos} of {end})")
+    if groups:
+        raise ValueError(f"group {groups[-1]} is not closed at the end of the message")
     return bytes(out)

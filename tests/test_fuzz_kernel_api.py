@@ -39,6 +39,7 @@ from kernel._proto.aios.kernel.v1 import kernel_pb2 as kpb
 from kernel._proto.aios.kernel.v1 import kernel_pb2_grpc as kgrpc
 from kernel.audit import verify_directory
 from kernel import paging
+from kernel.wire import encode_varint
 
 Code = grpc.StatusCode
 PIPELINE_TEXT = (CLAIMS / "claims_triage.toml").read_text()
@@ -779,3 +780,35 @@ def test_a_message_that_does_not_parse_is_answered_and_the_stream_goes_on(channe
     assert answers[""].error_code == "INVALID_ARGUMENT" and "DecisionRequest" in answers[""].error_message
     assert not answers["g0"].error_code and not answers["g2"].error_code
     assert_kernel_decides(stubs)
+
+
+# A good request's bytes with one of these after them still parse (each kept as an unknown field); the case is
+# decided as if they were not there. 0x29/0x28/0x2d/0x2b: the `fields` map (5) as fixed64/varint/fixed32/group.
+UNKNOWN_FIELD_TAILS = [b"\x29" + bytes(8), b"\x28\x01", b"\x2d" + bytes(4), b"\x2b\x2c",
+                       b"\xbb\x3e" * 3 + b"\xbc\x3e" * 3]  # field 999's groups, nested
+
+
+@pytest.mark.parametrize("tail", UNKNOWN_FIELD_TAILS, ids=["fixed64", "varint", "fixed32", "group", "nested-groups"])
+def test_unknown_fields_in_a_request_do_not_fail_its_decision(channel, stubs, tail):
+    """Regression (found by a raw-bytes campaign): Decide on a good claim's bytes followed by any of these
+    answered INTERNAL ("internal error (request id ...)"), after the model had run, on both front ends;
+    DecideStream answered INTERNAL for the message, and a StartTask with it ended FAILED "INTERNAL: ...". The
+    audit record's inputs are re-tagged from the request's serialized bytes (kernel/wire.py retag), which
+    raised "field 5 is not length-delimited" / "wire type 3" on the unknown fields the parser had kept.
+    Fixed in kernel/wire.py and ext/wire.pyx: retag skips them, as the parser did."""
+    raw = good_request(11, request_id="unknown-tail").SerializeToString() + tail
+    decide = channel.unary_unary("/aios.kernel.v1.DecisionService/Decide",
+                                 request_serializer=None, response_deserializer=kpb.Decision.FromString)
+    decision = decide(raw, timeout=GUARD_S)
+    assert decision.action and decision.audit_hash and not decision.error_code
+    stream = channel.stream_stream("/aios.kernel.v1.DecisionService/DecideStream",
+                                   request_serializer=None, response_deserializer=kpb.Decision.FromString)
+    answers = list(stream(iter([raw]), timeout=GUARD_S))
+    assert len(answers) == 1 and not answers[0].error_code, answers
+    start = channel.unary_unary("/aios.kernel.v1.TaskService/StartTask",
+                                request_serializer=None, response_deserializer=kpb.Task.FromString)
+    task_id = start(b"\x0a" + encode_varint(len(raw)) + raw, timeout=GUARD_S).task_id  # StartTaskRequest.request
+    for task in stubs.tasks.WatchTask(kpb.TaskRef(task_id=task_id), timeout=GUARD_S):
+        if task.state not in (kpb.QUEUED, kpb.RUNNING):
+            break
+    assert task.state == kpb.SUCCEEDED, task

@@ -72,8 +72,11 @@ def test_long_tags_and_lengths_and_other_fields_are_handled(impl):
     (b"\x2a\x05ab", "runs past the end"),  # field 5, length 5, 2 bytes left
     (b"\x2a", "varint runs past the end"),
     (b"\x00\x01", "field number 0"),
-    (b"\x28\x01", "not length-delimited"),  # field 5 as a varint
-    (b"\x0b", "wire type 3"),
+    (b"\x0b", "group 1 is not closed"),
+    (b"\x0b\x2b\x2c", "group 1 is not closed"),  # group 5 inside it closed, 1 not
+    (b"\x0c", "end of a group 1 that is not open"),
+    (b"\x0b\x14", "end of a group 2 that is not open"),
+    (b"\x0e", "wire type 6"),
     (b"\x08" + b"\xff" * 10 + b"\x01", "longer than 10 bytes"),
     (b"\x08" + b"\xff" * 9 + b"\x7f", "longer than 64 bits"),
     (b"\x09\x00", "runs past the end"),  # a fixed64 cut short
@@ -81,6 +84,41 @@ def test_long_tags_and_lengths_and_other_fields_are_handled(impl):
 def test_malformed_bytes_are_refused_with_a_reason(impl, data, fragment):
     with pytest.raises(ValueError, match=fragment):
         impl.retag(data, FIELDS, INPUTS)
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    return bytes(out + bytes([value]))
+
+
+def _tag(number: int, wire_type: int) -> bytes:
+    return _varint(number << 3 | wire_type)
+
+
+# What a caller may append to a request that still parses: the parser keeps each as an unknown field (the
+# map field sent with another wire type too) and serializing the request writes it back.
+UNKNOWN_FIELDS = [
+    _tag(FIELDS, 0) + b"\x01", _tag(FIELDS, 1) + bytes(8), _tag(FIELDS, 5) + bytes(4),
+    _tag(FIELDS, 3) + _tag(FIELDS, 4), _tag(999, 3) + _tag(999, 4),
+    _tag(999, 3) * 40 + _tag(999, 4) * 40,
+    _tag(999, 3) + _tag(FIELDS, 2) + b"\x00" + _tag(999, 4),  # the map's number, length-delimited, in a group
+    _tag(999, 0) + b"\x01", _tag(999, 2) + b"\x03abc",
+]
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@settings(max_examples=examples(100), deadline=None)
+@given(request=requests, unknown=st.lists(st.sampled_from(UNKNOWN_FIELDS), min_size=1, max_size=4))
+def test_unknown_fields_a_request_kept_are_skipped(impl, request, unknown):
+    """Regression: a Decide whose bytes held one of these (which parse: the kernel decided the case) answered
+    INTERNAL, its task FAILED INTERNAL, as the audit record was built ("field 5 is not length-delimited",
+    "wire type 3"). Repro: a good claims request's bytes + b"\\x29" + bytes(8), through a raw channel."""
+    parsed = kpb.DecisionRequest.FromString(request.SerializeToString() + b"".join(unknown))
+    record = kpb.AuditRecord.FromString(impl.retag(parsed.SerializeToString(), FIELDS, INPUTS))
+    assert dict(record.inputs) == dict(request.fields)
 
 
 @pytest.mark.skipif(compiled is None or FORCE_PURE, reason="the compiled twin is not built")
