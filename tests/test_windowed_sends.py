@@ -10,6 +10,7 @@ the status, dropping what was queued).
 from __future__ import annotations
 
 import threading
+import time
 from concurrent import futures
 
 import grpc
@@ -17,7 +18,7 @@ import pytest
 
 from kernel.api import windowed_sends
 
-MESSAGES, SIZE = 200, 32 * 1024  # 6.4 MB: far beyond what flow control lets out before the client reads
+MESSAGES, SIZE = 200, 8 * 1024  # 1.6 MB: beyond what flow control lets out before the client reads, within the window
 
 
 def serve(handler):
@@ -60,3 +61,45 @@ def test_every_message_yielded_goes_out_before_the_status(ending):
     assert got == list(range(MESSAGES))
     assert code == {"abort": grpc.StatusCode.UNAVAILABLE, "raise": grpc.StatusCode.UNKNOWN,
                     "end": grpc.StatusCode.OK}[ending]
+
+
+def test_a_client_that_stops_reading_holds_a_bounded_number_of_bytes():
+    """Regression: the window counted messages only (256), so a StreamAuditBatches follower that stopped reading
+    had its handler queue 256 messages of up to 4,096 records each (~1 GB per call; a raw campaign measured
+    +1.2 GB of server memory for 100 such callers on a 35,000-record log). Repro: 200 messages of 256 KB (50 MB),
+    a client that reads none: the handler yielded all 200. Now it waits once ``WINDOW_BYTES`` are queued."""
+    size, count = 256 * 1024, 200
+    yielded = [0]
+
+    def handler(request, context):
+        for i in range(count):
+            yielded[0] = i + 1
+            yield i.to_bytes(4, "big") + b"x" * size
+
+    server, pool, port = serve(handler)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.max_receive_message_length", 1 << 20)]) as channel:
+            call = channel.unary_stream("/t.S/M")(b"", timeout=60)
+            stalled = _settled(lambda: yielded[0])
+            assert stalled < count, "the handler yielded every message to a client that reads none"
+            # gRPC's own buffers (flow control, a few MB at most) take some before the sender's queue holds any.
+            assert stalled * size <= windowed_sends.WINDOW_BYTES + (8 << 20), f"{stalled} of {count} messages yielded"
+            got = [int.from_bytes(message[:4], "big") for message in call]  # reading at last: every message comes
+    finally:
+        server.stop(0)
+        pool.shutdown()
+    assert got == list(range(count))
+
+
+def _settled(read, quiet_s: float = 1.0, limit_s: float = 30.0) -> int:
+    """``read()`` once it has not changed for ``quiet_s``."""
+    deadline = time.monotonic() + limit_s
+    value, since = read(), time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        now = read()
+        if now != value:
+            value, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet_s:
+            return value
+    raise AssertionError(f"still changing after {limit_s} s: {value}")

@@ -9,10 +9,12 @@ wrote ~2,900/s (a race audit: the tail fell further behind the longer the load
 lasted; ~4,250/s on an idle kernel).
 
 Here the handler's thread only produces: it serializes each message and
-queues it, and waits only when ``WINDOW`` messages are queued and not yet
-sent. gRPC's poller starts each next send from the previous one's completion
-(one send in flight per call, as gRPC requires), and wakes the producer once
-the queue is down to half. After the last message the producer waits for the
+queues it, and waits only when ``WINDOW`` messages, or ``WINDOW_BYTES`` of
+them, are queued and not yet sent (the count alone let a StreamAuditBatches
+follower that stopped reading hold 256 messages of up to 4,096 records
+each: the whole log, or ~1 GB, per call). gRPC's poller starts each next
+send from the previous one's completion (one send in flight per call, as
+gRPC requires), and wakes the producer once the queue is down to half. After the last message the producer waits for the
 queue to empty and sends the status, as grpc's own path does. It follows
 grpc's response path step for step with the private helpers
 ``stream_pump.py`` already relies on; where those are missing the method
@@ -29,6 +31,7 @@ from .stream_pump import AVAILABLE, TakeOverPool, start_send
 log = logging.getLogger("aios.api")
 
 WINDOW = 256  # messages queued for one call before its producer waits (~0.3 MB of audit records)
+WINDOW_BYTES = 2 << 20  # bytes queued for one call before its producer waits (~7 StreamAuditBatches messages of 256)
 
 if AVAILABLE:
     import grpc._server as _gs
@@ -88,24 +91,26 @@ def _raising(exc: Exception):
 class _Sender:
     """One call's queued messages; every field is guarded by the call's ``state.condition``."""
 
-    __slots__ = ("_rpc_event", "_state", "_queue", "_sending")
+    __slots__ = ("_rpc_event", "_state", "_queue", "_queued_bytes", "_sending")
 
     def __init__(self, rpc_event, state):
         self._rpc_event = rpc_event
         self._state = state
         self._queue: deque[bytes] = deque()
+        self._queued_bytes = 0  # of the messages in _queue
         self._sending = False
 
     def send(self, data: bytes) -> bool:
         """Queue ``data`` after the messages before it; False once the call is over (nothing more to send)."""
         state = self._state
         with state.condition:
-            while len(self._queue) >= WINDOW and _gs._is_rpc_state_active(state):
+            while self._full() and _gs._is_rpc_state_active(state):
                 state.condition.wait()
             if not _gs._is_rpc_state_active(state):
                 return False
             if self._sending:
                 self._queue.append(data)
+                self._queued_bytes += len(data)
             else:
                 self._send_locked(data)
             return True
@@ -125,6 +130,9 @@ class _Sender:
             if _gs._is_rpc_state_active(state):
                 _gs._status(self._rpc_event, state, None)
 
+    def _full(self) -> bool:
+        return len(self._queue) >= WINDOW or self._queued_bytes >= WINDOW_BYTES
+
     def _send_locked(self, data: bytes) -> None:
         start_send(self._rpc_event.call, self._state, data, self._after_send)
         self._sending = True
@@ -136,8 +144,11 @@ class _Sender:
             self._sending = False
             outcome = _gs._possibly_finish_call(state, token)
             if self._queue and _gs._is_rpc_state_active(state):
-                self._send_locked(self._queue.popleft())
-            if len(self._queue) <= WINDOW // 2 or not _gs._is_rpc_state_active(state):
+                data = self._queue.popleft()
+                self._queued_bytes -= len(data)
+                self._send_locked(data)
+            if (len(self._queue) <= WINDOW // 2 and self._queued_bytes <= WINDOW_BYTES // 2
+                    or not _gs._is_rpc_state_active(state)):
                 state.condition.notify_all()  # (a producer waits for room, or finish for the last send)
             return outcome
 
