@@ -8,8 +8,10 @@ every record exactly once, in order.
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -42,7 +44,8 @@ class SyncServer:
         self.server = grpc.server(pool)
         services = kernel_services.generic_handlers(None, None, asynchronous=False, implemented=handlers)
         if self.windowed:
-            assert windowed_sends.attach(services, pool, (("aios.kernel.v1.AuditService", "StreamAudit"),)) == 1
+            assert windowed_sends.attach(services, pool, (("aios.kernel.v1.AuditService", "StreamAudit"),
+                                                          ("aios.kernel.v1.AuditService", "StreamAuditBatches"))) == 2
         self.server.add_generic_rpc_handlers(services)
         self.port = self.server.add_insecure_port("127.0.0.1:0")
         self.server.start()
@@ -313,3 +316,56 @@ def test_a_batch_ends_at_its_byte_budget_so_no_client_is_sent_more_than_it_takes
     assert [r.sequence for batch in batches for r in batch.records] == list(range(31))
     assert all(batch.records and batch.ByteSize() < BATCH_BYTES + 220_000 for batch in batches)
     assert len(batches) > 1
+
+
+@pytest.mark.parametrize("server_class", [WindowedServer, AioServer], ids=["sync-windowed", "aio"])
+def test_a_batch_follower_that_stops_reading_holds_a_few_batches_not_the_log(tmp_path, server_class):
+    """Regression (a raw campaign against a kernel): 100 StreamAuditBatches followers that read nothing added
+    1.2 GB (threaded) and 1.0 GB (asyncio) to a kernel with a 40 MB log: each call's handler ran ahead by its
+    window's message count (256 threaded, 64 asyncio), and a batch is up to 1 MiB. Measured here by counting
+    what the real handler hands on (a wrapper that keeps its attributes); then every record still comes."""
+    from kernel.audit.reader import BATCH_BYTES
+
+    log = AuditLog.open(tmp_path / "audit")
+    big = pb.AuditRecord(kind=pb.DECISION, payload=b"x" * 8000)
+    for _ in range(4999):
+        log.append(big)
+    log.append_and_wait(big, 30)  # 40 MB: 40 batches
+    handlers = audit_handlers(log)
+    handed = [0]
+    batches = handlers[("AuditService", "StreamAuditBatches")]
+
+    @functools.wraps(batches)
+    def counted(request, ctx):
+        for message in batches(request, ctx):
+            handed[0] += 1
+            yield message
+
+    handlers[("AuditService", "StreamAuditBatches")] = counted
+    server = server_class(handlers)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}",
+                                   options=[("grpc.max_receive_message_length", 8 << 20)]) as channel:
+            stub = kernel_pb2_grpc.AuditServiceStub(channel)
+            call = stub.StreamAuditBatches(pb.StreamAuditBatchesRequest(max_records=4096), timeout=60)
+            held = _settled(lambda: handed[0])
+            # a few MiB queued by the kernel, and what gRPC's flow control took before the client stopped it
+            assert held * BATCH_BYTES <= (12 << 20), f"{held} of 40 batches handed on to a client that reads none"
+            assert sum(len(batch.records) for batch in call) == 5000
+    finally:
+        server.stop()
+        log.close()
+
+
+def _settled(read, quiet_s: float = 1.0, limit_s: float = 30.0) -> int:
+    """``read()`` once it has not changed for ``quiet_s``."""
+    deadline = time.monotonic() + limit_s
+    value, since = read(), time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        now = read()
+        if now != value:
+            value, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet_s:
+            return value
+    raise AssertionError(f"still changing after {limit_s} s: {value}")

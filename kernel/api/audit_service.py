@@ -39,6 +39,9 @@ _KINDS = set(kernel_pb2.AuditKind.values())
 
 MAX_BATCH_RECORDS = 4096  # StreamAuditBatches' max_records at most (a batch also ends at reader.BATCH_BYTES)
 DEFAULT_BATCH_RECORDS = 256
+# StreamAuditBatches' messages on their way to grpc.aio's loop (rpc.aio_handler's window): each is up to
+# reader.BATCH_BYTES (1 MiB), so a follower that stops reading holds a few MiB, not 64 of them.
+BATCH_STREAM_WINDOW = 2
 
 
 def _stream_audit(log: AuditLog, allow_stream: bool, draining: threading.Event, watches, refusals: RefusalRecords,
@@ -91,6 +94,8 @@ def _stream_audit(log: AuditLog, allow_stream: bool, draining: threading.Event, 
         if request.follow and draining.is_set() and not left.is_set():
             raise shutting_down("resume with from_sequence = the last sequence received + 1")
 
+    if batched:
+        stream_audit.stream_window = BATCH_STREAM_WINDOW
     return stream_audit
 
 

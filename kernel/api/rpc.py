@@ -201,6 +201,8 @@ def _bridge_requests(requests, loop: asyncio.AbstractEventLoop) -> Iterator:
 
 
 AIO_STREAM_WINDOW = 64  # a server stream's answers on their way to the asyncio loop (aio_handler)
+# A handler whose answers are large names a smaller window as ``handler.stream_window`` (StreamAuditBatches: 64
+# batches of up to ~1 MiB held ~64 MiB per call of a follower that stopped reading).
 
 
 def aio_handler(rpc: str, handler: Callable, client_streaming: bool, server_streaming: bool) -> Callable:
@@ -228,14 +230,16 @@ def aio_handler(rpc: str, handler: Callable, client_streaming: bool, server_stre
         call.wants_arrival = True
         return call
 
+    stream_window = getattr(handler, "stream_window", AIO_STREAM_WINDOW)
+
     async def call(request_or_iterator, context):
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-        # Answers handed to the loop and not sent yet: at most AIO_STREAM_WINDOW, so a client that does not
+        # Answers handed to the loop and not sent yet: at most stream_window, so a client that does not
         # read holds the handler at its next answer (and a DecideStream's reader at its in-flight limit)
         # instead of filling this queue without end. The loop frees a place once gRPC has sent an answer:
         # grpc.aio asks this generator for the next one only then.
-        window = threading.Semaphore(AIO_STREAM_WINDOW)
+        window = threading.Semaphore(stream_window)
 
         def produce(request, ctx) -> None:
             try:
