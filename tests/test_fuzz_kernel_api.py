@@ -577,12 +577,45 @@ def test_upload_pipeline_refuses_bad_text_with_a_specific_status(kernel, stubs, 
 METHODS = [(service, method) for service in kpb.DESCRIPTOR.services_by_name.values() for method in service.methods]
 
 
+
+
+def _tag(number: int, wire_type: int) -> bytes:
+    return encode_varint(number << 3 | wire_type)
+
+
+def _wire_junk(message) -> list[bytes]:
+    """Field encodings a parser may refuse or keep as unknown fields, for each field of ``message`` (a
+    descriptor): every other wire type, groups (nested too), lengths past the end, invalid UTF-8, a varint too
+    long, and fields this message does not have."""
+    junk = [_tag(999, 3) * 30 + _tag(999, 4) * 30, _tag(999, 0) + b"\x01", _tag(2**29 - 1, 2) + b"\x00",
+            _tag(999, 3), _tag(999, 4), b"\x80", b"\xff" * 11]
+    for field in message.fields:
+        n = field.number
+        junk += [_tag(n, 0) + b"\xff" * 9 + b"\x01", _tag(n, 1) + bytes(8), _tag(n, 5) + bytes(4), _tag(n, 3) + _tag(n, 4),
+                 _tag(n, 2) + encode_varint(2**31), _tag(n, 2) + b"\x03\xff\xfe\xfd", _tag(n, 6), _tag(n, 0) + b"\xff" * 11]
+    return junk
+
+
+_CLAIM = good_request(5).SerializeToString()
+# A well-formed request of each method's type that junk is appended to: a whole claim where the method takes one.
+_SEED = {"DecisionRequest": _CLAIM, "StartTaskRequest": b"\x0a" + encode_varint(len(_CLAIM)) + _CLAIM}
+
+
+@st.composite
+def hostile_wire(draw, method) -> bytes:
+    """A good message of the method's request type (or none) with parser-hostile fields after it."""
+    head = draw(st.sampled_from([b"", _SEED.get(method.input_type.name, b"")]))
+    return head + b"".join(draw(st.lists(st.sampled_from(_wire_junk(method.input_type)), min_size=1, max_size=3)))
+
+
 @settings(max_examples=examples(80), **SETTINGS)
-@given(target=st.sampled_from(METHODS), raw=st.one_of(
-    st.binary(max_size=48), st.sampled_from([b"\xff\xff\xff", b"\x0a", b"\x0a\xff\xff\xff\xff\x0f", b"\x08\x80\x80\x80"]),
-))
-def test_raw_bytes_to_every_rpc_get_a_specific_status(channel, stubs, target, raw):
+@given(target=st.sampled_from(METHODS), data=st.data())
+def test_raw_bytes_to_every_rpc_get_a_specific_status(channel, stubs, target, data):
     service, method = target
+    raw = data.draw(st.one_of(
+        st.binary(max_size=48), st.sampled_from([b"\xff\xff\xff", b"\x0a", b"\x0a\xff\xff\xff\xff\x0f", b"\x08\x80\x80\x80"]),
+        hostile_wire(method),
+    ))
     path = f"/{service.full_name}/{method.name}"
     started = time.monotonic()
     deadline = SHORT_S if method.server_streaming and not method.client_streaming else GUARD_S
