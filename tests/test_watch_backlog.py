@@ -74,6 +74,32 @@ def test_the_bound_frees_the_stalled_subscribers_events():
     assert sum(ref() is not None for ref in refs) == 0  # nothing kept for a watcher that is gone
 
 
+def test_a_subscriber_is_ended_once_its_events_hold_more_bytes_than_the_bound(monkeypatch):
+    """Regression: the bound counted events only, and a review carries its request's text (up to 1 MiB a
+    field): one WatchReviews whose client stopped reading held 560 MB of a kernel after 400 escalations with 1 MB
+    descriptions (a raw campaign), and would have held ~14 GB at 10,000. Sizes the publisher gives count too."""
+    monkeypatch.setattr(feed, "MAX_QUEUED_BYTES", 10 << 20, raising=False)
+    events = Feed()
+    stalled = events.subscribe()
+    sizes_asked = []
+
+    def one_mib() -> int:
+        sizes_asked.append(1)
+        return 1 << 20
+
+    for n in range(11):
+        events.publish(n, size=one_mib)
+    assert stalled.closed and events.subscriber_count() == 0
+    with pytest.raises(ResourceExhausted, match="fell behind by 11 events"):
+        stalled.get(0)
+    assert len(sizes_asked) == 11
+    events.publish(-1, size=one_mib)  # nobody subscribes: the size is not asked
+    assert len(sizes_asked) == 11
+    alone = events.subscribe()
+    events.publish("large", size=lambda: 50 << 20)  # one item above the bound still goes to a reader that keeps up
+    assert alone.get(0) == "large" and not alone.closed
+
+
 @pytest.fixture
 def queue(tmp_path):
     database = open_database(tmp_path / "var")
@@ -155,6 +181,32 @@ def test_a_grpc_review_watch_whose_client_stops_reading_is_ended_not_grown(revie
     assert ended.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "fell behind by 51 events" in ended.value.details() and "include_open" in ended.value.details()
     assert 0 < received < start  # what gRPC had sent, then the reason: the rest was never held for it
+
+
+def test_a_grpc_review_watch_is_ended_by_the_bytes_its_events_hold(review_kernel, monkeypatch):
+    """The same stalled client, reviews of 1 MB descriptions: ended by the byte bound after a few dozen events,
+    far from the count bound."""
+    monkeypatch.setattr(feed, "MAX_QUEUED_BYTES", 16 << 20, raising=False)
+    queue = review_kernel.decisions.reviews
+    case = dict(data.generate_cases(1, seed=12)[0], claim_amount=90000.0)  # R04: always seen by a human
+    text = "y" * 1_000_000
+    with grpc.insecure_channel(f"127.0.0.1:{review_kernel.port}") as channel:
+        decide = kgrpc.DecisionServiceStub(channel).Decide
+        watch = kgrpc.ReviewServiceStub(channel).WatchReviews(kpb.WatchReviewsRequest(tenant="large"), timeout=60)
+        _until(lambda: queue.watcher_count() == 1)
+        for n in range(200):
+            request = claim_request(case, tenant="large", request_id=f"l{n}")
+            request.text_fields["description"] = text
+            assert decide(request, timeout=TIMEOUT_S).outcome == kpb.ESCALATED
+            if queue.watcher_count() == 0:
+                break
+        assert queue.watcher_count() == 0, "the stalled watch was never ended"
+        assert n < 100, f"{n + 1} reviews of 1 MB were held for a client that reads none"
+        with pytest.raises(grpc.RpcError) as ended:
+            for _ in watch:
+                pass
+    assert ended.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "MiB" in ended.value.details() and "include_open" in ended.value.details()
 
 
 def _until(condition, seconds: float = 20.0) -> None:

@@ -311,7 +311,7 @@ class ReviewQueue:
     def _publish_created(self, result: tuple[kpb.Review, bool]) -> None:
         # Runs once the insert is durable, on the committing thread, in commit order.
         if result[1]:
-            self._feed.publish((CREATED, result[0]))
+            self._feed.publish((CREATED, result[0]), size=result[0].ByteSize)
 
     def claim(self, review_id: str, reviewer: str, lease_seconds: float = 0) -> kpb.Review:
         """Give ``reviewer`` the review for ``lease_seconds`` (0 = 300 s); claiming again renews the lease."""
@@ -486,7 +486,7 @@ class ReviewQueue:
             review, _changed, delivered = result
             if review.state == RESOLVED and not delivered:
                 return  # watchers hear of a resolution once, when it is delivered (with its audited decision)
-            self._feed.publish((UPDATED, review))
+            self._feed.publish((UPDATED, review), size=review.ByteSize)
             if review.state != RESOLVED:
                 self._leases.expect(review.lease_expires_unix_ns)  # a claim: its lapse will be news
 
@@ -497,7 +497,7 @@ class ReviewQueue:
         def publish(result) -> None:
             # In commit order with the claims: a claim right after the lapse is published after it.
             for review in result[1]:
-                self._feed.publish((UPDATED, review))
+                self._feed.publish((UPDATED, review), size=review.ByteSize)
 
         return self._records.lapsed_leases(self._clock, after_unix_ns, after_commit=publish)
 

@@ -18,7 +18,11 @@ send) would otherwise grow the process without limit: one stalled review
 watcher and 4,000 escalations took the kernel from 261 to 479 MB. The item
 that finds the queue full ends the subscription instead: what it held is
 dropped at once and its reader raises ``FellBehind`` (RESOURCE_EXHAUSTED),
-which each watch words with how to resynchronise.
+which each watch words with how to resynchronise. A publisher that says how
+large its items are (``publish(size=...)``) is bounded in bytes too, at
+``MAX_QUEUED_BYTES``: a review carries its request's text fields (up to 1 MiB
+each), and one stalled review watcher held 560 MB after 400 escalations with
+1 MB descriptions, on its way to ~14 GB at the count bound.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from collections.abc import Callable, Hashable
 from ..errors import DeadlineExceeded, ResourceExhausted
 
 MAX_QUEUED = 10_000  # items per subscription not yet taken by its reader; one more ends it (FellBehind)
+MAX_QUEUED_BYTES = 64 << 20  # their bytes, where the publisher gives sizes (one item larger than this still goes)
 
 ErrorFactory = Callable[[], BaseException]  # a fresh exception per reader: readers on many threads raise it
 
@@ -41,34 +46,37 @@ class FellBehind(ResourceExhausted):
     """A subscription's reader fell ``behind`` items back (more than ``MAX_QUEUED``): it was ended."""
 
     def __init__(self, behind: int, resync: str = ""):
-        super().__init__(f"the watch fell behind by {behind} events (at most {MAX_QUEUED} are kept for a reader "
-                         f"that is not taking them) and was ended" + (f"; {resync}" if resync else ""))
+        super().__init__(f"the watch fell behind by {behind} events (at most {MAX_QUEUED}, and {MAX_QUEUED_BYTES >> 20} "
+                         f"MiB of them, are kept for a reader that is not taking them) and was ended"
+                         + (f"; {resync}" if resync else ""))
         self.behind = behind
 
 
 class Subscription:
     """Items published under one key, oldest first; iterate, or ``get(timeout)``."""
 
-    __slots__ = ("_feed", "key", "_match", "_items", "_cond", "_closed", "_error", "timeout_s")
+    __slots__ = ("_feed", "key", "_match", "_items", "_bytes", "_cond", "_closed", "_error", "timeout_s")
 
     def __init__(self, feed: Feed, key: Hashable, match: Callable[[object], bool] | None, timeout_s: float | None):
         self._feed = feed
         self.key = key
         self._match = match
-        self._items: deque = deque()
+        self._items: deque = deque()  # (item, its size in bytes: 0 where the publisher gives none)
+        self._bytes = 0  # the sizes of the items held
         self._cond = threading.Condition(threading.Lock())
         self._closed = False
         self._error: ErrorFactory | None = None  # set when the feed closed it: raised instead of ending quietly
         self.timeout_s = timeout_s  # for __next__: None waits for ever
 
-    def _offer(self, item) -> None:
+    def _offer(self, item, size: int) -> None:
         if self._match is not None and not self._match(item):
             return
         with self._cond:
             if self._closed:
                 return
-            if len(self._items) < MAX_QUEUED:
-                self._items.append(item)
+            if len(self._items) < MAX_QUEUED and (self._bytes + size <= MAX_QUEUED_BYTES or not self._items):
+                self._items.append((item, size))
+                self._bytes += size
                 self._cond.notify()
                 return
             behind = len(self._items) + 1  # (this one too)
@@ -88,7 +96,9 @@ class Subscription:
                     raise DeadlineExceeded(f"no change within {timeout_s:g} s")
                 self._cond.wait(remaining)
             if not self._closed:
-                return self._items.popleft()
+                item, size = self._items.popleft()
+                self._bytes -= size
+                return item
             error = self._error
         if error is not None:
             raise error()
@@ -118,6 +128,7 @@ class Subscription:
             self._closed = True
             self._error = error
             self._items.clear()
+            self._bytes = 0
             self._cond.notify_all()
         self._feed._remove(self)
 
@@ -152,11 +163,14 @@ class Feed:
         for sub in subscribers:
             sub.close(error)
 
-    def publish(self, item, key: Hashable = None) -> None:
+    def publish(self, item, key: Hashable = None, size: Callable[[], int] | None = None) -> None:
+        """``item`` to the subscriptions under ``key`` that match it; ``size()``: its bytes, asked once and only
+        when someone subscribes, for the byte bound (``MAX_QUEUED_BYTES``)."""
         with self._lock:
             subscribers = tuple(self._subscribers.get(key, ()))
+        nbytes = size() if subscribers and size is not None else 0
         for sub in subscribers:
-            sub._offer(item)
+            sub._offer(item, nbytes)
 
     def subscriber_count(self, key: Hashable = None) -> int:
         with self._lock:

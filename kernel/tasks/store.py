@@ -317,7 +317,7 @@ class TaskStore:
             task, revision = result[0], result[1]
             if task.state not in UNDECIDED and task.request.idempotency_key:  # decided (its answer stored), or over
                 self._release_key(task)
-            self._feed.publish((revision, task), task.task_id)
+            self._feed.publish((revision, task), task.task_id, size=task.ByteSize)
 
     def cancel(self, task_id: str) -> kpb.Task:
         task = self.transition(task_id, kpb.CANCELLED, ACTIVE, "cancelled by a caller")
