@@ -51,16 +51,36 @@ def decode(token: str, filters: tuple) -> int:
     return position
 
 
+def take_rows(cursor, limit: int, max_bytes: int | None = None, chunk: int = 8) -> list[tuple[int, bytes]]:
+    """``(position, stored bytes)`` rows from ``cursor``, up to ``limit``, stopping at the first row (not the
+    first of all) that takes their bytes over ``max_bytes`` (default ``PAGE_BYTES``): ``fill``, counting the
+    same bytes, then always ends its page with a token before the rows end. A store reads a page's rows through
+    this: reviews and tasks carry their requests' text (up to 1 MiB a field), and a ListReviews of page_size
+    1,000 read 1,001 such rows and parsed them all (~2 GB) to send 16; a WatchReviews backlog held 500-row pages
+    of them (~1 GB a watch)."""
+    max_bytes = PAGE_BYTES if max_bytes is None else max_bytes
+    rows, size = [], 0
+    while len(rows) < limit:
+        batch = cursor.fetchmany(min(chunk, limit - len(rows)))
+        if not batch:
+            break
+        for position, body in batch:
+            rows.append((position, body))
+            size += len(body)
+            if size > max_bytes and len(rows) > 1:
+                return rows
+    return rows
+
+
 def fill(rows, limit: int, filters: tuple, append, present=lambda message: message) -> str:
-    """``append`` each of ``rows`` (``(position, message)``, one more than ``limit`` read to know whether more
-    follow), as ``present`` makes it, up to ``limit`` of them or ``PAGE_BYTES``; the next page's token, or "" after
-    the last page. (Each is presented only when it may still go on the page: a page of 1,000 reviews with 1 MiB
-    texts stops after 16.)"""
+    """``append`` each of ``rows`` (``(position, message, stored bytes)``, one more than ``limit`` read to know
+    whether more follow; ``take_rows`` cuts them by bytes), as ``present`` makes it, up to ``limit`` of them or
+    ``PAGE_BYTES`` of their stored bytes; the next page's token, or "" after the last page. (Each is presented
+    only when it may still go on the page: a page of 1,000 reviews with 1 MiB texts stops after 16.)"""
     size = 0
-    for index, (_position, message) in enumerate(rows[:limit]):
-        shown = present(message)
-        size += shown.ByteSize()
+    for index, (_position, message, nbytes) in enumerate(rows[:limit]):
+        size += nbytes
         if size > PAGE_BYTES and index:  # the page is full by bytes: the rest come with the next token
             return encode(rows[index - 1][0], filters)
-        append(shown)
+        append(present(message))
     return encode(rows[limit - 1][0], filters) if len(rows) > limit else ""

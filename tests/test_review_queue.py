@@ -477,3 +477,66 @@ def test_a_page_is_bounded_by_bytes_as_well_as_by_count(queue, monkeypatch):
     alone = pages(10)  # every review larger than a page: one a page
     assert [len(page) for page in alone] == [1] * 12 and sum(alone, []) == made
     assert pages(1 << 30) == [made]  # the count still bounds it as before (page_size 50)
+
+
+def _large(queue: ReviewQueue, n: int, text_bytes: int = 1 << 20) -> list[str]:
+    """``n`` escalated reviews, each carrying a ``text_bytes`` description (a caller may send 1 MiB a text field)."""
+    made = []
+    for k in range(n):
+        request = kpb.DecisionRequest(pipeline="claims", tenant="acme", request_id=f"large-{k}")
+        request.text_fields["description"] = "d" * text_bytes
+        decision = kpb.Decision(request_id=request.request_id, action="approve", outcome=kpb.ESCALATED,
+                                pipeline="claims", tenant="acme")
+        made.append(queue.create(decision, request, ["approve", "deny"], 60.0).review_id)
+    return made
+
+
+def _peak_traced_bytes(work) -> int:
+    """The most Python memory (tracemalloc: the stored review bodies read from SQLite are Python bytes) held at
+    once while ``work()`` runs."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        base = tracemalloc.get_traced_memory()[0]
+        work()
+        return tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+
+
+def test_a_large_page_size_reads_only_the_reviews_its_bytes_allow(queue, monkeypatch):
+    """Regression (a fuzz campaign's boundary values): ListReviews with page_size 1,000 read up to 1,001 stored
+    reviews and parsed them all before the page stopped at PAGE_BYTES; with reviews carrying 1 MiB texts that
+    was ~2 GB held for one call, to send 16. The store now stops reading at the page's bytes (repro here: 40
+    reviews of 1 MiB, a 4 MiB page; 40 MB read for it before). Every review is still listed once, in order."""
+    import kernel.paging as paging_module
+
+    monkeypatch.setattr(paging_module, "PAGE_BYTES", 4 << 20)
+    made = _large(queue, 40)
+    peak = _peak_traced_bytes(lambda: queue.list(page_size=1000))
+    assert peak < 16 << 20, f"{peak / 2**20:.0f} MiB read for a page of 4 MiB"
+    found, token = [], ""
+    while True:
+        page = queue.list(page_size=1000, page_token=token)
+        assert 0 < len(page.reviews) <= 4
+        found += [r.review_id for r in page.reviews]
+        if not (token := page.next_page_token):
+            break
+    assert found == made
+
+
+def test_a_watch_backlog_holds_a_few_mib_of_reviews_not_a_page_of_500(queue):
+    """Regression: a WatchReviews with include_open read the waiting reviews 500 at a time and held each page
+    until it was sent: with 1 MiB texts, ~1 GB per watch whose client reads slowly (a live kernel: +234 MB per
+    watch over 120 such reviews). Now a page ends at BACKLOG_PAGE_BYTES; every review still comes, in order."""
+    made = _large(queue, 40)
+    watch = queue.watch(include_open=True)
+    try:
+        peak = _peak_traced_bytes(lambda: next(watch))
+        # BACKLOG_PAGE_BYTES (2 MiB), and the rows of the last read from SQLite beyond it (8 at most)
+        assert peak < 14 << 20, f"{peak / 2**20:.0f} MiB read for one review"
+        assert [next(watch).review_id for _ in made[1:]] == made[1:]
+    finally:
+        watch.close()

@@ -299,3 +299,38 @@ def test_ending_the_watches_wakes_each_with_the_error_and_ends_later_ones_at_onc
     assert next(later).state == kpb.QUEUED  # the state it was asked for, then the error
     with pytest.raises(Unavailable, match="watch again"):
         next(later)
+
+
+def test_a_large_page_size_reads_only_the_tasks_its_bytes_allow(db, monkeypatch):
+    """Regression (a fuzz campaign's boundary values): ListTasks with page_size 1,000 read up to 1,001 stored
+    tasks and parsed them all before the page stopped at PAGE_BYTES; a task carries its request's text (1 MiB a
+    field), so that was ~2 GB held for one call. The store now stops reading at the page's bytes (repro: 40
+    tasks of 1 MiB, a 4 MiB page; 40 MB read for it before). Every task is still listed once, in order."""
+    import tracemalloc
+
+    import kernel.paging as paging_module
+
+    monkeypatch.setattr(paging_module, "PAGE_BYTES", 4 << 20)
+    store = TaskStore(db)
+    made = []
+    for n in range(40):
+        request = decision_request(amount=float(n))
+        request.text_fields["description"] = "d" * (1 << 20)
+        made.append(store.create(request)[0].task_id)
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        base = tracemalloc.get_traced_memory()[0]
+        store.list(page_size=1000)
+        peak = tracemalloc.get_traced_memory()[1] - base  # (stored bodies come from SQLite as Python bytes)
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20, f"{peak / 2**20:.0f} MiB read for a page of 4 MiB"
+    found, token = [], ""
+    while True:
+        page = store.list(page_size=1000, page_token=token)
+        assert 0 < len(page.tasks) <= 4
+        found += [task.task_id for task in page.tasks]
+        if not (token := page.next_page_token):
+            break
+    assert found == made

@@ -49,6 +49,9 @@ OPEN, CLAIMED, RESOLVED = "OPEN", "CLAIMED", "RESOLVED"
 DEFAULT_LEASE_S = 300
 MAX_LEASE_S = 86_400
 NS = 1_000_000_000
+# A WatchReviews backlog (include_open) is read a page at a time and each page is held until it is sent:
+# at most 500 reviews or about this many bytes of them (they carry their requests' text).
+BACKLOG_PAGE_BYTES = 2 << 20
 
 
 def _iso(unix_ns: int) -> str:
@@ -194,12 +197,12 @@ class ReviewQueue:
 
     def _unresolved_pages(self, pipeline: str, tenant: str):
         after = 0
-        while True:
-            rows = self._records.page(pipeline, tenant, "UNRESOLVED", self._clock(), after, 500)
-            for after, review in rows:
-                yield review
-            if len(rows) < 500:
+        while True:  # (a page may end early, at its bytes: the backlog ends with an empty one)
+            rows = self._records.page(pipeline, tenant, "UNRESOLVED", self._clock(), after, 500, BACKLOG_PAGE_BYTES)
+            if not rows:
                 return
+            for after, review, _nbytes in rows:
+                yield review
 
     # -- changes ------------------------------------------------------------------------------
     def create(self, decision: kpb.Decision, request: kpb.DecisionRequest, actions: list[str],

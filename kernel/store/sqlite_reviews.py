@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
+from .. import paging
 from ..errors import FailedPrecondition, quote
 
 AfterCommit = Callable[[object], None] | None
@@ -347,15 +348,17 @@ class SqliteReviewRecords:
         return self._db.transact(work, durable=False, after_commit=after_commit)
 
     def page(self, pipeline: str, tenant: str, state: str, now_unix_ns: int, after_seq: int,
-             limit: int) -> list[tuple[int, kpb.Review]]:
-        """Up to ``limit`` matching reviews after position ``after_seq``, oldest first, with their positions."""
+             limit: int, max_bytes: int | None = None) -> list[tuple[int, kpb.Review, int]]:
+        """Up to ``limit`` matching reviews after position ``after_seq``, oldest first, with their positions and
+        stored sizes; fewer once they pass ``max_bytes`` (``paging.take_rows``, default ``paging.PAGE_BYTES``:
+        more may follow)."""
         where, args = _where(pipeline, tenant, state, now_unix_ns)
         with self._db.read() as conn:
-            rows = conn.execute(
+            rows = paging.take_rows(conn.execute(
                 f"SELECT seq, body FROM reviews WHERE seq > ? AND {where} ORDER BY seq LIMIT ?",
                 (after_seq, *args, limit),
-            ).fetchall()
-        return [(seq, kpb.Review.FromString(body)) for seq, body in rows]
+            ), limit, max_bytes)
+        return [(seq, kpb.Review.FromString(body), len(body)) for seq, body in rows]
 
     def count_sla_missed(self, pipeline: str, tenant: str, state: str, now_unix_ns: int) -> int:
         where, args = _where(pipeline, tenant, state, now_unix_ns)

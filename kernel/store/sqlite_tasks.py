@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 
 from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
+from .. import paging
 from ..errors import FailedPrecondition, quote
 from .sqlite_reviews import review_by_id, task_review
 
@@ -170,14 +171,15 @@ class SqliteTaskRecords:
             ).fetchall()
         return [(kpb.Task.FromString(body), revision) for body, revision in rows]
 
-    def page(self, tenant: str, states: tuple[int, ...], after: int, limit: int) -> list[tuple[int, kpb.Task]]:
+    def page(self, tenant: str, states: tuple[int, ...], after: int, limit: int) -> list[tuple[int, kpb.Task, int]]:
         """Up to ``limit`` tasks of ``tenant`` (any: "") in ``states`` (any: ()) after position ``after``, oldest
         first, with their positions (rowids: a new task's is above every task's stored before, deleted ones
-        included: ``POSITIONS_TAKEN``)."""
+        included: ``POSITIONS_TAKEN``) and stored sizes; fewer once they pass ``paging.PAGE_BYTES``
+        (``paging.take_rows``: more may follow)."""
         query, args = page_query(tenant, states, after, limit)
         with self._db.read() as conn:
-            rows = conn.execute(query, args).fetchall()
-        return [(position, kpb.Task.FromString(body)) for position, body in rows]
+            rows = paging.take_rows(conn.execute(query, args), limit)
+        return [(position, kpb.Task.FromString(body), len(body)) for position, body in rows]
 
     def waiting_on(self, review_id: str) -> tuple[kpb.Task, int] | None:
         with self._db.read() as conn:
