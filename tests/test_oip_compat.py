@@ -232,6 +232,21 @@ def test_typed_contents_beside_raw_ones_are_refused(stub):
         "input 'n': both contents and raw_input_contents are set; send its values in one of them")
 
 
+def test_values_in_two_typed_contents_fields_are_refused(stub):
+    """An FP32 input's values in fp32_contents and more in int_contents: the int ones were ignored without a word (a
+    fuzz campaign). Which field the caller meant cannot be told, so both are refused, naming them."""
+    request = pb.ModelInferRequest(model_name="scores")
+    x = request.inputs.add(name="x", datatype="FP32", shape=[2, 4])
+    x.contents.fp32_contents.extend(np.array(X, np.float32).ravel().tolist())
+    x.contents.int_contents.extend([1] * 8)
+    n = request.inputs.add(name="n", datatype="INT32", shape=[2, 3])
+    n.contents.int_contents.extend(np.array(N, np.int32).ravel().tolist())
+    assert stub_refused(stub, request) == (
+        "input 'x': values of a FP32 input go in contents.fp32_contents only; contents.int_contents (8) also set")
+    x.contents.ClearField("int_contents")
+    assert stub.ModelInfer(request).model_name == "scores"  # (the same request with one field: served)
+
+
 # ----------------------------------------------------------------------------- 5. an output requested twice
 def test_an_output_requested_twice_is_refused(triton):
     outputs = [tc.InferRequestedOutput("x_out"), tc.InferRequestedOutput("n_out"), tc.InferRequestedOutput("x_out")]

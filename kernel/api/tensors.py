@@ -86,9 +86,14 @@ def _from_contents(spec: TensorSpec, name: str, shape: tuple[int, ...], contents
         raise InvalidArgument(f"input '{name}': {dt.name} has no typed contents field; send it in raw_input_contents")
     values = getattr(contents, dt.contents_field)
     count = math.prod(shape)
+    others = [f"{field.name} ({len(value)})" for field, value in contents.ListFields()
+              if field.name != dt.contents_field]
+    if others and len(values) == count:
+        # (Values in two fields: which the caller meant cannot be told; the others were ignored without a word, a
+        # fuzz campaign found, as raw and typed contents together are refused.)
+        raise InvalidArgument(f"input '{name}': values of a {dt.name} input go in contents.{dt.contents_field} only; "
+                              f"contents.{', contents.'.join(others)} also set")
     if len(values) != count:
-        others = [f"{field.name} ({len(value)})" for field, value in contents.ListFields()
-                  if field.name != dt.contents_field]
         sent = (f" (the values came in contents.{', contents.'.join(others)}: values of a {dt.name} input go in "
                 f"{dt.contents_field})" if others else "")
         raise InvalidArgument(f"input '{name}': contents.{dt.contents_field} has {len(values)} elements; shape "
