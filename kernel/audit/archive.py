@@ -46,7 +46,7 @@ from .errors import AuditError
 from .keys import PUBLIC_KEY_FILE, PUBLIC_KEYS_DIR, load_or_create
 from .record import parse_stored
 from .recovery import lock_directory, recover
-from .segments import CHECKPOINT_MAGIC, MAGIC, FrameScanner, frame, frames_start, fsync_dir
+from .segments import CHECKPOINT_MAGIC, MAGIC, FrameScanner, frame, frames_start, fsync_dir, read_regular
 from .verify import verify_directory
 
 DAY_NS = 86_400 * 1_000_000_000
@@ -206,7 +206,7 @@ def _cut(directory: Path, state, before: int | None, older_than_days: float | No
 
 def _last_time(path: Path) -> int:
     """The time of a segment's last record (every record before it is as old or older)."""
-    data = path.read_bytes()
+    data = read_regular(path)
     last = None
     for _, payload in FrameScanner(data, frames_start(path, data, MAGIC) or len(MAGIC)):
         last = payload

@@ -35,7 +35,7 @@ from .._proto.aios.kernel.v1 import kernel_pb2
 from .checkpoints import Checkpoint, signature_ok
 from .errors import AuditCorrupt, AuditFormatTooNew
 from .merkle import fold_peaks, verify_inclusion
-from .segments import fsync_dir
+from .segments import fsync_dir, read_regular
 
 FILE_NAME = "archive-base.json"
 ARCHIVE_MARKER = "archive.json"  # in an archive (the archive command's DEST): what it holds, where it came from
@@ -74,9 +74,9 @@ def peak_heights(size: int) -> list[int]:
     return [height for height in range(size.bit_length() - 1, -1, -1) if size >> height & 1]
 
 
-def _parse(path: Path, text: str) -> ArchiveBase:
+def _parse(path: Path, text: bytes) -> ArchiveBase:
     try:
-        data = json.loads(text)
+        data = json.loads(text)  # (bytes: bytes that are not UTF-8 are a ValueError here, with the others)
         if data.get("format", 0) > FORMAT:
             raise AuditFormatTooNew(f"{path}: archive base format {data['format']} was written by a newer "
                                     f"aios-kernel; this one reads format {FORMAT}")
@@ -105,10 +105,10 @@ def read_base(directory: Path) -> ArchiveBase | None:
     """The directory's archive base, or None when nothing was archived from it."""
     path = directory / FILE_NAME
     try:
-        text = path.read_text(encoding="utf-8")
+        data = read_regular(path)
     except FileNotFoundError:
         return None
-    return _parse(path, text)
+    return _parse(path, data)
 
 
 def base_problem(base: ArchiveBase, public_key_for: Callable[[str], bytes | None]) -> str | None:

@@ -36,7 +36,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from ..config import OperatorPath
 from ..errors import FailedPrecondition
 from .errors import AuditError
-from .segments import fsync_dir
+from .segments import fsync_dir, read_regular
 
 log = logging.getLogger("aios.audit")
 
@@ -201,7 +201,7 @@ def published_keys(directory: Path, unreadable: list[str] | None = None) -> dict
     paths = sorted((directory / PUBLIC_KEYS_DIR).glob("*.pem")) + [directory / PUBLIC_KEY_FILE]
     for path in paths:
         try:
-            for raw in load_public_keys(path):
+            for raw in load_public_keys(path, regular_only=True):
                 found[key_id(raw)] = raw
         except AuditError as exc:
             if unreadable is not None and path.exists():
@@ -245,18 +245,20 @@ def load_public_key(path: str | Path) -> bytes:
 _PEM_END = b"-----END PUBLIC KEY-----"
 
 
-def load_public_keys(path: str | Path) -> list[bytes]:
+def load_public_keys(path: str | Path, regular_only: bool = False) -> list[bytes]:
     """Raw public keys from a keyring: a file of one key (any form ``parse_public_key`` reads) or of
     several PEM keys one after another, or a directory of such ``*.pem`` files (a copy of
-    ``public-keys/``)."""
+    ``public-keys/``). ``regular_only``: the files must be regular ones (``read_regular``: the keys kept in a log
+    directory, which whoever hands over the directory chose; a key the operator names may be a pipe,
+    ``--from-key <(...)``)."""
     path = Path(path)
     if path.is_dir():
         files = sorted(path.glob("*.pem"))
         if not files:
             raise AuditError(f"{path}: a directory with no *.pem public key in it")
-        return [raw for file in files for raw in load_public_keys(file)]
+        return [raw for file in files for raw in load_public_keys(file, regular_only)]
     try:
-        data = path.read_bytes()
+        data = read_regular(path) if regular_only else path.read_bytes()
     except OSError as exc:
         raise AuditError(f"cannot read public key {path}: {exc.strerror or exc}") from None
     if data.count(_PEM_END) < 2:

@@ -32,9 +32,12 @@ bytes cut are kept aside (``keep_torn_bytes``).
 
 from __future__ import annotations
 
+import errno
+import io
 import logging
 import os
 import re
+import stat
 import struct
 import time
 import zlib
@@ -87,6 +90,32 @@ def list_segments(directory: Path) -> list[tuple[int, Path]]:
         found.append((int(match.group(1)), path))
     found.sort()
     return found
+
+
+def read_regular(path: Path) -> bytes:
+    """The bytes of one of a log directory's files, which must be a regular file (or a link to one).
+
+    A named pipe, a device or a socket where a segment, the checkpoint file, the archive base or a kept key is
+    read (a crafted backup, an edited directory) held ``audit verify``, ``export`` and the kernel's start for good
+    (a pipe's ``open`` waits for a writer) or filled the memory (a link to ``/dev/zero``): such a file raises
+    ``OSError`` (EINVAL; a directory EISDIR, as reading it always did) before any byte is read, like a file that
+    cannot be read. ``FileNotFoundError`` passes through as well.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # (O_NONBLOCK: a pipe's open returns at once)
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+        if not stat.S_ISREG(mode):
+            kind = ("a named pipe" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+                    else "not a plain file")
+            raise OSError(errno.EINVAL, f"{kind}, not a regular file: a log's files are plain files; nothing was read "
+                                        "from it", str(path))
+        os.set_blocking(fd, True)
+        with io.FileIO(fd, "rb", closefd=False) as file:
+            return file.readall()
+    finally:
+        os.close(fd)
 
 
 def zeros_from(data: bytes, offset: int) -> bool:

@@ -75,7 +75,7 @@ from .merkle import CompactRange
 from .recovery import after_base, writer_is_live
 from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
 from .record import GENESIS_PREV_HASH, AuditRecord, split_stored
-from .segments import MAGIC, SUFFIX, FrameScanner, frames_start, list_segments, segment_name
+from .segments import MAGIC, SUFFIX, FrameScanner, frames_start, list_segments, read_regular, segment_name
 
 
 @dataclass
@@ -312,7 +312,7 @@ class _Walk:
                 raise _Failure(sequence, (
                     f"segment {path.name} starts at record {first} where record {sequence} was expected: "
                     + ("records were removed" if first > sequence else "records were inserted or a segment duplicated")))
-            data = path.read_bytes()
+            data = read_regular(path)
             try:
                 start = frames_start(path, data, MAGIC)
             except AuditCorrupt as exc:
@@ -462,7 +462,7 @@ class _Walk:
         if not path.is_file():
             return
         try:
-            marker = json.loads(path.read_text(encoding="utf-8"))
+            marker = json.loads(read_regular(path))
             end, root = int(marker["end_record"]), bytes.fromhex(marker["checkpoint_root"])
         except (ValueError, KeyError, TypeError) as exc:
             raise _Failure(None, f"{ARCHIVE_MARKER} is not readable ({type(exc).__name__}: {exc})") from None
