@@ -193,7 +193,7 @@ def _copy_segment(path: Path, target: Path, tries: int = 3) -> tuple[int, tuple[
         start = frames_start(target, data, MAGIC)
         if start is None:  # being created: nothing in it yet
             return 0, None
-        scanner = FrameScanner(data, start)
+        scanner = FrameScanner(data, start, records=True)
         records = sum(1 for _ in scanner)
         if scanner.problem is None:
             return records, None

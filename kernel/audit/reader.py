@@ -263,11 +263,11 @@ def iter_directory(directory: str | Path, from_sequence: int = 0, wanted: Record
             if following is not None:  # only the newest segment can be caught being created
                 raise AuditCorrupt(f"{path.name}: ends inside its file header, yet records {following} on follow it")
             return
-        scanner = FrameScanner(data, start)
+        scanner = FrameScanner(data, start, records=True)
         sequence = first
         if from_sequence - first >= INDEX_EVERY:
             sequence, start = _skip(data, start, first, from_sequence)
-            scanner = FrameScanner(data, start)
+            scanner = FrameScanner(data, start, records=True)
         for _, payload in scanner:
             if sequence >= from_sequence:
                 record = _parse(payload)

@@ -157,7 +157,7 @@ def recover(directory: Path) -> LogState:
         # The sound frames in one pass (compiled when built: kernel/audit/scan.py); the scanner then says what
         # stopped it (usually the zero tail), and checks anything after that one frame by frame, as always.
         end, sequence = _scan.scan_sound(data, start, sequence, INDEX_MASK, number, leaves, state.index)
-        scanner = FrameScanner(data, end)
+        scanner = FrameScanner(data, end, records=True)
         for offset, payload in scanner:
             try:
                 _, digest = split_stored(payload)

@@ -46,6 +46,7 @@ from pathlib import Path
 
 from .. import __version__
 from .errors import AuditCorrupt, AuditFormatTooNew
+from .record import HASH_BYTES, HASH_TRAILER, TRAILER_BYTES
 
 # Segment format version 2: may end in unused zeros (preallocated). Version 1 (append-only, written
 # before 2026-11-26) reads the same way; a version-1 segment the writer reopens is relabelled 2 before
@@ -58,6 +59,10 @@ HEADER = struct.Struct("<II")  # payload length, crc32 of the payload
 HEADER_BYTES = HEADER.size
 MAX_PAYLOAD_BYTES = 1 << 30  # a larger length field is damage, not a record
 PREALLOCATE_BYTES = 256 << 10  # zeros written ahead of the records at a time (bench/RESULTS.md: preallocated segments)
+# frame_after's limits: the search of a torn tail a crash leaves never comes near them (a 4 MiB one of real records:
+# ~0.05 s); bytes crafted to make it slow reach them in a few seconds (see there).
+SEARCH_STEPS = 1 << 20  # offsets looked at (~1.5 s)
+SEARCH_CHECKSUM_BYTES = 1 << 30  # bytes checksummed (~1 s)
 _ZEROS = bytes(1 << 16)  # compared against with bytes.startswith (a memcmp): ~15 GB/s
 SUFFIX = ".seg"
 _NAME = re.compile(r"^(\d{20})\.seg$")
@@ -153,11 +158,12 @@ class FrameScanner:
     non-zero bytes to its end is damage, not torn.
     """
 
-    __slots__ = ("data", "start", "end", "problem", "torn")
+    __slots__ = ("data", "start", "end", "problem", "torn", "records")
 
-    def __init__(self, data: bytes, start: int):
+    def __init__(self, data: bytes, start: int, records: bool = False):
         self.data = data
         self.start = start
+        self.records = records  # the frames hold stored records (a segment): see frame_after
         self.end = start
         self.problem: str | None = None
         self.torn = False
@@ -205,7 +211,11 @@ class FrameScanner:
         """
         if self.problem is None:
             return None
-        after = frame_after(self.data, self.end)
+        try:
+            after = frame_after(self.data, self.end, self.records)
+        except SearchTooLong as exc:
+            return (f"{self.problem}, and the {len(self.data) - self.end:,} bytes from there are more than a search "
+                    f"for a valid frame after it can cover ({exc}): far more than a write a crash cuts short")
         if after is not None:
             return f"{self.problem}, yet a valid frame follows it at offset {after}"
         if not self.torn:
@@ -213,18 +223,44 @@ class FrameScanner:
         return None
 
 
-def frame_after(data: bytes, start: int) -> int | None:
+class SearchTooLong(Exception):
+    """``frame_after`` gave up: the bytes after a bad frame would take longer to search than any a crash leaves."""
+
+
+def frame_after(data: bytes, start: int, records: bool = False) -> int | None:
     """Offset of the first frame after ``start`` that is complete and passes its checksum, or None.
+    ``records``: only frames that hold a stored record (ending in its hash field) count, as in a segment; a frame
+    that holds anything else is no record a cut could lose, and checking the two bytes first spares the checksum
+    of nearly every candidate.
 
     Every byte offset is tried (zero runs are skipped: a frame's length has a
-    non-zero byte). Only bad bytes at the end of a file are searched this way,
-    on open: a crash leaves at most one group's worth of them.
+    non-zero byte; so are offsets whose length would be 16 MiB or more where
+    fewer bytes remain). Only bad bytes at the end of a file are searched this
+    way, on open: a crash leaves at most the writes in flight, a group (fsync
+    mode) or what was written since the last checkpoint (async), a few MB.
+
+    Bytes chosen to make the search slow (a length that fits at every few
+    offsets, each checksummed over up to the rest of the file) cost time that
+    grows with the square of their size: 2 MiB of them held a kernel's start for
+    three minutes (a helper's audit). Past ``SEARCH_STEPS`` offsets looked at or
+    ``SEARCH_CHECKSUM_BYTES`` checksummed it raises ``SearchTooLong``, which
+    ``damage`` reports as damage (no torn tail a crash leaves is that long: the
+    log refuses to open, as for any damage, rather than cut what it cannot tell).
     """
     limit = len(data)
     view = memoryview(data)
     search = _NONZERO.search
+    find = data.find
+    steps = checksummed = 0
     offset = start + 1
     while offset + HEADER_BYTES < limit:
+        if data[offset + 3] and limit - offset - HEADER_BYTES < 1 << 24:
+            # Its length is 16 MiB or more, past the end: the next candidate has a zero fourth byte.
+            zero = find(b"\x00", offset + 4)
+            if zero < 0:
+                return None
+            offset = zero - 3
+            continue
         length, checksum = unpack_header(data, offset)
         if not length:
             found = search(data, offset + 4)
@@ -233,17 +269,26 @@ def frame_after(data: bytes, start: int) -> int | None:
             offset = max(found.start() - 3, offset + 1)
             continue
         body = offset + HEADER_BYTES
-        if length <= limit - body and crc32(view[body:body + length]) == checksum:
-            return offset
+        end = body + length
+        if end <= limit and (not records or length >= TRAILER_BYTES and
+                             data[end - TRAILER_BYTES:end - HASH_BYTES] == HASH_TRAILER):
+            if crc32(view[body:end]) == checksum:
+                return offset
+            checksummed += length
+        steps += 1
+        if steps > SEARCH_STEPS or checksummed > SEARCH_CHECKSUM_BYTES:
+            raise SearchTooLong(f"gave up at offset {offset} after checking {steps:,} offsets and checksumming "
+                                f"{checksummed:,} bytes")
         offset += 1
     return None
 
 
-def check_cut(path: Path, fd: int, size: int, length: int) -> None:
+def check_cut(path: Path, fd: int, size: int, length: int, records: bool = False) -> None:
     """Raise ``AuditCorrupt`` unless the bytes of ``fd`` from ``size`` to ``length`` are unused zeros or a torn
-    tail: the check recovery made, made again on the bytes about to be cut (nothing is cut on a stale verdict)."""
+    tail: the check recovery made, made again on the bytes about to be cut (nothing is cut on a stale verdict).
+    ``records``: a segment's (``FrameScanner``)."""
     tail = os.pread(fd, length - size, size)
-    scanner = FrameScanner(tail, 0)
+    scanner = FrameScanner(tail, 0, records)
     for _ in scanner:
         problem = "a valid frame starts there"
         break
@@ -447,7 +492,7 @@ class SegmentFile(AppendFile):
         try:
             length = os.fstat(fd).st_size
             if cut and length != size:
-                check_cut(path, fd, size, length)
+                check_cut(path, fd, size, length, records=True)
             if os.pread(fd, len(MAGIC_V1), 0) == MAGIC_V1:  # see MAGIC: zeros go only into version-2 files
                 _pwrite_all(fd, MAGIC, 0)
             if cut and length != size:
