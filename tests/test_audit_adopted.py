@@ -149,6 +149,64 @@ def test_a_record_appended_to_a_cleanly_stopped_kernel_log_is_flagged(models, tm
     started = [json.loads(r.payload) for r in iter_directory(audit, forged + 1, RecordFilter(kind=kpb.CONFIG_CHANGE))]
     assert started[0]["event"] == "kernel started" and started[0]["recovery"]["adopted"] == [forged, forged]
 
+    # Signed now, by the start that adopted it: still no kernel had opened the log after the clean stop before it
+    # (a helper's audit: this passed --strict --from-key, with a note calling the stop unclean).
+    done = run_cli("verify", str(audit), "--strict", "--from-key", str(audit / "public-key.pem"))
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert (f"FAILED at record {forged}: records {forged}..{forged} follow the clean stop at #{forged - 1}, yet no "
+            "kernel opened the log before them") in done.stdout
+    assert f"`aios-kernel audit export --from {forged}`" in done.stdout
+
+
+# A kernel's life on a bare AuditLog: its start and stop records as the kernel writes them (kernel/decisions.py).
+def _kernel_event(log: AuditLog, event: dict) -> None:
+    import json
+
+    log.append_and_wait(pb.AuditRecord(kind=pb.CONFIG_CHANGE, principal="kernel", payload=json.dumps(event).encode()),
+                        10)
+
+
+CRASHING_KERNEL = textwrap.dedent("""
+    import json, sys
+    sys.path.insert(0, sys.argv[2])
+    from kernel.audit import AuditLog
+    from kernel._proto.aios.kernel.v1 import kernel_pb2 as pb
+
+    log = AuditLog.open(sys.argv[1], checkpoint_records=1_000_000, checkpoint_ms=600_000)
+    log.append_and_wait(pb.AuditRecord(kind=pb.CONFIG_CHANGE, principal="kernel",
+                                       payload=json.dumps({"event": "kernel started"}).encode()), 30)
+    for i in range(3):
+        log.append_and_wait(pb.AuditRecord(kind=pb.DECISION, request_id=f"after-restart-{i}"), 30)
+    print("written", flush=True)
+    sys.stdin.read()  # killed here, before its first checkpoint
+""")
+
+
+def test_a_kernel_killed_before_its_first_checkpoint_after_a_clean_stop_still_passes_strict(tmp_path):
+    """What the rule above must not fail: a clean stop, a start, a kill -9 before the new kernel's first
+    checkpoint, a start that adopts its records. The open after the clean stop signed the size it found, so the
+    records after the stop follow a kernel's open, and --strict passes (listing them)."""
+    directory = tmp_path / "audit"
+    with AuditLog.open(directory) as log:
+        _kernel_event(log, {"event": "kernel started"})
+        log.append_and_wait(pb.AuditRecord(kind=pb.DECISION, request_id="before"), 10)
+        _kernel_event(log, {"event": "kernel stopping"})
+    script = tmp_path / "kernel.py"
+    script.write_text(CRASHING_KERNEL)
+    proc = subprocess.Popen([sys.executable, str(script), str(directory), str(ROOT)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    with killed_after(proc):
+        assert proc.stdout.readline().strip() == "written", proc.stderr.read()
+    with AuditLog.open(directory, sign_adopted=False) as log:
+        assert log.recovery["adopted"] == [3, 6]
+        _kernel_event(log, {"event": "kernel started", "recovery": log.recovery})
+        log.adoption_recorded()
+        _kernel_event(log, {"event": "kernel stopping"})
+
+    done = run_cli("verify", str(directory), "--strict")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "records 3..6 were signed by the start at #7, after an unclean stop" in done.stdout
+
 
 def test_a_start_refused_after_the_log_opened_leaves_the_unsigned_tail_unsigned(models, tmp_path):
     """An upgrade audit: the open signed the tail at once, and the start record naming it comes later; a start
@@ -171,6 +229,9 @@ def test_a_start_refused_after_the_log_opened_leaves_the_unsigned_tail_unsigned(
 
     server = start_kernel(models, data_dir=str(data_dir))  # a start that goes through names it, then signs it
     server.stop(grace=1)
-    done = run_cli("verify", str(audit), "--strict")
+    done = run_cli("verify", str(audit))
     assert done.returncode == 0, done.stdout + done.stderr
-    assert f"{forged}..{forged}" in done.stdout  # listed among the ranges a start signed after an unclean stop
+    assert f"records {forged}..{forged} follow the clean stop at #{forged - 1}" in done.stdout  # listed
+    done = run_cli("verify", str(audit), "--strict")  # and, signed or not, no kernel opened the log before it
+    assert done.returncode == 1 and f"FAILED at record {forged}: records {forged}..{forged} follow the clean stop" \
+        in done.stdout, done.stdout + done.stderr

@@ -51,7 +51,10 @@ checkpoints back (as a crash tears the last one), rewrite the records after
 the last one left, re-chain them, and have a restart sign them. The walk
 lists every adopted range (a note), and ``strict`` fails one that holds a
 "kernel stopping" record: a clean stop signs every record it wrote, so such
-a range had its checkpoints cut (or the kernel crashed while stopping). What
+a range had its checkpoints cut (or the kernel crashed while stopping). It
+also fails one that follows a clean stop with no kernel having opened the log
+at that size (an open signs the size it finds, writer.py): those records were
+appended to a stopped kernel's files, the easiest forgery of all. What
 no walk can tell: a log cut back to one of its own checkpoints, with the
 checkpoints after it removed, is a valid shorter log. A size noted earlier (an
 earlier verify, ``GetCheckpoint``) catches that: ``min_records``.
@@ -420,6 +423,9 @@ class _Walk:
         notes, plain = [], []
         for at, first, last in self.adopted:
             stopped = [s for s in self.stops if first <= s <= last]
+            if first - 1 in self.stops and not self._opened_at(first):
+                self._appended_after_stop(at, first, last, strict, notes)
+                continue
             if stopped and strict:
                 raise _Failure(first, (
                     f"signed only by the start recorded at #{at}, though record #{stopped[-1]} among them is a clean "
@@ -454,6 +460,24 @@ class _Walk:
                          f"--min-records){older}")
         if notes:
             self.note = "; ".join(filter(None, [self.note, *notes]))
+
+    def _opened_at(self, size: int) -> bool:
+        """Whether a kernel holding the key opened the log at ``size`` records: it signs the size it finds at open
+        (writer.py), so two checkpoints of that size, signed at different times, stand there (a copied frame is
+        the same one)."""
+        return len({(c.time_unix_ns, c.signature) for c in self.checkpoints if c.tree_size == size}) > 1
+
+    def _appended_after_stop(self, at: int, first: int, last: int, strict: bool, notes: list[str]) -> None:
+        """Records a start adopted that follow a clean stop, with no kernel having opened the log in between: the
+        stop signed every record before them, so they were added to the files while no kernel had the log open."""
+        said = (f"records {first}..{last} follow the clean stop at #{first - 1}, yet no kernel opened the log before "
+                f"them (a kernel signs the size it opens at): they were added to the files while no kernel had the log "
+                f"open, and only the hash chain vouched for them until the start at #{at} signed them (so does a kernel "
+                f"killed before its first checkpoint, if it predates the checkpoint signed at open, 2026-11-28)")
+        if strict:
+            raise _Failure(first, f"{said}; check them with `aios-kernel audit export --from {first}` (`audit archive "
+                                  f"--accept-adopted` archives past them once checked)", last)
+        notes.append(f"{said} (--strict fails here)")
 
     def archive_whole(self) -> None:
         """An archive holds every record it was written with: ``archive.json`` names its end and root. (Unsigned:
