@@ -11,6 +11,7 @@ without the key (test_audit_verify's ``forge``).
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import sys
 import textwrap
@@ -235,3 +236,42 @@ def test_a_start_refused_after_the_log_opened_leaves_the_unsigned_tail_unsigned(
     done = run_cli("verify", str(audit), "--strict")  # and, signed or not, no kernel opened the log before it
     assert done.returncode == 1 and f"FAILED at record {forged}: records {forged}..{forged} follow the clean stop" \
         in done.stdout, done.stdout + done.stderr
+
+
+def _cleanly_stopped_kernel_log(directory: Path) -> None:
+    with AuditLog.open(directory) as log:
+        _kernel_event(log, {"event": "kernel started"})
+        log.append_and_wait(pb.AuditRecord(kind=pb.DECISION, request_id="before"), 10)
+        _kernel_event(log, {"event": "kernel stopping"})
+
+
+def test_a_process_holding_the_lock_does_not_pass_records_appended_after_a_clean_stop(tmp_path):
+    """(A helper's audit) `flock LOCK sleep 600` beside a stopped kernel's log made `verify --strict` take the
+    forged tail for a live kernel's records about to be signed: "OK ... (the log is open: its next checkpoint
+    signs them)". A kernel that opened the log after its clean stop signed the size it found; none did here."""
+    import fcntl
+
+    directory = tmp_path / "audit"
+    _cleanly_stopped_kernel_log(directory)
+    forged = append_forged(directory)
+    holder = os.open(directory / "LOCK", os.O_RDONLY)
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        done = run_cli("verify", str(directory), "--strict")
+    finally:
+        os.close(holder)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert f"FAILED at record {forged}: not covered by any signed checkpoint" in done.stdout
+    assert (f"(a process holds the log's LOCK, but no kernel opened the log after the clean stop at #{forged - 1}: it "
+            "is not a kernel writing these records)") in done.stdout
+
+
+def test_strict_allows_the_unsigned_tail_of_a_kernel_that_opened_the_log_after_a_clean_stop(tmp_path):
+    directory = tmp_path / "audit"
+    _cleanly_stopped_kernel_log(directory)
+    with AuditLog.open(directory, checkpoint_records=1000, checkpoint_ms=600_000) as log:
+        for i in range(3):
+            log.append_and_wait(pb.AuditRecord(kind=pb.DECISION, request_id=f"after-{i}"), 10)
+        result = verify_directory(directory, strict=True)
+        assert result.ok, result.reason
+        assert "the last 3 are chained but not yet signed (the log is open" in result.describe()

@@ -75,7 +75,7 @@ from .checkpoints import read_all, signature_ok
 from .errors import AuditCorrupt
 from .keys import PUBLIC_KEY_FILE, PUBLIC_KEYS_DIR, key_id, published_keys
 from .merkle import CompactRange
-from .recovery import after_base, writer_is_live
+from .recovery import LOCK_FILE, after_base, writer_is_live
 from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
 from .record import GENESIS_PREV_HASH, AuditRecord, split_stored
 from .segments import MAGIC, SUFFIX, FrameScanner, frames_start, list_segments, read_regular, segment_name
@@ -165,7 +165,7 @@ def verify_directory(directory: str | Path, public_key: bytes | Iterable[bytes] 
         walk.records()
         walk.leftover_checkpoints()
         walk.some_checkpoint_signed()
-        walk.writer_live = walk.count > walk.signed_size and walk.live_writer()
+        walk.writer_live = walk.count > walk.signed_size and walk.live_writer() and not walk.lock_unexplained()
         walk.at_least(min_records)
         walk.archive_whole()
         if strict:
@@ -220,6 +220,7 @@ class _Walk:
         self.progress: Callable[[str], None] | None = None  # told how far the walk got, after each segment
         self.key_returned = ""  # a checkpoint signed by a key an earlier rotation replaced ("" when none)
         self.live_writer: Callable[[], bool] = lambda: writer_is_live(directory)  # whether a writer has it open
+        self.lock_note = ""  # why a held writer lock was not taken for a kernel writing the unsigned tail
 
     def result(self, ok: bool, sequence: int | None, reason: str, started: float,
                last: int | None = None) -> VerifyResult:
@@ -517,7 +518,19 @@ class _Walk:
             raise _Failure(self.signed_size, (
                 f"not covered by any signed checkpoint (the last covers {self.signed_size} records), and no kernel "
                 f"has the log open: a crash leaves this, a clean stop never does, and so does someone without the "
-                f"key who appended records; the next start signs them"), self.count - 1)
+                f"key who appended records; the next start signs them{self.lock_note}"), self.count - 1)
+
+    def lock_unexplained(self) -> bool:
+        """Whether the writer lock some process holds cannot be a kernel's that writes the unsigned tail: the tail
+        follows a clean stop, and no kernel opened the log after it (an open signs the size it finds, writer.py).
+        Anyone who can write the directory can hold a flock on its LOCK (a helper's audit: `flock LOCK sleep` made
+        --strict pass records appended to a stopped kernel's log, "the log is open: its next checkpoint signs
+        them")."""
+        if self.signed_size - 1 not in self.stops or self._opened_at(self.signed_size):
+            return False
+        self.lock_note = (f" (a process holds the log's {LOCK_FILE}, but no kernel opened the log after the clean "
+                          f"stop at #{self.signed_size - 1}: it is not a kernel writing these records)")
+        return True
 
     def leftover_checkpoints(self) -> None:
         if self.next_checkpoint < len(self.checkpoints):
