@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import struct
 import time
+import zlib
 from pathlib import Path
 
 import grpc
@@ -138,6 +139,21 @@ def test_a_torn_tail_of_megabytes_of_real_record_bytes_is_still_searched_whole(l
     scanner = FrameScanner(MAGIC + struct.pack("<II", 1 << 29, 0) + bytes(records), len(MAGIC), records=True)
     assert list(scanner) == [] and scanner.torn
     assert scanner.damage() is None
+
+
+def test_export_of_a_frame_that_is_no_record_fails_in_words(log_dir):
+    """A frame whose checksum holds around bytes that are no AuditRecord (someone's own frame, appended): export
+    ended in a protobuf DecodeError traceback."""
+    path = segment(log_dir)
+    end = records_end(path)
+    junk = b"\xff" * 5 + bytes(40)
+    with open(path, "r+b") as file:
+        file.seek(end)
+        file.write(struct.pack("<II", len(junk), zlib.crc32(junk)) + junk)
+    done = run_cli("export", str(log_dir))
+    assert done.returncode == 1, done
+    assert "record 30 is not a valid AuditRecord" in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert done.stdout.count("\n") == 30
 
 
 def _decided_and_stopped(claims_models, tmp_path) -> tuple[str, Path]:

@@ -270,7 +270,11 @@ def iter_directory(directory: str | Path, from_sequence: int = 0, wanted: Record
             scanner = FrameScanner(data, start, records=True)
         for _, payload in scanner:
             if sequence >= from_sequence:
-                record = _parse(payload)
+                try:
+                    record = _parse(payload)
+                except Exception:  # DecodeError, or upb's own error: a frame whose checksum holds but is no record
+                    raise AuditCorrupt(f"{path.name}: record {sequence} is not a valid AuditRecord; records from "
+                                       f"{sequence} on could not be read") from None
                 if wanted is None or wanted.matches(record):
                     yield record
             sequence += 1
