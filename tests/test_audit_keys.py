@@ -20,7 +20,7 @@ from test_audit_verify import build_log, run_cli
 from kernel._proto.aios.kernel.v1 import kernel_pb2 as pb
 from kernel.audit import AuditLog, verify_directory
 from kernel.audit.checkpoints import read_all
-from kernel.audit.keys import key_id
+from kernel.audit.keys import key_id, load_public_key
 from kernel.errors import FailedPrecondition
 
 
@@ -164,3 +164,21 @@ def test_a_retired_key_that_signs_again_is_noted_and_fails_strict(models, tmp_pa
     assert noted.ok and f"is signed by key {first[2]}, which another key replaced" in noted.describe()
     strict = verify_directory(audit, raw, strict=True)
     assert not strict.ok and "a retired key signed again" in strict.describe()
+
+
+def test_a_link_planted_under_the_public_keys_temporary_name_is_not_written_through(tmp_path):
+    """(A helper's audit) Someone who can write the log directory, but nothing outside it, left a link named
+    ``public-key.tmp`` pointing at another file and removed ``public-key.pem``: the next open wrote the public key
+    through the link, over that file. The temporary file is now always a new one."""
+    directory = tmp_path / "audit"
+    AuditLog.open(directory).close()
+    victim = tmp_path / "outside.txt"
+    victim.write_text("not the kernel's to write\n")
+    (directory / "public-key.pem").unlink()
+    for name in ("public-key.tmp", "public-key.pem.tmp"):
+        (directory / name).symlink_to(victim)
+    with AuditLog.open(directory) as log:
+        key = log.public_key
+    assert victim.read_text() == "not the kernel's to write\n"
+    assert not (directory / "public-key.pem").is_symlink()
+    assert load_public_key(directory / "public-key.pem") == key

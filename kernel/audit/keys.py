@@ -26,6 +26,7 @@ import hashlib
 import logging
 import os
 import stat
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -158,7 +159,7 @@ def publish_public_key(directory: Path, key: SigningKey) -> None:
     path = directory / PUBLIC_KEY_FILE
     pem = key.public_pem()
     try:
-        current = path.read_bytes()
+        current = read_regular(path)  # (a named pipe there held the start for good)
     except FileNotFoundError:
         current = None
     if current is not None and current != pem:
@@ -187,9 +188,22 @@ def _write_once(folder: Path, name: str, data: bytes) -> None:
 
 
 def _replace(path: Path, data: bytes) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
+    """Write ``path`` whole or not at all: a new temporary file beside it, fsynced, renamed over it.
+
+    The temporary file is created afresh (``O_EXCL``, a name of its own): a fixed ``public-key.tmp`` was opened
+    through whatever link someone who can write the directory left under that name, and a start wrote the public
+    key over the file it pointed to, outside the data dir (a helper's audit).
+    """
+    tmp = path.with_name(f"{path.name}.tmp-{time.time_ns()}")
+    try:
+        with open(tmp, "xb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        tmp.replace(path)
+    except OSError:
+        tmp.unlink(missing_ok=True)  # (a full disk: no half-written file left beside the keys)
+        raise
     fsync_dir(path.parent)
 
 
