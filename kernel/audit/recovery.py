@@ -78,6 +78,7 @@ from .keys import SigningKey, published_keys
 from .merkle import MerkleTree
 from .record import GENESIS_PREV_HASH, split_stored
 from .segments import MAGIC, FrameScanner, frames_start, keep_torn_bytes, list_segments, nonzero_end, read_regular
+from .tail import check_unsigned_tail
 
 log = logging.getLogger("aios.audit")
 
@@ -240,6 +241,13 @@ def check_against(state: LogState, checkpoints: list[Checkpoint], directory: Pat
     if not fits:
         _refuse_root_mismatch(state, checkpoints, directory)
     _check_signature(checkpoints, directory, key)
+    signed = latest.tree_size
+    if signed < size:  # about to be adopted and signed: they must continue the log (tail.py)
+        if signed > state.tree.base_size:
+            previous = state.tree.leaf(signed - 1)
+        else:
+            previous = state.base.last_hash if state.base is not None else GENESIS_PREV_HASH
+        check_unsigned_tail(state.segments, signed, size, previous, directory)
 
 
 _NOT_OPENED = "The log was not opened and nothing was changed on disk"
