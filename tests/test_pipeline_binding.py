@@ -202,6 +202,19 @@ def test_an_upload_the_folder_cannot_take_is_failed_precondition_naming_the_fold
         registry.get("claims_twin")
 
 
+def test_an_upload_writes_a_new_file_not_through_a_link_planted_at_its_temporary_name(hub, folder, tmp_path):
+    """The upload's temporary twin (``.<name>.tmp``) was opened as found: a link planted there had the kernel write
+    the upload over the file it pointed to, outside the folder. Now the name is made afresh."""
+    outside = tmp_path / "outside.txt"
+    outside.write_text("not the kernel's")
+    (folder / ".claims_twin.toml.tmp").symlink_to(outside)
+    twin = PIPELINE_TEXT.replace('name = "claims_triage"', 'name = "claims_twin"', 1)
+    assert _registry(folder, hub).put(twin.encode()).name == "claims_twin"
+    assert outside.read_text() == "not the kernel's"
+    assert (folder / "claims_twin.toml").read_text() == twin and not (folder / "claims_twin.toml").is_symlink()
+    assert not (folder / ".claims_twin.toml.tmp").exists()
+
+
 # -- 3. text that is not UTF-8 is refused --------------------------------------------------------------------
 
 def test_an_uploaded_policy_that_is_not_utf8_is_refused(hub, folder):

@@ -114,7 +114,11 @@ def refuse_link(path: Path) -> None:
 def write_atomically(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        with open(tmp, "wb") as fh:
+        # Created afresh (O_EXCL): an open of the name as found followed a link planted there (to a file outside the
+        # folder, which the upload then wrote over: an audit of the same pattern in the log's key files). What is
+        # there (a crash's leftover, a link) is removed; one planted again in between fails the upload (EEXIST).
+        tmp.unlink(missing_ok=True)
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644), "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
