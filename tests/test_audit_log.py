@@ -462,7 +462,7 @@ def test_writer_failure_fails_waiters_and_later_appends(tmp_path, who):
         ({"audit_checkpoint_records": 0}, "audit_checkpoint_records (from --audit-checkpoint-records) must be >= 1"),
         ({"audit_checkpoint_ms": 0}, "audit_checkpoint_ms (from --audit-checkpoint-ms) must be > 0"),
         ({"audit_segment_bytes": 100}, "audit_segment_bytes (from --audit-segment-bytes) must be >= 4096"),
-        ({"audit_preallocate_bytes": -1}, "audit_preallocate_bytes (from --audit-preallocate-bytes) must be >= 0"),
+        ({"audit_preallocate_bytes": -1}, "audit_preallocate_bytes (from --audit-preallocate-bytes) must be 0..67108864 (64 MiB; 0 = append), got -1"),
         ({"audit_stream_enabled": "maybe"}, "audit_stream_enabled (from --audit-stream-enabled) must be bool"),
     ],
 )
