@@ -29,6 +29,9 @@ cdef extern from "Python.h":
     PyObject* PyDict_GetItemWithError(object d, object key) except? NULL
     double PyLong_AsDouble(object v) except? -1.0
 
+# Every whole number up to 2**53 is a float; past it only some are (kernel/policy/reference.py, MAX_EXACT_INTEGER).
+cdef double MAX_EXACT_INTEGER = 9007199254740992.0
+
 OPCODES = {
     "NUM_LT": OP_NUM_LT, "NUM_LE": OP_NUM_LE, "NUM_GT": OP_NUM_GT, "NUM_GE": OP_NUM_GE, "NUM_EQ": OP_NUM_EQ,
     "NUM_NE": OP_NUM_NE, "PAIR_LT": OP_PAIR_LT, "PAIR_LE": OP_PAIR_LE, "PAIR_GT": OP_PAIR_GT,
@@ -306,6 +309,8 @@ def encode_rows(list rows, tuple specs, object fallback):
                         d = PyLong_AsDouble(<object>found)
                     except OverflowError:
                         d = fallback(j, <object>found)
+                    if not -MAX_EXACT_INTEGER < d < MAX_EXACT_INTEGER:  # (2**53 + 1 reads as 2**53)
+                        d = fallback(j, <object>found)  # past 2**53 not every int is a float: the rules decide
                 else:
                     d = fallback(j, <object>found)
                 if isnan(d):

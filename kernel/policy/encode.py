@@ -10,7 +10,8 @@ Encoded form, per field type (``MISSING`` is 0 in every code array):
 
 The value rules are the reference evaluator's (``reference.coerce``): a
 number field takes any real number (bools count as 0/1, as in Python; NaN is
-missing), an integer field refuses fractions, a bool field takes true/false
+missing) but a whole number past 2**53 that no float holds, an integer field
+refuses fractions too, a bool field takes true/false
 (and 0/1), a string field takes any hashable value (a non-string equals no
 string in the policy), ``label`` must be a declared class, and model outputs
 may not be missing. Every refusal is a ``PolicyInputError`` naming the field.
@@ -23,7 +24,7 @@ from itertools import repeat
 import numpy as np
 
 from .errors import PolicyInputError
-from .reference import coerce
+from .reference import MAX_EXACT_INTEGER, coerce, inexact_integer
 from .types import BOOL, INTEGER, NUMBER, STRING, Schema
 
 MISSING_CODE, OTHER_CODE, FIRST_CODE = 0, 1, 2
@@ -93,6 +94,8 @@ class FieldCodec:
     def numbers(self, arr: np.ndarray) -> np.ndarray:
         kind = arr.dtype.kind
         if kind in "iub":
+            if arr.dtype.itemsize >= 8 and len(arr):  # (only 64-bit integers go past 2**53)
+                self.refuse_inexact(arr)
             return arr.astype(np.float64)
         if kind == "f":
             x = arr.astype(np.float64, copy=False)
@@ -110,6 +113,15 @@ class FieldCodec:
             return np.array([np.nan if v is None else v for v in values], dtype=np.float64)
         article = "an" if self.ftype[:1] in "aeiou" else "a"
         raise PolicyInputError(self.name, f"is {article} {self.ftype} field, got an array of {arr.dtype}")
+
+    def refuse_inexact(self, arr: np.ndarray) -> None:
+        """PolicyInputError for a whole number past 2**53 that no float holds (``reference.coerce`` says why)."""
+        big = arr > MAX_EXACT_INTEGER
+        if arr.dtype.kind == "i":
+            big |= arr < -MAX_EXACT_INTEGER
+        for value in arr[big].tolist():  # (Python ints: float() != int is exact)
+            if float(value) != value:
+                raise PolicyInputError(self.name, inexact_integer(self.ftype, value, float(value)))
 
     def bools(self, arr: np.ndarray) -> np.ndarray:
         kind = arr.dtype.kind
@@ -177,6 +189,9 @@ class FieldCodec:
             arr = np.array(listed) if listed else np.empty(0, dtype=np.float64)
         except (ValueError, TypeError):  # ragged sequences among the values: let the per-value rules refuse them
             arr = np.empty(0, dtype=np.str_)
+        if arr.dtype.kind == "f" and arr.ndim == 1 and len(arr) and not np.abs(arr).max() < MAX_EXACT_INTEGER:
+            arr = np.empty(0, dtype=np.str_)  # (ints and floats mixed became floats: an int past 2**53 may have been
+            # rounded there, so such a batch is read value by value, by the rules)
         if arr.dtype.kind not in "fiubO" or arr.ndim != 1:
             arr = np.empty(len(listed), dtype=object)
             arr[:] = listed

@@ -10,7 +10,7 @@ uses, so a mistake in ``normal.py`` shows up as a difference.
 from __future__ import annotations
 
 import math
-from numbers import Real
+from numbers import Integral, Real
 
 import numpy as np
 
@@ -20,6 +20,10 @@ from .syntax import And, Compare, Field, IsNull, Literal, Member, Node, Not, Or,
 from .types import BOOL, INTEGER, NUMBER, Schema
 
 _BOOLS = {True: True, False: False}
+# Numbers are compared as 64-bit floats (``parser.py`` refuses a literal no float holds). Every whole number up
+# to here is one; past it only some are, and a value that is not would be compared as another number: a rule
+# `n > 9007199254740992` did not fire for 9007199254740993, whose record showed it exactly.
+MAX_EXACT_INTEGER = 2**53
 
 
 def _an(word: str) -> str:
@@ -39,6 +43,9 @@ def coerce(name: str, ftype: str, value, classes=None, model_output: bool = Fals
                     number = float(value)
                 except OverflowError:
                     raise PolicyInputError(name, f"is {_an(ftype)} field, got a number too large for a float") from None
+                if isinstance(value, Integral) and not -MAX_EXACT_INTEGER <= value <= MAX_EXACT_INTEGER \
+                        and number != int(value):
+                    raise PolicyInputError(name, inexact_integer(ftype, int(value), number))
                 if math.isnan(number):
                     value = None
                 elif ftype == INTEGER and not number.is_integer():
@@ -63,6 +70,12 @@ def coerce(name: str, ftype: str, value, classes=None, model_output: bool = Fals
     if model_output:
         raise PolicyInputError(name, "is a model output and must be present in every row")
     return None
+
+
+def inexact_integer(ftype: str, value: int, number: float) -> str:
+    """Why a whole number no 64-bit float holds is refused (it would be compared as ``number``)."""
+    return (f"is {_an(ftype)} field, got {value}: numbers are compared as 64-bit floats, which hold every whole "
+            f"number only up to 2**53 ({MAX_EXACT_INTEGER}), and this one would be compared as {int(number)}")
 
 
 def truth(node: Node, values: dict):

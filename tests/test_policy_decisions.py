@@ -1,0 +1,77 @@
+"""What a policy decides, on real Decide calls: values at the edges of what the policy compares, and the records
+of decisions the hit policy could not make alone.
+
+One kernel serves the claims model with pipelines written here (each a copy of the claims pipeline with its
+own policy), so every answer has gone through the pipeline's field reading, the model, the compiled policy
+and the audit log as a caller's does.
+"""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from claims_support import CLAIMS
+from conftest import module_claims_kernel
+from kernel._proto.aios.kernel.v1 import kernel_pb2_grpc as kgrpc
+from kernel.decision_client import make_request
+
+# prior_claims with no upper bound, read by the policy as an integer: values past 2**53 reach it.
+CAP_POLICY = f"""
+[policy]
+name = "claims_cap"
+version = "1"
+hit_policy = "FIRST"
+[inputs]
+prior_claims = "integer"
+[outputs]
+actions = ["deny", "review", "approve"]
+[[rule]]
+id = "OVER"
+description = "more prior claims than the cap"
+when = "prior_claims > {2**53}"
+action = "deny"
+[[rule]]
+id = "AT"
+description = "exactly at the cap"
+when = "prior_claims == {2**53}"
+action = "review"
+[[rule]]
+id = "D"
+default = true
+action = "approve"
+"""
+
+
+def _add_pipeline(folder, name: str, policy: str, edit=lambda text: text) -> None:
+    text = (CLAIMS / "claims_triage.toml").read_text(encoding="utf-8")
+    text = text.replace('name = "claims_triage"', f'name = "{name}"', 1)
+    text = text.replace('file = "policy.toml"', f'file = "{name}_policy.toml"', 1)
+    (folder / f"{name}.toml").write_text(edit(text), encoding="utf-8")
+    (folder / f"{name}_policy.toml").write_text(policy, encoding="utf-8")
+
+
+def _pipelines(folder) -> None:
+    _add_pipeline(folder, "claims_cap", CAP_POLICY,
+                  lambda text: text.replace("min = 0\nmax = 1000\n", "min = 0\n", 1))
+
+
+server, channel = module_claims_kernel("policy_decisions", edit_pipelines=_pipelines)
+
+
+@pytest.fixture
+def decide(channel):
+    stub = kgrpc.DecisionServiceStub(channel)
+    return lambda pipeline, fields: stub.Decide(make_request(pipeline, fields, tenant="acme"), timeout=10)
+
+
+def test_an_integer_no_float_holds_is_refused_naming_the_field_not_decided_as_its_neighbour(decide):
+    """`prior_claims = 2**53 + 1` was decided by rule AT ("exactly at the cap", `== 2**53`), and its record
+    showed 9007199254740993: numbers are compared as 64-bit floats, and no float holds that one."""
+    assert [r.rule_id for r in decide("claims_cap", {"prior_claims": 2**53}).reasons] == ["AT"]
+    assert [r.rule_id for r in decide("claims_cap", {"prior_claims": 2**53 + 2}).reasons] == ["OVER"]
+    with pytest.raises(grpc.RpcError) as info:
+        decide("claims_cap", {"prior_claims": 2**53 + 1})
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "'prior_claims'" in info.value.details() and "9007199254740993" in info.value.details()
+    assert decide("claims_cap", {"prior_claims": 3}).action == "approve"  # the kernel goes on deciding
