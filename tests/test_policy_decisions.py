@@ -13,6 +13,7 @@ import pytest
 
 from claims_support import CLAIMS
 from conftest import module_claims_kernel
+from kernel._proto.aios.kernel.v1 import kernel_pb2 as kpb
 from kernel._proto.aios.kernel.v1 import kernel_pb2_grpc as kgrpc
 from kernel.decision_client import make_request
 
@@ -42,6 +43,36 @@ default = true
 action = "approve"
 """
 
+# UNIQUE, with rules the load-time analysis cannot prove disjoint (a field-to-field comparison in a band one
+# ten-millionth wide): it warns, and a row matching both is an error row at run time.
+CONFLICT_POLICY = """
+[policy]
+name = "claims_conflict"
+version = "1"
+hit_policy = "UNIQUE"
+[inputs]
+claim_amount = "number"
+fraud_score = "number"
+[outputs]
+actions = ["deny", "review", "approve"]
+[[rule]]
+id = "A"
+description = "amount just above the fraud score"
+when = "claim_amount > fraud_score and claim_amount < 0.5000001 and fraud_score > 0.5"
+action = "deny"
+adjust = 0.5
+[[rule]]
+id = "B"
+description = "tiny claim, high fraud score"
+when = "fraud_score > 0.5 and claim_amount < 1"
+action = "approve"
+adjust = 0.25
+[[rule]]
+id = "D"
+default = true
+action = "review"
+"""
+
 
 def _add_pipeline(folder, name: str, policy: str, edit=lambda text: text) -> None:
     text = (CLAIMS / "claims_triage.toml").read_text(encoding="utf-8")
@@ -54,6 +85,7 @@ def _add_pipeline(folder, name: str, policy: str, edit=lambda text: text) -> Non
 def _pipelines(folder) -> None:
     _add_pipeline(folder, "claims_cap", CAP_POLICY,
                   lambda text: text.replace("min = 0\nmax = 1000\n", "min = 0\n", 1))
+    _add_pipeline(folder, "claims_conflict", CONFLICT_POLICY)
 
 
 server, channel = module_claims_kernel("policy_decisions", edit_pipelines=_pipelines)
@@ -75,3 +107,16 @@ def test_an_integer_no_float_holds_is_refused_naming_the_field_not_decided_as_it
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "'prior_claims'" in info.value.details() and "9007199254740993" in info.value.details()
     assert decide("claims_cap", {"prior_claims": 3}).action == "approve"  # the kernel goes on deciding
+
+
+
+def test_a_unique_conflict_says_it_escalated_because_of_the_conflict_not_that_its_rules_asked(decide):
+    """A row matching two rules of a UNIQUE table gets the default's action, escalated; its escalation reasons
+    also said "a policy rule asked for review: A, B", though neither rule asks for review."""
+    decision = decide("claims_conflict", {"claim_amount": 0.50000005, "fraud_score": 0.50000001})
+    assert decision.action == "review" and decision.outcome == kpb.ESCALATED and decision.review_id
+    assert [r.rule_id for r in decision.reasons] == ["A", "B"]  # every rule that matched (kernel/policy docs)
+    assert decision.score_adjustment == 0.0
+    assert [why for why in decision.escalation_reasons if "confidence" not in why] == [
+        "the policy could not decide: hit policy UNIQUE but 2 rules match: A, B"]
+    assert decide("claims_conflict", {"claim_amount": 0.25, "fraud_score": 0.75}).action == "approve"  # B alone

@@ -221,7 +221,9 @@ class GroupFinish:
                 why.append(f"the policy could not decide: {errors[k]}")
             if escalates[k]:  # (under COLLECT, only the rules that asked, of all that fired; else all of them)
                 asked = [rule_id for rule_id in fired if pipeline.policy.rule(rule_id).escalate]
-                why.append("a policy rule asked for review: " + ", ".join(asked or fired))
+                # A UNIQUE conflict escalates by itself (said above): its rules asked for nothing unless they did.
+                if asked or not (errors is not None and errors[k]):
+                    why.append("a policy rule asked for review: " + ", ".join(asked or fired))
             if conf < minimum:
                 why.append(f"model confidence {conf:.3f} is below the pipeline's {minimum:g}")
             item = pending.item
