@@ -232,13 +232,19 @@ def test_a_policy_description_may_span_lines():
     ("x > \u0661\u0662", "unexpected '\u0661'"),  # Arabic-Indic digits: float() reads them as 12
     ("x == 1e-400", "number 1e-400 is too small"),
     ("n == 9007199254740993", "number 9007199254740993 is not exactly representable"),
+    # the same number spelt with a fraction, and one past 2**53 with a fraction no float there has: both were
+    # taken and compared as 9007199254740992
+    ("n == 9007199254740993.0", "number 9007199254740993.0 is not exactly representable"),
+    ("x < 9007199254740992.5", "compared as 9007199254740992"),
+    ("x > 0012345678901234567890.000", "compared as 12345678901234567168"),
 ])
 def test_number_literals_that_are_not_what_they_say_are_refused(when, says):
     error = refused(policy_text([("R1", when)]))
     assert says in str(error) and "rule 'R1' when" in str(error), str(error)
 
 
-@pytest.mark.parametrize("when", ["x == 0.0e-400", "x > 5e-324", "n == 9007199254740994", "x > 1e300"])
+@pytest.mark.parametrize("when", ["x == 0.0e-400", "x > 5e-324", "n == 9007199254740994", "x > 1e300",
+                                  "n == 9007199254740994.000", "x > 1e23", "x < 0.1", "x == 4503599627370495.5"])
 def test_number_literals_that_are_exact_are_taken(when):
     assert parse_policy(policy_text([("R1", when)]), strict=False)
 

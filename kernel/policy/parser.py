@@ -27,6 +27,7 @@ with a ``ParseError`` carrying the offset of the offending character.
 from __future__ import annotations
 
 import re
+from decimal import Decimal
 
 from .syntax import BOOL, NUMBER, STRING, And, Compare, Field, IsNull, Literal, Member, Node, Not, Or, Range, Truth
 
@@ -114,18 +115,21 @@ MAX_EXACT_INTEGER = 2**53  # every whole number up to here is a float; past it, 
 
 def _number(literal: str, pos: int) -> float:
     """The value of a number literal (ASCII digits only: the pattern takes no others, since ``float()``
-    reads '١٢' as 12); ParseError for one too large, one that underflows to 0, or a whole number past 2**53
-    that no float holds (9007199254740993 would be compared as 9007199254740992)."""
+    reads '١٢' as 12); ParseError for one too large, one that underflows to 0, or one written out in digits
+    past 2**53 that no float holds (9007199254740993, also as 9007199254740993.0, would be compared as
+    9007199254740992; past 2**53 a float has no fraction either). A literal with an exponent (1e23) states a
+    magnitude and is taken as its nearest float."""
     value = float(literal)
     if value == float("inf"):
         raise ParseError(f"number {literal} is too large", pos)
     mantissa = literal.lower().split("e")[0]
     if value == 0.0 and mantissa.strip("0.") != "":
         raise ParseError(f"number {literal} is too small: it is not 0 but rounds to 0 as a 64-bit float", pos)
-    digits = literal.lstrip("0")  # (int() of thousands of digits is refused; past 309 the float is inf)
-    if digits.isdigit() and 16 <= len(digits) <= 400 and int(digits) > MAX_EXACT_INTEGER and value != int(digits):
+    # (Exact decimal arithmetic; a finite float has at most 309 whole digits, and a condition at most MAX_LENGTH.)
+    if mantissa == literal.lower() and value >= MAX_EXACT_INTEGER and Decimal(literal) != Decimal(value):
         raise ParseError(f"number {literal} is not exactly representable: numbers are compared as 64-bit floats, "
-                         f"where whole numbers past 2**53 ({MAX_EXACT_INTEGER}) round (this one to {int(value)})", pos)
+                         f"where past 2**53 ({MAX_EXACT_INTEGER}) only some whole numbers are held (this one "
+                         f"is compared as {int(value)})", pos)
     return value
 
 
