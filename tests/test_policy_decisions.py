@@ -73,6 +73,27 @@ default = true
 action = "review"
 """
 
+# The claims pipeline's customer_tier defaults to '' (no tier: every one-hot column 0), a value no request may send.
+NO_TIER_POLICY = """
+[policy]
+name = "claims_no_tier"
+version = "1"
+hit_policy = "FIRST"
+[inputs]
+customer_tier = "string"
+[outputs]
+actions = ["review", "approve"]
+[[rule]]
+id = "NO_TIER"
+description = "no tier sent: the pipeline's default applies"
+when = "customer_tier == ''"
+action = "review"
+[[rule]]
+id = "D"
+default = true
+action = "approve"
+"""
+
 
 def _add_pipeline(folder, name: str, policy: str, edit=lambda text: text) -> None:
     text = (CLAIMS / "claims_triage.toml").read_text(encoding="utf-8")
@@ -86,6 +107,7 @@ def _pipelines(folder) -> None:
     _add_pipeline(folder, "claims_cap", CAP_POLICY,
                   lambda text: text.replace("min = 0\nmax = 1000\n", "min = 0\n", 1))
     _add_pipeline(folder, "claims_conflict", CONFLICT_POLICY)
+    _add_pipeline(folder, "claims_no_tier", NO_TIER_POLICY)
 
 
 server, channel = module_claims_kernel("policy_decisions", edit_pipelines=_pipelines)
@@ -120,3 +142,10 @@ def test_a_unique_conflict_says_it_escalated_because_of_the_conflict_not_that_it
     assert [why for why in decision.escalation_reasons if "confidence" not in why] == [
         "the policy could not decide: hit policy UNIQUE but 2 rules match: A, B"]
     assert decide("claims_conflict", {"claim_amount": 0.25, "fraud_score": 0.75}).action == "approve"  # B alone
+
+
+def test_a_rule_on_a_string_fields_default_is_served_and_fires_when_the_field_is_left_out(decide):
+    """`customer_tier == ''` was refused at load as comparing the field "with '', which is not one of the field's
+    values: the rule could never match on it", though every request leaving the field out has that value."""
+    assert [r.rule_id for r in decide("claims_no_tier", {"claim_amount": 900.0}).reasons] == ["NO_TIER"]
+    assert [r.rule_id for r in decide("claims_no_tier", {"customer_tier": "gold"}).reasons] == ["D"]

@@ -441,7 +441,10 @@ _POLICY_TYPES = {"number": ("number", "integer"), "integer": ("integer",), "stri
 
 def _check_policy_inputs(r: _Reader, policy, fields: tuple[FieldSpec, ...]) -> None:
     by_name = {f.name: f for f in fields}
-    allowed = {f.name: frozenset(f.values) for f in fields if f.values}  # (a policy may compare thousands of strings)
+    # The values a request may send, and the default a request that leaves the field out gets ('' for "no tier" with
+    # one-hot values): a rule on the default matches every such request (it was refused as never matching).
+    allowed = {f.name: frozenset(f.values) | ({f.default} if isinstance(f.default, str) else set())
+               for f in fields if f.values}  # (a frozenset: a policy may compare thousands of strings)
     for name, kind in getattr(policy, "inputs", {}).items():
         spec = by_name.get(name)
         if spec is None:
