@@ -91,6 +91,9 @@ def test_positions_are_character_offsets():
     ("a == 'x\\q'", "unknown escape", 7),
     ("a in 3", "expected a set {a, b} or an interval", 5),
     ("a in [1 2]", "expected ',' between the interval's bounds", 8),
+    ("a in [1..10)", "'..' is not part of the policy language: write an interval with a comma", 7),  # FEEL's range
+    ("a in [1.5..10]", "write an interval with a comma between its bounds, as in [1000, 5000)", 9),
+    ("a in [-1 ..10]", "'..' is not part", 9),
     ("a in [1, 2}", "expected ']' or ')'", 10),
     ("null == a", "'null' can only be tested with 'is null'", 0),
     ("a is 3", "expected 'null' after 'is'", 5),

@@ -16,7 +16,7 @@ Grammar (lowest precedence first)::
     operand    := NUMBER | "-" NUMBER | STRING | "true" | "false" | field | "(" condition ")"
     field      := NAME ("." NAME)* | NAME "[" STRING "]"     # score.deny, score["high risk"]
     set        := "{" literal ("," literal)* [","] "}"
-    interval   := ("[" | "(") number "," number ("]" | ")")  # [1000, 5000): closed/open ends
+    interval   := ("[" | "(") number "," number ("]" | ")")  # [1000, 5000): closed/open ends (not FEEL's [1..10))
     CMP        := "==" | "!=" | "<" | "<=" | ">" | ">="
 
 Strings are '...' or "..." with the escapes \\ \' \" \n \t. Keywords are
@@ -90,6 +90,10 @@ def tokenize(text: str) -> list[Token]:
         if kind == "ws":
             pass
         elif kind == "num":
+            dots = text.find("..", max(0, pos - 1), m.end() + 1)
+            if dots >= 0:  # FEEL's `[1..10)`: read as the numbers `1.` and `.10`, it failed as "found '0.1'"
+                raise ParseError("'..' is not part of the policy language: write an interval with a comma "
+                                 "between its bounds, as in [1000, 5000)", dots)
             tokens.append(Token("num", _number(m.group(), pos), pos))
         elif kind == "name":
             word = m.group()
