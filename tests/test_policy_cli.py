@@ -237,6 +237,25 @@ def test_row_keys_the_policy_does_not_read_are_named_in_a_note_not_refused(tmp_p
     assert "3 cases:" in out and code in (0, 1), out  # the cases ran
 
 
+def test_inputs_a_row_leaves_out_are_named_in_a_note_as_a_pipeline_would_fill_them_in(tmp_path):
+    """A case leaving out has_police_report passed expecting 'review' (R01 `not has_police_report` is unknown on
+    a missing value), while the kernel, filling in the pipeline's default false, decides the same claim 'deny'
+    with R01; nothing said so. A row that writes null means it."""
+    case = good_case()
+    case["row"].pop("has_police_report")
+    case["expect"] = {"action": "review", "fired": ["DEFAULT"]}
+    meant = json.loads(json.dumps(case))
+    meant["row"]["has_police_report"] = None
+    cases = tmp_path / "cases.jsonl"
+    cases.write_text(json.dumps(meant) + "\n" + json.dumps(case) + "\n" + json.dumps(case) + "\n")
+    code, out = run_test_command(cases)
+    assert code == 0, out
+    notes = [line for line in out.splitlines() if "has_police_report" in line]
+    assert notes == [f"{cases}:2: note: the row has no 'has_police_report', so here it is missing (a test on it is "
+                     "unknown); a pipeline never leaves a field missing: it takes the field's default (write null "
+                     "to test a missing value)"], out
+
+
 def test_a_case_can_expect_the_score_adjustment(tmp_path):
     """(The same walk-through: `expect` could not assert `adjust`, a documented output.)"""
     case = good_case()  # R01 fires: adjust 0.3

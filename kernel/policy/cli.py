@@ -19,7 +19,13 @@ as ``FILE:LINE: message`` (exit 2): not JSON, a key other than ``name``,
 the policy does not have; ``fired`` not a list, ``escalate`` not a bool; no
 cases at all. A row key the policy has no field for is not a mistake (a row
 may be a whole request) but is named in a note, with the input it may have
-meant: a typo would otherwise be a silently missing value.
+meant: a typo would otherwise be a silently missing value. An input the row
+leaves out is named in a note too: here it is missing, whereas a pipeline
+fills in its default (a row writes ``null`` for a missing value on purpose).
+
+Rule coverage counts, per rule, the cases whose outcome it made: the
+deciding rule (FIRST, PRIORITY), every matching rule (COLLECT, and the rules
+of a UNIQUE conflict, whose case fails), the default where none matched.
 """
 
 from __future__ import annotations
@@ -116,7 +122,7 @@ def test_command(path: str | Path, cases_path: str | Path, out: TextIO = sys.std
     except ValueError as exc:
         print(str(exc), file=out)
         return EXIT_UNUSABLE
-    for note in ignored_keys_notes(policy, cases):
+    for note in ignored_keys_notes(policy, cases) + absent_inputs_notes(policy, cases):
         print(note, file=out)
     report = run_cases(policy, cases)
     for line in report["failures"]:
@@ -232,6 +238,22 @@ def ignored_keys_notes(policy: Policy, cases: list[dict]) -> list[str]:
                 known = [*schema.inputs, "label", "confidence", *(f"score.{c}" for c in schema.classes or ())]
                 notes.append(f"{case['where']}: note: row key {key!r} is not read by the policy and is ignored"
                              f"{_did_you_mean(key, known, cutoff=0.8)}")  # (a near miss only: rows carry other fields)
+    return notes
+
+
+def absent_inputs_notes(policy: Policy, cases: list[dict]) -> list[str]:
+    """One note per policy input some case's row leaves out, at its first line. Here such a value is missing
+    (a test on it is unknown: only `is null` holds), but a pipeline never leaves a field missing: it fills in
+    the field's default, on which the same rules may well fire (a case passed with `has_police_report` left
+    out, while the kernel decided it with the default `false`). A row that means "missing" says `null`."""
+    seen, notes = set(), []
+    for case in cases:
+        for name in policy.inputs:
+            if name not in case["row"] and name not in seen and name in policy.reads:
+                seen.add(name)
+                notes.append(f"{case['where']}: note: the row has no {name!r}, so here it is missing (a test on "
+                             "it is unknown); a pipeline never leaves a field missing: it takes the field's "
+                             "default (write null to test a missing value)")
     return notes
 
 
