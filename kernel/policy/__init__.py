@@ -57,11 +57,41 @@ Hit policies (DMN): FIRST, the first matching rule in file order; UNIQUE, at
 most one rule may match (overlaps are refused at load; a row that still
 matches several, possible only where the analysis cannot decide and says so
 in a warning, i.e. field-to-field comparisons or tables past its work limit,
-is an error row: default action, escalated, ``error`` says which rules);
-PRIORITY, the matching rule whose action comes first in ``outputs.actions``;
-COLLECT, all matching rules: the highest-priority action, escalate if any
-rule escalates, adjust summed. ``fired`` names the deciding rules (the default's id when
-none matched).
+is an error row: default action, escalated, adjust 0, ``error`` says which
+rules and ``fired`` lists them all); PRIORITY, the matching rule whose action
+comes first in ``outputs.actions``, and of several with that action the first
+in file order, whose escalate and adjust apply (DMN ranks by output values
+only; escalate and adjust have no priority list); COLLECT, all matching rules:
+the highest-priority action, escalate if any of them escalates, adjust their
+sum, added in file order. That aggregation is fixed: DMN's COLLECT returns
+the list of outputs or one aggregate of one output (SUM, MIN, MAX, COUNT);
+there is no such option here. Under every hit policy the default rule decides,
+with its own escalate and adjust, when no other rule matches (under COLLECT too:
+DMN would return an empty list). ``fired`` names the deciding rules (the
+default's id when none matched).
+
+The score adjustment is an output and nothing more: the pipeline puts it on
+the answer and the audit record (``Decision.score_adjustment``); it changes
+neither the model's label, confidence or scores, nor the action, nor the
+pipeline's ``min_confidence`` test. Each rule's ``adjust`` is within ±1e6;
+the sum is not clamped.
+
+Values are compared as they are, with no conversion: numbers as 64-bit floats
+(``-0.0 == 0``; a whole number no float holds is refused, see ``encode.py``;
+a model's float32 outputs are widened exactly, so a score of float32 0.4 is
+0.4000000059604645, which ``score.deny <= 0.4`` does not match),
+strings code point by code point, as FEEL does: case, Unicode normalization
+(a composed and a decomposed "é") and spaces all count (a pipeline field's
+``values`` refuse other spellings at the request); bools only as true/false
+(a policy read from request dicts also takes 1/0; a pipeline refuses them).
+
+The load-time analysis treats each field as free of the others, model outputs
+included: it does not know that ``label`` is the class with the largest score,
+that ``confidence`` is that score, or that scores sum to 1. Its verdicts hold
+for any values (never a false "disjoint" or "unreachable"), but a UNIQUE table
+may be refused for an overlap no model could produce (``label == 'deny'`` and
+``score.deny < 0.3`` with three classes; the witness row shows it), and a rule
+unreachable only through such a relation is not reported.
 
 Missing values: an input may be missing (None, or NaN in a float column).
 Logic is three-valued, as in DMN: a test on a missing value is unknown,
