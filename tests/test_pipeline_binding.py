@@ -271,6 +271,20 @@ def test_a_raw_default_beyond_float32_is_refused(folder):
         parse_pipeline(bad.encode(), "p.toml", lambda name: load_policy(folder / name))
 
 
+def test_a_default_the_policy_cannot_read_is_refused_naming_line_and_field(folder):
+    """An integer default no 64-bit float holds loaded, and then every request leaving the field out was refused
+    with INVALID_ARGUMENT for a value the caller never sent."""
+    start = PIPELINE_TEXT.index('name = "prior_claims"')
+    bad = PIPELINE_TEXT[:start] + PIPELINE_TEXT[start:].replace("default = 0\nmin = 0\nmax = 1000\n",
+                                                                  f"default = {2**53 + 1}\n", 1)
+    assert str(2**53 + 1) in bad
+    with pytest.raises(PipelineError) as info:
+        parse_pipeline(bad.encode(), "p.toml", lambda name: load_policy(folder / name))
+    line = bad[:start].count("\n") + _line_of(bad[start:], f"default = {2**53 + 1}")
+    assert str(info.value).startswith(f"p.toml:{line}: [[field]] #3.default: the policy cannot read it: field "
+                                      "'prior_claims': is an integer field, got 9007199254740993"), info.value
+
+
 # -- 6. a model loaded later brings its refused pipelines in -------------------------------------------------------
 
 def test_a_pipeline_refused_for_want_of_its_model_loads_with_the_model(model_folder, folder):

@@ -56,6 +56,8 @@ from pathlib import Path
 
 from .. import accel
 from ..policy import tomlsafe
+from ..policy.errors import PolicyInputError
+from ..policy.reference import coerce
 from ..policy.syntax import string_literals
 from ..policy.types import MAX_NAMES_SHOWN, MAX_SUGGESTION_NAMES, shown
 from ..errors import InvalidArgument
@@ -455,6 +457,12 @@ def _check_policy_inputs(r: _Reader, policy, fields: tuple[FieldSpec, ...]) -> N
         if spec.type not in _POLICY_TYPES.get(kind, (kind,)):
             raise r.fail("field", "type", f"the policy reads '{name}' as {kind} but the pipeline declares it "
                                           f"{spec.type}", fields.index(spec))
+        if spec.default is not None and name in getattr(policy, "reads", {name: None}):
+            try:  # (what the policy refuses in a request, it would refuse in every request that leaves the field out)
+                coerce(name, kind, spec.default)
+            except PolicyInputError as exc:
+                raise r.fail("field", "default", f"the policy cannot read it: {exc.message}",
+                             fields.index(spec)) from None
     for rule, name, value in compared_strings(policy):
         spec = by_name.get(name)
         if spec is not None and spec.values and value not in allowed[name]:
