@@ -54,6 +54,9 @@ LAME_DUCK_POLL_S = 0.01
 REFUSAL_MAX_S = 1.0
 REFUSAL_QUIET_S = 0.05
 LOAD_WAIT_S = 60.0  # at a stop, how long a model load still in progress may take to end (ModelHub.wait_for_loads)
+# The most often a client may send keepalive pings on a connection with nothing to send (see _options): one a
+# second costs the kernel nothing; a faster flood is still refused, as gRPC refuses it.
+MIN_CLIENT_PING_INTERVAL_MS = 1000
 
 
 def _register_standard_descriptors() -> None:
@@ -251,6 +254,13 @@ class KernelServer:
             ("grpc.max_receive_message_length", size),
             ("grpc.max_send_message_length", size),
             ("grpc.so_reuseport", 0),  # a second kernel on the same port must fail, not share it
+            # Clients keep long idle watches (WatchReviews, WatchTask, StreamAudit with follow) and channels alive
+            # through NATs and load balancers with keepalive pings. gRPC's server default takes a ping at most
+            # every 5 minutes while nothing is sent (2 hours with no call open) and closes the connection at the
+            # third one sooner (GOAWAY too_many_pings): a Node client pinging every 30 s lost its idle review
+            # watch after 90 s, as RESOURCE_EXHAUSTED "Bandwidth exhausted", which no retry rule covers.
+            ("grpc.http2.min_ping_interval_without_data_ms", MIN_CLIENT_PING_INTERVAL_MS),
+            ("grpc.keepalive_permit_without_calls", 1),
         ]
 
     def _add_services(self, server, asynchronous: bool) -> None:

@@ -388,3 +388,37 @@ def test_calls_after_close_fail_with_a_kernel_error(node, kernel):
         assert got[case]["kernel_error"] and got[case]["code"] == "UNAVAILABLE", (case, got[case])
         assert "shut down" in got[case]["details"]
     assert decided(kernel, "l4-") == ["l4-before"]
+
+
+# ── keepalive: an idle watch outlives a client's keepalive pings ────────────────────────────────────────────
+
+KEEPALIVE_WATCH = """
+(async () => {
+  // Pings every 1.2 s (gRPC's server default takes one at most every 5 minutes while nothing is sent, and
+  // ends the connection at the third sooner: GOAWAY too_many_pings, here after ~6 s).
+  const c = new KernelClient(address, { channelOptions: { 'grpc.keepalive_time_ms': 1200, 'grpc.keepalive_timeout_ms': 10000 } });
+  const watch = c.reviews.WatchReviews({ tenant: 'keepalive' });
+  const events = [];
+  let error = null;
+  watch.on('data', (review) => { events.push(review.state); });
+  watch.on('error', (err) => { error = failure(err); });
+  await sleep(10000);  // idle: nothing matches the watch
+  const idle = error;
+  if (!idle) {
+    await c.decide(decisionRequest('claims_triage', { ...claim(0), claim_amount: 90000 }, {}, { tenant: 'keepalive' }));
+    for (let i = 0; i < 100 && !events.length && !error; i += 1) await sleep(50);
+  }
+  watch.cancel();
+  report({ idle, events });
+  c.close();
+})();
+"""
+
+
+def test_an_idle_watch_survives_the_clients_keepalive_pings(node, kernel):
+    """A reviewer's idle WatchReviews from a Node client that pings to keep its connection through a NAT or load
+    balancer: gRPC's server default closed the connection at the third ping within 5 minutes, ending the watch
+    RESOURCE_EXHAUSTED "Bandwidth exhausted". It must stay open and deliver the next review."""
+    got = run_node(node, KEEPALIVE_WATCH, f"127.0.0.1:{kernel.port}", timeout=60)
+    assert got["idle"] is None, got["idle"]
+    assert got["events"] == ["OPEN"], got
