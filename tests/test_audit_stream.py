@@ -234,6 +234,10 @@ def test_stream_refused_when_disabled(tmp_path, front_end):
         (pb.StreamAuditRequest(kind=42), "kind: 42 is not an AuditKind"),
         (pb.StreamAuditRequest(since_unix_ns=20, until_unix_ns=10), "until_unix_ns (10) must be after since_unix_ns"),
         (pb.StreamAuditRequest(since_unix_ns=-1), "since_unix_ns and until_unix_ns must be >= 0"),
+        # A tenant no record can have (one read from a file with its newline) matched nothing: an empty stream,
+        # and with follow one that waited for ever.
+        (pb.StreamAuditRequest(tenant="t1\n", follow=True), "tenant must not contain control characters"),
+        (pb.StreamAuditRequest(tenant="t" * 129), "tenant must be at most 128 characters"),
     ],
 )
 def test_bad_stream_requests_name_the_field(served, request_, fragment):
