@@ -33,6 +33,7 @@ from .api.call_budget import CallBudget, StreamBudget
 from .api.entry_gate import EntryGate, guard
 from .api.handler_pool import HandlerPool, poller_policy
 from .api.health import AsyncHealth, ThreadedHealth
+from .api.reflection_pool import MethodSymbols
 from .api.watch_budget import WatchBudget
 from .config import Settings
 from .models import ModelHub
@@ -291,7 +292,7 @@ class KernelServer:
         health_pb2_grpc.add_HealthServicer_to_server(self._health, generated)
         _register_standard_descriptors()
         names = [INFERENCE_SERVICE, *kernel_services.SERVICE_NAMES, HEALTH_SERVICE, REFLECTION_SERVICE]
-        reflection.enable_server_reflection(names, generated, pool=POOL)
+        reflection.enable_server_reflection(names, generated, pool=MethodSymbols(POOL))  # (grpcurl describe Svc.Method)
         # Health answers for the services that do something here: without an audit log
         # (audit_mode = "off") every AuditService call is refused, so a probe of it gets NOT_FOUND.
         audit_off = self.decisions.audit is None

@@ -40,6 +40,34 @@ def test_reflection_describes_messages(channel):
     assert config.fields_by_name["max_batch_size"].number == 4
 
 
+def _file_containing(channel, symbol: str):
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    request = reflection_pb2.ServerReflectionRequest(file_containing_symbol=symbol)
+    (answer,) = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(iter([request]), timeout=10)
+    return answer
+
+
+@pytest.mark.parametrize("method,file", [("inference.GRPCInferenceService.ModelInfer", "inference/grpc_service.proto"),
+                                         ("aios.kernel.v1.DecisionService.Decide", "aios/kernel/v1/kernel.proto"),
+                                         ("grpc.health.v1.Health.Check", "grpc_health/v1/health.proto")])
+def test_reflection_finds_the_file_of_a_method(channel, method, file):
+    """`grpcurl describe inference.GRPCInferenceService.ModelInfer` asks for the file containing the method, which
+    the protocol allows (<package>.<service>[.<method>]): it failed "Symbol not found" (the service worked)."""
+    from google.protobuf import descriptor_pb2
+
+    answer = _file_containing(channel, method)
+    assert answer.WhichOneof("message_response") == "file_descriptor_response", answer
+    files = [descriptor_pb2.FileDescriptorProto.FromString(raw).name
+             for raw in answer.file_descriptor_response.file_descriptor_proto]
+    assert files[0] == file
+
+
+def test_reflection_of_a_method_a_service_lacks_is_not_found(channel):
+    answer = _file_containing(channel, "inference.GRPCInferenceService.NoSuchMethod")
+    assert answer.error_response.error_code == grpc.StatusCode.NOT_FOUND.value[0]
+
+
 def test_health_serving_with_models(channel):
     stub = health_pb2_grpc.HealthStub(channel)
     assert stub.Check(health_pb2.HealthCheckRequest(service="")).status == SERVING
