@@ -72,6 +72,11 @@ class Settings:
     # stream holds a call slot however long it idles, so one client opening hundreds of idle streams locked every
     # other caller out of ordinary calls (kernel/api/call_budget.py). 0 = half of `workers` (256 by default).
     max_streams: int = 0
+    # How long a client's connection may stay silent before the kernel pings it; a client that does not answer within
+    # the same time (at most 20 s) is dropped and its calls end. A watch whose client vanished without closing its
+    # connection (a laptop asleep behind a NAT that forgot it) sends nothing, so nothing failed: it held its place
+    # of max_watches, and on the threaded front end its handler thread, for good (kernel/server.py).
+    keepalive_s: float = 60.0
     # Threaded front end: a unary call takes a handler thread only once its request is in
     # (kernel/api/eager_receive.py); false = grpc's standard path, a thread per call from its start.
     eager_receive: bool = True
@@ -243,6 +248,8 @@ def _validate(settings: Settings, sources: dict[str, str]) -> None:
     if settings.max_streams > settings.workers:
         raise bad("max_streams", f"must be at most workers ({settings.workers}): each open stream holds a call "
                   f"slot; got {settings.max_streams}")
+    if not 1 <= settings.keepalive_s <= _MAX_SECONDS:
+        raise bad("keepalive_s", f"must be 1..{_MAX_SECONDS} (a day), got {settings.keepalive_s}")
     if not 0 <= settings.gil_switch_interval_us <= 1_000_000:
         raise bad("gil_switch_interval_us", f"must be 0..1000000 (0 = Python's default), got {settings.gil_switch_interval_us}")
     if not 0 <= settings.gc_threshold <= 10_000_000:

@@ -58,6 +58,7 @@ LOAD_WAIT_S = 60.0  # at a stop, how long a model load still in progress may tak
 # The most often a client may send keepalive pings on a connection with nothing to send (see _options): one a
 # second costs the kernel nothing; a faster flood is still refused, as gRPC refuses it.
 MIN_CLIENT_PING_INTERVAL_MS = 1000
+KEEPALIVE_TIMEOUT_S = 20.0  # how long the kernel waits for a client's answer to its ping (at most keepalive_s)
 
 
 def _register_standard_descriptors() -> None:
@@ -251,6 +252,7 @@ class KernelServer:
     # -- lifecycle ---------------------------------------------------------------
     def _options(self) -> list[tuple[str, int]]:
         size = self.settings.max_message_bytes
+        ping_timeout_ms = round(min(self.settings.keepalive_s, KEEPALIVE_TIMEOUT_S) * 1000)
         return [
             ("grpc.max_receive_message_length", size),
             ("grpc.max_send_message_length", size),
@@ -261,7 +263,13 @@ class KernelServer:
             # third one sooner (GOAWAY too_many_pings): a Node client pinging every 30 s lost its idle review
             # watch after 90 s, as RESOURCE_EXHAUSTED "Bandwidth exhausted", which no retry rule covers.
             ("grpc.http2.min_ping_interval_without_data_ms", MIN_CLIENT_PING_INTERVAL_MS),
-            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.keepalive_permit_without_calls", 1),  # (also: the kernel's own pings below on idle connections)
+            # The kernel's own pings: a client gone without a word (no FIN: its NAT forgot it) leaves one unanswered,
+            # and its connection and calls end, freeing what its watches held (settings.keepalive_s). gRPC times a
+            # ping out by ping_timeout_ms: with keepalive_timeout_ms alone such a watch was still held 25 s later.
+            ("grpc.keepalive_time_ms", round(self.settings.keepalive_s * 1000)),
+            ("grpc.keepalive_timeout_ms", ping_timeout_ms),
+            ("grpc.http2.ping_timeout_ms", ping_timeout_ms),
         ]
 
     def _add_services(self, server, asynchronous: bool) -> None:
