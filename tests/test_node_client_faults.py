@@ -335,6 +335,13 @@ REQUEST_REFUSALS = """
   const c = new KernelClient(address);
   const raw = { ...request('m7-raw'), idempotencyKey: 'm7-raw-key' };  // a hand-built request: refused too
   try { await c.decide(raw); out.decide_raw = null; } catch (err) { out.decide_raw = failure(err); }
+  // Hand-built fields that are not one-kind Values: grpc-js's INTERNAL "serialization failure", both kinds sent,
+  // a misspelt kind dropped. Refused before sending, naming the field.
+  const handBuilt = { plain: { claim_amount: 800 }, null_value: { claim_amount: null },
+    two_kinds: { claim_amount: { number_value: 800, string_value: '800' } }, camel_kind: { claim_amount: { numberValue: 800 } } };
+  for (const [name, fields] of Object.entries(handBuilt)) {
+    try { await c.decide({ pipeline: 'claims_triage', request_id: `m7-${name}`, fields }); out[name] = null; } catch (err) { out[name] = failure(err); }
+  }
   const good = decisionRequest('claims_triage', fields, { description: 'hail' },
     { tenant: 'acme', request_id: 'm7-valid', idempotency_key: 'm7-key', priority: 1, timeout_ms: 5000n });
   const first = await c.decide(good);
@@ -362,6 +369,11 @@ def test_decision_request_refuses_keys_and_values_it_would_drop_or_change(node, 
     assert got["valid"] is None
     assert got["decide_raw"]["name"] == "TypeError" and "idempotency_key" in got["decide_raw"]["message"]
     assert decided(kernel, "m7-raw") == []  # refused before sending
+    for case in ("plain", "null_value", "two_kinds", "camel_kind"):
+        assert got[case]["name"] == "TypeError" and "claim_amount" in got[case]["message"], got[case]
+        assert decided(kernel, f"m7-{case}") == []
+    assert "string_value and number_value" in got["two_kinds"]["message"]
+    assert "did you mean 'number_value'" in got["camel_kind"]["message"]
     assert got["idempotent"] == {"replayed": True, "same": True}
 
 

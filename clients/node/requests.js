@@ -60,6 +60,31 @@ function decisionRequest(pipeline, fields, textFields = {}, options = {}) {
   return request;
 }
 
+// The kinds a Value holds one of (kernel.proto's oneof). A hand-built request with a plain value (claim_amount: 800)
+// failed in protobufjs as grpc-js's INTERNAL "Request message serialization failure", which reads as the kernel's
+// fault; one with two kinds set went out with both, and the kernel read only the last; a misspelt kind
+// (numberValue) was dropped, leaving an empty Value.
+const VALUE_KINDS = ['string_value', 'number_value', 'int_value', 'bool_value'];
+
+function checkValueShape(value, label) {
+  if (value === null || typeof value !== 'object' || Array.isArray(value)) {
+    const shown = value === null ? 'null' : Array.isArray(value) ? 'an array' : `${typeof value} ${String(value)}`;
+    throw new TypeError(`${label} must be a Value object ({ number_value: 800 }, { int_value: '28' }, { string_value: 'gold' } `
+      + `or { bool_value: true }), got ${shown}; decisionRequest() and toValue() build them from plain values`);
+  }
+  for (const key of Object.keys(value)) {
+    if (VALUE_KINDS.includes(key)) continue;
+    const spelled = snakeCase(key);
+    const hint = VALUE_KINDS.includes(spelled) ? `; did you mean '${spelled}'?` : '';
+    throw new TypeError(`${label}: '${key}' is not a Value kind${hint} (the kinds are ${VALUE_KINDS.join(', ')})`);
+  }
+  const kinds = VALUE_KINDS.filter((kind) => value[kind] !== undefined && value[kind] !== null);
+  if (kinds.length > 1) {
+    throw new TypeError(`${label} sets ${kinds.join(' and ')}: a Value holds one kind (both would be sent, and the kernel `
+      + 'would read only the last)');
+  }
+}
+
 const REQUEST_STRINGS = ['pipeline', 'tenant', 'request_id', 'idempotency_key'];
 // Every DecisionRequest field (kernel.proto): protobufjs drops any other key without a word, so a
 // caller's `idempotencyKey` would silently go out without its idempotency.
@@ -85,10 +110,11 @@ function checkUnsigned(value, max, field, wide) {
   if (big < 0n || big > max) throw new RangeError(`${field} = ${big} is outside 0 .. ${max}`);
 }
 
-// What protobufjs would send silently wrong, refused here with the field's name: a key that is not a
-// DecisionRequest field, lone surrogates in any string, a string field or text value that is not a string, a
-// priority or timeout_ms that is not a whole number in range, an int_value outside int64 (a BigInt, a decimal
-// string, or a number that is not a safe integer).
+// What protobufjs would send silently wrong (or fail to send, as a misleading INTERNAL), refused here with the
+// field's name: a key that is not a DecisionRequest field, a field value that is not a Value of one kind, lone
+// surrogates in any string, a string field or text value that is not a string, a priority or timeout_ms that is
+// not a whole number in range, an int_value outside int64 (a BigInt, a decimal string, or a number that is not a
+// safe integer).
 function checkDecisionRequest(request, where = 'request') {
   if (request === null || typeof request !== 'object') throw new TypeError(`${where} must be a DecisionRequest object`);
   for (const key of Object.keys(request)) {
@@ -107,6 +133,7 @@ function checkDecisionRequest(request, where = 'request') {
   checkUnsigned(request.timeout_ms, UINT64_MAX, `${where}.timeout_ms`, true);
   for (const [name, value] of Object.entries(request.fields || {})) {
     checkString(name, `${where}.fields key ${JSON.stringify(name)}`);
+    checkValueShape(value, `field '${name}'`);
     if (value && typeof value === 'object') {
       const label = `field '${name}'`;
       if (typeof value.string_value === 'string') checkString(value.string_value, label);
