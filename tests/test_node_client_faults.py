@@ -220,6 +220,40 @@ def test_call_refuses_a_streaming_rpc_naming_what_to_use(node, kernel):
     assert "claims_triage" in got["unary"]
 
 
+# ── call() refuses a request key protobufjs would drop ─────────────────────────────────────────────────────
+
+CALL_KEYS = """
+(async () => {
+  const c = new KernelClient(address);
+  const out = {};
+  const attempt = (name, service, method, request) => {
+    try { c.call(service, method, request).catch(() => {}); out[name] = null; } catch (err) { out[name] = failure(err); }
+  };
+  attempt('page_token', 'tasks', 'ListTasks', { tenant: 'keys', page_size: 1, pageToken: 'x' });
+  attempt('task_key', 'tasks', 'StartTask', { request: { ...request('keys-task'), idempotencyKey: 'keys-k' } });
+  attempt('bogus', 'reviews', 'ListReviews', { bogus: 1 });
+  // Spelled as in the .proto: sent, and answered.
+  for (let i = 0; i < 2; i += 1) await c.call('tasks', 'StartTask', { request: request(`keys-task-${i}`, i) });
+  const first = await c.call('tasks', 'ListTasks', { tenant: 'acme', page_size: 1 });
+  const second = await c.call('tasks', 'ListTasks', { tenant: 'acme', page_size: 1, page_token: first.next_page_token });
+  out.pages_differ = first.tasks[0].task_id !== second.tasks[0].task_id;
+  report(out);
+  c.close();
+})();
+"""
+
+
+def test_call_refuses_a_request_key_that_is_not_a_field_of_the_rpcs_request(node, kernel):
+    """protobufjs drops a key it does not know without a word: ListTasks with `pageToken` answered the first page
+    for ever, and a hand-built StartTask with `idempotencyKey` started a task without its key (a retry then starts
+    another, where decide() refused the same request). call() refuses such a key, naming it."""
+    got = run_node(node, CALL_KEYS, f"127.0.0.1:{kernel.port}", timeout=30)
+    assert got["page_token"]["name"] == "TypeError" and "did you mean 'page_token'" in got["page_token"]["message"]
+    assert got["task_key"]["name"] == "TypeError" and "did you mean 'idempotency_key'" in got["task_key"]["message"]
+    assert got["bogus"]["name"] == "TypeError" and "ListReviewsRequest" in got["bogus"]["message"]
+    assert got["pages_differ"] is True
+
+
 # ── M4: the client's own RESOURCE_EXHAUSTED is not sent again ───────────────────────────────────────────────
 
 DECIDE_TOO_LARGE_ANSWER = """

@@ -51,7 +51,7 @@ const protoLoader = require('@grpc/proto-loader');
 const {
   KernelError, RETRYABLE, statusName, maySendAgain, retryAfterMs, auditSequence, wrapError, isChannelClosed, closedError,
 } = require('./errors');
-const { decisionRequest, checkDecisionRequest, toValue } = require('./requests');
+const { decisionRequest, checkDecisionRequest, checkRequestKeys, toValue } = require('./requests');
 const { toMetadata, resolveDeadline, abortError, sleep } = require('./call_options');
 const { DecisionStream, ANSWER_HIGH_WATER } = require('./decision_stream');
 
@@ -123,7 +123,8 @@ class KernelClient {
   // Any unary RPC on one of the stubs above: client.call('tasks', 'StartTask', {request}, {deadlineMs}).
   // options: deadlineMs (default the client's; null: none), metadata (added to the client's), signal
   // (an AbortSignal that cancels the call). Rejects with a KernelError. A streaming RPC is refused at once
-  // (TypeError): its answer is a stream, not one message, so it would never settle.
+  // (TypeError): its answer is a stream, not one message, so it would never settle; so is a request key that is
+  // not a field of the RPC's request (`pageToken` for `page_token`: protobufjs would drop it without a word).
   call(service, method, request, options = {}) {
     const stub = SERVICES.includes(service) ? this[service] : undefined;
     const rpc = stub && Object.prototype.hasOwnProperty.call(stub.constructor.service, method) ? stub[method] : undefined;
@@ -136,6 +137,7 @@ class KernelClient {
         : `the grpc-js stub itself: client.${service}.${method}(${rpc.requestStream ? '' : 'request, '}metadata, options) returns the stream`;
       throw new TypeError(`${service}.${method} is a streaming RPC, which call() cannot make (it answers one message); use ${instead}`);
     }
+    checkRequestKeys(stub.constructor.service[method].requestType, request, `${service}.${method}`);
     const { signal } = options;
     if (signal && signal.aborted) return Promise.reject(abortError(signal));
     if (this.closed) return Promise.reject(closedError());

@@ -157,4 +157,21 @@ function checkDecisionRequest(request, where = 'request') {
   return request;
 }
 
-module.exports = { decisionRequest, checkDecisionRequest, toValue, checkString, checkInt64 };
+// call()'s request, checked at its top level against the RPC's request message (`definition`: the grpc-js method
+// definition's requestType, as @grpc/proto-loader describes it): protobufjs drops a key it does not know without a
+// word, so ListTasks' `pageToken` asked for the first page again and again, and StartTask's request is a
+// DecisionRequest, held to checkDecisionRequest as decide() holds its own.
+function checkRequestKeys(definition, request, rpc) {
+  if (request === null || typeof request !== 'object' || !definition || !definition.type) return;
+  const fields = definition.type.field.map((field) => field.name);
+  for (const key of Object.keys(request)) {
+    if (fields.includes(key)) continue;
+    const spelled = snakeCase(key);
+    const hint = fields.includes(spelled) ? `; did you mean '${spelled}'? (field names are spelled as in the .proto)` : '';
+    throw new TypeError(`${rpc}: '${key}' is not a field of ${definition.type.name}${hint}; its fields are `
+      + `${fields.join(', ') || '(none)'}`);
+  }
+  if (definition.type.name === 'StartTaskRequest' && request.request) checkDecisionRequest(request.request, 'request.request');
+}
+
+module.exports = { decisionRequest, checkDecisionRequest, checkRequestKeys, toValue, checkString, checkInt64 };
