@@ -58,6 +58,9 @@ LOAD_WAIT_S = 60.0  # at a stop, how long a model load still in progress may tak
 # The most often a client may send keepalive pings on a connection with nothing to send (see _options): one a
 # second costs the kernel nothing; a faster flood is still refused, as gRPC refuses it.
 MIN_CLIENT_PING_INTERVAL_MS = 1000
+# Calls received that gRPC core may hold until the kernel takes them (see _options): a burst beyond this is cancelled.
+# Each held call costs ~30 KB (a 10,000-call burst: 280 MB), so the bound stays: 10x what gRPC kept.
+MAX_PENDING_CALLS = 10_000
 KEEPALIVE_TIMEOUT_S = 20.0  # how long the kernel waits for a client's answer to its ping (at most keepalive_s)
 
 
@@ -257,6 +260,12 @@ class KernelServer:
             ("grpc.max_receive_message_length", size),
             ("grpc.max_send_message_length", size),
             ("grpc.so_reuseport", 0),  # a second kernel on the same port must fail, not share it
+            # Calls gRPC core holds received but not yet handed to the kernel: past its default 1,000 it cancelled
+            # new ones at random (status CANCELLED "CANCELLED", nothing run, no trailer to say so), 2-20 % of a burst
+            # of 1,500-3,000 calls from one client, even ServerLive; a caller cannot tell that from a call cut
+            # after it was decided. Held instead, each reaches the kernel's own limits (workers: RESOURCE_EXHAUSTED).
+            ("grpc.server.max_pending_requests", MAX_PENDING_CALLS),
+            ("grpc.server.max_pending_requests_hard_limit", MAX_PENDING_CALLS),
             # Clients keep long idle watches (WatchReviews, WatchTask, StreamAudit with follow) and channels alive
             # through NATs and load balancers with keepalive pings. gRPC's server default takes a ping at most
             # every 5 minutes while nothing is sent (2 hours with no call open) and closes the connection at the
