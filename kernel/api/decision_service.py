@@ -63,8 +63,8 @@ def decision_handlers(engine: DecisionEngine, registry: PipelineRegistry, budget
         await wait_finished(engine.inference, item, done)
         item.owner = None  # finished: no reference cycle left (a cancelled call leaves it to the finisher)
         if pending.result is None:  # it never ran (expired in the queue): decided alone, off the loop
-            return await asyncio.to_thread(engine.outcome, pending)
-        return engine.outcome(pending)
+            return await asyncio.to_thread(engine.answer, pending)
+        return engine.answer(pending)  # (the loop may have been busy since the finisher checked its deadline)
 
     decide.on_loop = decide_on_loop  # rpc.aio_handler awaits this instead of running ``decide`` on a thread
 

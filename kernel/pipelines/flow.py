@@ -322,7 +322,7 @@ class DecisionEngine(GroupFinish):
                 self.run_blocking(pending, on_wait)
             finally:
                 item.owner = None  # (no reference cycle left for the garbage collector)
-            return self.outcome(pending)
+            return self.answer(pending)
         finally:
             self.release(pending)  # (refused before it ran; otherwise finish released it already)
 
@@ -387,7 +387,7 @@ class DecisionEngine(GroupFinish):
             if pending.watch is not None:
                 self.inference.expiry.forget(pending.watch)
             pending.item.owner = None  # (no reference cycle left for the garbage collector)
-            result = pending.result
+            result = self.in_time(pending, pending.result)
             try:
                 if result is None or isinstance(result, BaseException):
                     later.fail(result)
@@ -395,6 +395,14 @@ class DecisionEngine(GroupFinish):
                     later.send(result)
             except Exception:  # one call's fault must not leave the rest of the group unanswered
                 log.exception("answering decision %r failed", pending.request_id)
+
+    def answer(self, pending: Pending) -> kpb.Decision:
+        """``outcome``, for a caller about to hand it to gRPC: DEADLINE_EXCEEDED if the deadline passed since
+        the decision was recorded (``in_time``)."""
+        result = self.in_time(pending, self.outcome(pending))
+        if isinstance(result, BaseException):
+            raise result
+        return result
 
     def outcome(self, pending: Pending) -> kpb.Decision:
         """The answer for ``pending`` once its model work is over: the finisher's result, or, for a

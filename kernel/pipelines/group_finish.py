@@ -51,6 +51,23 @@ def recorded_at(sequence: int) -> tuple[tuple[str, str], ...]:
     return ((RECORDED_TRAILER, str(sequence)),)
 
 
+def _late_answer(pending: Pending, decision: kpb.Decision, what: str, key_lost: bool) -> DeadlineExceeded:
+    """DEADLINE_EXCEEDED for ``decision``, recorded but not to be acted on: ``what`` happened to it (it "was
+    made ... and recorded at audit sequence ...", or "was recorded at ..., but its answer was ready ..."), and
+    how to get it back; ``key_lost``: its idempotency entry could not be stored."""
+    key = pending.request.idempotency_key
+    if not key:
+        then = ("it stands on the record (a retry without an idempotency_key makes another decision; "
+                "send one to get this decision back on a retry)")
+    elif key_lost:
+        then = "its idempotency entry could not be stored, so a retry with the same key decides again"
+    else:
+        then = f"a retry with the same idempotency_key ({quote(key)}) returns it"
+    review = f", escalated to review {decision.review_id}" if decision.review_id else ""
+    return DeadlineExceeded(f"decision {quote(decision.request_id)} {what} (action {decision.action!r}{review}); "
+                            f"{then}", trailers=recorded_at(decision.audit_sequence))
+
+
 class GroupFinish:
     """The per-group steps of ``DecisionEngine`` (its attributes: services, _statics, _review_rows, ...)."""
 
@@ -438,19 +455,29 @@ class GroupFinish:
             decision = results[index]
             if isinstance(decision, KernelError):  # its review or its key failed: that answer says so already
                 continue
-            key = group[index].request.idempotency_key
-            if not key:
-                then = ("it stands on the record (a retry without an idempotency_key makes another decision; "
-                        "send one to get this decision back on a retry)")
-            elif index in unkept:
-                then = "its idempotency entry could not be stored, so a retry with the same key decides again"
-            else:
-                then = f"a retry with the same idempotency_key ({quote(key)}) returns it"
-            review = f", escalated to review {decision.review_id}" if decision.review_id else ""
-            results[index] = DeadlineExceeded(
-                f"decision {quote(decision.request_id)} was made {overdue_ns / 1e6:.1f} ms after its deadline and "
-                f"recorded at audit sequence {decision.audit_sequence} (action {decision.action!r}{review}); {then}",
-                trailers=recorded_at(decision.audit_sequence))
+            results[index] = _late_answer(group[index], decision, f"was made {overdue_ns / 1e6:.1f} ms after its "
+                                          f"deadline and recorded at audit sequence {decision.audit_sequence}",
+                                          index in unkept)
+
+    def in_time(self, pending: Pending, result):
+        """``result`` (the finisher's, for ``pending``) as its caller may have it now, just before it goes to
+        gRPC. The finisher checked the deadline once the record was durable, but the answer goes out later:
+        after the lane woke its caller (a thread waiting for the GIL, the event loop), after the group's
+        other answers. A decision whose deadline passed since is answered as one recorded late is, and
+        counted late: never an answer its caller gave up on (a scheduler stress test got OK answers up to
+        380 ms late; ModelInfer's ``InferenceService.answer`` makes the same check)."""
+        if type(result) is not kpb.Decision:  # (an error already; isinstance on a message class is slow)
+            return result
+        deadline = pending.item.deadline_ns
+        if deadline == NO_DEADLINE:
+            return result
+        overdue_ns = time.monotonic_ns() - deadline
+        if overdue_ns <= 0:
+            return result
+        self.tally.add_late(pending.pipeline.name)
+        # (an idempotency entry the store lost was logged as such when the group stored it)
+        return _late_answer(pending, result, f"was recorded at audit sequence {result.audit_sequence}, but its "
+                            f"answer was ready {overdue_ns / 1e6:.1f} ms after its deadline", False)
 
     def _unreviewed(self, group: list[Pending], results: list, indices: list[int], exc: Exception) -> None:
         """The reviews of these recorded, escalated decisions could not be stored: each fails with

@@ -148,7 +148,7 @@ def decide_stream(engine: DecisionEngine, requests: Iterator, ctx, principal: st
                     if answer.result is None:  # it never ran (cancelled, expired) or the finisher was closing
                         group.append(event)
                         continue
-                    result = answer.result
+                    result = engine.in_time(answer, answer.result)  # (its deadline, checked again as it goes out)
                     answer = result if isinstance(result, kpb.Decision) else error_decision(answer.request, result)
                 hold.give_back(nbytes)
                 answered += 1

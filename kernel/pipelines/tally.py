@@ -26,7 +26,9 @@ class DecisionCounts:
     escalated: int = 0
     fallback: int = 0  # the model failed: the pipeline's fallback action, sent to a person
     failed: int = 0  # answered with an error after the request was accepted (the model, the audit log, ...)
-    late: int = 0  # of the decided ones: recorded after the request's deadline, answered DEADLINE_EXCEEDED
+    # of the decided ones: recorded after the request's deadline, or recorded in time with the answer ready only
+    # after it (group_finish.in_time); answered DEADLINE_EXCEEDED
+    late: int = 0
 
 
 class DecisionTally:
@@ -57,6 +59,15 @@ class DecisionTally:
         """Every pipeline's counts (copies), those of pipelines since removed too: the metrics endpoint's."""
         with self._lock:
             return {name: replace(counts) for name, counts in self._by_pipeline.items()}
+
+    def add_late(self, pipeline: str) -> None:
+        """One decision of ``pipeline``, counted when its group finished, whose answer was ready only after
+        its deadline (``GroupFinish.in_time``)."""
+        with self._lock:
+            counts = self._by_pipeline.get(pipeline)
+            if counts is None:
+                counts = self._by_pipeline[pipeline] = DecisionCounts()
+            counts.late += 1
 
     def get(self, pipeline: str) -> DecisionCounts:
         with self._lock:

@@ -1,0 +1,85 @@
+"""A decision recorded in time whose answer is ready only after its deadline is DEADLINE_EXCEEDED naming its record.
+
+The finisher checks each decision's deadline once its audit record is durable, but the answer reaches gRPC
+later: after the lane wakes its caller (a handler thread waiting for the GIL, the event loop), after the
+group's other answers are sent. A scheduler stress test (real clients, 2-5x overload) got OK answers 0.1 to
+380 ms after their deadlines on both front ends, unary and streamed, where ModelInfer re-checks its deadline
+just before answering (``InferenceService.answer``). The injected fault here stands for that wait.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import grpc
+import pytest
+
+from claims_support import build_small_model, claim_request, copy_pipelines
+from conftest import start_kernel
+from examples.claims import data
+from kernel._proto.aios.kernel.v1 import kernel_pb2 as kpb
+from kernel._proto.aios.kernel.v1 import kernel_pb2_grpc as kgrpc
+from kernel.pipelines.tally import DecisionTally
+
+TIMEOUT_MS = 600  # far more than an idle kernel takes to decide and record one claim
+STALL_S = 1.0  # the injected wait after the finisher's check: past the deadline
+
+
+@pytest.fixture(scope="module", params=["sync", "aio"])
+def kernel(request, tmp_path_factory):
+    models = build_small_model(tmp_path_factory.mktemp("models"), provider="cpu")
+    pipelines = copy_pipelines(tmp_path_factory.mktemp("pipelines"))
+    server = start_kernel(models, request.param, pipelines=str(pipelines), pipeline_poll_s=0,
+                          data_dir=str(tmp_path_factory.mktemp("data")))
+    yield server
+    server.stop(grace=2)
+
+
+@pytest.fixture
+def channel(kernel):
+    with grpc.insecure_channel(f"127.0.0.1:{kernel.port}") as ch:
+        yield ch
+
+
+@pytest.fixture
+def stalled_after_the_check(monkeypatch):
+    """The injected fault: counting a finished group (after its deadlines were checked, before its answers
+    go out) stalls ``STALL_S``, as the finisher's or a caller's thread may wait for the GIL under load."""
+    add = DecisionTally.add
+
+    def stalled_add(self, group, results, late):
+        threading.Event().wait(STALL_S)
+        return add(self, group, results, late)
+
+    monkeypatch.setattr(DecisionTally, "add", stalled_add)
+
+
+def _late_count(channel) -> int:
+    admin = kgrpc.AdminServiceStub(channel)
+    (listed,) = [p for p in admin.ListPipelines(kpb.ListPipelinesRequest(), timeout=10).pipelines
+                 if p.name == "claims_triage"]
+    return listed.decisions.late
+
+
+def test_a_unary_decision_ready_after_its_deadline_is_deadline_exceeded_with_its_record(kernel, channel,
+                                                                                       stalled_after_the_check):
+    late_before = _late_count(channel)
+    request = claim_request(data.generate_cases(1, seed=3)[0], request_id="ready-late", timeout_ms=TIMEOUT_MS)
+    with pytest.raises(grpc.RpcError) as info:
+        kgrpc.DecisionServiceStub(channel).Decide(request, timeout=60)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, info.value.details()
+    assert "its answer was ready" in info.value.details(), info.value.details()
+    sequence = int(dict(info.value.trailing_metadata())["aios-audit-sequence"])  # decided, and where it stands
+    assert f"recorded at audit sequence {sequence}" in info.value.details()
+    assert _late_count(channel) == late_before + 1
+
+
+def test_a_streamed_decision_ready_after_its_deadline_is_answered_deadline_exceeded(kernel, channel,
+                                                                                   stalled_after_the_check):
+    late_before = _late_count(channel)
+    request = claim_request(data.generate_cases(1, seed=4)[0], request_id="streamed-late", timeout_ms=TIMEOUT_MS)
+    (answer,) = list(kgrpc.DecisionServiceStub(channel).DecideStream(iter([request]), timeout=60))
+    assert answer.request_id == "streamed-late"
+    assert answer.error_code == "DEADLINE_EXCEEDED", (answer.error_code, answer.action)
+    assert "its answer was ready" in answer.error_message and answer.audit_sequence > 0
+    assert _late_count(channel) == late_before + 1
