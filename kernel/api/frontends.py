@@ -101,11 +101,13 @@ def stream_error(request, exc: BaseException) -> pb.ModelStreamInferResponse:
 
 
 def stream_response(service: InferenceService, request, result) -> pb.ModelStreamInferResponse:
-    """One ModelStreamInfer answer: the finished item's outputs, or its error."""
+    """One ModelStreamInfer answer: the finished item's outputs, or its error. Checked against its deadline
+    as it goes out, as a unary answer is (``InferenceService.answer``): in request order, a short request's
+    answer may wait for a long one ahead of it past its own deadline."""
     if isinstance(result, BaseException):
         return stream_error(request, result)
     try:
-        answer = service.respond(request, result)
+        answer = service.answer(request, result)
     except Exception as exc:
         return stream_error(request, exc)
     answer.parameters[FINAL_RESPONSE].bool_param = True
