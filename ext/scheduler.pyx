@@ -833,6 +833,37 @@ cdef class CythonScheduler:
                 batches.append(batch)
         return batches
 
+    def start(self, batch, long long now_ns):
+        # The reference's start: items of batch whose deadline passed since
+        # it was formed are expired and taken out; False when none is left.
+        cdef _ModelQ m = self._queue_of(batch.model)
+        cdef WorkItem item
+        cdef long long dropped = 0
+        cdef list kept
+        cdef list items = batch.items
+        if m is None:
+            return True
+        for item in items:
+            if item.deadline_ns != NO_DEADLINE and item.deadline_ns <= now_ns:
+                break
+        else:
+            return True  # the common case: nothing late, nothing allocated
+        kept = []
+        for item in items:
+            if item.deadline_ns != NO_DEADLINE and item.deadline_ns <= now_ns:
+                self._mark_expired(m, item)
+                dropped += item.rows
+            else:
+                kept.append(item)
+        batch.items = kept
+        batch.rows -= dropped
+        m.rows -= dropped
+        if kept:
+            return True
+        m.in_flight -= 1
+        m.batches -= 1
+        return False
+
     def complete(self, batch, long long duration_ns):
         cdef _ModelQ m
         cdef long long rows

@@ -278,6 +278,33 @@ def test_an_item_predicted_to_end_after_its_deadline_is_expired_not_run(sched):
     assert sched.stats()["models"][m]["expired_predicted"] == 2
 
 
+def test_a_batch_started_after_a_deadline_passed_runs_without_that_request(sched):
+    """The lane tells the scheduler when a batch really starts: its thread may have waited since the batch was
+    formed (answering the requests expired with it, for the GIL). A request whose deadline passed meanwhile is
+    expired there, counted, and taken out of the batch; a batch left with none is over without running."""
+    m = add(sched, max_batch_size=4)
+    submit(sched, m, rows=1, deadline=3 * MS, rid="soon")
+    submit(sched, m, rows=2, deadline=50 * MS, rid="later")
+    submit(sched, m, rows=1, rid="whenever")
+    (batch,) = sched.next_batches(1 * MS)
+    assert ids(batch) == ["soon", "later", "whenever"] and batch.rows == 4
+    assert sched.start(batch, 2 * MS) and ids(batch) == ["soon", "later", "whenever"]  # in time: as it was
+    assert sched.pop_expired() == []
+    assert sched.start(batch, 3 * MS)  # "soon"'s deadline has come
+    assert ids(batch) == ["later", "whenever"] and batch.rows == 3
+    (late,) = sched.pop_expired()
+    assert late.request_id == "soon" and late.state == ITEM_EXPIRED
+    counters = sched.stats()["models"][m]
+    assert (counters["expired"], counters["batches"], counters["rows"], counters["in_flight"]) == (1, 1, 3, 1)
+    sched.complete(batch, 1 * MS)
+    gone = submit(sched, m, now=10 * MS, rows=2, deadline=12 * MS, rid="gone")
+    (batch,) = sched.next_batches(11 * MS)
+    assert not sched.start(batch, 12 * MS)  # nothing left to run: the batch is over, never completed
+    assert sched.pop_expired() == [gone] and sched.load(m) == (0, 0)
+    counters = sched.stats()["models"][m]
+    assert (counters["expired"], counters["batches"], counters["rows"]) == (2, 1, 3)
+
+
 def test_no_admission_without_a_latency_model(sched):
     m = add(sched)
     assert sched.submit(item(m, deadline=1), 0) == ADMITTED
@@ -693,6 +720,69 @@ def test_the_lane_answers_a_request_predicted_late_in_its_batch_without_running_
     assert "predicted to end after its deadline" in tight.error.message
     assert "tight" not in ran and sorted(ran) == ["holder"] + [f"o{i}" for i in range(7)]
     assert all(it.outputs == [it.request_id] for it in others)
+
+
+@pytest.mark.parametrize("impl", implementations(), ids=lambda cls: cls.name)
+def test_a_request_whose_deadline_passes_before_its_formed_batch_starts_never_runs(impl):
+    """The thread that forms a batch first answers the requests the scheduler expired with it; under load each
+    answer (a gRPC send, a wait for the GIL) may take long, and a stress test saw batches start 50-425 ms after
+    they were formed. A request of the batch whose deadline passed meanwhile must not run: it is answered
+    DEADLINE_EXCEEDED, never ran, and the rest of the batch runs without it."""
+    import threading
+    import time
+
+    from kernel.errors import DeadlineExceeded
+    from kernel.scheduling import Lane
+
+    gate = threading.Event()
+    ran = []
+
+    def execute(batch):  # durations as the fit says (6 ms a row + 4 ms), so the fit stays as profiled
+        ran.extend(it.request_id for it in batch.items)
+        assert gate.wait(10)
+        for it in batch.items:
+            it.outputs = [it.request_id]
+        return 4 * MS + 6 * MS * batch.rows
+
+    scheduler = impl()
+    lane = Lane(scheduler, execute, slots=1, urgent_slots=0)
+    model = Model("m")
+    lane.add_model(model, ModelSchedule(max_batch_size=8), profile=[(1, 10 * MS), (8, 52 * MS)])
+    ITEM_CLASS[model] = scheduler.item_class
+    try:
+        holder = item(model, rid="holder")
+        holder_done = _with_callback(holder)
+        lane.submit(holder)
+        until(lambda: ran, "a helper holding the only slot, blocked on the gate", every_s=0.001)
+        # Predicted late in the batch of eight (52 ms): expired as the batch forms, and its answer stalls.
+        tight = item(model, rid="tight", deadline=time.monotonic_ns() + 20 * MS)
+        stalled = threading.Event()
+
+        def stalled_answer(done):  # the injected fault: answering it takes 800 ms, as a send waiting for the GIL
+            threading.Event().wait(0.8)
+            stalled.set()
+
+        tight.on_done = stalled_answer
+        lane.submit(tight)
+        brief = item(model, rid="brief", deadline=time.monotonic_ns() + 400 * MS)  # in time for the batch (46 ms)
+        brief_done = _with_callback(brief)
+        lane.submit(brief)
+        others = [item(model, rid=f"o{i}", deadline=time.monotonic_ns() + 10_000 * MS) for i in range(6)]
+        others_done = [_with_callback(it) for it in others]
+        for it in others:
+            lane.submit(it)
+        gate.set()
+        assert stalled.wait(10) and brief_done.wait(10) and holder_done.wait(10)
+        assert all(done.wait(10) for done in others_done)
+    finally:
+        gate.set()
+        lane.close()
+    assert "brief" not in ran and sorted(ran) == ["holder"] + [f"o{i}" for i in range(6)]
+    assert isinstance(brief.error, DeadlineExceeded) and brief.outputs is None
+    assert "the model never ran this request" in brief.error.message
+    assert all(it.outputs == [it.request_id] and it.error is None for it in others)
+    counters = scheduler.stats()["models"][model]
+    assert counters["expired"] == 2 and counters["rows"] == 7  # tight and brief; the holder, then six rows
 
 
 # -- Lane.run_if_idle: the event loop's way to run a lone short request itself ---------------------

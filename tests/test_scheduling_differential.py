@@ -2,7 +2,7 @@
 
 Hypothesis generates a trace of model registrations, latency samples, submits
 (random rows, priorities, deadlines, tenants, shapes), cancels, clock
-advances, dispatch steps and completions; both schedulers replay it and every
+advances, dispatch steps, batch starts and completions; both schedulers replay it and every
 observable result must match: admission verdicts and retry hints, batches
 (model, items, rows), expiries, wake-up times and stats.
 """
@@ -50,6 +50,7 @@ ops = st.one_of(
     st.tuples(st.just("cancel"), st.integers(0, 200), st.booleans()),
     st.tuples(st.just("advance"), st.integers(0, 3_000_000)),
     st.tuples(st.just("dispatch"), st.integers(1, 4), st.sampled_from([0, 0, 1, 2])),
+    st.tuples(st.just("start"), st.integers(0, 10)),
     st.tuples(st.just("complete"), st.integers(0, 10), st.integers(1_000, 5_000_000)),
     st.tuples(st.just("observe"), st.integers(0, 2), st.integers(1, 32), st.integers(1_000, 5_000_000)),
     st.tuples(st.just("wakeup"), st.integers(0, 3)),
@@ -86,6 +87,13 @@ def replay(cls, model_schedules, trace) -> list:
             running += batches
             log.append(("dispatch", [(b.model.index, [i.request_id for i in b.items], b.rows) for b in batches]))
             log.append(("expired", [i.request_id for i in sched.pop_expired()]))
+        elif kind == "start" and running:  # (the lane's check as the batch starts: Lane._start_locked)
+            batch = running[op[1] % len(running)]
+            started = sched.start(batch, now)
+            log.append(("start", started, [i.request_id for i in batch.items], batch.rows))
+            log.append(("expired", [i.request_id for i in sched.pop_expired()]))
+            if not started:
+                running.remove(batch)
         elif kind == "complete" and running:
             batch = running.pop(op[1] % len(running))
             sched.complete(batch, op[2])

@@ -246,7 +246,7 @@ class Lane:
                 if self._free_slots > 0 or self._free_urgent > 0:
                     batch, urgent = self._next_batch_locked(now)
                     if batch is not None:
-                        self._run_locked(batch, urgent, now)
+                        self._run_locked(batch, urgent)
                         now = time.monotonic_ns()
                         continue
                     if item.state in _FINISHED:  # expired while looking for a batch
@@ -310,7 +310,7 @@ class Lane:
                 now = self._submit_locked(item, blocking=False)
                 batch, urgent = self._next_batch_locked(now)
                 if batch is not None:  # nothing else was queued: the batch is this item alone
-                    self._run_locked(batch, urgent, now)
+                    self._run_locked(batch, urgent)
                     return True
                 if item.state in _FINISHED:  # expired at once
                     return True
@@ -334,7 +334,7 @@ class Lane:
             if self._free_slots > 0 or self._free_urgent > 0:
                 batch, urgent = self._next_batch_locked(now)
                 if batch is not None:
-                    self._run_locked(batch, urgent, now)
+                    self._run_locked(batch, urgent)
                     return True
             self._notify_helper_locked(item)
             return False
@@ -435,8 +435,37 @@ class Lane:
         item.error = DeadlineExceeded(f"{why}; the model never ran this request")
         self._finish_locked(item)
 
-    def _run_locked(self, batch: Batch, urgent: bool, now: int) -> None:
-        """Run ``batch`` (taken at ``now``) with the lock released; re-acquires it before returning."""
+    def _start_locked(self, batch: Batch) -> int | None:
+        """When ``batch`` starts (a fresh clock reading), or None if none of it is left to run.
+
+        Its requests whose deadline passed since the scheduler formed it are answered DEADLINE_EXCEEDED
+        and never run (``scheduler.start``). The thread that formed it has answered the requests expired
+        with it meanwhile (each a gRPC send or a wake-up, under load a wait for the GIL), or waited for
+        the GIL itself: a stress test saw batches start 50-425 ms after they were formed, and ran requests
+        (decided and recorded Decides) whose deadlines had passed in that time. Answering the requests
+        expired here may take as long again, so the check is repeated until one finds none: the last is
+        made just before the lock is released to run the batch."""
+        scheduler = self.scheduler
+        count = len(batch.items)
+        while True:
+            now = time.monotonic_ns()
+            running = scheduler.start(batch, now)
+            if running and len(batch.items) == count:
+                return now  # (the common case: nothing expired since it was formed)
+            for item in scheduler.pop_expired():
+                self._expire_locked(item, already_removed=True)
+            if not running:
+                return None
+            count = len(batch.items)
+
+    def _run_locked(self, batch: Batch, urgent: bool) -> None:
+        """Run ``batch`` (of ``_next_batch_locked``) with the lock released; re-acquires it before returning.
+        A batch none of whose requests is left in time (``_start_locked``) is not run."""
+        now = self._start_locked(batch)
+        if now is None:
+            if self.scheduler.has_work():  # (as at the end of a run: the caller may not look again)
+                self._hand_over_slot_locked()
+            return
         if urgent:
             self._free_urgent -= 1
         else:
@@ -595,7 +624,7 @@ class Lane:
                 if (self._free_slots > 0 or self._free_urgent > 0) and self.scheduler.has_work():
                     batch, urgent = self._next_batch_locked(now)
                     if batch is not None:
-                        self._run_locked(batch, urgent, now)
+                        self._run_locked(batch, urgent)
                         continue
                 if self._closed and not self.scheduler.has_work():
                     return

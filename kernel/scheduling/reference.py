@@ -7,7 +7,7 @@ in as ``now_ns``); callers serialise calls (the lane holds a lock):
 - ``observe(model, rows, duration_ns)``: a latency sample (the load-time profile)
 - ``submit(item, now_ns) -> ADMITTED | REJECT_*`` (sets ``item.retry_after_ns`` on rejection)
 - ``cancel(item) -> bool``: drop a queued item
-- ``next_batches(now_ns, limit) -> [Batch]``, ``complete(batch, duration_ns)``
+- ``next_batches(now_ns, limit) -> [Batch]``, ``start(batch, now_ns) -> bool``, ``complete(batch, duration_ns)``
 - ``next_wakeup(now_ns) -> ns | None``, ``pop_expired()``, ``has_work()``, ``load(model)``, ``stats()``
 
 NOTE: the algorithm.
@@ -425,6 +425,30 @@ class ReferenceScheduler:
             if batch is not None:  # None: every item of it was predicted late and expired; look again
                 batches.append(batch)
         return batches
+
+    def start(self, batch: Batch, now_ns: int) -> bool:
+        """``batch`` (of ``next_batches``) starts to run at ``now_ns``. Its items whose deadline has passed since
+        it was formed are expired (``pop_expired`` hands them back) and taken out of it: its thread may have
+        waited since (answering the expiries found with it, for the GIL), and a request whose deadline passed
+        before it ran must never run. False when none is left: the batch is over, not run, not to be completed."""
+        state = self._models.get(batch.model)
+        if state is None:
+            return True
+        late = [item for item in batch.items if item.deadline_ns != NO_DEADLINE and item.deadline_ns <= now_ns]
+        if not late:
+            return True
+        dropped = 0
+        for item in late:
+            self._mark_expired(state, item)
+            dropped += item.rows
+        batch.items = [item for item in batch.items if item.state != ITEM_EXPIRED]
+        batch.rows -= dropped
+        state.counters["rows"] -= dropped  # (the stats count what ran)
+        if batch.items:
+            return True
+        state.in_flight -= 1
+        state.counters["batches"] -= 1
+        return False
 
     def complete(self, batch: Batch, duration_ns: int) -> None:
         state = self._models.get(batch.model)
