@@ -198,11 +198,11 @@ def tmpfs(size: str, *options: str):
 
 
 def fill(folder: Path) -> None:
-    with open(folder / "filler", "wb") as file:
+    # Unbuffered: a buffered file's close wrote what the failed write left in its buffer, and raised ENOSPC again.
+    with open(folder / "filler", "wb", buffering=0) as file:
         try:
             while True:
                 file.write(b"\0" * 65536)
-                file.flush()
         except OSError:
             pass
 
