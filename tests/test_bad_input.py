@@ -122,7 +122,7 @@ def test_typed_contents_in_another_types_field_are_named(stub):
     tensor = request.inputs.add(name="INPUT0", datatype="FP32", shape=[1, 16])
     tensor.contents.int_contents.extend([1] * 16)
     assert_status(stub, request, grpc.StatusCode.INVALID_ARGUMENT, "'INPUT0'", "fp32_contents has 0 elements",
-                  "the values came in contents.int_contents (16): values of a FP32 input go in fp32_contents")
+                  "the values came in contents.int_contents (16): values of an FP32 input go in fp32_contents")
 
 
 def test_fp16_typed_contents_refused(stub):

@@ -242,7 +242,7 @@ def test_values_in_two_typed_contents_fields_are_refused(stub):
     n = request.inputs.add(name="n", datatype="INT32", shape=[2, 3])
     n.contents.int_contents.extend(np.array(N, np.int32).ravel().tolist())
     assert stub_refused(stub, request) == (
-        "input 'x': values of a FP32 input go in contents.fp32_contents only; contents.int_contents (8) also set")
+        "input 'x': values of an FP32 input go in contents.fp32_contents only; contents.int_contents (8) also set")
     x.contents.ClearField("int_contents")
     assert stub.ModelInfer(request).model_name == "scores"  # (the same request with one field: served)
 

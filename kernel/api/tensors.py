@@ -80,6 +80,11 @@ def _check_bool_bytes(name: str, index: int, buf: bytes) -> None:
                               "a BOOL element is one byte, 0 (false) or 1 (true)")
 
 
+def _a(datatype: str) -> str:
+    """"an INT16", "an FP32", "a UINT8", "a BYTES": the article as the name is read out."""
+    return f"{'an' if datatype[0] in 'AEFHILMNORSX' else 'a'} {datatype}"
+
+
 def _from_contents(spec: TensorSpec, name: str, shape: tuple[int, ...], contents) -> np.ndarray:
     dt = spec.datatype
     if dt.contents_field is None:
@@ -91,10 +96,10 @@ def _from_contents(spec: TensorSpec, name: str, shape: tuple[int, ...], contents
     if others and len(values) == count:
         # (Values in two fields: which the caller meant cannot be told; the others were ignored without a word, a
         # fuzz campaign found, as raw and typed contents together are refused.)
-        raise InvalidArgument(f"input '{name}': values of a {dt.name} input go in contents.{dt.contents_field} only; "
+        raise InvalidArgument(f"input '{name}': values of {_a(dt.name)} input go in contents.{dt.contents_field} only; "
                               f"contents.{', contents.'.join(others)} also set")
     if len(values) != count:
-        sent = (f" (the values came in contents.{', contents.'.join(others)}: values of a {dt.name} input go in "
+        sent = (f" (the values came in contents.{', contents.'.join(others)}: values of {_a(dt.name)} input go in "
                 f"{dt.contents_field})" if others else "")
         raise InvalidArgument(f"input '{name}': contents.{dt.contents_field} has {len(values)} elements; shape "
                               f"{list(shape)} needs {count}{sent}")
