@@ -307,3 +307,33 @@ def test_stale_scores_counts_only_the_cases_replay_examined(tmp_path, capsys):
     report = _replay(tmp_path / "data" / "audit", toml, candidate / "policy.toml", tmp_path / "r.json", capsys)
     assert report["examined"] == 1 and report["skipped"] == 1
     assert report["stale_scores"] == 1
+
+
+def test_a_recorded_case_the_candidate_refuses_is_skipped_and_counted_not_the_replay_stopped(
+        recorded, tmp_path, capsys):
+    """Decisions recorded before the policy refused a whole number past 2**53 (it compared such a number as its
+    float neighbour): replaying them under today's policy refused the whole chunk, and `audit replay` stopped with
+    exit 2. Each such case is skipped and counted, with its field, as the kernel serving the candidate would
+    refuse the request; the others are re-decided."""
+    from kernel.audit import AuditLog
+
+    audit, pipelines, _ = recorded
+    older = tmp_path / "older-audit"
+    edited = 0
+    with AuditLog.open(older, checkpoint_records=1000, checkpoint_ms=600_000) as log:
+        for record in iter_directory(audit, 0, RecordFilter()):
+            copy = kpb.AuditRecord()
+            copy.CopyFrom(record)
+            for name in ("sequence", "prev_hash", "hash"):
+                copy.ClearField(name)
+            if copy.kind == kpb.DECISION and edited < 3 and "prior_claims" in copy.inputs \
+                    and "prior_claims" not in copy.defaulted_fields:
+                copy.inputs["prior_claims"].int_value = 2**53 + 1  # as a kernel before the refusal recorded it
+                edited += 1
+            log.append(copy).wait(10)
+    assert edited == 3
+    report = _replay(older, pipelines / "claims_triage.toml", pipelines / "policy.toml", tmp_path / "r.json", capsys)
+    assert report["examined"] == 397 and report["changed"] == 0, report
+    assert report["skipped"] == 3, report
+    assert list(report["skipped_reasons"].values()) == [3], report["skipped_reasons"]
+    assert "field 'prior_claims' refused by the candidate's policy" in next(iter(report["skipped_reasons"]))
