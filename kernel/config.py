@@ -105,7 +105,7 @@ class Settings:
     # its core (bench/RESULTS.md, "The garbage collector"). Cycles are still collected, 10,000 net
     # allocations apart. 0 = leave Python's default.
     gc_threshold: int = 10_000
-    lane_slots: int = 0  # batches run at once on the CPU lane; 0 = one per usable core
+    lane_slots: int = 0  # batches run at once on the CPU lane; 0 = one per usable core (at most MAX_LANE_SLOTS)
     # While priority-1 requests arrive, the model compute of a batch led by a lower priority runs at this much lower OS
     # priority (nice), so the urgent requests' front-end work is not queued behind its compute
     # (kernel/scheduling/lane.py). Needs CAP_SYS_NICE (root on a host; containers: --cap-add SYS_NICE); without, off, and the
@@ -184,6 +184,7 @@ _MAX_GRPC_INT = 2**31 - 1  # gRPC's channel arguments (message size limits) are 
 # Durations: a longer one is a typo, and past threading.TIMEOUT_MAX (~292 years) a wait on it raises
 # OverflowError inside a kernel thread.
 _MAX_SECONDS = 86_400  # a day
+MAX_LANE_SLOTS = 1024  # batches at once on one lane: far past any CPU's cores, each a thread
 
 
 def _coerce(name: str, value: Any, source: str) -> Any:
@@ -254,8 +255,9 @@ def _validate(settings: Settings, sources: dict[str, str]) -> None:
         raise bad("gil_switch_interval_us", f"must be 0..1000000 (0 = Python's default), got {settings.gil_switch_interval_us}")
     if not 0 <= settings.gc_threshold <= 10_000_000:
         raise bad("gc_threshold", f"must be 0..10000000 (0 = Python's default), got {settings.gc_threshold}")
-    if settings.lane_slots < 0:
-        raise bad("lane_slots", f"must be >= 0 (0 = one per core), got {settings.lane_slots}")
+    if not 0 <= settings.lane_slots <= MAX_LANE_SLOTS:
+        # (a thread each: 5,000 started 5,001 threads and made every stop take seconds, for nothing a CPU can run)
+        raise bad("lane_slots", f"must be 0..{MAX_LANE_SLOTS} (0 = one per core), got {settings.lane_slots}")
     if not 0 <= settings.batch_nice <= 19:
         raise bad("batch_nice", f"must be 0..19 (0 = off), got {settings.batch_nice}")
     if not 1024 <= settings.max_message_bytes <= _MAX_GRPC_INT:

@@ -38,6 +38,7 @@ def test_layers_override_in_order(tmp_path):
         ({"environ": {"AIOS_WORKERS": "1"}}, "workers (from $AIOS_WORKERS) must be >= 2 (at least one call slot is kept for priority-1"),
         ({"environ": {"AIOS_GIL_SWITCH_INTERVAL_US": "-5"}}, "gil_switch_interval_us (from $AIOS_GIL_SWITCH_INTERVAL_US) must be 0..1000000"),
         ({"environ": {"AIOS_BATCH_NICE": "20"}}, "batch_nice (from $AIOS_BATCH_NICE) must be 0..19"),
+        ({"environ": {"AIOS_LANE_SLOTS": "5000"}}, "lane_slots (from $AIOS_LANE_SLOTS) must be 0..1024 (0 = one per core)"),
         ({"environ": {"AIOS_GC_THRESHOLD": "-1"}}, "gc_threshold (from $AIOS_GC_THRESHOLD) must be 0..10000000 (0 = Python's default)"),
         ({"environ": {"AIOS_LOG_LEVEL": "LOUD"}}, "log_level (from $AIOS_LOG_LEVEL)"),
     ],
