@@ -34,8 +34,11 @@ def choose(front_end: str, iomgr: bool) -> str:
     global _chosen
     if os.environ.get(ENV):
         _chosen = None  # the operator's choice: described from the variable
-    elif not iomgr or front_end == "aio":  # ("auto" stays on the threaded front end when iomgr is asked)
+    elif not iomgr:
         _chosen = "event engine"
+    elif front_end == "aio":  # ("auto" stays on the threaded front end when iomgr is asked)
+        # (said on the start line: grpc_iomgr = true beside front_end = "aio" was dropped without a word)
+        _chosen = "event engine (grpc_iomgr applies to the threaded front end only, not front_end = \"aio\")"
     elif "grpc" in sys.modules:
         _chosen = "event engine (grpc was imported before the kernel could choose iomgr)"
     else:
