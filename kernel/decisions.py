@@ -120,6 +120,9 @@ class DecisionSide:
         self.tasks.store.check_key = self.engine.check_task_key
         self._draining = threading.Event()  # set by end_watches(): StreamAudit followers end
         self._started = False  # a "kernel stopping" record is written only after a "kernel started" one
+        # The stop raises the review mark to what this run stored, which covers the records past the mark a crash
+        # left only once this start has reopened their reviews and stored their keys (_reopen_reviews).
+        self._reopened = False
         # Refused calls on the audit log, one record a minute per RPC with a count (kernel/api/refusal_records.py).
         self._refusals = RefusalRecords(self.audit) if self.audit is not None else None
         # task id -> the decision record its attempt made before the kernel stopped (see _reopen_reviews)
@@ -295,6 +298,7 @@ class DecisionSide:
                                   self._review_settings)
         restored = restore_answers(self.idempotency, self._records_since(since, kpb.DECISION))
         self.reviews.mark_recorded_before(self.audit.size)  # nothing is in flight yet
+        self._reopened = True
         if reopened:
             log.warning("reopened %d reviews from the audit log (records #%d to #%d): their rows were lost "
                         "in a crash after the decisions were recorded", reopened, since, self.audit.size - 1)
@@ -351,7 +355,9 @@ class DecisionSide:
         return list(escalation.review_actions), escalation.review_sla_s
 
     def _mark_reviews_recorded(self) -> None:
-        if self.audit is not None:
+        # A start that failed before reopening (a full disk failed a model's record) leaves the mark where the
+        # crash left it: raised to the log's end, it hid the reviews and keys past it from the next start for good.
+        if self.audit is not None and self._reopened:
             self.reviews.mark_recorded_before(self.engine.recorded_before())
 
     def _recorded(self, proposed: kpb.Decision) -> bool:

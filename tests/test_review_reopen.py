@@ -14,6 +14,9 @@ from __future__ import annotations
 import hashlib
 import json
 import sqlite3
+import subprocess
+import sys
+from pathlib import Path
 
 import grpc
 import pytest
@@ -28,6 +31,7 @@ from kernel.store.sqlite import DATABASE_FILE
 from kernel.store.sqlite_reviews import RECORDED_BEFORE
 from kernel.testing.processes import ServeProcess
 
+ROOT = Path(__file__).resolve().parent.parent
 LOST = 12  # review rows the injected fault removes
 
 
@@ -628,3 +632,54 @@ def test_answers_an_unaudited_kernel_stored_cite_no_record_at_the_next_start_wit
     with sqlite3.connect(data_dir / DATABASE_FILE) as conn:
         assert {s for (s,) in conn.execute("SELECT audit_sequence FROM idempotency WHERE key LIKE 'unaudited-%'")} \
             == {-1}
+
+
+def test_a_start_that_fails_leaves_the_reviews_and_keys_a_crash_lost_for_the_next_start(models, tmp_path):
+    """(Kill-loop audit, 2026-11-28) a start that failed after opening the log (a full disk failed its first
+    record) released the kernel with its stop steps, and one of them raised the review mark to the log's end
+    without the start having reopened anything: the next start, with space freed, reopened no review and
+    stored no key from the records the crash had left past the mark. 76 escalations answered OK had no review
+    from then on, and a retry of a keyed decision was decided again (a second record for the key)."""
+    pipelines = copy_pipelines(tmp_path / "pipelines")
+    data_dir = tmp_path / "data"
+    serve = ("--pipelines", str(pipelines), "--log-level", "WARNING")
+    server = ServeProcess(models, *serve, data_dir=data_dir)
+    requests = [claim_request(case, request_id=f"f{i}", idempotency_key=f"claim-{i}")
+                for i, case in enumerate(data.generate_cases(60, seed=31))]
+    with grpc.insecure_channel(server.address) as channel:
+        stub = kgrpc.DecisionServiceStub(channel)
+        first = [stub.Decide(request, timeout=10) for request in requests]
+    server.kill()
+    escalated = {d.review_id for d in first if d.review_id}
+    assert len(escalated) > LOST
+
+    # The injected fault (as the kill can leave it): the newest review rows and keys never reached the store.
+    lost_reviews = _lose_the_database_tail(data_dir / DATABASE_FILE, LOST)
+    lost_keys = [request.idempotency_key for request in requests[-KEYS_LOST:]]
+    with sqlite3.connect(data_dir / DATABASE_FILE) as conn:
+        conn.executemany("DELETE FROM idempotency WHERE key = ?", [(key,) for key in lost_keys])
+        conn.execute("UPDATE meta SET value = MIN(value, ?) WHERE key = ?",
+                     (first[-KEYS_LOST].audit_sequence, RECORDED_BEFORE))
+        mark = conn.execute("SELECT value FROM meta WHERE key = ?", (RECORDED_BEFORE,)).fetchone()[0]
+
+    failed = subprocess.run([sys.executable, str(ROOT / "tests" / "_start_failing_kernel.py"), "serve", "--models",
+                             str(models), "--port", "0", "--data-dir", str(data_dir), *serve],
+                            capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert failed.returncode != 0 and "injected" in failed.stderr, failed.stderr
+    with sqlite3.connect(data_dir / DATABASE_FILE) as conn:
+        assert conn.execute("SELECT value FROM meta WHERE key = ?", (RECORDED_BEFORE,)).fetchone()[0] == mark
+
+    restarted = ServeProcess(models, *serve, data_dir=data_dir)
+    try:
+        with grpc.insecure_channel(restarted.address) as channel:
+            reviews = _all_reviews(channel)
+            stub = kgrpc.DecisionServiceStub(channel)
+            retried = [stub.Decide(request, timeout=10) for request in requests[-KEYS_LOST:]]
+    finally:
+        code, log = restarted.stop()
+    assert code == 0, log
+    assert set(lost_reviews) <= set(reviews) and escalated == set(reviews)
+    for before, after in zip(first[-KEYS_LOST:], retried):
+        assert after.replayed and after.audit_sequence == before.audit_sequence
+    decided = [r.idempotency_key for r in iter_directory(data_dir / "audit", 0, RecordFilter(kind=kpb.DECISION))]
+    assert sorted(decided) == sorted(request.idempotency_key for request in requests)  # one record each
