@@ -7,6 +7,8 @@ move a settable clock instead of waiting.
 
 from __future__ import annotations
 
+import logging
+
 import threading
 
 import pytest
@@ -285,6 +287,37 @@ def test_a_failing_hook_is_retried_by_resolving_again_or_by_redeliver(tmp_path, 
         queue.on_resolved(hook)
         assert queue.redeliver() == 1 and calls.count(second) == 2
         assert queue.redeliver() == 0
+
+
+def test_a_hook_refused_by_a_full_store_is_unavailable_with_its_retry_hint_not_internal(tmp_path, clock, caplog):
+    """A kill-loop audit on a full disk: a resolution whose follow-up the store refused (StoreBusy: "retry after
+    1000 ms") answered INTERNAL, with a traceback in the log. It is UNAVAILABLE with the store's retry hint now,
+    in one log line, never saying "not decided" (its record may be on the log); a defect in a hook stays INTERNAL.
+    The fault: a hook raising the store's own refusal, injected on purpose."""
+    from kernel.store.faults import StoreBusy
+
+    failing = {"with": StoreBusy("data_dir var: this write was not stored (nothing of it was kept): the disk is full")}
+
+    def hook(review):
+        if failing["with"] is not None:
+            raise failing["with"]
+
+    with open_database(tmp_path) as db:
+        queue = ReviewQueue(db, clock=clock)
+        queue.on_resolved(hook)
+        rid = escalate(queue).review_id
+        queue.claim(rid, "alice", 60)
+        with caplog.at_level(logging.ERROR, logger="aios.review"):
+            with pytest.raises(Unavailable, match=r"is resolved \(deny\), but finishing it failed: data_dir var: this "
+                                                  r"write was not stored") as refused:
+                queue.resolve(rid, "alice", "deny")
+        assert refused.value.trailers == (("retry-after-ms", "1000"),)
+        assert all(r.exc_info is None for r in caplog.records), "one line, no traceback"
+        failing["with"] = ValueError("a defect")
+        with pytest.raises(Internal, match="ValueError: a defect"):
+            queue.resolve(rid, "alice", "deny")
+        failing["with"] = None
+        assert queue.resolve(rid, "alice", "deny").state == "RESOLVED"  # the retry delivers
 
 
 def test_watch_sends_new_reviews_matching_its_filters(queue):

@@ -520,17 +520,26 @@ class ReviewQueue:
         for hook in self._hooks:
             try:
                 result = hook(self._present(review))
+            except Unavailable as exc:  # a condition that may pass (a full disk, a busy store): said in one line
+                log.error("finishing the resolution of review %s failed: %s", review.review_id, exc.message)
+                failures.append(exc)
+                continue
             except Exception as exc:
                 log.exception("on_resolved hook %r failed for review %s", hook, review.review_id)
-                failures.append(f"{type(exc).__name__}: {exc}")
+                failures.append(exc)
                 continue
             if isinstance(result, kpb.Decision):
                 resolution = result
         if failures:
-            raise Internal(
-                f"review '{review.review_id}' is resolved ({review.resolved_action}), but finishing it failed: "
-                f"{'; '.join(failures)}. Resolve it again with the same reviewer, action and comment to retry"
-            )
+            said = "; ".join(f.message if isinstance(f, Unavailable) else f"{type(f).__name__}: {f}" for f in failures)
+            message = (f"review '{review.review_id}' is resolved ({review.resolved_action}), but finishing it failed: "
+                       f"{said}. Resolve it again with the same reviewer, action and comment to retry")
+            if all(isinstance(f, Unavailable) for f in failures):
+                # UNAVAILABLE with the cause's retry hint, as the store's own refusal is (it was INTERNAL, a kill-loop
+                # audit on a full disk), but never "not decided": the resolution's record may be on the log already.
+                hints = [t for f in failures for t in f.trailers if t[0] == "retry-after-ms"]
+                raise Unavailable(message, trailers=tuple(hints[:1]))
+            raise Internal(message)
 
         def attach(stored: kpb.Review) -> bool:
             if resolution is not None:
