@@ -110,3 +110,38 @@ def test_a_store_that_keeps_refusing_entries_is_logged_once_then_counted(claims_
     assert "key 's0'" in errors[0] and "SQLITE_FULL" in errors[0] and "kept in memory (1 now)" in errors[0]
     assert [r.getMessage() for r in lines if r.levelname == "WARNING"] == [
         "storing the idempotency entries of answered decisions works again, after 25 failures in a row"]
+
+
+def test_answers_kept_in_memory_at_a_stop_are_stored_from_their_records_at_the_next_start(
+        claims_models, tmp_path, monkeypatch):
+    """The review mark (below it, every keyed decision's entry is stored) passed the answers kept in memory: their
+    groups let go of the mark once the store refused their entries. A stop (or a kill) while the disk was still full
+    then lost their keys for good, and a retry after the restart decided again (a crash audit, by reading). The mark
+    stays below them now, so the next start stores them again from their audit records."""
+    cases = data.generate_cases(20, seed=5)
+    server = start_claims_kernel(claims_models, tmp_path)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            decide = kgrpc.DecisionServiceStub(channel).Decide
+            with monkeypatch.context() as fault:
+                fault.setattr(IdempotencyStore, "put", disk_full_on_put)
+                first = {i: decide(claim_request(cases[i], idempotency_key=f"k{i}"), timeout=TIMEOUT_S)
+                         for i in range(4)}
+                for case in cases[10:16]:  # later decisions (escalations among them) store review rows and the mark
+                    decide(claim_request(case), timeout=TIMEOUT_S)
+                assert server.decisions.idempotency.unwritten() == 4
+                server.stop(grace=1)  # with the disk still full: the entries never reach the store
+    finally:
+        server.stop(grace=0)
+    server = start_claims_kernel(claims_models, tmp_path)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            decide = kgrpc.DecisionServiceStub(channel).Decide
+            for i, answer in first.items():
+                again = decide(claim_request(cases[i], idempotency_key=f"k{i}"), timeout=TIMEOUT_S)
+                assert again.replayed and (again.audit_sequence, again.action) == (answer.audit_sequence, answer.action)
+    finally:
+        server.stop(grace=1)
+    decided = [r.idempotency_key for r in iter_directory(tmp_path / "data" / "audit", wanted=RecordFilter(
+        kind=kpb.DECISION)) if r.idempotency_key.startswith("k")]
+    assert sorted(decided) == sorted(f"k{i}" for i in range(4))  # one decision per key

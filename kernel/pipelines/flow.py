@@ -240,6 +240,13 @@ class DecisionEngine(GroupFinish):
         with self._opening_lock:
             durable = audit.size  # records at or past it are not durable yet: their groups are registered
             lows = [sequence for token, sequence in self._opening.items() if token not in exclude]
+        # Answers whose entries the store refused (a full disk) are kept in memory, their groups' tokens released:
+        # the mark passed them, and a kill (or a stop while the disk was still full) lost their keys for good (a
+        # crash audit, by reading; a retry then decided again).
+        store = self.services.idempotency
+        unwritten = store.lowest_unwritten_sequence() if store is not None else None
+        if unwritten is not None:
+            lows.append(unwritten)
         return min(durable, *lows) if lows else durable
 
     def _store_review_rows(self, items: list, groups: list) -> None:

@@ -125,6 +125,15 @@ class IdempotencyStore:
         """Answers kept in memory until the store takes writes again."""
         return len(self._unwritten)
 
+    def lowest_unwritten_sequence(self) -> int | None:
+        """The lowest audit sequence an answer kept in memory cites (None when none does): the review mark must stay
+        below it, or a restart would not re-store that answer from its record, and a retry would decide again."""
+        if not self._unwritten:
+            return None
+        with self._unwritten_lock:
+            cited = [entry[3] for entry in self._unwritten.values() if entry[3] >= 0]
+        return min(cited) if cited else None
+
     def get(self, tenant: str, key: str) -> tuple[str, bytes] | None:
         """``(request_hash, response_bytes)`` stored under the key, or None (never stored, or expired)."""
         check_key(key)
