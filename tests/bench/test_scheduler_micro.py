@@ -1,6 +1,6 @@
 """pytest-benchmark microbenchmarks of the scheduler's decision cost (skipped by default; `make bench-micro`).
 
-One benchmark round = 8 submits + one batch decision + completion with 1,000
+One benchmark round = 8 submits + one batch decision, its start and completion with 1,000
 items queued; divide by 8 for the cost per request. The items come from the
 same pool as in ``python -m bench.scheduler_micro --rounds 3000``, which runs
 this workload A/B and prints the ratio.
