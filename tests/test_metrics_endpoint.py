@@ -281,3 +281,38 @@ def test_a_decide_whose_deadline_passed_before_it_started_is_counted(claims_mode
         assert value(got, "aios_model_requests_total", **labels, result="failure") == 3
     finally:
         server.stop(grace=0)
+
+
+def _scrape_threads() -> int:
+    """The endpoint's threads answering a connection (socketserver names them after process_request_thread)."""
+    return sum("process_request_thread" in thread.name for thread in threading.enumerate())
+
+
+def test_idle_connections_neither_pile_up_threads_nor_starve_the_kernel_of_descriptors(repo, monkeypatch):
+    """Regression (a review of the endpoint): each connection got a thread that waited for its request without
+    end, so 1,007 idle connections to the metrics port held 1,007 threads and descriptors, and with a 1,024
+    open-file limit gRPC could no longer accept a client (Decide DEADLINE_EXCEEDED). Now at most
+    MAX_CONNECTIONS are served at once (the rest closed at once) and each must send its request within
+    SCRAPE_TIMEOUT_S (shortened here)."""
+    from kernel.observability import endpoint
+
+    monkeypatch.setattr(endpoint, "SCRAPE_TIMEOUT_S", 1.0)
+    server = start_kernel(repo, metrics_port=free_port())
+    idle = []
+    try:
+        before = _scrape_threads()
+        for _ in range(endpoint.MAX_CONNECTIONS + 40):
+            sock = socket.create_connection(("127.0.0.1", server.metrics_port), timeout=10)
+            sock.sendall(b"GET /metrics HTTP/1.1\r\n")  # a request line, and then nothing
+            idle.append(sock)
+        # Past the limit, the server closes a connection at once (the client reads its end, not a timeout).
+        assert idle[-1].recv(1) == b""
+        assert _scrape_threads() - before <= endpoint.MAX_CONNECTIONS
+        # Those it took are closed once their request is late, which frees their places for a real scrape.
+        for sock in idle[: endpoint.MAX_CONNECTIONS]:
+            assert sock.recv(65536) is not None  # returns (b"" or an error page) well within the socket's 10 s
+        assert value(scrape(server.metrics_port), "aios_ready") == 1.0
+    finally:
+        for sock in idle:
+            sock.close()
+        server.stop(grace=0)
