@@ -616,6 +616,9 @@ class KernelServer:
             pass  # (the loop is slower than the drain's limit, or already closed)
 
     def _release(self) -> None:
+        if self._metrics is not None:  # (first: the parts a scrape reads close below; the drain, before, was scraped)
+            self._metrics.close()
+            self._metrics = None
         if not self.hub.wait_for_loads(0.0):  # (a RepositoryModelLoad whose call the drain cut: see wait_for_loads)
             log.warning("waiting for a model load in progress to finish before stopping (up to %.0f s)", LOAD_WAIT_S)
             if not self.hub.wait_for_loads(LOAD_WAIT_S):
@@ -623,9 +626,6 @@ class KernelServer:
         self.decisions.close()  # tasks stop using the lanes; the audit log flushes and checkpoints
         self.lanes.close()
         self.service.expiry.close()
-        if self._metrics is not None:  # (last: a scrape during the drain still reads aios_draining)
-            self._metrics.close()
-            self._metrics = None
 
 
 def low_descriptor_limit(workers: int, soft: int | None = None) -> str:

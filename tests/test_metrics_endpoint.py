@@ -6,6 +6,7 @@ endpoint scraped over HTTP and parsed with prometheus_client's own parser.
 
 from __future__ import annotations
 
+import logging
 import shutil
 import socket
 import threading
@@ -316,3 +317,24 @@ def test_idle_connections_neither_pile_up_threads_nor_starve_the_kernel_of_descr
         for sock in idle:
             sock.close()
         server.stop(grace=0)
+
+
+def test_a_scrape_that_ends_after_the_stop_reads_nothing_closed(claims_models, tmp_path, caplog):
+    """Regression (a review of the endpoint): the endpoint was closed last, after the store and the audit log, and a
+    scrape answered meanwhile (or taken just before and finished after) read the closed store: an ERROR line at a
+    clean stop, 'reading reviews and tasks for the metrics endpoint failed: the database ... is closed'. A scrape
+    of a stopped kernel now says only that it does not serve."""
+    server = start_claims_kernel(claims_models, tmp_path, metrics_port=free_port())
+    port = server.metrics_port
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as taken:
+        taken.sendall(b"GET /metrics HTTP/1.0\r\n")  # taken before the stop; its request ends after it
+        with caplog.at_level(logging.INFO, logger="aios.metrics"):
+            server.stop(grace=0)
+            taken.sendall(b"\r\n")
+            answer = b""
+            while chunk := taken.recv(65536):
+                answer += chunk
+    assert answer.startswith(b"HTTP/1.0 200"), answer[:200]
+    assert b"\naios_ready 0.0\n" in answer
+    assert b"aios_reviews" not in answer and b"aios_audit_records" not in answer
+    assert not [r.getMessage() for r in caplog.records if r.name == "aios.metrics"]

@@ -39,7 +39,8 @@ class MetricsEndpoint:
 
     def __init__(self, server, host: str, port: int):
         registry = CollectorRegistry(auto_describe=False)
-        registry.register(KernelCollector(server))
+        self._collector = KernelCollector(server)
+        registry.register(self._collector)
         ProcessCollector(registry=registry)
         PlatformCollector(registry=registry)
         GCCollector(registry=registry)
@@ -57,6 +58,9 @@ class MetricsEndpoint:
         self._httpd.serve_forever(poll_interval=0.5)
 
     def close(self) -> None:
+        """Stop taking connections; one taken already is answered with the kernel-wide gauges only (the kernel's
+        parts close next)."""
+        self._collector.closed = True
         self._httpd.shutdown()
         self._httpd.server_close()
         self._thread.join(5)

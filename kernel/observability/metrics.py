@@ -43,6 +43,9 @@ class KernelCollector:
     def __init__(self, server):
         self._server = server
         self._store_reads = RepeatedFailure(log, "reading reviews and tasks for the metrics endpoint")
+        # Set as the kernel stops, before its parts close: a scrape then reads only whether it serves (one taken
+        # just before the stop read the closed store: an ERROR line at a clean stop).
+        self.closed = False
 
     def describe(self):
         return []  # (no description up front: families are read at each scrape, register() must not call collect)
@@ -50,6 +53,8 @@ class KernelCollector:
     def collect(self):
         server = self._server
         yield from self._kernel(server)
+        if self.closed:
+            return
         yield from self._models(server.hub, server.lanes)
         side = server.decisions
         yield from self._decisions(side.engine.tally.snapshot())
