@@ -123,6 +123,8 @@ class KernelServer:
         # A port in use fails before anything is made: the data dir, its signing key, the lanes' threads.
         # (start() probes again: the port may have been taken since.)
         probe_listen_address(settings.host, settings.port)
+        if settings.metrics_port:
+            probe_listen_address(settings.host, settings.metrics_port, "metrics_port")
         self.settings = settings
         self.front_end, self._front_end_why = settings.front_end, ""  # "auto" is settled in start()
         self.hub = ModelHub(settings.models)
@@ -363,6 +365,8 @@ class KernelServer:
         if self.settings.gc_threshold:  # process-wide too (config.py says why)
             gc.set_threshold(self.settings.gc_threshold, *gc.get_threshold()[1:])
         probe_listen_address(self.settings.host, self.settings.port)  # a port in use fails before the models load
+        if self.settings.metrics_port:  # (bound once the models load: its start is the kernel's as a whole)
+            probe_listen_address(self.settings.host, self.settings.metrics_port, "metrics_port")
         loaded, self.failed_models = self.hub.load_all()
         self.decisions.start()  # pipelines are checked against the models just loaded
         if self.settings.metrics_port:
@@ -649,8 +653,9 @@ def low_descriptor_limit(workers: int, soft: int | None = None) -> str:
             f"Raise it (ulimit -n, LimitNOFILE=, docker --ulimit nofile=)")
 
 
-def probe_listen_address(host: str, port: int) -> None:
-    """Raise ``OSError`` ("cannot listen on ...") if the kernel could not listen on ``host:port``.
+def probe_listen_address(host: str, port: int, setting: str = "port") -> None:
+    """Raise ``OSError`` ("cannot listen on ...") if the kernel could not listen on ``host:port``; ``setting``
+    names the port's setting (``port``, or ``metrics_port`` for the metrics endpoint).
 
     gRPC binds for real once the models are loaded (the front end depends on
     them); without this a port conflict, a host name that does not resolve or an
@@ -661,7 +666,8 @@ def probe_listen_address(host: str, port: int) -> None:
     closed kernel's lingering connections do not count; bind errors it has no
     words for are left to gRPC's own bind. Port 0 (any free port) is never in use.
     """
-    where = f"cannot listen on {host}:{port}"
+    where = f"cannot listen on {host}:{port}" + ("" if setting == "port" else f" ({setting})")
+    names = "--port or AIOS_PORT" if setting == "port" else f"{setting}, AIOS_{setting.upper()}"
     try:
         found = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
@@ -675,13 +681,12 @@ def probe_listen_address(host: str, port: int) -> None:
             except OSError as exc:
                 if exc.errno == errno.EADDRINUSE and port:
                     raise OSError(f"{where}: something already listens there (another "
-                                  "port: --port or AIOS_PORT; 0 takes any free one)") from None
+                                  f"port: {names}" + ("; 0 takes any free one)" if setting == "port" else ")")) from None
                 if exc.errno == errno.EADDRNOTAVAIL:
                     raise OSError(f"{where}: {address[0]} is not an address of this machine (--host or AIOS_HOST; "
                                   "0.0.0.0 listens on every address)") from None
                 if exc.errno == errno.EACCES:
-                    raise OSError(f"{where}: permission denied (ports below 1024 need privileges: --port or "
-                                  "AIOS_PORT)") from None
+                    raise OSError(f"{where}: permission denied (ports below 1024 need privileges: {names})") from None
 
 
 def _release_words() -> str:

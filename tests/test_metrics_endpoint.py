@@ -338,3 +338,18 @@ def test_a_scrape_that_ends_after_the_stop_reads_nothing_closed(claims_models, t
     assert b"\naios_ready 0.0\n" in answer
     assert b"aios_reviews" not in answer and b"aios_audit_records" not in answer
     assert not [r.getMessage() for r in caplog.records if r.name == "aios.metrics"]
+
+
+def test_a_metrics_port_in_use_is_refused_before_anything_loads(repo, tmp_path):
+    """Regression (a review of the endpoint): a metrics_port in use failed the start only once every model had
+    loaded and the audit log had recorded a start, its deployments and a stop of a kernel that never served; the
+    gRPC port is probed before anything loads, and now so is this one."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{port} \\(metrics_port\\): something "
+                                          "already listens there"):
+            start_kernel(repo, metrics_port=port, data_dir=str(tmp_path / "data"))
+    assert not (tmp_path / "data").exists()  # no data dir, no signing key, no audit log
+
