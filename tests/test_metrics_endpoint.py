@@ -353,3 +353,19 @@ def test_a_metrics_port_in_use_is_refused_before_anything_loads(repo, tmp_path):
             start_kernel(repo, metrics_port=port, data_dir=str(tmp_path / "data"))
     assert not (tmp_path / "data").exists()  # no data dir, no signing key, no audit log
 
+
+def test_an_ipv6_host_in_brackets_serves_metrics_too(repo):
+    """Regression (a review of the endpoint): host = "[::1]", the form gRPC listens on, stopped the start with
+    "cannot serve metrics on [::1]:PORT (metrics_port): Name or service not known"."""
+    try:
+        socket.socket(socket.AF_INET6).close()
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    server = start_kernel(repo, host="[::1]", metrics_port=free_port())
+    try:
+        with urllib.request.urlopen(f"http://[::1]:{server.metrics_port}/metrics", timeout=10) as response:
+            assert b"\naios_ready 1.0\n" in response.read()
+    finally:
+        server.stop(grace=0)

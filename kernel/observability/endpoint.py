@@ -38,6 +38,7 @@ class MetricsEndpoint:
     """Serving until ``close()``; ``port`` is the one bound (``metrics_port``, or the OS's pick for 0 in tests)."""
 
     def __init__(self, server, host: str, port: int):
+        host = host.strip("[]")  # (an IPv6 address as gRPC takes it, "[::1]"; the socket wants it bare)
         registry = CollectorRegistry(auto_describe=False)
         self._collector = KernelCollector(server)
         registry.register(self._collector)
