@@ -11,7 +11,6 @@ import asyncio
 import functools
 import random
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -22,6 +21,7 @@ from kernel._proto.aios.kernel.v1 import kernel_pb2_grpc
 from kernel.api import kernel_services, windowed_sends
 from kernel.api.audit_service import audit_handlers
 from kernel.audit import AuditLog
+from kernel.testing.settle import settled
 
 
 def record(i: int) -> pb.AuditRecord:
@@ -352,24 +352,10 @@ def test_a_batch_follower_that_stops_reading_holds_a_few_batches_not_the_log(tmp
                                    options=[("grpc.max_receive_message_length", 8 << 20)]) as channel:
             stub = kernel_pb2_grpc.AuditServiceStub(channel)
             call = stub.StreamAuditBatches(pb.StreamAuditBatchesRequest(max_records=4096), timeout=60)
-            held = _settled(lambda: handed[0])
+            held = settled(lambda: handed[0])
             # a few MiB queued by the kernel, and what gRPC's flow control took before the client stopped it
             assert held * BATCH_BYTES <= (12 << 20), f"{held} of 40 batches handed on to a client that reads none"
             assert sum(len(batch.records) for batch in call) == 5000
     finally:
         server.stop()
         log.close()
-
-
-def _settled(read, quiet_s: float = 1.0, limit_s: float = 30.0) -> int:
-    """``read()`` once it has not changed for ``quiet_s``."""
-    deadline = time.monotonic() + limit_s
-    value, since = read(), time.monotonic()
-    while time.monotonic() < deadline:
-        time.sleep(0.05)
-        now = read()
-        if now != value:
-            value, since = now, time.monotonic()
-        elif time.monotonic() - since >= quiet_s:
-            return value
-    raise AssertionError(f"still changing after {limit_s} s: {value}")

@@ -12,7 +12,6 @@ Measured through the pump's own counters, on a real kernel.
 
 from __future__ import annotations
 
-import time
 
 import grpc
 import pytest
@@ -21,6 +20,7 @@ from claims_support import claim_request
 from examples.claims import data
 from kernel._proto.aios.kernel.v1 import kernel_pb2 as kpb
 from kernel.scheduling import stream_window
+from kernel.testing.settle import settled
 
 METHOD = "/aios.kernel.v1.DecisionService/DecideStream"
 LIMIT = 64  # MAX_IN_FLIGHT for the test: small, so what gRPC's buffers hold dominates the count
@@ -34,20 +34,6 @@ def pumped(claims_kernel):
         pytest.skip("the stream pump serves the threaded front end")
     assert claims_kernel._pump is not None
     return claims_kernel
-
-
-def _settled(read, quiet_s: float = 1.0, limit_s: float = 60.0) -> int:
-    """``read()`` once it has not changed for ``quiet_s``."""
-    deadline = time.monotonic() + limit_s
-    value, since = read(), time.monotonic()
-    while time.monotonic() < deadline:
-        time.sleep(0.05)
-        now = read()
-        if now != value:
-            value, since = now, time.monotonic()
-        elif time.monotonic() - since >= quiet_s:
-            return value
-    raise AssertionError(f"still changing after {limit_s} s: {value}")
 
 
 def test_a_client_that_never_reads_stops_being_read_and_then_gets_every_answer(pumped, monkeypatch):
@@ -65,7 +51,7 @@ def test_a_client_that_never_reads_stops_being_read_and_then_gets_every_answer(p
     with grpc.insecure_channel(f"127.0.0.1:{pumped.port}") as channel:
         call = channel.stream_stream(METHOD, request_serializer=lambda raw: raw,
                                      response_deserializer=kpb.Decision.FromString)(requests(), timeout=120)
-        taken = _settled(lambda: pump.taken) - taken0  # the stream has stopped being read
+        taken = settled(lambda: pump.taken) - taken0  # the stream has stopped being read
         sent = pump.sent - sent0
         held = taken - sent
         assert held <= LIMIT, f"the kernel holds {held} requests of a stream whose client does not read"
@@ -101,7 +87,7 @@ def test_on_grpc_aio_a_client_that_never_reads_stops_being_read(claims_kernel, m
         call = channel.stream_stream(METHOD, request_serializer=lambda raw: raw,
                                      response_deserializer=kpb.Decision.FromString)(requests, timeout=120)
         try:
-            handed = _settled(lambda: handed_on[0])
+            handed = settled(lambda: handed_on[0])
             assert handed < REQUESTS // 2, f"{handed} of {REQUESTS} answers left the stream for a client that reads none"
         finally:
             assert sum(1 for _ in call) == REQUESTS

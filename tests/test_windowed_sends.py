@@ -10,13 +10,13 @@ the status, dropping what was queued).
 from __future__ import annotations
 
 import threading
-import time
 from concurrent import futures
 
 import grpc
 import pytest
 
 from kernel.api import windowed_sends
+from kernel.testing.settle import settled
 
 MESSAGES, SIZE = 200, 8 * 1024  # 1.6 MB: beyond what flow control lets out before the client reads, within the window
 
@@ -80,7 +80,7 @@ def test_a_client_that_stops_reading_holds_a_bounded_number_of_bytes():
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.max_receive_message_length", 1 << 20)]) as channel:
             call = channel.unary_stream("/t.S/M")(b"", timeout=60)
-            stalled = _settled(lambda: yielded[0])
+            stalled = settled(lambda: yielded[0])
             assert stalled < count, "the handler yielded every message to a client that reads none"
             # gRPC's own buffers (flow control, a few MB at most) take some before the sender's queue holds any.
             assert stalled * size <= windowed_sends.WINDOW_BYTES + (8 << 20), f"{stalled} of {count} messages yielded"
@@ -89,17 +89,3 @@ def test_a_client_that_stops_reading_holds_a_bounded_number_of_bytes():
         server.stop(0)
         pool.shutdown()
     assert got == list(range(count))
-
-
-def _settled(read, quiet_s: float = 1.0, limit_s: float = 30.0) -> int:
-    """``read()`` once it has not changed for ``quiet_s``."""
-    deadline = time.monotonic() + limit_s
-    value, since = read(), time.monotonic()
-    while time.monotonic() < deadline:
-        time.sleep(0.05)
-        now = read()
-        if now != value:
-            value, since = now, time.monotonic()
-        elif time.monotonic() - since >= quiet_s:
-            return value
-    raise AssertionError(f"still changing after {limit_s} s: {value}")
