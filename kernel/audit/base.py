@@ -25,17 +25,16 @@ from __future__ import annotations
 
 import base64
 import json
-import os
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..durable_files import replace_whole
 from .._proto.aios.kernel.v1 import kernel_pb2
 from .checkpoints import Checkpoint, signature_ok
 from .errors import AuditCorrupt, AuditFormatTooNew
 from .merkle import fold_peaks, verify_inclusion
-from .segments import fsync_dir, read_regular
+from .segments import read_regular
 
 FILE_NAME = "archive-base.json"
 ARCHIVE_MARKER = "archive.json"  # in an archive (the archive command's DEST): what it holds, where it came from
@@ -142,11 +141,4 @@ def check_base(base: ArchiveBase, directory: Path, public_key_for: Callable[[str
 
 def write_base(directory: Path, base: ArchiveBase) -> None:
     """Replace the directory's base atomically (temporary file, fsync, rename, directory fsync)."""
-    path = directory / FILE_NAME
-    temporary = path.with_name(f"{FILE_NAME}.tmp-{time.time_ns()}")
-    with open(temporary, "x", encoding="utf-8") as out:
-        out.write(base.to_json())
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(temporary, path)
-    fsync_dir(directory)
+    replace_whole(directory / FILE_NAME, base.to_json().encode("utf-8"))

@@ -26,7 +26,6 @@ import hashlib
 import logging
 import os
 import stat
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -34,6 +33,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from ..durable_files import replace_whole
 from ..config import OperatorPath
 from ..errors import FailedPrecondition
 from .errors import AuditError
@@ -166,7 +166,7 @@ def publish_public_key(directory: Path, key: SigningKey) -> None:
         _archive_public_key(directory, current)
     _write_once(directory / PUBLIC_KEYS_DIR, f"{key.key_id}.pem", pem)
     if current != pem:
-        _replace(path, pem)
+        replace_whole(path, pem)
 
 
 def _archive_public_key(directory: Path, pem: bytes) -> None:
@@ -184,27 +184,7 @@ def _write_once(folder: Path, name: str, data: bytes) -> None:
     if path.exists():
         return
     folder.mkdir(exist_ok=True)
-    _replace(path, data)
-
-
-def _replace(path: Path, data: bytes) -> None:
-    """Write ``path`` whole or not at all: a new temporary file beside it, fsynced, renamed over it.
-
-    The temporary file is created afresh (``O_EXCL``, a name of its own): a fixed ``public-key.tmp`` was opened
-    through whatever link someone who can write the directory left under that name, and a start wrote the public
-    key over the file it pointed to, outside the data dir (a helper's audit).
-    """
-    tmp = path.with_name(f"{path.name}.tmp-{time.time_ns()}")
-    try:
-        with open(tmp, "xb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        tmp.replace(path)
-    except OSError:
-        tmp.unlink(missing_ok=True)  # (a full disk: no half-written file left beside the keys)
-        raise
-    fsync_dir(path.parent)
+    replace_whole(path, data)
 
 
 def published_keys(directory: Path, unreadable: list[str] | None = None) -> dict[str, bytes]:

@@ -44,6 +44,7 @@ import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
+from ..durable_files import fsync_dir  # (re-exported: the audit modules import it from here)
 from .. import __version__
 from .errors import AuditCorrupt, AuditFormatTooNew
 from .record import HASH_BYTES, HASH_TRAILER, TRAILER_BYTES
@@ -334,14 +335,6 @@ def frames_start(path: Path, data: bytes, magic: bytes = MAGIC) -> int | None:
     if written <= len(magic) and magic.startswith(data[:written]):
         return None
     raise AuditCorrupt(f"{path}: does not start with the expected file header {magic!r}")
-
-
-def fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class AppendFile:

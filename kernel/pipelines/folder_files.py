@@ -11,6 +11,7 @@ import errno
 import os
 from pathlib import Path
 
+from ..durable_files import replace_whole
 from ..errors import FailedPrecondition
 from ..limits import FileTooLarge, read_bounded
 from ..policy import tomlsafe
@@ -112,22 +113,5 @@ def refuse_link(path: Path) -> None:
 
 
 def write_atomically(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        # Created afresh (O_EXCL): an open of the name as found followed a link planted there (to a file outside the
-        # folder, which the upload then wrote over: an audit of the same pattern in the log's key files). What is
-        # there (a crash's leftover, a link) is removed; one planted again in between fails the upload (EEXIST).
-        tmp.unlink(missing_ok=True)
-        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644), "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except OSError:
-        tmp.unlink(missing_ok=True)  # (a full disk: no half-written twin left in the folder)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    """``path`` written whole through a dot-file twin (``.<name>.tmp``: the watcher skips it), made afresh."""
+    replace_whole(path, data, temporary=path.with_name(f".{path.name}.tmp"))
