@@ -19,6 +19,7 @@ from test_audit_verify import build_log, run_cli
 
 from kernel._proto.aios.kernel.v1 import kernel_pb2 as pb
 from kernel.audit import AuditLog, verify_directory
+from kernel.audit import checkpoints as cps, keys as keys_module
 from kernel.audit.checkpoints import read_all
 from kernel.audit.keys import key_id, load_public_key
 from kernel.errors import FailedPrecondition
@@ -159,11 +160,39 @@ def test_a_retired_key_that_signs_again_is_noted_and_fails_strict(models, tmp_pa
     from kernel.audit.keys import parse_public_key
     raw = [parse_public_key(pem) for pem in trusted]
     assert verify_directory(audit, raw, strict=True).ok  # a rotation alone passes
-    run_kernel(models, data_dir, audit_key=str(first[0]))  # key 1 signs again
+    # Key 1 signs again, as a copy of it in other hands would (a kernel refuses to: the test below).
+    found = read_all(audit)[0]
+    forged = cps.sign(keys_module.load_or_create(first[0]), found[-1].tree_size, found[-1].root_hash)
+    with open(audit / cps.FILE_NAME, "ab") as checkpoints:
+        checkpoints.write(cps.frame(forged.SerializeToString()))
     noted = verify_directory(audit, raw)
     assert noted.ok and f"is signed by key {first[2]}, which another key replaced" in noted.describe()
     strict = verify_directory(audit, raw, strict=True)
     assert not strict.ok and "a retired key signed again" in strict.describe()
+
+
+def test_a_start_with_a_retired_key_is_refused_and_changes_nothing(models, tmp_path):
+    """(Operator walk-through) a start with key 1 after a rotation to key 2 (its signing-key.pem restored, audit_key
+    set back) signed on with the retired key: from then on `audit verify --strict` failed, and `audit archive`,
+    which needs a strict pass, was refused on that log for good."""
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    first, second = make_key(keys, "k1"), make_key(keys, "k2")
+    data_dir = tmp_path / "data"
+    run_kernel(models, data_dir, audit_key=str(first[0]))
+    run_kernel(models, data_dir, audit_key=str(second[0]))
+    audit = data_dir / "audit"
+    before = {p.name: p.read_bytes() for p in audit.rglob("*") if p.is_file()}
+    with pytest.raises(FailedPrecondition) as caught:
+        start_kernel(models, data_dir=str(data_dir), audit_key=str(first[0]))
+    message = caught.value.message
+    assert "\n" not in message
+    assert f"the audit signing key {first[0]} (key {first[2]}) signed checkpoints of {audit}" in message
+    assert f"(key {second[2]} signs now)" in message and "make a new one" in message
+    assert {p.name: p.read_bytes() for p in audit.rglob("*") if p.is_file()} == before  # nothing signed or moved
+    trusted = [load_public_key(first[1]), load_public_key(second[1])]
+    assert verify_directory(audit, trusted, strict=True).ok
+    run_kernel(models, data_dir, audit_key=str(second[0]))  # the current key still starts
 
 
 def test_a_link_planted_under_the_public_keys_temporary_name_is_not_written_through(tmp_path):

@@ -73,6 +73,7 @@ from pathlib import Path
 from .. import accel
 from .base import ArchiveBase, check_base, read_base
 from .checkpoints import FILE_NAME as CHECKPOINT_FILE, Checkpoint, check_sequence, signature_ok
+from ..errors import FailedPrecondition
 from .errors import AuditCorrupt, AuditError
 from .keys import SigningKey, published_keys
 from .merkle import MerkleTree
@@ -241,6 +242,7 @@ def check_against(state: LogState, checkpoints: list[Checkpoint], directory: Pat
     if not fits:
         _refuse_root_mismatch(state, checkpoints, directory)
     _check_signature(checkpoints, directory, key)
+    _refuse_retired_key(checkpoints, directory, key)
     signed = latest.tree_size
     if signed < size:  # about to be adopted and signed: they must continue the log (tail.py)
         if signed > state.tree.base_size:
@@ -327,6 +329,25 @@ def _check_signature(checkpoints: list[Checkpoint], directory: Path, key: Signin
         f"the audit log in {directory} is damaged or was altered: {directory / CHECKPOINT_FILE}, checkpoint "
         f"#{len(checkpoints) - 1} (tree size {latest.tree_size}): its signature does not verify with key "
         f"{latest.key_id}. {_NOT_OPENED}; run `aios-kernel audit verify {directory}` for details"
+    )
+
+
+def _refuse_retired_key(checkpoints: list[Checkpoint], directory: Path, key: SigningKey | None) -> None:
+    """A key another key replaced must not sign again. `audit verify --strict` fails on a retired key signing again
+    (it cannot tell a rotation back from a copy of the old key in other hands), and `audit archive` needs a strict
+    pass: one start with an old key (its signing-key.pem restored after a rotation, an audit_key set back) left
+    the log failing both for good (an operator walk-through). Refused before anything on disk changes; a new key
+    costs nothing."""
+    if key is None or checkpoints[-1].key_id == key.key_id:
+        return
+    signed = [number for number, checkpoint in enumerate(checkpoints) if checkpoint.key_id == key.key_id]
+    if not signed:
+        return  # a key new to this log: a rotation
+    raise FailedPrecondition(
+        f"the audit signing key {key.path} (key {key.key_id}) signed checkpoints of {directory} up to #{signed[-1]} "
+        f"and was then replaced (key {checkpoints[-1].key_id} signs now): a retired key signing again makes `audit "
+        f"verify --strict` and `audit archive` fail on this log for good. Sign with the current key, or make a new one (openssl genpkey "
+        f"-algorithm ed25519 -out audit-key.pem) and name it with audit_key (docs/operations.md, \"Rotating the key\")"
     )
 
 
