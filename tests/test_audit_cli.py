@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -265,3 +267,17 @@ def test_export_writes_a_keyed_decisions_request_hash_in_hex_as_every_other_hash
                if json.loads(text)["sequence"] == answer.audit_sequence]
     assert line["request_hash"] == request_hash(request)
     assert line["hash"] == answer.audit_hash
+
+
+def test_export_piped_into_a_reader_that_leaves_early_stops_quietly(tmp_path):
+    """(Operator walk-through) `aios-kernel audit export DIR | head -1` printed "cannot write standard output: Broken
+    pipe" and exited 2, as if the export had failed: the reader leaving is no error of the log or the command."""
+    directory = tmp_path / "audit"
+    build_log(directory, records=1500, checkpoint_every=500)  # far more lines than a pipe holds
+    reader = subprocess.Popen([sys.executable, "-m", "kernel", "audit", "export", str(directory)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    assert json.loads(reader.stdout.readline())["sequence"] == 0
+    reader.stdout.close()  # as `head -1` does after its line
+    _, err = reader.communicate(timeout=120)
+    assert reader.returncode == 141, err
+    assert b"cannot write" not in err and b"Traceback" not in err, err

@@ -122,6 +122,8 @@ def cmd_export(args) -> int:
         print(f"aios-kernel audit export: {exc.message}; {args.out if to_file else 'the output'} is incomplete "
               f"and the log does not verify (run `aios-kernel audit verify {directory}`)", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # `audit export | head`: the reader left, which is no failure; main stops quietly
+        raise
     except OSError as exc:  # a segment that cannot be read (it has a file name), or the output (it has none)
         target = f"read {exc.filename}" if exc.filename else f"write {args.out if to_file else 'standard output'}"
         return _cannot_run("export", f"cannot {target}: {exc.strerror or exc}")
