@@ -8,6 +8,7 @@ the tests do not lean on the code they check. CLI tests run
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import subprocess
@@ -284,6 +285,19 @@ def test_cli_verify_usage_errors(tmp_path):
     (tmp_path / "bad.pub").write_text("not a key")
     done = run_cli("verify", str(tmp_path / "log"), "--from-key", str(tmp_path / "bad.pub"))
     assert done.returncode == 2 and "expected an Ed25519 public key" in done.stderr
+
+
+def test_cli_from_key_given_the_key_itself_says_it_names_a_file(tmp_path):
+    """(Operator walk-through) `--from-key <hex>` said "cannot read public key <hex>: No such file or directory",
+    as if a file had gone missing; the key pasted is now named as such."""
+    build_log(tmp_path / "log", records=3)
+    raw = load_public_key(tmp_path / "log" / "public-key.pem")
+    for text in (raw.hex(), base64.b64encode(raw).decode()):
+        done = run_cli("verify", str(tmp_path / "log"), "--from-key", text)
+        assert done.returncode == 2 and "is a public key, not a file" in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr
+    done = run_cli("verify", str(tmp_path / "log"), "--from-key", str(tmp_path / "missing.pem"))
+    assert done.returncode == 2 and "cannot read public key" in done.stderr and "No such file" in done.stderr
 
 
 def test_cli_export_json_lines(log_dir, tmp_path_factory):

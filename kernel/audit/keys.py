@@ -253,12 +253,25 @@ def load_public_keys(path: str | Path, regular_only: bool = False) -> list[bytes
         return [raw for file in files for raw in load_public_keys(file, regular_only)]
     try:
         data = read_regular(path) if regular_only else path.read_bytes()
+    except FileNotFoundError as exc:
+        if _is_key_text(str(path)):  # (an operator walk-through: the key pasted, read as a missing file's name)
+            raise AuditError(f"{str(path)[:16]}… is a public key, not a file: the option names a file holding the "
+                             "key (PEM, raw, hex or base64): write it to one and pass that") from None
+        raise AuditError(f"cannot read public key {path}: {exc.strerror or exc}") from None
     except OSError as exc:
         raise AuditError(f"cannot read public key {path}: {exc.strerror or exc}") from None
     if data.count(_PEM_END) < 2:
         return [parse_public_key(data, str(path))]
     blocks = [block + _PEM_END for block in data.split(_PEM_END) if block.strip()]
     return [parse_public_key(block, f"{path} (key {number + 1})") for number, block in enumerate(blocks)]
+
+
+def _is_key_text(text: str) -> bool:
+    try:
+        parse_public_key(text.encode(), "")
+    except (AuditError, UnicodeEncodeError):
+        return False
+    return True
 
 
 def signature_valid(public_raw: bytes, signature: bytes, message: bytes) -> bool:
