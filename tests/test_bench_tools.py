@@ -186,6 +186,14 @@ def test_perf_analyzer_against_naive_server(naive_server):
     assert "Inferences/Second" in result["csv_row"]
 
 
+def test_the_bound_tool_answers_help_and_a_missing_file_in_words(capsys, tmp_path):
+    """(An operations walk-through: `python -m bench.openloop.bound --help` read --help as a file: a traceback.)"""
+    from bench.openloop.bound import main
+
+    assert main(["--help"]) == 0 and "python -m bench.openloop.bound" in capsys.readouterr().out
+    assert main([str(tmp_path / "none.json")]) == 2 and "no such file" in capsys.readouterr().out
+
+
 def test_fluid_bound_serves_in_arrival_order_and_skips_what_cannot_finish_in_time():
     from bench.openloop.bound import fluid_bound
 

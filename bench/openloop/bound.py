@@ -41,10 +41,13 @@ def fluid_bound(sched_s: np.ndarray, capacity_rps: float, slo_s: float, window: 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        print(__doc__.splitlines()[2].strip())
-        return 2
+    if len(argv) != 1 or argv[0] in ("-h", "--help"):  # (--help was read as a file name: a traceback)
+        print(__doc__)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
     path = Path(argv[0])
+    if not path.is_file():
+        print(f"{path}: no such file (give an openloop-<stamp>.json that `python -m bench.openloop` wrote)")
+        return 2
     result = json.loads(path.read_text())
     raw = np.load(path.with_name(path.stem + "-raw.npz"))
     trace = result["info"]["bursty"]["trace"]
