@@ -45,6 +45,21 @@ def _replay(audit: Path, pipeline: Path, policy: Path, report: Path, capsys, *ex
     return json.loads(report.read_text())
 
 
+def _rewritten(audit: Path, into: Path, edit) -> None:
+    """``audit``'s records written again as a new log at ``into``, each passed to ``edit`` first (as an older kernel
+    would have recorded them)."""
+    from kernel.audit import AuditLog
+
+    with AuditLog.open(into, checkpoint_records=1000, checkpoint_ms=600_000) as log:
+        for record in iter_directory(audit, 0, RecordFilter()):
+            copy = kpb.AuditRecord()
+            copy.CopyFrom(record)
+            for name in ("sequence", "prev_hash", "hash"):
+                copy.ClearField(name)
+            edit(copy)
+            log.append(copy).wait(10)
+
+
 def test_replay_under_the_same_policy_changes_nothing(recorded, tmp_path, capsys):
     audit, pipelines, models = recorded
     report = _replay(audit, pipelines / "claims_triage.toml", pipelines / "policy.toml", tmp_path / "r.json", capsys)
@@ -165,18 +180,10 @@ def test_records_of_a_kernel_that_did_not_record_adjustments_replay_unchanged_un
     every adjusted decision was listed as 'adjust 0 -> -0.1', and --fail-on-change failed on a log spanning the
     upgrade. Under the policy a record was decided by, with the same rules fired, the adjustment is the
     candidate's by construction; a candidate that changes an adjustment is still found."""
-    from kernel.audit import AuditLog
 
     audit, pipelines, _ = recorded
     older = tmp_path / "older-audit"  # the same decisions, as a kernel without the field recorded them
-    with AuditLog.open(older, checkpoint_records=1000, checkpoint_ms=600_000) as log:
-        for record in iter_directory(audit, 0, RecordFilter()):
-            copy = kpb.AuditRecord()
-            copy.CopyFrom(record)
-            for name in ("sequence", "prev_hash", "hash"):
-                copy.ClearField(name)
-            copy.decision.ClearField("score_adjustment")
-            log.append(copy).wait(10)
+    _rewritten(audit, older, lambda copy: copy.decision.ClearField("score_adjustment"))
     assert any(r.decision.score_adjustment for r in _decisions(audit).values())
     pipeline, policy = pipelines / "claims_triage.toml", pipelines / "policy.toml"
     report = _replay(older, pipeline, policy, tmp_path / "r.json", capsys)
@@ -315,23 +322,19 @@ def test_a_recorded_case_the_candidate_refuses_is_skipped_and_counted_not_the_re
     float neighbour): replaying them under today's policy refused the whole chunk, and `audit replay` stopped with
     exit 2. Each such case is skipped and counted, with its field, as the kernel serving the candidate would
     refuse the request; the others are re-decided."""
-    from kernel.audit import AuditLog
 
     audit, pipelines, _ = recorded
     older = tmp_path / "older-audit"
-    edited = 0
-    with AuditLog.open(older, checkpoint_records=1000, checkpoint_ms=600_000) as log:
-        for record in iter_directory(audit, 0, RecordFilter()):
-            copy = kpb.AuditRecord()
-            copy.CopyFrom(record)
-            for name in ("sequence", "prev_hash", "hash"):
-                copy.ClearField(name)
-            if copy.kind == kpb.DECISION and edited < 3 and "prior_claims" in copy.inputs \
-                    and "prior_claims" not in copy.defaulted_fields:
-                copy.inputs["prior_claims"].int_value = 2**53 + 1  # as a kernel before the refusal recorded it
-                edited += 1
-            log.append(copy).wait(10)
-    assert edited == 3
+    edited = []
+
+    def past_2_53(copy):
+        if copy.kind == kpb.DECISION and len(edited) < 3 and "prior_claims" in copy.inputs \
+                and "prior_claims" not in copy.defaulted_fields:
+            copy.inputs["prior_claims"].int_value = 2**53 + 1  # as a kernel before the refusal recorded it
+            edited.append(copy.request_id)
+
+    _rewritten(audit, older, past_2_53)
+    assert len(edited) == 3
     report = _replay(older, pipelines / "claims_triage.toml", pipelines / "policy.toml", tmp_path / "r.json", capsys)
     assert report["examined"] == 397 and report["changed"] == 0, report
     assert report["skipped"] == 3, report

@@ -29,6 +29,13 @@ def disk_full_on_put(*args, **kwargs):
     raise StoreFailed("the store cannot write to data_dir: database or disk is full (SQLITE_FULL)")
 
 
+def assert_one_decision_per_key(tmp_path, keys: int) -> None:
+    """The audit log holds one decision for each of the keys k0..k<keys-1>: none was decided again."""
+    decided = [r.idempotency_key for r in iter_directory(tmp_path / "data" / "audit", wanted=RecordFilter(
+        kind=kpb.DECISION)) if r.idempotency_key.startswith("k")]
+    assert sorted(decided) == sorted(f"k{i}" for i in range(keys))
+
+
 def test_a_retry_gets_the_answer_back_while_its_entry_cannot_be_written(claims_models, tmp_path, monkeypatch):
     server = start_claims_kernel(claims_models, tmp_path)
     store = server.decisions.idempotency
@@ -57,9 +64,7 @@ def test_a_retry_gets_the_answer_back_while_its_entry_cannot_be_written(claims_m
             assert again.replayed and again.audit_sequence == first[0].audit_sequence
     finally:
         server.stop(grace=1)
-    decided = [r.idempotency_key for r in iter_directory(tmp_path / "data" / "audit", wanted=RecordFilter(
-        kind=kpb.DECISION)) if r.idempotency_key.startswith("k")]
-    assert sorted(decided) == sorted(f"k{i}" for i in range(6))  # one decision per key
+    assert_one_decision_per_key(tmp_path, 6)
 
 
 def test_kept_answers_are_written_in_batches_by_the_next_put_and_expired_ones_dropped(tmp_path):
@@ -142,6 +147,4 @@ def test_answers_kept_in_memory_at_a_stop_are_stored_from_their_records_at_the_n
                 assert again.replayed and (again.audit_sequence, again.action) == (answer.audit_sequence, answer.action)
     finally:
         server.stop(grace=1)
-    decided = [r.idempotency_key for r in iter_directory(tmp_path / "data" / "audit", wanted=RecordFilter(
-        kind=kpb.DECISION)) if r.idempotency_key.startswith("k")]
-    assert sorted(decided) == sorted(f"k{i}" for i in range(4))  # one decision per key
+    assert_one_decision_per_key(tmp_path, 4)
