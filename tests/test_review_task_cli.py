@@ -202,6 +202,8 @@ def test_task_list_shows_a_tenants_unfinished_tasks_by_default(cli):
     assert out.splitlines()[-1] == "1 task (1 WAITING_FOR_REVIEW) shown; more match (raise --limit, 0 = all)"
     code, out, _ = cli("task", "list", "--tenant", "listing", "--state", "succeeded", "--state", "failed")
     assert code == 0 and out.strip() == "0 tasks"
+    code, out, _ = cli("task", "list", "--tenant", "nobody")  # (the default filter, said when it shows none)
+    assert code == 0 and out.strip() == "0 tasks not final yet (--state all lists finished ones too)"
     code, out, _ = cli("task", "list", "--tenant", "listing", "--state", "all", "--json")
     assert [json.loads(line)["task_id"] for line in out.splitlines()] == ids
 

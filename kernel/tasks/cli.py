@@ -178,7 +178,10 @@ def cmd_list(args) -> int:
         changed = f"{duration((now - task.updated_unix_ns) / 1e9)} ago" if task.updated_unix_ns else "-"
         print(f"{task.task_id:32}  {_state(task.state):18}  {task.request.pipeline[:16]:16}  "
               f"{task.request.tenant[:10]:10}  {task.attempts:>4}  {age:>8}  {changed}")
-    print(listed_summary(shown, "task", lambda task: _state(task.state), more))
+    summary = listed_summary(shown, "task", lambda task: _state(task.state), more)
+    if not shown and not args.state:  # (a task that just finished is in none: "0 tasks" read as "none exist")
+        summary += " not final yet (--state all lists finished ones too)"
+    print(summary)
     return 0
 
 
