@@ -7,6 +7,8 @@ drives both implementations with random traces and compares their plans.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import pytest
 from lane_support import until
 
@@ -674,20 +676,19 @@ def test_deadline_passing_while_in_another_threads_batch_waits_for_that_batch():
     assert late.outputs is None and isinstance(late.error, DeadlineExceeded)  # ... and it is answered as late
 
 
-@pytest.mark.parametrize("impl", implementations(), ids=lambda cls: cls.name)
-def test_the_lane_answers_a_request_predicted_late_in_its_batch_without_running_it(impl):
-    """Admitted alone (its own batch fits its deadline), a request is later joined by seven others; the batch of
-    eight is predicted to end after its deadline, so it is answered DEADLINE_EXCEEDED and never runs."""
+@contextmanager
+def _slot_held_by_a_gated_batch(impl):
+    """A one-slot lane on ``impl`` whose execute (as the profile says: 6 ms a row + 4 ms, so the fit stays) records
+    the ids it runs and waits for ``gate``; its slot held by a first request, "holder", blocked on the gate. Yields
+    (lane, model, gate, ran, scheduler, holder_done); the gate opens and the lane closes at the end."""
     import threading
-    import time
 
-    from kernel.errors import DeadlineExceeded
     from kernel.scheduling import Lane
 
     gate = threading.Event()
     ran = []
 
-    def execute(batch):  # durations as the fit says (6 ms a row + 4 ms), so the fit stays as profiled
+    def execute(batch):
         ran.extend(it.request_id for it in batch.items)
         assert gate.wait(10)
         for it in batch.items:
@@ -704,6 +705,21 @@ def test_the_lane_answers_a_request_predicted_late_in_its_batch_without_running_
         holder_done = _with_callback(holder)
         lane.submit(holder)
         until(lambda: ran, "a helper holding the only slot, blocked on the gate", every_s=0.001)
+        yield lane, model, gate, ran, scheduler, holder_done
+    finally:
+        gate.set()
+        lane.close()
+
+
+@pytest.mark.parametrize("impl", implementations(), ids=lambda cls: cls.name)
+def test_the_lane_answers_a_request_predicted_late_in_its_batch_without_running_it(impl):
+    """Admitted alone (its own batch fits its deadline), a request is later joined by seven others; the batch of
+    eight is predicted to end after its deadline, so it is answered DEADLINE_EXCEEDED and never runs."""
+    import time
+
+    from kernel.errors import DeadlineExceeded
+
+    with _slot_held_by_a_gated_batch(impl) as (lane, model, gate, ran, scheduler, holder_done):
         tight = item(model, rid="tight", deadline=time.monotonic_ns() + 20 * MS)  # alone: <= 10 + 10 ms
         tight_done = _with_callback(tight)
         lane.submit(tight)
@@ -713,9 +729,6 @@ def test_the_lane_answers_a_request_predicted_late_in_its_batch_without_running_
             lane.submit(it)
         gate.set()  # the holder ends; the next batch would be all eight: 52 ms, past "tight"'s deadline
         assert tight_done.wait(10) and holder_done.wait(10) and all(done.wait(10) for done in others_done)
-    finally:
-        gate.set()
-        lane.close()
     assert isinstance(tight.error, DeadlineExceeded) and tight.outputs is None
     assert "predicted to end after its deadline" in tight.error.message
     assert "tight" not in ran and sorted(ran) == ["holder"] + [f"o{i}" for i in range(7)]
@@ -732,28 +745,8 @@ def test_a_request_whose_deadline_passes_before_its_formed_batch_starts_never_ru
     import time
 
     from kernel.errors import DeadlineExceeded
-    from kernel.scheduling import Lane
 
-    gate = threading.Event()
-    ran = []
-
-    def execute(batch):  # durations as the fit says (6 ms a row + 4 ms), so the fit stays as profiled
-        ran.extend(it.request_id for it in batch.items)
-        assert gate.wait(10)
-        for it in batch.items:
-            it.outputs = [it.request_id]
-        return 4 * MS + 6 * MS * batch.rows
-
-    scheduler = impl()
-    lane = Lane(scheduler, execute, slots=1, urgent_slots=0)
-    model = Model("m")
-    lane.add_model(model, ModelSchedule(max_batch_size=8), profile=[(1, 10 * MS), (8, 52 * MS)])
-    ITEM_CLASS[model] = scheduler.item_class
-    try:
-        holder = item(model, rid="holder")
-        holder_done = _with_callback(holder)
-        lane.submit(holder)
-        until(lambda: ran, "a helper holding the only slot, blocked on the gate", every_s=0.001)
+    with _slot_held_by_a_gated_batch(impl) as (lane, model, gate, ran, scheduler, holder_done):
         # Predicted late in the batch of eight (52 ms): expired as the batch forms, and its answer stalls.
         tight = item(model, rid="tight", deadline=time.monotonic_ns() + 20 * MS)
         stalled = threading.Event()
@@ -774,9 +767,6 @@ def test_a_request_whose_deadline_passes_before_its_formed_batch_starts_never_ru
         gate.set()
         assert stalled.wait(10) and brief_done.wait(10) and holder_done.wait(10)
         assert all(done.wait(10) for done in others_done)
-    finally:
-        gate.set()
-        lane.close()
     assert "brief" not in ran and sorted(ran) == ["holder"] + [f"o{i}" for i in range(6)]
     assert isinstance(brief.error, DeadlineExceeded) and brief.outputs is None
     assert "the model never ran this request" in brief.error.message
