@@ -17,6 +17,7 @@ from kernel._proto.aios.kernel.v1 import kernel_pb2 as kpb
 from kernel.errors import DeadlineExceeded, FailedPrecondition, Internal, InvalidArgument, NotFound, Unavailable, shutting_down
 from kernel.review import ReviewQueue
 from kernel.store import open_database
+from kernel.testing.pages import every_page, peak_traced_bytes
 from kernel.testing.watches import errors_when_ended
 from lane_support import until
 
@@ -524,21 +525,6 @@ def _large(queue: ReviewQueue, n: int, text_bytes: int = 1 << 20) -> list[str]:
     return made
 
 
-def _peak_traced_bytes(work) -> int:
-    """The most Python memory (tracemalloc: the stored review bodies read from SQLite are Python bytes) held at
-    once while ``work()`` runs."""
-    import tracemalloc
-
-    tracemalloc.start()
-    try:
-        tracemalloc.reset_peak()
-        base = tracemalloc.get_traced_memory()[0]
-        work()
-        return tracemalloc.get_traced_memory()[1] - base
-    finally:
-        tracemalloc.stop()
-
-
 def test_a_large_page_size_reads_only_the_reviews_its_bytes_allow(queue, monkeypatch):
     """Regression (a fuzz campaign's boundary values): ListReviews with page_size 1,000 read up to 1,001 stored
     reviews and parsed them all before the page stopped at PAGE_BYTES; with reviews carrying 1 MiB texts that
@@ -548,16 +534,10 @@ def test_a_large_page_size_reads_only_the_reviews_its_bytes_allow(queue, monkeyp
 
     monkeypatch.setattr(paging_module, "PAGE_BYTES", 4 << 20)
     made = _large(queue, 40)
-    peak = _peak_traced_bytes(lambda: queue.list(page_size=1000))
+    peak = peak_traced_bytes(lambda: queue.list(page_size=1000))
     assert peak < 16 << 20, f"{peak / 2**20:.0f} MiB read for a page of 4 MiB"
-    found, token = [], ""
-    while True:
-        page = queue.list(page_size=1000, page_token=token)
-        assert 0 < len(page.reviews) <= 4
-        found += [r.review_id for r in page.reviews]
-        if not (token := page.next_page_token):
-            break
-    assert found == made
+    assert every_page(lambda token: queue.list(page_size=1000, page_token=token),
+                      lambda page: [r.review_id for r in page.reviews], 4) == made
 
 
 def test_a_watch_backlog_holds_a_few_mib_of_reviews_not_a_page_of_500(queue):
@@ -567,7 +547,7 @@ def test_a_watch_backlog_holds_a_few_mib_of_reviews_not_a_page_of_500(queue):
     made = _large(queue, 40)
     watch = queue.watch(include_open=True)
     try:
-        peak = _peak_traced_bytes(lambda: next(watch))
+        peak = peak_traced_bytes(lambda: next(watch))
         # BACKLOG_PAGE_BYTES (2 MiB), and the rows of the last read from SQLite beyond it (8 at most)
         assert peak < 14 << 20, f"{peak / 2**20:.0f} MiB read for one review"
         assert [next(watch).review_id for _ in made[1:]] == made[1:]

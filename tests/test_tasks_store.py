@@ -20,6 +20,7 @@ from kernel.store import MIGRATIONS, open_database
 from kernel.store.schema import latest_version, migrate
 from kernel.store.sqlite_tasks import page_query
 from kernel.tasks import TaskStore
+from kernel.testing.pages import every_page, peak_traced_bytes
 from kernel.testing.watches import errors_when_ended
 
 
@@ -306,8 +307,6 @@ def test_a_large_page_size_reads_only_the_tasks_its_bytes_allow(db, monkeypatch)
     tasks and parsed them all before the page stopped at PAGE_BYTES; a task carries its request's text (1 MiB a
     field), so that was ~2 GB held for one call. The store now stops reading at the page's bytes (repro: 40
     tasks of 1 MiB, a 4 MiB page; 40 MB read for it before). Every task is still listed once, in order."""
-    import tracemalloc
-
     import kernel.paging as paging_module
 
     monkeypatch.setattr(paging_module, "PAGE_BYTES", 4 << 20)
@@ -317,20 +316,7 @@ def test_a_large_page_size_reads_only_the_tasks_its_bytes_allow(db, monkeypatch)
         request = decision_request(amount=float(n))
         request.text_fields["description"] = "d" * (1 << 20)
         made.append(store.create(request)[0].task_id)
-    tracemalloc.start()
-    try:
-        tracemalloc.reset_peak()
-        base = tracemalloc.get_traced_memory()[0]
-        store.list(page_size=1000)
-        peak = tracemalloc.get_traced_memory()[1] - base  # (stored bodies come from SQLite as Python bytes)
-    finally:
-        tracemalloc.stop()
+    peak = peak_traced_bytes(lambda: store.list(page_size=1000))  # (stored bodies come from SQLite as bytes)
     assert peak < 16 << 20, f"{peak / 2**20:.0f} MiB read for a page of 4 MiB"
-    found, token = [], ""
-    while True:
-        page = store.list(page_size=1000, page_token=token)
-        assert 0 < len(page.tasks) <= 4
-        found += [task.task_id for task in page.tasks]
-        if not (token := page.next_page_token):
-            break
-    assert found == made
+    assert every_page(lambda token: store.list(page_size=1000, page_token=token),
+                      lambda page: [task.task_id for task in page.tasks], 4) == made
