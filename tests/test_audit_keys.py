@@ -52,15 +52,19 @@ def run_kernel(models: Path, data_dir: Path, **settings) -> None:
     server.stop(grace=1)
 
 
-@pytest.fixture(scope="module")
-def rotated(models, tmp_path_factory) -> tuple[Path, tuple, tuple]:
-    """A log signed by key 1, then (a rotation: audit_key names another key) by key 2."""
-    keys = tmp_path_factory.mktemp("keys")
+def rotate(models, keys: Path, data_dir: Path) -> tuple[Path, tuple, tuple]:
+    """A log in ``data_dir`` signed by key 1, then (a rotation: audit_key names another key) by key 2, the keys made
+    in ``keys``: (the audit dir, key 1, key 2), each key as ``make_key`` gives it."""
     first, second = make_key(keys, "k1"), make_key(keys, "k2")
-    data_dir = tmp_path_factory.mktemp("data")
     run_kernel(models, data_dir, audit_key=str(first[0]))
     run_kernel(models, data_dir, audit_key=str(second[0]))
     return data_dir / "audit", first, second
+
+
+@pytest.fixture(scope="module")
+def rotated(models, tmp_path_factory) -> tuple[Path, tuple, tuple]:
+    """A log signed by key 1, then by key 2 (shared by the module's tests that only read it)."""
+    return rotate(models, tmp_path_factory.mktemp("keys"), tmp_path_factory.mktemp("data"))
 
 
 def test_a_rotated_log_keeps_every_public_key_and_verifies_without_from_key(rotated):
@@ -149,13 +153,9 @@ def test_a_fresh_log_still_gets_its_default_key(tmp_path):
 def test_a_retired_key_that_signs_again_is_noted_and_fails_strict(models, tmp_path):
     """(Operator walk-through) after a rotation from key 1 to key 2, checkpoints signed by key 1 again were taken as
     any others: whoever holds a copy of the retired key (left in the data dir) could sign past the rotation."""
-    keys = tmp_path / "keys"
-    keys.mkdir()
-    first, second = make_key(keys, "k1"), make_key(keys, "k2")
+    (tmp_path / "keys").mkdir()
     data_dir = tmp_path / "data"
-    run_kernel(models, data_dir, audit_key=str(first[0]))
-    run_kernel(models, data_dir, audit_key=str(second[0]))
-    audit = data_dir / "audit"
+    audit, first, second = rotate(models, tmp_path / "keys", data_dir)  # (a log of its own: this test changes it)
     trusted = [first[1].read_bytes(), second[1].read_bytes()]
     from kernel.audit.keys import parse_public_key
     raw = [parse_public_key(pem) for pem in trusted]
@@ -175,13 +175,9 @@ def test_a_start_with_a_retired_key_is_refused_and_changes_nothing(models, tmp_p
     """(Operator walk-through) a start with key 1 after a rotation to key 2 (its signing-key.pem restored, audit_key
     set back) signed on with the retired key: from then on `audit verify --strict` failed, and `audit archive`,
     which needs a strict pass, was refused on that log for good."""
-    keys = tmp_path / "keys"
-    keys.mkdir()
-    first, second = make_key(keys, "k1"), make_key(keys, "k2")
+    (tmp_path / "keys").mkdir()
     data_dir = tmp_path / "data"
-    run_kernel(models, data_dir, audit_key=str(first[0]))
-    run_kernel(models, data_dir, audit_key=str(second[0]))
-    audit = data_dir / "audit"
+    audit, first, second = rotate(models, tmp_path / "keys", data_dir)  # (a log of its own: this test changes it)
     before = {p.name: p.read_bytes() for p in audit.rglob("*") if p.is_file()}
     with pytest.raises(FailedPrecondition) as caught:
         start_kernel(models, data_dir=str(data_dir), audit_key=str(first[0]))
