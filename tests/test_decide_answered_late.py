@@ -20,6 +20,7 @@ from examples.claims import data
 from kernel._proto.aios.kernel.v1 import kernel_pb2 as kpb
 from kernel._proto.aios.kernel.v1 import kernel_pb2_grpc as kgrpc
 from kernel.pipelines.tally import DecisionTally
+from kernel.scheduling.stream_window import StreamHold
 
 TIMEOUT_MS = 600  # far more than an idle kernel takes to decide and record one claim
 STALL_S = 1.0  # the injected wait after the finisher's check: past the deadline
@@ -80,6 +81,34 @@ def test_a_streamed_decision_ready_after_its_deadline_is_answered_deadline_excee
     request = claim_request(data.generate_cases(1, seed=4)[0], request_id="streamed-late", timeout_ms=TIMEOUT_MS)
     (answer,) = list(kgrpc.DecisionServiceStub(channel).DecideStream(iter([request]), timeout=60))
     assert answer.request_id == "streamed-late"
+    assert answer.error_code == "DEADLINE_EXCEEDED", (answer.error_code, answer.action)
+    assert "its answer was ready" in answer.error_message and answer.audit_sequence > 0
+    assert _late_count(channel) == late_before + 1
+
+
+
+def stall_before_the_send(patch) -> None:
+    """The injected fault: handing a streamed answer on (``StreamHold.give_back``, between the making of an
+    answer and its send) stalls ``STALL_S``, as an answer waits on grpc.aio's event loop behind others under
+    overload (5x overload sent DecideStream answers 0.05-6.5 ms after deadlines checked before that wait)."""
+    give_back = StreamHold.give_back
+
+    def stalled_give_back(self, nbytes):
+        threading.Event().wait(STALL_S)
+        return give_back(self, nbytes)
+
+    patch.setattr(StreamHold, "give_back", stalled_give_back)
+
+
+def test_a_streamed_answer_held_up_on_its_way_out_is_checked_where_it_is_sent(kernel, channel, monkeypatch):
+    if kernel.settings.front_end != "aio":
+        pytest.skip("the threaded front end streams decisions through its pump (stream_pump.py), not this path")
+    late_before = _late_count(channel)
+    request = claim_request(data.generate_cases(1, seed=5)[0], request_id="sent-late", timeout_ms=TIMEOUT_MS)
+    with monkeypatch.context() as patch:  # (the fault for this call only: the tally is read without it)
+        stall_before_the_send(patch)
+        (answer,) = list(kgrpc.DecisionServiceStub(channel).DecideStream(iter([request]), timeout=60))
+    assert answer.request_id == "sent-late"
     assert answer.error_code == "DEADLINE_EXCEEDED", (answer.error_code, answer.action)
     assert "its answer was ready" in answer.error_message and answer.audit_sequence > 0
     assert _late_count(channel) == late_before + 1

@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterator
 import grpc
 
 from ..errors import KernelError
+from ..at_send import AtSend
 from .frontends import details_of, internal_message, status_of
 from .registration import ensure_parsed
 
@@ -159,7 +160,9 @@ def sync_handler(rpc: str, handler: Callable, client_streaming: bool, server_str
         def call(request_or_iterator, context):
             try:
                 request, ctx = prepare(request_or_iterator, context)
-                yield from handler(request, ctx)
+                for response in handler(request, ctx):
+                    # (gRPC sends it from this thread as the generator yields it: the last moment)
+                    yield response.make() if type(response) is AtSend else response
             except Exception as exc:
                 _sync_fail(rpc, exc, context)
 
@@ -269,6 +272,8 @@ def aio_handler(rpc: str, handler: Callable, client_streaming: bool, server_stre
                     await _aio_fail(rpc, error, context)
                 if response is _END:
                     return
+                if type(response) is AtSend:  # its last check, after its wait in this queue (at_send.py)
+                    response = response.make()
                 yield response
                 window.release()
         finally:

@@ -22,8 +22,10 @@ import logging
 import queue
 import threading
 from collections.abc import Iterator
+from functools import partial
 
 from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
+from ..at_send import AtSend
 from ..errors import Cancelled, InvalidArgument, KernelError, Unavailable
 from ..scheduling.stream_window import StreamHold, StreamWindow
 from ..threads import name_native_thread
@@ -72,7 +74,12 @@ def _unparsed(request) -> InvalidArgument:
     return InvalidArgument(f"the request is not a valid aios.kernel.v1.DecisionRequest message: {reason}")
 
 
-def decide_stream(engine: DecisionEngine, requests: Iterator, ctx, principal: str = ANONYMOUS) -> Iterator[kpb.Decision]:
+def _in_time(engine: DecisionEngine, pending: Pending) -> kpb.Decision:
+    result = engine.in_time(pending, pending.result)
+    return result if isinstance(result, kpb.Decision) else error_decision(pending.request, result)
+
+
+def decide_stream(engine: DecisionEngine, requests: Iterator, ctx, principal: str = ANONYMOUS) -> Iterator[kpb.Decision | AtSend]:
     # Each answer-bearing event comes with the bytes of its request, given back to ``hold`` once answered.
     events: queue.SimpleQueue = queue.SimpleQueue()
     hold = StreamHold()  # unanswered requests and their bytes, bounded: the reader waits for room
@@ -148,8 +155,9 @@ def decide_stream(engine: DecisionEngine, requests: Iterator, ctx, principal: st
                     if answer.result is None:  # it never ran (cancelled, expired) or the finisher was closing
                         group.append(event)
                         continue
-                    result = engine.in_time(answer, answer.result)  # (its deadline, checked again as it goes out)
-                    answer = result if isinstance(result, kpb.Decision) else error_decision(answer.request, result)
+                    # Its deadline, checked again as it goes out: by the front end, where it sends it (on grpc.aio
+                    # the event loop sends it after a wait of its own).
+                    answer = AtSend(partial(_in_time, engine, answer))
                 hold.give_back(nbytes)
                 answered += 1
                 yield answer
