@@ -19,6 +19,7 @@ from conftest import start_kernel
 from examples.claims import data
 from kernel._proto.aios.kernel.v1 import kernel_pb2 as kpb
 from kernel._proto.aios.kernel.v1 import kernel_pb2_grpc as kgrpc
+from kernel.api import stream_pump
 from kernel.pipelines.tally import DecisionTally
 from kernel.scheduling.stream_window import StreamHold
 
@@ -111,4 +112,36 @@ def test_a_streamed_answer_held_up_on_its_way_out_is_checked_where_it_is_sent(ke
     assert answer.request_id == "sent-late"
     assert answer.error_code == "DEADLINE_EXCEEDED", (answer.error_code, answer.action)
     assert "its answer was ready" in answer.error_message and answer.audit_sequence > 0
+    assert _late_count(channel) == late_before + 1
+
+
+def stall_the_first_send_s_completion(patch) -> None:
+    """The injected fault: the first answer's "sent" report (``_Stream._after_send``, on gRPC's poller) comes
+    ``STALL_S`` late, as under a busy poller or a client reading slowly: answers ready meanwhile wait their turn."""
+    after_send = stream_pump._Stream._after_send
+    stalled = []
+
+    def late_report(self, token):
+        if not stalled:
+            stalled.append(token)
+            threading.Event().wait(STALL_S)
+        return after_send(self, token)
+
+    patch.setattr(stream_pump._Stream, "_after_send", late_report)
+
+
+def test_a_pumped_answer_waiting_for_the_send_before_it_is_checked_when_its_turn_comes(kernel, channel, monkeypatch):
+    if kernel.settings.front_end == "aio":
+        pytest.skip("grpc.aio streams decisions through its event loop (the test above), not the pump")
+    late_before = _late_count(channel)
+    cases = data.generate_cases(2, seed=6)
+    requests = [claim_request(case, request_id=f"queued-{n}", timeout_ms=TIMEOUT_MS) for n, case in enumerate(cases)]
+    with monkeypatch.context() as patch:
+        stall_the_first_send_s_completion(patch)
+        answers = {answer.request_id: answer
+                   for answer in kgrpc.DecisionServiceStub(channel).DecideStream(iter(requests), timeout=60)}
+    codes = sorted(answer.error_code for answer in answers.values())
+    assert codes == ["", "DEADLINE_EXCEEDED"], [(a.request_id, a.error_code, a.action) for a in answers.values()]
+    (late,) = [answer for answer in answers.values() if answer.error_code]
+    assert "its answer was ready" in late.error_message and late.audit_sequence > 0
     assert _late_count(channel) == late_before + 1

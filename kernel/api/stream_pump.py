@@ -177,16 +177,17 @@ class StreamPump(TakeOverPool):
 class _Answer:
     """A decision's ``later`` (what ``DecisionEngine.answer_later`` answers through): back onto its stream."""
 
-    __slots__ = ("_stream", "_request", "_nbytes", "item")
+    __slots__ = ("_stream", "_request", "_nbytes", "item", "_pending")
 
-    def __init__(self, stream: _Stream, request, nbytes: int, item):
+    def __init__(self, stream: _Stream, request, nbytes: int, item, pending):
         self._stream = stream
         self._request = request
         self._nbytes = nbytes
         self.item = item  # its model work: no longer to take back once answered
+        self._pending = pending  # (its deadline checked again if the answer has to wait for its turn to go out)
 
     def send(self, decision) -> None:
-        self._stream.answer(decision, self._nbytes, self.item)
+        self._stream.answer(decision, self._nbytes, self.item, self._pending)
 
     def fail(self, error) -> None:
         self._stream.answer(error_decision(self._request, error), self._nbytes, self.item)
@@ -305,15 +306,16 @@ class _Stream:
                 return
             self._queued[id(item)] = item
         try:
-            self._engine.answer_later(pending, _Answer(self, request, nbytes, item), inline=False)
+            self._engine.answer_later(pending, _Answer(self, request, nbytes, item, pending), inline=False)
         except Exception as exc:  # refused at admission: RESOURCE_EXHAUSTED with its retry hint
             self._engine.release(pending)
             self.answer(error_decision(request, exc), nbytes, item)
 
     # -- answering (the finisher, or the prepare task) ----------------------------------------
-    def answer(self, decision, nbytes: int, item) -> None:
+    def answer(self, decision, nbytes: int, item, pending=None) -> None:
         """Send ``decision`` (for a request of ``nbytes``; ``item``: its model work, no longer to take back)
-        after those before it."""
+        after those before it. ``pending``: the decision's, when it ran (its deadline is checked again if it
+        waits for the send before it)."""
         try:
             data = self._serializer(decision)
         except Exception:  # the kernel's bug; the request still gets an answer, and the stream its end
@@ -327,8 +329,8 @@ class _Stream:
             self._held_bytes -= nbytes
             if not _gs._is_rpc_state_active(state):
                 return  # the call ended: nobody to tell
-            if self._sending:
-                self._sends.append(data)  # (bounded by has_room's count: receiving waits for sends, not answers)
+            if self._sending:  # (bounded by has_room's count: receiving waits for sends, not answers)
+                self._sends.append(data if pending is None else (data, decision, pending))
             else:
                 self._send_locked(data)
             self._receive_locked()  # fewer bytes held: a stream paused for them reads on
@@ -345,11 +347,22 @@ class _Stream:
             self._pump.sent += 1
             outcome = _gs._possibly_finish_call(state, token)
             if self._sends and _gs._is_rpc_state_active(state):
-                self._send_locked(self._sends.popleft())
+                self._send_locked(self._in_time(self._sends.popleft()))
             else:
                 self._end_if_answered_locked()
             self._receive_locked()  # one held answer less: a stream paused for room reads on
             return outcome
+
+    def _in_time(self, queued) -> bytes:
+        """A queued answer's bytes as they may go out now: one whose deadline passed while it waited for the
+        sends before it (a client reading slowly, a busy poller) is answered as one recorded late is."""
+        if type(queued) is bytes:
+            return queued
+        data, decision, pending = queued
+        result = self._engine.in_time(pending, decision)
+        if result is decision:
+            return data
+        return self._serializer(error_decision(pending.request, result))
 
     # -- the end --------------------------------------------------------------------------------
     def drain(self) -> None:
