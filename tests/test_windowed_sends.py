@@ -9,13 +9,14 @@ the status, dropping what was queued).
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from concurrent import futures
 
 import grpc
 import pytest
 
-from kernel.api import windowed_sends
+from kernel.api import rpc, windowed_sends
 from kernel.testing.settle import settled
 
 MESSAGES, SIZE = 200, 8 * 1024  # 1.6 MB: beyond what flow control lets out before the client reads, within the window
@@ -88,4 +89,44 @@ def test_a_client_that_stops_reading_holds_a_bounded_number_of_bytes():
     finally:
         server.stop(0)
         pool.shutdown()
+    assert got == list(range(count))
+
+
+def test_on_grpc_aio_a_client_that_stops_reading_holds_a_bounded_number_of_bytes():
+    """The same for grpc.aio (rpc.aio_handler): its window counted messages only (64), so a StreamAudit follower
+    of a log of large records that stopped reading held 64 of them (records of up to max_message_bytes, 64 MiB:
+    4 GiB a call). Repro: 200 messages of 256 KB, a client that reads none: the handler yielded 64 + what gRPC's
+    buffers took. Now it waits once ``AIO_STREAM_WINDOW_BYTES`` are handed to the loop."""
+    size, count = 256 * 1024, 200
+    yielded = [0]
+
+    def handler(request, ctx):
+        for i in range(count):
+            yielded[0] = i + 1
+            yield i.to_bytes(4, "big") + b"x" * size
+
+    call_handler = rpc.aio_handler("M", handler, client_streaming=False, server_streaming=True)
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+
+    async def start():
+        server = grpc.aio.server(handlers=[grpc.method_handlers_generic_handler(
+            "t.S", {"M": grpc.unary_stream_rpc_method_handler(call_handler)})])
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        return server, port
+
+    server, port = asyncio.run_coroutine_threadsafe(start(), loop).result(10)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.max_receive_message_length", 1 << 20)]) as channel:
+            call = channel.unary_stream("/t.S/M")(b"", timeout=60)
+            stalled = settled(lambda: yielded[0])
+            assert stalled < count, "the handler yielded every message to a client that reads none"
+            assert stalled * size <= rpc.AIO_STREAM_WINDOW_BYTES + (8 << 20), f"{stalled} of {count} messages yielded"
+            got = [int.from_bytes(message[:4], "big") for message in call]  # reading at last: every message comes
+    finally:
+        asyncio.run_coroutine_threadsafe(server.stop(1), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
     assert got == list(range(count))

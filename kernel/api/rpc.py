@@ -34,6 +34,7 @@ import grpc
 
 from ..errors import KernelError
 from ..at_send import AtSend
+from ..scheduling.stream_window import StreamHold
 from .frontends import details_of, internal_message, status_of
 from .registration import ensure_parsed
 
@@ -206,6 +207,17 @@ def _bridge_requests(requests, loop: asyncio.AbstractEventLoop) -> Iterator:
 AIO_STREAM_WINDOW = 64  # a server stream's answers on their way to the asyncio loop (aio_handler)
 # A handler whose answers are large names a smaller window as ``handler.stream_window`` (StreamAuditBatches: 64
 # batches of up to ~1 MiB held ~64 MiB per call of a follower that stopped reading).
+AIO_STREAM_WINDOW_BYTES = 2 << 20  # and their bytes (the count alone let a follower of a log of 64 MiB
+# records hold 64 of them: 4 GiB a call); the threaded front end's windowed_sends.WINDOW_BYTES
+
+
+def _message_bytes(response) -> int:
+    """What ``response`` will take serialized (0 for what is not a message yet: an ``AtSend``, bounded where
+    it was made)."""
+    try:
+        return response.ByteSize()
+    except AttributeError:
+        return len(response) if type(response) is bytes else 0
 
 
 def aio_handler(rpc: str, handler: Callable, client_streaming: bool, server_streaming: bool) -> Callable:
@@ -238,19 +250,19 @@ def aio_handler(rpc: str, handler: Callable, client_streaming: bool, server_stre
     async def call(request_or_iterator, context):
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-        # Answers handed to the loop and not sent yet: at most stream_window, so a client that does not
-        # read holds the handler at its next answer (and a DecideStream's reader at its in-flight limit)
-        # instead of filling this queue without end. The loop frees a place once gRPC has sent an answer:
-        # grpc.aio asks this generator for the next one only then.
-        window = threading.Semaphore(stream_window)
+        # Answers handed to the loop and not sent yet: at most stream_window of them and about
+        # AIO_STREAM_WINDOW_BYTES, so a client that does not read holds the handler at its next answer (and a
+        # DecideStream's reader at its in-flight limit) instead of filling this queue without end. The loop
+        # frees a place once gRPC has sent an answer: grpc.aio asks this generator for the next one only then.
+        window = StreamHold(stream_window, AIO_STREAM_WINDOW_BYTES)
 
         def produce(request, ctx) -> None:
             try:
                 for response in handler(request, ctx):
-                    while not window.acquire(timeout=0.5):
-                        if not ctx.is_active():
-                            return
-                    loop.call_soon_threadsafe(queue.put_nowait, (response, None))
+                    nbytes = _message_bytes(response)
+                    if not window.take(nbytes, ctx.is_active):
+                        return
+                    loop.call_soon_threadsafe(queue.put_nowait, (response, nbytes))
                     if not ctx.is_active():
                         return
             except BaseException as exc:  # handed to the loop, which answers with a status
@@ -267,15 +279,16 @@ def aio_handler(rpc: str, handler: Callable, client_streaming: bool, server_stre
         worker.start()
         try:
             while True:
-                response, error = await queue.get()
-                if error is not None:
-                    await _aio_fail(rpc, error, context)
+                response, nbytes = await queue.get()
                 if response is _END:
+                    error = nbytes  # (the end carries the handler's error, or None)
+                    if error is not None:
+                        await _aio_fail(rpc, error, context)
                     return
                 if type(response) is AtSend:  # its last check, after its wait in this queue (at_send.py)
                     response = response.make()
                 yield response
-                window.release()
+                window.give_back(nbytes)
         finally:
             ctx._finish()
 

@@ -35,29 +35,34 @@ MAX_HELD_BYTES = 64 * 1024 * 1024  # and their serialized bytes: beyond these, t
 __all__ = ["MAX_HELD_BYTES", "MAX_IN_FLIGHT", "AsyncStreamHold", "StreamHold", "StreamWindow", "has_room"]
 
 
-def has_room(requests: int, nbytes: int) -> bool:
+def has_room(requests: int, nbytes: int, max_requests: int | None = None, max_bytes: int | None = None) -> bool:
     """Whether a stream holding ``requests`` unanswered requests of ``nbytes`` in all may take another.
     One is always taken, however large: a single message is already bounded by ``max_message_bytes``,
     so a stream holds at most ``MAX_HELD_BYTES`` plus one message. (The limits are read here, at the
-    call, so that tests can lower them.)"""
-    return requests == 0 or (requests < MAX_IN_FLIGHT and nbytes < MAX_HELD_BYTES)
+    call, so that tests can lower them; ``max_requests``/``max_bytes``: other limits than these.)"""
+    if requests == 0:
+        return True
+    return (requests < (MAX_IN_FLIGHT if max_requests is None else max_requests)
+            and nbytes < (MAX_HELD_BYTES if max_bytes is None else max_bytes))
 
 
 class StreamHold:
-    """One stream's unanswered requests and their bytes, for a reader thread that waits for room."""
+    """One stream's unanswered requests and their bytes, for a reader thread that waits for room. Also what a
+    producer thread has handed on and not seen sent (rpc.aio_handler), with limits of its own."""
 
-    __slots__ = ("_room", "requests", "nbytes")
+    __slots__ = ("_room", "requests", "nbytes", "_limits")
 
-    def __init__(self):
+    def __init__(self, max_requests: int | None = None, max_bytes: int | None = None):
         self._room = threading.Condition(threading.Lock())
         self.requests = 0
         self.nbytes = 0
+        self._limits = (max_requests, max_bytes)  # (None: has_room's own)
 
     def take(self, nbytes: int, still_wanted) -> bool:
         """Count in a request of ``nbytes`` once there is room; False (nothing counted) if ``still_wanted()``
         turns false meanwhile (the call ended), looked at every half second while waiting."""
         with self._room:
-            while not has_room(self.requests, self.nbytes):
+            while not has_room(self.requests, self.nbytes, *self._limits):
                 if not self._room.wait(0.5) and not still_wanted():
                     return False
             self.requests += 1
