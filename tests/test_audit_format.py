@@ -35,3 +35,11 @@ def test_a_newer_file_format_is_named_as_such_by_the_open_and_by_verify(tmp_path
     assert done.returncode == 2, done.stdout + done.stderr  # could not run: not FAILED
     assert "was written by a newer aios-kernel" in done.stderr and "FAILED" not in done.stdout
     assert path.read_bytes() == before
+
+
+def test_export_of_a_newer_segment_format_could_not_run_rather_than_calls_the_log_damaged(tmp_path):
+    """``audit export`` said such a log "does not verify" and exited 1, as for damage."""
+    a_newer_format(tmp_path, "*.seg")
+    done = run_cli("export", str(tmp_path))
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "was written by a newer aios-kernel" in done.stderr and "does not verify" not in done.stderr

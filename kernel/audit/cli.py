@@ -116,6 +116,8 @@ def cmd_export(args) -> int:
     try:
         records = iter_directory(directory, args.from_sequence, wanted)
         count = export_jsonl(counted(records, Progress("aios-kernel audit export"), "records exported"), out)
+    except AuditFormatTooNew as exc:  # not damage: a log this kernel cannot read (as verify says)
+        return _cannot_run("export", exc.message)
     except AuditError as exc:
         # Damage, not a torn tail (that one the reader skips with a warning): the export is
         # short, and saying so is the point; exporting past the damage would hide it.
