@@ -9,6 +9,7 @@ just before answering (``InferenceService.answer``). The injected fault here sta
 
 from __future__ import annotations
 
+import contextlib
 import threading
 
 import grpc
@@ -78,14 +79,22 @@ def test_a_unary_decision_ready_after_its_deadline_is_deadline_exceeded_with_its
 
 def test_a_streamed_decision_ready_after_its_deadline_is_answered_deadline_exceeded(kernel, channel,
                                                                                    stalled_after_the_check):
+    stream_one_answered_late(channel, "streamed-late", seed=4)
+
+
+def stream_one_answered_late(channel, request_id: str, seed: int, fault=None, monkeypatch=None) -> None:
+    """One claim on a DecideStream (with ``fault(patch)`` in place for it, if given) is answered DEADLINE_EXCEEDED
+    naming its record, and counted late once."""
     late_before = _late_count(channel)
-    request = claim_request(data.generate_cases(1, seed=4)[0], request_id="streamed-late", timeout_ms=TIMEOUT_MS)
-    (answer,) = list(kgrpc.DecisionServiceStub(channel).DecideStream(iter([request]), timeout=60))
-    assert answer.request_id == "streamed-late"
+    request = claim_request(data.generate_cases(1, seed=seed)[0], request_id=request_id, timeout_ms=TIMEOUT_MS)
+    with monkeypatch.context() if fault else contextlib.nullcontext() as patch:  # (the tally is read without it)
+        if fault:
+            fault(patch)
+        (answer,) = list(kgrpc.DecisionServiceStub(channel).DecideStream(iter([request]), timeout=60))
+    assert answer.request_id == request_id
     assert answer.error_code == "DEADLINE_EXCEEDED", (answer.error_code, answer.action)
     assert "its answer was ready" in answer.error_message and answer.audit_sequence > 0
     assert _late_count(channel) == late_before + 1
-
 
 
 def stall_before_the_send(patch) -> None:
@@ -104,15 +113,7 @@ def stall_before_the_send(patch) -> None:
 def test_a_streamed_answer_held_up_on_its_way_out_is_checked_where_it_is_sent(kernel, channel, monkeypatch):
     if kernel.settings.front_end != "aio":
         pytest.skip("the threaded front end streams decisions through its pump (stream_pump.py), not this path")
-    late_before = _late_count(channel)
-    request = claim_request(data.generate_cases(1, seed=5)[0], request_id="sent-late", timeout_ms=TIMEOUT_MS)
-    with monkeypatch.context() as patch:  # (the fault for this call only: the tally is read without it)
-        stall_before_the_send(patch)
-        (answer,) = list(kgrpc.DecisionServiceStub(channel).DecideStream(iter([request]), timeout=60))
-    assert answer.request_id == "sent-late"
-    assert answer.error_code == "DEADLINE_EXCEEDED", (answer.error_code, answer.action)
-    assert "its answer was ready" in answer.error_message and answer.audit_sequence > 0
-    assert _late_count(channel) == late_before + 1
+    stream_one_answered_late(channel, "sent-late", seed=5, fault=stall_before_the_send, monkeypatch=monkeypatch)
 
 
 def stall_the_first_send_s_completion(patch) -> None:

@@ -10,6 +10,7 @@ the status, dropping what was queued).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from concurrent import futures
 
@@ -64,48 +65,21 @@ def test_every_message_yielded_goes_out_before_the_status(ending):
                     "end": grpc.StatusCode.OK}[ending]
 
 
-def test_a_client_that_stops_reading_holds_a_bounded_number_of_bytes():
-    """Regression: the window counted messages only (256), so a StreamAuditBatches follower that stopped reading
-    had its handler queue 256 messages of up to 4,096 records each (~1 GB per call; a raw campaign measured
-    +1.2 GB of server memory for 100 such callers on a 35,000-record log). Repro: 200 messages of 256 KB (50 MB),
-    a client that reads none: the handler yielded all 200. Now it waits once ``WINDOW_BYTES`` are queued."""
-    size, count = 256 * 1024, 200
-    yielded = [0]
-
-    def handler(request, context):
-        for i in range(count):
-            yielded[0] = i + 1
-            yield i.to_bytes(4, "big") + b"x" * size
-
+@contextlib.contextmanager
+def served_threaded(handler):
     server, pool, port = serve(handler)
     try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.max_receive_message_length", 1 << 20)]) as channel:
-            call = channel.unary_stream("/t.S/M")(b"", timeout=60)
-            stalled = settled(lambda: yielded[0])
-            assert stalled < count, "the handler yielded every message to a client that reads none"
-            # gRPC's own buffers (flow control, a few MB at most) take some before the sender's queue holds any.
-            assert stalled * size <= windowed_sends.WINDOW_BYTES + (8 << 20), f"{stalled} of {count} messages yielded"
-            got = [int.from_bytes(message[:4], "big") for message in call]  # reading at last: every message comes
+        yield port
     finally:
         server.stop(0)
         pool.shutdown()
-    assert got == list(range(count))
 
 
-def test_on_grpc_aio_a_client_that_stops_reading_holds_a_bounded_number_of_bytes():
-    """The same for grpc.aio (rpc.aio_handler): its window counted messages only (64), so a StreamAudit follower
-    of a log of large records that stopped reading held 64 of them (records of up to max_message_bytes, 64 MiB:
-    4 GiB a call). Repro: 200 messages of 256 KB, a client that reads none: the handler yielded 64 + what gRPC's
-    buffers took. Now it waits once ``AIO_STREAM_WINDOW_BYTES`` are handed to the loop."""
-    size, count = 256 * 1024, 200
-    yielded = [0]
-
-    def handler(request, ctx):
-        for i in range(count):
-            yielded[0] = i + 1
-            yield i.to_bytes(4, "big") + b"x" * size
-
-    call_handler = rpc.aio_handler("M", handler, client_streaming=False, server_streaming=True)
+@contextlib.contextmanager
+def served_aio(handler):
+    """``handler`` as the kernel serves a server stream on grpc.aio (rpc.aio_handler), on its own loop thread."""
+    call_handler = rpc.aio_handler("M", lambda request, ctx: handler(request, None), client_streaming=False,
+                                   server_streaming=True)
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
@@ -119,14 +93,37 @@ def test_on_grpc_aio_a_client_that_stops_reading_holds_a_bounded_number_of_bytes
 
     server, port = asyncio.run_coroutine_threadsafe(start(), loop).result(10)
     try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.max_receive_message_length", 1 << 20)]) as channel:
-            call = channel.unary_stream("/t.S/M")(b"", timeout=60)
-            stalled = settled(lambda: yielded[0])
-            assert stalled < count, "the handler yielded every message to a client that reads none"
-            assert stalled * size <= rpc.AIO_STREAM_WINDOW_BYTES + (8 << 20), f"{stalled} of {count} messages yielded"
-            got = [int.from_bytes(message[:4], "big") for message in call]  # reading at last: every message comes
+        yield port
     finally:
         asyncio.run_coroutine_threadsafe(server.stop(1), loop).result(10)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
+
+
+@pytest.mark.parametrize("front_end", ["threaded", "aio"])
+def test_a_client_that_stops_reading_holds_a_bounded_number_of_bytes(front_end):
+    """Regression: the window counted messages only (256), so a StreamAuditBatches follower that stopped reading
+    had its handler queue 256 messages of up to 4,096 records each (~1 GB per call; a raw campaign measured
+    +1.2 GB of server memory for 100 such callers on a 35,000-record log). Repro: 200 messages of 256 KB (50 MB),
+    a client that reads none: the handler yielded all 200. Now it waits once ``WINDOW_BYTES`` are queued.
+    On grpc.aio (rpc.aio_handler) the same: its window counted 64 messages, so a StreamAudit follower of a log of
+    large records (up to max_message_bytes, 64 MiB each) held 4 GiB; now ``AIO_STREAM_WINDOW_BYTES``."""
+    size, count = 256 * 1024, 200
+    yielded = [0]
+    serving, window = {"threaded": (served_threaded, windowed_sends.WINDOW_BYTES),
+                       "aio": (served_aio, rpc.AIO_STREAM_WINDOW_BYTES)}[front_end]
+
+    def handler(request, context):
+        for i in range(count):
+            yielded[0] = i + 1
+            yield i.to_bytes(4, "big") + b"x" * size
+
+    with serving(handler) as port:
+        with grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.max_receive_message_length", 1 << 20)]) as channel:
+            call = channel.unary_stream("/t.S/M")(b"", timeout=60)
+            stalled = settled(lambda: yielded[0])
+            assert stalled < count, "the handler yielded every message to a client that reads none"
+            # gRPC's own buffers (flow control, a few MB at most) take some before the sender's queue holds any.
+            assert stalled * size <= window + (8 << 20), f"{stalled} of {count} messages yielded"
+            got = [int.from_bytes(message[:4], "big") for message in call]  # reading at last: every message comes
     assert got == list(range(count))
