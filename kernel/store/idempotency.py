@@ -158,15 +158,24 @@ class IdempotencyStore:
             raise _reused(key)
         return found[1]
 
-    def put(self, tenant: str, key: str, request_hash: str, response: bytes, audit_sequence: int = -1) -> bytes:
+    def now(self) -> int:
+        """The store's wall clock (ns), which expiry is read against."""
+        return self._clock()
+
+    def put(self, tenant: str, key: str, request_hash: str, response: bytes, audit_sequence: int = -1,
+            decided_unix_ns: int = 0) -> bytes:
         """Store ``response`` under the key; returns the answer now stored.
 
         The first answer stored wins: if another call stored one for the same
         request meanwhile, that one is kept and returned. A live key stored
-        for a different request raises FAILED_PRECONDITION.
+        for a different request raises FAILED_PRECONDITION. ``decided_unix_ns``
+        (0 = now): when the answer was decided; the key lives the retention
+        period from then (an answer stored again from its audit record at a
+        start keeps its own lifetime, not a new one).
         """
         check_key(key)
         now = self._clock()
+        decided = decided_unix_ns or now
         response = bytes(response)
 
         def work(conn) -> bytes:
@@ -178,7 +187,7 @@ class IdempotencyStore:
                 if found[0] != request_hash:
                     raise _reused(key)
                 return bytes(found[1])
-            self._insert(conn, tenant, key, request_hash, response, now, audit_sequence=audit_sequence)
+            self._insert(conn, tenant, key, request_hash, response, decided, audit_sequence=audit_sequence)
             self._puts += 1  # works run one at a time (on the group's leader), so no lock
             if self._puts % PURGE_EVERY == 0:
                 self._purge(conn, now)
@@ -349,12 +358,19 @@ def restore_answers(store: IdempotencyStore, records) -> int:
     its caller's retry instead of decided a second time. Returns how many were stored.
 
     The answer is the recorded decision with its audit sequence and hash, as it was sent. Records written
-    before records carried their request's hash (``request_hash``) cannot be matched to a retry: skipped.
+    before records carried their request's hash (``request_hash``) cannot be matched to a retry: skipped. A key
+    lives the retention period from its decision's record (``time_unix_ns``): one whose period ended while the
+    kernel was down is not stored again. (The mark rises only with escalations and stops, so after a kill it may
+    lie days back: every keyed answer since, long expired and purged, came back for another whole period, and a
+    key reused after its period was refused FAILED_PRECONDITION as used with another request.)
     """
     restored = 0
+    now = store.now()
     for record in records:
         if not record.idempotency_key or not record.request_hash:
             continue
+        if record.time_unix_ns and record.time_unix_ns + store.retention_ns <= now:
+            continue  # expired while the kernel was down (or before the kill): nothing to replay
         if store.get(record.tenant, record.idempotency_key) is not None:
             continue  # stored before the stop (or a later use of the key: its own entry stands)
         answer = kpb.Decision()
@@ -362,7 +378,7 @@ def restore_answers(store: IdempotencyStore, records) -> int:
         answer.audit_sequence, answer.audit_hash = record.sequence, record.hash.hex()
         try:
             store.put(record.tenant, record.idempotency_key, record.request_hash.hex(), answer.SerializeToString(),
-                      record.sequence)
+                      record.sequence, decided_unix_ns=record.time_unix_ns)
         except FailedPrecondition:
             continue
         restored += 1
