@@ -26,7 +26,11 @@ are queued again — the pipeline is deterministic and idempotent, so running
 it again is safe — unless that run was their last allowed attempt; QUEUED
 ones are queued; WAITING_FOR_REVIEW ones keep waiting (or finish, if their
 review was resolved while nobody could tell them). Backoff delays use the
-monotonic clock; a restart forgets them and retries at once.
+monotonic clock; a restart finishes a QUEUED task's wait from its stored
+``next_attempt_unix_ns`` (wall clock), at most ``max_backoff_s`` of it: a
+restart retried every task at once (a burst on whatever made them fail), and
+a wall clock set back, or a lower ``task_max_backoff_s``, must not make a
+task wait longer than the longest back-off.
 """
 
 from __future__ import annotations
@@ -140,7 +144,8 @@ class TaskRunner:
                 self.store.transition(task.task_id, kpb.QUEUED, (kpb.RUNNING,),
                                       f"re-queued: the kernel stopped while attempt {attempt} ran")
                 requeued += 1
-        queued, gave_up = self.store.in_states((kpb.QUEUED,)), 0
+        queued, gave_up, backing_off = self.store.in_states((kpb.QUEUED,)), 0, 0
+        now = self.store.now()
         for task in queued:
             if task.attempts >= self.max_attempts and not (self.recorded is not None and self.recorded(task.task_id)):
                 # Waiting for a retry when task_max_attempts was lowered across the restart: it had its attempts
@@ -150,7 +155,9 @@ class TaskRunner:
                                             f"{self.max_attempts} since the kernel restarted")
                 gave_up += 1
                 continue
-            self._schedule(task.task_id, 0.0)
+            delay_s = self._backoff_left_s(task, now)
+            backing_off += delay_s > 0
+            self._schedule(task.task_id, delay_s)
         finished = self.store.apply_pending_reviews()
         # An operator restarting after a crash reads here what happened to the work in flight.
         if requeued or taking or failed:
@@ -161,9 +168,18 @@ class TaskRunner:
             log.warning("tasks: %d waiting for a retry failed: they have made task_max_attempts (%d) attempts",
                         gave_up, self.max_attempts)
         if len(queued) > gave_up:
-            log.info("tasks: %d queued, starting now", len(queued) - gave_up)
+            log.info("tasks: %d queued, starting now; %d of them once their back-off ends",
+                     len(queued) - gave_up, backing_off)
         if finished:
             log.info("finished %d waiting tasks from reviews resolved before the restart", finished)
+
+    def _backoff_left_s(self, task: kpb.Task, now_unix_ns: int) -> float:
+        """What is left of a QUEUED task's back-off at start: its stored next attempt (wall clock) less now, never
+        below 0 (the kernel was down past it: run now) nor above ``max_backoff_s`` (a wall clock set back since, or
+        a lower ``task_max_backoff_s``, must not hold it longer than the longest back-off)."""
+        if not task.next_attempt_unix_ns:
+            return 0.0
+        return min(max((task.next_attempt_unix_ns - now_unix_ns) / 1e9, 0.0), self.max_backoff_s)
 
     # -- the API ------------------------------------------------------------------------------
     def submit(self, request: kpb.DecisionRequest) -> kpb.Task:

@@ -273,6 +273,10 @@ class TaskStore:
             if held is not None and held[0] == task.task_id:
                 del self._undecided_keys[where]
 
+    def now(self) -> int:
+        """The store's wall clock (ns): what ``next_attempt_unix_ns`` and the history's times were written by."""
+        return self._clock()
+
     def transition(self, task_id: str, state: int, from_states: tuple[int, ...], detail: str = "", *,
                    attempts: int | None = None, decision: kpb.Decision | None = None, error: str | None = None,
                    review_id: str | None = None, audit_from: int | None = None,
