@@ -1,0 +1,83 @@
+"""A review's lease and SLA are wall-clock instants stored with it, and mean the same after a kill and a restart.
+
+Real ``aios-kernel serve`` processes on one data directory, each killed with SIGKILL. A reviewer's claim made
+before the kill still holds after an immediate restart (another reviewer is refused until its end, named in
+UTC), and has ended after a restart past its end; an SLA missed while the kernel was down is counted once, at
+every restart alike. "Restarted an hour / a day later" is the one fault injected on purpose: that kernel's wall
+clock runs ahead (tests/_wall_clock_offset_kernel.py).
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import grpc
+import pytest
+
+from claims_support import UNSURE_CASE, build_small_model, claim_request, copy_pipelines
+from kernel._proto.aios.kernel.v1 import kernel_pb2 as kpb
+from kernel._proto.aios.kernel.v1 import kernel_pb2_grpc as kgrpc
+from kernel.testing.processes import ServeProcess
+
+LATER_KERNEL = [sys.executable, str(Path(__file__).resolve().parent / "_wall_clock_offset_kernel.py")]
+LEASE_S = 600
+
+
+def restarted(models, pipelines, data_dir, later_s: float = 0) -> ServeProcess:
+    cli = [*LATER_KERNEL, str(later_s)] if later_s else None
+    return ServeProcess(models, "--pipelines", str(pipelines), "--log-level", "WARNING", data_dir=data_dir, cli=cli)
+
+
+def test_a_claim_and_an_sla_outlive_a_kill(tmp_path):
+    models, pipelines, data_dir = build_small_model(tmp_path / "models"), copy_pipelines(tmp_path / "p"), tmp_path / "d"
+    first = restarted(models, pipelines, data_dir)
+    try:
+        with grpc.insecure_channel(first.address) as channel:
+            decided = kgrpc.DecisionServiceStub(channel).Decide(claim_request(UNSURE_CASE), timeout=30)
+            claimed = kgrpc.ReviewServiceStub(channel).ClaimReview(kpb.ClaimReviewRequest(
+                review_id=decided.review_id, reviewer="alice", lease_seconds=LEASE_S), timeout=30)
+    finally:
+        first.kill()
+    assert decided.review_id and claimed.state == "CLAIMED"
+
+    second = restarted(models, pipelines, data_dir)
+    try:
+        with grpc.insecure_channel(second.address) as channel:
+            reviews = kgrpc.ReviewServiceStub(channel)
+            with pytest.raises(grpc.RpcError) as refused:
+                reviews.ClaimReview(kpb.ClaimReviewRequest(review_id=decided.review_id, reviewer="bob"), timeout=30)
+            shown = reviews.GetReview(kpb.ReviewRef(review_id=decided.review_id), timeout=30)
+    finally:
+        second.kill()
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert re.search(r"claimed by alice until \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", refused.value.details())
+    assert (shown.state, shown.claimed_by, shown.lease_expires_unix_ns) == ("CLAIMED", "alice",
+                                                                            claimed.lease_expires_unix_ns)
+
+    # Back after the lease ended (the kill took no lapse with it): bob may claim, alice may no longer resolve.
+    third = restarted(models, pipelines, data_dir, later_s=LEASE_S + 60)
+    try:
+        with grpc.insecure_channel(third.address) as channel:
+            reviews = kgrpc.ReviewServiceStub(channel)
+            with pytest.raises(grpc.RpcError) as lapsed:
+                reviews.ResolveReview(kpb.ResolveReviewRequest(review_id=decided.review_id, reviewer="alice",
+                                                               action="deny"), timeout=30)
+            taken = reviews.ClaimReview(kpb.ClaimReviewRequest(review_id=decided.review_id, reviewer="bob"),
+                                        timeout=30)
+    finally:
+        third.kill()
+    assert lapsed.value.code() == grpc.StatusCode.FAILED_PRECONDITION, lapsed.value.details()
+    assert taken.claimed_by == "bob" and taken.claimed_unix_ns > claimed.lease_expires_unix_ns
+
+    # A day on (the SLA is 4 hours), twice: missed, and counted once however many times the kernel starts.
+    for _ in range(2):
+        later = restarted(models, pipelines, data_dir, later_s=86_400)
+        try:
+            with grpc.insecure_channel(later.address) as channel:
+                listed = kgrpc.ReviewServiceStub(channel).ListReviews(kpb.ListReviewsRequest(), timeout=30)
+        finally:
+            later.kill()
+        assert listed.sla_missed == 1 and [r.sla_missed for r in listed.reviews] == [True]
+        assert listed.reviews[0].sla_deadline_unix_ns == claimed.sla_deadline_unix_ns
