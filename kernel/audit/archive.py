@@ -198,19 +198,19 @@ def _cut(directory: Path, state, before: int | None, older_than_days: float | No
     limit = (time.time_ns() if now_unix_ns is None else now_unix_ns) - int(older_than_days * DAY_NS)
     cut = state.tree.base_size
     for boundary, (_, path) in zip(boundaries, state.segments):
-        if _last_time(path) >= limit:
+        if _newest_time(path) >= limit:
             break
         cut = boundary
     return cut
 
 
-def _last_time(path: Path) -> int:
-    """The time of a segment's last record (every record before it is as old or older)."""
+def _newest_time(path: Path) -> int:
+    """The time of a segment's newest record. Not simply its last one's: record times are the wall clock's, and a
+    clock set back (an NTP step, a host booted before its clock was set) dated a segment's last records days
+    before the ones ahead of them, and --older-than archived records younger than it was given."""
     data = read_regular(path)
-    last = None
-    for _, payload in FrameScanner(data, frames_start(path, data, MAGIC) or len(MAGIC)):
-        last = payload
-    return parse_stored(last).time_unix_ns if last is not None else 0
+    return max((parse_stored(payload).time_unix_ns
+                for _, payload in FrameScanner(data, frames_start(path, data, MAGIC) or len(MAGIC))), default=0)
 
 
 def _write_archive(directory: Path, dest: Path, segments: list[Path], checkpoint, state, first: int,
