@@ -250,6 +250,13 @@ def duration(seconds: float) -> str:
     return f"{days} d {hours} h" if hours else f"{days} d"
 
 
+def stamp(unix_ns: int) -> str:
+    """A wall-clock instant as the commands show it: date, time and zone, ``2026-11-26 22:10:05 UTC`` (local time,
+    the zone named: a task's history showed bare ``22:10:05``, with neither the day of a step days back nor the zone
+    of a time the kernel's own messages give in UTC)."""
+    return time.strftime('%Y-%m-%d %H:%M:%S %Z', time.localtime(unix_ns / 1e9))
+
+
 def when(unix_ns: int, now_ns: int | None = None) -> str:
     """A wall-clock instant in local time, its zone named, with how far it is from now: ``2026-11-26 22:10:05 UTC
     (4 min ago)`` (the kernel's own messages give instants in UTC: the zone tells a reviewer which is which)."""
@@ -258,7 +265,7 @@ def when(unix_ns: int, now_ns: int | None = None) -> str:
     now_ns = time.time_ns() if now_ns is None else now_ns
     delta = (unix_ns - now_ns) / 1e9
     relative = f"in {duration(delta)}" if delta > 0 else f"{duration(delta)} ago"
-    return f"{time.strftime('%Y-%m-%d %H:%M:%S %Z', time.localtime(unix_ns / 1e9))} ({relative})"
+    return f"{stamp(unix_ns)} ({relative})"
 
 
 def output_problem(out: str, log_dir: Path, force: bool) -> str | None:

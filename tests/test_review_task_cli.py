@@ -7,6 +7,8 @@ quick; what they talk to is the real server over gRPC, as from a terminal.
 from __future__ import annotations
 
 import json
+import re
+import time
 from pathlib import Path
 
 import pytest
@@ -392,3 +394,23 @@ def test_review_show_says_a_text_the_reopened_review_no_longer_has():
     shown = "\n".join(describe(review))
     assert "    description (text): not kept; this review was reopened from the audit log after a crash, which has " \
            "only its digest sha256:ab12" in shown, shown
+
+
+def test_a_tasks_history_gives_each_step_its_date_and_zone(cli, monkeypatch):
+    """(Time audit) ``task get`` and ``task watch`` printed each step as a bare ``22:10:05``: neither the day of a
+    step days back (a task waiting for a review) nor the zone (the kernel's messages give times in UTC)."""
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        code, out, _ = cli("task", "start", "claims_triage", *SMALL_CLAIM, "--tenant", "zones", "--wait")
+        assert code == 0 and "SUCCEEDED" in out
+        task_id = out.split()[1]
+        code, shown, _ = cli("task", "get", task_id)
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
+    stamped = re.compile(r"^\s*\d{4}-\d\d-\d\d \d\d:\d\d:\d\d E[SD]T  (QUEUED|RUNNING|SUCCEEDED)\b")
+    steps = lambda text: [line for line in text.splitlines()  # noqa: E731
+                          if not line.startswith("task ") and re.search(r"  (QUEUED|RUNNING|SUCCEEDED)  ", line)]
+    assert steps(out) and all(stamped.match(line) for line in steps(out)), out  # (the states it saw: at least one)
+    assert len(steps(shown)) == 3 and all(stamped.match(line) for line in steps(shown)), shown

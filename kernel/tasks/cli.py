@@ -20,7 +20,8 @@ import time
 
 from ..channel import kernel_channel
 from ..cli_support import (address_flags, answer, count, decision_lines, duration, enum_name, failed, json_line,
-                           listed_summary, nonempty, read_pages, request_flags, request_or_say_why, show, when)
+                           listed_summary, nonempty, read_pages, request_flags, request_or_say_why, show, stamp,
+                           when)
 
 
 WAIT_EXIT_CODES = ("exit status (with --wait, and watch): 0 when the task SUCCEEDED, 1 when it FAILED or was "
@@ -88,7 +89,7 @@ def describe(task) -> list[str]:
         lines.append(f"  next run    {when(task.next_attempt_unix_ns, now)}")
     for step in task.history:
         detail = f"  {step.detail}" if step.detail else ""
-        lines.append(f"    {time.strftime('%H:%M:%S', time.localtime(step.at_unix_ns / 1e9))}  "
+        lines.append(f"    {stamp(step.at_unix_ns)}  "
                      f"{_state(step.state):18}{detail}")
     if task.error:
         lines.append(f"  error: {task.error}")
@@ -215,8 +216,8 @@ def _follow(args, channel, task_id: str, timeout_s: float | None) -> int:
             else:
                 step = task.history[-1] if task.history else None
                 detail = f"  {step.detail}" if step is not None and step.detail else ""
-                at = step.at_unix_ns / 1e9 if step is not None else time.time()  # when it happened, not when seen
-                print(f"{time.strftime('%H:%M:%S', time.localtime(at))}  {_state(task.state):18}{detail}", flush=True)
+                at = step.at_unix_ns if step is not None else time.time_ns()  # when it happened, not when seen
+                print(f"{stamp(at)}  {_state(task.state):18}{detail}", flush=True)
     except KeyboardInterrupt:
         stream.cancel()
         print(f"stopped watching; task {task_id} goes on in the kernel", file=sys.stderr)
