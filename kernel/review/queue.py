@@ -54,8 +54,11 @@ NS = 1_000_000_000
 BACKLOG_PAGE_BYTES = 2 << 20
 
 
-def _iso(unix_ns: int) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(unix_ns / NS))
+def _iso(unix_ns: int, until: bool = False) -> str:
+    """UTC, to the second. ``until``: an end still to come, rounded up (a lease held until 12:00:00.8 said "until
+    12:00:00Z", and a claim made then, as told, was refused with the same time)."""
+    seconds = -(-unix_ns // NS) if until else unix_ns // NS
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
 
 
 def _required(value: str, field: str) -> None:
@@ -355,7 +358,7 @@ class ReviewQueue:
             if review.lease_expires_unix_ns > now and review.claimed_by != reviewer:
                 raise FailedPrecondition(
                     f"review '{review.review_id}' is claimed by {review.claimed_by} until "
-                    f"{_iso(review.lease_expires_unix_ns)}"
+                    f"{_iso(review.lease_expires_unix_ns, until=True)}"
                 )
             if review.lease_expires_unix_ns <= now or review.claimed_by != reviewer:  # a new claim, not a renewal
                 review.claimed_unix_ns = now
@@ -400,7 +403,8 @@ class ReviewQueue:
                 if review.claimed_by and review.lease_expires_unix_ns > now:  # someone else's live lease
                     raise FailedPrecondition(
                         f"review '{review_id}' is claimed by {review.claimed_by} until "
-                        f"{_iso(review.lease_expires_unix_ns)}; only {review.claimed_by} can resolve it until then"
+                        f"{_iso(review.lease_expires_unix_ns, until=True)}; only {review.claimed_by} can resolve it "
+                        "until then"
                     )
                 raise FailedPrecondition(f"review '{review_id}' is not claimed by {reviewer}; claim it (ClaimReview) "
                                          "before resolving it")
