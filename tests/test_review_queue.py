@@ -553,3 +553,23 @@ def test_a_watch_backlog_holds_a_few_mib_of_reviews_not_a_page_of_500(queue):
         assert [next(watch).review_id for _ in made[1:]] == made[1:]
     finally:
         watch.close()
+
+
+def test_a_lease_lapsing_after_the_wall_clock_was_set_back_is_still_sent_to_watchers(queue, clock):
+    """(Time audit) The timer remembered the latest time it had looked up to, and looked only past it: after the
+    wall clock was set back an hour (an NTP step, a VM resumed), a lease ending within that hour lapsed unseen,
+    and a board built on WatchReviews showed the case claimed for good. (A lapse told twice is harmless; by the
+    clock set back, a lease that had lapsed runs again.)"""
+    gus = escalate(queue)
+    watch = queue.watch(updates=True, timeout_s=10)
+    until(queue.leases_settled, "the lease timer's first look")
+    clock.advance(3600)
+    assert queue.check_leases() == 0  # a look an hour on: nothing claimed
+    clock.advance(-3600)  # the wall clock set back
+    queue.claim(gus.review_id, "gus", 100)
+    assert next(watch).state == "CLAIMED"
+    until(queue.leases_settled, "the lease timer to wait for gus's lease")
+    clock.advance(101)
+    assert queue.check_leases() == 1
+    lapsed = next(watch)
+    assert (lapsed.review_id, lapsed.state, lapsed.claimed_by) == (gus.review_id, "OPEN", "")

@@ -10,7 +10,8 @@ and with no lease running it sleeps until a claim wakes it.
 
 Leases are wall-clock times (they are persisted), waits are not: a wait is
 cut at ``MAX_WAIT_S`` so that a wall clock set forward is noticed within
-that time, not a lease's 24 hours later.
+that time, not a lease's 24 hours later; one set back is noticed by the
+first lease that ends before the last look (``expect``).
 """
 
 from __future__ import annotations
@@ -64,6 +65,11 @@ class LeaseTimer:
     def expect(self, expires_unix_ns: int) -> None:
         """A lease now ends at ``expires_unix_ns``: wake earlier for it if need be (a claim or a renewal)."""
         with self._cond:
+            if expires_unix_ns and expires_unix_ns <= self._checked:
+                # The wall clock was set back (an NTP step, a VM resumed) below the last look's time: this lease
+                # ends before it, and a look from there on never found it lapse (a board showed it claimed for
+                # good). The next look starts just before it; a lapse told again then is harmless.
+                self._checked = expires_unix_ns - 1
             if expires_unix_ns and (not self._next or expires_unix_ns < self._next):
                 self._next = expires_unix_ns
                 self._settled = False
@@ -88,8 +94,10 @@ class LeaseTimer:
     def check(self) -> int:
         """Look for leases that ended since the last look and publish them (via ``lapsed``); how many."""
         with self._pass:
-            now, reviews, next_expiry = self._lapsed(self._checked)
-            self._checked = max(self._checked, now)  # (a wall clock set back must not repeat a lapse)
+            after = self._checked
+            now, reviews, next_expiry = self._lapsed(after)
+            with self._cond:  # (a wall clock set back must not repeat a lapse: max; but see expect)
+                self._checked = max(after, now) if self._checked == after else min(self._checked, now)
         self.expect(next_expiry)
         return len(reviews)
 
