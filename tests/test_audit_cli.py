@@ -281,3 +281,28 @@ def test_export_piped_into_a_reader_that_leaves_early_stops_quietly(tmp_path):
     _, err = reader.communicate(timeout=120)
     assert reader.returncode == 141, err
     assert b"cannot write" not in err and b"Traceback" not in err, err
+
+
+def test_since_and_until_in_iso_8601_name_the_very_microsecond(tmp_path):
+    """(Time audit) --since/--until in ISO-8601 were read through float seconds, up to 256 ns off: a record at (or
+    just before) the microsecond named was put on the wrong side of the bound."""
+    from datetime import datetime, timezone
+
+    from test_audit_verify import decision
+
+    from kernel.audit import AuditLog
+
+    second = int(datetime(2026, 11, 28, 5, 0, 0, tzinfo=timezone.utc).timestamp()) * 10**9
+    # Microseconds whose float reading was too high (24 ns: --since left "at" out) and too low (152 ns: --until
+    # left "before" out).
+    for micro, option, kept in ((1, "--since", ["at", "after"]), (1999, "--until", ["before"])):
+        directory = tmp_path / f"{option[2:]}-audit"
+        at = second + micro * 1000
+        with AuditLog.open(directory, checkpoint_records=1, checkpoint_ms=60_000) as log:
+            for name, time_ns in (("before", at - 1), ("at", at), ("after", at + 1)):
+                record = decision(1)
+                record.request_id, record.time_unix_ns = name, time_ns
+                log.append_and_wait(record, 10)
+        done = run_cli("export", str(directory), option, f"2026-11-28T05:00:00.{micro:06d}Z")
+        assert done.returncode == 0, done.stderr
+        assert [json.loads(line)["request_id"] for line in done.stdout.splitlines()] == kept, (option, micro)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from .._proto.aios.kernel.v1 import kernel_pb2
@@ -25,6 +25,9 @@ from .export import export_jsonl
 from .keys import load_public_keys
 from .reader import RecordFilter, iter_directory
 from .verify import not_a_log, verify_directory
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 
 def _time(text: str) -> int:
@@ -39,7 +42,9 @@ def _time(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is neither unix nanoseconds nor an ISO-8601 time") from None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=timezone.utc)
-    return int(moment.timestamp() * 1_000_000_000)
+    # In whole microseconds (what ISO-8601 gives here): timestamp()'s float seconds times 1e9 were up to 256 ns
+    # off, and a record at the very microsecond named fell outside --since (inclusive) or inside --until.
+    return (moment - _EPOCH) // timedelta(microseconds=1) * 1000
 
 
 def _kind(text: str) -> int:
