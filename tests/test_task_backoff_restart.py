@@ -10,6 +10,7 @@ RPC (a failure that may pass, so the task is QUEUED for a retry). The restarted 
 from __future__ import annotations
 
 import os
+import re
 
 import grpc
 import pytest
@@ -100,4 +101,7 @@ def test_a_restart_waits_no_longer_than_its_longest_back_off(tmp_path, kernels):
     done = watch_until(second.address, queued.task_id, lambda t: t.state in (kpb.SUCCEEDED, kpb.FAILED))
     assert (done.state, done.attempts) == (kpb.SUCCEEDED, 2), done
     assert second_run(done).at_unix_ns < queued.next_attempt_unix_ns
+    # The next run the restart stored in its place (`task get`'s "next run" said "in 59 min" meanwhile).
+    (moved,) = [step.detail for step in done.history if step.detail.startswith("next run in ")]
+    assert re.match(r"next run in 1 s: the one stored was 3\d{3} s away, past task_max_backoff_s", moved), moved
     second.stop()

@@ -156,6 +156,12 @@ class TaskRunner:
                 gave_up += 1
                 continue
             delay_s = self._backoff_left_s(task, now)
+            if delay_s > self.max_backoff_s:  # (stored, so that `task get`'s "next run" says when it runs now)
+                self.store.transition(task.task_id, kpb.QUEUED, (kpb.QUEUED,),
+                                      f"next run in {self.max_backoff_s:.3g} s: the one stored was {delay_s:.0f} s "
+                                      "away, past task_max_backoff_s (the wall clock set back, or the setting "
+                                      "lowered)", retry_in_s=self.max_backoff_s)
+                delay_s = self.max_backoff_s
             backing_off += delay_s > 0
             self._schedule(task.task_id, delay_s)
         finished = self.store.apply_pending_reviews()
@@ -175,11 +181,11 @@ class TaskRunner:
 
     def _backoff_left_s(self, task: kpb.Task, now_unix_ns: int) -> float:
         """What is left of a QUEUED task's back-off at start: its stored next attempt (wall clock) less now, never
-        below 0 (the kernel was down past it: run now) nor above ``max_backoff_s`` (a wall clock set back since, or
-        a lower ``task_max_backoff_s``, must not hold it longer than the longest back-off)."""
+        below 0 (the kernel was down past it: run now). ``_recover`` holds it to ``max_backoff_s``: a wall clock set
+        back since, or a lower ``task_max_backoff_s``, must not hold a task longer than the longest back-off."""
         if not task.next_attempt_unix_ns:
             return 0.0
-        return min(max((task.next_attempt_unix_ns - now_unix_ns) / 1e9, 0.0), self.max_backoff_s)
+        return max((task.next_attempt_unix_ns - now_unix_ns) / 1e9, 0.0)
 
     # -- the API ------------------------------------------------------------------------------
     def submit(self, request: kpb.DecisionRequest) -> kpb.Task:
