@@ -306,3 +306,21 @@ def test_since_and_until_in_iso_8601_name_the_very_microsecond(tmp_path):
         done = run_cli("export", str(directory), option, f"2026-11-28T05:00:00.{micro:06d}Z")
         assert done.returncode == 0, done.stderr
         assert [json.loads(line)["request_id"] for line in done.stdout.splitlines()] == kept, (option, micro)
+
+
+def test_export_gives_each_records_time_in_utc_too(tmp_path):
+    """(Time audit) A reader of `audit export` met only ``time_unix_ns``, a 19-digit number: ``time`` is the same
+    instant in ISO-8601, UTC, every nanosecond kept."""
+    from test_audit_verify import decision
+
+    from kernel.audit import AuditLog
+
+    directory = tmp_path / "audit"
+    with AuditLog.open(directory, checkpoint_records=1, checkpoint_ms=60_000) as log:
+        record = decision(1)
+        record.time_unix_ns = 1_795_842_000_000_001_999  # 2026-11-28 05:00:00 UTC and 1,999 ns
+        log.append_and_wait(record, 10)
+    done = run_cli("export", str(directory))
+    assert done.returncode == 0, done.stderr
+    (line,) = [json.loads(text) for text in done.stdout.splitlines()]
+    assert (line["time_unix_ns"], line["time"]) == (1_795_842_000_000_001_999, "2026-11-28T05:00:00.000001999Z")
