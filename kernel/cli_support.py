@@ -250,11 +250,13 @@ def duration(seconds: float) -> str:
     return f"{days} d {hours} h" if hours else f"{days} d"
 
 
-def stamp(unix_ns: int) -> str:
+def stamp(unix_ns: int, up: bool = False) -> str:
     """A wall-clock instant as the commands show it: date, time and zone, ``2026-11-26 22:10:05 UTC`` (local time,
     the zone named: a task's history showed bare ``22:10:05``, with neither the day of a step days back nor the zone
-    of a time the kernel's own messages give in UTC)."""
-    return time.strftime('%Y-%m-%d %H:%M:%S %Z', time.localtime(unix_ns / 1e9))
+    of a time the kernel's own messages give in UTC). To the second, cut down, or rounded ``up`` (an end to come:
+    "claimed by alice until 22:10:05" for a lease ending at 22:10:05.8 sent bob back too early)."""
+    seconds = -(-unix_ns // 1_000_000_000) if up else unix_ns // 1_000_000_000
+    return time.strftime('%Y-%m-%d %H:%M:%S %Z', time.localtime(seconds))
 
 
 def when(unix_ns: int, now_ns: int | None = None) -> str:
@@ -265,7 +267,7 @@ def when(unix_ns: int, now_ns: int | None = None) -> str:
     now_ns = time.time_ns() if now_ns is None else now_ns
     delta = (unix_ns - now_ns) / 1e9
     relative = f"in {duration(delta)}" if delta > 0 else f"{duration(delta)} ago"
-    return f"{stamp(unix_ns)} ({relative})"
+    return f"{stamp(unix_ns, up=delta > 0)} ({relative})"
 
 
 def output_problem(out: str, log_dir: Path, force: bool) -> str | None:
