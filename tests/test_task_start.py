@@ -341,3 +341,22 @@ def test_a_retried_start_finds_its_task_after_the_pipeline_was_unloaded(claims_m
             assert f"request.idempotency_key 'claim-1' already started task {done.task_id} with a different" in details
     finally:
         second.stop(grace=1)
+
+
+def test_a_key_reused_with_another_request_names_what_differs(tasks):
+    # (A workflow engine's refusal said only "a different request": the caller had to diff the two itself, with
+    # GetTask, to learn which of its fields changed between the call and its "retry".)
+    first = tasks.StartTask(start(key="diff-1", description="hail"), timeout=TIMEOUT_S)
+    other = start(key="diff-1", notes="called twice")  # its description left out, its notes added
+    other.request.fields["claim_amount"].number_value += 1
+    other.request.fields["prior_claims"].number_value = 0.0  # sent as 0.0, not 0: the same value (not named)
+    other.request.priority, other.request.timeout_ms = 3, 5  # call details a retry may change (not named)
+    code, details = refused(tasks.StartTask, other)
+    assert code == grpc.StatusCode.FAILED_PRECONDITION
+    assert details == (
+        f"request.idempotency_key 'diff-1' already started task {first.task_id} with a different request (it "
+        "differs in request.fields['claim_amount'], request.text_fields['description'], "
+        "request.text_fields['notes']); use a new key for a new request")
+    other = start(key="diff-1", description="hail")
+    other.request.pipeline = "claims_triage_v2"  # (not loaded: the key's task is found first)
+    assert refused(tasks.StartTask, other)[1].count("(it differs in request.pipeline)") == 1

@@ -64,13 +64,18 @@ def earlier_request_hashes(request: kpb.DecisionRequest) -> tuple[str, str]:
 
 
 def _canonical_hash(request: kpb.DecisionRequest, keep_priority: bool) -> str:
+    return hashlib.sha256(canonical_request(request, keep_priority).SerializeToString(deterministic=True)).hexdigest()
+
+
+def canonical_request(request: kpb.DecisionRequest, keep_priority: bool = False) -> kpb.DecisionRequest:
+    """A copy of ``request`` as ``request_hash`` reads it: without the call details, each whole number an int."""
     copy = _without_call_details(request, keep_priority)
     for value in copy.fields.values():
         if value.WhichOneof("kind") == "number_value":
             number = value.number_value
             if math.isfinite(number) and number == int(number) and -_INT64 <= number < _INT64:
                 value.int_value = int(number)
-    return hashlib.sha256(copy.SerializeToString(deterministic=True)).hexdigest()
+    return copy
 
 
 def _without_call_details(request: kpb.DecisionRequest, keep_priority: bool = False) -> kpb.DecisionRequest:

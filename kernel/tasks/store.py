@@ -26,6 +26,7 @@ from ..store import Feed, request_hash
 from ..store.idempotency import matches as request_matches
 from ..store.feed import FellBehind
 from ..store.idempotency import check_key
+from ..store.request_diff import describe, differing_parts
 from ..store.sqlite_tasks import FINISHED
 
 FINAL = FINISHED
@@ -228,7 +229,8 @@ class TaskStore:
         if not request_matches(stored_hash, request, digest):
             raise FailedPrecondition(
                 f"request.idempotency_key {quote(request.idempotency_key)} already started task {stored.task_id} "
-                "with a different request; use a new key for a new request"
+                f"with a different request{describe(differing_parts(stored.request, request))}; use a new key for a "
+                "new request"
             )
         replayed = kpb.Task()
         replayed.CopyFrom(stored)
