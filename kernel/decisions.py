@@ -28,8 +28,8 @@ from .api.review_service import review_handlers
 from .api.task_service import task_handlers
 from .audit import AuditCorrupt, AuditLog
 from .config import Settings
-from .errors import (Aborted, DeadlineExceeded, FailedPrecondition, KernelError, NotFound, ResourceExhausted,
-                     TransientError, Unavailable, shutting_down)
+from .errors import (Aborted, DeadlineExceeded, DeadlineTooShort, FailedPrecondition, KernelError, NotFound,
+                     ResourceExhausted, TransientError, Unavailable, shutting_down)
 from .pipelines import DecisionEngine, PipelineRegistry, Services
 from .pipelines.provenance import resolution_record
 from .policy import load_policy, parse_policy
@@ -476,11 +476,24 @@ class DecisionSide:
         in a busy queue (DEADLINE_EXCEEDED: the model did not answer in time,
         so nothing was decided) may all pass. So may a model that is not loaded
         while its pipeline still is: an operator reloading it. A pipeline that
-        is gone fails the task.
+        is gone fails the task. So does an attempt's timeout shorter than the model's own predicted run
+        (DeadlineTooShort, nothing ahead of it): every attempt has that timeout, and the model that run (it was
+        retried task_max_attempts times, ~4 minutes by default, to fail "gave up after 10 attempts" all the same).
         """
+        if isinstance(exc, DeadlineTooShort) and exc.run_ns >= self._attempt_timeout_ns(task):
+            return False
         if isinstance(exc, (ResourceExhausted, Unavailable, Aborted, DeadlineExceeded)):
             return True
         return isinstance(exc, NotFound) and self._pipeline_loaded(task.request.pipeline)
+
+    def _attempt_timeout_ns(self, task: kpb.Task) -> int:
+        """The whole time each attempt of ``task`` has for the model (as DecisionEngine.prepare reads it)."""
+        if task.request.timeout_ms:
+            return task.request.timeout_ms * 10**6
+        try:
+            return self.registry.get(task.request.pipeline).timeout_ms * 10**6
+        except KernelError:  # (unloaded since: the task fails on that at its next attempt)
+            return 0
 
     def _pipeline_loaded(self, name: str) -> bool:
         try:

@@ -87,6 +87,17 @@ class DeadlineExceeded(KernelError):
     code = "DEADLINE_EXCEEDED"
 
 
+class DeadlineTooShort(DeadlineExceeded):
+    """Refused at the model's queue with nothing ahead: the model's own predicted run, ``run_ns``, ends after the
+    deadline. A request whose whole timeout is shorter than that run fails the same way however often it is sent
+    (a durable task does not retry it: kernel/decisions.py ``_may_pass``); one that spent its time before the
+    queue (a stall) may pass."""
+
+    def __init__(self, message: str, run_ns: int):
+        super().__init__(message)
+        self.run_ns = run_ns
+
+
 class Cancelled(KernelError):
     code = "CANCELLED"
 

@@ -135,3 +135,25 @@ def test_a_task_gives_up_after_the_settings_attempts(claims_models, tmp_path):
 
 def _until(predicate, what: str):
     return until(predicate, what, TIMEOUT_S, every_s=0.02)
+
+
+def test_a_deadline_shorter_than_the_model_s_own_run_fails_the_task_at_once(claims_models, tmp_path):
+    # The lane refuses such a request DEADLINE_EXCEEDED "retrying as it is would fail the same way" (nothing is
+    # ahead of it: the wait it predicts is the model's own run), and the task retried it all the same, 10 times
+    # over ~4 minutes by default, before failing with "gave up after 10 attempts" (a workflow engine's poisoned case).
+    kernel = start_claims_kernel(claims_models, tmp_path, task_max_attempts=5, task_backoff_s=0.05,
+                                 task_max_backoff_s=0.05)
+    try:
+        model = kernel.hub.get(MODEL)
+        lane = kernel.lanes.for_model(model)
+        for _ in range(60):  # fault injected on purpose: the model measured slow (~10 s a row), as on a busy host
+            lane.scheduler.observe(model, 1, 10 * 10**9)
+        assert lane.predict(model, 1) > 1_000_000_000, "the fit no longer learns from observed runs"
+        with grpc.insecure_channel(f"127.0.0.1:{kernel.port}") as channel:
+            tasks = kgrpc.TaskServiceStub(channel)
+            task = tasks.StartTask(automated_claim("too-short-1", timeout_ms=200), timeout=TIMEOUT_S)
+            done = final_state(tasks, task.task_id)
+    finally:
+        kernel.stop(grace=1)
+    assert done.state == kpb.FAILED and done.attempts == 1 and retries(done) == [], done
+    assert done.error.startswith(f"DEADLINE_EXCEEDED: model {MODEL}/1 cannot finish this request within its deadline")

@@ -55,7 +55,7 @@ import weakref
 from collections.abc import Callable
 
 from .. import memory
-from ..errors import Cancelled, DeadlineExceeded, Internal, ResourceExhausted, Unavailable
+from ..errors import Cancelled, DeadlineExceeded, DeadlineTooShort, Internal, ResourceExhausted, Unavailable
 from ..threads import lower_next_compute, name_native_thread, normal_compute, thread_nice
 from .policy import ADMITTED, REJECT_DEADLINE, REJECT_QUEUE_FULL, ModelSchedule
 from .types import ITEM_CANCELLED, ITEM_DONE, ITEM_EXPIRED, ITEM_QUEUED, NO_DEADLINE, Batch, WorkItem
@@ -633,12 +633,12 @@ class Lane:
                 self._work.wait(timeout)
 
 
-def _too_short(item: WorkItem, now: int, run_ns: int) -> DeadlineExceeded:
+def _too_short(item: WorkItem, now: int, run_ns: int) -> DeadlineTooShort:
     model = f"{item.model.name}/{item.model.version}"
-    return DeadlineExceeded(
+    return DeadlineTooShort(
         f"model {model} cannot finish this request within its deadline, {max(0, item.deadline_ns - now) / 1e6:.3f} ms "
         f"away: running its {item.rows} row(s) is predicted to take {run_ns / 1e6:.3f} ms; the model never ran it "
-        "(give it a longer deadline: retrying as it is would fail the same way)")
+        "(give it a longer deadline: retrying as it is would fail the same way)", run_ns)
 
 
 def _rejection(item: WorkItem, verdict: int) -> ResourceExhausted:
