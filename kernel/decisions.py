@@ -41,7 +41,7 @@ from .store.faults import os_cause
 from .store.idempotency import restore_answers
 from .store.audit_needs import RECORDING_PREFIX, RESOLUTIONS_TENANT as _RESOLUTIONS
 from .store.retention import RetentionSweeper, Swept
-from .tasks import IdempotencyStore, TaskRunner, TaskStore, WaitingForReview
+from .tasks import IdempotencyStore, TaskRunner, TaskStore, UntilRestart, WaitingForReview
 
 log = logging.getLogger("aios.decisions")
 
@@ -317,8 +317,9 @@ class DecisionSide:
         # (and each task queued again after an attempt, which may have recorded its decision before taking it failed
         # in a way that may pass: _run_task)
         running = {task.task_id: task.audit_from_sequence for task in self.tasks.store.in_states((kpb.RUNNING,))}
-        running.update((task.task_id, task.audit_from_sequence)
-                       for task in self.tasks.store.in_states((kpb.QUEUED,)) if task.attempts)
+        # (and one whose attempt waited for this restart, uncounted: its audit_from says it began one)
+        running.update((task.task_id, task.audit_from_sequence) for task in self.tasks.store.in_states((kpb.QUEUED,))
+                       if task.attempts or task.audit_from_sequence)
         if not running:
             return
         start = min(min(running.values()), self.audit.size)  # (a log that lost its newest records: async mode)
@@ -448,7 +449,7 @@ class DecisionSide:
         try:
             return self._run_task_once(task)
         except KernelError as exc:
-            if not isinstance(exc, TransientError) and not self._may_pass(task, exc):
+            if not isinstance(exc, TransientError) and not self._may_pass(task, exc) and not self._audit_failed():
                 raise
             failure = exc
         recorded = self._attempt_record(task)
@@ -463,9 +464,17 @@ class DecisionSide:
                 # review open (a race review). Its next run takes that decision (TaskRunner.recorded), not a new one.
                 self._recorded_tasks[task.task_id] = recorded
                 raise TransientError(f"{exc.code}: {exc.message}") from exc
+        if self._audit_failed():  # (it failed the task at once: an AuditError is no Unavailable)
+            # Nothing can be decided until the operator fixes the disk and restarts the kernel, as the log's failure
+            # says: the task waits for that, its attempts unspent (it was FAILED for good, and its key with it).
+            raise UntilRestart(f"{failure.code}: {failure.message}") from failure
         if isinstance(failure, TransientError):
             raise failure
         raise TransientError(f"{failure.code}: {failure.message}") from failure
+
+    def _audit_failed(self) -> bool:
+        """Whether the audit log fail-stopped: it takes no record until the kernel restarts."""
+        return self.audit is not None and self.audit.failure is not None
 
     def _may_pass(self, task: kpb.Task, exc: KernelError) -> bool:
         """Whether an attempt's failure may pass if the task runs again later.

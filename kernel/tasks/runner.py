@@ -9,6 +9,8 @@ be finished by ``complete_from_review``). It may raise:
   ``max_attempts`` runs have been made, then FAILED (the kernel passes its
   ``task_max_attempts``, ``task_backoff_s`` and ``task_max_backoff_s``
   settings);
+- ``UntilRestart``: nothing can be decided until the kernel restarts (its audit log fail-stopped): back to
+  QUEUED, the attempt not counted, and not run again by this process; the next ``start()`` runs it;
 - anything else: FAILED at once, with the error as ``Task.error``.
 
 A task cancelled while an attempt runs is CANCELLED at once; the attempt
@@ -66,6 +68,16 @@ class WaitingForReview:
 
     def __repr__(self) -> str:
         return f"WaitingForReview({self.review_id!r})"
+
+
+class UntilRestart(Exception):
+    """What ``run_fn`` raises when its attempt could not run for a reason only a restart of the kernel ends (its
+    audit log fail-stopped: a full disk): the task waits, QUEUED, its attempts unspent. Failing it instead left
+    a workflow engine's key answering a FAILED task for good, for work the kernel never got to try."""
+
+
+# The end of the history line of a task waiting for a restart (UntilRestart).
+WAITS_FOR_RESTART = "the task runs again once the kernel restarts"
 
 
 class TaskRunner:
@@ -298,19 +310,23 @@ class TaskRunner:
     def _attempt(self, task_id: str) -> Callable[[], None] | None:
         """Run an attempt of the task; what records its outcome (None: there is nothing to run or record)."""
         task = self.store.get(task_id)
+        before = task.attempts
         if self.recorded is not None and self.recorded(task_id):  # (see _recover) the cut-off attempt's decision
-            attempt, note = task.attempts, f"taking the decision attempt {task.attempts} recorded"
+            # (An attempt that waited for a restart was not counted: the decision it may have recorded is attempt 1's.)
+            attempt = max(before, 1)
+            note, fresh = f"taking the decision attempt {attempt} recorded", False
         else:
-            attempt = task.attempts + 1
-            note = f"attempt {attempt} of {self.max_attempts}"
+            attempt = before + 1
+            note, fresh = f"attempt {attempt} of {self.max_attempts}", self.audit_position is not None
         # (Taking a recorded decision keeps the attempt's audit_from: a second stop finds that record again.)
-        fresh = attempt > task.attempts and self.audit_position is not None
         task = self.store.transition(task_id, kpb.RUNNING, (kpb.QUEUED,), note, attempts=attempt,
                                      audit_from=self.audit_position() if fresh else None)
         if task is None:  # cancelled while queued
             return None
         try:
             outcome = self.run_fn(task)
+        except UntilRestart as exc:
+            return lambda why=str(exc): self._wait_for_restart(task_id, attempt, before, why)
         except TransientError as exc:
             return lambda failure=exc: self._after_transient(task_id, attempt, failure)
         except KernelError as exc:
@@ -360,6 +376,12 @@ class TaskRunner:
                                      retry_in_s=delay)
         if task is not None:
             self._schedule(task_id, delay)
+
+    def _wait_for_restart(self, task_id: str, attempt: int, before: int, why: str) -> None:
+        # Not scheduled again: nothing this process runs can decide it now; _recover queues it at the next start.
+        self.store.transition(task_id, kpb.QUEUED, (kpb.RUNNING,),
+                              f"attempt {attempt} could not run ({why}); not counted: {WAITS_FOR_RESTART}",
+                              attempts=before)
 
     def _fail(self, task_id: str, error: str) -> None:
         self.store.transition(task_id, kpb.FAILED, (kpb.RUNNING,), "failed", error=error)

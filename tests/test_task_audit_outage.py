@@ -1,0 +1,56 @@
+"""A durable task outlives an audit log that fail-stopped: it waits for the restart that the log's failure
+asks for, its attempts not spent, instead of failing for good.
+
+A full disk (any failed write) fail-stops the audit log: nothing can be decided until the operator frees space
+and restarts the kernel. Each task attempt then failed UNAVAILABLE "the audit log failed", was retried with
+backoff like a model reload, and after task_max_attempts (~4 minutes by default) the task was FAILED "gave up";
+after the restart its idempotency key still answered that FAILED task, so the workflow engine could not run the
+work again under its key (a workflow engine's audit).
+
+A real kernel serving the claims pipeline, called over gRPC, then a second kernel on the same data dir. The
+fault is injected on purpose: the log's own fail-stop, called as a failed write calls it.
+"""
+
+from __future__ import annotations
+
+import errno
+
+import grpc
+
+from conftest import start_claims_kernel
+from test_task_retries import automated_claim, final_state
+from kernel._proto.aios.kernel.v1 import kernel_pb2 as kpb
+from kernel._proto.aios.kernel.v1 import kernel_pb2_grpc as kgrpc
+
+TIMEOUT_S = 30
+WAITS = "the task runs again once the kernel restarts"
+
+
+def _parked(tasks, task_id: str) -> kpb.Task:
+    for task in tasks.WatchTask(kpb.TaskRef(task_id=task_id), timeout=TIMEOUT_S):
+        if task.state == kpb.QUEUED and task.history[-1].detail.endswith(WAITS) or task.state == kpb.FAILED:
+            return task
+    raise AssertionError(f"task {task_id}'s watch ended before it waited")
+
+
+def test_a_task_waits_out_a_failed_audit_log_for_the_restart(claims_models, tmp_path):
+    settings = {"task_max_attempts": 2, "task_backoff_s": 0.05, "task_max_backoff_s": 0.05}
+    kernel = start_claims_kernel(claims_models, tmp_path, **settings)
+    try:
+        kernel.decisions.audit._fail(OSError(errno.ENOSPC, "No space left on device"))  # injected fault
+        with grpc.insecure_channel(f"127.0.0.1:{kernel.port}") as channel:
+            tasks = kgrpc.TaskServiceStub(channel)
+            started = tasks.StartTask(automated_claim("outage-1"), timeout=TIMEOUT_S)
+            parked = _parked(tasks, started.task_id)
+    finally:
+        kernel.stop(grace=1)
+    assert parked.state == kpb.QUEUED and parked.attempts == 0, parked.error  # not spent: nothing could be decided
+    assert "UNAVAILABLE: the audit log failed" in parked.history[-1].detail
+
+    kernel = start_claims_kernel(claims_models, tmp_path, **settings)  # the operator freed space and restarted
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{kernel.port}") as channel:
+            done = final_state(kgrpc.TaskServiceStub(channel), started.task_id)
+    finally:
+        kernel.stop(grace=1)
+    assert done.state == kpb.SUCCEEDED and done.attempts == 1, done
