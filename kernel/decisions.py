@@ -120,6 +120,7 @@ class DecisionSide:
         self.tasks.store.check_key = self.engine.check_task_key
         self._draining = threading.Event()  # set by end_watches(): StreamAudit followers end
         self._started = False  # a "kernel stopping" record is written only after a "kernel started" one
+        self._closing = False  # set as close() begins: an attempt still running then ends at the next start
         # The stop raises the review mark to what this run stored, which covers the records past the mark a crash
         # left only once this start has reopened their reviews and stored their keys (_reopen_reviews).
         self._reopened = False
@@ -218,6 +219,7 @@ class DecisionSide:
         self.tasks.store.end_watches(shutting_down)
 
     def close(self) -> None:
+        self._closing = True
         # The "kernel stopping" record comes once nothing else can append (tasks, pipeline reloads and the
         # finisher have stopped) and right before the log closes, whose final checkpoint then signs it.
         steps = (*((self._retention.stop,) if self._retention else ()), self.tasks.stop, self.registry.stop,
@@ -449,7 +451,7 @@ class DecisionSide:
         try:
             return self._run_task_once(task)
         except KernelError as exc:
-            if not isinstance(exc, TransientError) and not self._may_pass(task, exc) and not self._audit_failed():
+            if not isinstance(exc, TransientError) and not self._may_pass(task, exc) and not self._until_restart():
                 raise
             failure = exc
         recorded = self._attempt_record(task)
@@ -464,17 +466,19 @@ class DecisionSide:
                 # review open (a race review). Its next run takes that decision (TaskRunner.recorded), not a new one.
                 self._recorded_tasks[task.task_id] = recorded
                 raise TransientError(f"{exc.code}: {exc.message}") from exc
-        if self._audit_failed():  # (it failed the task at once: an AuditError is no Unavailable)
-            # Nothing can be decided until the operator fixes the disk and restarts the kernel, as the log's failure
-            # says: the task waits for that, its attempts unspent (it was FAILED for good, and its key with it).
+        if self._until_restart():  # (it failed the task at once: an AuditError is no Unavailable)
+            # Nothing can be decided until the kernel starts again: the operator fixes the disk and restarts it, as
+            # the log's failure says, or it is stopping (an attempt that outlasted the stop's wait found the log
+            # closed). The task waits for that, its attempts unspent (it was FAILED for good, and its key with it).
             raise UntilRestart(f"{failure.code}: {failure.message}") from failure
         if isinstance(failure, TransientError):
             raise failure
         raise TransientError(f"{failure.code}: {failure.message}") from failure
 
-    def _audit_failed(self) -> bool:
-        """Whether the audit log fail-stopped: it takes no record until the kernel restarts."""
-        return self.audit is not None and self.audit.failure is not None
+    def _until_restart(self) -> bool:
+        """Whether nothing can be decided until the kernel starts again: its audit log fail-stopped, or it is
+        stopping."""
+        return self._closing or (self.audit is not None and self.audit.failure is not None)
 
     def _may_pass(self, task: kpb.Task, exc: KernelError) -> bool:
         """Whether an attempt's failure may pass if the task runs again later.

@@ -14,6 +14,7 @@ fault is injected on purpose: the log's own fail-stop, called as a failed write 
 from __future__ import annotations
 
 import errno
+import threading
 
 import grpc
 
@@ -54,3 +55,50 @@ def test_a_task_waits_out_a_failed_audit_log_for_the_restart(claims_models, tmp_
     finally:
         kernel.stop(grace=1)
     assert done.state == kpb.SUCCEEDED and done.attempts == 1, done
+
+
+def test_an_attempt_that_outlasts_a_stop_waits_for_the_next_start(claims_models, tmp_path, monkeypatch):
+    # A stop waits 5 s for running attempts, then closes the audit log; one still running then (a slow model, a
+    # long queue) failed to append its record, "the audit log is closed", and the task was FAILED for good.
+    kernel = start_claims_kernel(claims_models, tmp_path)
+    decisions, engine = kernel.decisions, kernel.decisions.engine
+    running, release, recorded = threading.Event(), threading.Event(), threading.Event()
+    real_run, real_close, real_stop = engine.run_blocking, decisions.audit.close, decisions.tasks.stop
+    real_outcome = decisions.tasks._run
+
+    def held(pending, on_wait=None):  # fault injected on purpose: the attempt outlasts the stop's wait for it
+        running.set()
+        release.wait(TIMEOUT_S)
+        return real_run(pending, on_wait)
+
+    def outcome_written(task_id):  # (the worker's attempt and the write of its outcome, over)
+        try:
+            return real_outcome(task_id)
+        finally:
+            recorded.set()
+
+    def close_then_let_it_end(*args, **kwargs):
+        real_close(*args, **kwargs)
+        release.set()  # the attempt goes on with the log closed, before the store closes
+        recorded.wait(TIMEOUT_S)
+
+    monkeypatch.setattr(engine, "run_blocking", held)
+    monkeypatch.setattr(decisions.tasks, "_run", outcome_written)
+    monkeypatch.setattr(decisions.audit, "close", close_then_let_it_end)
+    monkeypatch.setattr(decisions.tasks, "stop", lambda timeout_s=5.0: real_stop(0.05))  # (not 5 s of the test's)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{kernel.port}") as channel:
+            started = kgrpc.TaskServiceStub(channel).StartTask(automated_claim("stop-1"), timeout=TIMEOUT_S)
+        assert running.wait(TIMEOUT_S)
+    finally:
+        kernel.stop(grace=1)
+    assert recorded.is_set()
+
+    kernel = start_claims_kernel(claims_models, tmp_path)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{kernel.port}") as channel:
+            done = final_state(kgrpc.TaskServiceStub(channel), started.task_id)
+    finally:
+        kernel.stop(grace=1)
+    assert done.state == kpb.SUCCEEDED and done.attempts == 1, done.error
+    assert any(step.detail.endswith(WAITS) for step in done.history)

@@ -72,7 +72,7 @@ class WaitingForReview:
 
 class UntilRestart(Exception):
     """What ``run_fn`` raises when its attempt could not run for a reason only a restart of the kernel ends (its
-    audit log fail-stopped: a full disk): the task waits, QUEUED, its attempts unspent. Failing it instead left
+    audit log fail-stopped, a full disk; or it is stopping): the task waits, QUEUED, its attempts unspent. Failing it instead left
     a workflow engine's key answering a FAILED task for good, for work the kernel never got to try."""
 
 
