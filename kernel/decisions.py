@@ -27,6 +27,7 @@ from .api.decision_service import decision_handlers
 from .api.review_service import review_handlers
 from .api.task_service import task_handlers
 from .audit import AuditCorrupt, AuditLog
+from .audit.errors import AuditTimeout
 from .config import Settings
 from .errors import (Aborted, DeadlineExceeded, DeadlineTooShort, FailedPrecondition, KernelError, NotFound,
                      ResourceExhausted, TransientError, Unavailable, shutting_down)
@@ -451,9 +452,11 @@ class DecisionSide:
         try:
             return self._run_task_once(task)
         except KernelError as exc:
-            if not isinstance(exc, TransientError) and not self._may_pass(task, exc) and not self._until_restart():
-                raise
             failure = exc
+        if isinstance(failure, AuditTimeout) and failure.sequence >= 0:
+            failure = self._await_record(failure)
+        elif not (isinstance(failure, TransientError) or self._may_pass(task, failure) or self._until_restart()):
+            raise failure
         recorded = self._attempt_record(task)
         if recorded is not None:
             try:
@@ -474,6 +477,17 @@ class DecisionSide:
         if isinstance(failure, TransientError):
             raise failure
         raise TransientError(f"{failure.code}: {failure.message}") from failure
+
+    def _await_record(self, timeout: AuditTimeout) -> KernelError:
+        """The attempt's record was taken, but the disk was slower than the decision's wait for it (a stall, not a
+        failure): nobody waits on a task's answer, so its attempt waits for that record, which ``_run_task`` then
+        takes as the outcome (answered "not durable within 10 s", the task FAILED at once, and the record, durable
+        a moment later, held a decision of a FAILED task). The log's error if it failed or closed meanwhile."""
+        try:
+            self.audit.wait_durable(timeout.sequence)
+        except KernelError as exc:
+            return exc
+        return timeout
 
     def _until_restart(self) -> bool:
         """Whether nothing can be decided until the kernel starts again: its audit log fail-stopped, or it is

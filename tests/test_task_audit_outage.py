@@ -22,6 +22,7 @@ from conftest import start_claims_kernel
 from test_task_retries import automated_claim, final_state
 from kernel._proto.aios.kernel.v1 import kernel_pb2 as kpb
 from kernel._proto.aios.kernel.v1 import kernel_pb2_grpc as kgrpc
+from kernel.audit.errors import AuditTimeout
 
 TIMEOUT_S = 30
 WAITS = "the task runs again once the kernel restarts"
@@ -102,3 +103,42 @@ def test_an_attempt_that_outlasts_a_stop_waits_for_the_next_start(claims_models,
         kernel.stop(grace=1)
     assert done.state == kpb.SUCCEEDED and done.attempts == 1, done.error
     assert any(step.detail.endswith(WAITS) for step in done.history)
+
+
+def test_an_attempt_whose_record_is_slow_to_be_durable_takes_that_decision(claims_models, tmp_path, monkeypatch):
+    # A disk that stalls past the decision's 10 s wait for its record (audit_timeout_s) is slow, not failed: the
+    # record is written once it recovers. The attempt was FAILED at once, "UNAVAILABLE: audit record N was not
+    # durable within 10 s", and that record then held a decision of a FAILED task.
+    kernel = start_claims_kernel(claims_models, tmp_path)
+    audit = kernel.decisions.audit
+    timed_out, release = threading.Event(), threading.Event()
+    real_commit, real_wait = audit._commit_group, audit._wait
+
+    def stalled_disk():  # fault injected on purpose: the disk stalls until the attempt has given up waiting
+        release.wait(TIMEOUT_S)
+        real_commit()
+
+    def wait(sequence, timeout_s):
+        try:
+            return real_wait(sequence, timeout_s)
+        except AuditTimeout:
+            timed_out.set()
+            raise
+
+    monkeypatch.setattr(kernel.decisions.engine.services, "audit_timeout_s", 0.2)
+    monkeypatch.setattr(audit, "_write_here", lambda: False)  # (the writer thread writes every group)
+    monkeypatch.setattr(audit, "_commit_group", stalled_disk)
+    monkeypatch.setattr(audit, "_wait", wait)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{kernel.port}") as channel:
+            tasks = kgrpc.TaskServiceStub(channel)
+            started = tasks.StartTask(automated_claim("stall-1"), timeout=TIMEOUT_S)
+            assert timed_out.wait(TIMEOUT_S)
+            release.set()
+            done = final_state(tasks, started.task_id)
+        decisions = [r for r in audit.read(from_sequence=0, kind=kpb.DECISION) if r.task_id == started.task_id]
+    finally:
+        release.set()
+        kernel.stop(grace=1)
+    assert done.state == kpb.SUCCEEDED and done.attempts == 1, done.error
+    assert [r.sequence for r in decisions] == [done.decision.audit_sequence]

@@ -16,9 +16,10 @@ class AuditError(KernelError):
 
 
 class AuditTimeout(AuditError):
-    """A record did not become durable within the time the caller gave."""
+    """A record did not become durable within the time the caller gave (``sequence``: which, -1 if not one)."""
 
     code = "DEADLINE_EXCEEDED"
+    sequence = -1
 
 
 class AuditFilesGone(AuditError):

@@ -366,7 +366,13 @@ class AuditLog:
             raise AuditError(f"audit record {sequence} was not written: {self._failure.message}")
         if self._watermark.stopped:
             raise AuditError(f"audit record {sequence} was not written: the log closed")
-        raise AuditTimeout(f"audit record {sequence} was not durable within {timeout_s} s")
+        timeout = AuditTimeout(f"audit record {sequence} was not durable within {timeout_s} s")
+        timeout.sequence = sequence  # (taken all the same: it is written once the disk lets it, or the log fails)
+        raise timeout
+
+    def wait_durable(self, sequence: int, timeout_s: float | None = None) -> tuple[int, bytes]:
+        """``Ticket.wait`` for record ``sequence``, taken earlier (an ``AuditTimeout``'s)."""
+        return self._wait(sequence, timeout_s)
 
     # ------------------------------------------------------------------ writer thread
     def _run(self) -> None:
