@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
 from ..accel import decision_wire
+from ..audit.errors import AuditTimeout
 from ..audit.record import RecordWithTail
 from ..decision_wire import reasons_bytes
 from ..observability.log_budget import budget_for, not_logged
@@ -32,6 +33,7 @@ from ..ids import random_hex
 from ..scheduling.types import NO_DEADLINE
 from ..store.idempotency import MAX_UNWRITTEN
 from . import provenance
+from .slow_records import complete_later
 from .spec import Pipeline
 
 if TYPE_CHECKING:
@@ -108,9 +110,17 @@ class GroupFinish:
         # statistics audit: the clock once started after the write and fsync, so a slow disk showed only in
         # "total").
         audit_started = time.monotonic_ns()
+        tickets = None
         try:
             decided, tickets, opening, keying = self._audit(group, results)
             return self._complete(group, results, decided, tickets, opening, audit_started)
+        except AuditTimeout:
+            if tickets is None:
+                raise
+            # Taken, not yet durable: answered as such, completed once durable (slow_records.py), keys held till then.
+            answers = complete_later(self, group, results, decided, tickets, opening, keying, audit_started)
+            keying = None  # (the completion unregisters it)
+            return answers
         except KernelError as exc:  # the group failed as a whole (the audit log stopped): each is a failed decision
             # (``_complete`` counts the groups that get this far; these were answered with the error and counted
             # nowhere: ListPipelines and the metrics said 0 failed while every decision failed.)
@@ -365,16 +375,19 @@ class GroupFinish:
         return decided, tickets, opening, keying
 
     def _complete(self, group: list[Pending], results: list, decided: list, tickets: list,
-                  opening, audit_started: int) -> list[kpb.Decision | KernelError]:
-        """Wait for the audit records, open the reviews, answer (the end of ``finish``).
+                  opening, audit_started: int, wait_s: float | None = -1.0) -> list[kpb.Decision | KernelError]:
+        """Wait for the audit records (``wait_s``, by default ``audit_timeout_s``), open the reviews, answer (the
+        end of ``finish``).
 
         From here on each decision is recorded: a review or idempotency entry
         that cannot be stored fails (or, for the idempotency entry, only logs)
         that decision alone, with an answer that says it was recorded.
         """
         reviews, store = self.services.reviews, self.services.idempotency
+        if wait_s == -1.0:
+            wait_s = self.services.audit_timeout_s
         for decision, ticket in zip(decided, tickets):
-            sequence, digest = ticket.wait(self.services.audit_timeout_s)
+            sequence, digest = ticket.wait(wait_s)
             decision.audit_sequence = sequence
             decision.audit_hash = digest.hex() if isinstance(digest, bytes) else str(digest)
         escalated = [index for index, decision in enumerate(results)
