@@ -111,6 +111,7 @@ class DecisionSide:
             raise
         self.registry = PipelineRegistry(settings.pipelines, hub, load_policy, parse_policy, settings.pipeline_poll_s)
         self.engine = DecisionEngine(self.registry, inference, Services(self.audit, self.reviews, self.idempotency))
+        self.db.refusal_listeners.append(self.engine.store_takes_writes)
         self.tasks = TaskRunner(TaskStore(self.db), self._run_task, workers=settings.task_workers,
                                 validate=self.engine.validate, max_attempts=settings.task_max_attempts,
                                 backoff_s=settings.task_backoff_s, max_backoff_s=settings.task_max_backoff_s,

@@ -160,6 +160,7 @@ class KernelServer:
             self.decisions.audit.failure_listeners.append(self._audit_log_failed)
         self._store_failed = False  # set when the SQLite store fail-stops (damaged, deleted): NOT_SERVING too
         self.decisions.db.failure_listeners.append(self._store_failed_now)
+        self.decisions.db.refusal_listeners.append(self._store_refusing)
         self._stopped: asyncio.Event | None = None
         self._pool: HandlerPool | None = None  # the sync front end's handler threads
         self._gate: EntryGate | None = None  # closed by stop(): new calls refused before gRPC's stop
@@ -209,7 +210,8 @@ class KernelServer:
     def ready(self) -> bool:
         """Whether the kernel serves: at least one model version loaded, not draining, and neither the audit log
         nor the store failed (``_update_health`` says why one rule covers every service)."""
-        return bool(self.hub.loaded()) and not self._draining and not self._audit_failed and not self._store_failed
+        return (bool(self.hub.loaded()) and not self._draining and not self._audit_failed and not self._store_failed
+                and self.decisions.db.refusing_writes is None)
 
     @property
     def audit_failed(self) -> bool:
@@ -243,6 +245,17 @@ class KernelServer:
         self._store_failed = True
         log.error("health is NOT_SERVING: the store of %s failed (%s); restore the data dir and restart the kernel",
                   self.settings.data_dir, error)
+        self._update_health()
+
+    def _store_refusing(self, cause: str | None) -> None:
+        """The store refuses writes for a reason that may pass (another process holding its write lock, a full
+        disk), or takes them again (``cause`` None): NOT_SERVING meanwhile, so a load balancer sends the work
+        elsewhere instead of here, where a Decide with a key and a StartTask are refused (UNAVAILABLE with a retry
+        hint); SERVING again by itself once a write commits (kernel/store/refusals.py)."""
+        if cause is not None:
+            log.error("health is NOT_SERVING while the store of %s refuses writes: %s", self.settings.data_dir, cause)
+        else:
+            log.warning("health: the store of %s takes writes again", self.settings.data_dir)
         self._update_health()
 
     def _end_health_watches(self) -> None:

@@ -273,6 +273,9 @@ class FailingIdempotencyStore:
     def unwritten(self) -> int:
         return self._store.unwritten()
 
+    def check_writable(self, key: str) -> None:
+        self._store.check_writable(key)  # (the store itself takes writes: only this fake's puts fail)
+
 
 @pytest.fixture
 def failing_store(kernel, monkeypatch):

@@ -43,6 +43,7 @@ from kernel.store import open_database
 from kernel.store.faults import RETRY_AFTER_MS, StoreBusy, StoreCannotOpen, StoreFailed
 from kernel.store.sqlite import BUSY_TIMEOUT_MS
 from kernel.testing.scratch import scratch_dir
+from lane_support import until
 
 ROOT = Path(__file__).resolve().parent.parent
 CLAIMS = ROOT / "examples" / "claims"
@@ -355,9 +356,9 @@ def test_a_store_file_replaced_under_it_fail_stops(tmp_path):
 def cap_pages(db, grow_by: int = 0) -> None:
     """INJECTED FAULT: the disk is full. SQLite's page cap on the writer connection fails every write that grows
     the file with SQLITE_FULL, "database or disk is full", as a full disk does (no root needed)."""
-    with db.write() as conn:
-        pages = conn.execute("PRAGMA page_count").fetchone()[0]
-        conn.execute(f"PRAGMA max_page_count = {pages + grow_by}")
+    with db._write_lock:  # (not db.write(): a store refusing writes on a full disk refuses that one too)
+        pages = db._writer.execute("PRAGMA page_count").fetchone()[0]
+        db._writer.execute(f"PRAGMA max_page_count = {pages + grow_by}")
 
 
 def big_case(n: int):
@@ -378,7 +379,9 @@ def test_a_full_disk_fails_the_write_with_unavailable_and_a_retry_hint_and_the_s
         assert error.message.startswith(f"data_dir {tmp_path / 'data'}: this write was not stored (nothing of it "
                                         "was kept): the disk holding kernel.sqlite3 is full")
         assert db.failure is None  # a full disk passes: nothing fail-stops
+        assert "is full" in db.refusing_writes  # meanwhile writes are refused at once (kernel/store/refusals.py)
         cap_pages(db, grow_by=10_000)  # room again
+        until(lambda: db.refusing_writes is None, "the store taking writes again")  # its probe commits: it goes on
         queue.create_many([big_case(2)])
     finally:
         db.close()

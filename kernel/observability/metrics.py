@@ -189,6 +189,11 @@ class KernelCollector:
                                    "with retry-after-ms: a lock held too long, a full disk)")
         busy.add_metric([], db.busy_refusals)
         yield busy
+        refusing = GaugeMetricFamily("aios_store_refusing_writes", "1 while the store refuses writes for a reason that "
+                                     "may pass (a lock held elsewhere, a full disk): keyed Decides and StartTask are "
+                                     "refused with retry-after-ms, health says NOT_SERVING")
+        refusing.add_metric([], 1 if db.refusing_writes is not None else 0)
+        yield refusing
         if db.failure is not None:
             return  # (a fail-stopped store answers nothing: aios_failed{part="store"} says so)
         try:

@@ -144,6 +144,7 @@ class DecisionEngine(GroupFinish):
                     self.claims.release(claim)
                     return replay
                 self._refuse_if_a_task_holds(request, request_hash, task_id)
+                self.services.idempotency.check_writable(request.idempotency_key)  # (a replay above needs no write)
             try:
                 deadline = request_deadline(time.monotonic_ns(), deadline_ns,
                                             (request.timeout_ms or pipeline.timeout_ms) * 10**6, arrived_ns)
@@ -248,6 +249,16 @@ class DecisionEngine(GroupFinish):
         if unwritten is not None:
             lows.append(unwritten)
         return min(durable, *lows) if lows else durable
+
+    def store_takes_writes(self, cause: str | None) -> None:
+        """The store's refusal listener: once it takes writes again (``cause`` None), store what was kept in
+        memory meanwhile at once (answers' idempotency entries, review rows), not at the next put or back-off."""
+        if cause is not None:
+            return
+        if self.services.idempotency is not None:
+            self.services.idempotency.flush_unwritten()
+        if self._review_rows is not None:
+            self._review_rows.retry_now()
 
     def _store_review_rows(self, items: list, groups: list) -> None:
         """DeferredRows' store: the review rows of ``groups`` (their tokens in ``_opening``), one transaction."""

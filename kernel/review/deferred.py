@@ -76,6 +76,10 @@ class DeferredRows:
         if self._rows or self._flushing.locked():
             self._flush()
 
+    def retry_now(self) -> None:
+        """Cut a failed store's back-off short (the store takes writes again): the thread stores the rows now."""
+        self._wakeup.set()
+
     def close(self) -> None:
         """Store what is queued and stop the thread."""
         with self._lock:

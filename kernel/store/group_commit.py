@@ -93,6 +93,7 @@ class GroupCommit:
     ``before_commit(durable)``, if given, runs right before each COMMIT; if it
     raises, the group is lost with that error. ``lost(exc)``, if given, makes
     the error each write of a group lost to ``exc`` gets (a new one per write).
+    ``committed()``, if given, runs after each COMMIT that succeeded.
 
     Counters: ``commits`` (transactions committed), ``durable_commits``,
     ``writes`` (writes committed in them), ``largest_group``.
@@ -101,13 +102,15 @@ class GroupCommit:
     def __init__(self, begin: Callable[[bool], sqlite3.Connection], end: Callable[[], None],
                  group_max: int = 256, group_ms: float = 5.0,
                  before_commit: Callable[[bool], None] | None = None,
-                 lost: Callable[[BaseException], BaseException] | None = None):
+                 lost: Callable[[BaseException], BaseException] | None = None,
+                 committed: Callable[[], None] | None = None):
         if group_max < 1 or group_ms < 0:
             raise ValueError(f"group_max must be >= 1 and group_ms >= 0, got {group_max} and {group_ms}")
         self._begin = begin
         self._end = end
         self._before_commit = before_commit
         self._lost_error = lost or _internal
+        self._committed = committed  # after each COMMIT that succeeded (the store takes writes: refusals.py)
         self.group_max = group_max
         self._group_ns = int(group_ms * 1e6)
         self._lock = threading.Lock()  # guards _pending and _leading
@@ -301,6 +304,8 @@ class GroupCommit:
         if self._before_commit is not None:
             self._before_commit(durable)  # raises: the group is lost (the finally of _fill_and_commit rolls back)
         conn.execute("COMMIT")  # with synchronous=FULL: returns once the group is on disk
+        if self._committed is not None:
+            self._committed()
         self.commits += 1
         self.durable_commits += durable
         stored = sum(1 for w in group if w.error is None)

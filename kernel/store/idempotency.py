@@ -126,6 +126,14 @@ class IdempotencyStore:
                                               audit_sequence)
             return True
 
+    def check_writable(self, key: str) -> None:
+        """Refuse a new decision with ``key`` at once (StoreBusy: UNAVAILABLE, retry-after-ms) while the store
+        refuses writes: its answer could not be stored under its key. Decided all the same, it was answered OK
+        with its entry kept only in memory (and a lock held elsewhere stalled every such answer by the 10 s busy
+        timeout, one after the other); refused before it is decided, its retry decides it once the store is back."""
+        self._db.check_writable(f"a new decision with idempotency_key {key!r} was not started (its answer could not "
+                                "be stored under the key)")
+
     def unwritten(self) -> int:
         """Answers kept in memory until the store takes writes again."""
         return len(self._unwritten)
@@ -205,6 +213,15 @@ class IdempotencyStore:
             finally:
                 self._flushing.release()
         return stored
+
+    def flush_unwritten(self) -> None:
+        """Write the answers kept in memory now (the store takes writes again: its refusal listener), not only at
+        the next put: while the store refused writes, Decides with keys were refused at entry, so no put came."""
+        if self._unwritten and self._flushing.acquire(blocking=False):
+            try:
+                self._write_unwritten()
+            finally:
+                self._flushing.release()
 
     def _write_unwritten(self) -> None:
         """Write the answers kept in memory, ``PURGE_BATCH`` to a transaction; those expired meanwhile are

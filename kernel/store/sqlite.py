@@ -55,6 +55,7 @@ from ..errors import FailedPrecondition, Internal, KernelError
 from . import faults
 from .faults import StoreBusy, StoreCannotOpen, StoreFailed
 from .group_commit import GroupCommit
+from .refusals import WriteRefusals
 from .schema import MIGRATIONS, migrate
 
 try:
@@ -125,7 +126,8 @@ class Database:
     def __init__(self, data_dir: str | os.PathLike, *, exclusive: bool = True, read_connections: int = 2,
                  group_max: int = GROUP_MAX, group_ms: float = GROUP_MS):
         self._group = GroupCommit(self._begin_group, self._end_group, group_max, group_ms,
-                                  before_commit=self._before_commit, lost=self._lost_error)
+                                  before_commit=self._before_commit, lost=self._lost_error,
+                                  committed=self._committed)
         self.data_dir = Path(data_dir)
         self.path = self.data_dir / DATABASE_FILE
         # Called once, with the StoreFailed, when the store fail-stops (the server can turn health NOT_SERVING).
@@ -133,6 +135,10 @@ class Database:
         self._failure: StoreFailed | None = None
         self._failure_lock = threading.Lock()
         self.busy_refusals = 0  # reads and writes refused with StoreBusy (a lock held too long, a full disk): metrics
+        # While writes are refused for a reason that may pass, new ones are refused at once and a thread probes
+        # (refusals.py); ``refusal_listeners`` hear the cause when it starts and None when it is over.
+        self._refusals = WriteRefusals(self._probe_write)
+        self.refusal_listeners = self._refusals.listeners
         self._lock_file = None
         self._write_lock = threading.Lock()
         self._synchronous = ""
@@ -333,9 +339,41 @@ class Database:
         if faults.may_pass(exc):
             with self._failure_lock:
                 self.busy_refusals += 1
-            return StoreBusy(f"data_dir {self.data_dir}: {doing}: {faults.sqlite_cause(exc, self.path)}; "
-                             f"retry after {faults.RETRY_AFTER_MS} ms")
+            cause = faults.sqlite_cause(exc, self.path)
+            if doing == _WRITE_LOST:
+                self._refusals.refused(cause)
+            return StoreBusy(f"data_dir {self.data_dir}: {doing}: {cause}; retry after {faults.RETRY_AFTER_MS} ms")
         return None
+
+    # -- refusing writes while a fault that may pass lasts (refusals.py) ----------------------
+    @property
+    def refusing_writes(self) -> str | None:
+        """Why writes are refused now (a lock held elsewhere, a full disk), or None while the store takes them."""
+        return self._refusals.cause
+
+    def check_writable(self, doing: str = _WRITE_LOST) -> None:
+        """Raise StoreBusy at once while the store refuses writes: ``doing`` says what was refused ("this write
+        was not stored ..."; a caller refusing new work before it starts says what that work was)."""
+        cause = self._refusals.cause
+        if cause is not None:
+            with self._failure_lock:
+                self.busy_refusals += 1
+            raise StoreBusy(f"data_dir {self.data_dir}: {doing}: the store refuses writes for now ({cause}); "
+                            f"retry after {faults.RETRY_AFTER_MS} ms")
+
+    def _committed(self) -> None:
+        self._refusals.passed()  # (one attribute test while the store takes writes)
+
+    def _probe_write(self) -> None:
+        """The refusing state's probe: one small real write, committed and fsynced (a rolled-back one never
+        reaches the disk, so it would not see a full one)."""
+        self._check_open()
+        try:
+            self._group.run(lambda conn: conn.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('write probe', ?)", (time.monotonic_ns(),)))
+        except sqlite3.Error as exc:
+            self._raise_fault(exc, _WRITE_LOST)
+            raise
 
     def _lost_error(self, exc: BaseException) -> KernelError:
         """What each write of a group whose transaction was lost to ``exc`` gets (group_commit's ``_lost``)."""
@@ -370,6 +408,7 @@ class Database:
         connection it is given and must not start another write.
         """
         self._check_open()
+        self.check_writable()
         try:
             return self._group.run(work, durable, after_commit)
         except sqlite3.Error as exc:  # (a try costs nothing in 3.11 until it catches)
@@ -386,6 +425,7 @@ class Database:
         also covers the ``transact`` writes queued meanwhile.
         """
         self._check_open()
+        self.check_writable()
         try:
             write, conn = self._group.begin_block(durable)
         except sqlite3.Error as exc:  # BEGIN IMMEDIATE: a lock held elsewhere, an I/O error
@@ -508,6 +548,7 @@ class Database:
         return SqliteReviewRecords(self)
 
     def close(self) -> None:
+        self._refusals.close()  # (before the write lock: a probe in progress holds it)
         with self._write_lock:
             if self._closed:
                 return

@@ -1,0 +1,104 @@
+"""While another process holds the store's write lock, new work that needs the store is refused at once, health says
+NOT_SERVING, and the kernel recovers by itself once the lock is let go, with nothing acknowledged lost.
+
+A drill held kernel.sqlite3's write lock for 25 s under keyed Decide load: each keyed answer's entry waited the 10 s
+busy timeout in turn, no caller got an answer for the whole 25 s, and health said SERVING throughout.
+
+A real claims kernel over gRPC; the lock is real (another connection holds BEGIN IMMEDIATE, as an operator's tool
+would). One fault injected on purpose, named so: the kernel's SQLite busy timeout is cut from 10 s to 100 ms so the
+first refusal comes quickly.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from claims_support import claim_request
+from conftest import start_claims_kernel
+from examples.claims import data
+from kernel._proto.aios.kernel.v1 import kernel_pb2 as kpb
+from kernel._proto.aios.kernel.v1 import kernel_pb2_grpc as kgrpc
+from kernel._proto.inference import grpc_service_pb2 as ipb
+from kernel._proto.inference import grpc_service_pb2_grpc as igrpc
+from kernel.store import sqlite as sqlite_store
+from lane_support import until
+
+TIMEOUT_S = 20
+SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def request(n: int, key: str = "") -> kpb.DecisionRequest:
+    return claim_request(data.generate_cases(n + 1, seed=11)[n], tenant="refusing", idempotency_key=key)
+
+
+def health(channel) -> int:
+    return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5).status
+
+
+def server_ready(channel) -> bool:
+    return igrpc.GRPCInferenceServiceStub(channel).ServerReady(ipb.ServerReadyRequest(), timeout=5).ready
+
+
+def test_a_store_whose_write_lock_is_held_refuses_new_work_and_recovers_alone(claims_models, tmp_path, monkeypatch):
+    monkeypatch.setattr(sqlite_store, "BUSY_TIMEOUT_MS", 100)  # fault injected on purpose: a refusal in 100 ms
+    server = start_claims_kernel(claims_models, tmp_path)
+    acked: dict[str, kpb.Decision] = {}
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            decisions = kgrpc.DecisionServiceStub(channel)
+            tasks = kgrpc.TaskServiceStub(channel)
+            for n in range(4):
+                acked[f"k{n}"] = decisions.Decide(request(n, f"k{n}"), timeout=TIMEOUT_S)
+            lock = sqlite3.connect(Path(server.settings.data_dir) / "kernel.sqlite3", isolation_level=None)
+            try:
+                lock.execute("BEGIN IMMEDIATE")  # another process holds the store's write lock
+                # The first keyed Decide after it is decided (nothing said the store refused yet): answered, its
+                # entry kept in memory until the store takes writes again.
+                acked["k4"] = decisions.Decide(request(4, "k4"), timeout=TIMEOUT_S)
+                until(lambda: health(channel) == NOT_SERVING, "health NOT_SERVING while the store refuses writes",
+                      TIMEOUT_S, every_s=0.01)
+                assert not server_ready(channel)
+                recorded = server.decisions.audit.size
+                with pytest.raises(grpc.RpcError) as refused:
+                    decisions.Decide(request(5, "k5"), timeout=TIMEOUT_S)
+                assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, refused.value.details()
+                assert "k5" in refused.value.details() and "locked by another process" in refused.value.details()
+                assert dict(refused.value.trailing_metadata())["retry-after-ms"] == "1000"
+                assert server.decisions.audit.size == recorded, "a refused decision was decided all the same"
+                with pytest.raises(grpc.RpcError) as refused:
+                    tasks.StartTask(kpb.StartTaskRequest(request=request(6)), timeout=TIMEOUT_S)
+                assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, refused.value.details()
+                assert dict(refused.value.trailing_metadata())["retry-after-ms"] == "1000"
+                replay = decisions.Decide(request(4, "k4"), timeout=TIMEOUT_S)  # a retry needs no write: answered
+                assert replay.replayed and replay.audit_sequence == acked["k4"].audit_sequence
+            finally:
+                lock.execute("ROLLBACK")  # the store takes writes again
+                lock.close()
+            until(lambda: health(channel) == SERVING, "health SERVING once the store takes writes", TIMEOUT_S,
+                  every_s=0.01)
+            assert server_ready(channel)
+            until(lambda: server.decisions.idempotency.unwritten() == 0, "the kept entry stored", TIMEOUT_S)
+            acked["k5"] = decisions.Decide(request(5, "k5"), timeout=TIMEOUT_S)
+            task = tasks.StartTask(kpb.StartTaskRequest(request=request(6)), timeout=TIMEOUT_S)
+    finally:
+        server.stop(grace=1)
+    assert any(answer.review_id for answer in acked.values()), "no acknowledged decision was escalated"
+    # After a restart: every acknowledged decision's key and review, and the acknowledged task.
+    server = start_claims_kernel(claims_models, tmp_path)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            decisions = kgrpc.DecisionServiceStub(channel)
+            reviews = kgrpc.ReviewServiceStub(channel)
+            for key, answer in acked.items():
+                replay = decisions.Decide(request(int(key[1:]), key), timeout=TIMEOUT_S)
+                assert replay.replayed and replay.audit_sequence == answer.audit_sequence, key
+                if answer.review_id:
+                    reviews.GetReview(kpb.ReviewRef(review_id=answer.review_id), timeout=TIMEOUT_S)
+            assert kgrpc.TaskServiceStub(channel).GetTask(kpb.TaskRef(task_id=task.task_id), timeout=TIMEOUT_S)
+    finally:
+        server.stop(grace=1)
