@@ -267,8 +267,9 @@ def test_review_rows_that_never_stored_are_reopened_at_the_next_start(claims_mod
 
 def test_a_review_store_that_keeps_failing_fails_decisions_once_the_backlog_is_full(claims_models, tmp_path,
                                                                                      monkeypatch):
-    """Rows queue in memory only up to a bound: past it a group stores its own before answering, so a
-    broken review store shows as failed decisions instead of a backlog that only grows."""
+    """Rows queue in memory only up to a bound: past it a new decision is refused before it is decided (UNAVAILABLE,
+    retry-after-ms), and a group already past the entry stores its own before answering, so a broken review store
+    shows as refused or failed decisions instead of a backlog that only grows."""
     from conftest import start_kernel
     from kernel.pipelines import group_finish
 
@@ -286,12 +287,16 @@ def test_a_review_store_that_keeps_failing_fails_decisions_once_the_backlog_is_f
                     stub.Decide(claim_request(case, request_id=f"b{i}"), timeout=10)
                     codes.append("OK")
                 except grpc.RpcError as exc:
+                    if "this decision was not started" in exc.details():  # refused at entry: the backlog is full
+                        assert dict(exc.trailing_metadata())["retry-after-ms"] == "1000"
+                        codes.append("REFUSED")
+                        continue
                     codes.append(exc.code().name)
                     # Recorded all the same, and said so (never "nothing kept"): its review is reopened at start.
                     assert f"decision b{i} was made and recorded at audit sequence " in exc.details(), exc.details()
                     assert "review could not be stored" in exc.details() and "injected" in exc.details()
-        assert "UNAVAILABLE" in codes, codes  # the store's fault, past the bound, reaches the caller
-        assert set(codes) <= {"OK", "UNAVAILABLE"}
+        assert "REFUSED" in codes, codes  # the store's fault, past the bound, reaches the caller before deciding
+        assert set(codes) <= {"OK", "UNAVAILABLE", "REFUSED"}
         assert server.decisions.engine._review_rows.backlog <= 3 + 8  # (at most one more group past the bound)
     finally:
         reviews.create_many = real

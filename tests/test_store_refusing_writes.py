@@ -25,6 +25,7 @@ from kernel._proto.aios.kernel.v1 import kernel_pb2 as kpb
 from kernel._proto.aios.kernel.v1 import kernel_pb2_grpc as kgrpc
 from kernel._proto.inference import grpc_service_pb2 as ipb
 from kernel._proto.inference import grpc_service_pb2_grpc as igrpc
+from kernel.pipelines import group_finish
 from kernel.store import sqlite as sqlite_store
 from lane_support import until
 
@@ -100,5 +101,63 @@ def test_a_store_whose_write_lock_is_held_refuses_new_work_and_recovers_alone(cl
                 if answer.review_id:
                     reviews.GetReview(kpb.ReviewRef(review_id=answer.review_id), timeout=TIMEOUT_S)
             assert kgrpc.TaskServiceStub(channel).GetTask(kpb.TaskRef(task_id=task.task_id), timeout=TIMEOUT_S)
+    finally:
+        server.stop(grace=1)
+
+
+def escalated(n: int, text_bytes: int) -> kpb.DecisionRequest:
+    """A claim the policy sends to a person (R04: a large claim), with ``text_bytes`` of free text."""
+    found = request(n)
+    found.fields["claim_amount"].number_value = 75000.0
+    found.fields["fraud_score"].number_value = 0.2
+    found.text_fields["description"] = "x" * text_bytes
+    return found
+
+
+def test_review_rows_waiting_for_a_refusing_store_are_bounded_in_bytes(claims_models, tmp_path, monkeypatch):
+    """Review rows of escalated decisions wait in memory while the store refuses writes: they were bounded at 50,000
+    rows whatever their size, and a row holds its request's free text (up to 1 MiB a field): GBs. Past the bound in
+    bytes, a new decision is refused before it is decided. The bound is cut to 1 MiB for the test (the kernel's is 64
+    MiB), and the busy timeout to 100 ms (both injected on purpose); the lock is real."""
+    monkeypatch.setattr(sqlite_store, "BUSY_TIMEOUT_MS", 100)
+    monkeypatch.setattr(group_finish, "MAX_REVIEW_BACKLOG_BYTES", 1 << 20, raising=False)
+    server = start_claims_kernel(claims_models, tmp_path)
+    acked: list[kpb.Decision] = []
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            decisions = kgrpc.DecisionServiceStub(channel)
+            lock = sqlite3.connect(Path(server.settings.data_dir) / "kernel.sqlite3", isolation_level=None)
+            try:
+                lock.execute("BEGIN IMMEDIATE")  # another process holds the store's write lock
+                acked.append(decisions.Decide(escalated(0, 300_000), timeout=TIMEOUT_S))
+                rows = server.decisions.engine._review_rows
+                until(lambda: rows.failing, "the store refusing the first review row", TIMEOUT_S)
+                refused = None
+                for n in range(1, 20):  # 300 KB of text each: the bound is reached within 4
+                    try:
+                        acked.append(decisions.Decide(escalated(n, 300_000), timeout=TIMEOUT_S))
+                    except grpc.RpcError as error:
+                        refused = error
+                        break
+                assert refused is not None, "20 decisions' review rows (6 MB) were all kept in memory"
+                assert refused.code() == grpc.StatusCode.UNAVAILABLE, refused.details()
+                assert "not started" in refused.details() and "review rows" in refused.details()
+                assert dict(refused.trailing_metadata())["retry-after-ms"] == "1000"
+                assert all(answer.review_id for answer in acked) and 3 <= len(acked) <= 4
+                assert rows.backlog == len(acked) and rows.backlog_bytes < 2 << 20
+                recorded = server.decisions.audit.size
+                with pytest.raises(grpc.RpcError) as again:
+                    decisions.Decide(escalated(30, 10), timeout=TIMEOUT_S)
+                assert again.value.code() == grpc.StatusCode.UNAVAILABLE
+                assert server.decisions.audit.size == recorded, "a refused decision was decided all the same"
+            finally:
+                lock.execute("ROLLBACK")
+                lock.close()
+            until(lambda: server.decisions.engine._review_rows.backlog == 0, "the kept review rows stored", TIMEOUT_S)
+            assert rows.backlog_bytes == 0
+            acked.append(decisions.Decide(escalated(31, 10), timeout=TIMEOUT_S))
+            reviews = kgrpc.ReviewServiceStub(channel)
+            for answer in acked:
+                reviews.GetReview(kpb.ReviewRef(review_id=answer.review_id), timeout=TIMEOUT_S)
     finally:
         server.stop(grace=1)

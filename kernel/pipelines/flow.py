@@ -145,6 +145,7 @@ class DecisionEngine(GroupFinish):
                     return replay
                 self._refuse_if_a_task_holds(request, request_hash, task_id)
                 self.services.idempotency.check_writable(request.idempotency_key)  # (a replay above needs no write)
+            self.refuse_if_reviews_backlogged()
             try:
                 deadline = request_deadline(time.monotonic_ns(), deadline_ns,
                                             (request.timeout_ms or pipeline.timeout_ms) * 10**6, arrived_ns)

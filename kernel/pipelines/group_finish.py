@@ -31,6 +31,7 @@ from ..errors import (
 )
 from ..ids import random_hex
 from ..scheduling.types import NO_DEADLINE
+from ..store.faults import RETRY_AFTER_MS, StoreBusy
 from ..store.idempotency import MAX_UNWRITTEN
 from . import provenance
 from .slow_records import complete_later
@@ -44,6 +45,9 @@ log = logging.getLogger("aios.decisions")
 # Review rows waiting in memory beyond which a group stores its own before answering (so a review store
 # that keeps failing fails the decisions, as it did before rows were stored in the background).
 MAX_REVIEW_BACKLOG = 50_000
+# ... and bytes of them (the decision and the request, free text included, at up to 1 MiB a text field): 50,000 rows
+# of large free text held GBs. Past either, new decisions are refused at entry (``refuse_if_reviews_backlogged``).
+MAX_REVIEW_BACKLOG_BYTES = 64 << 20
 RECORDED_TRAILER = "aios-audit-sequence"
 
 
@@ -442,8 +446,8 @@ class GroupFinish:
                     keyed = []
                 keyed.append(index)
         if deferred is not None:  # queued once every decision is final: the proposed decision is the answer as sent
-            if self._review_rows.backlog < MAX_REVIEW_BACKLOG:
-                self._review_rows.add(deferred, opening)
+            if not self._reviews_backlogged():
+                self._review_rows.add(deferred, opening, sum(row[0].ByteSize() + row[1].ByteSize() for row in deferred))
             else:  # the store has been failing for a while: no more answers whose reviews only memory holds
                 try:
                     reviews.create_many(deferred, durable=True, answer=False)
@@ -458,6 +462,23 @@ class GroupFinish:
         if late is not None:
             self._too_late(group, results, late, unkept)
         return results
+
+    def _reviews_backlogged(self) -> bool:
+        """Whether the review rows waiting in memory for the store reached their bound (rows or bytes)."""
+        rows = self._review_rows
+        return rows.backlog >= MAX_REVIEW_BACKLOG or rows.backlog_bytes >= MAX_REVIEW_BACKLOG_BYTES
+
+    def refuse_if_reviews_backlogged(self) -> None:
+        """Refuse a new decision at entry (StoreBusy: UNAVAILABLE, retry-after-ms) while the review rows waiting in
+        memory for a store that refuses writes are at their bound: decided, an escalated one would be answered
+        UNAVAILABLE after it was recorded (its review could not be stored), inviting a retry that decides again."""
+        rows = self._review_rows
+        if rows is None or not rows.failing or not self._reviews_backlogged():
+            return
+        raise StoreBusy(f"this decision was not started: {rows.backlog} review rows ({rows.backlog_bytes >> 20} MiB) "
+                        "wait in memory for the store, which has not taken them for a while (at most "
+                        f"{MAX_REVIEW_BACKLOG} rows or {MAX_REVIEW_BACKLOG_BYTES >> 20} MiB are kept); retry after "
+                        f"{RETRY_AFTER_MS} ms")
 
     @staticmethod
     def _too_late(group: list[Pending], results: list, late: list[tuple[int, int]], unkept) -> None:

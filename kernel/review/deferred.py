@@ -45,6 +45,10 @@ class DeferredRows:
         self._flushing = threading.Lock()  # held while a batch is taken and stored
         self._rows: list = []
         self._contexts: list = []
+        self._sizes: list[int] = []  # bytes of each add's rows, as its caller counted them
+        self._bytes = 0  # their sum: what the queued rows hold in memory, about
+        self._storing = 0  # rows taken by the store in progress (still held, and back in _rows if it fails)
+        self.failing = False  # the last store failed (the rows wait for a retry)
         self._armed = False  # the thread has been woken for the rows queued now
         self._wakeup = threading.Event()  # set at most once per batch: its Python-level cost does not matter
         self._closing = False
@@ -56,11 +60,13 @@ class DeferredRows:
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
-    def add(self, rows: list, context) -> None:
-        """Queue ``rows``; never blocks on storage."""
+    def add(self, rows: list, context, nbytes: int = 0) -> None:
+        """Queue ``rows`` (``nbytes``: about what they hold in memory, for ``backlog_bytes``); never blocks."""
         with self._lock:
             self._rows.extend(rows)
             self._contexts.append(context)
+            self._sizes.append(nbytes)
+            self._bytes += nbytes
             wake = not self._armed
             self._armed = True
         if wake:
@@ -68,8 +74,13 @@ class DeferredRows:
 
     @property
     def backlog(self) -> int:
-        """Rows queued and not stored yet (grows only while storing fails)."""
-        return len(self._rows)
+        """Rows queued and not stored yet, those being stored included (grows only while storing fails)."""
+        return len(self._rows) + self._storing
+
+    @property
+    def backlog_bytes(self) -> int:
+        """About the bytes the rows queued and not stored yet hold (their free text can be MiBs a row)."""
+        return self._bytes
 
     def settle(self) -> None:
         """Return once every row queued before this call is stored (or its storing failed)."""
@@ -112,8 +123,9 @@ class DeferredRows:
         """Store what is queued; False if storing failed (the rows stay queued, first, for a retry)."""
         with self._flushing:
             with self._lock:
-                rows, contexts = self._rows, self._contexts
-                self._rows, self._contexts = [], []
+                rows, contexts, sizes = self._rows, self._contexts, self._sizes
+                self._rows, self._contexts, self._sizes = [], [], []
+                self._storing = len(rows)
                 self._armed = False
             if not rows:
                 return True
@@ -124,11 +136,17 @@ class DeferredRows:
                 self._failing.failed(f"{len(rows)} rows kept to retry (after a crash they are reopened from the audit "
                                      f"log): {type(exc).__name__}: {exc}", traceback=not isinstance(exc, KernelError))
                 with self._lock:
-                    self._rows[:0], self._contexts[:0] = rows, contexts
+                    self._rows[:0], self._contexts[:0], self._sizes[:0] = rows, contexts, sizes
+                    self._storing = 0
                     self._armed = True  # the thread retries them; new rows need not wake it
                 self.failures += 1
+                self.failing = True
                 return False
             self._failing.succeeded()
+            self.failing = False
+            with self._lock:
+                self._bytes -= sum(sizes)
+                self._storing = 0
             self.batches += 1
             self.rows += len(rows)
             return True
