@@ -252,6 +252,7 @@ class KernelServer:
         disk), or takes them again (``cause`` None): NOT_SERVING meanwhile, so a load balancer sends the work
         elsewhere instead of here, where a Decide with a key and a StartTask are refused (UNAVAILABLE with a retry
         hint); SERVING again by itself once a write commits (kernel/store/refusals.py)."""
+        cause = self.decisions.db.refusing_writes  # (now: a refusal may have come since this was told)
         if cause is not None:
             log.error("health is NOT_SERVING while the store of %s refuses writes: %s", self.settings.data_dir, cause)
         else:

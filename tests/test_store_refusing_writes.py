@@ -161,3 +161,34 @@ def test_review_rows_waiting_for_a_refusing_store_are_bounded_in_bytes(claims_mo
                 reviews.GetReview(kpb.ReviewRef(review_id=answer.review_id), timeout=TIMEOUT_S)
     finally:
         server.stop(grace=1)
+
+
+def test_a_store_refusing_writes_on_a_full_disk_stays_refusing_while_the_disk_is_short_of_space(tmp_path, monkeypatch):
+    """On a full disk one small row still fits in the write-ahead log's old frames: the probe's write committed, the
+    store was taken for recovered, the next real write failed again, and health flapped every second (a drill on a
+    full tmpfs). It stays refusing while less than RECOVERED_SPACE_BYTES is free. Two faults injected on purpose:
+    the disk full for SQLite (its page cap, as test_store_operator_errors does), and "short of space" by raising
+    the free space asked for past what this disk has."""
+    import shutil
+
+    from kernel.review import ReviewQueue
+    from kernel.store import faults, open_database
+    from kernel.store.faults import StoreBusy
+    from test_store_operator_errors import big_case, cap_pages
+
+    db = open_database(tmp_path / "data")
+    try:
+        cap_pages(db)
+        with pytest.raises(StoreBusy):
+            ReviewQueue(db).create_many([big_case(1)])
+        assert "is full" in db.refusing_writes
+        free = shutil.disk_usage(tmp_path).free
+        monkeypatch.setattr(faults, "RECOVERED_SPACE_BYTES", free * 2, raising=False)
+        cap_pages(db, grow_by=10_000)  # SQLite may grow the file again; the disk still reads as short of space
+        until(lambda: db.write_probes >= 2, "two probes", TIMEOUT_S)
+        assert db.refusing_writes is not None, "taken for recovered on a disk short of space"
+        monkeypatch.setattr(faults, "RECOVERED_SPACE_BYTES", 0, raising=False)  # space freed
+        until(lambda: db.refusing_writes is None, "the store taking writes again", TIMEOUT_S)
+        ReviewQueue(db).create_many([big_case(2)])
+    finally:
+        db.close()

@@ -37,6 +37,9 @@ DAMAGE = frozenset({SQLITE_CORRUPT, SQLITE_NOTADB})  # the file's bytes are wron
 PASSING = frozenset({SQLITE_BUSY, SQLITE_LOCKED, SQLITE_IOERR, SQLITE_FULL})  # may pass: retry
 RETRY_AFTER_MS = 1000  # the hint on a write refused for a full disk or a lock: space is freed in seconds, not ms
 LOW_SPACE_BYTES = 1 << 20  # below this much free space an I/O error is most likely the disk being full
+# A store refusing writes is not taken for recovered while less than this is free, whatever a probe's small write did:
+# on a full disk one row still fits in the write-ahead log's old frames (a drill's health flapped every second).
+RECOVERED_SPACE_BYTES = 4 << 20
 
 RESTORE = ("restore the data dir from a backup (or move kernel.sqlite3* aside to start with an empty store: its "
            "tasks, reviews and idempotency keys are then lost), then restart")
@@ -70,11 +73,18 @@ def may_pass(exc: BaseException) -> bool:
     return result_code(exc) in PASSING
 
 
-def _low_on_space(folder: Path) -> bool:
+def _low_on_space(folder: Path, below: int = LOW_SPACE_BYTES) -> bool:
     try:
-        return shutil.disk_usage(folder).free < LOW_SPACE_BYTES
+        return shutil.disk_usage(folder).free < below
     except OSError:
         return False
+
+
+def short_of_space(folder: Path) -> str | None:
+    """Why a store refusing writes should go on refusing them though a probe's write committed, if it should."""
+    if _low_on_space(folder, RECOVERED_SPACE_BYTES):
+        return f"the disk holding {folder} has less than {RECOVERED_SPACE_BYTES >> 20} MiB free: free space there"
+    return None
 
 
 def sqlite_cause(exc: sqlite3.Error, path: Path) -> str:

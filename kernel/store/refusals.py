@@ -44,6 +44,7 @@ class WriteRefusals:
         self.listeners: list[Callable[[str | None], None]] = []
         self._thread: threading.Thread | None = None
         self._closing = threading.Event()
+        self.probes = 0  # probes tried (stats, tests)
 
     @property
     def refusing(self) -> bool:
@@ -73,6 +74,7 @@ class WriteRefusals:
         name_native_thread()
         while not self._closing.wait(self._probe_s):
             if self.cause is not None:
+                self.probes += 1
                 try:
                     self._probe()  # (a refusal calls refused() again: the state stays, with its newest cause)
                 except Exception:

@@ -351,6 +351,11 @@ class Database:
         """Why writes are refused now (a lock held elsewhere, a full disk), or None while the store takes them."""
         return self._refusals.cause
 
+    @property
+    def write_probes(self) -> int:
+        """Probes tried while the store refused writes (since open)."""
+        return self._refusals.probes
+
     def check_writable(self, doing: str = _WRITE_LOST) -> None:
         """Raise StoreBusy at once while the store refuses writes: ``doing`` says what was refused ("this write
         was not stored ..."; a caller refusing new work before it starts says what that work was)."""
@@ -368,6 +373,9 @@ class Database:
         """The refusing state's probe: one small real write, committed and fsynced (a rolled-back one never
         reaches the disk, so it would not see a full one)."""
         self._check_open()
+        short = faults.short_of_space(self.data_dir)
+        if short is not None:
+            raise StoreBusy(f"data_dir {self.data_dir}: {short}")
         try:
             self._group.run(lambda conn: conn.execute(
                 "INSERT OR REPLACE INTO meta (key, value) VALUES ('write probe', ?)", (time.monotonic_ns(),)))
