@@ -150,13 +150,22 @@ def test_review_rows_waiting_for_a_refusing_store_are_bounded_in_bytes(claims_mo
                     decisions.Decide(escalated(30, 10), timeout=TIMEOUT_S)
                 assert again.value.code() == grpc.StatusCode.UNAVAILABLE
                 assert server.decisions.audit.size == recorded, "a refused decision was decided all the same"
+                # An acknowledged review waiting in memory is not NOT_FOUND, nor left out of a listing: UNAVAILABLE.
+                reviews = kgrpc.ReviewServiceStub(channel)
+                for read in (lambda: reviews.GetReview(kpb.ReviewRef(review_id=acked[0].review_id), timeout=TIMEOUT_S),
+                             lambda: reviews.ListReviews(kpb.ListReviewsRequest(), timeout=TIMEOUT_S)):
+                    with pytest.raises(grpc.RpcError) as waiting:
+                        read()
+                    assert waiting.value.code() == grpc.StatusCode.UNAVAILABLE, waiting.value.details()
+                    assert "wait in memory to be stored" in waiting.value.details()
+                    assert dict(waiting.value.trailing_metadata())["retry-after-ms"] == "1000"
             finally:
                 lock.execute("ROLLBACK")
                 lock.close()
             until(lambda: server.decisions.engine._review_rows.backlog == 0, "the kept review rows stored", TIMEOUT_S)
             assert rows.backlog_bytes == 0
             acked.append(decisions.Decide(escalated(31, 10), timeout=TIMEOUT_S))
-            reviews = kgrpc.ReviewServiceStub(channel)
+            assert len(reviews.ListReviews(kpb.ListReviewsRequest(page_size=100), timeout=TIMEOUT_S).reviews) == len(acked)
             for answer in acked:
                 reviews.GetReview(kpb.ReviewRef(review_id=answer.review_id), timeout=TIMEOUT_S)
     finally:

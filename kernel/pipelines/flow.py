@@ -106,7 +106,7 @@ class DecisionEngine(GroupFinish):
         self._review_rows = None
         if self.services.reviews is not None:
             self._review_rows = DeferredRows(self._store_review_rows)
-            self.services.reviews.add_read_barrier(self._review_rows.settle)
+            self.services.reviews.add_read_barrier(self._review_rows.settle, self._reviews_waiting)
 
     def close(self) -> None:
         """Finish the decisions handed to the finisher thread, store their review rows, stop both threads
@@ -250,6 +250,12 @@ class DecisionEngine(GroupFinish):
         if unwritten is not None:
             lows.append(unwritten)
         return min(durable, *lows) if lows else durable
+
+    def _reviews_waiting(self, review_id: str | None) -> int:
+        """Review rows (of ``review_id``, or all) that the store would not take, waiting in memory."""
+        if review_id is None:
+            return self._review_rows.waiting()
+        return self._review_rows.waiting(lambda row: row[5] == review_id)  # (row: group_finish's review row)
 
     def store_takes_writes(self, cause: str | None) -> None:
         """The store's refusal listener: once it takes writes again (``cause`` None), store what was kept in

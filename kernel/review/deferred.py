@@ -87,6 +87,14 @@ class DeferredRows:
         if self._rows or self._flushing.locked():
             self._flush()
 
+    def waiting(self, match: Callable[[object], bool] | None = None) -> int:
+        """Rows (all, or those ``match`` accepts) still queued after the last store failed; 0 while storing works."""
+        if not self.failing:
+            return 0
+        with self._lock:
+            rows = list(self._rows)
+        return len(rows) if match is None else sum(1 for row in rows if match(row))
+
     def retry_now(self) -> None:
         """Cut a failed store's back-off short (the store takes writes again): the thread stores the rows now."""
         self._wakeup.set()

@@ -38,6 +38,7 @@ from ..field_values import to_value
 from ..errors import FailedPrecondition, Internal, InvalidArgument, NotFound, Unavailable, quote
 from ..limits import MAX_REVIEWER_CHARS, MAX_TENANT_CHARS, check_comment, check_identifier, check_name
 from ..store import Feed
+from ..store.faults import RETRY_AFTER_MS, StoreBusy
 from ..store.sqlite_reviews import STATE_FILTERS, withdrawn
 from .. import paging
 from .leases import LeaseTimer
@@ -99,18 +100,31 @@ class ReviewQueue:
         # found the row undelivered and each ran the hooks, one audit record per call for one resolution.
         self._delivering = threading.Lock()
         self._barriers: list[Callable[[], None]] = []
+        # review id (or None: any) -> how many rows of answered decisions still wait to be stored after a settle
+        self._waiting: list[Callable[[str | None], int]] = []
         # Changes are published from the store's after-commit hooks: once durable, in commit
         # order, and without a lock of ours around the write, so concurrent writes share a commit.
         self._leases = LeaseTimer(self._publish_lapsed, clock)
 
-    def add_read_barrier(self, settle: Callable[[], None]) -> None:
+    def add_read_barrier(self, settle: Callable[[], None], waiting: Callable[[str | None], int] | None = None) -> None:
         """Call ``settle()`` before every read or change: rows stored in the background are there first
-        (see kernel/review/deferred.py), so a caller always finds the review its decision named."""
+        (see kernel/review/deferred.py), so a caller always finds the review its decision named. ``waiting(id)``:
+        how many rows (of review ``id``, or of any when None) the store would not take, still in memory."""
         self._barriers.append(settle)
+        if waiting is not None:
+            self._waiting.append(waiting)
 
     def _settle(self) -> None:
         for settle in self._barriers:
             settle()
+
+    def _refuse_if_waiting(self, review_id: str | None, what: str) -> None:
+        """StoreBusy (UNAVAILABLE, retry-after-ms) when answered decisions' reviews wait in memory for a store that
+        refuses writes: a read would say NOT_FOUND for an acknowledged review, or list the queue without it."""
+        count = sum(waiting(review_id) for waiting in self._waiting)
+        if count:
+            raise StoreBusy(f"{what}: {count} review{'s' if count > 1 else ''} of answered decisions wait in memory "
+                            f"to be stored (the store refuses writes now); retry after {RETRY_AFTER_MS} ms")
 
     # -- views --------------------------------------------------------------------------------
     def _present(self, review: kpb.Review, now: int | None = None) -> kpb.Review:
@@ -137,6 +151,7 @@ class ReviewQueue:
         self._settle()
         review = self._records.get(review_id)
         if review is None:
+            self._refuse_if_waiting(review_id, f"review {quote(review_id)} is not stored yet")
             raise NotFound(f"review {quote(review_id)} does not exist")
         return self._present(review)
 
@@ -149,6 +164,7 @@ class ReviewQueue:
         filters = (pipeline, tenant, state)
         after = paging.decode(page_token, filters)
         self._settle()
+        self._refuse_if_waiting(None, "the review queue cannot be listed whole now")
         now = self._clock()
         rows = self._records.page(pipeline, tenant, state, now, after, limit + 1)
         response = kpb.ListReviewsResponse(sla_missed=self._records.count_sla_missed(pipeline, tenant, state, now))
