@@ -187,9 +187,12 @@ _MAX_SECONDS = 86_400  # a day
 MAX_LANE_SLOTS = 1024  # batches at once on one lane: far past any CPU's cores, each a thread
 
 
-def _coerce(name: str, value: Any, source: str) -> Any:
+def _coerce(name: str, value: Any, source: str, typed: bool = False) -> Any:
+    """``value`` as setting ``name``'s type. ``typed``: it comes from kernel.toml, where TOML says what it is."""
     kind = _FIELDS[name].type
     given = value
+    if typed:
+        _check_toml_type(name, kind, value, source)
     try:
         if kind == "int":
             # bool is an int in Python, and int() would cut 8302.9 down to 8302: both refused
@@ -216,6 +219,24 @@ def _coerce(name: str, value: Any, source: str) -> Any:
     if kind == "str" and "\x00" in value:  # (TOML's "\u0000": a path with it ended the start in a traceback)
         raise SettingsError(f"{name} (from {source}) must not hold a NUL character, got {given!r}")
     return value
+
+
+def _check_toml_type(name: str, kind: str, value: Any, source: str) -> None:
+    """Refuse a kernel.toml value whose TOML type is not the setting's: a number or a boolean in quotes ("5",
+    "0.5", "true"), or a number where a string goes. They were read as the setting's type without a word, where the
+    file's other type errors (workers = 5.5, port = true) are refused; an environment variable is text by nature,
+    and its text is read as the type (AIOS_WORKERS=5)."""
+    if kind in ("int", "float", "bool") and isinstance(value, str):
+        try:
+            meant = _coerce(name, value, source)  # (text that is no number at all: that error, as it was)
+        except SettingsError:
+            return
+        written = str(meant).lower() if kind == "bool" else value.strip()
+        raise SettingsError(f"{name} (from {source}) must be {kind}, got the string {value!r}: in kernel.toml write "
+                            f"it without quotes ({name} = {written})")
+    if kind == "str" and not isinstance(value, str):
+        raise SettingsError(f"{name} (from {source}) must be a string, got {value!r}: in kernel.toml write it in "
+                            f"quotes ({name} = \"{value}\")")
 
 
 def _validate(settings: Settings, sources: dict[str, str]) -> None:
@@ -389,7 +410,7 @@ def load_settings(
                 raise SettingsError(f"{path}{_line_of(path, key)}: unknown setting {key!r}; {hint}")
             # The file and the line that set it, in every message about it ("workers (from /etc/aios/kernel.toml:7)").
             sources[key] = f"{path}{_line_of(path, key)}"
-            values[key] = _coerce(key, value, sources[key])
+            values[key] = _coerce(key, value, sources[key], typed=True)
     env = os.environ if environ is None else environ
     _warn_unknown_variables(env)
     for key in _FIELDS:

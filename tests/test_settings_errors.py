@@ -259,3 +259,35 @@ def test_a_refused_value_from_the_file_names_its_line(tmp_path):
                                "handler thread of the sync front end, and calls beyond workers are refused; got 9")
     config = toml(tmp_path, "[kernel]\nport = 8001\nworkers = 'many'\n")
     assert refused(config) == f"workers (from {config}:3) must be int, got 'many'"
+
+
+# ---------------------------------------------------------------- TOML's own types
+
+
+@pytest.mark.parametrize("name,literal,written", [
+    ("workers", '"5"', "workers = 5"),
+    ("port", "'8302'", "port = 8302"),
+    ("grace_seconds", '"0.5"', "grace_seconds = 0.5"),
+    ("audit_stream_enabled", '"true"', "audit_stream_enabled = true"),
+    ("answer_later", "\"Off\"", "answer_later = false"),
+])
+def test_a_number_or_boolean_in_quotes_in_the_file_is_refused_naming_its_line(tmp_path, name, literal, written):
+    """(Settings audit) kernel.toml's `workers = "5"` was read as 5 without a word, where `workers = 5.5` and
+    `port = true` are refused: TOML says what type a value is, and a quoted one is text. The message names the line
+    and says how to write it."""
+    config = toml(tmp_path, f"# production\n[kernel]\n{name} = {literal}\n")
+    message = refused(config)
+    assert message.startswith(f"{name} (from {config}:3) must be ") and "the string" in message, message
+    assert f"without quotes ({written})" in message
+
+
+def test_a_number_where_a_string_goes_in_the_file_is_refused(tmp_path):
+    config = toml(tmp_path, "[kernel]\nhost = 127\n")
+    assert refused(config) == (f"host (from {config}:2) must be a string, got 127: in kernel.toml write it in quotes "
+                               '(host = "127")')
+
+
+def test_environment_variables_are_text_by_nature_and_read_as_the_setting_type():
+    settings = load_settings(environ={"AIOS_WORKERS": "5", "AIOS_GRACE_SECONDS": "0.5",
+                                      "AIOS_AUDIT_STREAM_ENABLED": "true"})
+    assert (settings.workers, settings.grace_seconds, settings.audit_stream_enabled) == (5, 0.5, True)
