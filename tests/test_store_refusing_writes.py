@@ -12,6 +12,7 @@ first refusal comes quickly.
 from __future__ import annotations
 
 import sqlite3
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -19,7 +20,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from claims_support import claim_request
-from conftest import start_claims_kernel
+from conftest import free_port, start_claims_kernel
 from examples.claims import data
 from kernel._proto.aios.kernel.v1 import kernel_pb2 as kpb
 from kernel._proto.aios.kernel.v1 import kernel_pb2_grpc as kgrpc
@@ -31,6 +32,15 @@ from lane_support import until
 
 TIMEOUT_S = 20
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def gauge(port: int, name: str) -> float:
+    """One unlabelled sample of the metrics endpoint."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        for line in response.read().decode().splitlines():
+            if line.startswith(f"{name} "):
+                return float(line.split()[1])
+    raise AssertionError(f"{name} is not on /metrics")
 
 
 def request(n: int, key: str = "") -> kpb.DecisionRequest:
@@ -47,7 +57,7 @@ def server_ready(channel) -> bool:
 
 def test_a_store_whose_write_lock_is_held_refuses_new_work_and_recovers_alone(claims_models, tmp_path, monkeypatch):
     monkeypatch.setattr(sqlite_store, "BUSY_TIMEOUT_MS", 100)  # fault injected on purpose: a refusal in 100 ms
-    server = start_claims_kernel(claims_models, tmp_path)
+    server = start_claims_kernel(claims_models, tmp_path, metrics_port=free_port())
     acked: dict[str, kpb.Decision] = {}
     try:
         with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
@@ -64,6 +74,8 @@ def test_a_store_whose_write_lock_is_held_refuses_new_work_and_recovers_alone(cl
                 until(lambda: health(channel) == NOT_SERVING, "health NOT_SERVING while the store refuses writes",
                       TIMEOUT_S, every_s=0.01)
                 assert not server_ready(channel)
+                assert gauge(server.metrics_port, "aios_store_refusing_writes") == 1
+                assert gauge(server.metrics_port, "aios_ready") == 0
                 recorded = server.decisions.audit.size
                 with pytest.raises(grpc.RpcError) as refused:
                     decisions.Decide(request(5, "k5"), timeout=TIMEOUT_S)
@@ -82,7 +94,7 @@ def test_a_store_whose_write_lock_is_held_refuses_new_work_and_recovers_alone(cl
                 lock.close()
             until(lambda: health(channel) == SERVING, "health SERVING once the store takes writes", TIMEOUT_S,
                   every_s=0.01)
-            assert server_ready(channel)
+            assert server_ready(channel) and gauge(server.metrics_port, "aios_store_refusing_writes") == 0
             until(lambda: server.decisions.idempotency.unwritten() == 0, "the kept entry stored", TIMEOUT_S)
             acked["k5"] = decisions.Decide(request(5, "k5"), timeout=TIMEOUT_S)
             task = tasks.StartTask(kpb.StartTaskRequest(request=request(6)), timeout=TIMEOUT_S)
