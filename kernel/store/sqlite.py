@@ -34,7 +34,9 @@ Tasks, reviews and idempotency keys share ``<data_dir>/kernel.sqlite3``:
   ``IDENTITY_CHECK_S`` before others) **fail-stop** the store: every later
   read and write raises ``StoreFailed`` and ``failure_listeners`` are told
   once. A full disk, an I/O error or a lock held elsewhere fails only the
-  writes it hit, with ``StoreBusy`` (UNAVAILABLE, retry hint).
+  writes it hit, with ``StoreBusy`` (UNAVAILABLE, retry hint), and puts the
+  store in the *refusing* state until a probe's write commits: new writes are
+  refused at once meanwhile, without waiting the busy timeout (``refusals.py``).
 """
 
 from __future__ import annotations
