@@ -213,3 +213,33 @@ def test_a_store_refusing_writes_on_a_full_disk_stays_refusing_while_the_disk_is
         ReviewQueue(db).create_many([big_case(2)])
     finally:
         db.close()
+
+
+def test_a_write_lock_held_elsewhere_holds_a_keyed_decision_about_a_second_not_the_ten_of_the_start(claims_models,
+                                                                                                     tmp_path):
+    """The first write to find the lock held waited the whole 10 s busy timeout, and every decision queued behind
+    it with it (a drill: no answer for 10 s). Once serving, a write waits at most WRITE_BUSY_TIMEOUT_MS (1 s), then
+    the store refuses writes at once until the lock is let go. Nothing injected: the kernel's own timeouts, a real
+    lock (another connection's BEGIN IMMEDIATE)."""
+    import time
+
+    server = start_claims_kernel(claims_models, tmp_path)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            decisions = kgrpc.DecisionServiceStub(channel)
+            decisions.Decide(request(0, "w0"), timeout=TIMEOUT_S)
+            lock = sqlite3.connect(Path(server.settings.data_dir) / "kernel.sqlite3", isolation_level=None)
+            try:
+                lock.execute("BEGIN IMMEDIATE")
+                began = time.monotonic()
+                answer = decisions.Decide(request(1, "w1"), timeout=TIMEOUT_S)  # its entry kept in memory
+                took = time.monotonic() - began
+                assert took < 5, f"a keyed decision took {took:.1f} s while another process held the write lock"
+                assert health(channel) == NOT_SERVING
+            finally:
+                lock.execute("ROLLBACK")
+                lock.close()
+            until(lambda: health(channel) == SERVING, "health SERVING once the lock is let go", TIMEOUT_S)
+            assert decisions.Decide(request(1, "w1"), timeout=TIMEOUT_S).audit_sequence == answer.audit_sequence
+    finally:
+        server.stop(grace=1)

@@ -68,6 +68,11 @@ except ImportError:  # not POSIX: no cross-process lock
 DATABASE_FILE = "kernel.sqlite3"
 LOCK_FILE = "kernel.lock"
 BUSY_TIMEOUT_MS = 10_000  # another process (a read-only tool) holding a write lock
+# ... and how long a write waits for it once the kernel serves: the first write to find the lock held sets off the
+# refusing state (refusals.py), and until then it holds every write queued behind it, and the decisions that wait
+# for theirs: a drill's Decide load got no answer for the whole 10 s. Another process's write holds the lock for
+# milliseconds; one holding it longer costs callers an UNAVAILABLE with a retry hint, not a stall.
+WRITE_BUSY_TIMEOUT_MS = 1_000
 GROUP_MAX = 256  # writes per group commit
 GROUP_MS = 5.0  # ms of work after which a group stops taking newcomers and commits
 # How stale the "is kernel.sqlite3 still the file we write?" look may be before a non-durable commit (a durable
@@ -187,8 +192,9 @@ class Database:
         self._writer.execute("PRAGMA foreign_keys = ON")
         with self._write_lock:
             self.schema_version = migrate(self._writer, MIGRATIONS, str(self.path))
-        if exclusive:
-            self._probe_write_lock()
+        if exclusive:  # the kernel's own open (a tool writing beside a running kernel keeps waiting its turn)
+            self._probe_write_lock()  # (with the whole BUSY_TIMEOUT_MS: a start may wait for a tool to finish)
+            self._writer.execute(f"PRAGMA busy_timeout = {min(BUSY_TIMEOUT_MS, WRITE_BUSY_TIMEOUT_MS)}")
         self._identity = self._file_identity()
         self._wal_problem()  # (notes the write-ahead log's identity)
 
