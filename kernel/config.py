@@ -113,6 +113,11 @@ class Settings:
     batch_nice: int = 10
     scheduler: str = "auto"  # "auto" (Cython core when built), "cython" or "reference"
     max_message_bytes: int = 64 * 1024 * 1024  # larger requests get RESOURCE_EXHAUSTED
+    # Accept requests compressed with gzip or deflate. Off: such a request is refused by gRPC core with UNIMPLEMENTED
+    # ("Compression algorithm 'gzip' is disabled.") before it is inflated. A 64 KB gzip message inflates to 64 MiB
+    # (max_message_bytes bounds the inflated size, not the ratio): twenty of them from one client, 1.2 MB sent, took
+    # the grpc.aio kernel to 2 GB RSS and answered no other caller for 6 s (kernel/server.py, docs/operations.md).
+    compressed_requests: bool = False
     grace_seconds: float = 10.0  # SIGTERM: how long in-flight calls may take to finish
     # Prometheus metrics over HTTP (GET /metrics) on this port of `host` (Triton serves its own on 8002); 0 = off
     # (kernel/observability/metrics.py lists them).

@@ -61,6 +61,9 @@ MIN_CLIENT_PING_INTERVAL_MS = 1000
 # Calls received that gRPC core may hold until the kernel takes them (see _options): a burst beyond this is cancelled.
 # Each held call costs ~30 KB (a 10,000-call burst: 280 MB), so the bound stays: 10x what gRPC kept.
 MAX_PENDING_CALLS = 10_000
+# grpc.compression_enabled_algorithms_bitset: bit 0 identity, bit 1 deflate, bit 2 gzip (grpc_compression_algorithm).
+IDENTITY_ONLY = 0b001
+ALL_COMPRESSION = 0b111
 KEEPALIVE_TIMEOUT_S = 20.0  # how long the kernel waits for a client's answer to its ping (at most keepalive_s)
 
 
@@ -275,6 +278,10 @@ class KernelServer:
         return [
             ("grpc.max_receive_message_length", size),
             ("grpc.max_send_message_length", size),
+            # Identity only unless compressed_requests: gRPC inflates a compressed message in full before the kernel
+            # sees it, up to max_message_bytes whatever its compressed size (config.py says what a bomb cost).
+            ("grpc.compression_enabled_algorithms_bitset",
+             ALL_COMPRESSION if self.settings.compressed_requests else IDENTITY_ONLY),
             ("grpc.so_reuseport", 0),  # a second kernel on the same port must fail, not share it
             # Calls gRPC core holds received but not yet handed to the kernel: past its default 1,000 it cancelled
             # new ones at random (status CANCELLED "CANCELLED", nothing run, no trailer to say so), 2-20 % of a burst
