@@ -113,6 +113,11 @@ class Settings:
     batch_nice: int = 10
     scheduler: str = "auto"  # "auto" (Cython core when built), "cython" or "reference"
     max_message_bytes: int = 64 * 1024 * 1024  # larger requests get RESOURCE_EXHAUSTED
+    # Streams one client connection may have open at once (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS). 0 = gRPC's
+    # default, no limit: a burst of thousands of calls on a new connection goes out before the client has read the
+    # limit, and gRPC refuses those past it (UNAVAILABLE "Stream removed", REFUSED_STREAM). A limit near 1,000 bounds
+    # what a "rapid reset" client (CVE-2023-44487) costs (kernel/server.py, docs/operations.md).
+    max_connection_streams: int = 0
     # Accept requests compressed with gzip or deflate. Off: such a request is refused by gRPC core with UNIMPLEMENTED
     # ("Compression algorithm 'gzip' is disabled.") before it is inflated. A 64 KB gzip message inflates to 64 MiB
     # (max_message_bytes bounds the inflated size, not the ratio): twenty of them from one client, 1.2 MB sent, took
@@ -290,6 +295,9 @@ def _validate(settings: Settings, sources: dict[str, str]) -> None:
         # (gRPC takes its channel arguments as C ints: a larger value ended the start in an OverflowError traceback)
         raise bad("max_message_bytes", f"must be 1024..{_MAX_GRPC_INT} (2 GiB - 1, gRPC's limit), got "
                                        f"{settings.max_message_bytes}")
+    if not 0 <= settings.max_connection_streams <= _MAX_GRPC_INT:
+        raise bad("max_connection_streams", f"must be 0..{_MAX_GRPC_INT} (0 = no limit), got "
+                                            f"{settings.max_connection_streams}")
     if not 0 <= settings.grace_seconds <= _MAX_SECONDS:
         raise bad("grace_seconds", f"must be 0..{_MAX_SECONDS} (a day), got {settings.grace_seconds}")
     if settings.log_level.upper() not in LOG_LEVELS:

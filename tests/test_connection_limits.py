@@ -1,9 +1,14 @@
 """Limits at the connection and HTTP/2 level, below the kernel's own: what gRPC core is told to refuse.
 
-docs/operations.md ("Connection and HTTP/2 limits") says what each costs unbounded.
+A client speaks raw HTTP/2 here where a gRPC client would not do what a hostile or broken one does (open streams
+past the server's limit). docs/operations.md ("Connection and HTTP/2 limits") says what each costs unbounded.
 """
 
 from __future__ import annotations
+
+import socket
+import struct
+import time
 
 import grpc
 import numpy as np
@@ -12,15 +17,118 @@ import pytest
 from conftest import start_kernel
 from kernel._proto.inference import grpc_service_pb2 as pb
 from kernel._proto.inference import grpc_service_pb2_grpc as pb_grpc
+from kernel.config import SettingsError, load_settings
 
-WORKERS = 4  # a small kernel
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+DATA, HEADERS, RST_STREAM, SETTINGS, PING, GOAWAY = 0x0, 0x1, 0x3, 0x4, 0x6, 0x7
+END_HEADERS, ACK = 0x4, 0x1
+MAX_CONCURRENT_STREAMS = 0x3  # the SETTINGS parameter
+# RST_STREAM error codes of a stream refused at the HTTP/2 level: gRPC core sends ENHANCE_YOUR_CALM past the limit
+REFUSED = {0x7, 0xB}  # (REFUSED_STREAM, ENHANCE_YOUR_CALM)
+WORKERS = 4  # a small kernel...
+STREAM_LIMIT = 8  # ...with a small max_connection_streams: reached with few streams
+
+
+def frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
+    return struct.pack(">I", len(payload))[1:] + bytes([kind, flags]) + struct.pack(">I", stream) + payload
+
+
+def literal(name: bytes, value: bytes) -> bytes:
+    """An HPACK header field, literal and not indexed, no Huffman coding (short names and values only)."""
+    assert len(name) < 127 and len(value) < 127
+    return b"\x00" + bytes([len(name)]) + name + bytes([len(value)]) + value
+
+
+CALL_HEADERS = b"".join(literal(name, value) for name, value in (
+    (b":method", b"POST"), (b":scheme", b"http"), (b":authority", b"localhost"),
+    (b":path", b"/inference.GRPCInferenceService/ServerLive"),
+    (b"content-type", b"application/grpc"), (b"te", b"trailers")))
+
+
+class RawConnection:
+    """One HTTP/2 connection to the kernel, frames read and written as they are."""
+
+    def __init__(self, port: int):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.sock.sendall(PREFACE + frame(SETTINGS, 0, 0))
+        self._buffer = b""
+
+    def read_frame(self) -> tuple[int, int, int, bytes]:
+        while True:
+            if len(self._buffer) >= 9:
+                length = int.from_bytes(self._buffer[:3], "big")
+                if len(self._buffer) >= 9 + length:
+                    head, self._buffer = self._buffer[:9 + length], self._buffer[9 + length:]
+                    return head[3], head[4], int.from_bytes(head[5:9], "big") & 0x7FFFFFFF, head[9:]
+            data = self.sock.recv(65536)
+            if not data:
+                raise ConnectionError("the kernel closed the connection")
+            self._buffer += data
+
+    def server_settings(self) -> dict[int, int]:
+        while True:
+            kind, flags, _, payload = self.read_frame()
+            if kind == SETTINGS and not flags & ACK:
+                self.sock.sendall(frame(SETTINGS, ACK, 0))
+                return {int.from_bytes(payload[i:i + 2], "big"): int.from_bytes(payload[i + 2:i + 6], "big")
+                        for i in range(0, len(payload), 6)}
+
+    def close(self) -> None:
+        self.sock.close()
 
 
 @pytest.fixture(scope="module", params=["sync", "aio"])
 def small_kernel(request, model_repo):
-    server = start_kernel(model_repo, request.param, workers=WORKERS)
+    server = start_kernel(model_repo, request.param, workers=WORKERS, max_connection_streams=STREAM_LIMIT)
     yield server
     server.stop(grace=1)
+
+
+def test_a_connection_is_told_how_many_streams_it_may_open(small_kernel):
+    """gRPC's own default (max_connection_streams = 0) is no limit at all: no SETTINGS_MAX_CONCURRENT_STREAMS."""
+    connection = RawConnection(small_kernel.port)
+    try:
+        assert connection.server_settings().get(MAX_CONCURRENT_STREAMS) == STREAM_LIMIT
+    finally:
+        connection.close()
+
+
+def test_streams_past_the_limit_on_one_connection_are_refused_and_the_kernel_serves_on(small_kernel):
+    """A client that ignores the limit (a rapid-reset loop does): the streams beyond it are refused at the HTTP/2
+    level (RST_STREAM), not taken in as calls; the ones within it, opened and never sent a message, stay open."""
+    limit = STREAM_LIMIT
+    opened = limit + 6
+    connection = RawConnection(small_kernel.port)
+    try:
+        connection.sock.sendall(b"".join(frame(HEADERS, END_HEADERS, 2 * k + 1, CALL_HEADERS) for k in range(opened)))
+        beyond = {2 * k + 1 for k in range(limit, opened)}
+        resets: dict[int, int] = {}  # stream -> RST_STREAM error code
+        while not beyond <= resets.keys():
+            kind, _, stream, payload = connection.read_frame()
+            assert kind != GOAWAY, payload
+            if kind == RST_STREAM:
+                resets[stream] = int.from_bytes(payload, "big")
+        # (within the limit, the threaded front end answers the calls past `workers` itself: RESOURCE_EXHAUSTED)
+        assert {stream for stream, code in resets.items() if code in REFUSED} == beyond, resets
+    finally:
+        connection.close()
+    # The calls it held end with its connection. (Until they do, on the threaded front end they hold every one of
+    # `workers`: calls whose request has not arrived count there, docs/operations.md says so.)
+    assert serves_again(small_kernel.port)
+
+
+def serves_again(port: int, limit_s: float = 10.0) -> bool:
+    """Whether a ServerLive call succeeds within ``limit_s``, RESOURCE_EXHAUSTED tried again (calls still ending)."""
+    deadline = time.monotonic() + limit_s
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        while time.monotonic() < deadline:
+            try:
+                return stub.ServerLive(pb.ServerLiveRequest(), timeout=limit_s).live
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    raise
+    return False
 
 
 def big_compressible_request() -> pb.ModelInferRequest:
@@ -58,3 +166,8 @@ def test_compressed_requests_on_accepts_gzip(model_repo):
             assert stub.ModelInfer(request, timeout=10, compression=grpc.Compression.Gzip).raw_output_contents
     finally:
         server.stop(grace=1)
+
+
+def test_max_connection_streams_is_checked():
+    with pytest.raises(SettingsError, match=r"max_connection_streams .*must be 0\.\.2147483647 \(0 = no limit\), got -1"):
+        load_settings(None, {"max_connection_streams": -1}, environ={})
