@@ -283,6 +283,12 @@ class KernelServer:
             ("grpc.compression_enabled_algorithms_bitset",
              ALL_COMPRESSION if self.settings.compressed_requests else IDENTITY_ONLY),
             ("grpc.so_reuseport", 0),  # a second kernel on the same port must fail, not share it
+            # No bandwidth probe: with it gRPC widened a stream's receive window as long as the client sent, whether
+            # or not the kernel read: a DecideStream whose client never read an answer stopped at the kernel's own
+            # bound (1,024 requests unanswered, stream_window.py) while gRPC let in and held 25,000-114,000 more
+            # (9-42 MB a stream; three took grpc.aio's RSS +300 MB). Without it a stream's window stays at what
+            # gRPC starts it with; the price is throughput to a distant client (one window per round trip).
+            ("grpc.http2.bdp_probe", 0),
             # Calls gRPC core holds received but not yet handed to the kernel: past its default 1,000 it cancelled
             # new ones at random (status CANCELLED "CANCELLED", nothing run, no trailer to say so), 2-20 % of a burst
             # of 1,500-3,000 calls from one client, even ServerLive; a caller cannot tell that from a call cut

@@ -20,9 +20,9 @@ from kernel._proto.inference import grpc_service_pb2_grpc as pb_grpc
 from kernel.config import SettingsError, load_settings
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-DATA, HEADERS, RST_STREAM, SETTINGS, PING, GOAWAY = 0x0, 0x1, 0x3, 0x4, 0x6, 0x7
+DATA, HEADERS, RST_STREAM, SETTINGS, PING, GOAWAY, WINDOW_UPDATE = 0x0, 0x1, 0x3, 0x4, 0x6, 0x7, 0x8
 END_HEADERS, ACK = 0x4, 0x1
-MAX_CONCURRENT_STREAMS = 0x3  # the SETTINGS parameter
+MAX_CONCURRENT_STREAMS, INITIAL_WINDOW_SIZE = 0x3, 0x4  # SETTINGS parameters
 # RST_STREAM error codes of a stream refused at the HTTP/2 level: gRPC core sends ENHANCE_YOUR_CALM past the limit
 REFUSED = {0x7, 0xB}  # (REFUSED_STREAM, ENHANCE_YOUR_CALM)
 WORKERS = 4  # a small kernel...
@@ -39,18 +39,23 @@ def literal(name: bytes, value: bytes) -> bytes:
     return b"\x00" + bytes([len(name)]) + name + bytes([len(value)]) + value
 
 
-CALL_HEADERS = b"".join(literal(name, value) for name, value in (
-    (b":method", b"POST"), (b":scheme", b"http"), (b":authority", b"localhost"),
-    (b":path", b"/inference.GRPCInferenceService/ServerLive"),
-    (b"content-type", b"application/grpc"), (b"te", b"trailers")))
+def call_headers(method: bytes) -> bytes:
+    return b"".join(literal(name, value) for name, value in (
+        (b":method", b"POST"), (b":scheme", b"http"), (b":authority", b"localhost"),
+        (b":path", b"/inference.GRPCInferenceService/" + method),
+        (b"content-type", b"application/grpc"), (b"te", b"trailers")))
+
+
+CALL_HEADERS = call_headers(b"ServerLive")
 
 
 class RawConnection:
     """One HTTP/2 connection to the kernel, frames read and written as they are."""
 
-    def __init__(self, port: int):
+    def __init__(self, port: int, settings: dict[int, int] | None = None):
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-        self.sock.sendall(PREFACE + frame(SETTINGS, 0, 0))
+        ours = b"".join(struct.pack(">HI", key, value) for key, value in (settings or {}).items())
+        self.sock.sendall(PREFACE + frame(SETTINGS, 0, 0, ours))
         self._buffer = b""
 
     def read_frame(self) -> tuple[int, int, int, bytes]:
@@ -171,3 +176,64 @@ def test_compressed_requests_on_accepts_gzip(model_repo):
 def test_max_connection_streams_is_checked():
     with pytest.raises(SettingsError, match=r"max_connection_streams .*must be 0\.\.2147483647 \(0 = no limit\), got -1"):
         load_settings(None, {"max_connection_streams": -1}, environ={})
+
+
+# What one stream that never reads its answers may make the kernel hold, in request bytes: the kernel takes
+# stream_window.MAX_IN_FLIGHT (1,024) requests unanswered, then gRPC holds what the client may still send.
+UNREAD_STREAM_BYTES = 1024 * 1024  # (measured with the probe off: ~136 KB; on, past 8 MiB within 2 s)
+
+
+def test_a_stream_whose_answers_are_never_read_lets_in_a_bounded_number_of_requests(small_kernel):
+    """A ModelStreamInfer client with a receive window of 0 (the kernel can send it no answer) sends all it may.
+    gRPC's bandwidth probe kept widening the stream's window while the kernel, past its own 1,024, read nothing:
+    three such DecideStreams had 25,000-114,000 requests each (9-42 MB) let in and held, grpc.aio's RSS +300 MB."""
+    connection = RawConnection(small_kernel.port, {INITIAL_WINDOW_SIZE: 0})
+    try:
+        initial = connection.server_settings().get(INITIAL_WINDOW_SIZE, 65535)
+        stream_window, connection_window = initial, 65535
+        connection.sock.sendall(frame(HEADERS, END_HEADERS, 1, call_headers(b"ModelStreamInfer")))
+        request = tiny_request().SerializeToString()
+        message = frame(DATA, 0, 1, struct.pack(">BI", 0, len(request)) + request)
+        sent = 0
+        connection.sock.settimeout(0.5)
+        deadline = time.monotonic() + 8
+        while sent <= UNREAD_STREAM_BYTES and time.monotonic() < deadline:
+            room = min(stream_window, connection_window) // (len(message) - 9)
+            if room:
+                connection.sock.sendall(message * room)
+                sent += room * (len(message) - 9)
+                stream_window -= room * (len(message) - 9)
+                connection_window -= room * (len(message) - 9)
+            try:
+                kind, flags, stream, payload = connection.read_frame()
+            except TimeoutError:
+                if not room:
+                    break  # no more window for a while: the kernel lets nothing more in
+                continue
+            assert kind != GOAWAY, payload
+            if kind == WINDOW_UPDATE:
+                increment = int.from_bytes(payload, "big") & 0x7FFFFFFF
+                if stream == 0:
+                    connection_window += increment
+                else:
+                    stream_window += increment
+            elif kind == SETTINGS and not flags & ACK:
+                for i in range(0, len(payload), 6):
+                    if int.from_bytes(payload[i:i + 2], "big") == INITIAL_WINDOW_SIZE:
+                        value = int.from_bytes(payload[i + 2:i + 6], "big")
+                        stream_window += value - initial
+                        initial = value
+                connection.sock.sendall(frame(SETTINGS, ACK, 0))
+            elif kind == PING and not flags & ACK:
+                connection.sock.sendall(frame(PING, ACK, 0, payload))
+        assert sent <= UNREAD_STREAM_BYTES, f"{sent} bytes of requests let in and not answered"
+    finally:
+        connection.close()
+    assert serves_again(small_kernel.port)
+
+
+def tiny_request() -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name="tiny", model_version="1")
+    request.inputs.add(name="INPUT0", datatype="FP32", shape=[1, 16])
+    request.raw_input_contents.append(np.ones((1, 16), np.float32).tobytes())
+    return request
