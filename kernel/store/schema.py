@@ -18,6 +18,13 @@ from ..errors import FailedPrecondition
 from .sqlite_tasks import FINISHED
 
 _FINISHED_STATES = ", ".join(str(state) for state in FINISHED)
+# A review resolved after its SLA deadline (sqlite_reviews._RESOLVED_LATE, for a row named ``row``), and a
+# change of its pipeline's count by ``delta`` when ``when`` holds (WHERE is also what lets SQLite parse an
+# INSERT ... SELECT with ON CONFLICT).
+_LATE = ("{row}.resolved = 1 AND {row}.sla_deadline_unix_ns > 0"
+         " AND {row}.resolved_unix_ns > {row}.sla_deadline_unix_ns")
+_ADD = ("INSERT INTO review_counts (pipeline, resolved_late) SELECT {row}.pipeline, {delta} WHERE {when}"
+        " ON CONFLICT (pipeline) DO UPDATE SET resolved_late = resolved_late + excluded.resolved_late")
 
 # (version, what it adds, statements)
 MIGRATIONS: list[tuple[int, str, tuple[str, ...]]] = [
@@ -106,6 +113,27 @@ MIGRATIONS: list[tuple[int, str, tuple[str, ...]]] = [
         # (tenant, state) reads only matching rows; without one it would sort all the tenant's tasks a page.
         "CREATE INDEX tasks_by_tenant ON tasks (tenant)",
         "CREATE INDEX tasks_by_tenant_state ON tasks (tenant, state)",
+    )),
+    (7, "resolved-late reviews counted per pipeline as rows change (a metrics scrape counted them all)", (
+        # aios_reviews_resolved_late read reviews_sla_missed whole at every scrape: 159 ms at 1 M late reviews,
+        # growing with the store's history, every 15 s per scraper. Triggers keep the count with every writer's
+        # insert, resolution, withdrawal and retention delete, in the same transaction; filled once here.
+        """CREATE TABLE review_counts (
+            pipeline TEXT PRIMARY KEY,
+            resolved_late INTEGER NOT NULL          -- reviews kept, resolved after their SLA deadline
+        ) WITHOUT ROWID""",
+        f"INSERT INTO review_counts (pipeline, resolved_late) SELECT pipeline, count(*) FROM reviews"
+        f" INDEXED BY reviews_sla_missed WHERE {_LATE.format(row='reviews')} GROUP BY pipeline",
+        f"""CREATE TRIGGER reviews_late_inserted AFTER INSERT ON reviews WHEN {_LATE.format(row='NEW')}
+           BEGIN {_ADD.format(row='NEW', delta='1', when='1')}; END""",
+        f"""CREATE TRIGGER reviews_late_changed AFTER UPDATE ON reviews
+           WHEN ({_LATE.format(row='OLD')}) != ({_LATE.format(row='NEW')}) OR OLD.pipeline IS NOT NEW.pipeline
+           BEGIN
+             {_ADD.format(row='OLD', delta='-1', when=_LATE.format(row='OLD'))};
+             {_ADD.format(row='NEW', delta='1', when=_LATE.format(row='NEW'))};
+           END""",
+        f"""CREATE TRIGGER reviews_late_deleted AFTER DELETE ON reviews WHEN {_LATE.format(row='OLD')}
+           BEGIN {_ADD.format(row='OLD', delta='-1', when='1')}; END""",
     )),
 ]
 

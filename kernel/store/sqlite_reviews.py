@@ -378,8 +378,9 @@ class SqliteReviewRecords:
     def gauges(self, now_unix_ns: int) -> dict[str, dict[str, int]]:
         """Per pipeline, what an operator's dashboard watches (kernel/observability/metrics.py): ``open`` and
         ``claimed`` cases, ``overdue`` ones (unresolved past their SLA: the desk is missing it now) and
-        ``resolved_late`` ones (resolved after it). Two indexed counts grouped by pipeline: the unresolved rows
-        (reviews_by_filter) and the late resolved ones (reviews_sla_missed), never every resolved review."""
+        ``resolved_late`` ones (resolved after it). The unresolved rows counted (reviews_by_filter), and the late
+        resolved ones read from review_counts (one row per pipeline, kept by triggers: schema.py, version 7):
+        never a count over the resolved reviews, which grow with the store's history."""
         by_pipeline: dict[str, dict[str, int]] = {}
 
         def of(pipeline: str) -> dict[str, int]:
@@ -394,10 +395,7 @@ class SqliteReviewRecords:
                 counts["claimed" if claimed else "open"] += count
                 if overdue:
                     counts["overdue"] += count
-            for pipeline, count in conn.execute(
-                f"SELECT pipeline, count(*) FROM reviews INDEXED BY reviews_sla_missed WHERE {_RESOLVED_LATE}"
-                " GROUP BY pipeline",
-            ):
+            for pipeline, count in conn.execute("SELECT pipeline, resolved_late FROM review_counts"):
                 of(pipeline)["resolved_late"] += count
         return by_pipeline
 
