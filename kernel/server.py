@@ -551,9 +551,13 @@ class KernelServer:
         outcomes = {name: sum(getattr(c, name) for c in counts) for name in ("automated", "escalated", "fallback",
                                                                              "failed")}
         seconds = int((time.monotonic_ns() - self._started_ns) / 1e9) if self._started_ns else 0
+        # Read after gRPC's stop: the gate goes on refusing calls gRPC hands over during its grace (a line written
+        # as the gate's quiet window ended said fewer than the clients were refused).
+        refused = self.refused_while_stopping
         return (f"served {seconds // 3600}h{seconds // 60 % 60:02d}m{seconds % 60:02d}s: {ok + failed:,} model requests "
                 f"({ok:,} succeeded, {failed:,} failed), {sum(outcomes.values()):,} decisions ("
-                + ", ".join(f"{n:,} {name}" for name, n in outcomes.items()) + ")")
+                + ", ".join(f"{n:,} {name}" for name, n in outcomes.items()) + f"), {refused:,} new call"
+                + ("" if refused == 1 else "s") + " refused while stopping (UNAVAILABLE, aios-not-decided: not run)")
 
     def drain_limit_s(self, grace: float | None = None) -> float:
         """The longest a drain (``stop``) waits: the lame-duck window, then gRPC's grace for calls in progress."""
@@ -641,9 +645,6 @@ class KernelServer:
                     break
             time.sleep(LAME_DUCK_POLL_S)
             now = time.monotonic_ns()
-        if gate.refused:
-            log.info("refused %d new call%s while stopping (UNAVAILABLE, aios-not-decided: not run)",
-                     gate.refused, "" if gate.refused == 1 else "s")
 
     def _loop_caught_up(self, limit_ns: int) -> None:
         """On the asyncio front end, wait until the event loop has run what was queued for it so far (the calls

@@ -398,3 +398,46 @@ def test_the_stop_line_sums_up_what_the_kernel_served(model_repo, caplog):
     (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("AIOS kernel stopped")]
     assert "served 0h00m" in line
     assert "4 model requests (3 succeeded, 1 failed), 0 decisions (0 automated, 0 escalated, 0 fallback, 0 failed)" in line
+
+
+def test_the_stop_line_counts_every_call_the_stop_refused(model_repo, caplog, monkeypatch):
+    """The refused count was logged as the gate's quiet window ended, before gRPC's stop, while the gate goes on
+    refusing what gRPC hands over until then: calls arriving after it were refused but in no count. One call is
+    refused inside the window and one after it, both before gRPC stops; the stop line says 2, as the clients saw."""
+    from kernel._proto.inference import grpc_service_pb2 as ipb
+    from kernel._proto.inference import grpc_service_pb2_grpc as igrpc
+    from kernel.api.entry_gate import REFUSAL, EntryGate
+
+    caplog.set_level("INFO", logger="aios.server")
+    server = start_kernel(model_repo, "sync")
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    ready = igrpc.GRPCInferenceServiceStub(channel).ModelReady
+    seen = []
+
+    def refused_call() -> None:
+        with pytest.raises(grpc.RpcError) as refused:
+            ready(ipb.ModelReadyRequest(name="tiny"), timeout=10)
+        seen.append(refused.value.details())
+
+    real_close, real_refuse = EntryGate.close, type(server)._refuse_new_calls
+
+    def close_then_call(gate) -> None:  # a call arriving inside the quiet window
+        real_close(gate)
+        refused_call()
+
+    def refuse_then_call(self, limit_s) -> None:  # and one after it, before gRPC's stop
+        real_refuse(self, limit_s)
+        refused_call()
+
+    monkeypatch.setattr(EntryGate, "close", close_then_call)
+    monkeypatch.setattr(type(server), "_refuse_new_calls", refuse_then_call)
+    try:
+        assert ready(ipb.ModelReadyRequest(name="tiny"), timeout=10).ready
+        server.stop(grace=1)
+    finally:
+        channel.close()
+    assert seen == [REFUSAL, REFUSAL] and server.refused_while_stopping == 2
+    counts = [r.getMessage() for r in caplog.records if "refused" in r.getMessage() and "stopping" in r.getMessage()]
+    (line,) = counts
+    assert line.startswith("AIOS kernel stopped") and line.endswith(
+        ", 2 new calls refused while stopping (UNAVAILABLE, aios-not-decided: not run)"), line
