@@ -332,15 +332,16 @@ class KernelServer:
         # grpc.aio has no CallBudget, but its DecideStreams cost threads: capped by max_streams too.
         self._streams = StreamBudget(self.settings.stream_limit) if asynchronous else None
         ours = kernel_services.generic_handlers(self.hub, self.lanes, asynchronous,
-                                                self.decisions.handlers(budget, self._watches, self._streams))
+                                                self.decisions.handlers(budget, self._watches, self._streams),
+                                                refusals=self.service.refusals)
         self._gate = EntryGate(asynchronous)
         guard([inference, *ours], self._gate)  # (health and reflection stay open: a probe hears NOT_SERVING)
         registration.add_to_server(server, [inference, *ours])
         if not asynchronous and self.settings.eager_receive:
             self._eager = eager_receive.attach([inference, *ours], self._pool, self.settings.answer_later,
-                                               self.settings.poller_inline)
+                                               self.settings.poller_inline, self.service.refusals)
             if self.settings.answer_later:
-                self._pump = stream_pump.attach(ours, self.decisions.engine, self._pool, budget)
+                self._pump = stream_pump.attach(ours, self.decisions.engine, self._pool, budget, self.service.refusals)
         if not asynchronous:  # a StreamAudit follower keeps up with a busy kernel (windowed_sends.py)
             windowed_sends.attach(ours, self._pool, (("aios.kernel.v1.AuditService", "StreamAudit"),
                                                      ("aios.kernel.v1.AuditService", "StreamAuditBatches")))

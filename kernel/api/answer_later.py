@@ -41,9 +41,14 @@ DEFERRED = object()
 _local = threading.local()
 
 
-def take():
-    """The running call's ``LaterAnswer``, or None where this call must be answered by returning."""
-    return getattr(_local, "later", None)
+def take(method: str = ""):
+    """The running call's ``LaterAnswer``, or None where this call must be answered by returning; ``method``
+    ("Service.Method") names the call where its error status is counted (gRPC's call details have no method
+    for a registered one)."""
+    later = getattr(_local, "later", None)
+    if later is not None:
+        later.method = method
+    return later
 
 
 def offer(later) -> None:
@@ -84,9 +89,13 @@ class Outstanding:
 class LaterAnswer:
     """One call's answer, sent from any thread, once: a response message, or a ``KernelError``'s status."""
 
-    __slots__ = ("_rpc_event", "_state", "_serialize", "_finished", "_outstanding", "_sent", "_deferred", "on_poller")
+    __slots__ = ("_rpc_event", "_state", "_serialize", "_finished", "_outstanding", "_sent", "_deferred", "on_poller",
+                 "_refusals", "method")
 
-    def __init__(self, rpc_event, state, serialize, finished, outstanding: Outstanding, on_poller: bool = False):
+    def __init__(self, rpc_event, state, serialize, finished, outstanding: Outstanding, on_poller: bool = False,
+                 refusals=None):
+        self._refusals = refusals  # where ``fail`` counts the status it sends (observability.refusals)
+        self.method = ""  # the call's, as ``take`` was told it
         self._rpc_event = rpc_event
         self._state = state
         self._serialize = serialize
@@ -124,6 +133,8 @@ class LaterAnswer:
         """Answer with ``error``'s status: a ``KernelError`` as it says, anything else (or None) INTERNAL."""
         if not isinstance(error, KernelError):
             error = Internal(f"the request could not be finished{f': {error}' if error else ''}")
+        if self._refusals is not None:
+            self._refusals.count(self.method, error.code)
         code = _gs._common.STATUS_CODE_TO_CYGRPC_STATUS_CODE[grpc.StatusCode[error.code]]
         self._status(code, error.message.encode(), None, error.trailers)
 

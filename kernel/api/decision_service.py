@@ -40,7 +40,7 @@ def decision_handlers(engine: DecisionEngine, registry: PipelineRegistry, budget
             if item.state == ITEM_QUEUED:
                 ctx.on_done(lambda: engine.inference.cancel(item))
 
-        later = answer_later.take()
+        later = answer_later.take("DecisionService.Decide")
         if later is not None:  # the finisher thread answers; this thread goes on to the next call
             return engine.decide_later(request, ctx.deadline_ns, later, arrived_ns=ctx.arrived_ns, admit=admit,
                                        on_queued=on_wait)

@@ -124,8 +124,9 @@ class EagerReceive(futures.ThreadPoolExecutor):
     threads of its own (``pool``, the server's ``HandlerPool``, runs them).
     """
 
-    def __init__(self, pool, answer_later: bool = True):  # (no super().__init__: nothing of ThreadPoolExecutor is used)
+    def __init__(self, pool, answer_later: bool = True, refusals=None):  # (no super().__init__: nothing of ThreadPoolExecutor is used)
         self._pool = pool
+        self._refusals = refusals  # where a call answered later counts an error status (observability.refusals)
         self._answer_later = answer_later  # handlers may take their call's LaterAnswer (answer_later.py)
         # Behaviours (handler functions) that run on the poller thread itself when their call arrives with no
         # other call in progress (``poller_inline``): handlers that never wait there (``LaterAnswer.on_poller``).
@@ -229,7 +230,8 @@ class EagerReceive(futures.ThreadPoolExecutor):
             if argument is not None:
                 later = None
                 if self._answer_later:
-                    later = LaterAnswer(rpc_event, state, serializer, finished, self.outstanding, on_poller)
+                    later = LaterAnswer(rpc_event, state, serializer, finished, self.outstanding, on_poller,
+                                        self._refusals)
                     offer(later)
                 try:
                     response, proceed = _gs._call_behavior(rpc_event, state, behaviour, argument, deserializer)
@@ -254,7 +256,8 @@ class EagerReceive(futures.ThreadPoolExecutor):
         pass  # the HandlerPool is the server's; grpc shuts that one down
 
 
-def attach(handlers, pool, answer_later: bool = True, poller_inline: bool = False) -> EagerReceive | None:
+def attach(handlers, pool, answer_later: bool = True, poller_inline: bool = False,
+           refusals=None) -> EagerReceive | None:
     """Route the unary-unary methods of ``handlers`` (``registration.ServiceHandlers``) through an
     ``EagerReceive`` on ``pool``; None (and a warning) where this grpcio does not allow it. With
     ``poller_inline`` (and ``answer_later``), behaviours marked ``runs_on_poller`` run on the poller
@@ -262,7 +265,7 @@ def attach(handlers, pool, answer_later: bool = True, poller_inline: bool = Fals
     if not AVAILABLE:
         _fallback("this grpcio lacks the internals it follows")
         return None
-    eager = EagerReceive(pool, answer_later)
+    eager = EagerReceive(pool, answer_later, refusals)
     on_poller = set()
     for service in handlers:
         for handler in getattr(service, "methods", {}).values():

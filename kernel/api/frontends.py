@@ -87,8 +87,11 @@ def internal_message(rpc: str) -> str:
 FINAL_RESPONSE = "triton_final_response"
 
 
-def stream_error(request, exc: BaseException) -> pb.ModelStreamInferResponse:
-    """A failed request inside ModelStreamInfer: the stream stays open, the error names the request."""
+def stream_error(request, exc: BaseException, refusals=None) -> pb.ModelStreamInferResponse:
+    """A failed request inside ModelStreamInfer: the stream stays open, the error names the request (and is
+    counted in ``refusals``, as a call's status would be)."""
+    if refusals is not None:
+        refusals.count(STREAM_RPC, exc.code if isinstance(exc, KernelError) else "INTERNAL")
     if isinstance(exc, KernelError):
         message = f"{exc.code}: {details_of(exc)}"
     else:
@@ -105,11 +108,11 @@ def stream_response(service: InferenceService, request, result) -> pb.ModelStrea
     as it goes out, as a unary answer is (``InferenceService.answer``): in request order, a short request's
     answer may wait for a long one ahead of it past its own deadline."""
     if isinstance(result, BaseException):
-        return stream_error(request, result)
+        return stream_error(request, result, service.refusals)
     try:
         answer = service.answer(request, result)
     except Exception as exc:
-        return stream_error(request, exc)
+        return stream_error(request, exc, service.refusals)
     answer.parameters[FINAL_RESPONSE].bool_param = True
     return pb.ModelStreamInferResponse(infer_response=answer)
 
@@ -141,16 +144,22 @@ class InOrder:
 
 
 # --------------------------------------------------------------------------- sync
-def _sync_call(rpc: str, call, context):
-    """Run ``call()``; a KernelError becomes its status, anything else INTERNAL with a request id."""
+def _sync_call(rpc: str, call, context, refusals):
+    """Run ``call()``; a KernelError becomes its status, anything else INTERNAL with a request id (either counted
+    in ``refusals``)."""
     try:
         return call()
-    except KernelError as exc:
+    except Exception as exc:
+        counted(refusals, rpc, exc)
+        _sync_abort(rpc, exc, context)
+
+
+def _sync_abort(rpc: str, exc: BaseException, context):
+    if isinstance(exc, KernelError):
         if exc.trailers:
             context.set_trailing_metadata(exc.trailers)
         context.abort(status_of(exc), details_of(exc))
-    except Exception:
-        context.abort(grpc.StatusCode.INTERNAL, internal_message(rpc))
+    context.abort(grpc.StatusCode.INTERNAL, internal_message(rpc))
 
 
 def _checked(method):
@@ -159,6 +168,16 @@ def _checked(method):
         return method(request)
 
     return call
+
+
+# The method label of aios_calls_failed_total for this service's calls (kernel/observability/refusals.py).
+SERVICE_LABEL = "GRPCInferenceService"
+STREAM_RPC = f"{SERVICE_LABEL}.ModelStreamInfer"
+
+
+def counted(refusals, rpc: str, exc: BaseException) -> None:
+    """``exc``, about to be ``rpc``'s status, counted by its code (INTERNAL for anything not a KernelError)."""
+    refusals.count(f"{SERVICE_LABEL}.{rpc}", exc.code if isinstance(exc, KernelError) else "INTERNAL")
 
 
 # The calls that change what is served: the audit record of the change names who asked (kernel/origin.py).
@@ -176,11 +195,11 @@ def _requested(rpc: str, method):
     return called
 
 
-def _sync_unary(rpc: str, method):
+def _sync_unary(rpc: str, method, refusals):
     called = _requested(rpc, _checked(method))
 
     def handler(request, context):
-        return _sync_call(rpc, lambda: called(request, context), context)
+        return _sync_call(rpc, lambda: called(request, context), context, refusals)
 
     handler.__name__ = rpc
     return handler
@@ -246,8 +265,9 @@ def sync_servicer(service: InferenceService, budget: CallBudget | None = None) -
     refused before they take the threads kept for priority 1 (call_budget.py).
     """
     timer = service.expiry
-    methods = {rpc: _sync_unary(rpc, getattr(service, name)) for rpc, name in UNARY.items()}
-    methods.update((rpc, _sync_unary(rpc, not_offered(rpc))) for rpc in NOT_OFFERED)
+    refusals = service.refusals
+    methods = {rpc: _sync_unary(rpc, getattr(service, name), refusals) for rpc, name in UNARY.items()}
+    methods.update((rpc, _sync_unary(rpc, not_offered(rpc), refusals)) for rpc in NOT_OFFERED)
 
     infer_blocking = service.infer_blocking
 
@@ -309,25 +329,23 @@ def sync_servicer(service: InferenceService, budget: CallBudget | None = None) -
             service.cancel(item)  # the RPC already ended
 
     def ModelInfer(request, context, arrived_ns=None):
-        later = answer_later.take()
+        later = answer_later.take(f"{SERVICE_LABEL}.ModelInfer")
         # _sync_call written out: this is the one per-request handler worth the lines.
         try:
             if later is not None:
                 return infer_later(request, context, arrived_ns, later)
             return infer_blocking(request, context.time_remaining(), lambda it: on_wait(context, it), arrived_ns,
                                   admit)
-        except KernelError as exc:
-            if exc.trailers:
-                context.set_trailing_metadata(exc.trailers)
-            context.abort(status_of(exc), details_of(exc))
-        except Exception:
-            context.abort(grpc.StatusCode.INTERNAL, internal_message("ModelInfer"))
+        except Exception as exc:
+            counted(refusals, "ModelInfer", exc)
+            _sync_abort("ModelInfer", exc, context)
 
     def ModelStreamInfer(request_iterator, context):
         if budget is not None:
             try:
                 budget.admit_stream()
             except KernelError as exc:
+                counted(refusals, "ModelStreamInfer", exc)
                 context.set_trailing_metadata(exc.trailers)
                 context.abort(status_of(exc), details_of(exc))
             if not context.add_callback(budget.stream_ended):  # its slot comes back when the call ends, however
@@ -342,20 +360,21 @@ def sync_servicer(service: InferenceService, budget: CallBudget | None = None) -
 
 
 # --------------------------------------------------------------------------- aio
-async def _aio_abort(rpc: str, exc: BaseException, context) -> None:
+async def _aio_abort(rpc: str, exc: BaseException, context, refusals) -> None:
+    counted(refusals, rpc, exc)
     if isinstance(exc, KernelError):
         await context.abort(status_of(exc), details_of(exc), trailing_metadata=exc.trailers)
     await context.abort(grpc.StatusCode.INTERNAL, internal_message(rpc))
 
 
-def _aio_unary(rpc: str, method):
+def _aio_unary(rpc: str, method, refusals):
     called = _requested(rpc, _checked(method))
 
     async def handler(request, context):
         try:
             return called(request, context)
         except Exception as exc:
-            await _aio_abort(rpc, exc, context)
+            await _aio_abort(rpc, exc, context, refusals)
 
     handler.__name__ = rpc
     return handler
@@ -363,8 +382,9 @@ def _aio_unary(rpc: str, method):
 
 def aio_servicer(service: InferenceService) -> grpc.GenericRpcHandler:
     """Handlers for ``grpc.aio.server``: the loop never blocks; lane threads run batches."""
-    methods = {rpc: _aio_unary(rpc, getattr(service, name)) for rpc, name in UNARY.items()}
-    methods.update((rpc, _aio_unary(rpc, not_offered(rpc))) for rpc in NOT_OFFERED)
+    refusals = service.refusals
+    methods = {rpc: _aio_unary(rpc, getattr(service, name), refusals) for rpc, name in UNARY.items()}
+    methods.update((rpc, _aio_unary(rpc, not_offered(rpc), refusals)) for rpc in NOT_OFFERED)
 
     async def ModelInfer(request, context, arrived_ns=None):
         try:
@@ -375,7 +395,7 @@ def aio_servicer(service: InferenceService) -> grpc.GenericRpcHandler:
             await wait_finished(service, item, done)
             return service.answer(request, item)
         except Exception as exc:
-            await _aio_abort("ModelInfer", exc, context)
+            await _aio_abort("ModelInfer", exc, context, refusals)
 
     async def ModelStreamInfer(request_iterator, context):
         loop = asyncio.get_running_loop()

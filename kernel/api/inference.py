@@ -15,6 +15,7 @@ from .._proto.inference import grpc_service_pb2 as pb
 from ..errors import (DeadlineExceeded, FailedPrecondition, Internal, InvalidArgument, NotFound, Unavailable,
                       Unimplemented, quote)
 from ..limits import MAX_MODEL_NAME_BYTES, MAX_REQUEST_ID_CHARS, MAX_TENANT_CHARS, check_identifier
+from ..observability.refusals import CallRefusals
 from ..models import ModelConfigError, ModelHub, ModelInUse, ModelVersion
 from ..models.hub import requested_version
 from ..scheduling import Lanes, WorkItem
@@ -73,7 +74,7 @@ def deadline_from(time_remaining: float | None, timeout_us: int = 0, arrived_ns:
 
 
 class InferenceService:
-    __slots__ = ("hub", "lanes", "expiry", "ready")
+    __slots__ = ("hub", "lanes", "expiry", "ready", "refusals")
 
     def __init__(self, hub: ModelHub, lanes: Lanes):
         self.hub = hub
@@ -84,6 +85,8 @@ class InferenceService:
         # Expires queued items at their deadline for callers that do not wait on them (calls answered
         # later); its thread starts with the first deadline. The server closes it.
         self.expiry = ExpiryTimer(self.expire)
+        # Calls answered with an error, every service's (the metrics endpoint's aios_calls_failed_total).
+        self.refusals = CallRefusals()
 
     # -- lookup -------------------------------------------------------------
     def resolve(self, name: str, version: str, field: str = "model_name") -> ModelVersion:

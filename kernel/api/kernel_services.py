@@ -64,16 +64,17 @@ def _unimplemented_message(service: str, method: str) -> str:
 
 
 def generic_handlers(
-    hub: ModelHub, lanes, asynchronous: bool, implemented: dict | None = None,
+    hub: ModelHub, lanes, asynchronous: bool, implemented: dict | None = None, refusals=None,
 ) -> list[grpc.GenericRpcHandler]:
-    """Handlers for every service of kernel.proto; ``implemented`` maps (service, method) to a handler."""
+    """Handlers for every service of kernel.proto; ``implemented`` maps (service, method) to a handler; each error
+    status they answer is counted in ``refusals`` (``observability.refusals.CallRefusals``), if given."""
     implemented = {("AdminService", "ListModels"): _list_models(hub, lanes), **(implemented or {})}
     handlers = []
     for service in kernel_pb2.DESCRIPTOR.services_by_name.values():
         behaviours = {
             method.name: _make(
                 implemented.get((service.name, method.name)), service.name, method.name,
-                asynchronous, method.client_streaming, method.server_streaming,
+                asynchronous, method.client_streaming, method.server_streaming, refusals,
             )
             for method in service.methods
         }
@@ -81,22 +82,26 @@ def generic_handlers(
     return handlers
 
 
-def _make(func, service: str, method: str, asynchronous: bool, streaming_in: bool, streaming_out: bool):
+def _make(func, service: str, method: str, asynchronous: bool, streaming_in: bool, streaming_out: bool, refusals):
     if func is not None:
         wrap = rpc.aio_handler if asynchronous else rpc.sync_handler
-        return wrap(f"{service}.{method}", func, streaming_in, streaming_out)
+        return wrap(f"{service}.{method}", func, streaming_in, streaming_out, refusals)
     message = _unimplemented_message(service, method)
+    count = (lambda: None) if refusals is None else (lambda: refusals.count(f"{service}.{method}", "UNIMPLEMENTED"))
     if asynchronous:
         if streaming_out:
             async def call(request, context):
+                count()
                 await context.abort(grpc.StatusCode.UNIMPLEMENTED, message)
                 yield  # an async generator, as grpc.aio expects for streaming responses
         else:
             async def call(request, context):
+                count()
                 await context.abort(grpc.StatusCode.UNIMPLEMENTED, message)
         return call
 
     def call(request, context):
+        count()
         context.abort(grpc.StatusCode.UNIMPLEMENTED, message)
 
     return call

@@ -141,7 +141,13 @@ def _lazy_context(grpc_context, arrived_ns: int | None = None) -> CallContext:
 
 
 # --------------------------------------------------------------------------- sync
-def _sync_fail(rpc: str, exc: BaseException, context) -> None:
+def _code(exc: BaseException) -> str:
+    return exc.code if isinstance(exc, KernelError) else "INTERNAL"
+
+
+def _sync_fail(rpc: str, exc: BaseException, context, refusals) -> None:
+    if refusals is not None:
+        refusals.count(rpc, _code(exc))
     if isinstance(exc, KernelError):
         if exc.trailers:
             context.set_trailing_metadata(exc.trailers)
@@ -149,7 +155,10 @@ def _sync_fail(rpc: str, exc: BaseException, context) -> None:
     context.abort(grpc.StatusCode.INTERNAL, internal_message(rpc))
 
 
-def sync_handler(rpc: str, handler: Callable, client_streaming: bool, server_streaming: bool) -> Callable:
+def sync_handler(rpc: str, handler: Callable, client_streaming: bool, server_streaming: bool,
+                 refusals=None) -> Callable:
+    """``handler`` as gRPC's threaded server calls it; each error status it answers is counted in ``refusals``
+    (``observability.refusals.CallRefusals``) under ``rpc`` ("Service.Method")."""
     def prepare(request_or_iterator, context, arrived_ns=None):
         ctx = _lazy_context(context, arrived_ns)
         if client_streaming:
@@ -165,7 +174,7 @@ def sync_handler(rpc: str, handler: Callable, client_streaming: bool, server_str
                     # (gRPC sends it from this thread as the generator yields it: the last moment)
                     yield response.make() if type(response) is AtSend else response
             except Exception as exc:
-                _sync_fail(rpc, exc, context)
+                _sync_fail(rpc, exc, context, refusals)
 
         return call
 
@@ -174,14 +183,16 @@ def sync_handler(rpc: str, handler: Callable, client_streaming: bool, server_str
             request, ctx = prepare(request_or_iterator, context, arrived_ns)
             return handler(request, ctx)
         except Exception as exc:
-            _sync_fail(rpc, exc, context)
+            _sync_fail(rpc, exc, context, refusals)
 
     call.wants_arrival = True
     return call
 
 
 # --------------------------------------------------------------------------- asyncio
-async def _aio_fail(rpc: str, exc: BaseException, context) -> None:
+async def _aio_fail(rpc: str, exc: BaseException, context, refusals) -> None:
+    if refusals is not None:
+        refusals.count(rpc, _code(exc))
     if isinstance(exc, KernelError):
         await context.abort(status_of(exc), details_of(exc), trailing_metadata=exc.trailers)
     await context.abort(grpc.StatusCode.INTERNAL, internal_message(rpc))
@@ -220,7 +231,9 @@ def _message_bytes(response) -> int:
         return len(response) if type(response) is bytes else 0
 
 
-def aio_handler(rpc: str, handler: Callable, client_streaming: bool, server_streaming: bool) -> Callable:
+def aio_handler(rpc: str, handler: Callable, client_streaming: bool, server_streaming: bool,
+                refusals=None) -> Callable:
+    """``handler`` as grpc.aio calls it (see ``sync_handler``)."""
     def start(request_or_iterator, context, loop, arrived_ns=None):
         ctx = _context_from(context, arrived_ns)
         context.add_done_callback(lambda _call: ctx._finish())
@@ -240,7 +253,7 @@ def aio_handler(rpc: str, handler: Callable, client_streaming: bool, server_stre
                     return await on_loop(request, ctx)
                 return await asyncio.to_thread(handler, request, ctx)
             except Exception as exc:
-                await _aio_fail(rpc, exc, context)
+                await _aio_fail(rpc, exc, context, refusals)
 
         call.wants_arrival = True
         return call
@@ -273,7 +286,7 @@ def aio_handler(rpc: str, handler: Callable, client_streaming: bool, server_stre
         try:
             request, ctx = start(request_or_iterator, context, loop)
         except Exception as exc:
-            await _aio_fail(rpc, exc, context)
+            await _aio_fail(rpc, exc, context, refusals)
             return
         worker = threading.Thread(target=produce, args=(request, ctx), name=f"aio-{rpc}", daemon=True)
         worker.start()
@@ -283,7 +296,7 @@ def aio_handler(rpc: str, handler: Callable, client_streaming: bool, server_stre
                 if response is _END:
                     error = nbytes  # (the end carries the handler's error, or None)
                     if error is not None:
-                        await _aio_fail(rpc, error, context)
+                        await _aio_fail(rpc, error, context, refusals)
                     return
                 if type(response) is AtSend:  # its last check, after its wait in this queue (at_send.py)
                     response = response.make()

@@ -47,7 +47,7 @@ from concurrent import futures
 from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
 from ..errors import NOT_DECIDED, ResourceExhausted
 from ..pipelines.flow import ANONYMOUS
-from ..pipelines.stream import error_decision, prepare_streamed
+from ..pipelines.stream import counted, error_decision, prepare_streamed
 from ..pipelines.stream_drains import DRAINED
 from ..scheduling.stream_window import has_room
 from .eager_receive import AVAILABLE as _EAGER_AVAILABLE
@@ -119,10 +119,11 @@ class StreamPump(TakeOverPool):
 
     method = "DecideStream"
 
-    def __init__(self, engine, pool, budget=None):
+    def __init__(self, engine, pool, budget=None, refusals=None):
         super().__init__(pool)  # the server's HandlerPool: runs each stream's prepare task
         self._engine = engine
         self._budget = budget  # the server's CallBudget: a stream may not take the threads kept for priority 1
+        self._refusals = refusals  # where a stream refused counts (observability.refusals)
         self.streams = 0  # streams that took this path (changed on gRPC's poller thread only)
         # Over all streams, on gRPC's poller thread only (its batch callbacks): requests received, and answers
         # gRPC has sent. Their difference is what the streams hold (each within stream_window.has_room).
@@ -168,6 +169,8 @@ class StreamPump(TakeOverPool):
         """End a stream the call budget refused, with its status and retry hint (grpc calls submit with the
         call's condition held, as ``_abort`` wants); the future grpc counts it by is done at once."""
         state.trailing_metadata = exc.trailers
+        if self._refusals is not None:
+            self._refusals.count(f"{STREAM_SERVICE.rpartition('.')[2]}.{STREAM_METHOD}", exc.code)
         _gs._abort(state, rpc_event.call, _cygrpc.StatusCode.resource_exhausted, exc.message.encode())
         finished = _Finished()
         self._stream_over(finished)
@@ -320,7 +323,9 @@ class _Stream:
             data = self._serializer(decision)
         except Exception:  # the kernel's bug; the request still gets an answer, and the stream its end
             log.exception("serializing a streamed decision failed")
-            data = self._serializer(error_decision(None, None))
+            decision = error_decision(None, None)
+            data = self._serializer(decision)
+        counted(self._engine, decision)
         state = self._state
         with state.condition:
             if item is not None:
@@ -401,7 +406,7 @@ class _Stream:
             self.finished.set_done()
 
 
-def attach(handlers, engine, pool, budget=None) -> StreamPump | None:
+def attach(handlers, engine, pool, budget=None, refusals=None) -> StreamPump | None:
     """Route DecideStream (found among ``handlers``, ``registration.ServiceHandlers``) through a
     ``StreamPump``; None (and the log says so) where this grpcio lacks the internals it follows."""
     if not AVAILABLE:
@@ -413,7 +418,7 @@ def attach(handlers, engine, pool, budget=None) -> StreamPump | None:
         handler = service.methods.get(STREAM_METHOD)
         if handler is None:
             return None
-        pump = StreamPump(engine, pool, budget)
+        pump = StreamPump(engine, pool, budget, refusals)
         handler.stream_stream.experimental_thread_pool = pump
         return pump
     return None

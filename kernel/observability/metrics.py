@@ -1,11 +1,14 @@
 """The kernel's counters as Prometheus metrics, read when scraped.
 
 Nothing here runs on the hot path: every value is one the kernel already keeps
-(``ModelStats``, the scheduler's counters, the decision tally, the audit
-writer's and the store's) or counts when asked (reviews, tasks), read at each
+(``ModelStats``, the scheduler's counters, the decision tally, the calls
+answered with an error (refusals.py), the audit writer's and the store's) or
+counts when asked (reviews, tasks: indexed counts of the rows not final, and a
+count kept per pipeline, never a count over the store's history), read at each
 scrape. Names follow Prometheus' conventions: ``aios_`` first, base units
 (``_seconds``), ``_total`` on counters. Labels are bounded by what an operator
-deploys — model, version, pipeline, and fixed sets of reasons and states —
+deploys — model, version, pipeline, the kernel's own method names, and fixed
+sets of reasons, codes and states —
 never a tenant, a request id or an error's text, so the number of series
 cannot grow with traffic.
 
@@ -78,6 +81,17 @@ class KernelCollector:
                                      "took and refuses new calls")
         draining.add_metric([], 1.0 if server.draining else 0.0)
         yield draining
+        failed_calls = CounterMetricFamily("aios_calls_failed", "Calls answered with an error status, and requests "
+                                           "inside a stream answered with an error (ModelStreamInfer, DecideStream), "
+                                           "by method and gRPC code, every service's, whether refused before any "
+                                           "work or failed after", labels=["method", "code"])
+        for (method, code), count in sorted(server.service.refusals.snapshot().items()):
+            failed_calls.add_metric([method, code], count)
+        yield failed_calls
+        stopping = CounterMetricFamily("aios_calls_refused_while_stopping", "Calls refused at their entry by a stop "
+                                       "(UNAVAILABLE with aios-not-decided: not run; not in aios_calls_failed)")
+        stopping.add_metric([], server.refused_while_stopping)
+        yield stopping
 
     # -- models ---------------------------------------------------------------------------------
     @staticmethod

@@ -40,6 +40,18 @@ _END = object()
 _DRAINED = object()  # the kernel is stopping (stream_drains.py)
 
 
+STREAM_RPC = "DecisionService.DecideStream"  # the method label of aios_calls_failed_total (observability.refusals)
+
+
+def counted(engine: DecisionEngine, answer: kpb.Decision) -> kpb.Decision:
+    """``answer``, going out on a DecideStream; one with an error counted by its code, as a call's status is."""
+    if answer.error_code:
+        refusals = getattr(engine.inference, "refusals", None)
+        if refusals is not None:
+            refusals.count(STREAM_RPC, answer.error_code)
+    return answer
+
+
 def error_decision(request, exc: BaseException) -> kpb.Decision:
     if not isinstance(request, kpb.DecisionRequest):  # it did not parse: nothing of it to echo
         request = kpb.DecisionRequest()
@@ -160,7 +172,7 @@ def decide_stream(engine: DecisionEngine, requests: Iterator, ctx, principal: st
                     answer = AtSend(partial(_in_time, engine, answer))
                 hold.give_back(nbytes)
                 answered += 1
-                yield answer
+                yield counted(engine, answer)
         if group:
             try:
                 results = engine.finish([pending for pending, _ in group])
@@ -170,6 +182,6 @@ def decide_stream(engine: DecisionEngine, requests: Iterator, ctx, principal: st
             for (pending, nbytes), result in zip(group, results):
                 hold.give_back(nbytes)
                 answered += 1
-                yield result if isinstance(result, kpb.Decision) else error_decision(pending.request, result)
+                yield counted(engine, result if isinstance(result, kpb.Decision) else error_decision(pending.request, result))
     if drained:  # every request taken is answered: the rest were not read (stream_drains.py)
         raise Unavailable(DRAINED)

@@ -1,0 +1,188 @@
+"""aios_calls_failed_total: every call the kernel answers with an error status, and every request inside a stream
+answered with an error, by method and gRPC code, as the clients saw them.
+
+A statistics audit: refusals before a model or pipeline was reached (a request that does not parse, names no model
+or pipeline, an unknown task or review, a bad audit filter, a full stream budget) and every failure of the task,
+review, audit and admin services were in no counter: a kernel answering nothing but errors looked idle on the
+dashboard. Real kernels on both front ends, real gRPC calls, the endpoint scraped and parsed."""
+
+from __future__ import annotations
+
+import collections
+import threading
+
+import grpc
+import pytest
+from claims_support import UNSURE_CASE, claim_request
+from conftest import free_port, start_claims_kernel, start_kernel
+from test_metrics_endpoint import WINDOWED_TOML, _row, scrape, value
+
+from kernel._proto.aios.kernel.v1 import kernel_pb2 as kpb
+from kernel._proto.aios.kernel.v1 import kernel_pb2_grpc as kgrpc
+from kernel._proto.inference import grpc_service_pb2 as ipb
+from kernel._proto.inference import grpc_service_pb2_grpc as igrpc
+from kernel.testing import onnx_models
+
+TIMEOUT_S = 30
+
+
+def _elsewhere(request: kpb.DecisionRequest) -> kpb.DecisionRequest:
+    request.pipeline = "no_such_pipeline"
+    return request
+
+
+def _code(call) -> str:
+    """The status a call ended with, by name ("OK" if it succeeded)."""
+    try:
+        call()
+    except grpc.RpcError as exc:
+        return exc.code().name
+    return "OK"
+
+
+def _item_codes_of_decide_stream(stub, requests) -> list[str]:
+    return [answer.error_code for answer in stub.DecideStream(iter(requests), timeout=TIMEOUT_S) if answer.error_code]
+
+
+def _item_codes_of_model_stream(stub, requests) -> list[str]:
+    return [answer.error_message.partition(":")[0] for answer in stub.ModelStreamInfer(iter(requests), timeout=TIMEOUT_S)
+            if answer.error_message]
+
+
+@pytest.mark.parametrize("front_end", ["sync", "aio"])
+def test_every_error_a_client_sees_is_counted_by_method_and_code(claims_models, tmp_path, front_end):
+    server = start_claims_kernel(claims_models, tmp_path, front_end=front_end, metrics_port=free_port())
+    seen: collections.Counter = collections.Counter()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            decisions = kgrpc.DecisionServiceStub(channel)
+            tasks, reviews = kgrpc.TaskServiceStub(channel), kgrpc.ReviewServiceStub(channel)
+            audit, inference = kgrpc.AuditServiceStub(channel), igrpc.GRPCInferenceServiceStub(channel)
+            garbage = channel.unary_unary("/aios.kernel.v1.DecisionService/Decide")  # (bytes as they come)
+            calls = {
+                "DecisionService.Decide": [
+                    lambda: decisions.Decide(_elsewhere(claim_request(UNSURE_CASE)), timeout=TIMEOUT_S),
+                    lambda: decisions.Decide(claim_request(dict(UNSURE_CASE, claim_amount="many")), timeout=TIMEOUT_S),
+                    lambda: garbage(b"\xff\xff\xff", timeout=TIMEOUT_S),
+                    lambda: decisions.Decide(claim_request(UNSURE_CASE), timeout=TIMEOUT_S),  # (OK: not counted)
+                ],
+                "TaskService.GetTask": [lambda: tasks.GetTask(kpb.TaskRef(task_id="no-such-task"), timeout=TIMEOUT_S)],
+                "TaskService.CancelTask": [lambda: tasks.CancelTask(kpb.TaskRef(task_id=""), timeout=TIMEOUT_S)],
+                "ReviewService.GetReview": [
+                    lambda: reviews.GetReview(kpb.ReviewRef(review_id="no-such-review"), timeout=TIMEOUT_S)],
+                "ReviewService.ListReviews": [
+                    lambda: reviews.ListReviews(kpb.ListReviewsRequest(state="DONE"), timeout=TIMEOUT_S)],
+                "AuditService.StreamAudit": [lambda: list(audit.StreamAudit(
+                    kpb.StreamAuditRequest(tenant="\x00"), timeout=TIMEOUT_S))],
+                "AuditService.GetInclusionProof": [lambda: audit.GetInclusionProof(
+                    kpb.InclusionProofRequest(sequence=10**12), timeout=TIMEOUT_S)],
+                "GRPCInferenceService.ModelInfer": [
+                    lambda: inference.ModelInfer(ipb.ModelInferRequest(model_name="no_such_model"), timeout=TIMEOUT_S),
+                    lambda: inference.ModelInfer(ipb.ModelInferRequest(model_name="claims_triage"), timeout=TIMEOUT_S),
+                ],
+                "GRPCInferenceService.ModelMetadata": [lambda: inference.ModelMetadata(
+                    ipb.ModelMetadataRequest(name="no_such_model"), timeout=TIMEOUT_S)],
+            }
+            for method, made in calls.items():
+                for call in made:
+                    code = _code(call)
+                    if code != "OK":
+                        seen[method, code] += 1
+            for code in _item_codes_of_decide_stream(decisions, [
+                    _elsewhere(claim_request(UNSURE_CASE)), claim_request(UNSURE_CASE),
+                    claim_request(dict(UNSURE_CASE, claim_amount="many"))]):
+                seen["DecisionService.DecideStream", code] += 1
+            for code in _item_codes_of_model_stream(inference, [
+                    ipb.ModelInferRequest(model_name="no_such_model", id="a"),
+                    ipb.ModelInferRequest(model_name="claims_triage", id="b")]):
+                seen["GRPCInferenceService.ModelStreamInfer", code] += 1
+        got = scrape(server.metrics_port)
+    finally:
+        server.stop(grace=0)
+    # Every call above failed (but the one good Decide and stream item), each method at least once.
+    assert {method for method, _ in seen} == set(calls) | {"DecisionService.DecideStream",
+                                                           "GRPCInferenceService.ModelStreamInfer"}
+    assert seen["DecisionService.DecideStream", "NOT_FOUND"] == 1 and "INTERNAL" not in {c for _, c in seen}, seen
+    counted = {(dict(labels)["method"], dict(labels)["code"]): count for (name, labels), count in got["samples"].items()
+               if name == "aios_calls_failed_total"}
+    assert counted == dict(seen)
+    # Names the clients made up (a model, a pipeline, a tenant) are in no series: labels stay bounded.
+    assert not [labels for _, labels in got["samples"] for _, text in labels if "no_such" in text or "\x00" in text]
+    family = next(f for f in got["families"] if f.name == "aios_calls_failed")
+    assert family.type == "counter" and family.documentation
+
+
+def test_a_decide_stream_the_stream_budget_refuses_is_counted(claims_models, tmp_path):
+    """RESOURCE_EXHAUSTED at admission: a second DecideStream past max_streams = 1 (the threaded front end's stream
+    pump refuses it inside gRPC, not in a handler)."""
+    server = start_claims_kernel(claims_models, tmp_path, front_end="sync", metrics_port=free_port(), max_streams=1)
+    release = threading.Event()
+
+    def held():  # an open stream that sends one request and waits
+        yield claim_request(UNSURE_CASE)
+        release.wait(TIMEOUT_S)
+
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            decisions = kgrpc.DecisionServiceStub(channel)
+            first = decisions.DecideStream(held(), timeout=TIMEOUT_S)
+            next(first)  # (its first answer: the stream holds its place)
+            code = _code(lambda: list(decisions.DecideStream(iter([claim_request(UNSURE_CASE)]), timeout=TIMEOUT_S)))
+            assert code == "RESOURCE_EXHAUSTED"
+            got = scrape(server.metrics_port)
+            release.set()
+            list(first)
+        assert value(got, "aios_calls_failed_total", method="DecisionService.DecideStream",
+                     code="RESOURCE_EXHAUSTED") == 1
+    finally:
+        release.set()
+        server.stop(grace=0)
+
+
+def test_calls_a_stop_refuses_are_counted_and_a_scrape_during_the_stop_answers(model_repo, monkeypatch):
+    from kernel.api.entry_gate import REFUSAL
+
+    server = start_kernel(model_repo, "sync", metrics_port=free_port())
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    ready = igrpc.GRPCInferenceServiceStub(channel).ModelReady
+    scraped = []
+    real_refuse = type(server)._refuse_new_calls
+
+    def refuse_then_call_and_scrape(self, limit_s) -> None:  # while the gate refuses, before gRPC's stop
+        real_refuse(self, limit_s)
+        with pytest.raises(grpc.RpcError) as refused:
+            ready(ipb.ModelReadyRequest(name="tiny"), timeout=TIMEOUT_S)
+        assert refused.value.details() == REFUSAL
+        scraped.append(scrape(server.metrics_port))
+
+    monkeypatch.setattr(type(server), "_refuse_new_calls", refuse_then_call_and_scrape)
+    try:
+        server.stop(grace=1)
+    finally:
+        channel.close()
+    (got,) = scraped
+    assert value(got, "aios_calls_refused_while_stopping_total") == 1
+    assert value(got, "aios_draining") == 1
+    assert not [key for key in got["samples"] if key[0] == "aios_calls_failed_total"]  # (not counted twice)
+
+
+@pytest.mark.parametrize("front_end", ["sync", "aio"])
+def test_a_model_call_that_fails_after_it_was_queued_is_counted(tmp_path, front_end):
+    """DEADLINE_EXCEEDED for a request whose deadline passed in the queue: answered later, by the expiry timer on
+    the threaded front end (answer_later.py), not by the handler."""
+    import tritonclient.grpc as tc
+
+    onnx_models.save(onnx_models.mlp([16, 8, 4], seed=2), tmp_path / "windowed" / "1" / "model.onnx")
+    (tmp_path / "windowed" / "1" / "model.toml").write_text(WINDOWED_TOML)  # (a 1 s batching window)
+    server = start_kernel(tmp_path, front_end, metrics_port=free_port())
+    try:
+        client = tc.InferenceServerClient(f"127.0.0.1:{server.port}")
+        with pytest.raises(tc.InferenceServerException) as expired:
+            client.infer("windowed", [_row()], timeout=300_000)  # (µs: 300 ms, well inside the window)
+        assert expired.value.status() == "StatusCode.DEADLINE_EXCEEDED"
+        got = scrape(server.metrics_port)
+        assert value(got, "aios_model_expired_total", model="windowed", version="1", where="queued") == 1
+        assert value(got, "aios_calls_failed_total", method="GRPCInferenceService.ModelInfer",
+                     code="DEADLINE_EXCEEDED") == 1
+    finally:
+        server.stop(grace=0)
