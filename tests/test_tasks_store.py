@@ -232,9 +232,13 @@ def test_a_tenants_task_list_reads_its_index_in_a_store_made_before_it(tmp_path)
     conn = sqlite3.connect(tmp_path / "kernel.sqlite3", isolation_level=None)
     conn.execute("DROP INDEX tasks_by_tenant")
     conn.execute("DROP INDEX tasks_by_tenant_state")
-    for trigger in ("inserted", "changed", "deleted"):  # (and what version 7 added after it)
+    for trigger in ("inserted", "changed", "deleted"):  # (and what versions 7 and 8 added after it)
         conn.execute(f"DROP TRIGGER reviews_late_{trigger}")
+        conn.execute(f"DROP TRIGGER reviews_backlog_{trigger}")
+    for index in ("reviews_unresolved_by_lease", "reviews_unresolved_by_sla"):
+        conn.execute(f"DROP INDEX {index}")
     conn.execute("DROP TABLE review_counts")
+    conn.execute("DROP TABLE review_backlog")
     conn.execute("PRAGMA user_version = 5")  # as the release before schema version 6 left it
     conn.close()
     with open_database(tmp_path) as db:

@@ -378,25 +378,42 @@ class SqliteReviewRecords:
     def gauges(self, now_unix_ns: int) -> dict[str, dict[str, int]]:
         """Per pipeline, what an operator's dashboard watches (kernel/observability/metrics.py): ``open`` and
         ``claimed`` cases, ``overdue`` ones (unresolved past their SLA: the desk is missing it now) and
-        ``resolved_late`` ones (resolved after it). The unresolved rows counted (reviews_by_filter), and the late
-        resolved ones read from review_counts (one row per pipeline, kept by triggers: schema.py, version 7):
-        never a count over the resolved reviews, which grow with the store's history."""
+        ``resolved_late`` ones (resolved after it). Read from counts kept per pipeline by triggers (review_backlog,
+        review_counts: schema.py, versions 7 and 8) and two index ranges bounded by traffic (leases running, SLAs
+        not yet due): never a count over the unresolved or resolved reviews, which grow with the backlog and the
+        store's history."""
         by_pipeline: dict[str, dict[str, int]] = {}
 
         def of(pipeline: str) -> dict[str, int]:
             return by_pipeline.setdefault(pipeline, {"open": 0, "claimed": 0, "overdue": 0, "resolved_late": 0})
 
         with self._db.read() as conn:
-            for pipeline, claimed, overdue, count in conn.execute(
-                "SELECT pipeline, lease_expires_unix_ns > ?1, sla_deadline_unix_ns > 0 AND ?1 > sla_deadline_unix_ns,"
-                " count(*) FROM reviews WHERE resolved = 0 GROUP BY 1, 2, 3", (now_unix_ns,),
-            ):
-                counts = of(pipeline)
-                counts["claimed" if claimed else "open"] += count
-                if overdue:
-                    counts["overdue"] += count
-            for pipeline, count in conn.execute("SELECT pipeline, resolved_late FROM review_counts"):
-                of(pipeline)["resolved_late"] += count
+            began = not conn.in_transaction  # (one read transaction: the four reads agree)
+            if began:
+                conn.execute("BEGIN")
+            try:
+                for pipeline, unresolved, with_sla in conn.execute(
+                    "SELECT pipeline, unresolved, with_sla FROM review_backlog",
+                ):
+                    counts = of(pipeline)
+                    counts["open"], counts["overdue"] = unresolved, with_sla
+                for pipeline, count in conn.execute(
+                    "SELECT pipeline, count(*) FROM reviews INDEXED BY reviews_unresolved_by_lease"
+                    " WHERE resolved = 0 AND lease_expires_unix_ns > ? GROUP BY pipeline", (now_unix_ns,),
+                ):
+                    counts = of(pipeline)
+                    counts["claimed"] += count
+                    counts["open"] -= count
+                for pipeline, count in conn.execute(
+                    "SELECT pipeline, count(*) FROM reviews INDEXED BY reviews_unresolved_by_sla"
+                    " WHERE resolved = 0 AND sla_deadline_unix_ns >= ? GROUP BY pipeline", (max(now_unix_ns, 1),),
+                ):
+                    of(pipeline)["overdue"] -= count  # (not due yet)
+                for pipeline, count in conn.execute("SELECT pipeline, resolved_late FROM review_counts"):
+                    of(pipeline)["resolved_late"] += count
+            finally:
+                if began:
+                    conn.execute("COMMIT")
         return by_pipeline
 
     def undelivered(self) -> list[kpb.Review]:
