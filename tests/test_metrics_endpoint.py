@@ -369,3 +369,37 @@ def test_an_ipv6_host_in_brackets_serves_metrics_too(repo):
             assert b"\naios_ready 1.0\n" in response.read()
     finally:
         server.stop(grace=0)
+
+
+def test_scrapes_taken_while_a_model_reloads_all_answer_and_no_counter_goes_back(kernel):
+    """An SRE's Prometheus scrapes whenever it likes: scrapes taken back to back while a version is reloaded again
+    and again (and called between reloads) each answer, parse, and never see a counter lower than before."""
+    client = tc.InferenceServerClient(f"127.0.0.1:{kernel.port}")
+    tiny = {"model": "tiny", "version": "1", "result": "success"}
+    reloading = threading.Event()
+    reloading.set()
+    seen, errors = [], []
+
+    def scraper() -> None:
+        while reloading.is_set():
+            try:
+                got = scrape(kernel.metrics_port)
+            except Exception as exc:  # (a failed scrape is the finding: kept, not raised on this thread)
+                errors.append(exc)
+                return
+            seen.append((value(got, "aios_model_requests_total", **tiny),
+                         value(got, "aios_model_ready", model="tiny", version="1")))
+
+    thread = threading.Thread(target=scraper)
+    thread.start()
+    try:
+        for _ in range(5):
+            client.infer("tiny", [_row()])
+            client.load_model("tiny")  # a reload: a new copy of version 1
+    finally:
+        reloading.clear()
+        thread.join(30)
+    assert not errors and len(seen) >= 2, errors
+    counts = [count for count, _ in seen]
+    assert counts == sorted(counts) and value(scrape(kernel.metrics_port), "aios_model_requests_total", **tiny) == 5
+    assert {ready for _, ready in seen} == {1.0}  # (a reload keeps the version served throughout)
