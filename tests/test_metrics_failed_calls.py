@@ -186,3 +186,42 @@ def test_a_model_call_that_fails_after_it_was_queued_is_counted(tmp_path, front_
                      code="DEADLINE_EXCEEDED") == 1
     finally:
         server.stop(grace=0)
+
+
+@pytest.mark.parametrize("front_end", ["sync", "aio"])
+def test_a_decide_stream_a_stop_ends_is_counted_on_either_front_end(claims_models, tmp_path, front_end, monkeypatch):
+    """UNAVAILABLE (DRAINED) for an open DecideStream at a stop: the threaded front end's stream pump ends it inside
+    gRPC, the asyncio one's handler raises it; both counted alike, read by a scrape taken during the stop."""
+    from kernel.pipelines.stream_drains import DRAINED
+
+    server = start_claims_kernel(claims_models, tmp_path, front_end=front_end, metrics_port=free_port())
+    release = threading.Event()
+    scraped = []
+    real_refuse = type(server)._refuse_new_calls
+
+    def scrape_then_refuse(self, limit_s) -> None:  # (after the streams were drained, before gRPC's stop)
+        scraped.append(scrape(server.metrics_port))
+        real_refuse(self, limit_s)
+
+    monkeypatch.setattr(type(server), "_refuse_new_calls", scrape_then_refuse)
+
+    def held():
+        yield claim_request(UNSURE_CASE)
+        release.wait(TIMEOUT_S)
+
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stream = kgrpc.DecisionServiceStub(channel).DecideStream(held(), timeout=TIMEOUT_S)
+            next(stream)  # (open, one request answered)
+            stopping = threading.Thread(target=server.stop, kwargs={"grace": 5})
+            stopping.start()
+            with pytest.raises(grpc.RpcError) as ended:
+                next(stream)
+            release.set()
+            stopping.join(TIMEOUT_S)
+        assert (ended.value.code(), ended.value.details()) == (grpc.StatusCode.UNAVAILABLE, DRAINED)
+        (got,) = scraped
+        assert value(got, "aios_calls_failed_total", method="DecisionService.DecideStream", code="UNAVAILABLE") == 1
+    finally:
+        release.set()
+        server.stop(grace=0)

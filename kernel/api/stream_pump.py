@@ -47,7 +47,7 @@ from concurrent import futures
 from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
 from ..errors import NOT_DECIDED, ResourceExhausted
 from ..pipelines.flow import ANONYMOUS
-from ..pipelines.stream import counted, error_decision, prepare_streamed
+from ..pipelines.stream import STREAM_RPC, counted, error_decision, prepare_streamed
 from ..pipelines.stream_drains import DRAINED
 from ..scheduling.stream_window import has_room
 from .eager_receive import AVAILABLE as _EAGER_AVAILABLE
@@ -165,12 +165,16 @@ class StreamPump(TakeOverPool):
             stream.drain()
         return stream.finished
 
+    def refused(self, code: str) -> None:
+        """A stream ended with ``code`` here, not by its handler: counted as the handler's statuses are."""
+        if self._refusals is not None:
+            self._refusals.count(STREAM_RPC, code)
+
     def _refuse(self, rpc_event, state, exc: ResourceExhausted) -> _Finished:
         """End a stream the call budget refused, with its status and retry hint (grpc calls submit with the
         call's condition held, as ``_abort`` wants); the future grpc counts it by is done at once."""
         state.trailing_metadata = exc.trailers
-        if self._refusals is not None:
-            self._refusals.count(f"{STREAM_SERVICE.rpartition('.')[2]}.{STREAM_METHOD}", exc.code)
+        self.refused("RESOURCE_EXHAUSTED")
         _gs._abort(state, rpc_event.call, _cygrpc.StatusCode.resource_exhausted, exc.message.encode())
         finished = _Finished()
         self._stream_over(finished)
@@ -274,6 +278,7 @@ class _Stream:
                 with state.condition:
                     self._working = False
                     state.trailing_metadata = NOT_DECIDED  # (what it answered was decided; the rest was not)
+                    self._pump.refused("UNAVAILABLE")
                     _gs._abort(state, self._call, _cygrpc.StatusCode.unavailable, b"the kernel is shutting down")
         return outcome
 
@@ -385,6 +390,7 @@ class _Stream:
         if self._draining:
             self._done = True
             self._state.trailing_metadata = NOT_DECIDED  # (every request it took is answered; the rest was not read)
+            self._pump.refused("UNAVAILABLE")
             _gs._abort(self._state, self._call, _cygrpc.StatusCode.unavailable, DRAINED.encode())
             self.finished.set_done()
             return
