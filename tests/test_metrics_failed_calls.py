@@ -225,3 +225,18 @@ def test_a_decide_stream_a_stop_ends_is_counted_on_either_front_end(claims_model
     finally:
         release.set()
         server.stop(grace=0)
+
+
+def test_a_unary_call_sent_without_its_request_is_counted(model_repo):
+    """A client that half-closes a unary call with no message: the threaded front end's early receive
+    (eager_receive.py) answers it before any handler runs, as gRPC does (UNIMPLEMENTED: "requires exactly one
+    request message"); counted under its method all the same."""
+    server = start_kernel(model_repo, "sync", metrics_port=free_port())
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            no_message = channel.stream_unary("/aios.kernel.v1.TaskService/GetTask")  # (the wrong arity on purpose)
+            assert _code(lambda: no_message(iter(()), timeout=TIMEOUT_S)) == "UNIMPLEMENTED"
+        assert value(scrape(server.metrics_port), "aios_calls_failed_total", method="TaskService.GetTask",
+                     code="UNIMPLEMENTED") == 1
+    finally:
+        server.stop(grace=0)

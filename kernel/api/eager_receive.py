@@ -127,6 +127,8 @@ class EagerReceive(futures.ThreadPoolExecutor):
     def __init__(self, pool, answer_later: bool = True, refusals=None):  # (no super().__init__: nothing of ThreadPoolExecutor is used)
         self._pool = pool
         self._refusals = refusals  # where a call answered later counts an error status (observability.refusals)
+        # Each behaviour's method ("Service.Method"): a call ended here, not by its handler, is counted under it.
+        self._methods: dict = {}
         self._answer_later = answer_later  # handlers may take their call's LaterAnswer (answer_later.py)
         # Behaviours (handler functions) that run on the poller thread itself when their call arrives with no
         # other call in progress (``poller_inline``): handlers that never wait there (``LaterAnswer.on_poller``).
@@ -160,6 +162,7 @@ class EagerReceive(futures.ThreadPoolExecutor):
                     if state.client is _gs._OPEN:
                         state.client = _gs._CLOSED
                     if state.client is _gs._CLOSED:
+                        self._refused(behaviour, "UNIMPLEMENTED")
                         details = f'"{rpc_event.call_details.method}" requires exactly one request message.'
                         _gs._abort(state, rpc_event.call, _cygrpc.StatusCode.unimplemented, details.encode())
                     outcome = _gs._possibly_finish_call(state, _gs._RECEIVE_MESSAGE_TOKEN)
@@ -173,6 +176,7 @@ class EagerReceive(futures.ThreadPoolExecutor):
                         return None
                 parsed = _gs._common.deserialize(serialized, deserializer)
                 if parsed is None:
+                    self._refused(behaviour, "INTERNAL")
                     with state.condition:
                         _gs._abort(state, rpc_event.call, _cygrpc.StatusCode.internal,
                                    b"Exception deserializing request!")
@@ -193,6 +197,7 @@ class EagerReceive(futures.ThreadPoolExecutor):
                 self._pool.submit(run, self._respond, rpc_event, state, behaviour, request, deserializer, serializer,
                                   finished)
             except RuntimeError:  # the pool is shut down: the server is stopping
+                self._refused(behaviour, "UNAVAILABLE")
                 with state.condition:
                     state.trailing_metadata = NOT_DECIDED
                     _gs._abort(state, rpc_event.call, _cygrpc.StatusCode.unavailable, b"the kernel is shutting down")
@@ -204,6 +209,12 @@ class EagerReceive(futures.ThreadPoolExecutor):
         state.due.add(_gs._RECEIVE_MESSAGE_TOKEN)
         self.waiting += 1
         return finished
+
+    def _refused(self, behaviour, code: str) -> None:
+        """A call ended with ``code`` before its handler ran, counted as a handler's status is."""
+        method = self._methods.get(getattr(behaviour, "func", behaviour))  # (grpc hands over a partial: see above)
+        if self._refusals is not None and method is not None:
+            self._refusals.count(method, code)
 
     def _lone(self, behaviour) -> bool:
         """Whether a call (its request in) runs on the poller: it arrived to an idle server, as most recent
@@ -268,10 +279,11 @@ def attach(handlers, pool, answer_later: bool = True, poller_inline: bool = Fals
     eager = EagerReceive(pool, answer_later, refusals)
     on_poller = set()
     for service in handlers:
-        for handler in getattr(service, "methods", {}).values():
+        for name, handler in getattr(service, "methods", {}).items():
             if handler.request_streaming or handler.response_streaming:
                 continue
             behaviour = unary_behaviour(handler)
+            eager._methods[behaviour] = f"{service.service_name.rpartition('.')[2]}.{name}"
             try:
                 behaviour.experimental_thread_pool = eager  # read per call (registration._ArrivalStamped passes it on)
             except AttributeError:  # not a plain function (a bound method): that method keeps grpc's path
