@@ -88,7 +88,7 @@ def _unparsed(request) -> InvalidArgument:
 
 def _in_time(engine: DecisionEngine, pending: Pending) -> kpb.Decision:
     result = engine.in_time(pending, pending.result)
-    return result if isinstance(result, kpb.Decision) else error_decision(pending.request, result)
+    return counted(engine, result if isinstance(result, kpb.Decision) else error_decision(pending.request, result))
 
 
 def decide_stream(engine: DecisionEngine, requests: Iterator, ctx, principal: str = ANONYMOUS) -> Iterator[kpb.Decision | AtSend]:
@@ -169,10 +169,12 @@ def decide_stream(engine: DecisionEngine, requests: Iterator, ctx, principal: st
                         continue
                     # Its deadline, checked again as it goes out: by the front end, where it sends it (on grpc.aio
                     # the event loop sends it after a wait of its own).
-                    answer = AtSend(partial(_in_time, engine, answer))
+                    answer = AtSend(partial(_in_time, engine, answer))  # (counted as it is made)
+                else:
+                    answer = counted(engine, answer)
                 hold.give_back(nbytes)
                 answered += 1
-                yield counted(engine, answer)
+                yield answer
         if group:
             try:
                 results = engine.finish([pending for pending, _ in group])
