@@ -19,6 +19,10 @@ def kernel(tmp_path_factory):
     models = build_small_model(tmp_path_factory.mktemp("models"), provider="cpu")  # queued behind `slow`
     save_slow_model(models)
     pipelines = copy_pipelines(tmp_path_factory.mktemp("pipelines"))
+    # The decisions queue behind ~1 s of `slow` batches on a quiet core: the pipeline's own 2 s model timeout
+    # expired them on a loaded machine (CI's), where this test is about threads, not deadlines (those: below).
+    pipeline = pipelines / "claims_triage.toml"
+    pipeline.write_text(pipeline.read_text().replace("timeout_ms = 2000", "timeout_ms = 120000", 1))
     server = start_kernel(models, "sync", lane_slots=1, pipelines=str(pipelines), pipeline_poll_s=0,
                           data_dir=str(tmp_path_factory.mktemp("data")))
     yield server
