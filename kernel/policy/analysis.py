@@ -380,7 +380,7 @@ class Analyzer:
                     self.overlap_error(earlier, later, witness)
                 elif exact is not None:
                     # An exact box is a set of rows both rules match, whether or not a sample landed in it
-                    # (integers past 2**53, intervals one float wide): still an overlap, shown as that set.
+                    # (integers past 2**53, where a sample may round off the set): still an overlap, shown as that set.
                     self.note(later, "error", f"overlaps rule '{earlier.id}' (line {earlier.line}) under hit "
                                               f"policy UNIQUE: both match every row with {_show_box(exact)}")
                 else:

@@ -2,9 +2,13 @@
 
 Each set knows whether it holds the *missing* value. Three kinds:
 
-* ``NumSet``: a union of disjoint intervals of reals (or of integers, for
-  ``integer`` inputs: bounds are then whole and closed, so ``x > 2`` and
-  ``x >= 3`` are the same set);
+* ``NumSet``: a union of disjoint intervals of the values the evaluators
+  compare: 64-bit floats, ±inf included (a number field takes inf; NaN is
+  missing), with every bound closed at the float it names, so ``x > 0.5`` is
+  ``[0.5000000000000001, inf]``, ``(0.5, 0.5000000000000001)`` is empty and
+  ``x <= -0.0`` meets ``x >= 0`` in 0 (or of integers, for ``integer`` inputs:
+  bounds are then whole and closed, so ``x > 2`` and ``x >= 3`` are the same
+  set, and no integer field holds inf);
 * ``StrSet``: a finite set of strings, or all strings except a finite set;
 * ``TokenSet``: a subset of a small finite universe (bools; the outcome
   ``<``/``==``/``>`` of a field-to-field comparison).
@@ -34,18 +38,18 @@ class NumSet:
 
     @classmethod
     def full(cls, integer: bool, missing: bool) -> NumSet:
-        return cls([(-INF, False, INF, False)], missing, integer)
+        return cls([(-INF, True, INF, True)], missing, integer)
 
     @classmethod
     def compare(cls, op: str, value: float, integer: bool) -> NumSet:
         """The present values x with ``x op value``."""
         spans = {
             "==": [(value, True, value, True)],
-            "!=": [(-INF, False, value, False), (value, False, INF, False)],
-            "<": [(-INF, False, value, False)],
-            "<=": [(-INF, False, value, True)],
-            ">": [(value, False, INF, False)],
-            ">=": [(value, True, INF, False)],
+            "!=": [(-INF, True, value, False), (value, False, INF, True)],
+            "<": [(-INF, True, value, False)],
+            "<=": [(-INF, True, value, True)],
+            ">": [(value, False, INF, True)],
+            ">=": [(value, True, INF, True)],
         }[op]
         return cls(spans, False, integer)
 
@@ -59,11 +63,11 @@ class NumSet:
         return len(self.intervals) + 1
 
     def complement_values(self) -> list:
-        out, lo, lo_closed = [], -INF, False
+        out, lo, lo_closed = [], -INF, True  # (the infinities are values: an integer set drops them itself)
         for a, a_closed, b, b_closed in self.intervals:
             out.append((lo, lo_closed, a, not a_closed))
             lo, lo_closed = b, not b_closed
-        out.append((lo, lo_closed, INF, False))
+        out.append((lo, lo_closed, INF, True))
         return out
 
     def __and__(self, other: NumSet) -> NumSet:
@@ -106,29 +110,41 @@ class NumSet:
         if pick is MISSING:
             return None
         lo, lo_closed, hi, hi_closed = pick
+        if lo == hi:
+            return lo
         if self.integer:
             lo_i = lo if lo != -INF else (hi - 1000 if hi != INF else -1000)
             hi_i = hi if hi != INF else lo_i + 1000
             return float(rng.randint(int(lo_i), int(hi_i)))
+        # A float set's bounds are closed at floats; one that is only the neighbour of a rounder number (x > 0.5
+        # starts at 0.5000000000000001) makes a witness nobody wrote: values well inside come first.
+        lo_ok, hi_ok = _plain(lo, -INF), _plain(hi, INF)
         if lo == -INF and hi == INF:
             return rng.choice([0.0, 1.0, -1.0, rng.uniform(-1e6, 1e6)])
         if lo == -INF:
-            return hi if hi_closed and rng.random() < 0.5 else hi - rng.choice([1.0, 0.5, 1e-3, abs(hi) + 1])
+            below = hi - rng.choice([1.0, 0.5, 1e-3, abs(hi) + 1])
+            return hi if (hi_ok and rng.random() < 0.5) or not below < hi else below
         if hi == INF:
-            return lo if lo_closed and rng.random() < 0.5 else lo + rng.choice([1.0, 0.5, 1e-3, abs(lo) + 1])
-        if lo == hi:
-            return lo
+            above = lo + rng.choice([1.0, 0.5, 1e-3, abs(lo) + 1])
+            return lo if (lo_ok and rng.random() < 0.5) or not above > lo else above
         # Round values make readable witnesses; random ones find the rest when sampling.
         whole = math.floor(lo) + 1.0
-        nice = [v for v in (lo if lo_closed else None, whole if whole < hi else None, (lo + hi) / 2) if v is not None]
+        middle = lo + (hi - lo) / 2 if math.isfinite(hi - lo) else lo / 2 + hi / 2
+        nice = [v for v in (lo if lo_ok else None, whole if whole < hi else None, middle) if v is not None and lo <= v <= hi]
+        nice = nice or [lo]
         if rng.random() < 0.7:
             return nice[0]
         value = rng.uniform(lo, hi)
-        return rng.choice(nice + ([hi] if hi_closed else []) + ([value] if lo < value < hi else []))
+        return rng.choice(nice + ([hi] if hi_ok else []) + ([value] if lo <= value <= hi else []))
 
     def describe(self) -> str:
         parts = []
         for lo, lo_closed, hi, hi_closed in self.intervals:
+            if not self.integer:  # (shown as written: `< 0.5`, not `<= 0.49999999999999994`)
+                if lo_closed and not _plain(lo, -INF):
+                    lo, lo_closed = math.nextafter(lo, -INF), False
+                if hi_closed and not _plain(hi, INF):
+                    hi, hi_closed = math.nextafter(hi, INF), False
             if lo == hi:
                 parts.append(f"== {_num(lo)}")
             elif lo == -INF and hi == INF:
@@ -144,29 +160,52 @@ class NumSet:
         return " or ".join(parts)
 
 
+def _plain(bound: float, outward: float) -> bool:
+    """Whether ``bound`` reads as the bound it is: not just the float next to a shorter one outside it
+    (0.5000000000000001 is `> 0.5`); the infinities and whole numbers read as themselves."""
+    if not math.isfinite(bound):
+        return True
+    beyond = math.nextafter(bound, outward)
+    return len(_num(bound)) <= len(_num(beyond))
+
+
 def _normalize(spans, integer: bool) -> tuple:
     out = []
     for lo, lo_closed, hi, hi_closed in spans:
-        if lo == INF or hi == -INF:
-            continue
         if integer:
+            if lo == INF or hi == -INF:
+                continue
             if lo != -INF:
                 lo, lo_closed = _integer_at_or_above(lo, lo_closed), True
             if hi != INF:
                 hi, hi_closed = -_integer_at_or_above(-hi, hi_closed), True
-        if lo == -INF:
-            lo_closed = False
-        if hi == INF:
-            hi_closed = False
+            if lo == -INF:
+                lo_closed = False
+            if hi == INF:
+                hi_closed = False
+        else:
+            # The evaluators compare floats, not reals: an open bound is the next float inside, closed. Over the
+            # reals `x > 0.6 and x < 0.6000000000000001` held rows (no float lies there: a UNIQUE table was
+            # refused for it) and `x in (0.5, 0.5000000000000001)` could match.
+            if not lo_closed:
+                if lo == INF:
+                    continue
+                lo, lo_closed = math.nextafter(lo, INF), True
+            if not hi_closed:
+                if hi == -INF:
+                    continue
+                hi, hi_closed = math.nextafter(hi, -INF), True
         if lo < hi or (lo == hi and lo_closed and hi_closed):
             out.append((lo, lo_closed, hi, hi_closed))
     out.sort(key=lambda s: (s[0], not s[1]))
-    # Merge spans that overlap or touch, so the intervals are disjoint and sorted (``&`` relies on it).
+    # Merge spans that overlap or touch (floats: that are neighbours), so the intervals are disjoint and sorted
+    # (``&`` relies on it).
     merged: list = []
     for span in out:
         if merged:
             lo, lo_closed, hi, hi_closed = merged[-1]
-            if span[0] < hi or (span[0] == hi and (hi_closed or span[1])):
+            if span[0] < hi or (span[0] == hi and (hi_closed or span[1])) or \
+                    (not integer and span[0] == math.nextafter(hi, INF)):
                 if (span[2], span[3]) > (hi, hi_closed):
                     merged[-1] = (lo, lo_closed, span[2], span[3])
                 continue
