@@ -16,12 +16,16 @@ the reference; a difference between the two is reported as a failure too.
 A mistake in the cases file itself is refused before any case runs, every one
 as ``FILE:LINE: message`` (exit 2): not JSON, a key other than ``name``,
 ``row``, ``expect``; an action, or a rule id in ``fired``,
-the policy does not have; ``fired`` not a list, ``escalate`` not a bool; no
-cases at all. A row key the policy has no field for is not a mistake (a row
-may be a whole request) but is named in a note, with the input it may have
-meant: a typo would otherwise be a silently missing value. An input the row
-leaves out is named in a note too: here it is missing, whereas a pipeline
-fills in its default (a row writes ``null`` for a missing value on purpose).
+the policy does not have; ``fired`` not a list, ``escalate`` not a bool; a
+row that leaves out an input the policy reads; no cases at all. That last
+but one is refused, not guessed at: left out, the input would be missing
+here (a test on it unknown), whereas the kernel never decides with it
+missing (a pipeline fills in the field's default), so the case could pass
+while the kernel decides the same request otherwise. A row writes the
+value the request sends or the pipeline's default gives, or ``null`` to
+test a missing value on purpose. A row key the policy has no field for is
+not a mistake (a row may be a whole request) but is named in a note, with
+the input it may have meant.
 
 Rule coverage counts, per rule, the cases whose outcome it made: the
 deciding rule (FIRST, PRIORITY), every matching rule (COLLECT, and the rules
@@ -122,7 +126,7 @@ def test_command(path: str | Path, cases_path: str | Path, out: TextIO = sys.std
     except ValueError as exc:
         print(str(exc), file=out)
         return EXIT_UNUSABLE
-    for note in ignored_keys_notes(policy, cases) + absent_inputs_notes(policy, cases):
+    for note in ignored_keys_notes(policy, cases):
         print(note, file=out)
     report = run_cases(policy, cases)
     for line in report["failures"]:
@@ -222,8 +226,22 @@ def _case(case, number: int, where: str, policy: Policy | None) -> dict:
             if key == "label" and policy.classes is not None and value is not None and value not in policy.classes:
                 raise ValueError(f"row 'label' is {json.dumps(value)}, not one of the policy's classes "
                                  f"({', '.join(policy.classes)}): the model never answers it")
+        absent = [name for name in policy.inputs if name in policy.reads and name not in row]
+        if absent:
+            raise ValueError(_absent_inputs(absent, ignored))
     name = str(case.get("name", f"line {number}"))
     return {"name": name, "line": number, "where": where, "row": row, "expect": expect, "ignored": ignored}
+
+
+def _absent_inputs(absent: list[str], ignored: list[str]) -> str:
+    """Why a row that leaves out inputs the policy reads is refused (a case decided with them missing could
+    pass where the kernel, which never leaves a field missing, decides the same request otherwise)."""
+    names = ", ".join(repr(name) for name in absent)
+    typo = next((f" (the row has {key!r}{_did_you_mean(key, absent, cutoff=0.8)})" for key in ignored
+                 if _did_you_mean(key, absent, cutoff=0.8)), "")
+    return (f"the row leaves out {names}, which the policy reads{typo}: the kernel never decides with an input "
+            "missing (a pipeline fills in the field's default), so write the value the request sends or the "
+            "default gives, or null to test a missing value")
 
 
 def ignored_keys_notes(policy: Policy, cases: list[dict]) -> list[str]:
@@ -238,22 +256,6 @@ def ignored_keys_notes(policy: Policy, cases: list[dict]) -> list[str]:
                 known = [*schema.inputs, "label", "confidence", *(f"score.{c}" for c in schema.classes or ())]
                 notes.append(f"{case['where']}: note: row key {key!r} is not read by the policy and is ignored"
                              f"{_did_you_mean(key, known, cutoff=0.8)}")  # (a near miss only: rows carry other fields)
-    return notes
-
-
-def absent_inputs_notes(policy: Policy, cases: list[dict]) -> list[str]:
-    """One note per policy input some case's row leaves out, at its first line. Here such a value is missing
-    (a test on it is unknown: only `is null` holds), but a pipeline never leaves a field missing: it fills in
-    the field's default, on which the same rules may well fire (a case passed with `has_police_report` left
-    out, while the kernel decided it with the default `false`). A row that means "missing" says `null`."""
-    seen, notes = set(), []
-    for case in cases:
-        for name in policy.inputs:
-            if name not in case["row"] and name not in seen and name in policy.reads:
-                seen.add(name)
-                notes.append(f"{case['where']}: note: the row has no {name!r}, so here it is missing (a test on "
-                             "it is unknown); a pipeline never leaves a field missing: it takes the field's "
-                             "default (write null to test a missing value)")
     return notes
 
 
