@@ -28,6 +28,8 @@ from fuzz_budget import examples
 
 from kernel.policy import parse_policy
 from kernel.policy.backends import available
+from kernel.policy.domains import NumSet, StrSet
+from kernel.policy.within import findings, input_domain
 
 BIG = 1.7976931348623157e308
 NUMBERS = (0.0, -0.0, 0.5, math.nextafter(0.5, 1.0), math.nextafter(0.5, 0.0), 1.0, -1.0, 5e-324, -5e-324,
@@ -230,3 +232,74 @@ def test_the_analysis_verdicts_are_exactly_what_brute_force_finds(table):
             if rid in can and not (grid[:, j] & ~grid[:, better].any(axis=1)).any():
                 hidden.add(rid)
         assert flagged(policy, "never decides") == hidden, ("never decides", shown)
+
+
+@st.composite
+def narrowings(draw, pool):
+    """What a pipeline may tell of its fields: x within [lo, hi] (either end open-ended), k within whole bounds,
+    s one of a few values; none of them ever missing."""
+    lo, hi = sorted(draw(st.lists(st.sampled_from(pool + [None]), min_size=2, max_size=2)), key=lambda v: (
+        v is not None, v if v is not None else 0))
+    lo = lo if draw(st.booleans()) else None
+    k_lo, k_hi = sorted(draw(st.lists(st.integers(-2, 3), min_size=2, max_size=2)))
+    values = tuple(draw(st.lists(st.sampled_from(STRINGS + ("other",)), max_size=3, unique=True)))
+    return {"x": (lo, hi), "k": (float(k_lo), float(k_hi)), "s": values}
+
+
+@SETTINGS
+@given(table=tables(), data=st.data())
+def test_the_verdicts_for_one_pipelines_rows_are_what_brute_force_finds_there(table, data):
+    """``policy/within.py``: the same verdicts over only the rows a pipeline sends (ranges, values, nothing
+    missing), with the policy's own verdicts (which hold there too) making up the rest."""
+    hit, whens, actions = table
+    policy = parse_policy(source(hit, whens, actions), source="brute.toml", strict=False)
+    collect = parse_policy(source("COLLECT", whens, actions), source="brute.toml", strict=False)
+    approximate = {"could not prove", "too complex", "work limit", "not decided", "sampling"}
+    assume(not any(phrase in w.message for w in policy.warnings for phrase in approximate))
+    pool = sorted({float(v) for r in collect.rules if r.term is not None for v in _numbers(r.term)})
+    narrow = data.draw(narrowings(pool or [0.0]))
+    types = {"x": "number", "k": "integer", "s": "string", "b": "bool"}
+    domains = {name: input_domain(types[name], *narrow[name], ()) if name != "s" else input_domain("string", None, None,
+                                                                                                narrow["s"])
+               for name in ("x", "k", "s") if name in collect.reads}
+    if "b" in collect.reads:
+        domains["b"] = input_domain("bool", None, None, ())
+    values = candidates(collect)
+    for name, domain in domains.items():
+        inside = [v for v in values[name] if v is not None and holds(domain, v)]
+        if name in ("x", "k"):  # the domain's own bounds cut the line too
+            ends = [e for e in narrow[name] if e is not None]
+            near = around(ends) if name == "x" else [e + d for e in ends for d in (-1.0, 0.0, 1.0)]
+            inside += [v for v in near if holds(domain, v)]
+        values[name] = sorted(set(inside), key=repr) or [None]
+    assume(all(v != [None] for v in values.values()))
+    assume(math.prod(len(v) for v in values.values()) <= MAX_ROWS)
+    names = list(values)
+    rows = [dict(zip(names, combo)) for combo in itertools.product(*values.values())] or [{}]
+    for row in rows:
+        row.setdefault("label", CLASSES[0])
+        row.setdefault("confidence", 0.5)
+    grid = matches(collect, rows)
+    ids = [r.id for r in collect.rules if not r.default]
+    shown = (list(zip(ids, whens)), narrow)
+    said = [(rule.id if rule is not None else "D", message) for rule, message in findings(policy, domains)]
+    said += [(w.subject.split("'")[1], w.message) for w in policy.warnings if w.subject.startswith("rule")]
+
+    def claimed(phrase):
+        return {rid for rid, message in said if phrase in message}
+
+    can = {rid for j, rid in enumerate(ids) if grid[:, j].any()}
+    assert claimed("can never match") == set(ids) - can, ("can never match", shown)
+    assert ("D" in claimed("default rule never applies")) == bool(grid.any(axis=1).all()), ("default", shown)
+    if hit == "FIRST":
+        hidden = {rid for j, rid in enumerate(ids)
+                  if rid in can and not (grid[:, j] & ~grid[:, :j].any(axis=1)).any()}
+        assert claimed("is unreachable") & can == hidden, ("unreachable", shown)
+
+
+def holds(domain, value) -> bool:
+    if isinstance(domain, NumSet):
+        return any(lo <= value <= hi for lo, _, hi, _ in domain.intervals)
+    if isinstance(domain, StrSet):
+        return (value in domain.values) == domain.finite
+    return value in domain.tokens

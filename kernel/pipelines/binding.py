@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import replace
 
 from ..policy.syntax import null_tests
+from ..policy.within import findings, input_domain
+from .fields import show_number
 from .spec import Pipeline, compared_strings
 
 
@@ -56,7 +58,7 @@ def binding_warnings(pipeline: Pipeline, hub) -> list[str]:
     policy = [f"pipeline {pipeline.name}: policy {warning.path}:{warning.line}: {warning.subject}: {warning.message}"
               for warning in getattr(pipeline.policy, "warnings", ())]  # (what `policy check` says of it)
     return [*pipeline.warnings, *policy, *foreign_labels(pipeline, hub), *dead_null_tests(pipeline),
-            *filter(None, [unlike_probabilities(pipeline, hub)])]
+            *narrowed_verdicts(pipeline, hub), *filter(None, [unlike_probabilities(pipeline, hub)])]
 
 
 def foreign_labels(pipeline: Pipeline, hub) -> list[str]:
@@ -102,6 +104,42 @@ def dead_null_tests(pipeline: Pipeline) -> list[str]:
                 given = "it is required" if spec.required else f"it takes its default, {spec.default!r}"
                 out.append(f"pipeline {pipeline.name}: rule {rule.id} ({source}:{rule.line}) tests whether {name} is "
                            f"null, which it never is here ({given} when a request leaves it out)")
+    return out
+
+
+def narrowed_verdicts(pipeline: Pipeline, hub) -> list[str]:
+    """The policy's table checked again over the rows this pipeline sends it (``policy/within.py``): rules that
+    can never fire here, or are never reached here, and a default never needed here, which the policy's own check
+    (over every value) could not say. ``x is null`` on a field the pipeline fills is ``dead_null_tests``' warning."""
+    policy = pipeline.policy
+    if not getattr(policy, "rules", None) or not getattr(policy, "analysis_complete", True):
+        return []
+    fields = {spec.name: spec for spec in pipeline.fields}
+    domains, shown = {}, []
+    for name, ftype in policy.inputs.items():
+        spec = fields.get(name)
+        if spec is None or name not in policy.reads:
+            continue
+        values = tuple(spec.values) + ((spec.default,) if isinstance(spec.default, str) and spec.values else ())
+        domains[name] = input_domain(ftype, spec.min, spec.max, values)
+        if spec.min is not None or spec.max is not None:
+            low = show_number(spec.min) if spec.min is not None else ""
+            shown.append(f"{name} {low}..{show_number(spec.max) if spec.max is not None else ''}")
+        elif values:
+            shown.append(f"{name} one of {', '.join(map(repr, dict.fromkeys(values)))}")
+    mv = hub.get(pipeline.model, pipeline.bound_version)
+    outputs = {spec.name: spec for spec in getattr(getattr(mv, "config", None), "outputs", ())}
+    labels = getattr(outputs.get(pipeline.output), "labels", None)
+    if labels and "label" in policy.reads:
+        domains["label"] = input_domain("string", None, None, tuple(labels))
+    if not domains:
+        return []
+    source = getattr(policy, "source", "") or "the policy"
+    given = "; ".join(["no input missing", *shown])
+    out = []
+    for rule, message in findings(policy, domains):
+        what = f"rule {rule.id} ({source}:{rule.line})" if rule is not None else f"policy {source}"
+        out.append(f"pipeline {pipeline.name}: {what}: {message}, for the requests this pipeline sends ({given})")
     return out
 
 

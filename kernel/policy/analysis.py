@@ -88,11 +88,14 @@ class Universe:
     past ``limit`` steps raises ``Exhausted`` (a callable, ``on_limit``, builds it: the analyzer knows
     which rule was being checked)."""
 
-    __slots__ = ("schema", "_full", "steps", "limit", "on_limit")
+    __slots__ = ("schema", "_full", "steps", "limit", "on_limit", "domains")
 
-    def __init__(self, schema: Schema, limit: float = float("inf"), on_limit=None):
+    def __init__(self, schema: Schema, limit: float = float("inf"), on_limit=None, domains=None):
         self.schema = schema
-        self._full: dict = {}
+        # Fields whose values are known narrower than their type (a pipeline's ranges, values, never missing):
+        # each is the field's full set, and every test's set is cut to it, so verdicts are about those rows only.
+        self.domains = dict(domains or {})
+        self._full: dict = dict(self.domains)
         self.steps = 0
         self.limit = limit
         self.on_limit = on_limit
@@ -124,7 +127,12 @@ class Universe:
         return StrSet.full(self.schema.classes if key == LABEL else None, missing)
 
     def test_set(self, term: tuple):
-        """(key, set of values) where a normal-form test is true."""
+        """(key, set of values) where a normal-form test is true (within the field's domain, when it has one)."""
+        key, values = self._test_set(term)
+        domain = self.domains.get(key)
+        return (key, values & domain) if domain is not None else (key, values)
+
+    def _test_set(self, term: tuple):
         tag, name = term[0], term[1]
         if tag == "pair":
             return ("pair", name, term[3]), TokenSet(_PAIR_SETS[term[2]])
@@ -268,11 +276,11 @@ class Finding:
 class Analyzer:
     """Runs every check for one policy; ``findings`` holds the results."""
 
-    def __init__(self, rules, hit_policy: str, ranks: dict[str, int], schema: Schema):
+    def __init__(self, rules, hit_policy: str, ranks: dict[str, int], schema: Schema, domains=None):
         self.rules = rules            # non-default Rule objects with .term (normal form) and .node (checked)
         self.hit_policy = hit_policy
         self.ranks = ranks
-        self.universe = Universe(schema, WORK_LIMIT * STEPS_PER_UNIT, self._stopped)
+        self.universe = Universe(schema, WORK_LIMIT * STEPS_PER_UNIT, self._stopped, domains)
         self.size = {rule.id: size_of(rule.node) for rule in rules}  # condition nodes: the cost of one try
         self.schema = schema
         self.rng = random.Random(SEED)
