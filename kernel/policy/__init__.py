@@ -82,8 +82,11 @@ a model's float32 outputs are widened exactly, so a score of float32 0.4 is
 0.4000000059604645, which ``score.deny <= 0.4`` does not match),
 strings code point by code point, as FEEL does: case, Unicode normalization
 (a composed and a decomposed "é") and spaces all count (a pipeline field's
-``values`` refuse other spellings at the request); bools only as true/false
-(a policy read from request dicts also takes 1/0; a pipeline refuses them).
+``values`` refuse other spellings at the request); nothing on the way
+normalizes a string (the request's field reading, both evaluators, the table
+analysis, ``policy test``), so all of them tell the two "é" apart alike;
+bools only as true/false (a policy read from request dicts also takes 1/0; a
+pipeline refuses them).
 
 The load-time analysis treats each field as free of the others, model outputs
 included: it does not know that ``label`` is the class with the largest score,
@@ -91,7 +94,14 @@ that ``confidence`` is that score, or that scores sum to 1. Its verdicts hold
 for any values (never a false "disjoint" or "unreachable"), but a UNIQUE table
 may be refused for an overlap no model could produce (``label == 'deny'`` and
 ``score.deny < 0.3`` with three classes; the witness row shows it), and a rule
-unreachable only through such a relation is not reported.
+unreachable only through such a relation is not reported. Numbers are the
+floats the evaluators compare (±inf included), not reals: ``x > 0.5`` and
+``x < 0.5000000000000001`` share no row. A pipeline narrows the rows: when it
+binds the policy, the table is checked again over the rows it sends (within
+its fields' ``min``/``max`` and ``values``, no input missing), and what holds
+only there (a rule that can never fire or is never reached there, a default
+never needed there) is a warning then (``within.py``); the model's scores keep
+every value there too.
 
 Missing values: an input may be missing (None, or NaN in a float column).
 Logic is three-valued, as in DMN: a test on a missing value is unknown,
