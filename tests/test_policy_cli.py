@@ -164,6 +164,12 @@ def good_case() -> dict:
     (lambda c: c["expect"].update(adjust="0.3"), '"adjust" must be a number, not "0.3"'),
     (lambda c: c["row"].update(claim_amount=True),  # JSON's true passed as the number 1; the kernel refuses it
      "row 'claim_amount' is true, but the policy reads it as a number: the kernel refuses a boolean there"),
+    # JSON as Python reads it takes NaN (read here as a missing value) and Infinity (a number): a case passed with
+    # fraud_score NaN, decided as missing, where the kernel refuses the request ("must be a finite number")
+    (lambda c: c["row"].update(fraud_score=float("nan")),
+     "row 'fraud_score' is NaN, but the kernel refuses a number that is not finite there"),
+    (lambda c: c["row"].update(claim_amount=float("-inf")),
+     "row 'claim_amount' is -Infinity, but the kernel refuses a number that is not finite there"),
     (lambda c: c["expect"].update(action="aprove"),
      "action 'aprove' is not one of the policy's actions (deny, review, approve, fast_track); did you mean 'approve'?"),
 ])

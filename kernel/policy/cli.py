@@ -17,8 +17,10 @@ A mistake in the cases file itself is refused before any case runs, every one
 as ``FILE:LINE: message`` (exit 2): not JSON, a key other than ``name``,
 ``row``, ``expect``; an action, or a rule id in ``fired``,
 the policy does not have; ``fired`` not a list, ``escalate`` not a bool; a
-row that leaves out an input the policy reads; no cases at all. That last
-but one is refused, not guessed at: left out, the input would be missing
+row that leaves out an input the policy reads, or gives one NaN or
+Infinity (JSON as Python reads it; here NaN was a missing value, inf a
+number, and the kernel refuses both at the request); no cases at all. The
+row that leaves out an input is refused, not guessed at: left out, the input would be missing
 here (a test on it unknown), whereas the kernel never decides with it
 missing (a pipeline fills in the field's default), so the case could pass
 while the kernel decides the same request otherwise. A row writes the
@@ -220,6 +222,10 @@ def _case(case, number: int, where: str, policy: Policy | None) -> dict:
             if isinstance(value, bool) and kind in ("number", "integer"):
                 raise ValueError(f"row {key!r} is {json.dumps(value)}, but the policy reads it as a "
                                  f"{kind}: the kernel refuses a boolean there")
+            if key in policy.inputs and isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"row {key!r} is {json.dumps(value)}, but the kernel refuses a number that is not "
+                                 "finite there (a pipeline's field takes finite numbers only); write null to test a "
+                                 "missing value")
             if kind == "bool" and value is not None and not isinstance(value, bool):  # (and 1 as a bool: the same)
                 raise ValueError(f"row {key!r} is {json.dumps(value)}, but the policy reads it as a bool: write "
                                  "true or false (the kernel refuses anything else there)")
