@@ -70,3 +70,14 @@ def test_a_rule_reached_only_through_a_missing_value_is_warned_about(tmp_path, h
     assert "rule TAIL" in warnings[0] and "is unreachable" in warnings[0] and "no input missing" in warnings[0], \
         warnings
     assert "the default rule never applies" in warnings[1], warnings
+
+
+def test_many_such_rules_are_counted_past_the_first_ten(tmp_path, hub):
+    """A rate table running past a field's max: one warning per rule would be hundreds of log lines per load (B0
+    matches fraud_score 1, the max: 29 rules never match)."""
+    rules = "".join(f'[[rule]]\nid = "B{i}"\nwhen = "fraud_score in [{i + 1}, {i + 2})"\naction = "review"\n\n'
+                    for i in range(30))
+    warnings = [w for w in put(tmp_path, hub, with_rules(rules)) if "this pipeline sends" in w]
+    assert len(warnings) == 11 and all("can never match" in w for w in warnings[:10]), warnings
+    assert warnings[10] == ("pipeline claims_triage: and 19 more rules of policy.toml like these, for the requests "
+                            "this pipeline sends"), warnings

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from ..policy import Policy
+from ..policy.analysis import MAX_ERRORS
 from ..policy.syntax import null_tests
 from ..policy.within import findings, input_domain
 from .fields import show_number
@@ -107,13 +109,16 @@ def dead_null_tests(pipeline: Pipeline) -> list[str]:
     return out
 
 
+MAX_NARROWED_SHOWN = 10  # warnings listed per pipeline; the rest are counted
+
+
 def narrowed_verdicts(pipeline: Pipeline, hub) -> list[str]:
     """The policy's table checked again over the rows this pipeline sends it (``policy/within.py``): rules that
     can never fire here, or are never reached here, and a default never needed here, which the policy's own check
     (over every value) could not say. ``x is null`` on a field the pipeline fills is ``dead_null_tests``' warning."""
     policy = pipeline.policy
-    if not getattr(policy, "rules", None) or not getattr(policy, "analysis_complete", True):
-        return []
+    if not isinstance(policy, Policy) or not policy.analysis_complete:  # (a table too large to check fully is
+        return []  # not checked again here either)
     fields = {spec.name: spec for spec in pipeline.fields}
     domains, shown = {}, []
     for name, ftype in policy.inputs.items():
@@ -137,9 +142,15 @@ def narrowed_verdicts(pipeline: Pipeline, hub) -> list[str]:
     source = getattr(policy, "source", "") or "the policy"
     given = "; ".join(["no input missing", *shown])
     out = []
-    for rule, message in findings(policy, domains):
+    found = findings(policy, domains)
+    for rule, message in found[:MAX_NARROWED_SHOWN]:
         what = f"rule {rule.id} ({source}:{rule.line})" if rule is not None else f"policy {source}"
         out.append(f"pipeline {pipeline.name}: {what}: {message}, for the requests this pipeline sends ({given})")
+    if len(found) > MAX_NARROWED_SHOWN:  # (a rate table past a field's max: thousands of rules, one line each)
+        more = len(found) - MAX_NARROWED_SHOWN
+        counted = f"at least {more}" if len(found) >= MAX_ERRORS else str(more)  # (the analysis stops listing there)
+        out.append(f"pipeline {pipeline.name}: and {counted} more rules of {source} like these, for the requests "
+                   "this pipeline sends")
     return out
 
 
