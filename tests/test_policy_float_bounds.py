@@ -57,3 +57,21 @@ def test_minus_zero_and_zero_overlap_and_are_shown_as_written():
     with pytest.raises(PolicyError) as info:  # a witness inside, not the float next to a bound
         parse_policy(table("UNIQUE", "x > 0.5", "x < 0.75"))
     assert NEXT not in str(info.value) and "0.4999" not in str(info.value)
+
+
+@pytest.mark.parametrize("when, says", [
+    ("x == nan", "unknown field 'nan' (numbers in conditions are finite;"),
+    ("x < inf", "unknown field 'inf' (numbers in conditions are finite;"),
+    ("x > -inf", "'inf' is not a value here: numbers in conditions are finite;"),  # was: found '-'
+    ("x in [0, Infinity)", "'Infinity' is not a value here:"),  # was: expected the interval's upper bound
+    ("x in {1, NaN}", "'NaN' is not a value here:"),
+])
+def test_nan_and_inf_written_as_values_are_refused_saying_how_to_write_the_test(when, says):
+    with pytest.raises(PolicyError) as info:
+        parse_policy(table("FIRST", when))
+    assert says in str(info.value) and "is tested with `x is null`" in str(info.value)
+
+
+def test_an_input_named_inf_is_still_a_field():
+    text = table("FIRST", "x < inf").replace('x = "number"\n', 'x = "number"\ninf = "number"\n')
+    assert parse_policy(text).evaluate_reference([{"x": 1.0, "inf": 2.0}]).fired == [("R0",)]

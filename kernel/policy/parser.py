@@ -35,6 +35,11 @@ MAX_LENGTH = 10_000  # characters in one condition
 MAX_DEPTH = 64       # nesting of parentheses/not: bounds the parser's recursion on untrusted text
 
 KEYWORDS = frozenset({"and", "or", "not", "in", "is", "null", "true", "false"})
+# Words people write for the floats that are not finite numbers. Numbers in conditions are finite literals: the
+# tests these would make are written another way (an input may be named so: then it is a field, where one may be).
+NONFINITE = frozenset({"nan", "inf", "infinity"})
+NONFINITE_HINT = ("numbers in conditions are finite; for no bound leave the test out (`x > 0`, not `x in (0, inf)`), "
+                  "and a missing value (NaN in a float column) is tested with `x is null`")
 _ESCAPES = {"\\": "\\", "'": "'", '"': '"', "n": "\n", "t": "\t"}
 _TOKEN = re.compile(
     r"""(?P<ws>\s+)
@@ -296,6 +301,9 @@ class _Parser:
             return Literal(token.value == "true", BOOL, token.pos)
         if token.kind == "kw" and token.value == "null":
             raise ParseError("'null' can only be tested with 'is null' / 'is not null'", token.pos)
+        after = self.tokens[self.index + 1] if token.kind == "punct" and token.value == "-" else token
+        if after.kind == "name" and after.value.lower() in NONFINITE:  # (a bound or set value: never a field)
+            raise ParseError(f"'{after.value}' is not a value here: {NONFINITE_HINT}", after.pos)
         self.fail(f"expected {what}")
 
     def field(self) -> Field:

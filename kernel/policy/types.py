@@ -12,7 +12,7 @@ from __future__ import annotations
 import difflib
 import re
 
-from .parser import KEYWORDS, case_hint
+from .parser import KEYWORDS, NONFINITE, NONFINITE_HINT, case_hint
 
 NUMBER, INTEGER, STRING, BOOL = "number", "integer", "string", "bool"
 INPUT_TYPES = (NUMBER, INTEGER, STRING, BOOL)
@@ -97,6 +97,8 @@ class Schema:
             known += [f"{SCORE}.{c}" for c in self.classes]
         if case_hint(name):  # `flag == TRUE`: a keyword in capitals reads as a field name
             return f"unknown field '{name}' ({case_hint(name)})"
+        if name.lower() in NONFINITE:  # `x == nan`, `x < inf`: read as a field name
+            return f"unknown field '{name}' ({NONFINITE_HINT})"
         close = close_match(name, known)
         hint = f"; did you mean '{close}'?" if close else ""
         inputs = shown(self.inputs) or "none"
