@@ -65,6 +65,7 @@ def atoms(pool: list[float]):
     return st.one_of(
         st.builds(lambda f, o, v: f"{f} {o} {v!r}", numeric, op, number),
         st.builds(lambda o, v: f"k {o} {v!r}", op, st.sampled_from(WHOLES)),
+        st.builds(lambda f, o, g: f"{f} {o} {g}", st.sampled_from(("x", "k")), op, st.sampled_from(("confidence", "x"))),
         st.builds(interval, numeric, number, number, st.sampled_from("[("), st.sampled_from("])")),
         st.builds(interval, st.just("k"), st.sampled_from(WHOLES), st.sampled_from(WHOLES), st.sampled_from("[("),
                   st.sampled_from("])")),
@@ -151,6 +152,14 @@ def candidates(policy) -> dict[str, list]:
     return out
 
 
+def atoms_of(term):
+    if term[0] in ("and", "or"):
+        for t in term[1]:
+            yield from atoms_of(t)
+    else:
+        yield term
+
+
 def _numbers(term):
     if term[0] in ("and", "or"):
         for t in term[1]:
@@ -194,8 +203,12 @@ def test_the_analysis_verdicts_are_exactly_what_brute_force_finds(table):
     hit, whens, actions = table
     policy = parse_policy(source(hit, whens, actions), source="brute.toml", strict=False)
     collect = parse_policy(source("COLLECT", whens, actions), source="brute.toml", strict=False)
+    # Field-to-field comparisons are approximated (a yes/no fact per pair of fields): there the verdicts must
+    # only hold (what it claims, rows do not contradict), not be complete.
     approximate = {"could not prove", "too complex", "work limit", "not decided", "sampling"}
-    assume(not any(phrase in w.message for w in policy.warnings for phrase in approximate))
+    exact = not any(phrase in w.message for w in policy.warnings for phrase in approximate) and \
+        not any(t[0] == "pair" for r in collect.rules if r.term is not None for t in atoms_of(r.term))
+    agrees = (lambda claimed, found: claimed == found) if exact else (lambda claimed, found: claimed <= found)
     values = candidates(collect)
     size = math.prod(len(v) for v in values.values())
     assume(size <= MAX_ROWS)
@@ -210,19 +223,26 @@ def test_the_analysis_verdicts_are_exactly_what_brute_force_finds(table):
 
     never = flagged(policy, "can never match")
     can = {rid for j, rid in enumerate(ids) if grid[:, j].any()}
-    assert never == set(ids) - can, ("can never match", never, shown)
+    assert agrees(never, set(ids) - can), ("can never match", never, shown)
 
     default_dead = any("default rule never applies" in w.message for w in policy.warnings)
-    assert default_dead == bool(grid.any(axis=1).all()), ("default never applies", default_dead, shown)
+    assert agrees({default_dead} - {False}, {bool(grid.any(axis=1).all())} - {False}), ("default dead", shown)
 
     if hit == "UNIQUE":
         found = {(ids[i], ids[j]) for i, j in itertools.combinations(range(len(ids)), 2)
                  if ids[i] in can and ids[j] in can and (grid[:, i] & grid[:, j]).any()}
-        assert overlapping_pairs(policy) == found, ("overlaps", shown)
+        if exact:
+            assert overlapping_pairs(policy) == found, ("overlaps", shown)
+        else:  # an overlap claimed shows a row; one not claimed is at least warned about
+            unsure = {w.subject.split("'")[1] for w in policy.warnings if "could not prove" in w.message
+                      or "sampling" in w.message or "work limit" in w.message}
+            assert overlapping_pairs(policy) <= found, ("overlaps", shown)
+            assert all(later in unsure or (earlier, later) in overlapping_pairs(policy) for earlier, later in found), \
+                ("overlap not warned about", shown)
     if hit == "FIRST":
         hidden = {rid for j, rid in enumerate(ids)
                   if rid in can and not (grid[:, j] & ~grid[:, :j].any(axis=1)).any()}
-        assert flagged(policy, "is unreachable") == hidden, ("unreachable", shown)
+        assert agrees(flagged(policy, "is unreachable"), hidden), ("unreachable", shown)
     if hit == "PRIORITY":
         rank = {"a1": 0, "a2": 1, "a3": 2}
         hidden = set()
@@ -231,7 +251,7 @@ def test_the_analysis_verdicts_are_exactly_what_brute_force_finds(table):
                       or (rank[actions[i]] == rank[actions[j]] and i < j)]
             if rid in can and not (grid[:, j] & ~grid[:, better].any(axis=1)).any():
                 hidden.add(rid)
-        assert flagged(policy, "never decides") == hidden, ("never decides", shown)
+        assert agrees(flagged(policy, "never decides"), hidden), ("never decides", shown)
 
 
 @st.composite
@@ -256,6 +276,7 @@ def test_the_verdicts_for_one_pipelines_rows_are_what_brute_force_finds_there(ta
     collect = parse_policy(source("COLLECT", whens, actions), source="brute.toml", strict=False)
     approximate = {"could not prove", "too complex", "work limit", "not decided", "sampling"}
     assume(not any(phrase in w.message for w in policy.warnings for phrase in approximate))
+    assume(not any(t[0] == "pair" for r in collect.rules if r.term is not None for t in atoms_of(r.term)))
     pool = sorted({float(v) for r in collect.rules if r.term is not None for v in _numbers(r.term)})
     narrow = data.draw(narrowings(pool or [0.0]))
     types = {"x": "number", "k": "integer", "s": "string", "b": "bool"}
