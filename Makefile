@@ -90,7 +90,7 @@ PURE_FUZZ_SCALE := 0.3
 # Property and fuzz tests only, at 10× the examples: a longer bug hunt than `make test` can afford.
 FUZZ_SUITES := tests/test_fuzz_oip.py tests/test_fuzz_kernel_api.py tests/test_wire.py tests/test_decision_wire.py \
 	tests/test_decode_fast_path.py tests/test_record_tail.py tests/test_pipeline_codec.py \
-	tests/test_pipeline_codec_differential.py tests/test_policy_differential.py \
+	tests/test_pipeline_codec_differential.py tests/test_policy_differential.py tests/test_policy_analysis_brute.py \
 	tests/test_scheduling_differential.py tests/test_audit_proofs.py
 
 # Each pass on TEST_WORKERS processes (pytest-xdist), a test file per process at a time (module-scoped
