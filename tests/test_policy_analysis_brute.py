@@ -65,7 +65,8 @@ def atoms(pool: list[float]):
     return st.one_of(
         st.builds(lambda f, o, v: f"{f} {o} {v!r}", numeric, op, number),
         st.builds(lambda o, v: f"k {o} {v!r}", op, st.sampled_from(WHOLES)),
-        st.builds(lambda f, o, g: f"{f} {o} {g}", st.sampled_from(("x", "k")), op, st.sampled_from(("confidence", "x"))),
+        st.builds(lambda f, o, g: f"{f} {o} {g}", st.sampled_from(("x", "k")), op,
+                  st.sampled_from(("confidence", "x"))),
         st.builds(interval, numeric, number, number, st.sampled_from("[("), st.sampled_from("])")),
         st.builds(interval, st.just("k"), st.sampled_from(WHOLES), st.sampled_from(WHOLES), st.sampled_from("[("),
                   st.sampled_from("])")),

@@ -130,7 +130,8 @@ class NumSet:
         # Round values make readable witnesses; random ones find the rest when sampling.
         whole = math.floor(lo) + 1.0
         middle = lo + (hi - lo) / 2 if math.isfinite(hi - lo) else lo / 2 + hi / 2
-        nice = [v for v in (lo if lo_ok else None, whole if whole < hi else None, middle) if v is not None and lo <= v <= hi]
+        nice = [v for v in (lo if lo_ok else None, whole if whole < hi else None, middle)
+                if v is not None and lo <= v <= hi]
         nice = nice or [lo]
         if rng.random() < 0.7:
             return nice[0]
@@ -140,7 +141,7 @@ class NumSet:
     def describe(self) -> str:
         parts = []
         for lo, lo_closed, hi, hi_closed in self.intervals:
-            if not self.integer:  # (shown as written: `< 0.5`, not `<= 0.49999999999999994`)
+            if not self.integer and lo != hi:  # (shown as written: `< 0.5`, not `<= 0.49999999999999994`)
                 if lo_closed and not _plain(lo, -INF):
                     lo, lo_closed = math.nextafter(lo, -INF), False
                 if hi_closed and not _plain(hi, INF):
