@@ -49,7 +49,9 @@ def findings(policy, domains: dict) -> list[tuple[object, str]]:
     the values it takes) but that the policy's own check did not give."""
     schema = Schema(dict(policy.inputs), policy.classes)
     ranks = {a: i for i, a in enumerate(policy.actions)}
-    analyzer = Analyzer([r for r in policy.rules if not r.default], policy.hit_policy, ranks, schema, domains)
+    # (A UNIQUE table is disjoint over every row already: compared again, as COLLECT, it is not.)
+    hit = "COLLECT" if policy.hit_policy == "UNIQUE" else policy.hit_policy
+    analyzer = Analyzer([r for r in policy.rules if not r.default], hit, ranks, schema, domains)
     said = {(w.subject, verdict) for w in policy.warnings for verdict in VERDICTS if verdict in w.message}
     out = []
     for finding in analyzer.run():
