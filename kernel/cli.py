@@ -397,6 +397,9 @@ def build_parser() -> argparse.ArgumentParser:
     test.add_argument("file", help="the policy's TOML file")
     test.add_argument("--cases", required=True, help="JSON lines: {\"row\": {...}, \"expect\": {\"action\": ...}}; "
                       "\"expect\" may also hold \"fired\" (rule ids), \"escalate\" (true/false) and \"adjust\" (a number)")
+    test.add_argument("--pipeline", help="read each row as this pipeline reads a request, as the kernel does: "
+                      "fields left out take their defaults, values out of range or not among a field's values are "
+                      "refused")
     test.set_defaults(func=cmd_policy_test)
     return parser
 
@@ -441,7 +444,7 @@ def cmd_policy_check(args) -> int:
 def cmd_policy_test(args) -> int:
     from .policy.cli import test_command
 
-    return test_command(args.file, args.cases)
+    return test_command(args.file, args.cases, pipeline_path=args.pipeline)
 
 
 def _chosen_command(parser: argparse.ArgumentParser, args) -> argparse.ArgumentParser:

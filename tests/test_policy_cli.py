@@ -278,3 +278,30 @@ def test_a_case_can_expect_the_score_adjustment(tmp_path):
     cases.write_text(json.dumps(right) + "\n" + json.dumps(wrong) + "\n")
     code, out = run_test_command(cases)
     assert code == 1 and "expected adjust 0.5, got 0.3" in out and f"{cases}:2" in out, out
+
+
+def test_test_with_the_pipeline_reads_each_row_as_the_kernel_reads_the_request(tmp_path):
+    """`--pipeline`: a row that leaves a field out is decided on the field's default, as the kernel decides the
+    request (the demo's fraud_score: 0.21, so R09 approves it), and one the pipeline would refuse (a value past
+    a field's max, a null no request can send) fails naming the field, as the request would."""
+    pipeline = POLICY.parent / "claims_triage.toml"
+    left_out = good_case()
+    left_out["row"].pop("fraud_score")
+    left_out["row"]["has_police_report"] = True
+    right = dict(left_out, name="default decides", expect={"action": "approve", "fired": ["R09"]})
+    wrong = dict(left_out, name="as if missing", expect={"action": "review", "fired": ["DEFAULT"]})
+    too_big = dict(good_case(), name="too big", row=dict(good_case()["row"], fraud_score=1.5))
+    null = dict(good_case(), name="null", row=dict(good_case()["row"], fraud_score=None))
+    cases = tmp_path / "cases.jsonl"
+    cases.write_text("\n".join(json.dumps(c) for c in (right, wrong, too_big, null)) + "\n")
+    run = cli("test", str(POLICY), "--cases", str(cases), "--pipeline", str(pipeline))
+    assert run.returncode == 1, run.stdout
+    lines = run.stdout.splitlines()
+    assert not any("'default decides'" in line for line in lines), run.stdout  # it passed
+    assert any("'as if missing': expected action 'review', got 'approve'" in line for line in lines), run.stdout
+    assert any("'too big': the kernel refuses this request: field 'fraud_score' must be <= 1, got 1.5" in line
+               for line in lines), run.stdout
+    assert any("'null': the kernel refuses this request: field 'fraud_score' is null" in line for line in lines)
+    assert "4 cases: 1 passed, 3 failed" in run.stdout
+    run = cli("test", str(POLICY), "--cases", str(CASES), "--pipeline", str(pipeline))
+    assert run.returncode == 1 and "case 'no fraud score (missing)" in run.stdout, run.stdout  # null: no request

@@ -29,6 +29,12 @@ test a missing value on purpose. A row key the policy has no field for is
 not a mistake (a row may be a whole request) but is named in a note, with
 the input it may have meant.
 
+``--pipeline PIPELINE.toml`` decides each row as the kernel decides the
+request: the row's pipeline fields are read as that pipeline reads a
+request (types, ranges, values; one left out takes its default, so a row
+may leave out what a request may), then the policy decides; a row the
+pipeline would refuse fails, naming the field, as the request would.
+
 Rule coverage counts, per rule, the cases whose outcome it made: the
 deciding rule (FIRST, PRIORITY), every matching rule (COLLECT, and the rules
 of a UNIQUE conflict, whose case fails), the default where none matched.
@@ -112,9 +118,11 @@ def check_command(path: str | Path, out: TextIO = sys.stdout) -> int:
     return EXIT_OK if policy.analysis_complete else EXIT_UNCHECKED
 
 
-def test_command(path: str | Path, cases_path: str | Path, out: TextIO = sys.stdout) -> int:
+def test_command(path: str | Path, cases_path: str | Path, out: TextIO = sys.stdout,
+                 pipeline_path: str | Path | None = None) -> int:
     """Run the cases against the policy: mismatches, then rule coverage. 0 = all pass, 1 = failures,
-    2 = the policy or the cases file cannot be used."""
+    2 = the policy, the pipeline or the cases file cannot be used. With ``pipeline_path``, each row is read as
+    that pipeline reads a request (its fields' defaults, ranges and values) before the policy decides it."""
     if _said_a_pipeline_file(path):
         return EXIT_UNUSABLE
     try:
@@ -123,14 +131,23 @@ def test_command(path: str | Path, cases_path: str | Path, out: TextIO = sys.std
         _print_diagnostics(exc.diagnostics, out)
         print(f"{path}: refused; no cases run", file=out)
         return EXIT_UNUSABLE
+    pipeline = None
+    if pipeline_path is not None:
+        from ..pipelines.spec import PipelineError, load_pipeline  # (only here: it loads the pipeline machinery)
+
+        try:  # (the policy under test, whatever file the pipeline names: its fields are what is borrowed)
+            pipeline = load_pipeline(pipeline_path, lambda name: policy)
+        except PipelineError as exc:
+            print(f"{exc}\n{pipeline_path}: refused; no cases run", file=out)
+            return EXIT_UNUSABLE
     try:
-        cases = read_cases(cases_path, policy)
+        cases = read_cases(cases_path, policy, pipeline)
     except ValueError as exc:
         print(str(exc), file=out)
         return EXIT_UNUSABLE
     for note in ignored_keys_notes(policy, cases):
         print(note, file=out)
-    report = run_cases(policy, cases)
+    report = run_cases(policy, cases, pipeline)
     for line in report["failures"]:
         print(line, file=out)
     passed, total = report["passed"], len(cases)
@@ -150,7 +167,7 @@ CASE_KEYS = ("name", "row", "expect")
 EXPECT_KEYS = ("action", "fired", "escalate", "adjust")
 
 
-def read_cases(path: str | Path, policy: Policy | None = None) -> list[dict]:
+def read_cases(path: str | Path, policy: Policy | None = None, pipeline=None) -> list[dict]:
     """Parse a cases file, checking each case against ``policy`` when given (row keys, actions, rule ids).
 
     ValueError lists every bad case as ``FILE:LINE: message``, one per line (or says the file has none).
@@ -173,7 +190,7 @@ def read_cases(path: str | Path, policy: Policy | None = None) -> list[dict]:
             problems.append(f"{where}: not usable JSON: {str(exc).split(';')[0]}")
             continue
         try:
-            cases.append(_case(case, number, where, policy))
+            cases.append(_case(case, number, where, policy, pipeline))
         except ValueError as exc:
             problems.append(f"{where}: {exc}")
     if problems:
@@ -184,7 +201,7 @@ def read_cases(path: str | Path, policy: Policy | None = None) -> list[dict]:
     return cases
 
 
-def _case(case, number: int, where: str, policy: Policy | None) -> dict:
+def _case(case, number: int, where: str, policy: Policy | None, pipeline=None) -> dict:
     """One case, checked; ValueError says what is wrong with it."""
     if not isinstance(case, dict):
         raise ValueError("a case is an object with a \"row\" object")
@@ -216,7 +233,8 @@ def _case(case, number: int, where: str, policy: Policy | None) -> dict:
     if policy is not None:
         _check_against(policy, row, expect)
         schema = Schema(policy.inputs, policy.classes)
-        ignored = [key for key in row if schema.type_of(key) is None]
+        fields = {spec.name for spec in pipeline.fields} if pipeline is not None else set()
+        ignored = [key for key in row if schema.type_of(key) is None and key not in fields]
         for key, value in row.items():  # JSON's true is a Python 1: the kernel refuses a bool for a number
             kind = schema.type_of(key)
             if isinstance(value, bool) and kind in ("number", "integer"):
@@ -233,7 +251,7 @@ def _case(case, number: int, where: str, policy: Policy | None) -> dict:
                 raise ValueError(f"row 'label' is {json.dumps(value)}, not one of the policy's classes "
                                  f"({', '.join(policy.classes)}): the model never answers it")
         absent = [name for name in policy.inputs if name in policy.reads and name not in row]
-        if absent:
+        if absent and pipeline is None:  # (with the pipeline, it fills them in as the kernel does)
             raise ValueError(_absent_inputs(absent, ignored))
     name = str(case.get("name", f"line {number}"))
     return {"name": name, "line": number, "where": where, "row": row, "expect": expect, "ignored": ignored}
@@ -283,16 +301,24 @@ def _did_you_mean(word: str, choices, cutoff: float = 0.6) -> str:
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
-def run_cases(policy: Policy, cases: list[dict]) -> dict:
-    """Evaluate every case with both evaluators; failures as printable lines, coverage per rule id."""
+def run_cases(policy: Policy, cases: list[dict], pipeline=None) -> dict:
+    """Evaluate every case with both evaluators (its row read as ``pipeline`` reads a request, when given);
+    failures as printable lines, coverage per rule id."""
     failures: list[str] = []
     coverage: Counter = Counter({rule.id: 0 for rule in policy.rules})
     passed = 0
     for case in cases:
         label = f"{case['where']}: case {case['name']!r}"
+        row = case["row"]
+        if pipeline is not None:
+            try:
+                row = as_requested(pipeline, row)
+            except ValueError as exc:
+                failures.append(f"{label}: the kernel refuses this request: {exc}")
+                continue
         try:
-            got = policy.evaluate_rows([case["row"]]).row(0)
-            ref = policy.evaluate_reference([case["row"]]).row(0)
+            got = policy.evaluate_rows([row]).row(0)
+            ref = policy.evaluate_reference([row]).row(0)
         except PolicyInputError as exc:
             failures.append(f"{label}: the row does not fit the policy: {exc}")
             continue
@@ -317,6 +343,33 @@ def run_cases(policy: Policy, cases: list[dict]) -> dict:
         else:
             passed += 1
     return {"passed": passed, "failures": failures, "coverage": coverage}
+
+
+def as_requested(pipeline, row: dict) -> dict:
+    """``row`` as the kernel decides it when a request sends its pipeline fields: each read and checked by the
+    pipeline (ranges, values, types), the ones left out given their defaults; other keys (model outputs) kept.
+    ValueError says why the kernel would refuse the request, naming the field."""
+    from ..errors import InvalidArgument
+    from ..field_values import to_value
+    from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
+
+    names = {spec.name for spec in pipeline.fields}
+    request = kpb.DecisionRequest(pipeline=pipeline.name)
+    for name, value in row.items():
+        if name not in names:
+            continue
+        if value is None:
+            raise ValueError(f"field '{name}' is null, which no request can send (leave it out for the "
+                             "pipeline's default)")
+        try:
+            request.fields[name].CopyFrom(to_value(value))
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"field '{name}': {exc}") from None
+    try:
+        values = pipeline.codec.read(request.fields)
+    except InvalidArgument as exc:
+        raise ValueError(exc.message) from None
+    return {**{k: v for k, v in row.items() if k not in names}, **values}
 
 
 def _print_diagnostics(diagnostics, out: TextIO) -> None:
