@@ -250,6 +250,7 @@ class OnnxModel:
         ]
         _check_unchanged(onnx_path, before)
         model = cls(config, onnx_path, sessions, onnx_sha256, config_sha256)
+        _check_rows_independent(model, onnx_path)
         if CUDA in providers and model.provider != CUDA:
             log.warning("%s/%s: CUDA was available but onnxruntime placed the model on %s", name, version, model.provider)
         return model
@@ -362,6 +363,58 @@ def _check_unchanged(onnx_path: Path, before: tuple[int, int, int]) -> None:
         same = False
     if not same:
         raise ModelConfigError(onnx_path, "", "the file changed while it was being loaded; load the model again")
+
+
+def _same_rows(batched: np.ndarray, alone: np.ndarray) -> bool:
+    if batched.shape != alone.shape:
+        return False
+    if batched.dtype.kind in "fc":
+        # A batched GEMM (a GPU's kernels most) may round differently in the last bits: that is no mixing. So a few
+        # units in the last place of the dtype (FP16's are 1e-3) at the outputs' scale, never under 1e-3 relative.
+        tolerance = max(1e-3, 16 * float(np.finfo(batched.dtype).eps))
+        finite = np.abs(np.concatenate([batched.ravel(), alone.ravel()]).astype(np.float64))
+        finite = finite[np.isfinite(finite)]
+        scale = max(1.0, float(finite.max())) if finite.size else 1.0
+        return bool(np.allclose(batched, alone, rtol=tolerance, atol=max(1e-5, tolerance * scale), equal_nan=True))
+    return bool(np.array_equal(batched, alone))
+
+
+def _check_rows_independent(model: OnnxModel, onnx_path: Path) -> None:
+    """Refuse to batch a model whose output rows depend on the other rows of their batch: an all-zeros and an
+    all-ones row, each run alone, then both in one batch. A batch-wide step (a mean over the batch, BatchNorm in
+    training mode) keeps the batch dim, so its outputs slice back one row a request, each made from the other
+    requests' inputs too, and nothing at run time can tell (a model repository audit). Skipped where such rows
+    cannot be made (dynamic per-row dims, BYTES) or the model does not run on them: those are left to live traffic,
+    as is a batch answered with the wrong number of rows (never sliced out: kernel/scheduling/execute.py)."""
+    config = model.config
+    if config.max_batch_size < 2:  # (1: one row a call, never two requests together)
+        return
+    if any(-1 in spec.dims or spec.datatype.name == "BYTES" for spec in config.inputs):
+        return
+    zeros = model._zeros(1)
+    ones = {name: np.ones_like(feed) for name, feed in zeros.items()}
+    try:
+        alone = (model.run(zeros), model.run(ones))
+        together = model.run({name: np.concatenate([zeros[name], ones[name]]) for name in zeros})
+    except Exception as exc:  # (a model may reject such rows: an index into a one-row table)
+        log.debug("%s/%s: no batch check (%s)", config.name, config.version, exc)
+        return
+    for index, name in enumerate(model.output_names):
+        out = np.asarray(together[index])
+        if out.ndim == 0 or out.shape[0] != 2:
+            continue
+        for row, single in enumerate(alone):
+            if not _same_rows(out[row:row + 1], np.asarray(single[index])):
+                where = (onnx_path, "max_batch_size") if config.derived else (onnx_path.with_name("model.toml"),
+                                                                              "max_batch_size")
+                raise ModelConfigError(
+                    *where,
+                    f"output '{name}' of a row changes with the other rows in its batch (an all-{'ones' if row else 'zeros'} "
+                    f"row gave {np.asarray(single[index]).ravel()[:4].tolist()} alone, "
+                    f"{out[row:row + 1].ravel()[:4].tolist()} beside another row): the graph has a batch-wide step (a "
+                    "mean or normalization over the batch), so batching would mix requests' answers; set "
+                    f"max_batch_size = 0 in {config.name}/{config.version}/model.toml (dims: the whole tensor, each request "
+                    "runs alone), or 1")
 
 
 def _defaults(name: str, version: str) -> ModelConfig:

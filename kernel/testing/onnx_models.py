@@ -181,6 +181,23 @@ def first_row(width: int = 2) -> onnx.ModelProto:
     return _finish(graph)
 
 
+def batch_centered(width: int = 2) -> onnx.ModelProto:
+    """FP32 ``x`` [batch, width] → ``y = x - mean(x over the batch)``: each row's answer depends on the other rows.
+
+    The deliberate fault model for batching that shapes cannot catch: its outputs keep the batch dim, so they
+    slice back one row a request, but two requests batched together change each other's answers (as a graph
+    with BatchNormalization in training mode, or a mean over the batch, does). Alone, every row gives zeros.
+    """
+    graph = helper.make_graph(
+        [helper.make_node("ReduceMean", ["x"], ["mean"], axes=[0], keepdims=1),
+         helper.make_node("Sub", ["x", "mean"], ["y"])],
+        "batch_centered",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", width])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", width])],
+    )
+    return _finish(graph)
+
+
 def mlp_toml(in_dim: int, out_dim: int, extra: str = "", **settings) -> str:
     """``model.toml`` text for an :func:`mlp` (INPUT0 → OUTPUT0); ``settings`` become top-level keys
     (``max_batch_size=8``), ``extra`` is appended TOML (labels, a ``[card]`` table)."""

@@ -1,0 +1,66 @@
+"""What a load learns by running a model on a small batch, and refuses: a model whose rows change each other.
+
+Batching puts several requests' rows into one model call and slices the outputs back per request. That is only
+right when each output row depends on its own input row alone; a graph with a batch-wide step keeps the batch
+dim (so nothing at run time can tell) and hands each request an answer made from the others' inputs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from kernel.models import ModelHub
+from kernel.testing import onnx_models
+
+CENTERED_TOML = ('max_batch_size = {max_batch}\n[[input]]\nname = "x"\ndatatype = "FP32"\ndims = [{dims}]\n'
+                 '[[output]]\nname = "y"\ndatatype = "FP32"\ndims = [{dims}]\n')
+
+
+def _centered(root: Path, name: str, toml: str | None = None) -> None:
+    onnx_models.save(onnx_models.batch_centered(), root / name / "1" / "model.onnx")
+    if toml is not None:
+        (root / name / "1" / "model.toml").write_text(toml)
+
+
+def test_a_model_whose_rows_change_each_other_is_refused_batching_with_why_and_the_others_serve(tmp_path):
+    """(Model repository audit) y = x - mean(x over the batch) loaded with max_batch_size 64 and served: two
+    requests batched together each got the other's row mixed into its answer ([-0.5, ..] and [0.5, ..] where
+    each alone gets zeros), with no error anywhere."""
+    _centered(tmp_path, "derived")  # no model.toml: the graph's dynamic first dim made it batch
+    _centered(tmp_path, "declared", CENTERED_TOML.format(max_batch=8, dims="2"))
+    onnx_models.save(onnx_models.mlp([16, 8, 4], seed=1), tmp_path / "good" / "1" / "model.onnx")
+    hub = ModelHub(tmp_path)
+    loaded, failed = hub.load_all()
+    assert [mv.name for mv in loaded] == ["good"]
+    for name in ("derived", "declared"):
+        reason = failed[name]
+        assert "max_batch_size" in reason and "output 'y'" in reason and "other rows" in reason, reason
+        assert "set max_batch_size = 0" in reason, reason
+        assert hub.unavailable_reason(name) == reason
+
+
+def test_the_same_model_serves_when_its_model_toml_runs_each_request_alone(tmp_path):
+    """max_batch_size = 0 (no batch dim: a request's tensor is the model's whole input) or 1 (one row a call) never
+    puts two requests in one call: both load, and a request's rows are centered on its own mean."""
+    _centered(tmp_path, "alone", CENTERED_TOML.format(max_batch=0, dims="-1, 2"))
+    _centered(tmp_path, "one_row", CENTERED_TOML.format(max_batch=1, dims="2"))
+    hub = ModelHub(tmp_path)
+    loaded, failed = hub.load_all()
+    assert failed == {} and sorted(mv.name for mv in loaded) == ["alone", "one_row"]
+    out = hub.get("alone").runtime.run({"x": np.array([[1, 2], [3, 4]], np.float32)})[0]
+    np.testing.assert_array_equal(out, [[-1, -1], [1, 1]])
+
+
+def test_models_whose_rows_are_their_own_still_batch(tmp_path):
+    """The check runs an all-zeros and an all-ones row alone and together: every datatype the identity model
+    passes through (exactly), and an MLP (whose batched GEMM may round differently in the last bits), load."""
+    onnx_models.save(onnx_models.identity([("b", "BOOL", 2), ("i8", "INT8", 3), ("u8", "UINT8", 1), ("h", "FP16", 2),
+                                           ("l", "INT64", 2), ("s", "BYTES", 2)]), tmp_path / "types" / "1" / "model.onnx")
+    onnx_models.save(onnx_models.mlp([64, 256, 256, 8], seed=4), tmp_path / "mlp" / "1" / "model.onnx")
+    onnx_models.save(onnx_models.first_row(), tmp_path / "first_row" / "1" / "model.onnx")
+    loaded, failed = ModelHub(tmp_path).load_all()
+    assert failed == {}
+    assert {mv.name: mv.config.max_batch_size for mv in loaded} == {"first_row": 64, "mlp": 64, "types": 64}
+
