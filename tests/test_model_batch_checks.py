@@ -64,3 +64,35 @@ def test_models_whose_rows_are_their_own_still_batch(tmp_path):
     assert failed == {}
     assert {mv.name: mv.config.max_batch_size for mv in loaded} == {"first_row": 64, "mlp": 64, "types": 64}
 
+
+def test_the_load_time_profile_of_a_slow_model_stops_at_its_time_budget(tmp_path, monkeypatch):
+    """(Model repository audit) the profile ran every size 1, 2, 4, ... 64 three times whatever a call cost: a model
+    taking 0.3 s a call held its load (and the start, or the RepositoryModelLoad call) for 7 s, one taking seconds
+    for minutes. It stops before a size it predicts would take it past PROFILE_BUDGET_NS (2 s; here four of this
+    model's calls), and times a long call once (best-of-three is for noise in short ones); the fit learns the rest
+    from traffic."""
+    import time
+
+    from kernel.models import runtime
+
+    onnx_models.save(onnx_models.slow(30_000), tmp_path / "slow" / "1" / "model.onnx")
+    (mv,) = ModelHub(tmp_path).load("slow")
+    feeds = {"x": np.zeros((1, 1), np.float32)}
+    times = []
+    for _ in range(2):  # (the faster of two: a call the host slowed would make the budget below too long)
+        started = time.monotonic_ns()
+        np.testing.assert_array_equal(mv.runtime.run(feeds)[0], [[30_000]])
+        times.append(time.monotonic_ns() - started)
+    one_call_ns = min(times)
+    # In this model's units (a Loop iteration takes 1-7 µs, as busy as the host is): a call is long enough to be
+    # timed once, and the budget is four calls.
+    monkeypatch.setattr(runtime, "PROFILE_ONE_RUN_NS", one_call_ns // 2)
+    monkeypatch.setattr(runtime, "PROFILE_BUDGET_NS", 4 * one_call_ns)
+    started = time.monotonic_ns()
+    profile = mv.runtime.profile()
+    took_ns = time.monotonic_ns() - started
+    # The probe's zeros and ones, then 1 row once (3 calls); 2 rows, predicted to take two calls' time, would not fit
+    # (or just would, on a busy host whose calls here took longer than the one measured above); without the budget,
+    # all seven sizes, 23 calls.
+    assert [rows for rows, _ in profile] in ([1], [1, 2])
+    assert took_ns < 8 * one_call_ns, (took_ns, one_call_ns)

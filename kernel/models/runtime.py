@@ -182,6 +182,10 @@ def _identity(path: Path) -> tuple[int, int, int]:
 # rows: 17.8 s and 3.7 GB at load (a scheduling audit), and a slightly larger one would kill the server.
 PROFILE_MAX_ROWS = 256
 PROFILE_MAX_BYTES = 16 << 20
+# ... and of at most this much time in all: it stops before a size it predicts would go past it. A model taking
+# 0.3 s a call held its load for 7 s, one taking seconds for minutes (a model repository audit).
+PROFILE_BUDGET_NS = 2_000_000_000
+PROFILE_ONE_RUN_NS = 20_000_000  # a call at least this long is timed once: best-of-repeats is for noise in short ones
 
 
 def profile_rows(config) -> int:
@@ -291,7 +295,8 @@ class OnnxModel:
                 self.probed_ranges[name] = (min(seen[0], low), max(seen[1], high))
 
     def profile(self, repeats: int = 3) -> list[tuple[int, int]]:
-        """Time batches of 1, 2, 4, ... max rows on zeros: the latency model's warm start.
+        """Time batches of 1, 2, 4, ... max rows on zeros: the latency model's warm start, within
+        ``PROFILE_BUDGET_NS``.
 
         Returns [(rows, ns)] (best of ``repeats`` per size); empty when the
         model cannot run on zeros (data-dependent shapes) or has dynamic
@@ -307,19 +312,27 @@ class OnnxModel:
         if config.batching and sizes[-1] != largest:
             sizes.append(largest)
         samples = []
+        began = time.monotonic_ns()
         try:
-            warmed = False
             for rows in sizes:
+                if samples:
+                    # Linear from the last size through zero: no less than the fitted line (its fixed cost) predicts.
+                    last_rows, last_ns = samples[-1]
+                    predicted = last_ns * rows // last_rows
+                    runs = 1 if predicted >= PROFILE_ONE_RUN_NS else repeats
+                    if time.monotonic_ns() - began + predicted * runs > PROFILE_BUDGET_NS:
+                        break
                 feeds = self._zeros(rows)
-                if not warmed:  # the first run pays one-off allocations: keep it out of the fit
+                if not samples:  # the first run pays one-off allocations: keep it out of the fit
                     self._probe(feeds)
-                    warmed = True
                 best = None
                 for _ in range(repeats):
                     started = time.monotonic_ns()
                     self.run(feeds)
                     elapsed = time.monotonic_ns() - started
                     best = elapsed if best is None else min(best, elapsed)
+                    if elapsed >= PROFILE_ONE_RUN_NS:
+                        break
                 samples.append((rows, best))
         except Exception as exc:  # a model may reject zeros; the fit then learns from live traffic
             log.debug("%s/%s: no load-time profile (%s)", config.name, config.version, exc)

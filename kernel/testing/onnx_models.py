@@ -198,6 +198,29 @@ def batch_centered(width: int = 2) -> onnx.ModelProto:
     return _finish(graph)
 
 
+def slow(iterations: int) -> onnx.ModelProto:
+    """FP32 ``x`` [batch, 1] → ``y = x + iterations``, counted up one at a time by a ``Loop``: a model whose every
+    call takes long whatever its batch (about 7 µs an iteration on a CPU core here), as a large model's does."""
+    body = helper.make_graph(
+        [helper.make_node("Add", ["total_in", "one"], ["total_out"]), helper.make_node("Identity", ["go_in"], ["go_out"])],
+        "count",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []), helper.make_tensor_value_info("go_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("total_in", TensorProto.FLOAT, [])],
+        [helper.make_tensor_value_info("go_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("total_out", TensorProto.FLOAT, [])],
+        initializer=[numpy_helper.from_array(np.array(1, np.float32), "one")],
+    )
+    graph = helper.make_graph(
+        [helper.make_node("Loop", ["trips", "", "zero"], ["total"], body=body), helper.make_node("Add", ["x", "total"], ["y"])],
+        "slow",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 1])],
+        initializer=[numpy_helper.from_array(np.array(iterations, np.int64), "trips"),
+                     numpy_helper.from_array(np.array(0, np.float32), "zero")],
+    )
+    return _finish(graph)
+
+
 def mlp_toml(in_dim: int, out_dim: int, extra: str = "", **settings) -> str:
     """``model.toml`` text for an :func:`mlp` (INPUT0 → OUTPUT0); ``settings`` become top-level keys
     (``max_batch_size=8``), ``extra`` is appended TOML (labels, a ``[card]`` table)."""
