@@ -96,3 +96,32 @@ def test_the_load_time_profile_of_a_slow_model_stops_at_its_time_budget(tmp_path
     # all seven sizes, 23 calls.
     assert [rows for rows, _ in profile] in ([1], [1, 2])
     assert took_ns < 8 * one_call_ns, (took_ns, one_call_ns)
+
+
+def _widening(width: int):
+    """FP32 ``x`` [batch, 1] → ``y`` [batch, width]: 4 bytes a row in, ``4 * width`` out (an upsampler's shape)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Expand", ["x", "shape"], ["y"])], "widening",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", width])],
+        initializer=[numpy_helper.from_array(np.array([1, width], np.int64), "shape")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", onnx_models.OPSET)])
+    model.ir_version = onnx_models.IR_VERSION
+    return model
+
+
+def test_the_load_time_profile_counts_the_bytes_a_batch_answers_as_well_as_those_it_sends(tmp_path):
+    """(Model repository audit) PROFILE_MAX_BYTES bounded the inputs only: a model answering 4 MiB a row for a 4-byte
+    row in was profiled up to its max_batch_size of 64, 256 MiB of output (and as much again inside onnxruntime)
+    at every load, 1 GiB at max_batch_size 256. Its rows in and out together are bounded now: 3 rows of 4 MiB."""
+    from kernel.models.runtime import PROFILE_MAX_BYTES, profile_rows
+
+    width = 1 << 20
+    onnx_models.save(_widening(width), tmp_path / "wide" / "1" / "model.onnx")
+    (mv,) = ModelHub(tmp_path).load("wide")
+    assert mv.config.max_batch_size == 64 and mv.config.outputs[0].dims == (width,)
+    assert profile_rows(mv.config) == PROFILE_MAX_BYTES // (4 + 4 * width) == 3
+    assert [rows for rows, _ in mv.runtime.profile(repeats=1)] == [1, 2, 3]
