@@ -171,6 +171,72 @@ def file_sha256(path: Path) -> str:
         return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
+_MODEL_FILES = {"model.onnx", "model.toml"}
+
+
+def _tensors(graph):
+    """Every tensor a graph holds, its subgraphs' (a Loop's, an If's) included: where external data is named."""
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield sparse.values
+        yield sparse.indices
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.HasField("t"):
+                yield attribute.t
+            yield from attribute.tensors
+            if attribute.HasField("g"):
+                yield from _tensors(attribute.g)
+            for subgraph in attribute.graphs:
+                yield from _tensors(subgraph)
+
+
+def external_data_files(onnx_path: Path) -> list[str]:
+    """The files ``onnx_path``'s tensors keep their values in (ONNX external data, relative to its folder), sorted;
+    [] when it holds them all. The graph is parsed only when its folder holds some other file: external data
+    must lie under the model's folder (onnx and onnxruntime refuse '..'), so a folder of model.onnx and
+    model.toml alone has none."""
+    folder = onnx_path.parent
+    try:
+        if {entry.name for entry in folder.iterdir()} <= _MODEL_FILES:
+            return []
+    except OSError:
+        return []
+    import onnx  # (here: a model in one file never needs it)
+
+    try:
+        graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    except Exception:  # (onnxruntime's own load says what is wrong with the file)
+        return []
+    locations = sorted({entry.value for tensor in _tensors(graph) if tensor.data_location == onnx.TensorProto.EXTERNAL
+                        for entry in tensor.external_data if entry.key == "location"})
+    for location in locations:
+        if Path(location).is_absolute() or ".." in Path(location).parts:
+            raise ModelConfigError(onnx_path, "", f"external data location {location!r} is outside the model's folder "
+                                                  f"{folder}: its files must lie in it (a relative path without '..')")
+    return locations
+
+
+def model_files(onnx_path: Path) -> list[Path]:
+    """``onnx_path`` and its external data files: what a session reads, so what its digest must cover."""
+    return [onnx_path] + [onnx_path.parent / location for location in external_data_files(onnx_path)]
+
+
+def model_sha256(files: list[Path]) -> str:
+    """What names the model in ``files`` (``model_files``): model.onnx's own SHA-256 (hex) when it holds its weights,
+    so `sha256sum model.onnx` checks it; else the SHA-256 of that and a line "<location> <sha256>" per side file.
+    The weights decide too: hashing model.onnx alone named a model whose weights.bin was replaced with the same
+    digest as before (a model repository audit)."""
+    digest = file_sha256(files[0])
+    if len(files) == 1:
+        return digest
+    folder = files[0].parent
+    combined = hashlib.sha256(digest.encode())
+    for path in files[1:]:
+        combined.update(f"\n{path.relative_to(folder).as_posix()} {file_sha256(path)}".encode())
+    return combined.hexdigest()
+
+
 def _identity(path: Path) -> tuple[int, int, int]:
     """What changes when a file is rewritten or replaced: inode, size, modification time."""
     info = path.stat()
@@ -235,11 +301,14 @@ class OnnxModel:
         ``config_sha256``: the hash of the model.toml bytes ``config`` was parsed from
         (``config.load_with_digest``), kept on the model with the ONNX file's own.
         """
+        files = model_files(onnx_path)
         try:
-            before = _identity(onnx_path)
-            onnx_sha256 = file_sha256(onnx_path)
+            before = [_identity(path) for path in files]
+            onnx_sha256 = model_sha256(files)
         except OSError as exc:
-            raise ModelConfigError(onnx_path, "", f"cannot be read: {exc.strerror or exc}") from None
+            where = onnx_path if exc.filename in (None, str(onnx_path)) else Path(exc.filename)
+            raise ModelConfigError(where, "", f"cannot be read: {exc.strerror or exc}"
+                                   + ("" if where == onnx_path else f" (external data of {onnx_path})")) from None
         preference = config.provider if config else "auto"
         providers = choose_providers(preference, onnx_path.with_name("model.toml"))
         first_config = config or _defaults(name, version)
@@ -256,7 +325,7 @@ class OnnxModel:
             ort.InferenceSession(str(onnx_path), _session_options(config), providers=provider_options(providers, config))
             for _ in range(config.instances - 1)
         ]
-        _check_unchanged(onnx_path, before)
+        _check_unchanged(files, before)
         model = cls(config, onnx_path, sessions, onnx_sha256, config_sha256)
         _check_rows_independent(model, onnx_path)
         if CUDA in providers and model.provider != CUDA:
@@ -371,15 +440,16 @@ class OnnxModel:
             free.append(session)
 
 
-def _check_unchanged(onnx_path: Path, before: tuple[int, int, int]) -> None:
-    """The sessions read the file after it was hashed: refuse a load during which it was replaced, since
+def _check_unchanged(files: list[Path], before: list[tuple[int, int, int]]) -> None:
+    """The sessions read the files after they were hashed: refuse a load during which one was replaced, since
     the hash would then name bytes the sessions never ran."""
-    try:
-        same = _identity(onnx_path) == before
-    except OSError:
-        same = False
-    if not same:
-        raise ModelConfigError(onnx_path, "", "the file changed while it was being loaded; load the model again")
+    for path, identity in zip(files, before):
+        try:
+            same = _identity(path) == identity
+        except OSError:
+            same = False
+        if not same:
+            raise ModelConfigError(path, "", "the file changed while it was being loaded; load the model again")
 
 
 def _same_rows(batched: np.ndarray, alone: np.ndarray) -> bool:

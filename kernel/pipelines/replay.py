@@ -91,7 +91,7 @@ def load_candidate(folder: str | Path, pipeline: Pipeline) -> CandidateModel:
 
     from ..models import config as model_config
     from ..models.errors import ModelConfigError
-    from ..models.runtime import check_against_graph, derive_config, file_sha256
+    from ..models.runtime import check_against_graph, derive_config, model_files, model_sha256
 
     path = Path(folder)
     name, version = path.resolve().parent.name, path.resolve().name
@@ -100,7 +100,7 @@ def load_candidate(folder: str | Path, pipeline: Pipeline) -> CandidateModel:
         raise ModelConfigError(path, "", "is not a model version folder (model.onnx, and model.toml)")
     config, config_sha256 = (model_config.load_with_digest(toml, name, version) if toml.is_file() else (None, ""))
     try:
-        onnx_sha256 = file_sha256(onnx_path)  # before the session reads it: names what was run
+        onnx_sha256 = model_sha256(model_files(onnx_path))  # before the session reads it: names what was run
     except OSError as exc:
         raise ModelConfigError(onnx_path, "", f"cannot be read: {exc.strerror or exc}") from None
     options = ort.SessionOptions()
