@@ -65,6 +65,21 @@ def test_models_whose_rows_are_their_own_still_batch(tmp_path):
     assert {mv.name: mv.config.max_batch_size for mv in loaded} == {"first_row": 64, "mlp": 64, "types": 64}
 
 
+def test_a_model_drawing_random_numbers_is_not_taken_for_one_whose_rows_mix(tmp_path):
+    """Its rows differ from call to call alone as well as in a batch: nothing says batching mixes them."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("RandomUniformLike", ["x"], ["noise"]), helper.make_node("Add", ["x", "noise"], ["y"])],
+        "noisy", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 2])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", onnx_models.OPSET)])
+    model.ir_version = onnx_models.IR_VERSION
+    onnx_models.save(model, tmp_path / "noisy" / "1" / "model.onnx")
+    (mv,) = ModelHub(tmp_path).load("noisy")
+    assert mv.config.max_batch_size == 64
+
+
 def test_the_load_time_profile_of_a_slow_model_stops_at_its_time_budget(tmp_path, monkeypatch):
     """(Model repository audit) the profile ran every size 1, 2, 4, ... 64 three times whatever a call cost: a model
     taking 0.3 s a call held its load (and the start, or the RepositoryModelLoad call) for 7 s, one taking seconds
