@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from kernel.models import ModelHub
 from kernel.testing import onnx_models
@@ -140,3 +141,37 @@ def test_the_load_time_profile_counts_the_bytes_a_batch_answers_as_well_as_those
     assert mv.config.max_batch_size == 64 and mv.config.outputs[0].dims == (width,)
     assert profile_rows(mv.config) == PROFILE_MAX_BYTES // (4 + 4 * width) == 3
     assert [rows for rows, _ in mv.runtime.profile(repeats=1)] == [1, 2, 3]
+
+
+def test_a_request_answered_with_another_number_of_rows_than_it_sent_is_the_models_fault(tmp_path):
+    """(Model repository audit) a batch of several requests answered with the wrong number of rows is never sliced
+    out (kernel/scheduling/execute.py), but one request of 4 rows that first_row answered with 1 row was sent that
+    row with OK, the other three missing, against the batch dim its ModelMetadata promises. Now it fails as a
+    batch of several does, INTERNAL with its request id, and a 1-row request still gets its row."""
+    import grpc
+
+    from conftest import start_kernel
+    from kernel._proto.inference import grpc_service_pb2 as pb
+    from kernel._proto.inference import grpc_service_pb2_grpc as pb_grpc
+
+    onnx_models.save(onnx_models.first_row(), tmp_path / "first_row" / "1" / "model.onnx")
+    server = start_kernel(tmp_path)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+
+            def infer(rows: np.ndarray):
+                return stub.ModelInfer(pb.ModelInferRequest(
+                    model_name="first_row", id="r1",
+                    inputs=[pb.ModelInferRequest.InferInputTensor(name="x", datatype="FP32", shape=list(rows.shape))],
+                    raw_input_contents=[rows.tobytes()]), timeout=30)
+
+            one = infer(np.array([[1, 2]], np.float32))
+            assert list(one.outputs[0].shape) == [1, 2]
+            with pytest.raises(grpc.RpcError) as info:
+                infer(np.arange(8, dtype=np.float32).reshape(4, 2))
+            assert info.value.code() == grpc.StatusCode.INTERNAL
+            assert "returned (1, 2) for a batch of 4 rows" in info.value.details()
+            assert "request id r1" in info.value.details()
+    finally:
+        server.stop(grace=1)

@@ -71,21 +71,13 @@ def _run(model, items, rows: int) -> tuple[bool, tuple[int, int, int]]:
         return False, (gathered - started, _clock() - gathered, 0)
     ran = _clock()
     if len(items) == 1:
-        items[0].outputs = outputs
-        items[0].error = None
-        return True, (gathered - started, ran - gathered, 0)
-    for out in outputs:
-        if out.ndim == 0 or out.shape[0] != rows:
-            # Never sliced out: each request would get another's rows, or none. A model fault the operator must
-            # see (the one-by-one retry that follows may well succeed and hide it from every caller).
-            log.error("model %s/%s returned %s for a batch of %d rows: its outputs cannot be split back to the "
-                      "requests; a batch-wide step in the graph?", model.name, model.version, out.shape, rows)
-            for item in items:
-                item.error = Internal(
-                    f"model {model.name}/{model.version} returned {out.shape} for a batch of {rows} rows "
-                    f"(request id {request_id_of(item)})"
-                )
-            return False, (gathered - started, ran - gathered, 0)
+        if _rows_kept(model, items, rows, outputs):
+            items[0].outputs = outputs
+            items[0].error = None
+            return True, (gathered - started, ran - gathered, 0)
+        return False, (gathered - started, ran - gathered, 0)
+    if not _rows_kept(model, items, rows, outputs):
+        return False, (gathered - started, ran - gathered, 0)
     offset = 0
     for item in items:
         end = offset + item.rows
@@ -93,6 +85,28 @@ def _run(model, items, rows: int) -> tuple[bool, tuple[int, int, int]]:
         item.error = None
         offset = end
     return True, (gathered - started, ran - gathered, _clock() - ran)
+
+
+def _rows_kept(model, items, rows: int, outputs) -> bool:
+    """Whether every output of a batching model has the batch's ``rows``; else each item gets the model's fault.
+    Never sliced out: each request would get another's rows, or none; and a request alone answered with another
+    number of rows than it sent would get them with OK, against the batch dim its metadata promises (a model
+    repository audit: one row for a request of 4). A model fault the operator must see (the one-by-one retry of a
+    batch may well succeed and hide it from every caller)."""
+    if not model.config.max_batch_size:  # (no batch dim: its outputs are whatever shape the model gives)
+        return True
+    for out in outputs:
+        if out.ndim == 0 or out.shape[0] != rows:
+            log.error("model %s/%s returned %s for a batch of %d rows: its outputs cannot be split back to the "
+                      "requests; a batch-wide step in the graph?", model.name, model.version, out.shape, rows)
+            for item in items:
+                item.outputs = None
+                item.error = Internal(
+                    f"model {model.name}/{model.version} returned {out.shape} for a batch of {rows} rows "
+                    f"(request id {request_id_of(item)})"
+                )
+            return False
+    return True
 
 
 def run_batch(batch) -> int:
@@ -121,7 +135,7 @@ def run_batch(batch) -> int:
             _fail(batch.model, items, batch.rows, exc)
             outputs = None
         elapsed = _clock() - started
-        if outputs is not None:
+        if outputs is not None and _rows_kept(batch.model, items, batch.rows, outputs):
             item.outputs = outputs
             item.error = None
         else:
