@@ -182,10 +182,19 @@ def _expect(path: Path, key: str, value: Any, kind: type | tuple, what: str) -> 
 MAX_QUEUE_DELAY_US = 10_000_000
 
 
-def _int(path: Path, table: dict, key: str, default: int, minimum: int) -> int:
+# Triton's ModelConfig fields (max_batch_size, an instance group's count, max_queue_size), onnxruntime's thread counts
+# and the compiled scheduler's counters are 32-bit: max_batch_size = 2**31 loaded and every ModelConfig call answered
+# INTERNAL; past 2**63 the scheduler refused it with a traceback at start (a model repository audit).
+MAX_INT_SETTING = 2**31 - 1
+
+
+def _int(path: Path, table: dict, key: str, default: int, minimum: int, bounded: bool = True) -> int:
+    """``bounded=False``: the caller checks a lower maximum of its own, with its own words."""
     value = _expect(path, key, table.get(key, default), int, "an integer")
     if value < minimum:
         raise ModelConfigError(path, key, f"must be >= {minimum}, got {value}")
+    if bounded and value > MAX_INT_SETTING:
+        raise ModelConfigError(path, key, f"must be at most {MAX_INT_SETTING}, got {value}")
     return value
 
 
@@ -300,7 +309,7 @@ def parse(path: Path, name: str, version: str, raw: dict) -> ModelConfig:
             raise ModelConfigError(path, "preferred_batch_sizes", f"{size} is outside 1..max_batch_size ({max_batch})")
     if len(set(preferred)) != len(preferred):
         raise ModelConfigError(path, "preferred_batch_sizes", f"lists a size twice: {preferred}")
-    delay_us = _int(path, raw, "max_queue_delay_us", 0, 0)
+    delay_us = _int(path, raw, "max_queue_delay_us", 0, 0, bounded=False)
     if delay_us > MAX_QUEUE_DELAY_US:  # (a typo in units: a request would wait that long for company)
         raise ModelConfigError(path, "max_queue_delay_us", f"must be at most {MAX_QUEUE_DELAY_US} (10 s), got {delay_us}")
     if not max_batch and (delay_us or preferred):  # a model without a batch dimension runs requests one by one
