@@ -175,3 +175,21 @@ def test_a_request_answered_with_another_number_of_rows_than_it_sent_is_the_mode
             assert "request id r1" in info.value.details()
     finally:
         server.stop(grace=1)
+
+
+def test_a_load_whose_preparation_fails_says_why_in_the_index(tmp_path, caplog):
+    """(Model repository audit) what makes a version ready to serve (its lane, the scheduler taking its settings)
+    runs after the files are read; its failure left the model UNAVAILABLE with the reason "not loaded", and its
+    requests NOT_FOUND "not loaded", as if nobody had tried. The failure is the model's reason now, as a bad file's is."""
+    onnx_models.save(onnx_models.mlp([16, 8, 4], seed=1), tmp_path / "m" / "1" / "model.onnx")
+    hub = ModelHub(tmp_path)
+
+    def no_lane(fresh):
+        raise OverflowError("Python int too large to convert to C long")
+
+    hub.add_preparer(no_lane)
+    loaded, failed = hub.load_all()
+    assert loaded == [] and "OverflowError: Python int too large" in failed["m"]
+    (entry,) = hub.index()
+    assert entry.state == "UNAVAILABLE" and "OverflowError: Python int too large" in entry.reason
+    assert hub.unavailable_reason("m") == entry.reason

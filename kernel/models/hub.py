@@ -335,12 +335,14 @@ class ModelHub:
                 raise failed[lost[0] if lost else next(iter(failed))]
             for checker in self._checkers:
                 checker(list(fresh.values()))
+            # (inside: a preparer that failed, the scheduler refusing a setting, left the index saying "not loaded"
+            # with no reason, and requests NOT_FOUND; a model repository audit)
+            for preparer in self._preparers:
+                preparer(list(fresh.values()))
         except Exception as exc:
             with self._lock:
                 self._failures[name] = _reason(model_dir, exc)
             raise
-        for preparer in self._preparers:
-            preparer(list(fresh.values()))
         with self._lock:
             serving = self._models.get(name, {})
             old = list(serving.values())
