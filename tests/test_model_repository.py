@@ -127,6 +127,20 @@ def test_not_toml(tmp_path):
     assert "not valid TOML" in str(error)
 
 
+def test_a_model_toml_saved_with_a_byte_order_mark_loads(tmp_path):
+    """(Model repository audit) an editor that starts UTF-8 files with a byte order mark (Windows Notepad) made a
+    valid file "not valid TOML: Invalid statement (at line 1, column 1)", nothing there to see. Its digest is still
+    of the bytes as they are."""
+    import hashlib
+
+    make_repo(tmp_path, None)
+    toml = tmp_path / "m" / "1" / "model.toml"
+    toml.write_bytes(b"\xef\xbb\xbf" + GOOD.encode())
+    (mv,) = ModelHub(tmp_path).load("m")
+    assert mv.config.max_batch_size == 4
+    assert mv.runtime.config_sha256 == hashlib.sha256(toml.read_bytes()).hexdigest()
+
+
 def test_a_model_toml_beside_the_versions_is_refused_not_ignored(tmp_path):
     # Where Triton keeps config.pbtxt; here it would have been skipped without a word (the settings
     # silently not applied), so the model is refused with where the file belongs.

@@ -406,7 +406,8 @@ def load_with_digest(path: Path, name: str, version: str) -> tuple[ModelConfig, 
     """
     data = path.read_bytes()
     try:
-        raw = tomllib.loads(data.decode("utf-8"))
+        # utf-8-sig: a leading byte order mark (Windows editors write one) is not TOML, but the file is
+        raw = tomllib.loads(data.decode("utf-8-sig"))
     except tomllib.TOMLDecodeError as exc:
         raise ModelConfigError(path, "", f"not valid TOML: {exc}") from None
     except UnicodeDecodeError:
