@@ -271,6 +271,22 @@ def test_integer_settings_past_int32_are_refused_naming_the_field(tmp_path, sett
     assert info.value.field == field and "must be at most 2147483647" in str(info.value), info.value
 
 
+@pytest.mark.parametrize("line,fragment", [
+    ('version_policy = "latest"', "every numbered version folder with a model.onnx is served"),
+    ("dynamic_batching = {}", "max_queue_delay_us and preferred_batch_sizes"),
+    ("instance_group = 2", "instances = N"),
+])
+def test_a_triton_key_in_model_toml_says_where_that_setting_goes(tmp_path, line, fragment):
+    """(Model repository audit) a Triton user's `version_policy` (latest, specific) got "unknown key" and a list of
+    keys with nothing about versions: the kernel serves every version folder, and says so."""
+    good(tmp_path, "m")
+    (tmp_path / "m" / "1" / "model.toml").write_text(line + "\n" + TOML)
+    with pytest.raises(ModelConfigError) as info:
+        ModelHub(tmp_path).load("m")
+    assert info.value.field == line.split(" ")[0] and "unknown key (Triton's" in str(info.value)
+    assert fragment in str(info.value)
+
+
 def test_a_priority_within_the_levels_loads(tmp_path):
     good(tmp_path, "m")
     (tmp_path / "m" / "1" / "model.toml").write_text("priority = 5\npriority_levels = 5\n" + TOML)

@@ -70,6 +70,15 @@ _TOP_KEYS = {
     "max_tenant_queue", "cuda_tf32",
 }
 _TENSOR_KEYS = {"name", "datatype", "dims", "labels", "optional"}
+# Triton's config.pbtxt keys a migrating user writes here, with where the kernel takes that setting from.
+_TRITON_KEYS = {
+    "version_policy": " (Triton's version_policy: every numbered version folder with a model.onnx is served, as "
+                      "Triton's `all`; a request without a version gets the highest; to serve fewer, remove the "
+                      "others' folders and load the model again)",
+    "dynamic_batching": " (Triton's dynamic_batching: batching is adaptive by default; max_queue_delay_us and "
+                        "preferred_batch_sizes set a static window)",
+    "instance_group": " (Triton's instance_group: instances = N and provider = \"cpu\" | \"cuda\")",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,7 +280,8 @@ def parse(path: Path, name: str, version: str, raw: dict) -> ModelConfig:
     """Validate a parsed ``model.toml`` table; errors name the file and the field."""
     unknown = set(raw) - _TOP_KEYS
     if unknown:
-        raise ModelConfigError(path, sorted(unknown)[0], f"unknown key; known keys: {', '.join(sorted(_TOP_KEYS))}")
+        key = sorted(unknown)[0]
+        raise ModelConfigError(path, key, f"unknown key{_TRITON_KEYS.get(key, '')}; known keys: {', '.join(sorted(_TOP_KEYS))}")
     declared = raw.get("name", name)
     if declared != name:  # as Triton: a model is named by its folder; a second name would only mislead
         raise ModelConfigError(path, "name", f"must be the model's folder name {name!r} (or left out), got {declared!r}")
