@@ -193,3 +193,36 @@ def test_a_load_whose_preparation_fails_says_why_in_the_index(tmp_path, caplog):
     (entry,) = hub.index()
     assert entry.state == "UNAVAILABLE" and "OverflowError: Python int too large" in entry.reason
     assert hub.unavailable_reason("m") == entry.reason
+
+
+def _one_row_only():
+    """FP32 ``x`` [batch, 2] → ``y = x + 0 * Squeeze(x, axis 0)``: the graph declares (and onnxruntime infers) a batch
+    dim, a row alone runs, two rows raise in the Squeeze, as a model with a step exported for a batch of 1 does."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Squeeze", ["x", "axis"], ["row"]), helper.make_node("Mul", ["row", "zero"], ["nothing"]),
+         helper.make_node("Add", ["x", "nothing"], ["y"])],
+        "one_row_only", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 2])],
+        initializer=[numpy_helper.from_array(np.array([0], np.int64), "axis"),
+                     numpy_helper.from_array(np.array(0, np.float32), "zero")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", onnx_models.OPSET)])
+    model.ir_version = onnx_models.IR_VERSION
+    return model
+
+
+def test_a_model_that_runs_a_row_alone_but_fails_on_two_is_refused_batching_with_why(tmp_path):
+    """(Model repository audit) it loaded with max_batch_size 64 and no load-time profile (the profile's 2 rows
+    failed), then every batch of two requests or more failed, was logged as the model's fault and run again one by
+    one: double the work under load, for good. The load runs two rows already: it says so and what to set."""
+    onnx_models.save(_one_row_only(), tmp_path / "fixed1" / "1" / "model.onnx")
+    (tmp_path / "alone" / "1").mkdir(parents=True)
+    onnx_models.save(_one_row_only(), tmp_path / "alone" / "1" / "model.onnx")
+    (tmp_path / "alone" / "1" / "model.toml").write_text(CENTERED_TOML.format(max_batch=1, dims="2"))
+    hub = ModelHub(tmp_path)
+    loaded, failed = hub.load_all()
+    assert [mv.name for mv in loaded] == ["alone"]
+    reason = failed["fixed1"]
+    assert "max_batch_size" in reason and "runs one row alone but fails on two rows" in reason, reason
+    assert "set max_batch_size = 1" in reason, reason

@@ -482,10 +482,18 @@ def _check_rows_independent(model: OnnxModel, onnx_path: Path) -> None:
     ones = {name: np.ones_like(feed) for name, feed in zeros.items()}
     try:
         alone = (model.run(zeros), model.run(ones))
-        together = model.run({name: np.concatenate([zeros[name], ones[name]]) for name in zeros})
     except Exception as exc:  # (a model may reject such rows: an index into a one-row table)
         log.debug("%s/%s: no batch check (%s)", config.name, config.version, exc)
         return
+    where = (onnx_path, "max_batch_size") if config.derived else (onnx_path.with_name("model.toml"), "max_batch_size")
+    try:
+        together = model.run({name: np.concatenate([zeros[name], ones[name]]) for name in zeros})
+    except Exception as exc:
+        # Each row ran alone: two together failing is the batch itself (a graph exported with its batch fixed at 1).
+        # Loaded, every batch of several requests failed and ran again one by one, for good (a model repository audit).
+        raise ModelConfigError(
+            *where, f"the model runs one row alone but fails on two rows ({str(exc).strip()}): it cannot batch requests; set "
+                    f"max_batch_size = 1 in {config.name}/{config.version}/model.toml (or 0)") from None
     for index, name in enumerate(model.output_names):
         out = np.asarray(together[index])
         if out.ndim == 0 or out.shape[0] != 2:
@@ -498,8 +506,6 @@ def _check_rows_independent(model: OnnxModel, onnx_path: Path) -> None:
                     return
                 if not _same_rows(np.asarray(again[index]), np.asarray(single[index])):
                     return
-                where = (onnx_path, "max_batch_size") if config.derived else (onnx_path.with_name("model.toml"),
-                                                                              "max_batch_size")
                 raise ModelConfigError(
                     *where,
                     f"output '{name}' of a row changes with the other rows in its batch (an all-{'ones' if row else 'zeros'} "
