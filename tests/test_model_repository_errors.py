@@ -511,3 +511,19 @@ def test_an_unload_after_a_failed_reload_says_not_loaded_not_the_old_failure(tmp
     finally:
         client.close()
         server.stop(grace=1)
+
+
+def test_a_model_toml_error_names_the_line_as_well_as_the_field(tmp_path):
+    """(Model repository audit) "input[1].dims: ..." made an operator count [[input]] tables by hand; the line the
+    value is on is said too (a field in an inline table or the card is named without one)."""
+    good(tmp_path, "m")
+    toml = tmp_path / "m" / "1" / "model.toml"
+    two_inputs = TOML.replace("[[output]]", '[[input]]\nname = "B"\ndatatype = "FP32"\n\ndims = [0]\n[[output]]')
+    toml.write_text("# settings\n" + two_inputs)  # B's dims on line 11
+    with pytest.raises(ModelConfigError) as info:
+        ModelHub(tmp_path).load("m")
+    assert info.value.field == "input[1].dims" and str(info.value).endswith("got 0 (line 11)"), info.value
+    toml.write_text("\n\n" + TOML.replace("max_batch_size = 4", "max_batch_size = 4.0"))
+    with pytest.raises(ModelConfigError) as info:
+        ModelHub(tmp_path).load("m")
+    assert info.value.field == "max_batch_size" and str(info.value).endswith("got 4.0 (line 3)"), info.value

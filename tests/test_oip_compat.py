@@ -259,7 +259,8 @@ def test_an_optional_input_is_refused_at_load_and_listed_with_why(triton):
     state, reason = index["optional"]
     assert state == "UNAVAILABLE"
     assert reason.endswith("optional/1/model.toml: input[0].optional: model 'optional', tensor 'INPUT0': optional "
-                           "inputs are not supported (every input must be sent with each request); remove the key")
+                           "inputs are not supported (every input must be sent with each request); remove the key "
+                           "(line 5)")
     assert index["scores"] == ("READY", "")
 
 

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -422,4 +423,39 @@ def load_with_digest(path: Path, name: str, version: str) -> tuple[ModelConfig, 
         raise ModelConfigError(path, "", f"not valid TOML: {exc}") from None
     except UnicodeDecodeError:
         raise ModelConfigError(path, "", "not UTF-8 text") from None
-    return parse(path, name, version, raw), hashlib.sha256(data).hexdigest()
+    try:
+        config = parse(path, name, version, raw)
+    except ModelConfigError as exc:
+        line = _line_of(data.decode("utf-8-sig"), exc.field)
+        if line is None or type(exc) is not ModelConfigError:
+            raise
+        # ("input[1].dims" alone made an operator count [[input]] tables by hand; a model repository audit)
+        raise ModelConfigError(exc.path, exc.field, f"{exc.problem} (line {line})") from None
+    return config, hashlib.sha256(data).hexdigest()
+
+
+_TABLE_FIELD = re.compile(r"(input|output)\[(\d+)\](?:\.(\w+))?$")
+_HEADER = re.compile(r"\s*\[")
+
+
+def _line_of(text: str, field: str) -> int | None:
+    """The line (from 1) that ``field`` of a ModelConfigError ("max_batch_size", "input[1].dims", "output[0]") is
+    set on in ``text``, or None where it cannot be told by looking (an inline table, the card, a key left out)."""
+    lines = text.splitlines()
+    first_header = next((i for i, line in enumerate(lines) if _HEADER.match(line)), len(lines))
+    table = _TABLE_FIELD.match(field)
+    if table is None:
+        if not field or "." in field or "[" in field:
+            return None
+        start, end, key = 0, first_header, field
+    else:
+        kind, index, key = table.group(1), int(table.group(2)), table.group(3)
+        headers = [i for i, line in enumerate(lines) if re.match(rf"\s*\[\[\s*{kind}\s*\]\]", line)]
+        if index >= len(headers):
+            return None
+        start = headers[index]
+        if key is None:
+            return start + 1
+        end = next((i for i in range(start + 1, len(lines)) if _HEADER.match(lines[i])), len(lines))
+    pattern = re.compile(rf"\s*{re.escape(key)}\s*=")
+    return next((i + 1 for i in range(start, end) if pattern.match(lines[i])), None)
