@@ -104,14 +104,11 @@ def test_the_load_time_profile_of_a_slow_model_stops_at_its_time_budget(tmp_path
     # timed once, and the budget is four calls.
     monkeypatch.setattr(runtime, "PROFILE_ONE_RUN_NS", one_call_ns // 2)
     monkeypatch.setattr(runtime, "PROFILE_BUDGET_NS", 4 * one_call_ns)
-    started = time.monotonic_ns()
     profile = mv.runtime.profile()
-    took_ns = time.monotonic_ns() - started
     # The probe's zeros and ones, then 1 row once (3 calls); 2 rows, predicted to take two calls' time, would not fit
     # (or just would, on a busy host whose calls here took longer than the one measured above); without the budget,
     # all seven sizes, 23 calls.
-    assert [rows for rows, _ in profile] in ([1], [1, 2])
-    assert took_ns < 8 * one_call_ns, (took_ns, one_call_ns)
+    assert [rows for rows, _ in profile] in ([1], [1, 2])  # (sizes, not its wall time: a loaded host stretches that)
 
 
 def _widening(width: int):
