@@ -23,6 +23,7 @@ from __future__ import annotations
 import shutil
 import sqlite3
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 from .audit.base import read_base
@@ -65,10 +66,12 @@ def backup(source: Path, dest: Path) -> BackupResult:
         dest.mkdir(parents=True, exist_ok=True, mode=0o700)  # (owner only, as a data dir the kernel makes)
     except OSError as exc:
         raise BackupRefused(f"cannot create {dest}: {exc.strerror or exc}") from None
+    began = _now()
     if running or not _copy_stopped_store(store, dest / DATABASE_FILE):
         running = True
         (dest / DATABASE_FILE).unlink(missing_ok=True)
         _copy_store(store, dest / DATABASE_FILE)
+    store_taken = _now()
     problems = []
     if audit.is_dir():
         trimmed = _copy_audit(audit, dest / "audit")
@@ -76,8 +79,11 @@ def backup(source: Path, dest: Path) -> BackupResult:
                                     progress=Progress("aios-kernel backup: checking the copy"))
         if not verified.ok:
             problems.append(f"the copied audit log fails verification: {verified.describe()}")
+        log_taken = _now()
         note = f"; left out a record being written ({trimmed} bytes)" if trimmed else ""
-        audit_line = f"audit log: {verified.describe()}{note}"
+        held = (f"records {verified.first_sequence}..{verified.records - 1}"
+                if verified.records > verified.first_sequence else "no records")
+        audit_line = f"audit log ({held}, as written by {log_taken}): {verified.describe()}{note}"
     else:
         audit_line = "no audit log (audit_mode off, or a data dir never served)"
     conn = sqlite3.connect(dest / DATABASE_FILE)  # (read-write: the copy is ours, and its last close then leaves
@@ -89,9 +95,23 @@ def backup(source: Path, dest: Path) -> BackupResult:
         problems.append(f"the copied store fails PRAGMA quick_check: {check}")
     fsync_dir(dest)
     fsync_dir(dest.parent)  # (the new folder's own entry)
-    summary = (f"backup of {source} in {dest}: {DATABASE_FILE} ({(dest / DATABASE_FILE).stat().st_size:,} bytes, "
-               f"quick_check {check}); {audit_line}")
+    # What the copy holds and as of when: a running kernel's store is a snapshot of one moment and its log, copied
+    # after it, goes further (a start on the copy restores reviews and keys from those records); every decision
+    # answered before the backup began is in both. (A live copy's summary once read as a crash's.)
+    size = (dest / DATABASE_FILE).stat().st_size
+    if running:
+        kind = f"its kernel running; it holds every decision answered before {began}"
+        store_line = f"{DATABASE_FILE} ({size:,} bytes, a snapshot of the running store at {store_taken}"
+    else:
+        kind = "its kernel stopped"
+        store_line = f"{DATABASE_FILE} ({size:,} bytes, as the stopped kernel left it"
+    summary = f"backup of {source} in {dest} ({kind}): {store_line}, quick_check {check}); {audit_line}"
     return BackupResult(not problems, summary + "".join(f"\nFAILED: {p}" for p in problems))
+
+
+def _now() -> str:
+    """The time, UTC, to the millisecond: what the summary dates the copy's parts with."""
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _copy_store(store: Path, copy: Path) -> None:

@@ -69,9 +69,12 @@ def test_a_backup_taken_under_load_starts_and_replays_what_it_held(models, tmp_p
         code, err = server.stop()
     assert code == 0, err
     assert done.returncode == 0, done.stdout + done.stderr
-    assert done.stdout.startswith(f"backup of {tmp_path / 'data'} in {tmp_path / 'copy'}: kernel.sqlite3 (")
-    assert "quick_check ok" in done.stdout and "audit log: OK" in done.stdout
-    assert "crashed" not in done.stdout  # a running kernel's copy has no clean stop at its end: expected, not noted
+    assert done.stdout.startswith(f"backup of {tmp_path / 'data'} in {tmp_path / 'copy'} (its kernel running; it "
+                                  "holds every decision answered before 20"), done.stdout
+    assert "a snapshot of the running store at 20" in done.stdout and "quick_check ok" in done.stdout
+    assert "audit log (records 0.." in done.stdout and ", as written by 20" in done.stdout and ": OK: " in done.stdout
+    # A running kernel's copy has no clean stop at its end and a tail not signed yet: expected, not a crash's.
+    assert "crash" not in done.stdout, done.stdout
 
     assert run_cli("audit", "verify", str(tmp_path / "copy" / "audit")).returncode == 0
     restored = ServeProcess(models, *serve, data_dir=tmp_path / "copy")  # fsync mode: a lost record refuses

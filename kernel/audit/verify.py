@@ -94,6 +94,7 @@ class VerifyResult:
     last_bad_sequence: int | None = None  # the end of the bad range, when only a range is known
     writer_live: bool = False  # a kernel had the log open: an unsigned tail awaits its next checkpoint
     first_sequence: int = 0  # records before it were archived (the directory's archive base): not walked here
+    live_copy: bool = False  # a backup of a running kernel's log: its unsigned tail is no crash's
 
     def describe(self) -> str:
         if self.ok:
@@ -117,6 +118,9 @@ class VerifyResult:
         tail = f"; the last {unsigned} are chained but not yet signed"
         if self.writer_live:
             return f"{tail} (the log is open: its next checkpoint signs them)"
+        if self.live_copy:  # (no crash: the kernel copied from was running, its next checkpoint not yet due)
+            return (f"{tail} (records {self.signed_size}..{self.records - 1}: copied from a running kernel before "
+                    f"its next checkpoint; a kernel started on the copy signs them; --strict fails until then)")
         return (f"{tail} (records {self.signed_size}..{self.records - 1}: a crash leaves this, a clean stop never "
                 f"does; the next start signs them; --strict fails here)")
 
@@ -226,7 +230,7 @@ class _Walk:
                last: int | None = None) -> VerifyResult:
         return VerifyResult(ok, self.count, self.verified_checkpoints, self.signed_size, sequence, reason or self.note,
                             ", ".join(self.key_ids), time.perf_counter() - started, last, self.writer_live,
-                            self.base_size)
+                            self.base_size, self.live_copy)
 
     def load_checkpoints(self, trusted: dict[str, bytes] | None) -> None:
         try:
