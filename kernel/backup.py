@@ -9,7 +9,8 @@ lacked, so the copy refused to start with "records were lost"):
    the keys, and the segments in order, each up to its last complete record (a group being written at that moment
    is left out, as a crash would leave it). Every record the store copy saw is in them: it was durable before.
 
-The copy is then checked (``PRAGMA quick_check``; the audit log verified, as ``audit verify`` does) and fsynced.
+The copy is made in ``DEST/.backup-being-written``, checked (``PRAGMA quick_check``; the audit log verified, as
+``audit verify`` does), fsynced and moved into place: a failed backup leaves nothing in DEST.
 It starts like a data dir after a crash: records past its last checkpoint are adopted, with the WARNING that says
 so (their range is on the start's record), and ``audit verify --strict`` on the copy fails until that start.
 The signing key kept in the data dir (the default ``audit/signing-key.pem``) is copied too: keep the copy as safe
@@ -20,6 +21,7 @@ log a kill may have left) and opened in the copy, since even a read-only SQLite 
 
 from __future__ import annotations
 
+import errno
 import shutil
 import sqlite3
 from dataclasses import dataclass
@@ -36,6 +38,7 @@ from .store.sqlite import DATABASE_FILE, LOCK_FILE as STORE_LOCK
 _fsync = fsync_dir  # (opened read-only and fsynced: the same for a file as for a folder)
 
 SKIPPED = {"LOCK"}  # the writer's lock: the copy's own kernel takes its own
+STAGING = ".backup-being-written"  # inside DEST: the copy until it is whole
 
 
 class BackupRefused(Exception):
@@ -54,6 +57,9 @@ def backup(source: Path, dest: Path) -> BackupResult:
     store = source / DATABASE_FILE
     if not store.is_file():
         raise BackupRefused(f"{source} is no kernel data dir: it has no {DATABASE_FILE}")
+    if (dest / STAGING).is_dir():
+        raise BackupRefused(f"{dest} holds an unfinished backup ({STAGING}: one that was stopped): remove {dest} "
+                            f"and back up again")
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise BackupRefused(f"{dest} exists and is not an empty folder: a backup goes into a new one")
     if dest.resolve().is_relative_to(source.resolve()):  # (it would be copied into itself by the next backup)
@@ -62,20 +68,52 @@ def backup(source: Path, dest: Path) -> BackupResult:
     # A kernel holds its store's lock (and, with a log, the log's) while it runs. Not seen from another pid
     # namespace (a sidecar container): the stopped path checks that nothing changed while it copied.
     running = lock_is_held(source / STORE_LOCK) or (audit.is_dir() and writer_is_live(audit))
+    made = not dest.exists()
     try:
         dest.mkdir(parents=True, exist_ok=True, mode=0o700)  # (owner only, as a data dir the kernel makes)
+        work = dest / STAGING
+        work.mkdir(mode=0o700)
     except OSError as exc:
+        if made:
+            shutil.rmtree(dest, ignore_errors=True)
         raise BackupRefused(f"cannot create {dest}: {exc.strerror or exc}") from None
-    began = _now()
-    if running or not _copy_stopped_store(store, dest / DATABASE_FILE):
-        running = True
+    # The copy is made in a folder of its own inside DEST and moved into place once whole: a backup that fails
+    # (a full disk) or is killed never leaves a kernel.sqlite3 in DEST that looks like a data dir (a full destination
+    # left an empty kernel.sqlite3 there, which a kernel starts on as a new, empty store).
+    try:
+        result = _backup_into(source, store, audit, running, work, dest)
+        for name in ("audit", DATABASE_FILE):  # the store last: it is what makes DEST a data dir
+            if (work / name).exists():
+                (work / name).rename(dest / name)
+        work.rmdir()
+        fsync_dir(dest)
+        fsync_dir(dest.parent)  # (the new folder's own entry)
+    except BaseException as exc:
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(dest / "audit", ignore_errors=True)  # (moved before a failure: taken out again)
         (dest / DATABASE_FILE).unlink(missing_ok=True)
-        _copy_store(store, dest / DATABASE_FILE)
+        if made:
+            shutil.rmtree(dest, ignore_errors=True)
+        if _out_of_space(exc):  # (the source is only read: a full disk is the destination's)
+            raise BackupRefused(f"{dest} has no space left for the copy ({_cause(exc)}); nothing was left there: "
+                                f"free space or back up elsewhere (a copy takes about the data dir's size, and a stopped "
+                                f"kernel's store twice its own while it is copied)") from None
+        raise
+    return result
+
+
+def _backup_into(source: Path, store: Path, audit: Path, running: bool, work: Path, dest: Path) -> BackupResult:
+    """The copy of ``source`` into ``work``, checked; its summary names ``dest``, where it is moved once whole."""
+    began = _now()
+    if running or not _copy_stopped_store(store, work / DATABASE_FILE):
+        running = True
+        (work / DATABASE_FILE).unlink(missing_ok=True)
+        _copy_store(store, work / DATABASE_FILE)
     store_taken = _now()
     problems = []
     if audit.is_dir():
-        trimmed = _copy_audit(audit, dest / "audit")
-        verified = verify_directory(dest / "audit", live_copy=running,
+        trimmed = _copy_audit(audit, work / "audit")
+        verified = verify_directory(work / "audit", live_copy=running,
                                     progress=Progress("aios-kernel backup: checking the copy"))
         if not verified.ok:
             problems.append(f"the copied audit log fails verification: {verified.describe()}")
@@ -86,19 +124,18 @@ def backup(source: Path, dest: Path) -> BackupResult:
         audit_line = f"audit log ({held}, as written by {log_taken}): {verified.describe()}{note}"
     else:
         audit_line = "no audit log (audit_mode off, or a data dir never served)"
-    conn = sqlite3.connect(dest / DATABASE_FILE)  # (read-write: the copy is ours, and its last close then leaves
+    conn = sqlite3.connect(work / DATABASE_FILE)  # (read-write: the copy is ours, and its last close then leaves
     try:                                           # no -wal and -shm files behind in it)
         check = conn.execute("PRAGMA quick_check").fetchone()[0]
     finally:
         conn.close()
     if check != "ok":
         problems.append(f"the copied store fails PRAGMA quick_check: {check}")
-    fsync_dir(dest)
-    fsync_dir(dest.parent)  # (the new folder's own entry)
+    fsync_dir(work)
     # What the copy holds and as of when: a running kernel's store is a snapshot of one moment and its log, copied
     # after it, goes further (a start on the copy restores reviews and keys from those records); every decision
     # answered before the backup began is in both. (A live copy's summary once read as a crash's.)
-    size = (dest / DATABASE_FILE).stat().st_size
+    size = (work / DATABASE_FILE).stat().st_size
     if running:
         kind = f"its kernel running; it holds every decision answered before {began}"
         store_line = f"{DATABASE_FILE} ({size:,} bytes, a snapshot of the running store at {store_taken}"
@@ -107,6 +144,17 @@ def backup(source: Path, dest: Path) -> BackupResult:
         store_line = f"{DATABASE_FILE} ({size:,} bytes, as the stopped kernel left it"
     summary = f"backup of {source} in {dest} ({kind}): {store_line}, quick_check {check}); {audit_line}"
     return BackupResult(not problems, summary + "".join(f"\nFAILED: {p}" for p in problems))
+
+
+def _out_of_space(exc: BaseException) -> bool:
+    """A full disk or quota, as an OSError or as SQLite's "database or disk is full" (writing the store's copy)."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    return isinstance(exc, sqlite3.Error) and getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+
+
+def _cause(exc: BaseException) -> str:
+    return (exc.strerror if isinstance(exc, OSError) else None) or str(exc)
 
 
 def _now() -> str:

@@ -425,7 +425,7 @@ def cmd_backup(args) -> int:
         print(f"aios-kernel backup: {exc.strerror or exc}: {exc.filename or args.dest}", file=sys.stderr)
         return 2
     except AuditError as exc:  # a source log damaged where the copy reads it (its base, a checkpoint file header)
-        print(f"aios-kernel backup: {exc.message}; the copy in {args.dest} is incomplete (run `aios-kernel audit "
+        print(f"aios-kernel backup: {exc.message}; no copy was left in {args.dest} (run `aios-kernel audit "
               f"verify` on the source's log)", file=sys.stderr)
         return 1
     except sqlite3.Error as exc:  # a store SQLite cannot read

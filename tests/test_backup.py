@@ -175,3 +175,46 @@ def test_a_store_that_changes_while_it_is_copied_is_backed_up_online(models, tmp
     monkeypatch.setattr(backup_module, "_copy_store", lambda src, dst: (online.append(src), real_online(src, dst)))
     assert backup_module.backup(tmp_path / "data", tmp_path / "copy").ok
     assert online == [store]  # from the source itself, not from a copy of its files
+
+
+def test_a_backup_that_runs_out_of_space_leaves_nothing_that_looks_like_a_copy(models, tmp_path, monkeypatch):
+    """(A full tmpfs as DEST) a full destination left an empty kernel.sqlite3 in DEST (a kernel starts on it as a new,
+    empty store) and blamed the source ("data's store: database or disk is full"). The copy is made aside and moved into
+    place once whole; a failure removes it and names the destination."""
+    import errno
+    import shutil
+    import sqlite3
+
+    import kernel.backup as backup_module
+
+    server = ServeProcess(models, "--log-level", "WARNING", data_dir=tmp_path / "data")
+    code, err = server.stop()
+    assert code == 0, err
+    real_copy, real_store = shutil.copy2, backup_module._copy_store
+
+    def segments_full(src, dst, *args, **kwargs):  # fault injected on purpose: the disk fills at the log
+        if Path(src).suffix == ".seg":
+            raise OSError(errno.ENOSPC, "No space left on device", str(dst))
+        return real_copy(src, dst, *args, **kwargs)
+
+    def store_full(src, dst):  # ... or while SQLite writes the store's copy
+        real_store(src, dst)
+        full = sqlite3.OperationalError("database or disk is full")
+        full.sqlite_errorcode = sqlite3.SQLITE_FULL
+        raise full
+
+    (tmp_path / "mounted").mkdir()  # an empty folder given as DEST stays, empty
+    for patch, dest in (("copy2", tmp_path / "new"), ("store", tmp_path / "mounted")):
+        with monkeypatch.context() as faults:
+            if patch == "copy2":
+                faults.setattr(backup_module.shutil, "copy2", segments_full)
+            else:
+                faults.setattr(backup_module, "_copy_store", store_full)
+            with pytest.raises(backup_module.BackupRefused, match=f"^{dest} has no space left for the copy .*; "
+                                                                  "nothing was left there"):
+                backup_module.backup(tmp_path / "data", dest)
+    assert not (tmp_path / "new").exists() and list((tmp_path / "mounted").iterdir()) == []
+
+    (tmp_path / "mounted" / backup_module.STAGING).mkdir()  # a backup killed half-way
+    done = run_cli("backup", str(tmp_path / "data"), str(tmp_path / "mounted"))
+    assert done.returncode == 2 and "holds an unfinished backup" in done.stderr, done.stderr
