@@ -330,3 +330,23 @@ def test_a_large_page_size_reads_only_the_tasks_its_bytes_allow(db, monkeypatch)
     assert peak < 16 << 20, f"{peak / 2**20:.0f} MiB read for a page of 4 MiB"
     assert every_page(lambda token: store.list(page_size=1000, page_token=token),
                       lambda page: [task.task_id for task in page.tasks], 4) == made
+
+
+@pytest.mark.parametrize("old", range(1, latest_version()))
+def test_an_upgrade_is_said_once_in_the_log_naming_both_versions(tmp_path, caplog, old):
+    """A store an older kernel wrote (built with the migrations of its day) is upgraded at the first start, which
+    says so once (no word of it before: which start upgraded, and from what, could not be told later); a new
+    store is created, not upgraded, and the next start has nothing to say."""
+    caplog.set_level("INFO", logger="aios.store")
+    conn = sqlite3.connect(tmp_path / "kernel.sqlite3", isolation_level=None)
+    migrate(conn, MIGRATIONS[:old], "old kernel")
+    conn.close()
+    for _ in range(2):
+        open_database(tmp_path).close()
+    said = [r.getMessage() for r in caplog.records if "upgraded from schema version" in r.getMessage()]
+    assert len(said) == 1, said
+    assert said[0].startswith(f"{tmp_path / 'kernel.sqlite3'} upgraded from schema version {old} to "
+                              f"{latest_version()} ({old + 1}: "), said[0]
+    caplog.clear()
+    open_database(tmp_path / "new").close()
+    assert not [r for r in caplog.records if "upgraded" in r.getMessage()]

@@ -12,10 +12,13 @@ body on every write, so the two cannot disagree.
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 
 from ..errors import FailedPrecondition
 from .sqlite_tasks import FINISHED
+
+log = logging.getLogger("aios.store")
 
 _FINISHED_STATES = ", ".join(str(state) for state in FINISHED)
 # A review resolved after its SLA deadline (sqlite_reviews._RESOLVED_LATE, for a row named ``row``), and a
@@ -203,7 +206,8 @@ def migrate(conn: sqlite3.Connection, migrations, where: str) -> int:
             "run a kernel at least as new as the one that wrote it, or restore the backup taken before the upgrade "
             "(docs/operations.md, Upgrades and rollbacks)"
         )
-    for version, _what, statements in migrations:
+    before, applied = current, []
+    for version, what, statements in migrations:
         if version <= current:
             continue
         conn.execute("BEGIN IMMEDIATE")
@@ -220,4 +224,10 @@ def migrate(conn: sqlite3.Connection, migrations, where: str) -> int:
             raise
         conn.execute("COMMIT")
         current = version
+        applied.append(f"{version}: {what}")
+    if applied and before > 0:  # (a new file is created at the newest version, not upgraded)
+        # Said once, by the start that migrated: an upgrade left no word in the log, so which start upgraded the
+        # store, and from what, could not be told when a rollback was refused later.
+        log.info("%s upgraded from schema version %d to %d (%s); a kernel older than this one refuses it from now "
+                 "on: the way back is the backup taken before the upgrade", where, before, current, "; ".join(applied))
     return current
