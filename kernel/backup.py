@@ -41,6 +41,14 @@ SKIPPED = {"LOCK"}  # the writer's lock: the copy's own kernel takes its own
 STAGING = ".backup-being-written"  # inside DEST: the copy until it is whole
 
 
+class _CheckFailed(Exception):
+    """A restore's copy failed its check: removed, as a failure half-way is."""
+
+    def __init__(self, result: "BackupResult"):
+        super().__init__(result.summary)
+        self.result = result
+
+
 class BackupRefused(Exception):
     """The backup could not run (exit 2): a missing source, a destination in use."""
 
@@ -51,8 +59,27 @@ class BackupResult:
     summary: str
 
 
-def backup(source: Path, dest: Path) -> BackupResult:
-    """Copy the data dir ``source`` to ``dest`` (which must not exist, or be empty) and check the copy."""
+def restore(copy: Path, data_dir: Path) -> BackupResult:
+    """Put the backup ``copy`` back as the data dir ``data_dir`` (which must not exist, or be empty), as a backup of
+    the copy is made (in the same order, checked, moved into place once whole), but a copy that fails its check is
+    refused and removed, not left there for a kernel to start on; a running kernel's data dir is refused by name."""
+    copy, data_dir = Path(copy), Path(data_dir)
+    if (copy / STAGING).is_dir():
+        raise BackupRefused(f"{copy} is an unfinished backup (it holds {STAGING}: the backup was stopped): "
+                            "restore another one")
+    if lock_is_held(data_dir / STORE_LOCK) or ((data_dir / "audit").is_dir() and writer_is_live(data_dir / "audit")):
+        raise BackupRefused(f"a kernel is running on {data_dir}: stop it first, and move its data dir aside (keep "
+                            "it: it holds what happened since the backup)")
+    if data_dir.exists() and (not data_dir.is_dir() or any(data_dir.iterdir())):
+        raise BackupRefused(f"{data_dir} exists and is not empty: move it aside first (keep it: it holds what "
+                            "happened since the backup), then restore into the empty or new folder")
+    return backup(copy, data_dir, keep_failed=False, verb="restore")
+
+
+def backup(source: Path, dest: Path, keep_failed: bool = True, verb: str = "backup") -> BackupResult:
+    """Copy the data dir ``source`` to ``dest`` (which must not exist, or be empty) and check the copy.
+    ``keep_failed``: a copy that fails its check stays in ``dest`` (a backup's: all there is of a damaged source),
+    or is removed (a restore's) and its result returned with ok False."""
     source, dest = Path(source), Path(dest)
     store = source / DATABASE_FILE
     if not store.is_file():
@@ -81,7 +108,9 @@ def backup(source: Path, dest: Path) -> BackupResult:
     # (a full disk) or is killed never leaves a kernel.sqlite3 in DEST that looks like a data dir (a full destination
     # left an empty kernel.sqlite3 there, which a kernel starts on as a new, empty store).
     try:
-        result = _backup_into(source, store, audit, running, work, dest)
+        result = _backup_into(source, store, audit, running, work, dest, verb)
+        if not result.ok and not keep_failed:
+            raise _CheckFailed(result)
         for name in ("audit", DATABASE_FILE):  # the store last: it is what makes DEST a data dir
             if (work / name).exists():
                 (work / name).rename(dest / name)
@@ -94,6 +123,8 @@ def backup(source: Path, dest: Path) -> BackupResult:
         (dest / DATABASE_FILE).unlink(missing_ok=True)
         if made:
             shutil.rmtree(dest, ignore_errors=True)
+        if isinstance(exc, _CheckFailed):
+            return BackupResult(False, f"{exc.result.summary}\nnothing was {verb}d: {dest} is left as it was")
         if _out_of_space(exc):  # (the source is only read: a full disk is the destination's)
             raise BackupRefused(f"{dest} has no space left for the copy ({_cause(exc)}); nothing was left there: "
                                 f"free space or back up elsewhere (a copy takes about the data dir's size, and a stopped "
@@ -102,7 +133,8 @@ def backup(source: Path, dest: Path) -> BackupResult:
     return result
 
 
-def _backup_into(source: Path, store: Path, audit: Path, running: bool, work: Path, dest: Path) -> BackupResult:
+def _backup_into(source: Path, store: Path, audit: Path, running: bool, work: Path, dest: Path,
+                 verb: str) -> BackupResult:
     """The copy of ``source`` into ``work``, checked; its summary names ``dest``, where it is moved once whole."""
     began = _now()
     if running or not _copy_stopped_store(store, work / DATABASE_FILE):
@@ -136,13 +168,16 @@ def _backup_into(source: Path, store: Path, audit: Path, running: bool, work: Pa
     # after it, goes further (a start on the copy restores reviews and keys from those records); every decision
     # answered before the backup began is in both. (A live copy's summary once read as a crash's.)
     size = (work / DATABASE_FILE).stat().st_size
-    if running:
+    if verb == "restore":
+        kind = "checked before it was put in place"
+        store_line = f"{DATABASE_FILE} ({size:,} bytes"
+    elif running:
         kind = f"its kernel running; it holds every decision answered before {began}"
         store_line = f"{DATABASE_FILE} ({size:,} bytes, a snapshot of the running store at {store_taken}"
     else:
         kind = "its kernel stopped"
         store_line = f"{DATABASE_FILE} ({size:,} bytes, as the stopped kernel left it"
-    summary = f"backup of {source} in {dest} ({kind}): {store_line}, quick_check {check}); {audit_line}"
+    summary = f"{verb} of {source} in {dest} ({kind}): {store_line}, quick_check {check}); {audit_line}"
     return BackupResult(not problems, summary + "".join(f"\nFAILED: {p}" for p in problems))
 
 

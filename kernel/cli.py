@@ -383,6 +383,17 @@ def build_parser() -> argparse.ArgumentParser:
     backup.add_argument("data_dir", type=Path, help="the data dir (serve's --data-dir; default setting: var)")
     backup.add_argument("dest", type=Path, help="a folder that does not exist yet, or is empty")
     backup.set_defaults(func=cmd_backup)
+    restore = sub.add_parser(
+        "restore", help="put a backup back as a data dir (new or empty; a running kernel's is refused)",
+        description="Copy BACKUP (a folder `aios-kernel backup` made) into DATA_DIR, a new or empty folder, in the "
+                    "order backup uses, check the copy and move it into place; a backup that fails its check "
+                    "(truncated, damaged) is refused and nothing is left in DATA_DIR. A data dir with anything in "
+                    "it, or a kernel running on it, is refused: move the old one aside first (keep it).",
+        epilog="exit status: 0 restored and checked, 1 the backup failed its check (nothing restored), 2 it could "
+               "not run")
+    restore.add_argument("backup", type=Path, help="the backup's folder")
+    restore.add_argument("data_dir", type=Path, help="where the kernel's data dir goes (serve's --data-dir)")
+    restore.set_defaults(func=cmd_restore)
 
     policy = sub.add_parser("policy", help="check a policy file, or test it against sample cases")
     policy_sub = policy.add_subparsers(dest="policy_command", required=True, metavar="COMMAND")
@@ -411,25 +422,38 @@ def cmd_audit(args) -> int:
 
 
 def cmd_backup(args) -> int:
+    from .backup import backup
+
+    return _copy_command("backup", lambda: backup(args.data_dir, args.dest), args.data_dir, args.dest)
+
+
+def cmd_restore(args) -> int:
+    from .backup import restore
+
+    return _copy_command("restore", lambda: restore(args.backup, args.data_dir), args.backup, args.data_dir)
+
+
+def _copy_command(name: str, run, source: Path, dest: Path) -> int:
+    """backup and restore: the result's summary, or why it could not run, in one line."""
     import sqlite3
 
     from .audit.errors import AuditError
-    from .backup import BackupRefused, backup
+    from .backup import BackupRefused
 
     try:
-        result = backup(args.data_dir, args.dest)
+        result = run()
     except BackupRefused as exc:
-        print(f"aios-kernel backup: {exc}", file=sys.stderr)
+        print(f"aios-kernel {name}: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # unreadable source, a full or read-only destination
-        print(f"aios-kernel backup: {exc.strerror or exc}: {exc.filename or args.dest}", file=sys.stderr)
+        print(f"aios-kernel {name}: {exc.strerror or exc}: {exc.filename or dest}", file=sys.stderr)
         return 2
     except AuditError as exc:  # a source log damaged where the copy reads it (its base, a checkpoint file header)
-        print(f"aios-kernel backup: {exc.message}; no copy was left in {args.dest} (run `aios-kernel audit "
+        print(f"aios-kernel {name}: {exc.message}; no copy was left in {dest} (run `aios-kernel audit "
               f"verify` on the source's log)", file=sys.stderr)
         return 1
     except sqlite3.Error as exc:  # a store SQLite cannot read
-        print(f"aios-kernel backup: {args.data_dir}'s store: {exc}", file=sys.stderr)
+        print(f"aios-kernel {name}: {source}'s store: {exc}", file=sys.stderr)
         return 2
     print(result.summary)
     return 0 if result.ok else 1

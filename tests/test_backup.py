@@ -218,3 +218,37 @@ def test_a_backup_that_runs_out_of_space_leaves_nothing_that_looks_like_a_copy(m
     (tmp_path / "mounted" / backup_module.STAGING).mkdir()  # a backup killed half-way
     done = run_cli("backup", str(tmp_path / "data"), str(tmp_path / "mounted"))
     assert done.returncode == 2 and "holds an unfinished backup" in done.stderr, done.stderr
+
+
+def test_restore_puts_a_backup_back_and_refuses_a_damaged_one_or_a_data_dir_in_use(models, tmp_path):
+    """There was no restore: copying a backup back by hand went onto a running kernel's data dir, or a newer copy,
+    without a word, and a truncated backup was put in place for a kernel to start on. ``aios-kernel restore``
+    refuses those, checks the backup before it is in place, and leaves nothing when it fails its check."""
+    import shutil
+
+    server = ServeProcess(models, "--log-level", "WARNING", data_dir=tmp_path / "data")
+    try:
+        assert run_cli("backup", str(tmp_path / "data"), str(tmp_path / "copy")).returncode == 0
+        done = run_cli("restore", str(tmp_path / "copy"), str(tmp_path / "data"))
+        assert done.returncode == 2 and f"a kernel is running on {tmp_path / 'data'}" in done.stderr, done.stderr
+    finally:
+        code, err = server.stop()
+    assert code == 0, err
+    done = run_cli("restore", str(tmp_path / "copy"), str(tmp_path / "data"))  # (stopped: a newer copy is there)
+    assert done.returncode == 2 and "exists and is not empty: move it aside first" in done.stderr, done.stderr
+
+    done = run_cli("restore", str(tmp_path / "copy"), str(tmp_path / "restored"))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.startswith(f"restore of {tmp_path / 'copy'} in {tmp_path / 'restored'} (checked"), done.stdout
+    assert sorted(path.name for path in (tmp_path / "restored").iterdir()) == ["audit", "kernel.sqlite3"]
+    assert (tmp_path / "restored").stat().st_mode & 0o777 == 0o700
+
+    shutil.copytree(tmp_path / "copy", tmp_path / "cut")
+    segment = sorted((tmp_path / "cut" / "audit").glob("*.seg"))[-1]
+    data = bytearray(segment.read_bytes())
+    data[len(data.rstrip(b"\0")) // 2] ^= 0xFF  # a backup damaged in storage: one byte of a record flipped
+    segment.write_bytes(data)
+    done = run_cli("restore", str(tmp_path / "cut"), str(tmp_path / "again"))
+    assert done.returncode == 1 and "\nFAILED: the copied audit log fails" in done.stdout, done.stdout
+    assert done.stdout.endswith(f"nothing was restored: {tmp_path / 'again'} is left as it was\n"), done.stdout
+    assert not (tmp_path / "again").exists()
