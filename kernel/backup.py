@@ -34,6 +34,7 @@ from .audit.segments import MAGIC, SUFFIX, FrameScanner, frames_start, fsync_dir
 from .audit.verify import verify_directory
 from .progress import Progress
 from .store.sqlite import DATABASE_FILE, LOCK_FILE as STORE_LOCK
+from .store.sqlite_reviews import RECORDED_BEFORE
 
 _fsync = fsync_dir  # (opened read-only and fsynced: the same for a file as for a folder)
 
@@ -159,10 +160,18 @@ def _backup_into(source: Path, store: Path, audit: Path, running: bool, work: Pa
     conn = sqlite3.connect(work / DATABASE_FILE)  # (read-write: the copy is ours, and its last close then leaves
     try:                                           # no -wal and -shm files behind in it)
         check = conn.execute("PRAGMA quick_check").fetchone()[0]
+        expects = _records_the_store_saw(conn) if check == "ok" else 0
     finally:
         conn.close()
     if check != "ok":
         problems.append(f"the copied store fails PRAGMA quick_check: {check}")
+    # The store and the log must agree: a copy whose store cites records its log lacks (a backup cut short after its
+    # last checkpoint, which verifies as a crash's log) is refused by the kernel at start (decisions.py
+    # _lost_records, fsync mode): said here, not at the first start after a restore.
+    held = verified.records if audit.is_dir() else 0
+    if audit.is_dir() and verified.ok and expects > held:
+        problems.append(f"the copied store saw audit records up to #{expects - 1} but the copied log ends at "
+                        f"#{held - 1}: a kernel refuses to start on this copy (records #{held}-#{expects - 1} lost)")
     fsync_dir(work)
     # What the copy holds and as of when: a running kernel's store is a snapshot of one moment and its log, copied
     # after it, goes further (a start on the copy restores reviews and keys from those records); every decision
@@ -179,6 +188,20 @@ def _backup_into(source: Path, store: Path, audit: Path, running: bool, work: Pa
         store_line = f"{DATABASE_FILE} ({size:,} bytes, as the stopped kernel left it"
     summary = f"{verb} of {source} in {dest} ({kind}): {store_line}, quick_check {check}); {audit_line}"
     return BackupResult(not problems, summary + "".join(f"\nFAILED: {p}" for p in problems))
+
+
+def _records_the_store_saw(conn: sqlite3.Connection) -> int:
+    """How many audit records the store expects the log to hold, as a start reckons it: the review mark, and one
+    past the highest record a stored answer cites (a store before schema version 5 has no such column)."""
+    try:
+        mark = conn.execute("SELECT value FROM meta WHERE key = ?", (RECORDED_BEFORE,)).fetchone()
+    except sqlite3.OperationalError:  # (no meta table: a store of schema version 1)
+        mark = None
+    try:
+        cited = conn.execute("SELECT max(audit_sequence) FROM idempotency WHERE audit_sequence >= 0").fetchone()[0]
+    except sqlite3.OperationalError:  # (no audit_sequence column: an older store, filled at its first start)
+        cited = None
+    return max(int(mark[0]) if mark else 0, -1 if cited is None else cited + 1)
 
 
 def _out_of_space(exc: BaseException) -> bool:

@@ -252,3 +252,30 @@ def test_restore_puts_a_backup_back_and_refuses_a_damaged_one_or_a_data_dir_in_u
     assert done.returncode == 1 and "\nFAILED: the copied audit log fails" in done.stdout, done.stdout
     assert done.stdout.endswith(f"nothing was restored: {tmp_path / 'again'} is left as it was\n"), done.stdout
     assert not (tmp_path / "again").exists()
+
+
+def test_a_backup_whose_log_lacks_records_its_store_cites_fails_its_check(models, tmp_path):
+    """A backup cut short after its log's last checkpoint verifies as a crash's log, and restore put it in place:
+    the kernel then refused to start on it (its store cites the records gone). The copy's store and log are
+    compared as a start compares them."""
+    from kernel.audit.segments import MAGIC, FrameScanner, frames_start
+
+    pipelines = copy_pipelines(tmp_path / "pipelines")
+    server = ServeProcess(models, "--pipelines", str(pipelines), "--log-level", "WARNING", data_dir=tmp_path / "data")
+    with grpc.insecure_channel(server.address) as channel:
+        stub = kgrpc.DecisionServiceStub(channel)
+        for i, case in enumerate(data.generate_cases(3, seed=5)):
+            answer = stub.Decide(claim_request(case, request_id=f"c{i}", idempotency_key=f"cut-{i}"), timeout=10)
+    server.kill()  # (no clean stop: the last records stay unsigned, as a crash leaves them)
+    assert run_cli("backup", str(tmp_path / "data"), str(tmp_path / "copy")).returncode == 0
+    segment = sorted((tmp_path / "copy" / "audit").glob("*.seg"))[-1]
+    body = bytearray(segment.read_bytes())
+    offsets = [offset for offset, _ in FrameScanner(bytes(body), frames_start(segment, bytes(body), MAGIC), True)]
+    cut = offsets[answer.audit_sequence - int(segment.stem)]
+    body[cut:] = bytes(len(body) - cut)
+    segment.write_bytes(body)  # the copy cut back to before the last answer's record
+    done = run_cli("restore", str(tmp_path / "copy"), str(tmp_path / "restored"))
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert (f"FAILED: the copied store saw audit records up to #{answer.audit_sequence} but the copied log ends "
+            f"at #{answer.audit_sequence - 1}") in done.stdout, done.stdout
+    assert not (tmp_path / "restored").exists()
