@@ -316,7 +316,7 @@ def _copy_segment(path: Path, target: Path, tries: int = 3) -> tuple[int, tuple[
     for attempt in range(tries):
         shutil.copy2(path, target)
         data = target.read_bytes()
-        start = frames_start(target, data, MAGIC)
+        start = frames_start(path, data, MAGIC)  # (named by the source's path: the copy is removed on a refusal)
         if start is None:  # being created: nothing in it yet
             return 0, None
         scanner = FrameScanner(data, start, records=True)

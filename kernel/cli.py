@@ -437,7 +437,7 @@ def _copy_command(name: str, run, source: Path, dest: Path) -> int:
     """backup and restore: the result's summary, or why it could not run, in one line."""
     import sqlite3
 
-    from .audit.errors import AuditError
+    from .audit.errors import AuditError, AuditFormatTooNew
     from .backup import BackupRefused
 
     try:
@@ -447,6 +447,9 @@ def _copy_command(name: str, run, source: Path, dest: Path) -> int:
         return 2
     except OSError as exc:  # unreadable source, a full or read-only destination
         print(f"aios-kernel {name}: {exc.strerror or exc}: {exc.filename or dest}", file=sys.stderr)
+        return 2
+    except AuditFormatTooNew as exc:  # a newer kernel's log (a rollback): not damage, and nothing to check
+        print(f"aios-kernel {name}: {exc.message}; nothing was left in {dest}", file=sys.stderr)
         return 2
     except AuditError as exc:  # a source log damaged where the copy reads it (its base, a checkpoint file header)
         print(f"aios-kernel {name}: {exc.message}; no copy was left in {dest} (run `aios-kernel audit "

@@ -279,3 +279,20 @@ def test_a_backup_whose_log_lacks_records_its_store_cites_fails_its_check(models
     assert (f"FAILED: the copied store saw audit records up to #{answer.audit_sequence} but the copied log ends "
             f"at #{answer.audit_sequence - 1}") in done.stdout, done.stdout
     assert not (tmp_path / "restored").exists()
+
+
+def test_a_log_of_a_newer_format_is_refused_as_such_naming_the_source(tmp_path):
+    """(Rollback) an older kernel's backup of a newer kernel's data dir said exit 1, named a file of the removed copy
+    and sent the operator to verify a log that is not damaged: it is exit 2 ("could not run"), naming the source."""
+    from kernel.audit.segments import MAGIC
+
+    audit = tmp_path / "data" / "audit"
+    audit.mkdir(parents=True)
+    (tmp_path / "data" / "kernel.sqlite3").write_bytes(b"")  # (an empty file is an empty SQLite database)
+    (audit / "00000000000000000000.seg").write_bytes(MAGIC[:-1] + bytes([MAGIC[-1] + 1]) + bytes(64))
+    done = run_cli("backup", str(tmp_path / "data"), str(tmp_path / "copy"))
+    assert done.returncode == 2, done.stdout + done.stderr
+    segment = audit / "00000000000000000000.seg"
+    assert done.stderr.startswith(f"aios-kernel backup: {segment}: file format "), done.stderr
+    assert "was written by a newer aios-kernel" in done.stderr and "verify" not in done.stderr, done.stderr
+    assert not (tmp_path / "copy").exists()
