@@ -34,6 +34,7 @@ from .audit.segments import MAGIC, SUFFIX, FrameScanner, frames_start, fsync_dir
 from .audit.verify import verify_directory
 from .progress import Progress
 from .store.sqlite import DATABASE_FILE, LOCK_FILE as STORE_LOCK
+from .store.schema import latest_version
 from .store.sqlite_reviews import RECORDED_BEFORE
 
 _fsync = fsync_dir  # (opened read-only and fsynced: the same for a file as for a folder)
@@ -71,10 +72,31 @@ def restore(copy: Path, data_dir: Path) -> BackupResult:
     if lock_is_held(data_dir / STORE_LOCK) or ((data_dir / "audit").is_dir() and writer_is_live(data_dir / "audit")):
         raise BackupRefused(f"a kernel is running on {data_dir}: stop it first, and move its data dir aside (keep "
                             "it: it holds what happened since the backup)")
+    version = _schema_version(copy / DATABASE_FILE)
+    if version > latest_version():  # (a rollback: put in place, it would only be refused at the kernel's start)
+        from . import __version__
+
+        raise BackupRefused(f"{copy / DATABASE_FILE} has schema version {version}, newer than this kernel's "
+                            f"{latest_version()} (aios-kernel {__version__}): restore it with a kernel at least as new "
+                            f"as the one that wrote it, or restore the backup taken before the upgrade; nothing was "
+                            f"changed")
     if data_dir.exists() and (not data_dir.is_dir() or any(data_dir.iterdir())):
         raise BackupRefused(f"{data_dir} exists and is not empty: move it aside first (keep it: it holds what "
                             "happened since the backup), then restore into the empty or new folder")
     return backup(copy, data_dir, keep_failed=False, verb="restore")
+
+
+def _schema_version(store: Path) -> int:
+    """The store's ``PRAGMA user_version`` read from its header (bytes 60-63), without opening it: SQLite would
+    add -wal and -shm files to the backup. 0 when the file is missing, short or no database."""
+    try:
+        with open(store, "rb") as file:
+            header = file.read(64)
+    except OSError:
+        return 0
+    if len(header) < 64 or not header.startswith(b"SQLite format 3\0"):
+        return 0
+    return int.from_bytes(header[60:64], "big")
 
 
 def backup(source: Path, dest: Path, keep_failed: bool = True, verb: str = "backup") -> BackupResult:

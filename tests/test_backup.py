@@ -225,6 +225,7 @@ def test_restore_puts_a_backup_back_and_refuses_a_damaged_one_or_a_data_dir_in_u
     without a word, and a truncated backup was put in place for a kernel to start on. ``aios-kernel restore``
     refuses those, checks the backup before it is in place, and leaves nothing when it fails its check."""
     import shutil
+    import sqlite3
 
     server = ServeProcess(models, "--log-level", "WARNING", data_dir=tmp_path / "data")
     try:
@@ -242,6 +243,14 @@ def test_restore_puts_a_backup_back_and_refuses_a_damaged_one_or_a_data_dir_in_u
     assert done.stdout.startswith(f"restore of {tmp_path / 'copy'} in {tmp_path / 'restored'} (checked"), done.stdout
     assert sorted(path.name for path in (tmp_path / "restored").iterdir()) == ["audit", "kernel.sqlite3"]
     assert (tmp_path / "restored").stat().st_mode & 0o777 == 0o700
+
+    shutil.copytree(tmp_path / "copy", tmp_path / "newer")  # a newer kernel's backup (a rollback)
+    with sqlite3.connect(tmp_path / "newer" / "kernel.sqlite3") as conn:
+        conn.execute("PRAGMA user_version = 99")
+    conn.close()
+    done = run_cli("restore", str(tmp_path / "newer"), str(tmp_path / "rolled"))
+    assert done.returncode == 2 and "has schema version 99, newer than this kernel's" in done.stderr, done.stderr
+    assert not (tmp_path / "rolled").exists()
 
     shutil.copytree(tmp_path / "copy", tmp_path / "cut")
     segment = sorted((tmp_path / "cut" / "audit").glob("*.seg"))[-1]
