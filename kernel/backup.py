@@ -40,7 +40,7 @@ from .store.sqlite_reviews import RECORDED_BEFORE
 _fsync = fsync_dir  # (opened read-only and fsynced: the same for a file as for a folder)
 
 SKIPPED = {"LOCK"}  # the writer's lock: the copy's own kernel takes its own
-STAGING = ".backup-being-written"  # inside DEST: the copy until it is whole
+STAGING = ".backup-being-written"  # inside DEST: the copy until it is whole (a kernel refuses to start beside one)
 
 
 class _CheckFailed(Exception):

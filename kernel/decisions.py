@@ -46,6 +46,8 @@ from .tasks import IdempotencyStore, TaskRunner, TaskStore, UntilRestart, Waitin
 
 log = logging.getLogger("aios.decisions")
 
+BACKUP_STAGING = ".backup-being-written"  # kernel/backup.py STAGING (not imported: a start needs none of it)
+
 DEFAULT_PIPELINES = Settings().pipelines
 
 
@@ -65,6 +67,11 @@ class DecisionSide:
             log.warning("data_dir %s is open to every local user (mode %o): it holds escalated cases' free text "
                         "and the audit signing key; `chmod 700 %s` (a new data dir is made owner-only)",
                         data, data.stat().st_mode & 0o777, data)
+        if (data / BACKUP_STAGING).is_dir():  # (a restore killed half-way: a start here would begin an empty store)
+            raise FailedPrecondition(
+                f"data_dir {data} holds an unfinished backup or restore ({BACKUP_STAGING}: it was stopped half-way); "
+                f"refusing to start (nothing was changed): run `aios-kernel restore` again into an empty folder, or "
+                f"remove {data / BACKUP_STAGING} to start without it")
         if settings.audit_mode == "off" and (data / "audit").is_dir() and any((data / "audit").iterdir()):
             raise _unaudited_on_a_log(data)
         # A kernel has run here before (its lock file stays): a missing audit log is then news, not a first start.

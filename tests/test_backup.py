@@ -305,3 +305,12 @@ def test_a_log_of_a_newer_format_is_refused_as_such_naming_the_source(tmp_path):
     assert done.stderr.startswith(f"aios-kernel backup: {segment}: file format "), done.stderr
     assert "was written by a newer aios-kernel" in done.stderr and "verify" not in done.stderr, done.stderr
     assert not (tmp_path / "copy").exists()
+
+
+def test_a_kernel_refuses_a_data_dir_a_restore_stopped_half_way_in(models, tmp_path):
+    """A restore killed half-way leaves its copy aside in DATA_DIR: a kernel started there began an empty store and
+    log beside it, without a word (every review, task and key of the backup out of sight, retries decided anew)."""
+    (tmp_path / "data" / ".backup-being-written" / "audit").mkdir(parents=True)
+    with pytest.raises(AssertionError, match="holds an unfinished backup or restore"):
+        ServeProcess(models, "--log-level", "WARNING", data_dir=tmp_path / "data")
+    assert sorted(path.name for path in (tmp_path / "data").iterdir()) == [".backup-being-written"]
