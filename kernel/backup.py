@@ -136,6 +136,9 @@ def backup(source: Path, dest: Path, keep_failed: bool = True, verb: str = "back
             raise _CheckFailed(result)
         for name in ("audit", DATABASE_FILE):  # the store last: it is what makes DEST a data dir
             if (work / name).exists():
+                # Owner only, whatever DEST's own mode: an empty folder given as DEST (a mount point, 0755) left the
+                # store's free text and the log readable by every local user (the kernel's own data dir is 0700).
+                (work / name).chmod(0o700 if name == "audit" else 0o600)
                 (work / name).rename(dest / name)
         work.rmdir()
         fsync_dir(dest)

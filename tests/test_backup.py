@@ -314,3 +314,16 @@ def test_a_kernel_refuses_a_data_dir_a_restore_stopped_half_way_in(models, tmp_p
     with pytest.raises(AssertionError, match="holds an unfinished backup or restore"):
         ServeProcess(models, "--log-level", "WARNING", data_dir=tmp_path / "data")
     assert sorted(path.name for path in (tmp_path / "data").iterdir()) == [".backup-being-written"]
+
+
+def test_a_backup_into_a_folder_every_user_may_read_is_owner_only(models, tmp_path):
+    """DEST given as an existing empty folder keeps its own mode (a mount point's 0755): the copy inside it must be
+    owner-only itself, as the kernel's 0700 data dir makes its own files."""
+    code, err = ServeProcess(models, "--log-level", "WARNING", data_dir=tmp_path / "data").stop()
+    assert code == 0, err
+    (tmp_path / "mounted").mkdir(mode=0o755)
+    os.chmod(tmp_path / "mounted", 0o755)
+    done = run_cli("backup", str(tmp_path / "data"), str(tmp_path / "mounted"))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (tmp_path / "mounted" / "kernel.sqlite3").stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "mounted" / "audit").stat().st_mode & 0o777 == 0o700
