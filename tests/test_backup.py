@@ -208,7 +208,8 @@ def test_a_backup_that_runs_out_of_space_leaves_nothing_that_looks_like_a_copy(m
         with monkeypatch.context() as faults:
             if patch == "copy2":
                 faults.setattr(backup_module.shutil, "copy2", segments_full)
-            else:
+            else:  # (the online backup, as taken of a kernel this process cannot see)
+                faults.setattr(backup_module, "_copy_stopped_store", lambda store, copy: False)
                 faults.setattr(backup_module, "_copy_store", store_full)
             with pytest.raises(backup_module.BackupRefused, match=f"^{dest} has no space left for the copy .*; "
                                                                   "nothing was left there"):
@@ -327,3 +328,19 @@ def test_a_backup_into_a_folder_every_user_may_read_is_owner_only(models, tmp_pa
     assert done.returncode == 0, done.stdout + done.stderr
     assert (tmp_path / "mounted" / "kernel.sqlite3").stat().st_mode & 0o777 == 0o600
     assert (tmp_path / "mounted" / "audit").stat().st_mode & 0o777 == 0o700
+
+
+def test_a_stopped_kernels_store_is_copied_once(models, tmp_path, monkeypatch):
+    """Its files were copied aside in DEST and backed up from there into DEST again: a destination needed twice the
+    store's size (a full tmpfs refused a 660 KB store at 1.3 MB). The files copied aside are the copy."""
+    import kernel.backup as backup_module
+
+    def copied_again(*args):  # a tripwire: the stopped path's files are not backed up a second time
+        raise AssertionError("a stopped kernel's store was copied twice")
+
+    code, err = ServeProcess(models, "--log-level", "WARNING", data_dir=tmp_path / "data").stop()
+    assert code == 0, err
+    monkeypatch.setattr(backup_module, "_copy_store", copied_again)
+    copied = backup_module.backup(tmp_path / "data", tmp_path / "copy")
+    assert copied.ok and "as the stopped kernel left it" in copied.summary, copied.summary
+    assert sorted(path.name for path in (tmp_path / "copy").iterdir()) == ["audit", "kernel.sqlite3"]
