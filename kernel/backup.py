@@ -170,7 +170,9 @@ def _backup_into(source: Path, store: Path, audit: Path, running: bool, work: Pa
     problems = []
     if audit.is_dir():
         trimmed = _copy_audit(audit, work / "audit")
-        verified = verify_directory(work / "audit", live_copy=running,
+        # (A restore's source is a backup: most often of a running kernel, whose log ends past its last checkpoint
+        # with no clean stop, not a crash's; a restore once said "a crash leaves this" of every such backup.)
+        verified = verify_directory(work / "audit", live_copy=running or verb == "restore",
                                     progress=Progress("aios-kernel backup: checking the copy"))
         if not verified.ok:
             problems.append(f"the copied audit log fails verification: {verified.describe()}")

@@ -77,6 +77,8 @@ def test_a_backup_taken_under_load_starts_and_replays_what_it_held(models, tmp_p
     assert "crash" not in done.stdout, done.stdout
 
     assert run_cli("audit", "verify", str(tmp_path / "copy" / "audit")).returncode == 0
+    put_back = run_cli("restore", str(tmp_path / "copy"), str(tmp_path / "restored"))
+    assert put_back.returncode == 0 and "crash" not in put_back.stdout, put_back.stdout + put_back.stderr
     restored = ServeProcess(models, *serve, data_dir=tmp_path / "copy")  # fsync mode: a lost record refuses
     try:
         with grpc.insecure_channel(restored.address) as channel:

@@ -118,9 +118,9 @@ class VerifyResult:
         tail = f"; the last {unsigned} are chained but not yet signed"
         if self.writer_live:
             return f"{tail} (the log is open: its next checkpoint signs them)"
-        if self.live_copy:  # (no crash: the kernel copied from was running, its next checkpoint not yet due)
-            return (f"{tail} (records {self.signed_size}..{self.records - 1}: copied from a running kernel before "
-                    f"its next checkpoint; a kernel started on the copy signs them; --strict fails until then)")
+        if self.live_copy:  # (a copy of a running kernel's log, or a backup restored: not a crash's tail)
+            return (f"{tail} (records {self.signed_size}..{self.records - 1}: past the last checkpoint, as a copy of a "
+                    f"running kernel's log ends; a kernel started on the copy signs them; --strict fails until then)")
         return (f"{tail} (records {self.signed_size}..{self.records - 1}: a crash leaves this, a clean stop never "
                 f"does; the next start signs them; --strict fails here)")
 
