@@ -527,3 +527,20 @@ def test_a_model_toml_error_names_the_line_as_well_as_the_field(tmp_path):
     with pytest.raises(ModelConfigError) as info:
         ModelHub(tmp_path).load("m")
     assert info.value.field == "max_batch_size" and str(info.value).endswith("got 4.0 (line 3)"), info.value
+
+
+@pytest.mark.parametrize("instances", [1025, 2**31 - 1])
+def test_instances_past_what_any_lane_runs_are_refused_naming_the_field(tmp_path, instances):
+    """(A review) ``instances`` was bounded only by the int32 limit: 2**31 - 1 passed the check and the load made
+    onnxruntime sessions one after another, each a copy of the model, until memory ran out. No lane runs more than
+    1024 + 1 batches at once, so a larger value is a typo, refused before any session is made."""
+    from kernel.models.config import load as load_config
+
+    path = tmp_path / "model.toml"
+    path.write_text(f"instances = {instances}\n" + TOML)
+    with pytest.raises(ModelConfigError) as info:
+        load_config(path, "m", "1")
+    assert info.value.field == "instances" and "must be at most 1024" in str(info.value), info.value
+    assert f"got {instances}" in str(info.value)
+    path.write_text("instances = 1024\n" + TOML)  # the largest a lane can use still loads
+    assert load_config(path, "m", "1").instances == 1024

@@ -10,7 +10,7 @@ Schema (every key optional unless marked)::
 
     platform = "onnxruntime_onnx"
     max_batch_size = 64        # rows per batch; 0 = the model has no batch dimension
-    instances = 1              # onnxruntime sessions for this version
+    instances = 1              # onnxruntime sessions for this version (1..1024)
     provider = "auto"          # auto | cpu | cuda
     cuda_tf32 = false          # let CUDA use TF32 matmuls: faster, but results differ from the CPU's in the 4th digit
     intra_op_threads = 1
@@ -196,6 +196,11 @@ MAX_QUEUE_DELAY_US = 10_000_000
 # and the compiled scheduler's counters are 32-bit: max_batch_size = 2**31 loaded and every ModelConfig call answered
 # INTERNAL; past 2**63 the scheduler refused it with a traceback at start (a model repository audit).
 MAX_INT_SETTING = 2**31 - 1
+# onnxruntime sessions of one version, each a whole copy of the model's weights and arena. A lane runs at most its
+# slots (kernel.toml's lane_slots, at most 1024) + its urgent one at once, so sessions past that never run on any lane
+# and only take memory (the server warns past the lane it got). Within MAX_INT_SETTING, instances = 2**31 - 1 made
+# the load create sessions one after another until memory ran out (a review of the model repository audit's bound).
+MAX_INSTANCES = 1024
 
 
 def _int(path: Path, table: dict, key: str, default: int, minimum: int, bounded: bool = True) -> int:
@@ -277,6 +282,14 @@ def _levels(path: Path, raw: dict) -> int:
     return levels
 
 
+def _instances(path: Path, raw: dict) -> int:
+    instances = _int(path, raw, "instances", 1, 1, bounded=False)
+    if instances > MAX_INSTANCES:
+        raise ModelConfigError(path, "instances", f"must be at most {MAX_INSTANCES} (onnxruntime sessions, each a "
+                                                  f"copy of the model in memory), got {instances}")
+    return instances
+
+
 def parse(path: Path, name: str, version: str, raw: dict) -> ModelConfig:
     """Validate a parsed ``model.toml`` table; errors name the file and the field."""
     unknown = set(raw) - _TOP_KEYS
@@ -349,7 +362,7 @@ def parse(path: Path, name: str, version: str, raw: dict) -> ModelConfig:
         inputs=in_specs,
         outputs=out_specs,
         max_batch_size=max_batch,
-        instances=_int(path, raw, "instances", 1, 1),
+        instances=_instances(path, raw),
         provider=provider,
         cuda_tf32=_expect(path, "cuda_tf32", raw.get("cuda_tf32", False), bool, "true or false"),
         intra_op_threads=_int(path, raw, "intra_op_threads", 1, 0),
