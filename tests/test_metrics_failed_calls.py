@@ -240,3 +240,28 @@ def test_a_unary_call_sent_without_its_request_is_counted(model_repo):
                      code="UNIMPLEMENTED") == 1
     finally:
         server.stop(grace=0)
+
+
+def test_a_pumped_answer_found_late_at_its_send_is_counted(claims_models, tmp_path, monkeypatch):
+    """(A review) the threaded front end's stream pump counted an answer when it was made, and checked its deadline
+    again only when its turn to be sent came (``_Stream._in_time``): one that went out DEADLINE_EXCEEDED from there
+    was seen by the client and in ``aios_decisions_total{outcome="late"}``, never in aios_calls_failed_total (the
+    other front end counts it where it is sent, ``stream._in_time``)."""
+    from test_decide_answered_late import TIMEOUT_MS, stall_the_first_send_s_completion
+
+    from examples.claims import data
+
+    server = start_claims_kernel(claims_models, tmp_path, front_end="sync", metrics_port=free_port())
+    try:
+        assert server._pump is not None  # (this is the pump's path)
+        requests = [claim_request(case, request_id=f"queued-{n}", timeout_ms=TIMEOUT_MS)
+                    for n, case in enumerate(data.generate_cases(2, seed=6))]
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel, monkeypatch.context() as patch:
+            stall_the_first_send_s_completion(patch)
+            codes = sorted(answer.error_code for answer in
+                           kgrpc.DecisionServiceStub(channel).DecideStream(iter(requests), timeout=TIMEOUT_S))
+        got = scrape(server.metrics_port)
+    finally:
+        server.stop(grace=0)
+    assert codes == ["", "DEADLINE_EXCEEDED"], codes
+    assert value(got, "aios_calls_failed_total", method="DecisionService.DecideStream", code="DEADLINE_EXCEEDED") == 1

@@ -372,7 +372,8 @@ class _Stream:
         result = self._engine.in_time(pending, decision)
         if result is decision:
             return data
-        return self._serializer(error_decision(pending.request, result))
+        # (counted here, as it goes out: ``answer`` counted it when it was made, an OK answer then)
+        return self._serializer(counted(self._engine, error_decision(pending.request, result)))
 
     # -- the end --------------------------------------------------------------------------------
     def drain(self) -> None:
