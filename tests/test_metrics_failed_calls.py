@@ -220,8 +220,11 @@ def test_a_decide_stream_a_stop_ends_is_counted_on_either_front_end(claims_model
             release.set()
             stopping.join(TIMEOUT_S)
         assert (ended.value.code(), ended.value.details()) == (grpc.StatusCode.UNAVAILABLE, DRAINED)
-        (got,) = scraped
-        assert value(got, "aios_calls_failed_total", method="DecisionService.DecideStream", code="UNAVAILABLE") == 1
+        (got,) = scraped  # (the endpoint still answered during the stop ...)
+        assert value(got, "aios_calls_failed_total", method="DecisionService.DecideStream", code="UNAVAILABLE") in (0, 1)
+        # ... but on grpc.aio the stream's end is counted on the event loop as it sends the status, which that scrape
+        # may come before (1 failed run in 3 on a busy machine): read once the client has seen the end, counted by then.
+        assert server.service.refusals.snapshot().get(("DecisionService.DecideStream", "UNAVAILABLE")) == 1
     finally:
         release.set()
         server.stop(grace=0)
