@@ -44,6 +44,7 @@ class WriteRefusals:
         self.listeners: list[Callable[[str | None], None]] = []
         self._thread: threading.Thread | None = None
         self._closing = threading.Event()
+        self._refused = 0  # refusals so far: a probe ends the state only if none came since it began
         self.probes = 0  # probes tried (stats, tests)
 
     @property
@@ -55,11 +56,15 @@ class WriteRefusals:
         with self._lock:
             first = self.cause is None
             self.cause = cause
+            self._refused += 1
             if not first or self._closing.is_set():
                 return
             self.since_ns = time.monotonic_ns()
-            self._thread = threading.Thread(target=self._run, name="aios-store-probe", daemon=True)
-            self._thread.start()
+            # (A probe thread that saw the state end and has not yet left goes on probing instead: it finds the
+            # cause set under this lock. A second thread beside it told "takes writes again" twice.)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="aios-store-probe", daemon=True)
+                self._thread.start()
         log.warning("store: refusing writes until it takes them again (probed every %.3g s): %s", self._probe_s,
                     cause)
         self._tell(cause)
@@ -75,11 +80,17 @@ class WriteRefusals:
         while not self._closing.wait(self._probe_s):
             if self.cause is not None:
                 self.probes += 1
+                before = self._refused
                 try:
                     self._probe()  # (a refusal calls refused() again: the state stays, with its newest cause)
                 except Exception:
                     continue
-                self.passed()
+                with self._lock:
+                    # Only if no write was refused since the probe began: one refused after its commit (which ended
+                    # the state already, through ``passed``) began the state anew, and ending it here let new writes
+                    # through and turned health SERVING while the lock was held again.
+                    if self._refused == before:
+                        self.cause = None
             with self._lock:
                 if self.cause is not None:
                     continue
