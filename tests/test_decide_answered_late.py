@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 
 import grpc
 import pytest
@@ -116,11 +117,13 @@ def test_a_streamed_answer_held_up_on_its_way_out_is_checked_where_it_is_sent(ke
     stream_one_answered_late(channel, "sent-late", seed=5, fault=stall_before_the_send, monkeypatch=monkeypatch)
 
 
-def stall_the_first_send_s_completion(patch) -> None:
+def stall_the_first_send_s_completion(patch) -> list:
     """The injected fault: the first answer's "sent" report (``_Stream._after_send``, on gRPC's poller) comes
-    ``STALL_S`` late, as under a busy poller or a client reading slowly: answers ready meanwhile wait their turn."""
-    after_send = stream_pump._Stream._after_send
-    stalled = []
+    ``STALL_S`` late, as under a busy poller or a client reading slowly: answers ready meanwhile wait their turn.
+    Returns what the stream sent: (when its send began, the answer, that answer's deadline), each in order."""
+    after_send, answer, send_locked = (stream_pump._Stream._after_send, stream_pump._Stream.answer,
+                                       stream_pump._Stream._send_locked)
+    stalled, deadlines, sent = [], {}, []
 
     def late_report(self, token):
         if not stalled:
@@ -128,21 +131,36 @@ def stall_the_first_send_s_completion(patch) -> None:
             threading.Event().wait(STALL_S)
         return after_send(self, token)
 
+    def noting_deadlines(self, decision, nbytes, item, pending=None):
+        if pending is not None:
+            deadlines[decision.request_id] = pending.item.deadline_ns
+        return answer(self, decision, nbytes, item, pending)
+
+    def noting_sends(self, data):
+        decision = kpb.Decision.FromString(data)
+        sent.append((time.monotonic_ns(), decision, deadlines.get(decision.request_id)))
+        return send_locked(self, data)
+
     patch.setattr(stream_pump._Stream, "_after_send", late_report)
+    patch.setattr(stream_pump._Stream, "answer", noting_deadlines)
+    patch.setattr(stream_pump._Stream, "_send_locked", noting_sends)
+    return sent
 
 
 def test_a_pumped_answer_waiting_for_the_send_before_it_is_checked_when_its_turn_comes(kernel, channel, monkeypatch):
     if kernel.settings.front_end == "aio":
         pytest.skip("grpc.aio streams decisions through its event loop (the test above), not the pump")
-    late_before = _late_count(channel)
     cases = data.generate_cases(2, seed=6)
     requests = [claim_request(case, request_id=f"queued-{n}", timeout_ms=TIMEOUT_MS) for n, case in enumerate(cases)]
     with monkeypatch.context() as patch:
-        stall_the_first_send_s_completion(patch)
-        answers = {answer.request_id: answer
-                   for answer in kgrpc.DecisionServiceStub(channel).DecideStream(iter(requests), timeout=60)}
-    codes = sorted(answer.error_code for answer in answers.values())
-    assert codes == ["", "DEADLINE_EXCEEDED"], [(a.request_id, a.error_code, a.action) for a in answers.values()]
-    (late,) = [answer for answer in answers.values() if answer.error_code]
-    assert "its answer was ready" in late.error_message and late.audit_sequence > 0
-    assert _late_count(channel) == late_before + 1
+        sent = stall_the_first_send_s_completion(patch)
+        answers = list(kgrpc.DecisionServiceStub(channel).DecideStream(iter(requests), timeout=60))
+    assert len(answers) == len(sent) == 2
+    # Never an OK answer whose send began after its deadline: the one that waited for the stalled send is checked
+    # again when its turn comes (it went out OK, 0.4 s late, before).
+    for began_ns, answer, deadline_ns in sent:
+        assert answer.error_code or deadline_ns is None or began_ns <= deadline_ns, (answer.request_id, began_ns - deadline_ns)
+    waited = sent[1]  # (the second send waited for the first one's stalled report)
+    if waited[2] is None or waited[0] <= waited[2]:
+        pytest.skip("no answer was still in time when it began to wait (a host too slow for this check)")
+    assert waited[1].error_code == "DEADLINE_EXCEEDED" and "after its deadline" in waited[1].error_message
