@@ -339,7 +339,9 @@ class KernelServer:
         registration.add_to_server(server, [inference, *ours])
         if not asynchronous and self.settings.eager_receive:
             self._eager = eager_receive.attach([inference, *ours], self._pool, self.settings.answer_later,
-                                               self.settings.poller_inline, self.service.refusals)
+                                               self.settings.poller_inline, self.service.refusals,
+                                               eager_receive.waiting_cap(self.settings.workers),
+                                               eager_receive.waiting_bound(self.settings.workers))
             if self.settings.answer_later:
                 self._pump = stream_pump.attach(ours, self.decisions.engine, self._pool, budget, self.service.refusals)
         if not asynchronous:  # a StreamAudit follower keeps up with a busy kernel (windowed_sends.py)

@@ -37,5 +37,7 @@ def test_no_call_of_a_burst_is_cancelled_unseen(model_repo, front_end):
                     outcomes[f"{exc.code().name}: {exc.details()}"] += 1
     finally:
         server.stop(grace=1)
-    # Each call ran, or was refused past `workers` with gRPC's RESOURCE_EXHAUSTED, which clients send again.
-    assert set(outcomes) <= {"OK", "RESOURCE_EXHAUSTED: Concurrent RPC limit exceeded!"}, outcomes
+    # Each call ran, or was refused past `workers` with gRPC's RESOURCE_EXHAUSTED, which clients send again (or, on the
+    # threaded front end, past workers less the priority-1 reserve waiting for their request: eager_receive.py).
+    assert {outcome for outcome in outcomes if "its request message had not come" not in outcome} <= {
+        "OK", "RESOURCE_EXHAUSTED: Concurrent RPC limit exceeded!"}, outcomes

@@ -117,8 +117,8 @@ def test_streams_past_the_limit_on_one_connection_are_refused_and_the_kernel_ser
         assert {stream for stream, code in resets.items() if code in REFUSED} == beyond, resets
     finally:
         connection.close()
-    # The calls it held end with its connection. (Until they do, on the threaded front end they hold every one of
-    # `workers`: calls whose request has not arrived count there, docs/operations.md says so.)
+    # The calls it held end with its connection. (Until they do, on the threaded front end they hold slots of
+    # `workers`, within bounds: calls whose request has not arrived count there, test_waiting_calls.py.)
     assert serves_again(small_kernel.port)
 
 

@@ -43,6 +43,7 @@ from concurrent import futures
 
 from ..errors import NOT_DECIDED
 from .answer_later import DEFERRED, LaterAnswer, Outstanding, offer
+from .call_budget import default_reserve
 from .registration import unary_behaviour
 
 log = logging.getLogger("aios.api")
@@ -72,6 +73,28 @@ LONE_GAP_NS = 60_000
 # the gap test, each then holding the poller while the calls behind it queued.
 IDLE_SHARE_WEIGHT = 0.125
 LONE_IDLE_SHARE = 0.75
+
+# Calls waiting for their request message count against gRPC's limit (``maximum_concurrent_rpcs`` = workers) from
+# their arrival, and nothing else ends one while its connection is up: a client that opens calls and never sends
+# their requests held all of ``workers``, and gRPC then refused every other call before any code of ours ran. So:
+# - past ``waiting_cap`` (a quarter of workers: idle streams, max_streams, and watches, max_watches, hold slots too)
+#   each call in ends those that have waited ``MIN_WAIT_NS`` or more for their request;
+# - past ``waiting_bound`` (workers less the priority-1 reserve: above it the call budget refuses ordinary calls
+#   anyway) it ends one whatever its age, so gRPC's count stays below its limit and arrivals keep reaching us.
+# Not by the cap alone: a legitimate burst (4,000 ServerLive calls from one channel) had up to 403 calls at once
+# waiting for requests already on their way, the oldest 25 ms. Nothing is cut while there is room, however slowly
+# a request comes (a 60 MiB one over seconds).
+WAITING_SHARE = 0.25
+MIN_WAIT_NS = 1_000_000_000
+RETRY_AFTER_MS = 20  # as the call budget's hint (call_budget.py)
+
+
+def waiting_cap(workers: int) -> int:
+    return max(1, int(workers * WAITING_SHARE))
+
+
+def waiting_bound(workers: int) -> int:
+    return max(1, workers - default_reserve(workers))
 
 
 def _fallback(reason: str) -> None:
@@ -124,7 +147,8 @@ class EagerReceive(futures.ThreadPoolExecutor):
     threads of its own (``pool``, the server's ``HandlerPool``, runs them).
     """
 
-    def __init__(self, pool, answer_later: bool = True, refusals=None):  # (no super().__init__: nothing of ThreadPoolExecutor is used)
+    def __init__(self, pool, answer_later: bool = True, refusals=None,
+                 max_waiting: int | None = None, waiting_bound: int | None = None):  # (no super().__init__: nothing of ThreadPoolExecutor is used)
         self._pool = pool
         self._refusals = refusals  # where a call answered later counts an error status (observability.refusals)
         # Each behaviour's method ("Service.Method"): a call ended here, not by its handler, is counted under it.
@@ -142,6 +166,14 @@ class EagerReceive(futures.ThreadPoolExecutor):
         # Calls in, whose request is not yet: in progress for gRPC's limit, not yet in the pool
         # (the server's CallBudget adds them). Changed only on the poller thread.
         self.waiting = 0
+        # The calls counted in ``waiting`` that may still be ended, oldest first: call's _Finished -> (arrival, end,
+        # state, peer); and the same calls by their connection (peer address -> their _Finished, oldest first).
+        self._waiters: dict = {}
+        self._by_peer: dict = {}
+        self.max_waiting = max_waiting  # past it calls waiting MIN_WAIT_NS for their request are ended (None: never)
+        self.waiting_bound = max_waiting if waiting_bound is None else waiting_bound  # past it one is, of any age
+        self.min_wait_ns = MIN_WAIT_NS
+        self.ended_waiting = 0  # calls ended for it (tests, observability)
         self.outstanding = Outstanding()  # calls whose handler returned DEFERRED, not yet answered
 
     def submit(self, *args, **kwargs):
@@ -154,10 +186,17 @@ class EagerReceive(futures.ThreadPoolExecutor):
         finished = _Finished(self)
         self.calls += 1
 
+        ended = []  # (a flag: the call was ended while it waited for its request)
+
         def on_message(event):  # on the poller thread, like grpc's own receive callback
             self.waiting -= 1
+            self._forget(finished)
             serialized = event.batch_operations[0].message()
             with state.condition:
+                if ended:  # its status is sent (end, below); whatever came, this is its receive's end
+                    outcome = _gs._possibly_finish_call(state, _gs._RECEIVE_MESSAGE_TOKEN)
+                    finished.set_done()
+                    return outcome
                 if serialized is None:  # the client closed (or cancelled) without sending its request
                     if state.client is _gs._OPEN:
                         state.client = _gs._CLOSED
@@ -208,7 +247,61 @@ class EagerReceive(futures.ThreadPoolExecutor):
         rpc_event.call.start_server_batch((_cygrpc.ReceiveMessageOperation(_gs._EMPTY_FLAGS),), on_message)
         state.due.add(_gs._RECEIVE_MESSAGE_TOKEN)
         self.waiting += 1
+        if self.max_waiting is not None:
+            now = time.monotonic_ns()
+
+            def end(why: str) -> None:  # (with the call's state condition held)
+                ended.append(True)
+                self._refused(behaviour, "RESOURCE_EXHAUSTED")
+                self.ended_waiting += 1
+                state.trailing_metadata = NOT_DECIDED + (("retry-after-ms", str(RETRY_AFTER_MS)),)
+                # Sending the status closes the stream: the receive above completes (on_message) and ends the call.
+                _gs._abort(state, rpc_event.call, _cygrpc.StatusCode.resource_exhausted, why.encode())
+
+            peer = rpc_event.call.peer()
+            self._waiters[finished] = (now, end, state, peer)
+            self._by_peer.setdefault(peer, {})[finished] = None
+            # (counted by the calls that may still be ended: one already ended is gone once its receive completes)
+            if len(self._waiters) > self.max_waiting:
+                self._trim(now)
         return finished
+
+    def _forget(self, finished) -> None:
+        entry = self._waiters.pop(finished, None)
+        if entry is not None:
+            calls = self._by_peer[entry[3]]
+            del calls[finished]
+            if not calls:
+                del self._by_peer[entry[3]]
+
+    def _trim(self, now: int) -> None:
+        """More calls wait for their request than ``max_waiting``: end those that have waited ``min_wait_ns``, and,
+        past ``waiting_bound``, one more of any age. The one ended: the oldest on the connection with the most such
+        calls (a client that opens a new call for each one ended turned over all its own within ~10 ms, and a 60 MiB
+        request on another connection, 0.3 s in transit, was then always the oldest of all: cut 5 times of 5), else
+        the oldest of all. (Ties, as when each connection has one: the connection whose oldest came first.)"""
+        while len(self._waiters) > self.max_waiting:
+            peer = max(self._by_peer, key=lambda each: len(self._by_peer[each]))  # (first of the largest)
+            victim = next(iter(self._by_peer[peer]))
+            if now - self._waiters[victim][0] < self.min_wait_ns:
+                oldest = next(iter(self._waiters))
+                if now - self._waiters[oldest][0] >= self.min_wait_ns:
+                    victim = oldest
+                elif len(self._waiters) <= self.waiting_bound:
+                    return
+            self._end(victim, now)
+
+    def _end(self, victim, now: int) -> None:
+        arrived, end, state, peer = self._waiters[victim]
+        held = len(self._by_peer[peer])
+        self._forget(victim)
+        with state.condition:  # (the newest call's is held too: grpc holds it around submit; the poller's alone)
+            if _gs._is_rpc_state_active(state):
+                end(f"its request message had not come {(now - arrived) // 1_000_000} ms after the call began, and "
+                    f"{len(self._waiters) + 1} calls were waiting for theirs ({held} on its connection; at most "
+                    f"{self.max_waiting} wait {self.min_wait_ns // 1_000_000} ms or more, at most "
+                    f"{self.waiting_bound} in all): the longest-waiting is ended; send the request with the call, "
+                    f"retry after {RETRY_AFTER_MS} ms")
 
     def _refused(self, behaviour, code: str) -> None:
         """A call ended with ``code`` before its handler ran, counted as a handler's status is."""
@@ -268,15 +361,16 @@ class EagerReceive(futures.ThreadPoolExecutor):
 
 
 def attach(handlers, pool, answer_later: bool = True, poller_inline: bool = False,
-           refusals=None) -> EagerReceive | None:
+           refusals=None, max_waiting: int | None = None, waiting_bound: int | None = None) -> EagerReceive | None:
     """Route the unary-unary methods of ``handlers`` (``registration.ServiceHandlers``) through an
     ``EagerReceive`` on ``pool``; None (and a warning) where this grpcio does not allow it. With
     ``poller_inline`` (and ``answer_later``), behaviours marked ``runs_on_poller`` run on the poller
-    thread when they arrive to an idle server."""
+    thread when they arrive to an idle server. ``max_waiting``, ``waiting_bound``: how many calls may wait for their
+    request (``waiting_cap``, ``waiting_bound``); past them the longest-waiting are ended."""
     if not AVAILABLE:
         _fallback("this grpcio lacks the internals it follows")
         return None
-    eager = EagerReceive(pool, answer_later, refusals)
+    eager = EagerReceive(pool, answer_later, refusals, max_waiting, waiting_bound)
     on_poller = set()
     for service in handlers:
         for name, handler in getattr(service, "methods", {}).items():
