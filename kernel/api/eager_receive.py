@@ -166,10 +166,10 @@ class EagerReceive(futures.ThreadPoolExecutor):
         # Calls in, whose request is not yet: in progress for gRPC's limit, not yet in the pool
         # (the server's CallBudget adds them). Changed only on the poller thread.
         self.waiting = 0
-        # The calls counted in ``waiting`` that may still be ended, oldest first: call's _Finished -> (arrival, end,
-        # state, peer); and the same calls by their connection (peer address -> their _Finished, oldest first).
+        # The calls counted in ``waiting`` that may still be ended, oldest first: call's _Finished -> (arrival,
+        # rpc_event, state, behaviour, its "ended" flag); their connections' peers, asked only when trimming.
         self._waiters: dict = {}
-        self._by_peer: dict = {}
+        self._peers: dict = {}
         self.max_waiting = max_waiting  # past it calls waiting MIN_WAIT_NS for their request are ended (None: never)
         self.waiting_bound = max_waiting if waiting_bound is None else waiting_bound  # past it one is, of any age
         self.min_wait_ns = MIN_WAIT_NS
@@ -248,31 +248,27 @@ class EagerReceive(futures.ThreadPoolExecutor):
         state.due.add(_gs._RECEIVE_MESSAGE_TOKEN)
         self.waiting += 1
         if self.max_waiting is not None:
-            now = time.monotonic_ns()
-
-            def end(why: str) -> None:  # (with the call's state condition held)
-                ended.append(True)
-                self._refused(behaviour, "RESOURCE_EXHAUSTED")
-                self.ended_waiting += 1
-                state.trailing_metadata = NOT_DECIDED + (("retry-after-ms", str(RETRY_AFTER_MS)),)
-                # Sending the status closes the stream: the receive above completes (on_message) and ends the call.
-                _gs._abort(state, rpc_event.call, _cygrpc.StatusCode.resource_exhausted, why.encode())
-
-            peer = rpc_event.call.peer()
-            self._waiters[finished] = (now, end, state, peer)
-            self._by_peer.setdefault(peer, {})[finished] = None
+            # (per call only this; the ending, and each waiting call's connection, are worked out when trimming)
+            self._waiters[finished] = (time.monotonic_ns(), rpc_event, state, behaviour, ended)
             # (counted by the calls that may still be ended: one already ended is gone once its receive completes)
             if len(self._waiters) > self.max_waiting:
-                self._trim(now)
+                self._trim(time.monotonic_ns())
         return finished
 
     def _forget(self, finished) -> None:
-        entry = self._waiters.pop(finished, None)
-        if entry is not None:
-            calls = self._by_peer[entry[3]]
-            del calls[finished]
-            if not calls:
-                del self._by_peer[entry[3]]
+        if self._waiters.pop(finished, None) is not None:
+            self._peers.pop(finished, None)
+
+    def _by_connection(self) -> dict:
+        """The waiting calls by their connection (peer address -> their _Finished, oldest first); each call's peer
+        asked once, when a trim first needs it (gRPC's peer() is a call into the core: not made on every call)."""
+        by_peer: dict = {}
+        for finished, entry in self._waiters.items():
+            peer = self._peers.get(finished)
+            if peer is None:
+                peer = self._peers[finished] = entry[1].call.peer()
+            by_peer.setdefault(peer, []).append(finished)
+        return by_peer
 
     def _trim(self, now: int) -> None:
         """More calls wait for their request than ``max_waiting``: end those that have waited ``min_wait_ns``, and,
@@ -280,28 +276,40 @@ class EagerReceive(futures.ThreadPoolExecutor):
         calls (a client that opens a new call for each one ended turned over all its own within ~10 ms, and a 60 MiB
         request on another connection, 0.3 s in transit, was then always the oldest of all: cut 5 times of 5), else
         the oldest of all. (Ties, as when each connection has one: the connection whose oldest came first.)"""
+        by_peer = self._by_connection()
         while len(self._waiters) > self.max_waiting:
-            peer = max(self._by_peer, key=lambda each: len(self._by_peer[each]))  # (first of the largest)
-            victim = next(iter(self._by_peer[peer]))
+            peer = max(by_peer, key=lambda each: len(by_peer[each]))  # (first of the largest)
+            victim = by_peer[peer][0]
             if now - self._waiters[victim][0] < self.min_wait_ns:
                 oldest = next(iter(self._waiters))
                 if now - self._waiters[oldest][0] >= self.min_wait_ns:
                     victim = oldest
                 elif len(self._waiters) <= self.waiting_bound:
                     return
-            self._end(victim, now)
+            victim_peer = self._peers[victim]
+            held = len(by_peer[victim_peer])
+            by_peer[victim_peer].remove(victim)
+            if not by_peer[victim_peer]:
+                del by_peer[victim_peer]
+            self._end(victim, now, held)
 
-    def _end(self, victim, now: int) -> None:
-        arrived, end, state, peer = self._waiters[victim]
-        held = len(self._by_peer[peer])
+    def _end(self, victim, now: int, held: int) -> None:
+        """End ``victim``, a call still waiting for its request (``held``: the waiting calls on its connection)."""
+        arrived, rpc_event, state, behaviour, ended = self._waiters[victim]
         self._forget(victim)
         with state.condition:  # (the newest call's is held too: grpc holds it around submit; the poller's alone)
             if _gs._is_rpc_state_active(state):
-                end(f"its request message had not come {(now - arrived) // 1_000_000} ms after the call began, and "
-                    f"{len(self._waiters) + 1} calls were waiting for theirs ({held} on its connection; at most "
-                    f"{self.max_waiting} wait {self.min_wait_ns // 1_000_000} ms or more, at most "
-                    f"{self.waiting_bound} in all): the longest-waiting is ended; send the request with the call, "
-                    f"retry after {RETRY_AFTER_MS} ms")
+                ended.append(True)
+                self._refused(behaviour, "RESOURCE_EXHAUSTED")
+                self.ended_waiting += 1
+                state.trailing_metadata = NOT_DECIDED + (("retry-after-ms", str(RETRY_AFTER_MS)),)
+                why = (f"its request message had not come {(now - arrived) // 1_000_000} ms after the call began, and "
+                       f"{len(self._waiters) + 1} calls were waiting for theirs ({held} on its connection; at most "
+                       f"{self.max_waiting} wait {self.min_wait_ns // 1_000_000} ms or more, at most "
+                       f"{self.waiting_bound} in all): the longest-waiting is ended; send the request with the call, "
+                       f"retry after {RETRY_AFTER_MS} ms")
+                # Sending the status closes the stream: the receive completes (on_message) and ends the call.
+                _gs._abort(state, rpc_event.call, _cygrpc.StatusCode.resource_exhausted, why.encode())
 
     def _refused(self, behaviour, code: str) -> None:
         """A call ended with ``code`` before its handler ran, counted as a handler's status is."""
