@@ -181,6 +181,17 @@ def overlapping_pairs(policy) -> set[tuple[str, str]]:
     return pairs
 
 
+def every_row(values: dict) -> list[dict]:
+    """Every combination of ``values`` (input name -> its candidate values), the model's outputs fixed where the
+    table does not read them."""
+    names = list(values)
+    rows = [dict(zip(names, combo)) for combo in itertools.product(*values.values())] or [{}]
+    for row in rows:
+        row.setdefault("label", CLASSES[0])
+        row.setdefault("confidence", 0.5)
+    return rows
+
+
 def matches(collect, rows: list[dict]) -> np.ndarray:
     """rows x rules: which rules each row matches, read under COLLECT; every evaluator must agree."""
     ids = [r.id for r in collect.rules if not r.default]
@@ -213,11 +224,7 @@ def test_the_analysis_verdicts_are_exactly_what_brute_force_finds(table):
     values = candidates(collect)
     size = math.prod(len(v) for v in values.values())
     assume(size <= MAX_ROWS)
-    names = list(values)
-    rows = [dict(zip(names, combo)) for combo in itertools.product(*values.values())] or [{}]
-    for row in rows:
-        row.setdefault("label", CLASSES[0])
-        row.setdefault("confidence", 0.5)
+    rows = every_row(values)
     grid = matches(collect, rows)
     ids = [r.id for r in collect.rules if not r.default]
     shown = list(zip(ids, whens))
@@ -296,11 +303,7 @@ def test_the_verdicts_for_one_pipelines_rows_are_what_brute_force_finds_there(ta
         values[name] = sorted(set(inside), key=repr) or [None]
     assume(all(v != [None] for v in values.values()))
     assume(math.prod(len(v) for v in values.values()) <= MAX_ROWS)
-    names = list(values)
-    rows = [dict(zip(names, combo)) for combo in itertools.product(*values.values())] or [{}]
-    for row in rows:
-        row.setdefault("label", CLASSES[0])
-        row.setdefault("confidence", 0.5)
+    rows = every_row(values)
     grid = matches(collect, rows)
     ids = [r.id for r in collect.rules if not r.default]
     shown = (list(zip(ids, whens)), narrow)

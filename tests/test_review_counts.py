@@ -12,6 +12,7 @@ from test_review_queue import S, SettableClock, escalate
 
 from kernel.review import ReviewQueue
 from kernel.store import open_database
+from kernel.testing.sqlite_work import read_steps
 from kernel.store.schema import MIGRATIONS, migrate
 from kernel.store.sqlite import DATABASE_FILE
 
@@ -37,21 +38,12 @@ def _counted(db) -> dict[str, int]:
 
 
 def test_a_scrape_reads_the_late_reviews_count_in_work_that_does_not_grow_with_them(tmp_path):
-    steps = []
-
     def work_at(late: int) -> int:
-        db = open_database(tmp_path / str(late), read_connections=1)  # (one reader: the one traced below)
-        try:
-            with sqlite3.connect(db.path) as conn:
-                _late_rows(conn, late)
-            with db.read() as conn:
-                conn.set_progress_handler(lambda: steps.append(1), 100)  # every 100 SQLite VM instructions
-            steps.clear()
+        def read(db) -> None:
             assert db.reviews.gauges(0) == {f"p{i}": {"open": 0, "claimed": 0, "overdue": 0, "resolved_late": late // 2}
-                                           for i in range(2)}
-            return len(steps)
-        finally:
-            db.close()
+                                       for i in range(2)}
+
+        return read_steps(tmp_path / str(late), lambda conn: _late_rows(conn, late), read)
 
     few, many = work_at(100), work_at(20_000)
     assert many <= few + 2, (few, many)  # (counting the rows: ~1,000 more progress calls at 20 k)

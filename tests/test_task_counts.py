@@ -13,6 +13,7 @@ from kernel.store import MIGRATIONS, open_database
 from kernel.store.schema import migrate
 from kernel.store.sqlite import DATABASE_FILE
 from kernel.tasks import TaskStore
+from kernel.testing.sqlite_work import read_steps
 
 NOT_FINAL = (kpb.QUEUED, kpb.RUNNING, kpb.WAITING_FOR_REVIEW)
 ALL = (*NOT_FINAL, kpb.SUCCEEDED, kpb.FAILED, kpb.CANCELLED)
@@ -35,21 +36,12 @@ def _counted(db) -> dict[int, int]:
 
 
 def test_a_scrape_reads_the_task_counts_in_work_that_does_not_grow_with_the_tasks(tmp_path):
-    steps = []
-
     def work_at(tasks: int) -> int:
-        db = open_database(tmp_path / str(tasks), read_connections=1)  # (one reader: the one traced below)
-        try:
-            with sqlite3.connect(db.path) as conn:
-                _task_rows(conn, tasks)
-            with db.read() as conn:
-                conn.set_progress_handler(lambda: steps.append(1), 100)  # every 100 SQLite VM instructions
-            steps.clear()
+        def read(db) -> None:
             assert db.tasks.count_in_states(NOT_FINAL) == {kpb.QUEUED: tasks // 4, kpb.RUNNING: 0,
-                                                           kpb.WAITING_FOR_REVIEW: tasks - tasks // 4}
-            return len(steps)
-        finally:
-            db.close()
+                                                       kpb.WAITING_FOR_REVIEW: tasks - tasks // 4}
+
+        return read_steps(tmp_path / str(tasks), lambda conn: _task_rows(conn, tasks), read)
 
     few, many = work_at(100), work_at(20_000)
     assert many <= few + 2, (few, many)  # (counting over tasks_by_state: ~1,000 more progress calls at 20 k)
