@@ -29,6 +29,13 @@ def disk_full_on_put(*args, **kwargs):
     raise StoreFailed("the store cannot write to data_dir: database or disk is full (SQLITE_FULL)")
 
 
+def decided_with_the_disk_full(fault, decide, cases, keys: int) -> dict:
+    """The first ``keys`` cases decided under keys k0..k<keys-1> with ``disk_full_on_put`` in place (``fault``: a
+    monkeypatch context, left in place for the caller): index -> answer."""
+    fault.setattr(IdempotencyStore, "put", disk_full_on_put)
+    return {i: decide(claim_request(cases[i], idempotency_key=f"k{i}"), timeout=TIMEOUT_S) for i in range(keys)}
+
+
 def assert_one_decision_per_key(tmp_path, keys: int) -> None:
     """The audit log holds one decision for each of the keys k0..k<keys-1>: none was decided again."""
     decided = [r.idempotency_key for r in iter_directory(tmp_path / "data" / "audit", wanted=RecordFilter(
@@ -44,9 +51,7 @@ def test_a_retry_gets_the_answer_back_while_its_entry_cannot_be_written(claims_m
         with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             decide = kgrpc.DecisionServiceStub(channel).Decide
             with monkeypatch.context() as fault:
-                fault.setattr(IdempotencyStore, "put", disk_full_on_put)
-                first = {i: decide(claim_request(cases[i], idempotency_key=f"k{i}"), timeout=TIMEOUT_S)
-                         for i in range(6)}
+                first = decided_with_the_disk_full(fault, decide, cases, 6)
                 assert store.unwritten() == 6
                 for i, answer in first.items():  # retried while the disk is still full
                     again = decide(claim_request(cases[i], idempotency_key=f"k{i}"), timeout=TIMEOUT_S)
@@ -129,9 +134,7 @@ def test_answers_kept_in_memory_at_a_stop_are_stored_from_their_records_at_the_n
         with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             decide = kgrpc.DecisionServiceStub(channel).Decide
             with monkeypatch.context() as fault:
-                fault.setattr(IdempotencyStore, "put", disk_full_on_put)
-                first = {i: decide(claim_request(cases[i], idempotency_key=f"k{i}"), timeout=TIMEOUT_S)
-                         for i in range(4)}
+                first = decided_with_the_disk_full(fault, decide, cases, 4)
                 for case in cases[10:16]:  # later decisions (escalations among them) store review rows and the mark
                     decide(claim_request(case), timeout=TIMEOUT_S)
                 assert server.decisions.idempotency.unwritten() == 4

@@ -492,20 +492,27 @@ def test_in_fsync_mode_records_missing_from_the_log_refuse_the_start(claims_mode
 KEYS_LOST = 6  # idempotency entries the injected fault removes
 
 
-def test_keyed_decisions_recorded_before_a_kill_replay_to_their_retries(models, tmp_path):
-    """(Crash audit, 2026-11-27) a kill between a keyed decision's durable record and its idempotency entry let
-    the retry after the restart decide again: two records, and two reviews, for one key. The start stores the
-    keys of the records past the mark from the records themselves, which carry their request's hash."""
+def keyed_decisions_then_kill(models, tmp_path, prefix: str, key: str, count: int, seed: int):
+    """A served kernel (a process of its own) decides ``count`` claims under keys ``<key>-<i>`` and is killed
+    (SIGKILL): its pipelines folder, data dir, serve arguments, the requests and their answers."""
     pipelines = copy_pipelines(tmp_path / "pipelines")
     data_dir = tmp_path / "data"
     serve = ("--pipelines", str(pipelines), "--log-level", "WARNING")
     server = ServeProcess(models, *serve, data_dir=data_dir)
-    requests = [claim_request(case, request_id=f"k{i}", idempotency_key=f"order-{i}")
-                for i, case in enumerate(data.generate_cases(20, seed=23))]
+    requests = [claim_request(case, request_id=f"{prefix}{i}", idempotency_key=f"{key}-{i}")
+                for i, case in enumerate(data.generate_cases(count, seed=seed))]
     with grpc.insecure_channel(server.address) as channel:
         stub = kgrpc.DecisionServiceStub(channel)
         first = [stub.Decide(request, timeout=10) for request in requests]
     server.kill()
+    return pipelines, data_dir, serve, requests, first
+
+
+def test_keyed_decisions_recorded_before_a_kill_replay_to_their_retries(models, tmp_path):
+    """(Crash audit, 2026-11-27) a kill between a keyed decision's durable record and its idempotency entry let
+    the retry after the restart decide again: two records, and two reviews, for one key. The start stores the
+    keys of the records past the mark from the records themselves, which carry their request's hash."""
+    pipelines, data_dir, serve, requests, first = keyed_decisions_then_kill(models, tmp_path, "k", "order", 20, seed=23)
 
     # The injected fault: the newest entries never reached the store, and the mark is below their records.
     # (Lowered, never raised: review rows are stored after the answers, so the kill may have left the mark
@@ -645,16 +652,7 @@ def test_a_start_that_fails_leaves_the_reviews_and_keys_a_crash_lost_for_the_nex
     without the start having reopened anything: the next start, with space freed, reopened no review and
     stored no key from the records the crash had left past the mark. 76 escalations answered OK had no review
     from then on, and a retry of a keyed decision was decided again (a second record for the key)."""
-    pipelines = copy_pipelines(tmp_path / "pipelines")
-    data_dir = tmp_path / "data"
-    serve = ("--pipelines", str(pipelines), "--log-level", "WARNING")
-    server = ServeProcess(models, *serve, data_dir=data_dir)
-    requests = [claim_request(case, request_id=f"f{i}", idempotency_key=f"claim-{i}")
-                for i, case in enumerate(data.generate_cases(60, seed=31))]
-    with grpc.insecure_channel(server.address) as channel:
-        stub = kgrpc.DecisionServiceStub(channel)
-        first = [stub.Decide(request, timeout=10) for request in requests]
-    server.kill()
+    pipelines, data_dir, serve, requests, first = keyed_decisions_then_kill(models, tmp_path, "f", "claim", 60, seed=31)
     escalated = {d.review_id for d in first if d.review_id}
     assert len(escalated) > LOST
 

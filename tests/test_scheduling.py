@@ -711,6 +711,17 @@ def _slot_held_by_a_gated_batch(impl):
         lane.close()
 
 
+def _submit_patient(lane, model, count: int):
+    """``count`` requests ``o0``... with deadlines far off, submitted to ``lane``; them and their done events."""
+    import time
+
+    others = [item(model, rid=f"o{i}", deadline=time.monotonic_ns() + 10_000 * MS) for i in range(count)]
+    done = [_with_callback(it) for it in others]
+    for it in others:
+        lane.submit(it)
+    return others, done
+
+
 @pytest.mark.parametrize("impl", implementations(), ids=lambda cls: cls.name)
 def test_the_lane_answers_a_request_predicted_late_in_its_batch_without_running_it(impl):
     """Admitted alone (its own batch fits its deadline), a request is later joined by seven others; the batch of
@@ -723,10 +734,7 @@ def test_the_lane_answers_a_request_predicted_late_in_its_batch_without_running_
         tight = item(model, rid="tight", deadline=time.monotonic_ns() + 20 * MS)  # alone: <= 10 + 10 ms
         tight_done = _with_callback(tight)
         lane.submit(tight)
-        others = [item(model, rid=f"o{i}", deadline=time.monotonic_ns() + 10_000 * MS) for i in range(7)]
-        others_done = [_with_callback(it) for it in others]
-        for it in others:
-            lane.submit(it)
+        others, others_done = _submit_patient(lane, model, 7)
         gate.set()  # the holder ends; the next batch would be all eight: 52 ms, past "tight"'s deadline
         assert tight_done.wait(10) and holder_done.wait(10) and all(done.wait(10) for done in others_done)
     assert isinstance(tight.error, DeadlineExceeded) and tight.outputs is None
@@ -760,10 +768,7 @@ def test_a_request_whose_deadline_passes_before_its_formed_batch_starts_never_ru
         brief = item(model, rid="brief", deadline=time.monotonic_ns() + 400 * MS)  # in time for the batch (46 ms)
         brief_done = _with_callback(brief)
         lane.submit(brief)
-        others = [item(model, rid=f"o{i}", deadline=time.monotonic_ns() + 10_000 * MS) for i in range(6)]
-        others_done = [_with_callback(it) for it in others]
-        for it in others:
-            lane.submit(it)
+        others, others_done = _submit_patient(lane, model, 6)
         gate.set()
         assert stalled.wait(10) and brief_done.wait(10) and holder_done.wait(10)
         assert all(done.wait(10) for done in others_done)
