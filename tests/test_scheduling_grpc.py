@@ -286,7 +286,8 @@ def test_sync_front_end_refuses_calls_beyond_its_workers_at_once(repo):
             calls = [stub.ModelInfer.future(request_for("slow", np.ones((SLOW_ROWS, 64)), priority=1), timeout=120)
                      for _ in range(3)]
             wait_until(lambda: sum(server.lanes.load(slow)) == 3 or any(call.done() for call in calls))
-            assert not any(call.done() for call in calls), "the slow batches finished before the test could fill the workers"
+            # (a call done here finished or was refused before the test could fill the workers: say which, if it fails)
+            assert not any(call.done() for call in calls), [(call.code(), call.details()) for call in calls if call.done()]
             with pytest.raises(grpc.RpcError) as info:
                 stub.ModelInfer(request_for("tiny", np.ones((1, 16))), timeout=60)
             assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -392,7 +393,8 @@ def test_a_call_refused_for_the_threads_kept_for_priority_1_is_counted_for_its_m
             calls = [stub.ModelInfer.future(request_for("slow", np.ones((SLOW_ROWS, 64)), priority=1), timeout=120)
                      for _ in range(2)]
             wait_until(lambda: sum(server.lanes.load(slow)) == 2 or any(call.done() for call in calls))
-            assert not any(call.done() for call in calls), "the slow batches finished before the test could fill the workers"
+            # (a call done here finished or was refused before the test could fill the workers: say which, if it fails)
+            assert not any(call.done() for call in calls), [(call.code(), call.details()) for call in calls if call.done()]
             with pytest.raises(grpc.RpcError) as info:
                 stub.ModelInfer(request_for("tiny", np.ones((1, 16)), priority=2), timeout=60)
             assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
