@@ -233,3 +233,18 @@ def test_the_expiry_timer_drops_forgotten_cells_once_they_outnumber_the_live_one
         assert all(cell[0] is not None for cell in keep)
     finally:
         timer.close()
+
+
+def test_a_second_answer_that_is_dropped_is_not_counted_as_a_failed_call():
+    """A call answered once (here: its handler returned) and then failed by another thread (an expiry racing
+    the batch) sends nothing the second time; the failed-calls counter must not count what was not sent."""
+    from kernel.api.answer_later import LaterAnswer, Outstanding
+    from kernel.errors import DeadlineExceeded
+    from kernel.observability.refusals import CallRefusals
+
+    refusals = CallRefusals()
+    answer = LaterAnswer(None, None, None, None, Outstanding(), refusals=refusals)
+    answer.method = "ModelInfer"
+    assert answer.settle()
+    answer.fail(DeadlineExceeded("too late"))
+    assert refusals.snapshot() == {}

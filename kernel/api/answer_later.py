@@ -133,15 +133,16 @@ class LaterAnswer:
         """Answer with ``error``'s status: a ``KernelError`` as it says, anything else (or None) INTERNAL."""
         if not isinstance(error, KernelError):
             error = Internal(f"the request could not be finished{f': {error}' if error else ''}")
-        if self._refusals is not None:
-            self._refusals.count(self.method, error.code)
         code = _gs._common.STATUS_CODE_TO_CYGRPC_STATUS_CODE[grpc.StatusCode[error.code]]
-        self._status(code, error.message.encode(), None, error.trailers)
+        self._status(code, error.message.encode(), None, error.trailers, error.code)
 
-    def _status(self, code, details: bytes | None, serialized: bytes | None, trailers=None) -> None:
+    def _status(self, code, details: bytes | None, serialized: bytes | None, trailers=None,
+                failed_with: str | None = None) -> None:
         if not self._outstanding.change(self, deferring=False):  # a caller's bug; the first answer stands
             log.error("a deferred call was answered twice; the second answer is dropped")
             return
+        if failed_with is not None and self._refusals is not None:  # counted only when it is the answer sent
+            self._refusals.count(self.method, failed_with)
         state = self._state
         try:
             with state.condition:
