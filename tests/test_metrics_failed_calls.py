@@ -166,6 +166,28 @@ def test_calls_a_stop_refuses_are_counted_and_a_scrape_during_the_stop_answers(m
     assert not [key for key in got["samples"] if key[0] == "aios_calls_failed_total"]  # (not counted twice)
 
 
+def test_a_call_the_stopped_handler_pool_refuses_is_counted_as_refused_by_the_stop(model_repo):
+    """A call that passed the entry gate but reaches the handler pool once it is shut down (its request came
+    late in the stop) is refused as the gate refuses, and counted with the stop's refusals, not as a failure."""
+    from kernel.api.entry_gate import REFUSAL
+
+    server = start_kernel(model_repo, "sync", metrics_port=free_port())
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    try:
+        server._pool.shutdown(wait=False)  # injected: the pool's stop reached before this call's hand-off
+        with pytest.raises(grpc.RpcError) as refused:
+            igrpc.GRPCInferenceServiceStub(channel).ModelReady(ipb.ModelReadyRequest(name="tiny"), timeout=TIMEOUT_S)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert refused.value.details() == REFUSAL
+        assert dict(refused.value.trailing_metadata()).get("aios-not-decided") == "1"
+        got = scrape(server.metrics_port)
+        assert value(got, "aios_calls_refused_while_stopping_total") == 1
+        assert not [key for key in got["samples"] if key[0] == "aios_calls_failed_total"]  # (not counted twice)
+    finally:
+        channel.close()
+        server.stop(grace=0)
+
+
 @pytest.mark.parametrize("front_end", ["sync", "aio"])
 def test_a_model_call_that_fails_after_it_was_queued_is_counted(tmp_path, front_end):
     """DEADLINE_EXCEEDED for a request whose deadline passed in the queue: answered later, by the expiry timer on

@@ -42,6 +42,7 @@ import time
 from concurrent import futures
 
 from ..errors import NOT_DECIDED
+from . import entry_gate
 from .answer_later import DEFERRED, LaterAnswer, Outstanding, offer
 from .call_budget import default_reserve
 from .registration import unary_behaviour
@@ -148,8 +149,9 @@ class EagerReceive(futures.ThreadPoolExecutor):
     """
 
     def __init__(self, pool, answer_later: bool = True, refusals=None,
-                 max_waiting: int | None = None, waiting_bound: int | None = None):  # (no super().__init__: nothing of ThreadPoolExecutor is used)
+                 max_waiting: int | None = None, waiting_bound: int | None = None, gate=None):  # (no super().__init__: nothing of ThreadPoolExecutor is used)
         self._pool = pool
+        self._gate = gate  # the stop's entry gate (entry_gate.EntryGate): a call the stopped pool refuses counts there
         self._refusals = refusals  # where a call answered later counts an error status (observability.refusals)
         # Each behaviour's method ("Service.Method"): a call ended here, not by its handler, is counted under it.
         self._methods: dict = {}
@@ -235,11 +237,14 @@ class EagerReceive(futures.ThreadPoolExecutor):
             try:
                 self._pool.submit(run, self._respond, rpc_event, state, behaviour, request, deserializer, serializer,
                                   finished)
-            except RuntimeError:  # the pool is shut down: the server is stopping
-                self._refused(behaviour, "UNAVAILABLE")
+            except RuntimeError:  # the pool is shut down: the server is stopping, this call passed its gate earlier
+                if self._gate is not None:  # refused by the stop, as the gate refuses: counted with its refusals
+                    self._gate.counted()
+                else:
+                    self._refused(behaviour, "UNAVAILABLE")
                 with state.condition:
-                    state.trailing_metadata = NOT_DECIDED
-                    _gs._abort(state, rpc_event.call, _cygrpc.StatusCode.unavailable, b"the kernel is shutting down")
+                    state.trailing_metadata = entry_gate.TRAILERS
+                    _gs._abort(state, rpc_event.call, _cygrpc.StatusCode.unavailable, entry_gate.REFUSAL.encode())
                 finished.set_done()
             return outcome
 
@@ -369,7 +374,8 @@ class EagerReceive(futures.ThreadPoolExecutor):
 
 
 def attach(handlers, pool, answer_later: bool = True, poller_inline: bool = False,
-           refusals=None, max_waiting: int | None = None, waiting_bound: int | None = None) -> EagerReceive | None:
+           refusals=None, max_waiting: int | None = None, waiting_bound: int | None = None,
+           gate=None) -> EagerReceive | None:
     """Route the unary-unary methods of ``handlers`` (``registration.ServiceHandlers``) through an
     ``EagerReceive`` on ``pool``; None (and a warning) where this grpcio does not allow it. With
     ``poller_inline`` (and ``answer_later``), behaviours marked ``runs_on_poller`` run on the poller
@@ -378,7 +384,7 @@ def attach(handlers, pool, answer_later: bool = True, poller_inline: bool = Fals
     if not AVAILABLE:
         _fallback("this grpcio lacks the internals it follows")
         return None
-    eager = EagerReceive(pool, answer_later, refusals, max_waiting, waiting_bound)
+    eager = EagerReceive(pool, answer_later, refusals, max_waiting, waiting_bound, gate)
     on_poller = set()
     for service in handlers:
         for name, handler in getattr(service, "methods", {}).items():

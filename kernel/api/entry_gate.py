@@ -50,18 +50,18 @@ class EntryGate:
         self.last_refusal_ns = time.monotonic_ns()  # the quiet window counts from the close
         self.closed = True
 
-    def _counted(self) -> None:
+    def counted(self) -> None:
         with self._count:
             self.refused += 1
             self.last_refusal_ns = time.monotonic_ns()
 
     def _refuse_sync(self, request_or_iterator, context) -> None:
-        self._counted()
+        self.counted()
         context.set_trailing_metadata(TRAILERS)
         context.abort(grpc.StatusCode.UNAVAILABLE, REFUSAL)
 
     async def _refuse_async(self, request_or_iterator, context) -> None:
-        self._counted()
+        self.counted()
         await context.abort(grpc.StatusCode.UNAVAILABLE, REFUSAL, trailing_metadata=TRAILERS)
 
 
