@@ -70,6 +70,8 @@ def test_a_duplicate_in_flight_is_refused_with_a_hint_and_its_retry_replays_the_
     streamed = list(stub.DecideStream(iter([claim_request(CASE, idempotency_key=key, request_id="streamed",
                                                           priority=2)]), timeout=60))
     assert [(d.request_id, d.error_code) for d in streamed] == [("streamed", "ABORTED")]
+    assert 1 <= streamed[0].retry_after_ms <= 100  # the unary call's trailer, as a field (a stream has none)
+    assert not streamed[0].not_decided  # (the key's first call is deciding it)
     other = claim_request({**CASE, "claim_amount": CASE["claim_amount"] + 1}, idempotency_key=key, priority=2)
     with pytest.raises(grpc.RpcError) as info:
         stub.Decide(other, timeout=60)

@@ -235,3 +235,21 @@ def test_a_stopping_kernel_answers_what_a_stream_took_and_ends_it_saying_the_res
     assert took < 10, took  # not held for the 20 s grace
     recorded = {r.request_id for r in iter_directory(tmp_path / "data" / "audit", 0, RecordFilter(kind=kpb.DECISION))}
     assert {d.request_id for d in answered if not d.error_code} == recorded  # every decision made was answered
+
+
+def test_a_streamed_error_answer_carries_the_unary_calls_trailers_as_fields():
+    """A stream's answers have no trailers: what a unary call's would say (when to send again, that nothing
+    was decided, where a decision answered with an error was recorded) is in the answer's own fields."""
+    from kernel.errors import NOT_DECIDED, ResourceExhausted, Unavailable
+    from kernel.pipelines.group_finish import RECORDED_TRAILER
+    from kernel.pipelines.stream import error_decision
+
+    request = kpb.DecisionRequest(request_id="r1", pipeline="claims_triage", tenant="t")
+    full = error_decision(request, ResourceExhausted("queue full", trailers=(("retry-after-ms", "250"),)))
+    assert (full.error_code, full.retry_after_ms, full.not_decided) == ("RESOURCE_EXHAUSTED", 250, False)
+    draining = error_decision(request, Unavailable("stopping", trailers=(*NOT_DECIDED, ("retry-after-ms", "1000"))))
+    assert (draining.retry_after_ms, draining.not_decided, draining.audit_sequence) == (1000, True, 0)
+    recorded = error_decision(request, Unavailable("review not stored", trailers=((RECORDED_TRAILER, "17"),)))
+    assert (recorded.audit_sequence, recorded.retry_after_ms, recorded.not_decided) == (17, 0, False)
+    plain = error_decision(request, ValueError("boom"))
+    assert (plain.error_code, plain.retry_after_ms, plain.not_decided) == ("INTERNAL", 0, False)

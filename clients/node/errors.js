@@ -75,12 +75,14 @@ function parseSequence(text) {
 }
 
 // The kernel's retry-after-ms hint in milliseconds, or null: from a KernelError, a raw grpc-js
-// ServiceError, or a DecideStream error answer (its error_message says "retry after N ms").
+// ServiceError, or a DecideStream error answer (its retry_after_ms; from a kernel older than that field,
+// its error_message's "retry after N ms").
 function retryAfterMs(errOrAnswer) {
   if (!errOrAnswer) return null;
   if (errOrAnswer instanceof KernelError) return errOrAnswer.retryAfterMs;
   if (errOrAnswer.metadata) return parseRetryAfter(firstTrailer(errOrAnswer.metadata, 'retry-after-ms'));
   if (errOrAnswer.error_code) {
+    if (errOrAnswer.retry_after_ms) return Number(errOrAnswer.retry_after_ms);
     const m = /retry after ([0-9]{1,15}) ms/.exec(errOrAnswer.error_message || '');
     return m ? Number(m[1]) : null;
   }

@@ -26,7 +26,7 @@ from functools import partial
 
 from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
 from ..at_send import AtSend
-from ..errors import Cancelled, InvalidArgument, KernelError, Unavailable
+from ..errors import NOT_DECIDED, Cancelled, InvalidArgument, KernelError, Unavailable
 from ..scheduling.stream_window import StreamHold, StreamWindow
 from ..threads import name_native_thread
 from .flow import ANONYMOUS, DecisionEngine, Pending
@@ -39,6 +39,9 @@ log = logging.getLogger("aios.decisions")
 _END = object()
 _DRAINED = object()  # the kernel is stopping (stream_drains.py)
 
+
+RETRY_AFTER_TRAILER = "retry-after-ms"
+NOT_DECIDED_TRAILER = NOT_DECIDED[0][0]
 
 STREAM_RPC = "DecisionService.DecideStream"  # the method label of aios_calls_failed_total (observability.refusals)
 
@@ -60,10 +63,14 @@ def error_decision(request, exc: BaseException) -> kpb.Decision:
     answer = kpb.Decision(request_id=request.request_id, pipeline=request.pipeline, tenant=request.tenant,
                           error_code=code, error_message=message)
     # What a unary call's trailers say (a stream's answers have none): where a decision answered with an
-    # error was recorded all the same.
+    # error was recorded all the same, when to send it again, and whether nothing was decided.
     for key, value in getattr(exc, "trailers", ()):
         if key == RECORDED_TRAILER:
             answer.audit_sequence = int(value)
+        elif key == RETRY_AFTER_TRAILER:
+            answer.retry_after_ms = min(int(value), 0xFFFFFFFF)
+        elif key == NOT_DECIDED_TRAILER:
+            answer.not_decided = True
     return answer
 
 

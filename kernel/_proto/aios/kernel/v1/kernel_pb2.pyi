@@ -136,7 +136,7 @@ class ModelProvenance(_message.Message):
     def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., route_arm: _Optional[str] = ..., confidence: _Optional[float] = ..., class_scores: _Optional[_Mapping[str, float]] = ..., model_sha256: _Optional[str] = ...) -> None: ...
 
 class Decision(_message.Message):
-    __slots__ = ("request_id", "action", "reasons", "outcome", "model", "input_hash", "policy_name", "policy_hash", "review_id", "phase_timings_ns", "audit_sequence", "audit_hash", "pipeline", "pipeline_version", "tenant", "idempotency_key", "replayed", "policy_version", "escalation_reasons", "error_code", "error_message", "links_to_audit_sequence", "score_adjustment")
+    __slots__ = ("request_id", "action", "reasons", "outcome", "model", "input_hash", "policy_name", "policy_hash", "review_id", "phase_timings_ns", "audit_sequence", "audit_hash", "pipeline", "pipeline_version", "tenant", "idempotency_key", "replayed", "policy_version", "escalation_reasons", "error_code", "error_message", "links_to_audit_sequence", "score_adjustment", "retry_after_ms", "not_decided")
     class PhaseTimingsNsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -167,6 +167,8 @@ class Decision(_message.Message):
     ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
     LINKS_TO_AUDIT_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     SCORE_ADJUSTMENT_FIELD_NUMBER: _ClassVar[int]
+    RETRY_AFTER_MS_FIELD_NUMBER: _ClassVar[int]
+    NOT_DECIDED_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     action: str
     reasons: _containers.RepeatedCompositeFieldContainer[Reason]
@@ -190,7 +192,9 @@ class Decision(_message.Message):
     error_message: str
     links_to_audit_sequence: int
     score_adjustment: float
-    def __init__(self, request_id: _Optional[str] = ..., action: _Optional[str] = ..., reasons: _Optional[_Iterable[_Union[Reason, _Mapping]]] = ..., outcome: _Optional[_Union[Outcome, str]] = ..., model: _Optional[_Union[ModelProvenance, _Mapping]] = ..., input_hash: _Optional[str] = ..., policy_name: _Optional[str] = ..., policy_hash: _Optional[str] = ..., review_id: _Optional[str] = ..., phase_timings_ns: _Optional[_Mapping[str, int]] = ..., audit_sequence: _Optional[int] = ..., audit_hash: _Optional[str] = ..., pipeline: _Optional[str] = ..., pipeline_version: _Optional[str] = ..., tenant: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., replayed: _Optional[bool] = ..., policy_version: _Optional[str] = ..., escalation_reasons: _Optional[_Iterable[str]] = ..., error_code: _Optional[str] = ..., error_message: _Optional[str] = ..., links_to_audit_sequence: _Optional[int] = ..., score_adjustment: _Optional[float] = ...) -> None: ...
+    retry_after_ms: int
+    not_decided: bool
+    def __init__(self, request_id: _Optional[str] = ..., action: _Optional[str] = ..., reasons: _Optional[_Iterable[_Union[Reason, _Mapping]]] = ..., outcome: _Optional[_Union[Outcome, str]] = ..., model: _Optional[_Union[ModelProvenance, _Mapping]] = ..., input_hash: _Optional[str] = ..., policy_name: _Optional[str] = ..., policy_hash: _Optional[str] = ..., review_id: _Optional[str] = ..., phase_timings_ns: _Optional[_Mapping[str, int]] = ..., audit_sequence: _Optional[int] = ..., audit_hash: _Optional[str] = ..., pipeline: _Optional[str] = ..., pipeline_version: _Optional[str] = ..., tenant: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., replayed: _Optional[bool] = ..., policy_version: _Optional[str] = ..., escalation_reasons: _Optional[_Iterable[str]] = ..., error_code: _Optional[str] = ..., error_message: _Optional[str] = ..., links_to_audit_sequence: _Optional[int] = ..., score_adjustment: _Optional[float] = ..., retry_after_ms: _Optional[int] = ..., not_decided: _Optional[bool] = ...) -> None: ...
 
 class Task(_message.Message):
     __slots__ = ("task_id", "state", "request", "decision", "error", "created_unix_ns", "updated_unix_ns", "attempts", "review_id", "history", "audit_from_sequence", "replayed", "next_attempt_unix_ns")
