@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import errno
 import os
+import resource
 import shutil
 import sqlite3
 from pathlib import Path
@@ -36,6 +37,8 @@ SQLITE_FULL, SQLITE_CANTOPEN, SQLITE_NOTADB = 13, 14, 26
 DAMAGE = frozenset({SQLITE_CORRUPT, SQLITE_NOTADB})  # the file's bytes are wrong: fail-stop
 PASSING = frozenset({SQLITE_BUSY, SQLITE_LOCKED, SQLITE_IOERR, SQLITE_FULL})  # may pass: retry
 RETRY_AFTER_MS = 1000  # the hint on a write refused for a full disk or a lock: space is freed in seconds, not ms
+# A write that failed at the file-size limit left its file within one write of it (a page, a WAL frame).
+FILE_SIZE_LIMIT_MARGIN = 1 << 16
 LOW_SPACE_BYTES = 1 << 20  # below this much free space an I/O error is most likely the disk being full
 # A store refusing writes is not taken for recovered while less than this is free, whatever a probe's small write did:
 # on a full disk one row still fits in the write-ahead log's old frames (a drill's health flapped every second).
@@ -80,6 +83,21 @@ def _low_on_space(folder: Path, below: int = LOW_SPACE_BYTES) -> bool:
         return False
 
 
+def _at_file_size_limit(path: Path) -> int | None:
+    """The file-size limit the process runs under (RLIMIT_FSIZE: `ulimit -f`, systemd's LimitFSIZE) if the store's
+    file or its write-ahead log has reached it: SQLite reports a write past it as a full disk (or an I/O error)."""
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit == resource.RLIM_INFINITY:
+        return None
+    for name in (path.name, f"{path.name}-wal", f"{path.name}-journal"):
+        try:
+            if (path.parent / name).stat().st_size + FILE_SIZE_LIMIT_MARGIN >= limit:
+                return limit
+        except OSError:
+            continue
+    return None
+
+
 def short_of_space(folder: Path) -> str | None:
     """Why a store refusing writes should go on refusing them though a probe's write committed, if it should."""
     if _low_on_space(folder, RECOVERED_SPACE_BYTES):
@@ -101,6 +119,9 @@ def sqlite_cause(exc: sqlite3.Error, path: Path) -> str:
         return _cannot_open_cause(exc, path)
     if code == SQLITE_READONLY:
         return f"{name} cannot be written ({exc}): make the file and the data dir writable by the kernel's user"
+    if code in (SQLITE_FULL, SQLITE_IOERR) and (limit := _at_file_size_limit(path)) is not None:
+        return (f"{name} cannot grow past the file-size limit the kernel runs under ({limit} bytes; {exc}): lift it "
+                f"(`ulimit -f` in the kernel's shell, LimitFSIZE in its systemd unit)")
     if code == SQLITE_FULL or (code == SQLITE_IOERR and _low_on_space(path.parent)):
         return f"the disk holding {name} is full ({exc}): free space there"
     if code == SQLITE_IOERR:
@@ -131,6 +152,8 @@ def os_cause(exc: OSError) -> str:
         return f"{reason}: choose a data_dir on a writable file system"
     if exc.errno == errno.ENOSPC:
         return f"{reason}: the disk is full; free space there"
+    if exc.errno == errno.EFBIG:
+        return f"{reason}: lift the file-size limit the kernel runs under (`ulimit -f`, LimitFSIZE in its systemd unit)"
     if exc.errno in (errno.EACCES, errno.EPERM):
         return f"{reason}: make it writable by the kernel's user"
     return reason
