@@ -66,6 +66,9 @@ def parse_args(argv=None):
     p.add_argument("--neighbour-process", action="store_true",
                    help="drive the closed-loop neighbour from a process of its own, as a separate client service "
                         "would (default: one event loop drives both streams)")
+    p.add_argument("--neighbour-kernel", action="store_true",
+                   help="also run the neighbour (priority 2) against a kernel process of its own on the same core: "
+                        "what two processes sharing the core give, the bound of isolation inside one process")
     # machinery
     p.add_argument("--wait-idle", type=float, help="before each server start wait up to S s for an idle machine "
                                                     "(default 10; 0 with --quick)")

@@ -139,13 +139,13 @@ async def _drive(url: str, opens: list[OpenLoad], closeds: list[ClosedLoad], war
         # A connection of its own per stream, as separate client services would have.
         for stream in [o.stream for o in opens] + [c.stream for c in closeds]:
             if stream.name not in calls:
-                own = _channel(url, own_connection=True)
+                own = _channel(stream.url or url, own_connection=True)
                 await asyncio.wait_for(own.channel_ready(), 10)
                 own_channels.append(own)
                 calls[stream.name] = own.unary_unary(INFER_METHOD, request_serializer=None, response_deserializer=None)
 
-    if channel_per_stream:
-        await open_channels()
+    if channel_per_stream or any(load.stream.url for load in [*opens, *closeds]):
+        await open_channels()  # (a stream to another server needs a channel of its own)
 
     def multicallable(stream: Stream):
         if stream.name not in calls:

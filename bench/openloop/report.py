@@ -163,13 +163,14 @@ def summarise(ctx: Ctx, info: dict) -> tuple[dict, str]:
                   f"closed loop with {p['neighbour_concurrency']} in flight (priority 2, or 1 as a control), or open loop "
                   f"at {p.get('open_neighbour_rps', 0):,.0f}/s (1 s gRPC deadline, priority 2). Latency of tiny from its "
                   "scheduled send.\n")
-        arms = ["solo", "neighbour-p2(closed)", "neighbour-p1(closed)", "neighbour-p2(open)"]
+        arms = ["solo", "neighbour-p2(closed)", "neighbour-p2(own kernel)", "neighbour-p1(closed)", "neighbour-p2(open)"]
         md.append(header)
         md += arm_rows("priority", "tiny", arms)
         md.append("")
         md.append("Neighbour (large_mlp):\n")
         md.append(header)
         md += arm_rows("priority", "large-p2[closed]", ["neighbour-p2(closed)"])
+        md += arm_rows("priority", "large-p2-apart[closed]", ["neighbour-p2(own kernel)"])
         md += arm_rows("priority", "large-p1[closed]", ["neighbour-p1(closed)"])
         md += arm_rows("priority", "large-p2-open", ["neighbour-p2(open)"])
         res = {}
@@ -200,7 +201,7 @@ def summarise(ctx: Ctx, info: dict) -> tuple[dict, str]:
             summary["priority"]["tiny_ms_inside_kernel"] = inside
             md.append("- tiny's mean time inside the kernel (scheduler queue + batch, ModelStatistics), per round: "
                       + "; ".join(f"{arm} " + ", ".join(f"{v:.3f}" for v in values if v is not None) + " ms"
-                                  for arm, values in inside.items()))
+                                  for arm, values in inside.items() if any(v is not None for v in values)))
         for arm, r in res.items():
             if "per_round" not in r:
                 continue

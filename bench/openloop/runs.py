@@ -32,7 +32,7 @@ class Ctx:
     seq: int = 0
 
 
-def start(ctx: Ctx, label: str, repo: Path) -> procs.ServerProc:
+def start(ctx: Ctx, label: str, repo: Path, extra_args: tuple[str, ...] = (), nice: int = 0) -> procs.ServerProc:
     args = ctx.args
     entry = {"label": label, "repo": str(repo)}
     ctx.servers.append(entry)
@@ -41,8 +41,8 @@ def start(ctx: Ctx, label: str, repo: Path) -> procs.ServerProc:
         if entry["busy_before_start"] >= 0.3:
             print(f"   note: machine busy ({entry['busy_before_start']:.2f} cores used by others) after "
                   f"{entry['idle_wait_s']:.0f} s; starting anyway", flush=True)
-    argv = [procs.python(), "-m", "kernel", "serve", "--models", repo, "--port", "0", "--log-level", "WARNING",
-            "--front-end", args.front_end]
+    argv = [*(("nice", "-n", str(nice)) if nice else ()), procs.python(), "-m", "kernel", "serve", "--models", repo, "--port", "0", "--log-level", "WARNING",
+            "--front-end", args.front_end, *extra_args]
     ctx.seq += 1
     log_path = ctx.logs / f"{ctx.seq:03d}-{label}.log"
     server = procs.start_server(label, argv, procs.READY_KERNEL, log_path, cpu=args.server_cpu,

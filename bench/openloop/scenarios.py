@@ -106,6 +106,8 @@ def scenario_priority(ctx: Ctx) -> dict:
     args = ctx.args
     repo = build_repo(ctx.out, "tiny-large", {"tiny_mlp": model_toml("tiny_mlp", 64),
                                               "large_mlp": model_toml("large_mlp", 64)})
+    # (--neighbour-kernel: the neighbour's own kernel process, pinned to the same core, serving large_mlp alone)
+    large_only = build_repo(ctx.out, "large-only", {"large_mlp": model_toml("large_mlp", 64)}) if args.neighbour_kernel else None
     tiny = make_stream("tiny", "tiny_mlp", priority=1)
     tiny_times = poisson(np.random.default_rng(args.seed + 2), args.tiny_rps, 0.0, args.warmup + args.seconds)
     large_p2 = make_stream("large-p2", "large_mlp", priority=2)
@@ -121,6 +123,16 @@ def scenario_priority(ctx: Ctx) -> dict:
             if args.priority_control:
                 measure(ctx, server, "priority", "neighbour-p1(closed)", rnd, [OpenLoad(tiny, tiny_times)],
                         [ClosedLoad(large_p1, args.neighbour_concurrency)])
+            if args.neighbour_kernel:
+                # (the whole process niced as the kernel's batch_nice lowers a batch: the neighbour is the bulk)
+                other = start(ctx, f"priority-neighbour-r{rnd}", large_only,
+                              ("--data-dir", str(ctx.out / f"neighbour-data-r{rnd}")), nice=10)
+                try:
+                    apart = make_stream("large-p2-apart", "large_mlp", priority=2, url=other.url)
+                    measure(ctx, server, "priority", "neighbour-p2(own kernel)", rnd, [OpenLoad(tiny, tiny_times)],
+                            [ClosedLoad(apart, args.neighbour_concurrency)])
+                finally:
+                    stop(other)
             if args.open_neighbour:
                 if open_rate is None:
                     open_rate = args.open_neighbour * stream_stats(b, "large-p2[closed]")["throughput_rps"]

@@ -43,6 +43,7 @@ class Stream:
     data: bytes
     deadline_s: float | None = None
     deadline_via: str = "timeout"  # "timeout": Triton parameter (+ GUARD_S gRPC guard); "grpc": gRPC deadline
+    url: str | None = None  # another server than the run's (a neighbour in a kernel process of its own)
 
     @property
     def grpc_timeout(self) -> float:
@@ -52,11 +53,12 @@ class Stream:
 
 
 def make_stream(name: str, model: str, *, priority: int | None = None, deadline_ms: float | None = None,
-                deadline_via: str = "timeout", rows: int = 1, served_as: str | None = None) -> Stream:
+                deadline_via: str = "timeout", rows: int = 1, served_as: str | None = None,
+                url: str | None = None) -> Stream:
     deadline_s = deadline_ms / 1000 if deadline_ms else None
     timeout_us = int(deadline_ms * 1000) if deadline_ms and deadline_via == "timeout" else None
     return Stream(name, served_as or model, payload(model, rows, priority, timeout_us, served_as=served_as),
-                  deadline_s, deadline_via)
+                  deadline_s, deadline_via, url)
 
 
 @dataclass
