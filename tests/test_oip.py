@@ -229,9 +229,7 @@ def test_repository_index_load_unload(triton):
         with pytest.raises(InferenceServerException) as info:
             triton.get_model_metadata("identity")
         assert info.value.status() == "StatusCode.NOT_FOUND"
-        with pytest.raises(InferenceServerException) as info:
-            triton.unload_model("identity")
-        assert info.value.status() == "StatusCode.NOT_FOUND"
+        triton.unload_model("identity")  # (unloaded already: OK, as Triton answers)
     finally:
         triton.load_model("identity")
     assert triton.is_model_ready("identity")

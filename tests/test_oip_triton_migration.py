@@ -133,3 +133,28 @@ def test_sequence_parameters_are_accepted_and_ignored_as_triton_does_without_seq
         result = triton.infer("tiny", tiny_inputs(), model_version="1", sequence_id=42, sequence_start=start,
                               sequence_end=end)
         np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), plain)
+
+
+# ----------------------------------------------------------------------------- unload, as Triton's, is idempotent
+def test_unloading_a_model_that_is_not_loaded_succeeds_as_triton_does(triton):
+    # Triton's unload of a model with nothing loaded is a success (a clean-up script, or one unloading every
+    # model the index lists, UNAVAILABLE ones too, runs unchanged); the kernel answered NOT_FOUND.
+    triton.unload_model("identity")
+    try:
+        triton.unload_model("identity")  # (already unloaded)
+        assert not triton.is_model_ready("identity")
+        for entry in triton.get_model_repository_index().models:  # every model the index lists, as such scripts do
+            triton.unload_model(entry.name)
+        assert not triton.is_server_ready()  # (nothing loaded: see "Not ready without a model")
+    finally:
+        for name in ("tiny", "identity", "reshape"):
+            triton.load_model(name)
+    assert triton.is_model_ready("identity") and triton.is_model_ready("tiny")
+
+
+def test_unloading_a_name_the_repository_does_not_hold_is_still_not_found(triton):
+    # (a typo is told, not answered OK: the one difference from Triton's unload, in the README)
+    with pytest.raises(InferenceServerException) as info:
+        triton.unload_model("not_in_repo")
+    assert info.value.status() == "StatusCode.NOT_FOUND", info.value
+    assert "not_in_repo" in info.value.message() and "repository" in info.value.message()

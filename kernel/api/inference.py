@@ -195,8 +195,11 @@ class InferenceService:
         name = request.model_name
         check_model_name(name)
         _one_repository(request.repository_name)
-        if not self.hub.unload(name):
-            raise NotFound(f"model {quote(name)} is not loaded")
+        # A model with nothing loaded is unloaded already: OK, as Triton answers (a clean-up script, or one
+        # unloading each model the index lists, got NOT_FOUND for the UNAVAILABLE ones). A name the repository
+        # does not hold is still NOT_FOUND, where Triton says OK: a typo is told.
+        if not self.hub.unload(name) and name not in self.hub.scan():
+            raise NotFound(f"model {quote(name)} is not in the repository {self.hub.root} (nor loaded)")
         return pb.RepositoryModelUnloadResponse()
 
     # -- inference ------------------------------------------------------------------
