@@ -45,6 +45,8 @@ def build_repository(root: Path) -> Path:
     onnx_models.save(onnx_models.reshape(), root / "reshape" / "1" / "model.onnx")  # a 2-D output, no batch dim
     typed = [(name, datatype, 2) for name, datatype in INTEGERS] + [("text", "BYTES", 1)]
     onnx_models.save(onnx_models.identity(typed), root / "typed" / "1" / "model.onnx")
+    planes = [("p", "FP32", (None, None)), ("s", "BYTES", (None, None))]  # per-row dims both dynamic
+    onnx_models.save(onnx_models.identity(planes), root / "planes" / "1" / "model.onnx")
     onnx_models.save(onnx_models.mlp([16, 8, 4]), root / "optional" / "1" / "model.onnx")
     (root / "optional" / "1" / "model.toml").write_text(
         onnx_models.mlp_toml(16, 4).replace('dims = [16]\n', 'dims = [16]\noptional = true\n'))
@@ -251,6 +253,43 @@ def test_values_in_two_typed_contents_fields_are_refused(stub):
 def test_an_output_requested_twice_is_refused(triton):
     outputs = [tc.InferRequestedOutput("x_out"), tc.InferRequestedOutput("n_out"), tc.InferRequestedOutput("x_out")]
     assert refused(triton.infer, "scores", scores_inputs(X, N), outputs=outputs) == "output 'x_out' is requested twice"
+
+
+# ----------------------------------------------------------------------------- 5b. shapes with no elements
+HUGE = 2**63 - 1  # (the largest dim the protocol's int64 shape can carry)
+
+
+def planes_request(p_shape, s_shape, typed: bool = False) -> pb.ModelInferRequest:
+    """An empty ``p`` (FP32) and ``s`` (BYTES) of those shapes, raw or in typed contents."""
+    request = pb.ModelInferRequest(model_name="planes")
+    for name, datatype, shape in (("p", "FP32", p_shape), ("s", "BYTES", s_shape)):
+        tensor = request.inputs.add(name=name, datatype=datatype, shape=shape)
+        if typed:
+            tensor.contents.SetInParent()  # (no values: the shapes hold none)
+    if not typed:
+        request.raw_input_contents.extend([b"", b""])
+    return request
+
+
+@pytest.mark.parametrize("p_shape, s_shape, typed, named", [
+    ([1, 0, HUGE], [1, 0, 1], False, "p"),
+    ([1, HUGE, 0], [1, 0, 1], True, "p"),
+    ([1, 0, 1], [1, 0, HUGE], False, "s"),
+    ([1, 0, 1], [1, HUGE // 4, 0], True, "s"),
+])
+def test_a_shape_with_no_elements_but_dims_past_any_tensor_is_refused(stub, p_shape, s_shape, typed, named):
+    # (Its element count, 0, passed every size check; numpy then refused the shape: INTERNAL with a traceback.)
+    shape = p_shape if named == "p" else s_shape
+    assert stub_refused(stub, planes_request(p_shape, s_shape, typed)) == (
+        f"input '{named}': shape {shape} has dims past what a tensor can hold (the dims that are not 0 multiply "
+        "to more than 2**63 bytes)")
+
+
+def test_a_shape_with_no_elements_is_served_as_triton_serves_it(stub):
+    for typed in (False, True):
+        response = stub.ModelInfer(planes_request([1, 0, 2**40], [1, 3, 0], typed), timeout=10)
+        assert [list(t.shape) for t in response.outputs] == [[1, 0, 2**40], [1, 3, 0]]
+        assert list(response.raw_output_contents) == [b"", b""]
 
 
 # ----------------------------------------------------------------------------- 6. model.toml `optional`

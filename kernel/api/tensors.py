@@ -25,6 +25,7 @@ from ..models.datatypes import DataType
 _SHARED_MEMORY_KEYS = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
 
 BYTES_PREFIX = 4  # each BYTES element's little-endian length, before its bytes (kernel/bytes_codec.py)
+_MAX_ARRAY_BYTES = np.iinfo(np.intp).max  # numpy's bound on an array's dims times its item size (BYTES: 8, a pointer)
 
 
 def _refuse_shared_memory(kind: str, name: str, parameters, instead: str) -> None:
@@ -42,6 +43,11 @@ def _expected_shape(config: ModelConfig, spec: TensorSpec, shape: tuple[int, ...
             return f"shape {list(shape)} has a negative dim"
         if expect != -1 and have != expect:
             return f"shape {list(shape)} does not match the model's {want}"
+    # A shape with a 0 holds no elements, so every size check passes, but numpy sizes an array by its other dims
+    # too: [1, 0, 2**63-1] failed there, an INTERNAL with a traceback for the caller's mistake.
+    if 0 in shape and math.prod(d for d in shape if d) * spec.datatype.numpy.itemsize > _MAX_ARRAY_BYTES:
+        return (f"shape {list(shape)} has dims past what a tensor can hold (the dims that are not 0 multiply to "
+                "more than 2**63 bytes)")
     return None
 
 

@@ -101,18 +101,20 @@ _ONNX_TYPES = {
 }
 
 
-def identity(tensors: Sequence[tuple[str, str, int]], batched: bool = True) -> onnx.ModelProto:
+def identity(tensors: Sequence[tuple[str, str, int | tuple]], batched: bool = True) -> onnx.ModelProto:
     """One Identity per ``(name, oip_datatype, width)``: input ``name`` [batch, width] → output ``name_out``.
 
     Exercises every datatype end to end without numeric noise (its outputs are exactly what was sent).
     ``batched=False``: [width] with no batch dim, a model whose config derives ``max_batch_size = 0``.
+    ``width`` may be a tuple of per-row dims instead, ``None`` for a dynamic one: ``(None, None)``.
     """
     dims = ["batch"] if batched else []
     nodes, inputs, outputs = [], [], []
     for name, datatype, width in tensors:
         kind = _ONNX_TYPES[datatype]
-        inputs.append(helper.make_tensor_value_info(name, kind, [*dims, width]))
-        outputs.append(helper.make_tensor_value_info(f"{name}_out", kind, [*dims, width]))
+        row = list(width) if isinstance(width, tuple) else [width]
+        inputs.append(helper.make_tensor_value_info(name, kind, [*dims, *row]))
+        outputs.append(helper.make_tensor_value_info(f"{name}_out", kind, [*dims, *row]))
         nodes.append(helper.make_node("Identity", [name], [f"{name}_out"]))
     return _finish(helper.make_graph(nodes, "identity", inputs, outputs))
 
