@@ -72,9 +72,12 @@ class ArchiveResult:
     removed_leftovers: int  # segments a stopped earlier run left behind, removed now
     held_back: str = ""  # why the cut stopped short of what was asked ("" when it did not)
     one_segment: bool = False  # the log is one segment, the one a kernel writes into: nothing can be archived yet
+    signed_base: bool = False  # the base had no archive signature (an earlier release's), and has one now
 
     def summary(self, directory: Path, dest: Path) -> str:
         held = f"; {self.held_back}" if self.held_back else ""
+        if self.signed_base:
+            held += f"; signed the archive base of {directory} (--accept-base)"
         if self.end == self.first:
             left = (f"; removed {self.removed_leftovers} segment(s) an earlier run left" if self.removed_leftovers
                     else "")
@@ -92,7 +95,8 @@ class ArchiveResult:
 
 def archive(directory: Path, dest: Path, before: int | None = None, older_than_days: float | None = None,
             key_path: Path | None = None, now_unix_ns: int | None = None, store: Path | None = None,
-            no_store: bool = False, from_keys: list[bytes] = (), accept_adopted: bool = False) -> ArchiveResult:
+            no_store: bool = False, from_keys: list[bytes] = (), accept_adopted: bool = False,
+            accept_base: bool = False) -> ArchiveResult:
     """Archive the oldest whole segments of the stopped log in ``directory`` to the new directory ``dest``.
 
     ``store``: the kernel's store (default ``kernel.sqlite3`` beside the log directory), whose needs bound the cut;
@@ -100,7 +104,9 @@ def archive(directory: Path, dest: Path, before: int | None = None, older_than_d
     the signing key's own. ``accept_adopted``: archive even though a start signed records holding a clean stop
     (what ``verify --strict`` fails on: the checkpoints that covered them were cut, or the kernel was killed between
     its "kernel stopping" record and its final checkpoint), once an operator has looked at them; every other strict
-    check holds (records no checkpoint covers, a retired key signing again)."""
+    check holds (records no checkpoint covers, a retired key signing again). ``accept_base``: the log's archive base
+    has no archive signature (one an archive of a release before 2026-11-28 wrote, or one forged: base.py), and an
+    operator has checked it against its archive: it is signed now, before anything else."""
     directory, dest = Path(directory), Path(dest)
     if (before is None) == (older_than_days is None):
         raise ArchiveRefused("give exactly one of --before SEQ and --older-than DAYS")
@@ -127,20 +133,21 @@ def archive(directory: Path, dest: Path, before: int | None = None, older_than_d
                                  "log that has none")
     try:
         return _archive_locked(directory, dest, before, older_than_days, key_path, now_unix_ns, store, from_keys,
-                               accept_adopted)
+                               accept_adopted, accept_base)
     finally:
         os.close(lock)
 
 
 def _archive_locked(directory: Path, dest: Path, before: int | None, older_than_days: float | None,
                     key_path: Path | None, now_unix_ns: int | None, store: Path | None,
-                    from_keys: list[bytes], accept_adopted: bool) -> ArchiveResult:
+                    from_keys: list[bytes], accept_adopted: bool, accept_base: bool) -> ArchiveResult:
     key_path = Path(key_path) if key_path is not None else directory / "signing-key.pem"
     if not key_path.is_file():
         raise ArchiveRefused(f"no signing key at {key_path}: pass --key with the kernel's audit_key")
     key = load_or_create(key_path)
     trusted = [key.public_raw, *from_keys]  # (never keys merely found in the directory: a review audit)
     checked = verify_directory(directory, trusted, strict=True, locked_here=True, accept_adopted=accept_adopted,
+                               accept_base=accept_base,
                                progress=Progress("aios-kernel audit archive: verifying the log"))
     if not checked.ok:
         raise ArchiveRefused(f"the log does not verify with the signing key{' and --from-key' if from_keys else ''}, "
@@ -150,18 +157,22 @@ def _archive_locked(directory: Path, dest: Path, before: int | None, older_than_
     if key.key_id != latest.key_id:
         raise ArchiveRefused(f"{key_path} holds key {key.key_id}, but the log's checkpoints are signed by "
                              f"{latest.key_id}: pass --key with the key the kernel signs with")
+    signed_base = state.base is not None and state.base.unsigned() is not None
+    if signed_base:  # (accept_base: verify failed it otherwise) signed first, so an archive copies the signed one
+        write_base(directory, state.base.signed_by(key))
     first = state.tree.base_size
     cut = _cut(directory, state, before, older_than_days, now_unix_ns)
     cut, held_back = _within_store_needs(state, cut, store)
     _remove(list(directory.glob(f"{BASE_FILE}.tmp-*")), directory)  # (an archive killed while replacing the base)
     if cut <= first:
         removed = _remove(state.leftovers, directory)
-        return ArchiveResult(first, first, 0, 0, removed, held_back, one_segment=len(state.segments) == 1)
+        return ArchiveResult(first, first, 0, 0, removed, held_back, one_segment=len(state.segments) == 1,
+                             signed_base=signed_base)
     archived = [path for start, path in state.segments if start < cut]
     checkpoint = cps.sign(key, cut, state.tree.root(cut))
     base = ArchiveBase(cut, tuple(state.tree.peaks(cut)), state.tree.leaf(cut - 1),
                        tuple(state.tree.inclusion_proof(cut - 1, cut)), checkpoint, str(dest.resolve()),
-                       time.time_ns())
+                       time.time_ns()).signed_by(key)
     try:
         size = _write_archive(directory, dest, archived, checkpoint, state, first, cut)
     except OSError as exc:
@@ -173,7 +184,7 @@ def _archive_locked(directory: Path, dest: Path, before: int | None, older_than_
                             f"{directory}: delete {dest} and run again")
     write_base(directory, base)
     removed = _remove(state.leftovers + archived, directory) - len(archived)
-    return ArchiveResult(first, cut, len(archived), size, removed, held_back)
+    return ArchiveResult(first, cut, len(archived), size, removed, held_back, signed_base=signed_base)
 
 
 def _within_store_needs(state, cut: int, store: Path | None) -> tuple[int, str]:

@@ -15,7 +15,18 @@ directory. What the live log still needs of them is small and fixed:
   the peaks fold to its root and the last hash is proven in it, so nobody
   without the key can change the base without the open and ``audit verify``
   refusing it. The same checkpoint closes the archive's own checkpoint file,
-  so the archive verifies on its own and both halves name one signed state.
+  so the archive verifies on its own and both halves name one signed state;
+- an **archive signature**, by the archive's key, over a statement that names
+  the same size, root and last hash (``archive_statement``). The checkpoint
+  alone does not tell an archive's base from one anyone can make: the log's
+  own ``checkpoints.log`` signs a tree head every few records, and with one at
+  a segment boundary, the records' hashes and the segments before it deleted,
+  a base checks out in every other field (a helper's audit: records 0..188
+  removed, and ``audit verify --strict`` said "archived, under the signed
+  base"). No checkpoint signs this statement's text, so only the key makes it.
+  A base an archive of a release before 2026-11-28 wrote has none: the start
+  warns, ``audit verify`` notes it and ``--strict`` fails until ``audit
+  archive --accept-base`` signs it.
 
 The file is JSON (``archive-base.json``), written once per archive: a temporary
 file, fsynced, renamed over the old one, and the directory fsynced.
@@ -26,19 +37,21 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..durable_files import replace_whole
 from .._proto.aios.kernel.v1 import kernel_pb2
 from .checkpoints import Checkpoint, signature_ok
 from .errors import AuditCorrupt, AuditFormatTooNew
+from .keys import signature_valid
 from .merkle import fold_peaks, verify_inclusion
 from .segments import read_regular
 
 FILE_NAME = "archive-base.json"
 ARCHIVE_MARKER = "archive.json"  # in an archive (the archive command's DEST): what it holds, where it came from
 FORMAT = 1
+ARCHIVE_ORIGIN = "aios-kernel/audit/v1/archive-base"  # (a checkpoint's text starts "aios-kernel/audit/v1")
 _UNTOUCHED = "The log was not opened and nothing was changed on disk; the archive it names holds the records"
 
 
@@ -51,6 +64,8 @@ class ArchiveBase:
     checkpoint: kernel_pb2.Checkpoint  # signed, for tree size tree_size
     archive: str  # where the records went, as the operator named it (for messages)
     archived_unix_ns: int
+    archive_signature: bytes = b""  # over archive_statement(...), by archive_key_id; b"": none (see the docstring)
+    archive_key_id: str = ""
 
     def to_json(self) -> str:
         return json.dumps({
@@ -62,10 +77,38 @@ class ArchiveBase:
             "checkpoint": base64.b64encode(self.checkpoint.SerializeToString()).decode(),
             "archive": self.archive,
             "archived_unix_ns": self.archived_unix_ns,
+            **({"archive_signature": self.archive_signature.hex(), "archive_key_id": self.archive_key_id}
+               if self.archive_signature else {}),
         }, indent=1) + "\n"
+
+    def statement(self) -> bytes:
+        return archive_statement(self.tree_size, self.checkpoint.root_hash, self.last_hash,
+                                 self.checkpoint.time_unix_ns)
+
+    def signed_by(self, key) -> "ArchiveBase":
+        """This base with the archive signature of ``key`` (a ``SigningKey``)."""
+        return replace(self, archive_signature=key.sign(self.statement()), archive_key_id=key.key_id)
+
+    def unsigned(self) -> str | None:
+        """Why a base without an archive signature cannot be told from a forged one (None when it has one)."""
+        if self.archive_signature:
+            return None
+        return (f"{FILE_NAME} (records 0..{self.tree_size - 1} archived) carries no archive signature: `aios-kernel "
+                f"audit archive` of a release before 2026-11-28 wrote it, or someone without the key made it out of "
+                f"one of the log's own checkpoints and deleted those records; check them against the archive it "
+                f"names ({self.archive or '?'}: `aios-kernel audit verify ARCHIVE --strict --min-records "
+                f"{self.tree_size}`), then have `aios-kernel audit archive LOG_DIR NEW_FOLDER --before 0 "
+                f"--accept-base` sign it")
 
     def describe(self) -> str:
         return f"records 0..{self.tree_size - 1} were archived (to {self.archive})"
+
+
+def archive_statement(tree_size: int, root_hash: bytes, last_hash: bytes, checkpoint_time_unix_ns: int) -> bytes:
+    """The exact bytes a base's archive signature covers (never a checkpoint's: another first line)."""
+    encode = base64.b64encode
+    return (f"{ARCHIVE_ORIGIN}\n{tree_size}\n{encode(root_hash).decode()}\n{encode(last_hash).decode()}\n"
+            f"{checkpoint_time_unix_ns}\n").encode()
 
 
 def peak_heights(size: int) -> list[int]:
@@ -87,6 +130,8 @@ def _parse(path: Path, text: bytes) -> ArchiveBase:
             checkpoint=Checkpoint.FromString(base64.b64decode(data["checkpoint"], validate=True)),
             archive=str(data.get("archive", "")),
             archived_unix_ns=int(data.get("archived_unix_ns", 0)),
+            archive_signature=bytes.fromhex(data.get("archive_signature", "")),
+            archive_key_id=str(data.get("archive_key_id", "")),
         )
     except AuditFormatTooNew:
         raise
@@ -128,6 +173,13 @@ def base_problem(base: ArchiveBase, public_key_for: Callable[[str], bytes | None
         return f"its checkpoint was signed by key {checkpoint.key_id or '?'}, which is not among the trusted keys"
     if not signature_ok(checkpoint, public):
         return f"its checkpoint's signature does not verify with key {checkpoint.key_id}"
+    if base.archive_signature:
+        public = public_key_for(base.archive_key_id)
+        if public is None:
+            return (f"its archive signature is by key {base.archive_key_id or '?'}, which is not among the trusted "
+                    f"keys")
+        if not signature_valid(public, base.archive_signature, base.statement()):
+            return f"its archive signature does not verify with key {base.archive_key_id}"
     return None
 
 

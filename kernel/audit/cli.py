@@ -185,7 +185,7 @@ def cmd_archive(args) -> int:
     try:
         result = archive(directory, Path(args.dest), before=args.before, older_than_days=days, key_path=args.key,
                          store=Path(args.store) if args.store else None, no_store=args.no_store,
-                         from_keys=from_keys, accept_adopted=args.accept_adopted)
+                         from_keys=from_keys, accept_adopted=args.accept_adopted, accept_base=args.accept_base)
     except ArchiveRefused as exc:
         return _cannot_run("archive", exc.message)
     except AuditFormatTooNew as exc:
@@ -250,6 +250,11 @@ def build_parser(prog: str = "aios-kernel audit") -> argparse.ArgumentParser:
                          help="archive although a start signed records that hold a clean stop (what `verify "
                               "--strict` fails on; a kernel killed between its 'kernel stopping' record and its final "
                               "checkpoint leaves this too): check those records with `audit export --from` first")
+    archive.add_argument("--accept-base", dest="accept_base", action="store_true",
+                         help="sign the log's archive base, which has no archive signature (an archive of a release "
+                              "before 2026-11-28 wrote it, or someone without the key made it out of a checkpoint "
+                              "and deleted the records before it: what `verify --strict` fails on): check it against "
+                              "the archive it names first; --before 0 signs it and archives nothing")
     archive.add_argument("--key", help="the signing key (the kernel's audit_key; default DIRECTORY/signing-key.pem)")
     archive.add_argument("--from-key", dest="from_key", metavar="PUBKEY", action="append",
                          help="a public key of an earlier key epoch (a rotation) to trust besides the signing key's "

@@ -265,6 +265,9 @@ def _check_base(base: ArchiveBase, checkpoints: list[Checkpoint], directory: Pat
         log.warning("audit: the archive base of %s was signed by key %s, not by this kernel's %s; only a key kept in "
                     "the directory vouches for it here: check the log with `aios-kernel audit verify %s --from-key "
                     "<trusted keys>`", directory, base.checkpoint.key_id, key.key_id, directory)
+    unsigned = base.unsigned()
+    if unsigned is not None:  # (an archive of a release before 2026-11-28, or records deleted: verify --strict fails)
+        log.warning("audit: %s: %s", directory, unsigned)
     signed = checkpoints[-1].tree_size if checkpoints else 0
     if signed < base.tree_size:
         raise AuditCorrupt(

@@ -139,7 +139,7 @@ class _Failure(Exception):
 def verify_directory(directory: str | Path, public_key: bytes | Iterable[bytes] | None = None,
                      strict: bool = False, min_records: int = 0, live_copy: bool = False,
                      progress: Callable[[str], None] | None = None, locked_here: bool = False,
-                     accept_adopted: bool = False) -> VerifyResult:
+                     accept_adopted: bool = False, accept_base: bool = False) -> VerifyResult:
     """Verify a log directory.
 
     ``public_key``: the raw Ed25519 key checkpoints must be signed with, or several (a key rotation):
@@ -152,6 +152,7 @@ def verify_directory(directory: str | Path, public_key: bytes | Iterable[bytes] 
     lock (``audit archive``), so no writer is live: the lock seen in /proc/locks is its own (a session review: the
     archive's own lock made strict verification pass over unsigned records). ``accept_adopted``: with ``strict``,
     a range a start signed that holds a clean stop is noted, not failed; every other strict check stays.
+    ``accept_base``: with ``strict``, an archive base without its archive signature (base.py) is noted, not failed.
     """
     directory = Path(directory)
     started = time.perf_counter()
@@ -175,6 +176,7 @@ def verify_directory(directory: str | Path, public_key: bytes | Iterable[bytes] 
         if strict:
             walk.all_signed()
         walk.recovery_notes(strict and not accept_adopted)
+        walk.base_signed(strict and not accept_base)
         walk.key_epochs(strict)
     except OSError as exc:  # a file that cannot be read (a folder in its place, no permission): no traceback
         return walk.result(False, None, f"cannot read the log: {exc}", started)
@@ -225,6 +227,7 @@ class _Walk:
         self.key_returned = ""  # a checkpoint signed by a key an earlier rotation replaced ("" when none)
         self.live_writer: Callable[[], bool] = lambda: writer_is_live(directory)  # whether a writer has it open
         self.lock_note = ""  # why a held writer lock was not taken for a kernel writing the unsigned tail
+        self.base_unsigned: str | None = None  # why the archive base is no proof of an archive (base.py), or None
 
     def result(self, ok: bool, sequence: int | None, reason: str, started: float,
                last: int | None = None) -> VerifyResult:
@@ -394,6 +397,7 @@ class _Walk:
             raise _Failure(None, f"{BASE_FILE} (records 0..{base.tree_size - 1} archived): {problem}")
         if base.checkpoint.key_id not in self.key_ids:
             self.key_ids.append(base.checkpoint.key_id)
+        self.base_unsigned = base.unsigned()
         self.base_size = self.count = self.signed_size = base.tree_size
         self.verified_checkpoints += 1  # the base's own
         while self.next_checkpoint < len(self.checkpoints) and \
@@ -483,6 +487,15 @@ class _Walk:
             raise _Failure(first, f"{said}; check them with `aios-kernel audit export --from {first}` (`audit archive "
                                   f"--accept-adopted` archives past them once checked)", last)
         notes.append(f"{said} (--strict fails here)")
+
+    def base_signed(self, strict: bool) -> None:
+        """An archive base with no archive signature: anyone can make one out of a checkpoint (base.py), so the
+        records it says were archived may have been deleted; noted, and ``strict`` fails on it."""
+        if self.base_unsigned is None:
+            return
+        if strict:
+            raise _Failure(0, self.base_unsigned, self.base_size - 1)
+        self.note = "; ".join(filter(None, [self.note, f"{self.base_unsigned} (--strict fails here)"]))
 
     def archive_whole(self) -> None:
         """An archive holds every record it was written with: ``archive.json`` names its end and root. (Unsigned:
