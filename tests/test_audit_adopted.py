@@ -275,3 +275,85 @@ def test_strict_allows_the_unsigned_tail_of_a_kernel_that_opened_the_log_after_a
         result = verify_directory(directory, strict=True)
         assert result.ok, result.reason
         assert "the last 3 are chained but not yet signed (the log is open" in result.describe()
+
+
+def _append_in_a_new_segment(directory: Path, after: pb.AuditRecord) -> int:
+    """A chained, correctly hashed record in a segment of its own after ``after`` (the log's segments all archived:
+    the live directory holds none to append to)."""
+    from kernel.audit.segments import segment_name
+
+    fake = pb.AuditRecord(kind=pb.REVIEW_RESOLUTION, sequence=after.sequence + 1, prev_hash=after.hash,
+                          principal="alice", links_to=1, has_link=True)
+    (directory / segment_name(fake.sequence)).write_bytes(MAGIC + frame(forge(fake)))
+    return fake.sequence
+
+
+def test_records_appended_after_a_whole_log_was_archived_are_flagged_as_after_a_clean_stop(tmp_path):
+    """(A helper's audit) Archiving a stopped log whole moves its "kernel stopping" record out of the walk, so a
+    record appended to the empty live directory no longer followed a clean stop: `flock LOCK` made --strict pass
+    it as a live kernel's, and so did a restart that adopted it, even with the archive base's checkpoint, the one
+    signed at the cut, copied into checkpoints.log as if a kernel had opened the log there."""
+    import base64
+    import fcntl
+    import json
+
+    from kernel.audit import iter_directory
+    from kernel.audit.archive import archive
+
+    directory = tmp_path / "audit"
+    with AuditLog.open(directory, segment_bytes=4096) as log:
+        _kernel_event(log, {"event": "kernel started"})
+        for i in range(60):  # a few segments: the last boundary is the log's end
+            log.append_and_wait(pb.AuditRecord(kind=pb.DECISION, request_id=f"before-{i}"), 10)
+        _kernel_event(log, {"event": "kernel stopping"})
+    result = archive(directory, tmp_path / "all", before=10 ** 9, no_store=True)
+    assert not list(directory.glob("*.seg")), result.summary(directory, tmp_path / "all")
+    last = list(iter_directory(tmp_path / "all"))[-1]
+    forged = _append_in_a_new_segment(directory, last)
+    base_checkpoint = base64.b64decode(json.loads((directory / "archive-base.json").read_text())["checkpoint"])
+    with open(directory / "checkpoints.log", "ab") as f:
+        f.write(frame(base_checkpoint))
+
+    holder = os.open(directory / "LOCK", os.O_RDONLY)
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held = verify_directory(directory, strict=True)
+    finally:
+        os.close(holder)
+    assert not held.ok and held.first_bad_sequence == forged, held.describe()
+    assert "no kernel opened the log after the archive base" in held.reason, held.reason
+
+    with AuditLog.open(directory, sign_adopted=False) as log:
+        assert log.recovery["adopted"] == [forged, forged]
+        _kernel_event(log, {"event": "kernel started", "recovery": log.recovery})
+        log.adoption_recorded()
+        _kernel_event(log, {"event": "kernel stopping"})
+    done = run_cli("verify", str(directory), "--strict")
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert f"FAILED at record {forged}: records {forged}..{forged} follow the archive base" in done.stdout
+
+
+def test_a_kernel_that_opened_a_whole_archived_log_and_was_killed_still_passes_strict(tmp_path):
+    directory = tmp_path / "audit"
+    with AuditLog.open(directory, segment_bytes=4096) as log:
+        _kernel_event(log, {"event": "kernel started"})
+        for i in range(60):
+            log.append_and_wait(pb.AuditRecord(kind=pb.DECISION, request_id=f"before-{i}"), 10)
+        _kernel_event(log, {"event": "kernel stopping"})
+    from kernel.audit.archive import archive
+
+    archive(directory, tmp_path / "all", before=10 ** 9, no_store=True)
+    script = tmp_path / "kernel.py"
+    script.write_text(CRASHING_KERNEL)
+    proc = subprocess.Popen([sys.executable, str(script), str(directory), str(ROOT)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    with killed_after(proc):
+        assert proc.stdout.readline().strip() == "written", proc.stderr.read()
+    with AuditLog.open(directory, sign_adopted=False) as log:
+        adopted = log.recovery["adopted"]
+        _kernel_event(log, {"event": "kernel started", "recovery": log.recovery})
+        log.adoption_recorded()
+        _kernel_event(log, {"event": "kernel stopping"})
+    done = run_cli("verify", str(directory), "--strict")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"records {adopted[0]}..{adopted[1]} were signed by the start" in done.stdout

@@ -172,7 +172,7 @@ def _archive_locked(directory: Path, dest: Path, before: int | None, older_than_
     checkpoint = cps.sign(key, cut, state.tree.root(cut))
     base = ArchiveBase(cut, tuple(state.tree.peaks(cut)), state.tree.leaf(cut - 1),
                        tuple(state.tree.inclusion_proof(cut - 1, cut)), checkpoint, str(dest.resolve()),
-                       time.time_ns()).signed_by(key)
+                       time.time_ns(), ends_log=cut == state.tree.size).signed_by(key)
     try:
         size = _write_archive(directory, dest, archived, checkpoint, state, first, cut)
     except OSError as exc:

@@ -66,6 +66,9 @@ class ArchiveBase:
     archived_unix_ns: int
     archive_signature: bytes = b""  # over archive_statement(...), by archive_key_id; b"": none (see the docstring)
     archive_key_id: str = ""
+    # The cut was the log's end (every record archived, the kernel stopped): the next record must follow a kernel's
+    # open, as after a clean stop (verify.py). Signed with the statement; False where unknown (an unsigned base).
+    ends_log: bool = False
 
     def to_json(self) -> str:
         return json.dumps({
@@ -77,13 +80,13 @@ class ArchiveBase:
             "checkpoint": base64.b64encode(self.checkpoint.SerializeToString()).decode(),
             "archive": self.archive,
             "archived_unix_ns": self.archived_unix_ns,
-            **({"archive_signature": self.archive_signature.hex(), "archive_key_id": self.archive_key_id}
-               if self.archive_signature else {}),
+            **({"archive_signature": self.archive_signature.hex(), "archive_key_id": self.archive_key_id,
+                "ends_log": self.ends_log} if self.archive_signature else {}),
         }, indent=1) + "\n"
 
     def statement(self) -> bytes:
         return archive_statement(self.tree_size, self.checkpoint.root_hash, self.last_hash,
-                                 self.checkpoint.time_unix_ns)
+                                 self.checkpoint.time_unix_ns, self.ends_log)
 
     def signed_by(self, key) -> "ArchiveBase":
         """This base with the archive signature of ``key`` (a ``SigningKey``)."""
@@ -104,11 +107,12 @@ class ArchiveBase:
         return f"records 0..{self.tree_size - 1} were archived (to {self.archive})"
 
 
-def archive_statement(tree_size: int, root_hash: bytes, last_hash: bytes, checkpoint_time_unix_ns: int) -> bytes:
+def archive_statement(tree_size: int, root_hash: bytes, last_hash: bytes, checkpoint_time_unix_ns: int,
+                      ends_log: bool) -> bytes:
     """The exact bytes a base's archive signature covers (never a checkpoint's: another first line)."""
     encode = base64.b64encode
     return (f"{ARCHIVE_ORIGIN}\n{tree_size}\n{encode(root_hash).decode()}\n{encode(last_hash).decode()}\n"
-            f"{checkpoint_time_unix_ns}\n").encode()
+            f"{checkpoint_time_unix_ns}\n{'log end' if ends_log else 'within the log'}\n").encode()
 
 
 def peak_heights(size: int) -> list[int]:
@@ -132,6 +136,7 @@ def _parse(path: Path, text: bytes) -> ArchiveBase:
             archived_unix_ns=int(data.get("archived_unix_ns", 0)),
             archive_signature=bytes.fromhex(data.get("archive_signature", "")),
             archive_key_id=str(data.get("archive_key_id", "")),
+            ends_log=data.get("ends_log") is True,
         )
     except AuditFormatTooNew:
         raise

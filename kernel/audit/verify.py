@@ -218,6 +218,10 @@ class _Walk:
         self.note = ""
         self.writer_live = False
         self.stops: list[int] = []  # sequences of "kernel stopping" records
+        # The records after which the log lay at rest, no kernel having it open: each clean stop, and the archive
+        # base's last record (an archive runs on a stopped kernel's log): what follows one must follow an open.
+        self.rests: dict[int, str] = {}
+        self.base_checkpoint = None  # the archive base's checkpoint: signed at the cut, by no kernel opening the log
         self.adopted: list[tuple[int, int, int]] = []  # (the start record's sequence, first, last adopted)
         self.last_event = ""  # the event of the last kernel CONFIG_CHANGE record
         self.trusted: dict[str, bytes] = {}
@@ -398,6 +402,9 @@ class _Walk:
         if base.checkpoint.key_id not in self.key_ids:
             self.key_ids.append(base.checkpoint.key_id)
         self.base_unsigned = base.unsigned()
+        self.base_checkpoint = base.checkpoint
+        if base.ends_log and base.archive_signature:  # (signed: checked by base_problem above)
+            self.rests[base.tree_size - 1] = f"the archive base at #{base.tree_size - 1}, the end of the log archived"
         self.base_size = self.count = self.signed_size = base.tree_size
         self.verified_checkpoints += 1  # the base's own
         while self.next_checkpoint < len(self.checkpoints) and \
@@ -421,6 +428,7 @@ class _Walk:
         self.last_event = event if isinstance(event, str) else ""
         if event == "kernel stopping":
             self.stops.append(sequence)
+            self.rests[sequence] = f"the clean stop at #{sequence}"
         elif event == "kernel started":
             recovery = detail.get("recovery")
             adopted = recovery.get("adopted") if isinstance(recovery, dict) else None
@@ -432,7 +440,7 @@ class _Walk:
         notes, plain = [], []
         for at, first, last in self.adopted:
             stopped = [s for s in self.stops if first <= s <= last]
-            if first - 1 in self.stops and not self._opened_at(first):
+            if first - 1 in self.rests and not self._opened_at(first):
                 self._appended_after_stop(at, first, last, strict, notes)
                 continue
             if stopped and strict:
@@ -473,13 +481,17 @@ class _Walk:
     def _opened_at(self, size: int) -> bool:
         """Whether a kernel holding the key opened the log at ``size`` records: it signs the size it finds at open
         (writer.py), so two checkpoints of that size, signed at different times, stand there (a copied frame is
-        the same one)."""
-        return len({(c.time_unix_ns, c.signature) for c in self.checkpoints if c.tree_size == size}) > 1
+        the same one). The archive base's checkpoint is no open's: copied into the file, it made a whole-log archive's
+        end look opened (a helper's audit)."""
+        base = self.base_checkpoint
+        return len({(c.time_unix_ns, c.signature) for c in self.checkpoints if c.tree_size == size and not (
+            base is not None and (c.time_unix_ns, c.signature) == (base.time_unix_ns, base.signature))}) > 1
 
     def _appended_after_stop(self, at: int, first: int, last: int, strict: bool, notes: list[str]) -> None:
-        """Records a start adopted that follow a clean stop, with no kernel having opened the log in between: the
-        stop signed every record before them, so they were added to the files while no kernel had the log open."""
-        said = (f"records {first}..{last} follow the clean stop at #{first - 1}, yet no kernel opened the log before "
+        """Records a start adopted that follow a clean stop (or an archive base), with no kernel having opened the
+        log in between: the stop signed every record before them, so they were added to the files while no kernel
+        had the log open."""
+        said = (f"records {first}..{last} follow {self.rests[first - 1]}, yet no kernel opened the log before "
                 f"them (a kernel signs the size it opens at): they were added to the files while no kernel had the log "
                 f"open, and only the hash chain vouched for them until the start at #{at} signed them (so does a kernel "
                 f"killed before its first checkpoint, if it predates the checkpoint signed at open, 2026-11-28)")
@@ -543,10 +555,10 @@ class _Walk:
         Anyone who can write the directory can hold a flock on its LOCK (a helper's audit: `flock LOCK sleep` made
         --strict pass records appended to a stopped kernel's log, "the log is open: its next checkpoint signs
         them")."""
-        if self.signed_size - 1 not in self.stops or self._opened_at(self.signed_size):
+        if self.signed_size - 1 not in self.rests or self._opened_at(self.signed_size):
             return False
-        self.lock_note = (f" (a process holds the log's {LOCK_FILE}, but no kernel opened the log after the clean "
-                          f"stop at #{self.signed_size - 1}: it is not a kernel writing these records)")
+        self.lock_note = (f" (a process holds the log's {LOCK_FILE}, but no kernel opened the log after "
+                          f"{self.rests[self.signed_size - 1]}: it is not a kernel writing these records)")
         return True
 
     def leftover_checkpoints(self) -> None:

@@ -153,7 +153,7 @@ class AuditLog:
             # holding the key had the log open, and `audit verify --strict` fails on them even once a start adopted
             # and signed them (a helper's audit: a decision appended to a stopped kernel's log, then a restart,
             # passed --strict --from-key with only a note calling the stop unclean).
-            if latest is None or (signed != size and sign_adopted) or (signed == size and size > self._tree.base_size):
+            if latest is None or (signed != size and sign_adopted) or signed == size:
                 self._write_checkpoint(self._last_checkpoint_ns)
             if signed != size or cuts:  # the last process stopped without closing the log: say what was found
                 log.info("audit: opened %s after an unclean stop: %d records; the last signed checkpoint covered %d, "
