@@ -13,6 +13,7 @@ unreadable key or file, bad option).
 from __future__ import annotations
 
 import argparse
+import base64
 import sys
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -45,6 +46,26 @@ def _time(text: str) -> int:
     # In whole microseconds (what ISO-8601 gives here): timestamp()'s float seconds times 1e9 were up to 256 ns
     # off, and a record at the very microsecond named fell outside --since (inclusive) or inside --until.
     return (moment - _EPOCH) // timedelta(microseconds=1) * 1000
+
+
+def _tree_head(text: str) -> tuple[int, bytes]:
+    """SIZE:ROOT, the root in hex or base64 (GetCheckpoint's root_hash as grpcurl prints it)."""
+    size, _, root = text.partition(":")
+    try:
+        number = int(size)
+    except ValueError:
+        number = -1
+    if number < 0 or not root:
+        raise argparse.ArgumentTypeError(f"{text!r} is not SIZE:ROOT (a tree size and its root hash, as GetCheckpoint "
+                                         "answers: tree_size and root_hash)")
+    for decode in (bytes.fromhex, lambda value: base64.b64decode(value, validate=True)):
+        try:
+            digest = decode(root)
+        except ValueError:
+            continue
+        if len(digest) == 32:
+            return number, digest
+    raise argparse.ArgumentTypeError(f"{root!r} is no SHA-256 root hash (64 hex digits, or 44 base64 characters)")
 
 
 def _kind(text: str) -> int:
@@ -91,6 +112,7 @@ def cmd_verify(args) -> int:
             return _cannot_run("verify", exc.message)
     try:
         result = verify_directory(directory, keys, strict=args.strict, min_records=args.min_records,
+                                  tree_head=args.tree_head,
                                   progress=Progress("aios-kernel audit verify"))
     except AuditFormatTooNew as exc:  # not a failed log: one this kernel cannot read
         return _cannot_run("verify", exc.message)
@@ -220,6 +242,10 @@ def build_parser(prog: str = "aios-kernel audit") -> argparse.ArgumentParser:
                         help="fail (exit 1) when the log holds fewer than N records: a size noted earlier (an "
                              "earlier verify, GetCheckpoint) catches a log cut back to one of its own checkpoints, "
                              "which verifies as a shorter log otherwise")
+    verify.add_argument("--tree-head", dest="tree_head", type=_tree_head, metavar="SIZE:ROOT",
+                        help="fail (exit 1) unless the records give ROOT at SIZE (GetCheckpoint's tree_size and "
+                             "root_hash, hex or base64, noted where the log's writers cannot reach): as --min-records "
+                             "SIZE, and it also catches a history rewritten and re-signed with a stolen key")
     verify.set_defaults(func=cmd_verify)
 
     export = commands.add_parser("export", help="write records as JSON Lines")

@@ -139,7 +139,8 @@ class _Failure(Exception):
 def verify_directory(directory: str | Path, public_key: bytes | Iterable[bytes] | None = None,
                      strict: bool = False, min_records: int = 0, live_copy: bool = False,
                      progress: Callable[[str], None] | None = None, locked_here: bool = False,
-                     accept_adopted: bool = False, accept_base: bool = False) -> VerifyResult:
+                     accept_adopted: bool = False, accept_base: bool = False,
+                     tree_head: tuple[int, bytes] | None = None) -> VerifyResult:
     """Verify a log directory.
 
     ``public_key``: the raw Ed25519 key checkpoints must be signed with, or several (a key rotation):
@@ -153,6 +154,9 @@ def verify_directory(directory: str | Path, public_key: bytes | Iterable[bytes] 
     archive's own lock made strict verification pass over unsigned records). ``accept_adopted``: with ``strict``,
     a range a start signed that holds a clean stop is noted, not failed; every other strict check stays.
     ``accept_base``: with ``strict``, an archive base without its archive signature (base.py) is noted, not failed.
+    ``tree_head``: (size, root) noted outside the directory (``GetCheckpoint``): the records must give that root at
+    that size. ``min_records`` catches a log cut back; this also catches one rewritten and re-signed by someone who
+    holds the key, which the key cannot tell from the kernel's.
     """
     directory = Path(directory)
     started = time.perf_counter()
@@ -160,6 +164,7 @@ def verify_directory(directory: str | Path, public_key: bytes | Iterable[bytes] 
     walk.live_copy = live_copy
     walk.progress = progress
     walk.live_writer = (lambda: False) if locked_here else (lambda: writer_is_live(directory))
+    walk.head = tree_head
     try:
         if not directory.is_dir():
             raise _Failure(None, f"{directory} is not a directory")
@@ -172,6 +177,7 @@ def verify_directory(directory: str | Path, public_key: bytes | Iterable[bytes] 
         walk.some_checkpoint_signed()
         walk.writer_live = walk.count > walk.signed_size and walk.live_writer() and not walk.lock_unexplained()
         walk.at_least(min_records)
+        walk.held_to_head()
         walk.archive_whole()
         if strict:
             walk.all_signed()
@@ -222,6 +228,8 @@ class _Walk:
         # base's last record (an archive runs on a stopped kernel's log): what follows one must follow an open.
         self.rests: dict[int, str] = {}
         self.base_checkpoint = None  # the archive base's checkpoint: signed at the cut, by no kernel opening the log
+        self.head: tuple[int, bytes] | None = None  # (size, root) noted outside the directory (--tree-head)
+        self.head_checked = False
         self.adopted: list[tuple[int, int, int]] = []  # (the start record's sequence, first, last adopted)
         self.last_event = ""  # the event of the last kernel CONFIG_CHANGE record
         self.trusted: dict[str, bytes] = {}
@@ -301,6 +309,8 @@ class _Walk:
         return public_key
 
     def _check_checkpoints(self, tree: CompactRange) -> None:
+        if self.head is not None and tree.size == self.head[0]:
+            self._check_head(tree)
         checkpoints = self.checkpoints
         while self.next_checkpoint < len(checkpoints) and checkpoints[self.next_checkpoint].tree_size == tree.size:
             if tree.root() != checkpoints[self.next_checkpoint].root_hash:
@@ -525,6 +535,25 @@ class _Walk:
                 f"the archive was written with records up to {end - 1} ({ARCHIVE_MARKER}) and a checkpoint for them, "
                 f"but holds {self.count} records{'' if self.count == end else ': records were removed'}"),
                 max(end - 1, self.count))
+
+    def _check_head(self, tree: CompactRange) -> None:
+        size, root = self.head
+        if tree.root() != root:  # (every checkpoint may have matched: whoever holds the key signs any history)
+            raise _Failure(self.base_size if size > self.base_size else None, (
+                f"their hashes do not give the root of the tree head noted for {size} records "
+                f"({root.hex()[:16]}…): the log is not the one that head was taken of (rewritten, and re-signed by "
+                f"someone holding the key, if its checkpoints verify)"), size - 1)
+        self.head_checked = True
+
+    def held_to_head(self) -> None:
+        """--tree-head: the walk met the noted size (``_check_checkpoints`` compared the root there)."""
+        if self.head is None or self.head_checked:
+            return
+        size = self.head[0]
+        if size < self.base_size:
+            raise _Failure(None, f"the tree head noted for {size} records cannot be checked here: records "
+                                 f"0..{self.base_size - 1} were archived: hold the archive to it")
+        self.at_least(size)  # (the walk ended before it: a log cut back, or an older copy of it)
 
     def at_least(self, min_records: int) -> None:
         if self.count < min_records:
