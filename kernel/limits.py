@@ -34,6 +34,11 @@ MAX_COMMENT_CHARS = 4096
 # memory with 8 in flight and made other callers wait a second.
 MAX_TEXT_FIELD_BYTES = 1 << 20
 MAX_MODEL_NAME_BYTES = 255  # a model name is a folder name in the repository: NAME_MAX
+# Tenants the kernel keeps its own entries under (the idempotency store's "__review_resolutions__" holds each
+# review's audited resolution, kernel/store/audit_needs.py): a caller's Decide naming that tenant and the key
+# "review:<id>" stored its own answer there first, and the reviewer's resolution then answered it and recorded
+# nothing (a "recording:<id>" key made the resolution fail for good). So no caller's tenant may begin so.
+RESERVED_TENANT_PREFIX = "__"
 
 # C0 and C1 controls (Unicode category Cc): C1's NEL (U+0085) ends a line for str.splitlines and some log viewers,
 # and its CSI (U+009B) starts a terminal escape sequence as ESC [ does.
@@ -113,6 +118,9 @@ def check_decision_request(request, field: str = "") -> None:
     tenant, request_id, key = request.tenant, request.request_id, request.idempotency_key
     if tenant:
         check_identifier(tenant, field + "tenant", MAX_TENANT_CHARS)
+        if tenant.startswith(RESERVED_TENANT_PREFIX):
+            raise InvalidArgument(f"{field}tenant must not begin with {RESERVED_TENANT_PREFIX!r} (reserved for the "
+                                  f"kernel's own records), got {quote(tenant)}")
     if request_id:
         check_identifier(request_id, field + "request_id", MAX_REQUEST_ID_CHARS)
     if key:  # (a control character in a key went onto audit records and log lines, as in a tenant)

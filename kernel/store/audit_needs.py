@@ -21,6 +21,7 @@ from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
 from .sqlite_reviews import RECORDED_BEFORE
 
 RESOLUTIONS_TENANT = "__review_resolutions__"  # idempotency-store tenant recording each review's audited resolution
+# (no caller can send it: kernel/limits.py RESERVED_TENANT_PREFIX)
 RECORDING_PREFIX = "recording:"  # + review id: the log's size before that resolution was recorded
 
 
