@@ -72,6 +72,19 @@ def check_identifier(value: str, field: str, limit: int) -> None:
                                   f"{found.start()}")
 
 
+def is_pipeline_name(name: str) -> bool:
+    """Whether a pipeline may be named ``name``: letters, digits, '_' or '-' (``[pipeline].name``)."""
+    return bool(name) and name.replace("_", "").replace("-", "").isalnum()
+
+
+def check_pipeline_filter(value: str, field: str = "pipeline") -> None:
+    """A pipeline filter no pipeline can have (a newline read with it from a file, a space) matched nothing: a
+    list came back empty and a watch waited for ever in silence. Refused, naming it (empty: any pipeline)."""
+    if value and not is_pipeline_name(value):
+        raise InvalidArgument(f"{field} {quote(value)} cannot name a pipeline: a pipeline's name is letters, "
+                              "digits, '_' or '-' (ListPipelines lists them)")
+
+
 # Characters a name must not hold although they are not control characters: format characters (Cf: zero-width
 # spaces and joiners, bidirectional overrides, soft hyphens), invisible or reordering what is shown, so two
 # reviewers would look alike; and line and paragraph separators (Zl, Zp), which break a log line as \n does.

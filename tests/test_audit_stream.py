@@ -238,6 +238,7 @@ def test_stream_refused_when_disabled(tmp_path, front_end):
         # and with follow one that waited for ever.
         (pb.StreamAuditRequest(tenant="t1\n", follow=True), "tenant must not contain control characters"),
         (pb.StreamAuditRequest(tenant="t" * 129), "tenant must be at most 128 characters"),
+        (pb.StreamAuditRequest(pipeline="claims\n", follow=True), "pipeline 'claims\\n' cannot name a pipeline"),
     ],
 )
 def test_bad_stream_requests_name_the_field(served, request_, fragment):

@@ -287,23 +287,28 @@ def test_resolving_again_with_another_comment_is_refused(server, channel, review
     assert len(resolutions(server, rid)) == 1  # the repeat recorded nothing more
 
 
-@pytest.mark.parametrize("tenant,fragment", [("rv-tenant\n", "tenant must not contain control characters"),
-                                             ("t" * 129, "tenant must be at most 128 characters")])
-def test_a_tenant_filter_no_review_can_have_is_refused_naming_it(channel, reviews, tenant, fragment):
-    """A tenant read with its newline (or too long to be one) matched nothing: ListReviews came back empty,
-    ClaimNextReview said none was open and WatchReviews waited for ever, where ListTasks refused it."""
+@pytest.mark.parametrize("filters,fragment", [
+    ({"tenant": "rv-tenant\n"}, "tenant must not contain control characters"),
+    ({"tenant": "t" * 129}, "tenant must be at most 128 characters"),
+    # (a pipeline's name is letters, digits, '_' and '-': one with a newline, a space or a '/' is no pipeline's)
+    ({"pipeline": PIPELINE + "\n"}, "pipeline 'claims_triage\\n' cannot name a pipeline"),
+    ({"pipeline": "claims triage"}, "pipeline 'claims triage' cannot name a pipeline"),
+])
+def test_a_filter_no_review_can_have_is_refused_naming_it(channel, reviews, filters, fragment):
+    """A tenant or pipeline read with its newline (or too long to be a tenant) matched nothing: ListReviews came
+    back empty, ClaimNextReview said none was open and WatchReviews waited for ever, where ListTasks refused it."""
     watch_status = {}
 
     def watch() -> None:  # (a watch that is not refused waits: the test's deadline ends it)
         try:
-            list(reviews.WatchReviews(kpb.WatchReviewsRequest(tenant=tenant, include_open=True), timeout=2))
+            list(reviews.WatchReviews(kpb.WatchReviewsRequest(**filters, include_open=True), timeout=2))
         except grpc.RpcError as exc:
             watch_status.update(code=exc.code(), details=exc.details())
 
     watching = threading.Thread(target=watch)
     watching.start()
-    for call, message in ((reviews.ListReviews, kpb.ListReviewsRequest(tenant=tenant)),
-                          (reviews.ClaimNextReview, kpb.ClaimNextReviewRequest(tenant=tenant, reviewer="alice"))):
+    for call, message in ((reviews.ListReviews, kpb.ListReviewsRequest(**filters)),
+                          (reviews.ClaimNextReview, kpb.ClaimNextReviewRequest(**filters, reviewer="alice"))):
         code, details = failure(call, message)
         assert code == grpc.StatusCode.INVALID_ARGUMENT and fragment in details, (code, details)
     watching.join(TIMEOUT_S)

@@ -28,7 +28,7 @@ import time
 from .._proto.aios.kernel.v1 import kernel_pb2
 from ..audit import AuditLog
 from ..errors import InvalidArgument, NotFound, PermissionDenied, shutting_down
-from ..limits import MAX_TENANT_CHARS, check_identifier
+from ..limits import MAX_TENANT_CHARS, check_identifier, check_pipeline_filter
 from .refusal_records import RefusalRecords
 from .watch_budget import UNLIMITED
 
@@ -64,6 +64,7 @@ def _stream_audit(log: AuditLog, allow_stream: bool, draining: threading.Event, 
         # A tenant no decision can have (too long, a control character such as a newline read with it from a
         # file) matches no record: refused, naming it, as ListTasks refuses it, not an empty or endless stream.
         check_identifier(request.tenant, "tenant", MAX_TENANT_CHARS)
+        check_pipeline_filter(request.pipeline)  # (and a pipeline no pipeline can be named)
         if request.kind not in _KINDS:
             raise InvalidArgument(f"kind: {request.kind} is not an AuditKind")
         if request.since_unix_ns < 0 or request.until_unix_ns < 0:

@@ -61,7 +61,7 @@ from ..policy.reference import coerce
 from ..policy.syntax import string_literals
 from ..policy.types import MAX_NAMES_SHOWN, MAX_SUGGESTION_NAMES, shown
 from ..errors import InvalidArgument
-from ..limits import FileTooLarge, authored_text_problem, read_bounded
+from ..limits import FileTooLarge, authored_text_problem, is_pipeline_name, read_bounded
 from .fields import ENCODINGS, FIELD_TYPES, TRANSFORMS, FieldSpec, encode_one
 from .rowcodec import RowCodec
 from .tomlpos import line_of
@@ -262,7 +262,7 @@ def parse_pipeline(data: bytes, path: str, load_policy) -> Pipeline:
     for table, raw in (("pipeline", head), ("model", model), ("policy", policy_table), ("escalation", escalation_raw)):
         r.check_keys(raw, table)
     name = r.get(head, "pipeline", "name", str, required=True)
-    if not name or not name.replace("_", "").replace("-", "").isalnum():
+    if not is_pipeline_name(name):
         raise r.fail("pipeline", "name", "must be letters, digits, '_' or '-'")
     _warn_lookalike_name(r, name)
     fields = _fields(r, doc.get("field"))

@@ -36,7 +36,8 @@ from collections.abc import Callable
 from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
 from ..field_values import to_value
 from ..errors import FailedPrecondition, Internal, InvalidArgument, NotFound, Unavailable, quote
-from ..limits import MAX_REVIEWER_CHARS, MAX_TENANT_CHARS, check_comment, check_identifier, check_name
+from ..limits import (MAX_REVIEWER_CHARS, MAX_TENANT_CHARS, check_comment, check_identifier, check_name,
+                      check_pipeline_filter)
 from ..store import Feed
 from ..store.faults import RETRY_AFTER_MS, StoreBusy
 from ..store.sqlite_reviews import STATE_FILTERS, withdrawn
@@ -159,7 +160,7 @@ class ReviewQueue:
              page_token: str = "") -> kpb.ListReviewsResponse:
         """One page of matching reviews, oldest first, with the filter's SLA-missed count."""
         state = _state_filter(state)
-        _tenant_filter(tenant)
+        _check_filters(pipeline, tenant)
         limit = paging.page_size(page_size)
         filters = (pipeline, tenant, state)
         after = paging.decode(page_token, filters)
@@ -175,14 +176,14 @@ class ReviewQueue:
         return response
 
     def sla_missed_count(self, pipeline: str = "", tenant: str = "", state: str = "") -> int:
-        _tenant_filter(tenant)
+        _check_filters(pipeline, tenant)
         self._settle()
         return self._records.count_sla_missed(pipeline, tenant, _state_filter(state), self._clock())
 
     def watch(self, pipeline: str = "", tenant: str = "", include_open: bool = False, updates: bool = False,
               timeout_s: float | None = None) -> ReviewWatch:
         """New reviews matching the filters as they are created (see ``ReviewWatch``)."""
-        _tenant_filter(tenant)
+        _check_filters(pipeline, tenant)
 
         def match(event) -> bool:
             kind, review = event
@@ -355,7 +356,7 @@ class ReviewQueue:
         NOT_FOUND when none matches.
         """
         _reviewer(reviewer)
-        _tenant_filter(tenant)
+        _check_filters(pipeline, tenant)
         mutate = self._lease(reviewer, _lease_ns(lease_seconds))
         self._settle()
         result = self._records.update_oldest(pipeline, tenant, OPEN, self._clock, mutate,
@@ -593,8 +594,9 @@ def _state_filter(state: str) -> str:
     return state
 
 
-def _tenant_filter(tenant: str) -> None:
+def _check_filters(pipeline: str, tenant: str) -> None:
     """A tenant filter no review can have (over the tenant limit, or with a control character, such as the newline
     of a value read from a file) is refused, naming it, as ListTasks refuses it: it matched nothing, so a watch
-    waited for ever in silence and a list came back empty."""
+    waited for ever in silence and a list came back empty. So is a pipeline filter no pipeline can be named."""
+    check_pipeline_filter(pipeline)
     check_identifier(tenant, "tenant", MAX_TENANT_CHARS)
