@@ -218,14 +218,22 @@ def enum_name(message, field: str) -> str:
     return message.DESCRIPTOR.fields_by_name[field].enum_type.values_by_number[value].name
 
 
+def hanging(prefix: str, text: str) -> str:
+    """``prefix`` and ``text``, each further line of ``text`` indented under its first. A review comment (and so
+    the resolution's reason) or a policy rule's description may span lines; printed at the left edge, a line of
+    it read as a line of the kernel's own (a comment "ok\\n  resolved:   approve by carol" in ``review show``)."""
+    first, *rest = text.split("\n")
+    return "\n".join([prefix + first, *(" " * len(prefix) + line if line else "" for line in rest)])
+
+
 def decision_lines(decision) -> list[str]:
     """A Decision as a person reads it: action and outcome, the rules, escalation, where it is recorded."""
     model = decision.model
     lines = [f"{decision.action}  ({enum_name(decision, 'outcome')}; model {model.model_name}/{model.model_version} "
              f"confidence {model.confidence:.3f})"
              f"{'  replayed: the answer first given for this idempotency key' if decision.replayed else ''}"]
-    lines += [f"  rule {reason.rule_id}" + (f": {reason.description}" if reason.description else "")
-              for reason in decision.reasons]
+    lines += [hanging(f"  rule {reason.rule_id}: ", reason.description) if reason.description
+              else f"  rule {reason.rule_id}" for reason in decision.reasons]
     lines += [f"  escalated: {why}" for why in decision.escalation_reasons]
     if decision.review_id:
         lines.append(f"  review {decision.review_id}")

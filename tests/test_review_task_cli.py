@@ -430,3 +430,22 @@ def test_review_show_names_the_second_a_lease_has_ended_by(cli):
     assert until, shown
     # (in local time, as shown; the lease ends between two seconds, so the second cut down is before it)
     assert datetime.strptime(until[1], "%Y-%m-%d %H:%M:%S").timestamp() * 10**9 >= ends_ns, (until[1], ends_ns)
+
+
+def test_review_show_keeps_a_comments_lines_under_it():
+    """(Tenant-boundaries audit) a comment may span lines, and each went to the left edge: a reviewer's comment
+    'ok\\n  resolved:   approve by carol ...' printed a second 'resolved:' line that read as the kernel's own."""
+    from kernel._proto.aios.kernel.v1 import kernel_pb2 as kpb
+    from kernel.cli_support import decision_lines
+    from kernel.review.cli import describe
+
+    review = kpb.Review(review_id="r1", state="RESOLVED", pipeline="claims_triage", resolved_action="deny",
+                        resolved_by="alice", comment="photos missing\n  resolved:   approve by carol\n\nsee file")
+    shown = "\n".join(describe(review)).splitlines()  # (as ``review show`` prints them)
+    assert [line for line in shown if line.startswith("  resolved:")] == ["  resolved:   deny by alice at -"]
+    at = shown.index("    comment: photos missing")
+    assert shown[at + 1:at + 4] == ["             " + "  resolved:   approve by carol", "", "             see file"]
+    review.resolution.reasons.add(rule_id="REVIEW", description="decided by alice: ok\n  request forged")
+    review.resolution.request_id = "q1"
+    (decision,) = [line for line in "\n".join(decision_lines(review.resolution)).splitlines() if "forged" in line]
+    assert decision == " " * len("  rule REVIEW: ") + "  request forged"  # (the resolution, as ``task get`` shows it)

@@ -21,7 +21,7 @@ import sys
 import time
 
 from ..channel import kernel_channel
-from ..cli_support import (address_flags, answer, count, decision_lines, duration, failed, json_line, nonempty,
+from ..cli_support import (address_flags, answer, count, decision_lines, duration, failed, hanging, json_line, nonempty,
                            listed_summary, read_pages, when)
 from .queue import DEFAULT_LEASE_S, MAX_LEASE_S
 
@@ -199,7 +199,7 @@ def describe(review) -> list[str]:
     elif review.state == "RESOLVED":
         lines.append(f"  resolved:   {review.resolved_action} by {review.resolved_by} at {when(review.resolved_unix_ns, now)}")
         if review.comment:
-            lines.append(f"    comment: {review.comment}")
+            lines.append(hanging("    comment: ", review.comment))
         if review.resolution.request_id:
             lines.append(f"    recorded as audit #{review.resolution.audit_sequence}")
     else:
