@@ -107,6 +107,10 @@ class DecisionSide:
         # store saw past it were lost, and in fsync mode that refuses the start right here (_lost_records).
         self._opened = self.audit.size if self.audit is not None else 0
         try:
+            planted = self.idempotency.forget_callers_under(_RESOLUTIONS)
+            if planted:
+                log.warning("forgot %d answers that callers of an older kernel stored under its own tenant %r (a "
+                            "review's resolution would have answered them)", planted, _RESOLUTIONS)
             # (An older kernel's answers name their record in their bytes only: read once, so the check sees them.)
             if self.audit is not None:
                 self.idempotency.fill_old_sequences(skip_tenant=_RESOLUTIONS)

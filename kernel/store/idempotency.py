@@ -353,6 +353,14 @@ class IdempotencyStore:
 
         return self._db.transact(work, durable=True)
 
+    def forget_callers_under(self, tenant: str) -> int:
+        """Delete callers' answers stored under ``tenant``, one the kernel keeps its own entries under (with no
+        request hash: a caller's answer always has one); returns how many went. A kernel before the reserved
+        tenants (limits.RESERVED_TENANT_PREFIX) stored a Decide's answer there, and a review's resolution then
+        answered it ('review:<id>') or failed for good ('recording:<id>')."""
+        return self._db.transact(lambda conn: conn.execute(
+            "DELETE FROM idempotency WHERE tenant = ? AND request_hash != ''", (tenant,)).rowcount, durable=True)
+
     def purge_expired(self) -> int:
         """Delete expired keys (at most PURGE_BATCH); returns how many went."""
         now = self._clock()
