@@ -39,6 +39,16 @@ MAX_MODEL_NAME_BYTES = 255  # a model name is a folder name in the repository: N
 # "review:<id>" stored its own answer there first, and the reviewer's resolution then answered it and recorded
 # nothing (a "recording:<id>" key made the resolution fail for good). So no caller's tenant may begin so.
 RESERVED_TENANT_PREFIX = "__"
+# ModelInfer: elements whose decoded form costs far more memory than their bytes on the wire, bounded per request
+# (all its inputs together) and refused before decoding (kernel/api/tensors.py). A BYTES element is a Python str,
+# its slots in a list and an object array, an onnxruntime std::string, and as much again for an output: ~240 bytes
+# however short (4 on the wire, empty): one 32 MiB request of 2-byte strings took a kernel from 117 MiB to 1.47 GB,
+# 64 MiB of typed bytes_contents ~4.6 GB. A million strings is more than any one text model call needs.
+MAX_BYTES_ELEMENTS = 1 << 20
+# Typed integer contents are varints, one byte on the wire for a small value and 8 decoded (INT64): typed inputs
+# decode to at most what raw_input_contents carry at the default max_message_bytes (64 MiB); 16 MiB of int64_contents
+# held 0.9 GB.
+MAX_TYPED_CONTENTS_BYTES = 64 << 20
 
 # C0 and C1 controls (Unicode category Cc): C1's NEL (U+0085) ends a line for str.splitlines and some log viewers,
 # and its CSI (U+009B) starts a terminal escape sequence as ESC [ does.

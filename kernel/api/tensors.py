@@ -18,6 +18,7 @@ import numpy as np
 
 from ..accel import bytes_codec
 from ..errors import InvalidArgument
+from ..limits import MAX_BYTES_ELEMENTS, MAX_TYPED_CONTENTS_BYTES
 from ..models.config import ModelConfig, TensorSpec
 from ..models.datatypes import DataType
 
@@ -51,7 +52,8 @@ def _expected_shape(config: ModelConfig, spec: TensorSpec, shape: tuple[int, ...
     return None
 
 
-def _from_raw(spec: TensorSpec, name: str, shape: tuple[int, ...], buf: bytes, index: int) -> np.ndarray:
+def _from_raw(spec: TensorSpec, name: str, shape: tuple[int, ...], buf: bytes, index: int,
+              costly: _CostlyElements) -> np.ndarray:
     count = math.prod(shape)
     dt = spec.datatype
     if dt.name == "BYTES":
@@ -60,6 +62,7 @@ def _from_raw(spec: TensorSpec, name: str, shape: tuple[int, ...], buf: bytes, i
                 f"input '{name}': raw_input_contents[{index}] holds {len(buf)} bytes; shape {list(shape)} of BYTES "
                 f"needs at least {count * BYTES_PREFIX} (a {BYTES_PREFIX}-byte length "
                 "prefix an element)")
+        costly.add(name, dt, shape, typed=False)
         try:
             values = bytes_codec.decode(buf, count)
         except ValueError as exc:
@@ -91,7 +94,8 @@ def _a(datatype: str) -> str:
     return f"{'an' if datatype[0] in 'AEFHILMNORSX' else 'a'} {datatype}"
 
 
-def _from_contents(spec: TensorSpec, name: str, shape: tuple[int, ...], contents) -> np.ndarray:
+def _from_contents(spec: TensorSpec, name: str, shape: tuple[int, ...], contents,
+                   costly: _CostlyElements) -> np.ndarray:
     dt = spec.datatype
     if dt.contents_field is None:
         raise InvalidArgument(f"input '{name}': {dt.name} has no typed contents field; send it in raw_input_contents")
@@ -109,6 +113,7 @@ def _from_contents(spec: TensorSpec, name: str, shape: tuple[int, ...], contents
                 f"{dt.contents_field})" if others else "")
         raise InvalidArgument(f"input '{name}': contents.{dt.contents_field} has {len(values)} elements; shape "
                               f"{list(shape)} needs {count}{sent}")
+    costly.add(name, dt, shape, typed=True)
     if dt.name == "BYTES":
         try:
             decoded = [bytes(v).decode("utf-8") for v in values]
@@ -204,6 +209,7 @@ def _decode_checked(config: ModelConfig, request) -> tuple[dict[str, np.ndarray]
         )
     arrays: dict[str, np.ndarray] = {}
     rows = -1
+    costly = _CostlyElements()
     for index, tensor in enumerate(tensors):
         name = tensor.name
         spec = specs.get(name)
@@ -236,15 +242,44 @@ def _decode_checked(config: ModelConfig, request) -> tuple[dict[str, np.ndarray]
                 raise InvalidArgument(
                     f"input '{name}': both contents and raw_input_contents are set; send its values in one of them"
                 )
-            arrays[name] = _from_raw(spec, name, shape, raw[index], index)
+            arrays[name] = _from_raw(spec, name, shape, raw[index], index, costly)
         else:
-            arrays[name] = _from_contents(spec, name, shape, tensor.contents)
+            arrays[name] = _from_contents(spec, name, shape, tensor.contents, costly)
     if len(arrays) != len(specs):
         missing = [name for name in specs if name not in arrays]
         raise InvalidArgument(f"missing input '{missing[0]}' for model '{config.name}'")
     # Items batch together only when every input has the same per-row shape.
     shape_key = tuple(arrays[spec.name].shape[1:] for spec in config.inputs) if config.batching else ()
     return arrays, (rows if config.batching else 1), shape_key
+
+
+class _CostlyElements:
+    """The request's elements that cost far more decoded than on the wire, summed over its inputs and refused
+    past their bounds (kernel/limits.py says why each is where it is) before the input that passes one is decoded
+    (after the checks of its shape against its buffer or contents, which word a mistake more exactly)."""
+
+    __slots__ = ("strings", "typed_bytes")
+
+    def __init__(self) -> None:
+        self.strings = 0
+        self.typed_bytes = 0
+
+    def add(self, name: str, dt: DataType, shape: tuple[int, ...], typed: bool) -> None:
+        count = math.prod(shape)
+        if dt.name == "BYTES":
+            self.strings += count
+            if self.strings > MAX_BYTES_ELEMENTS:
+                raise InvalidArgument(
+                    f"input '{name}': shape {list(shape)} makes {self.strings:,} BYTES elements in this request; "
+                    f"at most {MAX_BYTES_ELEMENTS:,} are taken (each costs the kernel ~240 bytes of memory however "
+                    "short it is): send them in several requests")
+        elif typed:
+            self.typed_bytes += count * dt.itemsize
+            if self.typed_bytes > MAX_TYPED_CONTENTS_BYTES:
+                raise InvalidArgument(
+                    f"input '{name}': shape {list(shape)} of {dt.name} makes typed contents of "
+                    f"{self.typed_bytes:,} bytes decoded in this request; at most {MAX_TYPED_CONTENTS_BYTES:,} are "
+                    "taken: send larger tensors in raw_input_contents, or in several requests")
 
 
 def requested_outputs(config: ModelConfig, request) -> list[tuple[int, int]] | None:
