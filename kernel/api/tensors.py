@@ -253,6 +253,23 @@ def _decode_checked(config: ModelConfig, request) -> tuple[dict[str, np.ndarray]
     return arrays, (rows if config.batching else 1), shape_key
 
 
+# What one decoded BYTES element holds while its request waits to be answered and sent, however short it is: a str,
+# its slot in the input array, and as much again for the output and its encoded answer (~240 bytes an element,
+# measured through an identity model; onnxruntime's own copies come on top while it runs).
+BYTES_ELEMENT_HELD = 240
+
+
+def held_bytes(inputs: dict[str, np.ndarray]) -> int:
+    """What a prepared request's inputs are estimated to hold until it is answered: their arrays (raw ones are
+    views of the request's bytes) and, for BYTES, each element's objects. For a stream's byte bound."""
+    total = 0
+    for array in inputs.values():
+        total += array.nbytes
+        if array.dtype.kind == "O":
+            total += array.size * BYTES_ELEMENT_HELD
+    return total
+
+
 class _CostlyElements:
     """The request's elements that cost far more decoded than on the wire, summed over its inputs and refused
     past their bounds (kernel/limits.py says why each is where it is) before the input that passes one is decoded

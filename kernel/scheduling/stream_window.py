@@ -15,7 +15,8 @@ the first on the asyncio front end):
   the threaded front end, the stream's handler thread until the last one.
 
 What a stream may hold unanswered is bounded twice (``has_room``): in
-requests (``MAX_IN_FLIGHT``) and in their bytes (``MAX_HELD_BYTES``). Each
+requests (``MAX_IN_FLIGHT``) and in their bytes (``MAX_HELD_BYTES``: on the wire, or what a ModelStreamInfer
+request's decoded inputs hold when that is more, ``grow``). Each
 stream's reader counts a request in before it prepares it and out once its
 answer is sent, so a client that sends without reading is pushed back by its
 own transport. The byte bound came from a streams audit (2026-11-27): 1,024
@@ -30,7 +31,7 @@ import asyncio
 import threading
 
 MAX_IN_FLIGHT = 1024  # unanswered requests per stream; its reader stops taking requests beyond it (back-pressure)
-MAX_HELD_BYTES = 64 * 1024 * 1024  # and their serialized bytes: beyond these, too
+MAX_HELD_BYTES = 64 * 1024 * 1024  # and their bytes (serialized, or decoded when more): beyond these, too
 
 __all__ = ["MAX_HELD_BYTES", "MAX_IN_FLIGHT", "AsyncStreamHold", "StreamHold", "StreamWindow", "has_room"]
 
@@ -69,6 +70,12 @@ class StreamHold:
             self.nbytes += nbytes
         return True
 
+    def grow(self, nbytes: int) -> None:
+        """Count ``nbytes`` more for the request taken last, without waiting: what decoding it made beyond its
+        bytes on the wire (the next ``take`` waits for room)."""
+        with self._room:
+            self.nbytes += nbytes
+
     def give_back(self, nbytes: int) -> None:
         """Count out a request of ``nbytes`` (its answer is sent)."""
         with self._room:
@@ -92,6 +99,10 @@ class AsyncStreamHold:
             await self._room.wait_for(lambda: has_room(self.requests, self.nbytes))
             self.requests += 1
             self.nbytes += nbytes
+
+    def grow(self, nbytes: int) -> None:
+        """``StreamHold.grow``, on the event loop (nothing to wait for: only a take waits)."""
+        self.nbytes += nbytes
 
     async def give_back(self, nbytes: int) -> None:
         async with self._room:
