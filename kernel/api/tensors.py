@@ -26,6 +26,7 @@ from ..models.datatypes import DataType
 _SHARED_MEMORY_KEYS = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
 
 BYTES_PREFIX = 4  # each BYTES element's little-endian length, before its bytes (kernel/bytes_codec.py)
+_SHOWN_DIMS = 8  # of a shape with the wrong number of dims, in its refusal
 _MAX_ARRAY_BYTES = np.iinfo(np.intp).max  # numpy's bound on an array's dims times its item size (BYTES: 8, a pointer)
 
 
@@ -34,11 +35,20 @@ def _refuse_shared_memory(kind: str, name: str, parameters, instead: str) -> Non
         raise InvalidArgument(f"{kind} '{name}': shared memory is not supported by this server; {instead}")
 
 
-def _expected_shape(config: ModelConfig, spec: TensorSpec, shape: tuple[int, ...]) -> str | None:
-    """None when ``shape`` fits the spec, else the reason."""
+def _rank_problem(config: ModelConfig, spec: TensorSpec, dims) -> str | None:
+    """None when the shape field ``dims`` has as many dims as the spec, else the reason: checked before the dims
+    are copied or shown, since a packed dim is one byte on the wire (2M dims of 1 in a 2 MiB request became a
+    tuple, a list and a 6 MB refusal text: ~20x its bytes)."""
     want = config.full_shapes[spec.name]
-    if len(shape) != len(want):
-        return f"shape {list(shape)} has {len(shape)} dims, the model expects {len(want)} ({want})"
+    if len(dims) == len(want):
+        return None
+    shown = list(dims) if len(dims) <= _SHOWN_DIMS else f"[{', '.join(map(str, dims[:_SHOWN_DIMS]))}, ...]"
+    return f"shape {shown} has {len(dims):,} dims, the model expects {len(want)} ({want})"
+
+
+def _expected_shape(config: ModelConfig, spec: TensorSpec, shape: tuple[int, ...]) -> str | None:
+    """None when ``shape`` (of the right rank: ``_rank_problem``) fits the spec, else the reason."""
+    want = config.full_shapes[spec.name]
     for have, expect in zip(shape, want):
         if have < 0:
             return f"shape {list(shape)} has a negative dim"
@@ -173,7 +183,10 @@ def _decode_raw_fixed(config: ModelConfig, plan: dict, request):
         # Typed contents beside raw ones, or tensor parameters (shared memory): the checked path refuses those.
         if tensor.HasField("contents") or tensor.parameters:
             return None
-        shape = tensor.shape[:]  # a list: much cheaper than tuple() of the repeated field
+        dims = tensor.shape
+        if len(dims) != len(entry[2]) + batching:  # (before the copy: a shape of millions of dims is 1 byte each)
+            return None
+        shape = dims[:]  # a list: much cheaper than tuple() of the repeated field
         if batching:
             if not shape or shape[1:] != entry[2]:
                 return None
@@ -223,7 +236,11 @@ def _decode_checked(config: ModelConfig, request) -> tuple[dict[str, np.ndarray]
             raise InvalidArgument(
                 f"input '{name}': datatype {tensor.datatype or '(empty)'}, the model expects {spec.datatype.name}"
             )
-        shape = tuple(tensor.shape)
+        dims = tensor.shape
+        problem = _rank_problem(config, spec, dims)
+        if problem:
+            raise InvalidArgument(f"input '{name}': {problem}")
+        shape = tuple(dims)
         problem = _expected_shape(config, spec, shape)
         if problem:
             raise InvalidArgument(f"input '{name}': {problem}")
