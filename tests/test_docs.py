@@ -1,0 +1,180 @@
+"""The README and docs/ tell the truth about what can be checked mechanically: the settings table names every
+setting with its real default, the metrics table every family /metrics exports, every `aios-kernel ...` command
+line shown names commands and flags that exist, and every AIOS_* variable the kernel knows is documented.
+
+After a thousand commits the text had been kept right by hand (each audit re-read it); these tests fail at the
+commit that makes it drift instead. The metrics check scrapes a real claims kernel; the rest read the files and
+the CLI's own argparse parsers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shlex
+import urllib.request
+from dataclasses import MISSING, fields
+from pathlib import Path
+
+from conftest import free_port, start_claims_kernel
+from prometheus_client.parser import text_string_to_metric_families
+
+from kernel.audit.cli import build_parser as audit_parser
+from kernel.cli import build_parser
+from kernel.config import OTHER_VARIABLES, Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+
+
+def section(text: str, heading: str) -> str:
+    """The text under ``heading`` (a markdown heading line) up to the next heading of its level or above."""
+    level = heading.split(" ", 1)[0]
+    start = text.index(f"\n{heading}\n") + len(heading) + 2
+    ends = [m.start() for m in re.finditer(r"^(#+) ", text[start:], re.MULTILINE) if len(m.group(1)) <= len(level)]
+    return text[start:start + ends[0]] if ends else text[start:]
+
+
+def table_rows(text: str) -> list[list[str]]:
+    """The cells of each markdown table row in ``text`` (header and separator rows left out)."""
+    rows = []
+    for line in text.splitlines():
+        if line.startswith("|") and not line.startswith("|---"):
+            rows.append([cell.strip() for cell in line.strip().strip("|").split(" | ")])
+    return rows[1:] if rows else rows
+
+
+# -- settings ----------------------------------------------------------------------------------------------------
+
+def _documented_settings() -> dict[str, str]:
+    rows = table_rows(section(README, "## Settings"))
+    return {re.fullmatch(r"`(\w+)`", row[0]).group(1): row[1] for row in rows}
+
+
+def _as_documented(field) -> str:
+    """How the table writes a default: `true`, `8001`, `1.0`, or "empty"."""
+    default = field.default
+    if isinstance(default, bool):
+        return "true" if default else "false"
+    return "empty" if default == "" else str(default)
+
+
+def test_the_settings_table_holds_every_setting_and_nothing_else():
+    documented = _documented_settings()
+    settings = [f.name for f in fields(Settings)]
+    assert sorted(documented) == sorted(settings), (
+        f"in the README but no setting: {sorted(set(documented) - set(settings))}; "
+        f"settings missing from the README: {sorted(set(settings) - set(documented))}")
+
+
+def test_each_setting_is_documented_with_its_real_default():
+    documented = _documented_settings()
+    wrong = {}
+    for field in fields(Settings):
+        assert field.default is not MISSING, field.name
+        cell = documented[field.name]
+        shown = re.match(r"`([^`]*)`|empty", cell)
+        assert shown, f"{field.name}: no default in {cell!r}"
+        text = shown.group(1) if shown.group(1) is not None else "empty"
+        expected = _as_documented(field)
+        same = (float(text) == float(expected)) if field.type in ("int", "float") else text == expected
+        if not same:
+            wrong[field.name] = (text, expected)
+    assert not wrong, f"README default != code default: {wrong}"
+
+
+def test_the_serve_flags_the_settings_section_lists_are_the_flags_serve_takes():
+    said = re.search(r"`serve` and `demo` take flags for (.*?)\. ", section(README, "## Settings"), re.DOTALL).group(1)
+    listed = set(re.findall(r"`(--[\w-]+)`", said))
+    commands = _subcommands(build_parser())
+    for name in ("serve", "demo"):
+        flags = {o for a in commands[name]._actions for o in a.option_strings if o.startswith("--")}
+        settings_flags = flags - {"--help", "--config", "--requests", "--concurrency"}
+        assert listed == settings_flags, name
+
+
+# -- metrics -----------------------------------------------------------------------------------------------------
+
+def _documented_metrics() -> set[str]:
+    names = set()
+    for row in table_rows(section(README, "### Metrics")):
+        names.update(re.sub(r"\{.*", "", name) for name in re.findall(r"`([a-z_*]+(?:\{[^`]*\})?)`", row[0]))
+    return names
+
+
+def test_the_metrics_table_names_every_family_the_endpoint_exports_and_no_other(claims_models, tmp_path):
+    documented = _documented_metrics()
+    server = start_claims_kernel(claims_models, tmp_path, metrics_port=free_port())
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10) as response:
+            exported = {family.name for family in text_string_to_metric_families(response.read().decode())}
+    finally:
+        server.stop(grace=0)
+    patterns = {name for name in documented if name.endswith("*")}
+    named = {name for name in documented - patterns if name.startswith("aios_")}
+    ours = {name for name in exported if name.startswith("aios_")}
+    # (the parser names a counter's family without its _total)
+    ours = {name + "_total" if f"{name}_total" in named else name for name in ours}
+    assert ours == named, (f"exported but not in the README: {sorted(ours - named)}; "
+                           f"in the README but not exported: {sorted(named - ours)}")
+    others = exported - {name for name in exported if name.startswith("aios_")}
+    assert {name for name in others if not any(name.startswith(p.rstrip("*")) for p in patterns)} <= documented
+    assert documented - named - patterns <= others  # (python_info)
+
+
+# -- command lines -----------------------------------------------------------------------------------------------
+
+def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
+
+
+def _command_lines():
+    """(file:line, the words after `aios-kernel`) of each command line the docs show, continued lines joined."""
+    for path in DOCS:
+        text = path.read_text(encoding="utf-8").replace("\\\n", " ")
+        for match in re.finditer(r"aios-kernel ((?:[^`\n#|;)\[]|\[(?!-))*)", text):
+            line = text.count("\n", 0, match.start()) + 1
+            try:
+                words = shlex.split(match.group(1))
+            except ValueError:
+                words = match.group(1).split()
+            yield f"{path.name}:{line}", words
+
+
+def test_every_command_line_in_the_docs_names_a_command_and_flags_that_exist():
+    wrong = []
+    for where, words in _command_lines():
+        parser, path = build_parser(), []
+        for word in words:
+            commands = _subcommands(parser)
+            if word not in commands:
+                break
+            # (audit's words are handed to kernel/audit/cli.py's own parser)
+            parser = audit_parser() if word == "audit" and not path else commands[word]
+            path.append(word)
+        if not path:
+            if words and re.fullmatch(r"[a-z]+", words[0]):
+                wrong.append(f"{where}: aios-kernel {' '.join(words)}: no such command")
+            continue  # else not a command: "aios-kernel 0.1.0" in the start line
+        flags = {o for a in parser._actions for o in a.option_strings}
+        unknown = [w.split("=")[0] for w in words if w.startswith("--") and w.split("=")[0] not in flags]
+        rest = [w for w in words[len(path):] if w not in ("...", "…")]
+        if unknown or (_subcommands(parser) and rest and not rest[0].startswith("-")):
+            wrong.append(f"{where}: aios-kernel {' '.join(words)}: {unknown or 'no such subcommand'}")
+    assert not wrong, "\n".join(wrong)
+
+
+# -- environment variables ---------------------------------------------------------------------------------------
+
+def test_every_aios_variable_is_a_setting_or_one_the_readme_lists_and_each_listed_one_is_known():
+    setting_variables = {f"AIOS_{f.name.upper()}" for f in fields(Settings)}
+    listed = set(re.findall(r"`(AIOS_[A-Z_]+)", section(README, "## Settings").split("Other environment variables")[1]))
+    assert OTHER_VARIABLES <= listed, f"not in the README's 'Other environment variables': {OTHER_VARIABLES - listed}"
+    mentioned = {name for path in DOCS for name in re.findall(r"\bAIOS_[A-Z][A-Z_]*[A-Z]", path.read_text())}
+    # (AIOS_AUDIT_MOD is the README's example of a typo the kernel warns about)
+    unknown = mentioned - setting_variables - OTHER_VARIABLES - {"AIOS_AUDIT_MOD"}
+    assert not unknown, f"the docs name variables the kernel does not read: {sorted(unknown)}"
