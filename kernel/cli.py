@@ -18,7 +18,7 @@ import threading
 from pathlib import Path
 
 from . import __version__, grpc_io, pipelines_cli
-from .cli_support import (address, address_flags, answer, decision_lines, failed, nonempty, request_flags,
+from .cli_support import (address, address_flags, answer, decision_lines, failed, nonempty, positive, request_flags,
                           request_or_say_why, seconds)
 from .config import SettingsError, load_settings
 from .errors import KernelError
@@ -326,8 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
                                       "verification. Its data dir is a new temporary folder unless --data-dir "
                                       "names one; it is kept, with the cases waiting for review.")
     _server_flags(demo, demo=True)
-    demo.add_argument("--requests", type=int, default=2000, help="requests in the burst (default 2000)")
-    demo.add_argument("--concurrency", type=int, default=8,
+    demo.add_argument("--requests", type=positive, default=2000, help="requests in the burst (default 2000)")
+    demo.add_argument("--concurrency", type=positive, default=8,
                       help="DecideStreams open at once, each sending its share of the claims as fast as it is "
                            "taken (default 8); not requests in flight: each stream keeps many")
     demo.set_defaults(func=cmd_demo)

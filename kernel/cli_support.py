@@ -99,6 +99,18 @@ def count(text: str) -> int:
     return value
 
 
+def positive(text: str) -> int:
+    """A count of at least 1 (the demo's requests and streams: 0 sends nothing, and a negative one ended in
+    numpy's traceback once the kernel had started)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be 1 or more")
+    return value
+
+
 def nonempty(text: str) -> str:
     """An id or name the kernel is asked about: not empty."""
     if not text.strip():

@@ -565,3 +565,16 @@ def test_instants_shown_in_local_time_name_their_zone(monkeypatch):
     finally:
         monkeypatch.undo()  # (the zone as it was, then read again)
         time_module.tzset()
+
+
+@pytest.mark.parametrize("flag, value", [("--requests", "-5"), ("--requests", "0"), ("--concurrency", "0")])
+def test_demo_refuses_a_burst_of_no_requests_or_streams_naming_the_flag(tmp_path, flag, value):
+    """(Docs audit) --requests -5 built the demo's models, started the kernel and ended in numpy's "negative
+    dimensions are not allowed" traceback; --concurrency 0 opened no stream, sent nothing and exited 0 with an
+    empty summary. Now both are refused as the other count flags are, before anything is built or started."""
+    models, data = tmp_path / "models", tmp_path / "data"
+    result = run_cli("demo", "--models", str(models), "--data-dir", str(data), flag, value, timeout=300)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    assert f"argument {flag}: '{value}': must be 1 or more" in result.stderr.splitlines()[-1], result.stderr
+    assert not models.exists() and not data.exists()
