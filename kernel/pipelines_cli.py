@@ -8,7 +8,8 @@
 
 ``check`` runs the checks a kernel's load or an upload runs — the pipeline, its policy, and the binding to the
 model it names, loaded from a repository folder — with no kernel running (a pipeline author's walk-through:
-binding errors showed only against a running kernel). Exit 0 when it would serve, 1 when it would be refused.
+binding errors showed only against a running kernel). Exit 0 when it would serve, 1 when it would be refused,
+2 when it could not be checked (a file that cannot be read, no model repository folder).
 
 An upload is validated whole (the pipeline, the policy, the model it names)
 before anything changes; a refused one answers INVALID_ARGUMENT naming line
@@ -47,7 +48,9 @@ def add_parser(sub) -> None:
     upload.add_argument("--json", action="store_true", help="print the PipelineInfo as JSON")
     upload.set_defaults(func=cmd_upload)
     check = commands.add_parser("check", help="check a pipeline file, its policy and its model as a load does, "
-                                "with no kernel running")
+                                "with no kernel running",
+                                epilog="exit status: 0 a kernel would serve it, 1 it would be refused (said why), 2 it "
+                                       "could not be checked (a file that cannot be read, no model repository)")
     check.add_argument("file", help="the pipeline's TOML file")
     check.add_argument("--policy", help="the policy file (default: the one the pipeline names, beside it)")
     check.add_argument("--models", help="model repository folder (default: as serve reads it: AIOS_MODELS, "
@@ -161,6 +164,14 @@ def cmd_check(args) -> int:
     from .pipelines.spec import PipelineError, load_pipeline
     from .policy import PolicyError, load_policy
 
+    for path in filter(None, (args.file, args.policy)):
+        # A path that cannot be read was never checked: exit 2, as policy check's (docs/operations.md), not the
+        # "would be refused" of exit 1 that a script gating an upgrade acts on.
+        try:
+            open(path, "rb").close()  # (opened, not read: the load refuses an oversized file without reading it)
+        except OSError as exc:
+            print(f"{path}: cannot read: {exc.strerror or exc}", file=sys.stderr)
+            return 2
     try:
         pipeline = load_pipeline(args.file, (lambda _named: load_policy(args.policy)) if args.policy else load_policy)
     except (PipelineError, PolicyError) as exc:

@@ -88,3 +88,20 @@ def test_the_policys_own_warnings_are_said_too(claims_models, folder, capsys):
     code, out, err = check(capsys, str(folder / "claims_triage.toml"), "--models", str(claims_models))
     assert code == 0 and "a kernel would serve it" in out
     assert "rule 'FALLBACK' id: is an id the kernel gives reasons of its own" in err
+
+
+def test_a_file_that_cannot_be_read_could_not_be_checked_exit_2(claims_models, folder, tmp_path, capsys):
+    """(Docs audit) docs/operations.md: "exit 1 means it would be refused, 2 that it could not be checked" (as
+    policy check's exit 2 for no such file). A misspelt path was exit 1, "refused: PATH:0: cannot read", which a
+    script gating an upgrade read as a pipeline the new kernel would refuse."""
+    for missing in (tmp_path / "nowhere.toml", tmp_path):
+        code, out, err = check(capsys, str(missing), "--models", str(claims_models))
+        assert (code, out) == (2, ""), err
+        assert err.startswith(f"{missing}: cannot read") and "refused" not in err, err
+    code, out, err = check(capsys, str(folder / "claims_triage.toml"), "--policy", str(tmp_path / "nowhere.toml"),
+                           "--models", str(claims_models))
+    assert (code, out) == (2, "") and err.startswith(f"{tmp_path / 'nowhere.toml'}: cannot read"), err
+    # a policy file the pipeline itself names but that is not there is the pipeline's fault: a load refuses it
+    (folder / "policy.toml").unlink()
+    code, _, err = check(capsys, str(folder / "claims_triage.toml"), "--models", str(claims_models))
+    assert code == 1 and err.startswith("refused:"), err
