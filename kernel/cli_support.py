@@ -176,11 +176,11 @@ def request_from_flags(args):
         raise ValueError(f"--field {str(exc).removeprefix('field ')}") from None
 
 
-def failed(exc) -> int:
-    """A refused call (``grpc.RpcError``) as one line on stderr; exit code 1. A kernel that could not be
-    reached gets a hint where the command looked for it (a docs audit: gRPC's "failed to connect" alone left
-    a user who served on another port guessing)."""
-    details = exc.details() or ""
+def failed(exc, details: str | None = None) -> int:
+    """A refused call (``grpc.RpcError``) as one line on stderr, its ``details`` (default: the call's own); exit
+    code 1. A kernel that could not be reached gets a hint where the command looked for it (a docs audit: gRPC's
+    "failed to connect" alone left a user who served on another port guessing)."""
+    details = (exc.details() or "") if details is None else details
     if "failed to connect" in details:
         details += (" (is the kernel running there? Client commands take their address from --address, else "
                     "AIOS_ADDRESS, else AIOS_HOST and AIOS_PORT: 127.0.0.1:8001 by default)")

@@ -141,12 +141,11 @@ def cmd_upload(args) -> int:
         except grpc.RpcError as exc:
             # The kernel got bytes, not files: it names the pipeline "<upload>" and the policy by the name the
             # pipeline gives it; name the files the user gave (a walk-through: its own policy was not named).
-            details = exc.details().replace("<upload>", args.file)
+            details = (exc.details() or "").replace("<upload>", args.file)
             named = _policy_named(request.pipeline_toml) if args.policy else ""
             if named and named != args.policy:  # (where the pipeline's [policy].file names it: that one place)
                 details = details.replace(f"[policy].file: {named}:", f"[policy].file: {args.policy}:", 1)
-            print(f"{exc.code().name}: {details}", file=sys.stderr)
-            return 1
+            return failed(exc, details)
     if args.json:
         print_json(info)
     else:

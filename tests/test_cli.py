@@ -523,11 +523,16 @@ def test_sigterm_during_the_start_stops_cleanly_once_started(slow_repo, tmp_path
     assert verified.returncode == 0, verified.stdout + verified.stderr
 
 
-def test_a_client_command_that_reaches_no_kernel_says_where_it_looked_for_one():
+@pytest.mark.parametrize("command", [
+    ("review", "list"), ("pipelines", "list"),
+    # (docs audit: upload printed gRPC's "failed to connect" alone, its own error path skipping the hint)
+    ("pipelines", "upload", str(ROOT / "examples" / "claims" / "pipelines" / "claims_triage.toml")),
+], ids=lambda command: " ".join(command[:2]))
+def test_a_client_command_that_reaches_no_kernel_says_where_it_looked_for_one(command):
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    result = run_cli("review", "list", "--address", f"127.0.0.1:{port}", "--timeout", "5")
+    result = run_cli(*command, "--address", f"127.0.0.1:{port}", "--timeout", "5")
     assert result.returncode == 1
     assert result.stderr.startswith("UNAVAILABLE: failed to connect"), result.stderr
     assert "is the kernel running there?" in result.stderr and "AIOS_PORT" in result.stderr, result.stderr
