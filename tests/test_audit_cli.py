@@ -193,6 +193,16 @@ def test_replay_blames_the_policy_option_not_the_pipeline_file(log_dir, tmp_path
         f"aios-kernel audit replay: --policy {policy}: cannot read: No such file or directory")
 
 
+@pytest.mark.parametrize("sample, why", [("-1", "'-1': must be 0 (print none) or more"),
+                                          ("ten", "'ten' is not a whole number")])
+def test_replay_refuses_a_sample_size_that_is_no_count(log_dir, sample, why):
+    """(Docs audit) --sample -1 was taken, printed no changed case and exited 0, as if none had changed."""
+    done = run_cli("replay", str(log_dir), "--pipeline", str(PIPELINES / "claims_triage.toml"),
+                   "--policy", str(PIPELINES / "policy.toml"), "--sample", sample)
+    assert done.returncode == 2 and done.stdout == "", done.stdout + done.stderr
+    assert done.stderr.splitlines()[-1] == f"aios-kernel audit replay: error: argument --sample: {why}"
+
+
 def test_replay_over_a_damaged_record_fails(log_dir):
     flip_byte_in_record(log_dir, 10)
     done = run_cli("replay", str(log_dir), "--pipeline", str(PIPELINES / "claims_triage.toml"),

@@ -37,6 +37,17 @@ from .replay import ReplayError, ReplayReport, load_candidate, replay
 from .spec import PipelineError, load_pipeline
 
 
+def _sample_size(text: str) -> int:
+    # (-1 was taken: no case printed, exit 0, which read as "nothing changed")
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be 0 (print none) or more")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser, parse_time) -> None:
     parser.add_argument("directory", help="audit log directory (<data_dir>/audit)")
     parser.add_argument("--pipeline", required=True, help="the pipeline file (fields and escalation rules)")
@@ -48,7 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser, parse_time) -> None:
                                          "rules-only change, each with the policy it was decided under (never "
                                          "inside the data dir; not over an existing file unless --force)")
     parser.add_argument("--force", action="store_true", help="replace an existing --report file")
-    parser.add_argument("--sample", type=int, default=10,
+    parser.add_argument("--sample", type=_sample_size, default=10,
                         help="changed cases to print (default 10; the --report file lists all of them)")
     parser.add_argument("--fail-on-change", dest="fail_on_change", action="store_true",
                         help="exit 1 when any decision, outcome, deciding rule or score adjustment would change, "
