@@ -8,9 +8,10 @@
 
 ``start --wait`` and ``watch`` exit 0 when the task SUCCEEDED, 1 when it
 FAILED or was CANCELLED, and 3 when the watch ended first (the kernel
-stopping, the connection lost, ``--timeout``); Ctrl-C stops watching and
-leaves the task running in the kernel (it is durable: ``task get`` finds it
-later).
+stopping, the connection lost, ``watch``'s ``--timeout``; ``start``'s
+bounds the start call only: ``--wait`` follows however long the review
+takes); Ctrl-C stops watching and leaves the task running in the kernel (it
+is durable: ``task get`` finds it later).
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ from ..cli_support import (address_flags, answer, count, decision_lines, duratio
 
 WAIT_EXIT_CODES = ("exit status (with --wait, and watch): 0 when the task SUCCEEDED, 1 when it FAILED or was "
                    "CANCELLED or a call was refused, 3 when the watch ended before the task was final (the kernel "
-                   "stopping, the connection lost, the watch fallen behind, --timeout: the task goes on; watch it "
-                   "again), 130 after Ctrl-C "
+                   "stopping, the connection lost, the watch fallen behind, task watch's --timeout: the task goes on; "
+                   "watch it again), 130 after Ctrl-C "
                    "(the task goes on in the kernel)")
 UNFINISHED = ("queued", "running", "waiting_for_review")
 LIST_STATES = ("unfinished", *UNFINISHED, "succeeded", "failed", "cancelled", "all")
@@ -42,8 +43,8 @@ def add_parser(sub) -> None:
                                 epilog=WAIT_EXIT_CODES)
     request_flags(start)
     start.add_argument("--wait", action="store_true",
-                       help="follow the task until it is final, however long a review takes (Ctrl-C stops watching; "
-                            "the task goes on)")
+                       help="follow the task until it is final, however long a review takes (--timeout bounds the start "
+                            "call only; Ctrl-C stops watching; the task goes on)")
     _common(start, cmd_start)
 
     listing = commands.add_parser("list", help="tasks oldest first (default: those not final yet)")
