@@ -178,3 +178,60 @@ def test_every_aios_variable_is_a_setting_or_one_the_readme_lists_and_each_liste
     # (AIOS_AUDIT_MOD is the README's example of a typo the kernel warns about)
     unknown = mentioned - setting_variables - OTHER_VARIABLES - {"AIOS_AUDIT_MOD"}
     assert not unknown, f"the docs name variables the kernel does not read: {sorted(unknown)}"
+
+
+# -- file references: model.toml, pipeline files, policy files -----------------------------------------------------
+
+def _documented_keys(docstring: str, after: str) -> dict[str, dict[str, str]]:
+    """{table: {key: value as written}} of the TOML example in ``docstring`` from the line ``after`` on ("" is
+    the top level; ``[[input]]`` is "input")."""
+    tables: dict[str, dict[str, str]] = {"": {}}
+    table = ""
+    for line in docstring[docstring.index(after):].splitlines()[1:]:
+        code = line.strip().split("#", 1)[0].strip()
+        if not line.startswith("    ") and line.strip():
+            break  # the end of the indented block
+        if header := re.fullmatch(r"\[\[?([\w.]+)\]\]?", code):
+            table = header.group(1)
+            tables.setdefault(table, {})
+        elif key := re.fullmatch(r"(\w+) = (.+)", code):
+            tables[table][key.group(1)] = key.group(2)
+    return tables
+
+
+def test_the_model_toml_schema_names_every_key_a_load_takes_with_its_default():
+    import tomllib
+
+    from kernel.models import config
+
+    documented = _documented_keys(config.__doc__, "Schema")
+    top = set(documented[""]) | {name for name in documented if name and "." not in name}
+    assert top == config._TOP_KEYS, (top ^ config._TOP_KEYS)
+    tensor = set(documented["input"]) | set(documented["output"]) | {"optional"}  # (optional: said refused)
+    assert tensor == config._TENSOR_KEYS and "optional = true" in config.__doc__
+    defaults = {f.name: f.default for f in fields(config.ModelConfig) if f.default is not MISSING}
+    wrong = {}
+    for key, written in documented[""].items():
+        if key in defaults and key != "max_batch_size":  # (64 there is the example, not the default for a graph
+            value = tomllib.loads(f"v = {written}")["v"]     # without a batch dimension: README, Model repository)
+            expected = defaults[key]
+            if (tuple(value) if isinstance(value, list) else value) != expected:
+                wrong[key] = (value, expected)
+    assert not wrong, f"documented default != ModelConfig's: {wrong}"
+
+
+def test_the_pipeline_file_format_names_every_key_a_load_takes():
+    from kernel.pipelines import spec
+
+    documented = _documented_keys(spec.__doc__, "Format")
+    assert {table: set(keys) for table, keys in documented.items() if table} == spec._SECTIONS
+
+
+def test_the_policy_file_format_names_every_key_a_load_takes():
+    import kernel.policy
+    from kernel.policy import loader
+
+    documented = _documented_keys(kernel.policy.__doc__, "File format")
+    expected = {table: set(keys) for table, keys in loader.SECTIONS.items() if keys is not None}
+    assert {table: set(keys) for table, keys in documented.items() if table in expected} == expected
+    assert set(documented) - {""} == set(loader.SECTIONS)

@@ -8,6 +8,7 @@ Layout of a repository::
 
 Schema (every key optional unless marked)::
 
+    name = "claims_triage"     # the model's folder name, if given (another name is refused)
     platform = "onnxruntime_onnx"
     max_batch_size = 64        # rows per batch; 0 = the model has no batch dimension
     instances = 1              # onnxruntime sessions for this version (1..1024)

@@ -42,6 +42,8 @@ nothing is half-loaded. Format (see ``examples/claims/pipelines/claims_triage.to
     transform = "log1p"               # standardize only: none | log1p
     mean = 8.1
     std = 0.9
+    values = []                       # string fields only: the allowed values (empty = any); with
+                                      # encode = "onehot", one column each, in this order
 """
 
 from __future__ import annotations
