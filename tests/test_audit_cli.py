@@ -183,6 +183,16 @@ def test_a_damaged_checkpoint_file_header_fails_verify_in_one_line(log_dir):
     assert "FAILED" in done.stdout and "checkpoints.log" in done.stdout and "file header" in done.stdout
 
 
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full, a device every write to fails ENOSPC")
+def test_an_export_whose_output_fills_the_disk_says_so_in_one_line(log_dir):
+    """(Docs audit) an export small enough to sit in the file's buffer met the full disk only as the file was
+    closed, after the handlers: a traceback ending in "OSError: [Errno 28] No space left on device", exit 1
+    (which reads as a damaged log). Now the one line a write error in the loop gets, exit 2."""
+    done = run_cli("export", str(log_dir), "--out", "/dev/full")
+    assert done.returncode == 2, done.stderr
+    assert one_line(done.stderr) == "aios-kernel audit export: cannot write /dev/full: No space left on device"
+
+
 # --------------------------------------------------------------------------- replay
 def test_replay_blames_the_policy_option_not_the_pipeline_file(log_dir, tmp_path):
     policy = tmp_path / "nonexistent.toml"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import sys
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -143,6 +144,8 @@ def cmd_export(args) -> int:
     try:
         records = iter_directory(directory, args.from_sequence, wanted)
         count = export_jsonl(counted(records, Progress("aios-kernel audit export"), "records exported"), out)
+        if to_file:
+            out.close()  # (its last lines are written now: a full disk here is said as below, not as a traceback)
     except AuditFormatTooNew as exc:  # not damage: a log this kernel cannot read (as verify says)
         return _cannot_run("export", exc.message)
     except AuditError as exc:
@@ -157,8 +160,9 @@ def cmd_export(args) -> int:
         target = f"read {exc.filename}" if exc.filename else f"write {args.out if to_file else 'standard output'}"
         return _cannot_run("export", f"cannot {target}: {exc.strerror or exc}")
     finally:
-        if to_file:
-            out.close()
+        if to_file and not out.closed:
+            with contextlib.suppress(OSError):  # (the export failed already, and says so)
+                out.close()
     if to_file:
         print(f"exported {count} records to {args.out}", file=sys.stderr)
     return 0
