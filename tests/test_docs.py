@@ -235,3 +235,15 @@ def test_the_policy_file_format_names_every_key_a_load_takes():
     expected = {table: set(keys) for table, keys in loader.SECTIONS.items() if keys is not None}
     assert {table: set(keys) for table, keys in documented.items() if table in expected} == expected
     assert set(documented) - {""} == set(loader.SECTIONS)
+
+
+def test_every_kernel_toml_the_docs_show_is_one_the_kernel_loads(tmp_path):
+    from kernel.config import load_settings
+
+    blocks = [(path.name, block) for path in DOCS
+              for block in re.findall(r"```toml\n(.*?)```", path.read_text(encoding="utf-8"), re.DOTALL)]
+    assert blocks
+    for name, block in blocks:
+        config = tmp_path / "kernel.toml"
+        config.write_text(block)
+        load_settings(config, environ={})  # (raises naming the line of a key or value the kernel refuses)
