@@ -9,6 +9,7 @@ and share ``cli_support``.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -500,6 +501,11 @@ def _an_arguments(exc: UnicodeEncodeError, argv: list[str]) -> bool:
     return exc.reason == "surrogates not allowed" and any(text in arg or arg in text for arg in argv if arg)
 
 
+# Errors of a write that found no room. Raised with no file name, they come from printing the answer: what a command
+# writes to files it names says so itself (audit export --out, replay --report, backup).
+_NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
 def main(argv: list[str] | None = None) -> int:
     for stream in (sys.stdout, sys.stderr):  # an answer is printed whatever the terminal takes (never lost to it)
         reconfigure = getattr(stream, "reconfigure", None)
@@ -511,7 +517,9 @@ def main(argv: list[str] | None = None) -> int:
     if stray:
         _chosen_command(parser, args).error(f"unrecognized arguments: {' '.join(stray)}")
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # (what is still buffered is written here, where a failure can be said, not at exit)
+        return code
     except SettingsError as exc:
         print(f"aios-kernel: {exc}", file=sys.stderr)
         return 2
@@ -530,3 +538,11 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `aios-kernel ... | head`: the reader left; stop quietly, as other tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (Python's exit flush would raise again)
         return 141
+    except OSError as exc:
+        # `... > out.txt` on a full disk: the answer could not be written (a traceback from inside print or from
+        # the exit's flush). Any other OSError is no such thing: raised as it was.
+        if exc.errno not in _NO_ROOM or exc.filename is not None:
+            raise
+        print(f"aios-kernel: cannot write the answer to standard output: {exc.strerror or exc}", file=sys.stderr)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (as above: the exit flush)
+        return os.EX_IOERR

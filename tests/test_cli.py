@@ -453,6 +453,23 @@ def test_output_piped_into_a_reader_that_leaves_early_is_no_traceback(tmp_path):
     assert b"Traceback" not in err and b"BrokenPipeError" not in err, err
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full, a device every write to fails ENOSPC")
+@pytest.mark.parametrize("command", [("policy", "check"), ("policy", "test")])
+def test_output_onto_a_full_disk_is_one_line_not_a_traceback(command):
+    """(Docs audit) `aios-kernel policy check FILE > out.txt` on a full disk ended in a traceback ("OSError: [Errno
+    28] No space left on device", from inside print or from Python's flush at exit). Now one line says the answer
+    was not written, exit 74 (EX_IOERR: told apart from the command's own codes, as 141 is for a closed pipe)."""
+    example = ROOT / "examples" / "claims" / "pipelines"
+    args = [str(example / "policy.toml")] + (["--cases", str(example / "policy_cases.jsonl")] if command[1] == "test"
+                                              else [])
+    with open("/dev/full", "w") as full:
+        result = subprocess.run([*CLI, *command, *args], stdout=full, stderr=subprocess.PIPE, text=True, timeout=120,
+                                cwd=ROOT)
+    assert result.returncode == 74, result.stderr
+    assert result.stderr.splitlines() == [
+        "aios-kernel: cannot write the answer to standard output: No space left on device"], result.stderr
+
+
 @pytest.mark.parametrize("environ, expected", [
     ({}, "127.0.0.1:8001"),
     ({"AIOS_PORT": "8551"}, "127.0.0.1:8551"),  # AIOS_PORT=8551 make serve, then the client commands
