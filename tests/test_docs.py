@@ -247,3 +247,12 @@ def test_every_kernel_toml_the_docs_show_is_one_the_kernel_loads(tmp_path):
         config = tmp_path / "kernel.toml"
         config.write_text(block)
         load_settings(config, environ={})  # (raises naming the line of a key or value the kernel refuses)
+
+
+def test_the_upgrade_notes_list_every_schema_version_of_the_store():
+    from kernel.store.schema import MIGRATIONS, latest_version
+
+    upgrades = section((ROOT / "docs" / "operations.md").read_text(encoding="utf-8"), "## Upgrades and rollbacks")
+    listed = upgrades.split("Schema versions so far:", 1)[1].split(". ", 1)[0]
+    assert {int(n) for n in re.findall(r"(?:^|;\s+)(\d+) ", listed.strip())} == {v for v, _, _ in MIGRATIONS}, listed
+    assert f"upgraded from schema version 6 to {latest_version()} " in upgrades  # (the example of the log's line)
