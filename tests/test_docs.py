@@ -37,12 +37,11 @@ def section(text: str, heading: str) -> str:
 
 
 def table_rows(text: str) -> list[list[str]]:
-    """The cells of each markdown table row in ``text`` (header and separator rows left out)."""
-    rows = []
-    for line in text.splitlines():
-        if line.startswith("|") and not line.startswith("|---"):
-            rows.append([cell.strip() for cell in line.strip().strip("|").split(" | ")])
-    return rows[1:] if rows else rows
+    """The cells of each markdown table row in ``text`` (each table's header and separator rows left out)."""
+    lines = text.splitlines()
+    return [[cell.strip() for cell in line.strip().strip("|").split(" | ")]
+            for line, after in zip(lines, lines[1:] + [""])
+            if line.startswith("|") and not line.startswith("|---") and not after.startswith("|---")]
 
 
 # -- settings ----------------------------------------------------------------------------------------------------
@@ -256,3 +255,28 @@ def test_the_upgrade_notes_list_every_schema_version_of_the_store():
     listed = upgrades.split("Schema versions so far:", 1)[1].split(". ", 1)[0]
     assert {int(n) for n in re.findall(r"(?:^|;\s+)(\d+) ", listed.strip())} == {v for v, _, _ in MIGRATIONS}, listed
     assert f"upgraded from schema version 6 to {latest_version()} " in upgrades  # (the example of the log's line)
+
+
+def test_the_rpc_tables_name_every_rpc_the_kernel_serves_and_no_other():
+    from kernel._proto.aios.kernel.v1 import kernel_pb2
+    from kernel._proto.inference import grpc_service_pb2
+
+    served = {(service.full_name.rsplit(".", 1)[1], method.name)
+              for module in (kernel_pb2, grpc_service_pb2) for service in module.DESCRIPTOR.services_by_name.values()
+              for method in service.methods}
+    named = set()
+    tables = section(README, "## What the kernel answers").split("\n### ", 1)[0]  # (not the retry table's codes)
+    for row in table_rows(tables):
+        first = row[0]
+        service = re.match(r"`(\w+)\.", first)
+        for name in re.findall(r"`(?:\w+\.)?(\w+\*?)`", first):
+            named.add(name)
+            if service:  # (the aios.kernel.v1 table writes Service.Method first, then Method)
+                named.add(f"{service.group(1)}.{name}")
+    missing = {f"{s}.{m}" for s, m in served
+               if m not in named and f"{s}.{m}" not in named and not any(
+                   p.endswith("*") and m.startswith(p[:-1]) for p in named)}
+    assert not missing, f"RPCs missing from the README's tables: {sorted(missing)}"
+    methods = {m for _, m in served}
+    unknown = {n for n in named if "." not in n and not n.endswith("*") and n not in methods}
+    assert not unknown, f"the README's tables name RPCs the kernel does not serve: {sorted(unknown)}"
