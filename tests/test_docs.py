@@ -280,3 +280,16 @@ def test_the_rpc_tables_name_every_rpc_the_kernel_serves_and_no_other():
     methods = {m for _, m in served}
     unknown = {n for n in named if "." not in n and not n.endswith("*") and n not in methods}
     assert not unknown, f"the README's tables name RPCs the kernel does not serve: {sorted(unknown)}"
+
+
+def test_every_command_is_shown_in_the_docs():
+    def paths(parser, path):
+        for name, command in _subcommands(parser).items():
+            command = audit_parser() if name == "audit" and not path else command
+            yield [*path, name]
+            yield from paths(command, [*path, name])
+
+    shown = {" ".join(words) for _, words in _command_lines()}
+    missing = [" ".join(p) for p in paths(build_parser(), [])
+               if not any(line == " ".join(p) or line.startswith(" ".join(p) + " ") for line in shown)]
+    assert not missing, f"commands no `aios-kernel ...` line of the docs shows: {missing}"
