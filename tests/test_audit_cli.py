@@ -193,6 +193,20 @@ def test_an_export_whose_output_fills_the_disk_says_so_in_one_line(log_dir):
     assert one_line(done.stderr) == "aios-kernel audit export: cannot write /dev/full: No space left on device"
 
 
+@pytest.mark.parametrize("days, why", [
+    ("nan", "'nan' is not a number of days"), ("inf", "'inf' is not a number of days"),
+    ("a", "'a' is not a number of days"),
+    ("-1", "'-1': must be 0 to 36500 days"), ("1e300", "'1e300': must be 0 to 36500 days"),
+])
+def test_archive_refuses_an_age_that_is_no_number_of_days(log_dir, tmp_path, days, why):
+    """(Docs audit) --older-than nan, inf and 1e300 ended in a ValueError / OverflowError traceback, exit 1 (the
+    code for an archive that could not be written after its checks)."""
+    done = run_cli("archive", str(log_dir), str(tmp_path / "old"), "--older-than", days, "--no-store")
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines()[-1] == f"aios-kernel audit archive: error: argument --older-than: {why}"
+    assert not (tmp_path / "old").exists()
+
+
 # --------------------------------------------------------------------------- replay
 def test_replay_blames_the_policy_option_not_the_pipeline_file(log_dir, tmp_path):
     policy = tmp_path / "nonexistent.toml"

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import math
 import sys
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -75,6 +76,22 @@ def _kind(text: str) -> int:
     except ValueError:
         names = ", ".join(name for name in kernel_pb2.AuditKind.keys() if name != "AUDIT_KIND_UNSPECIFIED")
         raise argparse.ArgumentTypeError(f"unknown kind {text!r}; one of {names}") from None
+
+
+_MAX_DAYS = 36_500  # a hundred years, as store_retention_days: more is a typo (and 1e300 overflowed the cut's ns)
+
+
+def _days(text: str) -> float:
+    # (float() takes "nan" and "inf": the cut's arithmetic then ended in a traceback)
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of days")
+    if not 0 <= value <= _MAX_DAYS:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be 0 to {_MAX_DAYS} days")
+    return value
 
 
 def _sequence(text: str) -> int:
@@ -202,8 +219,6 @@ def cmd_archive(args) -> int:
     if problem is not None:
         return _cannot_run("archive", problem)
     days = args.older_than
-    if days is not None and days < 0:
-        return _cannot_run("archive", "--older-than must be >= 0 days")
     try:
         from_keys = [raw for path in args.from_key or () for raw in load_public_keys(path)]
     except AuditError as exc:
@@ -274,7 +289,7 @@ def build_parser(prog: str = "aios-kernel audit") -> argparse.ArgumentParser:
     cut = archive.add_mutually_exclusive_group(required=True)
     cut.add_argument("--before", type=_sequence, metavar="SEQ",
                      help="archive records before SEQ (rounded down to a segment boundary)")
-    cut.add_argument("--older-than", dest="older_than", type=float, metavar="DAYS",
+    cut.add_argument("--older-than", dest="older_than", type=_days, metavar="DAYS",
                      help="archive the segments whose every record is older than DAYS days")
     archive.add_argument("--accept-adopted", dest="accept_adopted", action="store_true",
                          help="archive although a start signed records that hold a clean stop (what `verify "
