@@ -207,6 +207,16 @@ def test_archive_refuses_an_age_that_is_no_number_of_days(log_dir, tmp_path, day
     assert not (tmp_path / "old").exists()
 
 
+@pytest.mark.parametrize("args", [("export", "--from"), ("verify", "--min-records")])
+def test_a_sequence_that_is_no_whole_number_is_named_in_words(log_dir, args):
+    """(Docs audit) --from abc said "invalid _sequence value: 'abc'": the name of a function inside the CLI."""
+    command, flag = args
+    done = run_cli(command, str(log_dir), flag, "1e3")
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines()[-1] == (
+        f"aios-kernel audit {command}: error: argument {flag}: '1e3' is not a whole number")
+
+
 # --------------------------------------------------------------------------- replay
 def test_replay_blames_the_policy_option_not_the_pipeline_file(log_dir, tmp_path):
     policy = tmp_path / "nonexistent.toml"

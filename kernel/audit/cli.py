@@ -95,7 +95,10 @@ def _days(text: str) -> float:
 
 
 def _sequence(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:  # (argparse's own message named this function: "invalid _sequence value")
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
     if value < 0:
         raise argparse.ArgumentTypeError("must be >= 0")
     return value
