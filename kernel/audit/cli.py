@@ -140,8 +140,10 @@ def cmd_verify(args) -> int:
     rate = (result.records - result.first_sequence) / result.elapsed_s if result.elapsed_s > 0 else 0.0
     print(f"{directory}: {result.describe()} [{result.elapsed_s:.2f} s, {rate:,.0f} records/s]")
     if result.ok and keys is None and result.key_id:  # no key_id: no checkpoint, so no key was used
+        # (on stderr: stdout is the one line a script reads, README)
         print("note: signatures were checked with the public keys found in the directory (public-key.pem, "
-              "public-keys/); pass --from-key with a copy of the keys you trust to rule out a rewritten log")
+              "public-keys/); pass --from-key with a copy of the keys you trust to rule out a rewritten log",
+              file=sys.stderr)
     return 0 if result.ok else 1
 
 
