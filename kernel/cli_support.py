@@ -88,6 +88,16 @@ def listed_summary(items, noun: str, state_of, more: bool) -> str:
             f"{' shown; more match (raise --limit, 0 = all)' if more else ''}")
 
 
+def print_json_lines(items, noun: str, more: bool) -> None:
+    """A ``list --json``: one message a line on stdout and, when more match than ``--limit`` let it read, a line
+    saying so on stderr (the lines alone read as all there were: a script took the first 50 for the whole queue)."""
+    for item in items:
+        print(json_line(item))
+    if more:
+        print(f"{len(items)} {noun}{'s' if len(items) != 1 else ''} shown; more match (raise --limit, 0 = all)",
+              file=sys.stderr)
+
+
 def count(text: str) -> int:
     """A count where 0 means no limit."""
     try:

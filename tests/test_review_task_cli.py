@@ -121,6 +121,22 @@ def test_review_list_pages_up_to_its_limit_and_says_more_match(cli):
     assert [line.split()[0] for line in out.splitlines()[1:-1]] == ids and "more match" not in out
 
 
+def test_a_json_list_cut_at_its_limit_says_so_on_stderr(cli):
+    """`--json` printed the first --limit (50 by default) reviews or tasks and nothing else: a script reading the
+    lines took them for all there were. The lines stay one message each; stderr says more match."""
+    ids = [escalate(cli, "--tenant", "paging-json") for _ in range(3)]
+    code, out, err = cli("review", "list", "--tenant", "paging-json", "--limit", "2", "--json")
+    assert code == 0 and [json.loads(line)["review_id"] for line in out.splitlines()] == ids[:2]
+    assert err.strip() == "2 reviews shown; more match (raise --limit, 0 = all)"
+    code, out, err = cli("review", "list", "--tenant", "paging-json", "--limit", "0", "--json")
+    assert code == 0 and [json.loads(line)["review_id"] for line in out.splitlines()] == ids and err == ""
+    started = [json.loads(cli("task", "start", "claims_triage", *LARGE_CLAIM, "--tenant", "paging-json",
+                              "--json")[1])["task_id"] for _ in range(2)]
+    code, out, err = cli("task", "list", "--tenant", "paging-json", "--state", "all", "--limit", "1", "--json")
+    assert code == 0 and [json.loads(line)["task_id"] for line in out.splitlines()] == started[:1]
+    assert err.strip() == "1 task shown; more match (raise --limit, 0 = all)"
+
+
 def test_review_claim_next_takes_the_oldest_open_case(cli):
     first, second = escalate(cli, "--tenant", "next-desk"), escalate(cli, "--tenant", "next-desk")
     code, out, err = cli("review", "claim", "--next", "--reviewer", "alice", "--tenant", "next-desk", "--lease", "60")

@@ -10,7 +10,8 @@ A reviewer's loop at a terminal, over ``ReviewService``::
     aios-kernel review watch --include-open                  # new cases as they are escalated, until Ctrl-C
 
 Every command takes ``--address`` and ``--json`` (the messages as JSON, one
-per line for ``list`` and ``watch``).
+per line for ``list`` and ``watch``; ``list --json`` says on stderr when more
+match than its ``--limit``, 50 by default, let it print).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import time
 
 from ..channel import kernel_channel
 from ..cli_support import (address_flags, answer, count, decision_lines, duration, failed, hanging, json_line, nonempty,
-                           listed_summary, read_pages, when)
+                           listed_summary, print_json_lines, read_pages, when)
 from .queue import DEFAULT_LEASE_S, MAX_LEASE_S
 
 STATES = ("unresolved", "open", "claimed", "resolved", "all")  # "all" is the API's empty filter
@@ -124,8 +125,7 @@ def cmd_list(args) -> int:
             return failed(exc)
     missed = last.sla_missed
     if args.json:
-        for review in shown:
-            print(json_line(review))
+        print_json_lines(shown, "review", more)
         return 0
     now = time.time_ns()
     if shown:

@@ -21,8 +21,8 @@ import time
 
 from ..channel import kernel_channel
 from ..cli_support import (address_flags, answer, count, decision_lines, duration, enum_name, failed, json_line,
-                           listed_summary, nonempty, read_pages, request_flags, request_or_say_why, show, stamp,
-                           when)
+                           listed_summary, nonempty, print_json_lines, read_pages, request_flags, request_or_say_why,
+                           show, stamp, when)
 
 
 WAIT_EXIT_CODES = ("exit status (with --wait, and watch): 0 when the task SUCCEEDED, 1 when it FAILED or was "
@@ -169,8 +169,7 @@ def cmd_list(args) -> int:
         except grpc.RpcError as exc:
             return failed(exc)
     if args.json:
-        for task in shown:
-            print(json_line(task))
+        print_json_lines(shown, "task", more)
         return 0
     now = time.time_ns()
     if shown:
