@@ -95,6 +95,11 @@ class ReviewQueue:
         self._records = db.reviews
         self._clock = clock  # wall clock, in ns: leases and SLAs are persisted
         self._feed = Feed()
+        # The highest review position whose "created" event has been published (or that was stored before this
+        # queue existed, never to be published): a watch subscribes and reads it under the lock, so it knows which
+        # backlog reviews it will also hear of as new (ReviewWatch).
+        self._created_lock = threading.Lock()
+        self._published_through = self._records.highest_position()
         self._hooks: list[Callable[[kpb.Review], object]] = []
         # One resolution's follow-up (the hooks: its audit record, its task) at a time, each after a fresh look
         # at whether it is done: identical ResolveReview calls at once (a double click, a retrying client) all
@@ -193,9 +198,11 @@ class ReviewQueue:
         self._settle()
         if updates:
             self._leases.start()  # lapsed leases are news only to watchers of updates
-        sub = self._feed.subscribe(None, match, timeout_s)
+        with self._created_lock:
+            sub = self._feed.subscribe(None, match, timeout_s)
+            published = self._published_through
         backlog = self._unresolved_pages(pipeline, tenant) if include_open else iter(())
-        return ReviewWatch(sub, backlog, self._present)
+        return ReviewWatch(sub, backlog, self._present, published)
 
     def watcher_count(self) -> int:
         """Open watches (each WatchReviews call holds one until it ends)."""
@@ -226,7 +233,7 @@ class ReviewQueue:
             if not rows:
                 return
             for after, review, _nbytes in rows:
-                yield review
+                yield after, review
 
     # -- changes ------------------------------------------------------------------------------
     def create(self, decision: kpb.Decision, request: kpb.DecisionRequest, actions: list[str],
@@ -282,9 +289,11 @@ class ReviewQueue:
         if not reviews:
             return []
 
-        def publish(results) -> None:
-            for result in results:
-                self._publish_created(result)
+        def publish(results, position: int) -> None:
+            with self._created_lock:
+                for result in results:
+                    self._publish_one(result)
+                self._published_through = max(self._published_through, position)
 
         stored = self._records.insert_many(reviews, publish, durable=durable, recorded_before=recorded_before)
         if not answer:
@@ -335,8 +344,13 @@ class ReviewQueue:
         review.text_digests.update(text_digests or {})  # (reopened from a record: the texts it keeps no more)
         return review
 
-    def _publish_created(self, result: tuple[kpb.Review, bool]) -> None:
+    def _publish_created(self, result: tuple[kpb.Review, bool], position: int) -> None:
         # Runs once the insert is durable, on the committing thread, in commit order.
+        with self._created_lock:
+            self._publish_one(result)
+            self._published_through = max(self._published_through, position)
+
+    def _publish_one(self, result: tuple[kpb.Review, bool]) -> None:
         if result[1]:
             self._feed.publish((CREATED, result[0]), size=result[0].ByteSize)
 

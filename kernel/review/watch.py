@@ -20,7 +20,11 @@ class ReviewWatch:
 
     The subscription is opened before the backlog is read, so a review
     created meanwhile is sent once: from the backlog or as new, never both
-    and never neither. Runs until ``close()`` (from any thread: it wakes a
+    and never neither. The backlog comes as ``(position, review)``; only a
+    review stored after ``published`` (the highest position whose "created"
+    event was published when the watch subscribed) has that event coming,
+    so only its id is kept until the event is dropped (keeping every sent
+    id held ~190 bytes a review for the watch's life). Runs until ``close()`` (from any thread: it wakes a
     blocked reader at once); iterating raises DeadlineExceeded when the
     subscription's ``timeout_s`` passes without an event, the queue's
     error once ``ReviewQueue.end_watches`` ended it, and RESOURCE_EXHAUSTED
@@ -28,23 +32,26 @@ class ReviewWatch:
     for its reader than the feed keeps (``kernel.store.feed.MAX_QUEUED``).
     """
 
-    __slots__ = ("_sub", "_backlog", "_present", "_sent")
+    __slots__ = ("_sub", "_backlog", "_present", "_published", "_sent")
 
-    def __init__(self, sub, backlog: Iterator[kpb.Review], present: Callable[[kpb.Review], kpb.Review]):
+    def __init__(self, sub, backlog: Iterator[tuple[int, kpb.Review]], present: Callable[[kpb.Review], kpb.Review],
+                 published: int = 0):
         self._sub = sub
         self._backlog = backlog
         self._present = present
-        self._sent: set[str] = set()  # ids sent from the backlog: their "created" events are not sent again
+        self._published = published
+        self._sent: set[str] = set()  # ids sent from the backlog whose "created" events are coming: not sent again
 
     def __iter__(self):
         return self
 
     def __next__(self) -> kpb.Review:
         if self._backlog is not None:
-            for review in self._backlog:
+            for position, review in self._backlog:
                 if self._sub.closed:
                     break
-                self._sent.add(review.review_id)
+                if position > self._published:  # stored since the watch began: published to it as well
+                    self._sent.add(review.review_id)
                 return self._present(review)
             self._backlog = None
         while True:

@@ -16,6 +16,8 @@ from .. import paging
 from ..errors import FailedPrecondition, quote
 
 AfterCommit = Callable[[object], None] | None
+# An insert's after-commit hook: (its result, the highest position handed out as of the write: see _highest_position)
+AfterInsert = Callable[[object, int], None] | None
 
 RESOLVED = "RESOLVED"
 # How many of the oldest matching reviews ``update_oldest`` looks up before its transaction: enough for a desk of
@@ -113,6 +115,20 @@ def _row(review: kpb.Review) -> tuple:
 _BY_TASK = "SELECT body FROM reviews WHERE task_id = ? AND task_id != ''"
 
 
+def _highest_position(conn) -> int:
+    """The highest position (``seq``) the table has handed out, this transaction's rows included (AUTOINCREMENT keeps
+    it in sqlite_sequence): every review at or below it was stored by this write or one committed before it."""
+    found = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'reviews'").fetchone()
+    return 0 if found is None else found[0]
+
+
+def _with_position(after_commit: AfterInsert, work: Callable) -> tuple[Callable, AfterCommit]:
+    """``work`` returning its result with ``_highest_position``, and ``after_commit`` given both."""
+    def positioned(conn):
+        return work(conn), _highest_position(conn)
+    return positioned, None if after_commit is None else (lambda done: after_commit(*done))
+
+
 def _insert(conn, review: kpb.Review) -> tuple[kpb.Review, bool]:
     if review.task_id:
         found = conn.execute(_BY_TASK, (review.task_id,)).fetchone()
@@ -194,13 +210,25 @@ class SqliteReviewRecords:
         if not marked:
             db.transact(_mark_withdrawn_rows)
 
-    def insert(self, review: kpb.Review, after_commit: AfterCommit = None) -> tuple[kpb.Review, bool]:
-        """Store a new review; ``(review, True)``, or ``(existing, False)`` if its task already has one."""
-        return self._db.transact(lambda conn: _insert(conn, review), after_commit=after_commit)
+    def insert(self, review: kpb.Review, after_commit: AfterInsert = None) -> tuple[kpb.Review, bool]:
+        """Store a new review; ``(review, True)``, or ``(existing, False)`` if its task already has one.
 
-    def insert_many(self, reviews: list[kpb.Review], after_commit: AfterCommit = None, durable: bool = True,
+        ``after_commit(result, position)``: ``position`` is the highest
+        position handed out as of this write (``_highest_position``), so a
+        watcher of new reviews can tell those it will hear of from those
+        stored before it began (``ReviewQueue.watch``)."""
+        work, after_commit = _with_position(after_commit, lambda conn: _insert(conn, review))
+        return self._db.transact(work, after_commit=after_commit)[0]
+
+    def highest_position(self) -> int:
+        """The highest position handed out so far (0 if none): see ``insert``."""
+        with self._db.read() as conn:
+            return _highest_position(conn)
+
+    def insert_many(self, reviews: list[kpb.Review], after_commit: AfterInsert = None, durable: bool = True,
                     recorded_before: Callable[[], int] | None = None) -> list[tuple[kpb.Review, bool]]:
-        """``insert`` for each review, all in one transaction: all are stored, or (on an error) none.
+        """``insert`` for each review, all in one transaction: all are stored, or (on an error) none
+        (``after_commit(results, position)`` as ``insert``'s).
 
         ``recorded_before()``, if given, is evaluated inside the transaction and
         raises the stored ``RECORDED_BEFORE`` mark to it (see ``recorded_before``).
@@ -214,7 +242,8 @@ class SqliteReviewRecords:
             if recorded_before is not None:
                 _raise_mark(conn, RECORDED_BEFORE, recorded_before())
             return stored
-        return self._db.transact(work, durable=durable, after_commit=after_commit)
+        work, after_commit = _with_position(after_commit, work)
+        return self._db.transact(work, durable=durable, after_commit=after_commit)[0]
 
     def recorded_before(self) -> int:
         """The audit sequence below which every escalated decision's review row is stored (0 if never set).
