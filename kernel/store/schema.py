@@ -187,6 +187,13 @@ MIGRATIONS: list[tuple[int, str, tuple[str, ...]]] = [
            BEGIN {_TASKS.format(row='OLD', delta='-1')}; {_TASKS.format(row='NEW', delta='1')}; END""",
         f"CREATE TRIGGER tasks_counted_deleted AFTER DELETE ON tasks BEGIN {_TASKS.format(row='OLD', delta='-1')}; END",
     )),
+    (10, "reviews indexed by tenant and by pipeline (ListReviews of every state for one read every review)", (
+        # ListReviews by tenant or pipeline, of every state or RESOLVED ones, walked every review in position order
+        # (40-90 ms a page for a tenant with 5 of 200,000, growing with the history). An index entry carries the
+        # position (rowid), so such a page is a range of one, in list order (sqlite_reviews._table names which).
+        "CREATE INDEX reviews_by_tenant ON reviews (tenant)",
+        "CREATE INDEX reviews_by_pipeline ON reviews (pipeline)",
+    )),
 ]
 
 

@@ -38,6 +38,7 @@ _STATE_SQL = {
     "RESOLVED": ("resolved > 0", False),
 }
 STATE_FILTERS = tuple(name for name in _STATE_SQL if name)
+_UNRESOLVED_STATES = ("OPEN", "CLAIMED", "UNRESOLVED")  # (resolved = 0: a range of reviews_by_filter)
 
 # A review missed its SLA if it was resolved after its deadline (counted from the partial index
 # ``reviews_sla_missed``, schema.py, named in the query: SQLite's planner preferred reviews_by_filter's
@@ -56,6 +57,19 @@ def _resolved_column(review: kpb.Review) -> int:
     if review.state != RESOLVED:
         return UNRESOLVED_ROW
     return WITHDRAWN_ROW if withdrawn(review) else RESOLVED_ROW
+
+
+def _table(pipeline: str, tenant: str, state: str) -> str:
+    """The reviews a filtered read goes through, its index named (SQLite refuses the query rather than fall back
+    to reading every review): the unresolved states read reviews_by_filter's resolved = 0 range, the waiting
+    reviews alone however long a tenant's history (with the indexes below to choose from, SQLite took a tenant's
+    whole history in list order over sorting its few waiting ones); the others a tenant's or a pipeline's reviews
+    in list order (schema version 10), not every review kept."""
+    if state in _UNRESOLVED_STATES:
+        return "reviews INDEXED BY reviews_by_filter"
+    if tenant:
+        return "reviews INDEXED BY reviews_by_tenant"
+    return "reviews INDEXED BY reviews_by_pipeline" if pipeline else "reviews"
 
 
 def _where(pipeline: str, tenant: str, state: str, now_unix_ns: int) -> tuple[str, list]:
@@ -148,11 +162,12 @@ def _mutate_row(conn, review_id: str, found: tuple, mutate: Callable[[kpb.Review
     if not was_resolved and review.task_id and _resolved_column(review) == RESOLVED_ROW:
         _refuse_if_task_cancelled(conn, review)
     now_delivered = was_delivered if delivered is None else delivered
+    # (A review's pipeline and tenant never change: left out of the SET, their indexes are not rewritten.)
     conn.execute(
-        "UPDATE reviews SET pipeline = ?, tenant = ?, resolved = ?, lease_expires_unix_ns = ?,"
+        "UPDATE reviews SET resolved = ?, lease_expires_unix_ns = ?,"
         " sla_deadline_unix_ns = ?, resolved_unix_ns = ?, delivered = ?, revision = ?, body = ?"
         " WHERE review_id = ?",
-        (*_columns(review), int(now_delivered), revision + 1, review.SerializeToString(), review_id),
+        (*_columns(review)[2:], int(now_delivered), revision + 1, review.SerializeToString(), review_id),
     )
     return review, True, now_delivered
 
@@ -320,7 +335,8 @@ class SqliteReviewRecords:
         where, args = _where(pipeline, tenant, state, clock())
         with self._db.read() as conn:
             candidates = [row[0] for row in conn.execute(
-                f"SELECT review_id FROM reviews WHERE {where} ORDER BY seq LIMIT ?", (*args, OLDEST_CANDIDATES))]
+                f"SELECT review_id FROM {_table(pipeline, tenant, state)} WHERE {where} ORDER BY seq LIMIT ?",
+                (*args, OLDEST_CANDIDATES))]
         if not candidates:
             return None  # none as of the look: no write transaction to hold up the writers for
 
@@ -333,7 +349,8 @@ class SqliteReviewRecords:
                     return _mutate_row(conn, review_id, found, mutate, None)
             # Every candidate was taken meanwhile (more callers at once than candidates): look here.
             found = conn.execute(
-                f"SELECT review_id, body, revision, delivered FROM reviews WHERE {where} ORDER BY seq LIMIT 1", args,
+                f"SELECT review_id, body, revision, delivered FROM {_table(pipeline, tenant, state)} WHERE {where}"
+                " ORDER BY seq LIMIT 1", args,
             ).fetchone()
             return None if found is None else _mutate_row(conn, found[0], found[1:], mutate, None)
 
@@ -384,7 +401,8 @@ class SqliteReviewRecords:
         where, args = _where(pipeline, tenant, state, now_unix_ns)
         with self._db.read() as conn:
             rows = paging.take_rows(conn.execute(
-                f"SELECT seq, body FROM reviews WHERE seq > ? AND {where} ORDER BY seq LIMIT ?",
+                f"SELECT seq, body FROM {_table(pipeline, tenant, state)} WHERE seq > ? AND {where} ORDER BY seq"
+                " LIMIT ?",
                 (after_seq, *args, limit),
             ), limit, max_bytes)
         return [(seq, kpb.Review.FromString(body), len(body)) for seq, body in rows]
@@ -394,8 +412,9 @@ class SqliteReviewRecords:
         with self._db.read() as conn:
             missed = 0
             if state != "RESOLVED":  # (every other filter can match unresolved rows)
-                missed += conn.execute(
-                    f"SELECT count(*) FROM reviews WHERE {where} AND {_UNRESOLVED_LATE}", (*args, now_unix_ns),
+                missed += conn.execute(  # (the unresolved ones: reviews_by_filter's resolved = 0 range)
+                    f"SELECT count(*) FROM {_table(pipeline, tenant, 'UNRESOLVED')} WHERE {where} AND "
+                    f"{_UNRESOLVED_LATE}", (*args, now_unix_ns),
                 ).fetchone()[0]
             if state in _MAY_BE_RESOLVED:
                 missed += conn.execute(
