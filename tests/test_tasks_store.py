@@ -242,8 +242,9 @@ def test_a_tenants_task_list_reads_its_index_in_a_store_made_before_it(tmp_path)
     for trigger in ("inserted", "changed", "deleted"):  # (and version 9's)
         conn.execute(f"DROP TRIGGER tasks_counted_{trigger}")
     conn.execute("DROP TABLE task_counts")
-    conn.execute("DROP INDEX reviews_by_tenant")  # (and version 10's)
-    conn.execute("DROP INDEX reviews_by_pipeline")
+    for index in ("reviews_by_tenant", "reviews_by_pipeline", "reviews_waiting", "reviews_waiting_by_tenant",
+                  "reviews_waiting_by_pipeline"):  # (and versions 10 and 11's)
+        conn.execute(f"DROP INDEX {index}")
     conn.execute("PRAGMA user_version = 5")  # as the release before schema version 6 left it
     conn.close()
     with open_database(tmp_path) as db:

@@ -38,7 +38,7 @@ _STATE_SQL = {
     "RESOLVED": ("resolved > 0", False),
 }
 STATE_FILTERS = tuple(name for name in _STATE_SQL if name)
-_UNRESOLVED_STATES = ("OPEN", "CLAIMED", "UNRESOLVED")  # (resolved = 0: a range of reviews_by_filter)
+_UNRESOLVED_STATES = ("OPEN", "CLAIMED", "UNRESOLVED")  # (resolved = 0: the waiting reviews' indexes)
 
 # A review missed its SLA if it was resolved after its deadline (counted from the partial index
 # ``reviews_sla_missed``, schema.py, named in the query: SQLite's planner preferred reviews_by_filter's
@@ -61,12 +61,16 @@ def _resolved_column(review: kpb.Review) -> int:
 
 def _table(pipeline: str, tenant: str, state: str) -> str:
     """The reviews a filtered read goes through, its index named (SQLite refuses the query rather than fall back
-    to reading every review): the unresolved states read reviews_by_filter's resolved = 0 range, the waiting
-    reviews alone however long a tenant's history (with the indexes below to choose from, SQLite took a tenant's
-    whole history in list order over sorting its few waiting ones); the others a tenant's or a pipeline's reviews
-    in list order (schema version 10), not every review kept."""
+    to reading every review). OPEN and UNRESOLVED: the waiting reviews alone, in list order (schema version 11),
+    however long the history (left to choose, SQLite took a tenant's whole history in list order over its few
+    waiting ones) or the backlog (reviews_by_filter, ordered by pipeline and tenant, had the backlog sorted for
+    every page and claim); CLAIMED: the running leases (one per reviewer at work), sorted; the others a tenant's or
+    a pipeline's reviews in list order (schema version 10), not every review kept."""
+    if state == "CLAIMED":
+        return "reviews INDEXED BY reviews_unresolved_by_lease"
     if state in _UNRESOLVED_STATES:
-        return "reviews INDEXED BY reviews_by_filter"
+        by = "_by_tenant" if tenant else "_by_pipeline" if pipeline else ""
+        return f"reviews INDEXED BY reviews_waiting{by}"
     if tenant:
         return "reviews INDEXED BY reviews_by_tenant"
     return "reviews INDEXED BY reviews_by_pipeline" if pipeline else "reviews"
@@ -412,7 +416,7 @@ class SqliteReviewRecords:
         with self._db.read() as conn:
             missed = 0
             if state != "RESOLVED":  # (every other filter can match unresolved rows)
-                missed += conn.execute(  # (the unresolved ones: reviews_by_filter's resolved = 0 range)
+                missed += conn.execute(  # (the unresolved ones: the waiting reviews' indexes)
                     f"SELECT count(*) FROM {_table(pipeline, tenant, 'UNRESOLVED')} WHERE {where} AND "
                     f"{_UNRESOLVED_LATE}", (*args, now_unix_ns),
                 ).fetchone()[0]
