@@ -274,26 +274,40 @@ def test_a_tenant_bound_above_max_queue_binds_across_the_priority_levels(kernel,
     assert summaries(channel)["tenants"].scheduler.rejected_tenant_full == 1
 
 
-def test_sync_front_end_refuses_calls_beyond_its_workers_at_once(repo):
+def test_sync_front_end_refuses_calls_beyond_its_workers_at_once(repo, monkeypatch):
     """Past `workers` calls in progress, a call is refused with RESOURCE_EXHAUSTED instead of
-    waiting in gRPC's own queue, where no deadline or priority would be looked at."""
+    waiting in gRPC's own queue, where no deadline or priority would be looked at.
+
+    The calls that fill the workers are sent one at a time, each once the one before is in the lane: three sent
+    at once may all reach the kernel before any of their request messages, and past `workers` less the
+    priority-1 reserve (2 here) calls waiting for their message one of them is ended at once (eager_receive.py's
+    waiting bound: 5 of 11 runs under two busy loops, "its request message had not come 0 ms after the call
+    began"). Their model runs are held (the injected fault) so that none finishes before the workers are full."""
+    from lane_support import hold_model_runs
+
     server = start_kernel(repo, "sync", lane_slots=1, workers=3)
+    release, _ = hold_model_runs(monkeypatch)
     try:
         with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             stub = pb_grpc.GRPCInferenceServiceStub(channel)
             slow = server.hub.get("slow")
             # Priority 1, so they may take every thread (lower priorities leave the last one: call_budget.py).
-            calls = [stub.ModelInfer.future(request_for("slow", np.ones((SLOW_ROWS, 64)), priority=1), timeout=120)
-                     for _ in range(3)]
-            wait_until(lambda: sum(server.lanes.load(slow)) == 3 or any(call.done() for call in calls))
-            # (a call done here finished or was refused before the test could fill the workers: say which, if it fails)
-            assert not any(call.done() for call in calls), [(call.code(), call.details()) for call in calls if call.done()]
+            calls = []
+            for count in range(1, 4):
+                calls.append(stub.ModelInfer.future(request_for("slow", np.ones((SLOW_ROWS, 64)), priority=1),
+                                                    timeout=120))
+                wait_until(lambda: sum(server.lanes.load(slow)) == count or any(call.done() for call in calls))
+                # (a call done here was refused before the test could fill the workers: say how, if it fails)
+                assert not any(call.done() for call in calls), \
+                    [(call.code(), call.details()) for call in calls if call.done()]
             with pytest.raises(grpc.RpcError) as info:
                 stub.ModelInfer(request_for("tiny", np.ones((1, 16))), timeout=60)
             assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            release.set()
             for call in calls:
                 assert call.result().raw_output_contents
     finally:
+        release.set()
         server.stop(grace=2)
 
 
