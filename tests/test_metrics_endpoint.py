@@ -403,3 +403,66 @@ def test_scrapes_taken_while_a_model_reloads_all_answer_and_no_counter_goes_back
     counts = [count for count, _ in seen]
     assert counts == sorted(counts) and value(scrape(kernel.metrics_port), "aios_model_requests_total", **tiny) == 5
     assert {ready for _, ready in seen} == {1.0}  # (a reload keeps the version served throughout)
+
+
+def test_requests_waiting_on_a_reloaded_versions_old_copy_are_counted_by_listmodels_and_the_scrape_alike(repo,
+                                                                                                       monkeypatch):
+    """A reload's old copy of a version keeps the requests queued on it until they have run there: the queued and
+    running gauges of the scrape and of ListModels count them (both read only the new copy: 0 queued while 3
+    waited). One lane slot; the injected fault holds the model run whose input starts 7.0 (the load-time profile
+    runs zeros) so that the others wait behind it."""
+    from kernel._proto.aios.kernel.v1 import kernel_pb2 as kpb
+    from kernel._proto.aios.kernel.v1 import kernel_pb2_grpc as kgrpc
+    from kernel.models.runtime import OnnxModel
+
+    release, running = threading.Event(), threading.Event()
+    run = OnnxModel.run
+
+    def held_run(self, feeds):
+        if next(iter(feeds.values())).flat[0] == 7.0:
+            running.set()
+            release.wait(30)
+        return run(self, feeds)
+
+    monkeypatch.setattr(OnnxModel, "run", held_run)
+    # (poller_inline off: the held run, alone on an idle lane, would hold gRPC's poller and no other call would come)
+    server = start_kernel(repo, metrics_port=free_port(), lane_slots=1, poller_inline=False)
+    try:
+        client = tc.InferenceServerClient(f"127.0.0.1:{server.port}")
+        tiny = {"model": "tiny", "version": "1"}
+        done, outcomes = threading.Semaphore(0), []
+
+        def answered(result, error):
+            outcomes.append(error)
+            done.release()
+
+        held = tc.InferInput("INPUT0", [1, 16], "FP32")
+        held.set_data_from_numpy(np.full((1, 16), 7.0, np.float32))
+        client.async_infer("tiny", [held], answered)
+        assert running.wait(30)
+        for _ in range(3):
+            client.async_infer("tiny", [_row()], answered)
+        deadline = time.monotonic() + 30
+        while value(scrape(server.metrics_port), "aios_model_queued_requests", **tiny) < 3:
+            assert time.monotonic() < deadline, "the three requests were never queued"
+
+        def listed():
+            with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+                models = kgrpc.AdminServiceStub(channel).ListModels(kpb.ListModelsRequest()).models
+            return {m.name: m for m in models}["tiny"]
+
+        client.load_model("tiny")  # a reload: a new copy of version 1; the four stay on the old one
+        got, summary = scrape(server.metrics_port), listed()
+        assert value(got, "aios_model_queued_requests", **tiny) == 3
+        assert value(got, "aios_model_running_batches", **tiny) == 1
+        assert (summary.queued_requests, summary.running_batches) == (3, 1)
+        release.set()
+        for _ in range(4):
+            assert done.acquire(timeout=30)
+        assert outcomes == [None] * 4
+        got, summary = scrape(server.metrics_port), listed()
+        assert value(got, "aios_model_queued_requests", **tiny) == 0 and summary.queued_requests == 0
+        assert value(got, "aios_model_running_batches", **tiny) == 0 and summary.running_batches == 0
+    finally:
+        release.set()
+        server.stop(grace=0)

@@ -33,16 +33,19 @@ def _list_models(hub: ModelHub, lanes):
         for mv in hub.loaded():
             by_name.setdefault(mv.name, []).append(mv)
         stats = lanes.stats()["models"]
+        # Queued and running on every copy of a version: a reload's old copy keeps the requests queued on it until
+        # they have run there (the new copy's alone read 0 queued while they waited).
+        by_version = lanes.version_counters()
         for name in sorted(by_name):
             versions = by_name[name]
-            loads = [lanes.load(mv) for mv in versions]
+            totals = [by_version.get(id(mv.stats), {}) for mv in versions]
             summary = response.models.add(
                 name=name,
                 versions=hub.versions(name),
                 state="READY",
                 provider=versions[0].runtime.provider,
-                queued_requests=sum(q for q, _ in loads),
-                running_batches=sum(r for _, r in loads),
+                queued_requests=sum(total.get("queued", 0) for total in totals),
+                running_batches=sum(total.get("in_flight", 0) for total in totals),
             )
             counters = summary.scheduler
             for mv in versions:

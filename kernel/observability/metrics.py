@@ -161,9 +161,8 @@ class KernelCollector:
             errors.add_metric([*key, "internal"], internal)
             errors.add_metric([*key, "refused_input"], refused)
             cancelled.add_metric(key, sched.get("cancelled", 0))
-            waiting, batches = lanes.load(mv)
-            queued.add_metric(key, waiting)
-            running.add_metric(key, batches)
+            queued.add_metric(key, sched.get("queued", 0))  # (a reload's old copy's too: they run there)
+            running.add_metric(key, sched.get("in_flight", 0))
         for name in sorted(hub.load_failures()):
             load_failed.add_metric([name], 1.0)
         yield from (ready, load_failed, requests, inferences, executions, duration, queue, compute, rejected,

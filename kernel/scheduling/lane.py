@@ -205,7 +205,8 @@ class Lane:
         """Add the scheduler counters of each model version here to ``into``, keyed by ``id`` of its
         ``ModelStats`` (shared by a reload's copies), with the counts of its copies already dropped
         (``ModelStats.retired``) — read under the lock that drops them, so a scrape never sees a dropped
-        copy's counts both live and retired, or neither."""
+        copy's counts both live and retired, or neither. ``queued`` and ``in_flight`` (gauges) are summed over
+        its copies here too: a reload's old copy keeps the requests queued on it until they have run."""
         with self._lock:
             for model, counters in self.scheduler.stats()["models"].items():
                 stats = getattr(model, "stats", None)
@@ -213,9 +214,11 @@ class Lane:
                     continue
                 total = into.get(id(stats))
                 if total is None:
-                    total = into[id(stats)] = {}
+                    total = into[id(stats)] = {"queued": 0, "in_flight": 0}
                     add_counters(total, stats.retired)
                 add_counters(total, counters)
+                total["queued"] += counters["queued"]
+                total["in_flight"] += counters["in_flight"]
 
     def predict(self, model, rows: int) -> int:
         """The latency fit's ns for a batch of ``rows`` of ``model`` (0: not measured yet, or dropped)."""

@@ -93,7 +93,8 @@ class Lanes:
 
     def version_counters(self) -> dict[int, dict[str, int]]:
         """Scheduler counters per model version, since it was loaded and across its reloads, keyed by ``id`` of its
-        ``ModelStats`` (``Lane.version_counters``): what the metrics endpoint exports."""
+        ``ModelStats`` (``Lane.version_counters``), with its requests queued and batches running on all its copies:
+        what the metrics endpoint and ListModels report."""
         counters: dict[int, dict[str, int]] = {}
         for lane in self.all():
             lane.version_counters(counters)
