@@ -110,7 +110,7 @@ def test_a_keyed_decision_refused_at_admission_frees_its_key(kernel, channel):
     with pytest.raises(grpc.RpcError) as info:
         stub.Decide(claim_request(CASE, idempotency_key=key, priority=2), timeout=60)
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, info.value.details()
-    assert "queue is full" in info.value.details()
+    assert "queue for priority 2 is full" in info.value.details()
     for call in train + queued:
         call.result()
     answer = stub.Decide(claim_request(CASE, idempotency_key=key, priority=2), timeout=60)

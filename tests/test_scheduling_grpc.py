@@ -252,6 +252,7 @@ def _tenant_bound_refuses(stub, channel, model: str, priorities, over_priority: 
         stub.ModelInfer(over, timeout=60)
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "tenant t1 has too many requests queued" in info.value.details()
+    assert f"max_tenant_queue {len(priorities)}, across the priority levels" in info.value.details()
     assert "retry-after-ms" in dict(info.value.trailing_metadata())
     over.parameters["tenant"].string_param = "t2"
     other = stub.ModelInfer.future(over, timeout=60)
@@ -272,6 +273,23 @@ def test_a_tenant_bound_above_max_queue_binds_across_the_priority_levels(kernel,
     holds one of its two, and another tenant gets in there)."""
     _tenant_bound_refuses(stub, channel, "tenants", [2, 2, 3], over_priority=3)
     assert summaries(channel)["tenants"].scheduler.rejected_tenant_full == 1
+
+
+def test_a_full_queue_is_refused_naming_the_priority_level_and_its_bound(kernel, stub, channel):
+    """max_queue bounds each priority level: the refusal says which level is full and its bound (it said only
+    "model tenants/1's queue is full", though the next level down still had room), and that level alone refuses."""
+    blocker = occupy_lane(stub, channel)
+    queued = [stub.ModelInfer.future(request_for("tenants", np.ones((1, 16)), priority=2), timeout=60)
+              for _ in range(2)]
+    wait_until(lambda: summaries(channel)["tenants"].queued_requests == 2)
+    with pytest.raises(grpc.RpcError) as info:
+        stub.ModelInfer(request_for("tenants", np.ones((1, 16)), priority=2), timeout=60)
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "model tenants/1's queue for priority 2 is full (max_queue 2 a priority level)" in info.value.details()
+    assert "retry-after-ms" in dict(info.value.trailing_metadata())
+    queued.append(stub.ModelInfer.future(request_for("tenants", np.ones((1, 16)), priority=3), timeout=60))
+    blocker.result()
+    assert all(call.result().raw_output_contents for call in queued)
 
 
 def test_sync_front_end_refuses_calls_beyond_its_workers_at_once(repo, monkeypatch):

@@ -413,7 +413,7 @@ class Lane:
         of another size — it put one row behind 512-row batches at 120 ms.)"""
         if verdict == REJECT_DEADLINE and sum(self.scheduler.load(item.model)) == 0:
             return _too_short(item, now, item.retry_after_ns)
-        return _rejection(item, verdict)
+        return _rejection(item, verdict, self._schedules[item.model])  # (the scheduler that refused it has it)
 
     def _next_batch_locked(self, now: int) -> tuple[Batch | None, bool]:
         """The next batch to run and whether it takes an urgent slot."""
@@ -644,14 +644,17 @@ def _too_short(item: WorkItem, now: int, run_ns: int) -> DeadlineTooShort:
         "(give it a longer deadline: retrying as it is would fail the same way)", run_ns)
 
 
-def _rejection(item: WorkItem, verdict: int) -> ResourceExhausted:
-    """The admission refusal as an error with gRPC's retry hint trailer."""
+def _rejection(item: WorkItem, verdict: int, schedule: ModelSchedule) -> ResourceExhausted:
+    """The admission refusal as an error with gRPC's retry hint trailer. A full queue names the bound that refused
+    it: max_queue bounds each priority level (another level may have room), max_tenant_queue a tenant across them."""
     retry_ms = max(1, -(-item.retry_after_ns // 1_000_000))
     model = f"{item.model.name}/{item.model.version}"
     if verdict == REJECT_DEADLINE:
         why = f"model {model} cannot finish this request before its deadline: predicted wait {retry_ms} ms"
     elif verdict == REJECT_QUEUE_FULL:
-        why = f"model {model}'s queue is full"
+        level = min(max(item.priority, 1), schedule.priority_levels)  # the level the scheduler files it under
+        why = f"model {model}'s queue for priority {level} is full (max_queue {schedule.max_queue} a priority level)"
     else:
-        why = f"tenant {item.tenant or '(default)'} has too many requests queued for model {model}"
+        why = (f"tenant {item.tenant or '(default)'} has too many requests queued for model {model} "
+               f"(max_tenant_queue {schedule.max_tenant_queue}, across the priority levels)")
     return ResourceExhausted(f"{why}; retry after {retry_ms} ms", trailers=(("retry-after-ms", str(retry_ms)),))
