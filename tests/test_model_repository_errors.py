@@ -237,6 +237,9 @@ TOML = 'max_batch_size = 4\n[[input]]\nname = "INPUT0"\ndatatype = "FP32"\ndims 
 @pytest.mark.parametrize("line,field,fragment", [
     ("priority = 7\npriority_levels = 3", "priority", "must be between 1 and priority_levels (3), got 7"),
     ("priority = 4", "priority", "must be between 1 and priority_levels (3), got 4"),  # the default levels
+    # (it said "got 2" of a priority the file never set)
+    ("priority_levels = 1", "priority", "not set: its default, 2, must be between 1 and priority_levels (1); set "
+                                        "priority = 1"),
     ("weight = nan", "weight", "must be a finite number from 0.001 to 1000 (a share relative to the lane's other "
                                "models), got nan"),
     ("weight = inf", "weight", "must be a finite number from 0.001 to 1000"),

@@ -356,6 +356,11 @@ def parse(path: Path, name: str, version: str, raw: dict) -> ModelConfig:
                                                          f"the model queues), or it would never apply; got {max_tenant_queue}")
     priority = _int(path, raw, "priority", 2, 1)
     if priority > levels:  # the scheduler would clamp it: refuse instead of serving another priority
+        if "priority" not in raw:  # (priority_levels = 1 alone: "got 2" named a value the file never set)
+            raise ModelConfigError(path, "priority", f"not set: its default, {priority}, must be between 1 and "
+                                                     f"priority_levels ({levels}); set priority = 1 (with one level "
+                                                     "every request is priority 1: urgent on its lane, ahead of other "
+                                                     "models' priority 2)")
         raise ModelConfigError(path, "priority", f"must be between 1 and priority_levels ({levels}), got {priority}")
     return ModelConfig(
         name=name,
