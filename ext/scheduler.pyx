@@ -864,7 +864,9 @@ cdef class CythonScheduler:
         m.batches -= 1
         return False
 
-    def complete(self, batch, long long duration_ns):
+    def complete(self, batch, long long duration_ns, long long held_ns=-1):
+        # The fit learns the batch's run; fair share charges the lane time it
+        # held (held_ns, -1: the same): more for a failed batch retried one by one.
         cdef _ModelQ m
         cdef long long rows
         if type(batch) is Batch:  # ours: C fields, no attribute lookups
@@ -877,7 +879,7 @@ cdef class CythonScheduler:
             return
         m.in_flight -= 1
         m.fit_add(rows, duration_ns)
-        m.vtime += duration_ns / m.weight
+        m.vtime += (duration_ns if held_ns < 0 else held_ns) / m.weight
 
     def next_wakeup(self, long long now_ns, int max_level=0):
         cdef _ModelQ m

@@ -529,6 +529,26 @@ def test_models_take_turns_by_weight(sched):
     assert order.count("b") == 6 and order.count("a") == 2  # 3:1 share of lane time
 
 
+def test_fair_share_charges_the_lane_time_a_batch_held_and_the_fit_learns_its_run(sched):
+    """complete(batch, duration_ns, held_ns): a failed batch retried one by one held its slot for its run and the
+    retries (held_ns); fair share charges that, the latency fit learns the run alone."""
+    a = add(sched, "a", max_batch_size=1)
+    b = add(sched, "b", max_batch_size=1)
+    for _ in range(4):
+        submit(sched, a)
+        submit(sched, b)
+    (batch,) = sched.next_batches(0)
+    assert batch.model is a
+    sched.complete(batch, MS, 3 * MS)  # a ran 1 ms, then retries held the slot 2 ms more
+    order = []
+    for _ in range(4):
+        (batch,) = sched.next_batches(0)
+        order.append(batch.model.name)
+        sched.complete(batch, MS)
+    assert order == ["b", "b", "b", "a"]  # b catches up a's 3 ms first (ties go to the first added)
+    assert sched.predict(a, 1) == sched.predict(b, 1) == MS  # both fits learnt 1 ms runs, not the 3 ms held
+
+
 def test_urgent_head_beats_fair_share(sched):
     a = add(sched, "a", max_batch_size=1)
     b = add(sched, "b", max_batch_size=1)

@@ -220,6 +220,77 @@ def test_a_poisoned_request_fails_alone(kernel, stub, channel):
     assert after.inference_stats.fail.count - before.inference_stats.fail.count == 1
 
 
+def test_a_failed_batch_is_charged_its_one_by_one_retries_in_the_lanes_fair_share(tmp_path, monkeypatch):
+    """Models share a lane by weighted fair share of lane time. A failed batch holds its slot for its run and then
+    one run per request (the retries that let a poisoned request fail alone), but only the failed run was charged:
+    `lookup`, a poisoned request in each batch of 4, took turns 1:1 with the clean `lookup2` while holding the lane
+    5 runs a batch to its 1 (a poisoned flood took several times its share). Measured by the order batches ran in.
+    The injected faults: model runs' clock (execute's) ticks 1 ms a reading, so every run is charged alike whatever
+    the machine's load (a failed batch of 4 then 2 ms, each retry 2 ms, a clean batch of 4 3 ms); `slow`'s run is
+    held while the requests queue behind it."""
+    import itertools
+
+    from kernel.models.runtime import OnnxModel
+    from kernel.scheduling import execute
+
+    root = tmp_path / "models"
+    save_slow_model(root)
+    for name in ("lookup", "lookup2"):
+        onnx_models.save(onnx_models.lookup(), root / name / "1" / "model.onnx")
+        (root / name / "1" / "model.toml").write_text(
+            'provider = "cpu"\nmax_batch_size = 4\n[[input]]\nname = "x"\ndatatype = "FP32"\ndims = [1]\n'
+            '[[output]]\nname = "y"\ndatatype = "FP32"\ndims = [2]\n')
+    server = start_kernel(root, "sync", lane_slots=1)
+    ticks, tick_lock = itertools.count(0, 1_000_000), threading.Lock()
+
+    def clock():
+        with tick_lock:
+            return next(ticks)
+
+    release, running, ran = threading.Event(), threading.Event(), []
+    run = OnnxModel.run
+
+    def recorded_run(self, feeds):
+        if self.config.name == "slow":
+            running.set()
+            release.wait(30)
+        ran.append((self.config.name, len(next(iter(feeds.values())))))
+        return run(self, feeds)
+
+    monkeypatch.setattr(execute, "_clock", clock)
+    monkeypatch.setattr(OnnxModel, "run", recorded_run)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            blocker = stub.ModelInfer.future(request_for("slow", np.ones((1, 64)), priority=2), timeout=60)
+            assert running.wait(30)
+            calls = []
+            for i in range(16):  # every fourth of lookup's is poisoned: one in each of its batches of 4
+                poisoned = np.array([[np.nan if i % 4 == 3 else i % 4]])
+                calls.append(stub.ModelInfer.future(request_for("lookup", poisoned, input_name="x"), timeout=60))
+                calls.append(stub.ModelInfer.future(request_for("lookup2", np.array([[i % 4]]), input_name="x"),
+                                                    timeout=60))
+            models = [server.hub.get("lookup"), server.hub.get("lookup2")]
+            wait_until(lambda: sum(server.lanes.load(model)[0] for model in models) == 32)
+            release.set()
+            assert blocker.result().raw_output_contents
+            failed = 0
+            for call in calls:
+                try:
+                    call.result()
+                except grpc.RpcError as error:
+                    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
+                    failed += 1
+            assert failed == 4
+    finally:
+        release.set()
+        server.stop(grace=2)
+    batches = [name for name, rows in ran if rows == 4]  # each model's batches of 4, in the order the lane ran them
+    assert len(batches) == 8
+    # lookup's batch holds the lane 10 ms (2 + 4 retries of 2), lookup2's 3 ms: lookup2 runs ~3 to its 1.
+    assert batches[:5].count("lookup2") == 4, batches
+
+
 def test_a_batch_answered_with_the_wrong_number_of_rows_is_never_sliced_out_to_its_requests(kernel, stub, channel,
                                                                                               caplog):
     """(Test-suite audit: deleting this check left the suite green) first_row answers one row for any batch:

@@ -501,7 +501,7 @@ class Lane:
         else:
             self._free_slots += 1
         scheduler = self.scheduler
-        scheduler.complete(batch, compute_ns)
+        scheduler.complete(batch, compute_ns, compute_ns if escaped is not None else _held_ns(batch, compute_ns))
         if compute_ns > INLINE_NEVER_NS and batch.model not in self._not_inline:
             # Its run time depends on its inputs (a loop, a sequence length), or its profile on zeros was
             # flattering: an inline run on a front end's only thread (gRPC's poller, the event loop) could hold
@@ -634,6 +634,16 @@ class Lane:
                 wakeup = self._wake_at_locked(now)
                 timeout = _IDLE_POLL_S if wakeup is None else max(0.0, (wakeup - time.monotonic_ns()) / 1e9)
                 self._work.wait(timeout)
+
+
+def _held_ns(batch: Batch, compute_ns: int) -> int:
+    """The lane time ``batch`` held its slot, for fair share: its run (``compute_ns``, what the latency fit learns),
+    and for a failed batch retried one by one (``runs`` not None) each request's own run too (execute.run_batch
+    gave each item its timings). Charged the failed run alone, a model with a poisoned request in every batch
+    held the lane for runs nobody paid for: it took turns 1:1 with a clean model while holding the lane 5x as long."""
+    if batch.runs is None:
+        return compute_ns
+    return compute_ns + sum(sum(item.timings) for item in batch.items)
 
 
 def _too_short(item: WorkItem, now: int, run_ns: int) -> DeadlineTooShort:

@@ -7,7 +7,8 @@ in as ``now_ns``); callers serialise calls (the lane holds a lock):
 - ``observe(model, rows, duration_ns)``: a latency sample (the load-time profile)
 - ``submit(item, now_ns) -> ADMITTED | REJECT_*`` (sets ``item.retry_after_ns`` on rejection)
 - ``cancel(item) -> bool``: drop a queued item
-- ``next_batches(now_ns, limit) -> [Batch]``, ``start(batch, now_ns) -> bool``, ``complete(batch, duration_ns)``
+- ``next_batches(now_ns, limit) -> [Batch]``, ``start(batch, now_ns) -> bool``,
+  ``complete(batch, duration_ns, held_ns=-1)``
 - ``next_wakeup(now_ns) -> ns | None``, ``pop_expired()``, ``has_work()``, ``load(model)``, ``stats()``
 
 NOTE: the algorithm.
@@ -450,13 +451,15 @@ class ReferenceScheduler:
         state.counters["batches"] -= 1
         return False
 
-    def complete(self, batch: Batch, duration_ns: int) -> None:
+    def complete(self, batch: Batch, duration_ns: int, held_ns: int = -1) -> None:
+        """``batch`` ran: the latency fit learns ``duration_ns`` (its run); fair share charges ``held_ns``, the
+        lane time it held its slot (-1: the same), which is more for a failed batch retried one by one."""
         state = self._models.get(batch.model)
         if state is None:
             return
         state.in_flight -= 1
         state.fit.add(batch.rows, duration_ns)
-        state.vtime += duration_ns / state.schedule.weight
+        state.vtime += (duration_ns if held_ns < 0 else held_ns) / state.schedule.weight
 
     def next_wakeup(self, now_ns: int, max_level: int = 0) -> int | None:
         """When the next batch will be ready (ns); ``max_level`` > 0: of heads at that level or more urgent."""
