@@ -220,6 +220,49 @@ def test_a_poisoned_request_fails_alone(kernel, stub, channel):
     assert after.inference_stats.fail.count - before.inference_stats.fail.count == 1
 
 
+def test_requests_whose_deadline_passed_while_their_batch_failed_are_not_retried(kernel, stub, channel, monkeypatch):
+    """A failed batch retries its requests one by one, but a request whose deadline passed meanwhile must not run:
+    its answer would be DEADLINE_EXCEEDED whatever the run gave (each late retry ran, holding the lane, and was then
+    thrown away). The injected faults: `slow`'s run is held while four `lookup` requests (one poisoned) queue behind
+    it, each with a 1 s timeout; their batch's failing run is held until all four deadlines have passed."""
+    from kernel.models.runtime import OnnxModel
+
+    release, running, ran, queued_by = threading.Event(), threading.Event(), [], []
+    run = OnnxModel.run
+
+    def faulty_run(self, feeds):
+        rows = len(next(iter(feeds.values())))
+        if self.config.name == "slow":
+            running.set()
+            release.wait(30)
+        elif self.config.name == "lookup":
+            ran.append(rows)
+            if rows == 4:  # the batch: its requests arrived before queued_by[0], their deadlines 1 s after arrival
+                while time.monotonic() < queued_by[0] + 1.05:
+                    threading.Event().wait(0.01)
+        return run(self, feeds)
+
+    monkeypatch.setattr(OnnxModel, "run", faulty_run)
+    try:
+        blocker = stub.ModelInfer.future(request_for("slow", np.ones((1, 64)), priority=2), timeout=60)
+        assert running.wait(30)
+        calls = [stub.ModelInfer.future(request_for("lookup", np.array([[np.nan if i == 2 else i]]), input_name="x",
+                                                     priority=2, timeout=1_000_000), timeout=60) for i in range(4)]
+        wait_until(lambda: summaries(channel)["lookup"].queued_requests == 4)
+        queued_by.append(time.monotonic())
+        release.set()
+        assert blocker.result().raw_output_contents
+        codes = []
+        for call in calls:
+            with pytest.raises(grpc.RpcError) as info:
+                call.result()
+            codes.append(info.value.code())
+    finally:
+        release.set()
+    assert ran == [4], ran  # the failed batch alone: no retry ran after the deadlines
+    assert codes == [grpc.StatusCode.DEADLINE_EXCEEDED] * 4
+
+
 def test_a_failed_batch_is_charged_its_one_by_one_retries_in_the_lanes_fair_share(tmp_path, monkeypatch):
     """Models share a lane by weighted fair share of lane time. A failed batch holds its slot for its run and then
     one run per request (the retries that let a poisoned request fail alone), but only the failed run was charged:

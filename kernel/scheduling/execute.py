@@ -7,9 +7,10 @@ import time
 
 import numpy as np
 
-from ..errors import Internal, ModelRefusedInput
+from ..errors import DeadlineExceeded, Internal, ModelRefusedInput
 from ..ids import random_hex
 from ..observability.log_budget import budget_for, not_logged
+from .types import NO_DEADLINE
 
 log = logging.getLogger("aios.scheduling")
 
@@ -116,7 +117,8 @@ def run_batch(batch) -> int:
     Rows go back to exactly the request they came from. When a batch of
     several requests fails, each request is retried once on its own: one
     poisoned request then fails alone (INTERNAL, with its request id) instead
-    of taking the unrelated requests of its batch down with it. The retries
+    of taking the unrelated requests of its batch down with it (not one whose
+    deadline has passed by then: DEADLINE_EXCEEDED, never run after it). The retries
     are executions of their own size in the statistics, each request charged
     its own run; the fit learns the failed batch's time (a statistics audit: one
     bad input filed 7 runs as one batch of 6, 11x its compute, and charged every
@@ -151,6 +153,15 @@ def run_batch(batch) -> int:
             batch.model.version, not_logged(skipped or 0))
         runs = batch.runs = []
         for item in items:
+            if item.deadline_ns != NO_DEADLINE and time.monotonic_ns() >= item.deadline_ns:
+                # Its answer would be DEADLINE_EXCEEDED whatever the run gave: no run after the deadline (as the
+                # lane's start() keeps late requests out of a batch), and no lane time spent on it.
+                item.outputs = None
+                item.error = DeadlineExceeded("its deadline passed while the batch it ran in failed; the model never "
+                                              "ran this request alone (a batch fails when one of its requests makes "
+                                              f"the model raise; request id {request_id_of(item)})")
+                item.timings = (0, 0, 0)
+                continue
             alone_ok, alone = _run(batch.model, [item], item.rows)
             item.timings = alone
             if alone_ok:
