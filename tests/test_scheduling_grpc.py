@@ -263,26 +263,22 @@ def test_requests_whose_deadline_passed_while_their_batch_failed_are_not_retried
     assert codes == [grpc.StatusCode.DEADLINE_EXCEEDED] * 4
 
 
-def test_a_failed_batch_is_charged_its_one_by_one_retries_in_the_lanes_fair_share(tmp_path, monkeypatch):
-    """Models share a lane by weighted fair share of lane time. A failed batch holds its slot for its run and then
-    one run per request (the retries that let a poisoned request fail alone), but only the failed run was charged:
-    `lookup`, a poisoned request in each batch of 4, took turns 1:1 with the clean `lookup2` while holding the lane
-    5 runs a batch to its 1 (a poisoned flood took several times its share). Measured by the order batches ran in.
-    The injected faults: model runs' clock (execute's) ticks 1 ms a reading, so every run is charged alike whatever
-    the machine's load (a failed batch of 4 then 2 ms, each retry 2 ms, a clean batch of 4 3 ms); `slow`'s run is
-    held while the requests queue behind it."""
+LOOKUP_TOML = ('provider = "cpu"\nmax_batch_size = {rows}\nweight = {weight}\n[[input]]\nname = "x"\n'
+               'datatype = "FP32"\ndims = [1]\n[[output]]\nname = "y"\ndatatype = "FP32"\ndims = [2]\n')
+
+
+def _lane_order(root, monkeypatch, requests) -> tuple[list, list]:
+    """Run ``requests`` ([(model, x)] for `lookup` copies saved in ``root``) queued in their order behind a held `slow`
+    run on a fresh kernel with one lane slot; return the runs in the order the lane ran them ([(model, rows)]) and
+    each request's status code. The injected faults: `slow`'s run is held until all are queued; the model runs'
+    clock (execute's) ticks 1 ms a reading, so every run is charged the same lane time whatever the machine's load
+    (a batch of one 1 ms, of several 3 ms; a failed batch 2 ms and each of its retries 2 ms)."""
     import itertools
 
     from kernel.models.runtime import OnnxModel
     from kernel.scheduling import execute
 
-    root = tmp_path / "models"
     save_slow_model(root)
-    for name in ("lookup", "lookup2"):
-        onnx_models.save(onnx_models.lookup(), root / name / "1" / "model.onnx")
-        (root / name / "1" / "model.toml").write_text(
-            'provider = "cpu"\nmax_batch_size = 4\n[[input]]\nname = "x"\ndatatype = "FP32"\ndims = [1]\n'
-            '[[output]]\nname = "y"\ndatatype = "FP32"\ndims = [2]\n')
     server = start_kernel(root, "sync", lane_slots=1)
     ticks, tick_lock = itertools.count(0, 1_000_000), threading.Lock()
 
@@ -297,7 +293,8 @@ def test_a_failed_batch_is_charged_its_one_by_one_retries_in_the_lanes_fair_shar
         if self.config.name == "slow":
             running.set()
             release.wait(30)
-        ran.append((self.config.name, len(next(iter(feeds.values())))))
+        else:
+            ran.append((self.config.name, len(next(iter(feeds.values())))))
         return run(self, feeds)
 
     monkeypatch.setattr(execute, "_clock", clock)
@@ -307,31 +304,54 @@ def test_a_failed_batch_is_charged_its_one_by_one_retries_in_the_lanes_fair_shar
             stub = pb_grpc.GRPCInferenceServiceStub(channel)
             blocker = stub.ModelInfer.future(request_for("slow", np.ones((1, 64)), priority=2), timeout=60)
             assert running.wait(30)
+            models = [server.hub.get(name) for name in {model for model, _ in requests}]
             calls = []
-            for i in range(16):  # every fourth of lookup's is poisoned: one in each of its batches of 4
-                poisoned = np.array([[np.nan if i % 4 == 3 else i % 4]])
-                calls.append(stub.ModelInfer.future(request_for("lookup", poisoned, input_name="x"), timeout=60))
-                calls.append(stub.ModelInfer.future(request_for("lookup2", np.array([[i % 4]]), input_name="x"),
-                                                    timeout=60))
-            models = [server.hub.get("lookup"), server.hub.get("lookup2")]
-            wait_until(lambda: sum(server.lanes.load(model)[0] for model in models) == 32)
+            # One at a time, so that they queue (and batch) in this order: with no deadline (a gRPC deadline is
+            # the kernel's clock plus the time left as the call arrived: earliest-deadline-first could reorder).
+            for model, x in requests:
+                calls.append(stub.ModelInfer.future(request_for(model, x, input_name="x")))
+                wait_until(lambda: sum(server.lanes.load(model)[0] for model in models) == len(calls))
             release.set()
             assert blocker.result().raw_output_contents
-            failed = 0
-            for call in calls:
-                try:
-                    call.result()
-                except grpc.RpcError as error:
-                    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
-                    failed += 1
-            assert failed == 4
+            codes = [call.exception(timeout=60).code() if call.exception(timeout=60) else grpc.StatusCode.OK
+                     for call in calls]
     finally:
         release.set()
         server.stop(grace=2)
+    return ran, codes
+
+
+def test_models_share_a_lane_by_their_weights(tmp_path, monkeypatch):
+    """Two models queued at the same priority on one lane slot run by weighted fair share of lane time: with
+    weights 3 and 1 and runs of equal length (the injected clock), 3 batches of the one to 1 of the other while
+    both have work, counted in the order the lane ran them."""
+    for name, weight in (("heavy", 3), ("light", 1)):
+        onnx_models.save(onnx_models.lookup(), tmp_path / name / "1" / "model.onnx")
+        (tmp_path / name / "1" / "model.toml").write_text(LOOKUP_TOML.format(rows=1, weight=weight))
+    requests = [(name, np.array([[i % 4]])) for i in range(16) for name in ("heavy", "light")]
+    ran, codes = _lane_order(tmp_path, monkeypatch, requests)
+    assert codes == [grpc.StatusCode.OK] * 32
+    order = [name for name, _ in ran]
+    assert order[:16].count("heavy") == 12, order  # both backlogged throughout: 3:1
+
+
+def test_a_failed_batch_is_charged_its_one_by_one_retries_in_the_lanes_fair_share(tmp_path, monkeypatch):
+    """Models share a lane by weighted fair share of lane time. A failed batch holds its slot for its run and then
+    one run per request (the retries that let a poisoned request fail alone), but only the failed run was charged:
+    `lookup`, a poisoned request in each batch of 4, took turns 1:1 with the clean `lookup2` while holding the lane
+    5 runs a batch to its 1 (a poisoned flood took several times its share). Measured by the order batches ran in."""
+    for name in ("lookup", "lookup2"):
+        onnx_models.save(onnx_models.lookup(), tmp_path / name / "1" / "model.onnx")
+        (tmp_path / name / "1" / "model.toml").write_text(LOOKUP_TOML.format(rows=4, weight=1))
+    # Every fourth of lookup's is poisoned: one in each of its batches of 4.
+    requests = [(name, np.array([[np.nan if name == "lookup" and i % 4 == 3 else i % 4]]))
+                for i in range(16) for name in ("lookup", "lookup2")]
+    ran, codes = _lane_order(tmp_path, monkeypatch, requests)
+    assert codes.count(grpc.StatusCode.INVALID_ARGUMENT) == 4 and codes.count(grpc.StatusCode.OK) == 28
     batches = [name for name, rows in ran if rows == 4]  # each model's batches of 4, in the order the lane ran them
     assert len(batches) == 8
     # lookup's batch holds the lane 10 ms (2 + 4 retries of 2), lookup2's 3 ms: lookup2 runs ~3 to its 1.
-    assert batches[:5].count("lookup2") == 4, batches
+    assert batches[:5].count("lookup2") == 4, ran
 
 
 def test_a_batch_answered_with_the_wrong_number_of_rows_is_never_sliced_out_to_its_requests(kernel, stub, channel,
