@@ -20,7 +20,7 @@ from kernel._proto.aios.kernel.v1 import kernel_pb2, kernel_pb2_grpc
 from kernel._proto.inference import grpc_service_pb2_grpc as pb_grpc
 from kernel.testing import onnx_models
 from conftest import start_kernel
-from lane_support import SLOW_ROWS, request_for, save_slow_model
+from lane_support import SLOW_ROWS, request_for, save_slow_model, until
 
 
 
@@ -178,6 +178,46 @@ def test_random_row_counts_come_back_exactly_split(kernel, stub, channel, repo):
     for x, call in zip(inputs, calls):
         np.testing.assert_allclose(output(call.result()), session.run(None, {"INPUT0": x})[0], rtol=1e-5, atol=1e-6)
     assert executions(kernel, "tiny") - before < 48  # requests shared batches, and each got its own rows
+
+
+def test_random_row_counts_come_back_exactly_split_from_two_instances_running_at_once(tmp_path, monkeypatch):
+    """instances = 2 on a lane of two slots: two batches of one model run at once, and each of 48 requests of 1-8
+    rows sent at once gets exactly its own rows back. The injected fault: the model's first two runs wait for each
+    other (a barrier), so two run at once for sure, and then for every request to be queued: the rest share batches.
+    (poller_inline off: the first run, alone on an idle lane, would hold gRPC's poller at the barrier.)"""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from kernel.models.runtime import OnnxModel
+
+    onnx_models.save_mlp_version(tmp_path, "pair", [16, 64, 4], seed=4, max_batch_size=8, instances=2,
+                                 provider="cpu")
+    server = start_kernel(tmp_path, "sync", lane_slots=2, poller_inline=False)
+    pair = server.hub.get("pair")
+    both, begun, begun_lock = threading.Barrier(2, timeout=30), [0], threading.Lock()
+    run = OnnxModel.run
+
+    def paired_run(self, feeds):
+        with begun_lock:
+            first_two = begun[0] < 2
+            begun[0] += 1
+        if first_two:  # both running at once, then held until all 48 requests have reached the queue
+            both.wait()
+            until(lambda: server.lanes.stats()["models"][pair]["submitted"] == 48, "the other requests to queue")
+        return run(self, feeds)
+
+    monkeypatch.setattr(OnnxModel, "run", paired_run)
+    session = ort.InferenceSession(str(tmp_path / "pair" / "1" / "model.onnx"))
+    rng = np.random.default_rng(5)
+    inputs = [rng.normal(size=(int(rng.integers(1, 9)), 16)).astype(np.float32) for _ in range(48)]
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel, ThreadPoolExecutor(48) as pool:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            answers = list(pool.map(lambda x: output(stub.ModelInfer(request_for("pair", x), timeout=60)), inputs))
+        for x, answer in zip(inputs, answers):
+            np.testing.assert_allclose(answer, session.run(None, {"INPUT0": x})[0], rtol=1e-5, atol=1e-6)
+        assert server.hub.get("pair").stats.execution_count < 48  # requests shared batches
+    finally:
+        server.stop(grace=2)
 
 
 def _lookup_statistics(stub):
