@@ -180,7 +180,7 @@ cdef class CythonScheduler:
 
     cdef _ModelQ _queue_of(self, object model)
 
-    cdef long long _room_after(self, _ModelQ m, long long now_ns) except? -1
+    cdef long long _room_after(self, _ModelQ m, long long now_ns, int level) except? -1
     cdef int _reject(self, _ModelQ m, WorkItem item, int reason, long long retry_after_ns) except -1
     cdef long long _wait_ahead(self, _ModelQ m, int level, long long rows, long long now_ns)
     cdef void _stretch_sample(self, _ModelQ m, long long now_ns, long long predicted) noexcept

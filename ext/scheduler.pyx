@@ -570,11 +570,11 @@ cdef class CythonScheduler:
         level = <int>(1 if priority < 1 else (m.levels if priority > m.levels else priority))
         m.submitted += 1
         if m.queued_by_level[level - 1] >= m.max_queue:
-            return self._reject(m, item, REJECT_QUEUE_FULL, self._room_after(m, now_ns))
+            return self._reject(m, item, REJECT_QUEUE_FULL, self._room_after(m, now_ns, level))
         # Requests without a tenant count only against the model.
         by_tenant = m.track_tenants and _truthy(item.tenant)
         if by_tenant and m.tenants.get(item.tenant, 0) >= m.max_tenant_queue:
-            return self._reject(m, item, REJECT_TENANT_FULL, self._room_after(m, now_ns))
+            return self._reject(m, item, REJECT_TENANT_FULL, self._room_after(m, now_ns, 1))
         if deadline != NO_DEADLINE and m.win_count >= 2:
             finish = now_ns + self._wait_ahead(m, level, item.rows, now_ns)
             if finish > deadline:
@@ -601,13 +601,24 @@ cdef class CythonScheduler:
         self._queued += 1
         return ADMITTED
 
-    cdef long long _room_after(self, _ModelQ m, long long now_ns) except? -1:
-        # The reference's _room_after: a full queue's retry hint, about when its next batch leaves it.
+    cdef long long _room_after(self, _ModelQ m, long long now_ns, int level) except? -1:
+        # The reference's _room_after: a full level's retry hint, about when a batch leaves it (after the
+        # rows queued at more urgent levels, which strict priority runs first).
         cdef long long wait = 0
+        cdef long long ahead = 0
+        cdef long long work
+        cdef int index
         if m.max_queue_delay_ns > 0 and m.queued and m.queued_rows < m.capacity:
             wait = m.oldest_ns() + m.max_queue_delay_ns - now_ns
             if wait < 0:
                 wait = 0
+        for index in range(level - 1):
+            ahead += m.rows_by_level[index]
+        if ahead:
+            work = (ahead // m.capacity) * m.predict(m.capacity)
+            if ahead % m.capacity:
+                work += m.predict(ahead % m.capacity)
+            wait += ((work // m.instances) * m.stretch) >> 10
         return wait + m.predict(m.capacity)
 
     cdef int _reject(self, _ModelQ m, WorkItem item, int reason, long long retry_after_ns) except -1:

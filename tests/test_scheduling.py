@@ -202,6 +202,23 @@ def test_a_full_queue_hints_when_its_next_batch_leaves(sched):
     assert sched.submit(refused, 0) == REJECT_QUEUE_FULL and refused.retry_after_ns == sched.predict(adaptive, 8)
 
 
+def test_a_full_level_hints_after_the_more_urgent_rows_queued_ahead_of_it(sched):
+    """max_queue bounds each level, and strict priority runs the more urgent levels' rows first: a full level 3
+    hints when its batch can leave, after those (it hinted one batch's run, 9 ms, behind 3 batches of level 1)."""
+    m = add(sched, max_batch_size=8, max_queue=3, priority_levels=3)
+    for rows, ns in [(1, 2 * MS), (8, 9 * MS)]:  # fit: 1 ms per row + 1 ms per batch
+        sched.observe(m, rows, ns)
+    for _ in range(3):
+        submit(sched, m, rows=8, priority=1)  # 3 full batches of level 1, 27 ms
+    for _ in range(3):
+        submit(sched, m, priority=3)
+    refused = item(m, priority=3)
+    assert sched.submit(refused, 0) == REJECT_QUEUE_FULL
+    assert refused.retry_after_ns == 27 * MS + 9 * MS  # level 1's rows, then a batch's run
+    urgent = item(m, priority=1)
+    assert sched.submit(urgent, 0) == REJECT_QUEUE_FULL and urgent.retry_after_ns == 9 * MS  # nothing ahead
+
+
 def test_admission_refuses_unmeetable_deadline_with_retry_hint(sched):
     m = add(sched, max_batch_size=4)
     for rows, ns in [(1, 2 * MS), (4, 5 * MS)]:  # fit: 1 ms per row + 1 ms per batch

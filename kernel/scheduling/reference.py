@@ -157,9 +157,9 @@ class ReferenceScheduler:
         level = self._level(state, item)
         state.counters["submitted"] += 1
         if state.queued_by_level[level - 1] >= schedule.max_queue:
-            return self._reject(state, item, REJECT_QUEUE_FULL, self._room_after(state, now_ns))
+            return self._reject(state, item, REJECT_QUEUE_FULL, self._room_after(state, now_ns, level))
         if state.track_tenants and item.tenant and state.tenants.get(item.tenant, 0) >= schedule.max_tenant_queue:
-            return self._reject(state, item, REJECT_TENANT_FULL, self._room_after(state, now_ns))
+            return self._reject(state, item, REJECT_TENANT_FULL, self._room_after(state, now_ns, 1))
         if item.deadline_ns != NO_DEADLINE and state.fit.known:
             finish = now_ns + self._wait_ahead(state, level, item.rows, now_ns)
             if finish > item.deadline_ns:
@@ -185,15 +185,23 @@ class ReferenceScheduler:
         self._queued += 1
         return ADMITTED
 
-    def _room_after(self, state: _Model, now_ns: int) -> int:
-        """The retry hint of a full queue: about when its next batch leaves it. With a static window that
-        is when the oldest request's window closes (unless a full batch is already queued), and then one
-        batch's run for a lane slot; the run alone was a 1 ms hint while the window held the queue 200 ms."""
+    def _room_after(self, state: _Model, now_ns: int, level: int) -> int:
+        """The retry hint of a full queue at ``level``: about when a batch leaves it. With a static window
+        that is when the oldest request's window closes (unless a full batch is already queued); then the rows
+        queued at more urgent levels, which strict priority runs first (a full level 3 behind 100 batches of
+        level 1 hinted one batch's run); then one batch's run for a lane slot (the run alone was a 1 ms hint
+        while the window held the queue 200 ms)."""
         schedule = state.schedule
+        cap = schedule.capacity
         wait = 0
-        if schedule.max_queue_delay_ns > 0 and state.queued and sum(state.rows_by_level) < schedule.capacity:
+        if schedule.max_queue_delay_ns > 0 and state.queued and sum(state.rows_by_level) < cap:
             wait = max(0, self._oldest_ns(state) + schedule.max_queue_delay_ns - now_ns)
-        return wait + state.fit.predict(schedule.capacity)
+        ahead = sum(state.rows_by_level[:level - 1])
+        if ahead:
+            full, rest = divmod(ahead, cap)
+            work = full * state.fit.predict(cap) + (state.fit.predict(rest) if rest else 0)
+            wait += ((work // schedule.instances) * state.stretch) >> 10  # as _wait_ahead scales it
+        return wait + state.fit.predict(cap)
 
     def _reject(self, state: _Model, item: WorkItem, reason: int, retry_after_ns: int) -> int:
         key = {REJECT_QUEUE_FULL: "rejected_queue_full", REJECT_TENANT_FULL: "rejected_tenant_full",
