@@ -311,8 +311,8 @@ class EagerReceive(futures.ThreadPoolExecutor):
                 why = (f"its request message had not come {(now - arrived) // 1_000_000} ms after the call began, and "
                        f"{len(self._waiters) + 1} calls were waiting for theirs ({held} on its connection; at most "
                        f"{self.max_waiting} wait {self.min_wait_ns // 1_000_000} ms or more, at most "
-                       f"{self.waiting_bound} in all): the longest-waiting is ended; send the request with the call, "
-                       f"retry after {RETRY_AFTER_MS} ms")
+                       f"{self.waiting_bound} in all): the longest-waiting is ended (nothing was run; a request sent with its "
+                       f"call may only have been slow to be read under load): retry after {RETRY_AFTER_MS} ms")
                 # Sending the status closes the stream: the receive completes (on_message) and ends the call.
                 _gs._abort(state, rpc_event.call, _cygrpc.StatusCode.resource_exhausted, why.encode())
 
