@@ -36,7 +36,7 @@ $(STAMP): pyproject.toml setup.py ext/*.pyx ext/*.pxd ext/*.pxi
 	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
 	# The editable install compiles ext/*.pyx into kernel/_ext/ (setup.py).
 	$(PY) -m pip install --quiet -e ".[$(RUNTIME_EXTRA),test,bench]"
-	$(PY) -c "import kernel._ext.bytes_codec, kernel._ext.wire, kernel._ext.decision_wire, kernel._ext.scheduler, kernel._ext.rules, kernel._ext.rowcodec, kernel._ext.auditscan" || { echo "Cython extensions did not build"; exit 1; }
+	$(PY) -c "import kernel._ext.bytes_codec, kernel._ext.wire, kernel._ext.decision_wire, kernel._ext.scheduler, kernel._ext.rules, kernel._ext.rowcodec, kernel._ext.auditscan, kernel._ext.infer_scan" || { echo "Cython extensions did not build"; exit 1; }
 	rm -f $(VENV)/.installed-*
 	touch $@
 
@@ -88,7 +88,7 @@ PURE_SUITES := tests/test_oip.py tests/test_bad_input.py \
 # against the same properties. CI's 10 minutes are tight on a slow host.)
 PURE_FUZZ_SCALE := 0.3
 # Property and fuzz tests only, at 10× the examples: a longer bug hunt than `make test` can afford.
-FUZZ_SUITES := tests/test_fuzz_oip.py tests/test_fuzz_kernel_api.py tests/test_wire.py tests/test_decision_wire.py \
+FUZZ_SUITES := tests/test_fuzz_oip.py tests/test_fuzz_kernel_api.py tests/test_wire.py tests/test_decision_wire.py tests/test_infer_scan.py \
 	tests/test_decode_fast_path.py tests/test_record_tail.py tests/test_pipeline_codec.py \
 	tests/test_pipeline_codec_differential.py tests/test_policy_differential.py tests/test_policy_analysis_brute.py \
 	tests/test_scheduling_differential.py tests/test_audit_proofs.py

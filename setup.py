@@ -17,7 +17,7 @@ DEBUG = os.environ.get("AIOS_CYTHON_DEBUG", "") not in ("", "0")
 # The scheduler core must compute the same floats as its Python reference:
 # no fused multiply-add contraction.
 ARGS = ["-ffp-contract=off"]
-MODULES = ["bytes_codec", "scheduler", "rules", "rowcodec", "wire", "decision_wire", "auditscan"]
+MODULES = ["bytes_codec", "scheduler", "rules", "rowcodec", "wire", "decision_wire", "auditscan", "infer_scan"]
 
 
 def pxd_include_dir() -> str:

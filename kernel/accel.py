@@ -42,3 +42,4 @@ def load(component: str, compiled: str, reference: str) -> ModuleType:
 bytes_codec = load("bytes_codec", "kernel._ext.bytes_codec", "kernel.bytes_codec")
 wire = load("wire", "kernel._ext.wire", "kernel.wire")
 decision_wire = load("decision_wire", "kernel._ext.decision_wire", "kernel.decision_wire")
+infer_scan = load("infer_scan", "kernel._ext.infer_scan", "kernel.infer_scan")

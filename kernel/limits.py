@@ -49,6 +49,10 @@ MAX_BYTES_ELEMENTS = 1 << 20
 # decode to at most what raw_input_contents carry at the default max_message_bytes (64 MiB); 16 MiB of int64_contents
 # held 0.9 GB.
 MAX_TYPED_CONTENTS_BYTES = 64 << 20
+# A shape's dims: numpy (2.x) makes no array of more, so no model's input has more. Checked on a large request's
+# bytes before they are parsed (kernel/api/wire_limits.py), with the two limits above: a packed dim is 1 byte on
+# the wire and 8 in upb's array, and a 60 MiB request of them or of empty bytes_contents held ~1.1 GB while parsing.
+MAX_SHAPE_DIMS = 64
 
 # C0 and C1 controls (Unicode category Cc): C1's NEL (U+0085) ends a line for str.splitlines and some log viewers,
 # and its CSI (U+009B) starts a terminal escape sequence as ESC [ does.

@@ -3,7 +3,9 @@
 grpc answers INTERNAL (sync) or UNKNOWN (asyncio) when a request deserializer
 raises, yet bytes that are not a valid message are the caller's mistake. Our
 deserializers hand such bytes on as ``Unparsable``; ``ensure_parsed`` turns
-them into INVALID_ARGUMENT inside the handler, per message on streams.
+them into INVALID_ARGUMENT inside the handler, per message on streams. A
+large ModelInferRequest whose bytes show it past the element limits comes so
+too, refused before it is parsed (``_PRECHECKS``, wire_limits.py).
 
 A unary behaviour marked ``wants_arrival`` is called with ``arrived_ns``:
 the ``time.monotonic_ns()`` at which gRPC took up the call, on the server's
@@ -33,24 +35,28 @@ from typing import NamedTuple
 
 import grpc
 
+from .._proto.inference import grpc_service_pb2 as pb
 from ..errors import InvalidArgument
+from . import wire_limits
 
 
 class Unparsable:
-    """Stands in for a request whose bytes did not parse."""
+    """Stands in for a request whose bytes did not parse (or that was refused from its bytes: ``refusal``)."""
 
-    __slots__ = ("type_name", "reason", "id", "model_name")
+    __slots__ = ("type_name", "reason", "id", "model_name", "refusal")
 
-    def __init__(self, type_name: str, reason: str):
+    def __init__(self, type_name: str, reason: str, refusal: str = ""):
         self.type_name = type_name
         self.reason = reason
+        self.refusal = refusal  # refused from its bytes before parsing (_PRECHECKS): the whole message
         self.id = ""  # stream errors echo the request id and model; there are none
         self.model_name = ""
 
 
 def ensure_parsed(request) -> None:
     if type(request) is Unparsable:
-        raise InvalidArgument(f"the request is not a valid {request.type_name} message: {request.reason}")
+        raise InvalidArgument(request.refusal or f"the request is not a valid {request.type_name} message: "
+                                                 f"{request.reason}")
 
 
 class Received(NamedTuple):
@@ -61,12 +67,22 @@ class Received(NamedTuple):
     nbytes: int
 
 
+# Checks of a request's bytes before they are parsed, by message type: why it is refused, or None. Parsing a
+# ModelInferRequest can take ~18x its bytes of memory before its inputs can be checked (wire_limits.py).
+_PRECHECKS: dict[str, Callable[[bytes], str | None]] = {pb.ModelInferRequest.DESCRIPTOR.full_name: wire_limits.refusal}
+
+
 def _safe_parser(message_cls, sized: bool = False) -> Callable[[bytes], object]:
     """``message_cls.FromString`` that never raises; ``sized``: each message comes as ``Received``."""
     parse = message_cls.FromString
     name = message_cls.DESCRIPTOR.full_name
+    precheck = _PRECHECKS.get(name)
 
     def deserialize(data: bytes):
+        if precheck is not None and len(data) > wire_limits.SCAN_ABOVE:  # (small ones: no call, as before)
+            refused = precheck(data)
+            if refused is not None:
+                return Unparsable(name, "", refused)
         try:
             return parse(data)
         except Exception as exc:  # DecodeError, or upb's own error for truncated input

@@ -303,17 +303,24 @@ class _CostlyElements:
         if dt.name == "BYTES":
             self.strings += count
             if self.strings > MAX_BYTES_ELEMENTS:
-                raise InvalidArgument(
-                    f"input '{name}': shape {list(shape)} makes {self.strings:,} BYTES elements in this request; "
-                    f"at most {MAX_BYTES_ELEMENTS:,} are taken (each costs the kernel ~240 bytes of memory however "
-                    "short it is): send them in several requests")
+                raise InvalidArgument(too_many_strings(name, f"shape {list(shape)}", self.strings))
         elif typed:
             self.typed_bytes += count * dt.itemsize
             if self.typed_bytes > MAX_TYPED_CONTENTS_BYTES:
-                raise InvalidArgument(
-                    f"input '{name}': shape {list(shape)} of {dt.name} makes typed contents of "
-                    f"{self.typed_bytes:,} bytes decoded in this request; at most {MAX_TYPED_CONTENTS_BYTES:,} are "
-                    "taken: send larger tensors in raw_input_contents, or in several requests")
+                raise InvalidArgument(too_many_typed(name, f"shape {list(shape)} of {dt.name}", self.typed_bytes))
+
+
+# The refusals' words, shared with the check of a large request's bytes before they are parsed (wire_limits.py).
+def too_many_strings(name: str, what: str, strings: int) -> str:
+    return (f"input '{name}': {what} makes {strings:,} BYTES elements in this request; at most "
+            f"{MAX_BYTES_ELEMENTS:,} are taken (each costs the kernel ~240 bytes of memory however short it is): "
+            "send them in several requests")
+
+
+def too_many_typed(name: str, what: str, typed_bytes: int) -> str:
+    return (f"input '{name}': {what} makes typed contents of {typed_bytes:,} bytes decoded in this request; at "
+            f"most {MAX_TYPED_CONTENTS_BYTES:,} are taken: send larger tensors in raw_input_contents, or in several "
+            "requests")
 
 
 def requested_outputs(config: ModelConfig, request) -> list[tuple[int, int]] | None:

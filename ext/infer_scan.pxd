@@ -1,0 +1,4 @@
+# Compiled twin of kernel/infer_scan.py: what a ModelInferRequest's bytes would make protobuf hold, counted.
+# Declarations only; see infer_scan.pyx.
+
+cpdef object scan(bytes data, long long max_strings, long long max_typed, long long max_dims)
