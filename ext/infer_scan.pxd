@@ -2,3 +2,4 @@
 # Declarations only; see infer_scan.pyx.
 
 cpdef object scan(bytes data, long long max_strings, long long max_typed, long long max_dims)
+cpdef tuple entries(bytes data)

@@ -11,6 +11,7 @@ from libc.stdint cimport int64_t, uint8_t, uint64_t
 from libc.string cimport memcmp
 
 DEF INPUTS = 5
+DEF RAW = 7
 DEF NAME = 1
 DEF DATATYPE = 2
 DEF SHAPE = 3
@@ -227,3 +228,24 @@ cpdef object scan(bytes data, long long max_strings, long long max_typed, long l
         if pos == -1 or pos > end:
             return None
     return None
+
+
+cpdef tuple entries(bytes data):
+    cdef const uint8_t* p = <const uint8_t*> data
+    cdef Py_ssize_t end = len(data)
+    cdef Py_ssize_t pos = 0
+    cdef uint64_t key, number
+    cdef int wire_type
+    cdef long long counts[3]
+    counts[0] = counts[1] = counts[2] = 0
+    while pos < end:
+        pos = _varint(p, pos, end, &key)
+        if pos == -1:
+            break
+        number, wire_type = key >> 3, <int>(key & 7)
+        if wire_type == 2 and INPUTS <= number <= RAW:
+            counts[number - INPUTS] += 1
+        pos = _skip(p, pos, end, wire_type, number)
+        if pos == -1 or pos > end:
+            break
+    return counts[0], counts[1], counts[2]

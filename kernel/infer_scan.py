@@ -14,9 +14,10 @@ both pass ``tests/test_infer_scan.py``. Import through ``kernel.accel``.
 
 from __future__ import annotations
 
-# ModelInferRequest.inputs; in an InferInputTensor: name, datatype, shape, contents; InferTensorContents' fields
-# 1..8 are bool, int, int64, uint, uint64, fp32, fp64 and bytes contents (proto/inference/grpc_service.proto).
-_INPUTS, _NAME, _DATATYPE, _SHAPE, _CONTENTS, _BYTES = 5, 1, 2, 3, 5, 8
+# ModelInferRequest.inputs (6, 7: outputs, raw_input_contents); in an InferInputTensor: name, datatype, shape,
+# contents; InferTensorContents' fields 1..8 are bool, int, int64, uint, uint64, fp32, fp64 and bytes contents
+# (proto/inference/grpc_service.proto).
+_INPUTS, _RAW, _NAME, _DATATYPE, _SHAPE, _CONTENTS, _BYTES = 5, 7, 1, 2, 3, 5, 8
 # Each typed field's element as upb holds it, in bytes (index: field number), and its wire type when not packed.
 WIDTH = (0, 1, 4, 8, 4, 8, 4, 8)
 _UNPACKED = (-1, 0, 0, 0, 0, 0, 5, 1)
@@ -189,3 +190,22 @@ def scan(data: bytes, max_strings: int, max_typed: int, max_dims: int):
         if pos == -1 or pos > end:
             return None
     return None
+
+
+def entries(data: bytes) -> tuple[int, int, int]:
+    """How many ``inputs``, ``outputs`` and ``raw_input_contents`` entries the ModelInferRequest in ``data`` has
+    (up to where its bytes stop being a message): each a message or a view in upb however empty, ~88, ~48 and
+    16 bytes for 2 on the wire."""
+    counts = [0, 0, 0]
+    pos, end = 0, len(data)
+    while pos < end:
+        key, pos = _varint(data, pos, end)
+        if pos == -1:
+            break
+        number, wire_type = key >> 3, key & 7
+        if wire_type == 2 and _INPUTS <= number <= _RAW:
+            counts[number - _INPUTS] += 1
+        pos = _skip(data, pos, end, wire_type, number)
+        if pos == -1 or pos > end:
+            break
+    return counts[0], counts[1], counts[2]

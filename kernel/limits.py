@@ -53,6 +53,10 @@ MAX_TYPED_CONTENTS_BYTES = 64 << 20
 # bytes before they are parsed (kernel/api/wire_limits.py), with the two limits above: a packed dim is 1 byte on
 # the wire and 8 in upb's array, and a 60 MiB request of them or of empty bytes_contents held ~1.1 GB while parsing.
 MAX_SHAPE_DIMS = 64
+# A ModelInfer request's inputs, requested outputs and raw_input_contents entries, each: an empty one is 2 bytes on
+# the wire and a message (~88 bytes, an output ~48) or a view (16) in upb, so 60 MiB of empty inputs took ~2.6 GB
+# to parse. A model takes each input once and names each output once: far fewer than this in any real model.
+MAX_REQUEST_TENSORS = 1 << 16
 
 # C0 and C1 controls (Unicode category Cc): C1's NEL (U+0085) ends a line for str.splitlines and some log viewers,
 # and its CSI (U+009B) starts a terminal escape sequence as ESC [ does.

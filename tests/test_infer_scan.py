@@ -152,20 +152,29 @@ def test_the_counts_are_what_the_parser_makes_of_the_bytes(impl, data, limits):
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 @settings(max_examples=examples(300), deadline=None)
+@given(data=requests())
+def test_the_entries_are_the_parsed_requests(impl, data):
+    message = pb.ModelInferRequest.FromString(data)
+    assert impl.entries(data) == (len(message.inputs), len(message.outputs), len(message.raw_input_contents))
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@settings(max_examples=examples(300), deadline=None)
 @given(data=st.one_of(st.binary(max_size=64), requests().flatmap(
     lambda whole: st.integers(0, len(whole)).map(lambda cut: whole[:cut]))),
        limits=st.tuples(st.integers(-1, 4), st.integers(-1, 40), st.integers(-1, 3)))
 def test_bytes_that_are_no_message_never_raise_and_both_agree(impl, data, limits):
     """Random and cut-off bytes: never an exception (the deserializer must not raise), the twins the same, and
     when the parser takes the bytes, the counts it makes."""
-    found = impl.scan(data, *limits)
+    found, entries = impl.scan(data, *limits), impl.entries(data)
     if compiled is not None and impl is reference:
-        assert compiled.scan(data, *limits) == found
+        assert (compiled.scan(data, *limits), compiled.entries(data)) == (found, entries)
     try:
         message = pb.ModelInferRequest.FromString(data)
     except Exception:
         return
     assert found == expected(message, *limits)
+    assert entries == (len(message.inputs), len(message.outputs), len(message.raw_input_contents))
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)

@@ -53,7 +53,7 @@ def _request(tensor: bytes, request_id: str = "") -> bytes:
 
 
 # Each: its bytes, and what the refusal says (the words of the check after parsing).
-N_STRINGS, N_INTS, N_DIMS = SIZE // 2, SIZE, SIZE
+N_STRINGS, N_INTS, N_DIMS, N_TENSORS = SIZE // 2, SIZE, SIZE, 2 * MIB
 KINDS = {
     "empty bytes_contents": (lambda: _request(_input("s", "BYTES", [1, N_STRINGS], b"\x42\x00" * N_STRINGS)),
                              (f"input 's': shape [1, {N_STRINGS}] makes {N_STRINGS:,} BYTES elements in this request; "
@@ -63,6 +63,12 @@ KINDS = {
                                "bytes decoded in this request; at most 67,108,864 are taken")),
     "packed shape": (lambda: _request(_input("s", "BYTES", [], packed_shape=b"\x01" * N_DIMS)),
                      f"input 's': shape [1, 1, 1, 1, 1, 1, 1, 1, ...] has {N_DIMS:,} dims"),
+    # An empty input is 2 bytes on the wire and ~88 in upb, an empty requested output ~48: 4 MiB of them suffice.
+    "empty inputs": (lambda: _request(b"\x2a\x00" * N_TENSORS), f"the request has {N_TENSORS:,} inputs; at most 65,536"),
+    "empty outputs": (lambda: _request(b"\x32\x00" * N_TENSORS),
+                      f"the request asks for {N_TENSORS:,} outputs; at most 65,536"),
+    "empty raw_input_contents": (lambda: _request(b"\x3a\x00" * N_TENSORS),
+                                 f"raw_input_contents has {N_TENSORS:,} entries; at most 65,536"),
 }
 
 
@@ -113,8 +119,8 @@ def test_a_large_request_past_the_limits_is_refused_before_it_is_parsed(kernel, 
                    code="INVALID_ARGUMENT")
     growth, error = _peak_growth(lambda: infer(data, timeout=60))
     assert isinstance(error, grpc.RpcError) and error.code() == Code.INVALID_ARGUMENT, error.details()
-    assert words in error.details(), error.details()
     assert growth < base_growth + len(data), f"{len(data):,} bytes took {growth:,} ({base_growth:,} for the baseline)"
+    assert words in error.details(), error.details()
     after = value(scrape(server.metrics_port), "aios_calls_failed_total", method="GRPCInferenceService.ModelInfer",
                   code="INVALID_ARGUMENT")
     assert after == before + 1

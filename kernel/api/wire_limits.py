@@ -4,7 +4,7 @@ The limits on BYTES elements and decoded typed contents (kernel/limits.py) are c
 (kernel/api/tensors.py), but parsing is where much of their memory goes: upb holds a 16-byte view of each
 ``bytes_contents`` entry (2 bytes on the wire) and 8 bytes of each 1-byte varint of ``int64_contents`` or of a
 packed ``shape``, in arrays grown by doubling. A 60 MiB request of either took the kernel ~1.1 GB before it was
-refused, four at once ~4.4 GB. So the request deserializer (registration.py: every front end, unary calls and
+refused, four at once ~4.4 GB; an empty input costs ~88 bytes for 2 (``MAX_REQUEST_TENSORS``). So the request deserializer (registration.py: every front end, unary calls and
 ModelStreamInfer alike) hands a request larger than ``SCAN_ABOVE`` bytes to ``refusal`` first: a linear walk
 over its bytes (kernel/infer_scan.py, compiled in ext/infer_scan.pyx) that counts what its inputs would hold.
 Past a limit it becomes INVALID_ARGUMENT naming the input, worded as the check after parsing words it when the
@@ -17,7 +17,7 @@ import math
 
 from .._proto.inference import grpc_service_pb2 as pb
 from ..accel import infer_scan
-from ..limits import MAX_BYTES_ELEMENTS, MAX_SHAPE_DIMS, MAX_TYPED_CONTENTS_BYTES
+from ..limits import MAX_BYTES_ELEMENTS, MAX_REQUEST_TENSORS, MAX_SHAPE_DIMS, MAX_TYPED_CONTENTS_BYTES
 from ..models.datatypes import BY_NAME
 from .tensors import too_many_strings, too_many_typed
 
@@ -31,6 +31,12 @@ def refusal(data: bytes) -> str | None:
     of at most ``SCAN_ABOVE`` bytes, which is not walked)."""
     if len(data) <= SCAN_ABOVE:
         return None
+    inputs, outputs, raw = infer_scan.entries(data)
+    for count, what in ((inputs, "the request has {:,} inputs"), (outputs, "the request asks for {:,} outputs"),
+                        (raw, "raw_input_contents has {:,} entries")):
+        if count > MAX_REQUEST_TENSORS:
+            return (f"{what.format(count)}; at most {MAX_REQUEST_TENSORS:,} are taken (a model takes each of its "
+                    "inputs once and names each output once)")
     found = infer_scan.scan(data, MAX_BYTES_ELEMENTS, MAX_TYPED_CONTENTS_BYTES, MAX_SHAPE_DIMS)
     if found is None:
         return None
