@@ -17,6 +17,8 @@ DEF DATATYPE = 2
 DEF SHAPE = 3
 DEF CONTENTS = 5
 DEF BYTES_FIELD = 8
+DEF PARAMETERS = 4  # the request's and an input's parameters; a requested output's are its field 2
+DEF OUTPUT_PARAMETERS = 2
 DEF MAX_KEPT_DIMS = 65  # dims kept for the refusal's message: the reference keeps max_dims + 1 of them
 
 cdef int WIDTH[8]
@@ -230,13 +232,31 @@ cpdef object scan(bytes data, long long max_strings, long long max_typed, long l
     return None
 
 
+cdef long long _count_field(const uint8_t* p, Py_ssize_t pos, Py_ssize_t end, uint64_t wanted) except -2:
+    cdef uint64_t key, number
+    cdef int wire_type
+    cdef long long count = 0
+    while pos < end:
+        pos = _varint(p, pos, end, &key)
+        if pos == -1:
+            break
+        number, wire_type = key >> 3, <int>(key & 7)
+        if wire_type == 2 and number == wanted:
+            count += 1
+        pos = _skip(p, pos, end, wire_type, number)
+        if pos == -1 or pos > end:
+            break
+    return count
+
+
 cpdef tuple entries(bytes data):
     cdef const uint8_t* p = <const uint8_t*> data
     cdef Py_ssize_t end = len(data)
-    cdef Py_ssize_t pos = 0
-    cdef uint64_t key, number
+    cdef Py_ssize_t pos = 0, start
+    cdef uint64_t key, number, length
     cdef int wire_type
     cdef long long counts[3]
+    cdef long long parameters = 0
     counts[0] = counts[1] = counts[2] = 0
     while pos < end:
         pos = _varint(p, pos, end, &key)
@@ -245,7 +265,14 @@ cpdef tuple entries(bytes data):
         number, wire_type = key >> 3, <int>(key & 7)
         if wire_type == 2 and INPUTS <= number <= RAW:
             counts[number - INPUTS] += 1
+            if number != RAW:
+                start = _varint(p, pos, end, &length)
+                if start != -1 and length <= <uint64_t>(end - start):
+                    parameters += _count_field(p, start, start + <Py_ssize_t>length,
+                                               PARAMETERS if number == INPUTS else OUTPUT_PARAMETERS)
+        elif wire_type == 2 and number == PARAMETERS:
+            parameters += 1
         pos = _skip(p, pos, end, wire_type, number)
         if pos == -1 or pos > end:
             break
-    return counts[0], counts[1], counts[2]
+    return counts[0], counts[1], counts[2], parameters

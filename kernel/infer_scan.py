@@ -18,6 +18,8 @@ from __future__ import annotations
 # contents; InferTensorContents' fields 1..8 are bool, int, int64, uint, uint64, fp32, fp64 and bytes contents
 # (proto/inference/grpc_service.proto).
 _INPUTS, _RAW, _NAME, _DATATYPE, _SHAPE, _CONTENTS, _BYTES = 5, 7, 1, 2, 3, 5, 8
+# ``parameters``: the request's field 4, an InferInputTensor's field 4, an InferRequestedOutputTensor's field 2.
+_PARAMETERS, _OUTPUT_PARAMETERS = 4, 2
 # Each typed field's element as upb holds it, in bytes (index: field number), and its wire type when not packed.
 WIDTH = (0, 1, 4, 8, 4, 8, 4, 8)
 _UNPACKED = (-1, 0, 0, 0, 0, 0, 5, 1)
@@ -192,11 +194,30 @@ def scan(data: bytes, max_strings: int, max_typed: int, max_dims: int):
     return None
 
 
-def entries(data: bytes) -> tuple[int, int, int]:
+def _count_field(data: bytes, pos: int, end: int, wanted: int) -> int:
+    """How many length-delimited fields ``wanted`` the message in data[pos:end] has (up to where its bytes stop
+    being a message)."""
+    count = 0
+    while pos < end:
+        key, pos = _varint(data, pos, end)
+        if pos == -1:
+            break
+        number, wire_type = key >> 3, key & 7
+        if wire_type == 2 and number == wanted:
+            count += 1
+        pos = _skip(data, pos, end, wire_type, number)
+        if pos == -1 or pos > end:
+            break
+    return count
+
+
+def entries(data: bytes) -> tuple[int, int, int, int]:
     """How many ``inputs``, ``outputs`` and ``raw_input_contents`` entries the ModelInferRequest in ``data`` has
     (up to where its bytes stop being a message): each a message or a view in upb however empty, ~88, ~48 and
-    16 bytes for 2 on the wire."""
+    16 bytes for 2 on the wire; and how many ``parameters`` entries the request, its inputs and its outputs send
+    together (each a map entry in upb, ~150 bytes for a short key; a repeated key is counted each time sent)."""
     counts = [0, 0, 0]
+    parameters = 0
     pos, end = 0, len(data)
     while pos < end:
         key, pos = _varint(data, pos, end)
@@ -205,7 +226,14 @@ def entries(data: bytes) -> tuple[int, int, int]:
         number, wire_type = key >> 3, key & 7
         if wire_type == 2 and _INPUTS <= number <= _RAW:
             counts[number - _INPUTS] += 1
+            if number != _RAW:  # an input's parameters are its field 4, a requested output's its field 2
+                length, start = _varint(data, pos, end)
+                if start != -1 and length <= end - start:
+                    parameters += _count_field(data, start, start + length, _PARAMETERS if number == _INPUTS
+                                               else _OUTPUT_PARAMETERS)
+        elif wire_type == 2 and number == _PARAMETERS:
+            parameters += 1
         pos = _skip(data, pos, end, wire_type, number)
         if pos == -1 or pos > end:
             break
-    return counts[0], counts[1], counts[2]
+    return counts[0], counts[1], counts[2], parameters

@@ -57,6 +57,10 @@ MAX_SHAPE_DIMS = 64
 # the wire and a message (~88 bytes, an output ~48) or a view (16) in upb, so 60 MiB of empty inputs took ~2.6 GB
 # to parse. A model takes each input once and names each output once: far fewer than this in any real model.
 MAX_REQUEST_TENSORS = 1 << 16
+# A ModelInfer request's parameters (the request's, its inputs' and its outputs' together): each a map entry in
+# upb (~150 bytes for a short key), and they stay held while the request is served: 8 MiB carrying 940,000 keys
+# took ~146 MB. Triton's own and a client's custom ones are a handful.
+MAX_REQUEST_PARAMETERS = 1 << 12
 
 # C0 and C1 controls (Unicode category Cc): C1's NEL (U+0085) ends a line for str.splitlines and some log viewers,
 # and its CSI (U+009B) starts a terminal escape sequence as ESC [ does.

@@ -104,22 +104,30 @@ def tensors(draw) -> bytes:
                 parts.append(delimited(3, b"".join(varint(d) for d in dims)))
             else:
                 parts += [key(3, 0) + varint(d) for d in dims]
-        elif number == 4:  # a parameter: {"k": bool_param true}
-            parts.append(delimited(4, delimited(1, b"k") + delimited(2, b"\x08\x01")))
+        elif number == 4:  # a parameter: {"k<n>": bool_param true}, each key once
+            parts.append(parameter(4, f"k{len(parts)}"))
         else:
             parts.append(delimited(5, draw(contents())))
         parts += draw(st.lists(unknown, max_size=1))
     return b"".join(parts)
 
 
+def parameter(number: int, name: str) -> bytes:
+    """A parameters map entry {name: bool_param true} as field ``number``."""
+    return delimited(number, delimited(1, name.encode()) + delimited(2, b"\x08\x01"))
+
+
 @st.composite
 def requests(draw) -> bytes:
     parts = [delimited(1, b"m")]
-    for number in draw(st.lists(st.sampled_from([5, 5, 5, 6, 7, 0]), max_size=5)):
+    for number in draw(st.lists(st.sampled_from([5, 5, 5, 6, 7, 4, 0]), max_size=5)):
         if number == 5:
             parts.append(delimited(5, draw(tensors())))
+        elif number == 4:
+            parts.append(parameter(4, f"r{len(parts)}"))
         elif number == 6:
-            parts.append(delimited(6, delimited(1, b"out")))
+            named = draw(st.lists(st.integers(0, 9), max_size=2, unique=True))
+            parts.append(delimited(6, delimited(1, b"out") + b"".join(parameter(2, f"o{n}") for n in named)))
         elif number == 7:
             parts.append(delimited(7, draw(st.binary(max_size=4))))
         else:
@@ -142,6 +150,14 @@ def expected(message: pb.ModelInferRequest, max_strings: int, max_typed: int, ma
     return None
 
 
+def parameters_sent(data: bytes) -> int:
+    """The parameters entries of the request, its inputs and its outputs, as parsed (the strategies never repeat a
+    key in one map: a repeated key would count once parsed and each time on the wire, as the scan counts it)."""
+    message = pb.ModelInferRequest.FromString(data)
+    return (len(message.parameters) + sum(len(t.parameters) for t in message.inputs)
+            + sum(len(o.parameters) for o in message.outputs))
+
+
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 @settings(max_examples=examples(300), deadline=None)
 @given(data=requests(), limits=st.tuples(st.integers(-1, 40), st.integers(-1, 400), st.integers(-1, 6)))
@@ -155,7 +171,8 @@ def test_the_counts_are_what_the_parser_makes_of_the_bytes(impl, data, limits):
 @given(data=requests())
 def test_the_entries_are_the_parsed_requests(impl, data):
     message = pb.ModelInferRequest.FromString(data)
-    assert impl.entries(data) == (len(message.inputs), len(message.outputs), len(message.raw_input_contents))
+    assert impl.entries(data) == (len(message.inputs), len(message.outputs), len(message.raw_input_contents),
+                                  parameters_sent(data))
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
@@ -174,7 +191,8 @@ def test_bytes_that_are_no_message_never_raise_and_both_agree(impl, data, limits
     except Exception:
         return
     assert found == expected(message, *limits)
-    assert entries == (len(message.inputs), len(message.outputs), len(message.raw_input_contents))
+    assert entries == (len(message.inputs), len(message.outputs), len(message.raw_input_contents),
+                       parameters_sent(data))
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)

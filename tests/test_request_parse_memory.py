@@ -53,7 +53,7 @@ def _request(tensor: bytes, request_id: str = "") -> bytes:
 
 
 # Each: its bytes, and what the refusal says (the words of the check after parsing).
-N_STRINGS, N_INTS, N_DIMS, N_TENSORS = SIZE // 2, SIZE, SIZE, 2 * MIB
+N_STRINGS, N_INTS, N_DIMS, N_TENSORS, N_PARAMS = SIZE // 2, SIZE, SIZE, 2 * MIB, SIZE // 16
 KINDS = {
     "empty bytes_contents": (lambda: _request(_input("s", "BYTES", [1, N_STRINGS], b"\x42\x00" * N_STRINGS)),
                              (f"input 's': shape [1, {N_STRINGS}] makes {N_STRINGS:,} BYTES elements in this request; "
@@ -69,6 +69,11 @@ KINDS = {
                       f"the request asks for {N_TENSORS:,} outputs; at most 65,536"),
     "empty raw_input_contents": (lambda: _request(b"\x3a\x00" * N_TENSORS),
                                  f"raw_input_contents has {N_TENSORS:,} entries; at most 65,536"),
+    # A parameters entry with an 8-byte key is 16 bytes on the wire and a map entry in upb (~150), held while served.
+    "many parameters": (lambda: _request(b"".join(_field(4, _field(1, b"p%07d" % n) + _field(2, b"\x08\x01"))
+                                                  for n in range(N_PARAMS))),
+                        f"the request sends {N_PARAMS:,} parameters (its own, its inputs' and its outputs' together); "
+                        "at most 4,096 are taken"),
 }
 
 

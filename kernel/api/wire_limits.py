@@ -17,7 +17,8 @@ import math
 
 from .._proto.inference import grpc_service_pb2 as pb
 from ..accel import infer_scan
-from ..limits import MAX_BYTES_ELEMENTS, MAX_REQUEST_TENSORS, MAX_SHAPE_DIMS, MAX_TYPED_CONTENTS_BYTES
+from ..limits import (MAX_BYTES_ELEMENTS, MAX_REQUEST_PARAMETERS, MAX_REQUEST_TENSORS, MAX_SHAPE_DIMS,
+                      MAX_TYPED_CONTENTS_BYTES)
 from ..models.datatypes import BY_NAME
 from .tensors import too_many_strings, too_many_typed
 
@@ -31,12 +32,15 @@ def refusal(data: bytes) -> str | None:
     of at most ``SCAN_ABOVE`` bytes, which is not walked)."""
     if len(data) <= SCAN_ABOVE:
         return None
-    inputs, outputs, raw = infer_scan.entries(data)
+    inputs, outputs, raw, parameters = infer_scan.entries(data)
     for count, what in ((inputs, "the request has {:,} inputs"), (outputs, "the request asks for {:,} outputs"),
                         (raw, "raw_input_contents has {:,} entries")):
         if count > MAX_REQUEST_TENSORS:
             return (f"{what.format(count)}; at most {MAX_REQUEST_TENSORS:,} are taken (a model takes each of its "
                     "inputs once and names each output once)")
+    if parameters > MAX_REQUEST_PARAMETERS:
+        return (f"the request sends {parameters:,} parameters (its own, its inputs' and its outputs' together); at "
+                f"most {MAX_REQUEST_PARAMETERS:,} are taken")
     found = infer_scan.scan(data, MAX_BYTES_ELEMENTS, MAX_TYPED_CONTENTS_BYTES, MAX_SHAPE_DIMS)
     if found is None:
         return None
