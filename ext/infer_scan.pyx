@@ -276,3 +276,28 @@ cpdef tuple entries(bytes data):
         if pos == -1 or pos > end:
             break
     return counts[0], counts[1], counts[2], parameters
+
+
+cpdef long long field_count(bytes data, uint64_t wanted, uint64_t within=0) except -2:
+    cdef const uint8_t* p = <const uint8_t*> data
+    cdef Py_ssize_t end = len(data)
+    cdef Py_ssize_t pos = 0, start
+    cdef uint64_t key, number, length
+    cdef int wire_type
+    cdef long long count = 0
+    if within == 0:
+        return _count_field(p, 0, end, wanted)
+    while pos < end:
+        pos = _varint(p, pos, end, &key)
+        if pos == -1:
+            break
+        number, wire_type = key >> 3, <int>(key & 7)
+        if wire_type == 2 and number == within:
+            start = _varint(p, pos, end, &length)
+            if start == -1 or length > <uint64_t>(end - start):
+                break
+            count += _count_field(p, start, start + <Py_ssize_t>length, wanted)
+        pos = _skip(p, pos, end, wire_type, number)
+        if pos == -1 or pos > end:
+            break
+    return count

@@ -237,3 +237,27 @@ def entries(data: bytes) -> tuple[int, int, int, int]:
         if pos == -1 or pos > end:
             break
     return counts[0], counts[1], counts[2], parameters
+
+
+def field_count(data: bytes, wanted: int, within: int = 0) -> int:
+    """How many length-delimited fields ``wanted`` (a map's entries, a repeated message's) the message in ``data``
+    sends; ``within``: those inside its field ``within`` instead (each occurrence of it), as a StartTaskRequest
+    holds its DecisionRequest. Up to where the bytes stop being a message."""
+    if not within:
+        return _count_field(data, 0, len(data), wanted)
+    count = 0
+    pos, end = 0, len(data)
+    while pos < end:
+        key, pos = _varint(data, pos, end)
+        if pos == -1:
+            break
+        number, wire_type = key >> 3, key & 7
+        if wire_type == 2 and number == within:
+            length, start = _varint(data, pos, end)
+            if start == -1 or length > end - start:
+                break
+            count += _count_field(data, start, start + length, wanted)
+        pos = _skip(data, pos, end, wire_type, number)
+        if pos == -1 or pos > end:
+            break
+    return count

@@ -61,6 +61,10 @@ MAX_REQUEST_TENSORS = 1 << 16
 # upb (~150 bytes for a short key), and they stay held while the request is served: 8 MiB carrying 940,000 keys
 # took ~146 MB. Triton's own and a client's custom ones are a handful.
 MAX_REQUEST_PARAMETERS = 1 << 12
+# A DecisionRequest's fields and text fields together (a StartTask's request's too): each a map entry in upb, ~220
+# bytes for 15 on the wire (15 MiB of one-character fields took 220 MB to parse, before the pipeline refused the
+# first it does not declare). A pipeline declares tens of fields.
+MAX_DECISION_FIELDS = 1 << 12
 
 # C0 and C1 controls (Unicode category Cc): C1's NEL (U+0085) ends a line for str.splitlines and some log viewers,
 # and its CSI (U+009B) starts a terminal escape sequence as ESC [ does.

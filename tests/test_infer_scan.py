@@ -233,3 +233,32 @@ def test_what_the_check_after_parsing_takes_is_not_refused_from_the_bytes():
     assert wire_limits.refusal(_input(b"q", b"INT8", [1, count], delimited(2, bytes(count)))) is None
     small = _input(b"q", b"INT8", [1] * 100, delimited(2, bytes(1000)))  # (100 dims: refused after parsing)
     assert wire_limits.refusal(small) is None and len(small) <= wire_limits.SCAN_ABOVE
+
+
+# -- field_count: a DecisionRequest's (or StartTask's) fields and text fields (wire_limits.decision_refusal) --------
+@st.composite
+def decision_requests(draw):
+    from kernel._proto.aios.kernel.v1 import kernel_pb2 as kpb
+
+    request = kpb.DecisionRequest(pipeline=draw(st.text(max_size=3)), tenant=draw(st.text(max_size=3)))
+    for name, value in draw(st.dictionaries(st.text(max_size=4), st.booleans(), max_size=6)).items():
+        request.fields[name].bool_value = value
+    for name, value in draw(st.dictionaries(st.text(max_size=4), st.text(max_size=4), max_size=4)).items():
+        request.text_fields[name] = value
+    return request
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@settings(max_examples=examples(300), deadline=None)
+@given(request=decision_requests(), cut=st.floats(0, 1))
+def test_field_counts_are_the_parsed_requests_and_cut_bytes_never_raise(impl, request, cut):
+    from kernel._proto.aios.kernel.v1 import kernel_pb2 as kpb
+
+    data = request.SerializeToString()
+    task = kpb.StartTaskRequest(request=request).SerializeToString()
+    assert impl.field_count(data, 5) + impl.field_count(data, 6) == len(request.fields) + len(request.text_fields)
+    assert impl.field_count(task, 5, 1) + impl.field_count(task, 6, 1) == len(request.fields) + len(request.text_fields)
+    cut_data = task[:int(len(task) * cut)]
+    counted = [impl.field_count(cut_data, number, within) for number, within in ((5, 0), (5, 1), (6, 1))]
+    if compiled is not None and impl is reference:
+        assert [compiled.field_count(cut_data, n, w) for n, w in ((5, 0), (5, 1), (6, 1))] == counted

@@ -35,6 +35,7 @@ from typing import NamedTuple
 
 import grpc
 
+from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
 from .._proto.inference import grpc_service_pb2 as pb
 from ..errors import InvalidArgument
 from . import wire_limits
@@ -69,7 +70,12 @@ class Received(NamedTuple):
 
 # Checks of a request's bytes before they are parsed, by message type: why it is refused, or None. Parsing a
 # ModelInferRequest can take ~18x its bytes of memory before its inputs can be checked (wire_limits.py).
-_PRECHECKS: dict[str, Callable[[bytes], str | None]] = {pb.ModelInferRequest.DESCRIPTOR.full_name: wire_limits.refusal}
+# A DecisionRequest's (or StartTask's) fields likewise, ~15x (wire_limits.decision_refusal).
+_PRECHECKS: dict[str, Callable[[bytes], str | None]] = {
+    pb.ModelInferRequest.DESCRIPTOR.full_name: wire_limits.refusal,
+    kpb.DecisionRequest.DESCRIPTOR.full_name: wire_limits.decision_refusal,
+    kpb.StartTaskRequest.DESCRIPTOR.full_name: wire_limits.task_refusal,
+}
 
 
 def _safe_parser(message_cls, sized: bool = False) -> Callable[[bytes], object]:

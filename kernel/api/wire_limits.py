@@ -1,4 +1,6 @@
-"""A large ModelInferRequest refused from its bytes, before protobuf parses it, when it is past the element limits.
+"""A large request refused from its bytes, before protobuf parses it: a ModelInferRequest past the element limits
+(``refusal``), a DecisionRequest or StartTaskRequest with more fields than any pipeline declares
+(``decision_refusal``, ``task_refusal``: each map entry ~15x its bytes in upb).
 
 The limits on BYTES elements and decoded typed contents (kernel/limits.py) are checked on the parsed request
 (kernel/api/tensors.py), but parsing is where much of their memory goes: upb holds a 16-byte view of each
@@ -17,7 +19,7 @@ import math
 
 from .._proto.inference import grpc_service_pb2 as pb
 from ..accel import infer_scan
-from ..limits import (MAX_BYTES_ELEMENTS, MAX_REQUEST_PARAMETERS, MAX_REQUEST_TENSORS, MAX_SHAPE_DIMS,
+from ..limits import (MAX_BYTES_ELEMENTS, MAX_DECISION_FIELDS, MAX_REQUEST_PARAMETERS, MAX_REQUEST_TENSORS, MAX_SHAPE_DIMS,
                       MAX_TYPED_CONTENTS_BYTES)
 from ..models.datatypes import BY_NAME
 from .tensors import too_many_strings, too_many_typed
@@ -64,3 +66,25 @@ def refusal(data: bytes) -> str | None:
 
 def _number(field_name: str) -> int:
     return pb.InferTensorContents.DESCRIPTOR.fields_by_name[field_name].number
+
+
+# DecisionRequest's fields and text_fields; a StartTaskRequest holds its DecisionRequest as field 1.
+_FIELDS_NUMBER, _TEXT_FIELDS_NUMBER, _TASK_REQUEST = 5, 6, 1
+
+
+def decision_refusal(data: bytes, within: int = 0) -> str | None:
+    """Why the serialized DecisionRequest ``data`` (``within``: the one in that field of it) is refused before
+    parsing, or None (also for any of at most ``SCAN_ABOVE`` bytes)."""
+    if len(data) <= SCAN_ABOVE:
+        return None
+    sent = (infer_scan.field_count(data, _FIELDS_NUMBER, within)
+            + infer_scan.field_count(data, _TEXT_FIELDS_NUMBER, within))
+    if sent <= MAX_DECISION_FIELDS:
+        return None
+    where = "request.fields and request.text_fields" if within else "fields and text_fields"
+    return (f"{where}: {sent:,} sent; at most {MAX_DECISION_FIELDS:,} are taken (a pipeline declares far "
+            "fewer: ListPipelines shows its fields)")
+
+
+def task_refusal(data: bytes) -> str | None:
+    return decision_refusal(data, _TASK_REQUEST)

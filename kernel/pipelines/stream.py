@@ -89,6 +89,9 @@ def prepare_streamed(engine: DecisionEngine, request, deadline_ns: int | None, p
 def _unparsed(request) -> InvalidArgument:
     # The API layer hands on a message whose bytes did not parse as a stand-in that says why
     # (kernel.api.registration.Unparsable), so that it is answered in turn and the stream goes on.
+    refusal = getattr(request, "refusal", "")  # refused from its bytes before parsing (api/wire_limits.py)
+    if refusal:
+        return InvalidArgument(refusal)
     reason = getattr(request, "reason", type(request).__name__)
     return InvalidArgument(f"the request is not a valid aios.kernel.v1.DecisionRequest message: {reason}")
 
