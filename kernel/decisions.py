@@ -310,7 +310,7 @@ class DecisionSide:
                             forgotten, opened)
             since = min(since, opened)
         reopened = reopen_reviews(self.reviews, self._records_since(since, kpb.DECISION),
-                                  self._review_settings)
+                                  self._review_settings, self._cancelled_task)
         restored = restore_answers(self.idempotency, self._records_since(since, kpb.DECISION))
         self.reviews.mark_recorded_before(self.audit.size)  # nothing is in flight yet
         self._reopened = True
@@ -321,6 +321,13 @@ class DecisionSide:
             log.warning("stored the idempotency keys of %d decisions from the audit log (records #%d to #%d): "
                         "they were recorded just before the kernel stopped, and a retry gets them back",
                         restored, since, self.audit.size - 1)
+
+    def _cancelled_task(self, task_id: str) -> bool:
+        """Whether ``task_id`` was cancelled (a review reopened for its record is then withdrawn at start)."""
+        try:
+            return self.tasks.store.get(task_id).state == kpb.CANCELLED
+        except NotFound:  # (deleted by retention: it ended long ago, and its review with it)
+            return False
 
     def _find_task_decisions(self) -> None:
         """For each task the kernel stopped in (still RUNNING), the decision its attempt recorded, if it got

@@ -109,3 +109,47 @@ def test_running_and_waiting_tasks_survive_sigkill(tmp_path, kernels):
     by_task = lambda task_id: [(r.kind, r.decision.action) for r in records if r.task_id == task_id]  # noqa: E731
     assert by_task(running.task_id) == [(kpb.DECISION, "fast_track")]
     assert by_task(waiting.task_id) == [(kpb.DECISION, "review"), (kpb.REVIEW_RESOLUTION, "deny")]
+
+
+KILLED_BEFORE_REVIEW_KERNEL = [sys.executable,
+                               str(Path(__file__).resolve().parent / "_killed_before_task_review_kernel.py")]
+
+
+def test_a_cancelled_tasks_escalation_cut_off_from_its_review_by_a_kill_is_withdrawn_on_the_record(tmp_path):
+    """(Random-kill harness, tests/kill_cycles.py) a task cancelled while its attempt ran; the attempt recorded its
+    escalation, and the kernel was killed before it stored the review. The restarted task does not run again (it is
+    CANCELLED) and the start reopened no review for a task's record: the log held an escalation with no review and no
+    word of how the case ended. Now the start opens it and withdraws it on the record, as a cancel does live."""
+    models, pipelines = build_small_model(tmp_path / "models"), copy_pipelines(tmp_path / "pipelines")
+    data_dir, marker = tmp_path / "data", tmp_path / "release-running-task"
+    serve = ("--pipelines", str(pipelines), "--log-level", "WARNING")
+    first = ServeProcess(models, *serve, data_dir=data_dir, cli=[*KILLED_BEFORE_REVIEW_KERNEL, str(marker)])
+    with grpc.insecure_channel(first.address) as channel:
+        tasks = kgrpc.TaskServiceStub(channel)
+        task = tasks.StartTask(kpb.StartTaskRequest(request=claim_request(UNSURE_CASE, tenant="held")),
+                               timeout=TIMEOUT_S)
+        for update in tasks.WatchTask(kpb.TaskRef(task_id=task.task_id), timeout=TIMEOUT_S):
+            if update.state == kpb.RUNNING:
+                break
+        assert tasks.CancelTask(kpb.TaskRef(task_id=task.task_id), timeout=TIMEOUT_S).state == kpb.CANCELLED
+    marker.touch()  # the attempt goes on: records its escalation, then the kernel is killed before the review row
+    first.proc.wait(timeout=TIMEOUT_S)
+    first.kill()
+    assert first.proc.returncode == -signal.SIGKILL
+    escalation = [r for r in iter_directory(data_dir / "audit", 0, RecordFilter()) if r.task_id == task.task_id]
+    assert [r.decision.outcome for r in escalation] == [kpb.ESCALATED]
+    review_id = escalation[0].decision.review_id
+
+    second = ServeProcess(models, *serve, data_dir=data_dir)
+    try:
+        with grpc.insecure_channel(second.address) as channel:
+            review = kgrpc.ReviewServiceStub(channel).GetReview(kpb.ReviewRef(review_id=review_id), timeout=TIMEOUT_S)
+            assert (review.state, review.resolved_action, review.task_id) == ("RESOLVED", "", task.task_id)
+            assert kgrpc.TaskServiceStub(channel).GetTask(kpb.TaskRef(task_id=task.task_id),
+                                                          timeout=TIMEOUT_S).state == kpb.CANCELLED
+    finally:
+        code, err = second.stop()
+    assert code == 0, err
+    records = [r for r in iter_directory(data_dir / "audit", 0, RecordFilter()) if r.task_id == task.task_id]
+    assert [(r.kind, r.links_to) for r in records] == [(kpb.DECISION, 0), (kpb.REVIEW_RESOLUTION, records[0].sequence)]
+    assert records[1].decision.reasons[0].rule_id == "WITHDRAWN"

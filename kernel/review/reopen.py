@@ -11,8 +11,13 @@ SLA deadline is unchanged) and the decision as recorded. This also covers a
 process killed between an escalation's durable record and its review row.
 
 Reviews of durable tasks are left to the tasks, which run again after a
-restart and open their review then. A reopened review's request carries the
-recorded inputs the request sent, and its ``defaults`` those the pipeline
+restart and open their review then; but a task cancelled while its attempt
+ran does not run again, so the review of an escalation such an attempt
+recorded before the crash is opened here, with its task's id, for the start
+to withdraw on the record as the cancel would have (the log otherwise held
+an escalation with no word of how it ended: a random-kill audit).
+
+A reopened review's request carries the recorded inputs the request sent, and its ``defaults`` those the pipeline
 filled in (as a review stored at the decision has them); its free-text
 fields are not there (the record holds only their SHA-256 digests): their
 digests are, in ``text_digests``, so the reviewer knows a text was sent.
@@ -37,18 +42,20 @@ def recorded_defaults(record: kpb.AuditRecord) -> dict[str, kpb.Value]:
 
 
 def reopen_reviews(queue, records: Iterable[kpb.AuditRecord],
-                   settings_of: Callable[[str, kpb.Decision], tuple[list[str], float]]) -> int:
+                   settings_of: Callable[[str, kpb.Decision], tuple[list[str], float]],
+                   cancelled_task: Callable[[str], bool] = lambda task_id: False) -> int:
     """Open the review of every escalated decision in ``records`` that has none; returns how many.
 
-    ``settings_of(pipeline, decision)`` gives the review's actions and SLA seconds.
+    ``settings_of(pipeline, decision)`` gives the review's actions and SLA seconds; ``cancelled_task(task_id)``:
+    whether that task was cancelled (the one kind of task whose record's review is opened here).
     Rows are stored without an fsync each: the caller raises the mark afterwards
     with one durable commit, which covers them.
     """
     reopened = 0
     for record in records:
         decision = record.decision
-        if (record.kind != kpb.DECISION or record.task_id or not decision.review_id
-                or decision.outcome not in _ESCALATED or queue.exists(decision.review_id)):
+        if (record.kind != kpb.DECISION or not decision.review_id or decision.outcome not in _ESCALATED
+                or (record.task_id and not cancelled_task(record.task_id)) or queue.exists(decision.review_id)):
             continue
         actions, sla_seconds = settings_of(record.pipeline, decision)
         proposed = kpb.Decision()
@@ -64,7 +71,8 @@ def reopen_reviews(queue, records: Iterable[kpb.AuditRecord],
             elif name not in defaults:  # (the fields sent, as an unlost row has them; a record written since
                 # 2026-11-28 holds each as the pipeline took it: a number sent as 800 reads 800.0)
                 request.fields[name].CopyFrom(value)
-        queue.create_many([(proposed, request, actions, sla_seconds, "", decision.review_id, 0, defaults, digests)],
+        queue.create_many([(proposed, request, actions, sla_seconds, record.task_id, decision.review_id, 0, defaults,
+                            digests)],
                           durable=False, now=record.time_unix_ns or None)
         reopened += 1
     return reopened
