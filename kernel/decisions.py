@@ -45,6 +45,8 @@ from .store.retention import RetentionSweeper, Swept
 from .tasks import IdempotencyStore, TaskRunner, TaskStore, UntilRestart, WaitingForReview
 
 log = logging.getLogger("aios.decisions")
+# How far the wall clock may have stepped back between a resolution and its "recording" note (_resolution_on_record).
+_NOTE_CLOCK_SLACK_NS = 3600 * 10**9
 
 BACKUP_STAGING = ".backup-being-written"  # kernel/backup.py STAGING (not imported: a start needs none of it)
 
@@ -613,7 +615,7 @@ class DecisionSide:
             review = self.reviews.for_task(task_id)
             if review is None or review.review_id != review_id or review.state == RESOLVED:
                 return
-            if self.audit is not None and self._resolution_on_record(review_id) is None:
+            if self.audit is not None and self._resolution_on_record(review, self._cancelled_at(task_id)) is None:
                 withdrawn = kpb.Review()
                 withdrawn.CopyFrom(review)
                 withdrawn.resolved_by, withdrawn.comment = "kernel", f"withdrawn: {reason}"
@@ -622,14 +624,31 @@ class DecisionSide:
                 self.audit.append_and_wait(self._resolution_record(withdrawn, resolution), timeout_s=10.0)
             self.reviews.withdraw(review_id, reason, task_id)
 
-    def _resolution_on_record(self, review_id: str) -> kpb.AuditRecord | None:
-        """The REVIEW_RESOLUTION record of ``review_id`` if one is on the log already (a delivery cut off by a kill
+    def _cancelled_at(self, task_id: str) -> int:
+        """When ``task_id`` was cancelled (wall clock; 0 if that is not known)."""
+        try:
+            history = self.tasks.store.get(task_id).history
+        except NotFound:
+            return 0
+        return next((change.at_unix_ns for change in history if change.state == kpb.CANCELLED), 0)
+
+    def _resolution_on_record(self, review: kpb.Review, begun_unix_ns: int) -> kpb.AuditRecord | None:
+        """The REVIEW_RESOLUTION record of ``review`` if one is on the log already (a delivery cut off by a kill
         after its record, before its done entry; found by a crash audit: the next start recorded it twice).
         Where to look from is noted before each recording (first note kept), so a first delivery reads nothing
-        and a delivered-again one reads only the records since its first try."""
-        since = int(self.idempotency.put(_RESOLUTIONS, RECORDING_PREFIX + review_id, "", str(self.audit.size).encode()))
+        and a delivered-again one reads only the records since its first try.
+
+        The note is an idempotency entry, which expires (and is purged) a retention period after it was taken:
+        a delivery finished later than that (a kernel started again a day after the kill) found none, and recorded
+        the resolution again (a random-kill audit). ``begun_unix_ns`` (wall clock): when the first try began at the
+        earliest (the resolution, the cancel); once its note may have expired, the search starts at the escalated
+        decision's record, before which no resolution of it can be."""
+        since = int(self.idempotency.put(_RESOLUTIONS, RECORDING_PREFIX + review.review_id, "",
+                                         str(self.audit.size).encode()))
+        if self.idempotency.now() - begun_unix_ns >= self.idempotency.retention_ns - _NOTE_CLOCK_SLACK_NS:
+            since = min(since, review.proposed.audit_sequence)
         return next((record for record in self._records_since(since, kpb.REVIEW_RESOLUTION)
-                     if record.decision.review_id == review_id), None)
+                     if record.decision.review_id == review.review_id), None)
 
     def _resolved(self, review: kpb.Review) -> kpb.Decision:
         # Delivered at least once (again after a crash): the first resolution recorded is the one.
@@ -642,7 +661,7 @@ class DecisionSide:
         resolution = self._resolution_of(review, review.resolved_action, "REVIEW",
                                          f"decided by {review.resolved_by}: {review.comment}".rstrip(": "))
         if self.audit is not None:
-            recorded = self._resolution_on_record(review.review_id)
+            recorded = self._resolution_on_record(review, review.resolved_unix_ns)
             if recorded is not None:  # a kill came between its record and the entry below: that record is the one
                 resolution = kpb.Decision()
                 resolution.CopyFrom(recorded.decision)

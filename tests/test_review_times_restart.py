@@ -20,6 +20,7 @@ import pytest
 from claims_support import UNSURE_CASE, build_small_model, claim_request, copy_pipelines
 from kernel._proto.aios.kernel.v1 import kernel_pb2 as kpb
 from kernel._proto.aios.kernel.v1 import kernel_pb2_grpc as kgrpc
+from kernel.audit import RecordFilter, iter_directory
 from kernel.testing.processes import ServeProcess
 
 LATER_KERNEL = [sys.executable, str(Path(__file__).resolve().parent / "_wall_clock_offset_kernel.py")]
@@ -85,3 +86,36 @@ def test_a_claim_and_an_sla_outlive_a_kill(tmp_path):
             later.kill()
         assert listed.sla_missed == 1 and [r.sla_missed for r in listed.reviews] == [True]
         assert listed.reviews[0].sla_deadline_unix_ns == claimed.sla_deadline_unix_ns
+
+
+KILLED_AFTER_RESOLUTION_RECORD = [sys.executable,
+                                  str(Path(__file__).resolve().parent / "_killed_after_resolution_record_kernel.py")]
+
+
+@pytest.mark.parametrize("later_s", [0, 2 * 86_400])
+def test_a_resolution_cut_off_by_a_kill_is_recorded_once_however_late_the_restart(tmp_path, later_s):
+    """(Random-kill audit) a kill right after a resolution's record leaves its delivery to the next start, which
+    looks for that record from a note taken before it was written. The note was an idempotency entry, kept 24 h: a
+    kernel started again a day after the kill found none and recorded the resolution a second time."""
+    models, pipelines, data_dir = build_small_model(tmp_path / "models"), copy_pipelines(tmp_path / "p"), tmp_path / "d"
+    first = ServeProcess(models, "--pipelines", str(pipelines), "--log-level", "WARNING", data_dir=data_dir,
+                         cli=KILLED_AFTER_RESOLUTION_RECORD)
+    with grpc.insecure_channel(first.address) as channel:
+        decided = kgrpc.DecisionServiceStub(channel).Decide(claim_request(UNSURE_CASE), timeout=30)
+        reviews = kgrpc.ReviewServiceStub(channel)
+        reviews.ClaimReview(kpb.ClaimReviewRequest(review_id=decided.review_id, reviewer="alice"), timeout=30)
+        with pytest.raises(grpc.RpcError):  # (the kernel is killed while it delivers the resolution)
+            reviews.ResolveReview(kpb.ResolveReviewRequest(review_id=decided.review_id, reviewer="alice",
+                                                           action="deny", comment="ok"), timeout=30)
+    first.kill()
+
+    later = restarted(models, pipelines, data_dir, later_s=later_s)
+    try:
+        with grpc.insecure_channel(later.address) as channel:
+            shown = kgrpc.ReviewServiceStub(channel).GetReview(kpb.ReviewRef(review_id=decided.review_id), timeout=30)
+    finally:
+        code, err = later.stop()
+    assert code == 0, err
+    resolutions = [r for r in iter_directory(data_dir / "audit", 0, RecordFilter(kind=kpb.REVIEW_RESOLUTION))]
+    assert [(r.links_to, r.decision.action) for r in resolutions] == [(decided.audit_sequence, "deny")]
+    assert shown.resolution.audit_sequence == resolutions[0].sequence
