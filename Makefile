@@ -91,7 +91,7 @@ PURE_FUZZ_SCALE := 0.3
 FUZZ_SUITES := tests/test_fuzz_oip.py tests/test_fuzz_kernel_api.py tests/test_wire.py tests/test_decision_wire.py tests/test_infer_scan.py \
 	tests/test_decode_fast_path.py tests/test_record_tail.py tests/test_pipeline_codec.py \
 	tests/test_pipeline_codec_differential.py tests/test_policy_differential.py tests/test_policy_analysis_brute.py \
-	tests/test_scheduling_differential.py tests/test_audit_proofs.py
+	tests/test_scheduling_differential.py tests/test_audit_proofs.py tests/test_kill_cycles.py
 
 # Each pass on TEST_WORKERS processes (pytest-xdist), a test file per process at a time (module-scoped
 # kernels are started once per file, as in a serial run): CI's 2 cores halve the wall time (7:40 -> 4:40 here).
