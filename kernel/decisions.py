@@ -643,8 +643,10 @@ class DecisionSide:
         the resolution again (a random-kill audit). ``begun_unix_ns`` (wall clock): when the first try began at the
         earliest (the resolution, the cancel); once its note may have expired, the search starts at the escalated
         decision's record, before which no resolution of it can be."""
+        # (Fsynced: the record written next is, and a power cut that kept it but took an unsynced note would have
+        # the next start look from past it, and record the resolution again. One fsync a resolution, at human rates.)
         since = int(self.idempotency.put(_RESOLUTIONS, RECORDING_PREFIX + review.review_id, "",
-                                         str(self.audit.size).encode()))
+                                         str(self.audit.size).encode(), durable=True))
         if self.idempotency.now() - begun_unix_ns >= self.idempotency.retention_ns - _NOTE_CLOCK_SLACK_NS:
             since = min(since, review.proposed.audit_sequence)
         return next((record for record in self._records_since(since, kpb.REVIEW_RESOLUTION)

@@ -10,6 +10,7 @@ clock runs ahead (tests/_wall_clock_offset_kernel.py).
 from __future__ import annotations
 
 import re
+import sqlite3
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -92,14 +93,28 @@ KILLED_AFTER_RESOLUTION_RECORD = [sys.executable,
                                   str(Path(__file__).resolve().parent / "_killed_after_resolution_record_kernel.py")]
 
 
-@pytest.mark.parametrize("later_s", [0, 2 * 86_400])
-def test_a_resolution_cut_off_by_a_kill_is_recorded_once_however_late_the_restart(tmp_path, later_s):
+def _lose_unsynced_commits(journal: Path, store: Path) -> list[str]:
+    """The injected fault of a power cut: the idempotency entries committed after the store's last fsynced commit
+    are gone (SQLite keeps a prefix of its commits; unsynced ones may not have reached the disk). Returns their keys."""
+    lines = journal.read_text(encoding="utf-8").splitlines()
+    last_durable = max((i for i, line in enumerate(lines) if line.startswith("durable")), default=-1)
+    lost = [line.split(" ", 1)[1] for line in lines[last_durable + 1:] if line.split(" ", 1)[1]]
+    with sqlite3.connect(store) as conn:
+        conn.executemany("DELETE FROM idempotency WHERE key = ?", [(key,) for key in lost])
+    return lost
+
+
+@pytest.mark.parametrize("later_s, power_cut", [(0, False), (2 * 86_400, False), (0, True)])
+def test_a_resolution_cut_off_by_a_kill_is_recorded_once_however_late_the_restart(tmp_path, later_s, power_cut):
     """(Random-kill audit) a kill right after a resolution's record leaves its delivery to the next start, which
     looks for that record from a note taken before it was written. The note was an idempotency entry, kept 24 h: a
-    kernel started again a day after the kill found none and recorded the resolution a second time."""
+    kernel started again a day after the kill found none and recorded the resolution a second time. It was also
+    committed without an fsync, right before the record's own: a power cut then could take the note and keep the
+    record (``power_cut``: the commits after the store's last fsynced one taken away), with the same result."""
     models, pipelines, data_dir = build_small_model(tmp_path / "models"), copy_pipelines(tmp_path / "p"), tmp_path / "d"
+    journal = tmp_path / "commits.journal"
     first = ServeProcess(models, "--pipelines", str(pipelines), "--log-level", "WARNING", data_dir=data_dir,
-                         cli=KILLED_AFTER_RESOLUTION_RECORD)
+                         cli=[*KILLED_AFTER_RESOLUTION_RECORD, str(journal)])
     with grpc.insecure_channel(first.address) as channel:
         decided = kgrpc.DecisionServiceStub(channel).Decide(claim_request(UNSURE_CASE), timeout=30)
         reviews = kgrpc.ReviewServiceStub(channel)
@@ -108,6 +123,8 @@ def test_a_resolution_cut_off_by_a_kill_is_recorded_once_however_late_the_restar
             reviews.ResolveReview(kpb.ResolveReviewRequest(review_id=decided.review_id, reviewer="alice",
                                                            action="deny", comment="ok"), timeout=30)
     first.kill()
+    if power_cut:
+        _lose_unsynced_commits(journal, data_dir / "kernel.sqlite3")
 
     later = restarted(models, pipelines, data_dir, later_s=later_s)
     try:

@@ -176,8 +176,9 @@ class IdempotencyStore:
         return self._clock()
 
     def put(self, tenant: str, key: str, request_hash: str, response: bytes, audit_sequence: int = -1,
-            decided_unix_ns: int = 0) -> bytes:
-        """Store ``response`` under the key; returns the answer now stored.
+            decided_unix_ns: int = 0, durable: bool | None = None) -> bytes:
+        """Store ``response`` under the key; returns the answer now stored. ``durable``: fsync this commit (None:
+        as the store was made).
 
         The first answer stored wins: if another call stored one for the same
         request meanwhile, that one is kept and returned. A live key stored
@@ -206,7 +207,7 @@ class IdempotencyStore:
                 self._purge(conn, now)
             return response
 
-        stored = self._db.transact(work, durable=self._durable)
+        stored = self._db.transact(work, durable=self._durable if durable is None else durable)
         if self._unwritten and self._flushing.acquire(blocking=False):  # the store takes writes again
             try:  # (one caller at a time writes them; the others go on: a review audit saw every put redo it all)
                 self._write_unwritten()
