@@ -155,6 +155,9 @@ class Load:
             key = f"t{self.cycle}-{i}"
             request = _request(rng, self.cases, f"task{self.cycle}-{i}", key)
             with self.seen.lock:
+                if rng.random() < 0.1 and self.seen.answers:  # a task for a keyed Decide's case: it adopts that answer
+                    key = rng.choice(sorted(self.seen.answers))
+                    request = self.seen.keyed[key]
                 self.seen.task_keys[key] = request
             task = stub.StartTask(kpb.StartTaskRequest(request=request), timeout=10)
             with self.seen.lock:
@@ -452,7 +455,8 @@ class KillCycles:
         resolutions: dict[int, list[int]] = {}
         for record in records.values():
             if record.kind == kpb.DECISION:
-                if record.idempotency_key and not record.task_id:
+                if record.idempotency_key:  # (a keyed Decide's, or a keyed task's: a task adopting a Decide's
+                    # answer under its key decides nothing)
                     by_key.setdefault((record.tenant, record.idempotency_key), []).append(record.sequence)
                 if record.task_id:
                     by_task.setdefault(record.task_id, []).append(record.sequence)
