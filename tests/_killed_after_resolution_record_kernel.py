@@ -1,6 +1,7 @@
 """The real kernel (``aios-kernel serve``) with one fault injected on purpose: killed right after a resolution's
 audit record, before the entry that says it was recorded (a crash audit found the instant: its delivery is
-finished at the next start, which must find that record instead of writing a second one)::
+finished at the next start, which must find that record instead of writing a second one); a withdrawal's too (a
+cancelled task's review), before the review is marked withdrawn::
 
     python tests/_killed_after_resolution_record_kernel.py JOURNAL serve --models ... (aios-kernel's own arguments)
 
@@ -22,6 +23,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from kernel import cli  # noqa: E402
+from kernel.review import ReviewQueue  # noqa: E402
 from kernel.store.audit_needs import RESOLUTIONS_TENANT  # noqa: E402
 from kernel.store.idempotency import IdempotencyStore  # noqa: E402
 from kernel.store.sqlite import Database  # noqa: E402
@@ -48,7 +50,10 @@ def killed_after_resolution_records(journal: Path) -> None:
             out.write(f"{'durable' if durable else 'unsynced'} {getattr(_putting, 'key', '')}\n")
         return result
 
-    IdempotencyStore.put, Database.transact = put, transact
+    def withdraw(self, *args, **kwargs):  # (its record is written before)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    IdempotencyStore.put, Database.transact, ReviewQueue.withdraw = put, transact, withdraw
 
 
 if __name__ == "__main__":

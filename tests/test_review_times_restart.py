@@ -136,3 +136,32 @@ def test_a_resolution_cut_off_by_a_kill_is_recorded_once_however_late_the_restar
     resolutions = [r for r in iter_directory(data_dir / "audit", 0, RecordFilter(kind=kpb.REVIEW_RESOLUTION))]
     assert [(r.links_to, r.decision.action) for r in resolutions] == [(decided.audit_sequence, "deny")]
     assert shown.resolution.audit_sequence == resolutions[0].sequence
+
+
+def test_a_withdrawal_cut_off_by_a_kill_is_recorded_once_a_day_later(tmp_path):
+    """(Random-kill audit) as a resolution's: a task's cancel records the withdrawal of its review, then marks the
+    review withdrawn; a kill between the two leaves the withdrawal to the next start, which found no note a day later
+    and recorded it a second time."""
+    models, pipelines, data_dir = build_small_model(tmp_path / "models"), copy_pipelines(tmp_path / "p"), tmp_path / "d"
+    first = ServeProcess(models, "--pipelines", str(pipelines), "--log-level", "WARNING", data_dir=data_dir,
+                         cli=[*KILLED_AFTER_RESOLUTION_RECORD, str(tmp_path / "commits.journal")])
+    with grpc.insecure_channel(first.address) as channel:
+        tasks = kgrpc.TaskServiceStub(channel)
+        task = tasks.StartTask(kpb.StartTaskRequest(request=claim_request(UNSURE_CASE)), timeout=30)
+        for update in tasks.WatchTask(kpb.TaskRef(task_id=task.task_id), timeout=30):
+            if update.state == kpb.WAITING_FOR_REVIEW:
+                break
+        with pytest.raises(grpc.RpcError):  # (the kernel is killed while it withdraws the task's review)
+            tasks.CancelTask(kpb.TaskRef(task_id=task.task_id), timeout=30)
+    first.kill()
+
+    later = restarted(models, pipelines, data_dir, later_s=2 * 86_400)
+    try:
+        with grpc.insecure_channel(later.address) as channel:
+            shown = kgrpc.ReviewServiceStub(channel).GetReview(kpb.ReviewRef(review_id=update.review_id), timeout=30)
+    finally:
+        code, err = later.stop()
+    assert code == 0, err
+    assert (shown.state, shown.resolved_action) == ("RESOLVED", "")
+    resolutions = [r for r in iter_directory(data_dir / "audit", 0, RecordFilter(kind=kpb.REVIEW_RESOLUTION))]
+    assert [(r.task_id, r.decision.reasons[0].rule_id) for r in resolutions] == [(task.task_id, "WITHDRAWN")]
