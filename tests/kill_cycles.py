@@ -90,7 +90,7 @@ class Load:
         self.address, self.seen, self.cycle, self.cases = address, seen, cycle, cases
         self.stop = threading.Event()
         self.threads = [threading.Thread(target=self._guard, args=(work, random.Random(f"{seed}/{cycle}/{n}")),
-                                         name=f"load-{work.__name__}")
+                                         name=f"load{cycle}-{n}")  # (its name tags its keys: unique)
                         for n, work in enumerate((self._decide, self._decide, self._stream, self._tasks,
                                                   self._reviewer))]
 
@@ -109,11 +109,11 @@ class Load:
             try:
                 work(channel, rng)
             except grpc.RpcError as exc:  # the kill (or an answer the checks list)
-                self.seen.unexpected(work.__name__, exc)
+                self.seen.unexpected(f"{threading.current_thread().name} ({work.__name__})", exc)
 
     def _decide(self, channel, rng: random.Random) -> None:
         stub = kgrpc.DecisionServiceStub(channel)
-        tag = f"{self.cycle}-{threading.current_thread().ident}"
+        tag = threading.current_thread().name
         for i in range(100_000):
             if self.stop.is_set():
                 return
@@ -131,8 +131,9 @@ class Load:
                 return
             requests = []
             for i in range(rng.randint(1, 12)):
-                key = f"s{self.cycle}-{batch}-{i}" if rng.random() < 0.5 else ""
-                requests.append(_request(rng, self.cases, f"q{self.cycle}-{batch}-{i}", key))
+                tag = f"{threading.current_thread().name}-{batch}-{i}"
+                key = f"s{tag}" if rng.random() < 0.5 else ""
+                requests.append(_request(rng, self.cases, f"q{tag}", key))
                 if key:
                     with self.seen.lock:
                         self.seen.keyed[key] = requests[-1]
@@ -152,8 +153,8 @@ class Load:
         for i in range(100_000):
             if self.stop.is_set():
                 return
-            key = f"t{self.cycle}-{i}"
-            request = _request(rng, self.cases, f"task{self.cycle}-{i}", key)
+            key = f"t{threading.current_thread().name}-{i}"
+            request = _request(rng, self.cases, f"task-{key}", key)
             with self.seen.lock:
                 if rng.random() < 0.1 and self.seen.answers:  # a task for a keyed Decide's case: it adopts that answer
                     key = rng.choice(sorted(self.seen.answers))
