@@ -242,12 +242,6 @@ def test_a_tenants_task_list_reads_its_index_in_a_store_made_before_it(tmp_path)
     for trigger in ("inserted", "changed", "deleted"):  # (and version 9's)
         conn.execute(f"DROP TRIGGER tasks_counted_{trigger}")
     conn.execute("DROP TABLE task_counts")
-    for index in ("reviews_by_tenant", "reviews_by_pipeline", "reviews_waiting", "reviews_waiting_by_tenant",
-                  "reviews_waiting_by_pipeline"):  # (and versions 10 and 11's)
-        conn.execute(f"DROP INDEX {index}")
-    for trigger in ("inserted", "changed", "deleted"):  # (version 12's)
-        conn.execute(f"DROP TRIGGER reviews_sla_counted_{trigger}")
-    conn.execute("DROP TABLE review_sla_counts")
     conn.execute("PRAGMA user_version = 5")  # as the release before schema version 6 left it
     conn.close()
     with open_database(tmp_path) as db:

@@ -37,16 +37,6 @@ _BACKLOG = ("INSERT INTO review_backlog (pipeline, unresolved, with_sla) SELECT 
 _ADD = ("INSERT INTO review_counts (pipeline, resolved_late) SELECT {row}.pipeline, {delta} WHERE {when}"
         " ON CONFLICT (pipeline) DO UPDATE SET resolved_late = resolved_late + excluded.resolved_late")
 
-# A row's part of review_sla_counts (its pipeline's and tenant's): waiting with an SLA deadline, resolved late;
-# added (``sign`` "") or taken away ("-").
-_WAITING_WITH_SLA = "({row}.resolved = 0 AND {row}.sla_deadline_unix_ns > 0)"
-_SLA_COUNTS = ("INSERT INTO review_sla_counts (pipeline, tenant, waiting_with_sla, resolved_late)"
-               " SELECT {row}.pipeline, {row}.tenant, {sign}" + _WAITING_WITH_SLA + ", {sign}(" + _LATE + ") WHERE 1"
-               " ON CONFLICT (pipeline, tenant) DO UPDATE SET"
-               " waiting_with_sla = waiting_with_sla + excluded.waiting_with_sla,"
-               " resolved_late = resolved_late + excluded.resolved_late")
-_COUNTED = "(" + _WAITING_WITH_SLA + " OR (" + _LATE + "))"
-
 # (version, what it adds, statements)
 MIGRATIONS: list[tuple[int, str, tuple[str, ...]]] = [
     (1, "durable tasks, review queue, idempotency keys", (
@@ -196,50 +186,6 @@ MIGRATIONS: list[tuple[int, str, tuple[str, ...]]] = [
         f"""CREATE TRIGGER tasks_counted_changed AFTER UPDATE OF state ON tasks WHEN OLD.state != NEW.state
            BEGIN {_TASKS.format(row='OLD', delta='-1')}; {_TASKS.format(row='NEW', delta='1')}; END""",
         f"CREATE TRIGGER tasks_counted_deleted AFTER DELETE ON tasks BEGIN {_TASKS.format(row='OLD', delta='-1')}; END",
-    )),
-    (10, "reviews indexed by tenant and by pipeline (ListReviews of every state for one read every review)", (
-        # ListReviews by tenant or pipeline, of every state or RESOLVED ones, walked every review in position order
-        # (40-90 ms a page for a tenant with 5 of 200,000, growing with the history). An index entry carries the
-        # position (rowid), so such a page is a range of one, in list order (sqlite_reviews._table names which).
-        "CREATE INDEX reviews_by_tenant ON reviews (tenant)",
-        "CREATE INDEX reviews_by_pipeline ON reviews (pipeline)",
-    )),
-    (11, "the waiting reviews in list order, alone, by tenant and by pipeline (a page or a claim sorted the backlog)", (
-        # The OPEN and UNRESOLVED filters and ClaimNextReview read reviews_by_filter's resolved = 0 range, ordered
-        # by pipeline and tenant: each page and each claim sorted the whole backlog (~250 ms a claim at 200,000
-        # waiting). Partial indexes of the waiting reviews alone, whose entries end with the position (rowid), give
-        # them in list order (sqlite_reviews._table names which).
-        "CREATE INDEX reviews_waiting ON reviews (resolved) WHERE resolved = 0",
-        "CREATE INDEX reviews_waiting_by_tenant ON reviews (tenant) WHERE resolved = 0",
-        "CREATE INDEX reviews_waiting_by_pipeline ON reviews (pipeline) WHERE resolved = 0",
-    )),
-    (12, "per pipeline and tenant, the waiting reviews with an SLA and the late resolved ones, counted", (
-        # Every ListReviews page counted the matching reviews that missed their SLA over every waiting one and
-        # every late resolved one (~150 ms a page at 200,000 waiting: paging through them counted them once a
-        # page). Now those two are kept by triggers; what depends on the time (not due yet, claimed) is a range of
-        # an index bounded by traffic (sqlite_reviews.count_sla_missed). Filled once here.
-        """CREATE TABLE review_sla_counts (
-            pipeline TEXT NOT NULL,
-            tenant TEXT NOT NULL,
-            waiting_with_sla INTEGER NOT NULL,   -- resolved = 0 with an SLA deadline
-            resolved_late INTEGER NOT NULL,      -- resolved = 1 after the deadline
-            PRIMARY KEY (pipeline, tenant)
-        ) WITHOUT ROWID""",
-        "INSERT INTO review_sla_counts (pipeline, tenant, waiting_with_sla, resolved_late) SELECT pipeline, tenant,"
-        f" count(*) FILTER (WHERE {_WAITING_WITH_SLA.format(row='reviews')}),"
-        f" count(*) FILTER (WHERE {_LATE.format(row='reviews')}) FROM reviews GROUP BY pipeline, tenant",
-        f"""CREATE TRIGGER reviews_sla_counted_inserted AFTER INSERT ON reviews WHEN {_COUNTED.format(row='NEW')}
-           BEGIN {_SLA_COUNTS.format(row='NEW', sign='')}; END""",
-        f"""CREATE TRIGGER reviews_sla_counted_changed AFTER UPDATE ON reviews
-           WHEN {_WAITING_WITH_SLA.format(row='OLD')} != {_WAITING_WITH_SLA.format(row='NEW')}
-             OR ({_LATE.format(row='OLD')}) != ({_LATE.format(row='NEW')})
-             OR OLD.pipeline IS NOT NEW.pipeline OR OLD.tenant IS NOT NEW.tenant
-           BEGIN
-             {_SLA_COUNTS.format(row='OLD', sign='-')};
-             {_SLA_COUNTS.format(row='NEW', sign='')};
-           END""",
-        f"""CREATE TRIGGER reviews_sla_counted_deleted AFTER DELETE ON reviews WHEN {_COUNTED.format(row='OLD')}
-           BEGIN {_SLA_COUNTS.format(row='OLD', sign='-')}; END""",
     )),
 ]
 

@@ -38,11 +38,10 @@ _STATE_SQL = {
     "RESOLVED": ("resolved > 0", False),
 }
 STATE_FILTERS = tuple(name for name in _STATE_SQL if name)
-_UNRESOLVED_STATES = ("OPEN", "CLAIMED", "UNRESOLVED")  # (resolved = 0: the waiting reviews' indexes)
 
-# A review missed its SLA if it was resolved after its deadline, or is still unresolved past it (counted per pipeline
-# and tenant as rows change: review_sla_counts, schema.py, and ``count_sla_missed``). Withdrawn reviews (resolved = 2)
-# count neither way.
+# A review missed its SLA if it was resolved after its deadline (counted from the partial index
+# ``reviews_sla_missed``, schema.py, named in the query: SQLite's planner preferred reviews_by_filter's
+# resolved = 1, every resolved review), or is still unresolved past it. Withdrawn reviews (resolved = 2) count neither way.
 _RESOLVED_LATE = "resolved = 1 AND sla_deadline_unix_ns > 0 AND resolved_unix_ns > sla_deadline_unix_ns"
 _UNRESOLVED_LATE = "resolved = 0 AND sla_deadline_unix_ns > 0 AND ? > sla_deadline_unix_ns"
 _MAY_BE_RESOLVED = ("", "RESOLVED")  # the state filters whose rows include resolved reviews
@@ -57,23 +56,6 @@ def _resolved_column(review: kpb.Review) -> int:
     if review.state != RESOLVED:
         return UNRESOLVED_ROW
     return WITHDRAWN_ROW if withdrawn(review) else RESOLVED_ROW
-
-
-def _table(pipeline: str, tenant: str, state: str) -> str:
-    """The reviews a filtered read goes through, its index named (SQLite refuses the query rather than fall back
-    to reading every review). OPEN and UNRESOLVED: the waiting reviews alone, in list order (schema version 11),
-    however long the history (left to choose, SQLite took a tenant's whole history in list order over its few
-    waiting ones) or the backlog (reviews_by_filter, ordered by pipeline and tenant, had the backlog sorted for
-    every page and claim); CLAIMED: the running leases (one per reviewer at work), sorted; the others a tenant's or
-    a pipeline's reviews in list order (schema version 10), not every review kept."""
-    if state == "CLAIMED":
-        return "reviews INDEXED BY reviews_unresolved_by_lease"
-    if state in _UNRESOLVED_STATES:
-        by = "_by_tenant" if tenant else "_by_pipeline" if pipeline else ""
-        return f"reviews INDEXED BY reviews_waiting{by}"
-    if tenant:
-        return "reviews INDEXED BY reviews_by_tenant"
-    return "reviews INDEXED BY reviews_by_pipeline" if pipeline else "reviews"
 
 
 def _where(pipeline: str, tenant: str, state: str, now_unix_ns: int) -> tuple[str, list]:
@@ -166,12 +148,11 @@ def _mutate_row(conn, review_id: str, found: tuple, mutate: Callable[[kpb.Review
     if not was_resolved and review.task_id and _resolved_column(review) == RESOLVED_ROW:
         _refuse_if_task_cancelled(conn, review)
     now_delivered = was_delivered if delivered is None else delivered
-    # (A review's pipeline and tenant never change: left out of the SET, their indexes are not rewritten.)
     conn.execute(
-        "UPDATE reviews SET resolved = ?, lease_expires_unix_ns = ?,"
+        "UPDATE reviews SET pipeline = ?, tenant = ?, resolved = ?, lease_expires_unix_ns = ?,"
         " sla_deadline_unix_ns = ?, resolved_unix_ns = ?, delivered = ?, revision = ?, body = ?"
         " WHERE review_id = ?",
-        (*_columns(review)[2:], int(now_delivered), revision + 1, review.SerializeToString(), review_id),
+        (*_columns(review), int(now_delivered), revision + 1, review.SerializeToString(), review_id),
     )
     return review, True, now_delivered
 
@@ -339,8 +320,7 @@ class SqliteReviewRecords:
         where, args = _where(pipeline, tenant, state, clock())
         with self._db.read() as conn:
             candidates = [row[0] for row in conn.execute(
-                f"SELECT review_id FROM {_table(pipeline, tenant, state)} WHERE {where} ORDER BY seq LIMIT ?",
-                (*args, OLDEST_CANDIDATES))]
+                f"SELECT review_id FROM reviews WHERE {where} ORDER BY seq LIMIT ?", (*args, OLDEST_CANDIDATES))]
         if not candidates:
             return None  # none as of the look: no write transaction to hold up the writers for
 
@@ -353,8 +333,7 @@ class SqliteReviewRecords:
                     return _mutate_row(conn, review_id, found, mutate, None)
             # Every candidate was taken meanwhile (more callers at once than candidates): look here.
             found = conn.execute(
-                f"SELECT review_id, body, revision, delivered FROM {_table(pipeline, tenant, state)} WHERE {where}"
-                " ORDER BY seq LIMIT 1", args,
+                f"SELECT review_id, body, revision, delivered FROM reviews WHERE {where} ORDER BY seq LIMIT 1", args,
             ).fetchone()
             return None if found is None else _mutate_row(conn, found[0], found[1:], mutate, None)
 
@@ -405,49 +384,25 @@ class SqliteReviewRecords:
         where, args = _where(pipeline, tenant, state, now_unix_ns)
         with self._db.read() as conn:
             rows = paging.take_rows(conn.execute(
-                f"SELECT seq, body FROM {_table(pipeline, tenant, state)} WHERE seq > ? AND {where} ORDER BY seq"
-                " LIMIT ?",
+                f"SELECT seq, body FROM reviews WHERE seq > ? AND {where} ORDER BY seq LIMIT ?",
                 (after_seq, *args, limit),
             ), limit, max_bytes)
         return [(seq, kpb.Review.FromString(body), len(body)) for seq, body in rows]
 
     def count_sla_missed(self, pipeline: str, tenant: str, state: str, now_unix_ns: int) -> int:
-        """How many reviews matching the filters missed their SLA (``_RESOLVED_LATE``, ``_UNRESOLVED_LATE``), in
-        work that grows with neither the backlog nor the history (it counted them row by row for every ListReviews
-        page: ~150 ms a page at 200,000 waiting). The waiting reviews with an SLA and the late resolved ones are
-        counted per pipeline and tenant as rows change (review_sla_counts, schema version 12); what depends on the
-        time is read from two indexes bounded by traffic: the waiting reviews not due yet (the last SLA period's)
-        and, for OPEN and CLAIMED, the late ones under a running lease. One read transaction: the parts agree."""
-        keys = [(column, value) for column, value in (("pipeline", pipeline), ("tenant", tenant)) if value]
-        key_args = [value for _, value in keys]
-        keyed = " AND ".join(f"{column} = ?" for column, _ in keys) or "1"
-        narrowed = "".join(f" AND {column} = ?" for column, _ in keys)
+        where, args = _where(pipeline, tenant, state, now_unix_ns)
         with self._db.read() as conn:
-            began = not conn.in_transaction
-            if began:
-                conn.execute("BEGIN")
-            try:
-                waiting_with_sla, resolved_late = conn.execute(
-                    "SELECT coalesce(sum(waiting_with_sla), 0), coalesce(sum(resolved_late), 0) FROM review_sla_counts"
-                    f" WHERE {keyed}", key_args).fetchone()
-                missed = resolved_late if state in _MAY_BE_RESOLVED else 0
-                if state == RESOLVED:
-                    return missed
-                late_claimed = 0
-                if state in ("OPEN", "CLAIMED"):
-                    late_claimed = conn.execute(
-                        "SELECT count(*) FROM reviews INDEXED BY reviews_unresolved_by_lease WHERE resolved = 0"
-                        f" AND lease_expires_unix_ns > ? AND {_UNRESOLVED_LATE}{narrowed}",
-                        (now_unix_ns, now_unix_ns, *key_args)).fetchone()[0]
-                    if state == "CLAIMED":
-                        return late_claimed
-                not_due = conn.execute(  # (a deadline is > 0: from 1 on when the clock reads 0 or less)
-                    "SELECT count(*) FROM reviews INDEXED BY reviews_unresolved_by_sla WHERE resolved = 0"
-                    f" AND sla_deadline_unix_ns >= ?{narrowed}", (max(now_unix_ns, 1), *key_args)).fetchone()[0]
-                return missed + waiting_with_sla - not_due - late_claimed
-            finally:
-                if began:
-                    conn.execute("COMMIT")
+            missed = 0
+            if state != "RESOLVED":  # (every other filter can match unresolved rows)
+                missed += conn.execute(
+                    f"SELECT count(*) FROM reviews WHERE {where} AND {_UNRESOLVED_LATE}", (*args, now_unix_ns),
+                ).fetchone()[0]
+            if state in _MAY_BE_RESOLVED:
+                missed += conn.execute(
+                    f"SELECT count(*) FROM reviews INDEXED BY reviews_sla_missed WHERE {where} AND {_RESOLVED_LATE}",
+                    args,
+                ).fetchone()[0]
+            return missed
 
     def gauges(self, now_unix_ns: int) -> dict[str, dict[str, int]]:
         """Per pipeline, what an operator's dashboard watches (kernel/observability/metrics.py): ``open`` and
