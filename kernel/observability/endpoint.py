@@ -99,10 +99,16 @@ def _ServerFor(host: str):
                 raise
 
         def process_request_thread(self, request, client_address) -> None:
+            # socketserver.ThreadingMixIn's, with the place given back before the connection is closed: given back
+            # after, a scraper that saw one connection end and came at once found every place still taken (closed
+            # unanswered; seen under load in tests/test_metrics_endpoint.py's idle-connections test).
             try:
-                super().process_request_thread(request, client_address)
+                self.finish_request(request, client_address)
+            except Exception:
+                self.handle_error(request, client_address)
             finally:
                 self._places.release()
+                self.shutdown_request(request)
 
         def handle_error(self, request, client_address) -> None:
             # A client that went quiet past the timeout, or went away: nothing to report (socketserver printed a
