@@ -87,28 +87,33 @@ def test_the_load_time_profile_of_a_slow_model_stops_at_its_time_budget(tmp_path
     for minutes. It stops before a size it predicts would take it past PROFILE_BUDGET_NS (2 s; here four of this
     model's calls), and times a long call once (best-of-three is for noise in short ones); the fit learns the rest
     from traffic."""
-    import time
+    import types
 
     from kernel.models import runtime
 
-    onnx_models.save(onnx_models.slow(30_000), tmp_path / "slow" / "1" / "model.onnx")
+    onnx_models.save(onnx_models.slow(1_000), tmp_path / "slow" / "1" / "model.onnx")
     (mv,) = ModelHub(tmp_path).load("slow")
-    feeds = {"x": np.zeros((1, 1), np.float32)}
-    times = []
-    for _ in range(2):  # (the faster of two: a call the host slowed would make the budget below too long)
-        started = time.monotonic_ns()
-        np.testing.assert_array_equal(mv.runtime.run(feeds)[0], [[30_000]])
-        times.append(time.monotonic_ns() - started)
-    one_call_ns = min(times)
-    # In this model's units (a Loop iteration takes 1-7 µs, as busy as the host is): a call is long enough to be
-    # timed once, and the budget is four calls.
-    monkeypatch.setattr(runtime, "PROFILE_ONE_RUN_NS", one_call_ns // 2)
-    monkeypatch.setattr(runtime, "PROFILE_BUDGET_NS", 4 * one_call_ns)
+    # INJECTED: the profile's clock, 10 ms a reading, so each timed call "takes" 10 ms however busy the host is (a
+    # budget in real calls' time failed when the host sped up between measuring a call and the profile: [1, 2, 4]).
+    now = [0]
+
+    def tick() -> int:
+        now[0] += 10_000_000
+        return now[0]
+
+    monkeypatch.setattr(runtime, "time", types.SimpleNamespace(monotonic_ns=tick))
+    monkeypatch.setattr(runtime, "PROFILE_ONE_RUN_NS", 5_000_000)  # a 10 ms call is timed once
+    monkeypatch.setattr(runtime, "PROFILE_BUDGET_NS", 60_000_000)
+    calls = []
+    real_run = runtime.OnnxModel.run
+    monkeypatch.setattr(runtime.OnnxModel, "run",
+                        lambda model, feeds: calls.append(len(next(iter(feeds.values())))) or real_run(model, feeds))
     profile = mv.runtime.profile()
-    # The probe's zeros and ones, then 1 row once (3 calls); 2 rows, predicted to take two calls' time, would not fit
-    # (or just would, on a busy host whose calls here took longer than the one measured above); without the budget,
-    # all seven sizes, 23 calls.
-    assert [rows for rows, _ in profile] in ([1], [1, 2])  # (sizes, not its wall time: a loaded host stretches that)
+    # Readings: the start (10 ms); 1 row timed once (20 -> 30: 10 ms); at 40 ms, 2 rows predicted 20 ms: 30 + 20 <= 60,
+    # run once (50 -> 60); at 70 ms, 4 rows predicted 20 ms: 60 + 20 > 60, not run. Without the budget, all seven
+    # sizes, three times each.
+    assert [rows for rows, _ in profile] == [1, 2]
+    assert calls.count(2) == 1 and 4 not in calls, calls  # (the probe's calls are of 1 row)
 
 
 def _widening(width: int):
