@@ -14,6 +14,7 @@ from __future__ import annotations
 import grpc
 import pytest
 from claims_support import claim_request
+from wire_bytes import delimited
 from conftest import start_claims_kernel
 from examples.claims import data as claims
 from test_request_parse_memory import _peak_growth
@@ -27,23 +28,10 @@ BIG = [("grpc.max_send_message_length", 256 * MIB), ("grpc.max_receive_message_l
 SERVICE = "/aios.kernel.v1.DecisionService"
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def _field(number: int, payload: bytes) -> bytes:
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
-
-
 def _many_fields() -> bytes:
     """A DecisionRequest for the claims pipeline with N_FIELDS fields {f0000000: true, ...}."""
     head = kpb.DecisionRequest(pipeline="claims_triage", tenant="t").SerializeToString()
-    return head + b"".join(_field(5, _field(1, b"f%07d" % n) + _field(2, b"\x08\x01")) for n in range(N_FIELDS))
+    return head + b"".join(delimited(5, delimited(1, b"f%07d" % n) + delimited(2, b"\x08\x01")) for n in range(N_FIELDS))
 
 
 def _baseline(size: int) -> bytes:
@@ -93,10 +81,10 @@ def test_in_a_decide_stream_it_is_refused_and_the_stream_goes_on(kernel):
 
 def test_a_start_task_with_more_fields_than_any_pipeline_is_refused_before_it_is_parsed(kernel):
     _, channel = kernel
-    request = _field(1, _many_fields())
+    request = delimited(1, _many_fields())
     start = channel.unary_unary("/aios.kernel.v1.TaskService/StartTask", request_serializer=None,
                                 response_deserializer=None)
-    base_growth, base_error = _peak_growth(lambda: start(_field(1, _baseline(len(request))), timeout=60))
+    base_growth, base_error = _peak_growth(lambda: start(delimited(1, _baseline(len(request))), timeout=60))
     assert base_error.code() == Code.INVALID_ARGUMENT, base_error.details()
     growth, error = _peak_growth(lambda: start(request, timeout=60))
     assert growth < base_growth + len(request), f"{len(request):,} bytes took {growth:,} ({base_growth:,} for the baseline)"

@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fuzz_budget import examples
+from wire_bytes import delimited, key, varint
 
 from kernel import infer_scan as reference
 from kernel._proto.inference import grpc_service_pb2 as pb
@@ -33,24 +34,6 @@ FIELDS = {field.number: field.name for field in pb.InferTensorContents.DESCRIPTO
 NARROW = {"INT8": 1, "UINT8": 1, "INT16": 2, "UINT16": 2}
 DATATYPES = ["BYTES", "INT64", "INT32", "INT16", "INT8", "UINT64", "UINT32", "UINT16", "UINT8", "BOOL", "FP32",
              "FP64", "FP16", "", "int8", *NARROW]  # (the narrow ones twice: they change how typed bytes count)
-
-
-def varint(value: int) -> bytes:
-    value &= (1 << 64) - 1  # a negative int32 or int64 is sent as its 64-bit two's complement
-    out = bytearray()
-    while value > 0x7F:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def key(number: int, wire_type: int) -> bytes:
-    return varint(number << 3 | wire_type)
-
-
-def delimited(number: int, payload: bytes) -> bytes:
-    return key(number, 2) + varint(len(payload)) + payload
 
 
 def element(number: int, value) -> bytes:

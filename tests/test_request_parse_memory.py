@@ -16,6 +16,7 @@ import struct
 
 import grpc
 import pytest
+from wire_bytes import delimited, varint
 from conftest import free_port, start_kernel
 from test_metrics_endpoint import scrape, value
 
@@ -29,23 +30,10 @@ BIG = [("grpc.max_send_message_length", 256 * MIB), ("grpc.max_receive_message_l
 SERVICE = "/inference.GRPCInferenceService"
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def _field(number: int, payload: bytes) -> bytes:
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
-
-
 def _input(name: str, datatype: str, shape: list[int], contents: bytes = b"", packed_shape: bytes = b"") -> bytes:
-    shape_bytes = packed_shape or b"".join(_varint(d) for d in shape)
-    return _field(5, _field(1, name.encode()) + _field(2, datatype.encode()) + _field(3, shape_bytes)
-                  + (_field(5, contents) if contents else b""))
+    shape_bytes = packed_shape or b"".join(varint(d) for d in shape)
+    return delimited(5, delimited(1, name.encode()) + delimited(2, datatype.encode()) + delimited(3, shape_bytes)
+                  + (delimited(5, contents) if contents else b""))
 
 
 def _request(tensor: bytes, request_id: str = "") -> bytes:
@@ -58,7 +46,7 @@ KINDS = {
     "empty bytes_contents": (lambda: _request(_input("s", "BYTES", [1, N_STRINGS], b"\x42\x00" * N_STRINGS)),
                              (f"input 's': shape [1, {N_STRINGS}] makes {N_STRINGS:,} BYTES elements in this request; "
                               "at most 1,048,576 are taken")),
-    "1-byte int64_contents": (lambda: _request(_input("i", "INT64", [1, N_INTS], _field(3, bytes(N_INTS)))),
+    "1-byte int64_contents": (lambda: _request(_input("i", "INT64", [1, N_INTS], delimited(3, bytes(N_INTS)))),
                               (f"input 'i': shape [1, {N_INTS}] of INT64 makes typed contents of {8 * N_INTS:,} "
                                "bytes decoded in this request; at most 67,108,864 are taken")),
     "packed shape": (lambda: _request(_input("s", "BYTES", [], packed_shape=b"\x01" * N_DIMS)),
@@ -70,7 +58,7 @@ KINDS = {
     "empty raw_input_contents": (lambda: _request(b"\x3a\x00" * N_TENSORS),
                                  f"raw_input_contents has {N_TENSORS:,} entries; at most 65,536"),
     # A parameters entry with an 8-byte key is 16 bytes on the wire and a map entry in upb (~150), held while served.
-    "many parameters": (lambda: _request(b"".join(_field(4, _field(1, b"p%07d" % n) + _field(2, b"\x08\x01"))
+    "many parameters": (lambda: _request(b"".join(delimited(4, delimited(1, b"p%07d" % n) + delimited(2, b"\x08\x01"))
                                                   for n in range(N_PARAMS))),
                         f"the request sends {N_PARAMS:,} parameters (its own, its inputs' and its outputs' together); "
                         "at most 4,096 are taken"),

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from .._proto.aios.kernel.v1 import kernel_pb2
+from ..wire import encode_varint
 from .errors import AuditCorrupt
 from .record import split_stored
 from .base import read_base
@@ -227,16 +228,7 @@ def iter_log_batches(audit_log, from_sequence: int, wanted: RecordFilter | None,
 
 def _batch_bytes(payloads: list[bytes]) -> bytes:
     """``AuditRecordBatch`` on the wire: field 1 (``records``, length-delimited) once per record."""
-    return b"".join([b"\x0a" + _varint(len(payload)) + payload for payload in payloads])
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
+    return b"".join([b"\x0a" + encode_varint(len(payload)) + payload for payload in payloads])
 
 
 def iter_directory(directory: str | Path, from_sequence: int = 0, wanted: RecordFilter | None = None) -> Iterator:
