@@ -98,27 +98,25 @@ def print_json_lines(items, noun: str, more: bool) -> None:
               file=sys.stderr)
 
 
-def count(text: str) -> int:
-    """A count where 0 means no limit."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: must be 0 (no limit) or more")
-    return value
+def whole_number(least: int, meaning: str):
+    """An argparse type: a whole number of at least ``least``, refused in one line saying what ``least`` means."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"{text!r}: must be {meaning} or more")
+        return value
+
+    return parse
 
 
-def positive(text: str) -> int:
-    """A count of at least 1 (the demo's requests and streams: 0 sends nothing, and a negative one ended in
-    numpy's traceback once the kernel had started)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: must be 1 or more")
-    return value
+# A count where 0 means no limit.
+count = whole_number(0, "0 (no limit)")
+# A count of at least 1 (the demo's requests and streams: 0 sends nothing, and a negative one ended in numpy's
+# traceback once the kernel had started).
+positive = whole_number(1, "1")
 
 
 def nonempty(text: str) -> str:

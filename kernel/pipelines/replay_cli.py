@@ -32,20 +32,14 @@ import json
 import sys
 from pathlib import Path
 
+from ..cli_support import whole_number
 from ..progress import Progress, counted
 from .replay import ReplayError, ReplayReport, load_candidate, replay
 from .spec import PipelineError, load_pipeline
 
 
-def _sample_size(text: str) -> int:
-    # (-1 was taken: no case printed, exit 0, which read as "nothing changed")
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: must be 0 (print none) or more")
-    return value
+# (-1 was taken: no case printed, exit 0, which read as "nothing changed")
+_sample_size = whole_number(0, "0 (print none)")
 
 
 def add_arguments(parser: argparse.ArgumentParser, parse_time) -> None:
