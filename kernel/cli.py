@@ -309,7 +309,7 @@ def cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="aios-kernel", description="AIOS Kernel: gRPC inference and decisions")
+    parser = _Parser(prog="aios-kernel", description="AIOS Kernel: gRPC inference and decisions")
     parser.add_argument("--version", action="version", version=f"aios-kernel {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -506,16 +506,45 @@ def _an_arguments(exc: UnicodeEncodeError, argv: list[str]) -> bool:
 _NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's, but help or usage that cannot be written raises (argparse drops the OSError: `--help > out.txt`
+    on a full disk lost the help and exited 0). Its subcommands' parsers are of this class too."""
+
+    def _print_message(self, message, file=None):
+        if message:
+            (file or sys.stderr).write(message)
+
+
+def _unwritten(exc: OSError) -> int:
+    """The answer could not be written to standard output (a full disk): one line, and exit EX_IOERR."""
+    print(f"aios-kernel: cannot write the answer to standard output: {exc.strerror or exc}", file=sys.stderr)
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (Python's exit flush would raise again)
+    return os.EX_IOERR
+
+
 def main(argv: list[str] | None = None) -> int:
     for stream in (sys.stdout, sys.stderr):  # an answer is printed whatever the terminal takes (never lost to it)
         reconfigure = getattr(stream, "reconfigure", None)
         if reconfigure is not None:
             reconfigure(errors="backslashreplace")
     parser = build_parser()
-    # parse_args would report a stray word with the top-level usage; say it with the command's own.
-    args, stray = parser.parse_known_args(argv)
-    if stray:
-        _chosen_command(parser, args).error(f"unrecognized arguments: {' '.join(stray)}")
+    try:
+        # parse_args would report a stray word with the top-level usage; say it with the command's own.
+        args, stray = parser.parse_known_args(argv)
+        if stray:
+            _chosen_command(parser, args).error(f"unrecognized arguments: {' '.join(stray)}")
+    except SystemExit:  # --help (or a usage error): what is still buffered is written here, where a failure can be said
+        try:
+            sys.stdout.flush()
+        except OSError as exc:
+            if exc.errno not in _NO_ROOM:
+                raise
+            return _unwritten(exc)
+        raise
+    except OSError as exc:  # writing the help itself failed (_Parser)
+        if exc.errno not in _NO_ROOM or exc.filename is not None:
+            raise
+        return _unwritten(exc)
     try:
         code = args.func(args)
         sys.stdout.flush()  # (what is still buffered is written here, where a failure can be said, not at exit)
@@ -543,6 +572,4 @@ def main(argv: list[str] | None = None) -> int:
         # the exit's flush). Any other OSError is no such thing: raised as it was.
         if exc.errno not in _NO_ROOM or exc.filename is not None:
             raise
-        print(f"aios-kernel: cannot write the answer to standard output: {exc.strerror or exc}", file=sys.stderr)
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (as above: the exit flush)
-        return os.EX_IOERR
+        return _unwritten(exc)

@@ -470,6 +470,18 @@ def test_output_onto_a_full_disk_is_one_line_not_a_traceback(command):
         "aios-kernel: cannot write the answer to standard output: No space left on device"], result.stderr
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full, a device every write to fails ENOSPC")
+def test_help_onto_a_full_disk_is_one_line_not_exit_0():
+    """(Docs audit) `aios-kernel --help > out.txt` on a full disk lost the help and exited 0 (argparse's exit, then
+    Python's own flush failing at exit): as any other answer, one line and exit 74."""
+    with open("/dev/full", "w") as full:
+        result = subprocess.run([*CLI, "review", "--help"], stdout=full, stderr=subprocess.PIPE, text=True,
+                                timeout=120, cwd=ROOT)
+    assert result.returncode == 74, result.stderr
+    assert result.stderr.splitlines() == [
+        "aios-kernel: cannot write the answer to standard output: No space left on device"], result.stderr
+
+
 @pytest.mark.parametrize("environ, expected", [
     ({}, "127.0.0.1:8001"),
     ({"AIOS_PORT": "8551"}, "127.0.0.1:8551"),  # AIOS_PORT=8551 make serve, then the client commands
