@@ -140,7 +140,9 @@ def run_demo(settings: Settings, requests: int = 2000, concurrency: int = 8) -> 
         print(f"\n  automated decisions agreeing with the synthetic ground truth: {100 * agree / len(automated):.1f}%")
     print(f"  review queue: {waiting} cases waiting for a person, kept with the demo's data in {settings.data_dir} "
           f"(delete it when done); to work them, serve it\n"
-          f"    aios-kernel serve --models {models_dir} --pipelines {Path(settings.pipelines).resolve()} --data-dir {settings.data_dir}\n"
+          # (every path absolute: the hint works from any folder, not only the one `make demo` ran in)
+          f"    aios-kernel serve --models {models_dir.resolve()} --pipelines {Path(settings.pipelines).resolve()} "
+          f"--data-dir {Path(settings.data_dir).resolve()}\n"
           "    and use aios-kernel review list / show / claim / resolve")
     print(f"  audit log {audit_dir}: {verified.describe()}")
     return 0 if not errors and verified.ok else 1
