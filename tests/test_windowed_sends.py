@@ -123,7 +123,9 @@ def test_a_client_that_stops_reading_holds_a_bounded_number_of_bytes(front_end):
             call = channel.unary_stream("/t.S/M")(b"", timeout=60)
             stalled = settled(lambda: yielded[0])
             assert stalled < count, "the handler yielded every message to a client that reads none"
-            # gRPC's own buffers (flow control, a few MB at most) take some before the sender's queue holds any.
-            assert stalled * size <= window + (8 << 20), f"{stalled} of {count} messages yielded"
+            # gRPC's own buffers and the sockets' (HTTP/2 flow control, loopback TCP buffers the OS grows: 10.25 MB
+            # seen once in a fresh-clone make test, 8 MB being the allowance then) take some before the sender's
+            # queue holds any; without the window all 50 MB are yielded.
+            assert stalled * size <= window + (16 << 20), f"{stalled} of {count} messages yielded"
             got = [int.from_bytes(message[:4], "big") for message in call]  # reading at last: every message comes
     assert got == list(range(count))
