@@ -252,30 +252,10 @@ cdef long long _count_field(const uint8_t* p, Py_ssize_t pos, Py_ssize_t end, ui
 cpdef tuple entries(bytes data):
     cdef const uint8_t* p = <const uint8_t*> data
     cdef Py_ssize_t end = len(data)
-    cdef Py_ssize_t pos = 0, start
-    cdef uint64_t key, number, length
-    cdef int wire_type
-    cdef long long counts[3]
-    cdef long long parameters = 0
-    counts[0] = counts[1] = counts[2] = 0
-    while pos < end:
-        pos = _varint(p, pos, end, &key)
-        if pos == -1:
-            break
-        number, wire_type = key >> 3, <int>(key & 7)
-        if wire_type == 2 and INPUTS <= number <= RAW:
-            counts[number - INPUTS] += 1
-            if number != RAW:
-                start = _varint(p, pos, end, &length)
-                if start != -1 and length <= <uint64_t>(end - start):
-                    parameters += _count_field(p, start, start + <Py_ssize_t>length,
-                                               PARAMETERS if number == INPUTS else OUTPUT_PARAMETERS)
-        elif wire_type == 2 and number == PARAMETERS:
-            parameters += 1
-        pos = _skip(p, pos, end, wire_type, number)
-        if pos == -1 or pos > end:
-            break
-    return counts[0], counts[1], counts[2], parameters
+    parameters = (_count_field(p, 0, end, PARAMETERS) + field_count(data, PARAMETERS, INPUTS)
+                  + field_count(data, OUTPUT_PARAMETERS, INPUTS + 1))
+    return (_count_field(p, 0, end, INPUTS), _count_field(p, 0, end, INPUTS + 1), _count_field(p, 0, end, RAW),
+            parameters)
 
 
 cpdef long long field_count(bytes data, uint64_t wanted, uint64_t within=0) except -2:

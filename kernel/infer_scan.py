@@ -216,27 +216,12 @@ def entries(data: bytes) -> tuple[int, int, int, int]:
     (up to where its bytes stop being a message): each a message or a view in upb however empty, ~88, ~48 and
     16 bytes for 2 on the wire; and how many ``parameters`` entries the request, its inputs and its outputs send
     together (each a map entry in upb, ~150 bytes for a short key; a repeated key is counted each time sent)."""
-    counts = [0, 0, 0]
-    parameters = 0
-    pos, end = 0, len(data)
-    while pos < end:
-        key, pos = _varint(data, pos, end)
-        if pos == -1:
-            break
-        number, wire_type = key >> 3, key & 7
-        if wire_type == 2 and _INPUTS <= number <= _RAW:
-            counts[number - _INPUTS] += 1
-            if number != _RAW:  # an input's parameters are its field 4, a requested output's its field 2
-                length, start = _varint(data, pos, end)
-                if start != -1 and length <= end - start:
-                    parameters += _count_field(data, start, start + length, _PARAMETERS if number == _INPUTS
-                                               else _OUTPUT_PARAMETERS)
-        elif wire_type == 2 and number == _PARAMETERS:
-            parameters += 1
-        pos = _skip(data, pos, end, wire_type, number)
-        if pos == -1 or pos > end:
-            break
-    return counts[0], counts[1], counts[2], parameters
+    end = len(data)
+    inputs, outputs, raw = (_count_field(data, 0, end, number) for number in (_INPUTS, _INPUTS + 1, _RAW))
+    # (the request's own, then each input's field 4 and each requested output's field 2)
+    parameters = (_count_field(data, 0, end, _PARAMETERS) + field_count(data, _PARAMETERS, _INPUTS)
+                  + field_count(data, _OUTPUT_PARAMETERS, _INPUTS + 1))
+    return inputs, outputs, raw, parameters
 
 
 def field_count(data: bytes, wanted: int, within: int = 0) -> int:
