@@ -126,13 +126,7 @@ def test_a_resolution_cut_off_by_a_kill_is_recorded_once_however_late_the_restar
     if power_cut:
         _lose_unsynced_commits(journal, data_dir / "kernel.sqlite3")
 
-    later = restarted(models, pipelines, data_dir, later_s=later_s)
-    try:
-        with grpc.insecure_channel(later.address) as channel:
-            shown = kgrpc.ReviewServiceStub(channel).GetReview(kpb.ReviewRef(review_id=decided.review_id), timeout=30)
-    finally:
-        code, err = later.stop()
-    assert code == 0, err
+    shown = _review_after_a_restart(models, pipelines, data_dir, later_s, decided.review_id)
     resolutions = [r for r in iter_directory(data_dir / "audit", 0, RecordFilter(kind=kpb.REVIEW_RESOLUTION))]
     assert [(r.links_to, r.decision.action) for r in resolutions] == [(decided.audit_sequence, "deny")]
     assert shown.resolution.audit_sequence == resolutions[0].sequence
@@ -155,13 +149,19 @@ def test_a_withdrawal_cut_off_by_a_kill_is_recorded_once_a_day_later(tmp_path):
             tasks.CancelTask(kpb.TaskRef(task_id=task.task_id), timeout=30)
     first.kill()
 
-    later = restarted(models, pipelines, data_dir, later_s=2 * 86_400)
-    try:
-        with grpc.insecure_channel(later.address) as channel:
-            shown = kgrpc.ReviewServiceStub(channel).GetReview(kpb.ReviewRef(review_id=update.review_id), timeout=30)
-    finally:
-        code, err = later.stop()
-    assert code == 0, err
+    shown = _review_after_a_restart(models, pipelines, data_dir, 2 * 86_400, update.review_id)
     assert (shown.state, shown.resolved_action) == ("RESOLVED", "")
     resolutions = [r for r in iter_directory(data_dir / "audit", 0, RecordFilter(kind=kpb.REVIEW_RESOLUTION))]
     assert [(r.task_id, r.decision.reasons[0].rule_id) for r in resolutions] == [(task.task_id, "WITHDRAWN")]
+
+
+def _review_after_a_restart(models, pipelines, data_dir, later_s: float, review_id: str) -> kpb.Review:
+    """The review as a kernel started on ``data_dir`` ``later_s`` later shows it, once that kernel stopped cleanly."""
+    later = restarted(models, pipelines, data_dir, later_s=later_s)
+    try:
+        with grpc.insecure_channel(later.address) as channel:
+            shown = kgrpc.ReviewServiceStub(channel).GetReview(kpb.ReviewRef(review_id=review_id), timeout=30)
+    finally:
+        code, err = later.stop()
+    assert code == 0, err
+    return shown

@@ -49,14 +49,7 @@ def test_a_caller_cannot_plant_a_review_resolution_under_the_kernels_own_tenant(
         assert code == grpc.StatusCode.INVALID_ARGUMENT and "tenant" in details, details
         code, details = failure(kgrpc.TaskServiceStub(channel).StartTask, kpb.StartTaskRequest(request=planted))
         assert code == grpc.StatusCode.INVALID_ARGUMENT and "request.tenant" in details, details
-    reviews = kgrpc.ReviewServiceStub(channel)
-    reviews.ClaimReview(kpb.ClaimReviewRequest(review_id=escalated.review_id, reviewer="alice"), timeout=TIMEOUT_S)
-    done = reviews.ResolveReview(kpb.ResolveReviewRequest(review_id=escalated.review_id, reviewer="alice",
-                                                          action="deny"), timeout=TIMEOUT_S)
-    assert (done.resolution.action, done.resolution.outcome) == ("deny", kpb.REVIEWED)
-    records = [r for r in server.decisions.audit.read(from_sequence=0, kind=kpb.REVIEW_RESOLUTION)
-               if r.decision.review_id == escalated.review_id]
-    assert [r.decision.action for r in records] == ["deny"]
+    _denied_by_its_reviewer(server, channel, escalated)
 
 
 def test_an_entry_a_caller_planted_under_the_kernels_tenant_before_the_upgrade_is_dropped_at_start(claims_models,
@@ -83,14 +76,18 @@ def test_an_entry_a_caller_planted_under_the_kernels_tenant_before_the_upgrade_i
     server = start_claims_kernel(claims_models, tmp_path)
     try:
         with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            reviews = kgrpc.ReviewServiceStub(channel)
-            reviews.ClaimReview(kpb.ClaimReviewRequest(review_id=escalated.review_id, reviewer="alice"),
-                                timeout=TIMEOUT_S)
-            done = reviews.ResolveReview(kpb.ResolveReviewRequest(review_id=escalated.review_id, reviewer="alice",
-                                                                  action="deny"), timeout=TIMEOUT_S)
-        assert (done.resolution.action, done.resolution.outcome) == ("deny", kpb.REVIEWED)
-        records = [r for r in server.decisions.audit.read(from_sequence=0, kind=kpb.REVIEW_RESOLUTION)
-                   if r.decision.review_id == escalated.review_id]
-        assert [r.decision.action for r in records] == ["deny"]
+            _denied_by_its_reviewer(server, channel, escalated)
     finally:
         server.stop(grace=1)
+
+
+def _denied_by_its_reviewer(server, channel, escalated) -> None:
+    """Claim and deny ``escalated``'s review: the reviewer's action is the resolution answered and the one recorded."""
+    reviews = kgrpc.ReviewServiceStub(channel)
+    reviews.ClaimReview(kpb.ClaimReviewRequest(review_id=escalated.review_id, reviewer="alice"), timeout=TIMEOUT_S)
+    done = reviews.ResolveReview(kpb.ResolveReviewRequest(review_id=escalated.review_id, reviewer="alice",
+                                                          action="deny"), timeout=TIMEOUT_S)
+    assert (done.resolution.action, done.resolution.outcome) == ("deny", kpb.REVIEWED)
+    records = [r for r in server.decisions.audit.read(from_sequence=0, kind=kpb.REVIEW_RESOLUTION)
+               if r.decision.review_id == escalated.review_id]
+    assert [r.decision.action for r in records] == ["deny"]
