@@ -13,8 +13,13 @@ import socket
 import sys
 from pathlib import Path
 
-import grpc
-import pytest
+# Before numpy loads (through the imports below): OpenBLAS's own threads on top of the suite's two test
+# processes oversubscribe a 2-core CI machine and spin — training the demo's large model took 30 s of CPU
+# that way against 6 with one thread. Kernels the tests start inherit it.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import grpc  # noqa: E402
+import pytest  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # `bench` and `examples` are importable from a checkout
