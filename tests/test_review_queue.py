@@ -606,3 +606,17 @@ def test_a_watch_keeps_nothing_per_review_of_the_backlog_it_sent(tmp_path, clock
         tracemalloc.stop()
         queue.close()
         db.close()
+
+
+def test_new_reviews_reach_an_include_open_watch_in_the_order_they_were_stored(queue):
+    """A review stored after the watch subscribed but resolved before its backlog was read came after a later
+    one: the backlog read on past the watch's start and sent that later one first (the resolved one came as new
+    after it), so a client resuming after the newest review it had would have missed the earlier one."""
+    waiting = escalate(queue)
+    watch = queue.watch(include_open=True, timeout_s=10)  # subscribed; the backlog is read lazily
+    first, second = escalate(queue, amount=1.0), escalate(queue, amount=2.0)
+    queue.claim(first.review_id, "alice", 60)
+    queue.resolve(first.review_id, "alice", "approve")  # not in the backlog any more; its "created" event is queued
+    sent = [next(watch) for _ in range(3)]
+    assert [review.review_id for review in sent] == [waiting.review_id, first.review_id, second.review_id]
+    watch.close()
