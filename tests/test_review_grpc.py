@@ -314,3 +314,47 @@ def test_a_filter_no_review_can_have_is_refused_naming_it(channel, reviews, filt
     watching.join(TIMEOUT_S)
     assert watch_status.get("code") == grpc.StatusCode.INVALID_ARGUMENT and fragment in watch_status["details"], \
         watch_status
+
+
+def test_a_cut_watch_resumes_from_its_last_sequence_with_no_gap_or_duplicate(channel, reviews):
+    """WatchReviews had no resume point: a dashboard whose stream was cut either read everything again or missed
+    what was escalated while it was away. from_sequence = the highest Review.sequence received + 1 sends exactly
+    the reviews stored since (as they are now), then new ones."""
+    watch = lambda **options: reviews.WatchReviews(  # noqa: E731
+        kpb.WatchReviewsRequest(tenant="resume", **options), timeout=TIMEOUT_S)
+    stream = watch(include_open=True, updates=True)
+    first = escalate(channel, "resume")
+    seen = next(stream)
+    assert seen.review_id == first and seen.sequence > 0
+    claimed = reviews.ClaimReview(kpb.ClaimReviewRequest(review_id=first, reviewer="alice"), timeout=TIMEOUT_S)
+    update = next(stream)
+    assert (update.state, update.sequence) == ("CLAIMED", seen.sequence) == (claimed.state, claimed.sequence)
+    stream.cancel()  # cut
+
+    missed = [escalate(channel, "resume"), escalate(channel, "resume-other"), escalate(channel, "resume")]
+    reviews.ClaimReview(kpb.ClaimReviewRequest(review_id=missed[0], reviewer="bob"), timeout=TIMEOUT_S)
+    resumed = watch(from_sequence=seen.sequence + 1)
+    got = [next(resumed), next(resumed)]
+    assert [(r.review_id, r.state) for r in got] == [(missed[0], "CLAIMED"), (missed[2], "OPEN")]  # as they are now
+    assert seen.sequence < got[0].sequence < got[1].sequence
+    later = escalate(channel, "resume")
+    assert next(resumed).review_id == later  # nothing sent twice before it
+    resumed.cancel()
+    listed = reviews.ListReviews(kpb.ListReviewsRequest(tenant="resume", state="RESOLVED"), timeout=TIMEOUT_S)
+    assert not listed.reviews
+    listed = reviews.ListReviews(kpb.ListReviewsRequest(tenant="resume"), timeout=TIMEOUT_S)
+    assert [r.sequence for r in listed.reviews] == [seen.sequence, got[0].sequence, got[1].sequence,
+                                                    listed.reviews[-1].sequence]
+
+
+def test_bad_resume_points_are_refused_naming_the_field(channel, reviews):
+    def refused(**options) -> tuple[grpc.StatusCode, str]:
+        with pytest.raises(grpc.RpcError) as info:
+            next(reviews.WatchReviews(kpb.WatchReviewsRequest(tenant="resume-bad", **options), timeout=TIMEOUT_S))
+        return info.value.code(), info.value.details()
+
+    code, details = refused(from_sequence=2**63)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith(f"from_sequence {2**63} is past the "
+                                                                           "newest review stored"), details
+    code, details = refused(from_sequence=1, include_open=True)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "from_sequence (1)" in details and "include_open" in details

@@ -611,7 +611,7 @@ def test_a_watch_keeps_nothing_per_review_of_the_backlog_it_sent(tmp_path, clock
 def test_new_reviews_reach_an_include_open_watch_in_the_order_they_were_stored(queue):
     """A review stored after the watch subscribed but resolved before its backlog was read came after a later
     one: the backlog read on past the watch's start and sent that later one first (the resolved one came as new
-    after it), so a client resuming after the newest review it had would have missed the earlier one."""
+    after it), so a client resuming from the highest sequence it had would have missed the earlier one."""
     waiting = escalate(queue)
     watch = queue.watch(include_open=True, timeout_s=10)  # subscribed; the backlog is read lazily
     first, second = escalate(queue, amount=1.0), escalate(queue, amount=2.0)
@@ -619,4 +619,26 @@ def test_new_reviews_reach_an_include_open_watch_in_the_order_they_were_stored(q
     queue.resolve(first.review_id, "alice", "approve")  # not in the backlog any more; its "created" event is queued
     sent = [next(watch) for _ in range(3)]
     assert [review.review_id for review in sent] == [waiting.review_id, first.review_id, second.review_id]
+    assert [review.sequence for review in sent] == sorted(review.sequence for review in sent)
     watch.close()
+
+
+def test_a_resume_point_retention_passed_is_refused_with_where_to_resume(queue, db, clock):
+    old, kept = escalate(queue, amount=1.0), escalate(queue, amount=2.0)
+    queue.claim(old.review_id, "alice", 60)
+    queue.resolve(old.review_id, "alice", "approve")
+    clock.advance(3600)
+    assert db.reviews.delete_resolved_before(clock(), 100) == 1
+    with pytest.raises(FailedPrecondition, match=f"from_sequence {old.sequence}: reviews up to sequence "
+                                                 f"{old.sequence} were deleted by retention") as refused:
+        queue.watch(from_sequence=old.sequence)
+    assert refused.value.trailers == (("aios-first-sequence", str(old.sequence + 1)),)
+    watch = queue.watch(from_sequence=old.sequence + 1, timeout_s=10)
+    assert next(watch).review_id == kept.review_id
+    new = escalate(queue)
+    assert next(watch).review_id == new.review_id
+    watch.close()
+    with pytest.raises(InvalidArgument, match="from_sequence 99 is past the newest review stored"):
+        queue.watch(from_sequence=99)
+    with pytest.raises(InvalidArgument, match="from_sequence .* include_open"):
+        queue.watch(include_open=True, from_sequence=kept.sequence)

@@ -120,7 +120,8 @@ def test_a_review_watch_that_fell_behind_says_how_to_resynchronise(queue, monkey
     created = [_escalate(queue, n).review_id for n in range(7)]
     with pytest.raises(ResourceExhausted) as ended:
         next(watch)
-    assert "fell behind by 6 events" in ended.value.message and "include_open = true" in ended.value.message
+    assert "fell behind by 6 events" in ended.value.message and "from_sequence = the highest" in ended.value.message
+    assert "with none received, include_open = true" in ended.value.message
     assert queue.watcher_count() == 0
     again = queue.watch(include_open=True)  # the way back: every review still waiting, then new ones
     assert [next(again).review_id for _ in created] == created

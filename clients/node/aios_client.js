@@ -12,7 +12,8 @@
 //     (Task.created_unix_ns / updated_unix_ns, TaskTransition.at_unix_ns, Review.*_unix_ns,
 //     AuditRecord / Checkpoint time_unix_ns);
 //   - audit sequences and tree sizes (Decision.audit_sequence, links_to_audit_sequence,
-//     Task.audit_from_sequence, AuditRecord.sequence, tree_size, ...): small today, uint64 by contract;
+//     Task.audit_from_sequence, AuditRecord.sequence, tree_size, Review.sequence, ...): small today, uint64 by
+//     contract (send WatchReviewsRequest.from_sequence back as the same string, or a BigInt);
 //   - Decision.phase_timings_ns values, model shapes (ModelMetadata shape: ["1", "14"]), statistics
 //     counters. Convert with BigInt(s) to compute, Number(s) only where the value is known to be small.
 // The `aios-audit-sequence` trailer is likewise returned as a string (auditSequence(err)).

@@ -33,7 +33,8 @@ def review_handlers(queue, watches=None) -> dict:
 
     def watch_reviews(request: kpb.WatchReviewsRequest, ctx):
         return follow(watches, "WatchReviews",
-                      lambda: queue.watch(request.pipeline, request.tenant, request.include_open, request.updates), ctx)
+                      lambda: queue.watch(request.pipeline, request.tenant, request.include_open, request.updates,
+                                          from_sequence=request.from_sequence), ctx)
 
     return {
         (SERVICE, "ListReviews"): list_reviews,

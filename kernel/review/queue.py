@@ -54,6 +54,9 @@ NS = 1_000_000_000
 # A WatchReviews backlog (include_open) is read a page at a time and each page is held until it is sent:
 # at most 500 reviews or about this many bytes of them (they carry their requests' text).
 BACKLOG_PAGE_BYTES = 2 << 20
+# On a resume point retention passed: the first position from which a watch now resumes with nothing deleted
+# (the trailer StreamAudit names where its log begins with, for a client to act on without parsing the message).
+FIRST_SEQUENCE_TRAILER = "aios-first-sequence"
 
 
 def _iso(unix_ns: int, until: bool = False) -> str:
@@ -186,9 +189,14 @@ class ReviewQueue:
         return self._records.count_sla_missed(pipeline, tenant, _state_filter(state), self._clock())
 
     def watch(self, pipeline: str = "", tenant: str = "", include_open: bool = False, updates: bool = False,
-              timeout_s: float | None = None) -> ReviewWatch:
-        """New reviews matching the filters as they are created (see ``ReviewWatch``)."""
+              timeout_s: float | None = None, from_sequence: int = 0) -> ReviewWatch:
+        """New reviews matching the filters as they are created (see ``ReviewWatch``); first, with
+        ``include_open``, the reviews waiting, or with ``from_sequence`` every matching review stored at or after
+        that position (a cut watch resuming: see ``_check_resume``)."""
         _check_filters(pipeline, tenant)
+        if from_sequence and include_open:
+            raise InvalidArgument(f"from_sequence ({from_sequence}) resumes a watch, include_open starts one: give "
+                                  "one of them (a resumed watch is sent every review stored since, waiting or not)")
 
         def match(event) -> bool:
             kind, review = event
@@ -196,13 +204,35 @@ class ReviewQueue:
                     and (not tenant or review.tenant == tenant))
 
         self._settle()
+        if from_sequence:
+            self._check_resume(from_sequence)
         if updates:
             self._leases.start()  # lapsed leases are news only to watchers of updates
         with self._created_lock:
             sub = self._feed.subscribe(None, match, timeout_s)
             published = self._published_through
-        backlog = self._unresolved_pages(pipeline, tenant) if include_open else iter(())
+        if from_sequence:
+            backlog = self._pages(pipeline, tenant, "", from_sequence - 1)
+        else:
+            backlog = self._pages(pipeline, tenant, "UNRESOLVED", 0) if include_open else iter(())
         return ReviewWatch(sub, backlog, self._present, published)
+
+    def _check_resume(self, from_sequence: int) -> None:
+        """A resume point this store handed out, with every review stored since still here: INVALID_ARGUMENT past
+        the newest review + 1 (another kernel's, or a database restored from an older backup); FAILED_PRECONDITION
+        at or below a review retention deleted (it can no longer be sent: the watch would have a gap), with
+        where a resume now misses nothing in a trailer, as StreamAudit's for archived records."""
+        highest = self._records.highest_position()
+        if from_sequence > highest + 1:
+            raise InvalidArgument(f"from_sequence {from_sequence} is past the newest review stored ({highest}): "
+                                  "this kernel's store never handed it out; watch again without it")
+        deleted = self._records.deleted_through()
+        if from_sequence <= deleted:
+            raise FailedPrecondition(
+                f"from_sequence {from_sequence}: reviews up to sequence {deleted} were deleted by retention since "
+                f"(store_retention_days), so some stored after the watch's last one can no longer be sent; watch "
+                f"again with include_open (the reviews still waiting) and read ListReviews state RESOLVED",
+                trailers=((FIRST_SEQUENCE_TRAILER, str(deleted + 1)),))
 
     def watcher_count(self) -> int:
         """Open watches (each WatchReviews call holds one until it ends)."""
@@ -226,10 +256,11 @@ class ReviewQueue:
         """Publish the leases that lapsed since the last look (the timer does this when one ends); how many."""
         return self._leases.check()
 
-    def _unresolved_pages(self, pipeline: str, tenant: str):
-        after = 0
+    def _pages(self, pipeline: str, tenant: str, state: str, after: int):
+        """``(position, review)`` of the matching reviews stored after position ``after``, oldest first, read a
+        page at a time as they are sent."""
         while True:  # (a page may end early, at its bytes: the backlog ends with an empty one)
-            rows = self._records.page(pipeline, tenant, "UNRESOLVED", self._clock(), after, 500, BACKLOG_PAGE_BYTES)
+            rows = self._records.page(pipeline, tenant, state, self._clock(), after, 500, BACKLOG_PAGE_BYTES)
             if not rows:
                 return
             for after, review, _nbytes in rows:

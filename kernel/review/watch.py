@@ -1,4 +1,5 @@
-"""Watching the review queue: a backlog of waiting reviews (optional), then changes as they happen."""
+"""Watching the review queue: a backlog (the reviews waiting, or those stored since a resume point), then changes
+as they happen."""
 
 from __future__ import annotations
 
@@ -8,10 +9,11 @@ from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
 from ..store.feed import FellBehind
 
 CREATED, UPDATED = "created", "updated"
-# What a watch that fell behind (its client stopped reading) is told: WatchReviews has no position to resume
-# from, so the reviews still waiting are sent again, and ListReviews has the ones resolved meanwhile.
-RESYNC = ("watch again with include_open = true (the reviews still waiting, OPEN or CLAIMED, are sent first), "
-          "and read ListReviews with state RESOLVED for those resolved meanwhile")
+# What a watch that fell behind (its client stopped reading) is told: every review stored since the last one it
+# received comes again from its resume point; the changes to older ones meanwhile are in their current state.
+RESYNC = ("watch again with from_sequence = the highest Review.sequence received + 1 (every matching review stored "
+          "since is sent, as it is now; with none received, include_open = true), and read ListReviews for older "
+          "ones claimed or resolved meanwhile")
 
 
 class ReviewWatch:
@@ -23,15 +25,15 @@ class ReviewWatch:
     published when the watch subscribed): every review stored after it has
     that event coming. So a review created meanwhile is sent once, never
     both and never neither, and new reviews go out in the order they were
-    stored: a client that resumes after the newest one it received misses
-    none. The backlog comes as
+    stored (``Review.sequence`` rises): a client resuming from the highest
+    it received (``from_sequence``) misses none. The backlog comes as
     ``(position, review)``, read a page at a time; nothing is kept per
     review sent. Runs until ``close()`` (from any thread: it wakes a
     blocked reader at once); iterating raises DeadlineExceeded when the
     subscription's ``timeout_s`` passes without an event, the queue's
     error once ``ReviewQueue.end_watches`` ended it, and RESOURCE_EXHAUSTED
-    (``FellBehind``, saying how to resynchronise) once more events waited
-    for its reader than the feed keeps (``kernel.store.feed.MAX_QUEUED``).
+    (``FellBehind``, saying how to resume) once more events waited for its
+    reader than the feed keeps (``kernel.store.feed.MAX_QUEUED``).
     """
 
     __slots__ = ("_sub", "_backlog", "_present", "_published")

@@ -78,6 +78,9 @@ def _columns(review: kpb.Review) -> tuple:
 
 
 RECORDED_BEFORE = "reviews.recorded_before_audit_sequence"
+# The highest position retention deleted a review at (a meta row, raised by each sweep): a watch resuming at or
+# below it may have missed a review that is gone (ReviewQueue.watch refuses it).
+DELETED_THROUGH = "reviews.deleted_through_seq"
 # Set once the rows of reviews withdrawn before the column told them apart (resolved = 1) were given WITHDRAWN_ROW.
 WITHDRAWN_MARKED = "reviews.withdrawn_rows_marked"
 
@@ -107,12 +110,21 @@ _INSERT = (
 
 
 def _row(review: kpb.Review) -> tuple:
+    review.ClearField("sequence")  # (the row's position, set once stored: a retried write must not store an old one)
     return (review.review_id, *_columns(review), review.task_id, review.SerializeToString())
 
 
 # "task_id != ''" lets SQLite use the partial index reviews_by_task for a bound task id: without it, a scan of every
 # review (103 ms at 100 k reviews, inside the cancel's write transaction: a review audit).
-_BY_TASK = "SELECT body FROM reviews WHERE task_id = ? AND task_id != ''"
+_BY_TASK = "SELECT body, seq FROM reviews WHERE task_id = ? AND task_id != ''"
+
+
+def _review(body: bytes, seq: int) -> kpb.Review:
+    """A stored review with its position (``Review.sequence``, where WatchReviews resumes): the position is the
+    row's, never in the stored body."""
+    review = kpb.Review.FromString(body)
+    review.sequence = seq
+    return review
 
 
 def _highest_position(conn) -> int:
@@ -133,17 +145,18 @@ def _insert(conn, review: kpb.Review) -> tuple[kpb.Review, bool]:
     if review.task_id:
         found = conn.execute(_BY_TASK, (review.task_id,)).fetchone()
         if found is not None:
-            return kpb.Review.FromString(found[0]), False
-    conn.execute(_INSERT, _row(review))
+            return _review(*found), False
+    review.sequence = conn.execute(_INSERT, _row(review)).lastrowid  # (after the body was serialized: not in it)
     return review, True
 
 
 def _mutate_row(conn, review_id: str, found: tuple, mutate: Callable[[kpb.Review], bool],
                 delivered: bool | None) -> tuple[kpb.Review, bool, bool]:
-    """``mutate`` the review read as ``(body, revision, delivered)`` and write it back (see ``update``)."""
+    """``mutate`` the review read as ``(body, revision, delivered, seq)`` and write it back (see ``update``)."""
     review, revision, was_delivered = kpb.Review.FromString(found[0]), found[1], bool(found[2])
     was_resolved = review.state == RESOLVED
     if not mutate(review):
+        review.sequence = found[3]
         return review, False, was_delivered
     if not was_resolved and review.task_id and _resolved_column(review) == RESOLVED_ROW:
         _refuse_if_task_cancelled(conn, review)
@@ -154,6 +167,7 @@ def _mutate_row(conn, review_id: str, found: tuple, mutate: Callable[[kpb.Review
         " WHERE review_id = ?",
         (*_columns(review), int(now_delivered), revision + 1, review.SerializeToString(), review_id),
     )
+    review.sequence = found[3]  # (the row's position, set once the body is written: never in it)
     return review, True, now_delivered
 
 
@@ -171,12 +185,12 @@ def _refuse_if_task_cancelled(conn, review: kpb.Review) -> None:
 def task_review(conn, task_id: str) -> kpb.Review | None:
     """The review a task opened, if any (a task has at most one)."""
     found = conn.execute(_BY_TASK, (task_id,)).fetchone()
-    return None if found is None else kpb.Review.FromString(found[0])
+    return None if found is None else _review(*found)
 
 
 def review_by_id(conn, review_id: str) -> kpb.Review | None:
-    found = conn.execute("SELECT body FROM reviews WHERE review_id = ?", (review_id,)).fetchone()
-    return None if found is None else kpb.Review.FromString(found[0])
+    found = conn.execute("SELECT body, seq FROM reviews WHERE review_id = ?", (review_id,)).fetchone()
+    return None if found is None else _review(*found)
 
 
 # Reviews retention deletes: resolved by a reviewer (and delivered), or withdrawn (their task was cancelled: they
@@ -225,6 +239,12 @@ class SqliteReviewRecords:
         with self._db.read() as conn:
             return _highest_position(conn)
 
+    def deleted_through(self) -> int:
+        """The highest position of a review retention deleted (0 if none since this mark was kept)."""
+        with self._db.read() as conn:
+            found = conn.execute("SELECT value FROM meta WHERE key = ?", (DELETED_THROUGH,)).fetchone()
+        return 0 if found is None else found[0]
+
     def insert_many(self, reviews: list[kpb.Review], after_commit: AfterInsert = None, durable: bool = True,
                     recorded_before: Callable[[], int] | None = None) -> list[tuple[kpb.Review, bool]]:
         """``insert`` for each review, all in one transaction: all are stored, or (on an error) none
@@ -238,6 +258,10 @@ class SqliteReviewRecords:
                 stored = [_insert(conn, review) for review in reviews]
             else:  # one statement for all (decisions' reviews, usually many per background transaction)
                 conn.executemany(_INSERT, [_row(review) for review in reviews])
+                # (one writer, one statement: the rows took the positions just below the highest, in order)
+                first = _highest_position(conn) - len(reviews) + 1
+                for offset, review in enumerate(reviews):
+                    review.sequence = first + offset
                 stored = [(review, True) for review in reviews]
             if recorded_before is not None:
                 _raise_mark(conn, RECORDED_BEFORE, recorded_before())
@@ -301,7 +325,7 @@ class SqliteReviewRecords:
         """
         def work(conn):
             found = conn.execute(
-                "SELECT body, revision, delivered FROM reviews WHERE review_id = ?", (review_id,),
+                "SELECT body, revision, delivered, seq FROM reviews WHERE review_id = ?", (review_id,),
             ).fetchone()
             return None if found is None else _mutate_row(conn, review_id, found, mutate, delivered)
 
@@ -327,13 +351,15 @@ class SqliteReviewRecords:
         def work(conn):
             where, args = _where(pipeline, tenant, state, clock())
             for review_id in candidates:
-                found = conn.execute(f"SELECT body, revision, delivered FROM reviews WHERE review_id = ? AND {where}",
-                                     (review_id, *args)).fetchone()
+                found = conn.execute(
+                    f"SELECT body, revision, delivered, seq FROM reviews WHERE review_id = ? AND {where}",
+                    (review_id, *args)).fetchone()
                 if found is not None:
                     return _mutate_row(conn, review_id, found, mutate, None)
             # Every candidate was taken meanwhile (more callers at once than candidates): look here.
             found = conn.execute(
-                f"SELECT review_id, body, revision, delivered FROM reviews WHERE {where} ORDER BY seq LIMIT 1", args,
+                f"SELECT review_id, body, revision, delivered, seq FROM reviews WHERE {where} ORDER BY seq LIMIT 1",
+                args,
             ).fetchone()
             return None if found is None else _mutate_row(conn, found[0], found[1:], mutate, None)
 
@@ -367,11 +393,11 @@ class SqliteReviewRecords:
             lapsed = []
             for review_id, lease in candidates:
                 found = conn.execute(
-                    "SELECT body FROM reviews WHERE review_id = ? AND resolved = 0 AND lease_expires_unix_ns = ?",
+                    "SELECT body, seq FROM reviews WHERE review_id = ? AND resolved = 0 AND lease_expires_unix_ns = ?",
                     (review_id, lease),
                 ).fetchone()
                 if found is not None:
-                    lapsed.append(kpb.Review.FromString(found[0]))
+                    lapsed.append(_review(*found))
             return now, lapsed, next_expiry or 0
 
         return self._db.transact(work, durable=False, after_commit=after_commit)
@@ -387,7 +413,7 @@ class SqliteReviewRecords:
                 f"SELECT seq, body FROM reviews WHERE seq > ? AND {where} ORDER BY seq LIMIT ?",
                 (after_seq, *args, limit),
             ), limit, max_bytes)
-        return [(seq, kpb.Review.FromString(body), len(body)) for seq, body in rows]
+        return [(seq, _review(body, seq), len(body)) for seq, body in rows]
 
     def count_sla_missed(self, pipeline: str, tenant: str, state: str, now_unix_ns: int) -> int:
         where, args = _where(pipeline, tenant, state, now_unix_ns)
@@ -467,6 +493,8 @@ class SqliteReviewRecords:
         def work(conn) -> int:
             found = conn.execute(_PAST_RETENTION, (cutoff_unix_ns, limit)).fetchall()
             conn.executemany("DELETE FROM reviews WHERE seq = ?", [(seq,) for seq, _ in found])
+            if found:
+                _raise_mark(conn, DELETED_THROUGH, max(seq for seq, _ in found))
             # A keyed decision's resolution parked for a task that might adopt its answer (kernel/decisions.py
             # _resolved) goes with its review.
             conn.executemany("DELETE FROM review_completions WHERE review_id = ?", [(rid,) for _, rid in found])

@@ -271,7 +271,7 @@ class ListTasksResponse(_message.Message):
     def __init__(self, tasks: _Optional[_Iterable[_Union[Task, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class Review(_message.Message):
-    __slots__ = ("review_id", "request_id", "pipeline", "tenant", "state", "proposed", "claimed_by", "lease_expires_unix_ns", "sla_deadline_unix_ns", "created_unix_ns", "sla_missed", "resolved_action", "resolved_by", "comment", "resolved_unix_ns", "resolution", "task_id", "request", "actions", "claimed_unix_ns", "defaults", "text_digests")
+    __slots__ = ("review_id", "request_id", "pipeline", "tenant", "state", "proposed", "claimed_by", "lease_expires_unix_ns", "sla_deadline_unix_ns", "created_unix_ns", "sla_missed", "resolved_action", "resolved_by", "comment", "resolved_unix_ns", "resolution", "task_id", "request", "actions", "claimed_unix_ns", "defaults", "text_digests", "sequence")
     class DefaultsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -308,6 +308,7 @@ class Review(_message.Message):
     CLAIMED_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
     DEFAULTS_FIELD_NUMBER: _ClassVar[int]
     TEXT_DIGESTS_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     review_id: str
     request_id: str
     pipeline: str
@@ -330,7 +331,8 @@ class Review(_message.Message):
     claimed_unix_ns: int
     defaults: _containers.MessageMap[str, Value]
     text_digests: _containers.ScalarMap[str, str]
-    def __init__(self, review_id: _Optional[str] = ..., request_id: _Optional[str] = ..., pipeline: _Optional[str] = ..., tenant: _Optional[str] = ..., state: _Optional[str] = ..., proposed: _Optional[_Union[Decision, _Mapping]] = ..., claimed_by: _Optional[str] = ..., lease_expires_unix_ns: _Optional[int] = ..., sla_deadline_unix_ns: _Optional[int] = ..., created_unix_ns: _Optional[int] = ..., sla_missed: _Optional[bool] = ..., resolved_action: _Optional[str] = ..., resolved_by: _Optional[str] = ..., comment: _Optional[str] = ..., resolved_unix_ns: _Optional[int] = ..., resolution: _Optional[_Union[Decision, _Mapping]] = ..., task_id: _Optional[str] = ..., request: _Optional[_Union[DecisionRequest, _Mapping]] = ..., actions: _Optional[_Iterable[str]] = ..., claimed_unix_ns: _Optional[int] = ..., defaults: _Optional[_Mapping[str, Value]] = ..., text_digests: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    sequence: int
+    def __init__(self, review_id: _Optional[str] = ..., request_id: _Optional[str] = ..., pipeline: _Optional[str] = ..., tenant: _Optional[str] = ..., state: _Optional[str] = ..., proposed: _Optional[_Union[Decision, _Mapping]] = ..., claimed_by: _Optional[str] = ..., lease_expires_unix_ns: _Optional[int] = ..., sla_deadline_unix_ns: _Optional[int] = ..., created_unix_ns: _Optional[int] = ..., sla_missed: _Optional[bool] = ..., resolved_action: _Optional[str] = ..., resolved_by: _Optional[str] = ..., comment: _Optional[str] = ..., resolved_unix_ns: _Optional[int] = ..., resolution: _Optional[_Union[Decision, _Mapping]] = ..., task_id: _Optional[str] = ..., request: _Optional[_Union[DecisionRequest, _Mapping]] = ..., actions: _Optional[_Iterable[str]] = ..., claimed_unix_ns: _Optional[int] = ..., defaults: _Optional[_Mapping[str, Value]] = ..., text_digests: _Optional[_Mapping[str, str]] = ..., sequence: _Optional[int] = ...) -> None: ...
 
 class ListReviewsRequest(_message.Message):
     __slots__ = ("pipeline", "tenant", "state", "page_size", "page_token")
@@ -385,16 +387,18 @@ class ReviewRef(_message.Message):
     def __init__(self, review_id: _Optional[str] = ...) -> None: ...
 
 class WatchReviewsRequest(_message.Message):
-    __slots__ = ("pipeline", "tenant", "include_open", "updates")
+    __slots__ = ("pipeline", "tenant", "include_open", "updates", "from_sequence")
     PIPELINE_FIELD_NUMBER: _ClassVar[int]
     TENANT_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_OPEN_FIELD_NUMBER: _ClassVar[int]
     UPDATES_FIELD_NUMBER: _ClassVar[int]
+    FROM_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     pipeline: str
     tenant: str
     include_open: bool
     updates: bool
-    def __init__(self, pipeline: _Optional[str] = ..., tenant: _Optional[str] = ..., include_open: _Optional[bool] = ..., updates: _Optional[bool] = ...) -> None: ...
+    from_sequence: int
+    def __init__(self, pipeline: _Optional[str] = ..., tenant: _Optional[str] = ..., include_open: _Optional[bool] = ..., updates: _Optional[bool] = ..., from_sequence: _Optional[int] = ...) -> None: ...
 
 class ClaimNextReviewRequest(_message.Message):
     __slots__ = ("pipeline", "tenant", "reviewer", "lease_seconds")
