@@ -8,6 +8,7 @@ A reviewer's loop at a terminal, over ``ReviewService``::
     aios-kernel review claim --next --reviewer alice         # or: the oldest open case, claimed in one step
     aios-kernel review resolve REVIEW_ID --reviewer alice --action deny --comment "photos do not match"
     aios-kernel review watch --include-open                  # new cases as they are escalated, until Ctrl-C
+    aios-kernel review watch --from 42                       # resume a cut watch (exit 3 names the --from)
 
 Every command takes ``--address`` and ``--json`` (the messages as JSON, one
 per line for ``list`` and ``watch``; ``list --json`` says on stderr when more
@@ -27,6 +28,12 @@ from ..cli_support import (address_flags, answer, count, decision_lines, duratio
 from .queue import DEFAULT_LEASE_S, MAX_LEASE_S
 
 STATES = ("unresolved", "open", "claimed", "resolved", "all")  # "all" is the API's empty filter
+WATCH_CUT = 3  # as `task watch`'s: the watch ended without a refusal; watch again (here: with --from)
+WATCH_EXIT_CODES = ("exit status: 0 at --count or --timeout, 1 when the kernel refused the watch (a bad flag value, "
+                    "too many watches, a --from retention passed), 3 when it ended without a refusal (the kernel "
+                    "stopping, restarting or out of reach, the connection lost, the watch fallen behind): watch "
+                    "again with the --from it names on stderr, which prints every review stored since the last one "
+                    "printed, none twice; 130 after Ctrl-C (it names the --from too)")
 
 
 def add_parser(sub) -> None:
@@ -66,7 +73,8 @@ def add_parser(sub) -> None:
     resolve.add_argument("--comment", default="", help="why (kept with the review and its audit record)")
     _common(resolve, cmd_resolve)
 
-    watch = commands.add_parser("watch", help="print reviews as they are escalated, until Ctrl-C")
+    watch = commands.add_parser("watch", help="print reviews as they are escalated, until Ctrl-C",
+                                epilog=WATCH_EXIT_CODES)
     watch.add_argument("--pipeline", default="", help="only this pipeline's reviews")
     watch.add_argument("--tenant", default="", help="only this tenant's reviews")
     watch.add_argument("--include-open", dest="include_open", action="store_true",
@@ -74,7 +82,22 @@ def add_parser(sub) -> None:
     watch.add_argument("--updates", action="store_true",
                        help="also print each claim and resolution, and each lease that lapses (OPEN again)")
     watch.add_argument("--count", type=count, default=0, help="stop after this many reviews (default 0: never)")
+    watch.add_argument("--from", dest="from_sequence", type=sequence, default=0, metavar="SEQ",
+                       help="resume a watch that was cut: first every review stored from sequence SEQ on (what the "
+                            "cut watch said on stderr: the highest it received + 1), then new ones; not with "
+                            "--include-open")
     _common(watch, cmd_watch, timeout_s=0)
+
+
+def sequence(text: str) -> int:
+    """``--from``: a review's sequence, 0 (none) up to what the request's uint64 holds."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 0 <= value < 1 << 64:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be 0 (none) or more, below 2**64")
+    return value
 
 
 def lease(text: str) -> int:
@@ -274,27 +297,52 @@ def cmd_resolve(args) -> int:
 
 
 def cmd_watch(args) -> int:
+    """Print reviews as WatchReviews sends them; exit as ``WATCH_EXIT_CODES`` says."""
     import grpc
 
     from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
 
+    if args.from_sequence and args.include_open:
+        print(f"review watch: --from {args.from_sequence} resumes a watch, --include-open starts one: give one of "
+              "them (a resumed watch prints every review stored since, waiting or not)", file=sys.stderr)
+        return 2
     request = kpb.WatchReviewsRequest(pipeline=args.pipeline, tenant=args.tenant, include_open=args.include_open,
-                                      updates=args.updates)
-    seen = 0
+                                      updates=args.updates, from_sequence=args.from_sequence)
+    seen, resume = 0, args.from_sequence  # resume: where a watch again starts (an update's sequence is older)
     with kernel_channel(args.address) as channel:
         stream = _stub(channel).WatchReviews(request, timeout=_timeout(args))
         try:
             for review in stream:
                 print(json_line(review) if args.json else row(review, time.time_ns()), flush=True)
+                resume = max(resume, review.sequence + 1)
                 seen += 1
                 if args.count and seen >= args.count:
                     stream.cancel()
                     break
         except KeyboardInterrupt:
             stream.cancel()
-            print("stopped watching", file=sys.stderr)
+            print("stopped watching" + (f"; resume with --from {resume}" if resume else ""), file=sys.stderr)
             return 130
         except grpc.RpcError as exc:
-            if exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED:  # --timeout: the watch ran its time
-                return failed(exc)
+            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:  # --timeout: the watch ran its time
+                return 0
+            failed(exc)
+            if not _watch_cut(exc):
+                return 1
+            print("the watch ended without a refusal; " + (
+                f"resume with --from {resume} (every review stored since the last one printed, then new ones)"
+                if resume else "watch again"), file=sys.stderr)
+            return WATCH_CUT
     return 0
+
+
+def _watch_cut(exc) -> bool:
+    """Whether a watch ended without the kernel refusing it: UNAVAILABLE (the kernel stopping, restarting or out of
+    reach; the connection lost), or RESOURCE_EXHAUSTED that is no refusal of the watch budget's (those carry
+    retry-after-ms): the watch fell behind."""
+    import grpc
+
+    if exc.code() == grpc.StatusCode.UNAVAILABLE:
+        return True
+    trailers = dict(exc.trailing_metadata() or ())
+    return exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "retry-after-ms" not in trailers
