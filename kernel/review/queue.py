@@ -35,13 +35,14 @@ from collections.abc import Callable
 
 from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
 from ..field_values import to_value
-from ..errors import FailedPrecondition, Internal, InvalidArgument, NotFound, Unavailable, quote
+from ..errors import FailedPrecondition, Internal, InvalidArgument, KernelError, NotFound, Unavailable, quote
 from ..limits import (MAX_REVIEWER_CHARS, MAX_TENANT_CHARS, check_comment, check_identifier, check_name,
                       check_pipeline_filter)
 from ..store import Feed
 from ..store.faults import RETRY_AFTER_MS, StoreBusy
 from ..store.sqlite_reviews import STATE_FILTERS, withdrawn
 from .. import paging
+from ..observability.repeats import RepeatedFailure
 from .leases import LeaseTimer
 from .watch import CREATED, UPDATED, ReviewWatch
 
@@ -108,6 +109,9 @@ class ReviewQueue:
         # at whether it is done: identical ResolveReview calls at once (a double click, a retrying client) all
         # found the row undelivered and each ran the hooks, one audit record per call for one resolution.
         self._delivering = threading.Lock()
+        # A follow-up refused for a reason that may pass (a full disk, a fail-stopped audit log) is said once per
+        # episode, then counted: every reviewer's retry logged an ERROR line (300 in 7 s in a full-disk drill).
+        self._refused_follow_ups = RepeatedFailure(log, "finishing review resolutions")
         self._barriers: list[Callable[[], None]] = []
         # review id (or None: any) -> how many rows of answered decisions still wait to be stored after a settle
         self._waiting: list[Callable[[str | None], int]] = []
@@ -586,26 +590,30 @@ class ReviewQueue:
         for hook in self._hooks:
             try:
                 result = hook(self._present(review))
-            except Unavailable as exc:  # a condition that may pass (a full disk, a busy store): said in one line
-                log.error("finishing the resolution of review %s failed: %s", review.review_id, exc.message)
-                failures.append(exc)
-                continue
             except Exception as exc:
+                if _may_pass(exc):
+                    # A condition that may pass (a full disk, a busy store, an audit log that fail-stopped and waits
+                    # for a restart): one line per episode, no traceback (it was one per call, with one).
+                    self._refused_follow_ups.failed(f"review {review.review_id}: {exc.message}", traceback=False)
+                    failures.append(exc)
+                    continue
                 log.exception("on_resolved hook %r failed for review %s", hook, review.review_id)
                 failures.append(exc)
                 continue
             if isinstance(result, kpb.Decision):
                 resolution = result
         if failures:
-            said = "; ".join(f.message if isinstance(f, Unavailable) else f"{type(f).__name__}: {f}" for f in failures)
+            said = "; ".join(f.message if _may_pass(f) else f"{type(f).__name__}: {f}" for f in failures)
             message = (f"review '{review.review_id}' is resolved ({review.resolved_action}), but finishing it failed: "
                        f"{said}. Resolve it again with the same reviewer, action and comment to retry")
-            if all(isinstance(f, Unavailable) for f in failures):
+            if all(_may_pass(f) for f in failures):
                 # UNAVAILABLE with the cause's retry hint, as the store's own refusal is (it was INTERNAL, a kill-loop
                 # audit on a full disk), but never "not decided": the resolution's record may be on the log already.
                 hints = [t for f in failures for t in f.trailers if t[0] == "retry-after-ms"]
                 raise Unavailable(message, trailers=tuple(hints[:1]))
             raise Internal(message)
+
+        self._refused_follow_ups.succeeded()
 
         def attach(stored: kpb.Review) -> bool:
             if resolution is not None:
@@ -613,6 +621,12 @@ class ReviewQueue:
             return True
 
         return self._change(review.review_id, attach, delivered=True)[0]
+
+
+def _may_pass(exc: BaseException) -> bool:
+    """Whether a hook's error is a refusal that may pass, answered UNAVAILABLE: the store's (``Unavailable``) or the
+    audit log's (an ``AuditError`` is a ``KernelError`` coded UNAVAILABLE, not an ``Unavailable``)."""
+    return isinstance(exc, KernelError) and exc.code == "UNAVAILABLE"
 
 
 def _closed(review: kpb.Review) -> FailedPrecondition:
