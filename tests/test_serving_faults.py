@@ -67,3 +67,44 @@ def test_a_resolution_after_the_audit_log_failed_is_unavailable_in_one_log_line_
     assert verify_directory(audit, strict=True).ok
     resolved = [r.decision.review_id for r in iter_directory(audit, wanted=RecordFilter(kind=kpb.REVIEW_RESOLUTION))]
     assert sorted(resolved) == sorted(answer.review_id for answer in escalated)
+
+
+def test_a_store_at_the_file_size_limit_stays_refusing_until_the_limit_is_lifted(tmp_path, caplog):
+    """A drill (`aios-kernel serve` under RLIMIT_FSIZE): the refusing state's probe, one small row that still fits in
+    the write-ahead log's old frames, committed under the limit; the store was taken for recovered, the next real
+    write failed again, and health and the log flapped ("takes writes again" / "refusing writes" / "health is
+    NOT_SERVING", each second). It stays refusing while kernel.sqlite3 or its log is at the limit, as on a full
+    disk. A real limit (RLIMIT_FSIZE, this process only, restored after; Python ignores SIGXFSZ)."""
+    import resource
+
+    from kernel.review import ReviewQueue
+    from kernel.store import open_database
+    from kernel.store.faults import StoreBusy
+    from lane_support import until
+    from test_store_operator_errors import big_case
+
+    db = open_database(tmp_path / "data")
+    queue = ReviewQueue(db)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    try:
+        queue.create_many([big_case(1)])
+        biggest = max(p.stat().st_size for p in (tmp_path / "data").glob("kernel.sqlite3*"))
+        with caplog.at_level(logging.WARNING, logger="aios.store"):
+            try:
+                resource.setrlimit(resource.RLIMIT_FSIZE, (biggest + 8192, hard))
+                with pytest.raises(StoreBusy):
+                    for n in range(2, 40):
+                        queue.create_many([big_case(n)])
+                assert "file-size limit" in db.refusing_writes
+                probes = db.write_probes
+                until(lambda: db.write_probes >= probes + 2 or db.refusing_writes is None, "two probes", TIMEOUT_S)
+                assert db.refusing_writes is not None, "taken for recovered while at the file-size limit"
+            finally:
+                resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+            until(lambda: db.refusing_writes is None, "the store taking writes again once the limit is lifted",
+                  TIMEOUT_S)
+        said = [r.getMessage() for r in caplog.records if r.name == "aios.store"]
+        assert len(said) == 2 and "refusing writes" in said[0] and "takes writes again" in said[1], said
+        queue.create_many([big_case(99)])
+    finally:
+        db.close()

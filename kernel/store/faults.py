@@ -98,10 +98,16 @@ def _at_file_size_limit(path: Path) -> int | None:
     return None
 
 
-def short_of_space(folder: Path) -> str | None:
-    """Why a store refusing writes should go on refusing them though a probe's write committed, if it should."""
+def short_of_space(path: Path) -> str | None:
+    """Why the store ``path`` (kernel.sqlite3), refusing writes, should go on refusing them though a probe's write
+    committed, if it should: one small row still fits in the write-ahead log's old frames, on a full disk as at the
+    file-size limit (a drill under `ulimit -f` flapped "takes writes again" / "refusing writes" every second)."""
+    folder = path.parent
     if _low_on_space(folder, RECOVERED_SPACE_BYTES):
         return f"the disk holding {folder} has less than {RECOVERED_SPACE_BYTES >> 20} MiB free: free space there"
+    if (limit := _at_file_size_limit(path)) is not None:
+        return (f"{path.name} is at the file-size limit the kernel runs under ({limit} bytes): lift it "
+                f"(`ulimit -f` in the kernel's shell, LimitFSIZE in its systemd unit)")
     return None
 
 

@@ -381,7 +381,7 @@ class Database:
         """The refusing state's probe: one small real write, committed and fsynced (a rolled-back one never
         reaches the disk, so it would not see a full one)."""
         self._check_open()
-        short = faults.short_of_space(self.data_dir)
+        short = faults.short_of_space(self.path)
         if short is not None:
             raise StoreBusy(f"data_dir {self.data_dir}: {short}")
         try:
