@@ -135,9 +135,12 @@ def cmd_serve(args) -> int:
     signals = _StopSignals()
     settings = _settings(args)
     grpc_io.choose(settings.front_end, settings.grpc_iomgr)  # before grpc is imported (by .server)
-    from .server import KernelServer
+    from .server import KernelServer, raise_descriptor_limit
 
     setup_logging(settings.log_level)
+    raised = raise_descriptor_limit()  # (before the start: the server's threads and descriptors come after it)
+    if raised is not None:
+        log.info("open-file limit raised from %d to %d (its hard limit)", *raised)
     if not Path(settings.models).is_dir():
         what = "is a file, not a folder" if Path(settings.models).exists() else "does not exist"
         log.error("model repository %s %s (set --models, AIOS_MODELS or models in kernel.toml)", settings.models, what)

@@ -674,6 +674,31 @@ class KernelServer:
         self.service.expiry.close()
 
 
+# The soft open-file limit a serving kernel raises itself to when its hard limit is unlimited (Linux's default
+# fs.nr_open: a higher soft limit is refused).
+OPEN_FILES_WHEN_UNLIMITED = 1 << 20
+
+
+def raise_descriptor_limit() -> tuple[int, int] | None:
+    """Raise this process's soft open-file limit to its hard limit; ``(before, after)`` if it did, else None.
+
+    systemd starts a service with 1024 (soft) under a hard limit of 524288, and the soft one is meant to be raised
+    by the programs that need more (as Go's runtime and nginx do): the kernel served with 1024, a descriptor per
+    client connection, and a flood of idle connections ran it out — new clients timed out and the audit log could
+    not open its next segment. Only the serving process does this (``aios-kernel serve``), not a library user's."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        target = OPEN_FILES_WHEN_UNLIMITED if hard == resource.RLIM_INFINITY else hard
+        if soft == resource.RLIM_INFINITY or soft >= target:
+            return None
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ImportError, OSError, ValueError):
+        return None  # (not raised: the start line's warning says what the limit is)
+    return soft, target
+
+
 def low_descriptor_limit(workers: int, soft: int | None = None) -> str:
     """A warning when the process may open too few files for ``workers`` calls in progress ("" if not).
 

@@ -108,3 +108,51 @@ def test_a_store_at_the_file_size_limit_stays_refusing_until_the_limit_is_lifted
         queue.create_many([big_case(99)])
     finally:
         db.close()
+
+
+def _serve_with_limits(models, pipelines, data_dir, limits: dict, env: dict | None = None):
+    """``aios-kernel serve`` whose process starts under ``limits`` ({RLIMIT_*: (soft, hard)}), as a shell's
+    ``ulimit`` or a systemd unit's Limit*= starts it."""
+    import os
+    import sys
+
+    from kernel.testing.processes import ServeProcess
+
+    code = ("import resource, runpy, sys\n"
+            f"for name, pair in {limits!r}.items(): resource.setrlimit(getattr(resource, name), pair)\n"
+            "sys.argv = ['aios-kernel', *sys.argv[1:]]\n"
+            "runpy.run_module('kernel', run_name='__main__')\n")
+    return ServeProcess(models, "--pipelines", str(pipelines), data_dir=data_dir, cli=[sys.executable, "-c", code],
+                        env={**os.environ, "AIOS_PIPELINE_POLL_S": "0", **(env or {})})
+
+
+def _soft_open_files(pid: int) -> int:
+    with open(f"/proc/{pid}/limits", encoding="ascii") as limits:
+        for line in limits:
+            if line.startswith("Max open files"):
+                return int(line.split()[3])
+    raise AssertionError("no 'Max open files' in /proc/PID/limits")
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/limits"), reason="reads /proc/PID/limits (Linux)")
+def test_serve_raises_its_open_file_limit_to_the_hard_limit(claims_models, tmp_path):
+    """systemd starts a service with 1024 open files (soft) under a hard limit of 524288: the kernel served with
+    1024, a descriptor per client connection, and a flood of idle connections ran it out (new clients timed out,
+    and the audit log could not open its next segment). The serving process raises its soft limit to the hard one,
+    as Go's runtime and nginx do; the start line warns only when the hard limit itself is low."""
+    import resource
+
+    from claims_support import copy_pipelines
+
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    wanted = 4096 if hard == resource.RLIM_INFINITY else min(hard, 4096)
+    if wanted <= 256:
+        pytest.skip(f"this process's hard open-file limit is {hard}")
+    kernel = _serve_with_limits(claims_models, copy_pipelines(tmp_path / "pipelines"), tmp_path / "data",
+                                {"RLIMIT_NOFILE": (256, wanted)})
+    try:
+        assert _soft_open_files(kernel.proc.pid) == wanted
+    finally:
+        code, err = kernel.stop()
+    assert code == 0, err
+    assert "open-file limit (RLIMIT_NOFILE) is" not in err, err
