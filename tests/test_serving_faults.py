@@ -156,3 +156,47 @@ def test_serve_raises_its_open_file_limit_to_the_hard_limit(claims_models, tmp_p
         code, err = kernel.stop()
     assert code == 0, err
     assert "open-file limit (RLIMIT_NOFILE) is" not in err, err
+
+
+@pytest.mark.skipif(not __import__("os").path.isdir("/proc/self/fd"), reason="counts /proc/PID/fd (Linux)")
+def test_an_audit_log_rotating_while_connections_hold_every_descriptor_goes_on(claims_models, tmp_path):
+    """A drill (`aios-kernel serve` under `ulimit -n 64`, idle connections opened until the kernel had no descriptor
+    left): the audit log's next segment was created in the slot the full one freed, but making the creation durable
+    opened the folder, a second descriptor: EMFILE, and the log fail-stopped for good (every Decide UNAVAILABLE
+    until a restart, for connections a client could close a moment later). A rotation needs no descriptor beyond
+    the one it frees now. Real limits, real connections (HTTP/2 prefaces that send nothing more)."""
+    import os
+    import socket
+
+    from claims_support import copy_pipelines
+    from examples.claims import data
+    from lane_support import until
+
+    limit = 128
+    kernel = _serve_with_limits(claims_models, copy_pipelines(tmp_path / "pipelines"), tmp_path / "data",
+                                {"RLIMIT_NOFILE": (limit, limit)},
+                                env={"AIOS_AUDIT_SEGMENT_BYTES": "8192", "AIOS_AUDIT_PREALLOCATE_BYTES": "4096"})
+    flood: list[socket.socket] = []
+    try:
+        with grpc.insecure_channel(kernel.address) as channel:
+            decisions = kgrpc.DecisionServiceStub(channel)
+            decisions.Decide(claim_request(UNSURE_CASE), timeout=TIMEOUT_S)  # (this client's connection is open)
+            used = lambda: len(os.listdir(f"/proc/{kernel.proc.pid}/fd"))  # noqa: E731
+            while used() < limit and len(flood) < 2 * limit:
+                flood.append(socket.create_connection(kernel.address.rsplit(":", 1)))
+                flood[-1].sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+                if len(flood) % 16 == 0:
+                    until(lambda: used() >= min(limit, len(flood)), "the kernel taking the connections", TIMEOUT_S)
+            until(lambda: used() >= limit, "every descriptor of the kernel in use", TIMEOUT_S)
+            cases = data.generate_cases(60, seed=5)
+            answers = [decisions.Decide(claim_request(case, tenant="flood"), timeout=TIMEOUT_S) for case in cases]
+            assert answers[-1].audit_sequence - answers[0].audit_sequence == len(cases) - 1
+            segments = list((tmp_path / "data" / "audit").glob("*.seg"))
+            assert len(segments) >= 3, f"the log did not rotate ({len(segments)} segments)"
+    finally:
+        for connection in flood:
+            connection.close()
+        code, err = kernel.stop()
+    assert code == 0, err
+    assert "the log takes no more records" not in err, err
+    assert verify_directory(tmp_path / "data" / "audit", strict=True).ok

@@ -442,7 +442,9 @@ class SegmentFile(AppendFile):
         self.limit = limit
 
     @classmethod
-    def create(cls, path: Path, magic: bytes, chunk: int, limit: int) -> "SegmentFile":
+    def create(cls, path: Path, magic: bytes, chunk: int, limit: int, dir_fd: int = -1) -> "SegmentFile":
+        """A new segment at ``path``; ``dir_fd``: its folder, open already (the writer's: a rotation then needs no
+        descriptor but the new file's), else it is opened to fsync the new name."""
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
             # The header and the first chunk of zeros in one write and the creation's one fsync.
@@ -469,7 +471,10 @@ class SegmentFile(AppendFile):
             except OSError:
                 pass
             raise
-        fsync_dir(path.parent)
+        if dir_fd >= 0:
+            os.fsync(dir_fd)
+        else:
+            fsync_dir(path.parent)
         return cls(path, fd, len(magic), zeroed, chunk, limit)
 
     @classmethod

@@ -116,6 +116,14 @@ class AuditLog:
         # What this open found and repaired (see ``recovery``).
         self._recovery: dict = {"adopted": None, "adopted_last_hash": "", "cuts": [], "previous_key_id": ""}
         self._lock_fd = lock_directory(directory)
+        # The folder, held open while the log is: a rotation makes its new segment's name durable by fsyncing it,
+        # and opening it then took a descriptor beyond the one the full segment freed; with every other one taken
+        # by client connections (a flood of idle ones) that was EMFILE, and the log fail-stopped until a restart.
+        try:
+            self._dir_fd = os.open(directory, os.O_RDONLY)
+        except BaseException:
+            os.close(self._lock_fd)
+            raise
         self._next_check_ns = 0  # monotonic time of the next _check_files before a group (0: the first group)
         try:
             # The directory as opened: one removed and made anew under the same name is not the log's any more.
@@ -163,6 +171,7 @@ class AuditLog:
             for closable in (getattr(self, "_checkpoints", None), getattr(self, "_segment", None)):
                 if closable is not None:
                     closable.close()
+            os.close(self._dir_fd)
             os.close(self._lock_fd)
             raise
         self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
@@ -386,6 +395,7 @@ class AuditLog:
             self._fail(exc)
         finally:
             self._watermark.stop()
+            os.close(self._dir_fd)
             os.close(self._lock_fd)  # another process may open the directory now
 
     def _fail(self, exc: BaseException) -> None:
@@ -511,7 +521,7 @@ class AuditLog:
         del self._segments[segments:]
         if created:
             try:
-                fsync_dir(self.directory)  # (the removals durable: a power cut must not bring a segment back)
+                os.fsync(self._dir_fd)  # (the removals durable: a power cut must not bring a segment back)
             except OSError:
                 pass
         if segment.fd >= 0:
@@ -581,7 +591,7 @@ class AuditLog:
 
     def _new_segment(self, first_sequence: int) -> SegmentFile:
         segment = SegmentFile.create(self.directory / segment_name(first_sequence), MAGIC, self._preallocate_bytes,
-                                     self._segment_bytes)
+                                     self._segment_bytes, dir_fd=self._dir_fd)
         self._segments.append((first_sequence, segment.path))
         return segment
 
