@@ -358,7 +358,8 @@ class AuditLog:
         except BaseException as exc:
             self._fail(exc)
             self._work.set()  # the writer thread sees the failure and stops
-            raise self._failure from exc
+            # These records' callers hear what later ones hear: that it was the audit log, and that it stopped.
+            raise AuditError(f"the audit log failed and takes no more records: {self._failure.message}") from exc
         finally:
             self._commit_lock.release()
         if before and self._checkpoints.latest.tree_size != self._written:
@@ -417,7 +418,10 @@ class AuditLog:
         with self._append_lock:
             first = self._failure is None
             if first:
-                reason = exc.summary if isinstance(exc, AuditFilesGone) else f"{type(exc).__name__}: {exc}"
+                # What callers are told (the log line above has the paths): an OSError's words without its file
+                # name, so a refused Decide does not show the data dir's layout to whoever sent it.
+                reason = (exc.summary if isinstance(exc, AuditFilesGone) else
+                          _os_error(exc) if isinstance(exc, OSError) else f"{type(exc).__name__}: {exc}")
                 self._failure = AuditError(reason)
         self._close_files(quietly=True)
         self._watermark.stop()
