@@ -133,6 +133,7 @@ cdef class _ModelQ:
     cdef long long queued_by_level[16]  # max_queue bounds each level, as Triton's queues
     cdef long long rows_by_level[16]
     cdef dict tenants         # tenant -> queued items
+    cdef list peers           # every copy of this model version (itself among them) when several: share_bounds
     cdef int in_flight
     cdef long long busy_until
     cdef double vtime

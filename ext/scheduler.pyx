@@ -226,6 +226,27 @@ cdef int _grow(void** array, Py_ssize_t* cap, size_t item_size) except -1:
     return 0
 
 
+cdef inline long long _queued_at(_ModelQ m, int level) except? -1:
+    # The reference's _queued_at: requests queued at ``level`` on m and the other copies of its version.
+    cdef long long total = 0
+    if m.peers is None:
+        return m.queued_by_level[level - 1]
+    for peer in m.peers:
+        if level <= (<_ModelQ>peer).levels:
+            total += (<_ModelQ>peer).queued_by_level[level - 1]
+    return total
+
+
+cdef long long _tenant_queued(_ModelQ m, object tenant) except? -1:
+    # The reference's _tenant_queued.
+    cdef long long total = 0
+    if m.peers is None:
+        return m.tenants.get(tenant, 0)
+    for peer in m.peers:
+        total += (<_ModelQ>peer).tenants.get(tenant, 0)
+    return total
+
+
 # The heaps and rings point at items that `slots` keeps alive, so the
 # collector must never empty `slots` (a cycle through a queue is broken at
 # its lists and dicts instead).
@@ -544,12 +565,29 @@ cdef class CythonScheduler:
             self._last_key = None
             self._last_q = None
         self._order.remove(m)
+        if m.peers is not None:
+            m.peers.remove(m)
+            if len(m.peers) == 1:
+                (<_ModelQ>m.peers[0]).peers = None
+            m.peers = None
         left = [item for item in m.slots if item is not None and (<WorkItem>item).state == ITEM_QUEUED]
         left.sort(key=_sort_key)
         for item in left:
             item.state = ITEM_CANCELLED
         self._queued -= m.queued
         return left
+
+    def share_bounds(self, model, other):
+        # The reference's share_bounds: copies of one model version count each other's queued requests against
+        # their queue bounds, until one is removed.
+        cdef _ModelQ m = self._models[model]
+        cdef _ModelQ peer = self._models[other]
+        group = peer.peers if peer.peers is not None else [peer]
+        for joining in (m.peers if m.peers is not None else [m]):
+            if joining not in group:
+                group.append(joining)
+        for member in group:
+            (<_ModelQ>member).peers = group
 
     def observe(self, model, long long rows, long long duration_ns):
         (<_ModelQ>self._models[model]).fit_add(rows, duration_ns)
@@ -569,11 +607,11 @@ cdef class CythonScheduler:
             raise KeyError(item.model)  # the caller resolved a model it never added
         level = <int>(1 if priority < 1 else (m.levels if priority > m.levels else priority))
         m.submitted += 1
-        if m.queued_by_level[level - 1] >= m.max_queue:
+        if _queued_at(m, level) >= m.max_queue:
             return self._reject(m, item, REJECT_QUEUE_FULL, self._room_after(m, now_ns, level))
         # Requests without a tenant count only against the model.
         by_tenant = m.track_tenants and _truthy(item.tenant)
-        if by_tenant and m.tenants.get(item.tenant, 0) >= m.max_tenant_queue:
+        if by_tenant and _tenant_queued(m, item.tenant) >= m.max_tenant_queue:
             return self._reject(m, item, REJECT_TENANT_FULL, self._room_after(m, now_ns, 1))
         if deadline != NO_DEADLINE and m.win_count >= 2:
             finish = now_ns + self._wait_ahead(m, level, item.rows, now_ns)

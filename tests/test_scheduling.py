@@ -180,6 +180,25 @@ def test_queue_and_tenant_bounds(sched):
     assert stats["rejected_tenant_full"] == 1 and stats["rejected_queue_full"] == 1 and stats["queued"] == 3
 
 
+def test_copies_sharing_bounds_count_each_others_queues_until_one_is_removed(sched):
+    """share_bounds: a reloaded version's new copy and its old one, which still runs what was queued on it, are
+    bounded together (each counted only its own: a reload admitted twice max_queue and max_tenant_queue)."""
+    old = add(sched, "old", max_queue=3, max_tenant_queue=2)
+    queued = [submit(sched, old, tenant="t1"), submit(sched, old, tenant="t1"), submit(sched, old)]
+    new = add(sched, "new", max_queue=3, max_tenant_queue=2)
+    sched.share_bounds(new, old)
+    assert sched.submit(item(new, tenant="t2"), 0) == REJECT_QUEUE_FULL  # the level: 3 queued on the old copy
+    assert sched.cancel(queued[2])
+    assert sched.submit(item(new, tenant="t1"), 0) == REJECT_TENANT_FULL  # t1's 2, on the old copy
+    submit(sched, new, tenant="t2")  # the third of the level, across both copies
+    assert sched.submit(item(old), 0) == REJECT_QUEUE_FULL  # and the other way round
+    assert sched.load(new) == (1, 0) and sched.load(old) == (2, 0)
+    sched.remove_model(old)  # (its requests ran, or went with it): the new copy is bounded alone again
+    submit(sched, new, tenant="t1")
+    submit(sched, new, tenant="t1")
+    assert sched.submit(item(new), 0) == REJECT_QUEUE_FULL and sched.load(new) == (3, 0)
+
+
 def test_a_full_queue_hints_when_its_next_batch_leaves(sched):
     """The retry hint of a full queue: with a static window, when the oldest request's window closes, plus one
     batch's run (it was one batch's run alone: 1 ms while a 200 ms window held the queue)."""

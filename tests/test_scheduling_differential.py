@@ -2,7 +2,7 @@
 
 Hypothesis generates a trace of model registrations, latency samples, submits
 (random rows, priorities, deadlines — some shared —, tenants, shapes) in
-bursts, cancels (of items in any state), clock advances and jumps, dispatch
+bursts, models bounded together (share_bounds), cancels (of items in any state), clock advances and jumps, dispatch
 steps, batch starts and completions (some of zero duration); both schedulers replay it and every
 observable result must match: admission verdicts and retry hints, batches
 (model, items, rows), expiries, wake-up times and stats.
@@ -61,6 +61,7 @@ ops = st.one_of(
     st.tuples(st.just("complete"), st.integers(0, 10), st.one_of(st.integers(1_000, 5_000_000), st.just(0))),
     st.tuples(st.just("observe"), st.integers(0, 2), st.integers(1, 32), st.integers(1_000, 5_000_000)),
     st.tuples(st.just("wakeup"), st.integers(0, 3)),
+    st.tuples(st.just("share"), st.integers(0, 2), st.integers(0, 2)),  # (a reload's copies: bounded together)
 )
 
 
@@ -113,6 +114,8 @@ def replay(cls, model_schedules, trace) -> list:
             sched.complete(batch, op[2])
         elif kind == "observe":
             sched.observe(models[op[1] % len(models)], op[2], op[3])
+        elif kind == "share" and op[1] % len(models) != op[2] % len(models):
+            sched.share_bounds(models[op[1] % len(models)], models[op[2] % len(models)])
         elif kind == "wakeup":
             log.append(("wakeup", sched.next_wakeup(now, op[1])))
             log.append(("expired", [i.request_id for i in sched.pop_expired()]))

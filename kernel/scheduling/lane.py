@@ -143,8 +143,20 @@ class Lane:
         with self._lock:
             self.scheduler.add_model(model, schedule)
             self._schedules[model] = schedule
+            self._share_bounds_locked(model)
             for rows, duration_ns in profile:
                 self.scheduler.observe(model, rows, duration_ns)
+
+    def _share_bounds_locked(self, model) -> None:
+        """Bound ``model`` together with the other copies of its version registered here (a reload's old copy, which
+        runs the requests queued on it before the reload): the version's queue bounds hold across its copies (each
+        counting its own let a reload under load admit twice max_queue, and twice max_tenant_queue)."""
+        version = getattr(model, "name", None), getattr(model, "version", None)
+        if not version[0]:  # (a test's bare model)
+            return
+        for other in self._schedules:
+            if other is not model and (getattr(other, "name", None), getattr(other, "version", None)) == version:
+                self.scheduler.share_bounds(model, other)
 
     def remove_model(self, model) -> None:
         """Remove ``model`` once the work it holds is done: its queued requests still run (its session
@@ -184,6 +196,7 @@ class Lane:
             return False
         self.scheduler.add_model(model, schedule)
         self._schedules[model] = schedule
+        self._share_bounds_locked(model)
         self._leaving.add(model)
         return True
 

@@ -4,6 +4,8 @@ Step API (ARCHITECTURE.md §3), no I/O, no threads, no clock reads (time comes
 in as ``now_ns``); callers serialise calls (the lane holds a lock):
 
 - ``add_model(model, schedule)`` / ``remove_model(model) -> queued items``
+- ``share_bounds(model, other)``: two copies of one model version (a reload's) count each other's queued
+  requests against their queue bounds
 - ``observe(model, rows, duration_ns)``: a latency sample (the load-time profile)
 - ``submit(item, now_ns) -> ADMITTED | REJECT_*`` (sets ``item.retry_after_ns`` on rejection)
 - ``cancel(item) -> bool``: drop a queued item
@@ -41,7 +43,10 @@ NOTE: the algorithm.
   virtual time (batch time divided by the model's weight: weighted fair share).
 - Queue bounds: ``max_queue`` requests per model and priority level,
   ``max_tenant_queue`` per named tenant across the levels (requests without
-  a tenant count only against the model).
+  a tenant count only against the model). Copies joined by ``share_bounds`` (a reloaded version and its old
+  copy, which runs the requests queued on it before the reload) are bounded together: each counts the others'
+  queued requests at its level and of its tenant (each counting only its own let a reload admit twice the
+  bounds while the old copy drained).
 - Admission: a request whose deadline cannot be met given the rows queued
   ahead of it (same or more urgent levels) and the running batch is refused
   at submit, with the predicted wait as its retry hint; so are requests over
@@ -70,7 +75,7 @@ class _Model:
         "key", "index", "schedule", "heap", "arrivals", "queued", "queued_by_level", "rows_by_level", "tenants",
         "track_tenants",
         "preferred", "preferred_min", "preferred_max", "batch_limit", "in_flight", "busy_until", "vtime", "fit",
-        "last_arrival", "gap", "stretch", "last_start", "last_predicted", "last_backlogged", "counters",
+        "last_arrival", "gap", "stretch", "last_start", "last_predicted", "last_backlogged", "counters", "peers",
     )
 
     def __init__(self, key: object, index: int, schedule: ModelSchedule):
@@ -85,6 +90,9 @@ class _Model:
         self.queued_by_level = [0] * schedule.priority_levels  # max_queue bounds each level, as Triton's queues
         self.rows_by_level = [0] * schedule.priority_levels
         self.tenants: dict[str, int] = {}
+        # Every copy of this model version registered (itself among them) when there are several (share_bounds),
+        # else None: the queue bounds count the requests queued on all of them.
+        self.peers: list[_Model] | None = None
         # Per-tenant counts only matter when that bound is tighter than the model's.
         # (max_queue bounds each level, a tenant's bound spans them: kernel/models/config.py)
         self.track_tenants = schedule.max_tenant_queue < schedule.max_queue * schedule.priority_levels
@@ -135,11 +143,28 @@ class ReferenceScheduler:
         if state is None:
             return []
         self._order.remove(state)
+        if state.peers is not None:
+            state.peers.remove(state)
+            if len(state.peers) == 1:
+                state.peers[0].peers = None
+            state.peers = None
         left = sorted((entry for entry in state.heap if entry[3].state == ITEM_QUEUED), key=lambda e: e[:3])
         for *_, item in left:
             item.state = ITEM_CANCELLED
         self._queued -= state.queued
         return [entry[3] for entry in left]
+
+    def share_bounds(self, model: object, other: object) -> None:
+        """Bound ``model`` and ``other`` (both added; copies of one model version: a reload's new copy and the old
+        one, which still runs what was queued on it) together: each one's queue bounds count the requests queued
+        on the other, until one is removed."""
+        state, peer = self._models[model], self._models[other]
+        group = peer.peers or [peer]
+        for joining in state.peers or [state]:
+            if joining not in group:
+                group.append(joining)
+        for member in group:
+            member.peers = group
 
     def observe(self, model: object, rows: int, duration_ns: int) -> None:
         self._models[model].fit.add(rows, duration_ns)
@@ -156,9 +181,9 @@ class ReferenceScheduler:
         schedule = state.schedule
         level = self._level(state, item)
         state.counters["submitted"] += 1
-        if state.queued_by_level[level - 1] >= schedule.max_queue:
+        if self._queued_at(state, level) >= schedule.max_queue:
             return self._reject(state, item, REJECT_QUEUE_FULL, self._room_after(state, now_ns, level))
-        if state.track_tenants and item.tenant and state.tenants.get(item.tenant, 0) >= schedule.max_tenant_queue:
+        if state.track_tenants and item.tenant and self._tenant_queued(state, item.tenant) >= schedule.max_tenant_queue:
             return self._reject(state, item, REJECT_TENANT_FULL, self._room_after(state, now_ns, 1))
         if item.deadline_ns != NO_DEADLINE and state.fit.known:
             finish = now_ns + self._wait_ahead(state, level, item.rows, now_ns)
@@ -184,6 +209,21 @@ class ReferenceScheduler:
             state.tenants[item.tenant] = state.tenants.get(item.tenant, 0) + 1
         self._queued += 1
         return ADMITTED
+
+    @staticmethod
+    def _queued_at(state: _Model, level: int) -> int:
+        """Requests queued at ``level`` on ``state`` and the other copies of its version (share_bounds)."""
+        if state.peers is None:
+            return state.queued_by_level[level - 1]
+        return sum(peer.queued_by_level[level - 1] for peer in state.peers if level <= len(peer.queued_by_level))
+
+    @staticmethod
+    def _tenant_queued(state: _Model, tenant: str) -> int:
+        """``tenant``'s requests queued on ``state`` and the other copies of its version (a copy that does not
+        count its tenants, its bound no tighter than its levels', adds none)."""
+        if state.peers is None:
+            return state.tenants.get(tenant, 0)
+        return sum(peer.tenants.get(tenant, 0) for peer in state.peers)
 
     def _room_after(self, state: _Model, now_ns: int, level: int) -> int:
         """The retry hint of a full queue at ``level``: about when a batch leaves it. With a static window
