@@ -135,7 +135,11 @@ class DecisionSide:
         self.tasks.store.check_key = self.engine.check_task_key
         self._draining = threading.Event()  # set by end_watches(): StreamAudit followers end
         self._started = False  # a "kernel stopping" record is written only after a "kernel started" one
-        self._closing = False  # set as close() begins: an attempt still running then ends at the next start
+        # Set once a stop's wait for running attempts is over (close): one still running then has what it uses closed
+        # under it, and ends at the next start. Not before: an attempt that ends within the wait keeps its outcome
+        # (one that failed for good was QUEUED "not counted" and decided by the next start; one that may pass lost
+        # its count and back-off).
+        self._closing = False
         # The stop raises the review mark to what this run stored, which covers the records past the mark a crash
         # left only once this start has reopened their reviews and stored their keys (_reopen_reviews).
         self._reopened = False
@@ -234,10 +238,9 @@ class DecisionSide:
         self.tasks.store.end_watches(shutting_down)
 
     def close(self) -> None:
-        self._closing = True
         # The "kernel stopping" record comes once nothing else can append (tasks, pipeline reloads and the
         # finisher have stopped) and right before the log closes, whose final checkpoint then signs it.
-        steps = (*((self._retention.stop,) if self._retention else ()), self.tasks.stop, self.registry.stop,
+        steps = (*((self._retention.stop,) if self._retention else ()), self._stop_tasks, self.registry.stop,
                  self.engine.close, self._mark_reviews_recorded,
                  *((self._record_stopping, self.audit.close) if self.audit else ()), self.db.close)
         self.failed_at_stop = []  # (the serve command's exit status: a stop that lost its record is not a clean one)
@@ -256,6 +259,14 @@ class DecisionSide:
         if self.audit is not None and self.audit.failure is not None and not self.failed_at_stop:
             # (It fail-stopped while closing: its final checkpoint, or a check of its files, failed; said above.)
             self.failed_at_stop.append("the audit log")
+
+    def _stop_tasks(self) -> None:
+        """Stop the task workers, waiting for running attempts (TaskRunner.stop); from then on an attempt still
+        running waits for the next start (``_until_restart``), whatever it fails with."""
+        try:
+            self.tasks.stop()
+        finally:
+            self._closing = True
 
     def _record_stopping(self) -> None:
         """The log's last record on a clean stop: months later it tells a stop from a crash (after a kill
@@ -511,8 +522,8 @@ class DecisionSide:
         return timeout
 
     def _until_restart(self) -> bool:
-        """Whether nothing can be decided until the kernel starts again: its audit log fail-stopped, or it is
-        stopping."""
+        """Whether nothing can be decided until the kernel starts again: its audit log fail-stopped, or a stop's wait
+        for running attempts is over (``_stop_tasks``: what they use is being closed)."""
         return self._closing or (self.audit is not None and self.audit.failure is not None)
 
     def _may_pass(self, task: kpb.Task, exc: KernelError) -> bool:
