@@ -84,6 +84,33 @@ def test_a_unary_call_without_a_request_is_refused_as_grpc_refuses_it(sync_kerne
         channel.close()
 
 
+def test_a_call_whose_deadline_passes_before_its_request_is_counted_as_deadline_exceeded(model_repo):
+    """gRPC ends a call whose deadline passes while it waits for its request, and the client is told
+    DEADLINE_EXCEEDED; the kernel counted it in aios_calls_failed_total as UNIMPLEMENTED ("requires exactly one
+    request message"), as if the client had sent none."""
+    server = start_kernel(model_repo, "sync")
+    release = threading.Event()
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    try:
+        call = channel.stream_unary(INFER, request_serializer=pb.ModelInferRequest.SerializeToString,
+                                    response_deserializer=pb.ModelInferResponse.FromString)
+
+        def requests():  # (never sent before the call's deadline)
+            release.wait(30)
+            yield _request()
+
+        with pytest.raises(grpc.RpcError) as raised:
+            call(requests(), timeout=0.5)
+        assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        failed = until(server.service.refusals.snapshot, "the call to be counted")
+        assert failed == {("GRPCInferenceService.ModelInfer", "DEADLINE_EXCEEDED"): 1}
+        until(lambda: server._budget._in_progress() == 0 and server._eager.waiting == 0, "the call to be counted out")
+    finally:
+        release.set()
+        channel.close()
+        server.stop(grace=1)
+
+
 def test_bytes_that_are_not_a_request_get_invalid_argument_on_both_paths(sync_kernel):
     server, _ = sync_kernel
     channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")

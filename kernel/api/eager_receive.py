@@ -202,7 +202,11 @@ class EagerReceive(futures.ThreadPoolExecutor):
                 if serialized is None:  # the client closed (or cancelled) without sending its request
                     if state.client is _gs._OPEN:
                         state.client = _gs._CLOSED
-                    if state.client is _gs._CLOSED:
+                    if state.client is _gs._CLOSED and rpc_event.call_details.deadline <= time.time():
+                        # Or its deadline passed while it waited (gRPC's deadline is on the wall clock): gRPC ended
+                        # the call DEADLINE_EXCEEDED, and no status of ours goes out (it was counted UNIMPLEMENTED).
+                        self._refused(behaviour, "DEADLINE_EXCEEDED")
+                    elif state.client is _gs._CLOSED:
                         self._refused(behaviour, "UNIMPLEMENTED")
                         details = f'"{rpc_event.call_details.method}" requires exactly one request message.'
                         _gs._abort(state, rpc_event.call, _cygrpc.StatusCode.unimplemented, details.encode())
