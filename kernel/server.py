@@ -341,7 +341,8 @@ class KernelServer:
             self._eager = eager_receive.attach([inference, *ours], self._pool, self.settings.answer_later,
                                                self.settings.poller_inline, self.service.refusals,
                                                eager_receive.waiting_cap(self.settings.workers),
-                                               eager_receive.waiting_bound(self.settings.workers), self._gate)
+                                               eager_receive.waiting_bound(self.settings.workers), self._gate,
+                                               lambda: budget.streams_open + self._watches.open, self.settings.workers)
             if self.settings.answer_later:
                 self._pump = stream_pump.attach(ours, self.decisions.engine, self._pool, budget, self.service.refusals)
         if not asynchronous:  # a StreamAudit follower keeps up with a busy kernel (windowed_sends.py)

@@ -18,7 +18,7 @@ from conftest import start_kernel
 from kernel._proto.inference import grpc_service_pb2 as pb
 from kernel._proto.inference import grpc_service_pb2_grpc as pb_grpc
 from test_connection_limits import (END_HEADERS, GOAWAY, HEADERS, PING, DATA, ACK, RawConnection, call_headers,
-                                    frame)
+                                    frame, literal)
 
 WORKERS = 4
 END_STREAM = 0x1
@@ -184,4 +184,29 @@ def test_calls_waiting_past_the_cap_are_ended_once_they_have_waited(model_repo):
         assert ended_streams(hostile, want=2, limit_s=5) == {1, 3}
     finally:
         hostile.close()
+        server.stop(grace=1)
+
+
+def test_calls_without_their_request_beside_idle_streams_do_not_lock_out_other_callers(model_repo):
+    """Idle client streams hold call slots too (up to max_streams, half of workers): beside two of them, two calls
+    whose request never came, under the waiting bound (workers less the priority-1 reserve, 3 here) counted alone,
+    filled all four, and gRPC then refused every other call ("Concurrent RPC limit exceeded!") before any code of
+    the kernel's could end one, for as long as they stayed. Now waiting calls never take the last slot the open
+    streams and watches leave."""
+    server = start_kernel(model_repo, "sync", workers=WORKERS)
+    streams, holder = RawConnection(server.port), RawConnection(server.port)
+    try:
+        decide_stream = b"".join(literal(name, value) for name, value in (
+            (b":method", b"POST"), (b":scheme", b"http"), (b":authority", b"localhost"),
+            (b":path", b"/aios.kernel.v1.DecisionService/DecideStream"), (b"content-type", b"application/grpc"),
+            (b"te", b"trailers")))
+        streams.sock.sendall(b"".join(frame(HEADERS, END_HEADERS, stream, decide_stream) for stream in (1, 3)))
+        assert wait_until(lambda: server._budget.streams_open == 2)  # admitted: within max_streams (2 here)
+        hold(holder, range(1, 5, 2))
+        ok, refusals = live(server.port, limit_s=5)
+        assert ok, refusals[-3:]
+        assert server._eager.ended_waiting > 0 and ended_streams(holder, want=1, limit_s=2)
+    finally:
+        streams.close()
+        holder.close()
         server.stop(grace=1)

@@ -82,6 +82,10 @@ LONE_IDLE_SHARE = 0.75
 #   each call in ends those that have waited ``MIN_WAIT_NS`` or more for their request;
 # - past ``waiting_bound`` (workers less the priority-1 reserve: above it the call budget refuses ordinary calls
 #   anyway) it ends one whatever its age, so gRPC's count stays below its limit and arrivals keep reaching us.
+# - past the slots open streams and watches leave (workers less one less those: ``held_open``) it ends one whatever
+#   its age too: they hold slots for as long as they stay open, and beside them waiting calls under the bound took the
+#   last slot, after which gRPC refused every arrival before one could trim (two idle DecideStreams and two
+#   headers-only calls locked a 4-worker kernel for good; 256 of each one of 512).
 # Not by the cap alone: a legitimate burst (4,000 ServerLive calls from one channel) had up to 403 calls at once
 # waiting for requests already on their way, the oldest 25 ms. Nothing is cut while there is room, however slowly
 # a request comes (a 60 MiB one over seconds).
@@ -149,7 +153,8 @@ class EagerReceive(futures.ThreadPoolExecutor):
     """
 
     def __init__(self, pool, answer_later: bool = True, refusals=None,
-                 max_waiting: int | None = None, waiting_bound: int | None = None, gate=None):  # (no super().__init__: nothing of ThreadPoolExecutor is used)
+                 max_waiting: int | None = None, waiting_bound: int | None = None, gate=None,
+                 held_open=None, limit: int = 0):  # (no super().__init__: nothing of ThreadPoolExecutor is used)
         self._pool = pool
         self._gate = gate  # the stop's entry gate (entry_gate.EntryGate): a call the stopped pool refuses counts there
         self._refusals = refusals  # where a call answered later counts an error status (observability.refusals)
@@ -175,6 +180,9 @@ class EagerReceive(futures.ThreadPoolExecutor):
         self.max_waiting = max_waiting  # past it calls waiting MIN_WAIT_NS for their request are ended (None: never)
         self.waiting_bound = max_waiting if waiting_bound is None else waiting_bound  # past it one is, of any age
         self.min_wait_ns = MIN_WAIT_NS
+        # Call slots held by open streams and watches (a callable), and gRPC's limit on calls (workers): waiting
+        # calls are held to the slots those leave, less one for the next arrival (``_bound_now``).
+        self._held_open, self._limit = held_open, limit
         self.ended_waiting = 0  # calls ended for it (tests, observability)
         self.outstanding = Outstanding()  # calls whose handler returned DEFERRED, not yet answered
 
@@ -260,7 +268,7 @@ class EagerReceive(futures.ThreadPoolExecutor):
             # (per call only this; the ending, and each waiting call's connection, are worked out when trimming)
             self._waiters[finished] = (time.monotonic_ns(), rpc_event, state, behaviour, ended)
             # (counted by the calls that may still be ended: one already ended is gone once its receive completes)
-            if len(self._waiters) > self.max_waiting:
+            if len(self._waiters) > min(self.max_waiting, self._bound_now()):
                 self._trim(time.monotonic_ns())
         return finished
 
@@ -285,15 +293,16 @@ class EagerReceive(futures.ThreadPoolExecutor):
         calls (a client that opens a new call for each one ended turned over all its own within ~10 ms, and a 60 MiB
         request on another connection, 0.3 s in transit, was then always the oldest of all: cut 5 times of 5), else
         the oldest of all. (Ties, as when each connection has one: the connection whose oldest came first.)"""
+        bound = self._bound_now()
         by_peer = self._by_connection()
-        while len(self._waiters) > self.max_waiting:
+        while len(self._waiters) > min(self.max_waiting, bound):
             peer = max(by_peer, key=lambda each: len(by_peer[each]))  # (first of the largest)
             victim = by_peer[peer][0]
             if now - self._waiters[victim][0] < self.min_wait_ns:
                 oldest = next(iter(self._waiters))
                 if now - self._waiters[oldest][0] >= self.min_wait_ns:
                     victim = oldest
-                elif len(self._waiters) <= self.waiting_bound:
+                elif len(self._waiters) <= bound:
                     return
             victim_peer = self._peers[victim]
             held = len(by_peer[victim_peer])
@@ -301,6 +310,14 @@ class EagerReceive(futures.ThreadPoolExecutor):
             if not by_peer[victim_peer]:
                 del by_peer[victim_peer]
             self._end(victim, now, held)
+
+    def _bound_now(self) -> int:
+        """How many calls may wait for their request whatever their age: ``waiting_bound``, and no more than the
+        slots open streams and watches leave less one, so that gRPC takes the next call in (and this code can end a
+        waiting one for it); none when they leave only that one."""
+        if self._held_open is None:
+            return self.waiting_bound
+        return max(0, min(self.waiting_bound, self._limit - 1 - self._held_open()))
 
     def _end(self, victim, now: int, held: int) -> None:
         """End ``victim``, a call still waiting for its request (``held``: the waiting calls on its connection)."""
@@ -315,8 +332,9 @@ class EagerReceive(futures.ThreadPoolExecutor):
                 why = (f"its request message had not come {(now - arrived) // 1_000_000} ms after the call began, and "
                        f"{len(self._waiters) + 1} calls were waiting for theirs ({held} on its connection; at most "
                        f"{self.max_waiting} wait {self.min_wait_ns // 1_000_000} ms or more, at most "
-                       f"{self.waiting_bound} in all): the longest-waiting is ended (nothing was run; a request sent with its "
-                       f"call may only have been slow to be read under load): retry after {RETRY_AFTER_MS} ms")
+                       f"{self._bound_now()} in all now): the longest-waiting is ended (nothing was run; a request "
+                       f"sent with its call may only have been slow to be read under load): retry after "
+                       f"{RETRY_AFTER_MS} ms")
                 # Sending the status closes the stream: the receive completes (on_message) and ends the call.
                 _gs._abort(state, rpc_event.call, _cygrpc.StatusCode.resource_exhausted, why.encode())
 
@@ -379,16 +397,17 @@ class EagerReceive(futures.ThreadPoolExecutor):
 
 def attach(handlers, pool, answer_later: bool = True, poller_inline: bool = False,
            refusals=None, max_waiting: int | None = None, waiting_bound: int | None = None,
-           gate=None) -> EagerReceive | None:
+           gate=None, held_open=None, limit: int = 0) -> EagerReceive | None:
     """Route the unary-unary methods of ``handlers`` (``registration.ServiceHandlers``) through an
     ``EagerReceive`` on ``pool``; None (and a warning) where this grpcio does not allow it. With
     ``poller_inline`` (and ``answer_later``), behaviours marked ``runs_on_poller`` run on the poller
     thread when they arrive to an idle server. ``max_waiting``, ``waiting_bound``: how many calls may wait for their
-    request (``waiting_cap``, ``waiting_bound``); past them the longest-waiting are ended."""
+    request (``waiting_cap``, ``waiting_bound``); past them the longest-waiting are ended. ``held_open()``: the call
+    slots open streams and watches hold, of ``limit`` (gRPC's, workers); waiting calls never take the last one."""
     if not AVAILABLE:
         _fallback("this grpcio lacks the internals it follows")
         return None
-    eager = EagerReceive(pool, answer_later, refusals, max_waiting, waiting_bound, gate)
+    eager = EagerReceive(pool, answer_later, refusals, max_waiting, waiting_bound, gate, held_open, limit)
     on_poller = set()
     for service in handlers:
         for name, handler in getattr(service, "methods", {}).items():
