@@ -534,16 +534,19 @@ class DecisionSide:
         task's idempotency key in flight (ABORTED), and a deadline that passed
         in a busy queue (DEADLINE_EXCEEDED: the model did not answer in time,
         so nothing was decided) may all pass. So may a model that is not loaded
-        while its pipeline still is: an operator reloading it. A pipeline that
-        is gone fails the task. So does an attempt's timeout shorter than the model's own predicted run
-        (DeadlineTooShort, nothing ahead of it): every attempt has that timeout, and the model that run (it was
-        retried task_max_attempts times, ~4 minutes by default, to fail "gave up after 10 attempts" all the same).
+        while its pipeline still is: an operator reloading it; and a pipeline
+        refused for want of its model, served once it loads (at a start the model did not load: the tasks the restart
+        resumed failed for good). A pipeline that is gone fails the task. So does an attempt's timeout shorter than
+        the model's own predicted run (DeadlineTooShort, nothing ahead of it): every attempt has that timeout, and
+        the model that run (it was retried task_max_attempts times, ~4 minutes by default, to fail "gave up after 10
+        attempts" all the same).
         """
         if isinstance(exc, DeadlineTooShort) and exc.run_ns >= self._attempt_timeout_ns(task):
             return False
         if isinstance(exc, (ResourceExhausted, Unavailable, Aborted, DeadlineExceeded)):
             return True
-        return isinstance(exc, NotFound) and self._pipeline_loaded(task.request.pipeline)
+        return isinstance(exc, NotFound) and (self._pipeline_loaded(task.request.pipeline)
+                                              or self.registry.waits_for_model(task.request.pipeline))
 
     def _attempt_timeout_ns(self, task: kpb.Task) -> int:
         """The whole time each attempt of ``task`` has for the model (as DecisionEngine.prepare reads it)."""

@@ -30,7 +30,7 @@ class ModelChanges:
             return
         try:
             with self._work:
-                paths = {path for path, model in self._waiting.items() if model in names}
+                paths = {path for path, (model, _) in self._waiting.items() if model in names}
                 paths |= {Path(p.path) for p in self._active.values() if p.model in names}
                 activated = self._load_files(sorted(path for path in paths if path in self._seen))
             if activated:

@@ -56,7 +56,8 @@ class PipelineRegistry(PipelineUploads, ModelChanges):
         self._reads: dict[Path, set[Path]] = {}
         self._settling: dict[Path, tuple] = {}  # changed files waiting for a second look (reload(settle=True))
         self._strays: set[Path] = set()  # top-level files that are no pipeline: refused unless a pipeline reads them
-        self._waiting: dict[Path, str] = {}  # pipeline file refused by the models loaded -> the model it names
+        # pipeline file refused by the models loaded -> (the model it names, the pipeline's name)
+        self._waiting: dict[Path, tuple[str, str]] = {}
         self._gone: set[Path] = set()  # serving pipelines' files the last look did not find
         self._duplicates: dict[Path, str] = {}  # files refused for a name another file serves -> that name
         self.errors: dict[str, str] = {}  # file -> why its latest content was refused
@@ -79,6 +80,11 @@ class PipelineRegistry(PipelineUploads, ModelChanges):
                     if refused else "")
             raise NotFound(f"pipeline {quote(name)} is not loaded; loaded pipelines: {names}{also}")
         return pipeline
+
+    def waits_for_model(self, name: str) -> bool:
+        """Whether pipeline ``name`` is not served only because no version of the model it names fits the models
+        loaded (none at the start, say): it is tried again when one loads."""
+        return name not in self._active and any(waiting == name for _, waiting in self._waiting.values())
 
     def all(self) -> list[Pipeline]:
         return sorted(self._active.values(), key=lambda p: p.name)
@@ -227,7 +233,7 @@ class PipelineRegistry(PipelineUploads, ModelChanges):
         except PipelineError as exc:
             self.errors[str(path)] = str(exc)
             if parsed is not None:  # it did not fit the models loaded: a version of its model may, later
-                self._waiting[path] = parsed.model
+                self._waiting[path] = (parsed.model, parsed.name)
             else:
                 self._waiting.pop(path, None)
             log.error("pipeline refused: %s%s", exc, self._still_serving(path))
