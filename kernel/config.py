@@ -113,6 +113,13 @@ class Settings:
     batch_nice: int = 10
     scheduler: str = "auto"  # "auto" (Cython core when built), "cython" or "reference"
     max_message_bytes: int = 64 * 1024 * 1024  # larger requests get RESOURCE_EXHAUSTED
+    # The bytes of large requests (over 64 KiB) held at once across every call, from their arrival until their
+    # answer (ModelInfer and ModelStreamInfer requests by their bytes or, when more, their decoded inputs; Decide,
+    # DecideStream, StartTask): one that would pass it is refused at once with RESOURCE_EXHAUSTED, retry-after-ms.
+    # Each request is bounded on its own, their sum was not: 64 calls of 32 MiB held 2 GiB and more, until the
+    # process was OOM-killed with every call in flight (kernel/api/payload_budget.py). A request larger than
+    # the budget is taken while nothing else is held.
+    payload_budget_bytes: int = 1 << 30
     # Streams one client connection may have open at once (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS). 0 = gRPC's
     # default, no limit: a burst of thousands of calls on a new connection goes out before the client has read the
     # limit, and gRPC refuses those past it (UNAVAILABLE "Stream removed", REFUSED_STREAM). A limit near 1,000 bounds
@@ -190,6 +197,8 @@ _FOLDERS = ("models", "pipelines", "data_dir")  # settings naming a folder: neve
 
 _MIN_POLL_S = 0.1  # a look reads every pipeline file's status; more often is a busy loop, not a faster reload
 _MAX_GRPC_INT = 2**31 - 1  # gRPC's channel arguments (message size limits) are C ints
+# payload_budget_bytes: below a MiB a few ordinary large requests would be refused; past a TiB it bounds nothing.
+_MIN_PAYLOAD_BUDGET, _MAX_PAYLOAD_BUDGET = 1 << 20, 1 << 40
 
 # Durations: a longer one is a typo, and past threading.TIMEOUT_MAX (~292 years) a wait on it raises
 # OverflowError inside a kernel thread.
@@ -295,6 +304,9 @@ def _validate(settings: Settings, sources: dict[str, str]) -> None:
         # (gRPC takes its channel arguments as C ints: a larger value ended the start in an OverflowError traceback)
         raise bad("max_message_bytes", f"must be 1024..{_MAX_GRPC_INT} (2 GiB - 1, gRPC's limit), got "
                                        f"{settings.max_message_bytes}")
+    if not _MIN_PAYLOAD_BUDGET <= settings.payload_budget_bytes <= _MAX_PAYLOAD_BUDGET:
+        raise bad("payload_budget_bytes", f"must be {_MIN_PAYLOAD_BUDGET}..{_MAX_PAYLOAD_BUDGET} (1 MiB to 1 TiB), "
+                                          f"got {settings.payload_budget_bytes}")
     if not 0 <= settings.max_connection_streams <= _MAX_GRPC_INT:
         raise bad("max_connection_streams", f"must be 0..{_MAX_GRPC_INT} (0 = no limit), got "
                                             f"{settings.max_connection_streams}")

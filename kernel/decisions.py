@@ -213,12 +213,13 @@ class DecisionSide:
                     "pipeline folder %s does not exist: no pipelines are served (Decide answers NOT_FOUND) until "
                     "pipeline files appear there", self.registry.folder)
 
-    def handlers(self, budget=None, watches=None, streams=None) -> dict:
+    def handlers(self, budget=None, watches=None, streams=None, payload=None) -> dict:
         """The RPC handlers; ``budget`` (kernel.api.call_budget.CallBudget) may refuse a Decide by priority,
         ``watches`` (kernel.api.watch_budget.WatchBudget) caps the open watches of the three watch RPCs,
-        ``streams`` (a StreamBudget: grpc.aio) the open DecideStreams."""
+        ``streams`` (a StreamBudget: grpc.aio) the open DecideStreams, ``payload`` (a PayloadBudget) the large
+        requests a DecideStream holds."""
         return {
-            **decision_handlers(self.engine, self.registry, budget, streams),
+            **decision_handlers(self.engine, self.registry, budget, streams, payload),
             **review_handlers(self.reviews, watches),
             **task_handlers(self.tasks, watches),
             **(audit_handlers(self.audit, allow_stream=self.settings.audit_stream_enabled, draining=self._draining,

@@ -30,6 +30,7 @@ from ._proto.inference import grpc_service_pb2
 from .api import (InferenceService, aio_servicer, eager_receive, kernel_services, registration, stream_pump,
                   sync_servicer, windowed_sends)
 from .api.call_budget import CallBudget, StreamBudget
+from .api.payload_budget import PayloadBudget
 from .api.entry_gate import EntryGate, guard
 from .api.handler_pool import HandlerPool, poller_policy
 from .api.health import AsyncHealth, ThreadedHealth
@@ -137,6 +138,8 @@ class KernelServer:
         self.hub.add_preparer(self._models_arriving)
         self.hub.add_listener(self._models_changed)
         self.service = InferenceService(self.hub, self.lanes)
+        # Large requests held at once, across every call (api/payload_budget.py; /metrics reads it).
+        self.service.payload = PayloadBudget(settings.payload_budget_bytes)
         # Triton's ServerReady and gRPC health answer one rule: a probe of either (KServe's readiness uses
         # ServerReady) said ready while the audit log had failed and every decision was refused.
         self.service.ready = self.ready
@@ -332,8 +335,9 @@ class KernelServer:
         # grpc.aio has no CallBudget, but its DecideStreams cost threads: capped by max_streams too.
         self._streams = StreamBudget(self.settings.stream_limit) if asynchronous else None
         ours = kernel_services.generic_handlers(self.hub, self.lanes, asynchronous,
-                                                self.decisions.handlers(budget, self._watches, self._streams),
-                                                refusals=self.service.refusals)
+                                                self.decisions.handlers(budget, self._watches, self._streams,
+                                                                        self.service.payload),
+                                                refusals=self.service.refusals, payload=self.service.payload)
         self._gate = EntryGate(asynchronous)
         guard([inference, *ours], self._gate)  # (health and reflection stay open: a probe hears NOT_SERVING)
         registration.add_to_server(server, [inference, *ours])
@@ -344,7 +348,8 @@ class KernelServer:
                                                eager_receive.waiting_bound(self.settings.workers), self._gate,
                                                lambda: budget.streams_open + self._watches.open, self.settings.workers)
             if self.settings.answer_later:
-                self._pump = stream_pump.attach(ours, self.decisions.engine, self._pool, budget, self.service.refusals)
+                self._pump = stream_pump.attach(ours, self.decisions.engine, self._pool, budget, self.service.refusals,
+                                                self.service.payload)
         if not asynchronous:  # a StreamAudit follower keeps up with a busy kernel (windowed_sends.py)
             windowed_sends.attach(ours, self._pool, (("aios.kernel.v1.AuditService", "StreamAudit"),
                                                      ("aios.kernel.v1.AuditService", "StreamAuditBatches")))

@@ -13,6 +13,7 @@ from ..scheduling.types import ITEM_QUEUED
 from ..pipelines.stream import decide_stream
 from . import answer_later
 from .aio_wait import attach, wait_finished
+from .payload_budget import StreamCharges
 
 
 def pipeline_info(pipeline) -> kpb.PipelineInfo:
@@ -25,9 +26,11 @@ def pipeline_info(pipeline) -> kpb.PipelineInfo:
     )
 
 
-def decision_handlers(engine: DecisionEngine, registry: PipelineRegistry, budget=None, streams=None) -> dict:
+def decision_handlers(engine: DecisionEngine, registry: PipelineRegistry, budget=None, streams=None,
+                      payload=None) -> dict:
     """``budget``: the threaded front end's CallBudget (priority reserve, and its stream cap); ``streams``: a
-    StreamBudget capping open DecideStreams where there is no CallBudget (grpc.aio)."""
+    StreamBudget capping open DecideStreams where there is no CallBudget (grpc.aio); ``payload``: the kernel's
+    PayloadBudget, which a DecideStream's large requests hold until answered (Decide's: rpc.py)."""
     streams = budget if streams is None else streams
     # A Decide holds its handler thread until answered, like ModelInfer: under a flood the same budget
     # keeps the last threads for priority 1 (kernel/api/call_budget.py).
@@ -72,7 +75,9 @@ def decision_handlers(engine: DecisionEngine, registry: PipelineRegistry, budget
         if streams is not None:  # (a pumped stream is admitted by the pump: stream_pump.py)
             streams.admit_stream()
             ctx.on_done(streams.stream_ended)  # its slot comes back when the call ends, however it ends
-        return decide_stream(engine, requests, ctx)
+        charges = StreamCharges(payload, "DecideStream request")
+        ctx.on_done(charges.close)  # what its requests still hold comes back when the call ends, however it ends
+        return decide_stream(engine, requests, ctx, charges=charges)
 
     def upload(request, ctx):
         policy = request.policy_toml or None

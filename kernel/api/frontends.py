@@ -30,7 +30,8 @@ from ..scheduling.types import ITEM_EXPIRED, ITEM_QUEUED
 from . import answer_later, tensors
 from .aio_wait import attach, wait_finished
 from .call_budget import CallBudget
-from .registration import ensure_parsed, generic_handler
+from .payload_budget import StreamCharges, hold_call
+from .registration import Received, Unparsable, ensure_parsed, generic_handler
 
 log = logging.getLogger("aios.api")
 
@@ -143,6 +144,11 @@ class InOrder:
         return due
 
 
+def _no_hook(_release) -> bool:
+    """``hold_call``'s ``on_end`` where the handler gives its charge back itself (grpc.aio: ``finally``)."""
+    return True
+
+
 # --------------------------------------------------------------------------- sync
 def _sync_call(rpc: str, call, context, refusals):
     """Run ``call()``; a KernelError becomes its status, anything else INTERNAL with a request id (either counted
@@ -205,12 +211,29 @@ def _sync_unary(rpc: str, method, refusals):
     return handler
 
 
-def count_decoded(hold, sizes: deque, item, nbytes: int) -> None:
+def decoded_check(held, admit):
+    """``admit`` for a charged request (``held``, or None: not counted): its charge first grows to what its
+    decoded inputs hold when that is more than its bytes (a small INT64 is 1 byte on the wire, 8 decoded)."""
+    if held is None:
+        return admit
+
+    def check(item) -> None:
+        held.grow(tensors.held_bytes(item.inputs) - held.nbytes, "ModelInfer")
+        if admit is not None:
+            admit(item)
+
+    return check
+
+
+def count_decoded(hold, sizes: deque, item, nbytes: int, charges=None, charged: deque | None = None) -> None:
     """Count a stream's request, just prepared and not yet queued, by what its decoded inputs hold when that is
-    more than its ``nbytes`` on the wire (``sizes[-1]``: its answer, sent only once it is queued, gives it back).
+    more than its ``nbytes`` on the wire (``sizes[-1]``: its answer, sent only once it is queued, gives it back),
+    and so its charge against the payload budget (``charged[-1]``, of the stream's ``charges``), if it has one.
     A stream of 5-byte BYTES elements held 64 MiB of requests counted and 1.7 GB of memory."""
     extra = tensors.held_bytes(item.inputs) - nbytes
     if extra > 0:
+        if charges is not None:  # (first: a refusal leaves the stream's own counts as they were)
+            charged[-1] = charges.grow(charged[-1], extra)
         hold.grow(extra)
         sizes[-1] += extra
 
@@ -233,6 +256,8 @@ class _SyncStream:
         self.window = StreamWindow(service)
         self.hold = StreamHold()  # unanswered requests and their bytes, bounded: the reader waits for room
         self.sizes: deque[int] = deque()  # the bytes of each request not yet answered, in request order
+        self.charges = StreamCharges(service.payload, "ModelStreamInfer request")  # large ones, kernel-wide
+        self.charged: deque[int] = deque()  # what each of them holds of it, as ``sizes``
 
     def _read(self) -> None:
         count = 0
@@ -242,9 +267,12 @@ class _SyncStream:
                     return
                 seq, count = count, count + 1
                 self.sizes.append(nbytes)  # (before its answer can be due: the sender pops them in order)
+                self.charged.append(0)
                 try:
+                    # (refused: its answer says so; one that did not parse is answered at once, not charged)
+                    self.charged[-1] = self.charges.take(0 if type(request) is Unparsable else nbytes)
                     item = self.service.prepare(request, self.context.time_remaining())
-                    count_decoded(self.hold, self.sizes, item, nbytes)
+                    count_decoded(self.hold, self.sizes, item, nbytes, self.charges, self.charged)
                     self.window.submit(item, lambda it, req=request, n=seq: self.out.put((n, req, it)))
                 except Exception as exc:  # one bad request must not end the stream
                     self.out.put((seq, request, exc))
@@ -255,6 +283,9 @@ class _SyncStream:
 
     def __iter__(self):
         if not self.context.add_callback(self.window.cancel_all):  # the call ended, however: nothing stays queued
+            return
+        if not self.context.add_callback(self.charges.close):  # ...and what it held of the payload budget comes back
+            self.charges.close()
             return
         threading.Thread(target=self._read, name="aios-stream-reader", daemon=True).start()
         sent, total, order = 0, None, InOrder()
@@ -267,6 +298,7 @@ class _SyncStream:
                 sent += 1
                 yield stream_response(self.service, request, result)
                 self.hold.give_back(self.sizes.popleft())  # (after the yield: once gRPC took the answer to send)
+                self.charges.give_back(self.charged.popleft())
 
 
 def sync_servicer(service: InferenceService, budget: CallBudget | None = None) -> grpc.GenericRpcHandler:
@@ -283,6 +315,7 @@ def sync_servicer(service: InferenceService, budget: CallBudget | None = None) -
     infer_blocking = service.infer_blocking
 
     admit = None if budget is None else budget.admit_item
+    payload = service.payload
 
     def answer_batch(items, done) -> bool:
         """The lane's finisher for calls answered later: answer each from the thread that ran the batch."""
@@ -309,7 +342,7 @@ def sync_servicer(service: InferenceService, budget: CallBudget | None = None) -
             timer.forget(watch)
         later.fail(item.error)
 
-    def infer_later(request, context, arrived_ns, later):
+    def infer_later(request, context, arrived_ns, later, admit):
         """Queue the call's work and return DEFERRED: the batch's thread answers it (answer_later.py).
         A model whose batches are short is run as ``infer_blocking`` does (see ANSWER_LATER_MIN_NS).
         On the poller thread (``later.on_poller``: a call that arrived to an idle server) a short batch on
@@ -343,10 +376,14 @@ def sync_servicer(service: InferenceService, budget: CallBudget | None = None) -
         later = answer_later.take(f"{SERVICE_LABEL}.ModelInfer")
         # _sync_call written out: this is the one per-request handler worth the lines.
         try:
+            check = admit
+            if type(request) is Received:  # a large request: held against the payload budget until the call ends
+                request, held = hold_call(payload, request, "ModelInfer", context.add_callback)
+                check = decoded_check(held, admit)
             if later is not None:
-                return infer_later(request, context, arrived_ns, later)
+                return infer_later(request, context, arrived_ns, later, check)
             return infer_blocking(request, context.time_remaining(), lambda it: on_wait(context, it), arrived_ns,
-                                  admit)
+                                  check)
         except Exception as exc:
             counted(refusals, "ModelInfer", exc)
             _sync_abort("ModelInfer", exc, context)
@@ -397,9 +434,16 @@ def aio_servicer(service: InferenceService) -> grpc.GenericRpcHandler:
     methods = {rpc: _aio_unary(rpc, getattr(service, name), refusals) for rpc, name in UNARY.items()}
     methods.update((rpc, _aio_unary(rpc, not_offered(rpc), refusals)) for rpc in NOT_OFFERED)
 
+    payload = service.payload
+
     async def ModelInfer(request, context, arrived_ns=None):
+        held = None
         try:
+            if type(request) is Received:  # a large request: held against the payload budget until the call ends
+                request, held = hold_call(payload, request, "ModelInfer", _no_hook)
             item = service.prepare(request, context.time_remaining(), arrived_ns)
+            if held is not None:
+                held.grow(tensors.held_bytes(item.inputs) - held.nbytes, "ModelInfer")
             done = attach(item)
             if service.run_if_idle(item, INLINE_MAX_NS):
                 return service.answer(request, item)
@@ -407,6 +451,9 @@ def aio_servicer(service: InferenceService) -> grpc.GenericRpcHandler:
             return service.answer(request, item)
         except Exception as exc:
             await _aio_abort("ModelInfer", exc, context, refusals)
+        finally:  # (a cancelled call too: CancelledError passes here)
+            if held is not None:
+                held.release()
 
     async def ModelStreamInfer(request_iterator, context):
         loop = asyncio.get_running_loop()
@@ -416,6 +463,9 @@ def aio_servicer(service: InferenceService) -> grpc.GenericRpcHandler:
         window = StreamWindow(service)
         hold = AsyncStreamHold()  # unanswered requests and their bytes, bounded: the reader waits for room
         sizes: deque[int] = deque()  # the bytes of each request not yet answered, in request order (InOrder's)
+        charges = StreamCharges(service.payload, "ModelStreamInfer request")  # large ones, kernel-wide
+        charged: deque[int] = deque()  # what each of them holds of it, as ``sizes``
+        context.add_done_callback(lambda _call: charges.close())  # (however the call ends; and in finally below)
 
         async def read() -> None:
             count = 0
@@ -424,9 +474,12 @@ def aio_servicer(service: InferenceService) -> grpc.GenericRpcHandler:
                     await hold.take(nbytes)  # full: wait for the client to read
                     seq, count = count, count + 1
                     sizes.append(nbytes)
+                    charged.append(0)
                     try:
+                        # (refused: its answer says so; one that did not parse is answered at once, not charged)
+                        charged[-1] = charges.take(0 if type(request) is Unparsable else nbytes)
                         item = service.prepare(request, context.time_remaining())
-                        count_decoded(hold, sizes, item, nbytes)
+                        count_decoded(hold, sizes, item, nbytes, charges, charged)
                         window.submit(item, lambda it, req=request, n=seq: loop.call_soon_threadsafe(
                             results.put_nowait, (n, req, it)))
                     except Exception as exc:
@@ -446,9 +499,11 @@ def aio_servicer(service: InferenceService) -> grpc.GenericRpcHandler:
                     sent += 1
                     yield stream_response(service, request, result)
                     await hold.give_back(sizes.popleft())
+                    charges.give_back(charged.popleft())
         finally:  # the call ended, however: nothing of it stays queued
             reader.cancel()
             window.cancel_all()
+            charges.close()
 
     ModelInfer.wants_arrival = True  # Triton's ``timeout`` counts from the call's arrival (registration.py)
     methods["ModelInfer"] = ModelInfer

@@ -74,7 +74,7 @@ def deadline_from(time_remaining: float | None, timeout_us: int = 0, arrived_ns:
 
 
 class InferenceService:
-    __slots__ = ("hub", "lanes", "expiry", "ready", "refusals")
+    __slots__ = ("hub", "lanes", "expiry", "ready", "refusals", "payload")
 
     def __init__(self, hub: ModelHub, lanes: Lanes):
         self.hub = hub
@@ -87,6 +87,9 @@ class InferenceService:
         self.expiry = ExpiryTimer(self.expire)
         # Calls answered with an error, every service's (the metrics endpoint's aios_calls_failed_total).
         self.refusals = CallRefusals()
+        # The bytes of large requests held across calls (payload_budget.py): set by the server from
+        # payload_budget_bytes before its front end is built; None: not counted.
+        self.payload = None
 
     # -- lookup -------------------------------------------------------------
     def resolve(self, name: str, version: str, field: str = "model_name") -> ModelVersion:

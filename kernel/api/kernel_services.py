@@ -67,17 +67,18 @@ def _unimplemented_message(service: str, method: str) -> str:
 
 
 def generic_handlers(
-    hub: ModelHub, lanes, asynchronous: bool, implemented: dict | None = None, refusals=None,
+    hub: ModelHub, lanes, asynchronous: bool, implemented: dict | None = None, refusals=None, payload=None,
 ) -> list[grpc.GenericRpcHandler]:
     """Handlers for every service of kernel.proto; ``implemented`` maps (service, method) to a handler; each error
-    status they answer is counted in ``refusals`` (``observability.refusals.CallRefusals``), if given."""
+    status they answer is counted in ``refusals`` (``observability.refusals.CallRefusals``), if given; large
+    requests (Decide's, StartTask's) are held against ``payload`` (api/payload_budget.py), if given."""
     implemented = {("AdminService", "ListModels"): _list_models(hub, lanes), **(implemented or {})}
     handlers = []
     for service in kernel_pb2.DESCRIPTOR.services_by_name.values():
         behaviours = {
             method.name: _make(
                 implemented.get((service.name, method.name)), service.name, method.name,
-                asynchronous, method.client_streaming, method.server_streaming, refusals,
+                asynchronous, method.client_streaming, method.server_streaming, refusals, payload,
             )
             for method in service.methods
         }
@@ -85,10 +86,11 @@ def generic_handlers(
     return handlers
 
 
-def _make(func, service: str, method: str, asynchronous: bool, streaming_in: bool, streaming_out: bool, refusals):
+def _make(func, service: str, method: str, asynchronous: bool, streaming_in: bool, streaming_out: bool, refusals,
+          payload=None):
     if func is not None:
         wrap = rpc.aio_handler if asynchronous else rpc.sync_handler
-        return wrap(f"{service}.{method}", func, streaming_in, streaming_out, refusals)
+        return wrap(f"{service}.{method}", func, streaming_in, streaming_out, refusals, payload)
     message = _unimplemented_message(service, method)
     count = (lambda: None) if refusals is None else (lambda: refusals.count(f"{service}.{method}", "UNIMPLEMENTED"))
     if asynchronous:

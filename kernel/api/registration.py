@@ -7,6 +7,10 @@ them into INVALID_ARGUMENT inside the handler, per message on streams. A
 large ModelInferRequest whose bytes show it past the element limits comes so
 too, refused before it is parsed (``_PRECHECKS``, wire_limits.py).
 
+A unary request of those types larger than ``payload_budget.CHARGE_ABOVE`` reaches its handler as
+``Received`` (the message and its size), for the handler to charge against the kernel's payload budget;
+every handler of ModelInfer, Decide and StartTask takes it so (``payload_budget.hold_call``).
+
 A unary behaviour marked ``wants_arrival`` is called with ``arrived_ns``:
 the ``time.monotonic_ns()`` at which gRPC took up the call, on the server's
 polling thread (sync) or event loop (asyncio), as the call came in. A
@@ -39,6 +43,7 @@ from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
 from .._proto.inference import grpc_service_pb2 as pb
 from ..errors import InvalidArgument
 from . import wire_limits
+from .payload_budget import CHARGE_ABOVE
 
 
 class Unparsable:
@@ -85,14 +90,25 @@ def _safe_parser(message_cls, sized: bool = False) -> Callable[[bytes], object]:
     precheck = _PRECHECKS.get(name)
 
     def deserialize(data: bytes):
-        if precheck is not None and len(data) > wire_limits.SCAN_ABOVE:  # (small ones: no call, as before)
-            refused = precheck(data)
-            if refused is not None:
-                return Unparsable(name, "", refused)
+        if precheck is not None and len(data) > CHARGE_ABOVE:  # (small ones: this compare, nothing else)
+            return large(data)
         try:
             return parse(data)
         except Exception as exc:  # DecodeError, or upb's own error for truncated input
             return Unparsable(name, str(exc) or type(exc).__name__)
+
+    def large(data: bytes):
+        """A request past CHARGE_ABOVE: checked from its bytes first when past SCAN_ABOVE; a unary one that parses
+        comes as ``Received``, for its handler to charge against the payload budget (payload_budget.py)."""
+        if len(data) > wire_limits.SCAN_ABOVE:
+            refused = precheck(data)
+            if refused is not None:
+                return Unparsable(name, "", refused)
+        try:
+            message = parse(data)
+        except Exception as exc:
+            return Unparsable(name, str(exc) or type(exc).__name__)
+        return message if sized else Received(message, len(data))
 
     if not sized:
         return deserialize

@@ -36,7 +36,8 @@ from ..errors import KernelError
 from ..at_send import AtSend
 from ..scheduling.stream_window import StreamHold
 from .frontends import details_of, internal_message, status_of
-from .registration import ensure_parsed
+from .payload_budget import hold_call
+from .registration import Received, ensure_parsed
 
 log = logging.getLogger("aios.api")
 
@@ -155,16 +156,33 @@ def _sync_fail(rpc: str, exc: BaseException, context, refusals) -> None:
     context.abort(grpc.StatusCode.INTERNAL, internal_message(rpc))
 
 
+def _held(request, ctx: CallContext, rpc: str, payload):
+    """A large request (``Received``) charged against ``payload`` until its call ends (payload_budget.py);
+    anything else as it is."""
+    if type(request) is not Received:
+        return request
+    message, _ = hold_call(payload, request, rpc.rpartition(".")[2], _ends_with(ctx))
+    return message
+
+
+def _ends_with(ctx: CallContext):
+    def on_end(release) -> bool:
+        ctx.on_done(release)  # (called at once if the call has ended)
+        return True
+    return on_end
+
+
 def sync_handler(rpc: str, handler: Callable, client_streaming: bool, server_streaming: bool,
-                 refusals=None) -> Callable:
+                 refusals=None, payload=None) -> Callable:
     """``handler`` as gRPC's threaded server calls it; each error status it answers is counted in ``refusals``
-    (``observability.refusals.CallRefusals``) under ``rpc`` ("Service.Method")."""
+    (``observability.refusals.CallRefusals``) under ``rpc`` ("Service.Method"); a large request is held against
+    ``payload`` (a ``PayloadBudget``, or None: not counted) while its call lasts."""
     def prepare(request_or_iterator, context, arrived_ns=None):
         ctx = _lazy_context(context, arrived_ns)
         if client_streaming:
             return request_or_iterator, ctx  # messages that did not parse come as Unparsable (see above)
         ensure_parsed(request_or_iterator)
-        return request_or_iterator, ctx
+        return _held(request_or_iterator, ctx, rpc, payload), ctx
 
     if server_streaming:
         def call(request_or_iterator, context):
@@ -232,7 +250,7 @@ def _message_bytes(response) -> int:
 
 
 def aio_handler(rpc: str, handler: Callable, client_streaming: bool, server_streaming: bool,
-                refusals=None) -> Callable:
+                refusals=None, payload=None) -> Callable:
     """``handler`` as grpc.aio calls it (see ``sync_handler``)."""
     def start(request_or_iterator, context, loop, arrived_ns=None):
         ctx = _context_from(context, arrived_ns)
@@ -240,7 +258,7 @@ def aio_handler(rpc: str, handler: Callable, client_streaming: bool, server_stre
         if client_streaming:
             return _bridge_requests(request_or_iterator, loop), ctx
         ensure_parsed(request_or_iterator)
-        return request_or_iterator, ctx
+        return _held(request_or_iterator, ctx, rpc, payload), ctx
 
     if not server_streaming:
         on_loop = getattr(handler, "on_loop", None)  # a coroutine version that never blocks the loop

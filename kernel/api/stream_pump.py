@@ -52,6 +52,7 @@ from ..pipelines.stream_drains import DRAINED
 from ..scheduling.stream_window import has_room
 from .eager_receive import AVAILABLE as _EAGER_AVAILABLE
 from .eager_receive import _Finished
+from .payload_budget import StreamCharges
 from .rpc import _deadline_ns
 
 log = logging.getLogger("aios.api")
@@ -119,9 +120,10 @@ class StreamPump(TakeOverPool):
 
     method = "DecideStream"
 
-    def __init__(self, engine, pool, budget=None, refusals=None):
+    def __init__(self, engine, pool, budget=None, refusals=None, payload=None):
         super().__init__(pool)  # the server's HandlerPool: runs each stream's prepare task
         self._engine = engine
+        self.payload = payload  # the kernel's PayloadBudget: large requests queued hold it (payload_budget.py)
         self._budget = budget  # the server's CallBudget: a stream may not take the threads kept for priority 1
         self._refusals = refusals  # where a stream refused counts (observability.refusals)
         self.streams = 0  # streams that took this path (changed on gRPC's poller thread only)
@@ -184,19 +186,22 @@ class StreamPump(TakeOverPool):
 class _Answer:
     """A decision's ``later`` (what ``DecisionEngine.answer_later`` answers through): back onto its stream."""
 
-    __slots__ = ("_stream", "_request", "_nbytes", "item", "_pending")
+    __slots__ = ("_stream", "_request", "_nbytes", "item", "_pending", "_charged")
 
-    def __init__(self, stream: _Stream, request, nbytes: int, item, pending):
+    def __init__(self, stream: _Stream, request, nbytes: int, item, pending, charged: int = 0):
         self._stream = stream
         self._request = request
         self._nbytes = nbytes
+        self._charged = charged  # what it holds of the payload budget, given back with its answer
         self.item = item  # its model work: no longer to take back once answered
         self._pending = pending  # (its deadline checked again if the answer has to wait for its turn to go out)
 
     def send(self, decision) -> None:
+        self._stream._charges.give_back(self._charged)
         self._stream.answer(decision, self._nbytes, self.item, self._pending)
 
     def fail(self, error) -> None:
+        self._stream._charges.give_back(self._charged)
         self._stream.answer(error_decision(self._request, error), self._nbytes, self.item)
 
 
@@ -227,6 +232,7 @@ class _Stream:
         self._queued: dict[int, object] = {}  # id(item) -> item: model work to take back if the call ends
         self._done = False  # the status is out or the call ended: ``finished`` is set
         self._draining = False  # the kernel is stopping: read nothing more, answer what was taken, end
+        self._charges = StreamCharges(pump.payload, "DecideStream request")  # its large requests queued, kernel-wide
 
     # -- receiving (gRPC's poller thread) ---------------------------------------------------
     def start(self) -> None:
@@ -307,16 +313,24 @@ class _Stream:
             self.answer(pending, nbytes, None)
             return
         item = pending.item
+        try:
+            charged = self._charges.take(nbytes)  # (held until answered; the stream's end gives back the rest)
+        except ResourceExhausted as exc:  # the payload budget is full: this request is answered so, the stream goes on
+            self._engine.release(pending)
+            self.answer(error_decision(request, exc), nbytes, None)
+            return
         with self._state.condition:
             if not _gs._is_rpc_state_active(self._state):  # the call ended: nothing to queue for
                 self._answered += 1
                 self._engine.release(pending)
+                self._charges.give_back(charged)
                 return
             self._queued[id(item)] = item
         try:
-            self._engine.answer_later(pending, _Answer(self, request, nbytes, item, pending), inline=False)
+            self._engine.answer_later(pending, _Answer(self, request, nbytes, item, pending, charged), inline=False)
         except Exception as exc:  # refused at admission: RESOURCE_EXHAUSTED with its retry hint
             self._engine.release(pending)
+            self._charges.give_back(charged)
             self.answer(error_decision(request, exc), nbytes, item)
 
     # -- answering (the finisher, or the prepare task) ----------------------------------------
@@ -409,11 +423,12 @@ class _Stream:
             first, self._done = not self._done, True
         for item in queued:
             self._engine.inference.cancel(item)  # (each then leaves the lane unrun and is answered to nobody)
+        self._charges.close()  # (what its requests still held of the payload budget, however the call ended)
         if first:
             self.finished.set_done()
 
 
-def attach(handlers, engine, pool, budget=None, refusals=None) -> StreamPump | None:
+def attach(handlers, engine, pool, budget=None, refusals=None, payload=None) -> StreamPump | None:
     """Route DecideStream (found among ``handlers``, ``registration.ServiceHandlers``) through a
     ``StreamPump``; None (and the log says so) where this grpcio lacks the internals it follows."""
     if not AVAILABLE:
@@ -425,7 +440,7 @@ def attach(handlers, engine, pool, budget=None, refusals=None) -> StreamPump | N
         handler = service.methods.get(STREAM_METHOD)
         if handler is None:
             return None
-        pump = StreamPump(engine, pool, budget, refusals)
+        pump = StreamPump(engine, pool, budget, refusals, payload)
         handler.stream_stream.experimental_thread_pool = pump
         return pump
     return None

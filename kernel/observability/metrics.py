@@ -92,6 +92,17 @@ class KernelCollector:
                                        "(UNAVAILABLE with aios-not-decided: not run; not in aios_calls_failed)")
         stopping.add_metric([], server.refused_while_stopping)
         yield stopping
+        payload = server.service.payload
+        if payload is not None:
+            held = GaugeMetricFamily("aios_payload_held_bytes", "Bytes of large requests (over 64 KiB) held now, "
+                                     "from their arrival to their answer, against payload_budget_bytes")
+            held.add_metric([], payload.held)
+            yield held
+            refused = CounterMetricFamily("aios_payload_refused", "Large requests refused because they would pass "
+                                          "payload_budget_bytes (RESOURCE_EXHAUSTED with retry-after-ms; also in "
+                                          "aios_calls_failed)")
+            refused.add_metric([], payload.refused)
+            yield refused
 
     # -- models ---------------------------------------------------------------------------------
     @staticmethod

@@ -101,8 +101,27 @@ def _in_time(engine: DecisionEngine, pending: Pending) -> kpb.Decision:
     return counted(engine, result if isinstance(result, kpb.Decision) else error_decision(pending.request, result))
 
 
-def decide_stream(engine: DecisionEngine, requests: Iterator, ctx, principal: str = ANONYMOUS) -> Iterator[kpb.Decision | AtSend]:
-    # Each answer-bearing event comes with the bytes of its request, given back to ``hold`` once answered.
+class _Uncharged:
+    """No payload budget (a stream served without one): nothing charged, nothing to give back."""
+
+    @staticmethod
+    def take(nbytes: int) -> int:
+        return 0
+
+    @staticmethod
+    def give_back(charged: int) -> None:
+        pass
+
+
+_UNCHARGED = _Uncharged()
+
+
+def decide_stream(engine: DecisionEngine, requests: Iterator, ctx, principal: str = ANONYMOUS,
+                  charges=None) -> Iterator[kpb.Decision | AtSend]:
+    # Each answer-bearing event comes with the bytes of its request, given back to ``hold`` once answered, and what
+    # it holds of the kernel's payload budget (``charges``: kernel/api/payload_budget.StreamCharges; the caller
+    # closes it when the call ends), given back then too.
+    charges = charges or _UNCHARGED
     events: queue.SimpleQueue = queue.SimpleQueue()
     hold = StreamHold()  # unanswered requests and their bytes, bounded: the reader waits for room
     window = StreamWindow(engine.inference)  # what is still queued: deadlines watched, cancelled at the call's end
@@ -127,15 +146,18 @@ def decide_stream(engine: DecisionEngine, requests: Iterator, ctx, principal: st
                     taken[0] += 1
                 pending = prepare_streamed(engine, request, ctx.deadline_ns, principal)
                 if isinstance(pending, kpb.Decision):  # a replay or an error: answered as it is
-                    events.put((pending, nbytes))
+                    events.put((pending, nbytes, 0))
                     continue
                 # Decided with every other finished decision (unary ones too) on the finisher thread;
                 # on_done (the window's) then only hands the answer to this stream.
+                charged = 0
                 try:
-                    window.submit(engine.finish_in_groups(pending), lambda _item, p=pending, n=nbytes: events.put((p, n)))
+                    charged = charges.take(nbytes)  # (the payload budget full: RESOURCE_EXHAUSTED with its hint)
+                    window.submit(engine.finish_in_groups(pending),
+                                  lambda _item, p=pending, n=nbytes, c=charged: events.put((p, n, c)))
                 except Exception as exc:  # refused at admission: RESOURCE_EXHAUSTED with its retry hint
                     engine.release(pending)
-                    events.put((error_decision(request, exc), nbytes))
+                    events.put((error_decision(request, exc), nbytes, charged))
         except Exception as exc:  # the request stream itself broke (bad bytes are answered per message above)
             events.put(exc)
         finally:
@@ -160,7 +182,7 @@ def decide_stream(engine: DecisionEngine, requests: Iterator, ctx, principal: st
                 batch.append(events.get_nowait())
             except queue.Empty:
                 break
-        group: list[tuple[Pending, int]] = []
+        group: list[tuple[Pending, int, int]] = []
         for event in batch:
             if event is _END:
                 reading = False
@@ -171,7 +193,7 @@ def decide_stream(engine: DecisionEngine, requests: Iterator, ctx, principal: st
                     raise event
                 raise Cancelled("the request stream ended abnormally") from event
             else:
-                answer, nbytes = event
+                answer, nbytes, charged = event
                 if isinstance(answer, Pending):
                     answer.item.owner = None  # (no reference cycle left for the garbage collector)
                     if answer.result is None:  # it never ran (cancelled, expired) or the finisher was closing
@@ -183,16 +205,18 @@ def decide_stream(engine: DecisionEngine, requests: Iterator, ctx, principal: st
                 else:
                     answer = counted(engine, answer)
                 hold.give_back(nbytes)
+                charges.give_back(charged)
                 answered += 1
                 yield answer
         if group:
             try:
-                results = engine.finish([pending for pending, _ in group])
+                results = engine.finish([pending for pending, _, _ in group])
             except Exception as exc:  # one group's failure is answered per request; the stream goes on
                 log.exception("finishing %d streamed decisions failed", len(group))
                 results = [exc] * len(group)
-            for (pending, nbytes), result in zip(group, results):
+            for (pending, nbytes, charged), result in zip(group, results):
                 hold.give_back(nbytes)
+                charges.give_back(charged)
                 answered += 1
                 yield counted(engine, result if isinstance(result, kpb.Decision) else error_decision(pending.request, result))
     if drained:  # every request taken is answered: the rest were not read (stream_drains.py)
