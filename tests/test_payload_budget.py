@@ -37,7 +37,7 @@ class _Gate:
     until ``open()``."""
 
     def __init__(self):
-        self.opened = {"held": threading.Event()}
+        self.opened = {"held": threading.Event(), "strings": threading.Event()}
 
     def run_batch(self, batch):
         opened = self.opened.get(batch.items[0].model.name)
@@ -58,6 +58,7 @@ def gated(request, tmp_path):
     root = tmp_path / "models"
     onnx_models.save(onnx_models.identity([("x", "FP32", (None,))]), root / "held" / "1" / "model.onnx")
     onnx_models.save(onnx_models.identity([("x", "FP32", (None,))]), root / "free" / "1" / "model.onnx")
+    onnx_models.save(onnx_models.identity([("s", "BYTES", (None,))]), root / "strings" / "1" / "model.onnx")
     gate = _Gate()
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(kernel.server, "run_batch", gate.run_batch)
@@ -163,6 +164,27 @@ def test_the_budget_comes_back_however_a_call_ends(gated):
         assert all(_answered(answer.infer_response, values) for answer, (_, values) in zip(answers, requests))
     _back_to_zero(server)
     assert payload.refused == 0
+
+
+def test_small_stream_requests_are_charged_by_their_decoded_strings(gated):
+    """A ModelStreamInfer request of 10,000 one-byte strings is 50 KB on the wire, not charged by its bytes, but
+    its decoded form holds ~2.5 MB (tensors.held_bytes): charged by that, so a second does not fit in 4 MiB."""
+    server, gate = gated
+    payload = server.service.payload
+    request = pb.ModelInferRequest(model_name="strings")
+    request.inputs.add(name="s", datatype="BYTES", shape=[1, 10_000])
+    request.raw_input_contents.append(b"\x01\x00\x00\x00x" * 10_000)
+    assert request.ByteSize() < 64 << 10
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        answers = stub.ModelStreamInfer(iter([request, request]), timeout=60)
+        until(lambda: payload.refused == 1, "the second request to be refused")
+        assert payload.held > 2 << 20
+        gate.open()
+        first, second = list(answers)
+    assert first.error_message == "" and len(first.infer_response.raw_output_contents[0]) == 50_000
+    assert second.error_message.startswith("RESOURCE_EXHAUSTED: ") and "payload_budget_bytes" in second.error_message
+    _back_to_zero(server)
 
 
 def test_calls_in_flight_at_a_stop_give_their_budget_back(gated):

@@ -233,7 +233,7 @@ def count_decoded(hold, sizes: deque, item, nbytes: int, charges=None, charged: 
     extra = tensors.held_bytes(item.inputs) - nbytes
     if extra > 0:
         if charges is not None:  # (first: a refusal leaves the stream's own counts as they were)
-            charged[-1] = charges.grow(charged[-1], extra)
+            charged[-1] = charges.grow(charged[-1], nbytes, extra)
         hold.grow(extra)
         sizes[-1] += extra
 

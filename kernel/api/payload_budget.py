@@ -14,8 +14,9 @@ budget is taken while nothing else is held, so it can always run alone.
 
 Small requests, the hot path (a tiny ModelInfer is a few hundred bytes), are never charged: the
 deserializer wraps a request of the charged types only past ``CHARGE_ABOVE`` (registration.py), so what a
-small call pays is that one length compare and a type check. Small requests that decode large (64 KiB of
-1-byte strings) are bounded per request by the element limits instead.
+small call pays is that one length compare and a type check. A small unary request that decodes large (64 KiB
+of 1-byte strings: ~4 MB) is bounded by the element limits alone; a small ModelStreamInfer request, whose decoded
+form a stream measures anyway (its own bound counts it), is charged by that form once it is past ``CHARGE_ABOVE``.
 """
 
 from __future__ import annotations
@@ -127,12 +128,18 @@ class StreamCharges:
             return 0
         return self._add(nbytes)
 
-    def grow(self, charged: int, extra: int) -> int:
-        """A charged request's charge (``charged``) raised by ``extra`` (its decoded inputs hold more than its
-        bytes); the new charge. RESOURCE_EXHAUSTED leaves it as it was."""
-        if not charged or extra <= 0:
+    def grow(self, charged: int, nbytes: int, extra: int) -> int:
+        """The charge of a request of ``nbytes`` (``charged`` so far) once its decoded inputs are found to hold
+        ``extra`` more than its bytes: raised by ``extra``, or, for a small request whose decoded form is past
+        ``CHARGE_ABOVE`` (64 KiB of 1-byte strings hold ~4 MB), charged whole now (a stream computes what each
+        request holds anyway). RESOURCE_EXHAUSTED leaves it as it was."""
+        if extra <= 0 or self._budget is None:
             return charged
-        return charged + self._add(extra)
+        if charged:
+            return charged + self._add(extra)
+        if nbytes + extra > CHARGE_ABOVE:
+            return self._add(nbytes + extra)
+        return 0
 
     def _add(self, nbytes: int) -> int:
         with self._lock:
