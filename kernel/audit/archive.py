@@ -21,7 +21,7 @@ Steps, each before the next, so that a stop anywhere loses nothing:
 3. sign a checkpoint for tree size ``b`` with the log's key; write ``DEST``:
    the segments, every checkpoint up to ``b`` and that one, the public keys, the
    previous base (an archive of an archived log starts where that one ended) and
-   ``archive.json`` saying what it is; fsync it all and verify it strictly;
+   ``archive.json`` saying what it is, signed (marker.py); fsync it all and verify it strictly;
 4. write the live directory's new base (atomically);
 5. remove the archived segments. A stop between 4 and 5 leaves segments the base
    already covers: the kernel ignores them (with a WARNING) and running the
@@ -30,7 +30,6 @@ Steps, each before the next, so that a stop anywhere loses nothing:
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -44,6 +43,7 @@ from ..store.sqlite import DATABASE_FILE
 from .base import ARCHIVE_MARKER, FILE_NAME as BASE_FILE, ArchiveBase, write_base
 from .errors import AuditError
 from .keys import PUBLIC_KEY_FILE, PUBLIC_KEYS_DIR, load_or_create
+from .marker import marker_json
 from .record import parse_stored
 from .recovery import lock_directory, recover
 from .segments import CHECKPOINT_MAGIC, MAGIC, FrameScanner, frame, frames_start, fsync_dir, read_regular
@@ -174,7 +174,7 @@ def _archive_locked(directory: Path, dest: Path, before: int | None, older_than_
                        tuple(state.tree.inclusion_proof(cut - 1, cut)), checkpoint, str(dest.resolve()),
                        time.time_ns(), ends_log=cut == state.tree.size).signed_by(key)
     try:
-        size = _write_archive(directory, dest, archived, checkpoint, state, first, cut)
+        size = _write_archive(directory, dest, archived, checkpoint, state, first, cut, key)
     except OSError as exc:
         raise ArchiveFailed(f"could not write the archive in {dest} ({exc.strerror or exc}); nothing was removed "
                             f"from {directory}: delete the incomplete {dest} and run again") from None
@@ -225,7 +225,7 @@ def _newest_time(path: Path) -> int:
 
 
 def _write_archive(directory: Path, dest: Path, segments: list[Path], checkpoint, state, first: int,
-                   cut: int) -> int:
+                   cut: int, key) -> int:
     dest.mkdir(parents=True, exist_ok=True, mode=0o700)  # (owner only, as a data dir the kernel makes)
     size = 0
     for path in segments:
@@ -244,10 +244,8 @@ def _write_archive(directory: Path, dest: Path, segments: list[Path], checkpoint
         shutil.copytree(keys, dest / PUBLIC_KEYS_DIR)
     if (directory / PUBLIC_KEY_FILE).exists():
         shutil.copyfile(directory / PUBLIC_KEY_FILE, dest / PUBLIC_KEY_FILE)
-    (dest / ARCHIVE_MARKER).write_text(json.dumps({
-        "archive_of": str(directory.resolve()), "first_record": first, "end_record": cut,
-        "archived_unix_ns": time.time_ns(), "checkpoint_root": checkpoint.root_hash.hex(),
-    }, indent=1) + "\n", encoding="utf-8")
+    (dest / ARCHIVE_MARKER).write_text(marker_json(directory, first, cut, checkpoint.root_hash, key),
+                                       encoding="utf-8")
     for path in dest.rglob("*"):
         fsync_dir(path)  # (opened read-only and fsynced: the same for a file as for a folder)
     fsync_dir(dest)

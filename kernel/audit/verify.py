@@ -74,6 +74,7 @@ from .checkpoints import FILE_NAME as CHECKPOINT_FILE
 from .checkpoints import read_all, signature_ok
 from .errors import AuditCorrupt
 from .keys import PUBLIC_KEY_FILE, PUBLIC_KEYS_DIR, key_id, published_keys
+from .marker import marker_problem, read_marker, unsigned
 from .merkle import CompactRange
 from .recovery import LOCK_FILE, after_base, writer_is_live
 from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
@@ -240,6 +241,8 @@ class _Walk:
         self.live_writer: Callable[[], bool] = lambda: writer_is_live(directory)  # whether a writer has it open
         self.lock_note = ""  # why a held writer lock was not taken for a kernel writing the unsigned tail
         self.base_unsigned: str | None = None  # why the archive base is no proof of an archive (base.py), or None
+        # archive.json: None when there is none, "" when the archive signed it, else why it shows nothing (marker.py)
+        self.marker_unsigned: str | None = None
 
     def result(self, ok: bool, sequence: int | None, reason: str, started: float,
                last: int | None = None) -> VerifyResult:
@@ -474,7 +477,9 @@ class _Walk:
             notes[:0] = [f"records {first}..{last} were signed by the start at #{at}, after an unclean stop: only the "
                          f"hash chain vouched for them until then" for at, first, last in plain]
         kernels_log = bool(self.last_event)  # (a log written by a kernel starts with its "kernel started")
-        if (self.directory / ARCHIVE_MARKER).is_file():  # an archive ends where it was cut, not at a stop
+        if self.marker_unsigned:  # (anyone can write one: it does not stand in for the note below)
+            notes.append(self.marker_unsigned)
+        if self.marker_unsigned == "":  # a signed archive ends where it was cut, not at a stop
             notes.append(f"an archive ({ARCHIVE_MARKER}): records from {self.count} on are in the log it came from, "
                          f"whose {BASE_FILE} signs this one's end")
         elif kernels_log and self.last_event != "kernel stopping" and self.count == self.signed_size \
@@ -520,21 +525,26 @@ class _Walk:
         self.note = "; ".join(filter(None, [self.note, f"{self.base_unsigned} (--strict fails here)"]))
 
     def archive_whole(self) -> None:
-        """An archive holds every record it was written with: ``archive.json`` names its end and root. (Unsigned:
-        the live log's base, which signs the same end, is what an auditor checks it against: --min-records.)"""
-        path = self.directory / ARCHIVE_MARKER
-        if not path.is_file():
-            return
+        """An archive holds every record it was written with: ``archive.json`` names its end and root, and the
+        archive signs it (marker.py). The live log's base, which signs the same end, is what an auditor holds the
+        archive to (--min-records)."""
         try:
-            marker = json.loads(read_regular(path))
-            end, root = int(marker["end_record"]), bytes.fromhex(marker["checkpoint_root"])
+            marker = read_marker(self.directory)
         except (ValueError, KeyError, TypeError) as exc:
             raise _Failure(None, f"{ARCHIVE_MARKER} is not readable ({type(exc).__name__}: {exc})") from None
-        if self.count != end or not self.checkpoints or self.checkpoints[-1].root_hash != root:
-            raise _Failure(self.count, (
+        if marker is None:
+            return
+        problem = marker_problem(marker, self.base_size, self.trusted.get)
+        if problem is not None:
+            raise _Failure(None, f"{ARCHIVE_MARKER}: {problem}")
+        end = marker.end
+        if self.count != end or not self.checkpoints or self.checkpoints[-1].root_hash != marker.root:
+            change = ("" if self.count == end else
+                      ": records were removed" if self.count < end else ": records were added after it")
+            raise _Failure(min(end, self.count), (
                 f"the archive was written with records up to {end - 1} ({ARCHIVE_MARKER}) and a checkpoint for them, "
-                f"but holds {self.count} records{'' if self.count == end else ': records were removed'}"),
-                max(end - 1, self.count))
+                f"but holds {self.count} records{change}"), max(end - 1, self.count - 1))
+        self.marker_unsigned = unsigned(marker) or ""
 
     def _check_head(self, tree: CompactRange) -> None:
         size, root = self.head
