@@ -12,21 +12,32 @@ writers cannot reach) tells that log from the one the kernel wrote.
 from __future__ import annotations
 
 import base64
+import os
 import shutil
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
+from claims_support import build_small_model, claim_request, copy_pipelines
 from test_audit_verify import decision, run_cli
 
+from examples.claims import data as claims_data
 from kernel._proto.aios.kernel.v1 import kernel_pb2 as pb
 from kernel._proto.aios.kernel.v1 import kernel_pb2_grpc
 from kernel.api import kernel_services
 from kernel.api.audit_service import audit_handlers
 from kernel.audit import AuditLog
 from kernel.audit.archive import archive
+from kernel.audit.checkpoints import read_all as read_checkpoints
+from kernel.testing.processes import ServeProcess
 
 RECORDS = 120
+
+
+def kernel_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "kernel", *args], capture_output=True, text=True, timeout=120)
 
 
 def write_log(directory: Path, key: Path, rewrite: int | None = None) -> None:
@@ -103,3 +114,40 @@ def test_a_log_shorter_than_the_noted_head_or_archived_past_it(tmp_path):
     for bad in ("50", "x:abcd", "50:abcd", "-1:" + "00" * 32):
         done = run_cli("verify", str(kernels), "--tree-head", bad)
         assert done.returncode == 2 and "--tree-head" in done.stderr, (bad, done.stderr)
+
+
+def test_a_data_dir_rolled_back_to_a_backup_and_run_on_fails_only_against_a_noted_tree_head(tmp_path):
+    """A whole data dir restored from an older backup (store and log together, so the start finds nothing
+    missing) and a kernel run on it: the kernel signs the new records itself, and the log grows past any size
+    noted before. Only the root noted at that size tells the fork, and the failure says what it may be."""
+    models = build_small_model(tmp_path / "models")
+    serve = ("--pipelines", str(copy_pipelines(tmp_path / "pipelines")), "--log-level", "WARNING")
+    env = dict(os.environ, AIOS_AUDIT_CHECKPOINT_RECORDS="5")
+    data_dir, cases = tmp_path / "data", claims_data.generate_cases(40, seed=5)
+
+    def run_kernel(first: int, count: int) -> pb.Checkpoint:
+        server = ServeProcess(models, *serve, data_dir=data_dir, env=env)
+        try:
+            with grpc.insecure_channel(server.address) as channel:
+                stub = kernel_pb2_grpc.DecisionServiceStub(channel)
+                for i in range(first, first + count):
+                    stub.Decide(claim_request(cases[i], request_id=f"r{i}"), timeout=10)
+        finally:
+            code, err = server.stop()
+        assert code == 0, err
+        return read_checkpoints(data_dir / "audit")[0][-1]
+
+    run_kernel(0, 10)
+    assert kernel_cli("backup", str(data_dir), str(tmp_path / "backup")).returncode == 0
+    noted = run_kernel(10, 10)  # (the kernel's last checkpoint: what GetCheckpoint answered before its stop)
+    shutil.rmtree(data_dir)
+    assert kernel_cli("restore", str(tmp_path / "backup"), str(data_dir)).returncode == 0
+    run_kernel(20, 20)
+    audit = data_dir / "audit"
+
+    plain = run_cli("verify", str(audit), "--strict", "--min-records", str(noted.tree_size))
+    assert plain.returncode == 0, plain.stdout + plain.stderr  # what a size alone cannot tell
+    head = f"{noted.tree_size}:{noted.root_hash.hex()}"
+    done = run_cli("verify", str(audit), "--strict", "--tree-head", head)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "an older copy of it (a backup restored) that a kernel then wrote on" in done.stdout, done.stdout

@@ -551,8 +551,9 @@ class _Walk:
         if tree.root() != root:  # (every checkpoint may have matched: whoever holds the key signs any history)
             raise _Failure(self.base_size if size > self.base_size else None, (
                 f"their hashes do not give the root of the tree head noted for {size} records "
-                f"({root.hex()[:16]}…): the log is not the one that head was taken of (rewritten, and re-signed by "
-                f"someone holding the key, if its checkpoints verify)"), size - 1)
+                f"({root.hex()[:16]}…): the log is not the one that head was taken of: rewritten and re-signed by "
+                f"someone holding the key, if its checkpoints verify, or an older copy of it (a backup restored) that a "
+                f"kernel then wrote on, which signs its own records"), size - 1)
         self.head_checked = True
 
     def held_to_head(self) -> None:
