@@ -298,6 +298,13 @@ def when(unix_ns: int, now_ns: int | None = None) -> str:
     return f"{stamp(unix_ns, up=delta > 0)} ({relative})"
 
 
+def open_private(path: str):
+    """``path`` opened for writing text, a new file made owner-only (0600) whatever the umask: an export or a replay
+    report holds the recorded requests the data dir keeps owner-only (0644 under the usual umask left them to every
+    local user, a helper's audit). A file replaced (``--force``) keeps its mode: whoever made it chose it."""
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w", encoding="utf-8")
+
+
 def output_problem(out: str, log_dir: Path, force: bool) -> str | None:
     """Why a command must not write its output file ``out`` next to the audit log ``log_dir``, or None.
 

@@ -21,7 +21,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from .._proto.aios.kernel.v1 import kernel_pb2
-from ..cli_support import output_problem
+from ..cli_support import open_private, output_problem
 from ..progress import Progress, counted
 from .errors import AuditError, AuditFormatTooNew
 from .export import export_jsonl
@@ -159,7 +159,7 @@ def cmd_export(args) -> int:
     if problem is not None:
         return _cannot_run("export", problem)
     try:
-        out = open(args.out, "w", encoding="utf-8") if to_file else sys.stdout
+        out = open_private(args.out) if to_file else sys.stdout
     except OSError as exc:
         return _cannot_run("export", f"cannot write {args.out}: {exc.strerror or exc}")
     wanted = RecordFilter.of(args.tenant, args.pipeline, args.kind, args.since, args.until)

@@ -32,7 +32,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..cli_support import whole_number
+from ..cli_support import open_private, whole_number
 from ..progress import Progress, counted
 from .replay import ReplayError, ReplayReport, load_candidate, replay
 from .spec import PipelineError, load_pipeline
@@ -101,7 +101,8 @@ def run(args) -> int:
     _print(report)
     if args.report:
         try:
-            Path(args.report).write_text(json.dumps(report.as_json(), indent=2) + "\n")
+            with open_private(args.report) as out:
+                out.write(json.dumps(report.as_json(), indent=2) + "\n")
         except OSError as exc:
             return _cannot_run(f"--report {args.report}: cannot write: {exc.strerror or exc}")
         print(f"report: {args.report} (all {report.changed} changed and {report.rules_changed} rules-only cases)")
