@@ -9,9 +9,16 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 
+import grpc
+from claims_support import build_small_model, claim_request, copy_pipelines
 from conftest import start_kernel
+
+from examples.claims import data
+from kernel._proto.aios.kernel.v1 import kernel_pb2_grpc as kgrpc
 from kernel.backup import backup
+from kernel.testing.processes import ServeProcess
 
 
 def test_a_new_data_dir_is_owner_only_and_an_open_one_is_named(model_repo, tmp_path, caplog):
@@ -35,3 +42,25 @@ def test_a_new_data_dir_is_owner_only_and_an_open_one_is_named(model_repo, tmp_p
         assert copy.stat().st_mode & 0o777 == 0o700
     finally:
         os.umask(old_umask)
+
+
+def test_a_log_folder_the_kernel_makes_is_owner_only_in_a_data_dir_that_is_not(tmp_path):
+    """A data dir made before the kernel (a mount point, a package's folder) is often 0755: the start warns, and the
+    log folder it makes inside is owner-only (0700) all the same, as `aios-kernel backup` makes a copy's."""
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    os.chmod(data_dir, 0o755)
+    models, pipelines = build_small_model(tmp_path / "models"), copy_pipelines(tmp_path / "pipelines")
+    old_umask = os.umask(0o022)  # the usual one (the kernel process inherits it), whatever the test runner's is
+    try:
+        server = ServeProcess(models, "--pipelines", str(pipelines), "--log-level", "WARNING", data_dir=data_dir)
+    finally:
+        os.umask(old_umask)
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            kgrpc.DecisionServiceStub(channel).Decide(claim_request(data.generate_cases(1, seed=4)[0]), timeout=10)
+    finally:
+        code, err = server.stop()
+    assert code == 0, err
+    assert "is open to every local user" in err
+    assert stat.S_IMODE(os.stat(data_dir / "audit").st_mode) == 0o700

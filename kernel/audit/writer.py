@@ -283,7 +283,9 @@ class AuditLog:
             if value < 0:
                 raise InvalidArgument(f"audit {name} must be >= 0, got {value}")
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
+        # Owner only, whatever the data dir's mode (one made before the kernel is often 0755: the start warns), as
+        # `aios-kernel backup` makes a copy's: every decision's inputs are in here.
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         # The key ids that signed so far: a default key missing under them is lost, not to be made anew.
         key = load_or_create(key_path if key_path is not None else directory / DEFAULT_KEY_FILE,
                              lambda: [checkpoint.key_id for checkpoint in cps.read_all(directory)[0]])
