@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import os
 import stat
+import subprocess
+import sys
 
 import grpc
 from claims_support import build_small_model, claim_request, copy_pipelines
@@ -64,3 +66,31 @@ def test_a_log_folder_the_kernel_makes_is_owner_only_in_a_data_dir_that_is_not(t
     assert code == 0, err
     assert "is open to every local user" in err
     assert stat.S_IMODE(os.stat(data_dir / "audit").st_mode) == 0o700
+
+
+def test_an_archive_into_an_empty_folder_that_is_open_keeps_its_files_owner_only(tmp_path):
+    """`audit archive LOG DEST` with DEST an empty folder made before (a mount point, 0755): the archive's segments,
+    checkpoints and marker were made under the umask (0644), every decision's inputs readable by every local user, as
+    a backup's were before its copy was made owner-only. Each file it writes is 0600 now, whatever DEST's mode."""
+    data_dir = tmp_path / "data"
+    models, pipelines = build_small_model(tmp_path / "models"), copy_pipelines(tmp_path / "pipelines")
+    env = dict(os.environ, AIOS_AUDIT_SEGMENT_BYTES="8192")  # a segment every few decisions: boundaries to cut at
+    server = ServeProcess(models, "--pipelines", str(pipelines), "--log-level", "WARNING", data_dir=data_dir, env=env)
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            stub = kgrpc.DecisionServiceStub(channel)
+            for i, case in enumerate(data.generate_cases(20, seed=6)):
+                stub.Decide(claim_request(case, request_id=f"r{i}"), timeout=10)
+    finally:
+        code, err = server.stop()
+    assert code == 0, err
+    dest = tmp_path / "cold"
+    dest.mkdir()
+    os.chmod(dest, 0o755)
+    done = subprocess.run([sys.executable, "-m", "kernel", "audit", "archive", str(data_dir / "audit"), str(dest),
+                           "--before", "15"], capture_output=True, text=True, timeout=120, umask=0o022)
+    assert done.returncode == 0, done.stdout + done.stderr
+    written = [path for path in dest.rglob("*") if path.is_file()]
+    assert any(path.suffix == ".seg" for path in written) and (dest / "archive.json") in written
+    assert {path.name: oct(stat.S_IMODE(path.stat().st_mode)) for path in written} == \
+        {path.name: "0o600" for path in written}

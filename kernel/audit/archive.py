@@ -31,7 +31,6 @@ Steps, each before the next, so that a stop anywhere loses nothing:
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -229,28 +228,39 @@ def _write_archive(directory: Path, dest: Path, segments: list[Path], checkpoint
     dest.mkdir(parents=True, exist_ok=True, mode=0o700)  # (owner only, as a data dir the kernel makes)
     size = 0
     for path in segments:
-        shutil.copyfile(path, dest / path.name)
+        _copy(path, dest / path.name)
         size += path.stat().st_size
     previous = directory / BASE_FILE
     if previous.exists():  # the archive starts where the earlier one ended: it keeps that base
-        shutil.copyfile(previous, dest / BASE_FILE)
+        _copy(previous, dest / BASE_FILE)
     covered = [c for c in cps.read_all(directory)[0] if c.tree_size <= cut]
     if not covered or covered[-1].tree_size != cut:
         covered.append(checkpoint)
-    with open(dest / cps.FILE_NAME, "xb") as out:
-        out.write(CHECKPOINT_MAGIC + b"".join(frame(c.SerializeToString()) for c in covered))
+    _write(dest / cps.FILE_NAME, CHECKPOINT_MAGIC + b"".join(frame(c.SerializeToString()) for c in covered))
     keys = directory / PUBLIC_KEYS_DIR
     if keys.is_dir():
-        shutil.copytree(keys, dest / PUBLIC_KEYS_DIR)
+        (dest / PUBLIC_KEYS_DIR).mkdir(mode=0o700)
+        for path in keys.glob("*.pem"):
+            _copy(path, dest / PUBLIC_KEYS_DIR / path.name)
     if (directory / PUBLIC_KEY_FILE).exists():
-        shutil.copyfile(directory / PUBLIC_KEY_FILE, dest / PUBLIC_KEY_FILE)
-    (dest / ARCHIVE_MARKER).write_text(marker_json(directory, first, cut, checkpoint.root_hash, key),
-                                       encoding="utf-8")
+        _copy(directory / PUBLIC_KEY_FILE, dest / PUBLIC_KEY_FILE)
+    _write(dest / ARCHIVE_MARKER, marker_json(directory, first, cut, checkpoint.root_hash, key).encode("utf-8"))
     for path in dest.rglob("*"):
         fsync_dir(path)  # (opened read-only and fsynced: the same for a file as for a folder)
     fsync_dir(dest)
     fsync_dir(dest.parent)
     return size
+
+
+def _write(path: Path, data: bytes) -> None:
+    """A new file of the archive, owner-only (0600) whatever the umask and DEST's own mode: an empty folder given as
+    DEST (a mount point, 0755) left every decision's inputs readable by every local user (a helper's audit)."""
+    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as out:
+        out.write(data)
+
+
+def _copy(source: Path, target: Path) -> None:
+    _write(target, read_regular(source))
 
 
 def _remove(paths: list[Path], directory: Path) -> int:
