@@ -23,7 +23,7 @@ from conftest import start_kernel
 from test_audit_verify import forge, frame, run_cli
 
 from kernel._proto.aios.kernel.v1 import kernel_pb2 as pb
-from kernel.audit import AuditLog, verify_directory
+from kernel.audit import AuditError, AuditLog, verify_directory
 from kernel.audit.segments import MAGIC
 from kernel.testing.processes import killed_after
 
@@ -357,3 +357,20 @@ def test_a_kernel_that_opened_a_whole_archived_log_and_was_killed_still_passes_s
     done = run_cli("verify", str(directory), "--strict")
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"records {adopted[0]}..{adopted[1]} were signed by the start" in done.stdout
+
+
+def test_a_lock_file_that_links_to_another_logs_lock_does_not_pass_a_crash_tail(tmp_path):
+    """(A helper's audit) `LOCK` replaced by a symbolic link to the lock of another log a running kernel holds: verify
+    --strict read that kernel's flock as this log's writer and passed the crash tail, "the log is open: its next
+    checkpoint signs them", with no process of the one who made the link; and this log's kernel could not start
+    ("already open"). The lock is this directory's own file: a link is none."""
+    directory = tmp_path / "audit"
+    crash_with_unsigned_records(directory, 30, tmp_path)
+    with AuditLog.open(tmp_path / "other" / "audit"):  # another log, open: its LOCK is held
+        (directory / "LOCK").unlink()
+        (directory / "LOCK").symlink_to(tmp_path / "other" / "audit" / "LOCK")
+        done = run_cli("verify", str(directory), "--strict")
+        assert done.returncode == 1, done.stdout + done.stderr
+        assert "FAILED in records 0..29: not covered by any signed checkpoint" in done.stdout
+        with pytest.raises(AuditError, match="LOCK is a symbolic link"):
+            AuditLog.open(directory)

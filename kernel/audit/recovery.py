@@ -359,7 +359,14 @@ def lock_directory(directory: Path) -> int:
 
     The lock goes with the process (a killed kernel frees it); close the returned fd to release it.
     """
-    fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:  # (not through a link: another log's LOCK, held by its kernel, read as this one's: lock_is_held)
+        fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as exc:
+        if not (directory / LOCK_FILE).is_symlink():
+            raise
+        raise AuditError(f"the audit log's {directory / LOCK_FILE} is a symbolic link (to "
+                         f"{os.readlink(directory / LOCK_FILE)}), not the file the kernel made there: someone replaced "
+                         f"it; remove it (a kernel makes it anew)") from exc
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -378,9 +385,11 @@ def writer_is_live(directory: Path) -> bool:
 
 def lock_is_held(path: Path) -> bool:
     """Whether some process holds a flock on ``path`` now, as /proc/locks shows it (taking no lock). Only processes
-    of this pid namespace are listed there: another container's kernel is not seen."""
+    of this pid namespace are listed there: another container's kernel is not seen. A symbolic link holds no lock:
+    one to another log's LOCK, held by its kernel, passed this log's crash tail as a live kernel's under verify
+    --strict (a helper's audit), and a kernel opens its LOCK never through one."""
     try:
-        info = os.stat(path)
+        info = os.lstat(path)
         with open("/proc/locks", encoding="ascii") as locks:
             held = locks.read().splitlines()
     except OSError:
