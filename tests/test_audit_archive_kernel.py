@@ -160,3 +160,28 @@ def test_a_kernel_killed_while_stopping_leaves_a_log_archive_takes_once_accepted
     assert done.returncode == 0, done.stdout + done.stderr
     assert min(int(path.stem) for path in audit.glob("*.seg")) > 0  # segments went
     assert run_cli("audit", "verify", str(audit)).returncode == 0
+
+
+def test_a_start_while_the_log_is_locked_names_what_holds_it(tmp_path):
+    """A start on a log an `audit archive` holds (its LOCK flocked, as the archive does while it runs) said "already
+    open (another kernel process, or this one)": a second kernel meets the store's lock first, so it is the archive,
+    or a process someone else runs, that a start meets here."""
+    import fcntl
+    import os
+
+    models = build_small_model(tmp_path / "models")
+    serve = ("--pipelines", str(copy_pipelines(tmp_path / "pipelines")), "--log-level", "WARNING")
+    first = ServeProcess(models, *serve, data_dir=tmp_path / "data")
+    code, err = first.stop()
+    assert code == 0, err
+    audit = tmp_path / "data" / "audit"
+    holder = os.open(audit / "LOCK", os.O_RDWR)
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        done = subprocess.run([*CLI, "serve", "--models", str(models), "--port", "0", "--data-dir",
+                               str(tmp_path / "data"), *serve], capture_output=True, text=True, timeout=120)
+    finally:
+        os.close(holder)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert f"the audit log {audit} is already open: a process holds its LOCK" in done.stderr, done.stderr
+    assert "aios-kernel audit archive" in done.stderr and f"fuser {audit / 'LOCK'}" in done.stderr, done.stderr

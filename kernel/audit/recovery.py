@@ -371,7 +371,10 @@ def lock_directory(directory: Path) -> int:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise AuditError(f"the audit log {directory} is already open (another kernel process, or this one)") from None
+        # (A second kernel on the data dir meets the store's lock first: here it is mostly `audit archive`.)
+        raise AuditError(f"the audit log {directory} is already open: a process holds its LOCK (an `aios-kernel audit "
+                         f"archive` running on it, another kernel process, or this one; `fuser "
+                         f"{directory / LOCK_FILE}` names it)") from None
     return fd
 
 
