@@ -122,3 +122,15 @@ def test_records_added_to_an_archive_are_named_as_added(kernel_log, tmp_path):
                                                         "checkpoint_root": checkpoints[-1].root_hash.hex()}))
     done = run_cli("verify", str(directory))
     assert done.returncode == 1 and "records were added after it" in done.stdout, done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("text", ["[]", '"x"', '{"end_record": 1e400, "checkpoint_root": "00"}',
+                                  '{"end_record": 3, "checkpoint_root": "zz"}', "\xff{"])
+def test_an_unreadable_archive_marker_fails_in_one_line(kernel_log, tmp_path, text):
+    directory = tmp_path / "audit"
+    shutil.copytree(kernel_log, directory)
+    (directory / ARCHIVE_MARKER).write_bytes(text.encode("latin-1"))
+    done = run_cli("verify", str(directory))
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert f"FAILED: {ARCHIVE_MARKER} is not readable" in done.stdout and "Traceback" not in done.stderr, \
+        done.stdout + done.stderr

@@ -55,11 +55,14 @@ def marker_json(origin: Path, first: int, end: int, root: bytes, key) -> str:
 
 
 def read_marker(directory: Path) -> ArchiveMarker | None:
-    """The directory's marker, or None when it has none; ValueError, KeyError or TypeError when it is unreadable."""
+    """The directory's marker, or None when it has none; ValueError, OverflowError (1e400 is a JSON number), KeyError
+    or TypeError when it is unreadable."""
     path = directory / FILE_NAME
     if not path.is_file():
         return None
     data = json.loads(read_regular(path))
+    if not isinstance(data, dict):
+        raise TypeError(f"a JSON object was expected, not {type(data).__name__}")
     return ArchiveMarker(int(data.get("first_record", 0)), int(data["end_record"]),
                          bytes.fromhex(data["checkpoint_root"]), bytes.fromhex(data.get("archive_signature", "")),
                          str(data.get("archive_key_id", "")))

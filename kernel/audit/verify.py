@@ -530,7 +530,7 @@ class _Walk:
         archive to (--min-records)."""
         try:
             marker = read_marker(self.directory)
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, OverflowError) as exc:
             raise _Failure(None, f"{ARCHIVE_MARKER} is not readable ({type(exc).__name__}: {exc})") from None
         if marker is None:
             return
