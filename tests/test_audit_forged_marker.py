@@ -20,6 +20,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from claims_support import build_small_model, claim_request, copy_pipelines
 from test_audit_verify import read_frames, write_frames, run_cli
 
@@ -27,6 +28,8 @@ from examples.claims import data
 from kernel._proto.aios.kernel.v1 import kernel_pb2_grpc as kgrpc
 from kernel.audit.base import ARCHIVE_MARKER
 from kernel.audit.checkpoints import FILE_NAME as CHECKPOINTS, read_all
+from kernel.audit.keys import SigningKey
+from kernel.audit.marker import marker_json
 from kernel.audit.segments import CHECKPOINT_MAGIC, frame
 from kernel.testing.processes import ServeProcess
 
@@ -90,6 +93,20 @@ def test_an_unsigned_archive_marker_does_not_hide_a_log_cut_back(kernel_log, tmp
     assert done.returncode == 0, done.stdout + done.stderr  # (a crash leaves the same: a note, as before)
     assert CUT_NOTE in done.stdout, done.stdout
     assert f"{ARCHIVE_MARKER} carries no archive signature" in done.stdout, done.stdout
+
+
+def test_a_marker_signed_by_a_key_not_trusted_does_not_hide_a_log_cut_back(kernel_log, tmp_path):
+    """Someone's own key signs a marker as the archive would: verify takes only the trusted keys' word for it."""
+    directory = tmp_path / "audit"
+    shutil.copytree(kernel_log, directory)
+    pem = trusted(directory, tmp_path)
+    size, root = cut_back(directory)
+    theirs = SigningKey(Ed25519PrivateKey.generate())
+    (directory / ARCHIVE_MARKER).write_text(marker_json(directory, 0, size, root, theirs))
+    done = run_cli("verify", str(directory), "--from-key", str(pem), "--strict")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert CUT_NOTE in done.stdout, done.stdout
+    assert f"{ARCHIVE_MARKER} is signed by key {theirs.key_id}, which is not among the trusted keys" in done.stdout
 
 
 def test_an_archives_marker_is_signed_and_an_edited_one_fails(kernel_log, tmp_path):

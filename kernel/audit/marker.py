@@ -9,10 +9,11 @@ anyone who could write the directory could write it and silence the one note
 that told the cut (a helper's audit). So the archive signs, with the log's
 key, a statement naming its first record, its end and the root there
 (``marker_statement``; no checkpoint or base signs that text). A marker with
-no signature (an archive of a release before 2026-11-28 wrote it) still has
-its end and root checked, but verify notes it and keeps the cut's note; one
-whose signature does not verify, by a key not trusted, or for other records
-than the directory holds, fails.
+no signature (an archive of a release before 2026-11-28 wrote it), or one
+signed by a key not trusted (anyone's own, or a key of a rotation the auditor
+did not pass), still has its end and root checked, but verify notes it and
+keeps the cut's note; one whose signature a trusted key does not verify, or
+signed for other records than the directory holds, fails.
 """
 
 from __future__ import annotations
@@ -69,12 +70,11 @@ def read_marker(directory: Path) -> ArchiveMarker | None:
 
 
 def marker_problem(marker: ArchiveMarker, first: int, public_key_for: Callable[[str], bytes | None]) -> str | None:
-    """Why a signed marker is not this directory's (None when it is, or when it has no signature: see unsigned)."""
-    if not marker.signature:
-        return None
-    public = public_key_for(marker.key_id)
+    """Why a marker signed by a trusted key fails: an edited one, or another archive's (None otherwise; one with no
+    signature, or by a key not trusted, only shows nothing: see ``unsigned``)."""
+    public = public_key_for(marker.key_id) if marker.signature else None
     if public is None:
-        return f"its archive signature is by key {marker.key_id or '?'}, which is not among the trusted keys"
+        return None
     if not signature_valid(public, marker.signature, marker_statement(marker.first, marker.end, marker.root)):
         return f"its archive signature does not verify with key {marker.key_id}"
     if marker.first != first:
@@ -83,11 +83,15 @@ def marker_problem(marker: ArchiveMarker, first: int, public_key_for: Callable[[
     return None
 
 
-def unsigned(marker: ArchiveMarker) -> str | None:
-    """Why a marker without a signature does not show the directory is an archive (None when it has one)."""
-    if marker.signature:
+def unsigned(marker: ArchiveMarker, public_key_for: Callable[[str], bytes | None]) -> str | None:
+    """Why a marker does not show the directory is an archive: no signature, or one by a key not trusted (None when a
+    trusted key signed it: ``marker_problem`` checked that signature). Noted, not failed: the cut's note stays."""
+    if marker.signature and public_key_for(marker.key_id) is not None:
         return None
-    return (f"{FILE_NAME} carries no archive signature: `aios-kernel audit archive` of a release before 2026-11-28 "
-            f"wrote it, or someone without the key did, to pass a log cut back to record {marker.end} off as an "
-            f"archive; an archive's records continue in the log it came from, whose archive-base.json signs this "
+    why = (f"is signed by key {marker.key_id or '?'}, which is not among the trusted keys (if it is yours, pass it "
+           f"with --from-key)" if marker.signature else
+           "carries no archive signature: `aios-kernel audit archive` of a release before 2026-11-28 wrote it, or "
+           "someone without the key did")
+    return (f"{FILE_NAME} {why}; it does not show that this is an archive rather than a log cut back to record "
+            f"{marker.end}: an archive's records continue in the log it came from, whose archive-base.json signs this "
             f"end and root (`aios-kernel audit verify ARCHIVE --min-records B`, B its tree_size)")

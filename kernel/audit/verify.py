@@ -544,7 +544,7 @@ class _Walk:
             raise _Failure(min(end, self.count), (
                 f"the archive was written with records up to {end - 1} ({ARCHIVE_MARKER}) and a checkpoint for them, "
                 f"but holds {self.count} records{change}"), max(end - 1, self.count - 1))
-        self.marker_unsigned = unsigned(marker) or ""
+        self.marker_unsigned = unsigned(marker, self.trusted.get) or ""
 
     def _check_head(self, tree: CompactRange) -> None:
         size, root = self.head
