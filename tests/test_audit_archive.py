@@ -378,3 +378,28 @@ def test_unsigned_records_are_never_archived_and_signed(log_dir, tmp_path):
     for accept in (False, True):
         with pytest.raises(ArchiveRefused, match="not covered by any signed checkpoint"):
             archive(log_dir, tmp_path / f"a{accept}", before=150, no_store=True, accept_adopted=accept)
+
+
+def test_a_verify_that_meets_an_archive_moving_segments_out_says_so(log_dir):
+    """`audit verify` run (a monitor's cron) while `audit archive` holds the log's LOCK and removes the segments it
+    archived: a segment gone under the walk read "FAILED: cannot read the log: [Errno 2] No such file or directory",
+    as if the log were damaged. The walk's own progress report stands in for the moment the archive removes the
+    next segment (the LOCK held as the archive holds it)."""
+    import fcntl
+    import os
+
+    segments = sorted(log_dir.glob("*.seg"))
+    holder = os.open(log_dir / "LOCK", os.O_RDWR | os.O_CREAT)
+
+    def archive_removes_the_next_segment(_: str) -> None:
+        if segments[1].exists():
+            segments[1].unlink()
+
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        result = verify_directory(log_dir, progress=archive_removes_the_next_segment)
+    finally:
+        os.close(holder)
+    assert not result.ok
+    assert f"{segments[1].name} went away while verify read the log, and a process holds its LOCK" in result.reason
+    assert "aios-kernel audit archive" in result.reason and "verify again" in result.reason, result.reason
