@@ -48,7 +48,8 @@ def test_a_new_data_dir_is_owner_only_and_an_open_one_is_named(model_repo, tmp_p
 
 def test_a_log_folder_the_kernel_makes_is_owner_only_in_a_data_dir_that_is_not(tmp_path):
     """A data dir made before the kernel (a mount point, a package's folder) is often 0755: the start warns, and the
-    log folder it makes inside is owner-only (0700) all the same, as `aios-kernel backup` makes a copy's."""
+    log folder it makes inside is owner-only (0700) all the same, as `aios-kernel backup` makes a copy's, and so
+    are the store's files (kernel.sqlite3, its WAL, kernel.lock)."""
     data_dir = tmp_path / "data"
     data_dir.mkdir()
     os.chmod(data_dir, 0o755)
@@ -60,7 +61,17 @@ def test_a_log_folder_the_kernel_makes_is_owner_only_in_a_data_dir_that_is_not(t
         os.umask(old_umask)
     try:
         with grpc.insecure_channel(server.address) as channel:
-            kgrpc.DecisionServiceStub(channel).Decide(claim_request(data.generate_cases(1, seed=4)[0]), timeout=10)
+            stub = kgrpc.DecisionServiceStub(channel)
+            stub.Decide(claim_request(data.generate_cases(1, seed=4)[0]), timeout=10)
+            escalated = claim_request(data.generate_cases(1, seed=4)[0], request_id="big")
+            escalated.fields["claim_amount"].number_value = 90000  # (the demo policy escalates it: a review row)
+            stub.Decide(escalated, timeout=10)
+        # The store, its WAL and its lock too, while the kernel has them open (SQLite made them 0644: escalated
+        # cases' free text readable by every local user of such a data dir).
+        store_files = [p for p in data_dir.iterdir() if p.name.startswith("kernel.")]
+        assert {p.name for p in store_files} >= {"kernel.sqlite3", "kernel.sqlite3-wal", "kernel.lock"}, store_files
+        assert {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in store_files} == \
+            {p.name: oct(0o600) for p in store_files}
     finally:
         code, err = server.stop()
     assert code == 0, err

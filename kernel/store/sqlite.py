@@ -90,6 +90,9 @@ def _connect(path: Path, read_only: bool) -> sqlite3.Connection:
     if read_only:
         conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False)
     else:
+        # Made owner-only before SQLite makes it 0644 (its -wal and -shm take the database's mode): escalated
+        # cases' free text is in it, and a data dir made beforehand may be open to every local user.
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
     return conn
@@ -226,7 +229,7 @@ class Database:
             return None
         lock_path = self.data_dir / LOCK_FILE
         try:
-            handle = open(lock_path, "a+")
+            handle = os.fdopen(os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600), "a+")
         except OSError as exc:  # a read-only data dir, a full disk, no permission
             raise faults.cannot_open(self.data_dir, lock_path, exc) from None
         try:
