@@ -92,7 +92,10 @@ def _connect(path: Path, read_only: bool) -> sqlite3.Connection:
     else:
         # Made owner-only before SQLite makes it 0644 (its -wal and -shm take the database's mode): escalated
         # cases' free text is in it, and a data dir made beforehand may be open to every local user.
-        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        except OSError:  # there already (kept as it is), or not to be made: SQLite's open says why, as before
+            pass
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
     return conn
