@@ -242,6 +242,9 @@ def test_a_tenants_task_list_reads_its_index_in_a_store_made_before_it(tmp_path)
     for trigger in ("inserted", "changed", "deleted"):  # (and version 9's)
         conn.execute(f"DROP TRIGGER tasks_counted_{trigger}")
     conn.execute("DROP TABLE task_counts")
+    for index in ("reviews_by_tenant", "reviews_withdrawn_at"):  # (and version 10's)
+        conn.execute(f"DROP INDEX {index}")
+    conn.execute("CREATE INDEX reviews_by_filter ON reviews (resolved, pipeline, tenant)")  # (which it dropped)
     conn.execute("PRAGMA user_version = 5")  # as the release before schema version 6 left it
     conn.close()
     with open_database(tmp_path) as db:

@@ -34,6 +34,12 @@ _BACKLOG = ("INSERT INTO review_backlog (pipeline, unresolved, with_sla) SELECT 
             " {sign}({row}.resolved = 0), {sign}({row}.resolved = 0 AND {row}.sla_deadline_unix_ns > 0) WHERE 1"
             " ON CONFLICT (pipeline) DO UPDATE SET unresolved = unresolved + excluded.unresolved,"
             " with_sla = with_sla + excluded.with_sla")
+# _BACKLOG per pipeline and tenant (version 10).
+_BACKLOG_BY_TENANT = ("INSERT INTO review_backlog (pipeline, tenant, unresolved, with_sla) SELECT {row}.pipeline,"
+                      " {row}.tenant, {sign}({row}.resolved = 0),"
+                      " {sign}({row}.resolved = 0 AND {row}.sla_deadline_unix_ns > 0) WHERE 1"
+                      " ON CONFLICT (pipeline, tenant) DO UPDATE SET unresolved = unresolved + excluded.unresolved,"
+                      " with_sla = with_sla + excluded.with_sla")
 _ADD = ("INSERT INTO review_counts (pipeline, resolved_late) SELECT {row}.pipeline, {delta} WHERE {when}"
         " ON CONFLICT (pipeline) DO UPDATE SET resolved_late = resolved_late + excluded.resolved_late")
 
@@ -186,6 +192,52 @@ MIGRATIONS: list[tuple[int, str, tuple[str, ...]]] = [
         f"""CREATE TRIGGER tasks_counted_changed AFTER UPDATE OF state ON tasks WHEN OLD.state != NEW.state
            BEGIN {_TASKS.format(row='OLD', delta='-1')}; {_TASKS.format(row='NEW', delta='1')}; END""",
         f"CREATE TRIGGER tasks_counted_deleted AFTER DELETE ON tasks BEGIN {_TASKS.format(row='OLD', delta='-1')}; END",
+    )),
+    (10, "reviews by tenant; the waiting ones counted per pipeline and tenant (a page or a claim sorted the backlog)", (
+        # At 200,000 waiting, each ClaimNextReview and each page of OPEN or UNRESOLVED reviews sorted the backlog
+        # out of reviews_by_filter (ordered by pipeline and tenant, not by position: ~250 ms), a page of every state
+        # or RESOLVED for one tenant walked every review kept (40-90 ms), and each page counted its filter's missed
+        # SLAs row by row (~150 ms). Every escalated decision stores a row, so a row keeps its index entries and its
+        # trigger as before (versions 10-12 of an earlier try, five more entries and a trigger, cost 2.5x a row and
+        # were taken back): an index entry ends with the position (rowid), so each range of equal keys is in list
+        # order, and a read merges a few such ranges (sqlite_reviews._page_query). reviews_by_filter, which nothing
+        # needs then, makes way for reviews_by_tenant; version 8's index of the waiting reviews by lease and
+        # pipeline already holds each pipeline's never claimed ones in list order. The waiting reviews' SLA index
+        # gains the tenant and their count is kept per pipeline and tenant, so a filter's overdue ones are its
+        # count less its reviews not yet due (the last SLA period's), from index entries alone.
+        "DROP INDEX IF EXISTS reviews_by_filter",
+        "CREATE INDEX reviews_by_tenant ON reviews (tenant, resolved)",
+        # Retention's look for withdrawn reviews read reviews_by_filter's resolved = 2 range: without it, every review.
+        # (Only withdrawn rows have entries: none is added as a row is stored.)
+        "CREATE INDEX reviews_withdrawn_at ON reviews (resolved_unix_ns) WHERE resolved = 2",
+        # (``resolved``, 0 in every entry, lets a count read the entries alone: SQLite reads the row for any column a
+        # query names that its index lacks, the partial index's own condition included.)
+        "DROP INDEX IF EXISTS reviews_unresolved_by_sla",
+        "CREATE INDEX reviews_unresolved_by_sla ON reviews (sla_deadline_unix_ns, pipeline, tenant, resolved)"
+        " WHERE resolved = 0",
+        *(f"DROP TRIGGER IF EXISTS reviews_backlog_{change}" for change in ("inserted", "changed", "deleted")),
+        "DROP TABLE IF EXISTS review_backlog",
+        """CREATE TABLE review_backlog (
+            pipeline TEXT NOT NULL,
+            tenant TEXT NOT NULL,
+            unresolved INTEGER NOT NULL,            -- resolved = 0
+            with_sla INTEGER NOT NULL,              -- of them, with an SLA deadline
+            PRIMARY KEY (pipeline, tenant)
+        ) WITHOUT ROWID""",
+        "INSERT INTO review_backlog (pipeline, tenant, unresolved, with_sla) SELECT pipeline, tenant, count(*),"
+        " count(*) FILTER (WHERE sla_deadline_unix_ns > 0) FROM reviews WHERE resolved = 0 GROUP BY pipeline, tenant",
+        f"""CREATE TRIGGER reviews_backlog_inserted AFTER INSERT ON reviews WHEN NEW.resolved = 0
+           BEGIN {_BACKLOG_BY_TENANT.format(row='NEW', sign='')}; END""",
+        f"""CREATE TRIGGER reviews_backlog_changed AFTER UPDATE ON reviews
+           WHEN (OLD.resolved = 0) != (NEW.resolved = 0) OR OLD.pipeline IS NOT NEW.pipeline
+             OR OLD.tenant IS NOT NEW.tenant
+             OR (OLD.resolved = 0 AND (OLD.sla_deadline_unix_ns > 0) != (NEW.sla_deadline_unix_ns > 0))
+           BEGIN
+             {_BACKLOG_BY_TENANT.format(row='OLD', sign='-')};
+             {_BACKLOG_BY_TENANT.format(row='NEW', sign='')};
+           END""",
+        f"""CREATE TRIGGER reviews_backlog_deleted AFTER DELETE ON reviews WHEN OLD.resolved = 0
+           BEGIN {_BACKLOG_BY_TENANT.format(row='OLD', sign='-')}; END""",
     )),
 ]
 

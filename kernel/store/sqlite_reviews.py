@@ -9,6 +9,9 @@ OPEN means unresolved without one.
 
 from __future__ import annotations
 
+import contextlib
+import heapq
+import itertools
 from collections.abc import Callable
 
 from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
@@ -39,9 +42,8 @@ _STATE_SQL = {
 }
 STATE_FILTERS = tuple(name for name in _STATE_SQL if name)
 
-# A review missed its SLA if it was resolved after its deadline (counted from the partial index
-# ``reviews_sla_missed``, schema.py, named in the query: SQLite's planner preferred reviews_by_filter's
-# resolved = 1, every resolved review), or is still unresolved past it. Withdrawn reviews (resolved = 2) count neither way.
+# A review missed its SLA if it was resolved after its deadline, or is still unresolved past it (counted from kept
+# counts and index ranges: ``count_sla_missed``). Withdrawn reviews (resolved = 2) count neither way.
 _RESOLVED_LATE = "resolved = 1 AND sla_deadline_unix_ns > 0 AND resolved_unix_ns > sla_deadline_unix_ns"
 _UNRESOLVED_LATE = "resolved = 0 AND sla_deadline_unix_ns > 0 AND ? > sla_deadline_unix_ns"
 _MAY_BE_RESOLVED = ("", "RESOLVED")  # the state filters whose rows include resolved reviews
@@ -68,6 +70,87 @@ def _where(pipeline: str, tenant: str, state: str, now_unix_ns: int) -> tuple[st
         clauses.append("tenant = ?")
         args.append(tenant)
     return " AND ".join(clauses), args
+
+
+# A filtered read of waiting reviews, or of one tenant's, goes through ranges of an index whose entries are in list
+# order (an entry ends with the position, the rowid, so equal keys are in list order): it merges them, reading each
+# only as far as the page needs, never sorting the backlog or walking the whole history (schema.py, version 10).
+# Each range names its index: SQLite refuses the query rather than read every review if it cannot use it.
+_WAITING = "reviews INDEXED BY reviews_unresolved_by_lease"  # (lease_expires_unix_ns, pipeline) WHERE resolved = 0
+_BY_TENANT = "reviews INDEXED BY reviews_by_tenant"  # (tenant, resolved)
+# (sla_deadline_unix_ns, pipeline, tenant, resolved) WHERE resolved = 0
+_BY_SLA = "reviews INDEXED BY reviews_unresolved_by_sla"
+# the ``resolved`` values of a state filter's rows
+_ROWS = {"": (UNRESOLVED_ROW, RESOLVED_ROW, WITHDRAWN_ROW), "UNRESOLVED": (UNRESOLVED_ROW,),
+         "OPEN": (UNRESOLVED_ROW,), "RESOLVED": (RESOLVED_ROW, WITHDRAWN_ROW)}
+
+
+def _ranges(conn, pipeline: str, tenant: str, state: str, now_unix_ns: int) -> list[tuple[str, str, list]] | None:
+    """``(table, condition, args)`` of each index range holding the filter's reviews, or None for the table itself
+    (every state, or RESOLVED, without a tenant: read in list order, as before).
+
+    A tenant's reviews: its reviews_by_tenant range of each ``resolved`` value (its waiting ones read without its
+    history, its history without the backlog). The other waiting reviews: each pipeline's never claimed ones (lease
+    0, in list order), and those a reviewer claimed at some time (a lease running or run out: as many as claims not
+    resolved, not the backlog), sorted; CLAIMED, the running leases. (A lease is never below 0: a look for one.)"""
+    if state == "CLAIMED" or (state in ("OPEN", "UNRESOLVED") and not tenant):
+        if state == "CLAIMED":
+            leases = [("lease_expires_unix_ns > ?", [now_unix_ns])]
+        elif state == "OPEN" and now_unix_ns < 0:
+            leases = [("lease_expires_unix_ns <= ?", [now_unix_ns])]
+        else:
+            # (without a pipeline filter, one range a pipeline with waiting reviews: review_backlog names them)
+            leases = [("lease_expires_unix_ns = 0", [])] if pipeline else [
+                ("lease_expires_unix_ns = 0 AND pipeline = ?", [name]) for (name,) in conn.execute(
+                    "SELECT pipeline FROM review_backlog GROUP BY pipeline HAVING sum(unresolved) > 0")]
+            leases.append(("lease_expires_unix_ns > 0 AND lease_expires_unix_ns <= ?", [now_unix_ns])
+                          if state == "OPEN" else ("lease_expires_unix_ns > 0", []))
+            leases.append(("lease_expires_unix_ns < 0", []))
+        arms = [(_WAITING, f"resolved = 0 AND {condition}", args) for condition, args in leases]
+        narrow = [("tenant", tenant), ("pipeline", pipeline)]
+    elif tenant:
+        lease, lease_args = (" AND lease_expires_unix_ns <= ?", [now_unix_ns]) if state == "OPEN" else ("", [])
+        arms = [(_BY_TENANT, f"tenant = ? AND resolved = {row}{lease}", [tenant, *lease_args]) for row in _ROWS[state]]
+        narrow = [("pipeline", pipeline)]
+    else:
+        return None
+    narrowed = "".join(f" AND {column} = ?" for column, value in narrow if value)
+    values = [value for _, value in narrow if value]
+    return [(table, condition + narrowed, [*args, *values]) for table, condition, args in arms]
+
+
+def _page_query(conn, columns: str, pipeline: str, tenant: str, state: str, now_unix_ns: int, after_seq: int,
+                limit: int) -> tuple[str, list]:
+    """The query of ``columns`` of up to ``limit`` matching reviews after position ``after_seq``, oldest first. Run
+    in the read transaction that ran this: the positions of a merge of ranges are read here (their first ``limit``
+    in list order), then the rows at them."""
+    ranges = _ranges(conn, pipeline, tenant, state, now_unix_ns)
+    if ranges is None:
+        where, args = _where(pipeline, tenant, state, now_unix_ns)
+        return (f"SELECT {columns} FROM reviews WHERE seq > ? AND {where} ORDER BY seq LIMIT ?",
+                [after_seq, *args, limit])
+    cursors = [conn.execute(f"SELECT seq FROM {table} WHERE {condition} AND seq > ? ORDER BY seq LIMIT ?",
+                            (*args, after_seq, limit)) for table, condition, args in ranges]
+    positions = [seq for (seq,) in itertools.islice(heapq.merge(*cursors), limit)]
+    for cursor in cursors:
+        cursor.close()
+    # (The positions written out, not bound: up to 1,001 of them, past the 999 variables older SQLite builds allow.)
+    listed = ", ".join(str(int(seq)) for seq in positions)
+    return f"SELECT {columns} FROM reviews WHERE seq IN ({listed}) ORDER BY seq", []
+
+
+@contextlib.contextmanager
+def _one_read(conn):
+    """One read transaction for several statements (the ranges, the rows at their positions, the counts: they
+    agree), unless ``conn`` is in one already."""
+    began = not conn.in_transaction
+    if began:
+        conn.execute("BEGIN")
+    try:
+        yield conn
+    finally:
+        if began:
+            conn.execute("COMMIT")
 
 
 def _columns(review: kpb.Review) -> tuple:
@@ -204,7 +287,7 @@ _PAST_RETENTION = (
     " AND NOT EXISTS (SELECT 1 FROM tasks WHERE tasks.task_id = reviews.task_id AND tasks.finished_unix_ns = 0)"
     " AND NOT EXISTS (SELECT 1 FROM tasks INDEXED BY tasks_by_review WHERE tasks.review_id = reviews.review_id"
     " AND tasks.review_id != '' AND tasks.finished_unix_ns = 0)"
-    " UNION ALL SELECT seq, review_id FROM reviews WHERE resolved = 2"
+    " UNION ALL SELECT seq, review_id FROM reviews INDEXED BY reviews_withdrawn_at WHERE resolved = 2"
     " AND resolved_unix_ns < ?1 LIMIT ?2")
 
 
@@ -341,15 +424,15 @@ class SqliteReviewRecords:
         The oldest few matches are looked up before, on a reader: with thousands of reviews waiting that look
         takes milliseconds, which every other writer would wait out; inside, each is checked again by its key.
         """
-        where, args = _where(pipeline, tenant, state, clock())
-        with self._db.read() as conn:
+        with self._db.read() as conn, _one_read(conn):
             candidates = [row[0] for row in conn.execute(
-                f"SELECT review_id FROM reviews WHERE {where} ORDER BY seq LIMIT ?", (*args, OLDEST_CANDIDATES))]
+                *_page_query(conn, "review_id", pipeline, tenant, state, clock(), 0, OLDEST_CANDIDATES))]
         if not candidates:
             return None  # none as of the look: no write transaction to hold up the writers for
 
         def work(conn):
-            where, args = _where(pipeline, tenant, state, clock())
+            now = clock()
+            where, args = _where(pipeline, tenant, state, now)
             for review_id in candidates:
                 found = conn.execute(
                     f"SELECT body, revision, delivered, seq FROM reviews WHERE review_id = ? AND {where}",
@@ -357,10 +440,8 @@ class SqliteReviewRecords:
                 if found is not None:
                     return _mutate_row(conn, review_id, found, mutate, None)
             # Every candidate was taken meanwhile (more callers at once than candidates): look here.
-            found = conn.execute(
-                f"SELECT review_id, body, revision, delivered, seq FROM reviews WHERE {where} ORDER BY seq LIMIT 1",
-                args,
-            ).fetchone()
+            found = conn.execute(*_page_query(conn, "review_id, body, revision, delivered, seq", pipeline, tenant,
+                                              state, now, 0, 1)).fetchone()
             return None if found is None else _mutate_row(conn, found[0], found[1:], mutate, None)
 
         return self._db.transact(work, after_commit=after_commit)
@@ -370,7 +451,7 @@ class SqliteReviewRecords:
         """Unresolved reviews whose lease ran out in (``after_unix_ns``, ``clock()``], oldest lease first.
 
         Returns ``(now, reviews, next_expiry)``: ``next_expiry`` is the earliest lease still running (0 if
-        none). The leases are looked up on a reader (a scan of the unresolved reviews: no writer waits on
+        none). The leases are looked up on a reader (a range of the lease index: no writer waits on
         it); then each lapsed one is read again in a write transaction that writes nothing (and asks for no
         fsync), so that ``after_commit`` publishes it in commit order: one claimed again meanwhile no longer
         has the lease that lapsed and is left out (its claim is the news), and a claim that comes after is
@@ -379,11 +460,12 @@ class SqliteReviewRecords:
         now = clock()
         with self._db.read() as conn:
             candidates = conn.execute(
-                "SELECT review_id, lease_expires_unix_ns FROM reviews WHERE resolved = 0 AND lease_expires_unix_ns > ?"
-                " AND lease_expires_unix_ns <= ? ORDER BY lease_expires_unix_ns, seq", (after_unix_ns, now),
+                f"SELECT review_id, lease_expires_unix_ns FROM {_WAITING} WHERE resolved = 0"
+                " AND lease_expires_unix_ns > ? AND lease_expires_unix_ns <= ? ORDER BY lease_expires_unix_ns, seq",
+                (after_unix_ns, now),
             ).fetchall()
             (next_expiry,) = conn.execute(
-                "SELECT min(lease_expires_unix_ns) FROM reviews WHERE resolved = 0 AND lease_expires_unix_ns > ?",
+                f"SELECT min(lease_expires_unix_ns) FROM {_WAITING} WHERE resolved = 0 AND lease_expires_unix_ns > ?",
                 (now,),
             ).fetchone()
         if not candidates:
@@ -407,36 +489,59 @@ class SqliteReviewRecords:
         """Up to ``limit`` matching reviews after position ``after_seq``, oldest first, with their positions and
         stored sizes; fewer once they pass ``max_bytes`` (``paging.take_rows``, default ``paging.PAGE_BYTES``:
         more may follow)."""
-        where, args = _where(pipeline, tenant, state, now_unix_ns)
-        with self._db.read() as conn:
+        with self._db.read() as conn, _one_read(conn):
             rows = paging.take_rows(conn.execute(
-                f"SELECT seq, body FROM reviews WHERE seq > ? AND {where} ORDER BY seq LIMIT ?",
-                (after_seq, *args, limit),
-            ), limit, max_bytes)
+                *_page_query(conn, "seq, body", pipeline, tenant, state, now_unix_ns, after_seq, limit)),
+                limit, max_bytes)
         return [(seq, _review(body, seq), len(body)) for seq, body in rows]
 
     def count_sla_missed(self, pipeline: str, tenant: str, state: str, now_unix_ns: int) -> int:
-        where, args = _where(pipeline, tenant, state, now_unix_ns)
-        with self._db.read() as conn:
+        """How many reviews matching the filters missed their SLA (``_RESOLVED_LATE``, ``_UNRESOLVED_LATE``), in
+        work that grows with neither the backlog nor the history (row by row, every ListReviews page took ~150 ms at
+        200,000 waiting). The waiting ones with an SLA are counted per pipeline and tenant as rows change
+        (review_backlog, schema version 10); less those not due yet (the last SLA period's: a range of
+        reviews_unresolved_by_sla, whose entries hold the pipeline and tenant) they are the overdue ones; for OPEN
+        less, for CLAIMED only, the overdue ones under a running lease (one per reviewer at work). The late resolved
+        ones are counted per pipeline as rows change (review_counts, version 7), a tenant's from reviews_sla_missed.
+        One read transaction: the parts agree."""
+        narrow = [(column, value) for column, value in (("pipeline", pipeline), ("tenant", tenant)) if value]
+        keyed = " AND ".join(f"{column} = ?" for column, _ in narrow) or "1"
+        narrowed = "".join(f" AND {column} = ?" for column, _ in narrow)
+        values = [value for _, value in narrow]
+        with self._db.read() as conn, _one_read(conn):
             missed = 0
-            if state != "RESOLVED":  # (every other filter can match unresolved rows)
-                missed += conn.execute(
-                    f"SELECT count(*) FROM reviews WHERE {where} AND {_UNRESOLVED_LATE}", (*args, now_unix_ns),
-                ).fetchone()[0]
+            if state != RESOLVED:  # (every other filter can match unresolved rows)
+                held = 0
+                if state in ("OPEN", "CLAIMED"):
+                    held = conn.execute(
+                        f"SELECT count(*) FROM {_WAITING} WHERE lease_expires_unix_ns > ? AND {_UNRESOLVED_LATE}"
+                        f"{narrowed}", (now_unix_ns, now_unix_ns, *values)).fetchone()[0]
+                if state == "CLAIMED":
+                    return held
+                with_sla = conn.execute(f"SELECT coalesce(sum(with_sla), 0) FROM review_backlog WHERE {keyed}",
+                                        values).fetchone()[0]
+                not_due = conn.execute(  # (a deadline is > 0: from 1 on when the clock reads 0 or less)
+                    f"SELECT count(*) FROM {_BY_SLA} WHERE resolved = 0 AND sla_deadline_unix_ns >= ?{narrowed}",
+                    (max(now_unix_ns, 1), *values)).fetchone()[0]
+                missed += with_sla - not_due - held
             if state in _MAY_BE_RESOLVED:
-                missed += conn.execute(
-                    f"SELECT count(*) FROM reviews INDEXED BY reviews_sla_missed WHERE {where} AND {_RESOLVED_LATE}",
-                    args,
-                ).fetchone()[0]
+                if tenant:  # (its range in each pipeline with late ones: review_counts has a row for each)
+                    among = "pipeline = ?" if pipeline else "pipeline IN (SELECT pipeline FROM review_counts)"
+                    missed += conn.execute(
+                        f"SELECT count(*) FROM reviews INDEXED BY reviews_sla_missed WHERE {among} AND tenant = ?"
+                        f" AND {_RESOLVED_LATE}", values).fetchone()[0]
+                else:
+                    missed += conn.execute(f"SELECT coalesce(sum(resolved_late), 0) FROM review_counts WHERE {keyed}",
+                                           values).fetchone()[0]
             return missed
 
     def gauges(self, now_unix_ns: int) -> dict[str, dict[str, int]]:
         """Per pipeline, what an operator's dashboard watches (kernel/observability/metrics.py): ``open`` and
         ``claimed`` cases, ``overdue`` ones (unresolved past their SLA: the desk is missing it now) and
-        ``resolved_late`` ones (resolved after it). Read from counts kept per pipeline by triggers (review_backlog,
-        review_counts: schema.py, versions 7 and 8) and two index ranges bounded by traffic (leases running, SLAs
-        not yet due): never a count over the unresolved or resolved reviews, which grow with the backlog and the
-        store's history."""
+        ``resolved_late`` ones (resolved after it). Read from counts kept by triggers (review_backlog per pipeline
+        and tenant, review_counts per pipeline: schema.py, versions 10 and 7) and two index ranges bounded by traffic
+        (leases running, SLAs not yet due): never a count over the unresolved or resolved reviews, which grow with
+        the backlog and the store's history."""
         by_pipeline: dict[str, dict[str, int]] = {}
 
         def of(pipeline: str) -> dict[str, int]:
@@ -448,7 +553,7 @@ class SqliteReviewRecords:
                 conn.execute("BEGIN")
             try:
                 for pipeline, unresolved, with_sla in conn.execute(
-                    "SELECT pipeline, unresolved, with_sla FROM review_backlog",
+                    "SELECT pipeline, sum(unresolved), sum(with_sla) FROM review_backlog GROUP BY pipeline",
                 ):
                     counts = of(pipeline)
                     counts["open"], counts["overdue"] = unresolved, with_sla
