@@ -87,6 +87,7 @@ cdef class Batch:
     cdef public long long rows
     cdef public object timings
     cdef public object runs            # see types.PyBatch
+    cdef public object run_options     # see types.PyBatch
 
 
 # Final: calls to their cdef methods are direct C calls the compiler can inline.

@@ -916,6 +916,7 @@ cdef class CythonScheduler:
     def complete(self, batch, long long duration_ns, long long held_ns=-1):
         # The fit learns the batch's run; fair share charges the lane time it
         # held (held_ns, -1: the same): more for a failed batch retried one by one.
+        # duration_ns -1: a run stopped part-way (scheduling/stopping.py), nothing to learn.
         cdef _ModelQ m
         cdef long long rows
         if type(batch) is Batch:  # ours: C fields, no attribute lookups
@@ -927,7 +928,8 @@ cdef class CythonScheduler:
         if m is None:
             return
         m.in_flight -= 1
-        m.fit_add(rows, duration_ns)
+        if duration_ns >= 0:
+            m.fit_add(rows, duration_ns)
         m.vtime += (duration_ns if held_ns < 0 else held_ns) / m.weight
 
     def next_wakeup(self, long long now_ns, int max_level=0):

@@ -69,10 +69,10 @@ def hold_model_runs(monkeypatch):
     release, running = threading.Event(), threading.Event()
     run = OnnxModel.run
 
-    def held_run(self, feeds):
+    def held_run(self, feeds, options=None):
         running.set()
         release.wait(30)
-        return run(self, feeds)
+        return run(self, feeds, options)
 
     monkeypatch.setattr(OnnxModel, "run", held_run)
     return release, running

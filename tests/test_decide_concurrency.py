@@ -93,10 +93,10 @@ def test_every_decide_in_flight_reaches_the_lane_without_a_thread_each(claims_ke
     run = OnnxModel.run
     held_rows: list[int] = []
 
-    def held_run(self, feeds):  # the injected fault: the claims model waits until released
+    def held_run(self, feeds, options=None):  # the injected fault: the claims model waits until released
         held_rows.append(len(next(iter(feeds.values()))))
         release.wait(30)
-        return run(self, feeds)
+        return run(self, feeds, options)
 
     monkeypatch.setattr(OnnxModel, "run", held_run)
     calls = 40

@@ -418,11 +418,11 @@ def test_requests_waiting_on_a_reloaded_versions_old_copy_are_counted_by_listmod
     release, running = threading.Event(), threading.Event()
     run = OnnxModel.run
 
-    def held_run(self, feeds):
+    def held_run(self, feeds, options=None):
         if next(iter(feeds.values())).flat[0] == 7.0:
             running.set()
             release.wait(30)
-        return run(self, feeds)
+        return run(self, feeds, options)
 
     monkeypatch.setattr(OnnxModel, "run", held_run)
     # (poller_inline off: the held run, alone on an idle lane, would hold gRPC's poller and no other call would come)

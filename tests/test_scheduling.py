@@ -78,6 +78,20 @@ def test_batches_up_to_max_rows_without_splitting(sched):
     assert not sched.has_work() and items[3].state == ITEM_BATCHED
 
 
+def test_a_stopped_batch_teaches_the_latency_fit_nothing(sched):
+    """A batch stopped part-way (scheduling/stopping.py) completes with duration -1: the fit learns nothing from
+    a part of a run, and the slot is given back."""
+    m = add(sched, max_batch_size=8)
+    for _ in range(4):
+        sched.observe(m, 4, 8 * MS)
+    predicted = sched.predict(m, 4)
+    submit(sched, m, rows=4)
+    (batch,) = sched.next_batches(0)
+    sched.complete(batch, -1, MS)
+    assert sched.predict(m, 4) == predicted
+    assert sched.load(m) == (0, 0)
+
+
 def test_strict_priority_then_earliest_deadline(sched):
     m = add(sched, max_batch_size=2)
     submit(sched, m, priority=2, deadline=50 * MS, rid="low-early")

@@ -142,10 +142,10 @@ def test_priority_one_overtakes_a_full_low_priority_queue(kernel, stub, channel,
     ran: list[float] = []  # the first value of each batch `one` runs: the order the lane ran them in
     run = OnnxModel.run
 
-    def recording_run(self, feeds):
+    def recording_run(self, feeds, options=None):
         if self.config.name == "one":
             ran.append(float(next(iter(feeds.values())).flat[0]))
-        return run(self, feeds)
+        return run(self, feeds, options)
 
     monkeypatch.setattr(OnnxModel, "run", recording_run)
     blocker = occupy_lane(stub, channel)
@@ -230,7 +230,7 @@ def test_requests_whose_deadline_passed_while_their_batch_failed_are_not_retried
     release, running, ran, queued_by = threading.Event(), threading.Event(), [], []
     run = OnnxModel.run
 
-    def faulty_run(self, feeds):
+    def faulty_run(self, feeds, options=None):
         rows = len(next(iter(feeds.values())))
         if self.config.name == "slow":
             running.set()
@@ -240,7 +240,7 @@ def test_requests_whose_deadline_passed_while_their_batch_failed_are_not_retried
             if rows == 4:  # the batch: its requests arrived before queued_by[0], their deadlines 1 s after arrival
                 while time.monotonic() < queued_by[0] + 1.05:
                     threading.Event().wait(0.01)
-        return run(self, feeds)
+        return run(self, feeds, options)
 
     monkeypatch.setattr(OnnxModel, "run", faulty_run)
     try:
@@ -421,9 +421,10 @@ def test_requests_failed_outside_the_scheduler_are_counted_by_reason(kernel, stu
     assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and "before the kernel" in info.value.details()
     run = OnnxModel.run
 
-    def slow_run(self, feeds):  # the injected fault: this run takes 300 ms, past the request's 100 ms
+    def slow_run(self, feeds, options=None):  # the injected fault: this run takes 300 ms, past the request's 100 ms
+        outputs = run(self, feeds, options)  # (finished, then late: a run stopped at the deadline is no late finish)
         threading.Event().wait(0.3)
-        return run(self, feeds)
+        return outputs
 
     monkeypatch.setattr(OnnxModel, "run", slow_run)
     with pytest.raises(grpc.RpcError) as info:

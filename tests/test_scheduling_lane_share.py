@@ -49,13 +49,13 @@ def _lane_order(root, monkeypatch, requests) -> tuple[list, list]:
     release, running, ran = threading.Event(), threading.Event(), []
     run = OnnxModel.run
 
-    def recorded_run(self, feeds):
+    def recorded_run(self, feeds, options=None):
         if self.config.name == "slow":
             running.set()
             release.wait(30)
         else:
             ran.append((self.config.name, len(next(iter(feeds.values())))))
-        return run(self, feeds)
+        return run(self, feeds, options)
 
     monkeypatch.setattr(execute, "_clock", clock)
     monkeypatch.setattr(OnnxModel, "run", recorded_run)
@@ -131,14 +131,14 @@ def test_random_row_counts_come_back_exactly_split_from_two_instances_running_at
     both, begun, begun_lock = threading.Barrier(2, timeout=30), [0], threading.Lock()
     run = OnnxModel.run
 
-    def paired_run(self, feeds):
+    def paired_run(self, feeds, options=None):
         with begun_lock:
             first_two = begun[0] < 2
             begun[0] += 1
         if first_two:  # both running at once, then held until all 48 requests have reached the queue
             both.wait()
             until(lambda: server.lanes.stats()["models"][pair]["submitted"] == 48, "the other requests to queue")
-        return run(self, feeds)
+        return run(self, feeds, options)
 
     monkeypatch.setattr(OnnxModel, "run", paired_run)
     session = ort.InferenceSession(str(tmp_path / "pair" / "1" / "model.onnx"))

@@ -63,10 +63,10 @@ def test_an_answer_held_for_its_turn_past_its_deadline_is_deadline_exceeded(repo
     release = threading.Event()
     run = OnnxModel.run
 
-    def held_run(self, feeds):  # the injected fault: `slow`'s batch runs only once released
+    def held_run(self, feeds, options=None):  # the injected fault: `slow`'s batch runs only once released
         if self.config.name == "slow":
             release.wait(30)
-        return run(self, feeds)
+        return run(self, feeds, options)
 
     monkeypatch.setattr(OnnxModel, "run", held_run)
     tiny = server.hub.get("tiny").stats

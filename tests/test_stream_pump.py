@@ -43,10 +43,10 @@ def held_model(monkeypatch):
     rows: list[int] = []
     run = OnnxModel.run
 
-    def held_run(self, feeds):
+    def held_run(self, feeds, options=None):
         rows.append(len(next(iter(feeds.values()))))
         release.wait(30)
-        return run(self, feeds)
+        return run(self, feeds, options)
 
     monkeypatch.setattr(OnnxModel, "run", held_run)
     yield release, rows

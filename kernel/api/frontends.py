@@ -358,8 +358,13 @@ def sync_servicer(service: InferenceService, budget: CallBudget | None = None) -
         watch = service.watch_deadline(item)
         item.owner = (request, later, watch)  # (before queueing: the batch may run, and answer it, right here)
         if not later.on_poller:
+            # Hooked before it is queued: this thread may run its batch right here, and a cancel reaches a running
+            # batch too, which stops once none of its requests is wanted (scheduling/stopping.py). (A batch of
+            # ANSWER_LATER_MIN_NS or more: one callback, and a lane lock at the call's end, are nothing to it.)
+            context.add_callback(lambda: service.cancel(item))
             service.run_or_queue(item, watch)
-        elif service.run_if_idle(item, INLINE_MAX_NS, watch) and item.state == ITEM_EXPIRED:
+            return later.defer()
+        if service.run_if_idle(item, INLINE_MAX_NS, watch) and item.state == ITEM_EXPIRED:
             if watch is not None:  # expired before it could run: nothing answered it
                 timer.forget(watch)
             raise item.error
@@ -368,7 +373,8 @@ def sync_servicer(service: InferenceService, budget: CallBudget | None = None) -
 
     def on_wait(context, item) -> None:
         # Client cancellation reaches the queue, hooked up only for requests that wait while
-        # still queued (one run inline, or already in another thread's batch, has nothing to cancel).
+        # still queued (one run inline, or already in another thread's batch, has nothing to cancel:
+        # its batch is not stopped for it).
         if item.state == ITEM_QUEUED and not context.add_callback(lambda: service.cancel(item)):
             service.cancel(item)  # the RPC already ended
 

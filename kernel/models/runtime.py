@@ -412,8 +412,9 @@ class OnnxModel:
             return []
         return samples
 
-    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        """Run one batch; the caller guarantees no more concurrent runs than instances."""
+    def run(self, feeds: dict[str, np.ndarray], options=None) -> list[np.ndarray]:
+        """Run one batch; the caller guarantees no more concurrent runs than instances. ``options``: an onnxruntime
+        ``RunOptions`` whose ``terminate`` another thread may set to stop the run (scheduling/stopping.py)."""
         free = self._free
         # list.pop/append are atomic under the GIL: no lock needed for the pool.
         session = free.pop()
@@ -425,15 +426,15 @@ class OnnxModel:
         try:
             inner = session._sess if self._direct else None
             if inner is None:
-                return session.run(self.output_names, feeds)
+                return session.run(self.output_names, feeds, options)
             try:
                 # The binding under InferenceSession.run, without its per-call checks
                 # (~1 µs here): our feeds are numpy arrays for exactly the graph's
                 # inputs, already validated by the caller.
-                return inner.run(self.output_names, feeds, None)
+                return inner.run(self.output_names, feeds, options)
             except _EP_FAIL:
                 # The public run falls back to the next provider (once), as it would have.
-                return session.run(self.output_names, feeds)
+                return session.run(self.output_names, feeds, options)
         finally:
             if levels is not None:
                 set_thread_nice(levels[1])

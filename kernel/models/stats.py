@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 
 from ..errors import DeadlineExceeded, Internal, ModelRefusedInput
+from ..scheduling.stopping import CancelledWhileRunning, ExpiredWhileRunning
 
 
 @dataclass(slots=True)
@@ -58,6 +59,11 @@ class ModelStats:
     # or onnxruntime refused the request's input (INVALID_ARGUMENT). A failing model alerts on these.
     model_errors: int = 0
     refused_inputs: int = 0
+    # Batches stopped part-way because none of their requests was wanted any more (scheduling/stopping.py), and
+    # their requests (each in ``fail`` too): cancelled by their client, or past their deadline, while they ran.
+    stopped_batches: int = 0
+    stopped_cancelled: int = 0
+    stopped_expired: int = 0
     # The scheduler's counters (submitted, rejected_*, expired, ...) of this version's copies already dropped from
     # their lane: a reload's old copy, once its queued work ran. A reload keeps this object (ModelHub), so the
     # metrics endpoint adds these to the live copy's and a version's totals never go back (a Prometheus counter
@@ -83,7 +89,7 @@ class ModelStats:
         timings = batch.timings
         runs = batch.runs
         last_ms = time.time_ns() // 1_000_000
-        ok = ok_rows = ok_ns = queued_ns = failed = failed_ns = late = errors = refused = 0
+        ok = ok_rows = ok_ns = queued_ns = failed = failed_ns = late = errors = refused = cancelled = expired = 0
         own = None if runs is None else [0, 0, 0]  # retried one by one: the successful requests' own runs
         for item in batch.items:
             if item.error is None:
@@ -106,11 +112,19 @@ class ModelStats:
                     errors += 1
                 elif kind is ModelRefusedInput:
                     refused += 1
+                elif kind is CancelledWhileRunning:
+                    cancelled += 1
+                elif kind is ExpiredWhileRunning:
+                    expired += 1
         with self.lock:
             self.last_inference_ms = last_ms
             self.finished_late += late
             self.model_errors += errors
             self.refused_inputs += refused
+            if cancelled or expired:  # (a stopped batch's requests all get one of the two)
+                self.stopped_batches += 1
+                self.stopped_cancelled += cancelled
+                self.stopped_expired += expired
             if runs is None:
                 self.execution_count += 1
                 _add_phases(self._per_size(batch.rows), timings)

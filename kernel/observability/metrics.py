@@ -131,12 +131,15 @@ class KernelCollector:
                                        "queue), busy (calls in progress at the limit)", labels=[*MODEL, "reason"])
         expired = CounterMetricFamily("aios_model_expired", "Requests whose deadline passed, by where: before_queue, "
                                       "queued, batch_predicted (taken out of a batch predicted to end after it), "
-                                      "finished_late (the model finished after it)", labels=[*MODEL, "where"])
+                                      "finished_late (the model finished after it), batch_stopped (while it ran, "
+                                      "its batch then stopped)", labels=[*MODEL, "where"])
         errors = CounterMetricFamily("aios_model_errors", "Requests the model failed, by kind: internal (it raised "
                                      "at run time: INTERNAL) or refused_input (onnxruntime refused the request's "
                                      "input: INVALID_ARGUMENT)", labels=[*MODEL, "kind"])
-        cancelled = CounterMetricFamily("aios_model_cancelled", "Queued requests their caller cancelled",
-                                        labels=MODEL)
+        cancelled = CounterMetricFamily("aios_model_cancelled", "Requests their caller cancelled: queued, or "
+                                        "running in a batch then stopped", labels=MODEL)
+        stopped = CounterMetricFamily("aios_model_stopped_batches", "Batches stopped part-way because every request "
+                                      "in them was cancelled or past its deadline", labels=MODEL)
         queued = GaugeMetricFamily("aios_model_queued_requests", "Requests waiting in the queue", labels=MODEL)
         running = GaugeMetricFamily("aios_model_running_batches", "Batches running now", labels=MODEL)
         for mv in versions:
@@ -148,8 +151,10 @@ class KernelCollector:
                 phases = [(name, getattr(stats.compute, f"compute_{name}")) for name in ("input", "infer", "output")]
                 phases = [(name, d.count, d.ns) for name, d in phases]
                 counts = (stats.inference_count, stats.execution_count, stats.expired_before_queue,
-                          stats.rejected_busy, stats.finished_late, stats.model_errors, stats.refused_inputs)
-            inference_count, execution_count, before_queue, busy, late, internal, refused = counts
+                          stats.rejected_busy, stats.finished_late, stats.model_errors, stats.refused_inputs,
+                          stats.stopped_batches, stats.stopped_cancelled, stats.stopped_expired)
+            (inference_count, execution_count, before_queue, busy, late, internal, refused, stopped_batches,
+             stopped_cancelled, stopped_expired) = counts
             sched = scheduler.get(id(stats), {})
             ready.add_metric(key, 1.0)
             requests.add_metric([*key, "success"], success[0])
@@ -167,17 +172,19 @@ class KernelCollector:
                 rejected.add_metric([*key, reason], value)
             predicted = sched.get("expired_predicted", 0)  # (a part of the scheduler's `expired`: not counted twice)
             for where, value in (("before_queue", before_queue), ("queued", sched.get("expired", 0) - predicted),
-                                 ("batch_predicted", predicted), ("finished_late", late)):
+                                 ("batch_predicted", predicted), ("finished_late", late),
+                                 ("batch_stopped", stopped_expired)):
                 expired.add_metric([*key, where], value)
             errors.add_metric([*key, "internal"], internal)
             errors.add_metric([*key, "refused_input"], refused)
-            cancelled.add_metric(key, sched.get("cancelled", 0))
+            cancelled.add_metric(key, sched.get("cancelled", 0) + stopped_cancelled)
+            stopped.add_metric(key, stopped_batches)
             queued.add_metric(key, sched.get("queued", 0))  # (a reload's old copy's too: they run there)
             running.add_metric(key, sched.get("in_flight", 0))
         for name in sorted(hub.load_failures()):
             load_failed.add_metric([name], 1.0)
         yield from (ready, load_failed, requests, inferences, executions, duration, queue, compute, rejected,
-                    expired, errors, cancelled, queued, running)
+                    expired, errors, cancelled, stopped, queued, running)
 
     # -- decisions, reviews, tasks --------------------------------------------------------------
     @staticmethod

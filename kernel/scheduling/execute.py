@@ -10,6 +10,7 @@ import numpy as np
 from ..errors import DeadlineExceeded, Internal, ModelRefusedInput
 from ..ids import random_hex
 from ..observability.log_budget import budget_for, not_logged
+from .stopping import was_stopped
 from .types import NO_DEADLINE
 
 log = logging.getLogger("aios.scheduling")
@@ -55,8 +56,9 @@ def _is_invalid_argument(exc: Exception) -> bool:
     return kind.__name__ == "InvalidArgument" and kind.__module__.startswith("onnxruntime")
 
 
-def _run(model, items, rows: int) -> tuple[bool, tuple[int, int, int]]:
-    """Run ``items`` as one model call; sets each item's outputs or error. Returns (ok, phase ns)."""
+def _run(model, items, rows: int, options) -> tuple[bool | None, tuple[int, int, int]]:
+    """Run ``items`` as one model call; sets each item's outputs or error. Returns (ok, phase ns); ok is None
+    when the lane stopped the run (``options.terminate``: nobody wanted its answers), which sets nothing."""
     started = gathered = _clock()
     try:
         if len(items) == 1:
@@ -66,8 +68,10 @@ def _run(model, items, rows: int) -> tuple[bool, tuple[int, int, int]]:
             # is a few µs against a model call that the batch amortises.
             feeds = {name: np.concatenate([item.inputs[name] for item in items]) for name in items[0].inputs}
         gathered = _clock()
-        outputs = model.runtime.run(feeds)
+        outputs = model.runtime.run(feeds, options)
     except Exception as exc:  # onnxruntime raises its own exception types for run-time faults
+        if was_stopped(options):
+            return None, (gathered - started, _clock() - gathered, 0)
         _fail(model, items, rows, exc)
         return False, (gathered - started, _clock() - gathered, 0)
     ran = _clock()
@@ -123,8 +127,13 @@ def run_batch(batch) -> int:
     its own run; the fit learns the failed batch's time (a statistics audit: one
     bad input filed 7 runs as one batch of 6, 11x its compute, and charged every
     request in it the others' runs).
+
+    A run the lane stopped (``batch.run_options.terminate``: every request in it was cancelled or past its
+    deadline; scheduling/stopping.py) is no fault: no error is set, nothing is retried, and ``batch.runs`` is
+    empty (no model call finished); the lane answers each request why it was dropped.
     """
     items = batch.items
+    options = batch.run_options
     if len(items) == 1:
         # A batch of one (every request on an idle lane): its inputs are the
         # feeds as they are, and its outputs are the item's; nothing to gather
@@ -132,8 +141,13 @@ def run_batch(batch) -> int:
         item = items[0]
         started = _clock()
         try:
-            outputs = batch.model.runtime.run(item.inputs)
+            outputs = batch.model.runtime.run(item.inputs, options)
         except Exception as exc:  # onnxruntime raises its own exception types for run-time faults
+            if was_stopped(options):
+                elapsed = _clock() - started
+                batch.runs = []
+                batch.timings = (0, elapsed, 0)
+                return elapsed
             _fail(batch.model, items, batch.rows, exc)
             outputs = None
         elapsed = _clock() - started
@@ -144,15 +158,20 @@ def run_batch(batch) -> int:
             batch.runs = []  # (no successful execution)
         batch.timings = (0, elapsed, 0)
         return elapsed
-    ok, timings = _run(batch.model, items, batch.rows)
+    ok, timings = _run(batch.model, items, batch.rows, options)
     batch.timings = timings
-    if not ok:
+    if ok is None:
+        batch.runs = []
+    elif not ok:
         skipped = budget_for(batch.model, "retried").take()
         (log.debug if skipped is None else log.warning)(
             "retrying the %d requests of a failed %s/%s batch one by one%s", len(items), batch.model.name,
             batch.model.version, not_logged(skipped or 0))
         runs = batch.runs = []
         for item in items:
+            if was_stopped(options):  # (the requests not retried yet were abandoned too: the lane answers them all)
+                batch.runs = []
+                break
             if item.deadline_ns != NO_DEADLINE and time.monotonic_ns() >= item.deadline_ns:
                 # Its answer would be DEADLINE_EXCEEDED whatever the run gave: no run after the deadline (as the
                 # lane's start() keeps late requests out of a batch), and no lane time spent on it.
@@ -162,7 +181,7 @@ def run_batch(batch) -> int:
                                               f"the model raise; request id {request_id_of(item)})")
                 item.timings = (0, 0, 0)
                 continue
-            alone_ok, alone = _run(batch.model, [item], item.rows)
+            alone_ok, alone = _run(batch.model, [item], item.rows, options)
             item.timings = alone
             if alone_ok:
                 runs.append((item.rows, alone))

@@ -58,7 +58,8 @@ from .. import memory
 from ..errors import Cancelled, DeadlineExceeded, DeadlineTooShort, Internal, ResourceExhausted, Unavailable
 from ..threads import lower_next_compute, name_native_thread, normal_compute, thread_nice
 from .policy import ADMITTED, REJECT_DEADLINE, REJECT_QUEUE_FULL, ModelSchedule
-from .types import ITEM_CANCELLED, ITEM_DONE, ITEM_EXPIRED, ITEM_QUEUED, NO_DEADLINE, Batch, WorkItem
+from .stopping import Abandoned, new_run_options, nobody_waits, stopped_error
+from .types import ITEM_BATCHED, ITEM_CANCELLED, ITEM_DONE, ITEM_EXPIRED, ITEM_QUEUED, NO_DEADLINE, Batch, WorkItem
 
 # The scheduler's counters that only grow (its stats() per model); the rest there are gauges and the latency fit.
 SCHEDULER_COUNTERS = ("submitted", "rejected_queue_full", "rejected_tenant_full", "rejected_deadline", "expired",
@@ -123,6 +124,10 @@ class Lane:
         self._free_urgent = urgent_slots
         self._async_queued = 0  # queued items whose callers will not run batches themselves
         self._closed = False
+        # Batches running now -> None, or the requests in them no longer wanted (stopping.Abandoned, made at the
+        # first cancel or expiry of one of them); and the RunOptions of no running batch, for the next ones.
+        self._running: dict = {}
+        self._spare_options: list = []
         self._leaving: set = set()  # models unloaded while they held work: removed once it is done
         self._schedules: dict = {}  # model -> its ModelSchedule, to add it back (_add_back_locked)
         # Models one of whose batches ran longer than INLINE_NEVER_NS: never run inline again (run_if_idle).
@@ -274,8 +279,11 @@ class Lane:
                     elif item.state == ITEM_QUEUED:
                         self._expire_locked(item)
                         break
-                    # else: it runs in another thread's batch; wait for that batch, which
-                    # answers DEADLINE_EXCEEDED for it if it finishes too late.
+                    else:
+                        # It runs in another thread's batch; wait for that batch, which
+                        # answers DEADLINE_EXCEEDED for it if it finishes too late, and is
+                        # stopped if nobody waits for any of its requests any more.
+                        self._abandon_locked(item, cancelled=False)
                 waiter = threading.Lock()
                 waiter.acquire()
                 self._sleepers[item] = waiter
@@ -369,9 +377,12 @@ class Lane:
             self._work.notify()
 
     def cancel(self, item: WorkItem, reason: str = "the client cancelled the request") -> bool:
-        """Remove a queued item; False if it already runs or finished."""
+        """Remove a queued item; False if it already runs or finished. A running one is noted as no longer
+        wanted: its batch is stopped once none of its requests is (``_abandon_locked``)."""
         with self._lock:
             if item.state != ITEM_QUEUED or not self.scheduler.cancel(item):
+                if item.state == ITEM_BATCHED:
+                    self._abandon_locked(item, cancelled=True)
                 return False
             item.error = Cancelled(reason)
             self._finish_locked(item)
@@ -381,9 +392,28 @@ class Lane:
         """Drop a queued item whose deadline passed (DEADLINE_EXCEEDED); False if it already left the queue."""
         with self._lock:
             if item.state != ITEM_QUEUED:
+                if item.state == ITEM_BATCHED:
+                    self._abandon_locked(item, cancelled=False)
                 return False
             self._expire_locked(item)
             return item.state == ITEM_EXPIRED
+
+    def _abandon_locked(self, item: WorkItem, cancelled: bool) -> None:
+        """``item``, in a running batch, is no longer wanted (``cancelled`` by its client, or its deadline passed):
+        if none of its batch's requests is, stop the batch's run (scheduling/stopping.py). Nothing for an item
+        whose batch has ended (waiting for its finisher) or is being formed. Only on a cancel or an expiry: the
+        lookups here cost nothing to a request that is neither."""
+        for batch, abandoned in self._running.items():
+            if item in batch.items:
+                break
+        else:
+            return
+        if abandoned is None:
+            abandoned = self._running[batch] = Abandoned()
+        abandoned.reasons.setdefault(item, cancelled)
+        if not abandoned.stopped and nobody_waits(batch, abandoned, time.monotonic_ns()):
+            abandoned.stopped = True
+            batch.run_options.terminate = True
 
     def close(self) -> None:
         """Stop the helpers once the queue is empty (call after the front end drained)."""
@@ -489,6 +519,10 @@ class Lane:
         items = batch.items
         for item in items:
             item.started_ns = now
+        spare = self._spare_options
+        batch.run_options = spare.pop() if spare else new_run_options()
+        running = self._running
+        running[batch] = None
         niced = (self._batch_nice and items[0].priority > URGENT_LEVEL  # items[0]: the batch's head
                  and now - self._urgent_seen_ns < URGENT_RECENT_NS)
         self._lock.release()
@@ -513,8 +547,18 @@ class Lane:
             self._free_urgent += 1
         else:
             self._free_slots += 1
+        abandoned = running.pop(batch)
+        stopped = False
+        if abandoned is not None and abandoned.stopped:
+            batch.run_options.terminate = False  # (kept for another batch)
+            # Stopped part-way (no model call finished), not a race lost to a run that finished first.
+            stopped = escaped is None and batch.runs is not None and not batch.runs
+        spare.append(batch.run_options)
         scheduler = self.scheduler
-        scheduler.complete(batch, compute_ns, compute_ns if escaped is not None else _held_ns(batch, compute_ns))
+        if stopped:  # (a part of a run teaches the latency fit nothing; fair share charges the time it held)
+            scheduler.complete(batch, -1, compute_ns)
+        else:
+            scheduler.complete(batch, compute_ns, compute_ns if escaped is not None else _held_ns(batch, compute_ns))
         if compute_ns > INLINE_NEVER_NS and batch.model not in self._not_inline:
             # Its run time depends on its inputs (a loop, a sequence length), or its profile on zeros was
             # flattering: an inline run on a front end's only thread (gRPC's poller, the event loop) could hold
@@ -530,7 +574,10 @@ class Lane:
         for item in items:
             if timings is not None:
                 item.timings = timings
-            if item.deadline_ns != NO_DEADLINE and now > item.deadline_ns and item.error is None:
+            if stopped:  # each request as it was given up: CANCELLED or DEADLINE_EXCEEDED, never a fault
+                item.outputs = None
+                item.error = stopped_error(item, abandoned)
+            elif item.deadline_ns != NO_DEADLINE and now > item.deadline_ns and item.error is None:
                 # Never answer after the deadline: the caller has given up on this result.
                 item.outputs = None
                 item.error = DeadlineExceeded(

@@ -501,12 +501,14 @@ class ReferenceScheduler:
 
     def complete(self, batch: Batch, duration_ns: int, held_ns: int = -1) -> None:
         """``batch`` ran: the latency fit learns ``duration_ns`` (its run); fair share charges ``held_ns``, the
-        lane time it held its slot (-1: the same), which is more for a failed batch retried one by one."""
+        lane time it held its slot (-1: the same), which is more for a failed batch retried one by one.
+        ``duration_ns`` -1: the run was stopped part-way (scheduling/stopping.py), nothing for the fit to learn."""
         state = self._models.get(batch.model)
         if state is None:
             return
         state.in_flight -= 1
-        state.fit.add(batch.rows, duration_ns)
+        if duration_ns >= 0:
+            state.fit.add(batch.rows, duration_ns)
         state.vtime += (duration_ns if held_ns < 0 else held_ns) / state.schedule.weight
 
     def next_wakeup(self, now_ns: int, max_level: int = 0) -> int | None:

@@ -75,7 +75,7 @@ class PyWorkItem:
 class PyBatch:
     """Items of one model version that run in one model call."""
 
-    __slots__ = ("model", "items", "rows", "timings", "runs")
+    __slots__ = ("model", "items", "rows", "timings", "runs", "run_options")
 
     def __init__(self, model: Any, items: list, rows: int):
         self.model = model
@@ -87,6 +87,9 @@ class PyBatch:
         # the batch failed, one entry per request that succeeded alone when a failed batch was retried one by
         # one (each item then has its own timings).
         self.runs = None
+        # The onnxruntime RunOptions it runs with, set by the lane while it runs: the lane sets its terminate once
+        # none of its requests is wanted any more (scheduling/stopping.py). None: a plain run.
+        self.run_options = None
 
 
 def _compiled():

@@ -223,6 +223,36 @@ def slow(iterations: int) -> onnx.ModelProto:
     return _finish(graph)
 
 
+def counted(base: int) -> onnx.ModelProto:
+    """FP32 ``x`` [batch, 1] and INT64 ``n`` [batch, 1] → ``y = x``, after a ``Loop`` of ``base`` + the batch's
+    largest ``n`` iterations (about 7 µs each on a CPU core here): a model whose run takes as long as a request
+    asks (the load's zeros run ``base`` iterations), its rows independent of each other. The loop's count is
+    folded into ``y`` times zero, so that the graph's optimizer cannot drop it."""
+    body = helper.make_graph(
+        [helper.make_node("Add", ["total_in", "one"], ["total_out"]), helper.make_node("Identity", ["go_in"], ["go_out"])],
+        "count",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []), helper.make_tensor_value_info("go_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("total_in", TensorProto.FLOAT, [])],
+        [helper.make_tensor_value_info("go_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("total_out", TensorProto.FLOAT, [])],
+        initializer=[numpy_helper.from_array(np.array(1, np.float32), "one")],
+    )
+    graph = helper.make_graph(
+        [helper.make_node("ReduceMax", ["n"], ["most"], keepdims=0),
+         helper.make_node("Add", ["most", "base"], ["trips"]),
+         helper.make_node("Loop", ["trips", "", "zero"], ["total"], body=body),
+         helper.make_node("Mul", ["total", "zero"], ["nothing"]),
+         helper.make_node("Add", ["x", "nothing"], ["y"])],
+        "counted",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 1]),
+         helper.make_tensor_value_info("n", TensorProto.INT64, ["batch", 1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 1])],
+        initializer=[numpy_helper.from_array(np.array(base, np.int64), "base"),
+                     numpy_helper.from_array(np.array(0, np.float32), "zero")],
+    )
+    return _finish(graph)
+
+
 def mlp_toml(in_dim: int, out_dim: int, extra: str = "", **settings) -> str:
     """``model.toml`` text for an :func:`mlp` (INPUT0 → OUTPUT0); ``settings`` become top-level keys
     (``max_batch_size=8``), ``extra`` is appended TOML (labels, a ``[card]`` table)."""
