@@ -30,10 +30,10 @@ def hold_runs_of_requests(monkeypatch) -> threading.Event:
 
     release, run = threading.Event(), OnnxModel.run
 
-    def held_run(self, feeds):
+    def held_run(self, feeds, options=None):
         if any(np.any(feed == HELD) for feed in feeds.values()):
             release.wait(60)
-        return run(self, feeds)
+        return run(self, feeds, options)
 
     monkeypatch.setattr(OnnxModel, "run", held_run)
     return release
