@@ -75,32 +75,20 @@ def test_a_store_at_the_file_size_limit_stays_refusing_until_the_limit_is_lifted
     write failed again, and health and the log flapped ("takes writes again" / "refusing writes" / "health is
     NOT_SERVING", each second). It stays refusing while kernel.sqlite3 or its log is at the limit, as on a full
     disk. A real limit (RLIMIT_FSIZE, this process only, restored after; Python ignores SIGXFSZ)."""
-    import resource
-
     from kernel.review import ReviewQueue
     from kernel.store import open_database
-    from kernel.store.faults import StoreBusy
     from lane_support import until
-    from test_store_operator_errors import big_case
+    from test_store_operator_errors import big_case, refusing_at_the_file_size_limit
 
     db = open_database(tmp_path / "data")
     queue = ReviewQueue(db)
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
     try:
-        queue.create_many([big_case(1)])
-        biggest = max(p.stat().st_size for p in (tmp_path / "data").glob("kernel.sqlite3*"))
         with caplog.at_level(logging.WARNING, logger="aios.store"):
-            try:
-                resource.setrlimit(resource.RLIMIT_FSIZE, (biggest + 8192, hard))
-                with pytest.raises(StoreBusy):
-                    for n in range(2, 40):
-                        queue.create_many([big_case(n)])
+            with refusing_at_the_file_size_limit(db, queue):
                 assert "file-size limit" in db.refusing_writes
                 probes = db.write_probes
                 until(lambda: db.write_probes >= probes + 2 or db.refusing_writes is None, "two probes", TIMEOUT_S)
                 assert db.refusing_writes is not None, "taken for recovered while at the file-size limit"
-            finally:
-                resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
             until(lambda: db.refusing_writes is None, "the store taking writes again once the limit is lifted",
                   TIMEOUT_S)
         said = [r.getMessage() for r in caplog.records if r.name == "aios.store"]

@@ -387,27 +387,35 @@ def test_a_full_disk_fails_the_write_with_unavailable_and_a_retry_hint_and_the_s
         db.close()
 
 
+@contextmanager
+def refusing_at_the_file_size_limit(db, queue: ReviewQueue):
+    """A real file-size limit (RLIMIT_FSIZE, this process only; Python ignores SIGXFSZ, so writes see EFBIG) just past
+    the store's files, and reviews stored until the store refuses one: yields that refusal, the limit still on; it
+    is lifted on leaving."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    queue.create_many([big_case(1)])
+    biggest = max(p.stat().st_size for p in db.data_dir.glob("kernel.sqlite3*"))
+    try:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (biggest + 8192, hard))
+        with pytest.raises(StoreBusy) as info:
+            for n in range(2, 40):
+                queue.create_many([big_case(n)])
+        yield info.value
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+
+
 def test_a_file_size_limit_the_store_meets_is_named_not_called_a_full_disk(tmp_path):
     """(`ulimit -f` in the kernel's shell, LimitFSIZE in its unit) SQLite answers a write past the file-size limit
     as it answers a full disk, and the refusal said "the disk ... is full: free space there" on a disk with
-    plenty: the operator freed space for nothing. A real limit (RLIMIT_FSIZE, this process only, restored after;
-    Python ignores SIGXFSZ, so the write sees EFBIG)."""
-    import resource
-
+    plenty: the operator freed space for nothing."""
     db = open_database(tmp_path / "data")
-    queue = ReviewQueue(db)
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
     try:
-        queue.create_many([big_case(1)])
-        biggest = max(p.stat().st_size for p in (tmp_path / "data").glob("kernel.sqlite3*"))
-        try:
-            resource.setrlimit(resource.RLIMIT_FSIZE, (biggest + 8192, hard))
-            with pytest.raises(StoreBusy) as info:
-                for n in range(2, 40):
-                    queue.create_many([big_case(n)])
-        finally:
-            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-        message = info.value.message
+        with refusing_at_the_file_size_limit(db, ReviewQueue(db)) as refused:
+            pass
+        message = refused.message
         assert "file-size limit" in message and "ulimit -f" in message, message
         assert "is full" not in message, message
     finally:

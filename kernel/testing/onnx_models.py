@@ -200,10 +200,9 @@ def batch_centered(width: int = 2) -> onnx.ModelProto:
     return _finish(graph)
 
 
-def slow(iterations: int) -> onnx.ModelProto:
-    """FP32 ``x`` [batch, 1] → ``y = x + iterations``, counted up one at a time by a ``Loop``: a model whose every
-    call takes long whatever its batch (about 7 µs an iteration on a CPU core here), as a large model's does."""
-    body = helper.make_graph(
+def _count_one_at_a_time() -> onnx.GraphProto:
+    """A ``Loop`` body adding 1 to its float total each iteration: the work of ``slow`` and ``counted``."""
+    return helper.make_graph(
         [helper.make_node("Add", ["total_in", "one"], ["total_out"]), helper.make_node("Identity", ["go_in"], ["go_out"])],
         "count",
         [helper.make_tensor_value_info("i", TensorProto.INT64, []), helper.make_tensor_value_info("go_in", TensorProto.BOOL, []),
@@ -212,6 +211,12 @@ def slow(iterations: int) -> onnx.ModelProto:
          helper.make_tensor_value_info("total_out", TensorProto.FLOAT, [])],
         initializer=[numpy_helper.from_array(np.array(1, np.float32), "one")],
     )
+
+
+def slow(iterations: int) -> onnx.ModelProto:
+    """FP32 ``x`` [batch, 1] → ``y = x + iterations``, counted up one at a time by a ``Loop``: a model whose every
+    call takes long whatever its batch (about 7 µs an iteration on a CPU core here), as a large model's does."""
+    body = _count_one_at_a_time()
     graph = helper.make_graph(
         [helper.make_node("Loop", ["trips", "", "zero"], ["total"], body=body), helper.make_node("Add", ["x", "total"], ["y"])],
         "slow",
@@ -228,15 +233,7 @@ def counted(base: int) -> onnx.ModelProto:
     largest ``n`` iterations (about 7 µs each on a CPU core here): a model whose run takes as long as a request
     asks (the load's zeros run ``base`` iterations), its rows independent of each other. The loop's count is
     folded into ``y`` times zero, so that the graph's optimizer cannot drop it."""
-    body = helper.make_graph(
-        [helper.make_node("Add", ["total_in", "one"], ["total_out"]), helper.make_node("Identity", ["go_in"], ["go_out"])],
-        "count",
-        [helper.make_tensor_value_info("i", TensorProto.INT64, []), helper.make_tensor_value_info("go_in", TensorProto.BOOL, []),
-         helper.make_tensor_value_info("total_in", TensorProto.FLOAT, [])],
-        [helper.make_tensor_value_info("go_out", TensorProto.BOOL, []),
-         helper.make_tensor_value_info("total_out", TensorProto.FLOAT, [])],
-        initializer=[numpy_helper.from_array(np.array(1, np.float32), "one")],
-    )
+    body = _count_one_at_a_time()
     graph = helper.make_graph(
         [helper.make_node("ReduceMax", ["n"], ["most"], keepdims=0),
          helper.make_node("Add", ["most", "base"], ["trips"]),
