@@ -76,6 +76,7 @@ def _cannot_start(exc: BaseException) -> int:
     return 2
 
 
+EX_TEMPFAIL = 75  # (sysexits.h) the kernel stopped on a fail-stop of its audit log or store: restart it once fixed
 SIGNAL_CHECK_S = 0.25  # how often the waiting main thread looks for a signal another thread received
 
 
@@ -119,8 +120,13 @@ class _StopSignals:
         print(ready, flush=True)
         # Waking now and then: a signal the OS delivers to another thread (gRPC's, onnxruntime's) does not
         # interrupt this wait, and Python runs its handler only once this thread executes bytecode again.
+        exit_on_fail_stop = server.settings.exit_on_fail_stop
         while not self.stop.wait(SIGNAL_CHECK_S):
-            pass
+            if exit_on_fail_stop and server.fail_stopped.is_set():
+                log.error("exit_on_fail_stop: stopping the kernel, exit code %d, for its supervisor to restart it "
+                          "once the fault above is fixed", EX_TEMPFAIL)
+                server.stop()
+                return EX_TEMPFAIL
         log.info("%s received: draining in-flight calls (up to %.0f s; a second signal stops at once), then "
                  "stopping", self.received[0], server.drain_limit_s())
         server.stop()

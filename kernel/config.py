@@ -151,6 +151,10 @@ class Settings:
     # (bench/RESULTS.md, "preallocated segments"); 0 = append (copy-on-write file systems gain nothing).
     audit_preallocate_bytes: int = 256 * 1024
     audit_stream_enabled: bool = False  # allow StreamAudit and StreamAuditBatches (until RBAC grants them to auditors)
+    # When the audit log or the store fail-stops (a full disk, a damaged file), `aios-kernel serve` stops and exits
+    # 75 instead of staying up NOT_SERVING: for a supervisor that restarts on failure but reads no health check
+    # (systemd's Restart=on-failure); the fault must still be fixed for the restart to serve.
+    exit_on_fail_stop: bool = False
     # Durable tasks retry a failure that may pass (a full queue, a model being reloaded, a deadline that
     # ran out in a busy queue) after task_backoff_s, doubling each time up to task_max_backoff_s, until
     # task_max_attempts runs were made. The defaults keep trying for about 4 minutes (1+2+4+...+60 s):

@@ -165,6 +165,8 @@ class KernelServer:
         if self.decisions.audit is not None:
             self.decisions.audit.failure_listeners.append(self._audit_log_failed)
         self._store_failed = False  # set when the SQLite store fail-stops (damaged, deleted): NOT_SERVING too
+        # Set at the first fail-stop (the audit log's or the store's): `serve` stops on it with exit_on_fail_stop.
+        self.fail_stopped = threading.Event()
         self.decisions.db.failure_listeners.append(self._store_failed_now)
         self.decisions.db.refusal_listeners.append(self._store_refusing)
         self._stopped: asyncio.Event | None = None
@@ -244,6 +246,7 @@ class KernelServer:
         log.error("health is NOT_SERVING: the audit log of %s failed (%s); decisions are refused until the "
                   "cause is fixed and the kernel restarted", self.settings.data_dir, error)
         self._update_health()
+        self.fail_stopped.set()
 
     def _store_failed_now(self, error) -> None:
         """The store stopped taking reads and writes (damaged pages, its file deleted or replaced): reviews,
@@ -252,6 +255,7 @@ class KernelServer:
         log.error("health is NOT_SERVING: the store of %s failed (%s); restore the data dir and restart the kernel",
                   self.settings.data_dir, error)
         self._update_health()
+        self.fail_stopped.set()
 
     def _store_refusing(self, cause: str | None) -> None:
         """The store refuses writes for a reason that may pass (another process holding its write lock, a full

@@ -188,3 +188,38 @@ def test_an_audit_log_rotating_while_connections_hold_every_descriptor_goes_on(c
     assert code == 0, err
     assert "the log takes no more records" not in err, err
     assert verify_directory(tmp_path / "data" / "audit", strict=True).ok
+
+
+def test_with_exit_on_fail_stop_serve_exits_75_once_its_audit_log_fail_stops(claims_models, tmp_path):
+    """A supervisor that restarts on failure but reads no health check (systemd's Restart=on-failure) never restarted
+    a kernel whose audit log had fail-stopped: it stayed up NOT_SERVING. With ``exit_on_fail_stop`` it stops and
+    exits 75 (EX_TEMPFAIL), saying why; without it, it keeps serving NOT_SERVING as before. The fault: the log's
+    folder moved away under the running kernel (the writer's own check finds it)."""
+    import os
+    import subprocess
+
+    from claims_support import copy_pipelines
+    from kernel.testing.processes import ServeProcess
+
+    pipelines = copy_pipelines(tmp_path / "pipelines")
+    for exits in (True, False):
+        data_dir = tmp_path / f"data-{exits}"
+        env = dict(os.environ, AIOS_EXIT_ON_FAIL_STOP=str(exits).lower())
+        server = ServeProcess(claims_models, "--pipelines", str(pipelines), data_dir=data_dir, env=env)
+        try:
+            with grpc.insecure_channel(server.address) as channel:
+                kgrpc.DecisionServiceStub(channel).Decide(claim_request(UNSURE_CASE), timeout=TIMEOUT_S)
+            (data_dir / "audit").rename(data_dir / "audit.moved")
+            if exits:
+                code = server.proc.wait(timeout=TIMEOUT_S)
+                err = server.proc.stderr.read()
+                assert code == 75, err
+                assert "exit_on_fail_stop: stopping the kernel, exit code 75" in err, err
+            else:
+                with pytest.raises(subprocess.TimeoutExpired):  # (the check interval is 1 s: it has failed by then)
+                    server.proc.wait(timeout=3)
+                code, err = server.stop()
+                assert "health is NOT_SERVING: the audit log" in err and code == 1, (code, err)
+        finally:
+            if server.proc.poll() is None:
+                server.kill()
