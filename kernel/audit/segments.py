@@ -124,6 +124,65 @@ def read_regular(path: Path) -> bytes:
         os.close(fd)
 
 
+# The most zeros the writer leaves after a segment's records: it writes the next chunk once fewer than half a chunk
+# remain, so at most one and a half chunks (SegmentFile.write), and a chunk is at most 64 MiB (kernel/config.py's
+# audit_preallocate_bytes). Twice that, to spare any doubt: more zeros at a segment's end were put there.
+MAX_ZERO_TAIL_BYTES = 128 << 20
+_READ_BACK_BYTES = 1 << 20  # the bytes read at a time while counting a segment's zeros from its end
+
+
+def read_segment(path: Path) -> bytes:
+    """A segment's bytes (``read_regular``), unless it ends in more zeros than a writer leaves, or holds a hole
+    longer than a record can be: then ``AuditCorrupt`` naming the file, before the file is read.
+
+    Readers take a segment whole. A segment made larger after it was written (``truncate -s 100G``: a sparse file,
+    no disk) made ``audit verify``, ``archive`` and the kernel's start allocate all of it, a MemoryError traceback
+    or an OOM kill (a red team's audit). Only a file over ``MAX_ZERO_TAIL_BYTES`` is looked at: its holes
+    (``SEEK_DATA``/``SEEK_HOLE``, a few calls) and the zeros at its end, read back from the last data; every file
+    a writer leaves passes and is read exactly as before, so the scans see the same bytes.
+    """
+    found = os.stat(path)
+    if stat.S_ISREG(found.st_mode) and found.st_size > MAX_ZERO_TAIL_BYTES:  # (anything else: read_regular refuses)
+        _check_zero_runs(path, found.st_size)
+    return read_regular(path)
+
+
+def _check_zero_runs(path: Path, size: int) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # (as read_regular: a pipe put there meanwhile)
+    try:
+        data_end = position = 0
+        while position < size:  # the file's data extents; the gaps between them read as zeros
+            try:
+                start = os.lseek(fd, position, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno != errno.ENXIO:
+                    raise
+                break  # a hole to the end
+            if start - position > MAX_PAYLOAD_BYTES:
+                raise AuditCorrupt(f"{path}: a hole of {start - position:,} bytes at byte offset {position:,} "
+                                   f"(the file is {size:,} bytes): more zeros than any record or preallocation "
+                                   f"holds, so the file was made larger after it was written; nothing was read")
+            data_end = position = os.lseek(fd, start, os.SEEK_HOLE)
+        written = data_end  # back from the last data to its last non-zero byte
+        while written:  # (a block at a time: written zeros too, to name where the records end)
+            count = min(_READ_BACK_BYTES, written)
+            block = os.pread(fd, count, written - count)
+            written -= count
+            kept = nonzero_end(block, 0)
+            if kept:
+                written += kept
+                break
+    finally:
+        os.close(fd)
+    if size - written > MAX_ZERO_TAIL_BYTES:
+        keep = min(written + PREALLOCATE_BYTES, size)
+        raise AuditCorrupt(
+            f"{path}: its last {size - written:,} bytes (of {size:,}) are zeros after its records, more than a writer "
+            f"leaves (at most {MAX_ZERO_TAIL_BYTES >> 20} MiB: a preallocation), so the file was made larger after it "
+            f"was written (truncate, a copy tool); nothing was read past the records. Keep a copy and cut it to "
+            f"{keep:,} bytes (`truncate -s {keep} {path}`): every record stays")
+
+
 def zeros_from(data: bytes, offset: int) -> bool:
     """Whether every byte of ``data`` from ``offset`` on is zero (unused, preallocated space)."""
     limit = len(data)
