@@ -3,7 +3,7 @@
 Found by a red team's audit (2026-11-28): ``audit verify``, ``archive``, ``export`` and the kernel's start read each
 segment whole, so a segment cut out to 4 GiB with ``truncate -s`` (a sparse file: no disk used) made them allocate
 4 GiB: a MemoryError traceback under a memory limit, an OOM kill without one. The writer never leaves more than
-``MAX_ZERO_TAIL_BYTES`` of zeros after a segment's records (segments.read_segment): past that the file is named
+``MAX_ZERO_TAIL_BYTES`` of zeros after a segment's records (segments.read_log_file): past that the file is named
 and refused before it is read. Each command here runs in a child limited to 1 GiB of address space
 (``RLIMIT_AS``), on the files of a real log.
 """
@@ -112,3 +112,18 @@ def test_a_hole_longer_than_any_record_before_more_bytes_is_refused_unread(log_d
     assert done.returncode == 1, done
     assert "Traceback" not in done.stdout + done.stderr and "MemoryError" not in done.stdout + done.stderr
     assert f"{path}: a hole of " in done.stdout and "more zeros than any record or preallocation holds" in done.stdout
+
+
+def test_a_checkpoint_file_truncated_out_to_gigabytes_fails_verify_and_the_start_in_one_line(claims_models, tmp_path):
+    """checkpoints.log, read whole as well by verify and the start (appended to, never preallocated)."""
+    pipelines, data_dir = _decided_and_stopped(claims_models, tmp_path)
+    path = data_dir / "audit" / "checkpoints.log"
+    os.truncate(path, SPARSE_BYTES)
+    for args in (["audit", "verify", str(data_dir / "audit")],
+                 ["serve", "--models", str(claims_models), "--pipelines", pipelines, "--data-dir", str(data_dir),
+                  "--port", "0"]):
+        done = run_limited(*args)
+        said = done.stdout + done.stderr
+        assert done.returncode != 0 and "Traceback" not in said and "MemoryError" not in said, said
+        assert f"{path}: its last " in said and f"(of {SPARSE_BYTES:,}) are zeros" in said, said
+    assert os.stat(path).st_size == SPARSE_BYTES

@@ -45,7 +45,7 @@ from .keys import PUBLIC_KEY_FILE, PUBLIC_KEYS_DIR, load_or_create
 from .marker import marker_json
 from .record import parse_stored
 from .recovery import lock_directory, recover
-from .segments import CHECKPOINT_MAGIC, MAGIC, FrameScanner, frame, frames_start, fsync_dir, read_regular, read_segment
+from .segments import CHECKPOINT_MAGIC, MAGIC, FrameScanner, frame, frames_start, fsync_dir, read_regular, read_log_file
 from .verify import verify_directory
 
 DAY_NS = 86_400 * 1_000_000_000
@@ -218,7 +218,7 @@ def _newest_time(path: Path) -> int:
     """The time of a segment's newest record. Not simply its last one's: record times are the wall clock's, and a
     clock set back (an NTP step, a host booted before its clock was set) dated a segment's last records days
     before the ones ahead of them, and --older-than archived records younger than it was given."""
-    data = read_segment(path)
+    data = read_log_file(path)
     return max((parse_stored(payload).time_unix_ns
                 for _, payload in FrameScanner(data, frames_start(path, data, MAGIC) or len(MAGIC))), default=0)
 

@@ -34,7 +34,7 @@ from .._proto.aios.kernel.v1 import kernel_pb2
 from .errors import AuditCorrupt
 from .keys import SigningKey, signature_valid
 from .segments import (CHECKPOINT_MAGIC, AppendFile, FrameScanner, frame, frames_start, keep_torn_bytes,
-                       read_regular)
+                       read_log_file)
 
 log = logging.getLogger("aios.audit")
 
@@ -67,7 +67,7 @@ def read_all(directory: Path) -> tuple[list[Checkpoint], int, str | None, bool]:
     frame after it; a valid frame after a bad one is damage, whatever the bad one looks like)."""
     path = directory / FILE_NAME
     try:
-        data = read_regular(path)
+        data = read_log_file(path)
     except FileNotFoundError:
         return [], 0, None, False
     start = frames_start(path, data, CHECKPOINT_MAGIC)

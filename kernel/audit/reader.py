@@ -26,7 +26,7 @@ from .errors import AuditCorrupt
 from .record import split_stored
 from .base import read_base
 from .recovery import INDEX_EVERY, after_base, writer_is_live
-from .segments import (HEADER_BYTES, MAGIC, FrameScanner, crc32, frames_start, list_segments, read_segment,
+from .segments import (HEADER_BYTES, MAGIC, FrameScanner, crc32, frames_start, list_segments, read_log_file,
                        unpack_header)
 
 log = logging.getLogger("aios.audit")
@@ -249,7 +249,7 @@ def iter_directory(directory: str | Path, from_sequence: int = 0, wanted: Record
         following = segments[number + 1][0] if number + 1 < len(segments) else None
         if following is not None and following <= from_sequence:
             continue
-        data = read_segment(path)
+        data = read_log_file(path)
         start = frames_start(path, data, MAGIC)
         if start is None:
             if following is not None:  # only the newest segment can be caught being created

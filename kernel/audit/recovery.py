@@ -78,7 +78,7 @@ from .errors import AuditCorrupt, AuditError
 from .keys import SigningKey, published_keys
 from .merkle import MerkleTree
 from .record import GENESIS_PREV_HASH, split_stored
-from .segments import MAGIC, FrameScanner, frames_start, keep_torn_bytes, list_segments, nonzero_end, read_segment
+from .segments import MAGIC, FrameScanner, frames_start, keep_torn_bytes, list_segments, nonzero_end, read_log_file
 from .tail import check_unsigned_tail
 
 log = logging.getLogger("aios.audit")
@@ -146,7 +146,7 @@ def recover(directory: Path) -> LogState:
                 + ("records are missing (a segment was removed or renamed)" if first > sequence else
                    "it overlaps the segment before it (a segment was copied or renamed)")
             )
-        data = read_segment(path)
+        data = read_log_file(path)
         start = frames_start(path, data, MAGIC)
         if start is None:
             if not last:

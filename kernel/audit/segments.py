@@ -131,13 +131,14 @@ MAX_ZERO_TAIL_BYTES = 128 << 20
 _READ_BACK_BYTES = 1 << 20  # the bytes read at a time while counting a segment's zeros from its end
 
 
-def read_segment(path: Path) -> bytes:
-    """A segment's bytes (``read_regular``), unless it ends in more zeros than a writer leaves, or holds a hole
-    longer than a record can be: then ``AuditCorrupt`` naming the file, before the file is read.
+def read_log_file(path: Path) -> bytes:
+    """A segment's or the checkpoint file's bytes (``read_regular``), unless it ends in more zeros than a writer
+    leaves, or holds a hole longer than a record can be: then ``AuditCorrupt`` naming the file, before it is read.
 
-    Readers take a segment whole. A segment made larger after it was written (``truncate -s 100G``: a sparse file,
-    no disk) made ``audit verify``, ``archive`` and the kernel's start allocate all of it, a MemoryError traceback
-    or an OOM kill (a red team's audit). Only a file over ``MAX_ZERO_TAIL_BYTES`` is looked at: its holes
+    Readers take such a file whole. One made larger after it was written (``truncate -s 100G``: a sparse file, no
+    disk) made ``audit verify``, ``export``, ``archive`` and the kernel's start allocate all of it, a MemoryError
+    traceback or an OOM kill (a red team's audit). (The checkpoint file is appended to, never preallocated: a crash
+    leaves at most a frame of zeros at its end.) Only a file over ``MAX_ZERO_TAIL_BYTES`` is looked at: its holes
     (``SEEK_DATA``/``SEEK_HOLE``, a few calls) and the zeros at its end, read back from the last data; every file
     a writer leaves passes and is read exactly as before, so the scans see the same bytes.
     """

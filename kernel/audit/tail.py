@@ -22,7 +22,7 @@ from pathlib import Path
 
 from .errors import AuditCorrupt
 from .record import AuditRecord, split_stored
-from .segments import MAGIC, FrameScanner, frames_start, read_segment
+from .segments import MAGIC, FrameScanner, frames_start, read_log_file
 
 
 def check_unsigned_tail(segments: list[tuple[int, Path]], signed: int, size: int, previous: bytes,
@@ -35,7 +35,7 @@ def check_unsigned_tail(segments: list[tuple[int, Path]], signed: int, size: int
     firsts = [first for first, _ in segments]
     number = max(bisect.bisect_right(firsts, signed) - 1, 0)
     for first, path in segments[number:]:
-        data = read_segment(path)
+        data = read_log_file(path)
         start = frames_start(path, data, MAGIC)
         sequence = first
         for _, payload in FrameScanner(data, len(MAGIC) if start is None else start, records=True):

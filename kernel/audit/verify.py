@@ -79,7 +79,7 @@ from .merkle import CompactRange
 from .recovery import LOCK_FILE, after_base, writer_is_live
 from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
 from .record import GENESIS_PREV_HASH, AuditRecord, split_stored
-from .segments import MAGIC, SUFFIX, FrameScanner, frames_start, list_segments, read_segment, segment_name
+from .segments import MAGIC, SUFFIX, FrameScanner, frames_start, list_segments, read_log_file, segment_name
 
 
 @dataclass
@@ -350,7 +350,7 @@ class _Walk:
                     f"segment {path.name} starts at record {first} where record {sequence} was expected: "
                     + ("records were removed" if first > sequence else "records were inserted or a segment duplicated")))
             try:
-                data = read_segment(path)
+                data = read_log_file(path)
                 start = frames_start(path, data, MAGIC)
             except AuditCorrupt as exc:
                 raise _Failure(sequence, str(exc)) from None
