@@ -30,7 +30,8 @@ from pathlib import Path
 
 from .audit.base import read_base
 from .audit.recovery import after_base, lock_is_held, writer_is_live
-from .audit.segments import MAGIC, SUFFIX, FrameScanner, frames_start, fsync_dir, list_segments, nonzero_end
+from .audit.segments import (MAGIC, SUFFIX, FrameScanner, check_log_file, frames_start, fsync_dir, list_segments,
+                             nonzero_end)
 from .audit.verify import verify_directory
 from .progress import Progress
 from .store.sqlite import DATABASE_FILE, LOCK_FILE as STORE_LOCK
@@ -348,6 +349,7 @@ def _copy_segment(path: Path, target: Path, tries: int = 3) -> tuple[int, tuple[
     half-way with a later page on disk before an earlier one looks like damage (a valid frame after a bad one):
     copied again, up to ``tries`` times, since that write ends within milliseconds while damage stays (and is then
     left for the verification to name)."""
+    check_log_file(path)  # (a segment made larger after it was written: refused before it is copied, then read)
     for attempt in range(tries):
         shutil.copy2(path, target)
         data = target.read_bytes()

@@ -127,3 +127,15 @@ def test_a_checkpoint_file_truncated_out_to_gigabytes_fails_verify_and_the_start
         assert done.returncode != 0 and "Traceback" not in said and "MemoryError" not in said, said
         assert f"{path}: its last " in said and f"(of {SPARSE_BYTES:,}) are zeros" in said, said
     assert os.stat(path).st_size == SPARSE_BYTES
+
+
+def test_a_backup_of_a_data_dir_with_a_segment_truncated_out_is_refused_in_one_line(claims_models, tmp_path):
+    """`aios-kernel backup` copied each segment whole (4 GiB of zeros written to the backup's disk) and then read the
+    copy whole: the same check refuses it first, naming the file, and leaves no copy behind."""
+    pipelines, data_dir = _decided_and_stopped(claims_models, tmp_path)
+    path = segment(data_dir / "audit")
+    end = truncate_out(path)
+    done = run_limited("backup", str(data_dir), str(tmp_path / "copy"))
+    assert done.returncode != 0, done
+    _said_in_one_line(done, path, end)
+    assert not (tmp_path / "copy").exists() or not any((tmp_path / "copy").rglob("*.seg")), "a copy was left"

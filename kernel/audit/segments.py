@@ -142,10 +142,15 @@ def read_log_file(path: Path) -> bytes:
     (``SEEK_DATA``/``SEEK_HOLE``, a few calls) and the zeros at its end, read back from the last data; every file
     a writer leaves passes and is read exactly as before, so the scans see the same bytes.
     """
+    check_log_file(path)
+    return read_regular(path)
+
+
+def check_log_file(path: Path) -> None:
+    """``read_log_file``'s check alone, for a reader that copies the file before it reads it (a backup)."""
     found = os.stat(path)
     if stat.S_ISREG(found.st_mode) and found.st_size > MAX_ZERO_TAIL_BYTES:  # (anything else: read_regular refuses)
         _check_zero_runs(path, found.st_size)
-    return read_regular(path)
 
 
 def _check_zero_runs(path: Path, size: int) -> None:
