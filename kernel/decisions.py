@@ -187,6 +187,7 @@ class DecisionSide:
             self.audit.adoption_recorded()
         self._started = True
         self.registry.start()
+        self.reviews.skip_reserved_positions()  # (a power cut took back positions watches were sent: none again)
         self._reopen_reviews(self._opened)
         self._find_task_decisions()
         self.tasks.start()
@@ -396,6 +397,8 @@ class DecisionSide:
         # crash left it: raised to the log's end, it hid the reviews and keys past it from the next start for good.
         if self.audit is not None and self._reopened:
             self.reviews.mark_recorded_before(self.engine.recorded_before())
+        if self._started:  # every review row is stored (engine.close): the next start need skip no position
+            self.reviews.release_reserved_positions()
 
     def _recorded(self, proposed: kpb.Decision) -> bool:
         """Whether the audit log holds the record ``proposed`` was answered with (its sequence and hash):

@@ -346,6 +346,15 @@ class ReviewQueue:
         """Set the mark to ``sequence`` even if lower (the audit log lost records past it)."""
         self._records.lower_recorded_before(sequence)
 
+    def skip_reserved_positions(self) -> None:
+        """At start, before any review is stored: see ``SqliteReviewRecords.skip_reserved_positions``."""
+        self._records.skip_reserved_positions()
+        self._published_through = max(self._published_through, self._records.highest_position())
+
+    def release_reserved_positions(self) -> None:
+        """At a clean stop, once every review is stored: see ``SqliteReviewRecords.release_reserved_positions``."""
+        self._records.release_reserved_positions()
+
     def exists(self, review_id: str) -> bool:
         self._settle()
         return self._records.get(review_id) is not None

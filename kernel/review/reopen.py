@@ -9,6 +9,11 @@ At start, the records from the mark on are read again and each missing
 review is opened with its original id, its original creation time (so its
 SLA deadline is unchanged) and the decision as recorded. This also covers a
 process killed between an escalation's durable record and its review row.
+A power cut (not a kill) also takes back SQLite's position counter, whose
+positions watches were sent; the start has moved it past every position a
+row without an fsync may have had (``RESERVED_THROUGH`` in
+kernel/store/sqlite_reviews.py), so a reopened review takes a new one (a
+resumed watch gets it again, under the same id).
 
 Reviews of durable tasks are left to the tasks, which run again after a
 restart and open their review then; but a task cancelled while its attempt

@@ -31,7 +31,9 @@ returns only once its group is committed, so a durable write is on disk when
 ``after_commit`` hooks run on the leader's thread after the commit and
 before any member is woken, one group after another: in-process change
 feeds published from them see changes in commit order and never see one
-that is not durable yet.
+that is not committed yet (nor, for a durable write, one not fsynced yet: a
+``durable=False`` write is published at its commit, which a power cut may
+take back; kernel/review/reopen.py says what that means for reviews).
 
 The database it commits for may look at its file right before each COMMIT
 (``before_commit(durable)``: ``Database`` checks the file was not deleted or

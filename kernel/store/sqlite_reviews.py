@@ -164,6 +164,27 @@ RECORDED_BEFORE = "reviews.recorded_before_audit_sequence"
 # The highest position retention deleted a review at (a meta row, raised by each sweep): a watch resuming at or
 # below it may have missed a review that is gone (ReviewQueue.watch refuses it).
 DELETED_THROUGH = "reviews.deleted_through_seq"
+# The highest position a review stored without an fsync may take (a meta row, raised durably ahead of them,
+# RESERVE_BLOCK at a time). Such rows are sent to watches at their commit, and a power cut (not a kill) takes them
+# back with SQLite's position counter: the next start moves the counter up to this mark (skip_reserved_positions),
+# so that no position a watch was sent is handed out again (a reopened review takes a new one).
+RESERVED_THROUGH = "reviews.positions_reserved_through"
+RESERVE_BLOCK = 4096
+
+
+class _Unreserved(Exception):
+    """A write without an fsync would hand out positions past ``RESERVED_THROUGH``: rolled back, to reserve first."""
+
+    def __init__(self, highest: int):
+        super().__init__(highest)
+        self.highest = highest
+
+
+def _meta_value(conn, key: str) -> int:
+    found = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+    return 0 if found is None else int(found[0])
+
+
 # Set once the rows of reviews withdrawn before the column told them apart (resolved = 1) were given WITHDRAWN_ROW.
 WITHDRAWN_MARKED = "reviews.withdrawn_rows_marked"
 
@@ -322,6 +343,23 @@ class SqliteReviewRecords:
         with self._db.read() as conn:
             return _highest_position(conn)
 
+    def skip_reserved_positions(self) -> None:
+        """At start: move the position counter up to the reserved mark (durably; see ``RESERVED_THROUGH``), past
+        every position a review stored without an fsync may have been given before a power cut took it back."""
+        def work(conn):
+            reserved = _meta_value(conn, RESERVED_THROUGH)
+            if _highest_position(conn) < reserved:
+                if not conn.execute("UPDATE sqlite_sequence SET seq = ? WHERE name = 'reviews'", (reserved,)).rowcount:
+                    conn.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('reviews', ?)", (reserved,))
+        self._db.transact(work)
+
+    def release_reserved_positions(self) -> None:
+        """At a clean stop: the reserved mark comes down to the highest position handed out (durably), so that the
+        next start skips none. (A later write without an fsync reserves again: ``insert_many`` checks.)"""
+        self._db.transact(lambda conn: conn.execute(
+            "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (RESERVED_THROUGH, _highest_position(conn))))
+
     def deleted_through(self) -> int:
         """The highest position of a review retention deleted (0 if none since this mark was kept)."""
         with self._db.read() as conn:
@@ -348,9 +386,18 @@ class SqliteReviewRecords:
                 stored = [(review, True) for review in reviews]
             if recorded_before is not None:
                 _raise_mark(conn, RECORDED_BEFORE, recorded_before())
+            if not durable:  # (rolled back, and stored again once the positions are reserved)
+                highest = _highest_position(conn)
+                if highest > _meta_value(conn, RESERVED_THROUGH):
+                    raise _Unreserved(highest)
             return stored
         work, after_commit = _with_position(after_commit, work)
-        return self._db.transact(work, durable=durable, after_commit=after_commit)[0]
+        while True:
+            try:
+                return self._db.transact(work, durable=durable, after_commit=after_commit)[0]
+            except _Unreserved as unreserved:  # one durable write per RESERVE_BLOCK positions
+                through = unreserved.highest + RESERVE_BLOCK
+                self._db.transact(lambda conn, through=through: _raise_mark(conn, RESERVED_THROUGH, through))
 
     def recorded_before(self) -> int:
         """The audit sequence below which every escalated decision's review row is stored (0 if never set).
