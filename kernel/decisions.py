@@ -242,8 +242,10 @@ class DecisionSide:
     def close(self) -> None:
         # The "kernel stopping" record comes once nothing else can append (tasks, pipeline reloads and the
         # finisher have stopped) and right before the log closes, whose final checkpoint then signs it.
-        steps = (*((self._retention.stop,) if self._retention else ()), self._stop_tasks, self.registry.stop,
-                 self.engine.close, self._mark_reviews_recorded,
+        # (A store refusing writes for a lock released since its last probe takes them again first: each write the
+        # stop makes was refused at once, and the restart redid them, or lost a task's back-off.)
+        steps = (*((self._retention.stop,) if self._retention else ()), self.db.write_again_now, self._stop_tasks,
+                 self.registry.stop, self.engine.close, self._mark_reviews_recorded,
                  *((self._record_stopping, self.audit.close) if self.audit else ()), self.db.close)
         self.failed_at_stop = []  # (the serve command's exit status: a stop that lost its record is not a clean one)
         for step in steps:

@@ -23,6 +23,7 @@ from examples.claims import data
 from kernel._proto.aios.kernel.v1 import kernel_pb2 as kpb
 from kernel._proto.aios.kernel.v1 import kernel_pb2_grpc as kgrpc
 from kernel.store import sqlite as sqlite_store
+from kernel.tasks import runner as runner_module
 
 TIMEOUT_S = 20
 FINAL = (kpb.SUCCEEDED, kpb.FAILED, kpb.CANCELLED)
@@ -213,3 +214,65 @@ def test_an_attempt_whose_review_the_store_refused_after_its_decision_was_record
     finally:
         lock.close()
         server.stop(grace=1)
+
+
+def _refused_then_stopped(claims_models, tmp_path, monkeypatch, caplog, release_before_stop: bool):
+    """A task whose outcome the store refused (another connection's real write lock), then the kernel stopped
+    (with the lock released first, or still held); the task as a restart on the same data finds it."""
+    monkeypatch.setattr(sqlite_store, "BUSY_TIMEOUT_MS", 100)  # fault injected on purpose: a refusal in 100 ms
+    # Fault injected on purpose: the worker's own retry of the refused write comes after the stop, as it does for
+    # any stop within a second of the refusal (the store's retry hint).
+    monkeypatch.setattr(runner_module, "STORE_RETRY_S", 600.0)
+    server = start_claims_kernel(claims_models, tmp_path)
+    lock = sqlite3.connect(Path(server.settings.data_dir) / "kernel.sqlite3", isolation_level=None,
+                           check_same_thread=False)
+    try:
+        decided, go_on = hold_attempts_after_deciding(monkeypatch, server.decisions.tasks)
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            task = kgrpc.TaskServiceStub(channel).StartTask(kpb.StartTaskRequest(request=automated_claim()),
+                                                            timeout=TIMEOUT_S)
+        assert decided.wait(TIMEOUT_S), "the attempt never decided"
+        lock.execute("BEGIN IMMEDIATE")  # another writer holds the store: the task's outcome is refused
+        with caplog.at_level(logging.ERROR, logger="aios.tasks"):
+            go_on.set()
+            until(lambda: [r for r in caplog.records if r.name == "aios.tasks" and task.task_id in r.getMessage()],
+                  "the store's refusal of the task's outcome", TIMEOUT_S, every_s=0.01)
+            if release_before_stop:
+                lock.execute("ROLLBACK")  # the store takes writes again, and the kernel stops before the retry
+            server.stop(grace=1)
+    finally:
+        if lock.in_transaction:
+            lock.execute("ROLLBACK")
+        lock.close()
+        if server._server is not None:
+            server.stop(grace=1)
+    stop_lines = [r.getMessage() for r in caplog.records if r.name == "aios.tasks" and "stopping" in r.getMessage()]
+    again = start_claims_kernel(claims_models, tmp_path, pipelines=tmp_path / "pipelines")
+    try:
+        done = until(lambda: (t := again.decisions.tasks.get(task.task_id)).state in FINAL and t, "the task ended",
+                     TIMEOUT_S)
+        decisions = [r for r in again.decisions.audit.read(from_sequence=0, kind=kpb.DECISION)
+                     if r.task_id == task.task_id]
+    finally:
+        again.stop(grace=1)
+    assert done.state == kpb.SUCCEEDED and done.attempts == 1, done
+    assert [r.sequence for r in decisions] == [done.decision.audit_sequence]  # decided once
+    return done, stop_lines
+
+
+def test_an_outcome_the_store_refused_is_written_by_the_stop_once_the_store_takes_it(claims_models, tmp_path,
+                                                                                     monkeypatch, caplog):
+    """The stop ended the workers, and with them the retry of the refused outcome: the task stayed RUNNING, and
+    the restart ran it again (taking the recorded decision; a transient failure's back-off, or a failure's error,
+    was lost with the write)."""
+    done, stop_lines = _refused_then_stopped(claims_models, tmp_path, monkeypatch, caplog, release_before_stop=True)
+    assert not [step for step in done.history if "kernel stopped" in step.detail], done.history
+    assert not stop_lines, stop_lines
+
+
+def test_an_outcome_the_store_still_refuses_at_the_stop_is_named_in_one_line(claims_models, tmp_path, monkeypatch,
+                                                                             caplog):
+    done, stop_lines = _refused_then_stopped(claims_models, tmp_path, monkeypatch, caplog, release_before_stop=False)
+    assert len(stop_lines) == 1 and done.task_id in stop_lines[0], stop_lines
+    assert "the store would not take the outcome of 1 task " in stop_lines[0], stop_lines
+    assert [step for step in done.history if "recorded its decision" in step.detail], done.history  # taken over

@@ -383,6 +383,17 @@ class Database:
     def _committed(self) -> None:
         self._refusals.passed()  # (one attribute test while the store takes writes)
 
+    def write_again_now(self) -> None:
+        """While writes are refused, probe once now rather than at the next probe (a second away): for a stop,
+        whose writes (tasks' outcomes, the review mark) were refused at once for a lock released since the last
+        probe. Waits one busy timeout at most; the state stays if the probe is refused."""
+        if self._refusals.cause is None:
+            return
+        try:
+            self._probe_write()
+        except Exception as exc:  # still refused: the stop's writes are refused at once, and say so
+            log.info("store: still refusing writes at the stop: %s", exc)
+
     def _probe_write(self) -> None:
         """The refusing state's probe: one small real write, committed and fsynced (a rolled-back one never
         reaches the disk, so it would not see a full one)."""

@@ -129,7 +129,8 @@ class TaskRunner:
         """Stop taking tasks and wait up to ``timeout_s`` for running attempts.
 
         An attempt still running afterwards stays RUNNING in the store and is
-        re-run by the next ``start()`` on the same data.
+        re-run by the next ``start()`` on the same data. An outcome the store
+        refused (StoreBusy), waiting for its retry, is written once more.
         """
         with self._cond:
             self._stopping = True
@@ -138,6 +139,25 @@ class TaskRunner:
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
         self._threads = [t for t in self._threads if t.is_alive()]
+        self._record_refused_outcomes()
+
+    def _record_refused_outcomes(self) -> None:
+        """Write once more the outcomes the store refused (StoreBusy) whose retry the stop cut off: left RUNNING,
+        the next start ran the task again (taking the decision its attempt recorded, if it did; a transient
+        failure's back-off and a failure's error were lost). The first refusal ends the tries, so the stop waits
+        one busy timeout at most; one line names what stays unwritten."""
+        pending = list(self._unrecorded.items())
+        for done, (task_id, record) in enumerate(pending):
+            try:
+                record()
+            except KernelError as exc:  # still refused (the lock still held), or the store failed
+                left = [tid for tid, _ in pending[done:]]
+                log.error("stopping: the store would not take the outcome of %d task%s (%s): %s; the next start runs "
+                          "each again, taking the decision its attempt recorded if it did", len(left),
+                          "s" if len(left) != 1 else "", ", ".join(left), exc.message)
+                return
+            self._unrecorded.pop(task_id, None)
+            self._refusals.pop(task_id, None)
 
     def _recover(self) -> None:
         requeued, taking, failed = 0, 0, 0
