@@ -90,9 +90,9 @@ def test_fast_path_agrees_with_checked_path(case):
         return
     # Every config here has fixed per-row dims and raw inputs: a valid request must stay on the fast path.
     assert fast is not None
-    arrays, rows, key = fast
-    want_arrays, want_rows, want_key = checked
-    assert rows == want_rows and key == want_key
+    arrays, rows, key, held = fast
+    want_arrays, want_rows, want_key, _ = checked
+    assert rows == want_rows and key == want_key and held == 0  # (views of the request's bytes: nothing to charge)
     assert arrays.keys() == want_arrays.keys()
     for name, array in arrays.items():
         want = want_arrays[name]
@@ -106,6 +106,6 @@ def test_fast_path_takes_the_common_request():
     request = pb.ModelInferRequest(model_name="m")
     request.inputs.add(name="a", datatype="FP32", shape=[2, 3])
     request.raw_input_contents.append(np.arange(6, dtype=np.float32).tobytes())
-    arrays, rows, key = tensors._decode_raw_fixed(config, config.raw_inputs, request)
-    assert rows == 2 and key == ((3,),)
+    arrays, rows, key, held = tensors._decode_raw_fixed(config, config.raw_inputs, request)
+    assert rows == 2 and key == ((3,),) and held == 0
     assert arrays["a"].tolist() == [[0, 1, 2], [3, 4, 5]]

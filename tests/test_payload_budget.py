@@ -37,7 +37,7 @@ class _Gate:
     until ``open()``."""
 
     def __init__(self):
-        self.opened = {"held": threading.Event(), "strings": threading.Event()}
+        self.opened = {"held": threading.Event(), "strings": threading.Event(), "ints": threading.Event()}
 
     def run_batch(self, batch):
         opened = self.opened.get(batch.items[0].model.name)
@@ -59,6 +59,7 @@ def gated(request, tmp_path):
     onnx_models.save(onnx_models.identity([("x", "FP32", (None,))]), root / "held" / "1" / "model.onnx")
     onnx_models.save(onnx_models.identity([("x", "FP32", (None,))]), root / "free" / "1" / "model.onnx")
     onnx_models.save(onnx_models.identity([("s", "BYTES", (None,))]), root / "strings" / "1" / "model.onnx")
+    onnx_models.save(onnx_models.identity([("i", "INT64", (None,))]), root / "ints" / "1" / "model.onnx")
     gate = _Gate()
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(kernel.server, "run_batch", gate.run_batch)
@@ -185,6 +186,44 @@ def test_small_stream_requests_are_charged_by_their_decoded_strings(gated):
     assert first.error_message == "" and len(first.infer_response.raw_output_contents[0]) == 50_000
     assert second.error_message.startswith("RESOURCE_EXHAUSTED: ") and "payload_budget_bytes" in second.error_message
     _back_to_zero(server)
+
+
+def _strings(count: int = 10_000) -> pb.ModelInferRequest:
+    """``count`` one-byte strings: 5 bytes each on the wire, ~250 decoded (tensors.held_bytes)."""
+    request = pb.ModelInferRequest(model_name="strings")
+    request.inputs.add(name="s", datatype="BYTES", shape=[1, count])
+    request.raw_input_contents.append(b"\x01\x00\x00\x00x" * count)
+    return request
+
+
+def test_small_unary_requests_are_charged_by_their_decoded_form(gated):
+    """A ModelInfer of at most 64 KiB on the wire whose decoded form is large (10,000 one-byte strings: 50 KB sent,
+    ~2.5 MB held; 60,000 small INT64 typed contents: 60 KB sent, ~1 MB held) is charged by that form until its
+    call ends: a second such string call does not fit in 4 MiB; a tiny raw request still passes."""
+    server, gate = gated
+    payload = server.service.payload
+    request = _strings()
+    assert request.ByteSize() < 64 << 10
+    ints = pb.ModelInferRequest(model_name="ints")
+    ints.inputs.add(name="i", datatype="INT64", shape=[1, 60_000]).contents.int64_contents.extend([1] * 60_000)
+    assert ints.ByteSize() < 64 << 10
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        first = stub.ModelInfer.future(request, timeout=60)
+        until(lambda: payload.held > 2 << 20, "the decoded strings to be charged")
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.ModelInfer(request, timeout=30)
+        _refused_for_room(refused.value)
+        small, values = _request("free", 7, width=16)
+        assert _answered(stub.ModelInfer(small, timeout=30), values)
+        strings_held = payload.held
+        typed = stub.ModelInfer.future(ints, timeout=60)
+        until(lambda: payload.held > strings_held + (480 << 10), "the decoded typed contents to be charged")
+        gate.open()
+        assert len(first.result().raw_output_contents[0]) == 50_000
+        assert np.array_equal(np.frombuffer(typed.result().raw_output_contents[0], np.int64), np.ones(60_000))
+    _back_to_zero(server)
+    assert payload.refused == 1
 
 
 def test_calls_in_flight_at_a_stop_give_their_budget_back(gated):

@@ -27,10 +27,10 @@ from ..origin import requested_by
 from .inference import NOT_OFFERED, InferenceService, not_offered
 from ..scheduling.stream_window import AsyncStreamHold, StreamHold, StreamWindow
 from ..scheduling.types import ITEM_EXPIRED, ITEM_QUEUED
-from . import answer_later, tensors
+from . import answer_later
 from .aio_wait import attach, wait_finished
 from .call_budget import CallBudget
-from .payload_budget import StreamCharges, hold_call
+from .payload_budget import CHARGE_ABOVE, StreamCharges, charge_decoded, hold_call
 from .registration import Received, Unparsable, ensure_parsed, generic_handler
 
 log = logging.getLogger("aios.api")
@@ -211,26 +211,12 @@ def _sync_unary(rpc: str, method, refusals):
     return handler
 
 
-def decoded_check(held, admit):
-    """``admit`` for a charged request (``held``, or None: not counted): its charge first grows to what its
-    decoded inputs hold when that is more than its bytes (a small INT64 is 1 byte on the wire, 8 decoded)."""
-    if held is None:
-        return admit
-
-    def check(item) -> None:
-        held.grow(tensors.held_bytes(item.inputs) - held.nbytes, "ModelInfer")
-        if admit is not None:
-            admit(item)
-
-    return check
-
-
 def count_decoded(hold, sizes: deque, item, nbytes: int, charges=None, charged: deque | None = None) -> None:
     """Count a stream's request, just prepared and not yet queued, by what its decoded inputs hold when that is
     more than its ``nbytes`` on the wire (``sizes[-1]``: its answer, sent only once it is queued, gives it back),
     and so its charge against the payload budget (``charged[-1]``, of the stream's ``charges``), if it has one.
     A stream of 5-byte BYTES elements held 64 MiB of requests counted and 1.7 GB of memory."""
-    extra = tensors.held_bytes(item.inputs) - nbytes
+    extra = item.decoded_bytes - nbytes  # (0 on the raw fast path: views of its bytes)
     if extra > 0:
         if charges is not None:  # (first: a refusal leaves the stream's own counts as they were)
             charged[-1] = charges.grow(charged[-1], nbytes, extra)
@@ -312,8 +298,6 @@ def sync_servicer(service: InferenceService, budget: CallBudget | None = None) -
     methods = {rpc: _sync_unary(rpc, getattr(service, name), refusals) for rpc, name in UNARY.items()}
     methods.update((rpc, _sync_unary(rpc, not_offered(rpc), refusals)) for rpc in NOT_OFFERED)
 
-    infer_blocking = service.infer_blocking
-
     admit = None if budget is None else budget.admit_item
     payload = service.payload
 
@@ -342,14 +326,12 @@ def sync_servicer(service: InferenceService, budget: CallBudget | None = None) -
             timer.forget(watch)
         later.fail(item.error)
 
-    def infer_later(request, context, arrived_ns, later, admit):
-        """Queue the call's work and return DEFERRED: the batch's thread answers it (answer_later.py).
-        A model whose batches are short is run as ``infer_blocking`` does (see ANSWER_LATER_MIN_NS).
-        On the poller thread (``later.on_poller``: a call that arrived to an idle server) a short batch on
-        an idle lane runs right here, anything else goes to the lane's threads: the poller never waits."""
-        item = service.prepare(request, context.time_remaining(), arrived_ns)
-        if admit is not None:
-            admit(item)
+    def infer_later(request, item, context, later):
+        """Queue the call's work (prepared and admitted) and return DEFERRED: the batch's thread answers it
+        (answer_later.py). A model whose batches are short is run as a call answered by its handler is (see
+        ANSWER_LATER_MIN_NS). On the poller thread (``later.on_poller``: a call that arrived to an idle server) a
+        short batch on an idle lane runs right here, anything else goes to the lane's threads: the poller never
+        waits."""
         if not later.on_poller and service.predicted_ns(item) < ANSWER_LATER_MIN_NS:
             service.run_blocking(item, lambda it: on_wait(context, it))
             return service.answer(request, item)
@@ -382,14 +364,18 @@ def sync_servicer(service: InferenceService, budget: CallBudget | None = None) -
         later = answer_later.take(f"{SERVICE_LABEL}.ModelInfer")
         # _sync_call written out: this is the one per-request handler worth the lines.
         try:
-            check = admit
+            held = None
             if type(request) is Received:  # a large request: held against the payload budget until the call ends
                 request, held = hold_call(payload, request, "ModelInfer", context.add_callback)
-                check = decoded_check(held, admit)
+            item = service.prepare(request, context.time_remaining(), arrived_ns)
+            if held is not None or item.decoded_bytes > CHARGE_ABOVE:  # ...or one that decoded large
+                charge_decoded(payload, held, item.decoded_bytes, "ModelInfer", context.add_callback)
+            if admit is not None:
+                admit(item)
             if later is not None:
-                return infer_later(request, context, arrived_ns, later, check)
-            return infer_blocking(request, context.time_remaining(), lambda it: on_wait(context, it), arrived_ns,
-                                  check)
+                return infer_later(request, item, context, later)
+            service.run_blocking(item, lambda it: on_wait(context, it))
+            return service.answer(request, item)
         except Exception as exc:
             counted(refusals, "ModelInfer", exc)
             _sync_abort("ModelInfer", exc, context)
@@ -448,8 +434,8 @@ def aio_servicer(service: InferenceService) -> grpc.GenericRpcHandler:
             if type(request) is Received:  # a large request: held against the payload budget until the call ends
                 request, held = hold_call(payload, request, "ModelInfer", _no_hook)
             item = service.prepare(request, context.time_remaining(), arrived_ns)
-            if held is not None:
-                held.grow(tensors.held_bytes(item.inputs) - held.nbytes, "ModelInfer")
+            if held is not None or item.decoded_bytes > CHARGE_ABOVE:  # ...or one that decoded large
+                held = charge_decoded(payload, held, item.decoded_bytes, "ModelInfer", _no_hook)
             done = attach(item)
             if service.run_if_idle(item, INLINE_MAX_NS):
                 return service.answer(request, item)

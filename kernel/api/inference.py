@@ -216,7 +216,7 @@ class InferenceService:
         if request.id:  # (echoed in the answer, logged with a model fault: kernel/limits.py)
             check_identifier(request.id, "id", MAX_REQUEST_ID_CHARS)
         config = mv.config
-        inputs, rows, shape_key = tensors.decode_inputs(config, request)
+        inputs, rows, shape_key, decoded = tensors.decode_inputs(config, request)
         priority, timeout_us, tenant = config.priority, 0, ""
         if request.parameters:
             priority, timeout_us, tenant = _schedule_params(request.parameters, priority, config.priority_levels)
@@ -232,6 +232,8 @@ class InferenceService:
         # (kernel.scheduling.execute.request_id_of), not for every call.
         item = WorkItem(mv, rows, shape_key, inputs, request_id=request.id, priority=priority,
                         deadline_ns=deadline_ns, tenant=tenant)
+        if decoded:  # (not on the raw fast path)
+            item.decoded_bytes = decoded
         if request.outputs:
             item.selected = tensors.requested_outputs(config, request)
         return item
@@ -301,15 +303,6 @@ class InferenceService:
     def run_blocking(self, item: WorkItem, on_wait=None) -> None:
         """Queue ``item`` and return once it is finished (this thread may run batches itself)."""
         self._lane(item).run_blocking(item, on_wait)
-
-    def infer_blocking(self, request, time_remaining: float | None, on_wait=None,
-                       arrived_ns: int | None = None, admit=None) -> pb.ModelInferResponse:
-        """``admit(item)``, if given, may refuse the prepared item before it is queued."""
-        item = self.prepare(request, time_remaining, arrived_ns)
-        if admit is not None:
-            admit(item)
-        self._lane(item).run_blocking(item, on_wait)
-        return self.answer(request, item)
 
     def answer(self, request, item: WorkItem) -> pb.ModelInferResponse:
         """``respond``, unless the deadline passed meanwhile: the lane checked it when the batch

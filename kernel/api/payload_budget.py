@@ -6,17 +6,20 @@ tensors queued behind a slow model, held GBs until the process was OOM-killed an
 lost. So a request larger than ``CHARGE_ABOVE`` is charged against one budget per kernel from the moment its
 handler has it until its call ends (answered, failed, cancelled, past its deadline, its stream closed, the
 kernel stopped): ModelInfer and each ModelStreamInfer request by their bytes on the wire or, when more, what
-their decoded inputs hold (``tensors.held_bytes``); Decide, StartTask and each DecideStream request by their
+their decoded inputs hold (``tensors.decode_inputs``); Decide, StartTask and each DecideStream request by their
 bytes (a DecideStream's once it is prepared, before it is queued). A request that would pass the budget is
 refused at once with RESOURCE_EXHAUSTED naming the setting and a ``retry-after-ms`` hint (inside a stream, that
 request's answer says so and the stream goes on), counted in ``refused``. A request larger than the whole
 budget is taken while nothing else is held, so it can always run alone.
 
-Small requests, the hot path (a tiny ModelInfer is a few hundred bytes), are never charged: the
+Small requests, the hot path (a tiny ModelInfer is a few hundred bytes), are not charged by their bytes: the
 deserializer wraps a request of the charged types only past ``CHARGE_ABOVE`` (registration.py), so what a
-small call pays is that one length compare and a type check. A small unary request that decodes large (64 KiB
-of 1-byte strings: ~4 MB) is bounded by the element limits alone; a small ModelStreamInfer request, whose decoded
-form a stream measures anyway (its own bound counts it), is charged by that form once it is past ``CHARGE_ABOVE``.
+small call pays is that one length compare and a type check. A small ModelInfer or ModelStreamInfer request
+whose decoded form is past ``CHARGE_ABOVE`` (64 KiB of 1-byte strings hold ~4 MB; small typed INT64 values 16x
+their bytes) is charged by that form from when it is decoded (``charge_decoded``): only the checked decoder
+(typed contents, BYTES) makes such copies and measures them as it goes (``WorkItem.decoded_bytes``), the raw
+fast path's views hold nothing past the request, so a tiny raw call pays one more compare. A small Decide,
+StartTask or DecideStream request is not charged (their fields are bounded per request, kernel/limits.py).
 """
 
 from __future__ import annotations
@@ -105,6 +108,22 @@ def hold_call(budget: PayloadBudget | None, received, what: str, on_end) -> tupl
     if not on_end(held.release):
         held.release()
     return received.message, held
+
+
+def charge_decoded(budget: PayloadBudget | None, held: Held | None, decoded: int, what: str, on_end) -> Held | None:
+    """A unary request's charge once its inputs are decoded (``decoded``: ``WorkItem.decoded_bytes``): a large one's
+    (``held``) grows to that when it is more than its bytes; a small one whose decoded form is past ``CHARGE_ABOVE``
+    (64 KiB of 1-byte strings hold ~4 MB) is charged by it now, until its call ends (``on_end``, as ``hold_call``'s).
+    Returns the call's ``Held`` (None: nothing charged), or RESOURCE_EXHAUSTED (what was charged stays till the end)."""
+    if held is not None:
+        held.grow(decoded - held.nbytes, what)
+        return held
+    if budget is None or decoded <= CHARGE_ABOVE:
+        return None
+    held = budget.charge(decoded, what)
+    if not on_end(held.release):
+        held.release()
+    return held
 
 
 class StreamCharges:

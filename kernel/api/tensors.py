@@ -148,8 +148,10 @@ def _narrowed(name: str, dt: DataType, values) -> np.ndarray:
     return wide.astype(dt.numpy, copy=False)
 
 
-def decode_inputs(config: ModelConfig, request) -> tuple[dict[str, np.ndarray], int, tuple]:
-    """The request's inputs as arrays, its row count, and its batching shape key."""
+def decode_inputs(config: ModelConfig, request) -> tuple[dict[str, np.ndarray], int, tuple, int]:
+    """The request's inputs as arrays, its row count, its batching shape key, and what the arrays hold decoded when
+    they are not views of the request's bytes (``held_bytes`` plus typed contents' parsed arrays; 0 on the raw fast
+    path, whose views hold nothing past the request): the front ends charge it against the payload budget."""
     plan = config.raw_inputs
     if plan is not None:
         decoded = _decode_raw_fixed(config, plan, request)
@@ -207,10 +209,10 @@ def _decode_raw_fixed(config: ModelConfig, plan: dict, request):
         arrays[name] = np.ndarray(shape, entry[1], buf)
     if len(arrays) != len(plan):  # a name sent twice
         return None
-    return arrays, (rows if batching else 1), config.fixed_shape_key
+    return arrays, (rows if batching else 1), config.fixed_shape_key, 0
 
 
-def _decode_checked(config: ModelConfig, request) -> tuple[dict[str, np.ndarray], int, tuple]:
+def _decode_checked(config: ModelConfig, request) -> tuple[dict[str, np.ndarray], int, tuple, int]:
     specs = config.inputs_by_name
     raw = request.raw_input_contents
     tensors = request.inputs
@@ -267,7 +269,7 @@ def _decode_checked(config: ModelConfig, request) -> tuple[dict[str, np.ndarray]
         raise InvalidArgument(f"missing input '{missing[0]}' for model '{config.name}'")
     # Items batch together only when every input has the same per-row shape.
     shape_key = tuple(arrays[spec.name].shape[1:] for spec in config.inputs) if config.batching else ()
-    return arrays, (rows if config.batching else 1), shape_key
+    return arrays, (rows if config.batching else 1), shape_key, held_bytes(arrays) + costly.parsed
 
 
 # What one decoded BYTES element holds while its request waits to be answered and sent, however short it is: a str,
@@ -277,8 +279,8 @@ BYTES_ELEMENT_HELD = 240
 
 
 def held_bytes(inputs: dict[str, np.ndarray]) -> int:
-    """What a prepared request's inputs are estimated to hold until it is answered: their arrays (raw ones are
-    views of the request's bytes) and, for BYTES, each element's objects. For a stream's byte bound."""
+    """What a request's decoded inputs are estimated to hold until it is answered: their arrays (raw ones are
+    views of the request's bytes) and, for BYTES, each element's objects."""
     total = 0
     for array in inputs.values():
         total += array.nbytes
@@ -292,14 +294,19 @@ class _CostlyElements:
     past their bounds (kernel/limits.py says why each is where it is) before the input that passes one is decoded
     (after the checks of its shape against its buffer or contents, which word a mistake more exactly)."""
 
-    __slots__ = ("strings", "typed_bytes")
+    __slots__ = ("strings", "typed_bytes", "parsed")
 
     def __init__(self) -> None:
         self.strings = 0
         self.typed_bytes = 0
+        # What typed contents hold in the parsed request, held with it beside their decoded copies: upb keeps each
+        # value at its field's width, 4 or 8 bytes for a 1-byte varint (an INT8 in int_contents, a small INT64).
+        self.parsed = 0
 
     def add(self, name: str, dt: DataType, shape: tuple[int, ...], typed: bool) -> None:
         count = math.prod(shape)
+        if typed:
+            self.parsed += count * _PARSED_WIDTH[dt.contents_field]
         if dt.name == "BYTES":
             self.strings += count
             if self.strings > MAX_BYTES_ELEMENTS:
@@ -308,6 +315,12 @@ class _CostlyElements:
             self.typed_bytes += count * dt.itemsize
             if self.typed_bytes > MAX_TYPED_CONTENTS_BYTES:
                 raise InvalidArgument(too_many_typed(name, f"shape {list(shape)} of {dt.name}", self.typed_bytes))
+
+
+# An element's size in upb's array of each typed contents field (a bytes_contents element: its view, a pointer and a
+# length; its bytes are the request's).
+_PARSED_WIDTH = {"bool_contents": 1, "int_contents": 4, "int64_contents": 8, "uint_contents": 4,
+                 "uint64_contents": 8, "fp32_contents": 4, "fp64_contents": 8, "bytes_contents": 16}
 
 
 # The refusals' words, shared with the check of a large request's bytes before they are parsed (wire_limits.py).

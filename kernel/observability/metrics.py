@@ -94,8 +94,9 @@ class KernelCollector:
         yield stopping
         payload = server.service.payload
         if payload is not None:
-            held = GaugeMetricFamily("aios_payload_held_bytes", "Bytes of large requests (over 64 KiB) held now, "
-                                     "from their arrival to their answer, against payload_budget_bytes")
+            held = GaugeMetricFamily("aios_payload_held_bytes", "Bytes of large requests (over 64 KiB on the wire "
+                                     "or decoded) held now, from their arrival to their answer, against "
+                                     "payload_budget_bytes")
             held.add_metric([], payload.held)
             yield held
             refused = CounterMetricFamily("aios_payload_refused", "Large requests refused because they would pass "

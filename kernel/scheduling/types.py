@@ -30,7 +30,7 @@ class PyWorkItem:
     __slots__ = (
         "model", "rows", "shape_key", "priority", "deadline_ns", "enqueued_ns", "started_ns", "inputs",
         "request_id", "state", "outputs", "error", "on_done", "blocking", "selected", "timings", "tenant",
-        "level", "retry_after_ns", "sched_key", "sched_seq", "finisher", "owner",
+        "level", "retry_after_ns", "sched_key", "sched_seq", "finisher", "owner", "decoded_bytes",
     )
 
     def __init__(
@@ -70,6 +70,10 @@ class PyWorkItem:
         # the thread that ran the batch, without the lane lock and slot, before the callers are woken.
         self.finisher = None
         self.owner = None  # what the submitter needs back with the item (the Decide flow's Pending)
+        # What its inputs hold decoded, estimated by the checked decoder (typed contents, BYTES: copies that can be
+        # many times the request's bytes; api/tensors.py); 0 when they are views of the request's bytes (the raw
+        # fast path). The front ends charge it against the payload budget (api/payload_budget.py).
+        self.decoded_bytes = 0
 
 
 class PyBatch:
