@@ -226,6 +226,39 @@ def test_small_unary_requests_are_charged_by_their_decoded_form(gated):
     assert payload.refused == 1
 
 
+@pytest.mark.parametrize("front_end", ["sync", "aio"])
+def test_a_large_call_is_charged_until_its_answer_is_sent(front_end, tmp_path):
+    """A charged ModelInfer holds its charge until its call ends, after its answer (as large as its request, here)
+    is sent, not only until its handler returns: on grpc.aio it was given back before the answer was serialized.
+    An injected probe (not a fault) reads the budget as each ModelInfer answer is serialized for sending."""
+    from kernel.api import registration
+
+    onnx_models.save(onnx_models.identity([("x", "FP32", (None,))]), tmp_path / "free" / "1" / "model.onnx")
+    budgets, held_at_send = [], []
+
+    def probed_serializer(message):  # the injected probe
+        if type(message) is pb.ModelInferResponse:
+            held_at_send.append(budgets[0].held)
+        return message if type(message) is bytes else message.SerializeToString()
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(registration, "_passed_through", probed_serializer)
+        patch.setattr(registration, "SERIALIZED_OUTPUTS", {*registration.SERIALIZED_OUTPUTS, "ModelInferResponse"})
+        server = start_kernel(tmp_path, front_end, payload_budget_bytes=BUDGET, metrics_port=free_port())
+    budgets.append(server.service.payload)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            small, values = _request("free", 1, width=16)
+            assert _answered(stub.ModelInfer(small, timeout=30), values)
+            large, values = _request("free", 2)
+            assert _answered(stub.ModelInfer(large, timeout=30), values)
+        assert held_at_send == [0, large.ByteSize()]
+        _back_to_zero(server)
+    finally:
+        server.stop(grace=1)
+
+
 def test_calls_in_flight_at_a_stop_give_their_budget_back(gated):
     server, gate = gated
     payload = server.service.payload

@@ -144,9 +144,15 @@ class InOrder:
         return due
 
 
-def _no_hook(_release) -> bool:
-    """``hold_call``'s ``on_end`` where the handler gives its charge back itself (grpc.aio: ``finally``)."""
-    return True
+def _at_call_end(context):
+    """``hold_call``'s ``on_end`` on grpc.aio: the charge is given back once the call has ended, its answer sent
+    (the call's task done, however it ended: answered, failed, cancelled, the server stopped), as the threaded
+    front end's ``add_callback`` does; given back as the handler returned, an answer as large as its request was
+    serialized and sent uncounted."""
+    def on_end(release) -> bool:
+        context.add_done_callback(lambda _context: release())
+        return True
+    return on_end
 
 
 # --------------------------------------------------------------------------- sync
@@ -429,13 +435,13 @@ def aio_servicer(service: InferenceService) -> grpc.GenericRpcHandler:
     payload = service.payload
 
     async def ModelInfer(request, context, arrived_ns=None):
-        held = None
         try:
+            held = None
             if type(request) is Received:  # a large request: held against the payload budget until the call ends
-                request, held = hold_call(payload, request, "ModelInfer", _no_hook)
+                request, held = hold_call(payload, request, "ModelInfer", _at_call_end(context))
             item = service.prepare(request, context.time_remaining(), arrived_ns)
             if held is not None or item.decoded_bytes > CHARGE_ABOVE:  # ...or one that decoded large
-                held = charge_decoded(payload, held, item.decoded_bytes, "ModelInfer", _no_hook)
+                charge_decoded(payload, held, item.decoded_bytes, "ModelInfer", _at_call_end(context))
             done = attach(item)
             if service.run_if_idle(item, INLINE_MAX_NS):
                 return service.answer(request, item)
@@ -443,9 +449,6 @@ def aio_servicer(service: InferenceService) -> grpc.GenericRpcHandler:
             return service.answer(request, item)
         except Exception as exc:
             await _aio_abort("ModelInfer", exc, context, refusals)
-        finally:  # (a cancelled call too: CancelledError passes here)
-            if held is not None:
-                held.release()
 
     async def ModelStreamInfer(request_iterator, context):
         loop = asyncio.get_running_loop()
