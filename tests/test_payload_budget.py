@@ -277,6 +277,41 @@ def test_calls_in_flight_at_a_stop_give_their_budget_back(gated):
     assert payload.held == 0
 
 
+def _inferred(server, model: str) -> int:
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stats = pb_grpc.GRPCInferenceServiceStub(channel).ModelStatistics(pb.ModelStatisticsRequest(name=model))
+    return stats.model_stats[0].inference_count
+
+
+@pytest.mark.parametrize("ends_by", ["cancel", "stop"])
+def test_a_stream_whose_client_stops_reading_stays_charged_until_it_ends(gated, ends_by):
+    """A ModelStreamInfer whose client sends two large requests and reads nothing: both run, and their answers wait
+    in the kernel for the client (its window, without BDP probing, is 64 KiB). Each request stays charged until its
+    answer goes out, so the answers held are (an identity model's answer is its request's size): a large call from
+    another client is refused meanwhile. Cancelled, or the kernel stopped, everything comes back, once."""
+    server, gate = gated
+    gate.open()
+    payload = server.service.payload
+    requests = [_request("free", seed)[0] for seed in range(2)]
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}", options=[("grpc.http2.bdp_probe", 0)])
+    try:
+        stream = pb_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer(iter(requests), timeout=60)
+        until(lambda: _inferred(server, "free") == 2, "both requests to run")
+        assert payload.held == sum(request.ByteSize() for request in requests)
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as other:
+            with pytest.raises(grpc.RpcError) as refused:
+                pb_grpc.GRPCInferenceServiceStub(other).ModelInfer(_request("free", 9)[0], timeout=30)
+            _refused_for_room(refused.value)
+        if ends_by == "cancel":
+            stream.cancel()
+            _back_to_zero(server)
+        else:
+            server.stop(grace=0.5)
+            assert payload.held == 0  # (not below: each charge given back once)
+    finally:
+        channel.close()
+
+
 def test_a_burst_of_large_calls_is_answered_or_refused_with_a_hint_and_nothing_stays_held(gated):
     server, gate = gated
     gate.open()
@@ -402,4 +437,60 @@ def test_decide_and_start_task_share_the_budget(front_end, answer_later, tmp_pat
         assert payload.refused == 3
     finally:
         gate.open()
+        server.stop(grace=1)
+
+
+@pytest.mark.parametrize("front_end,answer_later", [("sync", True), ("sync", False), ("aio", True)],
+                         ids=["sync-pumped", "sync-threads", "aio"])
+def test_decisions_in_flight_at_a_stop_give_their_budget_back(front_end, answer_later, tmp_path):
+    """A large Decide and a DecideStream whose client reads nothing, their requests charged and held by the model
+    (the injected gate), when the kernel stops: each charge comes back exactly once (the gauge is 0, not below)."""
+    from claims_support import build_small_model, claim_request
+    from conftest import start_claims_kernel
+    from examples.claims import data
+    from kernel._proto.aios.kernel.v1 import kernel_pb2_grpc as kgrpc
+
+    models = build_small_model(tmp_path / "models", provider="cpu")
+    gate = _Gate()
+    gate.shut("claims_triage")
+    case = data.generate_cases(1, seed=5)[0]
+
+    def large(request_id: str):
+        request = claim_request(case, request_id=request_id)
+        request.text_fields["notes"] = "n" * (100 << 10)
+        return request
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(kernel.server, "run_batch", gate.run_batch)
+        patch.setattr(frontends, "INLINE_MAX_NS", 0)
+        server = start_claims_kernel(models, tmp_path, front_end=front_end, lane_slots=4, answer_later=answer_later,
+                                     payload_budget_bytes=1 << 20, metrics_port=free_port())
+    payload = server.service.payload
+    closed = threading.Event()
+
+    def requests():
+        yield large("s1")
+        yield large("s2")
+        closed.wait(60)
+
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    try:
+        decisions = kgrpc.DecisionServiceStub(channel)
+        unary = decisions.Decide.future(large("d1"), timeout=60)
+        stream = decisions.DecideStream(requests(), timeout=60)  # (never read)
+        until(lambda: payload.held >= 3 * (100 << 10), "the three large requests to be charged")
+        stopping = threading.Thread(target=server.stop, kwargs={"grace": 0.5})
+        stopping.start()
+        until(lambda: server.draining, "the stop to begin")
+        gate.open()  # (the batches finish or are cut; either way nothing is held once the stop is over)
+        stopping.join(30)
+        assert not stopping.is_alive(), "the stop did not finish"
+        closed.set()
+        unary.exception(timeout=30)  # (answered or cut: only that the call ended)
+        stream.cancel()
+        assert payload.held == 0
+    finally:
+        closed.set()
+        gate.open()
+        channel.close()
         server.stop(grace=1)

@@ -12,6 +12,11 @@ refused at once with RESOURCE_EXHAUSTED naming the setting and a ``retry-after-m
 request's answer says so and the stream goes on), counted in ``refused``. A request larger than the whole
 budget is taken while nothing else is held, so it can always run alone.
 
+Answers are counted through their requests: a unary call's charge lasts until its answer is sent (its call's end),
+a ModelStreamInfer request's until gRPC has taken its answer to send, so the answers of a stream whose client
+stops reading stay charged (at most its window: scheduling/stream_window.py) until it reads, is cancelled or the
+kernel stops. A DecideStream request's charge comes back once it is decided: a decision is small.
+
 Small requests, the hot path (a tiny ModelInfer is a few hundred bytes), are not charged by their bytes: the
 deserializer wraps a request of the charged types only past ``CHARGE_ABOVE`` (registration.py), so what a
 small call pays is that one length compare and a type check. A small ModelInfer or ModelStreamInfer request
