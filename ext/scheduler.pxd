@@ -79,7 +79,7 @@ cdef class WorkItem:
     cdef public long long retry_after_ns
     cdef public object finisher        # per-batch after-work run by the lane (see types.PyWorkItem)
     cdef public object owner           # what the submitter needs back with the item
-    cdef public long long decoded_bytes  # what its decoded inputs hold, when the checked decoder made them (types.PyWorkItem)
+    cdef public long long decoded_bytes  # what the checked decoder made of its inputs (types.PyWorkItem)
 
 
 cdef class Batch:

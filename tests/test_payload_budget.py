@@ -259,6 +259,27 @@ def test_a_large_call_is_charged_until_its_answer_is_sent(front_end, tmp_path):
         server.stop(grace=1)
 
 
+def test_small_unary_requests_are_charged_by_their_parameters(gated):
+    """A ModelInfer of ~50 KB carrying 4,000 parameters (the request's, its input's and its output's) holds
+    ~640 KB parsed, each parameter a map entry in upb: charged by that while its call lasts."""
+    server, gate = gated
+    payload = server.service.payload
+    request, values = _request("held", 3, width=16)
+    for i in range(1500):
+        request.parameters[f"k{i}"].bool_param = True
+        request.inputs[0].parameters[f"k{i}"].bool_param = True
+    output = request.outputs.add(name="x_out")
+    for i in range(1000):
+        output.parameters[f"k{i}"].bool_param = True
+    assert request.ByteSize() < 64 << 10
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        call = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer.future(request, timeout=60)
+        until(lambda: payload.held >= 4000 * 150, "the parameters to be charged")
+        gate.open()
+        assert _answered(call.result(), values)
+    _back_to_zero(server)
+
+
 def test_calls_in_flight_at_a_stop_give_their_budget_back(gated):
     server, gate = gated
     payload = server.service.payload

@@ -218,8 +218,10 @@ class InferenceService:
         config = mv.config
         inputs, rows, shape_key, decoded = tensors.decode_inputs(config, request)
         priority, timeout_us, tenant = config.priority, 0, ""
-        if request.parameters:
-            priority, timeout_us, tenant = _schedule_params(request.parameters, priority, config.priority_levels)
+        parameters = request.parameters
+        if parameters:
+            priority, timeout_us, tenant = _schedule_params(parameters, priority, config.priority_levels)
+            decoded += len(parameters) * tensors.PARAMETER_HELD
         if timeout_us == 0 and (time_remaining is None or time_remaining >= MAX_DEADLINE_S):
             deadline_ns = NO_DEADLINE  # the common case, without reading the clock
         else:
@@ -232,10 +234,11 @@ class InferenceService:
         # (kernel.scheduling.execute.request_id_of), not for every call.
         item = WorkItem(mv, rows, shape_key, inputs, request_id=request.id, priority=priority,
                         deadline_ns=deadline_ns, tenant=tenant)
-        if decoded:  # (not on the raw fast path)
-            item.decoded_bytes = decoded
         if request.outputs:
-            item.selected = tensors.requested_outputs(config, request)
+            item.selected, held = tensors.requested_outputs(config, request)
+            decoded += held
+        if decoded:  # (typed contents, BYTES, parameters: not a raw request's fast path)
+            item.decoded_bytes = decoded
         return item
 
     def respond(self, request, item: WorkItem) -> pb.ModelInferResponse:

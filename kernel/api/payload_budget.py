@@ -21,9 +21,10 @@ Small requests, the hot path (a tiny ModelInfer is a few hundred bytes), are not
 deserializer wraps a request of the charged types only past ``CHARGE_ABOVE`` (registration.py), so what a
 small call pays is that one length compare and a type check. A small ModelInfer or ModelStreamInfer request
 whose decoded form is past ``CHARGE_ABOVE`` (64 KiB of 1-byte strings hold ~4 MB; small typed INT64 values 16x
-their bytes) is charged by that form from when it is decoded (``charge_decoded``): only the checked decoder
-(typed contents, BYTES) makes such copies and measures them as it goes (``WorkItem.decoded_bytes``), the raw
-fast path's views hold nothing past the request, so a tiny raw call pays one more compare. A small Decide,
+their bytes; parameters, map entries in upb, ~12x) is charged by that form from when it is decoded
+(``charge_decoded``): only the checked decoder (typed contents, BYTES) makes such copies and measures them as it
+goes, parameters are counted where they are read (``WorkItem.decoded_bytes``), the raw fast path's views hold
+nothing past the request, so a tiny raw call pays one more compare. A small Decide,
 StartTask or DecideStream request is not charged (their fields are bounded per request, kernel/limits.py).
 """
 

@@ -216,15 +216,18 @@ def _decode_checked(config: ModelConfig, request) -> tuple[dict[str, np.ndarray]
     specs = config.inputs_by_name
     raw = request.raw_input_contents
     tensors = request.inputs
+    costly = _CostlyElements()
     for tensor in tensors:  # first: a shared-memory input has no raw entry, and the count below would blame that
-        _refuse_shared_memory("input", tensor.name, tensor.parameters, "send the data in raw_input_contents")
+        parameters = tensor.parameters
+        if parameters:
+            _refuse_shared_memory("input", tensor.name, parameters, "send the data in raw_input_contents")
+            costly.parsed += len(parameters) * PARAMETER_HELD
     if raw and len(raw) != len(tensors):
         raise InvalidArgument(
             f"raw_input_contents has {len(raw)} entries for {len(tensors)} inputs; send all inputs raw or none"
         )
     arrays: dict[str, np.ndarray] = {}
     rows = -1
-    costly = _CostlyElements()
     for index, tensor in enumerate(tensors):
         name = tensor.name
         spec = specs.get(name)
@@ -276,6 +279,12 @@ def _decode_checked(config: ModelConfig, request) -> tuple[dict[str, np.ndarray]
 # its slot in the input array, and as much again for the output and its encoded answer (~240 bytes an element,
 # measured through an identity model; onnxruntime's own copies come on top while it runs).
 BYTES_ELEMENT_HELD = 240
+
+
+# What one parameter (of a request, an input or an output) holds in the parsed request while it is served: a map
+# entry in upb, ~157 bytes for a short key (4,096 of them, 52 KB on the wire, held ~640 KB), so many tiny ones in a
+# small request are counted (WorkItem.decoded_bytes) as its decoded strings are.
+PARAMETER_HELD = 150
 
 
 def held_bytes(inputs: dict[str, np.ndarray]) -> int:
@@ -336,11 +345,13 @@ def too_many_typed(name: str, what: str, typed_bytes: int) -> str:
             "requests")
 
 
-def requested_outputs(config: ModelConfig, request) -> list[tuple[int, int]] | None:
+def requested_outputs(config: ModelConfig, request) -> tuple[list[tuple[int, int]] | None, int]:
     """``(output index, classes)`` for each requested output, in request order (None = all outputs, as they
-    are); ``classes`` is the checked ``classification`` parameter, 0 when there is none."""
+    are); ``classes`` is the checked ``classification`` parameter, 0 when there is none. And what the outputs'
+    parameters hold parsed (``PARAMETER_HELD`` each)."""
     if not request.outputs:
-        return None
+        return None, 0
+    held = 0
     index = {spec.name: i for i, spec in enumerate(config.outputs)}
     chosen: list[tuple[int, int]] = []
     seen = set()
@@ -355,10 +366,11 @@ def requested_outputs(config: ModelConfig, request) -> list[tuple[int, int]] | N
         classes = 0
         if parameters:
             _refuse_shared_memory("output", name, parameters, "results come back in raw_output_contents")
+            held += len(parameters) * PARAMETER_HELD
             if "classification" in parameters:
                 classes = _class_count(config, config.outputs[index[name]], parameters["classification"])
         chosen.append((index[name], classes))
-    return chosen
+    return chosen, held
 
 
 def _class_count(config: ModelConfig, spec: TensorSpec, value) -> int:
