@@ -31,6 +31,7 @@ from .audit.errors import AuditTimeout
 from .config import Settings
 from .errors import (Aborted, DeadlineExceeded, DeadlineTooShort, FailedPrecondition, KernelError, NotFound,
                      ResourceExhausted, TransientError, Unavailable, shutting_down)
+from .os_faults import environment_fault
 from .pipelines import DecisionEngine, PipelineRegistry, Services
 from .pipelines.provenance import resolution_record
 from .policy import load_policy, parse_policy
@@ -491,6 +492,10 @@ class DecisionSide:
             return self._run_task_once(task)
         except KernelError as exc:
             failure = exc
+        except Exception as exc:  # the environment ran out (kernel/os_faults.py)? It may pass, as an UNAVAILABLE does
+            failure = environment_fault(exc, "a task's attempt")
+            if failure is None:
+                raise
         if isinstance(failure, AuditTimeout) and failure.sequence >= 0:
             failure = self._await_record(failure)
         elif not (isinstance(failure, TransientError) or self._may_pass(task, failure) or self._until_restart()):

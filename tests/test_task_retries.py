@@ -157,3 +157,29 @@ def test_a_deadline_shorter_than_the_model_s_own_run_fails_the_task_at_once(clai
         kernel.stop(grace=1)
     assert done.state == kpb.FAILED and done.attempts == 1 and retries(done) == [], done
     assert done.error.startswith(f"DEADLINE_EXCEEDED: model {MODEL}/1 cannot finish this request within its deadline")
+
+
+def test_an_attempt_the_environment_refuses_is_retried_not_failed(server, channel, monkeypatch):
+    """An attempt that met the kernel's environment running out (EMFILE: no descriptor left; kernel/os_faults.py)
+    failed the task at once, for good, with a traceback and a reason quoting the server's file. That may pass: it is
+    retried with the backoff, as an UNAVAILABLE is, and the reason names no file."""
+    import errno
+
+    engine, failed = server.decisions.engine, []
+    real_run = engine.run_blocking
+
+    def out_of_descriptors_once(pending, on_wait=None):  # fault injected on purpose: the OS's EMFILE, once
+        if not failed:
+            failed.append(pending.request_id)
+            raise OSError(errno.EMFILE, "Too many open files", "/srv/aios-private/models/x.onnx")
+        return real_run(pending, on_wait)
+
+    monkeypatch.setattr(engine, "run_blocking", out_of_descriptors_once)
+    tasks = kgrpc.TaskServiceStub(channel)
+    task = tasks.StartTask(automated_claim("emfile-1"), timeout=TIMEOUT_S)
+    done = final_state(tasks, task.task_id)
+    assert done.state == kpb.SUCCEEDED and done.attempts == 2, done
+    (retry,) = retries(done)
+    assert retry.startswith("attempt 1 failed (UNAVAILABLE: the kernel's process ran out of file descriptors "
+                            "(EMFILE: Too many open files)"), retry
+    assert "aios-private" not in retry, retry

@@ -26,6 +26,7 @@ import threading
 import grpc
 
 from ..errors import Internal, KernelError
+from ..os_faults import environment_fault
 
 log = logging.getLogger("aios.api")
 
@@ -130,9 +131,11 @@ class LaterAnswer:
             self._status(None, None, serialized)
 
     def fail(self, error) -> None:
-        """Answer with ``error``'s status: a ``KernelError`` as it says, anything else (or None) INTERNAL."""
+        """Answer with ``error``'s status: a ``KernelError`` as it says, the environment running out (descriptors,
+        memory, disk: kernel/os_faults.py) UNAVAILABLE, anything else (or None) INTERNAL."""
         if not isinstance(error, KernelError):
-            error = Internal(f"the request could not be finished{f': {error}' if error else ''}")
+            error = (environment_fault(error, self.method or "a call answered later")
+                     or Internal(f"the request could not be finished{f': {error}' if error else ''}"))
         code = _gs._common.STATUS_CODE_TO_CYGRPC_STATUS_CODE[grpc.StatusCode[error.code]]
         self._status(code, error.message.encode(), None, error.trailers, error.code)
 

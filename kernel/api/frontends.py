@@ -24,6 +24,7 @@ from .._proto.inference import grpc_service_pb2 as pb
 from ..errors import Internal, KernelError, clamp
 from ..ids import random_hex
 from ..origin import requested_by
+from ..os_faults import answerable, environment_fault
 from .inference import NOT_OFFERED, InferenceService, not_offered
 from ..scheduling.stream_window import AsyncStreamHold, StreamHold, StreamWindow
 from ..scheduling.types import ITEM_EXPIRED, ITEM_QUEUED
@@ -91,6 +92,7 @@ FINAL_RESPONSE = "triton_final_response"
 def stream_error(request, exc: BaseException, refusals=None) -> pb.ModelStreamInferResponse:
     """A failed request inside ModelStreamInfer: the stream stays open, the error names the request (and is
     counted in ``refusals``, as a call's status would be)."""
+    exc = answerable(exc, "ModelStreamInfer")  # the environment running out: UNAVAILABLE (kernel/os_faults.py)
     if refusals is not None:
         refusals.count(STREAM_RPC, exc.code if isinstance(exc, KernelError) else "INTERNAL")
     if isinstance(exc, KernelError):
@@ -162,6 +164,7 @@ def _sync_call(rpc: str, call, context, refusals):
     try:
         return call()
     except Exception as exc:
+        exc = answerable(exc, rpc)  # the environment running out: UNAVAILABLE (kernel/os_faults.py)
         counted(refusals, rpc, exc)
         _sync_abort(rpc, exc, context)
 
@@ -320,8 +323,8 @@ def sync_servicer(service: InferenceService, budget: CallBudget | None = None) -
                 later.send(service.answer(request, item))
             except KernelError as exc:
                 later.fail(exc)
-            except Exception:
-                later.fail(Internal(internal_message("ModelInfer")))
+            except Exception as exc:
+                later.fail(environment_fault(exc, "ModelInfer") or Internal(internal_message("ModelInfer")))
         return True
 
     def answer_unrun(item) -> None:
@@ -383,6 +386,7 @@ def sync_servicer(service: InferenceService, budget: CallBudget | None = None) -
             service.run_blocking(item, lambda it: on_wait(context, it))
             return service.answer(request, item)
         except Exception as exc:
+            exc = answerable(exc, "ModelInfer")
             counted(refusals, "ModelInfer", exc)
             _sync_abort("ModelInfer", exc, context)
 
@@ -407,6 +411,7 @@ def sync_servicer(service: InferenceService, budget: CallBudget | None = None) -
 
 # --------------------------------------------------------------------------- aio
 async def _aio_abort(rpc: str, exc: BaseException, context, refusals) -> None:
+    exc = answerable(exc, rpc)  # the environment running out: UNAVAILABLE (kernel/os_faults.py)
     counted(refusals, rpc, exc)
     if isinstance(exc, KernelError):
         await context.abort(status_of(exc), details_of(exc), trailing_metadata=exc.trailers)

@@ -8,7 +8,8 @@ Handlers are written once, as plain blocking Python, against ``CallContext``:
 
 They raise ``kernel.errors.KernelError`` subclasses for every non-OK answer;
 this module turns those into gRPC statuses (with trailers; details bounded and
-escaped by ``frontends.details_of``) and anything else
+escaped by ``frontends.details_of``), the environment running out (descriptors,
+memory, disk: kernel/os_faults.py) into UNAVAILABLE, and anything else
 into INTERNAL with a request id that is also in the log. A request whose
 bytes do not parse is refused with INVALID_ARGUMENT before the handler runs.
 On a client stream one bad message must not end the call, so there it
@@ -33,6 +34,7 @@ from collections.abc import Callable, Iterator
 import grpc
 
 from ..errors import KernelError
+from ..os_faults import answerable
 from ..at_send import AtSend
 from ..scheduling.stream_window import StreamHold
 from .frontends import details_of, internal_message, status_of
@@ -147,6 +149,7 @@ def _code(exc: BaseException) -> str:
 
 
 def _sync_fail(rpc: str, exc: BaseException, context, refusals) -> None:
+    exc = answerable(exc, rpc)  # the environment running out (descriptors, memory, disk): UNAVAILABLE, not a bug
     if refusals is not None:
         refusals.count(rpc, _code(exc))
     if isinstance(exc, KernelError):
@@ -209,6 +212,7 @@ def sync_handler(rpc: str, handler: Callable, client_streaming: bool, server_str
 
 # --------------------------------------------------------------------------- asyncio
 async def _aio_fail(rpc: str, exc: BaseException, context, refusals) -> None:
+    exc = answerable(exc, rpc)  # (as _sync_fail)
     if refusals is not None:
         refusals.count(rpc, _code(exc))
     if isinstance(exc, KernelError):

@@ -46,6 +46,7 @@ from concurrent import futures
 
 from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
 from ..errors import NOT_DECIDED, ResourceExhausted
+from ..os_faults import environment_fault
 from ..pipelines.flow import ANONYMOUS
 from ..pipelines.stream import STREAM_RPC, counted, error_decision, prepare_streamed
 from ..pipelines.stream_drains import DRAINED
@@ -300,9 +301,11 @@ class _Stream:
             for data in taken:
                 try:
                     self._take(data)
-                except Exception:  # never leave a request unanswered, nor the task stuck
-                    log.exception("queueing a streamed decision failed")
-                    self.answer(error_decision(None, None), len(data), None)
+                except Exception as exc:  # never leave a request unanswered, nor the task stuck
+                    fault = environment_fault(exc, "DecisionService.DecideStream")  # (UNAVAILABLE: os_faults.py)
+                    if fault is None:
+                        log.exception("queueing a streamed decision failed")
+                    self.answer(error_decision(None, fault), len(data), None)
 
     def _take(self, data: bytes) -> None:
         # (a safe parser: never raises; a Received, its message an Unparsable stand-in for bad bytes)

@@ -23,6 +23,7 @@ from collections.abc import Callable
 
 from ..errors import Internal, KernelError
 from ..observability.repeats import RepeatedFailure
+from ..os_faults import environment_fault
 from ..threads import name_native_thread, no_wakeup_preemption
 
 log = logging.getLogger("aios.decisions")
@@ -144,6 +145,9 @@ class BatchFinisher:
 
     def _failed(self, group: list, exc: Exception) -> KernelError:
         """Log a group's failure (see ``_refused``) and return what each of its decisions is answered."""
+        fault = environment_fault(exc, "finishing decisions")  # out of descriptors, memory, disk (os_faults.py)
+        if fault is not None:  # (said once per episode there; not "not decided": a record may be on the log)
+            return fault
         if isinstance(exc, KernelError):
             self._refused.failed(f"a group of {len(group)} decisions was answered {exc.code}: {exc.message}",
                                  traceback=False)

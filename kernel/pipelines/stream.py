@@ -27,6 +27,7 @@ from functools import partial
 from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
 from ..at_send import AtSend
 from ..errors import NOT_DECIDED, Cancelled, InvalidArgument, KernelError, Unavailable
+from ..os_faults import answerable
 from ..scheduling.stream_window import StreamHold, StreamWindow
 from ..threads import name_native_thread
 from .flow import ANONYMOUS, DecisionEngine, Pending
@@ -58,6 +59,7 @@ def counted(engine: DecisionEngine, answer: kpb.Decision) -> kpb.Decision:
 def error_decision(request, exc: BaseException) -> kpb.Decision:
     if not isinstance(request, kpb.DecisionRequest):  # it did not parse: nothing of it to echo
         request = kpb.DecisionRequest()
+    exc = answerable(exc, STREAM_RPC)  # the environment running out: UNAVAILABLE (kernel/os_faults.py)
     code = exc.code if isinstance(exc, KernelError) else "INTERNAL"
     message = exc.message if isinstance(exc, KernelError) else "internal error; the kernel keeps serving"
     answer = kpb.Decision(request_id=request.request_id, pipeline=request.pipeline, tenant=request.tenant,

@@ -36,6 +36,7 @@ from collections.abc import Callable
 from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
 from ..field_values import to_value
 from ..errors import FailedPrecondition, Internal, InvalidArgument, KernelError, NotFound, Unavailable, quote
+from ..os_faults import EnvironmentFault, answerable
 from ..limits import (MAX_REVIEWER_CHARS, MAX_TENANT_CHARS, check_comment, check_identifier, check_name,
                       check_pipeline_filter)
 from ..store import Feed
@@ -600,6 +601,10 @@ class ReviewQueue:
             try:
                 result = hook(self._present(review))
             except Exception as exc:
+                exc = answerable(exc, "finishing a review resolution")  # descriptors, memory, disk (os_faults.py)
+                if isinstance(exc, EnvironmentFault):  # (said once per episode where it was made)
+                    failures.append(exc)
+                    continue
                 if _may_pass(exc):
                     # A condition that may pass (a full disk, a busy store, an audit log that fail-stopped and waits
                     # for a restart): one line per episode, no traceback (it was one per call, with one).
