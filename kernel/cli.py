@@ -513,6 +513,12 @@ def _an_arguments(exc: UnicodeEncodeError, argv: list[str]) -> bool:
 # Errors of a write that found no room. Raised with no file name, they come from printing the answer: what a command
 # writes to files it names says so itself (audit export --out, replay --report, backup).
 _NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+# This process running out (a module imported on first use, a file a command reads): no bug of the command, so one
+# line saying what to do and exit EX_OSERR, as a traceback ending in "OSError: [Errno 24] Too many open files" said
+# neither. (A kernel running out answers its callers UNAVAILABLE: kernel/os_faults.py.)
+_RAN_OUT = {errno.EMFILE: ("this process ran out of file descriptors", "raise its open-file limit (ulimit -n)"),
+            errno.ENFILE: ("the system ran out of file descriptors", "raise fs.file-max or stop what holds them"),
+            errno.ENOMEM: ("this process ran out of memory", "free memory on this host")}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -529,6 +535,13 @@ def _unwritten(exc: OSError) -> int:
     print(f"aios-kernel: cannot write the answer to standard output: {exc.strerror or exc}", file=sys.stderr)
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (Python's exit flush would raise again)
     return os.EX_IOERR
+
+
+def _ran_out(exc: BaseException) -> int:
+    code = errno.ENOMEM if isinstance(exc, MemoryError) else exc.errno
+    what, to_do = _RAN_OUT[code]
+    print(f"aios-kernel: {what} ({errno.errorcode[code]}: {os.strerror(code)}): {to_do}", file=sys.stderr)
+    return os.EX_OSERR
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -576,7 +589,11 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `aios-kernel ... | head`: the reader left; stop quietly, as other tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (Python's exit flush would raise again)
         return 141
+    except MemoryError as exc:
+        return _ran_out(exc)
     except OSError as exc:
+        if exc.errno in _RAN_OUT:
+            return _ran_out(exc)
         # `... > out.txt` on a full disk: the answer could not be written (a traceback from inside print or from
         # the exit's flush). Any other OSError is no such thing: raised as it was.
         if exc.errno not in _NO_ROOM or exc.filename is not None:

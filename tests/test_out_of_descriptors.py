@@ -181,3 +181,33 @@ def test_calls_while_the_kernel_has_no_descriptor_left_are_unavailable_and_logge
     assert "ulimit -n" in said[0] and "EMFILE" in said[0] and str(tmp_path) not in said[0], said
     assert "Traceback" not in err and "internal error" not in err, err
 
+
+
+CLI_OUT_OF_DESCRIPTORS = """\
+import os, resource, sys
+from kernel.cli import main
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+held = []
+while True:  # injected fault: every descriptor this process may have is taken
+    try:
+        held.append(os.open(os.devnull, os.O_RDONLY))
+    except OSError:
+        break
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("argv", [["audit", "verify", "{data}"], ["policy", "check", "{data}"]])
+def test_a_command_out_of_descriptors_says_so_in_one_line(tmp_path, argv):
+    """`aios-kernel audit verify` (or any command) in a process with no descriptor left printed a traceback
+    ending in "OSError: [Errno 24] Too many open files: '.../kernel/audit/__init__.py'" (a module imported on
+    first use): one line saying what ran out and what to do now, exit EX_OSERR."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", CLI_OUT_OF_DESCRIPTORS, *(a.format(data=tmp_path) for a in argv)],
+                          capture_output=True, text=True, timeout=TIMEOUT_S, cwd=os.path.dirname(os.path.dirname(
+                              os.path.abspath(__file__))))
+    assert done.returncode == os.EX_OSERR, done.stderr
+    assert done.stderr.splitlines() == ["aios-kernel: this process ran out of file descriptors (EMFILE: Too many "
+                                        "open files): raise its open-file limit (ulimit -n)"], done.stderr
