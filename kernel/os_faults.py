@@ -1,9 +1,10 @@
-"""The kernel's environment running out (descriptors, memory, disk) as the caller hears it: UNAVAILABLE, not INTERNAL.
+"""The kernel's environment running out (descriptors, memory, threads, disk) as a caller hears it: UNAVAILABLE.
 
 An exception that is not a ``KernelError`` escaping a handler is a bug: INTERNAL with a request id and a traceback in
 the log. An ``OSError`` saying the process has no descriptor left (EMFILE, past ``ulimit -n``), the system none
-(ENFILE), no memory (ENOMEM, or Python's ``MemoryError``) or no room on a disk (ENOSPC, EDQUOT, EFBIG, EROFS, EIO) is
-no bug: the server's environment failed, and another try later (or on another replica) may pass. A drill under
+(ENFILE), no memory (ENOMEM, or Python's ``MemoryError``), no thread (``RuntimeError`` "can't start new thread") or no
+room on a disk (ENOSPC, EDQUOT, EFBIG, EROFS, EIO) is no bug: the server's environment failed, and another try later
+(or on another replica) may pass. A drill under
 ``ulimit -n 128`` with idle connections holding every descriptor: ResolveReview answered INTERNAL, quoting the audit
 segment's path, with a traceback per call. ``environment_fault`` turns such an error into ``EnvironmentFault``
 (UNAVAILABLE; a ``retry-after-ms`` hint where freeing the resource is a matter of seconds) whose message names the
@@ -45,8 +46,15 @@ _FAULTS: dict[int, tuple[str, str, bool]] = {
                   "remount it read-write (it went read-only: check dmesg for why)", False),
     errno.EIO: ("a disk the kernel reads or writes failed (I/O error)", "check the disk (dmesg) and its free space",
                 False),
+    # (Not an OSError's EAGAIN, which is no fault of the environment: Python's RuntimeError "can't start new
+    # thread", pthread_create's EAGAIN at the limit on threads; a stream's call starts one.)
+    errno.EAGAIN: ("the kernel's process could not start a thread",
+                   "raise its limit on threads (ulimit -u, TasksMax= in its systemd unit, the container's pids limit) "
+                   "or free memory", True),
 }
 _MEMORY = errno.ENOMEM  # a MemoryError is told as ENOMEM
+_THREADS = errno.EAGAIN  # and a thread that could not be started as EAGAIN
+_NO_THREAD = "can't start new thread"  # (CPython's words, _thread.start_new_thread)
 
 _budgets = {code: LogBudget(lines=1, every_s=60.0) for code in _FAULTS}
 
@@ -63,8 +71,10 @@ class EnvironmentFault(Unavailable):
 def _errno_of(exc: BaseException) -> int | None:
     if isinstance(exc, MemoryError):
         return _MEMORY
-    if isinstance(exc, OSError) and exc.errno in _FAULTS:
+    if isinstance(exc, OSError) and exc.errno in _FAULTS and exc.errno != _THREADS:
         return exc.errno
+    if type(exc) is RuntimeError and str(exc) == _NO_THREAD:
+        return _THREADS
     return None
 
 
@@ -89,7 +99,7 @@ def environment_fault(exc: BaseException, where: str) -> EnvironmentFault | None
 
 def _strerror(exc: BaseException, code: int) -> str:
     # An OSError's own words without its file names (str(exc) quotes them); a MemoryError has none.
-    strerror = getattr(exc, "strerror", None)
+    strerror = getattr(exc, "strerror", None) if isinstance(exc, OSError) else None
     return strerror if isinstance(strerror, str) and strerror else os.strerror(code)
 
 

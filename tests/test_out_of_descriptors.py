@@ -105,6 +105,36 @@ def test_every_front_end_path_answers_an_environment_fault_unavailable_with_a_hi
     assert decisions.Decide(claim_request(UNSURE_CASE), timeout=TIMEOUT_S).review_id
 
 
+def test_a_stream_whose_thread_cannot_be_started_is_unavailable_with_a_hint(server, channel, monkeypatch, caplog):
+    """At the limit on threads (ulimit -u, a container's pids limit) a stream's call could not start its thread
+    (the threaded front end's ModelStreamInfer reader, grpc.aio's server-stream worker): the handler's
+    RuntimeError "can't start new thread" escaped to gRPC, which answered UNKNOWN "Exception iterating responses"
+    with its own traceback. UNAVAILABLE with a hint now, as for any fault of the environment."""
+    import threading
+
+    refused = "aios-stream-reader" if server.front_end == "sync" else "aio-"
+    real_start = threading.Thread.start
+
+    def start(thread):
+        if thread.name.startswith(refused):
+            raise RuntimeError("can't start new thread")  # injected fault: pthread_create's EAGAIN
+        return real_start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    if server.front_end == "sync":
+        call = lambda: list(igrpc.GRPCInferenceServiceStub(channel).ModelStreamInfer(  # noqa: E731
+            iter([ipb.ModelInferRequest(model_name="claims_triage")]), timeout=TIMEOUT_S))
+    else:
+        call = lambda: list(kgrpc.ReviewServiceStub(channel).WatchReviews(  # noqa: E731
+            kpb.WatchReviewsRequest(include_open=True), timeout=TIMEOUT_S))
+    with caplog.at_level(logging.WARNING, logger="aios"):
+        code, details, trailers = _refusal(call)
+    assert code == "UNAVAILABLE", (code, details)
+    assert details.startswith("the kernel's process could not start a thread (EAGAIN: "), details
+    assert trailers.get("retry-after-ms") == "1000", trailers
+    assert not [r.getMessage() for r in caplog.records if r.exc_info], "no traceback"
+
+
 def _flood(kernel, limit: int) -> list[socket.socket]:
     """Idle connections (HTTP/2 prefaces that send nothing more) until the kernel has no descriptor left."""
     flood: list[socket.socket] = []

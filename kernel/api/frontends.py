@@ -400,7 +400,12 @@ def sync_servicer(service: InferenceService, budget: CallBudget | None = None) -
                 context.abort(status_of(exc), details_of(exc))
             if not context.add_callback(budget.stream_ended):  # its slot comes back when the call ends, however
                 budget.stream_ended()
-        yield from _SyncStream(service, request_iterator, context)
+        try:
+            yield from _SyncStream(service, request_iterator, context)
+        except Exception as exc:  # (its reader thread not started, say: a status, not gRPC's UNKNOWN)
+            exc = answerable(exc, "ModelStreamInfer")
+            counted(refusals, "ModelStreamInfer", exc)
+            _sync_abort("ModelStreamInfer", exc, context)
 
     ModelInfer.wants_arrival = True  # Triton's ``timeout`` counts from the call's arrival (registration.py)
     ModelInfer.runs_on_poller = True  # never waits when its LaterAnswer is on_poller (eager_receive.attach)

@@ -311,7 +311,12 @@ def aio_handler(rpc: str, handler: Callable, client_streaming: bool, server_stre
             await _aio_fail(rpc, exc, context, refusals)
             return
         worker = threading.Thread(target=produce, args=(request, ctx), name=f"aio-{rpc}", daemon=True)
-        worker.start()
+        try:
+            worker.start()
+        except Exception as exc:  # no thread to be had (the limit on threads): its status, not gRPC's UNKNOWN
+            ctx._finish()
+            await _aio_fail(rpc, exc, context, refusals)
+            return
         try:
             while True:
                 response, nbytes = await queue.get()
