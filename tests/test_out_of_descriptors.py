@@ -241,3 +241,49 @@ def test_a_command_out_of_descriptors_says_so_in_one_line(tmp_path, argv):
     assert done.returncode == os.EX_OSERR, done.stderr
     assert done.stderr.splitlines() == ["aios-kernel: this process ran out of file descriptors (EMFILE: Too many "
                                         "open files): raise its open-file limit (ulimit -n)"], done.stderr
+
+
+def test_a_call_whose_handler_thread_cannot_be_started_is_not_run_later(claims_models, tmp_path, monkeypatch):
+    """The threaded front end's pool starts a thread for a call when none is idle. At the limit on threads that
+    failed after the call was queued and the pool had counted the thread as a worker: the call was answered
+    UNAVAILABLE "the kernel is stopping: this call was not run" (it was not stopping), and the pool counted a worker
+    it never had (each such failure one fewer for good). Now the answer says what ran out, with its hint; nothing of
+    the call is queued or run, and the pool grows again once threads can be had."""
+    import threading
+
+    from conftest import start_claims_kernel
+
+    kernel = start_claims_kernel(claims_models, tmp_path, front_end="sync")
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{kernel.port}") as channel:
+            decisions, reviews = kgrpc.DecisionServiceStub(channel), kgrpc.ReviewServiceStub(channel)
+            pool = kernel._pool
+            watch = reviews.WatchReviews(kpb.WatchReviewsRequest(), timeout=TIMEOUT_S)  # holds a pool thread
+            until(lambda: pool.in_progress() == 1, "the watch on a pool thread", TIMEOUT_S)
+            threads = lambda: [t for t in threading.enumerate() if t.name.startswith("aios-grpc")]  # noqa: E731
+            assert len(threads()) == 1, "no idle pool thread: the next call needs a new one"
+            real_start = threading.Thread.start
+
+            def start(thread):
+                if thread.name.startswith("aios-grpc"):
+                    raise RuntimeError("can't start new thread")  # injected fault: pthread_create's EAGAIN
+                return real_start(thread)
+
+            monkeypatch.setattr(threading.Thread, "start", start)
+            code, details, trailers = _refusal(
+                lambda: decisions.Decide(claim_request(UNSURE_CASE, request_id="no-thread-1"), timeout=TIMEOUT_S))
+            monkeypatch.undo()
+            assert code == "UNAVAILABLE", (code, details)
+            assert details.startswith("the kernel's process could not start a thread (EAGAIN: "), details
+            assert trailers.get("aios-not-decided") == "1" and trailers.get("retry-after-ms") == "1000", trailers
+            assert pool.in_progress() == 1 and len(threads()) == 1, "the call that found no thread is not counted"
+            other = reviews.WatchReviews(kpb.WatchReviewsRequest(), timeout=TIMEOUT_S)  # threads can be had again
+            until(lambda: pool.in_progress() == 2 and len(threads()) == 2, "a second pool thread", TIMEOUT_S)
+            watch.cancel()
+            other.cancel()
+            until(lambda: pool.in_progress() == 0, "the pool's calls finished", TIMEOUT_S)
+            assert decisions.Decide(claim_request(UNSURE_CASE, request_id="no-thread-2"), timeout=TIMEOUT_S)
+            recorded = [r.decision.request_id for r in kernel.decisions.audit.read(from_sequence=0, kind=kpb.DECISION)]
+            assert "no-thread-2" in recorded and "no-thread-1" not in recorded, recorded
+    finally:
+        kernel.stop(grace=1)

@@ -42,6 +42,7 @@ import time
 from concurrent import futures
 
 from ..errors import NOT_DECIDED
+from ..os_faults import environment_fault
 from . import entry_gate
 from .answer_later import DEFERRED, LaterAnswer, Outstanding, offer
 from .call_budget import default_reserve
@@ -249,14 +250,22 @@ class EagerReceive(futures.ThreadPoolExecutor):
             try:
                 self._pool.submit(run, self._respond, rpc_event, state, behaviour, request, deserializer, serializer,
                                   finished)
-            except RuntimeError:  # the pool is shut down: the server is stopping, this call passed its gate earlier
-                if self._gate is not None:  # refused by the stop, as the gate refuses: counted with its refusals
-                    self._gate.counted()
+            except RuntimeError as exc:
+                # The pool is shut down (the server is stopping, this call passed its gate earlier), or it could not
+                # start a thread for it (the limit on threads: os_faults.py). Either way the call was not run.
+                fault = environment_fault(exc, "starting a handler thread")
+                if fault is not None:
+                    self._refused(behaviour, fault.code)
+                    trailers, details = (*NOT_DECIDED, *fault.trailers), fault.message
                 else:
-                    self._refused(behaviour, "UNAVAILABLE")
+                    if self._gate is not None:  # refused by the stop, as the gate refuses: counted with its refusals
+                        self._gate.counted()
+                    else:
+                        self._refused(behaviour, "UNAVAILABLE")
+                    trailers, details = entry_gate.TRAILERS, entry_gate.REFUSAL
                 with state.condition:
-                    state.trailing_metadata = entry_gate.TRAILERS
-                    _gs._abort(state, rpc_event.call, _cygrpc.StatusCode.unavailable, entry_gate.REFUSAL.encode())
+                    state.trailing_metadata = trailers
+                    _gs._abort(state, rpc_event.call, _cygrpc.StatusCode.unavailable, details.encode())
                 finished.set_done()
             return outcome
 

@@ -102,9 +102,18 @@ class HandlerPool:
                 self._threads.append(thread)
         if flip is not None:
             self._on_overlap(flip)  # a system call, and only when the load changes: outside the lock
-        self._queue.put(call)
         if thread is not None:
-            thread.start()
+            try:
+                thread.start()
+            except BaseException:
+                # No thread to be had (the limit on threads: RuntimeError "can't start new thread"): the call is not
+                # taken, and the thread that never ran is not counted (it was queued, and the pool counted a worker
+                # it did not have). The caller answers it (eager_receive: UNAVAILABLE saying what ran out).
+                with self._lock:
+                    self._threads.remove(thread)
+                    self._busy -= 1
+                raise
+        self._queue.put(call)  # (after the start: a thread that could not start leaves nothing queued)
         return call
 
     def arrival_while_idle(self) -> bool:
