@@ -10,6 +10,8 @@ what is still queued.
 
 from __future__ import annotations
 
+import logging
+
 import threading
 import time
 
@@ -237,7 +239,7 @@ def test_a_stopping_kernel_answers_what_a_stream_took_and_ends_it_saying_the_res
     assert {d.request_id for d in answered if not d.error_code} == recorded  # every decision made was answered
 
 
-def test_a_streamed_error_answer_carries_the_unary_calls_trailers_as_fields():
+def test_a_streamed_error_answer_carries_the_unary_calls_trailers_as_fields(caplog):
     """A stream's answers have no trailers: what a unary call's would say (when to send again, that nothing
     was decided, where a decision answered with an error was recorded) is in the answer's own fields."""
     from kernel.errors import NOT_DECIDED, ResourceExhausted, Unavailable
@@ -251,5 +253,10 @@ def test_a_streamed_error_answer_carries_the_unary_calls_trailers_as_fields():
     assert (draining.retry_after_ms, draining.not_decided, draining.audit_sequence) == (1000, True, 0)
     recorded = error_decision(request, Unavailable("review not stored", trailers=((RECORDED_TRAILER, "17"),)))
     assert (recorded.audit_sequence, recorded.retry_after_ms, recorded.not_decided) == (17, 0, False)
-    plain = error_decision(request, ValueError("boom"))
+    with caplog.at_level(logging.ERROR, logger="aios.decisions"):
+        plain = error_decision(request, ValueError("boom"))
     assert (plain.error_code, plain.retry_after_ms, plain.not_decided) == ("INTERNAL", 0, False)
+    # A bug, as a unary call's INTERNAL: its traceback in the log under the id the answer gives (an audit: neither).
+    (line,) = [r for r in caplog.records if r.name == "aios.decisions"]
+    request_id = plain.error_message.split("request id ")[1].split(")")[0]
+    assert request_id in line.getMessage() and line.exc_info is not None and "boom" in str(line.exc_info[1])

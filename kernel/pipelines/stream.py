@@ -27,6 +27,7 @@ from functools import partial
 from .._proto.aios.kernel.v1 import kernel_pb2 as kpb
 from ..at_send import AtSend
 from ..errors import NOT_DECIDED, Cancelled, InvalidArgument, KernelError, Unavailable
+from ..ids import random_hex
 from ..os_faults import answerable
 from ..scheduling.stream_window import StreamHold, StreamWindow
 from ..threads import name_native_thread
@@ -60,8 +61,13 @@ def error_decision(request, exc: BaseException) -> kpb.Decision:
     if not isinstance(request, kpb.DecisionRequest):  # it did not parse: nothing of it to echo
         request = kpb.DecisionRequest()
     exc = answerable(exc, STREAM_RPC)  # the environment running out: UNAVAILABLE (kernel/os_faults.py)
-    code = exc.code if isinstance(exc, KernelError) else "INTERNAL"
-    message = exc.message if isinstance(exc, KernelError) else "internal error; the kernel keeps serving"
+    if isinstance(exc, KernelError):
+        code, message = exc.code, exc.message
+    else:  # a bug: logged with its traceback under an id the answer gives, as a unary call's INTERNAL is (an audit:
+        # a stream's answered INTERNAL with no id and left nothing in the log)
+        request_id = random_hex()
+        log.error("internal error in %s (request id %s)", STREAM_RPC, request_id, exc_info=exc)
+        code, message = "INTERNAL", f"internal error (request id {request_id}); the kernel keeps serving"
     answer = kpb.Decision(request_id=request.request_id, pipeline=request.pipeline, tenant=request.tenant,
                           error_code=code, error_message=message)
     # What a unary call's trailers say (a stream's answers have none): where a decision answered with an
