@@ -100,6 +100,25 @@ def test_a_keyed_decision_that_expires_in_the_queue_frees_its_key(kernel, channe
     assert len(kernel.decisions.engine.claims) == 0
 
 
+def test_a_keyed_decision_whose_caller_cancels_it_in_the_queue_frees_its_key(kernel, channel):
+    """Found by test_fuzz_kernel_api's in-flight fuzzer: on grpc.aio a keyed Decide cancelled by its caller while
+    it waited in the queue kept its key claimed (decide_on_loop left the call at its cancelled await, and nothing
+    finished the decision that never ran): every retry with the key was ABORTED "is being decided now" until the
+    claim went stale, 10 minutes on (a minute past the deadline with one); 2 in 200 calls cancelled at once."""
+    stub = kgrpc.DecisionServiceStub(channel)
+    key = f"cancelled-{kernel.front_end}"
+    train = occupy(kernel, channel)
+    call = stub.Decide.future(claim_request(CASE, idempotency_key=key, priority=2), timeout=120)
+    until(lambda: _queued_decisions(kernel) == 1, "the keyed decision to queue")
+    call.cancel()
+    until(lambda: _queued_decisions(kernel) == 0, "the cancelled decision to leave the queue")
+    for train_call in train:
+        train_call.result()
+    answer = stub.Decide(claim_request(CASE, idempotency_key=key, priority=2), timeout=60)
+    assert answer.audit_sequence and not answer.replayed  # decided now: the cancelled call kept nothing
+    until(lambda: len(kernel.decisions.engine.claims) == 0, "every claim to be released")
+
+
 def test_a_keyed_decision_refused_at_admission_frees_its_key(kernel, channel):
     stub = kgrpc.DecisionServiceStub(channel)
     key = f"refused-{kernel.front_end}"

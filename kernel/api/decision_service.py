@@ -63,7 +63,11 @@ def decision_handlers(engine: DecisionEngine, registry: PipelineRegistry, budget
         except BaseException:  # refused at admission: nothing queued, its idempotency key is free again
             engine.release(pending)
             raise
-        await wait_finished(engine.inference, item, done)
+        try:
+            await wait_finished(engine.inference, item, done)
+        except asyncio.CancelledError:  # the caller left: a decision that never ran still frees its key
+            engine.abandon(pending)
+            raise
         item.owner = None  # finished: no reference cycle left (a cancelled call leaves it to the finisher)
         if pending.result is None:  # it never ran (expired in the queue): decided alone, off the loop
             return await asyncio.to_thread(engine.answer, pending)

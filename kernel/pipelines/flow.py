@@ -26,7 +26,7 @@ from ..observability.repeats import RepeatedFailure
 from ..review.deferred import DeferredRows
 from ..scheduling import WorkItem
 from ..scheduling.deadlines import request_deadline
-from ..scheduling.types import ITEM_QUEUED
+from ..scheduling.types import ITEM_CANCELLED, ITEM_EXPIRED, ITEM_QUEUED
 from ..store import request_hash as store_request_hash
 from ..store.idempotency import matches as request_matches
 from . import provenance
@@ -400,6 +400,15 @@ class DecisionEngine(GroupFinish):
             pending.result = item.error
             self.release(pending)
             self._answer_later([pending])
+
+    def abandon(self, pending: Pending) -> None:
+        """The caller awaiting ``pending`` on the event loop left (grpc.aio cancelled its handler, after
+        ``aio_wait.wait_finished`` took its item back from the queue if it still could). One that never ran is
+        finished alone off the loop, as ``_never_ran`` finishes one answered later, which frees its idempotency
+        key: nothing else would, and every retry with the key was refused ABORTED until its claim went stale.
+        One that ran, or runs still, is its batch's finisher's."""
+        if pending.item.state in (ITEM_CANCELLED, ITEM_EXPIRED):
+            self._never_ran(pending.item)
 
     def _answer_later(self, group: list[Pending]) -> None:
         """Send the answers of the group's decisions whose callers did not wait (the finisher calls this
