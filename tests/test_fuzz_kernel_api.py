@@ -12,6 +12,11 @@ model, the example pipeline and policy). Requests are well-formed messages
 with hostile content (random names, Value kinds incl. NaN/inf/huge ints and
 empty oneofs, huge and unicode strings, random ids, sizes, tokens, ranges,
 broken pipeline and policy text) and raw bytes that may not parse at all.
+The review queue's listings, claims and watches are held to a walk of every
+review (any filters, page tokens truncated, garbled or of other filters, a
+watch cut anywhere and resumed from its last sequence), and Decide calls in
+flight at once, cancelled or past their deadline at any moment, some just
+either side of the payload budget's 64 KiB, must each end once and lose nothing.
 
 The tests at the end are regressions for kernel bugs this file found (their
 docstrings give the original reproduction and symptom).
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import itertools
 import math
 import time
 from pathlib import Path
@@ -402,6 +408,99 @@ def test_decide_stream_answers_every_message_with_a_specific_code(channel, stubs
     assert_kernel_decides(stubs)
 
 
+# ----------------------------------------------------------------------------- cancelled, expired and large calls
+CHARGE_ABOVE = 64 << 10  # kernel/api/payload_budget.py: requests larger than this are charged
+
+
+def sized_request(seed: int, target: int, **options) -> kpb.DecisionRequest:
+    """A good claim whose serialized size is ``target`` bytes (or as near as a length prefix allows), its
+    description padded."""
+    request = good_request(seed, **options)
+    text = request.text_fields["description"]
+    pad = target - request.ByteSize()
+    request.text_fields["description"] = text + "x" * max(0, pad)
+    while request.ByteSize() > target and len(request.text_fields["description"]) > len(text):
+        request.text_fields["description"] = request.text_fields["description"][:-1]
+    return request
+
+
+FLIGHT_KEYS = itertools.count()  # a new key for each keyed call: a key used again with another request is refused
+
+
+def flight_request(k: int, seed: int, kind: str, delta: int, keyed: bool) -> kpb.DecisionRequest:
+    """Call ``k`` of a flight: a small claim, an escalated one, or one ``delta`` bytes from the charge threshold;
+    with a new idempotency key if ``keyed``."""
+    if kind == "near":
+        request = sized_request(seed, CHARGE_ABOVE + delta, request_id=f"near-{k}")
+    else:
+        request = good_request(seed, request_id=f"{kind}-{k}")
+    if kind == "escalated":
+        request.fields["claim_amount"].number_value = 75000.0
+        request.fields["fraud_score"].number_value = 0.2
+    if keyed:
+        request.idempotency_key = f"flight-{next(FLIGHT_KEYS)}"
+    return request
+
+
+# A few calls in flight at once: (seed, kind, bytes from the threshold, keyed, deadline in s, cancelled after s or
+# None).
+flights = st.lists(st.tuples(
+    st.integers(0, 10_000), st.sampled_from(["small", "escalated", "near", "near"]), st.integers(-40, 40),
+    st.booleans(), st.sampled_from([GUARD_S, GUARD_S, 0.005, 0.02, 0.1]),
+    st.one_of(st.none(), st.sampled_from([0.0, 0.002, 0.01, 0.05]))), min_size=1, max_size=6)
+
+
+@settings(max_examples=examples(25), **SETTINGS)
+@given(calls=flights)
+def test_decide_calls_cancelled_or_expired_in_flight_are_answered_once_and_lose_nothing(kernel, stubs, calls):
+    """Decide calls in flight at once, some cancelled by their caller or past their deadline at any moment, some
+    just above or below the 64 KiB the payload budget charges: each ends once, OK or CANCELLED /
+    DEADLINE_EXCEEDED; a keyed call asked again gets its decision (the same audited one if it had been
+    answered); the budget comes back to 0; the kernel decides on."""
+    requests = [flight_request(k, *call[:4]) for k, call in enumerate(calls)]
+    started = time.monotonic()
+    futures = [(stubs.decisions.Decide.future(request, timeout=deadline), request, cancel)
+               for request, (*_, deadline, cancel) in zip(requests, calls)]
+    for future, _, cancel in sorted(futures, key=lambda f: f[2] if f[2] is not None else math.inf):
+        if cancel is not None:
+            time.sleep(max(0.0, started + cancel - time.monotonic()))
+            future.cancel()
+    answered = {}
+    for future, request, _ in futures:
+        try:
+            decision, code, details = future.result(timeout=GUARD_S), Code.OK, ""
+        except grpc.FutureCancelledError:
+            decision, code, details = None, Code.CANCELLED, ""
+        except grpc.RpcError as exc:
+            decision, code, details = None, exc.code(), exc.details() or ""
+        check("Decide", code, details, 0.0, SHORT_S)
+        # (RESOURCE_EXHAUSTED: a deadline of milliseconds the scheduler predicts it cannot meet, with a retry hint)
+        assert code in (Code.OK, Code.CANCELLED, Code.DEADLINE_EXCEEDED) or (
+            code == Code.RESOURCE_EXHAUSTED and "retry after" in details), f"{request.request_id}: {code} {details!r}"
+        if code == Code.OK:
+            assert decision.action and (decision.audit_hash or decision.replayed) and not decision.error_code
+            answered[request.idempotency_key] = decision
+    for _, request, _ in futures:
+        if not request.idempotency_key:
+            continue
+        give_up = time.monotonic() + GUARD_S
+        while True:  # the first may still be in flight (its caller gone): ABORTED says when to ask again
+            code, details, again, _ = call(stubs.decisions.Decide, request)
+            if code != Code.ABORTED or time.monotonic() > give_up:
+                break
+            time.sleep(0.01)
+        assert code == Code.OK and again.action and not again.error_code, f"{request.request_id}: {code} {details!r}"
+        first = answered.get(request.idempotency_key)
+        if first is not None:
+            assert again.replayed and (again.audit_sequence, again.action) == (first.audit_sequence, first.action)
+    payload = kernel.service.payload
+    deadline = time.monotonic() + GUARD_S
+    while payload.held:  # the calls' ends give their charges back as their handlers finish
+        assert time.monotonic() < deadline, f"{payload.held} bytes still charged after every call ended"
+        time.sleep(0.01)
+    assert_kernel_decides(stubs)
+
+
 # ----------------------------------------------------------------------------- TaskService
 STARTED_TASKS: list[str] = []  # tasks the fuzzer started: checked at the end for how they ended
 
@@ -500,10 +599,226 @@ def test_review_rpcs_answer_with_a_specific_status(stubs, known, data, rpc):
         check(rpc, code, details, elapsed)
     else:
         request = kpb.WatchReviewsRequest(pipeline=data.draw(st.one_of(st.just(""), names)), tenant=data.draw(short_texts),
-                                          include_open=data.draw(st.booleans()), updates=data.draw(st.booleans()))
+                                          include_open=data.draw(st.booleans()), updates=data.draw(st.booleans()),
+                                          from_sequence=data.draw(st.one_of(st.just(0), st.integers(0, 50), UINT64)))
         code, details, _, elapsed = drain(stubs.reviews.WatchReviews, request, SHORT_S)
         check(rpc, code, details, elapsed, SHORT_S)
     assert_kernel_decides(stubs)
+
+
+# ----------------------------------------------------------------------------- review listings, claims and resumed watches
+TENANTS = ("acme", "globex", "")
+REVIEW_PIPELINES = st.sampled_from(["", "claims_triage", "nope"])
+REVIEW_TENANTS = st.sampled_from(["", "acme", "globex", "nobody"])
+LIST_STATES = st.sampled_from(["", "OPEN", "CLAIMED", "UNRESOLVED", "RESOLVED", "open", "Resolved"])
+PRESENTED = {"OPEN": {"OPEN"}, "CLAIMED": {"CLAIMED"}, "UNRESOLVED": {"OPEN", "CLAIMED"}, "RESOLVED": {"RESOLVED"}}
+
+
+def escalate(stubs, tenant: str, seed: int) -> None:
+    """One more review: a large claim decided for ``tenant`` goes to a human."""
+    request = good_request(seed, request_id=f"esc-{seed}", tenant=tenant)
+    request.fields["claim_amount"].number_value = 75000.0
+    request.fields["fraud_score"].number_value = 0.2
+    code, details, decision, _ = call(stubs.decisions.Decide, request)
+    assert code == Code.OK and decision.review_id, f"{code} {details!r} {decision}"
+
+
+@pytest.fixture(scope="module")
+def reviews_of_tenants(stubs, known):
+    """Reviews of two tenants and none, some claimed, one resolved, beside ``known``'s."""
+    for k in range(6):
+        escalate(stubs, TENANTS[k % 3], 1000 + k)
+    stubs.reviews.ClaimNextReview(kpb.ClaimNextReviewRequest(reviewer="seed", tenant="acme", lease_seconds=3600), timeout=10)
+    claimed = stubs.reviews.ClaimNextReview(kpb.ClaimNextReviewRequest(reviewer="seed", tenant="globex"), timeout=10)
+    stubs.reviews.ResolveReview(kpb.ResolveReviewRequest(review_id=claimed.review_id, reviewer="seed",
+                                                         action=claimed.actions[0]), timeout=10)
+
+
+def every_review(stubs) -> dict[str, kpb.Review]:
+    """Every stored review by id, read a page of 1,000 at a time with no filter."""
+    found, token = {}, ""
+    while True:
+        page = stubs.reviews.ListReviews(kpb.ListReviewsRequest(page_size=1000, page_token=token), timeout=GUARD_S)
+        for review in page.reviews:
+            assert review.review_id not in found, f"{review.review_id} listed twice"
+            found[review.review_id] = review
+        if not (token := page.next_page_token):
+            return found
+
+
+def matches(review: kpb.Review, pipeline: str, tenant: str, state: str = "") -> bool:
+    return ((not pipeline or review.pipeline == pipeline) and (not tenant or review.tenant == tenant)
+            and (not state or review.state in PRESENTED[state.upper()]))
+
+
+def settled(before: dict, after: dict) -> set[str]:
+    """The reviews whose state did not change between two walks (a 1-second lease another test took may lapse)."""
+    return {rid for rid, review in before.items() if rid in after and after[rid].state == review.state}
+
+
+@st.composite
+def other_tokens(draw, token: str, filters: tuple) -> tuple[str, str]:
+    """(how, token): ``token`` truncated or garbled, or a real token of other filters."""
+    how = draw(st.sampled_from(["truncated", "garbled", "other_filters"]))
+    if how == "truncated":
+        return how, token[: draw(st.integers(1, len(token) - 1))]
+    if how == "garbled":
+        at = draw(st.integers(0, max(0, len(token) - 1)))
+        return how, token[:at] + draw(st.sampled_from("AQZaz09-_=+/!é")) + token[at + 1:]
+    pipeline, tenant, state = filters
+    other = draw(st.sampled_from([(pipeline, "globex" if tenant == "acme" else "acme", state),
+                                  ("" if pipeline else "claims_triage", tenant, state),
+                                  (pipeline, tenant, "RESOLVED" if state != "RESOLVED" else "OPEN")]))
+    return how, paging.encode(draw(st.integers(0, 50)), other)
+
+
+@settings(max_examples=examples(15), **SETTINGS)
+@given(pipeline=REVIEW_PIPELINES, tenant=REVIEW_TENANTS, state=LIST_STATES, size=st.integers(1, 4), data=st.data())
+def test_review_pages_with_any_filter_list_what_a_walk_finds(stubs, reviews_of_tenants, pipeline, tenant, state, size,
+                                                             data):
+    """Paged with any filters (schema 10's index ranges), ListReviews lists exactly the matching reviews a walk of
+    every review finds, oldest first, none twice; a token truncated, garbled or issued for other filters is
+    refused naming page_token (a garbled one may still be a token: then it is a page like any)."""
+    before = every_review(stubs)
+    listed, token, pages = [], "", 0
+    while True:
+        if token and pages < 8 and data.draw(st.integers(0, 3)) == 0:  # (a bounded draw: the pages may be many)
+            how, bad = data.draw(other_tokens(token, (pipeline, tenant, state.upper())))
+            note(f"{how} token {bad!r}")
+            code, details, _, elapsed = call(stubs.reviews.ListReviews, kpb.ListReviewsRequest(
+                pipeline=pipeline, tenant=tenant, state=state, page_size=size, page_token=bad))
+            check("ListReviews", code, details, elapsed)
+            if how != "garbled" or code != Code.OK:
+                assert code == Code.INVALID_ARGUMENT and "page_token" in details, f"{how}: {code} {details!r}"
+        code, details, page, elapsed = call(stubs.reviews.ListReviews, kpb.ListReviewsRequest(
+            pipeline=pipeline, tenant=tenant, state=state, page_size=size, page_token=token))
+        check("ListReviews", code, details, elapsed)
+        if pipeline == "nope":  # a pipeline that is not loaded may still be named: it lists nothing
+            assert code in (Code.OK, Code.INVALID_ARGUMENT), details
+        if code != Code.OK:
+            assert tenant or pipeline, f"ListReviews with good filters: {code} {details!r}"
+            return
+        assert len(page.reviews) <= size
+        listed += page.reviews
+        pages += 1
+        assert pages <= len(before) + 50, "paging does not end"
+        if not (token := page.next_page_token):
+            break
+    after = every_review(stubs)
+    ids = [review.review_id for review in listed]
+    assert len(ids) == len(set(ids)), f"listed twice: {ids}"
+    sequences = [review.sequence for review in listed]
+    assert sequences == sorted(sequences), f"not oldest first: {sequences}"
+    stable = settled(before, after)
+    want = {rid for rid in stable if matches(after[rid], pipeline, tenant, state)}
+    got = {rid for rid in ids if rid in stable}
+    assert got == want, f"missing {sorted(want - got)}, not matching {sorted(got - want)}"
+    for review in listed:
+        assert matches(review, pipeline, tenant, state) or review.review_id not in stable, review
+
+
+@settings(max_examples=examples(12), **SETTINGS)
+@given(pipeline=REVIEW_PIPELINES, tenant=REVIEW_TENANTS, more=st.sampled_from(TENANTS + (None, None)),
+       lease=st.sampled_from([0, 3600, 86400]), data=st.data())
+def test_claim_next_review_with_any_filter_takes_the_oldest_open_match(stubs, reviews_of_tenants, pipeline, tenant,
+                                                                      more, lease, data):
+    """ClaimNextReview with any filters claims the oldest OPEN review matching them (as a walk finds it), or
+    answers NOT_FOUND when none does; a claimed one is listed CLAIMED by its reviewer."""
+    if more is not None:
+        escalate(stubs, more, data.draw(st.integers(2000, 10**6)))
+    before = every_review(stubs)
+    code, details, review, elapsed = call(stubs.reviews.ClaimNextReview, kpb.ClaimNextReviewRequest(
+        pipeline=pipeline, tenant=tenant, reviewer="fuzz-claims", lease_seconds=lease))
+    check("ClaimNextReview", code, details, elapsed)
+    after = every_review(stubs)
+    stable = settled(before, after)
+    waiting = sorted((r.sequence, r.review_id) for r in before.values()
+                     if r.state == "OPEN" and matches(r, pipeline, tenant))
+    if code == Code.NOT_FOUND:
+        assert not [rid for _, rid in waiting if rid in stable], f"{waiting} were open: {details!r}"
+        return
+    assert code == Code.OK, f"{code} {details!r}"
+    assert matches(review, pipeline, tenant) and review.state == "CLAIMED" and review.claimed_by == "fuzz-claims"
+    assert after[review.review_id].state == "CLAIMED"
+    older = [rid for sequence, rid in waiting if sequence < review.sequence and rid in stable]
+    assert not older, f"claimed {review.review_id} (sequence {review.sequence}) before older open {older}"
+
+
+def read_watch(stubs, request: kpb.WatchReviewsRequest, want: set[int], highest: int, timeout: float = 10.0):
+    """(code, details, reviews) of a watch read until every sequence in ``want`` came (then cancelled), or its end;
+    reviews stored after ``highest`` (another test's tasks, escalated meanwhile) are left out."""
+    stream = stubs.reviews.WatchReviews(request, timeout=timeout if want else 0.1)  # (nothing to wait for)
+    got, seen = [], set()
+    try:
+        for review in stream:
+            if review.sequence <= highest:
+                got.append(review)
+                seen.add(review.sequence)
+            if want <= seen:
+                stream.cancel()
+                break
+        return Code.OK, "", got
+    except grpc.RpcError as exc:
+        return exc.code(), exc.details() or "", got
+
+
+@settings(max_examples=examples(15), **SETTINGS)
+@given(pipeline=REVIEW_PIPELINES, tenant=REVIEW_TENANTS, include_open=st.booleans(), updates=st.booleans(),
+       data=st.data())
+def test_a_watch_resumed_anywhere_sends_what_a_full_watch_does(stubs, reviews_of_tenants, pipeline, tenant,
+                                                               include_open, updates, data):
+    """WatchReviews with any resume point and filters: a clear refusal (INVALID_ARGUMENT naming from_sequence past
+    the newest + 1 or beside include_open), or every matching review stored since, oldest first, each once; and a
+    watch cut anywhere and resumed from the highest sequence received + 1 sends, with what it had, exactly what
+    the uncut watch sent."""
+    before = every_review(stubs)
+    highest = max(review.sequence for review in before.values())
+    start = data.draw(st.one_of(st.just(0), st.just(1), st.integers(1, highest + 1),
+                                st.sampled_from([highest, highest + 1, highest + 2, 2**63 - 1, 2**63, 2**64 - 1])))
+    note(f"highest {highest}, from {start}")
+    request = kpb.WatchReviewsRequest(pipeline=pipeline, tenant=tenant, include_open=include_open, updates=updates,
+                                      from_sequence=start)
+    if start:
+        want = {r.sequence for r in before.values() if r.sequence >= start and matches(r, pipeline, tenant)}
+    elif include_open:
+        want = {r.sequence for r in before.values() if matches(r, pipeline, tenant, "UNRESOLVED")}
+    else:
+        want = set()
+    code, details, got = read_watch(stubs, request, want, highest)
+    check("WatchReviews", code, details, 0.0, SHORT_S)
+    if start and include_open:
+        assert code == Code.INVALID_ARGUMENT and "from_sequence" in details, f"{code} {details!r}"
+        return
+    if start > highest + 1:
+        assert code == Code.INVALID_ARGUMENT and "from_sequence" in details, f"{code} {details!r}"
+        return
+    if pipeline == "nope" and code == Code.INVALID_ARGUMENT:
+        return
+    sequences = [review.sequence for review in got]
+    assert code in (Code.OK, Code.DEADLINE_EXCEEDED), f"{code} {details!r} after {sequences}"
+    assert all(matches(review, pipeline, tenant) for review in got), got
+    if not start and include_open:  # the waiting ones as they are now: one resolved meanwhile may be left out
+        assert sequences == sorted(set(sequences)), f"not in the order stored, or twice: {sequences}"
+        after = every_review(stubs)
+        stable = settled(before, after)
+        missing = {before[rid].sequence for rid in stable if before[rid].sequence in want} - set(sequences)
+        assert not missing, f"the backlog left out {sorted(missing)}; sent {sequences}"
+        resolved = {before[rid].sequence for rid in stable} - want
+        assert not resolved & set(sequences), f"the backlog sent resolved ones: {sorted(resolved & set(sequences))}"
+        return
+    if updates:  # a change to one already sent may come too
+        assert want <= set(sequences), f"missed {sorted(want - set(sequences))}; sent {sequences}"
+        return
+    assert sequences == sorted(want), f"sent {sequences}, stored since: {sorted(want)}"
+    if start and sequences:  # cut after k, resume from the highest received + 1
+        k = data.draw(st.integers(0, len(sequences)))
+        resume = sequences[k - 1] + 1 if k else start
+        rest = {s for s in want if s >= resume}
+        code, details, again = read_watch(stubs, kpb.WatchReviewsRequest(
+            pipeline=pipeline, tenant=tenant, updates=updates, from_sequence=resume), rest, highest)
+        assert code in (Code.OK, Code.DEADLINE_EXCEEDED), f"resumed from {resume}: {code} {details!r}"
+        assert sequences[:k] + [r.sequence for r in again] == sequences, (
+            f"cut after {k}, resumed from {resume}: {[r.sequence for r in again]}; uncut: {sequences}")
 
 
 # ----------------------------------------------------------------------------- AuditService

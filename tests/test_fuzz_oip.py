@@ -4,7 +4,9 @@ The rule under test: a caller's mistake gets a clear gRPC status
 (INVALID_ARGUMENT with details, NOT_FOUND, ...), never UNKNOWN, and never
 INTERNAL; INTERNAL (with a request id) is reserved for a model's own run-time
 fault, which only the ``reshape`` fault model can produce here. After every
-example the kernel must still answer a known-good request correctly.
+example the kernel must still answer a known-good request correctly. Calls
+cancelled or past their deadline in flight (their batches stopped part-way on a
+slow model) must each end once, be counted once, and give back their bytes.
 
 The tests at the end are regressions for kernel bugs this file found (their
 docstrings give the original reproduction and symptom).
@@ -15,6 +17,7 @@ from __future__ import annotations
 import collections
 import math
 import threading
+import time
 
 import grpc
 import numpy as np
@@ -32,6 +35,7 @@ from kernel._proto.inference import grpc_service_pb2_grpc
 from kernel.accel import bytes_codec
 from kernel.models import datatypes
 from conftest import IDENTITY_TENSORS, start_kernel
+from lane_support import SLOW_ROWS, request_for, slow_and_tiny_repo
 
 Code = grpc.StatusCode
 SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
@@ -677,3 +681,115 @@ def test_stream_with_unparsable_message_answers_every_message(channel, stub, ref
     assert by_id.keys() == {"g0", "", "g2"} and not by_id["g0"] and not by_id["g2"], answered
     assert by_id[""].startswith("INVALID_ARGUMENT: "), answered
     assert_kernel_serves(stub, reference)
+
+
+# ----------------------------------------------------------------------------- calls cancelled or expired in flight
+CHARGE_ABOVE = 64 << 10  # kernel/api/payload_budget.py: requests larger than this are charged
+
+
+def near_threshold_request(seed: int, delta: int) -> pb.ModelInferRequest:
+    """A good identity request ``delta`` bytes from the payload budget's charge threshold (its one string long)."""
+    request = good_request(("identity", "1"), 1, seed, True, "1")
+    index = [t.name for t in request.inputs].index("text")
+    pad = CHARGE_ABOVE + delta - request.ByteSize()
+    request.raw_input_contents[index] = bytes_codec.encode(np.array(["x" * max(0, pad - 8)], dtype=object))
+    while request.ByteSize() < CHARGE_ABOVE + delta:
+        request.raw_input_contents[index] = bytes_codec.encode(
+            np.array([bytes_codec.decode(request.raw_input_contents[index], 1)[0] + "x"], dtype=object))
+    return request
+
+
+def served_counts(stub, names=("tiny", "identity")) -> tuple[int, int]:
+    """(success, fail) requests of version 1 of the models ``names`` in ModelStatistics."""
+    success = fail = 0
+    for name in names:
+        for stats in stub.ModelStatistics(pb.ModelStatisticsRequest(name=name, version="1"), timeout=CALL_TIMEOUT_S).model_stats:
+            success += stats.inference_stats.success.count
+            fail += stats.inference_stats.fail.count
+    return success, fail
+
+
+def fly(kernel, stub, requests, calls, names, check=lambda request, response: None) -> None:
+    """Send ``requests`` at once, each with its call's deadline, cancelling those with a time at that time; each
+    must end once, OK (``check``ed) or CANCELLED / DEADLINE_EXCEEDED; ModelStatistics of ``names`` counts each at
+    most once and every answered one as a success; the payload budget comes back to 0."""
+    before = served_counts(stub, names)
+    started = time.monotonic()
+    futures = [stub.ModelInfer.future(request, timeout=deadline) for request, (*_, deadline, _) in zip(requests, calls)]
+    for future, (*_, cancel) in sorted(zip(futures, calls), key=lambda f: math.inf if f[1][-1] is None else f[1][-1]):
+        if cancel is not None:
+            time.sleep(max(0.0, started + cancel - time.monotonic()))
+            future.cancel()
+    answered = 0
+    for future, request in zip(futures, requests):
+        try:
+            response, code, details = future.result(timeout=CALL_TIMEOUT_S), Code.OK, ""
+        except grpc.FutureCancelledError:
+            response, code, details = None, Code.CANCELLED, ""
+        except grpc.RpcError as exc:
+            response, code, details = None, exc.code(), exc.details() or ""
+        # (RESOURCE_EXHAUSTED: a deadline of milliseconds the scheduler predicts it cannot meet, with a retry hint)
+        assert code in (Code.OK, Code.CANCELLED, Code.DEADLINE_EXCEEDED) or (
+            code == Code.RESOURCE_EXHAUSTED and "retry after" in details), f"{request.id}: {code} {details!r}"
+        if code == Code.OK:
+            check(request, response)
+            answered += 1
+    give_up = time.monotonic() + CALL_TIMEOUT_S
+    while True:  # (a cancelled call is counted when the kernel hears of it, after its caller moved on)
+        success, fail = (now - then for now, then in zip(served_counts(stub, names), before))
+        assert success + fail <= len(calls), f"{len(calls)} calls counted {success} successes and {fail} failures"
+        if success >= answered and kernel.service.payload.held == 0:
+            return
+        assert time.monotonic() < give_up, (f"{answered} answered, {success} successes counted; "
+                                            f"{kernel.service.payload.held} bytes still charged")
+        time.sleep(0.01)
+
+
+# (model, rows or bytes from the threshold, deadline in s, cancelled after s or None) for a few calls at once.
+infer_flights = st.lists(st.tuples(
+    st.sampled_from(["tiny", "tiny", "near"]), st.integers(-40, 40), st.sampled_from([CALL_TIMEOUT_S, 0.005, 0.02, 0.1]),
+    st.one_of(st.none(), st.sampled_from([0.0, 0.002, 0.01, 0.05]))), min_size=1, max_size=8)
+
+
+@settings(max_examples=examples(25), **SETTINGS)
+@given(calls=infer_flights, seed=st.integers(0, 10_000))
+def test_model_infer_calls_cancelled_or_expired_in_flight_are_answered_once_and_counted(kernel, stub, reference,
+                                                                                       calls, seed):
+    """ModelInfer calls in flight at once, cancelled by their caller or past their deadline at any moment, some
+    just above or below the 64 KiB the payload budget charges: each ends once, OK with the right numbers or
+    CANCELLED / DEADLINE_EXCEEDED, counted at most once (``fly``); the kernel serves on."""
+    requests = [near_threshold_request(seed + k, amount) if kind == "near"
+                else tiny_raw_request(1 + abs(amount) % 8, seed + k, "1", f"c{k}")[0]
+                for k, (kind, amount, _, _) in enumerate(calls)]
+    fly(kernel, stub, requests, calls, ("tiny", "identity"),
+        lambda request, response: check_ok_response(request, response, "1", reference))
+    assert_kernel_serves(stub, reference)
+
+
+@pytest.fixture(scope="module", params=["sync", "aio"])
+def slow_kernel(request, tmp_path_factory):
+    """A kernel of one lane slot serving `slow` (batches of tens of ms: long enough to be stopped part-way)."""
+    server = start_kernel(slow_and_tiny_repo(tmp_path_factory.mktemp("slow")), request.param, lane_slots=1)
+    yield server
+    server.stop(grace=1)
+
+
+@settings(max_examples=examples(8), **SETTINGS)
+@given(calls=st.lists(st.tuples(st.one_of(st.just(SLOW_ROWS), st.integers(1, SLOW_ROWS)), st.sampled_from([CALL_TIMEOUT_S, 0.01, 0.03, 0.1]),
+                                st.one_of(st.none(), st.sampled_from([0.0, 0.005, 0.02, 0.05]))), min_size=1, max_size=6))
+def test_slow_batches_whose_callers_leave_are_answered_once_and_counted(slow_kernel, reference, calls):
+    """As above, on a model whose batches run long enough that all their callers may leave while they run (the
+    batch is then stopped part-way: onnxruntime's RunOptions.terminate); the kernel serves on."""
+    with grpc.insecure_channel(f"127.0.0.1:{slow_kernel.port}") as channel:
+        stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        requests = [request_for("slow", np.full((rows, 64), 0.5)) for rows, _, _ in calls]
+        for k, request in enumerate(requests):
+            request.id = f"s{k}"
+        def check(request, response) -> None:
+            assert list(response.outputs[0].shape) == [request.inputs[0].shape[0], 8], response.outputs[0]
+
+        stats = slow_kernel.hub.get("slow").stats
+        stopped = stats.stopped_batches
+        fly(slow_kernel, stub, requests, calls, ("slow",), check)
+        event(f"a batch stopped part-way: {stats.stopped_batches > stopped}")
+        assert_kernel_serves(stub, reference)
