@@ -386,25 +386,20 @@ def test_payload_budget_bytes_is_bounded():
     assert load_settings(None, {}, environ={}).payload_budget_bytes == 1 << 30
 
 
-@pytest.mark.parametrize("front_end,answer_later", [("sync", True), ("sync", False), ("aio", True)],
-                         ids=["sync-pumped", "sync-threads", "aio"])
-def test_decide_and_start_task_share_the_budget(front_end, answer_later, tmp_path):
-    """A Decide, DecideStream request or StartTask over 64 KiB (a long text field) is charged too: refused with
-    the hint while a held ModelInfer fills the budget (one request larger than it is taken while nothing else is
-    held), answered once it is given back; a small Decide passes all along; a DecideStream closed with large
-    requests queued gives back what they held."""
+def _gated_claims_kernel(tmp_path, gate: _Gate, front_end: str, answer_later: bool, held_model: bool = False):
+    """A claims kernel with a 1 MiB payload budget whose model runs wait at ``gate`` (the injected fault; ``held``,
+    an identity model, beside it if ``held_model``): (server, a claim, ``large(request_id)`` — that claim with a
+    100 KiB text field, charged)."""
     from claims_support import build_small_model, claim_request
     from conftest import start_claims_kernel
     from examples.claims import data
-    from kernel._proto.aios.kernel.v1 import kernel_pb2 as kpb
-    from kernel._proto.aios.kernel.v1 import kernel_pb2_grpc as kgrpc
 
     models = build_small_model(tmp_path / "models", provider="cpu")
-    onnx_models.save(onnx_models.identity([("x", "FP32", (None,))]), models / "held" / "1" / "model.onnx")
-    gate = _Gate()
+    if held_model:
+        onnx_models.save(onnx_models.identity([("x", "FP32", (None,))]), models / "held" / "1" / "model.onnx")
     case = data.generate_cases(1, seed=5)[0]
 
-    def large(request_id: str) -> kpb.DecisionRequest:
+    def large(request_id: str):
         request = claim_request(case, request_id=request_id)
         request.text_fields["notes"] = "n" * (100 << 10)
         return request
@@ -414,6 +409,22 @@ def test_decide_and_start_task_share_the_budget(front_end, answer_later, tmp_pat
         patch.setattr(frontends, "INLINE_MAX_NS", 0)
         server = start_claims_kernel(models, tmp_path, front_end=front_end, lane_slots=4, answer_later=answer_later,
                                      payload_budget_bytes=1 << 20, metrics_port=free_port())
+    return server, case, large
+
+
+@pytest.mark.parametrize("front_end,answer_later", [("sync", True), ("sync", False), ("aio", True)],
+                         ids=["sync-pumped", "sync-threads", "aio"])
+def test_decide_and_start_task_share_the_budget(front_end, answer_later, tmp_path):
+    """A Decide, DecideStream request or StartTask over 64 KiB (a long text field) is charged too: refused with
+    the hint while a held ModelInfer fills the budget (one request larger than it is taken while nothing else is
+    held), answered once it is given back; a small Decide passes all along; a DecideStream closed with large
+    requests queued gives back what they held."""
+    from claims_support import claim_request
+    from kernel._proto.aios.kernel.v1 import kernel_pb2 as kpb
+    from kernel._proto.aios.kernel.v1 import kernel_pb2_grpc as kgrpc
+
+    gate = _Gate()
+    server, case, large = _gated_claims_kernel(tmp_path, gate, front_end, answer_later, held_model=True)
     payload = server.service.payload
     try:
         with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
@@ -466,26 +477,11 @@ def test_decide_and_start_task_share_the_budget(front_end, answer_later, tmp_pat
 def test_decisions_in_flight_at_a_stop_give_their_budget_back(front_end, answer_later, tmp_path):
     """A large Decide and a DecideStream whose client reads nothing, their requests charged and held by the model
     (the injected gate), when the kernel stops: each charge comes back exactly once (the gauge is 0, not below)."""
-    from claims_support import build_small_model, claim_request
-    from conftest import start_claims_kernel
-    from examples.claims import data
     from kernel._proto.aios.kernel.v1 import kernel_pb2_grpc as kgrpc
 
-    models = build_small_model(tmp_path / "models", provider="cpu")
     gate = _Gate()
     gate.shut("claims_triage")
-    case = data.generate_cases(1, seed=5)[0]
-
-    def large(request_id: str):
-        request = claim_request(case, request_id=request_id)
-        request.text_fields["notes"] = "n" * (100 << 10)
-        return request
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(kernel.server, "run_batch", gate.run_batch)
-        patch.setattr(frontends, "INLINE_MAX_NS", 0)
-        server = start_claims_kernel(models, tmp_path, front_end=front_end, lane_slots=4, answer_later=answer_later,
-                                     payload_budget_bytes=1 << 20, metrics_port=free_port())
+    server, _, large = _gated_claims_kernel(tmp_path, gate, front_end, answer_later)
     payload = server.service.payload
     closed = threading.Event()
 
