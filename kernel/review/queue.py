@@ -93,6 +93,16 @@ def _reviewer(reviewer: str) -> None:
     check_name(reviewer, "reviewer", MAX_REVIEWER_CHARS)
 
 
+def _refuse_past_retention(from_sequence: int, deleted: int) -> None:
+    """FAILED_PRECONDITION when retention deleted a review at or past ``from_sequence`` (``deleted``: its mark)."""
+    if from_sequence <= deleted:
+        raise FailedPrecondition(
+            f"from_sequence {from_sequence}: reviews up to sequence {deleted} were deleted by retention since "
+            f"(store_retention_days), so some stored after the watch's last one can no longer be sent; watch "
+            f"again with include_open (the reviews still waiting) and read ListReviews state RESOLVED",
+            trailers=((FIRST_SEQUENCE_TRAILER, str(deleted + 1)),))
+
+
 class ReviewQueue:
     """Reviews in one backend (``db.reviews``)."""
 
@@ -217,7 +227,7 @@ class ReviewQueue:
             sub = self._feed.subscribe(None, match, timeout_s)
             published = self._published_through
         if from_sequence:
-            backlog = self._pages(pipeline, tenant, "", from_sequence - 1)
+            backlog = self._pages(pipeline, tenant, "", from_sequence - 1, resumed=True)
         else:
             backlog = self._pages(pipeline, tenant, "UNRESOLVED", 0) if include_open else iter(())
         return ReviewWatch(sub, backlog, self._present, published)
@@ -231,13 +241,7 @@ class ReviewQueue:
         if from_sequence > highest + 1:
             raise InvalidArgument(f"from_sequence {from_sequence} is past the newest review stored ({highest}): "
                                   "this kernel's store never handed it out; watch again without it")
-        deleted = self._records.deleted_through()
-        if from_sequence <= deleted:
-            raise FailedPrecondition(
-                f"from_sequence {from_sequence}: reviews up to sequence {deleted} were deleted by retention since "
-                f"(store_retention_days), so some stored after the watch's last one can no longer be sent; watch "
-                f"again with include_open (the reviews still waiting) and read ListReviews state RESOLVED",
-                trailers=((FIRST_SEQUENCE_TRAILER, str(deleted + 1)),))
+        _refuse_past_retention(from_sequence, self._records.deleted_through())
 
     def watcher_count(self) -> int:
         """Open watches (each WatchReviews call holds one until it ends)."""
@@ -261,11 +265,16 @@ class ReviewQueue:
         """Publish the leases that lapsed since the last look (the timer does this when one ends); how many."""
         return self._leases.check()
 
-    def _pages(self, pipeline: str, tenant: str, state: str, after: int):
+    def _pages(self, pipeline: str, tenant: str, state: str, after: int, resumed: bool = False):
         """``(position, review)`` of the matching reviews stored after position ``after``, oldest first, read a
-        page at a time as they are sent."""
+        page at a time as they are sent. ``resumed``: a resumed watch's, which must have no gap — each page is
+        followed by a look at retention's mark, since a sweep may have deleted reviews past the last one sent
+        after ``_check_resume`` passed (then FAILED_PRECONDITION, as that check answers: found by two audits)."""
+        first = after + 1
         while True:  # (a page may end early, at its bytes: the backlog ends with an empty one)
             rows = self._records.page(pipeline, tenant, state, self._clock(), after, 500, BACKLOG_PAGE_BYTES)
+            if resumed and self._records.deleted_through() > after:  # (one of them may be missing from this page)
+                _refuse_past_retention(first, self._records.deleted_through())
             if not rows:
                 return
             for after, review, _nbytes in rows:
