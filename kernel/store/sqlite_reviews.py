@@ -351,6 +351,9 @@ class SqliteReviewRecords:
             if _highest_position(conn) < reserved:
                 if not conn.execute("UPDATE sqlite_sequence SET seq = ? WHERE name = 'reviews'", (reserved,)).rowcount:
                     conn.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('reviews', ?)", (reserved,))
+        with self._db.read() as conn:  # (after a clean stop nothing is to move: no write, no fsync, at the start)
+            if _highest_position(conn) >= _meta_value(conn, RESERVED_THROUGH):
+                return
         self._db.transact(work)
 
     def release_reserved_positions(self) -> None:
