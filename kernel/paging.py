@@ -15,6 +15,8 @@ MAX_TOKEN_CHARS = 512  # tokens this module issues are about 80 characters
 # A page stops growing past this many bytes (one message may pass it alone): a page of 1,000 reviews holding
 # their requests' free text could pass gRPC's 64 MiB and fail for everyone.
 PAGE_BYTES = 16 << 20
+_FRAME_BYTES = 6  # a repeated message field's tag and length varint, at most, in a page
+_RESPONSE_ROOM = 128  # the page's other fields, at most: its next_page_token (≤ 78 bytes framed), a count
 
 
 def page_size(requested: int) -> int:
@@ -75,12 +77,19 @@ def take_rows(cursor, limit: int, max_bytes: int | None = None, chunk: int = 8) 
 def fill(rows, limit: int, filters: tuple, append, present=lambda message: message) -> str:
     """``append`` each of ``rows`` (``(position, message, stored bytes)``, one more than ``limit`` read to know
     whether more follow; ``take_rows`` cuts them by bytes), as ``present`` makes it, up to ``limit`` of them or
-    ``PAGE_BYTES`` of their stored bytes; the next page's token, or "" after the last page. (Each is presented
-    only when it may still go on the page: a page of 1,000 reviews with 1 MiB texts stops after 16.)"""
-    size = 0
+    a message of ``PAGE_BYTES`` (one alone may pass it); the next page's token, or "" after the last page. (Each
+    is presented only when its stored bytes may still go on the page: a page of 1,000 reviews with 1 MiB texts
+    stops after 16.)"""
+    size = _RESPONSE_ROOM
     for index, (_position, message, nbytes) in enumerate(rows[:limit]):
-        size += nbytes
-        if size > PAGE_BYTES and index:  # the page is full by bytes: the rest come with the next token
+        if index and size + nbytes > PAGE_BYTES:  # full by its stored bytes: the rest come with the next token
             return encode(rows[index - 1][0], filters)
-        append(present(message))
+        shown = present(message)
+        # Then by what goes on the wire: its field's tag and length, and what the store does not keep (a review's
+        # sequence, its state as of now). A page of stored bytes just under 16 MiB was a message just over it, and
+        # a client receiving at most 16 MiB failed on it (a fuzz campaign).
+        size += shown.ByteSize() + _FRAME_BYTES
+        if index and size > PAGE_BYTES:
+            return encode(rows[index - 1][0], filters)
+        append(shown)
     return encode(rows[limit - 1][0], filters) if len(rows) > limit else ""

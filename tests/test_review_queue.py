@@ -506,7 +506,7 @@ def test_a_page_is_bounded_by_bytes_as_well_as_by_count(queue, monkeypatch):
             if not token:
                 return found
 
-    three = pages(3 * one + one // 2)
+    three = pages(paging_module._RESPONSE_ROOM + 3 * (one + paging_module._FRAME_BYTES) + one // 2)  # (a message's)
     assert [len(page) for page in three] == [3, 3, 3, 3] and sum(three, []) == made
     alone = pages(10)  # every review larger than a page: one a page
     assert [len(page) for page in alone] == [1] * 12 and sum(alone, []) == made
@@ -664,3 +664,19 @@ def test_a_resumed_watch_whose_backlog_retention_cuts_into_ends_failed_precondit
     watch = queue.watch(from_sequence=resolved.sequence + 1, timeout_s=10)
     assert next(watch).review_id == last.review_id
     watch.close()
+
+
+def test_a_page_message_stays_within_page_bytes_not_only_its_stored_bytes(queue, monkeypatch):
+    """(A fuzz campaign: a client receiving at most 16 MiB failed on a ListReviews page of 16,784,311 bytes.) The
+    page was cut by its reviews' stored bytes, and the message adds each review's tag and length and what the
+    store does not keep (its sequence): a page just under PAGE_BYTES stored was a message just over it. Cut at any
+    bound, a page with more than one review is now a message within it."""
+    import kernel.paging as paging_module
+
+    for n in range(8):
+        escalate(queue, amount=float(n))
+    stored = len(queue.get(queue.list(page_size=1).reviews[0].review_id).SerializeToString())
+    for page_bytes in range(3 * stored - 8, 3 * stored + 64, 4):
+        monkeypatch.setattr(paging_module, "PAGE_BYTES", page_bytes)
+        page = queue.list(page_size=50)
+        assert len(page.reviews) == 1 or page.ByteSize() <= page_bytes, (page_bytes, page.ByteSize())
