@@ -203,6 +203,9 @@ def test_calls_without_their_request_beside_idle_streams_do_not_lock_out_other_c
         streams.sock.sendall(b"".join(frame(HEADERS, END_HEADERS, stream, decide_stream) for stream in (1, 3)))
         assert wait_until(lambda: server._budget.streams_open == 2)  # admitted: within max_streams (2 here)
         hold(holder, range(1, 5, 2))
+        # Both held calls taken up (waiting, or ended for the last slot) before the other caller comes: under load
+        # they could still be on their way, its call then found a slot free with none ended (a loaded `make test`).
+        assert wait_until(lambda: server._eager.waiting + server._eager.ended_waiting == 2)
         ok, refusals = live(server.port, limit_s=5)
         assert ok, refusals[-3:]
         assert server._eager.ended_waiting > 0 and ended_streams(holder, want=1, limit_s=2)
