@@ -36,6 +36,7 @@ import pytest
 from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 
+from call_outcome import outcome
 from fuzz_budget import examples
 
 from claims_support import CLAIMS, claim_request
@@ -467,12 +468,7 @@ def test_decide_calls_cancelled_or_expired_in_flight_are_answered_once_and_lose_
             future.cancel()
     answered = {}
     for future, request, _ in futures:
-        try:
-            decision, code, details = future.result(timeout=GUARD_S), Code.OK, ""
-        except grpc.FutureCancelledError:
-            decision, code, details = None, Code.CANCELLED, ""
-        except grpc.RpcError as exc:
-            decision, code, details = None, exc.code(), exc.details() or ""
+        decision, code, details = outcome(future, GUARD_S)
         check("Decide", code, details, 0.0, SHORT_S)
         # (RESOURCE_EXHAUSTED: a deadline of milliseconds the scheduler predicts it cannot meet, with a retry hint)
         assert code in (Code.OK, Code.CANCELLED, Code.DEADLINE_EXCEEDED) or (

@@ -28,6 +28,7 @@ from google.protobuf.message import DecodeError
 from hypothesis import HealthCheck, assume, event, given, note, settings
 from hypothesis import strategies as st
 
+from call_outcome import outcome
 from fuzz_budget import examples
 
 from kernel._proto.inference import grpc_service_pb2 as pb
@@ -722,12 +723,7 @@ def fly(kernel, stub, requests, calls, names, check=lambda request, response: No
             future.cancel()
     answered = 0
     for future, request in zip(futures, requests):
-        try:
-            response, code, details = future.result(timeout=CALL_TIMEOUT_S), Code.OK, ""
-        except grpc.FutureCancelledError:
-            response, code, details = None, Code.CANCELLED, ""
-        except grpc.RpcError as exc:
-            response, code, details = None, exc.code(), exc.details() or ""
+        response, code, details = outcome(future, CALL_TIMEOUT_S)
         # (RESOURCE_EXHAUSTED: a deadline of milliseconds the scheduler predicts it cannot meet, with a retry hint)
         assert code in (Code.OK, Code.CANCELLED, Code.DEADLINE_EXCEEDED) or (
             code == Code.RESOURCE_EXHAUSTED and "retry after" in details), f"{request.id}: {code} {details!r}"
